@@ -1,0 +1,90 @@
+"""Choosing the implementation that serves an op call: reference, triton or cuda.
+
+Every public op names the backends it implements, most preferred first. A
+backend asked for by name (the op's ``backend=`` argument) must serve the call
+or raise :class:`BackendUnavailable` saying why. The environment variable
+``SEQMIX_BACKEND`` names a backend for every op that implements it; ops that
+do not fall back to the automatic choice, so one setting can steer a whole
+model whose ops are at different stages. The automatic choice takes the first
+implemented backend that can serve the call: Triton (or CUDA) on CUDA
+tensors, the reference on CPU tensors unless Triton's interpreter is on.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda")
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend asked for by name cannot serve the call."""
+
+
+def triton_interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cuda_extension():
+    """The compiled ``seqmix._C`` module, or None when it was not built."""
+    try:
+        from seqmix import _C
+    except ImportError:
+        return None
+    return _C
+
+
+def why_unavailable(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run on tensors of ``device``; None when it can."""
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        if not _triton_importable():
+            return "triton is not installed"
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
+            return None
+        return f"Triton kernels need CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to run them on the CPU"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the CUDA extension needs CUDA tensors (got {device.type})"
+        if cuda_extension() is None:
+            return "the CUDA extension seqmix._C was not built (see setup.py)"
+        return None
+    raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+
+
+def select_backend(op: str, requested: str | None, device: torch.device, implemented: tuple[str, ...]) -> str:
+    """The backend that serves one call of ``op``.
+
+    ``implemented`` lists the op's backends, most preferred first.
+    """
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise ValueError(f"{op}: backend must be one of {BACKENDS} or None, got {requested!r}")
+        if requested not in implemented:
+            raise BackendUnavailable(f"{op} has no {requested!r} backend; it has {implemented}")
+        reason = why_unavailable(requested, device)
+        if reason is not None:
+            raise BackendUnavailable(f"{op}: backend {requested!r} cannot serve this call: {reason}")
+        return requested
+    env = os.environ.get("SEQMIX_BACKEND") or None
+    if env is not None:
+        if env not in BACKENDS:
+            raise ValueError(f"SEQMIX_BACKEND must be one of {BACKENDS}, got {env!r}")
+        if env in implemented:
+            return select_backend(op, env, device, implemented)
+    for name in implemented:
+        if why_unavailable(name, device) is None:
+            return name
+    raise BackendUnavailable(f"{op}: none of {implemented} can serve tensors on {device}")

@@ -1,0 +1,109 @@
+"""The delta rule in plain PyTorch: the step-by-step oracle and the chunked WY form.
+
+Both take the op's packed layout (q, k ``[B, T, H, K]``, v ``[B, T, H, V]``,
+beta ``[B, T, H]``) with optional ``cu_seqlens`` (then B == 1), compute in
+float32 (float64 when the inputs are float64) and return
+``(o [B, T, H, V] in the input dtype, final_state [N, H, K, V] or None)``;
+the state is float32 (float64 for float64 inputs).
+Both are differentiable by autograd; the chunked form is the reference
+backend of :func:`seqmix.kernels.delta_rule`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _split_sequences(cu_seqlens, batch: int, seqlen: int):
+    """(batch row, start, end) of every sequence."""
+    if cu_seqlens is None:
+        return [(b, 0, seqlen) for b in range(batch)]
+    bounds = cu_seqlens.tolist()
+    return [(0, s, e) for s, e in zip(bounds[:-1], bounds[1:])]
+
+
+def delta_rule_recurrent(q, k, v, beta, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """``S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T``, ``o_t = scale S_t^T q_t``, one token at a time."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dt = _compute_dtype(q)
+    outs, finals = [], []
+    for n, (b, s, e) in enumerate(_split_sequences(cu_seqlens, B, T)):
+        S = q.new_zeros(H, K, V, dtype=dt) if initial_state is None else initial_state[n].to(dt)
+        rows = []
+        for t in range(s, e):
+            qt, kt, vt = q[b, t].to(dt), k[b, t].to(dt), v[b, t].to(dt)
+            bt = beta[b, t].to(dt)
+            v_new = vt - torch.einsum("hkv,hk->hv", S, kt)
+            S = S + torch.einsum("hk,hv->hkv", kt * bt[:, None], v_new)
+            rows.append(scale * torch.einsum("hkv,hk->hv", S, qt))
+        outs.append(torch.stack(rows) if rows else q.new_zeros(0, H, V, dtype=dt))
+        finals.append(S)
+    o = torch.cat(outs).view(1, -1, H, V) if cu_seqlens is not None else torch.stack(outs)
+    final = torch.stack(finals) if output_final_state else None
+    return o.to(q.dtype), final
+
+
+def _chunked_dense(q, k, v, beta, scale, S, chunk_size):
+    """The WY/UT chunked form for dense [B, T, H, *] inputs already in the compute dtype.
+
+    S: [B, H, K, V] state entering the first chunk. Returns (o, S_final).
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = chunk_size
+    pad = (-T) % C
+    if pad:
+        # Zero keys, values and betas leave the state unchanged; the padded rows are cut off below.
+        q, k, v, beta = (torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) for x in (q, k, v, beta))
+    NT = (T + pad) // C
+    if NT == 0:
+        return q.new_zeros(B, 0, H, V), S
+    # [B, H, NT, C, *]
+    q, k, v = (x.reshape(B, NT, C, H, -1).permute(0, 3, 1, 2, 4) for x in (q, k, v))
+    beta = beta.reshape(B, NT, C, H).permute(0, 3, 1, 2)
+    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    kb = k * beta[..., None]
+    A = (kb @ k.transpose(-1, -2)).masked_fill(~strict, 0)
+    Tm = torch.linalg.solve_triangular(eye + A, eye.expand_as(A), upper=False, unitriangular=True)
+    W = Tm @ kb
+    U = Tm @ (v * beta[..., None])
+    P = (q @ k.transpose(-1, -2)).masked_fill(~causal, 0)
+    outs = []
+    for c in range(NT):
+        v_new = U[:, :, c] - W[:, :, c] @ S
+        outs.append(scale * (q[:, :, c] @ S + P[:, :, c] @ v_new))
+        S = S + k[:, :, c].transpose(-1, -2) @ v_new
+    o = torch.stack(outs, 2).permute(0, 2, 3, 1, 4).reshape(B, NT * C, H, V)[:, :T]
+    return o, S
+
+
+def delta_rule_chunked(
+    q, k, v, beta, scale, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64
+):
+    """The chunked WY/UT form (``../shared/MATH.md``): per chunk T = (I + A)^-1, W, U, V' = U - W S."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dt = _compute_dtype(q)
+    in_dtype = q.dtype
+    q, k, v, beta = (x.to(dt) for x in (q, k, v, beta))
+    if cu_seqlens is None:
+        S0 = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dt)
+        o, S = _chunked_dense(q, k, v, beta, scale, S0, chunk_size)
+        finals = S
+    else:
+        outs, states = [], []
+        for n, (_, s, e) in enumerate(_split_sequences(cu_seqlens, B, T)):
+            S0 = q.new_zeros(1, H, K, V) if initial_state is None else initial_state[n : n + 1].to(dt)
+            o_n, S = _chunked_dense(q[:, s:e], k[:, s:e], v[:, s:e], beta[:, s:e], scale, S0, chunk_size)
+            outs.append(o_n)
+            states.append(S)
+        o = torch.cat(outs, 1)
+        finals = torch.cat(states)
+    return o.to(in_dtype), (finals if output_final_state else None)
