@@ -1,0 +1,7 @@
+"""Functional ops of seqmix, one subpackage per family; each op takes ``backend=``."""
+
+from seqmix.kernels.backend import BackendUnavailable
+from seqmix.kernels.conv import causal_conv1d
+from seqmix.kernels.delta_rule import delta_rule
+
+__all__ = ["BackendUnavailable", "causal_conv1d", "delta_rule"]

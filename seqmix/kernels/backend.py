@@ -58,8 +58,13 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
     if backend == "cuda":
         if device.type != "cuda":
             return f"the CUDA extension needs CUDA tensors (got {device.type})"
-        if cuda_extension() is None:
+        ext = cuda_extension()
+        if ext is None:
             return "the CUDA extension seqmix._C was not built (see setup.py)"
+        major, minor = torch.cuda.get_device_capability(device)
+        built = ext.cuda_archs()
+        if f"{major}.{minor}" not in {a.split("+")[0].rstrip("a") for a in built.replace(" ", ";").split(";")}:
+            return f"seqmix._C was compiled for {built}, but the GPU is compute capability {major}.{minor}"
         return None
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
 

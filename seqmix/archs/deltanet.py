@@ -1,0 +1,89 @@
+"""DeltaNet (Yang et al. 2024): linear attention whose state is updated by the delta rule."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqmix.archs.mixer import Mixer, State, register_mixer
+from seqmix.archs.modules import RMSNorm, ShortConvolution, l2_normalize
+from seqmix.kernels import delta_rule
+
+
+@register_mixer("deltanet")
+class DeltaNet(Mixer):
+    """q/k/v projections, short causal convs with SiLU, L2-normalised q and k,
+    beta = sigmoid(linear(x)), the delta rule, a (gated) output RMSNorm per head,
+    and the output projection.
+
+    Args:
+        hidden_size: model width.
+        num_heads: number of heads H.
+        head_dim: key dim K per head (default hidden_size // num_heads).
+        expand_v: value dim V = K * expand_v.
+        conv_size: width of the short convolutions.
+        use_short_conv: put the short convolutions on q, k and v (else SiLU alone).
+        use_output_gate: multiply the normalised output by silu(linear(x)).
+        norm_eps: epsilon of the output RMSNorm.
+        backend: backend of the delta rule (None: automatic).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int | None = None, expand_v: float = 1.0,
+                 conv_size: int = 4, use_short_conv: bool = True, use_output_gate: bool = True,
+                 norm_eps: float = 1e-5, backend: str | None = None):
+        super().__init__()
+        if head_dim is None:
+            if hidden_size % num_heads:
+                raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
+            head_dim = hidden_size // num_heads
+        self.hidden_size, self.num_heads, self.head_k = hidden_size, num_heads, head_dim
+        self.head_v = int(head_dim * expand_v)
+        self.backend = backend
+        dk, dv = num_heads * self.head_k, num_heads * self.head_v
+        self.q_proj = nn.Linear(hidden_size, dk, bias=False)
+        self.k_proj = nn.Linear(hidden_size, dk, bias=False)
+        self.v_proj = nn.Linear(hidden_size, dv, bias=False)
+        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.convs = (
+            nn.ModuleDict({n: ShortConvolution(d, conv_size) for n, d in (("q", dk), ("k", dk), ("v", dv))})
+            if use_short_conv else None
+        )
+        self.g_proj = nn.Linear(hidden_size, dv, bias=False) if use_output_gate else None
+        self.o_norm = RMSNorm(self.head_v, eps=norm_eps)
+        self.o_proj = nn.Linear(dv, hidden_size, bias=False)
+
+    def _qkv(self, x, state, cu_seqlens):
+        """Projections and short convs; returns q, k, v as [B, T, H, *] and the new conv states."""
+        new_state = {}
+        feats = {"q": self.q_proj(x), "k": self.k_proj(x), "v": self.v_proj(x)}
+        for name, f in feats.items():
+            if self.convs is None:
+                feats[name] = F.silu(f)
+                continue
+            conv_state = None if state is None else state[f"conv_{name}"]
+            feats[name], new_state[f"conv_{name}"] = self.convs[name](f, conv_state, cu_seqlens)
+        B, T, _ = x.shape
+        q, k, v = (feats[n].view(B, T, self.num_heads, -1) for n in ("q", "k", "v"))
+        return l2_normalize(q), l2_normalize(k), v, new_state
+
+    def mix(self, x, state: State | None, *, cu_seqlens=None):
+        q, k, v, new_state = self._qkv(x, state, cu_seqlens)
+        beta = torch.sigmoid(self.b_proj(x).float()).to(q.dtype)
+        o, recurrent = delta_rule(
+            q, k, v, beta, initial_state=None if state is None else state["recurrent"],
+            output_final_state=state is not None, cu_seqlens=cu_seqlens, backend=self.backend,
+        )
+        gate = None if self.g_proj is None else self.g_proj(x).view_as(o)
+        o = self.o_proj(self.o_norm(o, gate).flatten(2))
+        if state is None:
+            return o, None
+        new_state["recurrent"] = recurrent
+        return o, new_state
+
+    def init_state(self, batch_size: int) -> State:
+        device = self.q_proj.weight.device
+        state = {"recurrent": torch.zeros(batch_size, self.num_heads, self.head_k, self.head_v, device=device)}
+        if self.convs is not None:
+            state.update({f"conv_{n}": conv.init_state(batch_size) for n, conv in self.convs.items()})
+        return state

@@ -1,0 +1,75 @@
+"""The one interface every sequence mixer implements, and the registry that builds them by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+State = dict[str, torch.Tensor]
+
+
+class Mixer(nn.Module):
+    """A sequence mixer: ``y, state = mixer(x, state=None, *, cu_seqlens=None, attention_mask=None)``.
+
+    x and y are [B, T, hidden_size]. With ``state=None`` the call trains (no
+    state comes back); with a state, from :meth:`init_state` or a previous
+    call, it continues those sequences and returns the state after them, so
+    prefilling in pieces and decoding one token at a time give the outputs of
+    one full call. ``cu_seqlens`` ([N+1]) packs N sequences as [1, sum(T_i), hidden];
+    ``attention_mask`` ([B, T], 1 for real tokens, e.g. left padding) leaves the
+    masked tokens out altogether: they neither read nor change the state, and
+    their outputs are zero.
+
+    Subclasses implement :meth:`mix` on packed or dense inputs and :meth:`init_state`.
+    """
+
+    hidden_size: int
+
+    def forward(self, x, state: State | None = None, *, cu_seqlens=None, attention_mask=None):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape [B, T, hidden_size={self.hidden_size}], got {got}")
+        if attention_mask is None:
+            return self.mix(x, state, cu_seqlens=cu_seqlens)
+        if cu_seqlens is not None:
+            raise ValueError("give attention_mask or cu_seqlens, not both")
+        B, T, _ = x.shape
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != (B, T):
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
+            raise ValueError(f"attention_mask must have shape [B, T] = {(B, T)}, got {got}")
+        keep = attention_mask.to(device=x.device, dtype=torch.bool)
+        cu = torch.zeros(B + 1, dtype=torch.int64, device=x.device)
+        cu[1:] = keep.sum(1).cumsum(0)
+        y_packed, state = self.mix(x[keep].unsqueeze(0), state, cu_seqlens=cu)
+        y = y_packed.new_zeros(B, T, y_packed.shape[-1])
+        y[keep] = y_packed[0]
+        return y, state
+
+    def mix(self, x, state: State | None, *, cu_seqlens=None) -> tuple[torch.Tensor, State | None]:
+        raise NotImplementedError
+
+    def init_state(self, batch_size: int) -> State:
+        """The state before any token, for ``batch_size`` sequences."""
+        raise NotImplementedError
+
+
+MIXERS: dict[str, type[Mixer]] = {}
+
+
+def register_mixer(name: str) -> Callable[[type[Mixer]], type[Mixer]]:
+    def register(cls: type[Mixer]) -> type[Mixer]:
+        if name in MIXERS:
+            raise ValueError(f"a mixer named {name!r} is registered already ({MIXERS[name].__name__})")
+        MIXERS[name] = cls
+        return cls
+
+    return register
+
+
+def build_mixer(name: str, **config) -> Mixer:
+    """Build a registered mixer, e.g. ``build_mixer("deltanet", hidden_size=512, num_heads=4)``."""
+    if name not in MIXERS:
+        raise ValueError(f"unknown mixer {name!r}; registered: {sorted(MIXERS)}")
+    return MIXERS[name](**config)

@@ -1,0 +1,57 @@
+"""Building blocks shared by the mixers: normalisation and the short causal convolution."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqmix.kernels import causal_conv1d
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / ||x|| over the last dim, computed in float32."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim; with a gate, the output is multiplied by silu(gate)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        if gate is not None:
+            y = y * F.silu(gate.float())
+        return y.to(x.dtype)
+
+
+class ShortConvolution(nn.Module):
+    """Depthwise causal convolution of width ``kernel_size`` over [B, T, dim], SiLU by default.
+
+    Its decoding state is the last ``kernel_size - 1`` inputs, [N, dim, kernel_size-1].
+    """
+
+    def __init__(self, dim: int, kernel_size: int = 4, activation: str | None = "silu", bias: bool = False):
+        super().__init__()
+        self.dim, self.kernel_size, self.activation = dim, kernel_size, activation
+        self.weight = nn.Parameter(torch.empty(dim, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+        # As nn.Conv1d's default: uniform in +-1/sqrt(fan_in), fan_in = kernel_size for depthwise.
+        nn.init.uniform_(self.weight, -1 / math.sqrt(kernel_size), 1 / math.sqrt(kernel_size))
+
+    def forward(self, x, state=None, cu_seqlens=None):
+        return causal_conv1d(
+            x, self.weight, self.bias, activation=self.activation, initial_state=state,
+            output_final_state=state is not None, cu_seqlens=cu_seqlens,
+        )
+
+    def init_state(self, batch_size: int) -> torch.Tensor:
+        return torch.zeros(batch_size, self.dim, self.kernel_size - 1, device=self.weight.device)

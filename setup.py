@@ -1,0 +1,71 @@
+"""Build of seqmix.
+
+Pure Python unless a CUDA build is possible: with a CUDA build of torch
+importable at build time (``pip install --no-build-isolation``), a CUDA
+toolkit, and an architecture to build for (``TORCH_CUDA_ARCH_LIST`` or the
+local GPU), ``csrc/`` compiles into ``seqmix._C``. Every probe is guarded:
+whatever is missing, the install goes on without the extension and the ops
+fall back to their Triton or reference backends. ``SEQMIX_SKIP_CUDA_BUILD=1``
+turns the build off.
+"""
+
+import os
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+
+
+def _cuda_build_plan():
+    """(ext_modules, cmdclass) for the CUDA extension, or ([], {}) with the reason printed."""
+    if os.environ.get("SEQMIX_SKIP_CUDA_BUILD", "0") not in ("", "0"):
+        return [], {}, "SEQMIX_SKIP_CUDA_BUILD is set"
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return [], {}, "torch is not importable at build time (use --no-build-isolation to build the extension)"
+    if torch.version.cuda is None:
+        return [], {}, "this torch is a CPU build"
+    if CUDA_HOME is None:
+        return [], {}, "no CUDA toolkit found (nvcc / CUDA_HOME)"
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not archs:
+        try:
+            major, minor = torch.cuda.get_device_capability()
+        except (RuntimeError, AssertionError):
+            return [], {}, "no GPU visible and TORCH_CUDA_ARCH_LIST is not set"
+        archs = f"{major}.{minor}"
+        # torch's build reads the variable; set it so only the local architecture is compiled.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    sources = sorted(str(p.relative_to(ROOT)) for pattern in ("*.cpp", "*.cu") for p in (ROOT / "csrc").glob(pattern))
+    ext = CUDAExtension(
+        name="seqmix._C",
+        sources=sources,
+        define_macros=[("SEQMIX_CUDA_ARCHS", f'"{archs}"')],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+    )
+    return [ext], {"build_ext": BuildExtension}, None
+
+
+ext_modules, cmdclass, skipped = _cuda_build_plan()
+if skipped:
+    print(f"seqmix: building without the CUDA extension: {skipped}")
+
+setup(
+    name="seqmix",
+    version="0.1.0",
+    description="Fused sequence-mixer kernels (delta rule, GLA, SSMs, dynamic convolution, pooling, recurrent depth)",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["seqmix", "seqmix.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "triton>=3.2"],
+    extras_require={
+        # Triton's interpreter turns one-element arrays into ints, which NumPy 2.4 refuses.
+        "test": ["pytest>=7", "hypothesis>=6.100", "numpy<2.4"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
