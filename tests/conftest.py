@@ -1,0 +1,26 @@
+"""Test setup: Triton's interpreter on machines without a GPU, poisoned outputs, Hypothesis profiles.
+
+Everything here runs before seqmix (and so triton) is imported: Triton decides
+at decoration time whether kernels are compiled or interpreted.
+"""
+
+import os
+
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["SEQMIX_POISON_EMPTY"] = "1"
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "ci", derandomize=True, max_examples=12, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "gpu", max_examples=60, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("SEQMIX_HYPOTHESIS_PROFILE", "gpu" if ON_GPU else "ci"))

@@ -1,0 +1,28 @@
+"""Shared test helpers: the device under test, relative error, random inputs."""
+
+import torch
+
+ON_GPU = torch.cuda.is_available()
+# The fused kernels run on the GPU when there is one, else in Triton's interpreter on the CPU.
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+# Float32 everywhere; bf16 only on the GPU (the interpreter's bf16 arithmetic is unreliable).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16) if ON_GPU else (torch.float32,)
+# Relative-error bounds against a float64 oracle, by the dtype of the kernel's inputs.
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64; inf when a has NaN or inf, 0 when both are empty."""
+    a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()
+    if a64.shape != b64.shape:
+        raise AssertionError(f"shapes differ: {tuple(a64.shape)} vs {tuple(b64.shape)}")
+    if not torch.isfinite(a64).all():
+        return float("inf")
+    if b64.numel() == 0:
+        return 0.0
+    return ((a64 - b64).norm() / b64.norm().clamp_min(1e-30)).item()
+
+
+def assert_rel(a: torch.Tensor, b: torch.Tensor, tol: float, what: str) -> None:
+    err = rel_err(a, b)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
