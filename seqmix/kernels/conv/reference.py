@@ -10,6 +10,8 @@ def _conv_dense(x, weight, bias, activation, state):
     """x [B, T, D] and state [B, D, W-1], both in the compute dtype. Returns (out [B, T, D], new state)."""
     W = weight.shape[1]
     xs = torch.cat([state.transpose(1, 2), x], 1)
+    if x.shape[1] == 0:  # F.conv1d refuses inputs shorter than the kernel
+        return x, state
     out = F.conv1d(xs.transpose(1, 2), weight.unsqueeze(1), bias, groups=weight.shape[0]).transpose(1, 2)
     if activation == "silu":
         out = F.silu(out)

@@ -1,0 +1,83 @@
+"""The short causal conv: the contract by hand, states across splits, packed sequences, bad input."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from seqmix.kernels import causal_conv1d
+from tests.helpers import assert_rel
+
+
+def _by_hand(x, weight, bias, activation, state):
+    """out[t, d] = bias[d] + sum_j weight[d, j] * x[t - (W-1) + j, d], taps before t=0 reading the state."""
+    B, T, D = x.shape
+    W = weight.shape[1]
+    xs = torch.cat([state.transpose(1, 2), x], 1)  # position p of xs is token p - (W-1)
+    out = torch.zeros(B, T, D, dtype=x.dtype)
+    for t in range(T):
+        for j in range(W):
+            out[:, t] += weight[:, j] * xs[:, t + j]
+    if bias is not None:
+        out += bias
+    return torch.nn.functional.silu(out) if activation == "silu" else out
+
+
+@given(T=st.integers(1, 12), W=st.integers(1, 6), activation=st.sampled_from([None, "silu"]),
+       with_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_matches_the_contract(T, W, activation, with_bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, T, 3, generator=g, dtype=torch.float64)
+    weight = torch.randn(3, W, generator=g, dtype=torch.float64)
+    bias = torch.randn(3, generator=g, dtype=torch.float64) if with_bias else None
+    state = torch.randn(2, 3, W - 1, generator=g, dtype=torch.float64)
+    out, final = causal_conv1d(x, weight, bias, activation=activation, initial_state=state, output_final_state=True)
+    assert_rel(out, _by_hand(x, weight, bias, activation, state), 1e-12, "output")
+    tail = torch.cat([state.transpose(1, 2), x], 1)[:, T:]
+    torch.testing.assert_close(final, tail.transpose(1, 2))
+
+
+@given(split=st.integers(0, 20), W=st.integers(1, 5), seed=st.integers(0, 2**31 - 1))
+def test_pieces_with_state_equal_one_call(split, W, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, weight = torch.randn(2, 20, 4, generator=g), torch.randn(4, W, generator=g)
+    full, s_full = causal_conv1d(x, weight, activation="silu", initial_state=torch.zeros(2, 4, W - 1),
+                                 output_final_state=True)
+    a, s = causal_conv1d(x[:, :split], weight, activation="silu", initial_state=torch.zeros(2, 4, W - 1),
+                         output_final_state=True)
+    b, s = causal_conv1d(x[:, split:], weight, activation="silu", initial_state=s, output_final_state=True)
+    assert_rel(torch.cat([a, b], 1), full, 1e-6, "output")
+    torch.testing.assert_close(s, s_full)
+
+
+def test_packed_sequences_equal_separate_calls():
+    g = torch.Generator().manual_seed(1)
+    lengths = [5, 0, 9, 2]
+    x, weight, bias = torch.randn(1, 16, 4, generator=g), torch.randn(4, 3, generator=g), torch.randn(4, generator=g)
+    states = torch.randn(4, 4, 2, generator=g)
+    cu = torch.tensor([0, 5, 5, 14, 16])
+    out, final = causal_conv1d(x, weight, bias, initial_state=states, output_final_state=True, cu_seqlens=cu)
+    for n, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        o_n, f_n = causal_conv1d(x[:, s:e], weight, bias, initial_state=states[n : n + 1], output_final_state=True)
+        torch.testing.assert_close(out[:, s:e], o_n)
+        torch.testing.assert_close(final[n : n + 1], f_n)
+    assert sum(lengths) == 16
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"x": torch.randn(2, 5)}, r"x must have shape \[B, T, D\]"),
+        ({"weight": torch.randn(3, 4)}, r"weight must have shape \[D, W\]"),
+        ({"weight": torch.randn(4, 0)}, "W >= 1"),
+        ({"bias": torch.randn(5)}, r"bias must have shape \[D\]"),
+        ({"activation": "gelu"}, "activation must be one of"),
+        ({"initial_state": torch.randn(2, 4, 4)}, r"initial_state must have shape \[N, D, W-1\]"),
+    ],
+)
+def test_bad_input(kwargs, match):
+    args = {"x": torch.randn(2, 5, 4), "weight": torch.randn(4, 4)}
+    args.update(kwargs)
+    x, weight = args.pop("x"), args.pop("weight")
+    with pytest.raises(ValueError, match=match):
+        causal_conv1d(x, weight, **args)

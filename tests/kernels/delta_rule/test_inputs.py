@@ -1,0 +1,107 @@
+"""Bad input to delta_rule gets a ValueError naming the argument; T = 0 gives empty outputs."""
+
+import pytest
+import torch
+
+from seqmix.kernels.delta_rule import delta_rule
+from tests.helpers import DEVICE
+
+B, T, H, K, V = 2, 8, 2, 4, 6
+BACKENDS = ["reference", "triton"]
+
+
+def _inputs(**over):
+    g = torch.Generator().manual_seed(0)
+    x = {
+        "q": torch.randn(B, T, H, K, generator=g),
+        "k": torch.randn(B, T, H, K, generator=g),
+        "v": torch.randn(B, T, H, V, generator=g),
+        "beta": torch.rand(B, T, H, generator=g),
+    }
+    x = {n: t.to(DEVICE) for n, t in x.items()}
+    x.update(over)
+    return x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"q": torch.randn(B, T, H)}, r"q must have shape \[B, T, H, K\]"),
+        ({"k": torch.randn(B, T, H, K + 1)}, r"k must have shape \[B, T, H, K\]"),
+        ({"v": torch.randn(B, T + 1, H, V)}, r"v must have shape \[B, T, H, V\]"),
+        ({"beta": torch.rand(B, T, H, 1)}, r"beta must have shape \[B, T, H\]"),
+        ({"v": torch.randn(B, T, H, V, dtype=torch.float64)}, "must share one dtype"),
+        ({"q": torch.ones(B, T, H, K, dtype=torch.int64)}, "q must be a floating tensor"),
+        ({"k": torch.randn(B, T, H, 0)}, r"k must have shape"),
+    ],
+)
+def test_bad_tensors(backend, over, match):
+    x = _inputs(**{n: t.to(DEVICE) for n, t in over.items()})
+    with pytest.raises(ValueError, match=match):
+        delta_rule(**x, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_initial_state(backend):
+    with pytest.raises(ValueError, match=r"initial_state must have shape \[N, H, K, V\] = \(2, 2, 4, 6\)"):
+        delta_rule(**_inputs(), initial_state=torch.zeros(B, H, V, K, device=DEVICE), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "cu, match",
+    [
+        ([1, 4, 16], "must start at 0"),
+        ([0, 9, 4, 16], "non-decreasing"),
+        ([0, 4, 15], "must end at the packed length T=16"),
+        ([[0, 16]], r"shape \[N\+1\]"),
+        ([0], r"shape \[N\+1\]"),
+    ],
+)
+def test_bad_cu_seqlens(backend, cu, match):
+    x = {n: t.reshape(1, B * T, *t.shape[2:]) for n, t in _inputs().items()}
+    with pytest.raises(ValueError, match=match):
+        delta_rule(**x, cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=DEVICE), backend=backend)
+
+
+def test_cu_seqlens_needs_packed_batch_and_integers():
+    with pytest.raises(ValueError, match="packed as \\[1, total, ...\\], got batch size 2"):
+        delta_rule(**_inputs(), cu_seqlens=torch.tensor([0, T], device=DEVICE))
+    x = {n: t.reshape(1, B * T, *t.shape[2:]) for n, t in _inputs().items()}
+    with pytest.raises(ValueError, match="cu_seqlens must be int32 or int64"):
+        delta_rule(**x, cu_seqlens=torch.tensor([0.0, 16.0], device=DEVICE))
+    with pytest.raises(ValueError, match=r"initial_state must have shape \[N, H, K, V\] = \(3, 2, 4, 6\)"):
+        delta_rule(**x, cu_seqlens=torch.tensor([0, 5, 9, 16], device=DEVICE),
+                   initial_state=torch.zeros(2, H, K, V, device=DEVICE))
+
+
+def test_bad_scale_and_backend_name():
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        delta_rule(**_inputs(), scale=float("nan"))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        delta_rule(**_inputs(), backend="cudnn")
+
+
+def test_triton_refuses_float64():
+    x = {n: t.double() for n, t in _inputs().items()}
+    with pytest.raises(ValueError, match="float64"):
+        delta_rule(**x, backend="triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_sequence_returns_empty_output_and_the_initial_state(backend):
+    x = {n: t[:, :0] for n, t in _inputs().items()}
+    h0 = torch.randn(B, H, K, V, device=DEVICE)
+    o, s = delta_rule(**x, initial_state=h0, output_final_state=True, backend=backend)
+    assert o.shape == (B, 0, H, V)
+    torch.testing.assert_close(s, h0)
+    o, s = delta_rule(**x, output_final_state=True, backend=backend)
+    assert s.shape == (B, H, K, V) and not s.any()
+
+
+def test_mismatched_devices():
+    x = _inputs()
+    x["k"] = x["k"].to("meta")
+    with pytest.raises(ValueError, match="k is on meta but the inputs are on"):
+        delta_rule(**x)
