@@ -47,7 +47,7 @@ def token_tile(base, t0, nt, row_stride, c0, ncol, BT: tl.constexpr, BC: tl.cons
     """
     rows = tl.arange(0, BT)
     cols = c0 + tl.arange(0, BC)
-    ptrs = base + (t0 + rows).to(tl.int64)[:, None] * row_stride + cols[None, :]
+    ptrs = base + t0.to(tl.int64) * row_stride + (rows[:, None] * row_stride + cols[None, :])
     mask = (rows < nt)[:, None] & (cols < ncol)[None, :]
     return ptrs, mask
 

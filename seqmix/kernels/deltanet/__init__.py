@@ -6,8 +6,8 @@ import torch
 
 from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_cu_seqlens, check_same_dtype, check_scale, check_tensor
-from seqmix.kernels.delta_rule import triton as kernels
-from seqmix.kernels.delta_rule.reference import delta_rule_chunked, delta_rule_recurrent
+from seqmix.kernels.deltanet import triton as kernels
+from seqmix.kernels.deltanet.reference import delta_rule_chunked, delta_rule_recurrent
 from seqmix.kernels.sequences import dense_cu_seqlens, make_chunking
 
 __all__ = ["delta_rule", "delta_rule_chunked", "delta_rule_recurrent"]
@@ -36,19 +36,19 @@ class _ChunkDeltaRule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, initial_state, scale, chunking, output_final_state):
         h0 = None if initial_state is None else initial_state.float().contiguous()
-        o, ht = kernels.chunk_delta_rule_fwd(q, k, v, beta, scale, h0, chunking, output_final_state)
-        ctx.save_for_backward(q, k, v, beta, h0)
+        o, ht, t_inv = kernels.chunk_delta_rule_fwd(q, k, v, beta, scale, h0, chunking, output_final_state)
+        ctx.save_for_backward(q, k, v, beta, t_inv, h0)
         ctx.scale, ctx.chunking = scale, chunking
         ctx.initial_state_dtype = None if initial_state is None else initial_state.dtype
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, h0 = ctx.saved_tensors
+        q, k, v, beta, t_inv, h0 = ctx.saved_tensors
         need_dh0 = h0 is not None and ctx.needs_input_grad[4]
         dht = None if dht is None else dht.float().contiguous()
         dq, dk, dv, dbeta, dh0 = kernels.chunk_delta_rule_bwd(
-            q, k, v, beta, ctx.scale, h0, ctx.chunking, do.contiguous(), dht, need_dh0
+            q, k, v, beta, t_inv, ctx.scale, h0, ctx.chunking, do.contiguous(), dht, need_dh0
         )
         if dh0 is not None:
             dh0 = dh0.to(ctx.initial_state_dtype)

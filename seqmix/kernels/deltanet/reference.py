@@ -6,7 +6,7 @@ float32 (float64 when the inputs are float64) and return
 ``(o [B, T, H, V] in the input dtype, final_state [N, H, K, V] or None)``;
 the state is float32 (float64 for float64 inputs).
 Both are differentiable by autograd; the chunked form is the reference
-backend of :func:`seqmix.kernels.delta_rule`.
+backend of :func:`seqmix.kernels.deltanet`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from seqmix.kernels.delta_rule import delta_rule
+from seqmix.kernels.deltanet import delta_rule
 from tests.helpers import DEVICE
 
 B, T, H, K, V = 2, 8, 2, 4, 6

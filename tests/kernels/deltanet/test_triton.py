@@ -9,9 +9,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from seqmix.kernels.delta_rule import delta_rule, delta_rule_chunked
+from seqmix.kernels.deltanet import delta_rule, delta_rule_chunked
 from tests.helpers import DEVICE, KERNEL_DTYPES, ON_GPU, TOL, assert_rel
-from tests.kernels.delta_rule.cases import Case, cases, make_inputs
+from tests.kernels.deltanet.cases import Case, cases, make_inputs
 
 
 def _oracle(case, q, k, v, beta, h0, scale):

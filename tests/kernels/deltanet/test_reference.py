@@ -4,9 +4,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from seqmix.kernels.delta_rule import delta_rule_chunked, delta_rule_recurrent
+from seqmix.kernels.deltanet import delta_rule_chunked, delta_rule_recurrent
 from tests.helpers import assert_rel
-from tests.kernels.delta_rule.cases import cases, make_inputs
+from tests.kernels.deltanet.cases import cases, make_inputs
 
 
 @given(case=cases(max_t=150, head_dims=(3, 8, 16)), chunk_size=st.sampled_from([1, 16, 64]))

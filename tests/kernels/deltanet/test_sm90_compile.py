@@ -1,0 +1,51 @@
+"""Every Triton kernel of the delta rule compiles for sm_90: bf16 at head dims 128 and 256, fp32 at 64.
+
+Run as a module it compiles and prints JSON (registers, stack, spills per
+kernel); ``--all`` compiles every autotune config at head dims 64, 128 and
+256 in both dtypes (minutes). The test runs the short set in a subprocess
+with Triton's interpreter off.
+"""
+
+import json
+import sys
+
+from tests.sm90 import compile_in_subprocess, compile_kernel
+
+
+def _specs(full: bool):
+    from seqmix.kernels.deltanet import triton as kern
+
+    for dt in ("bf16", "fp32"):
+        prec = "tf32" if dt == "bf16" else "ieee"
+        dims = (64, 128, 256) if full else ((128, 256) if dt == "bf16" else (64,))
+        for d in dims:
+            io = {n: f"*{dt}" for n in ("q", "k", "v", "beta", "w", "u", "v_new", "h", "dh", "do", "o")}
+            f32 = {n: "*fp32" for n in ("t_inv", "h0", "ht", "dht", "dh0", "dv_local", "dv", "dq", "dk", "dw", "dk_other",
+                                         "du", "dbeta")}
+            index = {"chunk_index": "*i32", "cu_seqlens": "*i64", "chunk_offsets": "*i64", "scale": "fp32"}
+            shape = {"H": 16, "K": d, "V": d, "BT": kern.CHUNK, "PREC": prec, **kern.block_sizes(d, d)}
+            flags = {"HAS_H0": True, "STORE_HT": True, "HAS_DHT": True, "STORE_DH0": True, "INVERT": True}
+            for kernel in kern.KERNELS:
+                configs = getattr(kernel, "configs", [None])
+                for cfg in configs if full else configs[:1]:
+                    meta = {} if cfg is None else cfg.kwargs
+                    warps = 4 if cfg is None else cfg.num_warps
+                    yield kernel, {**io, **f32, **index, **shape, **flags, **meta}, warps, {"dtype": dt, "d": d}
+
+
+def main():
+    results = []
+    for kernel, args, warps, info in _specs(full="--all" in sys.argv):
+        results.append({**compile_kernel(kernel, args, num_warps=warps), **info})
+    print(json.dumps(results))
+
+
+def test_kernels_compile_for_sm90():
+    results = compile_in_subprocess("tests.kernels.deltanet.test_sm90_compile")
+    assert results, "no kernel was compiled"
+    names = {r["kernel"] for r in results}
+    assert len(names) >= 7, names
+
+
+if __name__ == "__main__":
+    main()
