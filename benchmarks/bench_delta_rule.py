@@ -61,7 +61,7 @@ def timed(fn, inputs, backward):
 
     if not backward:
         with torch.no_grad():
-            return do_bench(lambda: fn(*inputs))
+            return do_bench(lambda: fn(*inputs), return_mode="median")
     do = None
 
     def step():
@@ -71,7 +71,7 @@ def timed(fn, inputs, backward):
             do = torch.randn_like(o)
         o.backward(do)
 
-    return do_bench(step, grad_to_none=inputs)
+    return do_bench(step, grad_to_none=inputs, return_mode="median")
 
 
 def main(argv=None):

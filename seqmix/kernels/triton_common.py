@@ -1,4 +1,10 @@
-"""Pieces shared by the Triton kernels of every family: tiles, chunk positions, dots, configs."""
+"""Pieces shared by the Triton kernels of every family: tiles, chunk positions, dots, configs.
+
+Token-major tensors are ``[L, H, D]`` (packed tokens, heads, channels): a tile
+is rows of tokens ``t0 ..`` of one head and a range of channels. Tile offsets
+are int32 relative to a scalar int64 base, so tensors past 2^31 elements are
+addressed correctly without carrying 64-bit offsets per element.
+"""
 
 from __future__ import annotations
 
@@ -27,24 +33,26 @@ def head_block(d: int) -> int:
 
 
 @triton.jit
+def sequence_bounds(cu_seqlens, i_n):
+    """First token and one past the last token of packed sequence ``i_n``, as int64."""
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    return bos, eos
+
+
+@triton.jit
 def chunk_position(chunk_index, cu_seqlens, i_c, BT: tl.constexpr):
     """Sequence ``i_n``, chunk ``i_t`` within it, first token ``t0`` and rows ``nt`` of chunk ``i_c``."""
     i_n = tl.load(chunk_index + i_c * 2).to(tl.int64)
     i_t = tl.load(chunk_index + i_c * 2 + 1).to(tl.int64)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    bos, eos = sequence_bounds(cu_seqlens, i_n)
     t0 = bos + i_t * BT
     nt = tl.minimum(eos - t0, BT)
     return i_n, i_t, t0, nt
 
 
 @triton.jit
-def token_tile(base, t0, nt, row_stride, c0, ncol, BT: tl.constexpr, BC: tl.constexpr):
-    """Pointers and mask of a [BT, BC] tile of a token-major tensor.
-
-    Rows are tokens ``t0 .. t0+nt-1`` (``row_stride`` elements apart), columns
-    ``c0 .. ncol-1``; ``base`` already points at the head. Offsets are int64.
-    """
+def _token_tile(base, t0, nt, row_stride, c0, ncol, BT: tl.constexpr, BC: tl.constexpr):
     rows = tl.arange(0, BT)
     cols = c0 + tl.arange(0, BC)
     ptrs = base + t0.to(tl.int64) * row_stride + (rows[:, None] * row_stride + cols[None, :])
@@ -53,20 +61,51 @@ def token_tile(base, t0, nt, row_stride, c0, ncol, BT: tl.constexpr, BC: tl.cons
 
 
 @triton.jit
-def token_vector(base, t0, nt, row_stride, BT: tl.constexpr):
-    """Pointers and mask of one value per token (a [BT] column such as beta)."""
-    rows = tl.arange(0, BT)
-    return base + (t0 + rows).to(tl.int64) * row_stride, rows < nt
+def load_rows(base, t0, nt, row_stride, c0, ncol, BT: tl.constexpr, BC: tl.constexpr):
+    """The [BT, BC] tile of tokens ``t0 .. t0+nt-1`` (``row_stride`` elements apart) and
+    channels ``c0 .. ncol-1`` of the head at ``base``; rows and columns outside read zero."""
+    ptrs, mask = _token_tile(base, t0, nt, row_stride, c0, ncol, BT, BC)
+    return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
-def state_tile(base, r0, nrow, c0, ncol, BR: tl.constexpr, BC: tl.constexpr):
-    """Pointers and mask of a [BR, BC] tile of a row-major [nrow, ncol] matrix at ``base``."""
+def store_rows(base, x, t0, nt, row_stride, c0, ncol, BT: tl.constexpr, BC: tl.constexpr):
+    """Store the [BT, BC] tile ``x`` where :func:`load_rows` reads, in the tensor's dtype."""
+    ptrs, mask = _token_tile(base, t0, nt, row_stride, c0, ncol, BT, BC)
+    tl.store(ptrs, x.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def load_row_values(base, t0, nt, row_stride, BT: tl.constexpr):
+    """One value per token (a [BT] column such as beta) as float32; rows past ``nt`` read zero."""
+    rows = tl.arange(0, BT)
+    return tl.load(base + t0.to(tl.int64) * row_stride + rows * row_stride, mask=rows < nt, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_row_values(base, x, t0, nt, row_stride, BT: tl.constexpr):
+    rows = tl.arange(0, BT)
+    tl.store(base + t0.to(tl.int64) * row_stride + rows * row_stride, x.to(base.dtype.element_ty), mask=rows < nt)
+
+
+@triton.jit
+def _matrix_tile(base, r0, nrow, c0, ncol, BR: tl.constexpr, BC: tl.constexpr):
     rows = r0 + tl.arange(0, BR)
     cols = c0 + tl.arange(0, BC)
-    ptrs = base + rows[:, None] * ncol + cols[None, :]
-    mask = (rows < nrow)[:, None] & (cols < ncol)[None, :]
-    return ptrs, mask
+    return base + (rows[:, None] * ncol + cols[None, :]), (rows < nrow)[:, None] & (cols < ncol)[None, :]
+
+
+@triton.jit
+def load_matrix(base, r0, nrow, c0, ncol, BR: tl.constexpr, BC: tl.constexpr):
+    """The [BR, BC] tile at (r0, c0) of the row-major [nrow, ncol] matrix at ``base``; outside reads zero."""
+    ptrs, mask = _matrix_tile(base, r0, nrow, c0, ncol, BR, BC)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def store_matrix(base, x, r0, nrow, c0, ncol, BR: tl.constexpr, BC: tl.constexpr):
+    ptrs, mask = _matrix_tile(base, r0, nrow, c0, ncol, BR, BC)
+    tl.store(ptrs, x.to(base.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -39,14 +39,17 @@ from seqmix.kernels.triton_common import (
     chunk_position,
     dot_precision,
     head_block,
+    load_matrix,
+    load_row_values,
+    load_rows,
     mm,
-    state_tile,
-    token_tile,
-    token_vector,
+    sequence_bounds,
+    store_matrix,
+    store_row_values,
+    store_rows,
 )
 
 CHUNK = 64
-SUB = 16  # rows of the diagonal blocks of T inverted by substitution
 
 
 def _state_configs():
@@ -83,30 +86,17 @@ def _mm32(a, b):
 @triton.jit
 def _kkt_blocks(k, beta, i_h, t0, nt, H: tl.constexpr, K: tl.constexpr, BC: tl.constexpr, BKC: tl.constexpr,
                 PREC: tl.constexpr):
-    """The ten lower [BC, BC] blocks of tril_(diag(beta) K K^T) for a chunk of 4*BC rows."""
+    """The ten lower [BC, BC] blocks A_ij (j <= i) of tril_(diag(beta) K K^T) for a chunk of 4*BC rows."""
     DT = k.dtype.element_ty
-    o = tl.arange(0, BC)
     a00 = tl.zeros([BC, BC], dtype=tl.float32)
     a10, a11 = a00, a00
     a20, a21, a22 = a00, a00, a00
     a30, a31, a32, a33 = a00, a00, a00, a00
-    p_b0, m_b0 = token_vector(beta + i_h, t0, nt, H, BC)
-    p_b1, m_b1 = token_vector(beta + i_h, t0 + BC, nt - BC, H, BC)
-    p_b2, m_b2 = token_vector(beta + i_h, t0 + 2 * BC, nt - 2 * BC, H, BC)
-    p_b3, m_b3 = token_vector(beta + i_h, t0 + 3 * BC, nt - 3 * BC, H, BC)
-    b0 = tl.load(p_b0, mask=m_b0, other=0.0).to(tl.float32)
-    b1 = tl.load(p_b1, mask=m_b1, other=0.0).to(tl.float32)
-    b2 = tl.load(p_b2, mask=m_b2, other=0.0).to(tl.float32)
-    b3 = tl.load(p_b3, mask=m_b3, other=0.0).to(tl.float32)
     for k0 in range(0, K, BKC):
-        p_0, m_0 = token_tile(k + i_h * K, t0, nt, H * K, k0, K, BC, BKC)
-        p_1, m_1 = token_tile(k + i_h * K, t0 + BC, nt - BC, H * K, k0, K, BC, BKC)
-        p_2, m_2 = token_tile(k + i_h * K, t0 + 2 * BC, nt - 2 * BC, H * K, k0, K, BC, BKC)
-        p_3, m_3 = token_tile(k + i_h * K, t0 + 3 * BC, nt - 3 * BC, H * K, k0, K, BC, BKC)
-        k_0 = tl.load(p_0, mask=m_0, other=0.0)
-        k_1 = tl.load(p_1, mask=m_1, other=0.0)
-        k_2 = tl.load(p_2, mask=m_2, other=0.0)
-        k_3 = tl.load(p_3, mask=m_3, other=0.0)
+        k_0 = load_rows(k + i_h * K, t0, nt, H * K, k0, K, BC, BKC)
+        k_1 = load_rows(k + i_h * K, t0 + BC, nt - BC, H * K, k0, K, BC, BKC)
+        k_2 = load_rows(k + i_h * K, t0 + 2 * BC, nt - 2 * BC, H * K, k0, K, BC, BKC)
+        k_3 = load_rows(k + i_h * K, t0 + 3 * BC, nt - 3 * BC, H * K, k0, K, BC, BKC)
         a00 += mm(k_0, tl.trans(k_0), DT, PREC)
         a10 += mm(k_1, tl.trans(k_0), DT, PREC)
         a11 += mm(k_1, tl.trans(k_1), DT, PREC)
@@ -117,29 +107,30 @@ def _kkt_blocks(k, beta, i_h, t0, nt, H: tl.constexpr, K: tl.constexpr, BC: tl.c
         a31 += mm(k_3, tl.trans(k_1), DT, PREC)
         a32 += mm(k_3, tl.trans(k_2), DT, PREC)
         a33 += mm(k_3, tl.trans(k_3), DT, PREC)
+    b0 = load_row_values(beta + i_h, t0, nt, H, BC)[:, None]
+    b1 = load_row_values(beta + i_h, t0 + BC, nt - BC, H, BC)[:, None]
+    b2 = load_row_values(beta + i_h, t0 + 2 * BC, nt - 2 * BC, H, BC)[:, None]
+    b3 = load_row_values(beta + i_h, t0 + 3 * BC, nt - 3 * BC, H, BC)[:, None]
+    o = tl.arange(0, BC)
     strict = o[:, None] > o[None, :]
-    a00 = tl.where(strict, a00 * b0[:, None], 0.0)
-    a11 = tl.where(strict, a11 * b1[:, None], 0.0)
-    a22 = tl.where(strict, a22 * b2[:, None], 0.0)
-    a33 = tl.where(strict, a33 * b3[:, None], 0.0)
-    return (a00, a10 * b1[:, None], a11, a20 * b2[:, None], a21 * b2[:, None], a22,
-            a30 * b3[:, None], a31 * b3[:, None], a32 * b3[:, None], a33)
+    return (tl.where(strict, a00 * b0, 0.0), a10 * b1, tl.where(strict, a11 * b1, 0.0),
+            a20 * b2, a21 * b2, tl.where(strict, a22 * b2, 0.0),
+            a30 * b3, a31 * b3, a32 * b3, tl.where(strict, a33 * b3, 0.0))
 
 
 @triton.jit
-def _store_block(t_inv, x, i_h, t0, nt, r: tl.constexpr, c: tl.constexpr, H: tl.constexpr, BT: tl.constexpr,
-                 BC: tl.constexpr):
-    """Store the [BC, BC] block (r, c) of a chunk's T into t_inv [L, H, BT]."""
-    p, m = token_tile(t_inv + i_h * BT, t0 + r * BC, nt - r * BC, H * BT, c * BC, BT, BC, BC)
-    tl.store(p, x, mask=m)
+def _store_t_block(t_inv, x, i_h, t0, nt, r: tl.constexpr, c: tl.constexpr, H: tl.constexpr,
+                   BT: tl.constexpr, BC: tl.constexpr):
+    """Store block (r, c) of a chunk's T into t_inv [L, H, BT]."""
+    store_rows(t_inv + i_h * BT, x, t0 + r * BC, nt - r * BC, H * BT, c * BC, BT, BC, BC)
 
 
 @triton.jit
 def _load_t(t_inv, i_h, t0, nt, H: tl.constexpr, BT: tl.constexpr):
-    """A chunk's T as a [BT, BT] tile; only its lower triangle is stored, the rest reads zero."""
-    p_t, m_t = token_tile(t_inv + i_h * BT, t0, nt, H * BT, 0, BT, BT, BT)
+    """A chunk's T as a [BT, BT] tile. Only its lower triangle is stored; the rest is zeroed here."""
     o_t = tl.arange(0, BT)
-    return tl.load(p_t, mask=m_t & (o_t[:, None] >= o_t[None, :]), other=0.0)
+    b_t = load_rows(t_inv + i_h * BT, t0, nt, H * BT, 0, BT, BT, BT)
+    return tl.where(o_t[:, None] >= o_t[None, :], b_t, 0.0)
 
 
 @triton.autotune(configs=_chunk_configs(), key=["K", "V"])
@@ -168,31 +159,26 @@ def delta_rule_wy_fwd_kernel(
         t20 = -_mm32(t22, _mm32(a20, t00) + _mm32(a21, t10))
         t31 = -_mm32(t33, _mm32(a31, t11) + _mm32(a32, t21))
         t30 = -_mm32(t33, _mm32(a30, t00) + _mm32(a31, t10) + _mm32(a32, t20))
-        _store_block(t_inv, t00, i_h, t0, nt, 0, 0, H, BT, BC)
-        _store_block(t_inv, t10, i_h, t0, nt, 1, 0, H, BT, BC)
-        _store_block(t_inv, t11, i_h, t0, nt, 1, 1, H, BT, BC)
-        _store_block(t_inv, t20, i_h, t0, nt, 2, 0, H, BT, BC)
-        _store_block(t_inv, t21, i_h, t0, nt, 2, 1, H, BT, BC)
-        _store_block(t_inv, t22, i_h, t0, nt, 2, 2, H, BT, BC)
-        _store_block(t_inv, t30, i_h, t0, nt, 3, 0, H, BT, BC)
-        _store_block(t_inv, t31, i_h, t0, nt, 3, 1, H, BT, BC)
-        _store_block(t_inv, t32, i_h, t0, nt, 3, 2, H, BT, BC)
-        _store_block(t_inv, t33, i_h, t0, nt, 3, 3, H, BT, BC)
-        # The whole chunk's T is read back as one tile so W and U are full-height matmuls.
+        _store_t_block(t_inv, t00, i_h, t0, nt, 0, 0, H, BT, BC)
+        _store_t_block(t_inv, t10, i_h, t0, nt, 1, 0, H, BT, BC)
+        _store_t_block(t_inv, t11, i_h, t0, nt, 1, 1, H, BT, BC)
+        _store_t_block(t_inv, t20, i_h, t0, nt, 2, 0, H, BT, BC)
+        _store_t_block(t_inv, t21, i_h, t0, nt, 2, 1, H, BT, BC)
+        _store_t_block(t_inv, t22, i_h, t0, nt, 2, 2, H, BT, BC)
+        _store_t_block(t_inv, t30, i_h, t0, nt, 3, 0, H, BT, BC)
+        _store_t_block(t_inv, t31, i_h, t0, nt, 3, 1, H, BT, BC)
+        _store_t_block(t_inv, t32, i_h, t0, nt, 3, 2, H, BT, BC)
+        _store_t_block(t_inv, t33, i_h, t0, nt, 3, 3, H, BT, BC)
+        # The chunk's T is read back whole so W and U are full-height matmuls.
         tl.debug_barrier()
     b_t = _load_t(t_inv, i_h, t0, nt, H, BT)
-    p_b, m_b = token_vector(beta + i_h, t0, nt, H, BT)
-    b_beta = tl.load(p_b, mask=m_b, other=0.0).to(tl.float32)
+    b_beta = load_row_values(beta + i_h, t0, nt, H, BT)[:, None]
     for k0 in range(0, K, BKC):
-        p_k, m_k = token_tile(k + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
-        b_kb = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32) * b_beta[:, None]
-        p_w, m_w = token_tile(w + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
-        tl.store(p_w, mm(b_t, b_kb, DT, PREC).to(DT), mask=m_w)
+        b_kb = load_rows(k + i_h * K, t0, nt, H * K, k0, K, BT, BKC).to(tl.float32) * b_beta
+        store_rows(w + i_h * K, mm(b_t, b_kb, DT, PREC), t0, nt, H * K, k0, K, BT, BKC)
     for v0 in range(0, V, BV):
-        p_v, m_v = token_tile(v + i_h * V, t0, nt, H * V, v0, V, BT, BV)
-        b_vb = tl.load(p_v, mask=m_v, other=0.0).to(tl.float32) * b_beta[:, None]
-        p_u, m_u = token_tile(u + i_h * V, t0, nt, H * V, v0, V, BT, BV)
-        tl.store(p_u, mm(b_t, b_vb, DT, PREC).to(DT), mask=m_u)
+        b_vb = load_rows(v + i_h * V, t0, nt, H * V, v0, V, BT, BV).to(tl.float32) * b_beta
+        store_rows(u + i_h * V, mm(b_t, b_vb, DT, PREC), t0, nt, H * V, v0, V, BT, BV)
 
 
 @triton.autotune(configs=_state_configs(), key=["K", "V"])
@@ -207,28 +193,24 @@ def delta_rule_state_fwd_kernel(
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     DT = k.dtype.element_ty
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    bos, eos = sequence_bounds(cu_seqlens, i_n)
     c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
     v0 = i_v * BV
-    p_s, m_s = state_tile(i_nh.to(tl.int64) * K * V, 0, K, v0, V, BK, BV)
+    s_base = i_nh.to(tl.int64) * K * V
     b_s = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
-        b_s += tl.load(h0 + p_s, mask=m_s, other=0.0)
+        b_s += load_matrix(h0 + s_base, 0, K, v0, V, BK, BV)
     for i_t in range(tl.cdiv(eos - bos, BT)):
         t0 = bos + i_t * BT
         nt = tl.minimum(eos - t0, BT)
-        p_h, m_h = state_tile(h + ((c0 + i_t) * H + i_h) * K * V, 0, K, v0, V, BK, BV)
-        tl.store(p_h, b_s.to(h.dtype.element_ty), mask=m_h)
-        p_w, m_w = token_tile(w + i_h * K, t0, nt, H * K, 0, K, BT, BK)
-        p_u, m_u = token_tile(u + i_h * V, t0, nt, H * V, v0, V, BT, BV)
-        b_v = tl.load(p_u, mask=m_u, other=0.0).to(tl.float32) - mm(tl.load(p_w, mask=m_w, other=0.0), b_s, DT, PREC)
-        p_vn, m_vn = token_tile(v_new + i_h * V, t0, nt, H * V, v0, V, BT, BV)
-        tl.store(p_vn, b_v.to(DT), mask=m_vn)
-        p_k, m_k = token_tile(k + i_h * K, t0, nt, H * K, 0, K, BT, BK)
-        b_s += mm(tl.trans(tl.load(p_k, mask=m_k, other=0.0)), b_v, DT, PREC)
+        store_matrix(h + ((c0 + i_t) * H + i_h) * K * V, b_s, 0, K, v0, V, BK, BV)
+        b_w = load_rows(w + i_h * K, t0, nt, H * K, 0, K, BT, BK)
+        b_v = load_rows(u + i_h * V, t0, nt, H * V, v0, V, BT, BV).to(tl.float32) - mm(b_w, b_s, DT, PREC)
+        store_rows(v_new + i_h * V, b_v, t0, nt, H * V, v0, V, BT, BV)
+        b_k = load_rows(k + i_h * K, t0, nt, H * K, 0, K, BT, BK)
+        b_s += mm(tl.trans(b_k), b_v, DT, PREC)
     if STORE_HT:
-        tl.store(ht + p_s, b_s, mask=m_s)
+        store_matrix(ht + s_base, b_s, 0, K, v0, V, BK, BV)
 
 
 @triton.autotune(configs=_chunk_configs(), key=["K", "V"])
@@ -247,18 +229,14 @@ def delta_rule_output_fwd_kernel(
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     b_a = tl.zeros([BT, BT], dtype=tl.float32)
     for k0 in range(0, K, BKC):
-        p_q, m_q = token_tile(q + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
-        p_k, m_k = token_tile(k + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
-        p_h, m_h = state_tile(h + s_base, k0, K, v0, V, BKC, BV)
-        b_q = tl.load(p_q, mask=m_q, other=0.0)
-        b_o += mm(b_q, tl.load(p_h, mask=m_h, other=0.0), DT, PREC)
-        b_a += mm(b_q, tl.trans(tl.load(p_k, mask=m_k, other=0.0)), DT, PREC)
+        b_q = load_rows(q + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
+        b_k = load_rows(k + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
+        b_o += mm(b_q, load_matrix(h + s_base, k0, K, v0, V, BKC, BV), DT, PREC)
+        b_a += mm(b_q, tl.trans(b_k), DT, PREC)
     o_t = tl.arange(0, BT)
     b_a = tl.where(o_t[:, None] >= o_t[None, :], b_a, 0.0)
-    p_v, m_v = token_tile(v_new + i_h * V, t0, nt, H * V, v0, V, BT, BV)
-    b_o = (b_o + mm(b_a, tl.load(p_v, mask=m_v, other=0.0), DT, PREC)) * scale
-    p_o, m_o = token_tile(o + i_h * V, t0, nt, H * V, v0, V, BT, BV)
-    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_o)
+    b_o += mm(b_a, load_rows(v_new + i_h * V, t0, nt, H * V, v0, V, BT, BV), DT, PREC)
+    store_rows(o + i_h * V, b_o * scale, t0, nt, H * V, v0, V, BT, BV)
 
 
 @triton.autotune(configs=_chunk_configs(), key=["K", "V"])
@@ -276,15 +254,13 @@ def delta_rule_dv_local_kernel(
     # (K Q^T)_ji = (Q K^T)_ij, kept where i >= j.
     b_at = tl.zeros([BT, BT], dtype=tl.float32)
     for k0 in range(0, K, BKC):
-        p_q, m_q = token_tile(q + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
-        p_k, m_k = token_tile(k + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
-        b_at += mm(tl.load(p_k, mask=m_k, other=0.0), tl.trans(tl.load(p_q, mask=m_q, other=0.0)), DT, PREC)
+        b_q = load_rows(q + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
+        b_k = load_rows(k + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
+        b_at += mm(b_k, tl.trans(b_q), DT, PREC)
     o_t = tl.arange(0, BT)
     b_at = tl.where(o_t[:, None] <= o_t[None, :], b_at, 0.0) * scale
-    p_do, m_do = token_tile(do + i_h * V, t0, nt, H * V, v0, V, BT, BV)
-    b_dv = mm(b_at, tl.load(p_do, mask=m_do, other=0.0), DT, PREC)
-    p_dv, m_dv = token_tile(dv + i_h * V, t0, nt, H * V, v0, V, BT, BV)
-    tl.store(p_dv, b_dv, mask=m_dv)
+    b_dv = mm(b_at, load_rows(do + i_h * V, t0, nt, H * V, v0, V, BT, BV), DT, PREC)
+    store_rows(dv + i_h * V, b_dv, t0, nt, H * V, v0, V, BT, BV)
 
 
 @triton.autotune(configs=_state_configs(), key=["K", "V"])
@@ -303,34 +279,28 @@ def delta_rule_state_bwd_kernel(
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     DT = q.dtype.element_ty
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    bos, eos = sequence_bounds(cu_seqlens, i_n)
     c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
     v0 = i_v * BV
-    p_s, m_s = state_tile(i_nh.to(tl.int64) * K * V, 0, K, v0, V, BK, BV)
+    s_base = i_nh.to(tl.int64) * K * V
     b_ds = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
-        b_ds += tl.load(dht + p_s, mask=m_s, other=0.0)
+        b_ds += load_matrix(dht + s_base, 0, K, v0, V, BK, BV)
     NT = tl.cdiv(eos - bos, BT)
     for j in range(NT):
         i_t = NT - 1 - j
         t0 = bos + i_t * BT
         nt = tl.minimum(eos - t0, BT)
-        p_dh, m_dh = state_tile(dh + ((c0 + i_t) * H + i_h) * K * V, 0, K, v0, V, BK, BV)
-        tl.store(p_dh, b_ds.to(dh.dtype.element_ty), mask=m_dh)
-        p_k, m_k = token_tile(k + i_h * K, t0, nt, H * K, 0, K, BT, BK)
-        p_dvl, m_v = token_tile(dv_local + i_h * V, t0, nt, H * V, v0, V, BT, BV)
-        b_du = tl.load(p_dvl, mask=m_v, other=0.0) + mm(tl.load(p_k, mask=m_k, other=0.0), b_ds, DT, PREC)
-        p_du, m_du = token_tile(du + i_h * V, t0, nt, H * V, v0, V, BT, BV)
-        tl.store(p_du, b_du, mask=m_du)
-        p_q, m_q = token_tile(q + i_h * K, t0, nt, H * K, 0, K, BT, BK)
-        p_w, m_w = token_tile(w + i_h * K, t0, nt, H * K, 0, K, BT, BK)
-        p_do, m_do = token_tile(do + i_h * V, t0, nt, H * V, v0, V, BT, BV)
-        b_qt = tl.trans(tl.load(p_q, mask=m_q, other=0.0))
-        b_wt = tl.trans(tl.load(p_w, mask=m_w, other=0.0))
-        b_ds += mm(b_qt, tl.load(p_do, mask=m_do, other=0.0), DT, PREC) * scale - mm(b_wt, b_du, DT, PREC)
+        store_matrix(dh + ((c0 + i_t) * H + i_h) * K * V, b_ds, 0, K, v0, V, BK, BV)
+        b_k = load_rows(k + i_h * K, t0, nt, H * K, 0, K, BT, BK)
+        b_du = load_rows(dv_local + i_h * V, t0, nt, H * V, v0, V, BT, BV) + mm(b_k, b_ds, DT, PREC)
+        store_rows(du + i_h * V, b_du, t0, nt, H * V, v0, V, BT, BV)
+        b_qt = tl.trans(load_rows(q + i_h * K, t0, nt, H * K, 0, K, BT, BK))
+        b_wt = tl.trans(load_rows(w + i_h * K, t0, nt, H * K, 0, K, BT, BK))
+        b_do = load_rows(do + i_h * V, t0, nt, H * V, v0, V, BT, BV)
+        b_ds += mm(b_qt, b_do, DT, PREC) * scale - mm(b_wt, b_du, DT, PREC)
     if STORE_DH0:
-        tl.store(dh0 + p_s, b_ds, mask=m_s)
+        store_matrix(dh0 + s_base, b_ds, 0, K, v0, V, BK, BV)
 
 
 @triton.autotune(configs=_chunk_configs(), key=["K", "V"])
@@ -352,31 +322,22 @@ def delta_rule_dqkw_kernel(
     b_dp = tl.zeros([BT, BT], dtype=tl.float32)
     s_base = (i_c.to(tl.int64) * H + i_h) * K * V
     for v0 in range(0, V, BV):
-        p_h, m_h = state_tile(h + s_base, k0, K, v0, V, BKC, BV)
-        p_dh, m_dh = state_tile(dh + s_base, k0, K, v0, V, BKC, BV)
-        b_ht = tl.trans(tl.load(p_h, mask=m_h, other=0.0))
-        b_dht = tl.trans(tl.load(p_dh, mask=m_dh, other=0.0))
-        p_vn, m_v = token_tile(v_new + i_h * V, t0, nt, H * V, v0, V, BT, BV)
-        p_do, m_do = token_tile(do + i_h * V, t0, nt, H * V, v0, V, BT, BV)
-        p_du, m_du = token_tile(du + i_h * V, t0, nt, H * V, v0, V, BT, BV)
-        b_vn = tl.load(p_vn, mask=m_v, other=0.0)
-        b_do = tl.load(p_do, mask=m_do, other=0.0)
+        b_ht = tl.trans(load_matrix(h + s_base, k0, K, v0, V, BKC, BV))
+        b_dht = tl.trans(load_matrix(dh + s_base, k0, K, v0, V, BKC, BV))
+        b_vn = load_rows(v_new + i_h * V, t0, nt, H * V, v0, V, BT, BV)
+        b_do = load_rows(do + i_h * V, t0, nt, H * V, v0, V, BT, BV)
+        b_du = load_rows(du + i_h * V, t0, nt, H * V, v0, V, BT, BV)
         b_dq += mm(b_do, b_ht, DT, PREC)
         b_dp += mm(b_do, tl.trans(b_vn), DT, PREC)
         b_dk += mm(b_vn, b_dht, DT, PREC)
-        b_dw -= mm(tl.load(p_du, mask=m_du, other=0.0), b_ht, DT, PREC)
+        b_dw -= mm(b_du, b_ht, DT, PREC)
     o_t = tl.arange(0, BT)
     b_dp = tl.where(o_t[:, None] >= o_t[None, :], b_dp, 0.0) * scale
-    p_q, m_q = token_tile(q + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
-    p_k, m_k = token_tile(k + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
-    b_dq = b_dq * scale + mm(b_dp, tl.load(p_k, mask=m_k, other=0.0), DT, PREC)
-    b_dk += mm(tl.trans(b_dp), tl.load(p_q, mask=m_q, other=0.0), DT, PREC)
-    p_dq, m_dq = token_tile(dq + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
-    p_dk, m_dk = token_tile(dk + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
-    p_dw, m_dw = token_tile(dw + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
-    tl.store(p_dq, b_dq, mask=m_dq)
-    tl.store(p_dk, b_dk, mask=m_dk)
-    tl.store(p_dw, b_dw, mask=m_dw)
+    b_dq = b_dq * scale + mm(b_dp, load_rows(k + i_h * K, t0, nt, H * K, k0, K, BT, BKC), DT, PREC)
+    b_dk += mm(tl.trans(b_dp), load_rows(q + i_h * K, t0, nt, H * K, k0, K, BT, BKC), DT, PREC)
+    store_rows(dq + i_h * K, b_dq, t0, nt, H * K, k0, K, BT, BKC)
+    store_rows(dk + i_h * K, b_dk, t0, nt, H * K, k0, K, BT, BKC)
+    store_rows(dw + i_h * K, b_dw, t0, nt, H * K, k0, K, BT, BKC)
 
 
 @triton.autotune(configs=_chunk_configs(), key=["K", "V"])
@@ -392,49 +353,39 @@ def delta_rule_wy_bwd_kernel(
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     DT = k.dtype.element_ty
     _, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
-    b_t = _load_t(t_inv, i_h, t0, nt, H, BT)
-    p_b, m_b = token_vector(beta + i_h, t0, nt, H, BT)
-    b_beta = tl.load(p_b, mask=m_b, other=0.0).to(tl.float32)
+    b_tt = tl.trans(_load_t(t_inv, i_h, t0, nt, H, BT))
+    b_beta = load_row_values(beta + i_h, t0, nt, H, BT)
     b_dt = tl.zeros([BT, BT], dtype=tl.float32)
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
     for v0 in range(0, V, BV):
-        p_v, m_v = token_tile(v + i_h * V, t0, nt, H * V, v0, V, BT, BV)
-        p_du, m_du = token_tile(du + i_h * V, t0, nt, H * V, v0, V, BT, BV)
-        b_v = tl.load(p_v, mask=m_v, other=0.0).to(tl.float32)
-        b_du = tl.load(p_du, mask=m_du, other=0.0)
+        b_v = load_rows(v + i_h * V, t0, nt, H * V, v0, V, BT, BV).to(tl.float32)
+        b_du = load_rows(du + i_h * V, t0, nt, H * V, v0, V, BT, BV)
         b_dt += mm(b_du, tl.trans(b_v * b_beta[:, None]), DT, PREC)
-        b_dvb = mm(tl.trans(b_t), b_du, DT, PREC)
+        b_dvb = mm(b_tt, b_du, DT, PREC)
         b_dbeta += tl.sum(b_dvb * b_v, 1)
-        p_dv, m_dv = token_tile(dv + i_h * V, t0, nt, H * V, v0, V, BT, BV)
-        tl.store(p_dv, b_dvb * b_beta[:, None], mask=m_dv)
+        store_rows(dv + i_h * V, b_dvb * b_beta[:, None], t0, nt, H * V, v0, V, BT, BV)
     # First pass over the key dim: dT and beta's share through W, and K K^T for the A path.
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     for k0 in range(0, K, BKC):
-        p_k, m_k = token_tile(k + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
-        p_dw, m_dw = token_tile(dw + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
-        b_k = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)
-        b_dw = tl.load(p_dw, mask=m_dw, other=0.0)
+        b_k = load_rows(k + i_h * K, t0, nt, H * K, k0, K, BT, BKC).to(tl.float32)
+        b_dw = load_rows(dw + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
         b_dt += mm(b_dw, tl.trans(b_k * b_beta[:, None]), DT, PREC)
-        b_dbeta += tl.sum(mm(tl.trans(b_t), b_dw, DT, PREC) * b_k, 1)
+        b_dbeta += tl.sum(mm(b_tt, b_dw, DT, PREC) * b_k, 1)
         b_kk += mm(b_k, tl.trans(b_k), DT, PREC)
     o_t = tl.arange(0, BT)
-    b_da = -mm(mm(tl.trans(b_t), b_dt, DT, PREC), tl.trans(b_t), DT, PREC)
+    b_da = -mm(mm(b_tt, b_dt, DT, PREC), b_tt, DT, PREC)
     b_da = tl.where(o_t[:, None] > o_t[None, :], b_da, 0.0)
     b_dbeta += tl.sum(b_da * b_kk, 1)
-    p_db, m_db = token_vector(dbeta + i_h, t0, nt, H, BT)
-    tl.store(p_db, b_dbeta, mask=m_db)
+    store_row_values(dbeta + i_h, b_dbeta, t0, nt, H, BT)
     # Second pass: dK = dK_other + diag(beta) T^T dW + diag(beta) dA K + dA^T diag(beta) K.
     b_dab = b_da * b_beta[:, None]
     for k0 in range(0, K, BKC):
-        p_k, m_k = token_tile(k + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
-        p_dw, m_dw = token_tile(dw + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
-        p_dko, m_dko = token_tile(dk_other + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
-        p_dk, m_dk = token_tile(dk + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
-        b_k = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)
-        b_dk = tl.load(p_dko, mask=m_dko, other=0.0)
-        b_dk += mm(tl.trans(b_t), tl.load(p_dw, mask=m_dw, other=0.0), DT, PREC) * b_beta[:, None]
+        b_k = load_rows(k + i_h * K, t0, nt, H * K, k0, K, BT, BKC).to(tl.float32)
+        b_dw = load_rows(dw + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
+        b_dk = load_rows(dk_other + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
+        b_dk += mm(b_tt, b_dw, DT, PREC) * b_beta[:, None]
         b_dk += mm(b_dab, b_k, DT, PREC) + mm(tl.trans(b_da), b_k * b_beta[:, None], DT, PREC)
-        tl.store(p_dk, b_dk, mask=m_dk)
+        store_rows(dk + i_h * K, b_dk, t0, nt, H * K, k0, K, BT, BKC)
 
 
 @triton.autotune(configs=_state_configs(), key=["K", "V"])
@@ -447,15 +398,15 @@ def delta_rule_recurrent_fwd_kernel(
     """One token at a time, the state in registers: for decoding and short prefills."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    bos, eos = sequence_bounds(cu_seqlens, i_n)
+    v0 = i_v * BV
     o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
+    o_v = v0 + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
-    p_s, m_s = state_tile(i_nh.to(tl.int64) * K * V, 0, K, i_v * BV, V, BK, BV)
+    s_base = i_nh.to(tl.int64) * K * V
     b_s = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
-        b_s += tl.load(h0 + p_s, mask=m_s, other=0.0)
+        b_s += load_matrix(h0 + s_base, 0, K, v0, V, BK, BV)
     for t in range(bos, eos):
         b_q = tl.load(q + (t * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
         b_k = tl.load(k + (t * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
@@ -466,7 +417,7 @@ def delta_rule_recurrent_fwd_kernel(
         b_o = tl.sum(b_s * b_q[:, None], 0) * scale
         tl.store(o + (t * H + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
     if STORE_HT:
-        tl.store(ht + p_s, b_s, mask=m_s)
+        store_matrix(ht + s_base, b_s, 0, K, v0, V, BK, BV)
 
 
 KERNELS = (
