@@ -40,11 +40,11 @@ def floor_ms(B, T, H, K, V, elem_bytes, backward):
     return max(io / COPY_BYTES_PER_S, flops / MATMUL_FLOP_PER_S) * 1e3
 
 
-def make_inputs(B, T, H, K, V, dtype, requires_grad):
-    q = torch.randn(B, T, H, K, device="cuda", dtype=dtype)
-    k = torch.nn.functional.normalize(torch.randn(B, T, H, K, device="cuda", dtype=torch.float32), dim=-1).to(dtype)
-    v = torch.randn(B, T, H, V, device="cuda", dtype=dtype)
-    beta = torch.rand(B, T, H, device="cuda", dtype=dtype)
+def make_inputs(B, T, H, K, V, dtype, requires_grad, device="cuda"):
+    q = torch.randn(B, T, H, K, device=device, dtype=dtype)
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, K, device=device, dtype=torch.float32), dim=-1).to(dtype)
+    v = torch.randn(B, T, H, V, device=device, dtype=dtype)
+    beta = torch.rand(B, T, H, device=device, dtype=dtype)
     return [t.requires_grad_(requires_grad) for t in (q, k, v, beta)]
 
 
@@ -54,6 +54,20 @@ def fla_chunk_delta_rule():
     except ImportError:
         return None
     return chunk_delta_rule
+
+
+def triton_error(B, T, H, K, V, dtype, device="cuda"):
+    """Largest relative error of the (autotuned) Triton output and input gradients against the
+    float32 reference, on fresh inputs: the timed kernels are checked, not just the tested ones."""
+    inputs = make_inputs(B, T, H, K, V, dtype, True, device)
+    ref_inputs = [t.detach().float().requires_grad_() for t in inputs]
+    o = delta_rule(*inputs, backend="triton")[0]
+    o_ref = delta_rule(*ref_inputs, backend="reference")[0]
+    do = torch.randn_like(o_ref)
+    grads = torch.autograd.grad(o, inputs, do.to(o.dtype))
+    ref_grads = torch.autograd.grad(o_ref, ref_inputs, do)
+    pairs = [(o, o_ref), *zip(grads, ref_grads)]
+    return max(((a.float() - b).norm() / b.norm()).item() for a, b in pairs)
 
 
 def timed(fn, inputs, backward):
@@ -103,21 +117,26 @@ def main(argv=None):
             times = {}
             for name, fn in impls.items():
                 times[name] = timed(fn, inputs, backward)
+            error = triton_error(B, T, H, D, D, dtype) if backward and "triton" in times else None
             for name, ms in times.items():
                 rows.append({
                     "op": "delta_rule", "impl": name, "B": B, "T": T, "H": H, "D": D, "dtype": args.dtype,
                     "mode": "fwd+bwd" if backward else "fwd", "ms": ms, "floor_ms": floor,
                     "vs_fla": (times["fla"] / ms) if "fla" in times else None,
+                    "rel_err": error if name == "triton" else None,
                 })
             del inputs
             torch.cuda.empty_cache()
 
     print(f"\ndelta_rule, {torch.cuda.get_device_name()}, {args.dtype}, H{H} D{D}")
-    print(f"{'impl':<10} {'B':>3} {'T':>6} {'mode':<8} {'ms':>9} {'fla/this':>9} {'floor/this':>10}")
+    print("fla/this > 1: faster than fla; floor/this: fraction of the roofline floor reached; "
+          "rel err: Triton output and gradients vs the float32 reference")
+    print(f"{'impl':<10} {'B':>3} {'T':>6} {'mode':<8} {'ms':>9} {'fla/this':>9} {'floor/this':>10} {'rel err':>9}")
     for r in rows:
         vs = f"{r['vs_fla']:.2f}x" if r["vs_fla"] is not None else "-"
+        err = f"{r['rel_err']:.1e}" if r["rel_err"] is not None else ""
         print(f"{r['impl']:<10} {r['B']:>3} {r['T']:>6} {r['mode']:<8} {r['ms']:>9.3f} {vs:>9} "
-              f"{r['floor_ms'] / r['ms']:>10.1%}")
+              f"{r['floor_ms'] / r['ms']:>10.1%} {err:>9}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

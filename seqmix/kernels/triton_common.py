@@ -8,6 +8,8 @@ addressed correctly without carrying 64-bit offsets per element.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -16,8 +18,12 @@ from seqmix.kernels.backend import triton_interpreting
 
 
 def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
-    """The configs to autotune over; the interpreter cannot benchmark, so it gets the first alone."""
-    return configs[:1] if triton_interpreting() else configs
+    """The configs to autotune over. The interpreter cannot benchmark, so it gets the first
+    alone; ``SEQMIX_AUTOTUNE=0`` does the same on a GPU, where a test run over many head dims
+    would otherwise spend its time compiling every config of every shape."""
+    if triton_interpreting() or os.environ.get("SEQMIX_AUTOTUNE", "1") in ("", "0"):
+        return configs[:1]
+    return configs
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -54,7 +54,7 @@ CHUNK = 64
 
 def _state_configs():
     return autotune_configs(
-        [triton.Config({"BV": bv}, num_warps=w) for bv in (32, 16, 64) for w in (4, 2, 8)]
+        [triton.Config({"BV": bv}, num_warps=w) for bv in (32, 64) for w in (4, 8)]
     )
 
 

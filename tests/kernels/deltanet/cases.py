@@ -7,9 +7,10 @@ from hypothesis import strategies as st
 
 from tests.helpers import ON_GPU
 
-# The interpreter runs every program on the CPU: keep its problems small.
+# The interpreter runs every program on the CPU: keep its problems small. On the GPU every
+# head dim compiles its own kernels, so few are drawn; odd and large ones have fixed tests.
 MAX_T = 600 if ON_GPU else 160
-HEAD_DIMS = (16, 32, 64, 100, 128, 256) if ON_GPU else (5, 16, 24, 32)
+HEAD_DIMS = (64, 128) if ON_GPU else (5, 16, 24, 32)
 
 
 @dataclass(frozen=True)
