@@ -42,7 +42,7 @@ def compile_kernel(kernel, args: dict, num_warps: int = 4, num_stages: int = 2) 
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
-    return {"kernel": fn.__name__, "num_warps": num_warps, "shared": compiled.metadata.shared,
+    return {"kernel": fn.__name__, "num_warps": num_warps, "num_stages": num_stages, "shared": compiled.metadata.shared,
             **_resource_usage(compiled.asm["cubin"])}
 
 

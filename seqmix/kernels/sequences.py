@@ -10,6 +10,7 @@ Chunks never straddle sequences: each sequence starts a new chunk.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -38,26 +39,26 @@ class Chunking:
         return self.chunk_index.shape[0]
 
 
-def dense_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
-    """Boundaries of ``batch`` sequences of ``seqlen`` tokens each, as int64 [batch+1]."""
-    return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int64, device=device)[: batch + 1]
+@functools.lru_cache(maxsize=64)
+def dense_chunking(batch: int, seqlen: int, chunk_size: int, device: torch.device) -> Chunking:
+    """Chunks of ``batch`` sequences of ``seqlen`` > 0 tokens each, built without a host sync
+    and cached: a training or decoding loop asks for the same few shapes again and again."""
+    per_seq = -(-seqlen // chunk_size)
+    cu = torch.arange(0, batch + 1, device=device, dtype=torch.int64) * seqlen
+    offsets = torch.arange(0, batch + 1, device=device, dtype=torch.int64) * per_seq
+    seq = torch.arange(batch, device=device).repeat_interleave(per_seq)
+    within = torch.arange(per_seq, device=device).repeat(batch)
+    index = torch.stack([seq, within], 1).to(torch.int32)
+    return Chunking(cu_seqlens=cu, chunk_index=index, chunk_offsets=offsets, chunk_size=chunk_size)
 
 
-def make_chunking(cu_seqlens: torch.Tensor, chunk_size: int, *, dense_seqlen: int | None = None) -> Chunking:
-    """Chunk indices of packed sequences.
-
-    ``dense_seqlen`` says every sequence has that length, which lets the
-    indices be built without reading ``cu_seqlens`` back to the host.
-    """
+def make_chunking(cu_seqlens: torch.Tensor, chunk_size: int) -> Chunking:
+    """Chunks of packed sequences; sizing the index reads the chunk count back to the host."""
     cu = cu_seqlens.to(torch.int64)
     device = cu.device
     n = cu.numel() - 1
-    if dense_seqlen is not None:
-        per_seq = torch.full((n,), -(-dense_seqlen // chunk_size), dtype=torch.int64, device=device)
-        total = n * int(-(-dense_seqlen // chunk_size))
-    else:
-        per_seq = (cu[1:] - cu[:-1] + chunk_size - 1) // chunk_size
-        total = int(per_seq.sum().item())
+    per_seq = (cu[1:] - cu[:-1] + chunk_size - 1) // chunk_size
+    total = int(per_seq.sum().item())
     offsets = torch.zeros(n + 1, dtype=torch.int64, device=device)
     offsets[1:] = torch.cumsum(per_seq, 0)
     seq = torch.repeat_interleave(torch.arange(n, device=device), per_seq, output_size=total)

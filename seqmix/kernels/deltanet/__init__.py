@@ -8,7 +8,7 @@ from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_cu_seqlens, check_same_dtype, check_scale, check_tensor
 from seqmix.kernels.deltanet import triton as kernels
 from seqmix.kernels.deltanet.reference import delta_rule_chunked, delta_rule_recurrent
-from seqmix.kernels.sequences import dense_cu_seqlens, make_chunking
+from seqmix.kernels.sequences import dense_chunking, make_chunking
 
 __all__ = ["delta_rule", "delta_rule_chunked", "delta_rule_recurrent"]
 
@@ -52,7 +52,7 @@ class _ChunkDeltaRule(torch.autograd.Function):
         )
         if dh0 is not None:
             dh0 = dh0.to(ctx.initial_state_dtype)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), dh0, None, None, None
+        return dq, dk, dv, dbeta, dh0, None, None, None
 
 
 def _triton_delta_rule(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, n):
@@ -60,8 +60,8 @@ def _triton_delta_rule(q, k, v, beta, scale, initial_state, output_final_state, 
     V = v.shape[-1]
     packed = [x.reshape(B * T, H, -1).contiguous() for x in (q, k, v)]
     beta_p = beta.reshape(B * T, H).contiguous()
-    dense = cu_seqlens is None
-    cu = dense_cu_seqlens(B, T, q.device) if dense else cu_seqlens.to(torch.int64)
+    dense = dense_chunking(B, T, kernels.CHUNK, q.device) if cu_seqlens is None else None
+    cu = dense.cu_seqlens if dense else cu_seqlens.to(torch.int64)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, beta, initial_state)
     )
@@ -69,7 +69,7 @@ def _triton_delta_rule(q, k, v, beta, scale, initial_state, output_final_state, 
         h0 = None if initial_state is None else initial_state.float().contiguous()
         o, ht = kernels.recurrent_delta_rule_fwd(*packed, beta_p, scale, h0, cu, output_final_state)
     else:
-        chunking = make_chunking(cu, kernels.CHUNK, dense_seqlen=T if dense else None)
+        chunking = dense or make_chunking(cu, kernels.CHUNK)
         o, ht = _ChunkDeltaRule.apply(*packed, beta_p, initial_state, scale, chunking, output_final_state)
     return o.view(B, T, H, V), ht
 

@@ -242,7 +242,7 @@ def delta_rule_output_fwd_kernel(
 @triton.autotune(configs=_chunk_configs(), key=["K", "V"])
 @triton.jit
 def delta_rule_dv_local_kernel(
-    q, k, do, dv, chunk_index, cu_seqlens, scale,
+    q, k, do, dv_local, chunk_index, cu_seqlens, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -260,7 +260,7 @@ def delta_rule_dv_local_kernel(
     o_t = tl.arange(0, BT)
     b_at = tl.where(o_t[:, None] <= o_t[None, :], b_at, 0.0) * scale
     b_dv = mm(b_at, load_rows(do + i_h * V, t0, nt, H * V, v0, V, BT, BV), DT, PREC)
-    store_rows(dv + i_h * V, b_dv, t0, nt, H * V, v0, V, BT, BV)
+    store_rows(dv_local + i_h * V, b_dv, t0, nt, H * V, v0, V, BT, BV)
 
 
 @triton.autotune(configs=_state_configs(), key=["K", "V"])
@@ -487,7 +487,7 @@ def chunk_delta_rule_fwd(q, k, v, beta, scale, h0, chunking: Chunking, store_fin
 
 
 def chunk_delta_rule_bwd(q, k, v, beta, t_inv, scale, h0, chunking: Chunking, do, dht, need_dh0: bool):
-    """Chunked backward. Returns (dq, dk, dv, dbeta, dh0 or None), the first four float32."""
+    """Chunked backward. Returns (dq, dk, dv, dbeta) in the inputs' dtypes and dh0 (float32) or None."""
     L, H, K = q.shape
     V = v.shape[-1]
     sizes, prec = block_sizes(K, V), dot_precision(q.dtype)
@@ -508,16 +508,16 @@ def chunk_delta_rule_bwd(q, k, v, beta, t_inv, scale, h0, chunking: Chunking, do
         q, k, w, do, dv_local, du, dh, dht, dh0, chunking.chunk_offsets, cu, scale,
         H=H, K=K, V=V, BT=CHUNK, BK=sizes["BK"], PREC=prec, HAS_DHT=dht is not None, STORE_DH0=need_dh0,
     )
-    dq = empty(L, H, K, dtype=torch.float32, device=dev)
+    dq = empty(L, H, K, dtype=q.dtype, device=dev)
     dk_other = empty(L, H, K, dtype=torch.float32, device=dev)
     dw = empty(L, H, K, dtype=torch.float32, device=dev)
     delta_rule_dqkw_kernel[(triton.cdiv(K, BKC), NC, H)](
         q, k, v_new, h, dh, do, du, dq, dk_other, dw, idx, cu, scale,
         H=H, K=K, V=V, BT=CHUNK, BKC=BKC, BV=BV, PREC=prec,
     )
-    dk = empty(L, H, K, dtype=torch.float32, device=dev)
-    dv = empty(L, H, V, dtype=torch.float32, device=dev)
-    dbeta = empty(L, H, dtype=torch.float32, device=dev)
+    dk = empty(L, H, K, dtype=k.dtype, device=dev)
+    dv = empty(L, H, V, dtype=v.dtype, device=dev)
+    dbeta = empty(L, H, dtype=beta.dtype, device=dev)
     delta_rule_wy_bwd_kernel[(NC, H)](
         k, v, beta, t_inv, dw, du, dk_other, dk, dv, dbeta, idx, cu,
         H=H, K=K, V=V, BT=CHUNK, BKC=BKC, BV=BV, PREC=prec,

@@ -19,24 +19,22 @@ def _specs(full: bool):
         prec = "tf32" if dt == "bf16" else "ieee"
         dims = (64, 128, 256) if full else ((128, 256) if dt == "bf16" else (64,))
         for d in dims:
-            io = {n: f"*{dt}" for n in ("q", "k", "v", "beta", "w", "u", "v_new", "h", "dh", "do", "o")}
-            f32 = {n: "*fp32" for n in ("t_inv", "h0", "ht", "dht", "dh0", "dv_local", "dv", "dq", "dk", "dw", "dk_other",
-                                         "du", "dbeta")}
+            io = {n: f"*{dt}" for n in ("q", "k", "v", "beta", "w", "u", "v_new", "h", "dh", "do", "o",
+                                        "dq", "dk", "dv", "dbeta")}
+            f32 = {n: "*fp32" for n in ("t_inv", "h0", "ht", "dht", "dh0", "dv_local", "du", "dk_other", "dw")}
             index = {"chunk_index": "*i32", "cu_seqlens": "*i64", "chunk_offsets": "*i64", "scale": "fp32"}
             shape = {"H": 16, "K": d, "V": d, "BT": kern.CHUNK, "PREC": prec, **kern.block_sizes(d, d)}
             flags = {"HAS_H0": True, "STORE_HT": True, "HAS_DHT": True, "STORE_DH0": True, "INVERT": True}
             for kernel in kern.KERNELS:
-                configs = getattr(kernel, "configs", [None])
-                for cfg in configs if full else configs[:1]:
-                    meta = {} if cfg is None else cfg.kwargs
-                    warps = 4 if cfg is None else cfg.num_warps
-                    yield kernel, {**io, **f32, **index, **shape, **flags, **meta}, warps, {"dtype": dt, "d": d}
+                for cfg in kernel.configs if full else kernel.configs[:1]:
+                    args = {**io, **f32, **index, **shape, **flags, **cfg.kwargs}
+                    yield kernel, args, cfg, {"dtype": dt, "d": d}
 
 
 def main():
     results = []
-    for kernel, args, warps, info in _specs(full="--all" in sys.argv):
-        results.append({**compile_kernel(kernel, args, num_warps=warps), **info})
+    for kernel, args, cfg, info in _specs(full="--all" in sys.argv):
+        results.append({**compile_kernel(kernel, args, num_warps=cfg.num_warps, num_stages=cfg.num_stages), **info})
     print(json.dumps(results))
 
 
