@@ -10,11 +10,22 @@ turns the build off.
 """
 
 import os
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
+
+
+def _arch_codes(arch_list: str) -> list[int]:
+    """TORCH_CUDA_ARCH_LIST ("8.0;9.0a", "9.0+PTX", ...) as compute capabilities 80, 90, ..."""
+    codes = []
+    for arch in re.split(r"[;,\s]+", arch_list.strip()):
+        major, _, minor = arch.split("+")[0].rstrip("a").partition(".")
+        if major:
+            codes.append(int(major) * 10 + int(minor or 0))
+    return codes
 
 
 def _cuda_build_plan():
@@ -43,7 +54,7 @@ def _cuda_build_plan():
     ext = CUDAExtension(
         name="seqmix._C",
         sources=sources,
-        define_macros=[("SEQMIX_CUDA_ARCHS", f'"{archs}"')],
+        define_macros=[("SEQMIX_CUDA_ARCHS", ",".join(str(c) for c in _arch_codes(archs)))],
         extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
     )
     return [ext], {"build_ext": BuildExtension}, None

@@ -1,18 +1,18 @@
 // seqmix._C: the CUDA kernels of seqmix, bound to Python.
 //
 // The conv family's kernels land here; until then the module only reports
-// the architectures it was compiled for, so the Python side can refuse a GPU
-// the binary carries no code for instead of failing inside a launch.
+// the compute capabilities it was compiled for, so the Python side can refuse
+// a GPU the binary carries no code for instead of failing inside a launch.
 #include <torch/extension.h>
 
-#include <string>
+#include <vector>
 
 #ifndef SEQMIX_CUDA_ARCHS
-#error "setup.py defines SEQMIX_CUDA_ARCHS (the TORCH_CUDA_ARCH_LIST this build targets)"
+#error "setup.py defines SEQMIX_CUDA_ARCHS, the compute capabilities this build targets (e.g. 90 or 80,90)"
 #endif
 
-static std::string cuda_archs() { return SEQMIX_CUDA_ARCHS; }
+static std::vector<int64_t> cuda_archs() { return {SEQMIX_CUDA_ARCHS}; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("cuda_archs", &cuda_archs, "TORCH_CUDA_ARCH_LIST this extension was compiled for, e.g. \"9.0\"");
+  m.def("cuda_archs", &cuda_archs, "compute capabilities this extension was compiled for, e.g. [90]");
 }

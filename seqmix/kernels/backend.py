@@ -62,9 +62,8 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
         if ext is None:
             return "the CUDA extension seqmix._C was not built (see setup.py)"
         major, minor = torch.cuda.get_device_capability(device)
-        built = ext.cuda_archs()
-        if f"{major}.{minor}" not in {a.split("+")[0].rstrip("a") for a in built.replace(" ", ";").split(";")}:
-            return f"seqmix._C was compiled for {built}, but the GPU is compute capability {major}.{minor}"
+        if major * 10 + minor not in ext.cuda_archs():
+            return f"seqmix._C was compiled for compute capabilities {ext.cuda_archs()}, not this GPU's {major}.{minor}"
         return None
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
 
