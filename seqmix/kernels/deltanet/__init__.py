@@ -61,7 +61,7 @@ def _triton_delta_rule(q, k, v, beta, scale, initial_state, output_final_state, 
     packed = [x.reshape(B * T, H, -1).contiguous() for x in (q, k, v)]
     beta_p = beta.reshape(B * T, H).contiguous()
     dense = dense_chunking(B, T, kernels.CHUNK, q.device) if cu_seqlens is None else None
-    cu = dense.cu_seqlens if dense else cu_seqlens.to(torch.int64)
+    cu = cu_seqlens.to(torch.int64) if dense is None else dense.cu_seqlens
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, beta, initial_state)
     )
@@ -69,7 +69,7 @@ def _triton_delta_rule(q, k, v, beta, scale, initial_state, output_final_state, 
         h0 = None if initial_state is None else initial_state.float().contiguous()
         o, ht = kernels.recurrent_delta_rule_fwd(*packed, beta_p, scale, h0, cu, output_final_state)
     else:
-        chunking = dense or make_chunking(cu, kernels.CHUNK)
+        chunking = make_chunking(cu, kernels.CHUNK) if dense is None else dense
         o, ht = _ChunkDeltaRule.apply(*packed, beta_p, initial_state, scale, chunking, output_final_state)
     return o.view(B, T, H, V), ht
 

@@ -23,7 +23,8 @@ turns ``dW``, ``dU`` into ``dK``, ``dV``, ``dbeta``.
 
 Per-chunk kernels walk the key dim in slices of at most 64 (``BKC``) to keep
 register tiles small; the two sequential kernels hold the whole key dim of
-a [K, BV] state slice.
+a [K, BV] state slice. Chunks and (sequence, head) pairs go on grid axis 0,
+the only one not capped at 65535 programs.
 """
 
 from __future__ import annotations
@@ -190,7 +191,7 @@ def delta_rule_state_fwd_kernel(
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
 ):
     """Sequential over the chunks of one sequence: h[c] = S entering chunk c, V' = U - W S, S += K^T V'."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     DT = k.dtype.element_ty
     bos, eos = sequence_bounds(cu_seqlens, i_n)
@@ -221,7 +222,7 @@ def delta_rule_output_fwd_kernel(
     BT: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     """Per chunk and block of value channels: O = scale (Q S + tril(Q K^T) V')."""
-    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     DT = q.dtype.element_ty
     _, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
     v0 = i_v * BV
@@ -247,7 +248,7 @@ def delta_rule_dv_local_kernel(
     BT: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     """Per chunk: the intra-chunk part of dV', scale tril(Q K^T)^T dO."""
-    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     DT = q.dtype.element_ty
     _, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
     v0 = i_v * BV
@@ -276,7 +277,7 @@ def delta_rule_state_bwd_kernel(
     With dS the gradient of the state leaving chunk c: dh[c] = dS,
     dU = dV' = dV'_local + K dS, then dS <- dS + scale Q^T dO - W^T dV'.
     """
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     DT = q.dtype.element_ty
     bos, eos = sequence_bounds(cu_seqlens, i_n)
@@ -312,7 +313,7 @@ def delta_rule_dqkw_kernel(
 ):
     """Per chunk and slice of the key dim, with S = h[c], dS = dh[c] and dP = tril(scale dO V'^T):
     dQ = scale dO S^T + dP K, dK = dP^T Q + V' dS^T (the W path comes later), dW = -dU S^T."""
-    i_kc, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_kc, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     DT = q.dtype.element_ty
     _, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
     k0 = i_kc * BKC
@@ -396,7 +397,7 @@ def delta_rule_recurrent_fwd_kernel(
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
 ):
     """One token at a time, the state in registers: for decoding and short prefills."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = sequence_bounds(cu_seqlens, i_n)
     v0 = i_v * BV
@@ -462,7 +463,7 @@ def _states(k, w, u, h0, chunking: Chunking, store_final: bool, sizes, prec):
     h = empty(chunking.num_chunks, H, K, V, dtype=k.dtype, device=k.device)
     v_new = empty(L, H, V, dtype=k.dtype, device=k.device)
     ht = empty(N, H, K, V, dtype=torch.float32, device=k.device) if store_final else None
-    delta_rule_state_fwd_kernel[lambda meta: (triton.cdiv(V, meta["BV"]), N * H)](
+    delta_rule_state_fwd_kernel[lambda meta: (N * H, triton.cdiv(V, meta["BV"]))](
         k, w, u, v_new, h, h0, ht, chunking.chunk_offsets, chunking.cu_seqlens,
         H=H, K=K, V=V, BT=CHUNK, BK=sizes["BK"], PREC=prec, HAS_H0=h0 is not None, STORE_HT=store_final,
     )
@@ -479,7 +480,7 @@ def chunk_delta_rule_fwd(q, k, v, beta, scale, h0, chunking: Chunking, store_fin
     w, u = _wy(k, v, beta, t_inv, chunking, True, sizes, prec)
     h, v_new, ht = _states(k, w, u, h0, chunking, store_final, sizes, prec)
     o = empty(L, H, V, dtype=q.dtype, device=q.device)
-    delta_rule_output_fwd_kernel[(triton.cdiv(V, sizes["BV"]), chunking.num_chunks, H)](
+    delta_rule_output_fwd_kernel[(chunking.num_chunks, triton.cdiv(V, sizes["BV"]), H)](
         q, k, v_new, h, o, chunking.chunk_index, chunking.cu_seqlens, scale,
         H=H, K=K, V=V, BT=CHUNK, BKC=sizes["BKC"], BV=sizes["BV"], PREC=prec,
     )
@@ -498,20 +499,20 @@ def chunk_delta_rule_bwd(q, k, v, beta, t_inv, scale, h0, chunking: Chunking, do
     w, u = _wy(k, v, beta, t_inv, chunking, False, sizes, prec)
     h, v_new, _ = _states(k, w, u, h0, chunking, False, sizes, prec)
     dv_local = empty(L, H, V, dtype=torch.float32, device=dev)
-    delta_rule_dv_local_kernel[(triton.cdiv(V, BV), NC, H)](
+    delta_rule_dv_local_kernel[(NC, triton.cdiv(V, BV), H)](
         q, k, do, dv_local, idx, cu, scale, H=H, K=K, V=V, BT=CHUNK, BKC=BKC, BV=BV, PREC=prec,
     )
     dh = empty(NC, H, K, V, dtype=q.dtype, device=dev)
     du = empty(L, H, V, dtype=torch.float32, device=dev)
     dh0 = empty(N, H, K, V, dtype=torch.float32, device=dev) if need_dh0 else None
-    delta_rule_state_bwd_kernel[lambda meta: (triton.cdiv(V, meta["BV"]), N * H)](
+    delta_rule_state_bwd_kernel[lambda meta: (N * H, triton.cdiv(V, meta["BV"]))](
         q, k, w, do, dv_local, du, dh, dht, dh0, chunking.chunk_offsets, cu, scale,
         H=H, K=K, V=V, BT=CHUNK, BK=sizes["BK"], PREC=prec, HAS_DHT=dht is not None, STORE_DH0=need_dh0,
     )
     dq = empty(L, H, K, dtype=q.dtype, device=dev)
     dk_other = empty(L, H, K, dtype=torch.float32, device=dev)
     dw = empty(L, H, K, dtype=torch.float32, device=dev)
-    delta_rule_dqkw_kernel[(triton.cdiv(K, BKC), NC, H)](
+    delta_rule_dqkw_kernel[(NC, triton.cdiv(K, BKC), H)](
         q, k, v_new, h, dh, do, du, dq, dk_other, dw, idx, cu, scale,
         H=H, K=K, V=V, BT=CHUNK, BKC=BKC, BV=BV, PREC=prec,
     )
@@ -533,7 +534,7 @@ def recurrent_delta_rule_fwd(q, k, v, beta, scale, h0, cu_seqlens: torch.Tensor,
     N = cu_seqlens.numel() - 1
     o = empty(L, H, V, dtype=q.dtype, device=q.device)
     ht = empty(N, H, K, V, dtype=torch.float32, device=q.device) if store_final else None
-    delta_rule_recurrent_fwd_kernel[lambda meta: (triton.cdiv(V, meta["BV"]), N * H)](
+    delta_rule_recurrent_fwd_kernel[lambda meta: (N * H, triton.cdiv(V, meta["BV"]))](
         q, k, v, beta, o, h0, ht, cu_seqlens, scale,
         H=H, K=K, V=V, BK=sizes["BK"], HAS_H0=h0 is not None, STORE_HT=store_final,
     )
