@@ -1,0 +1,61 @@
+"""The Mixer contract, as checks any mixer can be run through.
+
+- Running a sequence in pieces with the state equals one full call (outputs and states).
+- Prefill then one-token decoding equals the training call.
+- Left padding with ``attention_mask`` and packing with ``cu_seqlens`` equal separate calls.
+"""
+
+import torch
+
+from tests.helpers import assert_rel
+
+
+def pieces_equal_one_call(layer, x, cuts, tol):
+    B, T, _ = x.shape
+    with torch.no_grad():
+        full, full_state = layer(x, layer.init_state(B))
+        state, pieces = layer.init_state(B), []
+        bounds = [0, *sorted(set(cuts)), T]
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            y, state = layer(x[:, s:e], state)
+            pieces.append(y)
+    assert_rel(torch.cat(pieces, 1), full, tol, f"output in pieces {bounds}")
+    assert state.keys() == full_state.keys()
+    for name in full_state:
+        assert_rel(state[name], full_state[name], tol, f"state {name!r} in pieces {bounds}")
+
+
+def decoding_equals_training_call(layer, x, prefill, tol):
+    B, T, _ = x.shape
+    with torch.no_grad():
+        full, _ = layer(x)
+        y, state = layer(x[:, :prefill], layer.init_state(B))
+        steps = [y]
+        for t in range(prefill, T):
+            y, state = layer(x[:, t : t + 1], state)
+            steps.append(y)
+    assert_rel(torch.cat(steps, 1), full, tol, "decoded output")
+
+
+def padding_and_packing_equal_separate_calls(layer, xs, tol):
+    """``xs``: [1, T_i, hidden] sequences of different lengths."""
+    lengths = [x.shape[1] for x in xs]
+    n, T, hidden = len(xs), max(lengths), xs[0].shape[-1]
+    device = xs[0].device
+    with torch.no_grad():
+        separate = [layer(x, layer.init_state(1)) for x in xs]
+        padded = torch.zeros(n, T, hidden, device=device)
+        mask = torch.zeros(n, T, dtype=torch.long, device=device)
+        for i, (x, t) in enumerate(zip(xs, lengths)):
+            padded[i, T - t :] = x[0]
+            mask[i, T - t :] = 1
+        y_pad, s_pad = layer(padded, layer.init_state(n), attention_mask=mask)
+        cu = torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)
+        y_packed, s_packed = layer(torch.cat(xs, 1), layer.init_state(n), cu_seqlens=cu)
+    assert not y_pad[mask == 0].any(), "outputs at padded positions must be zero"
+    for i, ((y, s), t) in enumerate(zip(separate, lengths)):
+        assert_rel(y_pad[i, T - t :], y[0], tol, f"left-padded output of sequence {i}")
+        assert_rel(y_packed[0, int(cu[i]) : int(cu[i + 1])], y[0], tol, f"packed output of sequence {i}")
+        for name in s:
+            assert_rel(s_pad[name][i], s[name][0], tol, f"left-padded state {name!r} of sequence {i}")
+            assert_rel(s_packed[name][i], s[name][0], tol, f"packed state {name!r} of sequence {i}")

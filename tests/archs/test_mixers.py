@@ -1,0 +1,62 @@
+"""Every registered mixer keeps the Mixer contract (tests/archs/contract.py), with each kernel backend."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from seqmix.archs import MIXERS, Mixer, build_mixer
+from tests.archs import contract
+from tests.helpers import DEVICE, TOL
+
+HIDDEN = 32
+# A small config per registered mixer; a mixer registered without one fails test_every_mixer_has_a_config.
+SMALL_CONFIGS = {
+    "deltanet": {"hidden_size": HIDDEN, "num_heads": 2},
+}
+BACKENDS = ["reference", "triton"]
+CASES = [(name, backend) for name in sorted(SMALL_CONFIGS) for backend in BACKENDS]
+
+
+def _mixer(name, backend, seed=0):
+    torch.manual_seed(seed)
+    return build_mixer(name, **SMALL_CONFIGS[name], backend=backend).to(DEVICE)
+
+
+def _x(B, T, seed=1):
+    return torch.randn(B, T, HIDDEN, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def test_every_mixer_has_a_config():
+    assert set(MIXERS) == set(SMALL_CONFIGS)
+    for name in MIXERS:
+        assert isinstance(_mixer(name, "reference"), Mixer)
+
+
+@pytest.mark.parametrize("name, backend", CASES)
+@given(cuts=st.lists(st.integers(1, 79), max_size=4))
+def test_pieces_with_state_equal_one_call(name, backend, cuts):
+    contract.pieces_equal_one_call(_mixer(name, backend), _x(2, 80), cuts, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("name, backend", CASES)
+def test_decoding_token_by_token_equals_training_call(name, backend):
+    contract.decoding_equals_training_call(_mixer(name, backend), _x(2, 40), 30, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("name, backend", CASES)
+def test_left_padding_and_packing_equal_separate_calls(name, backend):
+    xs = [_x(1, t, seed=10 + i) for i, t in enumerate([30, 12, 21])]
+    contract.padding_and_packing_equal_separate_calls(_mixer(name, backend), xs, TOL[torch.float32])
+
+
+def test_interface_errors():
+    layer = _mixer("deltanet", "reference")
+    with pytest.raises(ValueError, match=r"x must have shape \[B, T, hidden_size=32\]"):
+        layer(torch.randn(2, 5, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        layer(_x(2, 5), attention_mask=torch.ones(2, 4, device=DEVICE))
+    with pytest.raises(ValueError, match="not both"):
+        layer(_x(1, 5), attention_mask=torch.ones(1, 5, device=DEVICE), cu_seqlens=torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="unknown mixer 'mamba9'"):
+        build_mixer("mamba9", hidden_size=8)
