@@ -72,7 +72,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["seqmix", "seqmix.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton>=3.2"],
+    install_requires=["torch>=2.4", "triton>=3.2", "numpy"],
     extras_require={
         # Triton's interpreter turns one-element arrays into ints, which NumPy 2.4 refuses.
         "test": ["pytest>=7", "hypothesis>=6.100", "numpy<2.4"],
