@@ -15,7 +15,7 @@ def test_dense_chunking_equals_packed(batch, seqlen, chunk):
 
 
 def test_packed_chunking_with_empty_and_ragged_sequences():
-    c = make_chunking(torch.tensor([0, 0, 5, 69, 69, 70]), 64)
+    c = make_chunking(torch.tensor([0, 0, 5, 70, 70, 71]), 64)
     assert c.num_sequences == 5 and c.num_chunks == 4
     assert c.chunk_index.tolist() == [[1, 0], [2, 0], [2, 1], [4, 0]]
     assert c.chunk_offsets.tolist() == [0, 0, 1, 3, 3, 4]
