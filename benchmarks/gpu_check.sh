@@ -5,7 +5,9 @@
 #   bash benchmarks/gpu_check.sh            # whole check
 #   QUICK=1 bash benchmarks/gpu_check.sh    # anchor shapes only
 #
-# Optional comparators (fla-core, ...) travel as wheels in .whl/ and are installed to /tmp/site.
+# Optional comparators travel as wheels in .whl/ (ignored by git) and are installed to /tmp/site;
+# for flash-linear-attention's kernels, on a machine with pip:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl fla-core==0.6.0
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_check_out}

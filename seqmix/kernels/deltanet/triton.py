@@ -134,7 +134,7 @@ def _load_t(t_inv, i_h, t0, nt, H: tl.constexpr, BT: tl.constexpr):
     return tl.where(o_t[:, None] >= o_t[None, :], b_t, 0.0)
 
 
-@triton.autotune(configs=_chunk_configs(), key=["K", "V"])
+@triton.autotune(configs=_chunk_configs(), key=["K", "V", "INVERT"])
 @triton.jit
 def delta_rule_wy_fwd_kernel(
     k, v, beta, w, u, t_inv, chunk_index, cu_seqlens,
