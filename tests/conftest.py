@@ -16,7 +16,7 @@ os.environ["SEQMIX_POISON_EMPTY"] = "1"
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
-    "ci", derandomize=True, max_examples=12, deadline=None, print_blob=True,
+    "ci", derandomize=True, max_examples=20, deadline=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile(

@@ -64,6 +64,29 @@ def test_largest_head_dims(dims, dtype):
     _check_against_oracle(case, dtype, scale=0.1)
 
 
+def test_long_sequence():
+    """Errors must not grow along 16 chunks of state passing."""
+    case = Case(batch=1, lengths=None, seqlen=1024, heads=1, k=16, v=16, initial_state=True, seed=12)
+    _check_against_oracle(case, torch.float32)
+
+
+def test_repeated_keys_and_extreme_betas():
+    """Identical keys with beta 1 make (I + A) an all-ones lower triangle; beta 0 writes nothing."""
+    case = Case(batch=1, lengths=None, seqlen=100, heads=2, k=16, v=8, initial_state=False, seed=13)
+    q, k, v, beta, _ = make_inputs(case, torch.float32, DEVICE)
+    k = k[:, :1].expand_as(k).contiguous()
+    beta = (torch.arange(case.seqlen, device=DEVICE) % 3 != 0).float()[None, :, None].expand_as(beta).contiguous()
+    inputs = [t.requires_grad_() for t in (q, k, v, beta)]
+    o, s = delta_rule(*inputs, output_final_state=True, backend="triton")
+    up, o_ref, s_ref = _oracle(case, *inputs, None, case.k**-0.5)
+    assert_rel(o, o_ref, TOL[torch.float32], "output")
+    assert_rel(s, s_ref, TOL[torch.float32], "final state")
+    grads = torch.autograd.grad(o.sum() + s.sum(), inputs)
+    ref_grads = torch.autograd.grad(o_ref.sum() + s_ref.sum(), up[:4])
+    for name, a, b in zip("q k v beta".split(), grads, ref_grads):
+        assert_rel(a, b, TOL[torch.float32], f"d{name}")
+
+
 def test_gradients_without_final_state():
     case = Case(batch=1, lengths=(50, 81), seqlen=131, heads=2, k=32, v=16, initial_state=True, seed=4)
     _check_against_oracle(case, torch.float32, final_state=False)
