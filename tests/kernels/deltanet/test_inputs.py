@@ -105,3 +105,12 @@ def test_mismatched_devices():
     x["k"] = x["k"].to("meta")
     with pytest.raises(ValueError, match="k is on meta but the inputs are on"):
         delta_rule(**x)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_triton_head_dims_above_256(grad):
+    x = {n: t[:, :, :1] for n, t in _inputs().items()}
+    x["q"] = torch.randn(B, T, 1, 300, device=DEVICE, requires_grad=grad)
+    x["k"] = torch.randn(B, T, 1, 300, device=DEVICE)
+    with pytest.raises(ValueError, match="head dims up to 256, got K=300"):
+        delta_rule(**x, backend="triton")
