@@ -22,7 +22,7 @@ fi
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 TORCH_CUDA_ARCH_LIST=9.0 python3 -m pip install -q --no-build-isolation --no-deps -e . > "$out/install.log" 2>&1
 tail -n 3 "$out/install.log"
-python3 -c "import seqmix._C as C; print('seqmix._C built for', C.cuda_archs())" || echo "seqmix._C: not built"
+python3 -c "import seqmix._C as C; print('seqmix._C built for', C.cuda_archs())" 2>/dev/null || echo "seqmix._C: not built (see install.log)"
 
 tests_rc=0
 if [ "$part" != bench ]; then
