@@ -7,7 +7,8 @@ or raise :class:`BackendUnavailable` saying why. The environment variable
 do not fall back to the automatic choice, so one setting can steer a whole
 model whose ops are at different stages. The automatic choice takes the first
 implemented backend that can serve the call: Triton (or CUDA) on CUDA
-tensors, the reference on CPU tensors unless Triton's interpreter is on.
+tensors, the reference on CPU tensors unless Triton's interpreter is on, and
+the reference wherever a fused kernel does not take the call's dtype or sizes.
 """
 
 from __future__ import annotations
@@ -68,27 +69,39 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
 
 
-def select_backend(op: str, requested: str | None, device: torch.device, implemented: tuple[str, ...]) -> str:
+def select_backend(
+    op: str,
+    requested: str | None,
+    device: torch.device,
+    implemented: tuple[str, ...],
+    limits: dict[str, str | None] | None = None,
+) -> str:
     """The backend that serves one call of ``op``.
 
-    ``implemented`` lists the op's backends, most preferred first.
+    ``implemented`` lists the op's backends, most preferred first. ``limits``
+    maps a backend to why it cannot serve this particular call (a dtype or a
+    size it does not support), None where it can.
     """
+
+    def reason(name: str) -> str | None:
+        return why_unavailable(name, device) or (limits or {}).get(name)
+
     if requested is not None:
         if requested not in BACKENDS:
             raise ValueError(f"{op}: backend must be one of {BACKENDS} or None, got {requested!r}")
         if requested not in implemented:
             raise BackendUnavailable(f"{op} has no {requested!r} backend; it has {implemented}")
-        reason = why_unavailable(requested, device)
-        if reason is not None:
-            raise BackendUnavailable(f"{op}: backend {requested!r} cannot serve this call: {reason}")
+        why = reason(requested)
+        if why is not None:
+            raise BackendUnavailable(f"{op}: backend {requested!r} cannot serve this call: {why}")
         return requested
     env = os.environ.get("SEQMIX_BACKEND") or None
     if env is not None:
         if env not in BACKENDS:
             raise ValueError(f"SEQMIX_BACKEND must be one of {BACKENDS}, got {env!r}")
         if env in implemented:
-            return select_backend(op, env, device, implemented)
+            return select_backend(op, env, device, implemented, limits)
     for name in implemented:
-        if why_unavailable(name, device) is None:
+        if reason(name) is None:
             return name
-    raise BackendUnavailable(f"{op}: none of {implemented} can serve tensors on {device}")
+    raise BackendUnavailable(f"{op}: none of {implemented} can serve this call on {device}")

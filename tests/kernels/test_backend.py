@@ -48,3 +48,13 @@ def test_environment_override(monkeypatch):
     monkeypatch.setenv("SEQMIX_BACKEND", "fast")
     with pytest.raises(ValueError, match="SEQMIX_BACKEND must be one of"):
         select_backend("op", None, CPU, ("reference",))
+
+
+def test_call_limits_skip_a_backend_automatically_and_refuse_it_by_name(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
+    limits = {"triton": "x must be float16, bfloat16 or float32, got torch.float64"}
+    assert select_backend("op", None, CPU, ("triton", "reference"), limits) == "reference"
+    with pytest.raises(BackendUnavailable, match="'triton' cannot serve this call: x must be"):
+        select_backend("op", "triton", CPU, ("triton", "reference"), limits)
+    assert select_backend("op", None, CPU, ("triton", "reference"), {"triton": None}) == "triton"

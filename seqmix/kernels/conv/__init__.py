@@ -6,11 +6,51 @@ import torch
 
 from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_cu_seqlens, check_tensor
+from seqmix.kernels.conv import triton as kernels
 from seqmix.kernels.conv.reference import causal_conv1d_reference
+from seqmix.kernels.sequences import dense_chunking, make_chunking
 
 __all__ = ["causal_conv1d", "causal_conv1d_reference"]
 
 ACTIVATIONS = (None, "silu")
+
+
+class _CausalConv1d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, initial_state, chunking, silu, output_final_state):
+        # A width-1 conv has an empty state: nothing to read, nothing to launch for.
+        h0 = None if initial_state is None or weight.shape[1] == 1 else initial_state.float().contiguous()
+        out, ht = kernels.causal_conv1d_fwd(x, weight, bias, h0, chunking, silu, output_final_state)
+        if output_final_state and ht is None:
+            ht = x.new_zeros(chunking.num_sequences, x.shape[1], 0, dtype=torch.float32)
+        ctx.save_for_backward(x, weight, bias, h0)
+        ctx.chunking, ctx.silu = chunking, silu
+        ctx.state_dtype = None if initial_state is None else initial_state.dtype
+        return out, ht
+
+    @staticmethod
+    def backward(ctx, dout, dht):
+        x, weight, bias, h0 = ctx.saved_tensors
+        W = weight.shape[1]
+        need_dh0 = ctx.needs_input_grad[3]
+        dht = None if dht is None or W == 1 else dht.float().contiguous()
+        dx, dw, db, dh0 = kernels.causal_conv1d_bwd(
+            x, weight, bias, h0, ctx.chunking, ctx.silu, dout.contiguous(), dht, need_dh0 and W > 1
+        )
+        if need_dh0:
+            dh0 = (dh0 if dh0 is not None else x.new_zeros(ctx.chunking.num_sequences, x.shape[1], 0)).to(ctx.state_dtype)
+        return dx, dw.to(weight.dtype), None if db is None else db.to(bias.dtype), dh0, None, None, None
+
+
+def _triton_causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens):
+    B, T, D = x.shape
+    chunking = (dense_chunking(B, T, kernels.CHUNK, x.device) if cu_seqlens is None
+                else make_chunking(cu_seqlens, kernels.CHUNK))
+    out, ht = _CausalConv1d.apply(
+        x.reshape(B * T, D).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+        initial_state, chunking, activation == "silu", output_final_state,
+    )
+    return out.view(B, T, D), ht
 
 
 def causal_conv1d(
@@ -38,7 +78,7 @@ def causal_conv1d(
         initial_state: [N, D, W-1], the last W-1 inputs before each sequence, oldest first.
         output_final_state: also return the state after the last token.
         cu_seqlens: [N+1] boundaries of sequences packed as ``[1, sum(T_i), D]``.
-        backend: None (automatic) or ``"reference"``.
+        backend: None (automatic), ``"reference"`` or ``"triton"``.
 
     Returns:
         out: [B, T, D] in x's dtype.
@@ -57,5 +97,8 @@ def causal_conv1d(
     n = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, batch=B, total=T, like=x)
     if initial_state is not None:
         check_tensor("initial_state", initial_state, (n, D, W - 1), dims="[N, D, W-1]", like=x)
-    select_backend("causal_conv1d", backend, x.device, ("reference",))
+    name = select_backend("causal_conv1d", backend, x.device, ("triton", "reference"),
+                          {"triton": kernels.unsupported(x.dtype)})
+    if name == "triton" and T > 0:
+        return _triton_causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
     return causal_conv1d_reference(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)

@@ -109,7 +109,8 @@ def delta_rule(
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = check_scale(scale, K**-0.5)
-    name = select_backend("delta_rule", backend, q.device, ("triton", "reference"))
+    name = select_backend("delta_rule", backend, q.device, ("triton", "reference"),
+                          {"triton": kernels.unsupported(q.dtype, K, V)})
     if T == 0:
         o = q.new_empty(B, 0, H, V)
         if not output_final_state:
@@ -118,7 +119,5 @@ def delta_rule(
         final = q.new_zeros(n, H, K, V, dtype=state_dtype) if initial_state is None else initial_state.clone()
         return o, final
     if name == "triton":
-        if q.dtype == torch.float64:
-            raise ValueError("the Triton delta rule takes float16, bfloat16 or float32 inputs, got float64")
         return _triton_delta_rule(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, n)
     return delta_rule_chunked(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)

@@ -433,11 +433,21 @@ KERNELS = (
 )
 
 
+MAX_HEAD_DIM = 256
+
+
+def unsupported(dtype: torch.dtype, K: int, V: int) -> str | None:
+    """Why these kernels cannot take inputs of ``dtype`` with head dims K, V; None if they can."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"q, k, v, beta must be float16, bfloat16 or float32, got {dtype}"
+    if max(K, V) > MAX_HEAD_DIM:
+        return f"head dims up to {MAX_HEAD_DIM}, got K={K}, V={V}"
+    return None
+
+
 def block_sizes(K: int, V: int) -> dict[str, int]:
     """BK covers the key dim (state tiles), BKC is the key slice of per-chunk kernels,
     BV the value block of per-chunk kernels (the sequential kernels autotune theirs)."""
-    if K > 256 or V > 256:
-        raise ValueError(f"the Triton delta rule supports head dims up to 256, got K={K}, V={V}")
     BK = head_block(K)
     return {"BK": BK, "BKC": min(64, BK), "BV": min(64, head_block(V))}
 

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from seqmix.kernels import causal_conv1d
-from tests.helpers import assert_rel
+from tests.helpers import DEVICE, KERNEL_DTYPES, ON_GPU, TOL, assert_rel
 
 
 def _by_hand(x, weight, bias, activation, state):
@@ -81,3 +81,54 @@ def test_bad_input(kwargs, match):
     x, weight = args.pop("x"), args.pop("weight")
     with pytest.raises(ValueError, match=match):
         causal_conv1d(x, weight, **args)
+
+
+@st.composite
+def conv_cases(draw):
+    packed = draw(st.booleans())
+    if packed:
+        lengths = draw(st.lists(st.integers(0, 80), min_size=1, max_size=4))
+        batch, T = 1, max(sum(lengths), 1)
+        lengths[-1] += T - sum(lengths)
+    else:
+        lengths, batch, T = None, draw(st.integers(1, 2)), draw(st.integers(1, 150))
+    return {
+        "batch": batch, "T": T, "lengths": lengths, "D": draw(st.sampled_from([8, 24, 130] if not ON_GPU else [64, 200, 4096])),
+        "W": draw(st.integers(1, 6)), "activation": draw(st.sampled_from([None, "silu"])),
+        "bias": draw(st.booleans()), "state": draw(st.booleans()), "seed": draw(st.integers(0, 2**31 - 1)),
+    }
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@given(case=conv_cases())
+def test_triton_matches_reference(case, dtype):
+    """Outputs, final states and the gradients of x, weight, bias and the initial state."""
+    g = torch.Generator().manual_seed(case["seed"])
+    B, T, D, W = case["batch"], case["T"], case["D"], case["W"]
+    cu = None
+    if case["lengths"] is not None:
+        cu = torch.tensor([0, *case["lengths"]]).cumsum(0).to(DEVICE)
+    n = B if cu is None else cu.numel() - 1
+    x = torch.randn(B, T, D, generator=g)
+    w = torch.randn(D, W, generator=g) / W**0.5
+    b = torch.randn(D, generator=g) if case["bias"] else None
+    h0 = torch.randn(n, D, W - 1, generator=g) if case["state"] else None
+    fused = [None if t is None else t.to(DEVICE, dtype if t is not h0 else torch.float32).requires_grad_()
+             for t in (x, w, b, h0)]
+    exact = [None if t is None else t.double().requires_grad_() for t in (x, w, b, h0)]
+    runs = []
+    for (xx, ww, bb, hh), backend in ((fused, "triton"), (exact, "reference")):
+        cu_b = None if cu is None else cu.to(xx.device)
+        out, final = causal_conv1d(xx, ww, bb, activation=case["activation"], initial_state=hh,
+                                   output_final_state=True, cu_seqlens=cu_b, backend=backend)
+        g2 = torch.Generator().manual_seed(case["seed"] + 1)
+        dout = torch.randn(out.shape, generator=g2).to(out.device, out.dtype)
+        dfinal = torch.randn(final.shape, generator=g2).to(final.device, final.dtype)
+        inputs = [t for t in (xx, ww, bb, hh) if t is not None]
+        runs.append((out, final, torch.autograd.grad((out * dout).sum() + (final * dfinal).sum(), inputs)))
+    tol = TOL[dtype]
+    assert_rel(runs[0][0], runs[1][0], tol, "output")
+    assert_rel(runs[0][1], runs[1][1], tol, "final state")
+    names = [n for n, t in zip(("x", "weight", "bias", "initial_state"), fused) if t is not None]
+    for name, a, ref in zip(names, runs[0][2], runs[1][2]):
+        assert_rel(a, ref, tol, f"d{name}")

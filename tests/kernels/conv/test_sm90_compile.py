@@ -1,0 +1,45 @@
+"""Every Triton kernel of the causal conv compiles for sm_90 (bf16 and fp32, widths 4 and 31).
+
+Run as a module it compiles and prints JSON (registers, stack per kernel);
+``--all`` compiles every autotune config. The test runs it in a subprocess
+with Triton's interpreter off (see tests/sm90.py).
+"""
+
+import json
+import sys
+
+from tests.sm90 import compile_in_subprocess, compile_kernel
+
+
+def _specs(full: bool):
+    from seqmix.kernels.conv import triton as kern
+
+    for dt, W in (("bf16", 4), ("bf16", 31), ("fp32", 4)):
+        args = {
+            "x": f"*{dt}", "weight": f"*{dt}", "bias": f"*{dt}", "out": f"*{dt}", "dout": f"*{dt}", "dx": f"*{dt}",
+            "h0": "*fp32", "ht": "*fp32", "dht": "*fp32", "dh0": "*fp32", "dz": "*fp32", "dw_part": "*fp32",
+            "db_part": "*fp32", "chunk_index": "*i32", "cu_seqlens": "*i64",
+            "D": 4096, "W": W, "BT": kern.CHUNK, "HAS_BIAS": True, "HAS_H0": True, "HAS_DHT": True, "SILU": True,
+        }
+        for kernel in kern.KERNELS:
+            for cfg in kernel.configs if full else kernel.configs[:1]:
+                yield kernel, {**args, **cfg.kwargs}, cfg, {"dtype": dt, "W": W}
+
+
+def main():
+    results = []
+    for kernel, args, cfg, info in _specs(full="--all" in sys.argv):
+        results.append({**compile_kernel(kernel, args, num_warps=cfg.num_warps, num_stages=cfg.num_stages), **info})
+    print(json.dumps(results))
+
+
+def test_kernels_compile_for_sm90():
+    results = compile_in_subprocess("tests.kernels.conv.test_sm90_compile")
+    assert {r["kernel"] for r in results} == {
+        "causal_conv1d_fwd_kernel", "causal_conv1d_final_state_kernel", "causal_conv1d_bwd_dz_kernel",
+        "causal_conv1d_bwd_dx_kernel", "causal_conv1d_bwd_dh0_kernel",
+    }
+
+
+if __name__ == "__main__":
+    main()
