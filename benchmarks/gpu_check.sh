@@ -37,11 +37,13 @@ fi
 
 bench_rc=0
 if [ "$part" != tests ]; then
-  python3 benchmarks/bench_delta_rule.py ${QUICK:+--quick} --json "$out/bench_delta_rule.json" > "$out/bench.log" 2>&1
-  bench_rc=$?
+  for bench in delta_rule causal_conv1d; do
+    python3 -m benchmarks.bench_$bench ${QUICK:+--quick} --json "$out/bench_$bench.json" >> "$out/bench.log" 2>&1 \
+      || bench_rc=1
+  done
 fi
 
 echo
 echo "== $part: tests exit $tests_rc, benchmarks exit $bench_rc =="
-[ "$part" = tests ] || tail -n 40 "$out/bench.log"
+[ "$part" = tests ] || tail -n 50 "$out/bench.log"
 exit $(( tests_rc != 0 || bench_rc != 0 ))

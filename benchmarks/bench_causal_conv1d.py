@@ -1,0 +1,66 @@
+"""Time the short causal conv (SiLU) per backend, forward and forward+backward.
+
+Shapes: the anchor shapes B8 T2048 and B2 T8192 at D4096 W4. Next to seqmix's
+backends it times plain ``F.conv1d`` + SiLU in the inputs' dtype (the anchor
+table's "torch" row) and flash-linear-attention's Triton causal conv when fla
+is importable, all in the same process on the same inputs.
+
+    python -m benchmarks.bench_causal_conv1d [--json out.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import floor_ms, measure, report
+from seqmix.kernels import causal_conv1d
+
+
+def conv_floor_ms(B, T, D, elem_bytes, backward):
+    """x read and out written once; the backward reads x and dout and writes dx."""
+    return floor_ms(B * T * D * elem_bytes * (5 if backward else 2))
+
+
+def impls(backends):
+    out = {b: (lambda b: lambda x, w: causal_conv1d(x, w, activation="silu", backend=b)[0])(b) for b in backends}
+    out["torch"] = lambda x, w: F.silu(F.conv1d(x.transpose(1, 2), w.unsqueeze(1), padding=w.shape[1] - 1,
+                                                groups=w.shape[0])[..., : x.shape[1]]).transpose(1, 2)
+    try:
+        from fla.modules.causal_conv1d import causal_conv1d as fla_conv
+    except ImportError:
+        return out
+    out["fla"] = lambda x, w: fla_conv(x, w, activation="silu")[0]
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--backends", default="triton,reference")
+    parser.add_argument("--quick", action="store_true", help="B8 T2048 only")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_causal_conv1d needs a CUDA GPU")
+    dtype = getattr(torch, args.dtype)
+    D, W = 4096, 4
+    shapes = [(8, 2048)] if args.quick else [(8, 2048), (2, 8192)]
+
+    def make_inputs(shape, grad):
+        x = torch.randn(shape["B"], shape["T"], D, device="cuda", dtype=dtype, requires_grad=grad)
+        w = (torch.randn(D, W, device="cuda") / W**0.5).to(dtype).requires_grad_(grad)
+        return [x, w]
+
+    rows = measure(
+        "causal_conv1d", [{"B": B, "T": T} for B, T in shapes], impls(args.backends.split(",")), make_inputs,
+        lambda s, backward: conv_floor_ms(s["B"], s["T"], D, dtype.itemsize, backward), args.dtype,
+    )
+    report(f"causal_conv1d + SiLU, {args.dtype}, D{D} W{W}", rows, ("B", "T"), args.json)
+
+
+if __name__ == "__main__":
+    main()

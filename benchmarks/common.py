@@ -1,0 +1,92 @@
+"""Timing, error checks and the result table shared by the kernel benchmarks.
+
+Times are ``triton.testing.do_bench`` medians on fresh random inputs. The
+floor of an op is max(bytes moved once / copy bandwidth, FLOPs / matmul peak)
+with the H100 ceilings measured for the project's anchors.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+COPY_BYTES_PER_S = 3.0e12
+MATMUL_FLOP_PER_S = 716e12
+
+
+def floor_ms(bytes_moved: float, flops: float = 0.0) -> float:
+    return max(bytes_moved / COPY_BYTES_PER_S, flops / MATMUL_FLOP_PER_S) * 1e3
+
+
+def timed(fn, inputs, backward: bool) -> float:
+    """Median ms of ``fn(*inputs)``, or of it and a backward from a fixed random gradient."""
+    from triton.testing import do_bench
+
+    if not backward:
+        with torch.no_grad():
+            return do_bench(lambda: fn(*inputs), return_mode="median")
+    grad = None
+
+    def step():
+        nonlocal grad
+        out = fn(*inputs)
+        if grad is None:
+            grad = torch.randn_like(out)
+        out.backward(grad)
+
+    return do_bench(step, grad_to_none=[t for t in inputs if t.requires_grad], return_mode="median")
+
+
+def max_rel_err(fn, ref_fn, inputs) -> float:
+    """Largest relative error of ``fn``'s output and input gradients against ``ref_fn`` run on
+    float32 copies of the inputs: the timed (autotuned) kernels are checked, not only the tested ones."""
+    ref_inputs = [t.detach().float().requires_grad_(t.requires_grad) for t in inputs]
+    out, ref = fn(*inputs), ref_fn(*ref_inputs)
+    grad = torch.randn_like(ref)
+    wrt = [t for t in inputs if t.requires_grad]
+    grads = torch.autograd.grad(out, wrt, grad.to(out.dtype))
+    ref_grads = torch.autograd.grad(ref, [t for t in ref_inputs if t.requires_grad], grad)
+    pairs = [(out, ref), *zip(grads, ref_grads)]
+    return max(((a.float() - b).norm() / b.norm()).item() for a, b in pairs)
+
+
+def measure(op: str, shapes, impls: dict, make_inputs, floor, dtype: str) -> list[dict]:
+    """Time every impl at every shape, forward and forward+backward; the Triton impl is also
+    checked against the reference. ``make_inputs(shape, requires_grad)`` and ``floor(shape, backward)``
+    take a shape dict; ``impls`` maps names ("triton", "reference", "fla", ...) to callables."""
+    rows = []
+    for shape in shapes:
+        for backward in (False, True):
+            inputs = make_inputs(shape, backward)
+            times = {name: timed(fn, inputs, backward) for name, fn in impls.items()}
+            error = None
+            if backward and "triton" in impls and "reference" in impls:
+                error = max_rel_err(impls["triton"], impls["reference"], make_inputs(shape, True))
+            for name, ms in times.items():
+                rows.append({
+                    "op": op, "impl": name, **shape, "dtype": dtype, "mode": "fwd+bwd" if backward else "fwd",
+                    "ms": ms, "floor_ms": floor(shape, backward),
+                    "anchor": "fla" if "fla" in times else None,
+                    "anchor_over_this": times["fla"] / ms if "fla" in times else None,
+                    "rel_err": error if name == "triton" else None,
+                })
+            del inputs
+            torch.cuda.empty_cache()
+    return rows
+
+
+def report(title: str, rows: list[dict], shape_keys: tuple[str, ...], json_path: str | None) -> None:
+    print(f"\n{title}, {torch.cuda.get_device_name()}")
+    print("fla/this > 1: faster than fla (same process, same inputs); floor/this: fraction of the "
+          "roofline floor reached; rel err: Triton output and gradients vs the float32 reference")
+    head = " ".join(f"{k:>6}" for k in shape_keys)
+    print(f"{'impl':<10} {head} {'mode':<8} {'ms':>9} {'fla/this':>9} {'floor/this':>10} {'rel err':>9}")
+    for r in rows:
+        vs = f"{r['anchor_over_this']:.2f}x" if r["anchor_over_this"] is not None else "-"
+        err = f"{r['rel_err']:.1e}" if r["rel_err"] is not None else ""
+        dims = " ".join(f"{r[k]:>6}" for k in shape_keys)
+        print(f"{r['impl']:<10} {dims} {r['mode']:<8} {r['ms']:>9.3f} {vs:>9} {r['floor_ms'] / r['ms']:>10.1%} {err:>9}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=1)
