@@ -10,13 +10,10 @@ is importable, all in the same process on the same inputs.
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import floor_ms, measure, report
+from benchmarks.common import floor_ms, measure, parse_args, report
 from seqmix.kernels import causal_conv1d
 
 
@@ -38,14 +35,7 @@ def impls(backends):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--backends", default="triton,reference")
-    parser.add_argument("--quick", action="store_true", help="B8 T2048 only")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench_causal_conv1d needs a CUDA GPU")
+    args = parse_args(__doc__, argv)
     dtype = getattr(torch, args.dtype)
     D, W = 4096, 4
     shapes = [(8, 2048)] if args.quick else [(8, 2048), (2, 8192)]

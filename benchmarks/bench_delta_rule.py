@@ -11,12 +11,9 @@ roofline floor reached, and the Triton kernels' error against the reference.
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 import torch
 
-from benchmarks.common import floor_ms, measure, report
+from benchmarks.common import floor_ms, measure, parse_args, report
 from seqmix.kernels import delta_rule
 
 CHUNK = 64
@@ -52,14 +49,7 @@ def impls(backends):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--backends", default="triton,reference")
-    parser.add_argument("--quick", action="store_true", help="the two anchor shapes only")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench_delta_rule needs a CUDA GPU")
+    args = parse_args(__doc__, argv)
     dtype = getattr(torch, args.dtype)
     H, D = 16, 128
     shapes = [(8, 2048), (2, 8192)]

@@ -7,12 +7,27 @@ with the H100 ceilings measured for the project's anchors.
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 
 import torch
 
 COPY_BYTES_PER_S = 3.0e12
 MATMUL_FLOP_PER_S = 716e12
+
+
+def parse_args(doc: str, argv=None) -> argparse.Namespace:
+    """The benchmarks' common options; exits when there is no GPU to time on."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--backends", default="triton,reference", help="seqmix backends to time")
+    parser.add_argument("--quick", action="store_true", help="the first anchor shape(s) only")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("the benchmarks need a CUDA GPU")
+    return args
 
 
 def floor_ms(bytes_moved: float, flops: float = 0.0) -> float:

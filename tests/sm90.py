@@ -59,6 +59,14 @@ def _resource_usage(cubin: bytes) -> dict:
     return {"regs": int(usage.get("REG", -1)), "stack": int(usage.get("STACK", 0)), "local": int(usage.get("LOCAL", 0))}
 
 
+def print_compiled(specs) -> None:
+    """Compile each (kernel, args, config, info) of ``specs`` and print the results as one JSON line."""
+    results = []
+    for kernel, args, cfg, info in specs:
+        results.append({**compile_kernel(kernel, args, num_warps=cfg.num_warps, num_stages=cfg.num_stages), **info})
+    print(json.dumps(results))
+
+
 def compile_in_subprocess(module: str, timeout: float = 900) -> list[dict]:
     """Run ``python -m module`` without the interpreter; the module prints its results as JSON last."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

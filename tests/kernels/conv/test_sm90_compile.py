@@ -5,10 +5,9 @@ Run as a module it compiles and prints JSON (registers, stack per kernel);
 with Triton's interpreter off (see tests/sm90.py).
 """
 
-import json
 import sys
 
-from tests.sm90 import compile_in_subprocess, compile_kernel
+from tests.sm90 import compile_in_subprocess, print_compiled
 
 
 def _specs(full: bool):
@@ -26,13 +25,6 @@ def _specs(full: bool):
                 yield kernel, {**args, **cfg.kwargs}, cfg, {"dtype": dt, "W": W}
 
 
-def main():
-    results = []
-    for kernel, args, cfg, info in _specs(full="--all" in sys.argv):
-        results.append({**compile_kernel(kernel, args, num_warps=cfg.num_warps, num_stages=cfg.num_stages), **info})
-    print(json.dumps(results))
-
-
 def test_kernels_compile_for_sm90():
     results = compile_in_subprocess("tests.kernels.conv.test_sm90_compile")
     assert {r["kernel"] for r in results} == {
@@ -42,4 +34,4 @@ def test_kernels_compile_for_sm90():
 
 
 if __name__ == "__main__":
-    main()
+    print_compiled(_specs(full="--all" in sys.argv))

@@ -6,10 +6,9 @@ kernel); ``--all`` compiles every autotune config at head dims 64, 128 and
 with Triton's interpreter off.
 """
 
-import json
 import sys
 
-from tests.sm90 import compile_in_subprocess, compile_kernel
+from tests.sm90 import compile_in_subprocess, print_compiled
 
 
 def _specs(full: bool):
@@ -31,13 +30,6 @@ def _specs(full: bool):
                     yield kernel, args, cfg, {"dtype": dt, "d": d}
 
 
-def main():
-    results = []
-    for kernel, args, cfg, info in _specs(full="--all" in sys.argv):
-        results.append({**compile_kernel(kernel, args, num_warps=cfg.num_warps, num_stages=cfg.num_stages), **info})
-    print(json.dumps(results))
-
-
 def test_kernels_compile_for_sm90():
     results = compile_in_subprocess("tests.kernels.deltanet.test_sm90_compile")
     assert results, "no kernel was compiled"
@@ -46,4 +38,4 @@ def test_kernels_compile_for_sm90():
 
 
 if __name__ == "__main__":
-    main()
+    print_compiled(_specs(full="--all" in sys.argv))
