@@ -101,7 +101,8 @@ def report(title: str, rows: list[dict], shape_keys: tuple[str, ...], json_path:
         vs = f"{r['anchor_over_this']:.2f}x" if r["anchor_over_this"] is not None else "-"
         err = f"{r['rel_err']:.1e}" if r["rel_err"] is not None else ""
         dims = " ".join(f"{r[k]:>6}" for k in shape_keys)
-        print(f"{r['impl']:<10} {dims} {r['mode']:<8} {r['ms']:>9.3f} {vs:>9} {r['floor_ms'] / r['ms']:>10.1%} {err:>9}")
+        floor = r["floor_ms"] / r["ms"]
+        print(f"{r['impl']:<10} {dims} {r['mode']:<8} {r['ms']:>9.3f} {vs:>9} {floor:>10.1%} {err:>9}")
     if json_path:
         with open(json_path, "w") as f:
             json.dump(rows, f, indent=1)

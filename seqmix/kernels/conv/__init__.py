@@ -37,8 +37,10 @@ class _CausalConv1d(torch.autograd.Function):
         dx, dw, db, dh0 = kernels.causal_conv1d_bwd(
             x, weight, bias, h0, ctx.chunking, ctx.silu, dout.contiguous(), dht, need_dh0 and W > 1
         )
-        if need_dh0:
-            dh0 = (dh0 if dh0 is not None else x.new_zeros(ctx.chunking.num_sequences, x.shape[1], 0)).to(ctx.state_dtype)
+        if need_dh0 and dh0 is None:  # width 1: the state is empty
+            dh0 = x.new_zeros(ctx.chunking.num_sequences, x.shape[1], 0)
+        if dh0 is not None:
+            dh0 = dh0.to(ctx.state_dtype)
         return dx, dw.to(weight.dtype), None if db is None else db.to(bias.dtype), dh0, None, None, None
 
 

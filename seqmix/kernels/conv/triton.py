@@ -99,9 +99,12 @@ def causal_conv1d_final_state_kernel(
     m_d = o_d < D
     for m in range(W - 1):
         rel = eos - bos - (W - 1) + m
-        val = tl.load(x + (bos + rel) * D + o_d, mask=m_d & (rel >= 0), other=0.0).to(tl.float32)
+        # Masks combine blocks only: Triton 3.9's interpreter refuses a block & a scalar.
+        rel_d = rel + tl.zeros([BD], dtype=tl.int64)
+        val = tl.load(x + (bos + rel) * D + o_d, mask=m_d & (rel_d >= 0), other=0.0).to(tl.float32)
         if HAS_H0:
-            val += tl.load(h0 + i_n * D * (W - 1) + o_d * (W - 1) + (W - 1 + rel), mask=m_d & (rel < 0), other=0.0)
+            p_s = h0 + i_n * D * (W - 1) + o_d * (W - 1) + (W - 1 + rel)
+            val += tl.load(p_s, mask=m_d & (rel_d < 0), other=0.0)
         tl.store(ht + i_n * D * (W - 1) + o_d * (W - 1) + m, val, mask=m_d)
 
 
@@ -179,12 +182,14 @@ def causal_conv1d_bwd_dh0_kernel(
         rel = s - (W - 1)
         acc = tl.zeros([BD], dtype=tl.float32)
         for j in range(W):
-            t = rel + (W - 1 - j)  # output reading this entry through tap j, relative to bos
+            # The output reading this entry through tap j, relative to bos (as a block: see
+            # causal_conv1d_final_state_kernel).
+            t = rel + (W - 1 - j) + tl.zeros([BD], dtype=tl.int64)
             w_j = tl.load(weight + o_d * W + j, mask=m_d, other=0.0).to(tl.float32)
             ok = (t >= 0) & (t < eos - bos)
             acc += w_j * tl.load(dz + (bos + t) * D + o_d, mask=m_d & ok, other=0.0)
         if HAS_DHT:
-            fm = bos + rel - (eos - (W - 1))
+            fm = bos + rel - (eos - (W - 1)) + tl.zeros([BD], dtype=tl.int64)
             acc += tl.load(dht + i_n * D * (W - 1) + o_d * (W - 1) + fm, mask=m_d & (fm >= 0), other=0.0)
         tl.store(dh0 + i_n * D * (W - 1) + o_d * (W - 1) + s, acc, mask=m_d)
 
