@@ -62,7 +62,7 @@ def max_rel_err(fn, ref_fn, inputs) -> float:
     wrt = [t for t in inputs if t.requires_grad]
     grads = torch.autograd.grad(out, wrt, grad.to(out.dtype))
     ref_grads = torch.autograd.grad(ref, [t for t in ref_inputs if t.requires_grad], grad)
-    pairs = [(out, ref), *zip(grads, ref_grads)]
+    pairs = [(out, ref), *zip(grads, ref_grads, strict=True)]
     return max(((a.float() - b).norm() / b.norm()).item() for a, b in pairs)
 
 

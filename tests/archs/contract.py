@@ -53,7 +53,7 @@ def padding_and_packing_equal_separate_calls(layer, xs, tol):
         cu = torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)
         y_packed, s_packed = layer(torch.cat(xs, 1), layer.init_state(n), cu_seqlens=cu)
     assert not y_pad[mask == 0].any(), "outputs at padded positions must be zero"
-    for i, ((y, s), t) in enumerate(zip(separate, lengths)):
+    for i, ((y, s), t) in enumerate(zip(separate, lengths, strict=True)):
         assert_rel(y_pad[i, T - t :], y[0], tol, f"left-padded output of sequence {i}")
         assert_rel(y_packed[0, int(cu[i]) : int(cu[i + 1])], y[0], tol, f"packed output of sequence {i}")
         for name in s:

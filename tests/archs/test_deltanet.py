@@ -31,7 +31,7 @@ def test_triton_layer_matches_reference_layer_with_gradients():
     tol = TOL[torch.float32]
     assert_rel(outs["triton"], outs["reference"], tol, "output")
     names = ["x"] + [n for n, _ in layers["triton"].named_parameters()]
-    for name, a, b in zip(names, grads["triton"], grads["reference"]):
+    for name, a, b in zip(names, grads["triton"], grads["reference"], strict=True):
         assert_rel(a, b, tol, f"grad of {name}")
 
 

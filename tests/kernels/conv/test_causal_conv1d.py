@@ -133,6 +133,6 @@ def test_triton_matches_reference(case, dtype):
     tol = TOL[dtype]
     assert_rel(runs[0][0], runs[1][0], tol, "output")
     assert_rel(runs[0][1], runs[1][1], tol, "final state")
-    names = [n for n, t in zip(("x", "weight", "bias", "initial_state"), fused) if t is not None]
-    for name, a, ref in zip(names, runs[0][2], runs[1][2]):
+    names = [n for n, t in zip(("x", "weight", "bias", "initial_state"), fused, strict=True) if t is not None]
+    for name, a, ref in zip(names, runs[0][2], runs[1][2], strict=True):
         assert_rel(a, ref, tol, f"d{name}")

@@ -46,7 +46,7 @@ def _check_against_oracle(case, dtype, scale=None, final_state=True):
     grads = torch.autograd.grad(loss, inputs)
     ref_inputs = [t for t in up if t is not None]
     ref_grads = torch.autograd.grad((o_ref * do.double()).sum() + (s_ref * dht.double()).sum(), ref_inputs)
-    for name, a, b in zip("q k v beta initial_state".split(), grads, ref_grads):
+    for name, a, b in zip(["q", "k", "v", "beta", "initial_state"][: len(inputs)], grads, ref_grads, strict=True):
         assert a.dtype == (torch.float32 if name == "initial_state" else dtype)
         assert_rel(a, b, tol, f"d{name}")
 
@@ -83,7 +83,7 @@ def test_repeated_keys_and_extreme_betas():
     assert_rel(s, s_ref, TOL[torch.float32], "final state")
     grads = torch.autograd.grad(o.sum() + s.sum(), inputs)
     ref_grads = torch.autograd.grad(o_ref.sum() + s_ref.sum(), up[:4])
-    for name, a, b in zip("q k v beta".split(), grads, ref_grads):
+    for name, a, b in zip(["q", "k", "v", "beta"], grads, ref_grads, strict=True):
         assert_rel(a, b, TOL[torch.float32], f"d{name}")
 
 
@@ -101,7 +101,7 @@ def test_initial_state_without_gradient():
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     grads = torch.autograd.grad((o * do).sum(), (q, k, v, beta))
     ref_grads = torch.autograd.grad((o_ref * do.double()).sum(), up[:4])
-    for name, a, b in zip("q k v beta".split(), grads, ref_grads):
+    for name, a, b in zip(["q", "k", "v", "beta"], grads, ref_grads, strict=True):
         assert_rel(a, b, TOL[torch.float32], f"d{name}")
 
 
