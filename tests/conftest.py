@@ -6,9 +6,8 @@ at decoration time whether kernels are compiled or interpreted.
 
 import os
 
-import torch
+from tests.helpers import ON_GPU
 
-ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["SEQMIX_POISON_EMPTY"] = "1"

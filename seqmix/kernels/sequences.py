@@ -65,3 +65,11 @@ def make_chunking(cu_seqlens: torch.Tensor, chunk_size: int) -> Chunking:
     within = torch.arange(total, device=device) - offsets[seq]
     index = torch.stack([seq, within], 1).to(torch.int32)
     return Chunking(cu_seqlens=cu, chunk_index=index, chunk_offsets=offsets, chunk_size=chunk_size)
+
+
+def chunking_for(batch: int, seqlen: int, chunk_size: int, device: torch.device, cu_seqlens=None) -> Chunking:
+    """Chunks of an op's input: the dense shortcut for [batch, seqlen] without ``cu_seqlens``,
+    else the packed sequences ``cu_seqlens`` describes."""
+    if cu_seqlens is None:
+        return dense_chunking(batch, seqlen, chunk_size, device)
+    return make_chunking(cu_seqlens, chunk_size)

@@ -8,7 +8,7 @@ from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_cu_seqlens, check_tensor
 from seqmix.kernels.conv import triton as kernels
 from seqmix.kernels.conv.reference import causal_conv1d_reference
-from seqmix.kernels.sequences import dense_chunking, make_chunking
+from seqmix.kernels.sequences import chunking_for
 
 __all__ = ["causal_conv1d", "causal_conv1d_reference"]
 
@@ -46,8 +46,7 @@ class _CausalConv1d(torch.autograd.Function):
 
 def _triton_causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens):
     B, T, D = x.shape
-    chunking = (dense_chunking(B, T, kernels.CHUNK, x.device) if cu_seqlens is None
-                else make_chunking(cu_seqlens, kernels.CHUNK))
+    chunking = chunking_for(B, T, kernels.CHUNK, x.device, cu_seqlens)
     out, ht = _CausalConv1d.apply(
         x.reshape(B * T, D).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
         initial_state, chunking, activation == "silu", output_final_state,

@@ -8,7 +8,7 @@ from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_cu_seqlens, check_same_dtype, check_scale, check_tensor
 from seqmix.kernels.deltanet import triton as kernels
 from seqmix.kernels.deltanet.reference import delta_rule_chunked, delta_rule_recurrent
-from seqmix.kernels.sequences import dense_chunking, make_chunking
+from seqmix.kernels.sequences import chunking_for
 
 __all__ = ["delta_rule", "delta_rule_chunked", "delta_rule_recurrent"]
 
@@ -60,16 +60,14 @@ def _triton_delta_rule(q, k, v, beta, scale, initial_state, output_final_state, 
     V = v.shape[-1]
     packed = [x.reshape(B * T, H, -1).contiguous() for x in (q, k, v)]
     beta_p = beta.reshape(B * T, H).contiguous()
-    dense = dense_chunking(B, T, kernels.CHUNK, q.device) if cu_seqlens is None else None
-    cu = cu_seqlens.to(torch.int64) if dense is None else dense.cu_seqlens
+    chunking = chunking_for(B, T, kernels.CHUNK, q.device, cu_seqlens)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, beta, initial_state)
     )
     if not wants_grad and B * T <= RECURRENT_MAX_TOKENS * n:
         h0 = None if initial_state is None else initial_state.float().contiguous()
-        o, ht = kernels.recurrent_delta_rule_fwd(*packed, beta_p, scale, h0, cu, output_final_state)
+        o, ht = kernels.recurrent_delta_rule_fwd(*packed, beta_p, scale, h0, chunking.cu_seqlens, output_final_state)
     else:
-        chunking = make_chunking(cu, kernels.CHUNK) if dense is None else dense
         o, ht = _ChunkDeltaRule.apply(*packed, beta_p, initial_state, scale, chunking, output_final_state)
     return o.view(B, T, H, V), ht
 
