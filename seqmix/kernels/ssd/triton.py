@@ -292,10 +292,13 @@ def ssd_dx_bwd_kernel(
     store_rows(dx + i_h * P, b_dx, t0, nt, H * P, p0, P, BT, BP)
     # Gradient of L: L_i enters as +L_i and L_j as -L_j in M_ij (S below), as +L_i in exp(L_i) C_i h,
     # and the chunk's last L in the state it passes on (the R terms and <dS, exp(L_last) h>).
-    b_s = b_st * mm(b_x, tl.trans(b_dy), DT, PREC) * b_w[:, None]  # (j, i): S_ij
-    b_r = to_end * b_w * tl.sum(b_xf * b_bds, 1)
-    b_dl = tl.sum(b_s, 0) - tl.sum(b_s, 1) + tl.exp(b_l) * tl.sum(b_dyf * b_ch, 1) - b_r
+    # S_ii and the last row's R enter with both signs: they are left out rather than cancelled in
+    # float32, where they would dominate (a large dt' makes them large) a gradient that may be tiny.
     rows = tl.arange(0, BT)
+    b_s = b_st * mm(b_x, tl.trans(b_dy), DT, PREC) * b_w[:, None]  # (j, i): S_ij
+    b_s = tl.where(rows[:, None] < rows[None, :], b_s, 0.0)
+    b_r = tl.where(rows < nt - 1, to_end * b_w * tl.sum(b_xf * b_bds, 1), 0.0)
+    b_dl = tl.sum(b_s, 0) - tl.sum(b_s, 1) + tl.exp(b_l) * tl.sum(b_dyf * b_ch, 1) - b_r
     end_term = tl.sum(b_r, 0) + tl.exp(l_last) * tl.sum(e_state, 0)
     b_dl += tl.where(rows == nt - 1, end_term, 0.0)
     part = i_p.to(tl.int64) * part_stride
