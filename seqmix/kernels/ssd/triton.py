@@ -53,7 +53,7 @@ from seqmix.kernels.triton_common import (
 CHUNK = 64
 MAX_HEAD_DIM = 256
 # F.softplus returns x itself above this (and so do the kernels, for the same values and gradients).
-SOFTPLUS_THRESHOLD = 20.0
+SOFTPLUS_THRESHOLD = tl.constexpr(20.0)
 
 
 def _state_configs():
@@ -313,7 +313,7 @@ def ssd_dx_bwd_kernel(
 def ssd_dbc_bwd_kernel(
     x, B, C, dtp, lcum, h, dh, dy, db, dc, chunk_index, cu_seqlens,
     H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
-    BT: tl.constexpr, BPC: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+    BT: tl.constexpr, BPC: tl.constexpr, BNC: tl.constexpr, PREC: tl.constexpr,
 ):
     """Per chunk, head and block of N, with W_ij = M_ij (dY_i . x_j) dt'_j:
     dC = W B + exp(L) (dY h), dB = W^T C + exp(L_last - L) dt' (x dS); per head, float32
@@ -322,26 +322,26 @@ def ssd_dbc_bwd_kernel(
     i_g = i_h // (H // G)
     DT = x.dtype.element_ty
     _, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
-    n0 = i_nb * BN
+    n0 = i_nb * BNC
     s_base = (i_c.to(tl.int64) * H + i_h) * P * N
     b_dyx = tl.zeros([BT, BT], dtype=tl.float32)
-    b_dyh = tl.zeros([BT, BN], dtype=tl.float32)
-    b_xds = tl.zeros([BT, BN], dtype=tl.float32)
+    b_dyh = tl.zeros([BT, BNC], dtype=tl.float32)
+    b_xds = tl.zeros([BT, BNC], dtype=tl.float32)
     for p0 in range(0, P, BPC):
         b_dy = load_rows(dy + i_h * P, t0, nt, H * P, p0, P, BT, BPC)
         b_x = load_rows(x + i_h * P, t0, nt, H * P, p0, P, BT, BPC)
         b_dyx += mm(b_dy, tl.trans(b_x), DT, PREC)
-        b_dyh += mm(b_dy, load_matrix(h + s_base, p0, P, n0, N, BPC, BN), DT, PREC)
-        b_xds += mm(b_x, load_matrix(dh + s_base, p0, P, n0, N, BPC, BN), DT, PREC)
+        b_dyh += mm(b_dy, load_matrix(h + s_base, p0, P, n0, N, BPC, BNC), DT, PREC)
+        b_xds += mm(b_x, load_matrix(dh + s_base, p0, P, n0, N, BPC, BNC), DT, PREC)
     b_l, _, to_end = _chunk_decays(lcum, i_h, t0, nt, H, BT)
     b_w = load_row_values(dtp + i_h, t0, nt, H, BT)
     b_wm = b_dyx * _causal_decay(b_l, nt, BT, False) * b_w[None, :]
-    b_b = load_rows(B + i_g * N, t0, nt, G * N, n0, N, BT, BN)
-    b_c = load_rows(C + i_g * N, t0, nt, G * N, n0, N, BT, BN)
+    b_b = load_rows(B + i_g * N, t0, nt, G * N, n0, N, BT, BNC)
+    b_c = load_rows(C + i_g * N, t0, nt, G * N, n0, N, BT, BNC)
     b_dc = mm(b_wm, b_b, DT, PREC) + b_dyh * tl.exp(b_l)[:, None]
     b_db = mm(tl.trans(b_wm), b_c, DT, PREC) + b_xds * (to_end * b_w)[:, None]
-    store_rows(dc + i_h * N, b_dc, t0, nt, H * N, n0, N, BT, BN)
-    store_rows(db + i_h * N, b_db, t0, nt, H * N, n0, N, BT, BN)
+    store_rows(dc + i_h * N, b_dc, t0, nt, H * N, n0, N, BT, BNC)
+    store_rows(db + i_h * N, b_db, t0, nt, H * N, n0, N, BT, BNC)
 
 
 @triton.autotune(configs=_chunk_configs(), key=["H"])
@@ -525,7 +525,7 @@ def chunk_ssd_bwd(x, dt, A, B, C, D, dt_bias, h0, dtp, lcum, cfg: DtConfig, chun
     dc_heads = empty(L, H, N, dtype=torch.float32, device=dev)
     ssd_dbc_bwd_kernel[(NC, triton.cdiv(N, sizes["BNC"]), H)](
         x, B, C, dtp, lcum, h, dh, dy, db_heads, dc_heads, idx, cu,
-        H=H, G=G, P=P, N=N, BT=CHUNK, BPC=sizes["BPC"], BN=sizes["BNC"], PREC=prec,
+        H=H, G=G, P=P, N=N, BT=CHUNK, BPC=sizes["BPC"], BNC=sizes["BNC"], PREC=prec,
     )
     ddt = empty(L, H, dtype=torch.float32, device=dev)
     da_part = empty(NC, H, dtype=torch.float32, device=dev)

@@ -1,0 +1,124 @@
+"""Bad input to ssd gets a ValueError naming the argument; T = 0 gives empty outputs."""
+
+import pytest
+import torch
+
+from seqmix.kernels import BackendUnavailable
+from seqmix.kernels.ssd import ssd
+from tests.helpers import DEVICE
+
+B, T, H, P, G, N = 2, 8, 4, 3, 2, 5
+BACKENDS = ["reference", "triton"]
+
+
+def _inputs(**over):
+    g = torch.Generator().manual_seed(0)
+    x = {
+        "x": torch.randn(B, T, H, P, generator=g),
+        "dt": torch.rand(B, T, H, generator=g),
+        "A": -torch.rand(H, generator=g) - 0.1,
+        "B": torch.randn(B, T, G, N, generator=g),
+        "C": torch.randn(B, T, G, N, generator=g),
+    }
+    x = {n: t.to(DEVICE) for n, t in x.items()}
+    x.update({n: t.to(DEVICE) for n, t in over.items()})
+    return x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"x": torch.randn(B, T, H)}, r"x must have shape \[B, T, H, P\]"),
+        ({"dt": torch.rand(B, T + 1, H)}, r"dt must have shape \[B, T, H\]"),
+        ({"A": -torch.rand(H + 1)}, r"A must have shape \[H\]"),
+        ({"A": torch.tensor([-1.0, 0.0, -1.0, -1.0])}, "A must be negative"),
+        ({"A": torch.tensor([-1.0, 0.5, -1.0, -1.0])}, "A must be negative"),
+        ({"B": torch.randn(B, T, 3, N), "C": torch.randn(B, T, 3, N)}, "groups G=3 of B and C must divide the number of heads H=4"),
+        ({"B": torch.randn(B, T - 1, G, N)}, r"B must have shape \[B, T, G, N\]"),
+        ({"C": torch.randn(B, T, G, N + 1)}, r"C must have shape \[B, T, G, N\] = \(2, 8, 2, 5\)"),
+        ({"C": torch.randn(B, T, G, N, dtype=torch.float64)}, "must share one dtype"),
+        ({"x": torch.ones(B, T, H, P, dtype=torch.int64)}, "x must be a floating tensor"),
+        ({"B": torch.randn(B, T, G, 0), "C": torch.randn(B, T, G, 0)}, "must be positive"),
+    ],
+)
+def test_bad_tensors(backend, over, match):
+    with pytest.raises(ValueError, match=match):
+        ssd(**_inputs(**over), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"D": torch.randn(H, P)}, r"D must have shape \[H\]"),
+        ({"z": torch.randn(B, T, H, P + 1)}, r"z must have shape \[B, T, H, P\]"),
+        ({"dt_bias": torch.randn(1)}, r"dt_bias must have shape \[H\]"),
+        ({"initial_state": torch.zeros(B, H, N, P)}, r"initial_state must have shape \[N, H, P, N\] = \(2, 4, 3, 5\)"),
+        ({"dt_limit": (0.5, 0.1)}, "dt_limit must satisfy 0 <= lo <= hi"),
+        ({"dt_limit": (-1.0, 1.0)}, "dt_limit must satisfy 0 <= lo <= hi"),
+        ({"dt_limit": 3.0}, "dt_limit must be a pair"),
+    ],
+)
+def test_bad_optional_arguments(backend, kw, match):
+    kw = {n: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for n, v in kw.items()}
+    with pytest.raises(ValueError, match=match):
+        ssd(**_inputs(), **kw, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "cu, match",
+    [
+        ([1, 4, 16], "must start at 0"),
+        ([0, 9, 4, 16], "non-decreasing"),
+        ([0, 4, 15], "must end at the packed length T=16"),
+        ([[0, 16]], r"shape \[N\+1\]"),
+    ],
+)
+def test_bad_cu_seqlens(backend, cu, match):
+    x = {n: t.reshape(1, B * T, *t.shape[2:]) if t.dim() > 1 else t for n, t in _inputs().items()}
+    with pytest.raises(ValueError, match=match):
+        ssd(**x, cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=DEVICE), backend=backend)
+
+
+def test_cu_seqlens_needs_packed_batch_and_matching_states():
+    with pytest.raises(ValueError, match="packed as \\[1, total, ...\\], got batch size 2"):
+        ssd(**_inputs(), cu_seqlens=torch.tensor([0, T], device=DEVICE))
+    x = {n: t.reshape(1, B * T, *t.shape[2:]) if t.dim() > 1 else t for n, t in _inputs().items()}
+    with pytest.raises(ValueError, match=r"initial_state must have shape \[N, H, P, N\] = \(3, 4, 3, 5\)"):
+        ssd(**x, cu_seqlens=torch.tensor([0, 5, 9, 16], device=DEVICE), initial_state=torch.zeros(2, H, P, N))
+
+
+def test_float64_goes_to_the_reference_unless_triton_is_named():
+    x = {n: t.double() for n, t in _inputs().items()}
+    with pytest.raises(BackendUnavailable, match="'triton' cannot serve this call: x, dt, B, C must be .*float64"):
+        ssd(**x, backend="triton")
+    y, _ = ssd(**x)
+    assert y.dtype == torch.float64
+
+
+def test_state_dims_above_256_go_to_the_reference_unless_triton_is_named():
+    x = _inputs(B=torch.randn(B, T, G, 300), C=torch.randn(B, T, G, 300))
+    with pytest.raises(BackendUnavailable, match="up to 256, got P=3, N=300"):
+        ssd(**x, backend="triton")
+    y, _ = ssd(**x)
+    assert y.shape == (B, T, H, P) and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_sequence_returns_empty_output_and_the_initial_state(backend):
+    x = {n: t[:, :0] if t.dim() > 1 else t for n, t in _inputs().items()}
+    h0 = torch.randn(B, H, P, N, device=DEVICE)
+    y, s = ssd(**x, initial_state=h0, output_final_state=True, backend=backend)
+    assert y.shape == (B, 0, H, P)
+    torch.testing.assert_close(s, h0)
+    y, s = ssd(**x, output_final_state=True, backend=backend)
+    assert s.shape == (B, H, P, N) and not s.any()
+
+
+def test_mismatched_devices():
+    x = _inputs()
+    x["C"] = x["C"].to("meta")
+    with pytest.raises(ValueError, match="C is on meta but the inputs are on"):
+        ssd(**x)
