@@ -1,0 +1,93 @@
+"""Mamba-2 (Dao & Gu 2024): a selective state-space layer computed with SSD (state-space duality)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from seqmix.archs.mixer import Mixer, State, register_mixer
+from seqmix.archs.modules import RMSNorm, ShortConvolution
+from seqmix.kernels.ssd import ssd
+
+
+def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
+    """x with softplus(x) = y, for y > 0: y + log(1 - exp(-y))."""
+    return y + torch.log(-torch.expm1(-y))
+
+
+def log_uniform_dt(n: int, dt_min: float, dt_max: float, floor: float) -> torch.Tensor:
+    """n step sizes drawn log-uniformly in [dt_min, dt_max], at least ``floor``: Mamba's dt init."""
+    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    return dt.clamp_min(floor)
+
+
+@register_mixer("mamba2")
+class Mamba2(Mixer):
+    """One input projection to (z, x, B, C, dt); a short causal conv with SiLU over (x, B, C);
+    SSD with dt' = softplus(dt + dt_bias), A = -exp(A_log) per head and the skip D; the output
+    gated by silu(z) (inside the op) and RMS-normalised; the output projection.
+
+    Args:
+        hidden_size: model width.
+        head_dim: P, channels per head; the heads are H = expand * hidden_size / P.
+        d_state: N, the state size per head.
+        expand: inner width over model width.
+        n_groups: G, groups of B and C shared by H / G heads each.
+        conv_size: width of the short convolution.
+        dt_min, dt_max, dt_init_floor: dt_bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max].
+        A_init_range: A_log = log(U[lo, hi]).
+        dt_limit: dt' is clamped to it.
+        norm_eps: epsilon of the output RMSNorm.
+        backend: backend of SSD (None: automatic).
+    """
+
+    def __init__(self, hidden_size: int, head_dim: int = 64, d_state: int = 128, expand: int = 2,
+                 n_groups: int = 1, conv_size: int = 4, dt_min: float = 1e-3, dt_max: float = 1e-1,
+                 dt_init_floor: float = 1e-4, A_init_range: tuple[float, float] = (1.0, 16.0),
+                 dt_limit: tuple[float, float] = (0.0, math.inf), norm_eps: float = 1e-5,
+                 backend: str | None = None):
+        super().__init__()
+        d_inner = expand * hidden_size
+        if d_inner % head_dim:
+            raise ValueError(f"expand * hidden_size = {d_inner} is not divisible by head_dim={head_dim}")
+        num_heads = d_inner // head_dim
+        if num_heads % n_groups:
+            raise ValueError(f"n_groups={n_groups} does not divide the number of heads {num_heads}")
+        if not 0 < A_init_range[0] <= A_init_range[1]:
+            raise ValueError(f"A_init_range must satisfy 0 < lo <= hi, got {A_init_range}")
+        self.hidden_size, self.d_inner, self.num_heads, self.head_dim = hidden_size, d_inner, num_heads, head_dim
+        self.d_state, self.n_groups, self.dt_limit, self.backend = d_state, n_groups, dt_limit, backend
+        self.conv_dim = d_inner + 2 * n_groups * d_state
+        self.in_proj = nn.Linear(hidden_size, d_inner + self.conv_dim + num_heads, bias=False)
+        self.conv = ShortConvolution(self.conv_dim, conv_size, activation="silu", bias=True)
+        self.dt_bias = nn.Parameter(inverse_softplus(log_uniform_dt(num_heads, dt_min, dt_max, dt_init_floor)))
+        self.A_log = nn.Parameter(torch.log(torch.empty(num_heads).uniform_(*A_init_range)))
+        self.D = nn.Parameter(torch.ones(num_heads))
+        self.norm = RMSNorm(d_inner, eps=norm_eps)
+        self.out_proj = nn.Linear(d_inner, hidden_size, bias=False)
+
+    def mix(self, x, state: State | None, *, cu_seqlens=None):
+        B, T, _ = x.shape
+        H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.d_state
+        z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1)
+        xbc, conv_state = self.conv(xbc, None if state is None else state["conv"], cu_seqlens)
+        xs, b, c = xbc.split([self.d_inner, G * N, G * N], dim=-1)
+        y, ssm_state = ssd(
+            xs.reshape(B, T, H, P), dt, -torch.exp(self.A_log.float()), b.reshape(B, T, G, N),
+            c.reshape(B, T, G, N), D=self.D, z=z.reshape(B, T, H, P), dt_bias=self.dt_bias, dt_softplus=True,
+            dt_limit=self.dt_limit, initial_state=None if state is None else state["ssm"],
+            output_final_state=state is not None, cu_seqlens=cu_seqlens, backend=self.backend,
+        )
+        out = self.out_proj(self.norm(y.reshape(B, T, self.d_inner)))
+        if state is None:
+            return out, None
+        return out, {"conv": conv_state, "ssm": ssm_state}
+
+    def init_state(self, batch_size: int) -> State:
+        device = self.in_proj.weight.device
+        return {
+            "conv": self.conv.init_state(batch_size),
+            "ssm": torch.zeros(batch_size, self.num_heads, self.head_dim, self.d_state, device=device),
+        }

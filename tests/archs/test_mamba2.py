@@ -1,0 +1,64 @@
+"""Mamba2 specifics: the fused layer against the reference layer with gradients, the usual
+initialisation, and configuration errors (the Mixer contract is in test_mixers.py)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seqmix.archs import Mamba2
+from tests.helpers import DEVICE, TOL, assert_rel
+
+
+def _layer(backend, seed=0, **kw):
+    torch.manual_seed(seed)
+    config = {"hidden_size": 32, "head_dim": 16, "d_state": 8, "n_groups": 2, **kw}
+    return Mamba2(**config, backend=backend).to(DEVICE)
+
+
+def test_triton_layer_matches_reference_layer_with_gradients():
+    layers = {b: _layer(b, seed=3) for b in ("triton", "reference")}
+    x = torch.randn(2, 70, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    outs, grads = {}, {}
+    for b, layer in layers.items():
+        xb = x.clone().requires_grad_()
+        y, _ = layer(xb)
+        y.square().sum().backward()
+        outs[b] = y
+        grads[b] = [xb.grad] + [p.grad for p in layer.parameters()]
+    tol = TOL[torch.float32]
+    assert_rel(outs["triton"], outs["reference"], tol, "output")
+    names = ["x"] + [n for n, _ in layers["triton"].named_parameters()]
+    for name, a, b in zip(names, grads["triton"], grads["reference"], strict=True):
+        assert_rel(a, b, tol, f"grad of {name}")
+
+
+def test_initialisation():
+    layer = Mamba2(hidden_size=256, head_dim=4, d_state=16)  # 128 heads: enough draws to see the ranges
+    assert layer.num_heads == 128
+    A = torch.exp(layer.A_log)
+    assert (A >= 1).all() and (A <= 16).all() and A.std() > 2
+    dt = F.softplus(layer.dt_bias)
+    assert (dt >= 1e-3 * (1 - 1e-5)).all() and (dt <= 1e-1 * (1 + 1e-5)).all()
+    assert dt.log().std() > 0.5  # log-uniform over two decades, not a constant
+    torch.testing.assert_close(layer.D.detach(), torch.ones(128))
+    assert layer.in_proj.out_features == 2 * 512 + 2 * 16 + 128
+    assert layer.conv.dim == 512 + 2 * 16
+
+
+def test_state_shapes():
+    layer = _layer("reference")
+    state = layer.init_state(3)
+    assert state["conv"].shape == (3, 64 + 2 * 2 * 8, 3)
+    assert state["ssm"].shape == (3, 4, 16, 8)
+
+
+def test_configuration_errors():
+    with pytest.raises(ValueError, match="not divisible by head_dim"):
+        Mamba2(hidden_size=30, head_dim=16)
+    with pytest.raises(ValueError, match="n_groups=3 does not divide the number of heads 4"):
+        Mamba2(hidden_size=32, head_dim=16, n_groups=3)
+    with pytest.raises(ValueError, match="A_init_range"):
+        Mamba2(hidden_size=32, head_dim=16, A_init_range=(0.0, 4.0))
+    assert math.isinf(Mamba2(hidden_size=32, head_dim=16).dt_limit[1])
