@@ -66,10 +66,11 @@ def max_rel_err(fn, ref_fn, inputs) -> float:
     return max(((a.float() - b).norm() / b.norm()).item() for a, b in pairs)
 
 
-def measure(op: str, shapes, impls: dict, make_inputs, floor, dtype: str) -> list[dict]:
+def measure(op: str, shapes, impls: dict, make_inputs, floor, dtype: str, anchor: str = "fla") -> list[dict]:
     """Time every impl at every shape, forward and forward+backward; the Triton impl is also
     checked against the reference. ``make_inputs(shape, requires_grad)`` and ``floor(shape, backward)``
-    take a shape dict; ``impls`` maps names ("triton", "reference", "fla", ...) to callables."""
+    take a shape dict; ``impls`` maps names ("triton", "reference", "fla", ...) to callables; the
+    impl named ``anchor`` (when present) is the one every other is compared with."""
     rows = []
     for shape in shapes:
         for backward in (False, True):
@@ -82,8 +83,8 @@ def measure(op: str, shapes, impls: dict, make_inputs, floor, dtype: str) -> lis
                 rows.append({
                     "op": op, "impl": name, **shape, "dtype": dtype, "mode": "fwd+bwd" if backward else "fwd",
                     "ms": ms, "floor_ms": floor(shape, backward),
-                    "anchor": "fla" if "fla" in times else None,
-                    "anchor_over_this": times["fla"] / ms if "fla" in times else None,
+                    "anchor": anchor if anchor in times else None,
+                    "anchor_over_this": times[anchor] / ms if anchor in times else None,
                     "rel_err": error if name == "triton" else None,
                 })
             del inputs
@@ -91,12 +92,13 @@ def measure(op: str, shapes, impls: dict, make_inputs, floor, dtype: str) -> lis
     return rows
 
 
-def report(title: str, rows: list[dict], shape_keys: tuple[str, ...], json_path: str | None) -> None:
+def report(title: str, rows: list[dict], shape_keys: tuple[str, ...], json_path: str | None,
+           anchor: str = "fla") -> None:
     print(f"\n{title}, {torch.cuda.get_device_name()}")
-    print("fla/this > 1: faster than fla (same process, same inputs); floor/this: fraction of the "
+    print(f"{anchor}/this > 1: faster than {anchor} (same process, same inputs); floor/this: fraction of the "
           "roofline floor reached; rel err: Triton output and gradients vs the float32 reference")
     head = " ".join(f"{k:>6}" for k in shape_keys)
-    print(f"{'impl':<10} {head} {'mode':<8} {'ms':>9} {'fla/this':>9} {'floor/this':>10} {'rel err':>9}")
+    print(f"{'impl':<10} {head} {'mode':<8} {'ms':>9} {anchor + '/this':>9} {'floor/this':>10} {'rel err':>9}")
     for r in rows:
         vs = f"{r['anchor_over_this']:.2f}x" if r["anchor_over_this"] is not None else "-"
         err = f"{r['rel_err']:.1e}" if r["rel_err"] is not None else ""

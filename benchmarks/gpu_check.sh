@@ -9,6 +9,8 @@
 # Optional comparators travel as wheels in .whl/ (ignored by git) and are installed to /tmp/site;
 # for flash-linear-attention's kernels, on a machine with pip:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl fla-core==0.6.0
+# bench_ssd compares with mamba_ssm's mamba_chunk_scan_combined when `mamba_ssm` imports (its package
+# import loads a compiled extension, so it needs a wheel built for this torch/CUDA).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part=${1:-all}
@@ -37,7 +39,7 @@ fi
 
 bench_rc=0
 if [ "$part" != tests ]; then
-  for bench in delta_rule causal_conv1d; do
+  for bench in delta_rule causal_conv1d ssd; do
     python3 -m benchmarks.bench_$bench ${QUICK:+--quick} --json "$out/bench_$bench.json" >> "$out/bench.log" 2>&1 \
       || bench_rc=1
   done

@@ -5,6 +5,9 @@ import torch
 
 from benchmarks.bench_causal_conv1d import conv_floor_ms
 from benchmarks.bench_delta_rule import delta_rule_floor_ms, impls, make_inputs
+from benchmarks.bench_ssd import impls as ssd_impls
+from benchmarks.bench_ssd import make_inputs as ssd_inputs
+from benchmarks.bench_ssd import ssd_floor_ms
 from benchmarks.common import max_rel_err
 from tests.helpers import DEVICE
 
@@ -21,4 +24,17 @@ def test_floors_match_the_anchor_table(B, T):
 def test_error_check_is_small_and_measured():
     fns = impls(["triton", "reference"])
     err = max_rel_err(fns["triton"], fns["reference"], make_inputs(1, 70, 2, 16, 16, torch.float32, True, DEVICE))
+    assert 0 < err < 1e-4
+
+
+@pytest.mark.parametrize("B, T", [(8, 2048), (2, 8192)])
+def test_ssd_floor_matches_the_anchor_table(B, T):
+    # ../shared/ANCHORS.md, bf16: mamba_ssm SSD (H64 P64 N128 G1) 0.096 / 0.288 ms.
+    assert ssd_floor_ms(B, T, 64, 64, 128, 1, 2, backward=False) == pytest.approx(0.096, abs=0.001)
+    assert ssd_floor_ms(B, T, 64, 64, 128, 1, 2, backward=True) == pytest.approx(0.288, abs=0.002)
+
+
+def test_ssd_error_check_is_small_and_measured():
+    fns = ssd_impls(["triton", "reference"])
+    err = max_rel_err(fns["triton"], fns["reference"], ssd_inputs(1, 70, 2, 8, 16, 1, torch.float32, True, DEVICE))
     assert 0 < err < 1e-4
