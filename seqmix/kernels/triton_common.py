@@ -17,6 +17,10 @@ import triton.language as tl
 from seqmix.kernels.backend import triton_interpreting
 
 
+# F.softplus returns x itself above this; the kernels do the same, for the same values and gradients.
+SOFTPLUS_THRESHOLD = tl.constexpr(20.0)
+
+
 def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
     """The configs to autotune over. The interpreter cannot benchmark, so it gets the first
     alone; ``SEQMIX_AUTOTUNE=0`` does the same on a GPU, where a test run over many head dims
@@ -118,3 +122,20 @@ def store_matrix(base, x, r0, nrow, c0, ncol, BR: tl.constexpr, BC: tl.constexpr
 def mm(a, b, DTYPE: tl.constexpr, PREC: tl.constexpr):
     """``a @ b`` on the tensor cores: operands in the inputs' dtype, accumulation in float32."""
     return tl.dot(a.to(DTYPE), b.to(DTYPE), input_precision=PREC)
+
+
+@triton.jit
+def softplus(x):
+    """log(1 + exp(x)) of float32 x, and x itself above :data:`SOFTPLUS_THRESHOLD` (as ``F.softplus``)."""
+    return tl.where(x > SOFTPLUS_THRESHOLD, x, tl.log(1.0 + tl.exp(tl.minimum(x, SOFTPLUS_THRESHOLD))))
+
+
+@triton.jit
+def softplus_backward(dy, x):
+    """The gradient of :func:`softplus` at x times dy."""
+    return tl.where(x > SOFTPLUS_THRESHOLD, dy, dy * tl.sigmoid(x))
+
+
+@triton.jit
+def silu(x):
+    return x * tl.sigmoid(x)

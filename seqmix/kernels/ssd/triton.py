@@ -45,6 +45,9 @@ from seqmix.kernels.triton_common import (
     load_rows,
     mm,
     sequence_bounds,
+    silu,
+    softplus,
+    softplus_backward,
     store_matrix,
     store_row_values,
     store_rows,
@@ -52,10 +55,6 @@ from seqmix.kernels.triton_common import (
 
 CHUNK = 64
 MAX_HEAD_DIM = 256
-# F.softplus returns x itself above this (and so do the kernels, for the same values and gradients).
-SOFTPLUS_THRESHOLD = tl.constexpr(20.0)
-
-
 def _state_configs():
     return autotune_configs([triton.Config({"BP": bp}, num_warps=w) for bp in (32, 64) for w in (4, 8)])
 
@@ -65,21 +64,11 @@ def _chunk_configs():
 
 
 @triton.jit
-def _softplus(x):
-    return tl.where(x > SOFTPLUS_THRESHOLD, x, tl.log(1.0 + tl.exp(tl.minimum(x, SOFTPLUS_THRESHOLD))))
-
-
-@triton.jit
 def _processed_dt(raw, lo, hi, SOFTPLUS: tl.constexpr):
     """dt' = clamp(softplus?(raw), lo, hi) of float32 ``raw``."""
     if SOFTPLUS:
-        raw = _softplus(raw)
+        raw = softplus(raw)
     return tl.minimum(tl.maximum(raw, lo), hi)
-
-
-@triton.jit
-def _silu(z):
-    return z * tl.sigmoid(z)
 
 
 @triton.jit
@@ -206,7 +195,7 @@ def ssd_output_fwd_kernel(
     if STORE_Y:
         store_rows(y + i_h * P, b_y, t0, nt, H * P, p0, P, BT, BP)
     if HAS_Z:
-        b_y = b_y * _silu(load_rows(z + i_h * P, t0, nt, H * P, p0, P, BT, BP).to(tl.float32))
+        b_y = b_y * silu(load_rows(z + i_h * P, t0, nt, H * P, p0, P, BT, BP).to(tl.float32))
     store_rows(out + i_h * P, b_y, t0, nt, H * P, p0, P, BT, BP)
 
 
@@ -370,8 +359,8 @@ def ssd_dt_bwd_kernel(
     b_ddtp = tl.load(ptrs, mask=mask, other=0.0) + b_a[None, :] * b_rev
     tl.store(da_part + i_c * H + cols, tl.sum(b_dtp * b_rev, 0), mask=cols < H)
     if SOFTPLUS:
-        b_ddtp = tl.where(raw > SOFTPLUS_THRESHOLD, b_ddtp, b_ddtp * tl.sigmoid(raw))
-        raw = _softplus(raw)
+        b_ddtp = softplus_backward(b_ddtp, raw)
+        raw = softplus(raw)
     b_ddtp = tl.where((raw >= lo) & (raw <= hi), b_ddtp, 0.0)
     ptrs, _ = _head_tile(ddt, t0, nt, h0, H, BT, BH)
     tl.store(ptrs, b_ddtp, mask=mask)
@@ -410,7 +399,7 @@ def ssd_recurrent_fwd_kernel(
         b_s = b_s * tl.exp(b_dt * b_a) + (b_dt * b_x)[:, None] * b_b[None, :]
         b_y = tl.sum(b_s * b_c[None, :], 1) + b_d * b_x
         if HAS_Z:
-            b_y = b_y * _silu(tl.load(z + (t * H + i_h) * P + o_p, mask=m_p, other=0.0).to(tl.float32))
+            b_y = b_y * silu(tl.load(z + (t * H + i_h) * P + o_p, mask=m_p, other=0.0).to(tl.float32))
         tl.store(out + (t * H + i_h) * P + o_p, b_y.to(out.dtype.element_ty), mask=m_p)
     if STORE_HT:
         store_matrix(ht + s_base, b_s, p0, P, 0, N, BP, BN)

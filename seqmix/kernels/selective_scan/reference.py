@@ -1,0 +1,53 @@
+"""Mamba-1's selective scan in plain PyTorch: the recurrence, one token at a time.
+
+Channels last: u, delta, z ``[B, T, D]``, A ``[D, N]``, B, C ``[B, T, G, N]``
+(channel d reads group ``d // (D // G)``), optional D and delta_bias ``[D]``,
+optional ``cu_seqlens`` (then B == 1). Computes in float32 (float64 for
+float64 inputs) and returns ``(y [B, T, D] in u's dtype, final_state [N, D, N]
+or None)``. Differentiable by autograd: it is both the oracle (in float64) and
+the reference backend of :func:`seqmix.kernels.selective_scan.selective_scan`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from seqmix.kernels.ssd.reference import compute_dtype, split_sequences
+
+
+def process_delta(delta, delta_bias, delta_softplus: bool):
+    """delta' = softplus?(delta + delta_bias)."""
+    if delta_bias is not None:
+        delta = delta + delta_bias
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def selective_scan_recurrent(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                             initial_state=None, output_final_state=False, cu_seqlens=None):
+    """``h_t = exp(delta'_t A) h_{t-1} + delta'_t u_t B_t``, ``y_t = h_t C_t + D u_t``, ``y *= silu(z)``
+    (per channel d: h is [N], ``exp`` elementwise)."""
+    Bsz, T, Dm = u.shape
+    G, N = B.shape[-2:]
+    cd = compute_dtype(u)
+    in_dtype = u.dtype
+    u, delta, A, B, C, D, z, delta_bias = (None if t is None else t.to(cd)
+                                          for t in (u, delta, A, B, C, D, z, delta_bias))
+    delta = process_delta(delta, delta_bias, delta_softplus)
+    B = B.repeat_interleave(Dm // G, dim=2)  # [B, T, D, N]
+    C = C.repeat_interleave(Dm // G, dim=2)
+    outs, finals = [], []
+    for n, (b, s, e) in enumerate(split_sequences(cu_seqlens, Bsz, T)):
+        h = u.new_zeros(Dm, N) if initial_state is None else initial_state[n].to(cd)
+        rows = []
+        for t in range(s, e):
+            h = torch.exp(delta[b, t, :, None] * A) * h + (delta[b, t] * u[b, t])[:, None] * B[b, t]
+            rows.append((h * C[b, t]).sum(-1))
+        outs.append(torch.stack(rows) if rows else u.new_zeros(0, Dm))
+        finals.append(h)
+    y = torch.cat(outs)[None] if cu_seqlens is not None else torch.stack(outs)
+    if D is not None:
+        y = y + D * u
+    if z is not None:
+        y = y * F.silu(z)
+    return y.to(in_dtype), (torch.stack(finals) if output_final_state else None)
