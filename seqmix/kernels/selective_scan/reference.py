@@ -1,6 +1,6 @@
 """Mamba-1's selective scan in plain PyTorch: the recurrence, one token at a time.
 
-Channels last: u, delta, z ``[B, T, D]``, A ``[D, N]``, B, C ``[B, T, G, N]``
+Channels last: u, delta, z ``[B, T, D]``, A ``[D, N]``, B, C ``[B, T, N]`` or ``[B, T, G, N]``
 (channel d reads group ``d // (D // G)``), optional D and delta_bias ``[D]``,
 optional ``cu_seqlens`` (then B == 1). Computes in float32 (float64 for
 float64 inputs) and returns ``(y [B, T, D] in u's dtype, final_state [N, D, N]
@@ -28,6 +28,8 @@ def selective_scan_recurrent(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     """``h_t = exp(delta'_t A) h_{t-1} + delta'_t u_t B_t``, ``y_t = h_t C_t + D u_t``, ``y *= silu(z)``
     (per channel d: h is [N], ``exp`` elementwise)."""
     Bsz, T, Dm = u.shape
+    if B.dim() == 3:  # [B, T, N]: one group
+        B, C = B.unsqueeze(2), C.unsqueeze(2)
     G, N = B.shape[-2:]
     cd = compute_dtype(u)
     in_dtype = u.dtype

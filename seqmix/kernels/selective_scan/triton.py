@@ -96,7 +96,7 @@ def selective_scan_fwd_kernel(
 ):
     """Scan one sequence's tokens for a block of channels; with STORE_CHUNKS keep the state
     entering every chunk of CH tokens for the backward."""
-    i_n, _, o_d, m_d, grp, s_off, m_dn = _channels(tl.program_id(0), DIM, G, N, BD, BN)
+    i_n, i_db, o_d, m_d, grp, s_off, m_dn = _channels(tl.program_id(0), DIM, G, N, BD, BN)
     bos, eos = sequence_bounds(cu_seqlens, i_n)
     c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
     s_base = i_n.to(tl.int64) * DIM * N
@@ -110,8 +110,8 @@ def selective_scan_fwd_kernel(
         if STORE_CHUNKS:
             if (t - bos) % CH == 0:
                 tl.store(hc + (c0 + (t - bos) // CH) * DIM * N + s_off, b_h, mask=m_dn)
-        b_u, _, b_delta, b_b, b_c = _token_inputs(u, delta, B, C, b_bias, t, o_d, m_d, grp, m_dn,
-                                                  DIM, G, N, BN, SOFTPLUS)
+        b_u, raw, b_delta, b_b, b_c = _token_inputs(u, delta, B, C, b_bias, t, o_d, m_d, grp, m_dn,
+                                                    DIM, G, N, BN, SOFTPLUS)
         b_h = tl.exp(b_delta[:, None] * b_a) * b_h + (b_delta * b_u)[:, None] * b_b
         b_y = tl.sum(b_h * b_c, 1) + b_skip * b_u
         if HAS_Z:
@@ -174,8 +174,9 @@ def selective_scan_bwd_kernel(
         b_h = tl.load(hc + (c0 + NT - 1 - j) * DIM * N + s_off, mask=m_dn, other=0.0)
         tl.store(scr, b_h)
         for i in range(nt):
-            b_u, _, b_delta, b_b, _ = _token_inputs(u, delta, B, C, b_bias, t0 + i, o_d, m_d, grp, m_dn,
-                                                    DIM, G, N, BN, SOFTPLUS)
+            # (unpacked into the names the reverse loop uses: a loop-carried name keeps one type)
+            b_u, raw, b_delta, b_b, b_c = _token_inputs(u, delta, B, C, b_bias, t0 + i, o_d, m_d, grp, m_dn,
+                                                        DIM, G, N, BN, SOFTPLUS)
             b_h = tl.exp(b_delta[:, None] * b_a) * b_h + (b_delta * b_u)[:, None] * b_b
             tl.store(scr + (i + 1) * slot, b_h)
         tl.debug_barrier()

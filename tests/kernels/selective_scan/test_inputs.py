@@ -1,0 +1,88 @@
+"""Bad input to selective_scan gets a ValueError naming the argument; T = 0 gives empty outputs."""
+
+import pytest
+import torch
+
+from seqmix.kernels import BackendUnavailable
+from seqmix.kernels.selective_scan import selective_scan
+from tests.helpers import DEVICE
+
+B, T, D, N, G = 2, 8, 6, 4, 2
+BACKENDS = ["reference", "triton"]
+
+
+def _inputs(**over):
+    g = torch.Generator().manual_seed(0)
+    x = {
+        "u": torch.randn(B, T, D, generator=g),
+        "delta": torch.rand(B, T, D, generator=g),
+        "A": -torch.rand(D, N, generator=g) - 0.1,
+        "B": torch.randn(B, T, G, N, generator=g),
+        "C": torch.randn(B, T, G, N, generator=g),
+    }
+    x.update(over)
+    return {n: t.to(DEVICE) for n, t in x.items()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"u": torch.randn(B, T)}, r"u must have shape \[B, T, D\]"),
+        ({"delta": torch.rand(B, T + 1, D)}, r"delta must have shape \[B, T, D\]"),
+        ({"A": -torch.rand(D)}, r"A must have shape \[D, N\]"),
+        ({"A": torch.rand(D, N)}, "A must be negative"),
+        ({"B": torch.randn(B, T, 4, N), "C": torch.randn(B, T, 4, N)},
+         "groups G=4 of B and C must divide the number of channels D=6"),
+        ({"B": torch.randn(B, T, N + 1)}, r"B must have shape \[B, T, N\] = \(2, 8, 4\)"),
+        ({"C": torch.randn(B, T - 1, G, N)}, r"C must have shape \[B, T, G, N\]"),
+        ({"C": torch.randn(B, T, G, N, dtype=torch.float64)}, "must share one dtype"),
+        ({"u": torch.ones(B, T, D, dtype=torch.int64)}, "u must be a floating tensor"),
+    ],
+)
+def test_bad_tensors(backend, over, match):
+    with pytest.raises(ValueError, match=match):
+        selective_scan(**_inputs(**over), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"D": torch.randn(D, 1)}, r"D must have shape \[D\]"),
+        ({"z": torch.randn(B, T, D + 1)}, r"z must have shape \[B, T, D\]"),
+        ({"delta_bias": torch.randn(1)}, r"delta_bias must have shape \[D\]"),
+        ({"initial_state": torch.zeros(B, N, D)}, r"initial_state must have shape \[N, D, N\] = \(2, 6, 4\)"),
+    ],
+)
+def test_bad_optional_arguments(backend, kw, match):
+    with pytest.raises(ValueError, match=match):
+        selective_scan(**_inputs(), **{n: t.to(DEVICE) for n, t in kw.items()}, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cu, match", [([1, 4, 16], "must start at 0"), ([0, 9, 4, 16], "non-decreasing"),
+                                       ([0, 4, 15], "must end at the packed length T=16")])
+def test_bad_cu_seqlens(backend, cu, match):
+    x = {n: t.reshape(1, B * T, *t.shape[2:]) if n != "A" else t for n, t in _inputs().items()}
+    with pytest.raises(ValueError, match=match):
+        selective_scan(**x, cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=DEVICE), backend=backend)
+
+
+def test_float64_goes_to_the_reference_unless_triton_is_named():
+    x = {n: t.double() for n, t in _inputs().items()}
+    with pytest.raises(BackendUnavailable, match="'triton' cannot serve this call: u, delta, B, C must be .*float64"):
+        selective_scan(**x, backend="triton")
+    y, _ = selective_scan(**x)
+    assert y.dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_sequence_returns_empty_output_and_the_initial_state(backend):
+    x = {n: t[:, :0] if n != "A" else t for n, t in _inputs().items()}
+    h0 = torch.randn(B, D, N, device=DEVICE)
+    y, s = selective_scan(**x, initial_state=h0, output_final_state=True, backend=backend)
+    assert y.shape == (B, 0, D)
+    torch.testing.assert_close(s, h0)
+    y, s = selective_scan(**x, output_final_state=True, backend=backend)
+    assert s.shape == (B, D, N) and not s.any()
