@@ -13,6 +13,7 @@ HIDDEN = 32
 # A small config per registered mixer; a mixer registered without one fails test_every_mixer_has_a_config.
 SMALL_CONFIGS = {
     "deltanet": {"hidden_size": HIDDEN, "num_heads": 2},
+    "mamba": {"hidden_size": HIDDEN, "d_state": 4, "expand": 1},
     "mamba2": {"hidden_size": HIDDEN, "head_dim": 16, "d_state": 8, "expand": 1, "n_groups": 2},
 }
 BACKENDS = ["reference", "triton"]

@@ -1,0 +1,79 @@
+"""Mamba (Gu & Dao 2023): a selective state-space layer, one diagonal SSM per channel."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqmix.archs.mamba2 import inverse_softplus, log_uniform_dt
+from seqmix.archs.mixer import Mixer, State, register_mixer
+from seqmix.archs.modules import ShortConvolution
+from seqmix.kernels.selective_scan import selective_scan
+
+
+@register_mixer("mamba")
+class Mamba(Mixer):
+    """An input projection to (x, z); a short causal conv with SiLU over x; from x, a low-rank
+    step size (x_proj to dt_rank, then dt_proj) and the input-dependent B and C; the selective
+    scan with delta' = softplus(dt_proj(dt) + bias), A = -exp(A_log) per channel and state index,
+    the skip D and the gate silu(z); the output projection.
+
+    Args:
+        hidden_size: model width.
+        d_state: N, the state size per channel.
+        expand: inner width D over model width.
+        dt_rank: rank of the step-size projection; None for ceil(hidden_size / 16).
+        conv_size: width of the short convolution.
+        dt_min, dt_max, dt_init_floor: dt_proj's bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max].
+        dt_scale: dt_proj's weight is uniform in +-dt_scale / sqrt(dt_rank).
+        backend: backend of the selective scan (None: automatic).
+    """
+
+    def __init__(self, hidden_size: int, d_state: int = 16, expand: int = 2, dt_rank: int | None = None,
+                 conv_size: int = 4, dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4,
+                 dt_scale: float = 1.0, backend: str | None = None):
+        super().__init__()
+        d_inner = expand * hidden_size
+        dt_rank = math.ceil(hidden_size / 16) if dt_rank is None else dt_rank
+        if min(d_inner, d_state, dt_rank) < 1:
+            raise ValueError(f"expand * hidden_size, d_state and dt_rank must be positive, got "
+                             f"{d_inner}, {d_state}, {dt_rank}")
+        self.hidden_size, self.d_inner, self.d_state, self.dt_rank = hidden_size, d_inner, d_state, dt_rank
+        self.backend = backend
+        self.in_proj = nn.Linear(hidden_size, 2 * d_inner, bias=False)
+        self.conv = ShortConvolution(d_inner, conv_size, activation="silu", bias=True)
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        bound = dt_scale * dt_rank**-0.5
+        nn.init.uniform_(self.dt_proj.weight, -bound, bound)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(inverse_softplus(log_uniform_dt(d_inner, dt_min, dt_max, dt_init_floor)))
+        # A = -[1, ..., N] for every channel.
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self.out_proj = nn.Linear(d_inner, hidden_size, bias=False)
+
+    def mix(self, x, state: State | None, *, cu_seqlens=None):
+        xs, z = self.in_proj(x).chunk(2, dim=-1)
+        xs, conv_state = self.conv(xs, None if state is None else state["conv"], cu_seqlens)
+        dt, b, c = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        # dt_proj's bias is added inside the scan, before the softplus.
+        delta = F.linear(dt, self.dt_proj.weight)
+        y, ssm_state = selective_scan(
+            xs, delta, -torch.exp(self.A_log.float()), b, c, D=self.D, z=z,
+            delta_bias=self.dt_proj.bias, delta_softplus=True,
+            initial_state=None if state is None else state["ssm"], output_final_state=state is not None,
+            cu_seqlens=cu_seqlens, backend=self.backend,
+        )
+        out = self.out_proj(y)
+        if state is None:
+            return out, None
+        return out, {"conv": conv_state, "ssm": ssm_state}
+
+    def init_state(self, batch_size: int) -> State:
+        device = self.in_proj.weight.device
+        return {"conv": self.conv.init_state(batch_size),
+                "ssm": torch.zeros(batch_size, self.d_inner, self.d_state, device=device)}

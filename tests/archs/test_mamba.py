@@ -1,0 +1,55 @@
+"""Mamba specifics: the fused layer against the reference layer with gradients, the usual
+initialisation, and configuration errors (the Mixer contract is in test_mixers.py)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seqmix.archs import Mamba
+from tests.helpers import DEVICE, TOL, assert_rel
+
+
+def test_triton_layer_matches_reference_layer_with_gradients():
+    layers = {}
+    for b in ("triton", "reference"):
+        torch.manual_seed(3)
+        layers[b] = Mamba(hidden_size=16, d_state=4, backend=b).to(DEVICE)
+    x = torch.randn(2, 70, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    outs, grads = {}, {}
+    for b, layer in layers.items():
+        xb = x.clone().requires_grad_()
+        y, _ = layer(xb)
+        y.square().sum().backward()
+        outs[b] = y
+        grads[b] = [xb.grad] + [p.grad for p in layer.parameters()]
+    tol = TOL[torch.float32]
+    assert_rel(outs["triton"], outs["reference"], tol, "output")
+    names = ["x"] + [n for n, _ in layers["triton"].named_parameters()]
+    for name, a, b in zip(names, grads["triton"], grads["reference"], strict=True):
+        assert_rel(a, b, tol, f"grad of {name}")
+
+
+def test_initialisation():
+    layer = Mamba(hidden_size=100)
+    assert layer.d_inner == 200 and layer.d_state == 16 and layer.dt_rank == math.ceil(100 / 16)
+    assert layer.x_proj.out_features == 7 + 2 * 16
+    assert layer.conv.kernel_size == 4
+    torch.testing.assert_close(-torch.exp(layer.A_log.detach()), -torch.arange(1.0, 17.0).expand(200, 16))
+    torch.testing.assert_close(layer.D.detach(), torch.ones(200))
+    dt = F.softplus(layer.dt_proj.bias.detach())
+    assert (dt >= 1e-3 * (1 - 1e-5)).all() and (dt <= 1e-1 * (1 + 1e-5)).all()
+    assert dt.log().std() > 0.5  # log-uniform over two decades
+    assert layer.dt_proj.weight.abs().max() <= 7**-0.5
+
+
+def test_state_shapes():
+    state = Mamba(hidden_size=16, d_state=4).init_state(3)
+    assert state["conv"].shape == (3, 32, 3)
+    assert state["ssm"].shape == (3, 32, 4)
+
+
+def test_configuration_errors():
+    with pytest.raises(ValueError, match="must be positive"):
+        Mamba(hidden_size=16, d_state=0)
