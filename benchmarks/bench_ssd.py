@@ -1,25 +1,31 @@
-"""Time Mamba-2's ``ssd`` per backend, forward and forward+backward, against mamba_ssm.
+"""Time Mamba-2's ``ssd`` and Mamba-1's ``selective_scan`` per backend, forward and forward+backward, against mamba_ssm.
 
-Shapes: the project's anchor shapes B8 T2048 and B2 T8192 at H64 P64 N128 G1,
-with D, dt_bias and softplus as the Mamba2 layer calls it. For each shape it
-prints the median ms, the ratio to mamba_ssm's ``mamba_chunk_scan_combined``
-(chunk 256) timed in the same process on the same inputs when mamba_ssm is
-importable, the fraction of the floor reached, and the Triton kernels' error
-against the reference.
+Shapes: the project's anchor shapes B8 T2048 and B2 T8192; SSD at H64 P64 N128
+G1, the selective scan at D4096 N16 (a 2048-wide Mamba with expand 2), both
+with D, the step-size bias and softplus as the layers call them (and the gate
+z for the selective scan). For each shape it prints the median ms, the ratio
+to mamba_ssm timed in the same process on the same inputs when mamba_ssm is
+importable (``mamba_chunk_scan_combined`` with chunk 256, and the CUDA
+``selective_scan_fn``, whose channels-first layout is made from ours inside
+the timed call), the fraction of the floor reached, and the Triton kernels'
+error against the reference.
 
     python -m benchmarks.bench_ssd [--json out.json] [--backends triton,reference] [--quick]
 """
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from benchmarks.common import floor_ms, measure, parse_args, report
-from seqmix.kernels import ssd
+from seqmix.kernels import selective_scan, ssd
 
 # The floor counts the FLOPs of the chunked algorithm at mamba_ssm's chunk size, as the anchor table does.
 FLOOR_CHUNK = 256
 H, P, N, G = 64, 64, 128, 1
+SCAN_D, SCAN_N = 4096, 16
 
 
 def ssd_floor_ms(B, T, H, P, N, G, elem_bytes, backward, chunk=FLOOR_CHUNK):
@@ -59,17 +65,67 @@ def impls(backends):
     return out
 
 
+def scan_floor_ms(B, T, D, N, elem_bytes, backward):
+    """u, delta, z, B, C read and y written once; the backward counts three times that. There is
+    no matmul, so this is a bandwidth floor; the exp per channel, state index and token may bind first."""
+    return floor_ms((3 if backward else 1) * B * T * (4 * D + 2 * N) * elem_bytes)
+
+
+def make_scan_inputs(B, T, D, N, dtype, requires_grad, device="cuda"):
+    """u, delta, A, B, C, D, z, delta_bias as the Mamba layer produces them (A, D, delta_bias float32)."""
+    u = torch.randn(B, T, D, device=device, dtype=dtype)
+    delta = torch.randn(B, T, D, device=device, dtype=dtype) * 0.5
+    A = -torch.arange(1, N + 1, device=device, dtype=torch.float32).repeat(D, 1)
+    b = torch.randn(B, T, N, device=device, dtype=dtype)
+    c = torch.randn(B, T, N, device=device, dtype=dtype)
+    skip = torch.ones(D, device=device)
+    z = torch.randn(B, T, D, device=device, dtype=dtype)
+    bias = torch.randn(D, device=device) * 0.5 - 4.0
+    return [t.requires_grad_(requires_grad) for t in (u, delta, A, b, c, skip, z, bias)]
+
+
+def scan_impls(backends):
+    def seqmix_scan(b):
+        return lambda u, delta, A, B, C, D, z, bias: selective_scan(
+            u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True, backend=b)[0]
+
+    out = {b: seqmix_scan(b) for b in backends}
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except ImportError:
+        return out
+
+    def channels_first(t):
+        return t.transpose(1, 2).contiguous()
+
+    out["mamba_ssm"] = lambda u, delta, A, B, C, D, z, bias: selective_scan_fn(
+        channels_first(u), channels_first(delta), A, channels_first(B), channels_first(C), D=D,
+        z=channels_first(z), delta_bias=bias, delta_softplus=True).transpose(1, 2)
+    return out
+
+
 def main(argv=None):
     args = parse_args(__doc__, argv)
     dtype = getattr(torch, args.dtype)
-    shapes = [(8, 2048)] if args.quick else [(8, 2048), (2, 8192)]
+    shapes = [{"B": B, "T": T} for B, T in ([(8, 2048)] if args.quick else [(8, 2048), (2, 8192)])]
+    backends = args.backends.split(",")
     rows = measure(
-        "ssd", [{"B": B, "T": T} for B, T in shapes], impls(args.backends.split(",")),
+        "ssd", shapes, impls(backends),
         lambda s, grad: make_inputs(s["B"], s["T"], H, P, N, G, dtype, grad),
         lambda s, backward: ssd_floor_ms(s["B"], s["T"], H, P, N, G, dtype.itemsize, backward),
         args.dtype, anchor="mamba_ssm",
     )
-    report(f"ssd, {args.dtype}, H{H} P{P} N{N} G{G}", rows, ("B", "T"), args.json, anchor="mamba_ssm")
+    report(f"ssd, {args.dtype}, H{H} P{P} N{N} G{G}", rows, ("B", "T"), None, anchor="mamba_ssm")
+    scan_rows = measure(
+        "selective_scan", shapes, scan_impls(backends),
+        lambda s, grad: make_scan_inputs(s["B"], s["T"], SCAN_D, SCAN_N, dtype, grad),
+        lambda s, backward: scan_floor_ms(s["B"], s["T"], SCAN_D, SCAN_N, dtype.itemsize, backward),
+        args.dtype, anchor="mamba_ssm",
+    )
+    report(f"selective_scan, {args.dtype}, D{SCAN_D} N{SCAN_N}", scan_rows, ("B", "T"), None, anchor="mamba_ssm")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows + scan_rows, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from benchmarks.bench_causal_conv1d import conv_floor_ms
 from benchmarks.bench_delta_rule import delta_rule_floor_ms, impls, make_inputs
 from benchmarks.bench_ssd import impls as ssd_impls
 from benchmarks.bench_ssd import make_inputs as ssd_inputs
-from benchmarks.bench_ssd import ssd_floor_ms
+from benchmarks.bench_ssd import make_scan_inputs, scan_floor_ms, scan_impls, ssd_floor_ms
 from benchmarks.common import max_rel_err
 from tests.helpers import DEVICE
 
@@ -37,4 +37,12 @@ def test_ssd_floor_matches_the_anchor_table(B, T):
 def test_ssd_error_check_is_small_and_measured():
     fns = ssd_impls(["triton", "reference"])
     err = max_rel_err(fns["triton"], fns["reference"], ssd_inputs(1, 70, 2, 8, 16, 1, torch.float32, True, DEVICE))
+    assert 0 < err < 1e-4
+
+
+def test_selective_scan_floor_and_error_check():
+    # Bandwidth only: B8 T2048 D4096 N16 bf16 moves 16384 * (4 * 4096 + 32) * 2 bytes once forward.
+    assert scan_floor_ms(8, 2048, 4096, 16, 2, backward=False) == pytest.approx(16384 * 16416 * 2 / 3e9)
+    fns = scan_impls(["triton", "reference"])
+    err = max_rel_err(fns["triton"], fns["reference"], make_scan_inputs(1, 20, 8, 4, torch.float32, True, DEVICE))
     assert 0 < err < 1e-4
