@@ -22,3 +22,14 @@ def empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     if poisoning() and out.is_floating_point():
         out.fill_(float("nan"))
     return out
+
+
+def no_tokens_result(out_shape, state_shape, initial_state, output_final_state: bool, like: torch.Tensor):
+    """What an op with a state returns for T = 0: an empty output in ``like``'s dtype and, when the
+    final state is asked for, a copy of the initial state or zeros (float32; float64 for float64)."""
+    out = like.new_empty(out_shape)
+    if not output_final_state:
+        return out, None
+    if initial_state is not None:
+        return out, initial_state.clone()
+    return out, like.new_zeros(state_shape, dtype=torch.float64 if like.dtype == torch.float64 else torch.float32)

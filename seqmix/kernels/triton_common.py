@@ -16,7 +16,6 @@ import triton.language as tl
 
 from seqmix.kernels.backend import triton_interpreting
 
-
 # F.softplus returns x itself above this; the kernels do the same, for the same values and gradients.
 SOFTPLUS_THRESHOLD = tl.constexpr(20.0)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from seqmix.kernels.alloc import no_tokens_result
 from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_cu_seqlens, check_same_dtype, check_tensor
 from seqmix.kernels.selective_scan import triton as kernels
@@ -145,12 +146,7 @@ def selective_scan(
     name = select_backend("selective_scan", backend, u.device, ("triton", "reference"),
                           {"triton": kernels.unsupported(u.dtype, N)})
     if T == 0:
-        y = u.new_empty(Bsz, 0, Dm)
-        if not output_final_state:
-            return y, None
-        state_dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
-        final = u.new_zeros(n, Dm, N, dtype=state_dtype) if initial_state is None else initial_state.clone()
-        return y, final
+        return no_tokens_result((Bsz, 0, Dm), (n, Dm, N), initial_state, output_final_state, u)
     if name == "triton":
         return _triton_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
                                       output_final_state, cu_seqlens)

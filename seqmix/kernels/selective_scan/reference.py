@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from seqmix.kernels.ssd.reference import compute_dtype, split_sequences
+from seqmix.kernels.ssd.reference import compute_dtype, over_sequences
 
 
 def process_delta(delta, delta_bias, delta_softplus: bool):
@@ -38,18 +38,17 @@ def selective_scan_recurrent(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     delta = process_delta(delta, delta_bias, delta_softplus)
     B = B.repeat_interleave(Dm // G, dim=2)  # [B, T, D, N]
     C = C.repeat_interleave(Dm // G, dim=2)
-    outs, finals = [], []
-    for n, (b, s, e) in enumerate(split_sequences(cu_seqlens, Bsz, T)):
-        h = u.new_zeros(Dm, N) if initial_state is None else initial_state[n].to(cd)
+
+    def run(b, s, e, h):
         rows = []
         for t in range(s, e):
             h = torch.exp(delta[b, t, :, None] * A) * h + (delta[b, t] * u[b, t])[:, None] * B[b, t]
             rows.append((h * C[b, t]).sum(-1))
-        outs.append(torch.stack(rows) if rows else u.new_zeros(0, Dm))
-        finals.append(h)
-    y = torch.cat(outs)[None] if cu_seqlens is not None else torch.stack(outs)
+        return (torch.stack(rows) if rows else u.new_zeros(0, Dm)), h
+
+    y, final = over_sequences(run, Bsz, T, cu_seqlens, initial_state, u.new_zeros(Dm, N), cd)
     if D is not None:
         y = y + D * u
     if z is not None:
         y = y * F.silu(z)
-    return y.to(in_dtype), (torch.stack(finals) if output_final_state else None)
+    return y.to(in_dtype), (final if output_final_state else None)

@@ -29,14 +29,7 @@ import triton.language as tl
 
 from seqmix.kernels.alloc import empty
 from seqmix.kernels.sequences import Chunking
-from seqmix.kernels.triton_common import (
-    autotune_configs,
-    head_block,
-    sequence_bounds,
-    silu,
-    softplus,
-    softplus_backward,
-)
+from seqmix.kernels.triton_common import SOFTPLUS_THRESHOLD, autotune_configs, head_block, sequence_bounds
 
 CHUNK = 64
 # The backward's channel block is fixed (not tuned): it sizes the scratch buffer the host allocates.
@@ -66,19 +59,6 @@ def _channels(i_nd, DIM: tl.constexpr, G: tl.constexpr, N: tl.constexpr, BD: tl.
 
 
 @triton.jit
-def _token_inputs(u, delta, B, C, b_bias, t, o_d, m_d, grp, m_dn,
-                  DIM: tl.constexpr, G: tl.constexpr, N: tl.constexpr, BN: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """Token t's u [BD], raw delta + bias [BD], delta' [BD] and B, C [BD, BN] (each channel's group), float32."""
-    b_u = tl.load(u + t * DIM + o_d, mask=m_d, other=0.0).to(tl.float32)
-    raw = tl.load(delta + t * DIM + o_d, mask=m_d, other=0.0).to(tl.float32) + b_bias
-    b_delta = softplus(raw) if SOFTPLUS else raw
-    bc = (t * G + grp[:, None]) * N + tl.arange(0, BN)[None, :]
-    b_b = tl.load(B + bc, mask=m_dn, other=0.0).to(tl.float32)
-    b_c = tl.load(C + bc, mask=m_dn, other=0.0).to(tl.float32)
-    return b_u, raw, b_delta, b_b, b_c
-
-
-@triton.jit
 def _per_channel(base, o_d, m_d, HAS: tl.constexpr):
     """A [D] parameter's block as float32, or zeros when absent."""
     if HAS:
@@ -96,7 +76,7 @@ def selective_scan_fwd_kernel(
 ):
     """Scan one sequence's tokens for a block of channels; with STORE_CHUNKS keep the state
     entering every chunk of CH tokens for the backward."""
-    i_n, i_db, o_d, m_d, grp, s_off, m_dn = _channels(tl.program_id(0), DIM, G, N, BD, BN)
+    i_n, _, o_d, m_d, grp, s_off, m_dn = _channels(tl.program_id(0), DIM, G, N, BD, BN)
     bos, eos = sequence_bounds(cu_seqlens, i_n)
     c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
     s_base = i_n.to(tl.int64) * DIM * N
@@ -106,29 +86,29 @@ def selective_scan_fwd_kernel(
     b_h = tl.zeros([BD, BN], dtype=tl.float32)
     if HAS_H0:
         b_h += tl.load(h0 + s_base + s_off, mask=m_dn, other=0.0)
+    # The token loops call no jit helpers: in Triton's interpreter every such call costs milliseconds.
+    bc = (bos * G + grp[:, None]) * N + tl.arange(0, BN)[None, :]
+    row = bos * DIM + o_d
     for t in range(bos, eos):
-        if STORE_CHUNKS:
+        if STORE_CHUNKS:  # noqa: SIM102 (a compile-time branch around a run-time one)
             if (t - bos) % CH == 0:
                 tl.store(hc + (c0 + (t - bos) // CH) * DIM * N + s_off, b_h, mask=m_dn)
-        b_u, raw, b_delta, b_b, b_c = _token_inputs(u, delta, B, C, b_bias, t, o_d, m_d, grp, m_dn,
-                                                    DIM, G, N, BN, SOFTPLUS)
+        b_u = tl.load(u + row, mask=m_d, other=0.0).to(tl.float32)
+        b_delta = tl.load(delta + row, mask=m_d, other=0.0).to(tl.float32) + b_bias
+        if SOFTPLUS:
+            b_delta = tl.where(b_delta > SOFTPLUS_THRESHOLD, b_delta,
+                               tl.log(1.0 + tl.exp(tl.minimum(b_delta, SOFTPLUS_THRESHOLD))))
+        b_b = tl.load(B + bc, mask=m_dn, other=0.0).to(tl.float32)
         b_h = tl.exp(b_delta[:, None] * b_a) * b_h + (b_delta * b_u)[:, None] * b_b
-        b_y = tl.sum(b_h * b_c, 1) + b_skip * b_u
+        b_y = tl.sum(b_h * tl.load(C + bc, mask=m_dn, other=0.0).to(tl.float32), 1) + b_skip * b_u
         if HAS_Z:
-            b_y = b_y * silu(tl.load(z + t * DIM + o_d, mask=m_d, other=0.0).to(tl.float32))
-        tl.store(out + t * DIM + o_d, b_y.to(out.dtype.element_ty), mask=m_d)
+            b_z = tl.load(z + row, mask=m_d, other=0.0).to(tl.float32)
+            b_y = b_y * b_z * tl.sigmoid(b_z)
+        tl.store(out + row, b_y.to(out.dtype.element_ty), mask=m_d)
+        bc += G * N
+        row += DIM
     if STORE_HT:
         tl.store(ht + s_base + s_off, b_h, mask=m_dn)
-
-
-@triton.jit
-def _store_group_sums(part, rows, t, grp, m_d, g_lo, g_hi, G: tl.constexpr, N: tl.constexpr, BN: tl.constexpr):
-    """For each group g this block of channels touches, the sum over its channels of ``rows`` [BD, BN]
-    into ``part`` [L, G, N] at token t."""
-    o_n = tl.arange(0, BN)
-    for g in range(g_lo, g_hi + 1):
-        in_g = (grp == g) & m_d
-        tl.store(part + (t * G + g) * N + o_n, tl.sum(tl.where(in_g[:, None], rows, 0.0), 0), mask=o_n < N)
 
 
 @triton.autotune(configs=_bwd_configs(), key=["DIM", "N"])
@@ -168,46 +148,69 @@ def selective_scan_bwd_kernel(
     b_da = tl.zeros([BD, BN], dtype=tl.float32)
     b_dd = tl.zeros([BD], dtype=tl.float32)
     NT = tl.cdiv(eos - bos, CH)
+    o_n = tl.arange(0, BN)
+    m_n = o_n < N
+    # As in the forward, the token loops call no jit helpers (costly in the interpreter).
     for j in range(NT):
         t0 = bos + (NT - 1 - j) * CH
         nt = tl.minimum(eos - t0, CH)
         b_h = tl.load(hc + (c0 + NT - 1 - j) * DIM * N + s_off, mask=m_dn, other=0.0)
         tl.store(scr, b_h)
+        bc = (t0 * G + grp[:, None]) * N + o_n[None, :]
+        row = t0 * DIM + o_d
         for i in range(nt):
-            # (unpacked into the names the reverse loop uses: a loop-carried name keeps one type)
-            b_u, raw, b_delta, b_b, b_c = _token_inputs(u, delta, B, C, b_bias, t0 + i, o_d, m_d, grp, m_dn,
-                                                        DIM, G, N, BN, SOFTPLUS)
+            b_u = tl.load(u + row, mask=m_d, other=0.0).to(tl.float32)
+            b_delta = tl.load(delta + row, mask=m_d, other=0.0).to(tl.float32) + b_bias
+            if SOFTPLUS:
+                b_delta = tl.where(b_delta > SOFTPLUS_THRESHOLD, b_delta,
+                                   tl.log(1.0 + tl.exp(tl.minimum(b_delta, SOFTPLUS_THRESHOLD))))
+            b_b = tl.load(B + bc, mask=m_dn, other=0.0).to(tl.float32)
             b_h = tl.exp(b_delta[:, None] * b_a) * b_h + (b_delta * b_u)[:, None] * b_b
             tl.store(scr + (i + 1) * slot, b_h)
+            bc += G * N
+            row += DIM
         tl.debug_barrier()
         for k in range(nt):
             i = nt - 1 - k
             t = t0 + i
-            b_u, raw, b_delta, b_b, b_c = _token_inputs(u, delta, B, C, b_bias, t, o_d, m_d, grp, m_dn,
-                                                        DIM, G, N, BN, SOFTPLUS)
+            bc -= G * N
+            row -= DIM
+            b_u = tl.load(u + row, mask=m_d, other=0.0).to(tl.float32)
+            raw = tl.load(delta + row, mask=m_d, other=0.0).to(tl.float32) + b_bias
+            b_delta = raw
+            if SOFTPLUS:
+                b_delta = tl.where(raw > SOFTPLUS_THRESHOLD, raw,
+                                   tl.log(1.0 + tl.exp(tl.minimum(raw, SOFTPLUS_THRESHOLD))))
+            b_b = tl.load(B + bc, mask=m_dn, other=0.0).to(tl.float32)
+            b_c = tl.load(C + bc, mask=m_dn, other=0.0).to(tl.float32)
             b_h = tl.load(scr + (i + 1) * slot)
             b_prev = tl.load(scr + i * slot)
-            b_dy = tl.load(dout + t * DIM + o_d, mask=m_d, other=0.0).to(tl.float32)
+            b_dy = tl.load(dout + row, mask=m_d, other=0.0).to(tl.float32)
             if HAS_Z:
-                b_z = tl.load(z + t * DIM + o_d, mask=m_d, other=0.0).to(tl.float32)
+                b_z = tl.load(z + row, mask=m_d, other=0.0).to(tl.float32)
                 sig = tl.sigmoid(b_z)
                 b_y = tl.sum(b_h * b_c, 1) + b_skip * b_u
-                tl.store(dz + t * DIM + o_d, (b_dy * b_y * sig * (1 + b_z * (1 - sig))).to(dz.dtype.element_ty),
-                         mask=m_d)
+                tl.store(dz + row, (b_dy * b_y * sig * (1 + b_z * (1 - sig))).to(dz.dtype.element_ty), mask=m_d)
                 b_dy = b_dy * b_z * sig
             b_dh += b_dy[:, None] * b_c
-            _store_group_sums(dc_part + part, b_dy[:, None] * b_h, t, grp, m_d, g_lo, g_hi, G, N, BN)
-            _store_group_sums(db_part + part, b_dh * (b_delta * b_u)[:, None], t, grp, m_d, g_lo, g_hi, G, N, BN)
+            # dC and dB sum over channels: one partial row per group this block touches.
+            b_dc_rows = b_dy[:, None] * b_h
+            b_db_rows = b_dh * (b_delta * b_u)[:, None]
+            for g in range(g_lo, g_hi + 1):
+                in_g = ((grp == g) & m_d)[:, None]
+                at = part + (t * G + g) * N + o_n
+                tl.store(dc_part + at, tl.sum(tl.where(in_g, b_dc_rows, 0.0), 0), mask=m_n)
+                tl.store(db_part + at, tl.sum(tl.where(in_g, b_db_rows, 0.0), 0), mask=m_n)
             decay = tl.exp(b_delta[:, None] * b_a)
             b_decayed = b_dh * decay * b_prev
             b_da += b_decayed * b_delta[:, None]
             b_dd += b_dy * b_u
             b_ddelta = tl.sum(b_decayed * b_a + b_dh * b_u[:, None] * b_b, 1)
             if SOFTPLUS:
-                b_ddelta = softplus_backward(b_ddelta, raw)
-            tl.store(ddelta + t * DIM + o_d, b_ddelta, mask=m_d)
+                b_ddelta = tl.where(raw > SOFTPLUS_THRESHOLD, b_ddelta, b_ddelta * tl.sigmoid(raw))
+            tl.store(ddelta + row, b_ddelta, mask=m_d)
             b_du = b_delta * tl.sum(b_dh * b_b, 1) + b_skip * b_dy
-            tl.store(du + t * DIM + o_d, b_du.to(du.dtype.element_ty), mask=m_d)
+            tl.store(du + row, b_du.to(du.dtype.element_ty), mask=m_d)
             b_dh = b_dh * decay
         tl.debug_barrier()
     tl.store(da_part + s_base + s_off, b_da, mask=m_dn)

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from seqmix.kernels.alloc import no_tokens_result
 from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_cu_seqlens, check_same_dtype, check_tensor
 from seqmix.kernels.sequences import chunking_for
@@ -170,12 +171,7 @@ def ssd(
     name = select_backend("ssd", backend, x.device, ("triton", "reference"),
                           {"triton": kernels.unsupported(x.dtype, P, N)})
     if T == 0:
-        y = x.new_empty(Bsz, 0, H, P)
-        if not output_final_state:
-            return y, None
-        state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        final = x.new_zeros(n, H, P, N, dtype=state_dtype) if initial_state is None else initial_state.clone()
-        return y, final
+        return no_tokens_result((Bsz, 0, H, P), (n, H, P, N), initial_state, output_final_state, x)
     if name == "triton":
         cfg = kernels.DtConfig(dt_softplus, (lo, hi))
         return _triton_ssd(x, dt, A, B, C, D, z, dt_bias, cfg, initial_state, output_final_state, cu_seqlens, n)

@@ -10,6 +10,8 @@ backend of :func:`seqmix.kernels.ssd.ssd`.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -23,7 +25,7 @@ def split_sequences(cu_seqlens, batch: int, seqlen: int):
     if cu_seqlens is None:
         return [(b, 0, seqlen) for b in range(batch)]
     bounds = cu_seqlens.tolist()
-    return [(0, s, e) for s, e in zip(bounds[:-1], bounds[1:])]
+    return [(0, s, e) for s, e in itertools.pairwise(bounds)]
 
 
 def process_dt(dt, dt_bias, dt_softplus: bool, dt_limit: tuple[float, float]):
@@ -42,38 +44,53 @@ def _gate(y, z):
     return y if z is None else y * F.silu(z)
 
 
-def _upcast(dtype, *tensors):
-    return [None if t is None else t.to(dtype) for t in tensors]
+def over_sequences(run, batch: int, seqlen: int, cu_seqlens, initial_state, zero_state, cd):
+    """Run ``run(b, s, e, h) -> (y [e - s, ...], h_final)`` on every sequence (batch row b, tokens
+    s..e-1, entering state h: the initial state's row or ``zero_state``, in dtype ``cd``).
+    Returns y as [B, T, ...] ([1, L, ...] when packed) and the final states stacked."""
+    outs, finals = [], []
+    for n, (b, s, e) in enumerate(split_sequences(cu_seqlens, batch, seqlen)):
+        h = zero_state if initial_state is None else initial_state[n].to(cd)
+        y, h = run(b, s, e, h)
+        outs.append(y)
+        finals.append(h)
+    y = torch.cat(outs)[None] if cu_seqlens is not None else torch.stack(outs)
+    return y, torch.stack(finals)
+
+
+def _prepare(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit):
+    """Inputs in the compute dtype, dt processed, B and C expanded from groups to heads."""
+    cd = compute_dtype(x)
+    x, dt, A, B, C, D, z, dt_bias = (None if t is None else t.to(cd) for t in (x, dt, A, B, C, D, z, dt_bias))
+    dt = process_dt(dt, dt_bias, dt_softplus, dt_limit)
+    heads_per_group = x.shape[2] // B.shape[2]
+    return cd, x, dt, A, B.repeat_interleave(heads_per_group, 2), C.repeat_interleave(heads_per_group, 2), D, z
+
+
+def _finish(y, x, D, z, final, in_dtype, output_final_state):
+    if D is not None:
+        y = y + D[:, None] * x
+    return _gate(y, z).to(in_dtype), (final if output_final_state else None)
 
 
 def ssd_recurrent(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf")),
                   initial_state=None, output_final_state=False, cu_seqlens=None):
     """``h_t = exp(dt'_t A) h_{t-1} + dt'_t x_t B_t^T``, ``y_t = h_t C_t + D x_t``, one token at a time."""
     Bsz, T, H, P = x.shape
-    G, N = B.shape[-2:]
-    cd = compute_dtype(x)
+    N = B.shape[-1]
     in_dtype = x.dtype
-    x, dt, A, B, C, D, z, dt_bias = _upcast(cd, x, dt, A, B, C, D, z, dt_bias)
-    dt = process_dt(dt, dt_bias, dt_softplus, dt_limit)
-    heads_per_group = H // G
-    B = B.repeat_interleave(heads_per_group, dim=2)
-    C = C.repeat_interleave(heads_per_group, dim=2)
-    outs, finals = [], []
-    for n, (b, s, e) in enumerate(split_sequences(cu_seqlens, Bsz, T)):
-        h = x.new_zeros(H, P, N) if initial_state is None else initial_state[n].to(cd)
+    cd, x, dt, A, B, C, D, z = _prepare(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
+
+    def run(b, s, e, h):
         rows = []
         for t in range(s, e):
             decay = torch.exp(dt[b, t] * A)
             h = decay[:, None, None] * h + (dt[b, t][:, None] * x[b, t])[:, :, None] * B[b, t][:, None, :]
-            y = torch.einsum("hpn,hn->hp", h, C[b, t])
-            if D is not None:
-                y = y + D[:, None] * x[b, t]
-            rows.append(y)
-        outs.append(torch.stack(rows) if rows else x.new_zeros(0, H, P))
-        finals.append(h)
-    y = torch.cat(outs)[None] if cu_seqlens is not None else torch.stack(outs)
-    y = _gate(y, z)
-    return y.to(in_dtype), (torch.stack(finals) if output_final_state else None)
+            rows.append(torch.einsum("hpn,hn->hp", h, C[b, t]))
+        return (torch.stack(rows) if rows else x.new_zeros(0, H, P)), h
+
+    y, final = over_sequences(run, Bsz, T, cu_seqlens, initial_state, x.new_zeros(H, P, N), cd)
+    return _finish(y, x, D, z, final, in_dtype, output_final_state)
 
 
 def _chunked_sequence(x, dt, A, B, C, h, chunk_size):
@@ -101,21 +118,12 @@ def ssd_chunked(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
     """The chunked SSD form: per chunk the masked decay matrix exp(L_i - L_j) times C B^T,
     plus the incoming state's contribution; states pass from chunk to chunk."""
     Bsz, T, H, P = x.shape
-    G, N = B.shape[-2:]
-    cd = compute_dtype(x)
+    N = B.shape[-1]
     in_dtype = x.dtype
-    x, dt, A, B, C, D, z, dt_bias = _upcast(cd, x, dt, A, B, C, D, z, dt_bias)
-    dt = process_dt(dt, dt_bias, dt_softplus, dt_limit)
-    B = B.repeat_interleave(H // G, dim=2)
-    C = C.repeat_interleave(H // G, dim=2)
-    outs, finals = [], []
-    for n, (b, s, e) in enumerate(split_sequences(cu_seqlens, Bsz, T)):
-        h = x.new_zeros(H, P, N) if initial_state is None else initial_state[n].to(cd)
-        y, h = _chunked_sequence(x[b, s:e], dt[b, s:e], A, B[b, s:e], C[b, s:e], h, chunk_size)
-        outs.append(y)
-        finals.append(h)
-    y = torch.cat(outs)[None] if cu_seqlens is not None else torch.stack(outs)
-    if D is not None:
-        y = y + D[:, None] * x
-    y = _gate(y, z)
-    return y.to(in_dtype), (torch.stack(finals) if output_final_state else None)
+    cd, x, dt, A, B, C, D, z = _prepare(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
+
+    def run(b, s, e, h):
+        return _chunked_sequence(x[b, s:e], dt[b, s:e], A, B[b, s:e], C[b, s:e], h, chunk_size)
+
+    y, final = over_sequences(run, Bsz, T, cu_seqlens, initial_state, x.new_zeros(H, P, N), cd)
+    return _finish(y, x, D, z, final, in_dtype, output_final_state)

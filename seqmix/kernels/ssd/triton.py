@@ -36,6 +36,7 @@ import triton.language as tl
 from seqmix.kernels.alloc import empty
 from seqmix.kernels.sequences import Chunking
 from seqmix.kernels.triton_common import (
+    SOFTPLUS_THRESHOLD,
     autotune_configs,
     chunk_position,
     dot_precision,
@@ -102,6 +103,16 @@ def _causal_decay(b_l, nt, BT: tl.constexpr, TRANSPOSED: tl.constexpr):
         keep = (o[:, None] >= o[None, :]) & (o[:, None] < nt)
         diff = b_l[:, None] - b_l[None, :]
     return tl.exp(tl.where(keep, diff, float("-inf")))
+
+
+@triton.jit
+def _chunk_program(chunk_index, cu_seqlens, H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
+                   BT: tl.constexpr):
+    """A per-chunk program of grid (chunk, block, head): chunk i_c, block i_b, head i_h, its group i_g,
+    the chunk's first token t0 and rows nt, and the offset of its [P, N] state in a per-chunk buffer."""
+    i_c, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    _, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
+    return i_c, i_b, i_h, i_h // (H // G), t0, nt, (i_c.to(tl.int64) * H + i_h) * P * N
 
 
 @triton.autotune(configs=_chunk_configs(), key=["H"])
@@ -172,12 +183,9 @@ def ssd_output_fwd_kernel(
 ):
     """Per chunk and block of P: y = (M * C B^T)(dt' x) + exp(L) (C h^T) + D x; out = y silu(z).
     With STORE_Y the ungated y is kept for the gate's backward."""
-    i_c, i_p, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_g = i_h // (H // G)
+    _, i_p, i_h, i_g, t0, nt, s_base = _chunk_program(chunk_index, cu_seqlens, H, G, P, N, BT)
     DT = x.dtype.element_ty
-    _, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
     p0 = i_p * BP
-    s_base = (i_c.to(tl.int64) * H + i_h) * P * N
     b_cb = tl.zeros([BT, BT], dtype=tl.float32)
     b_y = tl.zeros([BT, BP], dtype=tl.float32)
     for n0 in range(0, N, BNC):
@@ -249,12 +257,9 @@ def ssd_dx_bwd_kernel(
     ``ddt_part``/``dl_part`` [n_p, L, H] at offset ``i_p * part_stride`` and ``dd_part`` [n_p, NC, H];
     the host adds the blocks up.
     """
-    i_c, i_p, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_g = i_h // (H // G)
+    i_c, i_p, i_h, i_g, t0, nt, s_base = _chunk_program(chunk_index, cu_seqlens, H, G, P, N, BT)
     DT = x.dtype.element_ty
-    _, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
     p0 = i_p * BP
-    s_base = (i_c.to(tl.int64) * H + i_h) * P * N
     b_bc = tl.zeros([BT, BT], dtype=tl.float32)  # (j, i): B_j . C_i
     b_bds = tl.zeros([BT, BP], dtype=tl.float32)  # B dS^T
     b_ch = tl.zeros([BT, BP], dtype=tl.float32)  # C h^T
@@ -307,12 +312,9 @@ def ssd_dbc_bwd_kernel(
     """Per chunk, head and block of N, with W_ij = M_ij (dY_i . x_j) dt'_j:
     dC = W B + exp(L) (dY h), dB = W^T C + exp(L_last - L) dt' (x dS); per head, float32
     (the heads of a group are added up afterwards)."""
-    i_c, i_nb, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_g = i_h // (H // G)
+    _, i_nb, i_h, i_g, t0, nt, s_base = _chunk_program(chunk_index, cu_seqlens, H, G, P, N, BT)
     DT = x.dtype.element_ty
-    _, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
     n0 = i_nb * BNC
-    s_base = (i_c.to(tl.int64) * H + i_h) * P * N
     b_dyx = tl.zeros([BT, BT], dtype=tl.float32)
     b_dyh = tl.zeros([BT, BNC], dtype=tl.float32)
     b_xds = tl.zeros([BT, BNC], dtype=tl.float32)
@@ -391,15 +393,21 @@ def ssd_recurrent_fwd_kernel(
     b_a = tl.load(A + i_h).to(tl.float32)
     b_bias = tl.load(dt_bias + i_h).to(tl.float32) if HAS_BIAS else 0.0
     b_d = tl.load(D + i_h).to(tl.float32) if HAS_D else 0.0
+    # The token loop calls no jit helpers: in Triton's interpreter every such call costs milliseconds.
     for t in range(bos, eos):
-        b_dt = _processed_dt(tl.load(dt + t * H + i_h).to(tl.float32) + b_bias, lo, hi, SOFTPLUS)
+        b_dt = tl.load(dt + t * H + i_h).to(tl.float32) + b_bias
+        if SOFTPLUS:
+            b_dt = tl.where(b_dt > SOFTPLUS_THRESHOLD, b_dt,
+                            tl.log(1.0 + tl.exp(tl.minimum(b_dt, SOFTPLUS_THRESHOLD))))
+        b_dt = tl.minimum(tl.maximum(b_dt, lo), hi)
         b_x = tl.load(x + (t * H + i_h) * P + o_p, mask=m_p, other=0.0).to(tl.float32)
         b_b = tl.load(B + (t * G + i_g) * N + o_n, mask=m_n, other=0.0).to(tl.float32)
         b_c = tl.load(C + (t * G + i_g) * N + o_n, mask=m_n, other=0.0).to(tl.float32)
         b_s = b_s * tl.exp(b_dt * b_a) + (b_dt * b_x)[:, None] * b_b[None, :]
         b_y = tl.sum(b_s * b_c[None, :], 1) + b_d * b_x
         if HAS_Z:
-            b_y = b_y * silu(tl.load(z + (t * H + i_h) * P + o_p, mask=m_p, other=0.0).to(tl.float32))
+            b_z = tl.load(z + (t * H + i_h) * P + o_p, mask=m_p, other=0.0).to(tl.float32)
+            b_y = b_y * b_z * tl.sigmoid(b_z)
         tl.store(out + (t * H + i_h) * P + o_p, b_y.to(out.dtype.element_ty), mask=m_p)
     if STORE_HT:
         store_matrix(ht + s_base, b_s, p0, P, 0, N, BP, BN)
@@ -454,7 +462,7 @@ def _dt_fwd(dt, dt_bias, A, chunking: Chunking, cfg: DtConfig, sizes):
 
 def _states(x, B, dtp, lcum, h0, chunking: Chunking, store_final: bool, sizes, prec):
     """The state entering each chunk [NC, H, P, N] (x's dtype) and the final state (float32) or None."""
-    L, H, P = x.shape
+    _, H, P = x.shape
     G, N = B.shape[1:]
     Nseq = chunking.num_sequences
     h = empty(chunking.num_chunks, H, P, N, dtype=x.dtype, device=x.device)
