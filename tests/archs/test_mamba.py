@@ -8,27 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from seqmix.archs import Mamba
-from tests.helpers import DEVICE, TOL, assert_rel
+from tests.archs.layer_parity import fused_layer_matches_reference
+
+
+def _layer(backend):
+    torch.manual_seed(3)
+    return Mamba(hidden_size=16, d_state=4, backend=backend)
 
 
 def test_triton_layer_matches_reference_layer_with_gradients():
-    layers = {}
-    for b in ("triton", "reference"):
-        torch.manual_seed(3)
-        layers[b] = Mamba(hidden_size=16, d_state=4, backend=b).to(DEVICE)
-    x = torch.randn(2, 70, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    outs, grads = {}, {}
-    for b, layer in layers.items():
-        xb = x.clone().requires_grad_()
-        y, _ = layer(xb)
-        y.square().sum().backward()
-        outs[b] = y
-        grads[b] = [xb.grad] + [p.grad for p in layer.parameters()]
-    tol = TOL[torch.float32]
-    assert_rel(outs["triton"], outs["reference"], tol, "output")
-    names = ["x"] + [n for n, _ in layers["triton"].named_parameters()]
-    for name, a, b in zip(names, grads["triton"], grads["reference"], strict=True):
-        assert_rel(a, b, tol, f"grad of {name}")
+    fused_layer_matches_reference(_layer, torch.randn(2, 70, 16, generator=torch.Generator().manual_seed(1)))
 
 
 def test_initialisation():

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from seqmix.archs import Mamba2
-from tests.helpers import DEVICE, TOL, assert_rel
+from tests.archs.layer_parity import fused_layer_matches_reference
+from tests.helpers import DEVICE
 
 
 def _layer(backend, seed=0, **kw):
@@ -18,20 +19,8 @@ def _layer(backend, seed=0, **kw):
 
 
 def test_triton_layer_matches_reference_layer_with_gradients():
-    layers = {b: _layer(b, seed=3) for b in ("triton", "reference")}
-    x = torch.randn(2, 70, 32, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    outs, grads = {}, {}
-    for b, layer in layers.items():
-        xb = x.clone().requires_grad_()
-        y, _ = layer(xb)
-        y.square().sum().backward()
-        outs[b] = y
-        grads[b] = [xb.grad] + [p.grad for p in layer.parameters()]
-    tol = TOL[torch.float32]
-    assert_rel(outs["triton"], outs["reference"], tol, "output")
-    names = ["x"] + [n for n, _ in layers["triton"].named_parameters()]
-    for name, a, b in zip(names, grads["triton"], grads["reference"], strict=True):
-        assert_rel(a, b, tol, f"grad of {name}")
+    x = torch.randn(2, 70, 32, generator=torch.Generator().manual_seed(1))
+    fused_layer_matches_reference(lambda backend: _layer(backend, seed=3), x)
 
 
 def test_initialisation():

@@ -4,6 +4,8 @@ Without a GPU the kernels run in Triton's interpreter (float32, small shapes);
 with one, the same tests run compiled, in float32 and bfloat16, at larger shapes.
 """
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ from hypothesis import given, settings
 from seqmix.kernels.selective_scan import selective_scan, selective_scan_recurrent
 from tests.helpers import DEVICE, KERNEL_DTYPES, ON_GPU, TOL, assert_rel
 from tests.kernels.selective_scan.cases import Case, cases, make_inputs
+from tests.kernels.ssd.oracle import check_against_oracle
 
 NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"]
 
@@ -24,28 +27,8 @@ def _oracle(case, inputs):
 
 def _check_against_oracle(case, dtype, final_state=True):
     inputs = make_inputs(case, dtype, DEVICE, requires_grad=True)
-    y, s = selective_scan(*inputs[:5], **case.kwargs(inputs), output_final_state=final_state, backend="triton")
-    up, y_ref, s_ref = _oracle(case, inputs)
-    tol = TOL[dtype]
-    assert y.dtype == dtype
-    assert_rel(y, y_ref, tol, "output")
-    if final_state:
-        assert s.dtype == torch.float32
-        assert_rel(s, s_ref, tol, "final state")
-    else:
-        assert s is None
-    g = torch.Generator().manual_seed(case.seed + 1)
-    dy = torch.randn(y.shape, generator=g).to(DEVICE)
-    ds = torch.randn(s_ref.shape, generator=g).to(DEVICE) if final_state else torch.zeros(s_ref.shape, device=DEVICE)
-    named = [(n, t) for n, t in zip(NAMES, inputs, strict=True) if t is not None]
-    loss = (y.float() * dy).sum() + ((s * ds).sum() if final_state else 0)
-    grads = torch.autograd.grad(loss, [t for _, t in named])
-    ref_grads = torch.autograd.grad((y_ref * dy.double()).sum() + (s_ref * ds.double()).sum(),
-                                    [t for t in up if t is not None])
-    for (name, t), a, b in zip(named, grads, ref_grads, strict=True):
-        assert a.dtype == t.dtype
-        assert_rel(a, b, tol, f"d{name}")
-    return y, s
+    return check_against_oracle(partial(selective_scan, backend="triton"), selective_scan_recurrent, NAMES, inputs,
+                                case.kwargs, case.seed, dtype, final_state)
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
