@@ -115,6 +115,19 @@ def _chunk_program(chunk_index, cu_seqlens, H: tl.constexpr, G: tl.constexpr, P:
     return i_c, i_b, i_h, i_h // (H // G), t0, nt, (i_c.to(tl.int64) * H + i_h) * P * N
 
 
+@triton.jit
+def _sequence_program(chunk_offsets, cu_seqlens, H: tl.constexpr, G: tl.constexpr, P: tl.constexpr,
+                      N: tl.constexpr, BP: tl.constexpr):
+    """A sequential program of grid ((sequence, head), block of P): head i_h, its group i_g, the
+    sequence's tokens bos..eos-1 and first chunk c0, the block's first row p0 and the offset of
+    the sequence's [P, N] state."""
+    i_nh, i_p = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = sequence_bounds(cu_seqlens, i_n)
+    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    return i_h, i_h // (H // G), bos, eos, c0, i_p * BP, i_nh.to(tl.int64) * P * N
+
+
 @triton.autotune(configs=_chunk_configs(), key=["H"])
 @triton.jit
 def ssd_dt_fwd_kernel(
@@ -149,14 +162,8 @@ def ssd_state_fwd_kernel(
 ):
     """Sequential over the chunks of one sequence: h[c] = state entering chunk c, then
     state <- exp(L_last) state + (x * dt' * exp(L_last - L))^T B."""
-    i_nh, i_p = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    i_g = i_h // (H // G)
+    i_h, i_g, bos, eos, c0, p0, s_base = _sequence_program(chunk_offsets, cu_seqlens, H, G, P, N, BP)
     DT = x.dtype.element_ty
-    bos, eos = sequence_bounds(cu_seqlens, i_n)
-    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    p0 = i_p * BP
-    s_base = i_nh.to(tl.int64) * P * N
     b_s = tl.zeros([BP, BN], dtype=tl.float32)
     if HAS_H0:
         b_s += load_matrix(h0 + s_base, p0, P, 0, N, BP, BN)
@@ -217,14 +224,8 @@ def ssd_state_bwd_kernel(
 ):
     """Reverse over the chunks of one sequence. With dS the gradient of the state leaving
     chunk c: dh[c] = dS, then dS <- exp(L_last) dS + (dY * exp(L))^T C."""
-    i_nh, i_p = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    i_g = i_h // (H // G)
+    i_h, i_g, bos, eos, c0, p0, s_base = _sequence_program(chunk_offsets, cu_seqlens, H, G, P, N, BP)
     DT = dy.dtype.element_ty
-    bos, eos = sequence_bounds(cu_seqlens, i_n)
-    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    p0 = i_p * BP
-    s_base = i_nh.to(tl.int64) * P * N
     b_ds = tl.zeros([BP, BN], dtype=tl.float32)
     if HAS_DHT:
         b_ds += load_matrix(dht + s_base, p0, P, 0, N, BP, BN)

@@ -6,6 +6,7 @@ import torch
 from hypothesis import strategies as st
 
 from tests.helpers import ON_GPU
+from tests.kernels.ssd.cases import PackedSequences, draw_sequences
 
 # The interpreter steps through every token of every program: keep the channels to one block
 # and the sequences short, but long enough for two chunks of 64 (the backward's checkpoints).
@@ -15,7 +16,7 @@ STATE_DIMS = (16,) if ON_GPU else (3, 16)
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(PackedSequences):
     batch: int
     lengths: tuple[int, ...] | None  # packed sequence lengths (then batch == 1), or None for dense
     seqlen: int
@@ -27,17 +28,6 @@ class Case:
     seed: int
     decay: float = 1.0  # scale of |A|: 40 makes exp(delta' A) underflow in float32
 
-    @property
-    def num_sequences(self) -> int:
-        return self.batch if self.lengths is None else len(self.lengths)
-
-    def cu_seqlens(self, device):
-        if self.lengths is None:
-            return None
-        cu = torch.zeros(len(self.lengths) + 1, dtype=torch.int32)
-        cu[1:] = torch.tensor(self.lengths).cumsum(0)
-        return cu.to(device)
-
     def kwargs(self, inputs):
         _, _, _, _, _, D, z, delta_bias, h0 = inputs
         return {"D": D, "z": z, "delta_bias": delta_bias, "delta_softplus": self.extras, "initial_state": h0,
@@ -46,13 +36,7 @@ class Case:
 
 @st.composite
 def cases(draw, max_t: int = MAX_T, channels=CHANNELS, state_dims=STATE_DIMS):
-    if draw(st.booleans()):
-        lengths = tuple(draw(st.lists(st.integers(0, max_t // 2), min_size=1, max_size=3)))
-        if sum(lengths) == 0:
-            lengths = lengths + (1,)
-        batch, seqlen = 1, sum(lengths)
-    else:
-        lengths, batch, seqlen = None, draw(st.integers(1, 2)), draw(st.integers(1, max_t))
+    batch, lengths, seqlen = draw_sequences(draw, max_t, 3)
     return Case(
         batch=batch, lengths=lengths, seqlen=seqlen, channels=draw(st.sampled_from(channels)),
         groups=draw(st.sampled_from([None, 1, 2])), n=draw(st.sampled_from(state_dims)),

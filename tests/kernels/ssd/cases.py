@@ -13,19 +13,8 @@ HEAD_DIMS = (64,) if ON_GPU else (3, 8, 16)
 STATE_DIMS = (64, 128) if ON_GPU else (5, 16)
 
 
-@dataclass(frozen=True)
-class Case:
-    batch: int
-    lengths: tuple[int, ...] | None  # packed sequence lengths (then batch == 1), or None for dense
-    seqlen: int
-    heads: int
-    groups: int
-    p: int
-    n: int
-    initial_state: bool
-    extras: bool  # D, z and dt_bias with softplus, or none of them
-    seed: int
-    log_decay: float = 1.0  # scale of dt' |A| per step: 20 makes exp(dt' A) underflow in float32
+class PackedSequences:
+    """What a case with ``batch`` and ``lengths`` (packed lengths, or None for dense) says about its sequences."""
 
     @property
     def num_sequences(self) -> int:
@@ -38,6 +27,33 @@ class Case:
         cu[1:] = torch.tensor(self.lengths).cumsum(0)
         return cu.to(device)
 
+
+def draw_sequences(draw, max_t: int, max_parts: int):
+    """(batch, packed lengths or None, total length): dense batches of 1-2, or up to ``max_parts``
+    packed sequences (zero-length ones included)."""
+    if draw(st.booleans()):
+        lengths = tuple(draw(st.lists(st.integers(0, max_t // 2), min_size=1, max_size=max_parts)))
+        if sum(lengths) == 0:
+            lengths = lengths + (1,)
+        return 1, lengths, sum(lengths)
+    seqlen = draw(st.integers(1, max_t))
+    return draw(st.integers(1, 2)), None, seqlen
+
+
+@dataclass(frozen=True)
+class Case(PackedSequences):
+    batch: int
+    lengths: tuple[int, ...] | None  # packed sequence lengths (then batch == 1), or None for dense
+    seqlen: int
+    heads: int
+    groups: int
+    p: int
+    n: int
+    initial_state: bool
+    extras: bool  # D, z and dt_bias with softplus, or none of them
+    seed: int
+    log_decay: float = 1.0  # scale of dt' |A| per step: 20 makes exp(dt' A) underflow in float32
+
     def kwargs(self, inputs):
         """The op's keyword arguments for ``make_inputs``'s tensors."""
         _, _, _, _, _, D, z, dt_bias, h0 = inputs
@@ -46,15 +62,8 @@ class Case:
 
 
 @st.composite
-def cases(draw, max_t: int = MAX_T, head_dims=HEAD_DIMS, state_dims=STATE_DIMS, packed: bool | None = None):
-    packed = draw(st.booleans()) if packed is None else packed
-    if packed:
-        lengths = tuple(draw(st.lists(st.integers(0, max_t // 2), min_size=1, max_size=4)))
-        if sum(lengths) == 0:
-            lengths = lengths + (1,)
-        batch, seqlen = 1, sum(lengths)
-    else:
-        lengths, batch, seqlen = None, draw(st.integers(1, 2)), draw(st.integers(1, max_t))
+def cases(draw, max_t: int = MAX_T, head_dims=HEAD_DIMS, state_dims=STATE_DIMS):
+    batch, lengths, seqlen = draw_sequences(draw, max_t, 4)
     groups = draw(st.sampled_from([1, 2]))
     return Case(
         batch=batch, lengths=lengths, seqlen=seqlen, heads=groups * draw(st.integers(1, 2)), groups=groups,
