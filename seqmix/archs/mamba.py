@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqmix.archs.mamba2 import inverse_softplus, log_uniform_dt
+from seqmix.archs.mamba2 import inverse_softplus, log_uniform_dt, short_conv
 from seqmix.archs.mixer import Mixer, State, register_mixer
 from seqmix.archs.modules import ShortConvolution
 from seqmix.kernels.selective_scan import selective_scan
@@ -29,7 +29,7 @@ class Mamba(Mixer):
         conv_size: width of the short convolution.
         dt_min, dt_max, dt_init_floor: dt_proj's bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max].
         dt_scale: dt_proj's weight is uniform in +-dt_scale / sqrt(dt_rank).
-        backend: backend of the selective scan (None: automatic).
+        backend: backend of the selective scan and the short conv (None: automatic).
     """
 
     def __init__(self, hidden_size: int, d_state: int = 16, expand: int = 2, dt_rank: int | None = None,
@@ -58,7 +58,7 @@ class Mamba(Mixer):
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         xs, z = self.in_proj(x).chunk(2, dim=-1)
-        xs, conv_state = self.conv(xs, None if state is None else state["conv"], cu_seqlens)
+        xs, conv_state = short_conv(self.conv, xs, None if state is None else state["conv"], cu_seqlens, self.backend)
         dt, b, c = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         # dt_proj's bias is added inside the scan, before the softplus.
         delta = F.linear(dt, self.dt_proj.weight)

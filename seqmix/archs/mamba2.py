@@ -9,6 +9,7 @@ from torch import nn
 
 from seqmix.archs.mixer import Mixer, State, register_mixer
 from seqmix.archs.modules import RMSNorm, ShortConvolution
+from seqmix.kernels import causal_conv1d
 from seqmix.kernels.ssd import ssd
 
 
@@ -21,6 +22,13 @@ def log_uniform_dt(n: int, dt_min: float, dt_max: float, floor: float) -> torch.
     """n step sizes drawn log-uniformly in [dt_min, dt_max], at least ``floor``: Mamba's dt init."""
     dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
     return dt.clamp_min(floor)
+
+
+def short_conv(conv: ShortConvolution, x, state, cu_seqlens, backend):
+    """``conv`` (its weights and activation) on ``backend``, so a layer asked for the reference runs
+    no fused kernel at all; with a state it returns the new one."""
+    return causal_conv1d(x, conv.weight, conv.bias, activation=conv.activation, initial_state=state,
+                         output_final_state=state is not None, cu_seqlens=cu_seqlens, backend=backend)
 
 
 @register_mixer("mamba2")
@@ -40,7 +48,7 @@ class Mamba2(Mixer):
         A_init_range: A_log = log(U[lo, hi]).
         dt_limit: dt' is clamped to it.
         norm_eps: epsilon of the output RMSNorm.
-        backend: backend of SSD (None: automatic).
+        backend: backend of SSD and the short conv (None: automatic).
     """
 
     def __init__(self, hidden_size: int, head_dim: int = 64, d_state: int = 128, expand: int = 2,
@@ -72,7 +80,8 @@ class Mamba2(Mixer):
         B, T, _ = x.shape
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.d_state
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1)
-        xbc, conv_state = self.conv(xbc, None if state is None else state["conv"], cu_seqlens)
+        xbc, conv_state = short_conv(self.conv, xbc, None if state is None else state["conv"], cu_seqlens,
+                                     self.backend)
         xs, b, c = xbc.split([self.d_inner, G * N, G * N], dim=-1)
         y, ssm_state = ssd(
             xs.reshape(B, T, H, P), dt, -torch.exp(self.A_log.float()), b.reshape(B, T, G, N),

@@ -103,7 +103,7 @@ def selective_scan_fwd_kernel(
         b_y = tl.sum(b_h * tl.load(C + bc, mask=m_dn, other=0.0).to(tl.float32), 1) + b_skip * b_u
         if HAS_Z:
             b_z = tl.load(z + row, mask=m_d, other=0.0).to(tl.float32)
-            b_y = b_y * b_z * tl.sigmoid(b_z)
+            b_y = b_y * b_z / (1.0 + tl.exp(-b_z))
         tl.store(out + row, b_y.to(out.dtype.element_ty), mask=m_d)
         bc += G * N
         row += DIM
@@ -188,7 +188,7 @@ def selective_scan_bwd_kernel(
             b_dy = tl.load(dout + row, mask=m_d, other=0.0).to(tl.float32)
             if HAS_Z:
                 b_z = tl.load(z + row, mask=m_d, other=0.0).to(tl.float32)
-                sig = tl.sigmoid(b_z)
+                sig = 1.0 / (1.0 + tl.exp(-b_z))
                 b_y = tl.sum(b_h * b_c, 1) + b_skip * b_u
                 tl.store(dz + row, (b_dy * b_y * sig * (1 + b_z * (1 - sig))).to(dz.dtype.element_ty), mask=m_d)
                 b_dy = b_dy * b_z * sig
@@ -207,7 +207,7 @@ def selective_scan_bwd_kernel(
             b_dd += b_dy * b_u
             b_ddelta = tl.sum(b_decayed * b_a + b_dh * b_u[:, None] * b_b, 1)
             if SOFTPLUS:
-                b_ddelta = tl.where(raw > SOFTPLUS_THRESHOLD, b_ddelta, b_ddelta * tl.sigmoid(raw))
+                b_ddelta = tl.where(raw > SOFTPLUS_THRESHOLD, b_ddelta, b_ddelta / (1.0 + tl.exp(-raw)))
             tl.store(ddelta + row, b_ddelta, mask=m_d)
             b_du = b_delta * tl.sum(b_dh * b_b, 1) + b_skip * b_dy
             tl.store(du + row, b_du.to(du.dtype.element_ty), mask=m_d)

@@ -408,7 +408,7 @@ def ssd_recurrent_fwd_kernel(
         b_y = tl.sum(b_s * b_c[None, :], 1) + b_d * b_x
         if HAS_Z:
             b_z = tl.load(z + (t * H + i_h) * P + o_p, mask=m_p, other=0.0).to(tl.float32)
-            b_y = b_y * b_z * tl.sigmoid(b_z)
+            b_y = b_y * b_z / (1.0 + tl.exp(-b_z))
         tl.store(out + (t * H + i_h) * P + o_p, b_y.to(out.dtype.element_ty), mask=m_p)
     if STORE_HT:
         store_matrix(ht + s_base, b_s, p0, P, 0, N, BP, BN)

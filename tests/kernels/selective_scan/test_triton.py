@@ -32,7 +32,7 @@ def _check_against_oracle(case, dtype, final_state=True):
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@settings(max_examples=6)
+@settings(max_examples=5)
 @given(case=cases())
 def test_scan_matches_recurrence(case, dtype):
     _check_against_oracle(case, dtype)

@@ -12,7 +12,7 @@ from tests.helpers import assert_rel
 from tests.kernels.ssd.cases import Case, cases, make_inputs
 
 
-@settings(max_examples=10)
+@settings(max_examples=6)
 @given(case=cases(max_t=100), chunk_size=st.sampled_from([1, 16, 64]))
 def test_chunked_form_matches_recurrence(case, chunk_size):
     inputs = make_inputs(case, torch.float64, "cpu")
@@ -23,7 +23,7 @@ def test_chunked_form_matches_recurrence(case, chunk_size):
     assert_rel(s, s_ref, 1e-12, "final state")
 
 
-@settings(max_examples=8)
+@settings(max_examples=5)
 @given(case=cases(max_t=50, head_dims=(3, 4), state_dims=(5,)))
 def test_chunked_form_gradients_match_recurrence(case):
     inputs = make_inputs(case, torch.float64, "cpu", requires_grad=True)

@@ -33,7 +33,7 @@ def _check_against_oracle(case, dtype, final_state=True, **kw):
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@settings(max_examples=8)
+@settings(max_examples=6)
 @given(case=cases())
 def test_chunked_matches_reference(case, dtype):
     _check_against_oracle(case, dtype)
@@ -102,7 +102,7 @@ def test_packed_sequences_with_empty_ones_keep_their_states():
     torch.testing.assert_close(s[2], h0[2])
 
 
-@settings(max_examples=10)
+@settings(max_examples=6)
 @given(case=cases(max_t=12), dtype=st.sampled_from(KERNEL_DTYPES))
 def test_recurrent_decoding_matches_reference(case, dtype):
     """Without gradients and with few tokens per sequence the token-by-token kernel serves the call."""
