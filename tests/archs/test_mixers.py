@@ -14,7 +14,7 @@ HIDDEN = 32
 SMALL_CONFIGS = {
     "deltanet": {"hidden_size": HIDDEN, "num_heads": 2},
     "mamba": {"hidden_size": HIDDEN, "d_state": 4, "expand": 1},
-    "mamba2": {"hidden_size": HIDDEN, "head_dim": 16, "d_state": 8, "expand": 1, "n_groups": 2},
+    "mamba2": {"hidden_size": HIDDEN, "head_dim": 32, "d_state": 8, "expand": 1},
 }
 BACKENDS = ["reference", "triton"]
 CASES = [(name, backend) for name in sorted(SMALL_CONFIGS) for backend in BACKENDS]
