@@ -41,6 +41,7 @@ if [ "$part" != tests ]; then
     python3 -m benchmarks.bench_$bench ${QUICK:+--quick} --json "$out/bench_$bench.json" >> "$out/bench.log" 2>&1 \
       || bench_rc=1
   done
+  python3 -m benchmarks.bench_train --json "$out/bench_train.json" >> "$out/bench.log" 2>&1 || bench_rc=1
 fi
 
 echo

@@ -120,15 +120,16 @@ def _files_split(root: Path, stdlib: bool):
     texts = [(p, t) for p in files if (t := _read_text(p)) is not None]
     if not texts:
         raise ValueError(f"data {str(root)!r}: no UTF-8 text files in this directory")
-    val = [t for p, t in texts if _is_val(str(p.relative_to(root)))]
-    train = [t for p, t in texts if not _is_val(str(p.relative_to(root)))]
-    if not val or not train:  # too few files to split by file: split the text instead
-        return _split_text(b"".join(t for _, t in texts)) + (f"{root}:{key}",)
+    if len(texts) == 1:
+        return _split_text(texts[0][1]) + (f"{root}:{key}",)
+    hashes = [zlib.crc32(str(p.relative_to(root)).encode()) for p, _ in texts]
+    # VAL_PERCENT of the files by hash; a small directory gives at least its lowest-hash file
+    cut = max(VAL_PERCENT, min(h % 100 for h in hashes) + 1)
+    val = [t for (_, t), h in zip(texts, hashes) if h % 100 < cut]
+    train = [t for (_, t), h in zip(texts, hashes) if h % 100 >= cut]
+    if not train:
+        val, train = val[:1], val[1:]
     return train, val, f"{root}:{key}"
-
-
-def _is_val(relative_path: str) -> bool:
-    return zlib.crc32(relative_path.encode()) % 100 < VAL_PERCENT
 
 
 def _single_file_split(path: Path):

@@ -5,6 +5,7 @@ import torch
 
 from benchmarks.bench_causal_conv1d import conv_floor_ms
 from benchmarks.bench_delta_rule import delta_rule_floor_ms, impls, make_inputs
+from benchmarks.bench_train import main as bench_train
 from benchmarks.common import max_rel_err
 from tests.helpers import DEVICE
 
@@ -22,3 +23,11 @@ def test_error_check_is_small_and_measured():
     fns = impls(["triton", "reference"])
     err = max_rel_err(fns["triton"], fns["reference"], make_inputs(1, 70, 2, 16, 16, torch.float32, True, DEVICE))
     assert 0 < err < 1e-4
+
+
+def test_training_benchmark_runs_each_model(capsys):
+    rows = bench_train(["--cpu", "--layers", "attention", "deltanet,attention", "--hidden-size", "32",
+                        "--num-heads", "2", "--batch", "2", "--seq-len", "32", "--steps", "1", "--warmup", "1"])
+    assert [r["layers"] for r in rows] == ["attention", "deltanet,attention"]
+    assert all(r["tokens_per_s"] > 0 and 4.0 < r["loss"] < 8.0 for r in rows)
+    assert "deltanet,attention" in capsys.readouterr().out
