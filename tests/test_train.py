@@ -117,8 +117,8 @@ def test_every_mixer_trains(tmp_path, text_dir, name):
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, text_dir):
-    def run(nproc, out):
-        args = ["--data", str(text_dir), "--out-dir", str(out), "--model.hidden-size", "32", "--model.num-heads", "2",
+    def run(nproc, out, grad_accum):
+        args = ["--grad-accum", str(grad_accum), "--data", str(text_dir), "--out-dir", str(out), "--model.hidden-size", "32", "--model.num-heads", "2",
                 "--model.layers", "[deltanet, attention]", "--seq-len", "32", "--batch-size", "4", "--steps", "3",
                 "--log-every", "1", "--eval-every", "3", "--eval-tokens", "256", "--progress", "false"]
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
@@ -129,11 +129,18 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, text_dir):
         assert done.returncode == 0, done.stderr[-3000:]
         return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
-    one, two = run(1, tmp_path / "one"), run(2, tmp_path / "two")
+    # 2 processes x 2 accumulation steps x 1 sequence: DDP's no_sync path included
+    one, two = run(1, tmp_path / "one", 1), run(2, tmp_path / "two", 2)
     for a, b in zip(one, two, strict=True):
         for key in ("loss", "val_bpb"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a, b)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, text_dir):
+    trainer.train(_config(tmp_path / "one", text_dir, steps=3))
+    trainer.train(_config(tmp_path / "four", text_dir, steps=3, grad_accum=4))
+    assert _losses(tmp_path / "four") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
 
 
 def test_bad_runs_are_refused_before_anything_is_written(tmp_path, text_dir):
