@@ -177,6 +177,10 @@ def test_command_line(tmp_path, capsys):
     assert (config.steps, config.lr, config.model.hidden_size) == (9, 1e-3, 64)
     assert config.model.layers == ["deltanet", "deltanet", "attention"] and config.resume
     assert trainer.parse_args(["--config", "tiny"]).model.layers == ["deltanet", "deltanet", "attention"]
+    json_file = tmp_path / "run.json"
+    json_file.write_text(json.dumps({"model": {"layers": ["attention*2"]}, "seq_len": 48}))
+    from_json = trainer.parse_args(["--config", str(json_file)])
+    assert (from_json.seq_len, from_json.model.layers) == (48, ["attention", "attention"])
     with pytest.raises(trainer.ConfigError, match=r"unknown config key\(s\) \['model.hiden_size'\]"):
         trainer.config_from_dict({"model": {"hiden_size": 3}})
     with pytest.raises(SystemExit) as exit_info:
