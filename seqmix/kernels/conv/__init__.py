@@ -1,4 +1,5 @@
-"""Convolutions: the short causal depthwise conv used inside the recurrent mixers."""
+"""Convolutions: the short causal depthwise conv used inside the recurrent mixers, and LightConv /
+DynamicConv (in :mod:`.dynamic`)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import torch
 from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_cu_seqlens, check_tensor
 from seqmix.kernels.conv import triton as kernels
+from seqmix.kernels.conv.dynamic import dynamic_conv, light_conv
 from seqmix.kernels.conv.reference import causal_conv1d_reference
 from seqmix.kernels.sequences import chunking_for
 
-__all__ = ["causal_conv1d", "causal_conv1d_reference"]
+__all__ = ["causal_conv1d", "causal_conv1d_reference", "dynamic_conv", "light_conv"]
 
 ACTIVATIONS = (None, "silu")
 
