@@ -1,6 +1,9 @@
 """Sequence mixers behind one interface (:class:`Mixer`), built by name with :func:`build_mixer`."""
 
+from seqmix.archs.conv import DynamicConv, LightConv, ShortConv
 from seqmix.archs.deltanet import DeltaNet
 from seqmix.archs.mixer import MIXERS, Mixer, State, build_mixer, register_mixer
 
-__all__ = ["MIXERS", "DeltaNet", "Mixer", "State", "build_mixer", "register_mixer"]
+__all__ = [
+    "MIXERS", "DeltaNet", "DynamicConv", "LightConv", "Mixer", "ShortConv", "State", "build_mixer", "register_mixer",
+]
