@@ -9,10 +9,13 @@ from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_cu_seqlens, check_tensor
 from seqmix.kernels.conv import triton as kernels
 from seqmix.kernels.conv.dynamic import dynamic_conv, light_conv
-from seqmix.kernels.conv.reference import causal_conv1d_reference
+from seqmix.kernels.conv.reference import causal_conv1d_reference, causal_conv1d_update_reference
 from seqmix.kernels.sequences import chunking_for
 
-__all__ = ["causal_conv1d", "causal_conv1d_reference", "dynamic_conv", "light_conv"]
+__all__ = [
+    "causal_conv1d", "causal_conv1d_reference", "causal_conv1d_update", "causal_conv1d_update_reference",
+    "dynamic_conv", "light_conv",
+]
 
 ACTIVATIONS = (None, "silu")
 
@@ -105,3 +108,51 @@ def causal_conv1d(
     if name == "triton" and T > 0:
         return _triton_causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
     return causal_conv1d_reference(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
+
+
+def causal_conv1d_update(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Decoding step of :func:`causal_conv1d`: a few new tokens per sequence continue from
+    ``conv_state``, which is updated in place to the state after them.
+
+    Args:
+        x: [B, D] one token per sequence, or [B, T, D] T tokens per sequence.
+        conv_state: [B, D, W-1], the last W-1 inputs of each sequence, oldest first (any float
+            dtype; ``causal_conv1d``'s final states are float32). Overwritten with the state after x.
+        weight: [D, W]; bias: [D] or None; activation: None or ``"silu"``.
+        backend: None (automatic), ``"reference"`` or ``"triton"``. The Triton kernel computes no
+            gradients, so calls that need them go to the reference.
+
+    Returns:
+        out: x's shape and dtype.
+    """
+    if isinstance(x, torch.Tensor) and x.dim() == 2:
+        return causal_conv1d_update(x.unsqueeze(1), conv_state, weight, bias, activation, backend=backend).squeeze(1)
+    check_tensor("x", x, (None, None, None), dims="[B, D] or [B, T, D]")
+    B, T, D = x.shape
+    check_tensor("weight", weight, (D, None), dims="[D, W]", like=x)
+    W = weight.shape[1]
+    if W < 1:
+        raise ValueError(f"weight must have shape [D, W] with W >= 1, got {tuple(weight.shape)}")
+    check_tensor("conv_state", conv_state, (B, D, W - 1), dims="[B, D, W-1]", like=x)
+    if bias is not None:
+        check_tensor("bias", bias, (D,), dims="[D]", like=x)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    name = select_backend("causal_conv1d_update", backend, x.device, ("triton", "reference"), {
+        "triton": kernels.unsupported(x.dtype) or ("the update kernel computes no gradients" if needs_grad else None)
+    })
+    if name == "reference" or T == 0 or W == 1:  # width 1 has no state to read or write
+        return causal_conv1d_update_reference(x, conv_state, weight, bias, activation)
+    if not conv_state.is_contiguous():
+        raise ValueError("conv_state must be contiguous: the Triton kernel updates it in place")
+    return kernels.causal_conv1d_update(x.contiguous(), conv_state, weight.contiguous(),
+                                        None if bias is None else bias.contiguous(), activation == "silu")

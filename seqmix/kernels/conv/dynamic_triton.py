@@ -34,7 +34,9 @@ _DROP_SHIFT = tl.constexpr(32 - KEEP_BITS)
 
 
 def _configs():
-    return autotune_configs([triton.Config({"BR": br}, num_warps=w) for br, w in ((64, 4), (32, 4), (128, 8))])
+    # First (the interpreter's and the tests' config): 32 rows by 64 channels over 8 warps; with 4 warps
+    # the backward at K=31 spilled on sm_90 (tests/kernels/conv/test_sm90_compile.py).
+    return autotune_configs([triton.Config({"BR": br}, num_warps=w) for br, w in ((64, 8), (32, 4), (128, 8))])
 
 
 @triton.jit
