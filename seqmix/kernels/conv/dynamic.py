@@ -8,12 +8,13 @@ import torch
 
 from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_cu_seqlens, check_tensor
+from seqmix.kernels.conv import cuda as cuda_ops
 from seqmix.kernels.conv import dynamic_triton as kernels
 from seqmix.kernels.conv.dynamic_reference import (
     HASH_MASK, HASH_SEED_MUL, dropconnect_threshold, dynamic_conv_reference, padding_left,
 )
 from seqmix.kernels.conv.triton import unsupported
-from seqmix.kernels.sequences import chunking_for
+from seqmix.kernels.sequences import chunking_for, packed_bounds
 
 PADDINGS = ("causal", "same")
 
@@ -64,17 +65,23 @@ def _dispatch(op, x, weight, padding, weight_softmax, dropconnect, seed, cu_seql
     if dropconnect > 0 and seed is None:
         # Drawn from torch's default generator, so torch.manual_seed reproduces the mask.
         seed = int(torch.randint(0, 2**62, (1,)).item())
-    name = select_backend(op, backend, x.device, ("triton", "reference"), {"triton": unsupported(x.dtype)})
     B, T, C = x.shape
+    K = weight.shape[-1]
+    too_wide = f"H*K={heads * K} > {cuda_ops.MAX_HEAD_TAPS}" if heads * K > cuda_ops.MAX_HEAD_TAPS else None
+    name = select_backend(op, backend, x.device, ("triton", "cuda", "reference"),
+                          {"triton": unsupported(x.dtype), "cuda": cuda_ops.unsupported(x.dtype) or too_wide})
     if name == "reference" or T == 0:
         return dynamic_conv_reference(x, weight, padding, weight_softmax, dropconnect, seed, cu_seqlens)
-    K = weight.shape[-1]
-    chunking = chunking_for(B, T, kernels.CHUNK, x.device, cu_seqlens)
     seed_lo = 0 if seed is None else (seed * HASH_SEED_MUL) & HASH_MASK
     drop = (seed_lo, dropconnect_threshold(dropconnect), 1.0 / (1.0 - dropconnect))
-    w = weight.reshape(B * T, heads, K) if per_token else weight
-    out = _DynamicConv.apply(x.reshape(B * T, C).contiguous(), w.contiguous(), chunking, heads,
-                             padding_left(padding, K), weight_softmax, drop)
+    x2 = x.reshape(B * T, C).contiguous()
+    w = (weight.reshape(B * T, heads, K) if per_token else weight).contiguous()
+    if name == "cuda":
+        out, _ = cuda_ops.dynamic_conv_fwd(x2, w.to(x.dtype), packed_bounds(B, T, x.device, cu_seqlens), heads,
+                                           padding_left(padding, K), weight_softmax, *drop)
+    else:
+        chunking = chunking_for(B, T, kernels.CHUNK, x.device, cu_seqlens)
+        out = _DynamicConv.apply(x2, w, chunking, heads, padding_left(padding, K), weight_softmax, drop)
     return out.view(B, T, C)
 
 
@@ -87,7 +94,8 @@ _ARGS_DOC = """
         seed: the DropConnect seed; None draws one from torch's default generator.
         cu_seqlens: [N+1] boundaries of sequences packed as ``[1, sum(T_i), C]``; taps never
             cross a boundary.
-        backend: None (automatic), ``"reference"`` or ``"triton"``.
+        backend: None (automatic), ``"reference"``, ``"triton"`` or ``"cuda"`` (the compiled extension:
+            named, or through ``SEQMIX_BACKEND``; the automatic choice prefers Triton).
 """
 
 
