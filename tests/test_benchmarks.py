@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from benchmarks.bench_causal_conv1d import conv_floor_ms
+from benchmarks import bench_dynamic_conv
 from benchmarks.bench_delta_rule import delta_rule_floor_ms, impls, make_inputs
 from benchmarks.common import max_rel_err
 from tests.helpers import DEVICE
@@ -22,3 +23,14 @@ def test_error_check_is_small_and_measured():
     fns = impls(["triton", "reference"])
     err = max_rel_err(fns["triton"], fns["reference"], make_inputs(1, 70, 2, 16, 16, torch.float32, True, DEVICE))
     assert 0 < err < 1e-4
+
+
+def test_dynamic_conv_floor_and_error_check():
+    # B8 T2048 C1024 H16 K31 bf16: (2*1024 + 496) * 2 bytes per token in the forward.
+    floor = bench_dynamic_conv.dynamic_conv_floor_ms(8, 2048, 1024, 16, 31, 2, backward=False)
+    assert floor == pytest.approx(16384 * 2544 * 2 / 3.0e12 * 1e3)
+    fns = bench_dynamic_conv.impls(["triton", "reference"])
+    inputs = bench_dynamic_conv.make_inputs(1, 40, torch.float32, True, DEVICE, channels=16, heads=2, taps=5)
+    err = max_rel_err(fns["triton"], fns["reference"], inputs)
+    assert 0 < err < 1e-4
+    assert fns["sdpa"](*inputs).shape == inputs[0].shape
