@@ -66,7 +66,8 @@ std::tuple<torch::Tensor, torch::Tensor> run_causal_conv1d_fwd(torch::Tensor x, 
   if (h0) check_float32(*h0, "initial_state", x);
   const int64_t L = x.size(0), D = x.size(1), W = weight.size(1), N = cu_seqlens.numel() - 1;
   auto out = torch::empty_like(x);
-  auto ht = store_final ? torch::empty({N, D, W - 1}, x.options().dtype(torch::kFloat32)) : torch::empty({0}, x.options());
+  auto f32 = x.options().dtype(torch::kFloat32);
+  auto ht = store_final ? torch::empty({N, D, W - 1}, f32) : torch::empty({0}, f32);
   check_launch(seqmix::causal_conv1d_fwd(dtype_of(x), x.data_ptr(), weight.data_ptr(), opt_ptr<void>(bias),
                                          opt_ptr<float>(h0), out.data_ptr(), store_final ? ht.data_ptr<float>() : nullptr,
                                          cu_ptr(cu_seqlens, x), N, L, D, int(W), silu, as_stream(stream)),
