@@ -60,6 +60,21 @@ def _triton_causal_conv1d(x, weight, bias, activation, initial_state, output_fin
     return out.view(B, T, D), ht
 
 
+def _check_conv(x, x_dims, weight, bias, activation):
+    """The arguments causal_conv1d and its update share; returns (B, T, D, W)."""
+    check_tensor("x", x, (None, None, None), dims=x_dims)
+    B, T, D = x.shape
+    check_tensor("weight", weight, (D, None), dims="[D, W]", like=x)
+    W = weight.shape[1]
+    if W < 1:
+        raise ValueError(f"weight must have shape [D, W] with W >= 1, got {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, (D,), dims="[D]", like=x)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return B, T, D, W
+
+
 def _cuda_causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens):
     B, T, D = x.shape
     h0 = None if initial_state is None or weight.shape[1] == 1 else initial_state.float().contiguous()
@@ -103,16 +118,7 @@ def causal_conv1d(
         out: [B, T, D] in x's dtype.
         final_state: [N, D, W-1] float32 (float64 for float64 inputs), or None.
     """
-    check_tensor("x", x, (None, None, None), dims="[B, T, D]")
-    B, T, D = x.shape
-    check_tensor("weight", weight, (D, None), dims="[D, W]", like=x)
-    W = weight.shape[1]
-    if W < 1:
-        raise ValueError(f"weight must have shape [D, W] with W >= 1, got {tuple(weight.shape)}")
-    if bias is not None:
-        check_tensor("bias", bias, (D,), dims="[D]", like=x)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    B, T, D, W = _check_conv(x, "[B, T, D]", weight, bias, activation)
     n = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, batch=B, total=T, like=x)
     if initial_state is not None:
         check_tensor("initial_state", initial_state, (n, D, W - 1), dims="[N, D, W-1]", like=x)
@@ -151,17 +157,8 @@ def causal_conv1d_update(
     """
     if isinstance(x, torch.Tensor) and x.dim() == 2:
         return causal_conv1d_update(x.unsqueeze(1), conv_state, weight, bias, activation, backend=backend).squeeze(1)
-    check_tensor("x", x, (None, None, None), dims="[B, D] or [B, T, D]")
-    B, T, D = x.shape
-    check_tensor("weight", weight, (D, None), dims="[D, W]", like=x)
-    W = weight.shape[1]
-    if W < 1:
-        raise ValueError(f"weight must have shape [D, W] with W >= 1, got {tuple(weight.shape)}")
+    B, T, D, W = _check_conv(x, "[B, D] or [B, T, D]", weight, bias, activation)
     check_tensor("conv_state", conv_state, (B, D, W - 1), dims="[B, D, W-1]", like=x)
-    if bias is not None:
-        check_tensor("bias", bias, (D,), dims="[D]", like=x)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     no_grad = "the update kernels compute no gradients" if needs_grad else None
     name = select_backend("causal_conv1d_update", backend, x.device, ("triton", "cuda", "reference"), {

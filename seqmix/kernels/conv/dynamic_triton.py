@@ -82,6 +82,17 @@ def _tap_weight(weight, w_base, rows, row_ok, lse, j, seed_lo, threshold, scale,
     return w
 
 
+@triton.jit
+def _program_chunk(chunk_index, cu_seqlens, H: tl.constexpr, BT: tl.constexpr):
+    """Chunk i_c and head h of this program (axis 0: chunks times heads), the chunk's first token
+    t0 and rows nt, and its sequence's bounds."""
+    i = tl.program_id(0)
+    i_c, h = i // H, i % H
+    i_n, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
+    bos, eos = sequence_bounds(cu_seqlens, i_n)
+    return i_c, h, t0, nt, bos, eos
+
+
 @triton.autotune(configs=_configs(), key=["H", "R", "K", "ROW"])
 @triton.jit
 def dynamic_conv_fwd_kernel(
@@ -90,10 +101,7 @@ def dynamic_conv_fwd_kernel(
     BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, SOFTMAX: tl.constexpr, DROP: tl.constexpr,
 ):
     """out[t, c] = sum_j w[t, h, j] x[t + j - P, c] for one chunk of tokens of head h."""
-    i = tl.program_id(0)
-    i_c, h = i // H, i % H
-    i_n, i_t, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
-    bos, eos = sequence_bounds(cu_seqlens, i_n)
+    i_c, h, t0, nt, bos, eos = _program_chunk(chunk_index, cu_seqlens, H, BT)
     C: tl.constexpr = H * R
     o_t = tl.arange(0, BT)
     row_ok = o_t < nt
@@ -125,10 +133,7 @@ def dynamic_conv_bwd_kernel(
     """For one chunk of tokens of head h: dx[s] = sum_j w[s - j + P, h, j] dout[s - j + P], and
     the weights' gradient dlogit[t, j] through DropConnect and the softmax of
     g[t, j] = sum_c dout[t, c] x[t + j - P, c] (per token when ROW > 0, else the chunk's sum)."""
-    i = tl.program_id(0)
-    i_c, h = i // H, i % H
-    i_n, i_t, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
-    bos, eos = sequence_bounds(cu_seqlens, i_n)
+    i_c, h, t0, nt, bos, eos = _program_chunk(chunk_index, cu_seqlens, H, BT)
     C: tl.constexpr = H * R
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)

@@ -61,5 +61,5 @@ def test_bad_input(kwargs, match):
 
 def test_triton_refuses_calls_that_need_gradients():
     x = torch.randn(2, 4, device=DEVICE, requires_grad=True)
-    with pytest.raises(BackendUnavailable, match="computes no gradients"):
+    with pytest.raises(BackendUnavailable, match="update kernels compute no gradients"):
         causal_conv1d_update(x, torch.zeros(2, 4, 3, device=DEVICE), torch.randn(4, 4, device=DEVICE), backend="triton")

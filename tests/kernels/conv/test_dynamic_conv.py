@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from seqmix.kernels import dynamic_conv, light_conv
 from seqmix.kernels.conv.dynamic_reference import dropconnect_keep, dropconnect_threshold
 from tests.helpers import DEVICE, KERNEL_DTYPES, ON_GPU, TOL, assert_rel
+from tests.kernels.conv.strategies import batch_layout
 
 
 def _by_hand(x, w, P):
@@ -120,13 +121,7 @@ HEAD_CHANNELS = [8, 64, 96] if ON_GPU else [1, 3, 20, 70]
 
 @st.composite
 def conv_cases(draw):
-    packed = draw(st.booleans())
-    if packed:
-        lengths = draw(st.lists(st.integers(0, 50), min_size=1, max_size=3))
-        batch, T = 1, max(sum(lengths), 1)
-        lengths[-1] += T - sum(lengths)
-    else:
-        lengths, batch, T = None, draw(st.integers(1, 2)), draw(st.integers(1, 70))
+    batch, T, lengths = draw(batch_layout(50, 3, 70))
     padding = draw(st.sampled_from(["causal", "same"]))
     K = draw(st.integers(1, 9))
     return {
