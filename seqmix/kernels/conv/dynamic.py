@@ -35,7 +35,7 @@ class _DynamicConv(torch.autograd.Function):
 
 
 def _check(x, weight, per_token: bool, padding, dropconnect, seed, cu_seqlens):
-    """Validate a call; returns (heads, number of sequences)."""
+    """Validate a call; returns the number of heads H."""
     check_tensor("x", x, (None, None, None), dims="[B, T, C]")
     B, T, C = x.shape
     if per_token:
@@ -55,13 +55,14 @@ def _check(x, weight, per_token: bool, padding, dropconnect, seed, cu_seqlens):
         raise ValueError(f"dropconnect must be in [0, 1), got {dropconnect}")
     if seed is not None and not isinstance(seed, int):
         raise ValueError(f"seed must be an int or None, got {type(seed).__name__}")
-    n = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, batch=B, total=T, like=x)
-    return H, n
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, batch=B, total=T, like=x)
+    return H
 
 
 def _dispatch(op, x, weight, padding, weight_softmax, dropconnect, seed, cu_seqlens, backend):
     per_token = op == "dynamic_conv"
-    heads, _ = _check(x, weight, per_token, padding, dropconnect, seed, cu_seqlens)
+    heads = _check(x, weight, per_token, padding, dropconnect, seed, cu_seqlens)
     if dropconnect > 0 and seed is None:
         # Drawn from torch's default generator, so torch.manual_seed reproduces the mask.
         seed = int(torch.randint(0, 2**62, (1,)).item())

@@ -47,9 +47,10 @@ def dropconnect_keep(seed: int, index: torch.Tensor, threshold: int) -> torch.Te
 def effective_weight(weight, weight_softmax: bool, dropconnect: float, seed: int | None):
     """softmax over the K taps (if asked), then DropConnect with the seeded mask, scaled by 1/(1-p)."""
     w = torch.softmax(weight, -1) if weight_softmax else weight
-    if dropconnect > 0:
+    threshold = dropconnect_threshold(dropconnect)
+    if threshold > 0:  # a p that rounds to 0 on the hash's 24-bit scale drops nothing, as in the kernels
         index = torch.arange(weight.numel(), device=weight.device).view(weight.shape)
-        keep = dropconnect_keep(seed, index, dropconnect_threshold(dropconnect))
+        keep = dropconnect_keep(seed, index, threshold)
         w = torch.where(keep, w / (1 - dropconnect), torch.zeros_like(w))
     return w
 
