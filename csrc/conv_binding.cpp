@@ -128,6 +128,8 @@ DynamicConvArgs dynamic_args(const torch::Tensor& x, const torch::Tensor& weight
   const bool per_token = weight.dim() == 3;
   TORCH_CHECK(weight.size(-2) == heads && (!per_token || weight.size(0) == x.size(0)),
               "seqmix._C: weight must be [L, H, K] or [H, K]");
+  TORCH_CHECK(weight.size(-1) <= kMaxTaps && heads * weight.size(-1) <= kMaxHeadTaps,
+              "seqmix._C: dynamic_conv takes K <= ", kMaxTaps, " and H*K <= ", kMaxHeadTaps);
   DynamicConvArgs a;
   a.dtype = dtype_of(x);
   a.cu_seqlens = cu_ptr(cu_seqlens, x);
@@ -167,7 +169,6 @@ std::tuple<torch::Tensor, torch::Tensor> run_dynamic_conv_bwd(torch::Tensor x, t
   auto a = dynamic_args(x, weight, cu_seqlens, heads, pad_left, softmax, seed_lo, threshold, scale);
   check_same_dtype(dout, "dout", x);
   if (softmax) check_float32(lse, "lse", x);
-  TORCH_CHECK(a.H * a.K <= kMaxHeadTaps, "seqmix._C: dynamic_conv's backward takes H*K <= ", kMaxHeadTaps);
   auto dx = torch::empty_like(x);
   auto dlogits = torch::empty({a.L, a.H, a.K}, x.options().dtype(torch::kFloat32));
   check_launch(seqmix::dynamic_conv_bwd(a, x.data_ptr(), weight.data_ptr(), softmax ? lse.data_ptr<float>() : nullptr,

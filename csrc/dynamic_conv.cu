@@ -1,9 +1,9 @@
 // LightConv / DynamicConv: out[t, c] = sum_j w[t, h, j] x[t + j - P, c], h = c / R, with the
 // softmax over the K taps and the DropConnect mask applied as each tap's weight is read.
 //
-// Forward and input gradient: a thread owns one channel and walks kConvTokens packed tokens
-// (blockIdx.x: token chunk, blockIdx.y: channel block); the R threads of a head read the same
-// weight addresses (broadcast loads). Weight gradient: one block per token reduces
+// Forward and input gradient: a block owns kConvTokens packed tokens of one head (blockIdx.x:
+// token chunk, blockIdx.y: head), puts their effective weights in shared memory, and a thread per
+// channel of the head walks the tokens. Weight gradient: one block per token reduces
 // dout[t, head] . x[t + j - P, head] for every (head, tap) and goes back through DropConnect and
 // the softmax in shared memory. The mask hash is the one of seqmix/kernels/conv/dynamic_reference.py.
 #include "conv_common.cuh"
@@ -11,7 +11,6 @@
 namespace seqmix {
 namespace {
 
-constexpr int kThreads = 128;
 constexpr int kRowThreads = 256;
 
 __device__ __forceinline__ uint64_t mix32(uint64_t h) {
@@ -50,46 +49,65 @@ __device__ __forceinline__ float tap_weight(const DynamicConvArgs& a, const T* w
   return w;
 }
 
+// Block (token chunk, head): the chunk's effective weights go to shared memory once, so the
+// softmax and the mask cost one exp per (token, head, tap), not one per channel.
 template <typename T>
 __global__ void dynamic_conv_fwd_kernel(DynamicConvArgs a, const T* x, const T* weight, T* out, float* lse_out) {
-  const int64_t C = a.H * a.R, c = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
-  const int64_t t0 = int64_t(blockIdx.x) * kConvTokens;
-  if (c >= C) return;
-  const int64_t h = c / a.R;
-  int64_t n = sequence_of(a.cu_seqlens, a.n_seq, t0);
-  for (int64_t t = t0; t < min(t0 + kConvTokens, a.L); ++t) {
-    while (t >= a.cu_seqlens[n + 1]) ++n;
-    const int64_t bos = a.cu_seqlens[n], eos = a.cu_seqlens[n + 1], row = weight_row(a, t, h);
+  extern __shared__ float w_s[];  // [kConvTokens, K]
+  const int64_t h = blockIdx.y, C = a.H * a.R, t0 = int64_t(blockIdx.x) * kConvTokens;
+  const int64_t nt = min(int64_t(kConvTokens), a.L - t0);
+  for (int64_t i = threadIdx.x; i < nt; i += blockDim.x) {
+    const int64_t row = weight_row(a, t0 + i, h);
     const float lse = a.softmax ? row_lse(weight + row, a.K) : 0.f;
-    float acc = 0.f;
-    for (int64_t j = 0; j < a.K; ++j) {
-      const int64_t p = t + j - a.pad_left;
-      if (p >= bos && p < eos) acc += tap_weight(a, weight, row + j, lse) * to_float(x[p * C + c]);
+    if (a.softmax) lse_out[(t0 + i) * a.H + h] = lse;
+    for (int64_t j = 0; j < a.K; ++j) w_s[i * a.K + j] = tap_weight(a, weight, row + j, lse);
+  }
+  __syncthreads();
+  const int64_t n0 = sequence_of(a.cu_seqlens, a.n_seq, t0);
+  for (int64_t c = h * a.R + threadIdx.x; c < (h + 1) * a.R; c += blockDim.x) {
+    int64_t n = n0;
+    for (int64_t i = 0; i < nt; ++i) {
+      const int64_t t = t0 + i;
+      while (t >= a.cu_seqlens[n + 1]) ++n;
+      const int64_t bos = a.cu_seqlens[n], eos = a.cu_seqlens[n + 1];
+      float acc = 0.f;
+      for (int64_t j = 0; j < a.K; ++j) {
+        const int64_t p = t + j - a.pad_left;
+        if (p >= bos && p < eos) acc += w_s[i * a.K + j] * to_float(x[p * C + c]);
+      }
+      out[t * C + c] = from_float<T>(acc);
     }
-    out[t * C + c] = from_float<T>(acc);
-    if (a.softmax && c % a.R == 0) lse_out[t * a.H + h] = lse;
   }
 }
 
-// dx[s, c] = sum_j w[t, h, j] dout[t, c] with t = s - j + P inside the sequence.
+// dx[s, c] = sum_j w[t, h, j] dout[t, c] with t = s - j + P inside the sequence. Block (chunk of s,
+// head); the weights of rows t = s0 + P - (K-1) + i, i < kConvTokens + K - 1, go to shared memory.
 template <typename T>
 __global__ void dynamic_conv_bwd_dx_kernel(DynamicConvArgs a, const T* weight, const float* lse, const T* dout, T* dx) {
-  const int64_t C = a.H * a.R, c = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
-  const int64_t s0 = int64_t(blockIdx.x) * kConvTokens;
-  if (c >= C) return;
-  const int64_t h = c / a.R;
-  int64_t n = sequence_of(a.cu_seqlens, a.n_seq, s0);
-  for (int64_t s = s0; s < min(s0 + kConvTokens, a.L); ++s) {
-    while (s >= a.cu_seqlens[n + 1]) ++n;
-    const int64_t bos = a.cu_seqlens[n], eos = a.cu_seqlens[n + 1];
-    float acc = 0.f;
-    for (int64_t j = 0; j < a.K; ++j) {
-      const int64_t t = s - j + a.pad_left;
-      if (t < bos || t >= eos) continue;
-      const float row_lse_t = a.softmax ? lse[t * a.H + h] : 0.f;
-      acc += tap_weight(a, weight, weight_row(a, t, h) + j, row_lse_t) * to_float(dout[t * C + c]);
+  extern __shared__ float w_s[];  // [kConvTokens + K - 1, K]
+  const int64_t h = blockIdx.y, C = a.H * a.R, s0 = int64_t(blockIdx.x) * kConvTokens;
+  const int64_t ns = min(int64_t(kConvTokens), a.L - s0), first = s0 + a.pad_left - (a.K - 1);
+  for (int64_t i = threadIdx.x; i < ns + a.K - 1; i += blockDim.x) {
+    const int64_t t = first + i;
+    if (t < 0 || t >= a.L) continue;
+    const int64_t row = weight_row(a, t, h);
+    const float row_lse_t = a.softmax ? lse[t * a.H + h] : 0.f;
+    for (int64_t j = 0; j < a.K; ++j) w_s[i * a.K + j] = tap_weight(a, weight, row + j, row_lse_t);
+  }
+  __syncthreads();
+  const int64_t n0 = sequence_of(a.cu_seqlens, a.n_seq, s0);
+  for (int64_t c = h * a.R + threadIdx.x; c < (h + 1) * a.R; c += blockDim.x) {
+    int64_t n = n0;
+    for (int64_t s = s0; s < s0 + ns; ++s) {
+      while (s >= a.cu_seqlens[n + 1]) ++n;
+      const int64_t bos = a.cu_seqlens[n], eos = a.cu_seqlens[n + 1];
+      float acc = 0.f;
+      for (int64_t j = 0; j < a.K; ++j) {
+        const int64_t t = s - j + a.pad_left;
+        if (t >= bos && t < eos) acc += w_s[(t - first) * a.K + j] * to_float(dout[t * C + c]);
+      }
+      dx[s * C + c] = from_float<T>(acc);
     }
-    dx[s * C + c] = from_float<T>(acc);
   }
 }
 
@@ -126,9 +144,9 @@ __global__ void dynamic_conv_bwd_dw_kernel(DynamicConvArgs a, const T* x, const 
   }
 }
 
-dim3 chunk_grid(int64_t L, int64_t C) {
-  return dim3(unsigned((L + kConvTokens - 1) / kConvTokens), unsigned((C + kThreads - 1) / kThreads));
-}
+// Blocks (token chunk, head) with a thread per channel of the head, in whole warps.
+dim3 head_grid(const DynamicConvArgs& a) { return dim3(unsigned((a.L + kConvTokens - 1) / kConvTokens), unsigned(a.H)); }
+unsigned head_threads(const DynamicConvArgs& a) { return unsigned(min(int64_t(256), (a.R + 31) / 32 * 32)); }
 
 }  // namespace
 
@@ -137,7 +155,7 @@ int dynamic_conv_fwd(const DynamicConvArgs& a, const void* x, const void* weight
   return dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     if (a.L > 0)
-      dynamic_conv_fwd_kernel<T><<<chunk_grid(a.L, a.H * a.R), kThreads, 0, s>>>(
+      dynamic_conv_fwd_kernel<T><<<head_grid(a), head_threads(a), kConvTokens * a.K * sizeof(float), s>>>(
           a, static_cast<const T*>(x), static_cast<const T*>(weight), static_cast<T*>(out), lse);
   });
 }
@@ -150,7 +168,8 @@ int dynamic_conv_bwd(const DynamicConvArgs& a, const void* x, const void* weight
     if (a.L == 0) return;
     const T* w = static_cast<const T*>(weight);
     const T* dy = static_cast<const T*>(dout);
-    dynamic_conv_bwd_dx_kernel<T><<<chunk_grid(a.L, a.H * a.R), kThreads, 0, s>>>(a, w, lse, dy, static_cast<T*>(dx));
+    dynamic_conv_bwd_dx_kernel<T><<<head_grid(a), head_threads(a), (kConvTokens + a.K - 1) * a.K * sizeof(float), s>>>(
+        a, w, lse, dy, static_cast<T*>(dx));
     dynamic_conv_bwd_dw_kernel<T><<<unsigned(a.L), kRowThreads, 2 * a.H * a.K * sizeof(float), s>>>(
         a, static_cast<const T*>(x), w, lse, dy, dlogits);
   });

@@ -14,9 +14,17 @@ from torch import Tensor
 
 from seqmix.kernels.backend import BackendUnavailable, cuda_extension
 
-# The backward of dynamic_conv keeps one token's H*K weight gradients in shared memory
-# (csrc/conv_kernels.h: kMaxHeadTaps).
+# dynamic_conv's kernels keep a chunk's weights ((32 + K - 1) * K floats) and one token's H*K
+# weight gradients in shared memory (csrc/conv_kernels.h: kMaxTaps, kMaxHeadTaps).
+MAX_TAPS = 64
 MAX_HEAD_TAPS = 6144
+
+
+def dynamic_conv_unsupported(dtype: torch.dtype, heads: int, taps: int) -> str | None:
+    """Why the CUDA dynamic_conv kernels cannot take this call; None if they can."""
+    if taps > MAX_TAPS or heads * taps > MAX_HEAD_TAPS:
+        return f"the CUDA kernels take K <= {MAX_TAPS} and H*K <= {MAX_HEAD_TAPS}, got K={taps}, H={heads}"
+    return unsupported(dtype)
 
 
 def _ext():

@@ -68,9 +68,8 @@ def _dispatch(op, x, weight, padding, weight_softmax, dropconnect, seed, cu_seql
         seed = int(torch.randint(0, 2**62, (1,)).item())
     B, T, C = x.shape
     K = weight.shape[-1]
-    too_wide = f"H*K={heads * K} > {cuda_ops.MAX_HEAD_TAPS}" if heads * K > cuda_ops.MAX_HEAD_TAPS else None
     name = select_backend(op, backend, x.device, ("triton", "cuda", "reference"),
-                          {"triton": unsupported(x.dtype), "cuda": cuda_ops.unsupported(x.dtype) or too_wide})
+                          {"triton": unsupported(x.dtype), "cuda": cuda_ops.dynamic_conv_unsupported(x.dtype, heads, K)})
     if name == "reference" or T == 0:
         return dynamic_conv_reference(x, weight, padding, weight_softmax, dropconnect, seed, cu_seqlens)
     seed_lo = 0 if seed is None else (seed * HASH_SEED_MUL) & HASH_MASK
