@@ -45,13 +45,12 @@ struct DynamicConvArgs {
 int dynamic_conv_fwd(const DynamicConvArgs& a, const void* x, const void* weight, void* out, float* lse, void* stream);
 
 // dx [L, C] in dtype; dlogits [L, H, K] float32: the gradient of each token's weight row (for
-// LightConv the binding sums the rows). Both directions need K <= kMaxTaps and H*K <= kMaxHeadTaps.
+// LightConv the binding sums the rows). Both directions need K <= kMaxTaps.
 int dynamic_conv_bwd(const DynamicConvArgs& a, const void* x, const void* weight, const float* lse, const void* dout,
                      void* dx, float* dlogits, void* stream);
 
-// The largest H*K the weight gradient's shared memory takes, and the largest K the forward and
-// input gradient's ((kConvTokens + K - 1) * K floats) take.
-constexpr int64_t kMaxHeadTaps = 6144;
+// The largest K the kernels' shared memory takes (at most (kConvTokens + K - 1) * K floats in the
+// forward and input gradient, kConvTokens * K + (2 * kConvTokens + K - 1) * 64 in the weight gradient).
 constexpr int64_t kMaxTaps = 64;
 
 }  // namespace seqmix

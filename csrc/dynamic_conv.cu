@@ -4,14 +4,15 @@
 // Forward and input gradient: a block owns kConvTokens packed tokens of one head (blockIdx.x:
 // token chunk, blockIdx.y: head), puts their effective weights in shared memory, and a thread per
 // channel of the head walks the tokens. Weight gradient: one block per token reduces
-// dout[t, head] . x[t + j - P, head] for every (head, tap) and goes back through DropConnect and
-// the softmax in shared memory. The mask hash is the one of seqmix/kernels/conv/dynamic_reference.py.
+// dout[t, head] . x[t + j - P, head] for every tap, staged in shared memory, and goes back through
+// DropConnect and the softmax. The mask hash is the one of seqmix/kernels/conv/dynamic_reference.py.
 #include "conv_common.cuh"
 
 namespace seqmix {
 namespace {
 
 constexpr int kRowThreads = 256;
+constexpr int kSlice = 64;  // channels per shared-memory slice of the weight gradient
 
 __device__ __forceinline__ uint64_t mix32(uint64_t h) {
   h ^= h >> 16;
@@ -111,36 +112,68 @@ __global__ void dynamic_conv_bwd_dx_kernel(DynamicConvArgs a, const T* weight, c
   }
 }
 
-// For token t: g[h, j] = sum_r dout[t, h*R + r] x[t + j - P, h*R + r], then back through the
-// DropConnect mask and the softmax: dlogit = p * (g - sum_j p g).
+// Weight gradient, block (token chunk, head): g[t, j] = sum_r dout[t, r] x[t + j - P, r] over the
+// head's channels, staged through shared memory in slices of kSlice channels (the chunk's dout rows
+// and the x rows its taps read), then back through the DropConnect mask and the softmax:
+// dlogit = p * (g - sum_j p g).
 template <typename T>
 __global__ void dynamic_conv_bwd_dw_kernel(DynamicConvArgs a, const T* x, const T* weight, const float* lse,
                                            const T* dout, float* dlogits) {
   extern __shared__ float smem[];
-  float* g = smem;                 // [H*K]
-  float* p = smem + a.H * a.K;     // [H*K]
-  const int64_t t = blockIdx.x, C = a.H * a.R, HK = a.H * a.K;
-  const int64_t n = sequence_of(a.cu_seqlens, a.n_seq, t);
-  const int64_t bos = a.cu_seqlens[n], eos = a.cu_seqlens[n + 1];
-  for (int64_t i = threadIdx.x; i < HK; i += blockDim.x) {
-    const int64_t h = i / a.K, j = i % a.K, src = t + j - a.pad_left, off = weight_row(a, t, h) + j;
-    float acc = 0.f;
-    if (src >= bos && src < eos)
-      for (int64_t r = 0; r < a.R; ++r) acc += to_float(dout[t * C + h * a.R + r]) * to_float(x[src * C + h * a.R + r]);
-    if (a.threshold > 0) acc = keep(uint64_t(off), a.seed_lo, a.threshold) ? acc * a.scale : 0.f;
-    g[i] = acc;
-    p[i] = a.softmax ? __expf(to_float(weight[off]) - lse[t * a.H + h]) : 0.f;
+  __shared__ int64_t bos_s[kConvTokens], eos_s[kConvTokens];
+  __shared__ float dot_s[kConvTokens];
+  const int64_t h = blockIdx.y, C = a.H * a.R, K = a.K, t0 = int64_t(blockIdx.x) * kConvTokens;
+  const int64_t nt = min(int64_t(kConvTokens), a.L - t0), first = t0 - a.pad_left, nx = nt + K - 1;
+  float* g = smem;                            // [kConvTokens, K]
+  float* dout_s = g + kConvTokens * K;        // [kConvTokens, kSlice]
+  float* x_s = dout_s + kConvTokens * kSlice;  // [kConvTokens + K - 1, kSlice]: row i is token first + i
+  for (int64_t i = threadIdx.x; i < nt * K; i += blockDim.x) g[i] = 0.f;
+  for (int64_t i = threadIdx.x; i < nt; i += blockDim.x) {
+    const int64_t n = sequence_of(a.cu_seqlens, a.n_seq, t0 + i);
+    bos_s[i] = a.cu_seqlens[n];
+    eos_s[i] = a.cu_seqlens[n + 1];
+  }
+  for (int64_t r0 = 0; r0 < a.R; r0 += kSlice) {
+    const int64_t nr = min(int64_t(kSlice), a.R - r0), c0 = h * a.R + r0;
+    __syncthreads();  // the previous slice is consumed
+    for (int64_t i = threadIdx.x; i < nt * kSlice; i += blockDim.x) {
+      const int64_t row = i / kSlice, r = i % kSlice;
+      dout_s[i] = r < nr ? to_float(dout[(t0 + row) * C + c0 + r]) : 0.f;
+    }
+    for (int64_t i = threadIdx.x; i < nx * kSlice; i += blockDim.x) {
+      const int64_t p = first + i / kSlice, r = i % kSlice;
+      x_s[i] = r < nr && p >= 0 && p < a.L ? to_float(x[p * C + c0 + r]) : 0.f;
+    }
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < nt * K; i += blockDim.x) {
+      const int64_t row = i / K, j = i % K, p = t0 + row + j - a.pad_left;
+      if (p < bos_s[row] || p >= eos_s[row]) continue;  // taps outside the sequence read zero
+      float acc = 0.f;
+      for (int64_t r = 0; r < nr; ++r) acc += dout_s[row * kSlice + r] * x_s[(row + j) * kSlice + r];
+      g[i] += acc;
+    }
   }
   __syncthreads();
-  for (int64_t i = threadIdx.x; i < HK; i += blockDim.x) {
-    float out = g[i];
-    if (a.softmax) {
-      const int64_t row = i - i % a.K;
+  for (int64_t i = threadIdx.x; i < nt * K; i += blockDim.x) {
+    const int64_t off = weight_row(a, t0 + i / K, h) + i % K;
+    if (a.threshold > 0) g[i] = keep(uint64_t(off), a.seed_lo, a.threshold) ? g[i] * a.scale : 0.f;
+  }
+  __syncthreads();
+  if (a.softmax) {
+    for (int64_t row = threadIdx.x; row < nt; row += blockDim.x) {
+      const int64_t w_row = weight_row(a, t0 + row, h);
+      const float row_lse_t = lse[(t0 + row) * a.H + h];
       float dot = 0.f;
-      for (int64_t j = 0; j < a.K; ++j) dot += p[row + j] * g[row + j];
-      out = p[i] * (g[i] - dot);
+      for (int64_t j = 0; j < K; ++j) dot += __expf(to_float(weight[w_row + j]) - row_lse_t) * g[row * K + j];
+      dot_s[row] = dot;
     }
-    dlogits[t * HK + i] = out;
+    __syncthreads();
+  }
+  for (int64_t i = threadIdx.x; i < nt * K; i += blockDim.x) {
+    const int64_t row = i / K, t = t0 + row;
+    float out = g[i];
+    if (a.softmax) out = __expf(to_float(weight[weight_row(a, t, h) + i % K]) - lse[t * a.H + h]) * (out - dot_s[row]);
+    dlogits[(t * a.H + h) * K + i % K] = out;
   }
 }
 
@@ -170,8 +203,9 @@ int dynamic_conv_bwd(const DynamicConvArgs& a, const void* x, const void* weight
     const T* dy = static_cast<const T*>(dout);
     dynamic_conv_bwd_dx_kernel<T><<<head_grid(a), head_threads(a), (kConvTokens + a.K - 1) * a.K * sizeof(float), s>>>(
         a, w, lse, dy, static_cast<T*>(dx));
-    dynamic_conv_bwd_dw_kernel<T><<<unsigned(a.L), kRowThreads, 2 * a.H * a.K * sizeof(float), s>>>(
-        a, static_cast<const T*>(x), w, lse, dy, dlogits);
+    const size_t dw_smem = (kConvTokens * a.K + (2 * kConvTokens + a.K - 1) * kSlice) * sizeof(float);
+    dynamic_conv_bwd_dw_kernel<T><<<head_grid(a), kRowThreads, dw_smem, s>>>(a, static_cast<const T*>(x), w, lse, dy,
+                                                                            dlogits);
   });
 }
 

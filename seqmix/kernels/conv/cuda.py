@@ -14,16 +14,15 @@ from torch import Tensor
 
 from seqmix.kernels.backend import BackendUnavailable, cuda_extension
 
-# dynamic_conv's kernels keep a chunk's weights ((32 + K - 1) * K floats) and one token's H*K
-# weight gradients in shared memory (csrc/conv_kernels.h: kMaxTaps, kMaxHeadTaps).
+# dynamic_conv's kernels keep a chunk's weights and gradients in shared memory, which bounds K
+# (csrc/conv_kernels.h: kMaxTaps).
 MAX_TAPS = 64
-MAX_HEAD_TAPS = 6144
 
 
-def dynamic_conv_unsupported(dtype: torch.dtype, heads: int, taps: int) -> str | None:
+def dynamic_conv_unsupported(dtype: torch.dtype, taps: int) -> str | None:
     """Why the CUDA dynamic_conv kernels cannot take this call; None if they can."""
-    if taps > MAX_TAPS or heads * taps > MAX_HEAD_TAPS:
-        return f"the CUDA kernels take K <= {MAX_TAPS} and H*K <= {MAX_HEAD_TAPS}, got K={taps}, H={heads}"
+    if taps > MAX_TAPS:
+        return f"the CUDA kernels take K <= {MAX_TAPS}, got K={taps}"
     return unsupported(dtype)
 
 

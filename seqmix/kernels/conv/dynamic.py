@@ -69,7 +69,7 @@ def _dispatch(op, x, weight, padding, weight_softmax, dropconnect, seed, cu_seql
     B, T, C = x.shape
     K = weight.shape[-1]
     name = select_backend(op, backend, x.device, ("triton", "cuda", "reference"),
-                          {"triton": unsupported(x.dtype), "cuda": cuda_ops.dynamic_conv_unsupported(x.dtype, heads, K)})
+                          {"triton": unsupported(x.dtype), "cuda": cuda_ops.dynamic_conv_unsupported(x.dtype, K)})
     if name == "reference" or T == 0:
         return dynamic_conv_reference(x, weight, padding, weight_softmax, dropconnect, seed, cu_seqlens)
     seed_lo = 0 if seed is None else (seed * HASH_SEED_MUL) & HASH_MASK
