@@ -41,8 +41,12 @@ def _sdpa(x, w):
     return F.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(1, 2).reshape(B, T, -1)
 
 
+def _backend(name):
+    return lambda x, w: dynamic_conv(x, w, backend=name)
+
+
 def impls(backends):
-    out = {b: (lambda b: lambda x, w: dynamic_conv(x, w, backend=b))(b) for b in backends}
+    out = {b: _backend(b) for b in backends}
     out["sdpa"] = _sdpa
     return out
 

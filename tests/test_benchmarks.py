@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from benchmarks.bench_causal_conv1d import conv_floor_ms
 from benchmarks import bench_dynamic_conv
+from benchmarks.bench_causal_conv1d import conv_floor_ms
 from benchmarks.bench_delta_rule import delta_rule_floor_ms, impls, make_inputs
 from benchmarks.common import max_rel_err
 from tests.helpers import DEVICE

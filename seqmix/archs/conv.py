@@ -150,7 +150,7 @@ class ShortConv(Mixer):
     def __init__(self, hidden_size: int, conv_size: int = 4, expand: float = 1.0, backend: str | None = None):
         super().__init__()
         self.hidden_size = hidden_size
-        channels = int(math.ceil(expand * hidden_size))
+        channels = math.ceil(expand * hidden_size)
         self.in_proj = nn.Linear(hidden_size, 2 * channels, bias=False)
         self.conv = ShortConvolution(channels, conv_size, backend=backend)
         self.out_proj = nn.Linear(channels, hidden_size, bias=False)

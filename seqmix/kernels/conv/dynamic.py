@@ -11,7 +11,11 @@ from seqmix.kernels.checks import check_cu_seqlens, check_tensor
 from seqmix.kernels.conv import cuda as cuda_ops
 from seqmix.kernels.conv import dynamic_triton as kernels
 from seqmix.kernels.conv.dynamic_reference import (
-    HASH_MASK, HASH_SEED_MUL, dropconnect_threshold, dynamic_conv_reference, padding_left,
+    HASH_MASK,
+    HASH_SEED_MUL,
+    dropconnect_threshold,
+    dynamic_conv_reference,
+    padding_left,
 )
 from seqmix.kernels.conv.triton import unsupported
 from seqmix.kernels.sequences import chunking_for, packed_bounds

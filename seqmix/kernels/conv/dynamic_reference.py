@@ -25,7 +25,7 @@ KEEP_BITS = 24
 
 def dropconnect_threshold(p: float) -> int:
     """The integer threshold of drop probability ``p`` on the 24-bit hash scale."""
-    return int(round(p * (1 << KEEP_BITS)))
+    return round(p * (1 << KEEP_BITS))
 
 
 def _mix32(h):
@@ -74,7 +74,6 @@ def dynamic_conv_reference(x, weight, padding="causal", weight_softmax=True, dro
                            cu_seqlens=None):
     """Same arguments and result as :func:`seqmix.kernels.dynamic_conv` (and :func:`light_conv` for a
     weight of shape [H, K]), computed in float32 or float64 and returned in x's dtype."""
-    B, T, C = x.shape
     K = weight.shape[-1]
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     w = effective_weight(weight.to(dt), weight_softmax, dropconnect, seed)

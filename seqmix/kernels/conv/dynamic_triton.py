@@ -101,7 +101,7 @@ def dynamic_conv_fwd_kernel(
     BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, SOFTMAX: tl.constexpr, DROP: tl.constexpr,
 ):
     """out[t, c] = sum_j w[t, h, j] x[t + j - P, c] for one chunk of tokens of head h."""
-    i_c, h, t0, nt, bos, eos = _program_chunk(chunk_index, cu_seqlens, H, BT)
+    _, h, t0, nt, bos, eos = _program_chunk(chunk_index, cu_seqlens, H, BT)
     C: tl.constexpr = H * R
     o_t = tl.arange(0, BT)
     row_ok = o_t < nt
@@ -187,10 +187,10 @@ def _launch_args(x, weight, chunking: Chunking, heads: int, pad_left: int, softm
     C, K = x.shape[1], weight.shape[-1]
     seed_lo, threshold, scale = drop
     per_token = weight.dim() == 3
-    meta = dict(
-        H=heads, R=C // heads, K=K, P=pad_left, ROW=heads * K if per_token else 0,
-        BT=CHUNK, BK=triton.next_power_of_2(K), SOFTMAX=softmax, DROP=threshold > 0,
-    )
+    meta = {
+        "H": heads, "R": C // heads, "K": K, "P": pad_left, "ROW": heads * K if per_token else 0,
+        "BT": CHUNK, "BK": triton.next_power_of_2(K), "SOFTMAX": softmax, "DROP": threshold > 0,
+    }
     return (chunking.num_chunks * heads,), (chunking.chunk_index, chunking.cu_seqlens, seed_lo, threshold, scale), meta
 
 

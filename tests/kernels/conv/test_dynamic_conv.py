@@ -14,7 +14,7 @@ from tests.kernels.conv.strategies import batch_layout
 
 def _by_hand(x, w, P):
     """out[b, t, c] = sum_j w[b, t, h(c), j] * x[b, t + j - P, c], taps outside [0, T) reading zero."""
-    B, T, C = x.shape
+    T, C = x.shape[1:]
     H, K = w.shape[-2:]
     R = C // H
     out = torch.zeros_like(x)
