@@ -110,17 +110,20 @@ def dynamic_conv_fwd_kernel(
     if SOFTMAX:
         lse = _row_lse(weight, w_base, o_t, row_ok, K, ROW, BK)
         tl.store(lse_out + (t0 + o_t) * H + h, lse, mask=row_ok)
+    head = t0 * C + h * R  # the chunk's first row of head h
+    pos0 = t0 + o_t
     for r0 in range(0, R, BR):
         o_r = r0 + tl.arange(0, BR)
+        m_r = (o_r < R)[None, :]
         tile = o_t[:, None] * C + o_r[None, :]
         acc = tl.zeros([BT, BR], dtype=tl.float32)
         for j in range(K):
             w_j = _tap_weight(weight, w_base, o_t, row_ok, lse, j, seed_lo, threshold, scale, K, ROW, SOFTMAX, DROP)
-            pos = t0 + o_t + (j - P)
+            pos = pos0 + (j - P)
             ok = row_ok & (pos >= bos) & (pos < eos)
-            x_j = tl.load(x + (t0 + j - P) * C + h * R + tile, mask=ok[:, None] & (o_r < R)[None, :], other=0.0)
+            x_j = tl.load(x + head + (j - P) * C + tile, mask=ok[:, None] & m_r, other=0.0)
             acc += w_j[:, None] * x_j.to(tl.float32)
-        tl.store(out + t0 * C + h * R + tile, acc.to(out.dtype.element_ty), mask=row_ok[:, None] & (o_r < R)[None, :])
+        tl.store(out + head + tile, acc.to(out.dtype.element_ty), mask=row_ok[:, None] & m_r)
 
 
 @triton.autotune(configs=_configs(), key=["H", "R", "K", "ROW"])
@@ -140,36 +143,38 @@ def dynamic_conv_bwd_kernel(
     row_ok = o_t < nt
     w_base = t0 * ROW + h * K
     g = tl.zeros([BT, BK], dtype=tl.float32)
+    head = t0 * C + h * R  # the chunk's first row of head h
+    pos0 = t0 + o_t
     for r0 in range(0, R, BR):
         o_r = r0 + tl.arange(0, BR)
         m_r = (o_r < R)[None, :]
         tile = o_t[:, None] * C + o_r[None, :]
-        do_t = tl.load(dout + t0 * C + h * R + tile, mask=row_ok[:, None] & m_r, other=0.0).to(tl.float32)
+        do_t = tl.load(dout + head + tile, mask=row_ok[:, None] & m_r, other=0.0).to(tl.float32)
         b_dx = tl.zeros([BT, BR], dtype=tl.float32)
         for j in range(K):
             # Weight gradient: tap j of token t reads x[t + j - P].
-            pos = t0 + o_t + (j - P)
+            pos = pos0 + (j - P)
             ok = row_ok & (pos >= bos) & (pos < eos)
-            x_j = tl.load(x + (t0 + j - P) * C + h * R + tile, mask=ok[:, None] & m_r, other=0.0).to(tl.float32)
+            x_j = tl.load(x + head + (j - P) * C + tile, mask=ok[:, None] & m_r, other=0.0).to(tl.float32)
             g += tl.where(o_k[None, :] == j, tl.sum(do_t * x_j, 1)[:, None], 0.0)
             # Input gradient: input s reaches output t = s - (j - P) through tap j.
-            t_pos = t0 + o_t - (j - P)
+            t_pos = pos0 - (j - P)
             t_ok = row_ok & (t_pos >= bos) & (t_pos < eos)
             lse_t = tl.zeros([BT], dtype=tl.float32)
             if SOFTMAX:
                 lse_t = tl.load(lse + t_pos * H + h, mask=t_ok, other=0.0)
             w_j = _tap_weight(weight, w_base, o_t - (j - P), t_ok, lse_t, j, seed_lo, threshold, scale, K, ROW,
                               SOFTMAX, DROP)
-            do_j = tl.load(dout + (t0 - (j - P)) * C + h * R + tile, mask=t_ok[:, None] & m_r, other=0.0)
+            do_j = tl.load(dout + head - (j - P) * C + tile, mask=t_ok[:, None] & m_r, other=0.0)
             b_dx += w_j[:, None] * do_j.to(tl.float32)
-        tl.store(dx + t0 * C + h * R + tile, b_dx.to(dx.dtype.element_ty), mask=row_ok[:, None] & m_r)
+        tl.store(dx + head + tile, b_dx.to(dx.dtype.element_ty), mask=row_ok[:, None] & m_r)
     # Back through DropConnect (a fixed mask and scale) and the softmax: p * (g - sum_j p g).
     w_offs = w_base + (o_t[:, None] * ROW + o_k[None, :])
     w_ok = row_ok[:, None] & (o_k < K)[None, :]
     if DROP:
         g = tl.where(dropconnect_keep(seed_lo, w_offs, threshold), g * scale, 0.0)
     if SOFTMAX:
-        lse_rows = tl.load(lse + (t0 + o_t) * H + h, mask=row_ok, other=0.0)
+        lse_rows = tl.load(lse + pos0 * H + h, mask=row_ok, other=0.0)
         p = tl.exp(tl.load(weight + w_offs, mask=w_ok, other=float("-inf")).to(tl.float32) - lse_rows[:, None])
         g = p * (g - tl.sum(p * g, 1)[:, None])
     if ROW > 0:
