@@ -13,8 +13,8 @@ HIDDEN = 32
 # A small config per registered mixer; a mixer registered without one fails test_every_mixer_has_a_config.
 SMALL_CONFIGS = {
     "deltanet": {"hidden_size": HIDDEN, "num_heads": 2},
-    "lightconv": {"hidden_size": HIDDEN, "num_heads": 2, "kernel_size": 3},
-    "dynamicconv": {"hidden_size": HIDDEN, "num_heads": 2, "kernel_size": 3},
+    "lightconv": {"hidden_size": HIDDEN, "num_heads": 1, "kernel_size": 3},
+    "dynamicconv": {"hidden_size": HIDDEN, "num_heads": 1, "kernel_size": 3},
     "shortconv": {"hidden_size": HIDDEN, "conv_size": 4},
 }
 BACKENDS = ["reference", "triton"]

@@ -135,7 +135,7 @@ def conv_cases(draw):
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@settings(max_examples=25)
+@settings(max_examples=15)
 @given(case=conv_cases())
 def test_triton_matches_reference(case, dtype):
     """Outputs and the gradients of x and the weights (through the softmax and DropConnect)."""
