@@ -83,14 +83,24 @@ def _tap_weight(weight, w_base, rows, row_ok, lse, j, seed_lo, threshold, scale,
 
 
 @triton.jit
-def _program_chunk(chunk_index, cu_seqlens, H: tl.constexpr, BT: tl.constexpr):
-    """Chunk i_c and head h of this program (axis 0: chunks times heads), the chunk's first token
-    t0 and rows nt, and its sequence's bounds."""
+def _program_chunk(chunk_index, cu_seqlens, H: tl.constexpr, R: tl.constexpr, K: tl.constexpr, ROW: tl.constexpr,
+                   BT: tl.constexpr):
+    """Where this program works (axis 0: chunks times heads): chunk i_c, head h, the chunk's
+    first token t0, its sequence's bounds, the rows o_t (valid where row_ok), the offset of the
+    first row's weights and of the first row's channels of head h in x."""
     i = tl.program_id(0)
     i_c, h = i // H, i % H
     i_n, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
     bos, eos = sequence_bounds(cu_seqlens, i_n)
-    return i_c, h, t0, nt, bos, eos
+    o_t = tl.arange(0, BT)
+    return i_c, h, t0, bos, eos, o_t, o_t < nt, t0 * ROW + h * K, t0 * (H * R) + h * R
+
+
+@triton.jit
+def _channel_block(r0, o_t, C: tl.constexpr, R: tl.constexpr, BR: tl.constexpr):
+    """Channels r0 .. r0+BR-1 of the head: their mask [1, BR] and the [BT, BR] offsets from the chunk's row."""
+    o_r = r0 + tl.arange(0, BR)
+    return (o_r < R)[None, :], o_t[:, None] * C + o_r[None, :]
 
 
 @triton.autotune(configs=_configs(), key=["H", "R", "K", "ROW"])
@@ -101,21 +111,15 @@ def dynamic_conv_fwd_kernel(
     BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, SOFTMAX: tl.constexpr, DROP: tl.constexpr,
 ):
     """out[t, c] = sum_j w[t, h, j] x[t + j - P, c] for one chunk of tokens of head h."""
-    _, h, t0, nt, bos, eos = _program_chunk(chunk_index, cu_seqlens, H, BT)
+    _, h, t0, bos, eos, o_t, row_ok, w_base, head = _program_chunk(chunk_index, cu_seqlens, H, R, K, ROW, BT)
     C: tl.constexpr = H * R
-    o_t = tl.arange(0, BT)
-    row_ok = o_t < nt
-    w_base = t0 * ROW + h * K
     lse = tl.zeros([BT], dtype=tl.float32)
     if SOFTMAX:
         lse = _row_lse(weight, w_base, o_t, row_ok, K, ROW, BK)
         tl.store(lse_out + (t0 + o_t) * H + h, lse, mask=row_ok)
-    head = t0 * C + h * R  # the chunk's first row of head h
     pos0 = t0 + o_t
     for r0 in range(0, R, BR):
-        o_r = r0 + tl.arange(0, BR)
-        m_r = (o_r < R)[None, :]
-        tile = o_t[:, None] * C + o_r[None, :]
+        m_r, tile = _channel_block(r0, o_t, C, R, BR)
         acc = tl.zeros([BT, BR], dtype=tl.float32)
         for j in range(K):
             w_j = _tap_weight(weight, w_base, o_t, row_ok, lse, j, seed_lo, threshold, scale, K, ROW, SOFTMAX, DROP)
@@ -136,19 +140,13 @@ def dynamic_conv_bwd_kernel(
     """For one chunk of tokens of head h: dx[s] = sum_j w[s - j + P, h, j] dout[s - j + P], and
     the weights' gradient dlogit[t, j] through DropConnect and the softmax of
     g[t, j] = sum_c dout[t, c] x[t + j - P, c] (per token when ROW > 0, else the chunk's sum)."""
-    i_c, h, t0, nt, bos, eos = _program_chunk(chunk_index, cu_seqlens, H, BT)
+    i_c, h, t0, bos, eos, o_t, row_ok, w_base, head = _program_chunk(chunk_index, cu_seqlens, H, R, K, ROW, BT)
     C: tl.constexpr = H * R
-    o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
-    row_ok = o_t < nt
-    w_base = t0 * ROW + h * K
     g = tl.zeros([BT, BK], dtype=tl.float32)
-    head = t0 * C + h * R  # the chunk's first row of head h
     pos0 = t0 + o_t
     for r0 in range(0, R, BR):
-        o_r = r0 + tl.arange(0, BR)
-        m_r = (o_r < R)[None, :]
-        tile = o_t[:, None] * C + o_r[None, :]
+        m_r, tile = _channel_block(r0, o_t, C, R, BR)
         do_t = tl.load(dout + head + tile, mask=row_ok[:, None] & m_r, other=0.0).to(tl.float32)
         b_dx = tl.zeros([BT, BR], dtype=tl.float32)
         for j in range(K):
