@@ -1,7 +1,11 @@
 """Sequence mixers behind one interface (:class:`Mixer`), built by name with :func:`build_mixer`."""
 
 from seqmix.archs.attention import Attention
+from seqmix.archs.conv import DynamicConv, LightConv, ShortConv
 from seqmix.archs.deltanet import DeltaNet
 from seqmix.archs.mixer import MIXERS, Mixer, State, build_mixer, register_mixer
 
-__all__ = ["MIXERS", "Attention", "DeltaNet", "Mixer", "State", "build_mixer", "register_mixer"]
+__all__ = [
+    "MIXERS", "Attention", "DeltaNet", "DynamicConv", "LightConv", "Mixer", "ShortConv", "State", "build_mixer",
+    "register_mixer",
+]

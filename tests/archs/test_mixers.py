@@ -16,6 +16,9 @@ HIDDEN = 32
 SMALL_CONFIGS = {
     "attention": {"hidden_size": HIDDEN, "num_heads": 2},
     "deltanet": {"hidden_size": HIDDEN, "num_heads": 2},
+    "lightconv": {"hidden_size": HIDDEN, "num_heads": 1, "kernel_size": 3},
+    "dynamicconv": {"hidden_size": HIDDEN, "num_heads": 1, "kernel_size": 3},
+    "shortconv": {"hidden_size": HIDDEN, "conv_size": 4},
 }
 # Each mixer with each backend it takes, except those that need a package this machine lacks.
 CASES = [(name, backend) for name in sorted(SMALL_CONFIGS) for backend in MIXERS[name].backends
