@@ -3,7 +3,8 @@
 Shapes: the anchor shapes B8 T2048 and B2 T8192 at D4096 W4. Next to seqmix's
 backends it times plain ``F.conv1d`` + SiLU in the inputs' dtype (the anchor
 table's "torch" row) and flash-linear-attention's Triton causal conv when fla
-is importable, all in the same process on the same inputs.
+is importable, causal-conv1d's CUDA ``causal_conv1d_fn`` when importable, and seqmix's CUDA
+backend when the extension is built, all in the same process on the same inputs.
 
     python -m benchmarks.bench_causal_conv1d [--json out.json] [--quick]
 """
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import floor_ms, measure, parse_args, report
 from seqmix.kernels import causal_conv1d
+from seqmix.kernels.backend import why_unavailable
 
 
 def conv_floor_ms(B, T, D, elem_bytes, backward):
@@ -26,6 +28,12 @@ def impls(backends):
     out = {b: (lambda b: lambda x, w: causal_conv1d(x, w, activation="silu", backend=b)[0])(b) for b in backends}
     out["torch"] = lambda x, w: F.silu(F.conv1d(x.transpose(1, 2), w.unsqueeze(1), padding=w.shape[1] - 1,
                                                 groups=w.shape[0])[..., : x.shape[1]]).transpose(1, 2)
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except ImportError:
+        pass
+    else:  # channels-first [B, D, T] view of the channels-last input: its channel-last path
+        out["cc1d"] = lambda x, w: causal_conv1d_fn(x.transpose(1, 2), w, activation="silu").transpose(1, 2)
     try:
         from fla.modules.causal_conv1d import causal_conv1d as fla_conv
     except ImportError:
@@ -45,8 +53,11 @@ def main(argv=None):
         w = (torch.randn(D, W, device="cuda") / W**0.5).to(dtype).requires_grad_(grad)
         return [x, w]
 
+    backends = args.backends.split(",")
+    if "cuda" not in backends and why_unavailable("cuda", torch.device("cuda")) is None:
+        backends.insert(1, "cuda")
     rows = measure(
-        "causal_conv1d", [{"B": B, "T": T} for B, T in shapes], impls(args.backends.split(",")), make_inputs,
+        "causal_conv1d", [{"B": B, "T": T} for B, T in shapes], impls(backends), make_inputs,
         lambda s, backward: conv_floor_ms(s["B"], s["T"], D, dtype.itemsize, backward), args.dtype,
     )
     report(f"causal_conv1d + SiLU, {args.dtype}, D{D} W{W}", rows, ("B", "T"), args.json)

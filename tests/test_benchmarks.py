@@ -3,11 +3,13 @@
 import pytest
 import torch
 
+from benchmarks import bench_dynamic_conv
 from benchmarks.bench_causal_conv1d import conv_floor_ms
 from benchmarks.bench_delta_rule import delta_rule_floor_ms, impls, make_inputs
 from benchmarks.bench_ssd import impls as ssd_impls
 from benchmarks.bench_ssd import make_inputs as ssd_inputs
 from benchmarks.bench_ssd import make_scan_inputs, scan_floor_ms, scan_impls, ssd_floor_ms
+from benchmarks.bench_train import main as bench_train
 from benchmarks.common import max_rel_err
 from tests.helpers import DEVICE
 
@@ -46,3 +48,22 @@ def test_selective_scan_floor_and_error_check():
     fns = scan_impls(["triton", "reference"])
     err = max_rel_err(fns["triton"], fns["reference"], make_scan_inputs(1, 20, 8, 4, torch.float32, True, DEVICE))
     assert 0 < err < 1e-4
+
+
+def test_training_benchmark_runs_each_model(capsys):
+    rows = bench_train(["--cpu", "--layers", "attention", "deltanet,attention", "--hidden-size", "32",
+                        "--num-heads", "2", "--batch", "2", "--seq-len", "32", "--steps", "1", "--warmup", "1"])
+    assert [r["layers"] for r in rows] == ["attention", "deltanet,attention"]
+    assert all(r["tokens_per_s"] > 0 and 4.0 < r["loss"] < 8.0 for r in rows)
+    assert "deltanet,attention" in capsys.readouterr().out
+
+
+def test_dynamic_conv_floor_and_error_check():
+    # B8 T2048 C1024 H16 K31 bf16: (2*1024 + 496) * 2 bytes per token in the forward.
+    floor = bench_dynamic_conv.dynamic_conv_floor_ms(8, 2048, 1024, 16, 31, 2, backward=False)
+    assert floor == pytest.approx(16384 * 2544 * 2 / 3.0e12 * 1e3)
+    fns = bench_dynamic_conv.impls(["triton", "reference"])
+    inputs = bench_dynamic_conv.make_inputs(1, 40, torch.float32, True, DEVICE, channels=16, heads=2, taps=5)
+    err = max_rel_err(fns["triton"], fns["reference"], inputs)
+    assert 0 < err < 1e-4
+    assert fns["sdpa"](*inputs).shape == inputs[0].shape

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqmix.archs.mamba2 import inverse_softplus, log_uniform_dt, short_conv
+from seqmix.archs.mamba2 import inverse_softplus, log_uniform_dt
 from seqmix.archs.mixer import Mixer, State, register_mixer
 from seqmix.archs.modules import ShortConvolution
 from seqmix.kernels.selective_scan import selective_scan
@@ -44,7 +44,7 @@ class Mamba(Mixer):
         self.hidden_size, self.d_inner, self.d_state, self.dt_rank = hidden_size, d_inner, d_state, dt_rank
         self.backend = backend
         self.in_proj = nn.Linear(hidden_size, 2 * d_inner, bias=False)
-        self.conv = ShortConvolution(d_inner, conv_size, activation="silu", bias=True)
+        self.conv = ShortConvolution(d_inner, conv_size, activation="silu", bias=True, backend=backend)
         self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
         bound = dt_scale * dt_rank**-0.5
@@ -58,7 +58,7 @@ class Mamba(Mixer):
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         xs, z = self.in_proj(x).chunk(2, dim=-1)
-        xs, conv_state = short_conv(self.conv, xs, None if state is None else state["conv"], cu_seqlens, self.backend)
+        xs, conv_state = self.conv(xs, None if state is None else state["conv"], cu_seqlens)
         dt, b, c = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         # dt_proj's bias is added inside the scan, before the softplus.
         delta = F.linear(dt, self.dt_proj.weight)

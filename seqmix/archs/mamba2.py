@@ -9,7 +9,6 @@ from torch import nn
 
 from seqmix.archs.mixer import Mixer, State, register_mixer
 from seqmix.archs.modules import RMSNorm, ShortConvolution
-from seqmix.kernels import causal_conv1d
 from seqmix.kernels.ssd import ssd
 
 
@@ -22,13 +21,6 @@ def log_uniform_dt(n: int, dt_min: float, dt_max: float, floor: float) -> torch.
     """n step sizes drawn log-uniformly in [dt_min, dt_max], at least ``floor``: Mamba's dt init."""
     dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
     return dt.clamp_min(floor)
-
-
-def short_conv(conv: ShortConvolution, x, state, cu_seqlens, backend):
-    """``conv`` (its weights and activation) on ``backend``, so a layer asked for the reference runs
-    no fused kernel at all; with a state it returns the new one."""
-    return causal_conv1d(x, conv.weight, conv.bias, activation=conv.activation, initial_state=state,
-                         output_final_state=state is not None, cu_seqlens=cu_seqlens, backend=backend)
 
 
 @register_mixer("mamba2")
@@ -69,7 +61,7 @@ class Mamba2(Mixer):
         self.d_state, self.n_groups, self.dt_limit, self.backend = d_state, n_groups, dt_limit, backend
         self.conv_dim = d_inner + 2 * n_groups * d_state
         self.in_proj = nn.Linear(hidden_size, d_inner + self.conv_dim + num_heads, bias=False)
-        self.conv = ShortConvolution(self.conv_dim, conv_size, activation="silu", bias=True)
+        self.conv = ShortConvolution(self.conv_dim, conv_size, activation="silu", bias=True, backend=backend)
         self.dt_bias = nn.Parameter(inverse_softplus(log_uniform_dt(num_heads, dt_min, dt_max, dt_init_floor)))
         self.A_log = nn.Parameter(torch.log(torch.empty(num_heads).uniform_(*A_init_range)))
         self.D = nn.Parameter(torch.ones(num_heads))
@@ -80,8 +72,7 @@ class Mamba2(Mixer):
         B, T, _ = x.shape
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.d_state
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1)
-        xbc, conv_state = short_conv(self.conv, xbc, None if state is None else state["conv"], cu_seqlens,
-                                     self.backend)
+        xbc, conv_state = self.conv(xbc, None if state is None else state["conv"], cu_seqlens)
         xs, b, c = xbc.split([self.d_inner, G * N, G * N], dim=-1)
         y, ssm_state = ssd(
             xs.reshape(B, T, H, P), dt, -torch.exp(self.A_log.float()), b.reshape(B, T, G, N),

@@ -26,6 +26,8 @@ class Mixer(nn.Module):
     """
 
     hidden_size: int
+    #: values of the constructor's ``backend=`` besides None (automatic); the tests run each.
+    backends: tuple[str, ...] = ("reference", "triton")
 
     def forward(self, x, state: State | None = None, *, cu_seqlens=None, attention_mask=None):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden_size:
@@ -53,6 +55,10 @@ class Mixer(nn.Module):
     def init_state(self, batch_size: int) -> State:
         """The state before any token, for ``batch_size`` sequences."""
         raise NotImplementedError
+
+    def sequence_state(self, state: State, i: int) -> State:
+        """The part of a batch's state that belongs to sequence ``i``."""
+        return {name: value[i] for name, value in state.items()}
 
 
 MIXERS: dict[str, type[Mixer]] = {}

@@ -39,9 +39,11 @@ class ShortConvolution(nn.Module):
     Its decoding state is the last ``kernel_size - 1`` inputs, [N, dim, kernel_size-1].
     """
 
-    def __init__(self, dim: int, kernel_size: int = 4, activation: str | None = "silu", bias: bool = False):
+    def __init__(self, dim: int, kernel_size: int = 4, activation: str | None = "silu", bias: bool = False,
+                 backend: str | None = None):
         super().__init__()
         self.dim, self.kernel_size, self.activation = dim, kernel_size, activation
+        self.backend = backend
         self.weight = nn.Parameter(torch.empty(dim, kernel_size))
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
         # As nn.Conv1d's default: uniform in +-1/sqrt(fan_in), fan_in = kernel_size for depthwise.
@@ -50,7 +52,7 @@ class ShortConvolution(nn.Module):
     def forward(self, x, state=None, cu_seqlens=None):
         return causal_conv1d(
             x, self.weight, self.bias, activation=self.activation, initial_state=state,
-            output_final_state=state is not None, cu_seqlens=cu_seqlens,
+            output_final_state=state is not None, cu_seqlens=cu_seqlens, backend=self.backend,
         )
 
     def init_state(self, batch_size: int) -> torch.Tensor:

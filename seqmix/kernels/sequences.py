@@ -73,3 +73,16 @@ def chunking_for(batch: int, seqlen: int, chunk_size: int, device: torch.device,
     if cu_seqlens is None:
         return dense_chunking(batch, seqlen, chunk_size, device)
     return make_chunking(cu_seqlens, chunk_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_bounds(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(batch + 1, device=device, dtype=torch.int64) * seqlen
+
+
+def packed_bounds(batch: int, seqlen: int, device: torch.device, cu_seqlens=None) -> torch.Tensor:
+    """int64 [N+1] sequence boundaries of an op's input (the dense batch's cached without a host
+    sync), for kernels that take boundaries and no chunk index (the conv family's CUDA kernels)."""
+    if cu_seqlens is None:
+        return _dense_bounds(batch, seqlen, device)
+    return cu_seqlens.to(torch.int64)

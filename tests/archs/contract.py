@@ -56,6 +56,7 @@ def padding_and_packing_equal_separate_calls(layer, xs, tol):
     for i, ((y, s), t) in enumerate(zip(separate, lengths, strict=True)):
         assert_rel(y_pad[i, T - t :], y[0], tol, f"left-padded output of sequence {i}")
         assert_rel(y_packed[0, int(cu[i]) : int(cu[i + 1])], y[0], tol, f"packed output of sequence {i}")
-        for name in s:
-            assert_rel(s_pad[name][i], s[name][0], tol, f"left-padded state {name!r} of sequence {i}")
-            assert_rel(s_packed[name][i], s[name][0], tol, f"packed state {name!r} of sequence {i}")
+        alone = layer.sequence_state(s, 0)
+        for name, value in alone.items():
+            assert_rel(layer.sequence_state(s_pad, i)[name], value, tol, f"left-padded state {name!r} of sequence {i}")
+            assert_rel(layer.sequence_state(s_packed, i)[name], value, tol, f"packed state {name!r} of sequence {i}")

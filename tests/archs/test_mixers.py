@@ -1,5 +1,7 @@
 """Every registered mixer keeps the Mixer contract (tests/archs/contract.py), with each kernel backend."""
 
+import importlib.util
+
 import pytest
 import torch
 from hypothesis import given
@@ -12,12 +14,17 @@ from tests.helpers import DEVICE, TOL
 HIDDEN = 32
 # A small config per registered mixer; a mixer registered without one fails test_every_mixer_has_a_config.
 SMALL_CONFIGS = {
+    "attention": {"hidden_size": HIDDEN, "num_heads": 2},
     "deltanet": {"hidden_size": HIDDEN, "num_heads": 2},
+    "lightconv": {"hidden_size": HIDDEN, "num_heads": 1, "kernel_size": 3},
+    "dynamicconv": {"hidden_size": HIDDEN, "num_heads": 1, "kernel_size": 3},
+    "shortconv": {"hidden_size": HIDDEN, "conv_size": 4},
     "mamba": {"hidden_size": HIDDEN, "d_state": 4, "expand": 1},
     "mamba2": {"hidden_size": HIDDEN, "head_dim": 32, "d_state": 8, "expand": 1},
 }
-BACKENDS = ["reference", "triton"]
-CASES = [(name, backend) for name in sorted(SMALL_CONFIGS) for backend in BACKENDS]
+# Each mixer with each backend it takes, except those that need a package this machine lacks.
+CASES = [(name, backend) for name in sorted(SMALL_CONFIGS) for backend in MIXERS[name].backends
+         if backend != "flash_attn" or importlib.util.find_spec("flash_attn")]
 
 
 def _mixer(name, backend, seed=0):

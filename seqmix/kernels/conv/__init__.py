@@ -1,4 +1,5 @@
-"""Convolutions: the short causal depthwise conv used inside the recurrent mixers."""
+"""Convolutions: the short causal depthwise conv used inside the recurrent mixers, and LightConv /
+DynamicConv (in :mod:`.dynamic`)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,16 @@ import torch
 
 from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_cu_seqlens, check_tensor
+from seqmix.kernels.conv import cuda as cuda_ops
 from seqmix.kernels.conv import triton as kernels
-from seqmix.kernels.conv.reference import causal_conv1d_reference
-from seqmix.kernels.sequences import chunking_for
+from seqmix.kernels.conv.dynamic import dynamic_conv, light_conv
+from seqmix.kernels.conv.reference import causal_conv1d_reference, causal_conv1d_update_reference
+from seqmix.kernels.sequences import chunking_for, packed_bounds
 
-__all__ = ["causal_conv1d", "causal_conv1d_reference"]
+__all__ = [
+    "causal_conv1d", "causal_conv1d_reference", "causal_conv1d_update", "causal_conv1d_update_reference",
+    "dynamic_conv", "light_conv",
+]
 
 ACTIVATIONS = (None, "silu")
 
@@ -54,6 +60,32 @@ def _triton_causal_conv1d(x, weight, bias, activation, initial_state, output_fin
     return out.view(B, T, D), ht
 
 
+def _check_conv(x, x_dims, weight, bias, activation):
+    """The arguments causal_conv1d and its update share; returns (B, T, D, W)."""
+    check_tensor("x", x, (None, None, None), dims=x_dims)
+    B, T, D = x.shape
+    check_tensor("weight", weight, (D, None), dims="[D, W]", like=x)
+    W = weight.shape[1]
+    if W < 1:
+        raise ValueError(f"weight must have shape [D, W] with W >= 1, got {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, (D,), dims="[D]", like=x)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return B, T, D, W
+
+
+def _cuda_causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens):
+    B, T, D = x.shape
+    h0 = None if initial_state is None or weight.shape[1] == 1 else initial_state.float().contiguous()
+    out, ht = cuda_ops.causal_conv1d_fwd(
+        x.reshape(B * T, D).contiguous(), weight.to(x.dtype).contiguous(),
+        None if bias is None else bias.to(x.dtype).contiguous(), h0, packed_bounds(B, T, x.device, cu_seqlens),
+        activation == "silu", output_final_state,
+    )
+    return out.view(B, T, D), ht if output_final_state else None
+
+
 def causal_conv1d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -79,27 +111,67 @@ def causal_conv1d(
         initial_state: [N, D, W-1], the last W-1 inputs before each sequence, oldest first.
         output_final_state: also return the state after the last token.
         cu_seqlens: [N+1] boundaries of sequences packed as ``[1, sum(T_i), D]``.
-        backend: None (automatic), ``"reference"`` or ``"triton"``.
+        backend: None (automatic), ``"reference"``, ``"triton"`` or ``"cuda"`` (the compiled
+            extension: named, or through ``SEQMIX_BACKEND``; the automatic choice prefers Triton).
 
     Returns:
         out: [B, T, D] in x's dtype.
         final_state: [N, D, W-1] float32 (float64 for float64 inputs), or None.
     """
-    check_tensor("x", x, (None, None, None), dims="[B, T, D]")
-    B, T, D = x.shape
-    check_tensor("weight", weight, (D, None), dims="[D, W]", like=x)
-    W = weight.shape[1]
-    if W < 1:
-        raise ValueError(f"weight must have shape [D, W] with W >= 1, got {tuple(weight.shape)}")
-    if bias is not None:
-        check_tensor("bias", bias, (D,), dims="[D]", like=x)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    B, T, D, W = _check_conv(x, "[B, T, D]", weight, bias, activation)
     n = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, batch=B, total=T, like=x)
     if initial_state is not None:
         check_tensor("initial_state", initial_state, (n, D, W - 1), dims="[N, D, W-1]", like=x)
-    name = select_backend("causal_conv1d", backend, x.device, ("triton", "reference"),
-                          {"triton": kernels.unsupported(x.dtype)})
+    name = select_backend("causal_conv1d", backend, x.device, ("triton", "cuda", "reference"),
+                          {"triton": kernels.unsupported(x.dtype), "cuda": cuda_ops.unsupported(x.dtype)})
     if name == "triton" and T > 0:
         return _triton_causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
+    if name == "cuda" and T > 0:
+        return _cuda_causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
     return causal_conv1d_reference(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
+
+
+def causal_conv1d_update(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Decoding step of :func:`causal_conv1d`: a few new tokens per sequence continue from
+    ``conv_state``, which is updated in place to the state after them.
+
+    Args:
+        x: [B, D] one token per sequence, or [B, T, D] T tokens per sequence.
+        conv_state: [B, D, W-1], the last W-1 inputs of each sequence, oldest first (any float
+            dtype; ``causal_conv1d``'s final states are float32). Overwritten with the state after x.
+        weight: [D, W]; bias: [D] or None; activation: None or ``"silu"``.
+        backend: None (automatic), ``"reference"``, ``"triton"`` or ``"cuda"``. The fused kernels
+            compute no gradients, so calls that need them go to the reference; the CUDA kernel
+            takes a float32 ``conv_state``.
+
+    Returns:
+        out: x's shape and dtype.
+    """
+    if isinstance(x, torch.Tensor) and x.dim() == 2:
+        return causal_conv1d_update(x.unsqueeze(1), conv_state, weight, bias, activation, backend=backend).squeeze(1)
+    B, T, D, W = _check_conv(x, "[B, D] or [B, T, D]", weight, bias, activation)
+    check_tensor("conv_state", conv_state, (B, D, W - 1), dims="[B, D, W-1]", like=x)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    no_grad = "the update kernels compute no gradients" if needs_grad else None
+    name = select_backend("causal_conv1d_update", backend, x.device, ("triton", "cuda", "reference"), {
+        "triton": kernels.unsupported(x.dtype) or no_grad,
+        "cuda": cuda_ops.unsupported(x.dtype) or no_grad or (
+            None if conv_state.dtype == torch.float32 else f"conv_state must be float32, got {conv_state.dtype}"),
+    })
+    if name == "reference" or T == 0 or W == 1:  # width 1 has no state to read or write
+        return causal_conv1d_update_reference(x, conv_state, weight, bias, activation)
+    if not conv_state.is_contiguous():
+        raise ValueError("conv_state must be contiguous: the fused kernels update it in place")
+    b = None if bias is None else bias.to(x.dtype).contiguous()
+    if name == "cuda":
+        return cuda_ops.causal_conv1d_update(x.contiguous(), conv_state, weight.to(x.dtype).contiguous(), b,
+                                             activation == "silu")
+    return kernels.causal_conv1d_update(x.contiguous(), conv_state, weight.contiguous(), b, activation == "silu")

@@ -39,3 +39,12 @@ def causal_conv1d_reference(x, weight, bias=None, activation=None, initial_state
             finals.append(final_n)
         out, final = torch.cat(outs, 1), torch.cat(finals)
     return out.to(x.dtype), (final if output_final_state else None)
+
+
+def causal_conv1d_update_reference(x, conv_state, weight, bias=None, activation=None):
+    """Same arguments and result as :func:`seqmix.kernels.causal_conv1d_update` (x [B, T, D]):
+    one :func:`causal_conv1d_reference` call from the state, whose final state is copied back."""
+    out, final = causal_conv1d_reference(x, weight, bias, activation, conv_state, output_final_state=True)
+    with torch.no_grad():
+        conv_state.copy_(final)
+    return out

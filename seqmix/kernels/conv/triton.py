@@ -194,12 +194,51 @@ def causal_conv1d_bwd_dh0_kernel(
         tl.store(dh0 + i_n * D * (W - 1) + o_d * (W - 1) + s, acc, mask=m_d)
 
 
+@triton.autotune(configs=_configs(), key=["D", "W"])
+@triton.jit
+def causal_conv1d_update_kernel(
+    x, state, weight, bias, out, T, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+):
+    """Decoding: T new tokens of sequence n continue from its state [D, W-1] (oldest first); writes
+    their outputs, then the state after them in place."""
+    i_n, i_d = tl.program_id(0), tl.program_id(1)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    p_x = x + i_n.to(tl.int64) * T * D + o_d
+    p_s = state + i_n.to(tl.int64) * D * (W - 1) + o_d * (W - 1)
+    for t in range(T):
+        z = tl.zeros([BD], dtype=tl.float32)
+        if HAS_BIAS:
+            z += tl.load(bias + o_d, mask=m_d, other=0.0).to(tl.float32)
+        for j in range(W):
+            z += tl.load(weight + o_d * W + j, mask=m_d, other=0.0).to(tl.float32) * _window(p_x, p_s, t - (W - 1) + j, m_d, D, W)
+        if SILU:
+            z = z * tl.sigmoid(z)
+        tl.store(out + i_n.to(tl.int64) * T * D + t * D + o_d, z.to(out.dtype.element_ty), mask=m_d)
+    # Every read of the old state is done before any entry is overwritten.
+    tl.debug_barrier()
+    for m in range(W - 1):
+        val = _window(p_x, p_s, T - (W - 1) + m, m_d, D, W)
+        tl.store(p_s + m, val.to(state.dtype.element_ty), mask=m_d)
+
+
+@triton.jit
+def _window(p_x, p_s, pos, m_d, D: tl.constexpr, W: tl.constexpr):
+    """Input ``pos`` of the new tokens (negative: the state entry W-1+pos), float32 [BD]."""
+    # Masks combine blocks only: Triton 3.9's interpreter refuses a block & a scalar.
+    pos_d = pos + tl.zeros_like(m_d.to(tl.int32))
+    val = tl.load(p_x + pos * D, mask=m_d & (pos_d >= 0), other=0.0).to(tl.float32)
+    return val + tl.load(p_s + (W - 1 + pos), mask=m_d & (pos_d < 0), other=0.0).to(tl.float32)
+
+
 KERNELS = (
     causal_conv1d_fwd_kernel,
     causal_conv1d_final_state_kernel,
     causal_conv1d_bwd_dz_kernel,
     causal_conv1d_bwd_dx_kernel,
     causal_conv1d_bwd_dh0_kernel,
+    causal_conv1d_update_kernel,
 )
 
 
@@ -256,3 +295,13 @@ def causal_conv1d_bwd(x, weight, bias, h0, chunking: Chunking, silu: bool, dout,
     dweight = dw_part.sum(0).t()
     dbias = None if db_part is None else db_part.sum(0)
     return dx, dweight, dbias, dh0
+
+
+def causal_conv1d_update(x, state, weight, bias, silu: bool):
+    """x [N, T, D] contiguous, state [N, D, W-1] contiguous (updated in place). Returns out [N, T, D]."""
+    N, T, D = x.shape
+    W = weight.shape[1]
+    out = empty(N, T, D, dtype=x.dtype, device=x.device)
+    causal_conv1d_update_kernel[_seq_grid(N, D)](x, state, weight, bias, out, T, D=D, W=W,
+                                                 HAS_BIAS=bias is not None, SILU=silu)
+    return out

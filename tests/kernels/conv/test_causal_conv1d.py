@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from seqmix.kernels import causal_conv1d
 from tests.helpers import DEVICE, KERNEL_DTYPES, ON_GPU, TOL, assert_rel
+from tests.kernels.conv.strategies import batch_layout
 
 
 def _by_hand(x, weight, bias, activation, state):
@@ -89,13 +90,7 @@ CHANNELS = [64, 200, 4096] if ON_GPU else [8, 24, 130]
 
 @st.composite
 def conv_cases(draw):
-    packed = draw(st.booleans())
-    if packed:
-        lengths = draw(st.lists(st.integers(0, 80), min_size=1, max_size=4))
-        batch, T = 1, max(sum(lengths), 1)
-        lengths[-1] += T - sum(lengths)
-    else:
-        lengths, batch, T = None, draw(st.integers(1, 2)), draw(st.integers(1, 150))
+    batch, T, lengths = draw(batch_layout(80, 4, 150))
     return {
         "batch": batch, "T": T, "lengths": lengths, "D": draw(st.sampled_from(CHANNELS)),
         "W": draw(st.integers(1, 6)), "activation": draw(st.sampled_from([None, "silu"])),

@@ -1,0 +1,171 @@
+"""Causal softmax attention with rotary positions: the baseline mixer, and the one hybrids mix in."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqmix.archs.mixer import Mixer, State, register_mixer
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate x [..., T, H, D] by its positions [..., T] (RoPE, halves layout), computed in float32."""
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.to(torch.float32)[..., None, None] * inv_freq  # [..., T, 1, D/2]
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+
+
+def _flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def _masked_attention(q, k, v, mask, backend):
+    """softmax(q k^T / sqrt(D) where mask) v; q [N,H,Tq,D], k, v [N,H,Tk,D], mask [N,1,Tq,Tk] bool."""
+    if backend == "reference":
+        scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        return (probs @ v.float()).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@register_mixer("attention")
+class Attention(Mixer):
+    """Multi-head causal softmax attention with RoPE, q/k/v and output projections.
+
+    Its decoding state is the key/value cache: ``k``, ``v`` [N, H, L, D] (rotated keys;
+    sequence i's entries are the first ``length[i]`` of L, the rest zero) and
+    ``length`` [N] (int64, tokens seen, which is also the next token's position).
+
+    Args:
+        hidden_size: model width.
+        num_heads: number of heads H.
+        head_dim: dim D per head (default hidden_size // num_heads).
+        rope_theta: base of the rotary frequencies.
+        backend: ``None`` (flash-attn for training calls on CUDA when it is installed, else
+            PyTorch's SDPA), ``"sdpa"``, ``"flash_attn"``, or ``"reference"`` (explicit softmax
+            in float32, the oracle of the tests).
+    """
+
+    backends = ("reference", "sdpa", "flash_attn")
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int | None = None,
+                 rope_theta: float = 10000.0, backend: str | None = None):
+        super().__init__()
+        if head_dim is None:
+            if hidden_size % num_heads:
+                raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
+            head_dim = hidden_size // num_heads
+        if head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary positions, got {head_dim}")
+        if backend not in (None, *self.backends):
+            raise ValueError(f"backend must be None or one of {self.backends}, got {backend!r}")
+        if backend == "flash_attn" and not _flash_attn_available():
+            raise ValueError("backend='flash_attn' needs the flash-attn package, which is not installed")
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
+        self.rope_theta, self.backend = rope_theta, backend
+        inner = num_heads * head_dim
+        self.qkv_proj = nn.Linear(hidden_size, 3 * inner, bias=False)
+        self.o_proj = nn.Linear(inner, hidden_size, bias=False)
+
+    def _use_flash(self, x) -> bool:
+        if self.backend is not None:
+            return self.backend == "flash_attn"
+        return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _flash_attn_available()
+
+    def mix(self, x, state: State | None, *, cu_seqlens=None):
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
+        if state is None and cu_seqlens is None:
+            o = self._dense_causal(q, k, v)
+            return self.o_proj(o.flatten(2)), None
+        if cu_seqlens is None:
+            cu_seqlens = torch.arange(0, (B + 1) * T, T, device=x.device)
+        elif B != 1:
+            raise ValueError(f"with cu_seqlens, x must be packed as [1, total, hidden], got batch {B}")
+        q, k, v = (t.flatten(0, 1) for t in (q, k, v))
+        o, new_state = self._with_sequences(q, k, v, cu_seqlens, state)
+        return self.o_proj(o.view(B, T, -1)), new_state
+
+    def _dense_causal(self, q, k, v):
+        positions = torch.arange(q.shape[1], device=q.device)
+        q, k = rotary(q, positions, self.rope_theta), rotary(k, positions, self.rope_theta)
+        if self._use_flash(q):
+            from flash_attn import flash_attn_func
+
+            return flash_attn_func(q, k, v, causal=True)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if self.backend == "reference":
+            T = q.shape[2]
+            mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()[None, None]
+            return _masked_attention(q, k, v, mask, "reference").transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+
+    def _with_sequences(self, q, k, v, cu_seqlens, state):
+        """Packed tokens q, k, v [L, H, D] of N sequences, continuing their caches when a state is given.
+
+        Each sequence is laid out padded, [N, H, Tmax, D]; a query sees the valid part of its
+        sequence's cache and the new keys up to itself.
+        """
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int64)
+        N, lengths = cu.numel() - 1, cu.diff()
+        past = torch.zeros(N, dtype=torch.int64, device=q.device) if state is None else state["length"]
+        if past.shape != (N,):
+            raise ValueError(f"state['length'] must have shape [{N}] (one entry per sequence), got {tuple(past.shape)}")
+        seq = torch.repeat_interleave(torch.arange(N, device=q.device), lengths, output_size=q.shape[0])
+        offset = torch.arange(q.shape[0], device=q.device) - cu[seq]
+        q, k = rotary(q, past[seq] + offset, self.rope_theta), rotary(k, past[seq] + offset, self.rope_theta)
+        t_max = int(lengths.max()) if N else 0
+
+        def padded(t):  # [L, H, D] -> [N, H, Tmax, D]
+            out = t.new_zeros(N, t_max, *t.shape[1:])
+            out[seq, offset] = t
+            return out.transpose(1, 2)
+
+        qp, kp, vp = padded(q), padded(k), padded(v)
+        if state is None:
+            k_all, v_all, cache_len = kp, vp, 0
+        else:
+            k_all, v_all, cache_len = (torch.cat([state["k"].to(kp.dtype), kp], 2), torch.cat([state["v"].to(vp.dtype), vp], 2),
+                                       state["k"].shape[2])
+        rows = torch.arange(t_max, device=q.device)
+        sees_cache = torch.arange(cache_len, device=q.device) < past[:, None, None]  # [N, 1, Lc]
+        sees_new = (rows[None, :] <= rows[:, None]) & (rows[None, None, :] < lengths[:, None, None])  # [N, Tq, Tmax]
+        # A padding query row still sees its own key, so no row is empty (its output is dropped).
+        sees_new = sees_new | torch.eye(t_max, dtype=torch.bool, device=q.device)
+        mask = torch.cat([sees_cache.expand(N, t_max, cache_len), sees_new], 2)[:, None]
+        backend = "reference" if self.backend == "reference" else "sdpa"
+        o = _masked_attention(qp, k_all, v_all, mask, backend).transpose(1, 2)[seq, offset]
+        if state is None:
+            return o, None
+        return o, self._append(state, k, v, seq, offset, past, lengths)
+
+    @staticmethod
+    def _append(state, k, v, seq, offset, past, lengths):
+        """The caches with the new keys/values [L, H, D] written after each sequence's valid entries."""
+        new_len = past + lengths
+        capacity = int(new_len.max()) if new_len.numel() else 0
+        out = {}
+        for name, new in (("k", k), ("v", v)):
+            cache = state[name]
+            grown = cache.new_zeros(cache.shape[0], cache.shape[1], capacity, cache.shape[3])
+            keep = min(cache.shape[2], capacity)
+            grown[:, :, :keep] = cache[:, :, :keep]
+            grown[seq, :, past[seq] + offset] = new.to(cache.dtype)
+            out[name] = grown
+        out["length"] = new_len
+        return out
+
+    def init_state(self, batch_size: int) -> State:
+        w = self.qkv_proj.weight
+        empty = torch.zeros(batch_size, self.num_heads, 0, self.head_dim, device=w.device, dtype=w.dtype)
+        return {"k": empty, "v": empty.clone(), "length": torch.zeros(batch_size, dtype=torch.int64, device=w.device)}
+
+    def sequence_state(self, state: State, i: int) -> State:
+        n = int(state["length"][i])
+        return {"k": state["k"][i, :, :n], "v": state["v"][i, :, :n], "length": state["length"][i]}

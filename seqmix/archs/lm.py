@@ -1,0 +1,219 @@
+"""A small decoder-only language model whose layers take any registered mixer.
+
+Embedding, N blocks of (pre-norm mixer + pre-norm SwiGLU MLP, residuals), a final
+norm and a head tied to the embedding. ``layers`` names each block's mixer, so a
+hybrid is one config line: ``layers=["deltanet", "deltanet", "deltanet", "attention"]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqmix.archs.mixer import MIXERS, State, build_mixer
+from seqmix.archs.modules import RMSNorm
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+@dataclass
+class LMConfig:
+    """The model's shape. ``layers`` entries are mixer names, ``"name*n"`` repeats one n times.
+
+    ``mixer_options`` maps a mixer name to extra keyword arguments of its constructor;
+    every mixer gets ``hidden_size``, and ``num_heads`` when its constructor takes it.
+    """
+
+    vocab_size: int = 320
+    hidden_size: int = 256
+    layers: list[str] = field(default_factory=lambda: ["deltanet"] * 4)
+    num_heads: int = 4
+    intermediate_size: int | None = None  # SwiGLU width; default 8/3 * hidden rounded up to 64
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    mixer_options: dict[str, dict] = field(default_factory=dict)
+
+    def __post_init__(self):
+        expanded = []
+        for entry in self.layers:
+            name, _, count = str(entry).partition("*")
+            if count and not count.strip().isdigit():
+                raise ValueError(f"layers: {entry!r} must be a mixer name or 'name*count'")
+            expanded += [name.strip()] * (int(count) if count else 1)
+        self.layers = expanded
+        if self.intermediate_size is None:
+            self.intermediate_size = 64 * math.ceil(8 * self.hidden_size / 3 / 64)
+
+    def validate(self, min_vocab: int = 1) -> None:
+        """Raise ValueError for a config that cannot build, before anything is built or trained."""
+        if not self.layers:
+            raise ValueError("layers is empty: the model needs at least one layer")
+        unknown = sorted({n for n in self.layers if n not in MIXERS})
+        if unknown:
+            raise ValueError(f"layers: unknown mixer name(s) {unknown}; registered: {sorted(MIXERS)}")
+        unused = sorted(set(self.mixer_options) - set(self.layers))
+        if unused:
+            raise ValueError(f"mixer_options names mixer(s) {unused} that no layer uses")
+        for name, value in (("hidden_size", self.hidden_size), ("num_heads", self.num_heads),
+                            ("intermediate_size", self.intermediate_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.vocab_size < min_vocab:
+            raise ValueError(f"vocab_size={self.vocab_size} is smaller than the tokenizer's {min_vocab} tokens")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+
+    def mixer_kwargs(self, name: str) -> dict:
+        kwargs = {"hidden_size": self.hidden_size}
+        if "num_heads" in inspect.signature(MIXERS[name]).parameters:
+            kwargs["num_heads"] = self.num_heads
+        return {**kwargs, **self.mixer_options.get(name, {})}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), gate and up in one matmul."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, -1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: LMConfig, mixer_name: str):
+        super().__init__()
+        self.mixer_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mixer = build_mixer(mixer_name, **config.mixer_kwargs(mixer_name))
+        self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, state, cu_seqlens, attention_mask):
+        y, state = self.mixer(self.mixer_norm(x), state, cu_seqlens=cu_seqlens, attention_mask=attention_mask)
+        x = x + y
+        return x + self.mlp(self.mlp_norm(x)), state
+
+
+class LanguageModel(nn.Module):
+    """``logits, state = model(tokens, state=None, *, cu_seqlens=None, attention_mask=None)``.
+
+    tokens [B, T] (int64), logits [B, T, vocab_size]. ``state`` is a list with one mixer
+    state per layer (from :meth:`init_state` or a previous call); with ``state=None`` the
+    call trains and no state comes back. ``cu_seqlens`` and ``attention_mask`` are passed to
+    every mixer (see :class:`seqmix.archs.Mixer`).
+    """
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList(Block(config, name) for name in config.layers)
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self._init_weights()
+
+    def _init_weights(self):
+        # The mixers keep their own initialisation (e.g. Mamba's dt and A); the embedding, which
+        # is also the head, and the MLPs get the usual normal(0.02), and the projections that write
+        # into the residual stream are scaled down by sqrt(2 * layers).
+        std = self.config.init_std
+        nn.init.normal_(self.embed.weight, std=std)
+        for block in self.blocks:
+            nn.init.normal_(block.mlp.gate_up.weight, std=std)
+            nn.init.normal_(block.mlp.down.weight, std=std / math.sqrt(2 * len(self.blocks)))
+
+    def forward(self, tokens, state: list[State] | None = None, *, cu_seqlens=None, attention_mask=None):
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype != torch.int64:
+            got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens must be an int64 tensor [B, T], got {got}")
+        if state is not None and len(state) != len(self.blocks):
+            raise ValueError(f"state must hold one entry per layer ({len(self.blocks)}), got {len(state)}")
+        x = self.embed(tokens)
+        new_state = []
+        for i, block in enumerate(self.blocks):
+            x, s = block(x, None if state is None else state[i], cu_seqlens, attention_mask)
+            new_state.append(s)
+        logits = F.linear(self.norm(x), self.embed.weight)
+        return logits, (None if state is None else new_state)
+
+    def init_state(self, batch_size: int) -> list[State]:
+        return [block.mixer.init_state(batch_size) for block in self.blocks]
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 return_logits: bool = False):
+        """Sample ``max_new_tokens`` after ``prompt`` [B, T] with the mixers' states.
+
+        The prompt is prefilled in one call, then one token per step. ``temperature=0`` is greedy;
+        ``top_k`` keeps the k most likely tokens. Returns tokens [B, T + max_new_tokens], and with
+        ``return_logits`` also the logits each new token was drawn from, [B, max_new_tokens, vocab].
+        """
+        if prompt.dim() != 2 or prompt.shape[1] == 0:
+            raise ValueError(f"prompt must be [B, T] with T >= 1, got {tuple(prompt.shape)}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
+            raise ValueError(f"top_k must be in [1, vocab_size={self.config.vocab_size}], got {top_k}")
+        logits, state = self(prompt, self.init_state(prompt.shape[0]))
+        tokens, steps = [prompt], []
+        for _ in range(max_new_tokens):
+            step = logits[:, -1].float()
+            steps.append(step)
+            tokens.append(_sample(step, temperature, top_k, generator))
+            logits, state = self(tokens[-1], state)
+        out = torch.cat(tokens, 1)
+        if not return_logits:
+            return out
+        return out, torch.stack(steps, 1) if steps else prompt.new_zeros(prompt.shape[0], 0, self.config.vocab_size)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory``."""
+        from safetensors.torch import save_model
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        save_model(self, str(directory / WEIGHTS_FILE))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> LanguageModel:
+        """Build the model from ``config.json`` and load ``model.safetensors`` (no pickle involved)."""
+        from safetensors.torch import load_model
+
+        directory = Path(directory)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} does not exist")
+        model = cls(LMConfig(**json.loads((directory / CONFIG_FILE).read_text())))
+        try:
+            load_model(model, str(directory / WEIGHTS_FILE), strict=True, device=str(device))
+        except RuntimeError as e:
+            raise ValueError(f"{directory / WEIGHTS_FILE} does not fit {directory / CONFIG_FILE}: {e}") from None
+        return model.to(device)
+
+
+def _sample(logits, temperature, top_k, generator):
+    """One token per row of logits [B, V], as [B, 1]."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(top_k, -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)

@@ -1,0 +1,87 @@
+"""LightConv and DynamicConv in plain PyTorch (the unfold form), and the DropConnect mask both
+the reference and the fused kernels compute.
+
+DropConnect draws no random tensor: weight element ``i`` (its flat index in the weight
+tensor, ``[H, K]`` or ``[B, T, H, K]``) is kept when a counter-based hash of ``(seed, i)``
+clears a threshold. Every backend evaluates the same integer hash, so the fused kernel
+(which computes the mask in registers) and the reference drop the same taps, and a run is
+reproduced from its seed alone, with no mask tensor stored for the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# The hash works in 32 bits held in int64: every multiplier is below 2^31, so a product of a
+# 32-bit value and a multiplier stays below 2^63 and torch and Triton agree bit for bit.
+HASH_MASK = 0xFFFFFFFF
+HASH_MUL1 = 0x7FEB352D
+HASH_MUL2 = 0x2C1B3C6D
+HASH_SEED_MUL = 0x5BD1E995
+# A tap is kept when the top 24 bits of its hash are at least ``threshold``.
+KEEP_BITS = 24
+
+
+def dropconnect_threshold(p: float) -> int:
+    """The integer threshold of drop probability ``p`` on the 24-bit hash scale."""
+    return round(p * (1 << KEEP_BITS))
+
+
+def _mix32(h):
+    h = h ^ (h >> 16)
+    h = (h * HASH_MUL1) & HASH_MASK
+    h = h ^ (h >> 15)
+    h = (h * HASH_MUL2) & HASH_MASK
+    return h ^ (h >> 16)
+
+
+def dropconnect_keep(seed: int, index: torch.Tensor, threshold: int) -> torch.Tensor:
+    """Whether weight element ``index`` (int64 flat indices) is kept under ``seed``."""
+    seed_lo = (seed * HASH_SEED_MUL) & HASH_MASK
+    h = _mix32((index & HASH_MASK) ^ seed_lo)
+    h = _mix32(h ^ (index >> 32) ^ seed_lo)
+    return (h >> (32 - KEEP_BITS)) >= threshold
+
+
+def effective_weight(weight, weight_softmax: bool, dropconnect: float, seed: int | None):
+    """softmax over the K taps (if asked), then DropConnect with the seeded mask, scaled by 1/(1-p)."""
+    w = torch.softmax(weight, -1) if weight_softmax else weight
+    threshold = dropconnect_threshold(dropconnect)
+    if threshold > 0:  # a p that rounds to 0 on the hash's 24-bit scale drops nothing, as in the kernels
+        index = torch.arange(weight.numel(), device=weight.device).view(weight.shape)
+        keep = dropconnect_keep(seed, index, threshold)
+        w = torch.where(keep, w / (1 - dropconnect), torch.zeros_like(w))
+    return w
+
+
+def padding_left(padding: str, K: int) -> int:
+    """Taps before the current token: K-1 for "causal", K//2 for "same"."""
+    return K - 1 if padding == "causal" else K // 2
+
+
+def _conv_dense(x, w, P):
+    """x [B, T, C]; w [B, T, H, K] (or broadcastable). out[t] = sum_j w[t, :, j] x[t + j - P]."""
+    B, T, C = x.shape
+    H, K = w.shape[-2:]
+    if T == 0:  # unfold refuses an input shorter than the window
+        return x
+    windows = F.pad(x, (0, 0, P, K - 1 - P)).unfold(1, K, 1)  # [B, T, C, K]: tap j reads x[t + j - P]
+    return torch.einsum("bthrk,bthk->bthr", windows.reshape(B, T, H, C // H, K), w.expand(B, T, H, K)).reshape(B, T, C)
+
+
+def dynamic_conv_reference(x, weight, padding="causal", weight_softmax=True, dropconnect=0.0, seed=None,
+                           cu_seqlens=None):
+    """Same arguments and result as :func:`seqmix.kernels.dynamic_conv` (and :func:`light_conv` for a
+    weight of shape [H, K]), computed in float32 or float64 and returned in x's dtype."""
+    K = weight.shape[-1]
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    w = effective_weight(weight.to(dt), weight_softmax, dropconnect, seed)
+    x32 = x.to(dt)
+    P = padding_left(padding, K)
+    if cu_seqlens is None:
+        return _conv_dense(x32, w, P).to(x.dtype)
+    outs = []
+    for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        outs.append(_conv_dense(x32[:, s:e], w if w.dim() == 2 else w[:, s:e], P))
+    return torch.cat(outs, 1).to(x.dtype)

@@ -1,0 +1,71 @@
+"""LightConv, DynamicConv and ShortConv specifics: the fused layers against the reference layers with
+gradients, DropConnect only while training, the decoding state's layout, configuration errors (the
+Mixer contract is in test_mixers.py)."""
+
+import pytest
+import torch
+
+from seqmix.archs import DynamicConv, LightConv, ShortConv
+from tests.helpers import DEVICE, TOL, assert_rel
+
+LAYERS = {
+    "lightconv": lambda backend, **kw: LightConv(32, 4, kernel_size=5, backend=backend, **kw),
+    "dynamicconv": lambda backend, **kw: DynamicConv(32, 4, kernel_size=5, backend=backend, **kw),
+    "shortconv": lambda backend, **kw: ShortConv(32, conv_size=4, backend=backend, **kw),
+}
+
+
+def _x(B, T, seed=1):
+    return torch.randn(B, T, 32, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_triton_layer_matches_reference_layer_with_gradients(name):
+    outs, grads, names = {}, {}, None
+    for backend in ("triton", "reference"):
+        torch.manual_seed(3)
+        layer = LAYERS[name](backend).to(DEVICE)
+        x = _x(2, 37).requires_grad_()
+        y, _ = layer(x)
+        y.square().sum().backward()
+        outs[backend] = y
+        grads[backend] = [x.grad] + [p.grad for p in layer.parameters()]
+        names = ["x"] + [n for n, _ in layer.named_parameters()]
+    assert_rel(outs["triton"], outs["reference"], TOL[torch.float32], "output")
+    for n, a, b in zip(names, grads["triton"], grads["reference"], strict=True):
+        assert_rel(a, b, TOL[torch.float32], f"grad of {n}")
+
+
+@pytest.mark.parametrize("name", ["lightconv", "dynamicconv"])
+def test_dropconnect_only_while_training(name):
+    torch.manual_seed(0)
+    layer = LAYERS[name]("reference", dropconnect=0.5).to(DEVICE)
+    x = _x(1, 12)
+    with torch.no_grad():
+        layer.train()
+        torch.manual_seed(1)
+        a, _ = layer(x)
+        torch.manual_seed(2)
+        b, _ = layer(x)
+        layer.eval()
+        c, _ = layer(x)
+        d, _ = layer(x)
+    assert (a - b).abs().max() > 1e-3, "two training calls draw different masks"
+    torch.testing.assert_close(c, d)
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_state_is_the_last_inputs_of_the_conv(name):
+    layer = LAYERS[name]("reference").to(DEVICE)
+    state = layer.init_state(3)
+    assert state["conv"].shape == (3, 32, (5 if name != "shortconv" else 4) - 1)
+    assert state["conv"].dtype == torch.float32
+    _, after = layer(_x(3, 2), state)
+    assert after["conv"].shape == state["conv"].shape
+
+
+def test_configuration_errors():
+    with pytest.raises(ValueError, match="conv_size=30 is not divisible by num_heads=4"):
+        LightConv(30, 4)
+    with pytest.raises(ValueError, match="kernel_size must be >= 1"):
+        DynamicConv(32, 4, kernel_size=0)

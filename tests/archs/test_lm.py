@@ -1,0 +1,91 @@
+"""The language model: cached generation equals the no-cache forward for every mixer, safetensors
+round trip, sampling, and configuration errors."""
+
+import json
+
+import pytest
+import torch
+
+from seqmix.archs import MIXERS
+from seqmix.archs.lm import LanguageModel, LMConfig
+from tests.helpers import DEVICE, TOL, assert_rel
+
+
+def _model(layers, seed=0, **kw):
+    torch.manual_seed(seed)
+    config = LMConfig(vocab_size=300, hidden_size=32, num_heads=2, layers=layers, **kw)
+    return LanguageModel(config).to(DEVICE).eval()
+
+
+def _tokens(B, T, seed=1):
+    return torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+def test_generation_with_state_equals_no_cache_forward(name):
+    model = _model([name, name])
+    prompt = _tokens(2, 19)
+    tokens, step_logits = model.generate(prompt, max_new_tokens=6, temperature=0.0, return_logits=True)
+    assert tokens.shape == (2, 25) and tokens[:, :19].equal(prompt)
+    with torch.no_grad():
+        full, _ = model(tokens)
+    # the logits token t+1 was drawn from are the full forward's logits at position t
+    assert_rel(step_logits, full[:, 18:24], TOL[torch.float32], f"{name}: cached vs no-cache logits")
+    assert step_logits.argmax(-1).equal(tokens[:, 19:])
+
+
+def test_hybrid_prefill_in_pieces_equals_one_call():
+    model, tokens = _model(["deltanet", "attention", "deltanet"]), _tokens(2, 40)
+    with torch.no_grad():
+        full, _ = model(tokens)
+        a, state = model(tokens[:, :13], model.init_state(2))
+        b, state = model(tokens[:, 13:], state)
+    assert_rel(torch.cat([a, b], 1), full, TOL[torch.float32], "logits in two pieces")
+
+
+def test_sampling_rules():
+    model, prompt = _model(["attention"]), _tokens(3, 5)
+    greedy = model.generate(prompt, 4, temperature=0.0)
+    assert model.generate(prompt, 4, temperature=1.0, top_k=1).equal(greedy)
+    g1, g2 = (torch.Generator(device=DEVICE).manual_seed(7) for _ in range(2))
+    assert model.generate(prompt, 8, generator=g1).equal(model.generate(prompt, 8, generator=g2))
+    with pytest.raises(ValueError, match="top_k"):
+        model.generate(prompt, 2, top_k=0)
+    with pytest.raises(ValueError, match="prompt must be"):
+        model.generate(prompt[:, :0], 2)
+
+
+def test_safetensors_round_trip(tmp_path):
+    model, tokens = _model(["deltanet", "attention"], seed=3), _tokens(2, 17)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["layers"] == ["deltanet", "attention"]
+    loaded = LanguageModel.from_pretrained(tmp_path, device=DEVICE).eval()
+    with torch.no_grad():
+        assert loaded(tokens)[0].equal(model(tokens)[0])
+    # the head stays tied to the embedding after loading
+    assert loaded.embed.weight.data_ptr() == loaded.state_dict()["embed.weight"].data_ptr()
+
+
+def test_loading_weights_of_another_config_fails(tmp_path):
+    _model(["deltanet"]).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["hidden_size"] = 64
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="model.safetensors does not fit .*config.json"):
+        LanguageModel.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json does not exist"):
+        LanguageModel.from_pretrained(tmp_path / "nowhere")
+
+
+def test_config_layers_shorthand_and_errors():
+    assert LMConfig(layers=["deltanet*3", "attention"]).layers == ["deltanet"] * 3 + ["attention"]
+    with pytest.raises(ValueError, match=r"unknown mixer name\(s\) \['mamba9'\]"):
+        LanguageModel(LMConfig(layers=["mamba9"]))
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        LanguageModel(LMConfig(hidden_size=100, num_heads=3))
+    with pytest.raises(ValueError, match="no layer uses"):
+        LanguageModel(LMConfig(layers=["deltanet"], mixer_options={"attention": {}}))
+    with pytest.raises(ValueError, match="layers is empty"):
+        LanguageModel(LMConfig(layers=[]))
+    with pytest.raises(ValueError, match="tokens must be an int64 tensor"):
+        _model(["attention"])(torch.zeros(2, 3, device=DEVICE))

@@ -1,0 +1,189 @@
+"""The trainer: learning on the default corpus, resume = uninterrupted, atomic checkpoints, DDP on
+two CPU processes, every mixer trains, and bad runs refused before anything is trained or written."""
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from seqmix import train as trainer
+from seqmix.archs import MIXERS
+from seqmix.archs.lm import LanguageModel
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def reference_kernels(monkeypatch):
+    # These tests are about the trainer; the kernels' parity is tested in tests/kernels. Without a
+    # GPU the automatic backend would be Triton's interpreter, which is far too slow to train with.
+    monkeypatch.setenv("SEQMIX_BACKEND", "reference")
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("texts")
+    for path in sorted(STDLIB.glob("*.py"))[:40]:
+        (root / path.name).write_bytes(path.read_bytes())
+    return root
+
+
+def _config(out_dir, data, **overrides):
+    values = {
+        "model": {"hidden_size": 32, "num_heads": 2, "layers": ["deltanet", "attention"]},
+        "data": None if data is None else str(data), "out_dir": str(out_dir), "seq_len": 32, "batch_size": 4,
+        "steps": 6, "warmup_steps": 2, "eval_every": 3, "eval_tokens": 256, "save_every": 3, "log_every": 1,
+        "progress": False,
+    }
+    model = overrides.pop("model", {})
+    values.update(overrides)
+    values["model"].update(model)
+    return trainer.config_from_dict(values)
+
+
+def _losses(out_dir):
+    return [e["loss"] for e in map(json.loads, (Path(out_dir) / "log.jsonl").read_text().splitlines()) if "loss" in e]
+
+
+def test_loss_decreases_on_the_default_corpus(tmp_path):
+    config = _config(tmp_path / "run", None, steps=40, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=5,
+                     eval_every=40, eval_tokens=4096, save_every=40, log_every=5)
+    metrics = trainer.train(config)
+    losses = _losses(tmp_path / "run")
+    assert losses[-1] < losses[0] - 1.0, losses  # from ~5.8 nats (uniform) to well below
+    assert metrics["val_bpb"] < 6.0  # uniform over the vocabulary would be log2(320) = 8.3 bits
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    model = LanguageModel.from_pretrained(tmp_path / "run" / "model")
+    assert model.config.layers == ["deltanet", "attention"]
+
+
+def test_resume_continues_bit_for_bit(tmp_path, text_dir, monkeypatch):
+    whole = tmp_path / "whole"
+    trainer.train(_config(whole, text_dir))
+
+    interrupted = tmp_path / "interrupted"
+    real_save = trainer.save_checkpoint
+
+    def save_then_die(path, model, optimizer, step, *args):
+        real_save(path, model, optimizer, step, *args)
+        if step == 3:
+            raise KeyboardInterrupt("killed after the step-3 checkpoint")
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(_config(interrupted, text_dir))
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    trainer.train(_config(interrupted, text_dir, resume=True))
+
+    assert _losses(interrupted) == _losses(whole) and len(_losses(whole)) == 6
+    a = torch.load(whole / "checkpoint.pt", weights_only=True)
+    b = torch.load(interrupted / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_a_kill_during_a_save_keeps_the_previous_checkpoint(tmp_path, text_dir, monkeypatch):
+    out = tmp_path / "run"
+    trainer.train(_config(out, text_dir, steps=3))
+    before = (out / "checkpoint.pt").read_bytes()
+
+    def dies_halfway(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    model = LanguageModel(_config(out, text_dir).model)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(out / "checkpoint.pt", model, torch.optim.AdamW(model.parameters()), 9,
+                                _config(out, text_dir, steps=3), torch.device("cpu"))
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "log.jsonl", "loss.png", "model"]
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+def test_every_mixer_trains(tmp_path, text_dir, name):
+    config = _config(tmp_path / name, text_dir, model={"layers": [name, name]}, steps=8, lr=1e-2,
+                     eval_every=8, save_every=8)
+    trainer.train(config)
+    losses = _losses(tmp_path / name)
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.5, losses
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, text_dir):
+    def run(nproc, out, grad_accum):
+        args = ["--grad-accum", str(grad_accum), "--data", str(text_dir), "--out-dir", str(out), "--model.hidden-size", "32", "--model.num-heads", "2",
+                "--model.layers", "[deltanet, attention]", "--seq-len", "32", "--batch-size", "4", "--steps", "3",
+                "--log-every", "1", "--eval-every", "3", "--eval-tokens", "256", "--progress", "false"]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                    "--master-port", str(29500 + nproc + os.getpid() % 1000)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "SEQMIX_BACKEND": "reference"}
+        done = subprocess.run([*launcher, "-m", "seqmix.train", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+    # 2 processes x 2 accumulation steps x 1 sequence: DDP's no_sync path included
+    one, two = run(1, tmp_path / "one", 1), run(2, tmp_path / "two", 2)
+    for a, b in zip(one, two, strict=True):
+        for key in ("loss", "val_bpb"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a, b)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, text_dir):
+    trainer.train(_config(tmp_path / "one", text_dir, steps=3))
+    trainer.train(_config(tmp_path / "four", text_dir, steps=3, grad_accum=4))
+    assert _losses(tmp_path / "four") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
+
+
+def test_bad_runs_are_refused_before_anything_is_written(tmp_path, text_dir):
+    out = tmp_path / "run"
+    with pytest.raises(trainer.ConfigError, match="not a file or directory"):
+        trainer.train(_config(out, tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(trainer.ConfigError, match="no UTF-8 text files"):
+        trainer.train(_config(out, tmp_path / "empty"))
+    with pytest.raises(trainer.ConfigError, match="unknown mixer"):
+        trainer.train(_config(out, text_dir, model={"layers": ["deltanet", "transformer"]}))
+    with pytest.raises(trainer.ConfigError, match="not divisible by num_heads"):
+        trainer.train(_config(out, text_dir, model={"num_heads": 3}))
+    with pytest.raises(trainer.ConfigError, match="batch_size=4 must divide evenly"):
+        trainer.train(_config(out, text_dir, grad_accum=3))
+    with pytest.raises(trainer.ConfigError, match="does not exist"):
+        trainer.train(_config(out, text_dir, resume=True))
+    assert not out.exists()
+
+    trainer.train(_config(out, text_dir, steps=3))
+    saved = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(trainer.ConfigError, match="already holds a run"):
+        trainer.train(_config(out, text_dir, steps=3))
+    with pytest.raises(trainer.ConfigError, match=r"another config \(model.hidden_size: checkpoint 32, now 64"):
+        trainer.train(_config(out, text_dir, steps=3, resume=True, model={"hidden_size": 64}))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == saved
+
+
+def test_command_line(tmp_path, capsys):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("model:\n  hidden_size: 64\n  layers: [attention]\nsteps: 7\nlr: 1.0e-3\n")
+    config = trainer.parse_args(["--config", str(config_file), "--steps", "9", "--model.layers", "[deltanet*2, attention]",
+                                 "--resume"])
+    assert (config.steps, config.lr, config.model.hidden_size) == (9, 1e-3, 64)
+    assert config.model.layers == ["deltanet", "deltanet", "attention"] and config.resume
+    assert trainer.parse_args(["--config", "tiny"]).model.layers == ["deltanet", "deltanet", "attention"]
+    json_file = tmp_path / "run.json"
+    json_file.write_text(json.dumps({"model": {"layers": ["attention*2"]}, "seq_len": 48}))
+    from_json = trainer.parse_args(["--config", str(json_file)])
+    assert (from_json.seq_len, from_json.model.layers) == (48, ["attention", "attention"])
+    with pytest.raises(trainer.ConfigError, match=r"unknown config key\(s\) \['model.hiden_size'\]"):
+        trainer.config_from_dict({"model": {"hiden_size": 3}})
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.main(["--config", str(config_file), "--data", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert "seqmix-train: error: data" in capsys.readouterr().err
