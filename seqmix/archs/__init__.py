@@ -4,3 +4,6 @@ from seqmix.archs.deltanet import DeltaNet
 from seqmix.archs.mixer import MIXERS, Mixer, State, build_mixer, register_mixer
 
 __all__ = ["MIXERS", "DeltaNet", "Mixer", "State", "build_mixer", "register_mixer"]
+from seqmix.archs.deltanet import GatedDeltaNet  # noqa: E402
+
+__all__ += ["GatedDeltaNet"]

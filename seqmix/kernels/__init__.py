@@ -2,6 +2,9 @@
 
 from seqmix.kernels.backend import BackendUnavailable
 from seqmix.kernels.conv import causal_conv1d
-from seqmix.kernels.deltanet import delta_rule, gated_delta_rule
+from seqmix.kernels.deltanet import delta_rule
 
-__all__ = ["BackendUnavailable", "causal_conv1d", "delta_rule", "gated_delta_rule"]
+__all__ = ["BackendUnavailable", "causal_conv1d", "delta_rule"]
+from seqmix.kernels.deltanet import gated_delta_rule  # noqa: E402
+
+__all__ += ["gated_delta_rule"]

@@ -13,6 +13,7 @@ HIDDEN = 32
 # A small config per registered mixer; a mixer registered without one fails test_every_mixer_has_a_config.
 SMALL_CONFIGS = {
     "deltanet": {"hidden_size": HIDDEN, "num_heads": 2},
+    "gated_deltanet": {"hidden_size": HIDDEN, "num_heads": 2},
 }
 BACKENDS = ["reference", "triton"]
 CASES = [(name, backend) for name in sorted(SMALL_CONFIGS) for backend in BACKENDS]
