@@ -22,3 +22,11 @@ def test_error_check_is_small_and_measured():
     fns = impls(["triton", "reference"])
     err = max_rel_err(fns["triton"], fns["reference"], make_inputs(1, 70, 2, 16, 16, torch.float32, True, DEVICE))
     assert 0 < err < 1e-4
+
+
+def test_gated_delta_rule_error_check_is_small_and_measured():
+    from benchmarks import bench_gated_delta_rule as bench
+
+    fns = bench.impls(["triton", "reference"])
+    err = max_rel_err(fns["triton"], fns["reference"], bench.make_inputs(1, 70, 2, 16, 16, torch.float32, True, DEVICE))
+    assert 0 < err < 1e-4
