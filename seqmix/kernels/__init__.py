@@ -8,3 +8,6 @@ __all__ = ["BackendUnavailable", "causal_conv1d", "delta_rule"]
 from seqmix.kernels.deltanet import gated_delta_rule  # noqa: E402
 
 __all__ += ["gated_delta_rule"]
+from seqmix.kernels.gated_linear_attention import gla  # noqa: E402
+
+__all__ += ["gla"]

@@ -156,3 +156,18 @@ def chunk_local_cumsum(x: torch.Tensor, chunking, reverse: bool = False) -> torc
         x, out, chunking.chunk_index, chunking.cu_seqlens, H=H, D=D, BT=chunking.chunk_size, BD=BD, REVERSE=reverse,
     )
     return out
+
+
+@triton.jit
+def load_row(base, t, row_stride, c0, ncol, BC: tl.constexpr):
+    """Channels ``c0 .. ncol-1`` of token ``t`` as a [BC] float32 vector (columns past ``ncol`` read
+    zero). ``t`` must be a token of the tensor: callers clamp it into their sequence."""
+    cols = c0 + tl.arange(0, BC)
+    return tl.load(base + t.to(tl.int64) * row_stride + cols, mask=cols < ncol, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def exp_rows(e, valid):
+    """exp(e) for an [R, C] tile of exponents on the rows where ``valid`` ([R]), 0 on the others:
+    rows past a sequence's end hold exponents that could be positive, and are never exponentiated."""
+    return tl.exp(tl.where(valid[:, None], e, float("-inf")))
