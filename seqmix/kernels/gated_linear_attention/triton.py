@@ -376,15 +376,17 @@ def gla_recurrent_fwd_kernel(
     b_s = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
         b_s += load_matrix(h0 + s_base, 0, K, v0, V, BK, BV)
+    o_k = tl.arange(0, BK)
+    o_v = v0 + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
     for t in range(bos, eos):
-        b_q = load_row(q + i_h * K, t, H * K, 0, K, BK)
-        b_k = load_row(k + i_h * K, t, H * K, 0, K, BK)
-        b_g = load_row(g + i_h * K, t, H * K, 0, K, BK)
-        b_v = load_row(v + i_h * V, t, H * V, v0, V, BV)
+        b_q = tl.load(q + (t * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_k = tl.load(k + (t * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_g = tl.load(g + (t * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_v = tl.load(v + (t * H + i_h) * V + o_v, mask=m_v, other=0.0).to(tl.float32)
         b_s = b_s * tl.exp(b_g)[:, None] + b_k[:, None] * b_v[None, :]
         b_o = tl.sum(b_s * b_q[:, None], 0) * scale
-        o_v = v0 + tl.arange(0, BV)
-        tl.store(o + (t * H + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=o_v < V)
+        tl.store(o + (t * H + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
     if STORE_HT:
         store_matrix(ht + s_base, b_s, 0, K, v0, V, BK, BV)
 
