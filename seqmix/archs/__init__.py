@@ -7,3 +7,6 @@ __all__ = ["MIXERS", "DeltaNet", "Mixer", "State", "build_mixer", "register_mixe
 from seqmix.archs.deltanet import GatedDeltaNet  # noqa: E402
 
 __all__ += ["GatedDeltaNet"]
+from seqmix.archs.gla import GatedLinearAttention  # noqa: E402
+
+__all__ += ["GatedLinearAttention"]

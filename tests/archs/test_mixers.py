@@ -14,6 +14,7 @@ HIDDEN = 32
 SMALL_CONFIGS = {
     "deltanet": {"hidden_size": HIDDEN, "num_heads": 2},
     "gated_deltanet": {"hidden_size": HIDDEN, "num_heads": 2},
+    "gla": {"hidden_size": HIDDEN, "num_heads": 2},
 }
 BACKENDS = ["reference", "triton"]
 CASES = [(name, backend) for name in sorted(SMALL_CONFIGS) for backend in BACKENDS]
