@@ -41,7 +41,7 @@ if [ "$part" != tests ]; then
     python3 -m benchmarks.bench_$bench ${QUICK:+--quick} --json "$out/bench_$bench.json" >> "$out/bench.log" 2>&1 \
       || bench_rc=1
   done
-  for bench in gated_delta_rule; do
+  for bench in gated_delta_rule gla; do
     python3 -m benchmarks.bench_$bench ${QUICK:+--quick} --json "$out/bench_$bench.json" >> "$out/bench.log" 2>&1 \
       || bench_rc=1
   done
