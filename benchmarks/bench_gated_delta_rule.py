@@ -17,7 +17,7 @@ import torch
 
 from benchmarks.bench_delta_rule import delta_rule_floor_ms
 from benchmarks.bench_delta_rule import make_inputs as make_delta_rule_inputs
-from benchmarks.common import measure, parse_args, report
+from benchmarks.common import run_anchor_benchmark
 from seqmix.kernels import gated_delta_rule
 
 
@@ -40,19 +40,7 @@ def impls(backends):
 
 
 def main(argv=None):
-    args = parse_args(__doc__, argv)
-    dtype = getattr(torch, args.dtype)
-    H, D = 16, 128
-    shapes = [(8, 2048), (2, 8192)]
-    if not args.quick:
-        shapes += [(16384 // T, T) for T in (512, 1024, 4096, 16384)]
-    rows = measure(
-        "gated_delta_rule", [{"B": B, "T": T} for B, T in shapes], impls(args.backends.split(",")),
-        lambda s, grad: make_inputs(s["B"], s["T"], H, D, D, dtype, grad),
-        lambda s, backward: delta_rule_floor_ms(s["B"], s["T"], H, D, D, dtype.itemsize, backward),
-        args.dtype,
-    )
-    report(f"gated_delta_rule, {args.dtype}, H{H} D{D}", rows, ("B", "T"), args.json)
+    run_anchor_benchmark("gated_delta_rule", __doc__, impls, make_inputs, delta_rule_floor_ms, argv)
 
 
 if __name__ == "__main__":

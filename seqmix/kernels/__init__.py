@@ -5,9 +5,9 @@ from seqmix.kernels.conv import causal_conv1d
 from seqmix.kernels.deltanet import delta_rule
 
 __all__ = ["BackendUnavailable", "causal_conv1d", "delta_rule"]
-from seqmix.kernels.deltanet import gated_delta_rule  # noqa: E402
+from seqmix.kernels.deltanet import gated_delta_rule
 
 __all__ += ["gated_delta_rule"]
-from seqmix.kernels.gated_linear_attention import gla  # noqa: E402
+from seqmix.kernels.gated_linear_attention import gla
 
 __all__ += ["gla"]

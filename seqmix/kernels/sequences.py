@@ -73,3 +73,16 @@ def chunking_for(batch: int, seqlen: int, chunk_size: int, device: torch.device,
     if cu_seqlens is None:
         return dense_chunking(batch, seqlen, chunk_size, device)
     return make_chunking(cu_seqlens, chunk_size)
+
+
+def empty_sequence_result(q: torch.Tensor, v: torch.Tensor, initial_state, output_final_state: bool, n: int):
+    """A recurrent op's result for T = 0: an empty output [B, 0, H, V], and as the final state
+    the initial state (or zeros [n, H, K, V], float64 for float64 inputs else float32) when asked for."""
+    B, _, H, K = q.shape
+    V = v.shape[-1]
+    o = q.new_empty(B, 0, H, V)
+    if not output_final_state:
+        return o, None
+    state_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    final = q.new_zeros(n, H, K, V, dtype=state_dtype) if initial_state is None else initial_state.clone()
+    return o, final

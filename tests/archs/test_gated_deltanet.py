@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from seqmix.archs import GatedDeltaNet, build_mixer
+from tests.archs import contract
 from tests.helpers import DEVICE, TOL, assert_rel
 
 
@@ -22,21 +23,8 @@ def _x(B, T, seed=1):
 
 
 def test_triton_layer_matches_reference_layer_with_gradients():
-    layers = {b: _layer(b, seed=3) for b in ("triton", "reference")}
-    x = _x(1, 70)
-    outs, grads = {}, {}
-    for b, layer in layers.items():
-        xb = x.clone().requires_grad_()
-        y, _ = layer(xb)
-        y.square().sum().backward()
-        outs[b] = y
-        grads[b] = [xb.grad] + [p.grad for p in layer.parameters()]
-    tol = TOL[torch.float32]
-    assert_rel(outs["triton"], outs["reference"], tol, "output")
-    names = ["x"] + [n for n, _ in layers["triton"].named_parameters()]
-    assert {"A_log", "dt_bias", "a_proj.weight"} <= set(names)
-    for name, a, b in zip(names, grads["triton"], grads["reference"], strict=True):
-        assert_rel(a, b, tol, f"grad of {name}")
+    contract.fused_matches_reference(lambda backend: _layer(backend, seed=3), _x(1, 70), TOL[torch.float32],
+                                     ("A_log", "dt_bias", "a_proj.weight"))
 
 
 def test_decay_is_mamba2_parametrised_and_initialised():

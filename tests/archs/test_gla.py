@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from seqmix.archs import GatedLinearAttention, build_mixer
 from tests.archs import contract
-from tests.helpers import DEVICE, TOL, assert_rel
+from tests.helpers import DEVICE, TOL
 
 
 def _layer(backend, seed=0, **kw):
@@ -21,21 +21,8 @@ def _x(B, T, seed=1):
 
 
 def test_triton_layer_matches_reference_layer_with_gradients():
-    layers = {b: _layer(b, seed=3) for b in ("triton", "reference")}
-    x = _x(1, 70)
-    outs, grads = {}, {}
-    for b, layer in layers.items():
-        xb = x.clone().requires_grad_()
-        y, _ = layer(xb)
-        y.square().sum().backward()
-        outs[b] = y
-        grads[b] = [xb.grad] + [p.grad for p in layer.parameters()]
-    tol = TOL[torch.float32]
-    assert_rel(outs["triton"], outs["reference"], tol, "output")
-    names = ["x"] + [n for n, _ in layers["triton"].named_parameters()]
-    assert {"gk_proj.0.weight", "gk_proj.1.bias", "g_proj.weight", "o_norm.weight"} <= set(names)
-    for name, a, b in zip(names, grads["triton"], grads["reference"], strict=True):
-        assert_rel(a, b, tol, f"grad of {name}")
+    contract.fused_matches_reference(lambda backend: _layer(backend, seed=3), _x(1, 70), TOL[torch.float32],
+                                     ("gk_proj.0.weight", "gk_proj.1.bias", "g_proj.weight", "o_norm.weight"))
 
 
 def test_gate_is_a_normalised_low_rank_logsigmoid():

@@ -14,7 +14,7 @@ from seqmix.kernels.deltanet.reference import (
     gated_delta_rule_chunked,
     gated_delta_rule_recurrent,
 )
-from seqmix.kernels.sequences import chunking_for
+from seqmix.kernels.sequences import chunking_for, empty_sequence_result
 from seqmix.kernels.triton_common import chunk_local_cumsum
 
 __all__ = [
@@ -92,27 +92,14 @@ def _triton_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_stat
     return o.view(B, T, H, V), ht
 
 
-def _empty_sequence(q, v, initial_state, output_final_state, n):
-    """T = 0: an empty output, and the initial state (or zeros) as the final state."""
-    B, _, H, K = q.shape
-    V = v.shape[-1]
-    o = q.new_empty(B, 0, H, V)
-    if not output_final_state:
-        return o, None
-    state_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    final = q.new_zeros(n, H, K, V, dtype=state_dtype) if initial_state is None else initial_state.clone()
-    return o, final
-
-
 def _dispatch(op, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, backend):
     n = _check_inputs(q, k, v, beta, initial_state, cu_seqlens, g)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    T, K, V = q.shape[1], q.shape[3], v.shape[-1]
     scale = check_scale(scale, K**-0.5)
     name = select_backend(op, backend, q.device, ("triton", "reference"),
                           {"triton": kernels.unsupported(q.dtype, K, V)})
     if T == 0:
-        return _empty_sequence(q, v, initial_state, output_final_state, n)
+        return empty_sequence_result(q, v, initial_state, output_final_state, n)
     if name == "triton":
         return _triton_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, n)
     if g is None:

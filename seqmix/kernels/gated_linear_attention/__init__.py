@@ -12,7 +12,7 @@ from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_cu_seqlens, check_log_decay, check_same_dtype, check_scale, check_tensor
 from seqmix.kernels.gated_linear_attention import triton as kernels
 from seqmix.kernels.gated_linear_attention.reference import gla_chunked, gla_recurrent
-from seqmix.kernels.sequences import chunking_for
+from seqmix.kernels.sequences import chunking_for, empty_sequence_result
 
 __all__ = ["gla", "gla_chunked", "gla_recurrent"]
 
@@ -110,17 +110,12 @@ def gla(
         final_state: [N, H, K, V] float32 (float64 for float64 inputs), or None.
     """
     n = _check_inputs(q, k, v, g, initial_state, cu_seqlens)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    T, K, V = q.shape[1], q.shape[3], v.shape[-1]
     scale = check_scale(scale, K**-0.5)
     name = select_backend("gla", backend, q.device, ("triton", "reference"),
                           {"triton": kernels.unsupported(q.dtype, K, V)})
     if T == 0:
-        o = q.new_empty(B, 0, H, V)
-        if not output_final_state:
-            return o, None
-        state_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        return o, (q.new_zeros(n, H, K, V, dtype=state_dtype) if initial_state is None else initial_state.clone())
+        return empty_sequence_result(q, v, initial_state, output_final_state, n)
     if name == "triton":
         return _triton_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, n)
     return gla_chunked(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)

@@ -267,7 +267,7 @@ def _intra_dq(k, gcum, dA, i_h, t0, nt, r, k0, H: tl.constexpr, K: tl.constexpr,
     b_g = load_rows(gcum + i_h * K, tr, nr, H * K, k0, K, BC, BKC)
     ref = load_row(gcum + i_h * K, t0 + tl.minimum(r * BC, nt - 1), H * K, k0, K, BKC)
     acc = tl.zeros([BC, BKC], dtype=tl.float32)
-    for s in range(0, r):
+    for s in range(r):
         b_k = load_rows(k + i_h * K, t0 + s * BC, nt - s * BC, H * K, k0, K, BC, BKC)
         b_gk = load_rows(gcum + i_h * K, t0 + s * BC, nt - s * BC, H * K, k0, K, BC, BKC)
         b_da = load_rows(dA + i_h * BT, tr, nr, H * BT, s * BC, BT, BC, BC)

@@ -14,38 +14,10 @@ from hypothesis import strategies as st
 from seqmix.kernels import gated_delta_rule
 from seqmix.kernels.deltanet import gated_delta_rule_chunked, gated_delta_rule_recurrent
 from tests.helpers import DEVICE, KERNEL_DTYPES, ON_GPU, TOL, assert_rel
+from tests.kernels.decay_checks import assert_grads, outputs_and_grads
 from tests.kernels.deltanet.cases import Case, cases, make_gated_inputs
 
 NAMES = ["q", "k", "v", "g", "beta", "initial_state"]
-
-
-def _grads(fn, inputs, seed):
-    """Outputs, final state and the gradients of a loss with random weights on both."""
-    o, s = fn(*inputs)
-    gen = torch.Generator().manual_seed(seed)
-    do = torch.randn(o.shape, generator=gen).to(o.device)
-    dht = torch.randn(s.shape, generator=gen).to(s.device)
-    wrt = [t for t in inputs if t is not None]
-    loss = (o.double() * do.double()).sum() + (s.double() * dht.double()).sum()
-    return o, s, torch.autograd.grad(loss, wrt)
-
-
-def _assert_grads(names, grads, ref_grads, tol, dg_scale=False):
-    """Relative error of every gradient. g's gradient is measured against at least 1e-3 of the
-    size of the other gradients: it vanishes exactly where g cannot act (one token per sequence and
-    no initial state), and round-off cannot. With ``dg_scale`` it is measured against the full size
-    of the terms it is the difference of (rowsums of q*dq and k*dk, as large as the other gradients):
-    where decays of exp(-20) per token leave the output all but independent of g, dg is ~1e-9 and
-    float32 round-off of those O(1) terms dominates any relative measure of it."""
-    natural = max(ref_grads[names.index(n)].norm().item() for n in ("q", "k", "v"))
-    for name, a, b in zip(names, grads, ref_grads, strict=True):
-        assert torch.isfinite(a).all(), f"d{name} is not finite"
-        if name != "g":
-            assert_rel(a, b, tol, f"d{name}")
-            continue
-        floor = natural if dg_scale else 1e-3 * natural
-        err = (a.double().cpu() - b.double().cpu()).norm().item() / max(b.norm().item(), floor)
-        assert err <= tol, f"dg: relative error {err:.3e} > {tol:.1e}"
 
 
 def _compare(case, dtype, g=None, scale=None, dg_scale=False):
@@ -61,14 +33,14 @@ def _compare(case, dtype, g=None, scale=None, dg_scale=False):
     def reference(q, k, v, g, beta, h0):
         return gated_delta_rule_chunked(q, k, v, g, beta, scale, h0, True, cu)
 
-    o, s, grads = _grads(fused, inputs, case.seed + 1)
+    o, s, grads = outputs_and_grads(fused, inputs, case.seed + 1)
     up = [None if t is None else t.detach().double().requires_grad_() for t in inputs]
-    o_ref, s_ref, ref_grads = _grads(reference, up, case.seed + 1)
+    o_ref, s_ref, ref_grads = outputs_and_grads(reference, up, case.seed + 1)
     tol = TOL[dtype]
     assert o.dtype == dtype and s.dtype == torch.float32
     assert_rel(o, o_ref, tol, "output")
     assert_rel(s, s_ref, tol, "final state")
-    _assert_grads([n for n, t in zip(NAMES, inputs) if t is not None], grads, ref_grads, tol, dg_scale)
+    assert_grads([n for n, t in zip(NAMES, inputs) if t is not None], grads, ref_grads, tol, dg_scale)
 
 
 @settings(max_examples=10)
@@ -89,9 +61,9 @@ def test_chunked_form_gradients_match_recurrence(case):
     inputs = [None if t is None else t.double().detach().requires_grad_()
               for t in make_gated_inputs(case, torch.float64, "cpu")]
     cu = case.cu_seqlens("cpu")
-    results = [_grads(lambda *x: fn(*x[:5], 0.5, x[5], True, cu), inputs, case.seed)
+    results = [outputs_and_grads(lambda *x, fn=fn: fn(*x[:5], 0.5, x[5], True, cu), inputs, case.seed)
                for fn in (gated_delta_rule_recurrent, gated_delta_rule_chunked)]
-    _assert_grads([n for n, t in zip(NAMES, inputs) if t is not None], results[1][2], results[0][2], 1e-11)
+    assert_grads([n for n, t in zip(NAMES, inputs) if t is not None], results[1][2], results[0][2], 1e-11)
 
 
 def test_recurrence_is_the_contract():

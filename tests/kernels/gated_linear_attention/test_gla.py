@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from seqmix.kernels import gla
 from seqmix.kernels.gated_linear_attention import gla_chunked, gla_recurrent
 from tests.helpers import DEVICE, KERNEL_DTYPES, ON_GPU, TOL, assert_rel
+from tests.kernels.decay_checks import assert_grads, outputs_and_grads
 from tests.kernels.deltanet.cases import Case, cases
 
 NAMES = ["q", "k", "v", "g", "initial_state"]
@@ -33,31 +34,6 @@ def make_inputs(case: Case, dtype, device, requires_grad=False, g=None):
     return [None if t is None else t.to(device).requires_grad_(requires_grad) for t in tensors]
 
 
-def _grads(fn, inputs, seed):
-    o, s = fn(*inputs)
-    gen = torch.Generator().manual_seed(seed)
-    do = torch.randn(o.shape, generator=gen).to(o.device)
-    dht = torch.randn(s.shape, generator=gen).to(s.device)
-    loss = (o.double() * do.double()).sum() + (s.double() * dht.double()).sum()
-    return o, s, torch.autograd.grad(loss, [t for t in inputs if t is not None])
-
-
-def _assert_grads(names, grads, ref_grads, tol, dg_scale=False):
-    """Relative error of every gradient; g's is measured against at least 1e-3 of the size of the
-    others (it vanishes exactly where g cannot act) or, with ``dg_scale``, against their full size:
-    dg is computed as rowsums of q*dq - k*dk, O(1) terms whose float32 round-off dominates when
-    decays of exp(-20) per token leave the output all but independent of g."""
-    natural = max(ref_grads[names.index(n)].norm().item() for n in ("q", "k", "v"))
-    for name, a, b in zip(names, grads, ref_grads, strict=True):
-        assert torch.isfinite(a).all(), f"d{name} is not finite"
-        if name != "g":
-            assert_rel(a, b, tol, f"d{name}")
-            continue
-        floor = natural if dg_scale else 1e-3 * natural
-        err = (a.double().cpu() - b.double().cpu()).norm().item() / max(b.norm().item(), floor)
-        assert err <= tol, f"dg: relative error {err:.3e} > {tol:.1e}"
-
-
 def _compare(case, dtype, g=None, scale=None, dg_scale=False):
     """The Triton op against the float64 chunked reference on the same inputs."""
     inputs = make_inputs(case, dtype, DEVICE, requires_grad=True, g=g)
@@ -68,14 +44,15 @@ def _compare(case, dtype, g=None, scale=None, dg_scale=False):
         return gla(q, k, v, g, scale=scale, initial_state=h0, output_final_state=True, cu_seqlens=cu,
                    backend="triton")
 
-    o, s, grads = _grads(fused, inputs, case.seed + 1)
+    o, s, grads = outputs_and_grads(fused, inputs, case.seed + 1)
     up = [None if t is None else t.detach().double().requires_grad_() for t in inputs]
-    o_ref, s_ref, ref_grads = _grads(lambda *x: gla_chunked(*x[:4], scale, x[4], True, cu), up, case.seed + 1)
+    o_ref, s_ref, ref_grads = outputs_and_grads(lambda *x: gla_chunked(*x[:4], scale, x[4], True, cu), up,
+                                                case.seed + 1)
     tol = TOL[dtype]
     assert o.dtype == dtype and s.dtype == torch.float32
     assert_rel(o, o_ref, tol, "output")
     assert_rel(s, s_ref, tol, "final state")
-    _assert_grads([n for n, t in zip(NAMES, inputs) if t is not None], grads, ref_grads, tol, dg_scale)
+    assert_grads([n for n, t in zip(NAMES, inputs) if t is not None], grads, ref_grads, tol, dg_scale)
 
 
 @settings(max_examples=10)
@@ -95,9 +72,9 @@ def test_chunked_form_gradients_match_recurrence(case):
     inputs = [None if t is None else t.double().detach().requires_grad_()
               for t in make_inputs(case, torch.float64, "cpu")]
     cu = case.cu_seqlens("cpu")
-    results = [_grads(lambda *x: fn(*x[:4], 0.5, x[4], True, cu), inputs, case.seed)
+    results = [outputs_and_grads(lambda *x, fn=fn: fn(*x[:4], 0.5, x[4], True, cu), inputs, case.seed)
                for fn in (gla_recurrent, gla_chunked)]
-    _assert_grads([n for n, t in zip(NAMES, inputs) if t is not None], results[1][2], results[0][2], 1e-11)
+    assert_grads([n for n, t in zip(NAMES, inputs) if t is not None], results[1][2], results[0][2], 1e-11)
 
 
 def test_recurrence_is_the_contract():
