@@ -91,22 +91,20 @@ def gla_state_fwd_kernel(
 
 
 @triton.jit
-def _diagonal_scores(q, k, gcum, i_h, t0, nt, r, k0, H: tl.constexpr, K: tl.constexpr, BC: tl.constexpr,
-                     BKC: tl.constexpr):
-    """Key slice k0 of sub-chunk r's diagonal block, sum_c q_ic k_jc exp(b_ic - b_jc) for j <= i,
-    one column j at a time (the exponent is taken element-wise, never split)."""
+def _diagonal_scores(q, k, gcum, i_h, t0, nt, r, H: tl.constexpr, K: tl.constexpr, BC: tl.constexpr,
+                     BKD: tl.constexpr):
+    """Sub-chunk r's diagonal block, sum_c q_ic k_jc exp(b_ic - b_jc) for j <= i, element-wise as
+    [BC, BC, BKD] products over key slices of BKD (the exponent is masked, never split)."""
     o = tl.arange(0, BC)
     tr, nr = t0 + r * BC, nt - r * BC
-    valid = o < nr
-    b_q = load_rows(q + i_h * K, tr, nr, H * K, k0, K, BC, BKC).to(tl.float32)
-    b_g = load_rows(gcum + i_h * K, tr, nr, H * K, k0, K, BC, BKC)
+    keep = (o[:, None] >= o[None, :]) & (o < nr)[:, None]
     acc = tl.zeros([BC, BC], dtype=tl.float32)
-    for j in range(BC):
-        row = t0 + tl.minimum(r * BC + j, nt - 1)
-        k_j = load_row(k + i_h * K, row, H * K, k0, K, BKC)
-        g_j = load_row(gcum + i_h * K, row, H * K, k0, K, BKC)
-        col = tl.sum(b_q * k_j[None, :] * exp_rows(b_g - g_j[None, :], (o >= j) & valid), 1)
-        acc += tl.where(o[None, :] == j, col[:, None], 0.0)
+    for k0 in range(0, K, BKD):
+        b_q = load_rows(q + i_h * K, tr, nr, H * K, k0, K, BC, BKD).to(tl.float32)
+        b_k = load_rows(k + i_h * K, tr, nr, H * K, k0, K, BC, BKD).to(tl.float32)
+        b_g = load_rows(gcum + i_h * K, tr, nr, H * K, k0, K, BC, BKD)
+        expo = tl.where(keep[:, :, None], b_g[:, None, :] - b_g[None, :, :], float("-inf"))
+        acc += tl.sum(b_q[:, None, :] * b_k[None, :, :] * tl.exp(expo), 2)
     return acc
 
 
@@ -140,9 +138,7 @@ def gla_intra_fwd_kernel(
                 b_k = b_k * exp_rows(ref[None, :] - b_gk, o < nt - s * BC)
                 acc += mm(b_q, tl.trans(b_k), DT, PREC)
             store_rows(A + i_h * BT, acc * scale, tr, nr, H * BT, s * BC, BT, BC, BC)
-        acc = tl.zeros([BC, BC], dtype=tl.float32)
-        for k0 in range(0, K, BKC):
-            acc += _diagonal_scores(q, k, gcum, i_h, t0, nt, r, k0, H, K, BC, BKC)
+        acc = _diagonal_scores(q, k, gcum, i_h, t0, nt, r, H, K, BC, BC)
         store_rows(A + i_h * BT, acc * scale, tr, nr, H * BT, r * BC, BT, BC, BC)
 
 
