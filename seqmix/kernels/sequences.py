@@ -83,6 +83,19 @@ def empty_sequence_result(q: torch.Tensor, v: torch.Tensor, initial_state, outpu
     o = q.new_empty(B, 0, H, V)
     if not output_final_state:
         return o, None
-    state_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    final = q.new_zeros(n, H, K, V, dtype=state_dtype) if initial_state is None else initial_state.clone()
+    final = q.new_zeros(n, H, K, V, dtype=reference_dtype(q)) if initial_state is None else initial_state.clone()
     return o, final
+
+
+def reference_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the PyTorch references compute in: float64 for float64 inputs, else float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def sequence_spans(cu_seqlens, batch: int, seqlen: int) -> list[tuple[int, int, int]]:
+    """(batch row, start, end) of every sequence of a dense [batch, seqlen] or packed input,
+    for the PyTorch references (reads ``cu_seqlens`` back to the host)."""
+    if cu_seqlens is None:
+        return [(b, 0, seqlen) for b in range(batch)]
+    bounds = cu_seqlens.tolist()
+    return [(0, s, e) for s, e in zip(bounds[:-1], bounds[1:])]

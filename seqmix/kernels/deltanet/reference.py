@@ -13,26 +13,16 @@ from __future__ import annotations
 
 import torch
 
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def _split_sequences(cu_seqlens, batch: int, seqlen: int):
-    """(batch row, start, end) of every sequence."""
-    if cu_seqlens is None:
-        return [(b, 0, seqlen) for b in range(batch)]
-    bounds = cu_seqlens.tolist()
-    return [(0, s, e) for s, e in zip(bounds[:-1], bounds[1:])]
+from seqmix.kernels.sequences import reference_dtype, sequence_spans
 
 
 def _recurrent(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens):
     """One token at a time; the state decays by exp(g_t) before each update when g is given."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    dt = _compute_dtype(q)
+    dt = reference_dtype(q)
     outs, finals = [], []
-    for n, (b, s, e) in enumerate(_split_sequences(cu_seqlens, B, T)):
+    for n, (b, s, e) in enumerate(sequence_spans(cu_seqlens, B, T)):
         S = q.new_zeros(H, K, V, dtype=dt) if initial_state is None else initial_state[n].to(dt)
         rows = []
         for t in range(s, e):
@@ -121,7 +111,7 @@ def _chunked_dense(q, k, v, beta, g, scale, S, chunk_size):
 def _chunked(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
     B, T, H, K = q.shape
     V = v.shape[-1]
-    dt = _compute_dtype(q)
+    dt = reference_dtype(q)
     in_dtype = q.dtype
     q, k, v, beta = (x.to(dt) for x in (q, k, v, beta))
     g = None if g is None else g.to(dt)
@@ -130,7 +120,7 @@ def _chunked(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seql
         o, finals = _chunked_dense(q, k, v, beta, g, scale, S0, chunk_size)
     else:
         outs, states = [], []
-        for n, (_, s, e) in enumerate(_split_sequences(cu_seqlens, B, T)):
+        for n, (_, s, e) in enumerate(sequence_spans(cu_seqlens, B, T)):
             S0 = q.new_zeros(1, H, K, V) if initial_state is None else initial_state[n : n + 1].to(dt)
             g_n = None if g is None else g[:, s:e]
             o_n, S = _chunked_dense(q[:, s:e], k[:, s:e], v[:, s:e], beta[:, s:e], g_n, scale, S0, chunk_size)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from seqmix.kernels.deltanet.reference import _compute_dtype, _split_sequences
+from seqmix.kernels.sequences import reference_dtype, sequence_spans
 
 SUB = 16  # rows of the sub-chunks of the secondary chunking
 
@@ -20,9 +20,9 @@ def gla_recurrent(q, k, v, g, scale, initial_state=None, output_final_state=Fals
     """``S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T``, ``o_t = scale S_t^T q_t``, one token at a time."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    dt = _compute_dtype(q)
+    dt = reference_dtype(q)
     outs, finals = [], []
-    for n, (b, s, e) in enumerate(_split_sequences(cu_seqlens, B, T)):
+    for n, (b, s, e) in enumerate(sequence_spans(cu_seqlens, B, T)):
         S = q.new_zeros(H, K, V, dtype=dt) if initial_state is None else initial_state[n].to(dt)
         rows = []
         for t in range(s, e):
@@ -92,7 +92,7 @@ def gla_chunked(q, k, v, g, scale, initial_state=None, output_final_state=False,
     S_next = diag(exp(b_C)) S + (K exp(b_C - b))^T V. ``chunk_size`` is a multiple of 16."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    dt = _compute_dtype(q)
+    dt = reference_dtype(q)
     in_dtype = q.dtype
     q, k, v, g = (x.to(dt) for x in (q, k, v, g))
     if cu_seqlens is None:
@@ -100,7 +100,7 @@ def gla_chunked(q, k, v, g, scale, initial_state=None, output_final_state=False,
         o, finals = _chunked_dense(q, k, v, g, scale, S0, chunk_size)
     else:
         outs, states = [], []
-        for n, (_, s, e) in enumerate(_split_sequences(cu_seqlens, B, T)):
+        for n, (_, s, e) in enumerate(sequence_spans(cu_seqlens, B, T)):
             S0 = q.new_zeros(1, H, K, V) if initial_state is None else initial_state[n : n + 1].to(dt)
             o_n, S = _chunked_dense(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], scale, S0, chunk_size)
             outs.append(o_n)
