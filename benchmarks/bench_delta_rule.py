@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import floor_ms, measure, parse_args, report
+from benchmarks.common import floor_ms, run_anchor_benchmark
 from seqmix.kernels import delta_rule
 
 CHUNK = 64
@@ -49,19 +49,7 @@ def impls(backends):
 
 
 def main(argv=None):
-    args = parse_args(__doc__, argv)
-    dtype = getattr(torch, args.dtype)
-    H, D = 16, 128
-    shapes = [(8, 2048), (2, 8192)]
-    if not args.quick:
-        shapes += [(16384 // T, T) for T in (512, 1024, 4096, 16384)]
-    rows = measure(
-        "delta_rule", [{"B": B, "T": T} for B, T in shapes], impls(args.backends.split(",")),
-        lambda s, grad: make_inputs(s["B"], s["T"], H, D, D, dtype, grad),
-        lambda s, backward: delta_rule_floor_ms(s["B"], s["T"], H, D, D, dtype.itemsize, backward),
-        args.dtype,
-    )
-    report(f"delta_rule, {args.dtype}, H{H} D{D}", rows, ("B", "T"), args.json)
+    run_anchor_benchmark("delta_rule", __doc__, impls, make_inputs, delta_rule_floor_ms, argv)
 
 
 if __name__ == "__main__":

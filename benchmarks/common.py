@@ -75,7 +75,14 @@ def measure(op: str, shapes, impls: dict, make_inputs, floor, dtype: str, anchor
     for shape in shapes:
         for backward in (False, True):
             inputs = make_inputs(shape, backward)
-            times = {name: timed(fn, inputs, backward) for name, fn in impls.items()}
+            times = {}
+            for name, fn in impls.items():
+                try:
+                    times[name] = timed(fn, inputs, backward)
+                except Exception as e:  # a comparator may refuse a call (fla on Hopper); seqmix's own may not
+                    if name in ("triton", "reference", "cuda"):
+                        raise
+                    print(f"{op}: {name} refused {'fwd+bwd' if backward else 'fwd'} at {shape}: {e}", file=sys.stderr)
             error = None
             if backward and "triton" in impls and "reference" in impls:
                 error = max_rel_err(impls["triton"], impls["reference"], make_inputs(shape, True))
@@ -108,3 +115,23 @@ def report(title: str, rows: list[dict], shape_keys: tuple[str, ...], json_path:
     if json_path:
         with open(json_path, "w") as f:
             json.dump(rows, f, indent=1)
+
+
+def run_anchor_benchmark(op: str, doc: str, impls, make_inputs, floor, argv=None) -> None:
+    """The command line of a [B, T, H16, D128] op benchmark: the anchor shapes (B8 T2048, B2 T8192),
+    then unless --quick a sweep of T at 16K tokens per batch. ``impls(backends)`` maps names to
+    callables; ``make_inputs(B, T, H, K, V, dtype, requires_grad)`` and
+    ``floor(B, T, H, K, V, elem_bytes, backward)`` take the sizes."""
+    args = parse_args(doc, argv)
+    dtype = getattr(torch, args.dtype)
+    H, D = 16, 128
+    shapes = [(8, 2048), (2, 8192)]
+    if not args.quick:
+        shapes += [(16384 // T, T) for T in (512, 1024, 4096, 16384)]
+    rows = measure(
+        op, [{"B": B, "T": T} for B, T in shapes], impls(args.backends.split(",")),
+        lambda s, grad: make_inputs(s["B"], s["T"], H, D, D, dtype, grad),
+        lambda s, backward: floor(s["B"], s["T"], H, D, D, dtype.itemsize, backward),
+        args.dtype,
+    )
+    report(f"{op}, {args.dtype}, H{H} D{D}", rows, ("B", "T"), args.json)

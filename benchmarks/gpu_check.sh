@@ -39,7 +39,7 @@ fi
 
 bench_rc=0
 if [ "$part" != tests ]; then
-  for bench in delta_rule causal_conv1d dynamic_conv ssd; do
+  for bench in delta_rule gated_delta_rule gla ssd causal_conv1d dynamic_conv; do
     python3 -m benchmarks.bench_$bench ${QUICK:+--quick} --json "$out/bench_$bench.json" >> "$out/bench.log" 2>&1 \
       || bench_rc=1
   done

@@ -67,10 +67,10 @@ def print_compiled(specs) -> None:
     print(json.dumps(results))
 
 
-def compile_in_subprocess(module: str, timeout: float = 900) -> list[dict]:
-    """Run ``python -m module`` without the interpreter; the module prints its results as JSON last."""
+def compile_in_subprocess(module: str, timeout: float = 900, args: tuple[str, ...] = ()) -> list[dict]:
+    """Run ``python -m module *args`` without the interpreter; the module prints its results as JSON last."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", module], cwd=ROOT, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"compiling for sm_90 failed:\n{proc.stderr[-6000:]}")

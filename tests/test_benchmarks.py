@@ -67,3 +67,28 @@ def test_dynamic_conv_floor_and_error_check():
     err = max_rel_err(fns["triton"], fns["reference"], inputs)
     assert 0 < err < 1e-4
     assert fns["sdpa"](*inputs).shape == inputs[0].shape
+
+
+def test_gated_delta_rule_error_check_is_small_and_measured():
+    from benchmarks import bench_gated_delta_rule as bench
+
+    fns = bench.impls(["triton", "reference"])
+    err = max_rel_err(fns["triton"], fns["reference"], bench.make_inputs(1, 70, 2, 16, 16, torch.float32, True, DEVICE))
+    assert 0 < err < 1e-4
+
+
+@pytest.mark.parametrize("B, T", [(8, 2048), (2, 8192)])
+def test_gla_floor_matches_the_anchor_table(B, T):
+    from benchmarks.bench_gla import gla_floor_ms
+
+    # ../shared/ANCHORS.md, bf16, fla chunk_gla (H16 D128): floor 0.112 / 0.336 ms.
+    assert gla_floor_ms(B, T, 16, 128, 128, 2, backward=False) == pytest.approx(0.112, abs=0.001)
+    assert gla_floor_ms(B, T, 16, 128, 128, 2, backward=True) == pytest.approx(0.336, abs=0.002)
+
+
+def test_gla_error_check_is_small_and_measured():
+    from benchmarks import bench_gla as bench
+
+    fns = bench.impls(["triton", "reference"])
+    err = max_rel_err(fns["triton"], fns["reference"], bench.make_inputs(1, 70, 2, 16, 16, torch.float32, True, DEVICE))
+    assert 0 < err < 1e-4

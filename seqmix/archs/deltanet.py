@@ -1,6 +1,9 @@
-"""DeltaNet (Yang et al. 2024): linear attention whose state is updated by the delta rule."""
+"""DeltaNet (Yang et al. 2024): linear attention whose state is updated by the delta rule;
+Gated DeltaNet adds a decay per head and token."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -8,7 +11,7 @@ from torch import nn
 
 from seqmix.archs.mixer import Mixer, State, register_mixer
 from seqmix.archs.modules import RMSNorm, ShortConvolution, l2_normalize
-from seqmix.kernels import delta_rule
+from seqmix.kernels import delta_rule, gated_delta_rule
 
 
 @register_mixer("deltanet")
@@ -74,6 +77,10 @@ class DeltaNet(Mixer):
             q, k, v, beta, initial_state=None if state is None else state["recurrent"],
             output_final_state=state is not None, cu_seqlens=cu_seqlens, backend=self.backend,
         )
+        return self._output(x, o, recurrent, state, new_state)
+
+    def _output(self, x, o, recurrent, state, new_state):
+        """The (gated) output norm and projection, and the state to return (None when training)."""
         gate = None if self.g_proj is None else self.g_proj(x).view_as(o)
         o = self.o_proj(self.o_norm(o, gate).flatten(2))
         if state is None:
@@ -87,3 +94,49 @@ class DeltaNet(Mixer):
         if self.convs is not None:
             state.update({f"conv_{n}": conv.init_state(batch_size) for n, conv in self.convs.items()})
         return state
+
+
+@register_mixer("gated_deltanet")
+class GatedDeltaNet(DeltaNet):
+    """Gated DeltaNet (Yang, Kautz & Hatamizadeh 2025): DeltaNet whose state also decays by a
+    data-dependent scalar per head and token, ``g = -exp(A_log) * softplus(a_proj(x) + dt_bias)``
+    (Mamba-2's parametrisation), through :func:`seqmix.kernels.gated_delta_rule`.
+
+    Args: as :class:`DeltaNet` (the output gate is on by default), plus
+        dt_min, dt_max: range of the initial step sizes softplus(dt_bias), log-uniform.
+        a_init_range: range of the initial decay rates exp(A_log), uniform.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int | None = None, expand_v: float = 1.0,
+                 conv_size: int = 4, use_short_conv: bool = True, use_output_gate: bool = True,
+                 norm_eps: float = 1e-5, dt_min: float = 1e-3, dt_max: float = 0.1,
+                 a_init_range: tuple[float, float] = (1.0, 16.0), backend: str | None = None):
+        super().__init__(hidden_size, num_heads, head_dim, expand_v, conv_size, use_short_conv, use_output_gate,
+                         norm_eps, backend)
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        if not 0 < a_init_range[0] <= a_init_range[1]:
+            raise ValueError(f"a_init_range must be an increasing pair of positive rates, got {a_init_range}")
+        self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        A = torch.empty(num_heads).uniform_(*a_init_range)
+        self.A_log = nn.Parameter(torch.log(A))
+        log_dt = torch.empty(num_heads).uniform_(math.log(dt_min), math.log(dt_max))
+        dt = torch.exp(log_dt).clamp_min(1e-4)
+        # softplus^-1(dt), so that softplus(dt_bias) starts at dt.
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        # Rates and step sizes are not weights to shrink (as in Mamba-2): optimisers may read this flag.
+        self.A_log._no_weight_decay = True
+        self.dt_bias._no_weight_decay = True
+
+    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
+        """g [B, T, H] float32, <= 0: the state's log decay at each token."""
+        return -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+
+    def mix(self, x, state: State | None, *, cu_seqlens=None):
+        q, k, v, new_state = self._qkv(x, state, cu_seqlens)
+        beta = torch.sigmoid(self.b_proj(x).float()).to(q.dtype)
+        o, recurrent = gated_delta_rule(
+            q, k, v, self.log_decay(x), beta, initial_state=None if state is None else state["recurrent"],
+            output_final_state=state is not None, cu_seqlens=cu_seqlens, backend=self.backend,
+        )
+        return self._output(x, o, recurrent, state, new_state)

@@ -85,3 +85,12 @@ def check_scale(scale, default: float) -> float:
     if not scale == scale or scale in (float("inf"), float("-inf")):
         raise ValueError(f"scale must be a finite number, got {scale}")
     return scale
+
+
+def check_log_decay(name: str, g, expected: Sequence[int | None], *, dims: str, like: torch.Tensor) -> None:
+    """A tensor of log decays: shape and device as :func:`check_tensor`, and no positive value
+    (exp(g) > 1 would grow the state; the kernels' decay ratios assume g <= 0). Checking the
+    values reads one boolean back to the host."""
+    check_tensor(name, g, expected, dims=dims, like=like)
+    if g.numel() and bool((g > 0).any()):
+        raise ValueError(f"{name} holds log decays and must be <= 0 everywhere, got a maximum of {g.max().item():.4g}")

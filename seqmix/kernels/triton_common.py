@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from seqmix.kernels.alloc import empty
 from seqmix.kernels.backend import triton_interpreting
 
 # F.softplus returns x itself above this; the kernels do the same, for the same values and gradients.
@@ -138,3 +139,54 @@ def softplus_backward(dy, x):
 @triton.jit
 def silu(x):
     return x * tl.sigmoid(x)
+
+
+def decay_ratio(b_row, b_col, keep):
+    """exp(b_row[i] - b_col[j]) where ``keep`` (a [BR, BC] or broadcastable block mask), else 0.
+
+    For cumulative log decays the ratio is only taken where i is at or after j, so the exponent
+    is never positive; masking the exponent (not the result) keeps exp(+large) = inf out of every
+    product, even in rows past a sequence's end.
+    """
+    return tl.exp(tl.where(keep, b_row[:, None] - b_col[None, :], float("-inf")))
+
+
+@triton.autotune(configs=autotune_configs([triton.Config({}, num_warps=w) for w in (2, 4)]), key=["D"])
+@triton.jit
+def chunk_local_cumsum_kernel(
+    x, out, chunk_index, cu_seqlens,
+    H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, REVERSE: tl.constexpr,
+):
+    """Cumulative sum of x [L, H, D] over the tokens of each chunk (from its end when REVERSE), in float32."""
+    i_c, i_d, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    _, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
+    b_x = load_rows(x + i_h * D, t0, nt, H * D, i_d * BD, D, BT, BD).to(tl.float32)
+    store_rows(out + i_h * D, tl.cumsum(b_x, axis=0, reverse=REVERSE), t0, nt, H * D, i_d * BD, D, BT, BD)
+
+
+def chunk_local_cumsum(x: torch.Tensor, chunking, reverse: bool = False) -> torch.Tensor:
+    """float32 cumulative sums of ``x`` ([L, H] or [L, H, D], packed tokens) inside every chunk of
+    ``chunking``: the in-chunk cumulative log decays of the gated ops, and (``reverse``) their gradients."""
+    L, H = x.shape[:2]
+    D = x.shape[2] if x.dim() == 3 else 1
+    out = empty(*x.shape, dtype=torch.float32, device=x.device)
+    BD = min(64, triton.next_power_of_2(D))
+    chunk_local_cumsum_kernel[(chunking.num_chunks, triton.cdiv(D, BD), H)](
+        x, out, chunking.chunk_index, chunking.cu_seqlens, H=H, D=D, BT=chunking.chunk_size, BD=BD, REVERSE=reverse,
+    )
+    return out
+
+
+@triton.jit
+def load_row(base, t, row_stride, c0, ncol, BC: tl.constexpr):
+    """Channels ``c0 .. ncol-1`` of token ``t`` as a [BC] float32 vector (columns past ``ncol`` read
+    zero). ``t`` must be a token of the tensor: callers clamp it into their sequence."""
+    cols = c0 + tl.arange(0, BC)
+    return tl.load(base + t.to(tl.int64) * row_stride + cols, mask=cols < ncol, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def exp_rows(e, valid):
+    """exp(e) for an [R, C] tile of exponents on the rows where ``valid`` ([R]), 0 on the others:
+    rows past a sequence's end hold exponents that could be positive, and are never exponentiated."""
+    return tl.exp(tl.where(valid[:, None], e, float("-inf")))

@@ -60,3 +60,22 @@ def padding_and_packing_equal_separate_calls(layer, xs, tol):
         for name, value in alone.items():
             assert_rel(layer.sequence_state(s_pad, i)[name], value, tol, f"left-padded state {name!r} of sequence {i}")
             assert_rel(layer.sequence_state(s_packed, i)[name], value, tol, f"packed state {name!r} of sequence {i}")
+
+
+def fused_matches_reference(make_layer, x, tol, expected_params=()):
+    """The layer built by ``make_layer(backend)`` with the Triton backend against the same layer
+    (same seed) with the reference backend: outputs, and the gradients of x and every parameter
+    for a squared-sum loss. ``expected_params`` must be among the parameters compared."""
+    outs, grads, names = {}, {}, None
+    for backend in ("triton", "reference"):
+        layer = make_layer(backend)
+        xb = x.clone().requires_grad_()
+        y, _ = layer(xb)
+        y.square().sum().backward()
+        outs[backend] = y
+        grads[backend] = [xb.grad] + [p.grad for p in layer.parameters()]
+        names = ["x"] + [n for n, _ in layer.named_parameters()]
+    assert set(expected_params) <= set(names), f"{expected_params} not among {names}"
+    assert_rel(outs["triton"], outs["reference"], tol, "output")
+    for name, a, b in zip(names, grads["triton"], grads["reference"], strict=True):
+        assert_rel(a, b, tol, f"grad of {name}")

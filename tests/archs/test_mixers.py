@@ -21,6 +21,8 @@ SMALL_CONFIGS = {
     "shortconv": {"hidden_size": HIDDEN, "conv_size": 4},
     "mamba": {"hidden_size": HIDDEN, "d_state": 4, "expand": 1},
     "mamba2": {"hidden_size": HIDDEN, "head_dim": 32, "d_state": 8, "expand": 1},
+    "gated_deltanet": {"hidden_size": HIDDEN, "num_heads": 2},
+    "gla": {"hidden_size": HIDDEN, "num_heads": 2},
 }
 # Each mixer with each backend it takes, except those that need a package this machine lacks.
 CASES = [(name, backend) for name in sorted(SMALL_CONFIGS) for backend in MIXERS[name].backends

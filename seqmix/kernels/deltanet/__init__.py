@@ -1,29 +1,41 @@
-"""The delta rule (DeltaNet): public op, argument checks and backend dispatch."""
+"""The delta rule (DeltaNet) and the gated delta rule (Gated DeltaNet): public ops, argument checks
+and backend dispatch. Both share one set of Triton kernels; a constexpr flag adds the decay."""
 
 from __future__ import annotations
 
 import torch
 
 from seqmix.kernels.backend import select_backend
-from seqmix.kernels.checks import check_cu_seqlens, check_same_dtype, check_scale, check_tensor
+from seqmix.kernels.checks import check_cu_seqlens, check_log_decay, check_same_dtype, check_scale, check_tensor
 from seqmix.kernels.deltanet import triton as kernels
-from seqmix.kernels.deltanet.reference import delta_rule_chunked, delta_rule_recurrent
-from seqmix.kernels.sequences import chunking_for
+from seqmix.kernels.deltanet.reference import (
+    delta_rule_chunked,
+    delta_rule_recurrent,
+    gated_delta_rule_chunked,
+    gated_delta_rule_recurrent,
+)
+from seqmix.kernels.sequences import chunking_for, empty_sequence_result
+from seqmix.kernels.triton_common import chunk_local_cumsum
 
-__all__ = ["delta_rule", "delta_rule_chunked", "delta_rule_recurrent"]
+__all__ = [
+    "delta_rule", "delta_rule_chunked", "delta_rule_recurrent",
+    "gated_delta_rule", "gated_delta_rule_chunked", "gated_delta_rule_recurrent",
+]
 
 # Below this many tokens per sequence (and with no gradient wanted) the
 # token-by-token kernel beats the three launches of the chunked forward.
 RECURRENT_MAX_TOKENS = 64
 
 
-def _check_inputs(q, k, v, beta, initial_state, cu_seqlens):
+def _check_inputs(q, k, v, beta, initial_state, cu_seqlens, g=None):
     check_tensor("q", q, (None, None, None, None), dims="[B, T, H, K]")
     B, T, H, K = q.shape
     check_tensor("k", k, (B, T, H, K), dims="[B, T, H, K]", like=q)
     check_tensor("v", v, (B, T, H, None), dims="[B, T, H, V]", like=q)
     check_tensor("beta", beta, (B, T, H), dims="[B, T, H]", like=q)
     check_same_dtype(("q", "k", "v", "beta"), (q, k, v, beta))
+    if g is not None:
+        check_log_decay("g", g, (B, T, H), dims="[B, T, H]", like=q)
     if K == 0 or v.shape[-1] == 0:
         raise ValueError(f"head dims must be positive, got K={K}, V={v.shape[-1]}")
     n = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, batch=B, total=T, like=q)
@@ -33,43 +45,66 @@ def _check_inputs(q, k, v, beta, initial_state, cu_seqlens):
 
 
 class _ChunkDeltaRule(torch.autograd.Function):
+    """The chunked kernels under autograd; ``g`` None is the plain delta rule."""
+
     @staticmethod
-    def forward(ctx, q, k, v, beta, initial_state, scale, chunking, output_final_state):
+    def forward(ctx, q, k, v, g, beta, initial_state, scale, chunking, output_final_state):
         h0 = None if initial_state is None else initial_state.float().contiguous()
-        o, ht, t_inv = kernels.chunk_delta_rule_fwd(q, k, v, beta, scale, h0, chunking, output_final_state)
-        ctx.save_for_backward(q, k, v, beta, t_inv, h0)
+        gcum = None if g is None else chunk_local_cumsum(g, chunking)
+        o, ht, t_inv = kernels.chunk_delta_rule_fwd(q, k, v, beta, gcum, scale, h0, chunking, output_final_state)
+        ctx.save_for_backward(q, k, v, gcum, beta, t_inv, h0)
         ctx.scale, ctx.chunking = scale, chunking
+        ctx.g_dtype = None if g is None else g.dtype
         ctx.initial_state_dtype = None if initial_state is None else initial_state.dtype
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, t_inv, h0 = ctx.saved_tensors
-        need_dh0 = h0 is not None and ctx.needs_input_grad[4]
+        q, k, v, gcum, beta, t_inv, h0 = ctx.saved_tensors
+        need_dh0 = h0 is not None and ctx.needs_input_grad[5]
         dht = None if dht is None else dht.float().contiguous()
-        dq, dk, dv, dbeta, dh0 = kernels.chunk_delta_rule_bwd(
-            q, k, v, beta, t_inv, ctx.scale, h0, ctx.chunking, do.contiguous(), dht, need_dh0
+        dq, dk, dv, dbeta, dg, dh0 = kernels.chunk_delta_rule_bwd(
+            q, k, v, beta, gcum, t_inv, ctx.scale, h0, ctx.chunking, do.contiguous(), dht, need_dh0
         )
         if dh0 is not None:
             dh0 = dh0.to(ctx.initial_state_dtype)
-        return dq, dk, dv, dbeta, dh0, None, None, None
+        if dg is not None:
+            dg = dg.to(ctx.g_dtype)
+        return dq, dk, dv, dg, dbeta, dh0, None, None, None
 
 
-def _triton_delta_rule(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, n):
+def _triton_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, n):
     B, T, H, K = q.shape
     V = v.shape[-1]
     packed = [x.reshape(B * T, H, -1).contiguous() for x in (q, k, v)]
     beta_p = beta.reshape(B * T, H).contiguous()
+    g_p = None if g is None else g.reshape(B * T, H).contiguous()
     chunking = chunking_for(B, T, kernels.CHUNK, q.device, cu_seqlens)
     wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, beta, initial_state)
+        t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state)
     )
     if not wants_grad and B * T <= RECURRENT_MAX_TOKENS * n:
         h0 = None if initial_state is None else initial_state.float().contiguous()
-        o, ht = kernels.recurrent_delta_rule_fwd(*packed, beta_p, scale, h0, chunking.cu_seqlens, output_final_state)
+        o, ht = kernels.recurrent_delta_rule_fwd(*packed, beta_p, g_p, scale, h0, chunking.cu_seqlens,
+                                                 output_final_state)
     else:
-        o, ht = _ChunkDeltaRule.apply(*packed, beta_p, initial_state, scale, chunking, output_final_state)
+        o, ht = _ChunkDeltaRule.apply(*packed, g_p, beta_p, initial_state, scale, chunking, output_final_state)
     return o.view(B, T, H, V), ht
+
+
+def _dispatch(op, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, backend):
+    n = _check_inputs(q, k, v, beta, initial_state, cu_seqlens, g)
+    T, K, V = q.shape[1], q.shape[3], v.shape[-1]
+    scale = check_scale(scale, K**-0.5)
+    name = select_backend(op, backend, q.device, ("triton", "reference"),
+                          {"triton": kernels.unsupported(q.dtype, K, V)})
+    if T == 0:
+        return empty_sequence_result(q, v, initial_state, output_final_state, n)
+    if name == "triton":
+        return _triton_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, n)
+    if g is None:
+        return delta_rule_chunked(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
+    return gated_delta_rule_chunked(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
 
 
 def delta_rule(
@@ -103,19 +138,46 @@ def delta_rule(
         o: [B, T, H, V] in the inputs' dtype.
         final_state: [N, H, K, V] float32 (float64 for float64 inputs), or None.
     """
-    n = _check_inputs(q, k, v, beta, initial_state, cu_seqlens)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    scale = check_scale(scale, K**-0.5)
-    name = select_backend("delta_rule", backend, q.device, ("triton", "reference"),
-                          {"triton": kernels.unsupported(q.dtype, K, V)})
-    if T == 0:
-        o = q.new_empty(B, 0, H, V)
-        if not output_final_state:
-            return o, None
-        state_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        final = q.new_zeros(n, H, K, V, dtype=state_dtype) if initial_state is None else initial_state.clone()
-        return o, final
-    if name == "triton":
-        return _triton_delta_rule(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, n)
-    return delta_rule_chunked(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
+    return _dispatch("delta_rule", q, k, v, None, beta, scale, initial_state, output_final_state, cu_seqlens,
+                     backend)
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gated delta rule (Gated DeltaNet):
+    ``S_t = e^{g_t} S_{t-1} + beta_t k_t (v_t - e^{g_t} S_{t-1}^T k_t)^T``, ``o_t = scale S_t^T q_t``.
+
+    Args:
+        q: [B, T, H, K] queries.
+        k: [B, T, H, K] keys (not normalised here; GatedDeltaNet L2-normalises them).
+        v: [B, T, H, V] values.
+        g: [B, T, H] log decays, <= 0 (any floating dtype; used in float32). Values as small as
+            -20 per token are fine: decay ratios are formed in log space inside each chunk.
+        beta: [B, T, H] write strengths, usually in (0, 1).
+        scale: multiplies the queries; defaults to ``K ** -0.5``.
+        initial_state: [N, H, K, V] state before the first token of each sequence
+            (N = B, or the number of packed sequences); float32 by convention.
+        output_final_state: also return the state after the last token.
+        cu_seqlens: [N+1] int32/int64 boundaries of sequences packed as
+            ``[1, sum(T_i), ...]``; states reset at every boundary.
+        backend: None (automatic), ``"reference"`` or ``"triton"``.
+
+    Returns:
+        o: [B, T, H, V] in the inputs' dtype.
+        final_state: [N, H, K, V] float32 (float64 for float64 inputs), or None.
+    """
+    if g is None:
+        raise ValueError("g must be a tensor of log decays of shape [B, T, H], got None")
+    return _dispatch("gated_delta_rule", q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                     backend)

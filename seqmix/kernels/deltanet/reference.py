@@ -1,43 +1,35 @@
-"""The delta rule in plain PyTorch: the step-by-step oracle and the chunked WY form.
+"""The delta rule and the gated delta rule in plain PyTorch: step-by-step oracles and chunked WY forms.
 
-Both take the op's packed layout (q, k ``[B, T, H, K]``, v ``[B, T, H, V]``,
-beta ``[B, T, H]``) with optional ``cu_seqlens`` (then B == 1), compute in
+All take the op's packed layout (q, k ``[B, T, H, K]``, v ``[B, T, H, V]``,
+beta ``[B, T, H]``, for the gated rule g ``[B, T, H]``) with optional ``cu_seqlens`` (then B == 1), compute in
 float32 (float64 when the inputs are float64) and return
 ``(o [B, T, H, V] in the input dtype, final_state [N, H, K, V] or None)``;
 the state is float32 (float64 for float64 inputs).
-Both are differentiable by autograd; the chunked form is the reference
-backend of :func:`seqmix.kernels.deltanet`.
+All are differentiable by autograd; the chunked forms are the reference
+backends of :mod:`seqmix.kernels.deltanet`.
 """
 
 from __future__ import annotations
 
 import torch
 
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+from seqmix.kernels.sequences import reference_dtype, sequence_spans
 
 
-def _split_sequences(cu_seqlens, batch: int, seqlen: int):
-    """(batch row, start, end) of every sequence."""
-    if cu_seqlens is None:
-        return [(b, 0, seqlen) for b in range(batch)]
-    bounds = cu_seqlens.tolist()
-    return [(0, s, e) for s, e in zip(bounds[:-1], bounds[1:])]
-
-
-def delta_rule_recurrent(q, k, v, beta, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
-    """``S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T``, ``o_t = scale S_t^T q_t``, one token at a time."""
+def _recurrent(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens):
+    """One token at a time; the state decays by exp(g_t) before each update when g is given."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    dt = _compute_dtype(q)
+    dt = reference_dtype(q)
     outs, finals = [], []
-    for n, (b, s, e) in enumerate(_split_sequences(cu_seqlens, B, T)):
+    for n, (b, s, e) in enumerate(sequence_spans(cu_seqlens, B, T)):
         S = q.new_zeros(H, K, V, dtype=dt) if initial_state is None else initial_state[n].to(dt)
         rows = []
         for t in range(s, e):
             qt, kt, vt = q[b, t].to(dt), k[b, t].to(dt), v[b, t].to(dt)
             bt = beta[b, t].to(dt)
+            if g is not None:
+                S = S * torch.exp(g[b, t].to(dt))[:, None, None]
             v_new = vt - torch.einsum("hkv,hk->hv", S, kt)
             S = S + torch.einsum("hk,hv->hkv", kt * bt[:, None], v_new)
             rows.append(scale * torch.einsum("hkv,hk->hv", S, qt))
@@ -48,18 +40,33 @@ def delta_rule_recurrent(q, k, v, beta, scale, initial_state=None, output_final_
     return o.to(q.dtype), final
 
 
-def _chunked_dense(q, k, v, beta, scale, S, chunk_size):
+def delta_rule_recurrent(q, k, v, beta, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """``S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T``, ``o_t = scale S_t^T q_t``, one token at a time."""
+    return _recurrent(q, k, v, beta, None, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def gated_delta_rule_recurrent(q, k, v, g, beta, scale, initial_state=None, output_final_state=False,
+                               cu_seqlens=None):
+    """``S_t = e^{g_t} S_{t-1} + beta_t k_t (v_t - e^{g_t} S_{t-1}^T k_t)^T``, ``o_t = scale S_t^T q_t``,
+    one token at a time."""
+    return _recurrent(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def _chunked_dense(q, k, v, beta, g, scale, S, chunk_size):
     """The WY/UT chunked form for dense [B, T, H, *] inputs already in the compute dtype.
 
-    S: [B, H, K, V] state entering the first chunk. Returns (o, S_final).
+    g: [B, T, H] log decays or None. S: [B, H, K, V] state entering the first chunk.
+    Returns (o, S_final).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = chunk_size
     pad = (-T) % C
     if pad:
-        # Zero keys, values and betas leave the state unchanged; the padded rows are cut off below.
+        # Zero keys, values and betas leave the state unchanged, and zero log decays do not decay it;
+        # the padded rows are cut off below.
         q, k, v, beta = (torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) for x in (q, k, v, beta))
+        g = None if g is None else torch.nn.functional.pad(g, (0, 0, 0, pad))
     NT = (T + pad) // C
     if NT == 0:
         return q.new_zeros(B, 0, H, V), S
@@ -70,40 +77,71 @@ def _chunked_dense(q, k, v, beta, scale, S, chunk_size):
     strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     kb = k * beta[..., None]
-    A = (kb @ k.transpose(-1, -2)).masked_fill(~strict, 0)
+    A = kb @ k.transpose(-1, -2)
+    P = q @ k.transpose(-1, -2)
+    kbg = kb
+    if g is not None:
+        # b: cumulative log decay inside each chunk. Ratios exp(b_i - b_j) are formed for i >= j only,
+        # so no exponent is positive (exp(b_i) * exp(-b_j) would overflow for strong decays).
+        b = g.reshape(B, NT, C, H).permute(0, 3, 1, 2).cumsum(-1)
+        decay = torch.exp((b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf")))
+        A, P = A * decay, P * decay
+        kbg = kb * torch.exp(b)[..., None]
+    A = A.masked_fill(~strict, 0)
+    P = P.masked_fill(~causal, 0)
     Tm = torch.linalg.solve_triangular(eye + A, eye.expand_as(A), upper=False, unitriangular=True)
-    W = Tm @ kb
+    W = Tm @ kbg
     U = Tm @ (v * beta[..., None])
-    P = (q @ k.transpose(-1, -2)).masked_fill(~causal, 0)
     outs = []
     for c in range(NT):
         v_new = U[:, :, c] - W[:, :, c] @ S
-        outs.append(scale * (q[:, :, c] @ S + P[:, :, c] @ v_new))
-        S = S + k[:, :, c].transpose(-1, -2) @ v_new
+        q_c, k_c = q[:, :, c], k[:, :, c]
+        if g is None:
+            outs.append(scale * (q_c @ S + P[:, :, c] @ v_new))
+            S = S + k_c.transpose(-1, -2) @ v_new
+            continue
+        b_c = b[:, :, c]
+        outs.append(scale * ((q_c * torch.exp(b_c)[..., None]) @ S + P[:, :, c] @ v_new))
+        k_c = k_c * torch.exp(b_c[..., -1:] - b_c)[..., None]
+        S = S * torch.exp(b_c[..., -1])[..., None, None] + k_c.transpose(-1, -2) @ v_new
     o = torch.stack(outs, 2).permute(0, 2, 3, 1, 4).reshape(B, NT * C, H, V)[:, :T]
     return o, S
+
+
+def _chunked(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dt = reference_dtype(q)
+    in_dtype = q.dtype
+    q, k, v, beta = (x.to(dt) for x in (q, k, v, beta))
+    g = None if g is None else g.to(dt)
+    if cu_seqlens is None:
+        S0 = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dt)
+        o, finals = _chunked_dense(q, k, v, beta, g, scale, S0, chunk_size)
+    else:
+        outs, states = [], []
+        for n, (_, s, e) in enumerate(sequence_spans(cu_seqlens, B, T)):
+            S0 = q.new_zeros(1, H, K, V) if initial_state is None else initial_state[n : n + 1].to(dt)
+            g_n = None if g is None else g[:, s:e]
+            o_n, S = _chunked_dense(q[:, s:e], k[:, s:e], v[:, s:e], beta[:, s:e], g_n, scale, S0, chunk_size)
+            outs.append(o_n)
+            states.append(S)
+        o = torch.cat(outs, 1)
+        finals = torch.cat(states)
+    return o.to(in_dtype), (finals if output_final_state else None)
 
 
 def delta_rule_chunked(
     q, k, v, beta, scale, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64
 ):
     """The chunked WY/UT form (``../shared/MATH.md``): per chunk T = (I + A)^-1, W, U, V' = U - W S."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    dt = _compute_dtype(q)
-    in_dtype = q.dtype
-    q, k, v, beta = (x.to(dt) for x in (q, k, v, beta))
-    if cu_seqlens is None:
-        S0 = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dt)
-        o, S = _chunked_dense(q, k, v, beta, scale, S0, chunk_size)
-        finals = S
-    else:
-        outs, states = [], []
-        for n, (_, s, e) in enumerate(_split_sequences(cu_seqlens, B, T)):
-            S0 = q.new_zeros(1, H, K, V) if initial_state is None else initial_state[n : n + 1].to(dt)
-            o_n, S = _chunked_dense(q[:, s:e], k[:, s:e], v[:, s:e], beta[:, s:e], scale, S0, chunk_size)
-            outs.append(o_n)
-            states.append(S)
-        o = torch.cat(outs, 1)
-        finals = torch.cat(states)
-    return o.to(in_dtype), (finals if output_final_state else None)
+    return _chunked(q, k, v, beta, None, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
+
+
+def gated_delta_rule_chunked(
+    q, k, v, g, beta, scale, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64
+):
+    """The gated WY/UT form: with b the in-chunk cumulative log decay and G_ij = exp(b_i - b_j) (i >= j),
+    A = tril_(diag(beta) (K K^T * G)), W = T diag(beta exp(b)) K, U = T diag(beta) V, V' = U - W S,
+    O = scale (exp(b) Q S + (tril(Q K^T) * G) V'), S_next = exp(b_C) S + (K exp(b_C - b))^T V'."""
+    return _chunked(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size)

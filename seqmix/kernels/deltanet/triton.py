@@ -37,7 +37,9 @@ from seqmix.kernels.alloc import empty
 from seqmix.kernels.sequences import Chunking
 from seqmix.kernels.triton_common import (
     autotune_configs,
+    chunk_local_cumsum,
     chunk_position,
+    decay_ratio,
     dot_precision,
     head_block,
     load_matrix,
@@ -85,9 +87,10 @@ def _mm32(a, b):
 
 
 @triton.jit
-def _kkt_blocks(k, beta, i_h, t0, nt, H: tl.constexpr, K: tl.constexpr, BC: tl.constexpr, BKC: tl.constexpr,
-                PREC: tl.constexpr):
-    """The ten lower [BC, BC] blocks A_ij (j <= i) of tril_(diag(beta) K K^T) for a chunk of 4*BC rows."""
+def _kkt_blocks(k, beta, gcum, i_h, t0, nt, H: tl.constexpr, K: tl.constexpr, BC: tl.constexpr, BKC: tl.constexpr,
+                PREC: tl.constexpr, USE_G: tl.constexpr):
+    """The ten lower [BC, BC] blocks A_ij (j <= i) of tril_(diag(beta) K K^T) for a chunk of 4*BC rows,
+    times the decay ratios exp(b_r - b_c) of the gated rule when USE_G."""
     DT = k.dtype.element_ty
     a00 = tl.zeros([BC, BC], dtype=tl.float32)
     a10, a11 = a00, a00
@@ -114,9 +117,28 @@ def _kkt_blocks(k, beta, i_h, t0, nt, H: tl.constexpr, K: tl.constexpr, BC: tl.c
     b3 = load_row_values(beta + i_h, t0 + 3 * BC, nt - 3 * BC, H, BC)[:, None]
     o = tl.arange(0, BC)
     strict = o[:, None] > o[None, :]
-    return (tl.where(strict, a00 * b0, 0.0), a10 * b1, tl.where(strict, a11 * b1, 0.0),
-            a20 * b2, a21 * b2, tl.where(strict, a22 * b2, 0.0),
-            a30 * b3, a31 * b3, a32 * b3, tl.where(strict, a33 * b3, 0.0))
+    a00, a11, a22, a33 = (tl.where(strict, a00 * b0, 0.0), tl.where(strict, a11 * b1, 0.0),
+                          tl.where(strict, a22 * b2, 0.0), tl.where(strict, a33 * b3, 0.0))
+    a10, a20, a21, a30, a31, a32 = a10 * b1, a20 * b2, a21 * b2, a30 * b3, a31 * b3, a32 * b3
+    if USE_G:
+        g0 = load_row_values(gcum + i_h, t0, nt, H, BC)
+        g1 = load_row_values(gcum + i_h, t0 + BC, nt - BC, H, BC)
+        g2 = load_row_values(gcum + i_h, t0 + 2 * BC, nt - 2 * BC, H, BC)
+        g3 = load_row_values(gcum + i_h, t0 + 3 * BC, nt - 3 * BC, H, BC)
+        # Rows past the chunk's end hold zeros: their ratios are masked, not formed.
+        r0, r1, r2, r3 = ((o < nt)[:, None], (o < nt - BC)[:, None], (o < nt - 2 * BC)[:, None],
+                          (o < nt - 3 * BC)[:, None])
+        a00 *= decay_ratio(g0, g0, strict & r0)
+        a10 *= decay_ratio(g1, g0, r1)
+        a11 *= decay_ratio(g1, g1, strict & r1)
+        a20 *= decay_ratio(g2, g0, r2)
+        a21 *= decay_ratio(g2, g1, r2)
+        a22 *= decay_ratio(g2, g2, strict & r2)
+        a30 *= decay_ratio(g3, g0, r3)
+        a31 *= decay_ratio(g3, g1, r3)
+        a32 *= decay_ratio(g3, g2, r3)
+        a33 *= decay_ratio(g3, g3, strict & r3)
+    return a00, a10, a11, a20, a21, a22, a30, a31, a32, a33
 
 
 @triton.jit
@@ -137,18 +159,20 @@ def _load_t(t_inv, i_h, t0, nt, H: tl.constexpr, BT: tl.constexpr):
 @triton.autotune(configs=_chunk_configs(), key=["K", "V", "INVERT"])
 @triton.jit
 def delta_rule_wy_fwd_kernel(
-    k, v, beta, w, u, t_inv, chunk_index, cu_seqlens,
+    k, v, beta, gcum, w, u, t_inv, chunk_index, cu_seqlens,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, INVERT: tl.constexpr,
+    USE_G: tl.constexpr,
 ):
     """Per chunk: T = (I + tril_(diag(beta) K K^T))^-1 (only when INVERT; else T is read
-    from t_inv), then W = T diag(beta) K and U = T diag(beta) V."""
+    from t_inv), then W = T diag(beta) K and U = T diag(beta) V. With the gate (USE_G, gcum the
+    in-chunk cumulative log decay b): K K^T is taken times exp(b_i - b_j) and W = T diag(beta exp(b)) K."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     DT = k.dtype.element_ty
     BC: tl.constexpr = BT // 4
     _, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
     if INVERT:
-        a00, a10, a11, a20, a21, a22, a30, a31, a32, a33 = _kkt_blocks(k, beta, i_h, t0, nt, H, K, BC, BKC, PREC)
+        a00, a10, a11, a20, a21, a22, a30, a31, a32, a33 = _kkt_blocks(k, beta, gcum, i_h, t0, nt, H, K, BC, BKC, PREC, USE_G)
         t00 = _unit_lower_inverse(a00, BC)
         t11 = _unit_lower_inverse(a11, BC)
         t22 = _unit_lower_inverse(a22, BC)
@@ -174,8 +198,11 @@ def delta_rule_wy_fwd_kernel(
         tl.debug_barrier()
     b_t = _load_t(t_inv, i_h, t0, nt, H, BT)
     b_beta = load_row_values(beta + i_h, t0, nt, H, BT)[:, None]
+    b_wscale = b_beta
+    if USE_G:
+        b_wscale = b_beta * tl.exp(load_row_values(gcum + i_h, t0, nt, H, BT))[:, None]
     for k0 in range(0, K, BKC):
-        b_kb = load_rows(k + i_h * K, t0, nt, H * K, k0, K, BT, BKC).to(tl.float32) * b_beta
+        b_kb = load_rows(k + i_h * K, t0, nt, H * K, k0, K, BT, BKC).to(tl.float32) * b_wscale
         store_rows(w + i_h * K, mm(b_t, b_kb, DT, PREC), t0, nt, H * K, k0, K, BT, BKC)
     for v0 in range(0, V, BV):
         b_vb = load_rows(v + i_h * V, t0, nt, H * V, v0, V, BT, BV).to(tl.float32) * b_beta
@@ -185,12 +212,13 @@ def delta_rule_wy_fwd_kernel(
 @triton.autotune(configs=_state_configs(), key=["K", "V"])
 @triton.jit
 def delta_rule_state_fwd_kernel(
-    k, w, u, v_new, h, h0, ht, chunk_offsets, cu_seqlens,
+    k, w, u, gcum, v_new, h, h0, ht, chunk_offsets, cu_seqlens,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, USE_G: tl.constexpr,
 ):
-    """Sequential over the chunks of one sequence: h[c] = S entering chunk c, V' = U - W S, S += K^T V'."""
+    """Sequential over the chunks of one sequence: h[c] = S entering chunk c, V' = U - W S, S += K^T V'
+    (gated: S = exp(b_C) S + (K exp(b_C - b))^T V', b_C the chunk's total log decay)."""
     i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     DT = k.dtype.element_ty
@@ -209,6 +237,11 @@ def delta_rule_state_fwd_kernel(
         b_v = load_rows(u + i_h * V, t0, nt, H * V, v0, V, BT, BV).to(tl.float32) - mm(b_w, b_s, DT, PREC)
         store_rows(v_new + i_h * V, b_v, t0, nt, H * V, v0, V, BT, BV)
         b_k = load_rows(k + i_h * K, t0, nt, H * K, 0, K, BT, BK)
+        if USE_G:
+            b_g = load_row_values(gcum + i_h, t0, nt, H, BT)
+            b_last = tl.load(gcum + (t0 + nt - 1) * H + i_h)
+            b_s *= tl.exp(b_last)
+            b_k = b_k * tl.exp(b_last - b_g)[:, None]
         b_s += mm(tl.trans(b_k), b_v, DT, PREC)
     if STORE_HT:
         store_matrix(ht + s_base, b_s, 0, K, v0, V, BK, BV)
@@ -217,11 +250,12 @@ def delta_rule_state_fwd_kernel(
 @triton.autotune(configs=_chunk_configs(), key=["K", "V"])
 @triton.jit
 def delta_rule_output_fwd_kernel(
-    q, k, v_new, h, o, chunk_index, cu_seqlens, scale,
+    q, k, v_new, h, gcum, o, chunk_index, cu_seqlens, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    BT: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, USE_G: tl.constexpr,
 ):
-    """Per chunk and block of value channels: O = scale (Q S + tril(Q K^T) V')."""
+    """Per chunk and block of value channels: O = scale (Q S + tril(Q K^T) V')
+    (gated: O = scale (exp(b) Q S + (tril(Q K^T) exp(b_i - b_j)) V'))."""
     i_c, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     DT = q.dtype.element_ty
     _, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
@@ -235,7 +269,13 @@ def delta_rule_output_fwd_kernel(
         b_o += mm(b_q, load_matrix(h + s_base, k0, K, v0, V, BKC, BV), DT, PREC)
         b_a += mm(b_q, tl.trans(b_k), DT, PREC)
     o_t = tl.arange(0, BT)
-    b_a = tl.where(o_t[:, None] >= o_t[None, :], b_a, 0.0)
+    causal = o_t[:, None] >= o_t[None, :]
+    if USE_G:
+        b_g = load_row_values(gcum + i_h, t0, nt, H, BT)
+        b_o *= tl.exp(b_g)[:, None]
+        b_a *= decay_ratio(b_g, b_g, causal & (o_t < nt)[:, None])
+    else:
+        b_a = tl.where(causal, b_a, 0.0)
     b_o += mm(b_a, load_rows(v_new + i_h * V, t0, nt, H * V, v0, V, BT, BV), DT, PREC)
     store_rows(o + i_h * V, b_o * scale, t0, nt, H * V, v0, V, BT, BV)
 
@@ -243,11 +283,11 @@ def delta_rule_output_fwd_kernel(
 @triton.autotune(configs=_chunk_configs(), key=["K", "V"])
 @triton.jit
 def delta_rule_dv_local_kernel(
-    q, k, do, dv_local, chunk_index, cu_seqlens, scale,
+    q, k, gcum, do, dv_local, chunk_index, cu_seqlens, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    BT: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, USE_G: tl.constexpr,
 ):
-    """Per chunk: the intra-chunk part of dV', scale tril(Q K^T)^T dO."""
+    """Per chunk: the intra-chunk part of dV', scale tril(Q K^T)^T dO (gated: times exp(b_i - b_j))."""
     i_c, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     DT = q.dtype.element_ty
     _, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
@@ -259,7 +299,11 @@ def delta_rule_dv_local_kernel(
         b_k = load_rows(k + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
         b_at += mm(b_k, tl.trans(b_q), DT, PREC)
     o_t = tl.arange(0, BT)
-    b_at = tl.where(o_t[:, None] <= o_t[None, :], b_at, 0.0) * scale
+    if USE_G:
+        b_g = load_row_values(gcum + i_h, t0, nt, H, BT)
+        b_at *= tl.trans(decay_ratio(b_g, b_g, (o_t[:, None] >= o_t[None, :]) & (o_t < nt)[:, None])) * scale
+    else:
+        b_at = tl.where(o_t[:, None] <= o_t[None, :], b_at, 0.0) * scale
     b_dv = mm(b_at, load_rows(do + i_h * V, t0, nt, H * V, v0, V, BT, BV), DT, PREC)
     store_rows(dv_local + i_h * V, b_dv, t0, nt, H * V, v0, V, BT, BV)
 
@@ -267,15 +311,16 @@ def delta_rule_dv_local_kernel(
 @triton.autotune(configs=_state_configs(), key=["K", "V"])
 @triton.jit
 def delta_rule_state_bwd_kernel(
-    q, k, w, do, dv_local, du, dh, dht, dh0, chunk_offsets, cu_seqlens, scale,
+    q, k, w, gcum, do, dv_local, du, dh, dht, dh0, chunk_offsets, cu_seqlens, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, USE_G: tl.constexpr,
 ):
     """Reverse over the chunks of one sequence.
 
     With dS the gradient of the state leaving chunk c: dh[c] = dS,
     dU = dV' = dV'_local + K dS, then dS <- dS + scale Q^T dO - W^T dV'.
+    Gated: dU = dV'_local + (K exp(b_C - b)) dS, dS <- exp(b_C) dS + scale (exp(b) Q)^T dO - W^T dV'.
     """
     i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -294,9 +339,17 @@ def delta_rule_state_bwd_kernel(
         nt = tl.minimum(eos - t0, BT)
         store_matrix(dh + ((c0 + i_t) * H + i_h) * K * V, b_ds, 0, K, v0, V, BK, BV)
         b_k = load_rows(k + i_h * K, t0, nt, H * K, 0, K, BT, BK)
+        b_q = load_rows(q + i_h * K, t0, nt, H * K, 0, K, BT, BK)
+        if USE_G:
+            b_g = load_row_values(gcum + i_h, t0, nt, H, BT)
+            b_last = tl.load(gcum + (t0 + nt - 1) * H + i_h)
+            b_k = b_k * tl.exp(b_last - b_g)[:, None]
+            b_q = b_q * tl.exp(b_g)[:, None]
         b_du = load_rows(dv_local + i_h * V, t0, nt, H * V, v0, V, BT, BV) + mm(b_k, b_ds, DT, PREC)
         store_rows(du + i_h * V, b_du, t0, nt, H * V, v0, V, BT, BV)
-        b_qt = tl.trans(load_rows(q + i_h * K, t0, nt, H * K, 0, K, BT, BK))
+        if USE_G:
+            b_ds *= tl.exp(b_last)
+        b_qt = tl.trans(b_q)
         b_wt = tl.trans(load_rows(w + i_h * K, t0, nt, H * K, 0, K, BT, BK))
         b_do = load_rows(do + i_h * V, t0, nt, H * V, v0, V, BT, BV)
         b_ds += mm(b_qt, b_do, DT, PREC) * scale - mm(b_wt, b_du, DT, PREC)
@@ -307,12 +360,19 @@ def delta_rule_state_bwd_kernel(
 @triton.autotune(configs=_chunk_configs(), key=["K", "V"])
 @triton.jit
 def delta_rule_dqkw_kernel(
-    q, k, v_new, h, dh, do, du, dq, dk, dw, chunk_index, cu_seqlens, scale,
+    q, k, v_new, h, dh, gcum, do, du, dq, dk, dw, db, chunk_index, cu_seqlens, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    BT: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, USE_G: tl.constexpr,
 ):
     """Per chunk and slice of the key dim, with S = h[c], dS = dh[c] and dP = tril(scale dO V'^T):
-    dQ = scale dO S^T + dP K, dK = dP^T Q + V' dS^T (the W path comes later), dW = -dU S^T."""
+    dQ = scale dO S^T + dP K, dK = dP^T Q + V' dS^T (the W path comes later), dW = -dU S^T.
+
+    Gated, with G_ij = exp(b_i - b_j): dQ = scale exp(b) dO S^T + (dP G) K, dK = (dP G)^T Q
+    + exp(b_C - b) V' dS^T, and this slice's share of the gradient of the cumulative log decay,
+    db = rowsum(Q dQ) - rowsum(K dK), plus at the chunk's last row the terms of b_C:
+    rowsum over the chunk of K (exp(b_C - b) V' dS^T) and exp(b_C) sum(S dS).
+    db is [L, H, number of key slices]; the launcher sums the slices.
+    """
     i_c, i_kc, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     DT = q.dtype.element_ty
     _, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
@@ -321,6 +381,7 @@ def delta_rule_dqkw_kernel(
     b_dk = tl.zeros([BT, BKC], dtype=tl.float32)
     b_dw = tl.zeros([BT, BKC], dtype=tl.float32)
     b_dp = tl.zeros([BT, BT], dtype=tl.float32)
+    b_sds = tl.zeros([BKC], dtype=tl.float32)
     s_base = (i_c.to(tl.int64) * H + i_h) * K * V
     for v0 in range(0, V, BV):
         b_ht = tl.trans(load_matrix(h + s_base, k0, K, v0, V, BKC, BV))
@@ -332,10 +393,30 @@ def delta_rule_dqkw_kernel(
         b_dp += mm(b_do, tl.trans(b_vn), DT, PREC)
         b_dk += mm(b_vn, b_dht, DT, PREC)
         b_dw -= mm(b_du, b_ht, DT, PREC)
+        if USE_G:
+            b_sds += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), 0)
     o_t = tl.arange(0, BT)
-    b_dp = tl.where(o_t[:, None] >= o_t[None, :], b_dp, 0.0) * scale
-    b_dq = b_dq * scale + mm(b_dp, load_rows(k + i_h * K, t0, nt, H * K, k0, K, BT, BKC), DT, PREC)
-    b_dk += mm(tl.trans(b_dp), load_rows(q + i_h * K, t0, nt, H * K, k0, K, BT, BKC), DT, PREC)
+    causal = o_t[:, None] >= o_t[None, :]
+    b_q = load_rows(q + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
+    b_k = load_rows(k + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
+    if USE_G:
+        b_g = load_row_values(gcum + i_h, t0, nt, H, BT)
+        b_last = tl.load(gcum + (t0 + nt - 1) * H + i_h)
+        b_dq *= tl.exp(b_g)[:, None]
+        b_dp *= decay_ratio(b_g, b_g, causal & (o_t < nt)[:, None]) * scale
+        b_dk *= tl.exp(b_last - b_g)[:, None]
+    else:
+        b_dp = tl.where(causal, b_dp, 0.0) * scale
+    b_dq = b_dq * scale + mm(b_dp, b_k, DT, PREC)
+    b_dk_intra = mm(tl.trans(b_dp), b_q, DT, PREC)
+    if USE_G:
+        b_kf = b_k.to(tl.float32)
+        b_k_state = tl.sum(b_dk * b_kf, 1)
+        b_db = tl.sum(b_dq * b_q.to(tl.float32), 1) - tl.sum(b_dk_intra * b_kf, 1) - b_k_state
+        b_db += tl.where(o_t == nt - 1, tl.sum(b_k_state, 0) + tl.exp(b_last) * tl.sum(b_sds, 0), 0.0)
+        n_slices = tl.num_programs(1)
+        store_row_values(db + i_h * n_slices + i_kc, b_db, t0, nt, H * n_slices, BT)
+    b_dk += b_dk_intra
     store_rows(dq + i_h * K, b_dq, t0, nt, H * K, k0, K, BT, BKC)
     store_rows(dk + i_h * K, b_dk, t0, nt, H * K, k0, K, BT, BKC)
     store_rows(dw + i_h * K, b_dw, t0, nt, H * K, k0, K, BT, BKC)
@@ -344,18 +425,27 @@ def delta_rule_dqkw_kernel(
 @triton.autotune(configs=_chunk_configs(), key=["K", "V"])
 @triton.jit
 def delta_rule_wy_bwd_kernel(
-    k, v, beta, t_inv, dw, du, dk_other, dk, dv, dbeta, chunk_index, cu_seqlens,
+    k, v, beta, gcum, t_inv, dw, du, dk_other, dk, dv, dbeta, db, chunk_index, cu_seqlens,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    BT: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, USE_G: tl.constexpr,
 ):
     """Per chunk, from dW and dU back to K, V and beta through W = T diag(beta) K,
     U = T diag(beta) V and T = (I + A)^-1 (dA = -T^T dT T^T), A = tril_(diag(beta) K K^T).
-    dk_other is the key gradient of the other paths; dk gets the total."""
+    dk_other is the key gradient of the other paths; dk gets the total.
+
+    Gated (W = T diag(beta exp(b)) K, A = tril_(diag(beta) (K K^T) G), G_ij = exp(b_i - b_j)):
+    the W path's beta terms carry exp(b), dA is taken times G, and db [L, H] gets the
+    cumulative log decay's gradient through W and A: with E = (dA G) (K K^T),
+    db = beta exp(b) rowsum((T^T dW) K) + beta rowsum(E) - colsum(diag(beta) E)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     DT = k.dtype.element_ty
     _, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
     b_tt = tl.trans(_load_t(t_inv, i_h, t0, nt, H, BT))
     b_beta = load_row_values(beta + i_h, t0, nt, H, BT)
+    b_wscale = b_beta
+    if USE_G:
+        b_g = load_row_values(gcum + i_h, t0, nt, H, BT)
+        b_wscale = b_beta * tl.exp(b_g)
     b_dt = tl.zeros([BT, BT], dtype=tl.float32)
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
     for v0 in range(0, V, BV):
@@ -367,24 +457,35 @@ def delta_rule_wy_bwd_kernel(
         store_rows(dv + i_h * V, b_dvb * b_beta[:, None], t0, nt, H * V, v0, V, BT, BV)
     # First pass over the key dim: dT and beta's share through W, and K K^T for the A path.
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_rw = tl.zeros([BT], dtype=tl.float32)
     for k0 in range(0, K, BKC):
         b_k = load_rows(k + i_h * K, t0, nt, H * K, k0, K, BT, BKC).to(tl.float32)
         b_dw = load_rows(dw + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
-        b_dt += mm(b_dw, tl.trans(b_k * b_beta[:, None]), DT, PREC)
-        b_dbeta += tl.sum(mm(b_tt, b_dw, DT, PREC) * b_k, 1)
+        b_dt += mm(b_dw, tl.trans(b_k * b_wscale[:, None]), DT, PREC)
+        b_rw += tl.sum(mm(b_tt, b_dw, DT, PREC) * b_k, 1)
         b_kk += mm(b_k, tl.trans(b_k), DT, PREC)
     o_t = tl.arange(0, BT)
+    strict = o_t[:, None] > o_t[None, :]
     b_da = -mm(mm(b_tt, b_dt, DT, PREC), b_tt, DT, PREC)
-    b_da = tl.where(o_t[:, None] > o_t[None, :], b_da, 0.0)
-    b_dbeta += tl.sum(b_da * b_kk, 1)
+    if USE_G:
+        b_da *= decay_ratio(b_g, b_g, strict & (o_t < nt)[:, None])
+        b_dbeta += b_rw * tl.exp(b_g)
+    else:
+        b_da = tl.where(strict, b_da, 0.0)
+        b_dbeta += b_rw
+    b_e = b_da * b_kk
+    b_dbeta += tl.sum(b_e, 1)
     store_row_values(dbeta + i_h, b_dbeta, t0, nt, H, BT)
+    if USE_G:
+        b_db = b_wscale * b_rw + b_beta * tl.sum(b_e, 1) - tl.sum(b_e * b_beta[:, None], 0)
+        store_row_values(db + i_h, b_db, t0, nt, H, BT)
     # Second pass: dK = dK_other + diag(beta) T^T dW + diag(beta) dA K + dA^T diag(beta) K.
     b_dab = b_da * b_beta[:, None]
     for k0 in range(0, K, BKC):
         b_k = load_rows(k + i_h * K, t0, nt, H * K, k0, K, BT, BKC).to(tl.float32)
         b_dw = load_rows(dw + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
         b_dk = load_rows(dk_other + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
-        b_dk += mm(b_tt, b_dw, DT, PREC) * b_beta[:, None]
+        b_dk += mm(b_tt, b_dw, DT, PREC) * b_wscale[:, None]
         b_dk += mm(b_dab, b_k, DT, PREC) + mm(tl.trans(b_da), b_k * b_beta[:, None], DT, PREC)
         store_rows(dk + i_h * K, b_dk, t0, nt, H * K, k0, K, BT, BKC)
 
@@ -392,11 +493,12 @@ def delta_rule_wy_bwd_kernel(
 @triton.autotune(configs=_state_configs(), key=["K", "V"])
 @triton.jit
 def delta_rule_recurrent_fwd_kernel(
-    q, k, v, beta, o, h0, ht, cu_seqlens, scale,
+    q, k, v, beta, g, o, h0, ht, cu_seqlens, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, USE_G: tl.constexpr,
 ):
-    """One token at a time, the state in registers: for decoding and short prefills."""
+    """One token at a time, the state in registers: for decoding and short prefills.
+    Gated (USE_G): the state decays by exp(g_t) before each token's update."""
     i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = sequence_bounds(cu_seqlens, i_n)
@@ -413,6 +515,8 @@ def delta_rule_recurrent_fwd_kernel(
         b_k = tl.load(k + (t * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
         b_v = tl.load(v + (t * H + i_h) * V + o_v, mask=m_v, other=0.0).to(tl.float32)
         b_beta = tl.load(beta + t * H + i_h).to(tl.float32)
+        if USE_G:
+            b_s *= tl.exp(tl.load(g + t * H + i_h).to(tl.float32))
         b_vn = b_v - tl.sum(b_s * b_k[:, None], 0)
         b_s += (b_k * b_beta)[:, None] * b_vn[None, :]
         b_o = tl.sum(b_s * b_q[:, None], 0) * scale
@@ -452,20 +556,20 @@ def block_sizes(K: int, V: int) -> dict[str, int]:
     return {"BK": BK, "BKC": min(64, BK), "BV": min(64, head_block(V))}
 
 
-def _wy(k, v, beta, t_inv, chunking: Chunking, invert: bool, sizes, prec):
+def _wy(k, v, beta, gcum, t_inv, chunking: Chunking, invert: bool, sizes, prec):
     """Kernel 1: W and U per chunk; T is inverted into t_inv when ``invert``, else read from it."""
     L, H, K = k.shape
     V = v.shape[-1]
     w = empty(L, H, K, dtype=k.dtype, device=k.device)
     u = empty(L, H, V, dtype=k.dtype, device=k.device)
     delta_rule_wy_fwd_kernel[(chunking.num_chunks, H)](
-        k, v, beta, w, u, t_inv, chunking.chunk_index, chunking.cu_seqlens,
-        H=H, K=K, V=V, BT=CHUNK, BKC=sizes["BKC"], BV=sizes["BV"], PREC=prec, INVERT=invert,
+        k, v, beta, gcum, w, u, t_inv, chunking.chunk_index, chunking.cu_seqlens,
+        H=H, K=K, V=V, BT=CHUNK, BKC=sizes["BKC"], BV=sizes["BV"], PREC=prec, INVERT=invert, USE_G=gcum is not None,
     )
     return w, u
 
 
-def _states(k, w, u, h0, chunking: Chunking, store_final: bool, sizes, prec):
+def _states(k, w, u, gcum, h0, chunking: Chunking, store_final: bool, sizes, prec):
     """Kernel 2: the state entering each chunk, V', and the final state."""
     L, H, K = k.shape
     V = u.shape[-1]
@@ -474,31 +578,34 @@ def _states(k, w, u, h0, chunking: Chunking, store_final: bool, sizes, prec):
     v_new = empty(L, H, V, dtype=k.dtype, device=k.device)
     ht = empty(N, H, K, V, dtype=torch.float32, device=k.device) if store_final else None
     delta_rule_state_fwd_kernel[lambda meta: (N * H, triton.cdiv(V, meta["BV"]))](
-        k, w, u, v_new, h, h0, ht, chunking.chunk_offsets, chunking.cu_seqlens,
+        k, w, u, gcum, v_new, h, h0, ht, chunking.chunk_offsets, chunking.cu_seqlens,
         H=H, K=K, V=V, BT=CHUNK, BK=sizes["BK"], PREC=prec, HAS_H0=h0 is not None, STORE_HT=store_final,
+        USE_G=gcum is not None,
     )
     return h, v_new, ht
 
 
-def chunk_delta_rule_fwd(q, k, v, beta, scale, h0, chunking: Chunking, store_final: bool):
-    """Chunked forward. Returns (o [L, H, V], final state [N, H, K, V] float32 or None,
-    t_inv [L, H, 64] float32 for the backward)."""
+def chunk_delta_rule_fwd(q, k, v, beta, gcum, scale, h0, chunking: Chunking, store_final: bool):
+    """Chunked forward; ``gcum`` ([L, H] float32 in-chunk cumulative log decays, from
+    :func:`chunk_local_cumsum`) selects the gated rule, None the plain one. Returns
+    (o [L, H, V], final state [N, H, K, V] float32 or None, t_inv [L, H, 64] float32 for the backward)."""
     L, H, K = q.shape
     V = v.shape[-1]
     sizes, prec = block_sizes(K, V), dot_precision(q.dtype)
     t_inv = empty(L, H, CHUNK, dtype=torch.float32, device=q.device)
-    w, u = _wy(k, v, beta, t_inv, chunking, True, sizes, prec)
-    h, v_new, ht = _states(k, w, u, h0, chunking, store_final, sizes, prec)
+    w, u = _wy(k, v, beta, gcum, t_inv, chunking, True, sizes, prec)
+    h, v_new, ht = _states(k, w, u, gcum, h0, chunking, store_final, sizes, prec)
     o = empty(L, H, V, dtype=q.dtype, device=q.device)
     delta_rule_output_fwd_kernel[(chunking.num_chunks, triton.cdiv(V, sizes["BV"]), H)](
-        q, k, v_new, h, o, chunking.chunk_index, chunking.cu_seqlens, scale,
-        H=H, K=K, V=V, BT=CHUNK, BKC=sizes["BKC"], BV=sizes["BV"], PREC=prec,
+        q, k, v_new, h, gcum, o, chunking.chunk_index, chunking.cu_seqlens, scale,
+        H=H, K=K, V=V, BT=CHUNK, BKC=sizes["BKC"], BV=sizes["BV"], PREC=prec, USE_G=gcum is not None,
     )
     return o, ht, t_inv
 
 
-def chunk_delta_rule_bwd(q, k, v, beta, t_inv, scale, h0, chunking: Chunking, do, dht, need_dh0: bool):
-    """Chunked backward. Returns (dq, dk, dv, dbeta) in the inputs' dtypes and dh0 (float32) or None."""
+def chunk_delta_rule_bwd(q, k, v, beta, gcum, t_inv, scale, h0, chunking: Chunking, do, dht, need_dh0: bool):
+    """Chunked backward. Returns (dq, dk, dv, dbeta) in the inputs' dtypes, dg ([L, H] float32,
+    the gradient of the per-token log decays; None without ``gcum``) and dh0 (float32) or None."""
     L, H, K = q.shape
     V = v.shape[-1]
     sizes, prec = block_sizes(K, V), dot_precision(q.dtype)
@@ -506,38 +613,46 @@ def chunk_delta_rule_bwd(q, k, v, beta, t_inv, scale, h0, chunking: Chunking, do
     N, NC = chunking.num_sequences, chunking.num_chunks
     idx, cu = chunking.chunk_index, chunking.cu_seqlens
     dev = q.device
-    w, u = _wy(k, v, beta, t_inv, chunking, False, sizes, prec)
-    h, v_new, _ = _states(k, w, u, h0, chunking, False, sizes, prec)
+    use_g = gcum is not None
+    w, u = _wy(k, v, beta, gcum, t_inv, chunking, False, sizes, prec)
+    h, v_new, _ = _states(k, w, u, gcum, h0, chunking, False, sizes, prec)
     dv_local = empty(L, H, V, dtype=torch.float32, device=dev)
     delta_rule_dv_local_kernel[(NC, triton.cdiv(V, BV), H)](
-        q, k, do, dv_local, idx, cu, scale, H=H, K=K, V=V, BT=CHUNK, BKC=BKC, BV=BV, PREC=prec,
+        q, k, gcum, do, dv_local, idx, cu, scale, H=H, K=K, V=V, BT=CHUNK, BKC=BKC, BV=BV, PREC=prec, USE_G=use_g,
     )
     dh = empty(NC, H, K, V, dtype=q.dtype, device=dev)
     du = empty(L, H, V, dtype=torch.float32, device=dev)
     dh0 = empty(N, H, K, V, dtype=torch.float32, device=dev) if need_dh0 else None
     delta_rule_state_bwd_kernel[lambda meta: (N * H, triton.cdiv(V, meta["BV"]))](
-        q, k, w, do, dv_local, du, dh, dht, dh0, chunking.chunk_offsets, cu, scale,
+        q, k, w, gcum, do, dv_local, du, dh, dht, dh0, chunking.chunk_offsets, cu, scale,
         H=H, K=K, V=V, BT=CHUNK, BK=sizes["BK"], PREC=prec, HAS_DHT=dht is not None, STORE_DH0=need_dh0,
+        USE_G=use_g,
     )
     dq = empty(L, H, K, dtype=q.dtype, device=dev)
     dk_other = empty(L, H, K, dtype=torch.float32, device=dev)
     dw = empty(L, H, K, dtype=torch.float32, device=dev)
-    delta_rule_dqkw_kernel[(NC, triton.cdiv(K, BKC), H)](
-        q, k, v_new, h, dh, do, du, dq, dk_other, dw, idx, cu, scale,
-        H=H, K=K, V=V, BT=CHUNK, BKC=BKC, BV=BV, PREC=prec,
+    n_slices = triton.cdiv(K, BKC)
+    db_qk = empty(L, H, n_slices, dtype=torch.float32, device=dev) if use_g else None
+    delta_rule_dqkw_kernel[(NC, n_slices, H)](
+        q, k, v_new, h, dh, gcum, do, du, dq, dk_other, dw, db_qk, idx, cu, scale,
+        H=H, K=K, V=V, BT=CHUNK, BKC=BKC, BV=BV, PREC=prec, USE_G=use_g,
     )
     dk = empty(L, H, K, dtype=k.dtype, device=dev)
     dv = empty(L, H, V, dtype=v.dtype, device=dev)
     dbeta = empty(L, H, dtype=beta.dtype, device=dev)
+    db_wy = empty(L, H, dtype=torch.float32, device=dev) if use_g else None
     delta_rule_wy_bwd_kernel[(NC, H)](
-        k, v, beta, t_inv, dw, du, dk_other, dk, dv, dbeta, idx, cu,
-        H=H, K=K, V=V, BT=CHUNK, BKC=BKC, BV=BV, PREC=prec,
+        k, v, beta, gcum, t_inv, dw, du, dk_other, dk, dv, dbeta, db_wy, idx, cu,
+        H=H, K=K, V=V, BT=CHUNK, BKC=BKC, BV=BV, PREC=prec, USE_G=use_g,
     )
-    return dq, dk, dv, dbeta, dh0
+    # b is the in-chunk cumulative sum of g, so g's gradient is the reverse in-chunk cumulative sum of b's.
+    dg = chunk_local_cumsum(db_wy + db_qk.sum(-1), chunking, reverse=True) if use_g else None
+    return dq, dk, dv, dbeta, dg, dh0
 
 
-def recurrent_delta_rule_fwd(q, k, v, beta, scale, h0, cu_seqlens: torch.Tensor, store_final: bool):
-    """Token-by-token forward (no backward): decoding and short prefills. Returns (o, final state or None)."""
+def recurrent_delta_rule_fwd(q, k, v, beta, g, scale, h0, cu_seqlens: torch.Tensor, store_final: bool):
+    """Token-by-token forward (no backward): decoding and short prefills; ``g`` ([L, H] log decays)
+    selects the gated rule, None the plain one. Returns (o, final state or None)."""
     L, H, K = q.shape
     V = v.shape[-1]
     sizes = block_sizes(K, V)
@@ -545,7 +660,7 @@ def recurrent_delta_rule_fwd(q, k, v, beta, scale, h0, cu_seqlens: torch.Tensor,
     o = empty(L, H, V, dtype=q.dtype, device=q.device)
     ht = empty(N, H, K, V, dtype=torch.float32, device=q.device) if store_final else None
     delta_rule_recurrent_fwd_kernel[lambda meta: (N * H, triton.cdiv(V, meta["BV"]))](
-        q, k, v, beta, o, h0, ht, cu_seqlens, scale,
-        H=H, K=K, V=V, BK=sizes["BK"], HAS_H0=h0 is not None, STORE_HT=store_final,
+        q, k, v, beta, g, o, h0, ht, cu_seqlens, scale,
+        H=H, K=K, V=V, BK=sizes["BK"], HAS_H0=h0 is not None, STORE_HT=store_final, USE_G=g is not None,
     )
     return o, ht

@@ -66,3 +66,13 @@ def make_inputs(case: Case, dtype, device, requires_grad=False):
     if h0 is not None:
         h0 = h0.to(device)
     return [t.requires_grad_(requires_grad) if t is not None else None for t in (*tensors, h0)]
+
+
+def make_gated_inputs(case: Case, dtype, device, requires_grad=False, g=None):
+    """As :func:`make_inputs`, plus log decays g [B, T, H] in float32: uniform in [-4, 0) unless given."""
+    q, k, v, beta, h0 = make_inputs(case, dtype, device)
+    if g is None:
+        gen = torch.Generator().manual_seed(case.seed + 7)
+        g = -4 * torch.rand(case.batch, case.seqlen, case.heads, generator=gen)
+    g = g.to(device)
+    return [t.requires_grad_(requires_grad) if t is not None else None for t in (q, k, v, g, beta, h0)]

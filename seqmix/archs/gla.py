@@ -1,0 +1,74 @@
+"""Gated linear attention (Yang et al. 2024): linear attention whose state decays per key channel
+by a data-dependent gate, through :func:`seqmix.kernels.gla`."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seqmix.archs.mixer import Mixer, State, register_mixer
+from seqmix.archs.modules import RMSNorm
+from seqmix.kernels import gla
+
+
+@register_mixer("gla")
+class GatedLinearAttention(Mixer):
+    """q/k/v projections, a low-rank gate projection giving the log decays
+    ``g = logsigmoid(W2 W1 x + b) / gate_normalizer`` per key channel, the GLA recurrence, a
+    per-head RMSNorm fused with the swish output gate, and the output projection.
+
+    Args:
+        hidden_size: model width.
+        num_heads: number of heads H.
+        expand_k: key width = hidden_size * expand_k (split over the heads).
+        expand_v: value width = hidden_size * expand_v (split over the heads).
+        gate_low_rank_dim: rank of the gate projection (16 in the paper).
+        gate_normalizer: divides logsigmoid(...) (16 in the paper): decays stay near 1 at first.
+        use_output_gate: multiply the normalised output by silu(linear(x)).
+        norm_eps: epsilon of the output RMSNorm.
+        backend: backend of the op (None: automatic).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, expand_k: float = 0.5, expand_v: float = 1.0,
+                 gate_low_rank_dim: int = 16, gate_normalizer: float = 16.0, use_output_gate: bool = True,
+                 norm_eps: float = 1e-5, backend: str | None = None):
+        super().__init__()
+        key_dim, value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)
+        for name, dim in (("key", key_dim), ("value", value_dim)):
+            if dim == 0 or dim % num_heads:
+                raise ValueError(f"the {name} width {dim} (hidden_size * expand) must be a positive multiple "
+                                 f"of num_heads={num_heads}")
+        if gate_normalizer <= 0:
+            raise ValueError(f"gate_normalizer must be positive, got {gate_normalizer}")
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.head_k, self.head_v = key_dim // num_heads, value_dim // num_heads
+        self.gate_normalizer, self.backend = gate_normalizer, backend
+        self.q_proj = nn.Linear(hidden_size, key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, value_dim, bias=False)
+        self.gk_proj = nn.Sequential(nn.Linear(hidden_size, gate_low_rank_dim, bias=False),
+                                     nn.Linear(gate_low_rank_dim, key_dim, bias=True))
+        self.g_proj = nn.Linear(hidden_size, value_dim, bias=False) if use_output_gate else None
+        self.o_norm = RMSNorm(self.head_v, eps=norm_eps)
+        self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
+
+    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
+        """g [B, T, H, K] float32, <= 0: the per-channel log decay at each token."""
+        B, T, _ = x.shape
+        return (F.logsigmoid(self.gk_proj(x).float()) / self.gate_normalizer).view(B, T, self.num_heads, -1)
+
+    def mix(self, x, state: State | None, *, cu_seqlens=None):
+        B, T, _ = x.shape
+        q, k, v = (p(x).view(B, T, self.num_heads, -1) for p in (self.q_proj, self.k_proj, self.v_proj))
+        o, recurrent = gla(
+            q, k, v, self.log_decay(x), initial_state=None if state is None else state["recurrent"],
+            output_final_state=state is not None, cu_seqlens=cu_seqlens, backend=self.backend,
+        )
+        gate = None if self.g_proj is None else self.g_proj(x).view_as(o)
+        o = self.o_proj(self.o_norm(o, gate).flatten(2))
+        return o, (None if state is None else {"recurrent": recurrent})
+
+    def init_state(self, batch_size: int) -> State:
+        device = self.q_proj.weight.device
+        return {"recurrent": torch.zeros(batch_size, self.num_heads, self.head_k, self.head_v, device=device)}

@@ -1,0 +1,46 @@
+"""GatedLinearAttention specifics: the fused layer against the reference layer with gradients of
+every parameter, the gate's parametrisation, the variant without output gate, and configuration
+errors (the Mixer contract is in test_mixers.py)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seqmix.archs import GatedLinearAttention, build_mixer
+from tests.archs import contract
+from tests.helpers import DEVICE, TOL
+
+
+def _layer(backend, seed=0, **kw):
+    torch.manual_seed(seed)
+    return GatedLinearAttention(hidden_size=32, num_heads=2, backend=backend, **kw).to(DEVICE)
+
+
+def _x(B, T, seed=1):
+    return torch.randn(B, T, 32, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def test_triton_layer_matches_reference_layer_with_gradients():
+    contract.fused_matches_reference(lambda backend: _layer(backend, seed=3), _x(1, 70), TOL[torch.float32],
+                                     ("gk_proj.0.weight", "gk_proj.1.bias", "g_proj.weight", "o_norm.weight"))
+
+
+def test_gate_is_a_normalised_low_rank_logsigmoid():
+    layer = _layer("reference", seed=4, gate_low_rank_dim=4, gate_normalizer=8.0)
+    x = _x(2, 9)
+    g = layer.log_decay(x)
+    expected = F.logsigmoid(layer.gk_proj[1](layer.gk_proj[0](x))) / 8.0
+    torch.testing.assert_close(g, expected.view(2, 9, 2, 8))
+    assert layer.gk_proj[0].weight.shape == (4, 32) and (g <= 0).all()
+
+
+def test_variant_without_output_gate_keeps_the_state_contract():
+    layer = _layer("triton", use_output_gate=False, expand_k=1.0)
+    contract.pieces_equal_one_call(layer, _x(2, 50), [7, 30], TOL[torch.float32])
+
+
+def test_configuration_errors():
+    with pytest.raises(ValueError, match="must be a positive multiple of num_heads=3"):
+        build_mixer("gla", hidden_size=32, num_heads=3)
+    with pytest.raises(ValueError, match="gate_normalizer must be positive"):
+        build_mixer("gla", hidden_size=32, num_heads=2, gate_normalizer=0)
