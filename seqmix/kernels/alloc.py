@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from seqmix.kernels.sequences import reference_dtype
+
 
 def poisoning() -> bool:
     return os.environ.get("SEQMIX_POISON_EMPTY", "0") not in ("", "0")
@@ -32,4 +34,4 @@ def no_tokens_result(out_shape, state_shape, initial_state, output_final_state: 
         return out, None
     if initial_state is not None:
         return out, initial_state.clone()
-    return out, like.new_zeros(state_shape, dtype=torch.float64 if like.dtype == torch.float64 else torch.float32)
+    return out, like.new_zeros(state_shape, dtype=reference_dtype(like))

@@ -88,18 +88,6 @@ def packed_bounds(batch: int, seqlen: int, device: torch.device, cu_seqlens=None
     return cu_seqlens.to(torch.int64)
 
 
-def empty_sequence_result(q: torch.Tensor, v: torch.Tensor, initial_state, output_final_state: bool, n: int):
-    """A recurrent op's result for T = 0: an empty output [B, 0, H, V], and as the final state
-    the initial state (or zeros [n, H, K, V], float64 for float64 inputs else float32) when asked for."""
-    B, _, H, K = q.shape
-    V = v.shape[-1]
-    o = q.new_empty(B, 0, H, V)
-    if not output_final_state:
-        return o, None
-    final = q.new_zeros(n, H, K, V, dtype=reference_dtype(q)) if initial_state is None else initial_state.clone()
-    return o, final
-
-
 def reference_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype the PyTorch references compute in: float64 for float64 inputs, else float32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32

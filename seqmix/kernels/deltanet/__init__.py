@@ -14,7 +14,8 @@ from seqmix.kernels.deltanet.reference import (
     gated_delta_rule_chunked,
     gated_delta_rule_recurrent,
 )
-from seqmix.kernels.sequences import chunking_for, empty_sequence_result
+from seqmix.kernels.alloc import no_tokens_result
+from seqmix.kernels.sequences import chunking_for
 from seqmix.kernels.triton_common import chunk_local_cumsum
 
 __all__ = [
@@ -99,7 +100,8 @@ def _dispatch(op, q, k, v, g, beta, scale, initial_state, output_final_state, cu
     name = select_backend(op, backend, q.device, ("triton", "reference"),
                           {"triton": kernels.unsupported(q.dtype, K, V)})
     if T == 0:
-        return empty_sequence_result(q, v, initial_state, output_final_state, n)
+        B, _, H, _ = q.shape
+        return no_tokens_result((B, 0, H, V), (n, H, K, V), initial_state, output_final_state, q)
     if name == "triton":
         return _triton_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, n)
     if g is None:

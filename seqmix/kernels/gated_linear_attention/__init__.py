@@ -12,7 +12,8 @@ from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_cu_seqlens, check_log_decay, check_same_dtype, check_scale, check_tensor
 from seqmix.kernels.gated_linear_attention import triton as kernels
 from seqmix.kernels.gated_linear_attention.reference import gla_chunked, gla_recurrent
-from seqmix.kernels.sequences import chunking_for, empty_sequence_result
+from seqmix.kernels.alloc import no_tokens_result
+from seqmix.kernels.sequences import chunking_for
 
 __all__ = ["gla", "gla_chunked", "gla_recurrent"]
 
@@ -115,7 +116,8 @@ def gla(
     name = select_backend("gla", backend, q.device, ("triton", "reference"),
                           {"triton": kernels.unsupported(q.dtype, K, V)})
     if T == 0:
-        return empty_sequence_result(q, v, initial_state, output_final_state, n)
+        B, _, H, _ = q.shape
+        return no_tokens_result((B, 0, H, V), (n, H, K, V), initial_state, output_final_state, q)
     if name == "triton":
         return _triton_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, n)
     return gla_chunked(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
