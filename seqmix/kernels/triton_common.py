@@ -141,6 +141,7 @@ def silu(x):
     return x * tl.sigmoid(x)
 
 
+@triton.jit
 def decay_ratio(b_row, b_col, keep):
     """exp(b_row[i] - b_col[j]) where ``keep`` (a [BR, BC] or broadcastable block mask), else 0.
 
