@@ -335,7 +335,7 @@ class RunLog:
 
 
 def plot_losses(entries: list[dict], path: Path) -> None:
-    """train loss and validation loss (nats per token) against step, as a PNG."""
+    """Train loss (nats per token) and validation loss (nats per byte) against step, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -350,7 +350,7 @@ def plot_losses(entries: list[dict], path: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats / token)")
     if val:
-        ax.set_title(f"final validation: {val[-1][1] / math.log(2):.3f} bits per token")
+        ax.set_title(f"final validation: {val[-1][1] / math.log(2):.3f} bits per byte")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
