@@ -115,8 +115,9 @@ def _files_split(root: Path, stdlib: bool):
             path = Path(dirpath) / f
             if not stdlib or path.suffix in _TEXT_SUFFIXES:
                 files.append(path)
-    files = [p for p in files if p.is_file()]
-    key = json.dumps([(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+    stats = [(p, p.stat()) for p in files if p.is_file()]
+    files = [p for p, _ in stats]
+    key = json.dumps([(str(p.relative_to(root)), st.st_size, st.st_mtime_ns) for p, st in stats])
     texts = [(p, t) for p in files if (t := _read_text(p)) is not None]
     if not texts:
         raise ValueError(f"data {str(root)!r}: no UTF-8 text files in this directory")

@@ -11,14 +11,18 @@ from torch import nn
 from seqmix.archs.mixer import Mixer, State, register_mixer
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate x [..., T, H, D] by its positions [..., T] (RoPE, halves layout), computed in float32."""
-    half = x.shape[-1] // 2
-    inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+def rotary(positions: torch.Tensor, theta: float, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Rotate each x [..., T, H, D] of ``xs`` by the positions [..., T] (RoPE, halves layout), in float32;
+    the angles are computed once for all of them."""
+    half = xs[0].shape[-1] // 2
+    inv_freq = theta ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
     angles = positions.to(torch.float32)[..., None, None] * inv_freq  # [..., T, 1, D/2]
     cos, sin = angles.cos(), angles.sin()
-    x1, x2 = x.float()[..., :half], x.float()[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+    rotated = []
+    for x in xs:
+        x1, x2 = x.float()[..., :half], x.float()[..., half:]
+        rotated.append(torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype))
+    return tuple(rotated)
 
 
 def _flash_attn_available() -> bool:
@@ -94,7 +98,7 @@ class Attention(Mixer):
 
     def _dense_causal(self, q, k, v):
         positions = torch.arange(q.shape[1], device=q.device)
-        q, k = rotary(q, positions, self.rope_theta), rotary(k, positions, self.rope_theta)
+        q, k = rotary(positions, self.rope_theta, q, k)
         if self._use_flash(q):
             from flash_attn import flash_attn_func
 
@@ -119,7 +123,7 @@ class Attention(Mixer):
             raise ValueError(f"state['length'] must have shape [{N}] (one entry per sequence), got {tuple(past.shape)}")
         seq = torch.repeat_interleave(torch.arange(N, device=q.device), lengths, output_size=q.shape[0])
         offset = torch.arange(q.shape[0], device=q.device) - cu[seq]
-        q, k = rotary(q, past[seq] + offset, self.rope_theta), rotary(k, past[seq] + offset, self.rope_theta)
+        q, k = rotary(past[seq] + offset, self.rope_theta, q, k)
         t_max = int(lengths.max()) if N else 0
 
         def padded(t):  # [L, H, D] -> [N, H, Tmax, D]

@@ -7,7 +7,7 @@
 
 import torch
 
-from tests.helpers import assert_rel
+from tests.helpers import DEVICE, assert_rel
 
 
 def pieces_equal_one_call(layer, x, cuts, tol):
@@ -68,8 +68,8 @@ def fused_matches_reference(make_layer, x, tol, expected_params=()):
     for a squared-sum loss. ``expected_params`` must be among the parameters compared."""
     outs, grads, names = {}, {}, None
     for backend in ("triton", "reference"):
-        layer = make_layer(backend)
-        xb = x.clone().requires_grad_()
+        layer = make_layer(backend).to(DEVICE)
+        xb = x.to(DEVICE).clone().requires_grad_()
         y, _ = layer(xb)
         y.square().sum().backward()
         outs[backend] = y

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from seqmix.archs import DynamicConv, LightConv, ShortConv
-from tests.helpers import DEVICE, TOL, assert_rel
+from tests.archs import contract
+from tests.helpers import DEVICE, TOL
 
 LAYERS = {
     "lightconv": lambda backend, **kw: LightConv(32, 4, kernel_size=5, backend=backend, **kw),
@@ -21,19 +22,11 @@ def _x(B, T, seed=1):
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_triton_layer_matches_reference_layer_with_gradients(name):
-    outs, grads, names = {}, {}, None
-    for backend in ("triton", "reference"):
+    def seeded(backend):
         torch.manual_seed(3)
-        layer = LAYERS[name](backend).to(DEVICE)
-        x = _x(2, 37).requires_grad_()
-        y, _ = layer(x)
-        y.square().sum().backward()
-        outs[backend] = y
-        grads[backend] = [x.grad] + [p.grad for p in layer.parameters()]
-        names = ["x"] + [n for n, _ in layer.named_parameters()]
-    assert_rel(outs["triton"], outs["reference"], TOL[torch.float32], "output")
-    for n, a, b in zip(names, grads["triton"], grads["reference"], strict=True):
-        assert_rel(a, b, TOL[torch.float32], f"grad of {n}")
+        return LAYERS[name](backend)
+
+    contract.fused_matches_reference(seeded, _x(2, 37), TOL[torch.float32])
 
 
 @pytest.mark.parametrize("name", ["lightconv", "dynamicconv"])

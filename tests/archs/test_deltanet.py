@@ -6,7 +6,7 @@ import torch
 
 from seqmix.archs import DeltaNet
 from tests.archs import contract
-from tests.helpers import DEVICE, TOL, assert_rel
+from tests.helpers import DEVICE, TOL
 
 
 def _layer(backend, seed=0, **kw):
@@ -19,20 +19,7 @@ def _x(B, T, seed=1):
 
 
 def test_triton_layer_matches_reference_layer_with_gradients():
-    layers = {b: _layer(b, seed=3) for b in ("triton", "reference")}
-    x = _x(2, 70)
-    outs, grads = {}, {}
-    for b, layer in layers.items():
-        xb = x.clone().requires_grad_()
-        y, _ = layer(xb)
-        y.square().sum().backward()
-        outs[b] = y
-        grads[b] = [xb.grad] + [p.grad for p in layer.parameters()]
-    tol = TOL[torch.float32]
-    assert_rel(outs["triton"], outs["reference"], tol, "output")
-    names = ["x"] + [n for n, _ in layers["triton"].named_parameters()]
-    for name, a, b in zip(names, grads["triton"], grads["reference"], strict=True):
-        assert_rel(a, b, tol, f"grad of {name}")
+    contract.fused_matches_reference(lambda backend: _layer(backend, seed=3), _x(2, 70), TOL[torch.float32])
 
 
 @pytest.mark.parametrize("kw", [{"use_short_conv": False}, {"use_output_gate": False, "expand_v": 2.0}])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from seqmix.kernels.alloc import no_tokens_result
 from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_cu_seqlens, check_log_decay, check_same_dtype, check_scale, check_tensor
 from seqmix.kernels.deltanet import triton as kernels
@@ -14,7 +15,6 @@ from seqmix.kernels.deltanet.reference import (
     gated_delta_rule_chunked,
     gated_delta_rule_recurrent,
 )
-from seqmix.kernels.alloc import no_tokens_result
 from seqmix.kernels.sequences import chunking_for
 from seqmix.kernels.triton_common import chunk_local_cumsum
 

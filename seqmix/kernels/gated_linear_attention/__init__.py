@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 
+from seqmix.kernels.alloc import no_tokens_result
 from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_cu_seqlens, check_log_decay, check_same_dtype, check_scale, check_tensor
 from seqmix.kernels.gated_linear_attention import triton as kernels
 from seqmix.kernels.gated_linear_attention.reference import gla_chunked, gla_recurrent
-from seqmix.kernels.alloc import no_tokens_result
 from seqmix.kernels.sequences import chunking_for
 
 __all__ = ["gla", "gla_chunked", "gla_recurrent"]
