@@ -121,12 +121,14 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, text_dir):
         args = ["--grad-accum", str(grad_accum), "--data", str(text_dir), "--out-dir", str(out), "--model.hidden-size", "32", "--model.num-heads", "2",
                 "--model.layers", "[deltanet, attention]", "--seq-len", "32", "--batch-size", "4", "--steps", "3",
                 "--log-every", "1", "--eval-every", "3", "--eval-tokens", "256", "--progress", "false"]
+        logs = out.with_name(out.name + "-logs")
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                    "--master-port", str(29500 + nproc + os.getpid() % 1000)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "SEQMIX_BACKEND": "reference"}
+                    "--master-port", str(29500 + nproc + os.getpid() % 1000), "--log-dir", str(logs), "--redirects", "3"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "SEQMIX_BACKEND": "reference", "PYTHONFAULTHANDLER": "1"}
         done = subprocess.run([*launcher, "-m", "seqmix.train", *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
+        ranks = "".join(f"--- {f.relative_to(logs)}\n{f.read_text()[-2000:]}\n" for f in sorted(logs.rglob("std*.log")))
+        assert done.returncode == 0, ranks + done.stderr[-2000:]
         return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
     # 2 processes x 2 accumulation steps x 1 sequence: DDP's no_sync path included
