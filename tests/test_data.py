@@ -1,6 +1,8 @@
 """Byte-level data: the standard-library corpus, files and directories, memmapped arrays, errors."""
 
+import sys
 import sysconfig
+import types
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +79,58 @@ def test_bad_sources(tmp_path):
     (tmp_path / "small.txt").write_text("only a few words")
     with pytest.raises(ValueError, match="fewer than seq_len"):
         load_corpus(str(tmp_path / "small.txt"), 32, cache_dir=tmp_path)
+
+
+class _Split:
+    """The part of a `datasets.Dataset` that load_corpus reads."""
+
+    def __init__(self, columns, fingerprint):
+        self._columns, self._fingerprint = columns, fingerprint
+
+    @property
+    def column_names(self):
+        return list(self._columns)
+
+    def __getitem__(self, column):
+        return self._columns[column]
+
+
+def _fake_datasets(monkeypatch, splits):
+    """Stands in for the optional `datasets` package (checked by hand against datasets 5.2.0's offline cache)."""
+    def load_dataset(name, download_mode):
+        if name not in splits:
+            raise FileNotFoundError(f"Couldn't find cache for {name}")
+        return splits[name]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+
+
+def test_hugging_face_dataset_by_name(monkeypatch, tmp_path):
+    rows = [f"row {i}: " + "lorem ipsum " * (i % 7 + 1) for i in range(200)]
+    _fake_datasets(monkeypatch, {
+        "org/with-val": {"train": _Split({"text": rows}, "a"), "validation": _Split({"text": rows[:5]}, "b")},
+        "org/train-only": {"train": _Split({"text": rows}, "c")},
+        "org/no-text": {"train": _Split({"content": rows}, "d")},
+    })
+
+    def tokens(docs):  # a BOS before each row
+        return sum(len(d.encode()) + 1 for d in docs)
+
+    corpus = load_corpus("org/with-val", 16, cache_dir=tmp_path)
+    assert (len(corpus.train), len(corpus.val)) == (tokens(rows), tokens(rows[:5]))
+    assert decode(corpus.val.tolist()) == "".join(rows[:5])
+
+    corpus = load_corpus("org/train-only", 16, cache_dir=tmp_path)  # every 50th row is validation
+    assert (len(corpus.train), len(corpus.val)) == (tokens(rows) - tokens(rows[::50]), tokens(rows[::50]))
+    assert decode(corpus.val.tolist()) == "".join(rows[::50])
+
+    with pytest.raises(ValueError, match="no 'text' column"):
+        load_corpus("org/no-text", 16, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="not a dataset in the local Hugging Face cache"):
+        load_corpus("org/missing", 16, cache_dir=tmp_path)
+
+
+def test_dataset_name_without_the_datasets_package(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
+    with pytest.raises(ValueError, match="`datasets` package.*is not installed"):
+        load_corpus("org/name", 16, cache_dir=tmp_path)
