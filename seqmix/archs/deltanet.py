@@ -29,7 +29,7 @@ class DeltaNet(Mixer):
         use_short_conv: put the short convolutions on q, k and v (else SiLU alone).
         use_output_gate: multiply the normalised output by silu(linear(x)).
         norm_eps: epsilon of the output RMSNorm.
-        backend: backend of the delta rule (None: automatic).
+        backend: backend of the delta rule and the short convs (None: automatic).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int | None = None, expand_v: float = 1.0,
@@ -49,7 +49,8 @@ class DeltaNet(Mixer):
         self.v_proj = nn.Linear(hidden_size, dv, bias=False)
         self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
         self.convs = (
-            nn.ModuleDict({n: ShortConvolution(d, conv_size) for n, d in (("q", dk), ("k", dk), ("v", dv))})
+            nn.ModuleDict({n: ShortConvolution(d, conv_size, backend=backend)
+                           for n, d in (("q", dk), ("k", dk), ("v", dv))})
             if use_short_conv else None
         )
         self.g_proj = nn.Linear(hidden_size, dv, bias=False) if use_output_gate else None

@@ -1,11 +1,14 @@
 """Every registered mixer keeps the Mixer contract (tests/archs/contract.py), with each kernel backend."""
 
+import functools
 import importlib.util
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
 
 from seqmix.archs import MIXERS, Mixer, build_mixer
 from tests.archs import contract
@@ -44,10 +47,20 @@ def test_every_mixer_has_a_config():
         assert isinstance(_mixer(name, "reference"), Mixer)
 
 
+@functools.cache
+def _whole_sequence(name, backend):
+    """The layer, its input and its one call: the same for every set of cuts Hypothesis draws, so it runs once
+    (in Triton's interpreter that call was a third of the test's time)."""
+    layer, x = _mixer(name, backend), _x(2, 80)
+    with torch.no_grad():
+        return layer, x, layer(x, layer.init_state(2))
+
+
 @pytest.mark.parametrize("name, backend", CASES)
 @given(cuts=st.lists(st.integers(1, 79), max_size=4))
 def test_pieces_with_state_equal_one_call(name, backend, cuts):
-    contract.pieces_equal_one_call(_mixer(name, backend), _x(2, 80), cuts, TOL[torch.float32])
+    layer, x, one_call = _whole_sequence(name, backend)
+    contract.pieces_equal_one_call(layer, x, cuts, TOL[torch.float32], one_call)
 
 
 @pytest.mark.parametrize("name, backend", CASES)
@@ -59,6 +72,20 @@ def test_decoding_token_by_token_equals_training_call(name, backend):
 def test_left_padding_and_packing_equal_separate_calls(name, backend):
     xs = [_x(1, t, seed=10 + i) for i, t in enumerate([30, 12, 21])]
     contract.padding_and_packing_equal_separate_calls(_mixer(name, backend), xs, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_CONFIGS))
+def test_reference_backend_launches_no_triton_kernel(name, monkeypatch):
+    """backend="reference" is the oracle of the layer tests: every op inside, short convs included, must take it."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{name} with backend='reference' launched a Triton kernel")
+
+    for kernel_type in (JITFunction, InterpretedFunction):
+        monkeypatch.setattr(kernel_type, "run", refuse)
+    layer, x = _mixer(name, "reference"), _x(2, 20).requires_grad_()
+    y, state = layer(x, layer.init_state(2))
+    layer(x[:, :1], state)
+    y.sum().backward()
 
 
 def test_interface_errors():
