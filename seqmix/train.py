@@ -394,7 +394,14 @@ def train(config: TrainConfig) -> dict:
     """Run (or resume) training; returns the final metrics (``val_bpb``, ``step``, ``loss``)."""
     d = _setup_distributed()
     try:
-        return _train(config, d)
+        metrics = _train(config, d)
+        if d.world > 1:
+            # The group comes down only when every rank is done (rank 0 writes last): a rank that destroyed its
+            # group and exited while rank 0 was still saving aborted in gloo's teardown ("terminate called
+            # without an active exception") in 5 of 32 two-process CPU runs; with this barrier, 0 of 30. Not in
+            # `finally`: after a failure the other ranks may never arrive, and torchrun stops them instead.
+            dist.barrier()
+        return metrics
     finally:
         if d.world > 1:
             dist.destroy_process_group()
@@ -482,11 +489,6 @@ def _train(config: TrainConfig, d: Dist) -> dict:
         if final:
             print(f"seqmix-train: done, step {final[-1]['step']}: validation {final[-1]['val_bpb']:.4f} bits per byte; "
                   f"model in {out / MODEL_DIR}, log in {out / LOG}, plot in {out / PLOT}", flush=True)
-    if d.world > 1:
-        # Every rank waits for rank 0's writes before tearing down gloo: a rank that destroyed its group and
-        # exited while rank 0 was still saving aborted in gloo's teardown ("terminate called without an active
-        # exception") in 5 of 32 two-process CPU runs; with this barrier, 0 of 38.
-        dist.barrier()
     return metrics
 
 
