@@ -59,7 +59,8 @@ ANCHORS = (
     ),
     Anchor(
         "gla", {"B": 8, "T": 2048, **HEADS}, TINY_HEADS,
-        lambda s, dtype, grad, device: bench_gla.make_inputs(s["B"], s["T"], s["H"], s["D"], s["D"], dtype, grad, device),
+        lambda s, dtype, grad, device: bench_gla.make_inputs(
+            s["B"], s["T"], s["H"], s["D"], s["D"], dtype, grad, device),
         bench_gla.impls, _floor(bench_gla, "gla_floor_ms"), "fla",
     ),
     Anchor(

@@ -63,7 +63,8 @@ def decode_ms_per_token(layers: list[str], args, device) -> dict:
             times.append((time.perf_counter() - t0) * 1e3)
             eager_tokens.append(tok.item())
         row["eager_ms_per_token"] = statistics.median(times)
-        grown = [name for s0, s1 in zip(start_state, state, strict=True) for name in s0 if s0[name].shape != s1[name].shape]
+        grown = [name for s0, s1 in zip(start_state, state, strict=True) for name in s0
+                 if s0[name].shape != s1[name].shape]
         if grown:
             row.update(graph_ms_per_token=None, graph_error=f"the state grows each step ({grown[0]}): not captured")
         elif device.type == "cuda":
@@ -124,7 +125,7 @@ def main(argv=None) -> list[dict]:
     device = torch.device("cpu" if args.cpu else "cuda")
     rows = [decode_ms_per_token(entry.split(","), args, device) for entry in args.layers]
     print(f"\nDecoding at B=1, {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
-          f"prompt {args.prompt}, {args.tokens} greedy tokens, bf16 autocast")
+          f"prompt {args.prompt}, {args.tokens} greedy tokens{', bf16 autocast' if device.type == 'cuda' else ''}")
     print(f"{'layers':<28} {'params':>7} {'eager ms/tok':>13} {'graph ms/tok':>13}  graph")
     for r in rows:
         graph = f"{r['graph_ms_per_token']:.2f}" if r.get("graph_ms_per_token") is not None else "-"

@@ -17,7 +17,9 @@
 #   7. decode: ms/token at B=1, eager and CUDA graph;
 #   8. tests: the GPU test suite with what time is left.
 # The table (python -m benchmarks.results_table) is printed last. Commit $OUT/results.json as
-# benchmarks/results/<date>-<gpu>.json.
+# benchmarks/results/<date>-<gpu>.json. QUICK_STAGES="train decode" (say) runs only those stages
+# after the install, for a second call that finishes what the first one's budget cut off (the meta
+# stage's ceilings are then missing: the floors fall back to the anchors' H100 ceilings).
 #
 # --rehearse: the same script on the CPU (Triton interpreter, tiny shapes, float32, no install, a
 # few tests), so a script error costs no GPU time. Its figures are not performance.
@@ -66,6 +68,8 @@ if [ "$part" = quick ]; then
     jobs=${QUICK_JOBS:-2}
   fi
   rm -f "$out/results.json" "$out/gpu_check.log"
+  stages=${QUICK_STAGES:-meta parity warm bench train decode tests}
+  wants() { [[ " $stages " == *" $1 "* ]]; }
   left() { echo $((budget - (SECONDS - start))); }
   # run CAP CMD...: CMD bounded by CAP seconds and by what is left of the budget (keeping 15 s for the table)
   run() {
@@ -76,11 +80,13 @@ if [ "$part" = quick ]; then
     [ $rc -eq 124 ] && echo "timed out after ${t}s: $*"
     return $rc
   }
-  # parallel STAGE CAP: one process per op (at most $jobs at once), each into its own results file, merged after
+  # parallel STAGE CAP OPS...: one process per op (at most $jobs at once), each into its own results file,
+  # merged after
   parallel() {
     local stage=$1 cap=$2 tmp=/tmp/gpu_quick_$1
+    shift 2
     rm -rf "$tmp"
-    printf '%s\n' $ops | run "$cap" xargs -P "$jobs" -I{} \
+    printf '%s\n' "$@" | run "$cap" xargs -P "$jobs" -I{} \
       python3 -m benchmarks.gpu_quick "$stage" --ops {} --out "$tmp/{}" $rehearse
     echo "$stage: exit $?"
     if compgen -G "$tmp/*/results.json" >/dev/null; then
@@ -90,23 +96,25 @@ if [ "$part" = quick ]; then
   {
     install_seqmix
     ops=$(python3 -c "from benchmarks.anchors import ANCHORS; print(' '.join(a.op for a in ANCHORS))")
-    run 30 python3 -m benchmarks.gpu_quick meta --out "$out" $rehearse
-    parallel parity 150
-    parallel warm 150
-    run 180 python3 -m benchmarks.gpu_quick bench --out "$out" $rehearse
-    run 90 python3 -m benchmarks.gpu_quick train --out "$out" $rehearse
-    run 60 python3 -m benchmarks.gpu_quick decode --out "$out" $rehearse
-    if [ -n "$rehearse" ]; then
-      tests=(tests/test_benchmarks.py -k floor)
-    else
-      workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-      tests=($workers tests)
-    fi
-    t=$(( $(left) - 20 ))
-    if [ "$t" -ge 30 ]; then
-      python3 -m benchmarks.gpu_quick tests --out "$out" $rehearse --seconds "$t" --pytest-args "${tests[@]}"
-    else
-      echo "tests: skipped, ${t}s left"
+    wants meta && run 30 python3 -m benchmarks.gpu_quick meta --out "$out" $rehearse
+    wants parity && parallel parity 150 $ops
+    wants warm && parallel warm 150 $ops lm
+    wants bench && run 180 python3 -m benchmarks.gpu_quick bench --out "$out" $rehearse
+    wants train && run 90 python3 -m benchmarks.gpu_quick train --out "$out" $rehearse
+    wants decode && run 60 python3 -m benchmarks.gpu_quick decode --out "$out" $rehearse
+    if wants tests; then
+      if [ -n "$rehearse" ]; then
+        tests=(tests/test_benchmarks.py -k floor)
+      else
+        workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+        tests=($workers tests)
+      fi
+      t=$(( $(left) - 20 ))
+      if [ "$t" -ge 30 ]; then
+        python3 -m benchmarks.gpu_quick tests --out "$out" $rehearse --seconds "$t" --pytest-args "${tests[@]}"
+      else
+        echo "tests: skipped, ${t}s left"
+      fi
     fi
   } 2>&1 | tee -a "$out/gpu_check.log"
   echo

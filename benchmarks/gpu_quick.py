@@ -12,10 +12,11 @@ in its own process, so a crash or a timeout in one keeps what the others wrote):
   backward, against the reference run in float32 on the same GPU: the relative
   error of the output and of every input's gradient, against the test suite's
   bf16 bound. Run with ``SEQMIX_AUTOTUNE=0`` (one config per kernel).
-- ``warm``: one forward and one forward+backward call of each op at its anchor
-  shape, which compiles every autotune config into Triton's cache; the shell
-  runs one process per op at once (compiling is CPU work, 16 cores), and each
-  op's seconds are its autotune set's compile time.
+- ``warm``: one forward and one forward+backward call of each op (and of its
+  comparators) at its anchor shape, which compiles every autotune config into
+  Triton's cache; the shell runs one process per op at once (compiling is CPU
+  work, 16 cores), and each op's seconds are its autotune set's compile time.
+  ``--ops lm`` warms the DeltaNet LM of the train and decode stages.
 - ``bench``: SDPA at H16 D128 first, then each op at its anchor shape, forward
   and forward+backward, next to its comparator (fla-core, installed from its
   wheel; mamba_ssm if present) in the same process, one op after another; the
@@ -201,8 +202,8 @@ def stage_parity(results: Results, device, args) -> None:
                 errors, error = [], f"{type(e).__name__}: {e}"
                 traceback.print_exc()
             _sync(device)
-            args = list(inspect.signature(fns[backend]).parameters)
-            names = ["out"] + [f"d{args[i]}" for i, t in enumerate(inputs) if t.requires_grad]
+            params = list(inspect.signature(fns[backend]).parameters)
+            names = ["out"] + [f"d{params[i]}" for i, t in enumerate(inputs) if t.requires_grad]
             results.add("parity", {
                 "op": anchor.op, "backend": backend, **sizes, "dtype": str(dtype).removeprefix("torch."),
                 "errors": dict(zip(names, errors)), "max_error": max(errors) if errors else None,
@@ -232,7 +233,8 @@ def _sdpa_impls(device) -> dict:
                 return attention(q, k, v)
         return call
 
-    return {"sdpa_flash": with_backend(SDPBackend.FLASH_ATTENTION), "sdpa_cudnn": with_backend(SDPBackend.CUDNN_ATTENTION)}
+    return {"sdpa_flash": with_backend(SDPBackend.FLASH_ATTENTION),
+            "sdpa_cudnn": with_backend(SDPBackend.CUDNN_ATTENTION)}
 
 
 def sdpa_floor_ms(B, T, H, D, elem_bytes, backward) -> float:
@@ -245,33 +247,48 @@ def sdpa_floor_ms(B, T, H, D, elem_bytes, backward) -> float:
     return floor_ms(io * (3 if backward else 1), flops * (3.5 if backward else 1))
 
 
-def _first_calls(anchor, sizes, dtype, device) -> float:
-    """Seconds of one forward and one forward+backward call of each fused backend: on a cold cache the
-    compile of every autotune config of every kernel, and the autotuner's timing of them."""
+def _first_calls(anchor, sizes, dtype, device, comparators: bool = False) -> float:
+    """Seconds of one forward and one forward+backward call of each fused backend (and with ``comparators``
+    of the comparators that import, whose refusals are ignored): on a cold cache the compile of every
+    autotune config of every kernel, and the autotuner's timing of them."""
     import torch
 
     from benchmarks.anchors import fused_backends
 
     start = time.perf_counter()
-    impls = anchor.impls(fused_backends(anchor, device))
+    fused = fused_backends(anchor, device)
+    impls = anchor.impls(fused)
+    names = [n for n in impls if n in fused or (comparators and n not in ("reference", "torch"))]
     for backward in (False, True):
         inputs = anchor.make_inputs(sizes, dtype, backward, device)
-        for backend in fused_backends(anchor, device):
-            out = impls[backend](*inputs)
-            if backward:
-                out.backward(torch.randn_like(out))
+        for name in names:
+            try:
+                out = impls[name](*inputs)
+                if backward:
+                    out.backward(torch.randn_like(out))
+            except Exception:
+                if name in fused:
+                    raise
     _sync(device)
     return time.perf_counter() - start
 
 
 def stage_warm(results: Results, device, args) -> None:
-    """Compile every autotune config of the ops' kernels into Triton's cache (the shell runs one process
-    per op in parallel: compiling is CPU work); the seconds are the compile time of the autotune set."""
+    """Compile every autotune config of the ops' kernels (and the comparators') into Triton's cache; the
+    shell runs one process per op at once (compiling is CPU work). The seconds per op are its autotune
+    set's compile time. ``--ops lm`` instead runs one training step and a few decoding steps of the
+    DeltaNet LM, whose kernels are specialised for its own head count."""
     import torch
 
     dtype = torch.float32 if args.rehearse else torch.bfloat16
+    if args.ops == "lm":
+        start = time.perf_counter()
+        _lm_stage("train", args, warm=True)
+        _lm_stage("decode", args, warm=True)
+        results.add("warm", {"op": "lm", "compile_and_autotune_s": time.perf_counter() - start})
+        return
     for anchor in _anchors(args.ops):
-        seconds = _first_calls(anchor, anchor.sizes(args.rehearse), dtype, device)
+        seconds = _first_calls(anchor, anchor.sizes(args.rehearse), dtype, device, comparators=True)
         results.add("warm", {"op": anchor.op, "compile_and_autotune_s": seconds})
 
 
@@ -308,21 +325,31 @@ def stage_bench(results: Results, device, args) -> None:
             results.add("bench", {**row, "autotune_s": autotune_s if row["impl"] in ("triton", "cuda") else None})
 
 
-def stage_train(results: Results, device, args) -> None:
-    from benchmarks import bench_train
+def _lm_stage(which: str, args, warm: bool = False) -> list[dict]:
+    """bench_train / bench_decode with their defaults (the ~50M models at B8 T2048, B=1 decoding), tiny on
+    the CPU in the rehearsal; ``warm``: the DeltaNet model alone, one step."""
+    from benchmarks import bench_decode, bench_train
 
-    argv = ["--cpu", "--hidden-size", "32", "--num-heads", "2", "--batch", "2", "--seq-len", "64", "--steps", "1",
-            "--warmup", "1", "--layers", "attention*2", "deltanet*2"] if args.rehearse else []
-    for row in bench_train.main(argv):
+    tiny = {"train": ["--cpu", "--hidden-size", "32", "--num-heads", "2", "--batch", "2", "--seq-len", "64"],
+            "decode": ["--cpu", "--hidden-size", "32", "--num-heads", "2", "--prompt", "8"]}[which]
+    argv = tiny if args.rehearse else []
+    layers = ["deltanet*2"] if args.rehearse else ["deltanet*16"]
+    if warm:
+        argv = [*argv, "--layers", *layers, *(["--steps", "1", "--warmup", "0"] if which == "train" else
+                                              ["--tokens", "2"])]
+    elif args.rehearse:
+        argv = [*argv, "--layers", "attention*2", *layers,
+                *(["--steps", "1", "--warmup", "1"] if which == "train" else ["--tokens", "2"])]
+    return (bench_train if which == "train" else bench_decode).main(argv)
+
+
+def stage_train(results: Results, device, args) -> None:
+    for row in _lm_stage("train", args):
         results.add("train", row)
 
 
 def stage_decode(results: Results, device, args) -> None:
-    from benchmarks import bench_decode
-
-    argv = ["--cpu", "--hidden-size", "32", "--num-heads", "2", "--prompt", "8", "--tokens", "2",
-            "--layers", "attention*2", "deltanet*2"] if args.rehearse else []
-    for row in bench_decode.main(argv):
+    for row in _lm_stage("decode", args):
         results.add("decode", row)
 
 

@@ -102,8 +102,9 @@ def header(results: dict) -> list[str]:
                  f"CUDA {m.get('cuda')}, fla-core {m.get('fla_core')}, seqmix {m.get('commit')}, "
                  f"CUDA extension for {m.get('seqmix_cuda_archs')}, install {_f(m.get('install_s'), '.0f')} s")
     if c:
-        lines.append(f"ceilings{' measured' if c.get('measured') else ' (assumed, the anchors H100)'}: copy "
-                     f"{c['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {c['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s")
+        lines.append(f"ceilings{' measured' if c.get('measured') else ' (assumed: the anchors' H100)'}: copy "
+                     f"{c['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+                     f"bf16 matmul {c['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s")
     for e in results.get("bench_errors", []):
         lines.append(f"bench error: {e['op']}: {e['error'][:200]}")
     t = results.get("tests")
@@ -144,7 +145,8 @@ def update_readme(readme: Path, results: dict, source: str) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", nargs="?", type=Path, help="a results JSON (default: the newest in benchmarks/results)")
+    parser.add_argument("results", nargs="?", type=Path,
+                        help="a results JSON (default: the newest in benchmarks/results)")
     parser.add_argument("--readme", action="store_true", help="rewrite README.md's performance section from it")
     args = parser.parse_args(argv)
     path = args.results or latest_results()
