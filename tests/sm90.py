@@ -18,6 +18,8 @@ GPU is at hand.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -61,6 +63,7 @@ def compile_kernel(kernel, args: dict, num_warps: int = 4, num_stages: int = 2):
     (no hint), a Python scalar (specialised by its value, as at a launch) or the value of a
     constexpr (None included). Returns (resources dict, compiled kernel)."""
     import triton
+    from triton import knobs
     from triton.backends.compiler import BaseBackend
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -80,22 +83,30 @@ def compile_kernel(kernel, args: dict, num_warps: int = 4, num_stages: int = 2):
         elif attr:
             attrs[(i,)] = BaseBackend.parse_attr(attr)
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+    log = io.StringIO()
+    with knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+        knobs.nvidia.dump_ptxas_log = True  # Triton prints ptxas' report when it compiles (not on a cache hit)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": num_warps, "num_stages": num_stages})
     usage = {"kernel": fn.__name__, "num_warps": num_warps, "num_stages": num_stages,
-             "shared": compiled.metadata.shared, **resource_usage(compiled)}
+             "shared": compiled.metadata.shared, **resource_usage(compiled, log.getvalue())}
     return usage, compiled
 
 
-def resource_usage(compiled) -> dict:
-    """Registers and stack frame bytes per thread from ``cuobjdump -res-usage``; where the stack
-    frame is not empty, the spill stores and loads (bytes) from ptxas' own report of the same PTX.
-    (cuobjdump's LOCAL counts ``.local`` declarations, which Triton never makes: the stack frame is
-    where its local memory lives.)"""
+def resource_usage(compiled, ptxas_log: str = "") -> dict:
+    """Registers and stack frame bytes per thread from ``cuobjdump -res-usage``, and the spill stores
+    and loads (bytes) from ptxas' report: ``ptxas_log`` when the compile printed it, else (a cache
+    hit) ptxas run again on the PTX where the stack frame is not empty. (cuobjdump's LOCAL counts
+    ``.local`` declarations, which Triton never makes: the stack frame is where its local memory lives.)"""
     text = _tool("cuobjdump", "-res-usage", data=compiled.asm["cubin"], suffix=".cubin")
     usage = dict(re.findall(r"(REG|STACK):(\d+)", text))
     stack = int(usage.get("STACK", 0))
-    spills = _ptxas_spills(compiled) if stack else {"spill_stores": 0, "spill_loads": 0}
+    if _SPILLS.search(ptxas_log):
+        spills = _spills(ptxas_log)
+    elif stack:
+        spills = _spills(_ptxas_log(compiled))
+    else:
+        spills = {"spill_stores": 0, "spill_loads": 0}
     return {"regs": int(usage.get("REG", -1)), "stack": stack, **spills}
 
 
@@ -113,16 +124,22 @@ def _tool(name: str, *args: str, data: bytes | str, suffix: str) -> str:
     return proc.stdout + proc.stderr
 
 
-def _ptxas_spills(compiled) -> dict:
-    """Spill stores and loads in bytes: ptxas -v on the kernel's PTX with the flags Triton compiles it with."""
+_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _spills(log: str) -> dict:
+    stores, loads = _SPILLS.search(log).groups()
+    return {"spill_stores": int(stores), "spill_loads": int(loads)}
+
+
+def _ptxas_log(compiled) -> str:
+    """ptxas -v on the kernel's PTX with the flags Triton compiles it with."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "k.cubin")
-        log = _tool(get_ptxas(90).path, "-v", "-lineinfo", "--regAllocOptLevel=2", "--gpu-name=sm_90a", "-o", out,
-                    data=compiled.asm["ptx"], suffix=".ptx")
-    stores, loads = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups()
-    return {"spill_stores": int(stores), "spill_loads": int(loads)}
+        return _tool(get_ptxas(90).path, "-v", "-lineinfo", "--regAllocOptLevel=2", "--gpu-name=sm_90a", "-o", out,
+                     data=compiled.asm["ptx"], suffix=".ptx")
 
 
 def print_compiled(specs) -> None:
