@@ -97,11 +97,11 @@ if [ "$part" = quick ]; then
     install_seqmix
     ops=$(python3 -c "from benchmarks.anchors import ANCHORS; print(' '.join(a.op for a in ANCHORS))")
     wants meta && run 30 python3 -m benchmarks.gpu_quick meta --out "$out" $rehearse
-    wants parity && parallel parity 150 $ops
+    wants parity && parallel parity 120 $ops
     wants warm && parallel warm 150 $ops lm
-    wants bench && run 180 python3 -m benchmarks.gpu_quick bench --out "$out" $rehearse
-    wants train && run 90 python3 -m benchmarks.gpu_quick train --out "$out" $rehearse
-    wants decode && run 60 python3 -m benchmarks.gpu_quick decode --out "$out" $rehearse
+    wants bench && run 150 python3 -m benchmarks.gpu_quick bench --out "$out" $rehearse
+    wants train && run 80 python3 -m benchmarks.gpu_quick train --out "$out" $rehearse
+    wants decode && run 50 python3 -m benchmarks.gpu_quick decode --out "$out" $rehearse
     if wants tests; then
       if [ -n "$rehearse" ]; then
         tests=(tests/test_benchmarks.py -k floor)

@@ -102,8 +102,8 @@ def header(results: dict) -> list[str]:
                  f"CUDA {m.get('cuda')}, fla-core {m.get('fla_core')}, seqmix {m.get('commit')}, "
                  f"CUDA extension for {m.get('seqmix_cuda_archs')}, install {_f(m.get('install_s'), '.0f')} s")
     if c:
-        lines.append(f"ceilings{' measured' if c.get('measured') else ' (assumed: the anchors' H100)'}: copy "
-                     f"{c['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+        source = "measured" if c.get("measured") else "assumed: the anchor table's H100, benchmarks/common.py"
+        lines.append(f"ceilings ({source}): copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
                      f"bf16 matmul {c['matmul_flop_per_s'] / 1e12:.0f} TFLOP/s")
     for e in results.get("bench_errors", []):
         lines.append(f"bench error: {e['op']}: {e['error'][:200]}")
