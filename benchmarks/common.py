@@ -74,16 +74,20 @@ def timed(fn, inputs, backward: bool) -> float:
 
 
 def rel_errors(fn, ref_fn, inputs) -> list[float]:
-    """Relative errors ||a - b|| / ||b|| (float64) of ``fn``'s output, then of its gradient for each input
-    that requires one, against ``ref_fn`` run on float32 copies of the inputs; inf where ``fn`` gave a
-    NaN or inf. The timed (autotuned) kernels are checked, not only the tested ones."""
+    """Relative errors ||a - b|| / ||b|| (float64) of ``fn``'s output (each, when it returns a tuple),
+    then of its gradient for each input that requires one, against ``ref_fn`` run on float32 copies of
+    the inputs; inf where ``fn`` gave a NaN or inf. The timed (autotuned) kernels are checked, not only
+    the tested ones."""
     ref_inputs = [t.detach().float().requires_grad_(t.requires_grad) for t in inputs]
-    out, ref = fn(*inputs), ref_fn(*ref_inputs)
-    grad = torch.randn_like(ref)
+    outs, refs = fn(*inputs), ref_fn(*ref_inputs)
+    outs, refs = (outs, refs) if isinstance(outs, tuple) else ((outs,), (refs,))
     wrt = [t for t in inputs if t.requires_grad]
-    grads = torch.autograd.grad(out, wrt, grad.to(out.dtype)) if wrt else ()
-    ref_grads = torch.autograd.grad(ref, [t for t in ref_inputs if t.requires_grad], grad) if wrt else ()
-    pairs = [(out, ref), *zip(grads, ref_grads, strict=True)]
+    grads = ref_grads = ()
+    if wrt:
+        seeds = [torch.randn_like(r) for r in refs]
+        grads = torch.autograd.grad(outs, wrt, [g.to(o.dtype) for g, o in zip(seeds, outs, strict=True)])
+        ref_grads = torch.autograd.grad(refs, [t for t in ref_inputs if t.requires_grad], seeds)
+    pairs = [*zip(outs, refs, strict=True), *zip(grads, ref_grads, strict=True)]
     return [_rel(a, b) for a, b in pairs]
 
 

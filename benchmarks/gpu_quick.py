@@ -11,7 +11,9 @@ in its own process, so a crash or a timeout in one keeps what the others wrote):
   kernels where the op has them) at its anchor shape in bf16, forward and
   backward, against the reference run in float32 on the same GPU: the relative
   error of the output and of every input's gradient, against the test suite's
-  bf16 bound. Run with ``SEQMIX_AUTOTUNE=0`` (one config per kernel).
+  bf16 bound; for the ops with a state, again with a random initial state (the
+  final state and the initial state's gradient too) and at T=1 (decoding). Run
+  with ``SEQMIX_AUTOTUNE=0`` (one config per kernel).
 - ``warm``: one forward and one forward+backward call of each op (and of its
   comparators) at its anchor shape, which compiles every autotune config into
   Triton's cache; the shell runs one process per op at once (compiling is CPU
@@ -181,38 +183,62 @@ def _anchors(ops: str | None):
 
 
 def stage_parity(results: Results, device, args) -> None:
+    """Per op and fused backend: ``train`` (the op's output and every input's gradient), ``state`` (with a
+    random initial state: the final state too, and the initial state's gradient) at the anchor shape,
+    and ``decode`` (T=1 with a state, no gradient: the token-by-token kernels)."""
     import torch
 
     from benchmarks.anchors import fused_backends
-    from benchmarks.common import rel_errors
-    from tests.helpers import TOL
 
     dtype = torch.float32 if args.rehearse else torch.bfloat16
     for anchor in _anchors(args.ops):
         sizes = anchor.sizes(args.rehearse)
         for backend in fused_backends(anchor, device):
             torch.manual_seed(0)
-            inputs = anchor.make_inputs(sizes, dtype, True, device)
             fns = anchor.impls([backend, "reference"])
-            start = time.perf_counter()
-            try:
-                errors = rel_errors(fns[backend], fns["reference"], inputs)
-                error = None
-            except Exception as e:  # noqa: BLE001  (recorded as a failure; the other ops still run)
-                errors, error = [], f"{type(e).__name__}: {e}"
-                traceback.print_exc()
-            _sync(device)
-            params = list(inspect.signature(fns[backend]).parameters)
-            names = ["out"] + [f"d{params[i]}" for i, t in enumerate(inputs) if t.requires_grad]
-            results.add("parity", {
-                "op": anchor.op, "backend": backend, **sizes, "dtype": str(dtype).removeprefix("torch."),
-                "errors": dict(zip(names, errors)), "max_error": max(errors) if errors else None,
-                "tolerance": TOL[dtype], "passed": bool(errors) and max(errors) <= TOL[dtype], "error": error,
-                "seconds": time.perf_counter() - start,
-            })
-            del inputs
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            names = list(inspect.signature(fns[backend]).parameters)
+            _parity(results, anchor.op, backend, "train", sizes, fns[backend], fns["reference"],
+                    lambda s, grad: anchor.make_inputs(s, dtype, grad, device), names, dtype, device)
+            if anchor.stateful is None:
+                continue
+            def with_state(s, grad):
+                return [*anchor.make_inputs(s, dtype, grad, device),
+                        anchor.initial_state(s, dtype, device).requires_grad_(grad)]
+            fused, reference = anchor.stateful(backend), anchor.stateful("reference")
+            names = [*names, "h0"]
+            _parity(results, anchor.op, backend, "state", sizes, fused, reference, with_state, names, dtype, device)
+            _parity(results, anchor.op, backend, "decode", {**sizes, "T": 1}, fused, reference, with_state, names,
+                    dtype, device, grad=False)
+
+
+def _parity(results, op, backend, case, sizes, fn, ref_fn, make_inputs, arg_names, dtype, device, grad=True) -> None:
+    """Compare ``fn`` with ``ref_fn`` (float32) on fresh inputs (``make_inputs(sizes, grad)``, named
+    ``arg_names``); record the errors, pass or fail."""
+    import torch
+
+    from benchmarks.common import rel_errors
+    from tests.helpers import TOL
+
+    inputs = make_inputs(sizes, grad)
+    start = time.perf_counter()
+    try:
+        errors = rel_errors(fn, ref_fn, inputs)
+        error = None
+    except Exception as e:  # noqa: BLE001  (recorded as a failure; the other checks still run)
+        errors, error = [], f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+    _sync(device)
+    outputs = ["out", "ht"][: len(errors) - sum(t.requires_grad for t in inputs)] if errors else []
+    names = outputs + [f"d{arg_names[i]}" for i, t in enumerate(inputs) if t.requires_grad]
+    results.add("parity", {
+        "op": op, "backend": backend, "case": case, **sizes, "dtype": str(dtype).removeprefix("torch."),
+        "errors": dict(zip(names, errors)), "max_error": max(errors) if errors else None,
+        "tolerance": TOL[dtype], "passed": bool(errors) and max(errors) <= TOL[dtype], "error": error,
+        "seconds": time.perf_counter() - start,
+    })
+    del inputs
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _sdpa_impls(device) -> dict:

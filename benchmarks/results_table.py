@@ -49,10 +49,13 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         rows = []
         for p in parity:
             worst = max(p["errors"], key=p["errors"].get) if p["errors"] else "-"
-            rows.append([p["op"], p["backend"], p["dtype"], _f(p["max_error"], ".1e"), worst, f"{p['tolerance']:.0e}",
+            rows.append([p["op"], p["backend"], p.get("case", "train"), p["dtype"], _f(p["max_error"], ".1e"), worst,
+                         f"{p['tolerance']:.0e}",
                          "pass" if p["passed"] else f"FAIL{': ' + p['error'][:60] if p.get('error') else ''}"])
-        out.append(("Parity at the anchor shapes (fwd+bwd vs the float32 reference on the same device)",
-                    ["op", "backend", "dtype", "max rel err", "worst", "bound", "result"], rows))
+        out.append(("Parity at the anchor shapes against the float32 reference on the same device (train: output "
+                    "and input gradients; state: with an initial state, the final state and its gradient too; "
+                    "decode: T=1 with a state)",
+                    ["op", "backend", "case", "dtype", "max rel err", "worst", "bound", "result"], rows))
     bench = results.get("bench", [])
     if bench:
         sdpa = _sdpa_ms(results)

@@ -4,7 +4,8 @@
                                      [--json rows.json]
 
 No GPU is needed. Each op of ``benchmarks/anchors.py`` is called forward and
-backward at its anchor shape in bfloat16 on CPU tensors, with every Triton
+backward at its anchor shape in bfloat16 on CPU tensors (and, for the ops with a
+state, decoding one token per sequence), with every Triton
 launch intercepted instead of run: that yields the kernels, their arguments
 (so the compile gets the runtime's own specialisation: alignment of each
 pointer, divisibility of each integer) and the grid at the anchor shape. Each
@@ -138,6 +139,12 @@ def trace_launches(anchors, all_configs: bool) -> list[dict]:
             out = fn(*inputs)
             current.update(stage="bwd")
             out.backward(torch.randn_like(out))
+            if anchor.stateful is not None:  # decoding: one token per sequence with a state, no gradient
+                current.update(stage="decode")
+                sizes = {**anchor.anchor, "T": 1}
+                with torch.no_grad():
+                    anchor.stateful("triton")(*anchor.make_inputs(sizes, torch.bfloat16, False, "cpu"),
+                                              anchor.initial_state(sizes, torch.bfloat16, "cpu"))
     finally:
         JITFunction.run, Autotuner.run = saved[:2]
         if saved[2] is None:
