@@ -20,7 +20,7 @@ import torch
 
 from benchmarks import bench_causal_conv1d, bench_delta_rule, bench_dynamic_conv, bench_gated_delta_rule, bench_gla
 from benchmarks import bench_ssd
-from seqmix.kernels import causal_conv1d, delta_rule, gated_delta_rule, gla, selective_scan, ssd
+from seqmix.kernels import causal_conv1d, causal_conv1d_update, delta_rule, gated_delta_rule, gla, selective_scan, ssd
 
 
 def _state(*dims):
@@ -51,6 +51,13 @@ def _scan_final(backend):
         output_final_state=True, backend=backend)
 
 
+def _conv_update(backend):
+    def call(x, w, state):
+        state = state.float().clone()  # updated in place; float32 as causal_conv1d's final states are
+        return causal_conv1d_update(x, state, w, activation="silu", backend=backend), state
+    return call
+
+
 def _conv_final(backend):
     return lambda x, w, h0: causal_conv1d(x, w, activation="silu", initial_state=h0, output_final_state=True,
                                           backend=backend)
@@ -70,6 +77,8 @@ class Anchor:
     # (sizes, dtype, device) -> a random initial state.
     stateful: Callable | None = None
     initial_state: Callable | None = None
+    # A separate decoding op (the conv's in-place update): (backend) -> fn(*inputs, state) -> (out, state after).
+    update: Callable | None = None
 
     def sizes(self, rehearse: bool) -> dict:
         return self.tiny if rehearse else self.anchor
@@ -127,7 +136,7 @@ ANCHORS = (
             s["B"], s["T"], s["D"], s["W"], dtype, grad, device),
         bench_causal_conv1d.impls,
         lambda s, nbytes, backward: bench_causal_conv1d.conv_floor_ms(s["B"], s["T"], s["D"], nbytes, backward),
-        "fla", has_cuda=True, stateful=_conv_final, initial_state=_conv_state,
+        "fla", has_cuda=True, stateful=_conv_final, initial_state=_conv_state, update=_conv_update,
     ),
     Anchor(
         "dynamic_conv", {"B": 8, "T": 2048, "C": 1024, "H": 16, "K": 31}, {"B": 1, "T": 40, "C": 16, "H": 2, "K": 5},

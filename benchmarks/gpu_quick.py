@@ -12,8 +12,9 @@ in its own process, so a crash or a timeout in one keeps what the others wrote):
   backward, against the reference run in float32 on the same GPU: the relative
   error of the output and of every input's gradient, against the test suite's
   bf16 bound; for the ops with a state, again with a random initial state (the
-  final state and the initial state's gradient too) and at T=1 (decoding). Run
-  with ``SEQMIX_AUTOTUNE=0`` (one config per kernel).
+  final state and the initial state's gradient too) and at T=1 (decoding; the
+  conv's in-place update op too). Run with ``SEQMIX_AUTOTUNE=0`` (one config
+  per kernel).
 - ``warm``: one forward and one forward+backward call of each op (and of its
   comparators) at its anchor shape, which compiles every autotune config into
   Triton's cache; the shell runs one process per op at once (compiling is CPU
@@ -185,7 +186,8 @@ def _anchors(ops: str | None):
 def stage_parity(results: Results, device, args) -> None:
     """Per op and fused backend: ``train`` (the op's output and every input's gradient), ``state`` (with a
     random initial state: the final state too, and the initial state's gradient) at the anchor shape,
-    and ``decode`` (T=1 with a state, no gradient: the token-by-token kernels)."""
+    ``decode`` (T=1 with a state, no gradient: the token-by-token kernels) and ``update`` (a separate
+    decoding op)."""
     import torch
 
     from benchmarks.anchors import fused_backends
@@ -209,6 +211,9 @@ def stage_parity(results: Results, device, args) -> None:
             _parity(results, anchor.op, backend, "state", sizes, fused, reference, with_state, names, dtype, device)
             _parity(results, anchor.op, backend, "decode", {**sizes, "T": 1}, fused, reference, with_state, names,
                     dtype, device, grad=False)
+            if anchor.update is not None:
+                _parity(results, anchor.op, backend, "update", {**sizes, "T": 1}, anchor.update(backend),
+                        anchor.update("reference"), with_state, names, dtype, device, grad=False)
 
 
 def _parity(results, op, backend, case, sizes, fn, ref_fn, make_inputs, arg_names, dtype, device, grad=True) -> None:

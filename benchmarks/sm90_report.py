@@ -142,9 +142,12 @@ def trace_launches(anchors, all_configs: bool) -> list[dict]:
             if anchor.stateful is not None:  # decoding: one token per sequence with a state, no gradient
                 current.update(stage="decode")
                 sizes = {**anchor.anchor, "T": 1}
+                inputs = [*anchor.make_inputs(sizes, torch.bfloat16, False, "cpu"),
+                          anchor.initial_state(sizes, torch.bfloat16, "cpu")]
                 with torch.no_grad():
-                    anchor.stateful("triton")(*anchor.make_inputs(sizes, torch.bfloat16, False, "cpu"),
-                                              anchor.initial_state(sizes, torch.bfloat16, "cpu"))
+                    anchor.stateful("triton")(*inputs)
+                    if anchor.update is not None:
+                        anchor.update("triton")(*inputs)
     finally:
         JITFunction.run, Autotuner.run = saved[:2]
         if saved[2] is None:

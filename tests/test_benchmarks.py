@@ -160,7 +160,8 @@ def test_gpu_check_rehearsal_writes_results_and_table(tmp_path, monkeypatch, cap
     results = json.loads((out / "results.json").read_text())
     assert results["meta"]["rehearsal"] and results["ceilings"]["measured"] is False
     assert [(p["op"], p["case"], p["passed"]) for p in results["parity"]] == [
-        (op, case, True) for op in ("ssd", "causal_conv1d") for case in ("train", "state", "decode")]
+        *((op, case, True) for op in ("ssd", "causal_conv1d") for case in ("train", "state", "decode")),
+        ("causal_conv1d", "update", True)]
     assert set(results["parity"][1]["errors"]) == {"out", "ht", "dx", "ddt", "dA", "dB", "dC", "dD", "dbias", "dh0"}
     # (the conv's final state is a copy of its last inputs: exactly equal, so some errors are 0)
     assert all(0 < p["max_error"] < 1e-4 and min(p["errors"].values()) >= 0 for p in results["parity"])
