@@ -136,8 +136,12 @@ def stage_meta(results: Results, device, args) -> None:
 
 
 def _git_commit() -> str | None:
-    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).parent)
+    """The checkout's commit, when it is a git checkout and git is installed (else set SEQMIX_COMMIT)."""
+    try:
+        proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent)
+    except OSError:
+        return None
     return proc.stdout.strip() or None
 
 
