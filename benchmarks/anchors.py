@@ -4,8 +4,10 @@ One entry per op names its sizes at the anchor shape (B8 T2048; H16 D128 for the
 delta rules and GLA, SSD at H64 P64 N128 G1, the short conv at D4096 W4, the
 selective scan at D4096 N16, DynamicConv and LightConv at C1024 H16 K31) and at the small
 shape the CPU rehearsal runs, how to make its inputs, its implementations
-(seqmix's backends and the comparators that import), the roofline floor and
-which comparator the ratio is taken against. The GPU check
+(seqmix's backends and the comparators that import), the roofline floor,
+which comparator the ratio is taken against and, for the ops with a recurrent
+state, how to call them with an initial state (and the conv's separate
+decoding update). The GPU check
 (``benchmarks/gpu_quick.py``) and the static Hopper report
 (``benchmarks/sm90_report.py``) both read this list, so the kernels they
 compile, check and time are the same.

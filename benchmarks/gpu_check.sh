@@ -9,7 +9,8 @@
 #   1. install seqmix with the CUDA extension for sm_90 (timed);
 #   2. meta: GPU, versions, the card's copy bandwidth and bf16 matmul rate;
 #   3. parity: every fused op at its anchor shape in bf16, forward and backward, against the float32
-#      reference on the GPU (one autotune config per kernel; one process per op, in parallel);
+#      reference on the GPU, with and without an initial state, and decoding at T=1 (one autotune
+#      config per kernel; one process per op, in parallel);
 #   4. warm: every autotune config compiled into Triton's cache (one process per op, in parallel;
 #      the seconds per op are the autotune set's compile time);
 #   5. bench: SDPA, then each op next to fla-core 0.6.0 and mamba_ssm when they import, fwd and fwd+bwd;
