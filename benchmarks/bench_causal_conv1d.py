@@ -24,6 +24,13 @@ def conv_floor_ms(B, T, D, elem_bytes, backward):
     return floor_ms(B * T * D * elem_bytes * (5 if backward else 2))
 
 
+def make_inputs(B, T, D, W, dtype, requires_grad, device="cuda"):
+    """x [B, T, D] and depthwise weights [D, W] scaled to unit output variance."""
+    x = torch.randn(B, T, D, device=device, dtype=dtype, requires_grad=requires_grad)
+    w = (torch.randn(D, W, device=device) / W**0.5).to(dtype).requires_grad_(requires_grad)
+    return [x, w]
+
+
 def impls(backends):
     out = {b: (lambda b: lambda x, w: causal_conv1d(x, w, activation="silu", backend=b)[0])(b) for b in backends}
     out["torch"] = lambda x, w: F.silu(F.conv1d(x.transpose(1, 2), w.unsqueeze(1), padding=w.shape[1] - 1,
@@ -47,17 +54,12 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     D, W = 4096, 4
     shapes = [(8, 2048)] if args.quick else [(8, 2048), (2, 8192)]
-
-    def make_inputs(shape, grad):
-        x = torch.randn(shape["B"], shape["T"], D, device="cuda", dtype=dtype, requires_grad=grad)
-        w = (torch.randn(D, W, device="cuda") / W**0.5).to(dtype).requires_grad_(grad)
-        return [x, w]
-
     backends = args.backends.split(",")
     if "cuda" not in backends and why_unavailable("cuda", torch.device("cuda")) is None:
         backends.insert(1, "cuda")
     rows = measure(
-        "causal_conv1d", [{"B": B, "T": T} for B, T in shapes], impls(backends), make_inputs,
+        "causal_conv1d", [{"B": B, "T": T} for B, T in shapes], impls(backends),
+        lambda s, grad: make_inputs(s["B"], s["T"], D, W, dtype, grad),
         lambda s, backward: conv_floor_ms(s["B"], s["T"], D, dtype.itemsize, backward), args.dtype,
     )
     report(f"causal_conv1d + SiLU, {args.dtype}, D{D} W{W}", rows, ("B", "T"), args.json)

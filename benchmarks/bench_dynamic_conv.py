@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import floor_ms, measure, parse_args, report
-from seqmix.kernels import dynamic_conv
+from seqmix.kernels import dynamic_conv, light_conv
 from seqmix.kernels.backend import why_unavailable
 
 C, H, K = 1024, 16, 31
@@ -47,6 +47,20 @@ def _backend(name):
 
 def impls(backends):
     out = {b: _backend(b) for b in backends}
+    out["sdpa"] = _sdpa
+    return out
+
+
+def make_light_inputs(B, T, dtype, requires_grad, device="cuda", channels=C, heads=H, taps=K):
+    """x [B, T, C] and one kernel per head [H, K] (LightConv)."""
+    x = torch.randn(B, T, channels, device=device, dtype=dtype)
+    w = torch.randn(heads, taps, device=device, dtype=dtype)
+    return [x.requires_grad_(requires_grad), w.requires_grad_(requires_grad)]
+
+
+def light_impls(backends):
+    """LightConv per backend (the anchor cases' check of the same kernels with shared weights)."""
+    out = {b: (lambda b: lambda x, w: light_conv(x, w, backend=b))(b) for b in backends}
     out["sdpa"] = _sdpa
     return out
 

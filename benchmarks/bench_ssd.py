@@ -7,7 +7,8 @@ z for the selective scan). For each shape it prints the median ms, the ratio
 to mamba_ssm timed in the same process on the same inputs when mamba_ssm is
 importable (``mamba_chunk_scan_combined`` with chunk 256, and the CUDA
 ``selective_scan_fn``, whose channels-first layout is made from ours inside
-the timed call), the fraction of the floor reached, and the Triton kernels'
+the timed call), flash-linear-attention's ``chunk_simple_gla`` for SSD when fla
+is importable, the fraction of the floor reached, and the Triton kernels'
 error against the reference.
 
     python -m benchmarks.bench_ssd [--json out.json] [--backends triton,reference] [--quick]
@@ -51,11 +52,29 @@ def make_inputs(B, T, H, P, N, G, dtype, requires_grad, device="cuda"):
     return [t.requires_grad_(requires_grad) for t in (x, dt, A, b, c, D, dt_bias)]
 
 
+def _ssd_as_simple_gla(chunk_simple_gla, x, dt, A, B, C, D, dt_bias):
+    """SSD through fla's ``chunk_simple_gla`` (a scalar decay per head and token): q = C and k = B
+    broadcast to the heads, v = dt x, log decay dt A, scale 1, plus the skip D x. The broadcasts and
+    the elementwise prologue are part of the timed call, as they would be in a layer using it."""
+    heads = x.shape[2]
+    step = torch.nn.functional.softplus(dt.float() + dt_bias)
+    q, k = (t.repeat_interleave(heads // t.shape[2], dim=2) for t in (C, B))
+    v = x * step.unsqueeze(-1).to(x.dtype)
+    y = chunk_simple_gla(q, k, v, g=step * A, scale=1.0)[0]
+    return y + x * D.unsqueeze(-1).to(x.dtype)
+
+
 def impls(backends):
     def seqmix_ssd(b):
         return lambda x, dt, A, B, C, D, bias: ssd(x, dt, A, B, C, D=D, dt_bias=bias, dt_softplus=True, backend=b)[0]
 
     out = {b: seqmix_ssd(b) for b in backends}
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except ImportError:
+        pass
+    else:
+        out["fla"] = lambda x, dt, A, B, C, D, bias: _ssd_as_simple_gla(chunk_simple_gla, x, dt, A, B, C, D, bias)
     try:
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
     except ImportError:

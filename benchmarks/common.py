@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 
 import torch
 
@@ -34,9 +36,27 @@ def floor_ms(bytes_moved: float, flops: float = 0.0) -> float:
     return max(bytes_moved / COPY_BYTES_PER_S, flops / MATMUL_FLOP_PER_S) * 1e3
 
 
+def _host_bench(fn, grad_to_none=None, return_mode="median", reps: int = 3) -> float:
+    """Median host-clock ms of a few calls after one: the CPU rehearsal's stand-in for do_bench,
+    which needs CUDA. It proves the timing path runs; its numbers say nothing about speed."""
+    fn()
+    times = []
+    for _ in range(reps):
+        for t in grad_to_none or ():
+            t.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
 def timed(fn, inputs, backward: bool) -> float:
-    """Median ms of ``fn(*inputs)``, or of it and a backward from a fixed random gradient."""
-    from triton.testing import do_bench
+    """Median ms of ``fn(*inputs)``, or of it and a backward from a fixed random gradient
+    (``do_bench`` on a GPU; without CUDA, the rehearsal's host clock)."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+    else:
+        do_bench = _host_bench
 
     if not backward:
         with torch.no_grad():
@@ -53,17 +73,34 @@ def timed(fn, inputs, backward: bool) -> float:
     return do_bench(step, grad_to_none=[t for t in inputs if t.requires_grad], return_mode="median")
 
 
-def max_rel_err(fn, ref_fn, inputs) -> float:
-    """Largest relative error of ``fn``'s output and input gradients against ``ref_fn`` run on
-    float32 copies of the inputs: the timed (autotuned) kernels are checked, not only the tested ones."""
+def rel_errors(fn, ref_fn, inputs) -> list[float]:
+    """Relative errors ||a - b|| / ||b|| (float64) of ``fn``'s output (each, when it returns a tuple),
+    then of its gradient for each input that requires one, against ``ref_fn`` run on float32 copies of
+    the inputs; inf where ``fn`` gave a NaN or inf. The timed (autotuned) kernels are checked, not only
+    the tested ones."""
     ref_inputs = [t.detach().float().requires_grad_(t.requires_grad) for t in inputs]
-    out, ref = fn(*inputs), ref_fn(*ref_inputs)
-    grad = torch.randn_like(ref)
+    outs, refs = fn(*inputs), ref_fn(*ref_inputs)
+    outs, refs = (outs, refs) if isinstance(outs, tuple) else ((outs,), (refs,))
     wrt = [t for t in inputs if t.requires_grad]
-    grads = torch.autograd.grad(out, wrt, grad.to(out.dtype))
-    ref_grads = torch.autograd.grad(ref, [t for t in ref_inputs if t.requires_grad], grad)
-    pairs = [(out, ref), *zip(grads, ref_grads, strict=True)]
-    return max(((a.float() - b).norm() / b.norm()).item() for a, b in pairs)
+    grads = ref_grads = ()
+    if wrt:
+        seeds = [torch.randn_like(r) for r in refs]
+        grads = torch.autograd.grad(outs, wrt, [g.to(o.dtype) for g, o in zip(seeds, outs, strict=True)])
+        ref_grads = torch.autograd.grad(refs, [t for t in ref_inputs if t.requires_grad], seeds)
+    pairs = [*zip(outs, refs, strict=True), *zip(grads, ref_grads, strict=True)]
+    return [_rel(a, b) for a, b in pairs]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def max_rel_err(fn, ref_fn, inputs) -> float:
+    """Largest of :func:`rel_errors`."""
+    return max(rel_errors(fn, ref_fn, inputs))
 
 
 def measure(op: str, shapes, impls: dict, make_inputs, floor, dtype: str, anchor: str = "fla") -> list[dict]:

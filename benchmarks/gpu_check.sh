@@ -1,31 +1,130 @@
 #!/usr/bin/env bash
-# GPU check in one call: install seqmix (building csrc/ for sm_90), run the GPU tests, run the
-# benchmarks, print the table last. Logs and JSON go to $OUT (or ./gpu_check_out).
+# GPU check in one call. Logs and the results JSON go to $OUT (or ./gpu_check_out).
 #
-#   bash benchmarks/gpu_check.sh [all|tests|bench]   # default all; QUICK=1: anchor shapes only
+#   bash benchmarks/gpu_check.sh quick [--rehearse]   # the prepared call: fits one 9-minute device call
+#   bash benchmarks/gpu_check.sh [all|tests|bench]     # the long runs (QUICK=1: bench at the anchor shapes only)
 #
-# Each part fits one 10-minute device call on its own if the two together do not; a warm machine
-# keeps Triton's compile cache between calls.
-# Optional comparators travel as wheels in .whl/ (ignored by git) and are installed to /tmp/site;
-# for flash-linear-attention's kernels, on a machine with pip:
+# quick, in order of importance, each stage flushing its results as it measures and bounded by what
+# is left of QUICK_BUDGET_S (default 540 s), so a timeout keeps everything measured before it:
+#   1. install seqmix with the CUDA extension for sm_90 (timed);
+#   2. meta: GPU, versions, the card's copy bandwidth and bf16 matmul rate;
+#   3. parity: every fused op at its anchor shape in bf16, forward and backward, against the float32
+#      reference on the GPU, with and without an initial state, and decoding at T=1 (one autotune
+#      config per kernel; one process per op, in parallel);
+#   4. warm: every autotune config compiled into Triton's cache (one process per op, in parallel;
+#      the seconds per op are the autotune set's compile time);
+#   5. bench: SDPA, then each op next to fla-core 0.6.0 and mamba_ssm when they import, fwd and fwd+bwd;
+#   6. train: ~50M LM training step, DeltaNet vs attention, B8 T2048 bf16;
+#   7. decode: ms/token at B=1, eager and CUDA graph;
+#   8. tests: the GPU test suite with what time is left.
+# The table (python -m benchmarks.results_table) is printed last. Commit $OUT/results.json as
+# benchmarks/results/<date>-<gpu>.json. QUICK_STAGES="train decode" (say) runs only those stages
+# after the install, for a second call that finishes what the first one's budget cut off (the meta
+# stage's ceilings are then missing: the floors fall back to the anchors' H100 ceilings).
+#
+# --rehearse: the same script on the CPU (Triton interpreter, tiny shapes, float32, no install, a
+# few tests), so a script error costs no GPU time. Its figures are not performance.
+#
+# fla-core travels as a wheel in .whl/ (ignored by git; the device call names it in `carry`), made
+# on a machine with pip, in the repository root:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl fla-core==0.6.0
-# bench_ssd compares with mamba_ssm's mamba_chunk_scan_combined when `mamba_ssm` imports (its package
-# import loads a compiled extension, so it needs a wheel built for this torch/CUDA).
+# Every wheel in .whl/ is installed to /tmp/site. bench_ssd's mamba_ssm comparator needs a wheel
+# built for the machine's torch/CUDA (its import loads a compiled extension).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part=${1:-all}
+rehearse=""
+[ "${2:-}" = "--rehearse" ] && rehearse="--rehearse"
 out=${OUT:-gpu_check_out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+start=$SECONDS
+
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-TORCH_CUDA_ARCH_LIST=9.0 python3 -m pip install -q --no-build-isolation --no-deps -e . > "$out/install.log" 2>&1
-tail -n 3 "$out/install.log"
-python3 -c "import seqmix._C as C; print('seqmix._C built for', C.cuda_archs())" 2>/dev/null || echo "seqmix._C: not built (see install.log)"
 
+install_seqmix() {
+  local t0=$SECONDS
+  if [ -n "$rehearse" ]; then  # check that the build's metadata step runs, install nothing
+    python3 -m pip install --dry-run -q --no-build-isolation --no-deps -e . > "$out/install.log" 2>&1
+  else
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 -m pip install -q --no-build-isolation --no-deps -e . \
+      > "$out/install.log" 2>&1
+  fi
+  local rc=$?
+  export SEQMIX_INSTALL_S=$((SECONDS - t0))
+  echo "install: exit $rc in ${SEQMIX_INSTALL_S}s"; tail -n 3 "$out/install.log"
+  python3 -c "import seqmix._C as C; print('seqmix._C built for', C.cuda_archs())" 2>/dev/null \
+    || echo "seqmix._C: not built (see install.log)"
+}
+
+if [ "$part" = quick ]; then
+  budget=${QUICK_BUDGET_S:-540}
+  jobs=${QUICK_JOBS:-8}
+  if [ -n "$rehearse" ]; then
+    export TRITON_INTERPRET=1
+    jobs=${QUICK_JOBS:-2}
+  fi
+  rm -f "$out/results.json" "$out/gpu_check.log"
+  stages=${QUICK_STAGES:-meta parity warm bench train decode tests}
+  wants() { [[ " $stages " == *" $1 "* ]]; }
+  left() { echo $((budget - (SECONDS - start))); }
+  # run CAP CMD...: CMD bounded by CAP seconds and by what is left of the budget (keeping 15 s for the table)
+  run() {
+    local cap=$1; shift
+    local t=$(( $(left) - 15 < cap ? $(left) - 15 : cap ))
+    if [ "$t" -lt 5 ]; then echo "skipped (budget spent): $*"; return 0; fi
+    timeout -k 5 "$t" "$@"; local rc=$?
+    [ $rc -eq 124 ] && echo "timed out after ${t}s: $*"
+    return $rc
+  }
+  # parallel STAGE CAP OPS...: one process per op (at most $jobs at once), each into its own results file,
+  # merged after
+  parallel() {
+    local stage=$1 cap=$2 tmp=/tmp/gpu_quick_$1
+    shift 2
+    rm -rf "$tmp"
+    printf '%s\n' "$@" | run "$cap" xargs -P "$jobs" -I{} \
+      python3 -m benchmarks.gpu_quick "$stage" --ops {} --out "$tmp/{}" $rehearse
+    echo "$stage: exit $?"
+    if compgen -G "$tmp/*/results.json" >/dev/null; then
+      python3 -m benchmarks.gpu_quick merge "$tmp"/*/results.json --out "$out"
+    fi
+  }
+  {
+    install_seqmix
+    ops=$(python3 -c "from benchmarks.anchors import ANCHORS; print(' '.join(a.op for a in ANCHORS))")
+    wants meta && run 30 python3 -m benchmarks.gpu_quick meta --out "$out" $rehearse
+    wants parity && parallel parity 120 $ops
+    wants warm && parallel warm 150 $ops lm
+    wants bench && run 150 python3 -m benchmarks.gpu_quick bench --out "$out" $rehearse
+    wants train && run 80 python3 -m benchmarks.gpu_quick train --out "$out" $rehearse
+    wants decode && run 50 python3 -m benchmarks.gpu_quick decode --out "$out" $rehearse
+    if wants tests; then
+      if [ -n "$rehearse" ]; then
+        tests=(tests/test_benchmarks.py -k floor)
+      else
+        workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+        tests=($workers tests)
+      fi
+      t=$(( $(left) - 20 ))
+      if [ "$t" -ge 30 ]; then
+        python3 -m benchmarks.gpu_quick tests --out "$out" $rehearse --seconds "$t" --pytest-args "${tests[@]}"
+      else
+        echo "tests: skipped, ${t}s left"
+      fi
+    fi
+  } 2>&1 | tee -a "$out/gpu_check.log"
+  echo
+  echo "== quick check, $((SECONDS - start))s =="
+  python3 -m benchmarks.results_table "$out/results.json"
+  exit 0
+fi
+
+install_seqmix
 tests_rc=0
 if [ "$part" != bench ]; then
   # One config per kernel in the tests (compiling every autotune config of every head dim costs
@@ -44,6 +143,7 @@ if [ "$part" != tests ]; then
       || bench_rc=1
   done
   python3 -m benchmarks.bench_train --json "$out/bench_train.json" >> "$out/bench.log" 2>&1 || bench_rc=1
+  python3 -m benchmarks.bench_decode --json "$out/bench_decode.json" >> "$out/bench.log" 2>&1 || bench_rc=1
 fi
 
 echo

@@ -11,7 +11,7 @@ from benchmarks.bench_ssd import make_inputs as ssd_inputs
 from benchmarks.bench_ssd import make_scan_inputs, scan_floor_ms, scan_impls, ssd_floor_ms
 from benchmarks.bench_train import main as bench_train
 from benchmarks.common import max_rel_err
-from tests.helpers import DEVICE
+from tests.helpers import DEVICE, rel_err
 
 
 @pytest.mark.parametrize("B, T", [(8, 2048), (2, 8192)])
@@ -92,3 +92,96 @@ def test_gla_error_check_is_small_and_measured():
     fns = bench.impls(["triton", "reference"])
     err = max_rel_err(fns["triton"], fns["reference"], bench.make_inputs(1, 70, 2, 16, 16, torch.float32, True, DEVICE))
     assert 0 < err < 1e-4
+
+
+def test_ssd_comparator_maps_ssd_onto_simple_gla():
+    """fla's chunk_simple_gla stands in for SSD in the benchmarks: with a plain recurrence in its place, the
+    mapping (q = C, k = B per head, v = dt x, log decay dt A, scale 1, plus D x) gives SSD's reference output."""
+    from benchmarks.bench_ssd import _ssd_as_simple_gla
+
+    def simple_gla(q, k, v, g, scale):
+        state = q.new_zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3], dtype=torch.float64)
+        out = []
+        for t in range(q.shape[1]):
+            state = state * g[:, t, :, None, None].exp() + k[:, t, :, :, None] * v[:, t, :, None, :]
+            out.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], state))
+        return torch.stack(out, 1), state
+
+    torch.manual_seed(0)
+    inputs = [t.double() for t in ssd_inputs(2, 20, 4, 8, 16, 1, torch.float32, False, DEVICE)]
+    expected = ssd_impls(["reference"])["reference"](*inputs)
+    assert rel_err(_ssd_as_simple_gla(simple_gla, *inputs), expected) < 1e-10
+
+
+def test_decode_benchmark_runs_each_model(capsys):
+    from benchmarks import bench_decode
+
+    rows = bench_decode.main(["--cpu", "--layers", "attention", "deltanet", "--hidden-size", "32", "--num-heads", "2",
+                              "--prompt", "8", "--tokens", "2"])
+    assert [r["layers"] for r in rows] == ["attention", "deltanet"]
+    assert all(r["eager_ms_per_token"] > 0 for r in rows)
+    assert "grows" in rows[0]["graph_error"]  # attention's cache: no graph is attempted
+    assert "deltanet" in capsys.readouterr().out
+
+
+def test_occupancy_and_opcode_counts():
+    from benchmarks.sm90_report import occupancy, opcode_counts
+
+    assert occupancy(128, 116 * 1024, 4) == (1, "shared")  # 117 KB of 228 per SM
+    assert occupancy(255, 40 * 1024, 4) == (2, "regs")  # 8192 registers a warp: 8 warps per SM
+    assert occupancy(32, 0, 8) == (8, "warps")
+    assert occupancy(64, 228 * 1024, 4) == (0, "shared")  # over the 227 KB a block may have
+    sass = """
+        /*0000*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT ;
+        /*0010*/              @!P0 HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0020*/                   FFMA R1, R2, R3, R1 ;
+        /*0030*/               @P1 STL [R1], R2 ;
+        /*0040*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+    """
+    counts = opcode_counts(sass)
+    assert (counts["total"], counts["HGMMA"], counts["HMMA"], counts["FFMA"], counts["STL"], counts["BAR"]) == (
+        5, 1, 1, 1, 1, 1)
+
+
+def test_gpu_check_rehearsal_writes_results_and_table(tmp_path, monkeypatch, capsys):
+    """The quick GPU check's stages end to end on the CPU (two ops, the interpreter): results JSON, merge,
+    table; the README refuses the rehearsal's numbers."""
+    import json
+
+    from benchmarks import gpu_quick, results_table
+
+    monkeypatch.setenv("SEQMIX_AUTOTUNE", "1")  # the parity stage sets it to 0; restored after the test
+    out, part = tmp_path / "out", tmp_path / "part"
+    common = ["--rehearse", "--ops", "causal_conv1d,ssd"]
+    assert gpu_quick.main(["meta", "--out", str(out), "--rehearse"]) == 0
+    assert gpu_quick.main(["parity", "--out", str(part), *common]) == 0
+    assert gpu_quick.main(["merge", str(part / "results.json"), "--out", str(out)]) == 0
+    assert gpu_quick.main(["bench", "--out", str(out), *common]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["rehearsal"] and results["ceilings"]["measured"] is False
+    assert [(p["op"], p["case"], p["passed"]) for p in results["parity"]] == [
+        *((op, case, True) for op in ("ssd", "causal_conv1d") for case in ("train", "state", "decode")),
+        ("causal_conv1d", "update", True)]
+    assert set(results["parity"][1]["errors"]) == {"out", "ht", "dx", "ddt", "dA", "dB", "dC", "dD", "dbias", "dh0"}
+    # (the conv's final state is a copy of its last inputs: exactly equal, so some errors are 0)
+    assert all(0 < p["max_error"] < 1e-4 and min(p["errors"].values()) >= 0 for p in results["parity"])
+    assert {(r["op"], r["mode"]) for r in results["bench"]} == {
+        (op, mode) for op in ("sdpa", "ssd", "causal_conv1d") for mode in ("fwd", "fwd+bwd")}
+    table = results_table.text(results)
+    assert table.startswith("REHEARSAL") and "causal_conv1d" in table
+    with pytest.raises(SystemExit, match="rehearsal"):
+        results_table.update_readme(tmp_path / "README.md", results, "x.json")
+    results["meta"]["rehearsal"] = False
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{results_table.BEGIN}\nold\n{results_table.END}\noutro\n")
+    results_table.update_readme(readme, results, "x.json")
+    text = readme.read_text()
+    assert "old" not in text and "| ssd | triton |" in text and text.endswith("outro\n")
+
+
+def test_gpu_check_script_parses():
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)

@@ -1,0 +1,142 @@
+"""Decoding speed of whole LMs at B=1: ms per token, eager and as a replayed CUDA graph.
+
+    python -m benchmarks.bench_decode                    # the ~50M models of bench_train, prompt 512, 64 tokens
+    python -m benchmarks.bench_decode --layers deltanet*16 --prompt 128 --tokens 32
+
+Each model prefills a random prompt in one call, then decodes greedily one
+token per call with its state, under bf16 autocast as it trains. The eager
+time is the median over ``--tokens`` steps. Where the model's decoding step
+can be captured (a fixed-size state, no host synchronisation inside the step:
+recurrent mixers), the step (forward, greedy choice, state written back in
+place) is captured once as a CUDA graph and its replays are timed; the graph's
+tokens are checked against the eager ones. Where capture fails the reason is
+reported instead (attention's cache grows every step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from seqmix.archs.lm import LanguageModel, LMConfig
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _autocast(device):
+    # No autocast cache: a captured graph must not keep casts of weights made outside it.
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False)
+
+
+def _copy_state(dst, src):
+    for d, s in zip(dst, src, strict=True):
+        for name, t in s.items():
+            d[name].copy_(t)
+
+
+def decode_ms_per_token(layers: list[str], args, device) -> dict:
+    torch.manual_seed(0)
+    config = LMConfig(vocab_size=320, hidden_size=args.hidden_size, num_heads=args.num_heads, layers=layers)
+    model = LanguageModel(config).to(device).eval()
+    prompt = torch.randint(0, 256, (1, args.prompt), device=device,
+                           generator=torch.Generator(device=device).manual_seed(1))
+    row = {"layers": ",".join(layers), "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+           "prompt": args.prompt, "tokens": args.tokens}
+    with torch.no_grad(), _autocast(device):
+        logits, state = model(prompt, model.init_state(1))
+        first = logits[:, -1].argmax(-1, keepdim=True)
+        times, tok, eager_tokens = [], first, []
+        start_state = [{k: v.clone() for k, v in s.items()} for s in state]
+        for _ in range(args.tokens):
+            _sync(device)
+            t0 = time.perf_counter()
+            logits, state = model(tok, state)
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+            _sync(device)
+            times.append((time.perf_counter() - t0) * 1e3)
+            eager_tokens.append(tok.item())
+        row["eager_ms_per_token"] = statistics.median(times)
+        grown = [name for s0, s1 in zip(start_state, state, strict=True) for name in s0
+                 if s0[name].shape != s1[name].shape]
+        if grown:
+            row.update(graph_ms_per_token=None, graph_error=f"the state grows each step ({grown[0]}): not captured")
+        elif device.type == "cuda":
+            row.update(_graph_decode(model, first, start_state, eager_tokens, args.tokens))
+    return row
+
+
+def _graph_decode(model, first, state, eager_tokens, steps) -> dict:
+    """Capture one decoding step (state updated in place, greedy token written back) and time its replays."""
+    static_tok = first.clone()
+
+    def step():
+        logits, new_state = model(static_tok, state)
+        _copy_state(state, new_state)
+        static_tok.copy_(logits[:, -1].argmax(-1, keepdim=True))
+
+    saved = [{k: v.clone() for k, v in s.items()} for s in state]
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()  # warm-up outside the graph (compiles, allocates workspaces)
+        torch.cuda.current_stream().wait_stream(side)
+        _copy_state(state, saved)
+        static_tok.copy_(first)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    except Exception as e:  # noqa: BLE001  (a step that cannot be captured is a result, not a failure)
+        return {"graph_ms_per_token": None, "graph_error": f"{type(e).__name__}: {e}"[:300]}
+    _copy_state(state, saved)
+    static_tok.copy_(first)
+    tokens, start, end = [], torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(steps):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+        tokens.append(static_tok.item())
+    agree = sum(a == b for a, b in zip(tokens, eager_tokens, strict=True)) / steps
+    return {"graph_ms_per_token": statistics.median(times), "graph_tokens_agree": agree}
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", nargs="+", default=["attention*16", "deltanet*16"])
+    parser.add_argument("--hidden-size", type=int, default=512)
+    parser.add_argument("--num-heads", type=int, default=4)
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU (a smoke test; no timing claims)")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    if not args.cpu and not torch.cuda.is_available():
+        raise SystemExit("the decoding benchmark needs a CUDA GPU (or --cpu for a smoke run)")
+    device = torch.device("cpu" if args.cpu else "cuda")
+    rows = [decode_ms_per_token(entry.split(","), args, device) for entry in args.layers]
+    print(f"\nDecoding at B=1, {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
+          f"prompt {args.prompt}, {args.tokens} greedy tokens{', bf16 autocast' if device.type == 'cuda' else ''}")
+    print(f"{'layers':<28} {'params':>7} {'eager ms/tok':>13} {'graph ms/tok':>13}  graph")
+    for r in rows:
+        graph = f"{r['graph_ms_per_token']:.2f}" if r.get("graph_ms_per_token") is not None else "-"
+        note = r.get("graph_error") or (f"tokens agree {r['graph_tokens_agree']:.0%}" if "graph_tokens_agree" in r
+                                        else "")
+        print(f"{r['layers']:<28} {r['params_M']:>6.1f}M {r['eager_ms_per_token']:>13.2f} {graph:>13}  {note}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
