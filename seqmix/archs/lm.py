@@ -143,6 +143,8 @@ class LanguageModel(nn.Module):
         if state is not None and len(state) != len(self.blocks):
             raise ValueError(f"state must hold one entry per layer ({len(self.blocks)}), got {len(state)}")
         x = self.embed(tokens)
+        for block in self.blocks:
+            block.mixer.observe_tokens(tokens)
         new_state = []
         for i, block in enumerate(self.blocks):
             x, s = block(x, None if state is None else state[i], cu_seqlens, attention_mask)
@@ -152,6 +154,18 @@ class LanguageModel(nn.Module):
 
     def init_state(self, batch_size: int) -> list[State]:
         return [block.mixer.init_state(batch_size) for block in self.blocks]
+
+    def auxiliary(self, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The mixers' auxiliary terms of the last training call (see :meth:`Mixer.auxiliary`): the sum of
+        their losses (a scalar to add to the LM loss; 0 when none has one) and every logged scalar, keyed
+        ``layer<i>.<name>``."""
+        total, metrics = logits.new_zeros((), dtype=torch.float32), {}
+        for i, block in enumerate(self.blocks):
+            for name, value in block.mixer.auxiliary(logits).items():
+                if name == "loss":
+                    total = total + value
+                metrics[f"layer{i}.{name}"] = value.detach()
+        return total, metrics
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

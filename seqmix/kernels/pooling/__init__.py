@@ -21,7 +21,7 @@ from seqmix.kernels.pooling import reference
 from seqmix.kernels.pooling import triton as kernels
 from seqmix.kernels.sequences import reference_dtype
 
-__all__ = ["Segments", "chunk_select", "ema_dechunk", "segment_pool", "segment_upsample"]
+__all__ = ["Segments", "chunk_select", "segments_of", "ema_dechunk", "segment_pool", "segment_upsample"]
 
 IMPLEMENTED = ("triton", "reference")
 
@@ -39,8 +39,9 @@ class Segments:
     packed: bool
 
 
-def _segments(bh: torch.Tensor, B: int, T: int, n: int, cu_seqlens) -> Segments:
-    """Counts and sequence ids of hard boundaries ``bh`` [B, T], built without a host sync."""
+def segments_of(bh: torch.Tensor, B: int, T: int, n: int, cu_seqlens) -> Segments:
+    """Counts and sequence ids of the hard boundaries ``bh`` [B, T] (bool or 0/1) of ``n`` sequences,
+    dense or packed with ``cu_seqlens``; built without a host sync."""
     device = bh.device
     counts = bh.long()
     if cu_seqlens is None:
@@ -154,7 +155,7 @@ def segment_pool(
     n = _sequences(x, B, T, cu_seqlens)
     impl = _impl("segment_pool", backend, x)
     bh = (boundaries > 0.5).reshape(-1).float()
-    seg = _segments(bh.view(B, T), B, T, n, cu_seqlens)
+    seg = segments_of(bh.view(B, T), B, T, n, cu_seqlens)
     S = max_segments if max_segments is not None else (int(seg.c.max()) if seg.c.numel() else 0)
     if T == 0 or S == 0:
         return x.new_zeros(n, S, D) + 0 * x.sum()  # keeps x in the graph for an all-zero gradient
@@ -198,7 +199,7 @@ def segment_upsample(
     if T == 0:
         return y.new_zeros(B, 0, D) + 0 * y.sum()
     bh = (boundaries > 0.5).reshape(-1).float()
-    seg = _segments(bh.view(B, T), B, T, n, cu_seqlens)
+    seg = segments_of(bh.view(B, T), B, T, n, cu_seqlens)
     out = _SegmentUpsample.apply(y.reshape(N * S1, D), boundaries.reshape(-1), bh, seg, S1 - 1, impl)
     return out.view(B, T, D)
 
@@ -220,7 +221,7 @@ def chunk_select(x: torch.Tensor, boundaries: torch.Tensor, *, cu_seqlens: torch
     _check_boundaries(boundaries, B, T, x)
     n = _sequences(x, B, T, cu_seqlens)
     bh = boundaries.reshape(-1) > 0.5
-    seg = _segments(bh.view(B, T), B, T, n, cu_seqlens)
+    seg = segments_of(bh.view(B, T), B, T, n, cu_seqlens)
     per_seq = torch.zeros(n, dtype=torch.int64, device=x.device).scatter_reduce_(0, seg.seq, seg.c, "amax")
     chunk_cu = torch.cat([per_seq.new_zeros(1), per_seq.cumsum(0)])
     index = bh.nonzero().squeeze(1)
@@ -282,7 +283,7 @@ def ema_dechunk(
     start = torch.zeros(n, D, device=z.device, dtype=dtype) if h0 is None else initial_state.to(dtype)
     table = torch.cat([start, e.reshape(K, D).to(dtype)])
     bh = boundaries.reshape(-1) > 0.5
-    seg = _segments(bh.view(B, T), B, T, n, cu_seqlens)
+    seg = segments_of(bh.view(B, T), B, T, n, cu_seqlens)
     chunk_cu = chunk_cu_seqlens.to(torch.int64)
     row = torch.where(seg.c > 0, n + chunk_cu[:-1][seg.seq] + seg.c - 1, seg.seq)
     out = table[row].view(B, T, D).to(z.dtype)
