@@ -2,8 +2,9 @@
 
 Everything works on packed tokens: ``x`` [L, D], the hard boundaries ``bh`` [L] (0./1.) and
 ``seg`` (:class:`seqmix.kernels.pooling.Segments`: ``c`` [L] int64, the boundaries up to and
-including each token counted within its sequence, and ``seq`` [L] int64, each token's sequence). Segment ``s`` of sequence ``n`` is row
-``n * S + s`` of the pooled output; the upsampling input has ``S + 1`` rows per sequence.
+including each token counted within its sequence, and ``seq`` [L] int64, each token's
+sequence). Segment ``s`` of sequence ``n`` is row ``n * S + s`` of the pooled output; the
+upsampling input has ``S + 1`` rows per sequence.
 No ``[L, S]`` matrix is ever formed: pooling is an ``index_add`` and upsampling a gather.
 The gradients with respect to the boundaries are derived in docs/math/pooling.md; the
 Triton kernels compute the same formulas.

@@ -4,8 +4,8 @@ Pooling and the upsampling backward need running sums inside segments that may s
 many tiles, so their programs own one sequence and one block of channels and walk the
 sequence tile by tile (forwards for pooling, backwards for the upsampling gradient),
 carrying the open segment's sum across tiles; inside a tile of 64 tokens the segmented
-running sum is one matmul with a 0/1 "same segment, not later" matrix. The upsampling forward is a gather and runs one program per
-tile. Every output row is written by exactly one program: no atomics, deterministic.
+running sum is one matmul with a 0/1 "same segment, not later" matrix. The upsampling
+forward is a gather and runs one program per tile. Every output row is written by exactly one program: no atomics, deterministic.
 The boundary gradients follow docs/math/pooling.md, as the reference does.
 """
 
@@ -20,6 +20,10 @@ from seqmix.kernels.sequences import chunking_for
 from seqmix.kernels.triton_common import dot_precision, head_block, load_rows, sequence_bounds, store_rows
 
 BT = 64  # tokens per tile
+# 32 channels and 8 warps per program: compiled for sm_90 (tests/kernels/pooling/test_sm90_compile.py) the
+# kernels then keep their [64, 64] tiles in registers; 64 channels or 4 warps spilled kilobytes to the stack
+# in float32 (whose ieee dots do not run on the tensor cores).
+NUM_WARPS = 8
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -28,8 +32,8 @@ def unsupported(dtype: torch.dtype) -> str | None:
 
 
 def _block(D: int) -> int:
-    """Channels per program: at least 16 (``tl.dot``'s minimum), at most 64."""
-    return min(64, head_block(D))
+    """Channels per program: at least 16 (``tl.dot``'s minimum), at most 32."""
+    return min(32, head_block(D))
 
 
 @triton.jit
@@ -191,7 +195,7 @@ def pool_fwd(x, bh, seg, S: int):
     counts = torch.zeros(seg.n * S, dtype=torch.float32, device=x.device)
     if L and S:
         segment_pool_fwd_kernel[(seg.n, triton.cdiv(D, BD))](x, bh, seg.c, seg.cu, pooled, counts, S, D=D, BT=BT,
-                                                            BD=BD, PREC=dot_precision(x.dtype))
+                                                            BD=BD, PREC=dot_precision(x.dtype), num_warps=NUM_WARPS)
     return pooled, counts
 
 
@@ -204,7 +208,7 @@ def pool_bwd(dpooled, x, bh, seg, pooled, counts, S: int):
     dx = empty(L, D, dtype=x.dtype, device=x.device)
     db = empty(nd, L, dtype=torch.float32, device=x.device)
     segment_pool_bwd_kernel[(seg.n, nd)](x, bh, seg.c, seg.cu, dpooled.contiguous(), pooled, counts, dx, db, S, L,
-                                         D=D, BT=BT, BD=BD, PREC=dot_precision(x.dtype))
+                                         D=D, BT=BT, BD=BD, PREC=dot_precision(x.dtype), num_warps=NUM_WARPS)
     return dx, db.sum(0)
 
 
@@ -215,7 +219,7 @@ def upsample_fwd(y, seg, S: int):
     chunking = chunking_for(1, L, BT, y.device, seg.cu) if seg.packed else chunking_for(seg.n, L // seg.n, BT,
                                                                                           y.device)
     segment_upsample_fwd_kernel[(chunking.num_chunks, triton.cdiv(D, BD))](
-        y, seg.c, chunking.chunk_index, chunking.cu_seqlens, out, S, D=D, BT=BT, BD=BD)
+        y, seg.c, chunking.chunk_index, chunking.cu_seqlens, out, S, D=D, BT=BT, BD=BD, num_warps=NUM_WARPS)
     return out
 
 
@@ -227,5 +231,8 @@ def upsample_bwd(dout, y, bh, seg, S: int):
     dy = torch.zeros(y.shape[0], D, dtype=torch.float32, device=y.device)
     db = empty(nd, L, dtype=torch.float32, device=y.device)
     segment_upsample_bwd_kernel[(seg.n, nd)](y, bh, seg.c, seg.cu, dout.contiguous(), dy, db, S, L, D=D, BT=BT,
-                                             BD=BD, PREC=dot_precision(dout.dtype))
+                                             BD=BD, PREC=dot_precision(dout.dtype), num_warps=NUM_WARPS)
     return dy.to(y.dtype), db.sum(0)
+
+
+KERNELS = (segment_pool_fwd_kernel, segment_pool_bwd_kernel, segment_upsample_fwd_kernel, segment_upsample_bwd_kernel)
