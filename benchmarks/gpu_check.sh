@@ -44,6 +44,7 @@ if [ "$part" != tests ]; then
       || bench_rc=1
   done
   python3 -m benchmarks.bench_train --json "$out/bench_train.json" >> "$out/bench.log" 2>&1 || bench_rc=1
+  python3 -m benchmarks.bench_pooling op --json "$out/bench_pooling.json" >> "$out/bench.log" 2>&1 || bench_rc=1
 fi
 
 echo

@@ -230,9 +230,13 @@ def _batch(corpus: Corpus, config: TrainConfig, step: int, micro: int, d: Dist, 
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
-def _loss(step_fn, model, x, y, config, device):
+def _loss(model, x, y, config, device):
+    return _losses(model, model, x, y, config, device)[0]
+
+
+def _losses(step_fn, model, x, y, config, device):
     """The LM loss, the mixers' auxiliary loss (added to it for the backward) and their logged scalars
-    (:meth:`LanguageModel.auxiliary`)."""
+    (:meth:`LanguageModel.auxiliary`); ``step_fn`` is the (wrapped) model that runs the forward."""
     with _autocast(config, device):
         logits, _ = step_fn(x)
     aux, aux_metrics = model.auxiliary(logits)
@@ -450,7 +454,7 @@ def _train(config: TrainConfig, d: Dist) -> dict:
             x, y = _batch(corpus, config, step, micro, d, device)
             sync = micro == config.grad_accum - 1 or d.world == 1
             with contextlib.nullcontext() if sync else ddp.no_sync():
-                loss, aux, aux_metrics = _loss(step_fn, model, x, y, config, device)
+                loss, aux, aux_metrics = _losses(step_fn, model, x, y, config, device)
                 ((loss + aux) / config.grad_accum).backward()
             step_loss += loss.detach() / config.grad_accum
             if aux_metrics:

@@ -174,9 +174,8 @@ class Hourglass(Mixer):
 
     def sequence_state(self, state: State, i: int) -> State:
         own = {k: v[i] for k, v in state.items() if not k.startswith("inner.")}
-        for j, block in enumerate(self.inner):
-            part = block.mixer.sequence_state(self._unflatten(state)[j], i)
-            own.update({f"inner.{j}.{k}": v for k, v in part.items()})
+        for j, (block, inner) in enumerate(zip(self.inner, self._unflatten(state))):
+            own.update({f"inner.{j}.{k}": v for k, v in block.mixer.sequence_state(inner, i).items()})
         return own
 
     def auxiliary(self, logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@ Everything works on packed tokens: ``x`` [L, D], the hard boundaries ``bh`` [L] 
 including each token counted within its sequence, and ``seq`` [L] int64, each token's
 sequence). Segment ``s`` of sequence ``n`` is row ``n * S + s`` of the pooled output; the
 upsampling input has ``S + 1`` rows per sequence.
-No ``[L, S]`` matrix is ever formed: pooling is an ``index_add`` and upsampling a gather.
+No ``[L, S]`` matrix is ever formed: pooling is an accumulating ``index_put_`` and upsampling a gather.
 The gradients with respect to the boundaries are derived in docs/math/pooling.md; the
 Triton kernels compute the same formulas.
 """
@@ -17,6 +17,15 @@ import torch
 
 def _positions(L: int, device) -> torch.Tensor:
     return torch.arange(L, device=device)
+
+
+def _cumsum_rows(t: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """Cumulative sum of [L, D] over its rows, in blocks of ``block`` rows plus the blocks' running totals:
+    on the CPU torch's cumsum over dim 0 of a wide matrix ran 4x slower than over a middle dim."""
+    L, D = t.shape
+    blocks = torch.nn.functional.pad(t, (0, 0, 0, (-L) % block)).view(-1, block, D).cumsum(1)
+    totals = blocks[:, -1]
+    return (blocks + (totals.cumsum(0) - totals)[:, None]).view(-1, D)[:L]
 
 
 def _segment_start(is_start: torch.Tensor) -> torch.Tensor:
@@ -51,8 +60,9 @@ def pool_fwd(x, bh, seg, S: int):
     keep = (sigma < S) & (sigma < total[seq])  # kept (max_segments) and closed (not the trailing one)
     row = torch.where(keep, seq * S + sigma, torch.zeros_like(sigma))
     w = keep.to(x.dtype)
-    sums = x.new_zeros(N * S, D).index_add_(0, row, x * w[:, None])
-    counts = x.new_zeros(N * S).index_add_(0, row, w)
+    # index_put_ with accumulate: on the CPU several times faster than index_add_ for these shapes
+    sums = x.new_zeros(N * S, D).index_put_((row,), x * w[:, None], accumulate=True)
+    counts = x.new_zeros(N * S).index_put_((row,), w, accumulate=True)
     return sums / counts.clamp_min(1)[:, None], counts
 
 
@@ -78,7 +88,7 @@ def pool_bwd(dpooled, x, bh, seg, pooled, counts, S: int):
     is_start[1:] |= bh[:-1] > 0
     start = _segment_start(is_start)
     m_own = torch.where(own_ok[:, None], pooled[own], torch.zeros_like(x))
-    dev = torch.cumsum(x - m_own, 0)
+    dev = _cumsum_rows(x - m_own)
     dev = dev - (dev[start] - (x - m_own)[start])
     n_run = (_positions(L, x.device) - start + 1).to(x.dtype)
     term = dev + n_run[:, None] * (m_own - pooled[nxt])
@@ -96,11 +106,11 @@ def upsample_bwd(dout, y, bh, seg, S: int):
     L, D = dout.shape
     c, seq = seg.c, seg.seq
     row = seq * (S + 1) + c.clamp_max(S)
-    dy = dout.new_zeros(y.shape[0], D).index_add_(0, row, dout)
+    dy = dout.new_zeros(y.shape[0], D).index_put_((row,), dout, accumulate=True)
     # G_t: the gradient of the relaxed output o_t, the sum of dout from t up to the next boundary
     # (every boundary resets o, a clamped one to row S).
     is_start = _sequence_starts(seq) | (bh > 0)
-    rev = torch.flip(torch.cumsum(torch.flip(dout, [0]), 0), [0])
+    rev = torch.flip(_cumsum_rows(torch.flip(dout, [0])), [0])
     rev = torch.cat([rev, rev.new_zeros(1, D)])
     G = rev[:L] - rev[_next_start(is_start)]
     sigma = c - bh.long()
