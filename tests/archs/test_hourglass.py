@@ -167,3 +167,33 @@ def test_bad_options():
         build_mixer("hourglass", hidden_size=HIDDEN, layers=["mamba9"])
     with pytest.raises(ValueError, match="observe_tokens"):
         build_mixer("hourglass", hidden_size=HIDDEN, boundary="whitespace")(_x(1, 4).cpu())
+
+
+def test_whitespace_with_left_padding_equals_separate_calls():
+    """The token ids are packed with the attention mask as x is."""
+    model = _lm("whitespace").eval()
+    a, b = _text_tokens(1, 21, seed=8), _text_tokens(1, 13, seed=9)
+    padded = torch.cat([a, torch.cat([torch.zeros(1, 8, dtype=b.dtype, device=DEVICE), b], 1)])
+    mask = torch.ones_like(padded)
+    mask[1, :8] = 0
+    with torch.no_grad():
+        both, _ = model(padded, attention_mask=mask)
+        alone_a, _ = model(a)
+        alone_b, _ = model(b)
+    torch.testing.assert_close(both[0], alone_a[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(both[1, 8:], alone_b[0], rtol=1e-4, atol=1e-4)
+
+
+def test_max_segments_caps_the_shortened_sequence():
+    """A cap at or above every count changes nothing; a smaller one still gives a causal output of the same shape."""
+    x = _x(2, 40)
+    free = _layer("fixed")
+    with torch.no_grad():
+        y, _ = free(x)
+        free.max_segments = 40 // 3
+        torch.testing.assert_close(free(x)[0], y)
+        free.max_segments = 4
+        capped, _ = free(x)
+    assert capped.shape == y.shape
+    torch.testing.assert_close(capped[:, :12], y[:, :12])  # the first 4 segments close at token 11
+    assert not torch.allclose(capped[:, 15:], y[:, 15:])
