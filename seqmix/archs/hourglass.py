@@ -59,6 +59,7 @@ class Hourglass(Mixer):
         aux_weight: weight of the boundary loss (None: 1 for gumbel and entropy, 0.03 for hnet).
         mixer_options: constructor options of the inner mixers, by name (as ``LMConfig.mixer_options``).
         intermediate_size: the inner blocks' MLP width (LMConfig's default when None).
+        norm_eps: epsilon of the inner blocks' and the layer's RMSNorms.
         max_segments: segments kept per sequence in a training call (None: all; a number makes the
             pooling free of host syncs, dropping later segments).
         ema_head_dim: head size of the ``ssd`` call that computes H-Net's EMA (None: largest of
