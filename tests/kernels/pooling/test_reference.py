@@ -147,3 +147,25 @@ def test_max_segments_needs_no_host_sync(monkeypatch):
     pooled = segment_pool(x, b, max_segments=4, backend="reference")
     out = segment_upsample(torch.cat([torch.zeros(2, 1, 3), pooled], 1), b, backend="reference")
     out.sum().backward()
+
+
+def test_max_segments_traces_in_one_graph():
+    """torch.compile(fullgraph=True) refuses any host sync: with max_segments the ops trace whole (dynamo with
+    the eager backend, so the test compiles no code), forward and backward equal to eager."""
+    def pool_and_upsample(x, b, null):
+        pooled = segment_pool(x, b, max_segments=6, backend="reference")
+        return segment_upsample(torch.cat([null.expand(x.shape[0], 1, -1), pooled], 1), b, backend="reference")
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 20, D, generator=g, requires_grad=True)
+    b = (torch.rand(2, 20, generator=g) < 0.3).float().requires_grad_()
+    null = torch.randn(1, 1, D, generator=g)
+    traced = torch.compile(pool_and_upsample, backend="eager", fullgraph=True)(x, b, null)
+    traced.square().sum().backward()
+    grads = x.grad.clone(), b.grad.clone()
+    x.grad = b.grad = None
+    eager = pool_and_upsample(x, b, null)
+    eager.square().sum().backward()
+    torch.testing.assert_close(traced, eager)
+    torch.testing.assert_close(grads[0], x.grad)
+    torch.testing.assert_close(grads[1], b.grad)
