@@ -10,6 +10,6 @@ from seqmix.archs.mamba2 import Mamba2
 from seqmix.archs.mixer import MIXERS, Mixer, State, build_mixer, register_mixer
 
 __all__ = [
-    "MIXERS", "Attention", "DeltaNet", "DynamicConv", "GatedDeltaNet", "GatedLinearAttention", "Hourglass", "LightConv", "Mamba",
-    "Mamba2", "Mixer", "ShortConv", "State", "build_mixer", "register_mixer",
+    "MIXERS", "Attention", "DeltaNet", "DynamicConv", "GatedDeltaNet", "GatedLinearAttention", "Hourglass", "LightConv",
+    "Mamba", "Mamba2", "Mixer", "ShortConv", "State", "build_mixer", "register_mixer",
 ]

@@ -143,10 +143,9 @@ class LanguageModel(nn.Module):
         if state is not None and len(state) != len(self.blocks):
             raise ValueError(f"state must hold one entry per layer ({len(self.blocks)}), got {len(state)}")
         x = self.embed(tokens)
-        for block in self.blocks:
-            block.mixer.observe_tokens(tokens)
         new_state = []
         for i, block in enumerate(self.blocks):
+            block.mixer.observe_tokens(tokens)
             x, s = block(x, None if state is None else state[i], cu_seqlens, attention_mask)
             new_state.append(s)
         logits = F.linear(self.norm(x), self.embed.weight)

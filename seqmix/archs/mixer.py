@@ -61,7 +61,7 @@ class Mixer(nn.Module):
         return {name: value[i] for name, value in state.items()}
 
     def observe_tokens(self, tokens: torch.Tensor) -> None:
-        """The token ids [B, T] of the call about to run; the LM shows them to every layer first.
+        """The token ids [B, T] of the call about to run; the LM shows them to each layer before calling it.
         Most mixers ignore them (the hourglass's whitespace boundaries read them)."""
 
     def auxiliary(self, logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -5,8 +5,9 @@ many tiles, so their programs own one sequence and one block of channels and wal
 sequence tile by tile (forwards for pooling, backwards for the upsampling gradient),
 carrying the open segment's sum across tiles; inside a tile of 64 tokens the segmented
 running sum is one matmul with a 0/1 "same segment, not later" matrix. The upsampling
-forward is a gather and runs one program per tile. Every output row is written by exactly one program: no atomics, deterministic.
-The boundary gradients follow docs/math/pooling.md, as the reference does.
+forward is a gather and runs one program per tile. Every output row is written by exactly
+one program: no atomics, deterministic. The boundary gradients follow docs/math/pooling.md,
+as the reference does.
 """
 
 from __future__ import annotations
