@@ -144,6 +144,7 @@ if [ "$part" != tests ]; then
   done
   python3 -m benchmarks.bench_train --json "$out/bench_train.json" >> "$out/bench.log" 2>&1 || bench_rc=1
   python3 -m benchmarks.bench_decode --json "$out/bench_decode.json" >> "$out/bench.log" 2>&1 || bench_rc=1
+  python3 -m benchmarks.bench_pooling op --json "$out/bench_pooling.json" >> "$out/bench.log" 2>&1 || bench_rc=1
 fi
 
 echo

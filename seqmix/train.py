@@ -231,9 +231,16 @@ def _batch(corpus: Corpus, config: TrainConfig, step: int, micro: int, d: Dist, 
 
 
 def _loss(model, x, y, config, device):
+    return _losses(model, model, x, y, config, device)[0]
+
+
+def _losses(step_fn, model, x, y, config, device):
+    """The LM loss, the mixers' auxiliary loss (added to it for the backward) and their logged scalars
+    (:meth:`LanguageModel.auxiliary`); ``step_fn`` is the (wrapped) model that runs the forward."""
     with _autocast(config, device):
-        logits, _ = model(x)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        logits, _ = step_fn(x)
+    aux, aux_metrics = model.auxiliary(logits)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()), aux, aux_metrics
 
 
 @torch.no_grad()
@@ -442,27 +449,35 @@ def _train(config: TrainConfig, d: Dist) -> dict:
         lr = lr_at(config, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_loss = torch.zeros((), device=device)
+        step_loss, step_aux = torch.zeros((), device=device), {}
         for micro in range(config.grad_accum):
             x, y = _batch(corpus, config, step, micro, d, device)
             sync = micro == config.grad_accum - 1 or d.world == 1
             with contextlib.nullcontext() if sync else ddp.no_sync():
-                loss = _loss(step_fn, x, y, config, device) / config.grad_accum
-                loss.backward()
-            step_loss += loss.detach()
+                loss, aux, aux_metrics = _losses(step_fn, model, x, y, config, device)
+                ((loss + aux) / config.grad_accum).backward()
+            step_loss += loss.detach() / config.grad_accum
+            if aux_metrics:
+                aux_metrics["aux_loss"] = aux.detach()
+            for name, value in aux_metrics.items():
+                step_aux[name] = step_aux.get(name, 0.0) + value.float() / config.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        pending.append((step_loss, grad_norm))
+        pending.append((step_loss, grad_norm, step_aux))
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
             losses = torch.stack([p[0] for p in pending])
+            aux_means = {name: torch.stack([p[2][name] for p in pending]).mean() for name in pending[-1][2]}
             if d.world > 1:
                 dist.all_reduce(losses, op=dist.ReduceOp.AVG)
+                for value in aux_means.values():
+                    dist.all_reduce(value, op=dist.ReduceOp.AVG)
             now = time.perf_counter()
             metrics = {"step": done, "loss": losses.mean().item(), "lr": lr, "grad_norm": pending[-1][1].item(),
                        "tokens": done * tokens_per_step,
-                       "tokens_per_s": (done - step_last) * tokens_per_step / (now - t_last)}
+                       "tokens_per_s": (done - step_last) * tokens_per_step / (now - t_last),
+                       **{name: value.item() for name, value in aux_means.items()}}
             pending, t_last, step_last = [], now, done
             if d.main:
                 log.write(metrics)

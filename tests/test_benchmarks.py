@@ -185,3 +185,28 @@ def test_gpu_check_script_parses():
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
+def test_pooling_benchmark_compares_equal_functions(capsys):
+    """The dense einsum form the pooling benchmark times computes the ops' output and x gradient; the op part
+    runs on the CPU; the LM part compares same-depth models (2 + 8 + 2 against 12 layers)."""
+    from benchmarks.bench_pooling import dense_pool_upsample, lm_configs, main, seqmix_pool_upsample
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 40, 8, generator=g, dtype=torch.float64)
+    b = (torch.rand(2, 40, generator=g) < 0.3).double()
+    null = torch.randn(1, 1, 8, generator=g, dtype=torch.float64)
+    grads = []
+    for fn in (dense_pool_upsample, seqmix_pool_upsample("reference")):
+        xr = x.clone().requires_grad_()
+        out = fn(xr, b, null)
+        out.square().sum().backward()
+        grads.append((out.detach(), xr.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+    rows = main(["op", "--device", "cpu", "--size", "2", "64", "16", "--reps", "1"])["op"]
+    assert {r["impl"] for r in rows} == {"dense", "reference"} and all(r["ms"] > 0 for r in rows)
+    assert "dense/this" in capsys.readouterr().out
+    args = type("Args", (), {"prior": 0.2, "modes": ["fixed", "hnet"]})()
+    configs = lm_configs(args)
+    assert configs["full-length x12"]["layers"] == ["attention*12"]
+    hourglass = configs["hourglass hnet"]["mixer_options"]["hourglass"]
+    assert hourglass["layers"] == ["attention*8"] and hourglass["boundary"] == "hnet" and hourglass["stride"] == 5

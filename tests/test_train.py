@@ -189,3 +189,16 @@ def test_command_line(tmp_path, capsys):
         trainer.main(["--config", str(config_file), "--data", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "o")])
     assert exit_info.value.code == 2
     assert "seqmix-train: error: data" in capsys.readouterr().err
+
+
+def test_auxiliary_losses_are_trained_and_logged(tmp_path, text_dir):
+    """An hourglass's boundary loss joins the LM loss; the log has it, the boundary rate and the mean segment
+    length beside the LM loss (which stays the cross-entropy alone)."""
+    config = _config(tmp_path / "aux", text_dir, model={"layers": ["attention", "hourglass"],
+                                                         "mixer_options": {"hourglass": {"layers": ["attention"]}}},
+                     steps=2, eval_every=2, save_every=2)
+    trainer.train(config)
+    logged = [e for e in map(json.loads, (tmp_path / "aux" / "log.jsonl").read_text().splitlines()) if "loss" in e]
+    for entry in logged:
+        assert {"aux_loss", "layer1.boundary_loss", "layer1.boundary_rate", "layer1.mean_segment_length"} <= set(entry)
+        assert entry["aux_loss"] > 0 and 0 <= entry["layer1.boundary_rate"] <= 1

@@ -145,6 +145,7 @@ class LanguageModel(nn.Module):
         x = self.embed(tokens)
         new_state = []
         for i, block in enumerate(self.blocks):
+            block.mixer.observe_tokens(tokens)
             x, s = block(x, None if state is None else state[i], cu_seqlens, attention_mask)
             new_state.append(s)
         logits = F.linear(self.norm(x), self.embed.weight)
@@ -152,6 +153,18 @@ class LanguageModel(nn.Module):
 
     def init_state(self, batch_size: int) -> list[State]:
         return [block.mixer.init_state(batch_size) for block in self.blocks]
+
+    def auxiliary(self, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The mixers' auxiliary terms of the last training call (see :meth:`Mixer.auxiliary`): the sum of
+        their losses (a scalar to add to the LM loss; 0 when none has one) and every logged scalar, keyed
+        ``layer<i>.<name>``."""
+        total, metrics = logits.new_zeros((), dtype=torch.float32), {}
+        for i, block in enumerate(self.blocks):
+            for name, value in block.mixer.auxiliary(logits).items():
+                if name == "loss":
+                    total = total + value
+                metrics[f"layer{i}.{name}"] = value.detach()
+        return total, metrics
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -60,6 +60,16 @@ class Mixer(nn.Module):
         """The part of a batch's state that belongs to sequence ``i``."""
         return {name: value[i] for name, value in state.items()}
 
+    def observe_tokens(self, tokens: torch.Tensor) -> None:
+        """The token ids [B, T] of the call about to run; the LM shows them to each layer before calling it.
+        Most mixers ignore them (the hourglass's whitespace boundaries read them)."""
+
+    def auxiliary(self, logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """What the last training call (state=None, gradients on) leaves for the trainer, then forgets:
+        ``"loss"``, a weighted scalar to add to the LM loss, and any other scalars to log (detached).
+        ``logits`` are the LM's output of that call, for losses that need them. Empty by default."""
+        return {}
+
 
 MIXERS: dict[str, type[Mixer]] = {}
 

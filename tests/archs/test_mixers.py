@@ -26,6 +26,9 @@ SMALL_CONFIGS = {
     "mamba2": {"hidden_size": HIDDEN, "head_dim": 32, "d_state": 8, "expand": 1},
     "gated_deltanet": {"hidden_size": HIDDEN, "num_heads": 2},
     "gla": {"hidden_size": HIDDEN, "num_heads": 2},
+    # entropy boundaries: deterministic in training calls too (the contract compares them with decoding);
+    # every mode is run through the contract in tests/archs/test_hourglass.py.
+    "hourglass": {"hidden_size": HIDDEN, "num_heads": 2, "layers": ["attention"], "boundary": "entropy"},
 }
 # Each mixer with each backend it takes, except those that need a package this machine lacks.
 CASES = [(name, backend) for name in sorted(SMALL_CONFIGS) for backend in MIXERS[name].backends

@@ -1,0 +1,290 @@
+"""Dynamic token pooling: segment mean-pooling and causal upsampling (Nawrot et al. 2023), and
+H-Net's dynamic chunking (chunk = the boundary tokens, de-chunk = an EMA computed with ``ssd``).
+
+Conventions (the op contract of docs/design.md, "Dynamic token pooling"): boundaries are [B, T]
+floats in [0, 1], a token is a boundary when its value is above 0.5. For pooling a boundary
+token closes its own segment (token t is in segment ``sum_{j<t} b_j``), the trailing unclosed
+segment is dropped; for upsampling token t reads row ``sum_{j<=t} b_j`` of ``y`` (row 0 is the
+layer's null vector). The gradient reaches the boundaries through the relaxed formulation of
+docs/math/pooling.md, the same formula in both backends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from seqmix.kernels.backend import select_backend
+from seqmix.kernels.checks import check_cu_seqlens, check_tensor
+from seqmix.kernels.pooling import reference
+from seqmix.kernels.pooling import triton as kernels
+from seqmix.kernels.sequences import reference_dtype
+
+__all__ = ["Segments", "chunk_select", "segments_of", "ema_dechunk", "segment_pool", "segment_upsample"]
+
+IMPLEMENTED = ("triton", "reference")
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Where each packed token sits: ``c`` [L] int64 (hard boundaries up to and including the token,
+    counted within its sequence), ``seq`` [L] int64 (its sequence), ``cu`` [N+1] int64 (sequence
+    bounds), ``n`` sequences, ``packed`` when they came as ``cu_seqlens``."""
+
+    c: torch.Tensor
+    seq: torch.Tensor
+    cu: torch.Tensor
+    n: int
+    packed: bool
+
+
+def segments_of(bh: torch.Tensor, B: int, T: int, n: int, cu_seqlens) -> Segments:
+    """Counts and sequence ids of the hard boundaries ``bh`` [B, T] (bool or 0/1) of ``n`` sequences,
+    dense or packed with ``cu_seqlens``; built without a host sync."""
+    device = bh.device
+    counts = bh.long()
+    if cu_seqlens is None:
+        seq = torch.arange(B, device=device)[:, None].expand(B, T).reshape(-1)
+        cu = torch.arange(B + 1, device=device) * T
+        return Segments(counts.cumsum(1).reshape(-1), seq, cu, n, False)
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    flat = counts.reshape(-1)
+    seq = torch.searchsorted(cu[1:], torch.arange(T, device=device), right=True)
+    total = flat.cumsum(0)
+    before = torch.cat([total.new_zeros(1), total])[cu[:-1]]  # boundaries before each sequence
+    return Segments(total - before[seq], seq, cu, n, True)
+
+
+def _not_traced(t: torch.Tensor) -> bool:
+    """Value checks read a boolean back; they are skipped while torch.compile traces or a CUDA
+    graph is captured, where a host sync is not allowed."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _check_boundaries(boundaries, B: int, T: int, like: torch.Tensor) -> None:
+    check_tensor("boundaries", boundaries, (B, T), dims="[B, T]", like=like)
+    if boundaries.numel() and _not_traced(boundaries):
+        inside = (boundaries >= 0) & (boundaries <= 1)
+        if not bool(inside.all()):
+            bad = boundaries[~inside].flatten()[0].item()
+            raise ValueError(f"boundaries must lie in [0, 1] (1 marks a boundary), got {bad}")
+
+
+def _check_max_segments(max_segments) -> None:
+    if max_segments is None:
+        return
+    if isinstance(max_segments, bool) or not isinstance(max_segments, int) or max_segments < 1:
+        raise ValueError(f"max_segments must be a positive integer or None, got {max_segments!r}")
+
+
+def _sequences(t: torch.Tensor, B: int, T: int, cu_seqlens) -> int:
+    return B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, batch=B, total=T, like=t)
+
+
+def _impl(op: str, backend, t: torch.Tensor):
+    name = select_backend(op, backend, t.device, IMPLEMENTED, {"triton": kernels.unsupported(t.dtype)})
+    return kernels if name == "triton" else reference
+
+
+class _SegmentPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, boundaries, bh, seg, S, impl):
+        xc = x if impl is kernels else x.to(reference_dtype(x))
+        pooled, counts = impl.pool_fwd(xc.contiguous(), bh, seg, S)
+        ctx.save_for_backward(xc, bh, pooled, counts)
+        ctx.seg, ctx.S, ctx.impl = seg, S, impl
+        ctx.dtypes = (x.dtype, boundaries.dtype)
+        return pooled.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dpooled):
+        x, bh, pooled, counts = ctx.saved_tensors
+        dx, db = ctx.impl.pool_bwd(dpooled.to(pooled.dtype), x, bh, ctx.seg, pooled, counts, ctx.S)
+        return dx.to(ctx.dtypes[0]), db.to(ctx.dtypes[1]), None, None, None, None
+
+
+class _SegmentUpsample(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, boundaries, bh, seg, S, impl):
+        yc = y if impl is kernels else y.to(reference_dtype(y))
+        ctx.save_for_backward(yc, bh)
+        ctx.seg, ctx.S, ctx.impl = seg, S, impl
+        ctx.dtypes = (y.dtype, boundaries.dtype)
+        return impl.upsample_fwd(yc.contiguous(), seg, S).to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, bh = ctx.saved_tensors
+        dy, db = ctx.impl.upsample_bwd(dout.to(y.dtype).contiguous(), y, bh, ctx.seg, ctx.S)
+        return dy.to(ctx.dtypes[0]), db.to(ctx.dtypes[1]), None, None, None, None
+
+
+def segment_pool(
+    x: torch.Tensor,
+    boundaries: torch.Tensor,
+    *,
+    max_segments: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Mean of every closed segment: a boundary token closes its own segment.
+
+    Args:
+        x: [B, T, D] tokens (packed [1, L, D] with ``cu_seqlens``).
+        boundaries: [B, T] floats in [0, 1]; above 0.5 is a boundary. May carry a gradient
+            (a straight-through estimator): it gets the relaxed gradient of docs/math/pooling.md.
+        max_segments: S, the segments kept per sequence; later ones are dropped (their tokens get
+            no gradient). With it the op reads nothing back to the host (checks aside, which are
+            skipped under torch.compile and CUDA graph capture). None: the largest count in the
+            batch (one host sync).
+        cu_seqlens: [N+1] int32/int64 bounds of sequences packed as [1, L, ...]; segments never
+            cross a sequence boundary.
+        backend: None (automatic), ``"reference"`` or ``"triton"``.
+
+    Returns:
+        [N, S, D] in x's dtype (N = B, or the number of packed sequences); segment s of sequence n
+        at ``[n, s]``, rows past a sequence's count zero. The trailing unclosed segment is dropped.
+    """
+    check_tensor("x", x, (None, None, None), dims="[B, T, D]")
+    B, T, D = x.shape
+    _check_boundaries(boundaries, B, T, x)
+    _check_max_segments(max_segments)
+    n = _sequences(x, B, T, cu_seqlens)
+    impl = _impl("segment_pool", backend, x)
+    bh = (boundaries > 0.5).reshape(-1).float()
+    seg = segments_of(bh.view(B, T), B, T, n, cu_seqlens)
+    S = max_segments if max_segments is not None else (int(seg.c.max()) if seg.c.numel() else 0)
+    if T == 0 or S == 0:
+        return x.new_zeros(n, S, D) + 0 * x.sum()  # keeps x in the graph for an all-zero gradient
+    pooled = _SegmentPool.apply(x.reshape(B * T, D), boundaries.reshape(-1), bh, seg, S, impl)
+    return pooled.view(n, S, D)
+
+
+def segment_upsample(
+    y: torch.Tensor,
+    boundaries: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Causal upsampling: token t gets ``y[n, min(sum_{j<=t} b_j, S)]`` of its sequence n.
+
+    Row 0 of every sequence is what tokens before its first boundary read (the layer's null
+    vector); a boundary token reads the segment it closes. Tokens past the S-th boundary (segments
+    dropped by ``max_segments``) read the last row.
+
+    Args:
+        y: [N, S+1, D] (N = B, or the number of packed sequences).
+        boundaries: [B, T] floats in [0, 1] (above 0.5 is a boundary); may carry a gradient.
+        cu_seqlens: [N+1] int32/int64 bounds of sequences packed as [1, L].
+        backend: None (automatic), ``"reference"`` or ``"triton"``.
+
+    Returns:
+        [B, T, D] in y's dtype.
+    """
+    check_tensor("y", y, (None, None, None), dims="[N, S+1, D]")
+    if not isinstance(boundaries, torch.Tensor) or boundaries.dim() != 2:
+        check_tensor("boundaries", boundaries, (None, None), dims="[B, T]", like=y)
+    B, T = boundaries.shape
+    _check_boundaries(boundaries, B, T, y)
+    n = _sequences(boundaries, B, T, cu_seqlens)
+    if y.shape[0] != n or y.shape[1] < 1:
+        raise ValueError(f"y must have shape [N, S+1, D] with N = {n} sequences and S+1 >= 1 rows, "
+                         f"got {tuple(y.shape)}")
+    N, S1, D = y.shape
+    impl = _impl("segment_upsample", backend, y)
+    if T == 0:
+        return y.new_zeros(B, 0, D) + 0 * y.sum()
+    bh = (boundaries > 0.5).reshape(-1).float()
+    seg = segments_of(bh.view(B, T), B, T, n, cu_seqlens)
+    out = _SegmentUpsample.apply(y.reshape(N * S1, D), boundaries.reshape(-1), bh, seg, S1 - 1, impl)
+    return out.view(B, T, D)
+
+
+def chunk_select(x: torch.Tensor, boundaries: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None):
+    """H-Net's chunking: the states of the boundary tokens, where a boundary starts a chunk.
+
+    Args:
+        x: [B, T, D] (packed [1, L, D] with ``cu_seqlens``).
+        boundaries: [B, T] in [0, 1], above 0.5 is a boundary.
+        cu_seqlens: [N+1] bounds of packed sequences.
+
+    Returns:
+        chunks [1, K, D] (the boundary tokens in order, packed) and their ``cu_seqlens`` [N+1] int64.
+        Sizing K reads one number back to the host; the order needs no sort.
+    """
+    check_tensor("x", x, (None, None, None), dims="[B, T, D]")
+    B, T, D = x.shape
+    _check_boundaries(boundaries, B, T, x)
+    n = _sequences(x, B, T, cu_seqlens)
+    bh = boundaries.reshape(-1) > 0.5
+    seg = segments_of(bh.view(B, T), B, T, n, cu_seqlens)
+    per_seq = torch.zeros(n, dtype=torch.int64, device=x.device).scatter_reduce_(0, seg.seq, seg.c, "amax")
+    chunk_cu = torch.cat([per_seq.new_zeros(1), per_seq.cumsum(0)])
+    index = bh.nonzero().squeeze(1)
+    return x.reshape(B * T, D)[index].unsqueeze(0), chunk_cu
+
+
+def ema_dechunk(
+    z: torch.Tensor,
+    p: torch.Tensor,
+    boundaries: torch.Tensor,
+    chunk_cu_seqlens: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    head_dim: int = 32,
+    backend: str | None = None,
+):
+    """H-Net's de-chunking: ``e_k = p_k z_k + (1 - p_k) e_{k-1}`` over each sequence's chunks, computed
+    with ``ssd`` (dt = -log(1 - p), A = -1, x = z / dt, B = p, C = 1), then token t reads e at its chunk
+    (the last boundary at or before t), or the state before the first boundary.
+
+    Args:
+        z: [1, K, D] the chunks' outputs, packed as :func:`chunk_select` returns them.
+        p: [1, K] the chunks' boundary probabilities; clamped to [1e-4, 1 - 1e-4] (H-Net's clamp), so
+            dt stays finite. Gets a gradient through ``ssd``.
+        boundaries: [B, T] the boundaries that made the chunks.
+        chunk_cu_seqlens: [N+1] the chunks' bounds, from :func:`chunk_select`.
+        cu_seqlens: [N+1] bounds of the token sequences (packed [1, L]).
+        initial_state: [N, D] EMA value before the first chunk (zeros if None).
+        output_final_state: also return e after the last chunk, [N, D] float32 (float64 for float64 z).
+        head_dim: the head size the channels are split into for ``ssd`` (must divide D).
+        backend: ``ssd``'s backend.
+
+    Returns:
+        out [B, T, D] in z's dtype, and the final state or None.
+    """
+    check_tensor("z", z, (1, None, None), dims="[1, K, D]")
+    K, D = z.shape[1:]
+    check_tensor("p", p, (1, K), dims="[1, K]", like=z)
+    B, T = boundaries.shape if isinstance(boundaries, torch.Tensor) and boundaries.dim() == 2 else (0, 0)
+    _check_boundaries(boundaries, B, T, z)
+    n = _sequences(boundaries, B, T, cu_seqlens)
+    check_tensor("chunk_cu_seqlens", chunk_cu_seqlens, (n + 1,), dims="[N+1]", like=z, floating=False)
+    if D % head_dim:
+        raise ValueError(f"head_dim={head_dim} must divide the width D={D} of z")
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state, (n, D), dims="[N, D]", like=z)
+    from seqmix.kernels import ssd  # the public op; imported here, seqmix.kernels imports this module
+
+    H, dtype = D // head_dim, reference_dtype(z)
+    pc = p.to(dtype).clamp(1e-4, 1 - 1e-4)
+    dt = -torch.log1p(-pc)
+    xs = (z.to(dtype) / dt[..., None]).view(1, K, H, head_dim)
+    h0 = None if initial_state is None else initial_state.to(dtype).view(n, H, head_dim, 1)
+    e, final = ssd(xs, dt[..., None].expand(1, K, H), -torch.ones(H, device=z.device), pc.view(1, K, 1, 1),
+                   torch.ones(1, K, 1, 1, device=z.device, dtype=dtype), initial_state=h0,
+                   output_final_state=output_final_state, cu_seqlens=chunk_cu_seqlens, backend=backend)
+    start = torch.zeros(n, D, device=z.device, dtype=dtype) if h0 is None else initial_state.to(dtype)
+    table = torch.cat([start, e.reshape(K, D).to(dtype)])
+    bh = boundaries.reshape(-1) > 0.5
+    seg = segments_of(bh.view(B, T), B, T, n, cu_seqlens)
+    chunk_cu = chunk_cu_seqlens.to(torch.int64)
+    row = torch.where(seg.c > 0, n + chunk_cu[:-1][seg.seq] + seg.c - 1, seg.seq)
+    out = table[row].view(B, T, D).to(z.dtype)
+    return out, (None if final is None else final.view(n, D))

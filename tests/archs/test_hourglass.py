@@ -1,0 +1,199 @@
+"""The hourglass mixer: the Mixer contract in every boundary mode, autoregressive correctness of the whole LM
+for every mode with random boundary patterns, eval-mode determinism, the auxiliary losses and their gradients."""
+
+import pytest
+import torch
+
+from seqmix.archs import build_mixer
+from seqmix.archs.lm import LanguageModel, LMConfig
+from tests.archs import contract
+from tests.helpers import DEVICE, TOL
+
+HIDDEN = 32
+MODES = ["gumbel", "entropy", "fixed", "hnet"]  # whitespace reads tokens: tested through the LM below
+
+
+def _options(mode):
+    # The kernels' parity is tested in tests/kernels/pooling and the Triton layer in test_mixers.py;
+    # here the reference backend keeps the interpreter out of the LM-level tests.
+    return {"layers": ["attention"], "boundary": mode, "stride": 3, "backend": "reference"}
+
+
+def _randomise_predictor(layer, seed):
+    """Predictor weights large enough that the boundaries vary from token to token (~30-50% of them)."""
+    if hasattr(layer, "predictor"):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            layer.predictor[2].weight.copy_(torch.randn(layer.predictor[2].weight.shape, generator=g))
+            layer.predictor[2].bias.fill_(-0.3)
+
+
+def _layer(mode, backend="reference", seed=0):
+    torch.manual_seed(seed)
+    layer = build_mixer("hourglass", hidden_size=HIDDEN, num_heads=2, **{**_options(mode), "backend": backend})
+    _randomise_predictor(layer, seed)
+    return layer.to(DEVICE).eval()
+
+
+def _x(B, T, seed=1):
+    return torch.randn(B, T, HIDDEN, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_contract_in_every_mode(mode):
+    layer, x = _layer(mode), _x(2, 40)
+    with torch.no_grad():
+        layer(x)
+        rate = layer._boundaries(x, None, _layout(layer, x))[0].mean().item() if mode != "hnet" else None
+    assert rate is None or 0.15 < rate < 0.7, f"boundary rate {rate}: the patterns are not random"
+    contract.pieces_equal_one_call(layer, x, [1, 7, 8, 23], TOL[torch.float32])
+    contract.decoding_equals_training_call(layer, x, 25, TOL[torch.float32])
+    xs = [_x(1, t, seed=10 + i) for i, t in enumerate([19, 6, 13])]
+    contract.padding_and_packing_equal_separate_calls(layer, xs, TOL[torch.float32])
+
+
+def _layout(layer, x):
+    from seqmix.kernels.pooling import segments_of
+
+    B, T, _ = x.shape
+    return segments_of(torch.zeros(B, T, dtype=torch.bool, device=x.device), B, T, B, None)
+
+
+def _lm(mode, seed=0):
+    torch.manual_seed(seed)
+    config = LMConfig(vocab_size=300, hidden_size=HIDDEN, num_heads=2, layers=["attention", "hourglass", "attention"],
+                      mixer_options={"hourglass": _options(mode)})
+    model = LanguageModel(config).to(DEVICE)
+    _randomise_predictor(model.blocks[1].mixer, seed)
+    return model
+
+
+def _text_tokens(B, T, seed):
+    """Bytes of words and spaces, so the whitespace mode sees boundaries too."""
+    g = torch.Generator().manual_seed(seed)
+    letters = torch.randint(97, 123, (B, T), generator=g)
+    spaces = torch.rand(B, T, generator=g) < 0.25
+    return torch.where(spaces, torch.full_like(letters, 32), letters).to(DEVICE)
+
+
+@pytest.mark.parametrize("mode", [*MODES, "whitespace"])
+@pytest.mark.parametrize("training", [False, True])
+def test_logits_never_see_the_future(mode, training):
+    """Changing the tokens after t leaves the logits up to t unchanged (eval: deterministic boundaries;
+    training: the same Gumbel noise in both calls)."""
+    model = _lm(mode).train(training)
+    tokens = _text_tokens(2, 36, seed=3)
+    for t in (0, 11, 29):
+        changed = tokens.clone()
+        changed[:, t + 1 :] = _text_tokens(2, 36 - t - 1, seed=4 + t)
+        with torch.no_grad():
+            torch.manual_seed(5)
+            a, _ = model(tokens)
+            torch.manual_seed(5)
+            b, _ = model(changed)
+        torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], msg=f"{mode}: logits up to {t} changed")
+        if not training:
+            assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])
+
+
+@pytest.mark.parametrize("mode", ["whitespace", "gumbel"])
+def test_lm_prefill_and_decoding_equal_one_call(mode):
+    model, tokens = _lm(mode).eval(), _text_tokens(2, 30, seed=6)
+    with torch.no_grad():
+        full, _ = model(tokens)
+        a, state = model(tokens[:, :17], model.init_state(2))
+        steps = [a]
+        for t in range(17, 30):
+            out, state = model(tokens[:, t : t + 1], state)
+            steps.append(out)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_eval_is_deterministic_and_training_samples():
+    layer, x = _layer("gumbel"), _x(2, 30)
+    with torch.no_grad():
+        assert torch.equal(layer(x)[0], layer(x)[0])
+        layer.train()
+        torch.manual_seed(0)
+        first = layer(x)[0]
+        torch.manual_seed(1)
+        assert not torch.equal(first, layer(x)[0])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_auxiliary_losses_reach_the_boundary_parameters(mode):
+    """The LM's auxiliary terms: a finite loss and the logged scalars, once per training call; every
+    parameter of the hourglass gets a gradient from the LM loss plus the auxiliary loss."""
+    model = _lm(mode).train()
+    tokens = _text_tokens(2, 24, seed=7)
+    logits, _ = model(tokens)
+    aux, metrics = model.auxiliary(logits)
+    assert {"layer1.loss", "layer1.boundary_loss", "layer1.boundary_rate", "layer1.mean_segment_length"} <= set(metrics)
+    assert torch.isfinite(aux) and (aux > 0 if mode != "fixed" else aux == 0)
+    assert model.auxiliary(logits)[1] == {}, "the terms of one call are handed out once"
+    (torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()) + aux).backward()
+    silent = [n for n, p in model.blocks[1].mixer.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not silent, silent
+    with torch.no_grad():
+        model(tokens)
+    assert model.auxiliary(logits)[1] == {}, "calls without gradients leave nothing"
+
+
+def test_gumbel_prior_pulls_the_rate_towards_the_prior():
+    """The Binomial prior's gradient raises the boundary logits when the rate is below the prior."""
+    layer = _layer("gumbel").train()
+    with torch.no_grad():
+        layer.predictor[2].bias.fill_(-4.0)
+    layer(_x(2, 50))
+    layer.auxiliary(None)["loss"].backward()
+    assert layer.predictor[2].bias.grad.item() < 0
+
+
+def test_no_weight_decay_flags():
+    for mode in ("gumbel", "hnet"):
+        layer = _layer(mode)
+        flagged = {n for n, p in layer.named_parameters() if getattr(p, "no_weight_decay", False)}
+        expected = {"up_norm.weight"} | ({"null", "down_norm.weight", "predictor.0.bias", "predictor.2.bias"}
+                                         if mode == "gumbel" else set())
+        assert expected <= flagged, flagged
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="boundary must be one of"):
+        build_mixer("hourglass", hidden_size=HIDDEN, boundary="random")
+    with pytest.raises(ValueError, match="prior must lie in"):
+        build_mixer("hourglass", hidden_size=HIDDEN, prior=1.5)
+    with pytest.raises(ValueError, match="unknown mixer"):
+        build_mixer("hourglass", hidden_size=HIDDEN, layers=["mamba9"])
+    with pytest.raises(ValueError, match="observe_tokens"):
+        build_mixer("hourglass", hidden_size=HIDDEN, boundary="whitespace")(_x(1, 4).cpu())
+
+
+def test_whitespace_with_left_padding_equals_separate_calls():
+    """The token ids are packed with the attention mask as x is."""
+    model = _lm("whitespace").eval()
+    a, b = _text_tokens(1, 21, seed=8), _text_tokens(1, 13, seed=9)
+    padded = torch.cat([a, torch.cat([torch.zeros(1, 8, dtype=b.dtype, device=DEVICE), b], 1)])
+    mask = torch.ones_like(padded)
+    mask[1, :8] = 0
+    with torch.no_grad():
+        both, _ = model(padded, attention_mask=mask)
+        alone_a, _ = model(a)
+        alone_b, _ = model(b)
+    torch.testing.assert_close(both[0], alone_a[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(both[1, 8:], alone_b[0], rtol=1e-4, atol=1e-4)
+
+
+def test_max_segments_caps_the_shortened_sequence():
+    """A cap at or above every count changes nothing; a smaller one still gives a causal output of the same shape."""
+    x = _x(2, 40)
+    free = _layer("fixed")
+    with torch.no_grad():
+        y, _ = free(x)
+        free.max_segments = 40 // 3
+        torch.testing.assert_close(free(x)[0], y)
+        free.max_segments = 4
+        capped, _ = free(x)
+    assert capped.shape == y.shape
+    torch.testing.assert_close(capped[:, :12], y[:, :12])  # the first 4 segments close at token 11
+    assert not torch.allclose(capped[:, 15:], y[:, 15:])
