@@ -26,6 +26,10 @@ SMALL_CONFIGS = {
     "mamba2": {"hidden_size": HIDDEN, "head_dim": 32, "d_state": 8, "expand": 1},
     "gated_deltanet": {"hidden_size": HIDDEN, "num_heads": 2},
     "gla": {"hidden_size": HIDDEN, "num_heads": 2},
+    # init_std=0: these layers are in training mode, where the latent's noise is drawn i.i.d. per call;
+    # tests/archs/test_recurrent_depth.py runs the contract with the positional noise of evaluation.
+    "recurrent_depth": {"hidden_size": HIDDEN, "num_heads": 2, "core": ["attention"], "mean_steps": 2,
+                        "backprop_steps": 1, "init_std": 0.0},
 }
 # Each mixer with each backend it takes, except those that need a package this machine lacks.
 CASES = [(name, backend) for name in sorted(SMALL_CONFIGS) for backend in MIXERS[name].backends
