@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqmix.archs.mixer import MIXERS, State, build_mixer
+from seqmix.archs.mixer import MIXERS, State, build_mixer, init_mixer_state
 from seqmix.archs.modules import RMSNorm
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -175,10 +175,11 @@ class LanguageModel(nn.Module):
         # The adaptive exit's predictions: the final norm and the head on the latent (the coda is skipped).
         return {**options, "readout": self._readout if exit_threshold is not None else None}
 
-    def init_state(self, batch_size: int, num_steps: int | None = None) -> list[State]:
-        """The empty states; layers that iterate keep ``num_steps`` iterations (their default when None)."""
-        return [block.mixer.init_state(batch_size, num_steps=num_steps) if getattr(block.mixer, "takes_steps", False)
-                else block.mixer.init_state(batch_size) for block in self.blocks]
+    def init_state(self, batch_size: int, num_steps: int | None = None, capacity: int = 0) -> list[State]:
+        """The empty states; layers that iterate keep ``num_steps`` iterations (their default when None), and
+        attention caches preallocate ``capacity`` positions (in-place decoding)."""
+        return [init_mixer_state(block.mixer, batch_size, num_steps=num_steps, capacity=capacity)
+                for block in self.blocks]
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -198,7 +199,9 @@ class LanguageModel(nn.Module):
         if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
             raise ValueError(f"top_k must be in [1, vocab_size={self.config.vocab_size}], got {top_k}")
         depth = {"num_steps": num_steps, "exit_threshold": exit_threshold}
-        logits, state = self(prompt, self.init_state(prompt.shape[0], num_steps=num_steps), **depth)
+        # Caches sized for the whole generation: each decoding step writes in place (no host sync, no shape change).
+        state = self.init_state(prompt.shape[0], num_steps=num_steps, capacity=prompt.shape[1] + max_new_tokens)
+        logits, state = self(prompt, state, **depth)
         tokens, steps = [prompt], []
         for _ in range(max_new_tokens):
             step = logits[:, -1].float()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -80,3 +81,10 @@ def build_mixer(name: str, **config) -> Mixer:
     if name not in MIXERS:
         raise ValueError(f"unknown mixer {name!r}; registered: {sorted(MIXERS)}")
     return MIXERS[name](**config)
+
+
+def init_mixer_state(mixer: Mixer, batch_size: int, **options) -> State:
+    """``mixer.init_state(batch_size, ...)`` with those of ``options`` (e.g. ``num_steps``, ``capacity``) that its
+    ``init_state`` takes and that are not None."""
+    params = inspect.signature(mixer.init_state).parameters
+    return mixer.init_state(batch_size, **{k: v for k, v in options.items() if k in params and v is not None})

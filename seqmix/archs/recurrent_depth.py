@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqmix.archs.lm import SwiGLU
-from seqmix.archs.mixer import MIXERS, Mixer, State, build_mixer, register_mixer
+from seqmix.archs.mixer import MIXERS, Mixer, State, build_mixer, init_mixer_state, register_mixer
 from seqmix.kernels import add_rms_norm
 
 # The latent's noise is a normal truncated at +-3 standard deviations, as in the paper.
@@ -220,8 +220,10 @@ class RecurrentDepth(Mixer):
 
     # --- the decoding state ---------------------------------------------------------------------
 
-    def init_state(self, batch_size: int, num_steps: int | None = None) -> State:
-        """The empty state; in the exact mode it holds ``num_steps`` (default ``mean_steps``) iterations."""
+    def init_state(self, batch_size: int, num_steps: int | None = None, capacity: int = 0) -> State:
+        """The empty state; in the exact mode it holds ``num_steps`` (default ``mean_steps``) iterations.
+        ``capacity`` goes to the core mixers that preallocate (attention: in-place decoding, see
+        :class:`~seqmix.archs.Attention`)."""
         device = self.adapter.weight.device
         state = {"length": torch.zeros(batch_size, dtype=torch.int64, device=device)}
         if self.warm_start:
@@ -230,7 +232,7 @@ class RecurrentDepth(Mixer):
         prefixes = [f"{i}." for i in range(r)] if self.state_mode == "exact" else [""]
         for prefix in prefixes:
             for j, block in enumerate(self.core):
-                for name, value in block.mixer.init_state(batch_size).items():
+                for name, value in init_mixer_state(block.mixer, batch_size, capacity=capacity).items():
                     state[f"{prefix}{j}.{name}"] = value
         return state
 
@@ -249,7 +251,7 @@ class RecurrentDepth(Mixer):
 
     @staticmethod
     def _stored_steps(state: State) -> int:
-        return 1 + max((int(name.split(".", 1)[0]) for name in state if name.count(".") >= 2), default=-1)
+        return len({name.split(".", 1)[0] for name in state if name.count(".") >= 2})
 
     @staticmethod
     def _core_state(state: State, prefix: str, j: int) -> State:

@@ -251,3 +251,24 @@ def test_bad_call():
     with pytest.raises(ValueError, match=r"state\['length'\] must have shape \[1\]"):
         layer(x, layer.init_state(2))
     assert isinstance(layer, RecurrentDepth) and math.isclose(layer.init_std, math.sqrt(2 / (5 * HIDDEN)))
+
+
+def test_a_decoding_token_traces_as_one_graph():
+    """With preallocated attention caches a decoding token (and one iteration) has no host sync and no shape
+    change: torch.compile(fullgraph=True) traces it, and the in-place cache decodes as the growing one."""
+    torch._dynamo.reset()
+    layer, x = _layer(core=["attention"], mean_steps=2), _x(2, 10)
+    with torch.no_grad():
+        _, grown = layer(x[:, :8], layer.init_state(2))
+        _, static = layer(x[:, :8], layer.init_state(2, capacity=10))
+        want, want_state = layer(x[:, 8:9], grown)
+        got, got_state = torch.compile(layer, fullgraph=True, backend="eager")(x[:, 8:9], static)
+        assert_rel(got, want, 1e-6, "compiled in-place decoding")
+        for i in range(2):
+            for name, value in layer.sequence_state(want_state, i).items():
+                assert_rel(layer.sequence_state(got_state, i)[name], value, 1e-6, f"state {name!r} of sequence {i}")
+        e_proj = torch.nn.functional.linear(x[:, 9:], layer.adapter.weight[:, HIDDEN:])
+        states = layer._layer_states(got_state, 2)[1]
+        iteration = torch.compile(layer._iterate, fullgraph=True, backend="eager")
+        assert_rel(iteration(want[:, :1], e_proj, states, None)[0], layer._iterate(want[:, :1], e_proj, states, None)[0],
+                   1e-6, "one compiled iteration")
