@@ -57,21 +57,25 @@ def fused_forward(layer, e, s, r, k):
     return layer(e, num_steps=r, backprop_steps=k, initial_latent=s)[0]
 
 
-def _timer(device):
-    """Median ms of a callable: do_bench on a GPU, wall clock over repeats on the CPU."""
+def _timer(device, repeats):
+    """``ms_of(*fns)``: each callable's time in ms: do_bench medians on a GPU; on the CPU the calls are
+    interleaved and each gets its minimum over the repeats (the CPU machines are shared, and the minimum
+    is the time least disturbed by other processes)."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        return lambda fn: do_bench(fn, return_mode="median")
+        return lambda *fns: [do_bench(fn, return_mode="median") for fn in fns]
 
-    def cpu_ms(fn, repeats=5):
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
+    def cpu_ms(*fns):
+        times = [[] for _ in fns]
+        for fn in fns:
             fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
+        for _ in range(repeats):
+            for fn, out in zip(fns, times):
+                start = time.perf_counter()
+                fn()
+                out.append((time.perf_counter() - start) * 1e3)
+        return [min(t) for t in times]
 
     return cpu_ms
 
@@ -95,8 +99,8 @@ def core_rows(layer, shape, device, ms_of) -> list[dict]:
             a, b = fused_forward(layer, e, s0, r, k), plain_forward(layer, e, s0, r, k)
             err = ((a.float() - b.float()).norm() / b.float().norm()).item()
         for mode in ("inference", "training"):
-            times = {}
-            for name, fn in (("fused", fused_forward), ("plain", plain_forward)):
+            calls = []
+            for fn in (fused_forward, plain_forward):
                 if mode == "inference":
                     def call(fn=fn):
                         with torch.no_grad():
@@ -104,7 +108,8 @@ def core_rows(layer, shape, device, ms_of) -> list[dict]:
                 else:
                     def call(fn=fn):
                         fn(layer, e, s0, r, k).float().square().mean().backward()
-                times[name] = ms_of(call)
+                calls.append(call)
+            times = dict(zip(("fused", "plain"), ms_of(*calls), strict=True))
             row = {"kind": "core", "mode": mode, "r": r, "k": k, "fused_ms": times["fused"], "plain_ms": times["plain"],
                    "fused_it_per_s": r / times["fused"] * 1e3, "plain_it_per_s": r / times["plain"] * 1e3,
                    "speedup": times["plain"] / times["fused"], "rel_err": err}
@@ -133,7 +138,7 @@ def decode_rows(layer, shape, device, ms_of, compile_steps, compile_backend) -> 
             compiled()
             compile_s = time.perf_counter() - start
             err = ((compiled()[0].float() - eager()[0].float()).norm() / eager()[0].float().norm()).item()
-            eager_ms, compiled_ms = ms_of(eager), ms_of(compiled)
+            eager_ms, compiled_ms = ms_of(eager, compiled)
         capture = "cuda graph (reduce-overhead)" if mode else f"none ({compile_backend}, {device.type})"
         row = {"kind": "decode", "r": r, "eager_ms_per_token": eager_ms, "compiled_ms_per_token": compiled_ms,
                "speedup": eager_ms / compiled_ms, "compile_s": compile_s, "rel_err": err, "capture": capture}
@@ -149,6 +154,7 @@ def main(argv=None):
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--quick", action="store_true", help="r = 4 and 8 only")
     parser.add_argument("--decode-steps", default="8", help="depths r of the decoding timing, comma-separated")
+    parser.add_argument("--repeats", type=int, default=7, help="timed calls per variant on the CPU")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the decoding timing")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -156,7 +162,7 @@ def main(argv=None):
     torch.manual_seed(0)
     layer = build_mixer("recurrent_depth", hidden_size=shape["hidden"], num_heads=shape["heads"])
     layer = layer.to(device=device, dtype=shape["dtype"]).eval()
-    ms_of = _timer(device)
+    ms_of = _timer(device, args.repeats)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"recurrent_depth on {name}: B{shape['B']} T{shape['T']} hidden {shape['hidden']} heads {shape['heads']} "
           f"{str(shape['dtype']).removeprefix('torch.')}, core {len(layer.core)} x attention; decode after "

@@ -19,7 +19,7 @@ from torch import nn
 
 from seqmix.archs.lm import SwiGLU
 from seqmix.archs.mixer import MIXERS, Mixer, State, build_mixer, init_mixer_state, register_mixer
-from seqmix.kernels import add_rms_norm
+from seqmix.kernels import add_rms_norm, add_rms_norm_backend
 
 # The latent's noise is a normal truncated at +-3 standard deviations, as in the paper.
 TRUNCATION = 3.0
@@ -78,23 +78,24 @@ class SandwichBlock(nn.Module):
     """``s = n2(s + mixer(n1(s)))``, then ``s = n4(s + mlp(n3(s)))``: the paper's block, a norm before and
     after each sublayer. The add and the norm after a sublayer are one :func:`add_rms_norm`."""
 
-    def __init__(self, mixer: Mixer, hidden_size: int, intermediate_size: int, eps: float, norm_backend: str | None):
+    def __init__(self, mixer: Mixer, hidden_size: int, intermediate_size: int, eps: float):
         super().__init__()
         self.mixer = mixer
         self.mlp = SwiGLU(hidden_size, intermediate_size)
-        self.eps, self.norm_backend = eps, norm_backend
+        self.eps = eps
         for name in ("norm_mixer_in", "norm_mixer_out", "norm_mlp_in", "norm_mlp_out"):
             weight = nn.Parameter(torch.ones(hidden_size))
             weight.no_weight_decay = True
             self.register_parameter(name, weight)
 
-    def _norm(self, x, residual, weight):
-        return add_rms_norm(x, residual, weight, self.eps, backend=self.norm_backend)[0]
+    def forward(self, s, state, cu_seqlens, norm_backend: str):
+        """``norm_backend``: add_rms_norm's backend, resolved once per layer call by the caller."""
+        def norm(x, residual, weight):
+            return add_rms_norm(x, residual, weight, self.eps, backend=norm_backend)[0]
 
-    def forward(self, s, state, cu_seqlens):
-        y, state = self.mixer(self._norm(s, None, self.norm_mixer_in), state, cu_seqlens=cu_seqlens)
-        s = self._norm(y, s, self.norm_mixer_out)
-        return self._norm(self.mlp(self._norm(s, None, self.norm_mlp_in)), s, self.norm_mlp_out), state
+        y, state = self.mixer(norm(s, None, self.norm_mixer_in), state, cu_seqlens=cu_seqlens)
+        s = norm(y, s, self.norm_mixer_out)
+        return norm(self.mlp(norm(s, None, self.norm_mlp_in)), s, self.norm_mlp_out), state
 
 
 @register_mixer("recurrent_depth")
@@ -177,7 +178,7 @@ class RecurrentDepth(Mixer):
         self.adapter = nn.Linear(2 * hidden_size, hidden_size, bias=False)
         self.core = nn.ModuleList(
             SandwichBlock(self._core_mixer(name, hidden_size, num_heads, core_options.get(name, {})),
-                          hidden_size, intermediate_size, norm_eps, backend)
+                          hidden_size, intermediate_size, norm_eps)
             for name in core
         )
         self.last_exit_steps: torch.Tensor | None = None
@@ -270,6 +271,7 @@ class RecurrentDepth(Mixer):
         e_in = x if self.backend == "reference" else F.linear(x, self.adapter.weight[:, self.hidden_size:])
         s = self._start(x, state, seq, offset, past, initial_latent)
         layer_states = self._layer_states(state, r)
+        norm_backend = add_rms_norm_backend(x, self.backend)
         grad = torch.is_grad_enabled()
         done = steps = prev = None
         if exit_on:
@@ -278,7 +280,7 @@ class RecurrentDepth(Mixer):
         new_layer_states = []
         for i in range(r):
             with torch.set_grad_enabled(grad and i >= r - k):
-                s_next, out_states = self._iterate(s, e_in, layer_states[i], cu_seqlens)
+                s_next, out_states = self._iterate(s, e_in, layer_states[i], cu_seqlens, norm_backend)
             new_layer_states.append(out_states)
             if exit_on:
                 s_next, prev = self._exit(i, s, s_next, prev, done, steps, exit_threshold, exit_criterion, readout)
@@ -300,11 +302,11 @@ class RecurrentDepth(Mixer):
         # W_s s + (W_e e): one GEMM with the precomputed W_e e added in its epilogue.
         return torch.addmm(e_in.reshape(-1, self.hidden_size), s.reshape(-1, self.hidden_size), w_s.t()).view(s.shape)
 
-    def _iterate(self, s, e_in, states, cu_seqlens):
+    def _iterate(self, s, e_in, states, cu_seqlens, norm_backend):
         h = self._adapt(s, e_in)
         out_states = []
         for block, block_state in zip(self.core, states, strict=True):
-            h, block_state = block(h, block_state, cu_seqlens)
+            h, block_state = block(h, block_state, cu_seqlens, norm_backend)
             out_states.append(block_state)
         return h, out_states
 

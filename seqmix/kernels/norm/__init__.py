@@ -11,7 +11,7 @@ from seqmix.kernels.checks import check_same_dtype, check_tensor
 from seqmix.kernels.norm import triton as kernels
 from seqmix.kernels.norm.reference import add_rms_norm_reference
 
-__all__ = ["add_rms_norm", "add_rms_norm_reference"]
+__all__ = ["add_rms_norm", "add_rms_norm_backend", "add_rms_norm_reference"]
 
 
 class _AddRMSNorm(torch.autograd.Function):
@@ -50,6 +50,13 @@ def _check(x, residual, weight, eps):
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
 
 
+def add_rms_norm_backend(x: torch.Tensor, backend: str | None = None) -> str:
+    """The backend :func:`add_rms_norm` takes for tensors like x (``backend`` as the op's argument): a layer
+    that calls the op many times per forward resolves it once and names it."""
+    return select_backend("add_rms_norm", backend, x.device, ("triton", "reference"),
+                          {"triton": kernels.unsupported(x.dtype)})
+
+
 def add_rms_norm(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -76,8 +83,7 @@ def add_rms_norm(
         new_residual: [..., D] ``h``, in x's dtype.
     """
     _check(x, residual, weight, eps)
-    name = select_backend("add_rms_norm", backend, x.device, ("triton", "reference"),
-                          {"triton": kernels.unsupported(x.dtype)})
+    name = add_rms_norm_backend(x, backend)
     if name == "reference" or x.numel() == 0:
         return add_rms_norm_reference(x, residual, weight, eps)
     D = x.shape[-1]
