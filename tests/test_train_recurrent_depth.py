@@ -25,7 +25,8 @@ def test_depth_drawn_per_step_logged_and_evaluated_at_several_depths(tmp_path, t
     metrics = trainer.train(config)
     steps = [e for e in _entries(out) if "loss" in e]
     # The trainer's stream: a generator seeded by (seed, step) alone, the same in every process.
-    want = [sample_depth(3, 2, torch.Generator().manual_seed((config.seed * 1_000_003 + s) | (1 << 62))) for s in range(6)]
+    seeds = [(config.seed * 1_000_003 + s) | (1 << 62) for s in range(6)]
+    want = [sample_depth(3, 2, torch.Generator().manual_seed(seed)) for seed in seeds]
     assert [(e["num_steps"], e["backprop_steps"]) for e in steps] == want
     assert len({r for r, _ in want}) > 1, "the depth varies from step to step"
     by_depth = metrics["val_bpb_by_num_steps"]

@@ -9,6 +9,6 @@ from seqmix.kernels.selective_scan import selective_scan
 from seqmix.kernels.ssd import ssd
 
 __all__ = [
-    "BackendUnavailable", "add_rms_norm", "add_rms_norm_backend", "causal_conv1d", "causal_conv1d_update", "delta_rule", "dynamic_conv", "gated_delta_rule",
-    "gla", "light_conv", "selective_scan", "ssd",
+    "BackendUnavailable", "add_rms_norm", "add_rms_norm_backend", "causal_conv1d", "causal_conv1d_update", "delta_rule",
+    "dynamic_conv", "gated_delta_rule", "gla", "light_conv", "selective_scan", "ssd",
 ]

@@ -54,8 +54,9 @@ def test_contract_with_the_latent_noise():
 def test_fused_matches_reference():
     """Split adapter and fused norms (Triton, in the interpreter here) against the concatenated adapter and
     reference norms, r = 3 with the first iteration under no_grad: outputs and every gradient."""
-    contract.fused_matches_reference(lambda backend: _layer(backend, core=["attention"]), _x(2, 13), TOL[torch.float32],
-                                     expected_params=["adapter.weight", "core.0.norm_mixer_out", "core.0.mlp.down.weight"])
+    contract.fused_matches_reference(
+        lambda backend: _layer(backend, core=["attention"]), _x(2, 13), TOL[torch.float32],
+        expected_params=["adapter.weight", "core.0.norm_mixer_out", "core.0.mlp.down.weight"])
 
 
 def test_truncated_backprop_equals_restarting_from_the_detached_latent():
@@ -116,9 +117,9 @@ def test_adaptive_exit_never_exceeds_the_maximum_and_is_fixed_r_at_threshold_zer
 
 def test_adaptive_exit_in_the_lm_by_kl():
     torch.manual_seed(0)
-    model = LanguageModel(LMConfig(vocab_size=300, hidden_size=HIDDEN, num_heads=2,
-                                   layers=["attention", "recurrent_depth", "attention"],
-                                   mixer_options={"recurrent_depth": {"core": ["attention"], "mean_steps": 4}})).to(DEVICE).eval()
+    config = LMConfig(vocab_size=300, hidden_size=HIDDEN, num_heads=2, layers=["attention", "recurrent_depth", "attention"],
+                      mixer_options={"recurrent_depth": {"core": ["attention"], "mean_steps": 4}})
+    model = LanguageModel(config).to(DEVICE).eval()
     tokens = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     with torch.no_grad():
         fixed, _ = model(tokens, num_steps=6)
@@ -198,7 +199,8 @@ def test_positional_noise_is_a_truncated_normal_of_position_and_seed():
 
 def test_the_coda_sees_the_final_latent():
     torch.manual_seed(0)
-    config = LMConfig(vocab_size=300, hidden_size=HIDDEN, num_heads=2, layers=["attention", "recurrent_depth", "attention"],
+    config = LMConfig(vocab_size=300, hidden_size=HIDDEN, num_heads=2,
+                      layers=["attention", "recurrent_depth", "attention"],
                       mixer_options={"recurrent_depth": {"core": ["attention"], "mean_steps": 2}})
     model = LanguageModel(config).to(DEVICE).eval()
     assert not hasattr(model.blocks[1], "mlp"), "the recurrent block has no MLP of its own (its core has them)"
