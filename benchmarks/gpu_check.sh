@@ -142,6 +142,8 @@ if [ "$part" != tests ]; then
     python3 -m benchmarks.bench_$bench ${QUICK:+--quick} --json "$out/bench_$bench.json" >> "$out/bench.log" 2>&1 \
       || bench_rc=1
   done
+  python3 -m benchmarks.bench_recurrent_depth ${QUICK:+--quick} --decode-steps 8,32 \
+    --json "$out/bench_recurrent_depth.json" >> "$out/bench.log" 2>&1 || bench_rc=1
   python3 -m benchmarks.bench_train --json "$out/bench_train.json" >> "$out/bench.log" 2>&1 || bench_rc=1
   python3 -m benchmarks.bench_decode --json "$out/bench_decode.json" >> "$out/bench.log" 2>&1 || bench_rc=1
   python3 -m benchmarks.bench_pooling op --json "$out/bench_pooling.json" >> "$out/bench.log" 2>&1 || bench_rc=1

@@ -31,13 +31,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from seqmix.archs import MIXERS
 from seqmix.archs.lm import LanguageModel, LMConfig
 from seqmix.data import VOCAB_SIZE, Corpus, load_corpus
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 CHECKPOINT, LOG, PLOT, MODEL_DIR = "checkpoint.pt", "log.jsonl", "loss.png", "model"
 # Fields that change what a run computes; a checkpoint resumes only under the same values.
-_PRESENTATION_FIELDS = {"progress", "log_every", "eval_every", "save_every", "compile", "resume", "out_dir"}
+_PRESENTATION_FIELDS = {"progress", "log_every", "eval_every", "save_every", "compile", "resume", "out_dir",
+                        "eval_num_steps"}
 
 
 class ConfigError(ValueError):
@@ -68,6 +70,9 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available (cuda:LOCAL_RANK under torchrun), else cpu
     autocast: str = "auto"  # auto: bf16 on GPU, none on CPU; or "bf16" / "fp16" / "none"
     compile: bool = False
+    # recurrent_depth models: validation bits per byte at each of these depths r, after the last step
+    # (also on a --resume of a finished run, which then only evaluates).
+    eval_num_steps: list[int] = field(default_factory=list)
     progress: bool = True
     resume: bool = False
 
@@ -158,6 +163,11 @@ def validate(config: TrainConfig, world: int) -> None:
         raise ConfigError(f"autocast must be auto, bf16, fp16 or none, got {config.autocast!r}")
     if config.warmup_steps < 0 or config.grad_clip < 0:
         raise ConfigError("warmup_steps and grad_clip must be >= 0")
+    steps = config.eval_num_steps
+    if not isinstance(steps, list) or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in steps):
+        raise ConfigError(f"eval_num_steps must be a list of integers >= 1, got {steps!r}")
+    if steps and not any(getattr(MIXERS[name], "takes_steps", False) for name in config.model.layers):
+        raise ConfigError(f"eval_num_steps is given but no layer iterates (layers {config.model.layers})")
 
 
 def lr_at(config: TrainConfig, step: int) -> float:
@@ -230,23 +240,38 @@ def _batch(corpus: Corpus, config: TrainConfig, step: int, micro: int, d: Dist, 
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
+def _depth(model: LanguageModel, config: TrainConfig, step: int) -> dict:
+    """The recurrent-depth layers' (r, k) for ``step``: drawn from a generator seeded by (seed, step) alone,
+    so every process draws the same r (one graph shape across DDP ranks) and a resume draws the same ones.
+    Empty for models without such layers."""
+    layer = next((b.mixer for b in model.blocks if getattr(b.mixer, "takes_steps", False)), None)
+    if layer is None:
+        return {}
+    # A stream apart from the data's (seeded by seed * 1_000_003 + step): the high bit keeps the two seeds distinct.
+    generator = torch.Generator().manual_seed((config.seed * 1_000_003 + step) | (1 << 62))
+    r, k = layer.sample_steps(generator)
+    return {"num_steps": r, "backprop_steps": k}
+
+
 def _loss(model, x, y, config, device):
     return _losses(model, model, x, y, config, device)[0]
 
 
-def _losses(step_fn, model, x, y, config, device):
+def _losses(step_fn, model, x, y, config, device, depth=None):
     """The LM loss, the mixers' auxiliary loss (added to it for the backward) and their logged scalars
-    (:meth:`LanguageModel.auxiliary`); ``step_fn`` is the (wrapped) model that runs the forward."""
+    (:meth:`LanguageModel.auxiliary`); ``step_fn`` is the (wrapped) model that runs the forward, ``depth``
+    the recurrent-depth layers' (r, k) of this step (:func:`_depth`)."""
     with _autocast(config, device):
-        logits, _ = step_fn(x)
+        logits, _ = step_fn(x, **(depth or {}))
     aux, aux_metrics = model.auxiliary(logits)
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()), aux, aux_metrics
 
 
 @torch.no_grad()
-def evaluate(model, corpus: Corpus, config: TrainConfig, d: Dist, device) -> float:
+def evaluate(model, corpus: Corpus, config: TrainConfig, d: Dist, device, num_steps: int | None = None) -> float:
     """Validation bits per byte: the summed cross-entropy over the validation windows, in bits,
-    divided by the number of byte targets (the document-start tokens cost bits but are not bytes)."""
+    divided by the number of byte targets (the document-start tokens cost bits but are not bytes).
+    ``num_steps``: the depth r of recurrent-depth layers (their default when None)."""
     model.eval()
     starts = corpus.val_starts(config.seq_len, config.eval_tokens)[d.rank :: d.world]
     per = max(1, config.batch_size // (config.grad_accum * d.world))
@@ -255,7 +280,7 @@ def evaluate(model, corpus: Corpus, config: TrainConfig, d: Dist, device) -> flo
         x, y = corpus.batch("val", starts[i : i + per], config.seq_len)
         x, y = x.to(device), y.to(device)
         with _autocast(config, device):
-            logits, _ = model(x)
+            logits, _ = model(x) if num_steps is None else model(x, num_steps=num_steps)
         totals[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
         totals[1] += (y < 256).sum()
     if d.world > 1:
@@ -450,11 +475,12 @@ def _train(config: TrainConfig, d: Dist) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         step_loss, step_aux = torch.zeros((), device=device), {}
+        depth = _depth(model, config, step)
         for micro in range(config.grad_accum):
             x, y = _batch(corpus, config, step, micro, d, device)
             sync = micro == config.grad_accum - 1 or d.world == 1
             with contextlib.nullcontext() if sync else ddp.no_sync():
-                loss, aux, aux_metrics = _losses(step_fn, model, x, y, config, device)
+                loss, aux, aux_metrics = _losses(step_fn, model, x, y, config, device, depth)
                 ((loss + aux) / config.grad_accum).backward()
             step_loss += loss.detach() / config.grad_accum
             if aux_metrics:
@@ -464,7 +490,7 @@ def _train(config: TrainConfig, d: Dist) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        pending.append((step_loss, grad_norm, step_aux))
+        pending.append((step_loss, grad_norm, step_aux, depth))
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
             losses = torch.stack([p[0] for p in pending])
@@ -478,6 +504,8 @@ def _train(config: TrainConfig, d: Dist) -> dict:
                        "tokens": done * tokens_per_step,
                        "tokens_per_s": (done - step_last) * tokens_per_step / (now - t_last),
                        **{name: value.item() for name, value in aux_means.items()}}
+            if depth:  # this step's r and k, and the mean r since the last entry
+                metrics.update(depth, num_steps_mean=sum(p[3]["num_steps"] for p in pending) / len(pending))
             pending, t_last, step_last = [], now, done
             if d.main:
                 log.write(metrics)
@@ -496,6 +524,8 @@ def _train(config: TrainConfig, d: Dist) -> dict:
             bar.update(1)
     if bar is not None:
         bar.close()
+    if config.eval_num_steps:
+        metrics = {**metrics, **_evaluate_depths(model, corpus, config, d, device, log, bar)}
     if d.main:
         model.save_pretrained(out / MODEL_DIR)
         entries = log.entries()
@@ -505,6 +535,20 @@ def _train(config: TrainConfig, d: Dist) -> dict:
             print(f"seqmix-train: done, step {final[-1]['step']}: validation {final[-1]['val_bpb']:.4f} bits per byte; "
                   f"model in {out / MODEL_DIR}, log in {out / LOG}, plot in {out / PLOT}", flush=True)
     return metrics
+
+
+def _evaluate_depths(model, corpus, config: TrainConfig, d: Dist, device, log, bar) -> dict:
+    """Validation bits per byte at each depth of ``eval_num_steps``, logged as one entry."""
+    by_depth, seconds = {}, {}
+    for r in config.eval_num_steps:
+        start = time.perf_counter()
+        by_depth[str(r)] = evaluate(model, corpus, config, d, device, num_steps=r)
+        seconds[str(r)] = time.perf_counter() - start
+    entry = {"step": config.steps, "val_bpb_by_num_steps": by_depth, "eval_seconds_by_num_steps": seconds}
+    if d.main:
+        log.write(entry)
+        _say(bar, "validation bits per byte by depth r: " + ", ".join(f"r={r}: {v:.4f}" for r, v in by_depth.items()))
+    return entry
 
 
 def _progress(config: TrainConfig, d: Dist, start_step: int):

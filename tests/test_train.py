@@ -107,10 +107,15 @@ def test_a_kill_during_a_save_keeps_the_previous_checkpoint(tmp_path, text_dir, 
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "log.jsonl", "loss.png", "model"]
 
 
+# Mixers whose defaults are too slow to train here (recurrent_depth: r ~ 32 iterations of four attention blocks).
+SMALL_OPTIONS = {"recurrent_depth": {"core": ["attention"], "mean_steps": 3, "backprop_steps": 2}}
+
+
 @pytest.mark.parametrize("name", sorted(MIXERS))
 def test_every_mixer_trains(tmp_path, text_dir, name):
-    config = _config(tmp_path / name, text_dir, model={"layers": [name, name]}, steps=8, lr=1e-2,
-                     eval_every=8, save_every=8)
+    options = {name: SMALL_OPTIONS[name]} if name in SMALL_OPTIONS else {}
+    config = _config(tmp_path / name, text_dir, model={"layers": [name, name], "mixer_options": options}, steps=8,
+                     lr=1e-2, eval_every=8, save_every=8)
     trainer.train(config)
     losses = _losses(tmp_path / name)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.5, losses

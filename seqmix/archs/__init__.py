@@ -8,8 +8,9 @@ from seqmix.archs.hourglass import Hourglass
 from seqmix.archs.mamba import Mamba
 from seqmix.archs.mamba2 import Mamba2
 from seqmix.archs.mixer import MIXERS, Mixer, State, build_mixer, register_mixer
+from seqmix.archs.recurrent_depth import RecurrentDepth
 
 __all__ = [
     "MIXERS", "Attention", "DeltaNet", "DynamicConv", "GatedDeltaNet", "GatedLinearAttention", "Hourglass", "LightConv",
-    "Mamba", "Mamba2", "Mixer", "ShortConv", "State", "build_mixer", "register_mixer",
+    "Mamba", "Mamba2", "Mixer", "RecurrentDepth", "ShortConv", "State", "build_mixer", "register_mixer",
 ]

@@ -44,7 +44,11 @@ class Attention(Mixer):
 
     Its decoding state is the key/value cache: ``k``, ``v`` [N, H, L, D] (rotated keys;
     sequence i's entries are the first ``length[i]`` of L, the rest zero) and
-    ``length`` [N] (int64, tokens seen, which is also the next token's position).
+    ``length`` [N] (int64, tokens seen, which is also the next token's position). A state from
+    ``init_state(batch_size, capacity=L)`` also holds ``capacity`` [N]: its cache keeps L slots, and
+    one-token decoding calls (dense, T = 1) write into them with no host sync and no shape change
+    (what ``torch.compile(fullgraph=True)`` and CUDA graphs need); the caller sizes L for all the
+    tokens it will decode.
 
     Args:
         hidden_size: model width.
@@ -88,6 +92,9 @@ class Attention(Mixer):
         if state is None and cu_seqlens is None:
             o = self._dense_causal(q, k, v)
             return self.o_proj(o.flatten(2)), None
+        if cu_seqlens is None and T == 1 and "capacity" in state:
+            o, new_state = self._decode_in_place(q, k, v, state)
+            return self.o_proj(o.flatten(2)), new_state
         if cu_seqlens is None:
             cu_seqlens = torch.arange(0, (B + 1) * T, T, device=x.device)
         elif B != 1:
@@ -149,11 +156,26 @@ class Attention(Mixer):
             return o, None
         return o, self._append(state, k, v, seq, offset, past, lengths)
 
+    def _decode_in_place(self, q, k, v, state):
+        """One token per sequence, q, k, v [B, 1, H, D], into the preallocated cache at slot ``length``:
+        the same attention as the packed path, computed over all L slots with the unwritten ones masked."""
+        past = state["length"]
+        q, k = rotary(past[:, None], self.rope_theta, q, k)
+        B, H = q.shape[0], self.num_heads
+        slot = (torch.arange(B, device=q.device)[:, None], torch.arange(H, device=q.device)[None, :], past[:, None])
+        k_all = state["k"].index_put(slot, k[:, 0].to(state["k"].dtype))
+        v_all = state["v"].index_put(slot, v[:, 0].to(state["v"].dtype))
+        mask = (torch.arange(k_all.shape[2], device=q.device) <= past[:, None])[:, None, None, :]  # [B, 1, 1, L]
+        backend = "reference" if self.backend == "reference" else "sdpa"
+        o = _masked_attention(q.transpose(1, 2), k_all.to(q.dtype), v_all.to(q.dtype), mask, backend)
+        return o.transpose(1, 2), {**state, "k": k_all, "v": v_all, "length": past + 1}
+
     @staticmethod
     def _append(state, k, v, seq, offset, past, lengths):
-        """The caches with the new keys/values [L, H, D] written after each sequence's valid entries."""
+        """The caches with the new keys/values [L, H, D] written after each sequence's valid entries
+        (grown when they run out of slots, never shrunk)."""
         new_len = past + lengths
-        capacity = int(new_len.max()) if new_len.numel() else 0
+        capacity = max(int(new_len.max()) if new_len.numel() else 0, state["k"].shape[2])
         out = {}
         for name, new in (("k", k), ("v", v)):
             cache = state[name]
@@ -163,12 +185,18 @@ class Attention(Mixer):
             grown[seq, :, past[seq] + offset] = new.to(cache.dtype)
             out[name] = grown
         out["length"] = new_len
+        if "capacity" in state:
+            out["capacity"] = torch.full_like(state["capacity"], capacity)
         return out
 
-    def init_state(self, batch_size: int) -> State:
+    def init_state(self, batch_size: int, capacity: int = 0) -> State:
+        """The empty cache; ``capacity`` > 0 preallocates that many slots for in-place decoding."""
         w = self.qkv_proj.weight
-        empty = torch.zeros(batch_size, self.num_heads, 0, self.head_dim, device=w.device, dtype=w.dtype)
-        return {"k": empty, "v": empty.clone(), "length": torch.zeros(batch_size, dtype=torch.int64, device=w.device)}
+        empty = torch.zeros(batch_size, self.num_heads, capacity, self.head_dim, device=w.device, dtype=w.dtype)
+        state = {"k": empty, "v": empty.clone(), "length": torch.zeros(batch_size, dtype=torch.int64, device=w.device)}
+        if capacity:
+            state["capacity"] = torch.full((batch_size,), capacity, dtype=torch.int64, device=w.device)
+        return state
 
     def sequence_state(self, state: State, i: int) -> State:
         n = int(state["length"][i])

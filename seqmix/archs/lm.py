@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqmix.archs.mixer import MIXERS, State, build_mixer
+from seqmix.archs.mixer import MIXERS, State, build_mixer, init_mixer_state
 from seqmix.archs.modules import RMSNorm
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -95,15 +95,23 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm mixer and MLP with residuals. A mixer with ``replaces_stream`` (recurrent_depth) gets the
+    normed stream and its output becomes the stream, with no MLP here: the coda after it sees its final latent."""
+
     def __init__(self, config: LMConfig, mixer_name: str):
         super().__init__()
         self.mixer_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mixer = build_mixer(mixer_name, **config.mixer_kwargs(mixer_name))
-        self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.replaces_stream = getattr(self.mixer, "replaces_stream", False)
+        if not self.replaces_stream:
+            self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
+            self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, state, cu_seqlens, attention_mask):
-        y, state = self.mixer(self.mixer_norm(x), state, cu_seqlens=cu_seqlens, attention_mask=attention_mask)
+    def forward(self, x, state, cu_seqlens, attention_mask, **options):
+        y, state = self.mixer(self.mixer_norm(x), state, cu_seqlens=cu_seqlens, attention_mask=attention_mask,
+                              **options)
+        if self.replaces_stream:
+            return y, state
         x = x + y
         return x + self.mlp(self.mlp_norm(x)), state
 
@@ -114,7 +122,8 @@ class LanguageModel(nn.Module):
     tokens [B, T] (int64), logits [B, T, vocab_size]. ``state`` is a list with one mixer
     state per layer (from :meth:`init_state` or a previous call); with ``state=None`` the
     call trains and no state comes back. ``cu_seqlens`` and ``attention_mask`` are passed to
-    every mixer (see :class:`seqmix.archs.Mixer`).
+    every mixer (see :class:`seqmix.archs.Mixer`). ``num_steps``, ``backprop_steps`` and ``exit_threshold``
+    go to the layers that iterate (``recurrent_depth``; see :class:`seqmix.archs.RecurrentDepth`).
     """
 
     def __init__(self, config: LMConfig):
@@ -133,26 +142,45 @@ class LanguageModel(nn.Module):
         std = self.config.init_std
         nn.init.normal_(self.embed.weight, std=std)
         for block in self.blocks:
+            if block.replaces_stream:
+                continue
             nn.init.normal_(block.mlp.gate_up.weight, std=std)
             nn.init.normal_(block.mlp.down.weight, std=std / math.sqrt(2 * len(self.blocks)))
 
-    def forward(self, tokens, state: list[State] | None = None, *, cu_seqlens=None, attention_mask=None):
+    def forward(self, tokens, state: list[State] | None = None, *, cu_seqlens=None, attention_mask=None,
+                num_steps: int | None = None, backprop_steps: int | None = None, exit_threshold: float | None = None):
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype != torch.int64:
             got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise ValueError(f"tokens must be an int64 tensor [B, T], got {got}")
         if state is not None and len(state) != len(self.blocks):
             raise ValueError(f"state must hold one entry per layer ({len(self.blocks)}), got {len(state)}")
+        steps = self._step_options(num_steps, backprop_steps, exit_threshold)
         x = self.embed(tokens)
         new_state = []
         for i, block in enumerate(self.blocks):
             block.mixer.observe_tokens(tokens)
-            x, s = block(x, None if state is None else state[i], cu_seqlens, attention_mask)
+            options = steps if getattr(block.mixer, "takes_steps", False) else {}
+            x, s = block(x, None if state is None else state[i], cu_seqlens, attention_mask, **options)
             new_state.append(s)
-        logits = F.linear(self.norm(x), self.embed.weight)
+        logits = self._readout(x)
         return logits, (None if state is None else new_state)
 
-    def init_state(self, batch_size: int) -> list[State]:
-        return [block.mixer.init_state(batch_size) for block in self.blocks]
+    def _readout(self, x):
+        return F.linear(self.norm(x), self.embed.weight)
+
+    def _step_options(self, num_steps, backprop_steps, exit_threshold) -> dict:
+        options = {"num_steps": num_steps, "backprop_steps": backprop_steps, "exit_threshold": exit_threshold}
+        given = [name for name, value in options.items() if value is not None]
+        if given and not any(getattr(b.mixer, "takes_steps", False) for b in self.blocks):
+            raise ValueError(f"{', '.join(given)} given, but no layer iterates (layers {self.config.layers})")
+        # The adaptive exit's predictions: the final norm and the head on the latent (the coda is skipped).
+        return {**options, "readout": self._readout if exit_threshold is not None else None}
+
+    def init_state(self, batch_size: int, num_steps: int | None = None, capacity: int = 0) -> list[State]:
+        """The empty states; layers that iterate keep ``num_steps`` iterations (their default when None), and
+        attention caches preallocate ``capacity`` positions (in-place decoding)."""
+        return [init_mixer_state(block.mixer, batch_size, num_steps=num_steps, capacity=capacity)
+                for block in self.blocks]
 
     def auxiliary(self, logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The mixers' auxiliary terms of the last training call (see :meth:`Mixer.auxiliary`): the sum of
@@ -169,11 +197,12 @@ class LanguageModel(nn.Module):
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
-                 return_logits: bool = False):
+                 return_logits: bool = False, num_steps: int | None = None, exit_threshold: float | None = None):
         """Sample ``max_new_tokens`` after ``prompt`` [B, T] with the mixers' states.
 
         The prompt is prefilled in one call, then one token per step. ``temperature=0`` is greedy;
-        ``top_k`` keeps the k most likely tokens. Returns tokens [B, T + max_new_tokens], and with
+        ``top_k`` keeps the k most likely tokens; ``num_steps`` and ``exit_threshold`` go to the layers that
+        iterate (see :meth:`forward`). Returns tokens [B, T + max_new_tokens], and with
         ``return_logits`` also the logits each new token was drawn from, [B, max_new_tokens, vocab].
         """
         if prompt.dim() != 2 or prompt.shape[1] == 0:
@@ -182,13 +211,16 @@ class LanguageModel(nn.Module):
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
             raise ValueError(f"top_k must be in [1, vocab_size={self.config.vocab_size}], got {top_k}")
-        logits, state = self(prompt, self.init_state(prompt.shape[0]))
+        depth = {"num_steps": num_steps, "exit_threshold": exit_threshold}
+        # Caches sized for the whole generation: each decoding step writes in place (no host sync, no shape change).
+        state = self.init_state(prompt.shape[0], num_steps=num_steps, capacity=prompt.shape[1] + max_new_tokens)
+        logits, state = self(prompt, state, **depth)
         tokens, steps = [prompt], []
         for _ in range(max_new_tokens):
             step = logits[:, -1].float()
             steps.append(step)
             tokens.append(_sample(step, temperature, top_k, generator))
-            logits, state = self(tokens[-1], state)
+            logits, state = self(tokens[-1], state, **depth)
         out = torch.cat(tokens, 1)
         if not return_logits:
             return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -29,12 +30,13 @@ class Mixer(nn.Module):
     #: values of the constructor's ``backend=`` besides None (automatic); the tests run each.
     backends: tuple[str, ...] = ("reference", "triton")
 
-    def forward(self, x, state: State | None = None, *, cu_seqlens=None, attention_mask=None):
+    def forward(self, x, state: State | None = None, *, cu_seqlens=None, attention_mask=None, **options):
+        """``options`` go to :meth:`mix` (mixers that take more than the common arguments, e.g. ``num_steps``)."""
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden_size:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must have shape [B, T, hidden_size={self.hidden_size}], got {got}")
         if attention_mask is None:
-            return self.mix(x, state, cu_seqlens=cu_seqlens)
+            return self.mix(x, state, cu_seqlens=cu_seqlens, **options)
         if cu_seqlens is not None:
             raise ValueError("give attention_mask or cu_seqlens, not both")
         B, T, _ = x.shape
@@ -44,7 +46,7 @@ class Mixer(nn.Module):
         keep = attention_mask.to(device=x.device, dtype=torch.bool)
         cu = torch.zeros(B + 1, dtype=torch.int64, device=x.device)
         cu[1:] = keep.sum(1).cumsum(0)
-        y_packed, state = self.mix(x[keep].unsqueeze(0), state, cu_seqlens=cu)
+        y_packed, state = self.mix(x[keep].unsqueeze(0), state, cu_seqlens=cu, **options)
         y = y_packed.new_zeros(B, T, y_packed.shape[-1])
         y[keep] = y_packed[0]
         return y, state
@@ -89,3 +91,10 @@ def build_mixer(name: str, **config) -> Mixer:
     if name not in MIXERS:
         raise ValueError(f"unknown mixer {name!r}; registered: {sorted(MIXERS)}")
     return MIXERS[name](**config)
+
+
+def init_mixer_state(mixer: Mixer, batch_size: int, **options) -> State:
+    """``mixer.init_state(batch_size, ...)`` with those of ``options`` (e.g. ``num_steps``, ``capacity``) that its
+    ``init_state`` takes and that are not None."""
+    params = inspect.signature(mixer.init_state).parameters
+    return mixer.init_state(batch_size, **{k: v for k, v in options.items() if k in params and v is not None})

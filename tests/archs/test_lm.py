@@ -21,9 +21,13 @@ def _tokens(B, T, seed=1):
     return torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
+# Mixers whose defaults are too slow for this test (recurrent_depth: 32 iterations of four attention blocks).
+SMALL_OPTIONS = {"recurrent_depth": {"core": ["attention", "attention"], "mean_steps": 3}}
+
+
 @pytest.mark.parametrize("name", sorted(MIXERS))
 def test_generation_with_state_equals_no_cache_forward(name):
-    model = _model([name, name])
+    model = _model([name, name], mixer_options={name: SMALL_OPTIONS[name]} if name in SMALL_OPTIONS else {})
     prompt = _tokens(2, 19)
     tokens, step_logits = model.generate(prompt, max_new_tokens=6, temperature=0.0, return_logits=True)
     assert tokens.shape == (2, 25) and tokens[:, :19].equal(prompt)

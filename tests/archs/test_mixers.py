@@ -29,6 +29,10 @@ SMALL_CONFIGS = {
     # entropy boundaries: deterministic in training calls too (the contract compares them with decoding);
     # every mode is run through the contract in tests/archs/test_hourglass.py.
     "hourglass": {"hidden_size": HIDDEN, "num_heads": 2, "layers": ["attention"], "boundary": "entropy"},
+    # init_std=0: these layers are in training mode, where the latent's noise is drawn i.i.d. per call;
+    # tests/archs/test_recurrent_depth.py runs the contract with the positional noise of evaluation.
+    "recurrent_depth": {"hidden_size": HIDDEN, "num_heads": 2, "core": ["attention"], "mean_steps": 2,
+                        "backprop_steps": 1, "init_std": 0.0},
 }
 # Each mixer with each backend it takes, except those that need a package this machine lacks.
 CASES = [(name, backend) for name in sorted(SMALL_CONFIGS) for backend in MIXERS[name].backends
