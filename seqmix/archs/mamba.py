@@ -11,7 +11,7 @@ from torch import nn
 from seqmix.archs.mamba2 import inverse_softplus, log_uniform_dt
 from seqmix.archs.mixer import Mixer, State, register_mixer
 from seqmix.archs.modules import ShortConvolution
-from seqmix.kernels.selective_scan import selective_scan
+from seqmix.kernels import selective_scan
 
 
 @register_mixer("mamba")

@@ -9,7 +9,7 @@ from torch import nn
 
 from seqmix.archs.mixer import Mixer, State, register_mixer
 from seqmix.archs.modules import RMSNorm, ShortConvolution
-from seqmix.kernels.ssd import ssd
+from seqmix.kernels import ssd
 
 
 def inverse_softplus(y: torch.Tensor) -> torch.Tensor:

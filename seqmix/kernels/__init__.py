@@ -4,8 +4,8 @@ from seqmix.kernels.backend import BackendUnavailable
 from seqmix.kernels.conv import causal_conv1d, causal_conv1d_update, dynamic_conv, light_conv
 from seqmix.kernels.deltanet import delta_rule, gated_delta_rule
 from seqmix.kernels.gated_linear_attention import gla
-from seqmix.kernels.selective_scan import selective_scan
-from seqmix.kernels.ssd import ssd
+from seqmix.kernels.mamba import selective_scan
+from seqmix.kernels.mamba2 import ssd
 
 __all__ = [
     "BackendUnavailable", "causal_conv1d", "causal_conv1d_update", "delta_rule", "dynamic_conv", "gated_delta_rule",

@@ -5,27 +5,15 @@ B, C ``[B, T, G, N]``, optional D ``[H]``, z ``[B, T, H, P]``) with optional
 ``cu_seqlens`` (then B == 1), compute in float32 (float64 for float64 inputs)
 and return ``(y [B, T, H, P] in x's dtype, final_state [N, H, P, N] or None)``.
 Both are differentiable by autograd; the chunked form is the reference
-backend of :func:`seqmix.kernels.ssd.ssd`.
+backend of :func:`seqmix.kernels.mamba2.ssd`.
 """
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.nn.functional as F
 
-
-def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def split_sequences(cu_seqlens, batch: int, seqlen: int):
-    """(batch row, start, end) of every sequence."""
-    if cu_seqlens is None:
-        return [(b, 0, seqlen) for b in range(batch)]
-    bounds = cu_seqlens.tolist()
-    return [(0, s, e) for s, e in itertools.pairwise(bounds)]
+from seqmix.kernels.sequences import over_sequences, reference_dtype
 
 
 def process_dt(dt, dt_bias, dt_softplus: bool, dt_limit: tuple[float, float]):
@@ -44,23 +32,9 @@ def _gate(y, z):
     return y if z is None else y * F.silu(z)
 
 
-def over_sequences(run, batch: int, seqlen: int, cu_seqlens, initial_state, zero_state, cd):
-    """Run ``run(b, s, e, h) -> (y [e - s, ...], h_final)`` on every sequence (batch row b, tokens
-    s..e-1, entering state h: the initial state's row or ``zero_state``, in dtype ``cd``).
-    Returns y as [B, T, ...] ([1, L, ...] when packed) and the final states stacked."""
-    outs, finals = [], []
-    for n, (b, s, e) in enumerate(split_sequences(cu_seqlens, batch, seqlen)):
-        h = zero_state if initial_state is None else initial_state[n].to(cd)
-        y, h = run(b, s, e, h)
-        outs.append(y)
-        finals.append(h)
-    y = torch.cat(outs)[None] if cu_seqlens is not None else torch.stack(outs)
-    return y, torch.stack(finals)
-
-
 def _prepare(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit):
     """Inputs in the compute dtype, dt processed, B and C expanded from groups to heads."""
-    cd = compute_dtype(x)
+    cd = reference_dtype(x)
     x, dt, A, B, C, D, z, dt_bias = (None if t is None else t.to(cd) for t in (x, dt, A, B, C, D, z, dt_bias))
     dt = process_dt(dt, dt_bias, dt_softplus, dt_limit)
     heads_per_group = x.shape[2] // B.shape[2]

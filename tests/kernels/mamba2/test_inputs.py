@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from seqmix.kernels import BackendUnavailable
-from seqmix.kernels.ssd import ssd
+from seqmix.kernels.mamba2 import ssd
 from tests.helpers import DEVICE
 
 B, T, H, P, G, N = 2, 8, 4, 3, 2, 5

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from seqmix.kernels import BackendUnavailable
-from seqmix.kernels.selective_scan import selective_scan
+from seqmix.kernels.mamba import selective_scan
 from tests.helpers import DEVICE
 
 B, T, D, N, G = 2, 8, 6, 4, 2
