@@ -71,7 +71,9 @@ def chunking_for(batch: int, seqlen: int, chunk_size: int, device: torch.device,
     """Chunks of an op's input: the dense shortcut for [batch, seqlen] without ``cu_seqlens``,
     else the packed sequences ``cu_seqlens`` describes."""
     if cu_seqlens is None:
-        return dense_chunking(batch, seqlen, chunk_size, device)
+        # A compiled graph builds the index in the graph (it cannot hold the cache's tensors).
+        build = dense_chunking.__wrapped__ if torch.compiler.is_compiling() else dense_chunking
+        return build(batch, seqlen, chunk_size, device)
     return make_chunking(cu_seqlens, chunk_size)
 
 
