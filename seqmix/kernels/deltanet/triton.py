@@ -35,18 +35,21 @@ import triton.language as tl
 
 from seqmix.kernels.alloc import empty
 from seqmix.kernels.sequences import Chunking
+from seqmix.kernels import triton_common
 from seqmix.kernels.triton_common import (
-    autotune_configs,
+    chunk_configs,
     chunk_local_cumsum,
     chunk_position,
     decay_ratio,
     dot_precision,
-    head_block,
+    key_value_blocks,
     load_matrix,
     load_row_values,
     load_rows,
     mm,
     sequence_bounds,
+    sequence_program,
+    state_configs,
     store_matrix,
     store_row_values,
     store_rows,
@@ -54,17 +57,6 @@ from seqmix.kernels.triton_common import (
 
 CHUNK = 64
 
-
-def _state_configs():
-    return autotune_configs(
-        [triton.Config({"BV": bv}, num_warps=w) for bv in (32, 64) for w in (4, 8)]
-    )
-
-
-def _chunk_configs():
-    return autotune_configs(
-        [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
-    )
 
 
 @triton.jit
@@ -156,7 +148,7 @@ def _load_t(t_inv, i_h, t0, nt, H: tl.constexpr, BT: tl.constexpr):
     return tl.where(o_t[:, None] >= o_t[None, :], b_t, 0.0)
 
 
-@triton.autotune(configs=_chunk_configs(), key=["K", "V", "INVERT"])
+@triton.autotune(configs=chunk_configs(), key=["K", "V", "INVERT"])
 @triton.jit
 def delta_rule_wy_fwd_kernel(
     k, v, beta, gcum, w, u, t_inv, chunk_index, cu_seqlens,
@@ -209,7 +201,7 @@ def delta_rule_wy_fwd_kernel(
         store_rows(u + i_h * V, mm(b_t, b_vb, DT, PREC), t0, nt, H * V, v0, V, BT, BV)
 
 
-@triton.autotune(configs=_state_configs(), key=["K", "V"])
+@triton.autotune(configs=state_configs("BV"), key=["K", "V"])
 @triton.jit
 def delta_rule_state_fwd_kernel(
     k, w, u, gcum, v_new, h, h0, ht, chunk_offsets, cu_seqlens,
@@ -219,13 +211,9 @@ def delta_rule_state_fwd_kernel(
 ):
     """Sequential over the chunks of one sequence: h[c] = S entering chunk c, V' = U - W S, S += K^T V'
     (gated: S = exp(b_C) S + (K exp(b_C - b))^T V', b_C the chunk's total log decay)."""
-    i_nh, i_v = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
+    i_h, i_v, bos, eos, c0, s_base = sequence_program(chunk_offsets, cu_seqlens, H, K * V)
     DT = k.dtype.element_ty
-    bos, eos = sequence_bounds(cu_seqlens, i_n)
-    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
     v0 = i_v * BV
-    s_base = i_nh.to(tl.int64) * K * V
     b_s = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
         b_s += load_matrix(h0 + s_base, 0, K, v0, V, BK, BV)
@@ -247,7 +235,7 @@ def delta_rule_state_fwd_kernel(
         store_matrix(ht + s_base, b_s, 0, K, v0, V, BK, BV)
 
 
-@triton.autotune(configs=_chunk_configs(), key=["K", "V"])
+@triton.autotune(configs=chunk_configs(), key=["K", "V"])
 @triton.jit
 def delta_rule_output_fwd_kernel(
     q, k, v_new, h, gcum, o, chunk_index, cu_seqlens, scale,
@@ -280,9 +268,9 @@ def delta_rule_output_fwd_kernel(
     store_rows(o + i_h * V, b_o * scale, t0, nt, H * V, v0, V, BT, BV)
 
 
-@triton.autotune(configs=_chunk_configs(), key=["K", "V"])
+@triton.autotune(configs=chunk_configs(), key=["K", "V"])
 @triton.jit
-def delta_rule_dv_local_kernel(
+def delta_rule_dv_local_bwd_kernel(
     q, k, gcum, do, dv_local, chunk_index, cu_seqlens, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, USE_G: tl.constexpr,
@@ -308,7 +296,7 @@ def delta_rule_dv_local_kernel(
     store_rows(dv_local + i_h * V, b_dv, t0, nt, H * V, v0, V, BT, BV)
 
 
-@triton.autotune(configs=_state_configs(), key=["K", "V"])
+@triton.autotune(configs=state_configs("BV"), key=["K", "V"])
 @triton.jit
 def delta_rule_state_bwd_kernel(
     q, k, w, gcum, do, dv_local, du, dh, dht, dh0, chunk_offsets, cu_seqlens, scale,
@@ -322,13 +310,9 @@ def delta_rule_state_bwd_kernel(
     dU = dV' = dV'_local + K dS, then dS <- dS + scale Q^T dO - W^T dV'.
     Gated: dU = dV'_local + (K exp(b_C - b)) dS, dS <- exp(b_C) dS + scale (exp(b) Q)^T dO - W^T dV'.
     """
-    i_nh, i_v = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
+    i_h, i_v, bos, eos, c0, s_base = sequence_program(chunk_offsets, cu_seqlens, H, K * V)
     DT = q.dtype.element_ty
-    bos, eos = sequence_bounds(cu_seqlens, i_n)
-    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
     v0 = i_v * BV
-    s_base = i_nh.to(tl.int64) * K * V
     b_ds = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
         b_ds += load_matrix(dht + s_base, 0, K, v0, V, BK, BV)
@@ -357,9 +341,9 @@ def delta_rule_state_bwd_kernel(
         store_matrix(dh0 + s_base, b_ds, 0, K, v0, V, BK, BV)
 
 
-@triton.autotune(configs=_chunk_configs(), key=["K", "V"])
+@triton.autotune(configs=chunk_configs(), key=["K", "V"])
 @triton.jit
-def delta_rule_dqkw_kernel(
+def delta_rule_dqkw_bwd_kernel(
     q, k, v_new, h, dh, gcum, do, du, dq, dk, dw, db, chunk_index, cu_seqlens, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, USE_G: tl.constexpr,
@@ -422,7 +406,7 @@ def delta_rule_dqkw_kernel(
     store_rows(dw + i_h * K, b_dw, t0, nt, H * K, k0, K, BT, BKC)
 
 
-@triton.autotune(configs=_chunk_configs(), key=["K", "V"])
+@triton.autotune(configs=chunk_configs(), key=["K", "V"])
 @triton.jit
 def delta_rule_wy_bwd_kernel(
     k, v, beta, gcum, t_inv, dw, du, dk_other, dk, dv, dbeta, db, chunk_index, cu_seqlens,
@@ -490,7 +474,7 @@ def delta_rule_wy_bwd_kernel(
         store_rows(dk + i_h * K, b_dk, t0, nt, H * K, k0, K, BT, BKC)
 
 
-@triton.autotune(configs=_state_configs(), key=["K", "V"])
+@triton.autotune(configs=state_configs("BV"), key=["K", "V"])
 @triton.jit
 def delta_rule_recurrent_fwd_kernel(
     q, k, v, beta, g, o, h0, ht, cu_seqlens, scale,
@@ -529,31 +513,19 @@ KERNELS = (
     delta_rule_wy_fwd_kernel,
     delta_rule_state_fwd_kernel,
     delta_rule_output_fwd_kernel,
-    delta_rule_dv_local_kernel,
+    delta_rule_dv_local_bwd_kernel,
     delta_rule_state_bwd_kernel,
-    delta_rule_dqkw_kernel,
+    delta_rule_dqkw_bwd_kernel,
     delta_rule_wy_bwd_kernel,
     delta_rule_recurrent_fwd_kernel,
 )
 
 
-MAX_HEAD_DIM = 256
 
 
 def unsupported(dtype: torch.dtype, K: int, V: int) -> str | None:
     """Why these kernels cannot take inputs of ``dtype`` with head dims K, V; None if they can."""
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"q, k, v, beta must be float16, bfloat16 or float32, got {dtype}"
-    if max(K, V) > MAX_HEAD_DIM:
-        return f"head dims up to {MAX_HEAD_DIM}, got K={K}, V={V}"
-    return None
-
-
-def block_sizes(K: int, V: int) -> dict[str, int]:
-    """BK covers the key dim (state tiles), BKC is the key slice of per-chunk kernels,
-    BV the value block of per-chunk kernels (the sequential kernels autotune theirs)."""
-    BK = head_block(K)
-    return {"BK": BK, "BKC": min(64, BK), "BV": min(64, head_block(V))}
+    return triton_common.unsupported("q, k, v, beta", dtype, K=K, V=V)
 
 
 def _wy(k, v, beta, gcum, t_inv, chunking: Chunking, invert: bool, sizes, prec):
@@ -591,7 +563,7 @@ def chunk_delta_rule_fwd(q, k, v, beta, gcum, scale, h0, chunking: Chunking, sto
     (o [L, H, V], final state [N, H, K, V] float32 or None, t_inv [L, H, 64] float32 for the backward)."""
     L, H, K = q.shape
     V = v.shape[-1]
-    sizes, prec = block_sizes(K, V), dot_precision(q.dtype)
+    sizes, prec = key_value_blocks(K, V), dot_precision(q.dtype)
     t_inv = empty(L, H, CHUNK, dtype=torch.float32, device=q.device)
     w, u = _wy(k, v, beta, gcum, t_inv, chunking, True, sizes, prec)
     h, v_new, ht = _states(k, w, u, gcum, h0, chunking, store_final, sizes, prec)
@@ -608,7 +580,7 @@ def chunk_delta_rule_bwd(q, k, v, beta, gcum, t_inv, scale, h0, chunking: Chunki
     the gradient of the per-token log decays; None without ``gcum``) and dh0 (float32) or None."""
     L, H, K = q.shape
     V = v.shape[-1]
-    sizes, prec = block_sizes(K, V), dot_precision(q.dtype)
+    sizes, prec = key_value_blocks(K, V), dot_precision(q.dtype)
     BKC, BV = sizes["BKC"], sizes["BV"]
     N, NC = chunking.num_sequences, chunking.num_chunks
     idx, cu = chunking.chunk_index, chunking.cu_seqlens
@@ -617,7 +589,7 @@ def chunk_delta_rule_bwd(q, k, v, beta, gcum, t_inv, scale, h0, chunking: Chunki
     w, u = _wy(k, v, beta, gcum, t_inv, chunking, False, sizes, prec)
     h, v_new, _ = _states(k, w, u, gcum, h0, chunking, False, sizes, prec)
     dv_local = empty(L, H, V, dtype=torch.float32, device=dev)
-    delta_rule_dv_local_kernel[(NC, triton.cdiv(V, BV), H)](
+    delta_rule_dv_local_bwd_kernel[(NC, triton.cdiv(V, BV), H)](
         q, k, gcum, do, dv_local, idx, cu, scale, H=H, K=K, V=V, BT=CHUNK, BKC=BKC, BV=BV, PREC=prec, USE_G=use_g,
     )
     dh = empty(NC, H, K, V, dtype=q.dtype, device=dev)
@@ -633,7 +605,7 @@ def chunk_delta_rule_bwd(q, k, v, beta, gcum, t_inv, scale, h0, chunking: Chunki
     dw = empty(L, H, K, dtype=torch.float32, device=dev)
     n_slices = triton.cdiv(K, BKC)
     db_qk = empty(L, H, n_slices, dtype=torch.float32, device=dev) if use_g else None
-    delta_rule_dqkw_kernel[(NC, n_slices, H)](
+    delta_rule_dqkw_bwd_kernel[(NC, n_slices, H)](
         q, k, v_new, h, dh, gcum, do, du, dq, dk_other, dw, db_qk, idx, cu, scale,
         H=H, K=K, V=V, BT=CHUNK, BKC=BKC, BV=BV, PREC=prec, USE_G=use_g,
     )
@@ -655,7 +627,7 @@ def recurrent_delta_rule_fwd(q, k, v, beta, g, scale, h0, cu_seqlens: torch.Tens
     selects the gated rule, None the plain one. Returns (o, final state or None)."""
     L, H, K = q.shape
     V = v.shape[-1]
-    sizes = block_sizes(K, V)
+    sizes = key_value_blocks(K, V)
     N = cu_seqlens.numel() - 1
     o = empty(L, H, V, dtype=q.dtype, device=q.device)
     ht = empty(N, H, K, V, dtype=torch.float32, device=q.device) if store_final else None

@@ -28,36 +28,31 @@ import triton.language as tl
 
 from seqmix.kernels.alloc import empty
 from seqmix.kernels.sequences import Chunking
+from seqmix.kernels import triton_common
 from seqmix.kernels.triton_common import (
-    autotune_configs,
+    chunk_configs,
     chunk_local_cumsum,
     chunk_position,
     dot_precision,
     exp_rows,
-    head_block,
+    key_value_blocks,
     load_matrix,
     load_row,
     load_rows,
     mm,
     sequence_bounds,
+    sequence_program,
+    state_configs,
     store_matrix,
     store_rows,
 )
 
 CHUNK = 64
 SUB = 16
-MAX_HEAD_DIM = 256
 
 
-def _state_configs():
-    return autotune_configs([triton.Config({"BV": bv}, num_warps=w) for bv in (32, 64) for w in (4, 8)])
 
-
-def _chunk_configs():
-    return autotune_configs([triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)])
-
-
-@triton.autotune(configs=_state_configs(), key=["K", "V"])
+@triton.autotune(configs=state_configs("BV"), key=["K", "V"])
 @triton.jit
 def gla_state_fwd_kernel(
     k, v, gcum, h, h0, ht, chunk_offsets, cu_seqlens,
@@ -67,13 +62,9 @@ def gla_state_fwd_kernel(
 ):
     """Sequential over the chunks of one sequence: h[c] = S entering chunk c,
     S <- diag(exp(b_C)) S + (K exp(b_C - b))^T V."""
-    i_nh, i_v = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
+    i_h, i_v, bos, eos, c0, s_base = sequence_program(chunk_offsets, cu_seqlens, H, K * V)
     DT = k.dtype.element_ty
-    bos, eos = sequence_bounds(cu_seqlens, i_n)
-    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
     v0 = i_v * BV
-    s_base = i_nh.to(tl.int64) * K * V
     b_s = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
         b_s += load_matrix(h0 + s_base, 0, K, v0, V, BK, BV)
@@ -108,7 +99,7 @@ def _diagonal_scores(q, k, gcum, i_h, t0, nt, r, H: tl.constexpr, K: tl.constexp
     return acc
 
 
-@triton.autotune(configs=_chunk_configs(), key=["K"])
+@triton.autotune(configs=chunk_configs(), key=["K"])
 @triton.jit
 def gla_intra_fwd_kernel(
     q, k, gcum, A, chunk_index, cu_seqlens, scale,
@@ -150,7 +141,7 @@ def _load_scores(A, i_h, t0, nt, H: tl.constexpr, BT: tl.constexpr):
     return tl.where(o_t[:, None] >= o_t[None, :], b_a, 0.0)
 
 
-@triton.autotune(configs=_chunk_configs(), key=["K", "V"])
+@triton.autotune(configs=chunk_configs(), key=["K", "V"])
 @triton.jit
 def gla_output_fwd_kernel(
     q, v, gcum, h, A, o, chunk_index, cu_seqlens, scale,
@@ -173,7 +164,7 @@ def gla_output_fwd_kernel(
     store_rows(o + i_h * V, b_o, t0, nt, H * V, v0, V, BT, BV)
 
 
-@triton.autotune(configs=_state_configs(), key=["K", "V"])
+@triton.autotune(configs=state_configs("BV"), key=["K", "V"])
 @triton.jit
 def gla_state_bwd_kernel(
     q, gcum, do, dh, dht, dh0, chunk_offsets, cu_seqlens, scale,
@@ -183,13 +174,9 @@ def gla_state_bwd_kernel(
 ):
     """Reverse over the chunks of one sequence, with dS the gradient of the state leaving chunk c:
     dh[c] = dS, then dS <- diag(exp(b_C)) dS + scale (Q exp(b))^T dO."""
-    i_nh, i_v = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
+    i_h, i_v, bos, eos, c0, s_base = sequence_program(chunk_offsets, cu_seqlens, H, K * V)
     DT = q.dtype.element_ty
-    bos, eos = sequence_bounds(cu_seqlens, i_n)
-    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
     v0 = i_v * BV
-    s_base = i_nh.to(tl.int64) * K * V
     b_ds = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
         b_ds += load_matrix(dht + s_base, 0, K, v0, V, BK, BV)
@@ -208,9 +195,9 @@ def gla_state_bwd_kernel(
         store_matrix(dh0 + s_base, b_ds, 0, K, v0, V, BK, BV)
 
 
-@triton.autotune(configs=_chunk_configs(), key=["V"])
+@triton.autotune(configs=chunk_configs(), key=["V"])
 @triton.jit
-def gla_dscores_kernel(
+def gla_dscores_bwd_kernel(
     v, do, dA, chunk_index, cu_seqlens, scale,
     H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -228,9 +215,9 @@ def gla_dscores_kernel(
     store_rows(dA + i_h * BT, b_da, t0, nt, H * BT, 0, BT, BT, BT)
 
 
-@triton.autotune(configs=_chunk_configs(), key=["K", "V"])
+@triton.autotune(configs=chunk_configs(), key=["K", "V"])
 @triton.jit
-def gla_dv_kernel(
+def gla_dv_bwd_kernel(
     k, gcum, A, do, dh, dv, chunk_index, cu_seqlens,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
@@ -306,9 +293,9 @@ def _intra_dk(q, gcum, dA, i_h, t0, nt, r, k0, H: tl.constexpr, K: tl.constexpr,
     return acc
 
 
-@triton.autotune(configs=_chunk_configs(), key=["K", "V"])
+@triton.autotune(configs=chunk_configs(), key=["K", "V"])
 @triton.jit
-def gla_dqk_kernel(
+def gla_dqk_bwd_kernel(
     q, k, v, gcum, h, dh, dA, do, dq, dk, db, chunk_index, cu_seqlens, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
     BKC: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
@@ -356,7 +343,7 @@ def gla_dqk_kernel(
     store_rows(db + i_h * K, b_db, tr, nr, H * K, k0, K, BC, BKC)
 
 
-@triton.autotune(configs=_state_configs(), key=["K", "V"])
+@triton.autotune(configs=state_configs("BV"), key=["K", "V"])
 @triton.jit
 def gla_recurrent_fwd_kernel(
     q, k, v, g, o, h0, ht, cu_seqlens, scale,
@@ -392,27 +379,16 @@ KERNELS = (
     gla_intra_fwd_kernel,
     gla_output_fwd_kernel,
     gla_state_bwd_kernel,
-    gla_dscores_kernel,
-    gla_dv_kernel,
-    gla_dqk_kernel,
+    gla_dscores_bwd_kernel,
+    gla_dv_bwd_kernel,
+    gla_dqk_bwd_kernel,
     gla_recurrent_fwd_kernel,
 )
 
 
 def unsupported(dtype: torch.dtype, K: int, V: int) -> str | None:
     """Why these kernels cannot take inputs of ``dtype`` with head dims K, V; None if they can."""
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"q, k, v must be float16, bfloat16 or float32, got {dtype}"
-    if max(K, V) > MAX_HEAD_DIM:
-        return f"head dims up to {MAX_HEAD_DIM}, got K={K}, V={V}"
-    return None
-
-
-def block_sizes(K: int, V: int) -> dict[str, int]:
-    """BK covers the key dim (state tiles), BKC is the key slice of per-chunk kernels,
-    BV the value block of per-chunk kernels (the sequential kernels autotune theirs)."""
-    BK = head_block(K)
-    return {"BK": BK, "BKC": min(64, BK), "BV": min(64, head_block(V))}
+    return triton_common.unsupported("q, k, v", dtype, K=K, V=V)
 
 
 def _states(k, v, gcum, h0, chunking: Chunking, store_final: bool, sizes, prec):
@@ -443,7 +419,7 @@ def chunk_gla_fwd(q, k, v, g, scale, h0, chunking: Chunking, store_final: bool):
     gcum [L, H, K] float32 and the scores A [L, H, 64] float32, both kept for the backward)."""
     L, H, K = q.shape
     V = v.shape[-1]
-    sizes, prec = block_sizes(K, V), dot_precision(q.dtype)
+    sizes, prec = key_value_blocks(K, V), dot_precision(q.dtype)
     gcum = chunk_local_cumsum(g, chunking)
     h, ht = _states(k, v, gcum, h0, chunking, store_final, sizes, prec)
     A = _scores(q, k, gcum, scale, chunking, sizes, prec)
@@ -460,7 +436,7 @@ def chunk_gla_bwd(q, k, v, gcum, A, scale, h0, chunking: Chunking, do, dht, need
     (float32) or None."""
     L, H, K = q.shape
     V = v.shape[-1]
-    sizes, prec = block_sizes(K, V), dot_precision(q.dtype)
+    sizes, prec = key_value_blocks(K, V), dot_precision(q.dtype)
     BKC, BV = sizes["BKC"], sizes["BV"]
     N, NC = chunking.num_sequences, chunking.num_chunks
     idx, cu = chunking.chunk_index, chunking.cu_seqlens
@@ -473,15 +449,15 @@ def chunk_gla_bwd(q, k, v, gcum, A, scale, h0, chunking: Chunking, do, dht, need
         H=H, K=K, V=V, BT=CHUNK, BK=sizes["BK"], PREC=prec, HAS_DHT=dht is not None, STORE_DH0=need_dh0,
     )
     dA = empty(L, H, CHUNK, dtype=torch.float32, device=dev)
-    gla_dscores_kernel[(NC, H)](v, do, dA, idx, cu, scale, H=H, V=V, BT=CHUNK, BV=BV, PREC=prec)
+    gla_dscores_bwd_kernel[(NC, H)](v, do, dA, idx, cu, scale, H=H, V=V, BT=CHUNK, BV=BV, PREC=prec)
     dv = empty(L, H, V, dtype=v.dtype, device=dev)
-    gla_dv_kernel[(NC, triton.cdiv(V, BV), H)](
+    gla_dv_bwd_kernel[(NC, triton.cdiv(V, BV), H)](
         k, gcum, A, do, dh, dv, idx, cu, H=H, K=K, V=V, BT=CHUNK, BKC=BKC, BV=BV, PREC=prec,
     )
     dq = empty(L, H, K, dtype=q.dtype, device=dev)
     dk = empty(L, H, K, dtype=k.dtype, device=dev)
     db = empty(L, H, K, dtype=torch.float32, device=dev)
-    gla_dqk_kernel[(NC * (CHUNK // SUB), triton.cdiv(K, BKC), H)](
+    gla_dqk_bwd_kernel[(NC * (CHUNK // SUB), triton.cdiv(K, BKC), H)](
         q, k, v, gcum, h, dh, dA, do, dq, dk, db, idx, cu, scale,
         H=H, K=K, V=V, BT=CHUNK, BC=SUB, BKC=BKC, BV=BV, PREC=prec,
     )
@@ -498,6 +474,6 @@ def recurrent_gla_fwd(q, k, v, g, scale, h0, cu_seqlens: torch.Tensor, store_fin
     ht = empty(N, H, K, V, dtype=torch.float32, device=q.device) if store_final else None
     gla_recurrent_fwd_kernel[lambda meta: (N * H, triton.cdiv(V, meta["BV"]))](
         q, k, v, g, o, h0, ht, cu_seqlens, scale,
-        H=H, K=K, V=V, BK=block_sizes(K, V)["BK"], HAS_H0=h0 is not None, STORE_HT=store_final,
+        H=H, K=K, V=V, BK=key_value_blocks(K, V)["BK"], HAS_H0=h0 is not None, STORE_HT=store_final,
     )
     return o, ht

@@ -35,9 +35,10 @@ import triton.language as tl
 
 from seqmix.kernels.alloc import empty
 from seqmix.kernels.sequences import Chunking
+from seqmix.kernels import triton_common
 from seqmix.kernels.triton_common import (
     SOFTPLUS_THRESHOLD,
-    autotune_configs,
+    chunk_configs,
     chunk_position,
     dot_precision,
     head_block,
@@ -46,22 +47,17 @@ from seqmix.kernels.triton_common import (
     load_rows,
     mm,
     sequence_bounds,
+    sequence_program,
     silu,
     softplus,
     softplus_backward,
+    state_configs,
     store_matrix,
     store_row_values,
     store_rows,
 )
 
 CHUNK = 64
-MAX_HEAD_DIM = 256
-def _state_configs():
-    return autotune_configs([triton.Config({"BP": bp}, num_warps=w) for bp in (32, 64) for w in (4, 8)])
-
-
-def _chunk_configs():
-    return autotune_configs([triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)])
 
 
 @triton.jit
@@ -115,20 +111,7 @@ def _chunk_program(chunk_index, cu_seqlens, H: tl.constexpr, G: tl.constexpr, P:
     return i_c, i_b, i_h, i_h // (H // G), t0, nt, (i_c.to(tl.int64) * H + i_h) * P * N
 
 
-@triton.jit
-def _sequence_program(chunk_offsets, cu_seqlens, H: tl.constexpr, G: tl.constexpr, P: tl.constexpr,
-                      N: tl.constexpr, BP: tl.constexpr):
-    """A sequential program of grid ((sequence, head), block of P): head i_h, its group i_g, the
-    sequence's tokens bos..eos-1 and first chunk c0, the block's first row p0 and the offset of
-    the sequence's [P, N] state."""
-    i_nh, i_p = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = sequence_bounds(cu_seqlens, i_n)
-    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    return i_h, i_h // (H // G), bos, eos, c0, i_p * BP, i_nh.to(tl.int64) * P * N
-
-
-@triton.autotune(configs=_chunk_configs(), key=["H"])
+@triton.autotune(configs=chunk_configs(), key=["H"])
 @triton.jit
 def ssd_dt_fwd_kernel(
     dt, dt_bias, A, dtp, lcum, chunk_index, cu_seqlens, lo, hi,
@@ -152,7 +135,7 @@ def ssd_dt_fwd_kernel(
     tl.store(out_ptrs, b_l, mask=mask)
 
 
-@triton.autotune(configs=_state_configs(), key=["P", "N"])
+@triton.autotune(configs=state_configs("BP"), key=["P", "N"])
 @triton.jit
 def ssd_state_fwd_kernel(
     x, B, dtp, lcum, h, h0, ht, chunk_offsets, cu_seqlens,
@@ -162,7 +145,8 @@ def ssd_state_fwd_kernel(
 ):
     """Sequential over the chunks of one sequence: h[c] = state entering chunk c, then
     state <- exp(L_last) state + (x * dt' * exp(L_last - L))^T B."""
-    i_h, i_g, bos, eos, c0, p0, s_base = _sequence_program(chunk_offsets, cu_seqlens, H, G, P, N, BP)
+    i_h, i_p, bos, eos, c0, s_base = sequence_program(chunk_offsets, cu_seqlens, H, P * N)
+    i_g, p0 = i_h // (H // G), i_p * BP
     DT = x.dtype.element_ty
     b_s = tl.zeros([BP, BN], dtype=tl.float32)
     if HAS_H0:
@@ -180,7 +164,7 @@ def ssd_state_fwd_kernel(
         store_matrix(ht + s_base, b_s, p0, P, 0, N, BP, BN)
 
 
-@triton.autotune(configs=_chunk_configs(), key=["P", "N"])
+@triton.autotune(configs=chunk_configs(), key=["P", "N"])
 @triton.jit
 def ssd_output_fwd_kernel(
     x, z, B, C, D, dtp, lcum, h, y, out, chunk_index, cu_seqlens,
@@ -214,7 +198,7 @@ def ssd_output_fwd_kernel(
     store_rows(out + i_h * P, b_y, t0, nt, H * P, p0, P, BT, BP)
 
 
-@triton.autotune(configs=_state_configs(), key=["P", "N"])
+@triton.autotune(configs=state_configs("BP"), key=["P", "N"])
 @triton.jit
 def ssd_state_bwd_kernel(
     C, dy, lcum, dh, dht, dh0, chunk_offsets, cu_seqlens,
@@ -224,7 +208,8 @@ def ssd_state_bwd_kernel(
 ):
     """Reverse over the chunks of one sequence. With dS the gradient of the state leaving
     chunk c: dh[c] = dS, then dS <- exp(L_last) dS + (dY * exp(L))^T C."""
-    i_h, i_g, bos, eos, c0, p0, s_base = _sequence_program(chunk_offsets, cu_seqlens, H, G, P, N, BP)
+    i_h, i_p, bos, eos, c0, s_base = sequence_program(chunk_offsets, cu_seqlens, H, P * N)
+    i_g, p0 = i_h // (H // G), i_p * BP
     DT = dy.dtype.element_ty
     b_ds = tl.zeros([BP, BN], dtype=tl.float32)
     if HAS_DHT:
@@ -243,7 +228,7 @@ def ssd_state_bwd_kernel(
         store_matrix(dh0 + s_base, b_ds, p0, P, 0, N, BP, BN)
 
 
-@triton.autotune(configs=_chunk_configs(), key=["P", "N"])
+@triton.autotune(configs=chunk_configs(), key=["P", "N"])
 @triton.jit
 def ssd_dx_bwd_kernel(
     x, B, C, D, dtp, lcum, h, dh, dy, dx, ddt_part, dl_part, dd_part, chunk_index, cu_seqlens, part_stride,
@@ -303,7 +288,7 @@ def ssd_dx_bwd_kernel(
         tl.store(dd_part + (i_p * tl.num_programs(0) + i_c) * H + i_h, tl.sum(tl.sum(b_xf * b_dyf, 1), 0))
 
 
-@triton.autotune(configs=_chunk_configs(), key=["P", "N"])
+@triton.autotune(configs=chunk_configs(), key=["P", "N"])
 @triton.jit
 def ssd_dbc_bwd_kernel(
     x, B, C, dtp, lcum, h, dh, dy, db, dc, chunk_index, cu_seqlens,
@@ -336,7 +321,7 @@ def ssd_dbc_bwd_kernel(
     store_rows(db + i_h * N, b_db, t0, nt, H * N, n0, N, BT, BNC)
 
 
-@triton.autotune(configs=_chunk_configs(), key=["H"])
+@triton.autotune(configs=chunk_configs(), key=["H"])
 @triton.jit
 def ssd_dt_bwd_kernel(
     dt, dt_bias, A, dtp, ddt_direct, dl, ddt, da_part, chunk_index, cu_seqlens, lo, hi,
@@ -369,7 +354,7 @@ def ssd_dt_bwd_kernel(
     tl.store(ptrs, b_ddtp, mask=mask)
 
 
-@triton.autotune(configs=_state_configs(), key=["P", "N"])
+@triton.autotune(configs=state_configs("BP"), key=["P", "N"])
 @triton.jit
 def ssd_recurrent_fwd_kernel(
     x, dt, A, B, C, D, z, dt_bias, out, h0, ht, cu_seqlens, lo, hi,
@@ -428,11 +413,7 @@ KERNELS = (
 
 def unsupported(dtype: torch.dtype, P: int, N: int) -> str | None:
     """Why these kernels cannot take inputs of ``dtype`` with head dim P and state dim N; None if they can."""
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"x, dt, B, C must be float16, bfloat16 or float32, got {dtype}"
-    if max(P, N) > MAX_HEAD_DIM:
-        return f"head dim and state dim up to {MAX_HEAD_DIM}, got P={P}, N={N}"
-    return None
+    return triton_common.unsupported("x, dt, B, C", dtype, "head dim and state dim", P=P, N=N)
 
 
 def block_sizes(P: int, N: int, H: int) -> dict[str, int]:

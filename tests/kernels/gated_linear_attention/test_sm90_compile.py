@@ -21,7 +21,7 @@ def _specs(full: bool):
             f32 = {n: "*fp32" for n in ("g", "gcum", "A", "dA", "db", "h0", "ht", "dht", "dh0")}
             index = {"chunk_index": "*i32", "cu_seqlens": "*i64", "chunk_offsets": "*i64", "scale": "fp32"}
             shape = {"H": 16, "K": d, "V": d, "BT": kern.CHUNK, "BC": kern.SUB, "PREC": prec,
-                     **kern.block_sizes(d, d)}
+                     **kern.key_value_blocks(d, d)}
             flags = {"HAS_H0": True, "STORE_HT": True, "HAS_DHT": True, "STORE_DH0": True}
             for kernel in kern.KERNELS:
                 for cfg in kernel.configs if full else kernel.configs[:1]:

@@ -29,7 +29,8 @@ def _specs(full: bool):
 
 def test_kernels_compile_for_sm90():
     results = compile_in_subprocess("tests.kernels.mamba.test_sm90_compile")
-    assert {r["kernel"] for r in results} == {"selective_scan_fwd_kernel", "selective_scan_bwd_kernel"}
+    assert {r["kernel"] for r in results} == {"selective_scan_recurrent_fwd_kernel",
+                                              "selective_scan_recurrent_bwd_kernel"}
 
 
 if __name__ == "__main__":
