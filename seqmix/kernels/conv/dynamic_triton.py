@@ -1,4 +1,4 @@
-"""Fused Triton kernels of LightConv and DynamicConv (forward and backward).
+"""Fused Triton kernels of LightConv and DynamicConv, forward and backward (docs/math/conv.md).
 
 Inputs arrive packed: x ``[L, C]`` with C = H*R (head h owns channels h*R .. h*R+R-1) and
 sequence boundaries in a :class:`~seqmix.kernels.sequences.Chunking`. The weights are

@@ -1,4 +1,5 @@
-"""Fused Triton kernels of the short causal depthwise convolution (forward and backward).
+"""Fused Triton kernels of the short causal depthwise convolution, forward and backward
+(docs/math/conv.md).
 
 Inputs arrive packed: x ``[L, D]`` with sequence boundaries in a
 :class:`~seqmix.kernels.sequences.Chunking`; one program handles a chunk of

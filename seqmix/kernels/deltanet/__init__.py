@@ -9,12 +9,8 @@ from torch import Tensor
 from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_log_decay, check_same_dtype, check_scale, check_sequences, check_tensor
 from seqmix.kernels.deltanet import triton as kernels
-from seqmix.kernels.deltanet.reference import (
-    delta_rule_chunked,
-    delta_rule_recurrent,
-    gated_delta_rule_chunked,
-    gated_delta_rule_recurrent,
-)
+from seqmix.kernels.deltanet.reference import delta_rule_chunked, delta_rule_recurrent, gated_delta_rule_chunked
+from seqmix.kernels.deltanet.reference import gated_delta_rule_recurrent
 from seqmix.kernels.op import FusedOp, as_input_grads, chunking_of, fake_outputs, no_tokens_result, nothing, or_empty
 from seqmix.kernels.op import register_autograd, run_fused
 from seqmix.kernels.triton_common import chunk_local_cumsum
@@ -52,12 +48,12 @@ def _outputs_like(q, v, cu_seqlens, store_final):
 def _chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, h0: Tensor | None,
                cu_seqlens: Tensor, chunk_index: Tensor, chunk_offsets: Tensor, scale: float, store_final: bool
                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (o, final state, and for the backward: t_inv [L, H, 64] and the in-chunk cumulative g [L, H],
-    both float32)."""
+    """Returns (o, final state, and for the backward: each chunk's M = (I + A)^-1 as m_wy [L, H, 64] and
+    the in-chunk cumulative g [L, H], both float32)."""
     chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, kernels.CHUNK)
     gcum = None if g is None else chunk_local_cumsum(g, chunking)
-    o, ht, t_inv = kernels.chunk_delta_rule_fwd(q, k, v, beta, gcum, scale, h0, chunking, store_final)
-    return o, or_empty(ht, q), t_inv, or_empty(gcum, q)
+    o, ht, m_wy = kernels.chunk_delta_rule_fwd(q, k, v, beta, gcum, scale, h0, chunking, store_final)
+    return o, or_empty(ht, q), m_wy, or_empty(gcum, q)
 
 
 @_chunk_fwd.register_fake
@@ -70,12 +66,12 @@ def _(q, k, v, beta, g, h0, cu_seqlens, chunk_index, chunk_offsets, scale, store
 
 @torch.library.custom_op("seqmix::delta_rule_chunk_bwd", mutates_args=())
 def _chunk_bwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, h0: Tensor | None,
-               cu_seqlens: Tensor, chunk_index: Tensor, chunk_offsets: Tensor, t_inv: Tensor, gcum: Tensor,
+               cu_seqlens: Tensor, chunk_index: Tensor, chunk_offsets: Tensor, m_wy: Tensor, gcum: Tensor,
                scale: float, store_final: bool, do: Tensor, dht: Tensor | None, needs: list[bool]
                ) -> list[Tensor]:
     chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, kernels.CHUNK)
     dq, dk, dv, dbeta, dg, dh0 = kernels.chunk_delta_rule_bwd(
-        q, k, v, beta, None if g is None else gcum, t_inv, scale, h0, chunking, do, dht, h0 is not None and needs[5]
+        q, k, v, beta, None if g is None else gcum, m_wy, scale, h0, chunking, do, dht, h0 is not None and needs[5]
     )
     inputs = (q, k, v, beta, g, h0, cu_seqlens, chunk_index, chunk_offsets)
     return as_input_grads((dq, dk, dv, dbeta, dg, dh0, None, None, None), inputs, needs, q)

@@ -1,23 +1,23 @@
 """Fused Triton kernels of gated linear attention: chunked forward and backward, recurrent decoder.
 
-Inputs arrive packed: q, k, g ``[L, H, K]``, v ``[L, H, V]``; the kernels read b, the in-chunk
+Inputs arrive packed: q, k, g ``[L, H, K]``, v ``[L, H, V]``; the kernels read gcum, the in-chunk
 cumulative sum of g (float32, from :func:`~seqmix.kernels.triton_common.chunk_local_cumsum`).
-With chunks of 64 tokens (``../shared/MATH.md``):
+With chunks of 64 tokens (docs/math/gla.md):
 
 - ``state_fwd`` (sequential per sequence): h[c] = S entering chunk c,
-  ``S <- diag(exp(b_C)) S + (K exp(b_C - b))^T V``.
-- ``intra_fwd`` (per chunk): ``A_ij = scale sum_c q_ic k_jc exp(b_ic - b_jc)``, j <= i, by the
+  ``S <- diag(exp(gcum_C)) S + (K exp(gcum_C - gcum))^T V``.
+- ``intra_fwd`` (per chunk): ``A_ij = scale sum_c q_ic k_jc exp(gcum_ic - gcum_jc)``, j <= i, by the
   GLA paper's secondary chunking: sub-chunks of 16 rows; a block below the diagonal is the matmul
-  of ``q exp(b - b_ref)`` and ``k exp(b_ref - b)`` with b_ref a row between the two sub-chunks, so
-  both factors are at most 1; diagonal blocks are summed element-wise with ``exp(b_i - b_j)``,
-  i >= j. Nothing forms exp(b_i) exp(-b_j), which overflows for decays near exp(-20) per token.
-- ``output_fwd`` (per chunk): ``O = scale (Q exp(b)) S + A V``.
+  of ``q exp(gcum - gcum_ref)`` and ``k exp(gcum_ref - gcum)`` with gcum_ref a row between the two sub-chunks, so
+  both factors are at most 1; diagonal blocks are summed element-wise with ``exp(gcum_i - gcum_j)``,
+  i >= j. Nothing forms exp(gcum_i) exp(-gcum_j), which overflows for decays near exp(-20) per token.
+- ``output_fwd`` (per chunk): ``O = scale (Q exp(gcum)) S + A V``.
 
 The backward recomputes the states, runs the state gradient in reverse (dh[c] = the gradient of
 the state leaving chunk c), then per chunk ``dA = scale tril(dO V^T)``, ``dV = A^T dO +
-(K exp(b_C - b)) dh``, and per sub-chunk of 16 rows dQ, dK and db, the gradient of b:
-``db = Q dQ - K dK``, plus at the chunk's last row ``rowsum(S_leaving * dh)`` (the path through
-b_C). g's gradient is the reverse in-chunk cumulative sum of db.
+(K exp(gcum_C - gcum)) dh``, and per sub-chunk of 16 rows dQ, dK and dgcum, the gradient of gcum:
+``dgcum = Q dQ - K dK``, plus at the chunk's last row ``rowsum(S_leaving * dh)`` (the path through
+gcum_C). g's gradient is the reverse in-chunk cumulative sum of dgcum.
 """
 
 from __future__ import annotations
@@ -29,27 +29,12 @@ import triton.language as tl
 from seqmix.kernels.alloc import empty
 from seqmix.kernels.sequences import Chunking
 from seqmix.kernels import triton_common
-from seqmix.kernels.triton_common import (
-    chunk_configs,
-    chunk_local_cumsum,
-    chunk_position,
-    dot_precision,
-    exp_rows,
-    key_value_blocks,
-    load_matrix,
-    load_row,
-    load_rows,
-    mm,
-    sequence_bounds,
-    sequence_program,
-    state_configs,
-    store_matrix,
-    store_rows,
-)
+from seqmix.kernels.triton_common import chunk_configs, chunk_local_cumsum, chunk_position, dot_precision, exp_rows
+from seqmix.kernels.triton_common import key_value_blocks, load_matrix, load_row, load_rows, mm, sequence_bounds
+from seqmix.kernels.triton_common import sequence_program, state_configs, store_matrix, store_rows
 
 CHUNK = 64
 SUB = 16
-
 
 
 @triton.autotune(configs=state_configs("BV"), key=["K", "V"])
@@ -61,7 +46,7 @@ def gla_state_fwd_kernel(
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
 ):
     """Sequential over the chunks of one sequence: h[c] = S entering chunk c,
-    S <- diag(exp(b_C)) S + (K exp(b_C - b))^T V."""
+    S <- diag(exp(gcum_C)) S + (K exp(gcum_C - gcum))^T V."""
     i_h, i_v, bos, eos, c0, s_base = sequence_program(chunk_offsets, cu_seqlens, H, K * V)
     DT = k.dtype.element_ty
     v0 = i_v * BV
@@ -84,7 +69,7 @@ def gla_state_fwd_kernel(
 @triton.jit
 def _diagonal_scores(q, k, gcum, i_h, t0, nt, r, H: tl.constexpr, K: tl.constexpr, BC: tl.constexpr,
                      BKD: tl.constexpr):
-    """Sub-chunk r's diagonal block, sum_c q_ic k_jc exp(b_ic - b_jc) for j <= i, element-wise as
+    """Sub-chunk r's diagonal block, sum_c q_ic k_jc exp(gcum_ic - gcum_jc) for j <= i, element-wise as
     [BC, BC, BKD] products over key slices of BKD (the exponent is masked, never split)."""
     o = tl.arange(0, BC)
     tr, nr = t0 + r * BC, nt - r * BC
@@ -106,7 +91,7 @@ def gla_intra_fwd_kernel(
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BKC: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Per chunk: the lower blocks of A = scale (sum_c q_ic k_jc exp(b_ic - b_jc)) [BT, BT] in
+    """Per chunk: the lower blocks of A = scale (sum_c q_ic k_jc exp(gcum_ic - gcum_jc)) [BT, BT] in
     sub-chunks of BC rows. Blocks above the diagonal are not written; readers mask them."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     DT = q.dtype.element_ty
@@ -148,7 +133,7 @@ def gla_output_fwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Per chunk and block of value channels: O = scale (Q exp(b)) S + A V."""
+    """Per chunk and block of value channels: O = scale (Q exp(gcum)) S + A V."""
     i_c, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     DT = q.dtype.element_ty
     _, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
@@ -173,7 +158,7 @@ def gla_state_bwd_kernel(
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
 ):
     """Reverse over the chunks of one sequence, with dS the gradient of the state leaving chunk c:
-    dh[c] = dS, then dS <- diag(exp(b_C)) dS + scale (Q exp(b))^T dO."""
+    dh[c] = dS, then dS <- diag(exp(gcum_C)) dS + scale (Q exp(gcum))^T dO."""
     i_h, i_v, bos, eos, c0, s_base = sequence_program(chunk_offsets, cu_seqlens, H, K * V)
     DT = q.dtype.element_ty
     v0 = i_v * BV
@@ -222,7 +207,7 @@ def gla_dv_bwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Per chunk and block of value channels: dV = A^T dO + (K exp(b_C - b)) dh[c]."""
+    """Per chunk and block of value channels: dV = A^T dO + (K exp(gcum_C - gcum)) dh[c]."""
     i_c, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     DT = k.dtype.element_ty
     _, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
@@ -241,7 +226,7 @@ def gla_dv_bwd_kernel(
 @triton.jit
 def _intra_dq(k, gcum, dA, i_h, t0, nt, r, k0, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
               BC: tl.constexpr, BKC: tl.constexpr, PREC: tl.constexpr):
-    """Sub-chunk r's dQ through the scores: sum_{j <= i} dA_ij k_j exp(b_i - b_j), the earlier
+    """Sub-chunk r's dQ through the scores: sum_{j <= i} dA_ij k_j exp(gcum_i - gcum_j), the earlier
     sub-chunks through the reference point of r's first row, the diagonal element-wise."""
     DT = k.dtype.element_ty
     o = tl.arange(0, BC)
@@ -268,7 +253,7 @@ def _intra_dq(k, gcum, dA, i_h, t0, nt, r, k0, H: tl.constexpr, K: tl.constexpr,
 @triton.jit
 def _intra_dk(q, gcum, dA, i_h, t0, nt, r, k0, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
               BC: tl.constexpr, BKC: tl.constexpr, NB: tl.constexpr, PREC: tl.constexpr):
-    """Sub-chunk r's dK through the scores: sum_{i >= j} dA_ij q_i exp(b_i - b_j), the later
+    """Sub-chunk r's dK through the scores: sum_{i >= j} dA_ij q_i exp(gcum_i - gcum_j), the later
     sub-chunks through the reference point of r's last row, the diagonal element-wise."""
     DT = q.dtype.element_ty
     o = tl.arange(0, BC)
@@ -296,13 +281,13 @@ def _intra_dk(q, gcum, dA, i_h, t0, nt, r, k0, H: tl.constexpr, K: tl.constexpr,
 @triton.autotune(configs=chunk_configs(), key=["K", "V"])
 @triton.jit
 def gla_dqk_bwd_kernel(
-    q, k, v, gcum, h, dh, dA, do, dq, dk, db, chunk_index, cu_seqlens, scale,
+    q, k, v, gcum, h, dh, dA, do, dq, dk, dgcum, chunk_index, cu_seqlens, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
     BKC: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Per sub-chunk of BC rows and key slice: dQ = scale exp(b) (dO S^T) + (scores path),
-    dK = exp(b_C - b) (V dS^T) + (scores path), db = Q dQ - K dK, plus at the chunk's last row
-    rowsum(S_leaving dS) with S_leaving = diag(exp(b_C)) S + (K exp(b_C - b))^T V."""
+    """Per sub-chunk of BC rows and key slice: dQ = scale exp(gcum) (dO S^T) + (scores path),
+    dK = exp(gcum_C - gcum) (V dS^T) + (scores path), dgcum = Q dQ - K dK, plus at the chunk's last row
+    rowsum(S_leaving dS) with S_leaving = diag(exp(gcum_C)) S + (K exp(gcum_C - gcum))^T V."""
     NB: tl.constexpr = BT // BC
     i_cr, i_k, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_c, r = i_cr // NB, i_cr % NB
@@ -327,9 +312,9 @@ def gla_dqk_bwd_kernel(
     b_dq = b_dq * scale * tl.exp(b_g) + _intra_dq(k, gcum, dA, i_h, t0, nt, r, k0, H, K, BT, BC, BKC, PREC)
     b_dk = b_dk * exp_rows(b_last[None, :] - b_g, valid)
     b_dk += _intra_dk(q, gcum, dA, i_h, t0, nt, r, k0, H, K, BT, BC, BKC, NB, PREC)
-    b_db = b_q * b_dq - b_k * b_dk
+    b_dgcum = b_q * b_dq - b_k * b_dk
     if (nt - 1) // BC == r:
-        # The chunk's total decay b_C reaches the loss through the state it leaves behind.
+        # The chunk's total decay gcum_C reaches the loss through the state it leaves behind.
         b_gc = load_rows(gcum + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
         b_kc = load_rows(k + i_h * K, t0, nt, H * K, k0, K, BT, BKC) * tl.exp(b_last[None, :] - b_gc)
         b_term = tl.zeros([BKC], dtype=tl.float32)
@@ -337,10 +322,10 @@ def gla_dqk_bwd_kernel(
             b_s = load_matrix(h + s_base, k0, K, v0, V, BKC, BV).to(tl.float32) * tl.exp(b_last)[:, None]
             b_s += mm(tl.trans(b_kc), load_rows(v + i_h * V, t0, nt, H * V, v0, V, BT, BV), DT, PREC)
             b_term += tl.sum(b_s * load_matrix(dh + s_base, k0, K, v0, V, BKC, BV).to(tl.float32), 1)
-        b_db += tl.where((o == nr - 1)[:, None], b_term[None, :], 0.0)
+        b_dgcum += tl.where((o == nr - 1)[:, None], b_term[None, :], 0.0)
     store_rows(dq + i_h * K, b_dq, tr, nr, H * K, k0, K, BC, BKC)
     store_rows(dk + i_h * K, b_dk, tr, nr, H * K, k0, K, BC, BKC)
-    store_rows(db + i_h * K, b_db, tr, nr, H * K, k0, K, BC, BKC)
+    store_rows(dgcum + i_h * K, b_dgcum, tr, nr, H * K, k0, K, BC, BKC)
 
 
 @triton.autotune(configs=state_configs("BV"), key=["K", "V"])
@@ -456,13 +441,13 @@ def chunk_gla_bwd(q, k, v, gcum, A, scale, h0, chunking: Chunking, do, dht, need
     )
     dq = empty(L, H, K, dtype=q.dtype, device=dev)
     dk = empty(L, H, K, dtype=k.dtype, device=dev)
-    db = empty(L, H, K, dtype=torch.float32, device=dev)
+    dgcum = empty(L, H, K, dtype=torch.float32, device=dev)
     gla_dqk_bwd_kernel[(NC * (CHUNK // SUB), triton.cdiv(K, BKC), H)](
-        q, k, v, gcum, h, dh, dA, do, dq, dk, db, idx, cu, scale,
+        q, k, v, gcum, h, dh, dA, do, dq, dk, dgcum, idx, cu, scale,
         H=H, K=K, V=V, BT=CHUNK, BC=SUB, BKC=BKC, BV=BV, PREC=prec,
     )
-    # b is the in-chunk cumulative sum of g, so g's gradient is the reverse in-chunk cumulative sum of b's.
-    return dq, dk, dv, chunk_local_cumsum(db, chunking, reverse=True), dh0
+    # gcum is the in-chunk cumulative sum of g, so g's gradient is the reverse in-chunk cumulative sum of gcum's.
+    return dq, dk, dv, chunk_local_cumsum(dgcum, chunking, reverse=True), dh0
 
 
 def recurrent_gla_fwd(q, k, v, g, scale, h0, cu_seqlens: torch.Tensor, store_final: bool):

@@ -1,9 +1,9 @@
-"""Mamba-1's selective scan in plain PyTorch: the recurrence, one token at a time.
+"""Mamba-1's selective scan in plain PyTorch: the recurrence, one token at a time (docs/math/mamba.md).
 
 Channels last: u, delta, z ``[B, T, D]``, A ``[D, N]``, B, C ``[B, T, N]`` or ``[B, T, G, N]``
 (channel d reads group ``d // (D // G)``), optional D and delta_bias ``[D]``,
 optional ``cu_seqlens`` (then B == 1). Computes in float32 (float64 for
-float64 inputs) and returns ``(y [B, T, D] in u's dtype, final_state [N, D, N]
+float64 inputs) and returns ``(y [B, T, D] in u's dtype, final_state [Nseq, D, N]
 or None)``. Differentiable by autograd: it is both the oracle (in float64) and
 the reference backend of :func:`seqmix.kernels.mamba.selective_scan`.
 """

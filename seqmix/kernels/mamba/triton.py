@@ -1,4 +1,5 @@
-"""Fused Triton kernels of Mamba-1's selective scan: a token-by-token scan and its chunked reverse pass.
+"""Fused Triton kernels of Mamba-1's selective scan: a token-by-token scan and its chunked reverse pass
+(the math: docs/math/mamba.md).
 
 Inputs arrive packed: u, delta, z ``[L, D]``, B, C ``[L, G, N]`` (channel d
 reads group ``d // (D // G)``), A ``[D, N]``, with ``L`` the total number of
@@ -229,7 +230,7 @@ def unsupported(dtype: torch.dtype, N: int) -> str | None:
 
 def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus: bool, chunking: Chunking,
                        store_final: bool, store_chunks: bool):
-    """Forward scan. Returns (out [L, D], final state [N, D, N] float32 or None, and the states
+    """Forward scan. Returns (out [L, D], final state [Nseq, D, N] float32 or None, and the states
     entering each chunk [NC, D, N] float32 when ``store_chunks``, else None)."""
     L, DIM = u.shape
     G, N = B.shape[1:]

@@ -3,7 +3,7 @@
 Both take the op's layout (x ``[B, T, H, P]``, dt ``[B, T, H]``, A ``[H]``,
 B, C ``[B, T, G, N]``, optional D ``[H]``, z ``[B, T, H, P]``) with optional
 ``cu_seqlens`` (then B == 1), compute in float32 (float64 for float64 inputs)
-and return ``(y [B, T, H, P] in x's dtype, final_state [N, H, P, N] or None)``.
+and return ``(y [B, T, H, P] in x's dtype, final_state [Nseq, H, P, N] or None (Nseq sequences))``.
 Both are differentiable by autograd; the chunked form is the reference
 backend of :func:`seqmix.kernels.mamba2.ssd`.
 """
@@ -68,28 +68,28 @@ def ssd_recurrent(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fals
 
 
 def _chunked_sequence(x, dt, A, B, C, h, chunk_size):
-    """One sequence in the chunked SSD form (``../shared/MATH.md``): x [T, H, P], dt [T, H],
+    """One sequence in the chunked SSD form (docs/math/mamba2.md): x [T, H, P], dt [T, H],
     B, C [T, H, N] (already expanded to heads), h [H, P, N]. Returns (y without D, h_final)."""
     T = x.shape[0]
     outs = []
     for s in range(0, T, chunk_size):
         xc, dtc, Bc, Cc = (t[s : s + chunk_size].transpose(0, 1) for t in (x, dt, B, C))  # head first
-        L = torch.cumsum(dtc * A[:, None], -1)  # [H, c]: log-decay from the chunk start
-        diff = L[:, :, None] - L[:, None, :]
+        lcum = torch.cumsum(dtc * A[:, None], -1)  # [H, c]: log-decay from the chunk start
+        diff = lcum[:, :, None] - lcum[:, None, :]
         causal = torch.ones_like(diff, dtype=torch.bool).tril()
         # exp only of differences i >= j (<= 0); the masked ones are set to -inf first, never exponentiated.
         M = torch.exp(diff.masked_fill(~causal, float("-inf")))
         scores = M * (Cc @ Bc.transpose(-1, -2))
-        y = scores @ (dtc[..., None] * xc) + torch.exp(L)[..., None] * (Cc @ h.transpose(-1, -2))
-        decay_to_end = torch.exp(L[:, -1:] - L)  # [H, c]
-        h = torch.exp(L[:, -1])[:, None, None] * h + (xc * (decay_to_end * dtc)[..., None]).transpose(-1, -2) @ Bc
+        y = scores @ (dtc[..., None] * xc) + torch.exp(lcum)[..., None] * (Cc @ h.transpose(-1, -2))
+        decay_to_end = torch.exp(lcum[:, -1:] - lcum)  # [H, c]
+        h = torch.exp(lcum[:, -1])[:, None, None] * h + (xc * (decay_to_end * dtc)[..., None]).transpose(-1, -2) @ Bc
         outs.append(y.transpose(0, 1))
     return (torch.cat(outs) if outs else x.new_zeros(0, *x.shape[1:])), h
 
 
 def ssd_chunked(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf")),
                 initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64):
-    """The chunked SSD form: per chunk the masked decay matrix exp(L_i - L_j) times C B^T,
+    """The chunked SSD form: per chunk the masked decay matrix exp(lcum_i - lcum_j) times C B^T,
     plus the incoming state's contribution; states pass from chunk to chunk."""
     Bsz, T, H, P = x.shape
     N = B.shape[-1]

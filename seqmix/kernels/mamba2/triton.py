@@ -4,26 +4,26 @@ Inputs arrive packed: x, z ``[L, H, P]``, dt ``[L, H]``, B, C ``[L, G, N]``
 with ``L`` the total number of tokens and sequence boundaries in a
 :class:`~seqmix.kernels.sequences.Chunking`. Head ``h`` reads group
 ``h // (H // G)`` of B and C. The forward runs three kernels
-(``../shared/MATH.md`` gives the algebra):
+(docs/math/mamba2.md gives the algebra):
 
 1. ``dt_fwd``: per chunk and block of heads, dt' = clamp(softplus(dt + bias))
-   and the chunk-local cumulative log-decay ``L_t = sum_{j<=t} dt'_j A``.
+   and the chunk-local cumulative log-decay ``lcum_t = sum_{j<=t} dt'_j A``.
 2. ``state_fwd``: per sequence, head and block of P, the only sequential pass:
    stores the state entering each chunk and applies
-   ``h <- exp(L_last) h + sum_j exp(L_last - L_j) dt'_j x_j B_j^T``.
-3. ``output_fwd``: per chunk, ``Y = (M * C B^T)(dt' x) + exp(L) (C h^T) + D x``,
-   ``M_ij = exp(L_i - L_j)`` for j <= i, then the gate ``silu(z)``.
+   ``h <- exp(lcum_last) h + sum_j exp(lcum_last - lcum_j) dt'_j x_j B_j^T``.
+3. ``output_fwd``: per chunk, ``Y = (M * C B^T)(dt' x) + exp(lcum) (C h^T) + D x``,
+   ``M_ij = exp(lcum_i - lcum_j)`` for j <= i, then the gate ``silu(z)``.
 
-Decays are only ever exponentiated as differences ``L_i - L_j`` with i >= j
-(or ``L_i`` itself): every exponent is <= 0 since dt' >= 0 and A < 0, so a
+Decays are only ever exponentiated as differences ``lcum_i - lcum_j`` with i >= j
+(or ``lcum_i`` itself): every exponent is <= 0 since dt' >= 0 and A < 0, so a
 strong decay underflows to 0 and never overflows. Masked entries are set to
 -inf before ``exp``.
 
 The backward recomputes the per-chunk states (they would cost P*N values per
 chunk to keep), runs the reverse state pass (the state gradient leaving each
-chunk), then per chunk the gradients of x, dt' (direct part) and L
+chunk), then per chunk the gradients of x, dt' (direct part) and lcum
 (``dx`` kernel), of B and C per head (``dbc`` kernel, summed over the heads
-of a group afterwards), and last turns the gradient of L into those of dt,
+of a group afterwards), and last turns the gradient of lcum into those of dt,
 A and dt_bias (``dt_bwd``: a reverse cumulative sum inside each chunk).
 """
 
@@ -36,26 +36,10 @@ import triton.language as tl
 from seqmix.kernels.alloc import empty
 from seqmix.kernels.sequences import Chunking
 from seqmix.kernels import triton_common
-from seqmix.kernels.triton_common import (
-    SOFTPLUS_THRESHOLD,
-    chunk_configs,
-    chunk_position,
-    dot_precision,
-    head_block,
-    load_matrix,
-    load_row_values,
-    load_rows,
-    mm,
-    sequence_bounds,
-    sequence_program,
-    silu,
-    softplus,
-    softplus_backward,
-    state_configs,
-    store_matrix,
-    store_row_values,
-    store_rows,
-)
+from seqmix.kernels.triton_common import SOFTPLUS_THRESHOLD, chunk_configs, chunk_position, dot_precision, head_block
+from seqmix.kernels.triton_common import load_matrix, load_row_values, load_rows, mm, sequence_bounds
+from seqmix.kernels.triton_common import sequence_program, silu, softplus, softplus_backward, state_configs
+from seqmix.kernels.triton_common import store_matrix, store_row_values, store_rows
 
 CHUNK = 64
 
@@ -79,7 +63,7 @@ def _head_tile(base, t0, nt, h0, H: tl.constexpr, BT: tl.constexpr, BH: tl.const
 
 @triton.jit
 def _chunk_decays(lcum, i_h, t0, nt, H: tl.constexpr, BT: tl.constexpr):
-    """A chunk's log-decays L [BT] (0 past nt), L of its last token, and exp(L_last - L_j)
+    """A chunk's log-decays lcum [BT] (0 past nt), lcum of its last token, and exp(lcum_last - lcum_j)
     per row (0 past nt): how much of token j's write is left at the end of the chunk."""
     b_l = load_row_values(lcum + i_h, t0, nt, H, BT)
     l_last = tl.load(lcum + (t0 + nt - 1) * H + i_h).to(tl.float32)
@@ -90,7 +74,7 @@ def _chunk_decays(lcum, i_h, t0, nt, H: tl.constexpr, BT: tl.constexpr):
 
 @triton.jit
 def _causal_decay(b_l, nt, BT: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """M_ij = exp(L_i - L_j) for j <= i < nt, else 0 (or its transpose): masked before exp."""
+    """M_ij = exp(lcum_i - lcum_j) for j <= i < nt, else 0 (or its transpose): masked before exp."""
     o = tl.arange(0, BT)
     if TRANSPOSED:
         keep = (o[:, None] <= o[None, :]) & (o[None, :] < nt)
@@ -117,7 +101,7 @@ def ssd_dt_fwd_kernel(
     dt, dt_bias, A, dtp, lcum, chunk_index, cu_seqlens, lo, hi,
     H: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):
-    """Per chunk and block of heads: dt' and the chunk-local cumulative log-decay L = cumsum(dt' A)."""
+    """Per chunk and block of heads: dt' and the chunk-local cumulative log-decay lcum = cumsum(dt' A)."""
     i_c, i_hb = tl.program_id(0), tl.program_id(1)
     _, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
     h0 = i_hb * BH
@@ -144,7 +128,7 @@ def ssd_state_fwd_kernel(
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
 ):
     """Sequential over the chunks of one sequence: h[c] = state entering chunk c, then
-    state <- exp(L_last) state + (x * dt' * exp(L_last - L))^T B."""
+    state <- exp(lcum_last) state + (x * dt' * exp(lcum_last - lcum))^T B."""
     i_h, i_p, bos, eos, c0, s_base = sequence_program(chunk_offsets, cu_seqlens, H, P * N)
     i_g, p0 = i_h // (H // G), i_p * BP
     DT = x.dtype.element_ty
@@ -172,7 +156,7 @@ def ssd_output_fwd_kernel(
     BT: tl.constexpr, BP: tl.constexpr, BNC: tl.constexpr, PREC: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, STORE_Y: tl.constexpr,
 ):
-    """Per chunk and block of P: y = (M * C B^T)(dt' x) + exp(L) (C h^T) + D x; out = y silu(z).
+    """Per chunk and block of P: y = (M * C B^T)(dt' x) + exp(lcum) (C h^T) + D x; out = y silu(z).
     With STORE_Y the ungated y is kept for the gate's backward."""
     _, i_p, i_h, i_g, t0, nt, s_base = _chunk_program(chunk_index, cu_seqlens, H, G, P, N, BT)
     DT = x.dtype.element_ty
@@ -207,7 +191,7 @@ def ssd_state_bwd_kernel(
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
 ):
     """Reverse over the chunks of one sequence. With dS the gradient of the state leaving
-    chunk c: dh[c] = dS, then dS <- exp(L_last) dS + (dY * exp(L))^T C."""
+    chunk c: dh[c] = dS, then dS <- exp(lcum_last) dS + (dY * exp(lcum))^T C."""
     i_h, i_p, bos, eos, c0, s_base = sequence_program(chunk_offsets, cu_seqlens, H, P * N)
     i_g, p0 = i_h // (H // G), i_p * BP
     DT = dy.dtype.element_ty
@@ -237,8 +221,8 @@ def ssd_dx_bwd_kernel(
 ):
     """Per chunk and block of P, with h = state entering, dS = gradient of the state leaving the chunk:
 
-    Gx_j = sum_{i>=j} M_ij (C_i . B_j) dY_i + exp(L_last - L_j) dS B_j
-    dx = dt' Gx + D dY; the direct part of d(dt')_j = x_j . Gx_j; and dL, the gradient of the
+    Gx_j = sum_{i>=j} M_ij (C_i . B_j) dY_i + exp(lcum_last - lcum_j) dS B_j
+    dx = dt' Gx + D dY; the direct part of d(dt')_j = x_j . Gx_j; and dlcum, the gradient of the
     log-decays, summed over this block of P. Partial sums of block i_p go to
     ``ddt_part``/``dl_part`` [n_p, L, H] at offset ``i_p * part_stride`` and ``dd_part`` [n_p, NC, H];
     the host adds the blocks up.
@@ -270,8 +254,8 @@ def ssd_dx_bwd_kernel(
     if HAS_D:
         b_dx += tl.load(D + i_h).to(tl.float32) * b_dyf
     store_rows(dx + i_h * P, b_dx, t0, nt, H * P, p0, P, BT, BP)
-    # Gradient of L: L_i enters as +L_i and L_j as -L_j in M_ij (S below), as +L_i in exp(L_i) C_i h,
-    # and the chunk's last L in the state it passes on (the R terms and <dS, exp(L_last) h>).
+    # Gradient of lcum: lcum_i enters as +lcum_i and lcum_j as -lcum_j in M_ij (S below), as +lcum_i in
+    # exp(lcum_i) C_i h, and the chunk's last lcum in the state it passes on (the R terms and <dS, exp(lcum_last) h>).
     # S_ii and the last row's R enter with both signs: they are left out rather than cancelled in
     # float32, where they would dominate (a large dt' makes them large) a gradient that may be tiny.
     rows = tl.arange(0, BT)
@@ -296,7 +280,7 @@ def ssd_dbc_bwd_kernel(
     BT: tl.constexpr, BPC: tl.constexpr, BNC: tl.constexpr, PREC: tl.constexpr,
 ):
     """Per chunk, head and block of N, with W_ij = M_ij (dY_i . x_j) dt'_j:
-    dC = W B + exp(L) (dY h), dB = W^T C + exp(L_last - L) dt' (x dS); per head, float32
+    dC = W B + exp(lcum) (dY h), dB = W^T C + exp(lcum_last - lcum) dt' (x dS); per head, float32
     (the heads of a group are added up afterwards)."""
     _, i_nb, i_h, i_g, t0, nt, s_base = _chunk_program(chunk_index, cu_seqlens, H, G, P, N, BT)
     DT = x.dtype.element_ty
@@ -327,8 +311,8 @@ def ssd_dt_bwd_kernel(
     dt, dt_bias, A, dtp, ddt_direct, dl, ddt, da_part, chunk_index, cu_seqlens, lo, hi,
     H: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):
-    """Per chunk and block of heads, from dL to dt and A: L_t = sum_{j<=t} dt'_j A, so
-    d(dt'_t A) = sum_{i>=t} dL_i (a reverse cumulative sum), d(dt') = direct + A that,
+    """Per chunk and block of heads, from dlcum to dt and A: lcum_t = sum_{j<=t} dt'_j A, so
+    d(dt'_t A) = sum_{i>=t} dlcum_i (a reverse cumulative sum), d(dt') = direct + A that,
     dA = sum_t dt'_t that (per chunk, added up afterwards); then back through clamp and softplus."""
     i_c, i_hb = tl.program_id(0), tl.program_id(1)
     _, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
@@ -457,8 +441,8 @@ def _states(x, B, dtp, lcum, h0, chunking: Chunking, store_final: bool, sizes, p
 
 
 def chunk_ssd_fwd(x, dt, A, B, C, D, z, dt_bias, h0, cfg: DtConfig, chunking: Chunking, store_final: bool):
-    """Chunked forward. Returns (out [L, H, P], final state [N, H, P, N] float32 or None, and for the
-    backward: dt' and L [L, H] float32, the ungated y [L, H, P] when z is given, else None)."""
+    """Chunked forward. Returns (out [L, H, P], final state [Nseq, H, P, N] float32 or None, and for the
+    backward: dt' and lcum [L, H] float32, the ungated y [L, H, P] when z is given, else None)."""
     L, H, P = x.shape
     G, N = B.shape[1:]
     sizes, prec = block_sizes(P, N, H), dot_precision(x.dtype)

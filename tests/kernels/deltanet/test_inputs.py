@@ -6,6 +6,7 @@ import torch
 from seqmix.kernels import BackendUnavailable
 from seqmix.kernels.deltanet import delta_rule
 from tests.helpers import DEVICE
+from tests.kernels.contract import check_float64_goes_to_the_reference, check_mismatched_devices, check_no_tokens
 
 B, T, H, K, V = 2, 8, 2, 4, 6
 BACKENDS = ["reference", "triton"]
@@ -85,29 +86,16 @@ def test_bad_scale_and_backend_name():
 
 
 def test_float64_goes_to_the_reference_unless_triton_is_named():
-    x = {n: t.double() for n, t in _inputs().items()}
-    with pytest.raises(BackendUnavailable, match="'triton' cannot serve this call: q, k, v, beta must be .*float64"):
-        delta_rule(**x, backend="triton")
-    o, _ = delta_rule(**x)
-    assert o.dtype == torch.float64
+    check_float64_goes_to_the_reference(delta_rule, _inputs(), "q, k, v, beta")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_sequence_returns_empty_output_and_the_initial_state(backend):
-    x = {n: t[:, :0] for n, t in _inputs().items()}
-    h0 = torch.randn(B, H, K, V, device=DEVICE)
-    o, s = delta_rule(**x, initial_state=h0, output_final_state=True, backend=backend)
-    assert o.shape == (B, 0, H, V)
-    torch.testing.assert_close(s, h0)
-    o, s = delta_rule(**x, output_final_state=True, backend=backend)
-    assert s.shape == (B, H, K, V) and not s.any()
+    check_no_tokens(delta_rule, {n: t[:, :0] for n, t in _inputs().items()}, (B, 0, H, V), (B, H, K, V), backend)
 
 
 def test_mismatched_devices():
-    x = _inputs()
-    x["k"] = x["k"].to("meta")
-    with pytest.raises(ValueError, match="k is on meta but the inputs are on"):
-        delta_rule(**x)
+    check_mismatched_devices(delta_rule, _inputs(), "k")
 
 
 def test_head_dims_above_256_go_to_the_reference_unless_triton_is_named():

@@ -18,7 +18,7 @@ def _specs(full: bool):
         dims = (64, 128, 256) if full else ((128,) if dt == "bf16" else (64,))
         for d in dims:
             io = {n: f"*{dt}" for n in ("q", "k", "v", "h", "dh", "do", "o", "dq", "dk", "dv")}
-            f32 = {n: "*fp32" for n in ("g", "gcum", "A", "dA", "db", "h0", "ht", "dht", "dh0")}
+            f32 = {n: "*fp32" for n in ("g", "gcum", "A", "dA", "dgcum", "h0", "ht", "dht", "dh0")}
             index = {"chunk_index": "*i32", "cu_seqlens": "*i64", "chunk_offsets": "*i64", "scale": "fp32"}
             shape = {"H": 16, "K": d, "V": d, "BT": kern.CHUNK, "BC": kern.SUB, "PREC": prec,
                      **kern.key_value_blocks(d, d)}

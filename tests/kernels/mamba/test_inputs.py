@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from seqmix.kernels import BackendUnavailable
 from seqmix.kernels.mamba import selective_scan
 from tests.helpers import DEVICE
+from tests.kernels.contract import check_float64_goes_to_the_reference, check_no_tokens
 
 B, T, D, N, G = 2, 8, 6, 4, 2
 BACKENDS = ["reference", "triton"]
@@ -70,19 +70,10 @@ def test_bad_cu_seqlens(backend, cu, match):
 
 
 def test_float64_goes_to_the_reference_unless_triton_is_named():
-    x = {n: t.double() for n, t in _inputs().items()}
-    with pytest.raises(BackendUnavailable, match="'triton' cannot serve this call: u, delta, B, C must be .*float64"):
-        selective_scan(**x, backend="triton")
-    y, _ = selective_scan(**x)
-    assert y.dtype == torch.float64
+    check_float64_goes_to_the_reference(selective_scan, _inputs(), "u, delta, B, C")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_sequence_returns_empty_output_and_the_initial_state(backend):
     x = {n: t[:, :0] if n != "A" else t for n, t in _inputs().items()}
-    h0 = torch.randn(B, D, N, device=DEVICE)
-    y, s = selective_scan(**x, initial_state=h0, output_final_state=True, backend=backend)
-    assert y.shape == (B, 0, D)
-    torch.testing.assert_close(s, h0)
-    y, s = selective_scan(**x, output_final_state=True, backend=backend)
-    assert s.shape == (B, D, N) and not s.any()
+    check_no_tokens(selective_scan, x, (B, 0, D), (B, D, N), backend)
