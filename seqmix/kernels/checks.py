@@ -89,6 +89,23 @@ def check_sequences(cu_seqlens, initial_state, state_shape: Sequence[int], *, di
     return n
 
 
+def check_query_key_value(q, k, v) -> None:
+    """q, k [B, T, H, K] and v [B, T, H, V] of the linear-attention ops (delta rule, GLA)."""
+    check_tensor("q", q, (None, None, None, None), dims="[B, T, H, K]")
+    B, T, H, K = q.shape
+    check_tensor("k", k, (B, T, H, K), dims="[B, T, H, K]", like=q)
+    check_tensor("v", v, (B, T, H, None), dims="[B, T, H, V]", like=q)
+
+
+def check_key_value_state(q, v, initial_state, cu_seqlens) -> int:
+    """Positive head dims K, V, and an initial state [N, H, K, V] of the linear-attention ops;
+    returns the number of sequences N."""
+    K, V = q.shape[-1], v.shape[-1]
+    if K == 0 or V == 0:
+        raise ValueError(f"head dims must be positive, got K={K}, V={V}")
+    return check_sequences(cu_seqlens, initial_state, (q.shape[2], K, V), dims="[N, H, K, V]", like=q)
+
+
 def check_scale(scale, default: float) -> float:
     if scale is None:
         return default

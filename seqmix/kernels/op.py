@@ -79,10 +79,6 @@ def state_in(initial_state: torch.Tensor | None) -> torch.Tensor | None:
     return None if initial_state is None else initial_state.float().contiguous()
 
 
-def state_out(final: torch.Tensor, output_final_state: bool) -> torch.Tensor | None:
-    return final if output_final_state else None
-
-
 def nothing(like: torch.Tensor) -> torch.Tensor:
     """The empty tensor a custom op returns where there is no result."""
     return like.new_empty(0)
@@ -96,6 +92,13 @@ def fake_outputs(like: torch.Tensor, out_shape, state_shape, store_final: bool):
     """Fake (out in ``like``'s dtype, float32 final state or an empty tensor) of a forward op."""
     final = like.new_empty(state_shape, dtype=torch.float32) if store_final else nothing(like)
     return like.new_empty(out_shape), final
+
+
+def fake_key_value_outputs(q, v, cu_seqlens, store_final: bool):
+    """Fake (o [L, H, V], final state [N, H, K, V]) of the linear-attention ops' forwards."""
+    L, H, K = q.shape
+    V = v.shape[-1]
+    return fake_outputs(q, (L, H, V), (cu_seqlens.shape[0] - 1, H, K, V), store_final)
 
 
 def chunking_args(chunking: Chunking) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -144,7 +147,7 @@ def run_fused(
         out, final = op.recurrent_fwd(*inputs, *chunking_args(chunking), *options, output_final_state)
     else:
         out, final, *_ = op.chunk_fwd(*inputs, *chunking_args(chunking), *options, output_final_state)
-    return out.view(batch, seqlen, *out.shape[1:]), state_out(final, output_final_state)
+    return out.view(batch, seqlen, *out.shape[1:]), final if output_final_state else None
 
 
 def grads_like(inputs: Sequence[torch.Tensor | None], needs: Sequence[bool], like: torch.Tensor):

@@ -39,6 +39,21 @@ def draw_sequences(draw, max_t: int, max_parts: int):
     return draw(st.integers(1, 2)), None, seqlen
 
 
+# Bad boundaries for a batch packed as one sequence of 16 tokens, and what each must raise.
+BAD_CU_SEQLENS = [
+    ([1, 4, 16], "must start at 0"),
+    ([0, 9, 4, 16], "non-decreasing"),
+    ([0, 4, 15], "must end at the packed length T=16"),
+    ([[0, 16]], r"shape \[N\+1\]"),
+    ([0], r"shape \[N\+1\]"),
+]
+
+
+def check_bad_cu_seqlens(op, packed: dict, cu, match: str, backend) -> None:
+    with pytest.raises(ValueError, match=match):
+        op(**packed, cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=DEVICE), backend=backend)
+
+
 def check_no_tokens(op, empty: dict, out_shape, state_shape, backend) -> None:
     """T = 0: an empty output, and the initial state (or zeros) as the final state."""
     h0 = torch.randn(*state_shape, device=DEVICE)

@@ -50,8 +50,9 @@ def _chunk_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, h0: Tensor | None
     chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, kernels.CHUNK)
     wide = weight.shape[1] > 1
     need_dh0 = h0 is not None and needs[3]
-    dx, dw, db, dh0 = kernels.causal_conv1d_bwd(x, weight, bias, h0 if wide else None, chunking, silu, dout,
-                                                dht if wide else None, need_dh0 and wide)
+    # dht is None for a width-1 conv: its empty final state carries no gradient (seqmix/kernels/op.py).
+    dx, dw, db, dh0 = kernels.causal_conv1d_bwd(x, weight, bias, h0 if wide else None, chunking, silu, dout, dht,
+                                                need_dh0 and wide)
     if need_dh0 and not wide:
         dh0 = torch.zeros_like(h0)
     inputs = (x, weight, bias, h0, cu_seqlens, chunk_index, chunk_offsets)

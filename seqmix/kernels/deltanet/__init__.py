@@ -7,12 +7,13 @@ import torch
 from torch import Tensor
 
 from seqmix.kernels.backend import select_backend
-from seqmix.kernels.checks import check_log_decay, check_same_dtype, check_scale, check_sequences, check_tensor
+from seqmix.kernels.checks import check_key_value_state, check_log_decay, check_query_key_value, check_same_dtype
+from seqmix.kernels.checks import check_scale, check_tensor
 from seqmix.kernels.deltanet import triton as kernels
 from seqmix.kernels.deltanet.reference import delta_rule_chunked, delta_rule_recurrent, gated_delta_rule_chunked
 from seqmix.kernels.deltanet.reference import gated_delta_rule_recurrent
-from seqmix.kernels.op import FusedOp, as_input_grads, chunking_of, fake_outputs, no_tokens_result, nothing, or_empty
-from seqmix.kernels.op import register_autograd, run_fused
+from seqmix.kernels.op import FusedOp, as_input_grads, chunking_of, fake_key_value_outputs, no_tokens_result, nothing
+from seqmix.kernels.op import or_empty, register_autograd, run_fused
 from seqmix.kernels.triton_common import chunk_local_cumsum
 
 __all__ = [
@@ -22,23 +23,12 @@ __all__ = [
 
 
 def _check_inputs(q, k, v, beta, initial_state, cu_seqlens, g=None):
-    check_tensor("q", q, (None, None, None, None), dims="[B, T, H, K]")
-    B, T, H, K = q.shape
-    check_tensor("k", k, (B, T, H, K), dims="[B, T, H, K]", like=q)
-    check_tensor("v", v, (B, T, H, None), dims="[B, T, H, V]", like=q)
-    check_tensor("beta", beta, (B, T, H), dims="[B, T, H]", like=q)
+    check_query_key_value(q, k, v)
+    check_tensor("beta", beta, q.shape[:3], dims="[B, T, H]", like=q)
     check_same_dtype(("q", "k", "v", "beta"), (q, k, v, beta))
     if g is not None:
-        check_log_decay("g", g, (B, T, H), dims="[B, T, H]", like=q)
-    if K == 0 or v.shape[-1] == 0:
-        raise ValueError(f"head dims must be positive, got K={K}, V={v.shape[-1]}")
-    n = check_sequences(cu_seqlens, initial_state, (H, K, v.shape[-1]), dims="[N, H, K, V]", like=q)
-    return n
-
-
-def _outputs_like(q, v, cu_seqlens, store_final):
-    L, H, K = q.shape
-    return fake_outputs(q, (L, H, v.shape[-1]), (cu_seqlens.shape[0] - 1, H, K, v.shape[-1]), store_final)
+        check_log_decay("g", g, q.shape[:3], dims="[B, T, H]", like=q)
+    return check_key_value_state(q, v, initial_state, cu_seqlens)
 
 
 # The kernels as torch.library ops (the protocol of seqmix/kernels/op.py): q, k [L, H, K], v [L, H, V],
@@ -59,7 +49,7 @@ def _chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, 
 @_chunk_fwd.register_fake
 def _(q, k, v, beta, g, h0, cu_seqlens, chunk_index, chunk_offsets, scale, store_final):
     L, H, _ = q.shape
-    o, ht = _outputs_like(q, v, cu_seqlens, store_final)
+    o, ht = fake_key_value_outputs(q, v, cu_seqlens, store_final)
     f32 = {"dtype": torch.float32}
     return o, ht, q.new_empty((L, H, kernels.CHUNK), **f32), nothing(q) if g is None else q.new_empty((L, H), **f32)
 
@@ -90,7 +80,7 @@ def _recurrent_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | No
 
 @_recurrent_fwd.register_fake
 def _(q, k, v, beta, g, h0, cu_seqlens, chunk_index, chunk_offsets, scale, store_final):
-    return _outputs_like(q, v, cu_seqlens, store_final)
+    return fake_key_value_outputs(q, v, cu_seqlens, store_final)
 
 
 FUSED = FusedOp(kernels.CHUNK, _chunk_fwd, _recurrent_fwd)

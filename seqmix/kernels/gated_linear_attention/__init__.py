@@ -10,30 +10,20 @@ import torch
 from torch import Tensor
 
 from seqmix.kernels.backend import select_backend
-from seqmix.kernels.checks import check_log_decay, check_same_dtype, check_scale, check_sequences, check_tensor
+from seqmix.kernels.checks import check_key_value_state, check_log_decay, check_query_key_value, check_same_dtype
+from seqmix.kernels.checks import check_scale
 from seqmix.kernels.gated_linear_attention import triton as kernels
 from seqmix.kernels.gated_linear_attention.reference import gla_chunked, gla_recurrent
-from seqmix.kernels.op import FusedOp, as_input_grads, chunking_of, fake_outputs, no_tokens_result, or_empty
+from seqmix.kernels.op import FusedOp, as_input_grads, chunking_of, fake_key_value_outputs, no_tokens_result, or_empty
 from seqmix.kernels.op import register_autograd, run_fused
 
 __all__ = ["gla", "gla_chunked", "gla_recurrent"]
 
 def _check_inputs(q, k, v, g, initial_state, cu_seqlens):
-    check_tensor("q", q, (None, None, None, None), dims="[B, T, H, K]")
-    B, T, H, K = q.shape
-    check_tensor("k", k, (B, T, H, K), dims="[B, T, H, K]", like=q)
-    check_tensor("v", v, (B, T, H, None), dims="[B, T, H, V]", like=q)
+    check_query_key_value(q, k, v)
     check_same_dtype(("q", "k", "v"), (q, k, v))
-    check_log_decay("g", g, (B, T, H, K), dims="[B, T, H, K]", like=q)
-    if K == 0 or v.shape[-1] == 0:
-        raise ValueError(f"head dims must be positive, got K={K}, V={v.shape[-1]}")
-    n = check_sequences(cu_seqlens, initial_state, (H, K, v.shape[-1]), dims="[N, H, K, V]", like=q)
-    return n
-
-
-def _outputs_like(q, v, cu_seqlens, store_final):
-    L, H, K = q.shape
-    return fake_outputs(q, (L, H, v.shape[-1]), (cu_seqlens.shape[0] - 1, H, K, v.shape[-1]), store_final)
+    check_log_decay("g", g, q.shape, dims="[B, T, H, K]", like=q)
+    return check_key_value_state(q, v, initial_state, cu_seqlens)
 
 
 # The kernels as torch.library ops (the protocol of seqmix/kernels/op.py): q, k, g [L, H, K], v [L, H, V]
@@ -54,7 +44,7 @@ def _chunk_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, h0: Tensor | None, cu
 def _(q, k, v, g, h0, cu_seqlens, chunk_index, chunk_offsets, scale, store_final):
     L, H, K = q.shape
     f32 = {"dtype": torch.float32}
-    return *_outputs_like(q, v, cu_seqlens, store_final), q.new_empty((L, H, K), **f32), q.new_empty(
+    return *fake_key_value_outputs(q, v, cu_seqlens, store_final), q.new_empty((L, H, K), **f32), q.new_empty(
         (L, H, kernels.CHUNK), **f32)
 
 
@@ -84,7 +74,7 @@ def _recurrent_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, h0: Tensor | None
 
 @_recurrent_fwd.register_fake
 def _(q, k, v, g, h0, cu_seqlens, chunk_index, chunk_offsets, scale, store_final):
-    return _outputs_like(q, v, cu_seqlens, store_final)
+    return fake_key_value_outputs(q, v, cu_seqlens, store_final)
 
 
 FUSED = FusedOp(kernels.CHUNK, _chunk_fwd, _recurrent_fwd)

@@ -5,7 +5,8 @@ import torch
 
 from seqmix.kernels.mamba import selective_scan
 from tests.helpers import DEVICE
-from tests.kernels.contract import check_float64_goes_to_the_reference, check_no_tokens
+from tests.kernels.contract import BAD_CU_SEQLENS, check_bad_cu_seqlens, check_float64_goes_to_the_reference
+from tests.kernels.contract import check_no_tokens
 
 B, T, D, N, G = 2, 8, 6, 4, 2
 BACKENDS = ["reference", "triton"]
@@ -61,12 +62,10 @@ def test_bad_optional_arguments(backend, kw, match):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("cu, match", [([1, 4, 16], "must start at 0"), ([0, 9, 4, 16], "non-decreasing"),
-                                       ([0, 4, 15], "must end at the packed length T=16")])
+@pytest.mark.parametrize("cu, match", BAD_CU_SEQLENS)
 def test_bad_cu_seqlens(backend, cu, match):
     x = {n: t.reshape(1, B * T, *t.shape[2:]) if n != "A" else t for n, t in _inputs().items()}
-    with pytest.raises(ValueError, match=match):
-        selective_scan(**x, cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=DEVICE), backend=backend)
+    check_bad_cu_seqlens(selective_scan, x, cu, match, backend)
 
 
 def test_float64_goes_to_the_reference_unless_triton_is_named():

@@ -6,7 +6,8 @@ import torch
 from seqmix.kernels import BackendUnavailable
 from seqmix.kernels.mamba2 import ssd
 from tests.helpers import DEVICE
-from tests.kernels.contract import check_float64_goes_to_the_reference, check_mismatched_devices, check_no_tokens
+from tests.kernels.contract import BAD_CU_SEQLENS, check_bad_cu_seqlens, check_float64_goes_to_the_reference
+from tests.kernels.contract import check_mismatched_devices, check_no_tokens
 
 B, T, H, P, G, N = 2, 8, 4, 3, 2, 5
 BACKENDS = ["reference", "triton"]
@@ -70,19 +71,10 @@ def test_bad_optional_arguments(backend, kw, match):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(
-    "cu, match",
-    [
-        ([1, 4, 16], "must start at 0"),
-        ([0, 9, 4, 16], "non-decreasing"),
-        ([0, 4, 15], "must end at the packed length T=16"),
-        ([[0, 16]], r"shape \[N\+1\]"),
-    ],
-)
+@pytest.mark.parametrize("cu, match", BAD_CU_SEQLENS)
 def test_bad_cu_seqlens(backend, cu, match):
     x = {n: t.reshape(1, B * T, *t.shape[2:]) if t.dim() > 1 else t for n, t in _inputs().items()}
-    with pytest.raises(ValueError, match=match):
-        ssd(**x, cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=DEVICE), backend=backend)
+    check_bad_cu_seqlens(ssd, x, cu, match, backend)
 
 
 def test_cu_seqlens_needs_packed_batch_and_matching_states():
