@@ -57,7 +57,7 @@ def _dynamic_conv_args(B=2, T=20, H=2, R=4, K=3):
     return (_randn(B, T, H * R), _randn(B, T, H, K)), {"dropconnect": 0.25, "seed": 3}
 
 
-# (public op, module holding its FUSED custom ops or None, inputs, whether it returns a state)
+# public op, the module holding its FUSED custom ops (None: dynamic_conv's are tested apart), inputs
 CASES = {
     "delta_rule": (ops.delta_rule, "deltanet", lambda: _delta_rule_args(False)),
     "gated_delta_rule": (ops.gated_delta_rule, "deltanet", lambda: _delta_rule_args(True)),
@@ -95,12 +95,8 @@ def test_custom_ops_pass_opcheck(name, path, monkeypatch):
 
     monkeypatch.setattr(module, "FUSED", dataclasses.replace(fused, **{path: spy}))
     args, kwargs = make()
-    if path == "recurrent_fwd":
-        torch.set_grad_enabled(False)
-    try:
+    with torch.set_grad_enabled(path == "chunk_fwd"):  # the token-by-token kernel serves no-grad calls
         op(*args, **kwargs, output_final_state="initial_state" in kwargs, backend="triton")
-    finally:
-        torch.set_grad_enabled(True)
     assert len(calls) == 1, f"{name}: the {path} op was not called"
     args = calls[0] if path == "chunk_fwd" else [a.detach() if isinstance(a, torch.Tensor) else a for a in calls[0]]
     torch.library.opcheck(custom, args, test_utils=OPCHECKS)
@@ -123,8 +119,7 @@ def test_public_ops_compile_without_graph_breaks(name):
     outputs and input gradients equal the eager call's."""
     op, _, make = CASES[name]
     args, kwargs = make()
-    stateful = "initial_state" in kwargs
-    if stateful:
+    if "initial_state" in kwargs:
         kwargs["output_final_state"] = True
 
     def call(*a):
