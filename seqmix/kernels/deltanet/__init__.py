@@ -1,5 +1,6 @@
-"""The delta rule (DeltaNet) and the gated delta rule (Gated DeltaNet): public ops, argument checks
-and backend dispatch. Both share one set of Triton kernels; a constexpr flag adds the decay."""
+"""The delta rule (DeltaNet) and the gated delta rule (Gated DeltaNet): public ops, argument checks,
+backend dispatch and the kernels as torch.library ops (seqmix/kernels/op.py runs them). Both share
+one set of Triton kernels; a constexpr flag adds the decay. The math: docs/math/deltanet.md."""
 
 from __future__ import annotations
 

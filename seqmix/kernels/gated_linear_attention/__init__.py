@@ -1,4 +1,5 @@
-"""Gated linear attention (GLA): public op, argument checks and backend dispatch.
+"""Gated linear attention (GLA): public op, argument checks, backend dispatch and the kernels as
+torch.library ops (seqmix/kernels/op.py runs them). The math: docs/math/gla.md.
 
 The subpackage is named after the family, not the op: a ``gla/`` subpackage would be shadowed
 by the function :func:`seqmix.kernels.gla`.

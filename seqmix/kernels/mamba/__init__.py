@@ -1,4 +1,8 @@
-"""Mamba-1's selective scan: public op, argument checks and backend dispatch."""
+"""Mamba-1's selective scan: public op, argument checks, backend dispatch and the kernels as
+torch.library ops (seqmix/kernels/op.py runs them). The math: docs/math/mamba.md.
+
+The subpackage is named after the family (Mamba), not the op: see docs/design.md, "Layout and names".
+"""
 
 from __future__ import annotations
 

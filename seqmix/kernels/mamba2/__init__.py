@@ -1,4 +1,8 @@
-"""Mamba-2's SSD (state-space duality): public op, argument checks and backend dispatch."""
+"""Mamba-2's SSD (state-space duality): public op, argument checks, backend dispatch and the
+kernels as torch.library ops (seqmix/kernels/op.py runs them). The math: docs/math/mamba2.md.
+
+The subpackage is named after the family (Mamba-2), not the op: see docs/design.md, "Layout and names".
+"""
 
 from __future__ import annotations
 
