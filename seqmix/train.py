@@ -217,9 +217,11 @@ def _autocast(config: TrainConfig, device: torch.device):
 
 
 def _optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    # Weight decay on matrices (and the embedding), not on norms, biases or per-channel SSM parameters.
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    # Weight decay on every parameter except those a module marks with seqmix.archs.modules.no_weight_decay
+    # (norm weights, biases, A_log, dt_bias, D); a 2-D A_log (Mamba's) is marked, not decayed.
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if not getattr(p, "no_weight_decay", False)]
+    no_decay = [p for p in params if getattr(p, "no_weight_decay", False)]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
                              fused=device.type == "cuda")

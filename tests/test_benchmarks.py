@@ -16,7 +16,7 @@ from tests.helpers import DEVICE, rel_err
 
 @pytest.mark.parametrize("B, T", [(8, 2048), (2, 8192)])
 def test_floors_match_the_anchor_table(B, T):
-    # ../shared/ANCHORS.md, bf16: delta rule (H16 D128) 0.089 / 0.268 ms, causal conv (D4096 W4) 0.089 / 0.224 ms.
+    # docs/anchors.md, bf16: delta rule (H16 D128) 0.089 / 0.268 ms, causal conv (D4096 W4) 0.089 / 0.224 ms.
     assert delta_rule_floor_ms(B, T, 16, 128, 128, 2, backward=False) == pytest.approx(0.089, abs=0.001)
     assert delta_rule_floor_ms(B, T, 16, 128, 128, 2, backward=True) == pytest.approx(0.268, abs=0.002)
     assert conv_floor_ms(B, T, 4096, 2, backward=False) == pytest.approx(0.089, abs=0.001)
@@ -31,7 +31,7 @@ def test_error_check_is_small_and_measured():
 
 @pytest.mark.parametrize("B, T", [(8, 2048), (2, 8192)])
 def test_ssd_floor_matches_the_anchor_table(B, T):
-    # ../shared/ANCHORS.md, bf16: mamba_ssm SSD (H64 P64 N128 G1) 0.096 / 0.288 ms.
+    # docs/anchors.md, bf16: mamba_ssm SSD (H64 P64 N128 G1) 0.096 / 0.288 ms.
     assert ssd_floor_ms(B, T, 64, 64, 128, 1, 2, backward=False) == pytest.approx(0.096, abs=0.001)
     assert ssd_floor_ms(B, T, 64, 64, 128, 1, 2, backward=True) == pytest.approx(0.288, abs=0.002)
 
@@ -81,7 +81,7 @@ def test_gated_delta_rule_error_check_is_small_and_measured():
 def test_gla_floor_matches_the_anchor_table(B, T):
     from benchmarks.bench_gla import gla_floor_ms
 
-    # ../shared/ANCHORS.md, bf16, fla chunk_gla (H16 D128): floor 0.112 / 0.336 ms.
+    # docs/anchors.md, bf16, fla chunk_gla (H16 D128): floor 0.112 / 0.336 ms.
     assert gla_floor_ms(B, T, 16, 128, 128, 2, backward=False) == pytest.approx(0.112, abs=0.001)
     assert gla_floor_ms(B, T, 16, 128, 128, 2, backward=True) == pytest.approx(0.336, abs=0.002)
 

@@ -150,6 +150,23 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, text_dir):
     assert _losses(tmp_path / "four") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
 
 
+def test_weight_decay_skips_exactly_the_marked_parameters(tmp_path):
+    config = _config(tmp_path, None, model={"hidden_size": 32, "layers": sorted(MIXERS)})
+    model = LanguageModel(config.model)
+    decay, no_decay = trainer._optimizer(model, config, torch.device("cpu")).param_groups
+    assert decay["weight_decay"] == config.weight_decay > 0 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert skipped == {n for n, p in model.named_parameters() if getattr(p, "no_weight_decay", False)}
+    assert {names[id(p)] for p in decay["params"]} == set(names.values()) - skipped
+    # Every norm weight, bias and per-channel parameter is marked, and Mamba's 2-D A_log as well.
+    assert skipped >= {n for n, p in model.named_parameters() if p.dim() < 2}
+    two_dim = {n for n in skipped if model.get_parameter(n).dim() == 2}
+    assert two_dim and all(n.endswith("mixer.A_log") for n in two_dim)
+    for part in ("A_log", "dt_bias", ".D", "norm.weight", "bias"):
+        assert any(n.endswith(part) for n in skipped), part
+
+
 def test_bad_runs_are_refused_before_anything_is_written(tmp_path, text_dir):
     out = tmp_path / "run"
     with pytest.raises(trainer.ConfigError, match="not a file or directory"):

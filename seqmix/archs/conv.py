@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqmix.archs.mixer import Mixer, State, register_mixer
-from seqmix.archs.modules import ShortConvolution
+from seqmix.archs.modules import ShortConvolution, no_weight_decay
 from seqmix.kernels import dynamic_conv, light_conv
 
 
@@ -50,6 +50,7 @@ class _ConvBlock(Mixer):
         self.weight_softmax, self.dropconnect, self.backend = weight_softmax, dropconnect, backend
         self.in_proj = nn.Linear(hidden_size, 2 * conv_size)
         self.out_proj = nn.Linear(conv_size, hidden_size)
+        no_weight_decay(self.in_proj.bias, self.out_proj.bias)
 
     def conv_weight(self, u: torch.Tensor) -> torch.Tensor:
         """The conv's weight for inputs u [B, T, C]: [H, K] or [B, T, H, K]."""
@@ -129,6 +130,7 @@ class DynamicConv(_ConvBlock):
                  weight_softmax: bool = True, dropconnect: float = 0.0, backend: str | None = None):
         super().__init__(hidden_size, num_heads, kernel_size, conv_size, weight_softmax, dropconnect, backend)
         self.weight_proj = nn.Linear(self.conv_size, num_heads * kernel_size)
+        no_weight_decay(self.weight_proj.bias)
 
     def conv_weight(self, u):
         return self.weight_proj(u).view(*u.shape[:2], self.num_heads, self.kernel_size)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqmix.archs.mixer import Mixer, State, register_mixer
-from seqmix.archs.modules import RMSNorm, ShortConvolution, l2_normalize
+from seqmix.archs.modules import RMSNorm, ShortConvolution, l2_normalize, no_weight_decay
 from seqmix.kernels import delta_rule, gated_delta_rule
 
 
@@ -125,9 +125,7 @@ class GatedDeltaNet(DeltaNet):
         dt = torch.exp(log_dt).clamp_min(1e-4)
         # softplus^-1(dt), so that softplus(dt_bias) starts at dt.
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-        # Rates and step sizes are not weights to shrink (as in Mamba-2): optimisers may read this flag.
-        self.A_log._no_weight_decay = True
-        self.dt_bias._no_weight_decay = True
+        no_weight_decay(self.A_log, self.dt_bias)
 
     def log_decay(self, x: torch.Tensor) -> torch.Tensor:
         """g [B, T, H] float32, <= 0: the state's log decay at each token."""

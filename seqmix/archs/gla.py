@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqmix.archs.mixer import Mixer, State, register_mixer
-from seqmix.archs.modules import RMSNorm
+from seqmix.archs.modules import RMSNorm, no_weight_decay
 from seqmix.kernels import gla
 
 
@@ -49,6 +49,7 @@ class GatedLinearAttention(Mixer):
         self.v_proj = nn.Linear(hidden_size, value_dim, bias=False)
         self.gk_proj = nn.Sequential(nn.Linear(hidden_size, gate_low_rank_dim, bias=False),
                                      nn.Linear(gate_low_rank_dim, key_dim, bias=True))
+        no_weight_decay(self.gk_proj[1].bias)
         self.g_proj = nn.Linear(hidden_size, value_dim, bias=False) if use_output_gate else None
         self.o_norm = RMSNorm(self.head_v, eps=norm_eps)
         self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)

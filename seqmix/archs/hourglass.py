@@ -20,7 +20,7 @@ from torch import nn
 
 from seqmix.archs.lm import Block, LMConfig
 from seqmix.archs.mixer import MIXERS, Mixer, State, register_mixer
-from seqmix.archs.modules import RMSNorm
+from seqmix.archs.modules import RMSNorm, no_weight_decay
 from seqmix.kernels import chunk_select, ema_dechunk, segment_pool, segment_upsample
 from seqmix.kernels.pooling import segments_of
 
@@ -31,12 +31,6 @@ WORD_CLOSERS = tuple(b" \t\n\r.,;:!?)]}\"'") + (256, 257)
 SPIKE_WINDOW = 2
 # Weight of the auxiliary boundary loss by mode (H-Net's ratio loss: 0.03 in the paper).
 AUX_WEIGHTS = {"gumbel": 1.0, "entropy": 1.0, "hnet": 0.03, "whitespace": 0.0, "fixed": 0.0}
-
-
-def _no_weight_decay(module_or_param) -> None:
-    params = [module_or_param] if isinstance(module_or_param, nn.Parameter) else module_or_param.parameters()
-    for p in params:
-        p.no_weight_decay = True
 
 
 def _straight_through_one(c: torch.Tensor) -> torch.Tensor:
@@ -91,7 +85,6 @@ class Hourglass(Mixer):
         self.inner = self._inner_blocks(hidden_size, num_heads, list(layers), mixer_options or {},
                                         intermediate_size, norm_eps, init_std)
         self.up_norm = RMSNorm(hidden_size, norm_eps)
-        _no_weight_decay(self.up_norm)
         if boundary == "hnet":
             self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
             self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
@@ -103,15 +96,14 @@ class Hourglass(Mixer):
         else:
             self.null = nn.Parameter(torch.randn(hidden_size))
             self.down_norm = RMSNorm(hidden_size, norm_eps)
-            _no_weight_decay(self.null)
-            _no_weight_decay(self.down_norm)
+            no_weight_decay(self.null)
         if boundary in ("gumbel", "entropy"):
             self.predictor = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(),
                                            nn.Linear(hidden_size, 1))
             for layer in (self.predictor[0], self.predictor[2]):
                 nn.init.normal_(layer.weight, std=init_std)
                 nn.init.zeros_(layer.bias)
-                _no_weight_decay(layer.bias)
+                no_weight_decay(layer.bias)
         self._tokens = None
         self._aux = None
 

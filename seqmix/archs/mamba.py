@@ -10,8 +10,8 @@ from torch import nn
 
 from seqmix.archs.mamba2 import inverse_softplus, log_uniform_dt
 from seqmix.archs.mixer import Mixer, State, register_mixer
-from seqmix.archs.modules import ShortConvolution
-from seqmix.kernels.selective_scan import selective_scan
+from seqmix.archs.modules import ShortConvolution, no_weight_decay
+from seqmix.kernels import selective_scan
 
 
 @register_mixer("mamba")
@@ -54,6 +54,7 @@ class Mamba(Mixer):
         # A = -[1, ..., N] for every channel.
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
         self.D = nn.Parameter(torch.ones(d_inner))
+        no_weight_decay(self.A_log, self.D, self.dt_proj.bias)
         self.out_proj = nn.Linear(d_inner, hidden_size, bias=False)
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from seqmix.archs.mixer import Mixer, State, register_mixer
-from seqmix.archs.modules import RMSNorm, ShortConvolution
-from seqmix.kernels.ssd import ssd
+from seqmix.archs.modules import RMSNorm, ShortConvolution, no_weight_decay
+from seqmix.kernels import ssd
 
 
 def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
@@ -65,6 +65,7 @@ class Mamba2(Mixer):
         self.dt_bias = nn.Parameter(inverse_softplus(log_uniform_dt(num_heads, dt_min, dt_max, dt_init_floor)))
         self.A_log = nn.Parameter(torch.log(torch.empty(num_heads).uniform_(*A_init_range)))
         self.D = nn.Parameter(torch.ones(num_heads))
+        no_weight_decay(self.dt_bias, self.A_log, self.D)
         self.norm = RMSNorm(d_inner, eps=norm_eps)
         self.out_proj = nn.Linear(d_inner, hidden_size, bias=False)
 

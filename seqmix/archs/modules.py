@@ -11,6 +11,15 @@ from torch import nn
 from seqmix.kernels import causal_conv1d
 
 
+def no_weight_decay(*params: nn.Parameter | None) -> None:
+    """Mark parameters the optimiser must not decay (``seqmix.train`` reads the flag): norm weights,
+    biases and the state-space parameters (A_log, dt_bias, D), which are rates and offsets, not
+    weights to shrink towards zero. None entries (an absent bias) are skipped."""
+    for p in params:
+        if p is not None:
+            p.no_weight_decay = True
+
+
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / ||x|| over the last dim, computed in float32."""
     x32 = x.float()
@@ -24,6 +33,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        no_weight_decay(self.weight)
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         x32 = x.float()
@@ -46,6 +56,7 @@ class ShortConvolution(nn.Module):
         self.backend = backend
         self.weight = nn.Parameter(torch.empty(dim, kernel_size))
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+        no_weight_decay(self.bias)
         # As nn.Conv1d's default: uniform in +-1/sqrt(fan_in), fan_in = kernel_size for depthwise.
         nn.init.uniform_(self.weight, -1 / math.sqrt(kernel_size), 1 / math.sqrt(kernel_size))
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from seqmix.archs.lm import SwiGLU
 from seqmix.archs.mixer import MIXERS, Mixer, State, build_mixer, init_mixer_state, register_mixer
+from seqmix.archs.modules import no_weight_decay
 from seqmix.kernels import add_rms_norm, add_rms_norm_backend
 
 # The latent's noise is a normal truncated at +-3 standard deviations, as in the paper.
@@ -85,7 +86,7 @@ class SandwichBlock(nn.Module):
         self.eps = eps
         for name in ("norm_mixer_in", "norm_mixer_out", "norm_mlp_in", "norm_mlp_out"):
             weight = nn.Parameter(torch.ones(hidden_size))
-            weight.no_weight_decay = True
+            no_weight_decay(weight)
             self.register_parameter(name, weight)
 
     def forward(self, s, state, cu_seqlens, norm_backend: str):

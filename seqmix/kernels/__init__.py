@@ -4,10 +4,10 @@ from seqmix.kernels.backend import BackendUnavailable
 from seqmix.kernels.conv import causal_conv1d, causal_conv1d_update, dynamic_conv, light_conv
 from seqmix.kernels.deltanet import delta_rule, gated_delta_rule
 from seqmix.kernels.gated_linear_attention import gla
+from seqmix.kernels.mamba import selective_scan
+from seqmix.kernels.mamba2 import ssd
 from seqmix.kernels.norm import add_rms_norm, add_rms_norm_backend
 from seqmix.kernels.pooling import chunk_select, ema_dechunk, segment_pool, segment_upsample
-from seqmix.kernels.selective_scan import selective_scan
-from seqmix.kernels.ssd import ssd
 
 __all__ = [
     "BackendUnavailable", "add_rms_norm", "add_rms_norm_backend", "causal_conv1d", "causal_conv1d_update", "delta_rule",

@@ -78,6 +78,34 @@ def check_cu_seqlens(cu_seqlens, *, batch: int, total: int, like: torch.Tensor) 
     return len(values) - 1
 
 
+def check_sequences(cu_seqlens, initial_state, state_shape: Sequence[int], *, dims: str, like: torch.Tensor) -> int:
+    """The number of sequences N of an op's input ``like`` ([B, T, ...]: B, or the packed sequences
+    ``cu_seqlens`` describes), after checking ``initial_state`` (None, or [N, *state_shape], spelled
+    ``dims``)."""
+    B, T = like.shape[:2]
+    n = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, batch=B, total=T, like=like)
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state, (n, *state_shape), dims=dims, like=like)
+    return n
+
+
+def check_query_key_value(q, k, v) -> None:
+    """q, k [B, T, H, K] and v [B, T, H, V] of the linear-attention ops (delta rule, GLA)."""
+    check_tensor("q", q, (None, None, None, None), dims="[B, T, H, K]")
+    B, T, H, K = q.shape
+    check_tensor("k", k, (B, T, H, K), dims="[B, T, H, K]", like=q)
+    check_tensor("v", v, (B, T, H, None), dims="[B, T, H, V]", like=q)
+
+
+def check_key_value_state(q, v, initial_state, cu_seqlens) -> int:
+    """Positive head dims K, V, and an initial state [N, H, K, V] of the linear-attention ops;
+    returns the number of sequences N."""
+    K, V = q.shape[-1], v.shape[-1]
+    if K == 0 or V == 0:
+        raise ValueError(f"head dims must be positive, got K={K}, V={V}")
+    return check_sequences(cu_seqlens, initial_state, (q.shape[2], K, V), dims="[N, H, K, V]", like=q)
+
+
 def check_scale(scale, default: float) -> float:
     if scale is None:
         return default
@@ -87,10 +115,33 @@ def check_scale(scale, default: float) -> float:
     return scale
 
 
+def check_values(ok: torch.Tensor, requirement: str, found) -> None:
+    """Check a condition on an argument's values: ``ok`` is a one-element bool tensor,
+    ``requirement`` names the argument and what it must satisfy, ``found()`` says what it holds.
+
+    On CPU tensors in eager mode a failure raises ValueError. On CUDA tensors, and while
+    ``torch.compile`` traces, the check is ``torch._assert_async``: no host synchronisation and
+    allowed under CUDA graph capture, so it stays on in decoding steps and captured graphs; a
+    failure surfaces as a device-side assertion (a RuntimeError) at a later synchronisation.
+    """
+    if ok.is_cuda or torch.compiler.is_compiling():
+        torch._assert_async(ok, requirement)
+        return
+    if not bool(ok):
+        raise ValueError(f"{requirement}, got {found()}")
+
+
 def check_log_decay(name: str, g, expected: Sequence[int | None], *, dims: str, like: torch.Tensor) -> None:
     """A tensor of log decays: shape and device as :func:`check_tensor`, and no positive value
-    (exp(g) > 1 would grow the state; the kernels' decay ratios assume g <= 0). Checking the
-    values reads one boolean back to the host."""
+    (exp(g) > 1 would grow the state; the kernels' decay ratios assume g <= 0)."""
     check_tensor(name, g, expected, dims=dims, like=like)
-    if g.numel() and bool((g > 0).any()):
-        raise ValueError(f"{name} holds log decays and must be <= 0 everywhere, got a maximum of {g.max().item():.4g}")
+    if g.numel():
+        check_values((g <= 0).all(), f"{name} holds log decays and must be <= 0 everywhere",
+                     lambda: f"a maximum of {g.max().item():.4g}")
+
+
+def check_negative(name: str, a: torch.Tensor) -> None:
+    """A state matrix must be negative (a decay): exp(dt' A) <= 1 keeps the scan stable."""
+    if a.numel():
+        check_values((a < 0).all(), f"{name} must be negative (A = -exp(A_log))",
+                     lambda: f"values up to {a.max().item():g}")

@@ -71,7 +71,9 @@ def chunking_for(batch: int, seqlen: int, chunk_size: int, device: torch.device,
     """Chunks of an op's input: the dense shortcut for [batch, seqlen] without ``cu_seqlens``,
     else the packed sequences ``cu_seqlens`` describes."""
     if cu_seqlens is None:
-        return dense_chunking(batch, seqlen, chunk_size, device)
+        # A compiled graph builds the index in the graph (it cannot hold the cache's tensors).
+        build = dense_chunking.__wrapped__ if torch.compiler.is_compiling() else dense_chunking
+        return build(batch, seqlen, chunk_size, device)
     return make_chunking(cu_seqlens, chunk_size)
 
 
@@ -100,3 +102,18 @@ def sequence_spans(cu_seqlens, batch: int, seqlen: int) -> list[tuple[int, int, 
         return [(b, 0, seqlen) for b in range(batch)]
     bounds = cu_seqlens.tolist()
     return [(0, s, e) for s, e in zip(bounds[:-1], bounds[1:])]
+
+
+def over_sequences(run, batch: int, seqlen: int, cu_seqlens, initial_state, zero_state, dtype):
+    """Run ``run(b, s, e, h) -> (y [e - s, ...], h_final)`` on every sequence of a dense or packed
+    input (batch row b, tokens s..e-1, entering state h: the initial state's row in ``dtype``, or
+    ``zero_state``), for the PyTorch references. Returns y as [B, T, ...] ([1, L, ...] when packed)
+    and the final states stacked."""
+    outs, finals = [], []
+    for n, (b, s, e) in enumerate(sequence_spans(cu_seqlens, batch, seqlen)):
+        h = zero_state if initial_state is None else initial_state[n].to(dtype)
+        y, h = run(b, s, e, h)
+        outs.append(y)
+        finals.append(h)
+    y = torch.cat(outs)[None] if cu_seqlens is not None else torch.stack(outs)
+    return y, torch.stack(finals)

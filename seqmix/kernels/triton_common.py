@@ -30,6 +30,41 @@ def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
     return configs
 
 
+def state_configs(block: str) -> list[triton.Config]:
+    """Configs of a sequential state kernel: the block of the state's second dim it owns (``block``,
+    32 or 64) and the warps."""
+    return autotune_configs([triton.Config({block: b}, num_warps=w) for b in (32, 64) for w in (4, 8)])
+
+
+def chunk_configs() -> list[triton.Config]:
+    """Configs of a per-chunk kernel: warps and pipeline stages."""
+    return autotune_configs([triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)])
+
+
+# The head (and state) dims the chunked kernels take: their register tiles are sized for it.
+MAX_HEAD_DIM = 256
+HALF_OR_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def unsupported(names: str, dtype: torch.dtype, dims_name: str = "head dims", **dims: int) -> str | None:
+    """Why a family's Triton kernels cannot take inputs ``names`` of ``dtype`` with these dims
+    (``dims_name``, at most :data:`MAX_HEAD_DIM` each); None if they can."""
+    if dtype not in HALF_OR_FLOAT:
+        return f"{names} must be float16, bfloat16 or float32, got {dtype}"
+    if max(dims.values()) > MAX_HEAD_DIM:
+        sizes = ", ".join(f"{k}={v}" for k, v in dims.items())
+        return f"{dims_name} up to {MAX_HEAD_DIM}, got {sizes}"
+    return None
+
+
+def key_value_blocks(K: int, V: int) -> dict[str, int]:
+    """Block sizes of the linear-attention kernels: BK covers the key dim (state tiles), BKC is the
+    key slice of per-chunk kernels, BV the value block of per-chunk kernels (the sequential kernels
+    autotune theirs)."""
+    BK = head_block(K)
+    return {"BK": BK, "BKC": min(64, BK), "BV": min(64, head_block(V))}
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` precision for float32 operands, following PyTorch's TF32 switch for matmuls."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
@@ -48,6 +83,18 @@ def sequence_bounds(cu_seqlens, i_n):
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
     eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
     return bos, eos
+
+
+@triton.jit
+def sequence_program(chunk_offsets, cu_seqlens, H: tl.constexpr, STATE: tl.constexpr):
+    """A sequential program of grid ((sequence, head), block): its head i_h and block i_b, the
+    sequence's tokens bos .. eos-1 and first chunk c0, and the offset of the (sequence, head)'s
+    state of STATE elements in an [N, H, ...] state tensor."""
+    i_nh, i_b = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = sequence_bounds(cu_seqlens, i_n)
+    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    return i_h, i_b, bos, eos, c0, i_nh.to(tl.int64) * STATE
 
 
 @triton.jit
@@ -154,7 +201,7 @@ def decay_ratio(b_row, b_col, keep):
 
 @triton.autotune(configs=autotune_configs([triton.Config({}, num_warps=w) for w in (2, 4)]), key=["D"])
 @triton.jit
-def chunk_local_cumsum_kernel(
+def chunk_local_cumsum_fwd_kernel(
     x, out, chunk_index, cu_seqlens,
     H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, REVERSE: tl.constexpr,
 ):
@@ -172,7 +219,7 @@ def chunk_local_cumsum(x: torch.Tensor, chunking, reverse: bool = False) -> torc
     D = x.shape[2] if x.dim() == 3 else 1
     out = empty(*x.shape, dtype=torch.float32, device=x.device)
     BD = min(64, triton.next_power_of_2(D))
-    chunk_local_cumsum_kernel[(chunking.num_chunks, triton.cdiv(D, BD), H)](
+    chunk_local_cumsum_fwd_kernel[(chunking.num_chunks, triton.cdiv(D, BD), H)](
         x, out, chunking.chunk_index, chunking.cu_seqlens, H=H, D=D, BT=chunking.chunk_size, BD=BD, REVERSE=reverse,
     )
     return out

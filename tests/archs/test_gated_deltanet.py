@@ -37,7 +37,7 @@ def test_decay_is_mamba2_parametrised_and_initialised():
     expected = -layer.A_log.exp() * F.softplus(layer.a_proj(x) + layer.dt_bias)
     torch.testing.assert_close(g, expected)
     assert g.shape == (2, 9, 2) and (g <= 0).all()
-    assert layer.A_log._no_weight_decay and layer.dt_bias._no_weight_decay
+    assert layer.A_log.no_weight_decay and layer.dt_bias.no_weight_decay
 
 
 def test_strong_decay_forgets_the_past():

@@ -4,14 +4,16 @@ DynamicConv (in :mod:`.dynamic`)."""
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from seqmix.kernels.backend import select_backend
-from seqmix.kernels.checks import check_cu_seqlens, check_tensor
+from seqmix.kernels.checks import check_sequences, check_tensor
 from seqmix.kernels.conv import cuda as cuda_ops
 from seqmix.kernels.conv import triton as kernels
 from seqmix.kernels.conv.dynamic import dynamic_conv, light_conv
 from seqmix.kernels.conv.reference import causal_conv1d_reference, causal_conv1d_update_reference
-from seqmix.kernels.sequences import chunking_for, packed_bounds
+from seqmix.kernels.op import FusedOp, as_input_grads, chunking_of, fake_outputs, or_empty, register_autograd, run_fused
+from seqmix.kernels.sequences import packed_bounds
 
 __all__ = [
     "causal_conv1d", "causal_conv1d_reference", "causal_conv1d_update", "causal_conv1d_update_reference",
@@ -21,43 +23,56 @@ __all__ = [
 ACTIVATIONS = (None, "silu")
 
 
-class _CausalConv1d(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, initial_state, chunking, silu, output_final_state):
-        # A width-1 conv has an empty state: nothing to read, nothing to launch for.
-        h0 = None if initial_state is None or weight.shape[1] == 1 else initial_state.float().contiguous()
-        out, ht = kernels.causal_conv1d_fwd(x, weight, bias, h0, chunking, silu, output_final_state)
-        if output_final_state and ht is None:
-            ht = x.new_zeros(chunking.num_sequences, x.shape[1], 0, dtype=torch.float32)
-        ctx.save_for_backward(x, weight, bias, h0)
-        ctx.chunking, ctx.silu = chunking, silu
-        ctx.state_dtype = None if initial_state is None else initial_state.dtype
-        return out, ht
+# The Triton kernels as torch.library ops (the protocol of seqmix/kernels/op.py): x [L, D] packed,
+# weight [D, W], bias [D], h0 [N, D, W-1] float32. A width-1 conv has an empty state: nothing to read
+# or write, nothing to launch for.
 
-    @staticmethod
-    def backward(ctx, dout, dht):
-        x, weight, bias, h0 = ctx.saved_tensors
-        W = weight.shape[1]
-        need_dh0 = ctx.needs_input_grad[3]
-        dht = None if dht is None or W == 1 else dht.float().contiguous()
-        dx, dw, db, dh0 = kernels.causal_conv1d_bwd(
-            x, weight, bias, h0, ctx.chunking, ctx.silu, dout.contiguous(), dht, need_dh0 and W > 1
-        )
-        if need_dh0 and dh0 is None:  # width 1: the state is empty
-            dh0 = x.new_zeros(ctx.chunking.num_sequences, x.shape[1], 0)
-        if dh0 is not None:
-            dh0 = dh0.to(ctx.state_dtype)
-        return dx, dw.to(weight.dtype), None if db is None else db.to(bias.dtype), dh0, None, None, None
+@torch.library.custom_op("seqmix::causal_conv1d_chunk_fwd", mutates_args=())
+def _chunk_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor,
+               chunk_index: Tensor, chunk_offsets: Tensor, silu: bool, store_final: bool) -> tuple[Tensor, Tensor]:
+    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, kernels.CHUNK)
+    W = weight.shape[1]
+    out, ht = kernels.causal_conv1d_fwd(x, weight, bias, h0 if W > 1 else None, chunking, silu, store_final)
+    if store_final and ht is None:
+        ht = x.new_zeros(chunking.num_sequences, x.shape[1], 0, dtype=torch.float32)
+    return out, or_empty(ht, x)
 
 
-def _triton_causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens):
-    B, T, D = x.shape
-    chunking = chunking_for(B, T, kernels.CHUNK, x.device, cu_seqlens)
-    out, ht = _CausalConv1d.apply(
-        x.reshape(B * T, D).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
-        initial_state, chunking, activation == "silu", output_final_state,
-    )
-    return out.view(B, T, D), ht
+@_chunk_fwd.register_fake
+def _(x, weight, bias, h0, cu_seqlens, chunk_index, chunk_offsets, silu, store_final):
+    return fake_outputs(x, x.shape, (cu_seqlens.shape[0] - 1, x.shape[1], weight.shape[1] - 1), store_final)
+
+
+@torch.library.custom_op("seqmix::causal_conv1d_chunk_bwd", mutates_args=())
+def _chunk_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor,
+               chunk_index: Tensor, chunk_offsets: Tensor, silu: bool, store_final: bool, dout: Tensor,
+               dht: Tensor | None, needs: list[bool]) -> list[Tensor]:
+    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, kernels.CHUNK)
+    wide = weight.shape[1] > 1
+    need_dh0 = h0 is not None and needs[3]
+    # dht is None for a width-1 conv: its empty final state carries no gradient (seqmix/kernels/op.py).
+    dx, dw, db, dh0 = kernels.causal_conv1d_bwd(x, weight, bias, h0 if wide else None, chunking, silu, dout, dht,
+                                                need_dh0 and wide)
+    if need_dh0 and not wide:
+        dh0 = torch.zeros_like(h0)
+    inputs = (x, weight, bias, h0, cu_seqlens, chunk_index, chunk_offsets)
+    return as_input_grads((dx, dw, db, dh0, None, None, None), inputs, needs, x)
+
+
+register_autograd(_chunk_fwd, _chunk_bwd, num_inputs=7)
+
+FUSED = FusedOp(kernels.CHUNK, _chunk_fwd)
+
+
+@torch.library.custom_op("seqmix::causal_conv1d_update_triton", mutates_args=("state",))
+def _update(x: Tensor, state: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
+    """x [N, T, D]; state [N, D, W-1], updated in place. Returns out [N, T, D]."""
+    return kernels.causal_conv1d_update(x, state, weight, bias, silu)
+
+
+@_update.register_fake
+def _(x, state, weight, bias, silu):
+    return torch.empty_like(x)
 
 
 def _check_conv(x, x_dims, weight, bias, activation):
@@ -119,13 +134,12 @@ def causal_conv1d(
         final_state: [N, D, W-1] float32 (float64 for float64 inputs), or None.
     """
     B, T, D, W = _check_conv(x, "[B, T, D]", weight, bias, activation)
-    n = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, batch=B, total=T, like=x)
-    if initial_state is not None:
-        check_tensor("initial_state", initial_state, (n, D, W - 1), dims="[N, D, W-1]", like=x)
+    check_sequences(cu_seqlens, initial_state, (D, W - 1), dims="[N, D, W-1]", like=x)
     name = select_backend("causal_conv1d", backend, x.device, ("triton", "cuda", "reference"),
                           {"triton": kernels.unsupported(x.dtype), "cuda": cuda_ops.unsupported(x.dtype)})
     if name == "triton" and T > 0:
-        return _triton_causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
+        return run_fused(FUSED, (x,), (weight, bias), initial_state, (activation == "silu",), output_final_state,
+                         cu_seqlens)
     if name == "cuda" and T > 0:
         return _cuda_causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
     return causal_conv1d_reference(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
@@ -174,4 +188,4 @@ def causal_conv1d_update(
     if name == "cuda":
         return cuda_ops.causal_conv1d_update(x.contiguous(), conv_state, weight.to(x.dtype).contiguous(), b,
                                              activation == "silu")
-    return kernels.causal_conv1d_update(x.contiguous(), conv_state, weight.contiguous(), b, activation == "silu")
+    return _update(x.contiguous(), conv_state, weight.contiguous(), b, activation == "silu")

@@ -5,37 +5,52 @@ per token (DynamicConv)."""
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_cu_seqlens, check_tensor
 from seqmix.kernels.conv import cuda as cuda_ops
 from seqmix.kernels.conv import dynamic_triton as kernels
-from seqmix.kernels.conv.dynamic_reference import (
-    HASH_MASK,
-    HASH_SEED_MUL,
-    dropconnect_threshold,
-    dynamic_conv_reference,
-    padding_left,
-)
+from seqmix.kernels.conv.dynamic_reference import HASH_MASK, HASH_SEED_MUL, dropconnect_threshold
+from seqmix.kernels.conv.dynamic_reference import dynamic_conv_reference, padding_left
 from seqmix.kernels.conv.triton import unsupported
+from seqmix.kernels.op import as_input_grads, chunking_args, chunking_of, nothing, register_autograd
 from seqmix.kernels.sequences import chunking_for, packed_bounds
 
 PADDINGS = ("causal", "same")
 
 
-class _DynamicConv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, chunking, heads, pad_left, softmax, drop):
-        out, lse = kernels.dynamic_conv_fwd(x, weight, chunking, heads, pad_left, softmax, drop)
-        ctx.save_for_backward(x, weight, lse)
-        ctx.args = (chunking, heads, pad_left, softmax, drop)
-        return out
+# The Triton kernels as torch.library ops (the protocol of seqmix/kernels/op.py, with no state):
+# x [L, C] packed, weight [L, H, K] (dynamic_conv) or [H, K] (light_conv); DropConnect as
+# (seed_lo, threshold, scale), threshold 0 when off.
 
-    @staticmethod
-    def backward(ctx, dout):
-        x, weight, lse = ctx.saved_tensors
-        dx, dw = kernels.dynamic_conv_bwd(x, weight, lse, dout.contiguous(), *ctx.args)
-        return dx, dw, None, None, None, None, None
+@torch.library.custom_op("seqmix::dynamic_conv_chunk_fwd", mutates_args=())
+def _chunk_fwd(x: Tensor, weight: Tensor, cu_seqlens: Tensor, chunk_index: Tensor, chunk_offsets: Tensor,
+               heads: int, pad_left: int, softmax: bool, seed_lo: int, threshold: int, scale: float
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (out [L, C], no state, and for the backward the softmax's log-sum-exp [L, H] float32)."""
+    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, kernels.CHUNK)
+    out, lse = kernels.dynamic_conv_fwd(x, weight, chunking, heads, pad_left, softmax, (seed_lo, threshold, scale))
+    return out, nothing(x), nothing(x) if lse is None else lse
+
+
+@_chunk_fwd.register_fake
+def _(x, weight, cu_seqlens, chunk_index, chunk_offsets, heads, pad_left, softmax, seed_lo, threshold, scale):
+    lse = x.new_empty((x.shape[0], heads), dtype=torch.float32) if softmax else nothing(x)
+    return torch.empty_like(x), nothing(x), lse
+
+
+@torch.library.custom_op("seqmix::dynamic_conv_chunk_bwd", mutates_args=())
+def _chunk_bwd(x: Tensor, weight: Tensor, cu_seqlens: Tensor, chunk_index: Tensor, chunk_offsets: Tensor,
+               lse: Tensor, heads: int, pad_left: int, softmax: bool, seed_lo: int, threshold: int, scale: float,
+               dout: Tensor, dfinal: Tensor | None, needs: list[bool]) -> list[Tensor]:
+    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, kernels.CHUNK)
+    dx, dw = kernels.dynamic_conv_bwd(x, weight, lse if softmax else None, dout, chunking, heads, pad_left, softmax,
+                                      (seed_lo, threshold, scale))
+    return as_input_grads((dx, dw, None, None, None), (x, weight, cu_seqlens, chunk_index, chunk_offsets), needs, x)
+
+
+register_autograd(_chunk_fwd, _chunk_bwd, num_inputs=5)
 
 
 def _check(x, weight, per_token: bool, padding, dropconnect, seed, cu_seqlens):
@@ -85,7 +100,8 @@ def _dispatch(op, x, weight, padding, weight_softmax, dropconnect, seed, cu_seql
                                            padding_left(padding, K), weight_softmax, *drop)
     else:
         chunking = chunking_for(B, T, kernels.CHUNK, x.device, cu_seqlens)
-        out = _DynamicConv.apply(x2, w, chunking, heads, padding_left(padding, K), weight_softmax, drop)
+        out, _, _ = _chunk_fwd(x2, w, *chunking_args(chunking), heads, padding_left(padding, K), weight_softmax,
+                               *drop)
     return out.view(B, T, C)
 
 

@@ -1,4 +1,4 @@
-"""Fused Triton kernels of LightConv and DynamicConv (forward and backward).
+"""Fused Triton kernels of LightConv and DynamicConv, forward and backward (docs/math/conv.md).
 
 Inputs arrive packed: x ``[L, C]`` with C = H*R (head h owns channels h*R .. h*R+R-1) and
 sequence boundaries in a :class:`~seqmix.kernels.sequences.Chunking`. The weights are
@@ -105,7 +105,7 @@ def _channel_block(r0, o_t, C: tl.constexpr, R: tl.constexpr, BR: tl.constexpr):
 
 @triton.autotune(configs=_configs(), key=["H", "R", "K", "ROW"])
 @triton.jit
-def dynamic_conv_fwd_kernel(
+def dynamic_conv_output_fwd_kernel(
     x, weight, out, lse_out, chunk_index, cu_seqlens, seed_lo, threshold, scale,
     H: tl.constexpr, R: tl.constexpr, K: tl.constexpr, P: tl.constexpr, ROW: tl.constexpr,
     BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, SOFTMAX: tl.constexpr, DROP: tl.constexpr,
@@ -132,7 +132,7 @@ def dynamic_conv_fwd_kernel(
 
 @triton.autotune(configs=_configs(), key=["H", "R", "K", "ROW"])
 @triton.jit
-def dynamic_conv_bwd_kernel(
+def dynamic_conv_dxdw_bwd_kernel(
     x, weight, lse, dout, dx, dw, chunk_index, cu_seqlens, seed_lo, threshold, scale,
     H: tl.constexpr, R: tl.constexpr, K: tl.constexpr, P: tl.constexpr, ROW: tl.constexpr,
     BT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, SOFTMAX: tl.constexpr, DROP: tl.constexpr,
@@ -181,7 +181,7 @@ def dynamic_conv_bwd_kernel(
         tl.store(dw + (i_c * H + h).to(tl.int64) * K + o_k, tl.sum(g, 0), mask=o_k < K)
 
 
-KERNELS = (dynamic_conv_fwd_kernel, dynamic_conv_bwd_kernel)
+KERNELS = (dynamic_conv_output_fwd_kernel, dynamic_conv_dxdw_bwd_kernel)
 
 
 def _launch_args(x, weight, chunking: Chunking, heads: int, pad_left: int, softmax: bool, drop):
@@ -203,7 +203,7 @@ def dynamic_conv_fwd(x, weight, chunking: Chunking, heads: int, pad_left: int, s
     grid, scalars, meta = _launch_args(x, weight, chunking, heads, pad_left, softmax, drop)
     out = empty(L, C, dtype=x.dtype, device=x.device)
     lse = empty(L, heads, dtype=torch.float32, device=x.device) if softmax else None
-    dynamic_conv_fwd_kernel[grid](x, weight, out, lse, *scalars, **meta)
+    dynamic_conv_output_fwd_kernel[grid](x, weight, out, lse, *scalars, **meta)
     return out, lse
 
 
@@ -217,5 +217,5 @@ def dynamic_conv_bwd(x, weight, lse, dout, chunking: Chunking, heads: int, pad_l
         dw = empty(L, heads, K, dtype=weight.dtype, device=x.device)
     else:
         dw = empty(chunking.num_chunks, heads, K, dtype=torch.float32, device=x.device)
-    dynamic_conv_bwd_kernel[grid](x, weight, lse, dout, dx, dw, *scalars, **meta)
+    dynamic_conv_dxdw_bwd_kernel[grid](x, weight, lse, dout, dx, dw, *scalars, **meta)
     return dx, dw if weight.dim() == 3 else dw.sum(0).to(weight.dtype)

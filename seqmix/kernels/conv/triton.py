@@ -1,4 +1,5 @@
-"""Fused Triton kernels of the short causal depthwise convolution (forward and backward).
+"""Fused Triton kernels of the short causal depthwise convolution, forward and backward
+(docs/math/conv.md).
 
 Inputs arrive packed: x ``[L, D]`` with sequence boundaries in a
 :class:`~seqmix.kernels.sequences.Chunking`; one program handles a chunk of
@@ -70,7 +71,7 @@ def _pre_activation(x, weight, bias, h0, i_n, t0, nt, rel0, o_d, D: tl.constexpr
 
 @triton.autotune(configs=_configs(), key=["D", "W"])
 @triton.jit
-def causal_conv1d_fwd_kernel(
+def causal_conv1d_output_fwd_kernel(
     x, weight, bias, h0, out, chunk_index, cu_seqlens,
     D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, SILU: tl.constexpr,
@@ -89,7 +90,7 @@ def causal_conv1d_fwd_kernel(
 
 @triton.autotune(configs=_configs(), key=["D", "W"])
 @triton.jit
-def causal_conv1d_final_state_kernel(
+def causal_conv1d_final_state_fwd_kernel(
     x, h0, ht, cu_seqlens, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, HAS_H0: tl.constexpr,
 ):
     """ht[n, :, m] = the input W-1-m tokens before the end of sequence n (from the state if before its start)."""
@@ -110,7 +111,7 @@ def causal_conv1d_final_state_kernel(
 
 @triton.autotune(configs=_configs(), key=["D", "W"])
 @triton.jit
-def causal_conv1d_bwd_dz_kernel(
+def causal_conv1d_dz_bwd_kernel(
     x, weight, bias, h0, dout, dz, dw_part, db_part, chunk_index, cu_seqlens,
     D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, SILU: tl.constexpr,
@@ -139,7 +140,7 @@ def causal_conv1d_bwd_dz_kernel(
 
 @triton.autotune(configs=_configs(), key=["D", "W"])
 @triton.jit
-def causal_conv1d_bwd_dx_kernel(
+def causal_conv1d_dx_bwd_kernel(
     weight, dz, dht, dx, chunk_index, cu_seqlens,
     D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, HAS_DHT: tl.constexpr,
 ):
@@ -169,7 +170,7 @@ def causal_conv1d_bwd_dx_kernel(
 
 @triton.autotune(configs=_configs(), key=["D", "W"])
 @triton.jit
-def causal_conv1d_bwd_dh0_kernel(
+def causal_conv1d_dh0_bwd_kernel(
     weight, dz, dht, dh0, cu_seqlens, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, HAS_DHT: tl.constexpr,
 ):
     """Gradient of initial-state entry s (the input W-1-s tokens before the sequence start): the
@@ -183,7 +184,7 @@ def causal_conv1d_bwd_dh0_kernel(
         acc = tl.zeros([BD], dtype=tl.float32)
         for j in range(W):
             # The output reading this entry through tap j, relative to bos (as a block: see
-            # causal_conv1d_final_state_kernel).
+            # causal_conv1d_final_state_fwd_kernel).
             t = rel + (W - 1 - j) + tl.zeros([BD], dtype=tl.int64)
             w_j = tl.load(weight + o_d * W + j, mask=m_d, other=0.0).to(tl.float32)
             ok = (t >= 0) & (t < eos - bos)
@@ -196,7 +197,7 @@ def causal_conv1d_bwd_dh0_kernel(
 
 @triton.autotune(configs=_configs(), key=["D", "W"])
 @triton.jit
-def causal_conv1d_update_kernel(
+def causal_conv1d_update_fwd_kernel(
     x, state, weight, bias, out, T, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr,
     HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
 ):
@@ -233,12 +234,12 @@ def _window(p_x, p_s, pos, m_d, D: tl.constexpr, W: tl.constexpr):
 
 
 KERNELS = (
-    causal_conv1d_fwd_kernel,
-    causal_conv1d_final_state_kernel,
-    causal_conv1d_bwd_dz_kernel,
-    causal_conv1d_bwd_dx_kernel,
-    causal_conv1d_bwd_dh0_kernel,
-    causal_conv1d_update_kernel,
+    causal_conv1d_output_fwd_kernel,
+    causal_conv1d_final_state_fwd_kernel,
+    causal_conv1d_dz_bwd_kernel,
+    causal_conv1d_dx_bwd_kernel,
+    causal_conv1d_dh0_bwd_kernel,
+    causal_conv1d_update_fwd_kernel,
 )
 
 
@@ -256,14 +257,14 @@ def causal_conv1d_fwd(x, weight, bias, h0, chunking: Chunking, silu: bool, store
     W = weight.shape[1]
     N = chunking.num_sequences
     out = empty(L, D, dtype=x.dtype, device=x.device)
-    causal_conv1d_fwd_kernel[_chunk_grid(chunking, D)](
+    causal_conv1d_output_fwd_kernel[_chunk_grid(chunking, D)](
         x, weight, bias, h0, out, chunking.chunk_index, chunking.cu_seqlens,
         D=D, W=W, BT=CHUNK, HAS_BIAS=bias is not None, HAS_H0=h0 is not None, SILU=silu,
     )
     ht = None
     if store_final:
         ht = empty(N, D, W - 1, dtype=torch.float32, device=x.device)
-        causal_conv1d_final_state_kernel[_seq_grid(N, D)](
+        causal_conv1d_final_state_fwd_kernel[_seq_grid(N, D)](
             x, h0, ht, chunking.cu_seqlens, D=D, W=W, HAS_H0=h0 is not None,
         )
     return out, ht
@@ -277,19 +278,19 @@ def causal_conv1d_bwd(x, weight, bias, h0, chunking: Chunking, silu: bool, dout,
     dz = empty(L, D, dtype=torch.float32, device=x.device)
     dw_part = empty(NC, W, D, dtype=torch.float32, device=x.device)
     db_part = empty(NC, D, dtype=torch.float32, device=x.device) if bias is not None else None
-    causal_conv1d_bwd_dz_kernel[_chunk_grid(chunking, D)](
+    causal_conv1d_dz_bwd_kernel[_chunk_grid(chunking, D)](
         x, weight, bias, h0, dout, dz, dw_part, db_part, chunking.chunk_index, chunking.cu_seqlens,
         D=D, W=W, BT=CHUNK, HAS_BIAS=bias is not None, HAS_H0=h0 is not None, SILU=silu,
     )
     dx = empty(L, D, dtype=x.dtype, device=x.device)
-    causal_conv1d_bwd_dx_kernel[_chunk_grid(chunking, D)](
+    causal_conv1d_dx_bwd_kernel[_chunk_grid(chunking, D)](
         weight, dz, dht, dx, chunking.chunk_index, chunking.cu_seqlens,
         D=D, W=W, BT=CHUNK, HAS_DHT=dht is not None,
     )
     dh0 = None
     if need_dh0:
         dh0 = empty(N, D, W - 1, dtype=torch.float32, device=x.device)
-        causal_conv1d_bwd_dh0_kernel[_seq_grid(N, D)](
+        causal_conv1d_dh0_bwd_kernel[_seq_grid(N, D)](
             weight, dz, dht, dh0, chunking.cu_seqlens, D=D, W=W, HAS_DHT=dht is not None,
         )
     dweight = dw_part.sum(0).t()
@@ -302,6 +303,6 @@ def causal_conv1d_update(x, state, weight, bias, silu: bool):
     N, T, D = x.shape
     W = weight.shape[1]
     out = empty(N, T, D, dtype=x.dtype, device=x.device)
-    causal_conv1d_update_kernel[_seq_grid(N, D)](x, state, weight, bias, out, T, D=D, W=W,
+    causal_conv1d_update_fwd_kernel[_seq_grid(N, D)](x, state, weight, bias, out, T, D=D, W=W,
                                                  HAS_BIAS=bias is not None, SILU=silu)
     return out

@@ -1,21 +1,20 @@
-"""The delta rule (DeltaNet) and the gated delta rule (Gated DeltaNet): public ops, argument checks
-and backend dispatch. Both share one set of Triton kernels; a constexpr flag adds the decay."""
+"""The delta rule (DeltaNet) and the gated delta rule (Gated DeltaNet): public ops, argument checks,
+backend dispatch and the kernels as torch.library ops (seqmix/kernels/op.py runs them). Both share
+one set of Triton kernels; a constexpr flag adds the decay. The math: docs/math/deltanet.md."""
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from seqmix.kernels.alloc import no_tokens_result
 from seqmix.kernels.backend import select_backend
-from seqmix.kernels.checks import check_cu_seqlens, check_log_decay, check_same_dtype, check_scale, check_tensor
+from seqmix.kernels.checks import check_key_value_state, check_log_decay, check_query_key_value, check_same_dtype
+from seqmix.kernels.checks import check_scale, check_tensor
 from seqmix.kernels.deltanet import triton as kernels
-from seqmix.kernels.deltanet.reference import (
-    delta_rule_chunked,
-    delta_rule_recurrent,
-    gated_delta_rule_chunked,
-    gated_delta_rule_recurrent,
-)
-from seqmix.kernels.sequences import chunking_for
+from seqmix.kernels.deltanet.reference import delta_rule_chunked, delta_rule_recurrent, gated_delta_rule_chunked
+from seqmix.kernels.deltanet.reference import gated_delta_rule_recurrent
+from seqmix.kernels.op import FusedOp, as_input_grads, chunking_of, fake_key_value_outputs, no_tokens_result, nothing
+from seqmix.kernels.op import or_empty, register_autograd, run_fused
 from seqmix.kernels.triton_common import chunk_local_cumsum
 
 __all__ = [
@@ -23,74 +22,69 @@ __all__ = [
     "gated_delta_rule", "gated_delta_rule_chunked", "gated_delta_rule_recurrent",
 ]
 
-# Below this many tokens per sequence (and with no gradient wanted) the
-# token-by-token kernel beats the three launches of the chunked forward.
-RECURRENT_MAX_TOKENS = 64
-
 
 def _check_inputs(q, k, v, beta, initial_state, cu_seqlens, g=None):
-    check_tensor("q", q, (None, None, None, None), dims="[B, T, H, K]")
-    B, T, H, K = q.shape
-    check_tensor("k", k, (B, T, H, K), dims="[B, T, H, K]", like=q)
-    check_tensor("v", v, (B, T, H, None), dims="[B, T, H, V]", like=q)
-    check_tensor("beta", beta, (B, T, H), dims="[B, T, H]", like=q)
+    check_query_key_value(q, k, v)
+    check_tensor("beta", beta, q.shape[:3], dims="[B, T, H]", like=q)
     check_same_dtype(("q", "k", "v", "beta"), (q, k, v, beta))
     if g is not None:
-        check_log_decay("g", g, (B, T, H), dims="[B, T, H]", like=q)
-    if K == 0 or v.shape[-1] == 0:
-        raise ValueError(f"head dims must be positive, got K={K}, V={v.shape[-1]}")
-    n = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, batch=B, total=T, like=q)
-    if initial_state is not None:
-        check_tensor("initial_state", initial_state, (n, H, K, v.shape[-1]), dims="[N, H, K, V]", like=q)
-    return n
+        check_log_decay("g", g, q.shape[:3], dims="[B, T, H]", like=q)
+    return check_key_value_state(q, v, initial_state, cu_seqlens)
 
 
-class _ChunkDeltaRule(torch.autograd.Function):
-    """The chunked kernels under autograd; ``g`` None is the plain delta rule."""
+# The kernels as torch.library ops (the protocol of seqmix/kernels/op.py): q, k [L, H, K], v [L, H, V],
+# beta and g [L, H] packed; h0 [N, H, K, V] float32; g None is the plain delta rule.
 
-    @staticmethod
-    def forward(ctx, q, k, v, g, beta, initial_state, scale, chunking, output_final_state):
-        h0 = None if initial_state is None else initial_state.float().contiguous()
-        gcum = None if g is None else chunk_local_cumsum(g, chunking)
-        o, ht, t_inv = kernels.chunk_delta_rule_fwd(q, k, v, beta, gcum, scale, h0, chunking, output_final_state)
-        ctx.save_for_backward(q, k, v, gcum, beta, t_inv, h0)
-        ctx.scale, ctx.chunking = scale, chunking
-        ctx.g_dtype = None if g is None else g.dtype
-        ctx.initial_state_dtype = None if initial_state is None else initial_state.dtype
-        return o, ht
-
-    @staticmethod
-    def backward(ctx, do, dht):
-        q, k, v, gcum, beta, t_inv, h0 = ctx.saved_tensors
-        need_dh0 = h0 is not None and ctx.needs_input_grad[5]
-        dht = None if dht is None else dht.float().contiguous()
-        dq, dk, dv, dbeta, dg, dh0 = kernels.chunk_delta_rule_bwd(
-            q, k, v, beta, gcum, t_inv, ctx.scale, h0, ctx.chunking, do.contiguous(), dht, need_dh0
-        )
-        if dh0 is not None:
-            dh0 = dh0.to(ctx.initial_state_dtype)
-        if dg is not None:
-            dg = dg.to(ctx.g_dtype)
-        return dq, dk, dv, dg, dbeta, dh0, None, None, None
+@torch.library.custom_op("seqmix::delta_rule_chunk_fwd", mutates_args=())
+def _chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, h0: Tensor | None,
+               cu_seqlens: Tensor, chunk_index: Tensor, chunk_offsets: Tensor, scale: float, store_final: bool
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (o, final state, and for the backward: each chunk's M = (I + A)^-1 as m_wy [L, H, 64] and
+    the in-chunk cumulative g [L, H], both float32)."""
+    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, kernels.CHUNK)
+    gcum = None if g is None else chunk_local_cumsum(g, chunking)
+    o, ht, m_wy = kernels.chunk_delta_rule_fwd(q, k, v, beta, gcum, scale, h0, chunking, store_final)
+    return o, or_empty(ht, q), m_wy, or_empty(gcum, q)
 
 
-def _triton_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, n):
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    packed = [x.reshape(B * T, H, -1).contiguous() for x in (q, k, v)]
-    beta_p = beta.reshape(B * T, H).contiguous()
-    g_p = None if g is None else g.reshape(B * T, H).contiguous()
-    chunking = chunking_for(B, T, kernels.CHUNK, q.device, cu_seqlens)
-    wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state)
+@_chunk_fwd.register_fake
+def _(q, k, v, beta, g, h0, cu_seqlens, chunk_index, chunk_offsets, scale, store_final):
+    L, H, _ = q.shape
+    o, ht = fake_key_value_outputs(q, v, cu_seqlens, store_final)
+    f32 = {"dtype": torch.float32}
+    return o, ht, q.new_empty((L, H, kernels.CHUNK), **f32), nothing(q) if g is None else q.new_empty((L, H), **f32)
+
+
+@torch.library.custom_op("seqmix::delta_rule_chunk_bwd", mutates_args=())
+def _chunk_bwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, h0: Tensor | None,
+               cu_seqlens: Tensor, chunk_index: Tensor, chunk_offsets: Tensor, m_wy: Tensor, gcum: Tensor,
+               scale: float, store_final: bool, do: Tensor, dht: Tensor | None, needs: list[bool]
+               ) -> list[Tensor]:
+    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, kernels.CHUNK)
+    dq, dk, dv, dbeta, dg, dh0 = kernels.chunk_delta_rule_bwd(
+        q, k, v, beta, None if g is None else gcum, m_wy, scale, h0, chunking, do, dht, h0 is not None and needs[5]
     )
-    if not wants_grad and B * T <= RECURRENT_MAX_TOKENS * n:
-        h0 = None if initial_state is None else initial_state.float().contiguous()
-        o, ht = kernels.recurrent_delta_rule_fwd(*packed, beta_p, g_p, scale, h0, chunking.cu_seqlens,
-                                                 output_final_state)
-    else:
-        o, ht = _ChunkDeltaRule.apply(*packed, g_p, beta_p, initial_state, scale, chunking, output_final_state)
-    return o.view(B, T, H, V), ht
+    inputs = (q, k, v, beta, g, h0, cu_seqlens, chunk_index, chunk_offsets)
+    return as_input_grads((dq, dk, dv, dbeta, dg, dh0, None, None, None), inputs, needs, q)
+
+
+register_autograd(_chunk_fwd, _chunk_bwd, num_inputs=9)
+
+
+@torch.library.custom_op("seqmix::delta_rule_recurrent_fwd", mutates_args=())
+def _recurrent_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, h0: Tensor | None,
+                   cu_seqlens: Tensor, chunk_index: Tensor, chunk_offsets: Tensor, scale: float, store_final: bool
+                   ) -> tuple[Tensor, Tensor]:
+    o, ht = kernels.recurrent_delta_rule_fwd(q, k, v, beta, g, scale, h0, cu_seqlens, store_final)
+    return o, or_empty(ht, q)
+
+
+@_recurrent_fwd.register_fake
+def _(q, k, v, beta, g, h0, cu_seqlens, chunk_index, chunk_offsets, scale, store_final):
+    return fake_key_value_outputs(q, v, cu_seqlens, store_final)
+
+
+FUSED = FusedOp(kernels.CHUNK, _chunk_fwd, _recurrent_fwd)
 
 
 def _dispatch(op, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, backend):
@@ -103,7 +97,7 @@ def _dispatch(op, q, k, v, g, beta, scale, initial_state, output_final_state, cu
         B, _, H, _ = q.shape
         return no_tokens_result((B, 0, H, V), (n, H, K, V), initial_state, output_final_state, q)
     if name == "triton":
-        return _triton_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, n)
+        return run_fused(FUSED, (q, k, v, beta, g), (), initial_state, (scale,), output_final_state, cu_seqlens)
     if g is None:
         return delta_rule_chunked(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
     return gated_delta_rule_chunked(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from seqmix.kernels.sequences import reference_dtype, sequence_spans
+from seqmix.kernels.sequences import over_sequences, reference_dtype, sequence_spans
 
 
 def _recurrent(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens):
@@ -21,9 +21,8 @@ def _recurrent(q, k, v, beta, g, scale, initial_state, output_final_state, cu_se
     B, T, H, K = q.shape
     V = v.shape[-1]
     dt = reference_dtype(q)
-    outs, finals = [], []
-    for n, (b, s, e) in enumerate(sequence_spans(cu_seqlens, B, T)):
-        S = q.new_zeros(H, K, V, dtype=dt) if initial_state is None else initial_state[n].to(dt)
+
+    def run(b, s, e, S):
         rows = []
         for t in range(s, e):
             qt, kt, vt = q[b, t].to(dt), k[b, t].to(dt), v[b, t].to(dt)
@@ -33,11 +32,10 @@ def _recurrent(q, k, v, beta, g, scale, initial_state, output_final_state, cu_se
             v_new = vt - torch.einsum("hkv,hk->hv", S, kt)
             S = S + torch.einsum("hk,hv->hkv", kt * bt[:, None], v_new)
             rows.append(scale * torch.einsum("hkv,hk->hv", S, qt))
-        outs.append(torch.stack(rows) if rows else q.new_zeros(0, H, V, dtype=dt))
-        finals.append(S)
-    o = torch.cat(outs).view(1, -1, H, V) if cu_seqlens is not None else torch.stack(outs)
-    final = torch.stack(finals) if output_final_state else None
-    return o.to(q.dtype), final
+        return (torch.stack(rows) if rows else q.new_zeros(0, H, V, dtype=dt)), S
+
+    o, final = over_sequences(run, B, T, cu_seqlens, initial_state, q.new_zeros(H, K, V, dtype=dt), dt)
+    return o.to(q.dtype), (final if output_final_state else None)
 
 
 def delta_rule_recurrent(q, k, v, beta, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
@@ -81,17 +79,17 @@ def _chunked_dense(q, k, v, beta, g, scale, S, chunk_size):
     P = q @ k.transpose(-1, -2)
     kbg = kb
     if g is not None:
-        # b: cumulative log decay inside each chunk. Ratios exp(b_i - b_j) are formed for i >= j only,
-        # so no exponent is positive (exp(b_i) * exp(-b_j) would overflow for strong decays).
-        b = g.reshape(B, NT, C, H).permute(0, 3, 1, 2).cumsum(-1)
-        decay = torch.exp((b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf")))
+        # gcum: cumulative log decay inside each chunk. Ratios exp(gcum_i - gcum_j) are formed for i >= j only,
+        # so no exponent is positive (exp(gcum_i) * exp(-gcum_j) would overflow for strong decays).
+        gcum = g.reshape(B, NT, C, H).permute(0, 3, 1, 2).cumsum(-1)
+        decay = torch.exp((gcum[..., :, None] - gcum[..., None, :]).masked_fill(~causal, float("-inf")))
         A, P = A * decay, P * decay
-        kbg = kb * torch.exp(b)[..., None]
+        kbg = kb * torch.exp(gcum)[..., None]
     A = A.masked_fill(~strict, 0)
     P = P.masked_fill(~causal, 0)
-    Tm = torch.linalg.solve_triangular(eye + A, eye.expand_as(A), upper=False, unitriangular=True)
-    W = Tm @ kbg
-    U = Tm @ (v * beta[..., None])
+    M = torch.linalg.solve_triangular(eye + A, eye.expand_as(A), upper=False, unitriangular=True)
+    W = M @ kbg
+    U = M @ (v * beta[..., None])
     outs = []
     for c in range(NT):
         v_new = U[:, :, c] - W[:, :, c] @ S
@@ -100,10 +98,10 @@ def _chunked_dense(q, k, v, beta, g, scale, S, chunk_size):
             outs.append(scale * (q_c @ S + P[:, :, c] @ v_new))
             S = S + k_c.transpose(-1, -2) @ v_new
             continue
-        b_c = b[:, :, c]
-        outs.append(scale * ((q_c * torch.exp(b_c)[..., None]) @ S + P[:, :, c] @ v_new))
-        k_c = k_c * torch.exp(b_c[..., -1:] - b_c)[..., None]
-        S = S * torch.exp(b_c[..., -1])[..., None, None] + k_c.transpose(-1, -2) @ v_new
+        gcum_c = gcum[:, :, c]
+        outs.append(scale * ((q_c * torch.exp(gcum_c)[..., None]) @ S + P[:, :, c] @ v_new))
+        k_c = k_c * torch.exp(gcum_c[..., -1:] - gcum_c)[..., None]
+        S = S * torch.exp(gcum_c[..., -1])[..., None, None] + k_c.transpose(-1, -2) @ v_new
     o = torch.stack(outs, 2).permute(0, 2, 3, 1, 4).reshape(B, NT * C, H, V)[:, :T]
     return o, S
 
@@ -134,14 +132,14 @@ def _chunked(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seql
 def delta_rule_chunked(
     q, k, v, beta, scale, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64
 ):
-    """The chunked WY/UT form (``../shared/MATH.md``): per chunk T = (I + A)^-1, W, U, V' = U - W S."""
+    """The chunked WY/UT form (docs/math/deltanet.md): per chunk M = (I + A)^-1, W, U, V' = U - W S."""
     return _chunked(q, k, v, beta, None, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
 
 
 def gated_delta_rule_chunked(
     q, k, v, g, beta, scale, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64
 ):
-    """The gated WY/UT form: with b the in-chunk cumulative log decay and G_ij = exp(b_i - b_j) (i >= j),
-    A = tril_(diag(beta) (K K^T * G)), W = T diag(beta exp(b)) K, U = T diag(beta) V, V' = U - W S,
-    O = scale (exp(b) Q S + (tril(Q K^T) * G) V'), S_next = exp(b_C) S + (K exp(b_C - b))^T V'."""
+    """The gated WY/UT form: with gcum the in-chunk cumulative log decay and G_ij = exp(gcum_i - gcum_j) (i >= j),
+    A = tril_(diag(beta) (K K^T * G)), W = M diag(beta exp(gcum)) K, U = M diag(beta) V, V' = U - W S,
+    O = scale (exp(gcum) Q S + (tril(Q K^T) * G) V'), S_next = exp(gcum_C) S + (K exp(gcum_C - gcum))^T V'."""
     return _chunked(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size)

@@ -3,10 +3,10 @@
 Inputs arrive packed: q, k ``[L, H, K]``, v ``[L, H, V]``, beta ``[L, H]`` with
 ``L`` the total number of tokens and sequence boundaries in a
 :class:`~seqmix.kernels.sequences.Chunking`. The chunked forward runs three
-kernels (``../shared/MATH.md`` gives the algebra):
+kernels (docs/math/deltanet.md gives the algebra):
 
-1. ``wy_fwd``: per chunk, ``A = tril_(diag(beta) K K^T)``, ``T = (I + A)^-1``,
-   ``W = T diag(beta) K``, ``U = T diag(beta) V``. T is inverted in blocks of
+1. ``wy_fwd``: per chunk, ``A = tril_(diag(beta) K K^T)``, ``M = (I + A)^-1``,
+   ``W = M diag(beta) K``, ``U = M diag(beta) V``. M is inverted in blocks of
    16 rows: forward substitution inside the four diagonal blocks, matmuls
    for the blocks below them, so the sequential part is 16 steps, not 64.
 2. ``state_fwd``: per sequence and block of value channels, the only
@@ -14,7 +14,7 @@ kernels (``../shared/MATH.md`` gives the algebra):
    and ``S += K^T V'``.
 3. ``output_fwd``: per chunk, ``O = scale (Q S + tril(Q K^T) V')``.
 
-The forward keeps T (64 floats per token and head); the backward rebuilds W
+The forward keeps M (64 floats per token and head); the backward rebuilds W
 and U from it and the per-chunk states by rerunning 2 (the states would cost
 K*V values per chunk to keep), then runs four kernels: the intra-chunk part
 of ``dV'``, the reverse state pass (the state gradient entering each chunk and
@@ -35,36 +35,13 @@ import triton.language as tl
 
 from seqmix.kernels.alloc import empty
 from seqmix.kernels.sequences import Chunking
-from seqmix.kernels.triton_common import (
-    autotune_configs,
-    chunk_local_cumsum,
-    chunk_position,
-    decay_ratio,
-    dot_precision,
-    head_block,
-    load_matrix,
-    load_row_values,
-    load_rows,
-    mm,
-    sequence_bounds,
-    store_matrix,
-    store_row_values,
-    store_rows,
-)
+from seqmix.kernels import triton_common
+from seqmix.kernels.triton_common import chunk_configs, chunk_local_cumsum, chunk_position, decay_ratio, dot_precision
+from seqmix.kernels.triton_common import key_value_blocks, load_matrix, load_row_values, load_rows, mm
+from seqmix.kernels.triton_common import sequence_bounds, sequence_program, state_configs, store_matrix
+from seqmix.kernels.triton_common import store_row_values, store_rows
 
 CHUNK = 64
-
-
-def _state_configs():
-    return autotune_configs(
-        [triton.Config({"BV": bv}, num_warps=w) for bv in (32, 64) for w in (4, 8)]
-    )
-
-
-def _chunk_configs():
-    return autotune_configs(
-        [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
-    )
 
 
 @triton.jit
@@ -82,7 +59,7 @@ def _unit_lower_inverse(a, BC: tl.constexpr):
 
 @triton.jit
 def _mm32(a, b):
-    """A float32 matmul at full precision, for the small products that build T."""
+    """A float32 matmul at full precision, for the small products that build M."""
     return tl.dot(a, b, input_precision="ieee")
 
 
@@ -90,7 +67,7 @@ def _mm32(a, b):
 def _kkt_blocks(k, beta, gcum, i_h, t0, nt, H: tl.constexpr, K: tl.constexpr, BC: tl.constexpr, BKC: tl.constexpr,
                 PREC: tl.constexpr, USE_G: tl.constexpr):
     """The ten lower [BC, BC] blocks A_ij (j <= i) of tril_(diag(beta) K K^T) for a chunk of 4*BC rows,
-    times the decay ratios exp(b_r - b_c) of the gated rule when USE_G."""
+    times the decay ratios exp(gcum_r - gcum_c) of the gated rule when USE_G."""
     DT = k.dtype.element_ty
     a00 = tl.zeros([BC, BC], dtype=tl.float32)
     a10, a11 = a00, a00
@@ -142,74 +119,74 @@ def _kkt_blocks(k, beta, gcum, i_h, t0, nt, H: tl.constexpr, K: tl.constexpr, BC
 
 
 @triton.jit
-def _store_t_block(t_inv, x, i_h, t0, nt, r: tl.constexpr, c: tl.constexpr, H: tl.constexpr,
+def _store_m_block(m_wy, x, i_h, t0, nt, r: tl.constexpr, c: tl.constexpr, H: tl.constexpr,
                    BT: tl.constexpr, BC: tl.constexpr):
-    """Store block (r, c) of a chunk's T into t_inv [L, H, BT]."""
-    store_rows(t_inv + i_h * BT, x, t0 + r * BC, nt - r * BC, H * BT, c * BC, BT, BC, BC)
+    """Store block (r, c) of a chunk's M into m_wy [L, H, BT]."""
+    store_rows(m_wy + i_h * BT, x, t0 + r * BC, nt - r * BC, H * BT, c * BC, BT, BC, BC)
 
 
 @triton.jit
-def _load_t(t_inv, i_h, t0, nt, H: tl.constexpr, BT: tl.constexpr):
-    """A chunk's T as a [BT, BT] tile. Only its lower triangle is stored; the rest is zeroed here."""
+def _load_m(m_wy, i_h, t0, nt, H: tl.constexpr, BT: tl.constexpr):
+    """A chunk's M as a [BT, BT] tile. Only its lower triangle is stored; the rest is zeroed here."""
     o_t = tl.arange(0, BT)
-    b_t = load_rows(t_inv + i_h * BT, t0, nt, H * BT, 0, BT, BT, BT)
-    return tl.where(o_t[:, None] >= o_t[None, :], b_t, 0.0)
+    b_m = load_rows(m_wy + i_h * BT, t0, nt, H * BT, 0, BT, BT, BT)
+    return tl.where(o_t[:, None] >= o_t[None, :], b_m, 0.0)
 
 
-@triton.autotune(configs=_chunk_configs(), key=["K", "V", "INVERT"])
+@triton.autotune(configs=chunk_configs(), key=["K", "V", "INVERT"])
 @triton.jit
 def delta_rule_wy_fwd_kernel(
-    k, v, beta, gcum, w, u, t_inv, chunk_index, cu_seqlens,
+    k, v, beta, gcum, w, u, m_wy, chunk_index, cu_seqlens,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, INVERT: tl.constexpr,
     USE_G: tl.constexpr,
 ):
-    """Per chunk: T = (I + tril_(diag(beta) K K^T))^-1 (only when INVERT; else T is read
-    from t_inv), then W = T diag(beta) K and U = T diag(beta) V. With the gate (USE_G, gcum the
-    in-chunk cumulative log decay b): K K^T is taken times exp(b_i - b_j) and W = T diag(beta exp(b)) K."""
+    """Per chunk: M = (I + tril_(diag(beta) K K^T))^-1 (only when INVERT; else M is read
+    from m_wy), then W = M diag(beta) K and U = M diag(beta) V. With the gate (USE_G, gcum the
+    in-chunk cumulative log decay): K K^T is taken times exp(gcum_i - gcum_j) and W = M diag(beta exp(gcum)) K."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     DT = k.dtype.element_ty
     BC: tl.constexpr = BT // 4
     _, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
     if INVERT:
         a00, a10, a11, a20, a21, a22, a30, a31, a32, a33 = _kkt_blocks(k, beta, gcum, i_h, t0, nt, H, K, BC, BKC, PREC, USE_G)
-        t00 = _unit_lower_inverse(a00, BC)
-        t11 = _unit_lower_inverse(a11, BC)
-        t22 = _unit_lower_inverse(a22, BC)
-        t33 = _unit_lower_inverse(a33, BC)
+        m00 = _unit_lower_inverse(a00, BC)
+        m11 = _unit_lower_inverse(a11, BC)
+        m22 = _unit_lower_inverse(a22, BC)
+        m33 = _unit_lower_inverse(a33, BC)
         # Below the diagonal: T_ij = -T_ii sum_{j <= m < i} A_im T_mj.
-        t10 = -_mm32(t11, _mm32(a10, t00))
-        t21 = -_mm32(t22, _mm32(a21, t11))
-        t32 = -_mm32(t33, _mm32(a32, t22))
-        t20 = -_mm32(t22, _mm32(a20, t00) + _mm32(a21, t10))
-        t31 = -_mm32(t33, _mm32(a31, t11) + _mm32(a32, t21))
-        t30 = -_mm32(t33, _mm32(a30, t00) + _mm32(a31, t10) + _mm32(a32, t20))
-        _store_t_block(t_inv, t00, i_h, t0, nt, 0, 0, H, BT, BC)
-        _store_t_block(t_inv, t10, i_h, t0, nt, 1, 0, H, BT, BC)
-        _store_t_block(t_inv, t11, i_h, t0, nt, 1, 1, H, BT, BC)
-        _store_t_block(t_inv, t20, i_h, t0, nt, 2, 0, H, BT, BC)
-        _store_t_block(t_inv, t21, i_h, t0, nt, 2, 1, H, BT, BC)
-        _store_t_block(t_inv, t22, i_h, t0, nt, 2, 2, H, BT, BC)
-        _store_t_block(t_inv, t30, i_h, t0, nt, 3, 0, H, BT, BC)
-        _store_t_block(t_inv, t31, i_h, t0, nt, 3, 1, H, BT, BC)
-        _store_t_block(t_inv, t32, i_h, t0, nt, 3, 2, H, BT, BC)
-        _store_t_block(t_inv, t33, i_h, t0, nt, 3, 3, H, BT, BC)
-        # The chunk's T is read back whole so W and U are full-height matmuls.
+        m10 = -_mm32(m11, _mm32(a10, m00))
+        m21 = -_mm32(m22, _mm32(a21, m11))
+        m32 = -_mm32(m33, _mm32(a32, m22))
+        m20 = -_mm32(m22, _mm32(a20, m00) + _mm32(a21, m10))
+        m31 = -_mm32(m33, _mm32(a31, m11) + _mm32(a32, m21))
+        m30 = -_mm32(m33, _mm32(a30, m00) + _mm32(a31, m10) + _mm32(a32, m20))
+        _store_m_block(m_wy, m00, i_h, t0, nt, 0, 0, H, BT, BC)
+        _store_m_block(m_wy, m10, i_h, t0, nt, 1, 0, H, BT, BC)
+        _store_m_block(m_wy, m11, i_h, t0, nt, 1, 1, H, BT, BC)
+        _store_m_block(m_wy, m20, i_h, t0, nt, 2, 0, H, BT, BC)
+        _store_m_block(m_wy, m21, i_h, t0, nt, 2, 1, H, BT, BC)
+        _store_m_block(m_wy, m22, i_h, t0, nt, 2, 2, H, BT, BC)
+        _store_m_block(m_wy, m30, i_h, t0, nt, 3, 0, H, BT, BC)
+        _store_m_block(m_wy, m31, i_h, t0, nt, 3, 1, H, BT, BC)
+        _store_m_block(m_wy, m32, i_h, t0, nt, 3, 2, H, BT, BC)
+        _store_m_block(m_wy, m33, i_h, t0, nt, 3, 3, H, BT, BC)
+        # The chunk's M is read back whole so W and U are full-height matmuls.
         tl.debug_barrier()
-    b_t = _load_t(t_inv, i_h, t0, nt, H, BT)
+    b_m = _load_m(m_wy, i_h, t0, nt, H, BT)
     b_beta = load_row_values(beta + i_h, t0, nt, H, BT)[:, None]
     b_wscale = b_beta
     if USE_G:
         b_wscale = b_beta * tl.exp(load_row_values(gcum + i_h, t0, nt, H, BT))[:, None]
     for k0 in range(0, K, BKC):
         b_kb = load_rows(k + i_h * K, t0, nt, H * K, k0, K, BT, BKC).to(tl.float32) * b_wscale
-        store_rows(w + i_h * K, mm(b_t, b_kb, DT, PREC), t0, nt, H * K, k0, K, BT, BKC)
+        store_rows(w + i_h * K, mm(b_m, b_kb, DT, PREC), t0, nt, H * K, k0, K, BT, BKC)
     for v0 in range(0, V, BV):
         b_vb = load_rows(v + i_h * V, t0, nt, H * V, v0, V, BT, BV).to(tl.float32) * b_beta
-        store_rows(u + i_h * V, mm(b_t, b_vb, DT, PREC), t0, nt, H * V, v0, V, BT, BV)
+        store_rows(u + i_h * V, mm(b_m, b_vb, DT, PREC), t0, nt, H * V, v0, V, BT, BV)
 
 
-@triton.autotune(configs=_state_configs(), key=["K", "V"])
+@triton.autotune(configs=state_configs("BV"), key=["K", "V"])
 @triton.jit
 def delta_rule_state_fwd_kernel(
     k, w, u, gcum, v_new, h, h0, ht, chunk_offsets, cu_seqlens,
@@ -218,14 +195,10 @@ def delta_rule_state_fwd_kernel(
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, USE_G: tl.constexpr,
 ):
     """Sequential over the chunks of one sequence: h[c] = S entering chunk c, V' = U - W S, S += K^T V'
-    (gated: S = exp(b_C) S + (K exp(b_C - b))^T V', b_C the chunk's total log decay)."""
-    i_nh, i_v = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
+    (gated: S = exp(gcum_C) S + (K exp(gcum_C - gcum))^T V', gcum_C the chunk's total log decay)."""
+    i_h, i_v, bos, eos, c0, s_base = sequence_program(chunk_offsets, cu_seqlens, H, K * V)
     DT = k.dtype.element_ty
-    bos, eos = sequence_bounds(cu_seqlens, i_n)
-    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
     v0 = i_v * BV
-    s_base = i_nh.to(tl.int64) * K * V
     b_s = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
         b_s += load_matrix(h0 + s_base, 0, K, v0, V, BK, BV)
@@ -247,7 +220,7 @@ def delta_rule_state_fwd_kernel(
         store_matrix(ht + s_base, b_s, 0, K, v0, V, BK, BV)
 
 
-@triton.autotune(configs=_chunk_configs(), key=["K", "V"])
+@triton.autotune(configs=chunk_configs(), key=["K", "V"])
 @triton.jit
 def delta_rule_output_fwd_kernel(
     q, k, v_new, h, gcum, o, chunk_index, cu_seqlens, scale,
@@ -255,7 +228,7 @@ def delta_rule_output_fwd_kernel(
     BT: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, USE_G: tl.constexpr,
 ):
     """Per chunk and block of value channels: O = scale (Q S + tril(Q K^T) V')
-    (gated: O = scale (exp(b) Q S + (tril(Q K^T) exp(b_i - b_j)) V'))."""
+    (gated: O = scale (exp(gcum) Q S + (tril(Q K^T) exp(gcum_i - gcum_j)) V'))."""
     i_c, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     DT = q.dtype.element_ty
     _, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
@@ -280,14 +253,14 @@ def delta_rule_output_fwd_kernel(
     store_rows(o + i_h * V, b_o * scale, t0, nt, H * V, v0, V, BT, BV)
 
 
-@triton.autotune(configs=_chunk_configs(), key=["K", "V"])
+@triton.autotune(configs=chunk_configs(), key=["K", "V"])
 @triton.jit
-def delta_rule_dv_local_kernel(
+def delta_rule_dv_local_bwd_kernel(
     q, k, gcum, do, dv_local, chunk_index, cu_seqlens, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, USE_G: tl.constexpr,
 ):
-    """Per chunk: the intra-chunk part of dV', scale tril(Q K^T)^T dO (gated: times exp(b_i - b_j))."""
+    """Per chunk: the intra-chunk part of dV', scale tril(Q K^T)^T dO (gated: times exp(gcum_i - gcum_j))."""
     i_c, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     DT = q.dtype.element_ty
     _, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
@@ -308,7 +281,7 @@ def delta_rule_dv_local_kernel(
     store_rows(dv_local + i_h * V, b_dv, t0, nt, H * V, v0, V, BT, BV)
 
 
-@triton.autotune(configs=_state_configs(), key=["K", "V"])
+@triton.autotune(configs=state_configs("BV"), key=["K", "V"])
 @triton.jit
 def delta_rule_state_bwd_kernel(
     q, k, w, gcum, do, dv_local, du, dh, dht, dh0, chunk_offsets, cu_seqlens, scale,
@@ -320,15 +293,11 @@ def delta_rule_state_bwd_kernel(
 
     With dS the gradient of the state leaving chunk c: dh[c] = dS,
     dU = dV' = dV'_local + K dS, then dS <- dS + scale Q^T dO - W^T dV'.
-    Gated: dU = dV'_local + (K exp(b_C - b)) dS, dS <- exp(b_C) dS + scale (exp(b) Q)^T dO - W^T dV'.
+    Gated: dU = dV'_local + (K exp(gcum_C - gcum)) dS, dS <- exp(gcum_C) dS + scale (exp(gcum) Q)^T dO - W^T dV'.
     """
-    i_nh, i_v = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
+    i_h, i_v, bos, eos, c0, s_base = sequence_program(chunk_offsets, cu_seqlens, H, K * V)
     DT = q.dtype.element_ty
-    bos, eos = sequence_bounds(cu_seqlens, i_n)
-    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
     v0 = i_v * BV
-    s_base = i_nh.to(tl.int64) * K * V
     b_ds = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
         b_ds += load_matrix(dht + s_base, 0, K, v0, V, BK, BV)
@@ -357,21 +326,21 @@ def delta_rule_state_bwd_kernel(
         store_matrix(dh0 + s_base, b_ds, 0, K, v0, V, BK, BV)
 
 
-@triton.autotune(configs=_chunk_configs(), key=["K", "V"])
+@triton.autotune(configs=chunk_configs(), key=["K", "V"])
 @triton.jit
-def delta_rule_dqkw_kernel(
-    q, k, v_new, h, dh, gcum, do, du, dq, dk, dw, db, chunk_index, cu_seqlens, scale,
+def delta_rule_dqkw_bwd_kernel(
+    q, k, v_new, h, dh, gcum, do, du, dq, dk, dw, dgcum, chunk_index, cu_seqlens, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, USE_G: tl.constexpr,
 ):
     """Per chunk and slice of the key dim, with S = h[c], dS = dh[c] and dP = tril(scale dO V'^T):
     dQ = scale dO S^T + dP K, dK = dP^T Q + V' dS^T (the W path comes later), dW = -dU S^T.
 
-    Gated, with G_ij = exp(b_i - b_j): dQ = scale exp(b) dO S^T + (dP G) K, dK = (dP G)^T Q
-    + exp(b_C - b) V' dS^T, and this slice's share of the gradient of the cumulative log decay,
-    db = rowsum(Q dQ) - rowsum(K dK), plus at the chunk's last row the terms of b_C:
-    rowsum over the chunk of K (exp(b_C - b) V' dS^T) and exp(b_C) sum(S dS).
-    db is [L, H, number of key slices]; the launcher sums the slices.
+    Gated, with G_ij = exp(gcum_i - gcum_j): dQ = scale exp(gcum) dO S^T + (dP G) K, dK = (dP G)^T Q
+    + exp(gcum_C - gcum) V' dS^T, and this slice's share of the gradient of the cumulative log decay,
+    dgcum = rowsum(Q dQ) - rowsum(K dK), plus at the chunk's last row the terms of gcum_C:
+    rowsum over the chunk of K (exp(gcum_C - gcum) V' dS^T) and exp(gcum_C) sum(S dS).
+    dgcum is [L, H, number of key slices]; the launcher sums the slices.
     """
     i_c, i_kc, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     DT = q.dtype.element_ty
@@ -412,35 +381,35 @@ def delta_rule_dqkw_kernel(
     if USE_G:
         b_kf = b_k.to(tl.float32)
         b_k_state = tl.sum(b_dk * b_kf, 1)
-        b_db = tl.sum(b_dq * b_q.to(tl.float32), 1) - tl.sum(b_dk_intra * b_kf, 1) - b_k_state
-        b_db += tl.where(o_t == nt - 1, tl.sum(b_k_state, 0) + tl.exp(b_last) * tl.sum(b_sds, 0), 0.0)
+        b_dgcum = tl.sum(b_dq * b_q.to(tl.float32), 1) - tl.sum(b_dk_intra * b_kf, 1) - b_k_state
+        b_dgcum += tl.where(o_t == nt - 1, tl.sum(b_k_state, 0) + tl.exp(b_last) * tl.sum(b_sds, 0), 0.0)
         n_slices = tl.num_programs(1)
-        store_row_values(db + i_h * n_slices + i_kc, b_db, t0, nt, H * n_slices, BT)
+        store_row_values(dgcum + i_h * n_slices + i_kc, b_dgcum, t0, nt, H * n_slices, BT)
     b_dk += b_dk_intra
     store_rows(dq + i_h * K, b_dq, t0, nt, H * K, k0, K, BT, BKC)
     store_rows(dk + i_h * K, b_dk, t0, nt, H * K, k0, K, BT, BKC)
     store_rows(dw + i_h * K, b_dw, t0, nt, H * K, k0, K, BT, BKC)
 
 
-@triton.autotune(configs=_chunk_configs(), key=["K", "V"])
+@triton.autotune(configs=chunk_configs(), key=["K", "V"])
 @triton.jit
 def delta_rule_wy_bwd_kernel(
-    k, v, beta, gcum, t_inv, dw, du, dk_other, dk, dv, dbeta, db, chunk_index, cu_seqlens,
+    k, v, beta, gcum, m_wy, dw, du, dk_other, dk, dv, dbeta, dgcum, chunk_index, cu_seqlens,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, USE_G: tl.constexpr,
 ):
-    """Per chunk, from dW and dU back to K, V and beta through W = T diag(beta) K,
-    U = T diag(beta) V and T = (I + A)^-1 (dA = -T^T dT T^T), A = tril_(diag(beta) K K^T).
+    """Per chunk, from dW and dU back to K, V and beta through W = M diag(beta) K,
+    U = M diag(beta) V and M = (I + A)^-1 (dA = -M^T dM M^T), A = tril_(diag(beta) K K^T).
     dk_other is the key gradient of the other paths; dk gets the total.
 
-    Gated (W = T diag(beta exp(b)) K, A = tril_(diag(beta) (K K^T) G), G_ij = exp(b_i - b_j)):
-    the W path's beta terms carry exp(b), dA is taken times G, and db [L, H] gets the
+    Gated (W = M diag(beta exp(gcum)) K, A = tril_(diag(beta) (K K^T) G), G_ij = exp(gcum_i - gcum_j)):
+    the W path's beta terms carry exp(gcum), dA is taken times G, and dgcum [L, H] gets the
     cumulative log decay's gradient through W and A: with E = (dA G) (K K^T),
-    db = beta exp(b) rowsum((T^T dW) K) + beta rowsum(E) - colsum(diag(beta) E)."""
+    dgcum = beta exp(gcum) rowsum((M^T dW) K) + beta rowsum(E) - colsum(diag(beta) E)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     DT = k.dtype.element_ty
     _, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
-    b_tt = tl.trans(_load_t(t_inv, i_h, t0, nt, H, BT))
+    b_mt = tl.trans(_load_m(m_wy, i_h, t0, nt, H, BT))
     b_beta = load_row_values(beta + i_h, t0, nt, H, BT)
     b_wscale = b_beta
     if USE_G:
@@ -452,21 +421,21 @@ def delta_rule_wy_bwd_kernel(
         b_v = load_rows(v + i_h * V, t0, nt, H * V, v0, V, BT, BV).to(tl.float32)
         b_du = load_rows(du + i_h * V, t0, nt, H * V, v0, V, BT, BV)
         b_dt += mm(b_du, tl.trans(b_v * b_beta[:, None]), DT, PREC)
-        b_dvb = mm(b_tt, b_du, DT, PREC)
+        b_dvb = mm(b_mt, b_du, DT, PREC)
         b_dbeta += tl.sum(b_dvb * b_v, 1)
         store_rows(dv + i_h * V, b_dvb * b_beta[:, None], t0, nt, H * V, v0, V, BT, BV)
-    # First pass over the key dim: dT and beta's share through W, and K K^T for the A path.
+    # First pass over the key dim: dM and beta's share through W, and K K^T for the A path.
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     b_rw = tl.zeros([BT], dtype=tl.float32)
     for k0 in range(0, K, BKC):
         b_k = load_rows(k + i_h * K, t0, nt, H * K, k0, K, BT, BKC).to(tl.float32)
         b_dw = load_rows(dw + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
         b_dt += mm(b_dw, tl.trans(b_k * b_wscale[:, None]), DT, PREC)
-        b_rw += tl.sum(mm(b_tt, b_dw, DT, PREC) * b_k, 1)
+        b_rw += tl.sum(mm(b_mt, b_dw, DT, PREC) * b_k, 1)
         b_kk += mm(b_k, tl.trans(b_k), DT, PREC)
     o_t = tl.arange(0, BT)
     strict = o_t[:, None] > o_t[None, :]
-    b_da = -mm(mm(b_tt, b_dt, DT, PREC), b_tt, DT, PREC)
+    b_da = -mm(mm(b_mt, b_dt, DT, PREC), b_mt, DT, PREC)
     if USE_G:
         b_da *= decay_ratio(b_g, b_g, strict & (o_t < nt)[:, None])
         b_dbeta += b_rw * tl.exp(b_g)
@@ -477,20 +446,20 @@ def delta_rule_wy_bwd_kernel(
     b_dbeta += tl.sum(b_e, 1)
     store_row_values(dbeta + i_h, b_dbeta, t0, nt, H, BT)
     if USE_G:
-        b_db = b_wscale * b_rw + b_beta * tl.sum(b_e, 1) - tl.sum(b_e * b_beta[:, None], 0)
-        store_row_values(db + i_h, b_db, t0, nt, H, BT)
-    # Second pass: dK = dK_other + diag(beta) T^T dW + diag(beta) dA K + dA^T diag(beta) K.
+        b_dgcum = b_wscale * b_rw + b_beta * tl.sum(b_e, 1) - tl.sum(b_e * b_beta[:, None], 0)
+        store_row_values(dgcum + i_h, b_dgcum, t0, nt, H, BT)
+    # Second pass: dK = dK_other + diag(beta) M^T dW + diag(beta) dA K + dA^T diag(beta) K.
     b_dab = b_da * b_beta[:, None]
     for k0 in range(0, K, BKC):
         b_k = load_rows(k + i_h * K, t0, nt, H * K, k0, K, BT, BKC).to(tl.float32)
         b_dw = load_rows(dw + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
         b_dk = load_rows(dk_other + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
-        b_dk += mm(b_tt, b_dw, DT, PREC) * b_wscale[:, None]
+        b_dk += mm(b_mt, b_dw, DT, PREC) * b_wscale[:, None]
         b_dk += mm(b_dab, b_k, DT, PREC) + mm(tl.trans(b_da), b_k * b_beta[:, None], DT, PREC)
         store_rows(dk + i_h * K, b_dk, t0, nt, H * K, k0, K, BT, BKC)
 
 
-@triton.autotune(configs=_state_configs(), key=["K", "V"])
+@triton.autotune(configs=state_configs("BV"), key=["K", "V"])
 @triton.jit
 def delta_rule_recurrent_fwd_kernel(
     q, k, v, beta, g, o, h0, ht, cu_seqlens, scale,
@@ -529,41 +498,27 @@ KERNELS = (
     delta_rule_wy_fwd_kernel,
     delta_rule_state_fwd_kernel,
     delta_rule_output_fwd_kernel,
-    delta_rule_dv_local_kernel,
+    delta_rule_dv_local_bwd_kernel,
     delta_rule_state_bwd_kernel,
-    delta_rule_dqkw_kernel,
+    delta_rule_dqkw_bwd_kernel,
     delta_rule_wy_bwd_kernel,
     delta_rule_recurrent_fwd_kernel,
 )
 
 
-MAX_HEAD_DIM = 256
-
-
 def unsupported(dtype: torch.dtype, K: int, V: int) -> str | None:
     """Why these kernels cannot take inputs of ``dtype`` with head dims K, V; None if they can."""
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"q, k, v, beta must be float16, bfloat16 or float32, got {dtype}"
-    if max(K, V) > MAX_HEAD_DIM:
-        return f"head dims up to {MAX_HEAD_DIM}, got K={K}, V={V}"
-    return None
+    return triton_common.unsupported("q, k, v, beta", dtype, K=K, V=V)
 
 
-def block_sizes(K: int, V: int) -> dict[str, int]:
-    """BK covers the key dim (state tiles), BKC is the key slice of per-chunk kernels,
-    BV the value block of per-chunk kernels (the sequential kernels autotune theirs)."""
-    BK = head_block(K)
-    return {"BK": BK, "BKC": min(64, BK), "BV": min(64, head_block(V))}
-
-
-def _wy(k, v, beta, gcum, t_inv, chunking: Chunking, invert: bool, sizes, prec):
-    """Kernel 1: W and U per chunk; T is inverted into t_inv when ``invert``, else read from it."""
+def _wy(k, v, beta, gcum, m_wy, chunking: Chunking, invert: bool, sizes, prec):
+    """Kernel 1: W and U per chunk; M is inverted into m_wy when ``invert``, else read from it."""
     L, H, K = k.shape
     V = v.shape[-1]
     w = empty(L, H, K, dtype=k.dtype, device=k.device)
     u = empty(L, H, V, dtype=k.dtype, device=k.device)
     delta_rule_wy_fwd_kernel[(chunking.num_chunks, H)](
-        k, v, beta, gcum, w, u, t_inv, chunking.chunk_index, chunking.cu_seqlens,
+        k, v, beta, gcum, w, u, m_wy, chunking.chunk_index, chunking.cu_seqlens,
         H=H, K=K, V=V, BT=CHUNK, BKC=sizes["BKC"], BV=sizes["BV"], PREC=prec, INVERT=invert, USE_G=gcum is not None,
     )
     return w, u
@@ -588,36 +543,36 @@ def _states(k, w, u, gcum, h0, chunking: Chunking, store_final: bool, sizes, pre
 def chunk_delta_rule_fwd(q, k, v, beta, gcum, scale, h0, chunking: Chunking, store_final: bool):
     """Chunked forward; ``gcum`` ([L, H] float32 in-chunk cumulative log decays, from
     :func:`chunk_local_cumsum`) selects the gated rule, None the plain one. Returns
-    (o [L, H, V], final state [N, H, K, V] float32 or None, t_inv [L, H, 64] float32 for the backward)."""
+    (o [L, H, V], final state [N, H, K, V] float32 or None, m_wy [L, H, 64] float32 for the backward)."""
     L, H, K = q.shape
     V = v.shape[-1]
-    sizes, prec = block_sizes(K, V), dot_precision(q.dtype)
-    t_inv = empty(L, H, CHUNK, dtype=torch.float32, device=q.device)
-    w, u = _wy(k, v, beta, gcum, t_inv, chunking, True, sizes, prec)
+    sizes, prec = key_value_blocks(K, V), dot_precision(q.dtype)
+    m_wy = empty(L, H, CHUNK, dtype=torch.float32, device=q.device)
+    w, u = _wy(k, v, beta, gcum, m_wy, chunking, True, sizes, prec)
     h, v_new, ht = _states(k, w, u, gcum, h0, chunking, store_final, sizes, prec)
     o = empty(L, H, V, dtype=q.dtype, device=q.device)
     delta_rule_output_fwd_kernel[(chunking.num_chunks, triton.cdiv(V, sizes["BV"]), H)](
         q, k, v_new, h, gcum, o, chunking.chunk_index, chunking.cu_seqlens, scale,
         H=H, K=K, V=V, BT=CHUNK, BKC=sizes["BKC"], BV=sizes["BV"], PREC=prec, USE_G=gcum is not None,
     )
-    return o, ht, t_inv
+    return o, ht, m_wy
 
 
-def chunk_delta_rule_bwd(q, k, v, beta, gcum, t_inv, scale, h0, chunking: Chunking, do, dht, need_dh0: bool):
+def chunk_delta_rule_bwd(q, k, v, beta, gcum, m_wy, scale, h0, chunking: Chunking, do, dht, need_dh0: bool):
     """Chunked backward. Returns (dq, dk, dv, dbeta) in the inputs' dtypes, dg ([L, H] float32,
     the gradient of the per-token log decays; None without ``gcum``) and dh0 (float32) or None."""
     L, H, K = q.shape
     V = v.shape[-1]
-    sizes, prec = block_sizes(K, V), dot_precision(q.dtype)
+    sizes, prec = key_value_blocks(K, V), dot_precision(q.dtype)
     BKC, BV = sizes["BKC"], sizes["BV"]
     N, NC = chunking.num_sequences, chunking.num_chunks
     idx, cu = chunking.chunk_index, chunking.cu_seqlens
     dev = q.device
     use_g = gcum is not None
-    w, u = _wy(k, v, beta, gcum, t_inv, chunking, False, sizes, prec)
+    w, u = _wy(k, v, beta, gcum, m_wy, chunking, False, sizes, prec)
     h, v_new, _ = _states(k, w, u, gcum, h0, chunking, False, sizes, prec)
     dv_local = empty(L, H, V, dtype=torch.float32, device=dev)
-    delta_rule_dv_local_kernel[(NC, triton.cdiv(V, BV), H)](
+    delta_rule_dv_local_bwd_kernel[(NC, triton.cdiv(V, BV), H)](
         q, k, gcum, do, dv_local, idx, cu, scale, H=H, K=K, V=V, BT=CHUNK, BKC=BKC, BV=BV, PREC=prec, USE_G=use_g,
     )
     dh = empty(NC, H, K, V, dtype=q.dtype, device=dev)
@@ -632,21 +587,21 @@ def chunk_delta_rule_bwd(q, k, v, beta, gcum, t_inv, scale, h0, chunking: Chunki
     dk_other = empty(L, H, K, dtype=torch.float32, device=dev)
     dw = empty(L, H, K, dtype=torch.float32, device=dev)
     n_slices = triton.cdiv(K, BKC)
-    db_qk = empty(L, H, n_slices, dtype=torch.float32, device=dev) if use_g else None
-    delta_rule_dqkw_kernel[(NC, n_slices, H)](
-        q, k, v_new, h, dh, gcum, do, du, dq, dk_other, dw, db_qk, idx, cu, scale,
+    dgcum_qk = empty(L, H, n_slices, dtype=torch.float32, device=dev) if use_g else None
+    delta_rule_dqkw_bwd_kernel[(NC, n_slices, H)](
+        q, k, v_new, h, dh, gcum, do, du, dq, dk_other, dw, dgcum_qk, idx, cu, scale,
         H=H, K=K, V=V, BT=CHUNK, BKC=BKC, BV=BV, PREC=prec, USE_G=use_g,
     )
     dk = empty(L, H, K, dtype=k.dtype, device=dev)
     dv = empty(L, H, V, dtype=v.dtype, device=dev)
     dbeta = empty(L, H, dtype=beta.dtype, device=dev)
-    db_wy = empty(L, H, dtype=torch.float32, device=dev) if use_g else None
+    dgcum_wy = empty(L, H, dtype=torch.float32, device=dev) if use_g else None
     delta_rule_wy_bwd_kernel[(NC, H)](
-        k, v, beta, gcum, t_inv, dw, du, dk_other, dk, dv, dbeta, db_wy, idx, cu,
+        k, v, beta, gcum, m_wy, dw, du, dk_other, dk, dv, dbeta, dgcum_wy, idx, cu,
         H=H, K=K, V=V, BT=CHUNK, BKC=BKC, BV=BV, PREC=prec, USE_G=use_g,
     )
-    # b is the in-chunk cumulative sum of g, so g's gradient is the reverse in-chunk cumulative sum of b's.
-    dg = chunk_local_cumsum(db_wy + db_qk.sum(-1), chunking, reverse=True) if use_g else None
+    # gcum is the in-chunk cumulative sum of g, so dg is the reverse in-chunk cumulative sum of dgcum.
+    dg = chunk_local_cumsum(dgcum_wy + dgcum_qk.sum(-1), chunking, reverse=True) if use_g else None
     return dq, dk, dv, dbeta, dg, dh0
 
 
@@ -655,7 +610,7 @@ def recurrent_delta_rule_fwd(q, k, v, beta, g, scale, h0, cu_seqlens: torch.Tens
     selects the gated rule, None the plain one. Returns (o, final state or None)."""
     L, H, K = q.shape
     V = v.shape[-1]
-    sizes = block_sizes(K, V)
+    sizes = key_value_blocks(K, V)
     N = cu_seqlens.numel() - 1
     o = empty(L, H, V, dtype=q.dtype, device=q.device)
     ht = empty(N, H, K, V, dtype=torch.float32, device=q.device) if store_final else None

@@ -1,4 +1,5 @@
-"""Gated linear attention (GLA): public op, argument checks and backend dispatch.
+"""Gated linear attention (GLA): public op, argument checks, backend dispatch and the kernels as
+torch.library ops (seqmix/kernels/op.py runs them). The math: docs/math/gla.md.
 
 The subpackage is named after the family, not the op: a ``gla/`` subpackage would be shadowed
 by the function :func:`seqmix.kernels.gla`.
@@ -7,74 +8,77 @@ by the function :func:`seqmix.kernels.gla`.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from seqmix.kernels.alloc import no_tokens_result
 from seqmix.kernels.backend import select_backend
-from seqmix.kernels.checks import check_cu_seqlens, check_log_decay, check_same_dtype, check_scale, check_tensor
+from seqmix.kernels.checks import check_key_value_state, check_log_decay, check_query_key_value, check_same_dtype
+from seqmix.kernels.checks import check_scale
 from seqmix.kernels.gated_linear_attention import triton as kernels
 from seqmix.kernels.gated_linear_attention.reference import gla_chunked, gla_recurrent
-from seqmix.kernels.sequences import chunking_for
+from seqmix.kernels.op import FusedOp, as_input_grads, chunking_of, fake_key_value_outputs, no_tokens_result, or_empty
+from seqmix.kernels.op import register_autograd, run_fused
 
 __all__ = ["gla", "gla_chunked", "gla_recurrent"]
 
-# Below this many tokens per sequence (and with no gradient wanted) the token-by-token kernel
-# serves the call instead of the chunked forward's launches.
-RECURRENT_MAX_TOKENS = 64
-
-
 def _check_inputs(q, k, v, g, initial_state, cu_seqlens):
-    check_tensor("q", q, (None, None, None, None), dims="[B, T, H, K]")
-    B, T, H, K = q.shape
-    check_tensor("k", k, (B, T, H, K), dims="[B, T, H, K]", like=q)
-    check_tensor("v", v, (B, T, H, None), dims="[B, T, H, V]", like=q)
+    check_query_key_value(q, k, v)
     check_same_dtype(("q", "k", "v"), (q, k, v))
-    check_log_decay("g", g, (B, T, H, K), dims="[B, T, H, K]", like=q)
-    if K == 0 or v.shape[-1] == 0:
-        raise ValueError(f"head dims must be positive, got K={K}, V={v.shape[-1]}")
-    n = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, batch=B, total=T, like=q)
-    if initial_state is not None:
-        check_tensor("initial_state", initial_state, (n, H, K, v.shape[-1]), dims="[N, H, K, V]", like=q)
-    return n
+    check_log_decay("g", g, q.shape, dims="[B, T, H, K]", like=q)
+    return check_key_value_state(q, v, initial_state, cu_seqlens)
 
 
-class _ChunkGLA(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, g, initial_state, scale, chunking, output_final_state):
-        h0 = None if initial_state is None else initial_state.float().contiguous()
-        o, ht, gcum, A = kernels.chunk_gla_fwd(q, k, v, g, scale, h0, chunking, output_final_state)
-        ctx.save_for_backward(q, k, v, gcum, A, h0)
-        ctx.scale, ctx.chunking = scale, chunking
-        ctx.g_dtype = g.dtype
-        ctx.initial_state_dtype = None if initial_state is None else initial_state.dtype
-        return o, ht
+# The kernels as torch.library ops (the protocol of seqmix/kernels/op.py): q, k, g [L, H, K], v [L, H, V]
+# packed; h0 [N, H, K, V] float32.
 
-    @staticmethod
-    def backward(ctx, do, dht):
-        q, k, v, gcum, A, h0 = ctx.saved_tensors
-        need_dh0 = h0 is not None and ctx.needs_input_grad[4]
-        dht = None if dht is None else dht.float().contiguous()
-        dq, dk, dv, dg, dh0 = kernels.chunk_gla_bwd(
-            q, k, v, gcum, A, ctx.scale, h0, ctx.chunking, do.contiguous(), dht, need_dh0
-        )
-        if dh0 is not None:
-            dh0 = dh0.to(ctx.initial_state_dtype)
-        return dq, dk, dv, dg.to(ctx.g_dtype), dh0, None, None, None
+@torch.library.custom_op("seqmix::gla_chunk_fwd", mutates_args=())
+def _chunk_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, h0: Tensor | None, cu_seqlens: Tensor,
+               chunk_index: Tensor, chunk_offsets: Tensor, scale: float, store_final: bool
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (o, final state, and for the backward: the in-chunk cumulative g [L, H, K] and the
+    scores [L, H, 64], both float32)."""
+    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, kernels.CHUNK)
+    o, ht, gcum, scores = kernels.chunk_gla_fwd(q, k, v, g, scale, h0, chunking, store_final)
+    return o, or_empty(ht, q), gcum, scores
 
 
-def _triton_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, n):
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    packed = [x.reshape(B * T, H, -1).contiguous() for x in (q, k, v, g)]
-    chunking = chunking_for(B, T, kernels.CHUNK, q.device, cu_seqlens)
-    wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, g, initial_state)
+@_chunk_fwd.register_fake
+def _(q, k, v, g, h0, cu_seqlens, chunk_index, chunk_offsets, scale, store_final):
+    L, H, K = q.shape
+    f32 = {"dtype": torch.float32}
+    return *fake_key_value_outputs(q, v, cu_seqlens, store_final), q.new_empty((L, H, K), **f32), q.new_empty(
+        (L, H, kernels.CHUNK), **f32)
+
+
+@torch.library.custom_op("seqmix::gla_chunk_bwd", mutates_args=())
+def _chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, h0: Tensor | None, cu_seqlens: Tensor,
+               chunk_index: Tensor, chunk_offsets: Tensor, gcum: Tensor, scores: Tensor, scale: float,
+               store_final: bool, do: Tensor, dht: Tensor | None, needs: list[bool]
+               ) -> list[Tensor]:
+    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, kernels.CHUNK)
+    dq, dk, dv, dg, dh0 = kernels.chunk_gla_bwd(
+        q, k, v, gcum, scores, scale, h0, chunking, do, dht, h0 is not None and needs[4]
     )
-    if not wants_grad and B * T <= RECURRENT_MAX_TOKENS * n:
-        h0 = None if initial_state is None else initial_state.float().contiguous()
-        o, ht = kernels.recurrent_gla_fwd(*packed, scale, h0, chunking.cu_seqlens, output_final_state)
-    else:
-        o, ht = _ChunkGLA.apply(*packed, initial_state, scale, chunking, output_final_state)
-    return o.view(B, T, H, V), ht
+    inputs = (q, k, v, g, h0, cu_seqlens, chunk_index, chunk_offsets)
+    return as_input_grads((dq, dk, dv, dg, dh0, None, None, None), inputs, needs, q)
+
+
+register_autograd(_chunk_fwd, _chunk_bwd, num_inputs=8)
+
+
+@torch.library.custom_op("seqmix::gla_recurrent_fwd", mutates_args=())
+def _recurrent_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, h0: Tensor | None, cu_seqlens: Tensor,
+                   chunk_index: Tensor, chunk_offsets: Tensor, scale: float, store_final: bool
+                   ) -> tuple[Tensor, Tensor]:
+    o, ht = kernels.recurrent_gla_fwd(q, k, v, g, scale, h0, cu_seqlens, store_final)
+    return o, or_empty(ht, q)
+
+
+@_recurrent_fwd.register_fake
+def _(q, k, v, g, h0, cu_seqlens, chunk_index, chunk_offsets, scale, store_final):
+    return fake_key_value_outputs(q, v, cu_seqlens, store_final)
+
+
+FUSED = FusedOp(kernels.CHUNK, _chunk_fwd, _recurrent_fwd)
 
 
 def gla(
@@ -119,5 +123,5 @@ def gla(
         B, _, H, _ = q.shape
         return no_tokens_result((B, 0, H, V), (n, H, K, V), initial_state, output_final_state, q)
     if name == "triton":
-        return _triton_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, n)
+        return run_fused(FUSED, (q, k, v, g), (), initial_state, (scale,), output_final_state, cu_seqlens)
     return gla_chunked(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)

@@ -1,4 +1,4 @@
-"""Gated linear attention in plain PyTorch: the step-by-step oracle and the chunked form.
+"""Gated linear attention in plain PyTorch: the step-by-step oracle and the chunked form (docs/math/gla.md).
 
 Both take the op's packed layout (q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, g ``[B, T, H, K]``)
 with optional ``cu_seqlens`` (then B == 1), compute in float32 (float64 when the inputs are
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from seqmix.kernels.sequences import reference_dtype, sequence_spans
+from seqmix.kernels.sequences import over_sequences, reference_dtype, sequence_spans
 
 SUB = 16  # rows of the sub-chunks of the secondary chunking
 
@@ -21,25 +21,23 @@ def gla_recurrent(q, k, v, g, scale, initial_state=None, output_final_state=Fals
     B, T, H, K = q.shape
     V = v.shape[-1]
     dt = reference_dtype(q)
-    outs, finals = [], []
-    for n, (b, s, e) in enumerate(sequence_spans(cu_seqlens, B, T)):
-        S = q.new_zeros(H, K, V, dtype=dt) if initial_state is None else initial_state[n].to(dt)
+
+    def run(b, s, e, S):
         rows = []
         for t in range(s, e):
             S = S * torch.exp(g[b, t].to(dt))[:, :, None] + torch.einsum("hk,hv->hkv", k[b, t].to(dt), v[b, t].to(dt))
             rows.append(scale * torch.einsum("hkv,hk->hv", S, q[b, t].to(dt)))
-        outs.append(torch.stack(rows) if rows else q.new_zeros(0, H, V, dtype=dt))
-        finals.append(S)
-    o = torch.cat(outs).view(1, -1, H, V) if cu_seqlens is not None else torch.stack(outs)
-    final = torch.stack(finals) if output_final_state else None
-    return o.to(q.dtype), final
+        return (torch.stack(rows) if rows else q.new_zeros(0, H, V, dtype=dt)), S
+
+    o, final = over_sequences(run, B, T, cu_seqlens, initial_state, q.new_zeros(H, K, V, dtype=dt), dt)
+    return o.to(q.dtype), (final if output_final_state else None)
 
 
-def _intra_chunk_scores(q, k, b):
-    """A_ij = sum_c q_ic k_jc exp(b_ic - b_jc) for j <= i, by secondary chunking.
+def _intra_chunk_scores(q, k, gcum):
+    """A_ij = sum_c q_ic k_jc exp(gcum_ic - gcum_jc) for j <= i, by secondary chunking.
 
-    q, k, b: [..., C, K] with C a multiple of SUB. Blocks of SUB rows below the diagonal are
-    matmuls of q exp(b - b_ref) and k exp(b_ref - b) with b_ref the block row's first row (both
+    q, k, gcum: [..., C, K] with C a multiple of SUB. Blocks of SUB rows below the diagonal are
+    matmuls of q exp(gcum - gcum_ref) and k exp(gcum_ref - gcum) with gcum_ref the block row's first row (both
     exponents <= 0); diagonal blocks are taken element-wise with masked exponents. Returns [..., C, C].
     """
     C = q.shape[-2]
@@ -48,13 +46,13 @@ def _intra_chunk_scores(q, k, b):
     causal = torch.ones(SUB, SUB, dtype=torch.bool, device=q.device).tril()
     for r in range(n):
         rows = slice(r * SUB, (r + 1) * SUB)
-        q_r, k_r, b_r = q[..., rows, :], k[..., rows, :], b[..., rows, :]
-        ref = b_r[..., :1, :]
-        q_ref = q_r * torch.exp(b_r - ref)
+        q_r, k_r, gcum_r = q[..., rows, :], k[..., rows, :], gcum[..., rows, :]
+        ref = gcum_r[..., :1, :]
+        q_ref = q_r * torch.exp(gcum_r - ref)
         for s in range(r):
             cols = slice(s * SUB, (s + 1) * SUB)
-            blocks[r][s] = q_ref @ (k[..., cols, :] * torch.exp(ref - b[..., cols, :])).transpose(-1, -2)
-        expo = (b_r[..., :, None, :] - b_r[..., None, :, :]).masked_fill(~causal[:, :, None], float("-inf"))
+            blocks[r][s] = q_ref @ (k[..., cols, :] * torch.exp(ref - gcum[..., cols, :])).transpose(-1, -2)
+        expo = (gcum_r[..., :, None, :] - gcum_r[..., None, :, :]).masked_fill(~causal[:, :, None], float("-inf"))
         blocks[r][r] = (q_r[..., :, None, :] * k_r[..., None, :, :] * torch.exp(expo)).sum(-1)
         for s in range(r + 1, n):
             blocks[r][s] = torch.zeros_like(blocks[r][r])
@@ -74,22 +72,22 @@ def _chunked_dense(q, k, v, g, scale, S, chunk_size):
     if NT == 0:
         return q.new_zeros(B, 0, H, V), S
     q, k, v, g = (x.reshape(B, NT, C, H, -1).permute(0, 3, 1, 2, 4) for x in (q, k, v, g))
-    b = g.cumsum(-2)
-    A = _intra_chunk_scores(q, k, b)
-    q_in = q * torch.exp(b)
-    k_out = k * torch.exp(b[..., -1:, :] - b)
+    gcum = g.cumsum(-2)
+    A = _intra_chunk_scores(q, k, gcum)
+    q_in = q * torch.exp(gcum)
+    k_out = k * torch.exp(gcum[..., -1:, :] - gcum)
     outs = []
     for c in range(NT):
         outs.append(scale * (q_in[:, :, c] @ S + A[:, :, c] @ v[:, :, c]))
-        S = S * torch.exp(b[:, :, c, -1])[..., None] + k_out[:, :, c].transpose(-1, -2) @ v[:, :, c]
+        S = S * torch.exp(gcum[:, :, c, -1])[..., None] + k_out[:, :, c].transpose(-1, -2) @ v[:, :, c]
     o = torch.stack(outs, 2).permute(0, 2, 3, 1, 4).reshape(B, NT * C, H, V)[:, :T]
     return o, S
 
 
 def gla_chunked(q, k, v, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64):
-    """The chunked form: with b the in-chunk cumulative log decay (per channel),
-    O = scale ((Q exp(b)) S + A V) with A_ij = sum_c q_ic k_jc exp(b_ic - b_jc) (j <= i), and
-    S_next = diag(exp(b_C)) S + (K exp(b_C - b))^T V. ``chunk_size`` is a multiple of 16."""
+    """The chunked form: with gcum the in-chunk cumulative log decay (per channel),
+    O = scale ((Q exp(gcum)) S + A V) with A_ij = sum_c q_ic k_jc exp(gcum_ic - gcum_jc) (j <= i), and
+    S_next = diag(exp(gcum_C)) S + (K exp(gcum_C - gcum))^T V. ``chunk_size`` is a multiple of 16."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dt = reference_dtype(q)

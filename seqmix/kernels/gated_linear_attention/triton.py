@@ -1,23 +1,23 @@
 """Fused Triton kernels of gated linear attention: chunked forward and backward, recurrent decoder.
 
-Inputs arrive packed: q, k, g ``[L, H, K]``, v ``[L, H, V]``; the kernels read b, the in-chunk
+Inputs arrive packed: q, k, g ``[L, H, K]``, v ``[L, H, V]``; the kernels read gcum, the in-chunk
 cumulative sum of g (float32, from :func:`~seqmix.kernels.triton_common.chunk_local_cumsum`).
-With chunks of 64 tokens (``../shared/MATH.md``):
+With chunks of 64 tokens (docs/math/gla.md):
 
 - ``state_fwd`` (sequential per sequence): h[c] = S entering chunk c,
-  ``S <- diag(exp(b_C)) S + (K exp(b_C - b))^T V``.
-- ``intra_fwd`` (per chunk): ``A_ij = scale sum_c q_ic k_jc exp(b_ic - b_jc)``, j <= i, by the
+  ``S <- diag(exp(gcum_C)) S + (K exp(gcum_C - gcum))^T V``.
+- ``intra_fwd`` (per chunk): ``A_ij = scale sum_c q_ic k_jc exp(gcum_ic - gcum_jc)``, j <= i, by the
   GLA paper's secondary chunking: sub-chunks of 16 rows; a block below the diagonal is the matmul
-  of ``q exp(b - b_ref)`` and ``k exp(b_ref - b)`` with b_ref a row between the two sub-chunks, so
-  both factors are at most 1; diagonal blocks are summed element-wise with ``exp(b_i - b_j)``,
-  i >= j. Nothing forms exp(b_i) exp(-b_j), which overflows for decays near exp(-20) per token.
-- ``output_fwd`` (per chunk): ``O = scale (Q exp(b)) S + A V``.
+  of ``q exp(gcum - gcum_ref)`` and ``k exp(gcum_ref - gcum)`` with gcum_ref a row between the two sub-chunks, so
+  both factors are at most 1; diagonal blocks are summed element-wise with ``exp(gcum_i - gcum_j)``,
+  i >= j. Nothing forms exp(gcum_i) exp(-gcum_j), which overflows for decays near exp(-20) per token.
+- ``output_fwd`` (per chunk): ``O = scale (Q exp(gcum)) S + A V``.
 
 The backward recomputes the states, runs the state gradient in reverse (dh[c] = the gradient of
 the state leaving chunk c), then per chunk ``dA = scale tril(dO V^T)``, ``dV = A^T dO +
-(K exp(b_C - b)) dh``, and per sub-chunk of 16 rows dQ, dK and db, the gradient of b:
-``db = Q dQ - K dK``, plus at the chunk's last row ``rowsum(S_leaving * dh)`` (the path through
-b_C). g's gradient is the reverse in-chunk cumulative sum of db.
+(K exp(gcum_C - gcum)) dh``, and per sub-chunk of 16 rows dQ, dK and dgcum, the gradient of gcum:
+``dgcum = Q dQ - K dK``, plus at the chunk's last row ``rowsum(S_leaving * dh)`` (the path through
+gcum_C). g's gradient is the reverse in-chunk cumulative sum of dgcum.
 """
 
 from __future__ import annotations
@@ -28,36 +28,16 @@ import triton.language as tl
 
 from seqmix.kernels.alloc import empty
 from seqmix.kernels.sequences import Chunking
-from seqmix.kernels.triton_common import (
-    autotune_configs,
-    chunk_local_cumsum,
-    chunk_position,
-    dot_precision,
-    exp_rows,
-    head_block,
-    load_matrix,
-    load_row,
-    load_rows,
-    mm,
-    sequence_bounds,
-    store_matrix,
-    store_rows,
-)
+from seqmix.kernels import triton_common
+from seqmix.kernels.triton_common import chunk_configs, chunk_local_cumsum, chunk_position, dot_precision, exp_rows
+from seqmix.kernels.triton_common import key_value_blocks, load_matrix, load_row, load_rows, mm, sequence_bounds
+from seqmix.kernels.triton_common import sequence_program, state_configs, store_matrix, store_rows
 
 CHUNK = 64
 SUB = 16
-MAX_HEAD_DIM = 256
 
 
-def _state_configs():
-    return autotune_configs([triton.Config({"BV": bv}, num_warps=w) for bv in (32, 64) for w in (4, 8)])
-
-
-def _chunk_configs():
-    return autotune_configs([triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)])
-
-
-@triton.autotune(configs=_state_configs(), key=["K", "V"])
+@triton.autotune(configs=state_configs("BV"), key=["K", "V"])
 @triton.jit
 def gla_state_fwd_kernel(
     k, v, gcum, h, h0, ht, chunk_offsets, cu_seqlens,
@@ -66,14 +46,10 @@ def gla_state_fwd_kernel(
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
 ):
     """Sequential over the chunks of one sequence: h[c] = S entering chunk c,
-    S <- diag(exp(b_C)) S + (K exp(b_C - b))^T V."""
-    i_nh, i_v = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
+    S <- diag(exp(gcum_C)) S + (K exp(gcum_C - gcum))^T V."""
+    i_h, i_v, bos, eos, c0, s_base = sequence_program(chunk_offsets, cu_seqlens, H, K * V)
     DT = k.dtype.element_ty
-    bos, eos = sequence_bounds(cu_seqlens, i_n)
-    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
     v0 = i_v * BV
-    s_base = i_nh.to(tl.int64) * K * V
     b_s = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
         b_s += load_matrix(h0 + s_base, 0, K, v0, V, BK, BV)
@@ -93,7 +69,7 @@ def gla_state_fwd_kernel(
 @triton.jit
 def _diagonal_scores(q, k, gcum, i_h, t0, nt, r, H: tl.constexpr, K: tl.constexpr, BC: tl.constexpr,
                      BKD: tl.constexpr):
-    """Sub-chunk r's diagonal block, sum_c q_ic k_jc exp(b_ic - b_jc) for j <= i, element-wise as
+    """Sub-chunk r's diagonal block, sum_c q_ic k_jc exp(gcum_ic - gcum_jc) for j <= i, element-wise as
     [BC, BC, BKD] products over key slices of BKD (the exponent is masked, never split)."""
     o = tl.arange(0, BC)
     tr, nr = t0 + r * BC, nt - r * BC
@@ -108,14 +84,14 @@ def _diagonal_scores(q, k, gcum, i_h, t0, nt, r, H: tl.constexpr, K: tl.constexp
     return acc
 
 
-@triton.autotune(configs=_chunk_configs(), key=["K"])
+@triton.autotune(configs=chunk_configs(), key=["K"])
 @triton.jit
 def gla_intra_fwd_kernel(
     q, k, gcum, A, chunk_index, cu_seqlens, scale,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BKC: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Per chunk: the lower blocks of A = scale (sum_c q_ic k_jc exp(b_ic - b_jc)) [BT, BT] in
+    """Per chunk: the lower blocks of A = scale (sum_c q_ic k_jc exp(gcum_ic - gcum_jc)) [BT, BT] in
     sub-chunks of BC rows. Blocks above the diagonal are not written; readers mask them."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     DT = q.dtype.element_ty
@@ -150,14 +126,14 @@ def _load_scores(A, i_h, t0, nt, H: tl.constexpr, BT: tl.constexpr):
     return tl.where(o_t[:, None] >= o_t[None, :], b_a, 0.0)
 
 
-@triton.autotune(configs=_chunk_configs(), key=["K", "V"])
+@triton.autotune(configs=chunk_configs(), key=["K", "V"])
 @triton.jit
 def gla_output_fwd_kernel(
     q, v, gcum, h, A, o, chunk_index, cu_seqlens, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Per chunk and block of value channels: O = scale (Q exp(b)) S + A V."""
+    """Per chunk and block of value channels: O = scale (Q exp(gcum)) S + A V."""
     i_c, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     DT = q.dtype.element_ty
     _, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
@@ -173,7 +149,7 @@ def gla_output_fwd_kernel(
     store_rows(o + i_h * V, b_o, t0, nt, H * V, v0, V, BT, BV)
 
 
-@triton.autotune(configs=_state_configs(), key=["K", "V"])
+@triton.autotune(configs=state_configs("BV"), key=["K", "V"])
 @triton.jit
 def gla_state_bwd_kernel(
     q, gcum, do, dh, dht, dh0, chunk_offsets, cu_seqlens, scale,
@@ -182,14 +158,10 @@ def gla_state_bwd_kernel(
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
 ):
     """Reverse over the chunks of one sequence, with dS the gradient of the state leaving chunk c:
-    dh[c] = dS, then dS <- diag(exp(b_C)) dS + scale (Q exp(b))^T dO."""
-    i_nh, i_v = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
+    dh[c] = dS, then dS <- diag(exp(gcum_C)) dS + scale (Q exp(gcum))^T dO."""
+    i_h, i_v, bos, eos, c0, s_base = sequence_program(chunk_offsets, cu_seqlens, H, K * V)
     DT = q.dtype.element_ty
-    bos, eos = sequence_bounds(cu_seqlens, i_n)
-    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
     v0 = i_v * BV
-    s_base = i_nh.to(tl.int64) * K * V
     b_ds = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
         b_ds += load_matrix(dht + s_base, 0, K, v0, V, BK, BV)
@@ -208,9 +180,9 @@ def gla_state_bwd_kernel(
         store_matrix(dh0 + s_base, b_ds, 0, K, v0, V, BK, BV)
 
 
-@triton.autotune(configs=_chunk_configs(), key=["V"])
+@triton.autotune(configs=chunk_configs(), key=["V"])
 @triton.jit
-def gla_dscores_kernel(
+def gla_dscores_bwd_kernel(
     v, do, dA, chunk_index, cu_seqlens, scale,
     H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -228,14 +200,14 @@ def gla_dscores_kernel(
     store_rows(dA + i_h * BT, b_da, t0, nt, H * BT, 0, BT, BT, BT)
 
 
-@triton.autotune(configs=_chunk_configs(), key=["K", "V"])
+@triton.autotune(configs=chunk_configs(), key=["K", "V"])
 @triton.jit
-def gla_dv_kernel(
+def gla_dv_bwd_kernel(
     k, gcum, A, do, dh, dv, chunk_index, cu_seqlens,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Per chunk and block of value channels: dV = A^T dO + (K exp(b_C - b)) dh[c]."""
+    """Per chunk and block of value channels: dV = A^T dO + (K exp(gcum_C - gcum)) dh[c]."""
     i_c, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     DT = k.dtype.element_ty
     _, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
@@ -254,7 +226,7 @@ def gla_dv_kernel(
 @triton.jit
 def _intra_dq(k, gcum, dA, i_h, t0, nt, r, k0, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
               BC: tl.constexpr, BKC: tl.constexpr, PREC: tl.constexpr):
-    """Sub-chunk r's dQ through the scores: sum_{j <= i} dA_ij k_j exp(b_i - b_j), the earlier
+    """Sub-chunk r's dQ through the scores: sum_{j <= i} dA_ij k_j exp(gcum_i - gcum_j), the earlier
     sub-chunks through the reference point of r's first row, the diagonal element-wise."""
     DT = k.dtype.element_ty
     o = tl.arange(0, BC)
@@ -281,7 +253,7 @@ def _intra_dq(k, gcum, dA, i_h, t0, nt, r, k0, H: tl.constexpr, K: tl.constexpr,
 @triton.jit
 def _intra_dk(q, gcum, dA, i_h, t0, nt, r, k0, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
               BC: tl.constexpr, BKC: tl.constexpr, NB: tl.constexpr, PREC: tl.constexpr):
-    """Sub-chunk r's dK through the scores: sum_{i >= j} dA_ij q_i exp(b_i - b_j), the later
+    """Sub-chunk r's dK through the scores: sum_{i >= j} dA_ij q_i exp(gcum_i - gcum_j), the later
     sub-chunks through the reference point of r's last row, the diagonal element-wise."""
     DT = q.dtype.element_ty
     o = tl.arange(0, BC)
@@ -306,16 +278,16 @@ def _intra_dk(q, gcum, dA, i_h, t0, nt, r, k0, H: tl.constexpr, K: tl.constexpr,
     return acc
 
 
-@triton.autotune(configs=_chunk_configs(), key=["K", "V"])
+@triton.autotune(configs=chunk_configs(), key=["K", "V"])
 @triton.jit
-def gla_dqk_kernel(
-    q, k, v, gcum, h, dh, dA, do, dq, dk, db, chunk_index, cu_seqlens, scale,
+def gla_dqk_bwd_kernel(
+    q, k, v, gcum, h, dh, dA, do, dq, dk, dgcum, chunk_index, cu_seqlens, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
     BKC: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Per sub-chunk of BC rows and key slice: dQ = scale exp(b) (dO S^T) + (scores path),
-    dK = exp(b_C - b) (V dS^T) + (scores path), db = Q dQ - K dK, plus at the chunk's last row
-    rowsum(S_leaving dS) with S_leaving = diag(exp(b_C)) S + (K exp(b_C - b))^T V."""
+    """Per sub-chunk of BC rows and key slice: dQ = scale exp(gcum) (dO S^T) + (scores path),
+    dK = exp(gcum_C - gcum) (V dS^T) + (scores path), dgcum = Q dQ - K dK, plus at the chunk's last row
+    rowsum(S_leaving dS) with S_leaving = diag(exp(gcum_C)) S + (K exp(gcum_C - gcum))^T V."""
     NB: tl.constexpr = BT // BC
     i_cr, i_k, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_c, r = i_cr // NB, i_cr % NB
@@ -340,9 +312,9 @@ def gla_dqk_kernel(
     b_dq = b_dq * scale * tl.exp(b_g) + _intra_dq(k, gcum, dA, i_h, t0, nt, r, k0, H, K, BT, BC, BKC, PREC)
     b_dk = b_dk * exp_rows(b_last[None, :] - b_g, valid)
     b_dk += _intra_dk(q, gcum, dA, i_h, t0, nt, r, k0, H, K, BT, BC, BKC, NB, PREC)
-    b_db = b_q * b_dq - b_k * b_dk
+    b_dgcum = b_q * b_dq - b_k * b_dk
     if (nt - 1) // BC == r:
-        # The chunk's total decay b_C reaches the loss through the state it leaves behind.
+        # The chunk's total decay gcum_C reaches the loss through the state it leaves behind.
         b_gc = load_rows(gcum + i_h * K, t0, nt, H * K, k0, K, BT, BKC)
         b_kc = load_rows(k + i_h * K, t0, nt, H * K, k0, K, BT, BKC) * tl.exp(b_last[None, :] - b_gc)
         b_term = tl.zeros([BKC], dtype=tl.float32)
@@ -350,13 +322,13 @@ def gla_dqk_kernel(
             b_s = load_matrix(h + s_base, k0, K, v0, V, BKC, BV).to(tl.float32) * tl.exp(b_last)[:, None]
             b_s += mm(tl.trans(b_kc), load_rows(v + i_h * V, t0, nt, H * V, v0, V, BT, BV), DT, PREC)
             b_term += tl.sum(b_s * load_matrix(dh + s_base, k0, K, v0, V, BKC, BV).to(tl.float32), 1)
-        b_db += tl.where((o == nr - 1)[:, None], b_term[None, :], 0.0)
+        b_dgcum += tl.where((o == nr - 1)[:, None], b_term[None, :], 0.0)
     store_rows(dq + i_h * K, b_dq, tr, nr, H * K, k0, K, BC, BKC)
     store_rows(dk + i_h * K, b_dk, tr, nr, H * K, k0, K, BC, BKC)
-    store_rows(db + i_h * K, b_db, tr, nr, H * K, k0, K, BC, BKC)
+    store_rows(dgcum + i_h * K, b_dgcum, tr, nr, H * K, k0, K, BC, BKC)
 
 
-@triton.autotune(configs=_state_configs(), key=["K", "V"])
+@triton.autotune(configs=state_configs("BV"), key=["K", "V"])
 @triton.jit
 def gla_recurrent_fwd_kernel(
     q, k, v, g, o, h0, ht, cu_seqlens, scale,
@@ -392,27 +364,16 @@ KERNELS = (
     gla_intra_fwd_kernel,
     gla_output_fwd_kernel,
     gla_state_bwd_kernel,
-    gla_dscores_kernel,
-    gla_dv_kernel,
-    gla_dqk_kernel,
+    gla_dscores_bwd_kernel,
+    gla_dv_bwd_kernel,
+    gla_dqk_bwd_kernel,
     gla_recurrent_fwd_kernel,
 )
 
 
 def unsupported(dtype: torch.dtype, K: int, V: int) -> str | None:
     """Why these kernels cannot take inputs of ``dtype`` with head dims K, V; None if they can."""
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"q, k, v must be float16, bfloat16 or float32, got {dtype}"
-    if max(K, V) > MAX_HEAD_DIM:
-        return f"head dims up to {MAX_HEAD_DIM}, got K={K}, V={V}"
-    return None
-
-
-def block_sizes(K: int, V: int) -> dict[str, int]:
-    """BK covers the key dim (state tiles), BKC is the key slice of per-chunk kernels,
-    BV the value block of per-chunk kernels (the sequential kernels autotune theirs)."""
-    BK = head_block(K)
-    return {"BK": BK, "BKC": min(64, BK), "BV": min(64, head_block(V))}
+    return triton_common.unsupported("q, k, v", dtype, K=K, V=V)
 
 
 def _states(k, v, gcum, h0, chunking: Chunking, store_final: bool, sizes, prec):
@@ -443,7 +404,7 @@ def chunk_gla_fwd(q, k, v, g, scale, h0, chunking: Chunking, store_final: bool):
     gcum [L, H, K] float32 and the scores A [L, H, 64] float32, both kept for the backward)."""
     L, H, K = q.shape
     V = v.shape[-1]
-    sizes, prec = block_sizes(K, V), dot_precision(q.dtype)
+    sizes, prec = key_value_blocks(K, V), dot_precision(q.dtype)
     gcum = chunk_local_cumsum(g, chunking)
     h, ht = _states(k, v, gcum, h0, chunking, store_final, sizes, prec)
     A = _scores(q, k, gcum, scale, chunking, sizes, prec)
@@ -460,7 +421,7 @@ def chunk_gla_bwd(q, k, v, gcum, A, scale, h0, chunking: Chunking, do, dht, need
     (float32) or None."""
     L, H, K = q.shape
     V = v.shape[-1]
-    sizes, prec = block_sizes(K, V), dot_precision(q.dtype)
+    sizes, prec = key_value_blocks(K, V), dot_precision(q.dtype)
     BKC, BV = sizes["BKC"], sizes["BV"]
     N, NC = chunking.num_sequences, chunking.num_chunks
     idx, cu = chunking.chunk_index, chunking.cu_seqlens
@@ -473,20 +434,20 @@ def chunk_gla_bwd(q, k, v, gcum, A, scale, h0, chunking: Chunking, do, dht, need
         H=H, K=K, V=V, BT=CHUNK, BK=sizes["BK"], PREC=prec, HAS_DHT=dht is not None, STORE_DH0=need_dh0,
     )
     dA = empty(L, H, CHUNK, dtype=torch.float32, device=dev)
-    gla_dscores_kernel[(NC, H)](v, do, dA, idx, cu, scale, H=H, V=V, BT=CHUNK, BV=BV, PREC=prec)
+    gla_dscores_bwd_kernel[(NC, H)](v, do, dA, idx, cu, scale, H=H, V=V, BT=CHUNK, BV=BV, PREC=prec)
     dv = empty(L, H, V, dtype=v.dtype, device=dev)
-    gla_dv_kernel[(NC, triton.cdiv(V, BV), H)](
+    gla_dv_bwd_kernel[(NC, triton.cdiv(V, BV), H)](
         k, gcum, A, do, dh, dv, idx, cu, H=H, K=K, V=V, BT=CHUNK, BKC=BKC, BV=BV, PREC=prec,
     )
     dq = empty(L, H, K, dtype=q.dtype, device=dev)
     dk = empty(L, H, K, dtype=k.dtype, device=dev)
-    db = empty(L, H, K, dtype=torch.float32, device=dev)
-    gla_dqk_kernel[(NC * (CHUNK // SUB), triton.cdiv(K, BKC), H)](
-        q, k, v, gcum, h, dh, dA, do, dq, dk, db, idx, cu, scale,
+    dgcum = empty(L, H, K, dtype=torch.float32, device=dev)
+    gla_dqk_bwd_kernel[(NC * (CHUNK // SUB), triton.cdiv(K, BKC), H)](
+        q, k, v, gcum, h, dh, dA, do, dq, dk, dgcum, idx, cu, scale,
         H=H, K=K, V=V, BT=CHUNK, BC=SUB, BKC=BKC, BV=BV, PREC=prec,
     )
-    # b is the in-chunk cumulative sum of g, so g's gradient is the reverse in-chunk cumulative sum of b's.
-    return dq, dk, dv, chunk_local_cumsum(db, chunking, reverse=True), dh0
+    # gcum is the in-chunk cumulative sum of g, so g's gradient is the reverse in-chunk cumulative sum of gcum's.
+    return dq, dk, dv, chunk_local_cumsum(dgcum, chunking, reverse=True), dh0
 
 
 def recurrent_gla_fwd(q, k, v, g, scale, h0, cu_seqlens: torch.Tensor, store_final: bool):
@@ -498,6 +459,6 @@ def recurrent_gla_fwd(q, k, v, g, scale, h0, cu_seqlens: torch.Tensor, store_fin
     ht = empty(N, H, K, V, dtype=torch.float32, device=q.device) if store_final else None
     gla_recurrent_fwd_kernel[lambda meta: (N * H, triton.cdiv(V, meta["BV"]))](
         q, k, v, g, o, h0, ht, cu_seqlens, scale,
-        H=H, K=K, V=V, BK=block_sizes(K, V)["BK"], HAS_H0=h0 is not None, STORE_HT=store_final,
+        H=H, K=K, V=V, BK=key_value_blocks(K, V)["BK"], HAS_H0=h0 is not None, STORE_HT=store_final,
     )
     return o, ht

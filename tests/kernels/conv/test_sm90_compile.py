@@ -51,8 +51,9 @@ def _causal_specs(full: bool):
 def test_kernels_compile_for_sm90():
     results = compile_in_subprocess("tests.kernels.conv.test_sm90_compile")
     assert {r["kernel"] for r in results} == {
-        "causal_conv1d_fwd_kernel", "causal_conv1d_final_state_kernel", "causal_conv1d_bwd_dz_kernel",
-        "causal_conv1d_bwd_dx_kernel", "causal_conv1d_bwd_dh0_kernel", "causal_conv1d_update_kernel", "dynamic_conv_fwd_kernel", "dynamic_conv_bwd_kernel",
+        "causal_conv1d_output_fwd_kernel", "causal_conv1d_final_state_fwd_kernel", "causal_conv1d_dz_bwd_kernel",
+        "causal_conv1d_dx_bwd_kernel", "causal_conv1d_dh0_bwd_kernel", "causal_conv1d_update_fwd_kernel",
+        "dynamic_conv_output_fwd_kernel", "dynamic_conv_dxdw_bwd_kernel",
     }
 
 

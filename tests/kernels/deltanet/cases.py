@@ -6,6 +6,7 @@ import torch
 from hypothesis import strategies as st
 
 from tests.helpers import ON_GPU
+from tests.kernels.contract import PackedSequences
 
 # The interpreter runs every program on the CPU: keep its problems small. On the GPU every
 # head dim compiles its own kernels, so few are drawn; odd and large ones have fixed tests.
@@ -14,7 +15,7 @@ HEAD_DIMS = (64, 128) if ON_GPU else (5, 16, 24, 32)
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(PackedSequences):
     batch: int
     lengths: tuple[int, ...] | None  # packed sequence lengths (then batch == 1), or None for dense
     seqlen: int
@@ -23,17 +24,6 @@ class Case:
     v: int
     initial_state: bool
     seed: int
-
-    @property
-    def num_sequences(self) -> int:
-        return self.batch if self.lengths is None else len(self.lengths)
-
-    def cu_seqlens(self, device):
-        if self.lengths is None:
-            return None
-        cu = torch.zeros(len(self.lengths) + 1, dtype=torch.int32)
-        cu[1:] = torch.tensor(self.lengths).cumsum(0)
-        return cu.to(device)
 
 
 @st.composite

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from seqmix.kernels import gated_delta_rule
 from seqmix.kernels.deltanet import gated_delta_rule_chunked, gated_delta_rule_recurrent
 from tests.helpers import DEVICE, KERNEL_DTYPES, ON_GPU, TOL, assert_rel
-from tests.kernels.decay_checks import assert_grads, outputs_and_grads
+from tests.kernels.contract import assert_grads, check_chunked_gradients_match_recurrence
+from tests.kernels.contract import check_chunked_matches_recurrence, outputs_and_grads
 from tests.kernels.deltanet.cases import Case, cases, make_gated_inputs
 
 NAMES = ["q", "k", "v", "g", "beta", "initial_state"]
@@ -47,23 +48,19 @@ def _compare(case, dtype, g=None, scale=None, dg_scale=False):
 @given(case=cases(max_t=150, head_dims=(3, 8, 16)), chunk_size=st.sampled_from([1, 16, 64]))
 def test_chunked_form_matches_recurrence(case, chunk_size):
     q, k, v, g, beta, h0 = make_gated_inputs(case, torch.float64, "cpu")
-    g = g.double()
     cu = case.cu_seqlens("cpu")
-    o_ref, s_ref = gated_delta_rule_recurrent(q, k, v, g, beta, 0.7, h0, True, cu)
-    o, s = gated_delta_rule_chunked(q, k, v, g, beta, 0.7, h0, True, cu, chunk_size=chunk_size)
-    assert_rel(o, o_ref, 1e-12, "output")
-    assert_rel(s, s_ref, 1e-12, "final state")
+    check_chunked_matches_recurrence(gated_delta_rule_recurrent, gated_delta_rule_chunked,
+                                     (q, k, v, g.double(), beta, h0),
+                                     lambda fn, *x, **kw: fn(*x[:5], 0.7, x[5], True, cu, **kw), chunk_size)
 
 
 @settings(max_examples=8)
 @given(case=cases(max_t=70, head_dims=(4, 8)))
 def test_chunked_form_gradients_match_recurrence(case):
-    inputs = [None if t is None else t.double().detach().requires_grad_()
-              for t in make_gated_inputs(case, torch.float64, "cpu")]
+    inputs = make_gated_inputs(case, torch.float64, "cpu")
     cu = case.cu_seqlens("cpu")
-    results = [outputs_and_grads(lambda *x, fn=fn: fn(*x[:5], 0.5, x[5], True, cu), inputs, case.seed)
-               for fn in (gated_delta_rule_recurrent, gated_delta_rule_chunked)]
-    assert_grads([n for n, t in zip(NAMES, inputs) if t is not None], results[1][2], results[0][2], 1e-11)
+    check_chunked_gradients_match_recurrence(gated_delta_rule_recurrent, gated_delta_rule_chunked, inputs,
+                                             lambda fn, *x: fn(*x[:5], 0.5, x[5], True, cu), NAMES, case.seed, 1e-11)
 
 
 def test_recurrence_is_the_contract():

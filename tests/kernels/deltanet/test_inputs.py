@@ -6,6 +6,8 @@ import torch
 from seqmix.kernels import BackendUnavailable
 from seqmix.kernels.deltanet import delta_rule
 from tests.helpers import DEVICE
+from tests.kernels.contract import BAD_CU_SEQLENS, check_bad_cu_seqlens, check_float64_goes_to_the_reference
+from tests.kernels.contract import check_mismatched_devices, check_no_tokens
 
 B, T, H, K, V = 2, 8, 2, 4, 6
 BACKENDS = ["reference", "triton"]
@@ -50,20 +52,10 @@ def test_bad_initial_state(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(
-    "cu, match",
-    [
-        ([1, 4, 16], "must start at 0"),
-        ([0, 9, 4, 16], "non-decreasing"),
-        ([0, 4, 15], "must end at the packed length T=16"),
-        ([[0, 16]], r"shape \[N\+1\]"),
-        ([0], r"shape \[N\+1\]"),
-    ],
-)
+@pytest.mark.parametrize("cu, match", BAD_CU_SEQLENS)
 def test_bad_cu_seqlens(backend, cu, match):
     x = {n: t.reshape(1, B * T, *t.shape[2:]) for n, t in _inputs().items()}
-    with pytest.raises(ValueError, match=match):
-        delta_rule(**x, cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=DEVICE), backend=backend)
+    check_bad_cu_seqlens(delta_rule, x, cu, match, backend)
 
 
 def test_cu_seqlens_needs_packed_batch_and_integers():
@@ -85,29 +77,16 @@ def test_bad_scale_and_backend_name():
 
 
 def test_float64_goes_to_the_reference_unless_triton_is_named():
-    x = {n: t.double() for n, t in _inputs().items()}
-    with pytest.raises(BackendUnavailable, match="'triton' cannot serve this call: q, k, v, beta must be .*float64"):
-        delta_rule(**x, backend="triton")
-    o, _ = delta_rule(**x)
-    assert o.dtype == torch.float64
+    check_float64_goes_to_the_reference(delta_rule, _inputs(), "q, k, v, beta")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_sequence_returns_empty_output_and_the_initial_state(backend):
-    x = {n: t[:, :0] for n, t in _inputs().items()}
-    h0 = torch.randn(B, H, K, V, device=DEVICE)
-    o, s = delta_rule(**x, initial_state=h0, output_final_state=True, backend=backend)
-    assert o.shape == (B, 0, H, V)
-    torch.testing.assert_close(s, h0)
-    o, s = delta_rule(**x, output_final_state=True, backend=backend)
-    assert s.shape == (B, H, K, V) and not s.any()
+    check_no_tokens(delta_rule, {n: t[:, :0] for n, t in _inputs().items()}, (B, 0, H, V), (B, H, K, V), backend)
 
 
 def test_mismatched_devices():
-    x = _inputs()
-    x["k"] = x["k"].to("meta")
-    with pytest.raises(ValueError, match="k is on meta but the inputs are on"):
-        delta_rule(**x)
+    check_mismatched_devices(delta_rule, _inputs(), "k")
 
 
 def test_head_dims_above_256_go_to_the_reference_unless_triton_is_named():

@@ -23,10 +23,10 @@ def _specs(full: bool, gated: bool):
         for d in dims:
             io = {n: f"*{dt}" for n in ("q", "k", "v", "beta", "w", "u", "v_new", "h", "dh", "do", "o",
                                         "dq", "dk", "dv", "dbeta")}
-            f32 = {n: "*fp32" for n in ("t_inv", "h0", "ht", "dht", "dh0", "dv_local", "du", "dk_other", "dw",
-                                        "gcum", "g", "db")}
+            f32 = {n: "*fp32" for n in ("m_wy", "h0", "ht", "dht", "dh0", "dv_local", "du", "dk_other", "dw",
+                                        "gcum", "g", "dgcum")}
             index = {"chunk_index": "*i32", "cu_seqlens": "*i64", "chunk_offsets": "*i64", "scale": "fp32"}
-            shape = {"H": 16, "K": d, "V": d, "BT": kern.CHUNK, "PREC": prec, **kern.block_sizes(d, d)}
+            shape = {"H": 16, "K": d, "V": d, "BT": kern.CHUNK, "PREC": prec, **kern.key_value_blocks(d, d)}
             flags = {"HAS_H0": True, "STORE_HT": True, "HAS_DHT": True, "STORE_DH0": True, "INVERT": True}
             for kernel in kern.KERNELS:
                 for cfg in kernel.configs if full else kernel.configs[:1]:
@@ -40,7 +40,7 @@ def _cumsum_specs(full: bool):
     """The in-chunk cumulative sum of the log decays (forward) and of their gradients (reverse)."""
     from seqmix.kernels import triton_common
 
-    kernel = triton_common.chunk_local_cumsum_kernel
+    kernel = triton_common.chunk_local_cumsum_fwd_kernel
     for reverse in (False, True):
         for cfg in kernel.configs if full else kernel.configs[:1]:
             args = {"x": "*fp32", "out": "*fp32", "chunk_index": "*i32", "cu_seqlens": "*i64",

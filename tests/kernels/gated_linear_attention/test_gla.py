@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from seqmix.kernels import gla
 from seqmix.kernels.gated_linear_attention import gla_chunked, gla_recurrent
 from tests.helpers import DEVICE, KERNEL_DTYPES, ON_GPU, TOL, assert_rel
-from tests.kernels.decay_checks import assert_grads, outputs_and_grads
+from tests.kernels.contract import assert_grads, check_chunked_gradients_match_recurrence
+from tests.kernels.contract import check_chunked_matches_recurrence, outputs_and_grads
 from tests.kernels.deltanet.cases import Case, cases
 
 NAMES = ["q", "k", "v", "g", "initial_state"]
@@ -60,21 +61,17 @@ def _compare(case, dtype, g=None, scale=None, dg_scale=False):
 def test_chunked_form_matches_recurrence(case, chunk_size):
     q, k, v, g, h0 = make_inputs(case, torch.float64, "cpu")
     cu = case.cu_seqlens("cpu")
-    o_ref, s_ref = gla_recurrent(q, k, v, g.double(), 0.7, h0, True, cu)
-    o, s = gla_chunked(q, k, v, g.double(), 0.7, h0, True, cu, chunk_size=chunk_size)
-    assert_rel(o, o_ref, 1e-12, "output")
-    assert_rel(s, s_ref, 1e-12, "final state")
+    check_chunked_matches_recurrence(gla_recurrent, gla_chunked, (q, k, v, g.double(), h0),
+                                     lambda fn, *x, **kw: fn(*x[:4], 0.7, x[4], True, cu, **kw), chunk_size)
 
 
 @settings(max_examples=8)
 @given(case=cases(max_t=70, head_dims=(4, 8)))
 def test_chunked_form_gradients_match_recurrence(case):
-    inputs = [None if t is None else t.double().detach().requires_grad_()
-              for t in make_inputs(case, torch.float64, "cpu")]
+    inputs = make_inputs(case, torch.float64, "cpu")
     cu = case.cu_seqlens("cpu")
-    results = [outputs_and_grads(lambda *x, fn=fn: fn(*x[:4], 0.5, x[4], True, cu), inputs, case.seed)
-               for fn in (gla_recurrent, gla_chunked)]
-    assert_grads([n for n, t in zip(NAMES, inputs) if t is not None], results[1][2], results[0][2], 1e-11)
+    check_chunked_gradients_match_recurrence(gla_recurrent, gla_chunked, inputs,
+                                             lambda fn, *x: fn(*x[:4], 0.5, x[4], True, cu), NAMES, case.seed, 1e-11)
 
 
 def test_recurrence_is_the_contract():

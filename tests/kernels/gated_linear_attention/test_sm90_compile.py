@@ -18,10 +18,10 @@ def _specs(full: bool):
         dims = (64, 128, 256) if full else ((128,) if dt == "bf16" else (64,))
         for d in dims:
             io = {n: f"*{dt}" for n in ("q", "k", "v", "h", "dh", "do", "o", "dq", "dk", "dv")}
-            f32 = {n: "*fp32" for n in ("g", "gcum", "A", "dA", "db", "h0", "ht", "dht", "dh0")}
+            f32 = {n: "*fp32" for n in ("g", "gcum", "A", "dA", "dgcum", "h0", "ht", "dht", "dh0")}
             index = {"chunk_index": "*i32", "cu_seqlens": "*i64", "chunk_offsets": "*i64", "scale": "fp32"}
             shape = {"H": 16, "K": d, "V": d, "BT": kern.CHUNK, "BC": kern.SUB, "PREC": prec,
-                     **kern.block_sizes(d, d)}
+                     **kern.key_value_blocks(d, d)}
             flags = {"HAS_H0": True, "STORE_HT": True, "HAS_DHT": True, "STORE_DH0": True}
             for kernel in kern.KERNELS:
                 for cfg in kernel.configs if full else kernel.configs[:1]:

@@ -1,11 +1,11 @@
-"""Mamba-1's selective scan in plain PyTorch: the recurrence, one token at a time.
+"""Mamba-1's selective scan in plain PyTorch: the recurrence, one token at a time (docs/math/mamba.md).
 
 Channels last: u, delta, z ``[B, T, D]``, A ``[D, N]``, B, C ``[B, T, N]`` or ``[B, T, G, N]``
 (channel d reads group ``d // (D // G)``), optional D and delta_bias ``[D]``,
 optional ``cu_seqlens`` (then B == 1). Computes in float32 (float64 for
-float64 inputs) and returns ``(y [B, T, D] in u's dtype, final_state [N, D, N]
+float64 inputs) and returns ``(y [B, T, D] in u's dtype, final_state [Nseq, D, N]
 or None)``. Differentiable by autograd: it is both the oracle (in float64) and
-the reference backend of :func:`seqmix.kernels.selective_scan.selective_scan`.
+the reference backend of :func:`seqmix.kernels.mamba.selective_scan`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from seqmix.kernels.ssd.reference import compute_dtype, over_sequences
+from seqmix.kernels.sequences import over_sequences, reference_dtype
 
 
 def process_delta(delta, delta_bias, delta_softplus: bool):
@@ -31,7 +31,7 @@ def selective_scan_recurrent(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     if B.dim() == 3:  # [B, T, N]: one group
         B, C = B.unsqueeze(2), C.unsqueeze(2)
     G, N = B.shape[-2:]
-    cd = compute_dtype(u)
+    cd = reference_dtype(u)
     in_dtype = u.dtype
     u, delta, A, B, C, D, z, delta_bias = (None if t is None else t.to(cd)
                                           for t in (u, delta, A, B, C, D, z, delta_bias))

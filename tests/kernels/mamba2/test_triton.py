@@ -11,10 +11,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from seqmix.kernels.ssd import ssd, ssd_chunked
+from seqmix.kernels.mamba2 import ssd, ssd_chunked
 from tests.helpers import DEVICE, KERNEL_DTYPES, ON_GPU, TOL, assert_rel
-from tests.kernels.ssd.cases import Case, cases, make_inputs
-from tests.kernels.ssd.oracle import check_against_oracle
+from tests.kernels.mamba2.cases import Case, cases, make_inputs
+from tests.kernels.contract import check_against_oracle
 
 NAMES = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state"]
 

@@ -4,26 +4,26 @@ Inputs arrive packed: x, z ``[L, H, P]``, dt ``[L, H]``, B, C ``[L, G, N]``
 with ``L`` the total number of tokens and sequence boundaries in a
 :class:`~seqmix.kernels.sequences.Chunking`. Head ``h`` reads group
 ``h // (H // G)`` of B and C. The forward runs three kernels
-(``../shared/MATH.md`` gives the algebra):
+(docs/math/mamba2.md gives the algebra):
 
 1. ``dt_fwd``: per chunk and block of heads, dt' = clamp(softplus(dt + bias))
-   and the chunk-local cumulative log-decay ``L_t = sum_{j<=t} dt'_j A``.
+   and the chunk-local cumulative log-decay ``lcum_t = sum_{j<=t} dt'_j A``.
 2. ``state_fwd``: per sequence, head and block of P, the only sequential pass:
    stores the state entering each chunk and applies
-   ``h <- exp(L_last) h + sum_j exp(L_last - L_j) dt'_j x_j B_j^T``.
-3. ``output_fwd``: per chunk, ``Y = (M * C B^T)(dt' x) + exp(L) (C h^T) + D x``,
-   ``M_ij = exp(L_i - L_j)`` for j <= i, then the gate ``silu(z)``.
+   ``h <- exp(lcum_last) h + sum_j exp(lcum_last - lcum_j) dt'_j x_j B_j^T``.
+3. ``output_fwd``: per chunk, ``Y = (M * C B^T)(dt' x) + exp(lcum) (C h^T) + D x``,
+   ``M_ij = exp(lcum_i - lcum_j)`` for j <= i, then the gate ``silu(z)``.
 
-Decays are only ever exponentiated as differences ``L_i - L_j`` with i >= j
-(or ``L_i`` itself): every exponent is <= 0 since dt' >= 0 and A < 0, so a
+Decays are only ever exponentiated as differences ``lcum_i - lcum_j`` with i >= j
+(or ``lcum_i`` itself): every exponent is <= 0 since dt' >= 0 and A < 0, so a
 strong decay underflows to 0 and never overflows. Masked entries are set to
 -inf before ``exp``.
 
 The backward recomputes the per-chunk states (they would cost P*N values per
 chunk to keep), runs the reverse state pass (the state gradient leaving each
-chunk), then per chunk the gradients of x, dt' (direct part) and L
+chunk), then per chunk the gradients of x, dt' (direct part) and lcum
 (``dx`` kernel), of B and C per head (``dbc`` kernel, summed over the heads
-of a group afterwards), and last turns the gradient of L into those of dt,
+of a group afterwards), and last turns the gradient of lcum into those of dt,
 A and dt_bias (``dt_bwd``: a reverse cumulative sum inside each chunk).
 """
 
@@ -35,33 +35,13 @@ import triton.language as tl
 
 from seqmix.kernels.alloc import empty
 from seqmix.kernels.sequences import Chunking
-from seqmix.kernels.triton_common import (
-    SOFTPLUS_THRESHOLD,
-    autotune_configs,
-    chunk_position,
-    dot_precision,
-    head_block,
-    load_matrix,
-    load_row_values,
-    load_rows,
-    mm,
-    sequence_bounds,
-    silu,
-    softplus,
-    softplus_backward,
-    store_matrix,
-    store_row_values,
-    store_rows,
-)
+from seqmix.kernels import triton_common
+from seqmix.kernels.triton_common import SOFTPLUS_THRESHOLD, chunk_configs, chunk_position, dot_precision, head_block
+from seqmix.kernels.triton_common import load_matrix, load_row_values, load_rows, mm, sequence_bounds
+from seqmix.kernels.triton_common import sequence_program, silu, softplus, softplus_backward, state_configs
+from seqmix.kernels.triton_common import store_matrix, store_row_values, store_rows
 
 CHUNK = 64
-MAX_HEAD_DIM = 256
-def _state_configs():
-    return autotune_configs([triton.Config({"BP": bp}, num_warps=w) for bp in (32, 64) for w in (4, 8)])
-
-
-def _chunk_configs():
-    return autotune_configs([triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)])
 
 
 @triton.jit
@@ -83,7 +63,7 @@ def _head_tile(base, t0, nt, h0, H: tl.constexpr, BT: tl.constexpr, BH: tl.const
 
 @triton.jit
 def _chunk_decays(lcum, i_h, t0, nt, H: tl.constexpr, BT: tl.constexpr):
-    """A chunk's log-decays L [BT] (0 past nt), L of its last token, and exp(L_last - L_j)
+    """A chunk's log-decays lcum [BT] (0 past nt), lcum of its last token, and exp(lcum_last - lcum_j)
     per row (0 past nt): how much of token j's write is left at the end of the chunk."""
     b_l = load_row_values(lcum + i_h, t0, nt, H, BT)
     l_last = tl.load(lcum + (t0 + nt - 1) * H + i_h).to(tl.float32)
@@ -94,7 +74,7 @@ def _chunk_decays(lcum, i_h, t0, nt, H: tl.constexpr, BT: tl.constexpr):
 
 @triton.jit
 def _causal_decay(b_l, nt, BT: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """M_ij = exp(L_i - L_j) for j <= i < nt, else 0 (or its transpose): masked before exp."""
+    """M_ij = exp(lcum_i - lcum_j) for j <= i < nt, else 0 (or its transpose): masked before exp."""
     o = tl.arange(0, BT)
     if TRANSPOSED:
         keep = (o[:, None] <= o[None, :]) & (o[None, :] < nt)
@@ -115,26 +95,13 @@ def _chunk_program(chunk_index, cu_seqlens, H: tl.constexpr, G: tl.constexpr, P:
     return i_c, i_b, i_h, i_h // (H // G), t0, nt, (i_c.to(tl.int64) * H + i_h) * P * N
 
 
-@triton.jit
-def _sequence_program(chunk_offsets, cu_seqlens, H: tl.constexpr, G: tl.constexpr, P: tl.constexpr,
-                      N: tl.constexpr, BP: tl.constexpr):
-    """A sequential program of grid ((sequence, head), block of P): head i_h, its group i_g, the
-    sequence's tokens bos..eos-1 and first chunk c0, the block's first row p0 and the offset of
-    the sequence's [P, N] state."""
-    i_nh, i_p = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = sequence_bounds(cu_seqlens, i_n)
-    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    return i_h, i_h // (H // G), bos, eos, c0, i_p * BP, i_nh.to(tl.int64) * P * N
-
-
-@triton.autotune(configs=_chunk_configs(), key=["H"])
+@triton.autotune(configs=chunk_configs(), key=["H"])
 @triton.jit
 def ssd_dt_fwd_kernel(
     dt, dt_bias, A, dtp, lcum, chunk_index, cu_seqlens, lo, hi,
     H: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):
-    """Per chunk and block of heads: dt' and the chunk-local cumulative log-decay L = cumsum(dt' A)."""
+    """Per chunk and block of heads: dt' and the chunk-local cumulative log-decay lcum = cumsum(dt' A)."""
     i_c, i_hb = tl.program_id(0), tl.program_id(1)
     _, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
     h0 = i_hb * BH
@@ -152,7 +119,7 @@ def ssd_dt_fwd_kernel(
     tl.store(out_ptrs, b_l, mask=mask)
 
 
-@triton.autotune(configs=_state_configs(), key=["P", "N"])
+@triton.autotune(configs=state_configs("BP"), key=["P", "N"])
 @triton.jit
 def ssd_state_fwd_kernel(
     x, B, dtp, lcum, h, h0, ht, chunk_offsets, cu_seqlens,
@@ -161,8 +128,9 @@ def ssd_state_fwd_kernel(
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
 ):
     """Sequential over the chunks of one sequence: h[c] = state entering chunk c, then
-    state <- exp(L_last) state + (x * dt' * exp(L_last - L))^T B."""
-    i_h, i_g, bos, eos, c0, p0, s_base = _sequence_program(chunk_offsets, cu_seqlens, H, G, P, N, BP)
+    state <- exp(lcum_last) state + (x * dt' * exp(lcum_last - lcum))^T B."""
+    i_h, i_p, bos, eos, c0, s_base = sequence_program(chunk_offsets, cu_seqlens, H, P * N)
+    i_g, p0 = i_h // (H // G), i_p * BP
     DT = x.dtype.element_ty
     b_s = tl.zeros([BP, BN], dtype=tl.float32)
     if HAS_H0:
@@ -180,7 +148,7 @@ def ssd_state_fwd_kernel(
         store_matrix(ht + s_base, b_s, p0, P, 0, N, BP, BN)
 
 
-@triton.autotune(configs=_chunk_configs(), key=["P", "N"])
+@triton.autotune(configs=chunk_configs(), key=["P", "N"])
 @triton.jit
 def ssd_output_fwd_kernel(
     x, z, B, C, D, dtp, lcum, h, y, out, chunk_index, cu_seqlens,
@@ -188,7 +156,7 @@ def ssd_output_fwd_kernel(
     BT: tl.constexpr, BP: tl.constexpr, BNC: tl.constexpr, PREC: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, STORE_Y: tl.constexpr,
 ):
-    """Per chunk and block of P: y = (M * C B^T)(dt' x) + exp(L) (C h^T) + D x; out = y silu(z).
+    """Per chunk and block of P: y = (M * C B^T)(dt' x) + exp(lcum) (C h^T) + D x; out = y silu(z).
     With STORE_Y the ungated y is kept for the gate's backward."""
     _, i_p, i_h, i_g, t0, nt, s_base = _chunk_program(chunk_index, cu_seqlens, H, G, P, N, BT)
     DT = x.dtype.element_ty
@@ -214,7 +182,7 @@ def ssd_output_fwd_kernel(
     store_rows(out + i_h * P, b_y, t0, nt, H * P, p0, P, BT, BP)
 
 
-@triton.autotune(configs=_state_configs(), key=["P", "N"])
+@triton.autotune(configs=state_configs("BP"), key=["P", "N"])
 @triton.jit
 def ssd_state_bwd_kernel(
     C, dy, lcum, dh, dht, dh0, chunk_offsets, cu_seqlens,
@@ -223,8 +191,9 @@ def ssd_state_bwd_kernel(
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
 ):
     """Reverse over the chunks of one sequence. With dS the gradient of the state leaving
-    chunk c: dh[c] = dS, then dS <- exp(L_last) dS + (dY * exp(L))^T C."""
-    i_h, i_g, bos, eos, c0, p0, s_base = _sequence_program(chunk_offsets, cu_seqlens, H, G, P, N, BP)
+    chunk c: dh[c] = dS, then dS <- exp(lcum_last) dS + (dY * exp(lcum))^T C."""
+    i_h, i_p, bos, eos, c0, s_base = sequence_program(chunk_offsets, cu_seqlens, H, P * N)
+    i_g, p0 = i_h // (H // G), i_p * BP
     DT = dy.dtype.element_ty
     b_ds = tl.zeros([BP, BN], dtype=tl.float32)
     if HAS_DHT:
@@ -243,7 +212,7 @@ def ssd_state_bwd_kernel(
         store_matrix(dh0 + s_base, b_ds, p0, P, 0, N, BP, BN)
 
 
-@triton.autotune(configs=_chunk_configs(), key=["P", "N"])
+@triton.autotune(configs=chunk_configs(), key=["P", "N"])
 @triton.jit
 def ssd_dx_bwd_kernel(
     x, B, C, D, dtp, lcum, h, dh, dy, dx, ddt_part, dl_part, dd_part, chunk_index, cu_seqlens, part_stride,
@@ -252,8 +221,8 @@ def ssd_dx_bwd_kernel(
 ):
     """Per chunk and block of P, with h = state entering, dS = gradient of the state leaving the chunk:
 
-    Gx_j = sum_{i>=j} M_ij (C_i . B_j) dY_i + exp(L_last - L_j) dS B_j
-    dx = dt' Gx + D dY; the direct part of d(dt')_j = x_j . Gx_j; and dL, the gradient of the
+    Gx_j = sum_{i>=j} M_ij (C_i . B_j) dY_i + exp(lcum_last - lcum_j) dS B_j
+    dx = dt' Gx + D dY; the direct part of d(dt')_j = x_j . Gx_j; and dlcum, the gradient of the
     log-decays, summed over this block of P. Partial sums of block i_p go to
     ``ddt_part``/``dl_part`` [n_p, L, H] at offset ``i_p * part_stride`` and ``dd_part`` [n_p, NC, H];
     the host adds the blocks up.
@@ -285,8 +254,8 @@ def ssd_dx_bwd_kernel(
     if HAS_D:
         b_dx += tl.load(D + i_h).to(tl.float32) * b_dyf
     store_rows(dx + i_h * P, b_dx, t0, nt, H * P, p0, P, BT, BP)
-    # Gradient of L: L_i enters as +L_i and L_j as -L_j in M_ij (S below), as +L_i in exp(L_i) C_i h,
-    # and the chunk's last L in the state it passes on (the R terms and <dS, exp(L_last) h>).
+    # Gradient of lcum: lcum_i enters as +lcum_i and lcum_j as -lcum_j in M_ij (S below), as +lcum_i in
+    # exp(lcum_i) C_i h, and the chunk's last lcum in the state it passes on (the R terms and <dS, exp(lcum_last) h>).
     # S_ii and the last row's R enter with both signs: they are left out rather than cancelled in
     # float32, where they would dominate (a large dt' makes them large) a gradient that may be tiny.
     rows = tl.arange(0, BT)
@@ -303,7 +272,7 @@ def ssd_dx_bwd_kernel(
         tl.store(dd_part + (i_p * tl.num_programs(0) + i_c) * H + i_h, tl.sum(tl.sum(b_xf * b_dyf, 1), 0))
 
 
-@triton.autotune(configs=_chunk_configs(), key=["P", "N"])
+@triton.autotune(configs=chunk_configs(), key=["P", "N"])
 @triton.jit
 def ssd_dbc_bwd_kernel(
     x, B, C, dtp, lcum, h, dh, dy, db, dc, chunk_index, cu_seqlens,
@@ -311,7 +280,7 @@ def ssd_dbc_bwd_kernel(
     BT: tl.constexpr, BPC: tl.constexpr, BNC: tl.constexpr, PREC: tl.constexpr,
 ):
     """Per chunk, head and block of N, with W_ij = M_ij (dY_i . x_j) dt'_j:
-    dC = W B + exp(L) (dY h), dB = W^T C + exp(L_last - L) dt' (x dS); per head, float32
+    dC = W B + exp(lcum) (dY h), dB = W^T C + exp(lcum_last - lcum) dt' (x dS); per head, float32
     (the heads of a group are added up afterwards)."""
     _, i_nb, i_h, i_g, t0, nt, s_base = _chunk_program(chunk_index, cu_seqlens, H, G, P, N, BT)
     DT = x.dtype.element_ty
@@ -336,14 +305,14 @@ def ssd_dbc_bwd_kernel(
     store_rows(db + i_h * N, b_db, t0, nt, H * N, n0, N, BT, BNC)
 
 
-@triton.autotune(configs=_chunk_configs(), key=["H"])
+@triton.autotune(configs=chunk_configs(), key=["H"])
 @triton.jit
 def ssd_dt_bwd_kernel(
     dt, dt_bias, A, dtp, ddt_direct, dl, ddt, da_part, chunk_index, cu_seqlens, lo, hi,
     H: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):
-    """Per chunk and block of heads, from dL to dt and A: L_t = sum_{j<=t} dt'_j A, so
-    d(dt'_t A) = sum_{i>=t} dL_i (a reverse cumulative sum), d(dt') = direct + A that,
+    """Per chunk and block of heads, from dlcum to dt and A: lcum_t = sum_{j<=t} dt'_j A, so
+    d(dt'_t A) = sum_{i>=t} dlcum_i (a reverse cumulative sum), d(dt') = direct + A that,
     dA = sum_t dt'_t that (per chunk, added up afterwards); then back through clamp and softplus."""
     i_c, i_hb = tl.program_id(0), tl.program_id(1)
     _, _, t0, nt = chunk_position(chunk_index, cu_seqlens, i_c, BT)
@@ -369,7 +338,7 @@ def ssd_dt_bwd_kernel(
     tl.store(ptrs, b_ddtp, mask=mask)
 
 
-@triton.autotune(configs=_state_configs(), key=["P", "N"])
+@triton.autotune(configs=state_configs("BP"), key=["P", "N"])
 @triton.jit
 def ssd_recurrent_fwd_kernel(
     x, dt, A, B, C, D, z, dt_bias, out, h0, ht, cu_seqlens, lo, hi,
@@ -428,11 +397,7 @@ KERNELS = (
 
 def unsupported(dtype: torch.dtype, P: int, N: int) -> str | None:
     """Why these kernels cannot take inputs of ``dtype`` with head dim P and state dim N; None if they can."""
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"x, dt, B, C must be float16, bfloat16 or float32, got {dtype}"
-    if max(P, N) > MAX_HEAD_DIM:
-        return f"head dim and state dim up to {MAX_HEAD_DIM}, got P={P}, N={N}"
-    return None
+    return triton_common.unsupported("x, dt, B, C", dtype, "head dim and state dim", P=P, N=N)
 
 
 def block_sizes(P: int, N: int, H: int) -> dict[str, int]:
@@ -476,8 +441,8 @@ def _states(x, B, dtp, lcum, h0, chunking: Chunking, store_final: bool, sizes, p
 
 
 def chunk_ssd_fwd(x, dt, A, B, C, D, z, dt_bias, h0, cfg: DtConfig, chunking: Chunking, store_final: bool):
-    """Chunked forward. Returns (out [L, H, P], final state [N, H, P, N] float32 or None, and for the
-    backward: dt' and L [L, H] float32, the ungated y [L, H, P] when z is given, else None)."""
+    """Chunked forward. Returns (out [L, H, P], final state [Nseq, H, P, N] float32 or None, and for the
+    backward: dt' and lcum [L, H] float32, the ungated y [L, H, P] when z is given, else None)."""
     L, H, P = x.shape
     G, N = B.shape[1:]
     sizes, prec = block_sizes(P, N, H), dot_precision(x.dtype)

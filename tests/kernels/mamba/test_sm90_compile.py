@@ -11,7 +11,7 @@ from tests.sm90 import compile_in_subprocess, print_compiled
 
 
 def _specs(full: bool):
-    from seqmix.kernels.selective_scan import triton as kern
+    from seqmix.kernels.mamba import triton as kern
 
     for dt, G, N in (("bf16", 1, 16), ("bf16", 4, 16), ("fp32", 1, 64)):
         io = {n: f"*{dt}" for n in ("u", "delta", "B", "C", "z", "out", "dout", "du", "dz")}
@@ -28,8 +28,9 @@ def _specs(full: bool):
 
 
 def test_kernels_compile_for_sm90():
-    results = compile_in_subprocess("tests.kernels.selective_scan.test_sm90_compile")
-    assert {r["kernel"] for r in results} == {"selective_scan_fwd_kernel", "selective_scan_bwd_kernel"}
+    results = compile_in_subprocess("tests.kernels.mamba.test_sm90_compile")
+    assert {r["kernel"] for r in results} == {"selective_scan_recurrent_fwd_kernel",
+                                              "selective_scan_recurrent_bwd_kernel"}
 
 
 if __name__ == "__main__":

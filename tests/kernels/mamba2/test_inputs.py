@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from seqmix.kernels import BackendUnavailable
-from seqmix.kernels.ssd import ssd
+from seqmix.kernels.mamba2 import ssd
 from tests.helpers import DEVICE
+from tests.kernels.contract import BAD_CU_SEQLENS, check_bad_cu_seqlens, check_float64_goes_to_the_reference
+from tests.kernels.contract import check_mismatched_devices, check_no_tokens
 
 B, T, H, P, G, N = 2, 8, 4, 3, 2, 5
 BACKENDS = ["reference", "triton"]
@@ -69,19 +71,10 @@ def test_bad_optional_arguments(backend, kw, match):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(
-    "cu, match",
-    [
-        ([1, 4, 16], "must start at 0"),
-        ([0, 9, 4, 16], "non-decreasing"),
-        ([0, 4, 15], "must end at the packed length T=16"),
-        ([[0, 16]], r"shape \[N\+1\]"),
-    ],
-)
+@pytest.mark.parametrize("cu, match", BAD_CU_SEQLENS)
 def test_bad_cu_seqlens(backend, cu, match):
     x = {n: t.reshape(1, B * T, *t.shape[2:]) if t.dim() > 1 else t for n, t in _inputs().items()}
-    with pytest.raises(ValueError, match=match):
-        ssd(**x, cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=DEVICE), backend=backend)
+    check_bad_cu_seqlens(ssd, x, cu, match, backend)
 
 
 def test_cu_seqlens_needs_packed_batch_and_matching_states():
@@ -93,11 +86,7 @@ def test_cu_seqlens_needs_packed_batch_and_matching_states():
 
 
 def test_float64_goes_to_the_reference_unless_triton_is_named():
-    x = {n: t.double() for n, t in _inputs().items()}
-    with pytest.raises(BackendUnavailable, match="'triton' cannot serve this call: x, dt, B, C must be .*float64"):
-        ssd(**x, backend="triton")
-    y, _ = ssd(**x)
-    assert y.dtype == torch.float64
+    check_float64_goes_to_the_reference(ssd, _inputs(), "x, dt, B, C")
 
 
 def test_state_dims_above_256_go_to_the_reference_unless_triton_is_named():
@@ -111,16 +100,8 @@ def test_state_dims_above_256_go_to_the_reference_unless_triton_is_named():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_sequence_returns_empty_output_and_the_initial_state(backend):
     x = {n: t[:, :0] if t.dim() > 1 else t for n, t in _inputs().items()}
-    h0 = torch.randn(B, H, P, N, device=DEVICE)
-    y, s = ssd(**x, initial_state=h0, output_final_state=True, backend=backend)
-    assert y.shape == (B, 0, H, P)
-    torch.testing.assert_close(s, h0)
-    y, s = ssd(**x, output_final_state=True, backend=backend)
-    assert s.shape == (B, H, P, N) and not s.any()
+    check_no_tokens(ssd, x, (B, 0, H, P), (B, H, P, N), backend)
 
 
 def test_mismatched_devices():
-    x = _inputs()
-    x["C"] = x["C"].to("meta")
-    with pytest.raises(ValueError, match="C is on meta but the inputs are on"):
-        ssd(**x)
+    check_mismatched_devices(ssd, _inputs(), "C")

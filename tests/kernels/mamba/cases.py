@@ -6,7 +6,7 @@ import torch
 from hypothesis import strategies as st
 
 from tests.helpers import ON_GPU
-from tests.kernels.ssd.cases import PackedSequences, draw_sequences
+from tests.kernels.contract import PackedSequences, draw_sequences
 
 # The interpreter steps through every token of every program: keep the channels to one block
 # and the sequences short, but long enough for two chunks of 64 (the backward's checkpoints).

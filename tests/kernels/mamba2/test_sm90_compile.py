@@ -11,7 +11,7 @@ from tests.sm90 import compile_in_subprocess, print_compiled
 
 
 def _specs(full: bool):
-    from seqmix.kernels.ssd import triton as kern
+    from seqmix.kernels.mamba2 import triton as kern
 
     dims = [("bf16", 64, 128), ("bf16", 128, 256), ("fp32", 64, 64)]
     for dt, P, N in dims:
@@ -31,9 +31,9 @@ def _specs(full: bool):
 
 
 def test_kernels_compile_for_sm90():
-    from seqmix.kernels.ssd import triton as kern
+    from seqmix.kernels.mamba2 import triton as kern
 
-    results = compile_in_subprocess("tests.kernels.ssd.test_sm90_compile")
+    results = compile_in_subprocess("tests.kernels.mamba2.test_sm90_compile")
     assert {r["kernel"] for r in results} == {k.fn.__name__ for k in kern.KERNELS}
 
 

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from seqmix.kernels.ssd import ssd_chunked, ssd_recurrent
+from seqmix.kernels.mamba2 import ssd_chunked, ssd_recurrent
 from tests.helpers import assert_rel
-from tests.kernels.ssd.cases import Case, cases, make_inputs
+from tests.kernels.mamba2.cases import Case, cases, make_inputs
 
 
 @settings(max_examples=6)

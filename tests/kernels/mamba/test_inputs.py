@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from seqmix.kernels import BackendUnavailable
-from seqmix.kernels.selective_scan import selective_scan
+from seqmix.kernels.mamba import selective_scan
 from tests.helpers import DEVICE
+from tests.kernels.contract import BAD_CU_SEQLENS, check_bad_cu_seqlens, check_float64_goes_to_the_reference
+from tests.kernels.contract import check_no_tokens
 
 B, T, D, N, G = 2, 8, 6, 4, 2
 BACKENDS = ["reference", "triton"]
@@ -61,28 +62,17 @@ def test_bad_optional_arguments(backend, kw, match):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("cu, match", [([1, 4, 16], "must start at 0"), ([0, 9, 4, 16], "non-decreasing"),
-                                       ([0, 4, 15], "must end at the packed length T=16")])
+@pytest.mark.parametrize("cu, match", BAD_CU_SEQLENS)
 def test_bad_cu_seqlens(backend, cu, match):
     x = {n: t.reshape(1, B * T, *t.shape[2:]) if n != "A" else t for n, t in _inputs().items()}
-    with pytest.raises(ValueError, match=match):
-        selective_scan(**x, cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=DEVICE), backend=backend)
+    check_bad_cu_seqlens(selective_scan, x, cu, match, backend)
 
 
 def test_float64_goes_to_the_reference_unless_triton_is_named():
-    x = {n: t.double() for n, t in _inputs().items()}
-    with pytest.raises(BackendUnavailable, match="'triton' cannot serve this call: u, delta, B, C must be .*float64"):
-        selective_scan(**x, backend="triton")
-    y, _ = selective_scan(**x)
-    assert y.dtype == torch.float64
+    check_float64_goes_to_the_reference(selective_scan, _inputs(), "u, delta, B, C")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_sequence_returns_empty_output_and_the_initial_state(backend):
     x = {n: t[:, :0] if n != "A" else t for n, t in _inputs().items()}
-    h0 = torch.randn(B, D, N, device=DEVICE)
-    y, s = selective_scan(**x, initial_state=h0, output_final_state=True, backend=backend)
-    assert y.shape == (B, 0, D)
-    torch.testing.assert_close(s, h0)
-    y, s = selective_scan(**x, output_final_state=True, backend=backend)
-    assert s.shape == (B, D, N) and not s.any()
+    check_no_tokens(selective_scan, x, (B, 0, D), (B, D, N), backend)

@@ -6,38 +6,12 @@ import torch
 from hypothesis import strategies as st
 
 from tests.helpers import ON_GPU
+from tests.kernels.contract import PackedSequences, draw_sequences
 
 # The interpreter runs every program on the CPU: keep its problems small.
 MAX_T = 600 if ON_GPU else 150
 HEAD_DIMS = (64,) if ON_GPU else (3, 8, 16)
 STATE_DIMS = (64, 128) if ON_GPU else (5, 16)
-
-
-class PackedSequences:
-    """What a case with ``batch`` and ``lengths`` (packed lengths, or None for dense) says about its sequences."""
-
-    @property
-    def num_sequences(self) -> int:
-        return self.batch if self.lengths is None else len(self.lengths)
-
-    def cu_seqlens(self, device):
-        if self.lengths is None:
-            return None
-        cu = torch.zeros(len(self.lengths) + 1, dtype=torch.int32)
-        cu[1:] = torch.tensor(self.lengths).cumsum(0)
-        return cu.to(device)
-
-
-def draw_sequences(draw, max_t: int, max_parts: int):
-    """(batch, packed lengths or None, total length): dense batches of 1-2, or up to ``max_parts``
-    packed sequences (zero-length ones included)."""
-    if draw(st.booleans()):
-        lengths = tuple(draw(st.lists(st.integers(0, max_t // 2), min_size=1, max_size=max_parts)))
-        if sum(lengths) == 0:
-            lengths = lengths + (1,)
-        return 1, lengths, sum(lengths)
-    seqlen = draw(st.integers(1, max_t))
-    return draw(st.integers(1, 2)), None, seqlen
 
 
 @dataclass(frozen=True)

@@ -3,29 +3,17 @@
 Both take the op's layout (x ``[B, T, H, P]``, dt ``[B, T, H]``, A ``[H]``,
 B, C ``[B, T, G, N]``, optional D ``[H]``, z ``[B, T, H, P]``) with optional
 ``cu_seqlens`` (then B == 1), compute in float32 (float64 for float64 inputs)
-and return ``(y [B, T, H, P] in x's dtype, final_state [N, H, P, N] or None)``.
+and return ``(y [B, T, H, P] in x's dtype, final_state [Nseq, H, P, N] or None (Nseq sequences))``.
 Both are differentiable by autograd; the chunked form is the reference
-backend of :func:`seqmix.kernels.ssd.ssd`.
+backend of :func:`seqmix.kernels.mamba2.ssd`.
 """
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import torch.nn.functional as F
 
-
-def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def split_sequences(cu_seqlens, batch: int, seqlen: int):
-    """(batch row, start, end) of every sequence."""
-    if cu_seqlens is None:
-        return [(b, 0, seqlen) for b in range(batch)]
-    bounds = cu_seqlens.tolist()
-    return [(0, s, e) for s, e in itertools.pairwise(bounds)]
+from seqmix.kernels.sequences import over_sequences, reference_dtype
 
 
 def process_dt(dt, dt_bias, dt_softplus: bool, dt_limit: tuple[float, float]):
@@ -44,23 +32,9 @@ def _gate(y, z):
     return y if z is None else y * F.silu(z)
 
 
-def over_sequences(run, batch: int, seqlen: int, cu_seqlens, initial_state, zero_state, cd):
-    """Run ``run(b, s, e, h) -> (y [e - s, ...], h_final)`` on every sequence (batch row b, tokens
-    s..e-1, entering state h: the initial state's row or ``zero_state``, in dtype ``cd``).
-    Returns y as [B, T, ...] ([1, L, ...] when packed) and the final states stacked."""
-    outs, finals = [], []
-    for n, (b, s, e) in enumerate(split_sequences(cu_seqlens, batch, seqlen)):
-        h = zero_state if initial_state is None else initial_state[n].to(cd)
-        y, h = run(b, s, e, h)
-        outs.append(y)
-        finals.append(h)
-    y = torch.cat(outs)[None] if cu_seqlens is not None else torch.stack(outs)
-    return y, torch.stack(finals)
-
-
 def _prepare(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit):
     """Inputs in the compute dtype, dt processed, B and C expanded from groups to heads."""
-    cd = compute_dtype(x)
+    cd = reference_dtype(x)
     x, dt, A, B, C, D, z, dt_bias = (None if t is None else t.to(cd) for t in (x, dt, A, B, C, D, z, dt_bias))
     dt = process_dt(dt, dt_bias, dt_softplus, dt_limit)
     heads_per_group = x.shape[2] // B.shape[2]
@@ -94,28 +68,28 @@ def ssd_recurrent(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fals
 
 
 def _chunked_sequence(x, dt, A, B, C, h, chunk_size):
-    """One sequence in the chunked SSD form (``../shared/MATH.md``): x [T, H, P], dt [T, H],
+    """One sequence in the chunked SSD form (docs/math/mamba2.md): x [T, H, P], dt [T, H],
     B, C [T, H, N] (already expanded to heads), h [H, P, N]. Returns (y without D, h_final)."""
     T = x.shape[0]
     outs = []
     for s in range(0, T, chunk_size):
         xc, dtc, Bc, Cc = (t[s : s + chunk_size].transpose(0, 1) for t in (x, dt, B, C))  # head first
-        L = torch.cumsum(dtc * A[:, None], -1)  # [H, c]: log-decay from the chunk start
-        diff = L[:, :, None] - L[:, None, :]
+        lcum = torch.cumsum(dtc * A[:, None], -1)  # [H, c]: log-decay from the chunk start
+        diff = lcum[:, :, None] - lcum[:, None, :]
         causal = torch.ones_like(diff, dtype=torch.bool).tril()
         # exp only of differences i >= j (<= 0); the masked ones are set to -inf first, never exponentiated.
         M = torch.exp(diff.masked_fill(~causal, float("-inf")))
         scores = M * (Cc @ Bc.transpose(-1, -2))
-        y = scores @ (dtc[..., None] * xc) + torch.exp(L)[..., None] * (Cc @ h.transpose(-1, -2))
-        decay_to_end = torch.exp(L[:, -1:] - L)  # [H, c]
-        h = torch.exp(L[:, -1])[:, None, None] * h + (xc * (decay_to_end * dtc)[..., None]).transpose(-1, -2) @ Bc
+        y = scores @ (dtc[..., None] * xc) + torch.exp(lcum)[..., None] * (Cc @ h.transpose(-1, -2))
+        decay_to_end = torch.exp(lcum[:, -1:] - lcum)  # [H, c]
+        h = torch.exp(lcum[:, -1])[:, None, None] * h + (xc * (decay_to_end * dtc)[..., None]).transpose(-1, -2) @ Bc
         outs.append(y.transpose(0, 1))
     return (torch.cat(outs) if outs else x.new_zeros(0, *x.shape[1:])), h
 
 
 def ssd_chunked(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf")),
                 initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64):
-    """The chunked SSD form: per chunk the masked decay matrix exp(L_i - L_j) times C B^T,
+    """The chunked SSD form: per chunk the masked decay matrix exp(lcum_i - lcum_j) times C B^T,
     plus the incoming state's contribution; states pass from chunk to chunk."""
     Bsz, T, H, P = x.shape
     N = B.shape[-1]

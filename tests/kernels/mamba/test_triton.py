@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 
-from seqmix.kernels.selective_scan import selective_scan, selective_scan_recurrent
+from seqmix.kernels.mamba import selective_scan, selective_scan_recurrent
 from tests.helpers import DEVICE, KERNEL_DTYPES, ON_GPU, TOL, assert_rel
-from tests.kernels.selective_scan.cases import Case, cases, make_inputs
-from tests.kernels.ssd.oracle import check_against_oracle
+from tests.kernels.mamba.cases import Case, cases, make_inputs
+from tests.kernels.contract import check_against_oracle
 
 NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"]
 

@@ -1,4 +1,5 @@
-"""Fused Triton kernels of Mamba-1's selective scan: a token-by-token scan and its chunked reverse pass.
+"""Fused Triton kernels of Mamba-1's selective scan: a token-by-token scan and its chunked reverse pass
+(the math: docs/math/mamba.md).
 
 Inputs arrive packed: u, delta, z ``[L, D]``, B, C ``[L, G, N]`` (channel d
 reads group ``d // (D // G)``), A ``[D, N]``, with ``L`` the total number of
@@ -29,12 +30,12 @@ import triton.language as tl
 
 from seqmix.kernels.alloc import empty
 from seqmix.kernels.sequences import Chunking
+from seqmix.kernels import triton_common
 from seqmix.kernels.triton_common import SOFTPLUS_THRESHOLD, autotune_configs, head_block, sequence_bounds
 
 CHUNK = 64
 # The backward's channel block is fixed (not tuned): it sizes the scratch buffer the host allocates.
 BD_BWD = 32
-MAX_STATE_DIM = 256
 
 
 def _fwd_configs():
@@ -68,7 +69,7 @@ def _per_channel(base, o_d, m_d, HAS: tl.constexpr):
 
 @triton.autotune(configs=_fwd_configs(), key=["DIM", "N"])
 @triton.jit
-def selective_scan_fwd_kernel(
+def selective_scan_recurrent_fwd_kernel(
     u, delta, A, B, C, D, z, delta_bias, out, hc, h0, ht, chunk_offsets, cu_seqlens,
     DIM: tl.constexpr, G: tl.constexpr, N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, CH: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -113,7 +114,7 @@ def selective_scan_fwd_kernel(
 
 @triton.autotune(configs=_bwd_configs(), key=["DIM", "N"])
 @triton.jit
-def selective_scan_bwd_kernel(
+def selective_scan_recurrent_bwd_kernel(
     u, delta, A, B, C, D, z, delta_bias, dout, hc, scratch, dht, du, ddelta, dz, da_part, dd_part, db_part,
     dc_part, dh0, chunk_offsets, cu_seqlens, part_stride,
     DIM: tl.constexpr, G: tl.constexpr, N: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, CH: tl.constexpr,
@@ -219,21 +220,17 @@ def selective_scan_bwd_kernel(
         tl.store(dh0 + s_base + s_off, b_dh, mask=m_dn)
 
 
-KERNELS = (selective_scan_fwd_kernel, selective_scan_bwd_kernel)
+KERNELS = (selective_scan_recurrent_fwd_kernel, selective_scan_recurrent_bwd_kernel)
 
 
 def unsupported(dtype: torch.dtype, N: int) -> str | None:
     """Why these kernels cannot take inputs of ``dtype`` with state dim N; None if they can."""
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"u, delta, B, C must be float16, bfloat16 or float32, got {dtype}"
-    if N > MAX_STATE_DIM:
-        return f"state dim up to {MAX_STATE_DIM}, got N={N}"
-    return None
+    return triton_common.unsupported("u, delta, B, C", dtype, "state dim", N=N)
 
 
 def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus: bool, chunking: Chunking,
                        store_final: bool, store_chunks: bool):
-    """Forward scan. Returns (out [L, D], final state [N, D, N] float32 or None, and the states
+    """Forward scan. Returns (out [L, D], final state [Nseq, D, N] float32 or None, and the states
     entering each chunk [NC, D, N] float32 when ``store_chunks``, else None)."""
     L, DIM = u.shape
     G, N = B.shape[1:]
@@ -241,7 +238,7 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus: 
     out = empty(L, DIM, dtype=u.dtype, device=u.device)
     ht = empty(Nseq, DIM, N, dtype=torch.float32, device=u.device) if store_final else None
     hc = empty(chunking.num_chunks, DIM, N, dtype=torch.float32, device=u.device) if store_chunks else None
-    selective_scan_fwd_kernel[lambda meta: (Nseq * triton.cdiv(DIM, meta["BD"]),)](
+    selective_scan_recurrent_fwd_kernel[lambda meta: (Nseq * triton.cdiv(DIM, meta["BD"]),)](
         u, delta, A, B, C, D, z, delta_bias, out, hc, h0, ht, chunking.chunk_offsets, chunking.cu_seqlens,
         DIM=DIM, G=G, N=N, BN=head_block(N), CH=CHUNK, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, HAS_H0=h0 is not None, STORE_HT=store_final,
@@ -270,7 +267,7 @@ def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, hc, delta_softplus: 
     db_part = torch.zeros(n_db, L, G, N, dtype=torch.float32, device=dev)
     dc_part = torch.zeros(n_db, L, G, N, dtype=torch.float32, device=dev)
     dh0 = empty(Nseq, DIM, N, dtype=torch.float32, device=dev) if need_dh0 else None
-    selective_scan_bwd_kernel[(Nseq * n_db,)](
+    selective_scan_recurrent_bwd_kernel[(Nseq * n_db,)](
         u, delta, A, B, C, D, z, delta_bias, dout, hc, scratch, dht, du, ddelta, dz, da_part, dd_part, db_part,
         dc_part, dh0, chunking.chunk_offsets, chunking.cu_seqlens, L * G * N,
         DIM=DIM, G=G, N=N, BN=BN, BD=BD_BWD, CH=CHUNK, HAS_D=D is not None, HAS_Z=z is not None,

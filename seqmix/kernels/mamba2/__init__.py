@@ -1,0 +1,184 @@
+"""Mamba-2's SSD (state-space duality): public op, argument checks, backend dispatch and the
+kernels as torch.library ops (seqmix/kernels/op.py runs them). The math: docs/math/mamba2.md.
+
+The subpackage is named after the family (Mamba-2), not the op: see docs/design.md, "Layout and names".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from seqmix.kernels.backend import select_backend
+from seqmix.kernels.checks import check_negative, check_same_dtype, check_sequences, check_tensor
+from seqmix.kernels.mamba2 import triton as kernels
+from seqmix.kernels.mamba2.reference import ssd_chunked, ssd_recurrent
+from seqmix.kernels.op import FusedOp, as_input_grads, chunking_of, fake_outputs, no_tokens_result, nothing, or_empty
+from seqmix.kernels.op import register_autograd, run_fused
+
+__all__ = ["ssd", "ssd_chunked", "ssd_recurrent"]
+
+
+def check_dt_limit(dt_limit) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in dt_limit)
+    except (TypeError, ValueError):
+        raise ValueError(f"dt_limit must be a pair (lo, hi) of numbers, got {dt_limit!r}") from None
+    if not 0.0 <= lo <= hi:
+        raise ValueError(f"dt_limit must satisfy 0 <= lo <= hi, got {dt_limit!r}")
+    return lo, hi
+
+
+def _check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens):
+    check_tensor("x", x, (None, None, None, None), dims="[B, T, H, P]")
+    Bsz, T, H, P = x.shape
+    check_tensor("dt", dt, (Bsz, T, H), dims="[B, T, H]", like=x)
+    check_tensor("A", A, (H,), dims="[H]", like=x)
+    check_tensor("B", B, (Bsz, T, None, None), dims="[B, T, G, N]", like=x)
+    G, N = B.shape[2:]
+    check_tensor("C", C, (Bsz, T, G, N), dims="[B, T, G, N]", like=x)
+    if P == 0 or N == 0 or G == 0:
+        raise ValueError(f"head dim P, state dim N and groups G must be positive, got P={P}, N={N}, G={G}")
+    if H % G:
+        raise ValueError(f"the number of groups G={G} of B and C must divide the number of heads H={H}")
+    check_same_dtype(("x", "dt", "B", "C"), (x, dt, B, C))
+    for name, t, shape, dims in (("D", D, (H,), "[H]"), ("z", z, (Bsz, T, H, P), "[B, T, H, P]"),
+                                 ("dt_bias", dt_bias, (H,), "[H]")):
+        if t is not None:
+            check_tensor(name, t, shape, dims=dims, like=x)
+    check_negative("A", A)
+    n = check_sequences(cu_seqlens, initial_state, (H, P, N), dims="[N, H, P, N]", like=x)
+    return n
+
+
+def _outputs_like(x, B, cu_seqlens, store_final):
+    L, H, P = x.shape
+    return fake_outputs(x, (L, H, P), (cu_seqlens.shape[0] - 1, H, P, B.shape[-1]), store_final)
+
+
+# The kernels as torch.library ops (the protocol of seqmix/kernels/op.py): x, z [L, H, P], dt [L, H],
+# B, C [L, G, N] packed; A, D, dt_bias [H]; h0 [N, H, P, N] float32; dt' = clamp(softplus?(dt + dt_bias),
+# lo, hi).
+
+@torch.library.custom_op("seqmix::ssd_chunk_fwd", mutates_args=())
+def _chunk_fwd(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None,
+               dt_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor,
+               chunk_offsets: Tensor, softplus: bool, lo: float, hi: float, store_final: bool
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (out, final state, and for the backward: dt' and the in-chunk cumulative log decays
+    [L, H] float32, the ungated y [L, H, P] when z is given)."""
+    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, kernels.CHUNK)
+    out, ht, dtp, lcum, y = kernels.chunk_ssd_fwd(x, dt, A, B, C, D, z, dt_bias, h0,
+                                                  kernels.DtConfig(softplus, (lo, hi)), chunking, store_final)
+    return out, or_empty(ht, x), dtp, lcum, or_empty(y, x)
+
+
+@_chunk_fwd.register_fake
+def _(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_index, chunk_offsets, softplus, lo, hi, store_final):
+    f32 = {"dtype": torch.float32}
+    y = nothing(x) if z is None else torch.empty_like(x)
+    return *_outputs_like(x, B, cu_seqlens, store_final), dt.new_empty(dt.shape, **f32), dt.new_empty(
+        dt.shape, **f32), y
+
+
+@torch.library.custom_op("seqmix::ssd_chunk_bwd", mutates_args=())
+def _chunk_bwd(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None,
+               dt_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor,
+               chunk_offsets: Tensor, dtp: Tensor, lcum: Tensor, y: Tensor, softplus: bool, lo: float, hi: float,
+               store_final: bool, dout: Tensor, dht: Tensor | None, needs: list[bool]
+               ) -> list[Tensor]:
+    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, kernels.CHUNK)
+    dz, dy = None, dout
+    if z is not None:
+        # out = y silu(z): the gate's backward is elementwise, left to PyTorch.
+        zf, sig = z.float(), torch.sigmoid(z.float())
+        dz = dout.float() * y.float() * sig * (1 + zf * (1 - sig))
+        dy = (dout.float() * zf * sig).to(x.dtype)
+    dx, ddt, dA, dB, dC, dD, ddt_bias, dh0 = kernels.chunk_ssd_bwd(
+        x, dt, A, B, C, D, dt_bias, h0, dtp, lcum, kernels.DtConfig(softplus, (lo, hi)), chunking, dy, dht,
+        h0 is not None and needs[8],
+    )
+    inputs = (x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_index, chunk_offsets)
+    return as_input_grads((dx, ddt, dB, dC, dz, dA, dD, ddt_bias, dh0, None, None, None), inputs, needs, x)
+
+
+register_autograd(_chunk_fwd, _chunk_bwd, num_inputs=12)
+
+
+@torch.library.custom_op("seqmix::ssd_recurrent_fwd", mutates_args=())
+def _recurrent_fwd(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None,
+                   dt_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor,
+                   chunk_offsets: Tensor, softplus: bool, lo: float, hi: float, store_final: bool
+                   ) -> tuple[Tensor, Tensor]:
+    out, ht = kernels.recurrent_ssd_fwd(x, dt, A, B, C, D, z, dt_bias, h0, kernels.DtConfig(softplus, (lo, hi)),
+                                        cu_seqlens, store_final)
+    return out, or_empty(ht, x)
+
+
+@_recurrent_fwd.register_fake
+def _(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_index, chunk_offsets, softplus, lo, hi, store_final):
+    return _outputs_like(x, B, cu_seqlens, store_final)
+
+
+FUSED = FusedOp(kernels.CHUNK, _chunk_fwd, _recurrent_fwd)
+
+
+def ssd(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    *,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, math.inf),
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mamba-2's SSD: per head, ``h_t = exp(dt'_t A) h_{t-1} + dt'_t x_t B_t^T``, ``y_t = h_t C_t + D x_t``.
+
+    ``dt' = clamp(softplus(dt + dt_bias), *dt_limit)`` (bias and softplus optional); with z,
+    ``y *= silu(z)``. Head h reads group ``h // (H // G)`` of B and C.
+
+    Args:
+        x: [B, T, H, P] inputs.
+        dt: [B, T, H] step sizes (before bias, softplus and clamp).
+        A: [H] negative state decay rates (``-exp(A_log)``).
+        B: [B, T, G, N] input projections of the state; G must divide H.
+        C: [B, T, G, N] output projections of the state.
+        D: [H] skip connection, or None.
+        z: [B, T, H, P] gate, or None.
+        dt_bias: [H] added to dt, or None.
+        dt_softplus: apply softplus to dt + dt_bias.
+        dt_limit: (lo, hi) with 0 <= lo <= hi: dt' is clamped to it (always, so dt' >= 0).
+        initial_state: [N, H, P, N] state before the first token of each sequence (N = B,
+            or the number of packed sequences); float32 by convention.
+        output_final_state: also return the state after the last token.
+        cu_seqlens: [N+1] int32/int64 boundaries of sequences packed as ``[1, sum(T_i), ...]``;
+            states reset at every boundary.
+        backend: None (automatic), ``"reference"`` or ``"triton"``.
+
+    Returns:
+        y: [B, T, H, P] in x's dtype.
+        final_state: [N, H, P, N] float32 (float64 for float64 inputs), or None.
+    """
+    n = _check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens)
+    lo, hi = check_dt_limit(dt_limit)
+    Bsz, T, H, P = x.shape
+    N = B.shape[-1]
+    name = select_backend("ssd", backend, x.device, ("triton", "reference"),
+                          {"triton": kernels.unsupported(x.dtype, P, N)})
+    if T == 0:
+        return no_tokens_result((Bsz, 0, H, P), (n, H, P, N), initial_state, output_final_state, x)
+    if name == "triton":
+        return run_fused(FUSED, (x, dt, B, C, z), (A, D, dt_bias), initial_state, (dt_softplus, lo, hi),
+                         output_final_state, cu_seqlens)
+    return ssd_chunked(x, dt, A, B, C, D, z, dt_bias, dt_softplus, (lo, hi), initial_state, output_final_state,
+                       cu_seqlens)
