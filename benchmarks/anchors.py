@@ -2,7 +2,8 @@
 
 One entry per op names its sizes at the anchor shape (B8 T2048; H16 D128 for the
 delta rules and GLA, SSD at H64 P64 N128 G1, the short conv at D4096 W4, the
-selective scan at D4096 N16, DynamicConv and LightConv at C1024 H16 K31) and at the small
+selective scan at D4096 N16, DynamicConv and LightConv at C1024 H16 K31, segment pooling
+and upsampling at D1024 with 20% boundaries, add_rms_norm at D4096) and at the small
 shape the CPU rehearsal runs, how to make its inputs, its implementations
 (seqmix's backends and the comparators that import), the roofline floor,
 which comparator the ratio is taken against and, for the ops with a recurrent
@@ -21,7 +22,7 @@ from typing import Callable
 import torch
 
 from benchmarks import bench_causal_conv1d, bench_delta_rule, bench_dynamic_conv, bench_gated_delta_rule, bench_gla
-from benchmarks import bench_ssd
+from benchmarks import bench_pooling, bench_recurrent_depth, bench_ssd
 from seqmix.kernels import causal_conv1d, causal_conv1d_update, delta_rule, gated_delta_rule, gla, selective_scan, ssd
 
 
@@ -156,6 +157,22 @@ ANCHORS = (
         bench_dynamic_conv.light_impls,
         lambda s, nbytes, backward: bench_causal_conv1d.conv_floor_ms(s["B"], s["T"], s["C"], nbytes, backward),
         "sdpa", has_cuda=True,
+    ),
+    Anchor(  # segment_pool then segment_upsample with the null row first, as the hourglass layer calls them
+        "segment_pool_upsample", {"B": 8, "T": 2048, "D": 1024, "rate": 0.2}, {"B": 2, "T": 40, "D": 16, "rate": 0.2},
+        lambda s, dtype, grad, device: bench_pooling.make_inputs(s["B"], s["T"], s["D"], s["rate"], dtype, grad,
+                                                                 device),
+        bench_pooling.impls,
+        lambda s, nbytes, backward: bench_pooling.pool_floor_ms(s["B"], s["T"], s["D"], s["rate"], nbytes, backward),
+        "dense",
+    ),
+    Anchor(
+        "add_rms_norm", {"B": 8, "T": 2048, "D": 4096}, {"B": 1, "T": 70, "D": 40},
+        lambda s, dtype, grad, device: bench_recurrent_depth.make_norm_inputs(s["B"], s["T"], s["D"], dtype, grad,
+                                                                              device),
+        bench_recurrent_depth.norm_impls,
+        lambda s, nbytes, backward: bench_recurrent_depth.norm_floor_ms(s["B"], s["T"], s["D"], nbytes, backward),
+        "torch",
     ),
 )
 

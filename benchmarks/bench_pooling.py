@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import floor_ms
 from seqmix.kernels import segment_pool, segment_upsample
 
 MODES = ("fixed", "whitespace", "gumbel", "entropy", "hnet")
@@ -39,18 +40,21 @@ MODES = ("fixed", "whitespace", "gumbel", "entropy", "hnet")
 def dense_pool_upsample(x, b, null):
     """Pool and upsample with [B, T, S] matrices built from cumulative sums of the boundaries, as the
     published hourglass code does: the weights equal 1 on a token's segment and carry the gradient of the
-    cumulative sum; the segment count is read back to size them."""
+    cumulative sum; the segment count is read back to size them. The counts and weights are computed in
+    float32 at least (bfloat16 counts only to 256) and cast to x's dtype for the einsums."""
     B, T, D = x.shape
     S = int(b.sum(1).max().item())
-    slots = torch.arange(S + 1, device=x.device, dtype=x.dtype)
+    count_dtype = torch.promote_types(b.dtype, torch.float32)
+    b = b.to(count_dtype)
+    slots = torch.arange(S + 1, device=x.device, dtype=count_dtype)
     before = (b.cumsum(1) - b)[..., None]  # [B, T, 1] boundaries before each token
     offset = slots[:S] - before  # 0 where token t is in segment s
     w = torch.where(offset == 0, 1 - offset, torch.zeros_like(offset))
-    pooled = torch.einsum("btd,bts->bsd", x, w / (w.sum(1, keepdim=True) + 1e-9))
+    pooled = torch.einsum("btd,bts->bsd", x, (w / (w.sum(1, keepdim=True) + 1e-9)).to(x.dtype))
     y = torch.cat([null.expand(B, 1, D), pooled], 1)
     offset = slots - b.cumsum(1)[..., None]  # 0 where token t reads row s
     w = torch.where(offset == 0, 1 - offset, torch.zeros_like(offset))
-    return torch.einsum("bsd,bts->btd", y, w / (w.sum(2, keepdim=True) + 1e-9))
+    return torch.einsum("bsd,bts->btd", y, (w / (w.sum(2, keepdim=True) + 1e-9)).to(x.dtype))
 
 
 def seqmix_pool_upsample(backend):
@@ -60,6 +64,32 @@ def seqmix_pool_upsample(backend):
         return segment_upsample(y, b, backend=backend)
 
     return run
+
+
+def impls(backends) -> dict:
+    """seqmix's pool + upsample per backend, and the dense einsum form (``dense``)."""
+    out = {b: seqmix_pool_upsample(b) for b in backends}
+    out["dense"] = dense_pool_upsample
+    return out
+
+
+def make_inputs(B, T, D, rate, dtype, requires_grad, device="cuda", generator=None):
+    """x [B, T, D], boundaries [B, T] (1 with probability ``rate``, else 0, in x's dtype, as the layer's
+    straight-through boundaries are) and the null row [1, 1, D] that upsampling puts before the pooled rows;
+    all three get gradients with ``requires_grad``."""
+    x = torch.randn(B, T, D, device=device, dtype=dtype, generator=generator)
+    b = (torch.rand(B, T, device=device, generator=generator) < rate).to(dtype)
+    null = torch.randn(1, 1, D, device=device, dtype=dtype, generator=generator)
+    return [t.requires_grad_(requires_grad) for t in (x, b, null)]
+
+
+def pool_floor_ms(B, T, D, rate, elem_bytes, backward):
+    """Bytes moved once, with S = rate * T segment rows per sequence: the forward reads x, writes the pooled
+    rows, reads them back as y and writes the output; the backward reads the output's gradient (and y, for the
+    boundaries' gradient), writes y's, reads it back as the pooled rows' gradient (and the pooled rows and x,
+    for the boundaries' gradient) and writes x's. The boundaries ([B, T]) are a rounding error at D >= 16."""
+    token_rows, segment_rows = (5, 6) if backward else (2, 2)
+    return floor_ms(B * T * D * elem_bytes * (token_rows + segment_rows * rate))
 
 
 def _median_ms(fn, inputs, backward, device, reps):
@@ -93,19 +123,15 @@ def _median_ms(fn, inputs, backward, device, reps):
 def bench_op(args, device) -> list[dict]:
     B, T, D = args.size
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    impls = {"dense": dense_pool_upsample, "reference": seqmix_pool_upsample("reference")}
-    if device.type == "cuda":
-        impls["triton"] = seqmix_pool_upsample("triton")
+    fns = impls(["reference", "triton"] if device.type == "cuda" else ["reference"])
     rows = []
     for backward in (False, True):
         g = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(B, T, D, device=device, dtype=dtype, generator=g).requires_grad_(backward)
-        b = (torch.rand(B, T, device=device, generator=g) < args.rate).to(dtype).requires_grad_(backward)
-        null = torch.randn(1, 1, D, device=device, dtype=dtype, generator=g)
-        times = {name: _median_ms(fn, (x, b, null), backward, device, args.reps) for name, fn in impls.items()}
+        x, b, null = make_inputs(B, T, D, args.rate, dtype, backward, device, g)
+        times = {name: _median_ms(fn, (x, b, null), backward, device, args.reps) for name, fn in fns.items()}
         ref_out = seqmix_pool_upsample("reference")(x.float(), b.float(), null.float())
         for name, ms in times.items():
-            out = impls[name](x, b, null)
+            out = fns[name](x, b, null)
             err = ((out.float() - ref_out).norm() / ref_out.norm()).item()
             rows.append({"impl": name, "B": B, "T": T, "D": D, "dtype": str(dtype).split(".")[1],
                          "mode": "fwd+bwd" if backward else "fwd", "ms": ms, "dense_over_this": times["dense"] / ms,

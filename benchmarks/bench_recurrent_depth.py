@@ -27,15 +27,52 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import floor_ms
 from seqmix.archs import build_mixer
+from seqmix.kernels import add_rms_norm
 
 STEPS = (4, 8, 16, 32)
 BACKPROP = 8
+EPS = 1e-5  # add_rms_norm's default, and the blocks'
 
 
 def _rms(x, weight, eps):
     x32 = x.float()
     return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+
+def make_norm_inputs(B, T, D, dtype, requires_grad, device="cuda"):
+    """``add_rms_norm``'s inputs as the core's blocks pass them: a sublayer output x and the residual stream
+    [B, T, D], and the norm's weight [D] (positive, around 1), all three with gradients."""
+    x = torch.randn(B, T, D, device=device, dtype=dtype)
+    residual = torch.randn(B, T, D, device=device, dtype=dtype)
+    weight = (torch.rand(D, device=device) + 0.5).to(dtype)
+    return [t.requires_grad_(requires_grad) for t in (x, residual, weight)]
+
+
+def plain_add_rms_norm(x, residual, weight, eps=EPS):
+    """The unfused form: PyTorch's add, then its RMSNorm (``F.rms_norm`` where this torch has it); (normed, h)."""
+    h = x + residual
+    if hasattr(F, "rms_norm"):
+        return F.rms_norm(h, (h.shape[-1],), weight, eps), h
+    return _rms(h, weight, eps), h
+
+
+def norm_impls(backends) -> dict:
+    """``add_rms_norm``'s normed output per seqmix backend, and the unfused form's (``torch``): the sandwich
+    blocks use the normed output alone (it replaces the stream), so the gradients come from it."""
+    out = {b: (lambda b: lambda x, residual, weight: add_rms_norm(x, residual, weight, EPS, backend=b)[0])(b)
+           for b in backends}
+    out["torch"] = lambda x, residual, weight: plain_add_rms_norm(x, residual, weight)[0]
+    return out
+
+
+def norm_floor_ms(B, T, D, elem_bytes, backward):
+    """Bytes moved once for the normed output alone: x and the residual read, normed written (3 tensors); with
+    the backward, h written and read back (or x and the residual read again: 2 either way), normed's gradient
+    read and h's written (x's and the residual's are one tensor): 7. The op's forward also writes h, which
+    the sandwich blocks drop: that write is not in the forward's floor."""
+    return floor_ms(B * T * D * elem_bytes * (7 if backward else 3))
 
 
 def plain_forward(layer, e, s, r, k):

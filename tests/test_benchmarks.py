@@ -144,7 +144,7 @@ def test_occupancy_and_opcode_counts():
 
 
 def test_gpu_check_rehearsal_writes_results_and_table(tmp_path, monkeypatch, capsys):
-    """The quick GPU check's stages end to end on the CPU (two ops, the interpreter): results JSON, merge,
+    """The quick GPU check's stages end to end on the CPU (four ops, the interpreter): results JSON, merge,
     table; the README refuses the rehearsal's numbers."""
     import json
 
@@ -152,7 +152,8 @@ def test_gpu_check_rehearsal_writes_results_and_table(tmp_path, monkeypatch, cap
 
     monkeypatch.setenv("SEQMIX_AUTOTUNE", "1")  # the parity stage sets it to 0; restored after the test
     out, part = tmp_path / "out", tmp_path / "part"
-    common = ["--rehearse", "--ops", "causal_conv1d,ssd"]
+    ops = ("ssd", "causal_conv1d", "segment_pool_upsample", "add_rms_norm")
+    common = ["--rehearse", "--ops", ",".join(ops)]
     assert gpu_quick.main(["meta", "--out", str(out), "--rehearse"]) == 0
     assert gpu_quick.main(["parity", "--out", str(part), *common]) == 0
     assert gpu_quick.main(["merge", str(part / "results.json"), "--out", str(out)]) == 0
@@ -161,12 +162,15 @@ def test_gpu_check_rehearsal_writes_results_and_table(tmp_path, monkeypatch, cap
     assert results["meta"]["rehearsal"] and results["ceilings"]["measured"] is False
     assert [(p["op"], p["case"], p["passed"]) for p in results["parity"]] == [
         *((op, case, True) for op in ("ssd", "causal_conv1d") for case in ("train", "state", "decode")),
-        ("causal_conv1d", "update", True)]
+        ("causal_conv1d", "update", True), ("segment_pool_upsample", "train", True), ("add_rms_norm", "train", True)]
     assert set(results["parity"][1]["errors"]) == {"out", "ht", "dx", "ddt", "dA", "dB", "dC", "dD", "dbias", "dh0"}
+    assert set(results["parity"][-2]["errors"]) == {"out", "dx", "db", "dnull"}
+    assert set(results["parity"][-1]["errors"]) == {"out", "dx", "dresidual", "dweight"}
     # (the conv's final state is a copy of its last inputs: exactly equal, so some errors are 0)
     assert all(0 < p["max_error"] < 1e-4 and min(p["errors"].values()) >= 0 for p in results["parity"])
     assert {(r["op"], r["mode"]) for r in results["bench"]} == {
-        (op, mode) for op in ("sdpa", "ssd", "causal_conv1d") for mode in ("fwd", "fwd+bwd")}
+        (op, mode) for op in ("sdpa", *ops) for mode in ("fwd", "fwd+bwd")}
+    assert {r["impl"] for r in results["bench"] if r["op"] in ops[2:]} == {"triton", "dense", "torch"}
     table = results_table.text(results)
     assert table.startswith("REHEARSAL") and "causal_conv1d" in table
     with pytest.raises(SystemExit, match="rehearsal"):
@@ -210,3 +214,20 @@ def test_pooling_benchmark_compares_equal_functions(capsys):
     assert configs["full-length x12"]["layers"] == ["attention*12"]
     hourglass = configs["hourglass hnet"]["mixer_options"]["hourglass"]
     assert hourglass["layers"] == ["attention*8"] and hourglass["boundary"] == "hnet" and hourglass["stride"] == 5
+
+
+def test_pooling_and_norm_floors_and_norm_comparator():
+    """The floors of the two anchors added for pooling and add_rms_norm, and the unfused add + RMSNorm the norm is
+    timed against computes the op's output and gradients."""
+    from benchmarks import bench_recurrent_depth as rd
+    from benchmarks.bench_pooling import pool_floor_ms
+
+    # B8 T2048 D1024 bf16, 20% boundaries: 2 token rows + 2 segment rows (0.2 each) forward, 5 + 6 with the backward.
+    assert pool_floor_ms(8, 2048, 1024, 0.2, 2, backward=False) == pytest.approx(16384 * 1024 * 2 * 2.4 / 3e9)
+    assert pool_floor_ms(8, 2048, 1024, 0.2, 2, backward=True) == pytest.approx(16384 * 1024 * 2 * 6.2 / 3e9)
+    # B8 T2048 D4096 bf16: 3 tensors forward (x, residual, normed), 7 with the backward.
+    assert rd.norm_floor_ms(8, 2048, 4096, 2, backward=False) == pytest.approx(16384 * 4096 * 2 * 3 / 3e9)
+    assert rd.norm_floor_ms(8, 2048, 4096, 2, backward=True) == pytest.approx(16384 * 4096 * 2 * 7 / 3e9)
+    fns = rd.norm_impls(["reference"])
+    inputs = rd.make_norm_inputs(2, 8, 40, torch.float32, True, DEVICE)
+    assert max_rel_err(fns["torch"], fns["reference"], inputs) < 1e-6
