@@ -32,8 +32,11 @@ def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
 
 def state_configs(block: str) -> list[triton.Config]:
     """Configs of a sequential state kernel: the block of the state's second dim it owns (``block``,
-    32 or 64) and the warps."""
-    return autotune_configs([triton.Config({block: b}, num_warps=w) for b in (32, 64) for w in (4, 8)])
+    32 or 64), the warps, and 3 pipeline stages (Triton's default) or 1. Pipelined, the delta rule's
+    state kernels take 116-168 KB of shared memory at the anchor shape, one block per SM and ~3.9
+    waves; with one stage two blocks fit (docs/hopper_report.md, "What to tune first")."""
+    return autotune_configs([triton.Config({block: b}, num_warps=w, num_stages=s)
+                             for s in (3, 1) for b in (32, 64) for w in (4, 8)])
 
 
 def chunk_configs() -> list[triton.Config]:
