@@ -161,14 +161,17 @@ def as_input_grads(grads, inputs: Sequence[torch.Tensor | None], needs: Sequence
     return [g.to(t.dtype) if need and g is not None else nothing(like) for g, t, need in zip(grads, inputs, needs)]
 
 
-def register_autograd(chunk_fwd, chunk_bwd, num_inputs: int, *, saved=None, materialize_grads: bool = True) -> None:
+def register_autograd(chunk_fwd, chunk_bwd, num_inputs: int, *, saved=None, per_input=None,
+                      materialize_grads: bool = True) -> None:
     """Make ``chunk_bwd`` the gradient of ``chunk_fwd`` (the protocol in the module docstring) and
     give ``chunk_bwd`` its fake implementation; the first ``num_inputs`` arguments of the forward
     are its tensor inputs.
 
     Ops whose backward reads other tensors (a forward output, or not every input) pass
     ``saved(inputs, output)``, the tensors ``chunk_bwd`` takes before the options; ``chunk_bwd``'s
-    fake is then theirs to register. ``materialize_grads=False``: an output nobody uses gets None
+    fake is then theirs to register. ``per_input(grads)`` maps what ``chunk_bwd`` returns to one
+    gradient per input, for inputs that share one gradient (a custom op returns no aliases).
+    ``materialize_grads=False``: an output nobody uses gets None
     as its gradient, not a tensor of zeros the kernel would read.
     """
     if saved is None:
@@ -187,6 +190,8 @@ def register_autograd(chunk_fwd, chunk_bwd, num_inputs: int, *, saved=None, mate
         if dfinal is not None and dfinal.numel() == 0:
             dfinal = None
         grads = chunk_bwd(*ctx.saved_tensors, *ctx.options, contiguous(dout), contiguous(dfinal), needs)
+        if per_input is not None:
+            grads = per_input(grads)
         return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * len(ctx.options)
 
     chunk_fwd.register_autograd(backward, setup_context=setup_context)
