@@ -10,8 +10,8 @@ from torch import Tensor
 from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_same_dtype, check_tensor
 from seqmix.kernels.norm import triton as kernels
-from seqmix.kernels.op import nothing, or_empty, register_autograd
 from seqmix.kernels.norm.reference import add_rms_norm_reference
+from seqmix.kernels.op import nothing, or_empty, register_autograd
 
 __all__ = ["add_rms_norm", "add_rms_norm_backend", "add_rms_norm_reference"]
 

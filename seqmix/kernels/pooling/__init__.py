@@ -18,8 +18,8 @@ from torch import Tensor
 
 from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_cu_seqlens, check_tensor, check_values
-from seqmix.kernels.pooling import reference
 from seqmix.kernels.op import as_input_grads, grads_like, nothing, register_autograd
+from seqmix.kernels.pooling import reference
 from seqmix.kernels.pooling import triton as kernels
 from seqmix.kernels.sequences import reference_dtype
 
