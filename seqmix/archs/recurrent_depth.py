@@ -52,7 +52,14 @@ def positional_noise(positions: torch.Tensor, hidden_size: int, std: float, seed
     index = positions.to(torch.int64)[..., None] * hidden_size + channel
     key = _mix32(seed & _MASK32)  # a Python int: no tensor made on the host, nothing copied to the device
     h = _mix32((index & _MASK32) ^ _mix32((index >> 32) ^ key))
-    u = ((h >> 8).to(torch.float32) + 0.5) / 2**24
+    return _truncated_normal(((h >> 8).to(torch.float32) + 0.5) / 2**24, std, dtype)
+
+
+def _truncated_normal(u: torch.Tensor, std: float, dtype) -> torch.Tensor:
+    """The normal (std ``std``) truncated at +-TRUNCATION standard deviations, from uniforms u in (0, 1):
+    u mapped into [Phi(-3), Phi(3)] and through the normal's inverse CDF. No rejection loop, so no host
+    sync and nothing data-dependent for torch.compile (``nn.init.trunc_normal_`` loops until no sample
+    is rejected)."""
     lo = 0.5 * math.erfc(TRUNCATION / math.sqrt(2))  # Phi(-3)
     z = math.sqrt(2) * torch.erfinv(2 * (lo + u * (1 - 2 * lo)) - 1)
     return (z * std).to(dtype)
@@ -379,8 +386,7 @@ class RecurrentDepth(Mixer):
         if self.init_std == 0:
             s = torch.zeros_like(x)
         elif self.training and state is None:
-            bound = TRUNCATION * self.init_std
-            s = nn.init.trunc_normal_(torch.empty_like(x), std=self.init_std, a=-bound, b=bound)
+            s = _truncated_normal(torch.rand_like(x, dtype=torch.float32), self.init_std, x.dtype)
         else:
             positions = offset if past is None else offset + past[seq]
             s = positional_noise(positions, self.hidden_size, self.init_std, self.noise_seed, x.dtype)

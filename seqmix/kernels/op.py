@@ -161,22 +161,37 @@ def as_input_grads(grads, inputs: Sequence[torch.Tensor | None], needs: Sequence
     return [g.to(t.dtype) if need and g is not None else nothing(like) for g, t, need in zip(grads, inputs, needs)]
 
 
-def register_autograd(chunk_fwd, chunk_bwd, num_inputs: int) -> None:
+def register_autograd(chunk_fwd, chunk_bwd, num_inputs: int, *, saved=None, per_input=None,
+                      materialize_grads: bool = True) -> None:
     """Make ``chunk_bwd`` the gradient of ``chunk_fwd`` (the protocol in the module docstring) and
     give ``chunk_bwd`` its fake implementation; the first ``num_inputs`` arguments of the forward
-    are its tensor inputs."""
-    chunk_bwd.register_fake(lambda *args: grads_like(args[:num_inputs], args[-1], args[0]))
+    are its tensor inputs.
+
+    Ops whose backward reads other tensors (a forward output, or not every input) pass
+    ``saved(inputs, output)``, the tensors ``chunk_bwd`` takes before the options; ``chunk_bwd``'s
+    fake is then theirs to register. ``per_input(grads)`` maps what ``chunk_bwd`` returns to one
+    gradient per input, for inputs that share one gradient (a custom op returns no aliases).
+    ``materialize_grads=False``: an output nobody uses gets None
+    as its gradient, not a tensor of zeros the kernel would read.
+    """
+    if saved is None:
+        chunk_bwd.register_fake(lambda *args: grads_like(args[:num_inputs], args[-1], args[0]))
+
+        def saved(inputs, output):
+            return (*inputs[:num_inputs], *output[2:])
 
     def setup_context(ctx, inputs, output):
         ctx.options = inputs[num_inputs:]
-        ctx.save_for_backward(*inputs[:num_inputs], *output[2:])
+        ctx.save_for_backward(*saved(inputs, output))
+        ctx.set_materialize_grads(materialize_grads)
 
     def backward(ctx, dout, dfinal, *_):
         needs = list(ctx.needs_input_grad[:num_inputs])
         if dfinal is not None and dfinal.numel() == 0:
             dfinal = None
-        dfinal = contiguous(None if dfinal is None else dfinal.float())
-        grads = chunk_bwd(*ctx.saved_tensors, *ctx.options, dout.contiguous(), dfinal, needs)
+        grads = chunk_bwd(*ctx.saved_tensors, *ctx.options, contiguous(dout), contiguous(dfinal), needs)
+        if per_input is not None:
+            grads = per_input(grads)
         return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * len(ctx.options)
 
     chunk_fwd.register_autograd(backward, setup_context=setup_context)

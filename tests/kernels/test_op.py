@@ -57,7 +57,23 @@ def _dynamic_conv_args(B=2, T=20, H=2, R=4, K=3):
     return (_randn(B, T, H * R), _randn(B, T, H, K)), {"dropconnect": 0.25, "seed": 3}
 
 
-# public op, the module holding its FUSED custom ops (None: dynamic_conv's are tested apart), inputs
+def _boundaries(B=2, T=20):
+    return (torch.rand(B, T, device=DEVICE) < 0.3).float().requires_grad_()
+
+
+def _pool_args(B=2, T=20, D=16):
+    return (_randn(B, T, D), _boundaries(B, T)), {"max_segments": 5}
+
+
+def _upsample_args(B=2, T=20, D=16, S=5):
+    return (_randn(B, S + 1, D), _boundaries(B, T)), {}
+
+
+def _norm_args(B=2, T=20, D=16):
+    return (_randn(B, T, D), _randn(B, T, D), _randn(D)), {}
+
+
+# public op, the module holding its FUSED custom ops (None: tested apart, below), inputs
 CASES = {
     "delta_rule": (ops.delta_rule, "deltanet", lambda: _delta_rule_args(False)),
     "gated_delta_rule": (ops.gated_delta_rule, "deltanet", lambda: _delta_rule_args(True)),
@@ -66,6 +82,9 @@ CASES = {
     "selective_scan": (ops.selective_scan, "mamba", _scan_args),
     "causal_conv1d": (ops.causal_conv1d, "conv", _conv_args),
     "dynamic_conv": (ops.dynamic_conv, None, _dynamic_conv_args),
+    "segment_pool": (ops.segment_pool, None, _pool_args),
+    "segment_upsample": (ops.segment_upsample, None, _upsample_args),
+    "add_rms_norm": (ops.add_rms_norm, None, _norm_args),
 }
 
 
@@ -110,6 +129,23 @@ def test_dynamic_conv_op_passes_opcheck(monkeypatch):
     monkeypatch.setattr(dynamic, "_chunk_fwd", lambda *args: calls.append(args) or custom(*args))
     args, kwargs = _dynamic_conv_args()
     ops.dynamic_conv(*args, **kwargs, backend="triton")
+    torch.library.opcheck(custom, calls[0], test_utils=OPCHECKS)
+
+
+@pytest.mark.parametrize("name, module_name, custom_name", [
+    ("segment_pool", "pooling", "_pool_fwd"), ("segment_upsample", "pooling", "_upsample_fwd"),
+    ("add_rms_norm", "norm", "_fwd"),
+])
+def test_stateless_ops_pass_opcheck(name, module_name, custom_name, monkeypatch):
+    """The segment ops' and add_rms_norm's custom ops (no FusedOp: they have no state to run_fused)."""
+    op, _, make = CASES[name]
+    module = importlib.import_module(f"seqmix.kernels.{module_name}")
+    custom = getattr(module, custom_name)
+    calls = []
+    monkeypatch.setattr(module, custom_name, lambda *args: calls.append(args) or custom(*args))
+    args, kwargs = make()
+    op(*args, **kwargs, backend="triton")
+    assert len(calls) == 1, f"{name}: the {custom_name} op was not called"
     torch.library.opcheck(custom, calls[0], test_utils=OPCHECKS)
 
 
@@ -162,4 +198,16 @@ def test_value_checks_stay_on_under_compile():
     fn = torch.compile(lambda g: ops.gla(q, k, v, g, backend="reference")[0], fullgraph=True, backend=COMPILER)
     fn(g.detach())
     with pytest.raises(RuntimeError, match="g holds log decays and must be <= 0"):
+        fn(bad)
+
+
+def test_boundary_check_stays_on_under_compile():
+    """Boundaries outside [0, 1] fail inside the compiled segment_pool too (an async assert, no host sync)."""
+    (x, b), kwargs = _pool_args()
+    bad = b.detach().clone()
+    bad[1, 4] = 1.5
+    torch._dynamo.reset()
+    fn = torch.compile(lambda b: ops.segment_pool(x, b, **kwargs, backend="triton"), fullgraph=True, backend=COMPILER)
+    fn(b.detach())
+    with pytest.raises(RuntimeError, match=r"boundaries must lie in \[0, 1\]"):
         fn(bad)

@@ -5,35 +5,56 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_same_dtype, check_tensor
 from seqmix.kernels.norm import triton as kernels
 from seqmix.kernels.norm.reference import add_rms_norm_reference
+from seqmix.kernels.op import nothing, or_empty, register_autograd
 
 __all__ = ["add_rms_norm", "add_rms_norm_backend", "add_rms_norm_reference"]
 
 
-class _AddRMSNorm(torch.autograd.Function):
-    """Rows [M, D]; with a residual the outputs are (normed, new_residual), without it normed alone."""
+# The Triton kernels as torch.library ops (autograd through seqmix/kernels/op.py): rows x, residual [M, D],
+# weight [D]. The new residual h = x + residual stands in the protocol's "final state" slot (an empty
+# tensor without a residual); the backward reads h (x itself without a residual), the weight and rstd.
 
-    @staticmethod
-    def forward(ctx, x, residual, weight, eps):
-        normed, new_residual, rstd = kernels.add_rms_norm_fwd(x, residual, weight, eps)
-        ctx.save_for_backward(x if new_residual is None else new_residual, weight, rstd)
-        ctx.has_residual = residual is not None
-        # An output nobody uses gets None, not a zero tensor the kernel would read.
-        ctx.set_materialize_grads(False)
-        return normed if new_residual is None else (normed, new_residual)
+@torch.library.custom_op("seqmix::add_rms_norm_fwd", mutates_args=())
+def _fwd(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (normed [M, D], h [M, D] or an empty tensor, and for the backward rstd [M] float32)."""
+    normed, h, rstd = kernels.add_rms_norm_fwd(x, residual, weight, eps)
+    return normed, or_empty(h, x), rstd
 
-    @staticmethod
-    def backward(ctx, dnormed, dnew_residual=None):
-        h, weight, rstd = ctx.saved_tensors
-        dnormed = None if dnormed is None else dnormed.contiguous()
-        dnew_residual = None if dnew_residual is None else dnew_residual.contiguous()
-        dh, dweight = kernels.add_rms_norm_bwd(h, weight, rstd, dnormed, dnew_residual)
-        dresidual = dh if ctx.has_residual and ctx.needs_input_grad[1] else None
-        return dh, dresidual, dweight.to(weight.dtype), None
+
+@_fwd.register_fake
+def _(x, residual, weight, eps):
+    h = nothing(x) if residual is None else torch.empty_like(x)
+    return torch.empty_like(x), h, x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("seqmix::add_rms_norm_bwd", mutates_args=())
+def _bwd(h: Tensor, weight: Tensor, rstd: Tensor, eps: float, dnormed: Tensor | None, dh_out: Tensor | None,
+         needs: list[bool]) -> list[Tensor]:
+    """Gradients (dh [M, D], the one x and residual share; dweight [D] in weight's dtype or an empty tensor)."""
+    dh, dweight = kernels.add_rms_norm_bwd(h, weight, rstd, dnormed, dh_out)
+    return [dh, dweight.to(weight.dtype) if needs[2] else nothing(h)]
+
+
+@_bwd.register_fake
+def _(h, weight, rstd, eps, dnormed, dh_out, needs):
+    return [torch.empty_like(h), torch.empty_like(weight) if needs[2] else nothing(h)]
+
+
+def _saved(inputs, output):
+    x, residual, weight, _ = inputs
+    return x if residual is None else output[1], weight, output[2]
+
+
+# x and residual share dh. An output nobody uses gets no gradient tensor: the sandwich norms' unused sums
+# cost the backward nothing.
+register_autograd(_fwd, _bwd, num_inputs=3, saved=_saved, per_input=lambda g: (g[0], g[0], g[1]),
+                  materialize_grads=False)
 
 
 def _check(x, residual, weight, eps):
@@ -89,6 +110,6 @@ def add_rms_norm(
     D = x.shape[-1]
     x2d = x.reshape(-1, D).contiguous()
     if residual is None:
-        return _AddRMSNorm.apply(x2d, None, weight.contiguous(), float(eps)).view(x.shape), x
-    normed, h = _AddRMSNorm.apply(x2d, residual.reshape(-1, D).contiguous(), weight.contiguous(), float(eps))
+        return _fwd(x2d, None, weight.contiguous(), float(eps))[0].view(x.shape), x
+    normed, h, _ = _fwd(x2d, residual.reshape(-1, D).contiguous(), weight.contiguous(), float(eps))
     return normed.view(x.shape), h.view(x.shape)

@@ -14,9 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from seqmix.kernels.backend import select_backend
-from seqmix.kernels.checks import check_cu_seqlens, check_tensor
+from seqmix.kernels.checks import check_cu_seqlens, check_tensor, check_values
+from seqmix.kernels.op import as_input_grads, grads_like, nothing, register_autograd
 from seqmix.kernels.pooling import reference
 from seqmix.kernels.pooling import triton as kernels
 from seqmix.kernels.sequences import reference_dtype
@@ -56,21 +58,12 @@ def segments_of(bh: torch.Tensor, B: int, T: int, n: int, cu_seqlens) -> Segment
     return Segments(total - before[seq], seq, cu, n, True)
 
 
-def _not_traced(t: torch.Tensor) -> bool:
-    """Value checks read a boolean back; they are skipped while torch.compile traces or a CUDA
-    graph is captured, where a host sync is not allowed."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
 def _check_boundaries(boundaries, B: int, T: int, like: torch.Tensor) -> None:
     check_tensor("boundaries", boundaries, (B, T), dims="[B, T]", like=like)
-    if boundaries.numel() and _not_traced(boundaries):
+    if boundaries.numel():
         inside = (boundaries >= 0) & (boundaries <= 1)
-        if not bool(inside.all()):
-            bad = boundaries[~inside].flatten()[0].item()
-            raise ValueError(f"boundaries must lie in [0, 1] (1 marks a boundary), got {bad}")
+        check_values(inside.all(), "boundaries must lie in [0, 1] (1 marks a boundary)",
+                     lambda: boundaries[~inside].flatten()[0].item())
 
 
 def _check_max_segments(max_segments) -> None:
@@ -84,42 +77,68 @@ def _sequences(t: torch.Tensor, B: int, T: int, cu_seqlens) -> int:
     return B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, batch=B, total=T, like=t)
 
 
-def _impl(op: str, backend, t: torch.Tensor):
-    name = select_backend(op, backend, t.device, IMPLEMENTED, {"triton": kernels.unsupported(t.dtype)})
-    return kernels if name == "triton" else reference
+def _fused(op: str, backend, t: torch.Tensor) -> bool:
+    return select_backend(op, backend, t.device, IMPLEMENTED, {"triton": kernels.unsupported(t.dtype)}) == "triton"
 
 
-class _SegmentPool(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, boundaries, bh, seg, S, impl):
-        xc = x if impl is kernels else x.to(reference_dtype(x))
-        pooled, counts = impl.pool_fwd(xc.contiguous(), bh, seg, S)
-        ctx.save_for_backward(xc, bh, pooled, counts)
-        ctx.seg, ctx.S, ctx.impl = seg, S, impl
-        ctx.dtypes = (x.dtype, boundaries.dtype)
-        return pooled.to(x.dtype)
+# The Triton kernels as torch.library ops (autograd through seqmix/kernels/op.py; no state, so the
+# "final state" is an empty tensor): x [L, D] and boundaries [L] packed, c / seq [L] and cu [N+1] the
+# int64 fields of Segments, y [N*(S+1), D]. The hard boundaries are recomputed from boundaries.
 
-    @staticmethod
-    def backward(ctx, dpooled):
-        x, bh, pooled, counts = ctx.saved_tensors
-        dx, db = ctx.impl.pool_bwd(dpooled.to(pooled.dtype), x, bh, ctx.seg, pooled, counts, ctx.S)
-        return dx.to(ctx.dtypes[0]), db.to(ctx.dtypes[1]), None, None, None, None
+def _segments(c: Tensor, seq: Tensor, cu: Tensor, packed: bool) -> Segments:
+    return Segments(c, seq, cu, cu.shape[0] - 1, packed)
 
 
-class _SegmentUpsample(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, boundaries, bh, seg, S, impl):
-        yc = y if impl is kernels else y.to(reference_dtype(y))
-        ctx.save_for_backward(yc, bh)
-        ctx.seg, ctx.S, ctx.impl = seg, S, impl
-        ctx.dtypes = (y.dtype, boundaries.dtype)
-        return impl.upsample_fwd(yc.contiguous(), seg, S).to(y.dtype)
+def _hard(boundaries: Tensor) -> Tensor:
+    return (boundaries > 0.5).float()
 
-    @staticmethod
-    def backward(ctx, dout):
-        y, bh = ctx.saved_tensors
-        dy, db = ctx.impl.upsample_bwd(dout.to(y.dtype).contiguous(), y, bh, ctx.seg, ctx.S)
-        return dy.to(ctx.dtypes[0]), db.to(ctx.dtypes[1]), None, None, None, None
+
+@torch.library.custom_op("seqmix::segment_pool_fwd", mutates_args=())
+def _pool_fwd(x: Tensor, boundaries: Tensor, c: Tensor, seq: Tensor, cu: Tensor, S: int
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (pooled [N*S, D], no state, and for the backward the tokens per segment [N*S] float32)."""
+    pooled, counts = kernels.pool_fwd(x, _hard(boundaries), _segments(c, seq, cu, False), S)
+    return pooled, nothing(x), counts
+
+
+@_pool_fwd.register_fake
+def _(x, boundaries, c, seq, cu, S):
+    rows = (cu.shape[0] - 1) * S
+    return x.new_empty((rows, x.shape[1])), nothing(x), x.new_empty((rows,), dtype=torch.float32)
+
+
+@torch.library.custom_op("seqmix::segment_pool_bwd", mutates_args=())
+def _pool_bwd(x: Tensor, boundaries: Tensor, c: Tensor, seq: Tensor, cu: Tensor, pooled: Tensor, counts: Tensor,
+              S: int, dpooled: Tensor, dfinal: Tensor | None, needs: list[bool]) -> list[Tensor]:
+    dx, db = kernels.pool_bwd(dpooled, x, _hard(boundaries), _segments(c, seq, cu, False), pooled, counts, S)
+    return as_input_grads((dx, db, None, None, None), (x, boundaries, c, seq, cu), needs, x)
+
+
+_pool_bwd.register_fake(lambda *args: grads_like(args[:5], args[-1], args[0]))
+register_autograd(_pool_fwd, _pool_bwd, num_inputs=5,
+                  saved=lambda inputs, output: (*inputs[:5], output[0], output[2]))
+
+
+@torch.library.custom_op("seqmix::segment_upsample_fwd", mutates_args=())
+def _upsample_fwd(y: Tensor, boundaries: Tensor, c: Tensor, seq: Tensor, cu: Tensor, S: int, packed: bool
+                  ) -> tuple[Tensor, Tensor]:
+    """Returns (out [L, D], no state)."""
+    return kernels.upsample_fwd(y, _segments(c, seq, cu, packed), S), nothing(y)
+
+
+@_upsample_fwd.register_fake
+def _(y, boundaries, c, seq, cu, S, packed):
+    return y.new_empty((c.shape[0], y.shape[1])), nothing(y)
+
+
+@torch.library.custom_op("seqmix::segment_upsample_bwd", mutates_args=())
+def _upsample_bwd(y: Tensor, boundaries: Tensor, c: Tensor, seq: Tensor, cu: Tensor, S: int, packed: bool,
+                  dout: Tensor, dfinal: Tensor | None, needs: list[bool]) -> list[Tensor]:
+    dy, db = kernels.upsample_bwd(dout, y, _hard(boundaries), _segments(c, seq, cu, packed), S)
+    return as_input_grads((dy, db, None, None, None), (y, boundaries, c, seq, cu), needs, y)
+
+
+register_autograd(_upsample_fwd, _upsample_bwd, num_inputs=5)
 
 
 def segment_pool(
@@ -137,9 +156,9 @@ def segment_pool(
         boundaries: [B, T] floats in [0, 1]; above 0.5 is a boundary. May carry a gradient
             (a straight-through estimator): it gets the relaxed gradient of docs/math/pooling.md.
         max_segments: S, the segments kept per sequence; later ones are dropped (their tokens get
-            no gradient). With it the op reads nothing back to the host (checks aside, which are
-            skipped under torch.compile and CUDA graph capture). None: the largest count in the
-            batch (one host sync).
+            no gradient). With it a dense call reads nothing back to the host (the value check of
+            ``boundaries`` is an asynchronous assert on CUDA and under torch.compile,
+            seqmix/kernels/checks.py). None: the largest count in the batch (one host sync).
         cu_seqlens: [N+1] int32/int64 bounds of sequences packed as [1, L, ...]; segments never
             cross a sequence boundary.
         backend: None (automatic), ``"reference"`` or ``"triton"``.
@@ -153,13 +172,17 @@ def segment_pool(
     _check_boundaries(boundaries, B, T, x)
     _check_max_segments(max_segments)
     n = _sequences(x, B, T, cu_seqlens)
-    impl = _impl("segment_pool", backend, x)
+    fused = _fused("segment_pool", backend, x)
     bh = (boundaries > 0.5).reshape(-1).float()
     seg = segments_of(bh.view(B, T), B, T, n, cu_seqlens)
     S = max_segments if max_segments is not None else (int(seg.c.max()) if seg.c.numel() else 0)
     if T == 0 or S == 0:
         return x.new_zeros(n, S, D) + 0 * x.sum()  # keeps x in the graph for an all-zero gradient
-    pooled = _SegmentPool.apply(x.reshape(B * T, D), boundaries.reshape(-1), bh, seg, S, impl)
+    x2, b1 = x.reshape(B * T, D), boundaries.reshape(-1)
+    if fused:
+        pooled = _pool_fwd(x2.contiguous(), b1.contiguous(), seg.c, seg.seq, seg.cu, S)[0]
+    else:
+        pooled = reference.segment_pool(x2, b1, bh, seg, S)
     return pooled.view(n, S, D)
 
 
@@ -195,12 +218,16 @@ def segment_upsample(
         raise ValueError(f"y must have shape [N, S+1, D] with N = {n} sequences and S+1 >= 1 rows, "
                          f"got {tuple(y.shape)}")
     N, S1, D = y.shape
-    impl = _impl("segment_upsample", backend, y)
+    fused = _fused("segment_upsample", backend, y)
     if T == 0:
         return y.new_zeros(B, 0, D) + 0 * y.sum()
     bh = (boundaries > 0.5).reshape(-1).float()
     seg = segments_of(bh.view(B, T), B, T, n, cu_seqlens)
-    out = _SegmentUpsample.apply(y.reshape(N * S1, D), boundaries.reshape(-1), bh, seg, S1 - 1, impl)
+    y2, b1 = y.reshape(N * S1, D), boundaries.reshape(-1)
+    if fused:
+        out = _upsample_fwd(y2.contiguous(), b1.contiguous(), seg.c, seg.seq, seg.cu, S1 - 1, seg.packed)[0]
+    else:
+        out = reference.segment_upsample(y2, b1, bh, seg, S1 - 1)
     return out.view(B, T, D)
 
 

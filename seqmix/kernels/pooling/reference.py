@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from seqmix.kernels.sequences import reference_dtype
+
 
 def _positions(L: int, device) -> torch.Tensor:
     return torch.arange(L, device=device)
@@ -117,3 +119,50 @@ def upsample_bwd(dout, y, bh, seg, S: int):
     base = seq * (S + 1)
     diff = y[base + (sigma + 1).clamp_max(S)] - y[base + sigma.clamp_max(S)]
     return dy, (G * diff).sum(1)
+
+
+class _SegmentPool(torch.autograd.Function):
+    """:func:`pool_fwd` in the reference dtype, with the relaxed backward :func:`pool_bwd`."""
+
+    @staticmethod
+    def forward(ctx, x, boundaries, bh, seg, S):
+        xc = x.to(reference_dtype(x))
+        pooled, counts = pool_fwd(xc, bh, seg, S)
+        ctx.save_for_backward(xc, bh, pooled, counts)
+        ctx.seg, ctx.S = seg, S
+        ctx.dtypes = (x.dtype, boundaries.dtype)
+        return pooled.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dpooled):
+        x, bh, pooled, counts = ctx.saved_tensors
+        dx, db = pool_bwd(dpooled.to(pooled.dtype), x, bh, ctx.seg, pooled, counts, ctx.S)
+        return dx.to(ctx.dtypes[0]), db.to(ctx.dtypes[1]), None, None, None
+
+
+class _SegmentUpsample(torch.autograd.Function):
+    """:func:`upsample_fwd` in the reference dtype, with the relaxed backward :func:`upsample_bwd`."""
+
+    @staticmethod
+    def forward(ctx, y, boundaries, bh, seg, S):
+        yc = y.to(reference_dtype(y))
+        ctx.save_for_backward(yc, bh)
+        ctx.seg, ctx.S = seg, S
+        ctx.dtypes = (y.dtype, boundaries.dtype)
+        return upsample_fwd(yc, seg, S).to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, bh = ctx.saved_tensors
+        dy, db = upsample_bwd(dout.to(y.dtype), y, bh, ctx.seg, ctx.S)
+        return dy.to(ctx.dtypes[0]), db.to(ctx.dtypes[1]), None, None, None
+
+
+def segment_pool(x, boundaries, bh, seg, S: int):
+    """Pooled [N*S, D] of x [L, D] in x's dtype; gradients into x and ``boundaries`` [L]."""
+    return _SegmentPool.apply(x, boundaries, bh, seg, S)
+
+
+def segment_upsample(y, boundaries, bh, seg, S: int):
+    """[L, D] rows of y [N*(S+1), D] in y's dtype; gradients into y and ``boundaries`` [L]."""
+    return _SegmentUpsample.apply(y, boundaries, bh, seg, S)
