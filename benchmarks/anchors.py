@@ -16,13 +16,21 @@ compile, check and time are the same.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from benchmarks import bench_causal_conv1d, bench_delta_rule, bench_dynamic_conv, bench_gated_delta_rule, bench_gla
-from benchmarks import bench_pooling, bench_recurrent_depth, bench_ssd
+from benchmarks import (
+    bench_causal_conv1d,
+    bench_delta_rule,
+    bench_dynamic_conv,
+    bench_gated_delta_rule,
+    bench_gla,
+    bench_pooling,
+    bench_recurrent_depth,
+    bench_ssd,
+)
 from seqmix.kernels import causal_conv1d, causal_conv1d_update, delta_rule, gated_delta_rule, gla, selective_scan, ssd
 
 

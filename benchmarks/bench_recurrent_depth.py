@@ -165,11 +165,11 @@ def decode_rows(layer, shape, device, ms_of, compile_steps, compile_backend) -> 
             # Room for the warm-up and timed calls of every variant: each decodes from the same prefilled state.
             _, state = layer(x[:, :P], layer.init_state(B, num_steps=r, capacity=P + 1), num_steps=r)
             token = x[:, P:]
-            eager = lambda: layer(token, state, num_steps=r)  # noqa: E731
+            eager = lambda: layer(token, state, num_steps=r)
             mode = "reduce-overhead" if device.type == "cuda" and compile_backend == "inductor" else None
             torch._dynamo.reset()
             compiled_layer = torch.compile(layer, fullgraph=True, mode=mode, backend=compile_backend)
-            compiled = lambda: compiled_layer(token, state, num_steps=r)  # noqa: E731
+            compiled = lambda: compiled_layer(token, state, num_steps=r)
             start = time.perf_counter()
             compiled()
             compile_s = time.perf_counter() - start

@@ -12,7 +12,7 @@ if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["SEQMIX_POISON_EMPTY"] = "1"
 
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, settings
 
 settings.register_profile(
     "ci", derandomize=True, max_examples=20, deadline=None, print_blob=True,

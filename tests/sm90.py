@@ -64,8 +64,7 @@ def compile_kernel(kernel, args: dict, num_warps: int = 4, num_stages: int = 2):
     constexpr (None included). Returns (resources dict, compiled kernel)."""
     import triton
     from triton import knobs
-    from triton.backends.compiler import BaseBackend
-    from triton.backends.compiler import GPUTarget
+    from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.autotuner import Autotuner
 

@@ -300,7 +300,6 @@ class Hourglass(Mixer):
 
     def _mix_hnet(self, x, state, cu_seqlens, layout):
         B, T, D = x.shape
-        n = layout.n
         flat = x.reshape(-1, D)
         pos = self._positions(state, layout)
         starts = torch.zeros_like(pos, dtype=torch.bool)

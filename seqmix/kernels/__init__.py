@@ -10,7 +10,20 @@ from seqmix.kernels.norm import add_rms_norm, add_rms_norm_backend
 from seqmix.kernels.pooling import chunk_select, ema_dechunk, segment_pool, segment_upsample
 
 __all__ = [
-    "BackendUnavailable", "add_rms_norm", "add_rms_norm_backend", "causal_conv1d", "causal_conv1d_update", "delta_rule",
-    "dynamic_conv", "gated_delta_rule", "gla", "light_conv", "selective_scan", "ssd",
-    "chunk_select", "ema_dechunk", "segment_pool", "segment_upsample",
+    "BackendUnavailable",
+    "add_rms_norm",
+    "add_rms_norm_backend",
+    "causal_conv1d",
+    "causal_conv1d_update",
+    "chunk_select",
+    "delta_rule",
+    "dynamic_conv",
+    "ema_dechunk",
+    "gated_delta_rule",
+    "gla",
+    "light_conv",
+    "segment_pool",
+    "segment_upsample",
+    "selective_scan",
+    "ssd",
 ]

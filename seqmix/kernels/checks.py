@@ -6,6 +6,7 @@ so a caller sees which tensor is wrong before any kernel runs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -110,7 +111,7 @@ def check_scale(scale, default: float) -> float:
     if scale is None:
         return default
     scale = float(scale)
-    if not scale == scale or scale in (float("inf"), float("-inf")):
+    if not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale}")
     return scale
 

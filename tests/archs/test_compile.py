@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from seqmix.archs import MIXERS
-from seqmix.archs.lm import LMConfig, LanguageModel
+from seqmix.archs.lm import LanguageModel, LMConfig
 from tests.helpers import DEVICE, rel_err
 
 # The decompositions and partitioner of inductor, run eagerly: what the CPU can check of a compiled

@@ -11,8 +11,13 @@ from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_cu_seqlens, check_tensor
 from seqmix.kernels.conv import cuda as cuda_ops
 from seqmix.kernels.conv import dynamic_triton as kernels
-from seqmix.kernels.conv.dynamic_reference import HASH_MASK, HASH_SEED_MUL, dropconnect_threshold
-from seqmix.kernels.conv.dynamic_reference import dynamic_conv_reference, padding_left
+from seqmix.kernels.conv.dynamic_reference import (
+    HASH_MASK,
+    HASH_SEED_MUL,
+    dropconnect_threshold,
+    dynamic_conv_reference,
+    padding_left,
+)
 from seqmix.kernels.conv.triton import unsupported
 from seqmix.kernels.op import as_input_grads, chunking_args, chunking_of, nothing, register_autograd
 from seqmix.kernels.sequences import chunking_for, packed_bounds

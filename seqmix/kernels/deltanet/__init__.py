@@ -8,13 +8,32 @@ import torch
 from torch import Tensor
 
 from seqmix.kernels.backend import select_backend
-from seqmix.kernels.checks import check_key_value_state, check_log_decay, check_query_key_value, check_same_dtype
-from seqmix.kernels.checks import check_scale, check_tensor
+from seqmix.kernels.checks import (
+    check_key_value_state,
+    check_log_decay,
+    check_query_key_value,
+    check_same_dtype,
+    check_scale,
+    check_tensor,
+)
 from seqmix.kernels.deltanet import triton as kernels
-from seqmix.kernels.deltanet.reference import delta_rule_chunked, delta_rule_recurrent, gated_delta_rule_chunked
-from seqmix.kernels.deltanet.reference import gated_delta_rule_recurrent
-from seqmix.kernels.op import FusedOp, as_input_grads, chunking_of, fake_key_value_outputs, no_tokens_result, nothing
-from seqmix.kernels.op import or_empty, register_autograd, run_fused
+from seqmix.kernels.deltanet.reference import (
+    delta_rule_chunked,
+    delta_rule_recurrent,
+    gated_delta_rule_chunked,
+    gated_delta_rule_recurrent,
+)
+from seqmix.kernels.op import (
+    FusedOp,
+    as_input_grads,
+    chunking_of,
+    fake_key_value_outputs,
+    no_tokens_result,
+    nothing,
+    or_empty,
+    register_autograd,
+    run_fused,
+)
 from seqmix.kernels.triton_common import chunk_local_cumsum
 
 __all__ = [

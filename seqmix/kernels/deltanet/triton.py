@@ -33,13 +33,27 @@ import torch
 import triton
 import triton.language as tl
 
+from seqmix.kernels import triton_common
 from seqmix.kernels.alloc import empty
 from seqmix.kernels.sequences import Chunking
-from seqmix.kernels import triton_common
-from seqmix.kernels.triton_common import chunk_configs, chunk_local_cumsum, chunk_position, decay_ratio, dot_precision
-from seqmix.kernels.triton_common import key_value_blocks, load_matrix, load_row_values, load_rows, mm
-from seqmix.kernels.triton_common import sequence_bounds, sequence_program, state_configs, store_matrix
-from seqmix.kernels.triton_common import store_row_values, store_rows
+from seqmix.kernels.triton_common import (
+    chunk_configs,
+    chunk_local_cumsum,
+    chunk_position,
+    decay_ratio,
+    dot_precision,
+    key_value_blocks,
+    load_matrix,
+    load_row_values,
+    load_rows,
+    mm,
+    sequence_bounds,
+    sequence_program,
+    state_configs,
+    store_matrix,
+    store_row_values,
+    store_rows,
+)
 
 CHUNK = 64
 

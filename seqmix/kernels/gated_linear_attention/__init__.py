@@ -11,12 +11,25 @@ import torch
 from torch import Tensor
 
 from seqmix.kernels.backend import select_backend
-from seqmix.kernels.checks import check_key_value_state, check_log_decay, check_query_key_value, check_same_dtype
-from seqmix.kernels.checks import check_scale
+from seqmix.kernels.checks import (
+    check_key_value_state,
+    check_log_decay,
+    check_query_key_value,
+    check_same_dtype,
+    check_scale,
+)
 from seqmix.kernels.gated_linear_attention import triton as kernels
 from seqmix.kernels.gated_linear_attention.reference import gla_chunked, gla_recurrent
-from seqmix.kernels.op import FusedOp, as_input_grads, chunking_of, fake_key_value_outputs, no_tokens_result, or_empty
-from seqmix.kernels.op import register_autograd, run_fused
+from seqmix.kernels.op import (
+    FusedOp,
+    as_input_grads,
+    chunking_of,
+    fake_key_value_outputs,
+    no_tokens_result,
+    or_empty,
+    register_autograd,
+    run_fused,
+)
 
 __all__ = ["gla", "gla_chunked", "gla_recurrent"]
 

@@ -26,12 +26,26 @@ import torch
 import triton
 import triton.language as tl
 
+from seqmix.kernels import triton_common
 from seqmix.kernels.alloc import empty
 from seqmix.kernels.sequences import Chunking
-from seqmix.kernels import triton_common
-from seqmix.kernels.triton_common import chunk_configs, chunk_local_cumsum, chunk_position, dot_precision, exp_rows
-from seqmix.kernels.triton_common import key_value_blocks, load_matrix, load_row, load_rows, mm, sequence_bounds
-from seqmix.kernels.triton_common import sequence_program, state_configs, store_matrix, store_rows
+from seqmix.kernels.triton_common import (
+    chunk_configs,
+    chunk_local_cumsum,
+    chunk_position,
+    dot_precision,
+    exp_rows,
+    key_value_blocks,
+    load_matrix,
+    load_row,
+    load_rows,
+    mm,
+    sequence_bounds,
+    sequence_program,
+    state_configs,
+    store_matrix,
+    store_rows,
+)
 
 CHUNK = 64
 SUB = 16

@@ -28,9 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
+from seqmix.kernels import triton_common
 from seqmix.kernels.alloc import empty
 from seqmix.kernels.sequences import Chunking
-from seqmix.kernels import triton_common
 from seqmix.kernels.triton_common import SOFTPLUS_THRESHOLD, autotune_configs, head_block, sequence_bounds
 
 CHUNK = 64

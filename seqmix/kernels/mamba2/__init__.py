@@ -15,8 +15,17 @@ from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_negative, check_same_dtype, check_sequences, check_tensor
 from seqmix.kernels.mamba2 import triton as kernels
 from seqmix.kernels.mamba2.reference import ssd_chunked, ssd_recurrent
-from seqmix.kernels.op import FusedOp, as_input_grads, chunking_of, fake_outputs, no_tokens_result, nothing, or_empty
-from seqmix.kernels.op import register_autograd, run_fused
+from seqmix.kernels.op import (
+    FusedOp,
+    as_input_grads,
+    chunking_of,
+    fake_outputs,
+    no_tokens_result,
+    nothing,
+    or_empty,
+    register_autograd,
+    run_fused,
+)
 
 __all__ = ["ssd", "ssd_chunked", "ssd_recurrent"]
 

@@ -33,13 +33,29 @@ import torch
 import triton
 import triton.language as tl
 
+from seqmix.kernels import triton_common
 from seqmix.kernels.alloc import empty
 from seqmix.kernels.sequences import Chunking
-from seqmix.kernels import triton_common
-from seqmix.kernels.triton_common import SOFTPLUS_THRESHOLD, chunk_configs, chunk_position, dot_precision, head_block
-from seqmix.kernels.triton_common import load_matrix, load_row_values, load_rows, mm, sequence_bounds
-from seqmix.kernels.triton_common import sequence_program, silu, softplus, softplus_backward, state_configs
-from seqmix.kernels.triton_common import store_matrix, store_row_values, store_rows
+from seqmix.kernels.triton_common import (
+    SOFTPLUS_THRESHOLD,
+    chunk_configs,
+    chunk_position,
+    dot_precision,
+    head_block,
+    load_matrix,
+    load_row_values,
+    load_rows,
+    mm,
+    sequence_bounds,
+    sequence_program,
+    silu,
+    softplus,
+    softplus_backward,
+    state_configs,
+    store_matrix,
+    store_row_values,
+    store_rows,
+)
 
 CHUNK = 64
 

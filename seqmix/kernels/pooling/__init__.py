@@ -23,7 +23,7 @@ from seqmix.kernels.pooling import reference
 from seqmix.kernels.pooling import triton as kernels
 from seqmix.kernels.sequences import reference_dtype
 
-__all__ = ["Segments", "chunk_select", "segments_of", "ema_dechunk", "segment_pool", "segment_upsample"]
+__all__ = ["Segments", "chunk_select", "ema_dechunk", "segment_pool", "segment_upsample", "segments_of"]
 
 IMPLEMENTED = ("triton", "reference")
 

@@ -48,6 +48,31 @@ def same_run_matrix(run, valid, rows, BACKWARD: tl.constexpr):
 
 
 @triton.jit
+def segment_running_sums(x, bh, t0, nt, bos, carry_x, carry_n, i_d, D: tl.constexpr, BT: tl.constexpr,
+                         BD: tl.constexpr, PREC: tl.constexpr):
+    """For the tile of tokens t0 .. t0+nt-1: r [BT, BD], the sum of x over each token's segment up to and
+    including the token, and n [BT], its token count; the segment left open by the previous tile continues
+    from (carry_x, carry_n)."""
+    rows = tl.arange(0, BT)
+    t = t0 + rows
+    valid = rows < nt
+    # token t starts a segment when t-1 was a boundary (or t opens the sequence)
+    run = tl.cumsum((tl.load(bh + t - 1, mask=valid & (t > bos), other=1.0) > 0).to(tl.int32), 0)
+    same = same_run_matrix(run, valid, rows, False)
+    b_x = load_rows(x, t0, nt, D, i_d * BD, D, BT, BD)
+    r = tl.dot(same.to(b_x.dtype), b_x, input_precision=PREC) + tl.where(run == 0, 1.0, 0.0)[:, None] * carry_x
+    n = tl.sum(same, 1) + tl.where(run == 0, carry_n, 0.0)
+    return r, n
+
+
+@triton.jit
+def open_segment_carry(r, n, b, rows, nt):
+    """The open segment's (sum, count) that carries into the next tile: none if the tile's last token closed it."""
+    keep = tl.where(rows == nt - 1, 1.0 - b, 0.0)
+    return tl.sum(r * keep[:, None], 0), tl.sum(n * keep, 0)
+
+
+@triton.jit
 def segment_pool_fwd_kernel(x, bh, c, cu_seqlens, out, counts, S, D: tl.constexpr, BT: tl.constexpr,
                             BD: tl.constexpr, PREC: tl.constexpr):
     """Means of the closed segments of sequence ``program_id(0)``, channels of block ``program_id(1)``."""
@@ -57,28 +82,20 @@ def segment_pool_fwd_kernel(x, bh, c, cu_seqlens, out, counts, S, D: tl.constexp
     cols = i_d * BD + tl.arange(0, BD)
     carry_x = tl.zeros([BD], dtype=tl.float32)
     carry_n = tl.sum(tl.zeros([BT], dtype=tl.float32), 0)
-    for i in range(0, tl.cdiv(eos - bos, BT)):
+    for i in range(tl.cdiv(eos - bos, BT)):
         t0 = bos + i * BT
         nt = tl.minimum(eos - t0, BT)
         t = t0 + rows
         valid = rows < nt
         b = tl.load(bh + t, mask=valid, other=0.0)
-        # token t starts a segment when t-1 was a boundary (or t opens the sequence)
-        run = tl.cumsum((tl.load(bh + t - 1, mask=valid & (t > bos), other=1.0) > 0).to(tl.int32), 0)
-        same = same_run_matrix(run, valid, rows, False)
-        b_x = load_rows(x, t0, nt, D, i_d * BD, D, BT, BD)
-        r = tl.dot(same.to(b_x.dtype), b_x, input_precision=PREC) + tl.where(run == 0, 1.0, 0.0)[:, None] * carry_x
-        n = tl.sum(same, 1) + tl.where(run == 0, carry_n, 0.0)
+        r, n = segment_running_sums(x, bh, t0, nt, bos, carry_x, carry_n, i_d, D, BT, BD, PREC)
         sigma = tl.load(c + t, mask=valid, other=0).to(tl.int64) - b.to(tl.int64)
         closes = valid & (b > 0) & (sigma < S)
         dst = i_n * S + sigma
         tl.store(out + dst[:, None] * D + cols[None, :], (r / tl.maximum(n, 1.0)[:, None]).to(out.dtype.element_ty),
                  mask=closes[:, None] & (cols < D)[None, :])
         tl.store(counts + dst, n, mask=closes & (rows * 0 + i_d == 0))  # one channel block writes the counts
-        # The open segment carries into the next tile unless the tile's last token closed it.
-        keep = tl.where(rows == nt - 1, 1.0 - b, 0.0)
-        carry_x = tl.sum(r * keep[:, None], 0)
-        carry_n = tl.sum(n * keep, 0)
+        carry_x, carry_n = open_segment_carry(r, n, b, rows, nt)
 
 
 @triton.jit
@@ -92,17 +109,13 @@ def segment_pool_bwd_kernel(x, bh, c, cu_seqlens, dpooled, pooled, counts, dx, d
     cmask = (cols < D)[None, :]
     carry_x = tl.zeros([BD], dtype=tl.float32)
     carry_n = tl.sum(tl.zeros([BT], dtype=tl.float32), 0)
-    for i in range(0, tl.cdiv(eos - bos, BT)):
+    for i in range(tl.cdiv(eos - bos, BT)):
         t0 = bos + i * BT
         nt = tl.minimum(eos - t0, BT)
         t = t0 + rows
         valid = rows < nt
         b = tl.load(bh + t, mask=valid, other=0.0)
-        run = tl.cumsum((tl.load(bh + t - 1, mask=valid & (t > bos), other=1.0) > 0).to(tl.int32), 0)
-        same = same_run_matrix(run, valid, rows, False)
-        b_x = load_rows(x, t0, nt, D, i_d * BD, D, BT, BD)
-        r = tl.dot(same.to(b_x.dtype), b_x, input_precision=PREC) + tl.where(run == 0, 1.0, 0.0)[:, None] * carry_x
-        n = tl.sum(same, 1) + tl.where(run == 0, carry_n, 0.0)
+        r, n = segment_running_sums(x, bh, t0, nt, bos, carry_x, carry_n, i_d, D, BT, BD, PREC)
         cnt = tl.load(c + t, mask=valid, other=0).to(tl.int64)
         # dx: the gradient of the own segment's mean, shared by its tokens.
         sigma = cnt - b.to(tl.int64)
@@ -119,9 +132,7 @@ def segment_pool_bwd_kernel(x, bh, c, cu_seqlens, dpooled, pooled, counts, dx, d
         m_nxt = tl.load(pooled + nxt[:, None] * D + cols[None, :], mask=nxt_ok[:, None] & cmask, other=0.0)
         dot = tl.sum(g_nxt.to(tl.float32) * (r - n[:, None] * m_nxt.to(tl.float32)), 1)
         tl.store(db_part + i_d * L + t, -dot / tl.where(nxt_ok, n_nxt, 1.0), mask=valid)
-        keep = tl.where(rows == nt - 1, 1.0 - b, 0.0)
-        carry_x = tl.sum(r * keep[:, None], 0)
-        carry_n = tl.sum(n * keep, 0)
+        carry_x, carry_n = open_segment_carry(r, n, b, rows, nt)
 
 
 @triton.jit
@@ -157,7 +168,7 @@ def segment_upsample_bwd_kernel(y, bh, c, cu_seqlens, dout, dy, db_part, S, L, D
     carry_row = tl.zeros([BD], dtype=tl.float32)
     carry_run = tl.zeros([BD], dtype=tl.float32)
     n_tiles = tl.cdiv(eos - bos, BT)
-    for i in range(0, n_tiles):
+    for i in range(n_tiles):
         t0 = bos + (n_tiles - 1 - i) * BT
         nt = tl.minimum(eos - t0, BT)
         t = t0 + rows

@@ -14,8 +14,12 @@ from hypothesis import strategies as st
 from seqmix.kernels import gated_delta_rule
 from seqmix.kernels.deltanet import gated_delta_rule_chunked, gated_delta_rule_recurrent
 from tests.helpers import DEVICE, KERNEL_DTYPES, ON_GPU, TOL, assert_rel
-from tests.kernels.contract import assert_grads, check_chunked_gradients_match_recurrence
-from tests.kernels.contract import check_chunked_matches_recurrence, outputs_and_grads
+from tests.kernels.contract import (
+    assert_grads,
+    check_chunked_gradients_match_recurrence,
+    check_chunked_matches_recurrence,
+    outputs_and_grads,
+)
 from tests.kernels.deltanet.cases import Case, cases, make_gated_inputs
 
 NAMES = ["q", "k", "v", "g", "beta", "initial_state"]

@@ -6,8 +6,13 @@ import torch
 from seqmix.kernels import BackendUnavailable
 from seqmix.kernels.deltanet import delta_rule
 from tests.helpers import DEVICE
-from tests.kernels.contract import BAD_CU_SEQLENS, check_bad_cu_seqlens, check_float64_goes_to_the_reference
-from tests.kernels.contract import check_mismatched_devices, check_no_tokens
+from tests.kernels.contract import (
+    BAD_CU_SEQLENS,
+    check_bad_cu_seqlens,
+    check_float64_goes_to_the_reference,
+    check_mismatched_devices,
+    check_no_tokens,
+)
 
 B, T, H, K, V = 2, 8, 2, 4, 6
 BACKENDS = ["reference", "triton"]

@@ -14,8 +14,12 @@ from hypothesis import strategies as st
 from seqmix.kernels import gla
 from seqmix.kernels.gated_linear_attention import gla_chunked, gla_recurrent
 from tests.helpers import DEVICE, KERNEL_DTYPES, ON_GPU, TOL, assert_rel
-from tests.kernels.contract import assert_grads, check_chunked_gradients_match_recurrence
-from tests.kernels.contract import check_chunked_matches_recurrence, outputs_and_grads
+from tests.kernels.contract import (
+    assert_grads,
+    check_chunked_gradients_match_recurrence,
+    check_chunked_matches_recurrence,
+    outputs_and_grads,
+)
 from tests.kernels.deltanet.cases import Case, cases
 
 NAMES = ["q", "k", "v", "g", "initial_state"]

@@ -5,8 +5,12 @@ import torch
 
 from seqmix.kernels.mamba import selective_scan
 from tests.helpers import DEVICE
-from tests.kernels.contract import BAD_CU_SEQLENS, check_bad_cu_seqlens, check_float64_goes_to_the_reference
-from tests.kernels.contract import check_no_tokens
+from tests.kernels.contract import (
+    BAD_CU_SEQLENS,
+    check_bad_cu_seqlens,
+    check_float64_goes_to_the_reference,
+    check_no_tokens,
+)
 
 B, T, D, N, G = 2, 8, 6, 4, 2
 BACKENDS = ["reference", "triton"]

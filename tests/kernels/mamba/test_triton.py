@@ -13,8 +13,8 @@ from hypothesis import given, settings
 
 from seqmix.kernels.mamba import selective_scan, selective_scan_recurrent
 from tests.helpers import DEVICE, KERNEL_DTYPES, ON_GPU, TOL, assert_rel
-from tests.kernels.mamba.cases import Case, cases, make_inputs
 from tests.kernels.contract import check_against_oracle
+from tests.kernels.mamba.cases import Case, cases, make_inputs
 
 NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"]
 

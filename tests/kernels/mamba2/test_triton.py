@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from seqmix.kernels.mamba2 import ssd, ssd_chunked
 from tests.helpers import DEVICE, KERNEL_DTYPES, ON_GPU, TOL, assert_rel
-from tests.kernels.mamba2.cases import Case, cases, make_inputs
 from tests.kernels.contract import check_against_oracle
+from tests.kernels.mamba2.cases import Case, cases, make_inputs
 
 NAMES = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state"]
 

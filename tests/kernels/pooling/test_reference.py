@@ -6,7 +6,12 @@ import torch
 
 from seqmix.kernels import segment_pool, segment_upsample
 from tests.kernels.pooling.oracle import (
-    cu, pool_obvious, relaxed_pool, relaxed_upsample, sequences, upsample_obvious,
+    cu,
+    pool_obvious,
+    relaxed_pool,
+    relaxed_upsample,
+    sequences,
+    upsample_obvious,
 )
 
 D = 3
