@@ -11,7 +11,6 @@ every token reads the EMA of the chunk outputs up to its own chunk, times a stra
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -19,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqmix.archs.lm import Block, LMConfig
-from seqmix.archs.mixer import MIXERS, Mixer, State, register_mixer
+from seqmix.archs.mixer import Mixer, State, register_mixer, with_parent_backend
 from seqmix.archs.modules import RMSNorm, no_weight_decay
 from seqmix.kernels import chunk_select, ema_dechunk, segment_pool, segment_upsample
-from seqmix.kernels.pooling import segments_of
+from seqmix.kernels.pooling import hard_boundaries, segments_of
 
 BOUNDARY_MODES = ("gumbel", "whitespace", "entropy", "fixed", "hnet")
 # Bytes that close a word: whitespace and the punctuation that ends one; BOS/EOS (256, 257) close too.
@@ -109,11 +108,7 @@ class Hourglass(Mixer):
 
     def _inner_blocks(self, hidden_size, num_heads, layers, options, intermediate_size, norm_eps, init_std):
         names = LMConfig(hidden_size=hidden_size, num_heads=num_heads, layers=layers).layers
-        options = {name: dict(options.get(name, {})) for name in set(names)}
-        for name in options:
-            takes_backend = "backend" in inspect.signature(MIXERS[name]).parameters if name in MIXERS else False
-            if takes_backend and self.backend in MIXERS[name].backends:
-                options[name].setdefault("backend", self.backend)
+        options = {name: with_parent_backend(name, self.backend, options.get(name, {})) for name in set(names)}
         config = LMConfig(hidden_size=hidden_size, num_heads=num_heads, layers=names, norm_eps=norm_eps,
                           intermediate_size=intermediate_size, mixer_options=options)
         config.validate()
@@ -210,8 +205,7 @@ class Hourglass(Mixer):
         if self.boundary == "gumbel" and self.training and state is None:
             u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
             soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / self.temperature)
-            hard = (soft > 0.5).float()
-            return hard + (soft - soft.detach()), logits
+            return hard_boundaries(soft) + (soft - soft.detach()), logits
         return (logits > 0).float(), logits
 
     def _boundaries(self, x, state, layout):
@@ -251,7 +245,7 @@ class Hourglass(Mixer):
 
     def _mix_pooling(self, x, state, cu_seqlens, layout):
         b, logits = self._boundaries(x, state, layout)
-        self._record(state, b=b, hard=b.detach() > 0.5, logits=logits, layout=layout)
+        self._record(state, b=b, hard=hard_boundaries(b.detach()), logits=logits, layout=layout)
         if state is None:
             pooled = segment_pool(x, b, max_segments=self.max_segments, cu_seqlens=cu_seqlens, backend=self.backend)
             null = self.null.to(pooled.dtype).expand(pooled.shape[0], 1, -1)
@@ -263,10 +257,10 @@ class Hourglass(Mixer):
         """Continue the sequences of ``state``: the open segment's sum and count join the first segment
         closed here; the new segments (packed) continue the inner layers' states."""
         n, D = layout.n, self.hidden_size
-        seg = segments_of(b > 0.5, *b.shape, n, cu_seqlens)
+        seg = segments_of(hard_boundaries(b), *b.shape, n, cu_seqlens)
         pooled = segment_pool(x, b, cu_seqlens=cu_seqlens, backend=self.backend).float()  # [n, S, D]
         S = pooled.shape[1]
-        sigma = seg.c - (b.reshape(-1) > 0.5).long()
+        sigma = seg.c - hard_boundaries(b).reshape(-1).long()
         closed = torch.zeros(n, dtype=torch.int64, device=x.device).scatter_reduce(0, seg.seq, seg.c, "amax")
         xf = x.reshape(-1, D).float()
         in_first = (sigma == 0).float()

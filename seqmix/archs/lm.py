@@ -50,7 +50,7 @@ class LMConfig:
             expanded += [name.strip()] * (int(count) if count else 1)
         self.layers = expanded
         if self.intermediate_size is None:
-            self.intermediate_size = 64 * math.ceil(8 * self.hidden_size / 3 / 64)
+            self.intermediate_size = default_intermediate_size(self.hidden_size)
 
     def validate(self, min_vocab: int = 1) -> None:
         """Raise ValueError for a config that cannot build, before anything is built or trained."""
@@ -79,6 +79,11 @@ class LMConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def default_intermediate_size(hidden_size: int) -> int:
+    """The SwiGLU width when none is given: 8/3 of the hidden size, rounded up to a multiple of 64."""
+    return 64 * math.ceil(8 * hidden_size / 3 / 64)
 
 
 class SwiGLU(nn.Module):

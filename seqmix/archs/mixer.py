@@ -98,3 +98,14 @@ def init_mixer_state(mixer: Mixer, batch_size: int, **options) -> State:
     ``init_state`` takes and that are not None."""
     params = inspect.signature(mixer.init_state).parameters
     return mixer.init_state(batch_size, **{k: v for k, v in options.items() if k in params and v is not None})
+
+
+def with_parent_backend(name: str, backend: str | None, options: dict) -> dict:
+    """Constructor options of mixer ``name`` built inside another layer: the parent's ``backend`` when
+    ``name`` takes it (a layer built with ``backend="reference"`` runs no fused kernel at all), unless
+    ``options`` name one. An unknown ``name`` is left to :func:`build_mixer` to report."""
+    cls = MIXERS.get(name)
+    if cls is not None and backend in cls.backends and "backend" in inspect.signature(cls).parameters:
+        return {"backend": backend, **options}
+    return dict(options)
+

@@ -17,8 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqmix.archs.lm import SwiGLU
-from seqmix.archs.mixer import MIXERS, Mixer, State, build_mixer, init_mixer_state, register_mixer
+from seqmix.archs.lm import SwiGLU, default_intermediate_size
+from seqmix.archs.mixer import (
+    MIXERS,
+    Mixer,
+    State,
+    build_mixer,
+    init_mixer_state,
+    register_mixer,
+    with_parent_backend,
+)
 from seqmix.archs.modules import no_weight_decay
 from seqmix.kernels import add_rms_norm, add_rms_norm_backend
 
@@ -182,7 +190,7 @@ class RecurrentDepth(Mixer):
         self.hidden_size, self.init_std, self.noise_seed = hidden_size, float(init_std), int(noise_seed)
         self.state_mode, self.warm_start, self.backend = state_mode, bool(warm_start), backend
         if intermediate_size is None:
-            intermediate_size = 64 * math.ceil(8 * hidden_size / 3 / 64)
+            intermediate_size = default_intermediate_size(hidden_size)
         self.adapter = nn.Linear(2 * hidden_size, hidden_size, bias=False)
         self.core = nn.ModuleList(
             SandwichBlock(self._core_mixer(name, hidden_size, num_heads, core_options.get(name, {})),
@@ -207,12 +215,9 @@ class RecurrentDepth(Mixer):
 
     def _core_mixer(self, name, hidden_size, num_heads, options):
         kwargs = {"hidden_size": hidden_size}
-        params = inspect.signature(MIXERS[name]).parameters
-        if "num_heads" in params:
+        if "num_heads" in inspect.signature(MIXERS[name]).parameters:
             kwargs["num_heads"] = num_heads
-        if self.backend in MIXERS[name].backends:
-            kwargs["backend"] = self.backend
-        return build_mixer(name, **{**kwargs, **options})
+        return build_mixer(name, **kwargs, **with_parent_backend(name, self.backend, options))
 
     def _init_weights(self):
         # The paper's small init, std sqrt(2 / (5 hidden)), and the MLP projections that write into the latent

@@ -23,7 +23,8 @@ from seqmix.kernels.pooling import reference
 from seqmix.kernels.pooling import triton as kernels
 from seqmix.kernels.sequences import reference_dtype
 
-__all__ = ["Segments", "chunk_select", "ema_dechunk", "segment_pool", "segment_upsample", "segments_of"]
+__all__ = ["Segments", "chunk_select", "ema_dechunk", "hard_boundaries", "segment_pool", "segment_upsample",
+           "segments_of"]
 
 IMPLEMENTED = ("triton", "reference")
 
@@ -89,7 +90,8 @@ def _segments(c: Tensor, seq: Tensor, cu: Tensor, packed: bool) -> Segments:
     return Segments(c, seq, cu, cu.shape[0] - 1, packed)
 
 
-def _hard(boundaries: Tensor) -> Tensor:
+def hard_boundaries(boundaries: Tensor) -> Tensor:
+    """The boundaries as the ops count them: 1.0 where a value is above 0.5, else 0.0 (same shape)."""
     return (boundaries > 0.5).float()
 
 
@@ -97,7 +99,7 @@ def _hard(boundaries: Tensor) -> Tensor:
 def _pool_fwd(x: Tensor, boundaries: Tensor, c: Tensor, seq: Tensor, cu: Tensor, S: int
               ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (pooled [N*S, D], no state, and for the backward the tokens per segment [N*S] float32)."""
-    pooled, counts = kernels.pool_fwd(x, _hard(boundaries), _segments(c, seq, cu, False), S)
+    pooled, counts = kernels.pool_fwd(x, hard_boundaries(boundaries), _segments(c, seq, cu, False), S)
     return pooled, nothing(x), counts
 
 
@@ -110,7 +112,8 @@ def _(x, boundaries, c, seq, cu, S):
 @torch.library.custom_op("seqmix::segment_pool_bwd", mutates_args=())
 def _pool_bwd(x: Tensor, boundaries: Tensor, c: Tensor, seq: Tensor, cu: Tensor, pooled: Tensor, counts: Tensor,
               S: int, dpooled: Tensor, dfinal: Tensor | None, needs: list[bool]) -> list[Tensor]:
-    dx, db = kernels.pool_bwd(dpooled, x, _hard(boundaries), _segments(c, seq, cu, False), pooled, counts, S)
+    seg = _segments(c, seq, cu, False)
+    dx, db = kernels.pool_bwd(dpooled, x, hard_boundaries(boundaries), seg, pooled, counts, S)
     return as_input_grads((dx, db, None, None, None), (x, boundaries, c, seq, cu), needs, x)
 
 
@@ -134,7 +137,7 @@ def _(y, boundaries, c, seq, cu, S, packed):
 @torch.library.custom_op("seqmix::segment_upsample_bwd", mutates_args=())
 def _upsample_bwd(y: Tensor, boundaries: Tensor, c: Tensor, seq: Tensor, cu: Tensor, S: int, packed: bool,
                   dout: Tensor, dfinal: Tensor | None, needs: list[bool]) -> list[Tensor]:
-    dy, db = kernels.upsample_bwd(dout, y, _hard(boundaries), _segments(c, seq, cu, packed), S)
+    dy, db = kernels.upsample_bwd(dout, y, hard_boundaries(boundaries), _segments(c, seq, cu, packed), S)
     return as_input_grads((dy, db, None, None, None), (y, boundaries, c, seq, cu), needs, y)
 
 
@@ -173,7 +176,7 @@ def segment_pool(
     _check_max_segments(max_segments)
     n = _sequences(x, B, T, cu_seqlens)
     fused = _fused("segment_pool", backend, x)
-    bh = (boundaries > 0.5).reshape(-1).float()
+    bh = hard_boundaries(boundaries).reshape(-1)
     seg = segments_of(bh.view(B, T), B, T, n, cu_seqlens)
     S = max_segments if max_segments is not None else (int(seg.c.max()) if seg.c.numel() else 0)
     if T == 0 or S == 0:
@@ -221,7 +224,7 @@ def segment_upsample(
     fused = _fused("segment_upsample", backend, y)
     if T == 0:
         return y.new_zeros(B, 0, D) + 0 * y.sum()
-    bh = (boundaries > 0.5).reshape(-1).float()
+    bh = hard_boundaries(boundaries).reshape(-1)
     seg = segments_of(bh.view(B, T), B, T, n, cu_seqlens)
     y2, b1 = y.reshape(N * S1, D), boundaries.reshape(-1)
     if fused:
@@ -247,7 +250,7 @@ def chunk_select(x: torch.Tensor, boundaries: torch.Tensor, *, cu_seqlens: torch
     B, T, D = x.shape
     _check_boundaries(boundaries, B, T, x)
     n = _sequences(x, B, T, cu_seqlens)
-    bh = boundaries.reshape(-1) > 0.5
+    bh = hard_boundaries(boundaries).reshape(-1)
     seg = segments_of(bh.view(B, T), B, T, n, cu_seqlens)
     per_seq = torch.zeros(n, dtype=torch.int64, device=x.device).scatter_reduce_(0, seg.seq, seg.c, "amax")
     chunk_cu = torch.cat([per_seq.new_zeros(1), per_seq.cumsum(0)])
@@ -309,7 +312,7 @@ def ema_dechunk(
                    output_final_state=output_final_state, cu_seqlens=chunk_cu_seqlens, backend=backend)
     start = torch.zeros(n, D, device=z.device, dtype=dtype) if h0 is None else initial_state.to(dtype)
     table = torch.cat([start, e.reshape(K, D).to(dtype)])
-    bh = boundaries.reshape(-1) > 0.5
+    bh = hard_boundaries(boundaries).reshape(-1)
     seg = segments_of(bh.view(B, T), B, T, n, cu_seqlens)
     chunk_cu = chunk_cu_seqlens.to(torch.int64)
     row = torch.where(seg.c > 0, n + chunk_cu[:-1][seg.seq] + seg.c - 1, seg.seq)
