@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from seqmix.archs.mixer import MIXERS, State, build_mixer, init_mixer_state
 from seqmix.archs.modules import RMSNorm
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+MODEL_TYPE = "seqmix"  # config.json's model_type, the name transformers' Auto classes know seqmix by
 
 
 @dataclass
@@ -202,12 +204,14 @@ class LanguageModel(nn.Module):
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
-                 return_logits: bool = False, num_steps: int | None = None, exit_threshold: float | None = None):
+                 return_logits: bool = False, num_steps: int | None = None, exit_threshold: float | None = None,
+                 on_token: Callable[[torch.Tensor], None] | None = None):
         """Sample ``max_new_tokens`` after ``prompt`` [B, T] with the mixers' states.
 
         The prompt is prefilled in one call, then one token per step. ``temperature=0`` is greedy;
         ``top_k`` keeps the k most likely tokens; ``num_steps`` and ``exit_threshold`` go to the layers that
-        iterate (see :meth:`forward`). Returns tokens [B, T + max_new_tokens], and with
+        iterate (see :meth:`forward`); ``on_token`` is called with each step's new tokens [B, 1] as soon as
+        they are drawn (streaming). Returns tokens [B, T + max_new_tokens], and with
         ``return_logits`` also the logits each new token was drawn from, [B, max_new_tokens, vocab].
         """
         if prompt.dim() != 2 or prompt.shape[1] == 0:
@@ -225,6 +229,8 @@ class LanguageModel(nn.Module):
             step = logits[:, -1].float()
             steps.append(step)
             tokens.append(_sample(step, temperature, top_k, generator))
+            if on_token is not None:
+                on_token(tokens[-1])
             logits, state = self(tokens[-1], state, **depth)
         out = torch.cat(tokens, 1)
         if not return_logits:
@@ -232,29 +238,48 @@ class LanguageModel(nn.Module):
         return out, torch.stack(steps, 1) if steps else prompt.new_zeros(prompt.shape[0], 0, self.config.vocab_size)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory``."""
+        """Write ``config.json`` and ``model.safetensors`` into ``directory``. The config's ``model_type`` lets
+        transformers' ``AutoModelForCausalLM`` load the directory too (:mod:`seqmix.hf`)."""
         from safetensors.torch import save_model
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        config = {"model_type": MODEL_TYPE, **self.config.to_dict()}
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         save_model(self, str(directory / WEIGHTS_FILE))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> LanguageModel:
-        """Build the model from ``config.json`` and load ``model.safetensors`` (no pickle involved)."""
+        """Build the model from ``config.json`` and load ``model.safetensors`` (no pickle involved); also reads
+        a directory written by transformers' ``save_pretrained`` of :class:`seqmix.hf.SeqmixForCausalLM`."""
         from safetensors.torch import load_model
 
         directory = Path(directory)
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory / name} does not exist")
-        model = cls(LMConfig(**json.loads((directory / CONFIG_FILE).read_text())))
+        model = cls(read_config(directory / CONFIG_FILE))
         try:
             load_model(model, str(directory / WEIGHTS_FILE), strict=True, device=str(device))
         except RuntimeError as e:
             raise ValueError(f"{directory / WEIGHTS_FILE} does not fit {directory / CONFIG_FILE}: {e}") from None
         return model.to(device)
+
+
+def read_config(path: Path) -> LMConfig:
+    """The LMConfig of a ``config.json``. One with ``model_type`` "seqmix" may also hold transformers' metadata
+    (``architectures``, token ids, ...; :mod:`seqmix.hf`), which is left out; any other unknown key is an error."""
+    values = json.loads(path.read_text())
+    model_type = values.pop("model_type", None)
+    names = {f.name for f in dataclasses.fields(LMConfig)}
+    if model_type is not None:
+        if model_type != MODEL_TYPE:
+            raise ValueError(f"{path}: model_type {model_type!r} is not a seqmix model ({MODEL_TYPE!r})")
+        values = {k: v for k, v in values.items() if k in names}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{path}: unknown config field(s) {unknown}; LMConfig fields: {sorted(names)}")
+    return LMConfig(**values)
 
 
 def _sample(logits, temperature, top_k, generator):
