@@ -44,6 +44,7 @@ from transformers.utils import ModelOutput
 from seqmix.archs.lm import CONFIG_FILE, MODEL_TYPE, WEIGHTS_FILE, LanguageModel, LMConfig, read_config
 from seqmix.archs.mixer import State
 from seqmix.data import BOS, EOS, PAD, decode
+from seqmix.generate import resolve_model_dir
 
 _LM_DEFAULTS = LMConfig()
 _LM_FIELDS = tuple(f.name for f in dataclasses.fields(LMConfig))
@@ -191,6 +192,7 @@ class SeqmixForCausalLM(PreTrainedModel, GenerationMixin):
                 "num_steps": num_steps, "exit_threshold": exit_threshold}
 
 
+_REMOTE_MODULE = "seqmix_hf"  # the module export() writes for trust_remote_code loading
 _UNUSED = "<unused"  # "<unused300>": an id of the padded model vocabulary past the tokenizer's
 
 
@@ -199,14 +201,15 @@ class SeqmixTokenizer(PreTrainedTokenizer):
 
     Each token is a string of one character, the byte's latin-1 character (specials: ``<s>``, ``</s>``,
     ``<pad>``), so transformers' string handling sees one token per byte; decoding joins the bytes and reads
-    them as UTF-8. No vocabulary file: every seqmix model has the same tokens."""
+    them as UTF-8. No vocabulary file: every seqmix model has the same tokens. ``BOS`` starts every encoded
+    text (``add_bos_token``, as every training document and ``python -m seqmix.generate``'s prompt)."""
 
     model_input_names = ["input_ids", "attention_mask"]
     vocab_files_names = {}
 
     def __init__(self, **kwargs):
         self._specials = {"<s>": BOS, "</s>": EOS, "<pad>": PAD}
-        kwargs = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": False,
+        kwargs = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": True,
                   **kwargs}
         self.add_bos_token = kwargs.pop("add_bos_token")
         super().__init__(**kwargs)
@@ -286,20 +289,6 @@ def export(model_dir: str | Path, out_dir: str | Path) -> Path:
         '"""seqmix\'s transformers classes, for trust_remote_code loading (written by seqmix.hf.export)."""\n'
         "from seqmix.hf import SeqmixConfig, SeqmixForCausalLM, SeqmixTokenizer  # noqa: F401\n")
     return out
-
-
-_REMOTE_MODULE = "seqmix_hf"
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """``path`` itself when it holds ``config.json``, else its ``model/`` (a training run); FileNotFoundError
-    naming both when neither does."""
-    path = Path(path)
-    for candidate in (path, path / "model"):
-        if (candidate / CONFIG_FILE).is_file():
-            return candidate
-    raise FileNotFoundError(f"{path} is neither a model directory ({CONFIG_FILE} + {WEIGHTS_FILE}) nor a "
-                            f"training run directory with model/ inside")
 
 
 AutoConfig.register(MODEL_TYPE, SeqmixConfig)
