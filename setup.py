@@ -77,7 +77,9 @@ setup(
     entry_points={"console_scripts": ["seqmix-train = seqmix.train:main"]},
     extras_require={
         # Triton's interpreter turns one-element arrays into ints, which NumPy 2.4 refuses.
-        "test": ["pytest>=7", "hypothesis>=6.100", "numpy<2.4"],
+        "test": ["pytest>=7", "hypothesis>=6.100", "numpy<2.4", "transformers>=5"],
+        # seqmix.hf: the models as transformers models (Auto classes, generate, pipeline, lm-evaluation-harness).
+        "hf": ["transformers>=5"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -95,6 +95,8 @@ def _device(parser, name: str | None) -> torch.device:
         parser.error(f"--device {name}: {e}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {name}: no CUDA device is available (torch {torch.__version__})")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        parser.error(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device {name}: seqmix runs on cpu or cuda")
     return device
