@@ -91,8 +91,8 @@ class SeqmixConfig(PretrainedConfig):
 class SeqmixCache:
     """The mixers' states during ``generate`` (one :data:`State` per layer) and the tokens they have seen.
 
-    Not a transformers ``Cache``: the states of recurrent mixers cannot be cropped or rolled back, so
-    assisted (speculative) generation and beam search are not available."""
+    Not a transformers ``Cache``: the states of recurrent mixers cannot be cropped or rolled back, so assisted
+    (speculative) generation is not available; beam search reorders the rows (:meth:`reorder_cache`)."""
 
     is_compileable = False
     is_croppable = False
@@ -103,6 +103,11 @@ class SeqmixCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row i continues row ``beam_idx[i]``. Every mixer keeps its state batch-first."""
+        self.states = [{name: value.index_select(0, beam_idx.to(value.device)) for name, value in state.items()}
+                       for state in self.states]
 
 
 @dataclass
@@ -190,6 +195,14 @@ class SeqmixForCausalLM(PreTrainedModel, GenerationMixin):
             input_ids = input_ids[:, cache.seen_tokens:]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache, "use_cache": use_cache,
                 "num_steps": num_steps, "exit_threshold": exit_threshold}
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        """transformers' update (the attention mask grows by the new token), and the cache carried under our
+        own name, whatever name this transformers version gives caches."""
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        if outputs.cache is not None:
+            model_kwargs["cache"] = outputs.cache
+        return model_kwargs
 
 
 _REMOTE_MODULE = "seqmix_hf"  # the module export() writes for trust_remote_code loading

@@ -1,5 +1,6 @@
 """seqmix.hf: a seqmix model directory loads with transformers' Auto classes (offline), its greedy generate
-equals LanguageModel.generate (attention + a recurrent mixer, left-padded batches, recurrent depth), the
+equals LanguageModel.generate (attention + a recurrent mixer, left-padded batches, recurrent depth) and beam
+search with the states equals beam search without a cache, the
 labels loss equals seqmix's training loss, save_pretrained round-trips, pipeline("text-generation") and the
 byte tokenizer agree with seqmix.data, and export() loads through trust_remote_code."""
 
@@ -82,6 +83,16 @@ def test_recurrent_depth_generate_takes_num_steps(tmp_path):
     for num_steps in (None, 3):
         out = hf.generate(prompt, max_new_tokens=4, do_sample=False, num_steps=num_steps)
         assert out.tolist() == model.generate(prompt, 4, temperature=0, num_steps=num_steps).tolist(), num_steps
+
+
+def test_beam_search_with_the_states_equals_beam_search_without_a_cache(saved):
+    """The cache's rows follow their beams (reorder_cache): the same beams as recomputing every prefix."""
+    path, _ = saved
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    prompt = _tokens(2, 6)
+    cached = hf.generate(prompt, max_new_tokens=5, num_beams=3, do_sample=False)
+    recomputed = hf.generate(prompt, max_new_tokens=5, num_beams=3, do_sample=False, use_cache=False)
+    assert cached.tolist() == recomputed.tolist()
 
 
 def test_labels_loss_equals_seqmix_training_loss(saved):
