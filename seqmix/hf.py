@@ -126,7 +126,8 @@ class SeqmixForCausalLM(PreTrainedModel, GenerationMixin):
     ``model(input_ids [B, T], attention_mask=None, labels=None, cache=None, use_cache=None, num_steps=None,
     exit_threshold=None)``: ``labels`` [B, T] give the mean next-token cross-entropy (shifted inside, -100
     ignored); ``attention_mask`` [B, T] leaves padded tokens out of every mixer (left padding in batched
-    generation); with ``use_cache=True`` or a ``cache`` the call runs with the mixers' states and returns them.
+    generation); with ``use_cache=True`` or a ``cache`` the call runs with the mixers' states and returns them
+    (a new cache's attention layers preallocate ``capacity`` positions, which ``generate`` sets to its length).
     """
 
     config_class = SeqmixConfig
@@ -157,7 +158,7 @@ class SeqmixForCausalLM(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 cache: SeqmixCache | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, num_steps: int | None = None, exit_threshold: float | None = None,
-                return_dict: bool | None = None, inputs_embeds: torch.Tensor | None = None,
+                return_dict: bool | None = None, inputs_embeds: torch.Tensor | None = None, capacity: int = 0,
                 **unused) -> SeqmixCausalLMOutput | tuple:
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("SeqmixForCausalLM takes input_ids (token ids [B, T]); inputs_embeds is not supported")
@@ -175,7 +176,7 @@ class SeqmixForCausalLM(PreTrainedModel, GenerationMixin):
             if bool(attention_mask.all()):
                 attention_mask = None
         if cache is None and use_cache:
-            cache = SeqmixCache(self.lm.init_state(B, num_steps=num_steps))
+            cache = SeqmixCache(self.lm.init_state(B, num_steps=num_steps, capacity=capacity))
         if cache is not None:
             logits, states = self.lm(input_ids, cache.states, attention_mask=attention_mask, **depth)
             cache = SeqmixCache(states, cache.seen_tokens + T)
@@ -188,13 +189,19 @@ class SeqmixForCausalLM(PreTrainedModel, GenerationMixin):
         out = SeqmixCausalLMOutput(loss=loss, logits=logits, cache=cache)
         return out if return_dict is not False else out.to_tuple()
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """No transformers cache (forward makes the states); the attention caches are sized for the whole
+        generation, so each step writes in place as in :meth:`LanguageModel.generate`."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        model_kwargs["capacity"] = generation_config.max_length or 0
+
     def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, next_sequence_length=None,
-                                      num_steps=None, exit_threshold=None, use_cache=None, **kwargs):
+                                      num_steps=None, exit_threshold=None, use_cache=None, capacity=0, **kwargs):
         """The tokens not yet in the cache (all of the prompt first, then the newest), the mask and the depth."""
         if cache is not None:
             input_ids = input_ids[:, cache.seen_tokens:]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache, "use_cache": use_cache,
-                "num_steps": num_steps, "exit_threshold": exit_threshold}
+                "num_steps": num_steps, "exit_threshold": exit_threshold, "capacity": capacity}
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         """transformers' update (the attention mask grows by the new token), and the cache carried under our

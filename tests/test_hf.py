@@ -58,8 +58,11 @@ def test_greedy_generate_equals_seqmix_generate(saved):
     path, model = saved
     hf = AutoModelForCausalLM.from_pretrained(path)
     prompt = _tokens(2, 7)
-    out = hf.generate(prompt, max_new_tokens=6, do_sample=False)
-    assert out.tolist() == model.generate(prompt, 6, temperature=0).tolist()
+    out = hf.generate(prompt, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    assert out.sequences.tolist() == model.generate(prompt, 6, temperature=0).tolist()
+    # the attention layer's cache was sized for the whole generation (in-place decoding, no regrowth)
+    attention_state = out.cache.states[1]
+    assert attention_state["k"].shape[2] == 13 and attention_state["capacity"].tolist() == [13, 13]
 
 
 def test_left_padded_batch_generates_each_prompt_as_alone(saved):
@@ -89,9 +92,9 @@ def test_beam_search_with_the_states_equals_beam_search_without_a_cache(saved):
     """The cache's rows follow their beams (reorder_cache): the same beams as recomputing every prefix."""
     path, _ = saved
     hf = AutoModelForCausalLM.from_pretrained(path)
-    prompt = _tokens(2, 6)
-    cached = hf.generate(prompt, max_new_tokens=5, num_beams=3, do_sample=False)
-    recomputed = hf.generate(prompt, max_new_tokens=5, num_beams=3, do_sample=False, use_cache=False)
+    prompt = _tokens(2, 5)
+    cached = hf.generate(prompt, max_new_tokens=4, num_beams=3, do_sample=False)
+    recomputed = hf.generate(prompt, max_new_tokens=4, num_beams=3, do_sample=False, use_cache=False)
     assert cached.tolist() == recomputed.tolist()
 
 
