@@ -27,6 +27,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -224,8 +225,8 @@ class SeqmixTokenizer(PreTrainedTokenizer):
     them as UTF-8. No vocabulary file: every seqmix model has the same tokens. ``BOS`` starts every encoded
     text (``add_bos_token``, as every training document and ``python -m seqmix.generate``'s prompt)."""
 
-    model_input_names = ["input_ids", "attention_mask"]
-    vocab_files_names = {}
+    model_input_names: ClassVar[list[str]] = ["input_ids", "attention_mask"]
+    vocab_files_names: ClassVar[dict[str, str]] = {}  # no vocabulary file
 
     def __init__(self, **kwargs):
         self._specials = {"<s>": BOS, "</s>": EOS, "<pad>": PAD}

@@ -93,3 +93,29 @@ def test_config_layers_shorthand_and_errors():
         LanguageModel(LMConfig(layers=[]))
     with pytest.raises(ValueError, match="tokens must be an int64 tensor"):
         _model(["attention"])(torch.zeros(2, 3, device=DEVICE))
+
+
+def test_generate_calls_on_token_with_each_new_token():
+    model, prompt = _model(["deltanet", "attention"]), _tokens(2, 5)
+    seen = []
+    tokens = model.generate(prompt, max_new_tokens=4, temperature=0.0, on_token=seen.append)
+    assert [t.shape for t in seen] == [(2, 1)] * 4
+    assert torch.cat(seen, 1).equal(tokens[:, 5:])
+
+
+def test_config_json_names_the_model_type_and_unknown_fields_are_refused(tmp_path):
+    _model(["deltanet"]).save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    assert config["model_type"] == "seqmix"  # what transformers' AutoConfig reads (seqmix.hf)
+    # transformers' metadata is read past when the file is a seqmix model's ...
+    path.write_text(json.dumps({**config, "architectures": ["SeqmixForCausalLM"], "use_cache": True}))
+    assert LanguageModel.from_pretrained(tmp_path).config.layers == ["deltanet"]
+    # ... but a misspelt field of a plain seqmix config, or another model type, is an error
+    plain = {k: v for k, v in config.items() if k != "model_type"}
+    path.write_text(json.dumps({**plain, "hiden_size": 64}))
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['hiden_size'\]"):
+        LanguageModel.from_pretrained(tmp_path)
+    path.write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type 'llama' is not a seqmix model"):
+        LanguageModel.from_pretrained(tmp_path)
