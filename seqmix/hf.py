@@ -198,9 +198,12 @@ class SeqmixForCausalLM(PreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, next_sequence_length=None,
                                       num_steps=None, exit_threshold=None, use_cache=None, capacity=0, **kwargs):
-        """The tokens not yet in the cache (all of the prompt first, then the newest), the mask and the depth."""
+        """The tokens not yet in the cache (all of the prompt first, then the newest), the mask and the depth.
+        Past the prompt the mask is left out: generated tokens are never padding (and checking it would cost
+        a host sync per token)."""
         if cache is not None:
             input_ids = input_ids[:, cache.seen_tokens:]
+            attention_mask = None
         return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache, "use_cache": use_cache,
                 "num_steps": num_steps, "exit_threshold": exit_threshold, "capacity": capacity}
 
