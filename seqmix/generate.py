@@ -130,9 +130,13 @@ def main(argv: list[str] | None = None) -> None:
         generator = torch.Generator(device=device).manual_seed(args.seed)
     stream = TextStream(sys.stdout)
     stream.write(args.prompt)
-    model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   generator=generator, num_steps=args.num_steps, exit_threshold=args.exit_threshold,
-                   on_token=stream)
+    try:
+        model.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       generator=generator, num_steps=args.num_steps, exit_threshold=args.exit_threshold,
+                       on_token=stream)
+    except KeyboardInterrupt:  # Ctrl-C stops the stream: the text so far stands, no traceback
+        stream.write("\n")
+        sys.exit(130)
     stream.close()
     stream.write("\n")
 
