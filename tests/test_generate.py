@@ -71,6 +71,7 @@ def test_stream_writes_each_character_once_its_bytes_are_in():
     assert writes == ["a", "", "é", "", "", "€", "", ""]
 
 
+@pytest.mark.slow
 def test_streams_through_python_dash_m(run_dir):
     """The module runs as a program and prints the same text, one write per token (flushed)."""
     run, model = run_dir
