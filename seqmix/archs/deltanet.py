@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqmix.archs.mixer import Mixer, State, register_mixer
+from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
 from seqmix.archs.modules import RMSNorm, ShortConvolution, l2_normalize, no_weight_decay
 from seqmix.kernels import delta_rule, gated_delta_rule
+from seqmix.kernels.deltanet.step import delta_rule_step, gated_delta_rule_step
 
 
 @register_mixer("deltanet")
@@ -74,6 +75,9 @@ class DeltaNet(Mixer):
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         q, k, v, new_state = self._qkv(x, state, cu_seqlens)
         beta = torch.sigmoid(self.b_proj(x).float()).to(q.dtype)
+        if is_decoding_step(x, state, cu_seqlens):
+            o, recurrent = delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], state["recurrent"])
+            return self._output(x, o.unsqueeze(1), recurrent, state, new_state)
         o, recurrent = delta_rule(
             q, k, v, beta, initial_state=None if state is None else state["recurrent"],
             output_final_state=state is not None, cu_seqlens=cu_seqlens, backend=self.backend,
@@ -134,6 +138,10 @@ class GatedDeltaNet(DeltaNet):
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         q, k, v, new_state = self._qkv(x, state, cu_seqlens)
         beta = torch.sigmoid(self.b_proj(x).float()).to(q.dtype)
+        if is_decoding_step(x, state, cu_seqlens):
+            o, recurrent = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], self.log_decay(x)[:, 0], beta[:, 0],
+                                                 state["recurrent"])
+            return self._output(x, o.unsqueeze(1), recurrent, state, new_state)
         o, recurrent = gated_delta_rule(
             q, k, v, self.log_decay(x), beta, initial_state=None if state is None else state["recurrent"],
             output_final_state=state is not None, cu_seqlens=cu_seqlens, backend=self.backend,
