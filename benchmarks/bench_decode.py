@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_decode                    # the ~50M models of bench_train, prompt 512, 64 tokens
     python -m benchmarks.bench_decode --layers deltanet*16 --prompt 128 --tokens 32
+    python -m benchmarks.bench_decode --generate         # every mixer, the tiny LM, on the CPU (below)
 
 Each model prefills a random prompt in one call, then decodes greedily one
 token per call with its state, under bf16 autocast as it trains. The eager
@@ -10,7 +11,19 @@ can be captured (a fixed-size state, no host synchronisation inside the step:
 recurrent mixers), the step (forward, greedy choice, state written back in
 place) is captured once as a CUDA graph and its replays are timed; the graph's
 tokens are checked against the eager ones. Where capture fails the reason is
-reported instead (attention's cache grows every step).
+reported instead. Attention's cache is preallocated for the prompt and the
+decoded tokens (``init_state(capacity=)``), so its step is captured too.
+
+``--generate`` times ``LanguageModel.generate`` instead, on the CPU by default:
+for each mixer (default: every registered one but the nesting layers) a
+2-layer LM (``--hidden-size 128 --num-heads 4`` in this mode unless given),
+greedy, B=1, at each ``--prompts`` length. The prefill is excluded by
+differencing: (time of ``generate(prompt, n + m)`` - time of ``generate(prompt,
+n)``) / m, one prefill in each. Models are interleaved and the whole sweep is
+repeated ``--repeats`` times; medians are printed with the ratio to attention
+at the same prompt and each mixer's ratio of the longest prompt to the
+shortest (flat is 1). ``--compile`` also times ``generate(compile=True)``
+and reports the compile time.
 """
 
 from __future__ import annotations
@@ -50,7 +63,7 @@ def decode_ms_per_token(layers: list[str], args, device) -> dict:
     row = {"layers": ",".join(layers), "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
            "prompt": args.prompt, "tokens": args.tokens}
     with torch.no_grad(), _autocast(device):
-        logits, state = model(prompt, model.init_state(1))
+        logits, state = model(prompt, model.init_state(1, capacity=args.prompt + args.tokens + 1))
         first = logits[:, -1].argmax(-1, keepdim=True)
         times, tok, eager_tokens = [], first, []
         start_state = [{k: v.clone() for k, v in s.items()} for s in state]
@@ -110,16 +123,101 @@ def _graph_decode(model, first, state, eager_tokens, steps) -> dict:
     return {"graph_ms_per_token": statistics.median(times), "graph_tokens_agree": agree}
 
 
+# The layers that nest other mixers are left out of --generate's default sweep.
+NESTING = ("hourglass", "recurrent_depth")
+
+
+def _generate_seconds(model, prompt, tokens: int, compile: bool) -> float:
+    start = time.perf_counter()
+    model.generate(prompt, tokens, temperature=0.0, compile=compile)
+    return time.perf_counter() - start
+
+
+def generate_rows(args, device) -> list[dict]:
+    """Decode ms/token through ``LanguageModel.generate`` per mixer and prompt, prefill excluded (module doc)."""
+    from seqmix.archs import MIXERS
+
+    names = args.mixers or [n for n in sorted(MIXERS) if n not in NESTING]
+    if "attention" not in names:
+        names = ["attention", *names]
+    n, m = 4, args.tokens
+    models, prompts = {}, {}
+    for name in names:
+        torch.manual_seed(0)
+        config = LMConfig(vocab_size=320, hidden_size=args.hidden_size, num_heads=args.num_heads, layers=[name] * 2)
+        models[name] = LanguageModel(config).to(device).eval()
+    gen = torch.Generator().manual_seed(1)
+    for p in args.prompts:
+        prompts[p] = torch.randint(0, 256, (1, p), generator=gen).to(device)
+    modes = [False, True] if args.compile else [False]
+    samples, compile_s = {}, {}
+    for compiled in modes:
+        for name, model in models.items():
+            for p, prompt in prompts.items():
+                start = time.perf_counter()
+                _generate_seconds(model, prompt, 2, compiled)  # warm-up (and compilation)
+                if compiled:
+                    compile_s[(name, p)] = time.perf_counter() - start
+    for _ in range(args.repeats):
+        for compiled in modes:
+            for name, model in models.items():
+                for p, prompt in prompts.items():
+                    short = _generate_seconds(model, prompt, n, compiled)
+                    long = _generate_seconds(model, prompt, n + m, compiled)
+                    samples.setdefault((name, p, compiled), []).append((long - short) / m * 1e3)
+    rows = []
+    for (name, p, compiled), values in samples.items():
+        row = {"mixer": name, "prompt": p, "compiled": compiled, "ms_per_token": statistics.median(values),
+               "samples": values}
+        if compiled:
+            row["compile_s"] = compile_s[(name, p)]
+        rows.append(row)
+    by_key = {(r["mixer"], r["prompt"], r["compiled"]): r for r in rows}
+    lo, hi = min(args.prompts), max(args.prompts)
+    for r in rows:
+        r["vs_attention"] = r["ms_per_token"] / by_key[("attention", r["prompt"], r["compiled"])]["ms_per_token"]
+        r["long_over_short"] = by_key[(r["mixer"], hi, r["compiled"])]["ms_per_token"] / by_key[
+            (r["mixer"], lo, r["compiled"])]["ms_per_token"]
+    return rows
+
+
+def _print_generate(rows, args, device):
+    print(f"\nDecoding through LanguageModel.generate, B=1, 2-layer LM hidden {args.hidden_size}, {args.num_heads} "
+          f"heads, {device}, {torch.get_num_threads()} threads, greedy, prefill excluded, median of {args.repeats}")
+    print(f"{'mixer':<16} {'compiled':>8} {'prompt':>7} {'ms/token':>9} {'vs attention':>13} {'long/short':>11}"
+          f" {'compile s':>10}")
+    for r in sorted(rows, key=lambda r: (r["compiled"], r["mixer"] != "attention", r["mixer"], r["prompt"])):
+        compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
+        print(f"{r['mixer']:<16} {'yes' if r['compiled'] else 'no':>8} {r['prompt']:>7} {r['ms_per_token']:>9.3f} "
+              f"{r['vs_attention']:>12.2f}x {r['long_over_short']:>10.2f}x {compile_s:>10}")
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", nargs="+", default=["attention*16", "deltanet*16"])
-    parser.add_argument("--hidden-size", type=int, default=512)
+    parser.add_argument("--hidden-size", type=int, default=None, help="default 512 (128 with --generate)")
     parser.add_argument("--num-heads", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (a smoke test; no timing claims)")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--generate", action="store_true", help="time LanguageModel.generate per mixer (module doc)")
+    parser.add_argument("--mixers", nargs="+", help="--generate: the mixers (default every non-nesting one)")
+    parser.add_argument("--prompts", nargs="+", type=int, default=[64, 2048], help="--generate: prompt lengths")
+    parser.add_argument("--repeats", type=int, default=3, help="--generate: sweeps whose medians are reported")
+    parser.add_argument("--compile", action="store_true", help="--generate: also generate(compile=True)")
+    parser.add_argument("--device", default="cpu", help="--generate: the device (default cpu)")
     args = parser.parse_args(argv)
+    if args.generate:
+        args.hidden_size = args.hidden_size or 128
+        device = torch.device(args.device)
+        rows = generate_rows(args, device)
+        _print_generate(rows, args, device)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return rows
+    args.hidden_size = args.hidden_size or 512
     if not args.cpu and not torch.cuda.is_available():
         raise SystemExit("the decoding benchmark needs a CUDA GPU (or --cpu for a smoke run)")
     device = torch.device("cpu" if args.cpu else "cuda")
