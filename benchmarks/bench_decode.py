@@ -129,7 +129,7 @@ NESTING = ("hourglass", "recurrent_depth")
 
 def _generate_seconds(model, prompt, tokens: int, compile: bool) -> float:
     start = time.perf_counter()
-    model.generate(prompt, tokens, temperature=0.0, compile=compile)
+    model.generate(prompt, tokens, temperature=0.0, **({"compile": True} if compile else {}))
     return time.perf_counter() - start
 
 
