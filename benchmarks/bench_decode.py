@@ -14,16 +14,19 @@ tokens are checked against the eager ones. Where capture fails the reason is
 reported instead. Attention's cache is preallocated for the prompt and the
 decoded tokens (``init_state(capacity=)``), so its step is captured too.
 
-``--generate`` times ``LanguageModel.generate`` instead, on the CPU by default:
-for each mixer (default: every registered one but the nesting layers) a
-2-layer LM (``--hidden-size 128 --num-heads 4`` in this mode unless given),
-greedy, B=1, at each ``--prompts`` length. The prefill is excluded by
-differencing: (time of ``generate(prompt, n + m)`` - time of ``generate(prompt,
-n)``) / m, one prefill in each. Models are interleaved and the whole sweep is
-repeated ``--repeats`` times; medians are printed with the ratio to attention
-at the same prompt and each mixer's ratio of the longest prompt to the
-shortest (flat is 1). ``--compile`` also times ``generate(compile=True)``
-and reports the compile time.
+``--generate`` times ``LanguageModel.generate`` instead, on the CPU by default
+(``--threads``, default 1): for each mixer (default: every registered one but
+the nesting layers) a 2-layer LM (``--hidden-size 128 --num-heads 4`` in this
+mode unless given), greedy, B=1, at each ``--prompts`` length. Each one-token
+forward inside ``generate`` is timed (the prefill is left out; the model's
+``forward`` is wrapped on the instance, so any version of ``generate`` can be
+timed); a sample is the median over ``--tokens`` tokens. Models are
+interleaved and the sweep is repeated ``--repeats`` times; medians of the
+samples are printed with the ratio to attention at the same prompt and each
+mixer's ratio of the longest prompt to the shortest (flat is 1).
+``--compile`` also times ``torch.compile(decode_step, fullgraph=True)`` in
+generate's loop (what ``generate(compile=True)`` runs) and reports the compile
+time (its first two calls).
 """
 
 from __future__ import annotations
@@ -127,10 +130,46 @@ def _graph_decode(model, first, state, eager_tokens, steps) -> dict:
 NESTING = ("hourglass", "recurrent_depth")
 
 
-def _generate_seconds(model, prompt, tokens: int, compile: bool) -> float:
-    start = time.perf_counter()
-    model.generate(prompt, tokens, temperature=0.0, **({"compile": True} if compile else {}))
-    return time.perf_counter() - start
+def _generate_step_ms(model, prompt, tokens: int) -> list[float]:
+    """ms of each one-token forward inside ``model.generate(prompt, tokens + 1)`` (greedy): the model's
+    ``forward`` is wrapped on the instance and only calls with one token per sequence are timed, so the
+    prefill is left out whatever the version of ``generate``."""
+    forward, times = model.forward, []
+
+    def timed(ids, *args, **kwargs):
+        if ids.shape[1] != 1:
+            return forward(ids, *args, **kwargs)
+        start = time.perf_counter()
+        out = forward(ids, *args, **kwargs)
+        times.append((time.perf_counter() - start) * 1e3)
+        return out
+
+    model.forward = timed
+    try:
+        model.generate(prompt, tokens + 1, temperature=0.0)
+    finally:
+        del model.forward
+    return times
+
+
+def _compiled_step_ms(model, prompt, tokens: int) -> tuple[list[float], float]:
+    """ms of each call of ``torch.compile(model.decode_step, fullgraph=True)`` in generate's greedy loop
+    (what ``generate(compile=True)`` runs), and the seconds of the first two calls (compilation)."""
+    step = torch.compile(model.decode_step, fullgraph=True)
+    with torch.no_grad():
+        logits, state = model(prompt, model.init_state(1, capacity=prompt.shape[1] + tokens + 3))
+        token = logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(2):  # the second call may recompile (a state's strides change after the first step)
+            logits, state = step(token, state)
+            token = logits.argmax(-1, keepdim=True)
+        compile_s, times = time.perf_counter() - start, []
+        for _ in range(tokens):
+            start = time.perf_counter()
+            logits, state = step(token, state)
+            times.append((time.perf_counter() - start) * 1e3)
+            token = logits.argmax(-1, keepdim=True)
+    return times, compile_s
 
 
 def generate_rows(args, device) -> list[dict]:
@@ -140,31 +179,23 @@ def generate_rows(args, device) -> list[dict]:
     names = args.mixers or [n for n in sorted(MIXERS) if n not in NESTING]
     if "attention" not in names:
         names = ["attention", *names]
-    n, m = 4, args.tokens
-    models, prompts = {}, {}
+    models = {}
     for name in names:
         torch.manual_seed(0)
         config = LMConfig(vocab_size=320, hidden_size=args.hidden_size, num_heads=args.num_heads, layers=[name] * 2)
         models[name] = LanguageModel(config).to(device).eval()
     gen = torch.Generator().manual_seed(1)
-    for p in args.prompts:
-        prompts[p] = torch.randint(0, 256, (1, p), generator=gen).to(device)
-    modes = [False, True] if args.compile else [False]
+    prompts = {p: torch.randint(0, 256, (1, p), generator=gen).to(device) for p in args.prompts}
     samples, compile_s = {}, {}
-    for compiled in modes:
+    for _ in range(args.repeats):
         for name, model in models.items():
             for p, prompt in prompts.items():
-                start = time.perf_counter()
-                _generate_seconds(model, prompt, 2, compiled)  # warm-up (and compilation)
-                if compiled:
-                    compile_s[(name, p)] = time.perf_counter() - start
-    for _ in range(args.repeats):
-        for compiled in modes:
-            for name, model in models.items():
-                for p, prompt in prompts.items():
-                    short = _generate_seconds(model, prompt, n, compiled)
-                    long = _generate_seconds(model, prompt, n + m, compiled)
-                    samples.setdefault((name, p, compiled), []).append((long - short) / m * 1e3)
+                samples.setdefault((name, p, False), []).append(
+                    statistics.median(_generate_step_ms(model, prompt, args.tokens)))
+                if args.compile:
+                    times, seconds = _compiled_step_ms(model, prompt, args.tokens)
+                    samples.setdefault((name, p, True), []).append(statistics.median(times))
+                    compile_s.setdefault((name, p), seconds)
     rows = []
     for (name, p, compiled), values in samples.items():
         row = {"mixer": name, "prompt": p, "compiled": compiled, "ms_per_token": statistics.median(values),
@@ -207,12 +238,17 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=3, help="--generate: sweeps whose medians are reported")
     parser.add_argument("--compile", action="store_true", help="--generate: also generate(compile=True)")
     parser.add_argument("--device", default="cpu", help="--generate: the device (default cpu)")
+    parser.add_argument("--threads", type=int, default=1, help="--generate: torch CPU threads")
     args = parser.parse_args(argv)
     if args.generate:
         args.hidden_size = args.hidden_size or 128
-        device = torch.device(args.device)
-        rows = generate_rows(args, device)
-        _print_generate(rows, args, device)
+        device, threads = torch.device(args.device), torch.get_num_threads()
+        torch.set_num_threads(args.threads)
+        try:
+            rows = generate_rows(args, device)
+            _print_generate(rows, args, device)
+        finally:
+            torch.set_num_threads(threads)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)

@@ -48,3 +48,22 @@ def test_decode_step_compiles_in_one_graph_and_equals_eager(name, monkeypatch):
     assert got_state.keys() == want_state.keys()
     for key, value in want_state.items():
         assert_rel(got_state[key], value, 1e-6, f"{name}: compiled decode-step state {key!r}")
+
+
+def test_attention_decoding_writes_the_preallocated_cache_in_place():
+    """One-token calls write slot ``length`` of the preallocated cache (same storage, no growth); the state
+    passed in still describes its tokens, and continuing it equals continuing a growing cache."""
+    torch.manual_seed(0)
+    layer = LanguageModel(LMConfig(hidden_size=32, num_heads=2, layers=["attention"])).blocks[0].mixer.to(DEVICE)
+    x = torch.randn(2, PROMPT + 2, 32, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    with torch.no_grad():
+        _, static = layer(x[:, :PROMPT], layer.init_state(2, capacity=PROMPT + 2))
+        _, grown = layer(x[:, :PROMPT], layer.init_state(2))
+        pointers = [static[n].data_ptr() for n in ("k", "v")]
+        y, after = layer(x[:, PROMPT : PROMPT + 1], static)
+        assert [after[n].data_ptr() for n in ("k", "v")] == pointers and after["k"].shape[2] == PROMPT + 2
+        assert static["length"].tolist() == [PROMPT] * 2 and after["length"].tolist() == [PROMPT + 1] * 2
+        want, _ = layer(x[:, PROMPT : PROMPT + 1], grown)
+        again, _ = layer(x[:, PROMPT : PROMPT + 1], static)  # the state passed in is still valid
+    assert_rel(y, want, 1e-5, "in-place decoding vs the growing cache")
+    assert_rel(again, want, 1e-5, "decoding again from the state passed in")
