@@ -24,7 +24,9 @@ timed); a sample is the median over ``--tokens`` tokens. Models are
 interleaved and the sweep is repeated ``--repeats`` times; medians of the
 samples are printed with the ratio to attention at the same prompt and each
 mixer's ratio of the longest prompt to the shortest (flat is 1).
-``--compile`` also times ``torch.compile(decode_step, fullgraph=True)`` in
+``--ops`` counts the aten calls of one decoding step and of one mixer call
+(:func:`step_op_counts`). ``--compile`` also times
+``torch.compile(decode_step, fullgraph=True)`` in
 generate's loop (what ``generate(compile=True)`` runs) and reports the compile
 time (its first two calls).
 """
@@ -172,6 +174,26 @@ def _compiled_step_ms(model, prompt, tokens: int) -> tuple[list[float], float]:
     return times, compile_s
 
 
+def step_op_counts(model, prompt) -> dict:
+    """Aten calls dispatched from Python (the profiler's top-level ``aten::`` events) in one ``decode_step``
+    of ``model`` after ``prompt`` and in one call of its first mixer: at hidden 128 the step's time is
+    about proportional to them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def count(fn) -> int:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
+
+    with torch.no_grad():
+        logits, state = model(prompt, model.init_state(1, capacity=prompt.shape[1] + 4))
+        token = logits[:, -1:].argmax(-1)
+        _, state = model.decode_step(token, state)
+        x = torch.randn(1, 1, model.config.hidden_size, device=prompt.device)
+        return {"step_aten_calls": count(lambda: model.decode_step(token, state)),
+                "mixer_aten_calls": count(lambda: model.blocks[0].mixer(x, state[0]))}
+
+
 def generate_rows(args, device) -> list[dict]:
     """Decode ms/token through ``LanguageModel.generate`` per mixer and prompt, prefill excluded (module doc)."""
     from seqmix.archs import MIXERS
@@ -202,6 +224,8 @@ def generate_rows(args, device) -> list[dict]:
                "samples": values}
         if compiled:
             row["compile_s"] = compile_s[(name, p)]
+        elif args.ops:
+            row.update(step_op_counts(models[name], prompts[p]))
         rows.append(row)
     by_key = {(r["mixer"], r["prompt"], r["compiled"]): r for r in rows}
     lo, hi = min(args.prompts), max(args.prompts)
@@ -216,11 +240,12 @@ def _print_generate(rows, args, device):
     print(f"\nDecoding through LanguageModel.generate, B=1, 2-layer LM hidden {args.hidden_size}, {args.num_heads} "
           f"heads, {device}, {torch.get_num_threads()} threads, greedy, prefill excluded, median of {args.repeats}")
     print(f"{'mixer':<16} {'compiled':>8} {'prompt':>7} {'ms/token':>9} {'vs attention':>13} {'long/short':>11}"
-          f" {'compile s':>10}")
+          f" {'compile s':>10} {'aten calls: step, mixer':>24}")
     for r in sorted(rows, key=lambda r: (r["compiled"], r["mixer"] != "attention", r["mixer"], r["prompt"])):
         compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
+        ops = f"{r['step_aten_calls']}, {r['mixer_aten_calls']}" if "step_aten_calls" in r else "-"
         print(f"{r['mixer']:<16} {'yes' if r['compiled'] else 'no':>8} {r['prompt']:>7} {r['ms_per_token']:>9.3f} "
-              f"{r['vs_attention']:>12.2f}x {r['long_over_short']:>10.2f}x {compile_s:>10}")
+              f"{r['vs_attention']:>12.2f}x {r['long_over_short']:>10.2f}x {compile_s:>10} {ops:>24}")
 
 
 def main(argv=None) -> list[dict]:
@@ -239,6 +264,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--compile", action="store_true", help="--generate: also generate(compile=True)")
     parser.add_argument("--device", default="cpu", help="--generate: the device (default cpu)")
     parser.add_argument("--threads", type=int, default=1, help="--generate: torch CPU threads")
+    parser.add_argument("--ops", action="store_true", help="--generate: also count the aten calls of one step")
     args = parser.parse_args(argv)
     if args.generate:
         args.hidden_size = args.hidden_size or 128

@@ -130,12 +130,13 @@ def test_decode_benchmark_times_generate_per_mixer(capsys):
     from benchmarks import bench_decode
 
     rows = bench_decode.main(["--generate", "--mixers", "deltanet", "--hidden-size", "32", "--num-heads", "2",
-                              "--prompts", "4", "8", "--tokens", "2", "--repeats", "1"])
+                              "--prompts", "4", "8", "--tokens", "2", "--repeats", "1", "--ops"])
     assert {(r["mixer"], r["prompt"]) for r in rows} == {(m, p) for m in ("attention", "deltanet") for p in (4, 8)}
     attention = [r for r in rows if r["mixer"] == "attention"]
     assert all(r["vs_attention"] == 1.0 for r in attention)
     # at these sizes the differences of two timings are noise: only that every ratio is computed
     assert all(math.isfinite(r["long_over_short"]) and len(r["samples"]) == 1 for r in rows)
+    assert all(r["step_aten_calls"] > r["mixer_aten_calls"] > 0 for r in rows)
     assert "vs attention" in capsys.readouterr().out
 
 
