@@ -43,7 +43,8 @@ class Attention(Mixer):
     """Multi-head causal softmax attention with RoPE, q/k/v and output projections.
 
     Its decoding state is the key/value cache: ``k``, ``v`` [N, H, L, D] (rotated keys;
-    sequence i's entries are the first ``length[i]`` of L, the rest zero) and
+    sequence i's entries are the first ``length[i]`` of L, the rest unused and masked: zero until a
+    call writes them in place) and
     ``length`` [N] (int64, tokens seen, which is also the next token's position). A state from
     ``init_state(batch_size, capacity=L)`` also holds ``capacity`` [N]: its cache keeps L slots, and
     one-token decoding calls (dense, T = 1) write into them with no host sync and no shape change
