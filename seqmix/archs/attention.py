@@ -43,7 +43,8 @@ class Attention(Mixer):
     """Multi-head causal softmax attention with RoPE, q/k/v and output projections.
 
     Its decoding state is the key/value cache: ``k``, ``v`` [N, H, L, D] (rotated keys;
-    sequence i's entries are the first ``length[i]`` of L, the rest zero) and
+    sequence i's entries are the first ``length[i]`` of L, the rest unused and masked: zero until a
+    call writes them in place) and
     ``length`` [N] (int64, tokens seen, which is also the next token's position). A state from
     ``init_state(batch_size, capacity=L)`` also holds ``capacity`` [N]: its cache keeps L slots, and
     one-token decoding calls (dense, T = 1) write into them with no host sync and no shape change
@@ -158,13 +159,19 @@ class Attention(Mixer):
 
     def _decode_in_place(self, q, k, v, state):
         """One token per sequence, q, k, v [B, 1, H, D], into the preallocated cache at slot ``length``:
-        the same attention as the packed path, computed over all L slots with the unwritten ones masked."""
+        the same attention as the packed path, computed over all L slots with the unwritten ones masked.
+
+        Without autograd the cache is written in place: slot ``length`` is beyond what the state passed in
+        describes, so that state stays valid (until another token is written from it: one cache, one line
+        of decoding). ``length`` is a new tensor. With autograd the cache is copied (a written cache may be
+        saved for a backward)."""
         past = state["length"]
         q, k = rotary(past[:, None], self.rope_theta, q, k)
         B, H = q.shape[0], self.num_heads
         slot = (torch.arange(B, device=q.device)[:, None], torch.arange(H, device=q.device)[None, :], past[:, None])
-        k_all = state["k"].index_put(slot, k[:, 0].to(state["k"].dtype))
-        v_all = state["v"].index_put(slot, v[:, 0].to(state["v"].dtype))
+        write = torch.Tensor.index_put if torch.is_grad_enabled() else torch.Tensor.index_put_
+        k_all = write(state["k"], slot, k[:, 0].to(state["k"].dtype))
+        v_all = write(state["v"], slot, v[:, 0].to(state["v"].dtype))
         mask = (torch.arange(k_all.shape[2], device=q.device) <= past[:, None])[:, None, None, :]  # [B, 1, 1, L]
         backend = "reference" if self.backend == "reference" else "sdpa"
         o = _masked_attention(q.transpose(1, 2), k_all.to(q.dtype), v_all.to(q.dtype), mask, backend)
@@ -173,9 +180,14 @@ class Attention(Mixer):
     @staticmethod
     def _append(state, k, v, seq, offset, past, lengths):
         """The caches with the new keys/values [L, H, D] written after each sequence's valid entries
-        (grown when they run out of slots, never shrunk)."""
+        (grown when they run out of slots, never shrunk). Where they fit, without autograd, they are written
+        in place (as :meth:`_decode_in_place` does: a prefill into a preallocated cache copies nothing)."""
         new_len = past + lengths
         capacity = max(int(new_len.max()) if new_len.numel() else 0, state["k"].shape[2])
+        if capacity == state["k"].shape[2] and not torch.is_grad_enabled():
+            for name, new in (("k", k), ("v", v)):
+                state[name][seq, :, past[seq] + offset] = new.to(state[name].dtype)
+            return {**state, "length": new_len}
         out = {}
         for name, new in (("k", k), ("v", v)):
             cache = state[name]

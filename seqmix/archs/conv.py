@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqmix.archs.mixer import Mixer, State, register_mixer
+from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
 from seqmix.archs.modules import ShortConvolution, no_weight_decay
 from seqmix.kernels import dynamic_conv, light_conv
+from seqmix.kernels.conv.step import dynamic_conv_step
 
 
 def _packed(x, cu_seqlens):
@@ -66,6 +67,10 @@ class _ConvBlock(Mixer):
         weight = self.conv_weight(u)
         if state is None:
             return self.out_proj(self._conv(u, weight, cu_seqlens)), None
+        if is_decoding_step(x, state, cu_seqlens) and not (self.training and self.dropconnect > 0):
+            y, conv_state = dynamic_conv_step(u[:, 0], weight if weight.dim() == 2 else weight[:, 0], state["conv"],
+                                              self.weight_softmax)
+            return self.out_proj(y.unsqueeze(1)), {"conv": conv_state}
         y, conv_state = self._conv_with_state(u, weight, state["conv"], cu_seqlens)
         return self.out_proj(y), {"conv": conv_state}
 

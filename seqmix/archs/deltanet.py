@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqmix.archs.mixer import Mixer, State, register_mixer
+from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
 from seqmix.archs.modules import RMSNorm, ShortConvolution, l2_normalize, no_weight_decay
 from seqmix.kernels import delta_rule, gated_delta_rule
+from seqmix.kernels.conv.step import causal_conv1d_step
+from seqmix.kernels.deltanet.step import delta_rule_step, gated_delta_rule_step
 
 
 @register_mixer("deltanet")
@@ -71,7 +73,32 @@ class DeltaNet(Mixer):
         q, k, v = (feats[n].view(B, T, self.num_heads, -1) for n in ("q", "k", "v"))
         return l2_normalize(q), l2_normalize(k), v, new_state
 
+    def _qkv_one_token(self, x, state):
+        """:meth:`_qkv` of a decoding step (x [B, 1, hidden]) in fewer ops: the three short convs as one
+        window step over the features side by side, q and k normalised together. Returns q, k [B, H, K],
+        v [B, H, V] and the new conv states."""
+        B, H = x.shape[0], self.num_heads
+        x0 = x[:, 0]
+        f = torch.cat([F.linear(x0, p.weight) for p in (self.q_proj, self.k_proj, self.v_proj)], -1)
+        new_state = {}
+        if self.convs is None:
+            f = F.silu(f)
+        else:
+            names, convs = ("q", "k", "v"), list(self.convs.values())
+            weight = torch.cat([c.weight for c in convs])
+            f, window = causal_conv1d_step(f, weight, None, "silu", torch.cat([state[f"conv_{n}"] for n in names], 1))
+            for name, part in zip(names, window.split([c.dim for c in convs], 1), strict=True):
+                new_state[f"conv_{name}"] = part
+        dk = H * self.head_k
+        q, k = l2_normalize(f[:, : 2 * dk].view(B, 2 * H, self.head_k)).split(H, 1)
+        return q, k, f[:, 2 * dk :].view(B, H, self.head_v), new_state
+
     def mix(self, x, state: State | None, *, cu_seqlens=None):
+        if is_decoding_step(x, state, cu_seqlens):
+            q, k, v, new_state = self._qkv_one_token(x, state)
+            beta = torch.sigmoid(F.linear(x[:, 0], self.b_proj.weight).float()).to(q.dtype)
+            o, recurrent = delta_rule_step(q, k, v, beta, state["recurrent"])
+            return self._output(x, o.unsqueeze(1), recurrent, state, new_state)
         q, k, v, new_state = self._qkv(x, state, cu_seqlens)
         beta = torch.sigmoid(self.b_proj(x).float()).to(q.dtype)
         o, recurrent = delta_rule(
@@ -132,6 +159,11 @@ class GatedDeltaNet(DeltaNet):
         return -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
+        if is_decoding_step(x, state, cu_seqlens):
+            q, k, v, new_state = self._qkv_one_token(x, state)
+            beta = torch.sigmoid(F.linear(x[:, 0], self.b_proj.weight).float()).to(q.dtype)
+            o, recurrent = gated_delta_rule_step(q, k, v, self.log_decay(x)[:, 0], beta, state["recurrent"])
+            return self._output(x, o.unsqueeze(1), recurrent, state, new_state)
         q, k, v, new_state = self._qkv(x, state, cu_seqlens)
         beta = torch.sigmoid(self.b_proj(x).float()).to(q.dtype)
         o, recurrent = gated_delta_rule(

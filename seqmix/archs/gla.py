@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqmix.archs.mixer import Mixer, State, register_mixer
+from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
 from seqmix.archs.modules import RMSNorm, no_weight_decay
 from seqmix.kernels import gla
+from seqmix.kernels.gated_linear_attention.step import gla_step
 
 
 @register_mixer("gla")
@@ -62,10 +63,14 @@ class GatedLinearAttention(Mixer):
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         B, T, _ = x.shape
         q, k, v = (p(x).view(B, T, self.num_heads, -1) for p in (self.q_proj, self.k_proj, self.v_proj))
-        o, recurrent = gla(
-            q, k, v, self.log_decay(x), initial_state=None if state is None else state["recurrent"],
-            output_final_state=state is not None, cu_seqlens=cu_seqlens, backend=self.backend,
-        )
+        if is_decoding_step(x, state, cu_seqlens):
+            o, recurrent = gla_step(q[:, 0], k[:, 0], v[:, 0], self.log_decay(x)[:, 0], state["recurrent"])
+            o = o.unsqueeze(1)
+        else:
+            o, recurrent = gla(
+                q, k, v, self.log_decay(x), initial_state=None if state is None else state["recurrent"],
+                output_final_state=state is not None, cu_seqlens=cu_seqlens, backend=self.backend,
+            )
         gate = None if self.g_proj is None else self.g_proj(x).view_as(o)
         o = self.o_proj(self.o_norm(o, gate).flatten(2))
         return o, (None if state is None else {"recurrent": recurrent})

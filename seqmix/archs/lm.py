@@ -201,18 +201,32 @@ class LanguageModel(nn.Module):
                 metrics[f"layer{i}.{name}"] = value.detach()
         return total, metrics
 
+    def decode_step(self, tokens: torch.Tensor, state: list[State], num_steps: int | None = None,
+                    exit_threshold: float | None = None) -> tuple[torch.Tensor, list[State]]:
+        """One decoding step: the next token of each sequence, tokens [B, 1] (int64), after ``state``.
+
+        Returns the logits of the token after it, [B, vocab] float32, and the new state. Every mixer
+        takes its one-token step (docs/design.md, "The decoding step"): no host synchronisation and no
+        shape change, so ``torch.compile(fullgraph=True)`` traces it as one graph (with an attention
+        layer, when its cache was preallocated: ``init_state(..., capacity=)``).
+        """
+        logits, state = self(tokens, state, num_steps=num_steps, exit_threshold=exit_threshold)
+        return logits[:, -1].float(), state
+
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
                  return_logits: bool = False, num_steps: int | None = None, exit_threshold: float | None = None,
-                 on_token: Callable[[torch.Tensor], None] | None = None):
+                 on_token: Callable[[torch.Tensor], None] | None = None, compile: bool = False):
         """Sample ``max_new_tokens`` after ``prompt`` [B, T] with the mixers' states.
 
-        The prompt is prefilled in one call, then one token per step. ``temperature=0`` is greedy;
-        ``top_k`` keeps the k most likely tokens; ``num_steps`` and ``exit_threshold`` go to the layers that
-        iterate (see :meth:`forward`); ``on_token`` is called with each step's new tokens [B, 1] as soon as
-        they are drawn (streaming). Returns tokens [B, T + max_new_tokens], and with
-        ``return_logits`` also the logits each new token was drawn from, [B, max_new_tokens, vocab].
+        The prompt is prefilled in one call, then one :meth:`decode_step` per token. ``temperature=0`` is
+        greedy; ``top_k`` keeps the k most likely tokens; ``num_steps`` and ``exit_threshold`` go to the layers
+        that iterate (see :meth:`forward`); ``on_token`` is called with each step's new tokens [B, 1] as soon as
+        they are drawn (streaming). ``compile=True`` runs the step through ``torch.compile(fullgraph=True)``
+        (seconds of compilation first; see docs/design.md, "The decoding step", for when it pays). Returns
+        tokens [B, T + max_new_tokens], and with ``return_logits`` also the logits each new token was drawn
+        from, [B, max_new_tokens, vocab].
         """
         if prompt.dim() != 2 or prompt.shape[1] == 0:
             raise ValueError(f"prompt must be [B, T] with T >= 1, got {tuple(prompt.shape)}")
@@ -221,21 +235,25 @@ class LanguageModel(nn.Module):
         if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
             raise ValueError(f"top_k must be in [1, vocab_size={self.config.vocab_size}], got {top_k}")
         depth = {"num_steps": num_steps, "exit_threshold": exit_threshold}
+        B, T = prompt.shape
         # Caches sized for the whole generation: each decoding step writes in place (no host sync, no shape change).
-        state = self.init_state(prompt.shape[0], num_steps=num_steps, capacity=prompt.shape[1] + max_new_tokens)
+        state = self.init_state(B, num_steps=num_steps, capacity=T + max_new_tokens)
         logits, state = self(prompt, state, **depth)
-        tokens, steps = [prompt], []
-        for _ in range(max_new_tokens):
-            step = logits[:, -1].float()
+        step = logits[:, -1].float()
+        decode = torch.compile(self.decode_step, fullgraph=True) if compile else self.decode_step
+        out = prompt.new_empty(B, T + max_new_tokens)
+        out[:, :T] = prompt
+        steps = []
+        for i in range(max_new_tokens):
             steps.append(step)
-            tokens.append(_sample(step, temperature, top_k, generator))
+            out[:, T + i : T + i + 1] = token = _sample(step, temperature, top_k, generator)
             if on_token is not None:
-                on_token(tokens[-1])
-            logits, state = self(tokens[-1], state, **depth)
-        out = torch.cat(tokens, 1)
+                on_token(token)
+            if i + 1 < max_new_tokens:  # the last token's successor is not asked for
+                step, state = decode(token, state, **depth)
         if not return_logits:
             return out
-        return out, torch.stack(steps, 1) if steps else prompt.new_zeros(prompt.shape[0], 0, self.config.vocab_size)
+        return out, torch.stack(steps, 1) if steps else prompt.new_zeros(B, 0, self.config.vocab_size)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``config.json`` and ``model.safetensors`` into ``directory``. The config's ``model_type`` lets

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqmix.archs.mamba2 import inverse_softplus, log_uniform_dt
-from seqmix.archs.mixer import Mixer, State, register_mixer
+from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
 from seqmix.archs.modules import ShortConvolution, no_weight_decay
 from seqmix.kernels import selective_scan
+from seqmix.kernels.mamba.step import selective_scan_step
 
 
 @register_mixer("mamba")
@@ -61,6 +62,12 @@ class Mamba(Mixer):
         xs, z = self.in_proj(x).chunk(2, dim=-1)
         xs, conv_state = self.conv(xs, None if state is None else state["conv"], cu_seqlens)
         dt, b, c = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if is_decoding_step(x, state, cu_seqlens):
+            y, ssm_state = selective_scan_step(
+                xs[:, 0], self.dt_proj(dt[:, 0]), -torch.exp(self.A_log.float()), b[:, 0], c[:, 0], state["ssm"],
+                D=self.D, z=z[:, 0], delta_softplus=True,
+            )
+            return self.out_proj(y.unsqueeze(1)), {"conv": conv_state, "ssm": ssm_state}
         # dt_proj's bias is added inside the scan, before the softplus.
         delta = F.linear(dt, self.dt_proj.weight)
         y, ssm_state = selective_scan(

@@ -7,9 +7,10 @@ import math
 import torch
 from torch import nn
 
-from seqmix.archs.mixer import Mixer, State, register_mixer
+from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
 from seqmix.archs.modules import RMSNorm, ShortConvolution, no_weight_decay
 from seqmix.kernels import ssd
+from seqmix.kernels.mamba2.step import ssd_step
 
 
 def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
@@ -75,6 +76,13 @@ class Mamba2(Mixer):
         z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1)
         xbc, conv_state = self.conv(xbc, None if state is None else state["conv"], cu_seqlens)
         xs, b, c = xbc.split([self.d_inner, G * N, G * N], dim=-1)
+        if is_decoding_step(x, state, cu_seqlens):
+            y, ssm_state = ssd_step(
+                xs.view(B, H, P), dt[:, 0], -torch.exp(self.A_log.float()), b.view(B, G, N), c.view(B, G, N),
+                state["ssm"], D=self.D, z=z.view(B, H, P), dt_bias=self.dt_bias, dt_softplus=True,
+                dt_limit=self.dt_limit,
+            )
+            return self.out_proj(self.norm(y.view(B, 1, self.d_inner))), {"conv": conv_state, "ssm": ssm_state}
         y, ssm_state = ssd(
             xs.reshape(B, T, H, P), dt, -torch.exp(self.A_log.float()), b.reshape(B, T, G, N),
             c.reshape(B, T, G, N), D=self.D, z=z.reshape(B, T, H, P), dt_bias=self.dt_bias, dt_softplus=True,

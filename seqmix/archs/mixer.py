@@ -73,6 +73,14 @@ class Mixer(nn.Module):
         return {}
 
 
+def is_decoding_step(x: torch.Tensor, state: State | None, cu_seqlens: torch.Tensor | None) -> bool:
+    """Whether a :meth:`Mixer.mix` call is one decoding step: a state, one token per sequence, dense
+    (no ``cu_seqlens``; an ``attention_mask`` arrives as ``cu_seqlens``). The mixers run such calls through
+    their families' one-token steps (docs/design.md, "The decoding step"); the test reads only shapes and
+    arguments, never values, so it is fixed while ``torch.compile`` traces."""
+    return state is not None and cu_seqlens is None and x.shape[1] == 1
+
+
 MIXERS: dict[str, type[Mixer]] = {}
 
 

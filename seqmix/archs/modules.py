@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqmix.kernels import causal_conv1d
+from seqmix.kernels import causal_conv1d, causal_conv1d_update
+from seqmix.kernels.conv.step import causal_conv1d_step
 
 
 def no_weight_decay(*params: nn.Parameter | None) -> None:
@@ -61,6 +62,18 @@ class ShortConvolution(nn.Module):
         nn.init.uniform_(self.weight, -1 / math.sqrt(kernel_size), 1 / math.sqrt(kernel_size))
 
     def forward(self, x, state=None, cu_seqlens=None):
+        """x [B, T, dim]; state [N, dim, kernel_size-1] or None. Returns (out [B, T, dim], the new state or None).
+
+        One dense token with a state is a decoding step; the state passed in stays valid, as every mixer's
+        does. On CUDA without autograd it is :func:`causal_conv1d_update` (one fused kernel) on a copy of the
+        state; otherwise the window form of :func:`causal_conv1d_step` (differentiable, no copy)."""
+        if state is not None and cu_seqlens is None and x.shape[1] == 1:
+            if x.is_cuda and not torch.is_grad_enabled():
+                new_state = state.clone()
+                out = causal_conv1d_update(x, new_state, self.weight, self.bias, self.activation, backend=self.backend)
+                return out, new_state
+            out, new_state = causal_conv1d_step(x[:, 0], self.weight, self.bias, self.activation, state)
+            return out.unsqueeze(1), new_state
         return causal_conv1d(
             x, self.weight, self.bias, activation=self.activation, initial_state=state,
             output_final_state=state is not None, cu_seqlens=cu_seqlens, backend=self.backend,

@@ -107,6 +107,18 @@ def check_key_value_state(q, v, initial_state, cu_seqlens) -> int:
     return check_sequences(cu_seqlens, initial_state, (q.shape[2], K, V), dims="[N, H, K, V]", like=q)
 
 
+def check_key_value_step(q, k, v, state, **per_head):
+    """Shapes of a one-token linear-attention step: q, k [B, H, K], v [B, H, V], state [B, H, K, V], and
+    each of ``per_head`` [B, H] (its name the keyword). Shapes only: a check of values would synchronise."""
+    check_tensor("q", q, (None, None, None), dims="[B, H, K]")
+    B, H, K = q.shape
+    check_tensor("k", k, (B, H, K), dims="[B, H, K]", like=q)
+    check_tensor("v", v, (B, H, None), dims="[B, H, V]", like=q)
+    check_tensor("state", state, (B, H, K, v.shape[-1]), dims="[B, H, K, V]", like=q)
+    for name, t in per_head.items():
+        check_tensor(name, t, (B, H), dims="[B, H]", like=q)
+
+
 def check_scale(scale, default: float) -> float:
     if scale is None:
         return default

@@ -154,3 +154,27 @@ def check_against_oracle(op, oracle, names, inputs, kwargs_of, seed, dtype, fina
         assert a.dtype == t.dtype
         assert_rel(a, b, tol, f"d{name}")
     return y, s
+
+
+def steps_equal_recurrence(run_steps, run_reference, inputs, dtype):
+    """A one-token decoding step chained over T tokens (``run_steps(*inputs) -> (out [B, T, ...], state)``)
+    against the step-by-step oracle (``run_reference``, same arguments) from the same random initial
+    state (the last of ``inputs``): outputs and final states in ``dtype``; in float64 also the gradients
+    of every input, initial state included, for one random loss of both results."""
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}[dtype]
+    inputs = [t.to(dtype).requires_grad_(t.is_floating_point() and dtype == torch.float64) for t in inputs]
+    results = {}
+    for name, run in (("steps", run_steps), ("oracle", run_reference)):
+        out, state = run(*inputs)
+        grads = None
+        if dtype == torch.float64:
+            gen = torch.Generator().manual_seed(5)
+            loss = sum((r * torch.randn(r.shape, generator=gen, dtype=dtype).to(r.device)).sum() for r in (out, state))
+            grads = torch.autograd.grad(loss, [t for t in inputs if t.requires_grad])
+        results[name] = out, state, grads
+    (out, state, grads), (out_ref, state_ref, grads_ref) = results["steps"], results["oracle"]
+    assert out.dtype == dtype and state.dtype == dtype
+    assert_rel(out, out_ref, tol, "output of the chained steps")
+    assert_rel(state, state_ref, tol, "final state of the chained steps")
+    for i, (g, g_ref) in enumerate(zip(grads or (), grads_ref or (), strict=True)):
+        assert_rel(g, g_ref, tol, f"gradient of input {i}")

@@ -1,0 +1,69 @@
+"""The LM's decoding step (LanguageModel.decode_step) under torch.compile(fullgraph=True): every mixer, on
+the reference backend, traces one step without a graph break (no host sync, no shape change: the
+one-token steps and the preallocated attention cache), and its logits and states equal the eager
+step's over several chained steps."""
+
+import pytest
+import torch
+
+from seqmix.archs import MIXERS
+from seqmix.archs.lm import LanguageModel, LMConfig
+from tests.helpers import DEVICE, assert_rel
+
+# A small core for the recurrent depth, with an attention (preallocated cache) and a recurrent mixer.
+MIXER_OPTIONS = {"recurrent_depth": {"core": ["attention", "mamba2"], "mean_steps": 2}}
+# The hourglass's decoding token closes a segment or not, and only a closed segment runs the inner stack:
+# a data-dependent step that its streaming path computes with packed segments (docs/design.md, "The
+# decoding step"). It decodes eagerly (tests/archs/test_lm.py) but is not one graph.
+STATIC_STEP_MIXERS = sorted(set(MIXERS) - {"hourglass"})
+PROMPT, STEPS = 9, 3
+
+
+def _flat(state):
+    return {f"{i}.{name}": value.clone() for i, s in enumerate(state) for name, value in s.items()}
+
+
+@pytest.mark.parametrize("name", STATIC_STEP_MIXERS)
+def test_decode_step_compiles_in_one_graph_and_equals_eager(name, monkeypatch):
+    monkeypatch.setenv("SEQMIX_BACKEND", "reference")
+    torch.manual_seed(0)
+    options = {name: MIXER_OPTIONS[name]} if name in MIXER_OPTIONS else {}
+    model = LanguageModel(LMConfig(hidden_size=32, num_heads=2, layers=[name, name], mixer_options=options))
+    model = model.to(DEVICE).eval()
+    tokens = torch.randint(0, 256, (2, PROMPT + STEPS), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    torch._dynamo.reset()
+    compiled = torch.compile(model.decode_step, fullgraph=True, backend="eager")
+    results = {}
+    with torch.no_grad():
+        for label, step in (("eager", model.decode_step), ("compiled", compiled)):
+            _, state = model(tokens[:, :PROMPT], model.init_state(2, capacity=PROMPT + STEPS))
+            logits = []
+            for t in range(PROMPT, PROMPT + STEPS):
+                out, state = step(tokens[:, t : t + 1], state)
+                logits.append(out)
+            results[label] = torch.stack(logits, 1), _flat(state)
+    (want, want_state), (got, got_state) = results["eager"], results["compiled"]
+    assert got.shape == (2, STEPS, model.config.vocab_size)
+    assert_rel(got, want, 1e-6, f"{name}: compiled decode-step logits")
+    assert got_state.keys() == want_state.keys()
+    for key, value in want_state.items():
+        assert_rel(got_state[key], value, 1e-6, f"{name}: compiled decode-step state {key!r}")
+
+
+def test_attention_decoding_writes_the_preallocated_cache_in_place():
+    """One-token calls write slot ``length`` of the preallocated cache (same storage, no growth); the state
+    passed in still describes its tokens, and continuing it equals continuing a growing cache."""
+    torch.manual_seed(0)
+    layer = LanguageModel(LMConfig(hidden_size=32, num_heads=2, layers=["attention"])).blocks[0].mixer.to(DEVICE)
+    x = torch.randn(2, PROMPT + 2, 32, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    with torch.no_grad():
+        _, static = layer(x[:, :PROMPT], layer.init_state(2, capacity=PROMPT + 2))
+        _, grown = layer(x[:, :PROMPT], layer.init_state(2))
+        pointers = [static[n].data_ptr() for n in ("k", "v")]
+        y, after = layer(x[:, PROMPT : PROMPT + 1], static)
+        assert [after[n].data_ptr() for n in ("k", "v")] == pointers and after["k"].shape[2] == PROMPT + 2
+        assert static["length"].tolist() == [PROMPT] * 2 and after["length"].tolist() == [PROMPT + 1] * 2
+        want, _ = layer(x[:, PROMPT : PROMPT + 1], grown)
+        again, _ = layer(x[:, PROMPT : PROMPT + 1], static)  # the state passed in is still valid
+    assert_rel(y, want, 1e-5, "in-place decoding vs the growing cache")
+    assert_rel(again, want, 1e-5, "decoding again from the state passed in")
