@@ -71,7 +71,13 @@ def apply_override(values: dict, assignment: str) -> None:
     target = values
     for parent in parents:
         target = target.setdefault(parent, {})
-    target[name] = yaml.safe_load(raw)
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    target[name] = value
 
 
 def count_parameters(model_values: dict) -> int:

@@ -238,6 +238,8 @@ class RecallRun:
     state_size: int | None = None
     weight_decay: float = 0.1
     target: float = 0.99
+    power_a: float = 0.01
+    random_filler: bool = True
     seed: int = 0
 
     def key(self) -> str:
@@ -272,8 +274,9 @@ def train_recall(run: RecallRun, data: dict[str, torch.Tensor], device: str | to
     torch.manual_seed(run.seed)
     model = RecallModel(run.vocab_size, run.width, run.mixer, run.short_conv, heads=run.heads,
                         state_size=run.state_size, backend=backend).to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
+    # The project's one weight-decay rule (docs/design.md, "Weight decay"): what a module marks is not decayed.
+    decay = [p for p in model.parameters() if not getattr(p, "no_weight_decay", False)]
+    rest = [p for p in model.parameters() if getattr(p, "no_weight_decay", False)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": run.weight_decay},
                                    {"params": rest, "weight_decay": 0.0}], lr=run.lr, betas=(0.9, 0.98))
     x, y = data["train_inputs"], data["train_labels"]
@@ -325,6 +328,7 @@ class Sweep:
     heads: int | None = None
     state_size: int | None = None
     power_a: float = 0.01
+    random_filler: bool = True
     target: float = 0.99
     seed: int = 0
 
@@ -338,7 +342,8 @@ class Sweep:
                             continue
                         runs += [RecallRun(mixer, conv, width, T, K, lr, self.vocab_size, self.num_train,
                                            self.num_test, self.epochs, self.batch_size[T], self.heads,
-                                           self.state_size, target=self.target, seed=self.seed)
+                                           self.state_size, target=self.target, power_a=self.power_a,
+                                           random_filler=self.random_filler, seed=self.seed)
                                  for lr in self.lrs]
         return runs
 
@@ -364,10 +369,10 @@ PRESETS = {
 
 
 def load_data(vocab_size: int, seq_len: int, num_kv_pairs: int, num_train: int, num_test: int, seed: int = 0,
-              power_a: float = 0.01) -> dict[str, torch.Tensor]:
+              power_a: float = 0.01, random_filler: bool = True) -> dict[str, torch.Tensor]:
     """A train set and a test set: two streams of one seed."""
-    tr = mqar(num_train, vocab_size, seq_len, num_kv_pairs, power_a, seed=seed, stream=0)
-    te = mqar(num_test, vocab_size, seq_len, num_kv_pairs, power_a, seed=seed, stream=1)
+    tr = mqar(num_train, vocab_size, seq_len, num_kv_pairs, power_a, random_filler, seed=seed, stream=0)
+    te = mqar(num_test, vocab_size, seq_len, num_kv_pairs, power_a, random_filler, seed=seed, stream=1)
     return {"train_inputs": tr[0], "train_labels": tr[1], "test_inputs": te[0], "test_labels": te[1]}
 
 
@@ -386,7 +391,8 @@ def run_sweep(sweep: Sweep, results: Results, device="cpu", show_progress: bool 
             break
         shape = (run.seq_len, run.num_kv_pairs)
         if shape not in data:
-            data = {shape: load_data(run.vocab_size, *shape, run.num_train, run.num_test, sweep.seed, sweep.power_a)}
+            data = {shape: load_data(run.vocab_size, *shape, run.num_train, run.num_test, run.seed, run.power_a,
+                                     run.random_filler)}
         bar.set_postfix_str(f"{run.mixer} conv={'on' if run.short_conv else 'off'} d={run.width} "
                             f"T={run.seq_len} K={run.num_kv_pairs} lr={run.lr:.0e}")
         results.add(train_recall(run, data[shape], device, backend))
@@ -495,6 +501,9 @@ def parse_args(argv=None) -> tuple[Sweep, argparse.Namespace]:
     for name in ("vocab-size", "num-train", "num-test", "epochs", "batch-size", "seed"):
         parser.add_argument(f"--{name}", type=int)
     parser.add_argument("--target", type=float, help="stop a run at this test accuracy (0.99)")
+    parser.add_argument("--power-a", type=float, help="the power law of the query gaps (0.01)")
+    parser.add_argument("--no-random-filler", dest="random_filler", action="store_const", const=False,
+                        help="filler tokens 0 instead of uniform (Zoology's figure-2 configs)")
     parser.add_argument("--out", default=None, help="results directory (default runs/recall-<preset>)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
     parser.add_argument("--backend", help="the mixers' backend (default: automatic), e.g. reference, triton")
@@ -503,7 +512,7 @@ def parse_args(argv=None) -> tuple[Sweep, argparse.Namespace]:
     args = parser.parse_args(argv)
     values = dict(PRESETS[args.preset])
     for name in ("mixers", "widths", "seq_kv", "lrs", "short_conv", "heads", "state_size", "vocab_size", "num_train",
-                 "num_test", "epochs", "seed", "target"):
+                 "num_test", "epochs", "seed", "target", "power_a", "random_filler"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     rule = values["batch_size"]
