@@ -357,14 +357,14 @@ ZOOLOGY_SEQ_KV = [(64, 4), (128, 8), (256, 16)]
 PRESETS = {
     # Sized for 2 shared CPU cores (docs/design.md, "Model-quality benchmarks"): 600 steps of 16 sequences
     # per run; MQAR's progress comes with steps more than with examples, and short runs want a high rate.
-    "cpu": dict(mixers=CPU_MIXERS, widths=[64], seq_kv=[(64, 8), (64, 16)], lrs=[1e-2],
-                short_conv=[True, False], vocab_size=256, num_train=2400, num_test=500, epochs=4,
-                batch_size=_batch_sizes([(64, 8)], lambda T: 16)),
+    "cpu": {"mixers": CPU_MIXERS, "widths": [64], "seq_kv": [(64, 8), (64, 16)], "lrs": [1e-2],
+            "short_conv": [True, False], "vocab_size": 256, "num_train": 2400, "num_test": 500, "epochs": 4,
+            "batch_size": _batch_sizes([(64, 8)], lambda T: 16)},
     # Zoology's figure 2: 100K examples, 64 epochs, batch 512 (256 at T = 256), lr grid logspace(-4, -2, 4).
-    "zoology": dict(mixers=CPU_MIXERS, widths=[64, 128, 256, 512], seq_kv=ZOOLOGY_SEQ_KV,
-                    lrs=[float(v) for v in np.logspace(-4, -2, 4)], short_conv=[True, False], vocab_size=8192,
-                    num_train=100_000, num_test=3_000, epochs=64,
-                    batch_size=_batch_sizes(ZOOLOGY_SEQ_KV, lambda T: 512 if T <= 128 else 256)),
+    "zoology": {"mixers": CPU_MIXERS, "widths": [64, 128, 256, 512], "seq_kv": ZOOLOGY_SEQ_KV,
+                "lrs": [float(v) for v in np.logspace(-4, -2, 4)], "short_conv": [True, False], "vocab_size": 8192,
+                "num_train": 100_000, "num_test": 3_000, "epochs": 64,
+                "batch_size": _batch_sizes(ZOOLOGY_SEQ_KV, lambda T: 512 if T <= 128 else 256)},
 }
 
 
@@ -443,14 +443,41 @@ def table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: str | Path) -> None:
     """Zoology's figure: best accuracy over the learning rates against width, one panel per (T, K), one line
-    per mixer (solid: short conv on, dashed: off)."""
+    per mixer (solid: short conv on, dashed: off). With a single width, bars: one pair per mixer."""
     plt = pyplot()
     best = best_over_lr(rows)
     shapes = sorted({(g[3], g[4]) for g in best})
     mixers = sorted({g[0] for g in best}, key=lambda m: CPU_MIXERS.index(m) if m in CPU_MIXERS else len(CPU_MIXERS))
-    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(mixers)}
     fig, axes = plt.subplots(1, len(shapes), figsize=(3.6 * len(shapes) + 1.6, 3.4), squeeze=False, sharey=True)
-    for ax, (T, K) in zip(axes[0], shapes):
+    if len({g[2] for g in best}) == 1:
+        _bars(axes[0], best, shapes, mixers)
+    else:
+        _lines(plt, axes[0], best, shapes, mixers)
+    axes[0][0].set_ylabel("MQAR test accuracy")
+    save_figure(fig, path)
+
+
+def _bars(axes, best, shapes, mixers):
+    for ax, (T, K) in zip(axes, shapes):
+        for offset, conv, color in ((-0.2, True, "tab:blue"), (0.2, False, "tab:orange")):
+            heights = [best[key]["accuracy"] if (key := (m, conv, best_width(best), T, K)) in best else 0.0
+                       for m in mixers]
+            ax.bar([i + offset for i in range(len(mixers))], heights, 0.4, color=color,
+                   label="short conv" if conv else "no short conv")
+        ax.set_xticks(range(len(mixers)), mixers, rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"T={T}, K={K}, width {best_width(best)}")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3, axis="y")
+    axes[-1].legend(fontsize=7)
+
+
+def best_width(best) -> int:
+    return next(iter(best))[2]
+
+
+def _lines(plt, axes, best, shapes, mixers):
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(mixers)}
+    for ax, (T, K) in zip(axes, shapes):
         for mixer in mixers:
             for conv in (True, False):
                 points = sorted((g[2], r["accuracy"]) for g, r in best.items() if g[:2] == (mixer, conv) and
@@ -459,13 +486,14 @@ def plot(rows: list[dict], path: str | Path) -> None:
                     ax.plot(*zip(*points), "o-" if conv else "x--", color=colors[mixer], alpha=0.9,
                             label=f"{mixer}{'' if conv else ' (no conv)'}")
         ax.set_xscale("log", base=2)
+        widths = sorted({g[2] for g in best})
+        ax.set_xticks(widths, [str(w) for w in widths])
         ax.set_title(f"T={T}, K={K}")
         ax.set_xlabel("model width")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("MQAR test accuracy")
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    save_figure(fig, path)
+    labelled = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
+    axes[-1].legend(labelled.values(), labelled.keys(), fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
 
 
 # --- command line ------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def test_seeded_and_reproducible():
 def test_power_law_placement():
     """The first key's query gap follows p(g) ~ a (g+1)^(a-1); the second draw is p conditioned on a new gap."""
     n, t, k, a = 40_000, 32, 2, 0.01
-    inputs, labels = mqar(n, V, t, k, power_a=a, random_filler=False, seed=0)
+    inputs, _ = mqar(n, V, t, k, power_a=a, random_filler=False, seed=0)
     space = (t - 2 * k) // 2
     p = a * np.arange(1, space + 1) ** (a - 1)
     p /= p.sum()
@@ -81,11 +81,11 @@ def test_power_law_placement():
 
 
 @pytest.mark.parametrize("args, name", [
-    (dict(num_examples=0), "num_examples"), (dict(seq_len=23), "seq_len"), (dict(num_kv_pairs=7), "num_kv_pairs"),
-    (dict(vocab_size=8, num_kv_pairs=4, seq_len=16), "vocab_size"), (dict(power_a=0.0), "power_a"),
+    ({"num_examples": 0}, "num_examples"), ({"seq_len": 23}, "seq_len"), ({"num_kv_pairs": 7}, "num_kv_pairs"),
+    ({"vocab_size": 8, "num_kv_pairs": 4, "seq_len": 16}, "vocab_size"), ({"power_a": 0.0}, "power_a"),
 ])
 def test_bad_arguments_raise(args, name):
-    kw = {**dict(num_examples=4, vocab_size=V, seq_len=T, num_kv_pairs=K), **args}
+    kw = {"num_examples": 4, "vocab_size": V, "seq_len": T, "num_kv_pairs": K, **args}
     with pytest.raises(ValueError, match=name):
         mqar(**kw)
 
@@ -106,6 +106,10 @@ def test_loss_and_head_only_at_labelled_positions():
         model(inputs, torch.full_like(labels, IGNORE))
 
 
+def _short_convs(module):
+    return [c for c in module.modules() if isinstance(c, recall.ShortConvolution)]
+
+
 @pytest.mark.parametrize("name, kind", [("deltanet", "flag"), ("mamba2", "built-in"), ("attention", "in-front"),
                                         ("gla", "in-front"), ("lightconv", "in-front"), ("shortconv", "is-conv")])
 def test_short_conv_on_and_off(name, kind):
@@ -118,8 +122,7 @@ def test_short_conv_on_and_off(name, kind):
             recall.build_recall_mixer(name, 32, False)
         return
     off = recall.build_recall_mixer(name, 32, False, backend="reference")
-    convs = lambda m: [c for c in m.modules() if isinstance(c, recall.ShortConvolution)]  # noqa: E731
-    assert convs(on) and not convs(off)
+    assert _short_convs(on) and not _short_convs(off)
     assert off(x).shape == x.shape
 
 
@@ -167,8 +170,8 @@ def test_early_stop_at_the_target(tmp_path):
 
 
 def test_table_and_plot(tmp_path):
-    rows = [dict(mixer=m, short_conv=c, width=w, seq_len=64, num_kv_pairs=8, lr=lr, accuracy=acc, steps=10,
-                 epochs_run=1)
+    rows = [{"mixer": m, "short_conv": c, "width": w, "seq_len": 64, "num_kv_pairs": 8, "lr": lr, "accuracy": acc,
+             "steps": 10, "epochs_run": 1}
             for m, c, w, lr, acc in [("attention", True, 64, 1e-2, 0.9), ("attention", True, 64, 3e-2, 0.95),
                                      ("gla", False, 64, 1e-2, 0.2), ("gla", False, 128, 1e-2, 0.4)]]
     text = recall.table(rows)
@@ -179,7 +182,7 @@ def test_table_and_plot(tmp_path):
 
 
 def test_command_line(tmp_path, capsys):
-    sweep, args = recall.parse_args(["--preset", "zoology", "--mixers", "attention,gla", "--short-conv", "on"])
+    sweep, _ = recall.parse_args(["--preset", "zoology", "--mixers", "attention,gla", "--short-conv", "on"])
     assert sweep.vocab_size == 8192 and sweep.seq_kv == [(64, 4), (128, 8), (256, 16)]
     assert sweep.batch_size == {64: 512, 128: 512, 256: 256} and sweep.widths == [64, 128, 256, 512]
     assert len(sweep.runs()) == 2 * 3 * 4 * 4
