@@ -460,18 +460,18 @@ def plot(rows: list[dict], path: str | Path) -> None:
 def _bars(axes, best, shapes, mixers):
     for ax, (T, K) in zip(axes, shapes):
         for offset, conv, color in ((-0.2, True, "tab:blue"), (0.2, False, "tab:orange")):
-            heights = [best[key]["accuracy"] if (key := (m, conv, best_width(best), T, K)) in best else 0.0
+            heights = [best[key]["accuracy"] if (key := (m, conv, _best_width(best), T, K)) in best else 0.0
                        for m in mixers]
             ax.bar([i + offset for i in range(len(mixers))], heights, 0.4, color=color,
                    label="short conv" if conv else "no short conv")
         ax.set_xticks(range(len(mixers)), mixers, rotation=45, ha="right", fontsize=8)
-        ax.set_title(f"T={T}, K={K}, width {best_width(best)}")
+        ax.set_title(f"T={T}, K={K}, width {_best_width(best)}")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3, axis="y")
     axes[-1].legend(fontsize=7)
 
 
-def best_width(best) -> int:
+def _best_width(best) -> int:
     return next(iter(best))[2]
 
 
