@@ -74,7 +74,7 @@ setup(
     package_data={"seqmix": ["configs/*.yaml"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.2", "numpy", "pyyaml", "safetensors", "tqdm", "matplotlib"],
-    entry_points={"console_scripts": ["seqmix-train = seqmix.train:main"]},
+    entry_points={"console_scripts": ["seqmix-train = seqmix.train:main", "seqmix-bench = seqmix.bench:main"]},
     extras_require={
         # Triton's interpreter turns one-element arrays into ints, which NumPy 2.4 refuses.
         "test": ["pytest>=7", "hypothesis>=6.100", "numpy<2.4", "transformers>=5"],
