@@ -1,11 +1,11 @@
-"""Mamba-1's selective scan in plain PyTorch: the recurrence, one token at a time (docs/math/mamba.md).
+"""Mamba-1's selective scan in plain PyTorch: the step-by-step oracle and the chunked form (docs/math/mamba.md).
 
 Channels last: u, delta, z ``[B, T, D]``, A ``[D, N]``, B, C ``[B, T, N]`` or ``[B, T, G, N]``
 (channel d reads group ``d // (D // G)``), optional D and delta_bias ``[D]``,
 optional ``cu_seqlens`` (then B == 1). Computes in float32 (float64 for
 float64 inputs) and returns ``(y [B, T, D] in u's dtype, final_state [Nseq, D, N]
-or None)``. Differentiable by autograd: it is both the oracle (in float64) and
-the reference backend of :func:`seqmix.kernels.mamba.selective_scan`.
+or None)``. Both are differentiable by autograd; the recurrence is the oracle (in float64), the
+chunked form the reference backend of :func:`seqmix.kernels.mamba.selective_scan`.
 """
 
 from __future__ import annotations
@@ -47,6 +47,108 @@ def selective_scan_recurrent(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         return (torch.stack(rows) if rows else u.new_zeros(0, Dm)), h
 
     y, final = over_sequences(run, Bsz, T, cu_seqlens, initial_state, u.new_zeros(Dm, N), cd)
+    if D is not None:
+        y = y + D * u
+    if z is not None:
+        y = y * F.silu(z)
+    return y.to(in_dtype), (final if output_final_state else None)
+
+
+def _expand_groups(x, BC):
+    """x [B, T, D] times the group's row of BC [B, T, G, N] per channel: [B, T, D, N]."""
+    Bsz, T, Dm = x.shape
+    G, N = BC.shape[-2:]
+    return (x.view(Bsz, T, G, Dm // G, 1) * BC.view(Bsz, T, G, 1, N)).view(Bsz, T, Dm, N)
+
+
+def _read_out(h, C):
+    """sum_n h[..., d, n] C[..., group(d), n]: h [B, T, D, N], C [B, T, G, N] -> [B, T, D]."""
+    Bsz, T, Dm, N = h.shape
+    G = C.shape[2]
+    return (h.view(Bsz, T, G, Dm // G, N) @ C.view(Bsz, T, G, N, 1)).view(Bsz, T, Dm)
+
+
+def _in_chunks(x, chunk_size):
+    """[B, T, ...] -> [B, NC, chunk_size, ...], the tail padded with zeros."""
+    pad = (-x.shape[1]) % chunk_size
+    if pad:
+        x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
+    return x.view(x.shape[0], -1, chunk_size, *x.shape[2:])
+
+
+def _scan_chunks(log_a, b, reset, h_in):
+    """The linear recurrence h_t = a_t h_{t-1} + b_t over [B, NC, c, D, N] chunks, a_t = exp(log_a_t)
+    (log_a <= 0) and a_t = 0 where ``reset`` ([NC, c] bool, or None) marks a sequence's first token.
+
+    Inside the chunks the recurrence runs from a zero state, one token of every chunk at a time; then the
+    chunks' end states pass from chunk to chunk from ``h_in`` [B, D, N]; then every token adds its chunk's
+    incoming state times its decay from the chunk start, exp(cumsum(log_a)) (exponents <= 0 only).
+    Returns (h [B, NC, c, D, N], the state after the last chunk [B, D, N]).
+    """
+    Bsz, NC, c, Dm, N = b.shape
+    a = torch.exp(log_a)
+    # The cumulative sum over the chunk as one matmul with a lower-triangular matrix of ones: much faster
+    # on the CPU than cumsum over a middle dimension, forward and backward.
+    ones = torch.ones(c, c, dtype=log_a.dtype, device=log_a.device).tril()
+    decay = torch.exp((ones @ log_a.view(Bsz, NC, c, Dm * N)).view_as(log_a))  # from the chunk start through t
+    if reset is not None:
+        a = a.masked_fill(reset[None, :, :, None, None], 0.0)
+        # A sequence starting in the chunk cuts the incoming state off from its tokens onward.
+        decay = decay.masked_fill((reset.cumsum(1) > 0)[None, :, :, None, None], 0.0)
+    # unbind, not indexing: its backward stacks the slices' gradients once instead of one full-size
+    # zero tensor per slice.
+    a_t, b_t = a.unbind(2), b.unbind(2)
+    rows = [b_t[0]]
+    for t in range(1, c):
+        rows.append(a_t[t] * rows[-1] + b_t[t])
+    local = torch.stack(rows, 2)
+    carried = []
+    h = h_in
+    for decay_k, local_k in zip(decay[:, :, -1].unbind(1), rows[-1].unbind(1)):
+        carried.append(h)
+        h = decay_k * h + local_k
+    return local + decay * torch.stack(carried, 1)[:, :, None], h
+
+
+def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                           initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=32):
+    """The same scan as :func:`selective_scan_recurrent` by chunks of ``chunk_size`` tokens
+    (docs/math/mamba.md, "The chunked reference"): the token loop runs over one chunk's length with
+    every chunk of every sequence at once, and the state passes once per chunk. Packed sequences
+    run as one: the state is reset at each sequence's first token, which takes its initial state."""
+    Bsz, T, Dm = u.shape
+    if B.dim() == 3:
+        B, C = B.unsqueeze(2), C.unsqueeze(2)
+    N = B.shape[-1]
+    cd = reference_dtype(u)
+    in_dtype = u.dtype
+    u, delta, A, B, C, D, z, delta_bias = (None if t is None else t.to(cd)
+                                          for t in (u, delta, A, B, C, D, z, delta_bias))
+    delta = process_delta(delta, delta_bias, delta_softplus)
+    log_a = delta[..., None] * A  # [B, T, D, N], <= 0
+    b = _expand_groups(delta * u, B)
+    h0 = None if initial_state is None else initial_state.to(cd)
+    c = max(1, min(chunk_size, T))
+    reset = h_in = None
+    if cu_seqlens is None:
+        h_in = u.new_zeros(Bsz, Dm, N) if h0 is None else h0
+    else:
+        bounds = cu_seqlens.to(device=u.device, dtype=torch.int64)
+        lengths = bounds[1:] - bounds[:-1]
+        first = bounds[:-1][lengths > 0]
+        reset = torch.zeros(T, dtype=torch.bool, device=u.device).index_fill(0, first, True)
+        reset = _in_chunks(reset[None, :, None], c)[0, :, :, 0]
+        h_in = u.new_zeros(1, Dm, N)
+        if h0 is not None:  # the first token's update starts from the sequence's initial state
+            b = b.index_add(1, first, torch.exp(log_a[:, first]) * h0[lengths > 0][None])
+    # Padded tokens have log_a = 0 and b = 0: they keep the state.
+    h, final = _scan_chunks(_in_chunks(log_a, c), _in_chunks(b, c), reset, h_in)
+    h = h.flatten(1, 2)[:, :T]
+    y = _read_out(h, C)
+    if cu_seqlens is not None:
+        last = h[0, (bounds[1:] - 1).clamp(min=0)]
+        empty = h0 if h0 is not None else torch.zeros_like(last)
+        final = torch.where((lengths > 0)[:, None, None], last, empty)
     if D is not None:
         y = y + D * u
     if z is not None:
