@@ -8,7 +8,7 @@ Each model is the tiny config's shape with one mixer in both layers (a 2-layer L
 
 - train tokens/s: one forward + backward + AdamW step (the trainer's loss and optimizer, gradient
   clipping as in training) at B16 T128 and B2 T2048; the median over ``--repeats`` steps after one
-  warm-up step;
+  warm-up step, the models taking turns step by step (load that changes during the run hits all);
 - decode ms/token with the prefill excluded, at prompts of 64 and 2048 tokens (batch 1, greedy),
   through the public :meth:`LanguageModel.generate` only: (t(generate N new) - t(generate 1 new)) / (N - 1),
   each time the median of ``--repeats`` calls.
@@ -38,15 +38,19 @@ PROMPTS = (64, 2048)
 LLAMA = "llama (transformers)"
 
 
-def _median_s(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
+def _round_robin_medians(calls: dict, repeats: int) -> dict:
+    """Seconds per call of each entry of ``calls`` (key -> fn): one warm-up call each, then ``repeats``
+    rounds that time every entry once, so load that changes during the run (a shared machine) hits
+    every entry alike; the median per entry."""
+    for fn in calls.values():
         fn()
-    times = []
+    times = {key: [] for key in calls}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for key, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(t) for key, t in times.items()}
 
 
 def _tokens(batch: int, length: int, vocab: int) -> torch.Tensor:
@@ -115,41 +119,56 @@ def llama_generate(model, prompt: torch.Tensor, new_tokens: int):
     return run
 
 
-def measure(name: str, args) -> dict:
-    """One row: train tokens/s per shape and decode ms/token per prompt length."""
-    if name == LLAMA:
-        model = llama_model()
-        vocab = model.config.vocab_size
+class Subject:
+    """One model of the table: seqmix's LM with one mixer, or transformers' Llama (``LLAMA``)."""
 
-        def train_step(b, t):
-            return llama_train_step(model, b, t)
+    def __init__(self, name: str):
+        self.name = name
+        if name == LLAMA:
+            self.model = llama_model()
+            self.vocab = self.model.config.vocab_size
+        else:
+            self.model, self.config = seqmix_model(name)
+            self.vocab = self.config.vocab_size
+        self.params_M = sum(p.numel() for p in self.model.parameters()) / 1e6
 
-        def generate(p, n):
-            return llama_generate(model, p, n)
-    else:
-        model, config = seqmix_model(name)
-        vocab = config.vocab_size
+    def train_step(self, batch: int, length: int):
+        if self.name == LLAMA:
+            return llama_train_step(self.model, batch, length)
+        return seqmix_train_step(self.model, self.config, batch, length)
 
-        def train_step(b, t):
-            return seqmix_train_step(model, config, b, t)
+    def generate(self, prompt: torch.Tensor, new_tokens: int):
+        if self.name == LLAMA:
+            return llama_generate(self.model, prompt, new_tokens)
+        return seqmix_generate(self.model, prompt, new_tokens)
 
-        def generate(p, n):
-            return seqmix_generate(model, p, n)
 
-    row = {"mixer": name, "params_M": sum(p.numel() for p in model.parameters()) / 1e6, "train": {}, "decode": {}}
+def measure(names: list[str], args) -> list[dict]:
+    """The rows: train tokens/s per shape and decode ms/token per prompt length, every model timed in
+    the same rounds."""
+    subjects = [Subject(name) for name in names]
+    rows = [{"mixer": s.name, "params_M": s.params_M, "train": {}, "decode": {}} for s in subjects]
     if not args.no_train:
-        model.train()
-        for b, t in args.train_shapes:
-            seconds = _median_s(train_step(b, t), args.repeats)
-            row["train"][f"B{b}T{t}"] = b * t / seconds
+        for s in subjects:
+            s.model.train()
+        calls = {(i, b, t): s.train_step(b, t) for i, s in enumerate(subjects) for b, t in args.train_shapes}
+        for (i, b, t), seconds in _round_robin_medians(calls, args.repeats).items():
+            rows[i]["train"][f"B{b}T{t}"] = b * t / seconds
     if not args.no_decode:
-        model.eval()
-        for p in args.prompts:
-            prompt = _tokens(1, p, vocab)
-            one = _median_s(generate(prompt, 1), args.repeats)
-            many = _median_s(generate(prompt, args.new_tokens), args.repeats)
-            row["decode"][f"prompt{p}"] = max(many - one, 0.0) / (args.new_tokens - 1) * 1e3
-    return row
+        for s in subjects:
+            s.model.eval()
+        calls = {}
+        for i, s in enumerate(subjects):
+            for p in args.prompts:
+                prompt = _tokens(1, p, s.vocab)
+                calls[(i, p, 1)] = s.generate(prompt, 1)
+                calls[(i, p, args.new_tokens)] = s.generate(prompt, args.new_tokens)
+        seconds = _round_robin_medians(calls, args.repeats)
+        for i, _ in enumerate(subjects):
+            for p in args.prompts:
+                steps = seconds[(i, p, args.new_tokens)] - seconds[(i, p, 1)]
+                rows[i]["decode"][f"prompt{p}"] = max(steps, 0.0) / (args.new_tokens - 1) * 1e3
+    return rows
 
 
 def print_table(rows: list[dict]) -> None:
@@ -180,6 +199,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-train", action="store_true")
     parser.add_argument("--no-decode", action="store_true")
     parser.add_argument("--no-llama", action="store_true", help="skip transformers' Llama even if it imports")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch's CPU threads (default: torch's own); on a loaded machine 1 avoids threads "
+                             "that wait for each other")
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.mixers or ()) - set(MIXERS))
@@ -199,13 +221,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     names = args.mixers or ["attention"] + [m for m in MIXERS if m != "attention"]
     if not args.no_llama and args.mixers is None and llama_model() is not None:
         names.insert(1, LLAMA)
-    rows = []
-    for name in names:
-        rows.append(measure(name, args))
-        print(f"{name}: {rows[-1]}", flush=True)
+    rows = measure(names, args)
     print_table(rows)
     if args.out:
         meta = {"machine": platform.machine(), "processor": platform.processor(), "threads": torch.get_num_threads(),
