@@ -100,13 +100,13 @@ def _scan_chunks(log_a, b, reset, h_in):
     a_t, b_t = a.unbind(2), b.unbind(2)
     rows = [b_t[0]]
     for t in range(1, c):
-        rows.append(a_t[t] * rows[-1] + b_t[t])
+        rows.append(torch.addcmul(b_t[t], a_t[t], rows[-1]))
     local = torch.stack(rows, 2)
     carried = []
     h = h_in
     for decay_k, local_k in zip(decay[:, :, -1].unbind(1), rows[-1].unbind(1)):
         carried.append(h)
-        h = decay_k * h + local_k
+        h = torch.addcmul(local_k, decay_k, h)
     return local + decay * torch.stack(carried, 1)[:, :, None], h
 
 
