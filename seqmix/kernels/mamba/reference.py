@@ -76,38 +76,47 @@ def _in_chunks(x, chunk_size):
     return x.view(x.shape[0], -1, chunk_size, *x.shape[2:])
 
 
-def _scan_chunks(log_a, b, reset, h_in):
-    """The linear recurrence h_t = a_t h_{t-1} + b_t over [B, NC, c, D, N] chunks, a_t = exp(log_a_t)
-    (log_a <= 0) and a_t = 0 where ``reset`` ([NC, c] bool, or None) marks a sequence's first token.
-
-    Inside the chunks the recurrence runs from a zero state, one token of every chunk at a time; then the
-    chunks' end states pass from chunk to chunk from ``h_in`` [B, D, N]; then every token adds its chunk's
-    incoming state times its decay from the chunk start, exp(cumsum(log_a)) (exponents <= 0 only).
-    Returns (h [B, NC, c, D, N], the state after the last chunk [B, D, N]).
-    """
-    Bsz, NC, c, Dm, N = b.shape
-    a = torch.exp(log_a)
-    # The cumulative sum over the chunk as one matmul with a lower-triangular matrix of ones: much faster
-    # on the CPU than cumsum over a middle dimension, forward and backward.
-    ones = torch.ones(c, c, dtype=log_a.dtype, device=log_a.device).tril()
-    decay = torch.exp((ones @ log_a.view(Bsz, NC, c, Dm * N)).view_as(log_a))  # from the chunk start through t
-    if reset is not None:
-        a = a.masked_fill(reset[None, :, :, None, None], 0.0)
-        # A sequence starting in the chunk cuts the incoming state off from its tokens onward.
-        decay = decay.masked_fill((reset.cumsum(1) > 0)[None, :, :, None, None], 0.0)
-    # unbind, not indexing: its backward stacks the slices' gradients once instead of one full-size
-    # zero tensor per slice.
+def _two_level_scan(a, b, h_in, reverse=False):
+    """x_t = a_t x_{t-1} + b_t over chunks, a, b [B, NC, c, S] (0 <= a <= 1), h_in [B, S] entering the first
+    chunk; ``reverse``: x_t = a_t x_{t+1} + b_t from the last token, h_in after it. Three passes, each
+    over every chunk at once: each chunk's end state from a zero start (and its decay, the product of its
+    a), those carried from chunk to chunk, then the recurrence inside every chunk from its incoming state.
+    Returns x [B, NC, c, S]."""
     a_t, b_t = a.unbind(2), b.unbind(2)
-    rows = [b_t[0]]
-    for t in range(1, c):
-        rows.append(torch.addcmul(b_t[t], a_t[t], rows[-1]))
-    local = torch.stack(rows, 2)
-    carried = []
-    h = h_in
-    for decay_k, local_k in zip(decay[:, :, -1].unbind(1), rows[-1].unbind(1)):
-        carried.append(h)
-        h = torch.addcmul(local_k, decay_k, h)
-    return local + decay * torch.stack(carried, 1)[:, :, None], h
+    order = range(len(a_t) - 1, -1, -1) if reverse else range(len(a_t))
+    end = None
+    for t in order:
+        end = b_t[t] if end is None else torch.addcmul(b_t[t], a_t[t], end)
+    decays, ends = a.prod(2).unbind(1), end.unbind(1)
+    carried, h = [None] * len(ends), h_in
+    for k in reversed(range(len(ends))) if reverse else range(len(ends)):
+        carried[k] = h
+        h = torch.addcmul(ends[k], decays[k], h)
+    h, rows = torch.stack(carried, 1), [None] * len(a_t)
+    for t in order:
+        h = rows[t] = torch.addcmul(b_t[t], a_t[t], h)
+    return torch.stack(rows, 2)
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """The linear recurrence h_t = a_t h_{t-1} + b_t of :func:`_two_level_scan` with its gradient written out:
+    G_t = dh_t + a_{t+1} G_{t+1} (the same scan backwards in time), db = G, da_t = G_t h_{t-1},
+    dh_in = a_0 G_0: two scans in all, where autograd through the loops records and replays every step."""
+
+    @staticmethod
+    def forward(ctx, a, b, h_in):
+        h = _two_level_scan(a, b, h_in)
+        ctx.save_for_backward(a, h, h_in)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        a, h, h_in = ctx.saved_tensors
+        a_flat = a.flatten(1, 2)
+        a_next = torch.cat([a_flat[:, 1:], torch.zeros_like(a_flat[:, :1])], 1).view_as(a)
+        G = _two_level_scan(a_next, dh, torch.zeros_like(h_in), reverse=True).flatten(1, 2)
+        h_prev = torch.cat([h_in[:, None], h.flatten(1, 2)[:, :-1]], 1)
+        return (G * h_prev).view_as(a), G.view_as(a), a_flat[:, 0] * G[:, 0]
 
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -137,13 +146,17 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
         lengths = bounds[1:] - bounds[:-1]
         first = bounds[:-1][lengths > 0]
         reset = torch.zeros(T, dtype=torch.bool, device=u.device).index_fill(0, first, True)
-        reset = _in_chunks(reset[None, :, None], c)[0, :, :, 0]
         h_in = u.new_zeros(1, Dm, N)
         if h0 is not None:  # the first token's update starts from the sequence's initial state
             b = b.index_add(1, first, torch.exp(log_a[:, first]) * h0[lengths > 0][None])
-    # Padded tokens have log_a = 0 and b = 0: they keep the state.
-    h, final = _scan_chunks(_in_chunks(log_a, c), _in_chunks(b, c), reset, h_in)
-    h = h.flatten(1, 2)[:, :T]
+    a = torch.exp(log_a)
+    if reset is not None:  # the state before a sequence's first token does not carry into it
+        a = a.masked_fill(reset[None, :, None, None], 0.0)
+    # Padded tokens have a = 1 and b = 0: they keep the state.
+    a = F.pad(a, (0, 0, 0, 0, 0, (-T) % c), value=1.0)
+    h = _ChunkedScan.apply(_in_chunks(a.flatten(2), c), _in_chunks(b.flatten(2), c), h_in.flatten(1))
+    final = h[:, -1, -1].view(-1, Dm, N)
+    h = h.flatten(1, 2)[:, :T].view(Bsz, T, Dm, N)
     y = _read_out(h, C)
     if cu_seqlens is not None:
         last = h[0, (bounds[1:] - 1).clamp(min=0)]

@@ -32,13 +32,15 @@ def _gate(y, z):
     return y if z is None else y * F.silu(z)
 
 
-def _prepare(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit):
-    """Inputs in the compute dtype, dt processed, B and C expanded from groups to heads."""
+def _prepare(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, expand=True):
+    """Inputs in the compute dtype, dt processed, B and C expanded from groups to heads (if ``expand``)."""
     cd = reference_dtype(x)
     x, dt, A, B, C, D, z, dt_bias = (None if t is None else t.to(cd) for t in (x, dt, A, B, C, D, z, dt_bias))
     dt = process_dt(dt, dt_bias, dt_softplus, dt_limit)
-    heads_per_group = x.shape[2] // B.shape[2]
-    return cd, x, dt, A, B.repeat_interleave(heads_per_group, 2), C.repeat_interleave(heads_per_group, 2), D, z
+    if expand:
+        heads_per_group = x.shape[2] // B.shape[2]
+        B, C = B.repeat_interleave(heads_per_group, 2), C.repeat_interleave(heads_per_group, 2)
+    return cd, x, dt, A, B, C, D, z
 
 
 def _finish(y, x, D, z, final, in_dtype, output_final_state):
@@ -69,9 +71,11 @@ def ssd_recurrent(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fals
 
 def _chunked_dense(x, dt, A, B, C, h, chunk_size):
     """The chunked SSD form (docs/math/mamba2.md) of dense inputs, every chunk of every row at once:
-    x [Bb, T, H, P], dt [Bb, T, H], B, C [Bb, T, H, N] (already expanded to heads), h [Bb, H, P, N] entering.
-    Only the state carry runs chunk by chunk. Returns (y without D [Bb, T, H, P], h_final)."""
+    x [Bb, T, H, P], dt [Bb, T, H], B, C [Bb, T, G, N] (head h reads group h // (H / G)), h [Bb, H, P, N]
+    entering. C B^T is formed once per group, not per head. Only the state carry runs chunk by chunk.
+    Returns (y without D [Bb, T, H, P], h_final)."""
     Bb, T, H, P = x.shape
+    G, N = B.shape[2:]
     c = max(1, min(chunk_size, T))
     pad = (-T) % c
     if pad:  # dt = 0 on the padded tokens: no decay and no contribution; their outputs are cut off below
@@ -79,23 +83,25 @@ def _chunked_dense(x, dt, A, B, C, h, chunk_size):
     NC = x.shape[1] // c
     if NC == 0:
         return x.new_zeros(Bb, 0, H, P), h
-    # head first: [Bb, H, NC, c, *]
-    x, B, C = (t.reshape(Bb, NC, c, H, -1).permute(0, 3, 1, 2, 4) for t in (x, B, C))
-    dt = dt.reshape(Bb, NC, c, H).permute(0, 3, 1, 2)
-    lcum = torch.cumsum(dt * A[:, None, None], -1)  # log-decay from each chunk's start
+    # group and head first: [Bb, G, H / G, NC, c, *]; B and C with one head axis to broadcast
+    x = x.reshape(Bb, NC, c, G, H // G, P).permute(0, 3, 4, 1, 2, 5)
+    dt = dt.reshape(Bb, NC, c, G, H // G).permute(0, 3, 4, 1, 2)
+    B, C = (t.reshape(Bb, NC, c, G, 1, N).permute(0, 3, 4, 1, 2, 5) for t in (B, C))
+    lcum = torch.cumsum(dt * A.view(G, H // G, 1, 1), -1)  # log-decay from each chunk's start
     causal = torch.ones(c, c, dtype=torch.bool, device=x.device).tril()
     # exp only of differences i >= j (<= 0); the masked ones are set to -inf first, never exponentiated.
     M = torch.exp((lcum[..., :, None] - lcum[..., None, :]).masked_fill(~causal, float("-inf")))
     xdt = dt[..., None] * x
     y = (M * (C @ B.transpose(-1, -2))) @ xdt
     # Each chunk's own contribution to the state at its end, all chunks at once.
-    contrib = (xdt * torch.exp(lcum[..., -1:] - lcum)[..., None]).transpose(-1, -2) @ B  # [Bb, H, NC, P, N]
+    contrib = (xdt * torch.exp(lcum[..., -1:] - lcum)[..., None]).transpose(-1, -2) @ B  # [Bb, G, Hg, NC, P, N]
     states = []
-    for decay, contrib_k in zip(torch.exp(lcum[..., -1]).unbind(2), contrib.unbind(2), strict=True):
+    h = h.view(Bb, G, H // G, P, N)
+    for decay, contrib_k in zip(torch.exp(lcum[..., -1]).unbind(3), contrib.unbind(3), strict=True):
         states.append(h)
         h = decay[..., None, None] * h + contrib_k
-    y = y + torch.exp(lcum)[..., None] * (C @ torch.stack(states, 2).transpose(-1, -2))
-    return y.permute(0, 2, 3, 1, 4).reshape(Bb, NC * c, H, P)[:, :T], h
+    y = y + torch.exp(lcum)[..., None] * (C @ torch.stack(states, 3).transpose(-1, -2))
+    return y.permute(0, 3, 4, 1, 2, 5).reshape(Bb, NC * c, H, P)[:, :T], h.reshape(Bb, H, P, N)
 
 
 def ssd_chunked(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf")),
@@ -106,7 +112,7 @@ def ssd_chunked(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
     Bsz, T, H, P = x.shape
     N = B.shape[-1]
     in_dtype = x.dtype
-    cd, x, dt, A, B, C, D, z = _prepare(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
+    cd, x, dt, A, B, C, D, z = _prepare(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, expand=False)
     if cu_seqlens is None:
         h = x.new_zeros(Bsz, H, P, N) if initial_state is None else initial_state.to(cd)
         y, final = _chunked_dense(x, dt, A, B, C, h, chunk_size)
