@@ -56,7 +56,7 @@ def _chunked_dense(q, k, v, beta, g, scale, S, chunk_size):
     g: [B, T, H] log decays or None. S: [B, H, K, V] state entering the first chunk.
     Returns (o, S_final).
     """
-    B, T, H, K = q.shape
+    B, T, H = q.shape[:3]
     V = v.shape[-1]
     C = chunk_size
     pad = (-T) % C

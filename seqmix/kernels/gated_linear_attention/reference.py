@@ -61,7 +61,7 @@ def _intra_chunk_scores(q, k, gcum):
 
 def _chunked_dense(q, k, v, g, scale, S, chunk_size):
     """The chunked form for dense [B, T, H, *] inputs already in the compute dtype; S [B, H, K, V]."""
-    B, T, H, K = q.shape
+    B, T, H = q.shape[:3]
     V = v.shape[-1]
     C = chunk_size
     pad = (-T) % C
