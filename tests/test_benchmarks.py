@@ -242,6 +242,6 @@ def test_cpu_benchmark_times_each_mixer_and_writes_json(tmp_path, capsys):
     rows = bench_cpu(["--mixers", "attention", "mamba", "--train-shapes", "2x16", "--prompts", "4",
                       "--repeats", "1", "--new-tokens", "3", "--out", str(out)])
     assert [r["mixer"] for r in rows] == ["attention", "mamba"]
-    assert all(r["train"]["B2T16"] > 0 and r["decode"]["prompt4"] >= 0 for r in rows)
+    assert all(r["train"]["B2T16"] > 0 and "prompt4" in r["decode"] for r in rows)
     assert [r["mixer"] for r in json.loads(out.read_text())["rows"]] == ["attention", "mamba"]
     assert "(1.00x)" in capsys.readouterr().out
