@@ -1,6 +1,7 @@
 """The benchmarks' own arithmetic: the roofline floors match the anchors' and the error check works."""
 
 import math
+import json
 
 import pytest
 import torch
@@ -247,3 +248,15 @@ def test_pooling_and_norm_floors_and_norm_comparator():
     fns = rd.norm_impls(["reference"])
     inputs = rd.make_norm_inputs(2, 8, 40, torch.float32, True, DEVICE)
     assert max_rel_err(fns["torch"], fns["reference"], inputs) < 1e-6
+
+
+def test_cpu_benchmark_times_each_mixer_and_writes_json(tmp_path, capsys):
+    from benchmarks.bench_cpu import main as bench_cpu
+
+    out = tmp_path / "cpu.json"
+    rows = bench_cpu(["--mixers", "attention", "mamba", "--train-shapes", "2x16", "--prompts", "4",
+                      "--repeats", "1", "--new-tokens", "3", "--out", str(out)])
+    assert [r["mixer"] for r in rows] == ["attention", "mamba"]
+    assert all(r["train"]["B2T16"] > 0 and "prompt4" in r["decode"] for r in rows)
+    assert [r["mixer"] for r in json.loads(out.read_text())["rows"]] == ["attention", "mamba"]
+    assert "(1.00x)" in capsys.readouterr().out

@@ -56,7 +56,7 @@ def _chunked_dense(q, k, v, beta, g, scale, S, chunk_size):
     g: [B, T, H] log decays or None. S: [B, H, K, V] state entering the first chunk.
     Returns (o, S_final).
     """
-    B, T, H, K = q.shape
+    B, T, H = q.shape[:3]
     V = v.shape[-1]
     C = chunk_size
     pad = (-T) % C
@@ -90,19 +90,22 @@ def _chunked_dense(q, k, v, beta, g, scale, S, chunk_size):
     M = torch.linalg.solve_triangular(eye + A, eye.expand_as(A), upper=False, unitriangular=True)
     W = M @ kbg
     U = M @ (v * beta[..., None])
-    outs = []
-    for c in range(NT):
-        v_new = U[:, :, c] - W[:, :, c] @ S
-        q_c, k_c = q[:, :, c], k[:, :, c]
-        if g is None:
-            outs.append(scale * (q_c @ S + P[:, :, c] @ v_new))
-            S = S + k_c.transpose(-1, -2) @ v_new
-            continue
-        gcum_c = gcum[:, :, c]
-        outs.append(scale * ((q_c * torch.exp(gcum_c)[..., None]) @ S + P[:, :, c] @ v_new))
-        k_c = k_c * torch.exp(gcum_c[..., -1:] - gcum_c)[..., None]
-        S = S * torch.exp(gcum_c[..., -1])[..., None, None] + k_c.transpose(-1, -2) @ v_new
-    o = torch.stack(outs, 2).permute(0, 2, 3, 1, 4).reshape(B, NT * C, H, V)[:, :T]
+    q_in, k_out = q, k
+    if g is not None:
+        q_in = q * torch.exp(gcum)[..., None]
+        k_out = k * torch.exp(gcum[..., -1:] - gcum)[..., None]
+    # Only the state carry runs chunk by chunk; the outputs of all chunks are batched matmuls after it.
+    # unbind, not indexing: its backward stacks the chunks' gradients once instead of one full-size
+    # zero tensor per chunk.
+    decays = [None] * NT if g is None else torch.exp(gcum[..., -1]).unbind(2)
+    states, v_news = [], []
+    for W_c, U_c, k_c, decay in zip(W.unbind(2), U.unbind(2), k_out.unbind(2), decays, strict=True):
+        states.append(S)
+        v_news.append(U_c - W_c @ S)
+        S = S if decay is None else S * decay[..., None, None]
+        S = S + k_c.transpose(-1, -2) @ v_news[-1]
+    o = scale * (q_in @ torch.stack(states, 2) + P @ torch.stack(v_news, 2))
+    o = o.permute(0, 2, 3, 1, 4).reshape(B, NT * C, H, V)[:, :T]
     return o, S
 
 

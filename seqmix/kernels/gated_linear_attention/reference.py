@@ -36,32 +36,32 @@ def gla_recurrent(q, k, v, g, scale, initial_state=None, output_final_state=Fals
 def _intra_chunk_scores(q, k, gcum):
     """A_ij = sum_c q_ic k_jc exp(gcum_ic - gcum_jc) for j <= i, by secondary chunking.
 
-    q, k, gcum: [..., C, K] with C a multiple of SUB. Blocks of SUB rows below the diagonal are
-    matmuls of q exp(gcum - gcum_ref) and k exp(gcum_ref - gcum) with gcum_ref the block row's first row (both
-    exponents <= 0); diagonal blocks are taken element-wise with masked exponents. Returns [..., C, C].
+    q, k, gcum: [..., C, K] with C a multiple of SUB, split into n = C / SUB blocks of SUB rows. Block (r, s)
+    below the diagonal (s < r) is a matmul of q exp(gcum - gcum_ref) and k exp(gcum_ref - gcum) with gcum_ref
+    the first row of block r (both exponents <= 0); all of them in one batched matmul, the exponents of the
+    blocks on and above the diagonal set to -inf first. Diagonal blocks are element-wise with masked
+    exponents. Returns [..., C, C].
     """
-    C = q.shape[-2]
+    *lead, C, K = q.shape
     n = C // SUB
-    blocks = [[None] * n for _ in range(n)]
+    q, k, gcum = (x.reshape(*lead, n, SUB, K) for x in (q, k, gcum))
+    ref = gcum[..., :1, :]  # [..., n, 1, K]: each block row's reference
+    q_ref = q * torch.exp(gcum - ref)
+    below = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1)  # (r, s): s < r
+    expo = (ref[..., :, None, :, :] - gcum[..., None, :, :, :]).masked_fill(~below[:, :, None, None], float("-inf"))
+    k_ref = k[..., None, :, :, :] * torch.exp(expo)  # [..., n (r), n (s), SUB, K]
+    blocks = q_ref[..., :, None, :, :] @ k_ref.transpose(-1, -2)  # [..., n, n, SUB, SUB]
     causal = torch.ones(SUB, SUB, dtype=torch.bool, device=q.device).tril()
-    for r in range(n):
-        rows = slice(r * SUB, (r + 1) * SUB)
-        q_r, k_r, gcum_r = q[..., rows, :], k[..., rows, :], gcum[..., rows, :]
-        ref = gcum_r[..., :1, :]
-        q_ref = q_r * torch.exp(gcum_r - ref)
-        for s in range(r):
-            cols = slice(s * SUB, (s + 1) * SUB)
-            blocks[r][s] = q_ref @ (k[..., cols, :] * torch.exp(ref - gcum[..., cols, :])).transpose(-1, -2)
-        expo = (gcum_r[..., :, None, :] - gcum_r[..., None, :, :]).masked_fill(~causal[:, :, None], float("-inf"))
-        blocks[r][r] = (q_r[..., :, None, :] * k_r[..., None, :, :] * torch.exp(expo)).sum(-1)
-        for s in range(r + 1, n):
-            blocks[r][s] = torch.zeros_like(blocks[r][r])
-    return torch.cat([torch.cat(row, -1) for row in blocks], -2)
+    expo = (gcum[..., :, None, :] - gcum[..., None, :, :]).masked_fill(~causal[:, :, None], float("-inf"))
+    diagonal = (q[..., :, None, :] * k[..., None, :, :] * torch.exp(expo)).sum(-1)  # [..., n, SUB, SUB]
+    eye = torch.eye(n, dtype=q.dtype, device=q.device)[:, :, None, None]
+    blocks = blocks + diagonal[..., :, None, :, :] * eye
+    return blocks.transpose(-3, -2).reshape(*lead, C, C)
 
 
 def _chunked_dense(q, k, v, g, scale, S, chunk_size):
     """The chunked form for dense [B, T, H, *] inputs already in the compute dtype; S [B, H, K, V]."""
-    B, T, H, K = q.shape
+    B, T, H = q.shape[:3]
     V = v.shape[-1]
     C = chunk_size
     pad = (-T) % C
@@ -76,11 +76,14 @@ def _chunked_dense(q, k, v, g, scale, S, chunk_size):
     A = _intra_chunk_scores(q, k, gcum)
     q_in = q * torch.exp(gcum)
     k_out = k * torch.exp(gcum[..., -1:, :] - gcum)
-    outs = []
-    for c in range(NT):
-        outs.append(scale * (q_in[:, :, c] @ S + A[:, :, c] @ v[:, :, c]))
-        S = S * torch.exp(gcum[:, :, c, -1])[..., None] + k_out[:, :, c].transpose(-1, -2) @ v[:, :, c]
-    o = torch.stack(outs, 2).permute(0, 2, 3, 1, 4).reshape(B, NT * C, H, V)[:, :T]
+    # Only the state carry runs chunk by chunk (unbind, not indexing: one backward stack instead of a
+    # full-size zero tensor per chunk); the outputs of all chunks are batched matmuls after it.
+    states = []
+    for decay, k_c, v_c in zip(torch.exp(gcum[:, :, :, -1]).unbind(2), k_out.unbind(2), v.unbind(2), strict=True):
+        states.append(S)
+        S = S * decay[..., None] + k_c.transpose(-1, -2) @ v_c
+    o = scale * (q_in @ torch.stack(states, 2) + A @ v)
+    o = o.permute(0, 2, 3, 1, 4).reshape(B, NT * C, H, V)[:, :T]
     return o, S
 
 

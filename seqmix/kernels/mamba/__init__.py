@@ -12,7 +12,7 @@ from torch import Tensor
 from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_negative, check_same_dtype, check_sequences, check_tensor
 from seqmix.kernels.mamba import triton as kernels
-from seqmix.kernels.mamba.reference import selective_scan_recurrent
+from seqmix.kernels.mamba.reference import selective_scan_chunked, selective_scan_recurrent
 from seqmix.kernels.op import (
     FusedOp,
     as_input_grads,
@@ -24,7 +24,7 @@ from seqmix.kernels.op import (
     run_fused,
 )
 
-__all__ = ["selective_scan", "selective_scan_recurrent"]
+__all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_recurrent"]
 
 
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens):
@@ -172,5 +172,5 @@ def selective_scan(
     if name == "triton":
         return run_fused(FUSED, (u, delta, B, C, z), (A, D, delta_bias), initial_state, (delta_softplus,),
                          output_final_state, cu_seqlens)
-    return selective_scan_recurrent(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
-                                    output_final_state, cu_seqlens)
+    return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                                  output_final_state, cu_seqlens)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from seqmix.kernels.sequences import over_sequences, reference_dtype
+from seqmix.kernels.sequences import over_sequences, reference_dtype, sequence_spans
 
 
 def process_dt(dt, dt_bias, dt_softplus: bool, dt_limit: tuple[float, float]):
@@ -32,13 +32,15 @@ def _gate(y, z):
     return y if z is None else y * F.silu(z)
 
 
-def _prepare(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit):
-    """Inputs in the compute dtype, dt processed, B and C expanded from groups to heads."""
+def _prepare(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, expand=True):
+    """Inputs in the compute dtype, dt processed, B and C expanded from groups to heads (if ``expand``)."""
     cd = reference_dtype(x)
     x, dt, A, B, C, D, z, dt_bias = (None if t is None else t.to(cd) for t in (x, dt, A, B, C, D, z, dt_bias))
     dt = process_dt(dt, dt_bias, dt_softplus, dt_limit)
-    heads_per_group = x.shape[2] // B.shape[2]
-    return cd, x, dt, A, B.repeat_interleave(heads_per_group, 2), C.repeat_interleave(heads_per_group, 2), D, z
+    if expand:
+        heads_per_group = x.shape[2] // B.shape[2]
+        B, C = B.repeat_interleave(heads_per_group, 2), C.repeat_interleave(heads_per_group, 2)
+    return cd, x, dt, A, B, C, D, z
 
 
 def _finish(y, x, D, z, final, in_dtype, output_final_state):
@@ -67,37 +69,59 @@ def ssd_recurrent(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fals
     return _finish(y, x, D, z, final, in_dtype, output_final_state)
 
 
-def _chunked_sequence(x, dt, A, B, C, h, chunk_size):
-    """One sequence in the chunked SSD form (docs/math/mamba2.md): x [T, H, P], dt [T, H],
-    B, C [T, H, N] (already expanded to heads), h [H, P, N]. Returns (y without D, h_final)."""
-    T = x.shape[0]
-    outs = []
-    for s in range(0, T, chunk_size):
-        xc, dtc, Bc, Cc = (t[s : s + chunk_size].transpose(0, 1) for t in (x, dt, B, C))  # head first
-        lcum = torch.cumsum(dtc * A[:, None], -1)  # [H, c]: log-decay from the chunk start
-        diff = lcum[:, :, None] - lcum[:, None, :]
-        causal = torch.ones_like(diff, dtype=torch.bool).tril()
-        # exp only of differences i >= j (<= 0); the masked ones are set to -inf first, never exponentiated.
-        M = torch.exp(diff.masked_fill(~causal, float("-inf")))
-        scores = M * (Cc @ Bc.transpose(-1, -2))
-        y = scores @ (dtc[..., None] * xc) + torch.exp(lcum)[..., None] * (Cc @ h.transpose(-1, -2))
-        decay_to_end = torch.exp(lcum[:, -1:] - lcum)  # [H, c]
-        h = torch.exp(lcum[:, -1])[:, None, None] * h + (xc * (decay_to_end * dtc)[..., None]).transpose(-1, -2) @ Bc
-        outs.append(y.transpose(0, 1))
-    return (torch.cat(outs) if outs else x.new_zeros(0, *x.shape[1:])), h
+def _chunked_dense(x, dt, A, B, C, h, chunk_size):
+    """The chunked SSD form (docs/math/mamba2.md) of dense inputs, every chunk of every row at once:
+    x [Bb, T, H, P], dt [Bb, T, H], B, C [Bb, T, G, N] (head h reads group h // (H / G)), h [Bb, H, P, N]
+    entering. C B^T is formed once per group, not per head. Only the state carry runs chunk by chunk.
+    Returns (y without D [Bb, T, H, P], h_final)."""
+    Bb, T, H, P = x.shape
+    G, N = B.shape[2:]
+    c = max(1, min(chunk_size, T))
+    pad = (-T) % c
+    if pad:  # dt = 0 on the padded tokens: no decay and no contribution; their outputs are cut off below
+        x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+    NC = x.shape[1] // c
+    if NC == 0:
+        return x.new_zeros(Bb, 0, H, P), h
+    # group and head first: [Bb, G, H / G, NC, c, *]; B and C with one head axis to broadcast
+    x = x.reshape(Bb, NC, c, G, H // G, P).permute(0, 3, 4, 1, 2, 5)
+    dt = dt.reshape(Bb, NC, c, G, H // G).permute(0, 3, 4, 1, 2)
+    B, C = (t.reshape(Bb, NC, c, G, 1, N).permute(0, 3, 4, 1, 2, 5) for t in (B, C))
+    lcum = torch.cumsum(dt * A.view(G, H // G, 1, 1), -1)  # log-decay from each chunk's start
+    causal = torch.ones(c, c, dtype=torch.bool, device=x.device).tril()
+    # exp only of differences i >= j (<= 0); the masked ones are set to -inf first, never exponentiated.
+    M = torch.exp((lcum[..., :, None] - lcum[..., None, :]).masked_fill(~causal, float("-inf")))
+    xdt = dt[..., None] * x
+    y = (M * (C @ B.transpose(-1, -2))) @ xdt
+    # Each chunk's own contribution to the state at its end, all chunks at once.
+    contrib = (xdt * torch.exp(lcum[..., -1:] - lcum)[..., None]).transpose(-1, -2) @ B  # [Bb, G, Hg, NC, P, N]
+    states = []
+    h = h.view(Bb, G, H // G, P, N)
+    for decay, contrib_k in zip(torch.exp(lcum[..., -1]).unbind(3), contrib.unbind(3), strict=True):
+        states.append(h)
+        h = decay[..., None, None] * h + contrib_k
+    y = y + torch.exp(lcum)[..., None] * (C @ torch.stack(states, 3).transpose(-1, -2))
+    return y.permute(0, 3, 4, 1, 2, 5).reshape(Bb, NC * c, H, P)[:, :T], h.reshape(Bb, H, P, N)
 
 
 def ssd_chunked(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf")),
                 initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64):
     """The chunked SSD form: per chunk the masked decay matrix exp(lcum_i - lcum_j) times C B^T,
-    plus the incoming state's contribution; states pass from chunk to chunk."""
+    plus the incoming state's contribution; states pass from chunk to chunk. A dense batch runs
+    as one; packed sequences one after another."""
     Bsz, T, H, P = x.shape
     N = B.shape[-1]
     in_dtype = x.dtype
-    cd, x, dt, A, B, C, D, z = _prepare(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
-
-    def run(b, s, e, h):
-        return _chunked_sequence(x[b, s:e], dt[b, s:e], A, B[b, s:e], C[b, s:e], h, chunk_size)
-
-    y, final = over_sequences(run, Bsz, T, cu_seqlens, initial_state, x.new_zeros(H, P, N), cd)
+    cd, x, dt, A, B, C, D, z = _prepare(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, expand=False)
+    if cu_seqlens is None:
+        h = x.new_zeros(Bsz, H, P, N) if initial_state is None else initial_state.to(cd)
+        y, final = _chunked_dense(x, dt, A, B, C, h, chunk_size)
+    else:
+        outs, finals = [], []
+        for n, (_, s, e) in enumerate(sequence_spans(cu_seqlens, Bsz, T)):
+            h = x.new_zeros(1, H, P, N) if initial_state is None else initial_state[n : n + 1].to(cd)
+            y_n, h = _chunked_dense(x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], h, chunk_size)
+            outs.append(y_n)
+            finals.append(h)
+        y, final = torch.cat(outs, 1), torch.cat(finals)
     return _finish(y, x, D, z, final, in_dtype, output_final_state)

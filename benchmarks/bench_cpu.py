@@ -1,0 +1,242 @@
+"""Every registered mixer on the CPU, next to attention: training tokens/s and decoding ms/token.
+
+    python -m benchmarks.bench_cpu --out cpu.json                 # the full table
+    python -m benchmarks.bench_cpu --quick --mixers attention mamba
+
+Each model is the tiny config's shape with one mixer in both layers (a 2-layer LM, hidden 128,
+4 heads, the default vocabulary of 320), built and timed in this one process:
+
+- train tokens/s: one forward + backward + AdamW step (the trainer's loss and optimizer, gradient
+  clipping as in training) at B16 T128 and B2 T2048; the median over ``--repeats`` steps after one
+  warm-up step, the models taking turns step by step (load that changes during the run hits all);
+- decode ms/token with the prefill excluded, at prompts of 64 and 2048 tokens (batch 1, greedy),
+  through the public :meth:`LanguageModel.generate` only: (t(generate N new) - t(generate 1 new)) / (N - 1),
+  each time the median of ``--repeats`` calls.
+
+Ratios are to seqmix's attention in the same run (tokens/s over attention's; ms/token over
+attention's), so a loaded machine shifts every row alike. When ``transformers`` imports, its
+``LlamaForCausalLM`` of the same size is timed as well. No claim holds across runs or machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from seqmix.archs import MIXERS
+from seqmix.archs.lm import LanguageModel, LMConfig, default_intermediate_size
+from seqmix.train import TrainConfig, _loss, _optimizer
+
+HIDDEN, HEADS, LAYERS = 128, 4, 2
+TRAIN_SHAPES = ((16, 128), (2, 2048))
+PROMPTS = (64, 2048)
+LLAMA = "llama (transformers)"
+
+
+def _round_robin_medians(calls: dict, repeats: int) -> dict:
+    """Seconds per call of each entry of ``calls`` (key -> fn): one warm-up call each, then ``repeats``
+    rounds that time every entry once, so load that changes during the run (a shared machine) hits
+    every entry alike; the median per entry."""
+    for fn in calls.values():
+        fn()
+    times = {key: [] for key in calls}
+    for _ in range(repeats):
+        for key, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
+def _tokens(batch: int, length: int, vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(batch * 7919 + length))
+
+
+def seqmix_model(mixer: str) -> tuple[LanguageModel, LMConfig]:
+    torch.manual_seed(0)
+    config = LMConfig(hidden_size=HIDDEN, num_heads=HEADS, layers=[mixer] * LAYERS)
+    return LanguageModel(config), config
+
+
+def seqmix_train_step(model: LanguageModel, config: LMConfig, batch: int, length: int):
+    train = TrainConfig(model=config, autocast="none")
+    optimizer = _optimizer(model, train, torch.device("cpu"))
+    tokens = _tokens(batch, length + 1, config.vocab_size)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+
+    def step():
+        loss = _loss(model, x, y, train, torch.device("cpu"))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def seqmix_generate(model: LanguageModel, prompt: torch.Tensor, new_tokens: int):
+    return lambda: model.generate(prompt, new_tokens, temperature=0.0)
+
+
+def llama_model():
+    """transformers' LlamaForCausalLM of the same size, or None when transformers does not import."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=LMConfig().vocab_size, hidden_size=HIDDEN, num_attention_heads=HEADS,
+                         num_key_value_heads=HEADS, num_hidden_layers=LAYERS,
+                         intermediate_size=default_intermediate_size(HIDDEN),
+                         max_position_embeddings=max(PROMPTS) + 256, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).train()
+
+
+def llama_train_step(model, batch: int, length: int):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tokens = _tokens(batch, length, model.config.vocab_size)
+
+    def step():
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def llama_generate(model, prompt: torch.Tensor, new_tokens: int):
+    def run():
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+
+    return run
+
+
+class Subject:
+    """One model of the table: seqmix's LM with one mixer, or transformers' Llama (``LLAMA``)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        if name == LLAMA:
+            self.model = llama_model()
+            self.vocab = self.model.config.vocab_size
+        else:
+            self.model, self.config = seqmix_model(name)
+            self.vocab = self.config.vocab_size
+        self.params_M = sum(p.numel() for p in self.model.parameters()) / 1e6
+
+    def train_step(self, batch: int, length: int):
+        if self.name == LLAMA:
+            return llama_train_step(self.model, batch, length)
+        return seqmix_train_step(self.model, self.config, batch, length)
+
+    def generate(self, prompt: torch.Tensor, new_tokens: int):
+        if self.name == LLAMA:
+            return llama_generate(self.model, prompt, new_tokens)
+        return seqmix_generate(self.model, prompt, new_tokens)
+
+
+def measure(names: list[str], args) -> list[dict]:
+    """The rows: train tokens/s per shape and decode ms/token per prompt length, every model timed in
+    the same rounds."""
+    subjects = [Subject(name) for name in names]
+    rows = [{"mixer": s.name, "params_M": s.params_M, "train": {}, "decode": {}} for s in subjects]
+    if not args.no_train:
+        for s in subjects:
+            s.model.train()
+        calls = {(i, b, t): s.train_step(b, t) for i, s in enumerate(subjects) for b, t in args.train_shapes}
+        for (i, b, t), seconds in _round_robin_medians(calls, args.repeats).items():
+            rows[i]["train"][f"B{b}T{t}"] = b * t / seconds
+    if not args.no_decode:
+        for s in subjects:
+            s.model.eval()
+        calls = {}
+        for i, s in enumerate(subjects):
+            for p in args.prompts:
+                prompt = _tokens(1, p, s.vocab)
+                calls[(i, p, 1)] = s.generate(prompt, 1)
+                calls[(i, p, args.new_tokens)] = s.generate(prompt, args.new_tokens)
+        seconds = _round_robin_medians(calls, args.repeats)
+        for i, _ in enumerate(subjects):
+            for p in args.prompts:
+                steps = seconds[(i, p, args.new_tokens)] - seconds[(i, p, 1)]
+                # Not clamped: a value near or below 0 says the prefill's noise hid the decode steps
+                # (more --new-tokens or --repeats).
+                rows[i]["decode"][f"prompt{p}"] = steps / (args.new_tokens - 1) * 1e3
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    base = next((r for r in rows if r["mixer"] == "attention"), None)
+    columns = [("train", k, "tok/s") for k in rows[0]["train"]] + [("decode", k, "ms/tok") for k in rows[0]["decode"]]
+    print(f"\nCPU, {torch.get_num_threads()} threads, torch {torch.__version__}; 2-layer LM, hidden {HIDDEN}, "
+          f"{HEADS} heads; (x) = ratio to seqmix's attention in this run")
+    print(f"{'mixer':<22}" + "".join(f"{f'{kind} {key} {unit}':>30}" for kind, key, unit in columns))
+    for r in rows:
+        cells = []
+        for kind, key, _ in columns:
+            value = r[kind].get(key)
+            ref = None if base is None else base[kind].get(key)
+            ratio = f" ({value / ref:.2f}x)" if value is not None and ref else ""
+            cells.append("-" if value is None else (f"{value:.0f}" if kind == "train" else f"{value:.2f}") + ratio)
+        print(f"{r['mixer']:<22}" + "".join(f"{c:>30}" for c in cells))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mixers", nargs="+", default=None,
+                        help=f"mixers to time (default: all registered, attention first): {', '.join(MIXERS)}")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and new tokens (a rough table)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per median (default 5, quick 2)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="N of the decode timing (default 33, quick 9)")
+    parser.add_argument("--train-shapes", nargs="+", default=None, help="BxT entries, default 16x128 2x2048")
+    parser.add_argument("--prompts", nargs="+", type=int, default=list(PROMPTS))
+    parser.add_argument("--no-train", action="store_true")
+    parser.add_argument("--no-decode", action="store_true")
+    parser.add_argument("--no-llama", action="store_true", help="skip transformers' Llama even if it imports")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch's CPU threads (default: torch's own); on a loaded machine 1 avoids threads "
+                             "that wait for each other")
+    parser.add_argument("--out", help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.mixers or ()) - set(MIXERS))
+    if unknown:
+        parser.error(f"--mixers: unknown {unknown}; registered: {sorted(MIXERS)}")
+    args.repeats = args.repeats or (2 if args.quick else 5)
+    args.new_tokens = args.new_tokens or (9 if args.quick else 33)
+    if args.repeats < 1 or args.new_tokens < 2:
+        parser.error("--repeats must be >= 1 and --new-tokens >= 2")
+    shapes = args.train_shapes or [f"{b}x{t}" for b, t in TRAIN_SHAPES]
+    try:
+        args.train_shapes = [tuple(int(n) for n in s.lower().split("x")) for s in shapes]
+    except ValueError:
+        parser.error(f"--train-shapes: entries are BxT, got {shapes}")
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = args.mixers or ["attention"] + [m for m in MIXERS if m != "attention"]
+    if not args.no_llama and args.mixers is None and llama_model() is not None:
+        names.insert(1, LLAMA)
+    rows = measure(names, args)
+    print_table(rows)
+    if args.out:
+        meta = {"machine": platform.machine(), "processor": platform.processor(), "threads": torch.get_num_threads(),
+                "torch": torch.__version__, "repeats": args.repeats, "new_tokens": args.new_tokens}
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
