@@ -1,7 +1,7 @@
 """The benchmarks' own arithmetic: the roofline floors match the anchors' and the error check works."""
 
-import math
 import json
+import math
 
 import pytest
 import torch
