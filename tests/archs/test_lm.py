@@ -93,3 +93,28 @@ def test_config_layers_shorthand_and_errors():
         LanguageModel(LMConfig(layers=[]))
     with pytest.raises(ValueError, match="tokens must be an int64 tensor"):
         _model(["attention"])(torch.zeros(2, 3, device=DEVICE))
+
+
+def test_layers_as_a_name_or_a_comma_list_and_mixer_options_checked():
+    assert LMConfig(layers="deltanet").layers == ["deltanet"]
+    assert LMConfig(layers="deltanet*2, attention").layers == ["deltanet", "deltanet", "attention"]
+    with pytest.raises(ValueError, match="layers must be a mixer name, a comma-separated list"):
+        LMConfig(layers=3)
+    with pytest.raises(ValueError, match=r"mixer_options\['mamba'\]: Mamba takes no option\(s\) \['d_stat'\]; "
+                                         r"its options are \['d_state', "):
+        LanguageModel(LMConfig(layers=["mamba"], mixer_options={"mamba": {"d_stat": 8}}))
+    with pytest.raises(ValueError, match=r"takes no option\(s\) \['hidden_size'\]"):
+        LanguageModel(LMConfig(layers=["mamba"], mixer_options={"mamba": {"hidden_size": 8}}))
+    with pytest.raises(ValueError, match=r"mixer_options\['mamba'\] must be a mapping"):
+        LanguageModel(LMConfig(layers=["mamba"], mixer_options={"mamba": 8}))
+
+
+def test_token_ids_outside_the_vocabulary_are_refused():
+    model = _model(["attention"])
+    for bad in (300, -1):
+        tokens = _tokens(2, 5)
+        tokens[1, 3] = bad
+        with pytest.raises(ValueError, match=rf"tokens must be ids in \[0, vocab_size=300\), got values .*{bad}"):
+            model(tokens)
+        with pytest.raises(ValueError, match=r"tokens must be ids in \[0, vocab_size=300\)"):
+            model.generate(tokens, 2)

@@ -105,3 +105,20 @@ def test_interface_errors():
         layer(_x(1, 5), attention_mask=torch.ones(1, 5, device=DEVICE), cu_seqlens=torch.tensor([0, 5]))
     with pytest.raises(ValueError, match="unknown mixer 'mamba9'"):
         build_mixer("mamba9", hidden_size=8)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_CONFIGS))
+def test_a_state_for_other_sequences_is_refused_in_the_layers_terms(name):
+    """A state for 2 sequences on 3 is named as the state's batch against what the call continues (x's batch,
+    the mask's, or the packed sequences), whatever the state holds (caches, nested layers' states)."""
+    layer = _mixer(name, "reference")
+    state = layer.init_state(2)
+    with pytest.raises(ValueError, match=r"state\['.+'\] holds 2 sequence\(s\) .* continues 3: x's batch of 3"):
+        layer(_x(3, 4), state)
+    with pytest.raises(ValueError, match=r"holds 2 sequence\(s\) .* continues 3: attention_mask's batch of 3"):
+        layer(_x(3, 4), state, attention_mask=torch.ones(3, 4, device=DEVICE))
+    cu_seqlens = torch.tensor([0, 1, 3, 4], device=DEVICE)
+    with pytest.raises(ValueError, match=r"holds 2 sequence\(s\) .* continues 3: len\(cu_seqlens\) - 1 = 3"):
+        layer(_x(1, 4), state, cu_seqlens=cu_seqlens)
+    with pytest.raises(ValueError, match="state must be a dict of tensors"):
+        layer(_x(2, 4), [state])
