@@ -130,16 +130,26 @@ def select_backend(
     maps a backend to why it cannot serve this particular call (a dtype or a
     size it does not support), None where it can. The choice goes to the
     ``seqmix.kernels`` logger (DEBUG) and to :func:`recording` / :func:`explain`;
-    with neither on, that costs one check. Choices made while ``torch.compile``
-    traces are not reported (Dynamo cannot trace a logger; the trace chooses once).
+    with neither on, that costs one check (:func:`reporting`). Choices made while
+    ``torch.compile`` traces are not reported (Dynamo cannot trace a logger).
     """
     name, how, passed_over = _choose(op, requested, device, implemented, limits)
-    if not torch.compiler.is_compiling() and (_watchers or logger.isEnabledFor(logging.DEBUG)):
-        choice = Choice(op, name, how, device, tuple(passed_over))
-        logger.debug("%s", choice)
-        for watch in _watchers:
-            watch(choice)
+    if reporting():
+        report(Choice(op, name, how, device, tuple(passed_over)))
     return name
+
+
+def reporting() -> bool:
+    """Whether choices are being watched (:func:`recording`, :func:`explain`) or logged at DEBUG level: code
+    that chooses outside :func:`select_backend` builds its :class:`Choice` only then."""
+    return not torch.compiler.is_compiling() and (bool(_watchers) or logger.isEnabledFor(logging.DEBUG))
+
+
+def report(choice: Choice) -> None:
+    """Log ``choice`` (DEBUG) and show it to the watchers."""
+    logger.debug("%s", choice)
+    for watch in list(_watchers):
+        watch(choice)
 
 
 def _choose(op, requested, device, implemented, limits) -> tuple[str, str, list[tuple[str, str, bool]]]:
