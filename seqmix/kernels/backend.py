@@ -211,7 +211,7 @@ def explain(op: str | Callable, *args, **kwargs) -> Choice:
     if isinstance(op, str):
         from seqmix import kernels
 
-        if op not in kernels.__all__ or not callable(getattr(kernels, op)):
+        if op not in kernels.__all__ or op in ("explain", "BackendUnavailable"):
             raise ValueError(f"op: no op named {op!r} in seqmix.kernels")
         op = getattr(kernels, op)
 
