@@ -11,7 +11,10 @@ defaults, then the ``--config`` file (YAML or JSON), then flags.
 The run directory (``out_dir``) gets ``log.jsonl`` (one JSON object per logged step), ``checkpoint.pt``
 (model, optimizer, step, RNG states; written atomically), ``model/`` (safetensors weights and
 ``config.json``, for :meth:`LanguageModel.from_pretrained`) and ``loss.png``. ``--resume`` continues
-from ``checkpoint.pt`` and gives, step for step, the run that was not interrupted.
+from ``checkpoint.pt`` and gives, step for step, the run that was not interrupted; with another
+``--steps`` it extends the run (:func:`lr_at`). ``--help`` lists every flag with its default, the
+mixers with their options and the bundled configs; bad values exit with status 2 before anything is
+written. The token cache is ``$SEQMIX_CACHE`` (default ``~/.cache/seqmix``).
 """
 
 from __future__ import annotations
