@@ -2,6 +2,7 @@
 DDP on two CPU processes, every mixer trains, the command line (help, bad values refused with exit status 2
 before anything is trained or written) and the banner (token cache, backends)."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -52,6 +53,7 @@ def _losses(out_dir):
     return [e["loss"] for e in map(json.loads, (Path(out_dir) / "log.jsonl").read_text().splitlines()) if "loss" in e]
 
 
+@pytest.mark.slow
 def test_loss_decreases_on_the_default_corpus(tmp_path):
     config = _config(tmp_path / "run", None, steps=40, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=5,
                      eval_every=40, eval_tokens=4096, save_every=40, log_every=5)
@@ -112,6 +114,7 @@ def test_a_kill_during_a_save_keeps_the_previous_checkpoint(tmp_path, text_dir, 
 SMALL_OPTIONS = {"recurrent_depth": {"core": ["attention"], "mean_steps": 3, "backprop_steps": 2}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MIXERS))
 def test_every_mixer_trains(tmp_path, text_dir, name):
     options = {name: SMALL_OPTIONS[name]} if name in SMALL_OPTIONS else {}
@@ -122,6 +125,7 @@ def test_every_mixer_trains(tmp_path, text_dir, name):
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.5, losses
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, text_dir):
     def run(nproc, out, grad_accum):
         args = ["--grad-accum", str(grad_accum), "--data", str(text_dir), "--out-dir", str(out), "--model.hidden-size", "32", "--model.num-heads", "2",
@@ -145,6 +149,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, text_dir):
                 assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a, b)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch(tmp_path, text_dir):
     trainer.train(_config(tmp_path / "one", text_dir, steps=3))
     trainer.train(_config(tmp_path / "four", text_dir, steps=3, grad_accum=4))
@@ -330,7 +335,7 @@ def test_an_extended_schedule_continues_from_the_learning_rate_reached():
     lrs = [trainer.lr_at(config, step, schedule) for step in range(20)]
     assert lrs[:5] == [trainer.lr_at(config, step) for step in range(5)]  # as before, up to the extension
     assert lrs[5] == trainer.lr_at(config, 5)  # no jump where it is extended
-    assert all(a > b for a, b in zip(lrs[5:], lrs[6:]))  # then down, slower ...
+    assert all(a > b for a, b in itertools.pairwise(lrs[5:]))  # then down, slower ...
     assert lrs[9] > trainer.lr_at(config, 9) and trainer.lr_at(config, 20, schedule) == pytest.approx(0.1)  # to min_lr
     # A finished run has reached min_lr and stays there.
     assert [trainer.lr_at(config, s, [(0, 10), (10, 15)]) for s in range(10, 15)] == [0.1] * 5

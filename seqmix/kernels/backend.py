@@ -148,7 +148,7 @@ def reporting() -> bool:
 def report(choice: Choice) -> None:
     """Log ``choice`` (DEBUG) and show it to the watchers."""
     logger.debug("%s", choice)
-    for watch in list(_watchers):
+    for watch in _watchers:
         watch(choice)
 
 

@@ -25,6 +25,7 @@ def _tokens(B, T, seed=1):
 SMALL_OPTIONS = {"recurrent_depth": {"core": ["attention", "attention"], "mean_steps": 3}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MIXERS))
 def test_generation_with_state_equals_no_cache_forward(name):
     model = _model([name, name], mixer_options={name: SMALL_OPTIONS[name]} if name in SMALL_OPTIONS else {})
