@@ -85,10 +85,10 @@ class LMConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.vocab_size < min_vocab:
             raise ValueError(f"vocab_size={self.vocab_size} is smaller than the tokenizer's {min_vocab} tokens")
-        for name, value, low in (("norm_eps", self.norm_eps, "> 0"), ("init_std", self.init_std, ">= 0")):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or not (value > 0 if low == "> 0" else value >= 0):
-                raise ValueError(f"{name} must be a finite number {low}, got {value!r}")
+        for name, value, positive in (("norm_eps", self.norm_eps, True), ("init_std", self.init_std, False)):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not number or value < 0 or (positive and value == 0):
+                raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
 
