@@ -7,8 +7,8 @@ standard library found on this machine (through ``sysconfig``): real text that
 is present wherever Python is. It is split into train and validation by file,
 deterministically (a hash of each file's path inside the corpus).
 
-Token arrays are written once to a cache directory (``$SEQMIX_DATA_CACHE``, default
-``~/.cache/seqmix``), file by file, and read back with ``numpy.memmap``, so a corpus
+Token arrays are written once to a cache directory (``$SEQMIX_CACHE``, default
+``~/.cache/seqmix``; see :func:`cache_root`), file by file, and read back with ``numpy.memmap``, so a corpus
 need not fit in memory.
 """
 
@@ -50,6 +50,7 @@ class Corpus:
     name: str
     train: np.ndarray
     val: np.ndarray
+    directory: Path  # where the arrays are cached
 
     def batch(self, split: str, starts: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Windows of ``seq_len + 1`` tokens at ``starts`` [B]: inputs and next-token targets, [B, seq_len] int64."""
@@ -67,13 +68,19 @@ class Corpus:
         return torch.arange(count) * seq_len
 
 
+def cache_root() -> Path:
+    """The token cache: ``$SEQMIX_CACHE`` when set, else ``~/.cache/seqmix``."""
+    return Path(os.environ.get("SEQMIX_CACHE") or Path.home() / ".cache" / "seqmix")
+
+
 def load_corpus(source: str | None, seq_len: int, cache_dir: str | Path | None = None) -> Corpus:
     """The corpus named by ``source``: None (the standard library), a text file, a directory of
     text files, or a Hugging Face dataset name (with ``datasets`` installed and the data cached).
 
     Raises ValueError naming ``source`` when it holds no text or too little for ``seq_len``.
+    ``cache_dir``: where the token arrays go (default :func:`cache_root`).
     """
-    cache_dir = Path(cache_dir or os.environ.get("SEQMIX_DATA_CACHE") or Path.home() / ".cache" / "seqmix")
+    cache_dir = Path(cache_dir) if cache_dir else cache_root()
     if source is None:
         name, (train_docs, val_docs, key) = "python-stdlib", _files_split(Path(sysconfig.get_paths()["stdlib"]),
                                                                            stdlib=True)
@@ -92,7 +99,7 @@ def load_corpus(source: str | None, seq_len: int, cache_dir: str | Path | None =
         if len(tokens) < seq_len + 2:
             raise ValueError(f"data {name!r}: the {split} split has {len(tokens)} tokens, fewer than "
                              f"seq_len + 2 = {seq_len + 2}; give more text or a shorter seq_len")
-    return Corpus(name, arrays["train"], arrays["val"])
+    return Corpus(name, arrays["train"], arrays["val"], directory)
 
 
 def _read_text(path: Path) -> bytes | None:

@@ -23,3 +23,12 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("SEQMIX_HYPOTHESIS_PROFILE", "gpu" if ON_GPU else "ci"))
+# The quick tier (README, "Tests") draws fewer examples in the property tests that do not fix their own count.
+settings.register_profile("quick", parent=settings.get_profile("ci"), max_examples=5)
+
+
+def pytest_configure(config):
+    """``-m "not slow"`` is the quick tier: on a CPU it loads the ``quick`` profile, unless
+    SEQMIX_HYPOTHESIS_PROFILE names one."""
+    if config.getoption("markexpr") == "not slow" and not ON_GPU and "SEQMIX_HYPOTHESIS_PROFILE" not in os.environ:
+        settings.load_profile("quick")

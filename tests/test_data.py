@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from seqmix.data import BOS, VOCAB_SIZE, decode, encode, load_corpus
+from seqmix.data import BOS, VOCAB_SIZE, cache_root, decode, encode, load_corpus
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -49,6 +49,14 @@ def test_directory_corpus_skips_binary_files_and_splits_by_file(text_dir, tmp_pa
     total = sum(len(t) + 1 for t in texts if t.strip())
     assert len(corpus.train) + len(corpus.val) == total  # every non-blank text file, plus one BOS each; no blob
     assert (np.asarray(corpus.val) == BOS).sum() >= 1 and (np.asarray(corpus.train) == BOS).sum() > 30
+
+
+def test_the_cache_is_under_seqmix_cache(text_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("SEQMIX_CACHE", raising=False)
+    assert cache_root() == Path.home() / ".cache" / "seqmix"
+    monkeypatch.setenv("SEQMIX_CACHE", str(tmp_path / "tokens"))
+    corpus = load_corpus(str(text_dir), 64)
+    assert corpus.directory.parent == tmp_path / "tokens" and (corpus.directory / "train.bin").is_file()
 
 
 def test_single_file_is_split_by_position(tmp_path):

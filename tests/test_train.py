@@ -1,6 +1,8 @@
-"""The trainer: learning on the default corpus, resume = uninterrupted, atomic checkpoints, DDP on
-two CPU processes, every mixer trains, and bad runs refused before anything is trained or written."""
+"""The trainer: learning on the default corpus, resume = uninterrupted, extending a run, atomic checkpoints,
+DDP on two CPU processes, every mixer trains, the command line (help, bad values refused with exit status 2
+before anything is trained or written) and the banner (token cache, backends)."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -13,7 +15,7 @@ import torch
 
 from seqmix import train as trainer
 from seqmix.archs import MIXERS
-from seqmix.archs.lm import LanguageModel
+from seqmix.archs.lm import LanguageModel, LMConfig
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +53,7 @@ def _losses(out_dir):
     return [e["loss"] for e in map(json.loads, (Path(out_dir) / "log.jsonl").read_text().splitlines()) if "loss" in e]
 
 
+@pytest.mark.slow
 def test_loss_decreases_on_the_default_corpus(tmp_path):
     config = _config(tmp_path / "run", None, steps=40, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=5,
                      eval_every=40, eval_tokens=4096, save_every=40, log_every=5)
@@ -102,7 +105,7 @@ def test_a_kill_during_a_save_keeps_the_previous_checkpoint(tmp_path, text_dir, 
     model = LanguageModel(_config(out, text_dir).model)
     with pytest.raises(KeyboardInterrupt):
         trainer.save_checkpoint(out / "checkpoint.pt", model, torch.optim.AdamW(model.parameters()), 9,
-                                _config(out, text_dir, steps=3), torch.device("cpu"))
+                                _config(out, text_dir, steps=3), torch.device("cpu"), [(0, 3)])
     assert (out / "checkpoint.pt").read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "log.jsonl", "loss.png", "model"]
 
@@ -111,6 +114,7 @@ def test_a_kill_during_a_save_keeps_the_previous_checkpoint(tmp_path, text_dir, 
 SMALL_OPTIONS = {"recurrent_depth": {"core": ["attention"], "mean_steps": 3, "backprop_steps": 2}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MIXERS))
 def test_every_mixer_trains(tmp_path, text_dir, name):
     options = {name: SMALL_OPTIONS[name]} if name in SMALL_OPTIONS else {}
@@ -121,6 +125,7 @@ def test_every_mixer_trains(tmp_path, text_dir, name):
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.5, losses
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, text_dir):
     def run(nproc, out, grad_accum):
         args = ["--grad-accum", str(grad_accum), "--data", str(text_dir), "--out-dir", str(out), "--model.hidden-size", "32", "--model.num-heads", "2",
@@ -144,6 +149,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, text_dir):
                 assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a, b)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch(tmp_path, text_dir):
     trainer.train(_config(tmp_path / "one", text_dir, steps=3))
     trainer.train(_config(tmp_path / "four", text_dir, steps=3, grad_accum=4))
@@ -224,3 +230,135 @@ def test_auxiliary_losses_are_trained_and_logged(tmp_path, text_dir):
     for entry in logged:
         assert {"aux_loss", "layer1.boundary_loss", "layer1.boundary_rate", "layer1.mean_segment_length"} <= set(entry)
         assert entry["aux_loss"] > 0 and 0 <= entry["layer1.boundary_rate"] <= 1
+
+
+def test_help_lists_every_flag_with_its_default_the_mixers_and_the_bundled_configs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.main(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for f in [*trainer._fields(trainer.TrainConfig).values(), *trainer._fields(LMConfig).values()]:
+        if f.name != "model":
+            assert ("--model." if f.name in trainer._fields(LMConfig) else "--") + f.name.replace("_", "-") in text
+            assert " ".join(f.metadata["help"].split()) in text, f.name
+    assert "--lr VALUE peak learning rate (AdamW), reached after the warmup; a number (default: 0.003)" in text
+    assert "(default: [deltanet, deltanet, deltanet, deltanet])" in text
+    for name in MIXERS:
+        assert f" {name} " in text, name
+    assert "mamba d_state, expand," in text  # a mixer's options
+    assert "tiny A tiny hybrid byte-level LM" in text and "gpu-50m ~50M-parameter" in text
+    assert "$SEQMIX_CACHE" in text and "--resume with a larger --steps extends a run" in text
+
+
+def _refused(argv, tmp_path, capsys):
+    """Run the command line on argv; it must exit with status 2 and write nothing. Returns stderr."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.main([*argv, "--out-dir", str(out), "--progress", "false"])
+    assert exit_info.value.code == 2
+    assert not out.exists()
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "abc"], "lr (--lr) must be a number, got 'abc'"),
+    (["--steps", "2.5"], "steps (--steps) must be an integer, got 2.5"),
+    (["--compile", "maybe"], "compile (--compile) must be true or false, got 'maybe'"),
+    (["--device", "cuda:x"], "device must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+    (["--model.layers", "mamba", "--model.mixer-options", "{mamba: {d_stat: 8}}"],
+     "model: mixer_options['mamba']: Mamba takes no option(s) ['d_stat']; its options are ['d_state', 'expand',"),
+    (["--model.layers", "mamba", "--model.mixer-options", "{mamba: {d_state: abc}}"],
+     "model.mixer_options.mamba.d_state must be an integer, got 'abc'"),
+    (["--model.layers", "mamba", "--model.mixer-options", "{mamba: {expand: 0}}"], "model: expand * hidden_size"),
+    (["--model.mixer-options", "{mamba: {d_state: 8"], "argument --model.mixer-options: not valid YAML"),
+    (["--model.layers", "deltanet,transformer"], "model: layers: unknown mixer name(s) ['transformer']; registered: ['attention',"),
+    (["--model.layers", "deltanet*x"], "model: layers: 'deltanet*x' must be a mixer name or 'name*count'"),
+    (["--model.layers", "[]"], "model: layers is empty"),
+    (["--beta2", "1.5"], "beta1 and beta2 must be in [0, 1)"),
+    (["--config", "nope"], "--config 'nope': no such file (bundled configs: ['gpu-50m', 'tiny'])"),
+])
+def test_bad_values_exit_with_status_2_before_anything_is_written(argv, message, tmp_path, capsys):
+    err = _refused(argv, tmp_path, capsys)
+    assert f"seqmix-train: error: {message}" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_a_gpu_device_without_a_gpu_is_refused(tmp_path, capsys):
+    err = _refused(["--device", "cuda"], tmp_path, capsys)
+    assert "seqmix-train: error: device 'cuda': torch sees no CUDA GPU on this machine" in err
+
+
+def test_layers_as_a_name_a_comma_list_or_a_yaml_list_and_numbers_as_yaml_strings():
+    for value, layers in (("deltanet", ["deltanet"]), ("deltanet,attention*2", ["deltanet", "attention", "attention"]),
+                          ("[deltanet*2, attention]", ["deltanet", "deltanet", "attention"])):
+        assert trainer.parse_args(["--model.layers", value]).model.layers == layers
+    config = trainer.parse_args(["--lr", "1e-3", "--min-lr", "0", "--model.norm-eps", "1e-6"])
+    assert (config.lr, config.min_lr, config.model.norm_eps) == (1e-3, 0.0, 1e-6)  # YAML reads 1e-3 as a string
+    assert isinstance(config.min_lr, float)
+
+
+def test_resume_extends_a_run_deterministically(tmp_path, text_dir, monkeypatch, capsys):
+    """--resume --steps 5 on a finished 3-step run trains steps 4-5 at min_lr (the cosine had reached it), and an
+    extension interrupted half-way and resumed gives the same run bit for bit (the schedule is in the checkpoint)."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    for out in (first, second):
+        trainer.train(_config(out, text_dir, steps=3))
+    trainer.train(_config(first, text_dir, steps=5, resume=True))
+    assert "extending the run to 5 steps" in capsys.readouterr().out
+
+    real_save = trainer.save_checkpoint
+
+    def save_then_die(path, model, optimizer, step, *args):
+        real_save(path, model, optimizer, step, *args)
+        if step == 4:
+            raise KeyboardInterrupt("killed after the step-4 checkpoint")
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(_config(second, text_dir, steps=5, save_every=1, resume=True))
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    trainer.train(_config(second, text_dir, steps=5, resume=True))
+
+    entries = [e for e in map(json.loads, (first / "log.jsonl").read_text().splitlines()) if "loss" in e]
+    assert [e["step"] for e in entries] == [1, 2, 3, 4, 5]
+    assert [e["lr"] for e in entries[3:]] == [_config(first, text_dir).min_lr] * 2
+    assert _losses(second) == _losses(first)
+    a, b = (torch.load(out / "checkpoint.pt", weights_only=True) for out in (first, second))
+    assert a["step"] == b["step"] == 5 and a["schedule"] == b["schedule"] == [[0, 3], [3, 5]]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_an_extended_schedule_continues_from_the_learning_rate_reached():
+    config = _config("unused", None, steps=10, warmup_steps=2, lr=1.0, min_lr=0.1)
+    schedule = [(0, 10), (5, 20)]
+    lrs = [trainer.lr_at(config, step, schedule) for step in range(20)]
+    assert lrs[:5] == [trainer.lr_at(config, step) for step in range(5)]  # as before, up to the extension
+    assert lrs[5] == trainer.lr_at(config, 5)  # no jump where it is extended
+    assert all(a > b for a, b in itertools.pairwise(lrs[5:]))  # then down, slower ...
+    assert lrs[9] > trainer.lr_at(config, 9) and trainer.lr_at(config, 20, schedule) == pytest.approx(0.1)  # to min_lr
+    # A finished run has reached min_lr and stays there.
+    assert [trainer.lr_at(config, s, [(0, 10), (10, 15)]) for s in range(10, 15)] == [0.1] * 5
+
+
+def test_resuming_a_finished_run_says_so_and_writes_nothing(tmp_path, text_dir, capsys):
+    out = tmp_path / "run"
+    trainer.train(_config(out, text_dir, steps=3))
+    saved = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    metrics = trainer.train(_config(out, text_dir, steps=3, resume=True))
+    assert f"the run in {out} finished at step 3 (steps=3); nothing to train" in capsys.readouterr().out
+    assert metrics["step"] == 3 and metrics["val_bpb"] > 0
+    with pytest.raises(trainer.ConfigError, match=r"checkpoint.pt is at step 3, past steps=2; give --steps 3"):
+        trainer.train(_config(out, text_dir, steps=2, resume=True))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == saved
+
+
+def test_the_banner_names_the_token_cache_and_each_layers_backends(tmp_path, text_dir, monkeypatch, capsys):
+    monkeypatch.setenv("SEQMIX_CACHE", str(tmp_path / "cache"))
+    trainer.train(_config(tmp_path / "run", text_dir, steps=1))
+    out = capsys.readouterr().out
+    assert f"token cache {tmp_path / 'cache'}" in out and any((tmp_path / "cache").iterdir())
+    assert "backends on cpu" in out
+    assert "layer 0 deltanet: causal_conv1d x3, delta_rule -> reference (SEQMIX_BACKEND=reference)" in out
+    assert "layer 1 attention: attention -> sdpa (CPU tensors)" in out

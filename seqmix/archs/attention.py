@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqmix.archs.mixer import Mixer, State, register_mixer
+from seqmix.kernels.backend import Choice, report, reporting
 
 
 def rotary(positions: torch.Tensor, theta: float, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -83,9 +84,20 @@ class Attention(Mixer):
         self.o_proj = nn.Linear(inner, hidden_size, bias=False)
 
     def _use_flash(self, x) -> bool:
+        """Whether a dense causal call runs flash-attn (else SDPA, or the reference when asked for); the choice is
+        reported as the kernels' choices are (seqmix.kernels.backend: explain, recording, the DEBUG log)."""
         if self.backend is not None:
-            return self.backend == "flash_attn"
-        return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _flash_attn_available()
+            name, how, passed_over = self.backend, "argument", ()
+        else:
+            why = (f"flash-attn needs CUDA tensors (got {x.device.type})" if not x.is_cuda
+                   else None if _flash_attn_available() else "the flash-attn package is not installed")
+            call_why = None if x.dtype in (torch.float16, torch.bfloat16) else f"flash-attn takes float16 or " \
+                                                                              f"bfloat16, got {x.dtype}"
+            name, how = ("flash_attn" if why is None and call_why is None else "sdpa"), "automatic"
+            passed_over = () if name == "flash_attn" else (("flash_attn", why or call_why, why is None),)
+        if reporting():
+            report(Choice("attention", name, how, x.device, passed_over))
+        return name == "flash_attn"
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         B, T, _ = x.shape

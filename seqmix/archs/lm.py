@@ -21,6 +21,7 @@ from torch import nn
 
 from seqmix.archs.mixer import MIXERS, State, build_mixer, init_mixer_state
 from seqmix.archs.modules import RMSNorm
+from seqmix.kernels.checks import check_values
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 MODEL_TYPE = "seqmix"  # config.json's model_type, the name transformers' Auto classes know seqmix by
@@ -28,25 +29,38 @@ MODEL_TYPE = "seqmix"  # config.json's model_type, the name transformers' Auto c
 
 @dataclass
 class LMConfig:
-    """The model's shape. ``layers`` entries are mixer names, ``"name*n"`` repeats one n times.
+    """The model's shape. ``layers`` entries are mixer names, ``"name*n"`` repeats one n times; a string is a
+    comma-separated list of them (``"deltanet*3,attention"``).
 
     ``mixer_options`` maps a mixer name to extra keyword arguments of its constructor;
     every mixer gets ``hidden_size``, and ``num_heads`` when its constructor takes it.
+    Each field's ``metadata["help"]`` describes it (the trainer's ``--help`` shows them).
     """
 
-    vocab_size: int = 320
-    hidden_size: int = 256
-    layers: list[str] = field(default_factory=lambda: ["deltanet"] * 4)
-    num_heads: int = 4
-    intermediate_size: int | None = None  # SwiGLU width; default 8/3 * hidden rounded up to 64
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
-    mixer_options: dict[str, dict] = field(default_factory=dict)
+    vocab_size: int = field(default=320, metadata={"help": "rows of the embedding and the tied head: at least the "
+                                                           "259 byte-level tokens (320 is a multiple of 64)"})
+    hidden_size: int = field(default=256, metadata={"help": "model width"})
+    layers: list[str] = field(default_factory=lambda: ["deltanet"] * 4, metadata={
+        "help": "each block's mixer: a name, name*n for n blocks, a comma list (deltanet*3,attention) or a YAML "
+                "list ([deltanet*3, attention])"})
+    num_heads: int = field(default=4, metadata={"help": "heads, for the mixers whose constructor takes num_heads"})
+    intermediate_size: int | None = field(default=None, metadata={
+        "help": "SwiGLU width; null: 8/3 of hidden_size rounded up to a multiple of 64"})
+    norm_eps: float = field(default=1e-5, metadata={"help": "RMSNorm epsilon"})
+    init_std: float = field(default=0.02, metadata={"help": "std of the embedding's and the MLPs' initial weights"})
+    mixer_options: dict[str, dict] = field(default_factory=dict, metadata={
+        "help": "extra constructor arguments per mixer name, e.g. \"{mamba: {d_state: 8}}\" (the names each "
+                "mixer takes are listed below)"})
 
     def __post_init__(self):
+        layers = self.layers
+        if isinstance(layers, str):
+            layers = [entry for entry in layers.split(",") if entry.strip()]
+        if not isinstance(layers, (list, tuple)) or not all(isinstance(entry, str) for entry in layers):
+            raise ValueError(f"layers must be a mixer name, a comma-separated list or a list of names, got {layers!r}")
         expanded = []
-        for entry in self.layers:
-            name, _, count = str(entry).partition("*")
+        for entry in layers:
+            name, _, count = entry.partition("*")
             if count and not count.strip().isdigit():
                 raise ValueError(f"layers: {entry!r} must be a mixer name or 'name*count'")
             expanded += [name.strip()] * (int(count) if count else 1)
@@ -61,15 +75,23 @@ class LMConfig:
         unknown = sorted({n for n in self.layers if n not in MIXERS})
         if unknown:
             raise ValueError(f"layers: unknown mixer name(s) {unknown}; registered: {sorted(MIXERS)}")
+        if not isinstance(self.mixer_options, dict):
+            raise ValueError(f"mixer_options must map mixer names to their options, got {self.mixer_options!r}")
         unused = sorted(set(self.mixer_options) - set(self.layers))
         if unused:
             raise ValueError(f"mixer_options names mixer(s) {unused} that no layer uses")
+        for name, options in self.mixer_options.items():
+            check_mixer_options(name, options)
         for name, value in (("hidden_size", self.hidden_size), ("num_heads", self.num_heads),
                             ("intermediate_size", self.intermediate_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.vocab_size < min_vocab:
             raise ValueError(f"vocab_size={self.vocab_size} is smaller than the tokenizer's {min_vocab} tokens")
+        for name, value, positive in (("norm_eps", self.norm_eps, True), ("init_std", self.init_std, False)):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not number or value < 0 or (positive and value == 0):
+                raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
 
@@ -81,6 +103,23 @@ class LMConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def mixer_option_names(name: str) -> list[str]:
+    """The constructor arguments of mixer ``name`` that ``mixer_options`` may set: all but hidden_size, which
+    the model sets."""
+    return [p for p in inspect.signature(MIXERS[name]).parameters if p != "hidden_size"]
+
+
+def check_mixer_options(name: str, options) -> None:
+    """Raise ValueError unless ``options`` is a mapping of constructor arguments that mixer ``name`` takes."""
+    if not isinstance(options, dict):
+        raise ValueError(f"mixer_options[{name!r}] must be a mapping of constructor arguments, got {options!r}")
+    valid = mixer_option_names(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"mixer_options[{name!r}]: {MIXERS[name].__name__} takes no option(s) {unknown}; "
+                         f"its options are {valid}")
 
 
 def default_intermediate_size(hidden_size: int) -> int:
@@ -159,6 +198,7 @@ class LanguageModel(nn.Module):
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype != torch.int64:
             got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise ValueError(f"tokens must be an int64 tensor [B, T], got {got}")
+        _check_token_range(tokens, self.config.vocab_size)
         if state is not None and len(state) != len(self.blocks):
             raise ValueError(f"state must hold one entry per layer ({len(self.blocks)}), got {len(state)}")
         steps = self._step_options(num_steps, backprop_steps, exit_threshold)
@@ -298,6 +338,16 @@ def read_config(path: Path) -> LMConfig:
     if unknown:
         raise ValueError(f"{path}: unknown config field(s) {unknown}; LMConfig fields: {sorted(names)}")
     return LMConfig(**values)
+
+
+def _check_token_range(tokens: torch.Tensor, vocab_size: int) -> None:
+    """Token ids must index the embedding: [0, vocab_size). A ValueError on CPU tensors; on CUDA tensors and
+    while compiling an asynchronous device assertion (checks.check_values), so a decoding step neither
+    synchronises with the host nor breaks its graph."""
+    if tokens.numel():
+        check_values(((tokens >= 0) & (tokens < vocab_size)).all(),
+                     f"tokens must be ids in [0, vocab_size={vocab_size})",
+                     lambda: f"values from {int(tokens.min())} to {int(tokens.max())}")
 
 
 def _sample(logits, temperature, top_k, generator):

@@ -35,6 +35,8 @@ class Mixer(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden_size:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must have shape [B, T, hidden_size={self.hidden_size}], got {got}")
+        if state is not None:
+            _check_state_batch(state, x, cu_seqlens, attention_mask)
         if attention_mask is None:
             return self.mix(x, state, cu_seqlens=cu_seqlens, **options)
         if cu_seqlens is not None:
@@ -79,6 +81,28 @@ def is_decoding_step(x: torch.Tensor, state: State | None, cu_seqlens: torch.Ten
     their families' one-token steps (docs/design.md, "The decoding step"); the test reads only shapes and
     arguments, never values, so it is fixed while ``torch.compile`` traces."""
     return state is not None and cu_seqlens is None and x.shape[1] == 1
+
+
+def _check_state_batch(state, x, cu_seqlens, attention_mask) -> None:
+    """Every state tensor's leading dim is the number of sequences the call continues (x's batch, the
+    attention mask's, or len(cu_seqlens) - 1): said here in the layer's terms, before an inner op
+    reports it as one of its own arguments."""
+    if not isinstance(state, dict):
+        raise ValueError(f"state must be a dict of tensors (from init_state or a previous call), got "
+                         f"{type(state).__name__}")
+    if cu_seqlens is not None and isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1:
+        n, source = cu_seqlens.shape[0] - 1, f"len(cu_seqlens) - 1 = {cu_seqlens.shape[0] - 1} packed sequences"
+    elif attention_mask is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        n, source = attention_mask.shape[0], f"attention_mask's batch of {attention_mask.shape[0]}"
+    else:
+        n, source = x.shape[0], f"x's batch of {x.shape[0]}"
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"state[{name!r}] must be a tensor with one row per sequence, got {got}")
+        if value.shape[0] != n:
+            raise ValueError(f"state[{name!r}] holds {value.shape[0]} sequence(s) (shape {tuple(value.shape)}), "
+                             f"but the call continues {n}: {source}")
 
 
 MIXERS: dict[str, type[Mixer]] = {}

@@ -1,6 +1,7 @@
-"""Functional ops of seqmix, one subpackage per family; each op takes ``backend=``."""
+"""Functional ops of seqmix, one subpackage per family; each op takes ``backend=``, and :func:`explain` says
+which backend an op would take for given inputs, and why."""
 
-from seqmix.kernels.backend import BackendUnavailable
+from seqmix.kernels.backend import BackendUnavailable, explain
 from seqmix.kernels.conv import causal_conv1d, causal_conv1d_update, dynamic_conv, light_conv
 from seqmix.kernels.deltanet import delta_rule, gated_delta_rule
 from seqmix.kernels.gated_linear_attention import gla
@@ -19,6 +20,7 @@ __all__ = [
     "delta_rule",
     "dynamic_conv",
     "ema_dechunk",
+    "explain",
     "gated_delta_rule",
     "gla",
     "light_conv",

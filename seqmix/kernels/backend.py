@@ -9,15 +9,24 @@ model whose ops are at different stages. The automatic choice takes the first
 implemented backend that can serve the call: Triton (or CUDA) on CUDA
 tensors, the reference on CPU tensors unless Triton's interpreter is on, and
 the reference wherever a fused kernel does not take the call's dtype or sizes.
+
+Every choice can be seen: :func:`explain` reports the one an op would make for
+given inputs, :func:`recording` collects those a piece of code makes, and the
+logger ``seqmix.kernels`` logs each at DEBUG level (off unless configured).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
 BACKENDS = ("reference", "triton", "cuda")
+logger = logging.getLogger("seqmix.kernels")
 
 
 class BackendUnavailable(RuntimeError):
@@ -69,6 +78,45 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
 
 
+@dataclass(frozen=True)
+class Choice:
+    """The backend that serves one call of ``op``, how it was chosen (``"argument"``: the op's ``backend=``,
+    ``"SEQMIX_BACKEND"``, or ``"automatic"``) and the more preferred backends ``passed_over`` (backend, why
+    not, whether the reason is the call's own dtype or sizes rather than the device)."""
+
+    op: str
+    backend: str
+    how: str
+    device: torch.device
+    passed_over: tuple[tuple[str, str, bool], ...] = ()
+
+    @property
+    def reason(self) -> str:
+        """Why this backend, in a few words: "CPU tensors", "CUDA tensors", "SEQMIX_BACKEND=reference", or
+        why a more preferred backend does not take the call."""
+        if self.how == "argument":
+            return f"asked for with backend={self.backend!r}"
+        if self.how == "SEQMIX_BACKEND":
+            return f"SEQMIX_BACKEND={self.backend}"
+        where = f"{self.device.type.upper()} tensors"
+        if self.backend == "triton" and self.device.type == "cpu":
+            where += " under Triton's interpreter (TRITON_INTERPRET=1)"
+        if not self.passed_over:
+            return where
+        # The device's reasons (no CUDA tensors) are said once as "CPU tensors"; on a GPU they are news.
+        parts = [where] if any(not call and self.device.type != "cuda" for _, _, call in self.passed_over) else []
+        parts += [f"{name} does not take this call: {why}" if call else f"{name}: {why}"
+                  for name, why, call in self.passed_over if call or self.device.type == "cuda"]
+        return "; ".join(parts)
+
+    def __str__(self) -> str:
+        return f"{self.op}: {self.backend} ({self.reason})"
+
+
+# Callables that see every Choice (see `recording` and `explain`); empty unless one of them is running.
+_watchers: list[Callable[[Choice], None]] = []
+
+
 def select_backend(
     op: str,
     requested: str | None,
@@ -80,8 +128,32 @@ def select_backend(
 
     ``implemented`` lists the op's backends, most preferred first. ``limits``
     maps a backend to why it cannot serve this particular call (a dtype or a
-    size it does not support), None where it can.
+    size it does not support), None where it can. The choice goes to the
+    ``seqmix.kernels`` logger (DEBUG) and to :func:`recording` / :func:`explain`;
+    with neither on, that costs one check (:func:`reporting`). Choices made while
+    ``torch.compile`` traces are not reported (Dynamo cannot trace a logger).
     """
+    name, how, passed_over = _choose(op, requested, device, implemented, limits)
+    if reporting():
+        report(Choice(op, name, how, device, tuple(passed_over)))
+    return name
+
+
+def reporting() -> bool:
+    """Whether choices are being watched (:func:`recording`, :func:`explain`) or logged at DEBUG level: code
+    that chooses outside :func:`select_backend` builds its :class:`Choice` only then."""
+    return not torch.compiler.is_compiling() and (bool(_watchers) or logger.isEnabledFor(logging.DEBUG))
+
+
+def report(choice: Choice) -> None:
+    """Log ``choice`` (DEBUG) and show it to the watchers."""
+    logger.debug("%s", choice)
+    for watch in _watchers:
+        watch(choice)
+
+
+def _choose(op, requested, device, implemented, limits) -> tuple[str, str, list[tuple[str, str, bool]]]:
+    """(backend, how it was chosen, the preferred backends passed over) for :func:`select_backend`."""
 
     def reason(name: str) -> str | None:
         return why_unavailable(name, device) or (limits or {}).get(name)
@@ -94,14 +166,65 @@ def select_backend(
         why = reason(requested)
         if why is not None:
             raise BackendUnavailable(f"{op}: backend {requested!r} cannot serve this call: {why}")
-        return requested
+        return requested, "argument", []
     env = os.environ.get("SEQMIX_BACKEND") or None
     if env is not None:
         if env not in BACKENDS:
             raise ValueError(f"SEQMIX_BACKEND must be one of {BACKENDS}, got {env!r}")
         if env in implemented:
-            return select_backend(op, env, device, implemented, limits)
+            return _choose(op, env, device, implemented, limits)[0], "SEQMIX_BACKEND", []
+    passed_over = []
     for name in implemented:
-        if reason(name) is None:
-            return name
+        device_why = why_unavailable(name, device)
+        why = device_why or (limits or {}).get(name)
+        if why is None:
+            return name, "automatic", passed_over
+        passed_over.append((name, why, device_why is None))
     raise BackendUnavailable(f"{op}: none of {implemented} can serve this call on {device}")
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Choice]]:
+    """Collect the :class:`Choice` of every op called inside the ``with`` block, in call order."""
+    choices: list[Choice] = []
+    _watchers.append(choices.append)
+    try:
+        yield choices
+    finally:
+        _watchers.remove(choices.append)
+
+
+class _Explained(Exception):
+    def __init__(self, choice: Choice):
+        super().__init__(str(choice))
+        self.choice = choice
+
+
+def explain(op: str | Callable, *args, **kwargs) -> Choice:
+    """The backend that ``op`` (a function of :mod:`seqmix.kernels` or its name) would run for these
+    arguments, and why, without running it: the op checks its inputs (bad ones raise as in a real call)
+    and makes its choice, then stops. ``backend=`` among ``kwargs`` is the op's own argument.
+
+    >>> explain("delta_rule", q, k, v, beta)   # doctest: +SKIP
+    Choice(op='delta_rule', backend='reference', ...)   # str(): "delta_rule: reference (CPU tensors)"
+    """
+    if isinstance(op, str):
+        from seqmix import kernels
+
+        if op not in kernels.__all__ or op in ("explain", "BackendUnavailable"):
+            raise ValueError(f"op: no op named {op!r} in seqmix.kernels")
+        op = getattr(kernels, op)
+
+    def stop(choice: Choice) -> None:
+        raise _Explained(choice)
+
+    _watchers.append(stop)
+    try:
+        # Ops that draw a seed (dynamic_conv's DropConnect) do it before choosing: leave the generator as it was.
+        with torch.random.fork_rng(devices=[]):
+            op(*args, **kwargs)
+    except _Explained as e:
+        return e.choice
+    finally:
+        _watchers.remove(stop)
+    raise ValueError(f"op: {getattr(op, '__name__', op)!r} returned without choosing a backend (not a seqmix op)")

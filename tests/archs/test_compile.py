@@ -10,6 +10,9 @@ from seqmix.archs import MIXERS
 from seqmix.archs.lm import LanguageModel, LMConfig
 from tests.helpers import DEVICE, rel_err
 
+# Tracing and compiling a whole LM step per backend takes minutes; the quick tier leaves it to CI.
+pytestmark = pytest.mark.slow
+
 # The decompositions and partitioner of inductor, run eagerly: what the CPU can check of a compiled
 # graph (inductor's own code generation is checked on the GPU: benchmarks/gpu_check.sh).
 COMPILER = "aot_eager_decomp_partition"

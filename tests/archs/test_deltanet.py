@@ -22,6 +22,7 @@ def test_triton_layer_matches_reference_layer_with_gradients():
     contract.fused_matches_reference(lambda backend: _layer(backend, seed=3), _x(2, 70), TOL[torch.float32])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", [{"use_short_conv": False}, {"use_output_gate": False, "expand_v": 2.0}])
 def test_variants_keep_the_state_contract(kw):
     contract.pieces_equal_one_call(_layer("triton", **kw), _x(2, 50), [7, 30], TOL[torch.float32])

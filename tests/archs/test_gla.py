@@ -34,6 +34,7 @@ def test_gate_is_a_normalised_low_rank_logsigmoid():
     assert layer.gk_proj[0].weight.shape == (4, 32) and (g <= 0).all()
 
 
+@pytest.mark.slow
 def test_variant_without_output_gate_keeps_the_state_contract():
     layer = _layer("triton", use_output_gate=False, expand_k=1.0)
     contract.pieces_equal_one_call(layer, _x(2, 50), [7, 30], TOL[torch.float32])

@@ -25,6 +25,7 @@ def _tokens(B, T, seed=1):
 SMALL_OPTIONS = {"recurrent_depth": {"core": ["attention", "attention"], "mean_steps": 3}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MIXERS))
 def test_generation_with_state_equals_no_cache_forward(name):
     model = _model([name, name], mixer_options={name: SMALL_OPTIONS[name]} if name in SMALL_OPTIONS else {})
@@ -119,3 +120,28 @@ def test_config_json_names_the_model_type_and_unknown_fields_are_refused(tmp_pat
     path.write_text(json.dumps({**config, "model_type": "llama"}))
     with pytest.raises(ValueError, match="model_type 'llama' is not a seqmix model"):
         LanguageModel.from_pretrained(tmp_path)
+
+
+def test_layers_as_a_name_or_a_comma_list_and_mixer_options_checked():
+    assert LMConfig(layers="deltanet").layers == ["deltanet"]
+    assert LMConfig(layers="deltanet*2, attention").layers == ["deltanet", "deltanet", "attention"]
+    with pytest.raises(ValueError, match="layers must be a mixer name, a comma-separated list"):
+        LMConfig(layers=3)
+    with pytest.raises(ValueError, match=r"mixer_options\['mamba'\]: Mamba takes no option\(s\) \['d_stat'\]; "
+                                         r"its options are \['d_state', "):
+        LanguageModel(LMConfig(layers=["mamba"], mixer_options={"mamba": {"d_stat": 8}}))
+    with pytest.raises(ValueError, match=r"takes no option\(s\) \['hidden_size'\]"):
+        LanguageModel(LMConfig(layers=["mamba"], mixer_options={"mamba": {"hidden_size": 8}}))
+    with pytest.raises(ValueError, match=r"mixer_options\['mamba'\] must be a mapping"):
+        LanguageModel(LMConfig(layers=["mamba"], mixer_options={"mamba": 8}))
+
+
+def test_token_ids_outside_the_vocabulary_are_refused():
+    model = _model(["attention"])
+    for bad in (300, -1):
+        tokens = _tokens(2, 5)
+        tokens[1, 3] = bad
+        with pytest.raises(ValueError, match=rf"tokens must be ids in \[0, vocab_size=300\), got values .*{bad}"):
+            model(tokens)
+        with pytest.raises(ValueError, match=r"tokens must be ids in \[0, vocab_size=300\)"):
+            model.generate(tokens, 2)

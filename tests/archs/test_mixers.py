@@ -37,6 +37,10 @@ SMALL_CONFIGS = {
 # Each mixer with each backend it takes, except those that need a package this machine lacks.
 CASES = [(name, backend) for name in sorted(SMALL_CONFIGS) for backend in MIXERS[name].backends
          if backend != "flash_attn" or importlib.util.find_spec("flash_attn")]
+# The contract through Triton's interpreter is in the slow tier (minutes on a CPU); each family's layer-level
+# Triton parity (tests/archs/test_<family>.py) stays in the quick tier.
+TIERED_CASES = [pytest.param(name, backend, marks=pytest.mark.slow) if backend == "triton" else (name, backend)
+                for name, backend in CASES]
 
 
 def _mixer(name, backend, seed=0):
@@ -63,19 +67,19 @@ def _whole_sequence(name, backend):
         return layer, x, layer(x, layer.init_state(2))
 
 
-@pytest.mark.parametrize("name, backend", CASES)
+@pytest.mark.parametrize("name, backend", TIERED_CASES)
 @given(cuts=st.lists(st.integers(1, 79), max_size=4))
 def test_pieces_with_state_equal_one_call(name, backend, cuts):
     layer, x, one_call = _whole_sequence(name, backend)
     contract.pieces_equal_one_call(layer, x, cuts, TOL[torch.float32], one_call)
 
 
-@pytest.mark.parametrize("name, backend", CASES)
+@pytest.mark.parametrize("name, backend", TIERED_CASES)
 def test_decoding_token_by_token_equals_training_call(name, backend):
     contract.decoding_equals_training_call(_mixer(name, backend), _x(2, 40), 30, TOL[torch.float32])
 
 
-@pytest.mark.parametrize("name, backend", CASES)
+@pytest.mark.parametrize("name, backend", TIERED_CASES)
 def test_left_padding_and_packing_equal_separate_calls(name, backend):
     xs = [_x(1, t, seed=10 + i) for i, t in enumerate([30, 12, 21])]
     contract.padding_and_packing_equal_separate_calls(_mixer(name, backend), xs, TOL[torch.float32])
@@ -105,3 +109,20 @@ def test_interface_errors():
         layer(_x(1, 5), attention_mask=torch.ones(1, 5, device=DEVICE), cu_seqlens=torch.tensor([0, 5]))
     with pytest.raises(ValueError, match="unknown mixer 'mamba9'"):
         build_mixer("mamba9", hidden_size=8)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_CONFIGS))
+def test_a_state_for_other_sequences_is_refused_in_the_layers_terms(name):
+    """A state for 2 sequences on 3 is named as the state's batch against what the call continues (x's batch,
+    the mask's, or the packed sequences), whatever the state holds (caches, nested layers' states)."""
+    layer = _mixer(name, "reference")
+    state = layer.init_state(2)
+    with pytest.raises(ValueError, match=r"state\['.+'\] holds 2 sequence\(s\) .* continues 3: x's batch of 3"):
+        layer(_x(3, 4), state)
+    with pytest.raises(ValueError, match=r"holds 2 sequence\(s\) .* continues 3: attention_mask's batch of 3"):
+        layer(_x(3, 4), state, attention_mask=torch.ones(3, 4, device=DEVICE))
+    cu_seqlens = torch.tensor([0, 1, 3, 4], device=DEVICE)
+    with pytest.raises(ValueError, match=r"holds 2 sequence\(s\) .* continues 3: len\(cu_seqlens\) - 1 = 3"):
+        layer(_x(1, 4), state, cu_seqlens=cu_seqlens)
+    with pytest.raises(ValueError, match="state must be a dict of tensors"):
+        layer(_x(2, 4), [state])

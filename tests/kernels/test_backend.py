@@ -1,10 +1,15 @@
-"""Backend choice: named backends serve or say why; SEQMIX_BACKEND steers the automatic choice."""
+"""Backend choice: named backends serve or say why; SEQMIX_BACKEND steers the automatic choice; every choice
+can be seen (explain, recording, the seqmix.kernels DEBUG log)."""
+
+import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from seqmix.kernels import BackendUnavailable
-from seqmix.kernels.backend import select_backend, triton_interpreting
+import seqmix.kernels.deltanet as deltanet_family
+from seqmix.kernels import BackendUnavailable, delta_rule, dynamic_conv
+from seqmix.kernels.backend import explain, recording, select_backend, triton_interpreting
 from tests.helpers import ON_GPU
 
 CPU = torch.device("cpu")
@@ -58,3 +63,68 @@ def test_call_limits_skip_a_backend_automatically_and_refuse_it_by_name(monkeypa
     with pytest.raises(BackendUnavailable, match="'triton' cannot serve this call: x must be"):
         select_backend("op", "triton", CPU, ("triton", "reference"), limits)
     assert select_backend("op", None, CPU, ("triton", "reference"), {"triton": None}) == "triton"
+
+
+def _delta_rule_inputs(dtype=torch.float32, device=CPU):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 8, 2, 16, generator=g, dtype=dtype) for _ in range(3))
+    beta = torch.rand(1, 8, 2, generator=g, dtype=dtype)
+    return [t.to(device) for t in (q, F.normalize(k, dim=-1), v, beta)]
+
+
+def test_explain_reports_the_choice_and_why_without_running_the_op(monkeypatch):
+    monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("explain ran the op")
+
+    monkeypatch.setattr(deltanet_family, "delta_rule_chunked", must_not_run)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    choice = explain("delta_rule", *_delta_rule_inputs())
+    assert (choice.op, choice.backend, str(choice)) == ("delta_rule", "reference", "delta_rule: reference (CPU tensors)")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert str(explain(delta_rule, *_delta_rule_inputs())) == \
+        "delta_rule: triton (CPU tensors under Triton's interpreter (TRITON_INTERPRET=1))"
+    assert str(explain(delta_rule, *_delta_rule_inputs(torch.float64))) == (
+        "delta_rule: reference (triton does not take this call: q, k, v, beta must be float16, bfloat16 or float32, "
+        "got torch.float64)")
+    assert explain(delta_rule, *_delta_rule_inputs(), backend="reference").reason == "asked for with backend='reference'"
+    monkeypatch.setenv("SEQMIX_BACKEND", "reference")
+    assert explain(delta_rule, *_delta_rule_inputs()).reason == "SEQMIX_BACKEND=reference"
+    if ON_GPU:
+        monkeypatch.delenv("SEQMIX_BACKEND")
+        assert str(explain(delta_rule, *_delta_rule_inputs(device=torch.device("cuda")))) == \
+            "delta_rule: triton (CUDA tensors)"
+
+
+def test_explain_checks_the_inputs_and_leaves_the_generator_alone(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v, beta = _delta_rule_inputs()
+    with pytest.raises(ValueError, match="beta"):
+        explain(delta_rule, q, k, v, beta[:, :4])
+    with pytest.raises(BackendUnavailable, match="Triton kernels need CUDA tensors"):
+        explain(delta_rule, q, k, v, beta, backend="triton")
+    with pytest.raises(ValueError, match="no op named 'delta_rules' in seqmix.kernels"):
+        explain("delta_rules", q, k, v, beta)
+    with pytest.raises(ValueError, match="returned without choosing a backend"):
+        explain(lambda: None)
+    # dynamic_conv draws its DropConnect seed before choosing: explain puts the generator back.
+    x, weight = torch.randn(1, 5, 4), torch.randn(1, 5, 2, 3)
+    before = torch.get_rng_state()
+    assert explain(dynamic_conv, x, weight, dropconnect=0.5).backend == "reference"
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_recording_and_debug_logging_see_every_choice(monkeypatch, caplog):
+    monkeypatch.setenv("SEQMIX_BACKEND", "reference")
+    inputs = _delta_rule_inputs()
+    with caplog.at_level(logging.WARNING, logger="seqmix.kernels"):
+        delta_rule(*inputs)
+    assert caplog.records == []  # off by default
+    with recording() as choices, caplog.at_level(logging.DEBUG, logger="seqmix.kernels"):
+        delta_rule(*inputs)
+        dynamic_conv(torch.randn(1, 5, 4), torch.randn(1, 5, 2, 3))
+    assert [str(c) for c in choices] == ["delta_rule: reference (SEQMIX_BACKEND=reference)",
+                                         "dynamic_conv: reference (SEQMIX_BACKEND=reference)"]
+    assert [r.getMessage() for r in caplog.records] == [str(c) for c in choices]
+    assert all(r.name == "seqmix.kernels" and r.levelno == logging.DEBUG for r in caplog.records)

@@ -96,6 +96,7 @@ def _outputs(result):
     return [t for t in (result if isinstance(result, tuple) else (result,)) if t is not None]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, path", [(name, "chunk_fwd") for name in ("delta_rule", "gated_delta_rule", "gla", "ssd",
                                                                           "selective_scan", "causal_conv1d")]
                          + [(name, "recurrent_fwd") for name in ("gated_delta_rule", "gla", "ssd", "selective_scan")])
@@ -149,6 +150,7 @@ def test_stateless_ops_pass_opcheck(name, module_name, custom_name, monkeypatch)
     torch.library.opcheck(custom, calls[0], test_utils=OPCHECKS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_public_ops_compile_without_graph_breaks(name):
     """torch.compile(fullgraph=True) traces the whole op (checks, packing, custom ops, autograd):

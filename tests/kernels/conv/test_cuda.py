@@ -32,6 +32,7 @@ CUDA_REASON = why_unavailable("cuda", torch.device("cuda")) if torch.cuda.is_ava
 needs_cuda = pytest.mark.skipif(CUDA_REASON is not None, reason=f"CUDA backend unavailable: {CUDA_REASON}")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
 @pytest.mark.parametrize("source", sorted(p.name for p in CSRC.glob("*.cu")))
 def test_cuda_source_compiles_for_sm90(source):

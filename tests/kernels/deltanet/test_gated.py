@@ -88,12 +88,14 @@ def test_triton_matches_reference(case, dtype):
     _compare(case, dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_largest_head_dims(dtype):
     case = Case(batch=1, lengths=None, seqlen=70, heads=1, k=256, v=200, initial_state=True, seed=3)
     _compare(case, dtype, scale=0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern", ["all -20", "-20 and near 0"])
 def test_extreme_decays_stay_finite_and_exact(pattern):
     """Per-token log decays of -20 reach -1280 inside a chunk: exp(b_i) * exp(-b_j) would overflow,
@@ -108,6 +110,7 @@ def test_extreme_decays_stay_finite_and_exact(pattern):
     _compare(case, torch.float32, g=g, dg_scale=True)
 
 
+@pytest.mark.slow
 def test_decays_of_zero_are_the_delta_rule():
     """g = 0 (no decay) gives exactly the plain delta rule's function."""
     from seqmix.kernels import delta_rule
@@ -135,6 +138,7 @@ def test_recurrent_decoding_matches_reference(case, dtype):
     assert_rel(s, s_ref, TOL[dtype], "final state")
 
 
+@pytest.mark.slow
 def test_16k_tokens_of_strong_decay_stay_finite():
     """16K tokens in the float32 reference with decays from exp(-20) to 1: no overflow, no NaN,
     and the state stays bounded (it forgets)."""

@@ -1,5 +1,6 @@
 """The chunked WY form against the step-by-step recurrence, in float64 on the CPU."""
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -19,6 +20,7 @@ def test_chunked_form_matches_recurrence(case, chunk_size):
     assert_rel(s, s_ref, 1e-12, "final state")
 
 
+@pytest.mark.slow
 @given(case=cases(max_t=70, head_dims=(4, 8)))
 def test_chunked_form_gradients_match_recurrence(case):
     q, k, v, beta, h0 = make_inputs(case, torch.float64, "cpu", requires_grad=True)

@@ -13,6 +13,9 @@ import pytest
 
 from tests.sm90 import compile_in_subprocess, print_compiled
 
+# Compiling every kernel for sm_90 takes a minute or more; the quick tier leaves it to CI (README, "Tests").
+pytestmark = pytest.mark.slow
+
 
 def _specs(full: bool, gated: bool):
     from seqmix.kernels.deltanet import triton as kern

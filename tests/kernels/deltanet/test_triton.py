@@ -57,6 +57,7 @@ def test_chunked_matches_reference(case, dtype):
     _check_against_oracle(case, dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("dims", [(256, 256), (256, 16), (16, 200)])
 def test_largest_head_dims(dims, dtype):
@@ -64,6 +65,7 @@ def test_largest_head_dims(dims, dtype):
     _check_against_oracle(case, dtype, scale=0.1)
 
 
+@pytest.mark.slow
 def test_long_sequence():
     """Errors must not grow along 16 chunks of state passing."""
     case = Case(batch=1, lengths=None, seqlen=1024, heads=1, k=16, v=16, initial_state=True, seed=12)

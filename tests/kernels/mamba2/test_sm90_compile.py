@@ -7,7 +7,12 @@ in a subprocess with Triton's interpreter off (see tests/sm90.py).
 
 import sys
 
+import pytest
+
 from tests.sm90 import compile_in_subprocess, print_compiled
+
+# Compiling every kernel for sm_90 takes a minute or more; the quick tier leaves it to CI (README, "Tests").
+pytestmark = pytest.mark.slow
 
 
 def _specs(full: bool):

@@ -39,6 +39,7 @@ def test_chunked_matches_reference(case, dtype):
     _check_against_oracle(case, dtype)
 
 
+@pytest.mark.slow
 def test_strong_decay_long_sequence():
     """dt' A around -20 per step (exp underflows in float32) over 5 chunks and a packed boundary:
     finite, and equal to the float64 reference, gradients included."""
@@ -48,6 +49,7 @@ def test_strong_decay_long_sequence():
     assert torch.isfinite(y).all() and torch.isfinite(s).all()
 
 
+@pytest.mark.slow
 def test_dt_limit_and_large_softplus_inputs():
     """The clamp stops gradients where it bites; softplus passes large inputs through (F.softplus's threshold)."""
     case = Case(batch=2, lengths=None, seqlen=70, heads=2, groups=2, p=3, n=5, initial_state=True, extras=True,

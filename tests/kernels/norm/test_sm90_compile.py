@@ -3,9 +3,13 @@ D = 320), with no spills. Run as a module it compiles and prints JSON (registers
 the test runs it in a subprocess with Triton's interpreter off (see tests/sm90.py). With 4096 elements
 per tile the fp32 backward at D = 320 used 255 registers and 72 bytes of stack; 2048 keeps it at ~150."""
 
+import pytest
 import triton
 
 from tests.sm90 import compile_in_subprocess, print_compiled
+
+# Compiling every kernel for sm_90 takes a minute or more; the quick tier leaves it to CI (README, "Tests").
+pytestmark = pytest.mark.slow
 
 
 def _specs():

@@ -6,9 +6,13 @@ subprocess with Triton's interpreter off (see tests/sm90.py).
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from tests.sm90 import compile_in_subprocess, print_compiled
+
+# Compiling every kernel for sm_90 takes a minute or more; the quick tier leaves it to CI (README, "Tests").
+pytestmark = pytest.mark.slow
 
 
 def _specs():
