@@ -26,3 +26,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def assert_rel(a: torch.Tensor, b: torch.Tensor, tol: float, what: str) -> None:
     err = rel_err(a, b)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def save_tiny_model(path, layers, **mixer_options):
+    """A seeded, randomly initialised LM of width 32 saved with ``save_pretrained`` in ``path``; returns it in eval mode."""
+    from seqmix.archs.lm import LanguageModel, LMConfig
+
+    torch.manual_seed(0)
+    model = LanguageModel(LMConfig(hidden_size=32, num_heads=2, layers=layers, mixer_options=mixer_options))
+    model.save_pretrained(path)
+    return model.eval()

@@ -10,26 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from seqmix.archs.lm import LanguageModel, LMConfig
 from seqmix.data import BOS, decode, encode
 from seqmix.generate import TextStream, main
+from tests.helpers import save_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "déf f("
-
-
-def _save(path, layers, **options):
-    torch.manual_seed(0)
-    model = LanguageModel(LMConfig(hidden_size=32, num_heads=2, layers=layers, mixer_options=options))
-    model.save_pretrained(path)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A training run's layout: the model in model/ (an attention and a recurrent layer)."""
     run = tmp_path_factory.mktemp("run")
-    return run, _save(run / "model", ["deltanet", "attention"])
+    return run, save_tiny_model(run / "model", ["deltanet", "attention"])
 
 
 def _expected(model, n, **kwargs):
@@ -53,7 +46,7 @@ def test_seeded_sampling_equals_generate_and_takes_a_model_directory(run_dir, ca
 
 
 def test_num_steps_reach_the_recurrent_depth_layer(tmp_path, capsys):
-    model = _save(tmp_path, ["attention", "recurrent_depth"],
+    model = save_tiny_model(tmp_path, ["attention", "recurrent_depth"],
                   recurrent_depth={"core": ["attention"], "mean_steps": 2})
     main([str(tmp_path), "--prompt", PROMPT, "--max-new-tokens", "6", "--temperature", "0", "--num-steps", "3"])
     out = capsys.readouterr().out

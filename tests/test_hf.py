@@ -18,26 +18,20 @@ transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed (pip install seqmix[hf]); seqmix.hf needs it")
 
 import seqmix.hf  # the Auto classes' registration
-from seqmix.archs.lm import LanguageModel, LMConfig
+from seqmix.archs.lm import LanguageModel
 from seqmix.data import BOS, EOS, PAD, decode, encode
 from seqmix.hf import SeqmixCache, SeqmixForCausalLM, SeqmixTokenizer
+from tests.helpers import save_tiny_model
 
 AutoModelForCausalLM, AutoTokenizer = transformers.AutoModelForCausalLM, transformers.AutoTokenizer
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _save(path, layers, **options) -> LanguageModel:
-    torch.manual_seed(0)
-    model = LanguageModel(LMConfig(hidden_size=32, num_heads=2, layers=layers, mixer_options=options))
-    model.save_pretrained(path)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A seqmix model directory as the trainer writes it (attention + a recurrent mixer) and the model."""
     path = tmp_path_factory.mktemp("model")
-    return path, _save(path, ["deltanet", "attention"])
+    return path, save_tiny_model(path, ["deltanet", "attention"])
 
 
 def _tokens(B, T, seed=1):
@@ -79,7 +73,7 @@ def test_left_padded_batch_generates_each_prompt_as_alone(saved):
 
 
 def test_recurrent_depth_generate_takes_num_steps(tmp_path):
-    model = _save(tmp_path, ["attention", "recurrent_depth"],
+    model = save_tiny_model(tmp_path, ["attention", "recurrent_depth"],
                   recurrent_depth={"core": ["attention"], "mean_steps": 2})
     hf = AutoModelForCausalLM.from_pretrained(tmp_path)
     prompt = _tokens(1, 6)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from seqmix.bench.results import Results, markdown_table, progress, pyplot, save_figure
+from seqmix.bench.results import Results, markdown_table, progress, pyplot, save_figure, write_report
 
 CPU_CONFIGS = ["[attention*4]", "[deltanet*4]", "[deltanet*3, attention]"]
 GPU_CONFIGS = ["[attention*16]", "[deltanet*16]", "[" + ", ".join(["deltanet*3, attention"] * 4) + "]",
@@ -223,12 +223,7 @@ def main(argv=None) -> None:
             rows.append(run_config(text, values, seed, out, results, args.threads))
             bar.update(1)
     bar.close()
-    report = table(rows)
-    (out / "lm.md").write_text(report + "\n")
-    plot(rows, out / "lm.png")
-    print(report)
-    print(f"\n{len(rows)} runs ({time.perf_counter() - start:.0f} s this call); table in {out / 'lm.md'}, "
-          f"plot in {out / 'lm.png'}")
+    write_report(rows, out, "lm", table, plot, start)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from torch import nn
 from seqmix.archs import MIXERS, ShortConv, build_mixer
 from seqmix.archs.mixer import with_parent_backend
 from seqmix.archs.modules import RMSNorm, ShortConvolution
-from seqmix.bench.results import Results, markdown_table, progress, pyplot, save_figure
+from seqmix.bench.results import Results, markdown_table, progress, pyplot, save_figure, write_report
 
 IGNORE = -100  # label of the positions that are not queries (F.cross_entropy's ignore_index)
 
@@ -566,12 +566,7 @@ def main(argv=None) -> None:
     run_sweep(sweep, Results(out / "results.jsonl"), device, show_progress=not args.no_progress, backend=args.backend)
     # The report covers every run in the file: sweeps split over processes (e.g. by --mixers) share one --out.
     rows = list(Results(out / "results.jsonl").rows.values())
-    report = table(rows)
-    (out / "recall.md").write_text(report + "\n")
-    plot(rows, out / "recall.png")
-    print(report)
-    print(f"\n{len(rows)} runs ({time.perf_counter() - start:.0f} s this call); results in {out / 'results.jsonl'}, "
-          f"table in {out / 'recall.md'}, plot in {out / 'recall.png'}")
+    write_report(rows, out, "recall", table, plot, start)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 
@@ -71,3 +72,14 @@ def progress(total: int, desc: str, enabled: bool = True):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="run", dynamic_ncols=True, disable=not enabled)
+
+
+def write_report(rows: list[dict], out: Path, name: str, table, plot, started: float) -> None:
+    """The end of a benchmark command: ``table(rows)`` into ``out/<name>.md`` and printed, ``plot(rows, path)`` into
+    ``out/<name>.png``, and one line saying how many runs and how long this call took (from ``started``)."""
+    report = table(rows)
+    (out / f"{name}.md").write_text(report + "\n")
+    plot(rows, out / f"{name}.png")
+    print(report)
+    print(f"\n{len(rows)} runs ({time.perf_counter() - started:.0f} s this call); results in {out / 'results.jsonl'}, "
+          f"table in {out / f'{name}.md'}, plot in {out / f'{name}.png'}")
