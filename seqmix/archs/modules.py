@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seqmix.archs.mixer import is_decoding_step
 from seqmix.kernels import causal_conv1d, causal_conv1d_update
 from seqmix.kernels.conv.step import causal_conv1d_step
 
@@ -67,7 +68,7 @@ class ShortConvolution(nn.Module):
         One dense token with a state is a decoding step; the state passed in stays valid, as every mixer's
         does. On CUDA without autograd it is :func:`causal_conv1d_update` (one fused kernel) on a copy of the
         state; otherwise the window form of :func:`causal_conv1d_step` (differentiable, no copy)."""
-        if state is not None and cu_seqlens is None and x.shape[1] == 1:
+        if is_decoding_step(x, state, cu_seqlens):
             if x.is_cuda and not torch.is_grad_enabled():
                 new_state = state.clone()
                 out = causal_conv1d_update(x, new_state, self.weight, self.bias, self.activation, backend=self.backend)

@@ -12,7 +12,6 @@ from seqmix.kernels.conv import cuda as cuda_ops
 from seqmix.kernels.conv import triton as kernels
 from seqmix.kernels.conv.dynamic import dynamic_conv, light_conv
 from seqmix.kernels.conv.reference import causal_conv1d_reference, causal_conv1d_update_reference
-from seqmix.kernels.conv.step import causal_conv1d_step
 from seqmix.kernels.op import FusedOp, as_input_grads, chunking_of, fake_outputs, or_empty, register_autograd, run_fused
 from seqmix.kernels.sequences import packed_bounds
 
@@ -181,11 +180,6 @@ def causal_conv1d_update(
         "cuda": cuda_ops.unsupported(x.dtype) or no_grad or (
             None if conv_state.dtype == torch.float32 else f"conv_state must be float32, got {conv_state.dtype}"),
     })
-    if name == "reference" and T == 1 and W > 1:  # a decoding step: the window form, not F.conv1d
-        out, new_state = causal_conv1d_step(x[:, 0], weight, bias, activation, conv_state)
-        with torch.no_grad():
-            conv_state.copy_(new_state)
-        return out.unsqueeze(1)
     if name == "reference" or T == 0 or W == 1:  # width 1 has no state to read or write
         return causal_conv1d_update_reference(x, conv_state, weight, bias, activation)
     if not conv_state.is_contiguous():

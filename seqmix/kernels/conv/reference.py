@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from seqmix.kernels.conv.step import causal_conv1d_step
+
 
 def _conv_dense(x, weight, bias, activation, state):
     """x [B, T, D] and state [B, D, W-1], both in the compute dtype. Returns (out [B, T, D], new state)."""
@@ -43,8 +45,14 @@ def causal_conv1d_reference(x, weight, bias=None, activation=None, initial_state
 
 def causal_conv1d_update_reference(x, conv_state, weight, bias=None, activation=None):
     """Same arguments and result as :func:`seqmix.kernels.causal_conv1d_update` (x [B, T, D]):
-    one :func:`causal_conv1d_reference` call from the state, whose final state is copied back."""
-    out, final = causal_conv1d_reference(x, weight, bias, activation, conv_state, output_final_state=True)
+    one :func:`causal_conv1d_reference` call from the state, whose final state is copied back. One token
+    (a decoding step, W > 1) takes the window form of :func:`causal_conv1d_step` instead: a product and a sum
+    cost less than ``F.conv1d``'s set-up."""
+    if x.shape[1] == 1 and weight.shape[1] > 1:
+        out, final = causal_conv1d_step(x[:, 0], weight, bias, activation, conv_state)
+        out = out.unsqueeze(1)
+    else:
+        out, final = causal_conv1d_reference(x, weight, bias, activation, conv_state, output_final_state=True)
     with torch.no_grad():
         conv_state.copy_(final)
     return out

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from seqmix.kernels.checks import check_tensor
+from seqmix.kernels.sequences import reference_dtype
 
 
 def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
@@ -30,7 +31,7 @@ def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         out: [B, D] in x's dtype.
         state: [B, D, W-1] after the token, float32 (float64 for float64 inputs); a view of a new tensor.
     """
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dt = reference_dtype(x)
     window = torch.cat([state.to(dt), x.to(dt).unsqueeze(-1)], -1)  # [B, D, W]
     out = (window * weight.to(dt)).sum(-1)
     if bias is not None:
@@ -66,7 +67,7 @@ def dynamic_conv_step(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor
         raise ValueError(f"weight must have shape [H, K] or [B={B}, H, K] with H dividing C={C}, "
                          f"got {tuple(weight.shape)}")
     check_tensor("state", state, (B, C, K - 1), dims="[B, C, K-1]", like=x)
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dt = reference_dtype(x)
     window = torch.cat([state.to(dt), x.to(dt).unsqueeze(-1)], -1)  # [B, C, K]
     w = weight.to(dt).softmax(-1) if weight_softmax else weight.to(dt)
     y = (window.view(B, H, C // H, K) @ w.unsqueeze(-1)).view(B, C)
