@@ -1,5 +1,7 @@
 """The short causal conv: the contract by hand, states across splits, packed sequences, bad input."""
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given
@@ -131,3 +133,63 @@ def test_triton_matches_reference(case, dtype):
     names = [n for n, t in zip(("x", "weight", "bias", "initial_state"), fused, strict=True) if t is not None]
     for name, a, ref in zip(names, runs[0][2], runs[1][2], strict=True):
         assert_rel(a, ref, tol, f"d{name}")
+
+
+def _conv1d_form(x, weight, bias, activation, state):
+    """The conv as ``F.conv1d`` over the state-prefixed input in the [B, D, T] layout, differentiated by
+    autograd: the oracle of the reference's hand-written backward."""
+    xs = torch.cat([state, x.transpose(1, 2)], 2)
+    out = torch.nn.functional.conv1d(xs, weight.unsqueeze(1), bias, groups=weight.shape[0]).transpose(1, 2)
+    out = torch.nn.functional.silu(out) if activation == "silu" else out
+    return out, xs[:, :, xs.shape[2] - (weight.shape[1] - 1) :]
+
+
+@given(case=conv_cases())
+def test_reference_gradients_match_conv1d_form(case):
+    """The reference's backward (dx, dweight, dbias, d initial_state, through the output and the final state)
+    against autograd through ``F.conv1d`` in float64, dense and packed (each sequence on its own)."""
+    g = torch.Generator().manual_seed(case["seed"])
+    B, T, D, W = case["batch"], case["T"], case["D"], case["W"]
+    lengths = case["lengths"] or [T] * B
+    cu = None if case["lengths"] is None else torch.tensor([0, *lengths]).cumsum(0)
+    n = B if cu is None else len(lengths)
+    leaves = [torch.randn(B, T, D, generator=g, dtype=torch.float64), torch.randn(D, W, generator=g, dtype=torch.float64),
+              torch.randn(D, generator=g, dtype=torch.float64) if case["bias"] else None,
+              torch.randn(n, D, W - 1, generator=g, dtype=torch.float64) if case["state"] else None]
+    x, w, b, h0 = [None if t is None else t.requires_grad_() for t in leaves]
+    out, final = causal_conv1d(x, w, b, activation=case["activation"], initial_state=h0, output_final_state=True,
+                               cu_seqlens=cu, backend="reference")
+    h = torch.zeros(n, D, W - 1, dtype=torch.float64) if h0 is None else h0
+    if cu is None:
+        want, want_final = _conv1d_form(x, w, b, case["activation"], h)
+    else:
+        bounds = cu.tolist()
+        pieces = [_conv1d_form(x[:, s:e], w, b, case["activation"], h[i : i + 1])
+                  for i, (s, e) in enumerate(itertools.pairwise(bounds))]
+        want, want_final = torch.cat([p[0] for p in pieces], 1), torch.cat([p[1] for p in pieces])
+    assert_rel(out, want, 1e-12, "output")
+    assert_rel(final, want_final, 1e-12, "final state")
+    dout, dfinal = torch.randn(out.shape, generator=g, dtype=torch.float64), torch.randn(final.shape, generator=g,
+                                                                                          dtype=torch.float64)
+    inputs = [t for t in (x, w, b, h0) if t is not None]
+    got = torch.autograd.grad((out * dout).sum() + (final * dfinal).sum(), inputs)
+    ref = torch.autograd.grad((want * dout).sum() + (want_final * dfinal).sum(), inputs)
+    names = [name for name, t in zip(("x", "weight", "bias", "initial_state"), (x, w, b, h0)) if t is not None]
+    for name, a, r in zip(names, got, ref, strict=True):
+        assert_rel(a, r, 1e-12, f"d{name}")
+
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("T, W", [(7, 4), (2, 4), (5, 1)])
+def test_reference_backward_gradcheck(activation, T, W):
+    """Finite differences of the reference in float64, output and final state (T < W-1: the final state
+    still holds initial-state rows)."""
+    g = torch.Generator().manual_seed(T * 10 + W)
+    args = [torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+            for shape in ((2, T, 3), (3, W), (3,), (2, 3, W - 1))]
+
+    def conv(x, w, b, h):
+        return causal_conv1d(x, w, b, activation=activation, initial_state=h, output_final_state=True,
+                             backend="reference")
+
+    assert torch.autograd.gradcheck(conv, args)
