@@ -11,6 +11,7 @@ from torch import nn
 from seqmix.archs.mixer import is_decoding_step
 from seqmix.kernels import causal_conv1d, causal_conv1d_update
 from seqmix.kernels.conv.step import causal_conv1d_step
+from seqmix.kernels.sequences import reference_dtype
 
 
 def no_weight_decay(*params: nn.Parameter | None) -> None:
@@ -22,14 +23,84 @@ def no_weight_decay(*params: nn.Parameter | None) -> None:
             p.no_weight_decay = True
 
 
+def _l2_normalize(x, eps):
+    """(x * r, r) with r = rsqrt(sum(x^2) + eps) [..., 1]: one reduction pass and one product."""
+    r = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().add_(eps))
+    return x * r, r
+
+
+class _L2Normalize(torch.autograd.Function):
+    """y = x * r, r = rsqrt(sum(x^2) + eps) over the last dim. Backward dx = r * (dy - y * sum(dy * y)), y
+    recomputed from x and r (saves no [..., D] tensor but x): two fresh buffers, six passes."""
+
+    @staticmethod
+    def forward(ctx, x, eps):
+        y, r = _l2_normalize(x, eps)
+        ctx.save_for_backward(x, r)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, r = ctx.saved_tensors
+        y = x * r
+        dot = torch.mul(dy, y).sum(-1, keepdim=True)
+        return y.mul_(dot.neg_()).add_(dy).mul_(r), None
+
+
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x / ||x|| over the last dim, computed in float32."""
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
+    """x / sqrt(||x||^2 + eps) over the last dim, computed in float32 (float64 for float64 inputs)."""
+    x32 = x.to(reference_dtype(x))
+    # Without autograd (decoding) the forward alone: an autograd.Function's call costs more than its few ops.
+    y = _L2Normalize.apply(x32, eps) if torch.is_grad_enabled() else _l2_normalize(x32, eps)[0]
+    return y.to(x.dtype)
+
+
+def _rms_norm(x, weight, gate, eps):
+    """(x * r * weight [* silu(gate)], r) with r = rsqrt(mean(x^2) + eps) [..., 1]."""
+    r = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps))
+    y = torch.mul(x, r).mul_(weight)
+    if gate is not None:
+        y.mul_(F.silu(gate))
+    return y, r
+
+
+class _RMSNorm(torch.autograd.Function):
+    """y = xhat * w [* silu(gate)], xhat = x * r, r = rsqrt(mean(x^2) + eps) over the last dim. The backward
+    recomputes xhat and silu(gate) from the inputs and r (nothing of size [..., D] saved besides the inputs):
+    with t = dy * g * xhat, dw = sum_rows t, dx = r * (dy g w - xhat * mean(t w)), dgate = silu'(gate) dy xhat w;
+    mean(t w) is a matrix-vector product. Every pass is over contiguous rows."""
+
+    @staticmethod
+    def forward(ctx, x, weight, gate, eps):
+        y, r = _rms_norm(x, weight, gate, eps)
+        ctx.save_for_backward(x, weight, gate, r)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, gate, r = ctx.saved_tensors
+        D = x.shape[-1]
+        xhat = x * r
+        t = dy * xhat
+        dgate = None
+        if gate is not None:
+            if ctx.needs_input_grad[2]:
+                dgate = t * weight
+                dgate = torch.ops.aten.silu_backward.grad_input(dgate, gate, grad_input=dgate)
+            g = F.silu(gate)
+            t.mul_(g)
+            dyg = g.mul_(dy)
+        else:
+            dyg = dy
+        dweight = t.reshape(-1, D).sum(0) if ctx.needs_input_grad[1] else None
+        mean_tw = (t @ weight).unsqueeze_(-1).div_(D)
+        dx = xhat.mul_(mean_tw.neg_()).addcmul_(dyg, weight).mul_(r)
+        return dx, dweight, dgate, None
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dim; with a gate, the output is multiplied by silu(gate)."""
+    """RMSNorm over the last dim; with a gate, the output is multiplied by silu(gate). Computed in float32
+    (float64 for float64 inputs) with a hand-written backward."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -38,10 +109,9 @@ class RMSNorm(nn.Module):
         no_weight_decay(self.weight)
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps) * self.weight.float()
-        if gate is not None:
-            y = y * F.silu(gate.float())
+        dt = reference_dtype(x)
+        args = (x.to(dt), self.weight.to(dt), None if gate is None else gate.to(dt), self.eps)
+        y = _RMSNorm.apply(*args) if torch.is_grad_enabled() else _rms_norm(*args)[0]
         return y.to(x.dtype)
 
 

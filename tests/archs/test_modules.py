@@ -1,0 +1,78 @@
+"""The shared building blocks' hand-written backwards (RMSNorm with and without its gate, l2_normalize)
+against autograd through their plain formulas in float64, and their float32 results against the same."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seqmix.archs.modules import RMSNorm, l2_normalize
+from tests.helpers import assert_rel
+
+SHAPE = (2, 5, 3, 16)  # [B, T, H, D]: per head, as the mixers' output norms
+
+
+def _rms_norm_formula(x, weight, gate, eps):
+    y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight
+    return y if gate is None else y * F.silu(gate)
+
+
+def _l2_formula(x, eps):
+    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps)
+
+
+def _inputs(seed, gated, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(SHAPE, generator=g, dtype=dtype).requires_grad_()
+    gate = torch.randn(SHAPE, generator=g, dtype=dtype).requires_grad_() if gated else None
+    return x, gate, torch.randn(SHAPE, generator=g, dtype=dtype), torch.randn(SHAPE[-1], generator=g, dtype=dtype)
+
+
+def _grads(y, dy, inputs):
+    return torch.autograd.grad((y * dy).sum(), [t for t in inputs if t is not None])
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-13), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("gated", [False, True])
+def test_rms_norm_matches_the_formula(gated, dtype, tol):
+    """Output and the gradients of x, weight and gate (dy random, weight random rather than ones)."""
+    x, gate, dy, weight = _inputs(0, gated, dtype)
+    norm = RMSNorm(SHAPE[-1], eps=1e-3).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+    y = norm(x, gate)
+    want = _rms_norm_formula(x, norm.weight, gate, norm.eps)
+    assert_rel(y, want, tol, "output")
+    for name, a, b in zip(("x", "weight", "gate"), _grads(y, dy, (x, norm.weight, gate)),
+                          _grads(want, dy, (x, norm.weight, gate)), strict=False):
+        assert_rel(a, b, tol, f"d{name}")
+    with torch.no_grad():  # the forward alone (no autograd.Function) gives the same output
+        assert_rel(norm(x, gate), want, tol, "output without autograd")
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-13), (torch.float32, 1e-6)])
+def test_l2_normalize_matches_the_formula(dtype, tol):
+    x, _, dy, _ = _inputs(1, False, dtype)
+    x.data[0, 0, 0] *= 1e-4  # a short row, where eps matters
+    y, want = l2_normalize(x, eps=1e-6), _l2_formula(x, 1e-6)
+    assert_rel(y, want, tol, "output")
+    assert_rel(_grads(y, dy, (x,))[0], _grads(want, dy, (x,))[0], tol, "dx")
+    with torch.no_grad():
+        assert_rel(l2_normalize(x, eps=1e-6), want, tol, "output without autograd")
+
+
+def test_norms_keep_low_precision_dtypes_and_gradcheck():
+    """bf16 in, bf16 out (computed in float32); finite differences of both backwards in float64."""
+    x = torch.randn(2, 3, 8, dtype=torch.bfloat16)
+    assert RMSNorm(8)(x, x).dtype == torch.bfloat16 and l2_normalize(x).dtype == torch.bfloat16
+    g = torch.Generator().manual_seed(2)
+    x, gate = (torch.randn(2, 3, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+    weight = torch.randn(8, generator=g, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, w, b: _rms_norm_with(a, w, b), (x, weight, gate))
+    assert torch.autograd.gradcheck(lambda a: l2_normalize(a, eps=1e-6), (x,))
+
+
+def _rms_norm_with(x, weight, gate):
+    norm = RMSNorm(x.shape[-1]).to(x.dtype)
+    del norm.weight
+    norm.weight = weight  # a plain tensor: gradcheck differentiates the weight too
+    return norm(x, gate)
