@@ -17,16 +17,16 @@ decoded tokens (``init_state(capacity=)``), so its step is captured too.
 ``--generate`` times ``LanguageModel.generate`` instead, on the CPU by default
 (``--threads``, default 1): for each mixer (default: every registered one but
 the nesting layers) a 2-layer LM (``--hidden-size 128 --num-heads 4`` in this
-mode unless given), greedy, B=1, at each ``--prompts`` length. Each one-token
-forward inside ``generate`` is timed (the prefill is left out; the model's
-``forward`` is wrapped on the instance, so any version of ``generate`` can be
-timed); a sample is the median over ``--tokens`` tokens. Models are
+mode unless given), greedy, B=1, at each ``--prompts`` length. Each decoding
+step inside ``generate`` is timed (the prefill and the sampling are left out;
+the model's ``_decode``, which generate's loop calls per token, is wrapped on
+the instance); a sample is the median over ``--tokens`` tokens. Models are
 interleaved and the sweep is repeated ``--repeats`` times; medians of the
 samples are printed with the ratio to attention at the same prompt and each
 mixer's ratio of the longest prompt to the shortest (flat is 1).
 ``--ops`` counts the aten calls of one decoding step and of one mixer call
 (:func:`step_op_counts`). ``--compile`` also times
-``torch.compile(decode_step, fullgraph=True)`` in
+``torch.compile(_decode, fullgraph=True)`` in
 generate's loop (what ``generate(compile=True)`` runs) and reports the compile
 time (its first two calls).
 """
@@ -133,51 +133,48 @@ NESTING = ("hourglass", "recurrent_depth")
 
 
 def _generate_step_ms(model, prompt, tokens: int) -> list[float]:
-    """ms of each one-token forward inside ``model.generate(prompt, tokens + 1)`` (greedy): the model's
-    ``forward`` is wrapped on the instance and only calls with one token per sequence are timed, so the
-    prefill is left out whatever the version of ``generate``."""
-    forward, times = model.forward, []
+    """ms of each decoding step inside ``model.generate(prompt, tokens + 1)`` (greedy): the method its loop
+    calls per token (``_decode``) is wrapped on the instance, so the prefill and the sampling are left out."""
+    decode, times = model._decode, []
 
-    def timed(ids, *args, **kwargs):
-        if ids.shape[1] != 1:
-            return forward(ids, *args, **kwargs)
+    def timed(*args, **kwargs):
         start = time.perf_counter()
-        out = forward(ids, *args, **kwargs)
+        out = decode(*args, **kwargs)
         times.append((time.perf_counter() - start) * 1e3)
         return out
 
-    model.forward = timed
+    model._decode = timed
     try:
         model.generate(prompt, tokens + 1, temperature=0.0)
     finally:
-        del model.forward
+        del model._decode
     return times
 
 
 def _compiled_step_ms(model, prompt, tokens: int) -> tuple[list[float], float]:
-    """ms of each call of ``torch.compile(model.decode_step, fullgraph=True)`` in generate's greedy loop
+    """ms of each call of ``torch.compile(model._decode, fullgraph=True)`` in generate's greedy loop
     (what ``generate(compile=True)`` runs), and the seconds of the first two calls (compilation)."""
-    step = torch.compile(model.decode_step, fullgraph=True)
+    step, options = torch.compile(model._decode, fullgraph=True), model._step_options(None, None, None)
     with torch.no_grad():
         logits, state = model(prompt, model.init_state(1, capacity=prompt.shape[1] + tokens + 3))
         token = logits[:, -1:].argmax(-1)
         start = time.perf_counter()
         for _ in range(2):  # the second call may recompile (a state's strides change after the first step)
-            logits, state = step(token, state)
+            logits, state = step(token, state, options)
             token = logits.argmax(-1, keepdim=True)
         compile_s, times = time.perf_counter() - start, []
         for _ in range(tokens):
             start = time.perf_counter()
-            logits, state = step(token, state)
+            logits, state = step(token, state, options)
             times.append((time.perf_counter() - start) * 1e3)
             token = logits.argmax(-1, keepdim=True)
     return times, compile_s
 
 
 def step_op_counts(model, prompt) -> dict:
-    """Aten calls dispatched from Python (the profiler's top-level ``aten::`` events) in one ``decode_step``
-    of ``model`` after ``prompt`` and in one call of its first mixer: at hidden 128 the step's time is
-    about proportional to them."""
+    """Aten calls dispatched from Python (the profiler's top-level ``aten::`` events) in one decoding step of
+    ``model`` after ``prompt`` as ``generate`` runs it (``_decode``; ``decode_step`` adds its checks) and in one
+    call of its first mixer: at hidden 128 the step's time is about proportional to them."""
     from torch.profiler import ProfilerActivity, profile
 
     def count(fn) -> int:
@@ -185,12 +182,13 @@ def step_op_counts(model, prompt) -> dict:
             fn()
         return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
 
+    options = model._step_options(None, None, None)
     with torch.no_grad():
         logits, state = model(prompt, model.init_state(1, capacity=prompt.shape[1] + 4))
         token = logits[:, -1:].argmax(-1)
-        _, state = model.decode_step(token, state)
+        _, state = model._decode(token, state, options)
         x = torch.randn(1, 1, model.config.hidden_size, device=prompt.device)
-        return {"step_aten_calls": count(lambda: model.decode_step(token, state)),
+        return {"step_aten_calls": count(lambda: model._decode(token, state, options)),
                 "mixer_aten_calls": count(lambda: model.blocks[0].mixer(x, state[0]))}
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from seqmix.archs.mixer import MIXERS, State, build_mixer, init_mixer_state
 from seqmix.archs.modules import RMSNorm
 from seqmix.kernels.checks import check_values
+from seqmix.kernels.conv.step import in_dtype
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 MODEL_TYPE = "seqmix"  # config.json's model_type, the name transformers' Auto classes know seqmix by
@@ -149,6 +150,7 @@ class Block(nn.Module):
         self.mixer_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.mixer = build_mixer(mixer_name, **config.mixer_kwargs(mixer_name))
         self.replaces_stream = getattr(self.mixer, "replaces_stream", False)
+        self.takes_steps = getattr(self.mixer, "takes_steps", False)
         if not self.replaces_stream:
             self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps)
             self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
@@ -202,11 +204,15 @@ class LanguageModel(nn.Module):
         if state is not None and len(state) != len(self.blocks):
             raise ValueError(f"state must hold one entry per layer ({len(self.blocks)}), got {len(state)}")
         steps = self._step_options(num_steps, backprop_steps, exit_threshold)
+        return self._run(tokens, state, steps, cu_seqlens, attention_mask)
+
+    def _run(self, tokens, state, steps, cu_seqlens=None, attention_mask=None):
+        """:meth:`forward` after its checks of the tokens, the state's length and the step options."""
         x = self.embed(tokens)
         new_state = []
         for i, block in enumerate(self.blocks):
             block.mixer.observe_tokens(tokens)
-            options = steps if getattr(block.mixer, "takes_steps", False) else {}
+            options = steps if block.takes_steps else {}
             x, s = block(x, None if state is None else state[i], cu_seqlens, attention_mask, **options)
             new_state.append(s)
         logits = self._readout(x)
@@ -253,6 +259,13 @@ class LanguageModel(nn.Module):
         logits, state = self(tokens, state, num_steps=num_steps, exit_threshold=exit_threshold)
         return logits[:, -1].float(), state
 
+    def _decode(self, tokens: torch.Tensor, state: list[State], steps: dict) -> tuple[torch.Tensor, list[State]]:
+        """:meth:`decode_step` without its checks, for :meth:`generate`'s loop: the prompt, the state and the
+        options were checked by the prefill, and each token comes from the sampler, in [0, vocab_size) by
+        construction (so no per-token range check, which on the CPU also waits for the result)."""
+        logits, state = self._run(tokens, state, steps)
+        return in_dtype(logits[:, -1], torch.float32), state
+
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
@@ -274,13 +287,13 @@ class LanguageModel(nn.Module):
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
             raise ValueError(f"top_k must be in [1, vocab_size={self.config.vocab_size}], got {top_k}")
-        depth = {"num_steps": num_steps, "exit_threshold": exit_threshold}
         B, T = prompt.shape
         # Caches sized for the whole generation: each decoding step writes in place (no host sync, no shape change).
         state = self.init_state(B, num_steps=num_steps, capacity=T + max_new_tokens)
-        logits, state = self(prompt, state, **depth)
+        logits, state = self(prompt, state, num_steps=num_steps, exit_threshold=exit_threshold)
         step = logits[:, -1].float()
-        decode = torch.compile(self.decode_step, fullgraph=True) if compile else self.decode_step
+        steps = self._step_options(num_steps, None, exit_threshold)
+        decode = torch.compile(self._decode, fullgraph=True) if compile else self._decode
         out = prompt.new_empty(B, T + max_new_tokens)
         out[:, :T] = prompt
         steps = []
@@ -290,7 +303,7 @@ class LanguageModel(nn.Module):
             if on_token is not None:
                 on_token(token)
             if i + 1 < max_new_tokens:  # the last token's successor is not asked for
-                step, state = decode(token, state, **depth)
+                step, state = decode(token, state, steps)
         if not return_logits:
             return out
         return out, torch.stack(steps, 1) if steps else prompt.new_zeros(B, 0, self.config.vocab_size)

@@ -91,18 +91,19 @@ def _check_state_batch(state, x, cu_seqlens, attention_mask) -> None:
         raise ValueError(f"state must be a dict of tensors (from init_state or a previous call), got "
                          f"{type(state).__name__}")
     if cu_seqlens is not None and isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1:
-        n, source = cu_seqlens.shape[0] - 1, f"len(cu_seqlens) - 1 = {cu_seqlens.shape[0] - 1} packed sequences"
+        n, source = cu_seqlens.shape[0] - 1, "len(cu_seqlens) - 1 = {} packed sequences"
     elif attention_mask is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-        n, source = attention_mask.shape[0], f"attention_mask's batch of {attention_mask.shape[0]}"
+        n, source = attention_mask.shape[0], "attention_mask's batch of {}"
     else:
-        n, source = x.shape[0], f"x's batch of {x.shape[0]}"
+        n, source = x.shape[0], "x's batch of {}"
+    # Runs on every call, decoding steps included: the messages are formatted only when raised.
     for name, value in state.items():
         if not isinstance(value, torch.Tensor) or value.dim() == 0:
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"state[{name!r}] must be a tensor with one row per sequence, got {got}")
         if value.shape[0] != n:
             raise ValueError(f"state[{name!r}] holds {value.shape[0]} sequence(s) (shape {tuple(value.shape)}), "
-                             f"but the call continues {n}: {source}")
+                             f"but the call continues {n}: {source.format(n)}")
 
 
 MIXERS: dict[str, type[Mixer]] = {}

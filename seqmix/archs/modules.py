@@ -10,7 +10,7 @@ from torch import nn
 
 from seqmix.archs.mixer import is_decoding_step
 from seqmix.kernels import causal_conv1d, causal_conv1d_update
-from seqmix.kernels.conv.step import causal_conv1d_step
+from seqmix.kernels.conv.step import causal_conv1d_step, in_dtype
 from seqmix.kernels.sequences import reference_dtype
 
 
@@ -49,10 +49,10 @@ class _L2Normalize(torch.autograd.Function):
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / sqrt(||x||^2 + eps) over the last dim, computed in float32 (float64 for float64 inputs)."""
-    x32 = x.to(reference_dtype(x))
+    x32 = in_dtype(x, reference_dtype(x))
     # Without autograd (decoding) the forward alone: an autograd.Function's call costs more than its few ops.
     y = _L2Normalize.apply(x32, eps) if torch.is_grad_enabled() else _l2_normalize(x32, eps)[0]
-    return y.to(x.dtype)
+    return in_dtype(y, x.dtype)
 
 
 def _rms_norm(x, weight, gate, eps):
@@ -110,9 +110,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         dt = reference_dtype(x)
-        args = (x.to(dt), self.weight.to(dt), None if gate is None else gate.to(dt), self.eps)
+        args = (in_dtype(x, dt), in_dtype(self.weight, dt), None if gate is None else in_dtype(gate, dt), self.eps)
         y = _RMSNorm.apply(*args) if torch.is_grad_enabled() else _rms_norm(*args)[0]
-        return y.to(x.dtype)
+        return in_dtype(y, x.dtype)
 
 
 class ShortConvolution(nn.Module):

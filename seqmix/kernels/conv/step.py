@@ -15,6 +15,12 @@ from seqmix.kernels.checks import check_tensor
 from seqmix.kernels.sequences import reference_dtype
 
 
+def in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in ``dtype``; t itself when it is already (a decoding step's ops are a few microseconds each, and a
+    ``.to`` that changes nothing still dispatches)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
                        state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One token of :func:`seqmix.kernels.causal_conv1d`: ``out = act(bias + sum_j weight[:, j] window[:, j])``
@@ -32,13 +38,13 @@ def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         state: [B, D, W-1] after the token, float32 (float64 for float64 inputs); a view of a new tensor.
     """
     dt = reference_dtype(x)
-    window = torch.cat([state.to(dt), x.to(dt).unsqueeze(-1)], -1)  # [B, D, W]
-    out = (window * weight.to(dt)).sum(-1)
+    window = torch.cat([in_dtype(state, dt), in_dtype(x, dt).unsqueeze(-1)], -1)  # [B, D, W]
+    out = (window * in_dtype(weight, dt)).sum(-1)
     if bias is not None:
-        out = out + bias.to(dt)
+        out = out + in_dtype(bias, dt)
     if activation == "silu":
         out = F.silu(out)
-    return out.to(x.dtype), window[..., 1:]
+    return in_dtype(out, x.dtype), window[..., 1:]
 
 
 def dynamic_conv_step(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor, weight_softmax: bool = True
