@@ -11,7 +11,11 @@ Each model is the tiny config's shape with one mixer in both layers (a 2-layer L
   warm-up step, the models taking turns step by step (load that changes during the run hits all);
 - decode ms/token with the prefill excluded, at prompts of 64 and 2048 tokens (batch 1, greedy),
   through the public :meth:`LanguageModel.generate` only: (t(generate N new) - t(generate 1 new)) / (N - 1),
-  each time the median of ``--repeats`` calls.
+  each time the median of ``--repeats`` calls;
+- with ``--compile``, also decode ms/token of ``generate(compile=True)`` (its step through
+  ``torch.compile(fullgraph=True)``; the same formula, generate 1 new compiles nothing). Its compile time is
+  reported apart, per model and prompt: the first call of generate N new minus the median of the later ones,
+  left out of ms/token.
 
 Ratios are to seqmix's attention in the same run (tokens/s over attention's; ms/token over
 attention's), so a loaded machine shifts every row alike. When ``transformers`` imports, its
@@ -79,8 +83,8 @@ def seqmix_train_step(model: LanguageModel, config: LMConfig, batch: int, length
     return step
 
 
-def seqmix_generate(model: LanguageModel, prompt: torch.Tensor, new_tokens: int):
-    return lambda: model.generate(prompt, new_tokens, temperature=0.0)
+def seqmix_generate(model: LanguageModel, prompt: torch.Tensor, new_tokens: int, compile: bool = False):
+    return lambda: model.generate(prompt, new_tokens, temperature=0.0, compile=compile)
 
 
 def llama_model():
@@ -137,10 +141,10 @@ class Subject:
             return llama_train_step(self.model, batch, length)
         return seqmix_train_step(self.model, self.config, batch, length)
 
-    def generate(self, prompt: torch.Tensor, new_tokens: int):
+    def generate(self, prompt: torch.Tensor, new_tokens: int, compile: bool = False):
         if self.name == LLAMA:
             return llama_generate(self.model, prompt, new_tokens)
-        return seqmix_generate(self.model, prompt, new_tokens)
+        return seqmix_generate(self.model, prompt, new_tokens, compile)
 
 
 def measure(names: list[str], args) -> list[dict]:
@@ -157,36 +161,54 @@ def measure(names: list[str], args) -> list[dict]:
     if not args.no_decode:
         for s in subjects:
             s.model.eval()
-        calls = {}
+        calls, first_compiled = {}, {}
         for i, s in enumerate(subjects):
             for p in args.prompts:
                 prompt = _tokens(1, p, s.vocab)
                 calls[(i, p, 1)] = s.generate(prompt, 1)
                 calls[(i, p, args.new_tokens)] = s.generate(prompt, args.new_tokens)
+                if args.compile and s.name != LLAMA:
+                    calls[(i, p, "compiled")] = call = s.generate(prompt, args.new_tokens, compile=True)
+                    start = time.perf_counter()
+                    call()  # compiles the step (and recompiles it once if a state's strides change)
+                    first_compiled[(i, p)] = time.perf_counter() - start
         seconds = _round_robin_medians(calls, args.repeats)
         for i, _ in enumerate(subjects):
             for p in args.prompts:
-                steps = seconds[(i, p, args.new_tokens)] - seconds[(i, p, 1)]
-                # Not clamped: a value near or below 0 says the prefill's noise hid the decode steps
-                # (more --new-tokens or --repeats).
-                rows[i]["decode"][f"prompt{p}"] = steps / (args.new_tokens - 1) * 1e3
+                for kind, key in (("decode", args.new_tokens), ("decode_compiled", "compiled")):
+                    if (i, p, key) not in seconds:
+                        continue
+                    steps = seconds[(i, p, key)] - seconds[(i, p, 1)]
+                    # Not clamped: a value near or below 0 says the prefill's noise hid the decode steps
+                    # (more --new-tokens or --repeats).
+                    rows[i].setdefault(kind, {})[f"prompt{p}"] = steps / (args.new_tokens - 1) * 1e3
+                if (i, p) in first_compiled:
+                    compile_s = first_compiled[(i, p)] - seconds[(i, p, "compiled")]
+                    rows[i].setdefault("compile_s", {})[f"prompt{p}"] = compile_s
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
     base = next((r for r in rows if r["mixer"] == "attention"), None)
     columns = [("train", k, "tok/s") for k in rows[0]["train"]] + [("decode", k, "ms/tok") for k in rows[0]["decode"]]
+    columns += [("decode_compiled", k, "ms/tok") for k in rows[0].get("decode_compiled", {})]
     print(f"\nCPU, {torch.get_num_threads()} threads, torch {torch.__version__}; 2-layer LM, hidden {HIDDEN}, "
           f"{HEADS} heads; (x) = ratio to seqmix's attention in this run")
-    print(f"{'mixer':<22}" + "".join(f"{f'{kind} {key} {unit}':>30}" for kind, key, unit in columns))
+    labels = {"decode_compiled": "compiled"}
+    print(f"{'mixer':<22}" + "".join(f"{f'{labels.get(kind, kind)} {key} {unit}':>30}" for kind, key, unit in columns))
     for r in rows:
         cells = []
         for kind, key, _ in columns:
-            value = r[kind].get(key)
-            ref = None if base is None else base[kind].get(key)
+            value = r.get(kind, {}).get(key)
+            ref = None if base is None else base.get(kind, {}).get(key)
             ratio = f" ({value / ref:.2f}x)" if value is not None and ref else ""
             cells.append("-" if value is None else (f"{value:.0f}" if kind == "train" else f"{value:.2f}") + ratio)
         print(f"{r['mixer']:<22}" + "".join(f"{c:>30}" for c in cells))
+    if any("compile_s" in r for r in rows):
+        print("compiled: decoding with generate(compile=True), ratios to attention's compiled decode; compile "
+              "seconds (left out of ms/token): " + "; ".join(
+                  f"{r['mixer']} " + ", ".join(f"{k} {v:.1f}" for k, v in r["compile_s"].items())
+                  for r in rows if "compile_s" in r))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -201,6 +223,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-train", action="store_true")
     parser.add_argument("--no-decode", action="store_true")
     parser.add_argument("--no-llama", action="store_true", help="skip transformers' Llama even if it imports")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time decoding with generate(compile=True) (compile time reported apart)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch's CPU threads (default: torch's own); on a loaded machine 1 avoids threads "
                              "that wait for each other")
@@ -225,6 +249,8 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile:  # one compiled step per model and prompt stays cached while the models take turns
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(MIXERS))
     names = args.mixers or ["attention"] + [m for m in MIXERS if m != "attention"]
     if not args.no_llama and args.mixers is None and llama_model() is not None:
         names.insert(1, LLAMA)
@@ -232,7 +258,8 @@ def main(argv=None) -> list[dict]:
     print_table(rows)
     if args.out:
         meta = {"machine": platform.machine(), "processor": platform.processor(), "threads": torch.get_num_threads(),
-                "torch": torch.__version__, "repeats": args.repeats, "new_tokens": args.new_tokens}
+                "torch": torch.__version__, "repeats": args.repeats, "new_tokens": args.new_tokens,
+                "compile": args.compile}
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
     return rows

@@ -260,3 +260,18 @@ def test_cpu_benchmark_times_each_mixer_and_writes_json(tmp_path, capsys):
     assert all(r["train"]["B2T16"] > 0 and "prompt4" in r["decode"] for r in rows)
     assert [r["mixer"] for r in json.loads(out.read_text())["rows"]] == ["attention", "mamba"]
     assert "(1.00x)" in capsys.readouterr().out
+
+
+def test_cpu_benchmark_times_compiled_decoding(monkeypatch, capsys):
+    """``--compile`` adds generate(compile=True)'s ms/token and compile seconds per seqmix model and prompt
+    (Dynamo's eager backend here: the trace without inductor's compile time)."""
+    import torch
+
+    from benchmarks.bench_cpu import main as bench_cpu
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": "eager"}))
+    rows = bench_cpu(["--mixers", "attention", "shortconv", "--no-train", "--prompts", "4", "--repeats", "1",
+                      "--new-tokens", "3", "--compile"])
+    assert all(set(r["decode_compiled"]) == set(r["compile_s"]) == {"prompt4"} for r in rows)
+    assert "compiled prompt4 ms/tok" in capsys.readouterr().out
