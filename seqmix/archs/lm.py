@@ -292,7 +292,7 @@ class LanguageModel(nn.Module):
         state = self.init_state(B, num_steps=num_steps, capacity=T + max_new_tokens)
         logits, state = self(prompt, state, num_steps=num_steps, exit_threshold=exit_threshold)
         step = logits[:, -1].float()
-        steps = self._step_options(num_steps, None, exit_threshold)
+        options = self._step_options(num_steps, None, exit_threshold)
         decode = torch.compile(self._decode, fullgraph=True) if compile else self._decode
         out = prompt.new_empty(B, T + max_new_tokens)
         out[:, :T] = prompt
@@ -303,7 +303,7 @@ class LanguageModel(nn.Module):
             if on_token is not None:
                 on_token(token)
             if i + 1 < max_new_tokens:  # the last token's successor is not asked for
-                step, state = decode(token, state, steps)
+                step, state = decode(token, state, options)
         if not return_logits:
             return out
         return out, torch.stack(steps, 1) if steps else prompt.new_zeros(B, 0, self.config.vocab_size)
