@@ -10,12 +10,14 @@ Each model is the tiny config's shape with one mixer in both layers (a 2-layer L
   clipping as in training) at B16 T128 and B2 T2048; the median over ``--repeats`` steps after one
   warm-up step, the models taking turns step by step (load that changes during the run hits all);
 - decode ms/token with the prefill excluded, at prompts of 64 and 2048 tokens (batch 1, greedy),
-  through the public :meth:`LanguageModel.generate` only: (t(generate N new) - t(generate 1 new)) / (N - 1),
-  each time the median of ``--repeats`` calls;
+  through the public :meth:`LanguageModel.generate` only: each call of generate N new tokens stamps the
+  time as each token comes out (``on_token``; transformers' ``streamer``), and the median gap between
+  successive tokens (a decoding step and the greedy choice) is the call's ms/token; the median over
+  ``--repeats`` calls. The prefill, before the first token, is in no gap (a difference of two generate
+  calls instead would carry the long prompt's noise into every token's time);
 - with ``--compile``, also decode ms/token of ``generate(compile=True)`` (its step through
-  ``torch.compile(fullgraph=True)``; the same formula, generate 1 new compiles nothing). Its compile time is
-  reported apart, per model and prompt: the first call of generate N new minus the median of the later ones,
-  left out of ms/token.
+  ``torch.compile(fullgraph=True)``, same measure). Its compile time is reported apart, per model and
+  prompt: the gaps of its first call beyond the steady ms/token, left out of ms/token.
 
 Ratios are to seqmix's attention in the same run (tokens/s over attention's; ms/token over
 attention's), so a loaded machine shifts every row alike. When ``transformers`` imports, its
@@ -25,6 +27,7 @@ attention's), so a loaded machine shifts every row alike. When ``transformers`` 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -43,18 +46,39 @@ LLAMA = "llama (transformers)"
 
 
 def _round_robin_medians(calls: dict, repeats: int) -> dict:
-    """Seconds per call of each entry of ``calls`` (key -> fn): one warm-up call each, then ``repeats``
-    rounds that time every entry once, so load that changes during the run (a shared machine) hits
-    every entry alike; the median per entry."""
+    """The median of what each entry of ``calls`` (key -> fn) returns, its own measurement: one warm-up
+    call each, then ``repeats`` rounds that call every entry once, so load that changes during the run
+    (a shared machine) hits every entry alike."""
     for fn in calls.values():
         fn()
-    times = {key: [] for key in calls}
+    samples = {key: [] for key in calls}
     for _ in range(repeats):
         for key, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - start)
-    return {key: statistics.median(t) for key, t in times.items()}
+            samples[key].append(fn())
+    return {key: statistics.median(v) for key, v in samples.items()}
+
+
+def _timed(fn):
+    """fn as a call that returns its seconds."""
+    def run():
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    return run
+
+
+def _median_gap(generate):
+    """A call that runs ``generate`` once and returns the median gap between its new tokens (seconds)."""
+    return lambda: statistics.median(_token_gaps(generate))
+
+
+def _token_gaps(generate) -> list[float]:
+    """Seconds between successive new tokens of one ``generate(stamp)`` call, where ``stamp`` is called as
+    each token comes out."""
+    stamps = []
+    generate(lambda *_: stamps.append(time.perf_counter()))
+    return [b - a for a, b in itertools.pairwise(stamps)]
 
 
 def _tokens(batch: int, length: int, vocab: int) -> torch.Tensor:
@@ -84,7 +108,8 @@ def seqmix_train_step(model: LanguageModel, config: LMConfig, batch: int, length
 
 
 def seqmix_generate(model: LanguageModel, prompt: torch.Tensor, new_tokens: int, compile: bool = False):
-    return lambda: model.generate(prompt, new_tokens, temperature=0.0, compile=compile)
+    """generate(stamp): greedy decoding of ``new_tokens``, ``stamp`` called as each comes out."""
+    return lambda stamp: model.generate(prompt, new_tokens, temperature=0.0, compile=compile, on_token=stamp)
 
 
 def llama_model():
@@ -115,10 +140,27 @@ def llama_train_step(model, batch: int, length: int):
     return step
 
 
+class _StreamerStamps:
+    """transformers' streamer interface calling ``stamp`` per new token (``put`` gets the prompt first)."""
+
+    def __init__(self, stamp):
+        self.stamp, self.puts = stamp, 0
+
+    def put(self, tokens):
+        self.puts += 1
+        if self.puts > 1:
+            self.stamp(tokens)
+
+    def end(self):
+        pass
+
+
 def llama_generate(model, prompt: torch.Tensor, new_tokens: int):
-    def run():
+    """As :func:`seqmix_generate`, for transformers' Llama."""
+    def run(stamp):
         with torch.no_grad():
-            model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           streamer=_StreamerStamps(stamp))
 
     return run
 
@@ -155,36 +197,28 @@ def measure(names: list[str], args) -> list[dict]:
     if not args.no_train:
         for s in subjects:
             s.model.train()
-        calls = {(i, b, t): s.train_step(b, t) for i, s in enumerate(subjects) for b, t in args.train_shapes}
+        calls = {(i, b, t): _timed(s.train_step(b, t)) for i, s in enumerate(subjects) for b, t in args.train_shapes}
         for (i, b, t), seconds in _round_robin_medians(calls, args.repeats).items():
             rows[i]["train"][f"B{b}T{t}"] = b * t / seconds
     if not args.no_decode:
         for s in subjects:
             s.model.eval()
-        calls, first_compiled = {}, {}
+        calls, compile_s = {}, {}
         for i, s in enumerate(subjects):
             for p in args.prompts:
                 prompt = _tokens(1, p, s.vocab)
-                calls[(i, p, 1)] = s.generate(prompt, 1)
-                calls[(i, p, args.new_tokens)] = s.generate(prompt, args.new_tokens)
+                calls[(i, p, "decode")] = _median_gap(s.generate(prompt, args.new_tokens))
                 if args.compile and s.name != LLAMA:
-                    calls[(i, p, "compiled")] = call = s.generate(prompt, args.new_tokens, compile=True)
-                    start = time.perf_counter()
-                    call()  # compiles the step (and recompiles it once if a state's strides change)
-                    first_compiled[(i, p)] = time.perf_counter() - start
+                    generate = s.generate(prompt, args.new_tokens, compile=True)
+                    # The first call compiles the step (and recompiles it once if a state's strides change).
+                    compile_s[(i, p)] = _token_gaps(generate)
+                    calls[(i, p, "decode_compiled")] = _median_gap(generate)
         seconds = _round_robin_medians(calls, args.repeats)
-        for i, _ in enumerate(subjects):
-            for p in args.prompts:
-                for kind, key in (("decode", args.new_tokens), ("decode_compiled", "compiled")):
-                    if (i, p, key) not in seconds:
-                        continue
-                    steps = seconds[(i, p, key)] - seconds[(i, p, 1)]
-                    # Not clamped: a value near or below 0 says the prefill's noise hid the decode steps
-                    # (more --new-tokens or --repeats).
-                    rows[i].setdefault(kind, {})[f"prompt{p}"] = steps / (args.new_tokens - 1) * 1e3
-                if (i, p) in first_compiled:
-                    compile_s = first_compiled[(i, p)] - seconds[(i, p, "compiled")]
-                    rows[i].setdefault("compile_s", {})[f"prompt{p}"] = compile_s
+        for (i, p, kind), value in seconds.items():
+            rows[i].setdefault(kind, {})[f"prompt{p}"] = value * 1e3
+            if kind == "decode_compiled":
+                first = compile_s[(i, p)]
+                rows[i].setdefault("compile_s", {})[f"prompt{p}"] = sum(first) - len(first) * value
     return rows
 
 
