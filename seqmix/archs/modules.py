@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from seqmix.archs.mixer import is_decoding_step
 from seqmix.kernels import causal_conv1d, causal_conv1d_update
@@ -40,6 +41,7 @@ class _L2Normalize(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, r = ctx.saved_tensors
         y = x * r
@@ -77,6 +79,7 @@ class _RMSNorm(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, weight, gate, r = ctx.saved_tensors
         D = x.shape[-1]

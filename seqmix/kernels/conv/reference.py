@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from seqmix.kernels.conv.step import causal_conv1d_step
 
@@ -43,6 +44,7 @@ class _CausalConv1d(torch.autograd.Function):
         return out, final.transpose(1, 2).contiguous()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, dfinal):
         x, head, taps, bias = ctx.saved_tensors
         (B, T, D), W = x.shape, taps.shape[0]
