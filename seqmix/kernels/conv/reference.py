@@ -88,7 +88,7 @@ class _CausalConv1d(torch.autograd.Function):
 
 def _conv_dense(x, weight, bias, activation, state):
     """x [B, T, D] and state [B, D, W-1], both in the compute dtype. Returns (out [B, T, D], new state)."""
-    if x.shape[1] == 0:
+    if x.shape[1] == 0:  # no token: the state passes through
         return x, state
     return _CausalConv1d.apply(x, weight, bias, state, activation == "silu")
 
