@@ -11,7 +11,7 @@ from torch import nn
 
 from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
 from seqmix.archs.modules import RMSNorm, ShortConvolution, l2_normalize, no_weight_decay
-from seqmix.kernels import delta_rule, gated_delta_rule
+from seqmix.kernels import causal_conv1d, delta_rule, gated_delta_rule
 from seqmix.kernels.conv.step import causal_conv1d_step
 from seqmix.kernels.deltanet.step import delta_rule_step, gated_delta_rule_step
 
@@ -59,52 +59,76 @@ class DeltaNet(Mixer):
         self.o_norm = RMSNorm(self.head_v, eps=norm_eps)
         self.o_proj = nn.Linear(dv, hidden_size, bias=False)
 
+    def _qkv_weights(self):
+        """The q, k and v projections' weights stacked, [2 dk + dv, hidden]: one matmul computes all three
+        (the parameters stay separate, so names and checkpoints do not change)."""
+        return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+
+    def _conv_weights(self):
+        """The three short convs' taps stacked, [2 dk + dv, conv_size]: one conv over q|k|v side by side."""
+        return torch.cat([c.weight for c in self.convs.values()])
+
+    def _split_features(self, f, shape):
+        """q, k (L2-normalised together) [*shape, H, K] and v [*shape, H, V] from q|k|v features."""
+        H, dk = self.num_heads, self.num_heads * self.head_k
+        q, k = l2_normalize(f[..., : 2 * dk].unflatten(-1, (2 * H, self.head_k))).split(H, -2)
+        return q, k, f[..., 2 * dk :].unflatten(-1, (H, self.head_v))
+
+    def _split_conv_state(self, window, new_state):
+        for name, part in zip(self.convs, window.split([c.dim for c in self.convs.values()], 1), strict=True):
+            new_state[f"conv_{name}"] = part
+
     def _qkv(self, x, state, cu_seqlens):
         """Projections and short convs; returns q, k, v as [B, T, H, *] and the new conv states."""
-        new_state = {}
-        feats = {"q": self.q_proj(x), "k": self.k_proj(x), "v": self.v_proj(x)}
-        for name, f in feats.items():
-            if self.convs is None:
-                feats[name] = F.silu(f)
-                continue
-            conv_state = None if state is None else state[f"conv_{name}"]
-            feats[name], new_state[f"conv_{name}"] = self.convs[name](f, conv_state, cu_seqlens)
-        B, T, _ = x.shape
-        q, k, v = (feats[n].view(B, T, self.num_heads, -1) for n in ("q", "k", "v"))
-        return l2_normalize(q), l2_normalize(k), v, new_state
-
-    def _qkv_one_token(self, x, state):
-        """:meth:`_qkv` of a decoding step (x [B, 1, hidden]) in fewer ops: the three short convs as one
-        window step over the features side by side, q and k normalised together. Returns q, k [B, H, K],
-        v [B, H, V] and the new conv states."""
-        B, H = x.shape[0], self.num_heads
-        x0 = x[:, 0]
-        f = torch.cat([F.linear(x0, p.weight) for p in (self.q_proj, self.k_proj, self.v_proj)], -1)
+        f = F.linear(x, self._qkv_weights())
         new_state = {}
         if self.convs is None:
             f = F.silu(f)
         else:
-            names, convs = ("q", "k", "v"), list(self.convs.values())
-            weight = torch.cat([c.weight for c in convs])
-            f, window = causal_conv1d_step(f, weight, None, "silu", torch.cat([state[f"conv_{n}"] for n in names], 1))
-            for name, part in zip(names, window.split([c.dim for c in convs], 1), strict=True):
-                new_state[f"conv_{name}"] = part
-        dk = H * self.head_k
-        q, k = l2_normalize(f[:, : 2 * dk].view(B, 2 * H, self.head_k)).split(H, 1)
-        return q, k, f[:, 2 * dk :].view(B, H, self.head_v), new_state
+            conv_state = None if state is None else torch.cat([state[f"conv_{n}"] for n in self.convs], 1)
+            f, window = causal_conv1d(f, self._conv_weights(), activation="silu", initial_state=conv_state,
+                                      output_final_state=state is not None, cu_seqlens=cu_seqlens,
+                                      backend=self.backend)
+            if state is not None:
+                self._split_conv_state(window, new_state)
+        q, k, v = self._split_features(f, x.shape[:2])
+        return q, k, v, new_state
+
+    def _qkv_one_token(self, x, state):
+        """:meth:`_qkv` of a decoding step (x [B, 1, hidden]) in fewer ops: the three short convs as one
+        window step. Returns q, k [B, H, K], v [B, H, V] and the new conv states."""
+        f = F.linear(x[:, 0], self._qkv_weights())
+        new_state = {}
+        if self.convs is None:
+            f = F.silu(f)
+        else:
+            conv_state = torch.cat([state[f"conv_{n}"] for n in self.convs], 1)
+            f, window = causal_conv1d_step(f, self._conv_weights(), None, "silu", conv_state)
+            self._split_conv_state(window, new_state)
+        q, k, v = self._split_features(f, x.shape[:1])
+        return q, k, v, new_state
+
+    def _write_strengths(self, x):
+        """beta [*, H] in x's dtype, and the log decays g [*, H] float32 (None: no decay) of x [*, hidden]."""
+        return torch.sigmoid(F.linear(x, self.b_proj.weight).float()).to(x.dtype), None
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         if is_decoding_step(x, state, cu_seqlens):
             q, k, v, new_state = self._qkv_one_token(x, state)
-            beta = torch.sigmoid(F.linear(x[:, 0], self.b_proj.weight).float()).to(q.dtype)
-            o, recurrent = delta_rule_step(q, k, v, beta, state["recurrent"])
+            beta, g = self._write_strengths(x[:, 0])
+            if g is None:
+                o, recurrent = delta_rule_step(q, k, v, beta, state["recurrent"])
+            else:
+                o, recurrent = gated_delta_rule_step(q, k, v, g, beta, state["recurrent"])
             return self._output(x, o.unsqueeze(1), recurrent, state, new_state)
         q, k, v, new_state = self._qkv(x, state, cu_seqlens)
-        beta = torch.sigmoid(self.b_proj(x).float()).to(q.dtype)
-        o, recurrent = delta_rule(
-            q, k, v, beta, initial_state=None if state is None else state["recurrent"],
-            output_final_state=state is not None, cu_seqlens=cu_seqlens, backend=self.backend,
-        )
+        beta, g = self._write_strengths(x)
+        options = {"initial_state": None if state is None else state["recurrent"],
+                   "output_final_state": state is not None, "cu_seqlens": cu_seqlens, "backend": self.backend}
+        if g is None:
+            o, recurrent = delta_rule(q, k, v, beta, **options)
+        else:
+            o, recurrent = gated_delta_rule(q, k, v, g, beta, **options)
         return self._output(x, o, recurrent, state, new_state)
 
     def _output(self, x, o, recurrent, state, new_state):
@@ -154,20 +178,12 @@ class GatedDeltaNet(DeltaNet):
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
         no_weight_decay(self.A_log, self.dt_bias)
 
-    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
-        """g [B, T, H] float32, <= 0: the state's log decay at each token."""
-        return -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+    def _log_decay_of(self, a):
+        """g [*, H] float32, <= 0: the state's log decays from a_proj's output a [*, H] (float32)."""
+        return -self.A_log.float().exp() * F.softplus(a + self.dt_bias.float())
 
-    def mix(self, x, state: State | None, *, cu_seqlens=None):
-        if is_decoding_step(x, state, cu_seqlens):
-            q, k, v, new_state = self._qkv_one_token(x, state)
-            beta = torch.sigmoid(F.linear(x[:, 0], self.b_proj.weight).float()).to(q.dtype)
-            o, recurrent = gated_delta_rule_step(q, k, v, self.log_decay(x)[:, 0], beta, state["recurrent"])
-            return self._output(x, o.unsqueeze(1), recurrent, state, new_state)
-        q, k, v, new_state = self._qkv(x, state, cu_seqlens)
-        beta = torch.sigmoid(self.b_proj(x).float()).to(q.dtype)
-        o, recurrent = gated_delta_rule(
-            q, k, v, self.log_decay(x), beta, initial_state=None if state is None else state["recurrent"],
-            output_final_state=state is not None, cu_seqlens=cu_seqlens, backend=self.backend,
-        )
-        return self._output(x, o, recurrent, state, new_state)
+    def _write_strengths(self, x):
+        """beta and g from one matmul with the b and a projections' weights stacked."""
+        H = self.num_heads
+        ba = F.linear(x, torch.cat([self.b_proj.weight, self.a_proj.weight])).float()
+        return torch.sigmoid(ba[..., :H]).to(x.dtype), self._log_decay_of(ba[..., H:])
