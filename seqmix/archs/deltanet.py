@@ -178,8 +178,12 @@ class GatedDeltaNet(DeltaNet):
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
         no_weight_decay(self.A_log, self.dt_bias)
 
+    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
+        """g [B, T, H] float32, <= 0: the state's log decay at each token."""
+        return self._log_decay_of(self.a_proj(x).float())
+
     def _log_decay_of(self, a):
-        """g [*, H] float32, <= 0: the state's log decays from a_proj's output a [*, H] (float32)."""
+        """g from a_proj's output a [*, H] (float32)."""
         return -self.A_log.float().exp() * F.softplus(a + self.dt_bias.float())
 
     def _write_strengths(self, x):

@@ -219,14 +219,14 @@ def _chunked(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seql
 
 
 def delta_rule_chunked(
-    q, k, v, beta, scale, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64
+    q, k, v, beta, scale, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=32
 ):
     """The chunked WY/UT form (docs/math/deltanet.md): per chunk M = (I + A)^-1, W, U, V' = U - W S."""
     return _chunked(q, k, v, beta, None, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
 
 
 def gated_delta_rule_chunked(
-    q, k, v, g, beta, scale, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64
+    q, k, v, g, beta, scale, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=32
 ):
     """The gated WY/UT form: with gcum the in-chunk cumulative log decay and G_ij = exp(gcum_i - gcum_j) (i >= j),
     A = tril_(diag(beta) (K K^T * G)), W = M diag(beta exp(gcum)) K, U = M diag(beta) V, V' = U - W S,
