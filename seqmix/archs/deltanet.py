@@ -64,76 +64,78 @@ class DeltaNet(Mixer):
         (the parameters stay separate, so names and checkpoints do not change)."""
         return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
 
+    def _strength_weights(self):
+        """The weights of the projections that :meth:`_strengths` reads, stacked: b_proj's."""
+        return self.b_proj.weight
+
+    def _strengths(self, f):
+        """beta [*, H] in f's dtype and the log decays g [*, H] float32 (None: no decay) from the output f of
+        the projections of :meth:`_strength_weights`."""
+        return _cast(torch.sigmoid(_float32(f)), f.dtype), None
+
     def _conv_weights(self):
-        """The three short convs' taps stacked, [2 dk + dv, conv_size]: one conv over q|k|v side by side."""
+        """The three short convs' taps stacked, [2 dk + dv, conv_size]: one conv over q|k|v side by side
+        (its state is one tensor, ``state["conv"]``)."""
         return torch.cat([c.weight for c in self.convs.values()])
 
-    def _split_features(self, f, shape):
-        """q, k (L2-normalised together) [*shape, H, K] and v [*shape, H, V] from q|k|v features."""
+    def _split_features(self, f):
+        """q, k (L2-normalised together) [*, H, K] and v [*, H, V] from the q|k|v features f [*, 2 dk + dv]."""
         H, dk = self.num_heads, self.num_heads * self.head_k
         q, k = l2_normalize(f[..., : 2 * dk].unflatten(-1, (2 * H, self.head_k))).split(H, -2)
         return q, k, f[..., 2 * dk :].unflatten(-1, (H, self.head_v))
 
-    def _split_conv_state(self, window, new_state):
-        for name, part in zip(self.convs, window.split([c.dim for c in self.convs.values()], 1), strict=True):
-            new_state[f"conv_{name}"] = part
-
     def _qkv(self, x, state, cu_seqlens):
-        """Projections and short convs; returns q, k, v as [B, T, H, *] and the new conv states."""
+        """Projections and short convs; returns q, k, v as [B, T, H, *] and the new conv state."""
         f = F.linear(x, self._qkv_weights())
         new_state = {}
         if self.convs is None:
             f = F.silu(f)
         else:
-            conv_state = None if state is None else torch.cat([state[f"conv_{n}"] for n in self.convs], 1)
-            f, window = causal_conv1d(f, self._conv_weights(), activation="silu", initial_state=conv_state,
+            f, window = causal_conv1d(f, self._conv_weights(), activation="silu",
+                                      initial_state=None if state is None else state["conv"],
                                       output_final_state=state is not None, cu_seqlens=cu_seqlens,
                                       backend=self.backend)
             if state is not None:
-                self._split_conv_state(window, new_state)
-        q, k, v = self._split_features(f, x.shape[:2])
-        return q, k, v, new_state
+                new_state["conv"] = window
+        return *self._split_features(f), new_state
 
-    def _qkv_one_token(self, x, state):
-        """:meth:`_qkv` of a decoding step (x [B, 1, hidden]) in fewer ops: the three short convs as one
-        window step. Returns q, k [B, H, K], v [B, H, V] and the new conv states."""
-        f = F.linear(x[:, 0], self._qkv_weights())
-        new_state = {}
+    def _decoding_step(self, x, state):
+        """One token per sequence (x [B, 1, hidden]) in few calls: one matmul for every projection
+        (q|k|v, the output gate, beta's and the decay's), the three short convs as one window step, the
+        one-token rule of seqmix/kernels/deltanet/step.py."""
+        weights = [self._qkv_weights()] + ([] if self.g_proj is None else [self.g_proj.weight])
+        f = F.linear(x[:, 0], torch.cat([*weights, self._strength_weights()]))
+        d_qkv, dv = 2 * self.num_heads * self.head_k + self.num_heads * self.head_v, self.num_heads * self.head_v
+        qkv, new_state = f[:, :d_qkv], {}
         if self.convs is None:
-            f = F.silu(f)
+            qkv = F.silu(qkv)
         else:
-            conv_state = torch.cat([state[f"conv_{n}"] for n in self.convs], 1)
-            f, window = causal_conv1d_step(f, self._conv_weights(), None, "silu", conv_state)
-            self._split_conv_state(window, new_state)
-        q, k, v = self._split_features(f, x.shape[:1])
-        return q, k, v, new_state
-
-    def _write_strengths(self, x):
-        """beta [*, H] in x's dtype, and the log decays g [*, H] float32 (None: no decay) of x [*, hidden]."""
-        return torch.sigmoid(F.linear(x, self.b_proj.weight).float()).to(x.dtype), None
+            qkv, new_state["conv"] = causal_conv1d_step(qkv, self._conv_weights(), None, "silu", state["conv"])
+        q, k, v = self._split_features(qkv)
+        gate = None if self.g_proj is None else f[:, None, d_qkv : d_qkv + dv].unflatten(-1, (self.num_heads, -1))
+        beta, g = self._strengths(f[:, d_qkv + (0 if gate is None else dv) :])
+        if g is None:
+            o, recurrent = delta_rule_step(q, k, v, beta, state["recurrent"])
+        else:
+            o, recurrent = gated_delta_rule_step(q, k, v, g, beta, state["recurrent"])
+        return self._output(x, o.unsqueeze(1), recurrent, state, new_state, gate)
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         if is_decoding_step(x, state, cu_seqlens):
-            q, k, v, new_state = self._qkv_one_token(x, state)
-            beta, g = self._write_strengths(x[:, 0])
-            if g is None:
-                o, recurrent = delta_rule_step(q, k, v, beta, state["recurrent"])
-            else:
-                o, recurrent = gated_delta_rule_step(q, k, v, g, beta, state["recurrent"])
-            return self._output(x, o.unsqueeze(1), recurrent, state, new_state)
+            return self._decoding_step(x, state)
         q, k, v, new_state = self._qkv(x, state, cu_seqlens)
-        beta, g = self._write_strengths(x)
+        beta, g = self._strengths(F.linear(x, self._strength_weights()))
         options = {"initial_state": None if state is None else state["recurrent"],
                    "output_final_state": state is not None, "cu_seqlens": cu_seqlens, "backend": self.backend}
         if g is None:
             o, recurrent = delta_rule(q, k, v, beta, **options)
         else:
             o, recurrent = gated_delta_rule(q, k, v, g, beta, **options)
-        return self._output(x, o, recurrent, state, new_state)
-
-    def _output(self, x, o, recurrent, state, new_state):
-        """The (gated) output norm and projection, and the state to return (None when training)."""
         gate = None if self.g_proj is None else self.g_proj(x).view_as(o)
+        return self._output(x, o, recurrent, state, new_state, gate)
+
+    def _output(self, x, o, recurrent, state, new_state, gate):
+        """The (gated) output norm and projection, and the state to return (None when training)."""
         o = self.o_proj(self.o_norm(o, gate).flatten(2))
         if state is None:
             return o, None
@@ -144,8 +146,18 @@ class DeltaNet(Mixer):
         device = self.q_proj.weight.device
         state = {"recurrent": torch.zeros(batch_size, self.num_heads, self.head_k, self.head_v, device=device)}
         if self.convs is not None:
-            state.update({f"conv_{n}": conv.init_state(batch_size) for n, conv in self.convs.items()})
+            width = self.convs["q"].kernel_size - 1
+            state["conv"] = torch.zeros(batch_size, sum(c.dim for c in self.convs.values()), width, device=device)
         return state
+
+
+def _cast(x, dtype):
+    """x in ``dtype``, without a call when it already is (a decoding step is counted in aten calls)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _float32(x):
+    return _cast(x, torch.float32)
 
 
 @register_mixer("gated_deltanet")
@@ -180,14 +192,16 @@ class GatedDeltaNet(DeltaNet):
 
     def log_decay(self, x: torch.Tensor) -> torch.Tensor:
         """g [B, T, H] float32, <= 0: the state's log decay at each token."""
-        return self._log_decay_of(self.a_proj(x).float())
+        return self._log_decay_of(_float32(self.a_proj(x)))
 
     def _log_decay_of(self, a):
         """g from a_proj's output a [*, H] (float32)."""
-        return -self.A_log.float().exp() * F.softplus(a + self.dt_bias.float())
+        return -_float32(self.A_log).exp() * F.softplus(a + _float32(self.dt_bias))
 
-    def _write_strengths(self, x):
-        """beta and g from one matmul with the b and a projections' weights stacked."""
+    def _strength_weights(self):
+        """b_proj's and a_proj's weights stacked: beta and g from one matmul."""
+        return torch.cat([self.b_proj.weight, self.a_proj.weight])
+
+    def _strengths(self, f):
         H = self.num_heads
-        ba = F.linear(x, torch.cat([self.b_proj.weight, self.a_proj.weight])).float()
-        return torch.sigmoid(ba[..., :H]).to(x.dtype), self._log_decay_of(ba[..., H:])
+        return _cast(torch.sigmoid(_float32(f[..., :H])), f.dtype), self._log_decay_of(_float32(f[..., H:]))

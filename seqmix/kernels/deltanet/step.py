@@ -15,17 +15,28 @@ from seqmix.kernels.checks import check_key_value_step
 from seqmix.kernels.sequences import reference_dtype
 
 
+def _as(x, dtype):
+    """x in ``dtype``, without a call when it already is (a decoding step is counted in aten calls)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _columns(x):
+    """[B, H] -> [B, H, 1, 1] in one view."""
+    return x.view(x.shape + (1, 1))
+
+
 def _step(q, k, v, beta, g, state, scale):
-    """The shared update; ``g`` [B, H] or None (no decay). Computes in float32 (float64 for float64 q)."""
+    """The shared update; ``g`` [B, H] or None (no decay). Computes in float32 (float64 for float64 q),
+    rows as [B, H, 1, *] so that every product is one matmul."""
     dt = reference_dtype(q)
-    S = state.to(dt)
+    S = _as(state, dt)
     if g is not None:
-        S = S * g.to(dt).exp()[..., None, None]
-    k = k.to(dt).unsqueeze(-2)  # [B, H, 1, K]
-    v_new = (v.to(dt) - (k @ S).squeeze(-2)) * beta.to(dt)[..., None]  # [B, H, V]
-    S = torch.addcmul(S, k.transpose(-1, -2), v_new.unsqueeze(-2))  # S + k v_new^T
-    o = (q.to(dt).unsqueeze(-2) @ S).squeeze(-2) * scale
-    return o.to(q.dtype), S
+        S = S * _columns(_as(g, dt).exp())
+    k = _as(k, dt).unsqueeze(-2)  # [B, H, 1, K]
+    v_new = (_as(v, dt).unsqueeze(-2) - k @ S) * _columns(_as(beta, dt))  # [B, H, 1, V]
+    S = torch.addcmul(S, k.transpose(-1, -2), v_new)  # S + k v_new^T
+    o = (_as(q, dt).unsqueeze(-2) @ S).squeeze(-2) * scale
+    return _as(o, q.dtype), S
 
 
 def delta_rule_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, state: torch.Tensor,
