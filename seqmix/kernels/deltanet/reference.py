@@ -66,6 +66,16 @@ def _from_chunks(x, B, T):
     return x.reshape(B, BH // B, NT * C, *x.shape[3:])[:, :, :T].transpose(1, 2).contiguous()
 
 
+def _solve_unit_lower(A, R, transpose=False):
+    """(I + A)^-1 R, or (I + A)^-T R with ``transpose``, for strictly lower A [..., C, C] and contiguous R
+    [..., C, N]; contiguous result. Posed as the right-hand solve of R^T: LAPACK works on column-major
+    matrices, and the column-major R^T and result are R's and the result's row-major memory, so nothing is
+    copied (solving (I + A) X = R directly copies R and returns a column-major X: 3x slower on the CPU)."""
+    At = A if transpose else A.transpose(-1, -2)
+    return torch.linalg.solve_triangular(At, R.transpose(-1, -2), upper=not transpose, left=False,
+                                         unitriangular=True).transpose(-1, -2)
+
+
 def _rowsum(a, b):
     """sum over the last dim of a * b."""
     return (a * b).sum(-1)
@@ -87,14 +97,17 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         # [B*H, NT, C, *]; zero keys, values and betas past T leave the state unchanged, and zero log
         # decays do not decay it.
         q, k, v, beta = (_into_chunks(x, NT, C) for x in (q, k, v, beta))
-        kb = k * beta[..., None]
+        # The right-hand side [X | diag(beta) V] of the solve below, written in place (no cat).
+        rhs = q.new_empty(B * H, NT, C, K + V)
+        torch.mul(v, beta[..., None], out=rhs[..., K:])
+        kb = torch.mul(k, beta[..., None], out=rhs[..., :K]) if g is None else k * beta[..., None]
         kT = k.transpose(-1, -2)
         A, P = kb @ kT, q @ kT  # [B*H, NT, C, C]
         if g is None:
             gc = G = None
             A.tril_(-1)
             P.tril_()
-            X, q_in, k_out = kb, q, k
+            q_in, k_out = q, k
         else:
             # gc: the in-chunk cumulative log decay; G_ij = exp(gc_i - gc_j) for i >= j, else 0. tril selects
             # (it does not multiply), so the overflowing exponents above the diagonal cannot become NaN.
@@ -103,11 +116,10 @@ class _ChunkedDeltaRule(torch.autograd.Function):
             A.mul_(G).tril_(-1)
             P.mul_(G)
             eg = gc.exp()
-            X, q_in = kb * eg[..., None], q * eg[..., None]
-            k_out = k * torch.exp(gc[..., -1:] - gc)[..., None]
+            torch.mul(kb, eg[..., None], out=rhs[..., :K])
+            q_in, k_out = q * eg[..., None], k * torch.exp(gc[..., -1:] - gc)[..., None]
         # [W | U] = (I + A)^-1 [X | diag(beta) V] in one solve; the unit diagonal is implied (A's is 0).
-        WU = torch.linalg.solve_triangular(A, torch.cat([X, v * beta[..., None]], -1), upper=False,
-                                           unitriangular=True)
+        WU = _solve_unit_lower(A, rhs)
         W, U = WU[..., :K], WU[..., K:]
         S = q.new_zeros(B * H, K, V) if S0 is None else S0.reshape(B * H, K, V)
         gammas = [None] * NT if g is None else gc[..., -1].exp()[..., None, None].unbind(1)
@@ -119,23 +131,20 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         states, v_new = torch.stack(states, 1), torch.stack(v_news, 1)  # [B*H, NT, K, V], [B*H, NT, C, V]
         o = torch.baddbmm((q_in @ states).flatten(0, 1), P.flatten(0, 1), v_new.flatten(0, 1), beta=scale,
                           alpha=scale)
-        ctx.save_for_backward(q, k, v, beta, gc, G, A, P, WU, states, v_new)
+        ctx.save_for_backward(q, k, v, beta, gc, G, A, P, WU, states, v_new, q_in, k_out, kb)
         ctx.scale, ctx.shape, ctx.has_s0 = scale, (B, T, H, K, V), S0 is not None
         return _from_chunks(o.view(B * H, NT, C, V), B, T), S.view(B, H, K, V)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dS):
-        q, k, v, beta, gc, G, A, P, WU, states, v_new = ctx.saved_tensors
+        q, k, v, beta, gc, G, A, P, WU, states, v_new, q_in, k_out, kb = ctx.saved_tensors
         scale = ctx.scale
         B, T, H, K, V = ctx.shape
         BH, NT, C = q.shape[:3]
         do = _into_chunks(do, NT, C)
-        if gc is None:
-            q_in, k_out = q, k
-        else:
+        if gc is not None:
             eg, ek = gc.exp(), torch.exp(gc[..., -1:] - gc)
-            q_in, k_out = q * eg[..., None], k * ek[..., None]
         dv_local = P.transpose(-1, -2) @ do  # times scale in the carry below
         ds_local = (q_in.transpose(-1, -2) @ do).mul_(scale)  # [B*H, NT, K, V]
         # The state carry in reverse; dS: the gradient of the state leaving chunk n.
@@ -155,8 +164,7 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         dk_out = v_new @ d_next.transpose(-1, -2)
         # V' = U - W S, [W | U] = (I + A)^-1 [X | Y]: [dX | dY] = (I + A)^-T [-dV' S^T | dV'] and
         # dA = -tril_(dX W^T + dY U^T).
-        dXY = torch.linalg.solve_triangular(A.transpose(-1, -2), torch.cat([(dv_new @ states_t).neg_(), dv_new], -1),
-                                            upper=True, unitriangular=True)
+        dXY = _solve_unit_lower(A, torch.cat([(dv_new @ states_t).neg_(), dv_new], -1), transpose=True)
         dA = (dXY @ WU.transpose(-1, -2)).neg_().tril_(-1)
         dX, dY = dXY[..., :K], dXY[..., K:]
         dP = (do @ v_new.transpose(-1, -2)).mul_(scale)
@@ -167,7 +175,6 @@ class _ChunkedDeltaRule(torch.autograd.Function):
             TA, TP = dA * G, dP * G
             Z = torch.addcmul(TA @ k, dX, eg[..., None])
         # A = tril_(diag(beta) (K K^T * G)), P = tril(Q K^T * G), X = diag(beta e^gc) K, Y = diag(beta) V.
-        kb = k * beta[..., None]
         dq = torch.addcmul(TP @ k, dq_in, eg[..., None]) if gc is not None else TP @ k + dq_in
         dk = TA.transpose(-1, -2) @ kb + TP.transpose(-1, -2) @ q + beta[..., None] * Z
         dk = dk + (dk_out if gc is None else dk_out * ek[..., None])
