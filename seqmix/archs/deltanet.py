@@ -13,7 +13,7 @@ from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
 from seqmix.archs.modules import RMSNorm, ShortConvolution, l2_normalize, no_weight_decay
 from seqmix.kernels import causal_conv1d, delta_rule, gated_delta_rule
 from seqmix.kernels.conv.step import causal_conv1d_step
-from seqmix.kernels.deltanet.step import delta_rule_step, gated_delta_rule_step
+from seqmix.kernels.deltanet.step import step_rows
 
 
 @register_mixer("deltanet")
@@ -65,8 +65,8 @@ class DeltaNet(Mixer):
         return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
 
     def _strength_weights(self):
-        """The weights of the projections that :meth:`_strengths` reads, stacked: b_proj's."""
-        return self.b_proj.weight
+        """The weights of the projections whose outputs :meth:`_strengths` reads, in order: b_proj's."""
+        return [self.b_proj.weight]
 
     def _strengths(self, f):
         """beta [*, H] in f's dtype and the log decays g [*, H] float32 (None: no decay) from the output f of
@@ -101,30 +101,32 @@ class DeltaNet(Mixer):
 
     def _decoding_step(self, x, state):
         """One token per sequence (x [B, 1, hidden]) in few calls: one matmul for every projection
-        (q|k|v, the output gate, beta's and the decay's), the three short convs as one window step, the
-        one-token rule of seqmix/kernels/deltanet/step.py."""
-        weights = [self._qkv_weights()] + ([] if self.g_proj is None else [self.g_proj.weight])
-        f = F.linear(x[:, 0], torch.cat([*weights, self._strength_weights()]))
-        d_qkv, dv = 2 * self.num_heads * self.head_k + self.num_heads * self.head_v, self.num_heads * self.head_v
+        (q|k|v, the output gate, beta's and the decay's), the three short convs as one window step, and the
+        rule on [B, H, 1, *] rows (seqmix/kernels/deltanet/step.py, ``step_rows``)."""
+        B, H, K, V = x.shape[0], self.num_heads, self.head_k, self.head_v
+        weights = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
+        weights += ([] if self.g_proj is None else [self.g_proj.weight]) + self._strength_weights()
+        f = F.linear(x[:, 0], torch.cat(weights))
+        d_qk, d_qkv = 2 * H * K, 2 * H * K + H * V
         qkv, new_state = f[:, :d_qkv], {}
         if self.convs is None:
             qkv = F.silu(qkv)
         else:
             qkv, new_state["conv"] = causal_conv1d_step(qkv, self._conv_weights(), None, "silu", state["conv"])
-        q, k, v = self._split_features(qkv)
-        gate = None if self.g_proj is None else f[:, None, d_qkv : d_qkv + dv].unflatten(-1, (self.num_heads, -1))
-        beta, g = self._strengths(f[:, d_qkv + (0 if gate is None else dv) :])
-        if g is None:
-            o, recurrent = delta_rule_step(q, k, v, beta, state["recurrent"])
-        else:
-            o, recurrent = gated_delta_rule_step(q, k, v, g, beta, state["recurrent"])
-        return self._output(x, o.unsqueeze(1), recurrent, state, new_state, gate)
+        q, k = l2_normalize(qkv[:, :d_qk].view(B, 2 * H, 1, K)).split(H, 1)
+        v = qkv[:, d_qk:].view(B, H, 1, V)
+        gate = None if self.g_proj is None else f[:, d_qkv : d_qkv + H * V].view(B, 1, H, V)
+        beta, g = self._strengths(f[:, d_qkv + (0 if gate is None else H * V) :])
+        g = None if g is None else g.view(B, H, 1, 1)
+        o, recurrent = step_rows(q, k, v, beta.view(B, H, 1, 1), g, state["recurrent"], K**-0.5)
+        return self._output(x, o.transpose(1, 2), recurrent, state, new_state, gate)
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         if is_decoding_step(x, state, cu_seqlens):
             return self._decoding_step(x, state)
         q, k, v, new_state = self._qkv(x, state, cu_seqlens)
-        beta, g = self._strengths(F.linear(x, self._strength_weights()))
+        weights = self._strength_weights()
+        beta, g = self._strengths(F.linear(x, weights[0] if len(weights) == 1 else torch.cat(weights)))
         options = {"initial_state": None if state is None else state["recurrent"],
                    "output_final_state": state is not None, "cu_seqlens": cu_seqlens, "backend": self.backend}
         if g is None:
@@ -199,8 +201,8 @@ class GatedDeltaNet(DeltaNet):
         return -_float32(self.A_log).exp() * F.softplus(a + _float32(self.dt_bias))
 
     def _strength_weights(self):
-        """b_proj's and a_proj's weights stacked: beta and g from one matmul."""
-        return torch.cat([self.b_proj.weight, self.a_proj.weight])
+        """b_proj's and a_proj's: beta and g from one matmul."""
+        return [self.b_proj.weight, self.a_proj.weight]
 
     def _strengths(self, f):
         H = self.num_heads
