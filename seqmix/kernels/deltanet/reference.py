@@ -97,17 +97,14 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         # [B*H, NT, C, *]; zero keys, values and betas past T leave the state unchanged, and zero log
         # decays do not decay it.
         q, k, v, beta = (_into_chunks(x, NT, C) for x in (q, k, v, beta))
-        # The right-hand side [X | diag(beta) V] of the solve below, written in place (no cat).
-        rhs = q.new_empty(B * H, NT, C, K + V)
-        torch.mul(v, beta[..., None], out=rhs[..., K:])
-        kb = torch.mul(k, beta[..., None], out=rhs[..., :K]) if g is None else k * beta[..., None]
+        kb = k * beta[..., None]
         kT = k.transpose(-1, -2)
         A, P = kb @ kT, q @ kT  # [B*H, NT, C, C]
         if g is None:
             gc = G = None
             A.tril_(-1)
             P.tril_()
-            q_in, k_out = q, k
+            X, q_in, k_out = kb, q, k
         else:
             # gc: the in-chunk cumulative log decay; G_ij = exp(gc_i - gc_j) for i >= j, else 0. tril selects
             # (it does not multiply), so the overflowing exponents above the diagonal cannot become NaN.
@@ -116,10 +113,10 @@ class _ChunkedDeltaRule(torch.autograd.Function):
             A.mul_(G).tril_(-1)
             P.mul_(G)
             eg = gc.exp()
-            torch.mul(kb, eg[..., None], out=rhs[..., :K])
+            X = kb * eg[..., None]
             q_in, k_out = q * eg[..., None], k * torch.exp(gc[..., -1:] - gc)[..., None]
         # [W | U] = (I + A)^-1 [X | diag(beta) V] in one solve; the unit diagonal is implied (A's is 0).
-        WU = _solve_unit_lower(A, rhs)
+        WU = _solve_unit_lower(A, torch.cat([X, v * beta[..., None]], -1))
         W, U = WU[..., :K], WU[..., K:]
         S = q.new_zeros(B * H, K, V) if S0 is None else S0.reshape(B * H, K, V)
         gammas = [None] * NT if g is None else gc[..., -1].exp()[..., None, None].unbind(1)
