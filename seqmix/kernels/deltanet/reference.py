@@ -118,44 +118,48 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         # [W | U] = (I + A)^-1 [X | diag(beta) V] in one solve; the unit diagonal is implied (A's is 0).
         WU = _solve_unit_lower(A, torch.cat([X, v * beta[..., None]], -1))
         W, U = WU[..., :K], WU[..., K:]
+        # The carry as one affine map per chunk, S_next = Tr S + Bn with Tr = gamma I - K~^T W and
+        # Bn = K~^T U (K~ = k_out), so that the loop is one call per chunk; V' = U - W S after it.
+        KWU = k_out.transpose(-1, -2) @ WU  # [B*H, NT, K, K + V]
+        Tr, Bn = KWU[..., :K].neg_(), KWU[..., K:]
+        Tr.diagonal(dim1=-2, dim2=-1).add_(1 if g is None else gc[..., -1:].exp())
         S = q.new_zeros(B * H, K, V) if S0 is None else S0.reshape(B * H, K, V)
-        gammas = [None] * NT if g is None else gc[..., -1].exp()[..., None, None].unbind(1)
-        states, v_news = [], []
-        for n, gamma in enumerate(gammas):
+        states = []
+        for n in range(NT):
             states.append(S)
-            v_news.append(torch.baddbmm(U[:, n], W[:, n], S, alpha=-1))  # V' = U - W S
-            S = torch.baddbmm(S if gamma is None else S * gamma, k_out[:, n].transpose(-1, -2), v_news[-1])
-        states, v_new = torch.stack(states, 1), torch.stack(v_news, 1)  # [B*H, NT, K, V], [B*H, NT, C, V]
-        o = torch.baddbmm((q_in @ states).flatten(0, 1), P.flatten(0, 1), v_new.flatten(0, 1), beta=scale,
-                          alpha=scale)
-        ctx.save_for_backward(q, k, v, beta, gc, G, A, P, WU, states, v_new, q_in, k_out, kb)
+            S = torch.baddbmm(Bn[:, n], Tr[:, n], S)
+        states = torch.stack(states, 1)  # [B*H, NT, K, V]
+        v_new = torch.baddbmm(U.flatten(0, 1), W.flatten(0, 1), states.flatten(0, 1), alpha=-1)
+        o = torch.baddbmm((q_in @ states).flatten(0, 1), P.flatten(0, 1), v_new, beta=scale, alpha=scale)
+        v_new = v_new.view(B * H, NT, C, V)
+        ctx.save_for_backward(q, k, v, beta, gc, G, A, P, WU, states, v_new, q_in, k_out, kb, Tr)
         ctx.scale, ctx.shape, ctx.has_s0 = scale, (B, T, H, K, V), S0 is not None
         return _from_chunks(o.view(B * H, NT, C, V), B, T), S.view(B, H, K, V)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dS):
-        q, k, v, beta, gc, G, A, P, WU, states, v_new, q_in, k_out, kb = ctx.saved_tensors
+        q, k, v, beta, gc, G, A, P, WU, states, v_new, q_in, k_out, kb, Tr = ctx.saved_tensors
         scale = ctx.scale
         B, T, H, K, V = ctx.shape
         BH, NT, C = q.shape[:3]
         do = _into_chunks(do, NT, C)
         if gc is not None:
             eg, ek = gc.exp(), torch.exp(gc[..., -1:] - gc)
-        dv_local = P.transpose(-1, -2) @ do  # times scale in the carry below
-        ds_local = (q_in.transpose(-1, -2) @ do).mul_(scale)  # [B*H, NT, K, V]
-        # The state carry in reverse; dS: the gradient of the state leaving chunk n.
-        gamma = None if gc is None else gc[..., -1].exp()  # [B*H, NT]: each chunk's total decay
-        gammas = [None] * NT if gc is None else gamma[..., None, None].unbind(1)
         W = WU[..., :K]
+        # The state carry in reverse, dS_n = Tr_n^T dS_{n+1} + scale (Q~ - P W)^T dO_n (Q~ = q_in): the
+        # second term reaches S_n through the outputs, directly and through V'.
+        QW = torch.baddbmm(q_in.flatten(0, 1), P.flatten(0, 1), W.flatten(0, 1), alpha=-1)
+        ds_local = (QW.transpose(-1, -2) @ do.flatten(0, 1)).mul_(scale).view(BH, NT, K, V)
         dS = dS.reshape(BH, K, V)
-        d_next, dv_news = [None] * NT, [None] * NT
+        d_next = [None] * NT  # the gradients of the states leaving each chunk
         for n in reversed(range(NT)):
             d_next[n] = dS
-            dv_news[n] = torch.baddbmm(dv_local[:, n], k_out[:, n], dS, beta=scale)  # dV'
-            carried = ds_local[:, n] + (dS if gammas[n] is None else dS * gammas[n])
-            dS = torch.baddbmm(carried, W[:, n].transpose(-1, -2), dv_news[n], alpha=-1)
-        d_next, dv_new = torch.stack(d_next, 1), torch.stack(dv_news, 1)
+            dS = torch.baddbmm(ds_local[:, n], Tr[:, n].transpose(-1, -2), dS)
+        d_next = torch.stack(d_next, 1)
+        # dV' = scale P^T dO + K~ dS_next
+        dv_new = torch.baddbmm((P.transpose(-1, -2) @ do).flatten(0, 1), k_out.flatten(0, 1), d_next.flatten(0, 1),
+                               beta=scale).view(BH, NT, C, V)
         states_t = states.transpose(-1, -2)
         dq_in = (do @ states_t).mul_(scale)
         dk_out = v_new @ d_next.transpose(-1, -2)
@@ -184,7 +188,7 @@ class _ChunkedDeltaRule(torch.autograd.Function):
             dgc = E.sum(-1) - E.sum(-2) + _rowsum(dq_in, q_in) + _rowsum(dX, k) * beta * eg
             e = _rowsum(dk_out, k_out)
             dgc = dgc - e
-            dgc[..., -1] += e.sum(-1) + (states * d_next).sum((-1, -2)) * gamma
+            dgc[..., -1] += e.sum(-1) + (states * d_next).sum((-1, -2)) * gc[..., -1].exp()
             dg = _from_chunks(dgc.flip(-1).cumsum(-1).flip(-1), B, T)
         grads = [_from_chunks(x, B, T) for x in (dq, dk, dv, dbeta)]
         return (*grads, dg, dS.view(B, H, K, V) if ctx.has_s0 else None, None, None)
