@@ -80,9 +80,11 @@ class DeltaNet(Mixer):
 
     def _split_features(self, f):
         """q, k (L2-normalised together) [*, H, K] and v [*, H, V] from the q|k|v features f [*, 2 dk + dv]."""
-        H, dk = self.num_heads, self.num_heads * self.head_k
-        q, k = l2_normalize(f[..., : 2 * dk].unflatten(-1, (2 * H, self.head_k))).split(H, -2)
-        return q, k, f[..., 2 * dk :].unflatten(-1, (H, self.head_v))
+        H = self.num_heads
+        # split, not slices: its backward is one cat, a slice's a zero tensor of f's size per slice.
+        qk, v = f.split([2 * H * self.head_k, H * self.head_v], -1)
+        q, k = l2_normalize(qk.unflatten(-1, (2 * H, self.head_k))).split(H, -2)
+        return q, k, v.unflatten(-1, (H, self.head_v))
 
     def _qkv(self, x, state, cu_seqlens):
         """Projections and short convs; returns q, k, v as [B, T, H, *] and the new conv state."""
