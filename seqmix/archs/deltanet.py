@@ -106,22 +106,24 @@ class DeltaNet(Mixer):
         (q|k|v, the output gate, beta's and the decay's), the three short convs as one window step, and the
         rule on [B, H, 1, *] rows (seqmix/kernels/deltanet/step.py, ``step_rows``)."""
         B, H, K, V = x.shape[0], self.num_heads, self.head_k, self.head_v
-        weights = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
-        weights += ([] if self.g_proj is None else [self.g_proj.weight]) + self._strength_weights()
-        f = F.linear(x[:, 0], torch.cat(weights))
-        d_qk, d_qkv = 2 * H * K, 2 * H * K + H * V
-        qkv, new_state = f[:, :d_qkv], {}
+        gates, strengths = [] if self.g_proj is None else [self.g_proj.weight], self._strength_weights()
+        weights = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, *gates, *strengths])
+        sizes = [2 * H * K + H * V] + [H * V] * len(gates) + [H * len(strengths)]  # each strength: one per head
+        qkv, *rest = F.linear(x[:, 0], weights).split(sizes, -1)
+        new_state = {}
         if self.convs is None:
             qkv = F.silu(qkv)
         else:
             qkv, new_state["conv"] = causal_conv1d_step(qkv, self._conv_weights(), None, "silu", state["conv"])
-        q, k = l2_normalize(qkv[:, :d_qk].view(B, 2 * H, 1, K)).split(H, 1)
-        v = qkv[:, d_qk:].view(B, H, 1, V)
-        gate = None if self.g_proj is None else f[:, d_qkv : d_qkv + H * V].view(B, 1, H, V)
-        beta, g = self._strengths(f[:, d_qkv + (0 if gate is None else H * V) :])
+        qk, v = qkv.split([2 * H * K, H * V], -1)
+        q, k = l2_normalize(qk.view(B, 2 * H, 1, K)).split(H, 1)
+        beta, g = self._strengths(rest[-1])
         g = None if g is None else g.view(B, H, 1, 1)
-        o, recurrent = step_rows(q, k, v, beta.view(B, H, 1, 1), g, state["recurrent"], K**-0.5)
-        return self._output(x, o.transpose(1, 2), recurrent, state, new_state, gate)
+        o, recurrent = step_rows(q, k, v.view(B, H, 1, V), beta.view(B, H, 1, 1), g, state["recurrent"], K**-0.5)
+        # o and the gate as [B, H, 1, V]: the norm runs over V, and the result is [B, 1, H V] in one view.
+        gate = None if self.g_proj is None else rest[0].view(B, H, 1, V)
+        new_state["recurrent"] = recurrent
+        return self.o_proj(self.o_norm(o, gate).view(B, 1, H * V)), new_state
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         if is_decoding_step(x, state, cu_seqlens):
@@ -136,10 +138,6 @@ class DeltaNet(Mixer):
         else:
             o, recurrent = gated_delta_rule(q, k, v, g, beta, **options)
         gate = None if self.g_proj is None else self.g_proj(x).view_as(o)
-        return self._output(x, o, recurrent, state, new_state, gate)
-
-    def _output(self, x, o, recurrent, state, new_state, gate):
-        """The (gated) output norm and projection, and the state to return (None when training)."""
         o = self.o_proj(self.o_norm(o, gate).flatten(2))
         if state is None:
             return o, None
@@ -207,5 +205,5 @@ class GatedDeltaNet(DeltaNet):
         return [self.b_proj.weight, self.a_proj.weight]
 
     def _strengths(self, f):
-        H = self.num_heads
-        return _cast(torch.sigmoid(_float32(f[..., :H])), f.dtype), self._log_decay_of(_float32(f[..., H:]))
+        b, a = f.split(self.num_heads, -1)
+        return _cast(torch.sigmoid(_float32(b)), f.dtype), self._log_decay_of(_float32(a))
