@@ -5,8 +5,10 @@ beta ``[B, T, H]``, for the gated rule g ``[B, T, H]``) with optional ``cu_seqle
 float32 (float64 when the inputs are float64) and return
 ``(o [B, T, H, V] in the input dtype, final_state [N, H, K, V] or None)``;
 the state is float32 (float64 for float64 inputs).
-All are differentiable by autograd; the chunked forms are the reference
-backends of :mod:`seqmix.kernels.deltanet`.
+All are differentiable; the recurrences by autograd (they are the oracles), the chunked forms, the
+reference backends of :mod:`seqmix.kernels.deltanet`, through an autograd function with a hand-written
+backward (docs/math/deltanet.md, "The chunked reference on the CPU"; once differentiable). Their chunks
+are 32 tokens: the fastest on the CPU at the layers' head dims (docs/design.md, "CPU references").
 """
 
 from __future__ import annotations
