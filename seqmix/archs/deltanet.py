@@ -11,9 +11,9 @@ from torch import nn
 
 from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
 from seqmix.archs.modules import RMSNorm, ShortConvolution, l2_normalize, no_weight_decay
-from seqmix.kernels import delta_rule, gated_delta_rule
+from seqmix.kernels import causal_conv1d, delta_rule, gated_delta_rule
 from seqmix.kernels.conv.step import causal_conv1d_step
-from seqmix.kernels.deltanet.step import delta_rule_step, gated_delta_rule_step
+from seqmix.kernels.deltanet.step import step_rows
 
 
 @register_mixer("deltanet")
@@ -59,56 +59,84 @@ class DeltaNet(Mixer):
         self.o_norm = RMSNorm(self.head_v, eps=norm_eps)
         self.o_proj = nn.Linear(dv, hidden_size, bias=False)
 
-    def _qkv(self, x, state, cu_seqlens):
-        """Projections and short convs; returns q, k, v as [B, T, H, *] and the new conv states."""
-        new_state = {}
-        feats = {"q": self.q_proj(x), "k": self.k_proj(x), "v": self.v_proj(x)}
-        for name, f in feats.items():
-            if self.convs is None:
-                feats[name] = F.silu(f)
-                continue
-            conv_state = None if state is None else state[f"conv_{name}"]
-            feats[name], new_state[f"conv_{name}"] = self.convs[name](f, conv_state, cu_seqlens)
-        B, T, _ = x.shape
-        q, k, v = (feats[n].view(B, T, self.num_heads, -1) for n in ("q", "k", "v"))
-        return l2_normalize(q), l2_normalize(k), v, new_state
+    def _qkv_weights(self):
+        """The q, k and v projections' weights stacked, [2 dk + dv, hidden]: one matmul computes all three
+        (the parameters stay separate, so names and checkpoints do not change)."""
+        return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
 
-    def _qkv_one_token(self, x, state):
-        """:meth:`_qkv` of a decoding step (x [B, 1, hidden]) in fewer ops: the three short convs as one
-        window step over the features side by side, q and k normalised together. Returns q, k [B, H, K],
-        v [B, H, V] and the new conv states."""
-        B, H = x.shape[0], self.num_heads
-        x0 = x[:, 0]
-        f = torch.cat([F.linear(x0, p.weight) for p in (self.q_proj, self.k_proj, self.v_proj)], -1)
+    def _strength_weights(self):
+        """The weights of the projections whose outputs :meth:`_strengths` reads, in order: b_proj's."""
+        return [self.b_proj.weight]
+
+    def _strengths(self, f):
+        """beta [*, H] in f's dtype and the log decays g [*, H] float32 (None: no decay) from the output f of
+        the projections of :meth:`_strength_weights`."""
+        return _cast(torch.sigmoid(_float32(f)), f.dtype), None
+
+    def _conv_weights(self):
+        """The three short convs' taps stacked, [2 dk + dv, conv_size]: one conv over q|k|v side by side
+        (its state is one tensor, ``state["conv"]``)."""
+        return torch.cat([c.weight for c in self.convs.values()])
+
+    def _split_features(self, f):
+        """q, k (L2-normalised together) [*, H, K] and v [*, H, V] from the q|k|v features f [*, 2 dk + dv]."""
+        H = self.num_heads
+        # split, not slices: its backward is one cat, a slice's a zero tensor of f's size per slice.
+        qk, v = f.split([2 * H * self.head_k, H * self.head_v], -1)
+        q, k = l2_normalize(qk.unflatten(-1, (2 * H, self.head_k))).split(H, -2)
+        return q, k, v.unflatten(-1, (H, self.head_v))
+
+    def _qkv(self, x, state, cu_seqlens):
+        """Projections and short convs; returns q, k, v as [B, T, H, *] and the new conv state."""
+        f = F.linear(x, self._qkv_weights())
         new_state = {}
         if self.convs is None:
             f = F.silu(f)
         else:
-            names, convs = ("q", "k", "v"), list(self.convs.values())
-            weight = torch.cat([c.weight for c in convs])
-            f, window = causal_conv1d_step(f, weight, None, "silu", torch.cat([state[f"conv_{n}"] for n in names], 1))
-            for name, part in zip(names, window.split([c.dim for c in convs], 1), strict=True):
-                new_state[f"conv_{name}"] = part
-        dk = H * self.head_k
-        q, k = l2_normalize(f[:, : 2 * dk].view(B, 2 * H, self.head_k)).split(H, 1)
-        return q, k, f[:, 2 * dk :].view(B, H, self.head_v), new_state
+            f, window = causal_conv1d(f, self._conv_weights(), activation="silu",
+                                      initial_state=None if state is None else state["conv"],
+                                      output_final_state=state is not None, cu_seqlens=cu_seqlens,
+                                      backend=self.backend)
+            if state is not None:
+                new_state["conv"] = window
+        return *self._split_features(f), new_state
+
+    def _decoding_step(self, x, state):
+        """One token per sequence (x [B, 1, hidden]) in few calls: one matmul for every projection
+        (q|k|v, the output gate, beta's and the decay's), the three short convs as one window step, and the
+        rule on [B, H, 1, *] rows (seqmix/kernels/deltanet/step.py, ``step_rows``)."""
+        B, H, K, V = x.shape[0], self.num_heads, self.head_k, self.head_v
+        gates, strengths = [] if self.g_proj is None else [self.g_proj.weight], self._strength_weights()
+        weights = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, *gates, *strengths])
+        sizes = [2 * H * K + H * V] + [H * V] * len(gates) + [H * len(strengths)]  # each strength: one per head
+        qkv, *rest = F.linear(x[:, 0], weights).split(sizes, -1)
+        new_state = {}
+        if self.convs is None:
+            qkv = F.silu(qkv)
+        else:
+            qkv, new_state["conv"] = causal_conv1d_step(qkv, self._conv_weights(), None, "silu", state["conv"])
+        qk, v = qkv.split([2 * H * K, H * V], -1)
+        q, k = l2_normalize(qk.view(B, 2 * H, 1, K)).split(H, 1)
+        beta, g = self._strengths(rest[-1])
+        g = None if g is None else g.view(B, H, 1, 1)
+        o, recurrent = step_rows(q, k, v.view(B, H, 1, V), beta.view(B, H, 1, 1), g, state["recurrent"], K**-0.5)
+        # o and the gate as [B, H, 1, V]: the norm runs over V, and the result is [B, 1, H V] in one view.
+        gate = None if self.g_proj is None else rest[0].view(B, H, 1, V)
+        new_state["recurrent"] = recurrent
+        return self.o_proj(self.o_norm(o, gate).view(B, 1, H * V)), new_state
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         if is_decoding_step(x, state, cu_seqlens):
-            q, k, v, new_state = self._qkv_one_token(x, state)
-            beta = torch.sigmoid(F.linear(x[:, 0], self.b_proj.weight).float()).to(q.dtype)
-            o, recurrent = delta_rule_step(q, k, v, beta, state["recurrent"])
-            return self._output(x, o.unsqueeze(1), recurrent, state, new_state)
+            return self._decoding_step(x, state)
         q, k, v, new_state = self._qkv(x, state, cu_seqlens)
-        beta = torch.sigmoid(self.b_proj(x).float()).to(q.dtype)
-        o, recurrent = delta_rule(
-            q, k, v, beta, initial_state=None if state is None else state["recurrent"],
-            output_final_state=state is not None, cu_seqlens=cu_seqlens, backend=self.backend,
-        )
-        return self._output(x, o, recurrent, state, new_state)
-
-    def _output(self, x, o, recurrent, state, new_state):
-        """The (gated) output norm and projection, and the state to return (None when training)."""
+        weights = self._strength_weights()
+        beta, g = self._strengths(F.linear(x, weights[0] if len(weights) == 1 else torch.cat(weights)))
+        options = {"initial_state": None if state is None else state["recurrent"],
+                   "output_final_state": state is not None, "cu_seqlens": cu_seqlens, "backend": self.backend}
+        if g is None:
+            o, recurrent = delta_rule(q, k, v, beta, **options)
+        else:
+            o, recurrent = gated_delta_rule(q, k, v, g, beta, **options)
         gate = None if self.g_proj is None else self.g_proj(x).view_as(o)
         o = self.o_proj(self.o_norm(o, gate).flatten(2))
         if state is None:
@@ -120,8 +148,18 @@ class DeltaNet(Mixer):
         device = self.q_proj.weight.device
         state = {"recurrent": torch.zeros(batch_size, self.num_heads, self.head_k, self.head_v, device=device)}
         if self.convs is not None:
-            state.update({f"conv_{n}": conv.init_state(batch_size) for n, conv in self.convs.items()})
+            width = self.convs["q"].kernel_size - 1
+            state["conv"] = torch.zeros(batch_size, sum(c.dim for c in self.convs.values()), width, device=device)
         return state
+
+
+def _cast(x, dtype):
+    """x in ``dtype``, without a call when it already is (a decoding step is counted in aten calls)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _float32(x):
+    return _cast(x, torch.float32)
 
 
 @register_mixer("gated_deltanet")
@@ -156,18 +194,16 @@ class GatedDeltaNet(DeltaNet):
 
     def log_decay(self, x: torch.Tensor) -> torch.Tensor:
         """g [B, T, H] float32, <= 0: the state's log decay at each token."""
-        return -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        return self._log_decay_of(_float32(self.a_proj(x)))
 
-    def mix(self, x, state: State | None, *, cu_seqlens=None):
-        if is_decoding_step(x, state, cu_seqlens):
-            q, k, v, new_state = self._qkv_one_token(x, state)
-            beta = torch.sigmoid(F.linear(x[:, 0], self.b_proj.weight).float()).to(q.dtype)
-            o, recurrent = gated_delta_rule_step(q, k, v, self.log_decay(x)[:, 0], beta, state["recurrent"])
-            return self._output(x, o.unsqueeze(1), recurrent, state, new_state)
-        q, k, v, new_state = self._qkv(x, state, cu_seqlens)
-        beta = torch.sigmoid(self.b_proj(x).float()).to(q.dtype)
-        o, recurrent = gated_delta_rule(
-            q, k, v, self.log_decay(x), beta, initial_state=None if state is None else state["recurrent"],
-            output_final_state=state is not None, cu_seqlens=cu_seqlens, backend=self.backend,
-        )
-        return self._output(x, o, recurrent, state, new_state)
+    def _log_decay_of(self, a):
+        """g from a_proj's output a [*, H] (float32)."""
+        return -_float32(self.A_log).exp() * F.softplus(a + _float32(self.dt_bias))
+
+    def _strength_weights(self):
+        """b_proj's and a_proj's: beta and g from one matmul."""
+        return [self.b_proj.weight, self.a_proj.weight]
+
+    def _strengths(self, f):
+        b, a = f.split(self.num_heads, -1)
+        return _cast(torch.sigmoid(_float32(b)), f.dtype), self._log_decay_of(_float32(a))

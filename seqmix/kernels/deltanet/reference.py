@@ -5,13 +5,16 @@ beta ``[B, T, H]``, for the gated rule g ``[B, T, H]``) with optional ``cu_seqle
 float32 (float64 when the inputs are float64) and return
 ``(o [B, T, H, V] in the input dtype, final_state [N, H, K, V] or None)``;
 the state is float32 (float64 for float64 inputs).
-All are differentiable by autograd; the chunked forms are the reference
-backends of :mod:`seqmix.kernels.deltanet`.
+All are differentiable; the recurrences by autograd (they are the oracles), the chunked forms, the
+reference backends of :mod:`seqmix.kernels.deltanet`, through an autograd function with a hand-written
+backward (docs/math/deltanet.md, "The chunked reference on the CPU"; once differentiable). Their chunks
+are 32 tokens: the fastest on the CPU at the layers' head dims (docs/design.md, "CPU references").
 """
 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from seqmix.kernels.sequences import over_sequences, reference_dtype, sequence_spans
 
@@ -50,63 +53,156 @@ def gated_delta_rule_recurrent(q, k, v, g, beta, scale, initial_state=None, outp
     return _recurrent(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
 
 
-def _chunked_dense(q, k, v, beta, g, scale, S, chunk_size):
-    """The WY/UT chunked form for dense [B, T, H, *] inputs already in the compute dtype.
+def _into_chunks(x, NT, C):
+    """[B, T, H, *] -> [B*H, NT, C, *] contiguous, zero past T: one copy."""
+    B, T, H = x.shape[:3]
+    tail = x.shape[3:]
+    out = (x.new_empty if NT * C == T else x.new_zeros)(B, H, NT * C, *tail)
+    out[:, :, :T] = x.transpose(1, 2)
+    return out.view(B * H, NT, C, *tail)
 
-    g: [B, T, H] log decays or None. S: [B, H, K, V] state entering the first chunk.
-    Returns (o, S_final).
+
+def _from_chunks(x, B, T):
+    """[B*H, NT, C, *] -> [B, T, H, *] contiguous, the padding cut off: one copy."""
+    BH, NT, C = x.shape[:3]
+    return x.reshape(B, BH // B, NT * C, *x.shape[3:])[:, :, :T].transpose(1, 2).contiguous()
+
+
+def _solve_unit_lower(A, R, transpose=False):
+    """(I + A)^-1 R, or (I + A)^-T R with ``transpose``, for strictly lower A [..., C, C] and contiguous R
+    [..., C, N]; contiguous result. Posed as the right-hand solve of R^T: LAPACK works on column-major
+    matrices, and the column-major R^T and result are R's and the result's row-major memory, so nothing is
+    copied (solving (I + A) X = R directly copies R and returns a column-major X: 3x slower on the CPU)."""
+    At = A if transpose else A.transpose(-1, -2)
+    return torch.linalg.solve_triangular(At, R.transpose(-1, -2), upper=not transpose, left=False,
+                                         unitriangular=True).transpose(-1, -2)
+
+
+def _rowsum(a, b):
+    """sum over the last dim of a * b."""
+    return (a * b).sum(-1)
+
+
+class _ChunkedDeltaRule(torch.autograd.Function):
+    """The chunked WY/UT form of the (gated) delta rule with a hand-written backward
+    (docs/math/deltanet.md, "The chunked reference on the CPU").
+
+    q, k [B, T, H, K], v [B, T, H, V], beta and g (None: the plain delta rule) [B, T, H], all dense in the
+    compute dtype; S0 [B, H, K, V] or None (zeros). Returns (o [B, T, H, V], the final state [B, H, K, V]).
     """
-    B, T, H = q.shape[:3]
-    V = v.shape[-1]
-    C = chunk_size
-    pad = (-T) % C
-    if pad:
-        # Zero keys, values and betas leave the state unchanged, and zero log decays do not decay it;
-        # the padded rows are cut off below.
-        q, k, v, beta = (torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) for x in (q, k, v, beta))
-        g = None if g is None else torch.nn.functional.pad(g, (0, 0, 0, pad))
-    NT = (T + pad) // C
-    if NT == 0:
-        return q.new_zeros(B, 0, H, V), S
-    # [B, H, NT, C, *]
-    q, k, v = (x.reshape(B, NT, C, H, -1).permute(0, 3, 1, 2, 4) for x in (q, k, v))
-    beta = beta.reshape(B, NT, C, H).permute(0, 3, 1, 2)
-    eye = torch.eye(C, dtype=q.dtype, device=q.device)
-    strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    kb = k * beta[..., None]
-    A = kb @ k.transpose(-1, -2)
-    P = q @ k.transpose(-1, -2)
-    kbg = kb
-    if g is not None:
-        # gcum: cumulative log decay inside each chunk. Ratios exp(gcum_i - gcum_j) are formed for i >= j only,
-        # so no exponent is positive (exp(gcum_i) * exp(-gcum_j) would overflow for strong decays).
-        gcum = g.reshape(B, NT, C, H).permute(0, 3, 1, 2).cumsum(-1)
-        decay = torch.exp((gcum[..., :, None] - gcum[..., None, :]).masked_fill(~causal, float("-inf")))
-        A, P = A * decay, P * decay
-        kbg = kb * torch.exp(gcum)[..., None]
-    A = A.masked_fill(~strict, 0)
-    P = P.masked_fill(~causal, 0)
-    M = torch.linalg.solve_triangular(eye + A, eye.expand_as(A), upper=False, unitriangular=True)
-    W = M @ kbg
-    U = M @ (v * beta[..., None])
-    q_in, k_out = q, k
-    if g is not None:
-        q_in = q * torch.exp(gcum)[..., None]
-        k_out = k * torch.exp(gcum[..., -1:] - gcum)[..., None]
-    # Only the state carry runs chunk by chunk; the outputs of all chunks are batched matmuls after it.
-    # unbind, not indexing: its backward stacks the chunks' gradients once instead of one full-size
-    # zero tensor per chunk.
-    decays = [None] * NT if g is None else torch.exp(gcum[..., -1]).unbind(2)
-    states, v_news = [], []
-    for W_c, U_c, k_c, decay in zip(W.unbind(2), U.unbind(2), k_out.unbind(2), decays, strict=True):
-        states.append(S)
-        v_news.append(U_c - W_c @ S)
-        S = S if decay is None else S * decay[..., None, None]
-        S = S + k_c.transpose(-1, -2) @ v_news[-1]
-    o = scale * (q_in @ torch.stack(states, 2) + P @ torch.stack(v_news, 2))
-    o = o.permute(0, 2, 3, 1, 4).reshape(B, NT * C, H, V)[:, :T]
-    return o, S
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, S0, scale, C):
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        NT = -(-T // C)
+        # [B*H, NT, C, *]; zero keys, values and betas past T leave the state unchanged, and zero log
+        # decays do not decay it.
+        q, k, v, beta = (_into_chunks(x, NT, C) for x in (q, k, v, beta))
+        kb = k * beta[..., None]
+        kT = k.transpose(-1, -2)
+        A, P = kb @ kT, q @ kT  # [B*H, NT, C, C]
+        if g is None:
+            gc = G = None
+            A.tril_(-1)
+            P.tril_()
+            X, q_in, k_out = kb, q, k
+        else:
+            # gc: the in-chunk cumulative log decay; G_ij = exp(gc_i - gc_j) for i >= j, else 0. tril selects
+            # (it does not multiply), so the overflowing exponents above the diagonal cannot become NaN.
+            gc = _into_chunks(g, NT, C).cumsum_(-1)
+            G = torch.exp(gc[..., :, None] - gc[..., None, :]).tril_()
+            A.mul_(G).tril_(-1)
+            P.mul_(G)
+            eg = gc.exp()
+            X = kb * eg[..., None]
+            q_in, k_out = q * eg[..., None], k * torch.exp(gc[..., -1:] - gc)[..., None]
+        # [W | U] = (I + A)^-1 [X | diag(beta) V] in one solve; the unit diagonal is implied (A's is 0).
+        WU = _solve_unit_lower(A, torch.cat([X, v * beta[..., None]], -1))
+        W, U = WU[..., :K], WU[..., K:]
+        # The carry as one affine map per chunk, S_next = Tr S + Bn with Tr = gamma I - K~^T W and
+        # Bn = K~^T U (K~ = k_out), so that the loop is one call per chunk; V' = U - W S after it.
+        KWU = k_out.transpose(-1, -2) @ WU  # [B*H, NT, K, K + V]
+        Tr, Bn = KWU[..., :K].neg_(), KWU[..., K:]
+        Tr.diagonal(dim1=-2, dim2=-1).add_(1 if g is None else gc[..., -1:].exp())
+        S = q.new_zeros(B * H, K, V) if S0 is None else S0.reshape(B * H, K, V)
+        states = []
+        for n in range(NT):
+            states.append(S)
+            S = torch.baddbmm(Bn[:, n], Tr[:, n], S)
+        states = torch.stack(states, 1)  # [B*H, NT, K, V]
+        v_new = torch.baddbmm(U.flatten(0, 1), W.flatten(0, 1), states.flatten(0, 1), alpha=-1)
+        o = torch.baddbmm((q_in @ states).flatten(0, 1), P.flatten(0, 1), v_new, beta=scale, alpha=scale)
+        v_new = v_new.view(B * H, NT, C, V)
+        ctx.save_for_backward(q, k, v, beta, gc, G, A, P, WU, states, v_new, q_in, k_out, kb, Tr)
+        ctx.scale, ctx.shape, ctx.has_s0 = scale, (B, T, H, K, V), S0 is not None
+        return _from_chunks(o.view(B * H, NT, C, V), B, T), S.view(B, H, K, V)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do, dS):
+        q, k, v, beta, gc, G, A, P, WU, states, v_new, q_in, k_out, kb, Tr = ctx.saved_tensors
+        scale = ctx.scale
+        B, T, H, K, V = ctx.shape
+        BH, NT, C = q.shape[:3]
+        do = _into_chunks(do, NT, C)
+        if gc is not None:
+            eg, ek = gc.exp(), torch.exp(gc[..., -1:] - gc)
+        W = WU[..., :K]
+        # The state carry in reverse, dS_n = Tr_n^T dS_{n+1} + scale (Q~ - P W)^T dO_n (Q~ = q_in): the
+        # second term reaches S_n through the outputs, directly and through V'.
+        QW = torch.baddbmm(q_in.flatten(0, 1), P.flatten(0, 1), W.flatten(0, 1), alpha=-1)
+        ds_local = (QW.transpose(-1, -2) @ do.flatten(0, 1)).mul_(scale).view(BH, NT, K, V)
+        dS = dS.reshape(BH, K, V)
+        d_next = [None] * NT  # the gradients of the states leaving each chunk
+        for n in reversed(range(NT)):
+            d_next[n] = dS
+            dS = torch.baddbmm(ds_local[:, n], Tr[:, n].transpose(-1, -2), dS)
+        d_next = torch.stack(d_next, 1)
+        # dV' = scale P^T dO + K~ dS_next
+        dv_new = torch.baddbmm((P.transpose(-1, -2) @ do).flatten(0, 1), k_out.flatten(0, 1), d_next.flatten(0, 1),
+                               beta=scale).view(BH, NT, C, V)
+        states_t = states.transpose(-1, -2)
+        dq_in = (do @ states_t).mul_(scale)
+        dk_out = v_new @ d_next.transpose(-1, -2)
+        # V' = U - W S, [W | U] = (I + A)^-1 [X | Y]: [dX | dY] = (I + A)^-T [-dV' S^T | dV'] and
+        # dA = -tril_(dX W^T + dY U^T).
+        dXY = _solve_unit_lower(A, torch.cat([(dv_new @ states_t).neg_(), dv_new], -1), transpose=True)
+        dA = (dXY @ WU.transpose(-1, -2)).neg_().tril_(-1)
+        dX, dY = dXY[..., :K], dXY[..., K:]
+        dP = (do @ v_new.transpose(-1, -2)).mul_(scale)
+        if gc is None:
+            dP.tril_()
+            TA, TP, Z = dA, dP, dA @ k + dX
+        else:
+            TA, TP = dA * G, dP * G
+            Z = torch.addcmul(TA @ k, dX, eg[..., None])
+        # A = tril_(diag(beta) (K K^T * G)), P = tril(Q K^T * G), X = diag(beta e^gc) K, Y = diag(beta) V.
+        dq = torch.addcmul(TP @ k, dq_in, eg[..., None]) if gc is not None else TP @ k + dq_in
+        dk = TA.transpose(-1, -2) @ kb + TP.transpose(-1, -2) @ q + beta[..., None] * Z
+        dk = dk + (dk_out if gc is None else dk_out * ek[..., None])
+        dv = dY * beta[..., None]
+        dbeta = _rowsum(k, Z) + _rowsum(dY, v)
+        dg = None
+        if gc is not None:
+            # Each exponent gc_i - gc_j of A and P moves with gc_i and against gc_j.
+            E = dA.mul_(A).add_(dP.mul_(P))
+            dgc = E.sum(-1) - E.sum(-2) + _rowsum(dq_in, q_in) + _rowsum(dX, k) * beta * eg
+            e = _rowsum(dk_out, k_out)
+            dgc = dgc - e
+            dgc[..., -1] += e.sum(-1) + (states * d_next).sum((-1, -2)) * gc[..., -1].exp()
+            dg = _from_chunks(dgc.flip(-1).cumsum(-1).flip(-1), B, T)
+        grads = [_from_chunks(x, B, T) for x in (dq, dk, dv, dbeta)]
+        return (*grads, dg, dS.view(B, H, K, V) if ctx.has_s0 else None, None, None)
+
+
+def _chunked_dense(q, k, v, beta, g, scale, S0, chunk_size):
+    """Dense [B, T, H, *] inputs in the compute dtype, S0 [B, H, K, V] or None (zeros). Returns (o, S_final)."""
+    if q.shape[1] == 0:
+        B, _, H, K = q.shape
+        S = q.new_zeros(B, H, K, v.shape[-1]) if S0 is None else S0
+        return q.new_zeros(B, 0, H, v.shape[-1]), S
+    return _ChunkedDeltaRule.apply(q, k, v, beta, g, S0, scale, chunk_size)
 
 
 def _chunked(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
@@ -117,12 +213,12 @@ def _chunked(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seql
     q, k, v, beta = (x.to(dt) for x in (q, k, v, beta))
     g = None if g is None else g.to(dt)
     if cu_seqlens is None:
-        S0 = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dt)
+        S0 = None if initial_state is None else initial_state.to(dt)
         o, finals = _chunked_dense(q, k, v, beta, g, scale, S0, chunk_size)
     else:
         outs, states = [], []
         for n, (_, s, e) in enumerate(sequence_spans(cu_seqlens, B, T)):
-            S0 = q.new_zeros(1, H, K, V) if initial_state is None else initial_state[n : n + 1].to(dt)
+            S0 = None if initial_state is None else initial_state[n : n + 1].to(dt)
             g_n = None if g is None else g[:, s:e]
             o_n, S = _chunked_dense(q[:, s:e], k[:, s:e], v[:, s:e], beta[:, s:e], g_n, scale, S0, chunk_size)
             outs.append(o_n)
@@ -133,14 +229,14 @@ def _chunked(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seql
 
 
 def delta_rule_chunked(
-    q, k, v, beta, scale, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64
+    q, k, v, beta, scale, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=32
 ):
     """The chunked WY/UT form (docs/math/deltanet.md): per chunk M = (I + A)^-1, W, U, V' = U - W S."""
     return _chunked(q, k, v, beta, None, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
 
 
 def gated_delta_rule_chunked(
-    q, k, v, g, beta, scale, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64
+    q, k, v, g, beta, scale, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=32
 ):
     """The gated WY/UT form: with gcum the in-chunk cumulative log decay and G_ij = exp(gcum_i - gcum_j) (i >= j),
     A = tril_(diag(beta) (K K^T * G)), W = M diag(beta exp(gcum)) K, U = M diag(beta) V, V' = U - W S,
