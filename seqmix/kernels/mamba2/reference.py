@@ -69,96 +69,139 @@ def ssd_recurrent(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fals
     return _finish(y, x, D, z, final, in_dtype, output_final_state)
 
 
-def _carry(decay, increments, first):
-    """``X_{n+1} = decay_n X_n + increments_n`` from ``X_0 = first``, one chunk at a time: decay [..., NC],
-    increments [..., NC, P, N], first [..., P, N]; returns every X_n, [..., NC + 1, P, N]. The backward's
-    reverse carry is the same with the chunks reversed."""
-    *lead, NC, P, N = increments.shape
-    out = increments.new_empty(*lead, NC + 1, P, N)
-    out[..., 0, :, :] = first
-    for n in range(NC):
-        torch.addcmul(increments[..., n, :, :], out[..., n, :, :], decay[..., n, None, None],
-                      out=out[..., n + 1, :, :])
-    return out
-
-
 class _SSDChunks(torch.autograd.Function):
-    """The chunked SSD form with a hand-written backward (docs/math/mamba2.md, "The CPU reference"):
-    per chunk the masked decay matrix times C B^T, the incoming state's contribution, and the state carry.
+    """The chunked SSD form with a hand-written backward (docs/math/mamba2.md, "The CPU reference").
 
-    x [Bb, G, Hg, NC, c, P], dt [Bb, G, Hg, NC, c] (dt' already processed), A [G, Hg, 1, 1],
-    B, C [Bb, G, 1, NC, c, N], h0 [Bb, G, Hg, P, N], all in the compute dtype. Returns y without D
-    [Bb, G, Hg, NC, c, P] and the final state [Bb, G, Hg, P, N]."""
+    Everything stays in the tokens' own layout, with the heads of a group side by side: per chunk, the state
+    terms of all heads of a group are one matmul of ``[c, N]`` by ``[N, (H / G) P]`` (no copy of B or C per
+    head, and the sums over a group's heads happen inside the matmuls); only the decay-masked ``C B^T``
+    differs per head.
+
+    x [Bb, T, H, P], dt [Bb, T, H] (dt' already processed), A [H], B, C [Bb, T, G, N], h0 [Bb, H, P, N],
+    in the compute dtype, T a multiple of ``c``. Returns y without D [Bb, T, H, P] and the final state.
+    """
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, h0):
-        lcum = (dt * A).cumsum(-1)
-        c = x.shape[-2]
-        causal = torch.ones(c, c, dtype=torch.bool, device=x.device).tril()
+    def forward(ctx, x, dt, A, B, C, h0, c):
+        Bb, T, H, P = x.shape
+        G, N = B.shape[2:]
+        NC, Hg = T // c, H // G
+        # [Bb, G, NC, c, Hg, *]: views of the token layout (copies only where G > 1 makes them necessary)
+        X = x.view(Bb, NC, c, G, Hg, P).permute(0, 3, 1, 2, 4, 5)
+        dtc = dt.view(Bb, NC, c, G, Hg).permute(0, 3, 1, 2, 4)
+        Bm, Cm = (t.view(Bb, NC, c, G, N).permute(0, 3, 1, 2, 4) for t in (B, C))
+        lcum = (dtc * A.view(G, 1, 1, Hg)).cumsum(3)  # [Bb, G, NC, c, Hg]
+        L, W, xdt = _SSDChunks._intra(X, dtc, Bm, Cm, lcum)
+        last = lcum[:, :, :, -1:]
+        u = X * (dtc * torch.exp(last - lcum))[..., None]  # each token's write to the chunk's final state
+        entering, final = _carry(torch.exp(last[:, :, :, 0]),
+                                 (u.flatten(-2).transpose(-1, -2) @ Bm).view(Bb, G, NC, Hg, P, N),
+                                 h0.view(Bb, G, Hg, P, N))
+        y_in = (Cm @ entering.flatten(3, 4).transpose(-1, -2)).view(Bb, G, NC, c, Hg, P)
+        y_in.mul_(torch.exp(lcum)[..., None])
+        y = y_in + (W @ xdt).transpose(3, 4)
+        ctx.save_for_backward(X, dtc, A, Bm, Cm, lcum, L, W, xdt, y_in, entering, final)
+        return _to_tokens(y), final.view(Bb, H, P, N)
+
+    @staticmethod
+    def _intra(X, dtc, Bm, Cm, lcum):
+        """The decay mask L and W = L * C B^T per head [Bb, G, NC, Hg, c, c], and dt' x head-major
+        [Bb, G, NC, Hg, c, P] (one batched matmul per chunk and head for W's products)."""
+        c = X.shape[3]
+        lh = lcum.transpose(-1, -2)
+        causal = torch.ones(c, c, dtype=torch.bool, device=X.device).tril()
         # exp only of differences i >= j (<= 0); the masked ones are set to -inf first, never exponentiated.
-        L = torch.exp((lcum[..., :, None] - lcum[..., None, :]).masked_fill_(~causal, float("-inf")))
-        W = L * (C @ B.transpose(-1, -2))
-        xdt = x * dt[..., None]
-        last = lcum[..., -1:]
-        states = _carry(last[..., 0].exp(), (xdt * torch.exp(last - lcum)[..., None]).transpose(-1, -2) @ B, h0)
-        y_in = torch.exp(lcum)[..., None] * (C @ states[..., :-1, :, :].transpose(-1, -2))
-        ctx.save_for_backward(x, dt, A, B, C, L, W, states, y_in)
-        return y_in + W @ xdt, states[..., -1, :, :].clone()
+        L = torch.exp((lh[..., :, None] - lh[..., None, :]).masked_fill_(~causal, float("-inf")))
+        W = L * (Cm @ Bm.transpose(-1, -2)).unsqueeze(3)
+        xdt = torch.empty_like(X.transpose(3, 4), memory_format=torch.contiguous_format)
+        torch.mul(X.transpose(3, 4), dtc.transpose(-1, -2)[..., None], out=xdt)
+        return L, W, xdt
 
     @staticmethod
     def backward(ctx, dy, dh_last):
-        x, dt, A, B, C, L, W, states, y_in = ctx.saved_tensors
-        lcum = (dt * A).cumsum(-1)
-        last = lcum[..., -1:]
-        decay, to_end, el = last[..., 0].exp(), torch.exp(last - lcum)[..., None], torch.exp(lcum)[..., None]
-        xdt = x * dt[..., None]
+        X, dtc, A, Bm, Cm, lcum, L, W, xdt, y_in, entering, final = ctx.saved_tensors
+        Bb, G, NC, c, Hg, P = X.shape
+        N = Bm.shape[-1]
+        dy = dy.view(Bb, NC, c, G, Hg, P).permute(0, 3, 1, 2, 4, 5)
+        last = lcum[:, :, :, -1:]
+        to_end = torch.exp(last - lcum)
         # Gradients of the states leaving each chunk, carried from the last chunk back.
-        back = _carry(decay.flip(-1), ((el * dy).transpose(-1, -2) @ C).flip(-3), dh_last).flip(-3)
-        dS, dh0 = back[..., 1:, :, :], back[..., 0, :, :]
-        h = states[..., :-1, :, :]
-        dW = dy @ xdt.transpose(-1, -2)
-        # Contributions to the state at the chunk's end: u = xdt exp(last - lcum), contrib = u^T B.
-        u = xdt * to_end
-        du = B @ dS.transpose(-1, -2)
-        dxdt = (W.transpose(-1, -2) @ dy).add_(du * to_end)
-        dCB = (dW * L).sum(2, keepdim=True)
-        dC = (dCB @ B).add_(((el * dy) @ h).sum(2, keepdim=True))
-        dB = (dCB.transpose(-1, -2) @ C).add_((u @ dS).sum(2, keepdim=True))
+        into_state = (dy * torch.exp(lcum)[..., None]).flatten(-2)
+        dS, dh0 = _reverse_carry(torch.exp(last[:, :, :, 0]),
+                                 (into_state.transpose(-1, -2) @ Cm).view(Bb, G, NC, Hg, P, N),
+                                 dh_last.view(Bb, G, Hg, P, N))
+        dSf = dS.flatten(3, 4)
+        u = X * (dtc * to_end)[..., None]
+        du = (Bm @ dSf.transpose(-1, -2)).view(Bb, G, NC, c, Hg, P)
+        dy_h = dy.transpose(3, 4).contiguous()
+        dW = dy_h @ xdt.transpose(-1, -2)
+        dxdt = (W.transpose(-1, -2) @ dy_h).transpose(3, 4).addcmul(du, to_end[..., None])
+        dCB = (dW * L).sum(3)
+        dC = (into_state @ entering.flatten(3, 4)).add_(dCB @ Bm)
+        dB = (u.flatten(-2) @ dSf).add_(dCB.transpose(-1, -2) @ Cm)
         # dlcum: +lcum_i and -lcum_j through W (its diagonal cancels exactly: left out), +lcum_i through y_in,
-        # -lcum_j through u (the last token's exp(0) has none) and the chunk's total decay, last, through the
-        # states it multiplies and u; dlast = sum(dS * h_leaving) less the last token's own term.
+        # -lcum_j through the writes u (the last token's exp(0) has none) and the chunk's total decay, last,
+        # through the states it multiplies and u: sum(dS * S_leaving) less the last token's own term.
         E = (dW * W).tril_(-1)
         through_u = (du * u).sum(-1)
-        through_u[..., -1] = 0
-        dlcum = E.sum(-1) - E.sum(-2) + (dy * y_in).sum(-1) - through_u
-        dlast = (dS * states[..., 1:, :, :]).sum((-1, -2)) - (du[..., -1, :] * u[..., -1, :]).sum(-1)
-        da = (dlcum - dlcum.cumsum(-1)).add_(dlcum.sum(-1, keepdim=True) + dlast[..., None])
-        ddt = (dxdt * x).sum(-1).add_(da * A)
-        dA = (da * dt).sum((0, 3, 4)).view_as(A)
-        return dxdt * dt[..., None], ddt, dA, dB, dC, dh0
+        dlast = torch.cat([(dS[:, :, :-1] * entering[:, :, 1:]).sum((-1, -2)),
+                           (dS[:, :, -1:] * final[:, :, None]).sum((-1, -2))], 2) - through_u[:, :, :, -1]
+        through_u[:, :, :, -1] = 0
+        dlcum = (E.sum(-1) - E.sum(-2)).transpose(-1, -2) + (dy * y_in).sum(-1) - through_u
+        da = (dlcum - dlcum.cumsum(3)).add_(dlcum.sum(3, keepdim=True) + dlast[:, :, :, None])
+        ddt = (dxdt * X).sum(-1).add_(da * A.view(G, 1, 1, Hg))
+        dA = (da * dtc).sum((0, 2, 3)).view(-1)
+        dx = dxdt * dtc[..., None]
+        return (_to_tokens(dx), _to_tokens(ddt), dA, _to_tokens(dB, heads=False), _to_tokens(dC, heads=False),
+                dh0.reshape(Bb, G * Hg, P, N), None)
+
+
+def _to_tokens(t, heads=True):
+    """[Bb, G, NC, c, *rest] -> the token layout [Bb, NC * c, G, *rest], with G and the heads of a group
+    merged when ``heads`` (a view when G == 1)."""
+    Bb, G, NC, c = t.shape[:4]
+    t = t.movedim(1, 3)
+    t = t.reshape(Bb, NC * c, *t.shape[3:])
+    return t.flatten(2, 3) if heads else t
+
+
+def _carry(decay, increments, first):
+    """States entering every chunk, ``X_{n+1} = decay_n X_n + increments_n`` from ``X_0 = first``, and the
+    state after the last: decay [Bb, G, NC, Hg], increments [Bb, G, NC, Hg, P, N], first [Bb, G, Hg, P, N]."""
+    NC = increments.shape[2]
+    entering = torch.empty_like(increments)
+    entering[:, :, 0] = first
+    for n in range(NC - 1):
+        torch.addcmul(increments[:, :, n], entering[:, :, n], decay[:, :, n, :, None, None], out=entering[:, :, n + 1])
+    return entering, torch.addcmul(increments[:, :, -1], entering[:, :, -1], decay[:, :, -1, :, None, None])
+
+
+def _reverse_carry(decay, increments, last):
+    """The carry backwards: gradients of the states leaving every chunk, ``D_{n-1} = decay_n D_n +
+    increments_n`` from ``D_{NC-1} = last``, and of the first entering state (shapes as :func:`_carry`)."""
+    NC = increments.shape[2]
+    leaving = torch.empty_like(increments)
+    leaving[:, :, -1] = last
+    for n in range(NC - 1, 0, -1):
+        torch.addcmul(increments[:, :, n], leaving[:, :, n], decay[:, :, n, :, None, None], out=leaving[:, :, n - 1])
+    return leaving, torch.addcmul(increments[:, :, 0], leaving[:, :, 0], decay[:, :, 0, :, None, None])
 
 
 def _chunked_dense(x, dt, A, B, C, h, chunk_size):
     """The chunked SSD form (docs/math/mamba2.md) of dense inputs, every chunk of every row at once:
     x [Bb, T, H, P], dt [Bb, T, H] (processed), B, C [Bb, T, G, N] (head h reads group h // (H / G)),
-    h [Bb, H, P, N] entering. C B^T is formed once per group, not per head. Only the state carry runs chunk
-    by chunk. Returns (y without D [Bb, T, H, P], h_final)."""
+    h [Bb, H, P, N] entering. Only the state carry runs chunk by chunk. Returns (y without D [Bb, T, H, P],
+    h_final)."""
     Bb, T, H, P = x.shape
-    G, N = B.shape[2:]
     c = max(1, min(chunk_size, T))
     pad = (-T) % c
     if pad:  # dt = 0 on the padded tokens: no decay and no contribution; their outputs are cut off below
         x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
-    NC = x.shape[1] // c
-    if NC == 0:
+    if x.shape[1] == 0:
         return x.new_zeros(Bb, 0, H, P), h
-    # group and head first: [Bb, G, H / G, NC, c, *]; B and C with one head axis to broadcast
-    x = x.reshape(Bb, NC, c, G, H // G, P).permute(0, 3, 4, 1, 2, 5).contiguous()
-    dt = dt.reshape(Bb, NC, c, G, H // G).permute(0, 3, 4, 1, 2).contiguous()
-    B, C = (t.reshape(Bb, NC, c, G, 1, N).permute(0, 3, 4, 1, 2, 5).contiguous() for t in (B, C))
-    y, h = _SSDChunks.apply(x, dt, A.view(G, H // G, 1, 1), B, C, h.reshape(Bb, G, H // G, P, N))
-    y = y.permute(0, 3, 4, 1, 2, 5).contiguous().view(Bb, NC * c, H, P)[:, :T]
-    return y, h.reshape(Bb, H, P, N)
+    x, dt, B, C = (t.contiguous() for t in (x, dt, B, C))
+    y, h = _SSDChunks.apply(x, dt, A, B, C, h.contiguous(), c)
+    return y[:, :T], h
 
 
 def ssd_chunked(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf")),
