@@ -129,10 +129,10 @@ class _FactoredChunks(torch.autograd.Function):
         dqg = (do @ states[:, :, :-1].transpose(-1, -2)).add_(dA @ kg)
         dkg = (dA.transpose(-1, -2) @ qg).add_((v @ dS.transpose(-1, -2)) * decay[..., None, :])
         # dgcum = q dq - k dk per row (through exp(gcum) and exp(-gcum)), plus the chunk's total decay's path
-        # into the state leaving it, rowsum(dS * S_leaving), at the last row; dg is dgcum's reverse cumsum.
+        # into the state leaving it, rowsum(dS * S_leaving), at the last row; dg is dgcum's reverse cumsum
+        # (summed from the end, not as a difference of totals, which would cancel).
         dgcum = qg * dqg - kg * dkg
-        total = dgcum.sum(-2, keepdim=True) + (dS * states[:, :, 1:]).sum(-1).unsqueeze(-2)
-        dg = (dgcum - dgcum.cumsum(-2)).add_(total)
+        dg = dgcum.flip(-2).cumsum(-2).flip(-2).add_((dS * states[:, :, 1:]).sum(-1).unsqueeze(-2))
         return dqg * eg * ctx.scale, dkg / eg, dv, dg, dS0, None
 
 

@@ -100,7 +100,7 @@ class _SSDChunks(torch.autograd.Function):
         y_in = (Cm @ entering.flatten(3, 4).transpose(-1, -2)).view(Bb, G, NC, c, Hg, P)
         y_in.mul_(torch.exp(lcum)[..., None])
         y = y_in + (W @ xdt).transpose(3, 4)
-        ctx.save_for_backward(X, dtc, A, Bm, Cm, lcum, L, W, xdt, y_in, entering, final)
+        ctx.save_for_backward(X, dtc, A, Bm, Cm, lcum, L, W, xdt, y_in, entering)
         return _to_tokens(y), final.view(Bb, H, P, N)
 
     @staticmethod
@@ -119,7 +119,7 @@ class _SSDChunks(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dh_last):
-        X, dtc, A, Bm, Cm, lcum, L, W, xdt, y_in, entering, final = ctx.saved_tensors
+        X, dtc, A, Bm, Cm, lcum, L, W, xdt, y_in, entering = ctx.saved_tensors
         Bb, G, NC, c, Hg, P = X.shape
         N = Bm.shape[-1]
         dy = dy.view(Bb, NC, c, G, Hg, P).permute(0, 3, 1, 2, 4, 5)
@@ -140,15 +140,17 @@ class _SSDChunks(torch.autograd.Function):
         dC = (into_state @ entering.flatten(3, 4)).add_(dCB @ Bm)
         dB = (u.flatten(-2) @ dSf).add_(dCB.transpose(-1, -2) @ Cm)
         # dlcum: +lcum_i and -lcum_j through W (its diagonal cancels exactly: left out), +lcum_i through y_in,
-        # -lcum_j through the writes u (the last token's exp(0) has none) and the chunk's total decay, last,
-        # through the states it multiplies and u: sum(dS * S_leaving) less the last token's own term.
+        # -lcum_j through the writes u and +last through them and through the entering state's decay. The last
+        # token's write has exp(last - lcum_last) = 1: its two terms cancel exactly and are left out (in float32
+        # they would swamp a small dA under strong decays).
         E = (dW * W).tril_(-1)
         through_u = (du * u).sum(-1)
-        dlast = torch.cat([(dS[:, :, :-1] * entering[:, :, 1:]).sum((-1, -2)),
-                           (dS[:, :, -1:] * final[:, :, None]).sum((-1, -2))], 2) - through_u[:, :, :, -1]
         through_u[:, :, :, -1] = 0
+        dlast = (torch.exp(last[:, :, :, 0]) * (dS * entering).sum((-1, -2))).add_(through_u.sum(3))
         dlcum = (E.sum(-1) - E.sum(-2)).transpose(-1, -2) + (dy * y_in).sum(-1) - through_u
-        da = (dlcum - dlcum.cumsum(3)).add_(dlcum.sum(3, keepdim=True) + dlast[:, :, :, None])
+        # lcum is a cumulative sum: da is dlcum's reverse cumulative sum (summed from the end, not as a
+        # difference of totals, which would cancel), plus dlast at every token.
+        da = dlcum.flip(3).cumsum(3).flip(3).add_(dlast[:, :, :, None])
         ddt = (dxdt * X).sum(-1).add_(da * A.view(G, 1, 1, Hg))
         dA = (da * dtc).sum((0, 2, 3)).view(-1)
         dx = dxdt * dtc[..., None]
