@@ -25,6 +25,8 @@ def process_dt(dt, dt_bias, dt_softplus: bool, dt_limit: tuple[float, float]):
         dt = dt + dt_bias
     if dt_softplus:
         dt = F.softplus(dt)
+        if dt_limit[0] <= 0 and dt_limit[1] == float("inf"):
+            return dt  # softplus is >= 0 already: the clamp would change nothing
     return dt.clamp(*dt_limit)
 
 
