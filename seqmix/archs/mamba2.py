@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
@@ -73,7 +74,9 @@ class Mamba2(Mixer):
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         B, T, _ = x.shape
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.d_state
-        z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1)
+        # One matmul per part of in_proj's output (slices of its weight): each part contiguous, so the gate's
+        # and the conv's element-wise passes run on contiguous rows and the backward needs no concatenation.
+        z, xbc, dt = (F.linear(x, w) for w in self.in_proj.weight.split([self.d_inner, self.conv_dim, H]))
         xbc, conv_state = self.conv(xbc, None if state is None else state["conv"], cu_seqlens)
         xs, b, c = xbc.split([self.d_inner, G * N, G * N], dim=-1)
         if is_decoding_step(x, state, cu_seqlens):
