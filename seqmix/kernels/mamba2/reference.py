@@ -137,7 +137,7 @@ class _SSDChunks(torch.autograd.Function):
         du = (Bm @ dSf.transpose(-1, -2)).view(Bb, G, NC, c, Hg, P)
         dy_h = dy.transpose(3, 4).contiguous()
         dW = dy_h @ xdt.transpose(-1, -2)
-        dxdt = (W.transpose(-1, -2) @ dy_h).transpose(3, 4).addcmul(du, to_end[..., None])
+        dxdt = (du * to_end[..., None]).add_((W.transpose(-1, -2) @ dy_h).transpose(3, 4))  # token layout
         dCB = (dW * L).sum(3)
         dC = (into_state @ entering.flatten(3, 4)).add_(dCB @ Bm)
         dB = (u.flatten(-2) @ dSf).add_(dCB.transpose(-1, -2) @ Cm)
@@ -148,7 +148,8 @@ class _SSDChunks(torch.autograd.Function):
         E = (dW * W).tril_(-1)
         through_u = (du * u).sum(-1)
         through_u[:, :, :, -1] = 0
-        dlast = (torch.exp(last[:, :, :, 0]) * (dS * entering).sum((-1, -2))).add_(through_u.sum(3))
+        per_state = (dS.flatten(-2).unsqueeze(-2) @ entering.flatten(-2).unsqueeze(-1))[..., 0, 0]  # sum(dS * S)
+        dlast = (torch.exp(last[:, :, :, 0]) * per_state).add_(through_u.sum(3))
         dlcum = (E.sum(-1) - E.sum(-2)).transpose(-1, -2) + (dy * y_in).sum(-1) - through_u
         # lcum is a cumulative sum: da is dlcum's reverse cumulative sum (summed from the end, not as a
         # difference of totals, which would cancel), plus dlast at every token.
