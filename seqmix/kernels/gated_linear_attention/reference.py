@@ -3,7 +3,8 @@
 Both take the op's packed layout (q, k ``[B, T, H, K]``, v ``[B, T, H, V]``, g ``[B, T, H, K]``)
 with optional ``cu_seqlens`` (then B == 1), compute in float32 (float64 when the inputs are
 float64) and return ``(o [B, T, H, V] in the input dtype, final_state [N, H, K, V] or None)``.
-Both are differentiable by autograd; the chunked form is the reference backend of
+Both are differentiable (the chunked form by a hand-written backward where each chunk's total decay
+allows its factored scores, by autograd otherwise); the chunked form is the reference backend of
 :func:`seqmix.kernels.gla`.
 """
 
@@ -128,9 +129,9 @@ class _FactoredChunks(torch.autograd.Function):
         dv = (A.transpose(-1, -2) @ do).add_((kg * decay[..., None, :]) @ dS)
         dqg = (do @ states[:, :, :-1].transpose(-1, -2)).add_(dA @ kg)
         dkg = (dA.transpose(-1, -2) @ qg).add_((v @ dS.transpose(-1, -2)) * decay[..., None, :])
-        # dgcum = q dq - k dk per row (through exp(gcum) and exp(-gcum)), plus the chunk's total decay's path
-        # into the state leaving it, rowsum(dS * S_leaving), at the last row; dg is dgcum's reverse cumsum
-        # (summed from the end, not as a difference of totals, which would cancel).
+        # dgcum = q dq - k dk per row (through exp(gcum) and exp(-gcum)); dg is its reverse cumsum (summed from
+        # the end, not as a difference of totals, which would cancel), plus on every row the path of the
+        # chunk's total decay gcum_C into the state leaving the chunk, rowsum(dS * S_leaving).
         dgcum = qg * dqg - kg * dkg
         dg = dgcum.flip(-2).cumsum(-2).flip(-2).add_((dS * states[:, :, 1:]).sum(-1).unsqueeze(-2))
         return dqg * eg * ctx.scale, dkg / eg, dv, dg, dS0, None

@@ -4,8 +4,8 @@ Both take the op's layout (x ``[B, T, H, P]``, dt ``[B, T, H]``, A ``[H]``,
 B, C ``[B, T, G, N]``, optional D ``[H]``, z ``[B, T, H, P]``) with optional
 ``cu_seqlens`` (then B == 1), compute in float32 (float64 for float64 inputs)
 and return ``(y [B, T, H, P] in x's dtype, final_state [Nseq, H, P, N] or None (Nseq sequences))``.
-Both are differentiable by autograd; the chunked form is the reference
-backend of :func:`seqmix.kernels.mamba2.ssd`.
+Both are differentiable (the recurrence by autograd, the chunked form by a hand-written backward);
+the chunked form is the reference backend of :func:`seqmix.kernels.mamba2.ssd`.
 """
 
 from __future__ import annotations
