@@ -148,7 +148,7 @@ class _SSDChunks(torch.autograd.Function):
         E = (dW * W).tril_(-1)
         through_u = (du * u).sum(-1)
         through_u[:, :, :, -1] = 0
-        per_state = (dS.flatten(-2).unsqueeze(-2) @ entering.flatten(-2).unsqueeze(-1))[..., 0, 0]  # sum(dS * S)
+        per_state = torch.linalg.vecdot(dS.flatten(-2), entering.flatten(-2))  # sum(dS * S) per head
         dlast = (torch.exp(last[:, :, :, 0]) * per_state).add_(through_u.sum(3))
         dlcum = (E.sum(-1) - E.sum(-2)).transpose(-1, -2) + (dy * y_in).sum(-1) - through_u
         # lcum is a cumulative sum: da is dlcum's reverse cumulative sum (summed from the end, not as a
