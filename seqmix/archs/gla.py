@@ -68,15 +68,13 @@ class GatedLinearAttention(Mixer):
 
     def _projections(self, x):
         """q, k, v [B, T, H, *], the output gate [B, T, value_dim] or None, and the gate's low-rank
-        projection, all from one matmul: the modules' weights concatenated (their names and checkpoints
-        stay), one pass over x and, in the backward, one matmul each for dx and the weights."""
+        projection: ``F.linear`` on the modules' weights, without their modules' calls (which cost a
+        decoding step more than the matmuls)."""
         B, T, _ = x.shape
-        linears = [self.q_proj, self.k_proj, self.v_proj, self.gk_proj[0]]
-        if self.g_proj is not None:
-            linears.append(self.g_proj)
-        parts = F.linear(x, torch.cat([m.weight for m in linears])).split([m.out_features for m in linears], -1)
-        q, k, v = (t.view(B, T, self.num_heads, -1) for t in parts[:3])
-        return q, k, v, (parts[4] if self.g_proj is not None else None), parts[3]
+        q, k, v = (F.linear(x, m.weight).view(B, T, self.num_heads, -1)
+                   for m in (self.q_proj, self.k_proj, self.v_proj))
+        gate = None if self.g_proj is None else F.linear(x, self.g_proj.weight)
+        return q, k, v, gate, F.linear(x, self.gk_proj[0].weight)
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         q, k, v, gate, low = self._projections(x)

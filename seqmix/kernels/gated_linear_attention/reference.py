@@ -145,7 +145,7 @@ def factored_limit(dtype) -> float:
 
 def _chunked_factored(q, k, v, g, scale, S, chunk_size):
     """The chunked form of dense [B, T, H, *] inputs through :class:`_FactoredChunks`; S [B, H, K, V]."""
-    B, T, H, _ = q.shape
+    T = q.shape[1]
     C = chunk_size
     pad = (-T) % C
     if pad:

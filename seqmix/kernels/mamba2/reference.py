@@ -164,7 +164,7 @@ class _SSDChunks(torch.autograd.Function):
 def _to_tokens(t, heads=True):
     """[Bb, G, NC, c, *rest] -> the token layout [Bb, NC * c, G, *rest], with G and the heads of a group
     merged when ``heads`` (a view when G == 1)."""
-    Bb, G, NC, c = t.shape[:4]
+    Bb, _, NC, c = t.shape[:4]
     t = t.movedim(1, 3)
     t = t.reshape(Bb, NC * c, *t.shape[3:])
     return t.flatten(2, 3) if heads else t

@@ -122,7 +122,7 @@ def test_strong_decay_gradients_stay_finite_in_float32():
     case = Case(batch=1, lengths=None, seqlen=90, heads=2, groups=1, p=4, n=8, initial_state=True, extras=False,
                 seed=4, log_decay=40.0)
     inputs = make_inputs(case, torch.float32, "cpu", requires_grad=True)
-    y, s, grads = _grads(ssd_chunked, inputs, 3)
+    _, _, grads = _grads(ssd_chunked, inputs, 3)
     up = [None if t is None else t.detach().double().requires_grad_() for t in inputs]
     _, _, ref_grads = _grads(ssd_recurrent, up, 3)
     for name, a, b in zip(("x", "dt", "A", "B", "C", "h0"), grads, ref_grads, strict=True):
