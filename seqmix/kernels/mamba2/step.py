@@ -54,7 +54,7 @@ def ssd_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     Hg = H // G
     h = torch.addcmul(state.to(cd).view(Bsz, G, Hg, P, N) * (dt * A.to(cd)).exp().view(Bsz, G, Hg, 1, 1),
                       (dt[..., None] * xc).view(Bsz, G, Hg, P, 1), B.to(cd).view(Bsz, G, 1, 1, N))
-    y = torch.bmm(h.view(Bsz * G, Hg * P, N), C.to(cd).view(Bsz * G, N, 1)).view(Bsz, H, P)
+    y = torch.bmm(h.view(Bsz * G, Hg * P, N), C.to(cd).reshape(Bsz * G, N, 1)).view(Bsz, H, P)
     if D is not None:
         y = torch.addcmul(y, D.to(cd)[:, None], xc)
     if z is not None:
