@@ -57,22 +57,37 @@ class GatedLinearAttention(Mixer):
 
     def log_decay(self, x: torch.Tensor) -> torch.Tensor:
         """g [B, T, H, K] float32, <= 0: the per-channel log decay at each token."""
+        return self._log_decay_of(self.gk_proj[0](x))
+
+    def _log_decay_of(self, low: torch.Tensor) -> torch.Tensor:
+        """g from the gate's low-rank projection ``low`` [B, T, gate_low_rank_dim]."""
+        B, T, _ = low.shape
+        up = self.gk_proj[1]
+        return (F.logsigmoid(F.linear(low, up.weight, up.bias).float()) / self.gate_normalizer).view(
+            B, T, self.num_heads, -1)
+
+    def _projections(self, x):
+        """q, k, v [B, T, H, *], the output gate [B, T, value_dim] or None, and the gate's low-rank
+        projection: ``F.linear`` on the modules' weights, without their modules' calls (which cost a
+        decoding step more than the matmuls)."""
         B, T, _ = x.shape
-        return (F.logsigmoid(self.gk_proj(x).float()) / self.gate_normalizer).view(B, T, self.num_heads, -1)
+        q, k, v = (F.linear(x, m.weight).view(B, T, self.num_heads, -1)
+                   for m in (self.q_proj, self.k_proj, self.v_proj))
+        gate = None if self.g_proj is None else F.linear(x, self.g_proj.weight)
+        return q, k, v, gate, F.linear(x, self.gk_proj[0].weight)
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
-        B, T, _ = x.shape
-        q, k, v = (p(x).view(B, T, self.num_heads, -1) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v, gate, low = self._projections(x)
+        g = self._log_decay_of(low)
         if is_decoding_step(x, state, cu_seqlens):
-            o, recurrent = gla_step(q[:, 0], k[:, 0], v[:, 0], self.log_decay(x)[:, 0], state["recurrent"])
+            o, recurrent = gla_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], state["recurrent"])
             o = o.unsqueeze(1)
         else:
             o, recurrent = gla(
-                q, k, v, self.log_decay(x), initial_state=None if state is None else state["recurrent"],
+                q, k, v, g, initial_state=None if state is None else state["recurrent"],
                 output_final_state=state is not None, cu_seqlens=cu_seqlens, backend=self.backend,
             )
-        gate = None if self.g_proj is None else self.g_proj(x).view_as(o)
-        o = self.o_proj(self.o_norm(o, gate).flatten(2))
+        o = self.o_proj(self.o_norm(o, None if gate is None else gate.view_as(o)).flatten(2))
         return o, (None if state is None else {"recurrent": recurrent})
 
     def init_state(self, batch_size: int) -> State:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
@@ -73,10 +74,18 @@ class Mamba2(Mixer):
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         B, T, _ = x.shape
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.d_state
-        z, xbc, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, H], dim=-1)
+        decoding = is_decoding_step(x, state, cu_seqlens)
+        sizes = [self.d_inner, self.conv_dim, H]
+        if decoding:  # one token: one matmul, the fewest calls
+            z, xbc, dt = self.in_proj(x).split(sizes, dim=-1)
+        else:
+            # One matmul per part of in_proj's output (slices of its weight): each part contiguous, so the
+            # gate's and the conv's element-wise passes run on contiguous rows and the backward needs no
+            # concatenation (6-7% off a training step, docs/design.md).
+            z, xbc, dt = (F.linear(x, w) for w in self.in_proj.weight.split(sizes))
         xbc, conv_state = self.conv(xbc, None if state is None else state["conv"], cu_seqlens)
         xs, b, c = xbc.split([self.d_inner, G * N, G * N], dim=-1)
-        if is_decoding_step(x, state, cu_seqlens):
+        if decoding:
             y, ssm_state = ssd_step(
                 xs.view(B, H, P), dt[:, 0], -torch.exp(self.A_log.float()), b.view(B, G, N), c.view(B, G, N),
                 state["ssm"], D=self.D, z=z.view(B, H, P), dt_bias=self.dt_bias, dt_softplus=True,

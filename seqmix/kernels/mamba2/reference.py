@@ -4,8 +4,8 @@ Both take the op's layout (x ``[B, T, H, P]``, dt ``[B, T, H]``, A ``[H]``,
 B, C ``[B, T, G, N]``, optional D ``[H]``, z ``[B, T, H, P]``) with optional
 ``cu_seqlens`` (then B == 1), compute in float32 (float64 for float64 inputs)
 and return ``(y [B, T, H, P] in x's dtype, final_state [Nseq, H, P, N] or None (Nseq sequences))``.
-Both are differentiable by autograd; the chunked form is the reference
-backend of :func:`seqmix.kernels.mamba2.ssd`.
+Both are differentiable (the recurrence by autograd, the chunked form by a hand-written backward);
+the chunked form is the reference backend of :func:`seqmix.kernels.mamba2.ssd`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ def process_dt(dt, dt_bias, dt_softplus: bool, dt_limit: tuple[float, float]):
         dt = dt + dt_bias
     if dt_softplus:
         dt = F.softplus(dt)
+        if dt_limit[0] <= 0 and dt_limit[1] == float("inf"):
+            return dt  # softplus is >= 0 already: the clamp would change nothing
     return dt.clamp(*dt_limit)
 
 
@@ -69,39 +71,142 @@ def ssd_recurrent(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fals
     return _finish(y, x, D, z, final, in_dtype, output_final_state)
 
 
+class _SSDChunks(torch.autograd.Function):
+    """The chunked SSD form with a hand-written backward (docs/math/mamba2.md, "The CPU reference").
+
+    Everything stays in the tokens' own layout, with the heads of a group side by side: per chunk, the state
+    terms of all heads of a group are one matmul of ``[c, N]`` by ``[N, (H / G) P]`` (no copy of B or C per
+    head, and the sums over a group's heads happen inside the matmuls); only the decay-masked ``C B^T``
+    differs per head.
+
+    x [Bb, T, H, P], dt [Bb, T, H] (dt' already processed), A [H], B, C [Bb, T, G, N], h0 [Bb, H, P, N],
+    in the compute dtype, T a multiple of ``c``. Returns y without D [Bb, T, H, P] and the final state.
+    """
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, h0, c):
+        Bb, T, H, P = x.shape
+        G, N = B.shape[2:]
+        NC, Hg = T // c, H // G
+        # [Bb, G, NC, c, Hg, *]: views of the token layout (copies only where G > 1 makes them necessary)
+        X = x.view(Bb, NC, c, G, Hg, P).permute(0, 3, 1, 2, 4, 5)
+        dtc = dt.view(Bb, NC, c, G, Hg).permute(0, 3, 1, 2, 4)
+        Bm, Cm = (t.view(Bb, NC, c, G, N).permute(0, 3, 1, 2, 4) for t in (B, C))
+        lcum = (dtc * A.view(G, 1, 1, Hg)).cumsum(3)  # [Bb, G, NC, c, Hg]
+        L, W, xdt = _SSDChunks._intra(X, dtc, Bm, Cm, lcum)
+        last = lcum[:, :, :, -1:]
+        u = X * (dtc * torch.exp(last - lcum))[..., None]  # each token's write to the chunk's final state
+        entering, final = _carry(torch.exp(last[:, :, :, 0]),
+                                 (u.flatten(-2).transpose(-1, -2) @ Bm).view(Bb, G, NC, Hg, P, N),
+                                 h0.view(Bb, G, Hg, P, N))
+        y_in = (Cm @ entering.flatten(3, 4).transpose(-1, -2)).view(Bb, G, NC, c, Hg, P)
+        y_in.mul_(torch.exp(lcum)[..., None])
+        y = y_in + (W @ xdt).transpose(3, 4)
+        ctx.save_for_backward(X, dtc, A, Bm, Cm, lcum, L, W, xdt, y_in, entering)
+        return _to_tokens(y), final.view(Bb, H, P, N)
+
+    @staticmethod
+    def _intra(X, dtc, Bm, Cm, lcum):
+        """The decay mask L and W = L * C B^T per head [Bb, G, NC, Hg, c, c], and dt' x head-major
+        [Bb, G, NC, Hg, c, P] (one batched matmul per chunk and head for W's products)."""
+        c = X.shape[3]
+        lh = lcum.transpose(-1, -2)
+        causal = torch.ones(c, c, dtype=torch.bool, device=X.device).tril()
+        # exp only of differences i >= j (<= 0); the masked ones are set to -inf first, never exponentiated.
+        L = torch.exp((lh[..., :, None] - lh[..., None, :]).masked_fill_(~causal, float("-inf")))
+        W = L * (Cm @ Bm.transpose(-1, -2)).unsqueeze(3)
+        xdt = torch.empty_like(X.transpose(3, 4), memory_format=torch.contiguous_format)
+        torch.mul(X.transpose(3, 4), dtc.transpose(-1, -2)[..., None], out=xdt)
+        return L, W, xdt
+
+    @staticmethod
+    def backward(ctx, dy, dh_last):
+        X, dtc, A, Bm, Cm, lcum, L, W, xdt, y_in, entering = ctx.saved_tensors
+        Bb, G, NC, c, Hg, P = X.shape
+        N = Bm.shape[-1]
+        dy = dy.view(Bb, NC, c, G, Hg, P).permute(0, 3, 1, 2, 4, 5)
+        last = lcum[:, :, :, -1:]
+        to_end = torch.exp(last - lcum)
+        # Gradients of the states leaving each chunk, carried from the last chunk back.
+        into_state = (dy * torch.exp(lcum)[..., None]).flatten(-2)
+        dS, dh0 = _reverse_carry(torch.exp(last[:, :, :, 0]),
+                                 (into_state.transpose(-1, -2) @ Cm).view(Bb, G, NC, Hg, P, N),
+                                 dh_last.view(Bb, G, Hg, P, N))
+        dSf = dS.flatten(3, 4)
+        u = X * (dtc * to_end)[..., None]
+        du = (Bm @ dSf.transpose(-1, -2)).view(Bb, G, NC, c, Hg, P)
+        dy_h = dy.transpose(3, 4).contiguous()
+        dW = dy_h @ xdt.transpose(-1, -2)
+        dxdt = (du * to_end[..., None]).add_((W.transpose(-1, -2) @ dy_h).transpose(3, 4))  # token layout
+        dCB = (dW * L).sum(3)
+        dC = (into_state @ entering.flatten(3, 4)).add_(dCB @ Bm)
+        dB = (u.flatten(-2) @ dSf).add_(dCB.transpose(-1, -2) @ Cm)
+        # dlcum: +lcum_i and -lcum_j through W (its diagonal cancels exactly: left out), +lcum_i through y_in,
+        # -lcum_j through the writes u and +last through them and through the entering state's decay. The last
+        # token's write has exp(last - lcum_last) = 1: its two terms cancel exactly and are left out (in float32
+        # they would swamp a small dA under strong decays).
+        E = (dW * W).tril_(-1)
+        through_u = (du * u).sum(-1)
+        through_u[:, :, :, -1] = 0
+        per_state = torch.linalg.vecdot(dS.flatten(-2), entering.flatten(-2))  # sum(dS * S) per head
+        dlast = (torch.exp(last[:, :, :, 0]) * per_state).add_(through_u.sum(3))
+        dlcum = (E.sum(-1) - E.sum(-2)).transpose(-1, -2) + (dy * y_in).sum(-1) - through_u
+        # lcum is a cumulative sum: da is dlcum's reverse cumulative sum (summed from the end, not as a
+        # difference of totals, which would cancel), plus dlast at every token.
+        da = dlcum.flip(3).cumsum(3).flip(3).add_(dlast[:, :, :, None])
+        ddt = (dxdt * X).sum(-1).add_(da * A.view(G, 1, 1, Hg))
+        dA = (da * dtc).sum((0, 2, 3)).view(-1)
+        dx = dxdt * dtc[..., None]
+        return (_to_tokens(dx), _to_tokens(ddt), dA, _to_tokens(dB, heads=False), _to_tokens(dC, heads=False),
+                dh0.reshape(Bb, G * Hg, P, N), None)
+
+
+def _to_tokens(t, heads=True):
+    """[Bb, G, NC, c, *rest] -> the token layout [Bb, NC * c, G, *rest], with G and the heads of a group
+    merged when ``heads`` (a view when G == 1)."""
+    Bb, _, NC, c = t.shape[:4]
+    t = t.movedim(1, 3)
+    t = t.reshape(Bb, NC * c, *t.shape[3:])
+    return t.flatten(2, 3) if heads else t
+
+
+def _carry(decay, increments, first):
+    """States entering every chunk, ``X_{n+1} = decay_n X_n + increments_n`` from ``X_0 = first``, and the
+    state after the last: decay [Bb, G, NC, Hg], increments [Bb, G, NC, Hg, P, N], first [Bb, G, Hg, P, N]."""
+    NC = increments.shape[2]
+    entering = torch.empty_like(increments)
+    entering[:, :, 0] = first
+    for n in range(NC - 1):
+        torch.addcmul(increments[:, :, n], entering[:, :, n], decay[:, :, n, :, None, None], out=entering[:, :, n + 1])
+    return entering, torch.addcmul(increments[:, :, -1], entering[:, :, -1], decay[:, :, -1, :, None, None])
+
+
+def _reverse_carry(decay, increments, last):
+    """The carry backwards: gradients of the states leaving every chunk, ``D_{n-1} = decay_n D_n +
+    increments_n`` from ``D_{NC-1} = last``, and of the first entering state (shapes as :func:`_carry`)."""
+    NC = increments.shape[2]
+    leaving = torch.empty_like(increments)
+    leaving[:, :, -1] = last
+    for n in range(NC - 1, 0, -1):
+        torch.addcmul(increments[:, :, n], leaving[:, :, n], decay[:, :, n, :, None, None], out=leaving[:, :, n - 1])
+    return leaving, torch.addcmul(increments[:, :, 0], leaving[:, :, 0], decay[:, :, 0, :, None, None])
+
+
 def _chunked_dense(x, dt, A, B, C, h, chunk_size):
     """The chunked SSD form (docs/math/mamba2.md) of dense inputs, every chunk of every row at once:
-    x [Bb, T, H, P], dt [Bb, T, H], B, C [Bb, T, G, N] (head h reads group h // (H / G)), h [Bb, H, P, N]
-    entering. C B^T is formed once per group, not per head. Only the state carry runs chunk by chunk.
-    Returns (y without D [Bb, T, H, P], h_final)."""
+    x [Bb, T, H, P], dt [Bb, T, H] (processed), B, C [Bb, T, G, N] (head h reads group h // (H / G)),
+    h [Bb, H, P, N] entering. Only the state carry runs chunk by chunk. Returns (y without D [Bb, T, H, P],
+    h_final)."""
     Bb, T, H, P = x.shape
-    G, N = B.shape[2:]
     c = max(1, min(chunk_size, T))
     pad = (-T) % c
     if pad:  # dt = 0 on the padded tokens: no decay and no contribution; their outputs are cut off below
         x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
-    NC = x.shape[1] // c
-    if NC == 0:
+    if x.shape[1] == 0:
         return x.new_zeros(Bb, 0, H, P), h
-    # group and head first: [Bb, G, H / G, NC, c, *]; B and C with one head axis to broadcast
-    x = x.reshape(Bb, NC, c, G, H // G, P).permute(0, 3, 4, 1, 2, 5)
-    dt = dt.reshape(Bb, NC, c, G, H // G).permute(0, 3, 4, 1, 2)
-    B, C = (t.reshape(Bb, NC, c, G, 1, N).permute(0, 3, 4, 1, 2, 5) for t in (B, C))
-    lcum = torch.cumsum(dt * A.view(G, H // G, 1, 1), -1)  # log-decay from each chunk's start
-    causal = torch.ones(c, c, dtype=torch.bool, device=x.device).tril()
-    # exp only of differences i >= j (<= 0); the masked ones are set to -inf first, never exponentiated.
-    M = torch.exp((lcum[..., :, None] - lcum[..., None, :]).masked_fill(~causal, float("-inf")))
-    xdt = dt[..., None] * x
-    y = (M * (C @ B.transpose(-1, -2))) @ xdt
-    # Each chunk's own contribution to the state at its end, all chunks at once.
-    contrib = (xdt * torch.exp(lcum[..., -1:] - lcum)[..., None]).transpose(-1, -2) @ B  # [Bb, G, Hg, NC, P, N]
-    states = []
-    h = h.view(Bb, G, H // G, P, N)
-    for decay, contrib_k in zip(torch.exp(lcum[..., -1]).unbind(3), contrib.unbind(3), strict=True):
-        states.append(h)
-        h = decay[..., None, None] * h + contrib_k
-    y = y + torch.exp(lcum)[..., None] * (C @ torch.stack(states, 3).transpose(-1, -2))
-    return y.permute(0, 3, 4, 1, 2, 5).reshape(Bb, NC * c, H, P)[:, :T], h.reshape(Bb, H, P, N)
+    x, dt, B, C = (t.contiguous() for t in (x, dt, B, C))
+    y, h = _SSDChunks.apply(x, dt, A, B, C, h.contiguous(), c)
+    return y[:, :T], h
 
 
 def ssd_chunked(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf")),

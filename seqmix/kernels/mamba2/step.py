@@ -48,13 +48,15 @@ def ssd_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     check_tensor("state", state, (Bsz, H, P, N), dims="[Bsz, H, P, N]", like=x)
     cd = reference_dtype(x)
     dt = process_dt(dt.to(cd), None if dt_bias is None else dt_bias.to(cd), dt_softplus, dt_limit)  # [Bsz, H]
-    # Groups to heads by a broadcast view, no copy: [Bsz, G, 1, N] -> [Bsz, H, 1, N].
-    B, C = (t.to(cd).unsqueeze(2).expand(Bsz, G, H // G, N).reshape(Bsz, H, 1, N) for t in (B, C))
     xc = x.to(cd)
-    h = torch.addcmul(state.to(cd) * (dt * A.to(cd)).exp()[..., None, None], (dt[..., None] * xc).unsqueeze(-1), B)
-    y = (h @ C.transpose(-1, -2)).squeeze(-1)
+    # Heads grouped as [Bsz, G, H / G, ...]: B and C reach a group's heads by broadcasting, and y is one
+    # [(H / G) P, N] x [N] product per group.
+    Hg = H // G
+    h = torch.addcmul(state.to(cd).view(Bsz, G, Hg, P, N) * (dt * A.to(cd)).exp().view(Bsz, G, Hg, 1, 1),
+                      (dt[..., None] * xc).view(Bsz, G, Hg, P, 1), B.to(cd).view(Bsz, G, 1, 1, N))
+    y = torch.bmm(h.view(Bsz * G, Hg * P, N), C.to(cd).reshape(Bsz * G, N, 1)).view(Bsz, H, P)
     if D is not None:
         y = torch.addcmul(y, D.to(cd)[:, None], xc)
     if z is not None:
         y = y * F.silu(z.to(cd))
-    return y.to(x.dtype), h
+    return y.to(x.dtype), h.view(Bsz, H, P, N)

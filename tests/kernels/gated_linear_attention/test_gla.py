@@ -184,3 +184,77 @@ def test_anchor_shapes_bf16(shape):
     case = Case(batch=B, lengths=None, seqlen=T, heads=16, k=128, v=128, initial_state=True, seed=11)
     g = torch.nn.functional.logsigmoid(torch.randn(B, T, 16, 128, generator=torch.Generator().manual_seed(3))) / 16
     _compare(case, torch.bfloat16, g=g)
+
+
+# The CPU reference's two forms of the scores (docs/math/gla.md, "The CPU reference"): factored through each
+# chunk's first row (hand-written backward) where the chunk's total decay allows, secondary chunking otherwise.
+
+def _reference_grads(fn, inputs, cu, seed=7):
+    """Output, final state and the gradients of every input (initial state included) of ``fn`` (gla_chunked or
+    gla_recurrent) for one random loss of both results."""
+    return outputs_and_grads(lambda *x: fn(*x[:4], 0.6, x[4], True, cu), inputs, seed)
+
+
+def _only(form, monkeypatch):
+    """Make the other form of the scores fail if called: the test then checks ``form`` only."""
+    from seqmix.kernels.gated_linear_attention import reference
+
+    other = {"factored": "_chunked_subchunks", "subchunks": "_chunked_factored"}[form]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{other} was called")
+
+    monkeypatch.setattr(reference, other, refuse)
+
+
+def _assert_matches_oracle(case, g, dtype, tol, dg_scale=False):
+    inputs = [None if t is None else t.detach().to(dtype).requires_grad_()
+              for t in make_inputs(case, dtype, "cpu", g=g)]
+    cu = case.cu_seqlens("cpu")
+    o, s, grads = _reference_grads(gla_chunked, inputs, cu)
+    up = [t.detach().double().requires_grad_() for t in inputs if t is not None]
+    o_ref, s_ref, ref_grads = _reference_grads(gla_recurrent, up + [None] * (5 - len(up)), cu)
+    assert o.dtype == dtype and torch.isfinite(o).all() and torch.isfinite(s).all()
+    assert_rel(o, o_ref, tol, "output")
+    assert_rel(s, s_ref, tol, "final state")
+    assert_grads([n for n, t in zip(NAMES, inputs) if t is not None], grads, ref_grads, tol, dg_scale)
+
+
+@pytest.mark.parametrize("case", [
+    Case(batch=2, lengths=None, seqlen=150, heads=2, k=8, v=5, initial_state=True, seed=1),  # ragged: 150 = 2*64 + 22
+    Case(batch=1, lengths=(70, 0, 1, 64), seqlen=135, heads=1, k=16, v=4, initial_state=True, seed=2),
+    Case(batch=2, lengths=None, seqlen=40, heads=3, k=4, v=8, initial_state=False, seed=3),
+])
+def test_factored_backward_matches_the_oracle_float64(case, monkeypatch):
+    """Mild decays: the factored form serves; every gradient (g and the initial state included) against the
+    float64 recurrence."""
+    _only("factored", monkeypatch)
+    _assert_matches_oracle(case, None, torch.float64, 1e-11)
+
+
+@pytest.mark.parametrize("per_token", [-0.01, -0.68])
+def test_factored_form_in_float32_up_to_its_limit(per_token, monkeypatch):
+    """float32 against the float64 oracle; at -0.68 per token a chunk of 64 decays by -43.5, just inside
+    factored_limit (e^44): exp(-gcum) reaches e^43.5 and nothing overflows."""
+    from seqmix.kernels.gated_linear_attention.reference import factored_limit
+
+    assert 64 * per_token > -factored_limit(torch.float32)
+    _only("factored", monkeypatch)
+    case = Case(batch=2, lengths=None, seqlen=130, heads=2, k=16, v=8, initial_state=True, seed=4)
+    g = per_token * torch.rand(2, 130, 2, 16, generator=torch.Generator().manual_seed(0)).add_(0.5).clamp_(max=1)
+    _assert_matches_oracle(case, g, torch.float32, 2e-5, dg_scale=True)
+
+
+@pytest.mark.parametrize("pattern", ["all -20", "-20 and near 0"])
+def test_strong_decays_in_float32_take_the_secondary_chunking(pattern, monkeypatch):
+    """Decays of -20 per token pass factored_limit within a chunk: the scores by secondary chunking serve,
+    outputs and every gradient stay finite and equal the float64 oracle's."""
+    _only("subchunks", monkeypatch)
+    case = Case(batch=1, lengths=(90, 40), seqlen=130, heads=1, k=8, v=8, initial_state=True, seed=5)
+    shape = (1, 130, 1, 8)
+    gen = torch.Generator().manual_seed(6)
+    if pattern == "all -20":
+        g = torch.full(shape, -20.0)
+    else:
+        g = torch.where(torch.rand(shape, generator=gen) < 0.3, -20.0, -1e-3 * torch.rand(shape, generator=gen))
+    _assert_matches_oracle(case, g, torch.float32, 2e-5, dg_scale=True)
