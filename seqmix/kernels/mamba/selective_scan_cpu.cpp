@@ -31,63 +31,151 @@
 
 namespace {
 
-constexpr int64_t kPad = 16;            // channels are padded to a multiple of this in checkpoints
-constexpr int64_t kStateBudget = 4096;  // state values per task: 16 KiB of float32, kept in L1
+constexpr int64_t kPad = 16;                 // channels are padded to a multiple of this in checkpoints
+constexpr int64_t kStateBudget = 4096;       // state values per task: 16 KiB of float32, kept in L1
 constexpr double kSoftplusThreshold = 20.0;  // as F.softplus: x itself above it
 
-// exp(x) written so that loops over lanes vectorise (std::exp is a libm call per element):
-// x = k ln2 + r, |r| <= ln2 / 2, exp(r) by its Taylor polynomial, 2^k built in the exponent bits.
-// Below the smallest normal it returns 0 (the exact limit of the strong decays), above the largest
-// float infinity.
-inline float exp_vec(float x) {
-  const float xc = std::min(std::max(x, -87.0f), 88.0f);
-  const float k = std::floor(xc * 1.44269504088896341f + 0.5f);
-  float r = xc - k * 0.693359375f;
-  r = r - k * -2.12194440e-4f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  const float scale = __builtin_bit_cast(float, bits);
-  const float e = p * scale;
-  return x < -87.0f ? 0.0f : (x > 88.0f ? std::numeric_limits<float>::infinity() : e);
-}
+// One vector of W channels (64 bytes: one AVX-512 register, two AVX2 ones), as GCC vector types: the
+// arithmetic below is written once for every instruction set the compiler targets.
+template <typename T>
+struct Lanes;
 
-inline double exp_vec(double x) {
-  const double xc = std::min(std::max(x, -708.0), 709.0);
-  const double k = std::floor(xc * 1.4426950408889634074 + 0.5);
-  double r = xc - k * 6.93147180369123816490e-01;
-  r = r - k * 1.90821492927058770002e-10;
-  // Taylor to r^13: |r| <= 0.347, remainder < 1e-17.
-  double p = 1.0 / 6227020800.0;
-  const double coef[] = {1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0,
-                         1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0};
-  for (double c : coef) p = p * r + c;
-  const int64_t bits = (static_cast<int64_t>(k) + 1023) << 52;
-  const double scale = __builtin_bit_cast(double, bits);
-  const double e = p * scale;
-  return x < -708.0 ? 0.0 : (x > 709.0 ? std::numeric_limits<double>::infinity() : e);
+template <>
+struct Lanes<float> {
+  typedef float V __attribute__((vector_size(64)));
+  typedef int32_t S;
+  typedef S I __attribute__((vector_size(64)));
+  static constexpr int W = 16;
+};
+
+template <>
+struct Lanes<double> {
+  typedef double V __attribute__((vector_size(64)));
+  typedef int64_t S;
+  typedef S I __attribute__((vector_size(64)));
+  static constexpr int W = 8;
+};
+
+template <typename T>
+using Vec = typename Lanes<T>::V;
+
+template <typename T>
+inline Vec<T> splat(T x) {
+  return Vec<T>{} + x;
 }
 
 template <typename T>
-inline T softplus(T x) {
-  return x > T(kSoftplusThreshold) ? x : std::log1p(std::exp(x));
+inline Vec<T> load(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
 }
 
 template <typename T>
-inline T silu_gate(T z, T* sig) {
-  *sig = T(1) / (T(1) + std::exp(-z));
-  return z * *sig;
+inline void store(T* p, Vec<T> v) {
+  std::memcpy(p, &v, sizeof(v));
 }
 
-// Lanes per vector: 64 bytes (one AVX-512 register, two AVX2 ones).
+// The first n (< W) lanes; the others are zero.
 template <typename T>
-constexpr int lanes() { return 64 / sizeof(T); }
+inline Vec<T> load_part(const T* p, int64_t n) {
+  Vec<T> v{};
+  std::memcpy(&v, p, n * sizeof(T));
+  return v;
+}
+
+template <typename T>
+inline void store_part(T* p, Vec<T> v, int64_t n) {
+  std::memcpy(p, &v, n * sizeof(T));
+}
+
+// Constants of exp and log per precision: the range where exp is finite and normal, ln 2 split in two
+// (k ln2_hi is exact), 1.5 2^(mantissa bits) (adding it rounds to an integer), the exponent bias and
+// the Taylor coefficients 1/k! of exp(r) for |r| <= ln2 / 2, highest first.
+template <typename T>
+struct Consts;
+
+template <>
+struct Consts<float> {
+  static constexpr float lo = -87.0f, hi = 88.0f, log2e = 1.44269504088896341f;
+  static constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f, magic = 12582912.0f;
+  static constexpr int mantissa = 23, bias = 127;
+  static constexpr int32_t magic_bits = 0x4B400000;
+  static constexpr int exp_terms = 8;  // r^7 / 7!: relative error below 2e-8
+  static constexpr float exp_coef[] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+  static constexpr int log_terms = 5;  // atanh series to s^9, |s| <= 0.172
+};
+
+template <>
+struct Consts<double> {
+  static constexpr double lo = -708.0, hi = 709.0, log2e = 1.4426950408889634074;
+  static constexpr double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
+  static constexpr double magic = 6755399441055744.0;
+  static constexpr int mantissa = 52, bias = 1023;
+  static constexpr int64_t magic_bits = 0x4338000000000000LL;
+  static constexpr int exp_terms = 14;  // r^13 / 13!: below 1e-17
+  static constexpr double exp_coef[] = {1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
+                                        1.0 / 362880.0,     1.0 / 40320.0,     1.0 / 5040.0,      1.0 / 720.0,
+                                        1.0 / 120.0,        1.0 / 24.0,        1.0 / 6.0,         0.5,
+                                        1.0,                1.0};
+  static constexpr int log_terms = 11;  // to s^21
+};
+
+// exp of every lane (std::exp is a libm call per element): x = k ln2 + r, exp(r) by its Taylor
+// polynomial, 2^k put in the exponent bits. Below the smallest normal it gives 0 (the exact limit of
+// the strong decays), above the largest finite value infinity.
+template <typename T>
+inline Vec<T> exp_v(Vec<T> x) {
+  using K = Consts<T>;
+  using I = typename Lanes<T>::I;
+  Vec<T> xc = x < K::lo ? splat<T>(K::lo) : x;
+  xc = xc > K::hi ? splat<T>(K::hi) : xc;
+  const Vec<T> shifted = xc * K::log2e + K::magic;  // k + magic: round to nearest
+  const Vec<T> k = shifted - K::magic;
+  Vec<T> r = xc - k * K::ln2_hi;
+  r = r - k * K::ln2_lo;
+  Vec<T> p = splat<T>(K::exp_coef[0]);
+  for (int i = 1; i < K::exp_terms; ++i) p = p * r + K::exp_coef[i];
+  const I ki = reinterpret_cast<const I&>(shifted) - K::magic_bits;
+  const I bits = (ki + K::bias) << K::mantissa;
+  const Vec<T> e = p * reinterpret_cast<const Vec<T>&>(bits);
+  const Vec<T> zero{}, inf = splat<T>(std::numeric_limits<T>::infinity());
+  return x < K::lo ? zero : (x > K::hi ? inf : e);
+}
+
+// log of every lane, for m >= 1: m = 2^e f with f in [sqrt(1/2), sqrt(2)), log f = 2 atanh((f-1)/(f+1)).
+template <typename T>
+inline Vec<T> log_v(Vec<T> m) {
+  using K = Consts<T>;
+  using I = typename Lanes<T>::I;
+  using S = typename Lanes<T>::S;
+  const I bits = reinterpret_cast<const I&>(m);  // m >= 1: the sign bit is 0
+  Vec<T> e = __builtin_convertvector((bits >> K::mantissa) - K::bias, Vec<T>);
+  const I f_bits = (bits & ((S(1) << K::mantissa) - 1)) | (S(K::bias) << K::mantissa);
+  Vec<T> f = reinterpret_cast<const Vec<T>&>(f_bits);
+  const auto big = f > T(1.41421356237309504880);
+  f = big ? f * T(0.5) : f;
+  e = big ? e + T(1) : e;
+  const Vec<T> s = (f - T(1)) / (f + T(1)), s2 = s * s;
+  Vec<T> q = splat<T>(T(1) / T(2 * K::log_terms - 1));
+  for (int i = K::log_terms - 2; i >= 0; --i) q = q * s2 + T(1) / T(2 * i + 1);
+  return T(2) * s * q + e * T(0.69314718055994530942);
+}
+
+// softplus(x) = log1p(exp(x)), x itself above the threshold; log1p(y) as log(1 + y) y / ((1 + y) - 1)
+// keeps the digits of a small y that 1 + y rounds away.
+template <typename T>
+inline Vec<T> softplus_v(Vec<T> x) {
+  const Vec<T> y = exp_v<T>(x > T(kSoftplusThreshold) ? Vec<T>{} : x);
+  const Vec<T> m = T(1) + y, d = m - T(1);
+  const Vec<T> l = d == T(0) ? y : log_v<T>(m) * (y / (d == T(0) ? splat<T>(T(1)) : d));
+  return x > T(kSoftplusThreshold) ? x : l;
+}
+
+template <typename T>
+inline Vec<T> sigmoid_v(Vec<T> x) {
+  return T(1) / (T(1) + exp_v<T>(-x));
+}
 
 // Everything a task reads, with the problem's sizes.
 template <typename T>
@@ -106,14 +194,14 @@ struct Block {
   int64_t index, v0, v1;
 };
 
-template <typename T, int W>
 struct BlockPlan {
   int64_t vectors, per_block, count;
 };
 
 // Blocks of whole vectors: the state fits the L1 budget, and there are at least as many tasks as threads.
-template <typename T, int W>
-BlockPlan<T, W> plan_blocks(const Problem<T>& p) {
+template <typename T>
+BlockPlan plan_blocks(const Problem<T>& p) {
+  constexpr int W = Lanes<T>::W;
   const int64_t vectors = (p.dim + W - 1) / W;
   const int64_t threads = at::get_num_threads();
   int64_t count = std::max<int64_t>((vectors * W * p.N + kStateBudget - 1) / kStateBudget,
@@ -123,130 +211,120 @@ BlockPlan<T, W> plan_blocks(const Problem<T>& p) {
   return {vectors, per_block, (vectors + per_block - 1) / per_block};
 }
 
-// Per-lane values of one token: a row of W channels from channel c0 (zeros past the last channel).
-template <typename T, int W>
-inline void load_row(T* dst, const T* src, int64_t c0, int64_t dim) {
-  const int64_t n = std::min<int64_t>(W, dim - c0);
-  if (n == W) {
-    for (int c = 0; c < W; ++c) dst[c] = src[c0 + c];
+// One token's values of the W channels from c0 of a [*, dim] row (zeros past the last channel).
+template <typename T>
+inline Vec<T> load_row(const T* row, int64_t c0, int64_t dim) {
+  const int64_t n = dim - c0;
+  return n >= Lanes<T>::W ? load(row + c0) : load_part(row + c0, n);
+}
+
+template <typename T>
+inline void store_row(T* row, Vec<T> v, int64_t c0, int64_t dim) {
+  const int64_t n = dim - c0;
+  if (n >= Lanes<T>::W) {
+    store(row + c0, v);
   } else {
-    for (int c = 0; c < W; ++c) dst[c] = c < n ? src[c0 + c] : T(0);
+    store_part(row + c0, v, n);
   }
 }
 
-template <typename T, int W>
-inline void store_row(T* dst, const T* src, int64_t c0, int64_t dim) {
-  const int64_t n = std::min<int64_t>(W, dim - c0);
-  for (int c = 0; c < n; ++c) dst[c0 + c] = src[c];
+// delta' of one vector of channels: delta + bias, then softplus; `raw` gets delta + bias.
+template <typename T>
+inline Vec<T> step_sizes(const Problem<T>& p, int64_t t, int64_t c0, Vec<T>* raw) {
+  *raw = load_row(p.delta + t * p.dim, c0, p.dim);
+  if (p.bias) *raw += load_row(p.bias, c0, p.dim);
+  return p.softplus ? softplus_v<T>(*raw) : *raw;
 }
 
-// delta' of one vector of channels: delta + bias, then softplus; `raw` keeps delta + bias.
-template <typename T, int W>
-inline void step_sizes(const Problem<T>& p, int64_t t, int64_t c0, T* dl, T* raw) {
-  load_row<T, W>(raw, p.delta + t * p.dim, c0, p.dim);
-  if (p.bias) {
-    T b[W];
-    load_row<T, W>(b, p.bias, c0, p.dim);
-    for (int c = 0; c < W; ++c) raw[c] += b[c];
-  }
-  for (int c = 0; c < W; ++c) dl[c] = p.softplus ? softplus(raw[c]) : raw[c];
-}
-
-// B_t or C_t for one vector: [N][W], each lane its channel's group row (a broadcast when the vector
-// lies in one group).
-template <typename T, int W>
+template <typename T>
 inline bool in_one_group(const Problem<T>& p, int64_t c0) {
-  return (std::min<int64_t>(c0 + W, p.dim) - 1) / p.per_group() == c0 / p.per_group();
+  return (std::min<int64_t>(c0 + Lanes<T>::W, p.dim) - 1) / p.per_group() == c0 / p.per_group();
 }
 
-template <typename T, int W>
-inline void group_rows(const Problem<T>& p, const T* X, int64_t t, int64_t c0, T* out) {
+// B_t or C_t for the vector at channel c0: N vectors, each lane its channel's group row (a broadcast
+// when the vector lies in one group).
+template <typename T>
+inline void group_rows(const Problem<T>& p, const T* X, int64_t t, int64_t c0, Vec<T>* out) {
+  constexpr int W = Lanes<T>::W;
   const int64_t pg = p.per_group();
   const T* row = X + t * p.G * p.N;
-  if (in_one_group<T, W>(p, c0)) {
+  if (in_one_group(p, c0)) {
     const T* x = row + (c0 / pg) * p.N;
-    for (int64_t n = 0; n < p.N; ++n)
-      for (int c = 0; c < W; ++c) out[n * W + c] = x[n];
+    for (int64_t n = 0; n < p.N; ++n) out[n] = splat<T>(x[n]);
     return;
   }
   for (int64_t n = 0; n < p.N; ++n)
-    for (int c = 0; c < W; ++c) out[n * W + c] = row[(std::min(c0 + c, p.dim - 1) / pg) * p.N + n];
+    for (int c = 0; c < W; ++c) out[n][c] = row[(std::min(c0 + c, p.dim - 1) / pg) * p.N + n];
 }
 
-// The state of a block between [dim, N] (the layout of h0, the final state and dh0) and lanes.
-template <typename T, int W>
-void state_to_lanes(const Problem<T>& p, const T* src, const Block& b, T* h) {
+// The state of a block between [dim, N] (the layout of h0, A, the final state and dh0) and lanes
+// ([vector][n], lane = channel).
+template <typename T>
+void state_to_lanes(const Problem<T>& p, const T* src, const Block& b, Vec<T>* h) {
+  constexpr int W = Lanes<T>::W;
+  for (int64_t v = b.v0; v < b.v1; ++v)
+    for (int64_t n = 0; n < p.N; ++n) {
+      Vec<T> x{};
+      for (int c = 0; c < W; ++c) {
+        const int64_t d = v * W + c;
+        if (src && d < p.dim) x[c] = src[d * p.N + n];
+      }
+      h[(v - b.v0) * p.N + n] = x;
+    }
+}
+
+template <typename T>
+void state_from_lanes(const Problem<T>& p, const Vec<T>* h, const Block& b, T* dst) {
+  constexpr int W = Lanes<T>::W;
   for (int64_t v = b.v0; v < b.v1; ++v)
     for (int64_t n = 0; n < p.N; ++n)
       for (int c = 0; c < W; ++c) {
         const int64_t d = v * W + c;
-        h[((v - b.v0) * p.N + n) * W + c] = src && d < p.dim ? src[d * p.N + n] : T(0);
+        if (d < p.dim) dst[d * p.N + n] = h[(v - b.v0) * p.N + n][c];
       }
 }
 
-template <typename T, int W>
-void state_from_lanes(const Problem<T>& p, const T* h, const Block& b, T* dst) {
-  for (int64_t v = b.v0; v < b.v1; ++v)
-    for (int64_t n = 0; n < p.N; ++n)
-      for (int c = 0; c < W; ++c) {
-        const int64_t d = v * W + c;
-        if (d < p.dim) dst[d * p.N + n] = h[((v - b.v0) * p.N + n) * W + c];
-      }
-}
-
-// A checkpoint row holds every channel in lanes: vector v's state at v * W * N.
-template <typename T, int W>
+// A checkpoint holds every channel in lanes: vector v's state at v * W * N.
+template <typename T>
 T* checkpoint(const Problem<T>& p, T* hc, int64_t chunk_id, const Block& b) {
-  return hc + chunk_id * p.padded() * p.N + b.v0 * W * p.N;
+  return hc + chunk_id * p.padded() * p.N + b.v0 * Lanes<T>::W * p.N;
 }
 
-template <typename T, int W>
+template <typename T>
 void scan_fwd_task(const Problem<T>& p, const Block& b, int64_t s, T* out, T* ht, T* hc) {
-  const int64_t nv = b.v1 - b.v0, N = p.N, VN = nv * N * W;
-  std::vector<T> h(VN), a(VN), Bt(N * W), Ct(N * W);
-  state_to_lanes<T, W>(p, p.h0 ? p.h0 + s * p.dim * N : nullptr, b, h.data());
-  state_to_lanes<T, W>(p, p.A, b, a.data());
+  constexpr int W = Lanes<T>::W;
+  const int64_t nv = b.v1 - b.v0, N = p.N, VN = nv * N;
+  std::vector<Vec<T>> h(VN), a(VN), Bt(N), Ct(N);
+  state_to_lanes(p, p.h0 ? p.h0 + s * p.dim * N : nullptr, b, h.data());
+  state_to_lanes(p, p.A, b, a.data());
   const int64_t bos = p.cu[s], eos = p.cu[s + 1];
   for (int64_t t = bos; t < eos; ++t) {
     if (hc && (t - bos) % p.chunk == 0)
-      std::memcpy(checkpoint<T, W>(p, hc, p.chunk_offsets[s] + (t - bos) / p.chunk, b), h.data(), VN * sizeof(T));
+      std::memcpy(checkpoint(p, hc, p.chunk_offsets[s] + (t - bos) / p.chunk, b), h.data(), VN * sizeof(Vec<T>));
     for (int64_t v = 0; v < nv; ++v) {
       const int64_t c0 = (b.v0 + v) * W;
-      T dl[W], raw[W], uu[W], du[W], y[W];
-      step_sizes<T, W>(p, t, c0, dl, raw);
-      load_row<T, W>(uu, p.u + t * p.dim, c0, p.dim);
-      group_rows<T, W>(p, p.B, t, c0, Bt.data());
-      group_rows<T, W>(p, p.C, t, c0, Ct.data());
-      for (int c = 0; c < W; ++c) {
-        du[c] = dl[c] * uu[c];
-        y[c] = T(0);
-      }
-      T* hv = h.data() + v * N * W;
-      const T* av = a.data() + v * N * W;
+      Vec<T> raw;
+      const Vec<T> dl = step_sizes(p, t, c0, &raw);
+      const Vec<T> uu = load_row(p.u + t * p.dim, c0, p.dim);
+      const Vec<T> du = dl * uu;
+      group_rows(p, p.B, t, c0, Bt.data());
+      group_rows(p, p.C, t, c0, Ct.data());
+      Vec<T>* hv = h.data() + v * N;
+      const Vec<T>* av = a.data() + v * N;
+      Vec<T> y{};
       for (int64_t n = 0; n < N; ++n) {
-        T* hr = hv + n * W;
-        const T *ar = av + n * W, *br = Bt.data() + n * W, *cr = Ct.data() + n * W;
-#pragma omp simd
-        for (int c = 0; c < W; ++c) {
-          const T hn = exp_vec(dl[c] * ar[c]) * hr[c] + du[c] * br[c];
-          hr[c] = hn;
-          y[c] += hn * cr[c];
-        }
+        hv[n] = exp_v<T>(dl * av[n]) * hv[n] + du * Bt[n];
+        y += hv[n] * Ct[n];
       }
-      if (p.D) {
-        T d[W];
-        load_row<T, W>(d, p.D, c0, p.dim);
-        for (int c = 0; c < W; ++c) y[c] += d[c] * uu[c];
-      }
+      if (p.D) y += load_row(p.D, c0, p.dim) * uu;
       if (p.z) {
-        T zz[W], sig;
-        load_row<T, W>(zz, p.z + t * p.dim, c0, p.dim);
-        for (int c = 0; c < W; ++c) y[c] *= silu_gate(zz[c], &sig);
+        const Vec<T> zz = load_row(p.z + t * p.dim, c0, p.dim);
+        y *= zz * sigmoid_v<T>(zz);
       }
-      store_row<T, W>(out + t * p.dim, y, c0, p.dim);
+      store_row(out + t * p.dim, y, c0, p.dim);
     }
   }
-  if (ht) state_from_lanes<T, W>(p, h.data(), b, ht + s * p.dim * N);
+  if (ht) state_from_lanes(p, h.data(), b, ht + s * p.dim * N);
 }
 
 // Gradients a backward task writes: rows of the per-token ones, and its slices of the partial sums.
@@ -256,35 +334,37 @@ struct Grads {
   const T *dout, *dht, *hc;
 };
 
-// Adds the lanes of acc [N][W] (the vector at channel c0, or a run of vectors in its group) into rows
+// Adds the lanes of acc [N] (the vector at channel c0, or a run of vectors in its group) into rows
 // [G][N] of a partial buffer, one sum per group the lanes cover, and zeroes acc.
-template <typename T, int W>
-inline void add_over_channels(const Problem<T>& p, T* acc, int64_t c0, T* rows) {
+template <typename T>
+inline void add_over_channels(const Problem<T>& p, Vec<T>* acc, int64_t c0, T* rows) {
+  constexpr int W = Lanes<T>::W;
   const int64_t pg = p.per_group();
-  if (in_one_group<T, W>(p, c0)) {
+  if (in_one_group(p, c0)) {
     T* row = rows + (c0 / pg) * p.N;
     for (int64_t n = 0; n < p.N; ++n) {
       T s = T(0);
-      for (int c = 0; c < W; ++c) s += acc[n * W + c];
+      for (int c = 0; c < W; ++c) s += acc[n][c];
       row[n] += s;
     }
   } else {
     for (int64_t c = 0; c < std::min<int64_t>(W, p.dim - c0); ++c) {
       T* row = rows + ((c0 + c) / pg) * p.N;
-      for (int64_t n = 0; n < p.N; ++n) row[n] += acc[n * W + c];
+      for (int64_t n = 0; n < p.N; ++n) row[n] += acc[n][c];
     }
   }
-  std::fill(acc, acc + p.N * W, T(0));
+  std::fill(acc, acc + p.N, Vec<T>{});
 }
 
-template <typename T, int W>
+template <typename T>
 void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64_t s) {
-  const int64_t nv = b.v1 - b.v0, N = p.N, VN = nv * N * W, CH = p.chunk;
-  std::vector<T> a(VN), dh(VN), dA(VN, T(0)), Bt(N * W), Ct(N * W), accB(N * W, T(0)), accC(N * W, T(0));
-  std::vector<T> hs((CH + 1) * VN), es(CH * VN), dls(CH * nv * W), raws(CH * nv * W);
-  std::vector<T> dD(nv * W, T(0));
-  state_to_lanes<T, W>(p, p.A, b, a.data());
-  state_to_lanes<T, W>(p, g.dht ? g.dht + s * p.dim * N : nullptr, b, dh.data());
+  constexpr int W = Lanes<T>::W;
+  const int64_t nv = b.v1 - b.v0, N = p.N, VN = nv * N, CH = p.chunk;
+  std::vector<Vec<T>> a(VN), dh(VN), dA(VN), Bt(N), Ct(N), accB(N), accC(N), dD(nv);
+  // The chunk's states (slot 0 the checkpoint, slot i + 1 after its token i), decays, delta' and delta + bias.
+  std::vector<Vec<T>> hs((CH + 1) * VN), es(CH * VN), dls(CH * nv), raws(CH * nv);
+  state_to_lanes(p, p.A, b, a.data());
+  state_to_lanes(p, g.dht ? g.dht + s * p.dim * N : nullptr, b, dh.data());
   const int64_t bos = p.cu[s], eos = p.cu[s + 1];
   const int64_t chunks = (eos - bos + CH - 1) / CH;
   const int64_t GN = p.G * N;
@@ -292,31 +372,21 @@ void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64
   T* dC_rows = g.dC + b.index * p.L * GN;
   for (int64_t j = chunks - 1; j >= 0; --j) {
     const int64_t t0 = bos + j * CH, nt = std::min(CH, eos - t0);
-    // The chunk's states: slot 0 the checkpoint, slot i + 1 after token t0 + i; es[i] that token's decays.
-    std::memcpy(hs.data(), checkpoint<T, W>(p, const_cast<T*>(g.hc), p.chunk_offsets[s] + j, b), VN * sizeof(T));
+    std::memcpy(hs.data(), checkpoint(p, const_cast<T*>(g.hc), p.chunk_offsets[s] + j, b), VN * sizeof(Vec<T>));
     for (int64_t i = 0; i < nt; ++i) {
       const int64_t t = t0 + i;
       for (int64_t v = 0; v < nv; ++v) {
         const int64_t c0 = (b.v0 + v) * W;
-        T* dl = dls.data() + (i * nv + v) * W;
-        T uu[W], du[W];
-        step_sizes<T, W>(p, t, c0, dl, raws.data() + (i * nv + v) * W);
-        load_row<T, W>(uu, p.u + t * p.dim, c0, p.dim);
-        group_rows<T, W>(p, p.B, t, c0, Bt.data());
-        for (int c = 0; c < W; ++c) du[c] = dl[c] * uu[c];
-        const T* av = a.data() + v * N * W;
-        const T* hp = hs.data() + i * VN + v * N * W;
-        T* hn = hs.data() + (i + 1) * VN + v * N * W;
-        T* ev = es.data() + i * VN + v * N * W;
+        const Vec<T> dl = dls[i * nv + v] = step_sizes(p, t, c0, &raws[i * nv + v]);
+        const Vec<T> du = dl * load_row(p.u + t * p.dim, c0, p.dim);
+        group_rows(p, p.B, t, c0, Bt.data());
+        const Vec<T>* av = a.data() + v * N;
+        const Vec<T>* hp = hs.data() + i * VN + v * N;
+        Vec<T>* hn = hs.data() + (i + 1) * VN + v * N;
+        Vec<T>* ev = es.data() + i * VN + v * N;
         for (int64_t n = 0; n < N; ++n) {
-          const T *ar = av + n * W, *hpr = hp + n * W, *br = Bt.data() + n * W;
-          T *er = ev + n * W, *hr = hn + n * W;
-#pragma omp simd
-          for (int c = 0; c < W; ++c) {
-            const T e = exp_vec(dl[c] * ar[c]);
-            er[c] = e;
-            hr[c] = e * hpr[c] + du[c] * br[c];
-          }
+          ev[n] = exp_v<T>(dl * av[n]);
+          hn[n] = ev[n] * hp[n] + du * Bt[n];
         }
       }
     }
@@ -324,83 +394,58 @@ void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64
       const int64_t t = t0 + i;
       for (int64_t v = 0; v < nv; ++v) {
         const int64_t c0 = (b.v0 + v) * W;
-        const T* dl = dls.data() + (i * nv + v) * W;
-        const T* raw = raws.data() + (i * nv + v) * W;
-        const T* av = a.data() + v * N * W;
-        const T* hp = hs.data() + i * VN + v * N * W;
-        const T* hn = hs.data() + (i + 1) * VN + v * N * W;
-        const T* ev = es.data() + i * VN + v * N * W;
-        T* dhv = dh.data() + v * N * W;
-        T* dAv = dA.data() + v * N * W;
-        T uu[W], dy[W], sdb[W], skip[W];
-        load_row<T, W>(uu, p.u + t * p.dim, c0, p.dim);
-        load_row<T, W>(dy, g.dout + t * p.dim, c0, p.dim);
-        group_rows<T, W>(p, p.B, t, c0, Bt.data());
-        group_rows<T, W>(p, p.C, t, c0, Ct.data());
-        if (p.D) {
-          load_row<T, W>(skip, p.D, c0, p.dim);
-        } else {
-          for (int c = 0; c < W; ++c) skip[c] = T(0);
-        }
+        const Vec<T> dl = dls[i * nv + v], raw = raws[i * nv + v];
+        const Vec<T>* av = a.data() + v * N;
+        const Vec<T>* hp = hs.data() + i * VN + v * N;
+        const Vec<T>* hn = hs.data() + (i + 1) * VN + v * N;
+        const Vec<T>* ev = es.data() + i * VN + v * N;
+        Vec<T>* dhv = dh.data() + v * N;
+        Vec<T>* dAv = dA.data() + v * N;
+        const Vec<T> uu = load_row(p.u + t * p.dim, c0, p.dim);
+        Vec<T> dy = load_row(g.dout + t * p.dim, c0, p.dim);
+        const Vec<T> skip = p.D ? load_row(p.D, c0, p.dim) : Vec<T>{};
+        group_rows(p, p.B, t, c0, Bt.data());
+        group_rows(p, p.C, t, c0, Ct.data());
         if (p.z) {  // y before the gate, recomputed from the state
-          T y[W], zz[W], dz[W];
-          for (int c = 0; c < W; ++c) y[c] = skip[c] * uu[c];
-          for (int64_t n = 0; n < N; ++n)
-            for (int c = 0; c < W; ++c) y[c] += hn[n * W + c] * Ct[n * W + c];
-          load_row<T, W>(zz, p.z + t * p.dim, c0, p.dim);
-          for (int c = 0; c < W; ++c) {
-            T sig;
-            const T gate = silu_gate(zz[c], &sig);
-            dz[c] = dy[c] * y[c] * sig * (T(1) + zz[c] * (T(1) - sig));
-            dy[c] *= gate;
-          }
-          store_row<T, W>(g.dz + t * p.dim, dz, c0, p.dim);
+          Vec<T> y = skip * uu;
+          for (int64_t n = 0; n < N; ++n) y += hn[n] * Ct[n];
+          const Vec<T> zz = load_row(p.z + t * p.dim, c0, p.dim);
+          const Vec<T> sig = sigmoid_v<T>(zz);
+          store_row(g.dz + t * p.dim, dy * y * sig * (T(1) + zz * (T(1) - sig)), c0, p.dim);
+          dy *= zz * sig;
         }
-        T dbdot[W], ddl[W];
-        for (int c = 0; c < W; ++c) {
-          sdb[c] = dl[c] * uu[c];
-          dbdot[c] = T(0);
-          ddl[c] = T(0);
-        }
+        const Vec<T> sdb = dl * uu;
+        Vec<T> dbdot{}, ddl{};
         for (int64_t n = 0; n < N; ++n) {
-          const int64_t k = n * W;
-          const T *cr = Ct.data() + k, *br = Bt.data() + k, *hnr = hn + k, *hpr = hp + k, *er = ev + k, *ar = av + k;
-          T *dhr = dhv + k, *dAr = dAv + k, *accCr = accC.data() + k, *accBr = accB.data() + k;
-#pragma omp simd
-          for (int c = 0; c < W; ++c) {
-            const T d = dhr[c] + dy[c] * cr[c];  // the gradient of the state after token t
-            accCr[c] += dy[c] * hnr[c];
-            accBr[c] += d * sdb[c];
-            dbdot[c] += d * br[c];
-            const T back = d * er[c];  // the gradient of the state before token t
-            const T dlog = back * hpr[c];  // of delta' A, through the decay
-            dAr[c] += dlog * dl[c];
-            ddl[c] += dlog * ar[c];
-            dhr[c] = back;
-          }
+          const Vec<T> d = dhv[n] + dy * Ct[n];  // the gradient of the state after token t
+          accC[n] += dy * hn[n];
+          accB[n] += d * sdb;
+          dbdot += d * Bt[n];
+          const Vec<T> back = d * ev[n];      // the gradient of the state before token t
+          const Vec<T> dlog = back * hp[n];  // ... of delta' A, through the decay
+          dAv[n] += dlog * dl;
+          ddl += dlog * av[n];
+          dhv[n] = back;
         }
-        T du[W];
-        for (int c = 0; c < W; ++c) {
-          ddl[c] += uu[c] * dbdot[c];
-          if (p.softplus && raw[c] <= T(kSoftplusThreshold)) ddl[c] /= T(1) + std::exp(-raw[c]);
-          du[c] = dl[c] * dbdot[c] + skip[c] * dy[c];
-          dD[v * W + c] += dy[c] * uu[c];
-        }
-        store_row<T, W>(g.ddelta + t * p.dim, ddl, c0, p.dim);
-        store_row<T, W>(g.du + t * p.dim, du, c0, p.dim);
+        ddl += uu * dbdot;
+        if (p.softplus) ddl = raw > T(kSoftplusThreshold) ? ddl : ddl * sigmoid_v<T>(raw);
+        store_row(g.ddelta + t * p.dim, ddl, c0, p.dim);
+        store_row(g.du + t * p.dim, dl * dbdot + skip * dy, c0, p.dim);
+        dD[v] += dy * uu;
         // dB and dC sum over a group's channels: the lanes are added once per run of vectors in one group.
         const int64_t next = c0 + W;
-        if (v == nv - 1 || !in_one_group<T, W>(p, c0) || !in_one_group<T, W>(p, next) ||
+        if (v == nv - 1 || !in_one_group(p, c0) || !in_one_group(p, next) ||
             next / p.per_group() != c0 / p.per_group()) {
-          add_over_channels<T, W>(p, accB.data(), c0, dB_rows + t * GN);
-          add_over_channels<T, W>(p, accC.data(), c0, dC_rows + t * GN);
+          add_over_channels(p, accB.data(), c0, dB_rows + t * GN);
+          add_over_channels(p, accC.data(), c0, dC_rows + t * GN);
         }
       }
     }
   }
-  state_from_lanes<T, W>(p, dA.data(), b, g.dA + s * p.dim * N);
-  for (int64_t d = b.v0 * W; d < std::min(b.v1 * W, p.dim); ++d) g.dD[s * p.dim + d] = dD[d - b.v0 * W];
-  if (g.dh0) state_from_lanes<T, W>(p, dh.data(), b, g.dh0 + s * p.dim * N);
+  state_from_lanes(p, dA.data(), b, g.dA + s * p.dim * N);
+  for (int64_t v = b.v0; v < b.v1; ++v)
+    for (int c = 0; c < W && v * W + c < p.dim; ++c) g.dD[s * p.dim + v * W + c] = dD[v - b.v0][c];
+  if (g.dh0) state_from_lanes(p, dh.data(), b, g.dh0 + s * p.dim * N);
 }
 
 template <typename T>
@@ -420,8 +465,8 @@ Problem<T> problem(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
 }
 
 // Runs task(block, sequence) over every (sequence, block of channels), in parallel over torch's threads.
-template <typename T, int W, typename F>
-void over_tasks(const Problem<T>& p, const BlockPlan<T, W>& plan, const F& task) {
+template <typename T, typename F>
+void over_tasks(const Problem<T>& p, const BlockPlan& plan, const F& task) {
   at::parallel_for(0, p.nseq * plan.count, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t s = i / plan.count, k = i % plan.count;
@@ -463,13 +508,12 @@ std::vector<at::Tensor> selective_scan_fwd(const at::Tensor& u, const at::Tensor
   const int64_t padded = (dim + kPad - 1) / kPad * kPad;
   at::Tensor hc = store_chunks ? at::empty({num_chunks, padded * N}, u.options()) : at::empty({0}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_fwd", [&] {
-    constexpr int W = lanes<scalar_t>();
     const auto p = problem<scalar_t>(u, delta, A, B, C, D, z, bias, h0, cu_seqlens, chunk_offsets, chunk, softplus);
-    const auto plan = plan_blocks<scalar_t, W>(p);
+    const auto plan = plan_blocks(p);
     scalar_t* o = out.data_ptr<scalar_t>();
     scalar_t* f = store_final ? ht.data_ptr<scalar_t>() : nullptr;
     scalar_t* c = store_chunks ? hc.data_ptr<scalar_t>() : nullptr;
-    over_tasks<scalar_t, W>(p, plan, [&](const Block& b, int64_t s) { scan_fwd_task<scalar_t, W>(p, b, s, o, f, c); });
+    over_tasks(p, plan, [&](const Block& b, int64_t s) { scan_fwd_task(p, b, s, o, f, c); });
   });
   return {out, ht, hc};
 }
@@ -492,10 +536,9 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
   at::Tensor dh0 = need_dh0 ? at::empty({nseq, dim, N}, u.options()) : at::empty({0}, u.options());
   at::Tensor dB, dC;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_bwd", [&] {
-    constexpr int W = lanes<scalar_t>();
     const auto p = problem<scalar_t>(u, delta, A, B, C, D, z, bias, c10::nullopt, cu_seqlens, chunk_offsets, chunk,
                                      softplus);
-    const auto plan = plan_blocks<scalar_t, W>(p);
+    const auto plan = plan_blocks(p);
     // Zeroed: a block adds only into the groups its channels read.
     dB = at::zeros({plan.count, L, G, N}, u.options());
     dC = at::zeros({plan.count, L, G, N}, u.options());
@@ -504,7 +547,7 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
                             dC.data_ptr<scalar_t>(), dA.data_ptr<scalar_t>(), dD.data_ptr<scalar_t>(),
                             need_dh0 ? dh0.data_ptr<scalar_t>() : nullptr, dout.data_ptr<scalar_t>(),
                             data_or_null<scalar_t>(dht), hc.data_ptr<scalar_t>()};
-    over_tasks<scalar_t, W>(p, plan, [&](const Block& b, int64_t s) { scan_bwd_task<scalar_t, W>(p, g, b, s); });
+    over_tasks(p, plan, [&](const Block& b, int64_t s) { scan_bwd_task(p, g, b, s); });
   });
   return {du, ddelta, dz, dA, dB, dC, dD, dh0};
 }
