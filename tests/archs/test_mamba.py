@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from seqmix.archs import Mamba
+from seqmix.kernels.backend import recording
 from tests.archs import contract
-from tests.helpers import TOL
+from tests.helpers import TOL, assert_rel
 
 
 def _layer(backend):
@@ -20,6 +21,30 @@ def _layer(backend):
 def test_triton_layer_matches_reference_layer_with_gradients():
     x = torch.randn(2, 70, 16, generator=torch.Generator().manual_seed(1))
     contract.fused_matches_reference(_layer, x, TOL[torch.float32])
+
+
+def test_layer_on_the_cpu_kernel_matches_reference_layer_with_gradients(monkeypatch):
+    """The automatic choice on CPU tensors (the C++ scan, when it builds) against the reference layer."""
+    from seqmix.kernels import cpu
+
+    if cpu.unavailable() is not None:
+        pytest.skip(cpu.unavailable())
+    monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
+    x = torch.randn(2, 70, 16, generator=torch.Generator().manual_seed(1))
+    outs, grads = [], []
+    for backend in (None, "reference"):
+        layer = _layer(backend)
+        xb = x.clone().requires_grad_()
+        with recording() as choices:
+            y, _ = layer(xb)
+        y.square().sum().backward()
+        outs.append(y)
+        grads.append([xb.grad] + [p.grad for p in layer.parameters()])
+        scans = [c.backend for c in choices if c.op == "selective_scan"]
+        assert scans == ["cpu" if backend is None else "reference"]
+    assert_rel(outs[0], outs[1], TOL[torch.float32], "output")
+    for name, a, b in zip(["x"] + [n for n, _ in _layer(None).named_parameters()], *grads, strict=True):
+        assert_rel(a, b, TOL[torch.float32], f"grad of {name}")
 
 
 def test_initialisation():
