@@ -101,8 +101,8 @@ struct Consts<float> {
   static constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f, magic = 12582912.0f;
   static constexpr int mantissa = 23, bias = 127;
   static constexpr int32_t magic_bits = 0x4B400000;
-  static constexpr int exp_terms = 8;  // r^7 / 7!: relative error below 2e-8
-  static constexpr float exp_coef[] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+  static constexpr int exp_terms = 7;  // to r^6 / 6!: the remainder is below 1.3e-7 (about an ulp)
+  static constexpr float exp_coef[] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
   static constexpr int log_terms = 5;  // atanh series to s^9, |s| <= 0.172
 };
 
@@ -257,6 +257,32 @@ inline void group_rows(const Problem<T>& p, const T* X, int64_t t, int64_t c0, V
     for (int c = 0; c < W; ++c) out[n][c] = row[(std::min(c0 + c, p.dim - 1) / pg) * p.N + n];
 }
 
+// B_t[n] or C_t[n] for one vector of channels: a broadcast of the group's row when the vector lies in
+// one group (kOne), else the lanes group_rows gathered.
+template <typename T, bool kOne>
+struct Rows {
+  const T* row;
+  const Vec<T>* lanes;
+  Vec<T> operator[](int64_t n) const {
+    if constexpr (kOne) {
+      return splat<T>(row[n]);
+    } else {
+      return lanes[n];
+    }
+  }
+};
+
+// The token's rows of B or C for the vector at c0, as `Rows<T, kOne>` (gathering into `lanes` if not kOne).
+template <typename T, bool kOne>
+inline Rows<T, kOne> rows_of(const Problem<T>& p, const T* X, int64_t t, int64_t c0, Vec<T>* lanes) {
+  if constexpr (kOne) {
+    return {X + t * p.G * p.N + (c0 / p.per_group()) * p.N, nullptr};
+  } else {
+    group_rows(p, X, t, c0, lanes);
+    return {nullptr, lanes};
+  }
+}
+
 // The state of a block between [dim, N] (the layout of h0, A, the final state and dh0) and lanes
 // ([vector][n], lane = channel).
 template <typename T>
@@ -290,6 +316,25 @@ T* checkpoint(const Problem<T>& p, T* hc, int64_t chunk_id, const Block& b) {
   return hc + chunk_id * p.padded() * p.N + b.v0 * Lanes<T>::W * p.N;
 }
 
+// One token of one vector of channels: h = exp(delta' A) h + delta' u B, returns y = h . C (before D and z).
+// Four independent sums over n keep the multiply-adds from waiting on each other.
+template <typename T, bool kOne>
+inline Vec<T> fwd_token(Vec<T>* h, const Vec<T>* a, Vec<T> dl, Vec<T> du, Rows<T, kOne> Bn, Rows<T, kOne> Cn,
+                        int64_t N) {
+  Vec<T> y[4] = {};
+  int64_t n = 0;
+  for (; n + 4 <= N; n += 4)
+    for (int k = 0; k < 4; ++k) {
+      h[n + k] = exp_v<T>(dl * a[n + k]) * h[n + k] + du * Bn[n + k];
+      y[k] += h[n + k] * Cn[n + k];
+    }
+  for (; n < N; ++n) {
+    h[n] = exp_v<T>(dl * a[n]) * h[n] + du * Bn[n];
+    y[0] += h[n] * Cn[n];
+  }
+  return (y[0] + y[1]) + (y[2] + y[3]);
+}
+
 template <typename T>
 void scan_fwd_task(const Problem<T>& p, const Block& b, int64_t s, T* out, T* ht, T* hc) {
   constexpr int W = Lanes<T>::W;
@@ -306,16 +351,13 @@ void scan_fwd_task(const Problem<T>& p, const Block& b, int64_t s, T* out, T* ht
       Vec<T> raw;
       const Vec<T> dl = step_sizes(p, t, c0, &raw);
       const Vec<T> uu = load_row(p.u + t * p.dim, c0, p.dim);
-      const Vec<T> du = dl * uu;
-      group_rows(p, p.B, t, c0, Bt.data());
-      group_rows(p, p.C, t, c0, Ct.data());
       Vec<T>* hv = h.data() + v * N;
       const Vec<T>* av = a.data() + v * N;
-      Vec<T> y{};
-      for (int64_t n = 0; n < N; ++n) {
-        hv[n] = exp_v<T>(dl * av[n]) * hv[n] + du * Bt[n];
-        y += hv[n] * Ct[n];
-      }
+      Vec<T> y = in_one_group(p, c0)
+          ? fwd_token<T, true>(hv, av, dl, dl * uu, rows_of<T, true>(p, p.B, t, c0, nullptr),
+                               rows_of<T, true>(p, p.C, t, c0, nullptr), N)
+          : fwd_token<T, false>(hv, av, dl, dl * uu, rows_of<T, false>(p, p.B, t, c0, Bt.data()),
+                                rows_of<T, false>(p, p.C, t, c0, Ct.data()), N);
       if (p.D) y += load_row(p.D, c0, p.dim) * uu;
       if (p.z) {
         const Vec<T> zz = load_row(p.z + t * p.dim, c0, p.dim);
@@ -356,6 +398,53 @@ inline void add_over_channels(const Problem<T>& p, Vec<T>* acc, int64_t c0, T* r
   std::fill(acc, acc + p.N, Vec<T>{});
 }
 
+// The chunk's states again in the backward: the token's decays e = exp(delta' A) and h = e h_prev + delta' u B.
+template <typename T, bool kOne>
+inline void recompute_token(Vec<T>* h, Vec<T>* e, const Vec<T>* h_prev, const Vec<T>* a, Vec<T> dl, Vec<T> du,
+                            Rows<T, kOne> Bn, int64_t N) {
+  for (int64_t n = 0; n < N; ++n) {
+    e[n] = exp_v<T>(dl * a[n]);
+    h[n] = e[n] * h_prev[n] + du * Bn[n];
+  }
+}
+
+// sum_n h[n] C[n], four independent sums.
+template <typename T, bool kOne>
+inline Vec<T> dot_rows(const Vec<T>* h, Rows<T, kOne> Cn, int64_t N) {
+  Vec<T> y[4] = {};
+  int64_t n = 0;
+  for (; n + 4 <= N; n += 4)
+    for (int k = 0; k < 4; ++k) y[k] += h[n + k] * Cn[n + k];
+  for (; n < N; ++n) y[0] += h[n] * Cn[n];
+  return (y[0] + y[1]) + (y[2] + y[3]);
+}
+
+// One token of the reverse recurrence for one vector of channels (docs/math/mamba.md, "Backward"): dh (the
+// gradient of the state after the token, from later tokens) gets dy C and leaves as the gradient of the state
+// before it; dA, and the group sums accB (of dB) and accC (of dC), accumulate; returns dh . B and the sum over
+// n of d(delta' A) A, the parts of du and d(delta'). Two independent sums of each.
+template <typename T, bool kOne>
+inline void bwd_token(Vec<T>* dh, Vec<T>* dA, Vec<T>* accB, Vec<T>* accC, Vec<T>* dbdot, Vec<T>* ddl,
+                      const Vec<T>* h_prev, const Vec<T>* h, const Vec<T>* e, const Vec<T>* a, Vec<T> dl, Vec<T> du,
+                      Vec<T> dy, Rows<T, kOne> Bn, Rows<T, kOne> Cn, int64_t N) {
+  Vec<T> sb[2] = {}, sa[2] = {};
+  for (int64_t n = 0; n < N; ++n) {
+    const int k = n & 1;
+    const Vec<T> b = Bn[n], c = Cn[n];
+    const Vec<T> d = dh[n] + dy * c;  // the gradient of the state after the token
+    accC[n] += dy * h[n];
+    accB[n] += d * du;
+    sb[k] += d * b;
+    const Vec<T> back = d * e[n];         // the gradient of the state before the token
+    const Vec<T> dlog = back * h_prev[n];  // ... of delta' A, through the decay
+    dA[n] += dlog * dl;
+    sa[k] += dlog * a[n];
+    dh[n] = back;
+  }
+  *dbdot = sb[0] + sb[1];
+  *ddl = sa[0] + sa[1];
+}
+
 template <typename T>
 void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64_t s) {
   constexpr int W = Lanes<T>::W;
@@ -379,14 +468,14 @@ void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64
         const int64_t c0 = (b.v0 + v) * W;
         const Vec<T> dl = dls[i * nv + v] = step_sizes(p, t, c0, &raws[i * nv + v]);
         const Vec<T> du = dl * load_row(p.u + t * p.dim, c0, p.dim);
-        group_rows(p, p.B, t, c0, Bt.data());
         const Vec<T>* av = a.data() + v * N;
         const Vec<T>* hp = hs.data() + i * VN + v * N;
         Vec<T>* hn = hs.data() + (i + 1) * VN + v * N;
         Vec<T>* ev = es.data() + i * VN + v * N;
-        for (int64_t n = 0; n < N; ++n) {
-          ev[n] = exp_v<T>(dl * av[n]);
-          hn[n] = ev[n] * hp[n] + du * Bt[n];
+        if (in_one_group(p, c0)) {
+          recompute_token<T, true>(hn, ev, hp, av, dl, du, rows_of<T, true>(p, p.B, t, c0, nullptr), N);
+        } else {
+          recompute_token<T, false>(hn, ev, hp, av, dl, du, rows_of<T, false>(p, p.B, t, c0, Bt.data()), N);
         }
       }
     }
@@ -404,28 +493,27 @@ void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64
         const Vec<T> uu = load_row(p.u + t * p.dim, c0, p.dim);
         Vec<T> dy = load_row(g.dout + t * p.dim, c0, p.dim);
         const Vec<T> skip = p.D ? load_row(p.D, c0, p.dim) : Vec<T>{};
-        group_rows(p, p.B, t, c0, Bt.data());
-        group_rows(p, p.C, t, c0, Ct.data());
+        const bool one = in_one_group(p, c0);
+        const auto Bn1 = rows_of<T, true>(p, p.B, t, c0, nullptr), Cn1 = rows_of<T, true>(p, p.C, t, c0, nullptr);
+        Rows<T, false> Bn, Cn{nullptr, nullptr};
+        if (!one) {
+          Bn = rows_of<T, false>(p, p.B, t, c0, Bt.data());
+          Cn = rows_of<T, false>(p, p.C, t, c0, Ct.data());
+        }
         if (p.z) {  // y before the gate, recomputed from the state
-          Vec<T> y = skip * uu;
-          for (int64_t n = 0; n < N; ++n) y += hn[n] * Ct[n];
+          const Vec<T> y = skip * uu + (one ? dot_rows<T, true>(hn, Cn1, N) : dot_rows<T, false>(hn, Cn, N));
           const Vec<T> zz = load_row(p.z + t * p.dim, c0, p.dim);
           const Vec<T> sig = sigmoid_v<T>(zz);
           store_row(g.dz + t * p.dim, dy * y * sig * (T(1) + zz * (T(1) - sig)), c0, p.dim);
           dy *= zz * sig;
         }
-        const Vec<T> sdb = dl * uu;
-        Vec<T> dbdot{}, ddl{};
-        for (int64_t n = 0; n < N; ++n) {
-          const Vec<T> d = dhv[n] + dy * Ct[n];  // the gradient of the state after token t
-          accC[n] += dy * hn[n];
-          accB[n] += d * sdb;
-          dbdot += d * Bt[n];
-          const Vec<T> back = d * ev[n];      // the gradient of the state before token t
-          const Vec<T> dlog = back * hp[n];  // ... of delta' A, through the decay
-          dAv[n] += dlog * dl;
-          ddl += dlog * av[n];
-          dhv[n] = back;
+        Vec<T> dbdot, ddl;
+        if (one) {
+          bwd_token<T, true>(dhv, dAv, accB.data(), accC.data(), &dbdot, &ddl, hp, hn, ev, av, dl, dl * uu, dy, Bn1,
+                             Cn1, N);
+        } else {
+          bwd_token<T, false>(dhv, dAv, accB.data(), accC.data(), &dbdot, &ddl, hp, hn, ev, av, dl, dl * uu, dy, Bn,
+                              Cn, N);
         }
         ddl += uu * dbdot;
         if (p.softplus) ddl = raw > T(kSoftplusThreshold) ? ddl : ddl * sigmoid_v<T>(raw);
