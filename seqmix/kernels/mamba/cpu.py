@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from seqmix.kernels import cpu
-from seqmix.kernels.op import FusedOp, as_input_grads, nothing, register_autograd
+from seqmix.kernels.op import FusedOp, as_input_grads, chunking_args, nothing, register_autograd
+from seqmix.kernels.sequences import chunking_for
 
 # Tokens between the forward's stored states; the backward recomputes a chunk's states (and decays) from
 # them into a buffer of (CHUNK + 1) * 2 * D_block * N values per task, which stays in L2.
@@ -88,3 +89,20 @@ def _(u, delta, B, C, z, A, D, delta_bias, h0, cu_seqlens, chunk_index, chunk_of
 
 
 FUSED = FusedOp(CHUNK, _chunk_fwd, _scan_fwd, recurrent_max_tokens=None)
+
+
+def scan_step(u, delta, A, B, C, state, D, z, delta_bias, softplus: bool):
+    """One token per sequence (a decoding step) through the forward without checkpoints: u, delta, z
+    ``[Bsz, D]``, B, C ``[Bsz, G, N]``, state ``[Bsz, D, N]``; computed in u's dtype (float32 or float64).
+    No gradient (the custom op has none). Returns (y [Bsz, D], the new state, a new tensor).
+
+    Eagerly the extension is called directly: the custom op's dispatch costs as much as the kernel here
+    (about 10 us); ``torch.compile`` traces the custom op."""
+    args = [None if t is None else t.to(u.dtype).contiguous() for t in (u, delta, B, C, z, A, D, delta_bias, state)]
+    chunking = chunking_for(u.shape[0], 1, CHUNK, u.device)
+    if torch.compiler.is_compiling():
+        return _scan_fwd(*args, *chunking_args(chunking), softplus, True)
+    u, delta, B, C, z, A, D, delta_bias, state = args
+    out, ht, _ = cpu.extension().selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, state, chunking.cu_seqlens,
+                                                    chunking.chunk_offsets, CHUNK, 0, softplus, True, False)
+    return out, ht
