@@ -45,6 +45,7 @@ struct Lanes<float> {
   typedef float V __attribute__((vector_size(64)));
   typedef int32_t S;
   typedef S I __attribute__((vector_size(64)));
+  typedef uint32_t U __attribute__((vector_size(64)));
   static constexpr int W = 16;
 };
 
@@ -53,6 +54,7 @@ struct Lanes<double> {
   typedef double V __attribute__((vector_size(64)));
   typedef int64_t S;
   typedef S I __attribute__((vector_size(64)));
+  typedef uint64_t U __attribute__((vector_size(64)));
   static constexpr int W = 8;
 };
 
@@ -127,17 +129,17 @@ struct Consts<double> {
 template <typename T>
 inline Vec<T> exp_v(Vec<T> x) {
   using K = Consts<T>;
-  using I = typename Lanes<T>::I;
-  Vec<T> xc = x < K::lo ? splat<T>(K::lo) : x;
-  xc = xc > K::hi ? splat<T>(K::hi) : xc;
-  const Vec<T> shifted = xc * K::log2e + K::magic;  // k + magic: round to nearest
+  using U = typename Lanes<T>::U;
+  // No clamp: outside [lo, hi] the lanes compute garbage that the last line replaces.
+  const Vec<T> shifted = x * K::log2e + K::magic;  // k + magic: round to nearest
   const Vec<T> k = shifted - K::magic;
-  Vec<T> r = xc - k * K::ln2_hi;
+  Vec<T> r = x - k * K::ln2_hi;
   r = r - k * K::ln2_lo;
   Vec<T> p = splat<T>(K::exp_coef[0]);
   for (int i = 1; i < K::exp_terms; ++i) p = p * r + K::exp_coef[i];
-  const I ki = reinterpret_cast<const I&>(shifted) - K::magic_bits;
-  const I bits = (ki + K::bias) << K::mantissa;
+  // Unsigned: the garbage lanes wrap around rather than overflow.
+  const U ki = reinterpret_cast<const U&>(shifted) - K::magic_bits;
+  const U bits = (ki + K::bias) << K::mantissa;
   const Vec<T> e = p * reinterpret_cast<const Vec<T>&>(bits);
   const Vec<T> zero{}, inf = splat<T>(std::numeric_limits<T>::infinity());
   return x < K::lo ? zero : (x > K::hi ? inf : e);
