@@ -165,13 +165,16 @@ inline Vec<T> log_v(Vec<T> m) {
 }
 
 // softplus(x) = log1p(exp(x)), x itself above the threshold; log1p(y) as log(1 + y) y / ((1 + y) - 1)
-// keeps the digits of a small y that 1 + y rounds away.
+// keeps the digits of a small y that 1 + y rounds away. `slope` gets its derivative, sigmoid(x) = y / (1 + y)
+// (1 above the threshold).
 template <typename T>
-inline Vec<T> softplus_v(Vec<T> x) {
-  const Vec<T> y = exp_v<T>(x > T(kSoftplusThreshold) ? Vec<T>{} : x);
+inline Vec<T> softplus_v(Vec<T> x, Vec<T>* slope) {
+  const auto above = x > T(kSoftplusThreshold);
+  const Vec<T> y = exp_v<T>(above ? Vec<T>{} : x);
   const Vec<T> m = T(1) + y, d = m - T(1);
   const Vec<T> l = d == T(0) ? y : log_v<T>(m) * (y / (d == T(0) ? splat<T>(T(1)) : d));
-  return x > T(kSoftplusThreshold) ? x : l;
+  *slope = above ? splat<T>(T(1)) : y / m;
+  return above ? x : l;
 }
 
 template <typename T>
@@ -230,12 +233,14 @@ inline void store_row(T* row, Vec<T> v, int64_t c0, int64_t dim) {
   }
 }
 
-// delta' of one vector of channels: delta + bias, then softplus; `raw` gets delta + bias.
+// delta' of one vector of channels: delta + bias, then softplus; `slope` gets d(delta') / d(delta).
 template <typename T>
-inline Vec<T> step_sizes(const Problem<T>& p, int64_t t, int64_t c0, Vec<T>* raw) {
-  *raw = load_row(p.delta + t * p.dim, c0, p.dim);
-  if (p.bias) *raw += load_row(p.bias, c0, p.dim);
-  return p.softplus ? softplus_v<T>(*raw) : *raw;
+inline Vec<T> step_sizes(const Problem<T>& p, int64_t t, int64_t c0, Vec<T>* slope) {
+  Vec<T> raw = load_row(p.delta + t * p.dim, c0, p.dim);
+  if (p.bias) raw += load_row(p.bias, c0, p.dim);
+  if (p.softplus) return softplus_v<T>(raw, slope);
+  *slope = splat<T>(T(1));
+  return raw;
 }
 
 template <typename T>
@@ -350,8 +355,8 @@ void scan_fwd_task(const Problem<T>& p, const Block& b, int64_t s, T* out, T* ht
       std::memcpy(checkpoint(p, hc, p.chunk_offsets[s] + (t - bos) / p.chunk, b), h.data(), VN * sizeof(Vec<T>));
     for (int64_t v = 0; v < nv; ++v) {
       const int64_t c0 = (b.v0 + v) * W;
-      Vec<T> raw;
-      const Vec<T> dl = step_sizes(p, t, c0, &raw);
+      Vec<T> slope;
+      const Vec<T> dl = step_sizes(p, t, c0, &slope);
       const Vec<T> uu = load_row(p.u + t * p.dim, c0, p.dim);
       Vec<T>* hv = h.data() + v * N;
       const Vec<T>* av = a.data() + v * N;
@@ -452,8 +457,8 @@ void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64
   constexpr int W = Lanes<T>::W;
   const int64_t nv = b.v1 - b.v0, N = p.N, VN = nv * N, CH = p.chunk;
   std::vector<Vec<T>> a(VN), dh(VN), dA(VN), Bt(N), Ct(N), accB(N), accC(N), dD(nv);
-  // The chunk's states (slot 0 the checkpoint, slot i + 1 after its token i), decays, delta' and delta + bias.
-  std::vector<Vec<T>> hs((CH + 1) * VN), es(CH * VN), dls(CH * nv), raws(CH * nv);
+  // The chunk's states (slot 0 the checkpoint, slot i + 1 after its token i), decays, delta' and its slope.
+  std::vector<Vec<T>> hs((CH + 1) * VN), es(CH * VN), dls(CH * nv), slopes(CH * nv);
   state_to_lanes(p, p.A, b, a.data());
   state_to_lanes(p, g.dht ? g.dht + s * p.dim * N : nullptr, b, dh.data());
   const int64_t bos = p.cu[s], eos = p.cu[s + 1];
@@ -468,7 +473,7 @@ void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64
       const int64_t t = t0 + i;
       for (int64_t v = 0; v < nv; ++v) {
         const int64_t c0 = (b.v0 + v) * W;
-        const Vec<T> dl = dls[i * nv + v] = step_sizes(p, t, c0, &raws[i * nv + v]);
+        const Vec<T> dl = dls[i * nv + v] = step_sizes(p, t, c0, &slopes[i * nv + v]);
         const Vec<T> du = dl * load_row(p.u + t * p.dim, c0, p.dim);
         const Vec<T>* av = a.data() + v * N;
         const Vec<T>* hp = hs.data() + i * VN + v * N;
@@ -485,7 +490,7 @@ void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64
       const int64_t t = t0 + i;
       for (int64_t v = 0; v < nv; ++v) {
         const int64_t c0 = (b.v0 + v) * W;
-        const Vec<T> dl = dls[i * nv + v], raw = raws[i * nv + v];
+        const Vec<T> dl = dls[i * nv + v], slope = slopes[i * nv + v];
         const Vec<T>* av = a.data() + v * N;
         const Vec<T>* hp = hs.data() + i * VN + v * N;
         const Vec<T>* hn = hs.data() + (i + 1) * VN + v * N;
@@ -518,7 +523,7 @@ void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64
                               Cn, N);
         }
         ddl += uu * dbdot;
-        if (p.softplus) ddl = raw > T(kSoftplusThreshold) ? ddl : ddl * sigmoid_v<T>(raw);
+        ddl *= slope;
         store_row(g.ddelta + t * p.dim, ddl, c0, p.dim);
         store_row(g.du + t * p.dim, dl * dbdot + skip * dy, c0, p.dim);
         dD[v] += dy * uu;
