@@ -91,6 +91,14 @@ def _(u, delta, B, C, z, A, D, delta_bias, h0, cu_seqlens, chunk_index, chunk_of
 FUSED = FusedOp(CHUNK, _chunk_fwd, _scan_fwd, recurrent_max_tokens=None)
 
 
+def _as_input(t, dtype):
+    """t in ``dtype`` and contiguous; the attribute checks first (a conversion call costs about 1 us even when
+    it returns t)."""
+    if t is None or (t.dtype == dtype and t.is_contiguous()):
+        return t
+    return t.to(dtype).contiguous()
+
+
 def scan_step(u, delta, A, B, C, state, D, z, delta_bias, softplus: bool):
     """One token per sequence (a decoding step) through the forward without checkpoints: u, delta, z
     ``[Bsz, D]``, B, C ``[Bsz, G, N]``, state ``[Bsz, D, N]``; computed in u's dtype (float32 or float64).
@@ -98,7 +106,7 @@ def scan_step(u, delta, A, B, C, state, D, z, delta_bias, softplus: bool):
 
     Eagerly the extension is called directly: the custom op's dispatch costs as much as the kernel here
     (about 10 us); ``torch.compile`` traces the custom op."""
-    args = [None if t is None else t.to(u.dtype).contiguous() for t in (u, delta, B, C, z, A, D, delta_bias, state)]
+    args = [_as_input(t, u.dtype) for t in (u, delta, B, C, z, A, D, delta_bias, state)]
     chunking = chunking_for(u.shape[0], 1, CHUNK, u.device)
     if torch.compiler.is_compiling():
         return _scan_fwd(*args, *chunking_args(chunking), softplus, True)
