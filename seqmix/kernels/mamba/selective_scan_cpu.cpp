@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -458,7 +459,9 @@ void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64
   const int64_t nv = b.v1 - b.v0, N = p.N, VN = nv * N, CH = p.chunk;
   std::vector<Vec<T>> a(VN), dh(VN), dA(VN), Bt(N), Ct(N), accB(N), accC(N), dD(nv);
   // The chunk's states (slot 0 the checkpoint, slot i + 1 after its token i), decays, delta' and its slope.
-  std::vector<Vec<T>> hs((CH + 1) * VN), es(CH * VN), dls(CH * nv), slopes(CH * nv);
+  // Written before they are read: not zeroed (a std::vector would clear hundreds of KiB per task).
+  std::unique_ptr<Vec<T>[]> hs(new Vec<T>[(CH + 1) * VN]), es(new Vec<T>[CH * VN]), dls(new Vec<T>[CH * nv]),
+      slopes(new Vec<T>[CH * nv]);
   state_to_lanes(p, p.A, b, a.data());
   state_to_lanes(p, g.dht ? g.dht + s * p.dim * N : nullptr, b, dh.data());
   const int64_t bos = p.cu[s], eos = p.cu[s + 1];
@@ -468,7 +471,7 @@ void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64
   T* dC_rows = g.dC + b.index * p.L * GN;
   for (int64_t j = chunks - 1; j >= 0; --j) {
     const int64_t t0 = bos + j * CH, nt = std::min(CH, eos - t0);
-    std::memcpy(hs.data(), checkpoint(p, const_cast<T*>(g.hc), p.chunk_offsets[s] + j, b), VN * sizeof(Vec<T>));
+    std::memcpy(hs.get(), checkpoint(p, const_cast<T*>(g.hc), p.chunk_offsets[s] + j, b), VN * sizeof(Vec<T>));
     for (int64_t i = 0; i < nt; ++i) {
       const int64_t t = t0 + i;
       for (int64_t v = 0; v < nv; ++v) {
@@ -476,9 +479,9 @@ void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64
         const Vec<T> dl = dls[i * nv + v] = step_sizes(p, t, c0, &slopes[i * nv + v]);
         const Vec<T> du = dl * load_row(p.u + t * p.dim, c0, p.dim);
         const Vec<T>* av = a.data() + v * N;
-        const Vec<T>* hp = hs.data() + i * VN + v * N;
-        Vec<T>* hn = hs.data() + (i + 1) * VN + v * N;
-        Vec<T>* ev = es.data() + i * VN + v * N;
+        const Vec<T>* hp = hs.get() + i * VN + v * N;
+        Vec<T>* hn = hs.get() + (i + 1) * VN + v * N;
+        Vec<T>* ev = es.get() + i * VN + v * N;
         if (in_one_group(p, c0)) {
           recompute_token<T, true>(hn, ev, hp, av, dl, du, rows_of<T, true>(p, p.B, t, c0, nullptr), N);
         } else {
@@ -492,9 +495,9 @@ void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64
         const int64_t c0 = (b.v0 + v) * W;
         const Vec<T> dl = dls[i * nv + v], slope = slopes[i * nv + v];
         const Vec<T>* av = a.data() + v * N;
-        const Vec<T>* hp = hs.data() + i * VN + v * N;
-        const Vec<T>* hn = hs.data() + (i + 1) * VN + v * N;
-        const Vec<T>* ev = es.data() + i * VN + v * N;
+        const Vec<T>* hp = hs.get() + i * VN + v * N;
+        const Vec<T>* hn = hs.get() + (i + 1) * VN + v * N;
+        const Vec<T>* ev = es.get() + i * VN + v * N;
         Vec<T>* dhv = dh.data() + v * N;
         Vec<T>* dAv = dA.data() + v * N;
         const Vec<T> uu = load_row(p.u + t * p.dim, c0, p.dim);
