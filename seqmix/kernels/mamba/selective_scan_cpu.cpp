@@ -384,6 +384,18 @@ struct Grads {
   const T *dout, *dht, *hc;
 };
 
+// The sum of a vector's lanes, pairwise (halves added until one lane is left): a chain of log2(W) adds
+// rather than W, in a fixed order.
+template <typename T>
+inline T lane_sum(Vec<T> v) {
+  constexpr int W = Lanes<T>::W;
+  T x[W];
+  std::memcpy(x, &v, sizeof(v));
+  for (int w = W / 2; w >= 1; w /= 2)
+    for (int c = 0; c < w; ++c) x[c] += x[c + w];
+  return x[0];
+}
+
 // Adds the lanes of acc [N] (the vector at channel c0, or a run of vectors in its group) into rows
 // [G][N] of a partial buffer, one sum per group the lanes cover, and zeroes acc.
 template <typename T>
@@ -392,11 +404,7 @@ inline void add_over_channels(const Problem<T>& p, Vec<T>* acc, int64_t c0, T* r
   const int64_t pg = p.per_group();
   if (in_one_group(p, c0)) {
     T* row = rows + (c0 / pg) * p.N;
-    for (int64_t n = 0; n < p.N; ++n) {
-      T s = T(0);
-      for (int c = 0; c < W; ++c) s += acc[n][c];
-      row[n] += s;
-    }
+    for (int64_t n = 0; n < p.N; ++n) row[n] += lane_sum<T>(acc[n]);
   } else {
     for (int64_t c = 0; c < std::min<int64_t>(W, p.dim - c0); ++c) {
       T* row = rows + ((c0 + c) / pg) * p.N;
