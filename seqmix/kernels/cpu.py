@@ -63,14 +63,14 @@ def _build():
     return module
 
 
+@torch.compiler.assume_constant_result
 def unavailable() -> str | None:
-    """Why the C++ CPU kernels cannot run; None when they are built (the first call builds them). While
-    ``torch.compile`` traces, nothing is built: a call traced before the first eager one takes the reference."""
+    """Why the C++ CPU kernels cannot run; None when they are built (the first call builds them).
+    ``torch.compile`` runs it while tracing and keeps its answer as a constant: a compiled model whose first
+    call is traced builds them then, and its graph holds the choice made with them."""
     global _module, _reason, _tried
     if _tried:
         return _reason
-    if torch.compiler.is_compiling():
-        return "the C++ CPU kernels are built by the first eager call, not while torch.compile traces"
     with _lock:
         if not _tried:
             try:

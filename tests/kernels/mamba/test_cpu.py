@@ -225,3 +225,28 @@ def test_compiled_call_equals_eager():
                                    wrt)
     for name, a, b in zip([n for n, t in zip(NAMES, inputs) if t is not None], compiled, eager, strict=True):
         assert_rel(a, b, 1e-6, f"compiled d{name}")
+
+
+@built
+def test_a_compiled_first_call_builds_the_kernels_and_takes_them(monkeypatch):
+    """torch.compile traces a call before any eager one asked for the kernels: the build runs during the trace
+    (its result a constant of the graph), and the graph calls the C++ kernels."""
+    from seqmix.kernels.mamba import cpu as cpu_kernels
+
+    monkeypatch.setattr(cpu_build, "_tried", False)
+    monkeypatch.setattr(cpu_build, "_reason", "not built yet")
+    monkeypatch.setattr(cpu_build, "_module", None)
+    monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
+    traced = []
+    chunk_fwd = cpu_kernels.FUSED.chunk_fwd
+    monkeypatch.setattr(cpu_kernels, "FUSED", dataclasses.replace(
+        cpu_kernels.FUSED, chunk_fwd=lambda *args: traced.append(args) or chunk_fwd(*args)))
+    case = Case(batch=1, lengths=None, seqlen=8, channels=4, groups=None, n=3, initial_state=False, extras=False,
+                seed=2)
+    inputs = make_inputs(case, torch.float32, CPU, requires_grad=True)
+    torch._dynamo.reset()
+    y = torch.compile(lambda *x: selective_scan(*x)[0], fullgraph=True, backend="aot_eager_decomp_partition")(
+        *inputs[:5])
+    assert traced and cpu_build._tried and cpu_build._reason is None
+    y_ref, _ = selective_scan_recurrent(*[t.detach().double() for t in inputs[:5]])
+    assert_rel(y, y_ref, TOL[torch.float32], "output")
