@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -53,14 +54,28 @@ def _build():
     build_dir.mkdir(parents=True, exist_ok=True)
     first = not glob.glob(str(build_dir / "*.so"))
     if first:
-        logger.warning("seqmix: compiling the C++ CPU kernels (once per machine, about a minute) into %s", build_dir)
+        logger.warning("seqmix: compiling the C++ CPU kernels (once per machine, 30 s or more) into %s", build_dir)
     start = time.perf_counter()
     here = Path(__file__).parent
-    module = load(name=name, sources=[str(here / s) for s in SOURCES], extra_cflags=_FLAGS + _ISA_FLAGS.get(capability, []),
-                  extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
+    module = load(name=name, sources=[str(here / s) for s in SOURCES],
+                  extra_cflags=_FLAGS + _ISA_FLAGS.get(capability, []), extra_ldflags=["-fopenmp"],
+                  build_directory=str(build_dir), verbose=False)
     if first:
         logger.warning("seqmix: the C++ CPU kernels were compiled in %.0f s", time.perf_counter() - start)
     return module
+
+
+def _first_complaint(error: Exception) -> str:
+    """The gist of a failed build: torch's message quotes every compile command; keep its first line's head
+    and the first line that complains (a compiler error, a command not found)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    complaints = [line for line in lines[1:] if ("error" in line.lower() or "not found" in line.lower())
+                  and not line.startswith(("FAILED", "ninja:"))]
+    if not complaints:
+        return lines[0][:300]
+    return f"{lines[0].split(':', 1)[0]}: {complaints[0][:300]}"
 
 
 @torch.compiler.assume_constant_result
@@ -76,9 +91,10 @@ def unavailable() -> str | None:
             try:
                 _module = _build()
                 _reason = None
-            except Exception as e:  # a missing compiler or ninja, or a failed build: the reference serves
-                lines = [line for line in str(e).strip().splitlines() if line.strip()]
-                _reason = f"the C++ CPU kernels could not be built: {lines[0] if lines else type(e).__name__}"
+            # No ninja or compiler, a failed compile or link (torch raises RuntimeError), an unwritable cache
+            # directory, a module that does not load: the reference serves.
+            except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as e:
+                _reason = f"the C++ CPU kernels could not be built: {_first_complaint(e)}"
                 logger.warning("seqmix: %s; the PyTorch references serve CPU calls", _reason)
             _tried = True
     return _reason
