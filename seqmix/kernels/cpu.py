@@ -3,7 +3,8 @@
 ``torch.utils.cpp_extension.load`` builds them with the local C++ compiler and ninja into one module,
 cached by torch under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) and rebuilt only
 when a source or a flag changes. The build targets the vector instructions torch itself uses on this
-CPU (AVX2 or AVX-512), named in the module so that machines sharing a cache each get their own.
+CPU (AVX2 or AVX-512), named in the module with a hash of the package's path, so that machines and
+checkouts sharing a cache each get their own.
 
 Nothing here raises: when the build is impossible (no compiler, no ninja) or fails, :func:`unavailable`
 says why, the ``cpu`` backend is unavailable, and the ops' automatic choice falls back to the reference
@@ -13,6 +14,7 @@ says why, the ``cpu`` backend is unavailable, and the ops' automatic choice fall
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import os
 import subprocess
@@ -48,7 +50,10 @@ def _build():
     from torch.utils.cpp_extension import get_default_build_root, load
 
     capability = _capability()
-    name = f"seqmix_cpu_{capability.lower()}"
+    here = Path(__file__).parent
+    # One build per checkout (and instruction set): two checkouts sharing the cache would otherwise rebuild
+    # over each other whenever their sources differ.
+    name = f"seqmix_cpu_{capability.lower()}_{hashlib.sha1(str(here.resolve()).encode()).hexdigest()[:8]}"
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
     build_dir = Path(root) / name
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -56,7 +61,6 @@ def _build():
     if first:
         logger.warning("seqmix: compiling the C++ CPU kernels (once per machine, 30 s or more) into %s", build_dir)
     start = time.perf_counter()
-    here = Path(__file__).parent
     module = load(name=name, sources=[str(here / s) for s in SOURCES],
                   extra_cflags=_FLAGS + _ISA_FLAGS.get(capability, []), extra_ldflags=["-fopenmp"],
                   build_directory=str(build_dir), verbose=False)
