@@ -3,7 +3,8 @@
 ``torch.utils.cpp_extension.load`` builds them with the local C++ compiler and ninja into one module,
 cached by torch under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) and rebuilt only
 when a source or a flag changes. The build targets the vector instructions torch itself uses on this
-CPU (AVX2 or AVX-512), named in the module so that machines sharing a cache each get their own.
+CPU (AVX2 or AVX-512), named in the module with a hash of the package's path, so that machines and
+checkouts sharing a cache each get their own.
 
 Nothing here raises: when the build is impossible (no compiler, no ninja) or fails, :func:`unavailable`
 says why, the ``cpu`` backend is unavailable, and the ops' automatic choice falls back to the reference
@@ -13,8 +14,10 @@ says why, the ``cpu`` backend is unavailable, and the ops' automatic choice fall
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -47,20 +50,36 @@ def _build():
     from torch.utils.cpp_extension import get_default_build_root, load
 
     capability = _capability()
-    name = f"seqmix_cpu_{capability.lower()}"
+    here = Path(__file__).parent
+    # One build per checkout (and instruction set): two checkouts sharing the cache would otherwise rebuild
+    # over each other whenever their sources differ.
+    name = f"seqmix_cpu_{capability.lower()}_{hashlib.sha1(str(here.resolve()).encode()).hexdigest()[:8]}"
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
     build_dir = Path(root) / name
     build_dir.mkdir(parents=True, exist_ok=True)
     first = not glob.glob(str(build_dir / "*.so"))
     if first:
-        logger.warning("seqmix: compiling the C++ CPU kernels (once per machine, about a minute) into %s", build_dir)
+        logger.warning("seqmix: compiling the C++ CPU kernels (once per machine, 30 s or more) into %s", build_dir)
     start = time.perf_counter()
-    here = Path(__file__).parent
-    module = load(name=name, sources=[str(here / s) for s in SOURCES], extra_cflags=_FLAGS + _ISA_FLAGS.get(capability, []),
-                  extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
+    module = load(name=name, sources=[str(here / s) for s in SOURCES],
+                  extra_cflags=_FLAGS + _ISA_FLAGS.get(capability, []), extra_ldflags=["-fopenmp"],
+                  build_directory=str(build_dir), verbose=False)
     if first:
         logger.warning("seqmix: the C++ CPU kernels were compiled in %.0f s", time.perf_counter() - start)
     return module
+
+
+def _first_complaint(error: Exception) -> str:
+    """The gist of a failed build: torch's message quotes every compile command; keep its first line's head
+    and the first line that complains (a compiler error, a command not found)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    complaints = [line for line in lines[1:] if ("error" in line.lower() or "not found" in line.lower())
+                  and not line.startswith(("FAILED", "ninja:"))]
+    if not complaints:
+        return lines[0][:300]
+    return f"{lines[0].split(':', 1)[0]}: {complaints[0][:300]}"
 
 
 @torch.compiler.assume_constant_result
@@ -76,9 +95,10 @@ def unavailable() -> str | None:
             try:
                 _module = _build()
                 _reason = None
-            except Exception as e:  # a missing compiler or ninja, or a failed build: the reference serves
-                lines = [line for line in str(e).strip().splitlines() if line.strip()]
-                _reason = f"the C++ CPU kernels could not be built: {lines[0] if lines else type(e).__name__}"
+            # No ninja or compiler, a failed compile or link (torch raises RuntimeError), an unwritable cache
+            # directory, a module that does not load: the reference serves.
+            except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as e:
+                _reason = f"the C++ CPU kernels could not be built: {_first_complaint(e)}"
                 logger.warning("seqmix: %s; the PyTorch references serve CPU calls", _reason)
             _tried = True
     return _reason

@@ -140,7 +140,8 @@ def run_fused(
     batch, seqlen = per_token[0].shape[:2]
     tokens = batch * seqlen
     chunking = chunking_for(batch, seqlen, op.chunk_size, per_token[0].device, cu_seqlens)
-    inputs = [pack(t, tokens) for t in per_token] + [contiguous(t) for t in params] + [state_in(initial_state, per_token[0])]
+    inputs = [pack(t, tokens) for t in per_token] + [contiguous(t) for t in params]
+    inputs.append(state_in(initial_state, per_token[0]))
     limit = op.recurrent_max_tokens
     recurrent = op.recurrent_fwd is not None and not wants_grad(*per_token, *params, initial_state) and (
         limit is None or tokens <= limit * chunking.num_sequences)

@@ -17,7 +17,8 @@
 // last: it recomputes the chunk's states (and decays) from the checkpoint into a buffer of the task
 // (L2-sized), then runs the reverse recurrence over them. dB and dC go to one partial buffer per
 // block of channels, dA and dD to one per sequence; the caller adds them up: no atomics, and the
-// result does not depend on the number of threads' schedule.
+// result does not depend on the schedule (the blocks, so the order of the sums, follow from the sizes
+// and the number of threads).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>

@@ -57,9 +57,9 @@ def selective_scan_step(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B
     check_tensor("C", C, B.shape, dims="B's shape", like=u)
     check_tensor("state", state, (Bsz, Dm, N), dims="[Bsz, D, N]", like=u)
     cd = reference_dtype(u)
-    no_grad = None if not wants_grad(u, delta, A, B, C, state, D, z, delta_bias) else "a gradient is wanted"
+    grad_limit = "a gradient is wanted" if wants_grad(u, delta, A, B, C, state, D, z, delta_bias) else None
     name = select_backend("selective_scan_step", backend, u.device, ("cpu", "reference"),
-                          {"cpu": cpu_kernels.unsupported(u.dtype) or no_grad})
+                          {"cpu": cpu_kernels.unsupported(u.dtype) or grad_limit})
     if name == "cpu":
         return cpu_kernels.scan_step(u, delta, A, B, C, state, D, z, delta_bias, delta_softplus)
     delta = process_delta(delta.to(cd), None if delta_bias is None else delta_bias.to(cd), delta_softplus)

@@ -6,8 +6,12 @@ The first test to run builds the kernels (once per machine, cached by torch: abo
 
 import dataclasses
 import logging
+import os
 import re
+import subprocess
+import sys
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,3 +254,27 @@ def test_a_compiled_first_call_builds_the_kernels_and_takes_them(monkeypatch):
     assert traced and cpu_build._tried and cpu_build._reason is None
     y_ref, _ = selective_scan_recurrent(*[t.detach().double() for t in inputs[:5]])
     assert_rel(y, y_ref, TOL[torch.float32], "output")
+
+
+def test_without_a_compiler_a_fresh_process_falls_back_and_says_why(tmp_path):
+    """A real failed build (the compiler does not exist, an empty cache): the op still runs, on the reference."""
+    script = (
+        "import torch\n"
+        "from seqmix.kernels import explain\n"
+        "from seqmix.kernels.mamba import selective_scan\n"
+        "u, d, B = torch.randn(1, 4, 4), torch.rand(1, 4, 4), torch.randn(1, 4, 3)\n"
+        "A = -torch.rand(4, 3) - 0.1\n"
+        "print(explain(selective_scan, u, d, A, B, B))\n"
+        "print(selective_scan(u, d, A, B, B)[0].shape)\n"
+    )
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    env.pop("SEQMIX_BACKEND", None)
+    env["TRITON_INTERPRET"] = "0"
+    done = subprocess.run([sys.executable, "-c", script], check=False, env=env, capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).parents[3])
+    assert done.returncode == 0, done.stderr
+    explained, shape = done.stdout.strip().splitlines()[-2:]
+    assert explained.startswith("selective_scan: reference (CPU tensors; cpu: the C++ CPU kernels could not be "
+                                "built: Error building extension")
+    assert "no-such-compiler: not found" in explained
+    assert shape == "torch.Size([1, 4, 4])"
