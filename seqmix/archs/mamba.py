@@ -66,6 +66,8 @@ class Mamba(Mixer):
             y, ssm_state = selective_scan_step(
                 xs[:, 0], self.dt_proj(dt[:, 0]), -torch.exp(self.A_log.float()), b[:, 0], c[:, 0], state["ssm"],
                 D=self.D, z=z[:, 0], delta_softplus=True,
+                # The step has a C++ and a reference form; a Triton layer's step takes the automatic choice.
+                backend="reference" if self.backend == "reference" else None,
             )
             return self.out_proj(y.unsqueeze(1)), {"conv": conv_state, "ssm": ssm_state}
         # dt_proj's bias is added inside the scan, before the softplus.

@@ -1,4 +1,4 @@
-"""Choosing the implementation that serves an op call: reference, triton or cuda.
+"""Choosing the implementation that serves an op call: reference, triton, cuda or cpu (C++ CPU kernels).
 
 Every public op names the backends it implements, most preferred first. A
 backend asked for by name (the op's ``backend=`` argument) must serve the call
@@ -7,8 +7,9 @@ or raise :class:`BackendUnavailable` saying why. The environment variable
 do not fall back to the automatic choice, so one setting can steer a whole
 model whose ops are at different stages. The automatic choice takes the first
 implemented backend that can serve the call: Triton (or CUDA) on CUDA
-tensors, the reference on CPU tensors unless Triton's interpreter is on, and
-the reference wherever a fused kernel does not take the call's dtype or sizes.
+tensors; on CPU tensors the C++ CPU kernels where an op has them and they
+built, else the reference unless Triton's interpreter is on; and the reference
+wherever a fused kernel does not take the call's dtype or sizes.
 
 Every choice can be seen: :func:`explain` reports the one an op would make for
 given inputs, :func:`recording` collects those a piece of code makes, and the
@@ -25,7 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-BACKENDS = ("reference", "triton", "cuda")
+BACKENDS = ("reference", "triton", "cuda", "cpu")
+# The device each fused backend runs on: a backend passed over for needing another device is said once as
+# "CPU tensors" / "CUDA tensors"; one for this device that cannot run (cpu not built) is news, said in full.
+_HOME_DEVICE = {"triton": "cuda", "cuda": "cuda", "cpu": "cpu"}
 logger = logging.getLogger("seqmix.kernels")
 
 
@@ -75,6 +79,12 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
         if major * 10 + minor not in ext.cuda_archs():
             return f"seqmix._C was compiled for compute capabilities {ext.cuda_archs()}, not this GPU's {major}.{minor}"
         return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the C++ CPU kernels need CPU tensors (got {device.type})"
+        from seqmix.kernels import cpu
+
+        return cpu.unavailable()
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
 
 
@@ -103,10 +113,11 @@ class Choice:
             where += " under Triton's interpreter (TRITON_INTERPRET=1)"
         if not self.passed_over:
             return where
-        # The device's reasons (no CUDA tensors) are said once as "CPU tensors"; on a GPU they are news.
-        parts = [where] if any(not call and self.device.type != "cuda" for _, _, call in self.passed_over) else []
+        # Backends for another device are said once as "CPU tensors" / "CUDA tensors"; those for this one are news.
+        elsewhere = [not call and _HOME_DEVICE.get(name) != self.device.type for name, _, call in self.passed_over]
+        parts = [where] if any(elsewhere) else []
         parts += [f"{name} does not take this call: {why}" if call else f"{name}: {why}"
-                  for name, why, call in self.passed_over if call or self.device.type == "cuda"]
+                  for (name, why, call), other in zip(self.passed_over, elsewhere) if not other]
         return "; ".join(parts)
 
     def __str__(self) -> str:

@@ -8,8 +8,9 @@ kernels. This module owns the rest:
   layout of the kernels (B sequences of T tokens) and unpacking the output;
 - the choice between the chunked kernels and the token-by-token kernel
   (:data:`RECURRENT_MAX_TOKENS`), which serves calls that want no gradient;
-- the initial state in float32 and contiguous (``Tensor.float()`` is
-  differentiable, so autograd casts its gradient back to the state's dtype);
+- the initial state in float32 (float64 for float64 inputs, which only the
+  C++ CPU kernels take) and contiguous (the cast is differentiable, so autograd
+  casts its gradient back to the state's dtype);
 - the result of a call with no tokens (:func:`no_tokens_result`);
 - autograd: a fused op is a pair of ``torch.library`` custom ops, forward and
   backward, with fake (shape-only) implementations, joined by
@@ -74,9 +75,9 @@ def wants_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def state_in(initial_state: torch.Tensor | None) -> torch.Tensor | None:
-    """The initial state as the kernels read it: float32, contiguous."""
-    return None if initial_state is None else initial_state.float().contiguous()
+def state_in(initial_state: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """The initial state as the kernels read it: float32 (float64 for float64 ``like``), contiguous."""
+    return None if initial_state is None else initial_state.to(reference_dtype(like)).contiguous()
 
 
 def nothing(like: torch.Tensor) -> torch.Tensor:
@@ -139,7 +140,7 @@ def run_fused(
     batch, seqlen = per_token[0].shape[:2]
     tokens = batch * seqlen
     chunking = chunking_for(batch, seqlen, op.chunk_size, per_token[0].device, cu_seqlens)
-    inputs = [pack(t, tokens) for t in per_token] + [contiguous(t) for t in params] + [state_in(initial_state)]
+    inputs = [pack(t, tokens) for t in per_token] + [contiguous(t) for t in params] + [state_in(initial_state, per_token[0])]
     limit = op.recurrent_max_tokens
     recurrent = op.recurrent_fwd is not None and not wants_grad(*per_token, *params, initial_state) and (
         limit is None or tokens <= limit * chunking.num_sequences)

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from seqmix.archs import Mamba
+from seqmix.kernels.backend import recording
 from tests.archs import contract
-from tests.helpers import TOL
+from tests.helpers import TOL, assert_rel
 
 
 def _layer(backend):
@@ -20,6 +21,30 @@ def _layer(backend):
 def test_triton_layer_matches_reference_layer_with_gradients():
     x = torch.randn(2, 70, 16, generator=torch.Generator().manual_seed(1))
     contract.fused_matches_reference(_layer, x, TOL[torch.float32])
+
+
+def test_layer_on_the_cpu_kernel_matches_reference_layer_with_gradients(monkeypatch):
+    """The automatic choice on CPU tensors (the C++ scan, when it builds) against the reference layer."""
+    from seqmix.kernels import cpu
+
+    if cpu.unavailable() is not None:
+        pytest.skip(cpu.unavailable())
+    monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
+    x = torch.randn(2, 70, 16, generator=torch.Generator().manual_seed(1))
+    outs, grads = [], []
+    for backend in (None, "reference"):
+        layer = _layer(backend)
+        xb = x.clone().requires_grad_()
+        with recording() as choices:
+            y, _ = layer(xb)
+        y.square().sum().backward()
+        outs.append(y)
+        grads.append([xb.grad] + [p.grad for p in layer.parameters()])
+        scans = [c.backend for c in choices if c.op == "selective_scan"]
+        assert scans == ["cpu" if backend is None else "reference"]
+    assert_rel(outs[0], outs[1], TOL[torch.float32], "output")
+    for name, a, b in zip(["x"] + [n for n, _ in _layer(None).named_parameters()], *grads, strict=True):
+        assert_rel(a, b, TOL[torch.float32], f"grad of {name}")
 
 
 def test_initialisation():
@@ -44,3 +69,36 @@ def test_state_shapes():
 def test_configuration_errors():
     with pytest.raises(ValueError, match="must be positive"):
         Mamba(hidden_size=16, d_state=0)
+
+
+def test_decode_step_on_the_cpu_kernel_compiles_in_one_graph_and_equals_the_reference(monkeypatch):
+    """Decoding without gradients on CPU tensors runs the C++ step (one custom op per layer and token): it
+    traces into one graph (torch.compile(fullgraph=True)) and gives the reference step's logits and states."""
+    from seqmix.archs.lm import LanguageModel, LMConfig
+    from seqmix.kernels import cpu
+
+    if cpu.unavailable() is not None:
+        pytest.skip(cpu.unavailable())
+    monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
+    torch.manual_seed(0)
+    model = LanguageModel(LMConfig(hidden_size=32, num_heads=2, layers=["mamba", "mamba"])).eval()
+    tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    results = {}
+    with torch.no_grad():
+        for label, step in (("compiled", torch.compile(model.decode_step, fullgraph=True, backend="eager")),
+                            ("eager", model.decode_step), ("reference", model.decode_step)):
+            if label == "reference":
+                monkeypatch.setenv("SEQMIX_BACKEND", "reference")
+            _, state = model(tokens[:, :9], model.init_state(2))
+            with recording() as choices:
+                outs = []
+                for t in range(9, 12):
+                    out, state = step(tokens[:, t : t + 1], state)
+                    outs.append(out)
+            if label == "eager":
+                assert {c.backend for c in choices if c.op == "selective_scan_step"} == {"cpu"}
+            results[label] = torch.stack(outs, 1), torch.cat([s["ssm"].flatten() for s in state])
+    for label in ("compiled", "eager"):
+        assert_rel(results[label][0], results["reference"][0], 1e-5, f"{label} logits")
+        assert_rel(results[label][1], results["reference"][1], 1e-5, f"{label} states")

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_negative, check_same_dtype, check_sequences, check_tensor
+from seqmix.kernels.mamba import cpu as cpu_kernels
 from seqmix.kernels.mamba import triton as kernels
 from seqmix.kernels.mamba.reference import selective_scan_chunked, selective_scan_recurrent
 from seqmix.kernels.op import (
@@ -156,7 +157,9 @@ def selective_scan(
             number of packed sequences); float32 by convention.
         output_final_state: also return the state after the last token.
         cu_seqlens: [N+1] int32/int64 boundaries of sequences packed as ``[1, sum(T_i), D]``.
-        backend: None (automatic), ``"reference"`` or ``"triton"``.
+        backend: None (automatic: Triton on CUDA tensors, the C++ kernels on CPU tensors when they
+            build, else the reference), ``"reference"``, ``"triton"`` or ``"cpu"`` (float32 and float64;
+            their final state and gradients in the inputs' dtype).
 
     Returns:
         y: [B, T, D] in u's dtype.
@@ -165,10 +168,14 @@ def selective_scan(
     n, B, C = _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)
     Bsz, T, Dm = u.shape
     N = A.shape[1]
-    name = select_backend("selective_scan", backend, u.device, ("triton", "reference"),
-                          {"triton": kernels.unsupported(u.dtype, N)})
+    name = select_backend("selective_scan", backend, u.device, ("cpu", "triton", "reference"),
+                          {"triton": kernels.unsupported(u.dtype, N), "cpu": cpu_kernels.unsupported(u.dtype)})
     if T == 0:
         return no_tokens_result((Bsz, 0, Dm), (n, Dm, N), initial_state, output_final_state, u)
+    if name == "cpu":  # the kernel computes in u's dtype: the parameters (float32 in a layer) are cast to it
+        z, A, D, delta_bias = (None if t is None else t.to(u.dtype) for t in (z, A, D, delta_bias))
+        return run_fused(cpu_kernels.FUSED, (u, delta, B, C, z), (A, D, delta_bias), initial_state,
+                         (delta_softplus,), output_final_state, cu_seqlens)
     if name == "triton":
         return run_fused(FUSED, (u, delta, B, C, z), (A, D, delta_bias), initial_state, (delta_softplus,),
                          output_final_state, cu_seqlens)

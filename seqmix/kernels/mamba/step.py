@@ -2,7 +2,8 @@
 tensor ops (docs/math/mamba.md, "One token"; docs/design.md, "The decoding step").
 
 No host synchronisation, static shapes; the returned state is a new tensor (the one passed in stays
-valid). Differentiable by autograd.
+valid). On CPU tensors without a gradient it is one call of the C++ kernel (backend "cpu", when it
+built); otherwise a handful of tensor ops, differentiable by autograd.
 """
 
 from __future__ import annotations
@@ -10,15 +11,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_tensor
+from seqmix.kernels.mamba import cpu as cpu_kernels
 from seqmix.kernels.mamba.reference import process_delta
+from seqmix.kernels.op import wants_grad
 from seqmix.kernels.sequences import reference_dtype
 
 
 def selective_scan_step(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                         state: torch.Tensor, D: torch.Tensor | None = None, z: torch.Tensor | None = None,
-                        delta_bias: torch.Tensor | None = None, delta_softplus: bool = False
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        delta_bias: torch.Tensor | None = None, delta_softplus: bool = False,
+                        backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One token of :func:`seqmix.kernels.selective_scan`: per channel d,
     ``h' = exp(delta' A) h + delta' u B``, ``y = h' . C + D u``, ``y *= silu(z)``, with
     ``delta' = softplus?(delta + delta_bias)``.
@@ -32,6 +36,8 @@ def selective_scan_step(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B
         state: [Bsz, D, N] the state before the token (float32 by convention).
         D: [D] skip, or None. z: [Bsz, D] gate, or None. delta_bias: [D] or None.
         delta_softplus: as :func:`seqmix.kernels.selective_scan`.
+        backend: None (automatic: the C++ kernel on CPU tensors when no gradient is wanted and it built),
+            ``"cpu"`` or ``"reference"`` (the tensor ops).
 
     Returns:
         y: [Bsz, D] in u's dtype.
@@ -51,6 +57,11 @@ def selective_scan_step(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B
     check_tensor("C", C, B.shape, dims="B's shape", like=u)
     check_tensor("state", state, (Bsz, Dm, N), dims="[Bsz, D, N]", like=u)
     cd = reference_dtype(u)
+    no_grad = None if not wants_grad(u, delta, A, B, C, state, D, z, delta_bias) else "a gradient is wanted"
+    name = select_backend("selective_scan_step", backend, u.device, ("cpu", "reference"),
+                          {"cpu": cpu_kernels.unsupported(u.dtype) or no_grad})
+    if name == "cpu":
+        return cpu_kernels.scan_step(u, delta, A, B, C, state, D, z, delta_bias, delta_softplus)
     delta = process_delta(delta.to(cd), None if delta_bias is None else delta_bias.to(cd), delta_softplus)
     # Groups to channels by a broadcast view: [Bsz, G, 1, N] -> [Bsz, D, N].
     B, C = (t.to(cd).unsqueeze(2).expand(Bsz, G, Dm // G, N).reshape(Bsz, Dm, N) for t in (B, C))

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from seqmix.kernels import cpu as cpu_build
 from seqmix.kernels.mamba import selective_scan
 from tests.helpers import DEVICE
 from tests.kernels.contract import (
@@ -13,7 +14,7 @@ from tests.kernels.contract import (
 )
 
 B, T, D, N, G = 2, 8, 6, 4, 2
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", "triton", "cpu"]
 
 
 def _inputs(**over):
@@ -72,7 +73,10 @@ def test_bad_cu_seqlens(backend, cu, match):
     check_bad_cu_seqlens(selective_scan, x, cu, match, backend)
 
 
-def test_float64_goes_to_the_reference_unless_triton_is_named():
+def test_float64_goes_to_the_reference_unless_triton_is_named(monkeypatch):
+    # The C++ kernels take float64 too (tests/kernels/mamba/test_cpu.py); without them the choice is the reference.
+    monkeypatch.setattr(cpu_build, "_tried", True)
+    monkeypatch.setattr(cpu_build, "_reason", "switched off by this test")
     check_float64_goes_to_the_reference(selective_scan, _inputs(), "u, delta, B, C")
 
 

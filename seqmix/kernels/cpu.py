@@ -1,0 +1,92 @@
+"""The C++ CPU kernels (the ``cpu`` backend): the package's ``*_cpu.cpp`` sources, compiled on first use.
+
+``torch.utils.cpp_extension.load`` builds them with the local C++ compiler and ninja into one module,
+cached by torch under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) and rebuilt only
+when a source or a flag changes. The build targets the vector instructions torch itself uses on this
+CPU (AVX2 or AVX-512), named in the module so that machines sharing a cache each get their own.
+
+Nothing here raises: when the build is impossible (no compiler, no ninja) or fails, :func:`unavailable`
+says why, the ``cpu`` backend is unavailable, and the ops' automatic choice falls back to the reference
+(``seqmix.kernels.explain`` shows the reason). See docs/design.md, "CPU references (issue 14)".
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("seqmix.kernels")
+
+# Every family's C++ CPU kernels, relative to seqmix/kernels/.
+SOURCES = ("mamba/selective_scan_cpu.cpp",)
+_ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mprefer-vector-width=512"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+# -ffp-contract=fast: multiply-adds fuse (ISO C++ mode turns that off); -fopenmp: at::parallel_for's threads.
+_FLAGS = ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp"]
+
+_lock = threading.Lock()
+_module = None
+_reason: str | None = "not built yet"
+_tried = False
+
+
+def _capability() -> str:
+    capability = torch.backends.cpu.get_cpu_capability()
+    return capability if capability in _ISA_FLAGS else "DEFAULT"
+
+
+def _build():
+    from torch.utils.cpp_extension import get_default_build_root, load
+
+    capability = _capability()
+    name = f"seqmix_cpu_{capability.lower()}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    build_dir = Path(root) / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    first = not glob.glob(str(build_dir / "*.so"))
+    if first:
+        logger.warning("seqmix: compiling the C++ CPU kernels (once per machine, about a minute) into %s", build_dir)
+    start = time.perf_counter()
+    here = Path(__file__).parent
+    module = load(name=name, sources=[str(here / s) for s in SOURCES], extra_cflags=_FLAGS + _ISA_FLAGS.get(capability, []),
+                  extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
+    if first:
+        logger.warning("seqmix: the C++ CPU kernels were compiled in %.0f s", time.perf_counter() - start)
+    return module
+
+
+@torch.compiler.assume_constant_result
+def unavailable() -> str | None:
+    """Why the C++ CPU kernels cannot run; None when they are built (the first call builds them).
+    ``torch.compile`` runs it while tracing and keeps its answer as a constant: a compiled model whose first
+    call is traced builds them then, and its graph holds the choice made with them."""
+    global _module, _reason, _tried
+    if _tried:
+        return _reason
+    with _lock:
+        if not _tried:
+            try:
+                _module = _build()
+                _reason = None
+            except Exception as e:  # a missing compiler or ninja, or a failed build: the reference serves
+                lines = [line for line in str(e).strip().splitlines() if line.strip()]
+                _reason = f"the C++ CPU kernels could not be built: {lines[0] if lines else type(e).__name__}"
+                logger.warning("seqmix: %s; the PyTorch references serve CPU calls", _reason)
+            _tried = True
+    return _reason
+
+
+def extension():
+    """The compiled module; raises when :func:`unavailable` gives a reason."""
+    why = unavailable()
+    if why is not None:
+        raise RuntimeError(why)
+    return _module

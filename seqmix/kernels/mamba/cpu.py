@@ -1,0 +1,116 @@
+"""The C++ CPU selective scan (selective_scan_cpu.cpp, built by seqmix/kernels/cpu.py) as torch.library ops,
+in the protocol of seqmix/kernels/op.py.
+
+Inputs arrive packed like the Triton kernels' (u, delta, z ``[L, D]``, B, C ``[L, G, N]``), but everything,
+the initial state included, in the compute dtype (float32 or float64): the kernel computes in that dtype
+and returns the final state and every gradient in it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from seqmix.kernels import cpu
+from seqmix.kernels.op import FusedOp, as_input_grads, chunking_args, nothing, register_autograd
+from seqmix.kernels.sequences import chunking_for
+
+# Tokens between the forward's stored states; the backward recomputes a chunk's states (and decays) from
+# them into a buffer of (CHUNK + 1) * 2 * D_block * N values per task, which stays in L2.
+CHUNK = 16
+DTYPES = (torch.float32, torch.float64)
+
+
+def unsupported(dtype: torch.dtype) -> str | None:
+    """Why the C++ kernels cannot take inputs of ``dtype``; None if they can."""
+    if dtype not in DTYPES:
+        return f"u, delta, B, C must be float32 or float64, got {dtype}"
+    return None
+
+
+def _padded(dim: int) -> int:
+    """The channels of a stored state, padded to a multiple of 16 (the kernel's vector lanes)."""
+    return -(-dim // 16) * 16
+
+
+def _fake_outputs(u, A, cu_seqlens, store_final):
+    state = u.new_empty((cu_seqlens.shape[0] - 1, *A.shape)) if store_final else nothing(u)
+    return u.new_empty(u.shape), state
+
+
+@torch.library.custom_op("seqmix::selective_scan_cpu_chunk_fwd", mutates_args=())
+def _chunk_fwd(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None,
+               delta_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor,
+               chunk_offsets: Tensor, softplus: bool, store_final: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (out, final state, and for the backward the state entering each chunk [NC, padded D * N])."""
+    return tuple(cpu.extension().selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens,
+                                                    chunk_offsets, CHUNK, chunk_index.shape[0], softplus,
+                                                    store_final, True))
+
+
+@_chunk_fwd.register_fake
+def _(u, delta, B, C, z, A, D, delta_bias, h0, cu_seqlens, chunk_index, chunk_offsets, softplus, store_final):
+    return *_fake_outputs(u, A, cu_seqlens, store_final), u.new_empty((chunk_index.shape[0],
+                                                                      _padded(u.shape[1]) * A.shape[1]))
+
+
+@torch.library.custom_op("seqmix::selective_scan_cpu_chunk_bwd", mutates_args=())
+def _chunk_bwd(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None,
+               delta_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor,
+               chunk_offsets: Tensor, hc: Tensor, softplus: bool, store_final: bool, dout: Tensor,
+               dht: Tensor | None, needs: list[bool]) -> list[Tensor]:
+    du, ddelta, dz, dA, dB, dC, dD, dh0 = cpu.extension().selective_scan_bwd(
+        u, delta, A, B, C, D, z, delta_bias, cu_seqlens, chunk_offsets, hc, CHUNK, softplus, dout, dht,
+        h0 is not None and needs[8])
+    # The kernel's partial sums: dB, dC per block of channels, dA, dD per sequence.
+    grads = (du, ddelta, dB.sum(0), dC.sum(0), dz if z is not None else None, dA.sum(0),
+             dD.sum(0) if D is not None else None, ddelta.sum(0) if delta_bias is not None else None,
+             dh0 if h0 is not None else None, None, None, None)
+    inputs = (u, delta, B, C, z, A, D, delta_bias, h0, cu_seqlens, chunk_index, chunk_offsets)
+    return as_input_grads(grads, inputs, needs, u)
+
+
+register_autograd(_chunk_fwd, _chunk_bwd, num_inputs=12)
+
+
+@torch.library.custom_op("seqmix::selective_scan_cpu_fwd", mutates_args=())
+def _scan_fwd(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None,
+              delta_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor,
+              chunk_offsets: Tensor, softplus: bool, store_final: bool) -> tuple[Tensor, Tensor]:
+    """The same scan without the per-chunk states a backward would need."""
+    out, ht, _ = cpu.extension().selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens,
+                                                    chunk_offsets, CHUNK, 0, softplus, store_final, False)
+    return out, ht
+
+
+@_scan_fwd.register_fake
+def _(u, delta, B, C, z, A, D, delta_bias, h0, cu_seqlens, chunk_index, chunk_offsets, softplus, store_final):
+    return _fake_outputs(u, A, cu_seqlens, store_final)
+
+
+FUSED = FusedOp(CHUNK, _chunk_fwd, _scan_fwd, recurrent_max_tokens=None)
+
+
+def _as_input(t, dtype):
+    """t in ``dtype`` and contiguous; the attribute checks first (a conversion call costs about 1 us even when
+    it returns t)."""
+    if t is None or (t.dtype == dtype and t.is_contiguous()):
+        return t
+    return t.to(dtype).contiguous()
+
+
+def scan_step(u, delta, A, B, C, state, D, z, delta_bias, softplus: bool):
+    """One token per sequence (a decoding step) through the forward without checkpoints: u, delta, z
+    ``[Bsz, D]``, B, C ``[Bsz, G, N]``, state ``[Bsz, D, N]``; computed in u's dtype (float32 or float64).
+    No gradient (the custom op has none). Returns (y [Bsz, D], the new state, a new tensor).
+
+    Eagerly the extension is called directly: the custom op's dispatch costs as much as the kernel here
+    (about 10 us); ``torch.compile`` traces the custom op."""
+    args = [_as_input(t, u.dtype) for t in (u, delta, B, C, z, A, D, delta_bias, state)]
+    chunking = chunking_for(u.shape[0], 1, CHUNK, u.device)
+    if torch.compiler.is_compiling():
+        return _scan_fwd(*args, *chunking_args(chunking), softplus, True)
+    u, delta, B, C, z, A, D, delta_bias, state = args
+    out, ht, _ = cpu.extension().selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, state, chunking.cu_seqlens,
+                                                    chunking.chunk_offsets, CHUNK, 0, softplus, True, False)
+    return out, ht

@@ -1,0 +1,664 @@
+// Mamba-1's selective scan on the CPU: forward and backward, float32 and float64
+// (the math: docs/math/mamba.md; why C++: docs/design.md, "CPU references (issue 14)").
+//
+// Inputs arrive packed and contiguous: u, delta, z [L, D], B, C [L, G, N] (channel d reads group
+// d / (D / G)), A [D, N], D and delta_bias [D], the initial state h0 [Nseq, D, N], and the sequence
+// boundaries cu_seqlens [Nseq + 1] (int64). Everything is in the compute dtype (the caller converts).
+//
+// One task owns one sequence and a block of channels and scans its tokens in order, keeping the
+// block's [channels, N] state in a local array that stays in L1. Channels are the vector lanes
+// (W per vector, state laid out [vector][n][lane]): u, delta, z, y are rows of consecutive channels,
+// B[n] and C[n] are one value broadcast over the lanes when a vector lies inside one group, and the
+// sums over n (y, du, d(delta')) add vectors, never lanes. Only dB and dC (sums over the channels of
+// a group) reduce across lanes, once per group and token.
+//
+// The forward stores the state entering every chunk of `chunk` tokens (for the backward), in the
+// same lane layout, [NC, ceil(D / 16) * 16 * N]. The backward walks a sequence's chunks from the
+// last: it recomputes the chunk's states (and decays) from the checkpoint into a buffer of the task
+// (L2-sized), then runs the reverse recurrence over them. dB and dC go to one partial buffer per
+// block of channels, dA and dD to one per sequence; the caller adds them up: no atomics, and the
+// result does not depend on the number of threads' schedule.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kPad = 16;                 // channels are padded to a multiple of this in checkpoints
+constexpr int64_t kStateBudget = 4096;       // state values per task: 16 KiB of float32, kept in L1
+constexpr double kSoftplusThreshold = 20.0;  // as F.softplus: x itself above it
+
+// One vector of W channels (64 bytes: one AVX-512 register, two AVX2 ones), as GCC vector types: the
+// arithmetic below is written once for every instruction set the compiler targets.
+template <typename T>
+struct Lanes;
+
+template <>
+struct Lanes<float> {
+  typedef float V __attribute__((vector_size(64)));
+  typedef int32_t S;
+  typedef S I __attribute__((vector_size(64)));
+  typedef uint32_t U __attribute__((vector_size(64)));
+  static constexpr int W = 16;
+};
+
+template <>
+struct Lanes<double> {
+  typedef double V __attribute__((vector_size(64)));
+  typedef int64_t S;
+  typedef S I __attribute__((vector_size(64)));
+  typedef uint64_t U __attribute__((vector_size(64)));
+  static constexpr int W = 8;
+};
+
+template <typename T>
+using Vec = typename Lanes<T>::V;
+
+template <typename T>
+inline Vec<T> splat(T x) {
+  return Vec<T>{} + x;
+}
+
+template <typename T>
+inline Vec<T> load(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline void store(T* p, Vec<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// The first n (< W) lanes; the others are zero.
+template <typename T>
+inline Vec<T> load_part(const T* p, int64_t n) {
+  Vec<T> v{};
+  std::memcpy(&v, p, n * sizeof(T));
+  return v;
+}
+
+template <typename T>
+inline void store_part(T* p, Vec<T> v, int64_t n) {
+  std::memcpy(p, &v, n * sizeof(T));
+}
+
+// Constants of exp and log per precision: the range where exp is finite and normal, ln 2 split in two
+// (k ln2_hi is exact), 1.5 2^(mantissa bits) (adding it rounds to an integer), the exponent bias and
+// the Taylor coefficients 1/k! of exp(r) for |r| <= ln2 / 2, highest first.
+template <typename T>
+struct Consts;
+
+template <>
+struct Consts<float> {
+  static constexpr float lo = -87.0f, hi = 88.0f, log2e = 1.44269504088896341f;
+  static constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f, magic = 12582912.0f;
+  static constexpr int mantissa = 23, bias = 127;
+  static constexpr int32_t magic_bits = 0x4B400000;
+  static constexpr int exp_terms = 7;  // to r^6 / 6!: the remainder is below 1.3e-7 (about an ulp)
+  static constexpr float exp_coef[] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+  static constexpr int log_terms = 5;  // atanh series to s^9, |s| <= 0.172
+};
+
+template <>
+struct Consts<double> {
+  static constexpr double lo = -708.0, hi = 709.0, log2e = 1.4426950408889634074;
+  static constexpr double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
+  static constexpr double magic = 6755399441055744.0;
+  static constexpr int mantissa = 52, bias = 1023;
+  static constexpr int64_t magic_bits = 0x4338000000000000LL;
+  static constexpr int exp_terms = 14;  // r^13 / 13!: below 1e-17
+  static constexpr double exp_coef[] = {1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
+                                        1.0 / 362880.0,     1.0 / 40320.0,     1.0 / 5040.0,      1.0 / 720.0,
+                                        1.0 / 120.0,        1.0 / 24.0,        1.0 / 6.0,         0.5,
+                                        1.0,                1.0};
+  static constexpr int log_terms = 11;  // to s^21
+};
+
+// exp of every lane (std::exp is a libm call per element): x = k ln2 + r, exp(r) by its Taylor
+// polynomial, 2^k put in the exponent bits. Below the smallest normal it gives 0 (the exact limit of
+// the strong decays), above the largest finite value infinity.
+template <typename T>
+inline Vec<T> exp_v(Vec<T> x) {
+  using K = Consts<T>;
+  using U = typename Lanes<T>::U;
+  // No clamp: outside [lo, hi] the lanes compute garbage that the last line replaces.
+  const Vec<T> shifted = x * K::log2e + K::magic;  // k + magic: round to nearest
+  const Vec<T> k = shifted - K::magic;
+  Vec<T> r = x - k * K::ln2_hi;
+  r = r - k * K::ln2_lo;
+  Vec<T> p = splat<T>(K::exp_coef[0]);
+  for (int i = 1; i < K::exp_terms; ++i) p = p * r + K::exp_coef[i];
+  // Unsigned: the garbage lanes wrap around rather than overflow.
+  const U ki = reinterpret_cast<const U&>(shifted) - K::magic_bits;
+  const U bits = (ki + K::bias) << K::mantissa;
+  const Vec<T> e = p * reinterpret_cast<const Vec<T>&>(bits);
+  const Vec<T> zero{}, inf = splat<T>(std::numeric_limits<T>::infinity());
+  return x < K::lo ? zero : (x > K::hi ? inf : e);
+}
+
+// log of every lane, for m >= 1: m = 2^e f with f in [sqrt(1/2), sqrt(2)), log f = 2 atanh((f-1)/(f+1)).
+template <typename T>
+inline Vec<T> log_v(Vec<T> m) {
+  using K = Consts<T>;
+  using I = typename Lanes<T>::I;
+  using S = typename Lanes<T>::S;
+  const I bits = reinterpret_cast<const I&>(m);  // m >= 1: the sign bit is 0
+  Vec<T> e = __builtin_convertvector((bits >> K::mantissa) - K::bias, Vec<T>);
+  const I f_bits = (bits & ((S(1) << K::mantissa) - 1)) | (S(K::bias) << K::mantissa);
+  Vec<T> f = reinterpret_cast<const Vec<T>&>(f_bits);
+  const auto big = f > T(1.41421356237309504880);
+  f = big ? f * T(0.5) : f;
+  e = big ? e + T(1) : e;
+  const Vec<T> s = (f - T(1)) / (f + T(1)), s2 = s * s;
+  Vec<T> q = splat<T>(T(1) / T(2 * K::log_terms - 1));
+  for (int i = K::log_terms - 2; i >= 0; --i) q = q * s2 + T(1) / T(2 * i + 1);
+  return T(2) * s * q + e * T(0.69314718055994530942);
+}
+
+// softplus(x) = log1p(exp(x)), x itself above the threshold; log1p(y) as log(1 + y) y / ((1 + y) - 1)
+// keeps the digits of a small y that 1 + y rounds away. `slope` gets its derivative, sigmoid(x) = y / (1 + y)
+// (1 above the threshold).
+template <typename T>
+inline Vec<T> softplus_v(Vec<T> x, Vec<T>* slope) {
+  const auto above = x > T(kSoftplusThreshold);
+  const Vec<T> y = exp_v<T>(above ? Vec<T>{} : x);
+  const Vec<T> m = T(1) + y, d = m - T(1);
+  const Vec<T> l = d == T(0) ? y : log_v<T>(m) * (y / (d == T(0) ? splat<T>(T(1)) : d));
+  *slope = above ? splat<T>(T(1)) : y / m;
+  return above ? x : l;
+}
+
+template <typename T>
+inline Vec<T> sigmoid_v(Vec<T> x) {
+  return T(1) / (T(1) + exp_v<T>(-x));
+}
+
+// Everything a task reads, with the problem's sizes.
+template <typename T>
+struct Problem {
+  const T *u, *delta, *A, *B, *C, *D, *z, *bias, *h0;
+  const int64_t* cu;
+  const int64_t* chunk_offsets;
+  int64_t L, dim, G, N, nseq, chunk;
+  bool softplus;
+  int64_t per_group() const { return dim / G; }
+  int64_t padded() const { return (dim + kPad - 1) / kPad * kPad; }
+};
+
+// A task's block of channels: vectors [v0, v1) of W lanes, channels [v0 W, min(v1 W, dim)).
+struct Block {
+  int64_t index, v0, v1;
+};
+
+struct BlockPlan {
+  int64_t vectors, per_block, count;
+};
+
+// Blocks of whole vectors: the state fits the L1 budget, and there are at least as many tasks as threads.
+template <typename T>
+BlockPlan plan_blocks(const Problem<T>& p) {
+  constexpr int W = Lanes<T>::W;
+  const int64_t vectors = (p.dim + W - 1) / W;
+  const int64_t threads = at::get_num_threads();
+  int64_t count = std::max<int64_t>((vectors * W * p.N + kStateBudget - 1) / kStateBudget,
+                                    (threads + p.nseq - 1) / p.nseq);
+  count = std::min(count, vectors);
+  const int64_t per_block = (vectors + count - 1) / count;
+  return {vectors, per_block, (vectors + per_block - 1) / per_block};
+}
+
+// One token's values of the W channels from c0 of a [*, dim] row (zeros past the last channel).
+template <typename T>
+inline Vec<T> load_row(const T* row, int64_t c0, int64_t dim) {
+  const int64_t n = dim - c0;
+  return n >= Lanes<T>::W ? load(row + c0) : load_part(row + c0, n);
+}
+
+template <typename T>
+inline void store_row(T* row, Vec<T> v, int64_t c0, int64_t dim) {
+  const int64_t n = dim - c0;
+  if (n >= Lanes<T>::W) {
+    store(row + c0, v);
+  } else {
+    store_part(row + c0, v, n);
+  }
+}
+
+// delta' of one vector of channels: delta + bias, then softplus; `slope` gets d(delta') / d(delta).
+template <typename T>
+inline Vec<T> step_sizes(const Problem<T>& p, int64_t t, int64_t c0, Vec<T>* slope) {
+  Vec<T> raw = load_row(p.delta + t * p.dim, c0, p.dim);
+  if (p.bias) raw += load_row(p.bias, c0, p.dim);
+  if (p.softplus) return softplus_v<T>(raw, slope);
+  *slope = splat<T>(T(1));
+  return raw;
+}
+
+template <typename T>
+inline bool in_one_group(const Problem<T>& p, int64_t c0) {
+  return (std::min<int64_t>(c0 + Lanes<T>::W, p.dim) - 1) / p.per_group() == c0 / p.per_group();
+}
+
+// B_t or C_t for the vector at channel c0: N vectors, each lane its channel's group row (a broadcast
+// when the vector lies in one group).
+template <typename T>
+inline void group_rows(const Problem<T>& p, const T* X, int64_t t, int64_t c0, Vec<T>* out) {
+  constexpr int W = Lanes<T>::W;
+  const int64_t pg = p.per_group();
+  const T* row = X + t * p.G * p.N;
+  if (in_one_group(p, c0)) {
+    const T* x = row + (c0 / pg) * p.N;
+    for (int64_t n = 0; n < p.N; ++n) out[n] = splat<T>(x[n]);
+    return;
+  }
+  for (int64_t n = 0; n < p.N; ++n)
+    for (int c = 0; c < W; ++c) out[n][c] = row[(std::min(c0 + c, p.dim - 1) / pg) * p.N + n];
+}
+
+// B_t[n] or C_t[n] for one vector of channels: a broadcast of the group's row when the vector lies in
+// one group (kOne), else the lanes group_rows gathered.
+template <typename T, bool kOne>
+struct Rows {
+  const T* row;
+  const Vec<T>* lanes;
+  Vec<T> operator[](int64_t n) const {
+    if constexpr (kOne) {
+      return splat<T>(row[n]);
+    } else {
+      return lanes[n];
+    }
+  }
+};
+
+// The token's rows of B or C for the vector at c0, as `Rows<T, kOne>` (gathering into `lanes` if not kOne).
+template <typename T, bool kOne>
+inline Rows<T, kOne> rows_of(const Problem<T>& p, const T* X, int64_t t, int64_t c0, Vec<T>* lanes) {
+  if constexpr (kOne) {
+    return {X + t * p.G * p.N + (c0 / p.per_group()) * p.N, nullptr};
+  } else {
+    group_rows(p, X, t, c0, lanes);
+    return {nullptr, lanes};
+  }
+}
+
+// The state of a block between [dim, N] (the layout of h0, A, the final state and dh0) and lanes
+// ([vector][n], lane = channel).
+template <typename T>
+void state_to_lanes(const Problem<T>& p, const T* src, const Block& b, Vec<T>* h) {
+  constexpr int W = Lanes<T>::W;
+  for (int64_t v = b.v0; v < b.v1; ++v)
+    for (int64_t n = 0; n < p.N; ++n) {
+      Vec<T> x{};
+      for (int c = 0; c < W; ++c) {
+        const int64_t d = v * W + c;
+        if (src && d < p.dim) x[c] = src[d * p.N + n];
+      }
+      h[(v - b.v0) * p.N + n] = x;
+    }
+}
+
+template <typename T>
+void state_from_lanes(const Problem<T>& p, const Vec<T>* h, const Block& b, T* dst) {
+  constexpr int W = Lanes<T>::W;
+  for (int64_t v = b.v0; v < b.v1; ++v)
+    for (int64_t n = 0; n < p.N; ++n)
+      for (int c = 0; c < W; ++c) {
+        const int64_t d = v * W + c;
+        if (d < p.dim) dst[d * p.N + n] = h[(v - b.v0) * p.N + n][c];
+      }
+}
+
+// A checkpoint holds every channel in lanes: vector v's state at v * W * N.
+template <typename T>
+T* checkpoint(const Problem<T>& p, T* hc, int64_t chunk_id, const Block& b) {
+  return hc + chunk_id * p.padded() * p.N + b.v0 * Lanes<T>::W * p.N;
+}
+
+// One token of one vector of channels: h = exp(delta' A) h + delta' u B, returns y = h . C (before D and z).
+// Four independent sums over n keep the multiply-adds from waiting on each other.
+template <typename T, bool kOne>
+inline Vec<T> fwd_token(Vec<T>* h, const Vec<T>* a, Vec<T> dl, Vec<T> du, Rows<T, kOne> Bn, Rows<T, kOne> Cn,
+                        int64_t N) {
+  Vec<T> y[4] = {};
+  int64_t n = 0;
+  for (; n + 4 <= N; n += 4)
+    for (int k = 0; k < 4; ++k) {
+      h[n + k] = exp_v<T>(dl * a[n + k]) * h[n + k] + du * Bn[n + k];
+      y[k] += h[n + k] * Cn[n + k];
+    }
+  for (; n < N; ++n) {
+    h[n] = exp_v<T>(dl * a[n]) * h[n] + du * Bn[n];
+    y[0] += h[n] * Cn[n];
+  }
+  return (y[0] + y[1]) + (y[2] + y[3]);
+}
+
+template <typename T>
+void scan_fwd_task(const Problem<T>& p, const Block& b, int64_t s, T* out, T* ht, T* hc) {
+  constexpr int W = Lanes<T>::W;
+  const int64_t nv = b.v1 - b.v0, N = p.N, VN = nv * N;
+  std::vector<Vec<T>> h(VN), a(VN), Bt(N), Ct(N);
+  state_to_lanes(p, p.h0 ? p.h0 + s * p.dim * N : nullptr, b, h.data());
+  state_to_lanes(p, p.A, b, a.data());
+  const int64_t bos = p.cu[s], eos = p.cu[s + 1];
+  for (int64_t t = bos; t < eos; ++t) {
+    if (hc && (t - bos) % p.chunk == 0)
+      std::memcpy(checkpoint(p, hc, p.chunk_offsets[s] + (t - bos) / p.chunk, b), h.data(), VN * sizeof(Vec<T>));
+    for (int64_t v = 0; v < nv; ++v) {
+      const int64_t c0 = (b.v0 + v) * W;
+      Vec<T> slope;
+      const Vec<T> dl = step_sizes(p, t, c0, &slope);
+      const Vec<T> uu = load_row(p.u + t * p.dim, c0, p.dim);
+      Vec<T>* hv = h.data() + v * N;
+      const Vec<T>* av = a.data() + v * N;
+      Vec<T> y = in_one_group(p, c0)
+          ? fwd_token<T, true>(hv, av, dl, dl * uu, rows_of<T, true>(p, p.B, t, c0, nullptr),
+                               rows_of<T, true>(p, p.C, t, c0, nullptr), N)
+          : fwd_token<T, false>(hv, av, dl, dl * uu, rows_of<T, false>(p, p.B, t, c0, Bt.data()),
+                                rows_of<T, false>(p, p.C, t, c0, Ct.data()), N);
+      if (p.D) y += load_row(p.D, c0, p.dim) * uu;
+      if (p.z) {
+        const Vec<T> zz = load_row(p.z + t * p.dim, c0, p.dim);
+        y *= zz * sigmoid_v<T>(zz);
+      }
+      store_row(out + t * p.dim, y, c0, p.dim);
+    }
+  }
+  if (ht) state_from_lanes(p, h.data(), b, ht + s * p.dim * N);
+}
+
+// Gradients a backward task writes: rows of the per-token ones, and its slices of the partial sums.
+template <typename T>
+struct Grads {
+  T *du, *ddelta, *dz, *dB, *dC, *dA, *dD, *dh0;  // dB, dC: [blocks, L, G, N]; dA: [Nseq, D, N]; dD: [Nseq, D]
+  const T *dout, *dht, *hc;
+};
+
+// The sum of a vector's lanes, pairwise (halves added until one lane is left): a chain of log2(W) adds
+// rather than W, in a fixed order.
+template <typename T>
+inline T lane_sum(Vec<T> v) {
+  constexpr int W = Lanes<T>::W;
+  T x[W];
+  std::memcpy(x, &v, sizeof(v));
+  for (int w = W / 2; w >= 1; w /= 2)
+    for (int c = 0; c < w; ++c) x[c] += x[c + w];
+  return x[0];
+}
+
+// Adds the lanes of acc [N] (the vector at channel c0, or a run of vectors in its group) into rows
+// [G][N] of a partial buffer, one sum per group the lanes cover, and zeroes acc.
+template <typename T>
+inline void add_over_channels(const Problem<T>& p, Vec<T>* acc, int64_t c0, T* rows) {
+  constexpr int W = Lanes<T>::W;
+  const int64_t pg = p.per_group();
+  if (in_one_group(p, c0)) {
+    T* row = rows + (c0 / pg) * p.N;
+    for (int64_t n = 0; n < p.N; ++n) row[n] += lane_sum<T>(acc[n]);
+  } else {
+    for (int64_t c = 0; c < std::min<int64_t>(W, p.dim - c0); ++c) {
+      T* row = rows + ((c0 + c) / pg) * p.N;
+      for (int64_t n = 0; n < p.N; ++n) row[n] += acc[n][c];
+    }
+  }
+  std::fill(acc, acc + p.N, Vec<T>{});
+}
+
+// The chunk's states again in the backward: the token's decays e = exp(delta' A) and h = e h_prev + delta' u B.
+template <typename T, bool kOne>
+inline void recompute_token(Vec<T>* h, Vec<T>* e, const Vec<T>* h_prev, const Vec<T>* a, Vec<T> dl, Vec<T> du,
+                            Rows<T, kOne> Bn, int64_t N) {
+  for (int64_t n = 0; n < N; ++n) {
+    e[n] = exp_v<T>(dl * a[n]);
+    h[n] = e[n] * h_prev[n] + du * Bn[n];
+  }
+}
+
+// sum_n h[n] C[n], four independent sums.
+template <typename T, bool kOne>
+inline Vec<T> dot_rows(const Vec<T>* h, Rows<T, kOne> Cn, int64_t N) {
+  Vec<T> y[4] = {};
+  int64_t n = 0;
+  for (; n + 4 <= N; n += 4)
+    for (int k = 0; k < 4; ++k) y[k] += h[n + k] * Cn[n + k];
+  for (; n < N; ++n) y[0] += h[n] * Cn[n];
+  return (y[0] + y[1]) + (y[2] + y[3]);
+}
+
+// One token of the reverse recurrence for one vector of channels (docs/math/mamba.md, "Backward"): dh (the
+// gradient of the state after the token, from later tokens) gets dy C and leaves as the gradient of the state
+// before it; dA, and the group sums accB (of dB) and accC (of dC), accumulate; returns dh . B and the sum over
+// n of d(delta' A) A, the parts of du and d(delta'). Two independent sums of each.
+template <typename T, bool kOne>
+inline void bwd_token(Vec<T>* dh, Vec<T>* dA, Vec<T>* accB, Vec<T>* accC, Vec<T>* dbdot, Vec<T>* ddl,
+                      const Vec<T>* h_prev, const Vec<T>* h, const Vec<T>* e, const Vec<T>* a, Vec<T> dl, Vec<T> du,
+                      Vec<T> dy, Rows<T, kOne> Bn, Rows<T, kOne> Cn, int64_t N) {
+  Vec<T> sb[2] = {}, sa[2] = {};
+  for (int64_t n = 0; n < N; ++n) {
+    const int k = n & 1;
+    const Vec<T> b = Bn[n], c = Cn[n];
+    const Vec<T> d = dh[n] + dy * c;  // the gradient of the state after the token
+    accC[n] += dy * h[n];
+    accB[n] += d * du;
+    sb[k] += d * b;
+    const Vec<T> back = d * e[n];         // the gradient of the state before the token
+    const Vec<T> dlog = back * h_prev[n];  // ... of delta' A, through the decay
+    dA[n] += dlog * dl;
+    sa[k] += dlog * a[n];
+    dh[n] = back;
+  }
+  *dbdot = sb[0] + sb[1];
+  *ddl = sa[0] + sa[1];
+}
+
+template <typename T>
+void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64_t s) {
+  constexpr int W = Lanes<T>::W;
+  const int64_t nv = b.v1 - b.v0, N = p.N, VN = nv * N, CH = p.chunk;
+  std::vector<Vec<T>> a(VN), dh(VN), dA(VN), Bt(N), Ct(N), accB(N), accC(N), dD(nv);
+  // The chunk's states (slot 0 the checkpoint, slot i + 1 after its token i), decays, delta' and its slope.
+  // Written before they are read: not zeroed (a std::vector would clear hundreds of KiB per task).
+  std::unique_ptr<Vec<T>[]> hs(new Vec<T>[(CH + 1) * VN]), es(new Vec<T>[CH * VN]), dls(new Vec<T>[CH * nv]),
+      slopes(new Vec<T>[CH * nv]);
+  state_to_lanes(p, p.A, b, a.data());
+  state_to_lanes(p, g.dht ? g.dht + s * p.dim * N : nullptr, b, dh.data());
+  const int64_t bos = p.cu[s], eos = p.cu[s + 1];
+  const int64_t chunks = (eos - bos + CH - 1) / CH;
+  const int64_t GN = p.G * N;
+  T* dB_rows = g.dB + b.index * p.L * GN;
+  T* dC_rows = g.dC + b.index * p.L * GN;
+  for (int64_t j = chunks - 1; j >= 0; --j) {
+    const int64_t t0 = bos + j * CH, nt = std::min(CH, eos - t0);
+    std::memcpy(hs.get(), checkpoint(p, const_cast<T*>(g.hc), p.chunk_offsets[s] + j, b), VN * sizeof(Vec<T>));
+    for (int64_t i = 0; i < nt; ++i) {
+      const int64_t t = t0 + i;
+      for (int64_t v = 0; v < nv; ++v) {
+        const int64_t c0 = (b.v0 + v) * W;
+        const Vec<T> dl = dls[i * nv + v] = step_sizes(p, t, c0, &slopes[i * nv + v]);
+        const Vec<T> du = dl * load_row(p.u + t * p.dim, c0, p.dim);
+        const Vec<T>* av = a.data() + v * N;
+        const Vec<T>* hp = hs.get() + i * VN + v * N;
+        Vec<T>* hn = hs.get() + (i + 1) * VN + v * N;
+        Vec<T>* ev = es.get() + i * VN + v * N;
+        if (in_one_group(p, c0)) {
+          recompute_token<T, true>(hn, ev, hp, av, dl, du, rows_of<T, true>(p, p.B, t, c0, nullptr), N);
+        } else {
+          recompute_token<T, false>(hn, ev, hp, av, dl, du, rows_of<T, false>(p, p.B, t, c0, Bt.data()), N);
+        }
+      }
+    }
+    for (int64_t i = nt - 1; i >= 0; --i) {
+      const int64_t t = t0 + i;
+      for (int64_t v = 0; v < nv; ++v) {
+        const int64_t c0 = (b.v0 + v) * W;
+        const Vec<T> dl = dls[i * nv + v], slope = slopes[i * nv + v];
+        const Vec<T>* av = a.data() + v * N;
+        const Vec<T>* hp = hs.get() + i * VN + v * N;
+        const Vec<T>* hn = hs.get() + (i + 1) * VN + v * N;
+        const Vec<T>* ev = es.get() + i * VN + v * N;
+        Vec<T>* dhv = dh.data() + v * N;
+        Vec<T>* dAv = dA.data() + v * N;
+        const Vec<T> uu = load_row(p.u + t * p.dim, c0, p.dim);
+        Vec<T> dy = load_row(g.dout + t * p.dim, c0, p.dim);
+        const Vec<T> skip = p.D ? load_row(p.D, c0, p.dim) : Vec<T>{};
+        const bool one = in_one_group(p, c0);
+        const auto Bn1 = rows_of<T, true>(p, p.B, t, c0, nullptr), Cn1 = rows_of<T, true>(p, p.C, t, c0, nullptr);
+        Rows<T, false> Bn, Cn{nullptr, nullptr};
+        if (!one) {
+          Bn = rows_of<T, false>(p, p.B, t, c0, Bt.data());
+          Cn = rows_of<T, false>(p, p.C, t, c0, Ct.data());
+        }
+        if (p.z) {  // y before the gate, recomputed from the state
+          const Vec<T> y = skip * uu + (one ? dot_rows<T, true>(hn, Cn1, N) : dot_rows<T, false>(hn, Cn, N));
+          const Vec<T> zz = load_row(p.z + t * p.dim, c0, p.dim);
+          const Vec<T> sig = sigmoid_v<T>(zz);
+          store_row(g.dz + t * p.dim, dy * y * sig * (T(1) + zz * (T(1) - sig)), c0, p.dim);
+          dy *= zz * sig;
+        }
+        Vec<T> dbdot, ddl;
+        if (one) {
+          bwd_token<T, true>(dhv, dAv, accB.data(), accC.data(), &dbdot, &ddl, hp, hn, ev, av, dl, dl * uu, dy, Bn1,
+                             Cn1, N);
+        } else {
+          bwd_token<T, false>(dhv, dAv, accB.data(), accC.data(), &dbdot, &ddl, hp, hn, ev, av, dl, dl * uu, dy, Bn,
+                              Cn, N);
+        }
+        ddl += uu * dbdot;
+        ddl *= slope;
+        store_row(g.ddelta + t * p.dim, ddl, c0, p.dim);
+        store_row(g.du + t * p.dim, dl * dbdot + skip * dy, c0, p.dim);
+        dD[v] += dy * uu;
+        // dB and dC sum over a group's channels: the lanes are added once per run of vectors in one group.
+        const int64_t next = c0 + W;
+        if (v == nv - 1 || !in_one_group(p, c0) || !in_one_group(p, next) ||
+            next / p.per_group() != c0 / p.per_group()) {
+          add_over_channels(p, accB.data(), c0, dB_rows + t * GN);
+          add_over_channels(p, accC.data(), c0, dC_rows + t * GN);
+        }
+      }
+    }
+  }
+  state_from_lanes(p, dA.data(), b, g.dA + s * p.dim * N);
+  for (int64_t v = b.v0; v < b.v1; ++v)
+    for (int c = 0; c < W && v * W + c < p.dim; ++c) g.dD[s * p.dim + v * W + c] = dD[v - b.v0][c];
+  if (g.dh0) state_from_lanes(p, dh.data(), b, g.dh0 + s * p.dim * N);
+}
+
+template <typename T>
+const T* data_or_null(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() && t->numel() > 0 ? t->data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+Problem<T> problem(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                   const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+                   const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& h0,
+                   const at::Tensor& cu, const at::Tensor& chunk_offsets, int64_t chunk, bool softplus) {
+  return {u.data_ptr<T>(), delta.data_ptr<T>(), A.data_ptr<T>(), B.data_ptr<T>(), C.data_ptr<T>(),
+          data_or_null<T>(D), data_or_null<T>(z), data_or_null<T>(bias), data_or_null<T>(h0),
+          cu.data_ptr<int64_t>(), chunk_offsets.data_ptr<int64_t>(),
+          u.size(0), u.size(1), B.size(1), B.size(2), cu.numel() - 1, chunk, softplus};
+}
+
+// Runs task(block, sequence) over every (sequence, block of channels), in parallel over torch's threads.
+template <typename T, typename F>
+void over_tasks(const Problem<T>& p, const BlockPlan& plan, const F& task) {
+  at::parallel_for(0, p.nseq * plan.count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t s = i / plan.count, k = i % plan.count;
+      const Block b{k, k * plan.per_block, std::min((k + 1) * plan.per_block, plan.vectors)};
+      task(b, s);
+    }
+  });
+}
+
+void check_inputs(const std::vector<at::Tensor>& tensors) {
+  for (const auto& t : tensors) {
+    if (!t.defined()) continue;
+    TORCH_CHECK(t.device().is_cpu(), "selective_scan_cpu: tensors must be on the CPU");
+    TORCH_CHECK(t.is_contiguous(), "selective_scan_cpu: tensors must be contiguous");
+  }
+}
+
+at::Tensor opt_or_empty(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? *t : at::Tensor();
+}
+
+}  // namespace
+
+// Returns (out [L, D], final state [Nseq, D, N] or empty, checkpoints [NC, padded D * N] or empty).
+std::vector<at::Tensor> selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                           const at::Tensor& B, const at::Tensor& C,
+                                           const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+                                           const c10::optional<at::Tensor>& bias,
+                                           const c10::optional<at::Tensor>& h0, const at::Tensor& cu_seqlens,
+                                           const at::Tensor& chunk_offsets, int64_t chunk, int64_t num_chunks,
+                                           bool softplus, bool store_final, bool store_chunks) {
+  check_inputs({u, delta, A, B, C, opt_or_empty(D), opt_or_empty(z), opt_or_empty(bias), opt_or_empty(h0),
+                cu_seqlens, chunk_offsets});
+  TORCH_CHECK(cu_seqlens.scalar_type() == at::kLong && chunk_offsets.scalar_type() == at::kLong,
+              "selective_scan_cpu: cu_seqlens and chunk_offsets must be int64");
+  const int64_t nseq = cu_seqlens.numel() - 1, dim = u.size(1), N = A.size(1);
+  at::Tensor out = at::empty_like(u);
+  at::Tensor ht = store_final ? at::empty({nseq, dim, N}, u.options()) : at::empty({0}, u.options());
+  const int64_t padded = (dim + kPad - 1) / kPad * kPad;
+  at::Tensor hc = store_chunks ? at::empty({num_chunks, padded * N}, u.options()) : at::empty({0}, u.options());
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_fwd", [&] {
+    const auto p = problem<scalar_t>(u, delta, A, B, C, D, z, bias, h0, cu_seqlens, chunk_offsets, chunk, softplus);
+    const auto plan = plan_blocks(p);
+    scalar_t* o = out.data_ptr<scalar_t>();
+    scalar_t* f = store_final ? ht.data_ptr<scalar_t>() : nullptr;
+    scalar_t* c = store_chunks ? hc.data_ptr<scalar_t>() : nullptr;
+    over_tasks(p, plan, [&](const Block& b, int64_t s) { scan_fwd_task(p, b, s, o, f, c); });
+  });
+  return {out, ht, hc};
+}
+
+// Returns du, ddelta, dz (or empty), dA [Nseq, D, N], dB and dC [blocks, L, G, N], dD [Nseq, D], dh0 (or
+// empty): the caller sums the partial buffers over their first dimension.
+std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                           const at::Tensor& B, const at::Tensor& C,
+                                           const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+                                           const c10::optional<at::Tensor>& bias, const at::Tensor& cu_seqlens,
+                                           const at::Tensor& chunk_offsets, const at::Tensor& hc, int64_t chunk,
+                                           bool softplus, const at::Tensor& dout,
+                                           const c10::optional<at::Tensor>& dht, bool need_dh0) {
+  check_inputs({u, delta, A, B, C, opt_or_empty(D), opt_or_empty(z), opt_or_empty(bias), cu_seqlens, chunk_offsets,
+                hc, dout, opt_or_empty(dht)});
+  const int64_t nseq = cu_seqlens.numel() - 1, L = u.size(0), dim = u.size(1), G = B.size(1), N = A.size(1);
+  at::Tensor du = at::empty_like(u), ddelta = at::empty_like(u);
+  at::Tensor dz = z.has_value() ? at::empty_like(u) : at::empty({0}, u.options());
+  at::Tensor dA = at::empty({nseq, dim, N}, u.options()), dD = at::empty({nseq, dim}, u.options());
+  at::Tensor dh0 = need_dh0 ? at::empty({nseq, dim, N}, u.options()) : at::empty({0}, u.options());
+  at::Tensor dB, dC;
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_bwd", [&] {
+    const auto p = problem<scalar_t>(u, delta, A, B, C, D, z, bias, c10::nullopt, cu_seqlens, chunk_offsets, chunk,
+                                     softplus);
+    const auto plan = plan_blocks(p);
+    // Zeroed: a block adds only into the groups its channels read.
+    dB = at::zeros({plan.count, L, G, N}, u.options());
+    dC = at::zeros({plan.count, L, G, N}, u.options());
+    const Grads<scalar_t> g{du.data_ptr<scalar_t>(), ddelta.data_ptr<scalar_t>(),
+                            z.has_value() ? dz.data_ptr<scalar_t>() : nullptr, dB.data_ptr<scalar_t>(),
+                            dC.data_ptr<scalar_t>(), dA.data_ptr<scalar_t>(), dD.data_ptr<scalar_t>(),
+                            need_dh0 ? dh0.data_ptr<scalar_t>() : nullptr, dout.data_ptr<scalar_t>(),
+                            data_or_null<scalar_t>(dht), hc.data_ptr<scalar_t>()};
+    over_tasks(p, plan, [&](const Block& b, int64_t s) { scan_bwd_task(p, g, b, s); });
+  });
+  return {du, ddelta, dz, dA, dB, dC, dD, dh0};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("selective_scan_fwd", &selective_scan_fwd, "Mamba-1 selective scan, forward (CPU)");
+  m.def("selective_scan_bwd", &selective_scan_bwd, "Mamba-1 selective scan, backward (CPU)");
+}
