@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import torch
 
+from seqmix.kernels import step_cpu
 from seqmix.kernels.checks import check_key_value_step
 from seqmix.kernels.sequences import reference_dtype
 
 
 def _step(q, k, v, beta, g, state, scale):
     """The shared update; ``g`` [B, H] or None (no decay). Computes in float32 (float64 for float64 q)."""
+    if step_cpu.serves("delta_rule_step", q, q, k, v, beta, g, state):  # one C++ call
+        return step_cpu.delta_rule_step(q, k, v, beta, g, state, scale)
     dt = reference_dtype(q)
     S = state.to(dt)
     if g is not None:
