@@ -1,5 +1,6 @@
 """The recurrent rules' decoding steps as one C++ call each on CPU tensors (recurrent_step_cpu.cpp, built by
-seqmix/kernels/cpu.py): the delta rule and gated delta rule, GLA and Mamba-2's SSD.
+seqmix/kernels/cpu.py): the delta rule and gated delta rule, GLA and Mamba-2's SSD; and the row norms of
+seqmix/archs/modules.py (RMSNorm, gated or not, and l2_normalize; row_norm_cpu.cpp) without autograd.
 
 The step functions (``seqmix.kernels.<family>.step``) hand a call here when :func:`serves` says so: CPU
 tensors, no gradient wanted (the C++ steps have no backward; autograd keeps the tensor ops), and the C++
@@ -91,3 +92,21 @@ def ssd_step(x, dt, A, B, C, state, D, z, dt_bias, dt_softplus: bool, dt_limit: 
         return _ssd_op(x, dt, A, B, C, state, D, z, dt_bias, dt_softplus, lo, hi)
     y, h = cpu.extension().ssd_step(x, dt, A, B, C, state, D, z, dt_bias, dt_softplus, lo, hi)
     return y, h
+
+
+@torch.library.custom_op("seqmix::row_norm_cpu", mutates_args=())
+def _row_norm_op(x: Tensor, weight: Tensor | None, gate: Tensor | None, eps: float, mean: bool) -> Tensor:
+    return cpu.extension().row_norm(x, weight, gate, eps, mean)
+
+
+@_row_norm_op.register_fake
+def _(x, weight, gate, eps, mean):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def row_norm(x: Tensor, weight: Tensor | None, gate: Tensor | None, eps: float, mean: bool) -> Tensor:
+    """``x * rsqrt(sum(x^2) / n + eps) [* weight] [* silu(gate)]`` over the last dim (n = D if ``mean``, else 1)
+    in one call, no autograd: seqmix/archs/modules.py's RMSNorm and l2_normalize without a gradient."""
+    if torch.compiler.is_compiling():
+        return _row_norm_op(x, weight, gate, eps, mean)
+    return cpu.extension().row_norm(x, weight, gate, eps, mean)

@@ -1,7 +1,8 @@
 """The C++ CPU decoding steps (seqmix/kernels/step_cpu.py): the delta rule, the gated delta rule, GLA and SSD,
 chained over a few tokens from a random state, against the float64 recurrences and the tensor-op steps, in
 float32 and float64, with strong decays and strided token inputs; the choice (C++ without a gradient, tensor
-ops with one), the fallback when the kernels cannot be built, opcheck of the custom ops, and one compiled graph.
+ops with one), the fallback when the kernels cannot be built (the norms' too: tests/archs/test_modules.py tests
+their C++ call), opcheck of the custom ops, and one compiled graph.
 
 The first test to run builds the kernels (once per machine, cached by torch)."""
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from seqmix.kernels import cpu as cpu_build
+from seqmix.archs.modules import RMSNorm
 from seqmix.kernels import step_cpu
 from seqmix.kernels.backend import recording
 from seqmix.kernels.deltanet import delta_rule_recurrent, gated_delta_rule_recurrent
@@ -158,6 +160,11 @@ def test_a_failed_build_falls_back_to_the_tensor_ops(monkeypatch):
         out_ref, final_ref = _oracle(rule, inputs, state)
         assert_rel(out, out_ref, TOL[torch.float32], f"{rule}: output of the fallback")
         assert_rel(final, final_ref, TOL[torch.float32], f"{rule}: final state of the fallback")
+    x = torch.randn(3, 8)
+    with torch.no_grad(), recording() as choices:
+        y = RMSNorm(8)(x, x)
+    assert [(c.op, c.backend) for c in choices] == [("rms_norm", "reference")]
+    assert_rel(y, x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-5) * F.silu(x), 1e-6, "norm's fallback")
 
 
 def _op_calls(rule):
