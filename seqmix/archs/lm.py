@@ -275,10 +275,11 @@ class LanguageModel(nn.Module):
 
         The prompt is prefilled in one call (which checks the prompt, the state and the options), then one
         :meth:`decode_step` per token without its per-call checks (each token comes from the sampler).
-        ``temperature=0`` is greedy; ``top_k`` keeps the k most likely tokens; ``num_steps`` and ``exit_threshold`` go to the layers
-        that iterate (see :meth:`forward`); ``on_token`` is called with each step's new tokens [B, 1] as soon as
-        they are drawn (streaming). ``compile=True`` runs the step through ``torch.compile(fullgraph=True)``
-        (seconds of compilation first; see docs/design.md, "The decoding step", for when it pays). Returns
+        ``temperature=0`` is greedy; ``top_k`` keeps the k most likely tokens; ``num_steps`` and
+        ``exit_threshold`` go to the layers that iterate (see :meth:`forward`); ``on_token`` is called with each
+        step's new tokens [B, 1] as soon as they are drawn (streaming). ``compile=True`` runs the step through
+        ``torch.compile(fullgraph=True)`` (seconds of compilation first; see docs/design.md, "The decoding
+        step", for when it pays). Returns
         tokens [B, T + max_new_tokens], and with ``return_logits`` also the logits each new token was drawn
         from, [B, max_new_tokens, vocab].
         """

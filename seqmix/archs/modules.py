@@ -10,7 +10,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from seqmix.archs.mixer import is_decoding_step
-from seqmix.kernels import causal_conv1d, causal_conv1d_update
+from seqmix.kernels import causal_conv1d, causal_conv1d_update, step_cpu
 from seqmix.kernels.conv.step import causal_conv1d_step, in_dtype
 from seqmix.kernels.sequences import reference_dtype
 
@@ -51,6 +51,8 @@ class _L2Normalize(torch.autograd.Function):
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / sqrt(||x||^2 + eps) over the last dim, computed in float32 (float64 for float64 inputs)."""
+    if not torch.is_grad_enabled() and step_cpu.serves("l2_normalize", x):  # decoding: one C++ call
+        return step_cpu.row_norm(x, None, None, eps, False)
     x32 = in_dtype(x, reference_dtype(x))
     # Without autograd (decoding) the forward alone: an autograd.Function's call costs more than its few ops.
     y = _L2Normalize.apply(x32, eps) if torch.is_grad_enabled() else _l2_normalize(x32, eps)[0]
@@ -112,6 +114,8 @@ class RMSNorm(nn.Module):
         no_weight_decay(self.weight)
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        if not torch.is_grad_enabled() and step_cpu.serves("rms_norm", x):  # decoding: one C++ call
+            return step_cpu.row_norm(x, self.weight, gate, self.eps, True)
         dt = reference_dtype(x)
         args = (in_dtype(x, dt), in_dtype(self.weight, dt), None if gate is None else in_dtype(gate, dt), self.eps)
         y = _RMSNorm.apply(*args) if torch.is_grad_enabled() else _rms_norm(*args)[0]

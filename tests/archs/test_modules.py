@@ -76,3 +76,34 @@ def _rms_norm_with(x, weight, gate):
     del norm.weight
     norm.weight = weight  # a plain tensor: gradcheck differentiates the weight too
     return norm(x, gate)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_norms_without_autograd_are_one_cpp_call_equal_to_the_tensor_ops(dtype, monkeypatch):
+    """Decoding's norms on the cpu backend (seqmix/kernels/row_norm_cpu.cpp): chosen without autograd on CPU
+    tensors, equal to the tensor ops (SEQMIX_BACKEND=reference) on a strided x; opcheck of the custom op."""
+    from seqmix.kernels import cpu, step_cpu
+    from seqmix.kernels.backend import recording
+
+    if cpu.unavailable() is not None:
+        pytest.skip(cpu.unavailable())
+    monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 16, 6, generator=g, dtype=dtype).transpose(-1, -2)[:, :, ::2]  # [2, 5, 3, 16], strided
+    gate = torch.randn(x.shape, generator=g, dtype=dtype)
+    norm = RMSNorm(16, eps=1e-3).to(dtype)
+    norm.weight.data = torch.randn(16, generator=g, dtype=dtype)
+    calls = [lambda: norm(x, gate), lambda: norm(x), lambda: l2_normalize(x, eps=1e-6)]
+    with torch.no_grad(), recording() as choices:
+        got = [f() for f in calls]
+    assert [(c.op, c.backend) for c in choices] == [("rms_norm", "cpu")] * 2 + [("l2_normalize", "cpu")]
+    monkeypatch.setenv("SEQMIX_BACKEND", "reference")
+    with torch.no_grad():
+        want = [f() for f in calls]
+    tol = 1e-13 if dtype == torch.float64 else 1e-6
+    for name, a, b in zip(("gated rms_norm", "rms_norm", "l2_normalize"), got, want, strict=True):
+        assert a.dtype == dtype and a.shape == b.shape
+        assert_rel(a, b, tol, name)
+    torch.library.opcheck(step_cpu._row_norm_op, (x, norm.weight.detach(), gate, 1e-3, True),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from seqmix.kernels import step_cpu
 from seqmix.kernels.checks import check_key_value_step
 from seqmix.kernels.sequences import reference_dtype
 
@@ -37,6 +38,8 @@ def step_rows(q, k, v, beta, g, state, scale):
 
 def _step(q, k, v, beta, g, state, scale):
     """:func:`step_rows` on q, k [B, H, K], v [B, H, V], beta and g [B, H]."""
+    if step_cpu.serves("delta_rule_step", q, q, k, v, beta, g, state):  # one C++ call
+        return step_cpu.delta_rule_step(q, k, v, beta, g, state, scale)
     o, S = step_rows(*(x.unsqueeze(-2) for x in (q, k, v)), beta[..., None, None],
                      None if g is None else g[..., None, None], state, scale)
     return o.squeeze(-2), S

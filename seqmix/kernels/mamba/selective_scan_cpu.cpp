@@ -659,7 +659,7 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
   return {du, ddelta, dz, dA, dB, dC, dD, dh0};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+void bind_selective_scan(pybind11::module& m) {
   m.def("selective_scan_fwd", &selective_scan_fwd, "Mamba-1 selective scan, forward (CPU)");
   m.def("selective_scan_bwd", &selective_scan_bwd, "Mamba-1 selective scan, backward (CPU)");
 }

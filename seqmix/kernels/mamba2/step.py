@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from seqmix.kernels import step_cpu
 from seqmix.kernels.checks import check_tensor
 from seqmix.kernels.mamba2.reference import process_dt
 from seqmix.kernels.sequences import reference_dtype
@@ -46,6 +47,8 @@ def ssd_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
         raise ValueError(f"B's groups G={G} must divide the heads H={H}")
     check_tensor("C", C, (Bsz, G, N), dims="[Bsz, G, N]", like=x)
     check_tensor("state", state, (Bsz, H, P, N), dims="[Bsz, H, P, N]", like=x)
+    if step_cpu.serves("ssd_step", x, x, dt, A, B, C, state, D, z, dt_bias):  # one C++ call
+        return step_cpu.ssd_step(x, dt, A, B, C, state, D, z, dt_bias, dt_softplus, dt_limit)
     cd = reference_dtype(x)
     dt = process_dt(dt.to(cd), None if dt_bias is None else dt_bias.to(cd), dt_softplus, dt_limit)  # [Bsz, H]
     xc = x.to(cd)

@@ -1,0 +1,14 @@
+// The Python module of the C++ CPU kernels (seqmix/kernels/cpu.py builds every source in its SOURCES into
+// one module): each source defines a bind_<name> function that adds its functions, and this is the one
+// PYBIND11_MODULE.
+#include <torch/extension.h>
+
+void bind_selective_scan(pybind11::module& m);
+void bind_recurrent_steps(pybind11::module& m);
+void bind_row_norms(pybind11::module& m);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  bind_selective_scan(m);
+  bind_recurrent_steps(m);
+  bind_row_norms(m);
+}

@@ -1,0 +1,226 @@
+// One decoding token of the recurrent rules on the CPU, each one call: the delta rule and the gated delta
+// rule, gated linear attention, and Mamba-2's SSD (the math: docs/math/deltanet.md, gla.md, mamba2.md,
+// "One token"; why: docs/design.md, "CPU references (issue 14)"). An eager decoding step is bound by
+// dispatch (a few microseconds per aten call), and the tensor-op step takes 5-15 of them per layer.
+//
+// Each reads the state [B, H, K, V] (or [B, H, P, N]) and writes the updated one into a new tensor (the
+// state passed in stays valid), and the token's output. They compute in float32 (float64 for float64
+// inputs), whatever the inputs' dtypes (converted here), and return the output in the first input's
+// dtype. Token inputs may be strided views over the batch and head dimensions (rows of a projection);
+// only their last dimension must be contiguous, else it is made so. One task per (batch, head) pair,
+// spread over threads by at::parallel_for once there is enough of them to pay for the wake-up.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+// State values per thread task below which the tasks run inline on the calling thread: at decoding
+// sizes (a few heads of 32 x 32) waking the pool costs more than the update.
+constexpr int64_t kValuesPerTask = 1 << 15;
+constexpr double kSoftplusThreshold = 20.0;  // as F.softplus: x itself above it
+
+// A [B, H, ...] tensor's rows: element (b, h, i) at p + b * sb + h * sh + i.
+template <typename T>
+struct Rows {
+  const T* p;
+  int64_t sb, sh;
+  const T* at(int64_t b, int64_t h) const { return p + b * sb + h * sh; }
+};
+
+// t in the compute dtype with a contiguous last dimension (a no-op when it already is).
+at::Tensor prepared(const at::Tensor& t, at::ScalarType dtype) {
+  at::Tensor c = t.to(dtype);
+  return c.dim() > 0 && c.size(-1) > 1 && c.stride(-1) != 1 ? c.contiguous() : c;
+}
+
+// The state, [B, H, rows, cols] with each head's block contiguous.
+at::Tensor prepared_state(const at::Tensor& s, at::ScalarType dtype) {
+  at::Tensor c = s.to(dtype);
+  return c.stride(-1) == 1 && c.stride(-2) == c.size(-1) ? c : c.contiguous();
+}
+
+template <typename T>
+Rows<T> rows(const at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1)};
+}
+
+at::ScalarType compute_dtype(const at::Tensor& like) {
+  return like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Runs f(b, h) for every (batch, head) pair; `values` is one task's state size.
+template <typename F>
+void over_heads(int64_t batch, int64_t heads, int64_t values, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, kValuesPerTask / std::max<int64_t>(values, 1));
+  at::parallel_for(0, batch * heads, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) f(t / heads, t % heads);
+  });
+}
+
+void check_cpu(std::initializer_list<at::Tensor> ts, const char* op) {
+  for (const auto& t : ts)
+    TORCH_CHECK(!t.defined() || t.device().is_cpu(), op, ": every tensor must be on the CPU");
+}
+
+// S' = a S + k w^T, w = beta (v - a S^T k), o = scale S'^T q (a = e^g; 1 without g).
+template <typename T>
+void delta_head(const T* S, T* Sn, const T* q, const T* k, const T* v, T beta, T a, T scale, T* o, T* w,
+                int64_t K, int64_t V) {
+  std::fill(w, w + V, T(0));
+  for (int64_t i = 0; i < K; ++i) {
+    const T ki = k[i];
+    const T* row = S + i * V;
+    for (int64_t j = 0; j < V; ++j) w[j] += ki * row[j];
+  }
+  for (int64_t j = 0; j < V; ++j) w[j] = beta * (v[j] - a * w[j]);
+  std::fill(o, o + V, T(0));
+  for (int64_t i = 0; i < K; ++i) {
+    const T ki = k[i], qi = q[i];
+    const T* row = S + i * V;
+    T* out = Sn + i * V;
+    for (int64_t j = 0; j < V; ++j) {
+      const T s = a * row[j] + ki * w[j];
+      out[j] = s;
+      o[j] += qi * s;
+    }
+  }
+  for (int64_t j = 0; j < V; ++j) o[j] *= scale;
+}
+
+// q, k [B, H, K], v [B, H, V], beta and g [B, H] (g may be absent), state [B, H, K, V].
+std::vector<at::Tensor> delta_rule_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                        const at::Tensor& beta, const c10::optional<at::Tensor>& g,
+                                        const at::Tensor& state, double scale) {
+  check_cpu({q, k, v, beta, g.value_or(at::Tensor()), state}, "delta_rule_step_cpu");
+  const auto dtype = compute_dtype(q);
+  const int64_t B = q.size(0), H = q.size(1), K = q.size(2), V = v.size(2);
+  const at::Tensor qc = prepared(q, dtype), kc = prepared(k, dtype), vc = prepared(v, dtype);
+  const at::Tensor bc = beta.to(dtype), S = prepared_state(state, dtype);
+  const at::Tensor gc = g.has_value() ? g->to(dtype) : at::Tensor();
+  at::Tensor Sn = at::empty({B, H, K, V}, q.options().dtype(dtype));
+  at::Tensor o = at::empty({B, H, V}, q.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "delta_rule_step_cpu", [&] {
+    using T = scalar_t;
+    const auto qr = rows<T>(qc), kr = rows<T>(kc), vr = rows<T>(vc), br = rows<T>(bc);
+    const auto gr = g.has_value() ? rows<T>(gc) : Rows<T>{nullptr, 0, 0};
+    const T* s = S.data_ptr<T>();
+    T* sn = Sn.data_ptr<T>();
+    T* out = o.data_ptr<T>();
+    over_heads(B, H, K * V, [&](int64_t b, int64_t h) {
+      std::vector<T> w(V);
+      const int64_t bh = b * H + h;
+      const T a = gr.p ? std::exp(*gr.at(b, h)) : T(1);
+      delta_head<T>(s + bh * K * V, sn + bh * K * V, qr.at(b, h), kr.at(b, h), vr.at(b, h), *br.at(b, h), a,
+                    T(scale), out + bh * V, w.data(), K, V);
+    });
+  });
+  return {o.to(q.scalar_type()), Sn};
+}
+
+// q, k, g [B, H, K], v [B, H, V], state [B, H, K, V]: S' = diag(e^g) S + k v^T, o = scale S'^T q.
+std::vector<at::Tensor> gla_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+                                 const at::Tensor& state, double scale) {
+  check_cpu({q, k, v, g, state}, "gla_step_cpu");
+  const auto dtype = compute_dtype(q);
+  const int64_t B = q.size(0), H = q.size(1), K = q.size(2), V = v.size(2);
+  const at::Tensor qc = prepared(q, dtype), kc = prepared(k, dtype), vc = prepared(v, dtype);
+  const at::Tensor gc = prepared(g, dtype), S = prepared_state(state, dtype);
+  at::Tensor Sn = at::empty({B, H, K, V}, q.options().dtype(dtype));
+  at::Tensor o = at::empty({B, H, V}, q.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "gla_step_cpu", [&] {
+    using T = scalar_t;
+    const auto qr = rows<T>(qc), kr = rows<T>(kc), vr = rows<T>(vc), gr = rows<T>(gc);
+    const T* s = S.data_ptr<T>();
+    T* sn = Sn.data_ptr<T>();
+    T* out = o.data_ptr<T>();
+    over_heads(B, H, K * V, [&](int64_t b, int64_t h) {
+      const int64_t bh = b * H + h;
+      const T *qi = qr.at(b, h), *ki = kr.at(b, h), *vj = vr.at(b, h), *gi = gr.at(b, h);
+      T* ob = out + bh * V;
+      std::fill(ob, ob + V, T(0));
+      for (int64_t i = 0; i < K; ++i) {
+        const T a = std::exp(gi[i]), kk = ki[i], qq = qi[i];
+        const T* row = s + (bh * K + i) * V;
+        T* nrow = sn + (bh * K + i) * V;
+        for (int64_t j = 0; j < V; ++j) {
+          const T x = a * row[j] + kk * vj[j];
+          nrow[j] = x;
+          ob[j] += qq * x;
+        }
+      }
+      for (int64_t j = 0; j < V; ++j) ob[j] *= T(scale);
+    });
+  });
+  return {o.to(q.scalar_type()), Sn};
+}
+
+// x, z [B, H, P], dt [B, H], A, D, dt_bias [H], Bm, Cm [B, G, N] (head h reads group h / (H / G)),
+// state [B, H, P, N]: dt' = clamp(softplus?(dt + dt_bias), lo, hi), h' = e^{dt' A} h + dt' x B^T,
+// y = (h' C + D x) silu(z).
+std::vector<at::Tensor> ssd_step(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A,
+                                 const at::Tensor& Bm, const at::Tensor& Cm, const at::Tensor& state,
+                                 const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+                                 const c10::optional<at::Tensor>& dt_bias, bool softplus, double lo, double hi) {
+  check_cpu({x, dt, A, Bm, Cm, state, D.value_or(at::Tensor()), z.value_or(at::Tensor()),
+             dt_bias.value_or(at::Tensor())},
+            "ssd_step_cpu");
+  const auto dtype = compute_dtype(x);
+  const int64_t B = x.size(0), H = x.size(1), P = x.size(2), G = Bm.size(1), N = Bm.size(2);
+  const at::Tensor xc = prepared(x, dtype), dtc = dt.to(dtype), Ac = A.to(dtype).contiguous();
+  const at::Tensor Bc = prepared(Bm, dtype), Cc = prepared(Cm, dtype), S = prepared_state(state, dtype);
+  const at::Tensor Dc = D.has_value() ? D->to(dtype).contiguous() : at::Tensor();
+  const at::Tensor zc = z.has_value() ? prepared(*z, dtype) : at::Tensor();
+  const at::Tensor biasc = dt_bias.has_value() ? dt_bias->to(dtype).contiguous() : at::Tensor();
+  at::Tensor Sn = at::empty({B, H, P, N}, x.options().dtype(dtype));
+  at::Tensor y = at::empty({B, H, P}, x.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "ssd_step_cpu", [&] {
+    using T = scalar_t;
+    const auto xr = rows<T>(xc), dtr = rows<T>(dtc), Br = rows<T>(Bc), Cr = rows<T>(Cc);
+    const auto zr = z.has_value() ? rows<T>(zc) : Rows<T>{nullptr, 0, 0};
+    const T* a_rate = Ac.data_ptr<T>();
+    const T* skip = D.has_value() ? Dc.data_ptr<T>() : nullptr;
+    const T* bias = dt_bias.has_value() ? biasc.data_ptr<T>() : nullptr;
+    const T* s = S.data_ptr<T>();
+    T* sn = Sn.data_ptr<T>();
+    T* out = y.data_ptr<T>();
+    const int64_t heads_per_group = H / G;
+    over_heads(B, H, P * N, [&](int64_t b, int64_t h) {
+      const int64_t bh = b * H + h;
+      T d = *dtr.at(b, h) + (bias ? bias[h] : T(0));
+      if (softplus && d <= T(kSoftplusThreshold)) d = std::log1p(std::exp(d));
+      d = std::min(std::max(d, T(lo)), T(hi));
+      const T decay = std::exp(d * a_rate[h]);
+      const T *xp = xr.at(b, h), *Bn = Br.at(b, h / heads_per_group), *Cn = Cr.at(b, h / heads_per_group);
+      const T* zp = zr.p ? zr.at(b, h) : nullptr;
+      for (int64_t p = 0; p < P; ++p) {
+        const T dx = d * xp[p];
+        const T* row = s + (bh * P + p) * N;
+        T* nrow = sn + (bh * P + p) * N;
+        T acc = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          const T v = decay * row[n] + dx * Bn[n];
+          nrow[n] = v;
+          acc += v * Cn[n];
+        }
+        if (skip) acc += skip[h] * xp[p];
+        if (zp) acc *= zp[p] / (T(1) + std::exp(-zp[p]));
+        out[bh * P + p] = acc;
+      }
+    });
+  });
+  return {y.to(x.scalar_type()), Sn};
+}
+
+}  // namespace
+
+void bind_recurrent_steps(pybind11::module& m) {
+  m.def("delta_rule_step", &delta_rule_step, "one token of the (gated) delta rule (CPU)");
+  m.def("gla_step", &gla_step, "one token of gated linear attention (CPU)");
+  m.def("ssd_step", &ssd_step, "one token of Mamba-2's SSD (CPU)");
+}

@@ -1,0 +1,64 @@
+// The mixers' row norms without autograd on the CPU, one call each (seqmix/archs/modules.py: RMSNorm, gated
+// or not, and l2_normalize; why: docs/design.md, "CPU references (issue 14)"): a decoding step's norm is
+// four to nine aten calls of a few microseconds each over a few hundred values.
+//
+// y = x * rsqrt(sum(x^2) / n + eps) [* weight] [* silu(gate)] over the last dimension (n = D for RMSNorm,
+// n = 1 for the L2 norm), in float32 (float64 for float64 x), returned in x's dtype. Rows are spread over
+// threads once there are enough of them (a prefill's).
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace {
+
+constexpr int64_t kValuesPerTask = 1 << 15;  // values per thread task: below it the rows run inline
+
+at::Tensor rows_in(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
+
+at::Tensor row_norm(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                    const c10::optional<at::Tensor>& gate, double eps, bool mean) {
+  TORCH_CHECK(x.device().is_cpu(), "row_norm_cpu: x must be on the CPU");
+  TORCH_CHECK(!gate.has_value() || gate->sizes() == x.sizes(), "row_norm_cpu: gate must have x's shape");
+  const auto dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
+  TORCH_CHECK(!weight.has_value() || weight->numel() == D, "row_norm_cpu: weight must have D values");
+  const at::Tensor xc = rows_in(x, dtype);
+  const at::Tensor wc = weight.has_value() ? rows_in(*weight, dtype) : at::Tensor();
+  const at::Tensor gc = gate.has_value() ? rows_in(*gate, dtype) : at::Tensor();
+  at::Tensor y = at::empty(x.sizes(), x.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "row_norm_cpu", [&] {
+    using T = scalar_t;
+    const T* xp = xc.data_ptr<T>();
+    const T* wp = weight.has_value() ? wc.data_ptr<T>() : nullptr;
+    const T* gp = gate.has_value() ? gc.data_ptr<T>() : nullptr;
+    T* yp = y.data_ptr<T>();
+    const T inv_n = mean ? T(1) / T(D) : T(1);
+    const int64_t grain = std::max<int64_t>(1, kValuesPerTask / std::max<int64_t>(D, 1));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const T* xr = xp + r * D;
+        T* yr = yp + r * D;
+        T ss = 0;
+        for (int64_t j = 0; j < D; ++j) ss += xr[j] * xr[j];
+        const T scale = T(1) / std::sqrt(ss * inv_n + T(eps));
+        for (int64_t j = 0; j < D; ++j) yr[j] = xr[j] * scale;
+        if (wp)
+          for (int64_t j = 0; j < D; ++j) yr[j] *= wp[j];
+        if (gp) {
+          const T* gr = gp + r * D;
+          for (int64_t j = 0; j < D; ++j) yr[j] *= gr[j] / (T(1) + std::exp(-gr[j]));
+        }
+      }
+    });
+  });
+  return y.to(x.scalar_type());
+}
+
+}  // namespace
+
+void bind_row_norms(pybind11::module& m) {
+  m.def("row_norm", &row_norm, "RMSNorm (gated or not) or L2 norm over the last dim, no autograd (CPU)");
+}

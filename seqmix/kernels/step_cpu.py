@@ -1,0 +1,112 @@
+"""The recurrent rules' decoding steps as one C++ call each on CPU tensors (recurrent_step_cpu.cpp, built by
+seqmix/kernels/cpu.py): the delta rule and gated delta rule, GLA and Mamba-2's SSD; and the row norms of
+seqmix/archs/modules.py (RMSNorm, gated or not, and l2_normalize; row_norm_cpu.cpp) without autograd.
+
+The step functions (``seqmix.kernels.<family>.step``) hand a call here when :func:`serves` says so: CPU
+tensors, no gradient wanted (the C++ steps have no backward; autograd keeps the tensor ops), and the C++
+kernels built (else the tensor ops serve, and ``seqmix.kernels.explain`` says why). Eagerly the extension
+is called directly: a custom op's dispatch costs about as much as the kernel at decoding sizes. Under
+``torch.compile`` the same call is a torch.library custom op with a fake implementation, so a decoding
+step traces into one graph. Outputs come in the first input's dtype, states in float32 (float64 for float64
+inputs), as the tensor-op steps return them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from seqmix.kernels import cpu
+from seqmix.kernels.backend import select_backend
+from seqmix.kernels.op import wants_grad
+from seqmix.kernels.sequences import reference_dtype
+
+
+def serves(op: str, like: Tensor, *tensors: Tensor | None) -> bool:
+    """Whether the C++ step takes this call of ``op`` (``like`` is its first input, ``tensors`` all of
+    them): the automatic choice between ``cpu`` and ``reference`` (``SEQMIX_BACKEND`` steers it)."""
+    limit = "a gradient is wanted" if wants_grad(*tensors) else None
+    return select_backend(op, None, like.device, ("cpu", "reference"), {"cpu": limit}) == "cpu"
+
+
+def _state_like(state: Tensor, like: Tensor) -> Tensor:
+    return state.new_empty(state.shape, dtype=reference_dtype(like))
+
+
+@torch.library.custom_op("seqmix::delta_rule_step_cpu", mutates_args=())
+def _delta_rule_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, state: Tensor,
+                   scale: float) -> tuple[Tensor, Tensor]:
+    o, S = cpu.extension().delta_rule_step(q, k, v, beta, g, state, scale)
+    return o, S
+
+
+@_delta_rule_op.register_fake
+def _(q, k, v, beta, g, state, scale):
+    return v.new_empty(v.shape, dtype=q.dtype), _state_like(state, q)
+
+
+@torch.library.custom_op("seqmix::gla_step_cpu", mutates_args=())
+def _gla_op(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    o, S = cpu.extension().gla_step(q, k, v, g, state, scale)
+    return o, S
+
+
+@_gla_op.register_fake
+def _(q, k, v, g, state, scale):
+    return v.new_empty(v.shape, dtype=q.dtype), _state_like(state, q)
+
+
+@torch.library.custom_op("seqmix::ssd_step_cpu", mutates_args=())
+def _ssd_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state: Tensor, D: Tensor | None,
+            z: Tensor | None, dt_bias: Tensor | None, dt_softplus: bool, dt_min: float,
+            dt_max: float) -> tuple[Tensor, Tensor]:
+    y, h = cpu.extension().ssd_step(x, dt, A, B, C, state, D, z, dt_bias, dt_softplus, dt_min, dt_max)
+    return y, h
+
+
+@_ssd_op.register_fake
+def _(x, dt, A, B, C, state, D, z, dt_bias, dt_softplus, dt_min, dt_max):
+    return x.new_empty(x.shape), _state_like(state, x)
+
+
+def delta_rule_step(q, k, v, beta, g, state, scale: float):
+    """``seqmix.kernels.deltanet.step``'s update (``g`` [B, H] or None) in one call; returns (o, state)."""
+    if torch.compiler.is_compiling():
+        return _delta_rule_op(q, k, v, beta, g, state, scale)
+    o, S = cpu.extension().delta_rule_step(q, k, v, beta, g, state, scale)
+    return o, S
+
+
+def gla_step(q, k, v, g, state, scale: float):
+    """``seqmix.kernels.gated_linear_attention.step.gla_step``'s update in one call; returns (o, state)."""
+    if torch.compiler.is_compiling():
+        return _gla_op(q, k, v, g, state, scale)
+    o, S = cpu.extension().gla_step(q, k, v, g, state, scale)
+    return o, S
+
+
+def ssd_step(x, dt, A, B, C, state, D, z, dt_bias, dt_softplus: bool, dt_limit: tuple[float, float]):
+    """``seqmix.kernels.mamba2.step.ssd_step``'s update in one call; returns (y, state)."""
+    lo, hi = float(dt_limit[0]), float(dt_limit[1])
+    if torch.compiler.is_compiling():
+        return _ssd_op(x, dt, A, B, C, state, D, z, dt_bias, dt_softplus, lo, hi)
+    y, h = cpu.extension().ssd_step(x, dt, A, B, C, state, D, z, dt_bias, dt_softplus, lo, hi)
+    return y, h
+
+
+@torch.library.custom_op("seqmix::row_norm_cpu", mutates_args=())
+def _row_norm_op(x: Tensor, weight: Tensor | None, gate: Tensor | None, eps: float, mean: bool) -> Tensor:
+    return cpu.extension().row_norm(x, weight, gate, eps, mean)
+
+
+@_row_norm_op.register_fake
+def _(x, weight, gate, eps, mean):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def row_norm(x: Tensor, weight: Tensor | None, gate: Tensor | None, eps: float, mean: bool) -> Tensor:
+    """``x * rsqrt(sum(x^2) / n + eps) [* weight] [* silu(gate)]`` over the last dim (n = D if ``mean``, else 1)
+    in one call, no autograd: seqmix/archs/modules.py's RMSNorm and l2_normalize without a gradient."""
+    if torch.compiler.is_compiling():
+        return _row_norm_op(x, weight, gate, eps, mean)
+    return cpu.extension().row_norm(x, weight, gate, eps, mean)

@@ -1,0 +1,202 @@
+"""The C++ CPU decoding steps (seqmix/kernels/step_cpu.py): the delta rule, the gated delta rule, GLA and SSD,
+chained over a few tokens from a random state, against the float64 recurrences and the tensor-op steps, in
+float32 and float64, with strong decays and strided token inputs; the choice (C++ without a gradient, tensor
+ops with one), the fallback when the kernels cannot be built (the norms' too: tests/archs/test_modules.py tests
+their C++ call), opcheck of the custom ops, and one compiled graph.
+
+The first test to run builds the kernels (once per machine, cached by torch)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seqmix.kernels import cpu as cpu_build
+from seqmix.archs.modules import RMSNorm
+from seqmix.kernels import step_cpu
+from seqmix.kernels.backend import recording
+from seqmix.kernels.deltanet import delta_rule_recurrent, gated_delta_rule_recurrent
+from seqmix.kernels.deltanet.step import delta_rule_step, gated_delta_rule_step
+from seqmix.kernels.gated_linear_attention.reference import gla_recurrent
+from seqmix.kernels.gated_linear_attention.step import gla_step
+from seqmix.kernels.mamba2.reference import ssd_recurrent
+from seqmix.kernels.mamba2.step import ssd_step
+from tests.helpers import TOL, assert_rel
+
+B, T, H, K, V, G, N = 2, 5, 4, 16, 19, 2, 11
+SCALE = 0.6
+SSD_OPTIONS = {"dt_softplus": True, "dt_limit": (0.0, 6.0)}
+RULES = ("delta_rule", "gated_delta_rule", "gla", "ssd")
+OP_OF = {"delta_rule": "delta_rule_step", "gated_delta_rule": "delta_rule_step", "gla": "gla_step",
+         "ssd": "ssd_step"}
+
+
+@pytest.fixture
+def kernels_built(monkeypatch):
+    """Skips where the kernels cannot be built here (no compiler or ninja); the automatic choice on."""
+    if cpu_build.unavailable() is not None:
+        pytest.skip(cpu_build.unavailable())
+    monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+built = pytest.mark.usefixtures("kernels_built")
+
+
+def _strided(gen, *shape):
+    """[B, T, H, X] float64 values as a view that is strided over the heads (every other head of a wider
+    tensor), the way token inputs arrive as rows of a projection."""
+    b, t, h, x = shape
+    return torch.randn(b, t, 2 * h, x, generator=gen, dtype=torch.float64)[:, :, ::2]
+
+
+def _inputs(rule):
+    """Per-token inputs [B, T, ...] and the initial state, float64; decays down to e^-8 per token."""
+    gen = torch.Generator().manual_seed(RULES.index(rule))
+    if rule == "ssd":
+        A = -torch.rand(H, generator=gen, dtype=torch.float64) * 3 - 0.1
+        x, z = _strided(gen, B, T, H, V), _strided(gen, B, T, H, V)
+        dt = torch.randn(B, T, H, generator=gen, dtype=torch.float64) * 2
+        Bm, Cm = (torch.randn(B, T, G, N, generator=gen, dtype=torch.float64) for _ in range(2))
+        D, bias = (torch.randn(H, generator=gen, dtype=torch.float64) for _ in range(2))
+        return [x, dt, A, Bm, Cm, D, z, bias], torch.randn(B, H, V, N, generator=gen, dtype=torch.float64)
+    q = F.normalize(_strided(gen, B, T, H, K), dim=-1)
+    # k with a strided last dimension (the kernels make such rows contiguous).
+    k = F.normalize(torch.randn(B, T, K, H, generator=gen, dtype=torch.float64).transpose(-1, -2), dim=-1)
+    v = _strided(gen, B, T, H, V)
+    state = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64)
+    if rule == "gla":
+        g = -8 * torch.rand(B, T, H, K, generator=gen, dtype=torch.float64)
+        return [q, k, v, g], state
+    beta = torch.rand(B, T, H, generator=gen, dtype=torch.float64)
+    if rule == "delta_rule":
+        return [q, k, v, beta], state
+    return [q, k, v, -8 * torch.rand(B, T, H, generator=gen, dtype=torch.float64), beta], state
+
+
+def _chain(rule, inputs, state):
+    """The public step over T tokens: (outputs [B, T, ...], final state)."""
+    outs = []
+    for t in range(T):
+        if rule == "ssd":
+            x, dt, A, Bm, Cm, D, z, bias = inputs
+            o, state = ssd_step(x[:, t], dt[:, t], A, Bm[:, t], Cm[:, t], state, D=D, z=z[:, t], dt_bias=bias,
+                                **SSD_OPTIONS)
+        else:
+            step = {"delta_rule": delta_rule_step, "gated_delta_rule": gated_delta_rule_step, "gla": gla_step}[rule]
+            o, state = step(*(x[:, t] for x in inputs), state, scale=SCALE)
+        outs.append(o)
+    return torch.stack(outs, 1), state
+
+
+def _oracle(rule, inputs, state):
+    if rule == "ssd":
+        return ssd_recurrent(*inputs, **SSD_OPTIONS, initial_state=state, output_final_state=True)
+    oracle = {"delta_rule": delta_rule_recurrent, "gated_delta_rule": gated_delta_rule_recurrent,
+              "gla": gla_recurrent}[rule]
+    return oracle(*inputs, SCALE, initial_state=state, output_final_state=True)
+
+
+@built
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("rule", RULES)
+def test_cpu_step_equals_oracle_and_tensor_op_step(rule, dtype, monkeypatch):
+    inputs, state = _inputs(rule)
+    cast = [t.to(dtype) for t in inputs]
+    with torch.no_grad(), recording() as choices:
+        out, final = _chain(rule, cast, state.to(dtype))
+    assert {(c.op, c.backend) for c in choices} == {(OP_OF[rule], "cpu")}
+    assert out.dtype == dtype and final.dtype == dtype and final.is_contiguous()
+    out_ref, final_ref = _oracle(rule, inputs, state)
+    tol = 1e-12 if dtype == torch.float64 else TOL[dtype] / 10
+    assert_rel(out, out_ref, tol, "output against the float64 recurrence")
+    assert_rel(final, final_ref, tol, "final state against the float64 recurrence")
+    monkeypatch.setenv("SEQMIX_BACKEND", "reference")
+    with torch.no_grad():
+        out_ops, final_ops = _chain(rule, cast, state.to(dtype))
+    assert_rel(out, out_ops, tol, "output against the tensor-op step")
+    assert_rel(final, final_ops, tol, "final state against the tensor-op step")
+
+
+@built
+@pytest.mark.parametrize("rule", RULES)
+def test_state_passed_in_stays_valid_and_low_precision_inputs_compute_in_float32(rule):
+    inputs, state = _inputs(rule)
+    per_token = [t.to(torch.bfloat16) if t.dim() > 1 else t for t in inputs]
+    before = state.float().clone()
+    s = before.clone()
+    with torch.no_grad():
+        out, final = _chain(rule, per_token, s)
+    assert torch.equal(s, before)
+    assert out.dtype == torch.bfloat16 and final.dtype == torch.float32
+    out_ref, final_ref = _oracle(rule, [t.double() for t in per_token], state)
+    assert_rel(final, final_ref, TOL[torch.float32], "final state from bfloat16 inputs")
+
+
+@built
+@pytest.mark.parametrize("rule", RULES)
+def test_a_wanted_gradient_takes_the_tensor_ops(rule):
+    inputs, state = _inputs(rule)
+    state.requires_grad_()
+    with recording() as choices:
+        out, final = _chain(rule, inputs, state)
+    assert {c.backend for c in choices} == {"reference"}
+    assert "a gradient is wanted" in choices[0].reason
+    (grad,) = torch.autograd.grad(out.sum() + final.sum(), state)
+    assert grad.shape == state.shape
+
+
+def test_a_failed_build_falls_back_to_the_tensor_ops(monkeypatch):
+    monkeypatch.setattr(cpu_build, "_tried", True)
+    monkeypatch.setattr(cpu_build, "_reason", "the C++ CPU kernels could not be built: no compiler")
+    monkeypatch.setattr(cpu_build, "_module", None)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
+    for rule in RULES:
+        inputs, state = _inputs(rule)
+        with torch.no_grad(), recording() as choices:
+            out, final = _chain(rule, [t.float() for t in inputs], state.float())
+        assert {c.backend for c in choices} == {"reference"}
+        assert "cpu: the C++ CPU kernels could not be built: no compiler" in choices[0].reason
+        out_ref, final_ref = _oracle(rule, inputs, state)
+        assert_rel(out, out_ref, TOL[torch.float32], f"{rule}: output of the fallback")
+        assert_rel(final, final_ref, TOL[torch.float32], f"{rule}: final state of the fallback")
+    x = torch.randn(3, 8)
+    with torch.no_grad(), recording() as choices:
+        y = RMSNorm(8)(x, x)
+    assert [(c.op, c.backend) for c in choices] == [("rms_norm", "reference")]
+    assert_rel(y, x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-5) * F.silu(x), 1e-6, "norm's fallback")
+
+
+def _op_calls(rule):
+    """(custom op, one call's arguments) for the first token in float32."""
+    inputs, state = _inputs(rule)
+    first = [t[:, 0].float() if t.dim() > 1 else t.float() for t in inputs]
+    state = state.float()
+    if rule == "ssd":
+        x, dt, A, Bm, Cm, D, z, bias = first
+        return step_cpu._ssd_op, (x, dt, A, Bm, Cm, state, D, z, bias, True, 0.0, float("inf"))
+    if rule == "gla":
+        return step_cpu._gla_op, (*first, state, SCALE)
+    q, k, v, *g, beta = first
+    return step_cpu._delta_rule_op, (q, k, v, beta, g[0] if g else None, state, SCALE)
+
+
+@built
+@pytest.mark.parametrize("rule", RULES)
+def test_custom_ops_pass_opcheck(rule):
+    op, args = _op_calls(rule)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@built
+def test_compiled_steps_trace_into_one_graph_and_equal_eager():
+    """fullgraph=True: the custom ops trace (Dynamo's eager backend: no inductor compile in the tests)."""
+    for rule in RULES:
+        inputs, state = _inputs(rule)
+        cast = [t.float() for t in inputs]
+        with torch.no_grad():
+            compiled = torch.compile(lambda xs, s: _chain(rule, xs, s), fullgraph=True, backend="eager")
+            out, final = compiled(cast, state.float())
+            out_eager, final_eager = _chain(rule, cast, state.float())
+        torch.testing.assert_close(out, out_eager, rtol=0, atol=0)
+        torch.testing.assert_close(final, final_eager, rtol=0, atol=0)
