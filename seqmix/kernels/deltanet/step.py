@@ -26,13 +26,12 @@ def _columns(x):
 
 
 def _step(q, k, v, beta, g, state, scale):
-    """The shared update; ``g`` [B, H] or None (no decay). Computes in float32 (float64 for float64 q),
-    on rows [B, H, 1, *] so that every product is one matmul."""
+    """The shared update; ``g`` [B, H] or None (no decay). Computes in float32 (float64 for float64 q)."""
     dt = reference_dtype(q)
     S = _as(state, dt)
     if g is not None:
         S = S * _columns(_as(g, dt).exp())
-    k = _as(k, dt).unsqueeze(-2)
+    k = _as(k, dt).unsqueeze(-2)  # rows [B, H, 1, *]: every product is one matmul
     v_new = (_as(v, dt).unsqueeze(-2) - k @ S) * _columns(_as(beta, dt))  # [B, H, 1, V]
     S = torch.addcmul(S, k.transpose(-1, -2), v_new)  # S + k v_new^T
     o = (_as(q, dt).unsqueeze(-2) @ S).squeeze(-2) * scale
