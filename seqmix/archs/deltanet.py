@@ -13,7 +13,7 @@ from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
 from seqmix.archs.modules import RMSNorm, ShortConvolution, l2_normalize, no_weight_decay
 from seqmix.kernels import causal_conv1d, delta_rule, gated_delta_rule
 from seqmix.kernels.conv.step import causal_conv1d_step
-from seqmix.kernels.deltanet.step import step_rows
+from seqmix.kernels.deltanet.step import delta_rule_step, gated_delta_rule_step
 
 
 @register_mixer("deltanet")
@@ -104,7 +104,7 @@ class DeltaNet(Mixer):
     def _decoding_step(self, x, state):
         """One token per sequence (x [B, 1, hidden]) in few calls: one matmul for every projection
         (q|k|v, the output gate, beta's and the decay's), the three short convs as one window step, and the
-        rule on [B, H, 1, *] rows (seqmix/kernels/deltanet/step.py, ``step_rows``)."""
+        one-token rule (seqmix/kernels/deltanet/step.py)."""
         B, H, K, V = x.shape[0], self.num_heads, self.head_k, self.head_v
         gates, strengths = [] if self.g_proj is None else [self.g_proj.weight], self._strength_weights()
         weights = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, *gates, *strengths])
@@ -116,12 +116,14 @@ class DeltaNet(Mixer):
         else:
             qkv, new_state["conv"] = causal_conv1d_step(qkv, self._conv_weights(), None, "silu", state["conv"])
         qk, v = qkv.split([2 * H * K, H * V], -1)
-        q, k = l2_normalize(qk.view(B, 2 * H, 1, K)).split(H, 1)
+        q, k = l2_normalize(qk.view(B, 2 * H, K)).split(H, 1)
         beta, g = self._strengths(rest[-1])
-        g = None if g is None else g.view(B, H, 1, 1)
-        o, recurrent = step_rows(q, k, v.view(B, H, 1, V), beta.view(B, H, 1, 1), g, state["recurrent"], K**-0.5)
-        # o and the gate as [B, H, 1, V]: the norm runs over V, and the result is [B, 1, H V] in one view.
-        gate = None if self.g_proj is None else rest[0].view(B, H, 1, V)
+        if g is None:
+            o, recurrent = delta_rule_step(q, k, v.view(B, H, V), beta, state["recurrent"])
+        else:
+            o, recurrent = gated_delta_rule_step(q, k, v.view(B, H, V), g, beta, state["recurrent"])
+        # o and the gate as [B, H, V]: the norm runs over V, and the result is [B, 1, H V] in one view.
+        gate = None if self.g_proj is None else rest[0].view(B, H, V)
         new_state["recurrent"] = recurrent
         return self.o_proj(self.o_norm(o, gate).view(B, 1, H * V)), new_state
 

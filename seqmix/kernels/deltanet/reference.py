@@ -163,7 +163,7 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         dv_new = torch.baddbmm((P.transpose(-1, -2) @ do).flatten(0, 1), k_out.flatten(0, 1), d_next.flatten(0, 1),
                                beta=scale).view(BH, NT, C, V)
         states_t = states.transpose(-1, -2)
-        dq_in = (do @ states_t).mul_(scale)
+        dq_in = do @ states_t  # times scale below
         dk_out = v_new @ d_next.transpose(-1, -2)
         # V' = U - W S, [W | U] = (I + A)^-1 [X | Y]: [dX | dY] = (I + A)^-T [-dV' S^T | dV'] and
         # dA = -tril_(dX W^T + dY U^T).
@@ -171,23 +171,32 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         dA = (dXY @ WU.transpose(-1, -2)).neg_().tril_(-1)
         dX, dY = dXY[..., :K], dXY[..., K:]
         dP = (do @ v_new.transpose(-1, -2)).mul_(scale)
+        # A = tril_(diag(beta) (K K^T * G)), P = tril(Q K^T * G), X = diag(beta e^gc) K, Y = diag(beta) V.
+        # The products accumulate into their sums in place (baddbmm_): no separate pass per term.
         if gc is None:
             dP.tril_()
-            TA, TP, Z = dA, dP, dA @ k + dX
+            TA, TP = dA, dP
+            Z = torch.baddbmm(dX.flatten(0, 1), dA.flatten(0, 1), k.flatten(0, 1))
+            dq = torch.baddbmm(dq_in.flatten(0, 1), TP.flatten(0, 1), k.flatten(0, 1), beta=scale)
+            dk = torch.addcmul(dk_out, Z.view_as(k), beta[..., None])
         else:
             TA, TP = dA * G, dP * G
-            Z = torch.addcmul(TA @ k, dX, eg[..., None])
-        # A = tril_(diag(beta) (K K^T * G)), P = tril(Q K^T * G), X = diag(beta e^gc) K, Y = diag(beta) V.
-        dq = torch.addcmul(TP @ k, dq_in, eg[..., None]) if gc is not None else TP @ k + dq_in
-        dk = TA.transpose(-1, -2) @ kb + TP.transpose(-1, -2) @ q + beta[..., None] * Z
-        dk = dk + (dk_out if gc is None else dk_out * ek[..., None])
+            Z = (dX * eg[..., None]).flatten(0, 1).baddbmm_(TA.flatten(0, 1), k.flatten(0, 1))
+            dq_in.mul_((eg * scale)[..., None])  # the gradient of q through Q~ = Q e^gc
+            dq_q = _rowsum(dq_in, q)
+            dq = dq_in.flatten(0, 1).baddbmm_(TP.flatten(0, 1), k.flatten(0, 1))
+            dk = torch.addcmul(dk_out * ek[..., None], Z.view_as(k), beta[..., None])
+        Z = Z.view_as(k)
+        dk.flatten(0, 1).baddbmm_(TA.transpose(-1, -2).flatten(0, 1), kb.flatten(0, 1)).baddbmm_(
+            TP.transpose(-1, -2).flatten(0, 1), q.flatten(0, 1))
+        dq = dq.view_as(q)
         dv = dY * beta[..., None]
         dbeta = _rowsum(k, Z) + _rowsum(dY, v)
         dg = None
         if gc is not None:
             # Each exponent gc_i - gc_j of A and P moves with gc_i and against gc_j.
             E = dA.mul_(A).add_(dP.mul_(P))
-            dgc = E.sum(-1) - E.sum(-2) + _rowsum(dq_in, q_in) + _rowsum(dX, k) * beta * eg
+            dgc = E.sum(-1) - E.sum(-2) + dq_q + _rowsum(dX, k) * beta * eg
             e = _rowsum(dk_out, k_out)
             dgc = dgc - e
             dgc[..., -1] += e.sum(-1) + (states * d_next).sum((-1, -2)) * gc[..., -1].exp()

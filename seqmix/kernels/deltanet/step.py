@@ -21,28 +21,24 @@ def _as(x, dtype):
     return x if x.dtype == dtype else x.to(dtype)
 
 
-def step_rows(q, k, v, beta, g, state, scale):
-    """The update of both steps on rows, the layers' form of a decoding step (the caller has checked the
-    shapes): q, k [B, H, 1, K], v [B, H, 1, V], beta and g (None: no decay) [B, H, 1, 1], state
-    [B, H, K, V]. Computes in float32 (float64 for float64 q) so that every product is one matmul, and
-    returns (o [B, H, 1, V] in q's dtype, the new state)."""
-    dt = reference_dtype(q)
-    S = _as(state, dt)
-    if g is not None:
-        S = S * _as(g, dt).exp()
-    k = _as(k, dt)
-    v_new = (_as(v, dt) - k @ S) * _as(beta, dt)  # [B, H, 1, V]
-    S = torch.addcmul(S, k.transpose(-1, -2), v_new)  # S + k v_new^T
-    return _as((_as(q, dt) @ S) * scale, q.dtype), S
+def _columns(x):
+    """[B, H] -> [B, H, 1, 1] in one view."""
+    return x.view(x.shape + (1, 1))
 
 
 def _step(q, k, v, beta, g, state, scale):
-    """:func:`step_rows` on q, k [B, H, K], v [B, H, V], beta and g [B, H]."""
+    """The shared update; ``g`` [B, H] or None (no decay). Computes in float32 (float64 for float64 q)."""
     if step_cpu.serves("delta_rule_step", q, q, k, v, beta, g, state):  # one C++ call
         return step_cpu.delta_rule_step(q, k, v, beta, g, state, scale)
-    o, S = step_rows(*(x.unsqueeze(-2) for x in (q, k, v)), beta[..., None, None],
-                     None if g is None else g[..., None, None], state, scale)
-    return o.squeeze(-2), S
+    dt = reference_dtype(q)
+    S = _as(state, dt)
+    if g is not None:
+        S = S * _columns(_as(g, dt).exp())
+    k = _as(k, dt).unsqueeze(-2)  # rows [B, H, 1, *]: every product is one matmul
+    v_new = (_as(v, dt).unsqueeze(-2) - k @ S) * _columns(_as(beta, dt))  # [B, H, 1, V]
+    S = torch.addcmul(S, k.transpose(-1, -2), v_new)  # S + k v_new^T
+    o = (_as(q, dt).unsqueeze(-2) @ S).squeeze(-2) * scale
+    return _as(o, q.dtype), S
 
 
 def delta_rule_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, state: torch.Tensor,
