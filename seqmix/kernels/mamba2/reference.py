@@ -222,18 +222,21 @@ class _SSDFactored(torch.autograd.Function):
         # cancels exactly: it is taken out of both before the products, as is the last token's write, whose
         # exp(last - lcum_last) = 1 (in float32 such terms would swamp a small dA under strong decays, and
         # an exact zero gradient would come out as rounding noise).
-        Md = M.diagonal(0, -2, -1)  # [Bb, G, NC, c]: C_i . B_i
-        R_off = (R.flatten(-2) - _rows(v.flatten(-2), Md)).view(R.shape)
-        dv_off = (dv.flatten(-2) - _rows(dR, Md)).view(dv.shape)
-        through_u = torch.linalg.vecdot(du, u)
+        # The products below reuse tensors no longer needed (fresh large temporaries cost page faults here).
+        Md = M.diagonal(0, -2, -1).reshape(-1, 1)  # C_i . B_i per token
+        # (not by addcmul: its fused multiply-add would leave R_ii - M_ii v_i as a rounding error, not zero)
+        R_off = torch.sub(R.reshape(-1, Hg * P), v.reshape(-1, Hg * P) * Md)
+        dv_off = torch.sub(dv.reshape(-1, Hg * P), dR.reshape(-1, Hg * P) * Md)
+        through_u = du.mul_(u).sum(-1)
         through_u[:, :, :, -1] = 0
-        per_state = torch.linalg.vecdot(dS.flatten(-2), entering.flatten(-2))  # sum(dS * S) per head
+        per_state = dS.flatten(-2).mul_(entering.flatten(-2)).sum(-1)  # sum(dS * S) per head
         dlast = (torch.exp(last[:, :, :, 0]) * per_state).add_(through_u.sum(3))
-        dlcum = torch.linalg.vecdot(dR.view(R.shape), R_off).sub_(torch.linalg.vecdot(dv_off, v)).sub_(through_u)
+        dlcum = R_off.mul_(dR.reshape(-1, Hg * P)).view(R.shape).sum(-1)
+        dlcum.sub_(dv_off.mul_(v.reshape(-1, Hg * P)).view(v.shape).sum(-1)).sub_(through_u)
         da = dlcum.flip(3).cumsum(3).flip(3).add_(dlast[:, :, :, None])
-        ddt = torch.linalg.vecdot(dxdt, X).add_(da * A.view(G, 1, 1, Hg))
-        dA = (da * dtc).sum((0, 2, 3)).view(-1)
         dx = _rows(dxdt, dtc)
+        ddt = dxdt.mul_(X).sum(-1).add_(da * A.view(G, 1, 1, Hg))
+        dA = (da * dtc).sum((0, 2, 3)).view(-1)
         return (_to_tokens(dx), _to_tokens(ddt), dA, _to_tokens(dB, heads=False), _to_tokens(dC, heads=False),
                 dh0.reshape(Bb, G * Hg, P, N), None)
 
