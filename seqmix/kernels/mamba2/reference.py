@@ -214,8 +214,8 @@ class _SSDFactored(torch.autograd.Function):
         du = _bmm(Bm, dSf.transpose(-1, -2)).view(Bb, G, NC, c, Hg, P)
         dC = _bmm(dR, entering.flatten(3, 4)).add_(_bmm(dM, Bm))
         dB = _bmm(u.flatten(-2), dSf).add_(_bmm(dM.transpose(-1, -2), Cm))
-        to_end = torch.exp(last - lcum)
-        dxdt = _rows(dv, torch.exp(-lcum)).add_(_rows(du, to_end))
+        dxdt = torch.addcmul(_rows(dv, torch.exp(-lcum)).view(-1, P), du.reshape(-1, P),
+                             torch.exp(last - lcum).reshape(-1, 1)).view(dv.shape)
         # dlcum: +lcum_i through exp(lcum) on the outputs (y = exp(lcum) R), -lcum_j through v, -lcum_j
         # through the writes u (whose +last goes to dlast, with the entering state's decay). A token's own
         # term (the diagonal of M) enters both the first and the second with exp(lcum_i - lcum_i) = 1 and
