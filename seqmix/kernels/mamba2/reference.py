@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from seqmix.kernels.gated_linear_attention.reference import factored_limit
 from seqmix.kernels.sequences import over_sequences, reference_dtype, sequence_spans
 
 
@@ -47,7 +48,7 @@ def _prepare(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, expand=True):
 
 def _finish(y, x, D, z, final, in_dtype, output_final_state):
     if D is not None:
-        y = y + D[:, None] * x
+        y = torch.addcmul(y, D[:, None], x)  # one pass (a product, then a sum, measured ~3x the time)
     return _gate(y, z).to(in_dtype), (final if output_final_state else None)
 
 
@@ -88,11 +89,7 @@ class _SSDChunks(torch.autograd.Function):
         Bb, T, H, P = x.shape
         G, N = B.shape[2:]
         NC, Hg = T // c, H // G
-        # [Bb, G, NC, c, Hg, *]: views of the token layout (copies only where G > 1 makes them necessary)
-        X = x.view(Bb, NC, c, G, Hg, P).permute(0, 3, 1, 2, 4, 5)
-        dtc = dt.view(Bb, NC, c, G, Hg).permute(0, 3, 1, 2, 4)
-        Bm, Cm = (t.view(Bb, NC, c, G, N).permute(0, 3, 1, 2, 4) for t in (B, C))
-        lcum = (dtc * A.view(G, 1, 1, Hg)).cumsum(3)  # [Bb, G, NC, c, Hg]
+        X, dtc, Bm, Cm, lcum = _chunk_views(x, dt, A, B, C, c)
         L, W, xdt = _SSDChunks._intra(X, dtc, Bm, Cm, lcum)
         last = lcum[:, :, :, -1:]
         u = X * (dtc * torch.exp(last - lcum))[..., None]  # each token's write to the chunk's final state
@@ -161,6 +158,114 @@ class _SSDChunks(torch.autograd.Function):
                 dh0.reshape(Bb, G * Hg, P, N), None)
 
 
+class _SSDFactored(torch.autograd.Function):
+    """The chunked SSD form with the intra-chunk decays factored through each chunk's first row
+    (docs/math/mamba2.md, "The factored form"): ``exp(lcum_i - lcum_j) = exp(lcum_i) exp(-lcum_j)``, so the
+    decay-masked scores of all heads of a group are one ``tril(C B^T)`` times the inputs scaled per head
+    by ``exp(-lcum)``, and the outputs are scaled back by ``exp(lcum)``: no per-head ``[c, c]`` matrices, every
+    product one batched matmul per chunk and group. ``exp(-lcum)`` grows with the chunk's total decay, so the
+    caller takes this only where that total stays within ``factored_limit``. The backward is written by hand
+    and recomputes the exponentials, the scores and the scaled inputs instead of saving them.
+
+    Inputs and outputs as :class:`_SSDChunks`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, h0, c):
+        X, dtc, Bm, Cm, lcum = _chunk_views(x, dt, A, B, C, c)
+        Bb, G, NC, _, Hg, P = X.shape
+        N = Bm.shape[-1]
+        last = lcum[:, :, :, -1:]
+        v, u, M = _SSDFactored._recompute(X, dtc, Bm, Cm, lcum, last)
+        entering, final = _carry(torch.exp(last[:, :, :, 0]),
+                                 _bmm(u.flatten(-2).transpose(-1, -2), Bm).view(Bb, G, NC, Hg, P, N),
+                                 h0.view(Bb, G, Hg, P, N))
+        R = torch.baddbmm(_bmm(M, v.flatten(-2)).flatten(0, 2), Cm.reshape(-1, c, N),
+                          entering.flatten(3, 4).transpose(-1, -2).reshape(-1, N, Hg * P))
+        R = R.view(Bb, G, NC, c, Hg, P)
+        ctx.save_for_backward(X, dtc, A, Bm, Cm, lcum, R, entering)
+        y = _rows(R, torch.exp(lcum))
+        return _to_tokens(y), final.view(Bb, G * Hg, P, N)
+
+    @staticmethod
+    def _recompute(X, dtc, Bm, Cm, lcum, last):
+        """v = dt' x exp(-lcum) (the inputs through the chunk's first row), u = dt' x exp(last - lcum) (each
+        token's write to the chunk's final state), M = tril(C B^T) [Bb, G, NC, c, c]."""
+        v = _rows(X, dtc * torch.exp(-lcum))
+        u = _rows(X, dtc * torch.exp(last - lcum))
+        return v, u, _bmm(Cm, Bm.transpose(-1, -2)).tril_()
+
+    @staticmethod
+    def backward(ctx, dy, dh_last):
+        X, dtc, A, Bm, Cm, lcum, R, entering = ctx.saved_tensors
+        Bb, G, NC, c, Hg, P = X.shape
+        N = Bm.shape[-1]
+        dy = dy.view(Bb, NC, c, G, Hg, P).permute(0, 3, 1, 2, 4, 5)
+        last = lcum[:, :, :, -1:]
+        v, u, M = _SSDFactored._recompute(X, dtc, Bm, Cm, lcum, last)
+        dR = _rows(dy, torch.exp(lcum)).flatten(-2)  # [Bb, G, NC, c, Hg P]
+        # Gradients of the states leaving each chunk, carried from the last chunk back.
+        dS, dh0 = _reverse_carry(torch.exp(last[:, :, :, 0]),
+                                 _bmm(dR.transpose(-1, -2), Cm).view(Bb, G, NC, Hg, P, N),
+                                 dh_last.view(Bb, G, Hg, P, N))
+        dSf = dS.flatten(3, 4)
+        dM = _bmm(dR, v.flatten(-2).transpose(-1, -2)).tril_()  # summed over the group's heads by the matmul
+        dv = _bmm(M.transpose(-1, -2), dR).view(Bb, G, NC, c, Hg, P)
+        du = _bmm(Bm, dSf.transpose(-1, -2)).view(Bb, G, NC, c, Hg, P)
+        dC = _bmm(dR, entering.flatten(3, 4)).add_(_bmm(dM, Bm))
+        dB = _bmm(u.flatten(-2), dSf).add_(_bmm(dM.transpose(-1, -2), Cm))
+        dxdt = torch.addcmul(_rows(dv, torch.exp(-lcum)).view(-1, P), du.reshape(-1, P),
+                             torch.exp(last - lcum).reshape(-1, 1)).view(dv.shape)
+        # dlcum: +lcum_i through exp(lcum) on the outputs (y = exp(lcum) R), -lcum_j through v, -lcum_j
+        # through the writes u (whose +last goes to dlast, with the entering state's decay). A token's own
+        # term (the diagonal of M) enters both the first and the second with exp(lcum_i - lcum_i) = 1 and
+        # cancels exactly: it is taken out of both before the products, as is the last token's write, whose
+        # exp(last - lcum_last) = 1 (in float32 such terms would swamp a small dA under strong decays, and
+        # an exact zero gradient would come out as rounding noise).
+        # The products below reuse tensors no longer needed (fresh large temporaries cost page faults here).
+        Md = M.diagonal(0, -2, -1).reshape(-1, 1)  # C_i . B_i per token
+        # (not by addcmul: its fused multiply-add would leave R_ii - M_ii v_i as a rounding error, not zero)
+        R_off = torch.sub(R.reshape(-1, Hg * P), v.reshape(-1, Hg * P) * Md)
+        dv_off = torch.sub(dv.reshape(-1, Hg * P), dR.reshape(-1, Hg * P) * Md)
+        through_u = du.mul_(u).sum(-1)
+        through_u[:, :, :, -1] = 0
+        per_state = dS.flatten(-2).mul_(entering.flatten(-2)).sum(-1)  # sum(dS * S) per head
+        dlast = (torch.exp(last[:, :, :, 0]) * per_state).add_(through_u.sum(3))
+        dlcum = R_off.mul_(dR.reshape(-1, Hg * P)).view(R.shape).sum(-1)
+        dlcum.sub_(dv_off.mul_(v.reshape(-1, Hg * P)).view(v.shape).sum(-1)).sub_(through_u)
+        da = dlcum.flip(3).cumsum(3).flip(3).add_(dlast[:, :, :, None])
+        dx = _rows(dxdt, dtc)
+        ddt = dxdt.mul_(X).sum(-1).add_(da * A.view(G, 1, 1, Hg))
+        dA = (da * dtc).sum((0, 2, 3)).view(-1)
+        return (_to_tokens(dx), _to_tokens(ddt), dA, _to_tokens(dB, heads=False), _to_tokens(dC, heads=False),
+                dh0.reshape(Bb, G * Hg, P, N), None)
+
+
+def _chunk_views(x, dt, A, B, C, c):
+    """[Bb, G, NC, c, Hg, *] views of the token layout (copies only where G > 1 makes them necessary) and the
+    in-chunk cumulative log decays lcum [Bb, G, NC, c, Hg]."""
+    Bb, T, H, P = x.shape
+    G, N = B.shape[2:]
+    NC, Hg = T // c, H // G
+    X = x.view(Bb, NC, c, G, Hg, P).permute(0, 3, 1, 2, 4, 5)
+    dtc = dt.view(Bb, NC, c, G, Hg).permute(0, 3, 1, 2, 4)
+    Bm, Cm = (t.view(Bb, NC, c, G, N).permute(0, 3, 1, 2, 4) for t in (B, C))
+    return X, dtc, Bm, Cm, (dtc * A.view(G, 1, 1, Hg)).cumsum(3)
+
+
+def _bmm(a, b):
+    """``a @ b`` over equal leading dims as one 3-d :func:`torch.bmm`."""
+    out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+    return out.view(*a.shape[:-2], *out.shape[-2:])
+
+
+def _rows(t, s):
+    """``t * s[..., None]`` for t [..., P] and s [...], as a 2-d broadcast (the same broadcast on these 6-d
+    views measured several times slower on the CPU). A new contiguous tensor of t's shape."""
+    P = t.shape[-1]
+    return (t.reshape(-1, P) * s.reshape(-1, 1)).view(t.shape)
+
+
 def _to_tokens(t, heads=True):
     """[Bb, G, NC, c, *rest] -> the token layout [Bb, NC * c, G, *rest], with G and the heads of a group
     merged when ``heads`` (a view when G == 1)."""
@@ -205,8 +310,19 @@ def _chunked_dense(x, dt, A, B, C, h, chunk_size):
     if x.shape[1] == 0:
         return x.new_zeros(Bb, 0, H, P), h
     x, dt, B, C = (t.contiguous() for t in (x, dt, B, C))
-    y, h = _SSDChunks.apply(x, dt, A, B, C, h.contiguous(), c)
+    y, h = _chunks_function(dt, A, c).apply(x, dt, A, B, C, h.contiguous(), c)
     return y[:, :T], h
+
+
+def _chunks_function(dt, A, c):
+    """:class:`_SSDFactored` where every chunk's total log decay stays within :func:`factored_limit` (and
+    outside torch.compile, where the check would synchronise); :class:`_SSDChunks`, whose decays never
+    overflow, otherwise."""
+    if not torch.compiler.is_compiling():
+        totals = (dt.view(dt.shape[0], -1, c, dt.shape[2]).sum(2) * A).amin()
+        if bool(totals >= -factored_limit(dt.dtype)):
+            return _SSDFactored
+    return _SSDChunks
 
 
 def ssd_chunked(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf")),

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from seqmix.kernels.mamba2 import ssd_chunked, ssd_recurrent
+from seqmix.kernels.gated_linear_attention.reference import factored_limit
+from seqmix.kernels.mamba2 import reference, ssd_chunked, ssd_recurrent
 from tests.helpers import TOL, assert_rel
 from tests.kernels.mamba2.cases import Case, cases, make_inputs
 
@@ -127,4 +128,41 @@ def test_strong_decay_gradients_stay_finite_in_float32():
     _, _, ref_grads = _grads(ssd_recurrent, up, 3)
     for name, a, b in zip(("x", "dt", "A", "B", "C", "h0"), grads, ref_grads, strict=True):
         assert torch.isfinite(a).all(), f"d{name} is not finite"
+        assert_rel(a, b, TOL[torch.float32], f"d{name}")
+
+
+@pytest.mark.parametrize("form", ["_SSDFactored", "_SSDChunks"])
+def test_both_chunked_forms_match_recurrence_for_every_input(form, monkeypatch):
+    """Each of the two chunked forms (docs/math/mamba2.md), forced, against the float64 recurrence: two groups,
+    ragged, gradients of x, dt, A, B, C, D, z, dt_bias and the initial state."""
+    monkeypatch.setattr(reference, "_chunks_function", lambda dt, A, c: getattr(reference, form))
+    case = Case(batch=2, lengths=None, seqlen=100, heads=4, groups=2, p=3, n=5, initial_state=True, extras=True,
+                seed=5)
+    inputs = [None if t is None else t.detach().double().requires_grad_()
+              for t in make_inputs(case, torch.float64, "cpu")]
+    y, s, grads = _grads(ssd_chunked, inputs, case.seed, chunk_size=32)
+    y_ref, s_ref, ref_grads = _grads(ssd_recurrent, inputs, case.seed)
+    assert_rel(y, y_ref, 1e-12, "output")
+    assert_rel(s, s_ref, 1e-12, "final state")
+    names = [n for n, t in zip(("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "h0"), inputs) if t is not None]
+    for name, a, b in zip(names, grads, ref_grads, strict=True):
+        assert_rel(a, b, 1e-11, f"d{name}")
+
+
+def test_factored_form_up_to_its_limit_in_float32():
+    """Chunk totals of the log decay up to 0.95 factored_limit (exp(-lcum) near e^42) in float32: the factored
+    form serves and every gradient equals the float64 recurrence's."""
+    case = Case(batch=1, lengths=None, seqlen=128, heads=2, groups=1, p=4, n=8, initial_state=True, extras=False,
+                seed=6)
+    inputs = make_inputs(case, torch.float32, "cpu")
+    totals = (inputs[1].view(1, 2, 64, 2) * inputs[2]).sum(2)  # [1, chunks, heads]
+    inputs[2] = inputs[2] * (0.95 * factored_limit(torch.float32) / -totals.min())
+    assert reference._chunks_function(inputs[1], inputs[2], 64) is reference._SSDFactored
+    inputs = [None if t is None else t.requires_grad_() for t in inputs]
+    y, s, grads = _grads(ssd_chunked, inputs, 7)
+    up = [None if t is None else t.detach().double().requires_grad_() for t in inputs]
+    y64, s64, ref_grads = _grads(ssd_recurrent, up, 7)
+    assert_rel(y, y64, TOL[torch.float32], "output")
+    assert_rel(s, s64, TOL[torch.float32], "final state")
+    for name, a, b in zip(("x", "dt", "A", "B", "C", "h0"), grads, ref_grads, strict=True):
         assert_rel(a, b, TOL[torch.float32], f"d{name}")
