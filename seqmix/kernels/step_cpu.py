@@ -1,6 +1,7 @@
 """The recurrent rules' decoding steps as one C++ call each on CPU tensors (recurrent_step_cpu.cpp, built by
-seqmix/kernels/cpu.py): the delta rule and gated delta rule, GLA and Mamba-2's SSD; and the row norms of
-seqmix/archs/modules.py (RMSNorm, gated or not, and l2_normalize; row_norm_cpu.cpp) without autograd.
+seqmix/kernels/cpu.py): the delta rule and gated delta rule, GLA and Mamba-2's SSD; the short causal conv's
+step (conv/conv_step_cpu.cpp); and the row norms of seqmix/archs/modules.py (RMSNorm, gated or not, and
+l2_normalize; row_norm_cpu.cpp) without autograd.
 
 The step functions (``seqmix.kernels.<family>.step``) hand a call here when :func:`serves` says so: CPU
 tensors, no gradient wanted (the C++ steps have no backward; autograd keeps the tensor ops), and the C++
@@ -110,3 +111,22 @@ def row_norm(x: Tensor, weight: Tensor | None, gate: Tensor | None, eps: float, 
     if torch.compiler.is_compiling():
         return _row_norm_op(x, weight, gate, eps, mean)
     return cpu.extension().row_norm(x, weight, gate, eps, mean)
+
+
+@torch.library.custom_op("seqmix::causal_conv1d_step_cpu", mutates_args=())
+def _conv_step_op(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, state: Tensor) -> tuple[Tensor, Tensor]:
+    out, window = cpu.extension().causal_conv1d_step(x, weight, bias, silu, state)
+    return out, window
+
+
+@_conv_step_op.register_fake
+def _(x, weight, bias, silu, state):
+    return x.new_empty(x.shape), _state_like(state, x)
+
+
+def causal_conv1d_step(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, state: Tensor):
+    """``seqmix.kernels.conv.step.causal_conv1d_step`` in one call; returns (out, the new state)."""
+    if torch.compiler.is_compiling():
+        return _conv_step_op(x, weight, bias, silu, state)
+    out, window = cpu.extension().causal_conv1d_step(x, weight, bias, silu, state)
+    return out, window
