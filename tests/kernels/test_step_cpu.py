@@ -244,3 +244,21 @@ def test_cpu_conv_step_equals_one_call_and_tensor_op_step(W, with_bias, activati
     x, w, b, h0 = (t.float() for t in _conv_inputs(W, dtype))
     torch.library.opcheck(step_cpu._conv_step_op, (x[:, 0], w, b if with_bias else None, activation == "silu", h0),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@built
+def test_unwatched_choice_takes_the_same_paths(monkeypatch):
+    """Without a watcher (recording, explain, DEBUG logging) `serves` skips select_backend: the same choice."""
+    calls = []
+    real = step_cpu.gla_step
+    monkeypatch.setattr(step_cpu, "gla_step", lambda *args: calls.append(1) or real(*args))
+    inputs, state = _inputs("gla")
+    with torch.no_grad():
+        _chain("gla", inputs, state)
+    assert len(calls) == T
+    monkeypatch.setenv("SEQMIX_BACKEND", "reference")
+    with torch.no_grad():
+        _chain("gla", inputs, state)
+    monkeypatch.delenv("SEQMIX_BACKEND")
+    _chain("gla", inputs, state.requires_grad_())
+    assert len(calls) == T
