@@ -135,3 +135,23 @@ def causal_conv1d_step(x: Tensor, weight: Tensor, bias: Tensor | None, silu: boo
         return _conv_step_op(x, weight, bias, silu, state)
     out, window = cpu.extension().causal_conv1d_step(x, weight, bias, silu, state)
     return out, window
+
+
+@torch.library.custom_op("seqmix::residual_swiglu_step_cpu", mutates_args=())
+def _residual_swiglu_op(x: Tensor, y: Tensor, norm_weight: Tensor, eps: float, gate_up: Tensor,
+                        down: Tensor) -> Tensor:
+    return cpu.extension().residual_swiglu_step(x, y, norm_weight, eps, gate_up, down)
+
+
+@_residual_swiglu_op.register_fake
+def _(x, y, norm_weight, eps, gate_up, down):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def residual_swiglu_step(x: Tensor, y: Tensor, norm_weight: Tensor, eps: float, gate_up: Tensor,
+                         down: Tensor) -> Tensor:
+    """seqmix/archs/lm.py's ``h = x + y; h + mlp(mlp_norm(h))`` in one call, no autograd (all one dtype,
+    float32 or float64): x, y [..., D], gate_up [2I, D], down [D, I]."""
+    if torch.compiler.is_compiling():
+        return _residual_swiglu_op(x, y, norm_weight, eps, gate_up, down)
+    return cpu.extension().residual_swiglu_step(x, y, norm_weight, eps, gate_up, down)

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seqmix.kernels import cpu as cpu_build
 from seqmix.archs.modules import RMSNorm
 from seqmix.kernels import causal_conv1d, step_cpu
+from seqmix.kernels import cpu as cpu_build
 from seqmix.kernels.backend import recording
 from seqmix.kernels.conv.step import causal_conv1d_step
 from seqmix.kernels.deltanet import delta_rule_recurrent, gated_delta_rule_recurrent
@@ -130,6 +130,7 @@ def test_state_passed_in_stays_valid_and_low_precision_inputs_compute_in_float32
     assert torch.equal(s, before)
     assert out.dtype == torch.bfloat16 and final.dtype == torch.float32
     out_ref, final_ref = _oracle(rule, [t.double() for t in per_token], state)
+    assert_rel(out, out_ref, TOL[torch.bfloat16], "bfloat16 output")
     assert_rel(final, final_ref, TOL[torch.float32], "final state from bfloat16 inputs")
 
 
@@ -196,7 +197,7 @@ def test_compiled_steps_trace_into_one_graph_and_equal_eager():
         inputs, state = _inputs(rule)
         cast = [t.float() for t in inputs]
         with torch.no_grad():
-            compiled = torch.compile(lambda xs, s: _chain(rule, xs, s), fullgraph=True, backend="eager")
+            compiled = torch.compile(lambda xs, s, rule=rule: _chain(rule, xs, s), fullgraph=True, backend="eager")
             out, final = compiled(cast, state.float())
             out_eager, final_eager = _chain(rule, cast, state.float())
         torch.testing.assert_close(out, out_eager, rtol=0, atol=0)
