@@ -21,11 +21,14 @@ from torch import nn
 
 from seqmix.archs.mixer import MIXERS, State, build_mixer, init_mixer_state
 from seqmix.archs.modules import RMSNorm
+from seqmix.kernels import step_cpu
 from seqmix.kernels.checks import check_values
 from seqmix.kernels.conv.step import in_dtype
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 MODEL_TYPE = "seqmix"  # config.json's model_type, the name transformers' Auto classes know seqmix by
+# The dtypes of the fused C++ MLP step (Block._fused_mlp_serves); others keep the modules.
+_FUSED_MLP_DTYPES = (torch.float32, torch.float64)
 
 
 @dataclass
@@ -160,8 +163,20 @@ class Block(nn.Module):
                               **options)
         if self.replaces_stream:
             return y, state
+        if state is not None and not torch.is_grad_enabled() and self._fused_mlp_serves(x, y):  # decoding
+            mlp, norm = self.mlp, self.mlp_norm
+            return step_cpu.residual_swiglu_step(x, y, norm.weight, norm.eps, mlp.gate_up.weight,
+                                                 mlp.down.weight), state
         x = x + y
         return x + self.mlp(self.mlp_norm(x)), state
+
+    def _fused_mlp_serves(self, x, y) -> bool:
+        """Whether the residual, norm and MLP after the mixer are one C++ call (seqmix/kernels/step_cpu.py):
+        CPU tensors, one token, the model's dtype float32 or float64."""
+        dt = x.dtype
+        return (x.shape[1] == 1 and dt in _FUSED_MLP_DTYPES and y.dtype == dt and self.mlp_norm.weight.dtype == dt
+                and self.mlp.gate_up.weight.dtype == dt and self.mlp.down.weight.dtype == dt
+                and step_cpu.serves("residual_swiglu_step", x))
 
 
 class LanguageModel(nn.Module):

@@ -114,7 +114,8 @@ class RMSNorm(nn.Module):
         no_weight_decay(self.weight)
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        if not torch.is_grad_enabled() and step_cpu.serves("rms_norm", x):  # decoding: one C++ call
+        # Without autograd (decoding) one C++ call on CPU tensors; a gate that broadcasts keeps the tensor ops.
+        if not torch.is_grad_enabled() and (gate is None or gate.shape == x.shape) and step_cpu.serves("rms_norm", x):
             return step_cpu.row_norm(x, self.weight, gate, self.eps, True)
         dt = reference_dtype(x)
         args = (in_dtype(x, dt), in_dtype(self.weight, dt), None if gate is None else in_dtype(gate, dt), self.eps)

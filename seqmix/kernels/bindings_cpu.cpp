@@ -6,9 +6,13 @@
 void bind_selective_scan(pybind11::module& m);
 void bind_recurrent_steps(pybind11::module& m);
 void bind_row_norms(pybind11::module& m);
+void bind_conv_step(pybind11::module& m);
+void bind_mlp_step(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_selective_scan(m);
   bind_recurrent_steps(m);
   bind_row_norms(m);
+  bind_conv_step(m);
+  bind_mlp_step(m);
 }

@@ -33,15 +33,20 @@ struct Rows {
   const T* at(int64_t b, int64_t h) const { return p + b * sb + h * sh; }
 };
 
+// t in `dtype`: t itself when it already is (a `to` that changes nothing still goes through the dispatcher).
+at::Tensor in_dtype(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
 // t in the compute dtype with a contiguous last dimension (a no-op when it already is).
 at::Tensor prepared(const at::Tensor& t, at::ScalarType dtype) {
-  at::Tensor c = t.to(dtype);
+  at::Tensor c = in_dtype(t, dtype);
   return c.dim() > 0 && c.size(-1) > 1 && c.stride(-1) != 1 ? c.contiguous() : c;
 }
 
 // The state, [B, H, rows, cols] with each head's block contiguous.
 at::Tensor prepared_state(const at::Tensor& s, at::ScalarType dtype) {
-  at::Tensor c = s.to(dtype);
+  at::Tensor c = in_dtype(s, dtype);
   return c.stride(-1) == 1 && c.stride(-2) == c.size(-1) ? c : c.contiguous();
 }
 
@@ -101,8 +106,8 @@ std::vector<at::Tensor> delta_rule_step(const at::Tensor& q, const at::Tensor& k
   const auto dtype = compute_dtype(q);
   const int64_t B = q.size(0), H = q.size(1), K = q.size(2), V = v.size(2);
   const at::Tensor qc = prepared(q, dtype), kc = prepared(k, dtype), vc = prepared(v, dtype);
-  const at::Tensor bc = beta.to(dtype), S = prepared_state(state, dtype);
-  const at::Tensor gc = g.has_value() ? g->to(dtype) : at::Tensor();
+  const at::Tensor bc = in_dtype(beta, dtype), S = prepared_state(state, dtype);
+  const at::Tensor gc = g.has_value() ? in_dtype(*g, dtype) : at::Tensor();
   at::Tensor Sn = at::empty({B, H, K, V}, q.options().dtype(dtype));
   at::Tensor o = at::empty({B, H, V}, q.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES(dtype, "delta_rule_step_cpu", [&] {
@@ -120,7 +125,7 @@ std::vector<at::Tensor> delta_rule_step(const at::Tensor& q, const at::Tensor& k
                     T(scale), out + bh * V, w.data(), K, V);
     });
   });
-  return {o.to(q.scalar_type()), Sn};
+  return {in_dtype(o, q.scalar_type()), Sn};
 }
 
 // q, k, g [B, H, K], v [B, H, V], state [B, H, K, V]: S' = diag(e^g) S + k v^T, o = scale S'^T q.
@@ -157,7 +162,7 @@ std::vector<at::Tensor> gla_step(const at::Tensor& q, const at::Tensor& k, const
       for (int64_t j = 0; j < V; ++j) ob[j] *= T(scale);
     });
   });
-  return {o.to(q.scalar_type()), Sn};
+  return {in_dtype(o, q.scalar_type()), Sn};
 }
 
 // x, z [B, H, P], dt [B, H], A, D, dt_bias [H], Bm, Cm [B, G, N] (head h reads group h / (H / G)),
@@ -172,11 +177,11 @@ std::vector<at::Tensor> ssd_step(const at::Tensor& x, const at::Tensor& dt, cons
             "ssd_step_cpu");
   const auto dtype = compute_dtype(x);
   const int64_t B = x.size(0), H = x.size(1), P = x.size(2), G = Bm.size(1), N = Bm.size(2);
-  const at::Tensor xc = prepared(x, dtype), dtc = dt.to(dtype), Ac = A.to(dtype).contiguous();
+  const at::Tensor xc = prepared(x, dtype), dtc = in_dtype(dt, dtype), Ac = in_dtype(A, dtype).contiguous();
   const at::Tensor Bc = prepared(Bm, dtype), Cc = prepared(Cm, dtype), S = prepared_state(state, dtype);
-  const at::Tensor Dc = D.has_value() ? D->to(dtype).contiguous() : at::Tensor();
+  const at::Tensor Dc = D.has_value() ? in_dtype(*D, dtype).contiguous() : at::Tensor();
   const at::Tensor zc = z.has_value() ? prepared(*z, dtype) : at::Tensor();
-  const at::Tensor biasc = dt_bias.has_value() ? dt_bias->to(dtype).contiguous() : at::Tensor();
+  const at::Tensor biasc = dt_bias.has_value() ? in_dtype(*dt_bias, dtype).contiguous() : at::Tensor();
   at::Tensor Sn = at::empty({B, H, P, N}, x.options().dtype(dtype));
   at::Tensor y = at::empty({B, H, P}, x.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES(dtype, "ssd_step_cpu", [&] {
@@ -214,7 +219,7 @@ std::vector<at::Tensor> ssd_step(const at::Tensor& x, const at::Tensor& dt, cons
       }
     });
   });
-  return {y.to(x.scalar_type()), Sn};
+  return {in_dtype(y, x.scalar_type()), Sn};
 }
 
 }  // namespace

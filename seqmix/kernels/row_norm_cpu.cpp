@@ -16,7 +16,10 @@ namespace {
 
 constexpr int64_t kValuesPerTask = 1 << 15;  // values per thread task: below it the rows run inline
 
-at::Tensor rows_in(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
+// t in `dtype` and contiguous: t itself when it already is (a no-op `to` still goes through the dispatcher).
+at::Tensor rows_in(const at::Tensor& t, at::ScalarType dtype) {
+  return (t.scalar_type() == dtype ? t : t.to(dtype)).contiguous();
+}
 
 at::Tensor row_norm(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                     const c10::optional<at::Tensor>& gate, double eps, bool mean) {
@@ -54,7 +57,7 @@ at::Tensor row_norm(const at::Tensor& x, const c10::optional<at::Tensor>& weight
       }
     });
   });
-  return y.to(x.scalar_type());
+  return x.scalar_type() == dtype ? y : y.to(x.scalar_type());
 }
 
 }  // namespace

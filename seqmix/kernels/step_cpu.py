@@ -1,6 +1,7 @@
 """The recurrent rules' decoding steps as one C++ call each on CPU tensors (recurrent_step_cpu.cpp, built by
-seqmix/kernels/cpu.py): the delta rule and gated delta rule, GLA and Mamba-2's SSD; and the row norms of
-seqmix/archs/modules.py (RMSNorm, gated or not, and l2_normalize; row_norm_cpu.cpp) without autograd.
+seqmix/kernels/cpu.py): the delta rule and gated delta rule, GLA and Mamba-2's SSD; the short causal conv's
+step (conv/conv_step_cpu.cpp); and the row norms of seqmix/archs/modules.py (RMSNorm, gated or not, and
+l2_normalize; row_norm_cpu.cpp) without autograd.
 
 The step functions (``seqmix.kernels.<family>.step``) hand a call here when :func:`serves` says so: CPU
 tensors, no gradient wanted (the C++ steps have no backward; autograd keeps the tensor ops), and the C++
@@ -13,11 +14,13 @@ inputs), as the tensor-op steps return them.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
 from seqmix.kernels import cpu
-from seqmix.kernels.backend import select_backend
+from seqmix.kernels.backend import reporting, select_backend
 from seqmix.kernels.op import wants_grad
 from seqmix.kernels.sequences import reference_dtype
 
@@ -26,6 +29,9 @@ def serves(op: str, like: Tensor, *tensors: Tensor | None) -> bool:
     """Whether the C++ step takes this call of ``op`` (``like`` is its first input, ``tensors`` all of
     them): the automatic choice between ``cpu`` and ``reference`` (``SEQMIX_BACKEND`` steers it)."""
     limit = "a gradient is wanted" if wants_grad(*tensors) else None
+    if not reporting() and not os.environ.get("SEQMIX_BACKEND"):
+        # select_backend's automatic choice in a third of its time (about 1 us; a step is a few us).
+        return limit is None and like.device.type == "cpu" and cpu.unavailable() is None
     return select_backend(op, None, like.device, ("cpu", "reference"), {"cpu": limit}) == "cpu"
 
 
@@ -110,3 +116,42 @@ def row_norm(x: Tensor, weight: Tensor | None, gate: Tensor | None, eps: float, 
     if torch.compiler.is_compiling():
         return _row_norm_op(x, weight, gate, eps, mean)
     return cpu.extension().row_norm(x, weight, gate, eps, mean)
+
+
+@torch.library.custom_op("seqmix::causal_conv1d_step_cpu", mutates_args=())
+def _conv_step_op(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, state: Tensor) -> tuple[Tensor, Tensor]:
+    out, window = cpu.extension().causal_conv1d_step(x, weight, bias, silu, state)
+    return out, window
+
+
+@_conv_step_op.register_fake
+def _(x, weight, bias, silu, state):
+    return x.new_empty(x.shape), _state_like(state, x)
+
+
+def causal_conv1d_step(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, state: Tensor):
+    """``seqmix.kernels.conv.step.causal_conv1d_step`` in one call; returns (out, the new state)."""
+    if torch.compiler.is_compiling():
+        return _conv_step_op(x, weight, bias, silu, state)
+    out, window = cpu.extension().causal_conv1d_step(x, weight, bias, silu, state)
+    return out, window
+
+
+@torch.library.custom_op("seqmix::residual_swiglu_step_cpu", mutates_args=())
+def _residual_swiglu_op(x: Tensor, y: Tensor, norm_weight: Tensor, eps: float, gate_up: Tensor,
+                        down: Tensor) -> Tensor:
+    return cpu.extension().residual_swiglu_step(x, y, norm_weight, eps, gate_up, down)
+
+
+@_residual_swiglu_op.register_fake
+def _(x, y, norm_weight, eps, gate_up, down):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def residual_swiglu_step(x: Tensor, y: Tensor, norm_weight: Tensor, eps: float, gate_up: Tensor,
+                         down: Tensor) -> Tensor:
+    """seqmix/archs/lm.py's ``h = x + y; h + mlp(mlp_norm(h))`` in one call, no autograd (all one dtype,
+    float32 or float64): x, y [..., D], gate_up [2I, D], down [D, I]."""
+    if torch.compiler.is_compiling():
+        return _residual_swiglu_op(x, y, norm_weight, eps, gate_up, down)
+    return cpu.extension().residual_swiglu_step(x, y, norm_weight, eps, gate_up, down)

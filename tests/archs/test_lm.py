@@ -145,3 +145,36 @@ def test_token_ids_outside_the_vocabulary_are_refused():
             model(tokens)
         with pytest.raises(ValueError, match=r"tokens must be ids in \[0, vocab_size=300\)"):
             model.generate(tokens, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_decoding_blocks_mlp_half_is_one_cpp_call_equal_to_the_modules(dtype, monkeypatch):
+    """On CPU tensors a decoding block's residual, MLP norm and SwiGLU are one C++ call
+    (seqmix/kernels/mlp_step_cpu.cpp): chosen for one token without autograd, equal to the modules
+    (SEQMIX_BACKEND=reference); opcheck of the custom op."""
+    from seqmix.kernels import cpu, step_cpu
+    from seqmix.kernels.backend import recording
+
+    if DEVICE.type != "cpu" or cpu.unavailable() is not None:
+        pytest.skip("needs the C++ CPU kernels")
+    monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = _model(["shortconv", "attention"]).to(dtype)
+    prompt = _tokens(2, 5)
+    with torch.no_grad():
+        state = model.init_state(2, capacity=6)
+        _, state = model(prompt, state)
+        with recording() as choices:
+            logits, _ = model.decode_step(prompt[:, -1:], state)
+        assert sum(c.op == "residual_swiglu_step" and c.backend == "cpu" for c in choices) == 2
+        state = model.init_state(2, capacity=6)
+        monkeypatch.setenv("SEQMIX_BACKEND", "reference")
+        _, state = model(prompt, state)
+        want, _ = model.decode_step(prompt[:, -1:], state)
+    assert_rel(logits, want, 1e-13 if dtype == torch.float64 else 1e-6, "logits through the fused MLP step")
+    block, g = model.blocks[0], torch.Generator().manual_seed(0)
+    x, y = (torch.randn(2, 1, 32, generator=g, dtype=dtype) for _ in range(2))
+    torch.library.opcheck(step_cpu._residual_swiglu_op, (x, y, block.mlp_norm.weight.detach(), 1e-5,
+                                                         block.mlp.gate_up.weight.detach(),
+                                                         block.mlp.down.weight.detach()),
+                          test_utils=("test_schema", "test_faketensor"))

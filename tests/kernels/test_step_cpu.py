@@ -1,8 +1,8 @@
-"""The C++ CPU decoding steps (seqmix/kernels/step_cpu.py): the delta rule, the gated delta rule, GLA and SSD,
-chained over a few tokens from a random state, against the float64 recurrences and the tensor-op steps, in
-float32 and float64, with strong decays and strided token inputs; the choice (C++ without a gradient, tensor
-ops with one), the fallback when the kernels cannot be built (the norms' too: tests/archs/test_modules.py tests
-their C++ call), opcheck of the custom ops, and one compiled graph.
+"""The C++ CPU decoding steps (seqmix/kernels/step_cpu.py): the delta rule, the gated delta rule, GLA, SSD and
+the short conv, chained over a few tokens from a random state, against the float64 recurrences (one call of the
+conv) and the tensor-op steps, in float32 and float64, with strong decays and strided token inputs; the choice
+(C++ without a gradient, tensor ops with one), the fallback when the kernels cannot be built (the norms' too:
+tests/archs/test_modules.py tests their C++ call), opcheck of the custom ops, and one compiled graph.
 
 The first test to run builds the kernels (once per machine, cached by torch)."""
 
@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seqmix.kernels import cpu as cpu_build
 from seqmix.archs.modules import RMSNorm
-from seqmix.kernels import step_cpu
+from seqmix.kernels import causal_conv1d, step_cpu
+from seqmix.kernels import cpu as cpu_build
 from seqmix.kernels.backend import recording
+from seqmix.kernels.conv.step import causal_conv1d_step
 from seqmix.kernels.deltanet import delta_rule_recurrent, gated_delta_rule_recurrent
 from seqmix.kernels.deltanet.step import delta_rule_step, gated_delta_rule_step
 from seqmix.kernels.gated_linear_attention.reference import gla_recurrent
@@ -129,6 +130,7 @@ def test_state_passed_in_stays_valid_and_low_precision_inputs_compute_in_float32
     assert torch.equal(s, before)
     assert out.dtype == torch.bfloat16 and final.dtype == torch.float32
     out_ref, final_ref = _oracle(rule, [t.double() for t in per_token], state)
+    assert_rel(out, out_ref, TOL[torch.bfloat16], "bfloat16 output")
     assert_rel(final, final_ref, TOL[torch.float32], "final state from bfloat16 inputs")
 
 
@@ -195,8 +197,69 @@ def test_compiled_steps_trace_into_one_graph_and_equal_eager():
         inputs, state = _inputs(rule)
         cast = [t.float() for t in inputs]
         with torch.no_grad():
-            compiled = torch.compile(lambda xs, s: _chain(rule, xs, s), fullgraph=True, backend="eager")
+            compiled = torch.compile(lambda xs, s, rule=rule: _chain(rule, xs, s), fullgraph=True, backend="eager")
             out, final = compiled(cast, state.float())
             out_eager, final_eager = _chain(rule, cast, state.float())
         torch.testing.assert_close(out, out_eager, rtol=0, atol=0)
         torch.testing.assert_close(final, final_eager, rtol=0, atol=0)
+
+
+def _conv_inputs(W, dtype):
+    g = torch.Generator().manual_seed(W)
+    x = torch.randn(2, 6, 2 * 7, generator=g, dtype=torch.float64)[..., ::2]  # [2, 6, 7] strided channels
+    return (x.to(dtype), torch.randn(7, W, generator=g, dtype=torch.float64).to(dtype),
+            torch.randn(7, generator=g, dtype=torch.float64).to(dtype),
+            torch.randn(2, 7, W - 1, generator=g, dtype=torch.float64).to(dtype))
+
+
+def _conv_chain(x, w, b, activation, state):
+    outs = []
+    for t in range(x.shape[1]):
+        o, state = causal_conv1d_step(x[:, t], w, b, activation, state)
+        outs.append(o)
+    return torch.stack(outs, 1), state
+
+
+@built
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("W, with_bias, activation", [(4, True, "silu"), (4, False, None), (1, True, "silu")])
+def test_cpu_conv_step_equals_one_call_and_tensor_op_step(W, with_bias, activation, dtype, monkeypatch):
+    x, w, b, h0 = _conv_inputs(W, dtype)
+    b = b if with_bias else None
+    with torch.no_grad(), recording() as choices:
+        out, state = _conv_chain(x, w, b, activation, h0)
+    assert {(c.op, c.backend) for c in choices} == {("causal_conv1d_step", "cpu")}
+    assert out.dtype == dtype and state.dtype == dtype and state.shape == h0.shape
+    full, final = causal_conv1d(*(None if t is None else t.double() for t in (x, w, b)), activation=activation,
+                                initial_state=h0.double(), output_final_state=True, backend="reference")
+    tol = 1e-12 if dtype == torch.float64 else TOL[dtype] / 10
+    assert_rel(out, full, tol, "output against one call in float64")
+    if W > 1:
+        assert_rel(state, final, tol, "state against one call in float64")
+    monkeypatch.setenv("SEQMIX_BACKEND", "reference")
+    with torch.no_grad():
+        out_ops, state_ops = _conv_chain(x, w, b, activation, h0)
+    assert_rel(out, out_ops, tol, "output against the tensor-op step")
+    if W > 1:
+        assert_rel(state, state_ops, tol, "state against the tensor-op step")
+    x, w, b, h0 = (t.float() for t in _conv_inputs(W, dtype))
+    torch.library.opcheck(step_cpu._conv_step_op, (x[:, 0], w, b if with_bias else None, activation == "silu", h0),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@built
+def test_unwatched_choice_takes_the_same_paths(monkeypatch):
+    """Without a watcher (recording, explain, DEBUG logging) `serves` skips select_backend: the same choice."""
+    calls = []
+    real = step_cpu.gla_step
+    monkeypatch.setattr(step_cpu, "gla_step", lambda *args: calls.append(1) or real(*args))
+    inputs, state = _inputs("gla")
+    with torch.no_grad():
+        _chain("gla", inputs, state)
+    assert len(calls) == T
+    monkeypatch.setenv("SEQMIX_BACKEND", "reference")
+    with torch.no_grad():
+        _chain("gla", inputs, state)
+    monkeypatch.delenv("SEQMIX_BACKEND")
+    _chain("gla", inputs, state.requires_grad_())
+    assert len(calls) == T

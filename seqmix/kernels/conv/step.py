@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from seqmix.kernels import step_cpu
 from seqmix.kernels.checks import check_tensor
 from seqmix.kernels.sequences import reference_dtype
 
@@ -35,8 +36,10 @@ def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
     Returns:
         out: [B, D] in x's dtype.
-        state: [B, D, W-1] after the token, float32 (float64 for float64 inputs); a view of a new tensor.
+        state: [B, D, W-1] after the token, float32 (float64 for float64 inputs); a new tensor, or a view of one.
     """
+    if step_cpu.serves("causal_conv1d_step", x, x, weight, bias, state):  # one C++ call
+        return step_cpu.causal_conv1d_step(x, weight, bias, activation == "silu", state)
     dt = reference_dtype(x)
     window = torch.cat([in_dtype(state, dt), in_dtype(x, dt).unsqueeze(-1)], -1)  # [B, D, W]
     out = (window * in_dtype(weight, dt)).sum(-1)
