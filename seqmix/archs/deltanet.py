@@ -59,6 +59,11 @@ class DeltaNet(Mixer):
         self.o_norm = RMSNorm(self.head_v, eps=norm_eps)
         self.o_proj = nn.Linear(dv, hidden_size, bias=False)
 
+    def _qkv_weights(self):
+        """The q, k and v projections' weights stacked, [2 dk + dv, hidden]: one matmul computes all three
+        (the parameters stay separate, so names and checkpoints do not change)."""
+        return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+
     def _strength_weights(self):
         """The weights of the projections whose outputs :meth:`_strengths` reads, in order: b_proj's."""
         return [self.b_proj.weight]
@@ -81,9 +86,9 @@ class DeltaNet(Mixer):
         q, k = l2_normalize(qk.unflatten(-1, (2 * H, self.head_k))).split(H, -2)
         return q, k, v.unflatten(-1, (H, self.head_v))
 
-    def _qkv(self, f, state, cu_seqlens):
-        """Short convs over the q|k|v features f [B, T, 2 dk + dv]; returns q, k, v as [B, T, H, *] and the
-        new conv state."""
+    def _qkv(self, x, state, cu_seqlens):
+        """Projections and short convs; returns q, k, v as [B, T, H, *] and the new conv state."""
+        f = F.linear(x, self._qkv_weights())
         new_state = {}
         if self.convs is None:
             f = F.silu(f)
@@ -96,24 +101,15 @@ class DeltaNet(Mixer):
                 new_state["conv"] = window
         return *self._split_features(f), new_state
 
-    def _projections(self, x):
-        """Every input projection in one matmul (q|k|v, the output gate, beta's and the decay's): x is read
-        once and the backward is one matmul for dx and one for the stacked weights' gradient instead of one
-        pair per projection and the sum of the dx terms. Returns the q|k|v features, the gate (None without
-        it) and the strengths' projection, all [*, n]."""
-        gates, strengths = [] if self.g_proj is None else [self.g_proj.weight], self._strength_weights()
-        H, K, V = self.num_heads, self.head_k, self.head_v
-        weights = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, *gates, *strengths])
-        sizes = [2 * H * K + H * V] + [H * V] * len(gates) + [H * len(strengths)]  # each strength: one per head
-        qkv, *rest = F.linear(x, weights).split(sizes, -1)
-        return qkv, (rest[0] if gates else None), rest[-1]
-
     def _decoding_step(self, x, state):
         """One token per sequence (x [B, 1, hidden]) in few calls: one matmul for every projection
-        (:meth:`_projections`), the three short convs as one window step, and the one-token rule
-        (seqmix/kernels/deltanet/step.py)."""
+        (q|k|v, the output gate, beta's and the decay's), the three short convs as one window step, and the
+        one-token rule (seqmix/kernels/deltanet/step.py)."""
         B, H, K, V = x.shape[0], self.num_heads, self.head_k, self.head_v
-        qkv, gate, strengths = self._projections(x[:, 0])
+        gates, strengths = [] if self.g_proj is None else [self.g_proj.weight], self._strength_weights()
+        weights = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, *gates, *strengths])
+        sizes = [2 * H * K + H * V] + [H * V] * len(gates) + [H * len(strengths)]  # each strength: one per head
+        qkv, *rest = F.linear(x[:, 0], weights).split(sizes, -1)
         new_state = {}
         if self.convs is None:
             qkv = F.silu(qkv)
@@ -121,29 +117,29 @@ class DeltaNet(Mixer):
             qkv, new_state["conv"] = causal_conv1d_step(qkv, self._conv_weights(), None, "silu", state["conv"])
         qk, v = qkv.split([2 * H * K, H * V], -1)
         q, k = l2_normalize(qk.view(B, 2 * H, K)).split(H, 1)
-        beta, g = self._strengths(strengths)
+        beta, g = self._strengths(rest[-1])
         if g is None:
             o, recurrent = delta_rule_step(q, k, v.view(B, H, V), beta, state["recurrent"])
         else:
             o, recurrent = gated_delta_rule_step(q, k, v.view(B, H, V), g, beta, state["recurrent"])
         # o and the gate as [B, H, V]: the norm runs over V, and the result is [B, 1, H V] in one view.
-        gate = None if gate is None else gate.view(B, H, V)
+        gate = None if self.g_proj is None else rest[0].view(B, H, V)
         new_state["recurrent"] = recurrent
         return self.o_proj(self.o_norm(o, gate).view(B, 1, H * V)), new_state
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         if is_decoding_step(x, state, cu_seqlens):
             return self._decoding_step(x, state)
-        qkv, gate, strengths = self._projections(x)
-        q, k, v, new_state = self._qkv(qkv, state, cu_seqlens)
-        beta, g = self._strengths(strengths)
+        q, k, v, new_state = self._qkv(x, state, cu_seqlens)
+        weights = self._strength_weights()
+        beta, g = self._strengths(F.linear(x, weights[0] if len(weights) == 1 else torch.cat(weights)))
         options = {"initial_state": None if state is None else state["recurrent"],
                    "output_final_state": state is not None, "cu_seqlens": cu_seqlens, "backend": self.backend}
         if g is None:
             o, recurrent = delta_rule(q, k, v, beta, **options)
         else:
             o, recurrent = gated_delta_rule(q, k, v, g, beta, **options)
-        gate = None if gate is None else gate.view_as(o)
+        gate = None if self.g_proj is None else self.g_proj(x).view_as(o)
         o = self.o_proj(self.o_norm(o, gate).flatten(2))
         if state is None:
             return o, None
