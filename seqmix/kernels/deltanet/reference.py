@@ -114,7 +114,7 @@ class _ChunkedDeltaRule(torch.autograd.Function):
             # (it does not multiply), so the overflowing exponents above the diagonal cannot become NaN.
             gc = _into_chunks(g, NT, C).cumsum_(-1)
             G = (gc[..., :, None] - gc[..., None, :]).exp_().tril_()
-            A.mul_(G).tril_(-1)
+            A.mul_(G).diagonal(dim1=-2, dim2=-1).zero_()  # G is lower triangular: only the diagonal is left
             P.mul_(G)
             eg, ek = gc.exp(), (gc[..., -1:] - gc).exp_()  # e^gc, and the decay from each token to the end
             X = kb * eg[..., None]
@@ -168,12 +168,13 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         # V' = U - W S, [W | U] = (I + A)^-1 [X | Y]: [dX | dY] = (I + A)^-T [-dV' S^T | dV'] and
         # dA = -tril_(dX W^T + dY U^T).
         dXY = _solve_unit_lower(A, torch.cat([(dv_new @ states_t).neg_(), dv_new], -1), transpose=True)
-        dA = (dXY @ WU.transpose(-1, -2)).neg_().tril_(-1)
+        dA = (dXY @ WU.transpose(-1, -2)).neg_()  # tril_(-1) below (with G: its diagonal cleared)
         dX, dY = dXY[..., :K], dXY[..., K:]
         dP = (do @ v_new.transpose(-1, -2)).mul_(scale)
         # A = tril_(diag(beta) (K K^T * G)), P = tril(Q K^T * G), X = diag(beta e^gc) K, Y = diag(beta) V.
         # The products accumulate into their sums in place (baddbmm_): no separate pass per term.
         if eg is None:
+            dA.tril_(-1)
             dP.tril_()
             TA, TP = dA, dP
             Z = torch.baddbmm(dX.flatten(0, 1), dA.flatten(0, 1), k.flatten(0, 1))
@@ -183,7 +184,8 @@ class _ChunkedDeltaRule(torch.autograd.Function):
             # E = dA * A + dP * P before dA and dP are scaled by G in place: each exponent gc_i - gc_j of A
             # and P moves with gc_i and against gc_j.
             E = (dA * A).addcmul_(dP, P)
-            TA, TP = dA.mul_(G), dP.mul_(G)
+            TA, TP = dA.mul_(G), dP.mul_(G)  # G is lower triangular: only TA's diagonal is left to clear
+            TA.diagonal(dim1=-2, dim2=-1).zero_()
             Z = (dX * eg[..., None]).flatten(0, 1).baddbmm_(TA.flatten(0, 1), k.flatten(0, 1))
             dq_in.mul_((eg * scale)[..., None])  # the gradient of q through Q~ = Q e^gc
             dq_q = _rowsum(dq_in, q)
