@@ -79,8 +79,10 @@ def _solve_unit_lower(A, R, transpose=False):
 
 
 def _rowsum(a, b):
-    """sum over the last dim of a * b."""
-    return (a * b).sum(-1)
+    """sum over the last dim of a * b for short rows (the head dims), as a batch of 1 x n by n x 1 products: no
+    temporary of a's size (a product and a sum: 1.6x slower on the CPU at n = 32; at n = 1024 the batched
+    products are 4x slower than them)."""
+    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).flatten(-3)
 
 
 class _ChunkedDeltaRule(torch.autograd.Function):
@@ -103,7 +105,7 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         kT = k.transpose(-1, -2)
         A, P = kb @ kT, q @ kT  # [B*H, NT, C, C]
         if g is None:
-            gc = G = None
+            eg = ek = G = None
             A.tril_(-1)
             P.tril_()
             X, q_in, k_out = kb, q, k
@@ -111,12 +113,12 @@ class _ChunkedDeltaRule(torch.autograd.Function):
             # gc: the in-chunk cumulative log decay; G_ij = exp(gc_i - gc_j) for i >= j, else 0. tril selects
             # (it does not multiply), so the overflowing exponents above the diagonal cannot become NaN.
             gc = _into_chunks(g, NT, C).cumsum_(-1)
-            G = torch.exp(gc[..., :, None] - gc[..., None, :]).tril_()
-            A.mul_(G).tril_(-1)
+            G = (gc[..., :, None] - gc[..., None, :]).exp_().tril_()
+            A.mul_(G).diagonal(dim1=-2, dim2=-1).zero_()  # G is lower triangular: only the diagonal is left
             P.mul_(G)
-            eg = gc.exp()
+            eg, ek = gc.exp(), (gc[..., -1:] - gc).exp_()  # e^gc, and the decay from each token to the end
             X = kb * eg[..., None]
-            q_in, k_out = q * eg[..., None], k * torch.exp(gc[..., -1:] - gc)[..., None]
+            q_in, k_out = q * eg[..., None], k * ek[..., None]
         # [W | U] = (I + A)^-1 [X | diag(beta) V] in one solve; the unit diagonal is implied (A's is 0).
         WU = _solve_unit_lower(A, torch.cat([X, v * beta[..., None]], -1))
         W, U = WU[..., :K], WU[..., K:]
@@ -124,7 +126,7 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         # Bn = K~^T U (K~ = k_out), so that the loop is one call per chunk; V' = U - W S after it.
         KWU = k_out.transpose(-1, -2) @ WU  # [B*H, NT, K, K + V]
         Tr, Bn = KWU[..., :K].neg_(), KWU[..., K:]
-        Tr.diagonal(dim1=-2, dim2=-1).add_(1 if g is None else gc[..., -1:].exp())
+        Tr.diagonal(dim1=-2, dim2=-1).add_(1 if g is None else eg[..., -1:])
         S = q.new_zeros(B * H, K, V) if S0 is None else S0.reshape(B * H, K, V)
         states = []
         for n in range(NT):
@@ -134,20 +136,18 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         v_new = torch.baddbmm(U.flatten(0, 1), W.flatten(0, 1), states.flatten(0, 1), alpha=-1)
         o = torch.baddbmm((q_in @ states).flatten(0, 1), P.flatten(0, 1), v_new, beta=scale, alpha=scale)
         v_new = v_new.view(B * H, NT, C, V)
-        ctx.save_for_backward(q, k, v, beta, gc, G, A, P, WU, states, v_new, q_in, k_out, kb, Tr)
+        ctx.save_for_backward(q, k, v, beta, eg, ek, G, A, P, WU, states, v_new, q_in, k_out, kb, Tr)
         ctx.scale, ctx.shape, ctx.has_s0 = scale, (B, T, H, K, V), S0 is not None
         return _from_chunks(o.view(B * H, NT, C, V), B, T), S.view(B, H, K, V)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dS):
-        q, k, v, beta, gc, G, A, P, WU, states, v_new, q_in, k_out, kb, Tr = ctx.saved_tensors
+        q, k, v, beta, eg, ek, G, A, P, WU, states, v_new, q_in, k_out, kb, Tr = ctx.saved_tensors
         scale = ctx.scale
         B, T, H, K, V = ctx.shape
         BH, NT, C = q.shape[:3]
         do = _into_chunks(do, NT, C)
-        if gc is not None:
-            eg, ek = gc.exp(), torch.exp(gc[..., -1:] - gc)
         W = WU[..., :K]
         # The state carry in reverse, dS_n = Tr_n^T dS_{n+1} + scale (Q~ - P W)^T dO_n (Q~ = q_in): the
         # second term reaches S_n through the outputs, directly and through V'.
@@ -168,24 +168,30 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         # V' = U - W S, [W | U] = (I + A)^-1 [X | Y]: [dX | dY] = (I + A)^-T [-dV' S^T | dV'] and
         # dA = -tril_(dX W^T + dY U^T).
         dXY = _solve_unit_lower(A, torch.cat([(dv_new @ states_t).neg_(), dv_new], -1), transpose=True)
-        dA = (dXY @ WU.transpose(-1, -2)).neg_().tril_(-1)
+        dA = (dXY @ WU.transpose(-1, -2)).neg_()  # tril_(-1) below (with G: its diagonal cleared)
         dX, dY = dXY[..., :K], dXY[..., K:]
         dP = (do @ v_new.transpose(-1, -2)).mul_(scale)
         # A = tril_(diag(beta) (K K^T * G)), P = tril(Q K^T * G), X = diag(beta e^gc) K, Y = diag(beta) V.
         # The products accumulate into their sums in place (baddbmm_): no separate pass per term.
-        if gc is None:
+        if eg is None:
+            dA.tril_(-1)
             dP.tril_()
             TA, TP = dA, dP
             Z = torch.baddbmm(dX.flatten(0, 1), dA.flatten(0, 1), k.flatten(0, 1))
             dq = torch.baddbmm(dq_in.flatten(0, 1), TP.flatten(0, 1), k.flatten(0, 1), beta=scale)
             dk = torch.addcmul(dk_out, Z.view_as(k), beta[..., None])
         else:
-            TA, TP = dA * G, dP * G
+            # E = dA * A + dP * P before dA and dP are scaled by G in place: each exponent gc_i - gc_j of A
+            # and P moves with gc_i and against gc_j.
+            E = (dA * A).addcmul_(dP, P)
+            TA, TP = dA.mul_(G), dP.mul_(G)  # G is lower triangular: only TA's diagonal is left to clear
+            TA.diagonal(dim1=-2, dim2=-1).zero_()
             Z = (dX * eg[..., None]).flatten(0, 1).baddbmm_(TA.flatten(0, 1), k.flatten(0, 1))
             dq_in.mul_((eg * scale)[..., None])  # the gradient of q through Q~ = Q e^gc
             dq_q = _rowsum(dq_in, q)
             dq = dq_in.flatten(0, 1).baddbmm_(TP.flatten(0, 1), k.flatten(0, 1))
-            dk = torch.addcmul(dk_out * ek[..., None], Z.view_as(k), beta[..., None])
+            dk_out.mul_(ek[..., None])  # now the gradient of k through K~ = diag(ek) K
+            dk = torch.addcmul(dk_out, Z.view_as(k), beta[..., None])
         Z = Z.view_as(k)
         dk.flatten(0, 1).baddbmm_(TA.transpose(-1, -2).flatten(0, 1), kb.flatten(0, 1)).baddbmm_(
             TP.transpose(-1, -2).flatten(0, 1), q.flatten(0, 1))
@@ -193,13 +199,11 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         dv = dY * beta[..., None]
         dbeta = _rowsum(k, Z) + _rowsum(dY, v)
         dg = None
-        if gc is not None:
-            # Each exponent gc_i - gc_j of A and P moves with gc_i and against gc_j.
-            E = dA.mul_(A).add_(dP.mul_(P))
+        if eg is not None:
             dgc = E.sum(-1) - E.sum(-2) + dq_q + _rowsum(dX, k) * beta * eg
-            e = _rowsum(dk_out, k_out)
+            e = _rowsum(dk_out, k)  # dk_out is already scaled by ek: the sum of dK~ * K~
             dgc = dgc - e
-            dgc[..., -1] += e.sum(-1) + (states * d_next).sum((-1, -2)) * gc[..., -1].exp()
+            dgc[..., -1] += e.sum(-1) + (states * d_next).sum((-1, -2)) * eg[..., -1]
             dg = _from_chunks(dgc.flip(-1).cumsum(-1).flip(-1), B, T)
         grads = [_from_chunks(x, B, T) for x in (dq, dk, dv, dbeta)]
         return (*grads, dg, dS.view(B, H, K, V) if ctx.has_s0 else None, None, None)
