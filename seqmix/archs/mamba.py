@@ -59,10 +59,18 @@ class Mamba(Mixer):
         self.out_proj = nn.Linear(d_inner, hidden_size, bias=False)
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
-        xs, z = self.in_proj(x).chunk(2, dim=-1)
+        decoding = is_decoding_step(x, state, cu_seqlens)
+        if decoding:  # one token: one projection, its halves' strides cost nothing
+            xs, z = self.in_proj(x).chunk(2, dim=-1)
+        else:
+            # x and z projected apart (in_proj's row halves) so that both are contiguous: halves of one
+            # output make every elementwise pass over them (the conv's taps, the scan's z) strided and slow,
+            # and their gradients would be joined by a copy.
+            w_x, w_z = self.in_proj.weight.split(self.d_inner)
+            xs, z = F.linear(x, w_x), F.linear(x, w_z)
         xs, conv_state = self.conv(xs, None if state is None else state["conv"], cu_seqlens)
         dt, b, c = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        if is_decoding_step(x, state, cu_seqlens):
+        if decoding:
             y, ssm_state = selective_scan_step(
                 xs[:, 0], self.dt_proj(dt[:, 0]), -torch.exp(self.A_log.float()), b[:, 0], c[:, 0], state["ssm"],
                 D=self.D, z=z[:, 0], delta_softplus=True,
