@@ -72,7 +72,7 @@ class Mamba(Mixer):
         dt, b, c = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         if decoding:
             y, ssm_state = selective_scan_step(
-                xs[:, 0], self.dt_proj(dt[:, 0]), -torch.exp(self.A_log.float()), b[:, 0], c[:, 0], state["ssm"],
+                xs[:, 0], self.dt_proj(dt[:, 0]), self._A(), b[:, 0], c[:, 0], state["ssm"],
                 D=self.D, z=z[:, 0], delta_softplus=True,
                 # The step has a C++ and a reference form; a Triton layer's step takes the automatic choice.
                 backend="reference" if self.backend == "reference" else None,
@@ -81,7 +81,7 @@ class Mamba(Mixer):
         # dt_proj's bias is added inside the scan, before the softplus.
         delta = F.linear(dt, self.dt_proj.weight)
         y, ssm_state = selective_scan(
-            xs, delta, -torch.exp(self.A_log.float()), b, c, D=self.D, z=z,
+            xs, delta, self._A(), b, c, D=self.D, z=z,
             delta_bias=self.dt_proj.bias, delta_softplus=True,
             initial_state=None if state is None else state["ssm"], output_final_state=state is not None,
             cu_seqlens=cu_seqlens, backend=self.backend,
@@ -90,6 +90,11 @@ class Mamba(Mixer):
         if state is None:
             return out, None
         return out, {"conv": conv_state, "ssm": ssm_state}
+
+    def _A(self):
+        """A = -exp(A_log) [D, N] in float32 at least (a float64 layer keeps float64)."""
+        a_log = self.A_log if self.A_log.dtype in (torch.float32, torch.float64) else self.A_log.float()
+        return -torch.exp(a_log)
 
     def init_state(self, batch_size: int) -> State:
         device = self.in_proj.weight.device
