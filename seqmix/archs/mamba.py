@@ -12,6 +12,7 @@ from seqmix.archs.mamba2 import inverse_softplus, log_uniform_dt
 from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
 from seqmix.archs.modules import ShortConvolution, no_weight_decay
 from seqmix.kernels import selective_scan
+from seqmix.kernels.conv.step import causal_conv1d_step
 from seqmix.kernels.mamba.step import selective_scan_step
 
 
@@ -59,21 +60,19 @@ class Mamba(Mixer):
         self.out_proj = nn.Linear(d_inner, hidden_size, bias=False)
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
-        xs, z = self.in_proj(x).chunk(2, dim=-1)
+        if is_decoding_step(x, state, cu_seqlens):
+            return self._step(x, state)
+        # x and z projected apart (in_proj's row halves) so that both are contiguous: halves of one output make
+        # every elementwise pass over them (the conv's taps, the scan's z) strided and slow, and their
+        # gradients would be joined by a copy.
+        w_x, w_z = self.in_proj.weight.split(self.d_inner)
+        xs, z = F.linear(x, w_x), F.linear(x, w_z)
         xs, conv_state = self.conv(xs, None if state is None else state["conv"], cu_seqlens)
         dt, b, c = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        if is_decoding_step(x, state, cu_seqlens):
-            y, ssm_state = selective_scan_step(
-                xs[:, 0], self.dt_proj(dt[:, 0]), -torch.exp(self.A_log.float()), b[:, 0], c[:, 0], state["ssm"],
-                D=self.D, z=z[:, 0], delta_softplus=True,
-                # The step has a C++ and a reference form; a Triton layer's step takes the automatic choice.
-                backend="reference" if self.backend == "reference" else None,
-            )
-            return self.out_proj(y.unsqueeze(1)), {"conv": conv_state, "ssm": ssm_state}
         # dt_proj's bias is added inside the scan, before the softplus.
         delta = F.linear(dt, self.dt_proj.weight)
         y, ssm_state = selective_scan(
-            xs, delta, -torch.exp(self.A_log.float()), b, c, D=self.D, z=z,
+            xs, delta, self._A(), b, c, D=self.D, z=z,
             delta_bias=self.dt_proj.bias, delta_softplus=True,
             initial_state=None if state is None else state["ssm"], output_final_state=state is not None,
             cu_seqlens=cu_seqlens, backend=self.backend,
@@ -82,6 +81,31 @@ class Mamba(Mixer):
         if state is None:
             return out, None
         return out, {"conv": conv_state, "ssm": ssm_state}
+
+    def _step(self, x, state: State):
+        """One token (x [B, 1, hidden]) in the fewest calls: rows [B, ...] throughout, the weights through
+        F.linear (a submodule's call costs microseconds of Python), the conv's window step called directly
+        on CPU tensors (on CUDA without a gradient the conv module takes its fused update kernel)."""
+        xs, z = F.linear(x[:, 0], self.in_proj.weight).chunk(2, dim=-1)
+        if x.is_cuda and not torch.is_grad_enabled():
+            xs, conv_state = self.conv(xs.unsqueeze(1), state["conv"])
+            xs = xs[:, 0]
+        else:
+            xs, conv_state = causal_conv1d_step(xs, self.conv.weight, self.conv.bias, self.conv.activation,
+                                                state["conv"])
+        dt, b, c = F.linear(xs, self.x_proj.weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        y, ssm_state = selective_scan_step(
+            xs, F.linear(dt, self.dt_proj.weight, self.dt_proj.bias), self._A(), b, c, state["ssm"], D=self.D,
+            z=z, delta_softplus=True,
+            # The step has a C++ and a reference form; a Triton layer's step takes the automatic choice.
+            backend="reference" if self.backend == "reference" else None,
+        )
+        return F.linear(y, self.out_proj.weight).unsqueeze(1), {"conv": conv_state, "ssm": ssm_state}
+
+    def _A(self):
+        """A = -exp(A_log) [D, N] in float32 at least (a float64 layer keeps float64)."""
+        a_log = self.A_log if self.A_log.dtype in (torch.float32, torch.float64) else self.A_log.float()
+        return -torch.exp(a_log)
 
     def init_state(self, batch_size: int) -> State:
         device = self.in_proj.weight.device

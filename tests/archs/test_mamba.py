@@ -47,6 +47,40 @@ def test_layer_on_the_cpu_kernel_matches_reference_layer_with_gradients(monkeypa
         assert_rel(a, b, TOL[torch.float32], f"grad of {name}")
 
 
+def _layer_oracle(layer, x):
+    """The layer's training forward written out from its definition in float64: one in_proj split in halves, a
+    depthwise conv1d, x_proj, dt_proj with its bias, softplus, and the token-by-token scan."""
+    from seqmix.kernels.mamba.reference import selective_scan_recurrent
+
+    T, W = x.shape[1], layer.conv.kernel_size
+    xs, z = F.linear(x, layer.in_proj.weight).chunk(2, dim=-1)
+    xs = F.silu(F.conv1d(xs.transpose(1, 2), layer.conv.weight.unsqueeze(1), layer.conv.bias, padding=W - 1,
+                         groups=layer.d_inner)[..., :T].transpose(1, 2))
+    dt, b, c = F.linear(xs, layer.x_proj.weight).split([layer.dt_rank, layer.d_state, layer.d_state], dim=-1)
+    delta = F.softplus(F.linear(dt, layer.dt_proj.weight, layer.dt_proj.bias))
+    y, _ = selective_scan_recurrent(xs, delta, -torch.exp(layer.A_log), b, c, D=layer.D, z=z)
+    return F.linear(y, layer.out_proj.weight)
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_layer_equals_its_float64_definition_with_gradients(backend, monkeypatch):
+    """The layer as it computes (its projections, conv and scan; None: the C++ scan on CPU tensors when it
+    builds) against :func:`_layer_oracle`, outputs and the gradients of x and every parameter, in float64."""
+    monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
+    layer = _layer(backend).double()
+    x = torch.randn(2, 21, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    results = []
+    for forward in (lambda xb: layer(xb)[0], lambda xb: _layer_oracle(layer, xb)):
+        layer.zero_grad()
+        xb = x.clone().requires_grad_()
+        y = forward(xb)
+        (y * torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(5))).sum().backward()
+        results.append([y, xb.grad] + [p.grad.clone() for p in layer.parameters()])
+    names = ["output", "grad of x"] + [f"grad of {n}" for n, _ in layer.named_parameters()]
+    for name, a, b in zip(names, *results, strict=True):
+        assert_rel(a, b, 1e-10, name)
+
+
 def test_initialisation():
     layer = Mamba(hidden_size=100)
     assert layer.d_inner == 200 and layer.d_state == 16 and layer.dt_rank == math.ceil(100 / 16)

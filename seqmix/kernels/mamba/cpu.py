@@ -57,8 +57,10 @@ def _(u, delta, B, C, z, A, D, delta_bias, h0, cu_seqlens, chunk_index, chunk_of
 @torch.library.custom_op("seqmix::selective_scan_cpu_chunk_bwd", mutates_args=())
 def _chunk_bwd(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None,
                delta_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor,
-               chunk_offsets: Tensor, hc: Tensor, softplus: bool, store_final: bool, dout: Tensor,
+               chunk_offsets: Tensor, hc: Tensor, softplus: bool, store_final: bool, dout: Tensor | None,
                dht: Tensor | None, needs: list[bool]) -> list[Tensor]:
+    if dout is None:  # only the final state was used
+        dout = torch.zeros_like(u)
     du, ddelta, dz, dA, dB, dC, dD, dh0 = cpu.extension().selective_scan_bwd(
         u, delta, A, B, C, D, z, delta_bias, cu_seqlens, chunk_offsets, hc, CHUNK, softplus, dout, dht,
         h0 is not None and needs[8])
@@ -70,7 +72,9 @@ def _chunk_bwd(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Tensor | None,
     return as_input_grads(grads, inputs, needs, u)
 
 
-register_autograd(_chunk_fwd, _chunk_bwd, num_inputs=12)
+# Gradients not materialized: autograd would otherwise fill a tensor of zeros as large as the checkpoints for
+# the checkpoints' (never used) gradient, and one for the final state's, at every backward.
+register_autograd(_chunk_fwd, _chunk_bwd, num_inputs=12, materialize_grads=False)
 
 
 @torch.library.custom_op("seqmix::selective_scan_cpu_fwd", mutates_args=())

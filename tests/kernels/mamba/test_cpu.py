@@ -278,3 +278,23 @@ def test_without_a_compiler_a_fresh_process_falls_back_and_says_why(tmp_path):
                                 "built: Error building extension")
     assert "no-such-compiler: not found" in explained
     assert shape == "torch.Size([1, 4, 4])"
+
+
+@built
+@pytest.mark.parametrize("used", ["output", "final state"])
+def test_gradients_through_one_output_only(used):
+    """A loss on the output alone or on the final state alone (the other output's gradient is None, not a
+    tensor of zeros): every gradient equals the float64 recurrence's."""
+    case = Case(batch=2, lengths=None, seqlen=37, channels=24, groups=2, n=5, initial_state=True, extras=True,
+                seed=11)
+    grads = []
+    for fn in (partial(selective_scan, backend="cpu"), selective_scan_recurrent):
+        inputs = _float64(case)
+        y, s = fn(*inputs[:5], **case.kwargs(inputs), output_final_state=True)
+        loss = y if used == "output" else s
+        weights = torch.randn(loss.shape, dtype=loss.dtype, generator=torch.Generator().manual_seed(3))
+        wrt = [t for t in inputs if t is not None]
+        found = torch.autograd.grad((loss * weights).sum(), wrt, allow_unused=True)
+        grads.append([torch.zeros_like(t) if g is None else g for g, t in zip(found, wrt)])  # dz: the state's
+    for name, a, b in zip([n for n, t in zip(NAMES, inputs) if t is not None], *grads, strict=True):
+        assert_rel(a, b, 1e-10, f"d{name}")
