@@ -13,7 +13,7 @@ from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
 from seqmix.archs.modules import ShortConvolution, no_weight_decay
 from seqmix.kernels import selective_scan
 from seqmix.kernels.conv.step import causal_conv1d_step
-from seqmix.kernels.mamba.step import selective_scan_step
+from seqmix.kernels.mamba.step import selective_scan_step_unchecked
 
 
 @register_mixer("mamba")
@@ -58,6 +58,7 @@ class Mamba(Mixer):
         self.D = nn.Parameter(torch.ones(d_inner))
         no_weight_decay(self.A_log, self.D, self.dt_proj.bias)
         self.out_proj = nn.Linear(d_inner, hidden_size, bias=False)
+        self._A_cache: tuple[tuple, torch.Tensor] | None = None  # _step_A's (A_log's key, A)
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         if is_decoding_step(x, state, cu_seqlens):
@@ -85,7 +86,8 @@ class Mamba(Mixer):
     def _step(self, x, state: State):
         """One token (x [B, 1, hidden]) in the fewest calls: rows [B, ...] throughout, the weights through
         F.linear (a submodule's call costs microseconds of Python), the conv's window step called directly
-        on CPU tensors (on CUDA without a gradient the conv module takes its fused update kernel)."""
+        on CPU tensors (on CUDA without a gradient the conv module takes its fused update kernel; on CPU without a
+        gradient it is one C++ call), the selective scan's step without its argument checks."""
         xs, z = F.linear(x[:, 0], self.in_proj.weight).chunk(2, dim=-1)
         if x.is_cuda and not torch.is_grad_enabled():
             xs, conv_state = self.conv(xs.unsqueeze(1), state["conv"])
@@ -94,8 +96,9 @@ class Mamba(Mixer):
             xs, conv_state = causal_conv1d_step(xs, self.conv.weight, self.conv.bias, self.conv.activation,
                                                 state["conv"])
         dt, b, c = F.linear(xs, self.x_proj.weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        y, ssm_state = selective_scan_step(
-            xs, F.linear(dt, self.dt_proj.weight, self.dt_proj.bias), self._A(), b, c, state["ssm"], D=self.D,
+        # The unchecked form: every input here is built by this layer, so its shapes are right by construction.
+        y, ssm_state = selective_scan_step_unchecked(
+            xs, F.linear(dt, self.dt_proj.weight, self.dt_proj.bias), self._step_A(), b, c, state["ssm"], D=self.D,
             z=z, delta_softplus=True,
             # The step has a C++ and a reference form; a Triton layer's step takes the automatic choice.
             backend="reference" if self.backend == "reference" else None,
@@ -106,6 +109,18 @@ class Mamba(Mixer):
         """A = -exp(A_log) [D, N] in float32 at least (a float64 layer keeps float64)."""
         a_log = self.A_log if self.A_log.dtype in (torch.float32, torch.float64) else self.A_log.float()
         return -torch.exp(a_log)
+
+    def _step_A(self):
+        """:meth:`_A` for the decoding step: without gradients (and outside torch.compile) the A of the last
+        step while A_log is unchanged, its storage, dtype and version counter (which every in-place write, an
+        optimizer's step or load_state_dict included, advances) the same; saves -exp's two ops per token."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._A()
+        a_log = self.A_log
+        key = (a_log.data_ptr(), a_log._version, a_log.dtype, a_log.device)
+        if self._A_cache is None or self._A_cache[0] != key:
+            self._A_cache = (key, self._A())
+        return self._A_cache[1]
 
     def init_state(self, batch_size: int) -> State:
         device = self.in_proj.weight.device

@@ -136,3 +136,21 @@ def test_decode_step_on_the_cpu_kernel_compiles_in_one_graph_and_equals_the_refe
     for label in ("compiled", "eager"):
         assert_rel(results[label][0], results["reference"][0], 1e-5, f"{label} logits")
         assert_rel(results[label][1], results["reference"][1], 1e-5, f"{label} states")
+
+
+def test_decode_step_follows_an_in_place_change_of_A_log():
+    """The step's A (kept between tokens without gradients) is recomputed once A_log changes in place, as an
+    optimizer's step or load_state_dict changes it: the step then equals a fresh layer's with the new A_log."""
+    torch.manual_seed(0)
+    layer = Mamba(hidden_size=16, d_state=4).eval()
+    x = torch.randn(2, 1, 16)
+    state = {k: torch.randn_like(v) for k, v in layer.init_state(2).items()}
+    with torch.no_grad():
+        layer.mix(x, state)
+        layer.A_log.add_(torch.rand_like(layer.A_log))
+        out, new_state = layer.mix(x, state)
+        fresh = Mamba(hidden_size=16, d_state=4).eval()
+        fresh.load_state_dict(layer.state_dict())
+        expected, expected_state = fresh.mix(x, state)
+    assert_rel(out, expected, 1e-6, "out")
+    assert_rel(new_state["ssm"], expected_state["ssm"], 1e-6, "ssm state")

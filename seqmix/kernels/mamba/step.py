@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from seqmix.kernels import step_cpu
 from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_tensor
 from seqmix.kernels.mamba import cpu as cpu_kernels
@@ -56,12 +57,25 @@ def selective_scan_step(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B
         raise ValueError(f"B's groups G={G} must divide the channels D={Dm}")
     check_tensor("C", C, B.shape, dims="B's shape", like=u)
     check_tensor("state", state, (Bsz, Dm, N), dims="[Bsz, D, N]", like=u)
-    cd = reference_dtype(u)
-    grad_limit = "a gradient is wanted" if wants_grad(u, delta, A, B, C, state, D, z, delta_bias) else None
-    name = select_backend("selective_scan_step", backend, u.device, ("cpu", "reference"),
-                          {"cpu": cpu_kernels.unsupported(u.dtype) or grad_limit})
-    if name == "cpu":
+    return selective_scan_step_unchecked(u, delta, A, B, C, state, D, z, delta_bias, delta_softplus, backend)
+
+
+def selective_scan_step_unchecked(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                                  C: torch.Tensor, state: torch.Tensor, D: torch.Tensor | None = None,
+                                  z: torch.Tensor | None = None, delta_bias: torch.Tensor | None = None,
+                                  delta_softplus: bool = False, backend: str | None = None
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`selective_scan_step` without its argument checks, for a caller whose inputs have the right shapes,
+    devices and dtypes by construction (seqmix/archs/mamba.py's layer): the checks cost about half of a step at
+    decoding sizes. Same arguments (B, C ``[Bsz, G, N]`` or ``[Bsz, N]``) and results."""
+    Bsz, Dm = u.shape
+    N = A.shape[1]
+    if B.dim() == 2:
+        B, C = B.unsqueeze(1), C.unsqueeze(1)
+    G = B.shape[1]
+    if _takes_cpu(backend, u, delta, A, B, C, state, D, z, delta_bias):
         return cpu_kernels.scan_step(u, delta, A, B, C, state, D, z, delta_bias, delta_softplus)
+    cd = reference_dtype(u)
     delta = process_delta(delta.to(cd), None if delta_bias is None else delta_bias.to(cd), delta_softplus)
     # Groups to channels by a broadcast view: [Bsz, G, 1, N] -> [Bsz, D, N].
     B, C = (t.to(cd).unsqueeze(2).expand(Bsz, G, Dm // G, N).reshape(Bsz, Dm, N) for t in (B, C))
@@ -73,3 +87,14 @@ def selective_scan_step(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B
     if z is not None:
         y = y * F.silu(z.to(cd))
     return y.to(u.dtype), h
+
+
+def _takes_cpu(backend: str | None, u: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """Whether the C++ step serves this call: the automatic choice through step_cpu's quick test where the
+    dtype allows it, else (a backend named, or a dtype the C++ kernel lacks) select_backend with both limits."""
+    dtype_limit = cpu_kernels.unsupported(u.dtype)
+    if backend is None and dtype_limit is None:
+        return step_cpu.serves("selective_scan_step", u, u, *tensors)
+    grad_limit = "a gradient is wanted" if wants_grad(u, *tensors) else None
+    return select_backend("selective_scan_step", backend, u.device, ("cpu", "reference"),
+                          {"cpu": dtype_limit or grad_limit}) == "cpu"
