@@ -128,10 +128,12 @@ class DeltaNet(Mixer):
             o, recurrent = delta_rule_step(q, k, v.view(B, H, V), beta, state["recurrent"])
         else:
             o, recurrent = gated_delta_rule_step(q, k, v.view(B, H, V), g, beta, state["recurrent"])
-        # o and the gate as [B, H, V]: the norm runs over V, and the result is [B, 1, H V] in one view.
+        # o and the gate as [B, H, V]: the norm runs over V, and its result is [B, H V] in one view.
         gate = None if self.g_proj is None else rest[0].view(B, H, V)
         new_state["recurrent"] = recurrent
-        return self.o_proj(self.o_norm(o, gate).view(B, 1, H * V)), new_state
+        # o_proj's weight through F.linear on 2-D rows: the module's call and a 3-D linear cost ~2 us more.
+        out = F.linear(self.o_norm(o, gate).view(B, H * V), self.o_proj.weight, self.o_proj.bias)
+        return out.view(B, 1, self.hidden_size), new_state
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         if is_decoding_step(x, state, cu_seqlens):
