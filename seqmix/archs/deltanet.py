@@ -114,7 +114,7 @@ class DeltaNet(Mixer):
         gates, strengths = [] if self.g_proj is None else [self.g_proj.weight], self._strength_weights()
         weights = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, *gates, *strengths])
         sizes = [2 * H * K + H * V] + [H * V] * len(gates) + [H] * len(strengths)  # each strength: one per head
-        qkv, *rest = F.linear(x[:, 0], weights).split(sizes, -1)
+        qkv, *rest = F.linear(x.squeeze(1), weights).split(sizes, -1)
         rest, strength_outputs = rest[:len(gates)], rest[len(gates):]
         new_state = {}
         if self.convs is None:
