@@ -64,9 +64,11 @@ class DeltaNet(Mixer):
         (the parameters stay separate, so names and checkpoints do not change)."""
         return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
 
+    _strength_names = ("b_proj",)  # the projections whose outputs :meth:`_strengths` reads, in order
+
     def _strength_weights(self):
-        """The weights of the projections whose outputs :meth:`_strengths` reads, in order: b_proj's."""
-        return [self.b_proj.weight]
+        """The weights of the projections named by ``_strength_names``."""
+        return [self._modules[n].weight for n in self._strength_names]
 
     def _strengths(self, f):
         """beta [*, H] in f's dtype and the log decays g [*, H] float32 (None: no decay) from the output f of
@@ -81,7 +83,7 @@ class DeltaNet(Mixer):
     def _conv_weights(self):
         """The three short convs' taps stacked, [2 dk + dv, conv_size]: one conv over q|k|v side by side
         (its state is one tensor, ``state["conv"]``)."""
-        return torch.cat([c.weight for c in self.convs.values()])
+        return torch.cat([c.weight for c in self._modules["convs"].values()])
 
     def _split_features(self, f):
         """q, k (L2-normalised together) [*, H, K] and v [*, H, V] from the q|k|v features f [*, 2 dk + dv]."""
@@ -111,13 +113,16 @@ class DeltaNet(Mixer):
         (q|k|v, the output gate, beta's and the decay's), the three short convs as one window step, and the
         one-token rule (seqmix/kernels/deltanet/step.py)."""
         B, H, K, V = x.shape[0], self.num_heads, self.head_k, self.head_v
-        gates, strengths = [] if self.g_proj is None else [self.g_proj.weight], self._strength_weights()
-        weights = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, *gates, *strengths])
+        # The submodules from the dict: Module.__getattr__ costs ~0.6 us a look-up, and a step makes a dozen.
+        modules = self._modules
+        names = ["q_proj", "k_proj", "v_proj"] + ([] if modules["g_proj"] is None else ["g_proj"])
+        gates, strengths = names[3:], self._strength_names
+        weights = torch.cat([modules[n].weight for n in names + list(strengths)])
         sizes = [2 * H * K + H * V] + [H * V] * len(gates) + [H] * len(strengths)  # each strength: one per head
         qkv, *rest = F.linear(x.squeeze(1), weights).split(sizes, -1)
         rest, strength_outputs = rest[:len(gates)], rest[len(gates):]
         new_state = {}
-        if self.convs is None:
+        if modules["convs"] is None:
             qkv = F.silu(qkv)
         else:
             qkv, new_state["conv"] = causal_conv1d_step(qkv, self._conv_weights(), None, "silu", state["conv"])
@@ -129,10 +134,11 @@ class DeltaNet(Mixer):
         else:
             o, recurrent = gated_delta_rule_step(q, k, v.view(B, H, V), g, beta, state["recurrent"])
         # o and the gate as [B, H, V]: the norm runs over V, and its result is [B, H V] in one view.
-        gate = None if self.g_proj is None else rest[0].view(B, H, V)
+        gate = None if not gates else rest[0].view(B, H, V)
         new_state["recurrent"] = recurrent
         # o_proj's weight through F.linear on 2-D rows: the module's call and a 3-D linear cost ~2 us more.
-        out = F.linear(self.o_norm(o, gate).view(B, H * V), self.o_proj.weight, self.o_proj.bias)
+        o_proj = modules["o_proj"]
+        out = F.linear(modules["o_norm"](o, gate).view(B, H * V), o_proj.weight, o_proj.bias)
         return out.view(B, 1, self.hidden_size), new_state
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
@@ -210,9 +216,7 @@ class GatedDeltaNet(DeltaNet):
         """g from a_proj's output a [*, H] (float32). The sign last and in place: one allocation fewer."""
         return torch.mul(F.softplus(a + _float32(self.dt_bias)), _float32(self.A_log).exp()).neg_()
 
-    def _strength_weights(self):
-        """b_proj's and a_proj's: beta and g from one matmul."""
-        return [self.b_proj.weight, self.a_proj.weight]
+    _strength_names = ("b_proj", "a_proj")  # beta and g from one matmul
 
     def _strengths(self, f):
         return self._strengths_of(*f.split(self.num_heads, -1))
