@@ -114,15 +114,15 @@ class DeltaNet(Mixer):
         one-token rule (seqmix/kernels/deltanet/step.py)."""
         B, H, K, V = x.shape[0], self.num_heads, self.head_k, self.head_v
         # The submodules from the dict: Module.__getattr__ costs ~0.6 us a look-up, and a step makes a dozen.
-        modules = self._modules
-        names = ["q_proj", "k_proj", "v_proj"] + ([] if modules["g_proj"] is None else ["g_proj"])
+        modules = self._modules  # a None submodule (no gate, no convs) is a plain attribute: .get
+        names = ["q_proj", "k_proj", "v_proj"] + ([] if modules.get("g_proj") is None else ["g_proj"])
         gates, strengths = names[3:], self._strength_names
         weights = torch.cat([modules[n].weight for n in names + list(strengths)])
         sizes = [2 * H * K + H * V] + [H * V] * len(gates) + [H] * len(strengths)  # each strength: one per head
         qkv, *rest = F.linear(x.squeeze(1), weights).split(sizes, -1)
         rest, strength_outputs = rest[:len(gates)], rest[len(gates):]
         new_state = {}
-        if modules["convs"] is None:
+        if modules.get("convs") is None:
             qkv = F.silu(qkv)
         else:
             qkv, new_state["conv"] = causal_conv1d_step(qkv, self._conv_weights(), None, "silu", state["conv"])
