@@ -4,9 +4,9 @@ without short convs, and its configuration errors (the Mixer contract is in test
 import pytest
 import torch
 
-from seqmix.archs import DeltaNet
+from seqmix.archs import DeltaNet, GatedDeltaNet
 from tests.archs import contract
-from tests.helpers import DEVICE, TOL
+from tests.helpers import DEVICE, TOL, assert_rel
 
 
 def _layer(backend, seed=0, **kw):
@@ -27,6 +27,29 @@ def test_triton_layer_matches_reference_layer_with_gradients():
 def test_variants_keep_the_state_contract(kw):
     contract.pieces_equal_one_call(_layer("triton", **kw), _x(2, 50), [7, 30], TOL[torch.float32])
 
+
+
+@pytest.mark.parametrize("cls", [DeltaNet, GatedDeltaNet])
+@pytest.mark.parametrize("kw", [{}, {"use_short_conv": False, "use_output_gate": False}])
+def test_decoding_step_equals_the_training_call_with_gradients(cls, kw):
+    """The one-token path (_decoding_step, shared by GatedDeltaNet) of each variant: outputs of chained steps,
+    and the gradients of a step's output with respect to x and the parameters, equal one call over the
+    whole sequence."""
+    torch.manual_seed(4)
+    layer, x = cls(hidden_size=32, num_heads=2, backend="reference", **kw).to(DEVICE), _x(2, 12, seed=5)
+    contract.decoding_equals_training_call(layer, x, 8, TOL[torch.float32])
+    w = torch.randn(2, 1, 32, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    grads = []
+    for decode in (False, True):
+        xg = x.clone().requires_grad_()
+        if decode:
+            _, state = layer(xg[:, :11], layer.init_state(2))
+            y, _ = layer(xg[:, 11:], state)
+        else:
+            y = layer(xg)[0][:, 11:]
+        grads.append(torch.autograd.grad((y * w).sum(), [xg, *layer.parameters()]))
+    for got, want in zip(*grads):
+        assert_rel(got, want, TOL[torch.float32], "gradient through the decoding step")
 
 def test_configuration_errors():
     with pytest.raises(ValueError, match="not divisible by num_heads"):
