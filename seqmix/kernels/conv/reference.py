@@ -96,7 +96,7 @@ def _conv_dense(x, weight, bias, activation, state):
 def causal_conv1d_reference(x, weight, bias=None, activation=None, initial_state=None, output_final_state=False,
                             cu_seqlens=None):
     """Same arguments and results as :func:`seqmix.kernels.causal_conv1d` (computed in float32 or float64)."""
-    B, T, D = x.shape
+    B, _, D = x.shape
     W = weight.shape[1]
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     x32, w32 = x.to(dt), weight.to(dt)

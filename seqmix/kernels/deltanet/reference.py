@@ -219,8 +219,7 @@ def _chunked_dense(q, k, v, beta, g, scale, S0, chunk_size):
 
 
 def _chunked(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    B, T = q.shape[:2]
     dt = reference_dtype(q)
     in_dtype = q.dtype
     q, k, v, beta = (x.to(dt) for x in (q, k, v, beta))

@@ -56,7 +56,7 @@ def test_strong_decays_in_float32():
     g = torch.where(torch.rand(shape, generator=gen) < 0.3, -20.0, -1e-3 * torch.rand(shape, generator=gen))
     inputs = [t.requires_grad_() for t in make_gated_inputs(case, torch.float32, "cpu", g=g)]
     cu = case.cu_seqlens("cpu")
-    o, s, grads = outputs_and_grads(lambda *x: gated_delta_rule_chunked(*x[:5], 0.5, x[5], True, cu, chunk_size=32),
+    _, _, grads = outputs_and_grads(lambda *x: gated_delta_rule_chunked(*x[:5], 0.5, x[5], True, cu, chunk_size=32),
                                     inputs, case.seed)
     up = [t.detach().double().requires_grad_() for t in inputs]
     _, _, ref = outputs_and_grads(lambda *x: gated_delta_rule_recurrent(*x[:5], 0.5, x[5], True, cu), up, case.seed)
