@@ -105,6 +105,12 @@ def unavailable() -> str | None:
     return _reason
 
 
+@torch.compiler.assume_constant_result
+def built() -> bool:
+    """Whether the C++ CPU kernels are built and loaded in this process; never builds them."""
+    return _module is not None
+
+
 def extension():
     """The compiled module; raises when :func:`unavailable` gives a reason."""
     why = unavailable()

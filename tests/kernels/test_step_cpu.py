@@ -165,7 +165,7 @@ def test_a_failed_build_falls_back_to_the_tensor_ops(monkeypatch):
     x = torch.randn(3, 8)
     with torch.no_grad(), recording() as choices:
         y = RMSNorm(8)(x, x)
-    assert [(c.op, c.backend) for c in choices] == [("rms_norm", "reference")]
+    assert not choices  # the norms take the C++ call only once built, and not as a recorded choice
     assert_rel(y, x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-5) * F.silu(x), 1e-6, "norm's fallback")
 
 
