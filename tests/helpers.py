@@ -1,5 +1,9 @@
 """Shared test helpers: the device under test, relative error, random inputs."""
 
+import os
+import shutil
+
+import pytest
 import torch
 
 ON_GPU = torch.cuda.is_available()
@@ -36,3 +40,18 @@ def save_tiny_model(path, layers, **mixer_options):
     model = LanguageModel(LMConfig(hidden_size=32, num_heads=2, layers=layers, mixer_options=mixer_options))
     model.save_pretrained(path)
     return model.eval()
+
+
+def require_cpu_kernels() -> None:
+    """Skip where seqmix's C++ CPU kernels cannot be built because this machine lacks a C++ compiler or ninja
+    (the fallback to the PyTorch paths is tested apart); fail where both are present and the build still
+    fails, so that a broken build never passes as a skip."""
+    from seqmix.kernels import cpu
+
+    why = cpu.unavailable()
+    if why is None:
+        return
+    missing = [tool for tool in (os.environ.get("CXX", "c++"), "ninja") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"no {' or '.join(missing)} on this machine: {why}")
+    pytest.fail(why)

@@ -14,6 +14,7 @@ from seqmix.archs.modules import RMSNorm, ShortConvolution, l2_normalize, no_wei
 from seqmix.kernels import causal_conv1d, delta_rule, gated_delta_rule
 from seqmix.kernels.conv.step import causal_conv1d_step
 from seqmix.kernels.deltanet.step import delta_rule_step, gated_delta_rule_step
+from seqmix.kernels.sequences import in_dtype
 
 
 @register_mixer("deltanet")
@@ -78,7 +79,7 @@ class DeltaNet(Mixer):
     def _strengths_of(self, b):
         """:meth:`_strengths` from the projections' outputs apart, [*, H] each (the decoding step splits them
         off with the rest of its one matmul's output: one split call fewer per token)."""
-        return _cast(torch.sigmoid(_float32(b)), b.dtype), None
+        return in_dtype(torch.sigmoid(_float32(b)), b.dtype), None
 
     def _conv_weights(self):
         """The three short convs' taps stacked, [2 dk + dv, conv_size]: one conv over q|k|v side by side
@@ -169,13 +170,8 @@ class DeltaNet(Mixer):
         return state
 
 
-def _cast(x, dtype):
-    """x in ``dtype``, without a call when it already is (a decoding step is counted in aten calls)."""
-    return x if x.dtype == dtype else x.to(dtype)
-
-
 def _float32(x):
-    return _cast(x, torch.float32)
+    return in_dtype(x, torch.float32)
 
 
 @register_mixer("gated_deltanet")
@@ -222,4 +218,4 @@ class GatedDeltaNet(DeltaNet):
         return self._strengths_of(*f.split(self.num_heads, -1))
 
     def _strengths_of(self, b, a):
-        return _cast(torch.sigmoid(_float32(b)), b.dtype), self._log_decay_of(_float32(a))
+        return in_dtype(torch.sigmoid(_float32(b)), b.dtype), self._log_decay_of(_float32(a))

@@ -23,7 +23,7 @@ from seqmix.archs.mixer import MIXERS, State, build_mixer, init_mixer_state
 from seqmix.archs.modules import RMSNorm
 from seqmix.kernels import step_cpu
 from seqmix.kernels.checks import check_values
-from seqmix.kernels.conv.step import in_dtype
+from seqmix.kernels.sequences import in_dtype
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 MODEL_TYPE = "seqmix"  # config.json's model_type, the name transformers' Auto classes know seqmix by

@@ -11,8 +11,8 @@ from torch.autograd.function import once_differentiable
 
 from seqmix.archs.mixer import is_decoding_step
 from seqmix.kernels import causal_conv1d, causal_conv1d_update, step_cpu
-from seqmix.kernels.conv.step import causal_conv1d_step, in_dtype
-from seqmix.kernels.sequences import reference_dtype
+from seqmix.kernels.conv.step import causal_conv1d_step
+from seqmix.kernels.sequences import in_dtype, reference_dtype
 
 
 def no_weight_decay(*params: nn.Parameter | None) -> None:

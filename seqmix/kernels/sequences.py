@@ -95,6 +95,12 @@ def reference_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in ``dtype``; t itself when it is already (a decoding step's ops are a few microseconds each, and a
+    ``.to`` that changes nothing still dispatches)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def sequence_spans(cu_seqlens, batch: int, seqlen: int) -> list[tuple[int, int, int]]:
     """(batch row, start, end) of every sequence of a dense [batch, seqlen] or packed input,
     for the PyTorch references (reads ``cu_seqlens`` back to the host)."""

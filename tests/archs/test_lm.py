@@ -8,7 +8,7 @@ import torch
 
 from seqmix.archs import MIXERS
 from seqmix.archs.lm import LanguageModel, LMConfig
-from tests.helpers import DEVICE, TOL, assert_rel
+from tests.helpers import DEVICE, TOL, assert_rel, require_cpu_kernels
 
 
 def _model(layers, seed=0, **kw):
@@ -152,11 +152,12 @@ def test_decoding_blocks_mlp_half_is_one_cpp_call_equal_to_the_modules(dtype, mo
     """On CPU tensors a decoding block's residual, MLP norm and SwiGLU are one C++ call
     (seqmix/kernels/mlp_step_cpu.cpp): chosen for one token without autograd, equal to the modules
     (SEQMIX_BACKEND=reference); opcheck of the custom op."""
-    from seqmix.kernels import cpu, step_cpu
+    from seqmix.kernels import step_cpu
     from seqmix.kernels.backend import recording
 
-    if DEVICE.type != "cpu" or cpu.unavailable() is not None:
-        pytest.skip("needs the C++ CPU kernels")
+    if DEVICE.type != "cpu":
+        pytest.skip("the C++ CPU kernels serve CPU tensors; these tests run on CUDA here")
+    require_cpu_kernels()
     monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     model = _model(["shortconv", "attention"]).to(dtype)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from seqmix.archs import Mamba
 from seqmix.kernels.backend import recording
 from tests.archs import contract
-from tests.helpers import TOL, assert_rel
+from tests.helpers import TOL, assert_rel, require_cpu_kernels
 
 
 def _layer(backend):
@@ -25,10 +25,7 @@ def test_triton_layer_matches_reference_layer_with_gradients():
 
 def test_layer_on_the_cpu_kernel_matches_reference_layer_with_gradients(monkeypatch):
     """The automatic choice on CPU tensors (the C++ scan, when it builds) against the reference layer."""
-    from seqmix.kernels import cpu
-
-    if cpu.unavailable() is not None:
-        pytest.skip(cpu.unavailable())
+    require_cpu_kernels()
     monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
     x = torch.randn(2, 70, 16, generator=torch.Generator().manual_seed(1))
     outs, grads = [], []
@@ -109,10 +106,7 @@ def test_decode_step_on_the_cpu_kernel_compiles_in_one_graph_and_equals_the_refe
     """Decoding without gradients on CPU tensors runs the C++ step (one custom op per layer and token): it
     traces into one graph (torch.compile(fullgraph=True)) and gives the reference step's logits and states."""
     from seqmix.archs.lm import LanguageModel, LMConfig
-    from seqmix.kernels import cpu
-
-    if cpu.unavailable() is not None:
-        pytest.skip(cpu.unavailable())
+    require_cpu_kernels()
     monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
     torch.manual_seed(0)
     model = LanguageModel(LMConfig(hidden_size=32, num_heads=2, layers=["mamba", "mamba"])).eval()

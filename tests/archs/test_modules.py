@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from seqmix.archs.modules import RMSNorm, l2_normalize
-from tests.helpers import assert_rel
+from tests.helpers import assert_rel, require_cpu_kernels
 
 SHAPE = (2, 5, 3, 16)  # [B, T, H, D]: per head, as the mixers' output norms
 
@@ -82,12 +82,11 @@ def _rms_norm_with(x, weight, gate):
 def test_norms_without_autograd_are_one_cpp_call_equal_to_the_tensor_ops(dtype, monkeypatch):
     """Decoding's norms on the cpu backend (seqmix/kernels/row_norm_cpu.cpp): chosen without autograd on CPU
     tensors, equal to the tensor ops (SEQMIX_BACKEND=reference) on a strided x; opcheck of the custom op."""
-    from seqmix.kernels import cpu, step_cpu
+    from seqmix.kernels import step_cpu
     from seqmix.kernels.backend import recording
 
     row_norm = step_cpu.row_norm
-    if cpu.unavailable() is not None:
-        pytest.skip(cpu.unavailable())
+    require_cpu_kernels()
     monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     g = torch.Generator().manual_seed(3)

@@ -21,7 +21,7 @@ from seqmix.kernels.gated_linear_attention.reference import gla_recurrent
 from seqmix.kernels.gated_linear_attention.step import gla_step
 from seqmix.kernels.mamba2.reference import ssd_recurrent
 from seqmix.kernels.mamba2.step import ssd_step
-from tests.helpers import TOL, assert_rel
+from tests.helpers import TOL, assert_rel, require_cpu_kernels
 
 B, T, H, K, V, G, N = 2, 5, 4, 16, 19, 2, 11
 SCALE = 0.6
@@ -34,8 +34,7 @@ OP_OF = {"delta_rule": "delta_rule_step", "gated_delta_rule": "delta_rule_step",
 @pytest.fixture
 def kernels_built(monkeypatch):
     """Skips where the kernels cannot be built here (no compiler or ninja); the automatic choice on."""
-    if cpu_build.unavailable() is not None:
-        pytest.skip(cpu_build.unavailable())
+    require_cpu_kernels()
     monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 

@@ -13,13 +13,7 @@ import torch.nn.functional as F
 
 from seqmix.kernels import step_cpu
 from seqmix.kernels.checks import check_tensor
-from seqmix.kernels.sequences import reference_dtype
-
-
-def in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t in ``dtype``; t itself when it is already (a decoding step's ops are a few microseconds each, and a
-    ``.to`` that changes nothing still dispatches)."""
-    return t if t.dtype == dtype else t.to(dtype)
+from seqmix.kernels.sequences import in_dtype, reference_dtype
 
 
 def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,

@@ -13,12 +13,7 @@ import torch
 
 from seqmix.kernels import step_cpu
 from seqmix.kernels.checks import check_key_value_step
-from seqmix.kernels.sequences import reference_dtype
-
-
-def _as(x, dtype):
-    """x in ``dtype``, without a call when it already is (a decoding step is counted in aten calls)."""
-    return x if x.dtype == dtype else x.to(dtype)
+from seqmix.kernels.sequences import in_dtype, reference_dtype
 
 
 def _columns(x):
@@ -31,14 +26,14 @@ def _step(q, k, v, beta, g, state, scale):
     if step_cpu.serves("delta_rule_step", q, q, k, v, beta, g, state):  # one C++ call
         return step_cpu.delta_rule_step(q, k, v, beta, g, state, scale)
     dt = reference_dtype(q)
-    S = _as(state, dt)
+    S = in_dtype(state, dt)
     if g is not None:
-        S = S * _columns(_as(g, dt).exp())
-    k = _as(k, dt).unsqueeze(-2)  # rows [B, H, 1, *]: every product is one matmul
-    v_new = (_as(v, dt).unsqueeze(-2) - k @ S) * _columns(_as(beta, dt))  # [B, H, 1, V]
+        S = S * _columns(in_dtype(g, dt).exp())
+    k = in_dtype(k, dt).unsqueeze(-2)  # rows [B, H, 1, *]: every product is one matmul
+    v_new = (in_dtype(v, dt).unsqueeze(-2) - k @ S) * _columns(in_dtype(beta, dt))  # [B, H, 1, V]
     S = torch.addcmul(S, k.transpose(-1, -2), v_new)  # S + k v_new^T
-    o = (_as(q, dt).unsqueeze(-2) @ S).squeeze(-2) * scale
-    return _as(o, q.dtype), S
+    o = (in_dtype(q, dt).unsqueeze(-2) @ S).squeeze(-2) * scale
+    return in_dtype(o, q.dtype), S
 
 
 def delta_rule_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, state: torch.Tensor,

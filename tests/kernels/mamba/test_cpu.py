@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from seqmix.kernels import BackendUnavailable, explain
 from seqmix.kernels import cpu as cpu_build
 from seqmix.kernels.mamba import selective_scan, selective_scan_recurrent
-from tests.helpers import TOL, assert_rel
+from tests.helpers import TOL, assert_rel, require_cpu_kernels
 from tests.kernels.contract import check_against_oracle, outputs_and_grads
 from tests.kernels.mamba.cases import Case, cases, make_inputs
 
@@ -31,8 +31,7 @@ CPU = torch.device("cpu")
 @pytest.fixture
 def kernels_built():
     """Skips where the kernels cannot be built here (no compiler or ninja); the fallback tests run anyway."""
-    if cpu_build.unavailable() is not None:
-        pytest.skip(cpu_build.unavailable())
+    require_cpu_kernels()
 
 
 built = pytest.mark.usefixtures("kernels_built")
