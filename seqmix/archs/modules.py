@@ -51,7 +51,7 @@ class _L2Normalize(torch.autograd.Function):
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / sqrt(||x||^2 + eps) over the last dim, computed in float32 (float64 for float64 inputs)."""
-    if not torch.is_grad_enabled() and step_cpu.serves_once_built(x):  # decoding: one C++ call
+    if not torch.is_grad_enabled() and step_cpu.serves_when_ready(x):  # decoding: one C++ call
         return step_cpu.row_norm(x, None, None, eps, False)
     x32 = in_dtype(x, reference_dtype(x))
     # Without autograd (decoding) the forward alone: an autograd.Function's call costs more than its few ops.
@@ -116,7 +116,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         # Without autograd (decoding) one C++ call on CPU tensors; a gate that broadcasts keeps the tensor ops.
         fits = gate is None or gate.shape == x.shape
-        if not torch.is_grad_enabled() and fits and step_cpu.serves_once_built(x):
+        if not torch.is_grad_enabled() and fits and step_cpu.serves_when_ready(x):
             return step_cpu.row_norm(x, self.weight, gate, self.eps, True)
         dt = reference_dtype(x)
         args = (in_dtype(x, dt), in_dtype(self.weight, dt), None if gate is None else in_dtype(gate, dt), self.eps)

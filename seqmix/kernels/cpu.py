@@ -40,6 +40,7 @@ _lock = threading.Lock()
 _module = None
 _reason: str | None = "not built yet"
 _tried = False
+_stale = False  # ready() found no current module on disk: not looked for again in this process
 
 
 def _capability() -> str:
@@ -47,16 +48,23 @@ def _capability() -> str:
     return capability if capability in _ISA_FLAGS else "DEFAULT"
 
 
+def _build_dir() -> Path:
+    """Where this checkout's module is built (one per checkout and instruction set: two checkouts sharing the
+    cache would otherwise rebuild over each other whenever their sources differ)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    here = Path(__file__).parent
+    name = f"seqmix_cpu_{_capability().lower()}_{hashlib.sha1(str(here.resolve()).encode()).hexdigest()[:8]}"
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
+
+
 def _build():
-    from torch.utils.cpp_extension import get_default_build_root, load
+    from torch.utils.cpp_extension import load
 
     capability = _capability()
     here = Path(__file__).parent
-    # One build per checkout (and instruction set): two checkouts sharing the cache would otherwise rebuild
-    # over each other whenever their sources differ.
-    name = f"seqmix_cpu_{capability.lower()}_{hashlib.sha1(str(here.resolve()).encode()).hexdigest()[:8]}"
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    build_dir = Path(root) / name
+    build_dir = _build_dir()
+    name = build_dir.name
     build_dir.mkdir(parents=True, exist_ok=True)
     first = not glob.glob(str(build_dir / "*.so"))
     if first:
@@ -67,6 +75,8 @@ def _build():
                   build_directory=str(build_dir), verbose=False)
     if first:
         logger.warning("seqmix: the C++ CPU kernels were compiled in %.0f s", time.perf_counter() - start)
+    for built in glob.glob(str(build_dir / "*.so")):  # stamped current for ready() (ninja skips unchanged builds)
+        os.utime(built)
     return module
 
 
@@ -106,9 +116,25 @@ def unavailable() -> str | None:
 
 
 @torch.compiler.assume_constant_result
-def built() -> bool:
-    """Whether the C++ CPU kernels are built and loaded in this process; never builds them."""
-    return _module is not None
+def ready() -> bool:
+    """Whether the C++ CPU kernels serve without compiling anything: loaded in this process, or compiled for
+    this checkout and loaded since every source and this file (which holds the flags) last changed, and then
+    loaded here (about a second). Calls whose PyTorch path is cheap enough (training's short conv, the row
+    norms) take the C++ kernels only when they are ready, so that a short run on a fresh machine (the README's
+    main job) never waits 30-60 s for the compile; a decoding step or the selective scan, which build them,
+    make them ready."""
+    global _stale
+    if _tried:
+        return _module is not None
+    if _stale:
+        return False
+    here = Path(__file__).parent
+    modules = glob.glob(str(_build_dir() / "*.so"))
+    sources = [here / s for s in SOURCES] + [Path(__file__)]
+    if not modules or max(map(os.path.getmtime, modules)) <= max(s.stat().st_mtime for s in sources):
+        _stale = True
+        return False
+    return unavailable() is None
 
 
 def extension():

@@ -35,15 +35,14 @@ def serves(op: str, like: Tensor, *tensors: Tensor | None) -> bool:
     return select_backend(op, None, like.device, ("cpu", "reference"), {"cpu": limit}) == "cpu"
 
 
-def serves_once_built(like: Tensor, *tensors: Tensor | None) -> bool:
+def serves_when_ready(like: Tensor, *tensors: Tensor | None) -> bool:
     """Whether the row norms (seqmix/archs/modules.py) take their C++ call: CPU tensors, no gradient wanted,
-    ``SEQMIX_BACKEND`` not ``reference``, and the C++ kernels already built by something that needs them (a
-    decoding step, the selective scan). The norms never build them: training's evaluation and the
-    trainer's banner run them without autograd too, and a run that only trains must not wait for a compile
-    for the norms' microseconds. Not a recorded choice, so what a banner lists does not depend on what ran
-    before in the process."""
-    return (cpu.built() and like.device.type == "cpu" and not wants_grad(like, *tensors)
-            and os.environ.get("SEQMIX_BACKEND") != "reference")
+    ``SEQMIX_BACKEND`` not ``reference``, and the C++ kernels ready without a compile (:func:`cpu.ready`).
+    The norms never build them: training's evaluation and the trainer's banner run them without autograd
+    too, and a run that only trains must not wait for a compile for the norms' microseconds. Not a recorded
+    choice, so the banner does not list it."""
+    return (like.device.type == "cpu" and not wants_grad(like, *tensors)
+            and os.environ.get("SEQMIX_BACKEND") != "reference" and cpu.ready())
 
 
 def _state_like(state: Tensor, like: Tensor) -> Tensor:
