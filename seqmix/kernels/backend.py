@@ -59,8 +59,9 @@ def cuda_extension():
     return _C
 
 
-def why_unavailable(backend: str, device: torch.device) -> str | None:
-    """Why ``backend`` cannot run on tensors of ``device``; None when it can."""
+def why_unavailable(backend: str, device: torch.device, build: bool = True) -> str | None:
+    """Why ``backend`` cannot run on tensors of ``device``; None when it can. ``build=False``: the C++ CPU
+    kernels count only when they serve without a compile (:func:`seqmix.kernels.cpu.ready`)."""
     if backend == "reference":
         return None
     if backend == "triton":
@@ -84,6 +85,8 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
             return f"the C++ CPU kernels need CPU tensors (got {device.type})"
         from seqmix.kernels import cpu
 
+        if not build and not cpu.ready():
+            return "the C++ CPU kernels are not compiled here yet (python -m seqmix.kernels.build compiles them)"
         return cpu.unavailable()
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
 
@@ -134,17 +137,21 @@ def select_backend(
     device: torch.device,
     implemented: tuple[str, ...],
     limits: dict[str, str | None] | None = None,
+    build_cpu: bool = True,
 ) -> str:
     """The backend that serves one call of ``op``.
 
     ``implemented`` lists the op's backends, most preferred first. ``limits``
     maps a backend to why it cannot serve this particular call (a dtype or a
-    size it does not support), None where it can. The choice goes to the
+    size it does not support), None where it can. ``build_cpu=False``: the
+    automatic choice takes the C++ CPU kernels only where they serve without a
+    compile (ops whose reference is fast enough that a short run should not wait
+    for one); asked for by name, they are built. The choice goes to the
     ``seqmix.kernels`` logger (DEBUG) and to :func:`recording` / :func:`explain`;
     with neither on, that costs one check (:func:`reporting`). Choices made while
     ``torch.compile`` traces are not reported (Dynamo cannot trace a logger).
     """
-    name, how, passed_over = _choose(op, requested, device, implemented, limits)
+    name, how, passed_over = _choose(op, requested, device, implemented, limits, build_cpu)
     if reporting():
         report(Choice(op, name, how, device, tuple(passed_over)))
     return name
@@ -163,7 +170,7 @@ def report(choice: Choice) -> None:
         watch(choice)
 
 
-def _choose(op, requested, device, implemented, limits) -> tuple[str, str, list[tuple[str, str, bool]]]:
+def _choose(op, requested, device, implemented, limits, build_cpu) -> tuple[str, str, list[tuple[str, str, bool]]]:
     """(backend, how it was chosen, the preferred backends passed over) for :func:`select_backend`."""
 
     def reason(name: str) -> str | None:
@@ -183,10 +190,10 @@ def _choose(op, requested, device, implemented, limits) -> tuple[str, str, list[
         if env not in BACKENDS:
             raise ValueError(f"SEQMIX_BACKEND must be one of {BACKENDS}, got {env!r}")
         if env in implemented:
-            return _choose(op, env, device, implemented, limits)[0], "SEQMIX_BACKEND", []
+            return _choose(op, env, device, implemented, limits, build_cpu)[0], "SEQMIX_BACKEND", []
     passed_over = []
     for name in implemented:
-        device_why = why_unavailable(name, device)
+        device_why = why_unavailable(name, device, build_cpu)
         why = device_why or (limits or {}).get(name)
         if why is None:
             return name, "automatic", passed_over

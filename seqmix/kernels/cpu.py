@@ -48,7 +48,7 @@ def _capability() -> str:
     return capability if capability in _ISA_FLAGS else "DEFAULT"
 
 
-def _build_dir() -> Path:
+def build_dir() -> Path:
     """Where this checkout's module is built (one per checkout and instruction set: two checkouts sharing the
     cache would otherwise rebuild over each other whenever their sources differ)."""
     from torch.utils.cpp_extension import get_default_build_root
@@ -63,19 +63,19 @@ def _build():
 
     capability = _capability()
     here = Path(__file__).parent
-    build_dir = _build_dir()
-    name = build_dir.name
-    build_dir.mkdir(parents=True, exist_ok=True)
-    first = not glob.glob(str(build_dir / "*.so"))
+    directory = build_dir()
+    name = directory.name
+    directory.mkdir(parents=True, exist_ok=True)
+    first = not glob.glob(str(directory / "*.so"))
     if first:
-        logger.warning("seqmix: compiling the C++ CPU kernels (once per machine, 30 s or more) into %s", build_dir)
+        logger.warning("seqmix: compiling the C++ CPU kernels (once per machine, 30 s or more) into %s", directory)
     start = time.perf_counter()
     module = load(name=name, sources=[str(here / s) for s in SOURCES],
                   extra_cflags=_FLAGS + _ISA_FLAGS.get(capability, []), extra_ldflags=["-fopenmp"],
-                  build_directory=str(build_dir), verbose=False)
+                  build_directory=str(directory), verbose=False)
     if first:
         logger.warning("seqmix: the C++ CPU kernels were compiled in %.0f s", time.perf_counter() - start)
-    for built in glob.glob(str(build_dir / "*.so")):  # stamped current for ready() (ninja skips unchanged builds)
+    for built in glob.glob(str(directory / "*.so")):  # stamped current for ready() (ninja skips unchanged builds)
         os.utime(built)
     return module
 
@@ -129,7 +129,7 @@ def ready() -> bool:
     if _stale:
         return False
     here = Path(__file__).parent
-    modules = glob.glob(str(_build_dir() / "*.so"))
+    modules = glob.glob(str(build_dir() / "*.so"))
     sources = [here / s for s in SOURCES] + [Path(__file__)]
     if not modules or max(map(os.path.getmtime, modules)) <= max(s.stat().st_mtime for s in sources):
         _stale = True
@@ -143,3 +143,4 @@ def extension():
     if why is not None:
         raise RuntimeError(why)
     return _module
+
