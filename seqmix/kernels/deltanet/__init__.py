@@ -16,6 +16,7 @@ from seqmix.kernels.checks import (
     check_scale,
     check_tensor,
 )
+from seqmix.kernels.deltanet import cpu as cpu_kernels
 from seqmix.kernels.deltanet import triton as kernels
 from seqmix.kernels.deltanet.reference import (
     delta_rule_chunked,
@@ -110,11 +111,18 @@ def _dispatch(op, q, k, v, g, beta, scale, initial_state, output_final_state, cu
     n = _check_inputs(q, k, v, beta, initial_state, cu_seqlens, g)
     T, K, V = q.shape[1], q.shape[3], v.shape[-1]
     scale = check_scale(scale, K**-0.5)
-    name = select_backend(op, backend, q.device, ("triton", "reference"),
-                          {"triton": kernels.unsupported(q.dtype, K, V)})
+    # The C++ kernels only once compiled (build_cpu=False): the chunked reference is fast enough that a short
+    # run should not wait for the compile; backend="cpu" builds them.
+    name = select_backend(op, backend, q.device, ("cpu", "triton", "reference"),
+                          {"triton": kernels.unsupported(q.dtype, K, V), "cpu": cpu_kernels.unsupported(q.dtype)},
+                          build_cpu=False)
     if T == 0:
         B, _, H, _ = q.shape
         return no_tokens_result((B, 0, H, V), (n, H, K, V), initial_state, output_final_state, q)
+    if name == "cpu":  # the kernel computes in q's dtype: the log decays are cast to it
+        g = None if g is None else g.to(q.dtype)
+        return run_fused(cpu_kernels.FUSED, (q, k, v, beta, g), (), initial_state, (scale,), output_final_state,
+                         cu_seqlens)
     if name == "triton":
         return run_fused(FUSED, (q, k, v, beta, g), (), initial_state, (scale,), output_final_state, cu_seqlens)
     if g is None:
@@ -147,7 +155,10 @@ def delta_rule(
         output_final_state: also return the state after the last token.
         cu_seqlens: [N+1] int32/int64 boundaries of sequences packed as
             ``[1, sum(T_i), ...]``; states reset at every boundary.
-        backend: None (automatic), ``"reference"`` or ``"triton"``.
+        backend: None (automatic: Triton on CUDA tensors; on CPU tensors the C++ kernels once
+            compiled (``python -m seqmix.kernels.build``), else Triton under its interpreter, else the
+            reference), ``"reference"``, ``"triton"`` or ``"cpu"`` (float32 and float64, builds the
+            C++ kernels; their final state and gradients in the inputs' dtype).
 
     Returns:
         o: [B, T, H, V] in the inputs' dtype.
@@ -186,7 +197,10 @@ def gated_delta_rule(
         output_final_state: also return the state after the last token.
         cu_seqlens: [N+1] int32/int64 boundaries of sequences packed as
             ``[1, sum(T_i), ...]``; states reset at every boundary.
-        backend: None (automatic), ``"reference"`` or ``"triton"``.
+        backend: None (automatic: Triton on CUDA tensors; on CPU tensors the C++ kernels once
+            compiled (``python -m seqmix.kernels.build``), else Triton under its interpreter, else the
+            reference), ``"reference"``, ``"triton"`` or ``"cpu"`` (float32 and float64, builds the
+            C++ kernels; their final state and gradients in the inputs' dtype).
 
     Returns:
         o: [B, T, H, V] in the inputs' dtype.
