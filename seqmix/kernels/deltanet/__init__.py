@@ -114,7 +114,7 @@ def _dispatch(op, q, k, v, g, beta, scale, initial_state, output_final_state, cu
     # The C++ kernels only once compiled (build_cpu=False): the chunked reference is fast enough that a short
     # run should not wait for the compile; backend="cpu" builds them.
     name = select_backend(op, backend, q.device, ("cpu", "triton", "reference"),
-                          {"triton": kernels.unsupported(q.dtype, K, V), "cpu": cpu_kernels.unsupported(q.dtype)},
+                          {"triton": kernels.unsupported(q.dtype, K, V), "cpu": cpu_kernels.unsupported(q.dtype, V)},
                           build_cpu=False)
     if T == 0:
         B, _, H, _ = q.shape

@@ -18,14 +18,25 @@ from seqmix.kernels.op import FusedOp, as_input_grads, nothing, register_autogra
 # buffer of (CHUNK + 1) K V values per task (68 KiB of float32 at K = V = 32), which stays in L2.
 CHUNK = 16
 DTYPES = (torch.float32, torch.float64)
-_LANES = {torch.float32: 16, torch.float64: 8}  # values per vector of the kernel: a checkpoint's rows are padded
+_LANES = {torch.float32: 16, torch.float64: 8}  # values per vector of the kernel
+MAX_VECTORS = 16  # vectors per row of the state the kernel is compiled for (kMaxVectors)
 
 
-def unsupported(dtype: torch.dtype) -> str | None:
-    """Why the C++ kernels cannot take inputs of ``dtype``; None if they can."""
+def unsupported(dtype: torch.dtype, V: int) -> str | None:
+    """Why the C++ kernels cannot take inputs of ``dtype`` and value head dim ``V``; None if they can."""
     if dtype not in DTYPES:
         return f"q, k, v, beta must be float32 or float64, got {dtype}"
+    if V > MAX_VECTORS * _LANES[dtype]:
+        return f"the value head dim V must be at most {MAX_VECTORS * _LANES[dtype]} in {dtype}, got {V}"
     return None
+
+
+def _padded(V: int, dtype: torch.dtype) -> int:
+    """A stored state's row: V values padded to the kernel's vectors per row (a power of two) times its lanes."""
+    W, vectors = _LANES[dtype], 1
+    while vectors * W < V:
+        vectors *= 2
+    return vectors * W
 
 
 def _fake_outputs(q, v, cu_seqlens, store_final):
@@ -51,9 +62,8 @@ def _chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, 
 @_chunk_fwd.register_fake
 def _(q, k, v, beta, g, h0, cu_seqlens, chunk_index, chunk_offsets, scale, store_final):
     L, H, K = q.shape
-    W = _LANES[q.dtype]
-    padded = -(-v.shape[-1] // W) * W
-    return *_fake_outputs(q, v, cu_seqlens, store_final), q.new_empty((chunk_index.shape[0], H, K, padded))
+    return *_fake_outputs(q, v, cu_seqlens, store_final), q.new_empty((chunk_index.shape[0], H, K,
+                                                                      _padded(v.shape[-1], q.dtype)))
 
 
 @torch.library.custom_op("seqmix::delta_rule_cpu_chunk_bwd", mutates_args=())

@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -66,14 +67,18 @@ struct Problem {
   int64_t state_size() const { return K * padded(); }  // values of a stored state (checkpoint)
 };
 
-// A row of V values (token t's v or do of head h) as nv vectors, zero past V.
+// A row of V values (token t's v or do of head h) as nv vectors, zero past V (whole vectors too).
 template <typename T>
 inline void load_row(const T* src, int64_t V, Vec<T>* dst, int64_t nv) {
   constexpr int W = Lanes<T>::W;
   for (int64_t j = 0; j < nv; ++j) {
-    const int64_t n = std::min<int64_t>(W, V - j * W);
+    const int64_t n = std::clamp<int64_t>(V - j * W, 0, W);
     Vec<T> x{};
-    std::memcpy(&x, src + j * W, n * sizeof(T));
+    if (n == W) {
+      std::memcpy(&x, src + j * W, sizeof(x));
+    } else if (n > 0) {
+      std::memcpy(&x, src + j * W, n * sizeof(T));
+    }
     dst[j] = x;
   }
 }
@@ -81,7 +86,8 @@ inline void load_row(const T* src, int64_t V, Vec<T>* dst, int64_t nv) {
 template <typename T>
 inline void store_row(T* dst, int64_t V, const Vec<T>* src, int64_t nv) {
   constexpr int W = Lanes<T>::W;
-  for (int64_t j = 0; j < nv; ++j) std::memcpy(dst + j * W, &src[j], std::min<int64_t>(W, V - j * W) * sizeof(T));
+  for (int64_t j = 0; j < nv && j * W < V; ++j)
+    std::memcpy(dst + j * W, &src[j], std::min<int64_t>(W, V - j * W) * sizeof(T));
 }
 
 // A [K, V] state (h0, the final state, dh0) to and from the padded rows of a task.
@@ -107,64 +113,131 @@ inline const T* row(const T* x, int64_t t, int64_t h, int64_t H, int64_t D) {
   return x + (t * H + h) * D;
 }
 
-// u = S^T k (sums over K of rows), four partial sums so that the multiply-adds do not wait on each other.
-// Accumulates into acc[4][nv], which the caller zeroes and then adds up.
-template <typename T>
-inline void rows_times(const Vec<T>* S, const T* x, int64_t K, int64_t nv, Vec<T> (*acc)[4]) {
+// acc[j][i % 4] += x[i] S[i][j] over the rows i of S: four partial sums (for the sums over K) so that the
+// multiply-adds do not wait on each other; the caller zeroes acc and adds it up (add_up).
+template <typename T, int NV>
+inline void rows_times(const Vec<T>* S, const T* x, int64_t K, Vec<T> (*acc)[4]) {
   for (int64_t i = 0; i < K; ++i) {
-    const Vec<T>* s = S + i * nv;
-    for (int64_t j = 0; j < nv; ++j) acc[j][i & 3] += x[i] * s[j];
+    const Vec<T>* s = S + i * NV;
+    for (int j = 0; j < NV; ++j) acc[j][i & 3] += x[i] * s[j];
   }
 }
 
-// One token of the forward: S <- a S, w = v - S^T k, S <- S + beta k w^T; returns o = scale S^T q into o
-// (when o is not null) and w into w_out (when not null). acc: nv x 4 scratch vectors.
+template <typename T, int NV>
+inline void add_up(Vec<T> (*acc)[4], Vec<T>* out) {
+  for (int j = 0; j < NV; ++j) out[j] = (acc[j][0] + acc[j][1]) + (acc[j][2] + acc[j][3]);
+}
+
+// The lane sums of W vectors at once (P[i] -> out[i], P destroyed): pairs of vectors are folded into one
+// whose halves hold their half sums, log2(W) times, W - 1 vector adds in all instead of W separate
+// reductions of log2(W) shuffles and adds each. The lanes end in bit-reversed order.
 template <typename T>
-inline void fwd_token(const Problem<T>& p, Vec<T>* S, int64_t t, int64_t h, Vec<T>* o, Vec<T>* w_out,
-                      Vec<T> (*acc)[4], Vec<T>* w) {
-  const int64_t K = p.K, nv = p.nv;
+struct LaneSums {
+  static constexpr int W = Lanes<T>::W;
+  typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type S;
+  typedef S I __attribute__((vector_size(64)));
+
+  // Lanes [r h, (r + 1) h) of the fold take block r / 2 (2h lanes) of x (r even) or y (r odd): its low half
+  // (A) plus its high half (B).
+  static I mask(int h, bool high) {
+    I m{};
+    for (int r = 0; r < W / h; ++r)
+      for (int l = 0; l < h; ++l) m[r * h + l] = (r & 1 ? W : 0) + (r / 2) * 2 * h + l + (high ? h : 0);
+    return m;
+  }
+
+  I lo[8], hi[8];
+  int order[W];  // order[i]: the lane that holds P[i]'s sum
+
+  LaneSums() {
+    int level = 0;
+    for (int h = W / 2; h >= 1; h /= 2, ++level) {
+      lo[level] = mask(h, false);
+      hi[level] = mask(h, true);
+    }
+    // Follow the labels: a lane of the fold is labelled as the lanes it adds.
+    S label[W][W];
+    for (int i = 0; i < W; ++i)
+      for (int c = 0; c < W; ++c) label[i][c] = i;
+    int n = W;
+    level = 0;
+    for (int h = W / 2; h >= 1; h /= 2, ++level, n /= 2)
+      for (int i = 0; i < n / 2; ++i) {
+        S folded[W];
+        for (int c = 0; c < W; ++c) {
+          const int src = lo[level][c];
+          folded[c] = src < W ? label[2 * i][src] : label[2 * i + 1][src - W];
+        }
+        std::memcpy(label[i], folded, sizeof(folded));
+      }
+    for (int c = 0; c < W; ++c) order[label[0][c]] = c;
+  }
+
+  void operator()(Vec<T>* P, T* out) const {
+    int n = W, level = 0;
+    for (int h = W / 2; h >= 1; h /= 2, ++level, n /= 2)
+      for (int i = 0; i < n / 2; ++i)
+        P[i] = __builtin_shuffle(P[2 * i], P[2 * i + 1], lo[level]) +
+               __builtin_shuffle(P[2 * i], P[2 * i + 1], hi[level]);
+    for (int i = 0; i < W; ++i) out[i] = P[0][order[i]];
+  }
+};
+
+template <typename T>
+const LaneSums<T>& lane_sums() {
+  static const LaneSums<T> sums;
+  return sums;
+}
+
+// One token of the forward: S <- a S, w = v - S^T k, S <- S + beta k w^T; o = scale S^T q into o (when not
+// null) and w into w_out (when not null).
+template <typename T, int NV>
+inline void fwd_token(const Problem<T>& p, Vec<T>* S, int64_t t, int64_t h, Vec<T>* o, Vec<T>* w_out) {
+  const int64_t K = p.K;
   const T* kt = row(p.k, t, h, p.H, K);
   const T a = p.g ? std::exp(p.g[t * p.H + h]) : T(1);
   const T b = p.beta[t * p.H + h];
-  for (int64_t j = 0; j < nv; ++j) std::fill(acc[j], acc[j] + 4, Vec<T>{});
-  rows_times(S, kt, K, nv, acc);
-  load_row(row(p.v, t, h, p.H, p.V), p.V, w, nv);
-  for (int64_t j = 0; j < nv; ++j) {
-    w[j] -= a * ((acc[j][0] + acc[j][1]) + (acc[j][2] + acc[j][3]));
+  Vec<T> acc[NV][4] = {}, u[NV], w[NV];
+  rows_times<T, NV>(S, kt, K, acc);
+  add_up<T, NV>(acc, u);
+  load_row(row(p.v, t, h, p.H, p.V), p.V, w, NV);
+  for (int j = 0; j < NV; ++j) {
+    w[j] -= a * u[j];
     if (w_out) w_out[j] = w[j];
     w[j] *= b;  // now d = beta w, the row written
   }
   if (!o) {
     for (int64_t i = 0; i < K; ++i)
-      for (int64_t j = 0; j < nv; ++j) S[i * nv + j] = a * S[i * nv + j] + kt[i] * w[j];
+      for (int j = 0; j < NV; ++j) S[i * NV + j] = a * S[i * NV + j] + kt[i] * w[j];
     return;
   }
   const T* qt = row(p.q, t, h, p.H, K);
-  for (int64_t j = 0; j < nv; ++j) std::fill(acc[j], acc[j] + 4, Vec<T>{});
+  Vec<T> acc_o[NV][4] = {};
   for (int64_t i = 0; i < K; ++i) {
-    Vec<T>* s = S + i * nv;
-    for (int64_t j = 0; j < nv; ++j) {
+    Vec<T>* s = S + i * NV;
+    for (int j = 0; j < NV; ++j) {
       s[j] = a * s[j] + kt[i] * w[j];
-      acc[j][i & 3] += qt[i] * s[j];
+      acc_o[j][i & 3] += qt[i] * s[j];
     }
   }
-  for (int64_t j = 0; j < nv; ++j) o[j] = p.scale * ((acc[j][0] + acc[j][1]) + (acc[j][2] + acc[j][3]));
+  add_up<T, NV>(acc_o, o);
+  for (int j = 0; j < NV; ++j) o[j] *= p.scale;
 }
 
-template <typename T>
+template <typename T, int NV>
 void fwd_task(const Problem<T>& p, int64_t s, int64_t h, T* out, T* ht, T* hc) {
-  const int64_t K = p.K, nv = p.nv, H = p.H;
-  std::vector<Vec<T>> S(K * nv), o(nv), w(nv), acc(nv * 4);
-  auto* a4 = reinterpret_cast<Vec<T>(*)[4]>(acc.data());
+  const int64_t K = p.K, H = p.H;
+  std::vector<Vec<T>> S(K * NV);
+  Vec<T> o[NV];
   state_in(p, p.h0 ? p.h0 + (s * H + h) * K * p.V : nullptr, S.data());
   const int64_t bos = p.cu[s], eos = p.cu[s + 1];
   for (int64_t t = bos; t < eos; ++t) {
     if (hc && (t - bos) % p.chunk == 0) {
       const int64_t c = p.chunk_offsets[s] + (t - bos) / p.chunk;
-      std::memcpy(hc + (c * H + h) * p.state_size(), S.data(), K * nv * sizeof(Vec<T>));
+      std::memcpy(hc + (c * H + h) * p.state_size(), S.data(), K * NV * sizeof(Vec<T>));
     }
-    fwd_token(p, S.data(), t, h, o.data(), nullptr, a4, w.data());
-    store_row(out + (t * H + h) * p.V, p.V, o.data(), nv);
+    fwd_token<T, NV>(p, S.data(), t, h, o, nullptr);
+    store_row(out + (t * H + h) * p.V, p.V, o, NV);
   }
   if (ht) state_out(p, S.data(), ht + (s * H + h) * K * p.V);
 }
@@ -178,102 +251,135 @@ struct Grads {
 
 // The reverse of one token (docs/math/deltanet.md, "The token recurrence on the CPU"), with Sp the state
 // before it and w = v - a Sp^T k: dS holds the gradient of the state after the token on entry, of the state
-// before it on exit. scratch: 5 nv vectors.
-template <typename T>
+// before it on exit. The sums over V (dq, dk) go through LaneSums, W rows at a time; P: W scratch vectors,
+// rows: K + W scratch values.
+template <typename T, int NV>
 inline void bwd_token(const Problem<T>& p, const Grads<T>& g, int64_t t, int64_t h, const Vec<T>* Sp,
-                      const Vec<T>* w, Vec<T>* dS, Vec<T>* scratch) {
-  const int64_t K = p.K, V = p.V, nv = p.nv, H = p.H;
+                      const Vec<T>* w, Vec<T>* dS, Vec<T>* P, T* rows) {
+  constexpr int W = Lanes<T>::W;
+  const LaneSums<T>& sums = lane_sums<T>();
+  const int64_t K = p.K, V = p.V, H = p.H;
   const T* qt = row(p.q, t, h, H, K);
   const T* kt = row(p.k, t, h, H, K);
   const T a = p.g ? std::exp(p.g[t * H + h]) : T(1);
   const T b = p.beta[t * H + h];
-  Vec<T>* dout = scratch;
-  Vec<T>* d = scratch + nv;
-  Vec<T>* dd = scratch + 2 * nv;
-  Vec<T>* du = scratch + 3 * nv;
-  Vec<T>* dv = scratch + 4 * nv;
-  load_row(row(g.dout, t, h, H, V), V, dout, nv);
-  Vec<T> ddo{};
-  for (int64_t j = 0; j < nv; ++j) {
+  Vec<T> dout[NV], d[NV], dd[NV] = {}, du[NV], dv[NV], ddo{};
+  load_row(row(g.dout, t, h, H, V), V, dout, NV);
+  for (int j = 0; j < NV; ++j) {
     d[j] = b * w[j];
     ddo += d[j] * dout[j];
-    dd[j] = Vec<T>{};
   }
   const T d_dot_do = lane_sum<T>(ddo);
   // The output: dS += scale q do^T, dq = scale S_t do with S_t = a Sp + k d^T. Then dd = dS^T k.
-  T* dq = g.dq + (t * H + h) * K;
-  for (int64_t i = 0; i < K; ++i) {
-    Vec<T>* ds = dS + i * nv;
-    const Vec<T>* sp = Sp + i * nv;
-    const T sq = p.scale * qt[i];
-    Vec<T> hq{};
-    for (int64_t j = 0; j < nv; ++j) {
-      ds[j] += sq * dout[j];
-      dd[j] += kt[i] * ds[j];
-      hq += sp[j] * dout[j];
+  for (int64_t i0 = 0; i0 < K; i0 += W) {
+    const int n = static_cast<int>(std::min<int64_t>(W, K - i0));
+    for (int r = 0; r < n; ++r) {
+      const int64_t i = i0 + r;
+      Vec<T>* ds = dS + i * NV;
+      const Vec<T>* sp = Sp + i * NV;
+      const T sq = p.scale * qt[i];
+      Vec<T> hq{};
+      for (int j = 0; j < NV; ++j) {
+        ds[j] += sq * dout[j];
+        dd[j] += kt[i] * ds[j];
+        hq += sp[j] * dout[j];
+      }
+      P[r] = hq;
     }
-    dq[i] = p.scale * (a * lane_sum<T>(hq) + kt[i] * d_dot_do);
+    for (int r = n; r < W; ++r) P[r] = Vec<T>{};
+    sums(P, rows + i0);
   }
+  T* dq = g.dq + (t * H + h) * K;
+  for (int64_t i = 0; i < K; ++i) dq[i] = p.scale * (a * rows[i] + kt[i] * d_dot_do);
   // d = beta (v - a Sp^T k): dv = beta dd, dbeta = dd . w, du = -beta dd the gradient of u = a Sp^T k.
   Vec<T> db{};
-  for (int64_t j = 0; j < nv; ++j) {
+  for (int j = 0; j < NV; ++j) {
     db += dd[j] * w[j];
     dv[j] = b * dd[j];
     du[j] = -dv[j];
   }
-  store_row(g.dv + (t * H + h) * V, V, dv, nv);
+  store_row(g.dv + (t * H + h) * V, V, dv, NV);
   g.dbeta[t * H + h] = lane_sum<T>(db);
   // dk = dS d + a Sp du; dS' = dS + k du^T (the decayed state's); dg = a <dS', Sp>; dS <- a dS'.
-  T* dk = g.dk + (t * H + h) * K;
   Vec<T> ga{};
-  for (int64_t i = 0; i < K; ++i) {
-    Vec<T>* ds = dS + i * nv;
-    const Vec<T>* sp = Sp + i * nv;
-    Vec<T> hk{};
-    for (int64_t j = 0; j < nv; ++j) {
-      hk += ds[j] * d[j] + a * (sp[j] * du[j]);
-      ds[j] += kt[i] * du[j];
-      ga += ds[j] * sp[j];
-      ds[j] *= a;
+  for (int64_t i0 = 0; i0 < K; i0 += W) {
+    const int n = static_cast<int>(std::min<int64_t>(W, K - i0));
+    for (int r = 0; r < n; ++r) {
+      const int64_t i = i0 + r;
+      Vec<T>* ds = dS + i * NV;
+      const Vec<T>* sp = Sp + i * NV;
+      Vec<T> hk{};
+      for (int j = 0; j < NV; ++j) {
+        hk += ds[j] * d[j] + a * (sp[j] * du[j]);
+        ds[j] += kt[i] * du[j];
+        ga += ds[j] * sp[j];
+        ds[j] *= a;
+      }
+      P[r] = hk;
     }
-    dk[i] = lane_sum<T>(hk);
+    for (int r = n; r < W; ++r) P[r] = Vec<T>{};
+    sums(P, rows + i0);
   }
+  std::memcpy(g.dk + (t * H + h) * K, rows, K * sizeof(T));
   if (g.dg) g.dg[t * H + h] = a * lane_sum<T>(ga);
 }
 
-template <typename T>
+template <typename T, int NV>
 void bwd_task(const Problem<T>& p, const Grads<T>& g, int64_t s, int64_t h) {
-  const int64_t K = p.K, nv = p.nv, H = p.H, C = p.chunk, KV = K * nv;
+  constexpr int W = Lanes<T>::W;
+  const int64_t K = p.K, H = p.H, C = p.chunk, KV = K * NV;
   // The states entering each token of a chunk, and each token's w = v - a Sp^T k.
-  std::vector<Vec<T>> states((C + 1) * KV), w(C * nv), dS(KV), scratch(5 * nv), acc(nv * 4), tmp(nv);
-  auto* a4 = reinterpret_cast<Vec<T>(*)[4]>(acc.data());
+  std::vector<Vec<T>> states(C * KV), w(C * NV), dS(KV), P(W);
+  std::vector<T> rows(K + W);
   state_in(p, g.dht ? g.dht + (s * H + h) * K * p.V : nullptr, dS.data());
   const int64_t bos = p.cu[s], eos = p.cu[s + 1];
   const int64_t chunks = (eos - bos + C - 1) / C;
   for (int64_t c = chunks - 1; c >= 0; --c) {
     const int64_t t0 = bos + c * C, t1 = std::min(t0 + C, eos);
     std::memcpy(states.data(), g.hc + ((p.chunk_offsets[s] + c) * H + h) * p.state_size(), KV * sizeof(Vec<T>));
-    for (int64_t t = t0; t < t1 - 1; ++t) {
-      Vec<T>* next = states.data() + (t - t0 + 1) * KV;
-      std::memcpy(next, next - KV, KV * sizeof(Vec<T>));
-      fwd_token(p, next, t, h, static_cast<Vec<T>*>(nullptr), w.data() + (t - t0) * nv, a4, tmp.data());
-    }
-    // The last token's w (its state after is not needed).
-    {
-      const int64_t t = t1 - 1;
-      const Vec<T>* Sp = states.data() + (t - t0) * KV;
-      const T* kt = row(p.k, t, h, H, K);
-      const T a = p.g ? std::exp(p.g[t * H + h]) : T(1);
-      for (int64_t j = 0; j < nv; ++j) std::fill(a4[j], a4[j] + 4, Vec<T>{});
-      rows_times(Sp, kt, K, nv, a4);
-      Vec<T>* wl = w.data() + (t - t0) * nv;
-      load_row(row(p.v, t, h, H, p.V), p.V, wl, nv);
-      for (int64_t j = 0; j < nv; ++j) wl[j] -= a * ((a4[j][0] + a4[j][1]) + (a4[j][2] + a4[j][3]));
+    for (int64_t t = t0; t < t1; ++t) {
+      Vec<T>* Sp = states.data() + (t - t0) * KV;
+      if (t + 1 < t1) {  // the state after the chunk's last token is not needed
+        std::memcpy(Sp + KV, Sp, KV * sizeof(Vec<T>));
+        fwd_token<T, NV>(p, Sp + KV, t, h, nullptr, w.data() + (t - t0) * NV);
+      } else {
+        Vec<T> acc[NV][4] = {}, u[NV];
+        rows_times<T, NV>(Sp, row(p.k, t, h, H, K), K, acc);
+        add_up<T, NV>(acc, u);
+        Vec<T>* wl = w.data() + (t - t0) * NV;
+        load_row(row(p.v, t, h, H, p.V), p.V, wl, NV);
+        const T a = p.g ? std::exp(p.g[t * H + h]) : T(1);
+        for (int j = 0; j < NV; ++j) wl[j] -= a * u[j];
+      }
     }
     for (int64_t t = t1 - 1; t >= t0; --t)
-      bwd_token(p, g, t, h, states.data() + (t - t0) * KV, w.data() + (t - t0) * nv, dS.data(), scratch.data());
+      bwd_token<T, NV>(p, g, t, h, states.data() + (t - t0) * KV, w.data() + (t - t0) * NV, dS.data(), P.data(),
+                       rows.data());
   }
   if (g.dh0) state_out(p, dS.data(), g.dh0 + (s * H + h) * K * p.V);
+}
+
+// The vectors of a task's rows: enough for V values, rounded up to a power of two so that a few widths are
+// compiled (kMaxVectors at most: the Python side sends wider heads to the reference).
+constexpr int64_t kMaxVectors = 16;
+
+inline int64_t row_vectors(int64_t V, int W) {
+  int64_t nv = 1;
+  while (nv * W < V) nv *= 2;
+  return nv;
+}
+
+// Calls f(std::integral_constant<int, nv>) for the problem's vectors per row.
+template <typename F>
+void with_vectors(int64_t nv, const F& f) {
+  TORCH_CHECK(nv <= kMaxVectors, "delta_rule_cpu: V too large for the C++ kernels");
+  switch (nv) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: f(std::integral_constant<int, 16>{}); break;
+  }
 }
 
 template <typename T>
@@ -288,7 +394,7 @@ Problem<T> problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t V = v.size(2);
   return {q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), beta.data_ptr<T>(), data_or_null<T>(g),
           data_or_null<T>(h0), cu.data_ptr<int64_t>(), chunk_offsets.data_ptr<int64_t>(), q.size(1), q.size(2), V,
-          (V + Lanes<T>::W - 1) / Lanes<T>::W, chunk, static_cast<T>(scale)};
+          row_vectors(V, Lanes<T>::W), chunk, static_cast<T>(scale)};
 }
 
 // Runs task(sequence, head) over every pair, in parallel over torch's threads.
@@ -341,7 +447,9 @@ std::vector<at::Tensor> delta_rule_fwd(const at::Tensor& q, const at::Tensor& k,
     scalar_t* o = out.data_ptr<scalar_t>();
     scalar_t* f = store_final ? ht.data_ptr<scalar_t>() : nullptr;
     scalar_t* c = store_chunks ? hc.data_ptr<scalar_t>() : nullptr;
-    over_heads(nseq, H, [&](int64_t s, int64_t h) { fwd_task(p, s, h, o, f, c); });
+    with_vectors(p.nv, [&](auto nv) {
+      over_heads(nseq, H, [&](int64_t s, int64_t h) { fwd_task<scalar_t, decltype(nv)::value>(p, s, h, o, f, c); });
+    });
   });
   return {out, ht, hc};
 }
@@ -365,7 +473,9 @@ std::vector<at::Tensor> delta_rule_bwd(const at::Tensor& q, const at::Tensor& k,
                              dbeta.data_ptr<scalar_t>(), gated ? dg.data_ptr<scalar_t>() : nullptr,
                              need_dh0 ? dh0.data_ptr<scalar_t>() : nullptr, dout.data_ptr<scalar_t>(),
                              data_or_null<scalar_t>(dht), hc.data_ptr<scalar_t>()};
-    over_heads(nseq, H, [&](int64_t s, int64_t h) { bwd_task(p, gr, s, h); });
+    with_vectors(p.nv, [&](auto nv) {
+      over_heads(nseq, H, [&](int64_t s, int64_t h) { bwd_task<scalar_t, decltype(nv)::value>(p, gr, s, h); });
+    });
   });
   return {dq, dk, dv, dbeta, dg, dh0};
 }
