@@ -113,14 +113,28 @@ inline const T* row(const T* x, int64_t t, int64_t h, int64_t H, int64_t D) {
   return x + (t * H + h) * D;
 }
 
-// acc[j][i % 4] += x[i] S[i][j] over the rows i of S: four partial sums (for the sums over K) so that the
-// multiply-adds do not wait on each other; the caller zeroes acc and adds it up (add_up).
+// Calls f(i, part) for the rows i in [0, n), part a compile-time 0..3 that sums over rows take as the index of
+// their partial sum: four independent chains of multiply-adds, whose accumulators stay in registers (an index
+// known only at run time would put them in memory).
+template <typename F>
+inline void over_rows(int64_t n, const F& f) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    f(i, std::integral_constant<int, 0>{});
+    f(i + 1, std::integral_constant<int, 1>{});
+    f(i + 2, std::integral_constant<int, 2>{});
+    f(i + 3, std::integral_constant<int, 3>{});
+  }
+  for (; i < n; ++i) f(i, std::integral_constant<int, 0>{});
+}
+
+// acc[j][part] += x[i] S[i][j] over the rows i of S (over_rows); the caller zeroes acc and adds it up (add_up).
 template <typename T, int NV>
 inline void rows_times(const Vec<T>* S, const T* x, int64_t K, Vec<T> (*acc)[4]) {
-  for (int64_t i = 0; i < K; ++i) {
+  over_rows(K, [&](int64_t i, auto part) {
     const Vec<T>* s = S + i * NV;
-    for (int j = 0; j < NV; ++j) acc[j][i & 3] += x[i] * s[j];
-  }
+    for (int j = 0; j < NV; ++j) acc[j][part] += x[i] * s[j];
+  });
 }
 
 template <typename T, int NV>
@@ -213,13 +227,13 @@ inline void fwd_token(const Problem<T>& p, Vec<T>* S, int64_t t, int64_t h, Vec<
   }
   const T* qt = row(p.q, t, h, p.H, K);
   Vec<T> acc_o[NV][4] = {};
-  for (int64_t i = 0; i < K; ++i) {
+  over_rows(K, [&](int64_t i, auto part) {
     Vec<T>* s = S + i * NV;
     for (int j = 0; j < NV; ++j) {
       s[j] = a * s[j] + kt[i] * w[j];
-      acc_o[j][i & 3] += qt[i] * s[j];
+      acc_o[j][part] += qt[i] * s[j];
     }
-  }
+  });
   add_up<T, NV>(acc_o, o);
   for (int j = 0; j < NV; ++j) o[j] *= p.scale;
 }
@@ -263,7 +277,8 @@ inline void bwd_token(const Problem<T>& p, const Grads<T>& g, int64_t t, int64_t
   const T* kt = row(p.k, t, h, H, K);
   const T a = p.g ? std::exp(p.g[t * H + h]) : T(1);
   const T b = p.beta[t * H + h];
-  Vec<T> dout[NV], d[NV], dd[NV] = {}, du[NV], dv[NV], ddo{};
+  // Sums over K in four parts (by row i % 4), so that their multiply-adds do not wait on each other.
+  Vec<T> dout[NV], d[NV], dd_parts[NV][4] = {}, dd[NV], du[NV], dv[NV], ddo{}, ga_parts[4] = {};
   load_row(row(g.dout, t, h, H, V), V, dout, NV);
   for (int j = 0; j < NV; ++j) {
     d[j] = b * w[j];
@@ -273,7 +288,7 @@ inline void bwd_token(const Problem<T>& p, const Grads<T>& g, int64_t t, int64_t
   // The output: dS += scale q do^T, dq = scale S_t do with S_t = a Sp + k d^T. Then dd = dS^T k.
   for (int64_t i0 = 0; i0 < K; i0 += W) {
     const int n = static_cast<int>(std::min<int64_t>(W, K - i0));
-    for (int r = 0; r < n; ++r) {
+    over_rows(n, [&](int64_t r, auto part) {
       const int64_t i = i0 + r;
       Vec<T>* ds = dS + i * NV;
       const Vec<T>* sp = Sp + i * NV;
@@ -281,16 +296,17 @@ inline void bwd_token(const Problem<T>& p, const Grads<T>& g, int64_t t, int64_t
       Vec<T> hq{};
       for (int j = 0; j < NV; ++j) {
         ds[j] += sq * dout[j];
-        dd[j] += kt[i] * ds[j];
+        dd_parts[j][part] += kt[i] * ds[j];
         hq += sp[j] * dout[j];
       }
       P[r] = hq;
-    }
+    });
     for (int r = n; r < W; ++r) P[r] = Vec<T>{};
     sums(P, rows + i0);
   }
   T* dq = g.dq + (t * H + h) * K;
   for (int64_t i = 0; i < K; ++i) dq[i] = p.scale * (a * rows[i] + kt[i] * d_dot_do);
+  add_up<T, NV>(dd_parts, dd);
   // d = beta (v - a Sp^T k): dv = beta dd, dbeta = dd . w, du = -beta dd the gradient of u = a Sp^T k.
   Vec<T> db{};
   for (int j = 0; j < NV; ++j) {
@@ -301,10 +317,9 @@ inline void bwd_token(const Problem<T>& p, const Grads<T>& g, int64_t t, int64_t
   store_row(g.dv + (t * H + h) * V, V, dv, NV);
   g.dbeta[t * H + h] = lane_sum<T>(db);
   // dk = dS d + a Sp du; dS' = dS + k du^T (the decayed state's); dg = a <dS', Sp>; dS <- a dS'.
-  Vec<T> ga{};
   for (int64_t i0 = 0; i0 < K; i0 += W) {
     const int n = static_cast<int>(std::min<int64_t>(W, K - i0));
-    for (int r = 0; r < n; ++r) {
+    over_rows(n, [&](int64_t r, auto part) {
       const int64_t i = i0 + r;
       Vec<T>* ds = dS + i * NV;
       const Vec<T>* sp = Sp + i * NV;
@@ -312,16 +327,16 @@ inline void bwd_token(const Problem<T>& p, const Grads<T>& g, int64_t t, int64_t
       for (int j = 0; j < NV; ++j) {
         hk += ds[j] * d[j] + a * (sp[j] * du[j]);
         ds[j] += kt[i] * du[j];
-        ga += ds[j] * sp[j];
+        ga_parts[part] += ds[j] * sp[j];
         ds[j] *= a;
       }
       P[r] = hk;
-    }
+    });
     for (int r = n; r < W; ++r) P[r] = Vec<T>{};
     sums(P, rows + i0);
   }
   std::memcpy(g.dk + (t * H + h) * K, rows, K * sizeof(T));
-  if (g.dg) g.dg[t * H + h] = a * lane_sum<T>(ga);
+  if (g.dg) g.dg[t * H + h] = a * lane_sum<T>((ga_parts[0] + ga_parts[1]) + (ga_parts[2] + ga_parts[3]));
 }
 
 template <typename T, int NV>
