@@ -161,7 +161,7 @@ struct LaneSums {
   }
 
   I lo[8], hi[8];
-  int order[W];  // order[i]: the lane that holds P[i]'s sum
+  I order;  // order[i]: the lane that holds P[i]'s sum
 
   LaneSums() {
     int level = 0;
@@ -187,13 +187,15 @@ struct LaneSums {
     for (int c = 0; c < W; ++c) order[label[0][c]] = c;
   }
 
+  // Stores the W sums with one vector store (W scalar stores would stall the wider loads that read them).
   void operator()(Vec<T>* P, T* out) const {
     int n = W, level = 0;
     for (int h = W / 2; h >= 1; h /= 2, ++level, n /= 2)
       for (int i = 0; i < n / 2; ++i)
         P[i] = __builtin_shuffle(P[2 * i], P[2 * i + 1], lo[level]) +
                __builtin_shuffle(P[2 * i], P[2 * i + 1], hi[level]);
-    for (int i = 0; i < W; ++i) out[i] = P[0][order[i]];
+    const Vec<T> sums = __builtin_shuffle(P[0], order);
+    std::memcpy(out, &sums, sizeof(sums));
   }
 };
 
@@ -263,80 +265,136 @@ struct Grads {
   const T *dout, *dht, *hc;
 };
 
-// The reverse of one token (docs/math/deltanet.md, "The token recurrence on the CPU"), with Sp the state
-// before it and w = v - a Sp^T k: dS holds the gradient of the state after the token on entry, of the state
-// before it on exit. The sums over V (dq, dk) go through LaneSums, W rows at a time; P: W scratch vectors,
-// rows: K + W scratch values.
+// The reverse of a token (docs/math/deltanet.md, "The token recurrence on the CPU") is two passes over the
+// rows of dS: the output's (A: dS += scale q do^T, dd = dS^T k, dq) and then, once dd gives du, the state's
+// (B: dk, dS' = dS + k du^T, dg, dS <- a dS'). Each row's work is local to the row, so a row loop does pass B
+// of token t + 1 and then pass A of token t: dS is read and written once per token.
+
+// A token's pass A: its rows of q, k, do, w = v - a Sp^T k and d = beta w; the state Sp before it.
 template <typename T, int NV>
-inline void bwd_token(const Problem<T>& p, const Grads<T>& g, int64_t t, int64_t h, const Vec<T>* Sp,
-                      const Vec<T>* w, Vec<T>* dS, Vec<T>* P, T* rows) {
+struct OutputPass {
+  int64_t t;
+  const Vec<T>* Sp;
+  const T *q, *k;
+  T a, b;
+  Vec<T> dout[NV], w[NV], d[NV];
+};
+
+// A token's pass B: its rows of k, d and du (the gradient of u = a Sp^T k), a du, and the state Sp before it.
+template <typename T, int NV>
+struct StatePass {
+  int64_t t;
+  const Vec<T>* Sp;
+  const T* k;
+  T a;
+  Vec<T> d[NV], du[NV], adu[NV];
+};
+
+template <typename T, int NV>
+inline void start_output_pass(const Problem<T>& p, const Grads<T>& g, int64_t t, int64_t h, const Vec<T>* Sp,
+                              const Vec<T>* w, OutputPass<T, NV>& A) {
+  const int64_t H = p.H, K = p.K;
+  A.t = t;
+  A.Sp = Sp;
+  A.q = row(p.q, t, h, H, K);
+  A.k = row(p.k, t, h, H, K);
+  A.a = p.g ? std::exp(p.g[t * H + h]) : T(1);
+  A.b = p.beta[t * H + h];
+  load_row(row(g.dout, t, h, H, p.V), p.V, A.dout, NV);
+  for (int j = 0; j < NV; ++j) {
+    A.w[j] = w[j];
+    A.d[j] = A.b * w[j];
+  }
+}
+
+// Rows [i0, i0 + n) of pass B of token B (kB) and then pass A of token A (kA), in that order per row.
+// Pass A adds into dd_parts and writes the lanes of dq's sums into PA; pass B those of dk's into PB and adds
+// into ga_parts (the sum for dg).
+template <typename T, int NV, bool kB, bool kA>
+inline void row_passes(const Problem<T>& p, const StatePass<T, NV>& B, const OutputPass<T, NV>& A, Vec<T>* dS,
+                       int64_t i0, int64_t n, Vec<T>* PB, Vec<T>* PA, Vec<T> (*dd_parts)[4], Vec<T>* ga_parts) {
+  over_rows(n, [&](int64_t r, auto part) {
+    const int64_t i = i0 + r;
+    Vec<T>* ds = dS + i * NV;
+    if constexpr (kB) {
+      const Vec<T>* sp = B.Sp + i * NV;
+      Vec<T> hk{};
+      for (int j = 0; j < NV; ++j) {
+        hk += ds[j] * B.d[j] + sp[j] * B.adu[j];
+        ds[j] += B.k[i] * B.du[j];
+        ga_parts[part] += ds[j] * sp[j];
+        ds[j] *= B.a;
+      }
+      PB[r] = hk;
+    }
+    if constexpr (kA) {
+      const Vec<T>* sp = A.Sp + i * NV;
+      const T sq = p.scale * A.q[i];
+      Vec<T> hq{};
+      for (int j = 0; j < NV; ++j) {
+        ds[j] += sq * A.dout[j];
+        dd_parts[j][part] += A.k[i] * ds[j];
+        hq += sp[j] * A.dout[j];
+      }
+      PA[r] = hq;
+    }
+  });
+}
+
+// Pass B of token B (kB) and pass A of token A (kA) over every row; then their per-token results: dk and dg of
+// B; dq, dv, dbeta of A, and A's pass B (into B) for the next call. P: 2 W scratch vectors, rows: 2 (K + W)
+// scratch values (the sums of a block of W rows are stored whole).
+template <typename T, int NV, bool kB, bool kA>
+inline void token_passes(const Problem<T>& p, const Grads<T>& g, int64_t h, StatePass<T, NV>& B,
+                         const OutputPass<T, NV>& A, Vec<T>* dS, Vec<T>* P, T* rows) {
   constexpr int W = Lanes<T>::W;
   const LaneSums<T>& sums = lane_sums<T>();
   const int64_t K = p.K, V = p.V, H = p.H;
-  const T* qt = row(p.q, t, h, H, K);
-  const T* kt = row(p.k, t, h, H, K);
-  const T a = p.g ? std::exp(p.g[t * H + h]) : T(1);
-  const T b = p.beta[t * H + h];
-  // Sums over K in four parts (by row i % 4), so that their multiply-adds do not wait on each other.
-  Vec<T> dout[NV], d[NV], dd_parts[NV][4] = {}, dd[NV], du[NV], dv[NV], ddo{}, ga_parts[4] = {};
-  load_row(row(g.dout, t, h, H, V), V, dout, NV);
-  for (int j = 0; j < NV; ++j) {
-    d[j] = b * w[j];
-    ddo += d[j] * dout[j];
-  }
-  const T d_dot_do = lane_sum<T>(ddo);
-  // The output: dS += scale q do^T, dq = scale S_t do with S_t = a Sp + k d^T. Then dd = dS^T k.
+  T* rows_b = rows;
+  T* rows_a = rows + K + W;
+  Vec<T> dd_parts[NV][4] = {}, ga_parts[4] = {};
   for (int64_t i0 = 0; i0 < K; i0 += W) {
-    const int n = static_cast<int>(std::min<int64_t>(W, K - i0));
-    over_rows(n, [&](int64_t r, auto part) {
-      const int64_t i = i0 + r;
-      Vec<T>* ds = dS + i * NV;
-      const Vec<T>* sp = Sp + i * NV;
-      const T sq = p.scale * qt[i];
-      Vec<T> hq{};
-      for (int j = 0; j < NV; ++j) {
-        ds[j] += sq * dout[j];
-        dd_parts[j][part] += kt[i] * ds[j];
-        hq += sp[j] * dout[j];
-      }
-      P[r] = hq;
-    });
-    for (int r = n; r < W; ++r) P[r] = Vec<T>{};
-    sums(P, rows + i0);
+    const int64_t n = std::min<int64_t>(W, K - i0);
+    row_passes<T, NV, kB, kA>(p, B, A, dS, i0, n, P, P + W, dd_parts, ga_parts);
+    if constexpr (kB) {
+      for (int r = n; r < W; ++r) P[r] = Vec<T>{};
+      sums(P, rows_b + i0);
+    }
+    if constexpr (kA) {
+      for (int r = n; r < W; ++r) P[W + r] = Vec<T>{};
+      sums(P + W, rows_a + i0);
+    }
   }
-  T* dq = g.dq + (t * H + h) * K;
-  for (int64_t i = 0; i < K; ++i) dq[i] = p.scale * (a * rows[i] + kt[i] * d_dot_do);
-  add_up<T, NV>(dd_parts, dd);
-  // d = beta (v - a Sp^T k): dv = beta dd, dbeta = dd . w, du = -beta dd the gradient of u = a Sp^T k.
-  Vec<T> db{};
-  for (int j = 0; j < NV; ++j) {
-    db += dd[j] * w[j];
-    dv[j] = b * dd[j];
-    du[j] = -dv[j];
+  if constexpr (kB) {
+    std::memcpy(g.dk + (B.t * H + h) * K, rows_b, K * sizeof(T));
+    if (g.dg) g.dg[B.t * H + h] = B.a * lane_sum<T>((ga_parts[0] + ga_parts[1]) + (ga_parts[2] + ga_parts[3]));
   }
-  store_row(g.dv + (t * H + h) * V, V, dv, NV);
-  g.dbeta[t * H + h] = lane_sum<T>(db);
-  // dk = dS d + a Sp du; dS' = dS + k du^T (the decayed state's); dg = a <dS', Sp>; dS <- a dS'.
-  for (int64_t i0 = 0; i0 < K; i0 += W) {
-    const int n = static_cast<int>(std::min<int64_t>(W, K - i0));
-    over_rows(n, [&](int64_t r, auto part) {
-      const int64_t i = i0 + r;
-      Vec<T>* ds = dS + i * NV;
-      const Vec<T>* sp = Sp + i * NV;
-      Vec<T> hk{};
-      for (int j = 0; j < NV; ++j) {
-        hk += ds[j] * d[j] + a * (sp[j] * du[j]);
-        ds[j] += kt[i] * du[j];
-        ga_parts[part] += ds[j] * sp[j];
-        ds[j] *= a;
-      }
-      P[r] = hk;
-    });
-    for (int r = n; r < W; ++r) P[r] = Vec<T>{};
-    sums(P, rows + i0);
+  if constexpr (kA) {
+    // dq = scale S_t do with S_t = a Sp + k d^T.
+    Vec<T> ddo{};
+    for (int j = 0; j < NV; ++j) ddo += A.d[j] * A.dout[j];
+    const T d_dot_do = lane_sum<T>(ddo);
+    T* dq = g.dq + (A.t * H + h) * K;
+    for (int64_t i = 0; i < K; ++i) dq[i] = p.scale * (A.a * rows_a[i] + A.k[i] * d_dot_do);
+    // d = beta w, w = v - u: dv = beta dd, dbeta = dd . w, du = -beta dd.
+    Vec<T> dd[NV], dv[NV], db{};
+    add_up<T, NV>(dd_parts, dd);
+    for (int j = 0; j < NV; ++j) {
+      dv[j] = A.b * dd[j];
+      db += dd[j] * A.w[j];
+    }
+    store_row(g.dv + (A.t * H + h) * V, V, dv, NV);
+    B.t = A.t;
+    B.Sp = A.Sp;
+    B.k = A.k;
+    B.a = A.a;
+    for (int j = 0; j < NV; ++j) {
+      B.d[j] = A.d[j];
+      B.du[j] = -dv[j];
+      B.adu[j] = A.a * B.du[j];
+    }
+    g.dbeta[A.t * H + h] = lane_sum<T>(db);
   }
-  std::memcpy(g.dk + (t * H + h) * K, rows, K * sizeof(T));
-  if (g.dg) g.dg[t * H + h] = a * lane_sum<T>((ga_parts[0] + ga_parts[1]) + (ga_parts[2] + ga_parts[3]));
 }
 
 template <typename T, int NV>
@@ -344,8 +402,10 @@ void bwd_task(const Problem<T>& p, const Grads<T>& g, int64_t s, int64_t h) {
   constexpr int W = Lanes<T>::W;
   const int64_t K = p.K, H = p.H, C = p.chunk, KV = K * NV;
   // The states entering each token of a chunk, and each token's w = v - a Sp^T k.
-  std::vector<Vec<T>> states(C * KV), w(C * NV), dS(KV), P(W);
-  std::vector<T> rows(K + W);
+  std::vector<Vec<T>> states(C * KV), w(C * NV), dS(KV), P(2 * W);
+  std::vector<T> rows(2 * (K + W));
+  OutputPass<T, NV> A;
+  StatePass<T, NV> B;
   state_in(p, g.dht ? g.dht + (s * H + h) * K * p.V : nullptr, dS.data());
   const int64_t bos = p.cu[s], eos = p.cu[s + 1];
   const int64_t chunks = (eos - bos + C - 1) / C;
@@ -367,9 +427,17 @@ void bwd_task(const Problem<T>& p, const Grads<T>& g, int64_t s, int64_t h) {
         for (int j = 0; j < NV; ++j) wl[j] -= a * u[j];
       }
     }
-    for (int64_t t = t1 - 1; t >= t0; --t)
-      bwd_token<T, NV>(p, g, t, h, states.data() + (t - t0) * KV, w.data() + (t - t0) * NV, dS.data(), P.data(),
-                       rows.data());
+    // The chunk's tokens in reverse; each token's pass B runs with the next one's pass A, the first token's
+    // alone (it reads the chunk's states).
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+      start_output_pass<T, NV>(p, g, t, h, states.data() + (t - t0) * KV, w.data() + (t - t0) * NV, A);
+      if (t == t1 - 1) {
+        token_passes<T, NV, false, true>(p, g, h, B, A, dS.data(), P.data(), rows.data());
+      } else {
+        token_passes<T, NV, true, true>(p, g, h, B, A, dS.data(), P.data(), rows.data());
+      }
+    }
+    token_passes<T, NV, true, false>(p, g, h, B, A, dS.data(), P.data(), rows.data());
   }
   if (g.dh0) state_out(p, dS.data(), g.dh0 + (s * H + h) * K * p.V);
 }
