@@ -207,7 +207,17 @@ const LaneSums<T>& lane_sums() {
 
 // One token of the forward: S <- a S, w = v - S^T k, S <- S + beta k w^T; o = scale S^T q into o (when not
 // null) and w into w_out (when not null).
-template <typename T, int NV>
+// a x with the decay (kDecay: the gated rule), x itself without (the plain rule: a multiply fewer per value).
+template <bool kDecay, typename T, typename X>
+inline X decayed(T a, X x) {
+  if constexpr (kDecay) {
+    return a * x;
+  } else {
+    return x;
+  }
+}
+
+template <typename T, int NV, bool kDecay>
 inline void fwd_token(const Problem<T>& p, Vec<T>* S, int64_t t, int64_t h, Vec<T>* o, Vec<T>* w_out) {
   const int64_t K = p.K;
   const T* kt = row(p.k, t, h, p.H, K);
@@ -224,7 +234,7 @@ inline void fwd_token(const Problem<T>& p, Vec<T>* S, int64_t t, int64_t h, Vec<
   }
   if (!o) {
     for (int64_t i = 0; i < K; ++i)
-      for (int j = 0; j < NV; ++j) S[i * NV + j] = a * S[i * NV + j] + kt[i] * w[j];
+      for (int j = 0; j < NV; ++j) S[i * NV + j] = decayed<kDecay>(a, S[i * NV + j]) + kt[i] * w[j];
     return;
   }
   const T* qt = row(p.q, t, h, p.H, K);
@@ -232,7 +242,7 @@ inline void fwd_token(const Problem<T>& p, Vec<T>* S, int64_t t, int64_t h, Vec<
   over_rows(K, [&](int64_t i, auto part) {
     Vec<T>* s = S + i * NV;
     for (int j = 0; j < NV; ++j) {
-      s[j] = a * s[j] + kt[i] * w[j];
+      s[j] = decayed<kDecay>(a, s[j]) + kt[i] * w[j];
       acc_o[j][part] += qt[i] * s[j];
     }
   });
@@ -240,7 +250,7 @@ inline void fwd_token(const Problem<T>& p, Vec<T>* S, int64_t t, int64_t h, Vec<
   for (int j = 0; j < NV; ++j) o[j] *= p.scale;
 }
 
-template <typename T, int NV>
+template <typename T, int NV, bool kDecay>
 void fwd_task(const Problem<T>& p, int64_t s, int64_t h, T* out, T* ht, T* hc) {
   const int64_t K = p.K, H = p.H;
   std::vector<Vec<T>> S(K * NV);
@@ -252,7 +262,7 @@ void fwd_task(const Problem<T>& p, int64_t s, int64_t h, T* out, T* ht, T* hc) {
       const int64_t c = p.chunk_offsets[s] + (t - bos) / p.chunk;
       std::memcpy(hc + (c * H + h) * p.state_size(), S.data(), K * NV * sizeof(Vec<T>));
     }
-    fwd_token<T, NV>(p, S.data(), t, h, o, nullptr);
+    fwd_token<T, NV, kDecay>(p, S.data(), t, h, o, nullptr);
     store_row(out + (t * H + h) * p.V, p.V, o, NV);
   }
   if (ht) state_out(p, S.data(), ht + (s * H + h) * K * p.V);
@@ -310,7 +320,7 @@ inline void start_output_pass(const Problem<T>& p, const Grads<T>& g, int64_t t,
 // Rows [i0, i0 + n) of pass B of token B (kB) and then pass A of token A (kA), in that order per row.
 // Pass A adds into dd_parts and writes the lanes of dq's sums into PA; pass B those of dk's into PB and adds
 // into ga_parts (the sum for dg).
-template <typename T, int NV, bool kB, bool kA>
+template <typename T, int NV, bool kDecay, bool kB, bool kA>
 inline void row_passes(const Problem<T>& p, const StatePass<T, NV>& B, const OutputPass<T, NV>& A, Vec<T>* dS,
                        int64_t i0, int64_t n, Vec<T>* PB, Vec<T>* PA, Vec<T> (*dd_parts)[4], Vec<T>* ga_parts) {
   over_rows(n, [&](int64_t r, auto part) {
@@ -322,8 +332,10 @@ inline void row_passes(const Problem<T>& p, const StatePass<T, NV>& B, const Out
       for (int j = 0; j < NV; ++j) {
         hk += ds[j] * B.d[j] + sp[j] * B.adu[j];
         ds[j] += B.k[i] * B.du[j];
-        ga_parts[part] += ds[j] * sp[j];
-        ds[j] *= B.a;
+        if constexpr (kDecay) {
+          ga_parts[part] += ds[j] * sp[j];
+          ds[j] *= B.a;
+        }
       }
       PB[r] = hk;
     }
@@ -344,7 +356,7 @@ inline void row_passes(const Problem<T>& p, const StatePass<T, NV>& B, const Out
 // Pass B of token B (kB) and pass A of token A (kA) over every row; then their per-token results: dk and dg of
 // B; dq, dv, dbeta of A, and A's pass B (into B) for the next call. P: 2 W scratch vectors, rows: 2 (K + W)
 // scratch values (the sums of a block of W rows are stored whole).
-template <typename T, int NV, bool kB, bool kA>
+template <typename T, int NV, bool kDecay, bool kB, bool kA>
 inline void token_passes(const Problem<T>& p, const Grads<T>& g, int64_t h, StatePass<T, NV>& B,
                          const OutputPass<T, NV>& A, Vec<T>* dS, Vec<T>* P, T* rows) {
   constexpr int W = Lanes<T>::W;
@@ -355,7 +367,7 @@ inline void token_passes(const Problem<T>& p, const Grads<T>& g, int64_t h, Stat
   Vec<T> dd_parts[NV][4] = {}, ga_parts[4] = {};
   for (int64_t i0 = 0; i0 < K; i0 += W) {
     const int64_t n = std::min<int64_t>(W, K - i0);
-    row_passes<T, NV, kB, kA>(p, B, A, dS, i0, n, P, P + W, dd_parts, ga_parts);
+    row_passes<T, NV, kDecay, kB, kA>(p, B, A, dS, i0, n, P, P + W, dd_parts, ga_parts);
     if constexpr (kB) {
       for (int r = n; r < W; ++r) P[r] = Vec<T>{};
       sums(P, rows_b + i0);
@@ -367,7 +379,7 @@ inline void token_passes(const Problem<T>& p, const Grads<T>& g, int64_t h, Stat
   }
   if constexpr (kB) {
     std::memcpy(g.dk + (B.t * H + h) * K, rows_b, K * sizeof(T));
-    if (g.dg) g.dg[B.t * H + h] = B.a * lane_sum<T>((ga_parts[0] + ga_parts[1]) + (ga_parts[2] + ga_parts[3]));
+    if (kDecay) g.dg[B.t * H + h] = B.a * lane_sum<T>((ga_parts[0] + ga_parts[1]) + (ga_parts[2] + ga_parts[3]));
   }
   if constexpr (kA) {
     // dq = scale S_t do with S_t = a Sp + k d^T.
@@ -397,7 +409,7 @@ inline void token_passes(const Problem<T>& p, const Grads<T>& g, int64_t h, Stat
   }
 }
 
-template <typename T, int NV>
+template <typename T, int NV, bool kDecay>
 void bwd_task(const Problem<T>& p, const Grads<T>& g, int64_t s, int64_t h) {
   constexpr int W = Lanes<T>::W;
   const int64_t K = p.K, H = p.H, C = p.chunk, KV = K * NV;
@@ -416,7 +428,7 @@ void bwd_task(const Problem<T>& p, const Grads<T>& g, int64_t s, int64_t h) {
       Vec<T>* Sp = states.data() + (t - t0) * KV;
       if (t + 1 < t1) {  // the state after the chunk's last token is not needed
         std::memcpy(Sp + KV, Sp, KV * sizeof(Vec<T>));
-        fwd_token<T, NV>(p, Sp + KV, t, h, nullptr, w.data() + (t - t0) * NV);
+        fwd_token<T, NV, kDecay>(p, Sp + KV, t, h, nullptr, w.data() + (t - t0) * NV);
       } else {
         Vec<T> acc[NV][4] = {}, u[NV];
         rows_times<T, NV>(Sp, row(p.k, t, h, H, K), K, acc);
@@ -432,12 +444,12 @@ void bwd_task(const Problem<T>& p, const Grads<T>& g, int64_t s, int64_t h) {
     for (int64_t t = t1 - 1; t >= t0; --t) {
       start_output_pass<T, NV>(p, g, t, h, states.data() + (t - t0) * KV, w.data() + (t - t0) * NV, A);
       if (t == t1 - 1) {
-        token_passes<T, NV, false, true>(p, g, h, B, A, dS.data(), P.data(), rows.data());
+        token_passes<T, NV, kDecay, false, true>(p, g, h, B, A, dS.data(), P.data(), rows.data());
       } else {
-        token_passes<T, NV, true, true>(p, g, h, B, A, dS.data(), P.data(), rows.data());
+        token_passes<T, NV, kDecay, true, true>(p, g, h, B, A, dS.data(), P.data(), rows.data());
       }
     }
-    token_passes<T, NV, true, false>(p, g, h, B, A, dS.data(), P.data(), rows.data());
+    token_passes<T, NV, kDecay, true, false>(p, g, h, B, A, dS.data(), P.data(), rows.data());
   }
   if (g.dh0) state_out(p, dS.data(), g.dh0 + (s * H + h) * K * p.V);
 }
@@ -452,16 +464,24 @@ inline int64_t row_vectors(int64_t V, int W) {
   return nv;
 }
 
-// Calls f(std::integral_constant<int, nv>) for the problem's vectors per row.
+// Calls f(std::integral_constant<int, nv>, std::bool_constant<decay>) for the problem's vectors per row and
+// rule (decay: the gated rule).
 template <typename F>
-void with_vectors(int64_t nv, const F& f) {
+void with_vectors(int64_t nv, bool decay, const F& f) {
   TORCH_CHECK(nv <= kMaxVectors, "delta_rule_cpu: V too large for the C++ kernels");
+  auto rule = [&](auto vectors) {
+    if (decay) {
+      f(vectors, std::true_type{});
+    } else {
+      f(vectors, std::false_type{});
+    }
+  };
   switch (nv) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    default: f(std::integral_constant<int, 16>{}); break;
+    case 1: rule(std::integral_constant<int, 1>{}); break;
+    case 2: rule(std::integral_constant<int, 2>{}); break;
+    case 4: rule(std::integral_constant<int, 4>{}); break;
+    case 8: rule(std::integral_constant<int, 8>{}); break;
+    default: rule(std::integral_constant<int, 16>{}); break;
   }
 }
 
@@ -530,8 +550,10 @@ std::vector<at::Tensor> delta_rule_fwd(const at::Tensor& q, const at::Tensor& k,
     scalar_t* o = out.data_ptr<scalar_t>();
     scalar_t* f = store_final ? ht.data_ptr<scalar_t>() : nullptr;
     scalar_t* c = store_chunks ? hc.data_ptr<scalar_t>() : nullptr;
-    with_vectors(p.nv, [&](auto nv) {
-      over_heads(nseq, H, [&](int64_t s, int64_t h) { fwd_task<scalar_t, decltype(nv)::value>(p, s, h, o, f, c); });
+    with_vectors(p.nv, p.g != nullptr, [&](auto nv, auto decay) {
+      over_heads(nseq, H, [&](int64_t s, int64_t h) {
+        fwd_task<scalar_t, decltype(nv)::value, decltype(decay)::value>(p, s, h, o, f, c);
+      });
     });
   });
   return {out, ht, hc};
@@ -556,8 +578,10 @@ std::vector<at::Tensor> delta_rule_bwd(const at::Tensor& q, const at::Tensor& k,
                              dbeta.data_ptr<scalar_t>(), gated ? dg.data_ptr<scalar_t>() : nullptr,
                              need_dh0 ? dh0.data_ptr<scalar_t>() : nullptr, dout.data_ptr<scalar_t>(),
                              data_or_null<scalar_t>(dht), hc.data_ptr<scalar_t>()};
-    with_vectors(p.nv, [&](auto nv) {
-      over_heads(nseq, H, [&](int64_t s, int64_t h) { bwd_task<scalar_t, decltype(nv)::value>(p, gr, s, h); });
+    with_vectors(p.nv, p.g != nullptr, [&](auto nv, auto decay) {
+      over_heads(nseq, H, [&](int64_t s, int64_t h) {
+        bwd_task<scalar_t, decltype(nv)::value, decltype(decay)::value>(p, gr, s, h);
+      });
     });
   });
   return {dq, dk, dv, dbeta, dg, dh0};
