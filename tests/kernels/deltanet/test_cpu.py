@@ -121,14 +121,20 @@ def test_one_token_wide_heads_and_ragged_lengths(gated):
     _check_float64(Case(batch=1, lengths=None, seqlen=33, heads=1, k=20, v=40, initial_state=False, seed=4), gated)
 
 
-@pytest.mark.parametrize("gated", [False, True])
-def test_packed_sequences_with_empty_ones_keep_their_states(gated):
+@pytest.mark.parametrize("gated, threads", [(False, 1), (True, 2)])
+def test_packed_sequences_with_empty_ones_keep_their_states(gated, threads):
+    """Ragged packed sequences (empty ones among them), on one thread and on two (10 tasks of unequal length)."""
     case = Case(batch=1, lengths=(0, 9, 0, 35, 1), seqlen=45, heads=2, k=16, v=24, initial_state=True, seed=5)
-    _, s = _check_float64(case, gated)
-    h0 = _inputs(case, torch.float64, gated)[5]
-    torch.testing.assert_close(s[0], h0[0])
-    torch.testing.assert_close(s[2], h0[2])
-    _check_float32(case, gated, final_state=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _, s = _check_float64(case, gated)
+        h0 = _inputs(case, torch.float64, gated)[5]
+        torch.testing.assert_close(s[0], h0[0])
+        torch.testing.assert_close(s[2], h0[2])
+        _check_float32(case, gated, final_state=False)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_strong_decays():
