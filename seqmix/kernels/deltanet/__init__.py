@@ -1,6 +1,7 @@
 """The delta rule (DeltaNet) and the gated delta rule (Gated DeltaNet): public ops, argument checks,
 backend dispatch and the kernels as torch.library ops (seqmix/kernels/op.py runs them). Both share
-one set of Triton kernels; a constexpr flag adds the decay. The math: docs/math/deltanet.md."""
+one set of Triton kernels (a constexpr flag adds the decay) and one pair of C++ CPU kernels for training
+(cpu.py, delta_rule_cpu.cpp). The math: docs/math/deltanet.md."""
 
 from __future__ import annotations
 
