@@ -19,7 +19,9 @@ from seqmix.kernels.op import FusedOp, as_input_grads, nothing, register_autogra
 CHUNK = 16
 DTYPES = (torch.float32, torch.float64)
 _LANES = {torch.float32: 16, torch.float64: 8}  # values per vector of the kernel
-MAX_VECTORS = 16  # vectors per row of the state the kernel is compiled for (kMaxVectors)
+# Vectors per row of the state the kernel is compiled for (kMaxVectors): V up to 128 in float32, 64 in float64.
+# Wider heads go to the chunked reference, which is as fast there (docs/design.md).
+MAX_VECTORS = 8
 
 
 def unsupported(dtype: torch.dtype, V: int) -> str | None:

@@ -456,7 +456,7 @@ void bwd_task(const Problem<T>& p, const Grads<T>& g, int64_t s, int64_t h) {
 
 // The vectors of a task's rows: enough for V values, rounded up to a power of two so that a few widths are
 // compiled (kMaxVectors at most: the Python side sends wider heads to the reference).
-constexpr int64_t kMaxVectors = 16;
+constexpr int64_t kMaxVectors = 8;
 
 inline int64_t row_vectors(int64_t V, int W) {
   int64_t nv = 1;
@@ -480,8 +480,7 @@ void with_vectors(int64_t nv, bool decay, const F& f) {
     case 1: rule(std::integral_constant<int, 1>{}); break;
     case 2: rule(std::integral_constant<int, 2>{}); break;
     case 4: rule(std::integral_constant<int, 4>{}); break;
-    case 8: rule(std::integral_constant<int, 8>{}); break;
-    default: rule(std::integral_constant<int, 16>{}); break;
+    default: rule(std::integral_constant<int, 8>{}); break;
   }
 }
 

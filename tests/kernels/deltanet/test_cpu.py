@@ -213,8 +213,8 @@ def test_bad_inputs_raise_clearly():
     q, k, v, beta, _ = make_inputs(case, torch.float32, CPU)
     with pytest.raises(BackendUnavailable, match="'cpu' cannot serve this call: q, k, v, beta must be float32"):
         delta_rule(*(t.half() for t in (q, k, v, beta)), backend="cpu")
-    wide = torch.randn(1, 4, 1, 257)
-    with pytest.raises(BackendUnavailable, match="the value head dim V must be at most 256"):
+    wide = torch.randn(1, 4, 1, 129)
+    with pytest.raises(BackendUnavailable, match="the value head dim V must be at most 128"):
         delta_rule(q, k, wide, beta, backend="cpu")
     with pytest.raises(ValueError, match="beta"):
         delta_rule(q, k, v, beta[:, :3], backend="cpu")
