@@ -174,6 +174,23 @@ def test_strided_query_key_value(gated):
 
 
 @pytest.mark.parametrize("gated", [False, True])
+def test_gradients_through_the_final_state_alone(gated):
+    """A loss on the final state only: no output gradient reaches the backward (it runs on zeros), and q, which
+    only the outputs read, gets a zero gradient."""
+    case = Case(batch=2, lengths=None, seqlen=19, heads=2, k=8, v=8, initial_state=True, seed=11)
+    inputs = _inputs(case, torch.float64, gated)
+    wanted = [t for t in inputs[1:] if t is not None]
+    _, s = _op("cpu", case)(*inputs)
+    _, s_ref = _op("oracle", case)(*inputs)
+    weight = torch.randn(s.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    dq, *grads = torch.autograd.grad((s * weight).sum(), [inputs[0], *wanted])
+    ref_grads = torch.autograd.grad((s_ref * weight).sum(), wanted)
+    assert torch.equal(dq, torch.zeros_like(dq))
+    for name, a, b in zip(_names([None, *inputs[1:]]), grads, ref_grads, strict=True):
+        assert_rel(a, b, 1e-10, f"d{name}")
+
+
+@pytest.mark.parametrize("gated", [False, True])
 def test_without_gradients_the_forward_stores_no_checkpoints(gated, monkeypatch):
     case = Case(batch=2, lengths=None, seqlen=37, heads=2, k=16, v=16, initial_state=True, seed=7)
     inputs = [None if t is None else t.detach() for t in _inputs(case, torch.float32, gated)]
