@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import seqmix.kernels.deltanet as deltanet_family
+from seqmix.kernels import cpu as cpu_build
 from seqmix.kernels import BackendUnavailable, delta_rule, dynamic_conv
 from seqmix.kernels.backend import explain, recording, select_backend, triton_interpreting
 from tests.helpers import ON_GPU
@@ -79,15 +80,18 @@ def test_explain_reports_the_choice_and_why_without_running_the_op(monkeypatch):
         raise AssertionError("explain ran the op")
 
     monkeypatch.setattr(deltanet_family, "delta_rule_chunked", must_not_run)
+    # The C++ CPU kernels as on a fresh checkout (not compiled): the choice does not depend on an earlier build.
+    monkeypatch.setattr(cpu_build, "ready", lambda: False)
+    not_compiled = "cpu: the C++ CPU kernels are not compiled here yet (python -m seqmix.kernels.build compiles them)"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     choice = explain("delta_rule", *_delta_rule_inputs())
-    assert (choice.op, choice.backend, str(choice)) == ("delta_rule", "reference", "delta_rule: reference (CPU tensors)")
+    assert (choice.op, choice.backend, str(choice)) == (
+        "delta_rule", "reference", f"delta_rule: reference (CPU tensors; {not_compiled})")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert str(explain(delta_rule, *_delta_rule_inputs())) == \
-        "delta_rule: triton (CPU tensors under Triton's interpreter (TRITON_INTERPRET=1))"
+    assert str(explain(delta_rule, *_delta_rule_inputs())) == f"delta_rule: triton ({not_compiled})"
     assert str(explain(delta_rule, *_delta_rule_inputs(torch.float64))) == (
-        "delta_rule: reference (triton does not take this call: q, k, v, beta must be float16, bfloat16 or float32, "
-        "got torch.float64)")
+        f"delta_rule: reference ({not_compiled}; triton does not take this call: q, k, v, beta must be float16, "
+        "bfloat16 or float32, got torch.float64)")
     assert explain(delta_rule, *_delta_rule_inputs(), backend="reference").reason == "asked for with backend='reference'"
     monkeypatch.setenv("SEQMIX_BACKEND", "reference")
     assert explain(delta_rule, *_delta_rule_inputs()).reason == "SEQMIX_BACKEND=reference"

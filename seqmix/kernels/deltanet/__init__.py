@@ -1,6 +1,7 @@
 """The delta rule (DeltaNet) and the gated delta rule (Gated DeltaNet): public ops, argument checks,
 backend dispatch and the kernels as torch.library ops (seqmix/kernels/op.py runs them). Both share
-one set of Triton kernels; a constexpr flag adds the decay. The math: docs/math/deltanet.md."""
+one set of Triton kernels (a constexpr flag adds the decay) and one pair of C++ CPU kernels for training
+(cpu.py, delta_rule_cpu.cpp). The math: docs/math/deltanet.md."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from seqmix.kernels.checks import (
     check_scale,
     check_tensor,
 )
+from seqmix.kernels.deltanet import cpu as cpu_kernels
 from seqmix.kernels.deltanet import triton as kernels
 from seqmix.kernels.deltanet.reference import (
     delta_rule_chunked,
@@ -110,11 +112,18 @@ def _dispatch(op, q, k, v, g, beta, scale, initial_state, output_final_state, cu
     n = _check_inputs(q, k, v, beta, initial_state, cu_seqlens, g)
     T, K, V = q.shape[1], q.shape[3], v.shape[-1]
     scale = check_scale(scale, K**-0.5)
-    name = select_backend(op, backend, q.device, ("triton", "reference"),
-                          {"triton": kernels.unsupported(q.dtype, K, V)})
+    # The C++ kernels only once compiled (build_cpu=False): the chunked reference is fast enough that a short
+    # run should not wait for the compile; backend="cpu" builds them.
+    name = select_backend(op, backend, q.device, ("cpu", "triton", "reference"),
+                          {"triton": kernels.unsupported(q.dtype, K, V), "cpu": cpu_kernels.unsupported(q.dtype, V)},
+                          build_cpu=False)
     if T == 0:
         B, _, H, _ = q.shape
         return no_tokens_result((B, 0, H, V), (n, H, K, V), initial_state, output_final_state, q)
+    if name == "cpu":  # the kernel computes in q's dtype: the log decays are cast to it
+        g = None if g is None else g.to(q.dtype)
+        return run_fused(cpu_kernels.FUSED, (q, k, v, beta, g), (), initial_state, (scale,), output_final_state,
+                         cu_seqlens)
     if name == "triton":
         return run_fused(FUSED, (q, k, v, beta, g), (), initial_state, (scale,), output_final_state, cu_seqlens)
     if g is None:
@@ -147,7 +156,10 @@ def delta_rule(
         output_final_state: also return the state after the last token.
         cu_seqlens: [N+1] int32/int64 boundaries of sequences packed as
             ``[1, sum(T_i), ...]``; states reset at every boundary.
-        backend: None (automatic), ``"reference"`` or ``"triton"``.
+        backend: None (automatic: Triton on CUDA tensors; on CPU tensors the C++ kernels once
+            compiled (``python -m seqmix.kernels.build``), else Triton under its interpreter, else the
+            reference), ``"reference"``, ``"triton"`` or ``"cpu"`` (float32 and float64, builds the
+            C++ kernels; their final state and gradients in the inputs' dtype).
 
     Returns:
         o: [B, T, H, V] in the inputs' dtype.
@@ -186,7 +198,10 @@ def gated_delta_rule(
         output_final_state: also return the state after the last token.
         cu_seqlens: [N+1] int32/int64 boundaries of sequences packed as
             ``[1, sum(T_i), ...]``; states reset at every boundary.
-        backend: None (automatic), ``"reference"`` or ``"triton"``.
+        backend: None (automatic: Triton on CUDA tensors; on CPU tensors the C++ kernels once
+            compiled (``python -m seqmix.kernels.build``), else Triton under its interpreter, else the
+            reference), ``"reference"``, ``"triton"`` or ``"cpu"`` (float32 and float64, builds the
+            C++ kernels; their final state and gradients in the inputs' dtype).
 
     Returns:
         o: [B, T, H, V] in the inputs' dtype.
