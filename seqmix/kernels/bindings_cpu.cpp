@@ -8,6 +8,7 @@ void bind_recurrent_steps(pybind11::module& m);
 void bind_row_norms(pybind11::module& m);
 void bind_conv_step(pybind11::module& m);
 void bind_mlp_step(pybind11::module& m);
+void bind_conv_train(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_selective_scan(m);
@@ -15,4 +16,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_row_norms(m);
   bind_conv_step(m);
   bind_mlp_step(m);
+  bind_conv_train(m);
 }

@@ -28,7 +28,7 @@ logger = logging.getLogger("seqmix.kernels")
 
 # Every family's C++ CPU kernels, relative to seqmix/kernels/.
 SOURCES = ("mamba/selective_scan_cpu.cpp", "recurrent_step_cpu.cpp", "row_norm_cpu.cpp",
-           "conv/conv_step_cpu.cpp", "mlp_step_cpu.cpp", "bindings_cpu.cpp")
+           "conv/conv_step_cpu.cpp", "mlp_step_cpu.cpp", "conv/conv_cpu.cpp", "bindings_cpu.cpp")
 _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mprefer-vector-width=512"],
     "AVX2": ["-mavx2", "-mfma"],
