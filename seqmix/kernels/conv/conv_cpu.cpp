@@ -9,9 +9,9 @@
 // sequences.py). pre[t] = bias + sum_j weight[:, j] xs[t - (W-1) + j] over xs = [h0^T, x] per sequence,
 // out = silu?(pre); the final state is xs's last W-1 rows.
 //
-// One task owns one chunk of tokens and one block of channels (the vector lanes). It keeps the last W rows
-// of xs in a ring of local rows (filled from h0 or x before its first token), so each row of x is read from
-// memory once. The backward recomputes pre and dpre = dout silu'(pre) row by row into a second ring, and a
+// One task owns one chunk of tokens and one block of channels (the vector lanes) and walks its tokens in
+// order: the W rows of xs a token reads were read for the tokens just before (still in L1), so x comes from
+// memory once. The backward recomputes pre and dpre = dout silu'(pre) row by row into a ring of W rows, and a
 // row p of dx (or of the initial state's gradient, p before the sequence) is sum_j weight[:, j] dpre[p +
 // (W-1) - j], complete as soon as dpre[p + W-1] is: it needs the W-1 rows after the chunk, which the task
 // recomputes. dweight and dbias go to one partial row per chunk, added up in chunk order at the end: no
@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../vec_cpu.h"
@@ -31,7 +32,7 @@ namespace {
 
 using namespace seqmix_cpu;
 
-constexpr int64_t kBlockVectors = 8;         // vectors of channels per task: 128 float32 channels
+constexpr int64_t kBlockVectors = 16;        // vectors of channels per task: 256 float32 channels
 constexpr int64_t kValuesInline = 1 << 15;   // below this many values of x the tasks run on the calling thread
 
 // Everything a task reads, with the problem's sizes.
@@ -61,50 +62,72 @@ Span span_of(const Conv<T>& p, int64_t c) {
   return {seq, s, e, t0, std::min(e, t0 + p.chunk)};
 }
 
-// A task's local rows, `block` channels each (lanes past the block's n channels stay zero): the taps
-// [W], the bias, the ring of the last W rows of xs; for the backward the ring of dpre rows [W], the
-// gradient of the initial state [W-1] and the sums of dweight [W] and dbias.
+// A task's local rows, `block` channels each (lanes past the block's n channels stay zero): the taps [W],
+// the bias, the rows of the initial state [W-1]; for the backward a ring of W rows of dpre, the initial
+// state's gradient [W-1] and the sums of dweight [W] and dbias. For the token t at hand, xr[j] points at the
+// row of xs of token t - (W-1) + j (in x, or in the initial state's rows) and dr[j] at the ring row of
+// dpre[t - j]: the pointers move from token to token, nothing is copied (x is read where it lies).
 template <typename T>
 struct Local {
-  std::vector<T> taps, bias, xs, dpre, head, dw, db;
+  std::vector<T> taps, bias, init, dpre, dinit, dw, db;
+  std::vector<const T*> xr;
+  std::vector<T*> dr;
   explicit Local(const Conv<T>& p)
-      : taps(p.W * p.block), bias(p.block), xs(p.W * p.block), dpre(p.W * p.block),
-        head(std::max<int64_t>(p.W - 1, 1) * p.block), dw(p.W * p.block), db(p.block) {}
+      : taps(p.W * p.block), bias(p.block), init(std::max<int64_t>(p.W - 1, 1) * p.block), dpre(p.W * p.block),
+        dinit(init.size()), dw(p.W * p.block), db(p.block), xr(p.W), dr(p.W) {}
 
-  // Taps, bias and the W-1 rows of xs before token t0 for channels [d0, d0 + n) of the chunk.
+  // Taps and bias of channels [d0, d0 + n), and the pointers for the chunk's first token: xr[1..W-1] at the
+  // rows of the W-1 tokens before t0 (x's, or the initial state's copied here), dr at the ring's rows.
   void start(const Conv<T>& p, const Span& sp, int64_t d0, int64_t n) {
-    std::fill(taps.begin(), taps.end(), T(0));
-    std::fill(bias.begin(), bias.end(), T(0));
-    std::fill(xs.begin(), xs.end(), T(0));
+    for (auto* rows : {&taps, &bias, &init}) std::fill(rows->begin(), rows->end(), T(0));
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t j = 0; j < p.W; ++j) taps[j * p.block + i] = p.weight[(d0 + i) * p.W + j];
       if (p.bias) bias[i] = p.bias[d0 + i];
     }
-    for (int64_t pos = sp.t0 - (p.W - 1); pos < sp.t0; ++pos) {
-      T* row = x_row(p, sp, pos);
+    for (int64_t j = 0; j < p.W; ++j) dr[j] = dpre.data() + j * p.block;
+    for (int64_t k = 0; k < p.W - 1; ++k) {
+      const int64_t pos = sp.t0 - (p.W - 1) + k;
       if (pos >= sp.s) {
-        std::memcpy(row, p.x + pos * p.D + d0, n * sizeof(T));
-      } else if (p.h0) {
+        xr[k + 1] = p.x + pos * p.D + d0;
+        continue;
+      }
+      T* row = init.data() + k * p.block;
+      if (p.h0) {
         for (int64_t i = 0; i < n; ++i) row[i] = p.h0[p.state_at(sp.seq, d0 + i, pos - sp.s + p.W - 1)];
       }  // else zeros
+      xr[k + 1] = row;
     }
   }
 
-  // The ring row of xs holding token pos (pos >= t0 - (W-1)).
-  T* x_row(const Conv<T>& p, const Span& sp, int64_t pos) {
-    return xs.data() + (pos - (sp.t0 - (p.W - 1))) % p.W * p.block;
+  // To token t (from t - 1): xr moves by one row, the newest x's row of t.
+  void enter_x(const Conv<T>& p, int64_t t, int64_t d0) {
+    std::rotate(xr.begin(), xr.begin() + 1, xr.end());
+    xr[p.W - 1] = p.x + t * p.D + d0;
   }
+  // From token t to t + 1: the oldest ring row of dpre becomes the newest.
+  void next_dpre() { std::rotate(dr.begin(), dr.end() - 1, dr.end()); }
 };
 
-// pre-activation of vector v of token t from the ring (its W rows loaded): bias + sum_j taps[j] xs[t-(W-1)+j].
-template <typename T>
-inline Vec<T> pre_activation(const Conv<T>& p, Local<T>& local, const Span& sp, int64_t t, int64_t v) {
-  const int64_t o = v * p.lanes;
-  Vec<T> acc = load(local.bias.data() + o);
-  for (int64_t j = 0; j < p.W; ++j)
-    acc += load(local.taps.data() + j * p.block + o) * load(local.x_row(p, sp, t - (p.W - 1) + j) + o);
-  return acc;
+// The number of taps: KW where the caller's template fixes it (the loops over taps unroll), else p.W.
+template <int KW, typename T>
+inline int64_t taps_of(const Conv<T>& p) {
+  return KW > 0 ? KW : p.W;
 }
+
+// One token's pointers (local.xr or local.dr) in locals: the stores (memcpy) could alias the Local's
+// members, so that the compiler would reload those for every vector; with W fixed these live in registers.
+template <int KW, typename P>
+struct Rows {
+  P fixed[KW > 0 ? KW : 1];
+  const P* at;
+  explicit Rows(const std::vector<P>& ring) : at(ring.data()) {
+    if constexpr (KW > 0) {
+      std::copy(ring.begin(), ring.end(), fixed);
+      at = fixed;
+    }
+  }
+  P operator[](int64_t j) const { return at[j]; }
+};
 
 // The first `count` lanes of v to dst (all of them when count >= lanes).
 template <typename T>
@@ -121,24 +144,35 @@ inline Vec<T> get(const T* src, int64_t count) {
   return count >= Lanes<T>::W ? load(src) : load_part(src, count);
 }
 
-template <typename T>
+// The pre-activation of channels [o, o + count) (count capped at the lanes) of the token whose rows of xs are
+// xr: bias + sum_j taps[j] xr[j] (taps [W, block]).
+template <int KW, typename T>
+inline Vec<T> pre_activation(const Conv<T>& p, const T* bias, const T* taps, const Rows<KW, const T*>& xr,
+                             int64_t o, int64_t count) {
+  Vec<T> acc = load(bias + o);
+  for (int64_t j = 0; j < taps_of<KW>(p); ++j) acc += load(taps + j * p.block + o) * get(xr[j] + o, count);
+  return acc;
+}
+
+template <int KW, typename T>
 void forward_task(const Conv<T>& p, Local<T>& local, int64_t c, int64_t b, T* out, T* ht) {
   const Span sp = span_of(p, c);
   const int64_t d0 = b * p.block, n = std::min(p.block, p.D - d0), vectors = (n + p.lanes - 1) / p.lanes;
   local.start(p, sp, d0, n);
+  const T *bias = local.bias.data(), *taps = local.taps.data();
   for (int64_t t = sp.t0; t < sp.t1; ++t) {
-    std::memcpy(local.x_row(p, sp, t), p.x + t * p.D + d0, n * sizeof(T));
+    local.enter_x(p, t, d0);
+    const Rows<KW, const T*> xr(local.xr);
     T* o = out + t * p.D + d0;
     for (int64_t v = 0; v < vectors; ++v) {
-      Vec<T> y = pre_activation(p, local, sp, t, v);
+      Vec<T> y = pre_activation<KW>(p, bias, taps, xr, v * p.lanes, n - v * p.lanes);
       if (p.silu) y = y * sigmoid_v<T>(y);
       put(o + v * p.lanes, y, n - v * p.lanes);
     }
   }
-  if (ht && sp.t1 == sp.e) {  // the last W-1 rows of xs, still in the ring
+  if (ht && sp.t1 == sp.e) {  // the last W-1 rows of xs: xr[1..W-1]
     for (int64_t k = 0; k < p.W - 1; ++k) {
-      const T* row = local.x_row(p, sp, sp.e - (p.W - 1) + k);
-      for (int64_t i = 0; i < n; ++i) ht[p.state_at(sp.seq, d0 + i, k)] = row[i];
+      for (int64_t i = 0; i < n; ++i) ht[p.state_at(sp.seq, d0 + i, k)] = local.xr[k + 1][i];
     }
   }
 }
@@ -151,26 +185,29 @@ struct Grads {
   T *dx, *dh0, *dw, *db;
 };
 
-template <typename T>
+template <int KW, typename T>
 void backward_task(const Conv<T>& p, const Grads<T>& g, Local<T>& local, int64_t c, int64_t b) {
   const Span sp = span_of(p, c);
-  const int64_t W = p.W, d0 = b * p.block, n = std::min(p.block, p.D - d0), vectors = (n + p.lanes - 1) / p.lanes;
+  const int64_t W = taps_of<KW>(p), d0 = b * p.block, n = std::min(p.block, p.D - d0), vectors = (n + p.lanes - 1) / p.lanes;
   local.start(p, sp, d0, n);
-  for (auto* rows : {&local.dpre, &local.head, &local.dw, &local.db}) std::fill(rows->begin(), rows->end(), T(0));
+  for (auto* rows : {&local.dpre, &local.dinit, &local.dw, &local.db}) std::fill(rows->begin(), rows->end(), T(0));
   const bool sums = g.dw != nullptr;
   // Rows q of dx from the chunk's first, or from the initial state's first row for a sequence's first chunk.
   const int64_t first = sp.t0 == sp.s ? sp.s - (W - 1) : sp.t0;
-  auto dpre_row = [&](int64_t t) { return local.dpre.data() + (t - first) % W * p.block; };
+  const T *bias = local.bias.data(), *taps = local.taps.data();
+  T *dw = local.dw.data(), *db = local.db.data();
   alignas(64) T final_grad[Lanes<T>::W];
-  for (int64_t t = first; t < sp.t1 + W - 1; ++t) {
-    T* dp_row = dpre_row(t);
+  for (int64_t t = first; t < sp.t1 + W - 1; local.next_dpre(), ++t) {
+    const Rows<KW, T*> dr(local.dr);
+    T* dp_row = dr[0];
     if (t >= sp.t0 && t < sp.e) {
-      std::memcpy(local.x_row(p, sp, t), p.x + t * p.D + d0, n * sizeof(T));
+      local.enter_x(p, t, d0);
+      const Rows<KW, const T*> xr(local.xr);
       const T* dout = g.dout + t * p.D + d0;
       const bool owned = sums && t < sp.t1;  // rows after the chunk are recomputed, not summed
       for (int64_t v = 0; v < vectors; ++v) {
         const int64_t o = v * p.lanes;
-        const Vec<T> pre = pre_activation(p, local, sp, t, v);
+        const Vec<T> pre = pre_activation<KW>(p, bias, taps, xr, o, n - o);
         Vec<T> dp = get(dout + o, n - o);
         if (p.silu) {
           const Vec<T> sg = sigmoid_v<T>(pre);
@@ -179,10 +216,10 @@ void backward_task(const Conv<T>& p, const Grads<T>& g, Local<T>& local, int64_t
         store(dp_row + o, dp);
         if (owned) {
           for (int64_t j = 0; j < W; ++j) {
-            T* acc = local.dw.data() + j * p.block + o;
-            store(acc, load(acc) + dp * load(local.x_row(p, sp, t - (W - 1) + j) + o));
+            T* acc = dw + j * p.block + o;
+            store(acc, load(acc) + dp * get(xr[j] + o, n - o));
           }
-          store(local.db.data() + o, load(local.db.data() + o) + dp);
+          store(db + o, load(db + o) + dp);
         }
       }
     } else {
@@ -190,13 +227,13 @@ void backward_task(const Conv<T>& p, const Grads<T>& g, Local<T>& local, int64_t
     }
     const int64_t q = t - (W - 1);  // the row of xs whose gradient is now complete
     if (q < first) continue;
-    T* dst = q >= sp.s ? (g.dx ? g.dx + q * p.D + d0 : nullptr) : local.head.data() + (q - sp.s + W - 1) * p.block;
+    T* dst = q >= sp.s ? (g.dx ? g.dx + q * p.D + d0 : nullptr) : local.dinit.data() + (q - sp.s + W - 1) * p.block;
     if (!dst) continue;
     const int64_t k = q - (sp.e - (W - 1));  // its column in the final state, if >= 0
     for (int64_t v = 0; v < vectors; ++v) {
       const int64_t o = v * p.lanes;
       Vec<T> acc{};
-      for (int64_t j = 0; j < W; ++j) acc += load(local.taps.data() + j * p.block + o) * load(dpre_row(t - j) + o);
+      for (int64_t j = 0; j < W; ++j) acc += load(taps + j * p.block + o) * load(dr[j] + o);
       if (k >= 0 && g.dht) {
         const int64_t m = std::min<int64_t>(p.lanes, n - o);
         for (int64_t i = 0; i < m; ++i) final_grad[i] = g.dht[p.state_at(sp.seq, d0 + o + i, k)];
@@ -207,12 +244,12 @@ void backward_task(const Conv<T>& p, const Grads<T>& g, Local<T>& local, int64_t
   }
   if (g.dh0 && sp.t0 == sp.s) {
     for (int64_t k = 0; k < W - 1; ++k)
-      for (int64_t i = 0; i < n; ++i) g.dh0[p.state_at(sp.seq, d0 + i, k)] = local.head[k * p.block + i];
+      for (int64_t i = 0; i < n; ++i) g.dh0[p.state_at(sp.seq, d0 + i, k)] = local.dinit[k * p.block + i];
   }
   if (sums) {
     for (int64_t j = 0; j < W; ++j)
-      std::memcpy(g.dw + (c * W + j) * p.D + d0, local.dw.data() + j * p.block, n * sizeof(T));
-    if (g.db) std::memcpy(g.db + c * p.D + d0, local.db.data(), n * sizeof(T));
+      std::memcpy(g.dw + (c * W + j) * p.D + d0, dw + j * p.block, n * sizeof(T));
+    if (g.db) std::memcpy(g.db + c * p.D + d0, db, n * sizeof(T));
   }
 }
 
@@ -225,6 +262,19 @@ void over_tasks(const Conv<T>& p, int64_t tokens, F task) {
     Local<T> local(p);
     for (int64_t i = begin; i < end; ++i) task(local, i / blocks, i % blocks);
   });
+}
+
+// Calls run(std::integral_constant<int, KW>{}) with KW = W for the common widths 1-4 (their loops over the
+// taps unroll), 0 (any width) otherwise.
+template <typename F>
+void with_width(int64_t W, F run) {
+  switch (W) {
+    case 1: return run(std::integral_constant<int, 1>{});
+    case 2: return run(std::integral_constant<int, 2>{});
+    case 3: return run(std::integral_constant<int, 3>{});
+    case 4: return run(std::integral_constant<int, 4>{});
+    default: return run(std::integral_constant<int, 0>{});
+  }
 }
 
 // Sequences without tokens have no chunk: their final state is the initial state, and the gradient of the
@@ -299,7 +349,11 @@ std::vector<at::Tensor> causal_conv1d_fwd(const at::Tensor& x, const at::Tensor&
     const Conv<scalar_t> p = problem<scalar_t>(x, weight, bias, h0, cu_seqlens, chunk_index, chunk, silu);
     scalar_t* o = out.data_ptr<scalar_t>();
     scalar_t* h = store_final && W > 1 ? ht.data_ptr<scalar_t>() : nullptr;
-    over_tasks(p, x.size(0), [&](Local<scalar_t>& local, int64_t c, int64_t b) { forward_task(p, local, c, b, o, h); });
+    with_width(W, [&](auto kw) {
+      over_tasks(p, x.size(0), [&](Local<scalar_t>& local, int64_t c, int64_t b) {
+        forward_task<decltype(kw)::value>(p, local, c, b, o, h);
+      });
+    });
     if (h) empty_sequences(p, N, p.h0, h);
   });
   return {out, ht};
@@ -332,7 +386,11 @@ std::vector<at::Tensor> causal_conv1d_bwd(const at::Tensor& x, const at::Tensor&
     auto ptr = [](at::Tensor& t) { return t.numel() ? t.data_ptr<T>() : nullptr; };
     const Grads<T> g{dout.data_ptr<T>(), dht.has_value() && W > 1 ? dht->data_ptr<T>() : nullptr, ptr(dx),
                      W > 1 ? ptr(dh0) : nullptr, ptr(dw_part), ptr(db_part)};
-    over_tasks(p, x.size(0), [&](Local<T>& local, int64_t c, int64_t b) { backward_task(p, g, local, c, b); });
+    with_width(W, [&](auto kw) {
+      over_tasks(p, x.size(0), [&](Local<T>& local, int64_t c, int64_t b) {
+        backward_task<decltype(kw)::value>(p, g, local, c, b);
+      });
+    });
     if (g.dh0) empty_sequences(p, N, g.dht, g.dh0);
     // The partial sums in chunk order, each channel's apart.
     at::parallel_for(0, D, 1024, [&](int64_t begin, int64_t end) {
