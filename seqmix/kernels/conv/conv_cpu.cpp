@@ -34,6 +34,7 @@ using namespace seqmix_cpu;
 
 constexpr int64_t kBlockVectors = 16;        // vectors of channels per task: 256 float32 channels
 constexpr int64_t kValuesInline = 1 << 15;   // below this many values of x the tasks run on the calling thread
+constexpr int kMaxWidth = 16;                // the widest conv (W) the kernels take
 
 // Everything a task reads, with the problem's sizes.
 template <typename T>
@@ -47,7 +48,6 @@ struct Conv {
   static constexpr int64_t lanes = Lanes<T>::W;
   static constexpr int64_t block = kBlockVectors * lanes;
   int64_t blocks() const { return (D + block - 1) / block; }
-  int64_t state_at(int64_t seq, int64_t d, int64_t k) const { return (seq * D + d) * (W - 1) + k; }
 };
 
 // The tokens of one chunk: [t0, t1) of the sequence [s, e) with index seq.
@@ -62,72 +62,11 @@ Span span_of(const Conv<T>& p, int64_t c) {
   return {seq, s, e, t0, std::min(e, t0 + p.chunk)};
 }
 
-// A task's local rows, `block` channels each (lanes past the block's n channels stay zero): the taps [W],
-// the bias, the rows of the initial state [W-1]; for the backward a ring of W rows of dpre, the initial
-// state's gradient [W-1] and the sums of dweight [W] and dbias. For the token t at hand, xr[j] points at the
-// row of xs of token t - (W-1) + j (in x, or in the initial state's rows) and dr[j] at the ring row of
-// dpre[t - j]: the pointers move from token to token, nothing is copied (x is read where it lies).
-template <typename T>
-struct Local {
-  std::vector<T> taps, bias, init, dpre, dinit, dw, db;
-  std::vector<const T*> xr;
-  std::vector<T*> dr;
-  explicit Local(const Conv<T>& p)
-      : taps(p.W * p.block), bias(p.block), init(std::max<int64_t>(p.W - 1, 1) * p.block), dpre(p.W * p.block),
-        dinit(init.size()), dw(p.W * p.block), db(p.block), xr(p.W), dr(p.W) {}
-
-  // Taps and bias of channels [d0, d0 + n), and the pointers for the chunk's first token: xr[1..W-1] at the
-  // rows of the W-1 tokens before t0 (x's, or the initial state's copied here), dr at the ring's rows.
-  void start(const Conv<T>& p, const Span& sp, int64_t d0, int64_t n) {
-    for (auto* rows : {&taps, &bias, &init}) std::fill(rows->begin(), rows->end(), T(0));
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t j = 0; j < p.W; ++j) taps[j * p.block + i] = p.weight[(d0 + i) * p.W + j];
-      if (p.bias) bias[i] = p.bias[d0 + i];
-    }
-    for (int64_t j = 0; j < p.W; ++j) dr[j] = dpre.data() + j * p.block;
-    for (int64_t k = 0; k < p.W - 1; ++k) {
-      const int64_t pos = sp.t0 - (p.W - 1) + k;
-      if (pos >= sp.s) {
-        xr[k + 1] = p.x + pos * p.D + d0;
-        continue;
-      }
-      T* row = init.data() + k * p.block;
-      if (p.h0) {
-        for (int64_t i = 0; i < n; ++i) row[i] = p.h0[p.state_at(sp.seq, d0 + i, pos - sp.s + p.W - 1)];
-      }  // else zeros
-      xr[k + 1] = row;
-    }
-  }
-
-  // To token t (from t - 1): xr moves by one row, the newest x's row of t.
-  void enter_x(const Conv<T>& p, int64_t t, int64_t d0) {
-    std::rotate(xr.begin(), xr.begin() + 1, xr.end());
-    xr[p.W - 1] = p.x + t * p.D + d0;
-  }
-  // From token t to t + 1: the oldest ring row of dpre becomes the newest.
-  void next_dpre() { std::rotate(dr.begin(), dr.end() - 1, dr.end()); }
-};
-
 // The number of taps: KW where the caller's template fixes it (the loops over taps unroll), else p.W.
 template <int KW, typename T>
 inline int64_t taps_of(const Conv<T>& p) {
   return KW > 0 ? KW : p.W;
 }
-
-// One token's pointers (local.xr or local.dr) in locals: the stores (memcpy) could alias the Local's
-// members, so that the compiler would reload those for every vector; with W fixed these live in registers.
-template <int KW, typename P>
-struct Rows {
-  P fixed[KW > 0 ? KW : 1];
-  const P* at;
-  explicit Rows(const std::vector<P>& ring) : at(ring.data()) {
-    if constexpr (KW > 0) {
-      std::copy(ring.begin(), ring.end(), fixed);
-      at = fixed;
-    }
-  }
-  P operator[](int64_t j) const { return at[j]; }
-};
 
 // The first `count` lanes of v to dst (all of them when count >= lanes).
 template <typename T>
@@ -144,35 +83,70 @@ inline Vec<T> get(const T* src, int64_t count) {
   return count >= Lanes<T>::W ? load(src) : load_part(src, count);
 }
 
-// The pre-activation of channels [o, o + count) (count capped at the lanes) of the token whose rows of xs are
-// xr: bias + sum_j taps[j] xr[j] (taps [W, block]).
-template <int KW, typename T>
-inline Vec<T> pre_activation(const Conv<T>& p, const T* bias, const T* taps, const Rows<KW, const T*>& xr,
-                             int64_t o, int64_t count) {
-  Vec<T> acc = load(bias + o);
-  for (int64_t j = 0; j < taps_of<KW>(p); ++j) acc += load(taps + j * p.block + o) * get(xr[j] + o, count);
-  return acc;
+// Lanes [0, count) of column k of rows [d, d + count) of a [*, stride] array (weight [D, W], a state
+// [N, D, W-1]): a strided gather, once per vector and task.
+template <typename T>
+inline Vec<T> column(const T* a, int64_t d, int64_t stride, int64_t k, int64_t count) {
+  alignas(64) T lanes[Lanes<T>::W] = {};
+  for (int64_t i = 0; i < std::min<int64_t>(count, Lanes<T>::W); ++i) lanes[i] = a[(d + i) * stride + k];
+  return load(lanes);
 }
 
+template <typename T>
+inline void scatter_column(T* a, int64_t d, int64_t stride, int64_t k, Vec<T> v, int64_t count) {
+  alignas(64) T lanes[Lanes<T>::W];
+  store(lanes, v);
+  for (int64_t i = 0; i < std::min<int64_t>(count, Lanes<T>::W); ++i) a[(d + i) * stride + k] = lanes[i];
+}
+
+// One vector of channels [d, d + count) through one chunk: its taps and bias, and a window of the W rows of
+// xs the token at hand reads, xw[j] = xs[t - (W-1) + j]. With the width KW fixed these arrays live in
+// registers (the loops over them unroll); KW = 0 takes any W <= kMaxWidth, in memory.
 template <int KW, typename T>
-void forward_task(const Conv<T>& p, Local<T>& local, int64_t c, int64_t b, T* out, T* ht) {
-  const Span sp = span_of(p, c);
-  const int64_t d0 = b * p.block, n = std::min(p.block, p.D - d0), vectors = (n + p.lanes - 1) / p.lanes;
-  local.start(p, sp, d0, n);
-  const T *bias = local.bias.data(), *taps = local.taps.data();
-  for (int64_t t = sp.t0; t < sp.t1; ++t) {
-    local.enter_x(p, t, d0);
-    const Rows<KW, const T*> xr(local.xr);
-    T* o = out + t * p.D + d0;
-    for (int64_t v = 0; v < vectors; ++v) {
-      Vec<T> y = pre_activation<KW>(p, bias, taps, xr, v * p.lanes, n - v * p.lanes);
-      if (p.silu) y = y * sigmoid_v<T>(y);
-      put(o + v * p.lanes, y, n - v * p.lanes);
+struct Lane {
+  static constexpr int cap = KW > 0 ? KW : kMaxWidth;
+  const Conv<T>& p;
+  int64_t d, count;
+  Vec<T> taps[cap], xw[cap], bias;
+
+  // Taps, bias and the W-1 rows of xs before the chunk (x's, the initial state's, or zeros) in xw[1..W-1].
+  Lane(const Conv<T>& p, const Span& sp, int64_t d, int64_t count) : p(p), d(d), count(count) {
+    const int64_t W = taps_of<KW>(p);
+    for (int64_t j = 0; j < W; ++j) taps[j] = column(p.weight, d, W, j, count);
+    bias = p.bias ? get(p.bias + d, count) : Vec<T>{};
+    for (int64_t k = 0; k + 1 < W; ++k) {
+      const int64_t pos = sp.t0 - (W - 1) + k;
+      xw[k + 1] = pos >= sp.s ? get(p.x + pos * p.D + d, count)
+                  : p.h0      ? column(p.h0 + sp.seq * p.D * (W - 1), d, W - 1, pos - sp.s + W - 1, count)
+                              : Vec<T>{};
     }
   }
-  if (ht && sp.t1 == sp.e) {  // the last W-1 rows of xs: xr[1..W-1]
-    for (int64_t k = 0; k < p.W - 1; ++k) {
-      for (int64_t i = 0; i < n; ++i) ht[p.state_at(sp.seq, d0 + i, k)] = local.xr[k + 1][i];
+
+  // Moves the window to token t and returns its pre-activation bias + sum_j taps[j] xs[t - (W-1) + j].
+  Vec<T> enter(int64_t t) {
+    const int64_t W = taps_of<KW>(p);
+    for (int64_t j = 0; j + 1 < W; ++j) xw[j] = xw[j + 1];
+    xw[W - 1] = get(p.x + t * p.D + d, count);
+    Vec<T> acc = bias;
+    for (int64_t j = 0; j < W; ++j) acc += taps[j] * xw[j];
+    return acc;
+  }
+};
+
+template <int KW, typename T>
+void forward_task(const Conv<T>& p, int64_t c, int64_t b, T* out, T* ht) {
+  const Span sp = span_of(p, c);
+  const int64_t end = std::min(p.D, (b + 1) * p.block);
+  for (int64_t d = b * p.block; d < end; d += p.lanes) {
+    Lane<KW, T> lane(p, sp, d, end - d);
+    for (int64_t t = sp.t0; t < sp.t1; ++t) {
+      Vec<T> y = lane.enter(t);
+      if (p.silu) y = y * sigmoid_v<T>(y);
+      put(out + t * p.D + d, y, end - d);
+    }
+    if (ht && sp.t1 == sp.e) {  // the last W-1 rows of xs
+      for (int64_t k = 0; k + 1 < p.W; ++k)
+        scatter_column(ht + sp.seq * p.D * (p.W - 1), d, p.W - 1, k, lane.xw[k + 1], end - d);
     }
   }
 }
@@ -185,82 +159,66 @@ struct Grads {
   T *dx, *dh0, *dw, *db;
 };
 
+// The backward of one vector of channels through one chunk: tokens t from the chunk's first (W-1 earlier for
+// a sequence's first chunk, whose rows are the initial state's) to W-1 past its last, dpre[t - j] kept in
+// dpw[j]; at token t the gradient of xs[q], q = t - (W-1), is complete: sum_j taps[j] dpre[q + (W-1) - j].
 template <int KW, typename T>
-void backward_task(const Conv<T>& p, const Grads<T>& g, Local<T>& local, int64_t c, int64_t b) {
-  const Span sp = span_of(p, c);
-  const int64_t W = taps_of<KW>(p), d0 = b * p.block, n = std::min(p.block, p.D - d0), vectors = (n + p.lanes - 1) / p.lanes;
-  local.start(p, sp, d0, n);
-  for (auto* rows : {&local.dpre, &local.dinit, &local.dw, &local.db}) std::fill(rows->begin(), rows->end(), T(0));
-  const bool sums = g.dw != nullptr;
-  // Rows q of dx from the chunk's first, or from the initial state's first row for a sequence's first chunk.
-  const int64_t first = sp.t0 == sp.s ? sp.s - (W - 1) : sp.t0;
-  const T *bias = local.bias.data(), *taps = local.taps.data();
-  T *dw = local.dw.data(), *db = local.db.data();
-  alignas(64) T final_grad[Lanes<T>::W];
-  for (int64_t t = first; t < sp.t1 + W - 1; local.next_dpre(), ++t) {
-    const Rows<KW, T*> dr(local.dr);
-    T* dp_row = dr[0];
+void backward_lane(const Conv<T>& p, const Grads<T>& g, const Span& sp, int64_t c, int64_t d, int64_t count) {
+  Lane<KW, T> lane(p, sp, d, count);
+  const int64_t W = taps_of<KW>(p), S = W - 1;
+  Vec<T> dpw[Lane<KW, T>::cap] = {}, dw[Lane<KW, T>::cap] = {}, db{}, dinit[Lane<KW, T>::cap] = {};
+  const int64_t first = sp.t0 == sp.s ? sp.s - S : sp.t0;
+  for (int64_t t = first; t < sp.t1 + S; ++t) {
+    for (int64_t j = W - 1; j > 0; --j) dpw[j] = dpw[j - 1];
+    dpw[0] = Vec<T>{};
     if (t >= sp.t0 && t < sp.e) {
-      local.enter_x(p, t, d0);
-      const Rows<KW, const T*> xr(local.xr);
-      const T* dout = g.dout + t * p.D + d0;
-      const bool owned = sums && t < sp.t1;  // rows after the chunk are recomputed, not summed
-      for (int64_t v = 0; v < vectors; ++v) {
-        const int64_t o = v * p.lanes;
-        const Vec<T> pre = pre_activation<KW>(p, bias, taps, xr, o, n - o);
-        Vec<T> dp = get(dout + o, n - o);
-        if (p.silu) {
-          const Vec<T> sg = sigmoid_v<T>(pre);
-          dp = dp * sg * (T(1) + pre * (T(1) - sg));
-        }
-        store(dp_row + o, dp);
-        if (owned) {
-          for (int64_t j = 0; j < W; ++j) {
-            T* acc = dw + j * p.block + o;
-            store(acc, load(acc) + dp * get(xr[j] + o, n - o));
-          }
-          store(db + o, load(db + o) + dp);
-        }
+      const Vec<T> pre = lane.enter(t);
+      Vec<T> dp = get(g.dout + t * p.D + d, count);
+      if (p.silu) {
+        const Vec<T> sg = sigmoid_v<T>(pre);
+        dp = dp * sg * (T(1) + pre * (T(1) - sg));
       }
-    } else {
-      std::fill(dp_row, dp_row + p.block, T(0));
+      dpw[0] = dp;
+      if (t < sp.t1) {  // tokens after the chunk are recomputed, not summed
+        for (int64_t j = 0; j < W; ++j) dw[j] += dp * lane.xw[j];
+        db += dp;
+      }
     }
-    const int64_t q = t - (W - 1);  // the row of xs whose gradient is now complete
+    const int64_t q = t - S;
     if (q < first) continue;
-    T* dst = q >= sp.s ? (g.dx ? g.dx + q * p.D + d0 : nullptr) : local.dinit.data() + (q - sp.s + W - 1) * p.block;
-    if (!dst) continue;
-    const int64_t k = q - (sp.e - (W - 1));  // its column in the final state, if >= 0
-    for (int64_t v = 0; v < vectors; ++v) {
-      const int64_t o = v * p.lanes;
-      Vec<T> acc{};
-      for (int64_t j = 0; j < W; ++j) acc += load(taps + j * p.block + o) * load(dr[j] + o);
-      if (k >= 0 && g.dht) {
-        const int64_t m = std::min<int64_t>(p.lanes, n - o);
-        for (int64_t i = 0; i < m; ++i) final_grad[i] = g.dht[p.state_at(sp.seq, d0 + o + i, k)];
-        acc += load_part(final_grad, m);
-      }
-      put(dst + o, acc, q >= sp.s ? n - o : p.lanes);
+    Vec<T> acc{};
+    for (int64_t j = 0; j < W; ++j) acc += lane.taps[j] * dpw[j];
+    const int64_t k = q - (sp.e - S);  // q's column in the final state, if >= 0
+    if (k >= 0 && g.dht) acc += column(g.dht + sp.seq * p.D * S, d, S, k, count);
+    if (q < sp.s) {
+      dinit[q - sp.s + S] = acc;
+    } else if (g.dx) {
+      put(g.dx + q * p.D + d, acc, count);
     }
   }
   if (g.dh0 && sp.t0 == sp.s) {
-    for (int64_t k = 0; k < W - 1; ++k)
-      for (int64_t i = 0; i < n; ++i) g.dh0[p.state_at(sp.seq, d0 + i, k)] = local.dinit[k * p.block + i];
+    for (int64_t k = 0; k < S; ++k) scatter_column(g.dh0 + sp.seq * p.D * S, d, S, k, dinit[k], count);
   }
-  if (sums) {
-    for (int64_t j = 0; j < W; ++j)
-      std::memcpy(g.dw + (c * W + j) * p.D + d0, dw + j * p.block, n * sizeof(T));
-    if (g.db) std::memcpy(g.db + c * p.D + d0, db, n * sizeof(T));
+  if (g.dw) {
+    for (int64_t j = 0; j < W; ++j) put(g.dw + (c * W + j) * p.D + d, dw[j], count);
+    if (g.db) put(g.db + c * p.D + d, db, count);
   }
 }
 
-// Runs task(local, chunk, block) over every chunk and block of channels.
+template <int KW, typename T>
+void backward_task(const Conv<T>& p, const Grads<T>& g, int64_t c, int64_t b) {
+  const Span sp = span_of(p, c);
+  const int64_t end = std::min(p.D, (b + 1) * p.block);
+  for (int64_t d = b * p.block; d < end; d += p.lanes) backward_lane<KW>(p, g, sp, c, d, end - d);
+}
+
+// Runs task(chunk, block) over every chunk and block of channels.
 template <typename T, typename F>
 void over_tasks(const Conv<T>& p, int64_t tokens, F task) {
   const int64_t blocks = p.blocks(), total = p.num_chunks * blocks;
   const int64_t grain = tokens * p.D < kValuesInline ? std::max<int64_t>(total, 1) : 1;
   at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
-    Local<T> local(p);
-    for (int64_t i = begin; i < end; ++i) task(local, i / blocks, i % blocks);
+    for (int64_t i = begin; i < end; ++i) task(i / blocks, i % blocks);
   });
 }
 
@@ -319,9 +277,9 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::opti
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "causal_conv1d_cpu: x must be float32 or float64, got ", x.scalar_type());
   const int64_t D = x.size(1);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == D && weight.size(1) >= 1 && weight.is_contiguous() &&
-                  weight.scalar_type() == x.scalar_type(),
-              "causal_conv1d_cpu: weight must be contiguous [D, W >= 1] in x's dtype");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == D && weight.size(1) >= 1 && weight.size(1) <= kMaxWidth &&
+                  weight.is_contiguous() && weight.scalar_type() == x.scalar_type(),
+              "causal_conv1d_cpu: weight must be contiguous [D, W] in x's dtype, 1 <= W <= ", kMaxWidth);
   for (const at::Tensor* t : {present(bias), present(h0)}) {
     TORCH_CHECK(!t || (t->is_contiguous() && t->scalar_type() == x.scalar_type() && t->device().is_cpu()),
                 "causal_conv1d_cpu: bias and the initial state must be contiguous, in x's dtype, on the CPU");
@@ -350,9 +308,7 @@ std::vector<at::Tensor> causal_conv1d_fwd(const at::Tensor& x, const at::Tensor&
     scalar_t* o = out.data_ptr<scalar_t>();
     scalar_t* h = store_final && W > 1 ? ht.data_ptr<scalar_t>() : nullptr;
     with_width(W, [&](auto kw) {
-      over_tasks(p, x.size(0), [&](Local<scalar_t>& local, int64_t c, int64_t b) {
-        forward_task<decltype(kw)::value>(p, local, c, b, o, h);
-      });
+      over_tasks(p, x.size(0), [&](int64_t c, int64_t b) { forward_task<decltype(kw)::value>(p, c, b, o, h); });
     });
     if (h) empty_sequences(p, N, p.h0, h);
   });
@@ -387,9 +343,7 @@ std::vector<at::Tensor> causal_conv1d_bwd(const at::Tensor& x, const at::Tensor&
     const Grads<T> g{dout.data_ptr<T>(), dht.has_value() && W > 1 ? dht->data_ptr<T>() : nullptr, ptr(dx),
                      W > 1 ? ptr(dh0) : nullptr, ptr(dw_part), ptr(db_part)};
     with_width(W, [&](auto kw) {
-      over_tasks(p, x.size(0), [&](Local<T>& local, int64_t c, int64_t b) {
-        backward_task<decltype(kw)::value>(p, g, local, c, b);
-      });
+      over_tasks(p, x.size(0), [&](int64_t c, int64_t b) { backward_task<decltype(kw)::value>(p, g, c, b); });
     });
     if (g.dh0) empty_sequences(p, N, g.dht, g.dh0);
     // The partial sums in chunk order, each channel's apart.
