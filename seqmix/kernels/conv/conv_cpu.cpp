@@ -9,13 +9,14 @@
 // sequences.py). pre[t] = bias + sum_j weight[:, j] xs[t - (W-1) + j] over xs = [h0^T, x] per sequence,
 // out = silu?(pre); the final state is xs's last W-1 rows.
 //
-// One task owns one chunk of tokens and one block of channels (the vector lanes) and walks its tokens in
-// order: the W rows of xs a token reads were read for the tokens just before (still in L1), so x comes from
-// memory once. The backward recomputes pre and dpre = dout silu'(pre) row by row into a ring of W rows, and a
-// row p of dx (or of the initial state's gradient, p before the sequence) is sum_j weight[:, j] dpre[p +
-// (W-1) - j], complete as soon as dpre[p + W-1] is: it needs the W-1 rows after the chunk, which the task
-// recomputes. dweight and dbias go to one partial row per chunk, added up in chunk order at the end: no
-// atomics, and the sums do not depend on the number of threads.
+// One task owns one chunk of tokens and one block of channels. It takes the block one vector of channels
+// (the lanes) at a time through the chunk's tokens in order, with the W rows of xs a token reads, the taps
+// and, in the backward, the last W values of dpre and the sums of dweight and dbias in registers (widths
+// 1-4 are template arguments); so x, dout, out and dx each pass through memory once. The backward recomputes
+// pre and dpre = dout silu'(pre) token by token; the gradient of row q of xs (a row of dx, or of the initial
+// state's gradient before the sequence) is sum_j weight[:, j] dpre[q + (W-1) - j], complete once dpre[q + W-1]
+// is: the W-1 tokens after the chunk are recomputed by the task. dweight and dbias go to one partial row per
+// chunk, added up in chunk order at the end: no atomics, and the sums do not depend on the number of threads.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -273,7 +274,8 @@ Conv<T> problem(const at::Tensor& x, const at::Tensor& weight, const c10::option
 
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                   const c10::optional<at::Tensor>& h0, const at::Tensor& cu_seqlens, const at::Tensor& chunk_index) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(), "causal_conv1d_cpu: x must be [L, D] on the CPU");
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(),
+              "causal_conv1d_cpu: x must be contiguous [L, D] on the CPU");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "causal_conv1d_cpu: x must be float32 or float64, got ", x.scalar_type());
   const int64_t D = x.size(1);

@@ -18,6 +18,14 @@ from seqmix.kernels.sequences import in_dtype, reference_dtype
 # Tokens per task (with a block of 128 channels): enough that the W-1 rows a backward task recomputes after
 # its chunk cost little, few enough that a batch of two long sequences still spreads over the threads.
 CHUNK = 256
+MAX_WIDTH = 16  # conv_cpu.cpp's kMaxWidth: the window, taps and dpre of a width this small stay in registers
+
+
+def unsupported(width: int) -> str | None:
+    """Why the C++ kernels cannot take a conv of ``width`` taps; None if they can."""
+    if width > MAX_WIDTH:
+        return f"weight must have at most {MAX_WIDTH} taps (W), got {width}"
+    return None
 
 
 @torch.library.custom_op("seqmix::causal_conv1d_cpu_chunk_fwd", mutates_args=())

@@ -161,6 +161,10 @@ def test_bad_input():
         causal_conv1d(torch.randn(2, 4, 3), torch.randn(3, 2), initial_state=torch.randn(2, 3, 2), backend="cpu")
     with pytest.raises(BackendUnavailable, match="'cpu' cannot serve this call: the C.. CPU kernels need CPU tensors"):
         causal_conv1d(torch.randn(1, 4, 3, device="meta"), torch.randn(3, 2, device="meta"), backend="cpu")
+    x, wide = torch.randn(1, 4, 3), torch.randn(3, 17)
+    with pytest.raises(BackendUnavailable, match="'cpu' cannot serve this call: weight must have at most 16 taps"):
+        causal_conv1d(x, wide, backend="cpu")
+    assert explain(causal_conv1d, x, wide).backend != "cpu"
 
 
 def test_compiled_call_equals_eager():
