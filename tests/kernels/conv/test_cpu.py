@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 
 from seqmix.kernels import BackendUnavailable, causal_conv1d, explain
 from seqmix.kernels import cpu as cpu_build
+from seqmix.kernels.conv import cpu as conv_cpu
 from seqmix.kernels.conv.cpu import CHUNK
+from seqmix.kernels.sequences import make_chunking
 from tests.helpers import TOL, assert_rel, require_cpu_kernels
 from tests.kernels.contract import check_no_tokens
 from tests.kernels.conv.strategies import batch_layout
@@ -181,3 +183,13 @@ def test_compiled_call_equals_eager():
     compiled = torch.autograd.grad(compiled_loss(*inputs), inputs)
     for name, a, b in zip(NAMES, compiled, eager, strict=True):
         assert_rel(a, b, 1e-6, f"compiled d{name}")
+
+
+@pytest.mark.parametrize("store_final", [True, False])
+def test_custom_op_passes_opcheck(store_final):
+    """Schema, fake implementation and autograd registration of the forward op, on packed sequences."""
+    x, w, b, h0 = [t.requires_grad_() for t in _inputs(1, 30, 6, 3, 3, dtype=torch.float32)]
+    chunking = make_chunking(torch.tensor([0, 10, 10, 30]), CHUNK)
+    args = (x[0], w, b, h0, chunking.cu_seqlens, chunking.chunk_index, chunking.chunk_offsets, True, store_final)
+    torch.library.opcheck(conv_cpu._chunk_fwd, args, test_utils=("test_schema", "test_autograd_registration",
+                                                               "test_faketensor"))
