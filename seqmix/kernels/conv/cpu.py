@@ -15,10 +15,10 @@ from seqmix.kernels import cpu
 from seqmix.kernels.op import FusedOp, as_input_grads, nothing, register_autograd, run_fused
 from seqmix.kernels.sequences import in_dtype, reference_dtype
 
-# Tokens per task (with a block of 128 channels): enough that the W-1 rows a backward task recomputes after
+# Tokens per task (with a block of 256 channels): enough that the W-1 tokens a backward task recomputes after
 # its chunk cost little, few enough that a batch of two long sequences still spreads over the threads.
 CHUNK = 256
-MAX_WIDTH = 16  # conv_cpu.cpp's kMaxWidth: the window, taps and dpre of a width this small stay in registers
+MAX_WIDTH = 16  # conv_cpu.cpp's kMaxWidth: the size of its per-vector arrays of taps, inputs and dpre
 
 
 def unsupported(width: int) -> str | None:
