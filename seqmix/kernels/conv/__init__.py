@@ -129,11 +129,11 @@ def causal_conv1d(
         cu_seqlens: [N+1] boundaries of sequences packed as ``[1, sum(T_i), D]``.
         backend: None (automatic), ``"reference"``, ``"triton"``, ``"cuda"`` (the compiled
             extension: named, or through ``SEQMIX_BACKEND``; on CUDA tensors the automatic choice
-            prefers Triton) or ``"cpu"`` (the C++ CPU kernels, W <= 16, computing as the reference does:
-            float32, float64 for float64 inputs). On CPU tensors the automatic choice takes ``"cpu"`` only where
-            those are compiled already (``python -m seqmix.kernels.build``; a call never waits for the
-            compile, which ``backend="cpu"`` runs), else Triton's interpreter when it is on, else the
-            reference.
+            prefers Triton) or ``"cpu"`` (the C++ CPU kernels, W <= 16, computing as the reference
+            does: float32, float64 for float64 inputs). On CPU tensors the automatic choice takes
+            ``"cpu"`` only where those are compiled already (``python -m seqmix.kernels.build``; a
+            call never waits for the compile, which ``backend="cpu"`` runs), else Triton's
+            interpreter when it is on, else the reference.
 
     Returns:
         out: [B, T, D] in x's dtype.
