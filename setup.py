@@ -72,7 +72,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["seqmix", "seqmix.*"]),
     # The C++ CPU kernels are compiled on first use (seqmix/kernels/cpu.py): their sources ship with the package.
-    package_data={"seqmix": ["configs/*.yaml", "kernels/*.cpp", "kernels/*/*.cpp"]},
+    package_data={"seqmix": ["configs/*.yaml", "kernels/*.cpp", "kernels/*.h", "kernels/*/*.cpp"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.2", "numpy", "pyyaml", "safetensors", "tqdm", "matplotlib"],
     entry_points={"console_scripts": ["seqmix-train = seqmix.train:main", "seqmix-bench = seqmix.bench:main"]},

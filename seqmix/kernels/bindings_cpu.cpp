@@ -9,6 +9,7 @@ void bind_row_norms(pybind11::module& m);
 void bind_conv_step(pybind11::module& m);
 void bind_mlp_step(pybind11::module& m);
 void bind_delta_rule(pybind11::module& m);
+void bind_conv_train(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_selective_scan(m);
@@ -17,4 +18,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_conv_step(m);
   bind_mlp_step(m);
   bind_delta_rule(m);
+  bind_conv_train(m);
 }

@@ -28,8 +28,10 @@ logger = logging.getLogger("seqmix.kernels")
 
 # Every family's C++ CPU kernels, relative to seqmix/kernels/.
 SOURCES = ("mamba/selective_scan_cpu.cpp", "recurrent_step_cpu.cpp", "row_norm_cpu.cpp",
-           "conv/conv_step_cpu.cpp", "mlp_step_cpu.cpp",
+           "conv/conv_step_cpu.cpp", "conv/conv_cpu.cpp", "mlp_step_cpu.cpp",
            "deltanet/delta_rule_cpu.cpp", "bindings_cpu.cpp")
+# Headers the sources include: a change to one makes the module stale too (see ready()).
+HEADERS = ("vec_cpu.h",)
 _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mprefer-vector-width=512"],
     "AVX2": ["-mavx2", "-mfma"],
@@ -131,7 +133,7 @@ def ready() -> bool:
         return False
     here = Path(__file__).parent
     modules = glob.glob(str(build_dir() / "*.so"))
-    sources = [here / s for s in SOURCES] + [Path(__file__)]
+    sources = [here / s for s in SOURCES + HEADERS] + [Path(__file__)]
     if not modules or max(map(os.path.getmtime, modules)) <= max(s.stat().st_mtime for s in sources):
         _stale = True
         return False

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_sequences, check_tensor
+from seqmix.kernels.conv import cpu as cpu_kernels
 from seqmix.kernels.conv import cuda as cuda_ops
 from seqmix.kernels.conv import triton as kernels
 from seqmix.kernels.conv.dynamic import dynamic_conv, light_conv
@@ -126,8 +127,13 @@ def causal_conv1d(
         initial_state: [N, D, W-1], the last W-1 inputs before each sequence, oldest first.
         output_final_state: also return the state after the last token.
         cu_seqlens: [N+1] boundaries of sequences packed as ``[1, sum(T_i), D]``.
-        backend: None (automatic), ``"reference"``, ``"triton"`` or ``"cuda"`` (the compiled
-            extension: named, or through ``SEQMIX_BACKEND``; the automatic choice prefers Triton).
+        backend: None (automatic), ``"reference"``, ``"triton"``, ``"cuda"`` (the compiled
+            extension: named, or through ``SEQMIX_BACKEND``; on CUDA tensors the automatic choice
+            prefers Triton) or ``"cpu"`` (the C++ CPU kernels, W <= 16, computing as the reference
+            does: float32, float64 for float64 inputs). On CPU tensors the automatic choice takes
+            ``"cpu"`` only where those are compiled already (``python -m seqmix.kernels.build``; a
+            call never waits for the compile, which ``backend="cpu"`` runs), else Triton's
+            interpreter when it is on, else the reference.
 
     Returns:
         out: [B, T, D] in x's dtype.
@@ -135,8 +141,11 @@ def causal_conv1d(
     """
     B, T, D, W = _check_conv(x, "[B, T, D]", weight, bias, activation)
     check_sequences(cu_seqlens, initial_state, (D, W - 1), dims="[N, D, W-1]", like=x)
-    name = select_backend("causal_conv1d", backend, x.device, ("triton", "cuda", "reference"),
-                          {"triton": kernels.unsupported(x.dtype), "cuda": cuda_ops.unsupported(x.dtype)})
+    name = select_backend("causal_conv1d", backend, x.device, ("cpu", "triton", "cuda", "reference"),
+                          {"triton": kernels.unsupported(x.dtype), "cuda": cuda_ops.unsupported(x.dtype),
+                           "cpu": cpu_kernels.unsupported(W)}, build_cpu=False)
+    if name == "cpu" and T > 0:
+        return cpu_kernels.causal_conv1d_cpu(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
     if name == "triton" and T > 0:
         return run_fused(FUSED, (x,), (weight, bias), initial_state, (activation == "silu",), output_final_state,
                          cu_seqlens)

@@ -24,26 +24,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "../vec_cpu.h"
+
 namespace {
 
-// One vector of W values (64 bytes: one AVX-512 register, two AVX2 ones), as GCC vector types.
-template <typename T>
-struct Lanes;
-
-template <>
-struct Lanes<float> {
-  typedef float V __attribute__((vector_size(64)));
-  static constexpr int W = 16;
-};
-
-template <>
-struct Lanes<double> {
-  typedef double V __attribute__((vector_size(64)));
-  static constexpr int W = 8;
-};
-
-template <typename T>
-using Vec = typename Lanes<T>::V;
+using namespace seqmix_cpu;
 
 // The sum of a vector's lanes, halves added until one lane is left (a fixed order).
 template <typename T>

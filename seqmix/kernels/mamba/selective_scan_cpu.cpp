@@ -23,6 +23,8 @@
 
 #include <ATen/Parallel.h>
 
+#include "../vec_cpu.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -33,119 +35,11 @@
 
 namespace {
 
+using namespace seqmix_cpu;
+
 constexpr int64_t kPad = 16;                 // channels are padded to a multiple of this in checkpoints
 constexpr int64_t kStateBudget = 4096;       // state values per task: 16 KiB of float32, kept in L1
 constexpr double kSoftplusThreshold = 20.0;  // as F.softplus: x itself above it
-
-// One vector of W channels (64 bytes: one AVX-512 register, two AVX2 ones), as GCC vector types: the
-// arithmetic below is written once for every instruction set the compiler targets.
-template <typename T>
-struct Lanes;
-
-template <>
-struct Lanes<float> {
-  typedef float V __attribute__((vector_size(64)));
-  typedef int32_t S;
-  typedef S I __attribute__((vector_size(64)));
-  typedef uint32_t U __attribute__((vector_size(64)));
-  static constexpr int W = 16;
-};
-
-template <>
-struct Lanes<double> {
-  typedef double V __attribute__((vector_size(64)));
-  typedef int64_t S;
-  typedef S I __attribute__((vector_size(64)));
-  typedef uint64_t U __attribute__((vector_size(64)));
-  static constexpr int W = 8;
-};
-
-template <typename T>
-using Vec = typename Lanes<T>::V;
-
-template <typename T>
-inline Vec<T> splat(T x) {
-  return Vec<T>{} + x;
-}
-
-template <typename T>
-inline Vec<T> load(const T* p) {
-  Vec<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename T>
-inline void store(T* p, Vec<T> v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
-// The first n (< W) lanes; the others are zero.
-template <typename T>
-inline Vec<T> load_part(const T* p, int64_t n) {
-  Vec<T> v{};
-  std::memcpy(&v, p, n * sizeof(T));
-  return v;
-}
-
-template <typename T>
-inline void store_part(T* p, Vec<T> v, int64_t n) {
-  std::memcpy(p, &v, n * sizeof(T));
-}
-
-// Constants of exp and log per precision: the range where exp is finite and normal, ln 2 split in two
-// (k ln2_hi is exact), 1.5 2^(mantissa bits) (adding it rounds to an integer), the exponent bias and
-// the Taylor coefficients 1/k! of exp(r) for |r| <= ln2 / 2, highest first.
-template <typename T>
-struct Consts;
-
-template <>
-struct Consts<float> {
-  static constexpr float lo = -87.0f, hi = 88.0f, log2e = 1.44269504088896341f;
-  static constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f, magic = 12582912.0f;
-  static constexpr int mantissa = 23, bias = 127;
-  static constexpr int32_t magic_bits = 0x4B400000;
-  static constexpr int exp_terms = 7;  // to r^6 / 6!: the remainder is below 1.3e-7 (about an ulp)
-  static constexpr float exp_coef[] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
-  static constexpr int log_terms = 5;  // atanh series to s^9, |s| <= 0.172
-};
-
-template <>
-struct Consts<double> {
-  static constexpr double lo = -708.0, hi = 709.0, log2e = 1.4426950408889634074;
-  static constexpr double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
-  static constexpr double magic = 6755399441055744.0;
-  static constexpr int mantissa = 52, bias = 1023;
-  static constexpr int64_t magic_bits = 0x4338000000000000LL;
-  static constexpr int exp_terms = 14;  // r^13 / 13!: below 1e-17
-  static constexpr double exp_coef[] = {1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
-                                        1.0 / 362880.0,     1.0 / 40320.0,     1.0 / 5040.0,      1.0 / 720.0,
-                                        1.0 / 120.0,        1.0 / 24.0,        1.0 / 6.0,         0.5,
-                                        1.0,                1.0};
-  static constexpr int log_terms = 11;  // to s^21
-};
-
-// exp of every lane (std::exp is a libm call per element): x = k ln2 + r, exp(r) by its Taylor
-// polynomial, 2^k put in the exponent bits. Below the smallest normal it gives 0 (the exact limit of
-// the strong decays), above the largest finite value infinity.
-template <typename T>
-inline Vec<T> exp_v(Vec<T> x) {
-  using K = Consts<T>;
-  using U = typename Lanes<T>::U;
-  // No clamp: outside [lo, hi] the lanes compute garbage that the last line replaces.
-  const Vec<T> shifted = x * K::log2e + K::magic;  // k + magic: round to nearest
-  const Vec<T> k = shifted - K::magic;
-  Vec<T> r = x - k * K::ln2_hi;
-  r = r - k * K::ln2_lo;
-  Vec<T> p = splat<T>(K::exp_coef[0]);
-  for (int i = 1; i < K::exp_terms; ++i) p = p * r + K::exp_coef[i];
-  // Unsigned: the garbage lanes wrap around rather than overflow.
-  const U ki = reinterpret_cast<const U&>(shifted) - K::magic_bits;
-  const U bits = (ki + K::bias) << K::mantissa;
-  const Vec<T> e = p * reinterpret_cast<const Vec<T>&>(bits);
-  const Vec<T> zero{}, inf = splat<T>(std::numeric_limits<T>::infinity());
-  return x < K::lo ? zero : (x > K::hi ? inf : e);
-}
 
 // log of every lane, for m >= 1: m = 2^e f with f in [sqrt(1/2), sqrt(2)), log f = 2 atanh((f-1)/(f+1)).
 template <typename T>
@@ -177,11 +71,6 @@ inline Vec<T> softplus_v(Vec<T> x, Vec<T>* slope) {
   const Vec<T> l = d == T(0) ? y : log_v<T>(m) * (y / (d == T(0) ? splat<T>(T(1)) : d));
   *slope = above ? splat<T>(T(1)) : y / m;
   return above ? x : l;
-}
-
-template <typename T>
-inline Vec<T> sigmoid_v(Vec<T> x) {
-  return T(1) / (T(1) + exp_v<T>(-x));
 }
 
 // Everything a task reads, with the problem's sizes.
