@@ -118,7 +118,8 @@ class DeltaNet(Mixer):
         modules = self._modules  # a None submodule (no gate, no convs) is a plain attribute: .get
         names = ["q_proj", "k_proj", "v_proj"] + ([] if modules.get("g_proj") is None else ["g_proj"])
         gates, strengths = names[3:], self._strength_names
-        weights = torch.cat([modules[n].weight for n in names + list(strengths)])
+        params = [modules[n].weight for n in names + list(strengths)]
+        weights = self._decoding_constant("_step_weights", params, lambda: torch.cat(params))
         sizes = [2 * H * K + H * V] + [H * V] * len(gates) + [H] * len(strengths)  # each strength: one per head
         qkv, *rest = F.linear(x.squeeze(1), weights).split(sizes, -1)
         rest, strength_outputs = rest[:len(gates)], rest[len(gates):]
@@ -126,7 +127,9 @@ class DeltaNet(Mixer):
         if modules.get("convs") is None:
             qkv = F.silu(qkv)
         else:
-            qkv, new_state["conv"] = causal_conv1d_step(qkv, self._conv_weights(), None, "silu", state["conv"])
+            taps = self._decoding_constant("_step_taps", [c.weight for c in modules["convs"].values()],
+                                           self._conv_weights)
+            qkv, new_state["conv"] = causal_conv1d_step(qkv, taps, None, "silu", state["conv"])
         qk, v = qkv.split([2 * H * K, H * V], -1)
         q, k = l2_normalize(qk.view(B, 2, H, K)).unbind(1)  # unbind: a cheaper call than split
         beta, g = self._strengths_of(*strength_outputs)

@@ -58,7 +58,6 @@ class Mamba(Mixer):
         self.D = nn.Parameter(torch.ones(d_inner))
         no_weight_decay(self.A_log, self.D, self.dt_proj.bias)
         self.out_proj = nn.Linear(d_inner, hidden_size, bias=False)
-        self._A_cache: tuple[tuple, torch.Tensor] | None = None  # _step_A's (A_log's key, A)
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         if is_decoding_step(x, state, cu_seqlens):
@@ -111,16 +110,8 @@ class Mamba(Mixer):
         return -torch.exp(a_log)
 
     def _step_A(self):
-        """:meth:`_A` for the decoding step: without gradients (and outside torch.compile) the A of the last
-        step while A_log is unchanged, its storage, dtype and version counter (which every in-place write, an
-        optimizer's step or load_state_dict included, advances) the same; saves -exp's two ops per token."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return self._A()
-        a_log = self.A_log
-        key = (a_log.data_ptr(), a_log._version, a_log.dtype, a_log.device)
-        if self._A_cache is None or self._A_cache[0] != key:
-            self._A_cache = (key, self._A())
-        return self._A_cache[1]
+        """:meth:`_A` for the decoding step, kept while A_log is unchanged (saves -exp's two ops per token)."""
+        return self._decoding_constant("_step_A_cache", [self.A_log], self._A)
 
     def init_state(self, batch_size: int) -> State:
         device = self.in_proj.weight.device

@@ -87,13 +87,14 @@ class Mamba2(Mixer):
         xs, b, c = xbc.split([self.d_inner, G * N, G * N], dim=-1)
         if decoding:
             y, ssm_state = ssd_step(
-                xs.view(B, H, P), dt[:, 0], -torch.exp(self.A_log.float()), b.view(B, G, N), c.view(B, G, N),
+                xs.view(B, H, P), dt[:, 0], self._decoding_constant("_step_A", [self.A_log], self._A),
+                b.view(B, G, N), c.view(B, G, N),
                 state["ssm"], D=self.D, z=z.view(B, H, P), dt_bias=self.dt_bias, dt_softplus=True,
                 dt_limit=self.dt_limit,
             )
             return self.out_proj(self.norm(y.view(B, 1, self.d_inner))), {"conv": conv_state, "ssm": ssm_state}
         y, ssm_state = ssd(
-            xs.reshape(B, T, H, P), dt, -torch.exp(self.A_log.float()), b.reshape(B, T, G, N),
+            xs.reshape(B, T, H, P), dt, self._A(), b.reshape(B, T, G, N),
             c.reshape(B, T, G, N), D=self.D, z=z.reshape(B, T, H, P), dt_bias=self.dt_bias, dt_softplus=True,
             dt_limit=self.dt_limit, initial_state=None if state is None else state["ssm"],
             output_final_state=state is not None, cu_seqlens=cu_seqlens, backend=self.backend,
@@ -102,6 +103,10 @@ class Mamba2(Mixer):
         if state is None:
             return out, None
         return out, {"conv": conv_state, "ssm": ssm_state}
+
+    def _A(self):
+        """A = -exp(A_log) [H] in float32."""
+        return -torch.exp(self.A_log.float())
 
     def init_state(self, batch_size: int) -> State:
         device = self.in_proj.weight.device

@@ -56,6 +56,20 @@ class Mixer(nn.Module):
     def mix(self, x, state: State | None, *, cu_seqlens=None) -> tuple[torch.Tensor, State | None]:
         raise NotImplementedError
 
+    def _decoding_constant(self, name: str, parameters, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``compute()``, a tensor made from ``parameters`` alone (a concatenation of weights, -exp(A_log)), for
+        a decoding step: without gradients and outside torch.compile, the result of the last call while every
+        parameter keeps its storage, dtype, device and version counter (which every in-place write advances,
+        an optimizer's step and load_state_dict included), kept under ``name``. A step that rebuilt them
+        spent 10-20% of a token on it (docs/design.md, "The decoding step (issue 14)")."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return compute()
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in parameters)
+        cached = self.__dict__.get(name)
+        if cached is None or cached[0] != key:
+            cached = self.__dict__[name] = (key, compute())
+        return cached[1]
+
     def init_state(self, batch_size: int) -> State:
         """The state before any token, for ``batch_size`` sequences."""
         raise NotImplementedError

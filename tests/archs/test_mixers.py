@@ -12,7 +12,7 @@ from triton.runtime.jit import JITFunction
 
 from seqmix.archs import MIXERS, Mixer, build_mixer
 from tests.archs import contract
-from tests.helpers import DEVICE, TOL
+from tests.helpers import DEVICE, TOL, assert_rel
 
 HIDDEN = 32
 # A small config per registered mixer; a mixer registered without one fails test_every_mixer_has_a_config.
@@ -77,6 +77,28 @@ def test_pieces_with_state_equal_one_call(name, backend, cuts):
 @pytest.mark.parametrize("name, backend", TIERED_CASES)
 def test_decoding_token_by_token_equals_training_call(name, backend):
     contract.decoding_equals_training_call(_mixer(name, backend), _x(2, 40), 30, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_CONFIGS))
+def test_decoding_follows_parameters_changed_in_place(name):
+    """Decoding steps keep what they make from the parameters between tokens (Mixer._decoding_constant): a
+    change in place (an optimizer's step, load_state_dict) must reach the next token."""
+    layer, x = _mixer(name, "reference"), _x(1, 6)
+    noise = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        state = layer.init_state(1)
+        for t in range(3):
+            _, state = layer(x[:, t : t + 1], state)
+        before, _ = layer(x, layer.init_state(1))
+        for p in layer.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=noise).to(p))
+        expected, _ = layer(x, layer.init_state(1))
+        assert (expected - before).norm() > 0.05 * before.norm()  # the change shows in the outputs
+        state, outs = layer.init_state(1), []
+        for t in range(6):
+            y, state = layer(x[:, t : t + 1], state)
+            outs.append(y)
+    assert_rel(torch.cat(outs, 1), expected, TOL[torch.float32], "outputs after the change")
 
 
 @pytest.mark.parametrize("name, backend", TIERED_CASES)
