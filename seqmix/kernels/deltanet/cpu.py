@@ -63,7 +63,7 @@ def _chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, 
 
 @_chunk_fwd.register_fake
 def _(q, k, v, beta, g, h0, cu_seqlens, chunk_index, chunk_offsets, scale, store_final):
-    L, H, K = q.shape
+    _, H, K = q.shape
     return *_fake_outputs(q, v, cu_seqlens, store_final), q.new_empty((chunk_index.shape[0], H, K,
                                                                       _padded(v.shape[-1], q.dtype)))
 

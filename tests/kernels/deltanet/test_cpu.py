@@ -6,7 +6,6 @@ torch.compile, the automatic choice, and bad input.
 The first test to run builds the kernels (once per machine, cached by torch: 30 s or more on 2 cores)."""
 
 import dataclasses
-from functools import partial
 
 import pytest
 import torch
@@ -51,7 +50,8 @@ def _op(backend, case, final_state=True):
             if g is None:
                 return delta_rule_recurrent(q, k, v, beta, scale, h0, final_state, cu)
             return gated_delta_rule_recurrent(q, k, v, g, beta, scale, h0, final_state, cu)
-        kwargs = dict(scale=scale, initial_state=h0, output_final_state=final_state, cu_seqlens=cu, backend="cpu")
+        kwargs = {"scale": scale, "initial_state": h0, "output_final_state": final_state, "cu_seqlens": cu,
+                  "backend": "cpu"}
         if g is None:
             return delta_rule(q, k, v, beta, **kwargs)
         return gated_delta_rule(q, k, v, g, beta, **kwargs)
