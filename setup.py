@@ -78,7 +78,8 @@ setup(
     entry_points={"console_scripts": ["seqmix-train = seqmix.train:main", "seqmix-bench = seqmix.bench:main"]},
     extras_require={
         # Triton's interpreter turns one-element arrays into ints, which NumPy 2.4 refuses.
-        "test": ["pytest>=7", "hypothesis>=6.100", "numpy<2.4", "transformers>=5"],
+        # pytest-xdist: the README's test command runs the suite in one process per core.
+        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6.100", "numpy<2.4", "transformers>=5"],
         # seqmix.hf: the models as transformers models (Auto classes, generate, pipeline, lm-evaluation-harness).
         "hf": ["transformers>=5"],
     },

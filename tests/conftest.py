@@ -6,10 +6,17 @@ at decoration time whether kernels are compiled or interpreted.
 
 import os
 
+import torch
+
 from tests.helpers import ON_GPU
 
 if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # One test process per core (pytest -n): each, and each process a test starts, takes one CPU thread, or
+    # their threads would contend for the cores (waiting OpenMP threads spin: "--threads" in docs/design.md).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 os.environ["SEQMIX_POISON_EMPTY"] = "1"
 
 from hypothesis import HealthCheck, settings
