@@ -60,8 +60,8 @@ class Mixer(nn.Module):
         """``compute()``, a tensor made from ``parameters`` alone (a concatenation of weights, -exp(A_log)), for
         a decoding step: without gradients and outside torch.compile, the result of the last call while every
         parameter keeps its storage, dtype, device and version counter (which every in-place write advances,
-        an optimizer's step and load_state_dict included), kept under ``name``. A step that rebuilt them
-        spent 10-20% of a token on it (docs/design.md, "The decoding step (issue 14)")."""
+        an optimizer's step and load_state_dict included), kept under ``name`` (DeltaNet's concatenations were
+        ~15% of a decoded token's profiled time: docs/design.md, "CPU references (issue 14)", third round)."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return compute()
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in parameters)
