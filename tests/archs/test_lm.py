@@ -155,13 +155,11 @@ def test_decoding_blocks_mlp_half_is_one_cpp_call_equal_to_the_modules(dtype, mo
     from seqmix.kernels import step_cpu
     from seqmix.kernels.backend import recording
 
-    if DEVICE.type != "cpu":
-        pytest.skip("the C++ CPU kernels serve CPU tensors; these tests run on CUDA here")
     require_cpu_kernels()
     monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    model = _model(["shortconv", "attention"]).to(dtype)
-    prompt = _tokens(2, 5)
+    model = _model(["shortconv", "attention"]).to("cpu", dtype)  # CPU tensors on a GPU machine too
+    prompt = _tokens(2, 5).cpu()
     with torch.no_grad():
         state = model.init_state(2, capacity=6)
         _, state = model(prompt, state)

@@ -73,7 +73,7 @@ def _chunk_bwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, 
                cu_seqlens: Tensor, chunk_index: Tensor, chunk_offsets: Tensor, hc: Tensor, scale: float,
                store_final: bool, do: Tensor | None, dht: Tensor | None, needs: list[bool]) -> list[Tensor]:
     if do is None:  # only the final state was used
-        do = torch.zeros(v.shape, dtype=q.dtype)
+        do = torch.zeros_like(v)
     dq, dk, dv, dbeta, dg, dh0 = cpu.extension().delta_rule_bwd(
         q, k, v, beta, g, cu_seqlens, chunk_offsets, hc, CHUNK, scale, do, dht, h0 is not None and needs[5])
     grads = (dq, dk, dv, dbeta, dg if g is not None else None, dh0 if h0 is not None else None, None, None, None)
