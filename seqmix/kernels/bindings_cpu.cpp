@@ -10,6 +10,7 @@ void bind_conv_step(pybind11::module& m);
 void bind_mlp_step(pybind11::module& m);
 void bind_delta_rule(pybind11::module& m);
 void bind_conv_train(pybind11::module& m);
+void bind_ssd(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_selective_scan(m);
@@ -19,4 +20,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_mlp_step(m);
   bind_delta_rule(m);
   bind_conv_train(m);
+  bind_ssd(m);
 }

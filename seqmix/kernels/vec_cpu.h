@@ -65,6 +65,30 @@ inline void store_part(T* p, Vec<T> v, int64_t n) {
   std::memcpy(p, &v, n * sizeof(T));
 }
 
+// The sum of a vector's lanes, pairwise (halves added until one lane is left): a chain of log2(W) adds
+// rather than W, in a fixed order.
+template <typename T>
+inline T lane_sum(Vec<T> v) {
+  constexpr int W = Lanes<T>::W;
+  T x[W];
+  std::memcpy(x, &v, sizeof(v));
+  for (int w = W / 2; w >= 1; w /= 2)
+    for (int c = 0; c < w; ++c) x[c] += x[c + w];
+  return x[0];
+}
+
+// sum(a[i] b[i]) over n values, lane by lane and then across the lanes: a fixed order, and W independent
+// chains of multiply-adds instead of one (a scalar loop's sum cannot be reordered by the compiler).
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  constexpr int W = Lanes<T>::W;
+  Vec<T> acc{};
+  int64_t i = 0;
+  for (; i + W <= n; i += W) acc += load(a + i) * load(b + i);
+  if (i < n) acc += load_part(a + i, n - i) * load_part(b + i, n - i);
+  return lane_sum<T>(acc);
+}
+
 // Constants of exp and log per precision: the range where exp is finite and normal, ln 2 split in two
 // (k ln2_hi is exact), 1.5 2^(mantissa bits) (adding it rounds to an integer), the exponent bias and
 // the Taylor coefficients 1/k! of exp(r) for |r| <= ln2 / 2, highest first.

@@ -30,17 +30,6 @@ namespace {
 
 using namespace seqmix_cpu;
 
-// The sum of a vector's lanes, halves added until one lane is left (a fixed order).
-template <typename T>
-inline T lane_sum(Vec<T> v) {
-  constexpr int W = Lanes<T>::W;
-  T x[W];
-  std::memcpy(x, &v, sizeof(v));
-  for (int w = W / 2; w >= 1; w /= 2)
-    for (int c = 0; c < w; ++c) x[c] += x[c + w];
-  return x[0];
-}
-
 // Everything a task reads, with the problem's sizes; nv vectors of W lanes hold a row of V values.
 template <typename T>
 struct Problem {

@@ -274,18 +274,6 @@ struct Grads {
   const T *dout, *dht, *hc;
 };
 
-// The sum of a vector's lanes, pairwise (halves added until one lane is left): a chain of log2(W) adds
-// rather than W, in a fixed order.
-template <typename T>
-inline T lane_sum(Vec<T> v) {
-  constexpr int W = Lanes<T>::W;
-  T x[W];
-  std::memcpy(x, &v, sizeof(v));
-  for (int w = W / 2; w >= 1; w /= 2)
-    for (int c = 0; c < w; ++c) x[c] += x[c + w];
-  return x[0];
-}
-
 // Adds the lanes of acc [N] (the vector at channel c0, or a run of vectors in its group) into rows
 // [G][N] of a partial buffer, one sum per group the lanes cover, and zeroes acc.
 template <typename T>

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_negative, check_same_dtype, check_sequences, check_tensor
+from seqmix.kernels.mamba2 import cpu as cpu_kernels
 from seqmix.kernels.mamba2 import triton as kernels
 from seqmix.kernels.mamba2.reference import ssd_chunked, ssd_recurrent
 from seqmix.kernels.op import (
@@ -172,7 +173,10 @@ def ssd(
         output_final_state: also return the state after the last token.
         cu_seqlens: [N+1] int32/int64 boundaries of sequences packed as ``[1, sum(T_i), ...]``;
             states reset at every boundary.
-        backend: None (automatic), ``"reference"`` or ``"triton"``.
+        backend: None (automatic: Triton on CUDA tensors; on CPU tensors the C++ kernels once
+            compiled (``python -m seqmix.kernels.build``), else Triton under its interpreter, else the
+            reference), ``"reference"``, ``"triton"`` or ``"cpu"`` (float32 and float64, builds the
+            C++ kernels; their final state and gradients in the inputs' dtype).
 
     Returns:
         y: [B, T, H, P] in x's dtype.
@@ -182,10 +186,17 @@ def ssd(
     lo, hi = check_dt_limit(dt_limit)
     Bsz, T, H, P = x.shape
     N = B.shape[-1]
-    name = select_backend("ssd", backend, x.device, ("triton", "reference"),
-                          {"triton": kernels.unsupported(x.dtype, P, N)})
+    # The C++ kernels only once compiled (build_cpu=False): the chunked reference is fast enough that a short
+    # run should not wait for the compile; backend="cpu" builds them.
+    name = select_backend("ssd", backend, x.device, ("cpu", "triton", "reference"),
+                          {"triton": kernels.unsupported(x.dtype, P, N), "cpu": cpu_kernels.unsupported(x.dtype)},
+                          build_cpu=False)
     if T == 0:
         return no_tokens_result((Bsz, 0, H, P), (n, H, P, N), initial_state, output_final_state, x)
+    if name == "cpu":  # the kernel computes in x's dtype: the parameters and the gate are cast to it
+        params = [None if t is None else t.to(x.dtype) for t in (A, D, dt_bias)]
+        return run_fused(cpu_kernels.FUSED, (x, dt, B, C, None if z is None else z.to(x.dtype)), params,
+                         initial_state, (dt_softplus, lo, hi), output_final_state, cu_seqlens)
     if name == "triton":
         return run_fused(FUSED, (x, dt, B, C, z), (A, D, dt_bias), initial_state, (dt_softplus, lo, hi),
                          output_final_state, cu_seqlens)

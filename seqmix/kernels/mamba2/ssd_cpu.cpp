@@ -1,0 +1,553 @@
+// Mamba-2's SSD on the CPU for training: forward and backward of the chunked form, float32 and float64 (the
+// math: docs/math/mamba2.md, "The chunked form on the CPU"; why: docs/design.md, "CPU references (issue 14)").
+//
+// Inputs arrive packed and contiguous, all in the compute dtype (the caller converts): x, z [L, H, P], dt [L, H]
+// (before bias, softplus and clamp), B, C [L, G, N], A, D, dt_bias [H], the initial state h0 [Nseq, H, P, N],
+// the sequence boundaries cu_seqlens [Nseq + 1] and each sequence's first chunk chunk_offsets (int64).
+//
+// One task owns one (sequence, group of B and C) and walks the sequence's chunks in order with the state of
+// the group's heads, [Hg P, N], in a local buffer. A chunk's products are matrix products of the chunk's rows
+// in place (the heads of a group are side by side in every token's row, so [c, Hg P] blocks need no copy):
+// C B^T once per chunk, the decay-masked scores per head, C S^T and the state's update U^T B. The
+// elementwise work around them (dt', the cumulative log decays, the masks, D, the gate) runs on the chunk's
+// rows while they are in cache. Every gradient of a token belongs to one task; the per-head parameters'
+// gradients are summed per task and then in task order: no atomics, and the result does not depend on the
+// schedule.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "../vec_cpu.h"
+
+namespace {
+
+using namespace seqmix_cpu;
+
+// A matrix operand: rows ld apart, matrices (of a batch) step apart; a transposed one is stored as the rows
+// of its transpose.
+template <typename T>
+struct Mat {
+  const T* data;
+  int64_t ld;
+  bool t = false;
+  int64_t step = 0;
+};
+
+// c[i] = beta c[i] + a[i] b[i] for the batch i < count of [m, k] by [k, n] products (c's rows ldc apart,
+// its matrices cstep apart): ATen's batched matrix product on views of the buffers, which BLAS reads and
+// writes in place. One call per batch: a call costs microseconds, a head's product tens of them.
+template <typename T>
+void gemm(int64_t count, int64_t m, int64_t n, int64_t k, Mat<T> a, Mat<T> b, T beta, T* c, int64_t ldc,
+          int64_t cstep = 0) {
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto view = [&](const Mat<T>& x, int64_t rows, int64_t cols) {
+    const std::vector<int64_t> strides = x.t ? std::vector<int64_t>{x.step, 1, x.ld}
+                                             : std::vector<int64_t>{x.step, x.ld, 1};
+    return at::from_blob(const_cast<T*>(x.data), {count, rows, cols}, strides, options);
+  };
+  at::Tensor out = at::from_blob(c, {count, m, n}, {cstep, ldc, 1}, options);
+  if (beta == T(0)) {
+    at::bmm_out(out, view(a, m, k), view(b, k, n));
+  } else {
+    out.baddbmm_(view(a, m, k), view(b, k, n), beta, T(1));
+  }
+}
+
+// dst[j] = exp(x - v[j]) for j < n (the decays from the tokens j of a chunk to a later point).
+template <typename T>
+inline void exp_from(T x, const T* v, T* dst, int64_t n) {
+  constexpr int W = Lanes<T>::W;
+  int64_t j = 0;
+  for (; j + W <= n; j += W) store(dst + j, exp_v<T>(splat<T>(x) - load(v + j)));
+  if (j < n) store_part(dst + j, exp_v<T>(splat<T>(x) - load_part(v + j, n - j)), n - j);
+}
+
+template <typename T>
+inline T sigmoid(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+// f(i, m) over the n values of a row in vectors: m = W lanes, then the m < W left over.
+template <typename T, typename F>
+inline void by_vectors(int64_t n, const F& f) {
+  constexpr int W = Lanes<T>::W;
+  int64_t i = 0;
+  for (; i + W <= n; i += W) f(i, int64_t{W});
+  if (i < n) f(i, n - i);
+}
+
+// The gate of a row of n outputs, o *= silu(z), keeping the ungated values in pre (when given).
+template <typename T>
+inline void gate_row(T* o, T* pre, const T* z, int64_t n) {
+  by_vectors<T>(n, [&](int64_t i, int64_t m) {
+    const Vec<T> zv = load_part(z + i, m), ov = load_part(o + i, m);
+    if (pre) store_part(pre + i, ov, m);
+    store_part(o + i, ov * zv * sigmoid_v<T>(zv), m);
+  });
+}
+
+// The gate's backward on a row: dy = dout silu(z), dz = dout y silu'(z) with y the ungated output.
+template <typename T>
+inline void gate_row_bwd(const T* dout, const T* y, const T* z, T* dy, T* dz, int64_t n) {
+  by_vectors<T>(n, [&](int64_t i, int64_t m) {
+    const Vec<T> zv = load_part(z + i, m), dv = load_part(dout + i, m), sg = sigmoid_v<T>(zv);
+    store_part(dy + i, dv * zv * sg, m);
+    store_part(dz + i, dv * load_part(y + i, m) * sg * (T(1) + zv * (T(1) - sg)), m);
+  });
+}
+
+// Everything a task reads, with the problem's sizes.
+template <typename T>
+struct Problem {
+  const T *x, *dt, *B, *C, *z, *A, *D, *dt_bias, *h0;
+  const int64_t *cu, *chunk_offsets;
+  int64_t H, P, G, N, chunk;
+  bool has_h0;  // the backward has no h0, only whether there was one
+  bool softplus;
+  T lo, hi;
+  int64_t Hg() const { return H / G; }
+  int64_t width() const { return Hg() * P; }  // a token's row of the group's heads
+};
+
+// A task's view of one chunk: its tokens, the group's columns, and the per-chunk values recomputed by the
+// forward and the backward alike.
+template <typename T>
+struct Chunk {
+  const Problem<T>& p;
+  int64_t g, t0, len;
+  // dt' [c, Hg], its raw derivative d dt' / d dt [c, Hg], the in-chunk cumulative log decays [Hg, c]
+  // (head-major: a head's decays are contiguous for the masks), dt' x [c, Hg P].
+  std::vector<T> dtp, ddtp, lcum, xdt;
+
+  Chunk(const Problem<T>& p, int64_t g, int64_t c)
+      : p(p), g(g), t0(0), len(0), dtp(c * p.Hg()), ddtp(c * p.Hg()), lcum(p.Hg() * c), xdt(c * p.width()) {}
+
+  // Offsets of token t's row of the group's heads in x-like [L, H, P] tensors and in B-like [L, G, N] ones.
+  int64_t row(int64_t t) const { return (t0 + t) * p.H * p.P + g * p.width(); }
+  int64_t bc_row(int64_t t) const { return (t0 + t) * p.G * p.N + g * p.N; }
+  Mat<T> Bm(bool t = false) const { return {p.B + bc_row(0), p.G * p.N, t}; }
+  Mat<T> Cm(bool t = false) const { return {p.C + bc_row(0), p.G * p.N, t}; }
+  // A [c, Hg P] buffer as the group's heads: Hg matrices [c, P], P columns apart.
+  Mat<T> heads(const T* buffer, bool t = false) const { return {buffer, p.width(), t, p.P}; }
+  T last(int64_t hl) const { return lcum[hl * p.chunk + len - 1]; }
+
+  void load(int64_t start, int64_t n) {
+    t0 = start;
+    len = n;
+    const int64_t Hg = p.Hg(), P = p.P, c = p.chunk;
+    for (int64_t hl = 0; hl < Hg; ++hl) {
+      const int64_t h = g * Hg + hl;
+      T run = 0;
+      for (int64_t t = 0; t < len; ++t) {
+        T v = p.dt[(t0 + t) * p.H + h] + (p.dt_bias ? p.dt_bias[h] : T(0));
+        T d = 1;
+        if (p.softplus) {  // torch's softplus: the identity above 20
+          d = v > T(20) ? T(1) : sigmoid(v);
+          v = v > T(20) ? v : std::log1p(std::exp(v));
+        }
+        if (v < p.lo || v > p.hi) {
+          v = std::clamp(v, p.lo, p.hi);
+          d = 0;
+        }
+        dtp[t * Hg + hl] = v;
+        ddtp[t * Hg + hl] = d;
+        run += v * p.A[h];
+        lcum[hl * c + t] = run;
+      }
+    }
+    for (int64_t t = 0; t < len; ++t) {
+      const T* xr = p.x + row(t);
+      T* out = xdt.data() + t * p.width();
+      for (int64_t hl = 0; hl < Hg; ++hl) {
+        const T d = dtp[t * Hg + hl];
+        for (int64_t q = 0; q < P; ++q) out[hl * P + q] = d * xr[hl * P + q];
+      }
+    }
+  }
+
+  // M = C B^T [len, len] (rows c apart), shared by the group's heads.
+  void scores(T* M) const { gemm<T>(1, len, len, p.N, Cm(), Bm(true), T(0), M, p.chunk); }
+
+  // Per head hl, the decay mask L_ij = exp(lcum_i - lcum_j) for j <= i (0 above) and W = L * M, into
+  // [Hg, c, c] buffers.
+  void masked(const T* M, T* L, T* Wm) const {
+    const int64_t c = p.chunk;
+    for (int64_t hl = 0; hl < p.Hg(); ++hl) {
+      const T* lc = lcum.data() + hl * c;
+      T* Lh = L + hl * c * c;
+      T* Wh = Wm + hl * c * c;
+      for (int64_t i = 0; i < len; ++i) {
+        exp_from(lc[i], lc, Lh + i * c, i + 1);
+        for (int64_t j = 0; j <= i; ++j) Wh[i * c + j] = Lh[i * c + j] * M[i * c + j];
+        std::fill(Lh + i * c + i + 1, Lh + i * c + len, T(0));
+        std::fill(Wh + i * c + i + 1, Wh + i * c + len, T(0));
+      }
+    }
+  }
+
+  // U = dt' x exp(last - lcum) [len, Hg P]: each token's write to the state leaving the chunk; to_end holds
+  // exp(last - lcum) [Hg, c].
+  void writes(T* U, T* to_end) const {
+    const int64_t Hg = p.Hg(), P = p.P, c = p.chunk, w = p.width();
+    for (int64_t hl = 0; hl < Hg; ++hl) exp_from(last(hl), lcum.data() + hl * c, to_end + hl * c, len);
+    for (int64_t t = 0; t < len; ++t)
+      for (int64_t hl = 0; hl < Hg; ++hl) {
+        const T e = to_end[hl * c + t];
+        for (int64_t q = 0; q < P; ++q) U[t * w + hl * P + q] = xdt[t * w + hl * P + q] * e;
+      }
+  }
+
+  // rows *= exp(lcum) per token and head, over a [len, Hg P] buffer.
+  void times_decay(const T* src, T* dst) const {
+    const int64_t Hg = p.Hg(), P = p.P, c = p.chunk, w = p.width();
+    for (int64_t t = 0; t < len; ++t)
+      for (int64_t hl = 0; hl < Hg; ++hl) {
+        const T e = std::exp(lcum[hl * c + t]);
+        for (int64_t q = 0; q < P; ++q) dst[t * w + hl * P + q] = e * src[t * w + hl * P + q];
+      }
+  }
+};
+
+// S[head hl's P N values] *= exp(last_hl) for every head of the group.
+template <typename T>
+void decay_state(const Chunk<T>& ch, T* S) {
+  const int64_t PN = ch.p.P * ch.p.N;
+  for (int64_t hl = 0; hl < ch.p.Hg(); ++hl) {
+    const T decay = std::exp(ch.last(hl));
+    for (int64_t i = hl * PN; i < (hl + 1) * PN; ++i) S[i] *= decay;
+  }
+}
+
+// One (sequence, group): the outputs, the states entering its chunks (hc, when stored) and the final state.
+template <typename T>
+void fwd_task(const Problem<T>& p, int64_t s, int64_t g, T* out, T* y_in, T* y_pre, T* final, T* hc) {
+  const int64_t c = p.chunk, Hg = p.Hg(), P = p.P, N = p.N, w = p.width();
+  const int64_t start = p.cu[s], end = p.cu[s + 1];
+  Chunk<T> ch(p, g, c);
+  std::vector<T> S(w * N), M(c * c), L(Hg * c * c), Wm(Hg * c * c), Y(c * w), U(c * w), to_end(Hg * c);
+  const int64_t state_at = g * w * N;  // the group's rows in a [H, P, N] state
+  bool has_state = p.h0 != nullptr;
+  if (has_state) std::memcpy(S.data(), p.h0 + s * p.H * P * N + state_at, w * N * sizeof(T));
+  const int64_t first = p.chunk_offsets[s], count = p.chunk_offsets[s + 1] - first;
+  for (int64_t n = 0; n < count; ++n) {
+    const int64_t t0 = start + n * c, len = std::min(c, end - t0);
+    ch.load(t0, len);
+    if (hc) {
+      T* dst = hc + (first + n) * p.H * P * N + state_at;
+      if (has_state) std::memcpy(dst, S.data(), w * N * sizeof(T));
+      else std::fill(dst, dst + w * N, T(0));
+    }
+    // The entering state's part: y_in = exp(lcum) (C S^T).
+    if (has_state) {
+      gemm<T>(1, len, w, N, ch.Cm(), {S.data(), N, true}, T(0), Y.data(), w);
+      ch.times_decay(Y.data(), Y.data());
+    } else {
+      std::fill(Y.begin(), Y.begin() + len * w, T(0));
+    }
+    if (y_in)
+      for (int64_t t = 0; t < len; ++t) std::memcpy(y_in + ch.row(t), Y.data() + t * w, w * sizeof(T));
+    // The chunk's own tokens: per head W (dt' x), one batched product for the group's heads.
+    ch.scores(M.data());
+    ch.masked(M.data(), L.data(), Wm.data());
+    gemm<T>(Hg, len, P, len, {Wm.data(), c, false, c * c}, ch.heads(ch.xdt.data()), T(1), Y.data(), w, P);
+    for (int64_t t = 0; t < len; ++t) {
+      const T* xr = p.x + ch.row(t);
+      T* o = out + ch.row(t);
+      for (int64_t hl = 0; hl < Hg; ++hl) {
+        const T d = p.D ? p.D[g * Hg + hl] : T(0);
+        for (int64_t q = 0; q < P; ++q) o[hl * P + q] = Y[t * w + hl * P + q] + d * xr[hl * P + q];
+      }
+      if (p.z) gate_row(o, y_pre ? y_pre + ch.row(t) : nullptr, p.z + ch.row(t), w);
+    }
+    // The state leaving the chunk: S = exp(last) S + U^T B (not needed after the last chunk without a final).
+    if (n + 1 < count || final) {
+      ch.writes(U.data(), to_end.data());
+      decay_state(ch, S.data());
+      gemm<T>(1, w, N, len, {U.data(), w, true}, ch.Bm(), T(1), S.data(), N);
+      has_state = true;
+    }
+  }
+  if (final) {
+    T* dst = final + s * p.H * P * N + state_at;
+    if (has_state) std::memcpy(dst, S.data(), w * N * sizeof(T));
+    else std::fill(dst, dst + w * N, T(0));
+  }
+}
+
+template <typename T>
+struct Grads {
+  T *dx, *ddt, *dB, *dC, *dz, *dh0;
+  T* dparams;  // the task's dA, dD, ddt_bias [3, H] (summed over the tasks afterwards)
+  const T *dout, *dht, *hc, *y_in, *y_pre;
+};
+
+template <typename T>
+void bwd_task(const Problem<T>& p, int64_t s, int64_t g, const Grads<T>& gr) {
+  const int64_t c = p.chunk, Hg = p.Hg(), P = p.P, N = p.N, w = p.width();
+  const int64_t start = p.cu[s], end = p.cu[s + 1];
+  const int64_t state_at = g * w * N;
+  T* dA = gr.dparams;
+  T* dD = dA + p.H;
+  T* dbias = dD + p.H;
+  Chunk<T> ch(p, g, c);
+  std::vector<T> dS(w * N), M(c * c), L(Hg * c * c), Wm(Hg * c * c), dW(Hg * c * c), dM(c * c), U(c * w);
+  std::vector<T> to_end(Hg * c), dY(c * w), dR(c * w), dU(c * w), dX(c * w), dl(Hg * c), dlast(Hg);
+  bool has_ds = gr.dht != nullptr;  // dS: the gradient of the state leaving the current chunk
+  if (has_ds) std::memcpy(dS.data(), gr.dht + s * p.H * P * N + state_at, w * N * sizeof(T));
+  const int64_t first = p.chunk_offsets[s], count = p.chunk_offsets[s + 1] - first;
+  for (int64_t n = count - 1; n >= 0; --n) {
+    const int64_t t0 = start + n * c, len = std::min(c, end - t0);
+    const bool has_state = p.has_h0 || n > 0;
+    const bool wants_ds = n > 0 || gr.dh0;  // the gradient of the entering state
+    const T* S = gr.hc + (first + n) * p.H * P * N + state_at;  // the state entering the chunk
+    ch.load(t0, len);
+    T* dC = gr.dC + ch.bc_row(0);
+    T* dB = gr.dB + ch.bc_row(0);
+    const int64_t ld = p.G * N;
+    std::fill(dl.begin(), dl.end(), T(0));
+    // Through the gate and D: dY is the gradient of y = y_in + the chunk's own part.
+    for (int64_t t = 0; t < len; ++t) {
+      const T* xr = p.x + ch.row(t);
+      const T* dor = gr.dout + ch.row(t);
+      T* dy = dY.data() + t * w;
+      if (p.z) {
+        gate_row_bwd(dor, gr.y_pre + ch.row(t), p.z + ch.row(t), dy, gr.dz + ch.row(t), w);
+      } else {
+        std::memcpy(dy, dor, w * sizeof(T));
+      }
+      for (int64_t hl = 0; hl < Hg; ++hl) dD[g * Hg + hl] += dot(dy + hl * P, xr + hl * P, P);
+    }
+    // The entering state's part: dR = exp(lcum) dY; dC = dR S, dlcum += dY . y_in.
+    if (has_state || wants_ds) ch.times_decay(dY.data(), dR.data());
+    if (has_state) {
+      gemm<T>(1, len, N, w, {dR.data(), w}, {S, N}, T(0), dC, ld);
+      for (int64_t t = 0; t < len; ++t)
+        for (int64_t hl = 0; hl < Hg; ++hl)
+          dl[hl * c + t] += dot(dY.data() + t * w + hl * P, gr.y_in + ch.row(t) + hl * P, P);
+    }
+    // The chunk's own tokens, per head (batched): dW = dY (dt' x)^T, d(dt' x) = W^T dY; dM = sum over heads
+    // of dW * L; dlcum from E = dW * W below the diagonal (+ for its rows, - for its columns; the diagonal
+    // cancels exactly and is left out).
+    ch.scores(M.data());
+    ch.masked(M.data(), L.data(), Wm.data());
+    gemm<T>(Hg, len, len, P, ch.heads(dY.data()), ch.heads(ch.xdt.data(), true), T(0), dW.data(), c, c * c);
+    gemm<T>(Hg, len, P, len, {Wm.data(), c, true, c * c}, ch.heads(dY.data()), T(0), dX.data(), w, P);
+    std::fill(dM.begin(), dM.end(), T(0));
+    for (int64_t hl = 0; hl < Hg; ++hl) {
+      T* dlh = dl.data() + hl * c;
+      for (int64_t i = 0; i < len; ++i) {
+        const T* dw = dW.data() + hl * c * c + i * c;
+        const T* wm = Wm.data() + hl * c * c + i * c;
+        const T* lm = L.data() + hl * c * c + i * c;
+        T* dm = dM.data() + i * c;
+        for (int64_t j = 0; j <= i; ++j) dm[j] += dw[j] * lm[j];
+        for (int64_t j = 0; j < i; ++j) dlh[j] -= dw[j] * wm[j];
+        dlh[i] += dot(dw, wm, i);
+      }
+    }
+    gemm<T>(1, len, N, len, {dM.data(), c}, ch.Bm(), has_state ? T(1) : T(0), dC, ld);
+    gemm<T>(1, len, N, len, {dM.data(), c, true}, ch.Cm(), T(0), dB, ld);
+    // The state leaving the chunk, S' = exp(last) S + U^T B, with gradient dS: dU = B dS^T, dB += U dS,
+    // d(dt' x) += exp(last - lcum) dU, dlcum -= dU . U and dlast += it (the last token's terms cancel),
+    // dlast += exp(last) sum(dS * S).
+    std::fill(dlast.begin(), dlast.end(), T(0));
+    if (has_ds) {
+      ch.writes(U.data(), to_end.data());
+      gemm<T>(1, len, w, N, ch.Bm(), {dS.data(), N, true}, T(0), dU.data(), w);
+      gemm<T>(1, len, N, w, {U.data(), w}, {dS.data(), N}, T(1), dB, ld);
+      for (int64_t t = 0; t < len; ++t)
+        for (int64_t hl = 0; hl < Hg; ++hl) {
+          const T e = to_end[hl * c + t];
+          const T* du = dU.data() + t * w + hl * P;
+          T* dx = dX.data() + t * w + hl * P;
+          for (int64_t q = 0; q < P; ++q) dx[q] += e * du[q];
+          if (t + 1 < len) {
+            const T through_u = dot(du, U.data() + t * w + hl * P, P);
+            dl[hl * c + t] -= through_u;
+            dlast[hl] += through_u;
+          }
+        }
+      if (has_state)
+        for (int64_t hl = 0; hl < Hg; ++hl)
+          dlast[hl] += std::exp(ch.last(hl)) * dot(dS.data() + hl * P * N, S + hl * P * N, P * N);
+    }
+    // The gradient of the entering state: dS <- exp(last) dS + dR^T C (not needed before the first chunk
+    // unless h0 wants one).
+    if (wants_ds) {
+      if (has_ds) decay_state(ch, dS.data());
+      gemm<T>(1, w, N, len, {dR.data(), w, true}, ch.Cm(), has_ds ? T(1) : T(0), dS.data(), N);
+      has_ds = true;
+    }
+    // dlcum -> d(dt' A): its reverse cumulative sum in the chunk, plus dlast at every token.
+    for (int64_t hl = 0; hl < Hg; ++hl) {
+      T run = dlast[hl];
+      for (int64_t t = len - 1; t >= 0; --t) {
+        run += dl[hl * c + t];
+        dl[hl * c + t] = run;
+      }
+    }
+    for (int64_t t = 0; t < len; ++t) {
+      const T* xr = p.x + ch.row(t);
+      const T* dy = dY.data() + t * w;
+      const T* dxdt = dX.data() + t * w;
+      T* dxr = gr.dx + ch.row(t);
+      for (int64_t hl = 0; hl < Hg; ++hl) {
+        const int64_t h = g * Hg + hl;
+        const T d = p.D ? p.D[h] : T(0), dt = ch.dtp[t * Hg + hl], da = dl[hl * c + t];
+        for (int64_t q = 0; q < P; ++q) dxr[hl * P + q] = dt * dxdt[hl * P + q] + d * dy[hl * P + q];
+        const T ddt = (dot(dxdt + hl * P, xr + hl * P, P) + da * p.A[h]) * ch.ddtp[t * Hg + hl];
+        gr.ddt[(t0 + t) * p.H + h] = ddt;
+        dA[h] += da * dt;
+        dbias[h] += ddt;
+      }
+    }
+  }
+  if (gr.dh0) {
+    T* dst = gr.dh0 + s * p.H * P * N + state_at;
+    if (has_ds) std::memcpy(dst, dS.data(), w * N * sizeof(T));
+    else std::fill(dst, dst + w * N, T(0));
+  }
+}
+
+template <typename T>
+T* data_or_null(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
+}
+
+at::Tensor opt_or_empty(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? *t : at::Tensor();
+}
+
+template <typename T>
+Problem<T> problem(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& B, const at::Tensor& C,
+                   const at::Tensor& z, const at::Tensor& A, const at::Tensor& D, const at::Tensor& dt_bias,
+                   const at::Tensor& h0, const at::Tensor& cu_seqlens, const at::Tensor& chunk_offsets,
+                   int64_t chunk, bool softplus, double lo, double hi) {
+  return Problem<T>{x.data_ptr<T>(), dt.data_ptr<T>(), B.data_ptr<T>(), C.data_ptr<T>(), data_or_null<T>(z),
+                    A.data_ptr<T>(), data_or_null<T>(D), data_or_null<T>(dt_bias), data_or_null<T>(h0),
+                    cu_seqlens.data_ptr<int64_t>(), chunk_offsets.data_ptr<int64_t>(), x.size(1), x.size(2),
+                    B.size(1), B.size(2), chunk, h0.defined() && h0.numel() > 0, softplus, static_cast<T>(lo),
+                    static_cast<T>(hi)};
+}
+
+template <typename F>
+void over_groups(int64_t nseq, int64_t G, const F& task) {
+  at::parallel_for(0, nseq * G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) task(i / G, i % G);
+  });
+}
+
+void check_inputs(const std::vector<at::Tensor>& tensors, const at::Tensor& x) {
+  for (const auto& t : tensors) {
+    if (!t.defined() || t.numel() == 0) continue;
+    TORCH_CHECK(t.device().is_cpu(), "ssd_cpu: tensors must be on the CPU");
+    TORCH_CHECK(t.is_contiguous(), "ssd_cpu: tensors must be contiguous");
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), "ssd_cpu: tensors must all be in x's dtype");
+  }
+}
+
+void check_bounds(const at::Tensor& x, const at::Tensor& B, const at::Tensor& cu_seqlens,
+                  const at::Tensor& chunk_offsets, int64_t chunk) {
+  TORCH_CHECK(cu_seqlens.scalar_type() == at::kLong && chunk_offsets.scalar_type() == at::kLong,
+              "ssd_cpu: cu_seqlens and chunk_offsets must be int64");
+  TORCH_CHECK(cu_seqlens.is_contiguous() && chunk_offsets.is_contiguous(),
+              "ssd_cpu: cu_seqlens and chunk_offsets must be contiguous");
+  TORCH_CHECK(chunk > 0, "ssd_cpu: chunk must be positive");
+  TORCH_CHECK(x.dim() == 3 && B.dim() == 3 && x.size(1) % B.size(1) == 0,
+              "ssd_cpu: x must be [L, H, P] and B [L, G, N] with G dividing H");
+}
+
+}  // namespace
+
+// Returns (out [L, H, P], the final state [Nseq, H, P, N] or empty, and when store_chunks the states entering
+// every chunk [NC, H, P, N], y_in = the entering states' part of y [L, H, P], and with z the ungated
+// y + D x [L, H, P] (else empty)).
+std::vector<at::Tensor> ssd_fwd(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& B,
+                                const at::Tensor& C, const c10::optional<at::Tensor>& z, const at::Tensor& A,
+                                const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& dt_bias,
+                                const c10::optional<at::Tensor>& h0, const at::Tensor& cu_seqlens,
+                                const at::Tensor& chunk_offsets, int64_t chunk, int64_t num_chunks, bool softplus,
+                                double lo, double hi, bool store_final, bool store_chunks) {
+  const at::Tensor zt = opt_or_empty(z), Dt = opt_or_empty(D), bt = opt_or_empty(dt_bias), ht0 = opt_or_empty(h0);
+  check_inputs({x, dt, B, C, zt, A, Dt, bt, ht0}, x);
+  check_bounds(x, B, cu_seqlens, chunk_offsets, chunk);
+  const int64_t nseq = cu_seqlens.numel() - 1, H = x.size(1), P = x.size(2), G = B.size(1), N = B.size(2);
+  const auto empty = at::empty({0}, x.options());
+  at::Tensor out = at::empty_like(x);
+  at::Tensor ht = store_final ? at::empty({nseq, H, P, N}, x.options()) : empty;
+  at::Tensor hc = store_chunks ? at::empty({num_chunks, H, P, N}, x.options()) : empty;
+  at::Tensor y_in = store_chunks ? at::empty_like(x) : empty;
+  const bool gated = zt.defined() && zt.numel() > 0;
+  at::Tensor y_pre = store_chunks && gated ? at::empty_like(x) : empty;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssd_fwd", [&] {
+    const auto p = problem<scalar_t>(x, dt, B, C, zt, A, Dt, bt, ht0, cu_seqlens, chunk_offsets, chunk, softplus,
+                                     lo, hi);
+    over_groups(nseq, G, [&](int64_t s, int64_t g) {
+      fwd_task<scalar_t>(p, s, g, out.data_ptr<scalar_t>(), data_or_null<scalar_t>(y_in),
+                         data_or_null<scalar_t>(y_pre), data_or_null<scalar_t>(ht), data_or_null<scalar_t>(hc));
+    });
+  });
+  return {out, ht, hc, y_in, y_pre};
+}
+
+// Returns dx, ddt, dB, dC, dz (or empty), dA, dD (or empty), ddt_bias (or empty), dh0 (or empty).
+std::vector<at::Tensor> ssd_bwd(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& B,
+                                const at::Tensor& C, const c10::optional<at::Tensor>& z, const at::Tensor& A,
+                                const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& dt_bias,
+                                bool has_h0, const at::Tensor& cu_seqlens, const at::Tensor& chunk_offsets,
+                                const at::Tensor& hc, const at::Tensor& y_in, const at::Tensor& y_pre,
+                                int64_t chunk, bool softplus, double lo, double hi, const at::Tensor& dout,
+                                const c10::optional<at::Tensor>& dht, bool need_dh0) {
+  const at::Tensor zt = opt_or_empty(z), Dt = opt_or_empty(D), bt = opt_or_empty(dt_bias), dhtt = opt_or_empty(dht);
+  check_inputs({x, dt, B, C, zt, A, Dt, bt, hc, y_in, y_pre, dout, dhtt}, x);
+  check_bounds(x, B, cu_seqlens, chunk_offsets, chunk);
+  const int64_t nseq = cu_seqlens.numel() - 1, H = x.size(1), P = x.size(2), G = B.size(1), N = B.size(2);
+  const auto empty = at::empty({0}, x.options());
+  const bool gated = zt.defined() && zt.numel() > 0;
+  at::Tensor dx = at::empty_like(x), ddt = at::empty_like(dt), dB = at::empty_like(B), dC = at::empty_like(C);
+  at::Tensor dz = gated ? at::empty_like(x) : empty;
+  at::Tensor dh0 = need_dh0 ? at::empty({nseq, H, P, N}, x.options()) : empty;
+  at::Tensor dparams = at::zeros({nseq * G, 3, H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssd_bwd", [&] {
+    auto p = problem<scalar_t>(x, dt, B, C, zt, A, Dt, bt, empty, cu_seqlens, chunk_offsets, chunk, softplus, lo,
+                               hi);
+    p.has_h0 = has_h0;
+    Grads<scalar_t> gr{dx.data_ptr<scalar_t>(), ddt.data_ptr<scalar_t>(), dB.data_ptr<scalar_t>(),
+                       dC.data_ptr<scalar_t>(), data_or_null<scalar_t>(dz), data_or_null<scalar_t>(dh0),
+                       nullptr, dout.data_ptr<scalar_t>(), data_or_null<scalar_t>(dhtt), hc.data_ptr<scalar_t>(),
+                       data_or_null<scalar_t>(y_in), data_or_null<scalar_t>(y_pre)};
+    scalar_t* params = dparams.data_ptr<scalar_t>();
+    over_groups(nseq, G, [&](int64_t s, int64_t g) {
+      Grads<scalar_t> own = gr;
+      own.dparams = params + (s * G + g) * 3 * H;
+      bwd_task<scalar_t>(p, s, g, own);
+    });
+  });
+  // The tasks' sums added in task order, one tensor per parameter (a custom op's outputs may not alias).
+  std::vector<at::Tensor> sums;
+  for (int64_t k = 0; k < 3; ++k) sums.push_back(at::empty({H}, x.options()));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssd_bwd_sums", [&] {
+    const scalar_t* src = dparams.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < 3; ++k) {
+      scalar_t* dst = sums[k].data_ptr<scalar_t>();
+      for (int64_t h = 0; h < H; ++h) {
+        scalar_t acc = 0;
+        for (int64_t task = 0; task < nseq * G; ++task) acc += src[(task * 3 + k) * H + h];
+        dst[h] = acc;
+      }
+    }
+  });
+  return {dx, ddt, dB, dC, dz, sums[0], Dt.defined() && Dt.numel() > 0 ? sums[1] : empty,
+          bt.defined() && bt.numel() > 0 ? sums[2] : empty, dh0};
+}
+
+void bind_ssd(pybind11::module& m) {
+  m.def("ssd_fwd", &ssd_fwd, "Mamba-2's SSD, chunked forward (CPU)");
+  m.def("ssd_bwd", &ssd_bwd, "Mamba-2's SSD, chunked backward (CPU)");
+}
