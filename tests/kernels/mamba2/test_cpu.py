@@ -1,0 +1,235 @@
+"""The C++ CPU SSD (backend "cpu") against the float64 recurrence: outputs, final states and the gradients of every
+input (x, dt, A, B, C, D, z, dt_bias, the initial state); groups, packed sequences with empty ones, lengths that
+are not a multiple of the chunk, one token, strong decays, dt limits, the custom ops under opcheck and
+torch.compile, the automatic choice, and bad input.
+
+The first test to run builds the kernels (once per machine, cached by torch: 30 s or more on 2 cores)."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+from seqmix.kernels import BackendUnavailable, explain, ssd
+from seqmix.kernels import cpu as cpu_build
+from seqmix.kernels.mamba2 import cpu as cpu_kernels
+from seqmix.kernels.mamba2 import ssd_recurrent
+from tests.helpers import TOL, assert_rel, require_cpu_kernels
+from tests.kernels.mamba2.cases import Case, cases, make_inputs
+
+CPU = torch.device("cpu")
+NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
+
+
+@pytest.fixture(autouse=True)
+def kernels_built():
+    require_cpu_kernels()
+
+
+def _inputs(case, dtype):
+    """The case's inputs in ``dtype`` (parameters and state included), with gradients."""
+    return [None if t is None else t.detach().to(dtype).requires_grad_() for t in make_inputs(case, dtype, CPU)]
+
+
+def _run(backend, case, inputs, final_state=True, **options):
+    """(y, final state, gradients of the inputs that are not None) for a loss with random weights on both."""
+    kwargs = {**case.kwargs(inputs), **options, "output_final_state": final_state}
+    if backend == "oracle":
+        y, s = ssd_recurrent(*inputs[:5], **kwargs)
+    else:
+        y, s = ssd(*inputs[:5], **kwargs, backend="cpu")
+    gen = torch.Generator().manual_seed(case.seed + 1)  # the same weights for every dtype
+    loss = (y * torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype)).sum()
+    if final_state:
+        loss = loss + (s * torch.randn(s.shape, generator=gen, dtype=torch.float64).to(s.dtype)).sum()
+    return y, s, torch.autograd.grad(loss, [t for t in inputs if t is not None])
+
+
+def _check(case, dtype=torch.float64, tol=1e-10, final_state=True, **options):
+    """The cpu backend in ``dtype`` against the recurrence in float64 on the same inputs."""
+    inputs = _inputs(case, dtype)
+    up = [None if t is None else t.detach().double().requires_grad_() for t in inputs]
+    y, s, grads = _run("cpu", case, inputs, final_state, **options)
+    y_ref, s_ref, ref_grads = _run("oracle", case, up, final_state, **options)
+    assert y.dtype == dtype
+    assert_rel(y, y_ref, tol, "output")
+    if final_state:
+        assert s.dtype == dtype
+        assert_rel(s, s_ref, tol, "final state")
+    else:
+        assert s is None
+    names = [n for n, t in zip(NAMES, inputs) if t is not None]
+    for name, a, b, t in zip(names, grads, ref_grads, [t for t in inputs if t is not None], strict=True):
+        assert a.dtype == t.dtype
+        assert torch.isfinite(a).all(), f"d{name} is not finite"
+        assert_rel(a, b, tol, f"d{name}")
+    return y, s
+
+
+@settings(max_examples=8, deadline=None)
+@given(case=cases(max_t=150))
+def test_matches_recurrence_in_float64(case):
+    _check(case)
+
+
+@settings(max_examples=4, deadline=None)
+@given(case=cases(max_t=150))
+def test_matches_recurrence_in_float32(case):
+    _check(case, torch.float32, TOL[torch.float32])
+
+
+def test_one_token_and_a_partial_chunk():
+    """T = 1 (no state passes between chunks); 130 tokens = two chunks of 64 and two tokens, with heads of
+    width 70 (not a multiple of the vector lanes)."""
+    _check(Case(batch=3, lengths=None, seqlen=1, heads=2, groups=1, p=8, n=5, initial_state=True, extras=True,
+                seed=1))
+    _check(Case(batch=1, lengths=None, seqlen=130, heads=2, groups=2, p=70, n=9, initial_state=False, extras=True,
+                seed=2))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_sequences_with_empty_ones_keep_their_states(threads):
+    """Ragged packed sequences (empty ones among them), on one thread and on two (tasks of unequal length)."""
+    case = Case(batch=1, lengths=(0, 9, 0, 135, 1), seqlen=145, heads=4, groups=2, p=8, n=16, initial_state=True,
+                extras=True, seed=5)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _, s = _check(case)
+        h0 = _inputs(case, torch.float64)[8]
+        torch.testing.assert_close(s[0], h0[0])
+        torch.testing.assert_close(s[2], h0[2])
+        _check(case, torch.float32, TOL[torch.float32], final_state=False)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_strong_decays_stay_finite_in_float32():
+    """dt' A around -20 to -60 per token: exp underflows to 0 within a chunk, where a factored form's exp(-lcum)
+    would overflow; every gradient finite and equal to the float64 recurrence's."""
+    case = Case(batch=2, lengths=None, seqlen=100, heads=2, groups=1, p=4, n=8, initial_state=True, extras=False,
+                seed=4, log_decay=40.0)
+    _check(case)
+    y, s = _check(case, torch.float32, TOL[torch.float32])
+    assert torch.isfinite(y).all() and torch.isfinite(s).all()
+
+
+def test_dt_limits_clamp_and_stop_gradients():
+    """Without softplus, dt' = clamp(dt + dt_bias, lo, hi): tokens outside the limits get no dt gradient."""
+    case = Case(batch=2, lengths=None, seqlen=70, heads=2, groups=1, p=4, n=6, initial_state=True, extras=False,
+                seed=9)
+    _check(case, dt_limit=(0.2, 0.4))
+    _check(case, dt_limit=(0.0, math.inf))
+
+
+def test_gradients_through_the_final_state_alone():
+    """A loss on the final state only: no output gradient reaches the backward (it runs on zeros); C, D and z,
+    which only the outputs read, get zero gradients."""
+    case = Case(batch=2, lengths=None, seqlen=90, heads=2, groups=1, p=4, n=6, initial_state=True, extras=True,
+                seed=11)
+    inputs = _inputs(case, torch.float64)
+    kw = case.kwargs(inputs)
+    weight = torch.randn(2, 2, 4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    wanted = [t for t in inputs if t is not None]
+    _, s = ssd(*inputs[:5], **kw, output_final_state=True, backend="cpu")
+    grads = torch.autograd.grad((s * weight).sum(), wanted, allow_unused=True)
+    _, s_ref = ssd_recurrent(*inputs[:5], **kw, output_final_state=True)
+    ref_grads = torch.autograd.grad((s_ref * weight).sum(), wanted, allow_unused=True)
+    for name, a, b in zip([n for n, t in zip(NAMES, inputs) if t is not None], grads, ref_grads, strict=True):
+        if name in ("C", "D", "z"):
+            assert torch.equal(a, torch.zeros_like(a)) and b is None, name
+        else:
+            assert_rel(a, b, 1e-10, f"d{name}")
+
+
+def test_without_gradients_the_forward_stores_nothing(monkeypatch):
+    case = Case(batch=2, lengths=None, seqlen=100, heads=2, groups=1, p=8, n=16, initial_state=True, extras=True,
+                seed=7)
+    inputs = [None if t is None else t.detach() for t in make_inputs(case, torch.float32, CPU)]
+    calls = []
+    custom = cpu_kernels.FUSED.recurrent_fwd
+    monkeypatch.setattr(cpu_kernels, "FUSED", dataclasses.replace(
+        cpu_kernels.FUSED, recurrent_fwd=lambda *args: calls.append(args) or custom(*args)))
+    kw = case.kwargs(inputs)
+    with torch.no_grad():
+        y, s = ssd(*inputs[:5], **kw, output_final_state=True, backend="cpu")
+    assert len(calls) == 1
+    y_ref, s_ref = ssd_recurrent(*[None if t is None else t.double() for t in inputs[:5]],
+                                 **case.kwargs([None if t is None else t.double() for t in inputs]),
+                                 output_final_state=True)
+    assert_rel(y, y_ref, TOL[torch.float32], "output")
+    assert_rel(s, s_ref, TOL[torch.float32], "final state")
+
+
+def test_automatic_choice_takes_the_cpu_kernels_once_compiled(monkeypatch):
+    """Compiled and current: the automatic choice takes them, for float32 and float64; not yet compiled (a
+    fresh checkout): the chunked reference, without a compile."""
+    monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    case = Case(batch=1, lengths=None, seqlen=4, heads=2, groups=1, p=4, n=4, initial_state=False, extras=False,
+                seed=1)
+    x, dt, A, B, C = make_inputs(case, torch.float32, CPU)[:5]
+    assert str(explain(ssd, x, dt, A, B, C)) == "ssd: cpu (CPU tensors)"
+    assert explain(ssd, x.double(), dt.double(), A, B.double(), C.double()).backend == "cpu"
+    assert str(explain(ssd, x.half(), dt.half(), A, B.half(), C.half())) == (
+        "ssd: reference (CPU tensors; cpu does not take this call: x, dt, B, C must be float32 or float64, "
+        "got torch.float16)")
+    monkeypatch.setattr(cpu_build, "ready", lambda: False)
+    monkeypatch.setattr(cpu_build, "unavailable", lambda: pytest.fail("the automatic choice compiled the kernels"))
+    choice = explain(ssd, x, dt, A, B, C)
+    assert choice.backend == "reference" and "not compiled here yet" in choice.reason
+
+
+def test_bad_inputs_raise_clearly():
+    case = Case(batch=1, lengths=None, seqlen=4, heads=2, groups=1, p=4, n=4, initial_state=False, extras=False,
+                seed=1)
+    x, dt, A, B, C = make_inputs(case, torch.float32, CPU)[:5]
+    with pytest.raises(BackendUnavailable, match="'cpu' cannot serve this call: x, dt, B, C must be float32"):
+        ssd(x.half(), dt.half(), A, B.half(), C.half(), backend="cpu")
+    with pytest.raises(ValueError, match="dt"):
+        ssd(x, dt[:, :3], A, B, C, backend="cpu")
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        ssd(x, dt, A, B, C, cu_seqlens=torch.tensor([0, 5, 4]), backend="cpu")
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_custom_ops_pass_opcheck(grad, monkeypatch):
+    """Schema, fake implementations (shapes, dtypes, strides) and autograd registration of the cpu custom ops,
+    on the arguments the public op hands them (the forward that stores for a backward with gradients, the
+    plain one without)."""
+    path = "chunk_fwd" if grad else "recurrent_fwd"
+    custom, calls = getattr(cpu_kernels.FUSED, path), []
+    monkeypatch.setattr(cpu_kernels, "FUSED", dataclasses.replace(
+        cpu_kernels.FUSED, **{path: lambda *args: calls.append(args) or custom(*args)}))
+    case = Case(batch=2, lengths=None, seqlen=70, heads=2, groups=1, p=4, n=6, initial_state=True, extras=True,
+                seed=3)
+    inputs = _inputs(case, torch.float32)
+    if not grad:
+        inputs = [None if t is None else t.detach() for t in inputs]
+    ssd(*inputs[:5], **case.kwargs(inputs), output_final_state=True, backend="cpu")
+    assert len(calls) == 1
+    torch.library.opcheck(custom, calls[0], test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_compiled_call_equals_eager():
+    """torch.compile(fullgraph=True) traces through the cpu custom ops (aot_eager_decomp_partition, as on CPUs in
+    tests/archs/test_compile.py): outputs and gradients equal the eager call's."""
+    case = Case(batch=2, lengths=None, seqlen=70, heads=2, groups=1, p=4, n=6, initial_state=True, extras=True,
+                seed=6)
+    inputs = _inputs(case, torch.float32)
+    present = [t for t in inputs if t is not None]
+
+    def loss(*tensors):
+        it = iter(tensors)
+        full = [None if t is None else next(it) for t in inputs]
+        y, s = ssd(*full[:5], **case.kwargs(full), output_final_state=True, backend="cpu")
+        return y.square().sum() + s.sum()
+
+    eager = torch.autograd.grad(loss(*present), present)
+    torch._dynamo.reset()
+    compiled = torch.autograd.grad(
+        torch.compile(loss, fullgraph=True, backend="aot_eager_decomp_partition")(*present), present)
+    for name, a, b in zip([n for n, t in zip(NAMES, inputs) if t is not None], compiled, eager, strict=True):
+        assert_rel(a, b, 1e-6, f"compiled d{name}")
