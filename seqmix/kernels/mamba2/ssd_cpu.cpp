@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -29,33 +30,117 @@ namespace {
 
 using namespace seqmix_cpu;
 
-// A matrix operand: rows ld apart, matrices (of a batch) step apart; a transposed one is stored as the rows
-// of its transpose.
+// A matrix operand: rows ld apart; a transposed one is stored as the rows of its transpose.
 template <typename T>
 struct Mat {
   const T* data;
   int64_t ld;
   bool t = false;
-  int64_t step = 0;
 };
 
-// c[i] = beta c[i] + a[i] b[i] for the batch i < count of [m, k] by [k, n] products (c's rows ldc apart,
-// its matrices cstep apart): ATen's batched matrix product on views of the buffers, which BLAS reads and
-// writes in place. One call per batch: a call costs microseconds, a head's product tens of them.
+// c = beta c + a b for a [m, k] and b [k, n] (c's rows ldc apart): ATen's matrix product on views of the
+// buffers, which BLAS reads and writes in place.
 template <typename T>
-void gemm(int64_t count, int64_t m, int64_t n, int64_t k, Mat<T> a, Mat<T> b, T beta, T* c, int64_t ldc,
-          int64_t cstep = 0) {
+void gemm(int64_t m, int64_t n, int64_t k, Mat<T> a, Mat<T> b, T beta, T* c, int64_t ldc) {
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   auto view = [&](const Mat<T>& x, int64_t rows, int64_t cols) {
-    const std::vector<int64_t> strides = x.t ? std::vector<int64_t>{x.step, 1, x.ld}
-                                             : std::vector<int64_t>{x.step, x.ld, 1};
-    return at::from_blob(const_cast<T*>(x.data), {count, rows, cols}, strides, options);
+    const std::array<int64_t, 2> strides = x.t ? std::array<int64_t, 2>{1, x.ld} : std::array<int64_t, 2>{x.ld, 1};
+    return at::from_blob(const_cast<T*>(x.data), {rows, cols}, strides, options);
   };
-  at::Tensor out = at::from_blob(c, {count, m, n}, {cstep, ldc, 1}, options);
+  at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, options);
   if (beta == T(0)) {
-    at::bmm_out(out, view(a, m, k), view(b, k, n));
+    at::mm_out(out, view(a, m, k), view(b, k, n));
   } else {
-    out.baddbmm_(view(a, m, k), view(b, k, n), beta, T(1));
+    out.addmm_(view(a, m, k), view(b, k, n), beta, T(1));
+  }
+}
+
+// The per-head products of a chunk's masked scores W [len, len] (lower triangular) with [len, P] rows,
+// written here rather than left to BLAS: they skip W's upper half, and a head's product is a few
+// microseconds, about what a library call costs by itself. Columns go in blocks of up to kBlock vectors
+// held in registers; a row of a block is read whole (kFull) or, at the end of an odd width, in part.
+constexpr int kBlock = 4;
+
+template <typename T, bool kFull>
+inline Vec<T> load_cols(const T* p, int64_t v, int64_t width) {
+  constexpr int W = Lanes<T>::W;
+  if (kFull) return load(p + v * W);
+  const int64_t m = std::clamp<int64_t>(width - v * W, 0, W);
+  return m == W ? load(p + v * W) : load_part(p + v * W, m);
+}
+
+template <typename T, bool kFull>
+inline void store_cols(T* p, Vec<T> x, int64_t v, int64_t width) {
+  constexpr int W = Lanes<T>::W;
+  if (kFull) return store(p + v * W, x);
+  const int64_t m = std::clamp<int64_t>(width - v * W, 0, W);
+  if (m > 0) store_part(p + v * W, x, m);
+}
+
+// f(column offset, block width, full) over the blocks of P columns.
+template <typename T, typename F>
+inline void by_blocks(int64_t P, const F& f) {
+  constexpr int64_t B = kBlock * Lanes<T>::W;
+  for (int64_t k = 0; k < P; k += B) {
+    if (P - k >= B) f(k, B, std::true_type{});
+    else f(k, P - k, std::false_type{});
+  }
+}
+
+// y[i] (+)= sum over j <= i of w[i, j] x[j], i < len (rows of w ldw apart, of x and y ld apart).
+template <typename T>
+void lower_times(int64_t len, int64_t P, const T* w, int64_t ldw, const T* x, T* y, int64_t ld, bool add) {
+  by_blocks<T>(P, [&](int64_t k, int64_t width, auto full) {
+    constexpr bool F = decltype(full)::value;
+    for (int64_t i = 0; i < len; ++i) {
+      Vec<T> acc[kBlock];
+      for (int v = 0; v < kBlock; ++v) acc[v] = add ? load_cols<T, F>(y + i * ld + k, v, width) : Vec<T>{};
+      for (int64_t j = 0; j <= i; ++j) {
+        const Vec<T> s = splat<T>(w[i * ldw + j]);
+        for (int v = 0; v < kBlock; ++v) acc[v] += s * load_cols<T, F>(x + j * ld + k, v, width);
+      }
+      for (int v = 0; v < kBlock; ++v) store_cols<T, F>(y + i * ld + k, acc[v], v, width);
+    }
+  });
+}
+
+// y[j] = sum over i >= j of w[i, j] x[i] (w^T x), j < len.
+template <typename T>
+void lower_t_times(int64_t len, int64_t P, const T* w, int64_t ldw, const T* x, T* y, int64_t ld) {
+  by_blocks<T>(P, [&](int64_t k, int64_t width, auto full) {
+    constexpr bool F = decltype(full)::value;
+    for (int64_t j = 0; j < len; ++j) {
+      Vec<T> acc[kBlock] = {};
+      for (int64_t i = j; i < len; ++i) {
+        const Vec<T> s = splat<T>(w[i * ldw + j]);
+        for (int v = 0; v < kBlock; ++v) acc[v] += s * load_cols<T, F>(x + i * ld + k, v, width);
+      }
+      for (int v = 0; v < kBlock; ++v) store_cols<T, F>(y + j * ld + k, acc[v], v, width);
+    }
+  });
+}
+
+// d[i, j] = a[i] . b[j] for j <= i (rows of a and b [len, P] ld apart, of d ldd apart). b^T [P, len] goes
+// through bt (P rows ldd apart) so that a row of d is a sum of bt's rows times a[i]'s values, vectors along
+// j. Whole vectors only: ldd is a multiple of the lanes, so a row's last vector stays inside the row; its
+// entries past i are left as computed (from values of bt past len, whatever they hold) and never read.
+template <typename T>
+void lower_dots(int64_t len, int64_t P, const T* a, const T* b, int64_t ld, T* bt, T* d, int64_t ldd) {
+  constexpr int W = Lanes<T>::W;
+  for (int64_t j = 0; j < len; ++j)
+    for (int64_t q = 0; q < P; ++q) bt[q * ldd + j] = b[j * ld + q];
+  for (int64_t i = 0; i < len; ++i) {
+    const int64_t vectors = i / W + 1;  // d[i, 0..i]
+    for (int64_t v0 = 0; v0 < vectors; v0 += kBlock) {
+      const int64_t nv = std::min<int64_t>(kBlock, vectors - v0);
+      Vec<T> acc[kBlock] = {};
+      for (int64_t q = 0; q < P; ++q) {
+        const Vec<T> s = splat<T>(a[i * ld + q]);
+        const T* row = bt + q * ldd + v0 * W;
+        for (int v = 0; v < nv; ++v) acc[v] += s * load(row + v * W);
+      }
+      for (int v = 0; v < nv; ++v) store(d + i * ldd + (v0 + v) * W, acc[v]);
+    }
   }
 }
 
@@ -133,8 +218,6 @@ struct Chunk {
   int64_t bc_row(int64_t t) const { return (t0 + t) * p.G * p.N + g * p.N; }
   Mat<T> Bm(bool t = false) const { return {p.B + bc_row(0), p.G * p.N, t}; }
   Mat<T> Cm(bool t = false) const { return {p.C + bc_row(0), p.G * p.N, t}; }
-  // A [c, Hg P] buffer as the group's heads: Hg matrices [c, P], P columns apart.
-  Mat<T> heads(const T* buffer, bool t = false) const { return {buffer, p.width(), t, p.P}; }
   T last(int64_t hl) const { return lcum[hl * p.chunk + len - 1]; }
 
   void load(int64_t start, int64_t n) {
@@ -172,7 +255,7 @@ struct Chunk {
   }
 
   // M = C B^T [len, len] (rows c apart), shared by the group's heads.
-  void scores(T* M) const { gemm<T>(1, len, len, p.N, Cm(), Bm(true), T(0), M, p.chunk); }
+  void scores(T* M) const { gemm<T>(len, len, p.N, Cm(), Bm(true), T(0), M, p.chunk); }
 
   // Per head hl, the decay mask L_ij = exp(lcum_i - lcum_j) for j <= i (0 above) and W = L * M, into
   // [Hg, c, c] buffers.
@@ -245,7 +328,7 @@ void fwd_task(const Problem<T>& p, int64_t s, int64_t g, T* out, T* y_in, T* y_p
     }
     // The entering state's part: y_in = exp(lcum) (C S^T).
     if (has_state) {
-      gemm<T>(1, len, w, N, ch.Cm(), {S.data(), N, true}, T(0), Y.data(), w);
+      gemm<T>(len, w, N, ch.Cm(), {S.data(), N, true}, T(0), Y.data(), w);
       ch.times_decay(Y.data(), Y.data());
     } else {
       std::fill(Y.begin(), Y.begin() + len * w, T(0));
@@ -255,7 +338,8 @@ void fwd_task(const Problem<T>& p, int64_t s, int64_t g, T* out, T* y_in, T* y_p
     // The chunk's own tokens: per head W (dt' x), one batched product for the group's heads.
     ch.scores(M.data());
     ch.masked(M.data(), L.data(), Wm.data());
-    gemm<T>(Hg, len, P, len, {Wm.data(), c, false, c * c}, ch.heads(ch.xdt.data()), T(1), Y.data(), w, P);
+    for (int64_t hl = 0; hl < Hg; ++hl)
+      lower_times(len, P, Wm.data() + hl * c * c, c, ch.xdt.data() + hl * P, Y.data() + hl * P, w, true);
     for (int64_t t = 0; t < len; ++t) {
       const T* xr = p.x + ch.row(t);
       T* o = out + ch.row(t);
@@ -269,7 +353,7 @@ void fwd_task(const Problem<T>& p, int64_t s, int64_t g, T* out, T* y_in, T* y_p
     if (n + 1 < count || final) {
       ch.writes(U.data(), to_end.data());
       decay_state(ch, S.data());
-      gemm<T>(1, w, N, len, {U.data(), w, true}, ch.Bm(), T(1), S.data(), N);
+      gemm<T>(w, N, len, {U.data(), w, true}, ch.Bm(), T(1), S.data(), N);
       has_state = true;
     }
   }
@@ -297,7 +381,7 @@ void bwd_task(const Problem<T>& p, int64_t s, int64_t g, const Grads<T>& gr) {
   T* dbias = dD + p.H;
   Chunk<T> ch(p, g, c);
   std::vector<T> dS(w * N), M(c * c), L(Hg * c * c), Wm(Hg * c * c), dW(Hg * c * c), dM(c * c), U(c * w);
-  std::vector<T> to_end(Hg * c), dY(c * w), dR(c * w), dU(c * w), dX(c * w), dl(Hg * c), dlast(Hg);
+  std::vector<T> to_end(Hg * c), dY(c * w), dR(c * w), dU(c * w), dX(c * w), dl(Hg * c), dlast(Hg), xt(P * c);
   bool has_ds = gr.dht != nullptr;  // dS: the gradient of the state leaving the current chunk
   if (has_ds) std::memcpy(dS.data(), gr.dht + s * p.H * P * N + state_at, w * N * sizeof(T));
   const int64_t first = p.chunk_offsets[s], count = p.chunk_offsets[s + 1] - first;
@@ -326,7 +410,7 @@ void bwd_task(const Problem<T>& p, int64_t s, int64_t g, const Grads<T>& gr) {
     // The entering state's part: dR = exp(lcum) dY; dC = dR S, dlcum += dY . y_in.
     if (has_state || wants_ds) ch.times_decay(dY.data(), dR.data());
     if (has_state) {
-      gemm<T>(1, len, N, w, {dR.data(), w}, {S, N}, T(0), dC, ld);
+      gemm<T>(len, N, w, {dR.data(), w}, {S, N}, T(0), dC, ld);
       for (int64_t t = 0; t < len; ++t)
         for (int64_t hl = 0; hl < Hg; ++hl)
           dl[hl * c + t] += dot(dY.data() + t * w + hl * P, gr.y_in + ch.row(t) + hl * P, P);
@@ -336,8 +420,10 @@ void bwd_task(const Problem<T>& p, int64_t s, int64_t g, const Grads<T>& gr) {
     // cancels exactly and is left out).
     ch.scores(M.data());
     ch.masked(M.data(), L.data(), Wm.data());
-    gemm<T>(Hg, len, len, P, ch.heads(dY.data()), ch.heads(ch.xdt.data(), true), T(0), dW.data(), c, c * c);
-    gemm<T>(Hg, len, P, len, {Wm.data(), c, true, c * c}, ch.heads(dY.data()), T(0), dX.data(), w, P);
+    for (int64_t hl = 0; hl < Hg; ++hl) {
+      lower_dots(len, P, dY.data() + hl * P, ch.xdt.data() + hl * P, w, xt.data(), dW.data() + hl * c * c, c);
+      lower_t_times(len, P, Wm.data() + hl * c * c, c, dY.data() + hl * P, dX.data() + hl * P, w);
+    }
     std::fill(dM.begin(), dM.end(), T(0));
     for (int64_t hl = 0; hl < Hg; ++hl) {
       T* dlh = dl.data() + hl * c;
@@ -351,16 +437,16 @@ void bwd_task(const Problem<T>& p, int64_t s, int64_t g, const Grads<T>& gr) {
         dlh[i] += dot(dw, wm, i);
       }
     }
-    gemm<T>(1, len, N, len, {dM.data(), c}, ch.Bm(), has_state ? T(1) : T(0), dC, ld);
-    gemm<T>(1, len, N, len, {dM.data(), c, true}, ch.Cm(), T(0), dB, ld);
+    gemm<T>(len, N, len, {dM.data(), c}, ch.Bm(), has_state ? T(1) : T(0), dC, ld);
+    gemm<T>(len, N, len, {dM.data(), c, true}, ch.Cm(), T(0), dB, ld);
     // The state leaving the chunk, S' = exp(last) S + U^T B, with gradient dS: dU = B dS^T, dB += U dS,
     // d(dt' x) += exp(last - lcum) dU, dlcum -= dU . U and dlast += it (the last token's terms cancel),
     // dlast += exp(last) sum(dS * S).
     std::fill(dlast.begin(), dlast.end(), T(0));
     if (has_ds) {
       ch.writes(U.data(), to_end.data());
-      gemm<T>(1, len, w, N, ch.Bm(), {dS.data(), N, true}, T(0), dU.data(), w);
-      gemm<T>(1, len, N, w, {U.data(), w}, {dS.data(), N}, T(1), dB, ld);
+      gemm<T>(len, w, N, ch.Bm(), {dS.data(), N, true}, T(0), dU.data(), w);
+      gemm<T>(len, N, w, {U.data(), w}, {dS.data(), N}, T(1), dB, ld);
       for (int64_t t = 0; t < len; ++t)
         for (int64_t hl = 0; hl < Hg; ++hl) {
           const T e = to_end[hl * c + t];
@@ -381,7 +467,7 @@ void bwd_task(const Problem<T>& p, int64_t s, int64_t g, const Grads<T>& gr) {
     // unless h0 wants one).
     if (wants_ds) {
       if (has_ds) decay_state(ch, dS.data());
-      gemm<T>(1, w, N, len, {dR.data(), w, true}, ch.Cm(), has_ds ? T(1) : T(0), dS.data(), N);
+      gemm<T>(w, N, len, {dR.data(), w, true}, ch.Cm(), has_ds ? T(1) : T(0), dS.data(), N);
       has_ds = true;
     }
     // dlcum -> d(dt' A): its reverse cumulative sum in the chunk, plus dlast at every token.
@@ -458,7 +544,7 @@ void check_bounds(const at::Tensor& x, const at::Tensor& B, const at::Tensor& cu
               "ssd_cpu: cu_seqlens and chunk_offsets must be int64");
   TORCH_CHECK(cu_seqlens.is_contiguous() && chunk_offsets.is_contiguous(),
               "ssd_cpu: cu_seqlens and chunk_offsets must be contiguous");
-  TORCH_CHECK(chunk > 0, "ssd_cpu: chunk must be positive");
+  TORCH_CHECK(chunk > 0 && chunk % 16 == 0, "ssd_cpu: chunk must be a positive multiple of 16");
   TORCH_CHECK(x.dim() == 3 && B.dim() == 3 && x.size(1) % B.size(1) == 0,
               "ssd_cpu: x must be [L, H, P] and B [L, G, N] with G dividing H");
 }
