@@ -158,32 +158,34 @@ inline T sigmoid(T x) {
   return T(1) / (T(1) + std::exp(-x));
 }
 
-// f(i, m) over the n values of a row in vectors: m = W lanes, then the m < W left over.
+// f(i, m, full) over the n values of a row in vectors: whole ones (full, m = W lanes), then the m < W left.
 template <typename T, typename F>
 inline void by_vectors(int64_t n, const F& f) {
   constexpr int W = Lanes<T>::W;
   int64_t i = 0;
-  for (; i + W <= n; i += W) f(i, int64_t{W});
-  if (i < n) f(i, n - i);
+  for (; i + W <= n; i += W) f(i, int64_t{W}, std::true_type{});
+  if (i < n) f(i, n - i, std::false_type{});
 }
 
 // The gate of a row of n outputs, o *= silu(z), keeping the ungated values in pre (when given).
 template <typename T>
 inline void gate_row(T* o, T* pre, const T* z, int64_t n) {
-  by_vectors<T>(n, [&](int64_t i, int64_t m) {
-    const Vec<T> zv = load_part(z + i, m), ov = load_part(o + i, m);
-    if (pre) store_part(pre + i, ov, m);
-    store_part(o + i, ov * zv * sigmoid_v<T>(zv), m);
+  by_vectors<T>(n, [&](int64_t i, int64_t m, auto full) {
+    constexpr bool F = decltype(full)::value;
+    const Vec<T> zv = load_cols<T, F>(z + i, 0, m), ov = load_cols<T, F>(o + i, 0, m);
+    if (pre) store_cols<T, F>(pre + i, ov, 0, m);
+    store_cols<T, F>(o + i, ov * zv * sigmoid_v<T>(zv), 0, m);
   });
 }
 
 // The gate's backward on a row: dy = dout silu(z), dz = dout y silu'(z) with y the ungated output.
 template <typename T>
 inline void gate_row_bwd(const T* dout, const T* y, const T* z, T* dy, T* dz, int64_t n) {
-  by_vectors<T>(n, [&](int64_t i, int64_t m) {
-    const Vec<T> zv = load_part(z + i, m), dv = load_part(dout + i, m), sg = sigmoid_v<T>(zv);
-    store_part(dy + i, dv * zv * sg, m);
-    store_part(dz + i, dv * load_part(y + i, m) * sg * (T(1) + zv * (T(1) - sg)), m);
+  by_vectors<T>(n, [&](int64_t i, int64_t m, auto full) {
+    constexpr bool F = decltype(full)::value;
+    const Vec<T> zv = load_cols<T, F>(z + i, 0, m), dv = load_cols<T, F>(dout + i, 0, m), sg = sigmoid_v<T>(zv);
+    store_cols<T, F>(dy + i, dv * zv * sg, 0, m);
+    store_cols<T, F>(dz + i, dv * load_cols<T, F>(y + i, 0, m) * sg * (T(1) + zv * (T(1) - sg)), 0, m);
   });
 }
 
