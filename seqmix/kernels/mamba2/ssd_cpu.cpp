@@ -212,8 +212,8 @@ struct Chunk {
   // (head-major: a head's decays are contiguous for the masks), dt' x [c, Hg P].
   std::vector<T> dtp, ddtp, lcum, xdt;
 
-  Chunk(const Problem<T>& p, int64_t g, int64_t c)
-      : p(p), g(g), t0(0), len(0), dtp(c * p.Hg()), ddtp(c * p.Hg()), lcum(p.Hg() * c), xdt(c * p.width()) {}
+  Chunk(const Problem<T>& p, int64_t c)
+      : p(p), g(0), t0(0), len(0), dtp(c * p.Hg()), ddtp(c * p.Hg()), lcum(p.Hg() * c), xdt(c * p.width()) {}
 
   // Offsets of token t's row of the group's heads in x-like [L, H, P] tensors and in B-like [L, G, N] ones.
   int64_t row(int64_t t) const { return (t0 + t) * p.H * p.P + g * p.width(); }
@@ -309,16 +309,32 @@ void decay_state(const Chunk<T>& ch, T* S) {
   }
 }
 
+// A thread's buffers, allocated once for all its tasks (fresh large allocations cost page faults): a state
+// (or its gradient) [Hg P, N], [c, c] scores, [Hg, c, c] per-head masks, [c, Hg P] rows, [Hg, c] per-head
+// values, and b^T [P, c] for lower_dots.
+template <typename T>
+struct Buffers {
+  Chunk<T> ch;
+  std::vector<T> S, M, dM, L, Wm, dW, Y, U, dR, dU, dX, to_end, dl, dlast, xt;
+  explicit Buffers(const Problem<T>& p)
+      : ch(p, p.chunk), S(p.width() * p.N), M(p.chunk * p.chunk), dM(M.size()), L(p.Hg() * M.size()), Wm(L.size()),
+        dW(L.size()), Y(p.chunk * p.width()), U(Y.size()), dR(Y.size()), dU(Y.size()), dX(Y.size()),
+        to_end(p.Hg() * p.chunk), dl(to_end.size()), dlast(p.Hg()), xt(p.P * p.chunk) {}
+};
+
 // One (sequence, group): the outputs, the states entering its chunks (hc, when stored) and the final state.
 template <typename T>
-void fwd_task(const Problem<T>& p, int64_t s, int64_t g, T* out, T* y_in, T* y_pre, T* final, T* hc) {
+void fwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, T* out, T* y_in, T* y_pre, T* final,
+              T* hc) {
   const int64_t c = p.chunk, Hg = p.Hg(), P = p.P, N = p.N, w = p.width();
   const int64_t start = p.cu[s], end = p.cu[s + 1];
-  Chunk<T> ch(p, g, c);
-  std::vector<T> S(w * N), M(c * c), L(Hg * c * c), Wm(Hg * c * c), Y(c * w), U(c * w), to_end(Hg * c);
+  Chunk<T>& ch = b.ch;
+  ch.g = g;
+  std::vector<T>&S = b.S, &M = b.M, &L = b.L, &Wm = b.Wm, &Y = b.Y, &U = b.U, &to_end = b.to_end;
   const int64_t state_at = g * w * N;  // the group's rows in a [H, P, N] state
   bool has_state = p.h0 != nullptr;
   if (has_state) std::memcpy(S.data(), p.h0 + s * p.H * P * N + state_at, w * N * sizeof(T));
+  else std::fill(S.begin(), S.end(), T(0));  // the buffer holds the previous task's state
   const int64_t first = p.chunk_offsets[s], count = p.chunk_offsets[s + 1] - first;
   for (int64_t n = 0; n < count; ++n) {
     const int64_t t0 = start + n * c, len = std::min(c, end - t0);
@@ -374,16 +390,17 @@ struct Grads {
 };
 
 template <typename T>
-void bwd_task(const Problem<T>& p, int64_t s, int64_t g, const Grads<T>& gr) {
+void bwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, const Grads<T>& gr) {
   const int64_t c = p.chunk, Hg = p.Hg(), P = p.P, N = p.N, w = p.width();
   const int64_t start = p.cu[s], end = p.cu[s + 1];
   const int64_t state_at = g * w * N;
   T* dA = gr.dparams;
   T* dD = dA + p.H;
   T* dbias = dD + p.H;
-  Chunk<T> ch(p, g, c);
-  std::vector<T> dS(w * N), M(c * c), L(Hg * c * c), Wm(Hg * c * c), dW(Hg * c * c), dM(c * c), U(c * w);
-  std::vector<T> to_end(Hg * c), dY(c * w), dR(c * w), dU(c * w), dX(c * w), dl(Hg * c), dlast(Hg), xt(P * c);
+  Chunk<T>& ch = b.ch;
+  ch.g = g;
+  std::vector<T>&dS = b.S, &M = b.M, &L = b.L, &Wm = b.Wm, &dW = b.dW, &dM = b.dM, &U = b.U, &to_end = b.to_end;
+  std::vector<T>&dY = b.Y, &dR = b.dR, &dU = b.dU, &dX = b.dX, &dl = b.dl, &dlast = b.dlast, &xt = b.xt;
   bool has_ds = gr.dht != nullptr;  // dS: the gradient of the state leaving the current chunk
   if (has_ds) std::memcpy(dS.data(), gr.dht + s * p.H * P * N + state_at, w * N * sizeof(T));
   const int64_t first = p.chunk_offsets[s], count = p.chunk_offsets[s + 1] - first;
@@ -524,10 +541,12 @@ Problem<T> problem(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& 
                     static_cast<T>(hi)};
 }
 
-template <typename F>
-void over_groups(int64_t nseq, int64_t G, const F& task) {
-  at::parallel_for(0, nseq * G, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) task(i / G, i % G);
+// task(sequence, group, buffers) for every (sequence, group), the buffers allocated once per thread's range.
+template <typename T, typename F>
+void over_groups(const Problem<T>& p, int64_t nseq, const F& task) {
+  at::parallel_for(0, nseq * p.G, 1, [&](int64_t begin, int64_t end) {
+    Buffers<T> buffers(p);
+    for (int64_t i = begin; i < end; ++i) task(i / p.G, i % p.G, buffers);
   });
 }
 
@@ -576,8 +595,8 @@ std::vector<at::Tensor> ssd_fwd(const at::Tensor& x, const at::Tensor& dt, const
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssd_fwd", [&] {
     const auto p = problem<scalar_t>(x, dt, B, C, zt, A, Dt, bt, ht0, cu_seqlens, chunk_offsets, chunk, softplus,
                                      lo, hi);
-    over_groups(nseq, G, [&](int64_t s, int64_t g) {
-      fwd_task<scalar_t>(p, s, g, out.data_ptr<scalar_t>(), data_or_null<scalar_t>(y_in),
+    over_groups(p, nseq, [&](int64_t s, int64_t g, Buffers<scalar_t>& b) {
+      fwd_task<scalar_t>(p, s, g, b, out.data_ptr<scalar_t>(), data_or_null<scalar_t>(y_in),
                          data_or_null<scalar_t>(y_pre), data_or_null<scalar_t>(ht), data_or_null<scalar_t>(hc));
     });
   });
@@ -611,10 +630,10 @@ std::vector<at::Tensor> ssd_bwd(const at::Tensor& x, const at::Tensor& dt, const
                        nullptr, dout.data_ptr<scalar_t>(), data_or_null<scalar_t>(dhtt), hc.data_ptr<scalar_t>(),
                        data_or_null<scalar_t>(y_in), data_or_null<scalar_t>(y_pre)};
     scalar_t* params = dparams.data_ptr<scalar_t>();
-    over_groups(nseq, G, [&](int64_t s, int64_t g) {
+    over_groups(p, nseq, [&](int64_t s, int64_t g, Buffers<scalar_t>& b) {
       Grads<scalar_t> own = gr;
       own.dparams = params + (s * G + g) * 3 * H;
-      bwd_task<scalar_t>(p, s, g, own);
+      bwd_task<scalar_t>(p, s, g, b, own);
     });
   });
   // The tasks' sums added in task order, one tensor per parameter (a custom op's outputs may not alias).
