@@ -37,7 +37,7 @@ _ISA_FLAGS = {
     "AVX2": ["-mavx2", "-mfma"],
 }
 # -ffp-contract=fast: multiply-adds fuse (ISO C++ mode turns that off); -fopenmp: at::parallel_for's threads.
-_FLAGS = ["-O3", "-g", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp"]
+_FLAGS = ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp"]
 
 _lock = threading.Lock()
 _module = None

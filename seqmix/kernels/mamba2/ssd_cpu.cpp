@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../vec_cpu.h"
@@ -129,17 +130,26 @@ void lower_dots(int64_t len, int64_t P, const T* a, const T* b, int64_t ld, T* b
   constexpr int W = Lanes<T>::W;
   for (int64_t j = 0; j < len; ++j)
     for (int64_t q = 0; q < P; ++q) bt[q * ldd + j] = b[j * ld + q];
+  // nv vectors of row i from vector v0 on, the accumulators in registers (nv a constant).
+  auto vectors_of_row = [&](int64_t i, int64_t v0, auto nv_constant) {
+    constexpr int nv = decltype(nv_constant)::value;
+    Vec<T> acc[nv] = {};
+    for (int64_t q = 0; q < P; ++q) {
+      const Vec<T> s = splat<T>(a[i * ld + q]);
+      const T* row = bt + q * ldd + v0 * W;
+      for (int v = 0; v < nv; ++v) acc[v] += s * load(row + v * W);
+    }
+    for (int v = 0; v < nv; ++v) store(d + i * ldd + (v0 + v) * W, acc[v]);
+  };
   for (int64_t i = 0; i < len; ++i) {
     const int64_t vectors = i / W + 1;  // d[i, 0..i]
     for (int64_t v0 = 0; v0 < vectors; v0 += kBlock) {
-      const int64_t nv = std::min<int64_t>(kBlock, vectors - v0);
-      Vec<T> acc[kBlock] = {};
-      for (int64_t q = 0; q < P; ++q) {
-        const Vec<T> s = splat<T>(a[i * ld + q]);
-        const T* row = bt + q * ldd + v0 * W;
-        for (int v = 0; v < nv; ++v) acc[v] += s * load(row + v * W);
+      switch (std::min<int64_t>(kBlock, vectors - v0)) {
+        case 1: vectors_of_row(i, v0, std::integral_constant<int, 1>{}); break;
+        case 2: vectors_of_row(i, v0, std::integral_constant<int, 2>{}); break;
+        case 3: vectors_of_row(i, v0, std::integral_constant<int, 3>{}); break;
+        default: vectors_of_row(i, v0, std::integral_constant<int, kBlock>{}); break;
       }
-      for (int v = 0; v < nv; ++v) store(d + i * ldd + (v0 + v) * W, acc[v]);
     }
   }
 }
