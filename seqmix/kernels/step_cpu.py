@@ -110,6 +110,40 @@ def ssd_step(x, dt, A, B, C, state, D, z, dt_bias, dt_softplus: bool, dt_limit: 
     return y, h
 
 
+@torch.library.custom_op("seqmix::mamba2_step_cpu", mutates_args=())
+def _mamba2_op(f: Tensor, conv_weight: Tensor, conv_bias: Tensor, conv_state: Tensor, A: Tensor, D: Tensor,
+               dt_bias: Tensor, dt_softplus: bool, dt_min: float, dt_max: float, ssm_state: Tensor,
+               norm_weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    y, conv, ssm = cpu.extension().mamba2_step(f, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_softplus,
+                                               dt_min, dt_max, ssm_state, norm_weight, eps)
+    return y, conv, ssm
+
+
+@_mamba2_op.register_fake
+def _(f, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_softplus, dt_min, dt_max, ssm_state, norm_weight,
+      eps):
+    inner = ssm_state.shape[1] * ssm_state.shape[2]
+    return f.new_empty(f.shape[0], inner), _state_like(conv_state, f), _state_like(ssm_state, f)
+
+
+def mamba2_step(f: Tensor, conv_weight: Tensor, conv_bias: Tensor, conv_state: Tensor, A: Tensor, D: Tensor,
+                dt_bias: Tensor, dt_softplus: bool, dt_limit: tuple[float, float], ssm_state: Tensor,
+                norm_weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """One token of a Mamba-2 layer between its projections (seqmix/archs/mamba2.py) in one call, no autograd:
+    from in_proj's output f [B, d_inner + conv_dim + H] (z | x B C | dt), the short conv's window step with
+    SiLU (conv_weight [conv_dim, W], conv_bias [conv_dim], conv_state [B, conv_dim, W-1]), SSD's step
+    (``seqmix.kernels.mamba2.step.ssd_step`` with A, D, dt_bias [H], ssm_state [B, H, P, N]; B and C in
+    G = (conv_dim - H P) / 2N groups), the gate silu(z) and the RMSNorm over H P (norm_weight, eps).
+    Returns (y [B, H P] in f's dtype, the conv state, the SSD state), the states float32 (float64 for
+    float64 f) and new tensors."""
+    lo, hi = float(dt_limit[0]), float(dt_limit[1])
+    args = (f, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_softplus, lo, hi, ssm_state, norm_weight, eps)
+    if torch.compiler.is_compiling():
+        return _mamba2_op(*args)
+    y, conv, ssm = cpu.extension().mamba2_step(*args)
+    return y, conv, ssm
+
+
 @torch.library.custom_op("seqmix::row_norm_cpu", mutates_args=())
 def _row_norm_op(x: Tensor, weight: Tensor | None, gate: Tensor | None, eps: float, mean: bool) -> Tensor:
     return cpu.extension().row_norm(x, weight, gate, eps, mean)
