@@ -370,11 +370,106 @@ std::vector<at::Tensor> mamba2_step(const at::Tensor& f, const at::Tensor& conv_
   return {in_dtype(y, f.scalar_type()), cn, Sn};
 }
 
+// One token of a DeltaNet or Gated DeltaNet layer between its projections (seqmix/archs/deltanet.py), in one call:
+// f [B, F] is the one projection's output, q|k|v [2 H K + H V] | the output gate [H V] (with has_gate) | b [H] |
+// a [H] (with A_log); the short conv with SiLU over q|k|v (conv_weight [2 H K + H V, W], no bias, conv_state
+// [B, 2 H K + H V, W-1]; without them SiLU alone); q and k L2-normalised per head (l2_eps); beta = sigmoid(b);
+// the decay g = -exp(A_log) softplus(a + dt_bias) (no decay without A_log); the (gated) delta rule's step on
+// state [B, H, K, V] (delta_head); each head's output RMS-normalised over V (norm_weight [V], norm_eps) and
+// multiplied by silu(gate). Returns o [B, H V] in f's dtype, the conv state (an empty tensor without a conv)
+// and the rule's state, the states float32 (float64 for float64 f) and new tensors.
+std::vector<at::Tensor> deltanet_step(const at::Tensor& f, const c10::optional<at::Tensor>& conv_weight,
+                                      const c10::optional<at::Tensor>& conv_state, const at::Tensor& state,
+                                      const c10::optional<at::Tensor>& A_log, const c10::optional<at::Tensor>& dt_bias,
+                                      const at::Tensor& norm_weight, double norm_eps, bool has_gate, double scale,
+                                      double l2_eps) {
+  check_cpu({f, conv_weight.value_or(at::Tensor()), conv_state.value_or(at::Tensor()), state,
+             A_log.value_or(at::Tensor()), dt_bias.value_or(at::Tensor()), norm_weight},
+            "deltanet_step_cpu");
+  const bool conv = conv_weight.has_value(), decay = A_log.has_value();
+  TORCH_CHECK(f.dim() == 2 && state.dim() == 4 && conv == conv_state.has_value() && decay == dt_bias.has_value(),
+              "deltanet_step_cpu: f [B, F], state [B, H, K, V], the conv's weight and state together, A_log and "
+              "dt_bias together");
+  const auto dtype = compute_dtype(f);
+  const int64_t B = f.size(0), H = state.size(1), K = state.size(2), V = state.size(3);
+  const int64_t channels = 2 * H * K + H * V, W = conv ? conv_weight->size(1) : 1;
+  TORCH_CHECK(state.size(0) == B && f.size(1) == channels + (has_gate ? H * V : 0) + (decay ? 2 * H : H) &&
+                  norm_weight.numel() == V && (!decay || (A_log->numel() == H && dt_bias->numel() == H)) &&
+                  (!conv || (conv_weight->dim() == 2 && conv_weight->size(0) == channels && conv_state->dim() == 3 &&
+                             conv_state->size(0) == B && conv_state->size(1) == channels &&
+                             conv_state->size(2) == W - 1)),
+              "deltanet_step_cpu: the shapes do not describe one DeltaNet layer");
+  const at::Tensor fc = prepared(f, dtype), S = prepared_state(state, dtype), nw = dense(norm_weight, dtype);
+  const at::Tensor cw = conv ? dense(*conv_weight, dtype) : at::Tensor();
+  const at::Tensor cs = conv ? dense(*conv_state, dtype) : at::Tensor();
+  const at::Tensor al = decay ? dense(*A_log, dtype) : at::Tensor(), db = decay ? dense(*dt_bias, dtype) : at::Tensor();
+  at::Tensor Sn = at::empty({B, H, K, V}, f.options().dtype(dtype));
+  at::Tensor cn = at::empty({conv ? B : 0, channels, W - 1}, f.options().dtype(dtype));
+  at::Tensor o = at::empty({B, H * V}, f.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "deltanet_step_cpu", [&] {
+    using T = scalar_t;
+    const T *fp = fc.data_ptr<T>(), *s = S.data_ptr<T>(), *nwp = nw.data_ptr<T>();
+    const T *cwp = conv ? cw.data_ptr<T>() : nullptr, *csp = conv ? cs.data_ptr<T>() : nullptr;
+    const T *alp = decay ? al.data_ptr<T>() : nullptr, *dbp = decay ? db.data_ptr<T>() : nullptr;
+    T *sn = Sn.data_ptr<T>(), *cnp = conv ? cn.data_ptr<T>() : nullptr, *op = o.data_ptr<T>();
+    const int64_t row_stride = fc.stride(0);
+    const int64_t grain = std::max<int64_t>(1, kValuesPerTask / std::max<int64_t>(H * K * V, 1));
+    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+      std::vector<T> buffer(channels + V);
+      T *qkv = buffer.data(), *w = qkv + channels;
+      for (int64_t b = begin; b < end; ++b) {
+        const T* row = fp + b * row_stride;  // q|k|v | gate | b | a
+        if (conv) {
+          const int64_t window = channels * (W - 1);
+          conv_silu_row<T>(row, cwp, nullptr, csp + b * window, cnp + b * window, qkv, channels, W);
+        } else {
+          std::copy(row, row + channels, qkv);
+          silu_inplace<T>(qkv, channels);
+        }
+        for (int64_t r = 0; r < 2 * H; ++r) {  // q and k: x rsqrt(sum(x^2) + eps) per head
+          T* x = qkv + r * K;
+          T ss = 0;
+          for (int64_t i = 0; i < K; ++i) ss += x[i] * x[i];
+          const T inv = T(1) / std::sqrt(ss + T(l2_eps));
+          for (int64_t i = 0; i < K; ++i) x[i] *= inv;
+        }
+        const T* gate = has_gate ? row + channels : nullptr;
+        const T* strengths = row + channels + (has_gate ? H * V : 0);  // b, then a
+        T* ob = op + b * H * V;
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t bh = b * H + h;
+          const T beta = T(1) / (T(1) + std::exp(-strengths[h]));
+          T a = 1;
+          if (decay) {
+            T sp = strengths[H + h] + dbp[h];
+            if (sp <= T(kSoftplusThreshold)) sp = std::log1p(std::exp(sp));
+            a = std::exp(-(sp * std::exp(alp[h])));
+          }
+          T* oh = ob + h * V;
+          delta_head<T>(s + bh * K * V, sn + bh * K * V, qkv + h * K, qkv + (H + h) * K, qkv + 2 * H * K + h * V,
+                        beta, a, T(scale), oh, w, K, V);
+          T ss = 0;
+          for (int64_t j = 0; j < V; ++j) ss += oh[j] * oh[j];
+          const T inv = T(1) / std::sqrt(ss / T(V) + T(norm_eps));
+          for (int64_t j = 0; j < V; ++j) oh[j] = oh[j] * inv * nwp[j];
+          if (gate)
+            for (int64_t j = 0; j < V; ++j) {
+              const T gj = gate[h * V + j];
+              oh[j] *= gj / (T(1) + std::exp(-gj));
+            }
+        }
+      }
+    });
+  });
+  return {in_dtype(o, f.scalar_type()), cn, Sn};
+}
+
 }  // namespace
 
 void bind_recurrent_steps(pybind11::module& m) {
   m.def("delta_rule_step", &delta_rule_step, "one token of the (gated) delta rule (CPU)");
   m.def("gla_step", &gla_step, "one token of gated linear attention (CPU)");
   m.def("ssd_step", &ssd_step, "one token of Mamba-2's SSD (CPU)");
+  m.def("deltanet_step", &deltanet_step, "one token of a (Gated) DeltaNet layer between its projections (CPU)");
   m.def("mamba2_step", &mamba2_step, "one token of a Mamba-2 layer between its projections (CPU)");
 }

@@ -144,6 +144,42 @@ def mamba2_step(f: Tensor, conv_weight: Tensor, conv_bias: Tensor, conv_state: T
     return y, conv, ssm
 
 
+@torch.library.custom_op("seqmix::deltanet_step_cpu", mutates_args=())
+def _deltanet_op(f: Tensor, conv_weight: Tensor | None, conv_state: Tensor | None, state: Tensor,
+                 A_log: Tensor | None, dt_bias: Tensor | None, norm_weight: Tensor, norm_eps: float, has_gate: bool,
+                 scale: float, l2_eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    o, conv, S = cpu.extension().deltanet_step(f, conv_weight, conv_state, state, A_log, dt_bias, norm_weight,
+                                               norm_eps, has_gate, scale, l2_eps)
+    return o, conv, S
+
+
+@_deltanet_op.register_fake
+def _(f, conv_weight, conv_state, state, A_log, dt_bias, norm_weight, norm_eps, has_gate, scale, l2_eps):
+    conv = f.new_empty(0, 0, 0) if conv_state is None else conv_state
+    return (f.new_empty(f.shape[0], state.shape[1] * state.shape[3]), _state_like(conv, f),
+            _state_like(state, f))
+
+
+def deltanet_step(f: Tensor, conv_weight: Tensor | None, conv_state: Tensor | None, state: Tensor,
+                  A_log: Tensor | None, dt_bias: Tensor | None, norm_weight: Tensor, norm_eps: float, has_gate: bool,
+                  scale: float, l2_eps: float) -> tuple[Tensor, Tensor | None, Tensor]:
+    """One token of a DeltaNet or Gated DeltaNet layer between its projections (seqmix/archs/deltanet.py) in one
+    call, no autograd. f [B, F] is the one projection's output: q|k|v [2 H K + H V] | the output gate [H V]
+    (with ``has_gate``) | b [H] | a [H] (with A_log). The short conv's window step with SiLU over q|k|v
+    (conv_weight [2 H K + H V, W], conv_state [B, 2 H K + H V, W-1]; None: SiLU alone), q and k L2-normalised
+    per head (``l2_eps``), beta = sigmoid(b), g = -exp(A_log) softplus(a + dt_bias) (A_log, dt_bias [H]; None:
+    no decay), the (gated) delta rule's step on state [B, H, K, V] (``seqmix.kernels.deltanet.step``), each
+    head's output RMS-normalised over V (norm_weight [V], ``norm_eps``) and multiplied by silu(gate). Returns
+    (o [B, H V] in f's dtype, the conv state or None, the rule's state), the states float32 (float64 for
+    float64 f) and new tensors."""
+    args = (f, conv_weight, conv_state, state, A_log, dt_bias, norm_weight, norm_eps, has_gate, scale, l2_eps)
+    if torch.compiler.is_compiling():
+        o, conv, S = _deltanet_op(*args)
+    else:
+        o, conv, S = cpu.extension().deltanet_step(*args)
+    return o, None if conv_state is None else conv, S
+
+
 @torch.library.custom_op("seqmix::row_norm_cpu", mutates_args=())
 def _row_norm_op(x: Tensor, weight: Tensor | None, gate: Tensor | None, eps: float, mean: bool) -> Tensor:
     return cpu.extension().row_norm(x, weight, gate, eps, mean)
