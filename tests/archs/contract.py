@@ -80,3 +80,53 @@ def fused_matches_reference(make_layer, x, tol, expected_params=()):
     assert_rel(outs["triton"], outs["reference"], tol, "output")
     for name, a, b in zip(names, grads["triton"], grads["reference"], strict=True):
         assert_rel(a, b, tol, f"grad of {name}")
+
+
+def fused_decoding_step_equals_tensor_op_steps(layer, x, prefill, op, monkeypatch):
+    """A layer whose decoding step is one C++ call between its projections on the CPU (``op``, recorded as the
+    ``cpu`` choice; seqmix/kernels/step_cpu.py): with its parameters moved off their initial values, the
+    decoded outputs and states equal the tensor-op steps' (``SEQMIX_BACKEND=reference``) to 1e-12 in float64 and
+    1e-5 in float32, and the outputs equal the training call; one step traced with ``fullgraph=True`` (Dynamo's
+    eager backend) equals the eager step. CPU tensors, the C++ kernels built (the caller skips otherwise)."""
+    from seqmix.kernels.backend import recording
+
+    monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.2)
+    B, T, _ = x.shape
+    for dtype in (torch.float64, torch.float32):
+        layer, x = layer.to(dtype), x.to(dtype)
+
+        def decode(step=layer):
+            with torch.no_grad():
+                y, state = layer(x[:, :prefill], layer.init_state(B))
+                steps = [y]
+                for t in range(prefill, T):
+                    y, state = step(x[:, t : t + 1], state)
+                    steps.append(y)
+            return torch.cat(steps, 1), state
+
+        with recording() as choices:
+            y, state = decode()
+        assert (op, "cpu") in {(c.op, c.backend) for c in choices}
+        with torch.no_grad():
+            full, _ = layer(x)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        assert_rel(y, full, tol * 10, f"{dtype}: decoded output against the training call")
+        monkeypatch.setenv("SEQMIX_BACKEND", "reference")
+        with recording() as choices:
+            want, want_state = decode()
+        monkeypatch.delenv("SEQMIX_BACKEND")
+        assert (op, "reference") in {(c.op, c.backend) for c in choices} and (op, "cpu") not in {(c.op, c.backend) for c in choices}
+        assert_rel(y, want, tol, f"{dtype}: decoded output against the tensor-op steps")
+        assert state.keys() == want_state.keys()
+        for name in state:
+            assert state[name].dtype == want_state[name].dtype
+            assert_rel(state[name], want_state[name], tol, f"{dtype}: state {name!r} against the tensor-op steps")
+    torch._dynamo.reset()
+    got, got_state = decode(torch.compile(layer, fullgraph=True, backend="eager"))
+    torch.testing.assert_close(got, y, rtol=0, atol=0)
+    for name in state:
+        torch.testing.assert_close(got_state[name], state[name], rtol=0, atol=0)
