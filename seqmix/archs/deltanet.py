@@ -16,10 +16,6 @@ from seqmix.kernels import causal_conv1d, delta_rule, gated_delta_rule, step_cpu
 from seqmix.kernels.conv.step import causal_conv1d_step
 from seqmix.kernels.deltanet.step import delta_rule_step, gated_delta_rule_step
 from seqmix.kernels.sequences import in_dtype, reference_dtype
-
-# The dtypes whose decoding step runs as one C++ call between the projections (step_cpu.deltanet_step): the
-# tensor ops round the rule's output to a half-precision model's dtype before the norm, the C++ step would not.
-_FUSED_STEP_DTYPES = (torch.float32, torch.float64)
 _L2_EPS = inspect.signature(l2_normalize).parameters["eps"].default  # the C++ step normalises q and k alike
 
 
@@ -127,28 +123,27 @@ class DeltaNet(Mixer):
         norms and the one-token rule (seqmix/kernels/deltanet/step.py); o_proj."""
         B, H, K, V = x.shape[0], self.num_heads, self.head_k, self.head_v
         # The submodules from the dict: Module.__getattr__ costs ~0.6 us a look-up, and a step makes a dozen.
+        # Parameters from the modules' dicts too (a look-up each, not Module.__getattr__'s ~0.6 us).
         modules = self._modules  # a None submodule (no gate, no convs) is a plain attribute: .get
         names = ["q_proj", "k_proj", "v_proj"] + ([] if modules.get("g_proj") is None else ["g_proj"])
         gates, strengths = names[3:], self._strength_names
-        params = [modules[n].weight for n in names + list(strengths)]
+        params = [modules[n]._parameters["weight"] for n in names + list(strengths)]
         weights = self._decoding_constant("_step_weights", params, lambda: torch.cat(params))
         f = F.linear(x.squeeze(1), weights)
         convs = modules.get("convs")
         taps = None if convs is None else self._decoding_constant(
-            "_step_taps", [c.weight for c in convs.values()], self._conv_weights)
-        o_norm, o_proj = modules["o_norm"], modules["o_proj"]
-        decay = self._decay_parameters()
-        if x.dtype in _FUSED_STEP_DTYPES and step_cpu.serves("deltanet_step", x, x, weights, taps, *decay,
-                                                             o_norm.weight, o_proj.weight):
+            "_step_taps", [c._parameters["weight"] for c in convs._modules.values()], self._conv_weights)
+        o_norm, o_proj = modules["o_norm"], modules["o_proj"]._parameters
+        if step_cpu.serves_layer("deltanet_step", x, state, self):
             o, conv_state, recurrent = step_cpu.deltanet_step(
-                f, taps, None if convs is None else state["conv"], state["recurrent"], *decay, o_norm.weight,
-                o_norm.eps, bool(gates), K ** -0.5, _L2_EPS)
+                f, taps, None if convs is None else state["conv"], state["recurrent"], *self._decay_parameters(),
+                o_norm._parameters["weight"], o_norm.eps, bool(gates), K ** -0.5, _L2_EPS)
             new_state = {} if conv_state is None else {"conv": conv_state}
             new_state["recurrent"] = recurrent
         else:
             o, new_state = self._tensor_op_step(f, taps, state, len(gates))
         # o_proj's weight through F.linear on 2-D rows: the module's call and a 3-D linear cost ~2 us more.
-        out = F.linear(o, o_proj.weight, o_proj.bias)
+        out = F.linear(o, o_proj["weight"], o_proj.get("bias"))
         return out.view(B, 1, self.hidden_size), new_state
 
     def _tensor_op_step(self, f, taps, state, gates):
@@ -248,7 +243,8 @@ class GatedDeltaNet(DeltaNet):
         return torch.mul(F.softplus(a + in_dtype(self.dt_bias, a.dtype)), in_dtype(self.A_log, a.dtype).exp()).neg_()
 
     def _decay_parameters(self):
-        return self.A_log, self.dt_bias
+        params = self._parameters
+        return params["A_log"], params["dt_bias"]
 
     _strength_names = ("b_proj", "a_proj")  # beta and g from one matmul
 

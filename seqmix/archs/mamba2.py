@@ -13,10 +13,6 @@ from seqmix.archs.modules import RMSNorm, ShortConvolution, no_weight_decay
 from seqmix.kernels import ssd, step_cpu
 from seqmix.kernels.mamba2.step import ssd_step
 
-# The dtypes whose decoding step runs as one C++ call between the projections (step_cpu.mamba2_step): the tensor
-# ops round y to a half-precision model's dtype before the norm, the C++ step would not.
-_FUSED_STEP_DTYPES = (torch.float32, torch.float64)
-
 
 def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
     """x with softplus(x) = y, for y > 0: y + log(1 - exp(-y))."""
@@ -79,7 +75,7 @@ class Mamba2(Mixer):
         B, T, _ = x.shape
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.d_state
         decoding = is_decoding_step(x, state, cu_seqlens)
-        if decoding and x.dtype in _FUSED_STEP_DTYPES and step_cpu.serves("mamba2_step", x, x, *self._parameters_of_step()):
+        if decoding and step_cpu.serves_layer("mamba2_step", x, state, self):
             return self._fused_decoding_step(x, state)
         sizes = [self.d_inner, self.conv_dim, H]
         if decoding:  # one token: one matmul, the fewest calls
@@ -110,27 +106,21 @@ class Mamba2(Mixer):
             return out, None
         return out, {"conv": conv_state, "ssm": ssm_state}
 
-    def _parameters_of_step(self):
-        modules = self._modules
-        conv, norm = modules["conv"], modules["norm"]
-        return (modules["in_proj"].weight, conv.weight, conv.bias, self.A_log, self.D, self.dt_bias, norm.weight,
-                modules["out_proj"].weight)
-
     def _fused_decoding_step(self, x, state):
         """One token (x [B, 1, hidden]) as three calls: in_proj, everything between the projections in one C++
         call (the conv's window step, SSD's step, the gate and the norm: seqmix/kernels/step_cpu.py), out_proj.
         The same outputs as the tensor-op steps of :meth:`mix` (tests/archs/test_mamba2.py), a dozen calls fewer
         (docs/design.md, "CPU references (issue 14)")."""
         B = x.shape[0]
-        # The submodules from the dict: Module.__getattr__ costs ~0.6 us a look-up.
-        modules = self._modules
-        conv, norm = modules["conv"], modules["norm"]
-        f = F.linear(x.view(B, self.hidden_size), modules["in_proj"].weight)
+        # Submodules and parameters from their dicts: Module.__getattr__ costs ~0.6 us a look-up, a dozen a step.
+        modules, params = self._modules, self._parameters
+        conv, norm = modules["conv"]._parameters, modules["norm"]
+        f = F.linear(x.view(B, self.hidden_size), modules["in_proj"]._parameters["weight"])
         y, conv_state, ssm_state = step_cpu.mamba2_step(
-            f, conv.weight, conv.bias, state["conv"], self._decoding_constant("_step_A", [self.A_log], self._A),
-            self.D, self.dt_bias, True, self.dt_limit, state["ssm"], norm.weight, norm.eps,
+            f, conv["weight"], conv["bias"], state["conv"], self._decoding_constant("_step_A", [params["A_log"]], self._A),
+            params["D"], params["dt_bias"], True, self.dt_limit, state["ssm"], norm._parameters["weight"], norm.eps,
         )
-        out = F.linear(y, modules["out_proj"].weight)
+        out = F.linear(y, modules["out_proj"]._parameters["weight"])
         return out.view(B, 1, self.hidden_size), {"conv": conv_state, "ssm": ssm_state}
 
     def _A(self):

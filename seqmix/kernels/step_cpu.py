@@ -35,6 +35,20 @@ def serves(op: str, like: Tensor, *tensors: Tensor | None) -> bool:
     return select_backend(op, None, like.device, ("cpu", "reference"), {"cpu": limit}) == "cpu"
 
 
+# The dtypes whose layer steps (mamba2_step, deltanet_step) take the C++ call: the tensor-op steps round a
+# half-precision layer's values between their ops, the C++ steps would not.
+_LAYER_STEP_DTYPES = (torch.float32, torch.float64)
+
+
+def serves_layer(op: str, x: Tensor, state: dict[str, Tensor], layer: torch.nn.Module) -> bool:
+    """Whether a layer's decoding step takes ``op``, its one C++ call between the projections: :func:`serves`
+    for x, the state and the layer's parameters (only gathered with autograd on: without it no gradient is
+    wanted, and a parameter's look-up costs as much as a small op), with x float32 or float64."""
+    if x.dtype not in _LAYER_STEP_DTYPES:
+        return False
+    return serves(op, x, x, *((*state.values(), *layer.parameters()) if torch.is_grad_enabled() else ()))
+
+
 def serves_when_ready(like: Tensor, *tensors: Tensor | None) -> bool:
     """Whether the row norms (seqmix/archs/modules.py) take their C++ call: CPU tensors, no gradient wanted,
     ``SEQMIX_BACKEND`` not ``reference``, and the C++ kernels ready without a compile (:func:`cpu.ready`).
