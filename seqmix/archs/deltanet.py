@@ -16,6 +16,7 @@ from seqmix.kernels import causal_conv1d, delta_rule, gated_delta_rule, step_cpu
 from seqmix.kernels.conv.step import causal_conv1d_step
 from seqmix.kernels.deltanet.step import delta_rule_step, gated_delta_rule_step
 from seqmix.kernels.sequences import in_dtype, reference_dtype
+
 _L2_EPS = inspect.signature(l2_normalize).parameters["eps"].default  # the C++ step normalises q and k alike
 
 
@@ -121,9 +122,8 @@ class DeltaNet(Mixer):
         (q|k|v, the output gate, beta's and the decay's), then on CPU tensors without autograd everything up to
         o_proj in one C++ call (step_cpu.deltanet_step), else the three short convs as one window step, the
         norms and the one-token rule (seqmix/kernels/deltanet/step.py); o_proj."""
-        B, H, K, V = x.shape[0], self.num_heads, self.head_k, self.head_v
-        # The submodules from the dict: Module.__getattr__ costs ~0.6 us a look-up, and a step makes a dozen.
-        # Parameters from the modules' dicts too (a look-up each, not Module.__getattr__'s ~0.6 us).
+        B, K = x.shape[0], self.head_k
+        # Submodules and parameters from their dicts: Module.__getattr__ costs ~0.6 us a look-up, a dozen a step.
         modules = self._modules  # a None submodule (no gate, no convs) is a plain attribute: .get
         names = ["q_proj", "k_proj", "v_proj"] + ([] if modules.get("g_proj") is None else ["g_proj"])
         gates, strengths = names[3:], self._strength_names

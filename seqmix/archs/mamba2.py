@@ -116,9 +116,10 @@ class Mamba2(Mixer):
         modules, params = self._modules, self._parameters
         conv, norm = modules["conv"]._parameters, modules["norm"]
         f = F.linear(x.view(B, self.hidden_size), modules["in_proj"]._parameters["weight"])
+        A = self._decoding_constant("_step_A", [params["A_log"]], self._A)
         y, conv_state, ssm_state = step_cpu.mamba2_step(
-            f, conv["weight"], conv["bias"], state["conv"], self._decoding_constant("_step_A", [params["A_log"]], self._A),
-            params["D"], params["dt_bias"], True, self.dt_limit, state["ssm"], norm._parameters["weight"], norm.eps,
+            f, conv["weight"], conv["bias"], state["conv"], A, params["D"], params["dt_bias"], True, self.dt_limit,
+            state["ssm"], norm._parameters["weight"], norm.eps,
         )
         out = F.linear(y, modules["out_proj"]._parameters["weight"])
         return out.view(B, 1, self.hidden_size), {"conv": conv_state, "ssm": ssm_state}

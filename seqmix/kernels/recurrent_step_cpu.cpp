@@ -404,7 +404,9 @@ std::vector<at::Tensor> deltanet_step(const at::Tensor& f, const c10::optional<a
   const at::Tensor cs = conv ? dense(*conv_state, dtype) : at::Tensor();
   const at::Tensor al = decay ? dense(*A_log, dtype) : at::Tensor(), db = decay ? dense(*dt_bias, dtype) : at::Tensor();
   at::Tensor Sn = at::empty({B, H, K, V}, f.options().dtype(dtype));
-  at::Tensor cn = conv ? at::empty({B, channels, W - 1}, f.options().dtype(dtype)) : at::empty({0, 0, 0}, f.options().dtype(dtype));
+  const std::vector<int64_t> window_shape =
+      conv ? std::vector<int64_t>{B, channels, W - 1} : std::vector<int64_t>{0, 0, 0};
+  at::Tensor cn = at::empty(window_shape, f.options().dtype(dtype));  // empty without a conv
   at::Tensor o = at::empty({B, H * V}, f.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES(dtype, "deltanet_step_cpu", [&] {
     using T = scalar_t;

@@ -319,7 +319,7 @@ def _mamba2_chain(fused, f, conv, A, D, dt_bias, ssm, norm_weight, dt_limit, eps
 @pytest.mark.parametrize("W, dt_limit", [(4, (0.0, float("inf"))), (1, (0.05, 2.0))])
 def test_cpu_mamba2_layer_step_equals_the_tensor_op_steps(W, dt_limit, dtype, monkeypatch):
     f, conv, A, D, dt_bias, ssm, norm_weight = _mamba2_inputs(W)
-    cast = lambda t: t.to(dtype)  # noqa: E731
+    cast = lambda t: t.to(dtype)
     with torch.no_grad():
         y, conv_state, state = _mamba2_chain(True, cast(f), [cast(t) for t in conv], *map(cast, (A, D, dt_bias, ssm,
                                              norm_weight)), dt_limit)
@@ -378,7 +378,7 @@ def _deltanet_chain(fused, f, taps, decay, state, norm_weight, gate, eps=1e-5, l
 @pytest.mark.parametrize("gated, conv, gate", [(True, True, True), (False, True, True), (True, False, False)])
 def test_cpu_deltanet_layer_step_equals_the_tensor_op_steps(gated, conv, gate, dtype, monkeypatch):
     f, taps, decay, state, norm_weight = _deltanet_inputs(gated, conv, gate)
-    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    cast = lambda t: None if t is None else t.to(dtype)
     with torch.no_grad():
         o, conv_state, final = _deltanet_chain(True, cast(f), [cast(t) for t in taps], [cast(t) for t in decay],
                                                cast(state), cast(norm_weight), gate)
@@ -416,12 +416,12 @@ def test_layer_step_custom_ops_pass_opcheck_and_trace_into_one_graph():
     f, conv, A, D, dt_bias, ssm, norm_weight = (t.float() if isinstance(t, torch.Tensor) else [u.float() for u in t]
                                                 for t in _mamba2_inputs(4))
     with torch.no_grad():
-        run = lambda f, ssm: _mamba2_chain(True, f, conv, A, D, dt_bias, ssm, norm_weight, (0.0, float("inf")))  # noqa: E731
+        run = lambda f, ssm: _mamba2_chain(True, f, conv, A, D, dt_bias, ssm, norm_weight, (0.0, float("inf")))
         for got, want in zip(torch.compile(run, fullgraph=True, backend="eager")(f, ssm), run(f, ssm)):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
         f, taps, decay, state, norm_weight = (
             t.float() if isinstance(t, torch.Tensor) else [None if u is None else u.float() for u in t]
             for t in _deltanet_inputs(True, True, True))
-        run = lambda f, state: _deltanet_chain(True, f, taps, decay, state, norm_weight, True)  # noqa: E731
+        run = lambda f, state: _deltanet_chain(True, f, taps, decay, state, norm_weight, True)
         for got, want in zip(torch.compile(run, fullgraph=True, backend="eager")(f, state), run(f, state)):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
