@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from seqmix.archs import GatedDeltaNet, Mamba2
 from seqmix.archs.modules import RMSNorm
 from seqmix.kernels import causal_conv1d, step_cpu
 from seqmix.kernels import cpu as cpu_build
@@ -146,12 +147,18 @@ def test_a_wanted_gradient_takes_the_tensor_ops(rule):
     assert grad.shape == state.shape
 
 
-def test_a_failed_build_falls_back_to_the_tensor_ops(monkeypatch):
+@pytest.fixture
+def failed_build(monkeypatch):
+    """The C++ kernels as after a failed build (no compiler), the automatic choice on."""
     monkeypatch.setattr(cpu_build, "_tried", True)
     monkeypatch.setattr(cpu_build, "_reason", "the C++ CPU kernels could not be built: no compiler")
     monkeypatch.setattr(cpu_build, "_module", None)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
+
+
+@pytest.mark.usefixtures("failed_build")
+def test_a_failed_build_falls_back_to_the_tensor_ops():
     for rule in RULES:
         inputs, state = _inputs(rule)
         with torch.no_grad(), recording() as choices:
@@ -425,3 +432,24 @@ def test_layer_step_custom_ops_pass_opcheck_and_trace_into_one_graph():
         run = lambda f, state: _deltanet_chain(True, f, taps, decay, state, norm_weight, True)
         for got, want in zip(torch.compile(run, fullgraph=True, backend="eager")(f, state), run(f, state)):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures("failed_build")
+def test_a_failed_build_leaves_the_layers_decoding_on_the_tensor_op_steps():
+    """Without the C++ kernels the layers' decoding steps take the tensor ops (said as the choice's reason) and
+    still equal the training call."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(3))
+    layers = {"mamba2_step": Mamba2(hidden_size=32, head_dim=16, d_state=8, n_groups=2),
+              "deltanet_step": GatedDeltaNet(hidden_size=32, num_heads=2)}
+    for op, layer in layers.items():
+        with torch.no_grad(), recording() as choices:
+            full, _ = layer(x)
+            steps, state = [], layer(x[:, :3], layer.init_state(2))[1]
+            for t in range(3, 7):
+                y, state = layer(x[:, t : t + 1], state)
+                steps.append(y)
+        chosen = [c for c in choices if c.op == op]
+        assert chosen and {c.backend for c in chosen} == {"reference"}
+        assert "cpu: the C++ CPU kernels could not be built: no compiler" in chosen[0].reason
+        assert_rel(torch.cat(steps, 1), full[:, 3:], TOL[torch.float32], f"{op}: decoding on the tensor ops")
