@@ -1,6 +1,7 @@
 """The C++ CPU decoding steps (seqmix/kernels/step_cpu.py): the delta rule, the gated delta rule, GLA, SSD and
 the short conv, chained over a few tokens from a random state, against the float64 recurrences (one call of the
-conv) and the tensor-op steps, in float32 and float64, with strong decays and strided token inputs; the choice
+conv) and the tensor-op steps, in float32 and float64, with strong decays and strided token inputs; the layers'
+steps between their projections (Mamba-2's, (Gated) DeltaNet's) against the chain of tensor-op steps; the choice
 (C++ without a gradient, tensor ops with one), the fallback when the kernels cannot be built (the norms' too:
 tests/archs/test_modules.py tests their C++ call), opcheck of the custom ops, and one compiled graph.
 
