@@ -9,6 +9,10 @@
 // dtype. Token inputs may be strided views over the batch and head dimensions (rows of a projection);
 // only their last dimension must be contiguous, else it is made so. One task per (batch, head) pair,
 // spread over threads by at::parallel_for once there is enough of them to pay for the wake-up.
+//
+// Two more take a whole layer's token between its projections (Mamba-2's, (Gated) DeltaNet's: the short
+// conv's window step, the rule's step, the gates and norms), one task per sequence; see mamba2_step and
+// deltanet_step below.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>

@@ -1,7 +1,8 @@
 """The recurrent rules' decoding steps as one C++ call each on CPU tensors (recurrent_step_cpu.cpp, built by
 seqmix/kernels/cpu.py): the delta rule and gated delta rule, GLA and Mamba-2's SSD; the short causal conv's
 step (conv/conv_step_cpu.cpp); and the row norms of seqmix/archs/modules.py (RMSNorm, gated or not, and
-l2_normalize; row_norm_cpu.cpp) without autograd.
+l2_normalize; row_norm_cpu.cpp) without autograd; and the Mamba-2 and (Gated) DeltaNet layers' decoding steps
+between their projections (:func:`mamba2_step`, :func:`deltanet_step`; the layers ask :func:`serves_layer`).
 
 The step functions (``seqmix.kernels.<family>.step``) hand a call here when :func:`serves` says so: CPU
 tensors, no gradient wanted (the C++ steps have no backward; autograd keeps the tensor ops), and the C++
