@@ -3,6 +3,7 @@ Gated DeltaNet adds a decay per head and token."""
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -11,10 +12,12 @@ from torch import nn
 
 from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
 from seqmix.archs.modules import RMSNorm, ShortConvolution, l2_normalize, no_weight_decay
-from seqmix.kernels import causal_conv1d, delta_rule, gated_delta_rule
+from seqmix.kernels import causal_conv1d, delta_rule, gated_delta_rule, step_cpu
 from seqmix.kernels.conv.step import causal_conv1d_step
 from seqmix.kernels.deltanet.step import delta_rule_step, gated_delta_rule_step
-from seqmix.kernels.sequences import in_dtype
+from seqmix.kernels.sequences import in_dtype, reference_dtype
+
+_L2_EPS = inspect.signature(l2_normalize).parameters["eps"].default  # the C++ step normalises q and k alike
 
 
 @register_mixer("deltanet")
@@ -79,7 +82,12 @@ class DeltaNet(Mixer):
     def _strengths_of(self, b):
         """:meth:`_strengths` from the projections' outputs apart, [*, H] each (the decoding step splits them
         off with the rest of its one matmul's output: one split call fewer per token)."""
-        return in_dtype(torch.sigmoid(_float32(b)), b.dtype), None
+        return in_dtype(torch.sigmoid(_computed(b)), b.dtype), None
+
+    def _decay_parameters(self):
+        """(A_log, dt_bias) of the decay g = -exp(A_log) softplus(a + dt_bias) that the C++ decoding step computes
+        (:meth:`_log_decay_of`), or (None, None): no decay."""
+        return None, None
 
     def _conv_weights(self):
         """The three short convs' taps stacked, [2 dk + dv, conv_size]: one conv over q|k|v side by side
@@ -111,24 +119,44 @@ class DeltaNet(Mixer):
 
     def _decoding_step(self, x, state):
         """One token per sequence (x [B, 1, hidden]) in few calls: one matmul for every projection
-        (q|k|v, the output gate, beta's and the decay's), the three short convs as one window step, and the
-        one-token rule (seqmix/kernels/deltanet/step.py)."""
-        B, H, K, V = x.shape[0], self.num_heads, self.head_k, self.head_v
-        # The submodules from the dict: Module.__getattr__ costs ~0.6 us a look-up, and a step makes a dozen.
+        (q|k|v, the output gate, beta's and the decay's), then on CPU tensors without autograd everything up to
+        o_proj in one C++ call (step_cpu.deltanet_step), else the three short convs as one window step, the
+        norms and the one-token rule (seqmix/kernels/deltanet/step.py); o_proj."""
+        B, K = x.shape[0], self.head_k
+        # Submodules and parameters from their dicts: Module.__getattr__ costs ~0.6 us a look-up, a dozen a step.
         modules = self._modules  # a None submodule (no gate, no convs) is a plain attribute: .get
         names = ["q_proj", "k_proj", "v_proj"] + ([] if modules.get("g_proj") is None else ["g_proj"])
         gates, strengths = names[3:], self._strength_names
-        params = [modules[n].weight for n in names + list(strengths)]
+        params = [modules[n]._parameters["weight"] for n in names + list(strengths)]
         weights = self._decoding_constant("_step_weights", params, lambda: torch.cat(params))
-        sizes = [2 * H * K + H * V] + [H * V] * len(gates) + [H] * len(strengths)  # each strength: one per head
-        qkv, *rest = F.linear(x.squeeze(1), weights).split(sizes, -1)
-        rest, strength_outputs = rest[:len(gates)], rest[len(gates):]
+        f = F.linear(x.squeeze(1), weights)
+        convs = modules.get("convs")
+        taps = None if convs is None else self._decoding_constant(
+            "_step_taps", [c._parameters["weight"] for c in convs._modules.values()], self._conv_weights)
+        o_norm, o_proj = modules["o_norm"], modules["o_proj"]._parameters
+        if step_cpu.serves_layer("deltanet_step", x, state, self):
+            o, conv_state, recurrent = step_cpu.deltanet_step(
+                f, taps, None if convs is None else state["conv"], state["recurrent"], *self._decay_parameters(),
+                o_norm._parameters["weight"], o_norm.eps, bool(gates), K ** -0.5, _L2_EPS)
+            new_state = {} if conv_state is None else {"conv": conv_state}
+            new_state["recurrent"] = recurrent
+        else:
+            o, new_state = self._tensor_op_step(f, taps, state, len(gates))
+        # o_proj's weight through F.linear on 2-D rows: the module's call and a 3-D linear cost ~2 us more.
+        out = F.linear(o, o_proj["weight"], o_proj.get("bias"))
+        return out.view(B, 1, self.hidden_size), new_state
+
+    def _tensor_op_step(self, f, taps, state, gates):
+        """:meth:`_decoding_step` between the projections with the tensor-op steps (autograd, CUDA tensors, no C++
+        kernels): the normed output [B, H V] and the new state from the projections' output f [B, F]."""
+        B, H, K, V = f.shape[0], self.num_heads, self.head_k, self.head_v
+        sizes = [2 * H * K + H * V] + [H * V] * gates + [H] * len(self._strength_names)  # a strength: one per head
+        qkv, *rest = f.split(sizes, -1)
+        rest, strength_outputs = rest[:gates], rest[gates:]
         new_state = {}
-        if modules.get("convs") is None:
+        if taps is None:
             qkv = F.silu(qkv)
         else:
-            taps = self._decoding_constant("_step_taps", [c.weight for c in modules["convs"].values()],
-                                           self._conv_weights)
             qkv, new_state["conv"] = causal_conv1d_step(qkv, taps, None, "silu", state["conv"])
         qk, v = qkv.split([2 * H * K, H * V], -1)
         q, k = l2_normalize(qk.view(B, 2, H, K)).unbind(1)  # unbind: a cheaper call than split
@@ -140,10 +168,7 @@ class DeltaNet(Mixer):
         # o and the gate as [B, H, V]: the norm runs over V, and its result is [B, H V] in one view.
         gate = None if not gates else rest[0].view(B, H, V)
         new_state["recurrent"] = recurrent
-        # o_proj's weight through F.linear on 2-D rows: the module's call and a 3-D linear cost ~2 us more.
-        o_proj = modules["o_proj"]
-        out = F.linear(modules["o_norm"](o, gate).view(B, H * V), o_proj.weight, o_proj.bias)
-        return out.view(B, 1, self.hidden_size), new_state
+        return self._modules["o_norm"](o, gate).view(B, H * V), new_state
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         if is_decoding_step(x, state, cu_seqlens):
@@ -173,8 +198,10 @@ class DeltaNet(Mixer):
         return state
 
 
-def _float32(x):
-    return in_dtype(x, torch.float32)
+def _computed(x):
+    """x in the dtype the references compute in: float32, float64 for float64 x (the decay and beta of a float64
+    layer keep their digits, as the C++ decoding step computes them)."""
+    return in_dtype(x, reference_dtype(x))
 
 
 @register_mixer("gated_deltanet")
@@ -208,12 +235,16 @@ class GatedDeltaNet(DeltaNet):
         no_weight_decay(self.A_log, self.dt_bias)
 
     def log_decay(self, x: torch.Tensor) -> torch.Tensor:
-        """g [B, T, H] float32, <= 0: the state's log decay at each token."""
-        return self._log_decay_of(_float32(self.a_proj(x)))
+        """g [B, T, H] float32 (float64 in a float64 layer), <= 0: the state's log decay at each token."""
+        return self._log_decay_of(_computed(self.a_proj(x)))
 
     def _log_decay_of(self, a):
-        """g from a_proj's output a [*, H] (float32). The sign last and in place: one allocation fewer."""
-        return torch.mul(F.softplus(a + _float32(self.dt_bias)), _float32(self.A_log).exp()).neg_()
+        """g from a_proj's output a [*, H] (float32 or float64). The sign last and in place: one allocation fewer."""
+        return torch.mul(F.softplus(a + in_dtype(self.dt_bias, a.dtype)), in_dtype(self.A_log, a.dtype).exp()).neg_()
+
+    def _decay_parameters(self):
+        params = self._parameters
+        return params["A_log"], params["dt_bias"]
 
     _strength_names = ("b_proj", "a_proj")  # beta and g from one matmul
 
@@ -221,4 +252,4 @@ class GatedDeltaNet(DeltaNet):
         return self._strengths_of(*f.split(self.num_heads, -1))
 
     def _strengths_of(self, b, a):
-        return in_dtype(torch.sigmoid(_float32(b)), b.dtype), self._log_decay_of(_float32(a))
+        return in_dtype(torch.sigmoid(_computed(b)), b.dtype), self._log_decay_of(_computed(a))

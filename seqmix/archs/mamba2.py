@@ -10,7 +10,7 @@ from torch import nn
 
 from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
 from seqmix.archs.modules import RMSNorm, ShortConvolution, no_weight_decay
-from seqmix.kernels import ssd
+from seqmix.kernels import ssd, step_cpu
 from seqmix.kernels.mamba2.step import ssd_step
 
 
@@ -75,6 +75,8 @@ class Mamba2(Mixer):
         B, T, _ = x.shape
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.d_state
         decoding = is_decoding_step(x, state, cu_seqlens)
+        if decoding and step_cpu.serves_layer("mamba2_step", x, state, self):
+            return self._fused_decoding_step(x, state)
         sizes = [self.d_inner, self.conv_dim, H]
         if decoding:  # one token: one matmul, the fewest calls
             z, xbc, dt = self.in_proj(x).split(sizes, dim=-1)
@@ -103,6 +105,24 @@ class Mamba2(Mixer):
         if state is None:
             return out, None
         return out, {"conv": conv_state, "ssm": ssm_state}
+
+    def _fused_decoding_step(self, x, state):
+        """One token (x [B, 1, hidden]) as three calls: in_proj, everything between the projections in one C++
+        call (the conv's window step, SSD's step, the gate and the norm: seqmix/kernels/step_cpu.py), out_proj.
+        The same outputs as the tensor-op steps of :meth:`mix` (tests/archs/test_mamba2.py), a dozen calls fewer
+        (docs/design.md, "CPU references (issue 14)")."""
+        B = x.shape[0]
+        # Submodules and parameters from their dicts: Module.__getattr__ costs ~0.6 us a look-up, a dozen a step.
+        modules, params = self._modules, self._parameters
+        conv, norm = modules["conv"]._parameters, modules["norm"]
+        f = F.linear(x.view(B, self.hidden_size), modules["in_proj"]._parameters["weight"])
+        A = self._decoding_constant("_step_A", [params["A_log"]], self._A)
+        y, conv_state, ssm_state = step_cpu.mamba2_step(
+            f, conv["weight"], conv["bias"], state["conv"], A, params["D"], params["dt_bias"], True, self.dt_limit,
+            state["ssm"], norm._parameters["weight"], norm.eps,
+        )
+        out = F.linear(y, modules["out_proj"]._parameters["weight"])
+        return out.view(B, 1, self.hidden_size), {"conv": conv_state, "ssm": ssm_state}
 
     def _A(self):
         """A = -exp(A_log) [H] in float32."""

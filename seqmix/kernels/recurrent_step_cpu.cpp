@@ -9,6 +9,10 @@
 // dtype. Token inputs may be strided views over the batch and head dimensions (rows of a projection);
 // only their last dimension must be contiguous, else it is made so. One task per (batch, head) pair,
 // spread over threads by at::parallel_for once there is enough of them to pay for the wake-up.
+//
+// Two more take a whole layer's token between its projections (Mamba-2's, (Gated) DeltaNet's: the short
+// conv's window step, the rule's step, the gates and norms), one task per sequence; see mamba2_step and
+// deltanet_step below.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -18,7 +22,17 @@
 #include <cstdint>
 #include <vector>
 
+#include "vec_cpu.h"
+
 namespace {
+
+using seqmix_cpu::exp_v;
+using seqmix_cpu::Lanes;
+using seqmix_cpu::load;
+using seqmix_cpu::load_part;
+using seqmix_cpu::store;
+using seqmix_cpu::store_part;
+using seqmix_cpu::Vec;
 
 // State values per thread task below which the tasks run inline on the calling thread: at decoding
 // sizes (a few heads of 32 x 32) waking the pool costs more than the update.
@@ -165,6 +179,61 @@ std::vector<at::Tensor> gla_step(const at::Tensor& q, const at::Tensor& k, const
   return {in_dtype(o, q.scalar_type()), Sn};
 }
 
+template <typename T>
+T lane_sum(Vec<T> v) {
+  T s = 0;
+  for (int l = 0; l < Lanes<T>::W; ++l) s += v[l];
+  return s;
+}
+
+// SiLU of n values in place, a vector at a time (libm's exp is one call per element).
+template <typename T>
+void silu_inplace(T* v, int64_t n) {
+  constexpr int L = Lanes<T>::W;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    const Vec<T> x = load(v + i);
+    store(v + i, x / (T(1) + exp_v<T>(-x)));
+  }
+  if (i < n) {
+    const Vec<T> x = load_part(v + i, n - i);
+    store_part(v + i, x / (T(1) + exp_v<T>(-x)), n - i);
+  }
+}
+
+// dt' = clamp(softplus?(d), lo, hi) (softplus as F.softplus: d itself above the threshold).
+template <typename T>
+T ssd_dt(T d, bool softplus, double lo, double hi) {
+  if (softplus && d <= T(kSoftplusThreshold)) d = std::log1p(std::exp(d));
+  return std::min(std::max(d, T(lo)), T(hi));
+}
+
+// One SSD head's rows: h'[p] = decay h[p] + d x[p] B and y[p] = h'[p] . C, for its P rows of N. Each row's
+// sum is kept in a vector of lanes and added up at its end: a scalar running sum would keep the compiler
+// from vectorising the loop (the state pass was three quarters of the step).
+template <typename T>
+void ssd_head(const T* s, T* sn, const T* x, T d, T decay, const T* Bn, const T* Cn, T* y, int64_t P, int64_t N) {
+  constexpr int L = Lanes<T>::W;
+  const int64_t full = N - N % L, rest = N - full;
+  for (int64_t p = 0; p < P; ++p) {
+    const T dx = d * x[p];
+    const T* row = s + p * N;
+    T* nrow = sn + p * N;
+    Vec<T> acc{};
+    for (int64_t n = 0; n < full; n += L) {
+      const Vec<T> v = decay * load(row + n) + dx * load(Bn + n);
+      store(nrow + n, v);
+      acc += v * load(Cn + n);
+    }
+    if (rest) {
+      const Vec<T> v = decay * load_part(row + full, rest) + dx * load_part(Bn + full, rest);
+      store_part(nrow + full, v, rest);
+      acc += v * load_part(Cn + full, rest);
+    }
+    y[p] = lane_sum<T>(acc);
+  }
+}
+
 // x, z [B, H, P], dt [B, H], A, D, dt_bias [H], Bm, Cm [B, G, N] (head h reads group h / (H / G)),
 // state [B, H, P, N]: dt' = clamp(softplus?(dt + dt_bias), lo, hi), h' = e^{dt' A} h + dt' x B^T,
 // y = (h' C + D x) silu(z).
@@ -197,29 +266,208 @@ std::vector<at::Tensor> ssd_step(const at::Tensor& x, const at::Tensor& dt, cons
     const int64_t heads_per_group = H / G;
     over_heads(B, H, P * N, [&](int64_t b, int64_t h) {
       const int64_t bh = b * H + h;
-      T d = *dtr.at(b, h) + (bias ? bias[h] : T(0));
-      if (softplus && d <= T(kSoftplusThreshold)) d = std::log1p(std::exp(d));
-      d = std::min(std::max(d, T(lo)), T(hi));
-      const T decay = std::exp(d * a_rate[h]);
+      const T d = ssd_dt<T>(*dtr.at(b, h) + (bias ? bias[h] : T(0)), softplus, lo, hi);
       const T *xp = xr.at(b, h), *Bn = Br.at(b, h / heads_per_group), *Cn = Cr.at(b, h / heads_per_group);
+      T* yp = out + bh * P;
+      ssd_head<T>(s + bh * P * N, sn + bh * P * N, xp, d, std::exp(d * a_rate[h]), Bn, Cn, yp, P, N);
       const T* zp = zr.p ? zr.at(b, h) : nullptr;
       for (int64_t p = 0; p < P; ++p) {
-        const T dx = d * xp[p];
-        const T* row = s + (bh * P + p) * N;
-        T* nrow = sn + (bh * P + p) * N;
-        T acc = 0;
-        for (int64_t n = 0; n < N; ++n) {
-          const T v = decay * row[n] + dx * Bn[n];
-          nrow[n] = v;
-          acc += v * Cn[n];
-        }
-        if (skip) acc += skip[h] * xp[p];
-        if (zp) acc *= zp[p] / (T(1) + std::exp(-zp[p]));
-        out[bh * P + p] = acc;
+        if (skip) yp[p] += skip[h] * xp[p];
+        if (zp) yp[p] *= zp[p] / (T(1) + std::exp(-zp[p]));
       }
     });
   });
   return {in_dtype(y, x.scalar_type()), Sn};
+}
+
+// The short conv's window step over one row of D channels (weight [D, W], bias [D] or null, s and next
+// [D, W-1] oldest first): out = silu(bias + sum_j weight[:, j] window[:, j]) and next, the window's last
+// W-1 columns (seqmix/kernels/conv/step.py).
+template <typename T>
+void conv_silu_row(const T* x, const T* w, const T* bias, const T* s, T* next, T* out, int64_t D, int64_t W) {
+  const int64_t S = W - 1;
+  for (int64_t d = 0; d < D; ++d) {
+    const T *sd = s + d * S, *wd = w + d * W;
+    T* nd = next + d * S;
+    T acc = bias ? bias[d] : T(0);
+    for (int64_t j = 0; j < S; ++j) acc += wd[j] * sd[j];
+    acc += wd[S] * x[d];
+    for (int64_t j = 0; j + 1 < S; ++j) nd[j] = sd[j + 1];
+    if (S > 0) nd[S - 1] = x[d];
+    out[d] = acc;
+  }
+  silu_inplace<T>(out, D);
+}
+
+// y = y rsqrt(mean(y^2) + eps) w over n values, in place (seqmix/archs/modules.py's RMSNorm).
+template <typename T>
+void rms_norm_inplace(T* y, const T* w, double eps, int64_t n) {
+  T ss = 0;
+  for (int64_t j = 0; j < n; ++j) ss += y[j] * y[j];
+  const T scale = T(1) / std::sqrt(ss / T(n) + T(eps));
+  for (int64_t j = 0; j < n; ++j) y[j] = y[j] * scale * w[j];
+}
+
+// A tensor's values in `dtype`, contiguous (weights and the conv state).
+at::Tensor dense(const at::Tensor& t, at::ScalarType dtype) {
+  return in_dtype(t, dtype).contiguous();
+}
+
+// One token of a Mamba-2 layer between its two projections (seqmix/archs/mamba2.py), in one call: f
+// [B, d_inner + conv_dim + H] is in_proj's output, z | x B C | dt; the short conv with SiLU over x B C
+// (conv_weight [conv_dim, W], conv_bias [conv_dim], conv_state [B, conv_dim, W-1]); SSD over H heads of P
+// (ssm_state [B, H, P, N], B and C in G = (conv_dim - d_inner) / 2N groups) with dt' = clamp(softplus?(dt +
+// dt_bias), lo, hi), A and D [H]; y = (h' C + D x) silu(z); y's RMSNorm over d_inner (norm_weight). Returns
+// y [B, d_inner] in f's dtype and the two new states (float32, float64 for float64 f).
+std::vector<at::Tensor> mamba2_step(const at::Tensor& f, const at::Tensor& conv_weight, const at::Tensor& conv_bias,
+                                    const at::Tensor& conv_state, const at::Tensor& A, const at::Tensor& D,
+                                    const at::Tensor& dt_bias, bool softplus, double lo, double hi,
+                                    const at::Tensor& ssm_state, const at::Tensor& norm_weight, double eps) {
+  check_cpu({f, conv_weight, conv_bias, conv_state, A, D, dt_bias, ssm_state, norm_weight}, "mamba2_step_cpu");
+  TORCH_CHECK(f.dim() == 2 && ssm_state.dim() == 4 && conv_weight.dim() == 2 && conv_state.dim() == 3,
+              "mamba2_step_cpu: f [B, F], ssm_state [B, H, P, N], conv_weight [C, W], conv_state [B, C, W-1]");
+  const auto dtype = compute_dtype(f);
+  const int64_t B = f.size(0), H = ssm_state.size(1), P = ssm_state.size(2), N = ssm_state.size(3);
+  const int64_t inner = H * P, channels = conv_weight.size(0), W = conv_weight.size(1);
+  const int64_t G = N > 0 ? (channels - inner) / (2 * N) : 0;
+  TORCH_CHECK(G > 0 && channels == inner + 2 * G * N && H % G == 0 && f.size(1) == inner + channels + H &&
+                  ssm_state.size(0) == B && conv_state.size(0) == B && conv_state.size(1) == channels &&
+                  conv_state.size(2) == W - 1 && A.numel() == H && D.numel() == H && dt_bias.numel() == H &&
+                  conv_bias.numel() == channels && norm_weight.numel() == inner,
+              "mamba2_step_cpu: the shapes do not describe one Mamba-2 layer");
+  const at::Tensor fc = prepared(f, dtype), S = prepared_state(ssm_state, dtype), cs = dense(conv_state, dtype);
+  const at::Tensor cw = dense(conv_weight, dtype), cb = dense(conv_bias, dtype), Ac = dense(A, dtype);
+  const at::Tensor Dc = dense(D, dtype), biasc = dense(dt_bias, dtype), nw = dense(norm_weight, dtype);
+  at::Tensor Sn = at::empty({B, H, P, N}, f.options().dtype(dtype));
+  at::Tensor cn = at::empty({B, channels, W - 1}, f.options().dtype(dtype));
+  at::Tensor y = at::empty({B, inner}, f.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "mamba2_step_cpu", [&] {
+    using T = scalar_t;
+    const T *fp = fc.data_ptr<T>(), *s = S.data_ptr<T>(), *csp = cs.data_ptr<T>();
+    const T *cwp = cw.data_ptr<T>(), *cbp = cb.data_ptr<T>(), *a_rate = Ac.data_ptr<T>();
+    const T *skip = Dc.data_ptr<T>(), *bias = biasc.data_ptr<T>(), *nwp = nw.data_ptr<T>();
+    T *sn = Sn.data_ptr<T>(), *cnp = cn.data_ptr<T>(), *yp = y.data_ptr<T>();
+    const int64_t heads_per_group = H / G, row_stride = fc.stride(0);
+    const int64_t grain = std::max<int64_t>(1, kValuesPerTask / std::max<int64_t>(H * P * N, 1));
+    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+      std::vector<T> buffer(channels + inner);
+      T *xbc = buffer.data(), *gate = xbc + channels;
+      for (int64_t b = begin; b < end; ++b) {
+        const T* row = fp + b * row_stride;  // z | x B C | dt
+        conv_silu_row<T>(row + inner, cwp, cbp, csp + b * channels * (W - 1), cnp + b * channels * (W - 1), xbc,
+                         channels, W);
+        std::copy(row, row + inner, gate);
+        silu_inplace<T>(gate, inner);
+        const T *xs = xbc, *Bs = xbc + inner, *Cs = Bs + G * N, *dt = row + inner + channels;
+        T* yb = yp + b * inner;
+        for (int64_t h = 0; h < H; ++h) {
+          const T d = ssd_dt<T>(dt[h] + bias[h], softplus, lo, hi);
+          const int64_t g = h / heads_per_group, bh = b * H + h;
+          ssd_head<T>(s + bh * P * N, sn + bh * P * N, xs + h * P, d, std::exp(d * a_rate[h]), Bs + g * N,
+                      Cs + g * N, yb + h * P, P, N);
+          for (int64_t p = h * P; p < (h + 1) * P; ++p) yb[p] = (yb[p] + skip[h] * xs[p]) * gate[p];
+        }
+        rms_norm_inplace(yb, nwp, eps, inner);
+      }
+    });
+  });
+  return {in_dtype(y, f.scalar_type()), cn, Sn};
+}
+
+// One token of a DeltaNet or Gated DeltaNet layer between its projections (seqmix/archs/deltanet.py), in one call:
+// f [B, F] is the one projection's output, q|k|v [2 H K + H V] | the output gate [H V] (with has_gate) | b [H] |
+// a [H] (with A_log); the short conv with SiLU over q|k|v (conv_weight [2 H K + H V, W], no bias, conv_state
+// [B, 2 H K + H V, W-1]; without them SiLU alone); q and k L2-normalised per head (l2_eps); beta = sigmoid(b);
+// the decay g = -exp(A_log) softplus(a + dt_bias) (no decay without A_log); the (gated) delta rule's step on
+// state [B, H, K, V] (delta_head); each head's output RMS-normalised over V (norm_weight [V], norm_eps) and
+// multiplied by silu(gate). Returns o [B, H V] in f's dtype, the conv state (an empty tensor without a conv)
+// and the rule's state, the states float32 (float64 for float64 f) and new tensors.
+std::vector<at::Tensor> deltanet_step(const at::Tensor& f, const c10::optional<at::Tensor>& conv_weight,
+                                      const c10::optional<at::Tensor>& conv_state, const at::Tensor& state,
+                                      const c10::optional<at::Tensor>& A_log, const c10::optional<at::Tensor>& dt_bias,
+                                      const at::Tensor& norm_weight, double norm_eps, bool has_gate, double scale,
+                                      double l2_eps) {
+  check_cpu({f, conv_weight.value_or(at::Tensor()), conv_state.value_or(at::Tensor()), state,
+             A_log.value_or(at::Tensor()), dt_bias.value_or(at::Tensor()), norm_weight},
+            "deltanet_step_cpu");
+  const bool conv = conv_weight.has_value(), decay = A_log.has_value();
+  TORCH_CHECK(f.dim() == 2 && state.dim() == 4 && conv == conv_state.has_value() && decay == dt_bias.has_value(),
+              "deltanet_step_cpu: f [B, F], state [B, H, K, V], the conv's weight and state together, A_log and "
+              "dt_bias together");
+  const auto dtype = compute_dtype(f);
+  const int64_t B = f.size(0), H = state.size(1), K = state.size(2), V = state.size(3);
+  const int64_t channels = 2 * H * K + H * V, W = conv ? conv_weight->size(1) : 1;
+  TORCH_CHECK(state.size(0) == B && f.size(1) == channels + (has_gate ? H * V : 0) + (decay ? 2 * H : H) &&
+                  norm_weight.numel() == V && (!decay || (A_log->numel() == H && dt_bias->numel() == H)) &&
+                  (!conv || (conv_weight->dim() == 2 && conv_weight->size(0) == channels && conv_state->dim() == 3 &&
+                             conv_state->size(0) == B && conv_state->size(1) == channels &&
+                             conv_state->size(2) == W - 1)),
+              "deltanet_step_cpu: the shapes do not describe one DeltaNet layer");
+  const at::Tensor fc = prepared(f, dtype), S = prepared_state(state, dtype), nw = dense(norm_weight, dtype);
+  const at::Tensor cw = conv ? dense(*conv_weight, dtype) : at::Tensor();
+  const at::Tensor cs = conv ? dense(*conv_state, dtype) : at::Tensor();
+  const at::Tensor al = decay ? dense(*A_log, dtype) : at::Tensor(), db = decay ? dense(*dt_bias, dtype) : at::Tensor();
+  at::Tensor Sn = at::empty({B, H, K, V}, f.options().dtype(dtype));
+  const std::vector<int64_t> window_shape =
+      conv ? std::vector<int64_t>{B, channels, W - 1} : std::vector<int64_t>{0, 0, 0};
+  at::Tensor cn = at::empty(window_shape, f.options().dtype(dtype));  // empty without a conv
+  at::Tensor o = at::empty({B, H * V}, f.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "deltanet_step_cpu", [&] {
+    using T = scalar_t;
+    const T *fp = fc.data_ptr<T>(), *s = S.data_ptr<T>(), *nwp = nw.data_ptr<T>();
+    const T *cwp = conv ? cw.data_ptr<T>() : nullptr, *csp = conv ? cs.data_ptr<T>() : nullptr;
+    const T *alp = decay ? al.data_ptr<T>() : nullptr, *dbp = decay ? db.data_ptr<T>() : nullptr;
+    T *sn = Sn.data_ptr<T>(), *cnp = conv ? cn.data_ptr<T>() : nullptr, *op = o.data_ptr<T>();
+    const int64_t row_stride = fc.stride(0);
+    const int64_t grain = std::max<int64_t>(1, kValuesPerTask / std::max<int64_t>(H * K * V, 1));
+    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+      std::vector<T> buffer(channels + V);
+      T *qkv = buffer.data(), *w = qkv + channels;
+      for (int64_t b = begin; b < end; ++b) {
+        const T* row = fp + b * row_stride;  // q|k|v | gate | b | a
+        if (conv) {
+          const int64_t window = channels * (W - 1);
+          conv_silu_row<T>(row, cwp, nullptr, csp + b * window, cnp + b * window, qkv, channels, W);
+        } else {
+          std::copy(row, row + channels, qkv);
+          silu_inplace<T>(qkv, channels);
+        }
+        for (int64_t r = 0; r < 2 * H; ++r) {  // q and k: x rsqrt(sum(x^2) + eps) per head
+          T* x = qkv + r * K;
+          T ss = 0;
+          for (int64_t i = 0; i < K; ++i) ss += x[i] * x[i];
+          const T inv = T(1) / std::sqrt(ss + T(l2_eps));
+          for (int64_t i = 0; i < K; ++i) x[i] *= inv;
+        }
+        const T* gate = has_gate ? row + channels : nullptr;
+        const T* strengths = row + channels + (has_gate ? H * V : 0);  // b, then a
+        T* ob = op + b * H * V;
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t bh = b * H + h;
+          const T beta = T(1) / (T(1) + std::exp(-strengths[h]));
+          T a = 1;
+          if (decay) {
+            T sp = strengths[H + h] + dbp[h];
+            if (sp <= T(kSoftplusThreshold)) sp = std::log1p(std::exp(sp));
+            a = std::exp(-(sp * std::exp(alp[h])));
+          }
+          T* oh = ob + h * V;
+          delta_head<T>(s + bh * K * V, sn + bh * K * V, qkv + h * K, qkv + (H + h) * K, qkv + 2 * H * K + h * V,
+                        beta, a, T(scale), oh, w, K, V);
+          T ss = 0;
+          for (int64_t j = 0; j < V; ++j) ss += oh[j] * oh[j];
+          const T inv = T(1) / std::sqrt(ss / T(V) + T(norm_eps));
+          for (int64_t j = 0; j < V; ++j) oh[j] = oh[j] * inv * nwp[j];
+          if (gate)
+            for (int64_t j = 0; j < V; ++j) {
+              const T gj = gate[h * V + j];
+              oh[j] *= gj / (T(1) + std::exp(-gj));
+            }
+        }
+      }
+    });
+  });
+  return {in_dtype(o, f.scalar_type()), cn, Sn};
 }
 
 }  // namespace
@@ -228,4 +476,6 @@ void bind_recurrent_steps(pybind11::module& m) {
   m.def("delta_rule_step", &delta_rule_step, "one token of the (gated) delta rule (CPU)");
   m.def("gla_step", &gla_step, "one token of gated linear attention (CPU)");
   m.def("ssd_step", &ssd_step, "one token of Mamba-2's SSD (CPU)");
+  m.def("deltanet_step", &deltanet_step, "one token of a (Gated) DeltaNet layer between its projections (CPU)");
+  m.def("mamba2_step", &mamba2_step, "one token of a Mamba-2 layer between its projections (CPU)");
 }

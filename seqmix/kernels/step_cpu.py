@@ -1,7 +1,8 @@
 """The recurrent rules' decoding steps as one C++ call each on CPU tensors (recurrent_step_cpu.cpp, built by
 seqmix/kernels/cpu.py): the delta rule and gated delta rule, GLA and Mamba-2's SSD; the short causal conv's
 step (conv/conv_step_cpu.cpp); and the row norms of seqmix/archs/modules.py (RMSNorm, gated or not, and
-l2_normalize; row_norm_cpu.cpp) without autograd.
+l2_normalize; row_norm_cpu.cpp) without autograd; and the Mamba-2 and (Gated) DeltaNet layers' decoding steps
+between their projections (:func:`mamba2_step`, :func:`deltanet_step`; the layers ask :func:`serves_layer`).
 
 The step functions (``seqmix.kernels.<family>.step``) hand a call here when :func:`serves` says so: CPU
 tensors, no gradient wanted (the C++ steps have no backward; autograd keeps the tensor ops), and the C++
@@ -33,6 +34,20 @@ def serves(op: str, like: Tensor, *tensors: Tensor | None) -> bool:
         # select_backend's automatic choice in a third of its time (about 1 us; a step is a few us).
         return limit is None and like.device.type == "cpu" and cpu.unavailable() is None
     return select_backend(op, None, like.device, ("cpu", "reference"), {"cpu": limit}) == "cpu"
+
+
+# The dtypes whose layer steps (mamba2_step, deltanet_step) take the C++ call: the tensor-op steps round a
+# half-precision layer's values between their ops, the C++ steps would not.
+_LAYER_STEP_DTYPES = (torch.float32, torch.float64)
+
+
+def serves_layer(op: str, x: Tensor, state: dict[str, Tensor], layer: torch.nn.Module) -> bool:
+    """Whether a layer's decoding step takes ``op``, its one C++ call between the projections: :func:`serves`
+    for x, the state and the layer's parameters (only gathered with autograd on: without it no gradient is
+    wanted, and a parameter's look-up costs as much as a small op), with x float32 or float64."""
+    if x.dtype not in _LAYER_STEP_DTYPES:
+        return False
+    return serves(op, x, x, *((*state.values(), *layer.parameters()) if torch.is_grad_enabled() else ()))
 
 
 def serves_when_ready(like: Tensor, *tensors: Tensor | None) -> bool:
@@ -108,6 +123,76 @@ def ssd_step(x, dt, A, B, C, state, D, z, dt_bias, dt_softplus: bool, dt_limit: 
         return _ssd_op(x, dt, A, B, C, state, D, z, dt_bias, dt_softplus, lo, hi)
     y, h = cpu.extension().ssd_step(x, dt, A, B, C, state, D, z, dt_bias, dt_softplus, lo, hi)
     return y, h
+
+
+@torch.library.custom_op("seqmix::mamba2_step_cpu", mutates_args=())
+def _mamba2_op(f: Tensor, conv_weight: Tensor, conv_bias: Tensor, conv_state: Tensor, A: Tensor, D: Tensor,
+               dt_bias: Tensor, dt_softplus: bool, dt_min: float, dt_max: float, ssm_state: Tensor,
+               norm_weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    y, conv, ssm = cpu.extension().mamba2_step(f, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_softplus,
+                                               dt_min, dt_max, ssm_state, norm_weight, eps)
+    return y, conv, ssm
+
+
+@_mamba2_op.register_fake
+def _(f, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_softplus, dt_min, dt_max, ssm_state, norm_weight,
+      eps):
+    inner = ssm_state.shape[1] * ssm_state.shape[2]
+    return f.new_empty(f.shape[0], inner), _state_like(conv_state, f), _state_like(ssm_state, f)
+
+
+def mamba2_step(f: Tensor, conv_weight: Tensor, conv_bias: Tensor, conv_state: Tensor, A: Tensor, D: Tensor,
+                dt_bias: Tensor, dt_softplus: bool, dt_limit: tuple[float, float], ssm_state: Tensor,
+                norm_weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """One token of a Mamba-2 layer between its projections (seqmix/archs/mamba2.py) in one call, no autograd:
+    from in_proj's output f [B, d_inner + conv_dim + H] (z | x B C | dt), the short conv's window step with
+    SiLU (conv_weight [conv_dim, W], conv_bias [conv_dim], conv_state [B, conv_dim, W-1]), SSD's step
+    (``seqmix.kernels.mamba2.step.ssd_step`` with A, D, dt_bias [H], ssm_state [B, H, P, N]; B and C in
+    G = (conv_dim - H P) / 2N groups), the gate silu(z) and the RMSNorm over H P (norm_weight, eps).
+    Returns (y [B, H P] in f's dtype, the conv state, the SSD state), the states float32 (float64 for
+    float64 f) and new tensors."""
+    lo, hi = float(dt_limit[0]), float(dt_limit[1])
+    args = (f, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_softplus, lo, hi, ssm_state, norm_weight, eps)
+    if torch.compiler.is_compiling():
+        return _mamba2_op(*args)
+    y, conv, ssm = cpu.extension().mamba2_step(*args)
+    return y, conv, ssm
+
+
+@torch.library.custom_op("seqmix::deltanet_step_cpu", mutates_args=())
+def _deltanet_op(f: Tensor, conv_weight: Tensor | None, conv_state: Tensor | None, state: Tensor,
+                 A_log: Tensor | None, dt_bias: Tensor | None, norm_weight: Tensor, norm_eps: float, has_gate: bool,
+                 scale: float, l2_eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    o, conv, S = cpu.extension().deltanet_step(f, conv_weight, conv_state, state, A_log, dt_bias, norm_weight,
+                                               norm_eps, has_gate, scale, l2_eps)
+    return o, conv, S
+
+
+@_deltanet_op.register_fake
+def _(f, conv_weight, conv_state, state, A_log, dt_bias, norm_weight, norm_eps, has_gate, scale, l2_eps):
+    conv = f.new_empty(0, 0, 0) if conv_state is None else conv_state
+    return (f.new_empty(f.shape[0], state.shape[1] * state.shape[3]), _state_like(conv, f),
+            _state_like(state, f))
+
+
+def deltanet_step(f: Tensor, conv_weight: Tensor | None, conv_state: Tensor | None, state: Tensor,
+                  A_log: Tensor | None, dt_bias: Tensor | None, norm_weight: Tensor, norm_eps: float, has_gate: bool,
+                  scale: float, l2_eps: float) -> tuple[Tensor, Tensor | None, Tensor]:
+    """One token of a DeltaNet or Gated DeltaNet layer between its projections (seqmix/archs/deltanet.py) in one
+    call, no autograd. f [B, F] is the one projection's output: q|k|v [2 H K + H V] | the output gate [H V]
+    (with ``has_gate``) | b [H] | a [H] (with A_log). The short conv's window step with SiLU over q|k|v
+    (conv_weight [2 H K + H V, W], conv_state [B, 2 H K + H V, W-1]; None: SiLU alone), q and k L2-normalised
+    per head (``l2_eps``), beta = sigmoid(b), g = -exp(A_log) softplus(a + dt_bias) (A_log, dt_bias [H]; None:
+    no decay), the (gated) delta rule's step on state [B, H, K, V] (``seqmix.kernels.deltanet.step``), each
+    head's output RMS-normalised over V (norm_weight [V], ``norm_eps``) and multiplied by silu(gate). Returns
+    (o [B, H V] in f's dtype, the conv state or None, the rule's state), the states float32 (float64 for
+    float64 f) and new tensors."""
+    args = (f, conv_weight, conv_state, state, A_log, dt_bias, norm_weight, norm_eps, has_gate, scale, l2_eps)
+    if torch.compiler.is_compiling():
+        o, conv, S = _deltanet_op(*args)
+    else:
+        o, conv, S = cpu.extension().deltanet_step(*args)
+    return o, None if conv_state is None else conv, S
 
 
 @torch.library.custom_op("seqmix::row_norm_cpu", mutates_args=())

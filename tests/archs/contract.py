@@ -80,3 +80,56 @@ def fused_matches_reference(make_layer, x, tol, expected_params=()):
     assert_rel(outs["triton"], outs["reference"], tol, "output")
     for name, a, b in zip(names, grads["triton"], grads["reference"], strict=True):
         assert_rel(a, b, tol, f"grad of {name}")
+
+
+def fused_decoding_step_equals_tensor_op_steps(layer, x, prefill, op, monkeypatch):
+    """A layer whose decoding step is one C++ call between its projections on the CPU (``op``, recorded as the
+    ``cpu`` choice; seqmix/kernels/step_cpu.py): with its parameters moved off their initial values, the
+    decoded outputs and states equal the tensor-op steps' (``SEQMIX_BACKEND=reference``) to 1e-12 in float64 and
+    1e-5 in float32, and the outputs equal the training call; one step traced with ``fullgraph=True`` (Dynamo's
+    eager backend) equals the eager step. CPU tensors, the C++ kernels built (the caller skips otherwise)."""
+    from seqmix.kernels.backend import recording
+
+    monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.2)
+    for dtype in (torch.float64, torch.float32):
+        layer, x = layer.to(dtype), x.to(dtype)
+
+        with recording() as choices:
+            y, state = _decode(layer, layer, x, prefill)
+        assert (op, "cpu") in {(c.op, c.backend) for c in choices}
+        with torch.no_grad():
+            full, _ = layer(x)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        assert_rel(y, full, tol * 10, f"{dtype}: decoded output against the training call")
+        monkeypatch.setenv("SEQMIX_BACKEND", "reference")
+        with recording() as choices:
+            want, want_state = _decode(layer, layer, x, prefill)
+        monkeypatch.delenv("SEQMIX_BACKEND")
+        taken = {(c.op, c.backend) for c in choices}
+        assert (op, "reference") in taken and (op, "cpu") not in taken
+        assert_rel(y, want, tol, f"{dtype}: decoded output against the tensor-op steps")
+        assert state.keys() == want_state.keys()
+        for name in state:
+            assert state[name].dtype == want_state[name].dtype
+            assert_rel(state[name], want_state[name], tol, f"{dtype}: state {name!r} against the tensor-op steps")
+    torch._dynamo.reset()
+    got, got_state = _decode(layer, torch.compile(layer, fullgraph=True, backend="eager"), x, prefill)
+    torch.testing.assert_close(got, y, rtol=0, atol=0)
+    for name in state:
+        torch.testing.assert_close(got_state[name], state[name], rtol=0, atol=0)
+
+
+def _decode(layer, step, x, prefill):
+    """x's first ``prefill`` tokens through ``layer``, then one token at a time through ``step`` (the layer or
+    its compiled form): the outputs [B, T, hidden] and the final state."""
+    with torch.no_grad():
+        y, state = layer(x[:, :prefill], layer.init_state(x.shape[0]))
+        steps = [y]
+        for t in range(prefill, x.shape[1]):
+            y, state = step(x[:, t : t + 1], state)
+            steps.append(y)
+    return torch.cat(steps, 1), state

@@ -6,7 +6,7 @@ import torch
 
 from seqmix.archs import DeltaNet, GatedDeltaNet
 from tests.archs import contract
-from tests.helpers import DEVICE, TOL, assert_rel
+from tests.helpers import DEVICE, TOL, assert_rel, require_cpu_kernels
 
 
 def _layer(backend, seed=0, **kw):
@@ -50,6 +50,17 @@ def test_decoding_step_equals_the_training_call_with_gradients(cls, kw):
         grads.append(torch.autograd.grad((y * w).sum(), [xg, *layer.parameters()]))
     for got, want in zip(*grads):
         assert_rel(got, want, TOL[torch.float32], "gradient through the decoding step")
+
+@pytest.mark.parametrize("cls", [DeltaNet, GatedDeltaNet])
+@pytest.mark.parametrize("kw", [{}, {"use_short_conv": False, "use_output_gate": False, "expand_v": 2.0}])
+def test_fused_cpu_decoding_step_equals_the_tensor_op_steps(cls, kw, monkeypatch):
+    """Both layers' decoding step as one C++ call (step_cpu.deltanet_step), with and without convs and gate."""
+    require_cpu_kernels()
+    torch.manual_seed(8)
+    layer = cls(hidden_size=32, num_heads=2, **kw)
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    contract.fused_decoding_step_equals_tensor_op_steps(layer, x, 4, "deltanet_step", monkeypatch)
+
 
 def test_configuration_errors():
     with pytest.raises(ValueError, match="not divisible by num_heads"):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from seqmix.archs import Mamba2
 from tests.archs import contract
-from tests.helpers import DEVICE, TOL
+from tests.helpers import DEVICE, TOL, require_cpu_kernels
 
 
 def _layer(backend, seed=0, **kw):
@@ -21,6 +21,12 @@ def _layer(backend, seed=0, **kw):
 def test_triton_layer_matches_reference_layer_with_gradients():
     x = torch.randn(2, 70, 32, generator=torch.Generator().manual_seed(1))
     contract.fused_matches_reference(lambda backend: _layer(backend, seed=3), x, TOL[torch.float32])
+
+
+def test_fused_cpu_decoding_step_equals_the_tensor_op_steps(monkeypatch):
+    require_cpu_kernels()
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    contract.fused_decoding_step_equals_tensor_op_steps(_layer(None, seed=5).cpu(), x, 4, "mamba2_step", monkeypatch)
 
 
 def test_initialisation():
