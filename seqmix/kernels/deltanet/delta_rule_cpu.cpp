@@ -24,6 +24,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../args_cpu.h"
 #include "../vec_cpu.h"
 
 namespace {
@@ -459,11 +460,6 @@ void with_vectors(int64_t nv, bool decay, const F& f) {
 }
 
 template <typename T>
-const T* data_or_null(const c10::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() && t->numel() > 0 ? t->data_ptr<T>() : nullptr;
-}
-
-template <typename T>
 Problem<T> problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta,
                    const c10::optional<at::Tensor>& g, const c10::optional<at::Tensor>& h0, const at::Tensor& cu,
                    const at::Tensor& chunk_offsets, int64_t chunk, double scale) {
@@ -481,26 +477,6 @@ void over_heads(int64_t nseq, int64_t H, const F& task) {
   });
 }
 
-void check_inputs(const std::vector<at::Tensor>& tensors, const at::Tensor& q) {
-  for (const auto& t : tensors) {
-    if (!t.defined() || t.numel() == 0) continue;
-    TORCH_CHECK(t.device().is_cpu(), "delta_rule_cpu: tensors must be on the CPU");
-    TORCH_CHECK(t.is_contiguous(), "delta_rule_cpu: tensors must be contiguous");
-    TORCH_CHECK(t.scalar_type() == q.scalar_type(), "delta_rule_cpu: tensors must all be in q's dtype");
-  }
-}
-
-void check_bounds(const at::Tensor& cu_seqlens, const at::Tensor& chunk_offsets) {
-  TORCH_CHECK(cu_seqlens.scalar_type() == at::kLong && chunk_offsets.scalar_type() == at::kLong,
-              "delta_rule_cpu: cu_seqlens and chunk_offsets must be int64");
-  TORCH_CHECK(cu_seqlens.is_contiguous() && chunk_offsets.is_contiguous(),
-              "delta_rule_cpu: cu_seqlens and chunk_offsets must be contiguous");
-}
-
-at::Tensor opt_or_empty(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? *t : at::Tensor();
-}
-
 }  // namespace
 
 // Returns (o [L, H, V], the final state [Nseq, H, K, V] or empty, the checkpoints [NC, H, K, padded V] or
@@ -510,8 +486,8 @@ std::vector<at::Tensor> delta_rule_fwd(const at::Tensor& q, const at::Tensor& k,
                                        const c10::optional<at::Tensor>& h0, const at::Tensor& cu_seqlens,
                                        const at::Tensor& chunk_offsets, int64_t chunk, int64_t num_chunks,
                                        double scale, bool store_final, bool store_chunks) {
-  check_inputs({q, k, v, beta, opt_or_empty(g), opt_or_empty(h0)}, q);
-  check_bounds(cu_seqlens, chunk_offsets);
+  check_tensors("delta_rule_cpu", {q, k, v, beta, opt_or_empty(g), opt_or_empty(h0)}, &q, "q");
+  check_offsets("delta_rule_cpu", cu_seqlens, chunk_offsets);
   TORCH_CHECK(chunk > 0, "delta_rule_cpu: chunk must be positive");
   const int64_t nseq = cu_seqlens.numel() - 1, H = q.size(1), K = q.size(2), V = v.size(2);
   at::Tensor out = at::empty({q.size(0), H, V}, q.options());
@@ -538,8 +514,8 @@ std::vector<at::Tensor> delta_rule_bwd(const at::Tensor& q, const at::Tensor& k,
                                        const at::Tensor& cu_seqlens, const at::Tensor& chunk_offsets,
                                        const at::Tensor& hc, int64_t chunk, double scale, const at::Tensor& dout,
                                        const c10::optional<at::Tensor>& dht, bool need_dh0) {
-  check_inputs({q, k, v, beta, opt_or_empty(g), hc, dout, opt_or_empty(dht)}, q);
-  check_bounds(cu_seqlens, chunk_offsets);
+  check_tensors("delta_rule_cpu", {q, k, v, beta, opt_or_empty(g), hc, dout, opt_or_empty(dht)}, &q, "q");
+  check_offsets("delta_rule_cpu", cu_seqlens, chunk_offsets);
   const int64_t nseq = cu_seqlens.numel() - 1, H = q.size(1), K = q.size(2);
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v), dbeta = at::empty_like(beta);
   const bool gated = g.has_value() && g->defined() && g->numel() > 0;

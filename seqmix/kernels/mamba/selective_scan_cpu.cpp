@@ -23,6 +23,7 @@
 
 #include <ATen/Parallel.h>
 
+#include "../args_cpu.h"
 #include "../vec_cpu.h"
 
 #include <algorithm>
@@ -433,11 +434,6 @@ void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64
 }
 
 template <typename T>
-const T* data_or_null(const c10::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() && t->numel() > 0 ? t->data_ptr<T>() : nullptr;
-}
-
-template <typename T>
 Problem<T> problem(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                    const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
                    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& h0,
@@ -460,18 +456,6 @@ void over_tasks(const Problem<T>& p, const BlockPlan& plan, const F& task) {
   });
 }
 
-void check_inputs(const std::vector<at::Tensor>& tensors) {
-  for (const auto& t : tensors) {
-    if (!t.defined()) continue;
-    TORCH_CHECK(t.device().is_cpu(), "selective_scan_cpu: tensors must be on the CPU");
-    TORCH_CHECK(t.is_contiguous(), "selective_scan_cpu: tensors must be contiguous");
-  }
-}
-
-at::Tensor opt_or_empty(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? *t : at::Tensor();
-}
-
 }  // namespace
 
 // Returns (out [L, D], final state [Nseq, D, N] or empty, checkpoints [NC, padded D * N] or empty).
@@ -482,10 +466,9 @@ std::vector<at::Tensor> selective_scan_fwd(const at::Tensor& u, const at::Tensor
                                            const c10::optional<at::Tensor>& h0, const at::Tensor& cu_seqlens,
                                            const at::Tensor& chunk_offsets, int64_t chunk, int64_t num_chunks,
                                            bool softplus, bool store_final, bool store_chunks) {
-  check_inputs({u, delta, A, B, C, opt_or_empty(D), opt_or_empty(z), opt_or_empty(bias), opt_or_empty(h0),
-                cu_seqlens, chunk_offsets});
-  TORCH_CHECK(cu_seqlens.scalar_type() == at::kLong && chunk_offsets.scalar_type() == at::kLong,
-              "selective_scan_cpu: cu_seqlens and chunk_offsets must be int64");
+  check_tensors("selective_scan_cpu",
+                {u, delta, A, B, C, opt_or_empty(D), opt_or_empty(z), opt_or_empty(bias), opt_or_empty(h0)});
+  check_offsets("selective_scan_cpu", cu_seqlens, chunk_offsets);
   const int64_t nseq = cu_seqlens.numel() - 1, dim = u.size(1), N = A.size(1);
   at::Tensor out = at::empty_like(u);
   at::Tensor ht = store_final ? at::empty({nseq, dim, N}, u.options()) : at::empty({0}, u.options());
@@ -511,8 +494,9 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
                                            const at::Tensor& chunk_offsets, const at::Tensor& hc, int64_t chunk,
                                            bool softplus, const at::Tensor& dout,
                                            const c10::optional<at::Tensor>& dht, bool need_dh0) {
-  check_inputs({u, delta, A, B, C, opt_or_empty(D), opt_or_empty(z), opt_or_empty(bias), cu_seqlens, chunk_offsets,
-                hc, dout, opt_or_empty(dht)});
+  check_tensors("selective_scan_cpu",
+                {u, delta, A, B, C, opt_or_empty(D), opt_or_empty(z), opt_or_empty(bias), hc, dout, opt_or_empty(dht)});
+  check_offsets("selective_scan_cpu", cu_seqlens, chunk_offsets);
   const int64_t nseq = cu_seqlens.numel() - 1, L = u.size(0), dim = u.size(1), G = B.size(1), N = A.size(1);
   at::Tensor du = at::empty_like(u), ddelta = at::empty_like(u);
   at::Tensor dz = z.has_value() ? at::empty_like(u) : at::empty({0}, u.options());

@@ -25,6 +25,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../args_cpu.h"
 #include "../vec_cpu.h"
 
 namespace {
@@ -531,15 +532,6 @@ void bwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, const Gr
 }
 
 template <typename T>
-T* data_or_null(const at::Tensor& t) {
-  return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
-}
-
-at::Tensor opt_or_empty(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? *t : at::Tensor();
-}
-
-template <typename T>
 Problem<T> problem(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& B, const at::Tensor& C,
                    const at::Tensor& z, const at::Tensor& A, const at::Tensor& D, const at::Tensor& dt_bias,
                    const at::Tensor& h0, const at::Tensor& cu_seqlens, const at::Tensor& chunk_offsets,
@@ -560,21 +552,9 @@ void over_groups(const Problem<T>& p, int64_t nseq, const F& task) {
   });
 }
 
-void check_inputs(const std::vector<at::Tensor>& tensors, const at::Tensor& x) {
-  for (const auto& t : tensors) {
-    if (!t.defined() || t.numel() == 0) continue;
-    TORCH_CHECK(t.device().is_cpu(), "ssd_cpu: tensors must be on the CPU");
-    TORCH_CHECK(t.is_contiguous(), "ssd_cpu: tensors must be contiguous");
-    TORCH_CHECK(t.scalar_type() == x.scalar_type(), "ssd_cpu: tensors must all be in x's dtype");
-  }
-}
-
-void check_bounds(const at::Tensor& x, const at::Tensor& B, const at::Tensor& cu_seqlens,
-                  const at::Tensor& chunk_offsets, int64_t chunk) {
-  TORCH_CHECK(cu_seqlens.scalar_type() == at::kLong && chunk_offsets.scalar_type() == at::kLong,
-              "ssd_cpu: cu_seqlens and chunk_offsets must be int64");
-  TORCH_CHECK(cu_seqlens.is_contiguous() && chunk_offsets.is_contiguous(),
-              "ssd_cpu: cu_seqlens and chunk_offsets must be contiguous");
+void check_sizes(const at::Tensor& x, const at::Tensor& B, const at::Tensor& cu_seqlens,
+                 const at::Tensor& chunk_offsets, int64_t chunk) {
+  check_offsets("ssd_cpu", cu_seqlens, chunk_offsets);
   TORCH_CHECK(chunk > 0 && chunk % 16 == 0, "ssd_cpu: chunk must be a positive multiple of 16");
   TORCH_CHECK(x.dim() == 3 && B.dim() == 3 && x.size(1) % B.size(1) == 0,
               "ssd_cpu: x must be [L, H, P] and B [L, G, N] with G dividing H");
@@ -592,8 +572,8 @@ std::vector<at::Tensor> ssd_fwd(const at::Tensor& x, const at::Tensor& dt, const
                                 const at::Tensor& chunk_offsets, int64_t chunk, int64_t num_chunks, bool softplus,
                                 double lo, double hi, bool store_final, bool store_chunks) {
   const at::Tensor zt = opt_or_empty(z), Dt = opt_or_empty(D), bt = opt_or_empty(dt_bias), ht0 = opt_or_empty(h0);
-  check_inputs({x, dt, B, C, zt, A, Dt, bt, ht0}, x);
-  check_bounds(x, B, cu_seqlens, chunk_offsets, chunk);
+  check_tensors("ssd_cpu", {x, dt, B, C, zt, A, Dt, bt, ht0}, &x, "x");
+  check_sizes(x, B, cu_seqlens, chunk_offsets, chunk);
   const int64_t nseq = cu_seqlens.numel() - 1, H = x.size(1), P = x.size(2), G = B.size(1), N = B.size(2);
   const auto empty = at::empty({0}, x.options());
   at::Tensor out = at::empty_like(x);
@@ -622,8 +602,8 @@ std::vector<at::Tensor> ssd_bwd(const at::Tensor& x, const at::Tensor& dt, const
                                 int64_t chunk, bool softplus, double lo, double hi, const at::Tensor& dout,
                                 const c10::optional<at::Tensor>& dht, bool need_dh0) {
   const at::Tensor zt = opt_or_empty(z), Dt = opt_or_empty(D), bt = opt_or_empty(dt_bias), dhtt = opt_or_empty(dht);
-  check_inputs({x, dt, B, C, zt, A, Dt, bt, hc, y_in, y_pre, dout, dhtt}, x);
-  check_bounds(x, B, cu_seqlens, chunk_offsets, chunk);
+  check_tensors("ssd_cpu", {x, dt, B, C, zt, A, Dt, bt, hc, y_in, y_pre, dout, dhtt}, &x, "x");
+  check_sizes(x, B, cu_seqlens, chunk_offsets, chunk);
   const int64_t nseq = cu_seqlens.numel() - 1, H = x.size(1), P = x.size(2), G = B.size(1), N = B.size(2);
   const auto empty = at::empty({0}, x.options());
   const bool gated = zt.defined() && zt.numel() > 0;
