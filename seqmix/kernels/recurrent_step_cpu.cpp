@@ -22,11 +22,14 @@
 #include <cstdint>
 #include <vector>
 
+#include "rows_cpu.h"
 #include "vec_cpu.h"
 
 namespace {
 
+using seqmix_cpu::conv_window_row;
 using seqmix_cpu::exp_v;
+using seqmix_cpu::lane_sum;
 using seqmix_cpu::Lanes;
 using seqmix_cpu::load;
 using seqmix_cpu::load_part;
@@ -179,13 +182,6 @@ std::vector<at::Tensor> gla_step(const at::Tensor& q, const at::Tensor& k, const
   return {in_dtype(o, q.scalar_type()), Sn};
 }
 
-template <typename T>
-T lane_sum(Vec<T> v) {
-  T s = 0;
-  for (int l = 0; l < Lanes<T>::W; ++l) s += v[l];
-  return s;
-}
-
 // SiLU of n values in place, a vector at a time (libm's exp is one call per element).
 template <typename T>
 void silu_inplace(T* v, int64_t n) {
@@ -280,31 +276,17 @@ std::vector<at::Tensor> ssd_step(const at::Tensor& x, const at::Tensor& dt, cons
   return {in_dtype(y, x.scalar_type()), Sn};
 }
 
-// The short conv's window step over one row of D channels (weight [D, W], bias [D] or null, s and next
-// [D, W-1] oldest first): out = silu(bias + sum_j weight[:, j] window[:, j]) and next, the window's last
-// W-1 columns (seqmix/kernels/conv/step.py).
+// The short conv's window step over one row of D channels, then SiLU (rows_cpu.h's conv_window_row).
 template <typename T>
 void conv_silu_row(const T* x, const T* w, const T* bias, const T* s, T* next, T* out, int64_t D, int64_t W) {
-  const int64_t S = W - 1;
-  for (int64_t d = 0; d < D; ++d) {
-    const T *sd = s + d * S, *wd = w + d * W;
-    T* nd = next + d * S;
-    T acc = bias ? bias[d] : T(0);
-    for (int64_t j = 0; j < S; ++j) acc += wd[j] * sd[j];
-    acc += wd[S] * x[d];
-    for (int64_t j = 0; j + 1 < S; ++j) nd[j] = sd[j + 1];
-    if (S > 0) nd[S - 1] = x[d];
-    out[d] = acc;
-  }
+  conv_window_row(x, w, bias, s, next, out, D, W);
   silu_inplace<T>(out, D);
 }
 
 // y = y rsqrt(mean(y^2) + eps) w over n values, in place (seqmix/archs/modules.py's RMSNorm).
 template <typename T>
 void rms_norm_inplace(T* y, const T* w, double eps, int64_t n) {
-  T ss = 0;
-  for (int64_t j = 0; j < n; ++j) ss += y[j] * y[j];
-  const T scale = T(1) / std::sqrt(ss / T(n) + T(eps));
+  const T scale = seqmix_cpu::rms_scale(y, n, T(1) / T(n), eps);
   for (int64_t j = 0; j < n; ++j) y[j] = y[j] * scale * w[j];
 }
 

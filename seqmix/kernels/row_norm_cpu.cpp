@@ -12,6 +12,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "rows_cpu.h"
+
 namespace {
 
 constexpr int64_t kValuesPerTask = 1 << 15;  // values per thread task: below it the rows run inline
@@ -44,9 +46,7 @@ at::Tensor row_norm(const at::Tensor& x, const c10::optional<at::Tensor>& weight
       for (int64_t r = begin; r < end; ++r) {
         const T* xr = xp + r * D;
         T* yr = yp + r * D;
-        T ss = 0;
-        for (int64_t j = 0; j < D; ++j) ss += xr[j] * xr[j];
-        const T scale = T(1) / std::sqrt(ss * inv_n + T(eps));
+        const T scale = seqmix_cpu::rms_scale(xr, D, inv_n, eps);
         for (int64_t j = 0; j < D; ++j) yr[j] = xr[j] * scale;
         if (wp)
           for (int64_t j = 0; j < D; ++j) yr[j] *= wp[j];

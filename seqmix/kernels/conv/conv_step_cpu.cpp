@@ -13,6 +13,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "../rows_cpu.h"
+
 namespace {
 
 constexpr int64_t kValuesPerTask = 1 << 15;  // window values per thread task: below it the rows run inline
@@ -42,18 +44,10 @@ std::vector<at::Tensor> causal_conv1d_step(const at::Tensor& x, const at::Tensor
     const int64_t grain = std::max<int64_t>(1, kValuesPerTask / std::max<int64_t>(D * W, 1));
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        for (int64_t d = 0; d < D; ++d) {
-          const T* s = sp + (b * D + d) * S;
-          const T* w = wp + d * W;
-          T* n = np + (b * D + d) * S;
-          const T xv = xp[b * D + d];
-          T acc = bp ? bp[d] : T(0);
-          for (int64_t j = 0; j < S; ++j) acc += w[j] * s[j];
-          acc += w[S] * xv;
-          for (int64_t j = 0; j + 1 < S; ++j) n[j] = s[j + 1];
-          if (S > 0) n[S - 1] = xv;
-          op[b * D + d] = silu ? acc / (T(1) + std::exp(-acc)) : acc;
-        }
+        T* o = op + b * D;
+        seqmix_cpu::conv_window_row(xp + b * D, wp, bp, sp + b * D * S, np + b * D * S, o, D, W);
+        if (silu)
+          for (int64_t d = 0; d < D; ++d) o[d] = o[d] / (T(1) + std::exp(-o[d]));
       }
     });
   });

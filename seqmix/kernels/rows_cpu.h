@@ -1,0 +1,39 @@
+// Row operations of the one-token C++ CPU kernels, written once for the short conv's step
+// (conv/conv_step_cpu.cpp), the row norms (row_norm_cpu.cpp) and the layers' decoding steps
+// (recurrent_step_cpu.cpp).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+namespace seqmix_cpu {
+
+// The short conv's window step over one row of D channels (weight [D, W], bias [D] or null, s and next
+// [D, W-1] oldest first): out = bias + sum_j weight[:, j] window[:, j] over the window of s followed by x,
+// before any activation, and next, the window's last W-1 columns (seqmix/kernels/conv/step.py).
+template <typename T>
+inline void conv_window_row(const T* x, const T* w, const T* bias, const T* s, T* next, T* out, int64_t D,
+                            int64_t W) {
+  const int64_t S = W - 1;
+  for (int64_t d = 0; d < D; ++d) {
+    const T *sd = s + d * S, *wd = w + d * W;
+    T* nd = next + d * S;
+    T acc = bias ? bias[d] : T(0);
+    for (int64_t j = 0; j < S; ++j) acc += wd[j] * sd[j];
+    acc += wd[S] * x[d];
+    for (int64_t j = 0; j + 1 < S; ++j) nd[j] = sd[j + 1];
+    if (S > 0) nd[S - 1] = x[d];
+    out[d] = acc;
+  }
+}
+
+// 1 / sqrt(sum(x^2) inv_n + eps) over a row of n values: RMSNorm's scale with inv_n = 1 / n, the L2 norm's
+// with inv_n = 1 (seqmix/archs/modules.py).
+template <typename T>
+inline T rms_scale(const T* x, int64_t n, T inv_n, double eps) {
+  T ss = 0;
+  for (int64_t j = 0; j < n; ++j) ss += x[j] * x[j];
+  return T(1) / std::sqrt(ss * inv_n + T(eps));
+}
+
+}  // namespace seqmix_cpu
