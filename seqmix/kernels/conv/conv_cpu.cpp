@@ -9,14 +9,16 @@
 // sequences.py). pre[t] = bias + sum_j weight[:, j] xs[t - (W-1) + j] over xs = [h0^T, x] per sequence,
 // out = silu?(pre); the final state is xs's last W-1 rows.
 //
-// One task owns one chunk of tokens and one block of channels. It takes the block one vector of channels
-// (the lanes) at a time through the chunk's tokens in order, with the W rows of xs a token reads, the taps
-// and, in the backward, the last W values of dpre and the sums of dweight and dbias in registers (widths
-// 1-4 are template arguments); so x, dout, out and dx each pass through memory once. The backward recomputes
-// pre and dpre = dout silu'(pre) token by token; the gradient of row q of xs (a row of dx, or of the initial
-// state's gradient before the sequence) is sum_j weight[:, j] dpre[q + (W-1) - j], complete once dpre[q + W-1]
-// is: the W-1 tokens after the chunk are recomputed by the task. dweight and dbias go to one partial row per
-// chunk, added up in chunk order at the end: no atomics, and the sums do not depend on the number of threads.
+// One task owns one chunk of tokens and one block of channels and walks the chunk's tokens in order, a row
+// of the block at a time: the rows of x, dout, out and dx stream through memory once, in the order they lie,
+// while the block's taps (transposed to [W, block]), its bias and, in the backward, the last W rows of dpre
+// and the sums of dweight and dbias stay in small arrays in L1. (A lane of channels walked down a column of
+// rows D values apart missed the cache at every token: docs/design.md, "CPU references (issue 14)".) The
+// backward recomputes pre and dpre = dout silu'(pre) token by token; the gradient of row q of xs (a row of
+// dx, or of the initial state's gradient before the sequence) is sum_j weight[:, j] dpre[q + (W-1) - j],
+// complete once dpre[q + W-1] is: the W-1 tokens after the chunk are recomputed by the task. dweight and
+// dbias go to one partial row per chunk, added up in chunk order at the end: no atomics, and the sums do not
+// depend on the number of threads.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -84,64 +86,49 @@ inline Vec<T> get(const T* src, int64_t count) {
   return count >= Lanes<T>::W ? load(src) : load_part(src, count);
 }
 
-// Lanes [0, count) of column k of rows [d, d + count) of a [*, stride] array (weight [D, W], a state
-// [N, D, W-1]): a strided gather, once per vector and task.
-template <typename T>
-inline Vec<T> column(const T* a, int64_t d, int64_t stride, int64_t k, int64_t count) {
-  alignas(64) T lanes[Lanes<T>::W] = {};
-  for (int64_t i = 0; i < std::min<int64_t>(count, Lanes<T>::W); ++i) lanes[i] = a[(d + i) * stride + k];
-  return load(lanes);
-}
-
-template <typename T>
-inline void scatter_column(T* a, int64_t d, int64_t stride, int64_t k, Vec<T> v, int64_t count) {
-  alignas(64) T lanes[Lanes<T>::W];
-  store(lanes, v);
-  for (int64_t i = 0; i < std::min<int64_t>(count, Lanes<T>::W); ++i) a[(d + i) * stride + k] = lanes[i];
-}
-
-// A lane walks a column of [L, D] rows, one cache line per token D values apart, which the hardware
-// prefetchers do not follow: without this the loads of x missed the cache at every token (the forward of
-// [4096, 512] float32 took ~5 ms, ten times a pass over its memory). The row kPrefetch tokens ahead (prefetches
-// do not fault, also past the end).
-constexpr int64_t kPrefetch = 16;
-
-template <typename T>
-inline void prefetch_ahead(const T* a, int64_t D, int64_t t, int64_t d) {
-  __builtin_prefetch(a + (t + kPrefetch) * D + d);
-}
-
-// One vector of channels [d, d + count) through one chunk: its taps and bias, and a window of the W rows of
-// xs the token at hand reads, xw[j] = xs[t - (W-1) + j]. With the width KW fixed these arrays live in
-// registers (the loops over them unroll); KW = 0 takes any W <= kMaxWidth, in memory.
+// A task's block of channels [d0, d0 + n) of one chunk: the taps transposed, taps[j][i] = weight[d0 + i, j],
+// the bias, and the W-1 rows of xs before the sequence's first token (the initial state's, or zeros) when
+// the chunk reads them. With the width KW fixed the loops over taps unroll; KW = 0 takes any W <= kMaxWidth.
 template <int KW, typename T>
-struct Lane {
+struct Block {
   static constexpr int cap = KW > 0 ? KW : kMaxWidth;
+  static constexpr int64_t size = Conv<T>::block;
   const Conv<T>& p;
-  int64_t d, count;
-  Vec<T> taps[cap], xw[cap], bias;
+  const Span& sp;
+  int64_t d0, n;
+  alignas(64) T taps[cap][size];
+  alignas(64) T bias[size];
+  alignas(64) T head[cap][size];
 
-  // Taps, bias and the W-1 rows of xs before the chunk (x's, the initial state's, or zeros) in xw[1..W-1].
-  Lane(const Conv<T>& p, const Span& sp, int64_t d, int64_t count) : p(p), d(d), count(count) {
-    const int64_t W = taps_of<KW>(p);
-    for (int64_t j = 0; j < W; ++j) taps[j] = column(p.weight, d, W, j, count);
-    bias = p.bias ? get(p.bias + d, count) : Vec<T>{};
-    for (int64_t k = 0; k + 1 < W; ++k) {
-      const int64_t pos = sp.t0 - (W - 1) + k;
-      xw[k + 1] = pos >= sp.s ? get(p.x + pos * p.D + d, count)
-                  : p.h0      ? column(p.h0 + sp.seq * p.D * (W - 1), d, W - 1, pos - sp.s + W - 1, count)
-                              : Vec<T>{};
+  Block(const Conv<T>& p, const Span& sp, int64_t b) : p(p), sp(sp), d0(b * size), n(std::min(size, p.D - d0)) {
+    const int64_t W = taps_of<KW>(p), S = W - 1;
+    // Lanes past n are zeros: the last vector of a block computes on them and stores only its first lanes.
+    for (int64_t i = 0; i < size; ++i) {
+      for (int64_t j = 0; j < W; ++j) taps[j][i] = i < n ? p.weight[(d0 + i) * W + j] : T(0);
+      bias[i] = i < n && p.bias ? p.bias[d0 + i] : T(0);
+    }
+    if (sp.t0 - S < sp.s) {  // the chunk reads rows before the sequence
+      const T* h0 = p.h0 ? p.h0 + (sp.seq * p.D + d0) * S : nullptr;
+      for (int64_t k = 0; k < S; ++k)
+        for (int64_t i = 0; i < size; ++i) head[k][i] = h0 && i < n ? h0[i * S + k] : T(0);
     }
   }
 
-  // Moves the window to token t and returns its pre-activation bias + sum_j taps[j] xs[t - (W-1) + j].
-  Vec<T> enter(int64_t t) {
+  // The block's part of xs's row at token pos (pos >= sp.s - (W-1)).
+  const T* row(int64_t pos) const {
+    return pos >= sp.s ? p.x + pos * p.D + d0 : head[pos - sp.s + taps_of<KW>(p) - 1];
+  }
+
+  // rows[j] = the rows token t reads, xs[t - (W-1) + j].
+  void rows_of(int64_t t, const T** rows) const {
     const int64_t W = taps_of<KW>(p);
-    prefetch_ahead(p.x, p.D, t, d);
-    for (int64_t j = 0; j + 1 < W; ++j) xw[j] = xw[j + 1];
-    xw[W - 1] = get(p.x + t * p.D + d, count);
-    Vec<T> acc = bias;
-    for (int64_t j = 0; j < W; ++j) acc += taps[j] * xw[j];
+    for (int64_t j = 0; j < W; ++j) rows[j] = row(t - (W - 1) + j);
+  }
+
+  // The pre-activation bias + sum_j taps[j] rows[j] of lanes [v, v + m).
+  Vec<T> pre(const T* const* rows, int64_t v, int64_t m) const {
+    Vec<T> acc = load(bias + v);
+    for (int64_t j = 0; j < taps_of<KW>(p); ++j) acc += load(taps[j] + v) * get(rows[j] + v, m);
     return acc;
   }
 };
@@ -149,17 +136,23 @@ struct Lane {
 template <int KW, typename T>
 void forward_task(const Conv<T>& p, int64_t c, int64_t b, T* out, T* ht) {
   const Span sp = span_of(p, c);
-  const int64_t end = std::min(p.D, (b + 1) * p.block);
-  for (int64_t d = b * p.block; d < end; d += p.lanes) {
-    Lane<KW, T> lane(p, sp, d, end - d);
-    for (int64_t t = sp.t0; t < sp.t1; ++t) {
-      Vec<T> y = lane.enter(t);
+  const Block<KW, T> k(p, sp, b);
+  const T* rows[Block<KW, T>::cap];
+  for (int64_t t = sp.t0; t < sp.t1; ++t) {
+    k.rows_of(t, rows);
+    T* o = out + t * p.D + k.d0;
+    for (int64_t v = 0; v < k.n; v += p.lanes) {
+      Vec<T> y = k.pre(rows, v, k.n - v);
       if (p.silu) y = y * sigmoid_v<T>(y);
-      put(out + t * p.D + d, y, end - d);
+      put(o + v, y, k.n - v);
     }
-    if (ht && sp.t1 == sp.e) {  // the last W-1 rows of xs
-      for (int64_t k = 0; k + 1 < p.W; ++k)
-        scatter_column(ht + sp.seq * p.D * (p.W - 1), d, p.W - 1, k, lane.xw[k + 1], end - d);
+  }
+  if (ht && sp.t1 == sp.e) {  // the last W-1 rows of xs, to [N, D, W-1]
+    const int64_t S = p.W - 1;
+    T* dst = ht + (sp.seq * p.D + k.d0) * S;
+    for (int64_t j = 0; j < S; ++j) {
+      const T* r = k.row(sp.e - S + j);
+      for (int64_t i = 0; i < k.n; ++i) dst[i * S + j] = r[i];
     }
   }
 }
@@ -172,58 +165,72 @@ struct Grads {
   T *dx, *dh0, *dw, *db;
 };
 
-// The backward of one vector of channels through one chunk: tokens t from the chunk's first (W-1 earlier for
-// a sequence's first chunk, whose rows are the initial state's) to W-1 past its last, dpre[t - j] kept in
-// dpw[j]; at token t the gradient of xs[q], q = t - (W-1), is complete: sum_j taps[j] dpre[q + (W-1) - j].
+// The backward of one chunk and block: tokens t from the chunk's first (W-1 earlier for a sequence's first
+// chunk, whose rows are the initial state's) to W-1 past its last, the rows dpre[t - j] in dp[(t - j) % W];
+// at token t the gradient of xs[q], q = t - (W-1), is complete: sum_j taps[j] dpre[q + (W-1) - j].
 template <int KW, typename T>
-void backward_lane(const Conv<T>& p, const Grads<T>& g, const Span& sp, int64_t c, int64_t d, int64_t count) {
-  Lane<KW, T> lane(p, sp, d, count);
-  const int64_t W = taps_of<KW>(p), S = W - 1;
-  Vec<T> dpw[Lane<KW, T>::cap] = {}, dw[Lane<KW, T>::cap] = {}, db{}, dinit[Lane<KW, T>::cap] = {};
+void backward_task(const Conv<T>& p, const Grads<T>& g, int64_t c, int64_t b) {
+  constexpr int cap = Block<KW, T>::cap;
+  constexpr int64_t size = Block<KW, T>::size;
+  const Span sp = span_of(p, c);
+  const Block<KW, T> k(p, sp, b);
+  const int64_t W = taps_of<KW>(p), S = W - 1, n = k.n;
+  alignas(64) T dp[cap][size], dw[cap][size], db[size], dinit[cap][size], dfinal[cap][size];
+  std::fill(&dw[0][0], &dw[0][0] + cap * size, T(0));
+  std::fill(db, db + size, T(0));
+  // The final state's gradient, row j for xs[e - S + j], where the chunk computes those rows' gradients.
+  const bool ends = g.dht && sp.t1 > sp.e - S;
+  if (ends) {
+    const T* src = g.dht + (sp.seq * p.D + k.d0) * S;
+    for (int64_t j = 0; j < S; ++j)
+      for (int64_t i = 0; i < n; ++i) dfinal[j][i] = src[i * S + j];
+  }
   const int64_t first = sp.t0 == sp.s ? sp.s - S : sp.t0;
+  const T* rows[cap];
+  const T* dps[cap];
   for (int64_t t = first; t < sp.t1 + S; ++t) {
-    for (int64_t j = W - 1; j > 0; --j) dpw[j] = dpw[j - 1];
-    dpw[0] = Vec<T>{};
+    T* dpt = dp[(t - first) % W];
     if (t >= sp.t0 && t < sp.e) {
-      const Vec<T> pre = lane.enter(t);
-      prefetch_ahead(g.dout, p.D, t, d);
-      Vec<T> dp = get(g.dout + t * p.D + d, count);
-      if (p.silu) {
-        const Vec<T> sg = sigmoid_v<T>(pre);
-        dp = dp * sg * (T(1) + pre * (T(1) - sg));
+      k.rows_of(t, rows);
+      const T* dor = g.dout + t * p.D + k.d0;
+      const bool inside = t < sp.t1;  // tokens after the chunk are recomputed, not summed
+      for (int64_t v = 0; v < n; v += p.lanes) {
+        const int64_t m = n - v;
+        Vec<T> d = get(dor + v, m);
+        if (p.silu) {
+          const Vec<T> pre = k.pre(rows, v, m), sg = sigmoid_v<T>(pre);
+          d = d * sg * (T(1) + pre * (T(1) - sg));
+        }
+        store(dpt + v, d);
+        if (inside) {
+          for (int64_t j = 0; j < W; ++j) store(dw[j] + v, load(dw[j] + v) + d * get(rows[j] + v, m));
+          store(db + v, load(db + v) + d);
+        }
       }
-      dpw[0] = dp;
-      if (t < sp.t1) {  // tokens after the chunk are recomputed, not summed
-        for (int64_t j = 0; j < W; ++j) dw[j] += dp * lane.xw[j];
-        db += dp;
-      }
+    } else {
+      std::fill(dpt, dpt + size, T(0));
     }
     const int64_t q = t - S;
     if (q < first) continue;
-    Vec<T> acc{};
-    for (int64_t j = 0; j < W; ++j) acc += lane.taps[j] * dpw[j];
-    const int64_t k = q - (sp.e - S);  // q's column in the final state, if >= 0
-    if (k >= 0 && g.dht) acc += column(g.dht + sp.seq * p.D * S, d, S, k, count);
-    if (q < sp.s) {
-      dinit[q - sp.s + S] = acc;
-    } else if (g.dx) {
-      put(g.dx + q * p.D + d, acc, count);
+    T* dst = q < sp.s ? dinit[q - sp.s + S] : g.dx ? g.dx + q * p.D + k.d0 : nullptr;
+    if (!dst) continue;
+    for (int64_t j = 0; j < W; ++j) dps[j] = dp[(t - j - first) % W];
+    const T* fin = ends && q >= sp.e - S ? dfinal[q - (sp.e - S)] : nullptr;
+    for (int64_t v = 0; v < n; v += p.lanes) {
+      Vec<T> acc = fin ? load(fin + v) : Vec<T>{};
+      for (int64_t j = 0; j < W; ++j) acc += load(k.taps[j] + v) * load(dps[j] + v);
+      put(dst + v, acc, n - v);
     }
   }
   if (g.dh0 && sp.t0 == sp.s) {
-    for (int64_t k = 0; k < S; ++k) scatter_column(g.dh0 + sp.seq * p.D * S, d, S, k, dinit[k], count);
+    T* out = g.dh0 + (sp.seq * p.D + k.d0) * S;
+    for (int64_t j = 0; j < S; ++j)
+      for (int64_t i = 0; i < n; ++i) out[i * S + j] = dinit[j][i];
   }
   if (g.dw) {
-    for (int64_t j = 0; j < W; ++j) put(g.dw + (c * W + j) * p.D + d, dw[j], count);
-    if (g.db) put(g.db + c * p.D + d, db, count);
+    for (int64_t j = 0; j < W; ++j) std::copy(dw[j], dw[j] + n, g.dw + (c * W + j) * p.D + k.d0);
+    if (g.db) std::copy(db, db + n, g.db + c * p.D + k.d0);
   }
-}
-
-template <int KW, typename T>
-void backward_task(const Conv<T>& p, const Grads<T>& g, int64_t c, int64_t b) {
-  const Span sp = span_of(p, c);
-  const int64_t end = std::min(p.D, (b + 1) * p.block);
-  for (int64_t d = b * p.block; d < end; d += p.lanes) backward_lane<KW>(p, g, sp, c, d, end - d);
 }
 
 // Runs task(chunk, block) over every chunk and block of channels.
