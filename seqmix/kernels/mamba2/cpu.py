@@ -45,7 +45,8 @@ def _chunk_fwd(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A:
                chunk_offsets: Tensor, softplus: bool, lo: float, hi: float, store_final: bool
                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out, final state, and for the backward: the state entering each chunk [NC, H, P, N], the
-    entering states' part of y [L, H, P], and with z the ungated y + D x [L, H, P])."""
+    entering states' part of y [L, H, P] (both unset for chunks without an entering state, which the backward
+    does not read), and with z the ungated y + D x [L, H, P])."""
     return tuple(_fwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets, chunk_index.shape[0], softplus,
                       lo, hi, store_final, True))
 

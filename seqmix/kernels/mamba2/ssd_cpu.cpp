@@ -350,25 +350,20 @@ void fwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, T* out, 
   for (int64_t n = 0; n < count; ++n) {
     const int64_t t0 = start + n * c, len = std::min(c, end - t0);
     ch.load(t0, len);
-    if (hc) {
-      T* dst = hc + (first + n) * p.H * P * N + state_at;
-      if (has_state) std::memcpy(dst, S.data(), w * N * sizeof(T));
-      else std::fill(dst, dst + w * N, T(0));
-    }
-    // The entering state's part: y_in = exp(lcum) (C S^T).
+    // The entering state's part: y_in = exp(lcum) (C S^T). A chunk without an entering state (a sequence's
+    // first, without h0) leaves its rows of hc and y_in unwritten: the backward reads neither for it.
     if (has_state) {
+      if (hc) std::memcpy(hc + (first + n) * p.H * P * N + state_at, S.data(), w * N * sizeof(T));
       gemm<T>(len, w, N, ch.Cm(), {S.data(), N, true}, T(0), Y.data(), w);
       ch.times_decay(Y.data(), Y.data());
-    } else {
-      std::fill(Y.begin(), Y.begin() + len * w, T(0));
+      if (y_in)
+        for (int64_t t = 0; t < len; ++t) std::memcpy(y_in + ch.row(t), Y.data() + t * w, w * sizeof(T));
     }
-    if (y_in)
-      for (int64_t t = 0; t < len; ++t) std::memcpy(y_in + ch.row(t), Y.data() + t * w, w * sizeof(T));
     // The chunk's own tokens: per head W (dt' x), one batched product for the group's heads.
     ch.scores(M.data());
     ch.masked(M.data(), L.data(), Wm.data());
     for (int64_t hl = 0; hl < Hg; ++hl)
-      lower_times(len, P, Wm.data() + hl * c * c, c, ch.xdt.data() + hl * P, Y.data() + hl * P, w, true);
+      lower_times(len, P, Wm.data() + hl * c * c, c, ch.xdt.data() + hl * P, Y.data() + hl * P, w, has_state);
     for (int64_t t = 0; t < len; ++t) {
       const T* xr = p.x + ch.row(t);
       T* o = out + ch.row(t);
@@ -563,8 +558,8 @@ void check_sizes(const at::Tensor& x, const at::Tensor& B, const at::Tensor& cu_
 }  // namespace
 
 // Returns (out [L, H, P], the final state [Nseq, H, P, N] or empty, and when store_chunks the states entering
-// every chunk [NC, H, P, N], y_in = the entering states' part of y [L, H, P], and with z the ungated
-// y + D x [L, H, P] (else empty)).
+// every chunk [NC, H, P, N], y_in = the entering states' part of y [L, H, P] (both unset for chunks without an
+// entering state), and with z the ungated y + D x [L, H, P] (else empty)).
 std::vector<at::Tensor> ssd_fwd(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& B,
                                 const at::Tensor& C, const c10::optional<at::Tensor>& z, const at::Tensor& A,
                                 const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& dt_bias,
