@@ -3,7 +3,6 @@ Gated DeltaNet adds a decay per head and token."""
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -11,13 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
-from seqmix.archs.modules import RMSNorm, ShortConvolution, l2_normalize, no_weight_decay
+from seqmix.archs.modules import L2_NORM_EPS, RMSNorm, ShortConvolution, l2_normalize, no_weight_decay
 from seqmix.kernels import causal_conv1d, delta_rule, gated_delta_rule, step_cpu
 from seqmix.kernels.conv.step import causal_conv1d_step
 from seqmix.kernels.deltanet.step import delta_rule_step, gated_delta_rule_step
 from seqmix.kernels.sequences import in_dtype, reference_dtype
-
-_L2_EPS = inspect.signature(l2_normalize).parameters["eps"].default  # the C++ step normalises q and k alike
 
 
 @register_mixer("deltanet")
@@ -137,7 +134,7 @@ class DeltaNet(Mixer):
         if step_cpu.serves_layer("deltanet_step", x, state, self):
             o, conv_state, recurrent = step_cpu.deltanet_step(
                 f, taps, None if convs is None else state["conv"], state["recurrent"], *self._decay_parameters(),
-                o_norm._parameters["weight"], o_norm.eps, bool(gates), K ** -0.5, _L2_EPS)
+                o_norm._parameters["weight"], o_norm.eps, bool(gates), K ** -0.5, L2_NORM_EPS)
             new_state = {} if conv_state is None else {"conv": conv_state}
             new_state["recurrent"] = recurrent
         else:

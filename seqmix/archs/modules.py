@@ -49,7 +49,10 @@ class _L2Normalize(torch.autograd.Function):
         return y.mul_(dot.neg_()).add_(dy).mul_(r), None
 
 
-def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+L2_NORM_EPS = 1e-6  # l2_normalize's default; the C++ decoding step of the DeltaNet layers takes it too
+
+
+def l2_normalize(x: torch.Tensor, eps: float = L2_NORM_EPS) -> torch.Tensor:
     """x / sqrt(||x||^2 + eps) over the last dim, computed in float32 (float64 for float64 inputs)."""
     if not torch.is_grad_enabled() and step_cpu.serves_when_ready(x):  # decoding: one C++ call
         return step_cpu.row_norm(x, None, None, eps, False)
