@@ -21,7 +21,7 @@ from torch import nn
 
 from seqmix.archs.mixer import MIXERS, State, build_mixer, init_mixer_state
 from seqmix.archs.modules import RMSNorm
-from seqmix.kernels import step_cpu
+from seqmix.kernels import step_cpu, swiglu
 from seqmix.kernels.checks import check_values
 from seqmix.kernels.sequences import in_dtype
 
@@ -144,7 +144,7 @@ class SwiGLU(nn.Module):
         # rows and the backward needs no concatenation of [*, 2 I] (18-28% off the MLP's fwd+bwd on the CPU at
         # the tiny config's shapes, docs/design.md).
         gate, up = (F.linear(x, w) for w in self.gate_up.weight.chunk(2))
-        return self.down(F.silu(gate) * up)
+        return self.down(swiglu(gate, up))
 
 
 class Block(nn.Module):

@@ -9,6 +9,7 @@ from seqmix.kernels.mamba import selective_scan
 from seqmix.kernels.mamba2 import ssd
 from seqmix.kernels.norm import add_rms_norm, add_rms_norm_backend
 from seqmix.kernels.pooling import chunk_select, ema_dechunk, segment_pool, segment_upsample
+from seqmix.kernels.mlp import swiglu
 
 __all__ = [
     "BackendUnavailable",
@@ -28,4 +29,5 @@ __all__ = [
     "segment_upsample",
     "selective_scan",
     "ssd",
+    "swiglu",
 ]

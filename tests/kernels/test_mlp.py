@@ -1,0 +1,109 @@
+"""The SwiGLU activation (seqmix/kernels/mlp.py): the C++ CPU kernels against the tensor ops in float64 (output
+and both gradients), float32 against float64, shapes whose size is not a multiple of a vector, the automatic
+choice, bad input, the custom ops under opcheck and torch.compile, and the LM's MLP on it."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from seqmix.archs.lm import SwiGLU
+from seqmix.kernels import BackendUnavailable, explain, swiglu
+from seqmix.kernels import cpu as cpu_build
+from seqmix.kernels.backend import recording
+from seqmix.kernels.mlp import swiglu_reference
+from tests.helpers import TOL, assert_rel, require_cpu_kernels
+
+
+@pytest.fixture(autouse=True)
+def kernels_built():
+    require_cpu_kernels()
+
+
+def _inputs(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    # Gates wide enough that silu's both tails matter (sigmoid ~0 and ~1).
+    gate = (torch.randn(shape, generator=g, dtype=torch.float64) * 4).to(dtype).requires_grad_()
+    up = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    dh = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    return gate, up, dh
+
+
+def _run(gate, up, dh, backend):
+    h = swiglu(gate, up, backend=backend) if backend else swiglu_reference(gate, up)
+    return (h, *torch.autograd.grad(h, (gate, up), dh))
+
+
+@settings(max_examples=20, deadline=None)
+@given(shape=st.lists(st.integers(1, 37), min_size=1, max_size=3), seed=st.integers(0, 2**16))
+def test_float64_matches_the_tensor_ops(shape, seed):
+    gate, up, dh = _inputs(shape, torch.float64, seed)
+    for name, a, b in zip(("h", "dgate", "dup"), _run(gate, up, dh, "cpu"), _run(gate, up, dh, None), strict=True):
+        assert_rel(a, b, 1e-13, name)
+
+
+def test_float32_matches_float64():
+    gate, up, dh = _inputs((4, 50, 96), torch.float32, 1)
+    exact = _run(*(t.detach().double().requires_grad_(t.requires_grad) for t in (gate, up, dh)), None)
+    for name, a, b in zip(("h", "dgate", "dup"), _run(gate, up, dh, "cpu"), exact, strict=True):
+        assert a.dtype == torch.float32
+        assert_rel(a, b, TOL[torch.float32], name)
+
+
+def test_automatic_choice_takes_the_kernels_only_once_built(monkeypatch):
+    gate, up = torch.randn(2, 8), torch.randn(2, 8)
+    assert explain(swiglu, gate, up).backend == "cpu"
+    assert explain(swiglu, gate.bfloat16(), up.bfloat16()).backend == "reference"
+    monkeypatch.setattr(cpu_build, "ready", lambda: False)
+    assert explain(swiglu, gate, up).backend == "reference"
+    assert explain(swiglu, gate, up, backend="cpu").backend == "cpu"
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match=r"up must have shape \[..., I\] \(gate's shape\)"):
+        swiglu(torch.randn(2, 8), torch.randn(2, 7))
+    with pytest.raises(ValueError, match="gate, up must share one dtype"):
+        swiglu(torch.randn(2, 8), torch.randn(2, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="gate must be a floating tensor"):
+        swiglu(torch.ones(2, 8, dtype=torch.int32), torch.ones(2, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="gate must be a tensor of shape"):
+        swiglu(torch.tensor(1.0), torch.tensor(1.0))
+    with pytest.raises(BackendUnavailable, match="'cpu' cannot serve this call: gate and up must be float32"):
+        swiglu(torch.randn(2, 8).half(), torch.randn(2, 8).half(), backend="cpu")
+
+
+def test_custom_ops_pass_opcheck():
+    gate, up, dh = _inputs((3, 40), torch.float32, 2)
+    ops = torch.ops.seqmix
+    torch.library.opcheck(ops.swiglu_cpu_fwd.default, (gate, up))
+    torch.library.opcheck(ops.swiglu_cpu_bwd.default, (gate.detach(), up.detach(), dh))
+
+
+def test_compiled_call_equals_eager():
+    gate, up, dh = _inputs((2, 9, 24), torch.float32, 3)
+
+    def loss(gate, up):
+        return (swiglu(gate, up) * dh).sum()
+
+    eager = torch.autograd.grad(loss(gate, up), (gate, up))
+    compiled_loss = torch.compile(loss, fullgraph=True, backend="aot_eager_decomp_partition")
+    compiled = torch.autograd.grad(compiled_loss(gate, up), (gate, up))
+    for name, a, b in zip(("dgate", "dup"), compiled, eager, strict=True):
+        assert_rel(a, b, 1e-6, f"compiled {name}")
+
+
+def test_the_mlp_on_the_kernels_equals_the_tensor_ops(monkeypatch):
+    torch.manual_seed(4)
+    mlp = SwiGLU(16, 40).double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    with recording() as choices:
+        fused = mlp(x)
+    grads = torch.autograd.grad(fused.square().sum(), (x, *mlp.parameters()))
+    monkeypatch.setenv("SEQMIX_BACKEND", "reference")
+    with recording() as plain_choices:
+        plain = mlp(x)
+    assert [c.backend for c in choices] == ["cpu"] and [c.backend for c in plain_choices] == ["reference"]
+    plain_grads = torch.autograd.grad(plain.square().sum(), (x, *mlp.parameters()))
+    assert_rel(fused, plain, 1e-13, "out")
+    for a, b in zip(grads, plain_grads, strict=True):
+        assert_rel(a, b, 1e-13, "grad")
