@@ -14,8 +14,8 @@
 // while the block's taps (transposed to [W, block]), its bias and, in the backward, the last W rows of dpre
 // and the sums of dweight and dbias stay in small arrays in L1. (A lane of channels walked down a column of
 // rows D values apart missed the cache at every token: docs/design.md, "Fifth round: the short conv walks
-// rows".) The backward recomputes pre and dpre = dout silu'(pre) token by token; the gradient of row q of xs
-// (a row of dx, or of the initial state's gradient before the sequence) is sum_j weight[:, j]
+// rows; a fused SwiGLU".) The backward recomputes pre and dpre = dout silu'(pre) token by token; the gradient
+// of row q of xs (a row of dx, or of the initial state's gradient before the sequence) is sum_j weight[:, j]
 // dpre[q + (W-1) - j], complete once dpre[q + W-1] is: the W-1 tokens after the chunk are recomputed by the
 // task. dweight and dbias go to one partial row per chunk, added up in chunk order at the end: no atomics,
 // and the sums do not depend on the number of threads.
