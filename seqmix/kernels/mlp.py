@@ -1,8 +1,8 @@
 """The SwiGLU activation of the LM's MLP, ``silu(gate) * up`` (seqmix/archs/lm.py, SwiGLU).
 
 On CPU tensors in float32 or float64 the C++ kernels (swiglu_cpu.cpp) serve once they are compiled, as custom ops
-with autograd (one pass forward, one backward, recomputing the sigmoid: docs/design.md, "Fifth round"); elsewhere,
-and for other dtypes, the tensor ops (:func:`swiglu_reference`).
+with autograd (one pass forward, one backward, recomputing the sigmoid: docs/design.md, "Fifth round: the short
+conv walks rows; a fused SwiGLU"); elsewhere, and for other dtypes, the tensor ops (:func:`swiglu_reference`).
 """
 
 from __future__ import annotations
