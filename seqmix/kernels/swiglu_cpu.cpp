@@ -33,20 +33,6 @@ void by_vectors(int64_t n, const F& f) {
   });
 }
 
-template <typename T>
-inline Vec<T> get(const T* p, int64_t count) {
-  return count == Lanes<T>::W ? load(p) : load_part(p, count);
-}
-
-template <typename T>
-inline void put(T* p, Vec<T> v, int64_t count) {
-  if (count == Lanes<T>::W) {
-    store(p, v);
-  } else {
-    store_part(p, v, count);
-  }
-}
-
 void check(const at::Tensor& gate, const std::vector<at::Tensor>& others) {
   TORCH_CHECK(gate.scalar_type() == at::kFloat || gate.scalar_type() == at::kDouble,
               "swiglu_cpu: gate must be float32 or float64, got ", gate.scalar_type());
@@ -65,8 +51,8 @@ at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up) {
     const T *g = gate.data_ptr<T>(), *u = up.data_ptr<T>();
     T* out = h.data_ptr<T>();
     by_vectors<T>(gate.numel(), [&](int64_t i, int64_t m) {
-      const Vec<T> x = get(g + i, m);
-      put(out + i, x * sigmoid_v<T>(x) * get(u + i, m), m);
+      const Vec<T> x = load_upto(g + i, m);
+      store_upto(out + i, x * sigmoid_v<T>(x) * load_upto(u + i, m), m);
     });
   });
   return h;
@@ -81,9 +67,9 @@ std::vector<at::Tensor> swiglu_bwd(const at::Tensor& gate, const at::Tensor& up,
     const T *g = gate.data_ptr<T>(), *u = up.data_ptr<T>(), *d = dh.data_ptr<T>();
     T *dg = dgate.data_ptr<T>(), *du = dup.data_ptr<T>();
     by_vectors<T>(gate.numel(), [&](int64_t i, int64_t m) {
-      const Vec<T> x = get(g + i, m), s = sigmoid_v<T>(x), dv = get(d + i, m);
-      put(du + i, dv * x * s, m);
-      put(dg + i, dv * get(u + i, m) * s * (T(1) + x * (T(1) - s)), m);
+      const Vec<T> x = load_upto(g + i, m), s = sigmoid_v<T>(x), dv = load_upto(d + i, m);
+      store_upto(du + i, dv * x * s, m);
+      store_upto(dg + i, dv * load_upto(u + i, m) * s * (T(1) + x * (T(1) - s)), m);
     });
   });
   return {dgate, dup};

@@ -65,6 +65,22 @@ inline void store_part(T* p, Vec<T> v, int64_t n) {
   std::memcpy(p, &v, n * sizeof(T));
 }
 
+// The first min(n, W) lanes (a whole vector when n >= W, else load_part / store_part): the last vector of a
+// row whose length is not a multiple of W.
+template <typename T>
+inline Vec<T> load_upto(const T* p, int64_t n) {
+  return n >= Lanes<T>::W ? load(p) : load_part(p, n);
+}
+
+template <typename T>
+inline void store_upto(T* p, Vec<T> v, int64_t n) {
+  if (n >= Lanes<T>::W) {
+    store(p, v);
+  } else {
+    store_part(p, v, n);
+  }
+}
+
 // The sum of a vector's lanes, pairwise (halves added until one lane is left): a chain of log2(W) adds
 // rather than W, in a fixed order.
 template <typename T>

@@ -71,21 +71,6 @@ inline int64_t taps_of(const Conv<T>& p) {
   return KW > 0 ? KW : p.W;
 }
 
-// The first `count` lanes of v to dst (all of them when count >= lanes).
-template <typename T>
-inline void put(T* dst, Vec<T> v, int64_t count) {
-  if (count >= Lanes<T>::W) {
-    store(dst, v);
-  } else {
-    store_part(dst, v, count);
-  }
-}
-
-template <typename T>
-inline Vec<T> get(const T* src, int64_t count) {
-  return count >= Lanes<T>::W ? load(src) : load_part(src, count);
-}
-
 // A task's block of channels [d0, d0 + n) of one chunk: the taps transposed, taps[j][i] = weight[d0 + i, j],
 // the bias, and the W-1 rows of xs before the sequence's first token (the initial state's, or zeros) when
 // the chunk reads them. With the width KW fixed the loops over taps unroll; KW = 0 takes any W <= kMaxWidth.
@@ -128,7 +113,7 @@ struct Block {
   // The pre-activation bias + sum_j taps[j] rows[j] of lanes [v, v + m).
   Vec<T> pre(const T* const* rows, int64_t v, int64_t m) const {
     Vec<T> acc = load(bias + v);
-    for (int64_t j = 0; j < taps_of<KW>(p); ++j) acc += load(taps[j] + v) * get(rows[j] + v, m);
+    for (int64_t j = 0; j < taps_of<KW>(p); ++j) acc += load(taps[j] + v) * load_upto(rows[j] + v, m);
     return acc;
   }
 };
@@ -144,7 +129,7 @@ void forward_task(const Conv<T>& p, int64_t c, int64_t b, T* out, T* ht) {
     for (int64_t v = 0; v < k.n; v += p.lanes) {
       Vec<T> y = k.pre(rows, v, k.n - v);
       if (p.silu) y = y * sigmoid_v<T>(y);
-      put(o + v, y, k.n - v);
+      store_upto(o + v, y, k.n - v);
     }
   }
   if (ht && sp.t1 == sp.e) {  // the last W-1 rows of xs, to [N, D, W-1]
@@ -196,14 +181,14 @@ void backward_task(const Conv<T>& p, const Grads<T>& g, int64_t c, int64_t b) {
       const bool inside = t < sp.t1;  // tokens after the chunk are recomputed, not summed
       for (int64_t v = 0; v < n; v += p.lanes) {
         const int64_t m = n - v;
-        Vec<T> d = get(dor + v, m);
+        Vec<T> d = load_upto(dor + v, m);
         if (p.silu) {
           const Vec<T> pre = k.pre(rows, v, m), sg = sigmoid_v<T>(pre);
           d = d * sg * (T(1) + pre * (T(1) - sg));
         }
         store(dpt + v, d);
         if (inside) {
-          for (int64_t j = 0; j < W; ++j) store(dw[j] + v, load(dw[j] + v) + d * get(rows[j] + v, m));
+          for (int64_t j = 0; j < W; ++j) store(dw[j] + v, load(dw[j] + v) + d * load_upto(rows[j] + v, m));
           store(db + v, load(db + v) + d);
         }
       }
@@ -219,7 +204,7 @@ void backward_task(const Conv<T>& p, const Grads<T>& g, int64_t c, int64_t b) {
     for (int64_t v = 0; v < n; v += p.lanes) {
       Vec<T> acc = fin ? load(fin + v) : Vec<T>{};
       for (int64_t j = 0; j < W; ++j) acc += load(k.taps[j] + v) * load(dps[j] + v);
-      put(dst + v, acc, n - v);
+      store_upto(dst + v, acc, n - v);
     }
   }
   if (g.dh0 && sp.t0 == sp.s) {
