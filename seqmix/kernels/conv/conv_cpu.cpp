@@ -71,6 +71,20 @@ inline int64_t taps_of(const Conv<T>& p) {
   return KW > 0 ? KW : p.W;
 }
 
+// Rows of a block's slice of a [*, S] array (weight [D, W], a state [N, D, W-1]) from its first row on:
+// row(j)[i] = a[i * S + j] for the n rows i and the S columns j (a transposition, once per task), and back.
+template <typename T, typename Row>
+void columns_to_rows(const T* a, int64_t n, int64_t S, const Row& row) {
+  for (int64_t j = 0; j < S; ++j)
+    for (int64_t i = 0; i < n; ++i) row(j)[i] = a[i * S + j];
+}
+
+template <typename T, typename Row>
+void rows_to_columns(T* a, int64_t n, int64_t S, const Row& row) {
+  for (int64_t j = 0; j < S; ++j)
+    for (int64_t i = 0; i < n; ++i) a[i * S + j] = row(j)[i];
+}
+
 // A task's block of channels [d0, d0 + n) of one chunk: the taps transposed, taps[j][i] = weight[d0 + i, j],
 // the bias, and the W-1 rows of xs before the sequence's first token (the initial state's, or zeros) when
 // the chunk reads them. With the width KW fixed the loops over taps unroll; KW = 0 takes any W <= kMaxWidth.
@@ -81,22 +95,17 @@ struct Block {
   const Conv<T>& p;
   const Span& sp;
   int64_t d0, n;
-  alignas(64) T taps[cap][size];
-  alignas(64) T bias[size];
-  alignas(64) T head[cap][size];
+  alignas(64) T taps[cap][size] = {};
+  alignas(64) T bias[size] = {};
+  alignas(64) T head[cap][size] = {};
 
+  // Lanes past n stay zeros: the last vector of a block computes on them and stores only its first lanes.
   Block(const Conv<T>& p, const Span& sp, int64_t b) : p(p), sp(sp), d0(b * size), n(std::min(size, p.D - d0)) {
     const int64_t W = taps_of<KW>(p), S = W - 1;
-    // Lanes past n are zeros: the last vector of a block computes on them and stores only its first lanes.
-    for (int64_t i = 0; i < size; ++i) {
-      for (int64_t j = 0; j < W; ++j) taps[j][i] = i < n ? p.weight[(d0 + i) * W + j] : T(0);
-      bias[i] = i < n && p.bias ? p.bias[d0 + i] : T(0);
-    }
-    if (sp.t0 - S < sp.s) {  // the chunk reads rows before the sequence
-      const T* h0 = p.h0 ? p.h0 + (sp.seq * p.D + d0) * S : nullptr;
-      for (int64_t k = 0; k < S; ++k)
-        for (int64_t i = 0; i < size; ++i) head[k][i] = h0 && i < n ? h0[i * S + k] : T(0);
-    }
+    columns_to_rows(p.weight + d0 * W, n, W, [&](int64_t j) { return taps[j]; });
+    if (p.bias) std::copy(p.bias + d0, p.bias + d0 + n, bias);
+    if (sp.t0 - S < sp.s && p.h0)  // the chunk reads the initial state's rows
+      columns_to_rows(p.h0 + (sp.seq * p.D + d0) * S, n, S, [&](int64_t j) { return head[j]; });
   }
 
   // The block's part of xs's row at token pos (pos >= sp.s - (W-1)).
@@ -134,11 +143,7 @@ void forward_task(const Conv<T>& p, int64_t c, int64_t b, T* out, T* ht) {
   }
   if (ht && sp.t1 == sp.e) {  // the last W-1 rows of xs, to [N, D, W-1]
     const int64_t S = p.W - 1;
-    T* dst = ht + (sp.seq * p.D + k.d0) * S;
-    for (int64_t j = 0; j < S; ++j) {
-      const T* r = k.row(sp.e - S + j);
-      for (int64_t i = 0; i < k.n; ++i) dst[i * S + j] = r[i];
-    }
+    rows_to_columns(ht + (sp.seq * p.D + k.d0) * S, k.n, S, [&](int64_t j) { return k.row(sp.e - S + j); });
   }
 }
 
@@ -165,11 +170,7 @@ void backward_task(const Conv<T>& p, const Grads<T>& g, int64_t c, int64_t b) {
   std::fill(db, db + size, T(0));
   // The final state's gradient, row j for xs[e - S + j], where the chunk computes those rows' gradients.
   const bool ends = g.dht && sp.t1 > sp.e - S;
-  if (ends) {
-    const T* src = g.dht + (sp.seq * p.D + k.d0) * S;
-    for (int64_t j = 0; j < S; ++j)
-      for (int64_t i = 0; i < n; ++i) dfinal[j][i] = src[i * S + j];
-  }
+  if (ends) columns_to_rows(g.dht + (sp.seq * p.D + k.d0) * S, n, S, [&](int64_t j) { return dfinal[j]; });
   const int64_t first = sp.t0 == sp.s ? sp.s - S : sp.t0;
   const T* rows[cap];
   const T* dps[cap];
@@ -207,11 +208,8 @@ void backward_task(const Conv<T>& p, const Grads<T>& g, int64_t c, int64_t b) {
       store_upto(dst + v, acc, n - v);
     }
   }
-  if (g.dh0 && sp.t0 == sp.s) {
-    T* out = g.dh0 + (sp.seq * p.D + k.d0) * S;
-    for (int64_t j = 0; j < S; ++j)
-      for (int64_t i = 0; i < n; ++i) out[i * S + j] = dinit[j][i];
-  }
+  if (g.dh0 && sp.t0 == sp.s)
+    rows_to_columns(g.dh0 + (sp.seq * p.D + k.d0) * S, n, S, [&](int64_t j) { return dinit[j]; });
   if (g.dw) {
     for (int64_t j = 0; j < W; ++j) std::copy(dw[j], dw[j] + n, g.dw + (c * W + j) * p.D + k.d0);
     if (g.db) std::copy(db, db + n, g.db + c * p.D + k.d0);
