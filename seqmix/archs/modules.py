@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from seqmix.archs.mixer import is_decoding_step
-from seqmix.kernels import causal_conv1d, causal_conv1d_update, step_cpu
+from seqmix.kernels import causal_conv1d, causal_conv1d_update, rms_norm, step_cpu
 from seqmix.kernels.conv.step import causal_conv1d_step
 from seqmix.kernels.sequences import in_dtype, reference_dtype
 
@@ -62,50 +61,6 @@ def l2_normalize(x: torch.Tensor, eps: float = L2_NORM_EPS) -> torch.Tensor:
     return in_dtype(y, x.dtype)
 
 
-def _rms_norm(x, weight, gate, eps):
-    """(x * r * weight [* silu(gate)], r) with r = rsqrt(mean(x^2) + eps) [..., 1]."""
-    r = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps))
-    y = torch.mul(x, r).mul_(weight)
-    if gate is not None:
-        y.mul_(F.silu(gate))
-    return y, r
-
-
-class _RMSNorm(torch.autograd.Function):
-    """y = xhat * w [* silu(gate)], xhat = x * r, r = rsqrt(mean(x^2) + eps) over the last dim. The backward
-    recomputes xhat and silu(gate) from the inputs and r (nothing of size [..., D] saved besides the inputs):
-    with t = dy * g * xhat, dw = sum_rows t, dx = r * (dy g w - xhat * mean(t w)), dgate = silu'(gate) dy xhat w;
-    mean(t w) is a matrix-vector product. Every pass is over contiguous rows."""
-
-    @staticmethod
-    def forward(ctx, x, weight, gate, eps):
-        y, r = _rms_norm(x, weight, gate, eps)
-        ctx.save_for_backward(x, weight, gate, r)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        x, weight, gate, r = ctx.saved_tensors
-        D = x.shape[-1]
-        xhat = x * r
-        t = dy * xhat
-        dgate = None
-        if gate is not None:
-            if ctx.needs_input_grad[2]:
-                dgate = t * weight
-                dgate = torch.ops.aten.silu_backward.grad_input(dgate, gate, grad_input=dgate)
-            g = F.silu(gate)
-            t.mul_(g)
-            dyg = g.mul_(dy)
-        else:
-            dyg = dy
-        dweight = t.reshape(-1, D).sum(0) if ctx.needs_input_grad[1] else None
-        mean_tw = (t @ weight).unsqueeze_(-1).div_(D)
-        dx = xhat.mul_(mean_tw.neg_()).addcmul_(dyg, weight).mul_(r)
-        return dx, dweight, dgate, None
-
-
 class RMSNorm(nn.Module):
     """RMSNorm over the last dim; with a gate, the output is multiplied by silu(gate). Computed in float32
     (float64 for float64 inputs) with a hand-written backward."""
@@ -121,10 +76,7 @@ class RMSNorm(nn.Module):
         fits = gate is None or gate.shape == x.shape
         if not torch.is_grad_enabled() and fits and step_cpu.serves_when_ready(x):
             return step_cpu.row_norm(x, self.weight, gate, self.eps, True)
-        dt = reference_dtype(x)
-        args = (in_dtype(x, dt), in_dtype(self.weight, dt), None if gate is None else in_dtype(gate, dt), self.eps)
-        y = _RMSNorm.apply(*args) if torch.is_grad_enabled() else _rms_norm(*args)[0]
-        return in_dtype(y, x.dtype)
+        return rms_norm(x, self.weight, gate, self.eps)
 
 
 class ShortConvolution(nn.Module):

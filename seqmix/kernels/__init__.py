@@ -7,7 +7,7 @@ from seqmix.kernels.deltanet import delta_rule, gated_delta_rule
 from seqmix.kernels.gated_linear_attention import gla
 from seqmix.kernels.mamba import selective_scan
 from seqmix.kernels.mamba2 import ssd
-from seqmix.kernels.norm import add_rms_norm, add_rms_norm_backend
+from seqmix.kernels.norm import add_rms_norm, add_rms_norm_backend, rms_norm
 from seqmix.kernels.pooling import chunk_select, ema_dechunk, segment_pool, segment_upsample
 from seqmix.kernels.mlp import swiglu
 
@@ -25,6 +25,7 @@ __all__ = [
     "gated_delta_rule",
     "gla",
     "light_conv",
+    "rms_norm",
     "segment_pool",
     "segment_upsample",
     "selective_scan",

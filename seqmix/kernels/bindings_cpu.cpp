@@ -12,6 +12,7 @@ void bind_delta_rule(pybind11::module& m);
 void bind_conv_train(pybind11::module& m);
 void bind_ssd(pybind11::module& m);
 void bind_swiglu(pybind11::module& m);
+void bind_rms_norm(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_selective_scan(m);
@@ -23,4 +24,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_conv_train(m);
   bind_ssd(m);
   bind_swiglu(m);
+  bind_rms_norm(m);
 }

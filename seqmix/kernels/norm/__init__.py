@@ -1,4 +1,5 @@
-"""Normalisation: the fused residual add + RMSNorm (``add_rms_norm``) of the sandwich norms and pre-norm blocks."""
+"""Normalisation: RMSNorm, gated or not (``rms_norm``, the layers' norms), and the fused residual add + RMSNorm
+(``add_rms_norm``) of the sandwich norms and pre-norm blocks."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import math
 import torch
 from torch import Tensor
 
+from seqmix.kernels import cpu
 from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_same_dtype, check_tensor
 from seqmix.kernels.norm import triton as kernels
-from seqmix.kernels.norm.reference import add_rms_norm_reference
+from seqmix.kernels.norm.reference import add_rms_norm_reference, rms_norm_reference
 from seqmix.kernels.op import nothing, or_empty, register_autograd
 
-__all__ = ["add_rms_norm", "add_rms_norm_backend", "add_rms_norm_reference"]
+__all__ = ["add_rms_norm", "add_rms_norm_backend", "add_rms_norm_reference", "rms_norm", "rms_norm_reference"]
 
 
 # The Triton kernels as torch.library ops (autograd through seqmix/kernels/op.py): rows x, residual [M, D],
@@ -113,3 +115,75 @@ def add_rms_norm(
         return _fwd(x2d, None, weight.contiguous(), float(eps))[0].view(x.shape), x
     normed, h, _ = _fwd(x2d, residual.reshape(-1, D).contiguous(), weight.contiguous(), float(eps))
     return normed.view(x.shape), h.view(x.shape)
+
+
+# The C++ kernels of RMSNorm for training (norm/rms_norm_cpu.cpp) as torch.library ops: rows x [M, D], weight
+# [D], gate [M, D] or None, all in one dtype, float32 or float64. The backward reads the inputs and rstd [M].
+
+@torch.library.custom_op("seqmix::rms_norm_cpu_fwd", mutates_args=())
+def _rms_fwd(x: Tensor, weight: Tensor, gate: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+    """Returns (y [M, D], rstd [M])."""
+    y, rstd = cpu.extension().rms_norm_fwd(x, weight, gate, eps)
+    return y, rstd
+
+
+@_rms_fwd.register_fake
+def _(x, weight, gate, eps):
+    return torch.empty_like(x), x.new_empty((x.shape[0],))
+
+
+@torch.library.custom_op("seqmix::rms_norm_cpu_bwd", mutates_args=())
+def _rms_bwd(x: Tensor, weight: Tensor, gate: Tensor | None, rstd: Tensor, dy: Tensor) -> list[Tensor]:
+    """Returns [dx [M, D], dweight [D], dgate [M, D] (an empty tensor without a gate)]."""
+    dx, dweight, dgate = cpu.extension().rms_norm_bwd(x, weight, gate, rstd, dy)
+    return [dx, dweight, nothing(x) if gate is None else dgate]
+
+
+@_rms_bwd.register_fake
+def _(x, weight, gate, rstd, dy):
+    return [torch.empty_like(x), torch.empty_like(weight), nothing(x) if gate is None else torch.empty_like(x)]
+
+
+def _rms_setup_context(ctx, inputs, output):
+    x, weight, gate, _ = inputs
+    ctx.save_for_backward(x, weight, gate, output[1])
+
+
+def _rms_backward(ctx, dy, _drstd):
+    x, weight, gate, rstd = ctx.saved_tensors
+    dx, dweight, dgate = _rms_bwd(x, weight, gate, rstd, dy.contiguous())
+    return dx, dweight, None if gate is None else dgate, None
+
+
+torch.library.register_autograd("seqmix::rms_norm_cpu_fwd", _rms_backward, setup_context=_rms_setup_context)
+
+
+def rms_norm(x: Tensor, weight: Tensor, gate: Tensor | None = None, eps: float = 1e-5, *,
+             backend: str | None = None) -> Tensor:
+    """RMSNorm over the last dim, gated or not: ``x / sqrt(mean(x^2) + eps) * weight [* silu(gate)]``, computed
+    in float32 (float64 for float64 x).
+
+    Args:
+        x: [..., D].
+        weight: [D] (any float dtype).
+        gate: None, or [..., D] like x; a gate that broadcasts to x's shape takes the reference.
+        eps: added to the mean square.
+        backend: None (automatic: ``"cpu"`` on CPU tensors once the C++ kernels are compiled, else
+            ``"reference"``), ``"cpu"`` (builds them) or ``"reference"``.
+
+    Returns:
+        [..., D] in x's dtype. Gradients flow into x, weight and gate.
+    """
+    _check(x, None, weight, eps)
+    if gate is not None:
+        check_tensor("gate", gate, (None,) * gate.dim(), dims="[..., D] (broadcasting to x's shape)", like=x)
+    fits = None if gate is None or gate.shape == x.shape else f"gate {tuple(gate.shape)} is not x's shape"
+    name = select_backend("rms_norm", backend, x.device, ("cpu", "reference"), {"cpu": fits}, build_cpu=False)
+    if name == "reference":
+        return rms_norm_reference(x, weight, gate, eps)
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    D = x.shape[-1]
+    rows = x.to(dt).reshape(-1, D).contiguous()
+    gate_rows = None if gate is None else gate.to(dt).reshape(-1, D).contiguous()
+    y, _ = _rms_fwd(rows, weight.to(dt).contiguous(), gate_rows, float(eps))
+    return y.view(x.shape).to(x.dtype)
