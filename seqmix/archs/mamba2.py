@@ -10,7 +10,7 @@ from torch import nn
 
 from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
 from seqmix.archs.modules import RMSNorm, ShortConvolution, no_weight_decay
-from seqmix.kernels import ssd, step_cpu
+from seqmix.kernels import ssd_xbc, step_cpu
 from seqmix.kernels.mamba2.step import ssd_step
 
 
@@ -86,8 +86,8 @@ class Mamba2(Mixer):
             # concatenation (6-7% off a training step, docs/design.md).
             z, xbc, dt = (F.linear(x, w) for w in self.in_proj.weight.split(sizes))
         xbc, conv_state = self.conv(xbc, None if state is None else state["conv"], cu_seqlens)
-        xs, b, c = xbc.split([self.d_inner, G * N, G * N], dim=-1)
         if decoding:
+            xs, b, c = xbc.split([self.d_inner, G * N, G * N], dim=-1)
             y, ssm_state = ssd_step(
                 xs.view(B, H, P), dt[:, 0], self._decoding_constant("_step_A", [self.A_log], self._A),
                 b.view(B, G, N), c.view(B, G, N),
@@ -95,11 +95,14 @@ class Mamba2(Mixer):
                 dt_limit=self.dt_limit,
             )
             return self.out_proj(self.norm(y.view(B, 1, self.d_inner))), {"conv": conv_state, "ssm": ssm_state}
-        y, ssm_state = ssd(
-            xs.reshape(B, T, H, P), dt, self._A(), b.reshape(B, T, G, N),
-            c.reshape(B, T, G, N), D=self.D, z=z.reshape(B, T, H, P), dt_bias=self.dt_bias, dt_softplus=True,
-            dt_limit=self.dt_limit, initial_state=None if state is None else state["ssm"],
-            output_final_state=state is not None, cu_seqlens=cu_seqlens, backend=self.backend,
+        # x, B and C stay the column blocks of the conv's output: on the cpu backend SSD reads them in place and
+        # their gradient is one tensor (docs/design.md, "Sixth round: a C++ RMSNorm; SSD on the conv's output in
+        # place").
+        y, ssm_state = ssd_xbc(
+            xbc, dt, self._A(), num_heads=H, n_groups=G, d_state=N, D=self.D, z=z.reshape(B, T, H, P),
+            dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
+            initial_state=None if state is None else state["ssm"], output_final_state=state is not None,
+            cu_seqlens=cu_seqlens, backend=self.backend,
         )
         out = self.out_proj(self.norm(y.reshape(B, T, self.d_inner)))
         if state is None:

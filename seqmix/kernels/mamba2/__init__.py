@@ -26,9 +26,10 @@ from seqmix.kernels.op import (
     or_empty,
     register_autograd,
     run_fused,
+    wants_grad,
 )
 
-__all__ = ["ssd", "ssd_chunked", "ssd_recurrent"]
+__all__ = ["ssd", "ssd_chunked", "ssd_recurrent", "ssd_xbc"]
 
 
 def check_dt_limit(dt_limit) -> tuple[float, float]:
@@ -184,13 +185,24 @@ def ssd(
     """
     n = _check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens)
     lo, hi = check_dt_limit(dt_limit)
-    Bsz, T, H, P = x.shape
-    N = B.shape[-1]
+    return _run(_select(x, B, backend), n, x, dt, A, B, C, D, z, dt_bias, dt_softplus, lo, hi, initial_state,
+                output_final_state, cu_seqlens)
+
+
+def _select(x, B, backend):
     # The C++ kernels only once compiled (build_cpu=False): the chunked reference is fast enough that a short
     # run should not wait for the compile; backend="cpu" builds them.
-    name = select_backend("ssd", backend, x.device, ("cpu", "triton", "reference"),
-                          {"triton": kernels.unsupported(x.dtype, P, N), "cpu": cpu_kernels.unsupported(x.dtype)},
+    return select_backend("ssd", backend, x.device, ("cpu", "triton", "reference"),
+                          {"triton": kernels.unsupported(x.dtype, x.shape[-1], B.shape[-1]),
+                           "cpu": cpu_kernels.unsupported(x.dtype)},
                           build_cpu=False)
+
+
+def _run(name, n, x, dt, A, B, C, D, z, dt_bias, dt_softplus, lo, hi, initial_state, output_final_state,
+         cu_seqlens):
+    """:func:`ssd` on checked inputs with the backend ``name``."""
+    Bsz, T, H, P = x.shape
+    N = B.shape[-1]
     if T == 0:
         return no_tokens_result((Bsz, 0, H, P), (n, H, P, N), initial_state, output_final_state, x)
     if name == "cpu":  # the kernel computes in x's dtype: the parameters and the gate are cast to it
@@ -202,3 +214,60 @@ def ssd(
                          output_final_state, cu_seqlens)
     return ssd_chunked(x, dt, A, B, C, D, z, dt_bias, dt_softplus, (lo, hi), initial_state, output_final_state,
                        cu_seqlens)
+
+
+def ssd_xbc(
+    xbc: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    *,
+    num_heads: int,
+    n_groups: int,
+    d_state: int,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, math.inf),
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`ssd` on x, B and C given as the column blocks of one tensor, as Mamba-2's layer has them after its
+    short conv: ``x = xbc[..., :H P]``, ``B = xbc[..., H P : H P + G N]``, ``C = xbc[..., H P + G N:]``.
+
+    The results of ``ssd`` on those blocks. With autograd on the cpu backend the kernels read the blocks where
+    they are and return xbc's gradient as one tensor, instead of three gradients that a split's backward
+    concatenates and three packing copies (docs/design.md, "Sixth round: a C++ RMSNorm; SSD on the conv's output
+    in place"); otherwise it is ``ssd`` on views of the blocks.
+
+    Args:
+        xbc: [B, T, H P + 2 G N].
+        num_heads: H; n_groups: G (dividing H); d_state: N. The head dim P follows from xbc's width.
+        dt, A, D, z, dt_bias, dt_softplus, dt_limit, initial_state, output_final_state, cu_seqlens, backend:
+            as :func:`ssd` (dt [B, T, H], z [B, T, H, P], initial state [N, H, P, N]).
+
+    Returns:
+        y: [B, T, H, P] in xbc's dtype.
+        final_state: [N, H, P, N] float32 (float64 for float64 inputs), or None.
+    """
+    check_tensor("xbc", xbc, (None, None, None), dims="[B, T, H P + 2 G N]")
+    for name, value in (("num_heads", num_heads), ("n_groups", n_groups), ("d_state", d_state)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    H, G, N = num_heads, n_groups, d_state
+    width = xbc.shape[-1]
+    if width <= 2 * G * N or (width - 2 * G * N) % H:
+        raise ValueError(f"xbc's last dim must be H P + 2 G N with P >= 1 (H={H}, G={G}, N={N}), got {width}")
+    x, B, C = xbc.split([width - 2 * G * N, G * N, G * N], dim=-1)
+    x, B, C = x.unflatten(-1, (H, -1)), B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N))
+    n = _check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens)
+    lo, hi = check_dt_limit(dt_limit)
+    name = _select(x, B, backend)
+    if name != "cpu" or xbc.shape[1] == 0 or not wants_grad(xbc, dt, A, D, z, dt_bias, initial_state):
+        return _run(name, n, x, dt, A, B, C, D, z, dt_bias, dt_softplus, lo, hi, initial_state, output_final_state,
+                    cu_seqlens)
+    params = [None if t is None else t.to(xbc.dtype) for t in (A, D, dt_bias)]
+    return run_fused(cpu_kernels.XBC_FUSED, (xbc, dt, None if z is None else z.to(xbc.dtype)), params,
+                     initial_state, (H, G, N, dt_softplus, lo, hi), output_final_state, cu_seqlens)

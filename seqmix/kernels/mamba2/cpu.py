@@ -4,6 +4,11 @@ seqmix/kernels/op.py.
 Inputs arrive packed like the Triton kernels' (x, z ``[L, H, P]``, dt ``[L, H]``, B, C ``[L, G, N]``, A, D,
 dt_bias ``[H]``), but everything, the initial state included, in the compute dtype (float32 or float64): the
 kernel computes in that dtype and returns the final state and every gradient in it.
+
+A second pair of ops (``ssd_cpu_xbc_*``, for :func:`seqmix.kernels.mamba2.ssd_xbc`) takes x, B and C as the
+column blocks of one tensor ``xbc [L, H P + 2 G N]`` and returns their gradient as one tensor of that layout:
+the kernels read and write those rows in place, so neither the packing copies nor a split's concatenation in
+the backward remain (docs/design.md, "Sixth round: a C++ RMSNorm; SSD on the conv's output in place").
 """
 
 from __future__ import annotations
@@ -33,6 +38,13 @@ def _fake_outputs(x, B, cu_seqlens, store_final):
     return out, final.to(x.dtype)
 
 
+def _columns(xbc, heads, groups, state):
+    """x [L, H, P], B and C [L, G, N]: views of the column blocks of xbc [L, H P + 2 G N]."""
+    L, GN = xbc.shape[0], groups * state
+    x, B, C = xbc.split([xbc.shape[1] - 2 * GN, GN, GN], dim=1)
+    return x.view(L, heads, -1), B.view(L, groups, state), C.view(L, groups, state)
+
+
 def _fwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets, num_chunks, softplus, lo, hi, store_final,
          store_chunks):
     return cpu.extension().ssd_fwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets, CHUNK, num_chunks,
@@ -52,7 +64,8 @@ def _chunk_fwd(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A:
 
 
 @_chunk_fwd.register_fake
-def _(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_index, chunk_offsets, softplus, lo, hi, store_final):
+def _chunk_fwd_fake(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_index, chunk_offsets, softplus, lo, hi,
+                    store_final):
     L, H, P = x.shape
     y_pre = nothing(x) if z is None else torch.empty_like(x)
     return (*_fake_outputs(x, B, cu_seqlens, store_final), x.new_empty((chunk_index.shape[0], H, P, B.shape[-1])),
@@ -64,15 +77,25 @@ def _chunk_bwd(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A:
                dt_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor,
                chunk_offsets: Tensor, hc: Tensor, y_in: Tensor, y_pre: Tensor, softplus: bool, lo: float, hi: float,
                store_final: bool, dout: Tensor | None, dht: Tensor | None, needs: list[bool]) -> list[Tensor]:
-    if dout is None:  # only the final state was used
-        dout = torch.zeros_like(x)
-    dx, ddt, dB, dC, dz, dA, dD, ddt_bias, dh0 = cpu.extension().ssd_bwd(
-        x, dt, B, C, z, A, D, dt_bias, h0 is not None, cu_seqlens, chunk_offsets, hc, y_in, y_pre, CHUNK, softplus,
-        lo, hi, dout, dht, h0 is not None and needs[8])
-    grads = (dx, ddt, dB, dC, dz if z is not None else None, dA, dD if D is not None else None,
-             ddt_bias if dt_bias is not None else None, dh0 if h0 is not None else None, None, None, None)
+    dx, ddt, dB, dC, dz, dA, dD, ddt_bias, dh0 = _bwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets,
+                                                      hc, y_in, y_pre, softplus, lo, hi, dout, dht, needs[8], False)
+    grads = (dx, ddt, dB, dC, dz, dA, dD, ddt_bias, dh0, None, None, None)
     inputs = (x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_index, chunk_offsets)
     return as_input_grads(grads, inputs, needs, x)
+
+
+def _bwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets, hc, y_in, y_pre, softplus, lo, hi, dout, dht,
+         need_dh0, packed):
+    """(dx, ddt, dB, dC, dz, dA, dD, ddt_bias, dh0), None for the absent inputs' (and with packed, dB and dC: dx
+    is then xbc's gradient)."""
+    if dout is None:  # only the final state was used
+        dout = x.new_zeros(x.shape)
+    grads = cpu.extension().ssd_bwd(x, dt, B, C, z, A, D, dt_bias, h0 is not None, cu_seqlens, chunk_offsets, hc,
+                                    y_in, y_pre, CHUNK, softplus, lo, hi, dout, dht, h0 is not None and need_dh0,
+                                    packed)
+    present = (True, True, not packed, not packed, z is not None, True, D is not None, dt_bias is not None,
+               h0 is not None)
+    return [g if there else None for g, there in zip(grads, present, strict=True)]
 
 
 # Gradients not materialized: an unused final state's gradient is None, not a tensor of zeros the kernel reads.
@@ -97,3 +120,41 @@ def _(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_index, chunk_offsets,
 
 # The chunked forward serves every call; one that wants no gradient stores nothing for a backward.
 FUSED = FusedOp(CHUNK, _chunk_fwd, _recurrent_fwd, recurrent_max_tokens=None)
+
+
+@torch.library.custom_op("seqmix::ssd_cpu_xbc_chunk_fwd", mutates_args=())
+def _xbc_chunk_fwd(xbc: Tensor, dt: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None, dt_bias: Tensor | None,
+                   h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor, chunk_offsets: Tensor, heads: int,
+                   groups: int, state: int, softplus: bool, lo: float, hi: float, store_final: bool
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_chunk_fwd` with x, B and C the column blocks of xbc [L, H P + 2 G N]."""
+    x, B, C = _columns(xbc, heads, groups, state)
+    return tuple(_fwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets, chunk_index.shape[0], softplus,
+                      lo, hi, store_final, True))
+
+
+@_xbc_chunk_fwd.register_fake
+def _(xbc, dt, z, A, D, dt_bias, h0, cu_seqlens, chunk_index, chunk_offsets, heads, groups, state, softplus, lo, hi,
+      store_final):
+    x, B, C = _columns(xbc, heads, groups, state)
+    return _chunk_fwd_fake(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_index, chunk_offsets, softplus, lo, hi,
+                           store_final)
+
+
+@torch.library.custom_op("seqmix::ssd_cpu_xbc_chunk_bwd", mutates_args=())
+def _xbc_chunk_bwd(xbc: Tensor, dt: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None, dt_bias: Tensor | None,
+                   h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor, chunk_offsets: Tensor, hc: Tensor,
+                   y_in: Tensor, y_pre: Tensor, heads: int, groups: int, state: int, softplus: bool, lo: float,
+                   hi: float, store_final: bool, dout: Tensor | None, dht: Tensor | None, needs: list[bool]
+                   ) -> list[Tensor]:
+    x, B, C = _columns(xbc, heads, groups, state)
+    dxbc, ddt, _, _, dz, dA, dD, ddt_bias, dh0 = _bwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets,
+                                                      hc, y_in, y_pre, softplus, lo, hi, dout, dht, needs[6], True)
+    grads = (dxbc, ddt, dz, dA, dD, ddt_bias, dh0, None, None, None)
+    inputs = (xbc, dt, z, A, D, dt_bias, h0, cu_seqlens, chunk_index, chunk_offsets)
+    return as_input_grads(grads, inputs, needs, xbc)
+
+
+register_autograd(_xbc_chunk_fwd, _xbc_chunk_bwd, num_inputs=10, materialize_grads=False)
+# Training only (ssd_xbc takes the split tensors without autograd, where nothing is stored for a backward).
+XBC_FUSED = FusedOp(CHUNK, _xbc_chunk_fwd)

@@ -1,9 +1,12 @@
 // Mamba-2's SSD on the CPU for training: forward and backward of the chunked form, float32 and float64 (the
 // math: docs/math/mamba2.md, "The chunked form on the CPU"; why: docs/design.md, "CPU references (issue 14)").
 //
-// Inputs arrive packed and contiguous, all in the compute dtype (the caller converts): x, z [L, H, P], dt [L, H]
-// (before bias, softplus and clamp), B, C [L, G, N], A, D, dt_bias [H], the initial state h0 [Nseq, H, P, N],
-// the sequence boundaries cu_seqlens [Nseq + 1] and each sequence's first chunk chunk_offsets (int64).
+// Inputs arrive packed, all in the compute dtype (the caller converts): x, z [L, H, P], dt [L, H] (before bias,
+// softplus and clamp), B, C [L, G, N], A, D, dt_bias [H], the initial state h0 [Nseq, H, P, N], the sequence
+// boundaries cu_seqlens [Nseq + 1] and each sequence's first chunk chunk_offsets (int64). Everything is
+// contiguous but the rows of x and of B and C, which may be ld_x and ld_bc apart: Mamba-2's layer hands the
+// column blocks of its conv's output [L, H P + 2 G N] as they are, and the backward can write dx, dB and dC
+// into one tensor of that layout (ssd_bwd's `packed`), so neither direction copies them.
 //
 // One task owns one (sequence, group of B and C) and walks the sequence's chunks in order with the state of
 // the group's heads, [Hg P, N], in a local buffer. A chunk's products are matrix products of the chunk's rows
@@ -206,6 +209,8 @@ struct Problem {
   const T *x, *dt, *B, *C, *z, *A, *D, *dt_bias, *h0;
   const int64_t *cu, *chunk_offsets;
   int64_t H, P, G, N, chunk;
+  int64_t ld_x, ld_bc;    // the row strides of x, of B and C
+  int64_t ld_dx, ld_dbc;  // the backward's: of dx, of dB and dC
   bool has_h0;  // the backward has no h0, only whether there was one
   bool softplus;
   T lo, hi;
@@ -226,11 +231,13 @@ struct Chunk {
   Chunk(const Problem<T>& p, int64_t c)
       : p(p), g(0), t0(0), len(0), dtp(c * p.Hg()), ddtp(c * p.Hg()), lcum(p.Hg() * c), xdt(c * p.width()) {}
 
-  // Offsets of token t's row of the group's heads in x-like [L, H, P] tensors and in B-like [L, G, N] ones.
+  // Offsets of token t's row of the group's heads in the contiguous [L, H, P] tensors (out, z, dout, ...), in
+  // x (dx with grad), and in B and C (dB and dC with grad).
   int64_t row(int64_t t) const { return (t0 + t) * p.H * p.P + g * p.width(); }
-  int64_t bc_row(int64_t t) const { return (t0 + t) * p.G * p.N + g * p.N; }
-  Mat<T> Bm(bool t = false) const { return {p.B + bc_row(0), p.G * p.N, t}; }
-  Mat<T> Cm(bool t = false) const { return {p.C + bc_row(0), p.G * p.N, t}; }
+  int64_t x_row(int64_t t, bool grad = false) const { return (t0 + t) * (grad ? p.ld_dx : p.ld_x) + g * p.width(); }
+  int64_t bc_row(int64_t t, bool grad = false) const { return (t0 + t) * (grad ? p.ld_dbc : p.ld_bc) + g * p.N; }
+  Mat<T> Bm(bool t = false) const { return {p.B + bc_row(0), p.ld_bc, t}; }
+  Mat<T> Cm(bool t = false) const { return {p.C + bc_row(0), p.ld_bc, t}; }
   T last(int64_t hl) const { return lcum[hl * p.chunk + len - 1]; }
 
   void load(int64_t start, int64_t n) {
@@ -258,7 +265,7 @@ struct Chunk {
       }
     }
     for (int64_t t = 0; t < len; ++t) {
-      const T* xr = p.x + row(t);
+      const T* xr = p.x + x_row(t);
       T* out = xdt.data() + t * p.width();
       for (int64_t hl = 0; hl < Hg; ++hl) {
         const T d = dtp[t * Hg + hl];
@@ -365,7 +372,7 @@ void fwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, T* out, 
     for (int64_t hl = 0; hl < Hg; ++hl)
       lower_times(len, P, Wm.data() + hl * c * c, c, ch.xdt.data() + hl * P, Y.data() + hl * P, w, has_state);
     for (int64_t t = 0; t < len; ++t) {
-      const T* xr = p.x + ch.row(t);
+      const T* xr = p.x + ch.x_row(t);
       T* o = out + ch.row(t);
       for (int64_t hl = 0; hl < Hg; ++hl) {
         const T d = p.D ? p.D[g * Hg + hl] : T(0);
@@ -416,13 +423,13 @@ void bwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, const Gr
     const bool wants_ds = n > 0 || gr.dh0;  // the gradient of the entering state
     const T* S = gr.hc + (first + n) * p.H * P * N + state_at;  // the state entering the chunk
     ch.load(t0, len);
-    T* dC = gr.dC + ch.bc_row(0);
-    T* dB = gr.dB + ch.bc_row(0);
-    const int64_t ld = p.G * N;
+    T* dC = gr.dC + ch.bc_row(0, true);
+    T* dB = gr.dB + ch.bc_row(0, true);
+    const int64_t ld = p.ld_dbc;
     std::fill(dl.begin(), dl.end(), T(0));
     // Through the gate and D: dY is the gradient of y = y_in + the chunk's own part.
     for (int64_t t = 0; t < len; ++t) {
-      const T* xr = p.x + ch.row(t);
+      const T* xr = p.x + ch.x_row(t);
       const T* dor = gr.dout + ch.row(t);
       T* dy = dY.data() + t * w;
       if (p.z) {
@@ -504,10 +511,10 @@ void bwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, const Gr
       }
     }
     for (int64_t t = 0; t < len; ++t) {
-      const T* xr = p.x + ch.row(t);
+      const T* xr = p.x + ch.x_row(t);
       const T* dy = dY.data() + t * w;
       const T* dxdt = dX.data() + t * w;
-      T* dxr = gr.dx + ch.row(t);
+      T* dxr = gr.dx + ch.x_row(t, true);
       for (int64_t hl = 0; hl < Hg; ++hl) {
         const int64_t h = g * Hg + hl;
         const T d = p.D ? p.D[h] : T(0), dt = ch.dtp[t * Hg + hl], da = dl[hl * c + t];
@@ -526,6 +533,12 @@ void bwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, const Gr
   }
 }
 
+// The distance between the rows of t [L, *, *] (a stride of a dimension of size 1 means nothing: then the row's
+// size).
+int64_t row_stride(const at::Tensor& t) {
+  return t.size(0) > 1 ? t.stride(0) : t.size(1) * t.size(2);
+}
+
 template <typename T>
 Problem<T> problem(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& B, const at::Tensor& C,
                    const at::Tensor& z, const at::Tensor& A, const at::Tensor& D, const at::Tensor& dt_bias,
@@ -534,8 +547,8 @@ Problem<T> problem(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& 
   return Problem<T>{x.data_ptr<T>(), dt.data_ptr<T>(), B.data_ptr<T>(), C.data_ptr<T>(), data_or_null<T>(z),
                     A.data_ptr<T>(), data_or_null<T>(D), data_or_null<T>(dt_bias), data_or_null<T>(h0),
                     cu_seqlens.data_ptr<int64_t>(), chunk_offsets.data_ptr<int64_t>(), x.size(1), x.size(2),
-                    B.size(1), B.size(2), chunk, h0.defined() && h0.numel() > 0, softplus, static_cast<T>(lo),
-                    static_cast<T>(hi)};
+                    B.size(1), B.size(2), chunk, row_stride(x), row_stride(B), 0, 0, h0.defined() && h0.numel() > 0,
+                    softplus, static_cast<T>(lo), static_cast<T>(hi)};
 }
 
 // task(sequence, group, buffers) for every (sequence, group), the buffers allocated once per thread's range.
@@ -547,12 +560,25 @@ void over_groups(const Problem<T>& p, int64_t nseq, const F& task) {
   });
 }
 
+// x [L, H, P], B and C [L, G, N] with G dividing H: on the CPU in x's dtype, each token's row contiguous (B's
+// and C's rows equally far apart).
+void check_rows(const at::Tensor& x, const at::Tensor& B, const at::Tensor& C) {
+  TORCH_CHECK(x.dim() == 3 && B.dim() == 3 && C.sizes() == B.sizes() && x.size(1) % B.size(1) == 0,
+              "ssd_cpu: x must be [L, H, P] and B, C [L, G, N] with G dividing H");
+  for (const auto* t : {&x, &B, &C}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == x.scalar_type(),
+                "ssd_cpu: x, B and C must be CPU tensors of one dtype");
+    TORCH_CHECK((t->size(2) <= 1 || t->stride(2) == 1) && (t->size(1) <= 1 || t->stride(1) == t->size(2)) &&
+                    row_stride(*t) >= t->size(1) * t->size(2),
+                "ssd_cpu: x, B and C must have contiguous rows");
+  }
+  TORCH_CHECK(row_stride(B) == row_stride(C), "ssd_cpu: B's and C's rows must be equally far apart");
+}
+
 void check_sizes(const at::Tensor& x, const at::Tensor& B, const at::Tensor& cu_seqlens,
                  const at::Tensor& chunk_offsets, int64_t chunk) {
   check_offsets("ssd_cpu", cu_seqlens, chunk_offsets);
   TORCH_CHECK(chunk > 0 && chunk % 16 == 0, "ssd_cpu: chunk must be a positive multiple of 16");
-  TORCH_CHECK(x.dim() == 3 && B.dim() == 3 && x.size(1) % B.size(1) == 0,
-              "ssd_cpu: x must be [L, H, P] and B [L, G, N] with G dividing H");
 }
 
 }  // namespace
@@ -567,16 +593,18 @@ std::vector<at::Tensor> ssd_fwd(const at::Tensor& x, const at::Tensor& dt, const
                                 const at::Tensor& chunk_offsets, int64_t chunk, int64_t num_chunks, bool softplus,
                                 double lo, double hi, bool store_final, bool store_chunks) {
   const at::Tensor zt = opt_or_empty(z), Dt = opt_or_empty(D), bt = opt_or_empty(dt_bias), ht0 = opt_or_empty(h0);
-  check_tensors("ssd_cpu", {x, dt, B, C, zt, A, Dt, bt, ht0}, &x, "x");
+  check_rows(x, B, C);
+  check_tensors("ssd_cpu", {dt, zt, A, Dt, bt, ht0}, &x, "x");
   check_sizes(x, B, cu_seqlens, chunk_offsets, chunk);
   const int64_t nseq = cu_seqlens.numel() - 1, H = x.size(1), P = x.size(2), G = B.size(1), N = B.size(2);
   const auto empty = at::empty({0}, x.options());
-  at::Tensor out = at::empty_like(x);
+  const int64_t L = x.size(0);
+  at::Tensor out = at::empty({L, H, P}, x.options());
   at::Tensor ht = store_final ? at::empty({nseq, H, P, N}, x.options()) : empty;
   at::Tensor hc = store_chunks ? at::empty({num_chunks, H, P, N}, x.options()) : empty;
-  at::Tensor y_in = store_chunks ? at::empty_like(x) : empty;
+  at::Tensor y_in = store_chunks ? at::empty_like(out) : empty;
   const bool gated = zt.defined() && zt.numel() > 0;
-  at::Tensor y_pre = store_chunks && gated ? at::empty_like(x) : empty;
+  at::Tensor y_pre = store_chunks && gated ? at::empty_like(out) : empty;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssd_fwd", [&] {
     const auto p = problem<scalar_t>(x, dt, B, C, zt, A, Dt, bt, ht0, cu_seqlens, chunk_offsets, chunk, softplus,
                                      lo, hi);
@@ -588,30 +616,44 @@ std::vector<at::Tensor> ssd_fwd(const at::Tensor& x, const at::Tensor& dt, const
   return {out, ht, hc, y_in, y_pre};
 }
 
-// Returns dx, ddt, dB, dC, dz (or empty), dA, dD (or empty), ddt_bias (or empty), dh0 (or empty).
+// Returns dx, ddt, dB, dC, dz (or empty), dA, dD (or empty), ddt_bias (or empty), dh0 (or empty). With packed,
+// x, B and C are the column blocks of one tensor [L, H P + 2 G N] (x, then B, then C), and dx is one tensor of
+// that layout holding dx, dB and dC (dB and dC are then empty).
 std::vector<at::Tensor> ssd_bwd(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& B,
                                 const at::Tensor& C, const c10::optional<at::Tensor>& z, const at::Tensor& A,
                                 const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& dt_bias,
                                 bool has_h0, const at::Tensor& cu_seqlens, const at::Tensor& chunk_offsets,
                                 const at::Tensor& hc, const at::Tensor& y_in, const at::Tensor& y_pre,
                                 int64_t chunk, bool softplus, double lo, double hi, const at::Tensor& dout,
-                                const c10::optional<at::Tensor>& dht, bool need_dh0) {
+                                const c10::optional<at::Tensor>& dht, bool need_dh0, bool packed) {
   const at::Tensor zt = opt_or_empty(z), Dt = opt_or_empty(D), bt = opt_or_empty(dt_bias), dhtt = opt_or_empty(dht);
-  check_tensors("ssd_cpu", {x, dt, B, C, zt, A, Dt, bt, hc, y_in, y_pre, dout, dhtt}, &x, "x");
+  check_rows(x, B, C);
+  check_tensors("ssd_cpu", {dt, zt, A, Dt, bt, hc, y_in, y_pre, dout, dhtt}, &x, "x");
   check_sizes(x, B, cu_seqlens, chunk_offsets, chunk);
-  const int64_t nseq = cu_seqlens.numel() - 1, H = x.size(1), P = x.size(2), G = B.size(1), N = B.size(2);
+  const int64_t nseq = cu_seqlens.numel() - 1, L = x.size(0), H = x.size(1), P = x.size(2), G = B.size(1),
+                N = B.size(2);
   const auto empty = at::empty({0}, x.options());
   const bool gated = zt.defined() && zt.numel() > 0;
-  at::Tensor dx = at::empty_like(x), ddt = at::empty_like(dt), dB = at::empty_like(B), dC = at::empty_like(C);
-  at::Tensor dz = gated ? at::empty_like(x) : empty;
+  const int64_t width = H * P + 2 * G * N;
+  TORCH_CHECK(!packed || ((L <= 1 || (x.stride(0) == width && B.stride(0) == width)) &&
+                          B.data_ptr() == static_cast<char*>(x.data_ptr()) + H * P * x.element_size() &&
+                          C.data_ptr() == static_cast<char*>(B.data_ptr()) + G * N * x.element_size()),
+              "ssd_cpu: packed x, B and C must be the column blocks of one [L, H P + 2 G N] tensor");
+  at::Tensor dx = packed ? at::empty({L, width}, x.options()) : at::empty({L, H, P}, x.options());
+  at::Tensor dB = packed ? empty : at::empty({L, G, N}, x.options()), dC = packed ? empty : at::empty_like(dB);
+  at::Tensor ddt = at::empty_like(dt), dz = gated ? at::empty({L, H, P}, x.options()) : empty;
   at::Tensor dh0 = need_dh0 ? at::empty({nseq, H, P, N}, x.options()) : empty;
   at::Tensor dparams = at::zeros({nseq * G, 3, H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssd_bwd", [&] {
     auto p = problem<scalar_t>(x, dt, B, C, zt, A, Dt, bt, empty, cu_seqlens, chunk_offsets, chunk, softplus, lo,
                                hi);
     p.has_h0 = has_h0;
-    Grads<scalar_t> gr{dx.data_ptr<scalar_t>(), ddt.data_ptr<scalar_t>(), dB.data_ptr<scalar_t>(),
-                       dC.data_ptr<scalar_t>(), data_or_null<scalar_t>(dz), data_or_null<scalar_t>(dh0),
+    p.ld_dx = packed ? width : H * P;
+    p.ld_dbc = packed ? width : G * N;
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    scalar_t* dBp = packed ? dxp + H * P : dB.data_ptr<scalar_t>();
+    scalar_t* dCp = packed ? dBp + G * N : dC.data_ptr<scalar_t>();
+    Grads<scalar_t> gr{dxp, ddt.data_ptr<scalar_t>(), dBp, dCp, data_or_null<scalar_t>(dz), data_or_null<scalar_t>(dh0),
                        nullptr, dout.data_ptr<scalar_t>(), data_or_null<scalar_t>(dhtt), hc.data_ptr<scalar_t>(),
                        data_or_null<scalar_t>(y_in), data_or_null<scalar_t>(y_pre)};
     scalar_t* params = dparams.data_ptr<scalar_t>();

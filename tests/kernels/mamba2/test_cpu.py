@@ -1,7 +1,8 @@
 """The C++ CPU SSD (backend "cpu") against the float64 recurrence: outputs, final states and the gradients of every
 input (x, dt, A, B, C, D, z, dt_bias, the initial state); groups, packed sequences with empty ones, lengths that
 are not a multiple of the chunk, one token, strong decays, dt limits, the custom ops under opcheck and
-torch.compile, the automatic choice, and bad input.
+torch.compile, the automatic choice, and bad input. Then ``ssd_xbc`` (x, B and C as the column blocks of one
+tensor, read in place, one gradient) against the same recurrence.
 
 The first test to run builds the kernels (once per machine, cached by torch: 30 s or more on 2 cores)."""
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from seqmix.kernels import BackendUnavailable, explain, ssd
+from seqmix.kernels import BackendUnavailable, explain, ssd, ssd_xbc
 from seqmix.kernels import cpu as cpu_build
 from seqmix.kernels.mamba2 import cpu as cpu_kernels
 from seqmix.kernels.mamba2 import ssd_recurrent
@@ -233,3 +234,83 @@ def test_compiled_call_equals_eager():
         torch.compile(loss, fullgraph=True, backend="aot_eager_decomp_partition")(*present), present)
     for name, a, b in zip([n for n, t in zip(NAMES, inputs) if t is not None], compiled, eager, strict=True):
         assert_rel(a, b, 1e-6, f"compiled d{name}")
+
+
+def _xbc_run(case, inputs, final_state=True):
+    """:func:`_run` through ssd_xbc on the cpu backend: x, B and C concatenated into one leaf xbc; returns the
+    gradients in the order of :func:`_run`'s, with xbc's split back into those of x, B and C."""
+    x, dt, A, B, C = inputs[:5]
+    H, P = x.shape[2:]
+    G, N = B.shape[2:]
+    xbc = torch.cat([x.detach().flatten(2), B.detach().flatten(2), C.detach().flatten(2)], -1).requires_grad_()
+    kwargs = {**case.kwargs(inputs), "output_final_state": final_state}
+    y, s = ssd_xbc(xbc, dt, A, num_heads=H, n_groups=G, d_state=N, **kwargs, backend="cpu")
+    gen = torch.Generator().manual_seed(case.seed + 1)
+    loss = (y * torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype)).sum()
+    if final_state:
+        loss = loss + (s * torch.randn(s.shape, generator=gen, dtype=torch.float64).to(s.dtype)).sum()
+    others = [t for t in [dt, A, *inputs[5:]] if t is not None]
+    dxbc, ddt, dA, *rest = torch.autograd.grad(loss, [xbc, *others])
+    dx, dB, dC = dxbc.split([H * P, G * N, G * N], -1)
+    grads = [dx.unflatten(-1, (H, P)), ddt, dA, dB.unflatten(-1, (G, N)), dC.unflatten(-1, (G, N)), *rest]
+    return y, s, grads
+
+
+def _check_xbc(case, dtype=torch.float64, tol=1e-10):
+    inputs = _inputs(case, dtype)
+    up = [None if t is None else t.detach().double().requires_grad_() for t in inputs]
+    y, s, grads = _xbc_run(case, inputs)
+    y_ref, s_ref, ref_grads = _run("oracle", case, up)
+    assert y.dtype == dtype and s.dtype == dtype
+    assert_rel(y, y_ref, tol, "output")
+    assert_rel(s, s_ref, tol, "final state")
+    names = [n for n, t in zip(NAMES, inputs) if t is not None]
+    for name, a, b in zip(names, grads, ref_grads, strict=True):
+        assert a.dtype == dtype
+        assert_rel(a, b, tol, f"d{name}")
+
+
+@settings(max_examples=6, deadline=None)
+@given(case=cases(max_t=150))
+def test_xbc_matches_recurrence_in_float64(case):
+    _check_xbc(case)
+
+
+def test_xbc_in_float32_with_packed_sequences_and_partial_chunks():
+    """Ragged packed sequences with an initial state, 135 tokens in the longest (two chunks and a part), heads of
+    width 70 (not a multiple of the vector lanes)."""
+    _check_xbc(Case(batch=1, lengths=(0, 9, 135, 1), seqlen=145, heads=4, groups=2, p=70, n=16, initial_state=True,
+                    extras=True, seed=5), torch.float32, TOL[torch.float32])
+
+
+def test_xbc_takes_the_in_place_kernels_with_gradients_only(monkeypatch):
+    """With autograd: one call of the xbc ops (opcheck'ed) and no copy of x, B or C; without: ``ssd`` on views."""
+    custom, calls = cpu_kernels.XBC_FUSED.chunk_fwd, []
+    monkeypatch.setattr(cpu_kernels, "XBC_FUSED", dataclasses.replace(
+        cpu_kernels.XBC_FUSED, chunk_fwd=lambda *args: calls.append(args) or custom(*args)))
+    case = Case(batch=2, lengths=None, seqlen=70, heads=2, groups=1, p=4, n=6, initial_state=True, extras=True,
+                seed=3)
+    inputs = _inputs(case, torch.float32)
+    _xbc_run(case, inputs)
+    assert len(calls) == 1
+    xbc = calls[0][0]
+    assert xbc.shape == (140, 2 * 4 + 2 * 6)
+    torch.library.opcheck(custom, calls[0], test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    with torch.no_grad():
+        y, _ = ssd_xbc(xbc.view(2, 70, -1), *[t.detach() for t in inputs[1:3]], num_heads=2, n_groups=1, d_state=6,
+                       backend="cpu")
+    assert len(calls) == 1 and y.shape == (2, 70, 2, 4)
+
+
+def test_xbc_bad_inputs_raise_clearly():
+    xbc, dt, A = torch.randn(1, 4, 20), torch.randn(1, 4, 2), -torch.rand(2)
+    with pytest.raises(ValueError, match=r"xbc's last dim must be H P \+ 2 G N"):
+        ssd_xbc(xbc, dt, A, num_heads=3, n_groups=1, d_state=6)
+    with pytest.raises(ValueError, match=r"xbc's last dim must be H P \+ 2 G N"):
+        ssd_xbc(xbc, dt, A, num_heads=2, n_groups=1, d_state=10)
+    with pytest.raises(ValueError, match="num_heads must be a positive int"):
+        ssd_xbc(xbc, dt, A, num_heads=0, n_groups=1, d_state=6)
+    with pytest.raises(ValueError, match=r"xbc must have shape \[B, T, H P \+ 2 G N\]"):
+        ssd_xbc(xbc[0], dt, A, num_heads=2, n_groups=1, d_state=6)
+    with pytest.raises(ValueError, match="dt"):
+        ssd_xbc(xbc, dt[:, :3], A, num_heads=2, n_groups=1, d_state=6, backend="cpu")
