@@ -9,8 +9,9 @@ from torch import nn
 
 from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
 from seqmix.archs.modules import RMSNorm, no_weight_decay
-from seqmix.kernels import gla
+from seqmix.kernels import gla, step_cpu
 from seqmix.kernels.gated_linear_attention.step import gla_step
+from seqmix.kernels.sequences import reference_dtype
 
 
 @register_mixer("gla")
@@ -56,15 +57,15 @@ class GatedLinearAttention(Mixer):
         self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
 
     def log_decay(self, x: torch.Tensor) -> torch.Tensor:
-        """g [B, T, H, K] float32, <= 0: the per-channel log decay at each token."""
+        """g [B, T, H, K] float32 (float64 for a float64 layer), <= 0: the per-channel log decay at each token."""
         return self._log_decay_of(self.gk_proj[0](x))
 
     def _log_decay_of(self, low: torch.Tensor) -> torch.Tensor:
         """g from the gate's low-rank projection ``low`` [B, T, gate_low_rank_dim]."""
         B, T, _ = low.shape
         up = self.gk_proj[1]
-        return (F.logsigmoid(F.linear(low, up.weight, up.bias).float()) / self.gate_normalizer).view(
-            B, T, self.num_heads, -1)
+        logits = F.linear(low, up.weight, up.bias)
+        return (F.logsigmoid(logits.to(reference_dtype(logits))) / self.gate_normalizer).view(B, T, self.num_heads, -1)
 
     def _projections(self, x):
         """q, k, v [B, T, H, *], the output gate [B, T, value_dim] or None, and the gate's low-rank
@@ -77,6 +78,8 @@ class GatedLinearAttention(Mixer):
         return q, k, v, gate, F.linear(x, self.gk_proj[0].weight)
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
+        if is_decoding_step(x, state, cu_seqlens) and step_cpu.serves_layer("gla_layer_step", x, state, self):
+            return self._fused_decoding_step(x, state)
         q, k, v, gate, low = self._projections(x)
         g = self._log_decay_of(low)
         if is_decoding_step(x, state, cu_seqlens):
@@ -89,6 +92,23 @@ class GatedLinearAttention(Mixer):
             )
         o = self.o_proj(self.o_norm(o, None if gate is None else gate.view_as(o)).flatten(2))
         return o, (None if state is None else {"recurrent": recurrent})
+
+    def _fused_decoding_step(self, x, state):
+        """One token (x [B, 1, hidden]) as three calls: the input projections as one matmul on their weights'
+        concatenation (kept between steps), everything up to the output projection in one C++ call (the decay's
+        up-projection, GLA's step, the gated per-head norm: seqmix/kernels/step_cpu.py), o_proj. The same outputs
+        as the tensor-op steps of :meth:`mix` (tests/archs/test_gla.py)."""
+        B = x.shape[0]
+        modules = self._modules
+        names = ["q_proj", "k_proj", "v_proj"] + ([] if modules.get("g_proj") is None else ["g_proj"])
+        params = [modules[n]._parameters["weight"] for n in names] + [modules["gk_proj"][0].weight]
+        weights = self._decoding_constant("_step_weights", params, lambda: torch.cat(params))
+        up, o_norm = modules["gk_proj"][1]._parameters, modules["o_norm"]
+        o, recurrent = step_cpu.gla_layer_step(
+            F.linear(x.view(B, self.hidden_size), weights), up["weight"], up["bias"], self.gate_normalizer,
+            state["recurrent"], o_norm._parameters["weight"], o_norm.eps, len(names) == 4, self.head_k ** -0.5)
+        out = F.linear(o, modules["o_proj"]._parameters["weight"])
+        return out.view(B, 1, self.hidden_size), {"recurrent": recurrent}
 
     def init_state(self, batch_size: int) -> State:
         device = self.q_proj.weight.device

@@ -11,6 +11,7 @@ from torch.autograd.function import once_differentiable
 from seqmix.archs.mixer import is_decoding_step
 from seqmix.kernels import causal_conv1d, causal_conv1d_update, rms_norm, step_cpu
 from seqmix.kernels.conv.step import causal_conv1d_step
+from seqmix.kernels.norm import rms_norm_reference
 from seqmix.kernels.sequences import in_dtype, reference_dtype
 
 
@@ -72,11 +73,13 @@ class RMSNorm(nn.Module):
         no_weight_decay(self.weight)
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        # Without autograd (decoding) one C++ call on CPU tensors; a gate that broadcasts keeps the tensor ops.
-        fits = gate is None or gate.shape == x.shape
-        if not torch.is_grad_enabled() and fits and step_cpu.serves_when_ready(x):
+        if torch.is_grad_enabled():
+            return rms_norm(x, self.weight, gate, self.eps)
+        # Without autograd (decoding, evaluation) one C++ call on CPU tensors once built, else the tensor ops;
+        # neither is a recorded choice (step_cpu.serves_when_ready). A gate that broadcasts keeps the tensor ops.
+        if (gate is None or gate.shape == x.shape) and step_cpu.serves_when_ready(x):
             return step_cpu.row_norm(x, self.weight, gate, self.eps, True)
-        return rms_norm(x, self.weight, gate, self.eps)
+        return rms_norm_reference(x, self.weight, gate, self.eps)
 
 
 class ShortConvolution(nn.Module):

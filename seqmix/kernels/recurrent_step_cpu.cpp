@@ -28,6 +28,7 @@
 namespace {
 
 using seqmix_cpu::conv_window_row;
+using seqmix_cpu::dot;
 using seqmix_cpu::exp_v;
 using seqmix_cpu::lane_sum;
 using seqmix_cpu::Lanes;
@@ -145,6 +146,23 @@ std::vector<at::Tensor> delta_rule_step(const at::Tensor& q, const at::Tensor& k
   return {in_dtype(o, q.scalar_type()), Sn};
 }
 
+// One GLA head: S' = diag(e^g) S + k v^T (S, S' [K, V]) and o = scale S'^T q [V].
+template <typename T>
+void gla_head(const T* S, T* Sn, const T* q, const T* k, const T* v, const T* g, T scale, T* o, int64_t K, int64_t V) {
+  std::fill(o, o + V, T(0));
+  for (int64_t i = 0; i < K; ++i) {
+    const T a = std::exp(g[i]), kk = k[i], qq = q[i];
+    const T* row = S + i * V;
+    T* nrow = Sn + i * V;
+    for (int64_t j = 0; j < V; ++j) {
+      const T x = a * row[j] + kk * v[j];
+      nrow[j] = x;
+      o[j] += qq * x;
+    }
+  }
+  for (int64_t j = 0; j < V; ++j) o[j] *= scale;
+}
+
 // q, k, g [B, H, K], v [B, H, V], state [B, H, K, V]: S' = diag(e^g) S + k v^T, o = scale S'^T q.
 std::vector<at::Tensor> gla_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
                                  const at::Tensor& state, double scale) {
@@ -163,20 +181,8 @@ std::vector<at::Tensor> gla_step(const at::Tensor& q, const at::Tensor& k, const
     T* out = o.data_ptr<T>();
     over_heads(B, H, K * V, [&](int64_t b, int64_t h) {
       const int64_t bh = b * H + h;
-      const T *qi = qr.at(b, h), *ki = kr.at(b, h), *vj = vr.at(b, h), *gi = gr.at(b, h);
-      T* ob = out + bh * V;
-      std::fill(ob, ob + V, T(0));
-      for (int64_t i = 0; i < K; ++i) {
-        const T a = std::exp(gi[i]), kk = ki[i], qq = qi[i];
-        const T* row = s + (bh * K + i) * V;
-        T* nrow = sn + (bh * K + i) * V;
-        for (int64_t j = 0; j < V; ++j) {
-          const T x = a * row[j] + kk * vj[j];
-          nrow[j] = x;
-          ob[j] += qq * x;
-        }
-      }
-      for (int64_t j = 0; j < V; ++j) ob[j] *= T(scale);
+      gla_head<T>(s + bh * K * V, sn + bh * K * V, qr.at(b, h), kr.at(b, h), vr.at(b, h), gr.at(b, h), T(scale),
+                  out + bh * V, K, V);
     });
   });
   return {in_dtype(o, q.scalar_type()), Sn};
@@ -454,10 +460,68 @@ std::vector<at::Tensor> deltanet_step(const at::Tensor& f, const c10::optional<a
 
 }  // namespace
 
+// One token of a GLA layer between its projections (seqmix/archs/gla.py), in one call: f [B, F] is the input
+// projections' output, q [H K] | k [H K] | v [H V] | the output gate [H V] (with has_gate) | the decay's low-rank
+// projection [R]; g = logsigmoid(up_weight low + up_bias) / normalizer [H K] (up_weight [H K, R], up_bias
+// [H K]); GLA's step on state [B, H, K, V] (gla_head); each head's output RMS-normalised over V (norm_weight
+// [V], eps) and multiplied by silu(gate). Returns o [B, H V] in f's dtype and the new state (float32, float64
+// for float64 f).
+std::vector<at::Tensor> gla_layer_step(const at::Tensor& f, const at::Tensor& up_weight, const at::Tensor& up_bias,
+                                       double normalizer, const at::Tensor& state, const at::Tensor& norm_weight,
+                                       double eps, bool has_gate, double scale) {
+  check_cpu({f, up_weight, up_bias, state, norm_weight}, "gla_layer_step_cpu");
+  TORCH_CHECK(f.dim() == 2 && state.dim() == 4 && up_weight.dim() == 2,
+              "gla_layer_step_cpu: f [B, F], state [B, H, K, V], up_weight [H K, R]");
+  const auto dtype = compute_dtype(f);
+  const int64_t B = f.size(0), H = state.size(1), K = state.size(2), V = state.size(3), R = up_weight.size(1);
+  const int64_t gate_width = has_gate ? H * V : 0;
+  TORCH_CHECK(state.size(0) == B && up_weight.size(0) == H * K && up_bias.numel() == H * K &&
+                  norm_weight.numel() == V && f.size(1) == 2 * H * K + H * V + gate_width + R,
+              "gla_layer_step_cpu: the shapes do not describe one GLA layer");
+  const at::Tensor fc = prepared(f, dtype), S = prepared_state(state, dtype), uw = dense(up_weight, dtype);
+  const at::Tensor ub = dense(up_bias, dtype), nw = dense(norm_weight, dtype);
+  at::Tensor Sn = at::empty({B, H, K, V}, f.options().dtype(dtype));
+  at::Tensor o = at::empty({B, H * V}, f.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "gla_layer_step_cpu", [&] {
+    using T = scalar_t;
+    const T *fp = fc.data_ptr<T>(), *s = S.data_ptr<T>(), *uwp = uw.data_ptr<T>(), *ubp = ub.data_ptr<T>();
+    const T* nwp = nw.data_ptr<T>();
+    T *sn = Sn.data_ptr<T>(), *out = o.data_ptr<T>();
+    const int64_t row_stride = fc.stride(0);
+    const int64_t grain = std::max<int64_t>(1, kValuesPerTask / std::max<int64_t>(H * K * V, 1));
+    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+      std::vector<T> buffer(H * K + gate_width);
+      T *g = buffer.data(), *gate = g + H * K;
+      for (int64_t b = begin; b < end; ++b) {
+        const T* row = fp + b * row_stride;  // q | k | v | gate | low
+        const T *q = row, *k = q + H * K, *v = k + H * K, *low = v + H * V + gate_width;
+        for (int64_t i = 0; i < H * K; ++i) {  // logsigmoid(x) = min(x, 0) - log1p(exp(-|x|))
+          const T x = dot(uwp + i * R, low, R) + ubp[i];
+          g[i] = (std::min(x, T(0)) - std::log1p(std::exp(-std::abs(x)))) / T(normalizer);
+        }
+        if (has_gate) {
+          std::copy(v + H * V, v + 2 * H * V, gate);
+          silu_inplace<T>(gate, H * V);
+        }
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t bh = b * H + h;
+          T* oh = out + bh * V;
+          gla_head<T>(s + bh * K * V, sn + bh * K * V, q + h * K, k + h * K, v + h * V, g + h * K, T(scale), oh, K, V);
+          rms_norm_inplace(oh, nwp, eps, V);
+          if (has_gate)
+            for (int64_t j = 0; j < V; ++j) oh[j] *= gate[h * V + j];
+        }
+      }
+    });
+  });
+  return {in_dtype(o, f.scalar_type()), Sn};
+}
+
 void bind_recurrent_steps(pybind11::module& m) {
   m.def("delta_rule_step", &delta_rule_step, "one token of the (gated) delta rule (CPU)");
   m.def("gla_step", &gla_step, "one token of gated linear attention (CPU)");
   m.def("ssd_step", &ssd_step, "one token of Mamba-2's SSD (CPU)");
   m.def("deltanet_step", &deltanet_step, "one token of a (Gated) DeltaNet layer between its projections (CPU)");
   m.def("mamba2_step", &mamba2_step, "one token of a Mamba-2 layer between its projections (CPU)");
+  m.def("gla_layer_step", &gla_layer_step, "one token of a GLA layer between its projections (CPU)");
 }

@@ -1,8 +1,9 @@
 """The recurrent rules' decoding steps as one C++ call each on CPU tensors (recurrent_step_cpu.cpp, built by
 seqmix/kernels/cpu.py): the delta rule and gated delta rule, GLA and Mamba-2's SSD; the short causal conv's
 step (conv/conv_step_cpu.cpp); and the row norms of seqmix/archs/modules.py (RMSNorm, gated or not, and
-l2_normalize; row_norm_cpu.cpp) without autograd; and the Mamba-2 and (Gated) DeltaNet layers' decoding steps
-between their projections (:func:`mamba2_step`, :func:`deltanet_step`; the layers ask :func:`serves_layer`).
+l2_normalize; row_norm_cpu.cpp) without autograd; and the Mamba-2, (Gated) DeltaNet and GLA layers' decoding
+steps between their projections (:func:`mamba2_step`, :func:`deltanet_step`, :func:`gla_layer_step`; the layers
+ask :func:`serves_layer`).
 
 The step functions (``seqmix.kernels.<family>.step``) hand a call here when :func:`serves` says so: CPU
 tensors, no gradient wanted (the C++ steps have no backward; autograd keeps the tensor ops), and the C++
@@ -36,7 +37,7 @@ def serves(op: str, like: Tensor, *tensors: Tensor | None) -> bool:
     return select_backend(op, None, like.device, ("cpu", "reference"), {"cpu": limit}) == "cpu"
 
 
-# The dtypes whose layer steps (mamba2_step, deltanet_step) take the C++ call: the tensor-op steps round a
+# The dtypes whose layer steps (mamba2_step, deltanet_step, gla_layer_step) take the C++ call: the tensor-op steps round a
 # half-precision layer's values between their ops, the C++ steps would not.
 _LAYER_STEP_DTYPES = (torch.float32, torch.float64)
 
@@ -157,6 +158,33 @@ def mamba2_step(f: Tensor, conv_weight: Tensor, conv_bias: Tensor, conv_state: T
         return _mamba2_op(*args)
     y, conv, ssm = cpu.extension().mamba2_step(*args)
     return y, conv, ssm
+
+
+@torch.library.custom_op("seqmix::gla_layer_step_cpu", mutates_args=())
+def _gla_layer_op(f: Tensor, up_weight: Tensor, up_bias: Tensor, normalizer: float, state: Tensor, norm_weight: Tensor,
+                  eps: float, has_gate: bool, scale: float) -> tuple[Tensor, Tensor]:
+    o, S = cpu.extension().gla_layer_step(f, up_weight, up_bias, normalizer, state, norm_weight, eps, has_gate, scale)
+    return o, S
+
+
+@_gla_layer_op.register_fake
+def _(f, up_weight, up_bias, normalizer, state, norm_weight, eps, has_gate, scale):
+    return f.new_empty(f.shape[0], state.shape[1] * state.shape[3]), _state_like(state, f)
+
+
+def gla_layer_step(f: Tensor, up_weight: Tensor, up_bias: Tensor, normalizer: float, state: Tensor,
+                   norm_weight: Tensor, eps: float, has_gate: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """One token of a GLA layer between its projections (seqmix/archs/gla.py) in one call, no autograd. f [B, F]
+    is the input projections' output: q | k [H K each] | v [H V] | the output gate [H V] (with ``has_gate``) | the
+    decay's low-rank projection [R]. The decay g = logsigmoid(up_weight low + up_bias) / normalizer (up_weight
+    [H K, R], up_bias [H K]), GLA's step on state [B, H, K, V] (``seqmix.kernels.gated_linear_attention.step``,
+    ``scale``), each head's output RMS-normalised over V (norm_weight [V], ``eps``) and multiplied by silu(gate).
+    Returns (o [B, H V] in f's dtype, the new state float32 (float64 for float64 f))."""
+    args = (f, up_weight, up_bias, float(normalizer), state, norm_weight, eps, has_gate, scale)
+    if torch.compiler.is_compiling():
+        return _gla_layer_op(*args)
+    o, S = cpu.extension().gla_layer_step(*args)
+    return o, S
 
 
 @torch.library.custom_op("seqmix::deltanet_step_cpu", mutates_args=())
