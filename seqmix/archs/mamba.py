@@ -11,7 +11,7 @@ from torch import nn
 from seqmix.archs.mamba2 import inverse_softplus, log_uniform_dt
 from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
 from seqmix.archs.modules import ShortConvolution, no_weight_decay
-from seqmix.kernels import selective_scan
+from seqmix.kernels import selective_scan, step_cpu
 from seqmix.kernels.conv.step import causal_conv1d_step
 from seqmix.kernels.mamba.step import selective_scan_step_unchecked
 
@@ -61,6 +61,8 @@ class Mamba(Mixer):
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         if is_decoding_step(x, state, cu_seqlens):
+            if step_cpu.serves_layer("mamba_step", x, state, self):
+                return self._fused_decoding_step(x, state)
             return self._step(x, state)
         # x and z projected apart (in_proj's row halves) so that both are contiguous: halves of one output make
         # every elementwise pass over them (the conv's taps, the scan's z) strided and slow, and their
@@ -103,6 +105,20 @@ class Mamba(Mixer):
             backend="reference" if self.backend == "reference" else None,
         )
         return F.linear(y, self.out_proj.weight).unsqueeze(1), {"conv": conv_state, "ssm": ssm_state}
+
+    def _fused_decoding_step(self, x, state):
+        """One token (x [B, 1, hidden]) as three calls: in_proj, everything between the projections in one C++
+        call (the conv's window step, x_proj, dt_proj, the scan's step, the gate: seqmix/kernels/step_cpu.py),
+        out_proj. The same outputs as :meth:`_step` (tests/archs/test_mamba.py)."""
+        B = x.shape[0]
+        modules, params = self._modules, self._parameters
+        conv, dt_proj = modules["conv"]._parameters, modules["dt_proj"]._parameters
+        y, conv_state, ssm_state = step_cpu.mamba_step(
+            F.linear(x.view(B, self.hidden_size), modules["in_proj"]._parameters["weight"]), conv["weight"],
+            conv["bias"], state["conv"], modules["x_proj"]._parameters["weight"], dt_proj["weight"], dt_proj["bias"],
+            self._step_A(), params["D"], state["ssm"])
+        out = F.linear(y, modules["out_proj"]._parameters["weight"])
+        return out.view(B, 1, self.hidden_size), {"conv": conv_state, "ssm": ssm_state}
 
     def _A(self):
         """A = -exp(A_log) [D, N] in float32 at least (a float64 layer keeps float64)."""

@@ -34,8 +34,11 @@ using seqmix_cpu::lane_sum;
 using seqmix_cpu::Lanes;
 using seqmix_cpu::load;
 using seqmix_cpu::load_part;
+using seqmix_cpu::load_upto;
+using seqmix_cpu::splat;
 using seqmix_cpu::store;
 using seqmix_cpu::store_part;
+using seqmix_cpu::store_upto;
 using seqmix_cpu::Vec;
 
 // State values per thread task below which the tasks run inline on the calling thread: at decoding
@@ -203,11 +206,16 @@ void silu_inplace(T* v, int64_t n) {
   }
 }
 
-// dt' = clamp(softplus?(d), lo, hi) (softplus as F.softplus: d itself above the threshold).
+// softplus as F.softplus: x itself above the threshold.
 template <typename T>
-T ssd_dt(T d, bool softplus, double lo, double hi) {
-  if (softplus && d <= T(kSoftplusThreshold)) d = std::log1p(std::exp(d));
-  return std::min(std::max(d, T(lo)), T(hi));
+T softplus(T x) {
+  return x > T(kSoftplusThreshold) ? x : std::log1p(std::exp(x));
+}
+
+// dt' = clamp(softplus?(d), lo, hi).
+template <typename T>
+T ssd_dt(T d, bool with_softplus, double lo, double hi) {
+  return std::min(std::max(with_softplus ? softplus(d) : d, T(lo)), T(hi));
 }
 
 // One SSD head's rows: h'[p] = decay h[p] + d x[p] B and y[p] = h'[p] . C, for its P rows of N. Each row's
@@ -517,6 +525,82 @@ std::vector<at::Tensor> gla_layer_step(const at::Tensor& f, const at::Tensor& up
   return {in_dtype(o, f.scalar_type()), Sn};
 }
 
+// One Mamba channel: h'[n] = exp(delta A[n]) h[n] + delta u B[n] over its N states, returns h' . C.
+template <typename T>
+T scan_channel(const T* h, T* hn, const T* A, T delta, T u, const T* Bn, const T* Cn, int64_t N) {
+  constexpr int64_t L = Lanes<T>::W;
+  const Vec<T> dv = splat<T>(delta), du = splat<T>(delta * u);
+  Vec<T> acc{};
+  for (int64_t n = 0; n < N; n += L) {
+    const int64_t m = std::min(L, N - n);
+    const Vec<T> v = exp_v<T>(dv * load_upto(A + n, m)) * load_upto(h + n, m) + du * load_upto(Bn + n, m);
+    store_upto(hn + n, v, m);
+    acc += v * load_upto(Cn + n, m);
+  }
+  return lane_sum<T>(acc);
+}
+
+// One token of a Mamba layer between its projections (seqmix/archs/mamba.py), in one call: f [B, 2 D] is in_proj's
+// output, x | z; the short conv with SiLU over x (conv_weight [D, W], conv_bias [D], conv_state [B, D, W-1]);
+// x_proj (x_proj_weight [R + 2 N, D]) to the step's low rank [R] | B [N] | C [N]; delta = softplus(dt_proj_weight
+// [D, R] . low + dt_proj_bias [D]); the selective scan's step on ssm_state [B, D, N] with A [D, N] (scan_channel)
+// and y = (h' C + D_skip x) silu(z). Returns y [B, D] in f's dtype and the two new states (float32, float64 for
+// float64 f).
+std::vector<at::Tensor> mamba_step(const at::Tensor& f, const at::Tensor& conv_weight, const at::Tensor& conv_bias,
+                                   const at::Tensor& conv_state, const at::Tensor& x_proj_weight,
+                                   const at::Tensor& dt_proj_weight, const at::Tensor& dt_proj_bias,
+                                   const at::Tensor& A, const at::Tensor& D, const at::Tensor& ssm_state) {
+  check_cpu({f, conv_weight, conv_bias, conv_state, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, ssm_state},
+            "mamba_step_cpu");
+  TORCH_CHECK(f.dim() == 2 && ssm_state.dim() == 3 && conv_weight.dim() == 2 && conv_state.dim() == 3 &&
+                  x_proj_weight.dim() == 2 && dt_proj_weight.dim() == 2,
+              "mamba_step_cpu: f [B, 2 D], ssm_state [B, D, N], conv_weight [D, W], conv_state [B, D, W-1], "
+              "x_proj_weight [R + 2 N, D], dt_proj_weight [D, R]");
+  const auto dtype = compute_dtype(f);
+  const int64_t B = f.size(0), Dm = ssm_state.size(1), N = ssm_state.size(2), W = conv_weight.size(1);
+  const int64_t R = dt_proj_weight.size(1);
+  TORCH_CHECK(f.size(1) == 2 * Dm && ssm_state.size(0) == B && conv_weight.size(0) == Dm && conv_bias.numel() == Dm &&
+                  conv_state.size(0) == B && conv_state.size(1) == Dm && conv_state.size(2) == W - 1 &&
+                  x_proj_weight.size(0) == R + 2 * N && x_proj_weight.size(1) == Dm && dt_proj_weight.size(0) == Dm &&
+                  dt_proj_bias.numel() == Dm && A.numel() == Dm * N && D.numel() == Dm,
+              "mamba_step_cpu: the shapes do not describe one Mamba layer");
+  const at::Tensor fc = prepared(f, dtype), S = dense(ssm_state, dtype), cs = dense(conv_state, dtype);
+  const at::Tensor cw = dense(conv_weight, dtype), cb = dense(conv_bias, dtype), xw = dense(x_proj_weight, dtype);
+  const at::Tensor dw = dense(dt_proj_weight, dtype), db = dense(dt_proj_bias, dtype), Ac = dense(A, dtype);
+  const at::Tensor Dc = dense(D, dtype);
+  at::Tensor Sn = at::empty({B, Dm, N}, f.options().dtype(dtype));
+  at::Tensor cn = at::empty({B, Dm, W - 1}, f.options().dtype(dtype));
+  at::Tensor y = at::empty({B, Dm}, f.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "mamba_step_cpu", [&] {
+    using T = scalar_t;
+    const T *fp = fc.data_ptr<T>(), *s = S.data_ptr<T>(), *csp = cs.data_ptr<T>(), *cwp = cw.data_ptr<T>();
+    const T *cbp = cb.data_ptr<T>(), *xwp = xw.data_ptr<T>(), *dwp = dw.data_ptr<T>(), *dbp = db.data_ptr<T>();
+    const T *Ap = Ac.data_ptr<T>(), *skip = Dc.data_ptr<T>();
+    T *sn = Sn.data_ptr<T>(), *cnp = cn.data_ptr<T>(), *yp = y.data_ptr<T>();
+    const int64_t row_stride = fc.stride(0);
+    const int64_t grain = std::max<int64_t>(1, kValuesPerTask / std::max<int64_t>(Dm * N, 1));
+    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+      std::vector<T> buffer(2 * Dm + R + 2 * N);
+      T *xc = buffer.data(), *gate = xc + Dm, *proj = gate + Dm;  // proj: low [R] | B [N] | C [N]
+      for (int64_t b = begin; b < end; ++b) {
+        const T* row = fp + b * row_stride;  // x | z
+        conv_silu_row<T>(row, cwp, cbp, csp + b * Dm * (W - 1), cnp + b * Dm * (W - 1), xc, Dm, W);
+        std::copy(row + Dm, row + 2 * Dm, gate);
+        silu_inplace<T>(gate, Dm);
+        for (int64_t j = 0; j < R + 2 * N; ++j) proj[j] = dot(xwp + j * Dm, xc, Dm);
+        const T *Bn = proj + R, *Cn = Bn + N;
+        T* yb = yp + b * Dm;
+        for (int64_t d = 0; d < Dm; ++d) {
+          const T delta = softplus(dot(dwp + d * R, proj, R) + dbp[d]);
+          const int64_t at = (b * Dm + d) * N;
+          yb[d] = (scan_channel<T>(s + at, sn + at, Ap + d * N, delta, xc[d], Bn, Cn, N) + skip[d] * xc[d]) * gate[d];
+        }
+      }
+    });
+  });
+  return {in_dtype(y, f.scalar_type()), cn, Sn};
+}
+
 void bind_recurrent_steps(pybind11::module& m) {
   m.def("delta_rule_step", &delta_rule_step, "one token of the (gated) delta rule (CPU)");
   m.def("gla_step", &gla_step, "one token of gated linear attention (CPU)");
@@ -524,4 +608,5 @@ void bind_recurrent_steps(pybind11::module& m) {
   m.def("deltanet_step", &deltanet_step, "one token of a (Gated) DeltaNet layer between its projections (CPU)");
   m.def("mamba2_step", &mamba2_step, "one token of a Mamba-2 layer between its projections (CPU)");
   m.def("gla_layer_step", &gla_layer_step, "one token of a GLA layer between its projections (CPU)");
+  m.def("mamba_step", &mamba_step, "one token of a Mamba layer between its projections (CPU)");
 }

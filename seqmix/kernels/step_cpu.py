@@ -1,9 +1,9 @@
 """The recurrent rules' decoding steps as one C++ call each on CPU tensors (recurrent_step_cpu.cpp, built by
 seqmix/kernels/cpu.py): the delta rule and gated delta rule, GLA and Mamba-2's SSD; the short causal conv's
 step (conv/conv_step_cpu.cpp); and the row norms of seqmix/archs/modules.py (RMSNorm, gated or not, and
-l2_normalize; row_norm_cpu.cpp) without autograd; and the Mamba-2, (Gated) DeltaNet and GLA layers' decoding
-steps between their projections (:func:`mamba2_step`, :func:`deltanet_step`, :func:`gla_layer_step`; the layers
-ask :func:`serves_layer`).
+l2_normalize; row_norm_cpu.cpp) without autograd; and the Mamba-2, Mamba, (Gated) DeltaNet and GLA layers'
+decoding steps between their projections (:func:`mamba2_step`, :func:`mamba_step`, :func:`deltanet_step`,
+:func:`gla_layer_step`; the layers ask :func:`serves_layer`).
 
 The step functions (``seqmix.kernels.<family>.step``) hand a call here when :func:`serves` says so: CPU
 tensors, no gradient wanted (the C++ steps have no backward; autograd keeps the tensor ops), and the C++
@@ -37,7 +37,7 @@ def serves(op: str, like: Tensor, *tensors: Tensor | None) -> bool:
     return select_backend(op, None, like.device, ("cpu", "reference"), {"cpu": limit}) == "cpu"
 
 
-# The dtypes whose layer steps (mamba2_step, deltanet_step, gla_layer_step) take the C++ call: the tensor-op steps round a
+# The dtypes whose layer steps (mamba2_step, mamba_step, deltanet_step, gla_layer_step) take the C++ call: the tensor-op steps round a
 # half-precision layer's values between their ops, the C++ steps would not.
 _LAYER_STEP_DTYPES = (torch.float32, torch.float64)
 
@@ -185,6 +185,37 @@ def gla_layer_step(f: Tensor, up_weight: Tensor, up_bias: Tensor, normalizer: fl
         return _gla_layer_op(*args)
     o, S = cpu.extension().gla_layer_step(*args)
     return o, S
+
+
+@torch.library.custom_op("seqmix::mamba_step_cpu", mutates_args=())
+def _mamba_op(f: Tensor, conv_weight: Tensor, conv_bias: Tensor, conv_state: Tensor, x_proj_weight: Tensor,
+              dt_proj_weight: Tensor, dt_proj_bias: Tensor, A: Tensor, D: Tensor, ssm_state: Tensor
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    y, conv, ssm = cpu.extension().mamba_step(f, conv_weight, conv_bias, conv_state, x_proj_weight, dt_proj_weight,
+                                              dt_proj_bias, A, D, ssm_state)
+    return y, conv, ssm
+
+
+@_mamba_op.register_fake
+def _(f, conv_weight, conv_bias, conv_state, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, ssm_state):
+    return f.new_empty(f.shape[0], ssm_state.shape[1]), _state_like(conv_state, f), _state_like(ssm_state, f)
+
+
+def mamba_step(f: Tensor, conv_weight: Tensor, conv_bias: Tensor, conv_state: Tensor, x_proj_weight: Tensor,
+               dt_proj_weight: Tensor, dt_proj_bias: Tensor, A: Tensor, D: Tensor, ssm_state: Tensor
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """One token of a Mamba layer between its projections (seqmix/archs/mamba.py) in one call, no autograd: from
+    in_proj's output f [B, 2 D] (x | z), the short conv's window step with SiLU over x (conv_weight [D, W],
+    conv_bias [D], conv_state [B, D, W-1]), x_proj (x_proj_weight [R + 2 N, D]) to the step's low rank, B and C,
+    delta = softplus(dt_proj_weight [D, R] low + dt_proj_bias [D]), the selective scan's step
+    (``seqmix.kernels.mamba.step``: A [D, N], the skip D [D], ssm_state [B, D, N]) and the gate silu(z). Returns
+    (y [B, D] in f's dtype, the conv state, the scan's state), the states float32 (float64 for float64 f) and new
+    tensors."""
+    args = (f, conv_weight, conv_bias, conv_state, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, ssm_state)
+    if torch.compiler.is_compiling():
+        return _mamba_op(*args)
+    y, conv, ssm = cpu.extension().mamba_step(*args)
+    return y, conv, ssm
 
 
 @torch.library.custom_op("seqmix::deltanet_step_cpu", mutates_args=())

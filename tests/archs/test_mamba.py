@@ -1,5 +1,6 @@
 """Mamba specifics: the fused layer against the reference layer with gradients, the usual
-initialisation, and configuration errors (the Mixer contract is in test_mixers.py)."""
+initialisation, configuration errors, and the decoding step (the one-call C++ step, compiled and eager;
+the Mixer contract is in test_mixers.py)."""
 
 import math
 
@@ -102,9 +103,19 @@ def test_configuration_errors():
         Mamba(hidden_size=16, d_state=0)
 
 
+@pytest.mark.parametrize("d_state", [4, 20])
+def test_fused_cpu_decoding_step_equals_the_tensor_op_steps(d_state, monkeypatch):
+    """State sizes below and above a vector of lanes (not a multiple of it), dt_rank 3."""
+    require_cpu_kernels()
+    torch.manual_seed(5)
+    layer = Mamba(hidden_size=16, d_state=d_state, dt_rank=3)
+    x = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    contract.fused_decoding_step_equals_tensor_op_steps(layer, x, 4, "mamba_step", monkeypatch)
+
+
 def test_decode_step_on_the_cpu_kernel_compiles_in_one_graph_and_equals_the_reference(monkeypatch):
-    """Decoding without gradients on CPU tensors runs the C++ step (one custom op per layer and token): it
-    traces into one graph (torch.compile(fullgraph=True)) and gives the reference step's logits and states."""
+    """Decoding without gradients on CPU tensors runs the layer's C++ step (one custom op per layer and token):
+    it traces into one graph (torch.compile(fullgraph=True)) and gives the reference step's logits and states."""
     from seqmix.archs.lm import LanguageModel, LMConfig
     require_cpu_kernels()
     monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
@@ -125,7 +136,7 @@ def test_decode_step_on_the_cpu_kernel_compiles_in_one_graph_and_equals_the_refe
                     out, state = step(tokens[:, t : t + 1], state)
                     outs.append(out)
             if label == "eager":
-                assert {c.backend for c in choices if c.op == "selective_scan_step"} == {"cpu"}
+                assert {c.backend for c in choices if c.op == "mamba_step"} == {"cpu"}
             results[label] = torch.stack(outs, 1), torch.cat([s["ssm"].flatten() for s in state])
     for label in ("compiled", "eager"):
         assert_rel(results[label][0], results["reference"][0], 1e-5, f"{label} logits")
