@@ -97,7 +97,7 @@ class Mamba2(Mixer):
             return self.out_proj(self.norm(y.view(B, 1, self.d_inner))), {"conv": conv_state, "ssm": ssm_state}
         # x, B and C stay the column blocks of the conv's output: on the cpu backend SSD reads them in place and
         # their gradient is one tensor (docs/design.md, "Sixth round: a C++ RMSNorm; SSD on the conv's output in
-        # place").
+        # place; GLA's and Mamba's decoding steps").
         y, ssm_state = ssd_xbc(
             xbc, dt, self._A(), num_heads=H, n_groups=G, d_state=N, D=self.D, z=z.reshape(B, T, H, P),
             dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,

@@ -37,8 +37,8 @@ def serves(op: str, like: Tensor, *tensors: Tensor | None) -> bool:
     return select_backend(op, None, like.device, ("cpu", "reference"), {"cpu": limit}) == "cpu"
 
 
-# The dtypes whose layer steps (mamba2_step, mamba_step, deltanet_step, gla_layer_step) take the C++ call: the tensor-op steps round a
-# half-precision layer's values between their ops, the C++ steps would not.
+# The dtypes whose layer steps (mamba2_step, mamba_step, deltanet_step, gla_layer_step) take the C++ call: the
+# tensor-op steps round a half-precision layer's values between their ops, the C++ steps would not.
 _LAYER_STEP_DTYPES = (torch.float32, torch.float64)
 
 

@@ -240,7 +240,7 @@ def ssd_xbc(
     The results of ``ssd`` on those blocks. With autograd on the cpu backend the kernels read the blocks where
     they are and return xbc's gradient as one tensor, instead of three gradients that a split's backward
     concatenates and three packing copies (docs/design.md, "Sixth round: a C++ RMSNorm; SSD on the conv's output
-    in place"); otherwise it is ``ssd`` on views of the blocks.
+    in place; GLA's and Mamba's decoding steps"); otherwise it is ``ssd`` on views of the blocks.
 
     Args:
         xbc: [B, T, H P + 2 G N].

@@ -8,7 +8,8 @@ kernel computes in that dtype and returns the final state and every gradient in 
 A second pair of ops (``ssd_cpu_xbc_*``, for :func:`seqmix.kernels.mamba2.ssd_xbc`) takes x, B and C as the
 column blocks of one tensor ``xbc [L, H P + 2 G N]`` and returns their gradient as one tensor of that layout:
 the kernels read and write those rows in place, so neither the packing copies nor a split's concatenation in
-the backward remain (docs/design.md, "Sixth round: a C++ RMSNorm; SSD on the conv's output in place").
+the backward remain (docs/design.md, "Sixth round: a C++ RMSNorm; SSD on the conv's output in place; GLA's
+and Mamba's decoding steps").
 """
 
 from __future__ import annotations

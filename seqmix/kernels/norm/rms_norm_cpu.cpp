@@ -1,7 +1,8 @@
 // RMSNorm, gated or not, for training on the CPU: forward and backward (the op: seqmix/kernels/norm/__init__.py,
-// rms_norm; why: docs/design.md, "Sixth round: RMSNorm and SSD's inputs in place"). In tensor ops the forward
-// is five passes over [M, D] and the backward nine, each into a fresh buffer, costly on a training step's cold
-// memory; here each row is read once into cache and worked on there.
+// rms_norm; why: docs/design.md, "Sixth round: a C++ RMSNorm; SSD on the conv's output in place; GLA's and
+// Mamba's decoding steps"). In tensor ops the forward is five passes over [M, D] and the backward nine, each
+// into a fresh buffer, costly on a training step's cold memory; here each row is read once into cache and
+// worked on there.
 //
 // y = xhat w [* silu(gate)], xhat = x r, r = rsqrt(mean(x^2) + eps) over the last dimension (the math:
 // seqmix/kernels/norm/reference.py, RMSNormFunction). With a = dy [* silu(gate)] w:

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from seqmix.archs.modules import RMSNorm
-from seqmix.kernels import explain, rms_norm
 from seqmix.kernels import cpu as cpu_build
+from seqmix.kernels import explain, rms_norm
 from seqmix.kernels.backend import recording
 from tests.helpers import TOL, assert_rel, require_cpu_kernels
 
