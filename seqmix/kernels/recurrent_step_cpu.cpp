@@ -94,6 +94,25 @@ void check_cpu(std::initializer_list<at::Tensor> ts, const char* op) {
     TORCH_CHECK(!t.defined() || t.device().is_cpu(), op, ": every tensor must be on the CPU");
 }
 
+// S'[i] = decay(i) S[i] + k[i] w over the K rows [V] of a head's state, and o = scale S'^T q [V]: the update
+// and read-out that the delta rule (w its correction, one decay) and GLA (w = v, a decay per row) end with.
+template <typename T, typename Decay>
+void update_and_read(const T* S, T* Sn, const Decay& decay, const T* k, const T* w, const T* q, T scale, T* o,
+                     int64_t K, int64_t V) {
+  std::fill(o, o + V, T(0));
+  for (int64_t i = 0; i < K; ++i) {
+    const T a = decay(i), ki = k[i], qi = q[i];
+    const T* row = S + i * V;
+    T* out = Sn + i * V;
+    for (int64_t j = 0; j < V; ++j) {
+      const T s = a * row[j] + ki * w[j];
+      out[j] = s;
+      o[j] += qi * s;
+    }
+  }
+  for (int64_t j = 0; j < V; ++j) o[j] *= scale;
+}
+
 // S' = a S + k w^T, w = beta (v - a S^T k), o = scale S'^T q (a = e^g; 1 without g).
 template <typename T>
 void delta_head(const T* S, T* Sn, const T* q, const T* k, const T* v, T beta, T a, T scale, T* o, T* w,
@@ -105,18 +124,7 @@ void delta_head(const T* S, T* Sn, const T* q, const T* k, const T* v, T beta, T
     for (int64_t j = 0; j < V; ++j) w[j] += ki * row[j];
   }
   for (int64_t j = 0; j < V; ++j) w[j] = beta * (v[j] - a * w[j]);
-  std::fill(o, o + V, T(0));
-  for (int64_t i = 0; i < K; ++i) {
-    const T ki = k[i], qi = q[i];
-    const T* row = S + i * V;
-    T* out = Sn + i * V;
-    for (int64_t j = 0; j < V; ++j) {
-      const T s = a * row[j] + ki * w[j];
-      out[j] = s;
-      o[j] += qi * s;
-    }
-  }
-  for (int64_t j = 0; j < V; ++j) o[j] *= scale;
+  update_and_read<T>(S, Sn, [a](int64_t) { return a; }, k, w, q, scale, o, K, V);
 }
 
 // q, k [B, H, K], v [B, H, V], beta and g [B, H] (g may be absent), state [B, H, K, V].
@@ -152,18 +160,7 @@ std::vector<at::Tensor> delta_rule_step(const at::Tensor& q, const at::Tensor& k
 // One GLA head: S' = diag(e^g) S + k v^T (S, S' [K, V]) and o = scale S'^T q [V].
 template <typename T>
 void gla_head(const T* S, T* Sn, const T* q, const T* k, const T* v, const T* g, T scale, T* o, int64_t K, int64_t V) {
-  std::fill(o, o + V, T(0));
-  for (int64_t i = 0; i < K; ++i) {
-    const T a = std::exp(g[i]), kk = k[i], qq = q[i];
-    const T* row = S + i * V;
-    T* nrow = Sn + i * V;
-    for (int64_t j = 0; j < V; ++j) {
-      const T x = a * row[j] + kk * v[j];
-      nrow[j] = x;
-      o[j] += qq * x;
-    }
-  }
-  for (int64_t j = 0; j < V; ++j) o[j] *= scale;
+  update_and_read<T>(S, Sn, [g](int64_t i) { return std::exp(g[i]); }, k, v, q, scale, o, K, V);
 }
 
 // q, k, g [B, H, K], v [B, H, V], state [B, H, K, V]: S' = diag(e^g) S + k v^T, o = scale S'^T q.
