@@ -1,10 +1,11 @@
-// Row operations of the one-token C++ CPU kernels, written once for the short conv's step
-// (conv/conv_step_cpu.cpp), the row norms (row_norm_cpu.cpp) and the layers' decoding steps
-// (recurrent_step_cpu.cpp).
+// Row operations of the C++ CPU kernels, written once for the short conv's step (conv/conv_step_cpu.cpp), the
+// row norms (row_norm_cpu.cpp, norm/rms_norm_cpu.cpp) and the layers' decoding steps (recurrent_step_cpu.cpp).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+
+#include "vec_cpu.h"
 
 namespace seqmix_cpu {
 
@@ -28,12 +29,10 @@ inline void conv_window_row(const T* x, const T* w, const T* bias, const T* s, T
 }
 
 // 1 / sqrt(sum(x^2) inv_n + eps) over a row of n values: RMSNorm's scale with inv_n = 1 / n, the L2 norm's
-// with inv_n = 1 (seqmix/archs/modules.py).
+// with inv_n = 1 (seqmix/archs/modules.py). The sum in vectors (dot): a scalar running sum does not vectorise.
 template <typename T>
 inline T rms_scale(const T* x, int64_t n, T inv_n, double eps) {
-  T ss = 0;
-  for (int64_t j = 0; j < n; ++j) ss += x[j] * x[j];
-  return T(1) / std::sqrt(ss * inv_n + T(eps));
+  return T(1) / std::sqrt(dot(x, x, n) * inv_n + T(eps));
 }
 
 }  // namespace seqmix_cpu

@@ -61,6 +61,14 @@ def serves_when_ready(like: Tensor, *tensors: Tensor | None) -> bool:
             and os.environ.get("SEQMIX_BACKEND") != "reference" and cpu.ready())
 
 
+def _one_call(op, name: str, *args) -> tuple[Tensor, ...]:
+    """The C++ step ``name`` of the extension on ``args``: under ``torch.compile`` through its custom op ``op``
+    (traced with its fake), eagerly the extension's function itself (the module docstring says why)."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    return tuple(getattr(cpu.extension(), name)(*args))
+
+
 def _state_like(state: Tensor, like: Tensor) -> Tensor:
     return state.new_empty(state.shape, dtype=reference_dtype(like))
 
@@ -103,27 +111,18 @@ def _(x, dt, A, B, C, state, D, z, dt_bias, dt_softplus, dt_min, dt_max):
 
 def delta_rule_step(q, k, v, beta, g, state, scale: float):
     """``seqmix.kernels.deltanet.step``'s update (``g`` [B, H] or None) in one call; returns (o, state)."""
-    if torch.compiler.is_compiling():
-        return _delta_rule_op(q, k, v, beta, g, state, scale)
-    o, S = cpu.extension().delta_rule_step(q, k, v, beta, g, state, scale)
-    return o, S
+    return _one_call(_delta_rule_op, "delta_rule_step", q, k, v, beta, g, state, scale)
 
 
 def gla_step(q, k, v, g, state, scale: float):
     """``seqmix.kernels.gated_linear_attention.step.gla_step``'s update in one call; returns (o, state)."""
-    if torch.compiler.is_compiling():
-        return _gla_op(q, k, v, g, state, scale)
-    o, S = cpu.extension().gla_step(q, k, v, g, state, scale)
-    return o, S
+    return _one_call(_gla_op, "gla_step", q, k, v, g, state, scale)
 
 
 def ssd_step(x, dt, A, B, C, state, D, z, dt_bias, dt_softplus: bool, dt_limit: tuple[float, float]):
     """``seqmix.kernels.mamba2.step.ssd_step``'s update in one call; returns (y, state)."""
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
-    if torch.compiler.is_compiling():
-        return _ssd_op(x, dt, A, B, C, state, D, z, dt_bias, dt_softplus, lo, hi)
-    y, h = cpu.extension().ssd_step(x, dt, A, B, C, state, D, z, dt_bias, dt_softplus, lo, hi)
-    return y, h
+    return _one_call(_ssd_op, "ssd_step", x, dt, A, B, C, state, D, z, dt_bias, dt_softplus, lo, hi)
 
 
 @torch.library.custom_op("seqmix::mamba2_step_cpu", mutates_args=())
@@ -153,11 +152,8 @@ def mamba2_step(f: Tensor, conv_weight: Tensor, conv_bias: Tensor, conv_state: T
     Returns (y [B, H P] in f's dtype, the conv state, the SSD state), the states float32 (float64 for
     float64 f) and new tensors."""
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
-    args = (f, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_softplus, lo, hi, ssm_state, norm_weight, eps)
-    if torch.compiler.is_compiling():
-        return _mamba2_op(*args)
-    y, conv, ssm = cpu.extension().mamba2_step(*args)
-    return y, conv, ssm
+    return _one_call(_mamba2_op, "mamba2_step", f, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_softplus, lo,
+                     hi, ssm_state, norm_weight, eps)
 
 
 @torch.library.custom_op("seqmix::gla_layer_step_cpu", mutates_args=())
@@ -180,11 +176,8 @@ def gla_layer_step(f: Tensor, up_weight: Tensor, up_bias: Tensor, normalizer: fl
     [H K, R], up_bias [H K]), GLA's step on state [B, H, K, V] (``seqmix.kernels.gated_linear_attention.step``,
     ``scale``), each head's output RMS-normalised over V (norm_weight [V], ``eps``) and multiplied by silu(gate).
     Returns (o [B, H V] in f's dtype, the new state float32 (float64 for float64 f))."""
-    args = (f, up_weight, up_bias, float(normalizer), state, norm_weight, eps, has_gate, scale)
-    if torch.compiler.is_compiling():
-        return _gla_layer_op(*args)
-    o, S = cpu.extension().gla_layer_step(*args)
-    return o, S
+    return _one_call(_gla_layer_op, "gla_layer_step", f, up_weight, up_bias, float(normalizer), state, norm_weight,
+                     eps, has_gate, scale)
 
 
 @torch.library.custom_op("seqmix::mamba_step_cpu", mutates_args=())
@@ -211,11 +204,8 @@ def mamba_step(f: Tensor, conv_weight: Tensor, conv_bias: Tensor, conv_state: Te
     (``seqmix.kernels.mamba.step``: A [D, N], the skip D [D], ssm_state [B, D, N]) and the gate silu(z). Returns
     (y [B, D] in f's dtype, the conv state, the scan's state), the states float32 (float64 for float64 f) and new
     tensors."""
-    args = (f, conv_weight, conv_bias, conv_state, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, ssm_state)
-    if torch.compiler.is_compiling():
-        return _mamba_op(*args)
-    y, conv, ssm = cpu.extension().mamba_step(*args)
-    return y, conv, ssm
+    return _one_call(_mamba_op, "mamba_step", f, conv_weight, conv_bias, conv_state, x_proj_weight, dt_proj_weight,
+                     dt_proj_bias, A, D, ssm_state)
 
 
 @torch.library.custom_op("seqmix::deltanet_step_cpu", mutates_args=())
@@ -246,11 +236,8 @@ def deltanet_step(f: Tensor, conv_weight: Tensor | None, conv_state: Tensor | No
     head's output RMS-normalised over V (norm_weight [V], ``norm_eps``) and multiplied by silu(gate). Returns
     (o [B, H V] in f's dtype, the conv state or None, the rule's state), the states float32 (float64 for
     float64 f) and new tensors."""
-    args = (f, conv_weight, conv_state, state, A_log, dt_bias, norm_weight, norm_eps, has_gate, scale, l2_eps)
-    if torch.compiler.is_compiling():
-        o, conv, S = _deltanet_op(*args)
-    else:
-        o, conv, S = cpu.extension().deltanet_step(*args)
+    o, conv, S = _one_call(_deltanet_op, "deltanet_step", f, conv_weight, conv_state, state, A_log, dt_bias,
+                           norm_weight, norm_eps, has_gate, scale, l2_eps)
     return o, None if conv_state is None else conv, S
 
 
@@ -285,10 +272,7 @@ def _(x, weight, bias, silu, state):
 
 def causal_conv1d_step(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, state: Tensor):
     """``seqmix.kernels.conv.step.causal_conv1d_step`` in one call; returns (out, the new state)."""
-    if torch.compiler.is_compiling():
-        return _conv_step_op(x, weight, bias, silu, state)
-    out, window = cpu.extension().causal_conv1d_step(x, weight, bias, silu, state)
-    return out, window
+    return _one_call(_conv_step_op, "causal_conv1d_step", x, weight, bias, silu, state)
 
 
 @torch.library.custom_op("seqmix::residual_swiglu_step_cpu", mutates_args=())

@@ -14,6 +14,7 @@ from seqmix.kernels.checks import check_same_dtype, check_tensor
 from seqmix.kernels.norm import triton as kernels
 from seqmix.kernels.norm.reference import add_rms_norm_reference, rms_norm_reference
 from seqmix.kernels.op import nothing, or_empty, register_autograd
+from seqmix.kernels.sequences import in_dtype, reference_dtype
 
 __all__ = ["add_rms_norm", "add_rms_norm_backend", "add_rms_norm_reference", "rms_norm", "rms_norm_reference"]
 
@@ -181,9 +182,8 @@ def rms_norm(x: Tensor, weight: Tensor, gate: Tensor | None = None, eps: float =
     name = select_backend("rms_norm", backend, x.device, ("cpu", "reference"), {"cpu": fits}, build_cpu=False)
     if name == "reference":
         return rms_norm_reference(x, weight, gate, eps)
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    D = x.shape[-1]
-    rows = x.to(dt).reshape(-1, D).contiguous()
-    gate_rows = None if gate is None else gate.to(dt).reshape(-1, D).contiguous()
-    y, _ = _rms_fwd(rows, weight.to(dt).contiguous(), gate_rows, float(eps))
-    return y.view(x.shape).to(x.dtype)
+    dt, D = reference_dtype(x), x.shape[-1]
+    rows = in_dtype(x, dt).reshape(-1, D).contiguous()
+    gate_rows = None if gate is None else in_dtype(gate, dt).reshape(-1, D).contiguous()
+    y, _ = _rms_fwd(rows, in_dtype(weight, dt).contiguous(), gate_rows, float(eps))
+    return in_dtype(y.view(x.shape), x.dtype)

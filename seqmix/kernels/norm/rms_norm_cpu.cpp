@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "../args_cpu.h"
+#include "../rows_cpu.h"
 #include "../vec_cpu.h"
 
 namespace {
@@ -34,21 +35,6 @@ template <typename T, typename F>
 inline void over_row(int64_t n, const F& f) {
   constexpr int64_t W = Lanes<T>::W;
   for (int64_t j = 0; j < n; j += W) f(j, std::min(W, n - j));
-}
-
-template <typename T>
-inline T row_rstd(const T* x, int64_t D, double eps) {
-  Vec<T> ss{};
-  over_row<T>(D, [&](int64_t j, int64_t m) {
-    const Vec<T> v = load_upto(x + j, m);
-    ss += v * v;
-  });
-  return T(1) / std::sqrt(lane_sum<T>(ss) / T(D) + T(eps));
-}
-
-template <typename T>
-inline Vec<T> silu_v(Vec<T> g) {
-  return g * sigmoid_v<T>(g);
 }
 
 void check(const char* kernel, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& gate,
@@ -76,12 +62,15 @@ std::vector<at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& weig
     at::parallel_for(0, M, std::max<int64_t>(1, kValuesPerTask / std::max<int64_t>(D, 1)), [&](int64_t a, int64_t b) {
       for (int64_t i = a; i < b; ++i) {
         const T* xr = xp + i * D;
-        const T r = row_rstd(xr, D, eps);
+        const T r = rms_scale(xr, D, T(1) / T(D), eps);
         rp[i] = r;
         const Vec<T> rv = splat<T>(r);
         over_row<T>(D, [&](int64_t j, int64_t m) {
           Vec<T> v = load_upto(xr + j, m) * rv * load_upto(wp + j, m);
-          if (gp) v *= silu_v<T>(load_upto(gp + i * D + j, m));
+          if (gp) {
+            const Vec<T> g = load_upto(gp + i * D + j, m);
+            v *= g * sigmoid_v<T>(g);
+          }
           store_upto(yp + i * D + j, v, m);
         });
       }
@@ -131,7 +120,10 @@ std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& x, const at::Tensor& weig
           over_row<T>(D, [&](int64_t j, int64_t m) {
             const Vec<T> xhat = load_upto(xr + j, m) * rv;
             Vec<T> a = load_upto(dr + j, m) * load_upto(wp + j, m);
-            if (gr) a *= silu_v<T>(load_upto(gr + j, m));
+            if (gr) {
+              const Vec<T> g = load_upto(gr + j, m);
+              a *= g * sigmoid_v<T>(g);
+            }
             store_upto(dxp + i * D + j, rv * (a - xhat * mean), m);
           });
         }
