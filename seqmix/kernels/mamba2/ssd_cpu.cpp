@@ -551,10 +551,12 @@ Problem<T> problem(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& 
                     softplus, static_cast<T>(lo), static_cast<T>(hi)};
 }
 
-// task(sequence, group, buffers) for every (sequence, group), the buffers allocated once per thread's range.
+// task(sequence, group, buffers) for every (sequence, group), the buffers allocated once per thread's range, with
+// denormals flushed in each thread (the decays far down a chunk are denormal: vec_cpu.h).
 template <typename T, typename F>
 void over_groups(const Problem<T>& p, int64_t nseq, const F& task) {
   at::parallel_for(0, nseq * p.G, 1, [&](int64_t begin, int64_t end) {
+    const FlushDenormals flush;
     Buffers<T> buffers(p);
     for (int64_t i = begin; i < end; ++i) task(i / p.G, i % p.G, buffers);
   });

@@ -117,6 +117,23 @@ def test_strong_decays_stay_finite_in_float32():
     assert torch.isfinite(y).all() and torch.isfinite(s).all()
 
 
+@pytest.mark.parametrize("flush", [False, True])
+def test_decays_through_the_denormal_range_keep_the_callers_mode(flush):
+    """dt' |A| of a few per token: a chunk's decays pass below float32's smallest normal, where the kernels
+    flush denormals to zero (vec_cpu.h's FlushDenormals). The results are still the float64 recurrence's, and
+    the calling thread's own mode is what it was, flushing or not."""
+    case = Case(batch=2, lengths=None, seqlen=150, heads=2, groups=1, p=16, n=8, initial_state=True, extras=False,
+                seed=6, log_decay=3.0)
+    denormal = torch.tensor([1e-39])
+    assert denormal.item() != 0.0
+    assert torch.set_flush_denormal(flush)
+    try:
+        _check(case, torch.float32, TOL[torch.float32])
+        assert ((denormal * 1.0).item() == 0.0) == flush
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def test_dt_limits_clamp_and_stop_gradients():
     """Without softplus, dt' = clamp(dt + dt_bias, lo, hi): tokens outside the limits get no dt gradient."""
     case = Case(batch=2, lengths=None, seqlen=70, heads=2, groups=1, p=4, n=6, initial_state=True, extras=False,
