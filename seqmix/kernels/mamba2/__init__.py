@@ -13,6 +13,7 @@ from torch import Tensor
 
 from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_negative, check_same_dtype, check_sequences, check_tensor
+from seqmix.kernels.conv import causal_conv1d
 from seqmix.kernels.mamba2 import cpu as cpu_kernels
 from seqmix.kernels.mamba2 import triton as kernels
 from seqmix.kernels.mamba2.reference import ssd_chunked, ssd_recurrent
@@ -233,18 +234,27 @@ def ssd_xbc(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     backend: str | None = None,
+    conv_weight: torch.Tensor | None = None,
+    conv_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`ssd` on x, B and C given as the column blocks of one tensor, as Mamba-2's layer has them after its
-    short conv: ``x = xbc[..., :H P]``, ``B = xbc[..., H P : H P + G N]``, ``C = xbc[..., H P + G N:]``.
+    short conv: ``x = xbc[..., :H P]``, ``B = xbc[..., H P : H P + G N]``, ``C = xbc[..., H P + G N:]``; with
+    ``conv_weight``, xbc is that conv's input and the blocks are those of
+    ``causal_conv1d(xbc, conv_weight, conv_bias, activation="silu")[0]`` (zeros before each sequence).
 
     The results of ``ssd`` on those blocks. With autograd on the cpu backend the kernels read the blocks where
     they are and return xbc's gradient as one tensor, instead of three gradients that a split's backward
     concatenates and three packing copies (docs/design.md, "Sixth round: a C++ RMSNorm; SSD on the conv's output
-    in place; GLA's and Mamba's decoding steps"); otherwise it is ``ssd`` on views of the blocks.
+    in place; GLA's and Mamba's decoding steps"); with the conv they compute it per chunk and its output and
+    gradient are never written (docs/design.md, "Seventh round"). Otherwise it is the conv, then ``ssd`` on views
+    of the blocks.
 
     Args:
         xbc: [B, T, H P + 2 G N].
         num_heads: H; n_groups: G (dividing H); d_state: N. The head dim P follows from xbc's width.
+        conv_weight: [H P + 2 G N, W] taps of the depthwise causal conv (``weight[:, -1]`` on the current token),
+            or None: xbc is then the conv's output.
+        conv_bias: [H P + 2 G N] or None (only with conv_weight).
         dt, A, D, z, dt_bias, dt_softplus, dt_limit, initial_state, output_final_state, cu_seqlens, backend:
             as :func:`ssd` (dt [B, T, H], z [B, T, H, P], initial state [N, H, P, N]).
 
@@ -260,14 +270,28 @@ def ssd_xbc(
     width = xbc.shape[-1]
     if width <= 2 * G * N or (width - 2 * G * N) % H:
         raise ValueError(f"xbc's last dim must be H P + 2 G N with P >= 1 (H={H}, G={G}, N={N}), got {width}")
+    if conv_weight is not None:
+        check_tensor("conv_weight", conv_weight, (width, None), dims="[H P + 2 G N, W]", like=xbc)
+    if conv_bias is not None:
+        if conv_weight is None:
+            raise ValueError("conv_bias is given without conv_weight")
+        check_tensor("conv_bias", conv_bias, (width,), dims="[H P + 2 G N]", like=xbc)
     x, B, C = xbc.split([width - 2 * G * N, G * N, G * N], dim=-1)
     x, B, C = x.unflatten(-1, (H, -1)), B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N))
     n = _check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens)
     lo, hi = check_dt_limit(dt_limit)
     name = _select(x, B, backend)
-    if name != "cpu" or xbc.shape[1] == 0 or not wants_grad(xbc, dt, A, D, z, dt_bias, initial_state):
+    conv = () if conv_weight is None else (conv_weight, conv_bias)
+    fused = name == "cpu" and xbc.shape[1] > 0 and wants_grad(xbc, dt, A, D, z, dt_bias, initial_state, *conv) and (
+        not conv or cpu_kernels.conv_unsupported(conv_weight) is None)
+    if not fused:
+        if conv:
+            xbc = causal_conv1d(xbc, conv_weight, conv_bias, activation="silu", cu_seqlens=cu_seqlens,
+                                backend=backend)[0]
+            x, B, C = xbc.split([width - 2 * G * N, G * N, G * N], dim=-1)
+            x, B, C = x.unflatten(-1, (H, -1)), B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N))
         return _run(name, n, x, dt, A, B, C, D, z, dt_bias, dt_softplus, lo, hi, initial_state, output_final_state,
                     cu_seqlens)
-    params = [None if t is None else t.to(xbc.dtype) for t in (A, D, dt_bias)]
+    params = [None if t is None else t.to(xbc.dtype) for t in (A, D, dt_bias, conv_weight, conv_bias)]
     return run_fused(cpu_kernels.XBC_FUSED, (xbc, dt, None if z is None else z.to(xbc.dtype)), params,
                      initial_state, (H, G, N, dt_softplus, lo, hi), output_final_state, cu_seqlens)

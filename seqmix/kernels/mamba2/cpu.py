@@ -24,6 +24,7 @@ from seqmix.kernels.op import FusedOp, as_input_grads, fake_outputs, nothing, re
 # larger ones at the LM's sizes, and its [64, 64] masks stay in L1 (docs/design.md).
 CHUNK = 64
 DTYPES = (torch.float32, torch.float64)
+MAX_CONV_WIDTH = 16  # the widest short conv that runs inside the chunks (ssd_cpu.cpp)
 
 
 def unsupported(dtype: torch.dtype) -> str | None:
@@ -31,6 +32,11 @@ def unsupported(dtype: torch.dtype) -> str | None:
     if dtype not in DTYPES:
         return f"x, dt, B, C must be float32 or float64, got {dtype}"
     return None
+
+
+def conv_unsupported(weight: Tensor) -> str | None:
+    """Why the kernels cannot run the short conv of ``weight`` [D, W] inside the chunks; None if they can."""
+    return None if weight.shape[1] <= MAX_CONV_WIDTH else f"conv width {weight.shape[1]} > {MAX_CONV_WIDTH}"
 
 
 def _fake_outputs(x, B, cu_seqlens, store_final):
@@ -47,9 +53,9 @@ def _columns(xbc, heads, groups, state):
 
 
 def _fwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets, num_chunks, softplus, lo, hi, store_final,
-         store_chunks):
-    return cpu.extension().ssd_fwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets, CHUNK, num_chunks,
-                                   softplus, lo, hi, store_final, store_chunks)
+         store_chunks, conv_weight=None, conv_bias=None):
+    return cpu.extension().ssd_fwd(x, dt, B, C, z, A, D, dt_bias, conv_weight, conv_bias, h0, cu_seqlens,
+                                   chunk_offsets, CHUNK, num_chunks, softplus, lo, hi, store_final, store_chunks)
 
 
 @torch.library.custom_op("seqmix::ssd_cpu_chunk_fwd", mutates_args=())
@@ -78,24 +84,25 @@ def _chunk_bwd(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A:
                dt_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor,
                chunk_offsets: Tensor, hc: Tensor, y_in: Tensor, y_pre: Tensor, softplus: bool, lo: float, hi: float,
                store_final: bool, dout: Tensor | None, dht: Tensor | None, needs: list[bool]) -> list[Tensor]:
-    dx, ddt, dB, dC, dz, dA, dD, ddt_bias, dh0 = _bwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets,
-                                                      hc, y_in, y_pre, softplus, lo, hi, dout, dht, needs[8], False)
+    dx, ddt, dB, dC, dz, dA, dD, ddt_bias, dh0, _, _ = _bwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens,
+                                                            chunk_offsets, hc, y_in, y_pre, softplus, lo, hi, dout,
+                                                            dht, needs[8], False)
     grads = (dx, ddt, dB, dC, dz, dA, dD, ddt_bias, dh0, None, None, None)
     inputs = (x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_index, chunk_offsets)
     return as_input_grads(grads, inputs, needs, x)
 
 
 def _bwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets, hc, y_in, y_pre, softplus, lo, hi, dout, dht,
-         need_dh0, packed):
-    """(dx, ddt, dB, dC, dz, dA, dD, ddt_bias, dh0), None for the absent inputs' (and with packed, dB and dC: dx
-    is then xbc's gradient)."""
+         need_dh0, packed, conv_weight=None, conv_bias=None):
+    """(dx, ddt, dB, dC, dz, dA, dD, ddt_bias, dh0, dconv_weight, dconv_bias), None for the absent inputs' (and
+    with packed, dB and dC: dx is then xbc's gradient)."""
     if dout is None:  # only the final state was used
         dout = x.new_zeros(x.shape)
-    grads = cpu.extension().ssd_bwd(x, dt, B, C, z, A, D, dt_bias, h0 is not None, cu_seqlens, chunk_offsets, hc,
-                                    y_in, y_pre, CHUNK, softplus, lo, hi, dout, dht, h0 is not None and need_dh0,
-                                    packed)
+    grads = cpu.extension().ssd_bwd(x, dt, B, C, z, A, D, dt_bias, conv_weight, conv_bias, h0 is not None,
+                                    cu_seqlens, chunk_offsets, hc, y_in, y_pre, CHUNK, softplus, lo, hi, dout, dht,
+                                    h0 is not None and need_dh0, packed)
     present = (True, True, not packed, not packed, z is not None, True, D is not None, dt_bias is not None,
-               h0 is not None)
+               h0 is not None, conv_weight is not None, conv_bias is not None)
     return [g if there else None for g, there in zip(grads, present, strict=True)]
 
 
@@ -125,18 +132,19 @@ FUSED = FusedOp(CHUNK, _chunk_fwd, _recurrent_fwd, recurrent_max_tokens=None)
 
 @torch.library.custom_op("seqmix::ssd_cpu_xbc_chunk_fwd", mutates_args=())
 def _xbc_chunk_fwd(xbc: Tensor, dt: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None, dt_bias: Tensor | None,
-                   h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor, chunk_offsets: Tensor, heads: int,
-                   groups: int, state: int, softplus: bool, lo: float, hi: float, store_final: bool
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """:func:`_chunk_fwd` with x, B and C the column blocks of xbc [L, H P + 2 G N]."""
+                   conv_weight: Tensor | None, conv_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor,
+                   chunk_index: Tensor, chunk_offsets: Tensor, heads: int, groups: int, state: int, softplus: bool,
+                   lo: float, hi: float, store_final: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_chunk_fwd` with x, B and C the column blocks of xbc [L, H P + 2 G N], or with conv_weight [H P +
+    2 G N, W] (and conv_bias) those of silu(the causal conv of xbc), computed inside the chunks."""
     x, B, C = _columns(xbc, heads, groups, state)
     return tuple(_fwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets, chunk_index.shape[0], softplus,
-                      lo, hi, store_final, True))
+                      lo, hi, store_final, True, conv_weight, conv_bias))
 
 
 @_xbc_chunk_fwd.register_fake
-def _(xbc, dt, z, A, D, dt_bias, h0, cu_seqlens, chunk_index, chunk_offsets, heads, groups, state, softplus, lo, hi,
-      store_final):
+def _(xbc, dt, z, A, D, dt_bias, conv_weight, conv_bias, h0, cu_seqlens, chunk_index, chunk_offsets, heads, groups,
+      state, softplus, lo, hi, store_final):
     x, B, C = _columns(xbc, heads, groups, state)
     return _chunk_fwd_fake(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_index, chunk_offsets, softplus, lo, hi,
                            store_final)
@@ -144,18 +152,19 @@ def _(xbc, dt, z, A, D, dt_bias, h0, cu_seqlens, chunk_index, chunk_offsets, hea
 
 @torch.library.custom_op("seqmix::ssd_cpu_xbc_chunk_bwd", mutates_args=())
 def _xbc_chunk_bwd(xbc: Tensor, dt: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None, dt_bias: Tensor | None,
-                   h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor, chunk_offsets: Tensor, hc: Tensor,
-                   y_in: Tensor, y_pre: Tensor, heads: int, groups: int, state: int, softplus: bool, lo: float,
-                   hi: float, store_final: bool, dout: Tensor | None, dht: Tensor | None, needs: list[bool]
-                   ) -> list[Tensor]:
+                   conv_weight: Tensor | None, conv_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor,
+                   chunk_index: Tensor, chunk_offsets: Tensor, hc: Tensor, y_in: Tensor, y_pre: Tensor, heads: int,
+                   groups: int, state: int, softplus: bool, lo: float, hi: float, store_final: bool,
+                   dout: Tensor | None, dht: Tensor | None, needs: list[bool]) -> list[Tensor]:
     x, B, C = _columns(xbc, heads, groups, state)
-    dxbc, ddt, _, _, dz, dA, dD, ddt_bias, dh0 = _bwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets,
-                                                      hc, y_in, y_pre, softplus, lo, hi, dout, dht, needs[6], True)
-    grads = (dxbc, ddt, dz, dA, dD, ddt_bias, dh0, None, None, None)
-    inputs = (xbc, dt, z, A, D, dt_bias, h0, cu_seqlens, chunk_index, chunk_offsets)
+    dxbc, ddt, _, _, dz, dA, dD, ddt_bias, dh0, dweight, dbias = _bwd(
+        x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets, hc, y_in, y_pre, softplus, lo, hi, dout, dht,
+        needs[8], True, conv_weight, conv_bias)
+    grads = (dxbc, ddt, dz, dA, dD, ddt_bias, dweight, dbias, dh0, None, None, None)
+    inputs = (xbc, dt, z, A, D, dt_bias, conv_weight, conv_bias, h0, cu_seqlens, chunk_index, chunk_offsets)
     return as_input_grads(grads, inputs, needs, xbc)
 
 
-register_autograd(_xbc_chunk_fwd, _xbc_chunk_bwd, num_inputs=10, materialize_grads=False)
+register_autograd(_xbc_chunk_fwd, _xbc_chunk_bwd, num_inputs=12, materialize_grads=False)
 # Training only (ssd_xbc takes the split tensors without autograd, where nothing is stored for a backward).
 XBC_FUSED = FusedOp(CHUNK, _xbc_chunk_fwd)

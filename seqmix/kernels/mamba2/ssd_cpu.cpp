@@ -8,6 +8,12 @@
 // column blocks of its conv's output [L, H P + 2 G N] as they are, and the backward can write dx, dB and dC
 // into one tensor of that layout (ssd_bwd's `packed`), so neither direction copies them.
 //
+// With conv_weight [H P + 2 G N, W] (and conv_bias), those column blocks are the layer's short conv's input
+// instead: each chunk computes its own x, B and C, silu(bias + sum_j weight[:, j] pre[t - (W-1) + j]) with zeros
+// before a sequence's first token, into a local buffer, and the backward turns their gradients into the
+// pre-activations' gradient (written into the packed layout) and the conv's dweight and dbias. Neither the
+// conv's output nor its gradient exists as a tensor (docs/design.md, "Seventh round").
+//
 // One task owns one (sequence, group of B and C) and walks the sequence's chunks in order with the state of
 // the group's heads, [Hg P, N], in a local buffer. A chunk's products are matrix products of the chunk's rows
 // in place (the heads of a group are side by side in every token's row, so [c, Hg P] blocks need no copy):
@@ -211,12 +217,32 @@ struct Problem {
   int64_t H, P, G, N, chunk;
   int64_t ld_x, ld_bc;    // the row strides of x, of B and C
   int64_t ld_dx, ld_dbc;  // the backward's: of dx, of dB and dC
+  const T *conv_w, *conv_b;  // the short conv inside the chunks: [H P + 2 G N, W] and [H P + 2 G N], or null
+  int64_t W;
   bool has_h0;  // the backward has no h0, only whether there was one
   bool softplus;
   T lo, hi;
   int64_t Hg() const { return H / G; }
   int64_t width() const { return Hg() * P; }  // a token's row of the group's heads
+  bool conv() const { return conv_w != nullptr; }
+  int64_t group_cols() const { return width() + 2 * N; }  // a group's columns of x, B and C
 };
+
+// The three column blocks of group g in a token's row of [H P + 2 G N] (x of its heads, its B, its C), as
+// (first column there, first column in the group's own [Hg P + 2 N] row, count).
+struct Cols {
+  int64_t global, local, count;
+};
+
+std::array<Cols, 3> group_cols(int64_t H, int64_t P, int64_t G, int64_t N, int64_t g) {
+  const int64_t w = H / G * P;
+  return {Cols{g * w, 0, w}, Cols{H * P + g * N, w, N}, Cols{H * P + G * N + g * N, w + N, N}};
+}
+
+template <typename T>
+std::array<Cols, 3> group_cols(const Problem<T>& p, int64_t g) {
+  return group_cols(p.H, p.P, p.G, p.N, g);
+}
 
 // A task's view of one chunk: its tokens, the group's columns, and the per-chunk values recomputed by the
 // forward and the backward alike.
@@ -224,25 +250,81 @@ template <typename T>
 struct Chunk {
   const Problem<T>& p;
   int64_t g, t0, len;
+  int64_t seq_start;  // the first token of the chunk's sequence
   // dt' [c, Hg], its raw derivative d dt' / d dt [c, Hg], the in-chunk cumulative log decays [Hg, c]
   // (head-major: a head's decays are contiguous for the masks), dt' x [c, Hg P].
   std::vector<T> dtp, ddtp, lcum, xdt;
+  // With the conv: the group's taps transposed [W, cg] and bias [cg], and the chunk's sigmoid(pre-activation)
+  // and x, B and C = pre-activation * that [c, cg] (cg = Hg P + 2 N, padded to whole vectors).
+  int64_t cg;
+  std::vector<T> taps, cbias, csig, act;
 
   Chunk(const Problem<T>& p, int64_t c)
-      : p(p), g(0), t0(0), len(0), dtp(c * p.Hg()), ddtp(c * p.Hg()), lcum(p.Hg() * c), xdt(c * p.width()) {}
+      : p(p), g(0), t0(0), len(0), seq_start(0), dtp(c * p.Hg()), ddtp(c * p.Hg()), lcum(p.Hg() * c),
+        xdt(c * p.width()), cg(p.group_cols()) {
+    if (!p.conv()) return;
+    const int64_t padded = cg + Lanes<T>::W;
+    taps.resize(p.W * padded);
+    cbias.resize(padded);
+    csig.resize(c * cg + Lanes<T>::W);
+    act.resize(c * cg + Lanes<T>::W);
+  }
+
+  // The group's taps and bias, once per task.
+  void set_group(int64_t group) {
+    g = group;
+    if (!p.conv()) return;
+    const int64_t padded = cg + Lanes<T>::W;
+    for (const Cols& k : group_cols(p, g))
+      for (int64_t i = 0; i < k.count; ++i) {
+        for (int64_t j = 0; j < p.W; ++j) taps[j * padded + k.local + i] = p.conv_w[(k.global + i) * p.W + j];
+        cbias[k.local + i] = p.conv_b ? p.conv_b[k.global + i] : T(0);
+      }
+  }
+
+  // The first tap that reads a token of the sequence for the chunk's token t (the ones before read zeros).
+  int64_t first_tap(int64_t t) const { return std::max<int64_t>(0, seq_start - (t0 + t - (p.W - 1))); }
+
+  // The chunk's conv: pre = bias + sum_j taps[j] xs[t - (W-1) + j] (zeros before the sequence), act = silu(pre),
+  // row by row over the group's three column blocks.
+  void convolve() {
+    constexpr int64_t V = Lanes<T>::W;
+    const int64_t padded = cg + V, S = p.W - 1;
+    for (int64_t t = 0; t < len; ++t) {
+      const int64_t j0 = first_tap(t), first = t0 + t - S;  // taps j >= j0 read inside the sequence
+      for (const Cols& k : group_cols(p, g))
+        for (int64_t v = 0; v < k.count; v += V) {
+          const int64_t m = k.count - v, l = k.local + v;
+          Vec<T> acc = seqmix_cpu::load(cbias.data() + l);
+          for (int64_t j = j0; j < p.W; ++j)
+            acc += seqmix_cpu::load(taps.data() + j * padded + l) *
+                   load_upto(p.x + (first + j) * p.ld_x + k.global + v, m);
+          const Vec<T> sg = sigmoid_v<T>(acc);
+          store_upto(csig.data() + t * cg + l, sg, m);
+          store_upto(act.data() + t * cg + l, acc * sg, m);
+        }
+    }
+  }
 
   // Offsets of token t's row of the group's heads in the contiguous [L, H, P] tensors (out, z, dout, ...), in
   // x (dx with grad), and in B and C (dB and dC with grad).
   int64_t row(int64_t t) const { return (t0 + t) * p.H * p.P + g * p.width(); }
   int64_t x_row(int64_t t, bool grad = false) const { return (t0 + t) * (grad ? p.ld_dx : p.ld_x) + g * p.width(); }
   int64_t bc_row(int64_t t, bool grad = false) const { return (t0 + t) * (grad ? p.ld_dbc : p.ld_bc) + g * p.N; }
-  Mat<T> Bm(bool t = false) const { return {p.B + bc_row(0), p.ld_bc, t}; }
-  Mat<T> Cm(bool t = false) const { return {p.C + bc_row(0), p.ld_bc, t}; }
+  // Token t's x of the group's heads, and the chunk's B and C: in place, or the conv's output.
+  const T* xr(int64_t t) const { return p.conv() ? act.data() + t * cg : p.x + x_row(t); }
+  Mat<T> Bm(bool t = false) const {
+    return p.conv() ? Mat<T>{act.data() + p.width(), cg, t} : Mat<T>{p.B + bc_row(0), p.ld_bc, t};
+  }
+  Mat<T> Cm(bool t = false) const {
+    return p.conv() ? Mat<T>{act.data() + p.width() + p.N, cg, t} : Mat<T>{p.C + bc_row(0), p.ld_bc, t};
+  }
   T last(int64_t hl) const { return lcum[hl * p.chunk + len - 1]; }
 
   void load(int64_t start, int64_t n) {
     t0 = start;
     len = n;
+    if (p.conv()) convolve();
     const int64_t Hg = p.Hg(), P = p.P, c = p.chunk;
     for (int64_t hl = 0; hl < Hg; ++hl) {
       const int64_t h = g * Hg + hl;
@@ -265,11 +347,11 @@ struct Chunk {
       }
     }
     for (int64_t t = 0; t < len; ++t) {
-      const T* xr = p.x + x_row(t);
+      const T* xt = xr(t);
       T* out = xdt.data() + t * p.width();
       for (int64_t hl = 0; hl < Hg; ++hl) {
         const T d = dtp[t * Hg + hl];
-        for (int64_t q = 0; q < P; ++q) out[hl * P + q] = d * xr[hl * P + q];
+        for (int64_t q = 0; q < P; ++q) out[hl * P + q] = d * xt[hl * P + q];
       }
     }
   }
@@ -334,11 +416,62 @@ template <typename T>
 struct Buffers {
   Chunk<T> ch;
   std::vector<T> S, M, dM, L, Wm, dW, Y, U, dR, dU, dX, to_end, dl, dlast, xt;
+  // With the conv, the backward's: the gradient of the chunk's x, B and C [c, cg] (then of their
+  // pre-activations), that of the W-1 tokens after the chunk [W-1, cg], and the task's dweight [W, cg] and
+  // dbias [cg].
+  std::vector<T> dact, carry, next, dtaps, dcbias;
   explicit Buffers(const Problem<T>& p)
       : ch(p, p.chunk), S(p.width() * p.N), M(p.chunk * p.chunk), dM(M.size()), L(p.Hg() * M.size()), Wm(L.size()),
         dW(L.size()), Y(p.chunk * p.width()), U(Y.size()), dR(Y.size()), dU(Y.size()), dX(Y.size()),
-        to_end(p.Hg() * p.chunk), dl(to_end.size()), dlast(p.Hg()), xt(p.P * p.chunk) {}
+        to_end(p.Hg() * p.chunk), dl(to_end.size()), dlast(p.Hg()), xt(p.P * p.chunk) {
+    if (!p.conv()) return;
+    const int64_t cg = p.group_cols() + Lanes<T>::W;
+    dact.resize(p.chunk * cg);
+    carry.resize((p.W - 1) * cg + 1);
+    next.resize(carry.size());
+    dtaps.resize(p.W * cg);
+    dcbias.resize(cg);
+  }
 };
+
+// The conv's backward for a chunk whose x, B and C gradients are in b.dact (rows cg apart): through silu
+// (g = dact silu'(pre) = dact (sg + act (1 - sg)), in place), then dpre[t] = sum_j taps[j] g[t + (W-1) - j],
+// g past the chunk from b.carry (the following chunk's, processed before; zeros past the sequence), into the
+// group's columns of dpre (rows ld apart); dweight[j] += g[t] xs[t - (W-1) + j], dbias += g[t]; b.carry
+// becomes the first W-1 rows of g from this chunk on.
+template <typename T>
+void conv_backward(const Chunk<T>& ch, Buffers<T>& b, T* dpre, int64_t ld) {
+  constexpr int64_t V = Lanes<T>::W;
+  const Problem<T>& p = ch.p;
+  const int64_t cg = ch.cg, padded = cg + V, S = p.W - 1, len = ch.len;
+  T* g = b.dact.data();
+  for (int64_t i = 0; i < len * cg; i += V) {
+    const int64_t m = len * cg - i;
+    const Vec<T> sg = load_upto(ch.csig.data() + i, m), a = load_upto(ch.act.data() + i, m);
+    store_upto(g + i, load_upto(g + i, m) * (sg + a * (T(1) - sg)), m);
+  }
+  auto g_row = [&](int64_t u) -> const T* { return u < len ? g + u * cg : b.carry.data() + (u - len) * cg; };
+  for (int64_t t = 0; t < len; ++t) {
+    const int64_t j0 = ch.first_tap(t), first = ch.t0 + t - S;
+    for (const Cols& k : group_cols(p, ch.g))
+      for (int64_t v = 0; v < k.count; v += V) {
+        const int64_t m = k.count - v, l = k.local + v;
+        Vec<T> acc{};
+        for (int64_t j = 0; j < p.W; ++j)
+          acc += load(ch.taps.data() + j * padded + l) * load_upto(g_row(t + S - j) + l, m);
+        store_upto(dpre + (ch.t0 + t) * ld + k.global + v, acc, m);
+        const Vec<T> gt = load_upto(g + t * cg + l, m);
+        store(b.dcbias.data() + l, load(b.dcbias.data() + l) + gt);
+        for (int64_t j = j0; j < p.W; ++j) {
+          T* dw = b.dtaps.data() + j * padded + l;
+          store(dw, load(dw) + gt * load_upto(p.x + (first + j) * p.ld_x + k.global + v, m));
+        }
+      }
+  }
+  // The new carry: g's rows 0..S-1 from this chunk's first token on (the old carry's past a short chunk).
+  for (int64_t i = 0; i < S; ++i) std::memcpy(b.next.data() + i * cg, g_row(i), cg * sizeof(T));
+  std::copy_n(b.next.data(), S * cg, b.carry.data());
+}
 
 // One (sequence, group): the outputs, the states entering its chunks (hc, when stored) and the final state.
 template <typename T>
@@ -347,7 +480,8 @@ void fwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, T* out, 
   const int64_t c = p.chunk, Hg = p.Hg(), P = p.P, N = p.N, w = p.width();
   const int64_t start = p.cu[s], end = p.cu[s + 1];
   Chunk<T>& ch = b.ch;
-  ch.g = g;
+  ch.set_group(g);
+  ch.seq_start = start;
   std::vector<T>&S = b.S, &M = b.M, &L = b.L, &Wm = b.Wm, &Y = b.Y, &U = b.U, &to_end = b.to_end;
   const int64_t state_at = g * w * N;  // the group's rows in a [H, P, N] state
   bool has_state = p.h0 != nullptr;
@@ -372,7 +506,7 @@ void fwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, T* out, 
     for (int64_t hl = 0; hl < Hg; ++hl)
       lower_times(len, P, Wm.data() + hl * c * c, c, ch.xdt.data() + hl * P, Y.data() + hl * P, w, has_state);
     for (int64_t t = 0; t < len; ++t) {
-      const T* xr = p.x + ch.x_row(t);
+      const T* xr = ch.xr(t);
       T* o = out + ch.row(t);
       for (int64_t hl = 0; hl < Hg; ++hl) {
         const T d = p.D ? p.D[g * Hg + hl] : T(0);
@@ -399,6 +533,7 @@ template <typename T>
 struct Grads {
   T *dx, *ddt, *dB, *dC, *dz, *dh0;
   T* dparams;  // the task's dA, dD, ddt_bias [3, H] (summed over the tasks afterwards)
+  T* dconv;     // with the conv, the task's dweight and dbias [W + 1, Hg P + 2 N] (likewise)
   const T *dout, *dht, *hc, *y_in, *y_pre;
 };
 
@@ -411,11 +546,17 @@ void bwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, const Gr
   T* dD = dA + p.H;
   T* dbias = dD + p.H;
   Chunk<T>& ch = b.ch;
-  ch.g = g;
+  ch.set_group(g);
+  ch.seq_start = start;
   std::vector<T>&dS = b.S, &M = b.M, &L = b.L, &Wm = b.Wm, &dW = b.dW, &dM = b.dM, &U = b.U, &to_end = b.to_end;
   std::vector<T>&dY = b.Y, &dR = b.dR, &dU = b.dU, &dX = b.dX, &dl = b.dl, &dlast = b.dlast, &xt = b.xt;
   bool has_ds = gr.dht != nullptr;  // dS: the gradient of the state leaving the current chunk
   if (has_ds) std::memcpy(dS.data(), gr.dht + s * p.H * P * N + state_at, w * N * sizeof(T));
+  if (p.conv()) {  // nothing after the sequence's last token; the task's dweight and dbias start at 0
+    std::fill(b.carry.begin(), b.carry.end(), T(0));
+    std::fill(b.dtaps.begin(), b.dtaps.end(), T(0));
+    std::fill(b.dcbias.begin(), b.dcbias.end(), T(0));
+  }
   const int64_t first = p.chunk_offsets[s], count = p.chunk_offsets[s + 1] - first;
   for (int64_t n = count - 1; n >= 0; --n) {
     const int64_t t0 = start + n * c, len = std::min(c, end - t0);
@@ -423,13 +564,14 @@ void bwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, const Gr
     const bool wants_ds = n > 0 || gr.dh0;  // the gradient of the entering state
     const T* S = gr.hc + (first + n) * p.H * P * N + state_at;  // the state entering the chunk
     ch.load(t0, len);
-    T* dC = gr.dC + ch.bc_row(0, true);
-    T* dB = gr.dB + ch.bc_row(0, true);
-    const int64_t ld = p.ld_dbc;
+    // The gradients of x, B and C: into the conv's buffer, or in place.
+    T* dB = p.conv() ? b.dact.data() + w : gr.dB + ch.bc_row(0, true);
+    T* dC = p.conv() ? dB + N : gr.dC + ch.bc_row(0, true);
+    const int64_t ld = p.conv() ? ch.cg : p.ld_dbc;
     std::fill(dl.begin(), dl.end(), T(0));
     // Through the gate and D: dY is the gradient of y = y_in + the chunk's own part.
     for (int64_t t = 0; t < len; ++t) {
-      const T* xr = p.x + ch.x_row(t);
+      const T* xr = ch.xr(t);
       const T* dor = gr.dout + ch.row(t);
       T* dy = dY.data() + t * w;
       if (p.z) {
@@ -511,10 +653,10 @@ void bwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, const Gr
       }
     }
     for (int64_t t = 0; t < len; ++t) {
-      const T* xr = p.x + ch.x_row(t);
+      const T* xr = ch.xr(t);
       const T* dy = dY.data() + t * w;
       const T* dxdt = dX.data() + t * w;
-      T* dxr = gr.dx + ch.x_row(t, true);
+      T* dxr = p.conv() ? b.dact.data() + t * ch.cg : gr.dx + ch.x_row(t, true);
       for (int64_t hl = 0; hl < Hg; ++hl) {
         const int64_t h = g * Hg + hl;
         const T d = p.D ? p.D[h] : T(0), dt = ch.dtp[t * Hg + hl], da = dl[hl * c + t];
@@ -525,6 +667,12 @@ void bwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, const Gr
         dbias[h] += ddt;
       }
     }
+    if (p.conv()) conv_backward(ch, b, gr.dx, p.ld_dx);
+  }
+  if (p.conv()) {  // the task's dweight [W, cg] and dbias [cg], rows cg apart
+    const int64_t cg = ch.cg, padded = cg + Lanes<T>::W;
+    for (int64_t j = 0; j < p.W; ++j) std::copy_n(b.dtaps.data() + j * padded, cg, gr.dconv + j * cg);
+    std::copy_n(b.dcbias.data(), cg, gr.dconv + p.W * cg);
   }
   if (gr.dh0) {
     T* dst = gr.dh0 + s * p.H * P * N + state_at;
@@ -547,8 +695,45 @@ Problem<T> problem(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& 
   return Problem<T>{x.data_ptr<T>(), dt.data_ptr<T>(), B.data_ptr<T>(), C.data_ptr<T>(), data_or_null<T>(z),
                     A.data_ptr<T>(), data_or_null<T>(D), data_or_null<T>(dt_bias), data_or_null<T>(h0),
                     cu_seqlens.data_ptr<int64_t>(), chunk_offsets.data_ptr<int64_t>(), x.size(1), x.size(2),
-                    B.size(1), B.size(2), chunk, row_stride(x), row_stride(B), 0, 0, h0.defined() && h0.numel() > 0,
-                    softplus, static_cast<T>(lo), static_cast<T>(hi)};
+                    B.size(1), B.size(2), chunk, row_stride(x), row_stride(B), 0, 0, nullptr, nullptr, 0,
+                    h0.defined() && h0.numel() > 0, softplus, static_cast<T>(lo), static_cast<T>(hi)};
+}
+
+// x, B and C are the column blocks of one [L, H P + 2 G N] tensor (x, then B, then C).
+bool column_blocks(const at::Tensor& x, const at::Tensor& B, const at::Tensor& C) {
+  const int64_t L = x.size(0), width = x.size(1) * x.size(2) + 2 * B.size(1) * B.size(2);
+  return (L <= 1 || (x.stride(0) == width && B.stride(0) == width)) &&
+         B.data_ptr() == static_cast<char*>(x.data_ptr()) + x.size(1) * x.size(2) * x.element_size() &&
+         C.data_ptr() == static_cast<char*>(B.data_ptr()) + B.size(1) * B.size(2) * x.element_size();
+}
+
+// The conv inside the chunks, when conv_weight is given: weight [H P + 2 G N, W] (1 <= W <= 16) and bias
+// [H P + 2 G N] or none, like x; x, B and C its input's column blocks. Returns the two as tensors (empty without).
+std::pair<at::Tensor, at::Tensor> conv_args(const at::Tensor& x, const at::Tensor& B, const at::Tensor& C,
+                                            const c10::optional<at::Tensor>& weight,
+                                            const c10::optional<at::Tensor>& bias) {
+  const at::Tensor w = opt_or_empty(weight), b = opt_or_empty(bias);
+  if (!w.defined() || w.numel() == 0) {
+    TORCH_CHECK(!b.defined() || b.numel() == 0, "ssd_cpu: conv_bias without conv_weight");
+    return {w, b};
+  }
+  const int64_t width = x.size(1) * x.size(2) + 2 * B.size(1) * B.size(2);
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == width && w.size(1) >= 1 && w.size(1) <= 16,
+              "ssd_cpu: conv_weight must be [H P + 2 G N, W] with 1 <= W <= 16, got ", w.sizes());
+  TORCH_CHECK(!b.defined() || b.numel() == 0 || (b.dim() == 1 && b.size(0) == width),
+              "ssd_cpu: conv_bias must be [H P + 2 G N], got ", b.sizes());
+  check_tensors("ssd_cpu", {w, b}, &x, "x");
+  TORCH_CHECK(column_blocks(x, B, C), "ssd_cpu: with the conv, x, B and C must be the column blocks of one "
+              "[L, H P + 2 G N] tensor");
+  return {w, b};
+}
+
+template <typename T>
+void set_conv(Problem<T>& p, const at::Tensor& weight, const at::Tensor& bias) {
+  if (!weight.defined() || weight.numel() == 0) return;
+  p.conv_w = weight.data_ptr<T>();
+  p.conv_b = data_or_null<T>(bias);
+  p.W = weight.size(1);
 }
 
 // task(sequence, group, buffers) for every (sequence, group), the buffers allocated once per thread's range, with
@@ -591,6 +776,8 @@ void check_sizes(const at::Tensor& x, const at::Tensor& B, const at::Tensor& cu_
 std::vector<at::Tensor> ssd_fwd(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& B,
                                 const at::Tensor& C, const c10::optional<at::Tensor>& z, const at::Tensor& A,
                                 const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& dt_bias,
+                                const c10::optional<at::Tensor>& conv_weight,
+                                const c10::optional<at::Tensor>& conv_bias,
                                 const c10::optional<at::Tensor>& h0, const at::Tensor& cu_seqlens,
                                 const at::Tensor& chunk_offsets, int64_t chunk, int64_t num_chunks, bool softplus,
                                 double lo, double hi, bool store_final, bool store_chunks) {
@@ -598,6 +785,7 @@ std::vector<at::Tensor> ssd_fwd(const at::Tensor& x, const at::Tensor& dt, const
   check_rows(x, B, C);
   check_tensors("ssd_cpu", {dt, zt, A, Dt, bt, ht0}, &x, "x");
   check_sizes(x, B, cu_seqlens, chunk_offsets, chunk);
+  const auto [cw, cb] = conv_args(x, B, C, conv_weight, conv_bias);
   const int64_t nseq = cu_seqlens.numel() - 1, H = x.size(1), P = x.size(2), G = B.size(1), N = B.size(2);
   const auto empty = at::empty({0}, x.options());
   const int64_t L = x.size(0);
@@ -608,8 +796,9 @@ std::vector<at::Tensor> ssd_fwd(const at::Tensor& x, const at::Tensor& dt, const
   const bool gated = zt.defined() && zt.numel() > 0;
   at::Tensor y_pre = store_chunks && gated ? at::empty_like(out) : empty;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssd_fwd", [&] {
-    const auto p = problem<scalar_t>(x, dt, B, C, zt, A, Dt, bt, ht0, cu_seqlens, chunk_offsets, chunk, softplus,
-                                     lo, hi);
+    auto p = problem<scalar_t>(x, dt, B, C, zt, A, Dt, bt, ht0, cu_seqlens, chunk_offsets, chunk, softplus, lo,
+                               hi);
+    set_conv(p, cw, cb);
     over_groups(p, nseq, [&](int64_t s, int64_t g, Buffers<scalar_t>& b) {
       fwd_task<scalar_t>(p, s, g, b, out.data_ptr<scalar_t>(), data_or_null<scalar_t>(y_in),
                          data_or_null<scalar_t>(y_pre), data_or_null<scalar_t>(ht), data_or_null<scalar_t>(hc));
@@ -618,12 +807,15 @@ std::vector<at::Tensor> ssd_fwd(const at::Tensor& x, const at::Tensor& dt, const
   return {out, ht, hc, y_in, y_pre};
 }
 
-// Returns dx, ddt, dB, dC, dz (or empty), dA, dD (or empty), ddt_bias (or empty), dh0 (or empty). With packed,
-// x, B and C are the column blocks of one tensor [L, H P + 2 G N] (x, then B, then C), and dx is one tensor of
-// that layout holding dx, dB and dC (dB and dC are then empty).
+// Returns dx, ddt, dB, dC, dz (or empty), dA, dD (or empty), ddt_bias (or empty), dh0 (or empty), dconv_weight
+// and dconv_bias (or empty). With packed, x, B and C are the column blocks of one tensor [L, H P + 2 G N] (x,
+// then B, then C), and dx is one tensor of that layout holding dx, dB and dC (dB and dC are then empty); with
+// the conv (packed required), it holds the gradient of the conv's input.
 std::vector<at::Tensor> ssd_bwd(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& B,
                                 const at::Tensor& C, const c10::optional<at::Tensor>& z, const at::Tensor& A,
                                 const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& dt_bias,
+                                const c10::optional<at::Tensor>& conv_weight,
+                                const c10::optional<at::Tensor>& conv_bias,
                                 bool has_h0, const at::Tensor& cu_seqlens, const at::Tensor& chunk_offsets,
                                 const at::Tensor& hc, const at::Tensor& y_in, const at::Tensor& y_pre,
                                 int64_t chunk, bool softplus, double lo, double hi, const at::Tensor& dout,
@@ -637,10 +829,13 @@ std::vector<at::Tensor> ssd_bwd(const at::Tensor& x, const at::Tensor& dt, const
   const auto empty = at::empty({0}, x.options());
   const bool gated = zt.defined() && zt.numel() > 0;
   const int64_t width = H * P + 2 * G * N;
-  TORCH_CHECK(!packed || ((L <= 1 || (x.stride(0) == width && B.stride(0) == width)) &&
-                          B.data_ptr() == static_cast<char*>(x.data_ptr()) + H * P * x.element_size() &&
-                          C.data_ptr() == static_cast<char*>(B.data_ptr()) + G * N * x.element_size()),
+  TORCH_CHECK(!packed || column_blocks(x, B, C),
               "ssd_cpu: packed x, B and C must be the column blocks of one [L, H P + 2 G N] tensor");
+  const auto [cw, cb] = conv_args(x, B, C, conv_weight, conv_bias);
+  const bool conv = cw.defined() && cw.numel() > 0;
+  TORCH_CHECK(!conv || packed, "ssd_cpu: the conv's backward writes the packed gradient (packed=True)");
+  const int64_t cg = H / G * P + 2 * N, W = conv ? cw.size(1) : 0;
+  at::Tensor dconv = conv ? at::empty({nseq * G, W + 1, cg}, x.options()) : empty;
   at::Tensor dx = packed ? at::empty({L, width}, x.options()) : at::empty({L, H, P}, x.options());
   at::Tensor dB = packed ? empty : at::empty({L, G, N}, x.options()), dC = packed ? empty : at::empty_like(dB);
   at::Tensor ddt = at::empty_like(dt), dz = gated ? at::empty({L, H, P}, x.options()) : empty;
@@ -652,16 +847,18 @@ std::vector<at::Tensor> ssd_bwd(const at::Tensor& x, const at::Tensor& dt, const
     p.has_h0 = has_h0;
     p.ld_dx = packed ? width : H * P;
     p.ld_dbc = packed ? width : G * N;
+    set_conv(p, cw, cb);
     scalar_t* dxp = dx.data_ptr<scalar_t>();
     scalar_t* dBp = packed ? dxp + H * P : dB.data_ptr<scalar_t>();
     scalar_t* dCp = packed ? dBp + G * N : dC.data_ptr<scalar_t>();
     Grads<scalar_t> gr{dxp, ddt.data_ptr<scalar_t>(), dBp, dCp, data_or_null<scalar_t>(dz), data_or_null<scalar_t>(dh0),
-                       nullptr, dout.data_ptr<scalar_t>(), data_or_null<scalar_t>(dhtt), hc.data_ptr<scalar_t>(),
-                       data_or_null<scalar_t>(y_in), data_or_null<scalar_t>(y_pre)};
+                       nullptr, nullptr, dout.data_ptr<scalar_t>(), data_or_null<scalar_t>(dhtt),
+                       hc.data_ptr<scalar_t>(), data_or_null<scalar_t>(y_in), data_or_null<scalar_t>(y_pre)};
     scalar_t* params = dparams.data_ptr<scalar_t>();
     over_groups(p, nseq, [&](int64_t s, int64_t g, Buffers<scalar_t>& b) {
       Grads<scalar_t> own = gr;
       own.dparams = params + (s * G + g) * 3 * H;
+      if (conv) own.dconv = dconv.data_ptr<scalar_t>() + (s * G + g) * (W + 1) * cg;
       bwd_task<scalar_t>(p, s, g, b, own);
     });
   });
@@ -679,8 +876,27 @@ std::vector<at::Tensor> ssd_bwd(const at::Tensor& x, const at::Tensor& dt, const
       }
     }
   });
+  // The conv's: each group's columns summed over the sequences in order, to dweight [width, W] and dbias.
+  at::Tensor dweight = conv ? at::empty({width, W}, x.options()) : empty;
+  at::Tensor dcbias = conv && cb.defined() && cb.numel() > 0 ? at::empty({width}, x.options()) : empty;
+  if (conv) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssd_bwd_conv_sums", [&] {
+      const scalar_t* src = dconv.data_ptr<scalar_t>();
+      scalar_t* dw = dweight.data_ptr<scalar_t>();
+      scalar_t* db = data_or_null<scalar_t>(dcbias);
+      for (int64_t g = 0; g < G; ++g)
+        for (const Cols& k : group_cols(H, P, G, N, g))
+          for (int64_t i = 0; i < k.count; ++i)
+            for (int64_t j = 0; j <= W; ++j) {
+              scalar_t acc = 0;
+              for (int64_t s = 0; s < nseq; ++s) acc += src[((s * G + g) * (W + 1) + j) * cg + k.local + i];
+              if (j < W) dw[(k.global + i) * W + j] = acc;
+              else if (db) db[k.global + i] = acc;
+            }
+    });
+  }
   return {dx, ddt, dB, dC, dz, sums[0], Dt.defined() && Dt.numel() > 0 ? sums[1] : empty,
-          bt.defined() && bt.numel() > 0 ? sums[2] : empty, dh0};
+          bt.defined() && bt.numel() > 0 ? sums[2] : empty, dh0, dweight, dcbias};
 }
 
 void bind_ssd(pybind11::module& m) {

@@ -12,9 +12,11 @@ import math
 import pytest
 import torch
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from seqmix.kernels import BackendUnavailable, explain, ssd, ssd_xbc
+from seqmix.kernels import BackendUnavailable, causal_conv1d, explain, ssd, ssd_xbc
 from seqmix.kernels import cpu as cpu_build
+from seqmix.kernels import mamba2 as mamba2_ops
 from seqmix.kernels.mamba2 import cpu as cpu_kernels
 from seqmix.kernels.mamba2 import ssd_recurrent
 from tests.helpers import TOL, assert_rel, require_cpu_kernels
@@ -319,6 +321,89 @@ def test_xbc_takes_the_in_place_kernels_with_gradients_only(monkeypatch):
     assert len(calls) == 1 and y.shape == (2, 70, 2, 4)
 
 
+def _conv_run(case, dtype, width, bias, fused):
+    """y, the final state and the gradients (xbc, dt, A, the case's others, conv weight, conv bias) of ssd_xbc on
+    the conv's input xbc with the conv inside (fused, cpu backend, ``dtype``), or of the float64 oracle: the
+    reference conv, then the recurrence on its output's column blocks."""
+    inputs = _inputs(case, dtype if fused else torch.float64)
+    x, dt, A, B = inputs[:4]
+    H, P = x.shape[2:]
+    G, N = B.shape[2:]
+    D_total = H * P + 2 * G * N
+    gen = torch.Generator().manual_seed(case.seed + 2)
+    xbc = torch.randn(*x.shape[:2], D_total, generator=gen, dtype=torch.float64).to(x.dtype).requires_grad_()
+    weight = (torch.randn(D_total, width, generator=gen, dtype=torch.float64) * 0.5).to(x.dtype).requires_grad_()
+    conv_bias = (torch.randn(D_total, generator=gen, dtype=torch.float64) * 0.5).to(x.dtype).requires_grad_()
+    conv_bias = conv_bias if bias else None
+    kwargs = {**case.kwargs(inputs), "output_final_state": True}
+    if fused:
+        y, s = ssd_xbc(xbc, dt, A, num_heads=H, n_groups=G, d_state=N, **kwargs, backend="cpu", conv_weight=weight,
+                       conv_bias=conv_bias)
+    else:
+        act = causal_conv1d(xbc, weight, conv_bias, activation="silu", cu_seqlens=kwargs["cu_seqlens"],
+                            backend="reference")[0]
+        xs, Bs, Cs = act.split([H * P, G * N, G * N], -1)
+        y, s = ssd_recurrent(xs.unflatten(-1, (H, P)), dt, A, Bs.unflatten(-1, (G, N)), Cs.unflatten(-1, (G, N)),
+                             **kwargs)
+    loss = (y * torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype)).sum()
+    loss = loss + (s * torch.randn(s.shape, generator=gen, dtype=torch.float64).to(s.dtype)).sum()
+    leaves = [t for t in [xbc, dt, A, *inputs[5:], weight, conv_bias] if t is not None]
+    return y, s, torch.autograd.grad(loss, leaves)
+
+
+def _check_conv(case, width=4, bias=True, dtype=torch.float64, tol=1e-10):
+    y, s, grads = _conv_run(case, dtype, width, bias, fused=True)
+    y_ref, s_ref, ref_grads = _conv_run(case, dtype, width, bias, fused=False)
+    assert y.dtype == dtype and s.dtype == dtype
+    assert_rel(y, y_ref, tol, "output")
+    assert_rel(s, s_ref, tol, "final state")
+    names = ["xbc", "dt", "A", "D", "z", "dt_bias", "initial_state", "conv_weight", "conv_bias"]
+    present = [True, True, True, *[case.extras] * 3, case.initial_state, True, bias]
+    for name, a, b in zip([n for n, there in zip(names, present) if there], grads, ref_grads, strict=True):
+        assert_rel(a, b, tol, f"d{name}")
+
+
+@settings(max_examples=6, deadline=None)
+@given(case=cases(max_t=150), width=st.sampled_from([1, 3, 4]), bias=st.booleans())
+def test_conv_inside_matches_conv_then_recurrence_in_float64(case, width, bias):
+    """The short conv computed inside the chunks: output, final state and every gradient (the conv's input,
+    weight and bias included) equal to the reference conv followed by the float64 recurrence."""
+    _check_conv(case, width, bias)
+
+
+def test_conv_inside_with_short_sequences_and_chunks_in_float32():
+    """Packed sequences of 0-2 tokens (shorter than the conv's window), one ending with a chunk of one token (the
+    window's gradient reaches back over it into the chunk before), heads of width 70, two groups; float32."""
+    case = Case(batch=1, lengths=(0, 2, 65, 1, 0, 130), seqlen=198, heads=4, groups=2, p=70, n=16,
+                initial_state=True, extras=True, seed=7)
+    _check_conv(case)
+    _check_conv(case, dtype=torch.float32, tol=TOL[torch.float32])
+
+
+def test_conv_inside_is_one_call_with_gradients_only(monkeypatch):
+    """With autograd: one call of the xbc ops with the conv's weight and bias (opcheck'ed) and no conv op;
+    without: the conv, then SSD on its output."""
+    custom, calls = cpu_kernels.XBC_FUSED.chunk_fwd, []
+    monkeypatch.setattr(cpu_kernels, "XBC_FUSED", dataclasses.replace(
+        cpu_kernels.XBC_FUSED, chunk_fwd=lambda *args: calls.append(args) or custom(*args)))
+    conv_calls = []
+    monkeypatch.setattr(mamba2_ops, "causal_conv1d", lambda *a, **k: conv_calls.append(a) or causal_conv1d(*a, **k))
+    case = Case(batch=2, lengths=None, seqlen=70, heads=2, groups=1, p=4, n=6, initial_state=True, extras=True,
+                seed=3)
+    y, s, _ = _conv_run(case, torch.float32, 4, True, fused=True)
+    assert len(calls) == 1 and not conv_calls
+    xbc, weight, conv_bias = calls[0][0], calls[0][6], calls[0][7]
+    assert xbc.shape == (140, 2 * 4 + 2 * 6) and weight.shape == (20, 4) and conv_bias.shape == (20,)
+    torch.library.opcheck(custom, calls[0], test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    inputs = [t.detach() for t in _inputs(case, torch.float32)]
+    with torch.no_grad():
+        y2, s2 = ssd_xbc(xbc.view(2, 70, -1), *inputs[1:3], num_heads=2, n_groups=1, d_state=6, backend="cpu",
+                         conv_weight=weight, conv_bias=conv_bias, **case.kwargs(inputs), output_final_state=True)
+    assert len(calls) == 1 and len(conv_calls) == 1
+    assert_rel(y2, y.detach(), 1e-6, "output without autograd")
+    assert_rel(s2, s.detach(), 1e-6, "final state without autograd")
+
+
 def test_xbc_bad_inputs_raise_clearly():
     xbc, dt, A = torch.randn(1, 4, 20), torch.randn(1, 4, 2), -torch.rand(2)
     with pytest.raises(ValueError, match=r"xbc's last dim must be H P \+ 2 G N"):
@@ -331,3 +416,10 @@ def test_xbc_bad_inputs_raise_clearly():
         ssd_xbc(xbc[0], dt, A, num_heads=2, n_groups=1, d_state=6)
     with pytest.raises(ValueError, match="dt"):
         ssd_xbc(xbc, dt[:, :3], A, num_heads=2, n_groups=1, d_state=6, backend="cpu")
+    with pytest.raises(ValueError, match=r"conv_weight must have shape \[H P \+ 2 G N, W\]"):
+        ssd_xbc(xbc, dt, A, num_heads=2, n_groups=1, d_state=6, conv_weight=torch.randn(19, 4))
+    with pytest.raises(ValueError, match=r"conv_bias must have shape \[H P \+ 2 G N\]"):
+        ssd_xbc(xbc, dt, A, num_heads=2, n_groups=1, d_state=6, conv_weight=torch.randn(20, 4),
+                conv_bias=torch.randn(4))
+    with pytest.raises(ValueError, match="conv_bias is given without conv_weight"):
+        ssd_xbc(xbc, dt, A, num_heads=2, n_groups=1, d_state=6, conv_bias=torch.randn(20))
