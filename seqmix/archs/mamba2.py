@@ -85,16 +85,17 @@ class Mamba2(Mixer):
             # gate's and the conv's element-wise passes run on contiguous rows and the backward needs no
             # concatenation (6-7% off a training step, docs/design.md).
             z, xbc, dt = (F.linear(x, w) for w in self.in_proj.weight.split(sizes))
-        if state is None:
+        if state is None and isinstance(self.conv, ShortConvolution) and self.conv.activation == "silu":
             # Without a state to carry, the short conv goes into SSD's call: the cpu backend computes it inside
             # the chunks for training, its output and gradient never written (docs/design.md, "Seventh round").
+            # (A replaced conv module, as the recall benchmark's conv-off variant, keeps its own call below.)
             y, _ = ssd_xbc(
                 xbc, dt, self._A(), num_heads=H, n_groups=G, d_state=N, D=self.D, z=z.reshape(B, T, H, P),
                 dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit, cu_seqlens=cu_seqlens,
                 backend=self.backend, conv_weight=self.conv.weight, conv_bias=self.conv.bias,
             )
             return self.out_proj(self.norm(y.reshape(B, T, self.d_inner))), None
-        xbc, conv_state = self.conv(xbc, state["conv"], cu_seqlens)
+        xbc, conv_state = self.conv(xbc, None if state is None else state["conv"], cu_seqlens)
         if decoding:
             xs, b, c = xbc.split([self.d_inner, G * N, G * N], dim=-1)
             y, ssm_state = ssd_step(
@@ -109,10 +110,12 @@ class Mamba2(Mixer):
         # place; GLA's and Mamba's decoding steps").
         y, ssm_state = ssd_xbc(
             xbc, dt, self._A(), num_heads=H, n_groups=G, d_state=N, D=self.D, z=z.reshape(B, T, H, P),
-            dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit, initial_state=state["ssm"],
-            output_final_state=True, cu_seqlens=cu_seqlens, backend=self.backend,
+            dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
+            initial_state=None if state is None else state["ssm"], output_final_state=state is not None,
+            cu_seqlens=cu_seqlens, backend=self.backend,
         )
-        return self.out_proj(self.norm(y.reshape(B, T, self.d_inner))), {"conv": conv_state, "ssm": ssm_state}
+        out = self.out_proj(self.norm(y.reshape(B, T, self.d_inner)))
+        return out, None if state is None else {"conv": conv_state, "ssm": ssm_state}
 
     def _fused_decoding_step(self, x, state):
         """One token (x [B, 1, hidden]) as three calls: in_proj, everything between the projections in one C++
