@@ -71,6 +71,7 @@ void gemm(int64_t m, int64_t n, int64_t k, Mat<T> a, Mat<T> b, T beta, T* c, int
 // microseconds, about what a library call costs by itself. Columns go in blocks of up to kBlock vectors
 // held in registers; a row of a block is read whole (kFull) or, at the end of an odd width, in part.
 constexpr int kBlock = 4;
+constexpr int kMaxConvWidth = 16;  // the widest short conv the chunks compute (conv_args)
 
 template <typename T, bool kFull>
 inline Vec<T> load_cols(const T* p, int64_t v, int64_t width) {
@@ -244,6 +245,31 @@ std::array<Cols, 3> group_cols(const Problem<T>& p, int64_t g) {
   return group_cols(p.H, p.P, p.G, p.N, g);
 }
 
+// f(k, v, m, full) for each vector of the group's three column blocks: k the block, v the vector's first column
+// in it, m the block's columns from v on, full (a constant) whether the vector lies inside the block (else its
+// first m lanes do). (Walking a vector's column down the chunk's rows instead, taps and sums in registers, was
+// twice as slow: each row is a cache line apart.)
+template <typename T, typename F>
+void over_vectors(const Problem<T>& p, int64_t g, const F& f) {
+  constexpr int64_t V = Lanes<T>::W;
+  for (const Cols& k : group_cols(p, g)) {
+    int64_t v = 0;
+    for (; v + V <= k.count; v += V) f(k, v, k.count - v, std::true_type{});
+    if (v < k.count) f(k, v, k.count - v, std::false_type{});
+  }
+}
+
+template <typename T, bool kFull>
+inline Vec<T> load_m(const T* p, int64_t m) {
+  return kFull ? load(p) : load_part(p, m);
+}
+
+template <typename T, bool kFull>
+inline void store_m(T* p, Vec<T> x, int64_t m) {
+  if (kFull) store(p, x);
+  else store_part(p, x, m);
+}
+
 // A task's view of one chunk: its tokens, the group's columns, and the per-chunk values recomputed by the
 // forward and the backward alike.
 template <typename T>
@@ -288,23 +314,23 @@ struct Chunk {
   // The chunk's conv: pre = bias + sum_j taps[j] xs[t - (W-1) + j] (zeros before the sequence), act = silu(pre),
   // row by row over the group's three column blocks.
   void convolve() {
-    constexpr int64_t V = Lanes<T>::W;
-    const int64_t padded = cg + V, S = p.W - 1;
+    const int64_t padded = cg + Lanes<T>::W, S = p.W - 1;
     for (int64_t t = 0; t < len; ++t) {
       const int64_t j0 = first_tap(t), first = t0 + t - S;  // taps j >= j0 read inside the sequence
-      for (const Cols& k : group_cols(p, g))
-        for (int64_t v = 0; v < k.count; v += V) {
-          const int64_t m = k.count - v, l = k.local + v;
-          Vec<T> acc = seqmix_cpu::load(cbias.data() + l);
-          for (int64_t j = j0; j < p.W; ++j)
-            acc += seqmix_cpu::load(taps.data() + j * padded + l) *
-                   load_upto(p.x + (first + j) * p.ld_x + k.global + v, m);
-          const Vec<T> sg = sigmoid_v<T>(acc);
-          store_upto(csig.data() + t * cg + l, sg, m);
-          store_upto(act.data() + t * cg + l, acc * sg, m);
-        }
+      over_vectors(p, g, [&](const Cols& k, int64_t v, int64_t m, auto full) {
+        constexpr bool F = decltype(full)::value;
+        const int64_t l = k.local + v;
+        const T* col = p.x + k.global + v;  // the column's values at token r: col[r * ld_x]
+        Vec<T> acc = seqmix_cpu::load(cbias.data() + l);
+        for (int64_t j = j0; j < p.W; ++j)
+          acc += seqmix_cpu::load(taps.data() + j * padded + l) * load_m<T, F>(col + (first + j) * p.ld_x, m);
+        const Vec<T> sg = sigmoid_v<T>(acc);
+        store_m<T, F>(csig.data() + t * cg + l, sg, m);
+        store_m<T, F>(act.data() + t * cg + l, acc * sg, m);
+      });
     }
   }
+
 
   // Offsets of token t's row of the group's heads in the contiguous [L, H, P] tensors (out, z, dout, ...), in
   // x (dx with grad), and in B and C (dB and dC with grad).
@@ -453,20 +479,23 @@ void conv_backward(const Chunk<T>& ch, Buffers<T>& b, T* dpre, int64_t ld) {
   auto g_row = [&](int64_t u) -> const T* { return u < len ? g + u * cg : b.carry.data() + (u - len) * cg; };
   for (int64_t t = 0; t < len; ++t) {
     const int64_t j0 = ch.first_tap(t), first = ch.t0 + t - S;
-    for (const Cols& k : group_cols(p, ch.g))
-      for (int64_t v = 0; v < k.count; v += V) {
-        const int64_t m = k.count - v, l = k.local + v;
-        Vec<T> acc{};
-        for (int64_t j = 0; j < p.W; ++j)
-          acc += load(ch.taps.data() + j * padded + l) * load_upto(g_row(t + S - j) + l, m);
-        store_upto(dpre + (ch.t0 + t) * ld + k.global + v, acc, m);
-        const Vec<T> gt = load_upto(g + t * cg + l, m);
-        store(b.dcbias.data() + l, load(b.dcbias.data() + l) + gt);
-        for (int64_t j = j0; j < p.W; ++j) {
-          T* dw = b.dtaps.data() + j * padded + l;
-          store(dw, load(dw) + gt * load_upto(p.x + (first + j) * p.ld_x + k.global + v, m));
-        }
+    const T* rows[kMaxConvWidth];  // g[t + S - j]
+    for (int64_t j = 0; j < p.W; ++j) rows[j] = g_row(t + S - j);
+    over_vectors(p, ch.g, [&](const Cols& k, int64_t v, int64_t m, auto full) {
+      constexpr bool F = decltype(full)::value;
+      const int64_t l = k.local + v;
+      const T* col = p.x + k.global + v;  // the conv input's column: col[r * ld_x] at token r
+      // g's rows are cg apart in buffers padded by a vector: whole vectors read past a partial one harmlessly.
+      Vec<T> acc{};
+      for (int64_t j = 0; j < p.W; ++j) acc += load(ch.taps.data() + j * padded + l) * load(rows[j] + l);
+      store_m<T, F>(dpre + (ch.t0 + t) * ld + k.global + v, acc, m);
+      const Vec<T> gt = load_m<T, F>(g + t * cg + l, m);  // zeros past the block: the sums below are its own
+      store(b.dcbias.data() + l, load(b.dcbias.data() + l) + gt);
+      for (int64_t j = j0; j < p.W; ++j) {
+        T* dw = b.dtaps.data() + j * padded + l;
+        store(dw, load(dw) + gt * load_m<T, F>(col + (first + j) * p.ld_x, m));
       }
+    });
   }
   // The new carry: g's rows 0..S-1 from this chunk's first token on (the old carry's past a short chunk).
   for (int64_t i = 0; i < S; ++i) std::memcpy(b.next.data() + i * cg, g_row(i), cg * sizeof(T));
@@ -718,8 +747,8 @@ std::pair<at::Tensor, at::Tensor> conv_args(const at::Tensor& x, const at::Tenso
     return {w, b};
   }
   const int64_t width = x.size(1) * x.size(2) + 2 * B.size(1) * B.size(2);
-  TORCH_CHECK(w.dim() == 2 && w.size(0) == width && w.size(1) >= 1 && w.size(1) <= 16,
-              "ssd_cpu: conv_weight must be [H P + 2 G N, W] with 1 <= W <= 16, got ", w.sizes());
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == width && w.size(1) >= 1 && w.size(1) <= kMaxConvWidth,
+              "ssd_cpu: conv_weight must be [H P + 2 G N, W] with 1 <= W <= ", kMaxConvWidth, ", got ", w.sizes());
   TORCH_CHECK(!b.defined() || b.numel() == 0 || (b.dim() == 1 && b.size(0) == width),
               "ssd_cpu: conv_bias must be [H P + 2 G N], got ", b.sizes());
   check_tensors("ssd_cpu", {w, b}, &x, "x");
