@@ -331,7 +331,6 @@ struct Chunk {
     }
   }
 
-
   // Offsets of token t's row of the group's heads in the contiguous [L, H, P] tensors (out, z, dout, ...), in
   // x (dx with grad), and in B and C (dB and dC with grad).
   int64_t row(int64_t t) const { return (t0 + t) * p.H * p.P + g * p.width(); }
