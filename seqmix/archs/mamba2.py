@@ -85,17 +85,12 @@ class Mamba2(Mixer):
             # gate's and the conv's element-wise passes run on contiguous rows and the backward needs no
             # concatenation (6-7% off a training step, docs/design.md).
             z, xbc, dt = (F.linear(x, w) for w in self.in_proj.weight.split(sizes))
-        if state is None and isinstance(self.conv, ShortConvolution) and self.conv.activation == "silu":
-            # Without a state to carry, the short conv goes into SSD's call: the cpu backend computes it inside
-            # the chunks for training, its output and gradient never written (docs/design.md, "Seventh round").
-            # (A replaced conv module, as the recall benchmark's conv-off variant, keeps its own call below.)
-            y, _ = ssd_xbc(
-                xbc, dt, self._A(), num_heads=H, n_groups=G, d_state=N, D=self.D, z=z.reshape(B, T, H, P),
-                dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit, cu_seqlens=cu_seqlens,
-                backend=self.backend, conv_weight=self.conv.weight, conv_bias=self.conv.bias,
-            )
-            return self.out_proj(self.norm(y.reshape(B, T, self.d_inner))), None
-        xbc, conv_state = self.conv(xbc, None if state is None else state["conv"], cu_seqlens)
+        # Without a state to carry, the short conv goes into SSD's call: the cpu backend computes it inside the
+        # chunks for training, its output and gradient never written (docs/design.md, "Seventh round"). A replaced
+        # conv module (the recall benchmark's conv-off variant) and a call with a state take the module.
+        conv_inside = state is None and isinstance(self.conv, ShortConvolution) and self.conv.activation == "silu"
+        if not conv_inside:
+            xbc, conv_state = self.conv(xbc, None if state is None else state["conv"], cu_seqlens)
         if decoding:
             xs, b, c = xbc.split([self.d_inner, G * N, G * N], dim=-1)
             y, ssm_state = ssd_step(
@@ -105,14 +100,15 @@ class Mamba2(Mixer):
                 dt_limit=self.dt_limit,
             )
             return self.out_proj(self.norm(y.view(B, 1, self.d_inner))), {"conv": conv_state, "ssm": ssm_state}
-        # x, B and C stay the column blocks of the conv's output: on the cpu backend SSD reads them in place and
-        # their gradient is one tensor (docs/design.md, "Sixth round: a C++ RMSNorm; SSD on the conv's output in
-        # place; GLA's and Mamba's decoding steps").
+        # x, B and C stay the column blocks of the conv's output (or input): on the cpu backend SSD reads them in
+        # place and their gradient is one tensor (docs/design.md, "Sixth round: a C++ RMSNorm; SSD on the conv's
+        # output in place; GLA's and Mamba's decoding steps").
         y, ssm_state = ssd_xbc(
             xbc, dt, self._A(), num_heads=H, n_groups=G, d_state=N, D=self.D, z=z.reshape(B, T, H, P),
             dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
             initial_state=None if state is None else state["ssm"], output_final_state=state is not None,
             cu_seqlens=cu_seqlens, backend=self.backend,
+            conv_weight=self.conv.weight if conv_inside else None, conv_bias=self.conv.bias if conv_inside else None,
         )
         out = self.out_proj(self.norm(y.reshape(B, T, self.d_inner)))
         return out, None if state is None else {"conv": conv_state, "ssm": ssm_state}

@@ -166,6 +166,10 @@ inline Vec<T> sigmoid_v(Vec<T> x) {
   return T(1) / (T(1) + exp_v<T>(-x));
 }
 
+// The widest short conv (W taps) the kernels take: conv_cpu.cpp's and the SSD's conv inside its chunks
+// (ssd_cpu.cpp) keep per-vector arrays of that many taps and rows.
+constexpr int kMaxConvWidth = 16;
+
 // While in scope, this thread's SSE/AVX arithmetic flushes denormal results to zero and reads denormal operands
 // as zero (MXCSR's FTZ and DAZ bits); the caller's mode comes back after. A chunked scan's decays such as
 // exp(lcum_i - lcum_j) fall below the smallest normal (float: 1.2e-38) once a chunk's log decay passes -87,

@@ -37,7 +37,6 @@ using namespace seqmix_cpu;
 
 constexpr int64_t kBlockVectors = 16;        // vectors of channels per task: 256 float32 channels
 constexpr int64_t kValuesInline = 1 << 15;   // below this many values of x the tasks run on the calling thread
-constexpr int kMaxWidth = 16;                // the widest conv (W) the kernels take
 
 // Everything a task reads, with the problem's sizes.
 template <typename T>
@@ -87,10 +86,10 @@ void rows_to_columns(T* a, int64_t n, int64_t S, const Row& row) {
 
 // A task's block of channels [d0, d0 + n) of one chunk: the taps transposed, taps[j][i] = weight[d0 + i, j],
 // the bias, and the W-1 rows of xs before the sequence's first token (the initial state's, or zeros) when
-// the chunk reads them. With the width KW fixed the loops over taps unroll; KW = 0 takes any W <= kMaxWidth.
+// the chunk reads them. With the width KW fixed the loops over taps unroll; KW = 0 takes any W <= kMaxConvWidth.
 template <int KW, typename T>
 struct Block {
-  static constexpr int cap = KW > 0 ? KW : kMaxWidth;
+  static constexpr int cap = KW > 0 ? KW : kMaxConvWidth;
   static constexpr int64_t size = Conv<T>::block;
   const Conv<T>& p;
   const Span& sp;
@@ -282,9 +281,9 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::opti
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "causal_conv1d_cpu: x must be float32 or float64, got ", x.scalar_type());
   const int64_t D = x.size(1);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == D && weight.size(1) >= 1 && weight.size(1) <= kMaxWidth &&
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == D && weight.size(1) >= 1 && weight.size(1) <= kMaxConvWidth &&
                   weight.is_contiguous() && weight.scalar_type() == x.scalar_type(),
-              "causal_conv1d_cpu: weight must be contiguous [D, W] in x's dtype, 1 <= W <= ", kMaxWidth);
+              "causal_conv1d_cpu: weight must be contiguous [D, W] in x's dtype, 1 <= W <= ", kMaxConvWidth);
   for (const at::Tensor* t : {present(bias), present(h0)}) {
     TORCH_CHECK(!t || (t->is_contiguous() && t->scalar_type() == x.scalar_type() && t->device().is_cpu()),
                 "causal_conv1d_cpu: bias and the initial state must be contiguous, in x's dtype, on the CPU");

@@ -18,7 +18,7 @@ from seqmix.kernels.sequences import in_dtype, reference_dtype
 # Tokens per task (with a block of 256 channels): enough that the W-1 tokens a backward task recomputes after
 # its chunk cost little, few enough that a batch of two long sequences still spreads over the threads.
 CHUNK = 256
-MAX_WIDTH = 16  # conv_cpu.cpp's kMaxWidth: the size of its per-vector arrays of taps, inputs and dpre
+MAX_WIDTH = 16  # vec_cpu.h's kMaxConvWidth: the size of the kernels' per-vector arrays of taps, inputs and dpre
 
 
 def unsupported(width: int) -> str | None:

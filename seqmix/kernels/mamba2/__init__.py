@@ -14,6 +14,7 @@ from torch import Tensor
 from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_negative, check_same_dtype, check_sequences, check_tensor
 from seqmix.kernels.conv import causal_conv1d
+from seqmix.kernels.conv import cpu as conv_cpu
 from seqmix.kernels.mamba2 import cpu as cpu_kernels
 from seqmix.kernels.mamba2 import triton as kernels
 from seqmix.kernels.mamba2.reference import ssd_chunked, ssd_recurrent
@@ -276,20 +277,22 @@ def ssd_xbc(
         if conv_weight is None:
             raise ValueError("conv_bias is given without conv_weight")
         check_tensor("conv_bias", conv_bias, (width,), dims="[H P + 2 G N]", like=xbc)
-    x, B, C = xbc.split([width - 2 * G * N, G * N, G * N], dim=-1)
-    x, B, C = x.unflatten(-1, (H, -1)), B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N))
+
+    def blocks(t):  # x [B, T, H, P], B and C [B, T, G, N]: views of t's column blocks
+        x, B, C = t.split([width - 2 * G * N, G * N, G * N], dim=-1)
+        return x.unflatten(-1, (H, -1)), B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N))
+
+    x, B, C = blocks(xbc)
     n = _check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens)
     lo, hi = check_dt_limit(dt_limit)
     name = _select(x, B, backend)
     conv = () if conv_weight is None else (conv_weight, conv_bias)
     fused = name == "cpu" and xbc.shape[1] > 0 and wants_grad(xbc, dt, A, D, z, dt_bias, initial_state, *conv) and (
-        not conv or cpu_kernels.conv_unsupported(conv_weight) is None)
+        not conv or conv_cpu.unsupported(conv_weight.shape[1]) is None)
     if not fused:
         if conv:
-            xbc = causal_conv1d(xbc, conv_weight, conv_bias, activation="silu", cu_seqlens=cu_seqlens,
-                                backend=backend)[0]
-            x, B, C = xbc.split([width - 2 * G * N, G * N, G * N], dim=-1)
-            x, B, C = x.unflatten(-1, (H, -1)), B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N))
+            x, B, C = blocks(causal_conv1d(xbc, conv_weight, conv_bias, activation="silu", cu_seqlens=cu_seqlens,
+                                           backend=backend)[0])
         return _run(name, n, x, dt, A, B, C, D, z, dt_bias, dt_softplus, lo, hi, initial_state, output_final_state,
                     cu_seqlens)
     params = [None if t is None else t.to(xbc.dtype) for t in (A, D, dt_bias, conv_weight, conv_bias)]

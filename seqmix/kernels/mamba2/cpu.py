@@ -24,7 +24,6 @@ from seqmix.kernels.op import FusedOp, as_input_grads, fake_outputs, nothing, re
 # larger ones at the LM's sizes, and its [64, 64] masks stay in L1 (docs/design.md).
 CHUNK = 64
 DTYPES = (torch.float32, torch.float64)
-MAX_CONV_WIDTH = 16  # the widest short conv that runs inside the chunks (ssd_cpu.cpp)
 
 
 def unsupported(dtype: torch.dtype) -> str | None:
@@ -32,11 +31,6 @@ def unsupported(dtype: torch.dtype) -> str | None:
     if dtype not in DTYPES:
         return f"x, dt, B, C must be float32 or float64, got {dtype}"
     return None
-
-
-def conv_unsupported(weight: Tensor) -> str | None:
-    """Why the kernels cannot run the short conv of ``weight`` [D, W] inside the chunks; None if they can."""
-    return None if weight.shape[1] <= MAX_CONV_WIDTH else f"conv width {weight.shape[1]} > {MAX_CONV_WIDTH}"
 
 
 def _fake_outputs(x, B, cu_seqlens, store_final):

@@ -71,7 +71,6 @@ void gemm(int64_t m, int64_t n, int64_t k, Mat<T> a, Mat<T> b, T beta, T* c, int
 // microseconds, about what a library call costs by itself. Columns go in blocks of up to kBlock vectors
 // held in registers; a row of a block is read whole (kFull) or, at the end of an odd width, in part.
 constexpr int kBlock = 4;
-constexpr int kMaxConvWidth = 16;  // the widest short conv the chunks compute (conv_args)
 
 template <typename T, bool kFull>
 inline Vec<T> load_cols(const T* p, int64_t v, int64_t width) {
