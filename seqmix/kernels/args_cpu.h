@@ -3,7 +3,7 @@
 // and of the packed sequences' offsets.
 #pragma once
 
-#include <torch/extension.h>
+#include "torch_cpu.h"
 
 #include <vector>
 

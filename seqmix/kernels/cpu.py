@@ -32,7 +32,7 @@ SOURCES = ("mamba/selective_scan_cpu.cpp", "recurrent_step_cpu.cpp", "row_norm_c
            "deltanet/delta_rule_cpu.cpp", "mamba2/ssd_cpu.cpp", "swiglu_cpu.cpp", "norm/rms_norm_cpu.cpp",
            "bindings_cpu.cpp")
 # Headers the sources include: a change to one makes the module stale too (see ready()).
-HEADERS = ("vec_cpu.h", "args_cpu.h", "rows_cpu.h")
+HEADERS = ("vec_cpu.h", "args_cpu.h", "rows_cpu.h", "torch_cpu.h")
 _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mprefer-vector-width=512"],
     "AVX2": ["-mavx2", "-mfma"],
@@ -72,7 +72,7 @@ def _build():
     directory.mkdir(parents=True, exist_ok=True)
     first = not glob.glob(str(directory / "*.so"))
     if first:
-        logger.warning("seqmix: compiling the C++ CPU kernels (once per machine, 30 s or more) into %s", directory)
+        logger.warning("seqmix: compiling the C++ CPU kernels (once per machine: 1-4 minutes on 2 cores) into %s", directory)
     start = time.perf_counter()
     module = load(name=name, sources=[str(here / s) for s in SOURCES],
                   extra_cflags=_FLAGS + _ISA_FLAGS.get(capability, []), extra_ldflags=["-fopenmp"],
@@ -125,7 +125,7 @@ def ready() -> bool:
     this checkout and loaded since every source and this file (which holds the flags) last changed, and then
     loaded here (about a second). Calls whose PyTorch path is cheap enough (training's short conv, the row
     norms) take the C++ kernels only when they are ready, so that a short run on a fresh machine (the README's
-    main job) never waits 30-60 s for the compile; a decoding step or the selective scan, which build them,
+    main job) never waits minutes for the compile; a decoding step or the selective scan, which build them,
     make them ready."""
     global _stale
     if _tried:

@@ -6,9 +6,7 @@
 // x, y [..., D]: h = x + y, n = rmsnorm(h) * norm_weight, [g, u] = n gate_up^T (gate_up [2I, D]),
 // out = h + (silu(g) u) down^T (down [D, I]). Everything in one dtype, float32 or float64 (the caller
 // checks); the products go to ATen's matrix multiply, the rest are loops over rows.
-#include <torch/extension.h>
-
-#include <ATen/Parallel.h>
+#include "torch_cpu.h"
 
 #include <cmath>
 #include <cstdint>

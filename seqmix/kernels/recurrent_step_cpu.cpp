@@ -13,9 +13,7 @@
 // Two more take a whole layer's token between its projections (Mamba-2's, (Gated) DeltaNet's: the short
 // conv's window step, the rule's step, the gates and norms), one task per sequence; see mamba2_step and
 // deltanet_step below.
-#include <torch/extension.h>
-
-#include <ATen/Parallel.h>
+#include "torch_cpu.h"
 
 #include <algorithm>
 #include <cmath>

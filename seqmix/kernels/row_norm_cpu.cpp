@@ -5,9 +5,7 @@
 // y = x * rsqrt(sum(x^2) / n + eps) [* weight] [* silu(gate)] over the last dimension (n = D for RMSNorm,
 // n = 1 for the L2 norm), in float32 (float64 for float64 x), returned in x's dtype. Rows are spread over
 // threads once there are enough of them (a prefill's).
-#include <torch/extension.h>
-
-#include <ATen/Parallel.h>
+#include "torch_cpu.h"
 
 #include <cmath>
 #include <cstdint>

@@ -7,9 +7,7 @@
 //
 // dup = dh silu(gate), dgate = dh up s (1 + gate (1 - s)) with s = sigmoid(gate). float32 and float64,
 // contiguous tensors of one shape and dtype (the caller checks and converts).
-#include <torch/extension.h>
-
-#include <ATen/Parallel.h>
+#include "torch_cpu.h"
 
 #include <algorithm>
 #include <cstdint>

@@ -11,27 +11,40 @@
 
 namespace seqmix_cpu {
 
-// One vector of W channels (64 bytes: one AVX-512 register, two AVX2 ones), as GCC vector types: the
-// arithmetic below is written once for every instruction set the compiler targets.
+// The bytes of one vector register of the instruction set the build targets (cpu.py's flags): AVX-512's 64,
+// AVX2's 32, SSE's 16. A vector type wider than the registers compiles, but GCC then builds its broadcasts
+// and moves through the stack, lane by lane, and reads them back whole (a stalled store forwarding each
+// time): with 64-byte vectors on AVX2, Mamba-2's training step took 1.5x as long as with 32-byte ones, Mamba's
+// 1.75x (docs/design.md, "Eighth round").
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVectorBytes = 32;
+#else
+constexpr int kVectorBytes = 16;
+#endif
+
+// One register of W channels, as GCC vector types: the arithmetic below is written once for every
+// instruction set the compiler targets.
 template <typename T>
 struct Lanes;
 
 template <>
 struct Lanes<float> {
-  typedef float V __attribute__((vector_size(64)));
+  typedef float V __attribute__((vector_size(kVectorBytes)));
   typedef int32_t S;
-  typedef S I __attribute__((vector_size(64)));
-  typedef uint32_t U __attribute__((vector_size(64)));
-  static constexpr int W = 16;
+  typedef S I __attribute__((vector_size(kVectorBytes)));
+  typedef uint32_t U __attribute__((vector_size(kVectorBytes)));
+  static constexpr int W = kVectorBytes / 4;
 };
 
 template <>
 struct Lanes<double> {
-  typedef double V __attribute__((vector_size(64)));
+  typedef double V __attribute__((vector_size(kVectorBytes)));
   typedef int64_t S;
-  typedef S I __attribute__((vector_size(64)));
-  typedef uint64_t U __attribute__((vector_size(64)));
-  static constexpr int W = 8;
+  typedef S I __attribute__((vector_size(kVectorBytes)));
+  typedef uint64_t U __attribute__((vector_size(kVectorBytes)));
+  static constexpr int W = kVectorBytes / 8;
 };
 
 template <typename T>

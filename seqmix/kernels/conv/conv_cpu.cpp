@@ -19,9 +19,7 @@
 // dpre[q + (W-1) - j], complete once dpre[q + W-1] is: the W-1 tokens after the chunk are recomputed by the
 // task. dweight and dbias go to one partial row per chunk, added up in chunk order at the end: no atomics,
 // and the sums do not depend on the number of threads.
-#include <torch/extension.h>
-
-#include <ATen/Parallel.h>
+#include "../torch_cpu.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -35,8 +33,8 @@ namespace {
 
 using namespace seqmix_cpu;
 
-constexpr int64_t kBlockVectors = 16;        // vectors of channels per task: 256 float32 channels
-constexpr int64_t kValuesInline = 1 << 15;   // below this many values of x the tasks run on the calling thread
+constexpr int64_t kBlockVectors = 1024 / kVectorBytes;  // vectors of channels per task: 256 float32 channels
+constexpr int64_t kValuesInline = 1 << 15;  // below this many values of x the tasks run on the calling thread
 
 // Everything a task reads, with the problem's sizes.
 template <typename T>

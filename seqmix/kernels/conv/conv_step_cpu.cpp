@@ -6,9 +6,7 @@
 // sum_j weight[:, j] window[:, j]) over the window of the state followed by x, and the new state, the
 // window's last W-1 columns, as a new [B, D, W-1] tensor. Computed in float32 (float64 for float64 x);
 // out in x's dtype.
-#include <torch/extension.h>
-
-#include <ATen/Parallel.h>
+#include "../torch_cpu.h"
 
 #include <cmath>
 #include <cstdint>

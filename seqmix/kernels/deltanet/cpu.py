@@ -18,24 +18,26 @@ from seqmix.kernels.op import FusedOp, as_input_grads, nothing, register_autogra
 # buffer of (CHUNK + 1) K V values per task (68 KiB of float32 at K = V = 32), which stays in L2.
 CHUNK = 16
 DTYPES = (torch.float32, torch.float64)
-_LANES = {torch.float32: 16, torch.float64: 8}  # values per vector of the kernel
-# Vectors per row of the state the kernel is compiled for (kMaxVectors): V up to 128 in float32, 64 in float64.
-# Wider heads go to the chunked reference, which is as fast there (docs/design.md).
-MAX_VECTORS = 8
+# The bytes of a row of the state the kernel is compiled for (delta_rule_cpu.cpp's kMaxVectors vectors): V up
+# to 128 in float32, 64 in float64. Wider heads go to the chunked reference, which is as fast there
+# (docs/design.md).
+MAX_ROW_BYTES = 512
 
 
 def unsupported(dtype: torch.dtype, V: int) -> str | None:
     """Why the C++ kernels cannot take inputs of ``dtype`` and value head dim ``V``; None if they can."""
     if dtype not in DTYPES:
         return f"q, k, v, beta must be float32 or float64, got {dtype}"
-    if V > MAX_VECTORS * _LANES[dtype]:
-        return f"the value head dim V must be at most {MAX_VECTORS * _LANES[dtype]} in {dtype}, got {V}"
+    widest = MAX_ROW_BYTES // dtype.itemsize
+    if V > widest:
+        return f"the value head dim V must be at most {widest} in {dtype}, got {V}"
     return None
 
 
 def _padded(V: int, dtype: torch.dtype) -> int:
-    """A stored state's row: V values padded to the kernel's vectors per row (a power of two) times its lanes."""
-    W, vectors = _LANES[dtype], 1
+    """A stored state's row: V values padded to the kernel's vectors per row (a power of two) times its lanes
+    (the values of one of the build's vector registers, vec_cpu.h's kVectorBytes)."""
+    W, vectors = cpu.extension().vector_bytes // dtype.itemsize, 1
     while vectors * W < V:
         vectors *= 2
     return vectors * W

@@ -13,9 +13,7 @@
 // states entering each of the chunk's tokens from its checkpoint into a buffer of the task, and runs the
 // reverse recurrence over them, carrying dS. Every gradient of a token belongs to one task: no partial
 // sums, no atomics, and the result does not depend on the schedule.
-#include <torch/extension.h>
-
-#include <ATen/Parallel.h>
+#include "../torch_cpu.h"
 
 #include <algorithm>
 #include <cmath>
@@ -123,8 +121,8 @@ inline void add_up(Vec<T> (*acc)[4], Vec<T>* out) {
 template <typename T>
 struct LaneSums {
   static constexpr int W = Lanes<T>::W;
-  typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type S;
-  typedef S I __attribute__((vector_size(64)));
+  using S = typename Lanes<T>::S;
+  using I = typename Lanes<T>::I;
 
   // Lanes [r h, (r + 1) h) of the fold take block r / 2 (2h lanes) of x (r even) or y (r odd): its low half
   // (A) plus its high half (B).
@@ -430,8 +428,9 @@ void bwd_task(const Problem<T>& p, const Grads<T>& g, int64_t s, int64_t h) {
 }
 
 // The vectors of a task's rows: enough for V values, rounded up to a power of two so that a few widths are
-// compiled (kMaxVectors at most: the Python side sends wider heads to the reference).
-constexpr int64_t kMaxVectors = 8;
+// compiled (kMaxVectors at most, 512 bytes a row whatever the vectors' width: the Python side sends wider heads
+// to the reference).
+constexpr int kMaxVectors = 512 / kVectorBytes;
 
 inline int64_t row_vectors(int64_t V, int W) {
   int64_t nv = 1;
@@ -439,24 +438,27 @@ inline int64_t row_vectors(int64_t V, int W) {
   return nv;
 }
 
+// Calls f(std::integral_constant<int, NV>{}) with NV the power of two nv is, from NV up to kMaxVectors.
+template <int NV, typename F>
+void with_power_of_two(int64_t nv, const F& f) {
+  if constexpr (NV < kMaxVectors) {
+    if (nv > NV) return with_power_of_two<2 * NV>(nv, f);
+  }
+  f(std::integral_constant<int, NV>{});
+}
+
 // Calls f(std::integral_constant<int, nv>, std::bool_constant<decay>) for the problem's vectors per row and
 // rule (decay: the gated rule).
 template <typename F>
 void with_vectors(int64_t nv, bool decay, const F& f) {
   TORCH_CHECK(nv <= kMaxVectors, "delta_rule_cpu: V too large for the C++ kernels");
-  auto rule = [&](auto vectors) {
+  with_power_of_two<1>(nv, [&](auto vectors) {
     if (decay) {
       f(vectors, std::true_type{});
     } else {
       f(vectors, std::false_type{});
     }
-  };
-  switch (nv) {
-    case 1: rule(std::integral_constant<int, 1>{}); break;
-    case 2: rule(std::integral_constant<int, 2>{}); break;
-    case 4: rule(std::integral_constant<int, 4>{}); break;
-    default: rule(std::integral_constant<int, 8>{}); break;
-  }
+  });
 }
 
 template <typename T>

@@ -19,9 +19,7 @@
 // block of channels, dA and dD to one per sequence; the caller adds them up: no atomics, and the
 // result does not depend on the schedule (the blocks, so the order of the sums, follow from the sizes
 // and the number of threads).
-#include <torch/extension.h>
-
-#include <ATen/Parallel.h>
+#include "../torch_cpu.h"
 
 #include "../args_cpu.h"
 #include "../vec_cpu.h"

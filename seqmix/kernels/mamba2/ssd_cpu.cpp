@@ -22,9 +22,7 @@
 // rows while they are in cache. Every gradient of a token belongs to one task; the per-head parameters'
 // gradients are summed per task and then in task order: no atomics, and the result does not depend on the
 // schedule.
-#include <torch/extension.h>
-
-#include <ATen/Parallel.h>
+#include "../torch_cpu.h"
 
 #include <algorithm>
 #include <array>

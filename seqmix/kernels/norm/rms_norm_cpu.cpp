@@ -11,9 +11,7 @@
 // float32 and float64, contiguous [M, D] rows and [D] weights in one dtype (the caller checks and converts).
 // dw is summed per task of a fixed number of rows, then over the tasks in order: the result does not depend
 // on the threads.
-#include <torch/extension.h>
-
-#include <ATen/Parallel.h>
+#include "../torch_cpu.h"
 
 #include <algorithm>
 #include <cmath>

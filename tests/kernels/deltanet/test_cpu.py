@@ -3,7 +3,7 @@ states and the gradients of every input, the initial state included; packed sequ
 multiple of the checkpoint interval, one token, strong decays, strided q/k/v, the custom ops under opcheck and
 torch.compile, the automatic choice, and bad input.
 
-The first test to run builds the kernels (once per machine, cached by torch: 30 s or more on 2 cores)."""
+The first test to run builds the kernels (once per machine, cached by torch: 1-4 minutes on 2 cores)."""
 
 import dataclasses
 

@@ -2,7 +2,7 @@
 gradients of every input, the initial state included; packed and ragged sequences, strong decays, channel
 blocks, and the fallback when the kernels cannot be built.
 
-The first test to run builds the kernels (once per machine, cached by torch: about 30 s on 2 cores)."""
+The first test to run builds the kernels (once per machine, cached by torch: 1-4 minutes on 2 cores)."""
 
 import dataclasses
 import logging

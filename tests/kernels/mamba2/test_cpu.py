@@ -4,7 +4,7 @@ are not a multiple of the chunk, one token, strong decays, dt limits, the custom
 torch.compile, the automatic choice, and bad input. Then ``ssd_xbc`` (x, B and C as the column blocks of one
 tensor, read in place, one gradient) against the same recurrence.
 
-The first test to run builds the kernels (once per machine, cached by torch: 30 s or more on 2 cores)."""
+The first test to run builds the kernels (once per machine, cached by torch: 1-4 minutes on 2 cores)."""
 
 import dataclasses
 import math
