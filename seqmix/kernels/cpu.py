@@ -72,7 +72,8 @@ def _build():
     directory.mkdir(parents=True, exist_ok=True)
     first = not glob.glob(str(directory / "*.so"))
     if first:
-        logger.warning("seqmix: compiling the C++ CPU kernels (once per machine: 1-4 minutes on 2 cores) into %s", directory)
+        logger.warning("seqmix: compiling the C++ CPU kernels (once per machine: 1-4 minutes on 2 cores) into %s",
+                       directory)
     start = time.perf_counter()
     module = load(name=name, sources=[str(here / s) for s in SOURCES],
                   extra_cflags=_FLAGS + _ISA_FLAGS.get(capability, []), extra_ldflags=["-fopenmp"],

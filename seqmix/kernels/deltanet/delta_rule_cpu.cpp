@@ -438,7 +438,7 @@ inline int64_t row_vectors(int64_t V, int W) {
   return nv;
 }
 
-// Calls f(std::integral_constant<int, NV>{}) with NV the power of two nv is, from NV up to kMaxVectors.
+// Calls f(std::integral_constant<int, nv>{}) for nv a power of two in [NV, kMaxVectors] (larger ones as kMaxVectors).
 template <int NV, typename F>
 void with_power_of_two(int64_t nv, const F& f) {
   if constexpr (NV < kMaxVectors) {
