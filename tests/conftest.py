@@ -39,3 +39,25 @@ def pytest_configure(config):
     SEQMIX_HYPOTHESIS_PROFILE names one."""
     if config.getoption("markexpr") == "not slow" and not ON_GPU and "SEQMIX_HYPOTHESIS_PROFILE" not in os.environ:
         settings.load_profile("quick")
+
+
+# The files whose tests take the most time on a 2-core CPU (minutes each: Triton's interpreter, the trainer's
+# runs; from pytest --durations), collected first, in this order. pytest -n hands tests to its workers in
+# collection order, and a worker that gets one of these last runs on alone while the others have finished.
+HEAVY_FIRST = (
+    "tests/archs/test_mixers.py",
+    "tests/test_readme.py",
+    "tests/kernels/gated_linear_attention/test_gla.py",
+    "tests/archs/test_compile.py",
+    "tests/kernels/deltanet/test_triton.py",
+    "tests/kernels/deltanet/test_sm90_compile.py",
+    "tests/kernels/test_op.py",
+    "tests/kernels/deltanet/test_gated.py",
+    "tests/kernels/mamba/test_triton.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The files of HEAVY_FIRST first; the order within a file, and of the other files, as collected."""
+    rank = {path: i for i, path in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
