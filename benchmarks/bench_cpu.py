@@ -37,7 +37,7 @@ import torch
 
 from seqmix.archs import MIXERS
 from seqmix.archs.lm import LanguageModel, LMConfig, default_intermediate_size
-from seqmix.train import TrainConfig, _loss, _optimizer
+from seqmix.train import TrainConfig, _loss, _optimizer, keep_freed_cpu_memory
 
 HIDDEN, HEADS, LAYERS = 128, 4, 2
 TRAIN_SHAPES = ((16, 128), (2, 2048))
@@ -281,6 +281,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    keep_freed_cpu_memory()  # as the trainer does
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compile:  # one compiled step per model and prompt stays cached while the models take turns

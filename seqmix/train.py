@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import json
 import math
@@ -441,6 +442,25 @@ def _device(config: TrainConfig, d: Dist) -> torch.device:
     return torch.device(f"cuda:{d.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def keep_freed_cpu_memory() -> bool:
+    """Has glibc's malloc keep freed memory in the process; returns whether it could (False without glibc).
+
+    CPU tensors come from malloc. By default glibc hands blocks above a threshold (128 KB, raised to the largest
+    such block freed so far) to mmap and back to the kernel when they are freed, and returns the top of its heap
+    once more than twice that lies free there. A training step frees most of what it allocated, so on the next
+    one the kernel faults those pages in again and zeroes them: Mamba-2's step on the CPU faulted 10-100 MB a step
+    that way (docs/design.md, "Ninth round"). Fixing the thresholds (32 MB, glibc's largest for mmap; 1 GB for
+    the trim) keeps the memory for the next step. A process-wide setting: the trainer and the benchmarks call it,
+    the library's modules do not.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+
+
 def _autocast(config: TrainConfig, device: torch.device):
     kind = config.autocast
     if kind == "auto":
@@ -694,6 +714,8 @@ def _train(config: TrainConfig, d: Dist) -> dict:
     device = _device(config, d)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        keep_freed_cpu_memory()
     model, corpus, resumed = _prepare(config, d)
     out = Path(config.out_dir)
     if resumed is not None and resumed["step"] == config.steps and not config.eval_num_steps:

@@ -362,3 +362,34 @@ def test_the_banner_names_the_token_cache_and_each_layers_backends(tmp_path, tex
     assert "backends on cpu" in out
     assert "layer 0 deltanet: causal_conv1d, delta_rule, swiglu -> reference (SEQMIX_BACKEND=reference)" in out
     assert "layer 1 attention: attention -> sdpa (CPU tensors); swiglu -> reference (SEQMIX_BACKEND=reference)" in out
+
+
+# Five 8 MB tensors made and freed a step, the page faults of five steps after two: each step's tensors are new
+# pages for glibc by default (blocks this large go to mmap and back), none after keep_freed_cpu_memory().
+_FAULTS_OF_STEPS = """
+import resource, sys, torch
+from seqmix.train import keep_freed_cpu_memory
+if sys.argv[1] == "keep" and not keep_freed_cpu_memory():
+    sys.exit(3)
+def step():
+    xs = [torch.ones(2 << 20) for _ in range(5)]
+    del xs
+step(); step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux")
+def test_keep_freed_cpu_memory_stops_the_page_faults_of_each_step():
+    def faults(mode):
+        done = subprocess.run([sys.executable, "-c", _FAULTS_OF_STEPS, mode], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return int(done.stdout)
+
+    pages = 5 * 5 * (8 << 20) // 4096
+    assert faults("default") > pages // 2  # the premise: by default each step faults its tensors in again
+    assert faults("keep") < pages // 100
