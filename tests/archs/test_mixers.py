@@ -68,8 +68,8 @@ def _whole_sequence(name, backend):
 
 
 # Through Triton's interpreter a drawn set of cuts takes seconds (up to 10 s: each piece's kernels are interpreted
-# op by op, the recurrent ones token by token), so there the contract draws fewer of them than the profile's 20;
-# on a GPU it draws the profile's.
+# op by op, the recurrent ones token by token), so there the contract draws at most 8 of them (the other backends
+# draw the profile's: 20 in CI); on a GPU it draws the profile's.
 INTERPRETED_CUTS = settings().max_examples if ON_GPU else min(8, settings().max_examples)
 
 
