@@ -364,19 +364,24 @@ def test_the_banner_names_the_token_cache_and_each_layers_backends(tmp_path, tex
     assert "layer 1 attention: attention -> sdpa (CPU tensors); swiglu -> reference (SEQMIX_BACKEND=reference)" in out
 
 
-# Five 8 MB tensors made and freed a step, the page faults of five steps after two: each step's tensors are new
-# pages for glibc by default (blocks this large go to mmap and back), none after keep_freed_cpu_memory().
+# Five 8 MB tensors made and freed a step; the page faults of ten steps after four. By default glibc gives such
+# blocks back to the kernel (through mmap, or by trimming its heap's top), so each step faults its tensors in again:
+# about 7K pages a step here, in most fresh processes. Not in all: in about one in six, some allocation of
+# torch's lands above the freed tensors in the first steps and pins them, and then nothing faults. Which
+# happens is a race, so the test does not assert the default; it asserts that after keep_freed_cpu_memory() no
+# process faults its steps' tensors in again once the heap has grown to hold them (by the third step).
 _FAULTS_OF_STEPS = """
 import resource, sys, torch
 from seqmix.train import keep_freed_cpu_memory
-if sys.argv[1] == "keep" and not keep_freed_cpu_memory():
+if not keep_freed_cpu_memory():
     sys.exit(3)
 def step():
     xs = [torch.ones(2 << 20) for _ in range(5)]
     del xs
-step(); step()
+for _ in range(4):
+    step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+for _ in range(10):
     step()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -384,12 +389,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux")
 def test_keep_freed_cpu_memory_stops_the_page_faults_of_each_step():
-    def faults(mode):
-        done = subprocess.run([sys.executable, "-c", _FAULTS_OF_STEPS, mode], cwd=ROOT, capture_output=True,
-                              text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+    pages_of_a_step = 5 * (8 << 20) // 4096
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", _FAULTS_OF_STEPS], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
         assert done.returncode == 0, done.stderr[-2000:]
-        return int(done.stdout)
-
-    pages = 5 * 5 * (8 << 20) // 4096
-    assert faults("default") > pages // 2  # the premise: by default each step faults its tensors in again
-    assert faults("keep") < pages // 100
+        assert int(done.stdout) < pages_of_a_step // 100
