@@ -1,6 +1,8 @@
 """The SwiGLU activation (seqmix/kernels/mlp.py): the C++ CPU kernels against the tensor ops in float64 (output
-and both gradients), float32 against float64, shapes whose size is not a multiple of a vector, the automatic
-choice, bad input, the custom ops under opcheck and torch.compile, and the LM's MLP on it."""
+and both gradients), float32 against float64 (and value by value at the tails and special values), shapes whose
+size is not a multiple of a vector, the automatic choice, bad input, the custom ops under opcheck and torch.compile, and the LM's MLP on it."""
+
+import math
 
 import pytest
 import torch
@@ -48,6 +50,34 @@ def test_float32_matches_float64():
     for name, a, b in zip(("h", "dgate", "dup"), _run(gate, up, dh, "cpu"), exact, strict=True):
         assert a.dtype == torch.float32
         assert_rel(a, b, TOL[torch.float32], name)
+
+
+
+def test_float32_tails_and_special_values_value_by_value():
+    """silu(gate) and its gradient value by value where the vector exp and sigmoid (vec_cpu.h) reach their ends:
+    past exp's finite range, around float32's smallest normal, infinities and NaN, and a sweep of [-120, 120].
+    The norm-wise comparisons above would not see a wrong tail."""
+    special = torch.tensor([-math.inf, -1e30, -1000.0, -104.0, -88.8, -87.4, -20.0, -1e-30, -0.0, 0.0, 1e-30, 20.0,
+                            88.5, 100.0, 1e30, math.inf, math.nan])
+    gate = torch.cat([special, torch.linspace(-120, 120, 24001)]).requires_grad_()
+    up = torch.ones_like(gate, requires_grad=True)
+    h, dgate, _ = _run(gate, up, torch.ones_like(gate), "cpu")
+    exact = gate.detach().double().requires_grad_()
+    exact_h = torch.nn.functional.silu(exact)
+    (exact_dgate,) = torch.autograd.grad(exact_h.sum(), exact)
+    # The scale of what each value sums: silu'(g) = s + g s (1 - s) cancels near g = -1.28, so its error is
+    # relative to the terms'.
+    s = torch.sigmoid(exact.detach())
+    scales = {"h": exact_h.detach().abs(), "dgate": exact_dgate.abs() + s * (1 + exact.detach().abs())}
+    for name, got, want in (("h", h, exact_h), ("dgate", dgate, exact_dgate)):
+        want = want.detach()
+        finite = want.isfinite() & gate.detach().isfinite()
+        assert torch.equal(got[~finite].isnan(), want[~finite].isnan()), name
+        assert torch.equal(got[~finite].nan_to_num(), want[~finite].float().nan_to_num()), name
+        # A few float32 roundings of the terms; values below 1e-36 (the tail past exp's finite range, about
+        # float32's smallest normal) may be 0.
+        err = (got[finite].double() - want[finite]).abs()
+        assert (err <= 4e-7 * scales[name][finite] + 1e-36).all(), f"{name}: worst {err.max().item():.3g}"
 
 
 def test_automatic_choice_takes_the_kernels_only_once_built(monkeypatch):
