@@ -1,6 +1,7 @@
 """The SwiGLU activation (seqmix/kernels/mlp.py): the C++ CPU kernels against the tensor ops in float64 (output
 and both gradients), float32 against float64 (and value by value at the tails and special values), shapes whose
-size is not a multiple of a vector, the automatic choice, bad input, the custom ops under opcheck and torch.compile, and the LM's MLP on it."""
+size is not a multiple of a vector, the automatic choice, bad input, the custom ops under opcheck and
+torch.compile, and the LM's MLP on it."""
 
 import math
 
