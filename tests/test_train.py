@@ -366,10 +366,12 @@ def test_the_banner_names_the_token_cache_and_each_layers_backends(tmp_path, tex
 
 # Five 8 MB tensors made and freed a step; the page faults of ten steps after four. By default glibc gives such
 # blocks back to the kernel (through mmap, or by trimming its heap's top), so each step faults its tensors in again:
-# about 7K pages a step here, in most fresh processes. Not in all: in about one in six, some allocation of
-# torch's lands above the freed tensors in the first steps and pins them, and then nothing faults. Which
-# happens is a race, so the test does not assert the default; it asserts that after keep_freed_cpu_memory() no
-# process faults its steps' tensors in again once the heap has grown to hold them (by the third step).
+# about 7K pages a step here, in most fresh processes. Not in all: in 1 to 4 of 8, some allocation of torch's
+# lands above the freed tensors in the first steps and pins them, and then nothing faults. Which happens is a
+# race, so the test does not assert the default; it asserts that after keep_freed_cpu_memory() no process faults
+# its steps' tensors in again once the heap has grown to hold them. That growth came at step 2 or 3 in every
+# process measured (one more 8 MB block); the bound, a quarter of one step's pages over the ten, leaves room for
+# it to come late on a loaded machine, against the 70K pages of a default process's ten steps.
 _FAULTS_OF_STEPS = """
 import resource, sys, torch
 from seqmix.train import keep_freed_cpu_memory
@@ -394,4 +396,4 @@ def test_keep_freed_cpu_memory_stops_the_page_faults_of_each_step():
         done = subprocess.run([sys.executable, "-c", _FAULTS_OF_STEPS], cwd=ROOT, capture_output=True, text=True,
                               timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
         assert done.returncode == 0, done.stderr[-2000:]
-        assert int(done.stdout) < pages_of_a_step // 100
+        assert int(done.stdout) < pages_of_a_step // 4
