@@ -309,8 +309,8 @@ struct Chunk {
   int64_t first_tap(int64_t t) const { return std::max<int64_t>(0, seq_start - (t0 + t - (p.W - 1))); }
 
   // The chunk's conv: pre = bias + sum_j taps[j] xs[t - (W-1) + j] (zeros before the sequence), act = silu(pre),
-  // row by row over the group's three column blocks.
-  void convolve() {
+  // row by row over the group's three column blocks; the sigmoids are kept for the backward's silu' only.
+  void convolve(bool keep_sigmoid) {
     const int64_t padded = cg + Lanes<T>::W, S = p.W - 1;
     for (int64_t t = 0; t < len; ++t) {
       const int64_t j0 = first_tap(t), first = t0 + t - S;  // taps j >= j0 read inside the sequence
@@ -322,7 +322,7 @@ struct Chunk {
         for (int64_t j = j0; j < p.W; ++j)
           acc += seqmix_cpu::load(taps.data() + j * padded + l) * load_m<T, F>(col + (first + j) * p.ld_x, m);
         const Vec<T> sg = sigmoid_v<T>(acc);
-        store_m<T, F>(csig.data() + t * cg + l, sg, m);
+        if (keep_sigmoid) store_m<T, F>(csig.data() + t * cg + l, sg, m);
         store_m<T, F>(act.data() + t * cg + l, acc * sg, m);
       });
     }
@@ -343,10 +343,10 @@ struct Chunk {
   }
   T last(int64_t hl) const { return lcum[hl * p.chunk + len - 1]; }
 
-  void load(int64_t start, int64_t n) {
+  void load(int64_t start, int64_t n, bool for_backward) {
     t0 = start;
     len = n;
-    if (p.conv()) convolve();
+    if (p.conv()) convolve(for_backward);
     const int64_t Hg = p.Hg(), P = p.P, c = p.chunk;
     for (int64_t hl = 0; hl < Hg; ++hl) {
       const int64_t h = g * Hg + hl;
@@ -515,7 +515,7 @@ void fwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, T* out, 
   const int64_t first = p.chunk_offsets[s], count = p.chunk_offsets[s + 1] - first;
   for (int64_t n = 0; n < count; ++n) {
     const int64_t t0 = start + n * c, len = std::min(c, end - t0);
-    ch.load(t0, len);
+    ch.load(t0, len, false);
     // The entering state's part: y_in = exp(lcum) (C S^T). A chunk without an entering state (a sequence's
     // first, without h0) leaves its rows of hc and y_in unwritten: the backward reads neither for it.
     if (has_state) {
@@ -588,7 +588,7 @@ void bwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, const Gr
     const bool has_state = p.has_h0 || n > 0;
     const bool wants_ds = n > 0 || gr.dh0;  // the gradient of the entering state
     const T* S = gr.hc + (first + n) * p.H * P * N + state_at;  // the state entering the chunk
-    ch.load(t0, len);
+    ch.load(t0, len, true);
     // The gradients of x, B and C: into the conv's buffer, or in place.
     T* dB = p.conv() ? b.dact.data() + w : gr.dB + ch.bc_row(0, true);
     T* dC = p.conv() ? dB + N : gr.dC + ch.bc_row(0, true);
