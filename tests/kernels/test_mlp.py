@@ -53,7 +53,6 @@ def test_float32_matches_float64():
         assert_rel(a, b, TOL[torch.float32], name)
 
 
-
 def test_float32_tails_and_special_values_value_by_value():
     """silu(gate) and its gradient value by value where the vector exp and sigmoid (vec_cpu.h) reach their ends:
     past exp's finite range, around float32's smallest normal, infinities and NaN, and a sweep of [-120, 120].
@@ -63,16 +62,15 @@ def test_float32_tails_and_special_values_value_by_value():
     gate = torch.cat([special, torch.linspace(-120, 120, 24001)]).requires_grad_()
     up = torch.ones_like(gate, requires_grad=True)
     h, dgate, _ = _run(gate, up, torch.ones_like(gate), "cpu")
-    exact = gate.detach().double().requires_grad_()
-    exact_h = torch.nn.functional.silu(exact)
-    (exact_dgate,) = torch.autograd.grad(exact_h.sum(), exact)
+    g = gate.detach().double().requires_grad_()
+    exact_h = torch.nn.functional.silu(g)
+    (exact_dgate,) = torch.autograd.grad(exact_h.sum(), g)
+    g, exact_h = g.detach(), exact_h.detach()
     # The scale of what each value sums: silu'(g) = s + g s (1 - s) cancels near g = -1.28, so its error is
     # relative to the terms'.
-    s = torch.sigmoid(exact.detach())
-    scales = {"h": exact_h.detach().abs(), "dgate": exact_dgate.abs() + s * (1 + exact.detach().abs())}
+    scales = {"h": exact_h.abs(), "dgate": exact_dgate.abs() + torch.sigmoid(g) * (1 + g.abs())}
     for name, got, want in (("h", h, exact_h), ("dgate", dgate, exact_dgate)):
-        want = want.detach()
-        finite = want.isfinite() & gate.detach().isfinite()
+        finite = want.isfinite() & g.isfinite()
         assert torch.equal(got[~finite].isnan(), want[~finite].isnan()), name
         assert torch.equal(got[~finite].nan_to_num(), want[~finite].float().nan_to_num()), name
         # A few float32 roundings of the terms; values below 1e-36 (the tail past exp's finite range, about
