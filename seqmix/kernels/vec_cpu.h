@@ -50,9 +50,11 @@ struct Lanes<double> {
 template <typename T>
 using Vec = typename Lanes<T>::V;
 
+// x in every lane. x - 0 rather than 0 + x: the subtraction is x exactly (-0 included), so the compiler
+// drops it and broadcasts x; the addition turns -0 into +0 and costs a scalar add before every broadcast.
 template <typename T>
 inline Vec<T> splat(T x) {
-  return Vec<T>{} + x;
+  return x - Vec<T>{};
 }
 
 template <typename T>
@@ -118,6 +120,69 @@ inline T dot(const T* a, const T* b, int64_t n) {
   for (; i + W <= n; i += W) acc += load(a + i) * load(b + i);
   if (i < n) acc += load_part(a + i, n - i) * load_part(b + i, n - i);
   return lane_sum<T>(acc);
+}
+
+// The lane sums of W vectors at once (P[i] -> out[i], P destroyed): pairs of vectors are folded into one
+// whose halves hold their half sums, log2(W) times, W - 1 vector adds in all instead of W separate
+// reductions of log2(W) shuffles and adds each. The lanes end in bit-reversed order.
+template <typename T>
+struct LaneSums {
+  static constexpr int W = Lanes<T>::W;
+  using S = typename Lanes<T>::S;
+  using I = typename Lanes<T>::I;
+
+  // Lanes [r h, (r + 1) h) of the fold take block r / 2 (2h lanes) of x (r even) or y (r odd): its low half
+  // (A) plus its high half (B).
+  static I mask(int h, bool high) {
+    I m{};
+    for (int r = 0; r < W / h; ++r)
+      for (int l = 0; l < h; ++l) m[r * h + l] = (r & 1 ? W : 0) + (r / 2) * 2 * h + l + (high ? h : 0);
+    return m;
+  }
+
+  I lo[8], hi[8];
+  I order;  // order[i]: the lane that holds P[i]'s sum
+
+  LaneSums() {
+    int level = 0;
+    for (int h = W / 2; h >= 1; h /= 2, ++level) {
+      lo[level] = mask(h, false);
+      hi[level] = mask(h, true);
+    }
+    // Follow the labels: a lane of the fold is labelled as the lanes it adds.
+    S label[W][W];
+    for (int i = 0; i < W; ++i)
+      for (int c = 0; c < W; ++c) label[i][c] = i;
+    int n = W;
+    level = 0;
+    for (int h = W / 2; h >= 1; h /= 2, ++level, n /= 2)
+      for (int i = 0; i < n / 2; ++i) {
+        S folded[W];
+        for (int c = 0; c < W; ++c) {
+          const int src = lo[level][c];
+          folded[c] = src < W ? label[2 * i][src] : label[2 * i + 1][src - W];
+        }
+        std::memcpy(label[i], folded, sizeof(folded));
+      }
+    for (int c = 0; c < W; ++c) order[label[0][c]] = c;
+  }
+
+  // Stores the W sums with one vector store (W scalar stores would stall the wider loads that read them).
+  void operator()(Vec<T>* P, T* out) const {
+    int n = W, level = 0;
+    for (int h = W / 2; h >= 1; h /= 2, ++level, n /= 2)
+      for (int i = 0; i < n / 2; ++i)
+        P[i] = __builtin_shuffle(P[2 * i], P[2 * i + 1], lo[level]) +
+               __builtin_shuffle(P[2 * i], P[2 * i + 1], hi[level]);
+    const Vec<T> sums = __builtin_shuffle(P[0], order);
+    std::memcpy(out, &sums, sizeof(sums));
+  }
+};
+
+template <typename T>
+const LaneSums<T>& lane_sums() {
+  static const LaneSums<T> sums;
+  return sums;
 }
 
 // Constants of exp and log per precision: the range where exp is finite and normal, ln 2 split in two

@@ -281,7 +281,14 @@ inline void add_over_channels(const Problem<T>& p, Vec<T>* acc, int64_t c0, T* r
   const int64_t pg = p.per_group();
   if (in_one_group(p, c0)) {
     T* row = rows + (c0 / pg) * p.N;
-    for (int64_t n = 0; n < p.N; ++n) row[n] += lane_sum<T>(acc[n]);
+    const LaneSums<T>& sums = lane_sums<T>();
+    alignas(sizeof(Vec<T>)) T part[W];
+    for (int64_t n0 = 0; n0 < p.N; n0 += W) {  // W of the N sums at once, acc's vectors their scratch
+      const int64_t m = std::min<int64_t>(W, p.N - n0);
+      std::fill(acc + n0 + m, acc + n0 + W, Vec<T>{});
+      sums(acc + n0, part);
+      store_upto(row + n0, load_upto(row + n0, m) + load(part), m);
+    }
   } else {
     for (int64_t c = 0; c < std::min<int64_t>(W, p.dim - c0); ++c) {
       T* row = rows + ((c0 + c) / pg) * p.N;
@@ -320,29 +327,36 @@ template <typename T, bool kOne>
 inline void bwd_token(Vec<T>* dh, Vec<T>* dA, Vec<T>* accB, Vec<T>* accC, Vec<T>* dbdot, Vec<T>* ddl,
                       const Vec<T>* h_prev, const Vec<T>* h, const Vec<T>* e, const Vec<T>* a, Vec<T> dl, Vec<T> du,
                       Vec<T> dy, Rows<T, kOne> Bn, Rows<T, kOne> Cn, int64_t N) {
-  Vec<T> sb[2] = {}, sa[2] = {};
-  for (int64_t n = 0; n < N; ++n) {
-    const int k = n & 1;
-    const Vec<T> b = Bn[n], c = Cn[n];
-    const Vec<T> d = dh[n] + dy * c;  // the gradient of the state after the token
+  // Two of each sum, named (an array indexed by n & 1 lives on the stack: each add would wait on a store).
+  Vec<T> sb0{}, sb1{}, sa0{}, sa1{};
+  const auto state = [&](int64_t n, Vec<T>& sb, Vec<T>& sa) {
+    const Vec<T> d = dh[n] + dy * Cn[n];  // the gradient of the state after the token
     accC[n] += dy * h[n];
     accB[n] += d * du;
-    sb[k] += d * b;
+    sb += d * Bn[n];
     const Vec<T> back = d * e[n];         // the gradient of the state before the token
     const Vec<T> dlog = back * h_prev[n];  // ... of delta' A, through the decay
     dA[n] += dlog * dl;
-    sa[k] += dlog * a[n];
+    sa += dlog * a[n];
     dh[n] = back;
+  };
+  int64_t n = 0;
+  for (; n + 2 <= N; n += 2) {
+    state(n, sb0, sa0);
+    state(n + 1, sb1, sa1);
   }
-  *dbdot = sb[0] + sb[1];
-  *ddl = sa[0] + sa[1];
+  if (n < N) state(n, sb0, sa0);
+  *dbdot = sb0 + sb1;
+  *ddl = sa0 + sa1;
 }
 
 template <typename T>
 void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64_t s) {
   constexpr int W = Lanes<T>::W;
   const int64_t nv = b.v1 - b.v0, N = p.N, VN = nv * N, CH = p.chunk;
-  std::vector<Vec<T>> a(VN), dh(VN), dA(VN), Bt(N), Ct(N), accB(N), accC(N), dD(nv);
+  // accB, accC padded to whole blocks of W: add_over_channels sums W of them at once.
+  const int64_t NW = (N + W - 1) / W * W;
+  std::vector<Vec<T>> a(VN), dh(VN), dA(VN), Bt(N), Ct(N), accB(NW), accC(NW), dD(nv);
   // The chunk's states (slot 0 the checkpoint, slot i + 1 after its token i), decays, delta' and its slope.
   // Written before they are read: not zeroed (a std::vector would clear hundreds of KiB per task).
   std::unique_ptr<Vec<T>[]> hs(new Vec<T>[(CH + 1) * VN]), es(new Vec<T>[CH * VN]), dls(new Vec<T>[CH * nv]),
