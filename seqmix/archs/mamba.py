@@ -10,7 +10,7 @@ from torch import nn
 
 from seqmix.archs.mamba2 import inverse_softplus, log_uniform_dt
 from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
-from seqmix.archs.modules import ShortConvolution, no_weight_decay
+from seqmix.archs.modules import ShortConvolution, narrow_linear, no_weight_decay
 from seqmix.kernels import selective_scan, step_cpu
 from seqmix.kernels.conv.step import causal_conv1d_step
 from seqmix.kernels.mamba.step import selective_scan_step_unchecked
@@ -72,7 +72,7 @@ class Mamba(Mixer):
         xs, conv_state = self.conv(xs, None if state is None else state["conv"], cu_seqlens)
         dt, b, c = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         # dt_proj's bias is added inside the scan, before the softplus.
-        delta = F.linear(dt, self.dt_proj.weight)
+        delta = narrow_linear(dt, self.dt_proj.weight)
         y, ssm_state = selective_scan(
             xs, delta, self._A(), b, c, D=self.D, z=z,
             delta_bias=self.dt_proj.bias, delta_softplus=True,
