@@ -296,5 +296,6 @@ def ssd_xbc(
         return _run(name, n, x, dt, A, B, C, D, z, dt_bias, dt_softplus, lo, hi, initial_state, output_final_state,
                     cu_seqlens)
     params = [None if t is None else t.to(xbc.dtype) for t in (A, D, dt_bias, conv_weight, conv_bias)]
-    return run_fused(cpu_kernels.XBC_FUSED, (xbc, dt, None if z is None else z.to(xbc.dtype)), params,
-                     initial_state, (H, G, N, dt_softplus, lo, hi), output_final_state, cu_seqlens)
+    op = cpu_kernels.xbc_fused(xbc.shape[1], cu_seqlens)
+    return run_fused(op, (xbc, dt, None if z is None else z.to(xbc.dtype)), params, initial_state,
+                     (H, G, N, dt_softplus, lo, hi, op.chunk_size), output_final_state, cu_seqlens)

@@ -14,6 +14,8 @@ and Mamba's decoding steps").
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -23,6 +25,9 @@ from seqmix.kernels.op import FusedOp, as_input_grads, fake_outputs, nothing, re
 # Tokens per chunk: the chunk's products are [64, N] x [N, (H / G) P] matrix products, as fast per FLOP as
 # larger ones at the LM's sizes, and its [64, 64] masks stay in L1 (docs/design.md).
 CHUNK = 64
+# Training on a dense batch of CHUNK < T <= WHOLE_CHUNK tokens per sequence takes each sequence as one chunk:
+# no state passes between its two chunks, and the products are larger (docs/design.md, "Eleventh round").
+WHOLE_CHUNK = 128
 DTYPES = (torch.float32, torch.float64)
 
 
@@ -47,9 +52,9 @@ def _columns(xbc, heads, groups, state):
 
 
 def _fwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets, num_chunks, softplus, lo, hi, store_final,
-         store_chunks, conv_weight=None, conv_bias=None):
+         store_chunks, conv_weight=None, conv_bias=None, chunk=CHUNK):
     return cpu.extension().ssd_fwd(x, dt, B, C, z, A, D, dt_bias, conv_weight, conv_bias, h0, cu_seqlens,
-                                   chunk_offsets, CHUNK, num_chunks, softplus, lo, hi, store_final, store_chunks)
+                                   chunk_offsets, chunk, num_chunks, softplus, lo, hi, store_final, store_chunks)
 
 
 @torch.library.custom_op("seqmix::ssd_cpu_chunk_fwd", mutates_args=())
@@ -87,13 +92,13 @@ def _chunk_bwd(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A:
 
 
 def _bwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets, hc, y_in, y_pre, softplus, lo, hi, dout, dht,
-         need_dh0, packed, conv_weight=None, conv_bias=None):
+         need_dh0, packed, conv_weight=None, conv_bias=None, chunk=CHUNK):
     """(dx, ddt, dB, dC, dz, dA, dD, ddt_bias, dh0, dconv_weight, dconv_bias), None for the absent inputs' (and
     with packed, dB and dC: dx is then xbc's gradient)."""
     if dout is None:  # only the final state was used
         dout = x.new_zeros(x.shape)
     grads = cpu.extension().ssd_bwd(x, dt, B, C, z, A, D, dt_bias, conv_weight, conv_bias, h0 is not None,
-                                    cu_seqlens, chunk_offsets, hc, y_in, y_pre, CHUNK, softplus, lo, hi, dout, dht,
+                                    cu_seqlens, chunk_offsets, hc, y_in, y_pre, chunk, softplus, lo, hi, dout, dht,
                                     h0 is not None and need_dh0, packed)
     present = (True, True, not packed, not packed, z is not None, True, D is not None, dt_bias is not None,
                h0 is not None, conv_weight is not None, conv_bias is not None)
@@ -128,17 +133,19 @@ FUSED = FusedOp(CHUNK, _chunk_fwd, _recurrent_fwd, recurrent_max_tokens=None)
 def _xbc_chunk_fwd(xbc: Tensor, dt: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None, dt_bias: Tensor | None,
                    conv_weight: Tensor | None, conv_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor,
                    chunk_index: Tensor, chunk_offsets: Tensor, heads: int, groups: int, state: int, softplus: bool,
-                   lo: float, hi: float, store_final: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   lo: float, hi: float, chunk: int, store_final: bool
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`_chunk_fwd` with x, B and C the column blocks of xbc [L, H P + 2 G N], or with conv_weight [H P +
-    2 G N, W] (and conv_bias) those of silu(the causal conv of xbc), computed inside the chunks."""
+    2 G N, W] (and conv_bias) those of silu(the causal conv of xbc), computed inside the chunks of ``chunk``
+    tokens (the chunking's)."""
     x, B, C = _columns(xbc, heads, groups, state)
     return tuple(_fwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets, chunk_index.shape[0], softplus,
-                      lo, hi, store_final, True, conv_weight, conv_bias))
+                      lo, hi, store_final, True, conv_weight, conv_bias, chunk))
 
 
 @_xbc_chunk_fwd.register_fake
 def _(xbc, dt, z, A, D, dt_bias, conv_weight, conv_bias, h0, cu_seqlens, chunk_index, chunk_offsets, heads, groups,
-      state, softplus, lo, hi, store_final):
+      state, softplus, lo, hi, chunk, store_final):
     x, B, C = _columns(xbc, heads, groups, state)
     return _chunk_fwd_fake(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_index, chunk_offsets, softplus, lo, hi,
                            store_final)
@@ -148,12 +155,12 @@ def _(xbc, dt, z, A, D, dt_bias, conv_weight, conv_bias, h0, cu_seqlens, chunk_i
 def _xbc_chunk_bwd(xbc: Tensor, dt: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None, dt_bias: Tensor | None,
                    conv_weight: Tensor | None, conv_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor,
                    chunk_index: Tensor, chunk_offsets: Tensor, hc: Tensor, y_in: Tensor, y_pre: Tensor, heads: int,
-                   groups: int, state: int, softplus: bool, lo: float, hi: float, store_final: bool,
+                   groups: int, state: int, softplus: bool, lo: float, hi: float, chunk: int, store_final: bool,
                    dout: Tensor | None, dht: Tensor | None, needs: list[bool]) -> list[Tensor]:
     x, B, C = _columns(xbc, heads, groups, state)
     dxbc, ddt, _, _, dz, dA, dD, ddt_bias, dh0, dweight, dbias = _bwd(
         x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets, hc, y_in, y_pre, softplus, lo, hi, dout, dht,
-        needs[8], True, conv_weight, conv_bias)
+        needs[8], True, conv_weight, conv_bias, chunk)
     grads = (dxbc, ddt, dz, dA, dD, ddt_bias, dweight, dbias, dh0, None, None, None)
     inputs = (xbc, dt, z, A, D, dt_bias, conv_weight, conv_bias, h0, cu_seqlens, chunk_index, chunk_offsets)
     return as_input_grads(grads, inputs, needs, xbc)
@@ -162,3 +169,11 @@ def _xbc_chunk_bwd(xbc: Tensor, dt: Tensor, z: Tensor | None, A: Tensor, D: Tens
 register_autograd(_xbc_chunk_fwd, _xbc_chunk_bwd, num_inputs=12, materialize_grads=False)
 # Training only (ssd_xbc takes the split tensors without autograd, where nothing is stored for a backward).
 XBC_FUSED = FusedOp(CHUNK, _xbc_chunk_fwd)
+
+
+def xbc_fused(seqlen: int, cu_seqlens: Tensor | None) -> FusedOp:
+    """XBC_FUSED, or the same ops in chunks of WHOLE_CHUNK tokens for a dense batch of seqlen tokens per sequence,
+    CHUNK < seqlen <= WHOLE_CHUNK. (Packed sequences keep CHUNK: their lengths are data.)"""
+    if cu_seqlens is None and CHUNK < seqlen <= WHOLE_CHUNK:
+        return dataclasses.replace(XBC_FUSED, chunk_size=WHOLE_CHUNK)
+    return XBC_FUSED

@@ -302,6 +302,23 @@ def test_xbc_in_float32_with_packed_sequences_and_partial_chunks():
                     extras=True, seed=5), torch.float32, TOL[torch.float32])
 
 
+def test_xbc_takes_a_dense_batch_of_at_most_whole_chunk_tokens_as_one_chunk(monkeypatch):
+    """Dense batches of CHUNK < T <= WHOLE_CHUNK tokens per sequence run in chunks of WHOLE_CHUNK (one per
+    sequence), shorter and longer ones in chunks of CHUNK: each agrees with the float64 recurrence, with and
+    without the conv inside, gradients included."""
+    custom, chunks = cpu_kernels.XBC_FUSED.chunk_fwd, []
+    monkeypatch.setattr(cpu_kernels, "XBC_FUSED", dataclasses.replace(
+        cpu_kernels.XBC_FUSED, chunk_fwd=lambda *args: chunks.append(args[-2]) or custom(*args)))
+    whole, chunk = cpu_kernels.WHOLE_CHUNK, cpu_kernels.CHUNK
+    for seqlen, expected in ((chunk + 1, whole), (whole, whole), (chunk, chunk), (whole + 3, chunk)):
+        chunks.clear()
+        case = Case(batch=2, lengths=None, seqlen=seqlen, heads=2, groups=1, p=8, n=16, initial_state=True,
+                    extras=True, seed=seqlen)
+        _check_xbc(case)
+        _check_conv(case)
+        assert chunks == [expected, expected], seqlen
+
+
 def test_xbc_takes_the_in_place_kernels_with_gradients_only(monkeypatch):
     """With autograd: one call of the xbc ops (opcheck'ed) and no copy of x, B or C; without: ``ssd`` on views."""
     custom, calls = cpu_kernels.XBC_FUSED.chunk_fwd, []
