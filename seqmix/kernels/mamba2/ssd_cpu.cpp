@@ -96,70 +96,113 @@ inline void by_blocks(int64_t P, const F& f) {
   }
 }
 
-// y[i] (+)= sum over j <= i of w[i, j] x[j], i < len (rows of w ldw apart, of x and y ld apart).
+// Rows of a product go kRows at a time: each vector of the other operand read from memory then serves kRows
+// multiply-adds instead of one. One row at a time, the loads bounded these products at 40-50 GFLOP/s on one
+// Zen 4 core (the rows of a head's block are a chunk's 1 KiB-strided rows, which L1 cannot hold); four at a
+// time they reach 85-100 (docs/design.md, "Twelfth round").
+constexpr int kRows = 4;
+
+// f(first row, rows as a constant) over [0, len) in blocks of kMax <= 4 rows (the last one shorter).
+template <int kMax, typename F>
+inline void by_rows(int64_t len, const F& f) {
+  static_assert(kMax >= 1 && kMax <= 4, "blocks of 1 to 4 rows");
+  for (int64_t i0 = 0; i0 < len; i0 += kMax) {
+    switch (std::min<int64_t>(kMax, len - i0)) {
+      case 1: f(i0, std::integral_constant<int, 1>{}); break;
+      case 2: f(i0, std::integral_constant<int, 2>{}); break;
+      case 3: f(i0, std::integral_constant<int, 3>{}); break;
+      default: f(i0, std::integral_constant<int, kMax>{}); break;
+    }
+  }
+}
+
+// y[i] (+)= sum over j <= i of w[i, j] x[j], i < len (rows of w ldw apart, of x and y ld apart). w must hold
+// zeros above its diagonal (in its first len columns): a block's rows all run to its last row's diagonal, and
+// the terms past their own add w's zeros, leaving each sum as the row alone would have it.
 template <typename T>
 void lower_times(int64_t len, int64_t P, const T* w, int64_t ldw, const T* x, T* y, int64_t ld, bool add) {
   by_blocks<T>(P, [&](int64_t k, int64_t width, auto full) {
     constexpr bool F = decltype(full)::value;
-    for (int64_t i = 0; i < len; ++i) {
-      Vec<T> acc[kBlock];
-      for (int v = 0; v < kBlock; ++v) acc[v] = add ? load_cols<T, F>(y + i * ld + k, v, width) : Vec<T>{};
-      for (int64_t j = 0; j <= i; ++j) {
-        const Vec<T> s = splat<T>(w[i * ldw + j]);
-        for (int v = 0; v < kBlock; ++v) acc[v] += s * load_cols<T, F>(x + j * ld + k, v, width);
+    by_rows<kRows>(len, [&](int64_t i0, auto rows_constant) {
+      constexpr int R = decltype(rows_constant)::value;
+      Vec<T> acc[R][kBlock];
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < kBlock; ++v)
+          acc[r][v] = add ? load_cols<T, F>(y + (i0 + r) * ld + k, v, width) : Vec<T>{};
+      for (int64_t j = 0; j < i0 + R; ++j) {
+        Vec<T> xv[kBlock];
+        for (int v = 0; v < kBlock; ++v) xv[v] = load_cols<T, F>(x + j * ld + k, v, width);
+        for (int r = 0; r < R; ++r) {
+          const Vec<T> s = splat<T>(w[(i0 + r) * ldw + j]);
+          for (int v = 0; v < kBlock; ++v) acc[r][v] += s * xv[v];
+        }
       }
-      for (int v = 0; v < kBlock; ++v) store_cols<T, F>(y + i * ld + k, acc[v], v, width);
-    }
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < kBlock; ++v) store_cols<T, F>(y + (i0 + r) * ld + k, acc[r][v], v, width);
+    });
   });
 }
 
-// y[j] = sum over i >= j of w[i, j] x[i] (w^T x), j < len.
+// y[j] = sum over i >= j of w[i, j] x[i] (w^T x), j < len; w with zeros above its diagonal, as above (a
+// block's rows all start at its first row).
 template <typename T>
 void lower_t_times(int64_t len, int64_t P, const T* w, int64_t ldw, const T* x, T* y, int64_t ld) {
   by_blocks<T>(P, [&](int64_t k, int64_t width, auto full) {
     constexpr bool F = decltype(full)::value;
-    for (int64_t j = 0; j < len; ++j) {
-      Vec<T> acc[kBlock] = {};
-      for (int64_t i = j; i < len; ++i) {
-        const Vec<T> s = splat<T>(w[i * ldw + j]);
-        for (int v = 0; v < kBlock; ++v) acc[v] += s * load_cols<T, F>(x + i * ld + k, v, width);
+    by_rows<kRows>(len, [&](int64_t j0, auto rows_constant) {
+      constexpr int R = decltype(rows_constant)::value;
+      Vec<T> acc[R][kBlock] = {};
+      for (int64_t i = j0; i < len; ++i) {
+        Vec<T> xv[kBlock];
+        for (int v = 0; v < kBlock; ++v) xv[v] = load_cols<T, F>(x + i * ld + k, v, width);
+        for (int r = 0; r < R; ++r) {
+          const Vec<T> s = splat<T>(w[i * ldw + j0 + r]);
+          for (int v = 0; v < kBlock; ++v) acc[r][v] += s * xv[v];
+        }
       }
-      for (int v = 0; v < kBlock; ++v) store_cols<T, F>(y + j * ld + k, acc[v], v, width);
-    }
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < kBlock; ++v) store_cols<T, F>(y + (j0 + r) * ld + k, acc[r][v], v, width);
+    });
   });
 }
 
 // d[i, j] = a[i] . b[j] for j <= i (rows of a and b [len, P] ld apart, of d ldd apart). b^T [P, len] goes
 // through bt (P rows ldd apart) so that a row of d is a sum of bt's rows times a[i]'s values, vectors along
 // j. Whole vectors only: ldd is a multiple of the lanes, so a row's last vector stays inside the row; its
-// entries past i are left as computed (from values of bt past len, whatever they hold) and never read.
+// entries past i are left as computed (from values of bt past len, whatever they hold) and never read. A
+// block's rows lie in one vector's span (its row count divides the lanes), so they all take the same vectors.
 template <typename T>
 void lower_dots(int64_t len, int64_t P, const T* a, const T* b, int64_t ld, T* bt, T* d, int64_t ldd) {
-  constexpr int W = Lanes<T>::W;
+  constexpr int W = Lanes<T>::W, kDotRows = std::min(kRows, W);
+  static_assert(W % kDotRows == 0, "a block of rows must lie in one vector's span");
   for (int64_t j = 0; j < len; ++j)
     for (int64_t q = 0; q < P; ++q) bt[q * ldd + j] = b[j * ld + q];
-  // nv vectors of row i from vector v0 on, the accumulators in registers (nv a constant).
-  auto vectors_of_row = [&](int64_t i, int64_t v0, auto nv_constant) {
-    constexpr int nv = decltype(nv_constant)::value;
-    Vec<T> acc[nv] = {};
+  // nv vectors from vector v0 on of the block's R rows from i0 on, the accumulators in registers.
+  auto vectors_of_rows = [&](int64_t i0, int64_t v0, auto rows_constant, auto nv_constant) {
+    constexpr int R = decltype(rows_constant)::value, nv = decltype(nv_constant)::value;
+    Vec<T> acc[R][nv] = {};
     for (int64_t q = 0; q < P; ++q) {
-      const Vec<T> s = splat<T>(a[i * ld + q]);
-      const T* row = bt + q * ldd + v0 * W;
-      for (int v = 0; v < nv; ++v) acc[v] += s * load(row + v * W);
-    }
-    for (int v = 0; v < nv; ++v) store(d + i * ldd + (v0 + v) * W, acc[v]);
-  };
-  for (int64_t i = 0; i < len; ++i) {
-    const int64_t vectors = i / W + 1;  // d[i, 0..i]
-    for (int64_t v0 = 0; v0 < vectors; v0 += kBlock) {
-      switch (std::min<int64_t>(kBlock, vectors - v0)) {
-        case 1: vectors_of_row(i, v0, std::integral_constant<int, 1>{}); break;
-        case 2: vectors_of_row(i, v0, std::integral_constant<int, 2>{}); break;
-        case 3: vectors_of_row(i, v0, std::integral_constant<int, 3>{}); break;
-        default: vectors_of_row(i, v0, std::integral_constant<int, kBlock>{}); break;
+      Vec<T> bv[nv];
+      for (int v = 0; v < nv; ++v) bv[v] = load(bt + q * ldd + (v0 + v) * W);
+      for (int r = 0; r < R; ++r) {
+        const Vec<T> s = splat<T>(a[(i0 + r) * ld + q]);
+        for (int v = 0; v < nv; ++v) acc[r][v] += s * bv[v];
       }
     }
-  }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < nv; ++v) store(d + (i0 + r) * ldd + (v0 + v) * W, acc[r][v]);
+  };
+  by_rows<kDotRows>(len, [&](int64_t i0, auto rows_constant) {
+    const int64_t vectors = i0 / W + 1;  // d[i, 0..i] for each row i of the block
+    for (int64_t v0 = 0; v0 < vectors; v0 += kBlock) {
+      switch (std::min<int64_t>(kBlock, vectors - v0)) {
+        case 1: vectors_of_rows(i0, v0, rows_constant, std::integral_constant<int, 1>{}); break;
+        case 2: vectors_of_rows(i0, v0, rows_constant, std::integral_constant<int, 2>{}); break;
+        case 3: vectors_of_rows(i0, v0, rows_constant, std::integral_constant<int, 3>{}); break;
+        default: vectors_of_rows(i0, v0, rows_constant, std::integral_constant<int, kBlock>{}); break;
+      }
+    }
+  });
 }
 
 // dst[j] = exp(x - v[j]) for j < n (the decays from the tokens j of a chunk to a later point).
@@ -382,7 +425,7 @@ struct Chunk {
   void scores(T* M) const { gemm<T>(len, len, p.N, Cm(), Bm(true), T(0), M, p.chunk); }
 
   // Per head hl, the decay mask L_ij = exp(lcum_i - lcum_j) for j <= i (0 above) and W = L * M, into
-  // [Hg, c, c] buffers.
+  // [Hg, c, c] buffers (W's zeros above the diagonal are lower_times' and lower_t_times').
   void masked(const T* M, T* L, T* Wm) const {
     const int64_t c = p.chunk;
     for (int64_t hl = 0; hl < p.Hg(); ++hl) {
