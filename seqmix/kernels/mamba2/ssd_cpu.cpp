@@ -97,9 +97,9 @@ inline void by_blocks(int64_t P, const F& f) {
 }
 
 // Rows of a product go kRows at a time: each vector of the other operand read from memory then serves kRows
-// multiply-adds instead of one. One row at a time, the loads bounded these products at 40-50 GFLOP/s on one
-// Zen 4 core (the rows of a head's block are a chunk's 1 KiB-strided rows, which L1 cannot hold); four at a
-// time they reach 85-100 (docs/design.md, "Twelfth round").
+// multiply-adds instead of one. One row at a time, the loads bounded these products at 33-55 GFLOP/s on one
+// Zen 4 core (a head's block is 1 KiB-strided rows of the chunk, which L1 does not keep); four at a time
+// they reach 64-100 (docs/design.md, "Twelfth round").
 constexpr int kRows = 4;
 
 // f(first row, rows as a constant) over [0, len) in blocks of kMax <= 4 rows (the last one shorter).
