@@ -156,6 +156,13 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, text_dir):
     assert _losses(tmp_path / "four") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
 
 
+def test_the_optimizer_is_fused_on_the_cpu(tmp_path):
+    # torch's CPU default runs AdamW tensor by tensor: 8x the fused step's time on the tiny LM (docs/design.md).
+    model = LanguageModel(_config(tmp_path, None).model)
+    optimizer = trainer._optimizer(model, _config(tmp_path, None), torch.device("cpu"))
+    assert optimizer.defaults["fused"]
+
+
 def test_weight_decay_skips_exactly_the_marked_parameters(tmp_path):
     config = _config(tmp_path, None, model={"hidden_size": 32, "layers": sorted(MIXERS)})
     model = LanguageModel(config.model)
