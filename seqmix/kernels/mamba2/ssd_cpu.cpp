@@ -102,18 +102,24 @@ inline void by_blocks(int64_t P, const F& f) {
 // they reach 64-100 (docs/design.md, "Twelfth round").
 constexpr int kRows = 4;
 
-// f(first row, rows as a constant) over [0, len) in blocks of kMax <= 4 rows (the last one shorter).
+// f(std::integral_constant<int, n>{}) for 1 <= n <= kMax <= 4: a count as a constant, so that the loops over
+// it unroll and the arrays it sizes stay in registers.
+template <int kMax, typename F>
+inline void as_constant(int64_t n, const F& f) {
+  static_assert(kMax >= 1 && kMax <= 4, "counts of 1 to 4");
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, kMax>{}); break;
+  }
+}
+
+// f(first row, rows as a constant) over [0, len) in blocks of kMax rows (the last one shorter).
 template <int kMax, typename F>
 inline void by_rows(int64_t len, const F& f) {
-  static_assert(kMax >= 1 && kMax <= 4, "blocks of 1 to 4 rows");
-  for (int64_t i0 = 0; i0 < len; i0 += kMax) {
-    switch (std::min<int64_t>(kMax, len - i0)) {
-      case 1: f(i0, std::integral_constant<int, 1>{}); break;
-      case 2: f(i0, std::integral_constant<int, 2>{}); break;
-      case 3: f(i0, std::integral_constant<int, 3>{}); break;
-      default: f(i0, std::integral_constant<int, kMax>{}); break;
-    }
-  }
+  for (int64_t i0 = 0; i0 < len; i0 += kMax)
+    as_constant<kMax>(std::min<int64_t>(kMax, len - i0), [&](auto rows) { f(i0, rows); });
 }
 
 // y[i] (+)= sum over j <= i of w[i, j] x[j], i < len (rows of w ldw apart, of x and y ld apart). w must hold
@@ -194,14 +200,9 @@ void lower_dots(int64_t len, int64_t P, const T* a, const T* b, int64_t ld, T* b
   };
   by_rows<kDotRows>(len, [&](int64_t i0, auto rows_constant) {
     const int64_t vectors = i0 / W + 1;  // d[i, 0..i] for each row i of the block
-    for (int64_t v0 = 0; v0 < vectors; v0 += kBlock) {
-      switch (std::min<int64_t>(kBlock, vectors - v0)) {
-        case 1: vectors_of_rows(i0, v0, rows_constant, std::integral_constant<int, 1>{}); break;
-        case 2: vectors_of_rows(i0, v0, rows_constant, std::integral_constant<int, 2>{}); break;
-        case 3: vectors_of_rows(i0, v0, rows_constant, std::integral_constant<int, 3>{}); break;
-        default: vectors_of_rows(i0, v0, rows_constant, std::integral_constant<int, kBlock>{}); break;
-      }
-    }
+    for (int64_t v0 = 0; v0 < vectors; v0 += kBlock)
+      as_constant<kBlock>(std::min<int64_t>(kBlock, vectors - v0),
+                          [&](auto nv) { vectors_of_rows(i0, v0, rows_constant, nv); });
   });
 }
 
