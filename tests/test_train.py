@@ -158,9 +158,8 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, text_dir):
 
 def test_the_optimizer_is_fused_on_the_cpu(tmp_path):
     # torch's CPU default runs AdamW tensor by tensor: 8x the fused step's time on the tiny LM (docs/design.md).
-    model = LanguageModel(_config(tmp_path, None).model)
-    optimizer = trainer._optimizer(model, _config(tmp_path, None), torch.device("cpu"))
-    assert optimizer.defaults["fused"]
+    config = _config(tmp_path, None)
+    assert trainer._optimizer(LanguageModel(config.model), config, torch.device("cpu")).defaults["fused"]
 
 
 def test_weight_decay_skips_exactly_the_marked_parameters(tmp_path):
