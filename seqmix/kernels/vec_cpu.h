@@ -1,11 +1,13 @@
 // Vectors of channels for the C++ CPU kernels (seqmix/kernels/cpu.py builds them): GCC vector types and
-// the elementwise functions they need that libm offers only one element at a time (exp, sigmoid), written
-// once for every kernel that includes this header.
+// the elementwise functions they need that libm offers only one element at a time (exp, sigmoid), and the
+// dispatch that makes a small count a constant for arrays of vectors kept in registers (`as_constant`),
+// written once for every kernel that includes this header.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include <xmmintrin.h>
 
@@ -242,6 +244,19 @@ inline Vec<T> exp_v(Vec<T> x) {
 template <typename T>
 inline Vec<T> sigmoid_v(Vec<T> x) {
   return T(1) / (T(1) + exp_v<T>(-x));
+}
+
+// f(std::integral_constant<int, n>{}) for 1 <= n <= kMax <= 4: a count as a constant, so that the loops over
+// it unroll and the arrays it sizes stay in registers.
+template <int kMax, typename F>
+inline void as_constant(int64_t n, const F& f) {
+  static_assert(kMax >= 1 && kMax <= 4, "counts of 1 to 4");
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, kMax>{}); break;
+  }
 }
 
 // The widest short conv (W taps) the kernels take: conv_cpu.cpp's and the SSD's conv inside its chunks

@@ -39,6 +39,7 @@ using namespace seqmix_cpu;
 constexpr int64_t kPad = 16;                 // channels are padded to a multiple of this in checkpoints
 constexpr int64_t kStateBudget = 4096;       // state values per task: 16 KiB of float32, kept in L1
 constexpr double kSoftplusThreshold = 20.0;  // as F.softplus: x itself above it
+constexpr int kTokens = 4;                   // tokens a pass of the backward's reverse recurrence (bwd_tokens)
 
 // log of every lane, for m >= 1: m = 2^e f with f in [sqrt(1/2), sqrt(2)), log f = 2 atanh((f-1)/(f+1)).
 template <typename T>
@@ -319,44 +320,51 @@ inline Vec<T> dot_rows(const Vec<T>* h, Rows<T, kOne> Cn, int64_t N) {
   return (y[0] + y[1]) + (y[2] + y[3]);
 }
 
-// One token of the reverse recurrence for one vector of channels (docs/math/mamba.md, "Backward"): dh (the
-// gradient of the state after the token, from later tokens) gets dy C and leaves as the gradient of the state
-// before it; dA, and the group sums accB (of dB) and accC (of dC), accumulate; returns dh . B and the sum over
-// n of d(delta' A) A, the parts of du and d(delta'). Two independent sums of each.
-template <typename T, bool kOne>
-inline void bwd_token(Vec<T>* dh, Vec<T>* dA, Vec<T>* accB, Vec<T>* accC, Vec<T>* dbdot, Vec<T>* ddl,
-                      const Vec<T>* h_prev, const Vec<T>* h, const Vec<T>* e, const Vec<T>* a, Vec<T> dl, Vec<T> du,
-                      Vec<T> dy, Rows<T, kOne> Bn, Rows<T, kOne> Cn, int64_t N) {
-  // Two of each sum, named (an array indexed by n & 1 lives on the stack: each add would wait on a store).
-  Vec<T> sb0{}, sb1{}, sa0{}, sa1{};
-  const auto state = [&](int64_t n, Vec<T>& sb, Vec<T>& sa) {
-    const Vec<T> d = dh[n] + dy * Cn[n];  // the gradient of the state after the token
-    accC[n] += dy * h[n];
-    accB[n] += d * du;
-    sb += d * Bn[n];
-    const Vec<T> back = d * e[n];         // the gradient of the state before the token
-    const Vec<T> dlog = back * h_prev[n];  // ... of delta' A, through the decay
-    dA[n] += dlog * dl;
-    sa += dlog * a[n];
-    dh[n] = back;
-  };
-  int64_t n = 0;
-  for (; n + 2 <= N; n += 2) {
-    state(n, sb0, sa0);
-    state(n + 1, sb1, sa1);
+// The reverse recurrence for one vector of channels over a pass of K tokens, later ones first (docs/math/mamba.md,
+// "Backward"): dh (the gradient of the state after the pass, from later tokens) gets each token's dy C and
+// leaves as the gradient of the state before the pass; dA and, per token k, the group sums accB[k] and accC[k]
+// (of dB and dC, rows NW apart) accumulate; sb[k] and sa[k] get the token's dh . B and sum over n of
+// d(delta' A) A, the parts of du and d(delta'). Token k's states are h_prev[k] (before it) and h[k] (after),
+// its decays e[k]. A state element's gradient and dA stay in registers across the pass: a load and a store of
+// each per K tokens instead of per token (docs/design.md, "Twelfth round").
+template <typename T, bool kOne, int K>
+inline void bwd_tokens(Vec<T>* dh, Vec<T>* dA, Vec<T>* accB, Vec<T>* accC, int64_t NW, Vec<T>* sb, Vec<T>* sa,
+                       const Vec<T>* const* h_prev, const Vec<T>* const* h, const Vec<T>* const* e, const Vec<T>* a,
+                       const Vec<T>* dl, const Vec<T>* du, const Vec<T>* dy, const Rows<T, kOne>* Bn,
+                       const Rows<T, kOne>* Cn, int64_t N) {
+  Vec<T> b[K] = {}, c[K] = {};
+  for (int64_t n = 0; n < N; ++n) {
+    Vec<T> grad = dh[n], acc = dA[n];
+    const Vec<T> an = a[n];
+    for (int k = 0; k < K; ++k) {
+      const Vec<T> d = grad + dy[k] * Cn[k][n];  // the gradient of the state after token k
+      accC[k * NW + n] += dy[k] * h[k][n];
+      accB[k * NW + n] += d * du[k];
+      b[k] += d * Bn[k][n];
+      grad = d * e[k][n];                       // ... and before it
+      const Vec<T> dlog = grad * h_prev[k][n];  // ... of delta' A, through the decay
+      acc += dlog * dl[k];
+      c[k] += dlog * an;
+    }
+    dh[n] = grad;
+    dA[n] = acc;
   }
-  if (n < N) state(n, sb0, sa0);
-  *dbdot = sb0 + sb1;
-  *ddl = sa0 + sa1;
+  for (int k = 0; k < K; ++k) {
+    sb[k] = b[k];
+    sa[k] = c[k];
+  }
 }
 
 template <typename T>
 void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64_t s) {
   constexpr int W = Lanes<T>::W;
   const int64_t nv = b.v1 - b.v0, N = p.N, VN = nv * N, CH = p.chunk;
-  // accB, accC padded to whole blocks of W: add_over_channels sums W of them at once.
+  // accB, accC: a pass's tokens' sums, each padded to whole blocks of W (add_over_channels sums W at once).
   const int64_t NW = (N + W - 1) / W * W;
-  std::vector<Vec<T>> a(VN), dh(VN), dA(VN), Bt(N), Ct(N), accB(NW), accC(NW), dD(nv);
+  std::vector<Vec<T>> a(VN), dh(VN), dA(VN), Bt(kTokens * N), Ct(kTokens * N), accB(kTokens * NW),
+      accC(kTokens * NW), dD(nv);
+  // A pass's u, dy (through the gate), and the recurrence's sums sb and sa, per token and vector: [kTokens, nv].
+  std::vector<Vec<T>> us(kTokens * nv), dys(us.size()), sbs(us.size()), sas(us.size());
   // The chunk's states (slot 0 the checkpoint, slot i + 1 after its token i), decays, delta' and its slope.
   // Written before they are read: not zeroed (a std::vector would clear hundreds of KiB per task).
   std::unique_ptr<Vec<T>[]> hs(new Vec<T>[(CH + 1) * VN]), es(new Vec<T>[CH * VN]), dls(new Vec<T>[CH * nv]),
@@ -388,53 +396,92 @@ void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64
         }
       }
     }
-    for (int64_t i = nt - 1; i >= 0; --i) {
-      const int64_t t = t0 + i;
+    // The reverse recurrence in passes of up to kTokens tokens (i1, i1 - 1, ...): the rows of u, dout, z and of
+    // the per-token gradients are read and written token by token (each a row of channels, as they lie), the
+    // recurrence itself runs one vector of channels at a time over the pass's tokens.
+    for (int64_t i1 = nt - 1; i1 >= 0; i1 -= kTokens) {
+      const int64_t count = std::min<int64_t>(kTokens, i1 + 1);
+      for (int64_t k = 0; k < count; ++k) {  // u, and dy through the gate (y before it recomputed from the state)
+        const int64_t i = i1 - k, t = t0 + i;
+        for (int64_t v = 0; v < nv; ++v) {
+          const int64_t c0 = (b.v0 + v) * W;
+          const Vec<T> uu = load_row(p.u + t * p.dim, c0, p.dim);
+          Vec<T> dy = load_row(g.dout + t * p.dim, c0, p.dim);
+          if (p.z) {
+            const Vec<T>* hn = hs.get() + (i + 1) * VN + v * N;
+            const Vec<T> skip = p.D ? load_row(p.D, c0, p.dim) : Vec<T>{};
+            const Vec<T> y = skip * uu + (in_one_group(p, c0)
+                                              ? dot_rows<T, true>(hn, rows_of<T, true>(p, p.C, t, c0, nullptr), N)
+                                              : dot_rows<T, false>(hn, rows_of<T, false>(p, p.C, t, c0, Ct.data()), N));
+            const Vec<T> zz = load_row(p.z + t * p.dim, c0, p.dim);
+            const Vec<T> sig = sigmoid_v<T>(zz);
+            store_row(g.dz + t * p.dim, dy * y * sig * (T(1) + zz * (T(1) - sig)), c0, p.dim);
+            dy *= zz * sig;
+          }
+          us[k * nv + v] = uu;
+          dys[k * nv + v] = dy;
+        }
+      }
       for (int64_t v = 0; v < nv; ++v) {
         const int64_t c0 = (b.v0 + v) * W;
-        const Vec<T> dl = dls[i * nv + v], slope = slopes[i * nv + v];
-        const Vec<T>* av = a.data() + v * N;
-        const Vec<T>* hp = hs.get() + i * VN + v * N;
-        const Vec<T>* hn = hs.get() + (i + 1) * VN + v * N;
-        const Vec<T>* ev = es.get() + i * VN + v * N;
+        const bool one = in_one_group(p, c0);
+        const Vec<T>*hp[kTokens], *hn[kTokens], *ev[kTokens];
+        Vec<T> dl[kTokens], du[kTokens], dy[kTokens];
+        Rows<T, true> Bn1[kTokens], Cn1[kTokens];
+        Rows<T, false> Bn[kTokens], Cn[kTokens];
+        for (int64_t k = 0; k < count; ++k) {
+          const int64_t i = i1 - k, t = t0 + i;
+          hp[k] = hs.get() + i * VN + v * N;
+          hn[k] = hp[k] + VN;
+          ev[k] = es.get() + i * VN + v * N;
+          dl[k] = dls[i * nv + v];
+          du[k] = dl[k] * us[k * nv + v];
+          dy[k] = dys[k * nv + v];
+          if (one) {
+            Bn1[k] = rows_of<T, true>(p, p.B, t, c0, nullptr);
+            Cn1[k] = rows_of<T, true>(p, p.C, t, c0, nullptr);
+          } else {
+            Bn[k] = rows_of<T, false>(p, p.B, t, c0, Bt.data() + k * N);
+            Cn[k] = rows_of<T, false>(p, p.C, t, c0, Ct.data() + k * N);
+          }
+        }
         Vec<T>* dhv = dh.data() + v * N;
         Vec<T>* dAv = dA.data() + v * N;
-        const Vec<T> uu = load_row(p.u + t * p.dim, c0, p.dim);
-        Vec<T> dy = load_row(g.dout + t * p.dim, c0, p.dim);
-        const Vec<T> skip = p.D ? load_row(p.D, c0, p.dim) : Vec<T>{};
-        const bool one = in_one_group(p, c0);
-        const auto Bn1 = rows_of<T, true>(p, p.B, t, c0, nullptr), Cn1 = rows_of<T, true>(p, p.C, t, c0, nullptr);
-        Rows<T, false> Bn, Cn{nullptr, nullptr};
-        if (!one) {
-          Bn = rows_of<T, false>(p, p.B, t, c0, Bt.data());
-          Cn = rows_of<T, false>(p, p.C, t, c0, Ct.data());
+        const Vec<T>* av = a.data() + v * N;
+        Vec<T> sb[kTokens], sa[kTokens];
+        as_constant<kTokens>(count, [&](auto tokens) {
+          constexpr int K = decltype(tokens)::value;
+          if (one) {
+            bwd_tokens<T, true, K>(dhv, dAv, accB.data(), accC.data(), NW, sb, sa, hp, hn, ev, av, dl, du, dy, Bn1,
+                                   Cn1, N);
+          } else {
+            bwd_tokens<T, false, K>(dhv, dAv, accB.data(), accC.data(), NW, sb, sa, hp, hn, ev, av, dl, du, dy, Bn,
+                                    Cn, N);
+          }
+        });
+        for (int64_t k = 0; k < count; ++k) {
+          sbs[k * nv + v] = sb[k];
+          sas[k * nv + v] = sa[k];
         }
-        if (p.z) {  // y before the gate, recomputed from the state
-          const Vec<T> y = skip * uu + (one ? dot_rows<T, true>(hn, Cn1, N) : dot_rows<T, false>(hn, Cn, N));
-          const Vec<T> zz = load_row(p.z + t * p.dim, c0, p.dim);
-          const Vec<T> sig = sigmoid_v<T>(zz);
-          store_row(g.dz + t * p.dim, dy * y * sig * (T(1) + zz * (T(1) - sig)), c0, p.dim);
-          dy *= zz * sig;
-        }
-        Vec<T> dbdot, ddl;
-        if (one) {
-          bwd_token<T, true>(dhv, dAv, accB.data(), accC.data(), &dbdot, &ddl, hp, hn, ev, av, dl, dl * uu, dy, Bn1,
-                             Cn1, N);
-        } else {
-          bwd_token<T, false>(dhv, dAv, accB.data(), accC.data(), &dbdot, &ddl, hp, hn, ev, av, dl, dl * uu, dy, Bn,
-                              Cn, N);
-        }
-        ddl += uu * dbdot;
-        ddl *= slope;
-        store_row(g.ddelta + t * p.dim, ddl, c0, p.dim);
-        store_row(g.du + t * p.dim, dl * dbdot + skip * dy, c0, p.dim);
-        dD[v] += dy * uu;
         // dB and dC sum over a group's channels: the lanes are added once per run of vectors in one group.
         const int64_t next = c0 + W;
-        if (v == nv - 1 || !in_one_group(p, c0) || !in_one_group(p, next) ||
-            next / p.per_group() != c0 / p.per_group()) {
-          add_over_channels(p, accB.data(), c0, dB_rows + t * GN);
-          add_over_channels(p, accC.data(), c0, dC_rows + t * GN);
+        if (v == nv - 1 || !one || !in_one_group(p, next) || next / p.per_group() != c0 / p.per_group()) {
+          for (int64_t k = 0; k < count; ++k) {
+            const int64_t t = t0 + i1 - k;
+            add_over_channels(p, accB.data() + k * NW, c0, dB_rows + t * GN);
+            add_over_channels(p, accC.data() + k * NW, c0, dC_rows + t * GN);
+          }
+        }
+      }
+      for (int64_t k = 0; k < count; ++k) {  // d(delta) and du, row by row
+        const int64_t i = i1 - k, t = t0 + i;
+        for (int64_t v = 0; v < nv; ++v) {
+          const int64_t c0 = (b.v0 + v) * W;
+          const Vec<T> uu = us[k * nv + v], dy = dys[k * nv + v], sb = sbs[k * nv + v];
+          const Vec<T> skip = p.D ? load_row(p.D, c0, p.dim) : Vec<T>{};
+          store_row(g.ddelta + t * p.dim, (sas[k * nv + v] + uu * sb) * slopes[i * nv + v], c0, p.dim);
+          store_row(g.du + t * p.dim, dls[i * nv + v] * sb + skip * dy, c0, p.dim);
+          dD[v] += dy * uu;
         }
       }
     }

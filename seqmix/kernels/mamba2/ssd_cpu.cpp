@@ -102,19 +102,6 @@ inline void by_blocks(int64_t P, const F& f) {
 // they reach 64-100 (docs/design.md, "Twelfth round").
 constexpr int kRows = 4;
 
-// f(std::integral_constant<int, n>{}) for 1 <= n <= kMax <= 4: a count as a constant, so that the loops over
-// it unroll and the arrays it sizes stay in registers.
-template <int kMax, typename F>
-inline void as_constant(int64_t n, const F& f) {
-  static_assert(kMax >= 1 && kMax <= 4, "counts of 1 to 4");
-  switch (n) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    default: f(std::integral_constant<int, kMax>{}); break;
-  }
-}
-
 // f(first row, rows as a constant) over [0, len) in blocks of kMax rows (the last one shorter).
 template <int kMax, typename F>
 inline void by_rows(int64_t len, const F& f) {
