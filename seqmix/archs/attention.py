@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqmix.archs.mixer import Mixer, State, register_mixer
+from seqmix.archs.modules import Linear
 from seqmix.kernels.backend import Choice, report, reporting
 
 
@@ -80,8 +81,8 @@ class Attention(Mixer):
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.rope_theta, self.backend = rope_theta, backend
         inner = num_heads * head_dim
-        self.qkv_proj = nn.Linear(hidden_size, 3 * inner, bias=False)
-        self.o_proj = nn.Linear(inner, hidden_size, bias=False)
+        self.qkv_proj = Linear(hidden_size, 3 * inner, bias=False)
+        self.o_proj = Linear(inner, hidden_size, bias=False)
 
     def _use_flash(self, x) -> bool:
         """Whether a dense causal call runs flash-attn (else SDPA, or the reference when asked for); the choice is

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
-from seqmix.archs.modules import ShortConvolution, no_weight_decay
+from seqmix.archs.modules import Linear, ShortConvolution, no_weight_decay
 from seqmix.kernels import dynamic_conv, light_conv
 from seqmix.kernels.conv.step import dynamic_conv_step
 
@@ -49,8 +49,8 @@ class _ConvBlock(Mixer):
             raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
         self.hidden_size, self.num_heads, self.kernel_size, self.conv_size = hidden_size, num_heads, kernel_size, conv_size
         self.weight_softmax, self.dropconnect, self.backend = weight_softmax, dropconnect, backend
-        self.in_proj = nn.Linear(hidden_size, 2 * conv_size)
-        self.out_proj = nn.Linear(conv_size, hidden_size)
+        self.in_proj = Linear(hidden_size, 2 * conv_size)
+        self.out_proj = Linear(conv_size, hidden_size)
         no_weight_decay(self.in_proj.bias, self.out_proj.bias)
 
     def conv_weight(self, u: torch.Tensor) -> torch.Tensor:
@@ -134,7 +134,7 @@ class DynamicConv(_ConvBlock):
     def __init__(self, hidden_size: int, num_heads: int, kernel_size: int = 15, conv_size: int | None = None,
                  weight_softmax: bool = True, dropconnect: float = 0.0, backend: str | None = None):
         super().__init__(hidden_size, num_heads, kernel_size, conv_size, weight_softmax, dropconnect, backend)
-        self.weight_proj = nn.Linear(self.conv_size, num_heads * kernel_size)
+        self.weight_proj = Linear(self.conv_size, num_heads * kernel_size)
         no_weight_decay(self.weight_proj.bias)
 
     def conv_weight(self, u):
@@ -158,9 +158,9 @@ class ShortConv(Mixer):
         super().__init__()
         self.hidden_size = hidden_size
         channels = math.ceil(expand * hidden_size)
-        self.in_proj = nn.Linear(hidden_size, 2 * channels, bias=False)
+        self.in_proj = Linear(hidden_size, 2 * channels, bias=False)
         self.conv = ShortConvolution(channels, conv_size, backend=backend)
-        self.out_proj = nn.Linear(channels, hidden_size, bias=False)
+        self.out_proj = Linear(channels, hidden_size, bias=False)
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         v, g = self.in_proj(x).chunk(2, -1)

@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
-from seqmix.archs.modules import L2_NORM_EPS, RMSNorm, ShortConvolution, l2_normalize, no_weight_decay
+from seqmix.archs.modules import L2_NORM_EPS, Linear, RMSNorm, ShortConvolution, l2_normalize, no_weight_decay
 from seqmix.kernels import causal_conv1d, delta_rule, gated_delta_rule, step_cpu
 from seqmix.kernels.conv.step import causal_conv1d_step
 from seqmix.kernels.deltanet.step import delta_rule_step, gated_delta_rule_step
+from seqmix.kernels.linear import linear
 from seqmix.kernels.sequences import in_dtype, reference_dtype
 
 
@@ -47,18 +48,18 @@ class DeltaNet(Mixer):
         self.head_v = int(head_dim * expand_v)
         self.backend = backend
         dk, dv = num_heads * self.head_k, num_heads * self.head_v
-        self.q_proj = nn.Linear(hidden_size, dk, bias=False)
-        self.k_proj = nn.Linear(hidden_size, dk, bias=False)
-        self.v_proj = nn.Linear(hidden_size, dv, bias=False)
-        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.q_proj = Linear(hidden_size, dk, bias=False)
+        self.k_proj = Linear(hidden_size, dk, bias=False)
+        self.v_proj = Linear(hidden_size, dv, bias=False)
+        self.b_proj = Linear(hidden_size, num_heads, bias=False)
         self.convs = (
             nn.ModuleDict({n: ShortConvolution(d, conv_size, backend=backend)
                            for n, d in (("q", dk), ("k", dk), ("v", dv))})
             if use_short_conv else None
         )
-        self.g_proj = nn.Linear(hidden_size, dv, bias=False) if use_output_gate else None
+        self.g_proj = Linear(hidden_size, dv, bias=False) if use_output_gate else None
         self.o_norm = RMSNorm(self.head_v, eps=norm_eps)
-        self.o_proj = nn.Linear(dv, hidden_size, bias=False)
+        self.o_proj = Linear(dv, hidden_size, bias=False)
 
     def _qkv_weights(self):
         """The q, k and v projections' weights stacked, [2 dk + dv, hidden]: one matmul computes all three
@@ -101,7 +102,7 @@ class DeltaNet(Mixer):
 
     def _qkv(self, x, state, cu_seqlens):
         """Projections and short convs; returns q, k, v as [B, T, H, *] and the new conv state."""
-        f = F.linear(x, self._qkv_weights())
+        f = linear(x, self._qkv_weights())
         new_state = {}
         if self.convs is None:
             f = F.silu(f)
@@ -172,7 +173,7 @@ class DeltaNet(Mixer):
             return self._decoding_step(x, state)
         q, k, v, new_state = self._qkv(x, state, cu_seqlens)
         weights = self._strength_weights()
-        beta, g = self._strengths(F.linear(x, weights[0] if len(weights) == 1 else torch.cat(weights)))
+        beta, g = self._strengths(linear(x, weights[0] if len(weights) == 1 else torch.cat(weights)))
         options = {"initial_state": None if state is None else state["recurrent"],
                    "output_final_state": state is not None, "cu_seqlens": cu_seqlens, "backend": self.backend}
         if g is None:
@@ -222,7 +223,7 @@ class GatedDeltaNet(DeltaNet):
             raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
         if not 0 < a_init_range[0] <= a_init_range[1]:
             raise ValueError(f"a_init_range must be an increasing pair of positive rates, got {a_init_range}")
-        self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.a_proj = Linear(hidden_size, num_heads, bias=False)
         A = torch.empty(num_heads).uniform_(*a_init_range)
         self.A_log = nn.Parameter(torch.log(A))
         log_dt = torch.empty(num_heads).uniform_(math.log(dt_min), math.log(dt_max))

@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
-from seqmix.archs.modules import RMSNorm, no_weight_decay
+from seqmix.archs.modules import Linear, RMSNorm, no_weight_decay
 from seqmix.kernels import gla, step_cpu
 from seqmix.kernels.gated_linear_attention.step import gla_step
+from seqmix.kernels.linear import linear
 from seqmix.kernels.sequences import reference_dtype
 
 
@@ -46,15 +47,15 @@ class GatedLinearAttention(Mixer):
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_k, self.head_v = key_dim // num_heads, value_dim // num_heads
         self.gate_normalizer, self.backend = gate_normalizer, backend
-        self.q_proj = nn.Linear(hidden_size, key_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, key_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, value_dim, bias=False)
-        self.gk_proj = nn.Sequential(nn.Linear(hidden_size, gate_low_rank_dim, bias=False),
-                                     nn.Linear(gate_low_rank_dim, key_dim, bias=True))
+        self.q_proj = Linear(hidden_size, key_dim, bias=False)
+        self.k_proj = Linear(hidden_size, key_dim, bias=False)
+        self.v_proj = Linear(hidden_size, value_dim, bias=False)
+        self.gk_proj = nn.Sequential(Linear(hidden_size, gate_low_rank_dim, bias=False),
+                                     Linear(gate_low_rank_dim, key_dim, bias=True))
         no_weight_decay(self.gk_proj[1].bias)
-        self.g_proj = nn.Linear(hidden_size, value_dim, bias=False) if use_output_gate else None
+        self.g_proj = Linear(hidden_size, value_dim, bias=False) if use_output_gate else None
         self.o_norm = RMSNorm(self.head_v, eps=norm_eps)
-        self.o_proj = nn.Linear(value_dim, hidden_size, bias=False)
+        self.o_proj = Linear(value_dim, hidden_size, bias=False)
 
     def log_decay(self, x: torch.Tensor) -> torch.Tensor:
         """g [B, T, H, K] float32 (float64 for a float64 layer), <= 0: the per-channel log decay at each token."""
@@ -64,7 +65,7 @@ class GatedLinearAttention(Mixer):
         """g from the gate's low-rank projection ``low`` [B, T, gate_low_rank_dim]."""
         B, T, _ = low.shape
         up = self.gk_proj[1]
-        logits = F.linear(low, up.weight, up.bias)
+        logits = linear(low, up.weight, up.bias)
         return (F.logsigmoid(logits.to(reference_dtype(logits))) / self.gate_normalizer).view(B, T, self.num_heads, -1)
 
     def _projections(self, x):
@@ -72,10 +73,10 @@ class GatedLinearAttention(Mixer):
         projection: ``F.linear`` on the modules' weights, without their modules' calls (which cost a
         decoding step more than the matmuls)."""
         B, T, _ = x.shape
-        q, k, v = (F.linear(x, m.weight).view(B, T, self.num_heads, -1)
+        q, k, v = (linear(x, m.weight).view(B, T, self.num_heads, -1)
                    for m in (self.q_proj, self.k_proj, self.v_proj))
-        gate = None if self.g_proj is None else F.linear(x, self.g_proj.weight)
-        return q, k, v, gate, F.linear(x, self.gk_proj[0].weight)
+        gate = None if self.g_proj is None else linear(x, self.g_proj.weight)
+        return q, k, v, gate, linear(x, self.gk_proj[0].weight)
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         if is_decoding_step(x, state, cu_seqlens) and step_cpu.serves_layer("gla_layer_step", x, state, self):

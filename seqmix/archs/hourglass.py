@@ -19,7 +19,7 @@ from torch import nn
 
 from seqmix.archs.lm import Block, LMConfig
 from seqmix.archs.mixer import Mixer, State, register_mixer, with_parent_backend
-from seqmix.archs.modules import RMSNorm, no_weight_decay
+from seqmix.archs.modules import Linear, RMSNorm, no_weight_decay
 from seqmix.kernels import chunk_select, ema_dechunk, segment_pool, segment_upsample
 from seqmix.kernels.pooling import hard_boundaries, segments_of
 
@@ -85,9 +85,9 @@ class Hourglass(Mixer):
                                         intermediate_size, norm_eps, init_std)
         self.up_norm = RMSNorm(hidden_size, norm_eps)
         if boundary == "hnet":
-            self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-            self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-            self.residual_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+            self.q_proj = Linear(hidden_size, hidden_size, bias=False)
+            self.k_proj = Linear(hidden_size, hidden_size, bias=False)
+            self.residual_proj = Linear(hidden_size, hidden_size, bias=False)
             with torch.no_grad():
                 self.q_proj.weight.copy_(torch.eye(hidden_size))
                 self.k_proj.weight.copy_(torch.eye(hidden_size))
@@ -97,8 +97,8 @@ class Hourglass(Mixer):
             self.down_norm = RMSNorm(hidden_size, norm_eps)
             no_weight_decay(self.null)
         if boundary in ("gumbel", "entropy"):
-            self.predictor = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(),
-                                           nn.Linear(hidden_size, 1))
+            self.predictor = nn.Sequential(Linear(hidden_size, hidden_size), nn.GELU(),
+                                           Linear(hidden_size, 1))
             for layer in (self.predictor[0], self.predictor[2]):
                 nn.init.normal_(layer.weight, std=init_std)
                 nn.init.zeros_(layer.bias)

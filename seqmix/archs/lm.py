@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from seqmix.archs.mixer import MIXERS, State, build_mixer, init_mixer_state
-from seqmix.archs.modules import RMSNorm
+from seqmix.archs.modules import Linear, RMSNorm
 from seqmix.kernels import step_cpu, swiglu
 from seqmix.kernels.checks import check_values
+from seqmix.kernels.linear import linear
 from seqmix.kernels.sequences import in_dtype
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -136,14 +136,14 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_up = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
-        self.down = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up = Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x):
         # One matmul per half of the weight: each output contiguous, so SiLU and its backward run on contiguous
         # rows and the backward needs no concatenation of [*, 2 I] (18-28% off the MLP's fwd+bwd on the CPU at
         # the tiny config's shapes, docs/design.md).
-        gate, up = (F.linear(x, w) for w in self.gate_up.weight.chunk(2))
+        gate, up = (linear(x, w) for w in self.gate_up.weight.chunk(2))
         return self.down(swiglu(gate, up))
 
 
@@ -237,7 +237,7 @@ class LanguageModel(nn.Module):
         return logits, (None if state is None else new_state)
 
     def _readout(self, x):
-        return F.linear(self.norm(x), self.embed.weight)
+        return linear(self.norm(x), self.embed.weight)
 
     def _step_options(self, num_steps, backprop_steps, exit_threshold) -> dict:
         options = {"num_steps": num_steps, "backprop_steps": backprop_steps, "exit_threshold": exit_threshold}

@@ -10,9 +10,10 @@ from torch import nn
 
 from seqmix.archs.mamba2 import inverse_softplus, log_uniform_dt
 from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
-from seqmix.archs.modules import ShortConvolution, narrow_linear, no_weight_decay
+from seqmix.archs.modules import Linear, ShortConvolution, narrow_linear, no_weight_decay
 from seqmix.kernels import selective_scan, step_cpu
 from seqmix.kernels.conv.step import causal_conv1d_step
+from seqmix.kernels.linear import linear
 from seqmix.kernels.mamba.step import selective_scan_step_unchecked
 
 
@@ -45,10 +46,10 @@ class Mamba(Mixer):
                              f"{d_inner}, {d_state}, {dt_rank}")
         self.hidden_size, self.d_inner, self.d_state, self.dt_rank = hidden_size, d_inner, d_state, dt_rank
         self.backend = backend
-        self.in_proj = nn.Linear(hidden_size, 2 * d_inner, bias=False)
+        self.in_proj = Linear(hidden_size, 2 * d_inner, bias=False)
         self.conv = ShortConvolution(d_inner, conv_size, activation="silu", bias=True, backend=backend)
-        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        self.x_proj = Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = Linear(dt_rank, d_inner, bias=True)
         bound = dt_scale * dt_rank**-0.5
         nn.init.uniform_(self.dt_proj.weight, -bound, bound)
         with torch.no_grad():
@@ -57,7 +58,7 @@ class Mamba(Mixer):
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
         self.D = nn.Parameter(torch.ones(d_inner))
         no_weight_decay(self.A_log, self.D, self.dt_proj.bias)
-        self.out_proj = nn.Linear(d_inner, hidden_size, bias=False)
+        self.out_proj = Linear(d_inner, hidden_size, bias=False)
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         if is_decoding_step(x, state, cu_seqlens):
@@ -68,7 +69,7 @@ class Mamba(Mixer):
         # every elementwise pass over them (the conv's taps, the scan's z) strided and slow, and their
         # gradients would be joined by a copy.
         w_x, w_z = self.in_proj.weight.split(self.d_inner)
-        xs, z = F.linear(x, w_x), F.linear(x, w_z)
+        xs, z = linear(x, w_x), linear(x, w_z)
         xs, conv_state = self.conv(xs, None if state is None else state["conv"], cu_seqlens)
         dt, b, c = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         # dt_proj's bias is added inside the scan, before the softplus.

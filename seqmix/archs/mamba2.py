@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
-from seqmix.archs.modules import RMSNorm, ShortConvolution, no_weight_decay
+from seqmix.archs.modules import Linear, RMSNorm, ShortConvolution, no_weight_decay
 from seqmix.kernels import ssd_xbc, step_cpu
+from seqmix.kernels.linear import linear
 from seqmix.kernels.mamba2.step import ssd_step
 
 
@@ -62,14 +63,14 @@ class Mamba2(Mixer):
         self.hidden_size, self.d_inner, self.num_heads, self.head_dim = hidden_size, d_inner, num_heads, head_dim
         self.d_state, self.n_groups, self.dt_limit, self.backend = d_state, n_groups, dt_limit, backend
         self.conv_dim = d_inner + 2 * n_groups * d_state
-        self.in_proj = nn.Linear(hidden_size, d_inner + self.conv_dim + num_heads, bias=False)
+        self.in_proj = Linear(hidden_size, d_inner + self.conv_dim + num_heads, bias=False)
         self.conv = ShortConvolution(self.conv_dim, conv_size, activation="silu", bias=True, backend=backend)
         self.dt_bias = nn.Parameter(inverse_softplus(log_uniform_dt(num_heads, dt_min, dt_max, dt_init_floor)))
         self.A_log = nn.Parameter(torch.log(torch.empty(num_heads).uniform_(*A_init_range)))
         self.D = nn.Parameter(torch.ones(num_heads))
         no_weight_decay(self.dt_bias, self.A_log, self.D)
         self.norm = RMSNorm(d_inner, eps=norm_eps)
-        self.out_proj = nn.Linear(d_inner, hidden_size, bias=False)
+        self.out_proj = Linear(d_inner, hidden_size, bias=False)
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         B, T, _ = x.shape
@@ -84,7 +85,7 @@ class Mamba2(Mixer):
             # One matmul per part of in_proj's output (slices of its weight): each part contiguous, so the
             # gate's and the conv's element-wise passes run on contiguous rows and the backward needs no
             # concatenation (6-7% off a training step, docs/design.md).
-            z, xbc, dt = (F.linear(x, w) for w in self.in_proj.weight.split(sizes))
+            z, xbc, dt = (linear(x, w) for w in self.in_proj.weight.split(sizes))
         # Without a state to carry, the short conv goes into SSD's call: the cpu backend computes it inside the
         # chunks for training, its output and gradient never written (docs/design.md, "Seventh round"). A replaced
         # conv module (the recall benchmark's conv-off variant) and a call with a state take the module.

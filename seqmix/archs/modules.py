@@ -12,6 +12,7 @@ from torch.autograd.function import once_differentiable
 from seqmix.archs.mixer import is_decoding_step
 from seqmix.kernels import causal_conv1d, causal_conv1d_update, rms_norm, step_cpu
 from seqmix.kernels.conv.step import causal_conv1d_step
+from seqmix.kernels.linear import linear
 from seqmix.kernels.norm import rms_norm_reference
 from seqmix.kernels.sequences import in_dtype, reference_dtype
 
@@ -29,6 +30,14 @@ def _l2_normalize(x, eps):
     """(x * r, r) with r = rsqrt(sum(x^2) + eps) [..., 1]: one reduction pass and one product."""
     r = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().add_(eps))
     return x * r, r
+
+
+class Linear(nn.Linear):
+    """nn.Linear computed by :func:`seqmix.kernels.linear.linear` (oneDNN's product on the CPUs where it is
+    faster than MKL's, F.linear elsewhere): the layers' projections. Same parameters and state dict."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class _L2Normalize(torch.autograd.Function):

@@ -27,8 +27,9 @@ from seqmix.archs.mixer import (
     register_mixer,
     with_parent_backend,
 )
-from seqmix.archs.modules import no_weight_decay
+from seqmix.archs.modules import Linear, no_weight_decay
 from seqmix.kernels import add_rms_norm, add_rms_norm_backend
+from seqmix.kernels.linear import linear
 
 # The latent's noise is a normal truncated at +-3 standard deviations, as in the paper.
 TRUNCATION = 3.0
@@ -191,7 +192,7 @@ class RecurrentDepth(Mixer):
         self.state_mode, self.warm_start, self.backend = state_mode, bool(warm_start), backend
         if intermediate_size is None:
             intermediate_size = default_intermediate_size(hidden_size)
-        self.adapter = nn.Linear(2 * hidden_size, hidden_size, bias=False)
+        self.adapter = Linear(2 * hidden_size, hidden_size, bias=False)
         self.core = nn.ModuleList(
             SandwichBlock(self._core_mixer(name, hidden_size, num_heads, core_options.get(name, {})),
                           hidden_size, intermediate_size, norm_eps)
@@ -281,7 +282,7 @@ class RecurrentDepth(Mixer):
         exit_on = self._check_exit(exit_threshold, exit_criterion, readout)
         seq, offset, lengths = self._layout(x, cu_seqlens)
         past = self._past(state, lengths.shape[0])
-        e_in = x if self.backend == "reference" else F.linear(x, self.adapter.weight[:, self.hidden_size:])
+        e_in = x if self.backend == "reference" else linear(x, self.adapter.weight[:, self.hidden_size:])
         s = self._start(x, state, seq, offset, past, initial_latent)
         layer_states = self._layer_states(state, r)
         norm_backend = add_rms_norm_backend(x, self.backend)
@@ -310,7 +311,7 @@ class RecurrentDepth(Mixer):
 
     def _adapt(self, s, e_in):
         if self.backend == "reference":
-            return F.linear(torch.cat([s, e_in], -1), self.adapter.weight)
+            return linear(torch.cat([s, e_in], -1), self.adapter.weight)
         w_s = self.adapter.weight[:, : self.hidden_size]
         # W_s s + (W_e e): one GEMM with the precomputed W_e e added in its epilogue.
         return torch.addmm(e_in.reshape(-1, self.hidden_size), s.reshape(-1, self.hidden_size), w_s.t()).view(s.shape)

@@ -31,7 +31,7 @@ from torch import nn
 
 from seqmix.archs import MIXERS, ShortConv, build_mixer
 from seqmix.archs.mixer import with_parent_backend
-from seqmix.archs.modules import RMSNorm, ShortConvolution
+from seqmix.archs.modules import Linear, RMSNorm, ShortConvolution
 from seqmix.bench.results import Results, markdown_table, progress, pyplot, save_figure, write_report
 
 IGNORE = -100  # label of the positions that are not queries (F.cross_entropy's ignore_index)
@@ -196,7 +196,7 @@ class RecallModel(nn.Module):
         self.mixers = nn.ModuleList(build_recall_mixer(mixer, width, short_conv, heads, state_size, options, backend)
                                     for _ in range(layers))
         self.norm = RMSNorm(width)
-        self.head = nn.Linear(width, vocab_size, bias=False)
+        self.head = Linear(width, vocab_size, bias=False)
 
     def hidden(self, inputs: torch.Tensor) -> torch.Tensor:
         x = self.embed(inputs)

@@ -1,0 +1,114 @@
+"""The layers' products (seqmix/kernels/linear.py): oneDNN's path against F.linear in float64 (output and the
+gradients of x, weight and bias), which calls take it, the custom ops under opcheck and torch.compile, and the
+Linear module on it. The oneDNN path is switched on here whatever the CPU (on Intel's, :data:`ONEDNN` is off)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from seqmix.archs.modules import Linear
+from seqmix.kernels import linear as linear_module
+from seqmix.kernels.linear import MIN_ROWS, linear, onednn_serves
+from tests.helpers import assert_rel
+
+pytestmark = pytest.mark.skipif(not hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                                or not torch.backends.mkldnn.is_available(), reason="torch without oneDNN")
+
+
+@pytest.fixture(autouse=True)
+def onednn_on(monkeypatch):
+    monkeypatch.setattr(linear_module, "ONEDNN", True)
+
+
+def _inputs(lead, features, out, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, features, generator=g, dtype=torch.float64)
+    w = torch.randn(out, features, generator=g, dtype=torch.float64) / features**0.5
+    b = torch.randn(out, generator=g, dtype=torch.float64) if bias else None
+    dy = torch.randn(*lead, out, generator=g, dtype=torch.float64)
+    return x, w, b, dy
+
+
+def _run(fn, x, w, b, dy):
+    leaves = [t.detach().requires_grad_() for t in (x, w, b) if t is not None]
+    y = fn(*leaves) if b is not None else fn(*leaves, None)
+    return (y, *torch.autograd.grad(y, leaves, dy))
+
+
+@settings(max_examples=15, deadline=None)
+@given(lead=st.sampled_from([(64,), (2, 40), (3, 33, 5), (1, 200)]), features=st.integers(1, 130),
+       out=st.integers(1, 70), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_onednn_path_matches_float64(lead, features, out, bias, seed):
+    """Output and every gradient in float32 through oneDNN against F.linear in float64, relative error."""
+    x, w, b, dy = _inputs(lead, features, out, bias, seed)
+    x32, w32 = x.float(), w.float()
+    assert onednn_serves(x32, w32)
+    b32 = None if b is None else b.float()
+    got = _run(linear, x32, w32, b32, dy.float())
+    want = _run(F.linear, x, w, b, dy)
+    for name, a, r in zip(("y", "dx", "dweight", "dbias"), got, want):
+        assert a.dtype == torch.float32
+        assert_rel(a.double(), r, 2e-6, name)
+
+
+def test_which_calls_take_onednn():
+    """Float32 CPU inputs of at least MIN_ROWS rows do; fewer rows (decoding), float64, autocast and an empty
+    feature dimension take F.linear, and so does every call when ONEDNN is off."""
+    w = torch.randn(8, 16)
+    assert onednn_serves(torch.randn(MIN_ROWS, 16), w)
+    assert onednn_serves(torch.randn(2, MIN_ROWS // 2, 16), w)
+    assert not onednn_serves(torch.randn(MIN_ROWS - 1, 16), w)
+    assert not onednn_serves(torch.randn(1, 1, 16), w)
+    assert not onednn_serves(torch.randn(MIN_ROWS, 16, dtype=torch.float64), w.double())
+    assert not onednn_serves(torch.randn(MIN_ROWS, 0), torch.randn(8, 0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not onednn_serves(torch.randn(MIN_ROWS, 16), w)
+    linear_module.ONEDNN = False
+    assert not onednn_serves(torch.randn(MIN_ROWS, 16), w)
+
+
+def test_bad_weight_and_bias_are_named():
+    x = torch.randn(MIN_ROWS, 16)
+    with pytest.raises(ValueError, match="weight must be"):
+        linear(x, torch.randn(8, 15))
+    with pytest.raises(ValueError, match="bias must be"):
+        linear(x, torch.randn(8, 16), torch.randn(7))
+    with pytest.raises(ValueError, match="bias must be"):
+        linear(x, torch.randn(8, 16), torch.randn(8, dtype=torch.float64))
+
+
+def test_custom_ops_pass_opcheck():
+    x, w, b, dy = (t.float() for t in _inputs((MIN_ROWS,), 24, 10, True, 1))
+    torch.library.opcheck(torch.ops.seqmix.onednn_linear_fwd, (x.requires_grad_(), w.requires_grad_(), b),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(torch.ops.seqmix.onednn_linear_bwd, (x.detach(), w.detach(), dy, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compiled_call_equals_eager():
+    """torch.compile(fullgraph=True) traces through the custom ops: output and gradients equal the eager call's."""
+    x, w, b, dy = (t.float() for t in _inputs((3, 40), 32, 12, True, 2))
+    eager = _run(linear, x, w, b, dy)
+    torch._dynamo.reset()
+    compiled = _run(torch.compile(linear, fullgraph=True, backend="aot_eager_decomp_partition"), x, w, b, dy)
+    for name, a, r in zip(("y", "dx", "dweight", "dbias"), compiled, eager):
+        assert_rel(a, r, 1e-6, f"compiled {name}")
+
+
+def test_linear_module_is_nn_linear_with_the_same_values():
+    """Linear keeps nn.Linear's parameters and state dict; its output and gradients match nn.Linear's."""
+    torch.manual_seed(0)
+    ours = Linear(48, 20)
+    theirs = torch.nn.Linear(48, 20)
+    theirs.load_state_dict(ours.state_dict())
+    assert isinstance(ours, torch.nn.Linear) and ours.state_dict().keys() == theirs.state_dict().keys()
+    x = torch.randn(4, 32, 48)
+    y_ours, y_theirs = ours(x), theirs(x)
+    dy = torch.randn_like(y_ours)
+    y_ours.backward(dy)
+    y_theirs.backward(dy)
+    assert_rel(y_ours, y_theirs, 2e-6, "y")
+    assert_rel(ours.weight.grad, theirs.weight.grad, 2e-6, "dweight")
+    assert_rel(ours.bias.grad, theirs.bias.grad, 2e-6, "dbias")
