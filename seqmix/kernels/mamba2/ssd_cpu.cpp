@@ -109,11 +109,12 @@ inline void by_rows(int64_t len, const F& f) {
     as_constant<kMax>(std::min<int64_t>(kMax, len - i0), [&](auto rows) { f(i0, rows); });
 }
 
-// y[i] (+)= sum over j <= i of w[i, j] x[j], i < len (rows of w ldw apart, of x and y ld apart). w must hold
+// y[i] (+)= sum over j <= i of w[i, j] x[j], i < len (rows of w, x and y ldw, ldx, ldy apart). w must hold
 // zeros above its diagonal (in its first len columns): a block's rows all run to its last row's diagonal, and
 // the terms past their own add w's zeros, leaving each sum as the row alone would have it.
 template <typename T>
-void lower_times(int64_t len, int64_t P, const T* w, int64_t ldw, const T* x, T* y, int64_t ld, bool add) {
+void lower_times(int64_t len, int64_t P, const T* w, int64_t ldw, const T* x, int64_t ldx, T* y, int64_t ldy,
+                 bool add) {
   by_blocks<T>(P, [&](int64_t k, int64_t width, auto full) {
     constexpr bool F = decltype(full)::value;
     by_rows<kRows>(len, [&](int64_t i0, auto rows_constant) {
@@ -121,17 +122,17 @@ void lower_times(int64_t len, int64_t P, const T* w, int64_t ldw, const T* x, T*
       Vec<T> acc[R][kBlock];
       for (int r = 0; r < R; ++r)
         for (int v = 0; v < kBlock; ++v)
-          acc[r][v] = add ? load_cols<T, F>(y + (i0 + r) * ld + k, v, width) : Vec<T>{};
+          acc[r][v] = add ? load_cols<T, F>(y + (i0 + r) * ldy + k, v, width) : Vec<T>{};
       for (int64_t j = 0; j < i0 + R; ++j) {
         Vec<T> xv[kBlock];
-        for (int v = 0; v < kBlock; ++v) xv[v] = load_cols<T, F>(x + j * ld + k, v, width);
+        for (int v = 0; v < kBlock; ++v) xv[v] = load_cols<T, F>(x + j * ldx + k, v, width);
         for (int r = 0; r < R; ++r) {
           const Vec<T> s = splat<T>(w[(i0 + r) * ldw + j]);
           for (int v = 0; v < kBlock; ++v) acc[r][v] += s * xv[v];
         }
       }
       for (int r = 0; r < R; ++r)
-        for (int v = 0; v < kBlock; ++v) store_cols<T, F>(y + (i0 + r) * ld + k, acc[r][v], v, width);
+        for (int v = 0; v < kBlock; ++v) store_cols<T, F>(y + (i0 + r) * ldy + k, acc[r][v], v, width);
     });
   });
 }
@@ -139,7 +140,7 @@ void lower_times(int64_t len, int64_t P, const T* w, int64_t ldw, const T* x, T*
 // y[j] = sum over i >= j of w[i, j] x[i] (w^T x), j < len; w with zeros above its diagonal, as above (a
 // block's rows all start at its first row).
 template <typename T>
-void lower_t_times(int64_t len, int64_t P, const T* w, int64_t ldw, const T* x, T* y, int64_t ld) {
+void lower_t_times(int64_t len, int64_t P, const T* w, int64_t ldw, const T* x, int64_t ldx, T* y, int64_t ldy) {
   by_blocks<T>(P, [&](int64_t k, int64_t width, auto full) {
     constexpr bool F = decltype(full)::value;
     by_rows<kRows>(len, [&](int64_t j0, auto rows_constant) {
@@ -147,14 +148,14 @@ void lower_t_times(int64_t len, int64_t P, const T* w, int64_t ldw, const T* x, 
       Vec<T> acc[R][kBlock] = {};
       for (int64_t i = j0; i < len; ++i) {
         Vec<T> xv[kBlock];
-        for (int v = 0; v < kBlock; ++v) xv[v] = load_cols<T, F>(x + i * ld + k, v, width);
+        for (int v = 0; v < kBlock; ++v) xv[v] = load_cols<T, F>(x + i * ldx + k, v, width);
         for (int r = 0; r < R; ++r) {
           const Vec<T> s = splat<T>(w[i * ldw + j0 + r]);
           for (int v = 0; v < kBlock; ++v) acc[r][v] += s * xv[v];
         }
       }
       for (int r = 0; r < R; ++r)
-        for (int v = 0; v < kBlock; ++v) store_cols<T, F>(y + (j0 + r) * ld + k, acc[r][v], v, width);
+        for (int v = 0; v < kBlock; ++v) store_cols<T, F>(y + (j0 + r) * ldy + k, acc[r][v], v, width);
     });
   });
 }
@@ -366,11 +367,9 @@ struct Chunk {
   int64_t bc_row(int64_t t, bool grad = false) const { return (t0 + t) * (grad ? p.ld_dbc : p.ld_bc) + g * p.N; }
   // Token t's x of the group's heads, and the chunk's B and C: in place, or the conv's output.
   const T* xr(int64_t t) const { return p.conv() ? act.data() + t * cg : p.x + x_row(t); }
-  Mat<T> Bm(bool t = false) const {
-    return p.conv() ? Mat<T>{act.data() + p.width(), cg, t} : Mat<T>{p.B + bc_row(0), p.ld_bc, t};
-  }
-  Mat<T> Cm(bool t = false) const {
-    return p.conv() ? Mat<T>{act.data() + p.width() + p.N, cg, t} : Mat<T>{p.C + bc_row(0), p.ld_bc, t};
+  Mat<T> Bm() const { return p.conv() ? Mat<T>{act.data() + p.width(), cg} : Mat<T>{p.B + bc_row(0), p.ld_bc}; }
+  Mat<T> Cm() const {
+    return p.conv() ? Mat<T>{act.data() + p.width() + p.N, cg} : Mat<T>{p.C + bc_row(0), p.ld_bc};
   }
   T last(int64_t hl) const { return lcum[hl * p.chunk + len - 1]; }
 
@@ -409,8 +408,12 @@ struct Chunk {
     }
   }
 
-  // M = C B^T [len, len] (rows c apart), shared by the group's heads.
-  void scores(T* M) const { gemm<T>(len, len, p.N, Cm(), Bm(true), T(0), M, p.chunk); }
+  // M = C B^T [len, len] (rows c apart), shared by the group's heads: its lower triangle, the one the masks
+  // keep (lower_dots; bt [N, c] its buffer). Entries above the diagonal are left as computed, never read.
+  void scores(T* M, T* bt) const {
+    const Mat<T> c = Cm(), b = Bm();
+    lower_dots(len, p.N, c.data, b.data, c.ld, bt, M, p.chunk);
+  }
 
   // Per head hl, the decay mask L_ij = exp(lcum_i - lcum_j) for j <= i (0 above) and W = L * M, into
   // [Hg, c, c] buffers (W's zeros above the diagonal are lower_times' and lower_t_times').
@@ -476,7 +479,7 @@ struct Buffers {
   explicit Buffers(const Problem<T>& p)
       : ch(p, p.chunk), S(p.width() * p.N), M(p.chunk * p.chunk), dM(M.size()), L(p.Hg() * M.size()), Wm(L.size()),
         dW(L.size()), Y(p.chunk * p.width()), U(Y.size()), dR(Y.size()), dU(Y.size()), dX(Y.size()),
-        to_end(p.Hg() * p.chunk), dl(to_end.size()), dlast(p.Hg()), xt(p.P * p.chunk) {
+        to_end(p.Hg() * p.chunk), dl(to_end.size()), dlast(p.Hg()), xt(std::max(p.P, p.N) * p.chunk) {
     if (!p.conv()) return;
     const int64_t cg = p.group_cols() + Lanes<T>::W;
     dact.resize(p.chunk * cg);
@@ -557,10 +560,10 @@ void fwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, T* out, 
         for (int64_t t = 0; t < len; ++t) std::memcpy(y_in + ch.row(t), Y.data() + t * w, w * sizeof(T));
     }
     // The chunk's own tokens: per head W (dt' x), one batched product for the group's heads.
-    ch.scores(M.data());
+    ch.scores(M.data(), b.xt.data());
     ch.masked(M.data(), L.data(), Wm.data());
     for (int64_t hl = 0; hl < Hg; ++hl)
-      lower_times(len, P, Wm.data() + hl * c * c, c, ch.xdt.data() + hl * P, Y.data() + hl * P, w, has_state);
+      lower_times(len, P, Wm.data() + hl * c * c, c, ch.xdt.data() + hl * P, w, Y.data() + hl * P, w, has_state);
     for (int64_t t = 0; t < len; ++t) {
       const T* xr = ch.xr(t);
       T* o = out + ch.row(t);
@@ -648,11 +651,11 @@ void bwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, const Gr
     // The chunk's own tokens, per head (batched): dW = dY (dt' x)^T, d(dt' x) = W^T dY; dM = sum over heads
     // of dW * L; dlcum from E = dW * W below the diagonal (+ for its rows, - for its columns; the diagonal
     // cancels exactly and is left out).
-    ch.scores(M.data());
+    ch.scores(M.data(), b.xt.data());
     ch.masked(M.data(), L.data(), Wm.data());
     for (int64_t hl = 0; hl < Hg; ++hl) {
       lower_dots(len, P, dY.data() + hl * P, ch.xdt.data() + hl * P, w, xt.data(), dW.data() + hl * c * c, c);
-      lower_t_times(len, P, Wm.data() + hl * c * c, c, dY.data() + hl * P, dX.data() + hl * P, w);
+      lower_t_times(len, P, Wm.data() + hl * c * c, c, dY.data() + hl * P, w, dX.data() + hl * P, w);
     }
     std::fill(dM.begin(), dM.end(), T(0));
     for (int64_t hl = 0; hl < Hg; ++hl) {
@@ -667,8 +670,10 @@ void bwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, const Gr
         dlh[i] += dot(dw, wm, i);
       }
     }
-    gemm<T>(len, N, len, {dM.data(), c}, ch.Bm(), has_state ? T(1) : T(0), dC, ld);
-    gemm<T>(len, N, len, {dM.data(), c, true}, ch.Cm(), T(0), dB, ld);
+    // dC (+)= dM B and dB = dM^T C, dM lower triangular (zeros above its diagonal, as the products want).
+    const Mat<T> Bc = ch.Bm(), Cc = ch.Cm();
+    lower_times(len, N, dM.data(), c, Bc.data, Bc.ld, dC, ld, has_state);
+    lower_t_times(len, N, dM.data(), c, Cc.data, Cc.ld, dB, ld);
     // The state leaving the chunk, S' = exp(last) S + U^T B, with gradient dS: dU = B dS^T, dB += U dS,
     // d(dt' x) += exp(last - lcum) dU, dlcum -= dU . U and dlast += it (the last token's terms cancel),
     // dlast += exp(last) sum(dS * S).
