@@ -114,3 +114,31 @@ def test_linear_module_is_nn_linear_with_the_same_values():
     assert_rel(y_ours, y_theirs, 2e-6, "y")
     assert_rel(ours.weight.grad, theirs.weight.grad, 2e-6, "dweight")
     assert_rel(ours.bias.grad, theirs.bias.grad, 2e-6, "dbias")
+
+
+@pytest.mark.slow
+def test_lm_training_step_through_onednn_compiles_in_one_graph():
+    """A language model's training step whose products take oneDNN's path (2 x 80 tokens: 160 rows) traces
+    under torch.compile(fullgraph=True), with the loss and gradients of the eager step."""
+    from seqmix.archs.lm import LanguageModel, LMConfig
+
+    torch.manual_seed(0)
+    model = LanguageModel(LMConfig(hidden_size=32, num_heads=2, layers=["attention"]))
+    tokens = torch.randint(0, 256, (2, 81))
+    assert onednn_serves(torch.empty(2, 80, 32), torch.empty(8, 32))
+
+    def loss_fn(tokens):
+        logits, _ = model(tokens[:, :-1])
+        return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+
+    def gradients(fn):
+        model.zero_grad()
+        loss = fn(tokens)
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    eager_loss, eager_grads = gradients(loss_fn)
+    torch._dynamo.reset()
+    loss, grads = gradients(torch.compile(loss_fn, fullgraph=True, backend="aot_eager_decomp_partition"))
+    assert_rel(loss, eager_loss, 1e-6, "loss")
+    assert_rel(grads, eager_grads, 1e-5, "gradients")
