@@ -1,6 +1,6 @@
 """A whole language-model training step under torch.compile(fullgraph=True): every mixer, on the
-reference backend and on the fused kernels (Triton's interpreter here), traces without a graph
-break, and its loss and gradients equal the eager step's."""
+reference backend, on the fused kernels (Triton's interpreter here) and on the C++ CPU kernels, traces
+without a graph break, and its loss and gradients equal the eager step's."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from seqmix.archs import MIXERS
 from seqmix.archs.lm import LanguageModel, LMConfig
-from tests.helpers import DEVICE, rel_err
+from tests.helpers import DEVICE, rel_err, require_cpu_kernels
 
 # Tracing and compiling a whole LM step per backend takes minutes; the quick tier leaves it to CI.
 pytestmark = pytest.mark.slow
@@ -39,13 +39,17 @@ def _gradients(model, loss_fn, tokens):
     return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
-@pytest.mark.parametrize("backend, layers", [("reference", sorted(MIXERS)), ("triton", FUSED_MIXERS)])
+@pytest.mark.parametrize("backend, layers",
+                         [("reference", sorted(MIXERS)), ("triton", FUSED_MIXERS), ("cpu", sorted(MIXERS))])
 def test_training_step_compiles_in_one_graph(backend, layers, monkeypatch):
+    if backend == "cpu":
+        require_cpu_kernels()
+    device = torch.device("cpu") if backend == "cpu" else DEVICE  # the C++ kernels take CPU tensors
     monkeypatch.setenv("SEQMIX_BACKEND", backend)
     torch.manual_seed(0)
     options = {name: MIXER_OPTIONS[name] for name in layers if name in MIXER_OPTIONS}
-    model = LanguageModel(LMConfig(hidden_size=32, num_heads=2, layers=layers, mixer_options=options)).to(DEVICE)
-    tokens = torch.randint(0, 256, (2, 25), device=DEVICE)
+    model = LanguageModel(LMConfig(hidden_size=32, num_heads=2, layers=layers, mixer_options=options)).to(device)
+    tokens = torch.randint(0, 256, (2, 25), device=device)
     eager_loss, eager_grads = _gradients(model, _loss, tokens)
     torch._dynamo.reset()
     loss, grads = _gradients(model, torch.compile(_loss, fullgraph=True, backend=COMPILER), tokens)

@@ -288,7 +288,7 @@ def ssd_xbc(
     name = _select(x, B, backend)
     conv = () if conv_weight is None else (conv_weight, conv_bias)
     fused = name == "cpu" and xbc.shape[1] > 0 and wants_grad(xbc, dt, A, D, z, dt_bias, initial_state, *conv) and (
-        not conv or conv_cpu.unsupported(conv_weight.shape[1]) is None)
+        conv_weight is None or conv_cpu.unsupported(conv_weight.shape[1]) is None)
     if not fused:
         if conv:
             x, B, C = blocks(causal_conv1d(xbc, conv_weight, conv_bias, activation="silu", cu_seqlens=cu_seqlens,
