@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 # The hash works in 32 bits held in int64: every multiplier is below 2^31, so a product of a
 # 32-bit value and a multiplier stays below 2^63 and torch and Triton agree bit for bit.
@@ -44,9 +45,17 @@ def dropconnect_keep(seed: int, index: torch.Tensor, threshold: int) -> torch.Te
     return (h >> (32 - KEEP_BITS)) >= threshold
 
 
+def softmax_taps(weight):
+    """softmax over the last dim (the K taps) in four element-wise passes. torch.softmax over a dim this short
+    (15 by default) takes its scalar path: 2.6 ms for DynamicConv's [16, 128, 4, 15] weights against 0.8 ms
+    here, 4.1 against 1.4-1.7 with the backward (one core). The max only shifts the exponent (no gradient)."""
+    e = torch.exp(weight - weight.detach().amax(-1, keepdim=True))
+    return e * e.sum(-1, keepdim=True).reciprocal()
+
+
 def effective_weight(weight, weight_softmax: bool, dropconnect: float, seed: int | None):
     """softmax over the K taps (if asked), then DropConnect with the seeded mask, scaled by 1/(1-p)."""
-    w = torch.softmax(weight, -1) if weight_softmax else weight
+    w = softmax_taps(weight) if weight_softmax else weight
     threshold = dropconnect_threshold(dropconnect)
     if threshold > 0:  # a p that rounds to 0 on the hash's 24-bit scale drops nothing, as in the kernels
         index = torch.arange(weight.numel(), device=weight.device).view(weight.shape)
@@ -60,14 +69,47 @@ def padding_left(padding: str, K: int) -> int:
     return K - 1 if padding == "causal" else K // 2
 
 
+class _Taps(torch.autograd.Function):
+    """out[b, t, h, r] = sum_j w[.., h, j] xp[b, t + j, h, r] for the padded input xp [B, T + K - 1, H, R] and
+    w [H, K] (LightConv) or [B, T, H, K] (DynamicConv): K multiply-adds of shifted views, each a pass over
+    [B, T, H, R]. Backward by hand, the same way: dxp[t + j] += dout[t] w[j] into one buffer, dw[j] = sum_r
+    dout xp[t + j]. (The einsum over unfolded windows ran as B T H matrix-vector products, its backward as
+    many outer products, plus the unfold's: 30 ms a layer's fwd+bwd at the tiny LM's sizes; autograd over
+    the shifted views would add a zero tensor of xp's size per tap: docs/design.md, "Thirteenth round".)"""
+
+    @staticmethod
+    def forward(ctx, xp, w, T):
+        out = xp[:, :T] * w[..., 0, None]
+        for j in range(1, w.shape[-1]):
+            out.addcmul_(xp[:, j:j + T], w[..., j, None])
+        ctx.save_for_backward(xp, w)
+        ctx.T = T
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        xp, w = ctx.saved_tensors
+        T, K = ctx.T, w.shape[-1]
+        dxp = dw = None
+        if ctx.needs_input_grad[0]:
+            dxp = torch.zeros_like(xp)
+            for j in range(K):
+                dxp[:, j:j + T].addcmul_(dout, w[..., j, None])
+        if ctx.needs_input_grad[1]:
+            over = (0, 1, 3) if w.dim() == 2 else (3,)  # LightConv's w is shared by every b and t
+            dw = torch.stack([torch.mul(dout, xp[:, j:j + T]).sum(over) for j in range(K)], -1)
+        return dxp, dw, None
+
+
 def _conv_dense(x, w, P):
-    """x [B, T, C]; w [B, T, H, K] (or broadcastable). out[t] = sum_j w[t, :, j] x[t + j - P]."""
+    """x [B, T, C]; w [H, K] or [B, T, H, K]. out[t] = sum_j w[t, :, j] x[t + j - P] (zeros off the sequence)."""
     B, T, C = x.shape
     H, K = w.shape[-2:]
-    if T == 0:  # unfold refuses an input shorter than the window
+    if T == 0:
         return x
-    windows = F.pad(x, (0, 0, P, K - 1 - P)).unfold(1, K, 1)  # [B, T, C, K]: tap j reads x[t + j - P]
-    return torch.einsum("bthrk,bthk->bthr", windows.reshape(B, T, H, C // H, K), w.expand(B, T, H, K)).reshape(B, T, C)
+    xp = F.pad(x, (0, 0, P, K - 1 - P)).view(B, T + K - 1, H, C // H)  # tap j of token t reads xp[t + j]
+    return _Taps.apply(xp, w, T).reshape(B, T, C)
 
 
 def dynamic_conv_reference(x, weight, padding="causal", weight_softmax=True, dropconnect=0.0, seed=None,

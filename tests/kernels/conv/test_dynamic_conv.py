@@ -43,6 +43,26 @@ def test_matches_the_contract(T, K, H, padding, dynamic, seed):
     assert_rel(raw, _by_hand(x, logits.expand(2, T, H, K), K - 1 if padding == "causal" else K // 2), 1e-12, "raw")
 
 
+@settings(max_examples=20, deadline=None)
+@given(T=st.integers(1, 12), K=st.integers(1, 7), H=st.integers(1, 3), padding=st.sampled_from(["causal", "same"]),
+       dynamic=st.booleans(), softmax=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_reference_gradients_match_the_contract(T, K, H, padding, dynamic, softmax, seed):
+    """The reference's hand-written backward: dx and dweight equal autograd's through the by-hand sum (float64)."""
+    if padding == "same" and K % 2 == 0:
+        K += 1
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, T, 3 * H, generator=g, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(*((2, T) if dynamic else ()), H, K, generator=g, dtype=torch.float64, requires_grad=True)
+    dout = torch.randn(2, T, 3 * H, generator=g, dtype=torch.float64)
+    op = dynamic_conv if dynamic else light_conv
+    got = torch.autograd.grad(op(x, logits, padding=padding, weight_softmax=softmax, backend="reference"), (x, logits),
+                              dout)
+    w = (torch.softmax(logits, -1) if softmax else logits).expand(2, T, H, K)
+    want = torch.autograd.grad(_by_hand(x, w, K - 1 if padding == "causal" else K // 2), (x, logits), dout)
+    assert_rel(got[0], want[0], 1e-12, "dx")
+    assert_rel(got[1], want[1], 1e-12, "dweight")
+
+
 def test_dropconnect_applies_the_seeded_mask_after_the_softmax():
     g = torch.Generator().manual_seed(0)
     x, logits = torch.randn(2, 6, 4, generator=g, dtype=torch.float64), torch.randn(2, 6, 2, 3, generator=g).double()
