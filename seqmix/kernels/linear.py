@@ -4,8 +4,8 @@ the slower one.
 torch multiplies float32 matrices on the CPU with MKL, which runs its generic code path on CPUs of other
 vendors than Intel (``MKL_VERBOSE=1`` reports "Intel(R) Architecture processors" there). On an AMD Zen 4 core
 oneDNN's product, which torch ships too, takes 0.83-0.91 of MKL's time for a layer's forward and backward at the
-tiny LM's shapes (2048 rows of 128-512 features), 2-7% off its training steps (docs/design.md, "Thirteenth
-round"). So on such CPUs the forward product and the input's gradient go through oneDNN and the weight's
+tiny LM's shapes (2048 rows of 128-512 features), up to 16% off its training steps, 3-4% off the README's job
+(docs/design.md, "Thirteenth round"). So on such CPUs the forward product and the input's gradient go through oneDNN and the weight's
 gradient through MKL (oneDNN's, on a transposed input, was no faster); on Intel CPUs, and for float64, small row
 counts (decoding), autocast and other devices, :func:`torch.nn.functional.linear` as it is.
 """
@@ -54,9 +54,9 @@ def _product(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 class _OneDNNLinear(torch.autograd.Function):
     """rows [M, in] W^T + b in oneDNN; backward: d rows = dout W in oneDNN (W^T [in, out] as its weight, a
     transposed view: oneDNN reads it in place as fast, where a copy cost 60-240 us), dW = dout^T rows in MKL,
-    db = the column sums. An autograd.Function rather than a custom
-    op: its ops are torch's own, with fake kernels, so torch.compile traces it as is, and a custom op's
-    dispatch cost ~75 us a call forward and backward (a third of a small layer's saving)."""
+    db = the column sums. An autograd.Function rather than a custom op: its ops are torch's own, with fake
+    kernels, so torch.compile traces it as is, and a custom op's dispatch cost ~75 us a call forward and
+    backward (a third of a small layer's saving)."""
 
     @staticmethod
     def forward(ctx, rows, weight, bias):

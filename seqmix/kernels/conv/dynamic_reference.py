@@ -1,5 +1,5 @@
-"""LightConv and DynamicConv in plain PyTorch (the unfold form), and the DropConnect mask both
-the reference and the fused kernels compute.
+"""LightConv and DynamicConv in plain PyTorch (K multiply-adds of shifted views), and the DropConnect
+mask both the reference and the fused kernels compute.
 
 DropConnect draws no random tensor: weight element ``i`` (its flat index in the weight
 tensor, ``[H, K]`` or ``[B, T, H, K]``) is kept when a counter-based hash of ``(seed, i)``
@@ -106,8 +106,6 @@ def _conv_dense(x, w, P):
     """x [B, T, C]; w [H, K] or [B, T, H, K]. out[t] = sum_j w[t, :, j] x[t + j - P] (zeros off the sequence)."""
     B, T, C = x.shape
     H, K = w.shape[-2:]
-    if T == 0:
-        return x
     xp = F.pad(x, (0, 0, P, K - 1 - P)).view(B, T + K - 1, H, C // H)  # tap j of token t reads xp[t + j]
     return _Taps.apply(xp, w, T).reshape(B, T, C)
 
