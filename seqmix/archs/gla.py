@@ -70,8 +70,8 @@ class GatedLinearAttention(Mixer):
 
     def _projections(self, x):
         """q, k, v [B, T, H, *], the output gate [B, T, value_dim] or None, and the gate's low-rank
-        projection: ``F.linear`` on the modules' weights, without their modules' calls (which cost a
-        decoding step more than the matmuls)."""
+        projection: :func:`~seqmix.kernels.linear.linear` on the modules' weights, without their modules'
+        calls (which cost a decoding step more than the matmuls)."""
         B, T, _ = x.shape
         q, k, v = (linear(x, m.weight).view(B, T, self.num_heads, -1)
                    for m in (self.q_proj, self.k_proj, self.v_proj))
