@@ -78,19 +78,20 @@ class _Taps(torch.autograd.Function):
     the shifted views would add a zero tensor of xp's size per tap: docs/design.md, "Thirteenth round".)"""
 
     @staticmethod
-    def forward(ctx, xp, w, T):
+    def forward(ctx, xp, w):
+        T = xp.shape[1] - w.shape[-1] + 1
         out = xp[:, :T] * w[..., 0, None]
         for j in range(1, w.shape[-1]):
             out.addcmul_(xp[:, j:j + T], w[..., j, None])
         ctx.save_for_backward(xp, w)
-        ctx.T = T
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
         xp, w = ctx.saved_tensors
-        T, K = ctx.T, w.shape[-1]
+        K = w.shape[-1]
+        T = xp.shape[1] - K + 1
         dxp = dw = None
         if ctx.needs_input_grad[0]:
             dxp = torch.zeros_like(xp)
@@ -99,7 +100,7 @@ class _Taps(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             over = (0, 1, 3) if w.dim() == 2 else (3,)  # LightConv's w is shared by every b and t
             dw = torch.stack([torch.mul(dout, xp[:, j:j + T]).sum(over) for j in range(K)], -1)
-        return dxp, dw, None
+        return dxp, dw
 
 
 def _conv_dense(x, w, P):
@@ -107,7 +108,7 @@ def _conv_dense(x, w, P):
     B, T, C = x.shape
     H, K = w.shape[-2:]
     xp = F.pad(x, (0, 0, P, K - 1 - P)).view(B, T + K - 1, H, C // H)  # tap j of token t reads xp[t + j]
-    return _Taps.apply(xp, w, T).reshape(B, T, C)
+    return _Taps.apply(xp, w).reshape(B, T, C)
 
 
 def dynamic_conv_reference(x, weight, padding="causal", weight_softmax=True, dropconnect=0.0, seed=None,

@@ -467,7 +467,7 @@ void decay_state(const Chunk<T>& ch, T* S) {
 
 // A thread's buffers, allocated once for all its tasks (fresh large allocations cost page faults): a state
 // (or its gradient) [Hg P, N], [c, c] scores, [Hg, c, c] per-head masks, [c, Hg P] rows, [Hg, c] per-head
-// values, and b^T [P, c] for lower_dots.
+// values, and b^T [max(P, N), c] for lower_dots (the heads' (dt' x)^T and the scores' B^T).
 template <typename T>
 struct Buffers {
   Chunk<T> ch;
