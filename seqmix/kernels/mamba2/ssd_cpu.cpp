@@ -69,6 +69,30 @@ void gemm(int64_t m, int64_t n, int64_t k, Mat<T> a, Mat<T> b, T beta, T* c, int
 // microseconds, about what a library call costs by itself. Columns go in blocks of up to kBlock vectors
 // held in registers; a row of a block is read whole (kFull) or, at the end of an odd width, in part.
 constexpr int kBlock = 4;
+// Tokens of the conv inside the chunks taken together, for widths up to it (conv_tokens).
+constexpr int kConvBlock = 4;
+
+// token(t) for the chunk's first `lead` tokens (whose windows reach before their sequence) and for the last
+// ones, block(t, width) for the blocks of kConvBlock tokens between (width: the conv's W as a constant). A
+// block reads each of its K + W - 1 input rows once rather than W times, and its K sums are independent chains;
+// a wider conv goes token by token.
+template <typename Token, typename Block>
+void conv_tokens(int64_t lead, int64_t len, int64_t W, const Token& token, const Block& block) {
+  int64_t t = 0;
+  for (; t < lead; ++t) token(t);
+  if (W <= kConvBlock)
+    as_constant<kConvBlock>(W, [&](auto width) {
+      for (; t + kConvBlock <= len; t += kConvBlock) block(t, width);
+    });
+  for (; t < len; ++t) token(t);
+}
+
+// Prefetches the column's rows first .. first + n - 1 (up to row last): the next block's input, which the
+// hardware's prefetcher, following rows a few KiB apart, fetches too late (docs/design.md, "Fourteenth round").
+template <typename T>
+inline void prefetch_rows(const T* col, int64_t ld, int64_t first, int64_t n, int64_t last) {
+  for (int64_t i = first; i < std::min(first + n, last + 1); ++i) __builtin_prefetch(col + i * ld);
+}
 
 template <typename T, bool kFull>
 inline Vec<T> load_cols(const T* p, int64_t v, int64_t width) {
@@ -339,25 +363,58 @@ struct Chunk {
 
   // The first tap that reads a token of the sequence for the chunk's token t (the ones before read zeros).
   int64_t first_tap(int64_t t) const { return std::max<int64_t>(0, seq_start - (t0 + t - (p.W - 1))); }
+  // The chunk's tokens whose first taps read before the sequence (first_tap > 0).
+  int64_t lead() const { return std::clamp<int64_t>(seq_start - t0 + p.W - 1, 0, len); }
 
   // The chunk's conv: pre = bias + sum_j taps[j] xs[t - (W-1) + j] (zeros before the sequence), act = silu(pre),
   // row by row over the group's three column blocks; the sigmoids are kept for the backward's silu' only.
   void convolve(bool keep_sigmoid) {
-    const int64_t padded = cg + Lanes<T>::W, S = p.W - 1;
-    for (int64_t t = 0; t < len; ++t) {
-      const int64_t j0 = first_tap(t), first = t0 + t - S;  // taps j >= j0 read inside the sequence
-      over_vectors(p, g, [&](const Cols& k, int64_t v, int64_t m, auto full) {
-        constexpr bool F = decltype(full)::value;
-        const int64_t l = k.local + v;
-        const T* col = p.x + k.global + v;  // the column's values at token r: col[r * ld_x]
+    conv_tokens(
+        lead(), len, p.W, [&](int64_t t) { convolve_token(t, keep_sigmoid); },
+        [&](int64_t t, auto width) { convolve_block<decltype(width)::value>(t, keep_sigmoid); });
+  }
+
+  void convolve_token(int64_t t, bool keep_sigmoid) {
+    const int64_t padded = cg + Lanes<T>::W, j0 = first_tap(t), first = t0 + t - (p.W - 1);
+    over_vectors(p, g, [&](const Cols& k, int64_t v, int64_t m, auto full) {
+      constexpr bool F = decltype(full)::value;
+      const int64_t l = k.local + v;
+      const T* col = p.x + k.global + v;  // the column's values at token r: col[r * ld_x]
+      Vec<T> acc = seqmix_cpu::load(cbias.data() + l);
+      for (int64_t j = j0; j < p.W; ++j)  // taps j >= j0 read inside the sequence
+        acc += seqmix_cpu::load(taps.data() + j * padded + l) * load_m<T, F>(col + (first + j) * p.ld_x, m);
+      activate(t, l, acc, keep_sigmoid, m, full);
+    });
+  }
+
+  // Tokens t .. t + kConvBlock - 1 (past the lead) with W taps: the same sums in the same order as
+  // convolve_token's.
+  template <int W>
+  void convolve_block(int64_t t, bool keep_sigmoid) {
+    constexpr int K = kConvBlock;
+    const int64_t padded = cg + Lanes<T>::W, first = t0 + t - (W - 1);
+    over_vectors(p, g, [&](const Cols& k, int64_t v, int64_t m, auto full) {
+      constexpr bool F = decltype(full)::value;
+      const int64_t l = k.local + v;
+      const T* col = p.x + k.global + v;
+      Vec<T> rows[K + W - 1], tap[W];
+      for (int i = 0; i < K + W - 1; ++i) rows[i] = load_m<T, F>(col + (first + i) * p.ld_x, m);
+      prefetch_rows(col, p.ld_x, first + K + W - 1, K, t0 + len - 1);
+      for (int j = 0; j < W; ++j) tap[j] = seqmix_cpu::load(taps.data() + j * padded + l);
+      for (int q = 0; q < K; ++q) {
         Vec<T> acc = seqmix_cpu::load(cbias.data() + l);
-        for (int64_t j = j0; j < p.W; ++j)
-          acc += seqmix_cpu::load(taps.data() + j * padded + l) * load_m<T, F>(col + (first + j) * p.ld_x, m);
-        const Vec<T> sg = sigmoid_v<T>(acc);
-        if (keep_sigmoid) store_m<T, F>(csig.data() + t * cg + l, sg, m);
-        store_m<T, F>(act.data() + t * cg + l, acc * sg, m);
-      });
-    }
+        for (int j = 0; j < W; ++j) acc += tap[j] * rows[q + j];
+        activate(t + q, l, acc, keep_sigmoid, m, full);
+      }
+    });
+  }
+
+  // act (and with keep_sigmoid csig) of token t's lanes l.. from its pre-activation.
+  template <bool F>
+  void activate(int64_t t, int64_t l, Vec<T> pre, bool keep_sigmoid, int64_t m, std::integral_constant<bool, F>) {
+    const Vec<T> sg = sigmoid_v<T>(pre);
+    if (keep_sigmoid) store_m<T, F>(csig.data() + t * cg + l, sg, m);
+    store_m<T, F>(act.data() + t * cg + l, pre * sg, m);
   }
 
   // Offsets of token t's row of the group's heads in the contiguous [L, H, P] tensors (out, z, dout, ...), in
@@ -507,7 +564,7 @@ void conv_backward(const Chunk<T>& ch, Buffers<T>& b, T* dpre, int64_t ld) {
     store_upto(g + i, load_upto(g + i, m) * (sg + a * (T(1) - sg)), m);
   }
   auto g_row = [&](int64_t u) -> const T* { return u < len ? g + u * cg : b.carry.data() + (u - len) * cg; };
-  for (int64_t t = 0; t < len; ++t) {
+  auto token = [&](int64_t t) {
     const int64_t j0 = ch.first_tap(t), first = ch.t0 + t - S;
     const T* rows[kMaxConvWidth];  // g[t + S - j]
     for (int64_t j = 0; j < p.W; ++j) rows[j] = g_row(t + S - j);
@@ -526,7 +583,42 @@ void conv_backward(const Chunk<T>& ch, Buffers<T>& b, T* dpre, int64_t ld) {
         store(dw, load(dw) + gt * load_m<T, F>(col + (first + j) * p.ld_x, m));
       }
     });
-  }
+  };
+  // Tokens t .. t + K - 1 past the lead with W taps: dweight and dbias take the block's sums, one
+  // read-modify-write per block rather than per token.
+  auto block = [&](int64_t t, auto width) {
+    constexpr int K = kConvBlock, W = decltype(width)::value;
+    const int64_t first = ch.t0 + t - (W - 1);
+    const T* rows[K + W - 1];  // g[t + i]
+    for (int i = 0; i < K + W - 1; ++i) rows[i] = g_row(t + i);
+    over_vectors(p, ch.g, [&](const Cols& k, int64_t v, int64_t m, auto full) {
+      constexpr bool F = decltype(full)::value;
+      const int64_t l = k.local + v;
+      const T* col = p.x + k.global + v;
+      Vec<T> gv[K + W - 1], xv[K + W - 1], tap[W];
+      for (int i = 0; i < K + W - 1; ++i) {
+        gv[i] = load_m<T, F>(rows[i] + l, m);  // zeros past the block, as above
+        xv[i] = load_m<T, F>(col + (first + i) * p.ld_x, m);
+      }
+      prefetch_rows(col, p.ld_x, first + K + W - 1, K, ch.t0 + len - 1);
+      for (int j = 0; j < W; ++j) tap[j] = load(ch.taps.data() + j * padded + l);
+      Vec<T> gsum = gv[0];
+      for (int q = 0; q < K; ++q) {
+        Vec<T> acc{};
+        for (int j = 0; j < W; ++j) acc += tap[j] * gv[q + (W - 1) - j];
+        store_m<T, F>(dpre + (ch.t0 + t + q) * ld + k.global + v, acc, m);
+        if (q > 0) gsum += gv[q];
+      }
+      store(b.dcbias.data() + l, load(b.dcbias.data() + l) + gsum);
+      for (int j = 0; j < W; ++j) {
+        Vec<T> sum = gv[0] * xv[j];
+        for (int q = 1; q < K; ++q) sum += gv[q] * xv[q + j];
+        T* dw = b.dtaps.data() + j * padded + l;
+        store(dw, load(dw) + sum);
+      }
+    });
+  };
+  conv_tokens(ch.lead(), len, p.W, token, block);
   // The new carry: g's rows 0..S-1 from this chunk's first token on (the old carry's past a short chunk).
   for (int64_t i = 0; i < S; ++i) std::memcpy(b.next.data() + i * cg, g_row(i), cg * sizeof(T));
   std::copy_n(b.next.data(), S * cg, b.carry.data());

@@ -388,6 +388,16 @@ def test_conv_inside_matches_conv_then_recurrence_in_float64(case, width, bias):
     _check_conv(case, width, bias)
 
 
+@pytest.mark.parametrize("width", [1, 2, 3, 4, 5])
+def test_conv_inside_every_width_by_blocks_and_single_tokens(width):
+    """Each width of the conv inside (up to 4 taken 4 tokens at a time past a sequence's first W-1 tokens, the
+    chunk's last few and wider convs token by token): sequences of lengths that leave 0-3 tokens after the
+    blocks, and ones shorter than the window; float64 against the reference conv and recurrence."""
+    case = Case(batch=1, lengths=(3, 70, 1, 67, 130, 2), seqlen=273, heads=2, groups=1, p=20, n=16,
+                initial_state=True, extras=True, seed=11 + width)
+    _check_conv(case, width)
+
+
 def test_conv_inside_with_short_sequences_and_chunks_in_float32():
     """Packed sequences of 0-2 tokens (shorter than the conv's window), one ending with a chunk of one token (the
     window's gradient reaches back over it into the chunk before), heads of width 70, two groups; float32."""
