@@ -40,7 +40,7 @@ using namespace seqmix_cpu;
 constexpr int64_t kPad = 16;                 // channels are padded to a multiple of this in checkpoints
 constexpr int64_t kStateBudget = 4096;       // state values per task: 16 KiB of float32, kept in L1
 constexpr double kSoftplusThreshold = 20.0;  // as F.softplus: x itself above it
-constexpr int kAhead = 4;                    // tokens between a row's prefetch and its use (prefetch_rows)
+constexpr int kAhead = 4;                    // tokens between a row's prefetch and its use (prefetch_token)
 constexpr int kTokens = 4;                   // tokens a pass of the backward's reverse recurrence (bwd_tokens)
 
 // log of every lane, for m >= 1: m = 2^e f with f in [sqrt(1/2), sqrt(2)), log f = 2 atanh((f-1)/(f+1)).
@@ -126,12 +126,12 @@ inline void store_row(T* row, Vec<T> v, int64_t c0, int64_t dim) {
   }
 }
 
-// Prefetches token t's values of the W channels from c0 in the [*, dim] rows of each of `rows` (null ones
-// skipped): the backward's, kAhead tokens before they are read (later in the recompute, earlier in the reverse
+// Prefetches token t's values of the W channels from c0 in each [*, dim] tensor of `rows` (null ones skipped):
+// the backward's, kAhead tokens before they are read (later in the recompute, earlier in the reverse
 // pass). Each token's rows are a new stretch of memory, dim values apart, which the hardware's prefetcher
 // reached too late (docs/design.md, "Fourteenth round"; the forward gained nothing from it).
 template <typename T>
-inline void prefetch_rows(std::initializer_list<const T*> rows, int64_t t, int64_t c0, int64_t dim) {
+inline void prefetch_token(std::initializer_list<const T*> rows, int64_t t, int64_t c0, int64_t dim) {
   for (const T* r : rows)
     if (r) __builtin_prefetch(r + t * dim + c0);
 }
@@ -395,7 +395,7 @@ void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64
       const int64_t t = t0 + i;
       for (int64_t v = 0; v < nv; ++v) {
         const int64_t c0 = (b.v0 + v) * W;
-        if (i + kAhead < nt) prefetch_rows<T>({p.delta, p.u}, t + kAhead, c0, p.dim);
+        if (i + kAhead < nt) prefetch_token<T>({p.delta, p.u}, t + kAhead, c0, p.dim);
         const Vec<T> dl = dls[i * nv + v] = step_sizes(p, t, c0, &slopes[i * nv + v]);
         const Vec<T> du = dl * load_row(p.u + t * p.dim, c0, p.dim);
         const Vec<T>* av = a.data() + v * N;
@@ -419,7 +419,7 @@ void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64
         for (int64_t v = 0; v < nv; ++v) {
           const int64_t c0 = (b.v0 + v) * W;
           const Vec<T> uu = load_row(p.u + t * p.dim, c0, p.dim);
-          if (i >= kAhead) prefetch_rows<T>({p.u, g.dout, p.z}, t - kAhead, c0, p.dim);
+          if (i >= kAhead) prefetch_token<T>({p.u, g.dout, p.z}, t - kAhead, c0, p.dim);
           Vec<T> dy = load_row(g.dout + t * p.dim, c0, p.dim);
           if (p.z) {
             const Vec<T>* hn = hs.get() + (i + 1) * VN + v * N;

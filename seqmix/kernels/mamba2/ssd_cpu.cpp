@@ -374,6 +374,7 @@ struct Chunk {
         [&](int64_t t, auto width) { convolve_block<decltype(width)::value>(t, keep_sigmoid); });
   }
 
+  // Token t alone: its taps j < first_tap(t) read before the sequence (zeros) and are skipped.
   void convolve_token(int64_t t, bool keep_sigmoid) {
     const int64_t padded = cg + Lanes<T>::W, j0 = first_tap(t), first = t0 + t - (p.W - 1);
     over_vectors(p, g, [&](const Cols& k, int64_t v, int64_t m, auto full) {
