@@ -189,7 +189,8 @@ const LaneSums<T>& lane_sums() {
 
 // Constants of exp and log per precision: the range where exp is finite and normal, ln 2 split in two
 // (k ln2_hi is exact), 1.5 2^(mantissa bits) (adding it rounds to an integer), the exponent bias and
-// the Taylor coefficients 1/k! of exp(r) for |r| <= ln2 / 2, highest first.
+// the Taylor coefficients 1/k! of exp(r) for |r| <= ln2 / 2, highest first; for exp2 its range and the
+// coefficients of 2^f for |f| <= 1/2, highest first.
 template <typename T>
 struct Consts;
 
@@ -202,6 +203,13 @@ struct Consts<float> {
   static constexpr int exp_terms = 7;  // to r^6 / 6!: the remainder is below 1.3e-7 (about an ulp)
   static constexpr float exp_coef[] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
   static constexpr int log_terms = 5;  // atanh series to s^9, |s| <= 0.172
+  static constexpr float exp2_lo = -125.0f, exp2_hi = 127.0f;
+  // 1 + f q(f), q of degree 4 fitted for the least largest relative error (a Lawson-weighted least-squares fit
+  // over [-1/2, 1/2]): 9.2e-8 from the polynomial, 1.7e-7 as evaluated in float32 multiply-adds, where the
+  // Taylor polynomial of degree 6 (exp's in f ln 2) gives 2.2e-7 with one multiply-add more. Exactly 1 at 0.
+  static constexpr int exp2_terms = 6;
+  static constexpr float exp2_coef[] = {1.3264714507e-3f, 9.6715092659e-3f, 5.5507335812e-2f, 2.4022242427e-1f,
+                                        6.9314700365e-1f, 1.0f};
 };
 
 template <>
@@ -217,6 +225,13 @@ struct Consts<double> {
                                         1.0 / 120.0,        1.0 / 24.0,        1.0 / 6.0,         0.5,
                                         1.0,                1.0};
   static constexpr int log_terms = 11;  // to s^21
+  static constexpr double exp2_lo = -1021.0, exp2_hi = 1023.0;
+  static constexpr int exp2_terms = 14;  // Taylor, (ln 2)^k / k! to k = 13: below 5e-18 for |f| <= 1/2
+  static constexpr double exp2_coef[] = {
+      1.369148885390412888e-12, 2.567843599348820514e-11, 4.445538271870811498e-10, 7.054911620801123330e-9,
+      1.017808600923969973e-7,  1.321548679014430949e-6,  1.525273380405984028e-5,  1.540353039338160995e-4,
+      1.333355814642844342e-3,  9.618129107628477162e-3,  5.550410866482157995e-2,  2.402265069591007123e-1,
+      6.931471805599453094e-1,  1.0};
 };
 
 // exp of every lane (std::exp is a libm call per element): x = k ln2 + r, exp(r) by its Taylor
@@ -239,6 +254,26 @@ inline Vec<T> exp_v(Vec<T> x) {
   const Vec<T> e = p * reinterpret_cast<const Vec<T>&>(bits);
   const Vec<T> zero{}, inf = splat<T>(std::numeric_limits<T>::infinity());
   return x < K::lo ? zero : (x > K::hi ? inf : e);
+}
+
+// 2^x of every lane: x = k + f with k the nearest integer and f = x - k (exact), 2^f by its polynomial, 2^k put
+// in the exponent bits. Where a caller can fold log2(e) into a factor it multiplies by anyway (the selective
+// scan's A), exp2_v(x log2 e) is exp_v(x) without its range reduction: three multiply-adds fewer, and one fewer
+// in the polynomial (docs/design.md, "Fifteenth round"). Below 2^-125 it gives 0, above 2^127 infinity, and
+// NaN stays NaN (2^k multiplies; an integer add into the exponent bits would not keep it).
+template <typename T>
+inline Vec<T> exp2_v(Vec<T> x) {
+  using K = Consts<T>;
+  using U = typename Lanes<T>::U;
+  const Vec<T> shifted = x + K::magic;  // k + magic: round to nearest
+  const Vec<T> f = x - (shifted - K::magic);
+  Vec<T> p = splat<T>(K::exp2_coef[0]);
+  for (int i = 1; i < K::exp2_terms; ++i) p = p * f + K::exp2_coef[i];
+  const U ki = reinterpret_cast<const U&>(shifted) - K::magic_bits;
+  const U bits = (ki + K::bias) << K::mantissa;
+  const Vec<T> e = p * reinterpret_cast<const Vec<T>&>(bits);
+  const Vec<T> zero{}, inf = splat<T>(std::numeric_limits<T>::infinity());
+  return x < K::exp2_lo ? zero : (x > K::exp2_hi ? inf : e);
 }
 
 template <typename T>

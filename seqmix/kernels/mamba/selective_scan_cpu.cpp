@@ -12,6 +12,11 @@
 // sums over n (y, du, d(delta')) add vectors, never lanes. Only dB and dC (sums over the channels of
 // a group) reduce across lanes, once per group and token.
 //
+// The decays exp(delta' A) are computed as 2^(delta' A log2 e) with A log2 e in the lanes (exp2_v saves exp_v's
+// range reduction), and each token's step sizes delta' (a softplus: a long chain of dependent operations per
+// vector) for all of a task's vectors before its state updates, so that the chains overlap one another rather
+// than each waiting behind a vector's N updates (docs/design.md, "Fifteenth round").
+//
 // The forward stores the state entering every chunk of `chunk` tokens (for the backward), in the
 // same lane layout, [NC, ceil(D / 16) * 16 * N]. The backward walks a sequence's chunks from the
 // last: it recomputes the chunk's states (and decays) from the checkpoint into a buffer of the task
@@ -220,26 +225,33 @@ void state_from_lanes(const Problem<T>& p, const Vec<T>* h, const Block& b, T* d
       }
 }
 
+// A [dim, N] as lanes (state_to_lanes) times log2 e: the exponents of the decays 2^(delta' A log2 e) (exp2_v).
+template <typename T>
+void log2_decay_rates(const Problem<T>& p, const Block& b, Vec<T>* a) {
+  state_to_lanes(p, p.A, b, a);
+  for (int64_t i = 0; i < (b.v1 - b.v0) * p.N; ++i) a[i] *= Consts<T>::log2e;
+}
+
 // A checkpoint holds every channel in lanes: vector v's state at v * W * N.
 template <typename T>
 T* checkpoint(const Problem<T>& p, T* hc, int64_t chunk_id, const Block& b) {
   return hc + chunk_id * p.padded() * p.N + b.v0 * Lanes<T>::W * p.N;
 }
 
-// One token of one vector of channels: h = exp(delta' A) h + delta' u B, returns y = h . C (before D and z).
-// Four independent sums over n keep the multiply-adds from waiting on each other.
+// One token of one vector of channels: h = exp(delta' A) h + delta' u B, returns y = h . C (before D and z);
+// a2 is A log2 e. Four independent sums over n keep the multiply-adds from waiting on each other.
 template <typename T, bool kOne>
-inline Vec<T> fwd_token(Vec<T>* h, const Vec<T>* a, Vec<T> dl, Vec<T> du, Rows<T, kOne> Bn, Rows<T, kOne> Cn,
+inline Vec<T> fwd_token(Vec<T>* h, const Vec<T>* a2, Vec<T> dl, Vec<T> du, Rows<T, kOne> Bn, Rows<T, kOne> Cn,
                         int64_t N) {
   Vec<T> y[4] = {};
   int64_t n = 0;
   for (; n + 4 <= N; n += 4)
     for (int k = 0; k < 4; ++k) {
-      h[n + k] = exp_v<T>(dl * a[n + k]) * h[n + k] + du * Bn[n + k];
+      h[n + k] = exp2_v<T>(dl * a2[n + k]) * h[n + k] + du * Bn[n + k];
       y[k] += h[n + k] * Cn[n + k];
     }
   for (; n < N; ++n) {
-    h[n] = exp_v<T>(dl * a[n]) * h[n] + du * Bn[n];
+    h[n] = exp2_v<T>(dl * a2[n]) * h[n] + du * Bn[n];
     y[0] += h[n] * Cn[n];
   }
   return (y[0] + y[1]) + (y[2] + y[3]);
@@ -249,9 +261,10 @@ template <typename T>
 void scan_fwd_task(const Problem<T>& p, const Block& b, int64_t s, T* out, T* ht, T* hc) {
   constexpr int W = Lanes<T>::W;
   const int64_t nv = b.v1 - b.v0, N = p.N, VN = nv * N;
-  std::vector<Vec<T>> h(VN), a(VN), Bt(N), Ct(N);
+  // dls, gates: the token's delta' and z silu'd (z sigmoid(z)) per vector, computed before its state updates.
+  std::vector<Vec<T>> h(VN), a2(VN), Bt(N), Ct(N), dls(nv), gates(nv);
   state_to_lanes(p, p.h0 ? p.h0 + s * p.dim * N : nullptr, b, h.data());
-  state_to_lanes(p, p.A, b, a.data());
+  log2_decay_rates(p, b, a2.data());
   const int64_t bos = p.cu[s], eos = p.cu[s + 1];
   for (int64_t t = bos; t < eos; ++t) {
     if (hc && (t - bos) % p.chunk == 0)
@@ -259,20 +272,25 @@ void scan_fwd_task(const Problem<T>& p, const Block& b, int64_t s, T* out, T* ht
     for (int64_t v = 0; v < nv; ++v) {
       const int64_t c0 = (b.v0 + v) * W;
       Vec<T> slope;
-      const Vec<T> dl = step_sizes(p, t, c0, &slope);
+      dls[v] = step_sizes(p, t, c0, &slope);
+      if (p.z) {
+        const Vec<T> zz = load_row(p.z + t * p.dim, c0, p.dim);
+        gates[v] = zz * sigmoid_v<T>(zz);
+      }
+    }
+    for (int64_t v = 0; v < nv; ++v) {
+      const int64_t c0 = (b.v0 + v) * W;
+      const Vec<T> dl = dls[v];
       const Vec<T> uu = load_row(p.u + t * p.dim, c0, p.dim);
       Vec<T>* hv = h.data() + v * N;
-      const Vec<T>* av = a.data() + v * N;
+      const Vec<T>* av = a2.data() + v * N;
       Vec<T> y = in_one_group(p, c0)
           ? fwd_token<T, true>(hv, av, dl, dl * uu, rows_of<T, true>(p, p.B, t, c0, nullptr),
                                rows_of<T, true>(p, p.C, t, c0, nullptr), N)
           : fwd_token<T, false>(hv, av, dl, dl * uu, rows_of<T, false>(p, p.B, t, c0, Bt.data()),
                                 rows_of<T, false>(p, p.C, t, c0, Ct.data()), N);
       if (p.D) y += load_row(p.D, c0, p.dim) * uu;
-      if (p.z) {
-        const Vec<T> zz = load_row(p.z + t * p.dim, c0, p.dim);
-        y *= zz * sigmoid_v<T>(zz);
-      }
+      if (p.z) y *= gates[v];
       store_row(out + t * p.dim, y, c0, p.dim);
     }
   }
@@ -311,12 +329,13 @@ inline void add_over_channels(const Problem<T>& p, Vec<T>* acc, int64_t c0, T* r
   std::fill(acc, acc + p.N, Vec<T>{});
 }
 
-// The chunk's states again in the backward: the token's decays e = exp(delta' A) and h = e h_prev + delta' u B.
+// The chunk's states again in the backward: the token's decays e = exp(delta' A) and h = e h_prev + delta' u B
+// (a2 is A log2 e).
 template <typename T, bool kOne>
-inline void recompute_token(Vec<T>* h, Vec<T>* e, const Vec<T>* h_prev, const Vec<T>* a, Vec<T> dl, Vec<T> du,
+inline void recompute_token(Vec<T>* h, Vec<T>* e, const Vec<T>* h_prev, const Vec<T>* a2, Vec<T> dl, Vec<T> du,
                             Rows<T, kOne> Bn, int64_t N) {
   for (int64_t n = 0; n < N; ++n) {
-    e[n] = exp_v<T>(dl * a[n]);
+    e[n] = exp2_v<T>(dl * a2[n]);
     h[n] = e[n] * h_prev[n] + du * Bn[n];
   }
 }
@@ -373,7 +392,7 @@ void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64
   const int64_t nv = b.v1 - b.v0, N = p.N, VN = nv * N, CH = p.chunk;
   // accB, accC: a pass's tokens' sums, each padded to whole blocks of W (add_over_channels sums W at once).
   const int64_t NW = (N + W - 1) / W * W;
-  std::vector<Vec<T>> a(VN), dh(VN), dA(VN), Bt(kTokens * N), Ct(kTokens * N), accB(kTokens * NW),
+  std::vector<Vec<T>> a(VN), a2(VN), dh(VN), dA(VN), Bt(kTokens * N), Ct(kTokens * N), accB(kTokens * NW),
       accC(kTokens * NW), dD(nv);
   // A pass's u, dy (through the gate), and the recurrence's sums sb and sa, per token and vector: [kTokens, nv].
   std::vector<Vec<T>> us(kTokens * nv), dys(us.size()), sbs(us.size()), sas(us.size());
@@ -381,7 +400,8 @@ void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64
   // Written before they are read: not zeroed (a std::vector would clear hundreds of KiB per task).
   std::unique_ptr<Vec<T>[]> hs(new Vec<T>[(CH + 1) * VN]), es(new Vec<T>[CH * VN]), dls(new Vec<T>[CH * nv]),
       slopes(new Vec<T>[CH * nv]);
-  state_to_lanes(p, p.A, b, a.data());
+  state_to_lanes(p, p.A, b, a.data());  // A itself for the gradients, a2 for the recomputed decays
+  log2_decay_rates(p, b, a2.data());
   state_to_lanes(p, g.dht ? g.dht + s * p.dim * N : nullptr, b, dh.data());
   const int64_t bos = p.cu[s], eos = p.cu[s + 1];
   const int64_t chunks = (eos - bos + CH - 1) / CH;
@@ -393,12 +413,13 @@ void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64
     std::memcpy(hs.get(), checkpoint(p, const_cast<T*>(g.hc), p.chunk_offsets[s] + j, b), VN * sizeof(Vec<T>));
     for (int64_t i = 0; i < nt; ++i) {
       const int64_t t = t0 + i;
+      for (int64_t v = 0; v < nv; ++v) dls[i * nv + v] = step_sizes(p, t, (b.v0 + v) * W, &slopes[i * nv + v]);
       for (int64_t v = 0; v < nv; ++v) {
         const int64_t c0 = (b.v0 + v) * W;
         if (i + kAhead < nt) prefetch_token<T>({p.delta, p.u}, t + kAhead, c0, p.dim);
-        const Vec<T> dl = dls[i * nv + v] = step_sizes(p, t, c0, &slopes[i * nv + v]);
+        const Vec<T> dl = dls[i * nv + v];
         const Vec<T> du = dl * load_row(p.u + t * p.dim, c0, p.dim);
-        const Vec<T>* av = a.data() + v * N;
+        const Vec<T>* av = a2.data() + v * N;
         const Vec<T>* hp = hs.get() + i * VN + v * N;
         Vec<T>* hn = hs.get() + (i + 1) * VN + v * N;
         Vec<T>* ev = es.get() + i * VN + v * N;

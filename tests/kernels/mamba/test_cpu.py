@@ -113,6 +113,35 @@ def test_strong_decay_stays_finite_in_float32():
 
 
 @built
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decays_at_the_ends_of_their_range(dtype):
+    """The decays 2^(delta' A log2 e) (vec_cpu.h's exp2_v) where their range ends: delta' = 0 decays by exactly 1
+    (B zero: the final state is the initial one, bit for bit), delta' A far below the smallest normal decays to
+    exactly 0 (the state is the last token's input, as in float64), and a NaN in delta reaches its channel's
+    outputs from its token on and no other channel's."""
+    g = torch.Generator().manual_seed(3)
+    T, Dm, N = 37, 20, 16
+    u, C = torch.randn(1, T, Dm, generator=g, dtype=dtype), torch.randn(1, T, N, generator=g, dtype=dtype)
+    A = -torch.rand(Dm, N, generator=g, dtype=dtype) - 0.5
+    h0 = torch.randn(1, Dm, N, generator=g, dtype=dtype)
+    zeros = torch.zeros(1, T, Dm, dtype=dtype)
+    _, s = selective_scan(u, zeros, A, torch.zeros(1, T, N, dtype=dtype), C, initial_state=h0,
+                          output_final_state=True, backend="cpu")
+    assert torch.equal(s, h0)
+
+    B = torch.randn(1, T, N, generator=g, dtype=dtype)
+    big = torch.full((1, T, Dm), 2000.0, dtype=dtype)  # delta' A <= -1000: below 2^-125 and 2^-1021
+    _, s = selective_scan(u, big, A, B, C, initial_state=h0, output_final_state=True, backend="cpu")
+    torch.testing.assert_close(s[0], big[0, -1, :, None] * u[0, -1, :, None] * B[0, -1], rtol=0, atol=0)
+
+    delta = torch.rand(1, T, Dm, generator=g, dtype=dtype)
+    delta[0, 11, 4] = float("nan")
+    y, _ = selective_scan(u, delta, A, B, C, initial_state=h0, backend="cpu")
+    assert torch.isnan(y[0, 11:, 4]).all()
+    assert torch.isfinite(y[0, :11]).all() and torch.isfinite(y[0, :, torch.arange(Dm) != 4]).all()
+
+
+@built
 def test_without_gradients_the_forward_stores_no_chunk_states():
     case = Case(batch=2, lengths=None, seqlen=33, channels=16, groups=1, n=4, initial_state=True, extras=True, seed=7)
     inputs = make_inputs(case, torch.float32, CPU)
