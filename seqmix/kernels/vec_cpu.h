@@ -258,9 +258,9 @@ inline Vec<T> exp_v(Vec<T> x) {
 
 // 2^x of every lane: x = k + f with k the nearest integer and f = x - k (exact), 2^f by its polynomial, 2^k put
 // in the exponent bits. Where a caller can fold log2(e) into a factor it multiplies by anyway (the selective
-// scan's A), exp2_v(x log2 e) is exp_v(x) without its range reduction: three multiply-adds fewer, and one fewer
-// in the polynomial (docs/design.md, "Fifteenth round"). Below 2^-125 it gives 0, above 2^127 infinity, and
-// NaN stays NaN (2^k multiplies; an integer add into the exponent bits would not keep it).
+// scan's A), exp2_v(x log2 e) is exp_v(x) without its range reduction: three multiply-adds fewer, and in float32
+// one fewer in the polynomial (docs/design.md, "Fifteenth round"). Below 2^-125 it gives 0, above 2^127
+// infinity, and NaN stays NaN (2^k multiplies; an integer add into the exponent bits would not keep it).
 template <typename T>
 inline Vec<T> exp2_v(Vec<T> x) {
   using K = Consts<T>;
