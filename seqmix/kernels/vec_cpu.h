@@ -234,26 +234,33 @@ struct Consts<double> {
       6.931471805599453094e-1,  1.0};
 };
 
+// p 2^k for exp_v and exp2_v, k from `shifted` (k + magic, k rounded to nearest): 2^k put in the exponent bits.
+// Lanes of x below lo give 0, above hi infinity: those computed garbage, which this replaces (no clamp before).
+template <typename T>
+inline Vec<T> times_pow2(Vec<T> p, Vec<T> shifted, Vec<T> x, T lo, T hi) {
+  using K = Consts<T>;
+  using U = typename Lanes<T>::U;
+  // Unsigned: the garbage lanes wrap around rather than overflow.
+  const U ki = reinterpret_cast<const U&>(shifted) - K::magic_bits;
+  const U bits = (ki + K::bias) << K::mantissa;
+  const Vec<T> e = p * reinterpret_cast<const Vec<T>&>(bits);
+  const Vec<T> zero{}, inf = splat<T>(std::numeric_limits<T>::infinity());
+  return x < lo ? zero : (x > hi ? inf : e);
+}
+
 // exp of every lane (std::exp is a libm call per element): x = k ln2 + r, exp(r) by its Taylor
 // polynomial, 2^k put in the exponent bits. Below the smallest normal it gives 0 (the exact limit of
 // the strong decays), above the largest finite value infinity.
 template <typename T>
 inline Vec<T> exp_v(Vec<T> x) {
   using K = Consts<T>;
-  using U = typename Lanes<T>::U;
-  // No clamp: outside [lo, hi] the lanes compute garbage that the last line replaces.
   const Vec<T> shifted = x * K::log2e + K::magic;  // k + magic: round to nearest
   const Vec<T> k = shifted - K::magic;
   Vec<T> r = x - k * K::ln2_hi;
   r = r - k * K::ln2_lo;
   Vec<T> p = splat<T>(K::exp_coef[0]);
   for (int i = 1; i < K::exp_terms; ++i) p = p * r + K::exp_coef[i];
-  // Unsigned: the garbage lanes wrap around rather than overflow.
-  const U ki = reinterpret_cast<const U&>(shifted) - K::magic_bits;
-  const U bits = (ki + K::bias) << K::mantissa;
-  const Vec<T> e = p * reinterpret_cast<const Vec<T>&>(bits);
-  const Vec<T> zero{}, inf = splat<T>(std::numeric_limits<T>::infinity());
-  return x < K::lo ? zero : (x > K::hi ? inf : e);
+  return times_pow2<T>(p, shifted, x, K::lo, K::hi);
 }
 
 // 2^x of every lane: x = k + f with k the nearest integer and f = x - k (exact), 2^f by its polynomial, 2^k put
@@ -264,16 +271,11 @@ inline Vec<T> exp_v(Vec<T> x) {
 template <typename T>
 inline Vec<T> exp2_v(Vec<T> x) {
   using K = Consts<T>;
-  using U = typename Lanes<T>::U;
   const Vec<T> shifted = x + K::magic;  // k + magic: round to nearest
   const Vec<T> f = x - (shifted - K::magic);
   Vec<T> p = splat<T>(K::exp2_coef[0]);
   for (int i = 1; i < K::exp2_terms; ++i) p = p * f + K::exp2_coef[i];
-  const U ki = reinterpret_cast<const U&>(shifted) - K::magic_bits;
-  const U bits = (ki + K::bias) << K::mantissa;
-  const Vec<T> e = p * reinterpret_cast<const Vec<T>&>(bits);
-  const Vec<T> zero{}, inf = splat<T>(std::numeric_limits<T>::infinity());
-  return x < K::exp2_lo ? zero : (x > K::exp2_hi ? inf : e);
+  return times_pow2<T>(p, shifted, x, K::exp2_lo, K::exp2_hi);
 }
 
 template <typename T>
