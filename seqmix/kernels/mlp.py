@@ -14,13 +14,14 @@ from torch import Tensor
 from seqmix.kernels import cpu
 from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_same_dtype, check_tensor
+from seqmix.kernels.library import custom_op
 
 __all__ = ["swiglu", "swiglu_reference"]
 
 DTYPES = (torch.float32, torch.float64)
 
 
-@torch.library.custom_op("seqmix::swiglu_cpu_fwd", mutates_args=())
+@custom_op("seqmix::swiglu_cpu_fwd", mutates_args=())
 def _fwd(gate: Tensor, up: Tensor) -> Tensor:
     return cpu.extension().swiglu_fwd(gate, up)
 
@@ -30,7 +31,7 @@ def _(gate, up):
     return torch.empty_like(gate)
 
 
-@torch.library.custom_op("seqmix::swiglu_cpu_bwd", mutates_args=())
+@custom_op("seqmix::swiglu_cpu_bwd", mutates_args=())
 def _bwd(gate: Tensor, up: Tensor, dh: Tensor) -> tuple[Tensor, Tensor]:
     dgate, dup = cpu.extension().swiglu_bwd(gate, up, dh)
     return dgate, dup
@@ -50,7 +51,7 @@ def _backward(ctx, dh):
     return _bwd(gate, up, dh.contiguous())
 
 
-torch.library.register_autograd("seqmix::swiglu_cpu_fwd", _backward, setup_context=_setup_context)
+_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def swiglu_reference(gate: Tensor, up: Tensor) -> Tensor:

@@ -7,10 +7,10 @@ decoding steps between their projections (:func:`mamba2_step`, :func:`mamba_step
 
 The step functions (``seqmix.kernels.<family>.step``) hand a call here when :func:`serves` says so: CPU
 tensors, no gradient wanted (the C++ steps have no backward; autograd keeps the tensor ops), and the C++
-kernels built (else the tensor ops serve, and ``seqmix.kernels.explain`` says why). Eagerly the extension
-is called directly: a custom op's dispatch costs about as much as the kernel at decoding sizes. Under
-``torch.compile`` the same call is a torch.library custom op with a fake implementation, so a decoding
-step traces into one graph. Outputs come in the first input's dtype, states in float32 (float64 for float64
+kernels built (else the tensor ops serve, and ``seqmix.kernels.explain`` says why). Each is a custom op of
+seqmix/kernels/library.py: eagerly the extension is called directly (torch.library's dispatch costs about as
+much as the kernel at decoding sizes), under ``torch.compile`` it is the torch.library op with a fake
+implementation, so a decoding step traces into one graph. Outputs come in the first input's dtype, states in float32 (float64 for float64
 inputs), as the tensor-op steps return them.
 """
 
@@ -23,6 +23,7 @@ from torch import Tensor
 
 from seqmix.kernels import cpu
 from seqmix.kernels.backend import reporting, select_backend
+from seqmix.kernels.library import custom_op
 from seqmix.kernels.op import wants_grad
 from seqmix.kernels.sequences import reference_dtype
 
@@ -61,19 +62,11 @@ def serves_when_ready(like: Tensor, *tensors: Tensor | None) -> bool:
             and os.environ.get("SEQMIX_BACKEND") != "reference" and cpu.ready())
 
 
-def _one_call(op, name: str, *args) -> tuple[Tensor, ...]:
-    """The C++ step ``name`` of the extension on ``args``: under ``torch.compile`` through its custom op ``op``
-    (traced with its fake), eagerly the extension's function itself (the module docstring says why)."""
-    if torch.compiler.is_compiling():
-        return op(*args)
-    return tuple(getattr(cpu.extension(), name)(*args))
-
-
 def _state_like(state: Tensor, like: Tensor) -> Tensor:
     return state.new_empty(state.shape, dtype=reference_dtype(like))
 
 
-@torch.library.custom_op("seqmix::delta_rule_step_cpu", mutates_args=())
+@custom_op("seqmix::delta_rule_step_cpu", mutates_args=())
 def _delta_rule_op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, state: Tensor,
                    scale: float) -> tuple[Tensor, Tensor]:
     o, S = cpu.extension().delta_rule_step(q, k, v, beta, g, state, scale)
@@ -85,7 +78,7 @@ def _(q, k, v, beta, g, state, scale):
     return v.new_empty(v.shape, dtype=q.dtype), _state_like(state, q)
 
 
-@torch.library.custom_op("seqmix::gla_step_cpu", mutates_args=())
+@custom_op("seqmix::gla_step_cpu", mutates_args=())
 def _gla_op(q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     o, S = cpu.extension().gla_step(q, k, v, g, state, scale)
     return o, S
@@ -96,7 +89,7 @@ def _(q, k, v, g, state, scale):
     return v.new_empty(v.shape, dtype=q.dtype), _state_like(state, q)
 
 
-@torch.library.custom_op("seqmix::ssd_step_cpu", mutates_args=())
+@custom_op("seqmix::ssd_step_cpu", mutates_args=())
 def _ssd_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state: Tensor, D: Tensor | None,
             z: Tensor | None, dt_bias: Tensor | None, dt_softplus: bool, dt_min: float,
             dt_max: float) -> tuple[Tensor, Tensor]:
@@ -111,21 +104,21 @@ def _(x, dt, A, B, C, state, D, z, dt_bias, dt_softplus, dt_min, dt_max):
 
 def delta_rule_step(q, k, v, beta, g, state, scale: float):
     """``seqmix.kernels.deltanet.step``'s update (``g`` [B, H] or None) in one call; returns (o, state)."""
-    return _one_call(_delta_rule_op, "delta_rule_step", q, k, v, beta, g, state, scale)
+    return _delta_rule_op(q, k, v, beta, g, state, scale)
 
 
 def gla_step(q, k, v, g, state, scale: float):
     """``seqmix.kernels.gated_linear_attention.step.gla_step``'s update in one call; returns (o, state)."""
-    return _one_call(_gla_op, "gla_step", q, k, v, g, state, scale)
+    return _gla_op(q, k, v, g, state, scale)
 
 
 def ssd_step(x, dt, A, B, C, state, D, z, dt_bias, dt_softplus: bool, dt_limit: tuple[float, float]):
     """``seqmix.kernels.mamba2.step.ssd_step``'s update in one call; returns (y, state)."""
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
-    return _one_call(_ssd_op, "ssd_step", x, dt, A, B, C, state, D, z, dt_bias, dt_softplus, lo, hi)
+    return _ssd_op(x, dt, A, B, C, state, D, z, dt_bias, dt_softplus, lo, hi)
 
 
-@torch.library.custom_op("seqmix::mamba2_step_cpu", mutates_args=())
+@custom_op("seqmix::mamba2_step_cpu", mutates_args=())
 def _mamba2_op(f: Tensor, conv_weight: Tensor, conv_bias: Tensor, conv_state: Tensor, A: Tensor, D: Tensor,
                dt_bias: Tensor, dt_softplus: bool, dt_min: float, dt_max: float, ssm_state: Tensor,
                norm_weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -152,11 +145,11 @@ def mamba2_step(f: Tensor, conv_weight: Tensor, conv_bias: Tensor, conv_state: T
     Returns (y [B, H P] in f's dtype, the conv state, the SSD state), the states float32 (float64 for
     float64 f) and new tensors."""
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
-    return _one_call(_mamba2_op, "mamba2_step", f, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_softplus, lo,
-                     hi, ssm_state, norm_weight, eps)
+    return _mamba2_op(f, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_softplus, lo, hi, ssm_state,
+                      norm_weight, eps)
 
 
-@torch.library.custom_op("seqmix::gla_layer_step_cpu", mutates_args=())
+@custom_op("seqmix::gla_layer_step_cpu", mutates_args=())
 def _gla_layer_op(f: Tensor, up_weight: Tensor, up_bias: Tensor, normalizer: float, state: Tensor, norm_weight: Tensor,
                   eps: float, has_gate: bool, scale: float) -> tuple[Tensor, Tensor]:
     o, S = cpu.extension().gla_layer_step(f, up_weight, up_bias, normalizer, state, norm_weight, eps, has_gate, scale)
@@ -176,11 +169,10 @@ def gla_layer_step(f: Tensor, up_weight: Tensor, up_bias: Tensor, normalizer: fl
     [H K, R], up_bias [H K]), GLA's step on state [B, H, K, V] (``seqmix.kernels.gated_linear_attention.step``,
     ``scale``), each head's output RMS-normalised over V (norm_weight [V], ``eps``) and multiplied by silu(gate).
     Returns (o [B, H V] in f's dtype, the new state float32 (float64 for float64 f))."""
-    return _one_call(_gla_layer_op, "gla_layer_step", f, up_weight, up_bias, float(normalizer), state, norm_weight,
-                     eps, has_gate, scale)
+    return _gla_layer_op(f, up_weight, up_bias, float(normalizer), state, norm_weight, eps, has_gate, scale)
 
 
-@torch.library.custom_op("seqmix::mamba_step_cpu", mutates_args=())
+@custom_op("seqmix::mamba_step_cpu", mutates_args=())
 def _mamba_op(f: Tensor, conv_weight: Tensor, conv_bias: Tensor, conv_state: Tensor, x_proj_weight: Tensor,
               dt_proj_weight: Tensor, dt_proj_bias: Tensor, A: Tensor, D: Tensor, ssm_state: Tensor
               ) -> tuple[Tensor, Tensor, Tensor]:
@@ -204,11 +196,11 @@ def mamba_step(f: Tensor, conv_weight: Tensor, conv_bias: Tensor, conv_state: Te
     (``seqmix.kernels.mamba.step``: A [D, N], the skip D [D], ssm_state [B, D, N]) and the gate silu(z). Returns
     (y [B, D] in f's dtype, the conv state, the scan's state), the states float32 (float64 for float64 f) and new
     tensors."""
-    return _one_call(_mamba_op, "mamba_step", f, conv_weight, conv_bias, conv_state, x_proj_weight, dt_proj_weight,
-                     dt_proj_bias, A, D, ssm_state)
+    return _mamba_op(f, conv_weight, conv_bias, conv_state, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D,
+                     ssm_state)
 
 
-@torch.library.custom_op("seqmix::deltanet_step_cpu", mutates_args=())
+@custom_op("seqmix::deltanet_step_cpu", mutates_args=())
 def _deltanet_op(f: Tensor, conv_weight: Tensor | None, conv_state: Tensor | None, state: Tensor,
                  A_log: Tensor | None, dt_bias: Tensor | None, norm_weight: Tensor, norm_eps: float, has_gate: bool,
                  scale: float, l2_eps: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -236,12 +228,12 @@ def deltanet_step(f: Tensor, conv_weight: Tensor | None, conv_state: Tensor | No
     head's output RMS-normalised over V (norm_weight [V], ``norm_eps``) and multiplied by silu(gate). Returns
     (o [B, H V] in f's dtype, the conv state or None, the rule's state), the states float32 (float64 for
     float64 f) and new tensors."""
-    o, conv, S = _one_call(_deltanet_op, "deltanet_step", f, conv_weight, conv_state, state, A_log, dt_bias,
-                           norm_weight, norm_eps, has_gate, scale, l2_eps)
+    o, conv, S = _deltanet_op(f, conv_weight, conv_state, state, A_log, dt_bias, norm_weight, norm_eps, has_gate,
+                              scale, l2_eps)
     return o, None if conv_state is None else conv, S
 
 
-@torch.library.custom_op("seqmix::row_norm_cpu", mutates_args=())
+@custom_op("seqmix::row_norm_cpu", mutates_args=())
 def _row_norm_op(x: Tensor, weight: Tensor | None, gate: Tensor | None, eps: float, mean: bool) -> Tensor:
     return cpu.extension().row_norm(x, weight, gate, eps, mean)
 
@@ -254,12 +246,10 @@ def _(x, weight, gate, eps, mean):
 def row_norm(x: Tensor, weight: Tensor | None, gate: Tensor | None, eps: float, mean: bool) -> Tensor:
     """``x * rsqrt(sum(x^2) / n + eps) [* weight] [* silu(gate)]`` over the last dim (n = D if ``mean``, else 1)
     in one call, no autograd: seqmix/archs/modules.py's RMSNorm and l2_normalize without a gradient."""
-    if torch.compiler.is_compiling():
-        return _row_norm_op(x, weight, gate, eps, mean)
-    return cpu.extension().row_norm(x, weight, gate, eps, mean)
+    return _row_norm_op(x, weight, gate, eps, mean)
 
 
-@torch.library.custom_op("seqmix::causal_conv1d_step_cpu", mutates_args=())
+@custom_op("seqmix::causal_conv1d_step_cpu", mutates_args=())
 def _conv_step_op(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, state: Tensor) -> tuple[Tensor, Tensor]:
     out, window = cpu.extension().causal_conv1d_step(x, weight, bias, silu, state)
     return out, window
@@ -272,10 +262,10 @@ def _(x, weight, bias, silu, state):
 
 def causal_conv1d_step(x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool, state: Tensor):
     """``seqmix.kernels.conv.step.causal_conv1d_step`` in one call; returns (out, the new state)."""
-    return _one_call(_conv_step_op, "causal_conv1d_step", x, weight, bias, silu, state)
+    return _conv_step_op(x, weight, bias, silu, state)
 
 
-@torch.library.custom_op("seqmix::residual_swiglu_step_cpu", mutates_args=())
+@custom_op("seqmix::residual_swiglu_step_cpu", mutates_args=())
 def _residual_swiglu_op(x: Tensor, y: Tensor, norm_weight: Tensor, eps: float, gate_up: Tensor,
                         down: Tensor) -> Tensor:
     return cpu.extension().residual_swiglu_step(x, y, norm_weight, eps, gate_up, down)
@@ -290,6 +280,4 @@ def residual_swiglu_step(x: Tensor, y: Tensor, norm_weight: Tensor, eps: float, 
                          down: Tensor) -> Tensor:
     """seqmix/archs/lm.py's ``h = x + y; h + mlp(mlp_norm(h))`` in one call, no autograd (all one dtype,
     float32 or float64): x, y [..., D], gate_up [2I, D], down [D, I]."""
-    if torch.compiler.is_compiling():
-        return _residual_swiglu_op(x, y, norm_weight, eps, gate_up, down)
-    return cpu.extension().residual_swiglu_step(x, y, norm_weight, eps, gate_up, down)
+    return _residual_swiglu_op(x, y, norm_weight, eps, gate_up, down)

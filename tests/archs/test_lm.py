@@ -173,7 +173,7 @@ def test_decoding_blocks_mlp_half_is_one_cpp_call_equal_to_the_modules(dtype, mo
     assert_rel(logits, want, 1e-13 if dtype == torch.float64 else 1e-6, "logits through the fused MLP step")
     block, g = model.blocks[0], torch.Generator().manual_seed(0)
     x, y = (torch.randn(2, 1, 32, generator=g, dtype=dtype) for _ in range(2))
-    torch.library.opcheck(step_cpu._residual_swiglu_op, (x, y, block.mlp_norm.weight.detach(), 1e-5,
+    torch.library.opcheck(step_cpu._residual_swiglu_op.op, (x, y, block.mlp_norm.weight.detach(), 1e-5,
                                                          block.mlp.gate_up.weight.detach(),
                                                          block.mlp.down.weight.detach()),
                           test_utils=("test_schema", "test_faketensor"))

@@ -119,7 +119,7 @@ def test_custom_ops_pass_opcheck(name, path, monkeypatch):
         op(*args, **kwargs, output_final_state="initial_state" in kwargs, backend="triton")
     assert len(calls) == 1, f"{name}: the {path} op was not called"
     args = calls[0] if path == "chunk_fwd" else [a.detach() if isinstance(a, torch.Tensor) else a for a in calls[0]]
-    torch.library.opcheck(custom, args, test_utils=OPCHECKS)
+    torch.library.opcheck(custom.op, args, test_utils=OPCHECKS)
 
 
 def test_dynamic_conv_op_passes_opcheck(monkeypatch):
@@ -130,7 +130,7 @@ def test_dynamic_conv_op_passes_opcheck(monkeypatch):
     monkeypatch.setattr(dynamic, "_chunk_fwd", lambda *args: calls.append(args) or custom(*args))
     args, kwargs = _dynamic_conv_args()
     ops.dynamic_conv(*args, **kwargs, backend="triton")
-    torch.library.opcheck(custom, calls[0], test_utils=OPCHECKS)
+    torch.library.opcheck(custom.op, calls[0], test_utils=OPCHECKS)
 
 
 @pytest.mark.parametrize("name, module_name, custom_name", [
@@ -147,7 +147,7 @@ def test_stateless_ops_pass_opcheck(name, module_name, custom_name, monkeypatch)
     args, kwargs = make()
     op(*args, **kwargs, backend="triton")
     assert len(calls) == 1, f"{name}: the {custom_name} op was not called"
-    torch.library.opcheck(custom, calls[0], test_utils=OPCHECKS)
+    torch.library.opcheck(custom.op, calls[0], test_utils=OPCHECKS)
 
 
 @pytest.mark.slow

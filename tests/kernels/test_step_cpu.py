@@ -194,7 +194,7 @@ def _op_calls(rule):
 @pytest.mark.parametrize("rule", RULES)
 def test_custom_ops_pass_opcheck(rule):
     op, args = _op_calls(rule)
-    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(op.op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 @built
@@ -250,7 +250,7 @@ def test_cpu_conv_step_equals_one_call_and_tensor_op_step(W, with_bias, activati
     if W > 1:
         assert_rel(state, state_ops, tol, "state against the tensor-op step")
     x, w, b, h0 = (t.float() for t in _conv_inputs(W, dtype))
-    torch.library.opcheck(step_cpu._conv_step_op, (x[:, 0], w, b if with_bias else None, activation == "silu", h0),
+    torch.library.opcheck(step_cpu._conv_step_op.op, (x[:, 0], w, b if with_bias else None, activation == "silu", h0),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -420,7 +420,7 @@ def test_layer_step_custom_ops_pass_opcheck_and_trace_into_one_graph():
     """opcheck of the layer steps' custom ops, and fullgraph=True over two chained tokens (Dynamo's eager
     backend) equal to eager."""
     for op, args in _layer_op_calls():
-        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(op.op, args, test_utils=("test_schema", "test_faketensor"))
     f, conv, A, D, dt_bias, ssm, norm_weight = (t.float() if isinstance(t, torch.Tensor) else [u.float() for u in t]
                                                 for t in _mamba2_inputs(4))
     with torch.no_grad():

@@ -13,6 +13,7 @@ from seqmix.kernels.conv import cuda as cuda_ops
 from seqmix.kernels.conv import triton as kernels
 from seqmix.kernels.conv.dynamic import dynamic_conv, light_conv
 from seqmix.kernels.conv.reference import causal_conv1d_reference, causal_conv1d_update_reference
+from seqmix.kernels.library import custom_op
 from seqmix.kernels.op import FusedOp, as_input_grads, chunking_of, fake_outputs, or_empty, register_autograd, run_fused
 from seqmix.kernels.sequences import packed_bounds
 
@@ -28,7 +29,7 @@ ACTIVATIONS = (None, "silu")
 # weight [D, W], bias [D], h0 [N, D, W-1] float32. A width-1 conv has an empty state: nothing to read
 # or write, nothing to launch for.
 
-@torch.library.custom_op("seqmix::causal_conv1d_chunk_fwd", mutates_args=())
+@custom_op("seqmix::causal_conv1d_chunk_fwd", mutates_args=())
 def _chunk_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor,
                chunk_index: Tensor, chunk_offsets: Tensor, silu: bool, store_final: bool) -> tuple[Tensor, Tensor]:
     chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, kernels.CHUNK)
@@ -44,7 +45,7 @@ def _(x, weight, bias, h0, cu_seqlens, chunk_index, chunk_offsets, silu, store_f
     return fake_outputs(x, x.shape, (cu_seqlens.shape[0] - 1, x.shape[1], weight.shape[1] - 1), store_final)
 
 
-@torch.library.custom_op("seqmix::causal_conv1d_chunk_bwd", mutates_args=())
+@custom_op("seqmix::causal_conv1d_chunk_bwd", mutates_args=())
 def _chunk_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor,
                chunk_index: Tensor, chunk_offsets: Tensor, silu: bool, store_final: bool, dout: Tensor,
                dht: Tensor | None, needs: list[bool]) -> list[Tensor]:
@@ -65,7 +66,7 @@ register_autograd(_chunk_fwd, _chunk_bwd, num_inputs=7)
 FUSED = FusedOp(kernels.CHUNK, _chunk_fwd)
 
 
-@torch.library.custom_op("seqmix::causal_conv1d_update_triton", mutates_args=("state",))
+@custom_op("seqmix::causal_conv1d_update_triton", mutates_args=("state",))
 def _update(x: Tensor, state: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
     """x [N, T, D]; state [N, D, W-1], updated in place. Returns out [N, T, D]."""
     return kernels.causal_conv1d_update(x, state, weight, bias, silu)

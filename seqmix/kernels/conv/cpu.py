@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from seqmix.kernels import cpu
+from seqmix.kernels.library import custom_op
 from seqmix.kernels.op import FusedOp, as_input_grads, nothing, register_autograd, run_fused
 from seqmix.kernels.sequences import in_dtype, reference_dtype
 
@@ -28,7 +29,7 @@ def unsupported(width: int) -> str | None:
     return None
 
 
-@torch.library.custom_op("seqmix::causal_conv1d_cpu_chunk_fwd", mutates_args=())
+@custom_op("seqmix::causal_conv1d_cpu_chunk_fwd", mutates_args=())
 def _chunk_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor,
                chunk_index: Tensor, chunk_offsets: Tensor, silu: bool, store_final: bool) -> tuple[Tensor, Tensor]:
     """Returns (out [L, D], final state [N, D, W-1] or an empty tensor), both in x's dtype."""
@@ -43,7 +44,7 @@ def _(x, weight, bias, h0, cu_seqlens, chunk_index, chunk_offsets, silu, store_f
     return x.new_empty(x.shape), final
 
 
-@torch.library.custom_op("seqmix::causal_conv1d_cpu_chunk_bwd", mutates_args=())
+@custom_op("seqmix::causal_conv1d_cpu_chunk_bwd", mutates_args=())
 def _chunk_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor,
                chunk_index: Tensor, chunk_offsets: Tensor, silu: bool, store_final: bool, dout: Tensor | None,
                dht: Tensor | None, needs: list[bool]) -> list[Tensor]:

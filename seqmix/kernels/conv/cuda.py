@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from seqmix.kernels.backend import BackendUnavailable, cuda_extension
+from seqmix.kernels.library import custom_op
 
 # dynamic_conv's kernels keep a chunk's weights and gradients in shared memory, which bounds K
 # (csrc/conv_kernels.h: kMaxTaps).
@@ -46,7 +47,7 @@ def unsupported(dtype: torch.dtype) -> str | None:
 
 # -- causal_conv1d ---------------------------------------------------------------------------
 
-@torch.library.custom_op("seqmix::causal_conv1d_fwd", mutates_args=())
+@custom_op("seqmix::causal_conv1d_fwd", mutates_args=())
 def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor,
                       silu: bool, store_final: bool) -> tuple[Tensor, Tensor]:
     """x [L, D] packed, weight [D, W], h0 [N, D, W-1] float32. Returns (out, final state or an empty tensor)."""
@@ -59,7 +60,7 @@ def _(x, weight, bias, h0, cu_seqlens, silu, store_final):
     return torch.empty_like(x), x.new_empty(shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("seqmix::causal_conv1d_bwd", mutates_args=())
+@custom_op("seqmix::causal_conv1d_bwd", mutates_args=())
 def causal_conv1d_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor,
                       silu: bool, dout: Tensor, dht: Tensor | None, need_dh0: bool
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -93,7 +94,7 @@ def _causal_backward(ctx, dout, dht):
 causal_conv1d_fwd.register_autograd(_causal_backward, setup_context=_causal_setup)
 
 
-@torch.library.custom_op("seqmix::causal_conv1d_update", mutates_args=("state",))
+@custom_op("seqmix::causal_conv1d_update", mutates_args=("state",))
 def causal_conv1d_update(x: Tensor, state: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
     """x [N, T, D]; state [N, D, W-1] float32, updated in place. Returns out [N, T, D]."""
     return _ext().causal_conv1d_update(x, state, weight, bias, silu, _stream(x))
@@ -106,7 +107,7 @@ def _(x, state, weight, bias, silu):
 
 # -- light_conv / dynamic_conv ---------------------------------------------------------------
 
-@torch.library.custom_op("seqmix::dynamic_conv_fwd", mutates_args=())
+@custom_op("seqmix::dynamic_conv_fwd", mutates_args=())
 def dynamic_conv_fwd(x: Tensor, weight: Tensor, cu_seqlens: Tensor, heads: int, pad_left: int, softmax: bool,
                      seed_lo: int, threshold: int, scale: float) -> tuple[Tensor, Tensor]:
     """x [L, C] packed, weight [L, H, K] or [H, K] in x's dtype. Returns (out [L, C], lse [L, H] float32 or empty)."""
@@ -119,7 +120,7 @@ def _(x, weight, cu_seqlens, heads, pad_left, softmax, seed_lo, threshold, scale
     return torch.empty_like(x), x.new_empty((x.shape[0] if softmax else 0, heads), dtype=torch.float32)
 
 
-@torch.library.custom_op("seqmix::dynamic_conv_bwd", mutates_args=())
+@custom_op("seqmix::dynamic_conv_bwd", mutates_args=())
 def dynamic_conv_bwd(x: Tensor, weight: Tensor, lse: Tensor, dout: Tensor, cu_seqlens: Tensor, heads: int,
                      pad_left: int, softmax: bool, seed_lo: int, threshold: int, scale: float) -> tuple[Tensor, Tensor]:
     """Returns (dx [L, C], dweight in weight's shape and dtype)."""

@@ -19,6 +19,7 @@ from seqmix.kernels.conv.dynamic_reference import (
     padding_left,
 )
 from seqmix.kernels.conv.triton import unsupported
+from seqmix.kernels.library import custom_op
 from seqmix.kernels.op import as_input_grads, chunking_args, chunking_of, nothing, register_autograd
 from seqmix.kernels.sequences import chunking_for, packed_bounds
 
@@ -29,7 +30,7 @@ PADDINGS = ("causal", "same")
 # x [L, C] packed, weight [L, H, K] (dynamic_conv) or [H, K] (light_conv); DropConnect as
 # (seed_lo, threshold, scale), threshold 0 when off.
 
-@torch.library.custom_op("seqmix::dynamic_conv_chunk_fwd", mutates_args=())
+@custom_op("seqmix::dynamic_conv_chunk_fwd", mutates_args=())
 def _chunk_fwd(x: Tensor, weight: Tensor, cu_seqlens: Tensor, chunk_index: Tensor, chunk_offsets: Tensor,
                heads: int, pad_left: int, softmax: bool, seed_lo: int, threshold: int, scale: float
                ) -> tuple[Tensor, Tensor, Tensor]:
@@ -45,7 +46,7 @@ def _(x, weight, cu_seqlens, chunk_index, chunk_offsets, heads, pad_left, softma
     return torch.empty_like(x), nothing(x), lse
 
 
-@torch.library.custom_op("seqmix::dynamic_conv_chunk_bwd", mutates_args=())
+@custom_op("seqmix::dynamic_conv_chunk_bwd", mutates_args=())
 def _chunk_bwd(x: Tensor, weight: Tensor, cu_seqlens: Tensor, chunk_index: Tensor, chunk_offsets: Tensor,
                lse: Tensor, heads: int, pad_left: int, softmax: bool, seed_lo: int, threshold: int, scale: float,
                dout: Tensor, dfinal: Tensor | None, needs: list[bool]) -> list[Tensor]:

@@ -25,6 +25,7 @@ from seqmix.kernels.deltanet.reference import (
     gated_delta_rule_chunked,
     gated_delta_rule_recurrent,
 )
+from seqmix.kernels.library import custom_op
 from seqmix.kernels.op import (
     FusedOp,
     as_input_grads,
@@ -56,7 +57,7 @@ def _check_inputs(q, k, v, beta, initial_state, cu_seqlens, g=None):
 # The kernels as torch.library ops (the protocol of seqmix/kernels/op.py): q, k [L, H, K], v [L, H, V],
 # beta and g [L, H] packed; h0 [N, H, K, V] float32; g None is the plain delta rule.
 
-@torch.library.custom_op("seqmix::delta_rule_chunk_fwd", mutates_args=())
+@custom_op("seqmix::delta_rule_chunk_fwd", mutates_args=())
 def _chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, h0: Tensor | None,
                cu_seqlens: Tensor, chunk_index: Tensor, chunk_offsets: Tensor, scale: float, store_final: bool
                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -76,7 +77,7 @@ def _(q, k, v, beta, g, h0, cu_seqlens, chunk_index, chunk_offsets, scale, store
     return o, ht, q.new_empty((L, H, kernels.CHUNK), **f32), nothing(q) if g is None else q.new_empty((L, H), **f32)
 
 
-@torch.library.custom_op("seqmix::delta_rule_chunk_bwd", mutates_args=())
+@custom_op("seqmix::delta_rule_chunk_bwd", mutates_args=())
 def _chunk_bwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, h0: Tensor | None,
                cu_seqlens: Tensor, chunk_index: Tensor, chunk_offsets: Tensor, m_wy: Tensor, gcum: Tensor,
                scale: float, store_final: bool, do: Tensor, dht: Tensor | None, needs: list[bool]
@@ -92,7 +93,7 @@ def _chunk_bwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, 
 register_autograd(_chunk_fwd, _chunk_bwd, num_inputs=9)
 
 
-@torch.library.custom_op("seqmix::delta_rule_recurrent_fwd", mutates_args=())
+@custom_op("seqmix::delta_rule_recurrent_fwd", mutates_args=())
 def _recurrent_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, h0: Tensor | None,
                    cu_seqlens: Tensor, chunk_index: Tensor, chunk_offsets: Tensor, scale: float, store_final: bool
                    ) -> tuple[Tensor, Tensor]:

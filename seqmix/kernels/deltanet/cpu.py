@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from seqmix.kernels import cpu
+from seqmix.kernels.library import custom_op
 from seqmix.kernels.op import FusedOp, as_input_grads, nothing, register_autograd
 
 # Tokens between the forward's stored states; the backward recomputes a chunk's states from them into a
@@ -54,7 +55,7 @@ def _fwd(q, k, v, beta, g, h0, cu_seqlens, chunk_offsets, num_chunks, scale, sto
                                           scale, store_final, store_chunks)
 
 
-@torch.library.custom_op("seqmix::delta_rule_cpu_chunk_fwd", mutates_args=())
+@custom_op("seqmix::delta_rule_cpu_chunk_fwd", mutates_args=())
 def _chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, h0: Tensor | None,
                cu_seqlens: Tensor, chunk_index: Tensor, chunk_offsets: Tensor, scale: float, store_final: bool
                ) -> tuple[Tensor, Tensor, Tensor]:
@@ -70,7 +71,7 @@ def _(q, k, v, beta, g, h0, cu_seqlens, chunk_index, chunk_offsets, scale, store
                                                                       _padded(v.shape[-1], q.dtype)))
 
 
-@torch.library.custom_op("seqmix::delta_rule_cpu_chunk_bwd", mutates_args=())
+@custom_op("seqmix::delta_rule_cpu_chunk_bwd", mutates_args=())
 def _chunk_bwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, h0: Tensor | None,
                cu_seqlens: Tensor, chunk_index: Tensor, chunk_offsets: Tensor, hc: Tensor, scale: float,
                store_final: bool, do: Tensor | None, dht: Tensor | None, needs: list[bool]) -> list[Tensor]:
@@ -88,7 +89,7 @@ def _chunk_bwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, 
 register_autograd(_chunk_fwd, _chunk_bwd, num_inputs=9, materialize_grads=False)
 
 
-@torch.library.custom_op("seqmix::delta_rule_cpu_fwd", mutates_args=())
+@custom_op("seqmix::delta_rule_cpu_fwd", mutates_args=())
 def _recurrent_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, h0: Tensor | None,
                    cu_seqlens: Tensor, chunk_index: Tensor, chunk_offsets: Tensor, scale: float, store_final: bool
                    ) -> tuple[Tensor, Tensor]:

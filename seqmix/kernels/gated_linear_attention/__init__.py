@@ -20,6 +20,7 @@ from seqmix.kernels.checks import (
 )
 from seqmix.kernels.gated_linear_attention import triton as kernels
 from seqmix.kernels.gated_linear_attention.reference import gla_chunked, gla_recurrent
+from seqmix.kernels.library import custom_op
 from seqmix.kernels.op import (
     FusedOp,
     as_input_grads,
@@ -43,7 +44,7 @@ def _check_inputs(q, k, v, g, initial_state, cu_seqlens):
 # The kernels as torch.library ops (the protocol of seqmix/kernels/op.py): q, k, g [L, H, K], v [L, H, V]
 # packed; h0 [N, H, K, V] float32.
 
-@torch.library.custom_op("seqmix::gla_chunk_fwd", mutates_args=())
+@custom_op("seqmix::gla_chunk_fwd", mutates_args=())
 def _chunk_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, h0: Tensor | None, cu_seqlens: Tensor,
                chunk_index: Tensor, chunk_offsets: Tensor, scale: float, store_final: bool
                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -62,7 +63,7 @@ def _(q, k, v, g, h0, cu_seqlens, chunk_index, chunk_offsets, scale, store_final
         (L, H, kernels.CHUNK), **f32)
 
 
-@torch.library.custom_op("seqmix::gla_chunk_bwd", mutates_args=())
+@custom_op("seqmix::gla_chunk_bwd", mutates_args=())
 def _chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, h0: Tensor | None, cu_seqlens: Tensor,
                chunk_index: Tensor, chunk_offsets: Tensor, gcum: Tensor, scores: Tensor, scale: float,
                store_final: bool, do: Tensor, dht: Tensor | None, needs: list[bool]
@@ -78,7 +79,7 @@ def _chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, h0: Tensor | None, cu
 register_autograd(_chunk_fwd, _chunk_bwd, num_inputs=8)
 
 
-@torch.library.custom_op("seqmix::gla_recurrent_fwd", mutates_args=())
+@custom_op("seqmix::gla_recurrent_fwd", mutates_args=())
 def _recurrent_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, h0: Tensor | None, cu_seqlens: Tensor,
                    chunk_index: Tensor, chunk_offsets: Tensor, scale: float, store_final: bool
                    ) -> tuple[Tensor, Tensor]:

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_negative, check_same_dtype, check_sequences, check_tensor
+from seqmix.kernels.library import custom_op
 from seqmix.kernels.mamba import cpu as cpu_kernels
 from seqmix.kernels.mamba import triton as kernels
 from seqmix.kernels.mamba.reference import selective_scan_chunked, selective_scan_recurrent
@@ -73,7 +74,7 @@ def _outputs_like(u, A, cu_seqlens, store_final):
     return fake_outputs(u, u.shape, (cu_seqlens.shape[0] - 1, *A.shape), store_final)
 
 
-@torch.library.custom_op("seqmix::selective_scan_chunk_fwd", mutates_args=())
+@custom_op("seqmix::selective_scan_chunk_fwd", mutates_args=())
 def _chunk_fwd(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None,
                delta_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor,
                chunk_offsets: Tensor, softplus: bool, store_final: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -88,7 +89,7 @@ def _(u, delta, B, C, z, A, D, delta_bias, h0, cu_seqlens, chunk_index, chunk_of
                                                                       dtype=torch.float32)
 
 
-@torch.library.custom_op("seqmix::selective_scan_chunk_bwd", mutates_args=())
+@custom_op("seqmix::selective_scan_chunk_bwd", mutates_args=())
 def _chunk_bwd(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None,
                delta_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor,
                chunk_offsets: Tensor, hc: Tensor, softplus: bool, store_final: bool, dout: Tensor,
@@ -104,7 +105,7 @@ def _chunk_bwd(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Tensor | None,
 register_autograd(_chunk_fwd, _chunk_bwd, num_inputs=12)
 
 
-@torch.library.custom_op("seqmix::selective_scan_fwd", mutates_args=())
+@custom_op("seqmix::selective_scan_fwd", mutates_args=())
 def _scan_fwd(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None,
               delta_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor,
               chunk_offsets: Tensor, softplus: bool, store_final: bool) -> tuple[Tensor, Tensor]:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from seqmix.kernels import cpu
+from seqmix.kernels.library import custom_op
 from seqmix.kernels.op import FusedOp, as_input_grads, chunking_args, nothing, register_autograd
 from seqmix.kernels.sequences import chunking_for
 
@@ -38,7 +39,7 @@ def _fake_outputs(u, A, cu_seqlens, store_final):
     return u.new_empty(u.shape), state
 
 
-@torch.library.custom_op("seqmix::selective_scan_cpu_chunk_fwd", mutates_args=())
+@custom_op("seqmix::selective_scan_cpu_chunk_fwd", mutates_args=())
 def _chunk_fwd(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None,
                delta_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor,
                chunk_offsets: Tensor, softplus: bool, store_final: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -54,7 +55,7 @@ def _(u, delta, B, C, z, A, D, delta_bias, h0, cu_seqlens, chunk_index, chunk_of
                                                                       _padded(u.shape[1]) * A.shape[1]))
 
 
-@torch.library.custom_op("seqmix::selective_scan_cpu_chunk_bwd", mutates_args=())
+@custom_op("seqmix::selective_scan_cpu_chunk_bwd", mutates_args=())
 def _chunk_bwd(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None,
                delta_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor,
                chunk_offsets: Tensor, hc: Tensor, softplus: bool, store_final: bool, dout: Tensor | None,
@@ -77,7 +78,7 @@ def _chunk_bwd(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Tensor | None,
 register_autograd(_chunk_fwd, _chunk_bwd, num_inputs=12, materialize_grads=False)
 
 
-@torch.library.custom_op("seqmix::selective_scan_cpu_fwd", mutates_args=())
+@custom_op("seqmix::selective_scan_cpu_fwd", mutates_args=())
 def _scan_fwd(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None,
               delta_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor,
               chunk_offsets: Tensor, softplus: bool, store_final: bool) -> tuple[Tensor, Tensor]:
@@ -106,15 +107,6 @@ def _as_input(t, dtype):
 def scan_step(u, delta, A, B, C, state, D, z, delta_bias, softplus: bool):
     """One token per sequence (a decoding step) through the forward without checkpoints: u, delta, z
     ``[Bsz, D]``, B, C ``[Bsz, G, N]``, state ``[Bsz, D, N]``; computed in u's dtype (float32 or float64).
-    No gradient (the custom op has none). Returns (y [Bsz, D], the new state, a new tensor).
-
-    Eagerly the extension is called directly: the custom op's dispatch costs as much as the kernel here
-    (about 10 us); ``torch.compile`` traces the custom op."""
+    No gradient (the custom op has none). Returns (y [Bsz, D], the new state, a new tensor)."""
     args = [_as_input(t, u.dtype) for t in (u, delta, B, C, z, A, D, delta_bias, state)]
-    chunking = chunking_for(u.shape[0], 1, CHUNK, u.device)
-    if torch.compiler.is_compiling():
-        return _scan_fwd(*args, *chunking_args(chunking), softplus, True)
-    u, delta, B, C, z, A, D, delta_bias, state = args
-    out, ht, _ = cpu.extension().selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, state, chunking.cu_seqlens,
-                                                    chunking.chunk_offsets, CHUNK, 0, softplus, True, False)
-    return out, ht
+    return _scan_fwd(*args, *chunking_args(chunking_for(u.shape[0], 1, CHUNK, u.device)), softplus, True)

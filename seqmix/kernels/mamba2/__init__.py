@@ -15,6 +15,7 @@ from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_negative, check_same_dtype, check_sequences, check_tensor
 from seqmix.kernels.conv import causal_conv1d
 from seqmix.kernels.conv import cpu as conv_cpu
+from seqmix.kernels.library import custom_op
 from seqmix.kernels.mamba2 import cpu as cpu_kernels
 from seqmix.kernels.mamba2 import triton as kernels
 from seqmix.kernels.mamba2.reference import ssd_chunked, ssd_recurrent
@@ -75,7 +76,7 @@ def _outputs_like(x, B, cu_seqlens, store_final):
 # B, C [L, G, N] packed; A, D, dt_bias [H]; h0 [N, H, P, N] float32; dt' = clamp(softplus?(dt + dt_bias),
 # lo, hi).
 
-@torch.library.custom_op("seqmix::ssd_chunk_fwd", mutates_args=())
+@custom_op("seqmix::ssd_chunk_fwd", mutates_args=())
 def _chunk_fwd(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None,
                dt_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor,
                chunk_offsets: Tensor, softplus: bool, lo: float, hi: float, store_final: bool
@@ -96,7 +97,7 @@ def _(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_index, chunk_offsets,
         dt.shape, **f32), y
 
 
-@torch.library.custom_op("seqmix::ssd_chunk_bwd", mutates_args=())
+@custom_op("seqmix::ssd_chunk_bwd", mutates_args=())
 def _chunk_bwd(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None,
                dt_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor,
                chunk_offsets: Tensor, dtp: Tensor, lcum: Tensor, y: Tensor, softplus: bool, lo: float, hi: float,
@@ -120,7 +121,7 @@ def _chunk_bwd(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A:
 register_autograd(_chunk_fwd, _chunk_bwd, num_inputs=12)
 
 
-@torch.library.custom_op("seqmix::ssd_recurrent_fwd", mutates_args=())
+@custom_op("seqmix::ssd_recurrent_fwd", mutates_args=())
 def _recurrent_fwd(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None,
                    dt_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor,
                    chunk_offsets: Tensor, softplus: bool, lo: float, hi: float, store_final: bool

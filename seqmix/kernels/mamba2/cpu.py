@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from seqmix.kernels import cpu
+from seqmix.kernels.library import custom_op
 from seqmix.kernels.op import FusedOp, as_input_grads, fake_outputs, nothing, register_autograd
 
 # Tokens per chunk: the chunk's products are [64, N] x [N, (H / G) P] matrix products, as fast per FLOP as
@@ -57,7 +58,7 @@ def _fwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets, num_chunk
                                    chunk_offsets, chunk, num_chunks, softplus, lo, hi, store_final, store_chunks)
 
 
-@torch.library.custom_op("seqmix::ssd_cpu_chunk_fwd", mutates_args=())
+@custom_op("seqmix::ssd_cpu_chunk_fwd", mutates_args=())
 def _chunk_fwd(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None,
                dt_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor,
                chunk_offsets: Tensor, softplus: bool, lo: float, hi: float, store_final: bool
@@ -78,7 +79,7 @@ def _chunk_fwd_fake(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_index, 
             torch.empty_like(x), y_pre)
 
 
-@torch.library.custom_op("seqmix::ssd_cpu_chunk_bwd", mutates_args=())
+@custom_op("seqmix::ssd_cpu_chunk_bwd", mutates_args=())
 def _chunk_bwd(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None,
                dt_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor,
                chunk_offsets: Tensor, hc: Tensor, y_in: Tensor, y_pre: Tensor, softplus: bool, lo: float, hi: float,
@@ -109,7 +110,7 @@ def _bwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets, hc, y_in,
 register_autograd(_chunk_fwd, _chunk_bwd, num_inputs=12, materialize_grads=False)
 
 
-@torch.library.custom_op("seqmix::ssd_cpu_fwd", mutates_args=())
+@custom_op("seqmix::ssd_cpu_fwd", mutates_args=())
 def _recurrent_fwd(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None,
                    dt_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor,
                    chunk_offsets: Tensor, softplus: bool, lo: float, hi: float, store_final: bool
@@ -129,7 +130,7 @@ def _(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_index, chunk_offsets,
 FUSED = FusedOp(CHUNK, _chunk_fwd, _recurrent_fwd, recurrent_max_tokens=None)
 
 
-@torch.library.custom_op("seqmix::ssd_cpu_xbc_chunk_fwd", mutates_args=())
+@custom_op("seqmix::ssd_cpu_xbc_chunk_fwd", mutates_args=())
 def _xbc_chunk_fwd(xbc: Tensor, dt: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None, dt_bias: Tensor | None,
                    conv_weight: Tensor | None, conv_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor,
                    chunk_index: Tensor, chunk_offsets: Tensor, heads: int, groups: int, state: int, softplus: bool,
@@ -151,7 +152,7 @@ def _(xbc, dt, z, A, D, dt_bias, conv_weight, conv_bias, h0, cu_seqlens, chunk_i
                            store_final)
 
 
-@torch.library.custom_op("seqmix::ssd_cpu_xbc_chunk_bwd", mutates_args=())
+@custom_op("seqmix::ssd_cpu_xbc_chunk_bwd", mutates_args=())
 def _xbc_chunk_bwd(xbc: Tensor, dt: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None, dt_bias: Tensor | None,
                    conv_weight: Tensor | None, conv_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor,
                    chunk_index: Tensor, chunk_offsets: Tensor, hc: Tensor, y_in: Tensor, y_pre: Tensor, heads: int,

@@ -11,6 +11,7 @@ from torch import Tensor
 from seqmix.kernels import cpu
 from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_same_dtype, check_tensor
+from seqmix.kernels.library import custom_op
 from seqmix.kernels.norm import triton as kernels
 from seqmix.kernels.norm.reference import add_rms_norm_reference, rms_norm_reference
 from seqmix.kernels.op import nothing, or_empty, register_autograd
@@ -23,7 +24,7 @@ __all__ = ["add_rms_norm", "add_rms_norm_backend", "add_rms_norm_reference", "rm
 # weight [D]. The new residual h = x + residual stands in the protocol's "final state" slot (an empty
 # tensor without a residual); the backward reads h (x itself without a residual), the weight and rstd.
 
-@torch.library.custom_op("seqmix::add_rms_norm_fwd", mutates_args=())
+@custom_op("seqmix::add_rms_norm_fwd", mutates_args=())
 def _fwd(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (normed [M, D], h [M, D] or an empty tensor, and for the backward rstd [M] float32)."""
     normed, h, rstd = kernels.add_rms_norm_fwd(x, residual, weight, eps)
@@ -36,7 +37,7 @@ def _(x, residual, weight, eps):
     return torch.empty_like(x), h, x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
-@torch.library.custom_op("seqmix::add_rms_norm_bwd", mutates_args=())
+@custom_op("seqmix::add_rms_norm_bwd", mutates_args=())
 def _bwd(h: Tensor, weight: Tensor, rstd: Tensor, eps: float, dnormed: Tensor | None, dh_out: Tensor | None,
          needs: list[bool]) -> list[Tensor]:
     """Gradients (dh [M, D], the one x and residual share; dweight [D] in weight's dtype or an empty tensor)."""
@@ -121,7 +122,7 @@ def add_rms_norm(
 # The C++ kernels of RMSNorm for training (norm/rms_norm_cpu.cpp) as torch.library ops: rows x [M, D], weight
 # [D], gate [M, D] or None, all in one dtype, float32 or float64. The backward reads the inputs and rstd [M].
 
-@torch.library.custom_op("seqmix::rms_norm_cpu_fwd", mutates_args=())
+@custom_op("seqmix::rms_norm_cpu_fwd", mutates_args=())
 def _rms_fwd(x: Tensor, weight: Tensor, gate: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
     """Returns (y [M, D], rstd [M])."""
     y, rstd = cpu.extension().rms_norm_fwd(x, weight, gate, eps)
@@ -133,7 +134,7 @@ def _(x, weight, gate, eps):
     return torch.empty_like(x), x.new_empty((x.shape[0],))
 
 
-@torch.library.custom_op("seqmix::rms_norm_cpu_bwd", mutates_args=())
+@custom_op("seqmix::rms_norm_cpu_bwd", mutates_args=())
 def _rms_bwd(x: Tensor, weight: Tensor, gate: Tensor | None, rstd: Tensor, dy: Tensor) -> list[Tensor]:
     """Returns [dx [M, D], dweight [D], dgate [M, D] (an empty tensor without a gate)]."""
     dx, dweight, dgate = cpu.extension().rms_norm_bwd(x, weight, gate, rstd, dy)
@@ -156,7 +157,7 @@ def _rms_backward(ctx, dy, _drstd):
     return dx, dweight, None if gate is None else dgate, None
 
 
-torch.library.register_autograd("seqmix::rms_norm_cpu_fwd", _rms_backward, setup_context=_rms_setup_context)
+_rms_fwd.register_autograd(_rms_backward, setup_context=_rms_setup_context)
 
 
 def rms_norm(x: Tensor, weight: Tensor, gate: Tensor | None = None, eps: float = 1e-5, *,

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_cu_seqlens, check_tensor, check_values
+from seqmix.kernels.library import custom_op
 from seqmix.kernels.op import as_input_grads, grads_like, nothing, register_autograd
 from seqmix.kernels.pooling import reference
 from seqmix.kernels.pooling import triton as kernels
@@ -95,7 +96,7 @@ def hard_boundaries(boundaries: Tensor) -> Tensor:
     return (boundaries > 0.5).float()
 
 
-@torch.library.custom_op("seqmix::segment_pool_fwd", mutates_args=())
+@custom_op("seqmix::segment_pool_fwd", mutates_args=())
 def _pool_fwd(x: Tensor, boundaries: Tensor, c: Tensor, seq: Tensor, cu: Tensor, S: int
               ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (pooled [N*S, D], no state, and for the backward the tokens per segment [N*S] float32)."""
@@ -109,7 +110,7 @@ def _(x, boundaries, c, seq, cu, S):
     return x.new_empty((rows, x.shape[1])), nothing(x), x.new_empty((rows,), dtype=torch.float32)
 
 
-@torch.library.custom_op("seqmix::segment_pool_bwd", mutates_args=())
+@custom_op("seqmix::segment_pool_bwd", mutates_args=())
 def _pool_bwd(x: Tensor, boundaries: Tensor, c: Tensor, seq: Tensor, cu: Tensor, pooled: Tensor, counts: Tensor,
               S: int, dpooled: Tensor, dfinal: Tensor | None, needs: list[bool]) -> list[Tensor]:
     seg = _segments(c, seq, cu, False)
@@ -122,7 +123,7 @@ register_autograd(_pool_fwd, _pool_bwd, num_inputs=5,
                   saved=lambda inputs, output: (*inputs[:5], output[0], output[2]))
 
 
-@torch.library.custom_op("seqmix::segment_upsample_fwd", mutates_args=())
+@custom_op("seqmix::segment_upsample_fwd", mutates_args=())
 def _upsample_fwd(y: Tensor, boundaries: Tensor, c: Tensor, seq: Tensor, cu: Tensor, S: int, packed: bool
                   ) -> tuple[Tensor, Tensor]:
     """Returns (out [L, D], no state)."""
@@ -134,7 +135,7 @@ def _(y, boundaries, c, seq, cu, S, packed):
     return y.new_empty((c.shape[0], y.shape[1])), nothing(y)
 
 
-@torch.library.custom_op("seqmix::segment_upsample_bwd", mutates_args=())
+@custom_op("seqmix::segment_upsample_bwd", mutates_args=())
 def _upsample_bwd(y: Tensor, boundaries: Tensor, c: Tensor, seq: Tensor, cu: Tensor, S: int, packed: bool,
                   dout: Tensor, dfinal: Tensor | None, needs: list[bool]) -> list[Tensor]:
     dy, db = kernels.upsample_bwd(dout, y, hard_boundaries(boundaries), _segments(c, seq, cu, packed), S)

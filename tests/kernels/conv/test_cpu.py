@@ -191,5 +191,5 @@ def test_custom_op_passes_opcheck(store_final):
     x, w, b, h0 = [t.requires_grad_() for t in _inputs(1, 30, 6, 3, 3, dtype=torch.float32)]
     chunking = make_chunking(torch.tensor([0, 10, 10, 30]), CHUNK)
     args = (x[0], w, b, h0, chunking.cu_seqlens, chunking.chunk_index, chunking.chunk_offsets, True, store_final)
-    torch.library.opcheck(conv_cpu._chunk_fwd, args, test_utils=("test_schema", "test_autograd_registration",
+    torch.library.opcheck(conv_cpu._chunk_fwd.op, args, test_utils=("test_schema", "test_autograd_registration",
                                                                "test_faketensor"))

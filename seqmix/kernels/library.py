@@ -1,0 +1,86 @@
+"""seqmix's kernels as ``torch.library`` custom ops that eager calls reach without torch.library's dispatch.
+
+A custom op is what ``torch.compile`` needs to trace a kernel it cannot see into: a schema, a fake (shape-only)
+implementation and an autograd formula. In eager mode the same op is slow to call: torch.library's Python
+dispatch (the autograd key's ``autograd.Function``, a redispatch to the backend key, the schema's defaults
+filled in argument by argument, the outputs' aliasing checked) costs ~0.1-0.2 ms a call forward and backward
+on a 2-core CPU, more than the kernels themselves for a short batch and ~3-5% of a small LM's training step
+(docs/design.md, "Sixteenth round").
+
+:func:`custom_op` defines the op as torch.library does and returns a :class:`CustomOp`, which
+
+- under ``torch.compile`` calls the torch.library op (``.op``): the graph holds it, its fake and its autograd;
+- in eager mode, on plain tensors with no dispatch mode active, calls the op's Python implementation directly,
+  inside a ``torch.autograd.Function`` made of the same ``setup_context`` and ``backward`` when an input wants
+  a gradient;
+- hands everything else to the torch.library op: tensor subclasses and dispatch modes (fake tensors, the
+  tracing of a compiled backward, which calls the backward's ops on them), an op without autograd called on
+  inputs that want a gradient (torch's own error), and ``torch.library.opcheck(op.op, ...)``.
+
+Ops take positional arguments only (their schemas have no defaults), so that ``setup_context`` sees the
+same inputs on both paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+__all__ = ["CustomOp", "custom_op"]
+
+
+class CustomOp:
+    """A torch.library custom op (``op``) and its Python implementation (``fn``); see the module docstring."""
+
+    def __init__(self, op, fn: Callable):
+        self.op, self.fn = op, fn
+        self._function = None  # the eager autograd.Function, once register_autograd has been called
+        self.__name__, self.__doc__ = fn.__name__, fn.__doc__
+
+    def register_fake(self, fake: Callable) -> Callable:
+        return self.op.register_fake(fake)
+
+    def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
+        """``backward(ctx, *grads)`` and ``setup_context(ctx, inputs, output)`` as torch.library takes them,
+        for both paths."""
+        self.op.register_autograd(backward, setup_context=setup_context)
+        fn = self.fn
+
+        def forward(ctx, *inputs):
+            output = fn(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+        self._function = type(f"{fn.__name__}_function", (torch.autograd.Function,),
+                              {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or not _plain(args):
+            return self.op(*args)
+        if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+            return self.op(*args) if self._function is None else self._function.apply(*args)
+        return self.fn(*args)
+
+
+def _plain(args: Iterable) -> bool:
+    """Whether every argument is a plain tensor (or parameter) or one of the schemas' plain values: no tensor
+    subclass with its own dispatch. A loop over exact types: 0.6 us for 13 arguments, a third of an
+    isinstance-based check's cost (a decoding step makes a few such calls per layer)."""
+    for a in args:
+        if type(a) not in _PLAIN_TYPES:
+            return False
+    return True
+
+
+# The types of the ops' arguments (Tensor, Tensor | None, bool, int, float, list[bool]) as callers pass them.
+_PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter, type(None), bool, int, float, list))
+
+
+def custom_op(name: str, *, mutates_args: Iterable[str] | str = ()) -> Callable[[Callable], CustomOp]:
+    """``torch.library.custom_op(name, mutates_args=...)`` as a decorator returning a :class:`CustomOp`."""
+    def define(fn: Callable) -> CustomOp:
+        return CustomOp(torch.library.custom_op(name, mutates_args=mutates_args)(fn), fn)
+
+    return define
