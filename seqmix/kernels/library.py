@@ -13,9 +13,10 @@ on a 2-core CPU, more than the kernels themselves for a short batch and ~3-5% of
 - in eager mode, on plain tensors with no dispatch mode active, calls the op's Python implementation directly,
   inside a ``torch.autograd.Function`` made of the same ``setup_context`` and ``backward`` when an input wants
   a gradient;
-- hands everything else to the torch.library op: tensor subclasses and dispatch modes (fake tensors, the
-  tracing of a compiled backward, which calls the backward's ops on them), an op without autograd called on
-  inputs that want a gradient (torch's own error), and ``torch.library.opcheck(op.op, ...)``.
+- hands everything else to the torch.library op: tensor subclasses, dispatch modes (fake tensors, the
+  tracing of a compiled backward, which calls the backward's ops on them) and torch.func's transforms (whose
+  wrapped tensors look plain), an op without autograd called on inputs that want a gradient (torch's own
+  error), and ``torch.library.opcheck(op.op, ...)``.
 
 Ops take positional arguments only (their schemas have no defaults), so that ``setup_context`` sees the
 same inputs on both paths.
@@ -57,7 +58,8 @@ class CustomOp:
                               {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def __call__(self, *args):
-        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or not _plain(args):
+        if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+                or torch._C._are_functorch_transforms_active() or not _plain(args)):
             return self.op(*args)
         if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
             return self.op(*args) if self._function is None else self._function.apply(*args)

@@ -142,6 +142,17 @@ def test_tensor_subclass_takes_the_torch_library_op():
     torch.testing.assert_close(y.data_, 0.5 * x.data_ ** 3)
 
 
+def test_torch_func_transforms_take_the_torch_library_op():
+    """vmap's batched tensors are plain torch.Tensors to Python: the call must still reach the torch.library op,
+    which has no batching rule, so torch's fallback calls the implementation once per example (a direct call
+    would run it once on the batched tensor)."""
+    x = torch.randn(3, 4, dtype=torch.float64)
+    before = calls["fn"]
+    y = torch.vmap(lambda t: scaled_cube(t, 0.5, None)[0])(x)
+    assert calls["fn"] == before + 3
+    torch.testing.assert_close(y, 0.5 * x ** 3)
+
+
 def test_op_without_autograd_keeps_torchs_handling():
     """An op with no registered backward, called on an input that wants a gradient, goes to torch.library, whose
     result cannot be differentiated through: backward raises rather than returning a wrong (zero) gradient."""
