@@ -3,9 +3,9 @@
 A custom op is what ``torch.compile`` needs to trace a kernel it cannot see into: a schema, a fake (shape-only)
 implementation and an autograd formula. In eager mode the same op is slow to call: torch.library's Python
 dispatch (the autograd key's ``autograd.Function``, a redispatch to the backend key, the schema's defaults
-filled in argument by argument, the outputs' aliasing checked) costs ~0.1-0.2 ms a call forward and backward
-on a 2-core CPU, more than the kernels themselves for a short batch and ~3-5% of a small LM's training step
-(docs/design.md, "Sixteenth round").
+filled in argument by argument, the outputs' aliasing checked) costs ~0.15-0.3 ms a forward and backward on
+a 2-core CPU: more than the kernels themselves for a short batch, a fifth of the tiny LM's training step at
+B1 T16 and 1-3% at B16 T128 (docs/design.md, "Sixteenth round").
 
 :func:`custom_op` defines the op as torch.library does and returns a :class:`CustomOp`, which
 
@@ -33,10 +33,11 @@ __all__ = ["CustomOp", "custom_op"]
 
 
 class CustomOp:
-    """A torch.library custom op (``op``) and its Python implementation (``fn``); see the module docstring."""
+    """A torch.library custom op (``op``, named ``name``: "namespace::op") and its Python implementation
+    (``fn``); see the module docstring."""
 
-    def __init__(self, op, fn: Callable):
-        self.op, self.fn = op, fn
+    def __init__(self, name: str, op, fn: Callable):
+        self.name, self.op, self.fn = name, op, fn
         self._function = None  # the eager autograd.Function, once register_autograd has been called
         self.__name__, self.__doc__ = fn.__name__, fn.__doc__
 
@@ -54,7 +55,8 @@ class CustomOp:
             setup_context(ctx, inputs, output)
             return output
 
-        self._function = type(f"{fn.__name__}_function", (torch.autograd.Function,),
+        # Named after the op (seqmix::ssd_cpu_chunk_fwd -> seqmix_ssd_cpu_chunk_fwd): what profiles show.
+        self._function = type(self.name.replace("::", "_"), (torch.autograd.Function,),
                               {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def __call__(self, *args):
@@ -68,7 +70,7 @@ class CustomOp:
 
 def _plain(args: Iterable) -> bool:
     """Whether every argument is a plain tensor (or parameter) or one of the schemas' plain values: no tensor
-    subclass with its own dispatch. A loop over exact types: 0.6 us for 13 arguments, a third of an
+    subclass with its own dispatch. A loop over exact types: 0.6 us for 13 arguments, half or less of an
     isinstance-based check's cost (a decoding step makes a few such calls per layer)."""
     for a in args:
         if type(a) not in _PLAIN_TYPES:
@@ -83,6 +85,6 @@ _PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter, type(None), bool, int, flo
 def custom_op(name: str, *, mutates_args: Iterable[str] | str = ()) -> Callable[[Callable], CustomOp]:
     """``torch.library.custom_op(name, mutates_args=...)`` as a decorator returning a :class:`CustomOp`."""
     def define(fn: Callable) -> CustomOp:
-        return CustomOp(torch.library.custom_op(name, mutates_args=mutates_args)(fn), fn)
+        return CustomOp(name, torch.library.custom_op(name, mutates_args=mutates_args)(fn), fn)
 
     return define
