@@ -10,8 +10,8 @@ tensors, no gradient wanted (the C++ steps have no backward; autograd keeps the 
 kernels built (else the tensor ops serve, and ``seqmix.kernels.explain`` says why). Each is a custom op of
 seqmix/kernels/library.py: eagerly the extension is called directly (torch.library's dispatch costs about as
 much as the kernel at decoding sizes), under ``torch.compile`` it is the torch.library op with a fake
-implementation, so a decoding step traces into one graph. Outputs come in the first input's dtype, states in float32 (float64 for float64
-inputs), as the tensor-op steps return them.
+implementation, so a decoding step traces into one graph. Outputs come in the first input's dtype, states in
+float32 (float64 for float64 inputs), as the tensor-op steps return them.
 """
 
 from __future__ import annotations

@@ -254,7 +254,8 @@ def test_custom_ops_pass_opcheck(grad, monkeypatch):
         inputs = [t.detach() for t in inputs]
     _op("cpu", case)(*inputs)
     assert len(calls) == 1
-    torch.library.opcheck(custom.op, calls[0], test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(custom.op, calls[0],
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 def test_compiled_call_equals_eager():

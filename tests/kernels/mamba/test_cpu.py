@@ -235,7 +235,8 @@ def test_custom_ops_pass_opcheck(grad, monkeypatch):
     inputs = make_inputs(case, torch.float32, CPU, requires_grad=grad)
     selective_scan(*inputs[:5], **case.kwargs(inputs), output_final_state=True, backend="cpu")
     assert len(calls) == 1
-    torch.library.opcheck(custom.op, calls[0], test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(custom.op, calls[0],
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 @built

@@ -230,7 +230,8 @@ def test_custom_ops_pass_opcheck(grad, monkeypatch):
         inputs = [None if t is None else t.detach() for t in inputs]
     ssd(*inputs[:5], **case.kwargs(inputs), output_final_state=True, backend="cpu")
     assert len(calls) == 1
-    torch.library.opcheck(custom.op, calls[0], test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(custom.op, calls[0],
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 def test_compiled_call_equals_eager():
@@ -331,7 +332,8 @@ def test_xbc_takes_the_in_place_kernels_with_gradients_only(monkeypatch):
     assert len(calls) == 1
     xbc = calls[0][0]
     assert xbc.shape == (140, 2 * 4 + 2 * 6)
-    torch.library.opcheck(custom.op, calls[0], test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(custom.op, calls[0],
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     with torch.no_grad():
         y, _ = ssd_xbc(xbc.view(2, 70, -1), *[t.detach() for t in inputs[1:3]], num_heads=2, n_groups=1, d_state=6,
                        backend="cpu")
@@ -421,7 +423,8 @@ def test_conv_inside_is_one_call_with_gradients_only(monkeypatch):
     assert len(calls) == 1 and not conv_calls
     xbc, weight, conv_bias = calls[0][0], calls[0][6], calls[0][7]
     assert xbc.shape == (140, 2 * 4 + 2 * 6) and weight.shape == (20, 4) and conv_bias.shape == (20,)
-    torch.library.opcheck(custom.op, calls[0], test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(custom.op, calls[0],
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     inputs = [t.detach() for t in _inputs(case, torch.float32)]
     with torch.no_grad():
         y2, s2 = ssd_xbc(xbc.view(2, 70, -1), *inputs[1:3], num_heads=2, n_groups=1, d_state=6, backend="cpu",
