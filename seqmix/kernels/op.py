@@ -15,7 +15,9 @@ kernels. This module owns the rest:
 - autograd: a fused op is a pair of ``torch.library`` custom ops, forward and
   backward, with fake (shape-only) implementations, joined by
   :func:`register_autograd`. ``torch.compile(fullgraph=True)`` traces through
-  them, and the backward's gradients come back in the inputs' dtypes.
+  them, and the backward's gradients come back in the inputs' dtypes. They are
+  defined with seqmix/kernels/library.py's ``custom_op``, so eager calls skip
+  torch.library's dispatch.
 
 The protocol of a family's custom ops (docs/design.md, "The op layer"):
 
