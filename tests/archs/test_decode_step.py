@@ -1,14 +1,14 @@
-"""The LM's decoding step (LanguageModel.decode_step) under torch.compile(fullgraph=True): every mixer, on
-the reference backend, traces one step without a graph break (no host sync, no shape change: the
-one-token steps and the preallocated attention cache), and its logits and states equal the eager
-step's over several chained steps."""
+"""The LM's decoding step (LanguageModel.decode_step) as one static graph: every mixer, on the reference
+backend, traces one step under torch.compile(fullgraph=True) without a graph break (no host sync, no shape
+change: the one-token steps and the preallocated attention cache), and on a GPU one step captured in a CUDA
+graph replays token after token; both give the eager steps' logits and states over several chained steps."""
 
 import pytest
 import torch
 
 from seqmix.archs import MIXERS
 from seqmix.archs.lm import LanguageModel, LMConfig
-from tests.helpers import DEVICE, assert_rel
+from tests.helpers import DEVICE, ON_GPU, assert_rel
 
 # A small core for the recurrent depth, with an attention (preallocated cache) and a recurrent mixer.
 MIXER_OPTIONS = {"recurrent_depth": {"core": ["attention", "mamba2"], "mean_steps": 2}}
@@ -23,31 +23,98 @@ def _flat(state):
     return {f"{i}.{name}": value.clone() for i, s in enumerate(state) for name, value in s.items()}
 
 
-@pytest.mark.parametrize("name", STATIC_STEP_MIXERS)
-def test_decode_step_compiles_in_one_graph_and_equals_eager(name, monkeypatch):
-    monkeypatch.setenv("SEQMIX_BACKEND", "reference")
+def _cloned(state):
+    return [{name: value.clone() for name, value in s.items()} for s in state]
+
+
+def _copy_into(state, source):
+    """Writes ``source``'s tensors into ``state``'s, in place (the same names, shapes and dtypes)."""
+    for s, src in zip(state, source, strict=True):
+        assert s.keys() == src.keys()
+        for name, value in s.items():
+            value.copy_(src[name])
+
+
+def _model_and_tokens(name):
+    """A 2-layer LM of width 32 with ``name`` in both layers (eval mode, on DEVICE) and tokens [2, PROMPT + STEPS]."""
     torch.manual_seed(0)
     options = {name: MIXER_OPTIONS[name]} if name in MIXER_OPTIONS else {}
     model = LanguageModel(LMConfig(hidden_size=32, num_heads=2, layers=[name, name], mixer_options=options))
-    model = model.to(DEVICE).eval()
     tokens = torch.randint(0, 256, (2, PROMPT + STEPS), generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    torch._dynamo.reset()
-    compiled = torch.compile(model.decode_step, fullgraph=True, backend="eager")
-    results = {}
-    with torch.no_grad():
-        for label, step in (("eager", model.decode_step), ("compiled", compiled)):
-            _, state = model(tokens[:, :PROMPT], model.init_state(2, capacity=PROMPT + STEPS))
-            logits = []
-            for t in range(PROMPT, PROMPT + STEPS):
-                out, state = step(tokens[:, t : t + 1], state)
-                logits.append(out)
-            results[label] = torch.stack(logits, 1), _flat(state)
-    (want, want_state), (got, got_state) = results["eager"], results["compiled"]
-    assert got.shape == (2, STEPS, model.config.vocab_size)
-    assert_rel(got, want, 1e-6, f"{name}: compiled decode-step logits")
+    return model.to(DEVICE).eval(), tokens
+
+
+def _eager_steps(model, tokens, state):
+    """Logits [2, STEPS, vocab] and the flat final state of STEPS eager decode_step calls after the prompt."""
+    logits = []
+    for t in range(PROMPT, PROMPT + STEPS):
+        out, state = model.decode_step(tokens[:, t : t + 1], state)
+        logits.append(out)
+    return torch.stack(logits, 1), _flat(state)
+
+
+def _assert_same_steps(model, name, how, got, want):
+    (got_logits, got_state), (want_logits, want_state) = got, want
+    assert got_logits.shape == (2, STEPS, model.config.vocab_size)
+    assert_rel(got_logits, want_logits, 1e-6, f"{name}: {how} decode-step logits")
     assert got_state.keys() == want_state.keys()
     for key, value in want_state.items():
-        assert_rel(got_state[key], value, 1e-6, f"{name}: compiled decode-step state {key!r}")
+        assert_rel(got_state[key], value, 1e-6, f"{name}: {how} decode-step state {key!r}")
+
+
+@pytest.mark.parametrize("name", STATIC_STEP_MIXERS)
+def test_decode_step_compiles_in_one_graph_and_equals_eager(name, monkeypatch):
+    monkeypatch.setenv("SEQMIX_BACKEND", "reference")
+    model, tokens = _model_and_tokens(name)
+    torch._dynamo.reset()
+    compiled = torch.compile(model.decode_step, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        _, start = model(tokens[:, :PROMPT], model.init_state(2, capacity=PROMPT + STEPS))
+        want = _eager_steps(model, tokens, _cloned(start))
+        state, logits = _cloned(start), []
+        for t in range(PROMPT, PROMPT + STEPS):
+            out, state = compiled(tokens[:, t : t + 1], state)
+            logits.append(out)
+    _assert_same_steps(model, name, "compiled", (torch.stack(logits, 1), _flat(state)), want)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU: captures a CUDA graph")
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("name", STATIC_STEP_MIXERS)
+def test_decode_step_replays_from_a_cuda_graph(name, backend, monkeypatch):
+    """One decode_step captured in a CUDA graph, its state written back in place (as benchmarks/bench_decode.py
+    times it), replayed once per token: the eager steps' logits and states. A host sync or an allocation
+    that changes between steps fails the capture or the comparison."""
+    if backend == "auto":
+        monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("SEQMIX_BACKEND", backend)
+    model, tokens = _model_and_tokens(name)
+    with torch.no_grad():
+        _, start = model(tokens[:, :PROMPT], model.init_state(2, capacity=PROMPT + STEPS))
+        want = _eager_steps(model, tokens, _cloned(start))
+        state, token = _cloned(start), tokens[:, PROMPT : PROMPT + 1].clone()
+
+        def step():
+            out, new_state = model.decode_step(token, state)
+            _copy_into(state, new_state)
+            return out
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()  # outside the graph: Triton's compiles and autotuning, workspaces
+        torch.cuda.current_stream().wait_stream(side)
+        _copy_into(state, start)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        logits = []
+        for t in range(PROMPT, PROMPT + STEPS):
+            token.copy_(tokens[:, t : t + 1])
+            graph.replay()
+            logits.append(out.clone())
+    _assert_same_steps(model, name, "CUDA graph", (torch.stack(logits, 1), _flat(state)), want)
 
 
 def test_attention_decoding_writes_the_preallocated_cache_in_place():
