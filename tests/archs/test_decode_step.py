@@ -1,7 +1,8 @@
 """The LM's decoding step (LanguageModel.decode_step) as one static graph: every mixer, on the reference
 backend, traces one step under torch.compile(fullgraph=True) without a graph break (no host sync, no shape
-change: the one-token steps and the preallocated attention cache), and on a GPU one step captured in a CUDA
-graph replays token after token; both give the eager steps' logits and states over several chained steps."""
+change: the one-token steps and the preallocated attention cache); every mixer runs on static buffers (its
+state written back in place), on a GPU as one step captured in a CUDA graph and replayed token after token;
+each gives the eager steps' logits and states over several chained steps."""
 
 import pytest
 import torch
@@ -28,10 +29,12 @@ def _cloned(state):
 
 
 def _copy_into(state, source):
-    """Writes ``source``'s tensors into ``state``'s, in place (the same names, shapes and dtypes)."""
+    """Writes ``source``'s tensors into ``state``'s, in place; they must have the same names, shapes and dtypes
+    (copy_ alone would broadcast a smaller tensor or cast another dtype)."""
     for s, src in zip(state, source, strict=True):
         assert s.keys() == src.keys()
         for name, value in s.items():
+            assert (value.shape, value.dtype) == (src[name].shape, src[name].dtype), name
             value.copy_(src[name])
 
 
@@ -78,13 +81,35 @@ def test_decode_step_compiles_in_one_graph_and_equals_eager(name, monkeypatch):
     _assert_same_steps(model, name, "compiled", (torch.stack(logits, 1), _flat(state)), want)
 
 
-@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU: captures a CUDA graph")
+def _captured(step, state, start):
+    """``step`` captured in a CUDA graph after one warm-up call on a side stream (Triton's compiles and
+    autotuning, workspaces), with ``state`` reset to ``start`` after it; returns a call that replays the graph
+    and returns the captured step's output tensor."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    _copy_into(state, start)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+
+    def replay():
+        graph.replay()
+        return out
+
+    return replay
+
+
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 @pytest.mark.parametrize("name", STATIC_STEP_MIXERS)
-def test_decode_step_replays_from_a_cuda_graph(name, backend, monkeypatch):
-    """One decode_step captured in a CUDA graph, its state written back in place (as benchmarks/bench_decode.py
-    times it), replayed once per token: the eager steps' logits and states. A host sync or an allocation
-    that changes between steps fails the capture or the comparison."""
+def test_decode_step_replays_on_static_buffers(name, backend, monkeypatch):
+    """One decode_step on static buffers, as a CUDA graph runs it (and benchmarks/bench_decode.py times it):
+    the token read from one tensor, the new state written back into the state's own tensors (same shapes and
+    dtypes). On a GPU the step is captured in a CUDA graph and replayed once per token (a host sync or a
+    changing allocation fails the capture or the comparison); on the CPU it is called once per token. Either
+    way, the eager steps' logits and states."""
     if backend == "auto":
         monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
     else:
@@ -100,21 +125,13 @@ def test_decode_step_replays_from_a_cuda_graph(name, backend, monkeypatch):
             _copy_into(state, new_state)
             return out
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()  # outside the graph: Triton's compiles and autotuning, workspaces
-        torch.cuda.current_stream().wait_stream(side)
-        _copy_into(state, start)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
+        run = _captured(step, state, start) if ON_GPU else step
         logits = []
         for t in range(PROMPT, PROMPT + STEPS):
             token.copy_(tokens[:, t : t + 1])
-            graph.replay()
-            logits.append(out.clone())
-    _assert_same_steps(model, name, "CUDA graph", (torch.stack(logits, 1), _flat(state)), want)
+            logits.append(run().clone())
+    how = "CUDA graph" if ON_GPU else "static-buffer"
+    _assert_same_steps(model, name, how, (torch.stack(logits, 1), _flat(state)), want)
 
 
 def test_attention_decoding_writes_the_preallocated_cache_in_place():
