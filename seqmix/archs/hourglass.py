@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqmix.archs.lm import Block, LMConfig
-from seqmix.archs.mixer import Mixer, State, register_mixer, with_parent_backend
+from seqmix.archs.mixer import (Mixer, State, init_mixer_state, is_decoding_step, register_mixer,
+                                with_parent_backend)
 from seqmix.archs.modules import Linear, RMSNorm, no_weight_decay
 from seqmix.kernels import chunk_select, ema_dechunk, segment_pool, segment_upsample
 from seqmix.kernels.pooling import hard_boundaries, segments_of
@@ -137,15 +138,23 @@ class Hourglass(Mixer):
         B, T, _ = x.shape
         if B * T == 0:
             return x.new_zeros(x.shape), state
+        if self.boundary != "hnet" and is_decoding_step(x, state, cu_seqlens):
+            step = self._pooling_step(x, state)
+            if step is not None:
+                return step
         n = B if cu_seqlens is None else cu_seqlens.numel() - 1
         layout = segments_of(torch.zeros(B, T, dtype=torch.bool, device=x.device), B, T, n, cu_seqlens)
         if self.boundary == "hnet":
             return self._mix_hnet(x, state, cu_seqlens, layout)
         return self._mix_pooling(x, state, cu_seqlens, layout)
 
-    def init_state(self, batch_size: int) -> State:
+    def init_state(self, batch_size: int, capacity: int = 0) -> State:
+        """The empty state. ``capacity`` (tokens of the longest continuation to come) goes to the inner mixers
+        that preallocate (attention: in-place decoding), one position more for the null vector; the
+        shortened sequence is never longer than the tokens."""
         device = self.up_norm.weight.device
-        inner = [block.mixer.init_state(batch_size) for block in self.inner]
+        inner = [init_mixer_state(block.mixer, batch_size, capacity=capacity + 1 if capacity else 0)
+                 for block in self.inner]
         state = {"position": torch.zeros(batch_size, dtype=torch.int64, device=device)}
         if self.boundary == "hnet":
             state["prev"] = torch.zeros(batch_size, self.hidden_size, device=device)
@@ -252,6 +261,31 @@ class Hourglass(Mixer):
             h, _ = self._run_inner(self.down_norm(torch.cat([null, pooled], 1)), None, None)
             return segment_upsample(self.up_norm(h), b, cu_seqlens=cu_seqlens, backend=self.backend), None
         return self._stream_pooling(x, b, state, cu_seqlens, layout)
+
+    def _pooling_step(self, x, state):
+        """One token per sequence (x [B, 1, D]) when every sequence's token closes its segment or none does
+        (always at B = 1): the open segment's sum and count take the token; a closing token's segment mean runs
+        through the inner layers' own one-token steps and becomes what it and the tokens after it read. What
+        :meth:`_stream_pooling` computes for such a call, without its segment bookkeeping and packed inner call
+        (docs/design.md, "Seventeenth round"). None for a batch whose tokens disagree: that call streams."""
+        if self.boundary == "fixed":
+            b = ((state["position"] + 1) % self.stride == 0).float()[:, None]
+        else:
+            b, _ = self._predict(x, state)
+        closes = hard_boundaries(b)[:, 0].bool()
+        every = bool(closes.all())
+        if not every and bool(closes.any()):
+            return None
+        inner = self._unflatten(state)
+        total, count = state["sum"] + x[:, 0].float(), state["count"] + 1
+        new = {"position": state["position"] + 1}
+        if every:
+            pooled = (total / count[:, None]).to(x.dtype)[:, None]
+            h, inner = self._run_inner(self.down_norm(pooled), inner, None)
+            new.update(last=self.up_norm(h)[:, 0].float(), sum=torch.zeros_like(total), count=torch.zeros_like(count))
+        else:
+            new.update(last=state["last"], sum=total, count=count)
+        return new["last"][:, None].to(x.dtype), {**new, **self._flatten(inner)}
 
     def _stream_pooling(self, x, b, state, cu_seqlens, layout):
         """Continue the sequences of ``state``: the open segment's sum and count join the first segment

@@ -7,7 +7,7 @@ import torch
 from seqmix.archs import build_mixer
 from seqmix.archs.lm import LanguageModel, LMConfig
 from tests.archs import contract
-from tests.helpers import DEVICE, TOL
+from tests.helpers import DEVICE, TOL, assert_rel
 
 HIDDEN = 32
 MODES = ["gumbel", "entropy", "fixed", "hnet"]  # whitespace reads tokens: tested through the LM below
@@ -50,6 +50,37 @@ def test_contract_in_every_mode(mode):
     contract.decoding_equals_training_call(layer, x, 25, TOL[torch.float32])
     xs = [_x(1, t, seed=10 + i) for i, t in enumerate([19, 6, 13])]
     contract.padding_and_packing_equal_separate_calls(layer, xs, TOL[torch.float32])
+
+
+
+@pytest.mark.parametrize("mode", ["gumbel", "entropy", "fixed"])
+def test_one_token_step_equals_the_streaming_path(mode):
+    """Decoding one token per sequence: when every sequence's token closes its segment, or none does, the
+    one-token step gives what the streaming path gives (outputs and every state tensor); a batch whose tokens
+    disagree takes the streaming path. Both kinds of agreeing step (and, where boundaries vary by sequence,
+    disagreeing ones) occur."""
+    layer, x = _layer(mode), _x(2, 40)
+    kinds = set()
+    with torch.no_grad():
+        _, state = layer(x[:, :5], layer.init_state(2))
+        for t in range(5, 40):
+            xt = x[:, t : t + 1]
+            layout = _layout(layer, xt)
+            b, _ = layer._boundaries(xt, state, layout)
+            want, want_state = layer._stream_pooling(xt, b, state, None, layout)
+            closes = int((b[:, 0] > 0.5).sum())
+            step = layer._pooling_step(xt, state)
+            kinds.add({0: "open", 2: "close"}.get(closes, "mixed"))
+            if closes == 1:
+                assert step is None
+                state = want_state
+                continue
+            out, state = step
+            assert_rel(out, want, TOL[torch.float32], f"{mode} step {t}: output")
+            assert state.keys() == want_state.keys()
+            for key, value in want_state.items():
+                assert_rel(state[key].float(), value.float(), TOL[torch.float32], f"{mode} step {t}: state {key!r}")
+    assert kinds == ({"open", "close"} if mode == "fixed" else {"open", "close", "mixed"}), kinds
 
 
 def _layout(layer, x):
