@@ -138,8 +138,8 @@ class Hourglass(Mixer):
         B, T, _ = x.shape
         if B * T == 0:
             return x.new_zeros(x.shape), state
-        if self.boundary != "hnet" and is_decoding_step(x, state, cu_seqlens):
-            step = self._pooling_step(x, state)
+        if is_decoding_step(x, state, cu_seqlens):
+            step = (self._hnet_step if self.boundary == "hnet" else self._pooling_step)(x, state)
             if step is not None:
                 return step
         n = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -335,9 +335,7 @@ class Hourglass(Mixer):
         prev = torch.cat([flat[:1], flat[:-1]])
         if state is not None:
             prev = torch.where(starts[:, None], state["prev"][layout.seq].to(x.dtype), prev)
-        cos = F.cosine_similarity(self.q_proj(prev).float(), self.k_proj(flat).float(), dim=-1)
-        p = ((1 - cos) / 2).clamp(0.0, 1.0)
-        p = torch.where(pos == 0, torch.ones_like(p), p)  # every sequence opens with a boundary
+        p = self._hnet_probabilities(prev, flat, pos)
         hard = (p > 0.5).view(B, T)
         b = hard.float()
         self._record(state, b=b, hard=hard, p=p, layout=layout)
@@ -361,6 +359,34 @@ class Hourglass(Mixer):
         new_prev = torch.where(has_tokens[:, None], flat[last_index].float(), state["prev"])
         new = {"position": state["position"] + (layout.cu[1:] - layout.cu[:-1]), "prev": new_prev, "ema": ema.float()}
         return out, {**new, **self._flatten(inner)}
+
+    def _hnet_probabilities(self, prev, h, pos):
+        """H-Net's boundary probabilities p [L] (float32) of tokens h [L, D] after prev [L, D] at positions
+        pos [L]: (1 - cos(W_q prev, W_k h)) / 2, and 1 at each sequence's first token."""
+        cos = F.cosine_similarity(self.q_proj(prev).float(), self.k_proj(h).float(), dim=-1)
+        return torch.where(pos == 0, torch.ones_like(cos), ((1 - cos) / 2).clamp(0.0, 1.0))
+
+    def _hnet_step(self, x, state):
+        """One token per sequence (x [B, 1, D]) when every sequence's token is a boundary or none is (always
+        at B = 1): a boundary token runs through the inner layers' own one-token steps and updates the EMA,
+        e = p z + (1 - p) e (p clamped as :func:`~seqmix.kernels.ema_dechunk` clamps it); every token reads e.
+        What :meth:`_mix_hnet` computes for such a call, without chunk selection and the EMA's ``ssd`` call.
+        None for a batch whose tokens disagree: that call takes :meth:`_mix_hnet`."""
+        h = x[:, 0]
+        p = self._hnet_probabilities(state["prev"].to(x.dtype), h, state["position"])
+        hard = p > 0.5
+        every = bool(hard.all())
+        if not every and bool(hard.any()):
+            return None
+        inner, ema = self._unflatten(state), state["ema"]
+        if every:
+            z, inner = self._run_inner(h[:, None], inner, None)
+            pc = p.clamp(1e-4, 1 - 1e-4)[:, None]
+            ema = pc * self.up_norm(z)[:, 0].float() + (1 - pc) * ema
+        selected = torch.where(hard, p, 1 - p)
+        out = ema.to(x.dtype) * _straight_through_one(selected)[:, None].to(x.dtype) + self.residual_proj(h)
+        new = {"position": state["position"] + 1, "prev": h.float(), "ema": ema.float()}
+        return out[:, None], {**new, **self._flatten(inner)}
 
     # --- the inner stack -----------------------------------------------------------------------
 

@@ -53,24 +53,33 @@ def test_contract_in_every_mode(mode):
 
 
 
-@pytest.mark.parametrize("mode", ["gumbel", "entropy", "fixed"])
-def test_one_token_step_equals_the_streaming_path(mode):
-    """Decoding one token per sequence: when every sequence's token closes its segment, or none does, the
-    one-token step gives what the streaming path gives (outputs and every state tensor); a batch whose tokens
-    disagree takes the streaming path. Both kinds of agreeing step (and, where boundaries vary by sequence,
-    disagreeing ones) occur."""
+def _streamed(layer, xt, state):
+    """The general path's output and state for a one-token call xt [B, 1, D], and how many of its tokens are
+    boundaries."""
+    layout = _layout(layer, xt)
+    if layer.boundary == "hnet":
+        p = layer._hnet_probabilities(state["prev"].to(xt.dtype), xt[:, 0], state["position"])
+        return (*layer._mix_hnet(xt, state, None, layout), int((p > 0.5).sum()))
+    b, _ = layer._boundaries(xt, state, layout)
+    return (*layer._stream_pooling(xt, b, state, None, layout), int((b[:, 0] > 0.5).sum()))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_one_token_step_equals_the_general_path(mode):
+    """Decoding one token per sequence: when every sequence's token is a boundary, or none is, the one-token
+    step gives what the general path (streaming pooling, or H-Net's chunk selection and EMA) gives: outputs
+    and every state tensor; a batch whose tokens disagree takes the general path. Both kinds of agreeing step
+    (and, where boundaries vary by sequence, disagreeing ones) occur."""
     layer, x = _layer(mode), _x(2, 40)
+    step_of = layer._hnet_step if mode == "hnet" else layer._pooling_step
     kinds = set()
     with torch.no_grad():
         _, state = layer(x[:, :5], layer.init_state(2))
         for t in range(5, 40):
             xt = x[:, t : t + 1]
-            layout = _layout(layer, xt)
-            b, _ = layer._boundaries(xt, state, layout)
-            want, want_state = layer._stream_pooling(xt, b, state, None, layout)
-            closes = int((b[:, 0] > 0.5).sum())
-            step = layer._pooling_step(xt, state)
-            kinds.add({0: "open", 2: "close"}.get(closes, "mixed"))
+            want, want_state, closes = _streamed(layer, xt, state)
+            step = step_of(xt, state)
+            kinds.add({0: "none", 2: "every"}.get(closes, "mixed"))
             if closes == 1:
                 assert step is None
                 state = want_state
@@ -80,7 +89,7 @@ def test_one_token_step_equals_the_streaming_path(mode):
             assert state.keys() == want_state.keys()
             for key, value in want_state.items():
                 assert_rel(state[key].float(), value.float(), TOL[torch.float32], f"{mode} step {t}: state {key!r}")
-    assert kinds == ({"open", "close"} if mode == "fixed" else {"open", "close", "mixed"}), kinds
+    assert kinds == ({"none", "every"} if mode == "fixed" else {"none", "every", "mixed"}), kinds
 
 
 def _layout(layer, x):
