@@ -14,8 +14,8 @@ from tests.helpers import DEVICE, ON_GPU, assert_rel
 # A small core for the recurrent depth, with an attention (preallocated cache) and a recurrent mixer.
 MIXER_OPTIONS = {"recurrent_depth": {"core": ["attention", "mamba2"], "mean_steps": 2}}
 # The hourglass's decoding token closes a segment or not, and only a closed segment runs the inner stack:
-# a data-dependent step that its streaming path computes with packed segments (docs/design.md, "The
-# decoding step"). It decodes eagerly (tests/archs/test_lm.py) but is not one graph.
+# a data-dependent step, chosen by reading the boundaries back (docs/design.md, "The decoding step"). It
+# decodes eagerly (tests/archs/test_hourglass.py, tests/archs/test_lm.py) but is not one graph.
 STATIC_STEP_MIXERS = sorted(set(MIXERS) - {"hourglass"})
 PROMPT, STEPS = 9, 3
 
