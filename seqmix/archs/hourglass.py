@@ -33,6 +33,12 @@ SPIKE_WINDOW = 2
 AUX_WEIGHTS = {"gumbel": 1.0, "entropy": 1.0, "hnet": 0.03, "whitespace": 0.0, "fixed": 0.0}
 
 
+def _all_or_none(flags: torch.Tensor) -> bool | None:
+    """True if every flag is set, False if none is, None if they disagree (reads them back: one host sync)."""
+    every = bool(flags.all())
+    return None if not every and bool(flags.any()) else every
+
+
 def _straight_through_one(c: torch.Tensor) -> torch.Tensor:
     """Exactly 1 in the forward, the gradient of c in the backward (H-Net's STE on the selected probability)."""
     return 1.0 + (c - c.detach())
@@ -219,9 +225,12 @@ class Hourglass(Mixer):
 
     def _boundaries(self, x, state, layout):
         if self.boundary == "fixed":
-            pos = self._positions(state, layout)
-            return ((pos + 1) % self.stride == 0).float().view(x.shape[:2]), None
+            return self._strided(self._positions(state, layout)).view(x.shape[:2]), None
         return self._predict(x, state)
+
+    def _strided(self, pos):
+        """The fixed mode's boundaries (1.0 at every ``stride``-th token) of tokens at positions pos."""
+        return ((pos + 1) % self.stride == 0).float()
 
     def _boundary_loss(self, record, logits):
         b, hard, layout = record["b"], record["hard"], record["layout"]
@@ -268,13 +277,9 @@ class Hourglass(Mixer):
         through the inner layers' own one-token steps and becomes what it and the tokens after it read. What
         :meth:`_stream_pooling` computes for such a call, without its segment bookkeeping and packed inner call
         (docs/design.md, "Seventeenth round"). None for a batch whose tokens disagree: that call streams."""
-        if self.boundary == "fixed":
-            b = ((state["position"] + 1) % self.stride == 0).float()[:, None]
-        else:
-            b, _ = self._predict(x, state)
-        closes = hard_boundaries(b)[:, 0].bool()
-        every = bool(closes.all())
-        if not every and bool(closes.any()):
+        b = self._strided(state["position"])[:, None] if self.boundary == "fixed" else self._predict(x, state)[0]
+        every = _all_or_none(hard_boundaries(b)[:, 0].bool())
+        if every is None:
             return None
         inner = self._unflatten(state)
         total, count = state["sum"] + x[:, 0].float(), state["count"] + 1
@@ -375,8 +380,8 @@ class Hourglass(Mixer):
         h = x[:, 0]
         p = self._hnet_probabilities(state["prev"].to(x.dtype), h, state["position"])
         hard = p > 0.5
-        every = bool(hard.all())
-        if not every and bool(hard.any()):
+        every = _all_or_none(hard)
+        if every is None:
             return None
         inner, ema = self._unflatten(state), state["ema"]
         if every:

@@ -52,7 +52,6 @@ def test_contract_in_every_mode(mode):
     contract.padding_and_packing_equal_separate_calls(layer, xs, TOL[torch.float32])
 
 
-
 def _streamed(layer, xt, state):
     """The general path's output and state for a one-token call xt [B, 1, D], and how many of its tokens are
     boundaries."""
