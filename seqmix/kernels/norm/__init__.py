@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-from seqmix.kernels import cpu
+from seqmix.kernels import cpu, step_cpu
 from seqmix.kernels.backend import select_backend
 from seqmix.kernels.checks import check_same_dtype, check_tensor
 from seqmix.kernels.library import custom_op
@@ -77,9 +77,10 @@ def _check(x, residual, weight, eps):
 
 def add_rms_norm_backend(x: torch.Tensor, backend: str | None = None) -> str:
     """The backend :func:`add_rms_norm` takes for tensors like x (``backend`` as the op's argument): a layer
-    that calls the op many times per forward resolves it once and names it."""
-    return select_backend("add_rms_norm", backend, x.device, ("triton", "reference"),
-                          {"triton": kernels.unsupported(x.dtype)})
+    that calls the op many times per forward resolves it once and names it. The automatic choice takes the
+    C++ CPU kernels only once they are compiled, as :func:`rms_norm` does."""
+    return select_backend("add_rms_norm", backend, x.device, ("triton", "cpu", "reference"),
+                          {"triton": kernels.unsupported(x.dtype)}, build_cpu=False)
 
 
 def add_rms_norm(
@@ -101,7 +102,9 @@ def add_rms_norm(
         residual: [..., D] like x (same dtype), or None (then ``h`` is x itself: a plain RMSNorm).
         weight: [D] (any float dtype).
         eps: added to the mean square.
-        backend: None (automatic), ``"reference"`` or ``"triton"``.
+        backend: None (automatic: ``"triton"`` where it runs, else ``"cpu"`` on CPU tensors once the C++
+            kernels are compiled, else ``"reference"``), ``"triton"``, ``"cpu"`` (the sum in one tensor op,
+            the norm in :func:`rms_norm`'s C++ kernels; builds them) or ``"reference"``.
 
     Returns:
         normed: [..., D] in x's dtype.
@@ -111,6 +114,9 @@ def add_rms_norm(
     name = add_rms_norm_backend(x, backend)
     if name == "reference" or x.numel() == 0:
         return add_rms_norm_reference(x, residual, weight, eps)
+    if name == "cpu":
+        h = x if residual is None else x + residual
+        return _rms_norm_cpu(h, weight, None, eps), h
     D = x.shape[-1]
     x2d = x.reshape(-1, D).contiguous()
     if residual is None:
@@ -183,6 +189,14 @@ def rms_norm(x: Tensor, weight: Tensor, gate: Tensor | None = None, eps: float =
     name = select_backend("rms_norm", backend, x.device, ("cpu", "reference"), {"cpu": fits}, build_cpu=False)
     if name == "reference":
         return rms_norm_reference(x, weight, gate, eps)
+    return _rms_norm_cpu(x, weight, gate, eps)
+
+
+def _rms_norm_cpu(x: Tensor, weight: Tensor, gate: Tensor | None, eps: float) -> Tensor:
+    """:func:`rms_norm` in the C++ kernels on checked inputs (gate None or x's shape), in float32 (float64 for
+    float64 x), returned in x's dtype."""
+    if not torch.is_grad_enabled():  # the forward alone, one call (its glue below costs more than a row's norm)
+        return step_cpu.row_norm(x, weight, gate, eps, True)
     dt, D = reference_dtype(x), x.shape[-1]
     rows = in_dtype(x, dt).reshape(-1, D).contiguous()
     gate_rows = None if gate is None else in_dtype(gate, dt).reshape(-1, D).contiguous()

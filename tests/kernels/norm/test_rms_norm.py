@@ -59,6 +59,14 @@ def test_float32_matches_float64(gated):
         assert_rel(a, b, TOL[torch.float32], name)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_without_autograd_equals_the_tensor_ops(gated):
+    """Without autograd the op is the row norm's one call (seqmix/kernels/step_cpu.py)."""
+    x, weight, gate, _ = _inputs((3, 2, 40), torch.float64, 8, gated)
+    with torch.no_grad():
+        assert_rel(rms_norm(x, weight, gate, backend="cpu"), rms_norm(x, weight, gate, backend="reference"), 1e-13, "y")
+
+
 def test_many_rows_sum_dweight_over_tasks():
     """More rows than one task holds (2^15 values), so dweight is a sum of task partials, and a short row where
     eps matters."""
