@@ -10,19 +10,28 @@ from torch import nn
 
 from seqmix.archs.mixer import Mixer, State, register_mixer
 from seqmix.archs.modules import Linear
+from seqmix.kernels import step_cpu
 from seqmix.kernels.backend import Choice, report, reporting
+from seqmix.kernels.sequences import in_dtype, reference_dtype
+
+
+def rotary_frequencies(head_dim: int, theta: float, device, dtype) -> torch.Tensor:
+    """RoPE's frequencies theta^(-j / (head_dim / 2)), j < head_dim / 2, in ``dtype``: [head_dim / 2]."""
+    half = head_dim // 2
+    return theta ** (-torch.arange(half, device=device, dtype=dtype) / half)
 
 
 def rotary(positions: torch.Tensor, theta: float, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Rotate each x [..., T, H, D] of ``xs`` by the positions [..., T] (RoPE, halves layout), in float32;
-    the angles are computed once for all of them."""
+    """Rotate each x [..., T, H, D] of ``xs`` by the positions [..., T] (RoPE, halves layout), in float32
+    (float64 for float64 x); the angles are computed once for all of them."""
+    dt = reference_dtype(xs[0])
     half = xs[0].shape[-1] // 2
-    inv_freq = theta ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
-    angles = positions.to(torch.float32)[..., None, None] * inv_freq  # [..., T, 1, D/2]
+    inv_freq = rotary_frequencies(xs[0].shape[-1], theta, positions.device, dt)
+    angles = positions.to(dt)[..., None, None] * inv_freq  # [..., T, 1, D/2]
     cos, sin = angles.cos(), angles.sin()
     rotated = []
     for x in xs:
-        x1, x2 = x.float()[..., :half], x.float()[..., half:]
+        x1, x2 = in_dtype(x, dt)[..., :half], in_dtype(x, dt)[..., half:]
         rotated.append(torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype))
     return tuple(rotated)
 
@@ -102,11 +111,17 @@ class Attention(Mixer):
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
+        qkv = self.qkv_proj(x).view(B, T, 3, self.num_heads, self.head_dim)
+        in_place = cu_seqlens is None and T == 1 and state is not None and "capacity" in state
+        if in_place and self._fused_step_serves(x, state):
+            o = step_cpu.attention_step(qkv.view(B, 3, self.num_heads, self.head_dim), state["k"], state["v"],
+                                        state["length"], self._decoding_frequencies())
+            return self.o_proj(o.view(B, 1, -1)), {**state, "length": state["length"] + 1}
+        q, k, v = qkv.unbind(2)
         if state is None and cu_seqlens is None:
             o = self._dense_causal(q, k, v)
             return self.o_proj(o.flatten(2)), None
-        if cu_seqlens is None and T == 1 and "capacity" in state:
+        if in_place:
             o, new_state = self._decode_in_place(q, k, v, state)
             return self.o_proj(o.flatten(2)), new_state
         if cu_seqlens is None:
@@ -116,6 +131,18 @@ class Attention(Mixer):
         q, k, v = (t.flatten(0, 1) for t in (q, k, v))
         o, new_state = self._with_sequences(q, k, v, cu_seqlens, state)
         return self.o_proj(o.view(B, T, -1)), new_state
+
+    def _fused_step_serves(self, x, state) -> bool:
+        """Whether a one-token step into preallocated caches is one C++ call between the projections
+        (seqmix/kernels/step_cpu.py): CPU tensors, no gradient wanted, the automatic backend, and the caches in
+        x's dtype, float32 or float64. Its outputs equal :meth:`_decode_in_place`'s (tests/archs/test_attention.py)."""
+        return (self.backend is None and state["k"].dtype == x.dtype and state["v"].dtype == x.dtype
+                and step_cpu.serves_layer("attention_step", x, state, self))
+
+    def _decoding_frequencies(self) -> torch.Tensor:
+        w = self.qkv_proj.weight
+        return self._decoding_constant(
+            "_step_inv_freq", [w], lambda: rotary_frequencies(self.head_dim, self.rope_theta, w.device, w.dtype))
 
     def _dense_causal(self, q, k, v):
         positions = torch.arange(q.shape[1], device=q.device)

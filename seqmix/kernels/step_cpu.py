@@ -3,7 +3,8 @@ seqmix/kernels/cpu.py): the delta rule and gated delta rule, GLA and Mamba-2's S
 step (conv/conv_step_cpu.cpp); and the row norms of seqmix/archs/modules.py (RMSNorm, gated or not, and
 l2_normalize; row_norm_cpu.cpp) without autograd; and the Mamba-2, Mamba, (Gated) DeltaNet and GLA layers'
 decoding steps between their projections (:func:`mamba2_step`, :func:`mamba_step`, :func:`deltanet_step`,
-:func:`gla_layer_step`; the layers ask :func:`serves_layer`).
+:func:`gla_layer_step`; the layers ask :func:`serves_layer`); and attention's step into its preallocated caches
+(:func:`attention_step`, attention_step_cpu.cpp).
 
 The step functions (``seqmix.kernels.<family>.step``) hand a call here when :func:`serves` says so: CPU
 tensors, no gradient wanted (the C++ steps have no backward; autograd keeps the tensor ops), and the C++
@@ -281,3 +282,21 @@ def residual_swiglu_step(x: Tensor, y: Tensor, norm_weight: Tensor, eps: float, 
     """seqmix/archs/lm.py's ``h = x + y; h + mlp(mlp_norm(h))`` in one call, no autograd (all one dtype,
     float32 or float64): x, y [..., D], gate_up [2I, D], down [D, I]."""
     return _residual_swiglu_op(x, y, norm_weight, eps, gate_up, down)
+
+
+@custom_op("seqmix::attention_step_cpu", mutates_args=("k_cache", "v_cache"))
+def _attention_step_op(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tensor, inv_freq: Tensor) -> Tensor:
+    return cpu.extension().attention_step(qkv, k_cache, v_cache, length, inv_freq)
+
+
+@_attention_step_op.register_fake
+def _(qkv, k_cache, v_cache, length, inv_freq):
+    return qkv.new_empty(qkv.shape[0], qkv.shape[2], qkv.shape[3])
+
+
+def attention_step(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tensor, inv_freq: Tensor) -> Tensor:
+    """seqmix/archs/attention.py's one-token step in one call, no autograd (all one dtype, float32 or float64;
+    contiguous): qkv [B, 3, H, D] rotated by the positions ``length`` [B] int64 (``inv_freq`` [D/2]: the
+    rotary frequencies), k and v written into k_cache, v_cache [B, H, L, D] in place at slot ``length``, and
+    softmax attention of q over slots 0..length. Returns o [B, H, D]."""
+    return _attention_step_op(qkv, k_cache, v_cache, length, inv_freq)

@@ -1,12 +1,13 @@
-"""Attention specifics: the SDPA paths against the explicit softmax, rotary positions, config errors
-(the Mixer contract, with the cache as state, is in test_mixers.py)."""
+"""Attention specifics: the SDPA paths against the explicit softmax, rotary positions, the C++ decoding step,
+config errors (the Mixer contract, with the cache as state, is in test_mixers.py)."""
 
 import pytest
 import torch
 
 from seqmix.archs import Attention
 from seqmix.archs.attention import rotary
-from tests.helpers import DEVICE, TOL, assert_rel
+from seqmix.kernels.backend import recording
+from tests.helpers import DEVICE, TOL, assert_rel, require_cpu_kernels
 
 
 def _layer(backend, seed=0):
@@ -46,3 +47,63 @@ def test_configuration_errors():
         Attention(hidden_size=30, num_heads=2)
     with pytest.raises(ValueError, match="backend must be None or one of"):
         Attention(hidden_size=32, num_heads=2, backend="triton")
+
+
+PROMPTS, STEPS = (5, 19), 6  # two sequences of different lengths: their new tokens go to different slots
+
+
+def _decode_packed(layer, step, xs, capacity):
+    """The sequences xs [T_i + STEPS, hidden] prefilled packed (their first PROMPTS tokens) into caches of
+    ``capacity`` slots, then STEPS one-token steps of both through ``step``: the steps' outputs [2, STEPS,
+    hidden] and the final state."""
+    with torch.no_grad():
+        cu = torch.tensor([0, PROMPTS[0], sum(PROMPTS)])
+        packed = torch.cat([x[:n] for x, n in zip(xs, PROMPTS, strict=True)])[None]
+        _, state = layer(packed, layer.init_state(2, capacity=capacity), cu_seqlens=cu)
+        outs = []
+        for t in range(STEPS):
+            y, state = step(torch.stack([x[n + t] for x, n in zip(xs, PROMPTS, strict=True)])[:, None], state)
+            outs.append(y)
+    return torch.cat(outs, 1), state
+
+
+def test_fused_decoding_step_equals_the_tensor_op_steps(monkeypatch):
+    """A one-token step into preallocated caches on the CPU is one C++ call between the projections
+    (step_cpu.attention_step): outputs and caches equal the tensor-op steps' (SEQMIX_BACKEND=reference) to
+    1e-12 in float64 and 1e-5 in float32, and the outputs equal the training call's; a head size that is not
+    a multiple of a vector (20) and cache lengths that are not either; a compiled step (fullgraph) equals the
+    eager one; a full cache raises."""
+    require_cpu_kernels()
+    monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
+    torch.manual_seed(3)
+    layer = Attention(hidden_size=60, num_heads=3)
+    gen = torch.Generator().manual_seed(4)
+    capacity = max(PROMPTS) + STEPS + 3
+    for dtype in (torch.float64, torch.float32):
+        layer = layer.to(dtype)
+        xs = [torch.randn(n + STEPS, 60, generator=gen, dtype=torch.float64).to(dtype) for n in PROMPTS]
+        with recording() as choices:
+            y, state = _decode_packed(layer, layer, xs, capacity)
+        assert ("attention_step", "cpu") in {(c.op, c.backend) for c in choices}
+        monkeypatch.setenv("SEQMIX_BACKEND", "reference")
+        with recording() as choices:
+            want, want_state = _decode_packed(layer, layer, xs, capacity)
+        monkeypatch.delenv("SEQMIX_BACKEND")
+        assert ("attention_step", "cpu") not in {(c.op, c.backend) for c in choices}
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        assert_rel(y, want, tol, f"{dtype}: decoded output against the tensor-op steps")
+        assert torch.equal(state["length"], want_state["length"])
+        for name in ("k", "v"):
+            assert state[name].dtype == dtype
+            assert_rel(state[name], want_state[name], tol, f"{dtype}: cache {name!r} against the tensor-op steps")
+        with torch.no_grad():
+            for i, (x, n) in enumerate(zip(xs, PROMPTS, strict=True)):
+                full, _ = layer(x[None])
+                assert_rel(y[i], full[0, n:], tol * 10, f"{dtype}: sequence {i} decoded against the training call")
+    torch._dynamo.reset()
+    got, got_state = _decode_packed(layer, torch.compile(layer, fullgraph=True, backend="eager"), xs, capacity)
+    torch.testing.assert_close(got, y, rtol=0, atol=0)
+    for name in ("k", "v", "length"):
+        torch.testing.assert_close(got_state[name], state[name], rtol=0, atol=0)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="no slot left for the new token"):
+        _decode_packed(layer, layer, xs, max(PROMPTS) + STEPS - 1)
