@@ -6,7 +6,6 @@ import importlib.util
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from seqmix.archs.mixer import Mixer, State, register_mixer
 from seqmix.archs.modules import Linear
