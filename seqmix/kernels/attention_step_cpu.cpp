@@ -44,19 +44,30 @@ inline void rotate(const T* x, const T* c, const T* s, T* out, int64_t half) {
   }
 }
 
-// One head: q (rotated) against keys 0..n-1 of k [n, D], softmax, o = p v. scores is scratch of n values.
+// One head: q (rotated, scaled) against keys 0..n-1 of k [n, D], softmax, o = p v. scores is scratch of n
+// values.
 template <typename T>
-void attend(const T* q, const T* k, const T* v, T* o, T* scores, int64_t n, int64_t D, T scale) {
+void attend(const T* q, const T* k, const T* v, T* o, T* scores, int64_t n, int64_t D) {
   constexpr int W = Lanes<T>::W;
-  T top = -std::numeric_limits<T>::infinity();
-  for (int64_t t = 0; t < n; ++t) {
-    scores[t] = dot(q, k + t * D, D) * scale;
-    top = std::max(top, scores[t]);
-  }
-  // exp(score - max) in vectors, and their sum.
-  Vec<T> total{};
+  // Scores W keys at a time: their W dot products as W vectors of partial sums, reduced together (one
+  // dot product's lane sum per key was most of a long cache's time).
+  const auto& lane_sums = seqmix_cpu::lane_sums<T>();
   int64_t t = 0;
   for (; t + W <= n; t += W) {
+    Vec<T> P[W];
+    for (int i = 0; i < W; ++i) P[i] = Vec<T>{};
+    for (int64_t d = 0; d < D; d += W) {
+      const Vec<T> qd = load_upto(q + d, D - d);
+      for (int i = 0; i < W; ++i) P[i] += qd * load_upto(k + (t + i) * D + d, D - d);
+    }
+    lane_sums(P, scores + t);
+  }
+  for (; t < n; ++t) scores[t] = dot(q, k + t * D, D);
+  T top = -std::numeric_limits<T>::infinity();
+  for (int64_t u = 0; u < n; ++u) top = std::max(top, scores[u]);
+  // exp(score - max) in vectors, and their sum.
+  Vec<T> total{};
+  for (t = 0; t + W <= n; t += W) {
     const Vec<T> p = exp_v<T>(load(scores + t) - top);
     store(scores + t, p);
     total += p;
@@ -70,10 +81,19 @@ void attend(const T* q, const T* k, const T* v, T* o, T* scores, int64_t n, int6
     total += p;
   }
   const T norm = T(1) / seqmix_cpu::lane_sum<T>(total);
-  for (int64_t d = 0; d < D; d += W) {
-    Vec<T> acc{};
-    for (int64_t u = 0; u < n; ++u) acc += splat<T>(scores[u]) * load_upto(v + u * D + d, D - d);
-    store_upto(o + d, acc * norm, D - d);
+  // o = p v, up to four vectors of channels per pass over the values, their sums kept in registers.
+  for (int64_t d0 = 0; d0 < D; d0 += 4 * W) {
+    seqmix_cpu::as_constant<4>((std::min<int64_t>(D - d0, 4 * W) + W - 1) / W, [&](auto count) {
+      constexpr int C = decltype(count)::value;
+      Vec<T> acc[C];
+      for (int i = 0; i < C; ++i) acc[i] = Vec<T>{};
+      for (int64_t u = 0; u < n; ++u) {
+        const Vec<T> p = splat<T>(scores[u]);
+        const T* vu = v + u * D + d0;
+        for (int i = 0; i < C; ++i) acc[i] += p * load_upto(vu + i * W, D - d0 - i * W);
+      }
+      for (int i = 0; i < C; ++i) store_upto(o + d0 + i * W, acc[i] * norm, D - d0 - i * W);
+    });
   }
 }
 
@@ -126,9 +146,10 @@ at::Tensor attention_step(const at::Tensor& qkv, const at::Tensor& k_cache, cons
         T* k = kc + (bh * L) * D;
         T* v = vc + (bh * L) * D;
         rotate(x, c, c + half, q.data(), half);
+        for (int64_t d = 0; d < D; ++d) q[d] *= scale;
         rotate(x + H * D, c, c + half, k + lp[b] * D, half);
         std::copy(x + 2 * H * D, x + 2 * H * D + D, v + lp[b] * D);
-        attend(q.data(), k, v, op + bh * D, scores.data(), n, D, scale);
+        attend(q.data(), k, v, op + bh * D, scores.data(), n, D);
       }
     });
   });

@@ -67,21 +67,22 @@ def _decode_packed(layer, step, xs, capacity):
     return torch.cat(outs, 1), state
 
 
-def test_fused_decoding_step_equals_the_tensor_op_steps(monkeypatch):
+# Head sizes 20 (not a multiple of a vector) and 80 (more channels than one pass over the values holds).
+@pytest.mark.parametrize("hidden, heads", [(60, 3), (160, 2)])
+def test_fused_decoding_step_equals_the_tensor_op_steps(monkeypatch, hidden, heads):
     """A one-token step into preallocated caches on the CPU is one C++ call between the projections
     (step_cpu.attention_step): outputs and caches equal the tensor-op steps' (SEQMIX_BACKEND=reference) to
-    1e-12 in float64 and 1e-5 in float32, and the outputs equal the training call's; a head size that is not
-    a multiple of a vector (20) and cache lengths that are not either; a compiled step (fullgraph) equals the
-    eager one; a full cache raises."""
+    1e-12 in float64 and 1e-5 in float32, and the outputs equal the training call's; cache lengths that are
+    not a multiple of a vector; a compiled step (fullgraph) equals the eager one; a full cache raises."""
     require_cpu_kernels()
     monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
     torch.manual_seed(3)
-    layer = Attention(hidden_size=60, num_heads=3)
+    layer = Attention(hidden_size=hidden, num_heads=heads)
     gen = torch.Generator().manual_seed(4)
     capacity = max(PROMPTS) + STEPS + 3
     for dtype in (torch.float64, torch.float32):
         layer = layer.to(dtype)
-        xs = [torch.randn(n + STEPS, 60, generator=gen, dtype=torch.float64).to(dtype) for n in PROMPTS]
+        xs = [torch.randn(n + STEPS, hidden, generator=gen, dtype=torch.float64).to(dtype) for n in PROMPTS]
         with recording() as choices:
             y, state = _decode_packed(layer, layer, xs, capacity)
         assert ("attention_step", "cpu") in {(c.op, c.backend) for c in choices}
