@@ -18,11 +18,11 @@
 #include <limits>
 #include <vector>
 
+#include "rows_cpu.h"
 #include "vec_cpu.h"
 
 namespace {
 
-using seqmix_cpu::dot;
 using seqmix_cpu::exp_v;
 using seqmix_cpu::Lanes;
 using seqmix_cpu::load;
@@ -49,25 +49,13 @@ inline void rotate(const T* x, const T* c, const T* s, T* out, int64_t half) {
 template <typename T>
 void attend(const T* q, const T* k, const T* v, T* o, T* scores, int64_t n, int64_t D) {
   constexpr int W = Lanes<T>::W;
-  // Scores W keys at a time: their W dot products as W vectors of partial sums, reduced together (one
-  // dot product's lane sum per key was most of a long cache's time).
-  const auto& lane_sums = seqmix_cpu::lane_sums<T>();
-  int64_t t = 0;
-  for (; t + W <= n; t += W) {
-    Vec<T> P[W];
-    for (int i = 0; i < W; ++i) P[i] = Vec<T>{};
-    for (int64_t d = 0; d < D; d += W) {
-      const Vec<T> qd = load_upto(q + d, D - d);
-      for (int i = 0; i < W; ++i) P[i] += qd * load_upto(k + (t + i) * D + d, D - d);
-    }
-    lane_sums(P, scores + t);
-  }
-  for (; t < n; ++t) scores[t] = dot(q, k + t * D, D);
+  seqmix_cpu::matrix_times_row(k, q, scores, n, D);
   T top = -std::numeric_limits<T>::infinity();
   for (int64_t u = 0; u < n; ++u) top = std::max(top, scores[u]);
   // exp(score - max) in vectors, and their sum.
   Vec<T> total{};
-  for (t = 0; t + W <= n; t += W) {
+  int64_t t = 0;
+  for (; t + W <= n; t += W) {
     const Vec<T> p = exp_v<T>(load(scores + t) - top);
     store(scores + t, p);
     total += p;

@@ -1,5 +1,6 @@
 // Row operations of the C++ CPU kernels, written once for the short conv's step (conv/conv_step_cpu.cpp), the
-// row norms (row_norm_cpu.cpp, norm/rms_norm_cpu.cpp) and the layers' decoding steps (recurrent_step_cpu.cpp).
+// row norms (row_norm_cpu.cpp, norm/rms_norm_cpu.cpp), the layers' decoding steps (recurrent_step_cpu.cpp,
+// mlp_step_cpu.cpp, attention_step_cpu.cpp).
 #pragma once
 
 #include <cmath>
@@ -33,6 +34,28 @@ inline void conv_window_row(const T* x, const T* w, const T* bias, const T* s, T
 template <typename T>
 inline T rms_scale(const T* x, int64_t n, T inv_n, double eps) {
   return T(1) / std::sqrt(dot(x, x, n) * inv_n + T(eps));
+}
+
+// y [out] = m [out, n] x [n]: one row x times a row-major matrix (a layer's weight W, so x W^T; attention's keys,
+// so the scores k q). W rows of m at a time: their dot products as W vectors of partial sums, reduced together
+// (lane_sums), where one dot product's lane sum per row would cost more than its multiply-adds; the last rows
+// one dot product each. A decoding step's product: MKL's general one reads a weight at a fraction of the speed
+// (docs/design.md, "Eighteenth round").
+template <typename T>
+inline void matrix_times_row(const T* m, const T* x, T* y, int64_t out, int64_t n) {
+  constexpr int W = Lanes<T>::W;
+  const LaneSums<T>& sums = lane_sums<T>();
+  int64_t o = 0;
+  for (; o + W <= out; o += W) {
+    Vec<T> P[W];
+    for (int i = 0; i < W; ++i) P[i] = Vec<T>{};
+    for (int64_t d = 0; d < n; d += W) {
+      const Vec<T> xd = load_upto(x + d, n - d);
+      for (int i = 0; i < W; ++i) P[i] += xd * load_upto(m + (o + i) * n + d, n - d);
+    }
+    sums(P, y + o);
+  }
+  for (; o < out; ++o) y[o] = dot(x, m + o * n, n);
 }
 
 }  // namespace seqmix_cpu

@@ -454,3 +454,24 @@ def test_a_failed_build_leaves_the_layers_decoding_on_the_tensor_op_steps():
         assert chosen and {c.backend for c in chosen} == {"reference"}
         assert "cpu: the C++ CPU kernels could not be built: no compiler" in chosen[0].reason
         assert_rel(torch.cat(steps, 1), full[:, 3:], TOL[torch.float32], f"{op}: decoding on the tensor ops")
+
+
+# Rows up to 8 take the products of a few rows (rows_cpu.h, matrix_times_row), 9 ATen's; widths that are not a
+# multiple of a vector (40 features, 2 x 70 gate and up outputs).
+@pytest.mark.parametrize("rows", [1, 3, 9])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_residual_swiglu_step_equals_the_tensor_ops(rows, dtype):
+    require_cpu_kernels()
+    D, I = 40, 70
+    g = torch.Generator().manual_seed(rows)
+    x, y = (torch.randn(rows, 1, D, generator=g, dtype=torch.float64) for _ in range(2))
+    norm_weight = 1 + torch.rand(D, generator=g, dtype=torch.float64)
+    gate_up = torch.randn(2 * I, D, generator=g, dtype=torch.float64) / D**0.5
+    down = torch.randn(D, I, generator=g, dtype=torch.float64) / I**0.5
+    h = x + y
+    gate, up = F.linear(h * torch.rsqrt(h.square().mean(-1, keepdim=True) + 1e-5) * norm_weight, gate_up).chunk(2, -1)
+    want = h + F.linear(F.silu(gate) * up, down)
+    got = step_cpu.residual_swiglu_step(*(t.to(dtype) for t in (x, y, norm_weight)), 1e-5, gate_up.to(dtype),
+                                        down.to(dtype))
+    assert got.dtype == dtype
+    assert_rel(got, want, 1e-13 if dtype == torch.float64 else TOL[torch.float32], "residual + SwiGLU step")
