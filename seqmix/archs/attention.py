@@ -30,7 +30,8 @@ def rotary(positions: torch.Tensor, theta: float, *xs: torch.Tensor) -> tuple[to
     cos, sin = angles.cos(), angles.sin()
     rotated = []
     for x in xs:
-        x1, x2 = in_dtype(x, dt)[..., :half], in_dtype(x, dt)[..., half:]
+        xd = in_dtype(x, dt)
+        x1, x2 = xd[..., :half], xd[..., half:]
         rotated.append(torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype))
     return tuple(rotated)
 
