@@ -45,7 +45,7 @@ at::Tensor residual_swiglu_step(const at::Tensor& x, const at::Tensor& y, const 
   const at::Tensor w = norm_weight.contiguous();
   at::Tensor n = at::empty({rows, D}, x.options());
   at::Tensor act = at::empty({rows, I}, x.options());
-  at::Tensor gu;
+  at::Tensor gu, out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_swiglu_step_cpu", [&] {
     using T = scalar_t;
     const T *hp = h.data_ptr<T>(), *wp = w.data_ptr<T>();
@@ -72,11 +72,7 @@ at::Tensor residual_swiglu_step(const at::Tensor& x, const at::Tensor& y, const 
           ap[r * I + j] = g / (T(1) + std::exp(-g)) * gp[r * 2 * I + I + j];
         }
     });
-  });
-  if (rows > kFewRows) return at::addmm(h, act, down.t()).view(x.sizes());
-  at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_swiglu_step_cpu", [&] {
-    out = at::add(h, few_rows_times_weight<scalar_t>(act, down.contiguous()));
+    out = rows <= kFewRows ? at::add(h, few_rows_times_weight<T>(act, down.contiguous())) : at::addmm(h, act, down.t());
   });
   return out.view(x.sizes());
 }
