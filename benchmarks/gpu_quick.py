@@ -388,9 +388,13 @@ def stage_decode(results: Results, device, args) -> None:
 
 
 def stage_tests(results: Results, device, args) -> None:
-    """The test suite (one autotune config per kernel) within ``--seconds``; its summary line is kept."""
+    """The test suite (one autotune config per kernel) within ``--seconds``; its summary line is kept, and each
+    failure's traceback goes to ``failures.log`` as it happens (tests/conftest.py), so a suite stopped at the
+    limit keeps them."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args.pytest_args]
-    env = {**os.environ, "SEQMIX_AUTOTUNE": "0"}
+    failures = Path(args.out) / "failures.log"
+    failures.unlink(missing_ok=True)
+    env = {**os.environ, "SEQMIX_AUTOTUNE": "0", "SEQMIX_FAILURE_LOG": str(failures.resolve())}
     if not args.rehearse:
         env["SEQMIX_HYPOTHESIS_PROFILE"] = "gpu"
     start = time.perf_counter()
@@ -405,8 +409,10 @@ def stage_tests(results: Results, device, args) -> None:
             rc = None
     lines = [line for line in log.read_text().splitlines() if line.strip()]
     summary = lines[-1] if lines else ""
+    failed = sorted({line[4:].split(" (")[0] for line in failures.read_text().splitlines() if line.startswith("=== ")}
+                    if failures.exists() else [])
     results.set("tests", {"command": " ".join(cmd[1:]), "exit": rc, "timed_out": rc is None, "summary": summary,
-                          "seconds": time.perf_counter() - start})
+                          "failed": failed, "seconds": time.perf_counter() - start})
     print(f"tests: {summary} (exit {rc})", flush=True)
 
 

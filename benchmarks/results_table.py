@@ -114,6 +114,9 @@ def header(results: dict) -> list[str]:
     if t:
         lines.append(f"tests ({t['command']}): {t['summary']} (exit {t['exit']}, {t['seconds']:.0f} s"
                      f"{', stopped at the time limit' if t['timed_out'] else ''})")
+        failed = t.get("failed", [])
+        if failed:
+            lines.append(f"failed ({len(failed)}): {', '.join(failed[:20])}{' ...' if len(failed) > 20 else ''}")
     return lines
 
 

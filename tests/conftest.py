@@ -1,11 +1,14 @@
-"""Test setup: Triton's interpreter on machines without a GPU, poisoned outputs, Hypothesis profiles.
+"""Test setup: Triton's interpreter on machines without a GPU, poisoned outputs, Hypothesis profiles, the order
+of the files, a failure log written as the tests run, and on a GPU no worker left with a broken CUDA context.
 
 Everything here runs before seqmix (and so triton) is imported: Triton decides
 at decoration time whether kernels are compiled or interpreted.
 """
 
 import os
+import sys
 
+import pytest
 import torch
 
 from tests.helpers import ON_GPU
@@ -34,9 +37,16 @@ settings.load_profile(os.environ.get("SEQMIX_HYPOTHESIS_PROFILE", "gpu" if ON_GP
 settings.register_profile("quick", parent=settings.get_profile("ci"), max_examples=5)
 
 
+# Whether this process is one of pytest -n's workers: from the config, not an environment variable (a pytest
+# that a worker's test starts inherits the worker's environment).
+_XDIST_WORKER = False
+
+
 def pytest_configure(config):
     """``-m "not slow"`` is the quick tier: on a CPU it loads the ``quick`` profile, unless
     SEQMIX_HYPOTHESIS_PROFILE names one."""
+    global _XDIST_WORKER
+    _XDIST_WORKER = hasattr(config, "workerinput")
     if config.getoption("markexpr") == "not slow" and not ON_GPU and "SEQMIX_HYPOTHESIS_PROFILE" not in os.environ:
         settings.load_profile("quick")
 
@@ -61,3 +71,33 @@ def pytest_collection_modifyitems(config, items):
     """The files of HEAVY_FIRST first; the order within a file, and of the other files, as collected."""
     rank = {path: i for i, path in enumerate(HEAVY_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
+
+def pytest_runtest_logreport(report):
+    """With ``SEQMIX_FAILURE_LOG`` set, each failure's report is appended to that file as it happens: pytest
+    prints tracebacks only at the end, and a GPU run stopped at its time limit (benchmarks/gpu_quick.py's
+    tests stage) would keep none. Under pytest -n the controller writes (it receives every worker's reports,
+    the crashed workers' included), the workers do not."""
+    path = os.environ.get("SEQMIX_FAILURE_LOG")
+    if not path or not report.failed or _XDIST_WORKER:
+        return
+    worker = getattr(getattr(getattr(report, "node", None), "gateway", None), "id", "-")
+    with open(path, "a") as f:
+        f.write(f"=== {report.nodeid} ({report.when}, worker {worker})\n{report.longreprtext}\n\n")
+
+
+@pytest.fixture(autouse=ON_GPU)
+def _leave_no_broken_cuda_context():
+    """On a GPU under pytest -n: after each test, a CUDA error that the device reports (a device-side assert, an
+    illegal address) ends this worker. Such an error is sticky, so every later test of the process would fail
+    with it; ended, the worker is replaced by a fresh one and pytest-xdist reports the crash against the test
+    that ran last."""
+    yield
+    if not _XDIST_WORKER:
+        return
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError as e:
+        sys.stderr.write(f"the CUDA context of this worker is broken ({e}); ending the worker\n")
+        sys.stderr.flush()
+        os._exit(3)

@@ -200,6 +200,24 @@ def test_gpu_check_rehearsal_writes_results_and_table(tmp_path, monkeypatch, cap
     assert "old" not in text and "| ssd | triton |" in text and text.endswith("outro\n")
 
 
+def test_gpu_check_tests_stage_keeps_each_failure_as_it_happens(tmp_path):
+    """The GPU check's tests stage: tests/conftest.py writes each failure's traceback to failures.log during the
+    run, and the results name the failed tests (a suite stopped at its time limit keeps both)."""
+    import json
+
+    from benchmarks import gpu_quick
+
+    suite = tmp_path / "test_two.py"
+    suite.write_text("def test_fails():\n    assert 2 + 2 == 5, 'arithmetic'\n\n\ndef test_passes():\n    pass\n")
+    out = tmp_path / "out"
+    gpu_quick.main(["tests", "--out", str(out), "--rehearse", "--seconds", "120",
+                    "--pytest-args", "-p", "tests.conftest", str(suite)])
+    tests = json.loads((out / "results.json").read_text())["tests"]
+    assert tests["exit"] == 1 and tests["failed"] == ["test_two.py::test_fails"], tests
+    log = (out / "failures.log").read_text()
+    assert "AssertionError: arithmetic" in log and "test_passes" not in log
+
+
 def test_gpu_check_script_parses():
     import subprocess
     from pathlib import Path

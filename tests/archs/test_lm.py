@@ -137,9 +137,11 @@ def test_layers_as_a_name_or_a_comma_list_and_mixer_options_checked():
 
 
 def test_token_ids_outside_the_vocabulary_are_refused():
-    model = _model(["attention"])
+    """A ValueError on CPU tensors (on CUDA tensors a device-side assertion: tests/kernels/test_checks.py)."""
+    torch.manual_seed(0)
+    model = LanguageModel(LMConfig(vocab_size=300, hidden_size=32, num_heads=2, layers=["attention"])).eval()
     for bad in (300, -1):
-        tokens = _tokens(2, 5)
+        tokens = _tokens(2, 5).cpu()
         tokens[1, 3] = bad
         with pytest.raises(ValueError, match=rf"tokens must be ids in \[0, vocab_size=300\), got values .*{bad}"):
             model(tokens)

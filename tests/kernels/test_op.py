@@ -192,24 +192,29 @@ def test_decoding_step_compiles():
 
 
 def test_value_checks_stay_on_under_compile():
-    """A positive log decay fails inside the compiled graph too (as torch._assert_async, no host sync)."""
-    (q, k, v, g), _ = _gla_args()
-    bad = g.detach().clone()
+    """A positive log decay fails inside the compiled graph too (as torch._assert_async, no host sync). CPU
+    tensors, where the assertion raises at the call (on CUDA tensors it is a device-side assertion:
+    tests/kernels/test_checks.py)."""
+    q, k, v, g = (t.detach().cpu() for t in _gla_args()[0])
+    bad = g.clone()
     bad[0, 3, 1, 2] = 0.5
     torch._dynamo.reset()
     fn = torch.compile(lambda g: ops.gla(q, k, v, g, backend="reference")[0], fullgraph=True, backend=COMPILER)
-    fn(g.detach())
+    fn(g)
     with pytest.raises(RuntimeError, match="g holds log decays and must be <= 0"):
         fn(bad)
 
 
 def test_boundary_check_stays_on_under_compile():
-    """Boundaries outside [0, 1] fail inside the compiled segment_pool too (an async assert, no host sync)."""
+    """Boundaries outside [0, 1] fail inside the compiled segment_pool too (an async assert, no host sync); CPU
+    tensors, as above."""
     (x, b), kwargs = _pool_args()
-    bad = b.detach().clone()
+    x, b = x.detach().cpu(), b.detach().cpu()
+    bad = b.clone()
     bad[1, 4] = 1.5
     torch._dynamo.reset()
-    fn = torch.compile(lambda b: ops.segment_pool(x, b, **kwargs, backend="triton"), fullgraph=True, backend=COMPILER)
-    fn(b.detach())
+    fn = torch.compile(lambda b: ops.segment_pool(x, b, **kwargs, backend="reference"), fullgraph=True,
+                       backend=COMPILER)
+    fn(b)
     with pytest.raises(RuntimeError, match=r"boundaries must lie in \[0, 1\]"):
         fn(bad)

@@ -161,9 +161,10 @@ def test_bad_inputs_name_g():
             gated_delta_rule(q, k, v, g[..., None].expand(2, 8, 2, 4), beta, backend=backend)
         with pytest.raises(ValueError, match=r"g must have shape \[B, T, H\] = \(2, 8, 2\)"):
             gated_delta_rule(q, k, v, g[:, :7], beta, backend=backend)
+        # a check of g's values: CPU tensors (on CUDA tensors a device-side assertion, tests/kernels/test_checks.py)
         with pytest.raises(ValueError, match="g holds log decays and must be <= 0 everywhere, got a maximum of 0.5"):
-            gated_delta_rule(q, k, v, g.clone().index_fill_(1, torch.tensor([3], device=DEVICE), 0.5), beta,
-                             backend=backend)
+            bad = g.clone().cpu().index_fill_(1, torch.tensor([3]), 0.5)
+            gated_delta_rule(q.cpu(), k.cpu(), v.cpu(), bad, beta.cpu(), backend=backend)
         with pytest.raises(ValueError, match="g must be a floating tensor"):
             gated_delta_rule(q, k, v, g.long(), beta, backend=backend)
         with pytest.raises(ValueError, match="g must be a tensor of log decays"):

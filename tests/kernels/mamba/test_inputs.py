@@ -37,7 +37,6 @@ def _inputs(**over):
         ({"u": torch.randn(B, T)}, r"u must have shape \[B, T, D\]"),
         ({"delta": torch.rand(B, T + 1, D)}, r"delta must have shape \[B, T, D\]"),
         ({"A": -torch.rand(D)}, r"A must have shape \[D, N\]"),
-        ({"A": torch.rand(D, N)}, "A must be negative"),
         ({"B": torch.randn(B, T, 4, N), "C": torch.randn(B, T, 4, N)},
          "groups G=4 of B and C must divide the number of channels D=6"),
         ({"B": torch.randn(B, T, N + 1)}, r"B must have shape \[B, T, N\] = \(2, 8, 4\)"),
@@ -49,6 +48,16 @@ def _inputs(**over):
 def test_bad_tensors(backend, over, match):
     with pytest.raises(ValueError, match=match):
         selective_scan(**_inputs(**over), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_must_be_negative(backend):
+    """A check of A's values: a ValueError on CPU tensors, before any backend is chosen (on CUDA tensors a
+    device-side assertion, tests/kernels/test_checks.py)."""
+    inputs = {n: t.cpu() for n, t in _inputs().items()}
+    inputs["A"][2, 1] = 0.25
+    with pytest.raises(ValueError, match=r"A must be negative \(A = -exp\(A_log\)\), got values up to 0.25"):
+        selective_scan(**inputs, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
