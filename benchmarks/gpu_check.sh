@@ -13,14 +13,17 @@
 #      config per kernel; one process per op, in parallel);
 #   4. warm: every autotune config compiled into Triton's cache (one process per op, in parallel;
 #      the seconds per op are the autotune set's compile time);
-#   5. bench: SDPA, then each op next to fla-core 0.6.0 and mamba_ssm when they import, fwd and fwd+bwd;
+#   5. bench: SDPA, then each op next to fla-core 0.6.0 and mamba_ssm when they import, fwd and fwd+bwd,
+#      one process per op bounded by QUICK_BENCH_OP_S (default 60 s), and each autotuned kernel's choice;
 #   6. train: ~50M LM training step, DeltaNet vs attention, B8 T2048 bf16;
 #   7. decode: ms/token at B=1, eager and CUDA graph;
 #   8. tests: the GPU test suite with what time is left.
 # The table (python -m benchmarks.results_table) is printed last. Commit $OUT/results.json as
 # benchmarks/results/<date>-<gpu>.json. QUICK_STAGES="train decode" (say) runs only those stages
 # after the install, for a second call that finishes what the first one's budget cut off (the meta
-# stage's ceilings are then missing: the floors fall back to the anchors' H100 ceilings).
+# stage's ceilings are then missing: the floors fall back to the anchors' H100 ceilings), and
+# QUICK_OPS="gla ssd" (say) gives the parity, warm and bench stages those ops of benchmarks/anchors.py
+# only. The tests stage writes each failure's traceback to $OUT/failures.log as it happens.
 #
 # --rehearse: the same script on the CPU (Triton interpreter, tiny shapes, float32, no install, a
 # few tests), so a script error costs no GPU time. Its figures are not performance.
@@ -96,11 +99,15 @@ if [ "$part" = quick ]; then
   }
   {
     install_seqmix
-    ops=$(python3 -c "from benchmarks.anchors import ANCHORS; print(' '.join(a.op for a in ANCHORS))")
+    ops=${QUICK_OPS:-$(python3 -c "from benchmarks.anchors import ANCHORS; print(' '.join(a.op for a in ANCHORS))")}
     wants meta && run 30 python3 -m benchmarks.gpu_quick meta --out "$out" $rehearse
     wants parity && parallel parity 120 $ops
     wants warm && parallel warm 150 $ops lm
-    wants bench && run 150 python3 -m benchmarks.gpu_quick bench --out "$out" $rehearse
+    if wants bench; then  # one process per op, each bounded, so that one slow op leaves the others their time
+      for op in sdpa $ops; do
+        run "${QUICK_BENCH_OP_S:-60}" python3 -m benchmarks.gpu_quick bench --ops "$op" --out "$out" $rehearse
+      done
+    fi
     wants train && run 80 python3 -m benchmarks.gpu_quick train --out "$out" $rehearse
     wants decode && run 50 python3 -m benchmarks.gpu_quick decode --out "$out" $rehearse
     if wants tests; then

@@ -22,9 +22,11 @@ in its own process, so a crash or a timeout in one keeps what the others wrote):
   ``--ops lm`` warms the DeltaNet LM of the train and decode stages.
 - ``bench``: SDPA at H16 D128 first, then each op at its anchor shape, forward
   and forward+backward, next to its comparator (fla-core, installed from its
-  wheel; mamba_ssm if present) in the same process, one op after another; the
-  time of the first calls (the autotuner timing every config) is recorded as
-  ``autotune_s``.
+  wheel; mamba_ssm if present) in the same process, one op after another
+  (``--ops sdpa`` times SDPA alone; the shell runs one process per op, each
+  with its own time limit); the time of the first calls (the autotuner timing
+  every config) is recorded as ``autotune_s``, and the config each autotuned
+  kernel chose as ``autotune``.
 - ``train``: one training step of the ~50M LM with DeltaNet and with attention
   (B8 T2048, bf16 autocast; ``benchmarks/bench_train.py``).
 - ``decode``: ms per token at B=1, eager and as a CUDA graph where the step can be
@@ -341,9 +343,14 @@ def stage_bench(results: Results, device, args) -> None:
         return [torch.randn(shape["B"], shape["T"], shape["H"], shape["D"], device=device, dtype=dtype,
                             requires_grad=grad) for _ in range(3)]
 
-    for row in measure("sdpa", [s], _sdpa_impls(device), sdpa_inputs,
-                       lambda sh, bwd: sdpa_floor_ms(sh["B"], sh["T"], sh["H"], sh["D"], dtype.itemsize, bwd), name):
-        results.add("bench", row)
+    ops = None if args.ops is None else args.ops.split(",")
+    if ops is None or "sdpa" in ops:
+        for row in measure("sdpa", [s], _sdpa_impls(device), sdpa_inputs,
+                           lambda sh, bwd: sdpa_floor_ms(sh["B"], sh["T"], sh["H"], sh["D"], dtype.itemsize, bwd),
+                           name):
+            results.add("bench", row)
+        if ops == ["sdpa"]:
+            return
     for anchor in _anchors(args.ops):
         sizes = anchor.sizes(args.rehearse)
         impls = anchor.impls(fused_backends(anchor, device))
@@ -357,6 +364,26 @@ def stage_bench(results: Results, device, args) -> None:
             continue
         for row in rows:
             results.add("bench", {**row, "autotune_s": autotune_s if row["impl"] in ("triton", "cuda") else None})
+        for choice in autotune_choices():
+            results.add("autotune", {"op": anchor.op, **choice})
+
+
+def autotune_choices() -> list[dict]:
+    """The config that each of seqmix's autotuned Triton kernels chose in this process, per autotune key (the
+    ``KERNELS`` of the imported kernel modules): which configs win at the anchor shapes, for pruning the lists
+    that every first call compiles. A kernel with one config (the interpreter, ``SEQMIX_AUTOTUNE=0``) chooses
+    nothing."""
+    from triton.runtime.autotuner import Autotuner
+
+    choices = []
+    for name, module in sorted(sys.modules.items()):
+        if not name.startswith("seqmix.kernels."):
+            continue
+        for kernel in getattr(module, "KERNELS", ()):
+            if isinstance(kernel, Autotuner):
+                for key, config in kernel.cache.items():
+                    choices.append({"kernel": kernel.base_fn.__name__, "key": str(key), "config": str(config)})
+    return choices
 
 
 def _lm_stage(which: str, args, warm: bool = False) -> list[dict]:
@@ -435,7 +462,8 @@ def main(argv=None) -> int:
     parser.add_argument("parts", nargs="*", type=Path, help="merge: results JSONs of parallel runs to add to --out's")
     parser.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"))
     parser.add_argument("--rehearse", action="store_true", help="CPU, Triton interpreter, tiny shapes, float32")
-    parser.add_argument("--ops", help="parity, warm, bench: comma-separated ops of benchmarks/anchors.py")
+    parser.add_argument("--ops", help="parity, warm, bench: comma-separated ops of benchmarks/anchors.py (bench: "
+                                      "also sdpa)")
     parser.add_argument("--seconds", type=float, default=600, help="tests: stop the suite after this long")
     parser.add_argument("--pytest-args", nargs=argparse.REMAINDER, default=["tests"], help="tests: what pytest gets")
     args = parser.parse_args(argv)

@@ -174,7 +174,7 @@ def test_gpu_check_rehearsal_writes_results_and_table(tmp_path, monkeypatch, cap
     assert gpu_quick.main(["meta", "--out", str(out), "--rehearse"]) == 0
     assert gpu_quick.main(["parity", "--out", str(part), *common]) == 0
     assert gpu_quick.main(["merge", str(part / "results.json"), "--out", str(out)]) == 0
-    assert gpu_quick.main(["bench", "--out", str(out), *common]) == 0
+    assert gpu_quick.main(["bench", "--out", str(out), "--rehearse", "--ops", ",".join(("sdpa", *ops))]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["meta"]["rehearsal"] and results["ceilings"]["measured"] is False
     assert [(p["op"], p["case"], p["passed"]) for p in results["parity"]] == [
