@@ -111,13 +111,14 @@ class Attention(Mixer):
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         B, T, _ = x.shape
-        qkv = self.qkv_proj(x).view(B, T, 3, self.num_heads, self.head_dim)
         in_place = cu_seqlens is None and T == 1 and state is not None and "capacity" in state
         if in_place and self._fused_step_serves(x, state):
-            o = step_cpu.attention_step(qkv.view(B, 3, self.num_heads, self.head_dim), state["k"], state["v"],
-                                        state["length"], self._decoding_frequencies())
-            return self.o_proj(o.view(B, 1, -1)), {**state, "length": state["length"] + 1}
-        q, k, v = qkv.unbind(2)
+            modules = self._modules
+            out = step_cpu.attention_step(x.view(B, -1), modules["qkv_proj"]._parameters["weight"], state["k"],
+                                          state["v"], state["length"], self._decoding_frequencies(),
+                                          modules["o_proj"]._parameters["weight"])
+            return out.view(B, 1, -1), {**state, "length": state["length"] + 1}
+        q, k, v = self.qkv_proj(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
         if state is None and cu_seqlens is None:
             o = self._dense_causal(q, k, v)
             return self.o_proj(o.flatten(2)), None
@@ -133,7 +134,7 @@ class Attention(Mixer):
         return self.o_proj(o.view(B, T, -1)), new_state
 
     def _fused_step_serves(self, x, state) -> bool:
-        """Whether a one-token step into preallocated caches is one C++ call between the projections
+        """Whether a one-token step into preallocated caches is one C++ call with its projections
         (seqmix/kernels/step_cpu.py): CPU tensors, no gradient wanted, the automatic backend, and the caches in
         x's dtype, float32 or float64. Its outputs equal :meth:`_decode_in_place`'s (tests/archs/test_attention.py)."""
         return (self.backend is None and state["k"].dtype == x.dtype and state["v"].dtype == x.dtype

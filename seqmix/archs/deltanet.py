@@ -116,10 +116,11 @@ class DeltaNet(Mixer):
         return *self._split_features(f), new_state
 
     def _decoding_step(self, x, state):
-        """One token per sequence (x [B, 1, hidden]) in few calls: one matmul for every projection
-        (q|k|v, the output gate, beta's and the decay's), then on CPU tensors without autograd everything up to
-        o_proj in one C++ call (step_cpu.deltanet_step), else the three short convs as one window step, the
-        norms and the one-token rule (seqmix/kernels/deltanet/step.py); o_proj."""
+        """One token per sequence (x [B, 1, hidden]) in few calls: on CPU tensors without autograd the whole layer
+        in one C++ call (step_cpu.deltanet_step: the projections, the short convs, the norms, the rule's step,
+        o_proj), else one matmul for every input projection (q|k|v, the output gate, beta's and the decay's), the
+        three short convs as one window step, the norms and the one-token rule (seqmix/kernels/deltanet/step.py)
+        and o_proj."""
         B, K = x.shape[0], self.head_k
         # Submodules and parameters from their dicts: Module.__getattr__ costs ~0.6 us a look-up, a dozen a step.
         modules = self._modules  # a None submodule (no gate, no convs) is a plain attribute: .get
@@ -127,21 +128,21 @@ class DeltaNet(Mixer):
         gates, strengths = names[3:], self._strength_names
         params = [modules[n]._parameters["weight"] for n in names + list(strengths)]
         weights = self._decoding_constant("_step_weights", params, lambda: torch.cat(params))
-        f = F.linear(x.squeeze(1), weights)
         convs = modules.get("convs")
         taps = None if convs is None else self._decoding_constant(
             "_step_taps", [c._parameters["weight"] for c in convs._modules.values()], self._conv_weights)
-        o_norm, o_proj = modules["o_norm"], modules["o_proj"]._parameters
+        o_norm, o_weight = modules["o_norm"], modules["o_proj"]._parameters["weight"]
         if step_cpu.serves_layer("deltanet_step", x, state, self):
-            o, conv_state, recurrent = step_cpu.deltanet_step(
-                f, taps, None if convs is None else state["conv"], state["recurrent"], *self._decay_parameters(),
-                o_norm._parameters["weight"], o_norm.eps, bool(gates), K ** -0.5, L2_NORM_EPS)
+            out, conv_state, recurrent = step_cpu.deltanet_step(
+                x.view(B, self.hidden_size), weights, taps, None if convs is None else state["conv"],
+                state["recurrent"], *self._decay_parameters(), o_norm._parameters["weight"], o_norm.eps, bool(gates),
+                K ** -0.5, L2_NORM_EPS, o_weight)
             new_state = {} if conv_state is None else {"conv": conv_state}
             new_state["recurrent"] = recurrent
         else:
-            o, new_state = self._tensor_op_step(f, taps, state, len(gates))
-        # o_proj's weight through F.linear on 2-D rows: the module's call and a 3-D linear cost ~2 us more.
-        out = F.linear(o, o_proj["weight"], o_proj.get("bias"))
+            o, new_state = self._tensor_op_step(F.linear(x.squeeze(1), weights), taps, state, len(gates))
+            # o_proj's weight through F.linear on 2-D rows: the module's call and a 3-D linear cost ~2 us more.
+            out = F.linear(o, o_weight)
         return out.view(B, 1, self.hidden_size), new_state
 
     def _tensor_op_step(self, f, taps, state, gates):

@@ -95,20 +95,20 @@ class GatedLinearAttention(Mixer):
         return o, (None if state is None else {"recurrent": recurrent})
 
     def _fused_decoding_step(self, x, state):
-        """One token (x [B, 1, hidden]) as three calls: the input projections as one matmul on their weights'
-        concatenation (kept between steps), everything up to the output projection in one C++ call (the decay's
-        up-projection, GLA's step, the gated per-head norm: seqmix/kernels/step_cpu.py), o_proj. The same outputs
-        as the tensor-op steps of :meth:`mix` (tests/archs/test_gla.py)."""
+        """One token (x [B, 1, hidden]) as one C++ call (the input projections on their weights' concatenation,
+        kept between steps; the decay's up-projection, GLA's step, the gated per-head norm and o_proj:
+        seqmix/kernels/step_cpu.py). The same outputs as the tensor-op steps of :meth:`mix`
+        (tests/archs/test_gla.py)."""
         B = x.shape[0]
         modules = self._modules
         names = ["q_proj", "k_proj", "v_proj"] + ([] if modules.get("g_proj") is None else ["g_proj"])
         params = [modules[n]._parameters["weight"] for n in names] + [modules["gk_proj"][0].weight]
         weights = self._decoding_constant("_step_weights", params, lambda: torch.cat(params))
         up, o_norm = modules["gk_proj"][1]._parameters, modules["o_norm"]
-        o, recurrent = step_cpu.gla_layer_step(
-            F.linear(x.view(B, self.hidden_size), weights), up["weight"], up["bias"], self.gate_normalizer,
-            state["recurrent"], o_norm._parameters["weight"], o_norm.eps, len(names) == 4, self.head_k ** -0.5)
-        out = F.linear(o, modules["o_proj"]._parameters["weight"])
+        out, recurrent = step_cpu.gla_layer_step(
+            x.view(B, self.hidden_size), weights, up["weight"], up["bias"], self.gate_normalizer, state["recurrent"],
+            o_norm._parameters["weight"], o_norm.eps, len(names) == 4, self.head_k ** -0.5,
+            modules["o_proj"]._parameters["weight"])
         return out.view(B, 1, self.hidden_size), {"recurrent": recurrent}
 
     def init_state(self, batch_size: int) -> State:

@@ -108,17 +108,16 @@ class Mamba(Mixer):
         return F.linear(y, self.out_proj.weight).unsqueeze(1), {"conv": conv_state, "ssm": ssm_state}
 
     def _fused_decoding_step(self, x, state):
-        """One token (x [B, 1, hidden]) as three calls: in_proj, everything between the projections in one C++
-        call (the conv's window step, x_proj, dt_proj, the scan's step, the gate: seqmix/kernels/step_cpu.py),
-        out_proj. The same outputs as :meth:`_step` (tests/archs/test_mamba.py)."""
+        """One token (x [B, 1, hidden]) as one C++ call (in_proj, the conv's window step, x_proj, dt_proj, the
+        scan's step, the gate and out_proj: seqmix/kernels/step_cpu.py). The same outputs as :meth:`_step`
+        (tests/archs/test_mamba.py)."""
         B = x.shape[0]
         modules, params = self._modules, self._parameters
         conv, dt_proj = modules["conv"]._parameters, modules["dt_proj"]._parameters
-        y, conv_state, ssm_state = step_cpu.mamba_step(
-            F.linear(x.view(B, self.hidden_size), modules["in_proj"]._parameters["weight"]), conv["weight"],
-            conv["bias"], state["conv"], modules["x_proj"]._parameters["weight"], dt_proj["weight"], dt_proj["bias"],
-            self._step_A(), params["D"], state["ssm"])
-        out = F.linear(y, modules["out_proj"]._parameters["weight"])
+        out, conv_state, ssm_state = step_cpu.mamba_step(
+            x.view(B, self.hidden_size), modules["in_proj"]._parameters["weight"], conv["weight"], conv["bias"],
+            state["conv"], modules["x_proj"]._parameters["weight"], dt_proj["weight"], dt_proj["bias"],
+            self._step_A(), params["D"], state["ssm"], modules["out_proj"]._parameters["weight"])
         return out.view(B, 1, self.hidden_size), {"conv": conv_state, "ssm": ssm_state}
 
     def _A(self):

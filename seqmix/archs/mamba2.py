@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
@@ -115,21 +114,19 @@ class Mamba2(Mixer):
         return out, None if state is None else {"conv": conv_state, "ssm": ssm_state}
 
     def _fused_decoding_step(self, x, state):
-        """One token (x [B, 1, hidden]) as three calls: in_proj, everything between the projections in one C++
-        call (the conv's window step, SSD's step, the gate and the norm: seqmix/kernels/step_cpu.py), out_proj.
-        The same outputs as the tensor-op steps of :meth:`mix` (tests/archs/test_mamba2.py), a dozen calls fewer
-        (docs/design.md, "CPU references (issue 14)")."""
+        """One token (x [B, 1, hidden]) as one C++ call (in_proj, the conv's window step, SSD's step, the gate, the
+        norm and out_proj: seqmix/kernels/step_cpu.py). The same outputs as the tensor-op steps of :meth:`mix`
+        (tests/archs/test_mamba2.py), a dozen calls fewer (docs/design.md, "CPU references (issue 14)")."""
         B = x.shape[0]
         # Submodules and parameters from their dicts: Module.__getattr__ costs ~0.6 us a look-up, a dozen a step.
         modules, params = self._modules, self._parameters
         conv, norm = modules["conv"]._parameters, modules["norm"]
-        f = F.linear(x.view(B, self.hidden_size), modules["in_proj"]._parameters["weight"])
         A = self._decoding_constant("_step_A", [params["A_log"]], self._A)
-        y, conv_state, ssm_state = step_cpu.mamba2_step(
-            f, conv["weight"], conv["bias"], state["conv"], A, params["D"], params["dt_bias"], True, self.dt_limit,
-            state["ssm"], norm._parameters["weight"], norm.eps,
+        out, conv_state, ssm_state = step_cpu.mamba2_step(
+            x.view(B, self.hidden_size), modules["in_proj"]._parameters["weight"], conv["weight"], conv["bias"],
+            state["conv"], A, params["D"], params["dt_bias"], True, self.dt_limit, state["ssm"],
+            norm._parameters["weight"], norm.eps, modules["out_proj"]._parameters["weight"],
         )
-        out = F.linear(y, modules["out_proj"]._parameters["weight"])
         return out.view(B, 1, self.hidden_size), {"conv": conv_state, "ssm": ssm_state}
 
     def _A(self):

@@ -3,13 +3,14 @@
 // of a few microseconds each (the rotary angles, cos and sin, the halves and their products, the slot's
 // index tensors, two index_puts, the mask, SDPA and the transposes) around one small attention.
 //
-// qkv [B, 3, H, D] (the token's projection: q, then k, then v), k_cache and v_cache [B, H, L, D] (the
-// preallocated caches, written in place at slot length[b]), length [B] int64 (the tokens each cache holds,
-// < L), inv_freq [D/2] (the rotary frequencies). q and k are rotated by the position length[b] (RoPE, halves
-// layout: x1 cos - x2 sin, x2 cos + x1 sin), k and v written into slot length[b], and
-// o = softmax(q k^T / sqrt(D)) v over slots 0..length[b]. Everything in one dtype, float32 or float64, the
-// rotation included (the tensor ops' rotary computes in it too). One task per (batch, head) pair, spread
-// over threads once the caches are long enough to pay for the wake-up. Returns o [B, H, D].
+// x [B, hidden] (the token), qkv_weight [3 H D, hidden] (the projection to q, then k, then v, [B, 3, H, D]),
+// k_cache and v_cache [B, H, L, D] (the preallocated caches, written in place at slot length[b]), length [B]
+// int64 (the tokens each cache holds, < L), inv_freq [D/2] (the rotary frequencies), o_weight [hidden, H D].
+// q and k are rotated by the position length[b] (RoPE, halves layout: x1 cos - x2 sin, x2 cos + x1 sin), k and
+// v written into slot length[b], o = softmax(q k^T / sqrt(D)) v over slots 0..length[b], and the output
+// projection o o_weight^T. Everything in one dtype, float32 or float64, the rotation included (the tensor ops'
+// rotary computes in it too); the projections linear_cpu.h's. One task per (batch, head) pair, spread over
+// threads once the caches are long enough to pay for the wake-up. Returns the output [B, hidden].
 #include "torch_cpu.h"
 
 #include <algorithm>
@@ -18,6 +19,7 @@
 #include <limits>
 #include <vector>
 
+#include "linear_cpu.h"
 #include "rows_cpu.h"
 #include "vec_cpu.h"
 
@@ -85,22 +87,25 @@ void attend(const T* q, const T* k, const T* v, T* o, T* scores, int64_t n, int6
   }
 }
 
-at::Tensor attention_step(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                          const at::Tensor& length, const at::Tensor& inv_freq) {
+at::Tensor attention_step(const at::Tensor& x, const at::Tensor& qkv_weight, const at::Tensor& k_cache,
+                          const at::Tensor& v_cache, const at::Tensor& length, const at::Tensor& inv_freq,
+                          const at::Tensor& o_weight) {
   const char* kernel = "attention_step_cpu";
-  TORCH_CHECK(qkv.dim() == 4 && qkv.size(1) == 3, kernel, ": qkv must be [B, 3, H, D]");
-  const int64_t B = qkv.size(0), H = qkv.size(2), D = qkv.size(3), half = D / 2;
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), kernel,
+              ": k_cache and v_cache must be [B, H, L, D]");
+  const int64_t B = k_cache.size(0), H = k_cache.size(1), D = k_cache.size(3), half = D / 2;
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == B && qkv_weight.dim() == 2 && qkv_weight.size(0) == 3 * H * D, kernel,
+              ": x must be [B, hidden] and qkv_weight [3 H D, hidden] for caches [B, H, L, D]");
   TORCH_CHECK(D % 2 == 0, kernel, ": the head size must be even (rotary halves), got ", D);
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == B && k_cache.size(1) == H && k_cache.size(3) == D &&
-                  v_cache.sizes() == k_cache.sizes(),
-              kernel, ": k_cache and v_cache must be [B, H, L, D] for qkv [B, 3, H, D]");
+  for (const at::Tensor* t : {&x, &qkv_weight, &o_weight})
+    TORCH_CHECK(t->device().is_cpu(), kernel, ": tensors must be CPU tensors");
+  const at::Tensor qkv = seqmix_cpu::times_weight(x, qkv_weight, kernel);  // [B, 3 H D]: q | k | v
   TORCH_CHECK(length.scalar_type() == at::kLong && length.dim() == 1 && length.size(0) == B, kernel,
               ": length must be int64 [B]");
   TORCH_CHECK(inv_freq.dim() == 1 && inv_freq.size(0) == half, kernel, ": inv_freq must be [D/2]");
-  const auto dtype = qkv.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, kernel, ": float32 or float64 only, got ", dtype);
+  const auto dtype = qkv.scalar_type();  // x's: float32 or float64 (times_weight checks)
   for (const at::Tensor* t : {&k_cache, &v_cache, &inv_freq})
-    TORCH_CHECK(t->scalar_type() == dtype, kernel, ": the caches and inv_freq must have qkv's dtype");
+    TORCH_CHECK(t->scalar_type() == dtype, kernel, ": the caches and inv_freq must have x's dtype");
   for (const at::Tensor* t : {&qkv, &k_cache, &v_cache, &length, &inv_freq})
     TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), kernel, ": tensors must be contiguous CPU tensors");
   const int64_t L = k_cache.size(2);
@@ -141,7 +146,7 @@ at::Tensor attention_step(const at::Tensor& qkv, const at::Tensor& k_cache, cons
       }
     });
   });
-  return o;
+  return seqmix_cpu::times_weight(o.view({B, H * D}), o_weight, kernel);
 }
 
 }  // namespace

@@ -5,30 +5,18 @@
 //
 // x, y [..., D]: h = x + y, n = rmsnorm(h) * norm_weight, [g, u] = n gate_up^T (gate_up [2I, D]),
 // out = h + (silu(g) u) down^T (down [D, I]). Everything in one dtype, float32 or float64 (the caller
-// checks); the products of a few rows (a decoding step's) are matrix_times_row's (rows_cpu.h: 25-35% off this
-// call at one row, where ATen's one-row product reads the weights at a fraction of the memory's speed), of more
-// rows ATen's; the rest are loops over rows.
+// checks); the products are linear_cpu.h's (25-35% off this call at one row against ATen's); the rest are
+// loops over rows.
 #include "torch_cpu.h"
 
 #include <cmath>
 #include <cstdint>
 
-#include "rows_cpu.h"
+#include "linear_cpu.h"
 
 namespace {
 
 constexpr int64_t kValuesPerTask = 1 << 15;  // values per thread task: below it the rows run inline
-constexpr int64_t kFewRows = 8;  // rows up to which the products are matrix_times_row's (each row reads the weight)
-
-// x [rows, in] w^T for w [out, in], all contiguous in T, a row at a time.
-template <typename T>
-at::Tensor few_rows_times_weight(const at::Tensor& x, const at::Tensor& w) {
-  const int64_t rows = x.size(0), in = x.size(1), out = w.size(0);
-  at::Tensor y = at::empty({rows, out}, x.options());
-  for (int64_t r = 0; r < rows; ++r)
-    seqmix_cpu::matrix_times_row(w.data_ptr<T>(), x.data_ptr<T>() + r * in, y.data_ptr<T>() + r * out, out, in);
-  return y;
-}
 
 at::Tensor residual_swiglu_step(const at::Tensor& x, const at::Tensor& y, const at::Tensor& norm_weight,
                                 double eps, const at::Tensor& gate_up, const at::Tensor& down) {
@@ -61,7 +49,7 @@ at::Tensor residual_swiglu_step(const at::Tensor& x, const at::Tensor& y, const 
       }
     });
     // [rows, 2I]: the gate's I columns, then the up ones
-    gu = rows <= kFewRows ? few_rows_times_weight<T>(n, gate_up.contiguous()) : at::mm(n, gate_up.t());
+    gu = seqmix_cpu::times_weight(n, gate_up, "residual_swiglu_step_cpu");
     const T* gp = gu.data_ptr<T>();
     T* ap = act.data_ptr<T>();
     const int64_t act_grain = std::max<int64_t>(1, kValuesPerTask / std::max<int64_t>(I, 1));
@@ -72,7 +60,7 @@ at::Tensor residual_swiglu_step(const at::Tensor& x, const at::Tensor& y, const 
           ap[r * I + j] = g / (T(1) + std::exp(-g)) * gp[r * 2 * I + I + j];
         }
     });
-    out = rows <= kFewRows ? at::add(h, few_rows_times_weight<T>(act, down.contiguous())) : at::addmm(h, act, down.t());
+    out = at::add(h, seqmix_cpu::times_weight(act, down, "residual_swiglu_step_cpu"));
   });
   return out.view(x.sizes());
 }

@@ -10,9 +10,9 @@
 // only their last dimension must be contiguous, else it is made so. One task per (batch, head) pair,
 // spread over threads by at::parallel_for once there is enough of them to pay for the wake-up.
 //
-// Two more take a whole layer's token between its projections (Mamba-2's, (Gated) DeltaNet's: the short
-// conv's window step, the rule's step, the gates and norms), one task per sequence; see mamba2_step and
-// deltanet_step below.
+// Four more take a whole layer's token with its projections (Mamba-2's, (Gated) DeltaNet's, GLA's, Mamba's: the
+// input projection, the short conv's window step, the rule's step, the gates and norms, the output projection;
+// the projections linear_cpu.h's), one task per sequence; see mamba2_step and the ones after it.
 #include "torch_cpu.h"
 
 #include <algorithm>
@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "linear_cpu.h"
 #include "rows_cpu.h"
 #include "vec_cpu.h"
 
@@ -304,19 +305,23 @@ at::Tensor dense(const at::Tensor& t, at::ScalarType dtype) {
   return in_dtype(t, dtype).contiguous();
 }
 
-// One token of a Mamba-2 layer between its two projections (seqmix/archs/mamba2.py), in one call: f
+// One token of a Mamba-2 layer with its two projections (seqmix/archs/mamba2.py), in one call: f = x in_weight^T
 // [B, d_inner + conv_dim + H] is in_proj's output, z | x B C | dt; the short conv with SiLU over x B C
 // (conv_weight [conv_dim, W], conv_bias [conv_dim], conv_state [B, conv_dim, W-1]); SSD over H heads of P
 // (ssm_state [B, H, P, N], B and C in G = (conv_dim - d_inner) / 2N groups) with dt' = clamp(softplus?(dt +
-// dt_bias), lo, hi), A and D [H]; y = (h' C + D x) silu(z); y's RMSNorm over d_inner (norm_weight). Returns
-// y [B, d_inner] in f's dtype and the two new states (float32, float64 for float64 f).
-std::vector<at::Tensor> mamba2_step(const at::Tensor& f, const at::Tensor& conv_weight, const at::Tensor& conv_bias,
-                                    const at::Tensor& conv_state, const at::Tensor& A, const at::Tensor& D,
-                                    const at::Tensor& dt_bias, bool softplus, double lo, double hi,
-                                    const at::Tensor& ssm_state, const at::Tensor& norm_weight, double eps) {
-  check_cpu({f, conv_weight, conv_bias, conv_state, A, D, dt_bias, ssm_state, norm_weight}, "mamba2_step_cpu");
-  TORCH_CHECK(f.dim() == 2 && ssm_state.dim() == 4 && conv_weight.dim() == 2 && conv_state.dim() == 3,
-              "mamba2_step_cpu: f [B, F], ssm_state [B, H, P, N], conv_weight [C, W], conv_state [B, C, W-1]");
+// dt_bias), lo, hi), A and D [H]; y = (h' C + D x) silu(z); y's RMSNorm over d_inner (norm_weight); out_proj
+// (out_weight [hidden, d_inner]). Returns its output [B, hidden] in x's dtype and the two new states (float32,
+// float64 for float64 x).
+std::vector<at::Tensor> mamba2_step(const at::Tensor& x, const at::Tensor& in_weight, const at::Tensor& conv_weight,
+                                    const at::Tensor& conv_bias, const at::Tensor& conv_state, const at::Tensor& A,
+                                    const at::Tensor& D, const at::Tensor& dt_bias, bool softplus, double lo, double hi,
+                                    const at::Tensor& ssm_state, const at::Tensor& norm_weight, double eps,
+                                    const at::Tensor& out_weight) {
+  check_cpu({x, in_weight, conv_weight, conv_bias, conv_state, A, D, dt_bias, ssm_state, norm_weight, out_weight},
+            "mamba2_step_cpu");
+  const at::Tensor f = seqmix_cpu::times_weight(x, in_weight, "mamba2_step_cpu");
+  TORCH_CHECK(ssm_state.dim() == 4 && conv_weight.dim() == 2 && conv_state.dim() == 3,
+              "mamba2_step_cpu: ssm_state [B, H, P, N], conv_weight [C, W], conv_state [B, C, W-1]");
   const auto dtype = compute_dtype(f);
   const int64_t B = f.size(0), H = ssm_state.size(1), P = ssm_state.size(2), N = ssm_state.size(3);
   const int64_t inner = H * P, channels = conv_weight.size(0), W = conv_weight.size(1);
@@ -325,7 +330,7 @@ std::vector<at::Tensor> mamba2_step(const at::Tensor& f, const at::Tensor& conv_
                   ssm_state.size(0) == B && conv_state.size(0) == B && conv_state.size(1) == channels &&
                   conv_state.size(2) == W - 1 && A.numel() == H && D.numel() == H && dt_bias.numel() == H &&
                   conv_bias.numel() == channels && norm_weight.numel() == inner,
-              "mamba2_step_cpu: the shapes do not describe one Mamba-2 layer");
+              "mamba2_step_cpu: the shapes (in_weight's rows included) do not describe one Mamba-2 layer");
   const at::Tensor fc = prepared(f, dtype), S = prepared_state(ssm_state, dtype), cs = dense(conv_state, dtype);
   const at::Tensor cw = dense(conv_weight, dtype), cb = dense(conv_bias, dtype), Ac = dense(A, dtype);
   const at::Tensor Dc = dense(D, dtype), biasc = dense(dt_bias, dtype), nw = dense(norm_weight, dtype);
@@ -362,29 +367,33 @@ std::vector<at::Tensor> mamba2_step(const at::Tensor& f, const at::Tensor& conv_
       }
     });
   });
-  return {in_dtype(y, f.scalar_type()), cn, Sn};
+  return {seqmix_cpu::times_weight(in_dtype(y, x.scalar_type()), out_weight, "mamba2_step_cpu"), cn, Sn};
 }
 
-// One token of a DeltaNet or Gated DeltaNet layer between its projections (seqmix/archs/deltanet.py), in one call:
-// f [B, F] is the one projection's output, q|k|v [2 H K + H V] | the output gate [H V] (with has_gate) | b [H] |
+// One token of a DeltaNet or Gated DeltaNet layer with its projections (seqmix/archs/deltanet.py), in one call:
+// f = x in_weight^T [B, F] is the one input projection's output, q|k|v [2 H K + H V] | the output gate [H V]
+// (with has_gate) | b [H] |
 // a [H] (with A_log); the short conv with SiLU over q|k|v (conv_weight [2 H K + H V, W], no bias, conv_state
 // [B, 2 H K + H V, W-1]; without them SiLU alone); q and k L2-normalised per head (l2_eps); beta = sigmoid(b);
 // the decay g = -exp(A_log) softplus(a + dt_bias) (no decay without A_log); the (gated) delta rule's step on
 // state [B, H, K, V] (delta_head); each head's output RMS-normalised over V (norm_weight [V], norm_eps) and
-// multiplied by silu(gate). Returns o [B, H V] in f's dtype, the conv state (an empty tensor without a conv)
-// and the rule's state, the states float32 (float64 for float64 f) and new tensors.
-std::vector<at::Tensor> deltanet_step(const at::Tensor& f, const c10::optional<at::Tensor>& conv_weight,
+// multiplied by silu(gate); o_proj (out_weight [hidden, H V]). Returns its output [B, hidden] in x's dtype, the
+// conv state (an empty tensor without a conv) and the rule's state, the states float32 (float64 for float64 x)
+// and new tensors.
+std::vector<at::Tensor> deltanet_step(const at::Tensor& x, const at::Tensor& in_weight,
+                                      const c10::optional<at::Tensor>& conv_weight,
                                       const c10::optional<at::Tensor>& conv_state, const at::Tensor& state,
                                       const c10::optional<at::Tensor>& A_log, const c10::optional<at::Tensor>& dt_bias,
                                       const at::Tensor& norm_weight, double norm_eps, bool has_gate, double scale,
-                                      double l2_eps) {
-  check_cpu({f, conv_weight.value_or(at::Tensor()), conv_state.value_or(at::Tensor()), state,
-             A_log.value_or(at::Tensor()), dt_bias.value_or(at::Tensor()), norm_weight},
+                                      double l2_eps, const at::Tensor& out_weight) {
+  check_cpu({x, in_weight, conv_weight.value_or(at::Tensor()), conv_state.value_or(at::Tensor()), state,
+             A_log.value_or(at::Tensor()), dt_bias.value_or(at::Tensor()), norm_weight, out_weight},
             "deltanet_step_cpu");
+  const at::Tensor f = seqmix_cpu::times_weight(x, in_weight, "deltanet_step_cpu");
   const bool conv = conv_weight.has_value(), decay = A_log.has_value();
-  TORCH_CHECK(f.dim() == 2 && state.dim() == 4 && conv == conv_state.has_value() && decay == dt_bias.has_value(),
-              "deltanet_step_cpu: f [B, F], state [B, H, K, V], the conv's weight and state together, A_log and "
-              "dt_bias together");
+  TORCH_CHECK(state.dim() == 4 && conv == conv_state.has_value() && decay == dt_bias.has_value(),
+              "deltanet_step_cpu: state [B, H, K, V], the conv's weight and state together, A_log and dt_bias "
+              "together");
   const auto dtype = compute_dtype(f);
   const int64_t B = f.size(0), H = state.size(1), K = state.size(2), V = state.size(3);
   const int64_t channels = 2 * H * K + H * V, W = conv ? conv_weight->size(1) : 1;
@@ -393,7 +402,7 @@ std::vector<at::Tensor> deltanet_step(const at::Tensor& f, const c10::optional<a
                   (!conv || (conv_weight->dim() == 2 && conv_weight->size(0) == channels && conv_state->dim() == 3 &&
                              conv_state->size(0) == B && conv_state->size(1) == channels &&
                              conv_state->size(2) == W - 1)),
-              "deltanet_step_cpu: the shapes do not describe one DeltaNet layer");
+              "deltanet_step_cpu: the shapes (in_weight's rows included) do not describe one DeltaNet layer");
   const at::Tensor fc = prepared(f, dtype), S = prepared_state(state, dtype), nw = dense(norm_weight, dtype);
   const at::Tensor cw = conv ? dense(*conv_weight, dtype) : at::Tensor();
   const at::Tensor cs = conv ? dense(*conv_state, dtype) : at::Tensor();
@@ -458,29 +467,32 @@ std::vector<at::Tensor> deltanet_step(const at::Tensor& f, const c10::optional<a
       }
     });
   });
-  return {in_dtype(o, f.scalar_type()), cn, Sn};
+  return {seqmix_cpu::times_weight(in_dtype(o, x.scalar_type()), out_weight, "deltanet_step_cpu"), cn, Sn};
 }
 
 }  // namespace
 
-// One token of a GLA layer between its projections (seqmix/archs/gla.py), in one call: f [B, F] is the input
-// projections' output, q [H K] | k [H K] | v [H V] | the output gate [H V] (with has_gate) | the decay's low-rank
+// One token of a GLA layer with its projections (seqmix/archs/gla.py), in one call: f = x in_weight^T [B, F] is the
+// input projections' output, q [H K] | k [H K] | v [H V] | the output gate [H V] (with has_gate) | the decay's
+// low-rank
 // projection [R]; g = logsigmoid(up_weight low + up_bias) / normalizer [H K] (up_weight [H K, R], up_bias
 // [H K]); GLA's step on state [B, H, K, V] (gla_head); each head's output RMS-normalised over V (norm_weight
-// [V], eps) and multiplied by silu(gate). Returns o [B, H V] in f's dtype and the new state (float32, float64
-// for float64 f).
-std::vector<at::Tensor> gla_layer_step(const at::Tensor& f, const at::Tensor& up_weight, const at::Tensor& up_bias,
-                                       double normalizer, const at::Tensor& state, const at::Tensor& norm_weight,
-                                       double eps, bool has_gate, double scale) {
-  check_cpu({f, up_weight, up_bias, state, norm_weight}, "gla_layer_step_cpu");
-  TORCH_CHECK(f.dim() == 2 && state.dim() == 4 && up_weight.dim() == 2,
-              "gla_layer_step_cpu: f [B, F], state [B, H, K, V], up_weight [H K, R]");
+// [V], eps) and multiplied by silu(gate); o_proj (out_weight [hidden, H V]). Returns its output [B, hidden] in
+// x's dtype and the new state (float32, float64 for float64 x).
+std::vector<at::Tensor> gla_layer_step(const at::Tensor& x, const at::Tensor& in_weight, const at::Tensor& up_weight,
+                                       const at::Tensor& up_bias, double normalizer, const at::Tensor& state,
+                                       const at::Tensor& norm_weight, double eps, bool has_gate, double scale,
+                                       const at::Tensor& out_weight) {
+  check_cpu({x, in_weight, up_weight, up_bias, state, norm_weight, out_weight}, "gla_layer_step_cpu");
+  const at::Tensor f = seqmix_cpu::times_weight(x, in_weight, "gla_layer_step_cpu");
+  TORCH_CHECK(state.dim() == 4 && up_weight.dim() == 2,
+              "gla_layer_step_cpu: state [B, H, K, V], up_weight [H K, R]");
   const auto dtype = compute_dtype(f);
   const int64_t B = f.size(0), H = state.size(1), K = state.size(2), V = state.size(3), R = up_weight.size(1);
   const int64_t gate_width = has_gate ? H * V : 0;
   TORCH_CHECK(state.size(0) == B && up_weight.size(0) == H * K && up_bias.numel() == H * K &&
                   norm_weight.numel() == V && f.size(1) == 2 * H * K + H * V + gate_width + R,
-              "gla_layer_step_cpu: the shapes do not describe one GLA layer");
+              "gla_layer_step_cpu: the shapes (in_weight's rows included) do not describe one GLA layer");
   const at::Tensor fc = prepared(f, dtype), S = prepared_state(state, dtype), uw = dense(up_weight, dtype);
   const at::Tensor ub = dense(up_bias, dtype), nw = dense(norm_weight, dtype);
   at::Tensor Sn = at::empty({B, H, K, V}, f.options().dtype(dtype));
@@ -517,7 +529,7 @@ std::vector<at::Tensor> gla_layer_step(const at::Tensor& f, const at::Tensor& up
       }
     });
   });
-  return {in_dtype(o, f.scalar_type()), Sn};
+  return {seqmix_cpu::times_weight(in_dtype(o, x.scalar_type()), out_weight, "gla_layer_step_cpu"), Sn};
 }
 
 // One Mamba channel: h'[n] = exp(delta A[n]) h[n] + delta u B[n] over its N states, returns h' . C.
@@ -535,21 +547,25 @@ T scan_channel(const T* h, T* hn, const T* A, T delta, T u, const T* Bn, const T
   return lane_sum<T>(acc);
 }
 
-// One token of a Mamba layer between its projections (seqmix/archs/mamba.py), in one call: f [B, 2 D] is in_proj's
-// output, x | z; the short conv with SiLU over x (conv_weight [D, W], conv_bias [D], conv_state [B, D, W-1]);
+// One token of a Mamba layer with its projections (seqmix/archs/mamba.py), in one call: f = x in_weight^T [B, 2 D]
+// is in_proj's output, x | z; the short conv with SiLU over x (conv_weight [D, W], conv_bias [D], conv_state
+// [B, D, W-1]);
 // x_proj (x_proj_weight [R + 2 N, D]) to the step's low rank [R] | B [N] | C [N]; delta = softplus(dt_proj_weight
 // [D, R] . low + dt_proj_bias [D]); the selective scan's step on ssm_state [B, D, N] with A [D, N] (scan_channel)
-// and y = (h' C + D_skip x) silu(z). Returns y [B, D] in f's dtype and the two new states (float32, float64 for
-// float64 f).
-std::vector<at::Tensor> mamba_step(const at::Tensor& f, const at::Tensor& conv_weight, const at::Tensor& conv_bias,
-                                   const at::Tensor& conv_state, const at::Tensor& x_proj_weight,
-                                   const at::Tensor& dt_proj_weight, const at::Tensor& dt_proj_bias,
-                                   const at::Tensor& A, const at::Tensor& D, const at::Tensor& ssm_state) {
-  check_cpu({f, conv_weight, conv_bias, conv_state, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, ssm_state},
+// and y = (h' C + D_skip x) silu(z); out_proj (out_weight [hidden, D]). Returns its output [B, hidden] in x's dtype
+// and the two new states (float32, float64 for float64 x).
+std::vector<at::Tensor> mamba_step(const at::Tensor& x, const at::Tensor& in_weight, const at::Tensor& conv_weight,
+                                   const at::Tensor& conv_bias, const at::Tensor& conv_state,
+                                   const at::Tensor& x_proj_weight, const at::Tensor& dt_proj_weight,
+                                   const at::Tensor& dt_proj_bias, const at::Tensor& A, const at::Tensor& D,
+                                   const at::Tensor& ssm_state, const at::Tensor& out_weight) {
+  check_cpu({x, in_weight, conv_weight, conv_bias, conv_state, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D,
+             ssm_state, out_weight},
             "mamba_step_cpu");
-  TORCH_CHECK(f.dim() == 2 && ssm_state.dim() == 3 && conv_weight.dim() == 2 && conv_state.dim() == 3 &&
+  const at::Tensor f = seqmix_cpu::times_weight(x, in_weight, "mamba_step_cpu");
+  TORCH_CHECK(ssm_state.dim() == 3 && conv_weight.dim() == 2 && conv_state.dim() == 3 &&
                   x_proj_weight.dim() == 2 && dt_proj_weight.dim() == 2,
-              "mamba_step_cpu: f [B, 2 D], ssm_state [B, D, N], conv_weight [D, W], conv_state [B, D, W-1], "
+              "mamba_step_cpu: ssm_state [B, D, N], conv_weight [D, W], conv_state [B, D, W-1], "
               "x_proj_weight [R + 2 N, D], dt_proj_weight [D, R]");
   const auto dtype = compute_dtype(f);
   const int64_t B = f.size(0), Dm = ssm_state.size(1), N = ssm_state.size(2), W = conv_weight.size(1);
@@ -558,7 +574,7 @@ std::vector<at::Tensor> mamba_step(const at::Tensor& f, const at::Tensor& conv_w
                   conv_state.size(0) == B && conv_state.size(1) == Dm && conv_state.size(2) == W - 1 &&
                   x_proj_weight.size(0) == R + 2 * N && x_proj_weight.size(1) == Dm && dt_proj_weight.size(0) == Dm &&
                   dt_proj_bias.numel() == Dm && A.numel() == Dm * N && D.numel() == Dm,
-              "mamba_step_cpu: the shapes do not describe one Mamba layer");
+              "mamba_step_cpu: the shapes (in_weight's rows included) do not describe one Mamba layer");
   const at::Tensor fc = prepared(f, dtype), S = dense(ssm_state, dtype), cs = dense(conv_state, dtype);
   const at::Tensor cw = dense(conv_weight, dtype), cb = dense(conv_bias, dtype), xw = dense(x_proj_weight, dtype);
   const at::Tensor dw = dense(dt_proj_weight, dtype), db = dense(dt_proj_bias, dtype), Ac = dense(A, dtype);
@@ -593,15 +609,15 @@ std::vector<at::Tensor> mamba_step(const at::Tensor& f, const at::Tensor& conv_w
       }
     });
   });
-  return {in_dtype(y, f.scalar_type()), cn, Sn};
+  return {seqmix_cpu::times_weight(in_dtype(y, x.scalar_type()), out_weight, "mamba_step_cpu"), cn, Sn};
 }
 
 void bind_recurrent_steps(pybind11::module& m) {
   m.def("delta_rule_step", &delta_rule_step, "one token of the (gated) delta rule (CPU)");
   m.def("gla_step", &gla_step, "one token of gated linear attention (CPU)");
   m.def("ssd_step", &ssd_step, "one token of Mamba-2's SSD (CPU)");
-  m.def("deltanet_step", &deltanet_step, "one token of a (Gated) DeltaNet layer between its projections (CPU)");
-  m.def("mamba2_step", &mamba2_step, "one token of a Mamba-2 layer between its projections (CPU)");
-  m.def("gla_layer_step", &gla_layer_step, "one token of a GLA layer between its projections (CPU)");
-  m.def("mamba_step", &mamba_step, "one token of a Mamba layer between its projections (CPU)");
+  m.def("deltanet_step", &deltanet_step, "one token of a (Gated) DeltaNet layer with its projections (CPU)");
+  m.def("mamba2_step", &mamba2_step, "one token of a Mamba-2 layer with its projections (CPU)");
+  m.def("gla_layer_step", &gla_layer_step, "one token of a GLA layer with its projections (CPU)");
+  m.def("mamba_step", &mamba_step, "one token of a Mamba layer with its projections (CPU)");
 }

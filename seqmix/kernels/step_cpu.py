@@ -2,7 +2,7 @@
 seqmix/kernels/cpu.py): the delta rule and gated delta rule, GLA and Mamba-2's SSD; the short causal conv's
 step (conv/conv_step_cpu.cpp); and the row norms of seqmix/archs/modules.py (RMSNorm, gated or not, and
 l2_normalize; row_norm_cpu.cpp) without autograd; and the Mamba-2, Mamba, (Gated) DeltaNet and GLA layers'
-decoding steps between their projections (:func:`mamba2_step`, :func:`mamba_step`, :func:`deltanet_step`,
+decoding steps with their projections (:func:`mamba2_step`, :func:`mamba_step`, :func:`deltanet_step`,
 :func:`gla_layer_step`; the layers ask :func:`serves_layer`); and attention's step into its preallocated caches
 (:func:`attention_step`, attention_step_cpu.cpp).
 
@@ -45,7 +45,7 @@ _LAYER_STEP_DTYPES = (torch.float32, torch.float64)
 
 
 def serves_layer(op: str, x: Tensor, state: dict[str, Tensor], layer: torch.nn.Module) -> bool:
-    """Whether a layer's decoding step takes ``op``, its one C++ call between the projections: :func:`serves`
+    """Whether a layer's decoding step takes ``op``, its one C++ call with its projections: :func:`serves`
     for x, the state and the layer's parameters (only gathered with autograd on: without it no gradient is
     wanted, and a parameter's look-up costs as much as a small op), with x float32 or float64."""
     if x.dtype not in _LAYER_STEP_DTYPES:
@@ -65,6 +65,11 @@ def serves_when_ready(like: Tensor, *tensors: Tensor | None) -> bool:
 
 def _state_like(state: Tensor, like: Tensor) -> Tensor:
     return state.new_empty(state.shape, dtype=reference_dtype(like))
+
+
+def _projected_like(x: Tensor, out_weight: Tensor) -> Tensor:
+    """A layer step's output: x [B, hidden] through the output projection out_weight [hidden, inner]."""
+    return x.new_empty(x.shape[0], out_weight.shape[0])
 
 
 @custom_op("seqmix::delta_rule_step_cpu", mutates_args=())
@@ -120,118 +125,124 @@ def ssd_step(x, dt, A, B, C, state, D, z, dt_bias, dt_softplus: bool, dt_limit: 
 
 
 @custom_op("seqmix::mamba2_step_cpu", mutates_args=())
-def _mamba2_op(f: Tensor, conv_weight: Tensor, conv_bias: Tensor, conv_state: Tensor, A: Tensor, D: Tensor,
-               dt_bias: Tensor, dt_softplus: bool, dt_min: float, dt_max: float, ssm_state: Tensor,
-               norm_weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    y, conv, ssm = cpu.extension().mamba2_step(f, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_softplus,
-                                               dt_min, dt_max, ssm_state, norm_weight, eps)
-    return y, conv, ssm
+def _mamba2_op(x: Tensor, in_weight: Tensor, conv_weight: Tensor, conv_bias: Tensor, conv_state: Tensor, A: Tensor,
+               D: Tensor, dt_bias: Tensor, dt_softplus: bool, dt_min: float, dt_max: float, ssm_state: Tensor,
+               norm_weight: Tensor, eps: float, out_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    out, conv, ssm = cpu.extension().mamba2_step(x, in_weight, conv_weight, conv_bias, conv_state, A, D, dt_bias,
+                                                 dt_softplus, dt_min, dt_max, ssm_state, norm_weight, eps, out_weight)
+    return out, conv, ssm
 
 
 @_mamba2_op.register_fake
-def _(f, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_softplus, dt_min, dt_max, ssm_state, norm_weight,
-      eps):
-    inner = ssm_state.shape[1] * ssm_state.shape[2]
-    return f.new_empty(f.shape[0], inner), _state_like(conv_state, f), _state_like(ssm_state, f)
+def _(x, in_weight, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_softplus, dt_min, dt_max, ssm_state,
+      norm_weight, eps, out_weight):
+    return _projected_like(x, out_weight), _state_like(conv_state, x), _state_like(ssm_state, x)
 
 
-def mamba2_step(f: Tensor, conv_weight: Tensor, conv_bias: Tensor, conv_state: Tensor, A: Tensor, D: Tensor,
-                dt_bias: Tensor, dt_softplus: bool, dt_limit: tuple[float, float], ssm_state: Tensor,
-                norm_weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """One token of a Mamba-2 layer between its projections (seqmix/archs/mamba2.py) in one call, no autograd:
-    from in_proj's output f [B, d_inner + conv_dim + H] (z | x B C | dt), the short conv's window step with
-    SiLU (conv_weight [conv_dim, W], conv_bias [conv_dim], conv_state [B, conv_dim, W-1]), SSD's step
-    (``seqmix.kernels.mamba2.step.ssd_step`` with A, D, dt_bias [H], ssm_state [B, H, P, N]; B and C in
-    G = (conv_dim - H P) / 2N groups), the gate silu(z) and the RMSNorm over H P (norm_weight, eps).
-    Returns (y [B, H P] in f's dtype, the conv state, the SSD state), the states float32 (float64 for
-    float64 f) and new tensors."""
+def mamba2_step(x: Tensor, in_weight: Tensor, conv_weight: Tensor, conv_bias: Tensor, conv_state: Tensor, A: Tensor,
+                D: Tensor, dt_bias: Tensor, dt_softplus: bool, dt_limit: tuple[float, float], ssm_state: Tensor,
+                norm_weight: Tensor, eps: float, out_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One token of a Mamba-2 layer with its projections (seqmix/archs/mamba2.py) in one call, no autograd: x
+    [B, hidden] float32 or float64; in_proj (in_weight [d_inner + conv_dim + H, hidden], to z | x B C | dt), the
+    short conv's window step with SiLU (conv_weight [conv_dim, W], conv_bias [conv_dim], conv_state
+    [B, conv_dim, W-1]), SSD's step (``seqmix.kernels.mamba2.step.ssd_step`` with A, D, dt_bias [H], ssm_state
+    [B, H, P, N]; B and C in G = (conv_dim - H P) / 2N groups), the gate silu(z), the RMSNorm over H P
+    (norm_weight, eps) and out_proj (out_weight [hidden, H P]). Returns (the output [B, hidden] in x's dtype, the
+    conv state, the SSD state), the states in x's dtype and new tensors."""
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
-    return _mamba2_op(f, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_softplus, lo, hi, ssm_state,
-                      norm_weight, eps)
+    return _mamba2_op(x, in_weight, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_softplus, lo, hi,
+                      ssm_state, norm_weight, eps, out_weight)
 
 
 @custom_op("seqmix::gla_layer_step_cpu", mutates_args=())
-def _gla_layer_op(f: Tensor, up_weight: Tensor, up_bias: Tensor, normalizer: float, state: Tensor, norm_weight: Tensor,
-                  eps: float, has_gate: bool, scale: float) -> tuple[Tensor, Tensor]:
-    o, S = cpu.extension().gla_layer_step(f, up_weight, up_bias, normalizer, state, norm_weight, eps, has_gate, scale)
-    return o, S
+def _gla_layer_op(x: Tensor, in_weight: Tensor, up_weight: Tensor, up_bias: Tensor, normalizer: float, state: Tensor,
+                  norm_weight: Tensor, eps: float, has_gate: bool, scale: float,
+                  out_weight: Tensor) -> tuple[Tensor, Tensor]:
+    out, S = cpu.extension().gla_layer_step(x, in_weight, up_weight, up_bias, normalizer, state, norm_weight, eps,
+                                            has_gate, scale, out_weight)
+    return out, S
 
 
 @_gla_layer_op.register_fake
-def _(f, up_weight, up_bias, normalizer, state, norm_weight, eps, has_gate, scale):
-    return f.new_empty(f.shape[0], state.shape[1] * state.shape[3]), _state_like(state, f)
+def _(x, in_weight, up_weight, up_bias, normalizer, state, norm_weight, eps, has_gate, scale, out_weight):
+    return _projected_like(x, out_weight), _state_like(state, x)
 
 
-def gla_layer_step(f: Tensor, up_weight: Tensor, up_bias: Tensor, normalizer: float, state: Tensor,
-                   norm_weight: Tensor, eps: float, has_gate: bool, scale: float) -> tuple[Tensor, Tensor]:
-    """One token of a GLA layer between its projections (seqmix/archs/gla.py) in one call, no autograd. f [B, F]
-    is the input projections' output: q | k [H K each] | v [H V] | the output gate [H V] (with ``has_gate``) | the
-    decay's low-rank projection [R]. The decay g = logsigmoid(up_weight low + up_bias) / normalizer (up_weight
-    [H K, R], up_bias [H K]), GLA's step on state [B, H, K, V] (``seqmix.kernels.gated_linear_attention.step``,
-    ``scale``), each head's output RMS-normalised over V (norm_weight [V], ``eps``) and multiplied by silu(gate).
-    Returns (o [B, H V] in f's dtype, the new state float32 (float64 for float64 f))."""
-    return _gla_layer_op(f, up_weight, up_bias, float(normalizer), state, norm_weight, eps, has_gate, scale)
+def gla_layer_step(x: Tensor, in_weight: Tensor, up_weight: Tensor, up_bias: Tensor, normalizer: float,
+                   state: Tensor, norm_weight: Tensor, eps: float, has_gate: bool, scale: float,
+                   out_weight: Tensor) -> tuple[Tensor, Tensor]:
+    """One token of a GLA layer with its projections (seqmix/archs/gla.py) in one call, no autograd: x [B, hidden]
+    float32 or float64; the input projections (in_weight [F, hidden], their weights stacked: q | k [H K each] |
+    v [H V] | the output gate [H V] (with ``has_gate``) | the decay's low-rank projection [R]), the decay
+    g = logsigmoid(up_weight low + up_bias) / normalizer (up_weight [H K, R], up_bias [H K]), GLA's step on state
+    [B, H, K, V] (``seqmix.kernels.gated_linear_attention.step``, ``scale``), each head's output RMS-normalised
+    over V (norm_weight [V], ``eps``) and multiplied by silu(gate), and o_proj (out_weight [hidden, H V]).
+    Returns (the output [B, hidden] in x's dtype, the new state in x's dtype)."""
+    return _gla_layer_op(x, in_weight, up_weight, up_bias, float(normalizer), state, norm_weight, eps, has_gate,
+                         scale, out_weight)
 
 
 @custom_op("seqmix::mamba_step_cpu", mutates_args=())
-def _mamba_op(f: Tensor, conv_weight: Tensor, conv_bias: Tensor, conv_state: Tensor, x_proj_weight: Tensor,
-              dt_proj_weight: Tensor, dt_proj_bias: Tensor, A: Tensor, D: Tensor, ssm_state: Tensor
-              ) -> tuple[Tensor, Tensor, Tensor]:
-    y, conv, ssm = cpu.extension().mamba_step(f, conv_weight, conv_bias, conv_state, x_proj_weight, dt_proj_weight,
-                                              dt_proj_bias, A, D, ssm_state)
-    return y, conv, ssm
+def _mamba_op(x: Tensor, in_weight: Tensor, conv_weight: Tensor, conv_bias: Tensor, conv_state: Tensor,
+              x_proj_weight: Tensor, dt_proj_weight: Tensor, dt_proj_bias: Tensor, A: Tensor, D: Tensor,
+              ssm_state: Tensor, out_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    out, conv, ssm = cpu.extension().mamba_step(x, in_weight, conv_weight, conv_bias, conv_state, x_proj_weight,
+                                                dt_proj_weight, dt_proj_bias, A, D, ssm_state, out_weight)
+    return out, conv, ssm
 
 
 @_mamba_op.register_fake
-def _(f, conv_weight, conv_bias, conv_state, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, ssm_state):
-    return f.new_empty(f.shape[0], ssm_state.shape[1]), _state_like(conv_state, f), _state_like(ssm_state, f)
+def _(x, in_weight, conv_weight, conv_bias, conv_state, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, ssm_state,
+      out_weight):
+    return _projected_like(x, out_weight), _state_like(conv_state, x), _state_like(ssm_state, x)
 
 
-def mamba_step(f: Tensor, conv_weight: Tensor, conv_bias: Tensor, conv_state: Tensor, x_proj_weight: Tensor,
-               dt_proj_weight: Tensor, dt_proj_bias: Tensor, A: Tensor, D: Tensor, ssm_state: Tensor
-               ) -> tuple[Tensor, Tensor, Tensor]:
-    """One token of a Mamba layer between its projections (seqmix/archs/mamba.py) in one call, no autograd: from
-    in_proj's output f [B, 2 D] (x | z), the short conv's window step with SiLU over x (conv_weight [D, W],
-    conv_bias [D], conv_state [B, D, W-1]), x_proj (x_proj_weight [R + 2 N, D]) to the step's low rank, B and C,
-    delta = softplus(dt_proj_weight [D, R] low + dt_proj_bias [D]), the selective scan's step
-    (``seqmix.kernels.mamba.step``: A [D, N], the skip D [D], ssm_state [B, D, N]) and the gate silu(z). Returns
-    (y [B, D] in f's dtype, the conv state, the scan's state), the states float32 (float64 for float64 f) and new
-    tensors."""
-    return _mamba_op(f, conv_weight, conv_bias, conv_state, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D,
-                     ssm_state)
+def mamba_step(x: Tensor, in_weight: Tensor, conv_weight: Tensor, conv_bias: Tensor, conv_state: Tensor,
+               x_proj_weight: Tensor, dt_proj_weight: Tensor, dt_proj_bias: Tensor, A: Tensor, D: Tensor,
+               ssm_state: Tensor, out_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One token of a Mamba layer with its projections (seqmix/archs/mamba.py) in one call, no autograd: x
+    [B, hidden] float32 or float64; in_proj (in_weight [2 D, hidden], to x | z), the short conv's window step
+    with SiLU over x (conv_weight [D, W], conv_bias [D], conv_state [B, D, W-1]), x_proj (x_proj_weight
+    [R + 2 N, D]) to the step's low rank, B and C, delta = softplus(dt_proj_weight [D, R] low + dt_proj_bias [D]),
+    the selective scan's step (``seqmix.kernels.mamba.step``: A [D, N], the skip D [D], ssm_state [B, D, N]), the
+    gate silu(z) and out_proj (out_weight [hidden, D]). Returns (the output [B, hidden] in x's dtype, the conv
+    state, the scan's state), the states in x's dtype and new tensors."""
+    return _mamba_op(x, in_weight, conv_weight, conv_bias, conv_state, x_proj_weight, dt_proj_weight, dt_proj_bias,
+                     A, D, ssm_state, out_weight)
 
 
 @custom_op("seqmix::deltanet_step_cpu", mutates_args=())
-def _deltanet_op(f: Tensor, conv_weight: Tensor | None, conv_state: Tensor | None, state: Tensor,
+def _deltanet_op(x: Tensor, in_weight: Tensor, conv_weight: Tensor | None, conv_state: Tensor | None, state: Tensor,
                  A_log: Tensor | None, dt_bias: Tensor | None, norm_weight: Tensor, norm_eps: float, has_gate: bool,
-                 scale: float, l2_eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    o, conv, S = cpu.extension().deltanet_step(f, conv_weight, conv_state, state, A_log, dt_bias, norm_weight,
-                                               norm_eps, has_gate, scale, l2_eps)
-    return o, conv, S
+                 scale: float, l2_eps: float, out_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    out, conv, S = cpu.extension().deltanet_step(x, in_weight, conv_weight, conv_state, state, A_log, dt_bias,
+                                                 norm_weight, norm_eps, has_gate, scale, l2_eps, out_weight)
+    return out, conv, S
 
 
 @_deltanet_op.register_fake
-def _(f, conv_weight, conv_state, state, A_log, dt_bias, norm_weight, norm_eps, has_gate, scale, l2_eps):
-    conv = f.new_empty(0, 0, 0) if conv_state is None else conv_state
-    return (f.new_empty(f.shape[0], state.shape[1] * state.shape[3]), _state_like(conv, f),
-            _state_like(state, f))
+def _(x, in_weight, conv_weight, conv_state, state, A_log, dt_bias, norm_weight, norm_eps, has_gate, scale, l2_eps,
+      out_weight):
+    conv = x.new_empty(0, 0, 0) if conv_state is None else conv_state
+    return _projected_like(x, out_weight), _state_like(conv, x), _state_like(state, x)
 
 
-def deltanet_step(f: Tensor, conv_weight: Tensor | None, conv_state: Tensor | None, state: Tensor,
+def deltanet_step(x: Tensor, in_weight: Tensor, conv_weight: Tensor | None, conv_state: Tensor | None, state: Tensor,
                   A_log: Tensor | None, dt_bias: Tensor | None, norm_weight: Tensor, norm_eps: float, has_gate: bool,
-                  scale: float, l2_eps: float) -> tuple[Tensor, Tensor | None, Tensor]:
-    """One token of a DeltaNet or Gated DeltaNet layer between its projections (seqmix/archs/deltanet.py) in one
-    call, no autograd. f [B, F] is the one projection's output: q|k|v [2 H K + H V] | the output gate [H V]
-    (with ``has_gate``) | b [H] | a [H] (with A_log). The short conv's window step with SiLU over q|k|v
-    (conv_weight [2 H K + H V, W], conv_state [B, 2 H K + H V, W-1]; None: SiLU alone), q and k L2-normalised
-    per head (``l2_eps``), beta = sigmoid(b), g = -exp(A_log) softplus(a + dt_bias) (A_log, dt_bias [H]; None:
-    no decay), the (gated) delta rule's step on state [B, H, K, V] (``seqmix.kernels.deltanet.step``), each
-    head's output RMS-normalised over V (norm_weight [V], ``norm_eps``) and multiplied by silu(gate). Returns
-    (o [B, H V] in f's dtype, the conv state or None, the rule's state), the states float32 (float64 for
-    float64 f) and new tensors."""
-    o, conv, S = _deltanet_op(f, conv_weight, conv_state, state, A_log, dt_bias, norm_weight, norm_eps, has_gate,
-                              scale, l2_eps)
-    return o, None if conv_state is None else conv, S
+                  scale: float, l2_eps: float, out_weight: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+    """One token of a DeltaNet or Gated DeltaNet layer with its projections (seqmix/archs/deltanet.py) in one
+    call, no autograd: x [B, hidden] float32 or float64; the input projections (in_weight [F, hidden], their
+    weights stacked: q|k|v [2 H K + H V] | the output gate [H V] (with ``has_gate``) | b [H] | a [H] (with
+    A_log)), the short conv's window step with SiLU over q|k|v (conv_weight [2 H K + H V, W], conv_state
+    [B, 2 H K + H V, W-1]; None: SiLU alone), q and k L2-normalised per head (``l2_eps``), beta = sigmoid(b),
+    g = -exp(A_log) softplus(a + dt_bias) (A_log, dt_bias [H]; None: no decay), the (gated) delta rule's step on
+    state [B, H, K, V] (``seqmix.kernels.deltanet.step``), each head's output RMS-normalised over V (norm_weight
+    [V], ``norm_eps``) and multiplied by silu(gate), and o_proj (out_weight [hidden, H V]). Returns (the output
+    [B, hidden] in x's dtype, the conv state or None, the rule's state), the states in x's dtype and new
+    tensors."""
+    out, conv, S = _deltanet_op(x, in_weight, conv_weight, conv_state, state, A_log, dt_bias, norm_weight, norm_eps,
+                                has_gate, scale, l2_eps, out_weight)
+    return out, None if conv_state is None else conv, S
 
 
 @custom_op("seqmix::row_norm_cpu", mutates_args=())
@@ -285,18 +296,21 @@ def residual_swiglu_step(x: Tensor, y: Tensor, norm_weight: Tensor, eps: float, 
 
 
 @custom_op("seqmix::attention_step_cpu", mutates_args=("k_cache", "v_cache"))
-def _attention_step_op(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tensor, inv_freq: Tensor) -> Tensor:
-    return cpu.extension().attention_step(qkv, k_cache, v_cache, length, inv_freq)
+def _attention_step_op(x: Tensor, qkv_weight: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tensor,
+                       inv_freq: Tensor, o_weight: Tensor) -> Tensor:
+    return cpu.extension().attention_step(x, qkv_weight, k_cache, v_cache, length, inv_freq, o_weight)
 
 
 @_attention_step_op.register_fake
-def _(qkv, k_cache, v_cache, length, inv_freq):
-    return qkv.new_empty(qkv.shape[0], qkv.shape[2], qkv.shape[3])
+def _(x, qkv_weight, k_cache, v_cache, length, inv_freq, o_weight):
+    return _projected_like(x, o_weight)
 
 
-def attention_step(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tensor, inv_freq: Tensor) -> Tensor:
-    """seqmix/archs/attention.py's one-token step in one call, no autograd (all one dtype, float32 or float64;
-    contiguous): qkv [B, 3, H, D] rotated by the positions ``length`` [B] int64 (``inv_freq`` [D/2]: the
-    rotary frequencies), k and v written into k_cache, v_cache [B, H, L, D] in place at slot ``length``, and
-    softmax attention of q over slots 0..length. Returns o [B, H, D]."""
-    return _attention_step_op(qkv, k_cache, v_cache, length, inv_freq)
+def attention_step(x: Tensor, qkv_weight: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tensor,
+                   inv_freq: Tensor, o_weight: Tensor) -> Tensor:
+    """seqmix/archs/attention.py's one-token step with its projections in one call, no autograd (all one dtype,
+    float32 or float64; the caches contiguous): x [B, hidden] projected to q | k | v [B, 3, H, D] (qkv_weight
+    [3 H D, hidden]), q and k rotated by the positions ``length`` [B] int64 (``inv_freq`` [D/2]: the rotary
+    frequencies), k and v written into k_cache, v_cache [B, H, L, D] in place at slot ``length``, softmax
+    attention of q over slots 0..length, and o_proj (o_weight [hidden, H D]). Returns the output [B, hidden]."""
+    return _attention_step_op(x, qkv_weight, k_cache, v_cache, length, inv_freq, o_weight)

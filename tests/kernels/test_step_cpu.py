@@ -1,7 +1,7 @@
 """The C++ CPU decoding steps (seqmix/kernels/step_cpu.py): the delta rule, the gated delta rule, GLA, SSD and
 the short conv, chained over a few tokens from a random state, against the float64 recurrences (one call of the
 conv) and the tensor-op steps, in float32 and float64, with strong decays and strided token inputs; the layers'
-steps between their projections (Mamba-2's, (Gated) DeltaNet's) against the chain of tensor-op steps; the choice
+steps with their projections (Mamba-2's, (Gated) DeltaNet's) against the chain of tensor-op steps; the choice
 (C++ without a gradient, tensor ops with one), the fallback when the kernels cannot be built (the norms' too:
 tests/archs/test_modules.py tests their C++ call), opcheck of the custom ops, and one compiled graph.
 
@@ -272,16 +272,23 @@ def test_unwatched_choice_takes_the_same_paths(monkeypatch):
     assert len(calls) == T
 
 
-# The layers' fused steps between their projections (step_cpu.mamba2_step, step_cpu.deltanet_step) against the
-# chain of tensor-op steps they replace, over a few tokens from random states: heads in groups, widths that are
-# not whole vectors, in_proj rows that are strided views.
+# The layers' fused steps with their projections (step_cpu.mamba2_step, step_cpu.deltanet_step) against the
+# chain of F.linear and tensor-op steps they replace, over a few tokens from random states: heads in groups,
+# widths that are not whole vectors, token rows that are strided views.
 M2_H, M2_P, M2_G, M2_N = 4, 5, 2, 11
 DN_H, DN_K, DN_V = 3, 6, 7
+HIDDEN = 13
 
 
 def _rows(gen, width):
-    """[B, T, width] float64 rows that are views of wider rows (as a projection's output may be)."""
+    """[B, T, width] float64 rows that are views of wider rows."""
     return torch.randn(B, T, width + 5, generator=gen, dtype=torch.float64)[..., 3 : 3 + width]
+
+
+def _projections(gen, features, inner):
+    """A layer's input projection's weight [features, HIDDEN] and output projection's [HIDDEN, inner], float64."""
+    return (torch.randn(features, HIDDEN, generator=gen, dtype=torch.float64) / HIDDEN**0.5,
+            torch.randn(HIDDEN, inner, generator=gen, dtype=torch.float64) / inner**0.5)
 
 
 def _rms(y, weight, eps, gate=None):
@@ -292,32 +299,33 @@ def _rms(y, weight, eps, gate=None):
 def _mamba2_inputs(W):
     gen = torch.Generator().manual_seed(40 + W)
     inner, C = M2_H * M2_P, M2_H * M2_P + 2 * M2_G * M2_N
-    f = _rows(gen, inner + C + M2_H) * 2
+    x = _rows(gen, HIDDEN) * 2
+    proj = _projections(gen, inner + C + M2_H, inner)
     conv = [torch.randn(C, W, generator=gen, dtype=torch.float64), torch.randn(C, generator=gen, dtype=torch.float64),
             torch.randn(B, C, W - 1, generator=gen, dtype=torch.float64)]
     A = -torch.rand(M2_H, generator=gen, dtype=torch.float64) * 3 - 0.1
     D, dt_bias = (torch.randn(M2_H, generator=gen, dtype=torch.float64) for _ in range(2))
     ssm = torch.randn(B, M2_H, M2_P, M2_N, generator=gen, dtype=torch.float64)
-    return f, conv, A, D, dt_bias, ssm, 1 + torch.randn(inner, generator=gen, dtype=torch.float64) / 4
+    return x, proj, conv, A, D, dt_bias, ssm, 1 + torch.randn(inner, generator=gen, dtype=torch.float64) / 4
 
 
-def _mamba2_chain(fused, f, conv, A, D, dt_bias, ssm, norm_weight, dt_limit, eps=1e-5):
-    """step_cpu.mamba2_step over the tokens of f, or (fused=False) the tensor-op steps it replaces."""
-    w, bias, conv_state = conv
+def _mamba2_chain(fused, x, proj, conv, A, D, dt_bias, ssm, norm_weight, dt_limit, eps=1e-5):
+    """step_cpu.mamba2_step over the tokens of x, or (fused=False) the F.linear and tensor-op steps it replaces."""
+    (in_weight, out_weight), (w, bias, conv_state) = proj, conv
     inner, C = M2_H * M2_P, w.shape[0]
     ys = []
     for t in range(T):
         if fused:
-            y, conv_state, ssm = step_cpu.mamba2_step(f[:, t], w, bias, conv_state, A, D, dt_bias, True, dt_limit,
-                                                      ssm, norm_weight, eps)
+            y, conv_state, ssm = step_cpu.mamba2_step(x[:, t], in_weight, w, bias, conv_state, A, D, dt_bias, True,
+                                                      dt_limit, ssm, norm_weight, eps, out_weight)
         else:
-            z, xbc, dt = f[:, t].split([inner, C, M2_H], -1)
+            z, xbc, dt = F.linear(x[:, t], in_weight).split([inner, C, M2_H], -1)
             xbc, conv_state = causal_conv1d_step(xbc, w, bias, "silu", conv_state)
             xs, b, c = xbc.split([inner, M2_G * M2_N, M2_G * M2_N], -1)
             y, ssm = ssd_step(xs.reshape(B, M2_H, M2_P), dt, A, b.reshape(B, M2_G, M2_N), c.reshape(B, M2_G, M2_N),
                               ssm, D=D, z=z.reshape(B, M2_H, M2_P), dt_bias=dt_bias, dt_softplus=True,
                               dt_limit=dt_limit)
-            y = _rms(y.reshape(B, inner), norm_weight, eps)
+            y = F.linear(_rms(y.reshape(B, inner), norm_weight, eps), out_weight)
         ys.append(y)
     return torch.stack(ys, 1), conv_state, ssm
 
@@ -326,13 +334,13 @@ def _mamba2_chain(fused, f, conv, A, D, dt_bias, ssm, norm_weight, dt_limit, eps
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("W, dt_limit", [(4, (0.0, float("inf"))), (1, (0.05, 2.0))])
 def test_cpu_mamba2_layer_step_equals_the_tensor_op_steps(W, dt_limit, dtype, monkeypatch):
-    f, conv, A, D, dt_bias, ssm, norm_weight = _mamba2_inputs(W)
+    x, proj, conv, A, D, dt_bias, ssm, norm_weight = _mamba2_inputs(W)
     cast = lambda t: t.to(dtype)
     with torch.no_grad():
-        y, conv_state, state = _mamba2_chain(True, cast(f), [cast(t) for t in conv], *map(cast, (A, D, dt_bias, ssm,
-                                             norm_weight)), dt_limit)
+        y, conv_state, state = _mamba2_chain(True, cast(x), [cast(t) for t in proj], [cast(t) for t in conv],
+                                             *map(cast, (A, D, dt_bias, ssm, norm_weight)), dt_limit)
         monkeypatch.setenv("SEQMIX_BACKEND", "reference")
-        want = _mamba2_chain(False, f, conv, A, D, dt_bias, ssm, norm_weight, dt_limit)
+        want = _mamba2_chain(False, x, proj, conv, A, D, dt_bias, ssm, norm_weight, dt_limit)
     assert y.dtype == dtype and conv_state.dtype == dtype and state.dtype == dtype
     tol = 1e-12 if dtype == torch.float64 else TOL[dtype] / 10
     for got, ref, what in zip((y, conv_state, state), want, ("output", "conv state", "SSD state")):
@@ -342,27 +350,29 @@ def test_cpu_mamba2_layer_step_equals_the_tensor_op_steps(W, dt_limit, dtype, mo
 def _deltanet_inputs(gated, conv, gate):
     gen = torch.Generator().manual_seed(50 + 4 * gated + 2 * conv + gate)
     C = 2 * DN_H * DN_K + DN_H * DN_V
-    f = _rows(gen, C + DN_H * DN_V * gate + DN_H * (1 + gated))
-    f[..., -DN_H:] *= 12  # decays' inputs past softplus's threshold (20) too
+    x = _rows(gen, HIDDEN) * 2
+    in_weight, out_weight = _projections(gen, C + DN_H * DN_V * gate + DN_H * (1 + gated), DN_H * DN_V)
+    in_weight[-DN_H:] *= 12  # decays' inputs past softplus's threshold (20) too
     taps = [torch.randn(C, 4, generator=gen, dtype=torch.float64),
             torch.randn(B, C, 3, generator=gen, dtype=torch.float64)] if conv else [None, None]
     decay = [torch.randn(DN_H, generator=gen, dtype=torch.float64) for _ in range(2)] if gated else [None, None]
     state = torch.randn(B, DN_H, DN_K, DN_V, generator=gen, dtype=torch.float64)
-    return f, taps, decay, state, 1 + torch.randn(DN_V, generator=gen, dtype=torch.float64) / 4
+    norm_weight = 1 + torch.randn(DN_V, generator=gen, dtype=torch.float64) / 4
+    return x, [in_weight, out_weight], taps, decay, state, norm_weight
 
 
-def _deltanet_chain(fused, f, taps, decay, state, norm_weight, gate, eps=1e-5, l2_eps=1e-6):
-    """step_cpu.deltanet_step over the tokens of f, or (fused=False) the tensor-op steps it replaces."""
-    (w, conv_state), (A_log, dt_bias) = taps, decay
+def _deltanet_chain(fused, x, proj, taps, decay, state, norm_weight, gate, eps=1e-5, l2_eps=1e-6):
+    """step_cpu.deltanet_step over the tokens of x, or (fused=False) the F.linear and tensor-op steps it replaces."""
+    (in_weight, out_weight), (w, conv_state), (A_log, dt_bias) = proj, taps, decay
     H, K, V = DN_H, DN_K, DN_V
     scale = K**-0.5
     outs = []
     for t in range(T):
         if fused:
-            o, conv_state, state = step_cpu.deltanet_step(f[:, t], w, conv_state, state, A_log, dt_bias, norm_weight,
-                                                          eps, gate, scale, l2_eps)
+            o, conv_state, state = step_cpu.deltanet_step(x[:, t], in_weight, w, conv_state, state, A_log, dt_bias,
+                                                          norm_weight, eps, gate, scale, l2_eps, out_weight)
         else:
-            qkv, *rest = f[:, t].split([2 * H * K + H * V] + [H * V] * gate + [H] * (1 + (A_log is not None)), -1)
+            qkv, *rest = F.linear(x[:, t], in_weight).split([2 * H * K + H * V] + [H * V] * gate + [H] * (1 + (A_log is not None)), -1)
             if w is None:
                 qkv = F.silu(qkv)
             else:
@@ -376,7 +386,8 @@ def _deltanet_chain(fused, f, taps, decay, state, norm_weight, gate, eps=1e-5, l
             else:
                 g = -A_log.exp() * F.softplus(rest[gate + 1] + dt_bias)
                 o, state = gated_delta_rule_step(q, k, v, g, beta, state, scale=scale)
-            o = _rms(o, norm_weight, eps, rest[0].reshape(B, H, V) if gate else None).reshape(B, H * V)
+            o = F.linear(_rms(o, norm_weight, eps, rest[0].reshape(B, H, V) if gate else None).reshape(B, H * V),
+                         out_weight)
         outs.append(o)
     return torch.stack(outs, 1), conv_state, state
 
@@ -385,13 +396,13 @@ def _deltanet_chain(fused, f, taps, decay, state, norm_weight, gate, eps=1e-5, l
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("gated, conv, gate", [(True, True, True), (False, True, True), (True, False, False)])
 def test_cpu_deltanet_layer_step_equals_the_tensor_op_steps(gated, conv, gate, dtype, monkeypatch):
-    f, taps, decay, state, norm_weight = _deltanet_inputs(gated, conv, gate)
+    x, proj, taps, decay, state, norm_weight = _deltanet_inputs(gated, conv, gate)
     cast = lambda t: None if t is None else t.to(dtype)
     with torch.no_grad():
-        o, conv_state, final = _deltanet_chain(True, cast(f), [cast(t) for t in taps], [cast(t) for t in decay],
-                                               cast(state), cast(norm_weight), gate)
+        o, conv_state, final = _deltanet_chain(True, cast(x), [cast(t) for t in proj], [cast(t) for t in taps],
+                                               [cast(t) for t in decay], cast(state), cast(norm_weight), gate)
         monkeypatch.setenv("SEQMIX_BACKEND", "reference")
-        want_o, want_conv, want_final = _deltanet_chain(False, f, taps, decay, state, norm_weight, gate)
+        want_o, want_conv, want_final = _deltanet_chain(False, x, proj, taps, decay, state, norm_weight, gate)
     assert o.dtype == dtype and final.dtype == dtype and (conv_state is None) == (not conv)
     tol = 1e-12 if dtype == torch.float64 else TOL[dtype] / 10
     assert_rel(o, want_o, tol, "output against the float64 tensor-op steps")
@@ -400,18 +411,23 @@ def test_cpu_deltanet_layer_step_equals_the_tensor_op_steps(gated, conv, gate, d
         assert_rel(conv_state, want_conv, tol, "conv state against the float64 tensor-op steps")
 
 
+def _float(inputs):
+    """The layer inputs in float32 (lists of tensors, with Nones, too)."""
+    return [t.float() if isinstance(t, torch.Tensor) else [None if u is None else u.float() for u in t]
+            for t in inputs]
+
+
 def _layer_op_calls():
     """(custom op, one float32 call's arguments) of the two layer steps."""
-    f, (w, bias, conv_state), A, D, dt_bias, ssm, norm_weight = (
-        t.float() if isinstance(t, torch.Tensor) else [u.float() for u in t] for t in _mamba2_inputs(4))
-    mamba2 = (f[:, 0], w, bias, conv_state, A, D, dt_bias, True, 0.0, float("inf"), ssm, norm_weight, 1e-5)
+    x, (in_weight, out_weight), (w, bias, conv_state), A, D, dt_bias, ssm, norm_weight = _float(_mamba2_inputs(4))
+    mamba2 = (x[:, 0].contiguous(), in_weight, w, bias, conv_state, A, D, dt_bias, True, 0.0, float("inf"), ssm,
+              norm_weight, 1e-5, out_weight)
     calls = [(step_cpu._mamba2_op, mamba2)]
     for gated, conv, gate in ((True, True, True), (False, False, False)):
-        f, (w, conv_state), (A_log, dt_bias), state, norm_weight = (
-            t.float() if isinstance(t, torch.Tensor) else [None if u is None else u.float() for u in t]
-            for t in _deltanet_inputs(gated, conv, gate))
-        calls.append((step_cpu._deltanet_op, (f[:, 0], w, conv_state, state, A_log, dt_bias, norm_weight, 1e-5, gate,
-                                              0.4, 1e-6)))
+        x, (in_weight, out_weight), (w, conv_state), (A_log, dt_bias), state, norm_weight = _float(
+            _deltanet_inputs(gated, conv, gate))
+        calls.append((step_cpu._deltanet_op, (x[:, 0].contiguous(), in_weight, w, conv_state, state, A_log, dt_bias,
+                                              norm_weight, 1e-5, gate, 0.4, 1e-6, out_weight)))
     return calls
 
 
@@ -421,17 +437,14 @@ def test_layer_step_custom_ops_pass_opcheck_and_trace_into_one_graph():
     backend) equal to eager."""
     for op, args in _layer_op_calls():
         torch.library.opcheck(op.op, args, test_utils=("test_schema", "test_faketensor"))
-    f, conv, A, D, dt_bias, ssm, norm_weight = (t.float() if isinstance(t, torch.Tensor) else [u.float() for u in t]
-                                                for t in _mamba2_inputs(4))
+    x, proj, conv, A, D, dt_bias, ssm, norm_weight = _float(_mamba2_inputs(4))
     with torch.no_grad():
-        run = lambda f, ssm: _mamba2_chain(True, f, conv, A, D, dt_bias, ssm, norm_weight, (0.0, float("inf")))
-        for got, want in zip(torch.compile(run, fullgraph=True, backend="eager")(f, ssm), run(f, ssm)):
+        run = lambda x, ssm: _mamba2_chain(True, x, proj, conv, A, D, dt_bias, ssm, norm_weight, (0.0, float("inf")))
+        for got, want in zip(torch.compile(run, fullgraph=True, backend="eager")(x, ssm), run(x, ssm)):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
-        f, taps, decay, state, norm_weight = (
-            t.float() if isinstance(t, torch.Tensor) else [None if u is None else u.float() for u in t]
-            for t in _deltanet_inputs(True, True, True))
-        run = lambda f, state: _deltanet_chain(True, f, taps, decay, state, norm_weight, True)
-        for got, want in zip(torch.compile(run, fullgraph=True, backend="eager")(f, state), run(f, state)):
+        x, proj, taps, decay, state, norm_weight = _float(_deltanet_inputs(True, True, True))
+        run = lambda x, state: _deltanet_chain(True, x, proj, taps, decay, state, norm_weight, True)
+        for got, want in zip(torch.compile(run, fullgraph=True, backend="eager")(x, state), run(x, state)):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
