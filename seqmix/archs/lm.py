@@ -27,8 +27,8 @@ from seqmix.kernels.sequences import in_dtype
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 MODEL_TYPE = "seqmix"  # config.json's model_type, the name transformers' Auto classes know seqmix by
-# The dtypes of the fused C++ MLP step (Block._fused_mlp_serves); others keep the modules.
-_FUSED_MLP_DTYPES = (torch.float32, torch.float64)
+# The dtypes of the LM's fused C++ decoding steps (_fused_step_serves); others keep the modules.
+_FUSED_STEP_DTYPES = (torch.float32, torch.float64)
 
 
 @dataclass
@@ -173,18 +173,18 @@ class Block(nn.Module):
         if state is not None and x.shape[1] == 1 and not torch.is_grad_enabled():  # decoding
             weights = (norm._parameters["weight"], mlp._modules["gate_up"]._parameters["weight"],
                        mlp._modules["down"]._parameters["weight"])
-            if self._fused_mlp_serves(x, y, weights):
+            if _fused_step_serves("residual_swiglu_step", x, y, *weights):
                 return step_cpu.residual_swiglu_step(x, y, weights[0], norm.eps, *weights[1:]), state
         x = x + y
         return x + mlp(norm(x)), state
 
-    @staticmethod
-    def _fused_mlp_serves(x, y, weights) -> bool:
-        """Whether the residual, norm and MLP after the mixer are one C++ call (seqmix/kernels/step_cpu.py):
-        CPU tensors, the model's dtype float32 or float64 (``weights``: the MLP norm's, gate_up's and down's)."""
-        dt = x.dtype
-        return (dt in _FUSED_MLP_DTYPES and y.dtype == dt and all(w.dtype == dt for w in weights)
-                and step_cpu.serves("residual_swiglu_step", x))
+
+def _fused_step_serves(op: str, x: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether a decoding step's part of the LM (the residual, norm and MLP after a mixer; the final norm and the
+    head) is one C++ call (seqmix/kernels/step_cpu.py): CPU tensors, no autograd (the caller checks), x and
+    ``tensors`` (the other inputs, the weights) in one dtype, float32 or float64."""
+    dt = x.dtype
+    return dt in _FUSED_STEP_DTYPES and all(t.dtype == dt for t in tensors) and step_cpu.serves(op, x)
 
 
 class LanguageModel(nn.Module):
@@ -242,7 +242,13 @@ class LanguageModel(nn.Module):
         return logits, (None if state is None else new_state)
 
     def _readout(self, x):
-        return linear(self.norm(x), self.embed.weight)
+        norm, head = self._modules["norm"], self._modules["embed"]._parameters["weight"]
+        B, T, D = x.shape
+        if T == 1 and not torch.is_grad_enabled() and _fused_step_serves("rms_norm_times_weight", x, head,
+                                                                          norm._parameters["weight"]):
+            return step_cpu.rms_norm_times_weight(x.reshape(B, D), norm._parameters["weight"], norm.eps,
+                                                  head).view(B, 1, -1)
+        return linear(norm(x), head)
 
     def _step_options(self, num_steps, backprop_steps, exit_threshold) -> dict:
         options = {"num_steps": num_steps, "backprop_steps": backprop_steps, "exit_threshold": exit_threshold}

@@ -4,12 +4,14 @@
 //
 // y = x * rsqrt(sum(x^2) / n + eps) [* weight] [* silu(gate)] over the last dimension (n = D for RMSNorm,
 // n = 1 for the L2 norm), in float32 (float64 for float64 x), returned in x's dtype. Rows are spread over
-// threads once there are enough of them (a prefill's).
+// threads once there are enough of them (a prefill's). And the LM's readout of a decoding step: the final norm
+// and the head's projection in one call.
 #include "torch_cpu.h"
 
 #include <cmath>
 #include <cstdint>
 
+#include "linear_cpu.h"
 #include "rows_cpu.h"
 
 namespace {
@@ -58,8 +60,19 @@ at::Tensor row_norm(const at::Tensor& x, const c10::optional<at::Tensor>& weight
   return x.scalar_type() == dtype ? y : y.to(x.scalar_type());
 }
 
+// The LM's readout in a decoding step (seqmix/archs/lm.py, LanguageModel._readout): RMSNorm of x [B, D]
+// (norm_weight [D], eps), then the head's projection (weight [V, D], linear_cpu.h), in x's dtype, float32 or
+// float64. Returns the logits [B, V].
+at::Tensor rms_norm_times_weight(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
+                                 const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 2, "rms_norm_times_weight_cpu: x must be [B, D]");
+  return seqmix_cpu::times_weight(row_norm(x, norm_weight, c10::nullopt, eps, true), weight,
+                                  "rms_norm_times_weight_cpu");
+}
+
 }  // namespace
 
 void bind_row_norms(pybind11::module& m) {
   m.def("row_norm", &row_norm, "RMSNorm (gated or not) or L2 norm over the last dim, no autograd (CPU)");
+  m.def("rms_norm_times_weight", &rms_norm_times_weight, "a decoding step's RMSNorm and head projection (CPU)");
 }

@@ -1,10 +1,11 @@
-"""The recurrent rules' decoding steps as one C++ call each on CPU tensors (recurrent_step_cpu.cpp, built by
-seqmix/kernels/cpu.py): the delta rule and gated delta rule, GLA and Mamba-2's SSD; the short causal conv's
-step (conv/conv_step_cpu.cpp); and the row norms of seqmix/archs/modules.py (RMSNorm, gated or not, and
-l2_normalize; row_norm_cpu.cpp) without autograd; and the Mamba-2, Mamba, (Gated) DeltaNet and GLA layers'
-decoding steps with their projections (:func:`mamba2_step`, :func:`mamba_step`, :func:`deltanet_step`,
-:func:`gla_layer_step`; the layers ask :func:`serves_layer`); and attention's step into its preallocated caches
-(:func:`attention_step`, attention_step_cpu.cpp).
+"""The decoding steps as one C++ call each on CPU tensors (built by seqmix/kernels/cpu.py): the recurrent rules'
+(the delta rule and gated delta rule, GLA and Mamba-2's SSD; recurrent_step_cpu.cpp), the short causal conv's
+(conv/conv_step_cpu.cpp) and the row norms of seqmix/archs/modules.py without autograd (RMSNorm, gated or not,
+and l2_normalize; row_norm_cpu.cpp); the Mamba-2, Mamba, (Gated) DeltaNet and GLA layers' steps with their
+projections (:func:`mamba2_step`, :func:`mamba_step`, :func:`deltanet_step`, :func:`gla_layer_step`; the layers
+ask :func:`serves_layer`) and attention's into its preallocated caches (:func:`attention_step`,
+attention_step_cpu.cpp); and the LM's: a block's residual add and MLP (:func:`residual_swiglu_step`,
+mlp_step_cpu.cpp), the final norm and the head (:func:`rms_norm_times_weight`).
 
 The step functions (``seqmix.kernels.<family>.step``) hand a call here when :func:`serves` says so: CPU
 tensors, no gradient wanted (the C++ steps have no backward; autograd keeps the tensor ops), and the C++
@@ -259,6 +260,22 @@ def row_norm(x: Tensor, weight: Tensor | None, gate: Tensor | None, eps: float, 
     """``x * rsqrt(sum(x^2) / n + eps) [* weight] [* silu(gate)]`` over the last dim (n = D if ``mean``, else 1)
     in one call, no autograd: seqmix/archs/modules.py's RMSNorm and l2_normalize without a gradient."""
     return _row_norm_op(x, weight, gate, eps, mean)
+
+
+@custom_op("seqmix::rms_norm_times_weight_cpu", mutates_args=())
+def _norm_times_weight_op(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor) -> Tensor:
+    return cpu.extension().rms_norm_times_weight(x, norm_weight, eps, weight)
+
+
+@_norm_times_weight_op.register_fake
+def _(x, norm_weight, eps, weight):
+    return _projected_like(x, weight)
+
+
+def rms_norm_times_weight(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor) -> Tensor:
+    """``F.linear(rms_norm(x) * norm_weight, weight)`` in one call, no autograd (all one dtype, float32 or float64):
+    x [B, D], norm_weight [D], weight [V, D]; the LM's final norm and head in a decoding step. Returns [B, V]."""
+    return _norm_times_weight_op(x, norm_weight, eps, weight)
 
 
 @custom_op("seqmix::causal_conv1d_step_cpu", mutates_args=())

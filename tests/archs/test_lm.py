@@ -150,10 +150,10 @@ def test_token_ids_outside_the_vocabulary_are_refused():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_decoding_blocks_mlp_half_is_one_cpp_call_equal_to_the_modules(dtype, monkeypatch):
+def test_decoding_blocks_mlp_half_and_the_readout_are_cpp_calls_equal_to_the_modules(dtype, monkeypatch):
     """On CPU tensors a decoding block's residual, MLP norm and SwiGLU are one C++ call
-    (seqmix/kernels/mlp_step_cpu.cpp): chosen for one token without autograd, equal to the modules
-    (SEQMIX_BACKEND=reference); opcheck of the custom op."""
+    (seqmix/kernels/mlp_step_cpu.cpp), and so are the final norm and the head (row_norm_cpu.cpp): chosen for one
+    token without autograd, equal to the modules (SEQMIX_BACKEND=reference); opcheck of the custom ops."""
     from seqmix.kernels import step_cpu
     from seqmix.kernels.backend import recording
 
@@ -168,14 +168,18 @@ def test_decoding_blocks_mlp_half_is_one_cpp_call_equal_to_the_modules(dtype, mo
         with recording() as choices:
             logits, _ = model.decode_step(prompt[:, -1:], state)
         assert sum(c.op == "residual_swiglu_step" and c.backend == "cpu" for c in choices) == 2
+        assert [c.backend for c in choices if c.op == "rms_norm_times_weight"] == ["cpu"]
         state = model.init_state(2, capacity=6)
         monkeypatch.setenv("SEQMIX_BACKEND", "reference")
         _, state = model(prompt, state)
         want, _ = model.decode_step(prompt[:, -1:], state)
-    assert_rel(logits, want, 1e-13 if dtype == torch.float64 else 1e-6, "logits through the fused MLP step")
+    assert_rel(logits, want, 1e-13 if dtype == torch.float64 else 1e-6, "logits through the fused MLP and readout")
     block, g = model.blocks[0], torch.Generator().manual_seed(0)
     x, y = (torch.randn(2, 1, 32, generator=g, dtype=dtype) for _ in range(2))
     torch.library.opcheck(step_cpu._residual_swiglu_op.op, (x, y, block.mlp_norm.weight.detach(), 1e-5,
                                                          block.mlp.gate_up.weight.detach(),
                                                          block.mlp.down.weight.detach()),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(step_cpu._norm_times_weight_op.op, (x[:, 0], model.norm.weight.detach(), 1e-5,
+                                                              model.embed.weight.detach()),
                           test_utils=("test_schema", "test_faketensor"))
