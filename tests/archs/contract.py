@@ -83,7 +83,7 @@ def fused_matches_reference(make_layer, x, tol, expected_params=()):
 
 
 def fused_decoding_step_equals_tensor_op_steps(layer, x, prefill, op, monkeypatch):
-    """A layer whose decoding step is one C++ call between its projections on the CPU (``op``, recorded as the
+    """A layer whose decoding step is one C++ call with its projections on the CPU (``op``, recorded as the
     ``cpu`` choice; seqmix/kernels/step_cpu.py): with its parameters moved off their initial values, the
     decoded outputs and states equal the tensor-op steps' (``SEQMIX_BACKEND=reference``) to 1e-12 in float64 and
     1e-5 in float32, and the outputs equal the training call; one step traced with ``fullgraph=True`` (Dynamo's

@@ -70,7 +70,7 @@ def _decode_packed(layer, step, xs, capacity):
 # Head sizes 20 (not a multiple of a vector) and 80 (more channels than one pass over the values holds).
 @pytest.mark.parametrize("hidden, heads", [(60, 3), (160, 2)])
 def test_fused_decoding_step_equals_the_tensor_op_steps(monkeypatch, hidden, heads):
-    """A one-token step into preallocated caches on the CPU is one C++ call between the projections
+    """A one-token step into preallocated caches on the CPU is one C++ call with its projections
     (step_cpu.attention_step): outputs and caches equal the tensor-op steps' (SEQMIX_BACKEND=reference) to
     1e-12 in float64 and 1e-5 in float32, and the outputs equal the training call's; cache lengths that are
     not a multiple of a vector; a compiled step (fullgraph) equals the eager one; a full cache raises."""
