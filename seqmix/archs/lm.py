@@ -27,7 +27,7 @@ from seqmix.kernels.sequences import in_dtype
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 MODEL_TYPE = "seqmix"  # config.json's model_type, the name transformers' Auto classes know seqmix by
-# The dtypes of the LM's fused C++ decoding steps (_fused_step_serves); others keep the modules.
+# The dtypes of the LM's fused C++ decoding steps (fused_step_serves); others keep the modules.
 _FUSED_STEP_DTYPES = (torch.float32, torch.float64)
 
 
@@ -173,13 +173,13 @@ class Block(nn.Module):
         if state is not None and x.shape[1] == 1 and not torch.is_grad_enabled():  # decoding
             weights = (norm._parameters["weight"], mlp._modules["gate_up"]._parameters["weight"],
                        mlp._modules["down"]._parameters["weight"])
-            if _fused_step_serves("residual_swiglu_step", x, y, *weights):
+            if fused_step_serves("residual_swiglu_step", x, y, *weights):
                 return step_cpu.residual_swiglu_step(x, y, weights[0], norm.eps, *weights[1:]), state
         x = x + y
         return x + mlp(norm(x)), state
 
 
-def _fused_step_serves(op: str, x: torch.Tensor, *tensors: torch.Tensor) -> bool:
+def fused_step_serves(op: str, x: torch.Tensor, *tensors: torch.Tensor) -> bool:
     """Whether a decoding step's part of the LM (the residual, norm and MLP after a mixer; the final norm and the
     head) is one C++ call (seqmix/kernels/step_cpu.py): CPU tensors, no autograd (the caller checks), x and
     ``tensors`` (the other inputs, the weights) in one dtype, float32 or float64."""
@@ -244,7 +244,7 @@ class LanguageModel(nn.Module):
     def _readout(self, x):
         norm, head = self._modules["norm"], self._modules["embed"]._parameters["weight"]
         B, T, D = x.shape
-        if T == 1 and not torch.is_grad_enabled() and _fused_step_serves("rms_norm_times_weight", x, head,
+        if T == 1 and not torch.is_grad_enabled() and fused_step_serves("rms_norm_times_weight", x, head,
                                                                           norm._parameters["weight"]):
             return step_cpu.rms_norm_times_weight(x.reshape(B, D), norm._parameters["weight"], norm.eps,
                                                   head).view(B, 1, -1)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqmix.archs.lm import SwiGLU, default_intermediate_size
+from seqmix.archs.lm import SwiGLU, default_intermediate_size, fused_step_serves
 from seqmix.archs.mixer import (
     MIXERS,
     Mixer,
@@ -28,7 +28,7 @@ from seqmix.archs.mixer import (
     with_parent_backend,
 )
 from seqmix.archs.modules import Linear, no_weight_decay
-from seqmix.kernels import add_rms_norm, add_rms_norm_backend
+from seqmix.kernels import add_rms_norm, add_rms_norm_backend, step_cpu
 from seqmix.kernels.linear import linear
 
 # The latent's noise is a normal truncated at +-3 standard deviations, as in the paper.
@@ -106,13 +106,22 @@ class SandwichBlock(nn.Module):
             self.register_parameter(name, weight)
 
     def forward(self, s, state, cu_seqlens, norm_backend: str):
-        """``norm_backend``: add_rms_norm's backend, resolved once per layer call by the caller."""
+        """``norm_backend``: add_rms_norm's backend, resolved once per layer call by the caller. A decoding step
+        on the norms' ``cpu`` backend takes everything after the mixer in one C++ call
+        (step_cpu.sandwich_swiglu_step)."""
         def norm(x, residual, weight):
             return add_rms_norm(x, residual, weight, self.eps, backend=norm_backend)[0]
 
-        y, state = self.mixer(norm(s, None, self.norm_mixer_in), state, cu_seqlens=cu_seqlens)
-        s = norm(y, s, self.norm_mixer_out)
-        return norm(self.mlp(norm(s, None, self.norm_mlp_in)), s, self.norm_mlp_out), state
+        params = self._parameters
+        y, state = self.mixer(norm(s, None, params["norm_mixer_in"]), state, cu_seqlens=cu_seqlens)
+        if norm_backend == "cpu" and state is not None and s.shape[1] == 1 and not torch.is_grad_enabled():
+            mlp = self._modules["mlp"]._modules
+            weights = (params["norm_mixer_out"], params["norm_mlp_in"], params["norm_mlp_out"],
+                       mlp["gate_up"]._parameters["weight"], mlp["down"]._parameters["weight"])
+            if fused_step_serves("sandwich_swiglu_step", s, y, *weights):
+                return step_cpu.sandwich_swiglu_step(s, y, *weights[:3], self.eps, *weights[3:]), state
+        s = norm(y, s, params["norm_mixer_out"])
+        return norm(self.mlp(norm(s, None, params["norm_mlp_in"])), s, params["norm_mlp_out"]), state
 
 
 @register_mixer("recurrent_depth")

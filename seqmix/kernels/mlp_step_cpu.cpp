@@ -1,16 +1,20 @@
-// The second half of an LM block in one call for decoding on the CPU (seqmix/archs/lm.py, Block: the
-// residual add, the MLP's RMSNorm and the SwiGLU MLP, and its residual add; why: docs/design.md, "CPU
-// references (issue 14)"). At decoding sizes the tensor-op form is eight aten calls and four module calls
+// The MLP halves of the LM's blocks in one call each for decoding on the CPU (why: docs/design.md, "CPU
+// references (issue 14)"): at decoding sizes their tensor-op forms are eight aten calls and four module calls
 // of a few microseconds each around two small matrix products.
 //
-// x, y [..., D]: h = x + y, n = rmsnorm(h) * norm_weight, [g, u] = n gate_up^T (gate_up [2I, D]),
-// out = h + (silu(g) u) down^T (down [D, I]). Everything in one dtype, float32 or float64 (the caller
-// checks); the products are linear_cpu.h's (25-35% off this call at one row against ATen's); the rest are
-// loops over rows.
+// residual_swiglu_step, seqmix/archs/lm.py's Block after its mixer: x, y [..., D]: h = x + y,
+// n = rmsnorm(h) * norm_weight, out = h + mlp(n). sandwich_swiglu_step, seqmix/archs/recurrent_depth.py's
+// SandwichBlock after its mixer: s, y [..., D]: s2 = rmsnorm(s + y) * mixer_out_weight,
+// out = rmsnorm(s2 + mlp(rmsnorm(s2) * mlp_in_weight)) * mlp_out_weight. The MLP is SwiGLU:
+// mlp(n) = (silu(g) u) down^T with [g, u] = n gate_up^T (gate_up [2I, D], down [D, I]). Everything in one
+// dtype, float32 or float64; the products are linear_cpu.h's (25-35% off a call at one row against ATen's);
+// the rest are loops over rows.
 #include "torch_cpu.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 
 #include "linear_cpu.h"
 
@@ -18,55 +22,87 @@ namespace {
 
 constexpr int64_t kValuesPerTask = 1 << 15;  // values per thread task: below it the rows run inline
 
-at::Tensor residual_swiglu_step(const at::Tensor& x, const at::Tensor& y, const at::Tensor& norm_weight,
-                                double eps, const at::Tensor& gate_up, const at::Tensor& down) {
-  TORCH_CHECK(x.device().is_cpu(), "residual_swiglu_step_cpu: x must be on the CPU");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "residual_swiglu_step_cpu: float32 or float64 only, got ", x.scalar_type());
-  for (const auto* t : {&y, &norm_weight, &gate_up, &down})
-    TORCH_CHECK(t->scalar_type() == x.scalar_type(),
-                "residual_swiglu_step_cpu: every tensor must have x's dtype");
-  const int64_t D = x.size(-1), I = down.size(1), rows = D ? x.numel() / D : 0;
-  TORCH_CHECK(gate_up.size(0) == 2 * I && gate_up.size(1) == D && down.size(0) == D,
-              "residual_swiglu_step_cpu: gate_up must be [2I, D] and down [D, I]");
-  const at::Tensor h = at::add(x, y).reshape({rows, D});
-  const at::Tensor w = norm_weight.contiguous();
-  at::Tensor n = at::empty({rows, D}, x.options());
-  at::Tensor act = at::empty({rows, I}, x.options());
-  at::Tensor gu, out;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_swiglu_step_cpu", [&] {
+// x on the CPU, float32 or float64, `others` in its dtype, gate_up [2I, D] and down [D, I] for D = x's last dim.
+void check_mlp_step(const char* kernel, const at::Tensor& x, std::initializer_list<const at::Tensor*> others,
+                    const at::Tensor& gate_up, const at::Tensor& down) {
+  TORCH_CHECK(x.device().is_cpu(), kernel, ": x must be on the CPU");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, kernel,
+              ": float32 or float64 only, got ", x.scalar_type());
+  for (const at::Tensor* t : others)
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == x.scalar_type(), kernel,
+                ": every tensor must be a CPU tensor in x's dtype");
+  const int64_t D = x.size(-1), I = down.dim() == 2 ? down.size(1) : -1;
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(0) == 2 * I && gate_up.size(1) == D && down.size(0) == D, kernel,
+              ": gate_up must be [2I, D] and down [D, I]");
+}
+
+// rmsnorm(h) * weight over the rows of h [rows, D], a new tensor.
+at::Tensor rms_rows(const at::Tensor& h, const at::Tensor& weight, double eps) {
+  const int64_t rows = h.size(0), D = h.size(1);
+  const at::Tensor hc = h.contiguous(), w = weight.contiguous();
+  at::Tensor n = at::empty({rows, D}, h.options());
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "rms_rows", [&] {
     using T = scalar_t;
-    const T *hp = h.data_ptr<T>(), *wp = w.data_ptr<T>();
+    const T *hp = hc.data_ptr<T>(), *wp = w.data_ptr<T>();
     T* np = n.data_ptr<T>();
-    const int64_t norm_grain = std::max<int64_t>(1, kValuesPerTask / std::max<int64_t>(D, 1));
-    at::parallel_for(0, rows, norm_grain, [&](int64_t b, int64_t e) {
+    const int64_t grain = std::max<int64_t>(1, kValuesPerTask / std::max<int64_t>(D, 1));
+    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const T* hr = hp + r * D;
-        T ss = 0;
-        for (int64_t j = 0; j < D; ++j) ss += hr[j] * hr[j];
-        const T scale = T(1) / std::sqrt(ss / T(D) + T(eps));
+        const T scale = seqmix_cpu::rms_scale(hr, D, T(1) / T(D), eps);
         for (int64_t j = 0; j < D; ++j) np[r * D + j] = hr[j] * scale * wp[j];
       }
     });
-    // [rows, 2I]: the gate's I columns, then the up ones
-    gu = seqmix_cpu::times_weight(n, gate_up, "residual_swiglu_step_cpu");
+  });
+  return n;
+}
+
+// The SwiGLU MLP of the rows n [rows, D]: [rows, D].
+at::Tensor swiglu_mlp(const at::Tensor& n, const at::Tensor& gate_up, const at::Tensor& down, const char* kernel) {
+  const int64_t rows = n.size(0), I = down.size(1);
+  const at::Tensor gu = seqmix_cpu::times_weight(n, gate_up, kernel);  // [rows, 2I]: the gate's I columns, then up's
+  at::Tensor act = at::empty({rows, I}, n.options());
+  AT_DISPATCH_FLOATING_TYPES(n.scalar_type(), "swiglu_mlp", [&] {
+    using T = scalar_t;
     const T* gp = gu.data_ptr<T>();
     T* ap = act.data_ptr<T>();
-    const int64_t act_grain = std::max<int64_t>(1, kValuesPerTask / std::max<int64_t>(I, 1));
-    at::parallel_for(0, rows, act_grain, [&](int64_t b, int64_t e) {
+    const int64_t grain = std::max<int64_t>(1, kValuesPerTask / std::max<int64_t>(I, 1));
+    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r)
         for (int64_t j = 0; j < I; ++j) {
           const T g = gp[r * 2 * I + j];
           ap[r * I + j] = g / (T(1) + std::exp(-g)) * gp[r * 2 * I + I + j];
         }
     });
-    out = at::add(h, seqmix_cpu::times_weight(act, down, "residual_swiglu_step_cpu"));
   });
-  return out.view(x.sizes());
+  return seqmix_cpu::times_weight(act, down, kernel);
+}
+
+at::Tensor residual_swiglu_step(const at::Tensor& x, const at::Tensor& y, const at::Tensor& norm_weight,
+                                double eps, const at::Tensor& gate_up, const at::Tensor& down) {
+  const char* kernel = "residual_swiglu_step_cpu";
+  check_mlp_step(kernel, x, {&y, &norm_weight, &gate_up, &down}, gate_up, down);
+  const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
+  const at::Tensor h = at::add(x, y).reshape({rows, D});
+  return at::add(h, swiglu_mlp(rms_rows(h, norm_weight, eps), gate_up, down, kernel)).view(x.sizes());
+}
+
+at::Tensor sandwich_swiglu_step(const at::Tensor& s, const at::Tensor& y, const at::Tensor& mixer_out_weight,
+                                const at::Tensor& mlp_in_weight, const at::Tensor& mlp_out_weight, double eps,
+                                const at::Tensor& gate_up, const at::Tensor& down) {
+  const char* kernel = "sandwich_swiglu_step_cpu";
+  check_mlp_step(kernel, s, {&y, &mixer_out_weight, &mlp_in_weight, &mlp_out_weight, &gate_up, &down}, gate_up,
+                 down);
+  const int64_t D = s.size(-1), rows = D ? s.numel() / D : 0;
+  const at::Tensor s2 = rms_rows(at::add(s, y).reshape({rows, D}), mixer_out_weight, eps);
+  const at::Tensor m = swiglu_mlp(rms_rows(s2, mlp_in_weight, eps), gate_up, down, kernel);
+  return rms_rows(at::add(m, s2), mlp_out_weight, eps).view(s.sizes());
 }
 
 }  // namespace
 
 void bind_mlp_step(pybind11::module& m) {
   m.def("residual_swiglu_step", &residual_swiglu_step, "an LM block's residual, RMSNorm and SwiGLU MLP (CPU)");
+  m.def("sandwich_swiglu_step", &sandwich_swiglu_step,
+        "a sandwich block's norms and SwiGLU MLP after its mixer (recurrent depth, CPU)");
 }

@@ -5,7 +5,8 @@ and l2_normalize; row_norm_cpu.cpp); the Mamba-2, Mamba, (Gated) DeltaNet and GL
 projections (:func:`mamba2_step`, :func:`mamba_step`, :func:`deltanet_step`, :func:`gla_layer_step`; the layers
 ask :func:`serves_layer`) and attention's into its preallocated caches (:func:`attention_step`,
 attention_step_cpu.cpp); and the LM's: a block's residual add and MLP (:func:`residual_swiglu_step`,
-mlp_step_cpu.cpp), the final norm and the head (:func:`rms_norm_times_weight`).
+mlp_step_cpu.cpp; recurrent depth's sandwich block's, :func:`sandwich_swiglu_step`), the final norm and the head
+(:func:`rms_norm_times_weight`).
 
 The step functions (``seqmix.kernels.<family>.step``) hand a call here when :func:`serves` says so: CPU
 tensors, no gradient wanted (the C++ steps have no backward; autograd keeps the tensor ops), and the C++
@@ -310,6 +311,26 @@ def residual_swiglu_step(x: Tensor, y: Tensor, norm_weight: Tensor, eps: float, 
     """seqmix/archs/lm.py's ``h = x + y; h + mlp(mlp_norm(h))`` in one call, no autograd (all one dtype,
     float32 or float64): x, y [..., D], gate_up [2I, D], down [D, I]."""
     return _residual_swiglu_op(x, y, norm_weight, eps, gate_up, down)
+
+
+@custom_op("seqmix::sandwich_swiglu_step_cpu", mutates_args=())
+def _sandwich_swiglu_op(s: Tensor, y: Tensor, mixer_out_weight: Tensor, mlp_in_weight: Tensor,
+                        mlp_out_weight: Tensor, eps: float, gate_up: Tensor, down: Tensor) -> Tensor:
+    return cpu.extension().sandwich_swiglu_step(s, y, mixer_out_weight, mlp_in_weight, mlp_out_weight, eps, gate_up,
+                                                down)
+
+
+@_sandwich_swiglu_op.register_fake
+def _(s, y, mixer_out_weight, mlp_in_weight, mlp_out_weight, eps, gate_up, down):
+    return torch.empty_like(s, memory_format=torch.contiguous_format)
+
+
+def sandwich_swiglu_step(s: Tensor, y: Tensor, mixer_out_weight: Tensor, mlp_in_weight: Tensor,
+                         mlp_out_weight: Tensor, eps: float, gate_up: Tensor, down: Tensor) -> Tensor:
+    """seqmix/archs/recurrent_depth.py's SandwichBlock after its mixer in one call, no autograd (all one dtype,
+    float32 or float64): ``s2 = rmsnorm(s + y) * mixer_out_weight``, then ``rmsnorm(s2 + mlp(rmsnorm(s2) *
+    mlp_in_weight)) * mlp_out_weight`` with the SwiGLU MLP of gate_up [2I, D] and down [D, I]; s, y [..., D]."""
+    return _sandwich_swiglu_op(s, y, mixer_out_weight, mlp_in_weight, mlp_out_weight, eps, gate_up, down)
 
 
 @custom_op("seqmix::attention_step_cpu", mutates_args=("k_cache", "v_cache"))

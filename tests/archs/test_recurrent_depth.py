@@ -11,7 +11,7 @@ from seqmix.archs import RecurrentDepth, build_mixer
 from seqmix.archs.lm import LanguageModel, LMConfig
 from seqmix.archs.recurrent_depth import TRUNCATION, positional_noise, sample_depth
 from tests.archs import contract
-from tests.helpers import DEVICE, TOL, assert_rel
+from tests.helpers import DEVICE, TOL, assert_rel, require_cpu_kernels
 
 HIDDEN = 32
 
@@ -274,3 +274,35 @@ def test_a_decoding_token_traces_as_one_graph():
         iteration = torch.compile(layer._iterate, fullgraph=True, backend="eager")
         args = (want[:, :1], e_proj, states, None, "reference")
         assert_rel(iteration(*args)[0], layer._iterate(*args)[0], 1e-6, "one compiled iteration")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_decoding_sandwich_blocks_after_the_mixer_is_one_cpp_call(dtype, monkeypatch):
+    """On CPU tensors a decoding step's sandwich block after its mixer (the mixer output's norm, the MLP between
+    its two norms) is one C++ call (step_cpu.sandwich_swiglu_step) per block and iteration, equal to add_rms_norm
+    and the SwiGLU module (SEQMIX_BACKEND=reference) to 1e-12 in float64; opcheck of the custom op."""
+    from seqmix.kernels import step_cpu
+    from seqmix.kernels.backend import recording
+
+    require_cpu_kernels()
+    monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    layer = _layer(None).to("cpu", dtype)  # two blocks (attention, deltanet), r = 3; CPU tensors on a GPU too
+    x = _x(2, 9).to("cpu", dtype)
+    with torch.no_grad():
+        _, state = layer(x[:, :8], layer.init_state(2))
+        with recording() as choices:
+            got, got_state = layer(x[:, 8:], state)
+        assert [c.backend for c in choices if c.op == "sandwich_swiglu_step"] == ["cpu"] * 6
+        monkeypatch.setenv("SEQMIX_BACKEND", "reference")
+        want, want_state = layer(x[:, 8:], state)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert_rel(got, want, tol, "the decoded latent")
+    for name, value in want_state.items():
+        assert_rel(got_state[name], value, tol, f"state {name!r}")
+    block, g = layer.core[0], torch.Generator().manual_seed(0)
+    s, y = (torch.randn(2, 1, HIDDEN, generator=g, dtype=dtype) for _ in range(2))
+    weights = [p.detach() for p in (block.norm_mixer_out, block.norm_mlp_in, block.norm_mlp_out)]
+    torch.library.opcheck(step_cpu._sandwich_swiglu_op.op, (s, y, *weights, 1e-5, block.mlp.gate_up.weight.detach(),
+                                                            block.mlp.down.weight.detach()),
+                          test_utils=("test_schema", "test_faketensor"))
