@@ -211,7 +211,7 @@ def test_gpu_check_tests_stage_keeps_each_failure_as_it_happens(tmp_path):
     suite.write_text("def test_fails():\n    assert 2 + 2 == 5, 'arithmetic'\n\n\ndef test_passes():\n    pass\n")
     out = tmp_path / "out"
     gpu_quick.main(["tests", "--out", str(out), "--rehearse", "--seconds", "120",
-                    "--pytest-args", "-p", "tests.conftest", str(suite)])
+                    "--pytest-args", "-p", "tests.conftest", "--rootdir", str(tmp_path), str(suite)])
     tests = json.loads((out / "results.json").read_text())["tests"]
     assert tests["exit"] == 1 and tests["failed"] == ["test_two.py::test_fails"], tests
     log = (out / "failures.log").read_text()
