@@ -23,7 +23,8 @@
 # after the install, for a second call that finishes what the first one's budget cut off (the meta
 # stage's ceilings are then missing: the floors fall back to the anchors' H100 ceilings), and
 # QUICK_OPS="gla ssd" (say) gives the parity, warm and bench stages those ops of benchmarks/anchors.py
-# only. The tests stage writes each failure's traceback to $OUT/failures.log as it happens.
+# only. The tests stage writes each failure's traceback to $OUT/failures.log as it happens; QUICK_TESTS
+# (paths or node ids, space-separated) runs those tests instead of the whole suite.
 #
 # --rehearse: the same script on the CPU (Triton interpreter, tiny shapes, float32, no install, a
 # few tests), so a script error costs no GPU time. Its figures are not performance.
@@ -115,7 +116,7 @@ if [ "$part" = quick ]; then
         tests=(tests/test_benchmarks.py -k floor)
       else
         workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-        tests=($workers tests)
+        tests=($workers ${QUICK_TESTS:-tests})
       fi
       t=$(( $(left) - 20 ))
       if [ "$t" -ge 30 ]; then
