@@ -117,7 +117,7 @@ class Attention(Mixer):
             out = step_cpu.attention_step(x.view(B, -1), modules["qkv_proj"]._parameters["weight"], state["k"],
                                           state["v"], state["length"], self._decoding_frequencies(),
                                           modules["o_proj"]._parameters["weight"])
-            return out.view(B, 1, -1), {**state, "length": state["length"] + 1}
+            return out.view(B, 1, self.hidden_size), {**state, "length": state["length"] + 1}
         q, k, v = self.qkv_proj(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
         if state is None and cu_seqlens is None:
             o = self._dense_causal(q, k, v)

@@ -142,8 +142,6 @@ class Hourglass(Mixer):
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         B, T, _ = x.shape
-        if B * T == 0:
-            return x.new_zeros(x.shape), state
         if is_decoding_step(x, state, cu_seqlens):
             step = (self._hnet_step if self.boundary == "hnet" else self._pooling_step)(x, state)
             if step is not None:

@@ -247,7 +247,7 @@ class LanguageModel(nn.Module):
         if T == 1 and not torch.is_grad_enabled() and fused_step_serves("rms_norm_times_weight", x, head,
                                                                           norm._parameters["weight"]):
             return step_cpu.rms_norm_times_weight(x.reshape(B, D), norm._parameters["weight"], norm.eps,
-                                                  head).view(B, 1, -1)
+                                                  head).view(B, 1, head.shape[0])
         return linear(norm(x), head)
 
     def _step_options(self, num_steps, backprop_steps, exit_threshold) -> dict:

@@ -23,7 +23,9 @@ class Mixer(nn.Module):
     masked tokens out altogether: they neither read nor change the state, and
     their outputs are zero.
 
-    Subclasses implement :meth:`mix` on packed or dense inputs and :meth:`init_state`.
+    A call without tokens (B = 0 or T = 0) returns an empty output and the state unchanged.
+
+    Subclasses implement :meth:`mix` on packed or dense inputs with at least one token, and :meth:`init_state`.
     """
 
     hidden_size: int
@@ -37,6 +39,8 @@ class Mixer(nn.Module):
             raise ValueError(f"x must have shape [B, T, hidden_size={self.hidden_size}], got {got}")
         if state is not None:
             _check_state_batch(state, x, cu_seqlens, attention_mask)
+        if x.shape[0] * x.shape[1] == 0:  # no tokens: nothing to mix, no state to change
+            return x * 0, state
         if attention_mask is None:
             return self.mix(x, state, cu_seqlens=cu_seqlens, **options)
         if cu_seqlens is not None:

@@ -114,8 +114,8 @@ def chunking_of(cu_seqlens, chunk_index, chunk_offsets, chunk_size: int) -> Chun
 
 
 def no_tokens_result(out_shape, state_shape, initial_state, output_final_state: bool, like: torch.Tensor):
-    """What an op with a state returns for T = 0: an empty output in ``like``'s dtype and, when the
-    final state is asked for, a copy of the initial state or zeros (float32; float64 for float64)."""
+    """What an op with a state returns for no tokens (T = 0 or B = 0): an empty output in ``like``'s dtype and,
+    when the final state is asked for, a copy of the initial state or zeros (float32; float64 for float64)."""
     out = like.new_empty(out_shape)
     if not output_final_state:
         return out, None

@@ -166,3 +166,17 @@ def test_a_state_for_other_sequences_is_refused_in_the_layers_terms(name):
         layer(_x(1, 4), state, cu_seqlens=cu_seqlens)
     with pytest.raises(ValueError, match="state must be a dict of tensors"):
         layer(_x(2, 4), [state])
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_CONFIGS))
+def test_a_call_without_tokens_returns_an_empty_output_and_the_state_unchanged(name):
+    """T = 0 and an empty batch (B = 0), training and with a state: an empty output in x's dtype, the state as
+    it was (before, GLA and Mamba-2 failed to reshape, attention and recurrent depth with a state too)."""
+    layer = _mixer(name, "reference")
+    for B, T in ((2, 0), (0, 5)):
+        x = _x(B, T)
+        y, none = layer(x)
+        assert y.shape == (B, T, HIDDEN) and y.dtype == x.dtype and none is None
+        state = layer.init_state(B)
+        y, after = layer(x, state)
+        assert y.shape == (B, T, HIDDEN) and after is state

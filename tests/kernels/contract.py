@@ -55,7 +55,8 @@ def check_bad_cu_seqlens(op, packed: dict, cu, match: str, backend) -> None:
 
 
 def check_no_tokens(op, empty: dict, out_shape, state_shape, backend) -> None:
-    """T = 0: an empty output, and the initial state (or zeros) as the final state."""
+    """No tokens (T = 0, or an empty batch B = 0): an empty output, and the initial state (or zeros) as the final
+    state."""
     h0 = torch.randn(*state_shape, device=DEVICE)
     out, s = op(**empty, initial_state=h0, output_final_state=True, backend=backend)
     assert out.shape == out_shape

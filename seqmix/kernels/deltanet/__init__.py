@@ -118,9 +118,9 @@ def _dispatch(op, q, k, v, g, beta, scale, initial_state, output_final_state, cu
     name = select_backend(op, backend, q.device, ("cpu", "triton", "reference"),
                           {"triton": kernels.unsupported(q.dtype, K, V), "cpu": cpu_kernels.unsupported(q.dtype, V)},
                           build_cpu=False)
-    if T == 0:
-        B, _, H, _ = q.shape
-        return no_tokens_result((B, 0, H, V), (n, H, K, V), initial_state, output_final_state, q)
+    B, _, H, _ = q.shape
+    if B * T == 0:
+        return no_tokens_result((B, T, H, V), (n, H, K, V), initial_state, output_final_state, q)
     if name == "cpu":  # the kernel computes in q's dtype: the log decays are cast to it
         g = None if g is None else g.to(q.dtype)
         return run_fused(cpu_kernels.FUSED, (q, k, v, beta, g), (), initial_state, (scale,), output_final_state,

@@ -133,9 +133,9 @@ def gla(
     scale = check_scale(scale, K**-0.5)
     name = select_backend("gla", backend, q.device, ("triton", "reference"),
                           {"triton": kernels.unsupported(q.dtype, K, V)})
-    if T == 0:
-        B, _, H, _ = q.shape
-        return no_tokens_result((B, 0, H, V), (n, H, K, V), initial_state, output_final_state, q)
+    B, _, H, _ = q.shape
+    if B * T == 0:
+        return no_tokens_result((B, T, H, V), (n, H, K, V), initial_state, output_final_state, q)
     if name == "triton":
         return run_fused(FUSED, (q, k, v, g), (), initial_state, (scale,), output_final_state, cu_seqlens)
     return gla_chunked(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)

@@ -163,8 +163,8 @@ def _chunked_dense(q, k, v, g, scale, S, chunk_size):
     the check would synchronise) the factored form serves; otherwise the scores by secondary chunking,
     differentiated by autograd, which no decay can overflow."""
     B, T, H = q.shape[:3]
-    if T == 0:
-        return q.new_zeros(B, 0, H, v.shape[-1]), S
+    if B * T == 0:
+        return q.new_zeros(B, T, H, v.shape[-1]), S
     if not torch.compiler.is_compiling():
         totals = F.pad(g, (0, 0, 0, 0, 0, (-T) % chunk_size)).unflatten(1, (-1, chunk_size)).sum(2)
         if bool(totals.min() >= -factored_limit(q.dtype)):

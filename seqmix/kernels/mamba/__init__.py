@@ -171,8 +171,8 @@ def selective_scan(
     N = A.shape[1]
     name = select_backend("selective_scan", backend, u.device, ("cpu", "triton", "reference"),
                           {"triton": kernels.unsupported(u.dtype, N), "cpu": cpu_kernels.unsupported(u.dtype)})
-    if T == 0:
-        return no_tokens_result((Bsz, 0, Dm), (n, Dm, N), initial_state, output_final_state, u)
+    if Bsz * T == 0:
+        return no_tokens_result((Bsz, T, Dm), (n, Dm, N), initial_state, output_final_state, u)
     if name == "cpu":  # the kernel computes in u's dtype: the parameters (float32 in a layer) are cast to it
         z, A, D, delta_bias = (None if t is None else t.to(u.dtype) for t in (z, A, D, delta_bias))
         return run_fused(cpu_kernels.FUSED, (u, delta, B, C, z), (A, D, delta_bias), initial_state,

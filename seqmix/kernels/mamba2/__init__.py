@@ -206,8 +206,8 @@ def _run(name, n, x, dt, A, B, C, D, z, dt_bias, dt_softplus, lo, hi, initial_st
     """:func:`ssd` on checked inputs with the backend ``name``."""
     Bsz, T, H, P = x.shape
     N = B.shape[-1]
-    if T == 0:
-        return no_tokens_result((Bsz, 0, H, P), (n, H, P, N), initial_state, output_final_state, x)
+    if Bsz * T == 0:
+        return no_tokens_result((Bsz, T, H, P), (n, H, P, N), initial_state, output_final_state, x)
     if name == "cpu":  # the kernel computes in x's dtype: the parameters and the gate are cast to it
         params = [None if t is None else t.to(x.dtype) for t in (A, D, dt_bias)]
         return run_fused(cpu_kernels.FUSED, (x, dt, B, C, None if z is None else z.to(x.dtype)), params,

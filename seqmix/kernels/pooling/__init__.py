@@ -180,7 +180,7 @@ def segment_pool(
     bh = hard_boundaries(boundaries).reshape(-1)
     seg = segments_of(bh.view(B, T), B, T, n, cu_seqlens)
     S = max_segments if max_segments is not None else (int(seg.c.max()) if seg.c.numel() else 0)
-    if T == 0 or S == 0:
+    if B * T == 0 or S == 0:
         return x.new_zeros(n, S, D) + 0 * x.sum()  # keeps x in the graph for an all-zero gradient
     x2, b1 = x.reshape(B * T, D), boundaries.reshape(-1)
     if fused:
@@ -223,8 +223,8 @@ def segment_upsample(
                          f"got {tuple(y.shape)}")
     N, S1, D = y.shape
     fused = _fused("segment_upsample", backend, y)
-    if T == 0:
-        return y.new_zeros(B, 0, D) + 0 * y.sum()
+    if B * T == 0:
+        return y.new_zeros(B, T, D) + 0 * y.sum()
     bh = hard_boundaries(boundaries).reshape(-1)
     seg = segments_of(bh.view(B, T), B, T, n, cu_seqlens)
     y2, b1 = y.reshape(N * S1, D), boundaries.reshape(-1)

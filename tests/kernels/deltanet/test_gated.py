@@ -176,11 +176,14 @@ def test_bad_inputs_name_g():
             gated_delta_rule(*flat, cu_seqlens=torch.tensor([0, 5, 15], device=DEVICE), backend=backend)
 
 
-def test_empty_sequence_returns_the_initial_state():
-    case = Case(batch=2, lengths=None, seqlen=0, heads=2, k=4, v=4, initial_state=True, seed=0)
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("batch, seqlen", [(2, 0), (0, 5)])
+def test_no_tokens_return_the_initial_state(backend, batch, seqlen):
+    """T = 0 and an empty batch (B = 0)."""
+    case = Case(batch=batch, lengths=None, seqlen=seqlen, heads=2, k=4, v=4, initial_state=True, seed=0)
     q, k, v, g, beta, h0 = make_gated_inputs(case, torch.float32, DEVICE)
-    o, s = gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, backend="triton")
-    assert o.shape == (2, 0, 2, 4)
+    o, s = gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, backend=backend)
+    assert o.shape == (batch, seqlen, 2, 4)
     torch.testing.assert_close(s, h0)
 
 

@@ -85,9 +85,11 @@ def test_float64_goes_to_the_reference_unless_triton_is_named():
     check_float64_goes_to_the_reference(delta_rule, _inputs(), "q, k, v, beta")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_sequence_returns_empty_output_and_the_initial_state(backend):
+@pytest.mark.parametrize("backend", BACKENDS + ["cpu"])
+def test_no_tokens_return_empty_output_and_the_initial_state(backend):
+    """T = 0 and an empty batch (B = 0)."""
     check_no_tokens(delta_rule, {n: t[:, :0] for n, t in _inputs().items()}, (B, 0, H, V), (B, H, K, V), backend)
+    check_no_tokens(delta_rule, {n: t[:0] for n, t in _inputs().items()}, (0, T, H, V), (0, H, K, V), backend)
 
 
 def test_mismatched_devices():

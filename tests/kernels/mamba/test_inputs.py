@@ -90,6 +90,9 @@ def test_float64_goes_to_the_reference_unless_triton_is_named(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_sequence_returns_empty_output_and_the_initial_state(backend):
+def test_no_tokens_return_empty_output_and_the_initial_state(backend):
+    """T = 0 and an empty batch (B = 0; the C++ kernels divided by zero there and ended the process)."""
     x = {n: t[:, :0] if n != "A" else t for n, t in _inputs().items()}
     check_no_tokens(selective_scan, x, (B, 0, D), (B, D, N), backend)
+    x = {n: t[:0] if n != "A" else t for n, t in _inputs().items()}
+    check_no_tokens(selective_scan, x, (0, T, D), (0, D, N), backend)

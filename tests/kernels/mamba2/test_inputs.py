@@ -111,10 +111,13 @@ def test_state_dims_above_256_go_to_the_reference_unless_triton_is_named():
     assert y.shape == (B, T, H, P) and torch.isfinite(y).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_sequence_returns_empty_output_and_the_initial_state(backend):
+@pytest.mark.parametrize("backend", BACKENDS + ["cpu"])
+def test_no_tokens_return_empty_output_and_the_initial_state(backend):
+    """T = 0 and an empty batch (B = 0)."""
     x = {n: t[:, :0] if t.dim() > 1 else t for n, t in _inputs().items()}
     check_no_tokens(ssd, x, (B, 0, H, P), (B, H, P, N), backend)
+    x = {n: t[:0] if t.dim() > 1 else t for n, t in _inputs().items()}
+    check_no_tokens(ssd, x, (0, T, H, P), (0, H, P, N), backend)
 
 
 def test_mismatched_devices():

@@ -136,6 +136,9 @@ def test_no_tokens(backend):
     assert out.shape == (2, 0, 4)
     (out.sum() + pooled.sum()).backward()
     assert not y.grad.any() and x.grad.shape == x.shape
+    # an empty batch
+    assert segment_pool(torch.randn(0, 5, 4), torch.zeros(0, 5), max_segments=2, backend=backend).shape == (0, 2, 4)
+    assert segment_upsample(torch.randn(0, 3, 4), torch.zeros(0, 5), backend=backend).shape == (0, 5, 4)
 
 
 def test_max_segments_needs_no_host_sync(monkeypatch):
