@@ -372,7 +372,8 @@ def _deltanet_chain(fused, x, proj, taps, decay, state, norm_weight, gate, eps=1
             o, conv_state, state = step_cpu.deltanet_step(x[:, t], in_weight, w, conv_state, state, A_log, dt_bias,
                                                           norm_weight, eps, gate, scale, l2_eps, out_weight)
         else:
-            qkv, *rest = F.linear(x[:, t], in_weight).split([2 * H * K + H * V] + [H * V] * gate + [H] * (1 + (A_log is not None)), -1)
+            sizes = [2 * H * K + H * V] + [H * V] * gate + [H] * (1 + (A_log is not None))
+            qkv, *rest = F.linear(x[:, t], in_weight).split(sizes, -1)
             if w is None:
                 qkv = F.silu(qkv)
             else:
