@@ -39,16 +39,17 @@ class Mixer(nn.Module):
             raise ValueError(f"x must have shape [B, T, hidden_size={self.hidden_size}], got {got}")
         if state is not None:
             _check_state_batch(state, x, cu_seqlens, attention_mask)
-        if x.shape[0] * x.shape[1] == 0:  # no tokens: nothing to mix, no state to change
+        B, T, _ = x.shape
+        if attention_mask is not None:
+            if cu_seqlens is not None:
+                raise ValueError("give attention_mask or cu_seqlens, not both")
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != (B, T):
+                got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
+                raise ValueError(f"attention_mask must have shape [B, T] = {(B, T)}, got {got}")
+        if B * T == 0:  # no tokens: nothing to mix, no state to change
             return x * 0, state
         if attention_mask is None:
             return self.mix(x, state, cu_seqlens=cu_seqlens, **options)
-        if cu_seqlens is not None:
-            raise ValueError("give attention_mask or cu_seqlens, not both")
-        B, T, _ = x.shape
-        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != (B, T):
-            got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
-            raise ValueError(f"attention_mask must have shape [B, T] = {(B, T)}, got {got}")
         keep = attention_mask.to(device=x.device, dtype=torch.bool)
         cu = torch.zeros(B + 1, dtype=torch.int64, device=x.device)
         cu[1:] = keep.sum(1).cumsum(0)

@@ -180,3 +180,5 @@ def test_a_call_without_tokens_returns_an_empty_output_and_the_state_unchanged(n
         state = layer.init_state(B)
         y, after = layer(x, state)
         assert y.shape == (B, T, HIDDEN) and after is state
+        with pytest.raises(ValueError, match=r"attention_mask must have shape \[B, T\]"):
+            layer(x, attention_mask=torch.ones(B, T + 1, device=DEVICE))
