@@ -27,8 +27,6 @@ from seqmix.kernels.sequences import in_dtype
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 MODEL_TYPE = "seqmix"  # config.json's model_type, the name transformers' Auto classes know seqmix by
-# The dtypes of the LM's fused C++ decoding steps (fused_step_serves); others keep the modules.
-_FUSED_STEP_DTYPES = (torch.float32, torch.float64)
 
 
 @dataclass
@@ -173,18 +171,10 @@ class Block(nn.Module):
         if state is not None and x.shape[1] == 1 and not torch.is_grad_enabled():  # decoding
             weights = (norm._parameters["weight"], mlp._modules["gate_up"]._parameters["weight"],
                        mlp._modules["down"]._parameters["weight"])
-            if fused_step_serves("residual_swiglu_step", x, y, *weights):
+            if step_cpu.serves_step("residual_swiglu_step", x, y, *weights):
                 return step_cpu.residual_swiglu_step(x, y, weights[0], norm.eps, *weights[1:]), state
         x = x + y
         return x + mlp(norm(x)), state
-
-
-def fused_step_serves(op: str, x: torch.Tensor, *tensors: torch.Tensor) -> bool:
-    """Whether a decoding step's part of the LM (the residual, norm and MLP after a mixer; the final norm and the
-    head) is one C++ call (seqmix/kernels/step_cpu.py): CPU tensors, no autograd (the caller checks), x and
-    ``tensors`` (the other inputs, the weights) in one dtype, float32 or float64."""
-    dt = x.dtype
-    return dt in _FUSED_STEP_DTYPES and all(t.dtype == dt for t in tensors) and step_cpu.serves(op, x)
 
 
 class LanguageModel(nn.Module):
@@ -244,8 +234,8 @@ class LanguageModel(nn.Module):
     def _readout(self, x):
         norm, head = self._modules["norm"], self._modules["embed"]._parameters["weight"]
         B, T, D = x.shape
-        if T == 1 and not torch.is_grad_enabled() and fused_step_serves("rms_norm_times_weight", x, head,
-                                                                          norm._parameters["weight"]):
+        if T == 1 and not torch.is_grad_enabled() and step_cpu.serves_step("rms_norm_times_weight", x, head,
+                                                                           norm._parameters["weight"]):
             return step_cpu.rms_norm_times_weight(x.reshape(B, D), norm._parameters["weight"], norm.eps,
                                                   head).view(B, 1, head.shape[0])
         return linear(norm(x), head)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqmix.archs.lm import SwiGLU, default_intermediate_size, fused_step_serves
+from seqmix.archs.lm import SwiGLU, default_intermediate_size
 from seqmix.archs.mixer import (
     MIXERS,
     Mixer,
@@ -118,7 +118,7 @@ class SandwichBlock(nn.Module):
             mlp = self._modules["mlp"]._modules
             weights = (params["norm_mixer_out"], params["norm_mlp_in"], params["norm_mlp_out"],
                        mlp["gate_up"]._parameters["weight"], mlp["down"]._parameters["weight"])
-            if fused_step_serves("sandwich_swiglu_step", s, y, *weights):
+            if step_cpu.serves_step("sandwich_swiglu_step", s, y, *weights):
                 return step_cpu.sandwich_swiglu_step(s, y, *weights[:3], self.eps, *weights[3:]), state
         s = norm(y, s, params["norm_mixer_out"])
         return norm(self.mlp(norm(s, None, params["norm_mlp_in"])), s, params["norm_mlp_out"]), state

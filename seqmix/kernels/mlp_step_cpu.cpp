@@ -7,8 +7,8 @@
 // SandwichBlock after its mixer: s, y [..., D]: s2 = rmsnorm(s + y) * mixer_out_weight,
 // out = rmsnorm(s2 + mlp(rmsnorm(s2) * mlp_in_weight)) * mlp_out_weight. The MLP is SwiGLU:
 // mlp(n) = (silu(g) u) down^T with [g, u] = n gate_up^T (gate_up [2I, D], down [D, I]). Everything in one
-// dtype, float32 or float64; the products are linear_cpu.h's (25-35% off a call at one row against ATen's);
-// the rest are loops over rows.
+// dtype, float32 or float64; the products are linear_cpu.h's (25-35% off a call at one row against ATen's), the
+// norms row_norm_cpu.cpp's.
 #include "torch_cpu.h"
 
 #include <algorithm>
@@ -17,6 +17,7 @@
 #include <initializer_list>
 
 #include "linear_cpu.h"
+#include "row_norm_cpu.h"
 
 namespace {
 
@@ -34,27 +35,6 @@ void check_mlp_step(const char* kernel, const at::Tensor& x, std::initializer_li
   const int64_t D = x.size(-1), I = down.dim() == 2 ? down.size(1) : -1;
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(0) == 2 * I && gate_up.size(1) == D && down.size(0) == D, kernel,
               ": gate_up must be [2I, D] and down [D, I]");
-}
-
-// rmsnorm(h) * weight over the rows of h [rows, D], a new tensor.
-at::Tensor rms_rows(const at::Tensor& h, const at::Tensor& weight, double eps) {
-  const int64_t rows = h.size(0), D = h.size(1);
-  const at::Tensor hc = h.contiguous(), w = weight.contiguous();
-  at::Tensor n = at::empty({rows, D}, h.options());
-  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "rms_rows", [&] {
-    using T = scalar_t;
-    const T *hp = hc.data_ptr<T>(), *wp = w.data_ptr<T>();
-    T* np = n.data_ptr<T>();
-    const int64_t grain = std::max<int64_t>(1, kValuesPerTask / std::max<int64_t>(D, 1));
-    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const T* hr = hp + r * D;
-        const T scale = seqmix_cpu::rms_scale(hr, D, T(1) / T(D), eps);
-        for (int64_t j = 0; j < D; ++j) np[r * D + j] = hr[j] * scale * wp[j];
-      }
-    });
-  });
-  return n;
 }
 
 // The SwiGLU MLP of the rows n [rows, D]: [rows, D].
@@ -84,7 +64,8 @@ at::Tensor residual_swiglu_step(const at::Tensor& x, const at::Tensor& y, const 
   check_mlp_step(kernel, x, {&y, &norm_weight, &gate_up, &down}, gate_up, down);
   const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
   const at::Tensor h = at::add(x, y).reshape({rows, D});
-  return at::add(h, swiglu_mlp(rms_rows(h, norm_weight, eps), gate_up, down, kernel)).view(x.sizes());
+  const at::Tensor n = seqmix_cpu::row_norm(h, norm_weight, c10::nullopt, eps, true);
+  return at::add(h, swiglu_mlp(n, gate_up, down, kernel)).view(x.sizes());
 }
 
 at::Tensor sandwich_swiglu_step(const at::Tensor& s, const at::Tensor& y, const at::Tensor& mixer_out_weight,
@@ -94,9 +75,12 @@ at::Tensor sandwich_swiglu_step(const at::Tensor& s, const at::Tensor& y, const 
   check_mlp_step(kernel, s, {&y, &mixer_out_weight, &mlp_in_weight, &mlp_out_weight, &gate_up, &down}, gate_up,
                  down);
   const int64_t D = s.size(-1), rows = D ? s.numel() / D : 0;
-  const at::Tensor s2 = rms_rows(at::add(s, y).reshape({rows, D}), mixer_out_weight, eps);
-  const at::Tensor m = swiglu_mlp(rms_rows(s2, mlp_in_weight, eps), gate_up, down, kernel);
-  return rms_rows(at::add(m, s2), mlp_out_weight, eps).view(s.sizes());
+  const auto rms_norm = [eps](const at::Tensor& rows, const at::Tensor& weight) {
+    return seqmix_cpu::row_norm(rows, weight, c10::nullopt, eps, true);
+  };
+  const at::Tensor s2 = rms_norm(at::add(s, y).reshape({rows, D}), mixer_out_weight);
+  const at::Tensor m = swiglu_mlp(rms_norm(s2, mlp_in_weight), gate_up, down, kernel);
+  return rms_norm(at::add(m, s2), mlp_out_weight).view(s.sizes());
 }
 
 }  // namespace

@@ -41,18 +41,26 @@ def serves(op: str, like: Tensor, *tensors: Tensor | None) -> bool:
     return select_backend(op, None, like.device, ("cpu", "reference"), {"cpu": limit}) == "cpu"
 
 
-# The dtypes whose layer steps (mamba2_step, mamba_step, deltanet_step, gla_layer_step) take the C++ call: the
+# The dtypes whose decoding steps take the C++ call (the layers' and the LM's: serves_layer, serves_step): the
 # tensor-op steps round a half-precision layer's values between their ops, the C++ steps would not.
-_LAYER_STEP_DTYPES = (torch.float32, torch.float64)
+_STEP_DTYPES = (torch.float32, torch.float64)
 
 
 def serves_layer(op: str, x: Tensor, state: dict[str, Tensor], layer: torch.nn.Module) -> bool:
     """Whether a layer's decoding step takes ``op``, its one C++ call with its projections: :func:`serves`
     for x, the state and the layer's parameters (only gathered with autograd on: without it no gradient is
     wanted, and a parameter's look-up costs as much as a small op), with x float32 or float64."""
-    if x.dtype not in _LAYER_STEP_DTYPES:
+    if x.dtype not in _STEP_DTYPES:
         return False
     return serves(op, x, x, *((*state.values(), *layer.parameters()) if torch.is_grad_enabled() else ()))
+
+
+def serves_step(op: str, x: Tensor, *tensors: Tensor) -> bool:
+    """Whether a decoding step's part of the LM (the residual, norms and MLP after a mixer; the final norm and the
+    head) takes ``op``, its one C++ call: :func:`serves` for x, and x and ``tensors`` (the other inputs, the
+    weights) in one dtype, float32 or float64. The caller has checked that autograd is off."""
+    dt = x.dtype
+    return dt in _STEP_DTYPES and all(t.dtype == dt for t in tensors) and serves(op, x)
 
 
 def serves_when_ready(like: Tensor, *tensors: Tensor | None) -> bool:
