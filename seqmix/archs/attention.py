@@ -7,7 +7,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from seqmix.archs.mixer import Mixer, State, register_mixer
+from seqmix.archs.mixer import Mixer, State, register_mixer, take_step
 from seqmix.archs.modules import Linear
 from seqmix.kernels import step_cpu
 from seqmix.kernels.backend import Choice, report, reporting
@@ -112,12 +112,9 @@ class Attention(Mixer):
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         B, T, _ = x.shape
         in_place = cu_seqlens is None and T == 1 and state is not None and "capacity" in state
-        if in_place and self._fused_step_serves(x, state):
-            modules = self._modules
-            out = step_cpu.attention_step(x.view(B, -1), modules["qkv_proj"]._parameters["weight"], state["k"],
-                                          state["v"], state["length"], self._decoding_frequencies(),
-                                          modules["o_proj"]._parameters["weight"])
-            return out.view(B, 1, self.hidden_size), {**state, "length": state["length"] + 1}
+        step = self.cpu_decoding_step(x, state) if in_place else None
+        if step is not None:
+            return take_step(step, x, state)
         q, k, v = self.qkv_proj(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
         if state is None and cu_seqlens is None:
             o = self._dense_causal(q, k, v)
@@ -133,12 +130,24 @@ class Attention(Mixer):
         o, new_state = self._with_sequences(q, k, v, cu_seqlens, state)
         return self.o_proj(o.view(B, T, -1)), new_state
 
-    def _fused_step_serves(self, x, state) -> bool:
-        """Whether a one-token step into preallocated caches is one C++ call with its projections
-        (seqmix/kernels/step_cpu.py): CPU tensors, no gradient wanted, the automatic backend, and the caches in
-        x's dtype, float32 or float64. Its outputs equal :meth:`_decode_in_place`'s (tests/archs/test_attention.py)."""
-        return (self.backend is None and state["k"].dtype == x.dtype and state["v"].dtype == x.dtype
-                and step_cpu.serves_layer("attention_step", x, state, self))
+    def cpu_decoding_step(self, like, state):
+        """One token into preallocated caches (a state with ``capacity``) as one C++ call with its projections
+        (step_cpu.attention_step), for the automatic backend and caches in the inputs' dtype, float32 or float64.
+        Its outputs equal :meth:`_decode_in_place`'s (tests/archs/test_attention.py). See
+        :meth:`Mixer.cpu_decoding_step`."""
+        if not ("capacity" in state and self.backend is None and state["k"].dtype == like.dtype
+                and state["v"].dtype == like.dtype and step_cpu.serves_layer("attention_step", like, state, self)):
+            return None
+        modules = self._modules
+        qkv_weight, o_weight = modules["qkv_proj"]._parameters["weight"], modules["o_proj"]._parameters["weight"]
+        frequencies = self._decoding_frequencies()
+
+        def step(x, state):
+            length = state["length"]
+            out = step_cpu.attention_step(x, qkv_weight, state["k"], state["v"], length, frequencies, o_weight)
+            return out, {**state, "length": length + 1}
+
+        return step
 
     def _decoding_frequencies(self) -> torch.Tensor:
         w = self.qkv_proj.weight

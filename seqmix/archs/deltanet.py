@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
+from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer, take_step
 from seqmix.archs.modules import L2_NORM_EPS, Linear, RMSNorm, ShortConvolution, l2_normalize, no_weight_decay
 from seqmix.kernels import causal_conv1d, delta_rule, gated_delta_rule, step_cpu
 from seqmix.kernels.conv.step import causal_conv1d_step
@@ -117,38 +117,55 @@ class DeltaNet(Mixer):
 
     def _decoding_step(self, x, state):
         """One token per sequence (x [B, 1, hidden]) in few calls: on CPU tensors without autograd the whole layer
-        in one C++ call (step_cpu.deltanet_step: the projections, the short convs, the norms, the rule's step,
-        o_proj), else one matmul for every input projection (q|k|v, the output gate, beta's and the decay's), the
-        three short convs as one window step, the norms and the one-token rule (seqmix/kernels/deltanet/step.py)
-        and o_proj."""
-        B, K = x.shape[0], self.head_k
+        in one C++ call (:meth:`cpu_decoding_step`), else one matmul for every input projection (q|k|v, the output
+        gate, beta's and the decay's), the three short convs as one window step, the norms and the one-token rule
+        (seqmix/kernels/deltanet/step.py) and o_proj."""
+        step = self.cpu_decoding_step(x, state)
+        if step is not None:
+            return take_step(step, x, state)
+        weights, taps = self._decoding_weights()
+        o, new_state = self._tensor_op_step(F.linear(x.squeeze(1), weights), taps, state, self.g_proj is not None)
+        # o_proj's weight through F.linear on 2-D rows: the module's call and a 3-D linear cost ~2 us more.
+        return F.linear(o, self._modules["o_proj"]._parameters["weight"]).unsqueeze(1), new_state
+
+    def _decoding_weights(self):
+        """The decoding step's input projections stacked, [F, hidden] (q|k|v, the output gate, beta's and the
+        decay's), and the short convs' taps [2 dk + dv, conv_size] (None without convs), kept between steps."""
         # Submodules and parameters from their dicts: Module.__getattr__ costs ~0.6 us a look-up, a dozen a step.
         modules = self._modules  # a None submodule (no gate, no convs) is a plain attribute: .get
         names = ["q_proj", "k_proj", "v_proj"] + ([] if modules.get("g_proj") is None else ["g_proj"])
-        gates, strengths = names[3:], self._strength_names
-        params = [modules[n]._parameters["weight"] for n in names + list(strengths)]
+        params = [modules[n]._parameters["weight"] for n in names + list(self._strength_names)]
         weights = self._decoding_constant("_step_weights", params, lambda: torch.cat(params))
         convs = modules.get("convs")
         taps = None if convs is None else self._decoding_constant(
             "_step_taps", [c._parameters["weight"] for c in convs._modules.values()], self._conv_weights)
-        o_norm, o_weight = modules["o_norm"], modules["o_proj"]._parameters["weight"]
-        if step_cpu.serves_layer("deltanet_step", x, state, self):
-            out, conv_state, recurrent = step_cpu.deltanet_step(
-                x.view(B, self.hidden_size), weights, taps, None if convs is None else state["conv"],
-                state["recurrent"], *self._decay_parameters(), o_norm._parameters["weight"], o_norm.eps, bool(gates),
-                K ** -0.5, L2_NORM_EPS, o_weight)
-            new_state = {} if conv_state is None else {"conv": conv_state}
-            new_state["recurrent"] = recurrent
-        else:
-            o, new_state = self._tensor_op_step(F.linear(x.squeeze(1), weights), taps, state, len(gates))
-            # o_proj's weight through F.linear on 2-D rows: the module's call and a 3-D linear cost ~2 us more.
-            out = F.linear(o, o_weight)
-        return out.view(B, 1, self.hidden_size), new_state
+        return weights, taps
 
-    def _tensor_op_step(self, f, taps, state, gates):
+    def cpu_decoding_step(self, like, state):
+        """The whole layer in one C++ call (step_cpu.deltanet_step: the projections, the short convs, the norms,
+        the rule's step, o_proj); see :meth:`Mixer.cpu_decoding_step`."""
+        if not step_cpu.serves_layer("deltanet_step", like, state, self):
+            return None
+        weights, taps = self._decoding_weights()
+        modules = self._modules
+        o_norm, o_weight = modules["o_norm"], modules["o_proj"]._parameters["weight"]
+        norm_weight, eps, scale = o_norm._parameters["weight"], o_norm.eps, self.head_k ** -0.5
+        has_gate, decay = modules.get("g_proj") is not None, self._decay_parameters()
+
+        def step(x, state):
+            out, conv, recurrent = step_cpu.deltanet_step(x, weights, taps, state.get("conv"), state["recurrent"],
+                                                          *decay, norm_weight, eps, has_gate, scale, L2_NORM_EPS,
+                                                          o_weight)
+            return out, ({"recurrent": recurrent} if conv is None else {"conv": conv, "recurrent": recurrent})
+
+        return step
+
+    def _tensor_op_step(self, f, taps, state, gated: bool):
         """:meth:`_decoding_step` between the projections with the tensor-op steps (autograd, CUDA tensors, no C++
-        kernels): the normed output [B, H V] and the new state from the projections' output f [B, F]."""
+        kernels): the normed output [B, H V] and the new state from the projections' output f [B, F] (with the
+        output gate's part when ``gated``)."""
         B, H, K, V = f.shape[0], self.num_heads, self.head_k, self.head_v
+        gates = int(gated)
         sizes = [2 * H * K + H * V] + [H * V] * gates + [H] * len(self._strength_names)  # a strength: one per head
         qkv, *rest = f.split(sizes, -1)
         rest, strength_outputs = rest[:gates], rest[gates:]

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
+from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer, take_step
 from seqmix.archs.modules import Linear, RMSNorm, no_weight_decay
 from seqmix.kernels import gla, step_cpu
 from seqmix.kernels.gated_linear_attention.step import gla_step
@@ -79,8 +79,9 @@ class GatedLinearAttention(Mixer):
         return q, k, v, gate, linear(x, self.gk_proj[0].weight)
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
-        if is_decoding_step(x, state, cu_seqlens) and step_cpu.serves_layer("gla_layer_step", x, state, self):
-            return self._fused_decoding_step(x, state)
+        step = self.cpu_decoding_step(x, state) if is_decoding_step(x, state, cu_seqlens) else None
+        if step is not None:
+            return take_step(step, x, state)
         q, k, v, gate, low = self._projections(x)
         g = self._log_decay_of(low)
         if is_decoding_step(x, state, cu_seqlens):
@@ -94,22 +95,27 @@ class GatedLinearAttention(Mixer):
         o = self.o_proj(self.o_norm(o, None if gate is None else gate.view_as(o)).flatten(2))
         return o, (None if state is None else {"recurrent": recurrent})
 
-    def _fused_decoding_step(self, x, state):
-        """One token (x [B, 1, hidden]) as one C++ call (the input projections on their weights' concatenation,
-        kept between steps; the decay's up-projection, GLA's step, the gated per-head norm and o_proj:
-        seqmix/kernels/step_cpu.py). The same outputs as the tensor-op steps of :meth:`mix`
-        (tests/archs/test_gla.py)."""
-        B = x.shape[0]
+    def cpu_decoding_step(self, like, state):
+        """One token as one C++ call (the input projections on their weights' concatenation, kept between steps;
+        the decay's up-projection, GLA's step, the gated per-head norm and o_proj: step_cpu.gla_layer_step); the
+        same outputs as the tensor-op steps of :meth:`mix` (tests/archs/test_gla.py). See
+        :meth:`Mixer.cpu_decoding_step`."""
+        if not step_cpu.serves_layer("gla_layer_step", like, state, self):
+            return None
         modules = self._modules
         names = ["q_proj", "k_proj", "v_proj"] + ([] if modules.get("g_proj") is None else ["g_proj"])
         params = [modules[n]._parameters["weight"] for n in names] + [modules["gk_proj"][0].weight]
         weights = self._decoding_constant("_step_weights", params, lambda: torch.cat(params))
         up, o_norm = modules["gk_proj"][1]._parameters, modules["o_norm"]
-        out, recurrent = step_cpu.gla_layer_step(
-            x.view(B, self.hidden_size), weights, up["weight"], up["bias"], self.gate_normalizer, state["recurrent"],
-            o_norm._parameters["weight"], o_norm.eps, len(names) == 4, self.head_k ** -0.5,
-            modules["o_proj"]._parameters["weight"])
-        return out.view(B, 1, self.hidden_size), {"recurrent": recurrent}
+        decay = (up["weight"], up["bias"], float(self.gate_normalizer))
+        out = (o_norm._parameters["weight"], o_norm.eps, len(names) == 4, self.head_k ** -0.5,
+               modules["o_proj"]._parameters["weight"])
+
+        def step(x, state):
+            y, recurrent = step_cpu.gla_layer_step(x, weights, *decay, state["recurrent"], *out)
+            return y, {"recurrent": recurrent}
+
+        return step
 
     def init_state(self, batch_size: int) -> State:
         device = self.q_proj.weight.device

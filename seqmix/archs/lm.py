@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from seqmix.archs.mixer import MIXERS, State, build_mixer, init_mixer_state
+from seqmix.archs.mixer import MIXERS, DecodingStep, State, build_mixer, init_mixer_state
 from seqmix.archs.modules import Linear, RMSNorm
 from seqmix.kernels import step_cpu, swiglu
 from seqmix.kernels.checks import check_values
@@ -176,6 +176,26 @@ class Block(nn.Module):
         x = x + y
         return x + mlp(norm(x)), state
 
+    def cpu_decoding_step(self, like: torch.Tensor, state: State) -> DecodingStep | None:
+        """The block's one-token step as C++ calls bound to its weights as they are now (the mixer's norm, its
+        :meth:`Mixer.cpu_decoding_step`, the residual and the MLP): ``x, state = step(x, state)``, x [B, hidden].
+        The calls :meth:`forward` makes for a decoding step on CPU tensors, without its module calls. None where
+        the mixer has no such step, replaces the residual stream, or the C++ step does not serve ``like``."""
+        mixer_step = None if self.replaces_stream else self.mixer.cpu_decoding_step(like, state)
+        if mixer_step is None:
+            return None
+        mixer_norm, mlp_norm, mlp = self.mixer_norm, self.mlp_norm, self.mlp
+        weights = (mlp_norm.weight, mlp.gate_up.weight, mlp.down.weight)
+        if not step_cpu.serves_step("residual_swiglu_step", like, mixer_norm.weight, *weights):
+            return None
+        norm_weight, norm_eps, mlp_eps = mixer_norm.weight, mixer_norm.eps, mlp_norm.eps
+
+        def step(x, state):
+            y, state = mixer_step(step_cpu.row_norm(x, norm_weight, None, norm_eps, True), state)
+            return step_cpu.residual_swiglu_step(x, y, weights[0], mlp_eps, *weights[1:]), state
+
+        return step
+
 
 class LanguageModel(nn.Module):
     """``logits, state = model(tokens, state=None, *, cu_seqlens=None, attention_mask=None)``.
@@ -230,6 +250,31 @@ class LanguageModel(nn.Module):
             new_state.append(s)
         logits = self._readout(x)
         return logits, (None if state is None else new_state)
+
+    def _cpu_decoder(self, state: list[State]) -> Callable | None:
+        """:meth:`generate`'s decoding step as C++ calls bound to the weights as they are now, no module call in
+        between (each block's :meth:`Block.cpu_decoding_step`; the final norm and the head in one): ``logits, state
+        = decode(tokens, state)``, tokens [B, 1], logits [B, vocab] float32. The per-token Python of the module
+        calls is about as long as the C++ steps themselves at small sizes (docs/design.md, "Twentieth round").
+        None unless every block has such a step for this state (then :meth:`_decode` serves)."""
+        embed, norm = self.embed.weight, self.norm
+        like = embed.detach()[:0]
+        if torch.is_grad_enabled() or not step_cpu.serves_step("rms_norm_times_weight", like, norm.weight):
+            return None
+        steps = [block.cpu_decoding_step(like, s) for block, s in zip(self.blocks, state)]
+        if any(step is None for step in steps):
+            return None
+        norm_weight, eps = norm.weight, norm.eps
+
+        def decode(tokens, state):
+            x = embed.index_select(0, tokens.view(-1))
+            new_state = []
+            for step, s in zip(steps, state):
+                x, s = step(x, s)
+                new_state.append(s)
+            return in_dtype(step_cpu.rms_norm_times_weight(x, norm_weight, eps, embed), torch.float32), new_state
+
+        return decode
 
     def _readout(self, x):
         norm, head = self._modules["norm"], self._modules["embed"]._parameters["weight"]
@@ -314,7 +359,12 @@ class LanguageModel(nn.Module):
         logits, state = self(prompt, state, num_steps=num_steps, exit_threshold=exit_threshold)
         step = logits[:, -1].float()
         options = self._step_options(num_steps, None, exit_threshold)
-        decode = torch.compile(self._decode, fullgraph=True) if compile else self._decode
+        decode = None if compile else self._cpu_decoder(state)
+        if decode is None:
+            run = torch.compile(self._decode, fullgraph=True) if compile else self._decode
+
+            def decode(tokens, state):
+                return run(tokens, state, options)
         out = prompt.new_empty(B, T + max_new_tokens)
         out[:, :T] = prompt
         steps = []
@@ -324,7 +374,7 @@ class LanguageModel(nn.Module):
             if on_token is not None:
                 on_token(token)
             if i + 1 < max_new_tokens:  # the last token's successor is not asked for
-                step, state = decode(token, state, options)
+                step, state = decode(token, state)
         if not return_logits:
             return out
         return out, torch.stack(steps, 1) if steps else prompt.new_zeros(B, 0, self.config.vocab_size)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqmix.archs.mamba2 import inverse_softplus, log_uniform_dt
-from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
+from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer, take_step
 from seqmix.archs.modules import Linear, ShortConvolution, narrow_linear, no_weight_decay
 from seqmix.kernels import selective_scan, step_cpu
 from seqmix.kernels.conv.step import causal_conv1d_step
@@ -62,9 +62,8 @@ class Mamba(Mixer):
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         if is_decoding_step(x, state, cu_seqlens):
-            if step_cpu.serves_layer("mamba_step", x, state, self):
-                return self._fused_decoding_step(x, state)
-            return self._step(x, state)
+            step = self.cpu_decoding_step(x, state)
+            return self._step(x, state) if step is None else take_step(step, x, state)
         # x and z projected apart (in_proj's row halves) so that both are contiguous: halves of one output make
         # every elementwise pass over them (the conv's taps, the scan's z) strided and slow, and their
         # gradients would be joined by a copy.
@@ -107,18 +106,25 @@ class Mamba(Mixer):
         )
         return F.linear(y, self.out_proj.weight).unsqueeze(1), {"conv": conv_state, "ssm": ssm_state}
 
-    def _fused_decoding_step(self, x, state):
-        """One token (x [B, 1, hidden]) as one C++ call (in_proj, the conv's window step, x_proj, dt_proj, the
-        scan's step, the gate and out_proj: seqmix/kernels/step_cpu.py). The same outputs as :meth:`_step`
-        (tests/archs/test_mamba.py)."""
-        B = x.shape[0]
+    def cpu_decoding_step(self, like, state):
+        """One token as one C++ call (in_proj, the conv's window step, x_proj, dt_proj, the scan's step, the gate
+        and out_proj: step_cpu.mamba_step); the same outputs as :meth:`_step` (tests/archs/test_mamba.py). See
+        :meth:`Mixer.cpu_decoding_step`."""
+        if not step_cpu.serves_layer("mamba_step", like, state, self):
+            return None
         modules, params = self._modules, self._parameters
         conv, dt_proj = modules["conv"]._parameters, modules["dt_proj"]._parameters
-        out, conv_state, ssm_state = step_cpu.mamba_step(
-            x.view(B, self.hidden_size), modules["in_proj"]._parameters["weight"], conv["weight"], conv["bias"],
-            state["conv"], modules["x_proj"]._parameters["weight"], dt_proj["weight"], dt_proj["bias"],
-            self._step_A(), params["D"], state["ssm"], modules["out_proj"]._parameters["weight"])
-        return out.view(B, 1, self.hidden_size), {"conv": conv_state, "ssm": ssm_state}
+        in_weights = (modules["in_proj"]._parameters["weight"], conv["weight"], conv["bias"])
+        scan = (modules["x_proj"]._parameters["weight"], dt_proj["weight"], dt_proj["bias"], self._step_A(),
+                params["D"])
+        out_weight = modules["out_proj"]._parameters["weight"]
+
+        def step(x, state):
+            out, conv_state, ssm_state = step_cpu.mamba_step(x, *in_weights, state["conv"], *scan, state["ssm"],
+                                                             out_weight)
+            return out, {"conv": conv_state, "ssm": ssm_state}
+
+        return step
 
     def _A(self):
         """A = -exp(A_log) [D, N] in float32 at least (a float64 layer keeps float64)."""

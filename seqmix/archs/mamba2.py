@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
+from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer, take_step
 from seqmix.archs.modules import Linear, RMSNorm, ShortConvolution, no_weight_decay
 from seqmix.kernels import ssd_xbc, step_cpu
 from seqmix.kernels.linear import linear
@@ -75,8 +75,9 @@ class Mamba2(Mixer):
         B, T, _ = x.shape
         H, P, G, N = self.num_heads, self.head_dim, self.n_groups, self.d_state
         decoding = is_decoding_step(x, state, cu_seqlens)
-        if decoding and step_cpu.serves_layer("mamba2_step", x, state, self):
-            return self._fused_decoding_step(x, state)
+        step = self.cpu_decoding_step(x, state) if decoding else None
+        if step is not None:
+            return take_step(step, x, state)
         sizes = [self.d_inner, self.conv_dim, H]
         if decoding:  # one token: one matmul, the fewest calls
             z, xbc, dt = self.in_proj(x).split(sizes, dim=-1)
@@ -113,21 +114,26 @@ class Mamba2(Mixer):
         out = self.out_proj(self.norm(y.reshape(B, T, self.d_inner)))
         return out, None if state is None else {"conv": conv_state, "ssm": ssm_state}
 
-    def _fused_decoding_step(self, x, state):
-        """One token (x [B, 1, hidden]) as one C++ call (in_proj, the conv's window step, SSD's step, the gate, the
-        norm and out_proj: seqmix/kernels/step_cpu.py). The same outputs as the tensor-op steps of :meth:`mix`
-        (tests/archs/test_mamba2.py), a dozen calls fewer (docs/design.md, "CPU references (issue 14)")."""
-        B = x.shape[0]
+    def cpu_decoding_step(self, like, state):
+        """One token as one C++ call (in_proj, the conv's window step, SSD's step, the gate, the norm and out_proj:
+        step_cpu.mamba2_step); the same outputs as the tensor-op steps of :meth:`mix` (tests/archs/test_mamba2.py),
+        a dozen calls fewer (docs/design.md, "CPU references (issue 14)"). See :meth:`Mixer.cpu_decoding_step`."""
+        if not step_cpu.serves_layer("mamba2_step", like, state, self):
+            return None
         # Submodules and parameters from their dicts: Module.__getattr__ costs ~0.6 us a look-up, a dozen a step.
         modules, params = self._modules, self._parameters
         conv, norm = modules["conv"]._parameters, modules["norm"]
+        weights = (modules["in_proj"]._parameters["weight"], conv["weight"], conv["bias"])
         A = self._decoding_constant("_step_A", [params["A_log"]], self._A)
-        out, conv_state, ssm_state = step_cpu.mamba2_step(
-            x.view(B, self.hidden_size), modules["in_proj"]._parameters["weight"], conv["weight"], conv["bias"],
-            state["conv"], A, params["D"], params["dt_bias"], True, self.dt_limit, state["ssm"],
-            norm._parameters["weight"], norm.eps, modules["out_proj"]._parameters["weight"],
-        )
-        return out.view(B, 1, self.hidden_size), {"conv": conv_state, "ssm": ssm_state}
+        ssd = (A, params["D"], params["dt_bias"], True, self.dt_limit)
+        out_weights = (norm._parameters["weight"], norm.eps, modules["out_proj"]._parameters["weight"])
+
+        def step(x, state):
+            out, conv_state, ssm_state = step_cpu.mamba2_step(x, *weights, state["conv"], *ssd, state["ssm"],
+                                                              *out_weights)
+            return out, {"conv": conv_state, "ssm": ssm_state}
+
+        return step
 
     def _A(self):
         """A = -exp(A_log) [H] in float32."""

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 State = dict[str, torch.Tensor]
+DecodingStep = Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]
 
 
 class Mixer(nn.Module):
@@ -75,6 +76,15 @@ class Mixer(nn.Module):
             cached = self.__dict__[name] = (key, compute())
         return cached[1]
 
+    def cpu_decoding_step(self, like: torch.Tensor, state: State) -> DecodingStep | None:
+        """The layer's one-token decoding step as one C++ call (seqmix/kernels/step_cpu.py) bound to its weights
+        as they are now, for a loop of steps that leaves them unchanged (:meth:`LanguageModel.generate`'s):
+        ``y, state = step(x, state)`` with x and y [B, hidden], the state as :meth:`forward` takes and returns
+        it. None where the layer has no such step or it does not serve inputs like ``like`` (their dtype and
+        device) and ``state``; :meth:`forward` serves those. :meth:`mix` takes the same step for a decoding call
+        (:func:`take_step`), so the two give the same outputs."""
+        return None
+
     def init_state(self, batch_size: int) -> State:
         """The state before any token, for ``batch_size`` sequences."""
         raise NotImplementedError
@@ -100,6 +110,14 @@ def is_decoding_step(x: torch.Tensor, state: State | None, cu_seqlens: torch.Ten
     their families' one-token steps (docs/design.md, "The decoding step"); the test reads only shapes and
     arguments, never values, so it is fixed while ``torch.compile`` traces."""
     return state is not None and cu_seqlens is None and x.shape[1] == 1
+
+
+def take_step(step: DecodingStep, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    """A bound one-token step (:meth:`Mixer.cpu_decoding_step`) on a decoding call's x [B, 1, hidden]: returns
+    (y [B, 1, hidden], the new state)."""
+    B, _, D = x.shape
+    y, state = step(x.view(B, D), state)
+    return y.view(B, 1, D), state
 
 
 def _check_state_batch(state, x, cu_seqlens, attention_mask) -> None:

@@ -183,3 +183,35 @@ def test_decoding_blocks_mlp_half_and_the_readout_are_cpp_calls_equal_to_the_mod
     torch.library.opcheck(step_cpu._norm_times_weight_op.op, (x[:, 0], model.norm.weight.detach(), 1e-5,
                                                               model.embed.weight.detach()),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+# The mixers whose decoding step is one C++ call (Mixer.cpu_decoding_step).
+CPU_STEP_MIXERS = ["attention", "deltanet", "gated_deltanet", "gla", "mamba", "mamba2"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_generate_binds_the_cpp_steps_once_and_equals_the_module_calls(dtype, monkeypatch):
+    """On CPU tensors generate's loop runs the layers' C++ steps bound once (LanguageModel._cpu_decoder) when every
+    layer has one: the same calls as decode_step's modules make, so the same logits bit for bit, for an LM of
+    every such mixer. A layer without one (shortconv) or SEQMIX_BACKEND=reference leaves generate the modules."""
+    require_cpu_kernels()
+    monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
+    model = _model(CPU_STEP_MIXERS).to("cpu", dtype)
+    prompt, new = _tokens(2, 7).cpu(), 5
+    tokens, logits = model.generate(prompt, new, temperature=0.0, return_logits=True)
+    with torch.no_grad():
+        state = model.init_state(2, capacity=7 + new)
+        full, state = model(prompt, state)
+        assert model._cpu_decoder(state) is not None
+        want = [full[:, -1].float()]
+        for i in range(new - 1):
+            step, state = model.decode_step(tokens[:, 7 + i: 8 + i], state)
+            want.append(step)
+    assert logits.dtype == torch.float32 and torch.equal(logits, torch.stack(want, 1))
+    assert torch.equal(tokens[:, 7:], logits.argmax(-1))
+    with torch.no_grad():
+        other = _model(["shortconv", "deltanet"]).to("cpu", dtype)
+        assert other._cpu_decoder(other.init_state(2)) is None
+        assert model._cpu_decoder(model.init_state(2)) is None  # attention's cache without a capacity
+        monkeypatch.setenv("SEQMIX_BACKEND", "reference")
+        assert model._cpu_decoder(model.init_state(2, capacity=4)) is None
