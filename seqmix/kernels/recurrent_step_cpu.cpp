@@ -29,6 +29,7 @@ namespace {
 using seqmix_cpu::conv_window_row;
 using seqmix_cpu::dot;
 using seqmix_cpu::exp_v;
+using seqmix_cpu::kSoftplusThreshold;
 using seqmix_cpu::lane_sum;
 using seqmix_cpu::Lanes;
 using seqmix_cpu::load;
@@ -43,7 +44,6 @@ using seqmix_cpu::Vec;
 // State values per thread task below which the tasks run inline on the calling thread: at decoding
 // sizes (a few heads of 32 x 32) waking the pool costs more than the update.
 constexpr int64_t kValuesPerTask = 1 << 15;
-constexpr double kSoftplusThreshold = 20.0;  // as F.softplus: x itself above it
 
 // A [B, H, ...] tensor's rows: element (b, h, i) at p + b * sb + h * sh + i.
 template <typename T>
@@ -199,6 +199,16 @@ void silu_inplace(T* v, int64_t n) {
   if (i < n) {
     const Vec<T> x = load_part(v + i, n - i);
     store_part(v + i, x / (T(1) + exp_v<T>(-x)), n - i);
+  }
+}
+
+// v = softplus(v + bias) over n values in place, a vector at a time.
+template <typename T>
+void softplus_plus_inplace(T* v, const T* bias, int64_t n) {
+  constexpr int64_t L = Lanes<T>::W;
+  for (int64_t i = 0; i < n; i += L) {
+    const int64_t m = std::min(L, n - i);
+    store_upto(v + i, seqmix_cpu::softplus_v<T>(load_upto(v + i, m) + load_upto(bias + i, m)), m);
   }
 }
 
@@ -532,9 +542,10 @@ std::vector<at::Tensor> gla_layer_step(const at::Tensor& x, const at::Tensor& in
   return {seqmix_cpu::times_weight(in_dtype(o, x.scalar_type()), out_weight, "gla_layer_step_cpu"), Sn};
 }
 
-// One Mamba channel: h'[n] = exp(delta A[n]) h[n] + delta u B[n] over its N states, returns h' . C.
+// One Mamba channel: h'[n] = exp(delta A[n]) h[n] + delta u B[n] over its N states; returns the lanes of h' . C
+// (their sum is the channel's output: the caller sums the lanes of W channels at once).
 template <typename T>
-T scan_channel(const T* h, T* hn, const T* A, T delta, T u, const T* Bn, const T* Cn, int64_t N) {
+Vec<T> scan_channel(const T* h, T* hn, const T* A, T delta, T u, const T* Bn, const T* Cn, int64_t N) {
   constexpr int64_t L = Lanes<T>::W;
   const Vec<T> dv = splat<T>(delta), du = splat<T>(delta * u);
   Vec<T> acc{};
@@ -544,7 +555,28 @@ T scan_channel(const T* h, T* hn, const T* A, T delta, T u, const T* Bn, const T
     store_upto(hn + n, v, m);
     acc += v * load_upto(Cn + n, m);
   }
-  return lane_sum<T>(acc);
+  return acc;
+}
+
+// The scan's step over D channels: y[d] = h'_d . C for delta [D], u [D], the states h, hn [D, N] and A [D, N].
+// W channels at a time, their lane sums in one pass (LaneSums): the channels' exps overlap, and no channel
+// waits for its own horizontal sum.
+template <typename T>
+void scan_channels(const T* h, T* hn, const T* A, const T* delta, const T* u, const T* Bn, const T* Cn, T* y,
+                   int64_t D, int64_t N) {
+  constexpr int64_t L = Lanes<T>::W;
+  const auto& sums = seqmix_cpu::lane_sums<T>();
+  int64_t d = 0;
+  for (; d + L <= D; d += L) {
+    Vec<T> P[L];
+    for (int64_t i = 0; i < L; ++i) {
+      const int64_t at = (d + i) * N;
+      P[i] = scan_channel<T>(h + at, hn + at, A + at, delta[d + i], u[d + i], Bn, Cn, N);
+    }
+    sums(P, y + d);
+  }
+  for (; d < D; ++d)
+    y[d] = lane_sum<T>(scan_channel<T>(h + d * N, hn + d * N, A + d * N, delta[d], u[d], Bn, Cn, N));
 }
 
 // One token of a Mamba layer with its projections (seqmix/archs/mamba.py), in one call: f = x in_weight^T [B, 2 D]
@@ -591,21 +623,19 @@ std::vector<at::Tensor> mamba_step(const at::Tensor& x, const at::Tensor& in_wei
     const int64_t row_stride = fc.stride(0);
     const int64_t grain = std::max<int64_t>(1, kValuesPerTask / std::max<int64_t>(Dm * N, 1));
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-      std::vector<T> buffer(2 * Dm + R + 2 * N);
-      T *xc = buffer.data(), *gate = xc + Dm, *proj = gate + Dm;  // proj: low [R] | B [N] | C [N]
+      std::vector<T> buffer(3 * Dm + R + 2 * N);
+      T *xc = buffer.data(), *gate = xc + Dm, *delta = gate + Dm, *proj = delta + Dm;  // proj: low [R] | B | C
       for (int64_t b = begin; b < end; ++b) {
         const T* row = fp + b * row_stride;  // x | z
         conv_silu_row<T>(row, cwp, cbp, csp + b * Dm * (W - 1), cnp + b * Dm * (W - 1), xc, Dm, W);
         std::copy(row + Dm, row + 2 * Dm, gate);
         silu_inplace<T>(gate, Dm);
-        for (int64_t j = 0; j < R + 2 * N; ++j) proj[j] = dot(xwp + j * Dm, xc, Dm);
-        const T *Bn = proj + R, *Cn = Bn + N;
+        seqmix_cpu::matrix_times_row(xwp, xc, proj, R + 2 * N, Dm);
+        seqmix_cpu::matrix_times_row(dwp, proj, delta, Dm, R);
+        softplus_plus_inplace<T>(delta, dbp, Dm);
         T* yb = yp + b * Dm;
-        for (int64_t d = 0; d < Dm; ++d) {
-          const T delta = softplus(dot(dwp + d * R, proj, R) + dbp[d]);
-          const int64_t at = (b * Dm + d) * N;
-          yb[d] = (scan_channel<T>(s + at, sn + at, Ap + d * N, delta, xc[d], Bn, Cn, N) + skip[d] * xc[d]) * gate[d];
-        }
+        scan_channels<T>(s + b * Dm * N, sn + b * Dm * N, Ap, delta, xc, proj + R, proj + R + N, yb, Dm, N);
+        for (int64_t d = 0; d < Dm; ++d) yb[d] = (yb[d] + skip[d] * xc[d]) * gate[d];
       }
     });
   });

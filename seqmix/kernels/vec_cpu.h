@@ -1,5 +1,6 @@
 // Vectors of channels for the C++ CPU kernels (seqmix/kernels/cpu.py builds them): GCC vector types and
-// the elementwise functions they need that libm offers only one element at a time (exp, sigmoid), and the
+// the elementwise functions they need that libm offers only one element at a time (exp, log, sigmoid,
+// softplus), and the
 // dispatch that makes a small count a constant for arrays of vectors kept in registers (`as_constant`),
 // written once for every kernel that includes this header.
 #pragma once
@@ -276,6 +277,40 @@ inline Vec<T> exp2_v(Vec<T> x) {
   Vec<T> p = splat<T>(K::exp2_coef[0]);
   for (int i = 1; i < K::exp2_terms; ++i) p = p * f + K::exp2_coef[i];
   return times_pow2<T>(p, shifted, x, K::exp2_lo, K::exp2_hi);
+}
+
+constexpr double kSoftplusThreshold = 20.0;  // as F.softplus: x itself above it
+
+// log of every lane, for m >= 1: m = 2^e f with f in [sqrt(1/2), sqrt(2)), log f = 2 atanh((f-1)/(f+1)).
+template <typename T>
+inline Vec<T> log_v(Vec<T> m) {
+  using K = Consts<T>;
+  using I = typename Lanes<T>::I;
+  using S = typename Lanes<T>::S;
+  const I bits = reinterpret_cast<const I&>(m);  // m >= 1: the sign bit is 0
+  Vec<T> e = __builtin_convertvector((bits >> K::mantissa) - K::bias, Vec<T>);
+  const I f_bits = (bits & ((S(1) << K::mantissa) - 1)) | (S(K::bias) << K::mantissa);
+  Vec<T> f = reinterpret_cast<const Vec<T>&>(f_bits);
+  const auto big = f > T(1.41421356237309504880);
+  f = big ? f * T(0.5) : f;
+  e = big ? e + T(1) : e;
+  const Vec<T> s = (f - T(1)) / (f + T(1)), s2 = s * s;
+  Vec<T> q = splat<T>(T(1) / T(2 * K::log_terms - 1));
+  for (int i = K::log_terms - 2; i >= 0; --i) q = q * s2 + T(1) / T(2 * i + 1);
+  return T(2) * s * q + e * T(0.69314718055994530942);
+}
+
+// softplus(x) = log1p(exp(x)), x itself above the threshold; log1p(y) as log(1 + y) y / ((1 + y) - 1)
+// keeps the digits of a small y that 1 + y rounds away. `slope` gets its derivative, sigmoid(x) = y / (1 + y)
+// (1 above the threshold), when asked for.
+template <typename T>
+inline Vec<T> softplus_v(Vec<T> x, Vec<T>* slope = nullptr) {
+  const auto above = x > T(kSoftplusThreshold);
+  const Vec<T> y = exp_v<T>(above ? Vec<T>{} : x);
+  const Vec<T> m = T(1) + y, d = m - T(1);
+  const Vec<T> l = d == T(0) ? y : log_v<T>(m) * (y / (d == T(0) ? splat<T>(T(1)) : d));
+  if (slope) *slope = above ? splat<T>(T(1)) : y / m;
+  return above ? x : l;
 }
 
 template <typename T>
