@@ -338,7 +338,9 @@ class LanguageModel(nn.Module):
         """Sample ``max_new_tokens`` after ``prompt`` [B, T] with the mixers' states.
 
         The prompt is prefilled in one call (which checks the prompt, the state and the options), then one
-        :meth:`decode_step` per token without its per-call checks (each token comes from the sampler).
+        :meth:`decode_step` per token without its per-call checks (each token comes from the sampler); on the
+        CPU, when every layer has a one-call C++ step, those steps bound once (:meth:`_cpu_decoder`: the same
+        calls without the modules around them, so the weights must not change during the call).
         ``temperature=0`` is greedy; ``top_k`` keeps the k most likely tokens; ``num_steps`` and
         ``exit_threshold`` go to the layers that iterate (see :meth:`forward`); ``on_token`` is called with each
         step's new tokens [B, 1] as soon as they are drawn (streaming). ``compile=True`` runs the step through
