@@ -224,30 +224,36 @@ T ssd_dt(T d, bool with_softplus, double lo, double hi) {
   return std::min(std::max(with_softplus ? softplus(d) : d, T(lo)), T(hi));
 }
 
-// One SSD head's rows: h'[p] = decay h[p] + d x[p] B and y[p] = h'[p] . C, for its P rows of N. Each row's
-// sum is kept in a vector of lanes and added up at its end: a scalar running sum would keep the compiler
-// from vectorising the loop (the state pass was three quarters of the step).
+// One SSD row: h' = decay h + dx B over its N states; returns the lanes of h' . C (their sum is the row's y).
+// The sum is kept in a vector of lanes: a scalar running sum would keep the compiler from vectorising the loop
+// (the state pass was three quarters of the step).
+template <typename T>
+Vec<T> ssd_row(const T* row, T* nrow, T dx, T decay, const T* Bn, const T* Cn, int64_t N) {
+  constexpr int64_t L = Lanes<T>::W;
+  Vec<T> acc{};
+  for (int64_t n = 0; n < N; n += L) {
+    const int64_t m = std::min(L, N - n);
+    const Vec<T> v = decay * load_upto(row + n, m) + dx * load_upto(Bn + n, m);
+    store_upto(nrow + n, v, m);
+    acc += v * load_upto(Cn + n, m);
+  }
+  return acc;
+}
+
+// One SSD head's rows: h'[p] = decay h[p] + d x[p] B and y[p] = h'[p] . C, for its P rows of N. W rows' lane
+// sums in one LaneSums pass (as Mamba's scan_channels): no row waits for its own horizontal sum.
 template <typename T>
 void ssd_head(const T* s, T* sn, const T* x, T d, T decay, const T* Bn, const T* Cn, T* y, int64_t P, int64_t N) {
-  constexpr int L = Lanes<T>::W;
-  const int64_t full = N - N % L, rest = N - full;
-  for (int64_t p = 0; p < P; ++p) {
-    const T dx = d * x[p];
-    const T* row = s + p * N;
-    T* nrow = sn + p * N;
-    Vec<T> acc{};
-    for (int64_t n = 0; n < full; n += L) {
-      const Vec<T> v = decay * load(row + n) + dx * load(Bn + n);
-      store(nrow + n, v);
-      acc += v * load(Cn + n);
-    }
-    if (rest) {
-      const Vec<T> v = decay * load_part(row + full, rest) + dx * load_part(Bn + full, rest);
-      store_part(nrow + full, v, rest);
-      acc += v * load_part(Cn + full, rest);
-    }
-    y[p] = lane_sum<T>(acc);
+  constexpr int64_t L = Lanes<T>::W;
+  const auto& sums = seqmix_cpu::lane_sums<T>();
+  int64_t p = 0;
+  for (; p + L <= P; p += L) {
+    Vec<T> acc[L];
+    for (int64_t i = 0; i < L; ++i)
+      acc[i] = ssd_row<T>(s + (p + i) * N, sn + (p + i) * N, d * x[p + i], decay, Bn, Cn, N);
+    sums(acc, y + p);
   }
+  for (; p < P; ++p) y[p] = lane_sum<T>(ssd_row<T>(s + p * N, sn + p * N, d * x[p], decay, Bn, Cn, N));
 }
 
 // x, z [B, H, P], dt [B, H], A, D, dt_bias [H], Bm, Cm [B, G, N] (head h reads group h / (H / G)),
