@@ -19,8 +19,8 @@ decoded tokens (``init_state(capacity=)``), so its step is captured too.
 the nesting layers) a 2-layer LM (``--hidden-size 128 --num-heads 4`` in this
 mode unless given), greedy, B=1, at each ``--prompts`` length. Each decoding
 step inside ``generate`` is timed (the prefill and the sampling are left out;
-the model's ``_decode``, which generate's loop calls per token, is wrapped on
-the instance); a sample is the median over ``--tokens`` tokens. Models are
+the step the model's ``_decoder`` gives generate's loop is wrapped on the
+instance); a sample is the median over ``--tokens`` tokens. Models are
 interleaved and the sweep is repeated ``--repeats`` times; medians of the
 samples are printed with the ratio to attention at the same prompt and each
 mixer's ratio of the longest prompt to the shortest (flat is 1).
@@ -133,21 +133,27 @@ NESTING = ("hourglass", "recurrent_depth")
 
 
 def _generate_step_ms(model, prompt, tokens: int) -> list[float]:
-    """ms of each decoding step inside ``model.generate(prompt, tokens + 1)`` (greedy): the method its loop
-    calls per token (``_decode``) is wrapped on the instance, so the prefill and the sampling are left out."""
-    decode, times = model._decode, []
+    """ms of each decoding step inside ``model.generate(prompt, tokens + 1)`` (greedy): the step its loop calls
+    per token (what ``_decoder`` returns: the bound C++ steps on the CPU where every layer has them, else
+    ``_decode``) is wrapped on the instance, so the prefill and the sampling are left out."""
+    decoder, times = model._decoder, []
 
-    def timed(*args, **kwargs):
-        start = time.perf_counter()
-        out = decode(*args, **kwargs)
-        times.append((time.perf_counter() - start) * 1e3)
-        return out
+    def timed_decoder(*args):
+        decode = decoder(*args)
 
-    model._decode = timed
+        def timed(tokens, state):
+            start = time.perf_counter()
+            out = decode(tokens, state)
+            times.append((time.perf_counter() - start) * 1e3)
+            return out
+
+        return timed
+
+    model._decoder = timed_decoder
     try:
         model.generate(prompt, tokens + 1, temperature=0.0)
     finally:
-        del model._decode
+        del model._decoder
     return times
 
 
@@ -173,8 +179,8 @@ def _compiled_step_ms(model, prompt, tokens: int) -> tuple[list[float], float]:
 
 def step_op_counts(model, prompt) -> dict:
     """Aten calls dispatched from Python (the profiler's top-level ``aten::`` events) in one decoding step of
-    ``model`` after ``prompt`` as ``generate`` runs it (``_decode``; ``decode_step`` adds its checks) and in one
-    call of its first mixer: at hidden 128 the step's time is about proportional to them."""
+    ``model`` after ``prompt`` as ``generate`` runs it (``_decoder``'s step; ``decode_step`` adds its checks) and in
+    one call of its first mixer: at hidden 128 the step's time is about proportional to them."""
     from torch.profiler import ProfilerActivity, profile
 
     def count(fn) -> int:
@@ -186,9 +192,10 @@ def step_op_counts(model, prompt) -> dict:
     with torch.no_grad():
         logits, state = model(prompt, model.init_state(1, capacity=prompt.shape[1] + 4))
         token = logits[:, -1:].argmax(-1)
-        _, state = model._decode(token, state, options)
+        decode = model._decoder(state, options, False)
+        _, state = decode(token, state)
         x = torch.randn(1, 1, model.config.hidden_size, device=prompt.device)
-        return {"step_aten_calls": count(lambda: model._decode(token, state, options)),
+        return {"step_aten_calls": count(lambda: decode(token, state)),
                 "mixer_aten_calls": count(lambda: model.blocks[0].mixer(x, state[0]))}
 
 

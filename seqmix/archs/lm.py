@@ -276,6 +276,16 @@ class LanguageModel(nn.Module):
 
         return decode
 
+    def _decoder(self, state: list[State], steps: dict, compile: bool) -> Callable:
+        """:meth:`generate`'s per-token step, ``logits, state = decode(tokens, state)``: the bound C++ steps
+        (:meth:`_cpu_decoder`) where they serve and ``compile`` is off, else :meth:`_decode` with the step
+        options ``steps`` (through ``torch.compile(fullgraph=True)`` with ``compile``)."""
+        decode = None if compile else self._cpu_decoder(state)
+        if decode is not None:
+            return decode
+        run = torch.compile(self._decode, fullgraph=True) if compile else self._decode
+        return lambda tokens, state: run(tokens, state, steps)
+
     def _readout(self, x):
         norm, head = self._modules["norm"], self._modules["embed"]._parameters["weight"]
         B, T, D = x.shape
@@ -360,13 +370,7 @@ class LanguageModel(nn.Module):
         state = self.init_state(B, num_steps=num_steps, capacity=T + max_new_tokens)
         logits, state = self(prompt, state, num_steps=num_steps, exit_threshold=exit_threshold)
         step = logits[:, -1].float()
-        options = self._step_options(num_steps, None, exit_threshold)
-        decode = None if compile else self._cpu_decoder(state)
-        if decode is None:
-            run = torch.compile(self._decode, fullgraph=True) if compile else self._decode
-
-            def decode(tokens, state):
-                return run(tokens, state, options)
+        decode = self._decoder(state, self._step_options(num_steps, None, exit_threshold), compile)
         out = prompt.new_empty(B, T + max_new_tokens)
         out[:, :T] = prompt
         steps = []
