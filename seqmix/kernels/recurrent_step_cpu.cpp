@@ -30,7 +30,6 @@ using seqmix_cpu::conv_window_row;
 using seqmix_cpu::dot;
 using seqmix_cpu::exp_v;
 using seqmix_cpu::kSoftplusThreshold;
-using seqmix_cpu::lane_sum;
 using seqmix_cpu::Lanes;
 using seqmix_cpu::load;
 using seqmix_cpu::load_part;
@@ -240,20 +239,13 @@ Vec<T> ssd_row(const T* row, T* nrow, T dx, T decay, const T* Bn, const T* Cn, i
   return acc;
 }
 
-// One SSD head's rows: h'[p] = decay h[p] + d x[p] B and y[p] = h'[p] . C, for its P rows of N. W rows' lane
-// sums in one LaneSums pass (as Mamba's scan_channels): no row waits for its own horizontal sum.
+// One SSD head's rows: h'[p] = decay h[p] + d x[p] B and y[p] = h'[p] . C, for its P rows of N (W rows' sums
+// at once: sum_rows).
 template <typename T>
 void ssd_head(const T* s, T* sn, const T* x, T d, T decay, const T* Bn, const T* Cn, T* y, int64_t P, int64_t N) {
-  constexpr int64_t L = Lanes<T>::W;
-  const auto& sums = seqmix_cpu::lane_sums<T>();
-  int64_t p = 0;
-  for (; p + L <= P; p += L) {
-    Vec<T> acc[L];
-    for (int64_t i = 0; i < L; ++i)
-      acc[i] = ssd_row<T>(s + (p + i) * N, sn + (p + i) * N, d * x[p + i], decay, Bn, Cn, N);
-    sums(acc, y + p);
-  }
-  for (; p < P; ++p) y[p] = lane_sum<T>(ssd_row<T>(s + p * N, sn + p * N, d * x[p], decay, Bn, Cn, N));
+  seqmix_cpu::sum_rows<T>(P, y, [&](int64_t p) {
+    return ssd_row<T>(s + p * N, sn + p * N, d * x[p], decay, Bn, Cn, N);
+  });
 }
 
 // x, z [B, H, P], dt [B, H], A, D, dt_bias [H], Bm, Cm [B, G, N] (head h reads group h / (H / G)),
@@ -564,25 +556,14 @@ Vec<T> scan_channel(const T* h, T* hn, const T* A, T delta, T u, const T* Bn, co
   return acc;
 }
 
-// The scan's step over D channels: y[d] = h'_d . C for delta [D], u [D], the states h, hn [D, N] and A [D, N].
-// W channels at a time, their lane sums in one pass (LaneSums): the channels' exps overlap, and no channel
-// waits for its own horizontal sum.
+// The scan's step over D channels: y[d] = h'_d . C for delta [D], u [D], the states h, hn [D, N] and A [D, N]
+// (W channels' sums at once: sum_rows, so the channels' exps overlap).
 template <typename T>
 void scan_channels(const T* h, T* hn, const T* A, const T* delta, const T* u, const T* Bn, const T* Cn, T* y,
                    int64_t D, int64_t N) {
-  constexpr int64_t L = Lanes<T>::W;
-  const auto& sums = seqmix_cpu::lane_sums<T>();
-  int64_t d = 0;
-  for (; d + L <= D; d += L) {
-    Vec<T> P[L];
-    for (int64_t i = 0; i < L; ++i) {
-      const int64_t at = (d + i) * N;
-      P[i] = scan_channel<T>(h + at, hn + at, A + at, delta[d + i], u[d + i], Bn, Cn, N);
-    }
-    sums(P, y + d);
-  }
-  for (; d < D; ++d)
-    y[d] = lane_sum<T>(scan_channel<T>(h + d * N, hn + d * N, A + d * N, delta[d], u[d], Bn, Cn, N));
+  seqmix_cpu::sum_rows<T>(D, y, [&](int64_t d) {
+    return scan_channel<T>(h + d * N, hn + d * N, A + d * N, delta[d], u[d], Bn, Cn, N);
+  });
 }
 
 // One token of a Mamba layer with its projections (seqmix/archs/mamba.py), in one call: f = x in_weight^T [B, 2 D]

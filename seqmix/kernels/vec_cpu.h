@@ -188,6 +188,21 @@ const LaneSums<T>& lane_sums() {
   return sums;
 }
 
+// y[i] = the lane sum of row(i) (a Vec<T>) for i < n: W rows' sums in one LaneSums pass, so that no row waits
+// for its own horizontal sum and the rows' work overlaps; the rows past the last full W are summed alone.
+template <typename T, typename Row>
+inline void sum_rows(int64_t n, T* y, const Row& row) {
+  constexpr int64_t W = Lanes<T>::W;
+  const LaneSums<T>& sums = lane_sums<T>();
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    Vec<T> P[W];
+    for (int64_t j = 0; j < W; ++j) P[j] = row(i + j);
+    sums(P, y + i);
+  }
+  for (; i < n; ++i) y[i] = lane_sum<T>(row(i));
+}
+
 // Constants of exp and log per precision: the range where exp is finite and normal, ln 2 split in two
 // (k ln2_hi is exact), 1.5 2^(mantissa bits) (adding it rounds to an integer), the exponent bias and
 // the Taylor coefficients 1/k! of exp(r) for |r| <= ln2 / 2, highest first; for exp2 its range and the
