@@ -141,10 +141,11 @@ class Attention(Mixer):
         modules = self._modules
         qkv_weight, o_weight = modules["qkv_proj"]._parameters["weight"], modules["o_proj"]._parameters["weight"]
         frequencies = self._decoding_frequencies()
+        attention_step = step_cpu.attention_step.bind(qkv_weight, frequencies, o_weight)
 
         def step(x, state):
             length = state["length"]
-            out = step_cpu.attention_step(x, qkv_weight, state["k"], state["v"], length, frequencies, o_weight)
+            out = attention_step(x, qkv_weight, state["k"], state["v"], length, frequencies, o_weight)
             return out, {**state, "length": length + 1}
 
         return step

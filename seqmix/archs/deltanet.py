@@ -151,12 +151,12 @@ class DeltaNet(Mixer):
         o_norm, o_weight = modules["o_norm"], modules["o_proj"]._parameters["weight"]
         norm_weight, eps, scale = o_norm._parameters["weight"], o_norm.eps, self.head_k ** -0.5
         has_gate, decay = modules.get("g_proj") is not None, self._decay_parameters()
+        deltanet_step = step_cpu.deltanet_step.bind(weights, taps, *decay, norm_weight, o_weight)
 
         def step(x, state):
-            out, conv, recurrent = step_cpu.deltanet_step(x, weights, taps, state.get("conv"), state["recurrent"],
-                                                          *decay, norm_weight, eps, has_gate, scale, L2_NORM_EPS,
-                                                          o_weight)
-            return out, ({"recurrent": recurrent} if conv is None else {"conv": conv, "recurrent": recurrent})
+            out, conv, recurrent = deltanet_step(x, weights, taps, state.get("conv"), state["recurrent"], *decay,
+                                                 norm_weight, eps, has_gate, scale, L2_NORM_EPS, o_weight)
+            return out, ({"recurrent": recurrent} if taps is None else {"conv": conv, "recurrent": recurrent})
 
         return step
 

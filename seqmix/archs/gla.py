@@ -110,9 +110,10 @@ class GatedLinearAttention(Mixer):
         decay = (up["weight"], up["bias"], float(self.gate_normalizer))
         out = (o_norm._parameters["weight"], o_norm.eps, len(names) == 4, self.head_k ** -0.5,
                modules["o_proj"]._parameters["weight"])
+        gla_layer_step = step_cpu.gla_layer_step.bind(weights, *decay[:2], out[0], out[4])
 
         def step(x, state):
-            y, recurrent = step_cpu.gla_layer_step(x, weights, *decay, state["recurrent"], *out)
+            y, recurrent = gla_layer_step(x, weights, *decay, state["recurrent"], *out)
             return y, {"recurrent": recurrent}
 
         return step

@@ -189,10 +189,12 @@ class Block(nn.Module):
         if not step_cpu.serves_step("residual_swiglu_step", like, mixer_norm.weight, *weights):
             return None
         norm_weight, norm_eps, mlp_eps = mixer_norm.weight, mixer_norm.eps, mlp_norm.eps
+        row_norm = step_cpu.row_norm.bind(norm_weight)
+        residual_swiglu_step = step_cpu.residual_swiglu_step.bind(*weights)
 
         def step(x, state):
-            y, state = mixer_step(step_cpu.row_norm(x, norm_weight, None, norm_eps, True), state)
-            return step_cpu.residual_swiglu_step(x, y, weights[0], mlp_eps, *weights[1:]), state
+            y, state = mixer_step(row_norm(x, norm_weight, None, norm_eps, True), state)
+            return residual_swiglu_step(x, y, weights[0], mlp_eps, *weights[1:]), state
 
         return step
 
@@ -265,6 +267,7 @@ class LanguageModel(nn.Module):
         if any(step is None for step in steps):
             return None
         norm_weight, eps = norm.weight, norm.eps
+        readout = step_cpu.rms_norm_times_weight.bind(norm_weight, embed)
 
         def decode(tokens, state):
             x = embed.index_select(0, tokens.view(-1))
@@ -272,7 +275,7 @@ class LanguageModel(nn.Module):
             for step, s in zip(steps, state):
                 x, s = step(x, s)
                 new_state.append(s)
-            return in_dtype(step_cpu.rms_norm_times_weight(x, norm_weight, eps, embed), torch.float32), new_state
+            return in_dtype(readout(x, norm_weight, eps, embed), torch.float32), new_state
 
         return decode
 

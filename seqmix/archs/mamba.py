@@ -118,10 +118,10 @@ class Mamba(Mixer):
         scan = (modules["x_proj"]._parameters["weight"], dt_proj["weight"], dt_proj["bias"], self._step_A(),
                 params["D"])
         out_weight = modules["out_proj"]._parameters["weight"]
+        mamba_step = step_cpu.mamba_step.bind(*in_weights, *scan, out_weight)
 
         def step(x, state):
-            out, conv_state, ssm_state = step_cpu.mamba_step(x, *in_weights, state["conv"], *scan, state["ssm"],
-                                                             out_weight)
+            out, conv_state, ssm_state = mamba_step(x, *in_weights, state["conv"], *scan, state["ssm"], out_weight)
             return out, {"conv": conv_state, "ssm": ssm_state}
 
         return step

@@ -125,12 +125,12 @@ class Mamba2(Mixer):
         conv, norm = modules["conv"]._parameters, modules["norm"]
         weights = (modules["in_proj"]._parameters["weight"], conv["weight"], conv["bias"])
         A = self._decoding_constant("_step_A", [params["A_log"]], self._A)
-        ssd = (A, params["D"], params["dt_bias"], True, self.dt_limit)
+        ssd = (A, params["D"], params["dt_bias"], True, *map(float, self.dt_limit))
         out_weights = (norm._parameters["weight"], norm.eps, modules["out_proj"]._parameters["weight"])
+        mamba2_step = step_cpu.mamba2_step.bind(*weights, *ssd[:3], out_weights[0], out_weights[2])
 
         def step(x, state):
-            out, conv_state, ssm_state = step_cpu.mamba2_step(x, *weights, state["conv"], *ssd, state["ssm"],
-                                                              *out_weights)
+            out, conv_state, ssm_state = mamba2_step(x, *weights, state["conv"], *ssd, state["ssm"], *out_weights)
             return out, {"conv": conv_state, "ssm": ssm_state}
 
         return step

@@ -60,12 +60,27 @@ class CustomOp:
                               {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def __call__(self, *args):
-        if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-                or torch._C._are_functorch_transforms_active() or not _plain(args)):
+        if not _eager(args):
             return self.op(*args)
         if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
             return self.op(*args) if self._function is None else self._function.apply(*args)
         return self.fn(*args)
+
+    def bind(self, *fixed) -> Callable:
+        """The op for a caller that binds it once and then calls it many times under the conditions of now, with
+        ``fixed`` among every call's arguments and the others its own outputs or tensors like them (the layers'
+        bound decoding steps, :meth:`seqmix.archs.Mixer.cpu_decoding_step`): the Python implementation itself where a call
+        made now would run it (eagerly, autograd off, ``fixed`` plain), skipping :meth:`__call__`'s checks of
+        every call (~1-1.5 us each; docs/design.md, "Twenty-first round"); else the op, as :meth:`__call__`
+        would choose per call."""
+        return self.fn if _eager(fixed) and not torch.is_grad_enabled() else self
+
+
+def _eager(args: Iterable) -> bool:
+    """Whether a call on ``args`` made now may skip torch.library: not compiling, no dispatch mode or torch.func
+    transform active, every argument plain."""
+    return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+                or torch._C._are_functorch_transforms_active()) and _plain(args)
 
 
 def _plain(args: Iterable) -> bool:

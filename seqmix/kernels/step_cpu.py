@@ -13,8 +13,9 @@ tensors, no gradient wanted (the C++ steps have no backward; autograd keeps the 
 kernels built (else the tensor ops serve, and ``seqmix.kernels.explain`` says why). Each is a custom op of
 seqmix/kernels/library.py: eagerly the extension is called directly (torch.library's dispatch costs about as
 much as the kernel at decoding sizes), under ``torch.compile`` it is the torch.library op with a fake
-implementation, so a decoding step traces into one graph. Outputs come in the first input's dtype, states in
-float32 (float64 for float64 inputs), as the tensor-op steps return them.
+implementation, so a decoding step traces into one graph; a step bound once for a loop of tokens takes its
+op's ``bind`` (:meth:`~seqmix.kernels.library.CustomOp.bind`). Outputs come in the first input's dtype, states
+in float32 (float64 for float64 inputs), as the tensor-op steps return them.
 """
 
 from __future__ import annotations
@@ -135,52 +136,31 @@ def ssd_step(x, dt, A, B, C, state, D, z, dt_bias, dt_softplus: bool, dt_limit: 
 
 
 @custom_op("seqmix::mamba2_step_cpu", mutates_args=())
-def _mamba2_op(x: Tensor, in_weight: Tensor, conv_weight: Tensor, conv_bias: Tensor, conv_state: Tensor, A: Tensor,
+def mamba2_step(x: Tensor, in_weight: Tensor, conv_weight: Tensor, conv_bias: Tensor, conv_state: Tensor, A: Tensor,
                D: Tensor, dt_bias: Tensor, dt_softplus: bool, dt_min: float, dt_max: float, ssm_state: Tensor,
                norm_weight: Tensor, eps: float, out_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One token of a Mamba-2 layer with its projections (seqmix/archs/mamba2.py) in one call, no autograd: x
+    [B, hidden] float32 or float64; in_proj (in_weight [d_inner + conv_dim + H, hidden], to z | x B C | dt), the
+    short conv's window step with SiLU (conv_weight [conv_dim, W], conv_bias [conv_dim], conv_state
+    [B, conv_dim, W-1]), SSD's step (``seqmix.kernels.mamba2.step.ssd_step`` with A, D, dt_bias [H], the step sizes clamped to
+    [dt_min, dt_max], ssm_state [B, H, P, N]; B and C in G = (conv_dim - H P) / 2N groups), the gate silu(z), the RMSNorm over H P
+    (norm_weight, eps) and out_proj (out_weight [hidden, H P]). Returns (the output [B, hidden] in x's dtype, the
+    conv state, the SSD state), the states in x's dtype and new tensors."""
     out, conv, ssm = cpu.extension().mamba2_step(x, in_weight, conv_weight, conv_bias, conv_state, A, D, dt_bias,
                                                  dt_softplus, dt_min, dt_max, ssm_state, norm_weight, eps, out_weight)
     return out, conv, ssm
 
 
-@_mamba2_op.register_fake
+@mamba2_step.register_fake
 def _(x, in_weight, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_softplus, dt_min, dt_max, ssm_state,
       norm_weight, eps, out_weight):
     return _projected_like(x, out_weight), _state_like(conv_state, x), _state_like(ssm_state, x)
 
 
-def mamba2_step(x: Tensor, in_weight: Tensor, conv_weight: Tensor, conv_bias: Tensor, conv_state: Tensor, A: Tensor,
-                D: Tensor, dt_bias: Tensor, dt_softplus: bool, dt_limit: tuple[float, float], ssm_state: Tensor,
-                norm_weight: Tensor, eps: float, out_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One token of a Mamba-2 layer with its projections (seqmix/archs/mamba2.py) in one call, no autograd: x
-    [B, hidden] float32 or float64; in_proj (in_weight [d_inner + conv_dim + H, hidden], to z | x B C | dt), the
-    short conv's window step with SiLU (conv_weight [conv_dim, W], conv_bias [conv_dim], conv_state
-    [B, conv_dim, W-1]), SSD's step (``seqmix.kernels.mamba2.step.ssd_step`` with A, D, dt_bias [H], ssm_state
-    [B, H, P, N]; B and C in G = (conv_dim - H P) / 2N groups), the gate silu(z), the RMSNorm over H P
-    (norm_weight, eps) and out_proj (out_weight [hidden, H P]). Returns (the output [B, hidden] in x's dtype, the
-    conv state, the SSD state), the states in x's dtype and new tensors."""
-    lo, hi = float(dt_limit[0]), float(dt_limit[1])
-    return _mamba2_op(x, in_weight, conv_weight, conv_bias, conv_state, A, D, dt_bias, dt_softplus, lo, hi,
-                      ssm_state, norm_weight, eps, out_weight)
-
-
 @custom_op("seqmix::gla_layer_step_cpu", mutates_args=())
-def _gla_layer_op(x: Tensor, in_weight: Tensor, up_weight: Tensor, up_bias: Tensor, normalizer: float, state: Tensor,
+def gla_layer_step(x: Tensor, in_weight: Tensor, up_weight: Tensor, up_bias: Tensor, normalizer: float, state: Tensor,
                   norm_weight: Tensor, eps: float, has_gate: bool, scale: float,
                   out_weight: Tensor) -> tuple[Tensor, Tensor]:
-    out, S = cpu.extension().gla_layer_step(x, in_weight, up_weight, up_bias, normalizer, state, norm_weight, eps,
-                                            has_gate, scale, out_weight)
-    return out, S
-
-
-@_gla_layer_op.register_fake
-def _(x, in_weight, up_weight, up_bias, normalizer, state, norm_weight, eps, has_gate, scale, out_weight):
-    return _projected_like(x, out_weight), _state_like(state, x)
-
-
-def gla_layer_step(x: Tensor, in_weight: Tensor, up_weight: Tensor, up_bias: Tensor, normalizer: float,
-                   state: Tensor, norm_weight: Tensor, eps: float, has_gate: bool, scale: float,
-                   out_weight: Tensor) -> tuple[Tensor, Tensor]:
     """One token of a GLA layer with its projections (seqmix/archs/gla.py) in one call, no autograd: x [B, hidden]
     float32 or float64; the input projections (in_weight [F, hidden], their weights stacked: q | k [H K each] |
     v [H V] | the output gate [H V] (with ``has_gate``) | the decay's low-rank projection [R]), the decay
@@ -188,28 +168,20 @@ def gla_layer_step(x: Tensor, in_weight: Tensor, up_weight: Tensor, up_bias: Ten
     [B, H, K, V] (``seqmix.kernels.gated_linear_attention.step``, ``scale``), each head's output RMS-normalised
     over V (norm_weight [V], ``eps``) and multiplied by silu(gate), and o_proj (out_weight [hidden, H V]).
     Returns (the output [B, hidden] in x's dtype, the new state in x's dtype)."""
-    return _gla_layer_op(x, in_weight, up_weight, up_bias, float(normalizer), state, norm_weight, eps, has_gate,
-                         scale, out_weight)
+    out, S = cpu.extension().gla_layer_step(x, in_weight, up_weight, up_bias, normalizer, state, norm_weight, eps,
+                                            has_gate, scale, out_weight)
+    return out, S
+
+
+@gla_layer_step.register_fake
+def _(x, in_weight, up_weight, up_bias, normalizer, state, norm_weight, eps, has_gate, scale, out_weight):
+    return _projected_like(x, out_weight), _state_like(state, x)
 
 
 @custom_op("seqmix::mamba_step_cpu", mutates_args=())
-def _mamba_op(x: Tensor, in_weight: Tensor, conv_weight: Tensor, conv_bias: Tensor, conv_state: Tensor,
+def mamba_step(x: Tensor, in_weight: Tensor, conv_weight: Tensor, conv_bias: Tensor, conv_state: Tensor,
               x_proj_weight: Tensor, dt_proj_weight: Tensor, dt_proj_bias: Tensor, A: Tensor, D: Tensor,
               ssm_state: Tensor, out_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    out, conv, ssm = cpu.extension().mamba_step(x, in_weight, conv_weight, conv_bias, conv_state, x_proj_weight,
-                                                dt_proj_weight, dt_proj_bias, A, D, ssm_state, out_weight)
-    return out, conv, ssm
-
-
-@_mamba_op.register_fake
-def _(x, in_weight, conv_weight, conv_bias, conv_state, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, ssm_state,
-      out_weight):
-    return _projected_like(x, out_weight), _state_like(conv_state, x), _state_like(ssm_state, x)
-
-
-def mamba_step(x: Tensor, in_weight: Tensor, conv_weight: Tensor, conv_bias: Tensor, conv_state: Tensor,
-               x_proj_weight: Tensor, dt_proj_weight: Tensor, dt_proj_bias: Tensor, A: Tensor, D: Tensor,
-               ssm_state: Tensor, out_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """One token of a Mamba layer with its projections (seqmix/archs/mamba.py) in one call, no autograd: x
     [B, hidden] float32 or float64; in_proj (in_weight [2 D, hidden], to x | z), the short conv's window step
     with SiLU over x (conv_weight [D, W], conv_bias [D], conv_state [B, D, W-1]), x_proj (x_proj_weight
@@ -217,29 +189,21 @@ def mamba_step(x: Tensor, in_weight: Tensor, conv_weight: Tensor, conv_bias: Ten
     the selective scan's step (``seqmix.kernels.mamba.step``: A [D, N], the skip D [D], ssm_state [B, D, N]), the
     gate silu(z) and out_proj (out_weight [hidden, D]). Returns (the output [B, hidden] in x's dtype, the conv
     state, the scan's state), the states in x's dtype and new tensors."""
-    return _mamba_op(x, in_weight, conv_weight, conv_bias, conv_state, x_proj_weight, dt_proj_weight, dt_proj_bias,
-                     A, D, ssm_state, out_weight)
+    out, conv, ssm = cpu.extension().mamba_step(x, in_weight, conv_weight, conv_bias, conv_state, x_proj_weight,
+                                                dt_proj_weight, dt_proj_bias, A, D, ssm_state, out_weight)
+    return out, conv, ssm
+
+
+@mamba_step.register_fake
+def _(x, in_weight, conv_weight, conv_bias, conv_state, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, ssm_state,
+      out_weight):
+    return _projected_like(x, out_weight), _state_like(conv_state, x), _state_like(ssm_state, x)
 
 
 @custom_op("seqmix::deltanet_step_cpu", mutates_args=())
-def _deltanet_op(x: Tensor, in_weight: Tensor, conv_weight: Tensor | None, conv_state: Tensor | None, state: Tensor,
+def deltanet_step(x: Tensor, in_weight: Tensor, conv_weight: Tensor | None, conv_state: Tensor | None, state: Tensor,
                  A_log: Tensor | None, dt_bias: Tensor | None, norm_weight: Tensor, norm_eps: float, has_gate: bool,
                  scale: float, l2_eps: float, out_weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    out, conv, S = cpu.extension().deltanet_step(x, in_weight, conv_weight, conv_state, state, A_log, dt_bias,
-                                                 norm_weight, norm_eps, has_gate, scale, l2_eps, out_weight)
-    return out, conv, S
-
-
-@_deltanet_op.register_fake
-def _(x, in_weight, conv_weight, conv_state, state, A_log, dt_bias, norm_weight, norm_eps, has_gate, scale, l2_eps,
-      out_weight):
-    conv = x.new_empty(0, 0, 0) if conv_state is None else conv_state
-    return _projected_like(x, out_weight), _state_like(conv, x), _state_like(state, x)
-
-
-def deltanet_step(x: Tensor, in_weight: Tensor, conv_weight: Tensor | None, conv_state: Tensor | None, state: Tensor,
-                  A_log: Tensor | None, dt_bias: Tensor | None, norm_weight: Tensor, norm_eps: float, has_gate: bool,
-                  scale: float, l2_eps: float, out_weight: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
     """One token of a DeltaNet or Gated DeltaNet layer with its projections (seqmix/archs/deltanet.py) in one
     call, no autograd: x [B, hidden] float32 or float64; the input projections (in_weight [F, hidden], their
     weights stacked: q|k|v [2 H K + H V] | the output gate [H V] (with ``has_gate``) | b [H] | a [H] (with
@@ -248,43 +212,42 @@ def deltanet_step(x: Tensor, in_weight: Tensor, conv_weight: Tensor | None, conv
     g = -exp(A_log) softplus(a + dt_bias) (A_log, dt_bias [H]; None: no decay), the (gated) delta rule's step on
     state [B, H, K, V] (``seqmix.kernels.deltanet.step``), each head's output RMS-normalised over V (norm_weight
     [V], ``norm_eps``) and multiplied by silu(gate), and o_proj (out_weight [hidden, H V]). Returns (the output
-    [B, hidden] in x's dtype, the conv state or None, the rule's state), the states in x's dtype and new
-    tensors."""
-    out, conv, S = _deltanet_op(x, in_weight, conv_weight, conv_state, state, A_log, dt_bias, norm_weight, norm_eps,
-                                has_gate, scale, l2_eps, out_weight)
-    return out, None if conv_state is None else conv, S
+    [B, hidden] in x's dtype, the conv state (empty without the convs), the rule's state), the states in x's dtype
+    and new tensors."""
+    out, conv, S = cpu.extension().deltanet_step(x, in_weight, conv_weight, conv_state, state, A_log, dt_bias,
+                                                 norm_weight, norm_eps, has_gate, scale, l2_eps, out_weight)
+    return out, conv, S
+
+
+@deltanet_step.register_fake
+def _(x, in_weight, conv_weight, conv_state, state, A_log, dt_bias, norm_weight, norm_eps, has_gate, scale, l2_eps,
+      out_weight):
+    conv = x.new_empty(0, 0, 0) if conv_state is None else conv_state
+    return _projected_like(x, out_weight), _state_like(conv, x), _state_like(state, x)
 
 
 @custom_op("seqmix::row_norm_cpu", mutates_args=())
-def _row_norm_op(x: Tensor, weight: Tensor | None, gate: Tensor | None, eps: float, mean: bool) -> Tensor:
+def row_norm(x: Tensor, weight: Tensor | None, gate: Tensor | None, eps: float, mean: bool) -> Tensor:
+    """``x * rsqrt(sum(x^2) / n + eps) [* weight] [* silu(gate)]`` over the last dim (n = D if ``mean``, else 1)
+    in one call, no autograd: seqmix/archs/modules.py's RMSNorm and l2_normalize without a gradient."""
     return cpu.extension().row_norm(x, weight, gate, eps, mean)
 
 
-@_row_norm_op.register_fake
+@row_norm.register_fake
 def _(x, weight, gate, eps, mean):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def row_norm(x: Tensor, weight: Tensor | None, gate: Tensor | None, eps: float, mean: bool) -> Tensor:
-    """``x * rsqrt(sum(x^2) / n + eps) [* weight] [* silu(gate)]`` over the last dim (n = D if ``mean``, else 1)
-    in one call, no autograd: seqmix/archs/modules.py's RMSNorm and l2_normalize without a gradient."""
-    return _row_norm_op(x, weight, gate, eps, mean)
-
-
 @custom_op("seqmix::rms_norm_times_weight_cpu", mutates_args=())
-def _norm_times_weight_op(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor) -> Tensor:
-    return cpu.extension().rms_norm_times_weight(x, norm_weight, eps, weight)
-
-
-@_norm_times_weight_op.register_fake
-def _(x, norm_weight, eps, weight):
-    return _projected_like(x, weight)
-
-
 def rms_norm_times_weight(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor) -> Tensor:
     """``F.linear(rms_norm(x) * norm_weight, weight)`` in one call, no autograd (all one dtype, float32 or float64):
     x [B, D], norm_weight [D], weight [V, D]; the LM's final norm and head in a decoding step. Returns [B, V]."""
-    return _norm_times_weight_op(x, norm_weight, eps, weight)
+    return cpu.extension().rms_norm_times_weight(x, norm_weight, eps, weight)
+
+
+@rms_norm_times_weight.register_fake
+def _(x, norm_weight, eps, weight):
+    return _projected_like(x, weight)
 
 
 @custom_op("seqmix::causal_conv1d_step_cpu", mutates_args=())
@@ -304,59 +267,44 @@ def causal_conv1d_step(x: Tensor, weight: Tensor, bias: Tensor | None, silu: boo
 
 
 @custom_op("seqmix::residual_swiglu_step_cpu", mutates_args=())
-def _residual_swiglu_op(x: Tensor, y: Tensor, norm_weight: Tensor, eps: float, gate_up: Tensor,
+def residual_swiglu_step(x: Tensor, y: Tensor, norm_weight: Tensor, eps: float, gate_up: Tensor,
                         down: Tensor) -> Tensor:
+    """seqmix/archs/lm.py's ``h = x + y; h + mlp(mlp_norm(h))`` in one call, no autograd (all one dtype,
+    float32 or float64): x, y [..., D], gate_up [2I, D], down [D, I]."""
     return cpu.extension().residual_swiglu_step(x, y, norm_weight, eps, gate_up, down)
 
 
-@_residual_swiglu_op.register_fake
+@residual_swiglu_step.register_fake
 def _(x, y, norm_weight, eps, gate_up, down):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def residual_swiglu_step(x: Tensor, y: Tensor, norm_weight: Tensor, eps: float, gate_up: Tensor,
-                         down: Tensor) -> Tensor:
-    """seqmix/archs/lm.py's ``h = x + y; h + mlp(mlp_norm(h))`` in one call, no autograd (all one dtype,
-    float32 or float64): x, y [..., D], gate_up [2I, D], down [D, I]."""
-    return _residual_swiglu_op(x, y, norm_weight, eps, gate_up, down)
-
-
 @custom_op("seqmix::sandwich_swiglu_step_cpu", mutates_args=())
-def _sandwich_swiglu_op(s: Tensor, y: Tensor, mixer_out_weight: Tensor, mlp_in_weight: Tensor,
+def sandwich_swiglu_step(s: Tensor, y: Tensor, mixer_out_weight: Tensor, mlp_in_weight: Tensor,
                         mlp_out_weight: Tensor, eps: float, gate_up: Tensor, down: Tensor) -> Tensor:
+    """seqmix/archs/recurrent_depth.py's SandwichBlock after its mixer in one call, no autograd (all one dtype,
+    float32 or float64): ``s2 = rmsnorm(s + y) * mixer_out_weight``, then ``rmsnorm(s2 + mlp(rmsnorm(s2) *
+    mlp_in_weight)) * mlp_out_weight`` with the SwiGLU MLP of gate_up [2I, D] and down [D, I]; s, y [..., D]."""
     return cpu.extension().sandwich_swiglu_step(s, y, mixer_out_weight, mlp_in_weight, mlp_out_weight, eps, gate_up,
                                                 down)
 
 
-@_sandwich_swiglu_op.register_fake
+@sandwich_swiglu_step.register_fake
 def _(s, y, mixer_out_weight, mlp_in_weight, mlp_out_weight, eps, gate_up, down):
     return torch.empty_like(s, memory_format=torch.contiguous_format)
 
 
-def sandwich_swiglu_step(s: Tensor, y: Tensor, mixer_out_weight: Tensor, mlp_in_weight: Tensor,
-                         mlp_out_weight: Tensor, eps: float, gate_up: Tensor, down: Tensor) -> Tensor:
-    """seqmix/archs/recurrent_depth.py's SandwichBlock after its mixer in one call, no autograd (all one dtype,
-    float32 or float64): ``s2 = rmsnorm(s + y) * mixer_out_weight``, then ``rmsnorm(s2 + mlp(rmsnorm(s2) *
-    mlp_in_weight)) * mlp_out_weight`` with the SwiGLU MLP of gate_up [2I, D] and down [D, I]; s, y [..., D]."""
-    return _sandwich_swiglu_op(s, y, mixer_out_weight, mlp_in_weight, mlp_out_weight, eps, gate_up, down)
-
-
 @custom_op("seqmix::attention_step_cpu", mutates_args=("k_cache", "v_cache"))
-def _attention_step_op(x: Tensor, qkv_weight: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tensor,
-                       inv_freq: Tensor, o_weight: Tensor) -> Tensor:
-    return cpu.extension().attention_step(x, qkv_weight, k_cache, v_cache, length, inv_freq, o_weight)
-
-
-@_attention_step_op.register_fake
-def _(x, qkv_weight, k_cache, v_cache, length, inv_freq, o_weight):
-    return _projected_like(x, o_weight)
-
-
 def attention_step(x: Tensor, qkv_weight: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tensor,
-                   inv_freq: Tensor, o_weight: Tensor) -> Tensor:
+                       inv_freq: Tensor, o_weight: Tensor) -> Tensor:
     """seqmix/archs/attention.py's one-token step with its projections in one call, no autograd (all one dtype,
     float32 or float64; the caches contiguous): x [B, hidden] projected to q | k | v [B, 3, H, D] (qkv_weight
     [3 H D, hidden]), q and k rotated by the positions ``length`` [B] int64 (``inv_freq`` [D/2]: the rotary
     frequencies), k and v written into k_cache, v_cache [B, H, L, D] in place at slot ``length``, softmax
     attention of q over slots 0..length, and o_proj (o_weight [hidden, H D]). Returns the output [B, hidden]."""
-    return _attention_step_op(x, qkv_weight, k_cache, v_cache, length, inv_freq, o_weight)
+    return cpu.extension().attention_step(x, qkv_weight, k_cache, v_cache, length, inv_freq, o_weight)
+
+
+@attention_step.register_fake
+def _(x, qkv_weight, k_cache, v_cache, length, inv_freq, o_weight):
+    return _projected_like(x, o_weight)

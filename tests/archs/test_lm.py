@@ -176,11 +176,11 @@ def test_decoding_blocks_mlp_half_and_the_readout_are_cpp_calls_equal_to_the_mod
     assert_rel(logits, want, 1e-13 if dtype == torch.float64 else 1e-6, "logits through the fused MLP and readout")
     block, g = model.blocks[0], torch.Generator().manual_seed(0)
     x, y = (torch.randn(2, 1, 32, generator=g, dtype=dtype) for _ in range(2))
-    torch.library.opcheck(step_cpu._residual_swiglu_op.op, (x, y, block.mlp_norm.weight.detach(), 1e-5,
+    torch.library.opcheck(step_cpu.residual_swiglu_step.op, (x, y, block.mlp_norm.weight.detach(), 1e-5,
                                                          block.mlp.gate_up.weight.detach(),
                                                          block.mlp.down.weight.detach()),
                           test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(step_cpu._norm_times_weight_op.op, (x[:, 0], model.norm.weight.detach(), 1e-5,
+    torch.library.opcheck(step_cpu.rms_norm_times_weight.op, (x[:, 0], model.norm.weight.detach(), 1e-5,
                                                               model.embed.weight.detach()),
                           test_utils=("test_schema", "test_faketensor"))
 

@@ -110,7 +110,7 @@ def test_norms_without_autograd_are_one_cpp_call_equal_to_the_tensor_ops(dtype, 
         assert_rel(a, b, tol, name)
     with torch.no_grad():  # a gate that broadcasts keeps the tensor ops
         assert_rel(norm(x, gate[..., :1]), _rms_norm_formula(x, norm.weight, gate[..., :1], 1e-3), tol, "broadcast gate")
-    torch.library.opcheck(step_cpu._row_norm_op.op, (x, norm.weight.detach(), gate, 1e-3, True),
+    torch.library.opcheck(row_norm.op, (x, norm.weight.detach(), gate, 1e-3, True),
                           test_utils=("test_schema", "test_faketensor"))
 
 

@@ -303,6 +303,6 @@ def test_decoding_sandwich_blocks_after_the_mixer_is_one_cpp_call(dtype, monkeyp
     block, g = layer.core[0], torch.Generator().manual_seed(0)
     s, y = (torch.randn(2, 1, HIDDEN, generator=g, dtype=dtype) for _ in range(2))
     weights = [p.detach() for p in (block.norm_mixer_out, block.norm_mlp_in, block.norm_mlp_out)]
-    torch.library.opcheck(step_cpu._sandwich_swiglu_op.op, (s, y, *weights, 1e-5, block.mlp.gate_up.weight.detach(),
+    torch.library.opcheck(step_cpu.sandwich_swiglu_step.op, (s, y, *weights, 1e-5, block.mlp.gate_up.weight.detach(),
                                                             block.mlp.down.weight.detach()),
                           test_utils=("test_schema", "test_faketensor"))

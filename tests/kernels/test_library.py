@@ -162,3 +162,20 @@ def test_op_without_autograd_keeps_torchs_handling():
         torch.testing.assert_close(doubled(x), 2 * x.detach())
     with pytest.raises(RuntimeError):
         doubled(x).sum().backward()
+
+
+def test_bind_is_the_implementation_only_where_a_call_now_would_run_it():
+    """A step bound once for a loop of calls (the layers' cpu_decoding_step) skips the per-call checks only where
+    every call would have taken the implementation: autograd off, eager, no dispatch mode, plain fixed tensors;
+    under each of those conditions it is the op, which still chooses per call."""
+    shift = torch.randn(3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        bound = scaled_cube.bind(shift)
+        assert bound is scaled_cube.fn
+        x = torch.randn(3, 4, dtype=torch.float64)
+        torch.testing.assert_close(bound(x, 0.5, shift)[0], 0.5 * x ** 3 + shift)
+        assert scaled_cube.bind(_Tagged(shift)) is scaled_cube
+        with FakeTensorMode():
+            assert scaled_cube.bind(torch.empty(3, 4)) is scaled_cube
+        assert torch.compile(lambda s: scaled_cube.bind(s) is scaled_cube, backend="eager", fullgraph=True)(shift)
+    assert scaled_cube.bind(shift) is scaled_cube  # autograd on: a call may want the autograd.Function

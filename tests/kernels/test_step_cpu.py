@@ -317,7 +317,7 @@ def _mamba2_chain(fused, x, proj, conv, A, D, dt_bias, ssm, norm_weight, dt_limi
     for t in range(T):
         if fused:
             y, conv_state, ssm = step_cpu.mamba2_step(x[:, t], in_weight, w, bias, conv_state, A, D, dt_bias, True,
-                                                      dt_limit, ssm, norm_weight, eps, out_weight)
+                                                      *dt_limit, ssm, norm_weight, eps, out_weight)
         else:
             z, xbc, dt = F.linear(x[:, t], in_weight).split([inner, C, M2_H], -1)
             xbc, conv_state = causal_conv1d_step(xbc, w, bias, "silu", conv_state)
@@ -369,8 +369,9 @@ def _deltanet_chain(fused, x, proj, taps, decay, state, norm_weight, gate, eps=1
     outs = []
     for t in range(T):
         if fused:
-            o, conv_state, state = step_cpu.deltanet_step(x[:, t], in_weight, w, conv_state, state, A_log, dt_bias,
-                                                          norm_weight, eps, gate, scale, l2_eps, out_weight)
+            o, conv, state = step_cpu.deltanet_step(x[:, t], in_weight, w, conv_state, state, A_log, dt_bias,
+                                                    norm_weight, eps, gate, scale, l2_eps, out_weight)
+            conv_state = None if w is None else conv  # without the convs the op returns an empty window
         else:
             sizes = [2 * H * K + H * V] + [H * V] * gate + [H] * (1 + (A_log is not None))
             qkv, *rest = F.linear(x[:, t], in_weight).split(sizes, -1)
@@ -423,11 +424,11 @@ def _layer_op_calls():
     x, (in_weight, out_weight), (w, bias, conv_state), A, D, dt_bias, ssm, norm_weight = _float(_mamba2_inputs(4))
     mamba2 = (x[:, 0].contiguous(), in_weight, w, bias, conv_state, A, D, dt_bias, True, 0.0, float("inf"), ssm,
               norm_weight, 1e-5, out_weight)
-    calls = [(step_cpu._mamba2_op, mamba2)]
+    calls = [(step_cpu.mamba2_step, mamba2)]
     for gated, conv, gate in ((True, True, True), (False, False, False)):
         x, (in_weight, out_weight), (w, conv_state), (A_log, dt_bias), state, norm_weight = _float(
             _deltanet_inputs(gated, conv, gate))
-        calls.append((step_cpu._deltanet_op, (x[:, 0].contiguous(), in_weight, w, conv_state, state, A_log, dt_bias,
+        calls.append((step_cpu.deltanet_step, (x[:, 0].contiguous(), in_weight, w, conv_state, state, A_log, dt_bias,
                                               norm_weight, 1e-5, gate, 0.4, 1e-6, out_weight)))
     return calls
 
