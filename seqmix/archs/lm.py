@@ -176,20 +176,25 @@ class Block(nn.Module):
         x = x + y
         return x + mlp(norm(x)), state
 
-    def cpu_decoding_step(self, like: torch.Tensor, state: State) -> DecodingStep | None:
+    def cpu_decoding_step(self, like: torch.Tensor, state: State, options: dict) -> DecodingStep | None:
         """The block's one-token step as C++ calls bound to its weights as they are now (the mixer's norm, its
-        :meth:`Mixer.cpu_decoding_step`, the residual and the MLP): ``x, state = step(x, state)``, x [B, hidden].
-        The calls :meth:`forward` makes for a decoding step on CPU tensors, without its module calls. None where
-        the mixer has no such step, replaces the residual stream, or the C++ step does not serve ``like``."""
-        mixer_step = None if self.replaces_stream else self.mixer.cpu_decoding_step(like, state)
-        if mixer_step is None:
+        :meth:`Mixer.cpu_decoding_step` (with the step ``options`` where it :attr:`takes_steps`), the residual and
+        the MLP, or with :attr:`replaces_stream` the mixer's output as the stream): ``x, state = step(x, state)``,
+        x [B, hidden]. The calls :meth:`forward` makes for a decoding step on CPU tensors, without its module
+        calls. None where the mixer has no such step or the C++ steps do not serve ``like``."""
+        mixer_norm = self.mixer_norm
+        norm_weight, norm_eps = mixer_norm.weight, mixer_norm.eps
+        mixer_step = self.mixer.cpu_decoding_step(like, state, **(options if self.takes_steps else {}))
+        if mixer_step is None or norm_weight.dtype != like.dtype:
             return None
-        mixer_norm, mlp_norm, mlp = self.mixer_norm, self.mlp_norm, self.mlp
-        weights = (mlp_norm.weight, mlp.gate_up.weight, mlp.down.weight)
-        if not step_cpu.serves_step("residual_swiglu_step", like, mixer_norm.weight, *weights):
-            return None
-        norm_weight, norm_eps, mlp_eps = mixer_norm.weight, mixer_norm.eps, mlp_norm.eps
         row_norm = step_cpu.row_norm.bind(norm_weight)
+        if self.replaces_stream:
+            return lambda x, state: mixer_step(row_norm(x, norm_weight, None, norm_eps, True), state)
+        mlp_norm, mlp = self.mlp_norm, self.mlp
+        weights = (mlp_norm.weight, mlp.gate_up.weight, mlp.down.weight)
+        if not step_cpu.serves_step("residual_swiglu_step", like, *weights):
+            return None
+        mlp_eps = mlp_norm.eps
         residual_swiglu_step = step_cpu.residual_swiglu_step.bind(*weights)
 
         def step(x, state):
@@ -253,7 +258,7 @@ class LanguageModel(nn.Module):
         logits = self._readout(x)
         return logits, (None if state is None else new_state)
 
-    def _cpu_decoder(self, state: list[State]) -> Callable | None:
+    def _cpu_decoder(self, state: list[State], options: dict) -> Callable | None:
         """:meth:`generate`'s decoding step as C++ calls bound to the weights as they are now, no module call in
         between (each block's :meth:`Block.cpu_decoding_step`; the final norm and the head in one): ``logits, state
         = decode(tokens, state)``, tokens [B, 1], logits [B, vocab] float32. The per-token Python of the module
@@ -263,7 +268,7 @@ class LanguageModel(nn.Module):
         like = embed.detach()[:0]
         if torch.is_grad_enabled() or not step_cpu.serves_step("rms_norm_times_weight", like, norm.weight):
             return None
-        steps = [block.cpu_decoding_step(like, s) for block, s in zip(self.blocks, state)]
+        steps = [block.cpu_decoding_step(like, s, options) for block, s in zip(self.blocks, state)]
         if any(step is None for step in steps):
             return None
         norm_weight, eps = norm.weight, norm.eps
@@ -283,7 +288,7 @@ class LanguageModel(nn.Module):
         """:meth:`generate`'s per-token step, ``logits, state = decode(tokens, state)``: the bound C++ steps
         (:meth:`_cpu_decoder`) where they serve and ``compile`` is off, else :meth:`_decode` with the step
         options ``steps`` (through ``torch.compile(fullgraph=True)`` with ``compile``)."""
-        decode = None if compile else self._cpu_decoder(state)
+        decode = None if compile else self._cpu_decoder(state, steps)
         if decode is not None:
             return decode
         run = torch.compile(self._decode, fullgraph=True) if compile else self._decode

@@ -25,6 +25,7 @@ from seqmix.archs.mixer import (
     build_mixer,
     init_mixer_state,
     register_mixer,
+    take_step,
     with_parent_backend,
 )
 from seqmix.archs.modules import Linear, no_weight_decay
@@ -122,6 +123,28 @@ class SandwichBlock(nn.Module):
                 return step_cpu.sandwich_swiglu_step(s, y, *weights[:3], self.eps, *weights[3:]), state
         s = norm(y, s, params["norm_mixer_out"])
         return norm(self.mlp(norm(s, None, params["norm_mlp_in"])), s, params["norm_mlp_out"]), state
+
+    def cpu_decoding_step(self, like, state):
+        """The block's one-token step as C++ calls bound to its weights as they are now (the first norm, the
+        mixer's :meth:`Mixer.cpu_decoding_step`, the rest in step_cpu.sandwich_swiglu_step): ``s, state =
+        step(s, state)``, s [B, hidden]; the calls :meth:`forward` makes for a decoding step on the norms'
+        ``cpu`` backend. None where the mixer has no such step or the C++ steps do not serve ``like``."""
+        params, mlp = self._parameters, self._modules["mlp"]._modules
+        norm_weight = params["norm_mixer_in"]
+        weights = (params["norm_mixer_out"], params["norm_mlp_in"], params["norm_mlp_out"],
+                   mlp["gate_up"]._parameters["weight"], mlp["down"]._parameters["weight"])
+        mixer_step = self._modules["mixer"].cpu_decoding_step(like, state)
+        if mixer_step is None or not step_cpu.serves_step("sandwich_swiglu_step", like, norm_weight, *weights):
+            return None
+        eps = self.eps
+        row_norm = step_cpu.row_norm.bind(norm_weight)
+        sandwich_swiglu_step = step_cpu.sandwich_swiglu_step.bind(*weights)
+
+        def step(s, state):
+            y, state = mixer_step(row_norm(s, norm_weight, None, eps, True), state)
+            return sandwich_swiglu_step(s, y, *weights[:3], eps, *weights[3:]), state
+
+        return step
 
 
 @register_mixer("recurrent_depth")
@@ -293,6 +316,11 @@ class RecurrentDepth(Mixer):
 
     def mix(self, x, state: State | None, *, cu_seqlens=None, num_steps=None, backprop_steps=None,
             exit_threshold=None, exit_criterion="kl", readout=None, initial_latent=None):
+        if (state is not None and x.shape[1] == 1 and cu_seqlens is None and initial_latent is None
+                and not torch.is_grad_enabled()):
+            step = self.cpu_decoding_step(x, state, num_steps=num_steps, exit_threshold=exit_threshold)
+            if step is not None:
+                return take_step(step, x, state)
         r, k = self._depth(state, num_steps, backprop_steps)
         exit_on = self._check_exit(exit_threshold, exit_criterion, readout)
         seq, offset, lengths = self._layout(x, cu_seqlens)
@@ -323,6 +351,44 @@ class RecurrentDepth(Mixer):
         if state is None:
             return s, None
         return s, self._new_state(state, s, past, lengths, cu_seqlens, new_layer_states)
+
+    def cpu_decoding_step(self, like, state, num_steps=None, backprop_steps=None, exit_threshold=None,
+                          readout=None):
+        """One token's r iterations with the core blocks' C++ steps bound once (:meth:`SandwichBlock.cpu_decoding_step`)
+        and the latent's start and the adapter as :meth:`mix` computes them, so the outputs and states equal its
+        (tests/archs/test_recurrent_depth.py); ``num_steps`` as :meth:`mix` takes it (``backprop_steps`` and
+        ``readout`` do not matter without autograd and the adaptive exit). None with ``exit_threshold``, the
+        reference backend, norms off the ``cpu`` backend, or a core mixer without such a step. See
+        :meth:`Mixer.cpu_decoding_step`."""
+        if (exit_threshold is not None or self.backend == "reference"
+                or add_rms_norm_backend(like, self.backend) != "cpu"):
+            return None
+        r, _ = self._depth(state, num_steps, None)
+        block_steps = []
+        for block, block_state in zip(self.core, self._layer_states(state, r)[0], strict=True):
+            block_steps.append(block.cpu_decoding_step(like, block_state))
+            if block_steps[-1] is None:  # before the next block's choices are recorded (seqmix.kernels.explain)
+                return None
+        H = self.hidden_size
+
+        def step(x, state):
+            x = x.view(-1, 1, H)  # the shapes mix's calls have, so the adapter's products round as they do there
+            seq, offset, lengths = self._layout(x, None)
+            past = self._past(state, x.shape[0])
+            e_in = linear(x, self.adapter.weight[:, H:])
+            s = self._start(x, state, seq, offset, past, None)
+            per_iteration = []
+            for block_states in self._layer_states(state, r):
+                h = self._adapt(s, e_in).view(-1, H)
+                new_states = []
+                for block_step, block_state in zip(block_steps, block_states):
+                    h, block_state = block_step(h, block_state)
+                    new_states.append(block_state)
+                per_iteration.append(new_states)
+                s = h.view(x.shape)
+            return s.view(-1, H), self._new_state(state, s, past, lengths, None, per_iteration)
+
+        return step
 
     def _adapt(self, s, e_in):
         if self.backend == "reference":

@@ -202,7 +202,7 @@ def test_generate_binds_the_cpp_steps_once_and_equals_the_module_calls(dtype, mo
     with torch.no_grad():
         state = model.init_state(2, capacity=7 + new)
         full, state = model(prompt, state)
-        assert model._cpu_decoder(state) is not None
+        assert model._cpu_decoder(state, {}) is not None
         want = [full[:, -1].float()]
         for i in range(new - 1):
             step, state = model.decode_step(tokens[:, 7 + i: 8 + i], state)
@@ -211,7 +211,7 @@ def test_generate_binds_the_cpp_steps_once_and_equals_the_module_calls(dtype, mo
     assert torch.equal(tokens[:, 7:], logits.argmax(-1))
     with torch.no_grad():
         other = _model(["shortconv", "deltanet"]).to("cpu", dtype)
-        assert other._cpu_decoder(other.init_state(2)) is None
-        assert model._cpu_decoder(model.init_state(2)) is None  # attention's cache without a capacity
+        assert other._cpu_decoder(other.init_state(2), {}) is None
+        assert model._cpu_decoder(model.init_state(2), {}) is None  # attention's cache without a capacity
         monkeypatch.setenv("SEQMIX_BACKEND", "reference")
-        assert model._cpu_decoder(model.init_state(2, capacity=4)) is None
+        assert model._cpu_decoder(model.init_state(2, capacity=4), {}) is None

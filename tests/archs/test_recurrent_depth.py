@@ -306,3 +306,46 @@ def test_decoding_sandwich_blocks_after_the_mixer_is_one_cpp_call(dtype, monkeyp
     torch.library.opcheck(step_cpu.sandwich_swiglu_step.op, (s, y, *weights, 1e-5, block.mlp.gate_up.weight.detach(),
                                                             block.mlp.down.weight.detach()),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mode", ["exact", "bounded"])
+def test_decoding_tokens_take_the_bound_cpp_steps_equal_to_the_iterations(dtype, mode, monkeypatch):
+    """With preallocated attention caches a decoding token's r iterations are the core blocks' C++ steps bound
+    once (RecurrentDepth.cpu_decoding_step): the outputs and states equal mix's iterations through the modules
+    (the same calls) bit for bit, in both state modes (bounded with the warm start). An LM with the layer binds
+    it for generate; the adaptive exit keeps the iterations."""
+    require_cpu_kernels()
+    monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the norms' cpu backend (the interpreter's Triton is not bound)
+    layer = _layer(None, state_mode=mode, warm_start=mode == "bounded").to("cpu", dtype)
+    x = _x(2, 8).to("cpu", dtype)
+
+    def decode():
+        with torch.no_grad():
+            y, state = layer(x[:, :5], layer.init_state(2, capacity=8))
+            ys = [y]
+            for t in range(5, 8):
+                y, state = layer(x[:, t : t + 1], state)
+                ys.append(y)
+        return torch.cat(ys, 1), state
+
+    got, got_state = decode()
+    bound_step = RecurrentDepth.cpu_decoding_step
+    with torch.no_grad():
+        assert layer.cpu_decoding_step(x[:, :1], got_state) is not None
+        assert layer.cpu_decoding_step(x[:, :1], got_state, exit_threshold=0.1) is None
+    monkeypatch.setattr(RecurrentDepth, "cpu_decoding_step", lambda self, *args, **options: None)
+    want, want_state = decode()
+    assert torch.equal(got, want)
+    assert got_state.keys() == want_state.keys()
+    for name, value in want_state.items():
+        assert torch.equal(got_state[name], value), f"state {name!r}"
+    monkeypatch.setattr(RecurrentDepth, "cpu_decoding_step", bound_step)
+    config = LMConfig(vocab_size=300, hidden_size=HIDDEN, num_heads=2, layers=["attention", "recurrent_depth"],
+                      mixer_options={"recurrent_depth": {"core": ["attention"], "mean_steps": 2}})
+    model = LanguageModel(config).to("cpu", dtype).eval()
+    with torch.no_grad():
+        _, state = model(torch.tensor([[1, 2, 3]]), model.init_state(1, capacity=6))
+        assert model._cpu_decoder(state, model._step_options(None, None, None)) is not None
+        assert model._cpu_decoder(state, model._step_options(None, None, 1e-2)) is None
