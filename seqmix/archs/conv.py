@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer
+from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer, take_step
 from seqmix.archs.modules import Linear, ShortConvolution, no_weight_decay
-from seqmix.kernels import dynamic_conv, light_conv
+from seqmix.kernels import dynamic_conv, light_conv, step_cpu
 from seqmix.kernels.conv.step import dynamic_conv_step
+from seqmix.kernels.sequences import in_dtype, reference_dtype
 
 
 def _packed(x, cu_seqlens):
@@ -37,7 +38,8 @@ def _with_prefix(cu, prefix: int):
 class _ConvBlock(Mixer):
     """Wu et al.'s block around a causal convolution of width K over C channels in H heads:
     ``y = out_proj(conv(glu(in_proj(x))))``. The decoding state is the conv's last K-1 inputs,
-    ``{"conv": [N, C, K-1]}`` float32, oldest first (the layout of ``causal_conv1d``'s state)."""
+    ``{"conv": [N, C, K-1]}`` float32 (float64 after a float64 layer's tokens), oldest first (the layout of
+    ``causal_conv1d``'s state)."""
 
     def __init__(self, hidden_size: int, num_heads: int, kernel_size: int, conv_size: int | None,
                  weight_softmax: bool, dropconnect: float, backend: str | None):
@@ -57,12 +59,38 @@ class _ConvBlock(Mixer):
         """The conv's weight for inputs u [B, T, C]: [H, K] or [B, T, H, K]."""
         raise NotImplementedError
 
+    def _step_kernels(self) -> tuple:
+        """The kernels' arguments of step_cpu.dynamic_conv_layer_step: (kernel, kernel_weight, kernel_bias)."""
+        raise NotImplementedError
+
+    def cpu_decoding_step(self, like, state):
+        """One token as one C++ call (in_proj and the GLU, the kernels, the conv's step and out_proj:
+        step_cpu.dynamic_conv_layer_step); the same outputs as the tensor ops of :meth:`mix`
+        (tests/archs/test_conv.py). None while DropConnect trains. See :meth:`Mixer.cpu_decoding_step`."""
+        if (self.training and self.dropconnect > 0) or not step_cpu.serves_layer("dynamic_conv_layer_step", like,
+                                                                                 state, self):
+            return None
+        in_proj, out_proj = self._modules["in_proj"]._parameters, self._modules["out_proj"]._parameters
+        weights = (in_proj["weight"], in_proj["bias"], *self._step_kernels())
+        out = (out_proj["weight"], out_proj["bias"])
+        options = (self.num_heads, self.weight_softmax)
+        dynamic_conv_layer_step = step_cpu.dynamic_conv_layer_step.bind(*weights, *out)
+
+        def step(x, state):
+            y, conv = dynamic_conv_layer_step(x, *weights, *options, state["conv"], *out)
+            return y, {"conv": conv}
+
+        return step
+
     def _conv(self, u, weight, cu_seqlens):
         op = dynamic_conv if weight.dim() == 4 else light_conv
         return op(u, weight, padding="causal", weight_softmax=self.weight_softmax,
                   dropconnect=self.dropconnect if self.training else 0.0, cu_seqlens=cu_seqlens, backend=self.backend)
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
+        step = self.cpu_decoding_step(x, state) if is_decoding_step(x, state, cu_seqlens) else None
+        if step is not None:
+            return take_step(step, x, state)
         u = F.glu(self.in_proj(x), -1)
         weight = self.conv_weight(u)
         if state is None:
@@ -90,7 +118,7 @@ class _ConvBlock(Mixer):
             weight = w_ext
         y = self._conv(u_ext, weight, cu_ext)[0, tokens].view(B, T, C)
         last = cu_ext[1:, None] - prefix + torch.arange(prefix, device=u.device)
-        return y, u_ext[0, last].transpose(1, 2).float()
+        return y, in_dtype(u_ext[0, last].transpose(1, 2), reference_dtype(u))
 
     def init_state(self, batch_size: int) -> State:
         device = self.in_proj.weight.device
@@ -122,6 +150,9 @@ class LightConv(_ConvBlock):
     def conv_weight(self, u):
         return self.weight
 
+    def _step_kernels(self):
+        return self.weight, None, None
+
 
 @register_mixer("dynamicconv")
 class DynamicConv(_ConvBlock):
@@ -139,6 +170,10 @@ class DynamicConv(_ConvBlock):
 
     def conv_weight(self, u):
         return self.weight_proj(u).view(*u.shape[:2], self.num_heads, self.kernel_size)
+
+    def _step_kernels(self):
+        proj = self._modules["weight_proj"]._parameters
+        return None, proj["weight"], proj["bias"]
 
 
 @register_mixer("shortconv")
@@ -163,10 +198,32 @@ class ShortConv(Mixer):
         self.out_proj = Linear(channels, hidden_size, bias=False)
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
+        step = self.cpu_decoding_step(x, state) if is_decoding_step(x, state, cu_seqlens) else None
+        if step is not None:
+            return take_step(step, x, state)
         v, g = self.in_proj(x).chunk(2, -1)
         h, conv_state = self.conv(v, None if state is None else state["conv"], cu_seqlens)
         y = self.out_proj(h * F.silu(g))
         return y, None if state is None else {"conv": conv_state}
+
+    def cpu_decoding_step(self, like, state):
+        """One token as one C++ call (in_proj, the conv's window step, the gate and out_proj:
+        step_cpu.short_conv_layer_step); the same outputs as the module calls of :meth:`mix`
+        (tests/archs/test_conv.py). See :meth:`Mixer.cpu_decoding_step`."""
+        conv = self._modules["conv"]
+        if conv.activation not in (None, "silu") or not step_cpu.serves_layer("short_conv_layer_step", like, state,
+                                                                               self):
+            return None
+        weights = (self._modules["in_proj"]._parameters["weight"], conv._parameters["weight"], conv.bias,
+                   conv.activation == "silu")
+        out_weight = self._modules["out_proj"]._parameters["weight"]
+        short_conv_layer_step = step_cpu.short_conv_layer_step.bind(*weights[:3], out_weight)
+
+        def step(x, state):
+            y, conv_state = short_conv_layer_step(x, *weights, state["conv"], out_weight)
+            return y, {"conv": conv_state}
+
+        return step
 
     def init_state(self, batch_size: int) -> State:
         return {"conv": self.conv.init_state(batch_size)}

@@ -34,6 +34,7 @@ using seqmix_cpu::Lanes;
 using seqmix_cpu::load;
 using seqmix_cpu::load_part;
 using seqmix_cpu::load_upto;
+using seqmix_cpu::silu_inplace;
 using seqmix_cpu::splat;
 using seqmix_cpu::store;
 using seqmix_cpu::store_part;
@@ -184,21 +185,6 @@ std::vector<at::Tensor> gla_step(const at::Tensor& q, const at::Tensor& k, const
     });
   });
   return {in_dtype(o, q.scalar_type()), Sn};
-}
-
-// SiLU of n values in place, a vector at a time (libm's exp is one call per element).
-template <typename T>
-void silu_inplace(T* v, int64_t n) {
-  constexpr int L = Lanes<T>::W;
-  int64_t i = 0;
-  for (; i + L <= n; i += L) {
-    const Vec<T> x = load(v + i);
-    store(v + i, x / (T(1) + exp_v<T>(-x)));
-  }
-  if (i < n) {
-    const Vec<T> x = load_part(v + i, n - i);
-    store_part(v + i, x / (T(1) + exp_v<T>(-x)), n - i);
-  }
 }
 
 // v = softplus(v + bias) over n values in place, a vector at a time.

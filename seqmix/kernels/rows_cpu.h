@@ -29,6 +29,21 @@ inline void conv_window_row(const T* x, const T* w, const T* bias, const T* s, T
   }
 }
 
+// SiLU of n values in place, a vector at a time (libm's exp is one call per element).
+template <typename T>
+inline void silu_inplace(T* v, int64_t n) {
+  constexpr int L = Lanes<T>::W;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    const Vec<T> x = load(v + i);
+    store(v + i, x / (T(1) + exp_v<T>(-x)));
+  }
+  if (i < n) {
+    const Vec<T> x = load_part(v + i, n - i);
+    store_part(v + i, x / (T(1) + exp_v<T>(-x)), n - i);
+  }
+}
+
 // 1 / sqrt(sum(x^2) inv_n + eps) over a row of n values: RMSNorm's scale with inv_n = 1 / n, the L2 norm's
 // with inv_n = 1 (seqmix/archs/modules.py). The sum in vectors (dot): a scalar running sum does not vectorise.
 template <typename T>

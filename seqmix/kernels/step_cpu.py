@@ -308,3 +308,44 @@ def attention_step(x: Tensor, qkv_weight: Tensor, k_cache: Tensor, v_cache: Tens
 @attention_step.register_fake
 def _(x, qkv_weight, k_cache, v_cache, length, inv_freq, o_weight):
     return _projected_like(x, o_weight)
+
+
+@custom_op("seqmix::short_conv_layer_step_cpu", mutates_args=())
+def short_conv_layer_step(x: Tensor, in_weight: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, silu: bool,
+                          conv_state: Tensor, out_weight: Tensor) -> tuple[Tensor, Tensor]:
+    """One token of a ShortConv layer with its projections (seqmix/archs/conv.py) in one call, no autograd: x
+    [B, hidden] float32 or float64 and the weights in its dtype; in_proj (in_weight [2 C, hidden], to v | g), the
+    short conv's window step over v (conv_weight [C, W], conv_bias [C] or None, conv_state [B, C, W-1]) with SiLU
+    when ``silu``, the gate silu(g) and out_proj (out_weight [hidden, C]). Returns (the output [B, hidden], the new
+    conv state), both in x's dtype and new tensors."""
+    out, state = cpu.extension().short_conv_layer_step(x, in_weight, conv_weight, conv_bias, silu, conv_state,
+                                                       out_weight)
+    return out, state
+
+
+@short_conv_layer_step.register_fake
+def _(x, in_weight, conv_weight, conv_bias, silu, conv_state, out_weight):
+    return _projected_like(x, out_weight), _state_like(conv_state, x)
+
+
+@custom_op("seqmix::dynamic_conv_layer_step_cpu", mutates_args=())
+def dynamic_conv_layer_step(x: Tensor, in_weight: Tensor, in_bias: Tensor, kernel: Tensor | None,
+                            kernel_weight: Tensor | None, kernel_bias: Tensor | None, heads: int,
+                            weight_softmax: bool, conv_state: Tensor, out_weight: Tensor,
+                            out_bias: Tensor) -> tuple[Tensor, Tensor]:
+    """One token of a LightConv or DynamicConv layer with its projections (seqmix/archs/conv.py) in one call, no
+    autograd: x [B, hidden] float32 or float64 and the weights in its dtype; in_proj (in_weight [2 C, hidden],
+    in_bias [2 C]) and the GLU to u [C]; the ``heads`` kernels [H, K] (LightConv's ``kernel``, or DynamicConv's
+    kernel_weight [H K, C] u + kernel_bias [H K]; the other None), softmax'd over the K taps with
+    ``weight_softmax``; ``seqmix.kernels.conv.step.dynamic_conv_step`` over conv_state [B, C, K-1]; out_proj
+    (out_weight [hidden, C], out_bias [hidden]). Returns (the output [B, hidden], the new conv state), both in
+    x's dtype and new tensors."""
+    out, state = cpu.extension().dynamic_conv_layer_step(x, in_weight, in_bias, kernel, kernel_weight, kernel_bias,
+                                                         heads, weight_softmax, conv_state, out_weight, out_bias)
+    return out, state
+
+
+@dynamic_conv_layer_step.register_fake
+def _(x, in_weight, in_bias, kernel, kernel_weight, kernel_bias, heads, weight_softmax, conv_state, out_weight,
+      out_bias):
+    return _projected_like(x, out_weight), _state_like(conv_state, x)

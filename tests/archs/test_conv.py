@@ -1,13 +1,13 @@
 """LightConv, DynamicConv and ShortConv specifics: the fused layers against the reference layers with
-gradients, DropConnect only while training, the decoding state's layout, configuration errors (the
-Mixer contract is in test_mixers.py)."""
+gradients, the one-call C++ decoding steps against the tensor-op steps, DropConnect only while training, the
+decoding state's layout, configuration errors (the Mixer contract is in test_mixers.py)."""
 
 import pytest
 import torch
 
 from seqmix.archs import DynamicConv, LightConv, ShortConv
 from tests.archs import contract
-from tests.helpers import DEVICE, TOL
+from tests.helpers import DEVICE, TOL, require_cpu_kernels
 
 LAYERS = {
     "lightconv": lambda backend, **kw: LightConv(32, 4, kernel_size=5, backend=backend, **kw),
@@ -27,6 +27,36 @@ def test_triton_layer_matches_reference_layer_with_gradients(name):
         return LAYERS[name](backend)
 
     contract.fused_matches_reference(seeded, _x(2, 37), TOL[torch.float32])
+
+
+# (layer, its C++ decoding step): the layers as LAYERS builds them, LightConv without the kernels' softmax, and a
+# ShortConv whose conv has a bias and no SiLU (ShortConvolution's options that ShortConv itself does not set).
+def _light_without_softmax():
+    return LightConv(32, 4, kernel_size=5, weight_softmax=False)
+
+
+def _short_with_bias_and_no_silu():
+    layer = ShortConv(32, conv_size=4)
+    layer.conv.bias, layer.conv.activation = torch.nn.Parameter(torch.randn(32) / 4), None
+    return layer
+
+
+DECODING = {
+    "lightconv": (lambda: LAYERS["lightconv"](None), "dynamic_conv_layer_step"),
+    "lightconv, no softmax": (_light_without_softmax, "dynamic_conv_layer_step"),
+    "dynamicconv": (lambda: LAYERS["dynamicconv"](None), "dynamic_conv_layer_step"),
+    "shortconv": (lambda: LAYERS["shortconv"](None), "short_conv_layer_step"),
+    "shortconv, bias, no silu": (_short_with_bias_and_no_silu, "short_conv_layer_step"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DECODING))
+def test_fused_cpu_decoding_step_equals_the_tensor_op_steps(name, monkeypatch):
+    require_cpu_kernels()
+    torch.manual_seed(4)
+    build, op = DECODING[name]
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    contract.fused_decoding_step_equals_tensor_op_steps(build().cpu(), x, 4, op, monkeypatch)
 
 
 @pytest.mark.parametrize("name", ["lightconv", "dynamicconv"])

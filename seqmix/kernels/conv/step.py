@@ -58,7 +58,7 @@ def dynamic_conv_step(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor
 
     Returns:
         y: [B, C] in x's dtype.
-        state: [B, C, K-1] after the token, in state's dtype; a new tensor.
+        state: [B, C, K-1] after the token, float32 (float64 for float64 inputs); a new tensor.
     """
     check_tensor("x", x, (None, None), dims="[B, C]")
     B, C = x.shape
@@ -74,4 +74,4 @@ def dynamic_conv_step(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor
     window = torch.cat([state.to(dt), x.to(dt).unsqueeze(-1)], -1)  # [B, C, K]
     w = weight.to(dt).softmax(-1) if weight_softmax else weight.to(dt)
     y = (window.view(B, H, C // H, K) @ w.unsqueeze(-1)).view(B, C)
-    return y.to(x.dtype), window[..., 1:].to(state.dtype)
+    return y.to(x.dtype), window[..., 1:]
