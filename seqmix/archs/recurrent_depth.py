@@ -318,7 +318,8 @@ class RecurrentDepth(Mixer):
             exit_threshold=None, exit_criterion="kl", readout=None, initial_latent=None):
         if (state is not None and x.shape[1] == 1 and cu_seqlens is None and initial_latent is None
                 and not torch.is_grad_enabled()):
-            step = self.cpu_decoding_step(x, state, num_steps=num_steps, exit_threshold=exit_threshold)
+            step = self.cpu_decoding_step(x, state, num_steps=num_steps, backprop_steps=backprop_steps,
+                                          exit_threshold=exit_threshold)
             if step is not None:
                 return take_step(step, x, state)
         r, k = self._depth(state, num_steps, backprop_steps)
@@ -354,16 +355,16 @@ class RecurrentDepth(Mixer):
 
     def cpu_decoding_step(self, like, state, num_steps=None, backprop_steps=None, exit_threshold=None,
                           readout=None):
-        """One token's r iterations with the core blocks' C++ steps bound once (:meth:`SandwichBlock.cpu_decoding_step`)
-        and the latent's start and the adapter as :meth:`mix` computes them, so the outputs and states equal its
-        (tests/archs/test_recurrent_depth.py); ``num_steps`` as :meth:`mix` takes it (``backprop_steps`` and
-        ``readout`` do not matter without autograd and the adaptive exit). None with ``exit_threshold``, the
-        reference backend, norms off the ``cpu`` backend, or a core mixer without such a step. See
-        :meth:`Mixer.cpu_decoding_step`."""
+        """One token's r iterations with the core blocks' C++ steps bound once
+        (:meth:`SandwichBlock.cpu_decoding_step`) and the latent's start and the adapter as :meth:`mix` computes
+        them, so the outputs and states equal its (tests/archs/test_recurrent_depth.py). ``num_steps`` and
+        ``backprop_steps`` as :meth:`mix` takes and checks them (the latter changes nothing without autograd;
+        ``readout`` nothing without the adaptive exit). None with ``exit_threshold``, the reference backend, norms
+        off the ``cpu`` backend, or a core mixer without such a step. See :meth:`Mixer.cpu_decoding_step`."""
         if (exit_threshold is not None or self.backend == "reference"
                 or add_rms_norm_backend(like, self.backend) != "cpu"):
             return None
-        r, _ = self._depth(state, num_steps, None)
+        r, _ = self._depth(state, num_steps, backprop_steps)
         block_steps = []
         for block, block_state in zip(self.core, self._layer_states(state, r)[0], strict=True):
             block_steps.append(block.cpu_decoding_step(like, block_state))

@@ -69,10 +69,10 @@ class CustomOp:
     def bind(self, *fixed) -> Callable:
         """The op for a caller that binds it once and then calls it many times under the conditions of now, with
         ``fixed`` among every call's arguments and the others its own outputs or tensors like them (the layers'
-        bound decoding steps, :meth:`seqmix.archs.Mixer.cpu_decoding_step`): the Python implementation itself where a call
-        made now would run it (eagerly, autograd off, ``fixed`` plain), skipping :meth:`__call__`'s checks of
-        every call (~1-1.5 us each; docs/design.md, "Twenty-first round"); else the op, as :meth:`__call__`
-        would choose per call."""
+        bound decoding steps, :meth:`seqmix.archs.Mixer.cpu_decoding_step`): the Python implementation itself
+        where a call made now would run it (eagerly, autograd off, ``fixed`` plain), skipping :meth:`__call__`'s
+        checks of every call (~1-1.5 us each; docs/design.md, "Twenty-first round"); else the op, as
+        :meth:`__call__` would choose per call."""
         return self.fn if _eager(fixed) and not torch.is_grad_enabled() else self
 
 

@@ -142,10 +142,10 @@ def mamba2_step(x: Tensor, in_weight: Tensor, conv_weight: Tensor, conv_bias: Te
     """One token of a Mamba-2 layer with its projections (seqmix/archs/mamba2.py) in one call, no autograd: x
     [B, hidden] float32 or float64; in_proj (in_weight [d_inner + conv_dim + H, hidden], to z | x B C | dt), the
     short conv's window step with SiLU (conv_weight [conv_dim, W], conv_bias [conv_dim], conv_state
-    [B, conv_dim, W-1]), SSD's step (``seqmix.kernels.mamba2.step.ssd_step`` with A, D, dt_bias [H], the step sizes clamped to
-    [dt_min, dt_max], ssm_state [B, H, P, N]; B and C in G = (conv_dim - H P) / 2N groups), the gate silu(z), the RMSNorm over H P
-    (norm_weight, eps) and out_proj (out_weight [hidden, H P]). Returns (the output [B, hidden] in x's dtype, the
-    conv state, the SSD state), the states in x's dtype and new tensors."""
+    [B, conv_dim, W-1]), SSD's step (``seqmix.kernels.mamba2.step.ssd_step`` with A, D, dt_bias [H], the step
+    sizes clamped to [dt_min, dt_max], ssm_state [B, H, P, N]; B and C in G = (conv_dim - H P) / 2N groups), the
+    gate silu(z), the RMSNorm over H P (norm_weight, eps) and out_proj (out_weight [hidden, H P]). Returns (the
+    output [B, hidden] in x's dtype, the conv state, the SSD state), the states in x's dtype and new tensors."""
     out, conv, ssm = cpu.extension().mamba2_step(x, in_weight, conv_weight, conv_bias, conv_state, A, D, dt_bias,
                                                  dt_softplus, dt_min, dt_max, ssm_state, norm_weight, eps, out_weight)
     return out, conv, ssm

@@ -87,12 +87,13 @@ std::vector<at::Tensor> short_conv_layer_step(const at::Tensor& x, const at::Ten
   const at::Tensor bias = conv_bias.value_or(at::Tensor());
   check_layer_tensors({in_weight, conv_weight, bias, out_weight}, x, op);
   const at::Tensor f = seqmix_cpu::times_weight(x, in_weight, op);
-  const int64_t B = f.size(0), C = conv_weight.size(0), W = conv_weight.dim() == 2 ? conv_weight.size(1) : 0;
-  TORCH_CHECK(conv_weight.dim() == 2 && W >= 1 && f.size(1) == 2 * C && (!bias.defined() || bias.numel() == C) &&
-                  conv_state.dim() == 3 && conv_state.device().is_cpu() && conv_state.size(0) == B && conv_state.size(1) == C &&
-                  conv_state.size(2) == W - 1,
+  const bool taps = conv_weight.dim() == 2;
+  const int64_t B = f.size(0), C = taps ? conv_weight.size(0) : 0, W = taps ? conv_weight.size(1) : 0;
+  TORCH_CHECK(taps && W >= 1 && f.size(1) == 2 * C && (!bias.defined() || bias.numel() == C) &&
+                  conv_state.dim() == 3 && conv_state.device().is_cpu() && conv_state.size(0) == B &&
+                  conv_state.size(1) == C && conv_state.size(2) == W - 1,
               op, ": in_weight [2C, hidden], conv_weight [C, W], conv_bias [C] and conv_state [B, C, W-1] ",
-              "describe no one ShortConv layer");
+              "do not describe one ShortConv layer");
   const at::Tensor wc = conv_weight.contiguous(), sc = contiguous_in(conv_state, f.scalar_type());
   const at::Tensor bc = bias.defined() ? bias.contiguous() : bias;
   at::Tensor h = at::empty({B, C}, f.options()), next = at::empty({B, C, W - 1}, f.options());
@@ -138,7 +139,7 @@ std::vector<at::Tensor> dynamic_conv_layer_step(const at::Tensor& x, const at::T
                   (light.defined() ? light.numel() == H * K
                                    : (kw.dim() == 2 && kw.size(0) == H * K && kw.size(1) == C && kb.numel() == H * K)),
               op, ": in_weight [2C, hidden], in_bias [2C], the kernels [H, K] (or kernel_weight [H K, C] and ",
-              "kernel_bias [H K]) and conv_state [B, C, K-1] describe no one LightConv or DynamicConv layer");
+              "kernel_bias [H K]) and conv_state [B, C, K-1] do not describe one LightConv or DynamicConv layer");
   const auto dtype = compute_dtype(x);
   const at::Tensor ib = in_bias.contiguous(), sc = contiguous_in(conv_state, dtype);
   const at::Tensor lc = light.defined() ? light.contiguous() : light, kwc = kw.defined() ? kw.contiguous() : kw;
