@@ -143,7 +143,10 @@ class Hourglass(Mixer):
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         B, T, _ = x.shape
         if is_decoding_step(x, state, cu_seqlens):
-            step = (self._hnet_step if self.boundary == "hnet" else self._pooling_step)(x, state)
+            if self.boundary == "hnet":
+                step = self._hnet_step(x, state)
+            else:
+                step = self._pooling_step(x, state, self._inner_steps(x, state))
             if step is not None:
                 return step
         n = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -269,12 +272,41 @@ class Hourglass(Mixer):
             return segment_upsample(self.up_norm(h), b, cu_seqlens=cu_seqlens, backend=self.backend), None
         return self._stream_pooling(x, b, state, cu_seqlens, layout)
 
-    def _pooling_step(self, x, state):
+    def cpu_decoding_step(self, like, state):
+        """The pooling modes' one-token step (:meth:`_pooling_step`) with the inner blocks' C++ steps bound once
+        (:meth:`Block.cpu_decoding_step`): the calls :meth:`mix` makes for a decoding token. A batch whose tokens
+        disagree about closing their segments streams through :meth:`mix`. None for the hnet and whitespace
+        boundaries (the latter reads each call's tokens), while training, or where an inner block has no such
+        step. See :meth:`Mixer.cpu_decoding_step`."""
+        if self.boundary in ("hnet", "whitespace") or self.training:
+            return None
+        inner_steps = self._inner_steps(like, state)
+        if inner_steps is None:
+            return None
+
+        def step(x, state):
+            x = x[:, None]
+            y, state = self._pooling_step(x, state, inner_steps) or self.mix(x, state)
+            return y[:, 0], state
+
+        return step
+
+    def _inner_steps(self, like, state) -> list | None:
+        """The inner blocks' bound one-token steps for this state, or None where one has none."""
+        steps = []
+        for block, block_state in zip(self.inner, self._unflatten(state)):
+            steps.append(block.cpu_decoding_step(like, block_state, {}))
+            if steps[-1] is None:
+                return None
+        return steps
+
+    def _pooling_step(self, x, state, inner_steps=None):
         """One token per sequence (x [B, 1, D]) when every sequence's token closes its segment or none does
         (always at B = 1): the open segment's sum and count take the token; a closing token's segment mean runs
-        through the inner layers' own one-token steps and becomes what it and the tokens after it read. What
-        :meth:`_stream_pooling` computes for such a call, without its segment bookkeeping and packed inner call
-        (docs/design.md, "Seventeenth round"). None for a batch whose tokens disagree: that call streams."""
+        through the inner layers' own one-token steps (their bound C++ steps ``inner_steps`` where not None) and
+        becomes what it and the tokens after it read. What :meth:`_stream_pooling` computes for such a call,
+        without its segment bookkeeping and packed inner call (docs/design.md, "Seventeenth round"). None for a
+        batch whose tokens disagree: that call streams."""
         b = self._strided(state["position"])[:, None] if self.boundary == "fixed" else self._predict(x, state)[0]
         every = _all_or_none(hard_boundaries(b)[:, 0].bool())
         if every is None:
@@ -284,7 +316,7 @@ class Hourglass(Mixer):
         new = {"position": state["position"] + 1}
         if every:
             pooled = (total / count[:, None]).to(x.dtype)[:, None]
-            h, inner = self._run_inner(self.down_norm(pooled), inner, None)
+            h, inner = self._run_inner(self.down_norm(pooled), inner, None, inner_steps)
             new.update(last=self.up_norm(h)[:, 0].float(), sum=torch.zeros_like(total), count=torch.zeros_like(count))
         else:
             new.update(last=state["last"], sum=total, count=count)
@@ -393,7 +425,16 @@ class Hourglass(Mixer):
 
     # --- the inner stack -----------------------------------------------------------------------
 
-    def _run_inner(self, h, states, cu_seqlens):
+    def _run_inner(self, h, states, cu_seqlens, steps=None):
+        """The inner blocks on h [B, T, D] with their states (None: a training call); one token through their
+        bound steps ``steps`` where given (the same calls, without the modules)."""
+        if steps is not None:
+            B, _, D = h.shape
+            h, new_states = h.view(B, D), []
+            for step, s in zip(steps, states, strict=True):
+                h, s = step(h, s)
+                new_states.append(s)
+            return h.view(B, 1, D), new_states
         new_states = []
         for j, block in enumerate(self.inner):
             h, s = block(h, None if states is None else states[j], cu_seqlens, None)

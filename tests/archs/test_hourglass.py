@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from seqmix.archs import build_mixer
+from seqmix.archs.hourglass import Hourglass
 from seqmix.archs.lm import LanguageModel, LMConfig
 from tests.archs import contract
-from tests.helpers import DEVICE, TOL, assert_rel
+from tests.helpers import DEVICE, TOL, assert_rel, require_cpu_kernels
 
 HIDDEN = 32
 MODES = ["gumbel", "entropy", "fixed", "hnet"]  # whitespace reads tokens: tested through the LM below
@@ -236,3 +237,29 @@ def test_max_segments_caps_the_shortened_sequence():
     assert capped.shape == y.shape
     torch.testing.assert_close(capped[:, :12], y[:, :12])  # the first 4 segments close at token 11
     assert not torch.allclose(capped[:, 15:], y[:, 15:])
+
+
+@pytest.mark.parametrize("mode", ["gumbel", "entropy", "fixed"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_decoding_tokens_bind_the_inner_blocks_equal_to_their_module_calls(mode, dtype, monkeypatch):
+    """A pooling mode's decoding token runs the inner blocks' bound C++ steps (Hourglass.cpu_decoding_step, and
+    the layer's mix): generate's tokens and logits equal those of the inner blocks' module calls bit for bit, with
+    segments closing along the way; a batch of two whose tokens disagree about closing streams."""
+    require_cpu_kernels()
+    monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the inner blocks' norms on their cpu backend
+    torch.manual_seed(0)
+    config = LMConfig(vocab_size=300, hidden_size=HIDDEN, num_heads=2, layers=["attention", "hourglass"],
+                      mixer_options={"hourglass": {"layers": ["attention", "mamba"], "boundary": mode, "stride": 2}})
+    model = LanguageModel(config).to("cpu", dtype).eval()
+    _randomise_predictor(model.blocks[1].mixer, 0)
+    prompt = _text_tokens(2, 7, 1).cpu()
+    with torch.no_grad():
+        _, state = model(prompt, model.init_state(2, capacity=15))
+        assert model._cpu_decoder(state, {}) is not None
+    got = model.generate(prompt, 8, temperature=0.0, return_logits=True)
+    monkeypatch.setattr(Hourglass, "_inner_steps", lambda self, like, state: None)
+    with torch.no_grad():
+        assert model._cpu_decoder(state, {}) is None
+    want = model.generate(prompt, 8, temperature=0.0, return_logits=True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -187,14 +187,15 @@ def test_decoding_blocks_mlp_half_and_the_readout_are_cpp_calls_equal_to_the_mod
 
 # The mixers whose decoding step is one C++ call (Mixer.cpu_decoding_step).
 CPU_STEP_MIXERS = ["attention", "deltanet", "gated_deltanet", "gla", "mamba", "mamba2", "lightconv", "dynamicconv",
-                   "shortconv", "recurrent_depth"]
+                   "shortconv", "recurrent_depth", "hourglass"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_generate_binds_the_cpp_steps_once_and_equals_the_module_calls(dtype, monkeypatch):
     """On CPU tensors generate's loop runs the layers' C++ steps bound once (LanguageModel._cpu_decoder) when every
     layer has one: the same calls as decode_step's modules make, so the same logits bit for bit, for an LM of
-    every such mixer. A layer without one (hourglass) or SEQMIX_BACKEND=reference leaves generate the modules."""
+    every such mixer. A layer without one (the hourglass with whitespace boundaries, which reads each call's tokens)
+    or SEQMIX_BACKEND=reference leaves generate the modules."""
     require_cpu_kernels()
     monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # recurrent depth's norms on their cpu backend
@@ -212,7 +213,8 @@ def test_generate_binds_the_cpp_steps_once_and_equals_the_module_calls(dtype, mo
     assert logits.dtype == torch.float32 and torch.equal(logits, torch.stack(want, 1))
     assert torch.equal(tokens[:, 7:], logits.argmax(-1))
     with torch.no_grad():
-        other = _model(["hourglass", "deltanet"]).to("cpu", dtype)
+        other = _model(["hourglass", "deltanet"], mixer_options={"hourglass": {"boundary": "whitespace"}}).to(
+            "cpu", dtype)
         assert other._cpu_decoder(other.init_state(2), {}) is None
         assert model._cpu_decoder(model.init_state(2), {}) is None  # attention's cache without a capacity
         monkeypatch.setenv("SEQMIX_BACKEND", "reference")
