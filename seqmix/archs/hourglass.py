@@ -143,10 +143,7 @@ class Hourglass(Mixer):
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         B, T, _ = x.shape
         if is_decoding_step(x, state, cu_seqlens):
-            if self.boundary == "hnet":
-                step = self._hnet_step(x, state)
-            else:
-                step = self._pooling_step(x, state, self._inner_steps(x, state))
+            step = (self._hnet_step if self.boundary == "hnet" else self._pooling_step)(x, state)
             if step is not None:
                 return step
         n = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -303,8 +300,9 @@ class Hourglass(Mixer):
     def _pooling_step(self, x, state, inner_steps=None):
         """One token per sequence (x [B, 1, D]) when every sequence's token closes its segment or none does
         (always at B = 1): the open segment's sum and count take the token; a closing token's segment mean runs
-        through the inner layers' own one-token steps (their bound C++ steps ``inner_steps`` where not None) and
-        becomes what it and the tokens after it read. What :meth:`_stream_pooling` computes for such a call,
+        through the inner layers' own one-token steps (their bound C++ steps: ``inner_steps``, or bound here
+        once a segment closes; their module calls where they have none) and becomes what it and the tokens after
+        it read. What :meth:`_stream_pooling` computes for such a call,
         without its segment bookkeeping and packed inner call (docs/design.md, "Seventeenth round"). None for a
         batch whose tokens disagree: that call streams."""
         b = self._strided(state["position"])[:, None] if self.boundary == "fixed" else self._predict(x, state)[0]
@@ -316,7 +314,8 @@ class Hourglass(Mixer):
         new = {"position": state["position"] + 1}
         if every:
             pooled = (total / count[:, None]).to(x.dtype)[:, None]
-            h, inner = self._run_inner(self.down_norm(pooled), inner, None, inner_steps)
+            steps = self._inner_steps(x, state) if inner_steps is None else inner_steps
+            h, inner = self._run_inner(self.down_norm(pooled), inner, None, steps)
             new.update(last=self.up_norm(h)[:, 0].float(), sum=torch.zeros_like(total), count=torch.zeros_like(count))
         else:
             new.update(last=state["last"], sum=total, count=count)

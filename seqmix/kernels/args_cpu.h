@@ -9,6 +9,11 @@
 
 namespace seqmix_cpu {
 
+// The dtype the kernels compute in for inputs like `like`: float64 for float64, else float32.
+inline at::ScalarType compute_dtype(const at::Tensor& like) {
+  return like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 inline at::Tensor opt_or_empty(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? *t : at::Tensor();
 }

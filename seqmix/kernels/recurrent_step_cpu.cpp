@@ -20,12 +20,14 @@
 #include <cstdint>
 #include <vector>
 
+#include "args_cpu.h"
 #include "linear_cpu.h"
 #include "rows_cpu.h"
 #include "vec_cpu.h"
 
 namespace {
 
+using seqmix_cpu::compute_dtype;
 using seqmix_cpu::conv_window_row;
 using seqmix_cpu::dot;
 using seqmix_cpu::exp_v;
@@ -73,10 +75,6 @@ at::Tensor prepared_state(const at::Tensor& s, at::ScalarType dtype) {
 template <typename T>
 Rows<T> rows(const at::Tensor& t) {
   return {t.data_ptr<T>(), t.stride(0), t.stride(1)};
-}
-
-at::ScalarType compute_dtype(const at::Tensor& like) {
-  return like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // Runs f(b, h) for every (batch, head) pair; `values` is one task's state size.

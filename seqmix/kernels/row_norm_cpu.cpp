@@ -13,6 +13,7 @@
 
 #include "row_norm_cpu.h"
 
+#include "args_cpu.h"
 #include "linear_cpu.h"
 #include "rows_cpu.h"
 
@@ -31,7 +32,7 @@ at::Tensor seqmix_cpu::row_norm(const at::Tensor& x, const c10::optional<at::Ten
                     const c10::optional<at::Tensor>& gate, double eps, bool mean) {
   TORCH_CHECK(x.device().is_cpu(), "row_norm_cpu: x must be on the CPU");
   TORCH_CHECK(!gate.has_value() || gate->sizes() == x.sizes(), "row_norm_cpu: gate must have x's shape");
-  const auto dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto dtype = seqmix_cpu::compute_dtype(x);
   const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
   TORCH_CHECK(!weight.has_value() || weight->numel() == D, "row_norm_cpu: weight must have D values");
   const at::Tensor xc = rows_in(x, dtype);

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "../args_cpu.h"
 #include "../linear_cpu.h"
 #include "../rows_cpu.h"
 
@@ -33,7 +34,7 @@ std::vector<at::Tensor> causal_conv1d_step(const at::Tensor& x, const at::Tensor
                                            const at::Tensor& state) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && state.device().is_cpu(),
               "causal_conv1d_step_cpu: every tensor must be on the CPU");
-  const auto dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto dtype = seqmix_cpu::compute_dtype(x);
   const int64_t B = x.size(0), D = x.size(1), W = weight.size(1), S = W - 1;
   const at::Tensor xc = contiguous_in(x, dtype), wc = contiguous_in(weight, dtype);
   const at::Tensor sc = contiguous_in(state, dtype);
@@ -50,16 +51,11 @@ std::vector<at::Tensor> causal_conv1d_step(const at::Tensor& x, const at::Tensor
       for (int64_t b = begin; b < end; ++b) {
         T* o = op + b * D;
         seqmix_cpu::conv_window_row(xp + b * D, wp, bp, sp + b * D * S, np + b * D * S, o, D, W);
-        if (silu)
-          for (int64_t d = 0; d < D; ++d) o[d] = o[d] / (T(1) + std::exp(-o[d]));
+        if (silu) seqmix_cpu::silu_inplace<T>(o, D);
       }
     });
   });
   return {x.scalar_type() == dtype ? out : out.to(x.scalar_type()), next};
-}
-
-at::ScalarType compute_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 void check_layer_tensors(std::initializer_list<at::Tensor> ts, const at::Tensor& x, const char* op) {
@@ -140,7 +136,7 @@ std::vector<at::Tensor> dynamic_conv_layer_step(const at::Tensor& x, const at::T
                                    : (kw.dim() == 2 && kw.size(0) == H * K && kw.size(1) == C && kb.numel() == H * K)),
               op, ": in_weight [2C, hidden], in_bias [2C], the kernels [H, K] (or kernel_weight [H K, C] and ",
               "kernel_bias [H K]) and conv_state [B, C, K-1] do not describe one LightConv or DynamicConv layer");
-  const auto dtype = compute_dtype(x);
+  const auto dtype = seqmix_cpu::compute_dtype(x);
   const at::Tensor ib = in_bias.contiguous(), sc = contiguous_in(conv_state, dtype);
   const at::Tensor lc = light.defined() ? light.contiguous() : light, kwc = kw.defined() ? kw.contiguous() : kw;
   const at::Tensor kbc = kb.defined() ? kb.contiguous() : kb;
