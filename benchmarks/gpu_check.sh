@@ -61,7 +61,8 @@ install_seqmix() {
   local rc=$?
   export SEQMIX_INSTALL_S=$((SECONDS - t0))
   echo "install: exit $rc in ${SEQMIX_INSTALL_S}s"; tail -n 3 "$out/install.log"
-  python3 -c "import seqmix._C as C; print('seqmix._C built for', C.cuda_archs())" 2>/dev/null \
+  # (torch first: the extension links against its libraries, which its import alone does not load)
+  python3 -c "import torch, seqmix._C as C; print('seqmix._C built for', C.cuda_archs())" 2>/dev/null \
     || echo "seqmix._C: not built (see install.log)"
 }
 

@@ -36,8 +36,8 @@ def rotary(positions: torch.Tensor, theta: float, *xs: torch.Tensor) -> tuple[to
     return tuple(rotated)
 
 
-def _flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+# Looked up once: a lookup inside a traced forward is a graph break (torch.compile skips importlib).
+FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
 
 
 def _masked_attention(q, k, v, mask, backend):
@@ -85,7 +85,7 @@ class Attention(Mixer):
             raise ValueError(f"head_dim must be even for rotary positions, got {head_dim}")
         if backend not in (None, *self.backends):
             raise ValueError(f"backend must be None or one of {self.backends}, got {backend!r}")
-        if backend == "flash_attn" and not _flash_attn_available():
+        if backend == "flash_attn" and not FLASH_ATTN_INSTALLED:
             raise ValueError("backend='flash_attn' needs the flash-attn package, which is not installed")
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.rope_theta, self.backend = rope_theta, backend
@@ -100,7 +100,7 @@ class Attention(Mixer):
             name, how, passed_over = self.backend, "argument", ()
         else:
             why = (f"flash-attn needs CUDA tensors (got {x.device.type})" if not x.is_cuda
-                   else None if _flash_attn_available() else "the flash-attn package is not installed")
+                   else None if FLASH_ATTN_INSTALLED else "the flash-attn package is not installed")
             call_why = None if x.dtype in (torch.float16, torch.bfloat16) else f"flash-attn takes float16 or " \
                                                                               f"bfloat16, got {x.dtype}"
             name, how = ("flash_attn" if why is None and call_why is None else "sdpa"), "automatic"

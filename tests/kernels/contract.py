@@ -56,8 +56,10 @@ def check_bad_cu_seqlens(op, packed: dict, cu, match: str, backend) -> None:
 
 def check_no_tokens(op, empty: dict, out_shape, state_shape, backend) -> None:
     """No tokens (T = 0, or an empty batch B = 0): an empty output, and the initial state (or zeros) as the final
-    state."""
-    h0 = torch.randn(*state_shape, device=DEVICE)
+    state. The C++ kernels (backend "cpu") take CPU tensors wherever the tests' DEVICE is."""
+    if backend == "cpu":
+        empty = {n: t.cpu() for n, t in empty.items()}
+    h0 = torch.randn(*state_shape, device=next(iter(empty.values())).device)
     out, s = op(**empty, initial_state=h0, output_final_state=True, backend=backend)
     assert out.shape == out_shape
     torch.testing.assert_close(s, h0)
@@ -144,8 +146,8 @@ def check_against_oracle(op, oracle, names, inputs, kwargs_of, seed, dtype, fina
     else:
         assert s is None
     g = torch.Generator().manual_seed(seed + 1)
-    dy = torch.randn(y.shape, generator=g).to(DEVICE)
-    ds = torch.randn(s_ref.shape, generator=g).to(DEVICE) if final_state else torch.zeros(s_ref.shape, device=DEVICE)
+    dy = torch.randn(y.shape, generator=g).to(y.device)
+    ds = torch.randn(s_ref.shape, generator=g).to(y.device) if final_state else torch.zeros(s_ref.shape, device=y.device)
     named = [(n, t) for n, t in zip(names, inputs, strict=True) if t is not None and t.requires_grad]
     loss = (y.float() * dy).sum() + ((s * ds).sum() if final_state else 0)
     grads = torch.autograd.grad(loss, [t for _, t in named])

@@ -94,7 +94,7 @@ def _check_conv(x, x_dims, weight, bias, activation):
 
 def _cuda_causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens):
     B, T, D = x.shape
-    h0 = None if initial_state is None or weight.shape[1] == 1 else initial_state.float().contiguous()
+    h0 = None if initial_state is None else initial_state.float().contiguous()
     out, ht = cuda_ops.causal_conv1d_fwd(
         x.reshape(B * T, D).contiguous(), weight.to(x.dtype).contiguous(),
         None if bias is None else bias.to(x.dtype).contiguous(), h0, packed_bounds(B, T, x.device, cu_seqlens),

@@ -18,7 +18,7 @@ from seqmix.kernels.deltanet import cpu as cpu_kernels
 from seqmix.kernels.deltanet import delta_rule_recurrent, gated_delta_rule_recurrent
 from tests.helpers import TOL, assert_rel, require_cpu_kernels
 from tests.kernels.contract import assert_grads, outputs_and_grads
-from tests.kernels.deltanet.cases import Case, cases, make_gated_inputs, make_inputs
+from tests.kernels.deltanet.cases import CPU_HEAD_DIMS, Case, cases, make_gated_inputs, make_inputs
 
 CPU = torch.device("cpu")
 
@@ -102,13 +102,13 @@ def _check_float32(case, gated, g=None, final_state=True, dg_scale=False):
 
 
 @settings(max_examples=8, deadline=None)
-@given(case=cases(max_t=70), gated=st.booleans())
+@given(case=cases(max_t=70, head_dims=CPU_HEAD_DIMS), gated=st.booleans())
 def test_matches_recurrence_in_float64(case, gated):
     _check_float64(case, gated)
 
 
 @settings(max_examples=4, deadline=None)
-@given(case=cases(max_t=70), gated=st.booleans())
+@given(case=cases(max_t=70, head_dims=CPU_HEAD_DIMS), gated=st.booleans())
 def test_matches_recurrence_in_float32(case, gated):
     _check_float32(case, gated)
 

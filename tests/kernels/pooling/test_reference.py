@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from seqmix.kernels import segment_pool, segment_upsample
+from tests.helpers import DEVICE
 from tests.kernels.pooling.oracle import (
     cu,
     pool_obvious,
@@ -126,19 +127,20 @@ def test_ragged_counts_zero_fill_and_max_segments():
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_no_tokens(backend):
-    x = torch.randn(2, 0, 4, requires_grad=True)
-    b = torch.zeros(2, 0)
+    x = torch.randn(2, 0, 4, device=DEVICE, requires_grad=True)
+    b = torch.zeros(2, 0, device=DEVICE)
     assert segment_pool(x, b, backend=backend).shape == (2, 0, 4)
     pooled = segment_pool(x, b, max_segments=3, backend=backend)
     assert pooled.shape == (2, 3, 4) and not pooled.any()
-    y = torch.randn(2, 3, 4, requires_grad=True)
+    y = torch.randn(2, 3, 4, device=DEVICE, requires_grad=True)
     out = segment_upsample(y, b, backend=backend)
     assert out.shape == (2, 0, 4)
     (out.sum() + pooled.sum()).backward()
     assert not y.grad.any() and x.grad.shape == x.shape
     # an empty batch
-    assert segment_pool(torch.randn(0, 5, 4), torch.zeros(0, 5), max_segments=2, backend=backend).shape == (0, 2, 4)
-    assert segment_upsample(torch.randn(0, 3, 4), torch.zeros(0, 5), backend=backend).shape == (0, 5, 4)
+    x, b, y = torch.randn(0, 5, 4, device=DEVICE), torch.zeros(0, 5, device=DEVICE), torch.randn(0, 3, 4, device=DEVICE)
+    assert segment_pool(x, b, max_segments=2, backend=backend).shape == (0, 2, 4)
+    assert segment_upsample(y, b, backend=backend).shape == (0, 5, 4)
 
 
 def test_max_segments_needs_no_host_sync(monkeypatch):
