@@ -104,6 +104,9 @@ def header(results: dict) -> list[str]:
     lines.append(f"{m.get('device', '?')}, {m.get('date', '?')}: torch {m.get('torch')}, Triton {m.get('triton')}, "
                  f"CUDA {m.get('cuda')}, fla-core {m.get('fla_core')}, seqmix {m.get('commit')}, "
                  f"CUDA extension for {m.get('seqmix_cuda_archs')}, install {_f(m.get('install_s'), '.0f')} s")
+    if m.get("continued"):  # a later call's stages merged in (benchmarks/results/README.md)
+        k = m["continued"]
+        lines.append(f"continued {k['date']} at seqmix {k['commit']}: stages {k['stages']}, ops {k['ops']}")
     if c:
         source = "measured" if c.get("measured") else "assumed: the anchor table's H100, benchmarks/common.py"
         lines.append(f"ceilings ({source}): copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
