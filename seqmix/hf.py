@@ -40,6 +40,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizer,
 )
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import ModelOutput
 
 from seqmix.archs.lm import CONFIG_FILE, MODEL_TYPE, WEIGHTS_FILE, LanguageModel, LMConfig, read_config
@@ -87,6 +88,11 @@ class SeqmixConfig(PretrainedConfig):
     @property
     def num_hidden_layers(self) -> int:
         return len(self.layers)
+
+
+# The name generate carries, reorders (beam search) and returns the cache under: "cache" in the newer
+# transformers 5 releases (5.25 here), "past_key_values" in the older (5.17 on the GPU machine).
+_GENERATE_CACHE_NAME = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
 
 
 class SeqmixCache:
@@ -201,6 +207,7 @@ class SeqmixForCausalLM(PreTrainedModel, GenerationMixin):
         """The tokens not yet in the cache (all of the prompt first, then the newest), the mask and the depth.
         Past the prompt the mask is left out: generated tokens are never padding (and checking it would cost
         a host sync per token)."""
+        cache = kwargs.get("past_key_values") if cache is None else cache
         if cache is not None:
             input_ids = input_ids[:, cache.seen_tokens:]
             attention_mask = None
@@ -208,11 +215,11 @@ class SeqmixForCausalLM(PreTrainedModel, GenerationMixin):
                 "num_steps": num_steps, "exit_threshold": exit_threshold, "capacity": capacity}
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
-        """transformers' update (the attention mask grows by the new token), and the cache carried under our
-        own name, whatever name this transformers version gives caches."""
+        """transformers' update (the attention mask grows by the new token), and the cache carried under the name
+        this transformers version gives caches."""
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
         if outputs.cache is not None:
-            model_kwargs["cache"] = outputs.cache
+            model_kwargs[_GENERATE_CACHE_NAME] = outputs.cache
         return model_kwargs
 
 
