@@ -12,6 +12,7 @@ from torch.autograd.function import once_differentiable
 from seqmix.archs.mixer import is_decoding_step
 from seqmix.kernels import causal_conv1d, causal_conv1d_update, rms_norm, step_cpu
 from seqmix.kernels.conv.step import causal_conv1d_step
+from seqmix.kernels.library import forward_outputs
 from seqmix.kernels.linear import linear
 from seqmix.kernels.norm import rms_norm_reference
 from seqmix.kernels.sequences import in_dtype, reference_dtype
@@ -48,7 +49,7 @@ class _L2Normalize(torch.autograd.Function):
     def forward(ctx, x, eps):
         y, r = _l2_normalize(x, eps)
         ctx.save_for_backward(x, r)
-        return y
+        return forward_outputs(y)
 
     @staticmethod
     @once_differentiable
@@ -67,7 +68,7 @@ class _NarrowLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w):
         ctx.save_for_backward(x, w)
-        return F.linear(x, w)
+        return forward_outputs(F.linear(x, w))
 
     @staticmethod
     @once_differentiable

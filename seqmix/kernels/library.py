@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["CustomOp", "custom_op"]
+__all__ = ["CustomOp", "custom_op", "forward_outputs"]
 
 
 class CustomOp:
@@ -103,3 +103,19 @@ def custom_op(name: str, *, mutates_args: Iterable[str] | str = ()) -> Callable[
         return CustomOp(name, torch.library.custom_op(name, mutates_args=mutates_args)(fn), fn)
 
     return define
+
+
+def forward_outputs(*outputs):
+    """What an ``autograd.Function``'s forward returns: ``outputs`` as they are in eager mode; while
+    ``torch.compile`` traces the forward, each tensor as a view of itself (``view_as``: a new tensor object,
+    no copy), as Dynamo itself does for an input returned as an output.
+
+    torch 2.11's Dynamo makes every intermediate value of a traced forward an extra output of the
+    ``autograd.Function`` it builds (2.13 leaves out those aliasing an output: ``filter_aliased_intermediates``).
+    A result that is at run time the very tensor object of an intermediate (an in-place op's result,
+    ``y = x.mul(r).mul_(w)``; a ``.to()`` or ``.contiguous()`` that changes nothing) is then returned twice,
+    autograd keeps the last of its output slots, and its gradient reaches ``backward`` in an ignored slot:
+    the compiled step silently computed zero gradients where eager did not."""
+    if torch.compiler.is_compiling():
+        outputs = tuple(t.view_as(t) if isinstance(t, Tensor) else t for t in outputs)
+    return outputs[0] if len(outputs) == 1 else outputs

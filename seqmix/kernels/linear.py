@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from seqmix.kernels.library import forward_outputs
+
 __all__ = ["linear", "onednn_serves"]
 
 # Fewer rows than this (a decoding step, a short prompt) take F.linear: oneDNN's call costs more than it saves.
@@ -62,7 +64,7 @@ class _OneDNNLinear(torch.autograd.Function):
     def forward(ctx, rows, weight, bias):
         ctx.save_for_backward(rows, weight)
         ctx.with_bias = bias is not None
-        return _product(rows, weight, bias)
+        return forward_outputs(_product(rows, weight, bias))
 
     @staticmethod
     @once_differentiable

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from seqmix.kernels.library import forward_outputs
+
 # The hash works in 32 bits held in int64: every multiplier is below 2^31, so a product of a
 # 32-bit value and a multiplier stays below 2^63 and torch and Triton agree bit for bit.
 HASH_MASK = 0xFFFFFFFF
@@ -84,7 +86,7 @@ class _Taps(torch.autograd.Function):
         for j in range(1, w.shape[-1]):
             out.addcmul_(xp[:, j:j + T], w[..., j, None])
         ctx.save_for_backward(xp, w)
-        return out
+        return forward_outputs(out)
 
     @staticmethod
     @once_differentiable

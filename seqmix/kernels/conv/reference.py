@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from seqmix.kernels.conv.step import causal_conv1d_step
+from seqmix.kernels.library import forward_outputs
 
 
 def _pre_activation(x, head, taps, bias):
@@ -41,7 +42,7 @@ class _CausalConv1d(torch.autograd.Function):
         ctx.silu = silu
         ctx.set_materialize_grads(False)
         final = torch.cat([head[:, min(T, W - 1) :], x[:, max(0, T - (W - 1)) :]], 1)
-        return out, final.transpose(1, 2).contiguous()
+        return forward_outputs(out, final.transpose(1, 2).contiguous())
 
     @staticmethod
     @once_differentiable

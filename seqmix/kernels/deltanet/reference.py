@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from seqmix.kernels.library import forward_outputs
 from seqmix.kernels.sequences import over_sequences, reference_dtype, sequence_spans
 
 
@@ -138,7 +139,7 @@ class _ChunkedDeltaRule(torch.autograd.Function):
         v_new = v_new.view(B * H, NT, C, V)
         ctx.save_for_backward(q, k, v, beta, eg, ek, G, A, P, WU, states, v_new, q_in, k_out, kb, Tr)
         ctx.scale, ctx.shape, ctx.has_s0 = scale, (B, T, H, K, V), S0 is not None
-        return _from_chunks(o.view(B * H, NT, C, V), B, T), S.view(B, H, K, V)
+        return forward_outputs(_from_chunks(o.view(B * H, NT, C, V), B, T), S.view(B, H, K, V))
 
     @staticmethod
     @once_differentiable

@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from seqmix.kernels.library import forward_outputs
 from seqmix.kernels.sequences import over_sequences, reference_dtype, sequence_spans
 
 SUB = 16  # rows of the sub-chunks of the secondary chunking
@@ -115,7 +116,7 @@ class _FactoredChunks(torch.autograd.Function):
         o = (qg @ states[:, :, :-1]).add_(A @ v)
         ctx.save_for_backward(q, k, v, gcum, states)
         ctx.scale = scale
-        return o, states[:, :, -1].clone()
+        return forward_outputs(o, states[:, :, -1].clone())
 
     @staticmethod
     def backward(ctx, do, dS_last):

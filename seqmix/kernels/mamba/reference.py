@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from seqmix.kernels.library import forward_outputs
 from seqmix.kernels.sequences import over_sequences, reference_dtype
 
 
@@ -107,7 +108,7 @@ class _ChunkedScan(torch.autograd.Function):
     def forward(ctx, a, b, h_in):
         h = _two_level_scan(a, b, h_in)
         ctx.save_for_backward(a, h, h_in)
-        return h
+        return forward_outputs(h)
 
     @staticmethod
     def backward(ctx, dh):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from seqmix.kernels.gated_linear_attention.reference import factored_limit
+from seqmix.kernels.library import forward_outputs
 from seqmix.kernels.sequences import over_sequences, reference_dtype, sequence_spans
 
 
@@ -100,7 +101,7 @@ class _SSDChunks(torch.autograd.Function):
         y_in.mul_(torch.exp(lcum)[..., None])
         y = y_in + (W @ xdt).transpose(3, 4)
         ctx.save_for_backward(X, dtc, A, Bm, Cm, lcum, L, W, xdt, y_in, entering)
-        return _to_tokens(y), final.view(Bb, H, P, N)
+        return forward_outputs(_to_tokens(y), final.view(Bb, H, P, N))
 
     @staticmethod
     def _intra(X, dtc, Bm, Cm, lcum):
@@ -185,7 +186,7 @@ class _SSDFactored(torch.autograd.Function):
         R = R.view(Bb, G, NC, c, Hg, P)
         ctx.save_for_backward(X, dtc, A, Bm, Cm, lcum, R, entering)
         y = _rows(R, torch.exp(lcum))
-        return _to_tokens(y), final.view(Bb, G * Hg, P, N)
+        return forward_outputs(_to_tokens(y), final.view(Bb, G * Hg, P, N))
 
     @staticmethod
     def _recompute(X, dtc, Bm, Cm, lcum, last):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from seqmix.kernels.library import forward_outputs
 from seqmix.kernels.sequences import in_dtype, reference_dtype
 
 
@@ -29,7 +30,7 @@ class RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, gate, eps):
         y, r = _rms_norm(x, weight, gate, eps)
         ctx.save_for_backward(x, weight, gate, r)
-        return y
+        return forward_outputs(y)
 
     @staticmethod
     @once_differentiable

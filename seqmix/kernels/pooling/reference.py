@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from seqmix.kernels.library import forward_outputs
 from seqmix.kernels.sequences import reference_dtype
 
 
@@ -131,7 +132,7 @@ class _SegmentPool(torch.autograd.Function):
         ctx.save_for_backward(xc, bh, pooled, counts)
         ctx.seg, ctx.S = seg, S
         ctx.dtypes = (x.dtype, boundaries.dtype)
-        return pooled.to(x.dtype)
+        return forward_outputs(pooled.to(x.dtype))
 
     @staticmethod
     def backward(ctx, dpooled):
@@ -149,7 +150,7 @@ class _SegmentUpsample(torch.autograd.Function):
         ctx.save_for_backward(yc, bh)
         ctx.seg, ctx.S = seg, S
         ctx.dtypes = (y.dtype, boundaries.dtype)
-        return upsample_fwd(yc, seg, S).to(y.dtype)
+        return forward_outputs(upsample_fwd(yc, seg, S).to(y.dtype))
 
     @staticmethod
     def backward(ctx, dout):
