@@ -53,12 +53,14 @@ def _capability() -> str:
 
 
 def build_dir() -> Path:
-    """Where this checkout's module is built (one per checkout and instruction set: two checkouts sharing the
-    cache would otherwise rebuild over each other whenever their sources differ)."""
+    """Where this checkout's module is built (one per checkout, torch version and instruction set: two checkouts
+    sharing the cache would otherwise rebuild over each other whenever their sources differ, and a module built
+    against one torch fails to load in another, with an undefined symbol)."""
     from torch.utils.cpp_extension import get_default_build_root
 
     here = Path(__file__).parent
-    name = f"seqmix_cpu_{_capability().lower()}_{hashlib.sha1(str(here.resolve()).encode()).hexdigest()[:8]}"
+    key = hashlib.sha1(f"{here.resolve()} {torch.__version__}".encode()).hexdigest()[:8]
+    name = f"seqmix_cpu_{_capability().lower()}_{key}"
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
 
 
