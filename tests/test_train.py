@@ -41,7 +41,7 @@ def _config(out_dir, data, **overrides):
         "model": {"hidden_size": 32, "num_heads": 2, "layers": ["deltanet", "attention"]},
         "data": None if data is None else str(data), "out_dir": str(out_dir), "seq_len": 32, "batch_size": 4,
         "steps": 6, "warmup_steps": 2, "eval_every": 3, "eval_tokens": 256, "save_every": 3, "log_every": 1,
-        "progress": False,
+        "progress": False, "device": "cpu",  # the trainer's logic: on the CPU wherever the suite runs
     }
     model = overrides.pop("model", {})
     values.update(overrides)
@@ -130,7 +130,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, text_dir):
     def run(nproc, out, grad_accum):
         args = ["--grad-accum", str(grad_accum), "--data", str(text_dir), "--out-dir", str(out), "--model.hidden-size", "32", "--model.num-heads", "2",
                 "--model.layers", "[deltanet, attention]", "--seq-len", "32", "--batch-size", "4", "--steps", "3",
-                "--log-every", "1", "--eval-every", "3", "--eval-tokens", "256", "--progress", "false"]
+                "--log-every", "1", "--eval-every", "3", "--eval-tokens", "256", "--progress", "false",
+                "--device", "cpu"]
         logs = out.with_name(out.name + "-logs")
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                     "--master-port", str(29500 + nproc + os.getpid() % 1000), "--log-dir", str(logs), "--redirects", "3"]

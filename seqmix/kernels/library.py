@@ -24,12 +24,13 @@ same inputs on both paths.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
 
-__all__ = ["CustomOp", "custom_op", "forward_outputs"]
+__all__ = ["CustomOp", "autocast_off", "custom_op", "forward_outputs"]
 
 
 class CustomOp:
@@ -119,3 +120,23 @@ def forward_outputs(*outputs):
     if torch.compiler.is_compiling():
         outputs = tuple(t.view_as(t) if isinstance(t, Tensor) else t for t in outputs)
     return outputs[0] if len(outputs) == 1 else outputs
+
+
+def autocast_off(fn: Callable) -> Callable:
+    """``fn`` run with autocast off on its tensors' device: a reference op, or an ``autograd.Function``'s backward
+    (which runs wherever ``backward()`` is called).
+
+    The references compute in their own dtype (float32 for half inputs: ``sequences.reference_dtype``).
+    Under autocast their products came out in bfloat16 next to float32 states, ``torch.linalg.solve_triangular``
+    has no bfloat16 kernel, and a backward met an output gradient in bfloat16 next to its float32 recomputed
+    factors: the trainer failed on a GPU with ``SEQMIX_BACKEND=reference``."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        device = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+        if device is None or not torch.is_autocast_enabled(device):
+            return fn(*args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return run

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from seqmix.kernels.library import forward_outputs
+from seqmix.kernels.library import autocast_off, forward_outputs
 
 # The hash works in 32 bits held in int64: every multiplier is below 2^31, so a product of a
 # 32-bit value and a multiplier stays below 2^63 and torch and Triton agree bit for bit.
@@ -90,6 +90,7 @@ class _Taps(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @autocast_off
     def backward(ctx, dout):
         xp, w = ctx.saved_tensors
         K = w.shape[-1]
@@ -113,6 +114,7 @@ def _conv_dense(x, w, P):
     return _Taps.apply(xp, w).reshape(B, T, C)
 
 
+@autocast_off
 def dynamic_conv_reference(x, weight, padding="causal", weight_softmax=True, dropconnect=0.0, seed=None,
                            cu_seqlens=None):
     """Same arguments and result as :func:`seqmix.kernels.dynamic_conv` (and :func:`light_conv` for a

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from seqmix.kernels.conv.step import causal_conv1d_step
-from seqmix.kernels.library import forward_outputs
+from seqmix.kernels.library import autocast_off, forward_outputs
 
 
 def _pre_activation(x, head, taps, bias):
@@ -46,6 +46,7 @@ class _CausalConv1d(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @autocast_off
     def backward(ctx, dout, dfinal):
         x, head, taps, bias = ctx.saved_tensors
         (B, T, D), W = x.shape, taps.shape[0]
@@ -94,6 +95,7 @@ def _conv_dense(x, weight, bias, activation, state):
     return _CausalConv1d.apply(x, weight, bias, state, activation == "silu")
 
 
+@autocast_off
 def causal_conv1d_reference(x, weight, bias=None, activation=None, initial_state=None, output_final_state=False,
                             cu_seqlens=None):
     """Same arguments and results as :func:`seqmix.kernels.causal_conv1d` (computed in float32 or float64)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from seqmix.kernels.library import forward_outputs
+from seqmix.kernels.library import autocast_off, forward_outputs
 from seqmix.kernels.sequences import over_sequences, reference_dtype, sequence_spans
 
 
@@ -143,6 +143,7 @@ class _ChunkedDeltaRule(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @autocast_off
     def backward(ctx, do, dS):
         q, k, v, beta, eg, ek, G, A, P, WU, states, v_new, q_in, k_out, kb, Tr = ctx.saved_tensors
         scale = ctx.scale
@@ -241,6 +242,7 @@ def _chunked(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seql
     return o.to(in_dtype), (finals if output_final_state else None)
 
 
+@autocast_off
 def delta_rule_chunked(
     q, k, v, beta, scale, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=32
 ):
@@ -248,6 +250,7 @@ def delta_rule_chunked(
     return _chunked(q, k, v, beta, None, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
 
 
+@autocast_off
 def gated_delta_rule_chunked(
     q, k, v, g, beta, scale, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=32
 ):

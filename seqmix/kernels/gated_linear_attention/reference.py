@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from seqmix.kernels.library import forward_outputs
+from seqmix.kernels.library import autocast_off, forward_outputs
 from seqmix.kernels.sequences import over_sequences, reference_dtype, sequence_spans
 
 SUB = 16  # rows of the sub-chunks of the secondary chunking
@@ -119,6 +119,7 @@ class _FactoredChunks(torch.autograd.Function):
         return forward_outputs(o, states[:, :, -1].clone())
 
     @staticmethod
+    @autocast_off
     def backward(ctx, do, dS_last):
         q, k, v, gcum, states = ctx.saved_tensors
         eg, qg, kg, A = _FactoredChunks._factors(q, k, gcum, ctx.scale)
@@ -202,6 +203,7 @@ def _chunked_subchunks(q, k, v, g, scale, S, chunk_size):
     return o, S
 
 
+@autocast_off
 def gla_chunked(q, k, v, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64):
     """The chunked form: with gcum the in-chunk cumulative log decay (per channel),
     O = scale ((Q exp(gcum)) S + A V) with A_ij = sum_c q_ic k_jc exp(gcum_ic - gcum_jc) (j <= i), and

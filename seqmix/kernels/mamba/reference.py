@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from seqmix.kernels.library import forward_outputs
+from seqmix.kernels.library import autocast_off, forward_outputs
 from seqmix.kernels.sequences import over_sequences, reference_dtype
 
 
@@ -111,6 +111,7 @@ class _ChunkedScan(torch.autograd.Function):
         return forward_outputs(h)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dh):
         a, h, h_in = ctx.saved_tensors
         a_flat = a.flatten(1, 2)
@@ -120,6 +121,7 @@ class _ChunkedScan(torch.autograd.Function):
         return (G * h_prev).view_as(a), G.view_as(a), a_flat[:, 0] * G[:, 0]
 
 
+@autocast_off
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                            initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=32):
     """The same scan as :func:`selective_scan_recurrent` by chunks of ``chunk_size`` tokens

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from seqmix.kernels.gated_linear_attention.reference import factored_limit
-from seqmix.kernels.library import forward_outputs
+from seqmix.kernels.library import autocast_off, forward_outputs
 from seqmix.kernels.sequences import over_sequences, reference_dtype, sequence_spans
 
 
@@ -118,6 +118,7 @@ class _SSDChunks(torch.autograd.Function):
         return L, W, xdt
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dy, dh_last):
         X, dtc, A, Bm, Cm, lcum, L, W, xdt, y_in, entering = ctx.saved_tensors
         Bb, G, NC, c, Hg, P = X.shape
@@ -197,6 +198,7 @@ class _SSDFactored(torch.autograd.Function):
         return v, u, _bmm(Cm, Bm.transpose(-1, -2)).tril_()
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dy, dh_last):
         X, dtc, A, Bm, Cm, lcum, R, entering = ctx.saved_tensors
         Bb, G, NC, c, Hg, P = X.shape
@@ -326,6 +328,7 @@ def _chunks_function(dt, A, c):
     return _SSDChunks
 
 
+@autocast_off
 def ssd_chunked(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf")),
                 initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64):
     """The chunked SSD form: per chunk the masked decay matrix exp(lcum_i - lcum_j) times C B^T,
