@@ -12,7 +12,7 @@
 #      reference on the GPU, with and without an initial state, and decoding at T=1 (one autotune
 #      config per kernel; one process per op, in parallel);
 #   4. warm: every autotune config compiled into Triton's cache (one process per op, in parallel;
-#      the seconds per op are the autotune set's compile time);
+#      the seconds per op are the autotune set's compile time; bounded by QUICK_WARM_S, default 150 s);
 #   5. bench: SDPA, then each op next to fla-core 0.6.0 and mamba_ssm when they import, fwd and fwd+bwd,
 #      one process per op bounded by QUICK_BENCH_OP_S (default 60 s), and each autotuned kernel's choice;
 #   6. train: ~50M LM training step, DeltaNet vs attention, B8 T2048 bf16;
@@ -104,7 +104,7 @@ if [ "$part" = quick ]; then
     ops=${QUICK_OPS:-$(python3 -c "from benchmarks.anchors import ANCHORS; print(' '.join(a.op for a in ANCHORS))")}
     wants meta && run 30 python3 -m benchmarks.gpu_quick meta --out "$out" $rehearse
     wants parity && parallel parity 120 $ops
-    wants warm && parallel warm 150 $ops lm
+    wants warm && parallel warm "${QUICK_WARM_S:-150}" $ops lm
     if wants bench; then  # one process per op, each bounded, so that one slow op leaves the others their time
       for op in sdpa $ops; do
         run "${QUICK_BENCH_OP_S:-60}" python3 -m benchmarks.gpu_quick bench --ops "$op" --out "$out" $rehearse
