@@ -125,6 +125,8 @@ def stage_meta(results: Results, device, args) -> None:
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "python": platform.python_version(), "fla_core": _package_version("fla-core"),
         "mamba_ssm": _package_version("mamba-ssm"),
+        # seqmix.hf follows transformers' names, which moved within 5.x (the GPU machine had 5.17, this 5.25)
+        "transformers": _package_version("transformers"),
         "seqmix_cuda_archs": list(ext.cuda_archs()) if ext is not None else None,
         "commit": os.environ.get("SEQMIX_COMMIT") or _git_commit(),
         "install_s": float(os.environ["SEQMIX_INSTALL_S"]) if os.environ.get("SEQMIX_INSTALL_S") else None,
