@@ -302,9 +302,9 @@ class Hourglass(Mixer):
         (always at B = 1): the open segment's sum and count take the token; a closing token's segment mean runs
         through the inner layers' own one-token steps (their bound C++ steps: ``inner_steps``, or bound here
         once a segment closes; their module calls where they have none) and becomes what it and the tokens after
-        it read. What :meth:`_stream_pooling` computes for such a call,
-        without its segment bookkeeping and packed inner call (docs/design.md, "Seventeenth round"). None for a
-        batch whose tokens disagree: that call streams."""
+        it read. What :meth:`_stream_pooling` computes for such a call, without its segment bookkeeping and
+        packed inner call (docs/design.md, "Seventeenth round"). None for a batch whose tokens disagree: that
+        call streams."""
         b = self._strided(state["position"])[:, None] if self.boundary == "fixed" else self._predict(x, state)[0]
         every = _all_or_none(hard_boundaries(b)[:, 0].bool())
         if every is None:

@@ -220,6 +220,7 @@ def _chunked_dense(q, k, v, beta, g, scale, S0, chunk_size):
     return _ChunkedDeltaRule.apply(q, k, v, beta, g, S0, scale, chunk_size)
 
 
+@autocast_off
 def _chunked(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
     B, T = q.shape[:2]
     dt = reference_dtype(q)
@@ -242,7 +243,6 @@ def _chunked(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seql
     return o.to(in_dtype), (finals if output_final_state else None)
 
 
-@autocast_off
 def delta_rule_chunked(
     q, k, v, beta, scale, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=32
 ):
@@ -250,7 +250,6 @@ def delta_rule_chunked(
     return _chunked(q, k, v, beta, None, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
 
 
-@autocast_off
 def gated_delta_rule_chunked(
     q, k, v, g, beta, scale, initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=32
 ):
