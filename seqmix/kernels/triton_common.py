@@ -8,6 +8,7 @@ addressed correctly without carrying 64-bit offsets per element.
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -31,6 +32,19 @@ def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
     if triton_interpreting() or os.environ.get("SEQMIX_AUTOTUNE", "1") in ("", "0"):
         return [min(configs, key=lambda c: c.num_stages)]
     return configs
+
+
+# Triton keeps compiled kernels in its cache directory, but its autotuner times every config again in each new
+# process (each config's binary loaded and run for ~0.1 s, per kernel and shape: seconds for GLA's eight kernels and
+# 44 configs). With `cache_results` (Triton 3.2 on) the timings are kept there too, and a later process runs the
+# chosen config at once. Looked up rather than assumed, so that an older Triton still imports seqmix.
+_CACHE_RESULTS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
+def autotune(configs: list[triton.Config], key: list[str], **kwargs):
+    """``triton.autotune`` with its results cached on disk where Triton can (``configs`` from
+    :func:`autotune_configs`; ``kwargs``: its other arguments, ``restore_value`` and the like)."""
+    return triton.autotune(configs=configs, key=key, **_CACHE_RESULTS, **kwargs)
 
 
 def state_configs(block: str) -> list[triton.Config]:
@@ -205,7 +219,7 @@ def decay_ratio(b_row, b_col, keep):
     return tl.exp(tl.where(keep, b_row[:, None] - b_col[None, :], float("-inf")))
 
 
-@triton.autotune(configs=autotune_configs([triton.Config({}, num_warps=w) for w in (2, 4)]), key=["D"])
+@autotune(configs=autotune_configs([triton.Config({}, num_warps=w) for w in (2, 4)]), key=["D"])
 @triton.jit
 def chunk_local_cumsum_fwd_kernel(
     x, out, chunk_index, cu_seqlens,

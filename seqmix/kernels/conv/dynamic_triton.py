@@ -23,7 +23,7 @@ import triton.language as tl
 from seqmix.kernels.alloc import empty
 from seqmix.kernels.conv.dynamic_reference import HASH_MASK, HASH_MUL1, HASH_MUL2, KEEP_BITS
 from seqmix.kernels.sequences import Chunking
-from seqmix.kernels.triton_common import autotune_configs, chunk_position, sequence_bounds
+from seqmix.kernels.triton_common import autotune, autotune_configs, chunk_position, sequence_bounds
 
 CHUNK = 32
 
@@ -103,7 +103,7 @@ def _channel_block(r0, o_t, C: tl.constexpr, R: tl.constexpr, BR: tl.constexpr):
     return (o_r < R)[None, :], o_t[:, None] * C + o_r[None, :]
 
 
-@triton.autotune(configs=_configs(), key=["H", "R", "K", "ROW"])
+@autotune(configs=_configs(), key=["H", "R", "K", "ROW"])
 @triton.jit
 def dynamic_conv_output_fwd_kernel(
     x, weight, out, lse_out, chunk_index, cu_seqlens, seed_lo, threshold, scale,
@@ -130,7 +130,7 @@ def dynamic_conv_output_fwd_kernel(
         tl.store(out + head + tile, acc.to(out.dtype.element_ty), mask=row_ok[:, None] & m_r)
 
 
-@triton.autotune(configs=_configs(), key=["H", "R", "K", "ROW"])
+@autotune(configs=_configs(), key=["H", "R", "K", "ROW"])
 @triton.jit
 def dynamic_conv_dxdw_bwd_kernel(
     x, weight, lse, dout, dx, dw, chunk_index, cu_seqlens, seed_lo, threshold, scale,

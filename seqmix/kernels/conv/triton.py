@@ -20,7 +20,7 @@ import triton.language as tl
 
 from seqmix.kernels.alloc import empty
 from seqmix.kernels.sequences import Chunking
-from seqmix.kernels.triton_common import autotune_configs, chunk_position, sequence_bounds
+from seqmix.kernels.triton_common import autotune, autotune_configs, chunk_position, sequence_bounds
 
 # Rows per program: 32 rows by 64 channels over 8 warps compile to ~120 registers and no spills
 # on sm_90 (tests/kernels/conv/test_sm90_compile.py). The tap loops stay rolled: unrolled, the
@@ -69,7 +69,7 @@ def _pre_activation(x, weight, bias, h0, i_n, t0, nt, rel0, o_d, D: tl.constexpr
     return z
 
 
-@triton.autotune(configs=_configs(), key=["D", "W"])
+@autotune(configs=_configs(), key=["D", "W"])
 @triton.jit
 def causal_conv1d_output_fwd_kernel(
     x, weight, bias, h0, out, chunk_index, cu_seqlens,
@@ -88,7 +88,7 @@ def causal_conv1d_output_fwd_kernel(
     tl.store(out + t0 * D + (o_t[:, None] * D + o_d[None, :]), z.to(out.dtype.element_ty), mask=m)
 
 
-@triton.autotune(configs=_configs(), key=["D", "W"])
+@autotune(configs=_configs(), key=["D", "W"])
 @triton.jit
 def causal_conv1d_final_state_fwd_kernel(
     x, h0, ht, cu_seqlens, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, HAS_H0: tl.constexpr,
@@ -109,7 +109,7 @@ def causal_conv1d_final_state_fwd_kernel(
         tl.store(ht + i_n * D * (W - 1) + o_d * (W - 1) + m, val, mask=m_d)
 
 
-@triton.autotune(configs=_configs(), key=["D", "W"])
+@autotune(configs=_configs(), key=["D", "W"])
 @triton.jit
 def causal_conv1d_dz_bwd_kernel(
     x, weight, bias, h0, dout, dz, dw_part, db_part, chunk_index, cu_seqlens,
@@ -138,7 +138,7 @@ def causal_conv1d_dz_bwd_kernel(
         tl.store(db_part + i_c.to(tl.int64) * D + o_d, tl.sum(b_dz, 0), mask=m_d)
 
 
-@triton.autotune(configs=_configs(), key=["D", "W"])
+@autotune(configs=_configs(), key=["D", "W"])
 @triton.jit
 def causal_conv1d_dx_bwd_kernel(
     weight, dz, dht, dx, chunk_index, cu_seqlens,
@@ -168,7 +168,7 @@ def causal_conv1d_dx_bwd_kernel(
     tl.store(dx + t0 * D + (o_t[:, None] * D + o_d[None, :]), b_dx.to(dx.dtype.element_ty), mask=m)
 
 
-@triton.autotune(configs=_configs(), key=["D", "W"])
+@autotune(configs=_configs(), key=["D", "W"])
 @triton.jit
 def causal_conv1d_dh0_bwd_kernel(
     weight, dz, dht, dh0, cu_seqlens, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, HAS_DHT: tl.constexpr,
@@ -198,7 +198,7 @@ def causal_conv1d_dh0_bwd_kernel(
 # restore_value: the kernel updates the state in place, and autotuning runs every config on the same arguments;
 # without the restore each timed run advanced the state again (the GPU tests of the decoding paths that take
 # this kernel failed at their small shapes, where the parity check, one config and no autotuning, passed).
-@triton.autotune(configs=_configs(), key=["D", "W"], restore_value=["state"])
+@autotune(configs=_configs(), key=["D", "W"], restore_value=["state"])
 @triton.jit
 def causal_conv1d_update_fwd_kernel(
     x, state, weight, bias, out, T, D: tl.constexpr, W: tl.constexpr, BD: tl.constexpr,

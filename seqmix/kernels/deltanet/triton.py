@@ -37,6 +37,7 @@ from seqmix.kernels import triton_common
 from seqmix.kernels.alloc import empty
 from seqmix.kernels.sequences import Chunking
 from seqmix.kernels.triton_common import (
+    autotune,
     chunk_configs,
     chunk_local_cumsum,
     chunk_position,
@@ -147,7 +148,7 @@ def _load_m(m_wy, i_h, t0, nt, H: tl.constexpr, BT: tl.constexpr):
     return tl.where(o_t[:, None] >= o_t[None, :], b_m, 0.0)
 
 
-@triton.autotune(configs=chunk_configs(), key=["K", "V", "INVERT"])
+@autotune(configs=chunk_configs(), key=["K", "V", "INVERT"])
 @triton.jit
 def delta_rule_wy_fwd_kernel(
     k, v, beta, gcum, w, u, m_wy, chunk_index, cu_seqlens,
@@ -200,7 +201,7 @@ def delta_rule_wy_fwd_kernel(
         store_rows(u + i_h * V, mm(b_m, b_vb, DT, PREC), t0, nt, H * V, v0, V, BT, BV)
 
 
-@triton.autotune(configs=state_configs("BV"), key=["K", "V"])
+@autotune(configs=state_configs("BV"), key=["K", "V"])
 @triton.jit
 def delta_rule_state_fwd_kernel(
     k, w, u, gcum, v_new, h, h0, ht, chunk_offsets, cu_seqlens,
@@ -234,7 +235,7 @@ def delta_rule_state_fwd_kernel(
         store_matrix(ht + s_base, b_s, 0, K, v0, V, BK, BV)
 
 
-@triton.autotune(configs=chunk_configs(), key=["K", "V"])
+@autotune(configs=chunk_configs(), key=["K", "V"])
 @triton.jit
 def delta_rule_output_fwd_kernel(
     q, k, v_new, h, gcum, o, chunk_index, cu_seqlens, scale,
@@ -267,7 +268,7 @@ def delta_rule_output_fwd_kernel(
     store_rows(o + i_h * V, b_o * scale, t0, nt, H * V, v0, V, BT, BV)
 
 
-@triton.autotune(configs=chunk_configs(), key=["K", "V"])
+@autotune(configs=chunk_configs(), key=["K", "V"])
 @triton.jit
 def delta_rule_dv_local_bwd_kernel(
     q, k, gcum, do, dv_local, chunk_index, cu_seqlens, scale,
@@ -295,7 +296,7 @@ def delta_rule_dv_local_bwd_kernel(
     store_rows(dv_local + i_h * V, b_dv, t0, nt, H * V, v0, V, BT, BV)
 
 
-@triton.autotune(configs=state_configs("BV"), key=["K", "V"])
+@autotune(configs=state_configs("BV"), key=["K", "V"])
 @triton.jit
 def delta_rule_state_bwd_kernel(
     q, k, w, gcum, do, dv_local, du, dh, dht, dh0, chunk_offsets, cu_seqlens, scale,
@@ -340,7 +341,7 @@ def delta_rule_state_bwd_kernel(
         store_matrix(dh0 + s_base, b_ds, 0, K, v0, V, BK, BV)
 
 
-@triton.autotune(configs=chunk_configs(), key=["K", "V"])
+@autotune(configs=chunk_configs(), key=["K", "V"])
 @triton.jit
 def delta_rule_dqkw_bwd_kernel(
     q, k, v_new, h, dh, gcum, do, du, dq, dk, dw, dgcum, chunk_index, cu_seqlens, scale,
@@ -405,7 +406,7 @@ def delta_rule_dqkw_bwd_kernel(
     store_rows(dw + i_h * K, b_dw, t0, nt, H * K, k0, K, BT, BKC)
 
 
-@triton.autotune(configs=chunk_configs(), key=["K", "V"])
+@autotune(configs=chunk_configs(), key=["K", "V"])
 @triton.jit
 def delta_rule_wy_bwd_kernel(
     k, v, beta, gcum, m_wy, dw, du, dk_other, dk, dv, dbeta, dgcum, chunk_index, cu_seqlens,
@@ -473,7 +474,7 @@ def delta_rule_wy_bwd_kernel(
         store_rows(dk + i_h * K, b_dk, t0, nt, H * K, k0, K, BT, BKC)
 
 
-@triton.autotune(configs=state_configs("BV"), key=["K", "V"])
+@autotune(configs=state_configs("BV"), key=["K", "V"])
 @triton.jit
 def delta_rule_recurrent_fwd_kernel(
     q, k, v, beta, g, o, h0, ht, cu_seqlens, scale,

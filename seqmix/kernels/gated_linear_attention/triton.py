@@ -30,6 +30,7 @@ from seqmix.kernels import triton_common
 from seqmix.kernels.alloc import empty
 from seqmix.kernels.sequences import Chunking
 from seqmix.kernels.triton_common import (
+    autotune,
     chunk_configs,
     chunk_local_cumsum,
     chunk_position,
@@ -51,7 +52,7 @@ CHUNK = 64
 SUB = 16
 
 
-@triton.autotune(configs=state_configs("BV"), key=["K", "V"])
+@autotune(configs=state_configs("BV"), key=["K", "V"])
 @triton.jit
 def gla_state_fwd_kernel(
     k, v, gcum, h, h0, ht, chunk_offsets, cu_seqlens,
@@ -98,7 +99,7 @@ def _diagonal_scores(q, k, gcum, i_h, t0, nt, r, H: tl.constexpr, K: tl.constexp
     return acc
 
 
-@triton.autotune(configs=chunk_configs(), key=["K"])
+@autotune(configs=chunk_configs(), key=["K"])
 @triton.jit
 def gla_intra_fwd_kernel(
     q, k, gcum, A, chunk_index, cu_seqlens, scale,
@@ -140,7 +141,7 @@ def _load_scores(A, i_h, t0, nt, H: tl.constexpr, BT: tl.constexpr):
     return tl.where(o_t[:, None] >= o_t[None, :], b_a, 0.0)
 
 
-@triton.autotune(configs=chunk_configs(), key=["K", "V"])
+@autotune(configs=chunk_configs(), key=["K", "V"])
 @triton.jit
 def gla_output_fwd_kernel(
     q, v, gcum, h, A, o, chunk_index, cu_seqlens, scale,
@@ -163,7 +164,7 @@ def gla_output_fwd_kernel(
     store_rows(o + i_h * V, b_o, t0, nt, H * V, v0, V, BT, BV)
 
 
-@triton.autotune(configs=state_configs("BV"), key=["K", "V"])
+@autotune(configs=state_configs("BV"), key=["K", "V"])
 @triton.jit
 def gla_state_bwd_kernel(
     q, gcum, do, dh, dht, dh0, chunk_offsets, cu_seqlens, scale,
@@ -194,7 +195,7 @@ def gla_state_bwd_kernel(
         store_matrix(dh0 + s_base, b_ds, 0, K, v0, V, BK, BV)
 
 
-@triton.autotune(configs=chunk_configs(), key=["V"])
+@autotune(configs=chunk_configs(), key=["V"])
 @triton.jit
 def gla_dscores_bwd_kernel(
     v, do, dA, chunk_index, cu_seqlens, scale,
@@ -214,7 +215,7 @@ def gla_dscores_bwd_kernel(
     store_rows(dA + i_h * BT, b_da, t0, nt, H * BT, 0, BT, BT, BT)
 
 
-@triton.autotune(configs=chunk_configs(), key=["K", "V"])
+@autotune(configs=chunk_configs(), key=["K", "V"])
 @triton.jit
 def gla_dv_bwd_kernel(
     k, gcum, A, do, dh, dv, chunk_index, cu_seqlens,
@@ -292,7 +293,7 @@ def _intra_dk(q, gcum, dA, i_h, t0, nt, r, k0, H: tl.constexpr, K: tl.constexpr,
     return acc
 
 
-@triton.autotune(configs=chunk_configs(), key=["K", "V"])
+@autotune(configs=chunk_configs(), key=["K", "V"])
 @triton.jit
 def gla_dqk_bwd_kernel(
     q, k, v, gcum, h, dh, dA, do, dq, dk, dgcum, chunk_index, cu_seqlens, scale,
@@ -342,7 +343,7 @@ def gla_dqk_bwd_kernel(
     store_rows(dgcum + i_h * K, b_dgcum, tr, nr, H * K, k0, K, BC, BKC)
 
 
-@triton.autotune(configs=state_configs("BV"), key=["K", "V"])
+@autotune(configs=state_configs("BV"), key=["K", "V"])
 @triton.jit
 def gla_recurrent_fwd_kernel(
     q, k, v, g, o, h0, ht, cu_seqlens, scale,

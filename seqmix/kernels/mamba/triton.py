@@ -31,7 +31,7 @@ import triton.language as tl
 from seqmix.kernels import triton_common
 from seqmix.kernels.alloc import empty
 from seqmix.kernels.sequences import Chunking
-from seqmix.kernels.triton_common import SOFTPLUS_THRESHOLD, autotune_configs, head_block, sequence_bounds
+from seqmix.kernels.triton_common import SOFTPLUS_THRESHOLD, autotune, autotune_configs, head_block, sequence_bounds
 
 CHUNK = 64
 # The backward's channel block is fixed (not tuned): it sizes the scratch buffer the host allocates.
@@ -67,7 +67,7 @@ def _per_channel(base, o_d, m_d, HAS: tl.constexpr):
     return tl.zeros(o_d.shape, dtype=tl.float32)
 
 
-@triton.autotune(configs=_fwd_configs(), key=["DIM", "N"])
+@autotune(configs=_fwd_configs(), key=["DIM", "N"])
 @triton.jit
 def selective_scan_recurrent_fwd_kernel(
     u, delta, A, B, C, D, z, delta_bias, out, hc, h0, ht, chunk_offsets, cu_seqlens,
@@ -112,7 +112,7 @@ def selective_scan_recurrent_fwd_kernel(
         tl.store(ht + s_base + s_off, b_h, mask=m_dn)
 
 
-@triton.autotune(configs=_bwd_configs(), key=["DIM", "N"])
+@autotune(configs=_bwd_configs(), key=["DIM", "N"])
 @triton.jit
 def selective_scan_recurrent_bwd_kernel(
     u, delta, A, B, C, D, z, delta_bias, dout, hc, scratch, dht, du, ddelta, dz, da_part, dd_part, db_part,

@@ -38,6 +38,7 @@ from seqmix.kernels.alloc import empty
 from seqmix.kernels.sequences import Chunking
 from seqmix.kernels.triton_common import (
     SOFTPLUS_THRESHOLD,
+    autotune,
     chunk_configs,
     chunk_position,
     dot_precision,
@@ -111,7 +112,7 @@ def _chunk_program(chunk_index, cu_seqlens, H: tl.constexpr, G: tl.constexpr, P:
     return i_c, i_b, i_h, i_h // (H // G), t0, nt, (i_c.to(tl.int64) * H + i_h) * P * N
 
 
-@triton.autotune(configs=chunk_configs(), key=["H"])
+@autotune(configs=chunk_configs(), key=["H"])
 @triton.jit
 def ssd_dt_fwd_kernel(
     dt, dt_bias, A, dtp, lcum, chunk_index, cu_seqlens, lo, hi,
@@ -135,7 +136,7 @@ def ssd_dt_fwd_kernel(
     tl.store(out_ptrs, b_l, mask=mask)
 
 
-@triton.autotune(configs=state_configs("BP"), key=["P", "N"])
+@autotune(configs=state_configs("BP"), key=["P", "N"])
 @triton.jit
 def ssd_state_fwd_kernel(
     x, B, dtp, lcum, h, h0, ht, chunk_offsets, cu_seqlens,
@@ -164,7 +165,7 @@ def ssd_state_fwd_kernel(
         store_matrix(ht + s_base, b_s, p0, P, 0, N, BP, BN)
 
 
-@triton.autotune(configs=chunk_configs(), key=["P", "N"])
+@autotune(configs=chunk_configs(), key=["P", "N"])
 @triton.jit
 def ssd_output_fwd_kernel(
     x, z, B, C, D, dtp, lcum, h, y, out, chunk_index, cu_seqlens,
@@ -198,7 +199,7 @@ def ssd_output_fwd_kernel(
     store_rows(out + i_h * P, b_y, t0, nt, H * P, p0, P, BT, BP)
 
 
-@triton.autotune(configs=state_configs("BP"), key=["P", "N"])
+@autotune(configs=state_configs("BP"), key=["P", "N"])
 @triton.jit
 def ssd_state_bwd_kernel(
     C, dy, lcum, dh, dht, dh0, chunk_offsets, cu_seqlens,
@@ -228,7 +229,7 @@ def ssd_state_bwd_kernel(
         store_matrix(dh0 + s_base, b_ds, p0, P, 0, N, BP, BN)
 
 
-@triton.autotune(configs=chunk_configs(), key=["P", "N"])
+@autotune(configs=chunk_configs(), key=["P", "N"])
 @triton.jit
 def ssd_dx_bwd_kernel(
     x, B, C, D, dtp, lcum, h, dh, dy, dx, ddt_part, dl_part, dd_part, chunk_index, cu_seqlens, part_stride,
@@ -288,7 +289,7 @@ def ssd_dx_bwd_kernel(
         tl.store(dd_part + (i_p * tl.num_programs(0) + i_c) * H + i_h, tl.sum(tl.sum(b_xf * b_dyf, 1), 0))
 
 
-@triton.autotune(configs=chunk_configs(), key=["P", "N"])
+@autotune(configs=chunk_configs(), key=["P", "N"])
 @triton.jit
 def ssd_dbc_bwd_kernel(
     x, B, C, dtp, lcum, h, dh, dy, db, dc, chunk_index, cu_seqlens,
@@ -321,7 +322,7 @@ def ssd_dbc_bwd_kernel(
     store_rows(db + i_h * N, b_db, t0, nt, H * N, n0, N, BT, BNC)
 
 
-@triton.autotune(configs=chunk_configs(), key=["H"])
+@autotune(configs=chunk_configs(), key=["H"])
 @triton.jit
 def ssd_dt_bwd_kernel(
     dt, dt_bias, A, dtp, ddt_direct, dl, ddt, da_part, chunk_index, cu_seqlens, lo, hi,
@@ -354,7 +355,7 @@ def ssd_dt_bwd_kernel(
     tl.store(ptrs, b_ddtp, mask=mask)
 
 
-@triton.autotune(configs=state_configs("BP"), key=["P", "N"])
+@autotune(configs=state_configs("BP"), key=["P", "N"])
 @triton.jit
 def ssd_recurrent_fwd_kernel(
     x, dt, A, B, C, D, z, dt_bias, out, h0, ht, cu_seqlens, lo, hi,
