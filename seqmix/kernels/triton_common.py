@@ -35,9 +35,10 @@ def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
 
 
 # Triton keeps compiled kernels in its cache directory, but its autotuner times every config again in each new
-# process (each config's binary loaded and run for ~0.1 s, per kernel and shape: seconds for GLA's eight kernels and
-# 44 configs). With `cache_results` (Triton 3.2 on) the timings are kept there too, and a later process runs the
-# chosen config at once. Looked up rather than assumed, so that an older Triton still imports seqmix.
+# process (each config's binary loaded and run for ~0.1 s, per kernel and shape: seconds for GLA's eight kernels
+# and 44 configs). With `cache_results` (Triton 3.9 here has it) the timings are kept there too, and a later
+# process runs the chosen config at once. Looked up rather than assumed, so that a Triton without it still
+# imports seqmix.
 _CACHE_RESULTS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
