@@ -12,6 +12,7 @@ from seqmix.archs.modules import Linear
 from seqmix.kernels import step_cpu
 from seqmix.kernels.backend import Choice, report, reporting
 from seqmix.kernels.sequences import in_dtype, reference_dtype
+from seqmix.kernels.step_cpu import StateOf
 
 
 def rotary_frequencies(head_dim: int, theta: float, device, dtype) -> torch.Tensor:
@@ -141,14 +142,8 @@ class Attention(Mixer):
         modules = self._modules
         qkv_weight, o_weight = modules["qkv_proj"]._parameters["weight"], modules["o_proj"]._parameters["weight"]
         frequencies = self._decoding_frequencies()
-        attention_step = step_cpu.attention_step.bind(qkv_weight, frequencies, o_weight)
-
-        def step(x, state):
-            length = state["length"]
-            out = attention_step(x, qkv_weight, state["k"], state["v"], length, frequencies, o_weight)
-            return out, {**state, "length": length + 1}
-
-        return step
+        return step_cpu.LayerCall(step_cpu.attention_step, (None, qkv_weight, StateOf("k"), StateOf("v"),
+                                                            StateOf("length"), frequencies, o_weight), ("length",))
 
     def _decoding_frequencies(self) -> torch.Tensor:
         w = self.qkv_proj.weight

@@ -13,6 +13,7 @@ from seqmix.archs.modules import Linear, ShortConvolution, no_weight_decay
 from seqmix.kernels import dynamic_conv, light_conv, step_cpu
 from seqmix.kernels.conv.step import dynamic_conv_step
 from seqmix.kernels.sequences import in_dtype, reference_dtype
+from seqmix.kernels.step_cpu import StateOf
 
 
 def _packed(x, cu_seqlens):
@@ -74,13 +75,8 @@ class _ConvBlock(Mixer):
         weights = (in_proj["weight"], in_proj["bias"], *self._step_kernels())
         out = (out_proj["weight"], out_proj["bias"])
         options = (self.num_heads, self.weight_softmax)
-        dynamic_conv_layer_step = step_cpu.dynamic_conv_layer_step.bind(*weights, *out)
-
-        def step(x, state):
-            y, conv = dynamic_conv_layer_step(x, *weights, *options, state["conv"], *out)
-            return y, {"conv": conv}
-
-        return step
+        return step_cpu.LayerCall(step_cpu.dynamic_conv_layer_step, (None, *weights, *options, StateOf("conv"), *out),
+                                  ("conv",))
 
     def _conv(self, u, weight, cu_seqlens):
         op = dynamic_conv if weight.dim() == 4 else light_conv
@@ -217,13 +213,8 @@ class ShortConv(Mixer):
         weights = (self._modules["in_proj"]._parameters["weight"], conv._parameters["weight"], conv.bias,
                    conv.activation == "silu")
         out_weight = self._modules["out_proj"]._parameters["weight"]
-        short_conv_layer_step = step_cpu.short_conv_layer_step.bind(*weights[:3], out_weight)
-
-        def step(x, state):
-            y, conv_state = short_conv_layer_step(x, *weights, state["conv"], out_weight)
-            return y, {"conv": conv_state}
-
-        return step
+        return step_cpu.LayerCall(step_cpu.short_conv_layer_step, (None, *weights, StateOf("conv"), out_weight),
+                                  ("conv",))
 
     def init_state(self, batch_size: int) -> State:
         return {"conv": self.conv.init_state(batch_size)}

@@ -16,6 +16,7 @@ from seqmix.kernels.conv.step import causal_conv1d_step
 from seqmix.kernels.deltanet.step import delta_rule_step, gated_delta_rule_step
 from seqmix.kernels.linear import linear
 from seqmix.kernels.sequences import in_dtype, reference_dtype
+from seqmix.kernels.step_cpu import StateOf
 
 
 @register_mixer("deltanet")
@@ -151,14 +152,10 @@ class DeltaNet(Mixer):
         o_norm, o_weight = modules["o_norm"], modules["o_proj"]._parameters["weight"]
         norm_weight, eps, scale = o_norm._parameters["weight"], o_norm.eps, self.head_k ** -0.5
         has_gate, decay = modules.get("g_proj") is not None, self._decay_parameters()
-        deltanet_step = step_cpu.deltanet_step.bind(weights, taps, *decay, norm_weight, o_weight)
-
-        def step(x, state):
-            out, conv, recurrent = deltanet_step(x, weights, taps, state.get("conv"), state["recurrent"], *decay,
-                                                 norm_weight, eps, has_gate, scale, L2_NORM_EPS, o_weight)
-            return out, ({"recurrent": recurrent} if taps is None else {"conv": conv, "recurrent": recurrent})
-
-        return step
+        conv = None if taps is None else StateOf("conv")
+        return step_cpu.LayerCall(step_cpu.deltanet_step, (None, weights, taps, conv, StateOf("recurrent"), *decay,
+                                                           norm_weight, eps, has_gate, scale, L2_NORM_EPS, o_weight),
+                                  (None if taps is None else "conv", "recurrent"))
 
     def _tensor_op_step(self, f, taps, state, gated: bool):
         """:meth:`_decoding_step` between the projections with the tensor-op steps (autograd, CUDA tensors, no C++

@@ -13,6 +13,7 @@ from seqmix.kernels import gla, step_cpu
 from seqmix.kernels.gated_linear_attention.step import gla_step
 from seqmix.kernels.linear import linear
 from seqmix.kernels.sequences import reference_dtype
+from seqmix.kernels.step_cpu import StateOf
 
 
 @register_mixer("gla")
@@ -110,13 +111,8 @@ class GatedLinearAttention(Mixer):
         decay = (up["weight"], up["bias"], float(self.gate_normalizer))
         out = (o_norm._parameters["weight"], o_norm.eps, len(names) == 4, self.head_k ** -0.5,
                modules["o_proj"]._parameters["weight"])
-        gla_layer_step = step_cpu.gla_layer_step.bind(weights, *decay[:2], out[0], out[4])
-
-        def step(x, state):
-            y, recurrent = gla_layer_step(x, weights, *decay, state["recurrent"], *out)
-            return y, {"recurrent": recurrent}
-
-        return step
+        return step_cpu.LayerCall(step_cpu.gla_layer_step, (None, weights, *decay, StateOf("recurrent"), *out),
+                                  ("recurrent",))
 
     def init_state(self, batch_size: int) -> State:
         device = self.q_proj.weight.device

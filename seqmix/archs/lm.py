@@ -182,26 +182,45 @@ class Block(nn.Module):
         the MLP, or with :attr:`replaces_stream` the mixer's output as the stream): ``x, state = step(x, state)``,
         x [B, hidden]. The calls :meth:`forward` makes for a decoding step on CPU tensors, without its module
         calls. None where the mixer has no such step or the C++ steps do not serve ``like``."""
-        mixer_norm = self.mixer_norm
-        norm_weight, norm_eps = mixer_norm.weight, mixer_norm.eps
-        mixer_step = self.mixer.cpu_decoding_step(like, state, **(options if self.takes_steps else {}))
-        if mixer_step is None or norm_weight.dtype != like.dtype:
+        parts = self._decoding_parts(like, state, options)
+        if parts is None:
             return None
+        mixer_step, norm_weight, norm_eps, mlp = parts
         row_norm = step_cpu.row_norm.bind(norm_weight)
-        if self.replaces_stream:
+        if mlp is None:
             return lambda x, state: mixer_step(row_norm(x, norm_weight, None, norm_eps, True), state)
+        residual_swiglu_step = step_cpu.residual_swiglu_step.bind(mlp[0], *mlp[2:])
+
+        def step(x, state):
+            y, state = mixer_step(row_norm(x, norm_weight, None, norm_eps, True), state)
+            return residual_swiglu_step(x, y, *mlp), state
+
+        return step
+
+    def cpu_decoder_block(self, like: torch.Tensor, state: State, options: dict) -> step_cpu.DecoderBlock | None:
+        """The block as one of an LM's C++ decoding token (:func:`seqmix.kernels.step_cpu.decoder`): where
+        :meth:`cpu_decoding_step` serves, the mixer's step is one C++ call (a :class:`~seqmix.kernels.step_cpu.
+        LayerCall`) and the MLP follows it; else None."""
+        parts = self._decoding_parts(like, state, options)
+        if parts is None or parts[3] is None or type(parts[0]) is not step_cpu.LayerCall:
+            return None
+        return step_cpu.DecoderBlock(*parts[:3], *parts[3])
+
+    def _decoding_parts(self, like, state, options):
+        """What the block's C++ decoding step is made of: the mixer's bound step, its norm's weight and eps, and
+        (the MLP's norm weight, its eps, gate_up, down), None with :attr:`replaces_stream`; None where they do
+        not serve ``like``."""
+        mixer_norm = self.mixer_norm
+        mixer_step = self.mixer.cpu_decoding_step(like, state, **(options if self.takes_steps else {}))
+        if mixer_step is None or mixer_norm.weight.dtype != like.dtype:
+            return None
+        if self.replaces_stream:
+            return mixer_step, mixer_norm.weight, mixer_norm.eps, None
         mlp_norm, mlp = self.mlp_norm, self.mlp
         weights = (mlp_norm.weight, mlp.gate_up.weight, mlp.down.weight)
         if not step_cpu.serves_step("residual_swiglu_step", like, *weights):
             return None
-        mlp_eps = mlp_norm.eps
-        residual_swiglu_step = step_cpu.residual_swiglu_step.bind(*weights)
-
-        def step(x, state):
-            y, state = mixer_step(row_norm(x, norm_weight, None, norm_eps, True), state)
-            return residual_swiglu_step(x, y, weights[0], mlp_eps, *weights[1:]), state
-
-        return step
+        return mixer_step, mixer_norm.weight, mixer_norm.eps, (weights[0], mlp_norm.eps, *weights[1:])
 
 
 class LanguageModel(nn.Module):
@@ -268,6 +287,9 @@ class LanguageModel(nn.Module):
         like = embed.detach()[:0]
         if torch.is_grad_enabled() or not step_cpu.serves_step("rms_norm_times_weight", like, norm.weight):
             return None
+        blocks = [block.cpu_decoder_block(like, s, options) for block, s in zip(self.blocks, state)]
+        if all(block is not None for block in blocks):
+            return step_cpu.decoder(embed, norm.weight, norm.eps, blocks)
         steps = [block.cpu_decoding_step(like, s, options) for block, s in zip(self.blocks, state)]
         if any(step is None for step in steps):
             return None

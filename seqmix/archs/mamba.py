@@ -15,6 +15,7 @@ from seqmix.kernels import selective_scan, step_cpu
 from seqmix.kernels.conv.step import causal_conv1d_step
 from seqmix.kernels.linear import linear
 from seqmix.kernels.mamba.step import selective_scan_step_unchecked
+from seqmix.kernels.step_cpu import StateOf
 
 
 @register_mixer("mamba")
@@ -118,13 +119,8 @@ class Mamba(Mixer):
         scan = (modules["x_proj"]._parameters["weight"], dt_proj["weight"], dt_proj["bias"], self._step_A(),
                 params["D"])
         out_weight = modules["out_proj"]._parameters["weight"]
-        mamba_step = step_cpu.mamba_step.bind(*in_weights, *scan, out_weight)
-
-        def step(x, state):
-            out, conv_state, ssm_state = mamba_step(x, *in_weights, state["conv"], *scan, state["ssm"], out_weight)
-            return out, {"conv": conv_state, "ssm": ssm_state}
-
-        return step
+        return step_cpu.LayerCall(step_cpu.mamba_step, (None, *in_weights, StateOf("conv"), *scan, StateOf("ssm"),
+                                                        out_weight), ("conv", "ssm"))
 
     def _A(self):
         """A = -exp(A_log) [D, N] in float32 at least (a float64 layer keeps float64)."""

@@ -12,6 +12,7 @@ from seqmix.archs.modules import Linear, RMSNorm, ShortConvolution, no_weight_de
 from seqmix.kernels import ssd_xbc, step_cpu
 from seqmix.kernels.linear import linear
 from seqmix.kernels.mamba2.step import ssd_step
+from seqmix.kernels.step_cpu import StateOf
 
 
 def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
@@ -127,13 +128,8 @@ class Mamba2(Mixer):
         A = self._decoding_constant("_step_A", [params["A_log"]], self._A)
         ssd = (A, params["D"], params["dt_bias"], True, *map(float, self.dt_limit))
         out_weights = (norm._parameters["weight"], norm.eps, modules["out_proj"]._parameters["weight"])
-        mamba2_step = step_cpu.mamba2_step.bind(*weights, *ssd[:3], out_weights[0], out_weights[2])
-
-        def step(x, state):
-            out, conv_state, ssm_state = mamba2_step(x, *weights, state["conv"], *ssd, state["ssm"], *out_weights)
-            return out, {"conv": conv_state, "ssm": ssm_state}
-
-        return step
+        return step_cpu.LayerCall(step_cpu.mamba2_step, (None, *weights, StateOf("conv"), *ssd, StateOf("ssm"),
+                                                         *out_weights), ("conv", "ssm"))
 
     def _A(self):
         """A = -exp(A_log) [H] in float32."""

@@ -19,6 +19,7 @@
 #include <limits>
 #include <vector>
 
+#include "decoder_cpu.h"
 #include "linear_cpu.h"
 #include "rows_cpu.h"
 #include "vec_cpu.h"
@@ -87,9 +88,9 @@ void attend(const T* q, const T* k, const T* v, T* o, T* scores, int64_t n, int6
   }
 }
 
-at::Tensor attention_step(const at::Tensor& x, const at::Tensor& qkv_weight, const at::Tensor& k_cache,
-                          const at::Tensor& v_cache, const at::Tensor& length, const at::Tensor& inv_freq,
-                          const at::Tensor& o_weight) {
+std::vector<at::Tensor> attention_step(const at::Tensor& x, const at::Tensor& qkv_weight, const at::Tensor& k_cache,
+                                       const at::Tensor& v_cache, const at::Tensor& length,
+                                       const at::Tensor& inv_freq, const at::Tensor& o_weight) {
   const char* kernel = "attention_step_cpu";
   TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), kernel,
               ": k_cache and v_cache must be [B, H, L, D]");
@@ -146,11 +147,15 @@ at::Tensor attention_step(const at::Tensor& x, const at::Tensor& qkv_weight, con
       }
     });
   });
-  return seqmix_cpu::times_weight(o.view({B, H * D}), o_weight, kernel);
+  return {seqmix_cpu::times_weight(o.view({B, H * D}), o_weight, kernel), at::add(length, 1)};
 }
 
 }  // namespace
 
 void bind_attention_step(pybind11::module& m) {
   m.def("attention_step", &attention_step, "attention's one-token decoding step into preallocated caches (CPU)");
+  // For decoder_cpu.cpp, its arguments in the order of seqmix/kernels/step_cpu.py's op.
+  seqmix_cpu::register_layer_step("seqmix::attention_step_cpu", [](const seqmix_cpu::StepArgs& a) {
+    return attention_step(a.t(0), a.t(1), a.t(2), a.t(3), a.t(4), a.t(5), a.t(6));
+  });
 }

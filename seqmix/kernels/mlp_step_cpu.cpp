@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <initializer_list>
 
+#include "decoder_cpu.h"
 #include "linear_cpu.h"
 #include "row_norm_cpu.h"
 
@@ -58,8 +59,10 @@ at::Tensor swiglu_mlp(const at::Tensor& n, const at::Tensor& gate_up, const at::
   return seqmix_cpu::times_weight(act, down, kernel);
 }
 
-at::Tensor residual_swiglu_step(const at::Tensor& x, const at::Tensor& y, const at::Tensor& norm_weight,
-                                double eps, const at::Tensor& gate_up, const at::Tensor& down) {
+}  // namespace
+
+at::Tensor seqmix_cpu::residual_swiglu_step(const at::Tensor& x, const at::Tensor& y, const at::Tensor& norm_weight,
+                                            double eps, const at::Tensor& gate_up, const at::Tensor& down) {
   const char* kernel = "residual_swiglu_step_cpu";
   check_mlp_step(kernel, x, {&y, &norm_weight, &gate_up, &down}, gate_up, down);
   const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
@@ -67,6 +70,8 @@ at::Tensor residual_swiglu_step(const at::Tensor& x, const at::Tensor& y, const 
   const at::Tensor n = seqmix_cpu::row_norm(h, norm_weight, c10::nullopt, eps, true);
   return at::add(h, swiglu_mlp(n, gate_up, down, kernel)).view(x.sizes());
 }
+
+namespace {
 
 at::Tensor sandwich_swiglu_step(const at::Tensor& s, const at::Tensor& y, const at::Tensor& mixer_out_weight,
                                 const at::Tensor& mlp_in_weight, const at::Tensor& mlp_out_weight, double eps,
@@ -86,7 +91,8 @@ at::Tensor sandwich_swiglu_step(const at::Tensor& s, const at::Tensor& y, const 
 }  // namespace
 
 void bind_mlp_step(pybind11::module& m) {
-  m.def("residual_swiglu_step", &residual_swiglu_step, "an LM block's residual, RMSNorm and SwiGLU MLP (CPU)");
+  m.def("residual_swiglu_step", &seqmix_cpu::residual_swiglu_step,
+        "an LM block's residual, RMSNorm and SwiGLU MLP (CPU)");
   m.def("sandwich_swiglu_step", &sandwich_swiglu_step,
         "a sandwich block's norms and SwiGLU MLP after its mixer (recurrent depth, CPU)");
 }

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "args_cpu.h"
+#include "decoder_cpu.h"
 #include "linear_cpu.h"
 #include "rows_cpu.h"
 #include "vec_cpu.h"
@@ -621,4 +622,22 @@ void bind_recurrent_steps(pybind11::module& m) {
   m.def("mamba2_step", &mamba2_step, "one token of a Mamba-2 layer with its projections (CPU)");
   m.def("gla_layer_step", &gla_layer_step, "one token of a GLA layer with its projections (CPU)");
   m.def("mamba_step", &mamba_step, "one token of a Mamba layer with its projections (CPU)");
+  // The layers' steps for decoder_cpu.cpp, their arguments in the order of seqmix/kernels/step_cpu.py's ops.
+  using seqmix_cpu::StepArgs;
+  seqmix_cpu::register_layer_step("seqmix::deltanet_step_cpu", [](const StepArgs& a) {
+    return deltanet_step(a.t(0), a.t(1), a.tensors[2], a.tensors[3], a.t(4), a.tensors[5], a.tensors[6], a.t(7),
+                         a.numbers[0], a.flags[0], a.numbers[1], a.numbers[2], a.t(8));
+  });
+  seqmix_cpu::register_layer_step("seqmix::mamba2_step_cpu", [](const StepArgs& a) {
+    return mamba2_step(a.t(0), a.t(1), a.t(2), a.t(3), a.t(4), a.t(5), a.t(6), a.t(7), a.flags[0], a.numbers[0],
+                       a.numbers[1], a.t(8), a.t(9), a.numbers[2], a.t(10));
+  });
+  seqmix_cpu::register_layer_step("seqmix::gla_layer_step_cpu", [](const StepArgs& a) {
+    return gla_layer_step(a.t(0), a.t(1), a.t(2), a.t(3), a.numbers[0], a.t(4), a.t(5), a.numbers[1], a.flags[0],
+                          a.numbers[2], a.t(6));
+  });
+  seqmix_cpu::register_layer_step("seqmix::mamba_step_cpu", [](const StepArgs& a) {
+    return mamba_step(a.t(0), a.t(1), a.t(2), a.t(3), a.t(4), a.t(5), a.t(6), a.t(7), a.t(8), a.t(9), a.t(10),
+                      a.t(11));
+  });
 }

@@ -14,6 +14,7 @@
 #include "row_norm_cpu.h"
 
 #include "args_cpu.h"
+#include "decoder_cpu.h"
 #include "linear_cpu.h"
 #include "rows_cpu.h"
 
@@ -65,21 +66,18 @@ at::Tensor seqmix_cpu::row_norm(const at::Tensor& x, const c10::optional<at::Ten
   return x.scalar_type() == dtype ? y : y.to(x.scalar_type());
 }
 
-namespace {
-
 // The LM's readout in a decoding step (seqmix/archs/lm.py, LanguageModel._readout): RMSNorm of x [B, D]
 // (norm_weight [D], eps), then the head's projection (weight [V, D], linear_cpu.h), in x's dtype, float32 or
 // float64. Returns the logits [B, V].
-at::Tensor rms_norm_times_weight(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
-                                 const at::Tensor& weight) {
+at::Tensor seqmix_cpu::rms_norm_times_weight(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
+                                             const at::Tensor& weight) {
   TORCH_CHECK(x.dim() == 2, "rms_norm_times_weight_cpu: x must be [B, D]");
   return seqmix_cpu::times_weight(seqmix_cpu::row_norm(x, norm_weight, c10::nullopt, eps, true), weight,
                                   "rms_norm_times_weight_cpu");
 }
 
-}  // namespace
-
 void bind_row_norms(pybind11::module& m) {
   m.def("row_norm", &seqmix_cpu::row_norm, "RMSNorm (gated or not) or L2 norm over the last dim, no autograd (CPU)");
-  m.def("rms_norm_times_weight", &rms_norm_times_weight, "a decoding step's RMSNorm and head projection (CPU)");
+  m.def("rms_norm_times_weight", &seqmix_cpu::rms_norm_times_weight,
+        "a decoding step's RMSNorm and head projection (CPU)");
 }

@@ -21,13 +21,15 @@ in float32 (float64 for float64 inputs), as the tensor-op steps return them.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from seqmix.kernels import cpu
 from seqmix.kernels.backend import reporting, select_backend
-from seqmix.kernels.library import custom_op
+from seqmix.kernels.library import CustomOp, custom_op
 from seqmix.kernels.op import wants_grad
 from seqmix.kernels.sequences import reference_dtype
 
@@ -296,18 +298,20 @@ def _(s, y, mixer_out_weight, mlp_in_weight, mlp_out_weight, eps, gate_up, down)
 
 @custom_op("seqmix::attention_step_cpu", mutates_args=("k_cache", "v_cache"))
 def attention_step(x: Tensor, qkv_weight: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tensor,
-                       inv_freq: Tensor, o_weight: Tensor) -> Tensor:
+                   inv_freq: Tensor, o_weight: Tensor) -> tuple[Tensor, Tensor]:
     """seqmix/archs/attention.py's one-token step with its projections in one call, no autograd (all one dtype,
     float32 or float64; the caches contiguous): x [B, hidden] projected to q | k | v [B, 3, H, D] (qkv_weight
     [3 H D, hidden]), q and k rotated by the positions ``length`` [B] int64 (``inv_freq`` [D/2]: the rotary
     frequencies), k and v written into k_cache, v_cache [B, H, L, D] in place at slot ``length``, softmax
-    attention of q over slots 0..length, and o_proj (o_weight [hidden, H D]). Returns the output [B, hidden]."""
-    return cpu.extension().attention_step(x, qkv_weight, k_cache, v_cache, length, inv_freq, o_weight)
+    attention of q over slots 0..length, and o_proj (o_weight [hidden, H D]). Returns (the output [B, hidden],
+    ``length + 1``)."""
+    out, advanced = cpu.extension().attention_step(x, qkv_weight, k_cache, v_cache, length, inv_freq, o_weight)
+    return out, advanced
 
 
 @attention_step.register_fake
 def _(x, qkv_weight, k_cache, v_cache, length, inv_freq, o_weight):
-    return _projected_like(x, o_weight)
+    return _projected_like(x, o_weight), torch.empty_like(length)
 
 
 @custom_op("seqmix::short_conv_layer_step_cpu", mutates_args=())
@@ -349,3 +353,88 @@ def dynamic_conv_layer_step(x: Tensor, in_weight: Tensor, in_bias: Tensor, kerne
 def _(x, in_weight, in_bias, kernel, kernel_weight, kernel_bias, heads, weight_softmax, conv_state, out_weight,
       out_bias):
     return _projected_like(x, out_weight), _state_like(conv_state, x)
+
+
+class StateOf(NamedTuple):
+    """A :class:`LayerCall`'s argument that is the layer state's tensor under ``key``."""
+
+    key: str
+
+
+class LayerCall:
+    """A layer's one-token step as one call of a layer op above (``op``: :func:`mamba2_step`, :func:`mamba_step`,
+    :func:`deltanet_step`, :func:`gla_layer_step`, :func:`attention_step`, :func:`short_conv_layer_step`,
+    :func:`dynamic_conv_layer_step`) bound to its other arguments: ``args`` in the op's order, the first the
+    layer's input (a placeholder), :class:`StateOf` where the state's tensors go. The op returns the output and the
+    new state tensors, which take the keys ``outputs`` (None: dropped). ``y, state = call(x, state)`` with x, y
+    [B, hidden] (a :meth:`seqmix.archs.Mixer.cpu_decoding_step`); :func:`decoder` runs the same call inside an
+    LM's token."""
+
+    def __init__(self, op: CustomOp, args: tuple, outputs: tuple[str | None, ...]):
+        self.op, self.args, self.outputs = op, args, outputs
+        self._fn = op.bind(*(a for a in args[1:] if type(a) is not StateOf))
+        self._states = tuple((i, a.key) for i, a in enumerate(args) if type(a) is StateOf)
+
+    def __call__(self, x: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        args = list(self.args)
+        args[0] = x
+        for i, key in self._states:
+            args[i] = state[key]
+        out, *new = self._fn(*args)
+        state = dict(state)
+        for key, value in zip(self.outputs, new):
+            if key is not None:
+                state[key] = value
+        return out, state
+
+
+class DecoderBlock(NamedTuple):
+    """An LM block for :func:`decoder`: ``h = x + call(rms_norm(x) * mixer_norm)``, then ``h + swiglu(rms_norm(h) *
+    mlp_norm)`` with the MLP's gate_up [2I, D] and down [D, I] (seqmix/archs/lm.py's Block)."""
+
+    call: LayerCall
+    mixer_norm: Tensor
+    mixer_eps: float
+    mlp_norm: Tensor
+    mlp_eps: float
+    gate_up: Tensor
+    down: Tensor
+
+
+# Where a layer op's tensor argument comes from in decoder_cpu.cpp (bound, the block's normed input, else a state
+# slot), and an output state that no key takes.
+_BOUND, _INPUT, _DROPPED = -1, -2, -1
+
+
+def decoder(embed: Tensor, norm_weight: Tensor, eps: float, blocks: list[DecoderBlock]) -> Callable:
+    """An LM's decoding token as one C++ call (decoder_cpu.cpp): ``logits, state = decode(tokens, state)``, tokens [B, 1] int64, the embedding's rows (embed [V, D], also the
+    head) through the blocks, the final RMSNorm (norm_weight, eps) and the head; logits [B, V] float32. The same
+    calls as the blocks' Python steps (:class:`LayerCall`), without the Python between them."""
+    program, slots = cpu.extension().Decoder(embed, norm_weight, eps), []
+
+    def slot(block: int, key: str) -> int:
+        if (block, key) not in slots:
+            slots.append((block, key))
+        return slots.index((block, key))
+
+    for i, block in enumerate(blocks):
+        call, tensors, sources, values = block.call, [], [], {"float": [], "int": [], "bool": []}
+        for j, (arg, spec) in enumerate(zip(call.args, call.op.op._opoverload._schema.arguments, strict=True)):
+            kind = str(spec.type)
+            if kind in values:
+                values[kind].append(arg)
+            else:
+                tensors.append(None if j == 0 or type(arg) is StateOf else arg)
+                sources.append(_INPUT if j == 0 else slot(i, arg.key) if type(arg) is StateOf else _BOUND)
+        outputs = [_DROPPED if key is None else slot(i, key) for key in call.outputs]
+        program.add_block(call.op.name, tensors, sources, values["float"], values["int"], values["bool"], outputs,
+                          block.mixer_norm, block.mixer_eps, block.mlp_norm, block.mlp_eps, block.gate_up, block.down)
+
+    def decode(tokens: Tensor, state: list[dict[str, Tensor]]):
+        logits, new = program(tokens, [state[i][key] for i, key in slots])
+        state = [dict(s) for s in state]
+        for (i, key), value in zip(slots, new):
+            state[i][key] = value
+        return logits, state
+
+    return decode

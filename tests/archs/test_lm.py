@@ -8,6 +8,8 @@ import torch
 
 from seqmix.archs import MIXERS
 from seqmix.archs.lm import LanguageModel, LMConfig
+from seqmix.kernels import step_cpu
+from seqmix.kernels.step_cpu import decoder
 from tests.helpers import DEVICE, TOL, assert_rel, require_cpu_kernels
 
 
@@ -154,7 +156,6 @@ def test_decoding_blocks_mlp_half_and_the_readout_are_cpp_calls_equal_to_the_mod
     """On CPU tensors a decoding block's residual, MLP norm and SwiGLU are one C++ call
     (seqmix/kernels/mlp_step_cpu.cpp), and so are the final norm and the head (row_norm_cpu.cpp): chosen for one
     token without autograd, equal to the modules (SEQMIX_BACKEND=reference); opcheck of the custom ops."""
-    from seqmix.kernels import step_cpu
     from seqmix.kernels.backend import recording
 
     require_cpu_kernels()
@@ -188,6 +189,38 @@ def test_decoding_blocks_mlp_half_and_the_readout_are_cpp_calls_equal_to_the_mod
 # The mixers whose decoding step is one C++ call (Mixer.cpu_decoding_step).
 CPU_STEP_MIXERS = ["attention", "deltanet", "gated_deltanet", "gla", "mamba", "mamba2", "lightconv", "dynamicconv",
                    "shortconv", "recurrent_depth", "hourglass"]
+
+
+# The mixers whose step is one C++ layer op (step_cpu.LayerCall): an LM of them decodes a token in one C++ call.
+ONE_CALL_MIXERS = [name for name in CPU_STEP_MIXERS if name not in ("recurrent_depth", "hourglass")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_an_lm_of_one_call_layers_decodes_a_token_in_one_cpp_call(dtype, monkeypatch):
+    """Where every block's mixer step is one C++ layer op, generate's token is one C++ call (step_cpu.decoder,
+    decoder_cpu.cpp): its logits and every state tensor equal decode_step's module calls bit for bit, token after
+    token, the attention caches (written in place) included."""
+    require_cpu_kernels()
+    monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
+    built = []
+    monkeypatch.setattr(step_cpu, "decoder", lambda *args: built.append(args) or decoder(*args))
+    model = _model(ONE_CALL_MIXERS).to("cpu", dtype)
+    prompt, new = _tokens(2, 7).cpu(), 6
+    with torch.no_grad():
+        state = model.init_state(2, capacity=7 + new)
+        full, state = model(prompt, state)
+        mine = [{key: value.clone() for key, value in s.items()} for s in state]
+        decode = model._cpu_decoder(mine, {})
+        assert len(built) == 1 and len(built[0][3]) == len(ONE_CALL_MIXERS)
+        tokens = full[:, -1:].argmax(-1)
+        for _ in range(new):
+            want, state = model.decode_step(tokens, state)
+            got, mine = decode(tokens, mine)
+            assert got.dtype == torch.float32 and torch.equal(got, want)
+            for want_state, got_state in zip(state, mine, strict=True):
+                assert want_state.keys() == got_state.keys()
+                assert all(torch.equal(want_state[key], got_state[key]) for key in want_state)
+            tokens = want.argmax(-1, keepdim=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

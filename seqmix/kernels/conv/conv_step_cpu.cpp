@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../args_cpu.h"
+#include "../decoder_cpu.h"
 #include "../linear_cpu.h"
 #include "../rows_cpu.h"
 
@@ -189,4 +190,13 @@ void bind_conv_step(pybind11::module& m) {
   m.def("short_conv_layer_step", &short_conv_layer_step, "one token of a ShortConv layer with its projections (CPU)");
   m.def("dynamic_conv_layer_step", &dynamic_conv_layer_step,
         "one token of a LightConv or DynamicConv layer with its projections (CPU)");
+  // The layers' steps for decoder_cpu.cpp, their arguments in the order of seqmix/kernels/step_cpu.py's ops.
+  using seqmix_cpu::StepArgs;
+  seqmix_cpu::register_layer_step("seqmix::short_conv_layer_step_cpu", [](const StepArgs& a) {
+    return short_conv_layer_step(a.t(0), a.t(1), a.t(2), a.tensors[3], a.flags[0], a.t(4), a.t(5));
+  });
+  seqmix_cpu::register_layer_step("seqmix::dynamic_conv_layer_step_cpu", [](const StepArgs& a) {
+    return dynamic_conv_layer_step(a.t(0), a.t(1), a.t(2), a.tensors[3], a.tensors[4], a.tensors[5], a.integers[0],
+                                   a.flags[0], a.t(6), a.t(7), a.t(8));
+  });
 }

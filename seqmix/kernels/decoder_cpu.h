@@ -1,0 +1,36 @@
+// A whole decoding token of an LM in one C++ call (decoder_cpu.cpp): the embedding's rows, each block's RMSNorm,
+// mixer step and residual SwiGLU MLP, the final norm and the head. The layers' one-token steps (the Mamba-2,
+// Mamba, (Gated) DeltaNet, GLA, attention and conv layers' *_step functions) register themselves here under their
+// torch.library op's name, each as a function of its arguments gathered by type (StepArgs), so that a decoder
+// built from Python (seqmix/kernels/step_cpu.py, LayerCall) calls them with the arguments their Python ops take.
+#pragma once
+
+#include "torch_cpu.h"
+
+#include <vector>
+
+namespace seqmix_cpu {
+
+// A layer step's arguments, each kind in the order of the step function's parameters: tensors (absent optional
+// ones empty), floats, integers and flags.
+struct StepArgs {
+  std::vector<c10::optional<at::Tensor>> tensors;
+  std::vector<double> numbers;
+  std::vector<int64_t> integers;
+  std::vector<bool> flags;
+  const at::Tensor& t(size_t i) const { return *tensors[i]; }
+};
+
+// A layer step: its output [B, hidden] and then its new state tensors, in the order of its Python op's outputs.
+using LayerStep = std::vector<at::Tensor> (*)(const StepArgs&);
+
+// Makes `step` the decoder's step for layers whose LayerCall names `op` (a torch.library op's name).
+void register_layer_step(const char* op, LayerStep step);
+
+// The LM's parts around the layers (mlp_step_cpu.cpp, row_norm_cpu.cpp).
+at::Tensor residual_swiglu_step(const at::Tensor& x, const at::Tensor& y, const at::Tensor& norm_weight, double eps,
+                                const at::Tensor& gate_up, const at::Tensor& down);
+at::Tensor rms_norm_times_weight(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
+                                 const at::Tensor& weight);
+
+}  // namespace seqmix_cpu
