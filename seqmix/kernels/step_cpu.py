@@ -407,9 +407,11 @@ _BOUND, _INPUT, _DROPPED = -1, -2, -1
 
 
 def decoder(embed: Tensor, norm_weight: Tensor, eps: float, blocks: list[DecoderBlock]) -> Callable:
-    """An LM's decoding token as one C++ call (decoder_cpu.cpp): ``logits, state = decode(tokens, state)``, tokens [B, 1] int64, the embedding's rows (embed [V, D], also the
-    head) through the blocks, the final RMSNorm (norm_weight, eps) and the head; logits [B, V] float32. The same
-    calls as the blocks' Python steps (:class:`LayerCall`), without the Python between them."""
+    """An LM's decoding token as one C++ call (decoder_cpu.cpp): ``logits, state = decode(tokens, state)``,
+    tokens [B, 1] int64, state the blocks' states (as :meth:`seqmix.archs.lm.LanguageModel.init_state` lays them
+    out); the embedding's rows (embed [V, D], also the head) through the blocks, the final RMSNorm (norm_weight,
+    eps) and the head; logits [B, V] float32. The same calls as the blocks' Python steps (:class:`LayerCall`),
+    without the Python between them."""
     program, slots = cpu.extension().Decoder(embed, norm_weight, eps), []
 
     def slot(block: int, key: str) -> int:
