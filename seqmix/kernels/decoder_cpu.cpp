@@ -4,6 +4,7 @@
 // instead of three per block, each of which converted a dozen arguments (docs/design.md, "Twenty-third round").
 #include "decoder_cpu.h"
 
+#include <cstring>
 #include <map>
 #include <string>
 #include <tuple>
@@ -51,7 +52,7 @@ class Decoder {
 
   // tokens [B, 1] int64 and the state slots; returns the logits [B, vocab] float32 and the new state slots.
   std::tuple<at::Tensor, std::vector<at::Tensor>> operator()(const at::Tensor& tokens, std::vector<at::Tensor> states) {
-    at::Tensor x = embed_.index_select(0, tokens.reshape({-1}));
+    at::Tensor x = embedded(tokens);
     for (Block& block : blocks_) {
       const at::Tensor h = row_norm(x, block.mixer_norm, c10::nullopt, block.mixer_eps, true);
       StepArgs& args = block.args;
@@ -72,6 +73,24 @@ class Decoder {
   }
 
  private:
+  // The embedding's rows of tokens [B, 1] (int64, each in [0, V)): [B, D], copied by hand (index_select's set-up
+  // costs more than copying a few rows).
+  at::Tensor embedded(const at::Tensor& tokens) const {
+    TORCH_CHECK(tokens.device().is_cpu() && tokens.scalar_type() == at::kLong && tokens.is_contiguous(),
+                "Decoder: tokens must be a contiguous int64 CPU tensor");
+    const int64_t B = tokens.numel(), V = embed_.size(0), D = embed_.size(1);
+    const at::Tensor table = embed_.contiguous();
+    at::Tensor x = at::empty({B, D}, table.options());
+    const int64_t* ids = tokens.data_ptr<int64_t>();
+    const size_t row_bytes = D * table.element_size();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(ids[b] >= 0 && ids[b] < V, "Decoder: token ", ids[b], " is not in [0, ", V, ")");
+      std::memcpy(static_cast<char*>(x.data_ptr()) + b * row_bytes,
+                  static_cast<const char*>(table.data_ptr()) + ids[b] * row_bytes, row_bytes);
+    }
+    return x;
+  }
+
   at::Tensor embed_, norm_weight_;
   double eps_;
   std::vector<Block> blocks_;

@@ -221,6 +221,8 @@ def test_an_lm_of_one_call_layers_decodes_a_token_in_one_cpp_call(dtype, monkeyp
                 assert want_state.keys() == got_state.keys()
                 assert all(torch.equal(want_state[key], got_state[key]) for key in want_state)
             tokens = want.argmax(-1, keepdim=True)
+        with pytest.raises(RuntimeError, match=r"token 300 is not in \[0, 300\)"):
+            decode(torch.full((2, 1), 300), mine)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
