@@ -45,7 +45,8 @@ class Decoder {
     const auto found = layer_steps().find(op);
     TORCH_CHECK(found != layer_steps().end(), "Decoder: no C++ layer step registered for ", op);
     TORCH_CHECK(sources.size() == tensors.size(), "Decoder: one source per tensor argument");
-    blocks_.push_back({found->second, {std::move(tensors), std::move(numbers), std::move(integers), std::move(flags)},
+    blocks_.push_back({found->second,
+                       {std::move(tensors), std::move(numbers), std::move(integers), std::move(flags), true},
                        std::move(sources), std::move(outputs), std::move(mixer_norm), std::move(mlp_norm),
                        std::move(gate_up), std::move(down), mixer_eps, mlp_eps});
   }

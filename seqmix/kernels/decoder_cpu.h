@@ -12,12 +12,14 @@
 namespace seqmix_cpu {
 
 // A layer step's arguments, each kind in the order of the step function's parameters: tensors (absent optional
-// ones empty), floats, integers and flags.
+// ones empty), floats, integers and flags; `in_place`: the caller owns the state tensors given, so a step may write
+// its new state over them (the decoder's calls; a layer op called from Python returns new ones).
 struct StepArgs {
   std::vector<c10::optional<at::Tensor>> tensors;
   std::vector<double> numbers;
   std::vector<int64_t> integers;
   std::vector<bool> flags;
+  bool in_place = false;
   const at::Tensor& t(size_t i) const { return *tensors[i]; }
 };
 

@@ -305,11 +305,15 @@ at::Tensor dense(const at::Tensor& t, at::ScalarType dtype) {
 // dt_bias), lo, hi), A and D [H]; y = (h' C + D x) silu(z); y's RMSNorm over d_inner (norm_weight); out_proj
 // (out_weight [hidden, d_inner]). Returns its output [B, hidden] in x's dtype and the two new states (float32,
 // float64 for float64 x).
+// With `in_place` the new SSD state overwrites the one given (or the copy `prepared_state` made of it), each row
+// read before it is written: a decoder that owns its states (decoder_cpu.cpp) saves a new state's allocation and
+// its writes to memory that is not in cache (Mamba-2's state is the largest of the layers', 128 KiB a layer at
+// the tiny LM's sizes).
 std::vector<at::Tensor> mamba2_step(const at::Tensor& x, const at::Tensor& in_weight, const at::Tensor& conv_weight,
                                     const at::Tensor& conv_bias, const at::Tensor& conv_state, const at::Tensor& A,
                                     const at::Tensor& D, const at::Tensor& dt_bias, bool softplus, double lo, double hi,
                                     const at::Tensor& ssm_state, const at::Tensor& norm_weight, double eps,
-                                    const at::Tensor& out_weight) {
+                                    const at::Tensor& out_weight, bool in_place = false) {
   check_cpu({x, in_weight, conv_weight, conv_bias, conv_state, A, D, dt_bias, ssm_state, norm_weight, out_weight},
             "mamba2_step_cpu");
   const at::Tensor f = seqmix_cpu::times_weight(x, in_weight, "mamba2_step_cpu");
@@ -327,7 +331,7 @@ std::vector<at::Tensor> mamba2_step(const at::Tensor& x, const at::Tensor& in_we
   const at::Tensor fc = prepared(f, dtype), S = prepared_state(ssm_state, dtype), cs = dense(conv_state, dtype);
   const at::Tensor cw = dense(conv_weight, dtype), cb = dense(conv_bias, dtype), Ac = dense(A, dtype);
   const at::Tensor Dc = dense(D, dtype), biasc = dense(dt_bias, dtype), nw = dense(norm_weight, dtype);
-  at::Tensor Sn = at::empty({B, H, P, N}, f.options().dtype(dtype));
+  at::Tensor Sn = in_place ? S : at::empty({B, H, P, N}, f.options().dtype(dtype));
   at::Tensor cn = at::empty({B, channels, W - 1}, f.options().dtype(dtype));
   at::Tensor y = at::empty({B, inner}, f.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES(dtype, "mamba2_step_cpu", [&] {
@@ -619,7 +623,14 @@ void bind_recurrent_steps(pybind11::module& m) {
   m.def("gla_step", &gla_step, "one token of gated linear attention (CPU)");
   m.def("ssd_step", &ssd_step, "one token of Mamba-2's SSD (CPU)");
   m.def("deltanet_step", &deltanet_step, "one token of a (Gated) DeltaNet layer with its projections (CPU)");
-  m.def("mamba2_step", &mamba2_step, "one token of a Mamba-2 layer with its projections (CPU)");
+  m.def("mamba2_step", [](const at::Tensor& x, const at::Tensor& in_weight, const at::Tensor& conv_weight,
+                          const at::Tensor& conv_bias, const at::Tensor& conv_state, const at::Tensor& A,
+                          const at::Tensor& D, const at::Tensor& dt_bias, bool softplus, double lo, double hi,
+                          const at::Tensor& ssm_state, const at::Tensor& norm_weight, double eps,
+                          const at::Tensor& out_weight) {
+    return mamba2_step(x, in_weight, conv_weight, conv_bias, conv_state, A, D, dt_bias, softplus, lo, hi, ssm_state,
+                       norm_weight, eps, out_weight);
+  }, "one token of a Mamba-2 layer with its projections (CPU)");
   m.def("gla_layer_step", &gla_layer_step, "one token of a GLA layer with its projections (CPU)");
   m.def("mamba_step", &mamba_step, "one token of a Mamba layer with its projections (CPU)");
   // The layers' steps for decoder_cpu.cpp, their arguments in the order of seqmix/kernels/step_cpu.py's ops.
@@ -630,7 +641,7 @@ void bind_recurrent_steps(pybind11::module& m) {
   });
   seqmix_cpu::register_layer_step("seqmix::mamba2_step_cpu", [](const StepArgs& a) {
     return mamba2_step(a.t(0), a.t(1), a.t(2), a.t(3), a.t(4), a.t(5), a.t(6), a.t(7), a.flags[0], a.numbers[0],
-                       a.numbers[1], a.t(8), a.t(9), a.numbers[2], a.t(10));
+                       a.numbers[1], a.t(8), a.t(9), a.numbers[2], a.t(10), a.in_place);
   });
   seqmix_cpu::register_layer_step("seqmix::gla_layer_step_cpu", [](const StepArgs& a) {
     return gla_layer_step(a.t(0), a.t(1), a.t(2), a.t(3), a.numbers[0], a.t(4), a.t(5), a.numbers[1], a.flags[0],

@@ -411,7 +411,8 @@ def decoder(embed: Tensor, norm_weight: Tensor, eps: float, blocks: list[Decoder
     tokens [B, 1] int64, state the blocks' states (as :meth:`seqmix.archs.lm.LanguageModel.init_state` lays them
     out); the embedding's rows (embed [V, D], also the head) through the blocks, the final RMSNorm (norm_weight,
     eps) and the head; logits [B, V] float32. The same calls as the blocks' Python steps (:class:`LayerCall`),
-    without the Python between them."""
+    without the Python between them. The decoder owns the states it is given: a layer writes its new state over
+    the old where it can (attention's caches, as its Python step does; Mamba-2's SSD state)."""
     program, slots = cpu.extension().Decoder(embed, norm_weight, eps), []
 
     def slot(block: int, key: str) -> int:
