@@ -490,3 +490,19 @@ def test_residual_swiglu_step_equals_the_tensor_ops(rows, dtype):
                                         down.to(dtype))
     assert got.dtype == dtype
     assert_rel(got, want, 1e-13 if dtype == torch.float64 else TOL[torch.float32], "residual + SwiGLU step")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_residual_swiglu_steps_few_rows_equal_its_tensor_path(dtype):
+    """At a decoding step's few contiguous rows the residual + SwiGLU step keeps its intermediates in a scratch
+    buffer (mlp_step_cpu.cpp, residual_swiglu_rows); a non-contiguous y takes the tensor path, the same values."""
+    require_cpu_kernels()
+    D, I = 40, 70
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1, D, generator=g, dtype=dtype)
+    y = torch.randn(3, 1, 2 * D, generator=g, dtype=dtype)[..., ::2]
+    weights = (1 + torch.rand(D, generator=g, dtype=dtype), torch.randn(2 * I, D, generator=g, dtype=dtype),
+               torch.randn(D, I, generator=g, dtype=dtype))
+    assert not y.is_contiguous()
+    fast = step_cpu.residual_swiglu_step(x, y.contiguous(), weights[0], 1e-5, *weights[1:])
+    assert torch.equal(fast, step_cpu.residual_swiglu_step(x, y, weights[0], 1e-5, *weights[1:]))
