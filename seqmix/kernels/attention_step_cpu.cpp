@@ -10,7 +10,7 @@
 // v written into slot length[b], o = softmax(q k^T / sqrt(D)) v over slots 0..length[b], and the output
 // projection o o_weight^T. Everything in one dtype, float32 or float64, the rotation included (the tensor ops'
 // rotary computes in it too); the projections linear_cpu.h's. One task per (batch, head) pair, spread over
-// threads once the caches are long enough to pay for the wake-up. Returns the output [B, hidden].
+// threads once the caches are long enough to pay for the wake-up. Returns the output [B, hidden] and length + 1.
 #include "torch_cpu.h"
 
 #include <algorithm>
