@@ -403,16 +403,15 @@ class LanguageModel(nn.Module):
         logits, state = self(prompt, state, num_steps=num_steps, exit_threshold=exit_threshold)
         step = logits[:, -1].float()
         decode = self._decoder(state, self._step_options(num_steps, None, exit_threshold), compile)
-        out = prompt.new_empty(B, T + max_new_tokens)
-        out[:, :T] = prompt
-        steps = []
+        tokens, steps = [prompt], []  # joined once at the end: a slice assignment a token cost ~3 us
         for i in range(max_new_tokens):
             steps.append(step)
-            out[:, T + i : T + i + 1] = token = _sample(step, temperature, top_k, generator)
+            tokens.append(token := _sample(step, temperature, top_k, generator))
             if on_token is not None:
                 on_token(token)
             if i + 1 < max_new_tokens:  # the last token's successor is not asked for
                 step, state = decode(token, state)
+        out = torch.cat(tokens, 1)
         if not return_logits:
             return out
         return out, torch.stack(steps, 1) if steps else prompt.new_zeros(B, 0, self.config.vocab_size)
