@@ -195,16 +195,19 @@ CPU_STEP_MIXERS = ["attention", "deltanet", "gated_deltanet", "gla", "mamba", "m
 ONE_CALL_MIXERS = [name for name in CPU_STEP_MIXERS if name not in ("recurrent_depth", "hourglass")]
 
 
+@pytest.mark.parametrize("options", [{}, {"deltanet": {"use_short_conv": False},
+                                         "gated_deltanet": {"use_output_gate": False}}])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_an_lm_of_one_call_layers_decodes_a_token_in_one_cpp_call(dtype, monkeypatch):
+def test_an_lm_of_one_call_layers_decodes_a_token_in_one_cpp_call(dtype, options, monkeypatch):
     """Where every block's mixer step is one C++ layer op, generate's token is one C++ call (step_cpu.decoder,
     decoder_cpu.cpp): its logits and every state tensor equal decode_step's module calls bit for bit, token after
-    token, the attention caches (written in place) included."""
+    token, the attention caches (written in place) included; also with a layer without a conv state (its op's
+    empty conv output dropped) and one without its output gate."""
     require_cpu_kernels()
     monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
     built = []
     monkeypatch.setattr(step_cpu, "decoder", lambda *args: built.append(args) or decoder(*args))
-    model = _model(ONE_CALL_MIXERS).to("cpu", dtype)
+    model = _model(ONE_CALL_MIXERS, mixer_options=options).to("cpu", dtype)
     prompt, new = _tokens(2, 7).cpu(), 6
     with torch.no_grad():
         state = model.init_state(2, capacity=7 + new)
