@@ -182,45 +182,42 @@ class Block(nn.Module):
         the MLP, or with :attr:`replaces_stream` the mixer's output as the stream): ``x, state = step(x, state)``,
         x [B, hidden]. The calls :meth:`forward` makes for a decoding step on CPU tensors, without its module
         calls. None where the mixer has no such step or the C++ steps do not serve ``like``."""
-        parts = self._decoding_parts(like, state, options)
-        if parts is None:
-            return None
-        mixer_step, norm_weight, norm_eps, mlp = parts
-        row_norm = step_cpu.row_norm.bind(norm_weight)
-        if mlp is None:
-            return lambda x, state: mixer_step(row_norm(x, norm_weight, None, norm_eps, True), state)
-        residual_swiglu_step = step_cpu.residual_swiglu_step.bind(mlp[0], *mlp[2:])
+        parts = self.cpu_decoding_parts(like, state, options)
+        return None if parts is None else _bound_block_step(parts)
 
-        def step(x, state):
-            y, state = mixer_step(row_norm(x, norm_weight, None, norm_eps, True), state)
-            return residual_swiglu_step(x, y, *mlp), state
-
-        return step
-
-    def cpu_decoder_block(self, like: torch.Tensor, state: State, options: dict) -> step_cpu.DecoderBlock | None:
-        """The block as one of an LM's C++ decoding token (:func:`seqmix.kernels.step_cpu.decoder`): where
-        :meth:`cpu_decoding_step` serves, the mixer's step is one C++ call (a :class:`~seqmix.kernels.step_cpu.
-        LayerCall`) and the MLP follows it; else None."""
-        parts = self._decoding_parts(like, state, options)
-        if parts is None or parts[3] is None or type(parts[0]) is not step_cpu.LayerCall:
-            return None
-        return step_cpu.DecoderBlock(*parts[:3], *parts[3])
-
-    def _decoding_parts(self, like, state, options):
-        """What the block's C++ decoding step is made of: the mixer's bound step, its norm's weight and eps, and
-        (the MLP's norm weight, its eps, gate_up, down), None with :attr:`replaces_stream`; None where they do
-        not serve ``like``."""
+    def cpu_decoding_parts(self, like: torch.Tensor, state: State, options: dict) -> step_cpu.DecoderBlock | None:
+        """What :meth:`cpu_decoding_step` is made of: the mixer's bound step (``call``), its norm's weight and eps,
+        and the MLP's norm weight, eps, gate_up and down (None with :attr:`replaces_stream`); None where they do
+        not serve ``like``. Where ``call`` is a :class:`~seqmix.kernels.step_cpu.LayerCall` and the MLP follows
+        it, the block can be one of an LM's C++ decoding token (:func:`seqmix.kernels.step_cpu.decoder`)."""
         mixer_norm = self.mixer_norm
         mixer_step = self.mixer.cpu_decoding_step(like, state, **(options if self.takes_steps else {}))
         if mixer_step is None or mixer_norm.weight.dtype != like.dtype:
             return None
         if self.replaces_stream:
-            return mixer_step, mixer_norm.weight, mixer_norm.eps, None
+            return step_cpu.DecoderBlock(mixer_step, mixer_norm.weight, mixer_norm.eps, None, None, None, None)
         mlp_norm, mlp = self.mlp_norm, self.mlp
         weights = (mlp_norm.weight, mlp.gate_up.weight, mlp.down.weight)
         if not step_cpu.serves_step("residual_swiglu_step", like, *weights):
             return None
-        return mixer_step, mixer_norm.weight, mixer_norm.eps, (weights[0], mlp_norm.eps, *weights[1:])
+        return step_cpu.DecoderBlock(mixer_step, mixer_norm.weight, mixer_norm.eps, weights[0], mlp_norm.eps,
+                                     *weights[1:])
+
+
+def _bound_block_step(parts: step_cpu.DecoderBlock) -> DecodingStep:
+    """A block's decoding step (:meth:`Block.cpu_decoding_step`) from its parts."""
+    mixer_step, norm_weight, norm_eps = parts.call, parts.mixer_norm, parts.mixer_eps
+    row_norm = step_cpu.row_norm.bind(norm_weight)
+    if parts.mlp_norm is None:
+        return lambda x, state: mixer_step(row_norm(x, norm_weight, None, norm_eps, True), state)
+    mlp = parts[3:]
+    residual_swiglu_step = step_cpu.residual_swiglu_step.bind(mlp[0], *mlp[2:])
+
+    def step(x, state):
+        y, state = mixer_step(row_norm(x, norm_weight, None, norm_eps, True), state)
+        return residual_swiglu_step(x, y, *mlp), state
+
+    return step
 
 
 class LanguageModel(nn.Module):
@@ -280,21 +277,21 @@ class LanguageModel(nn.Module):
     def _cpu_decoder(self, state: list[State], options: dict) -> Callable | None:
         """:meth:`generate`'s decoding step as C++ calls bound to the weights as they are now, no module call in
         between: ``logits, state = decode(tokens, state)``, tokens [B, 1], logits [B, vocab] float32. Where every
-        block is one of :meth:`Block.cpu_decoder_block`'s, the whole token is one C++ call (step_cpu.decoder, which
-        writes some states in place: the loop owns them); else each block's :meth:`Block.cpu_decoding_step` and the
-        final norm and the head in one. The per-token Python of the module calls is about as long as the C++ steps
+        block's mixer step is one C++ call followed by the MLP (:meth:`Block.cpu_decoding_parts`), the whole token
+        is one C++ call (step_cpu.decoder, which writes some states in place: the loop owns them); else each
+        block's :meth:`Block.cpu_decoding_step` and the final norm and the head in one. The per-token Python of the module calls is about as long as the C++ steps
         themselves at small sizes (docs/design.md, "Twentieth round"). None unless every block has such a step for
         this state (then :meth:`_decode` serves)."""
         embed, norm = self.embed.weight, self.norm
         like = embed.detach()[:0]
         if torch.is_grad_enabled() or not step_cpu.serves_step("rms_norm_times_weight", like, norm.weight):
             return None
-        blocks = [block.cpu_decoder_block(like, s, options) for block, s in zip(self.blocks, state)]
-        if all(block is not None for block in blocks):
-            return step_cpu.decoder(embed, norm.weight, norm.eps, blocks)
-        steps = [block.cpu_decoding_step(like, s, options) for block, s in zip(self.blocks, state)]
-        if any(step is None for step in steps):
+        blocks = [block.cpu_decoding_parts(like, s, options) for block, s in zip(self.blocks, state)]
+        if any(parts is None for parts in blocks):
             return None
+        if all(type(parts.call) is step_cpu.LayerCall and parts.mlp_norm is not None for parts in blocks):
+            return step_cpu.decoder(embed, norm.weight, norm.eps, blocks)
+        steps = [_bound_block_step(parts) for parts in blocks]
         norm_weight, eps = norm.weight, norm.eps
         readout = step_cpu.rms_norm_times_weight.bind(norm_weight, embed)
 

@@ -36,7 +36,7 @@ struct Block {
 class Decoder {
  public:
   Decoder(at::Tensor embed, at::Tensor norm_weight, double eps)
-      : embed_(std::move(embed)), norm_weight_(std::move(norm_weight)), eps_(eps) {}
+      : embed_(embed.contiguous()), norm_weight_(std::move(norm_weight)), eps_(eps) {}
 
   void add_block(const std::string& op, std::vector<c10::optional<at::Tensor>> tensors, std::vector<int64_t> sources,
                  std::vector<double> numbers, std::vector<int64_t> integers, std::vector<bool> flags,
@@ -74,20 +74,19 @@ class Decoder {
   }
 
  private:
-  // The embedding's rows of tokens [B, 1] (int64, each in [0, V)): [B, D], copied by hand (index_select's set-up
-  // costs more than copying a few rows).
+  // The embedding's rows (embed_ is contiguous) of tokens [B, 1] (int64, each in [0, V)): [B, D], copied by hand
+  // (index_select's set-up costs more than copying a few rows).
   at::Tensor embedded(const at::Tensor& tokens) const {
     TORCH_CHECK(tokens.device().is_cpu() && tokens.scalar_type() == at::kLong && tokens.is_contiguous(),
                 "Decoder: tokens must be a contiguous int64 CPU tensor");
     const int64_t B = tokens.numel(), V = embed_.size(0), D = embed_.size(1);
-    const at::Tensor table = embed_.contiguous();
-    at::Tensor x = at::empty({B, D}, table.options());
+    at::Tensor x = at::empty({B, D}, embed_.options());
     const int64_t* ids = tokens.data_ptr<int64_t>();
-    const size_t row_bytes = D * table.element_size();
+    const size_t row_bytes = D * embed_.element_size();
     for (int64_t b = 0; b < B; ++b) {
       TORCH_CHECK(ids[b] >= 0 && ids[b] < V, "Decoder: token ", ids[b], " is not in [0, ", V, ")");
       std::memcpy(static_cast<char*>(x.data_ptr()) + b * row_bytes,
-                  static_cast<const char*>(table.data_ptr()) + ids[b] * row_bytes, row_bytes);
+                  static_cast<const char*>(embed_.data_ptr()) + ids[b] * row_bytes, row_bytes);
     }
     return x;
   }

@@ -389,16 +389,18 @@ class LayerCall:
 
 
 class DecoderBlock(NamedTuple):
-    """An LM block for :func:`decoder`: ``h = x + call(rms_norm(x) * mixer_norm)``, then ``h + swiglu(rms_norm(h) *
-    mlp_norm)`` with the MLP's gate_up [2I, D] and down [D, I] (seqmix/archs/lm.py's Block)."""
+    """An LM block's decoding step in parts (seqmix/archs/lm.py's Block.cpu_decoding_parts): ``h = x +
+    call(rms_norm(x) * mixer_norm)``, then ``h + swiglu(rms_norm(h) * mlp_norm)`` with the MLP's gate_up [2I, D]
+    and down [D, I] (the MLP's parts None for a block whose mixer's output is the stream). :func:`decoder` takes
+    blocks whose ``call`` is a :class:`LayerCall` and that have the MLP."""
 
-    call: LayerCall
+    call: Callable
     mixer_norm: Tensor
     mixer_eps: float
-    mlp_norm: Tensor
-    mlp_eps: float
-    gate_up: Tensor
-    down: Tensor
+    mlp_norm: Tensor | None
+    mlp_eps: float | None
+    gate_up: Tensor | None
+    down: Tensor | None
 
 
 # Where a layer op's tensor argument comes from in decoder_cpu.cpp (bound, the block's normed input, else a state
