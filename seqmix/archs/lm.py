@@ -277,11 +277,11 @@ class LanguageModel(nn.Module):
     def _cpu_decoder(self, state: list[State], options: dict) -> Callable | None:
         """:meth:`generate`'s decoding step as C++ calls bound to the weights as they are now, no module call in
         between: ``logits, state = decode(tokens, state)``, tokens [B, 1], logits [B, vocab] float32. Where every
-        block's mixer step is one C++ call followed by the MLP (:meth:`Block.cpu_decoding_parts`), the whole token
-        is one C++ call (step_cpu.decoder, which writes some states in place: the loop owns them); else each
-        block's :meth:`Block.cpu_decoding_step` and the final norm and the head in one. The per-token Python of the module calls is about as long as the C++ steps
-        themselves at small sizes (docs/design.md, "Twentieth round"). None unless every block has such a step for
-        this state (then :meth:`_decode` serves)."""
+        block's mixer step is one C++ call followed by the MLP (:meth:`Block.cpu_decoding_parts`), the whole token is
+        one C++ call (step_cpu.decoder, which writes some states in place: the loop owns them); else each block's
+        :meth:`Block.cpu_decoding_step` and the final norm and the head in one. The per-token Python of the module calls
+        is about as long as the C++ steps themselves at small sizes (docs/design.md, "Twentieth round"). None unless
+        every block has such a step for this state (then :meth:`_decode` serves)."""
         embed, norm = self.embed.weight, self.norm
         like = embed.detach()[:0]
         if torch.is_grad_enabled() or not step_cpu.serves_step("rms_norm_times_weight", like, norm.weight):
