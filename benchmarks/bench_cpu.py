@@ -22,6 +22,12 @@ Each model is the tiny config's shape with one mixer in both layers (a 2-layer L
 Ratios are to seqmix's attention in the same run (tokens/s over attention's; ms/token over
 attention's), so a loaded machine shifts every row alike. When ``transformers`` imports, its
 ``LlamaForCausalLM`` of the same size is timed as well. No claim holds across runs or machines.
+
+At this width a decoded token's time is mostly its weights read once from the cache, so an LM with more
+parameters than attention's decodes slower at a short prompt however little its layer step does. With
+``--matched-attention`` each mixer whose LM differs in size from attention's also gets an attention LM with
+the SwiGLU width that brings it to the same parameter count, timed in the same rounds, and its ratios to it
+are printed after the table.
 """
 
 from __future__ import annotations
@@ -85,10 +91,25 @@ def _tokens(batch: int, length: int, vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(batch * 7919 + length))
 
 
-def seqmix_model(mixer: str) -> tuple[LanguageModel, LMConfig]:
+def seqmix_model(mixer: str, intermediate_size: int | None = None) -> tuple[LanguageModel, LMConfig]:
     torch.manual_seed(0)
-    config = LMConfig(hidden_size=HIDDEN, num_heads=HEADS, layers=[mixer] * LAYERS)
+    config = LMConfig(hidden_size=HIDDEN, num_heads=HEADS, layers=[mixer] * LAYERS,
+                      intermediate_size=intermediate_size)
     return LanguageModel(config), config
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def matched_intermediate_size(params: int) -> int:
+    """The SwiGLU width, a multiple of 16, at which the table's attention LM has the nearest count to ``params``
+    parameters: each unit of width adds a row of gate, up and down (3 x hidden) to every block. A multiple of 16
+    keeps the weights' rows in whole 64-byte lines and the products off their scalar tails, which would make
+    the widened LM slower than its size alone (a token at 563 took 1.035x its time at 560, 15 rounds)."""
+    default = default_intermediate_size(HIDDEN)
+    base = parameter_count(seqmix_model("attention")[0])
+    return default + 16 * round((params - base) / (3 * HIDDEN * LAYERS * 16))
 
 
 def seqmix_train_step(model: LanguageModel, config: LMConfig, batch: int, length: int):
@@ -166,17 +187,19 @@ def llama_generate(model, prompt: torch.Tensor, new_tokens: int):
 
 
 class Subject:
-    """One model of the table: seqmix's LM with one mixer, or transformers' Llama (``LLAMA``)."""
+    """One model of the table: seqmix's LM with one mixer, or transformers' Llama (``LLAMA``); an attention LM
+    widened to another mixer's parameter count names that mixer in ``matches``."""
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, name: str, intermediate_size: int | None = None, matches: str | None = None):
+        self.name, self.matches = name, matches
+        self.label = name if matches is None else f"{name}, ff {intermediate_size}"
         if name == LLAMA:
             self.model = llama_model()
             self.vocab = self.model.config.vocab_size
         else:
-            self.model, self.config = seqmix_model(name)
+            self.model, self.config = seqmix_model(name, intermediate_size)
             self.vocab = self.config.vocab_size
-        self.params_M = sum(p.numel() for p in self.model.parameters()) / 1e6
+        self.params = parameter_count(self.model)
 
     def train_step(self, batch: int, length: int):
         if self.name == LLAMA:
@@ -193,7 +216,14 @@ def measure(names: list[str], args) -> list[dict]:
     """The rows: train tokens/s per shape and decode ms/token per prompt length, every model timed in
     the same rounds."""
     subjects = [Subject(name) for name in names]
-    rows = [{"mixer": s.name, "params_M": s.params_M, "train": {}, "decode": {}} for s in subjects]
+    if args.matched_attention:
+        widths = {s.name: matched_intermediate_size(s.params) for s in subjects if s.name not in ("attention", LLAMA)}
+        subjects += [Subject("attention", width, matches=name) for name, width in widths.items()
+                     if width != default_intermediate_size(HIDDEN)]
+    rows = [{"mixer": s.label, "params_M": s.params / 1e6, "train": {}, "decode": {}} for s in subjects]
+    for s, row in zip(subjects, rows):
+        if s.matches:
+            row["matches"] = s.matches
     if not args.no_train:
         for s in subjects:
             s.model.train()
@@ -229,20 +259,32 @@ def print_table(rows: list[dict]) -> None:
     print(f"\nCPU, {torch.get_num_threads()} threads, torch {torch.__version__}; 2-layer LM, hidden {HIDDEN}, "
           f"{HEADS} heads; (x) = ratio to seqmix's attention in this run")
     labels = {"decode_compiled": "compiled"}
-    print(f"{'mixer':<22}" + "".join(f"{f'{labels.get(kind, kind)} {key} {unit}':>30}" for kind, key, unit in columns))
+    print(f"{'mixer':<22}{'params M':>9}" + "".join(f"{f'{labels.get(kind, kind)} {key} {unit}':>30}"
+                                                   for kind, key, unit in columns))
     for r in rows:
         cells = []
         for kind, key, _ in columns:
             value = r.get(kind, {}).get(key)
             ref = None if base is None else base.get(kind, {}).get(key)
             ratio = f" ({value / ref:.2f}x)" if value is not None and ref else ""
-            cells.append("-" if value is None else (f"{value:.0f}" if kind == "train" else f"{value:.2f}") + ratio)
-        print(f"{r['mixer']:<22}" + "".join(f"{c:>30}" for c in cells))
+            cells.append("-" if value is None else (f"{value:.0f}" if kind == "train" else f"{value:.3f}") + ratio)
+        print(f"{r['mixer']:<22}{r['params_M']:>9.3f}" + "".join(f"{c:>30}" for c in cells))
     if any("compile_s" in r for r in rows):
         print("compiled: decoding with generate(compile=True), ratios to attention's compiled decode; compile "
               "seconds (left out of ms/token): " + "; ".join(
                   f"{r['mixer']} " + ", ".join(f"{k} {v:.1f}" for k, v in r["compile_s"].items())
                   for r in rows if "compile_s" in r))
+    print_matched(rows)
+
+
+def print_matched(rows: list[dict]) -> None:
+    """Each mixer's ratios to the attention LM of its parameter count (``--matched-attention``)."""
+    by_name = {r["mixer"]: r for r in rows}
+    for twin in (r for r in rows if "matches" in r):
+        mixer = by_name[twin["matches"]]
+        ratios = ", ".join(f"{kind} {key} {mixer[kind][key] / ref:.2f}x" for kind in ("train", "decode")
+                           for key, ref in twin[kind].items())
+        print(f"{mixer['mixer']} ({mixer['params_M']:.3f}M) to {twin['mixer']} ({twin['params_M']:.3f}M): {ratios}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -259,6 +301,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-llama", action="store_true", help="skip transformers' Llama even if it imports")
     parser.add_argument("--compile", action="store_true",
                         help="also time decoding with generate(compile=True) (compile time reported apart)")
+    parser.add_argument("--matched-attention", action="store_true",
+                        help="also time, for each mixer, an attention LM widened (its SwiGLU) to the mixer's "
+                             "parameter count, and print the mixer's ratios to it")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch's CPU threads (default: torch's own); on a loaded machine 1 avoids threads "
                              "that wait for each other")

@@ -282,6 +282,22 @@ def test_cpu_benchmark_times_each_mixer_and_writes_json(tmp_path, capsys):
     assert "(1.00x)" in capsys.readouterr().out
 
 
+def test_cpu_benchmark_matches_each_mixer_with_an_attention_lm_of_its_size(capsys):
+    """``--matched-attention`` adds an attention LM widened to the mixer's parameter count (SwiGLU widths in
+    steps of 16: within half a step, 16 x 3 x hidden x layers / 2 parameters) and prints the mixer's ratios to it."""
+    from benchmarks.bench_cpu import HIDDEN, LAYERS
+    from benchmarks.bench_cpu import main as bench_cpu
+
+    rows = bench_cpu(["--mixers", "attention", "mamba2", "--train-shapes", "2x16", "--prompts", "4",
+                      "--repeats", "1", "--new-tokens", "3", "--matched-attention"])
+    mamba2, twin = rows[1], rows[2]
+    assert twin["matches"] == "mamba2" and twin["mixer"].startswith("attention, ff ")
+    assert twin["params_M"] > rows[0]["params_M"]
+    assert abs(twin["params_M"] - mamba2["params_M"]) * 1e6 <= 16 * 3 * HIDDEN * LAYERS / 2
+    assert twin["train"]["B2T16"] > 0 and twin["decode"]["prompt4"] > 0
+    assert f"mamba2 ({mamba2['params_M']:.3f}M) to {twin['mixer']}" in capsys.readouterr().out
+
+
 def test_cpu_benchmark_times_compiled_decoding(monkeypatch, capsys):
     """``--compile`` adds generate(compile=True)'s ms/token and compile seconds per seqmix model and prompt
     (Dynamo's eager backend here: the trace without inductor's compile time)."""
