@@ -124,27 +124,32 @@ class SandwichBlock(nn.Module):
         s = norm(y, s, params["norm_mixer_out"])
         return norm(self.mlp(norm(s, None, params["norm_mlp_in"])), s, params["norm_mlp_out"]), state
 
-    def cpu_decoding_step(self, like, state):
-        """The block's one-token step as C++ calls bound to its weights as they are now (the first norm, the
-        mixer's :meth:`Mixer.cpu_decoding_step`, the rest in step_cpu.sandwich_swiglu_step): ``s, state =
-        step(s, state)``, s [B, hidden]; the calls :meth:`forward` makes for a decoding step on the norms'
-        ``cpu`` backend. None where the mixer has no such step or the C++ steps do not serve ``like``."""
+    def cpu_decoding_parts(self, like, state) -> step_cpu.CoreBlock | None:
+        """The block's one-token step in parts bound to its weights as they are now: the first norm's weight, the
+        mixer's :meth:`Mixer.cpu_decoding_step` (``call``), and the rest's weights (step_cpu.sandwich_swiglu_step);
+        the calls :meth:`forward` makes for a decoding step on the norms' ``cpu`` backend. None where the mixer has
+        no such step or the C++ steps do not serve ``like``."""
         params, mlp = self._parameters, self._modules["mlp"]._modules
-        norm_weight = params["norm_mixer_in"]
-        weights = (params["norm_mixer_out"], params["norm_mlp_in"], params["norm_mlp_out"],
-                   mlp["gate_up"]._parameters["weight"], mlp["down"]._parameters["weight"])
+        weights = (params["norm_mixer_in"], params["norm_mixer_out"], params["norm_mlp_in"], params["norm_mlp_out"])
+        matrices = (mlp["gate_up"]._parameters["weight"], mlp["down"]._parameters["weight"])
         mixer_step = self._modules["mixer"].cpu_decoding_step(like, state)
-        if mixer_step is None or not step_cpu.serves_step("sandwich_swiglu_step", like, norm_weight, *weights):
+        if mixer_step is None or not step_cpu.serves_step("sandwich_swiglu_step", like, *weights, *matrices):
             return None
-        eps = self.eps
-        row_norm = step_cpu.row_norm.bind(norm_weight)
-        sandwich_swiglu_step = step_cpu.sandwich_swiglu_step.bind(*weights)
+        return step_cpu.CoreBlock(mixer_step, *weights, self.eps, *matrices)
 
-        def step(s, state):
-            y, state = mixer_step(row_norm(s, norm_weight, None, eps, True), state)
-            return sandwich_swiglu_step(s, y, *weights[:3], eps, *weights[3:]), state
 
-        return step
+def _bound_core_block_step(parts: step_cpu.CoreBlock):
+    """A core block's decoding step from its parts: ``s, state = step(s, state)``, s [B, hidden]."""
+    mixer_step, norm_weight, eps = parts.call, parts.norm_in, parts.eps
+    row_norm = step_cpu.row_norm.bind(norm_weight)
+    rest = (parts.mixer_out, parts.mlp_in, parts.mlp_out, eps, parts.gate_up, parts.down)
+    sandwich_swiglu_step = step_cpu.sandwich_swiglu_step.bind(*rest[:3], *rest[4:])
+
+    def step(s, state):
+        y, state = mixer_step(row_norm(s, norm_weight, None, eps, True), state)
+        return sandwich_swiglu_step(s, y, *rest), state
+
+    return step
 
 
 @register_mixer("recurrent_depth")
@@ -351,26 +356,34 @@ class RecurrentDepth(Mixer):
             self.last_exit_steps = steps
         if state is None:
             return s, None
-        return s, self._new_state(state, s, past, lengths, cu_seqlens, new_layer_states)
+        return s, self._new_state(state, s, past, lengths, cu_seqlens, self._core_state(new_layer_states))
 
     def cpu_decoding_step(self, like, state, num_steps=None, backprop_steps=None, exit_threshold=None,
                           readout=None):
         """One token's r iterations with the core blocks' C++ steps bound once
-        (:meth:`SandwichBlock.cpu_decoding_step`) and the latent's start and the adapter as :meth:`mix` computes
-        them, so the outputs and states equal its (tests/archs/test_recurrent_depth.py). ``num_steps`` and
-        ``backprop_steps`` as :meth:`mix` takes and checks them (the latter changes nothing without autograd;
-        ``readout`` nothing without the adaptive exit). None with ``exit_threshold``, the reference backend, norms
-        off the ``cpu`` backend, or a core mixer without such a step. See :meth:`Mixer.cpu_decoding_step`."""
+        (:meth:`SandwichBlock.cpu_decoding_parts`) and the latent's start and the adapter as :meth:`mix` computes
+        them, so the outputs and states equal its (tests/archs/test_recurrent_depth.py). Where every core mixer's step
+        is one C++ call (a :class:`~seqmix.kernels.step_cpu.LayerCall`) the r iterations are one C++ call
+        (step_cpu.recurrent_core); else the blocks' bound steps. ``num_steps`` and ``backprop_steps`` as :meth:`mix`
+        takes and checks them (the latter changes nothing without autograd; ``readout`` nothing without the adaptive
+        exit). None with ``exit_threshold``, the reference backend, norms off the ``cpu`` backend, or a core mixer
+        without such a step. See :meth:`Mixer.cpu_decoding_step`."""
         if (exit_threshold is not None or self.backend == "reference"
                 or add_rms_norm_backend(like, self.backend) != "cpu"):
             return None
         r, _ = self._depth(state, num_steps, backprop_steps)
-        block_steps = []
+        blocks = []
         for block, block_state in zip(self.core, self._layer_states(state, r)[0], strict=True):
-            block_steps.append(block.cpu_decoding_step(like, block_state))
-            if block_steps[-1] is None:  # before the next block's choices are recorded (seqmix.kernels.explain)
+            blocks.append(block.cpu_decoding_parts(like, block_state))
+            if blocks[-1] is None:  # before the next block's choices are recorded (seqmix.kernels.explain)
                 return None
         H = self.hidden_size
+        if all(type(parts.call) is step_cpu.LayerCall for parts in blocks):
+            exact = self.state_mode == "exact"
+            iterations = [(f"{i}." if exact else "", exact or i == r - 1) for i in range(r)]
+            iterate = step_cpu.recurrent_core(self.adapter.weight[:, :H], blocks, iterations)
+        else:
+            iterate = self._bound_iterations(r, [_bound_core_block_step(parts) for parts in blocks])
 
         def step(x, state):
             x = x.view(-1, 1, H)  # the shapes mix's calls have, so the adapter's products round as they do there
@@ -378,18 +391,26 @@ class RecurrentDepth(Mixer):
             past = self._past(state, x.shape[0])
             e_in = linear(x, self.adapter.weight[:, H:])
             s = self._start(x, state, seq, offset, past, None)
+            s, core_state = iterate(s.view(-1, H), e_in.view(-1, H), state)
+            return s, self._new_state(state, s.view(x.shape), past, lengths, None, core_state)
+
+        return step
+
+    def _bound_iterations(self, r, block_steps):
+        """:func:`step_cpu.recurrent_core`'s ``core`` from the core blocks' bound steps."""
+        def iterate(s, e_in, state):
             per_iteration = []
             for block_states in self._layer_states(state, r):
-                h = self._adapt(s, e_in).view(-1, H)
+                h = self._adapt(s, e_in)
                 new_states = []
                 for block_step, block_state in zip(block_steps, block_states):
                     h, block_state = block_step(h, block_state)
                     new_states.append(block_state)
                 per_iteration.append(new_states)
-                s = h.view(x.shape)
-            return s.view(-1, H), self._new_state(state, s, past, lengths, None, per_iteration)
+                s = h
+            return s, self._core_state(per_iteration)
 
-        return step
+        return iterate
 
     def _adapt(self, s, e_in):
         if self.backend == "reference":
@@ -492,14 +513,20 @@ class RecurrentDepth(Mixer):
             return [[groups.get(f"{j}", {}) for j in range(len(self.core))]] * r
         return [[groups.get(f"{i}.{j}", {}) for j in range(len(self.core))] for i in range(r)]
 
-    def _new_state(self, state, s, past, lengths, cu_seqlens, per_iteration):
+    def _core_state(self, per_iteration) -> State:
+        """The core blocks' states under their keys in the layer's state, from each iteration's (the last one's in the
+        bounded mode)."""
+        kept = per_iteration[-1:] if self.state_mode == "bounded" else per_iteration
+        prefixes = [""] if self.state_mode == "bounded" else [f"{i}." for i in range(len(per_iteration))]
+        core = {}
+        for prefix, block_states in zip(prefixes, kept, strict=True):
+            for j, block_state in enumerate(block_states):
+                core.update({f"{prefix}{j}.{name}": value for name, value in block_state.items()})
+        return core
+
+    def _new_state(self, state, s, past, lengths, cu_seqlens, core_state: State) -> State:
         new = {"length": past + lengths}
         if self.warm_start:
             last = (s[:, -1] if cu_seqlens is None else s[0, (torch.cumsum(lengths, 0) - 1).clamp_min(0)])
             new["latent"] = torch.where((lengths > 0)[:, None], last.to(state["latent"].dtype), state["latent"])
-        kept = per_iteration[-1:] if self.state_mode == "bounded" else per_iteration
-        prefixes = [""] if self.state_mode == "bounded" else [f"{i}." for i in range(len(per_iteration))]
-        for prefix, block_states in zip(prefixes, kept, strict=True):
-            for j, block_state in enumerate(block_states):
-                new.update({f"{prefix}{j}.{name}": value for name, value in block_state.items()})
-        return new
+        return new | core_state

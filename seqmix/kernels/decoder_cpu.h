@@ -1,8 +1,9 @@
 // A whole decoding token of an LM in one C++ call (decoder_cpu.cpp): the embedding's rows, each block's RMSNorm,
-// mixer step and residual SwiGLU MLP, the final norm and the head. The layers' one-token steps (the Mamba-2,
-// Mamba, (Gated) DeltaNet, GLA, attention and conv layers' *_step functions) register themselves here under their
-// torch.library op's name, each as a function of its arguments gathered by type (StepArgs), so that a decoder
-// built from Python (seqmix/kernels/step_cpu.py, LayerCall) calls them with the arguments their Python ops take.
+// mixer step and residual SwiGLU MLP, the final norm and the head; and a recurrent-depth layer's core iterations
+// for one token in one call. The layers' one-token steps (the Mamba-2, Mamba, (Gated) DeltaNet, GLA, attention and
+// conv layers' *_step functions) register themselves here under their torch.library op's name, each as a function
+// of its arguments gathered by type (StepArgs), so that a decoder built from Python (seqmix/kernels/step_cpu.py,
+// LayerCall) calls them with the arguments their Python ops take.
 #pragma once
 
 #include "torch_cpu.h"
@@ -29,10 +30,14 @@ using LayerStep = std::vector<at::Tensor> (*)(const StepArgs&);
 // Makes `step` the decoder's step for layers whose LayerCall names `op` (a torch.library op's name).
 void register_layer_step(const char* op, LayerStep step);
 
-// The LM's parts around the layers (mlp_step_cpu.cpp, row_norm_cpu.cpp).
+// The parts around the layers: an LM block's, a recurrent-depth core block's (mlp_step_cpu.cpp), the head's
+// (row_norm_cpu.cpp).
 at::Tensor residual_swiglu_step(const at::Tensor& x, const at::Tensor& y, const at::Tensor& norm_weight, double eps,
                                 const at::Tensor& gate_up, const at::Tensor& down);
 at::Tensor rms_norm_times_weight(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
                                  const at::Tensor& weight);
+at::Tensor sandwich_swiglu_step(const at::Tensor& s, const at::Tensor& y, const at::Tensor& mixer_out_weight,
+                                const at::Tensor& mlp_in_weight, const at::Tensor& mlp_out_weight, double eps,
+                                const at::Tensor& gate_up, const at::Tensor& down);
 
 }  // namespace seqmix_cpu

@@ -130,11 +130,10 @@ at::Tensor seqmix_cpu::residual_swiglu_step(const at::Tensor& x, const at::Tenso
   return plus(h, swiglu_mlp(n, gate_up, down, kernel)).view(x.sizes());
 }
 
-namespace {
-
-at::Tensor sandwich_swiglu_step(const at::Tensor& s, const at::Tensor& y, const at::Tensor& mixer_out_weight,
-                                const at::Tensor& mlp_in_weight, const at::Tensor& mlp_out_weight, double eps,
-                                const at::Tensor& gate_up, const at::Tensor& down) {
+at::Tensor seqmix_cpu::sandwich_swiglu_step(const at::Tensor& s, const at::Tensor& y,
+                                            const at::Tensor& mixer_out_weight, const at::Tensor& mlp_in_weight,
+                                            const at::Tensor& mlp_out_weight, double eps, const at::Tensor& gate_up,
+                                            const at::Tensor& down) {
   const char* kernel = "sandwich_swiglu_step_cpu";
   check_mlp_step(kernel, s, {&y, &mixer_out_weight, &mlp_in_weight, &mlp_out_weight, &gate_up, &down}, gate_up,
                  down);
@@ -147,11 +146,9 @@ at::Tensor sandwich_swiglu_step(const at::Tensor& s, const at::Tensor& y, const 
   return rms_norm(plus(m, s2), mlp_out_weight).view(s.sizes());
 }
 
-}  // namespace
-
 void bind_mlp_step(pybind11::module& m) {
   m.def("residual_swiglu_step", &seqmix_cpu::residual_swiglu_step,
         "an LM block's residual, RMSNorm and SwiGLU MLP (CPU)");
-  m.def("sandwich_swiglu_step", &sandwich_swiglu_step,
+  m.def("sandwich_swiglu_step", &seqmix_cpu::sandwich_swiglu_step,
         "a sandwich block's norms and SwiGLU MLP after its mixer (recurrent depth, CPU)");
 }

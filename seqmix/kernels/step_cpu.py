@@ -403,9 +403,38 @@ class DecoderBlock(NamedTuple):
     down: Tensor | None
 
 
+class CoreBlock(NamedTuple):
+    """A recurrent-depth core block's decoding step in parts (seqmix/archs/recurrent_depth.py's
+    SandwichBlock.cpu_decoding_parts): ``h = sandwich_swiglu_step(h, call(rms_norm(h) * norm_in), mixer_out, mlp_in,
+    mlp_out, eps, gate_up, down)``."""
+
+    call: Callable
+    norm_in: Tensor
+    mixer_out: Tensor
+    mlp_in: Tensor
+    mlp_out: Tensor
+    eps: float
+    gate_up: Tensor
+    down: Tensor
+
+
 # Where a layer op's tensor argument comes from in decoder_cpu.cpp (bound, the block's normed input, else a state
 # slot), and an output state that no key takes.
 _BOUND, _INPUT, _DROPPED = -1, -2, -1
+
+
+def _bound_arguments(call: LayerCall, slot: Callable[[str], int]) -> tuple:
+    """``call``'s op name and arguments as decoder_cpu.cpp's add_block takes them: the tensors (None where the input
+    or a state goes), their sources (state keys made slots by ``slot``), the floats, integers and flags."""
+    tensors, sources, values = [], [], {"float": [], "int": [], "bool": []}
+    for j, (arg, spec) in enumerate(zip(call.args, call.op.op._opoverload._schema.arguments, strict=True)):
+        kind = str(spec.type)
+        if kind in values:
+            values[kind].append(arg)
+        else:
+            tensors.append(None if j == 0 or type(arg) is StateOf else arg)
+            sources.append(_INPUT if j == 0 else slot(arg.key) if type(arg) is StateOf else _BOUND)
+    return call.op.name, tensors, sources, values["float"], values["int"], values["bool"]
 
 
 def decoder(embed: Tensor, norm_weight: Tensor, eps: float, blocks: list[DecoderBlock]) -> Callable:
@@ -415,25 +444,15 @@ def decoder(embed: Tensor, norm_weight: Tensor, eps: float, blocks: list[Decoder
     eps) and the head; logits [B, V] float32. The same calls as the blocks' Python steps (:class:`LayerCall`),
     without the Python between them. The decoder owns the states it is given: a layer writes its new state over
     the old where it can (attention's caches, as its Python step does; Mamba-2's SSD state)."""
-    program, slots = cpu.extension().Decoder(embed, norm_weight, eps), []
-
-    def slot(block: int, key: str) -> int:
-        if (block, key) not in slots:
-            slots.append((block, key))
-        return slots.index((block, key))
+    program, slots = cpu.extension().Decoder(embed, norm_weight, eps), {}
 
     for i, block in enumerate(blocks):
-        call, tensors, sources, values = block.call, [], [], {"float": [], "int": [], "bool": []}
-        for j, (arg, spec) in enumerate(zip(call.args, call.op.op._opoverload._schema.arguments, strict=True)):
-            kind = str(spec.type)
-            if kind in values:
-                values[kind].append(arg)
-            else:
-                tensors.append(None if j == 0 or type(arg) is StateOf else arg)
-                sources.append(_INPUT if j == 0 else slot(i, arg.key) if type(arg) is StateOf else _BOUND)
-        outputs = [_DROPPED if key is None else slot(i, key) for key in call.outputs]
-        program.add_block(call.op.name, tensors, sources, values["float"], values["int"], values["bool"], outputs,
-                          block.mixer_norm, block.mixer_eps, block.mlp_norm, block.mlp_eps, block.gate_up, block.down)
+        def slot(key, i=i):
+            return slots.setdefault((i, key), len(slots))
+
+        outputs = [_DROPPED if key is None else slot(key) for key in block.call.outputs]
+        program.add_block(*_bound_arguments(block.call, slot), outputs, block.mixer_norm, block.mixer_eps,
+                          block.mlp_norm, block.mlp_eps, block.gate_up, block.down)
 
     def decode(tokens: Tensor, state: list[dict[str, Tensor]]):
         logits, new = program(tokens, [state[i][key] for i, key in slots])
@@ -443,3 +462,32 @@ def decoder(embed: Tensor, norm_weight: Tensor, eps: float, blocks: list[Decoder
         return logits, state
 
     return decode
+
+
+def recurrent_core(latent_weight: Tensor, blocks: list[CoreBlock], iterations: list[tuple[str, bool]]) -> Callable:
+    """A recurrent-depth layer's core iterations for one token as one C++ call (decoder_cpu.cpp's RecurrentCore):
+    ``s, new = core(s, e, state)``, s and e [B, hidden] (the start latent and the adapter's input half W_e x). Per
+    iteration ``h = e + s latent_weight^T`` (the adapter's latent half [hidden, hidden]), then each block in order
+    (:class:`CoreBlock`); s is the last iteration's h. ``iterations``: per iteration the prefix of its blocks' keys
+    in the layer's state (block j's state key k is f"{prefix}{j}.{k}") and whether its new states are kept.
+    ``new`` is the core's part of the state after the token: every key with such a prefix, each block's states
+    from its last kept iteration (as the blocks' Python steps return them). The same calls as those steps; the
+    states given are left as they are (but attention's caches, which its step fills in place)."""
+    program, slots = cpu.extension().RecurrentCore(latent_weight, len(blocks)), {}
+    bound = [_bound_arguments(block.call, lambda key: key) for block in blocks]  # state keys in place of slots
+    for prefix, kept in iterations:
+        for j, (block, (op, tensors, sources, *values)) in enumerate(zip(blocks, bound)):
+            def slot(key, head=f"{prefix}{j}."):
+                return slots.setdefault(head + key, len(slots))
+
+            sources = [slot(source) if type(source) is str else source for source in sources]
+            outputs = [_DROPPED if key is None or not kept else slot(key) for key in block.call.outputs]
+            program.add_block(op, tensors, sources, *values, outputs, *block[1:])
+    keys = list(slots)
+    heads = tuple({f"{prefix}{j}." for prefix, _ in iterations for j in range(len(blocks))})
+
+    def core(s: Tensor, e: Tensor, state: dict[str, Tensor]):
+        s, new = program(s, e, [state[key] for key in keys])
+        return s, {key: value for key, value in state.items() if key.startswith(heads)} | dict(zip(keys, new))
+
+    return core

@@ -310,14 +310,30 @@ def test_decoding_sandwich_blocks_after_the_mixer_is_one_cpp_call(dtype, monkeyp
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("mode", ["exact", "bounded"])
-def test_decoding_tokens_take_the_bound_cpp_steps_equal_to_the_iterations(dtype, mode, monkeypatch):
+@pytest.mark.parametrize("one_call", [True, False], ids=["one C++ call", "bound steps"])
+def test_decoding_tokens_take_the_bound_cpp_steps_equal_to_the_iterations(dtype, mode, one_call, monkeypatch):
     """With preallocated attention caches a decoding token's r iterations are the core blocks' C++ steps bound
-    once (RecurrentDepth.cpu_decoding_step): the outputs and states equal mix's iterations through the modules
-    (the same calls) bit for bit, in both state modes (bounded with the warm start). An LM with the layer binds
-    it for generate; the adaptive exit keeps the iterations."""
+    once (RecurrentDepth.cpu_decoding_step): one C++ call for all of them where every core mixer's step is a
+    LayerCall (step_cpu.recurrent_core), else the blocks' bound steps in Python (here DeltaNet's step wrapped in
+    a Python function). The outputs and states equal mix's iterations through the modules (the same calls) bit
+    for bit, in both state modes (bounded with the warm start). An LM with the layer binds it for generate; the
+    adaptive exit keeps the iterations."""
+    from seqmix.archs.deltanet import DeltaNet
+    from seqmix.kernels import step_cpu
+
     require_cpu_kernels()
     monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the norms' cpu backend (the interpreter's Triton is not bound)
+    cores, recurrent_core = [], step_cpu.recurrent_core
+    monkeypatch.setattr(step_cpu, "recurrent_core", lambda *args: cores.append(args) or recurrent_core(*args))
+    if not one_call:
+        layer_step = DeltaNet.cpu_decoding_step
+
+        def python_step(self, like, state):
+            call = layer_step(self, like, state)
+            return None if call is None else lambda x, state: call(x, state)
+
+        monkeypatch.setattr(DeltaNet, "cpu_decoding_step", python_step)
     layer = _layer(None, state_mode=mode, warm_start=mode == "bounded").to("cpu", dtype)
     x = _x(2, 8).to("cpu", dtype)
 
@@ -331,6 +347,7 @@ def test_decoding_tokens_take_the_bound_cpp_steps_equal_to_the_iterations(dtype,
         return torch.cat(ys, 1), state
 
     got, got_state = decode()
+    assert len(cores) == (3 if one_call else 0)  # one per decoded token
     bound_step = RecurrentDepth.cpu_decoding_step
     with torch.no_grad():
         assert layer.cpu_decoding_step(x[:, :1], got_state) is not None
