@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqmix.archs.lm import Block, LMConfig
+from seqmix.archs.lm import Block, LMConfig, bound_block_step
 from seqmix.archs.mixer import (Mixer, State, init_mixer_state, is_decoding_step, register_mixer,
                                 with_parent_backend)
 from seqmix.archs.modules import Linear, RMSNorm, no_weight_decay
-from seqmix.kernels import chunk_select, ema_dechunk, segment_pool, segment_upsample
+from seqmix.kernels import chunk_select, ema_dechunk, segment_pool, segment_upsample, step_cpu
+from seqmix.kernels.linear import onednn_serves
 from seqmix.kernels.pooling import hard_boundaries, segments_of
 
 BOUNDARY_MODES = ("gumbel", "whitespace", "entropy", "fixed", "hnet")
@@ -270,32 +271,53 @@ class Hourglass(Mixer):
         return self._stream_pooling(x, b, state, cu_seqlens, layout)
 
     def cpu_decoding_step(self, like, state):
-        """The pooling modes' one-token step (:meth:`_pooling_step`) with the inner blocks' C++ steps bound once
-        (:meth:`Block.cpu_decoding_step`): the calls :meth:`mix` makes for a decoding token. A batch whose tokens
-        disagree about closing their segments streams through :meth:`mix`. None for the hnet and whitespace
-        boundaries (the latter reads each call's tokens), while training, or where an inner block has no such
-        step. See :meth:`Mixer.cpu_decoding_step`."""
+        """The pooling modes' one-token step: one C++ call (step_cpu.pooling_step) where every inner block's step
+        is an ordinary block of one C++ layer call, else :meth:`_pooling_step` with the inner blocks' C++ steps
+        bound once (:meth:`Block.cpu_decoding_parts`): the calls :meth:`mix` makes for a decoding token. A batch
+        whose tokens disagree about closing their segments streams through :meth:`mix`, and one of so many rows
+        that the predictor's products would be oneDNN's (seqmix.kernels.linear) takes :meth:`_pooling_step`. None
+        for the hnet and whitespace boundaries (the latter reads each call's tokens), while training, or where an
+        inner block has no such step. See :meth:`Mixer.cpu_decoding_step`."""
         if self.boundary in ("hnet", "whitespace") or self.training:
             return None
-        inner_steps = self._inner_steps(like, state)
-        if inner_steps is None:
+        parts = self._inner_parts(like, state)
+        if parts is None:
             return None
+        inner_steps = [bound_block_step(p) for p in parts]
+        program = None
+        if all(type(p.call) is step_cpu.LayerCall and p.mlp_norm is not None for p in parts):
+            predictor = None if self.boundary == "fixed" else (
+                self.predictor[0].weight, self.predictor[0].bias, self.predictor[2].weight, self.predictor[2].bias)
+            program = step_cpu.pooling_step(predictor, self.stride, self.down_norm.weight, self.down_norm.eps,
+                                            self.up_norm.weight, self.up_norm.eps, parts)
 
         def step(x, state):
-            x = x[:, None]
-            y, state = self._pooling_step(x, state, inner_steps) or self.mix(x, state)
-            return y[:, 0], state
+            if program is not None and (predictor is None or not onednn_serves(x, predictor[0])):
+                out = program(x, state)
+            else:
+                out = self._pooling_step(x[:, None], state, inner_steps)
+                out = None if out is None else (out[0][:, 0], out[1])
+            if out is None:
+                y, state = self.mix(x[:, None], state)
+                return y[:, 0], state
+            return out
 
         return step
 
+    def _inner_parts(self, like, state) -> list | None:
+        """The inner blocks' one-token steps in parts for this state (:meth:`Block.cpu_decoding_parts`), or None
+        where one has none."""
+        parts = []
+        for block, block_state in zip(self.inner, self._unflatten(state)):
+            parts.append(block.cpu_decoding_parts(like, block_state, {}))
+            if parts[-1] is None:
+                return None
+        return parts
+
     def _inner_steps(self, like, state) -> list | None:
         """The inner blocks' bound one-token steps for this state, or None where one has none."""
-        steps = []
-        for block, block_state in zip(self.inner, self._unflatten(state)):
-            steps.append(block.cpu_decoding_step(like, block_state, {}))
-            if steps[-1] is None:
-                return None
-        return steps
+        parts = self._inner_parts(like, state)
+        return None if parts is None else [bound_block_step(p) for p in parts]
 
     def _pooling_step(self, x, state, inner_steps=None):
         """One token per sequence (x [B, 1, D]) when every sequence's token closes its segment or none does

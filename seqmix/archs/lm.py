@@ -183,7 +183,7 @@ class Block(nn.Module):
         x [B, hidden]. The calls :meth:`forward` makes for a decoding step on CPU tensors, without its module
         calls. None where the mixer has no such step or the C++ steps do not serve ``like``."""
         parts = self.cpu_decoding_parts(like, state, options)
-        return None if parts is None else _bound_block_step(parts)
+        return None if parts is None else bound_block_step(parts)
 
     def cpu_decoding_parts(self, like: torch.Tensor, state: State, options: dict) -> step_cpu.DecoderBlock | None:
         """What :meth:`cpu_decoding_step` is made of: the mixer's bound step (``call``), its norm's weight and eps,
@@ -204,7 +204,7 @@ class Block(nn.Module):
                                      *weights[1:])
 
 
-def _bound_block_step(parts: step_cpu.DecoderBlock) -> DecodingStep:
+def bound_block_step(parts: step_cpu.DecoderBlock) -> DecodingStep:
     """A block's decoding step (:meth:`Block.cpu_decoding_step`) from its parts."""
     mixer_step, norm_weight, norm_eps = parts.call, parts.mixer_norm, parts.mixer_eps
     row_norm = step_cpu.row_norm.bind(norm_weight)
@@ -291,7 +291,7 @@ class LanguageModel(nn.Module):
             return None
         if all(type(parts.call) is step_cpu.LayerCall and parts.mlp_norm is not None for parts in blocks):
             return step_cpu.decoder(embed, norm.weight, norm.eps, blocks)
-        steps = [_bound_block_step(parts) for parts in blocks]
+        steps = [bound_block_step(parts) for parts in blocks]
         norm_weight, eps = norm.weight, norm.eps
         readout = step_cpu.rms_norm_times_weight.bind(norm_weight, embed)
 

@@ -4,6 +4,12 @@
 // instead of three per block, each of which converted a dozen arguments (docs/design.md, "Twenty-third round").
 #include "decoder_cpu.h"
 
+#include <ATen/ops/div.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/zeros_like.h>
+
+#include <algorithm>
 #include <cstring>
 #include <map>
 #include <string>
@@ -57,11 +63,27 @@ BoundStep bound_step(const std::string& op, std::vector<c10::optional<at::Tensor
           std::move(sources), std::move(outputs)};
 }
 
+// An LM block (seqmix/archs/lm.py's Block): x + mixer(rms_norm(x) * mixer_norm), then the residual SwiGLU MLP.
 struct Block {
   BoundStep mixer;
   at::Tensor mixer_norm, mlp_norm, gate_up, down;
   double mixer_eps, mlp_eps;
+
+  at::Tensor operator()(const at::Tensor& x, std::vector<at::Tensor>& states) {
+    const at::Tensor y = mixer(row_norm(x, mixer_norm, c10::nullopt, mixer_eps, true), states);
+    return residual_swiglu_step(x, y, mlp_norm, mlp_eps, gate_up, down);
+  }
 };
+
+// Block's arguments as Decoder::add_block and PoolingStep::add_block take them; `in_place` as StepArgs'.
+Block make_block(const std::string& op, std::vector<c10::optional<at::Tensor>> tensors, std::vector<int64_t> sources,
+                 std::vector<double> numbers, std::vector<int64_t> integers, std::vector<bool> flags,
+                 std::vector<int64_t> outputs, at::Tensor mixer_norm, double mixer_eps, at::Tensor mlp_norm,
+                 double mlp_eps, at::Tensor gate_up, at::Tensor down, bool in_place) {
+  return {bound_step(op, std::move(tensors), std::move(sources), std::move(numbers), std::move(integers),
+                     std::move(flags), std::move(outputs), in_place),
+          std::move(mixer_norm), std::move(mlp_norm), std::move(gate_up), std::move(down), mixer_eps, mlp_eps};
+}
 
 class Decoder {
  public:
@@ -74,19 +96,15 @@ class Decoder {
                  std::vector<double> numbers, std::vector<int64_t> integers, std::vector<bool> flags,
                  std::vector<int64_t> outputs, at::Tensor mixer_norm, double mixer_eps, at::Tensor mlp_norm,
                  double mlp_eps, at::Tensor gate_up, at::Tensor down) {
-    blocks_.push_back({bound_step(op, std::move(tensors), std::move(sources), std::move(numbers),
-                                  std::move(integers), std::move(flags), std::move(outputs), true),
-                       std::move(mixer_norm), std::move(mlp_norm), std::move(gate_up), std::move(down), mixer_eps,
-                       mlp_eps});
+    blocks_.push_back(make_block(op, std::move(tensors), std::move(sources), std::move(numbers), std::move(integers),
+                                 std::move(flags), std::move(outputs), std::move(mixer_norm), mixer_eps,
+                                 std::move(mlp_norm), mlp_eps, std::move(gate_up), std::move(down), true));
   }
 
   // tokens [B, 1] int64 and the state slots; returns the logits [B, vocab] float32 and the new state slots.
   std::tuple<at::Tensor, std::vector<at::Tensor>> operator()(const at::Tensor& tokens, std::vector<at::Tensor> states) {
     at::Tensor x = embedded(tokens);
-    for (Block& block : blocks_) {
-      const at::Tensor y = block.mixer(row_norm(x, block.mixer_norm, c10::nullopt, block.mixer_eps, true), states);
-      x = residual_swiglu_step(x, y, block.mlp_norm, block.mlp_eps, block.gate_up, block.down);
-    }
+    for (Block& block : blocks_) x = block(x, states);
     at::Tensor logits = rms_norm_times_weight(x, norm_weight_, eps_, embed_);
     return {logits.scalar_type() == at::kFloat ? logits : logits.to(at::kFloat), std::move(states)};
   }
@@ -167,6 +185,84 @@ class RecurrentCore {
   std::vector<SandwichBlock> blocks_;
 };
 
+// A pooling hourglass layer's decoding token (seqmix/archs/hourglass.py's Hourglass._pooling_step, the gumbel,
+// entropy and fixed modes), x [B, D]: whether each sequence's token closes its segment (the predictor's logit
+// above 0, at::linear and at::gelu as its modules compute them; or, fixed, every stride-th position); the open
+// segment's float32 sum and count take the token; where the tokens close, the segment's mean, down_norm, the inner
+// blocks' steps and up_norm give the float32 row the tokens read from then on (`last`). A batch whose tokens
+// disagree about closing gets nothing (the layer streams it).
+class PoolingStep {
+ public:
+  PoolingStep(c10::optional<at::Tensor> hidden_weight, c10::optional<at::Tensor> hidden_bias,
+              c10::optional<at::Tensor> logit_weight, c10::optional<at::Tensor> logit_bias, int64_t stride,
+              at::Tensor down_norm, double down_eps, at::Tensor up_norm, double up_eps)
+      : hidden_weight_(std::move(hidden_weight)), hidden_bias_(std::move(hidden_bias)),
+        logit_weight_(std::move(logit_weight)), logit_bias_(std::move(logit_bias)), stride_(stride),
+        down_norm_(std::move(down_norm)), up_norm_(std::move(up_norm)), down_eps_(down_eps), up_eps_(up_eps) {
+    TORCH_CHECK(hidden_weight_.has_value() == (stride_ == 0) && logit_weight_.has_value() == (stride_ == 0),
+                "PoolingStep: either the predictor's weights or a positive stride");
+  }
+
+  // The states are the caller's (the layer's step returns new ones): no step writes over them.
+  void add_block(const std::string& op, std::vector<c10::optional<at::Tensor>> tensors, std::vector<int64_t> sources,
+                 std::vector<double> numbers, std::vector<int64_t> integers, std::vector<bool> flags,
+                 std::vector<int64_t> outputs, at::Tensor mixer_norm, double mixer_eps, at::Tensor mlp_norm,
+                 double mlp_eps, at::Tensor gate_up, at::Tensor down) {
+    blocks_.push_back(make_block(op, std::move(tensors), std::move(sources), std::move(numbers), std::move(integers),
+                                 std::move(flags), std::move(outputs), std::move(mixer_norm), mixer_eps,
+                                 std::move(mlp_norm), mlp_eps, std::move(gate_up), std::move(down), false));
+  }
+
+  // x [B, D] and the states: position [B] int64, last [B, D], sum [B, D] and count [B] float32, then the inner
+  // blocks' slots. Returns the output [B, D] in x's dtype and the new states, or nothing where the tokens disagree.
+  c10::optional<std::tuple<at::Tensor, std::vector<at::Tensor>>> operator()(const at::Tensor& x,
+                                                                            std::vector<at::Tensor> states) {
+    TORCH_CHECK(x.dim() == 2 && states.size() >= 4, "PoolingStep: x [B, D] and at least four states");
+    const at::Tensor position = states[0];
+    TORCH_CHECK(position.scalar_type() == at::kLong && position.dim() == 1 && position.size(0) == x.size(0),
+                "PoolingStep: state['position'] must be int64 [B]");
+    const auto closes = closing(x, position);
+    const bool every = std::all_of(closes.begin(), closes.end(), [](bool c) { return c; });
+    if (!every && std::any_of(closes.begin(), closes.end(), [](bool c) { return c; })) return c10::nullopt;
+    const at::Tensor total = at::add(states[2], x.to(at::kFloat)), count = at::add(states[3], 1);
+    states[0] = at::add(position, 1);
+    if (every) {
+      at::Tensor h = row_norm(at::div(total, count.unsqueeze(1)).to(x.scalar_type()), down_norm_, c10::nullopt,
+                              down_eps_, true);
+      for (Block& block : blocks_) h = block(h, states);
+      states[1] = row_norm(h, up_norm_, c10::nullopt, up_eps_, true).to(at::kFloat);
+      states[2] = at::zeros_like(total);
+      states[3] = at::zeros_like(count);
+    } else {
+      states[2] = total;
+      states[3] = count;
+    }
+    return std::make_tuple(states[1].to(x.scalar_type()), std::move(states));
+  }
+
+ private:
+  // Whether each row's token closes its segment.
+  std::vector<bool> closing(const at::Tensor& x, const at::Tensor& position) const {
+    const int64_t B = x.size(0);
+    std::vector<bool> closes(B);
+    if (stride_ > 0) {
+      const at::Tensor p = position.contiguous();
+      for (int64_t b = 0; b < B; ++b) closes[b] = (p.data_ptr<int64_t>()[b] + 1) % stride_ == 0;
+      return closes;
+    }
+    const at::Tensor hidden = at::gelu(at::linear(x, *hidden_weight_, hidden_bias_));
+    const at::Tensor logits = at::linear(hidden, *logit_weight_, logit_bias_).to(at::kFloat).contiguous();
+    for (int64_t b = 0; b < B; ++b) closes[b] = logits.data_ptr<float>()[b] > 0;
+    return closes;
+  }
+
+  c10::optional<at::Tensor> hidden_weight_, hidden_bias_, logit_weight_, logit_bias_;
+  int64_t stride_;
+  at::Tensor down_norm_, up_norm_;
+  double down_eps_, up_eps_;
+  std::vector<Block> blocks_;
+};
+
 }  // namespace
 
 void register_layer_step(const char* op, LayerStep step) { layer_steps()[op] = step; }
@@ -184,4 +280,10 @@ void bind_decoder(pybind11::module& m) {
       .def(pybind11::init<const at::Tensor&, int64_t>())
       .def("add_block", &RecurrentCore::add_block)
       .def("__call__", &RecurrentCore::operator());
+  using seqmix_cpu::PoolingStep;
+  pybind11::class_<PoolingStep>(m, "PoolingStep", "a pooling hourglass layer's decoding token (decoder_cpu.cpp)")
+      .def(pybind11::init<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>,
+                          c10::optional<at::Tensor>, int64_t, at::Tensor, double, at::Tensor, double>())
+      .def("add_block", &PoolingStep::add_block)
+      .def("__call__", &PoolingStep::operator());
 }

@@ -437,6 +437,14 @@ def _bound_arguments(call: LayerCall, slot: Callable[[str], int]) -> tuple:
     return call.op.name, tensors, sources, values["float"], values["int"], values["bool"]
 
 
+def _add_block(program, block: DecoderBlock, slot: Callable[[str], int]) -> None:
+    """Adds an LM block (a :class:`LayerCall` and the MLP) to a decoder_cpu.cpp program, its state keys made slots
+    by ``slot``."""
+    outputs = [_DROPPED if key is None else slot(key) for key in block.call.outputs]
+    program.add_block(*_bound_arguments(block.call, slot), outputs, block.mixer_norm, block.mixer_eps, block.mlp_norm,
+                      block.mlp_eps, block.gate_up, block.down)
+
+
 def decoder(embed: Tensor, norm_weight: Tensor, eps: float, blocks: list[DecoderBlock]) -> Callable:
     """An LM's decoding token as one C++ call (decoder_cpu.cpp): ``logits, state = decode(tokens, state)``,
     tokens [B, 1] int64, state the blocks' states (as :meth:`seqmix.archs.lm.LanguageModel.init_state` lays them
@@ -445,14 +453,8 @@ def decoder(embed: Tensor, norm_weight: Tensor, eps: float, blocks: list[Decoder
     without the Python between them. The decoder owns the states it is given: a layer writes its new state over
     the old where it can (attention's caches, as its Python step does; Mamba-2's SSD state)."""
     program, slots = cpu.extension().Decoder(embed, norm_weight, eps), {}
-
     for i, block in enumerate(blocks):
-        def slot(key, i=i):
-            return slots.setdefault((i, key), len(slots))
-
-        outputs = [_DROPPED if key is None else slot(key) for key in block.call.outputs]
-        program.add_block(*_bound_arguments(block.call, slot), outputs, block.mixer_norm, block.mixer_eps,
-                          block.mlp_norm, block.mlp_eps, block.gate_up, block.down)
+        _add_block(program, block, lambda key, i=i: slots.setdefault((i, key), len(slots)))
 
     def decode(tokens: Tensor, state: list[dict[str, Tensor]]):
         logits, new = program(tokens, [state[i][key] for i, key in slots])
@@ -491,3 +493,27 @@ def recurrent_core(latent_weight: Tensor, blocks: list[CoreBlock], iterations: l
         return s, {key: value for key, value in state.items() if key.startswith(heads)} | dict(zip(keys, new))
 
     return core
+
+
+def pooling_step(predictor: tuple[Tensor, Tensor, Tensor, Tensor] | None, stride: int, down_norm: Tensor,
+                 down_eps: float, up_norm: Tensor, up_eps: float, blocks: list[DecoderBlock]) -> Callable:
+    """A pooling hourglass layer's decoding token as one C++ call (decoder_cpu.cpp's PoolingStep): ``out = step(x,
+    state)``, x [B, hidden], state the layer's (position, last, sum, count, and the inner blocks' under
+    ``"inner.{j}."``); out is (y [B, hidden], the new state), or None where the batch's tokens disagree about closing
+    their segments. ``predictor``: the boundary predictor's hidden weight and bias and logit weight and bias, or
+    None for the fixed mode's ``stride``. The segment's mean goes through RMSNorm (down_norm, down_eps), the inner
+    blocks (as :func:`decoder` takes them) and RMSNorm (up_norm, up_eps). The same computation as the layer's
+    Python step (seqmix/archs/hourglass.py's Hourglass._pooling_step) at a decoding step's rows, where the
+    predictor's products are F.linear's; the states given are left as they are (but attention's caches)."""
+    program = cpu.extension().PoolingStep(*(predictor or (None,) * 4), 0 if predictor else stride, down_norm,
+                                          down_eps, up_norm, up_eps)
+    slots = {"position": 0, "last": 1, "sum": 2, "count": 3}
+    for j, block in enumerate(blocks):
+        _add_block(program, block, lambda key, head=f"inner.{j}.": slots.setdefault(head + key, len(slots)))
+    keys = list(slots)
+
+    def step(x: Tensor, state: dict[str, Tensor]):
+        out = program(x, [state[key] for key in keys])
+        return None if out is None else (out[0], state | dict(zip(keys, out[1])))
+
+    return step

@@ -241,13 +241,34 @@ def test_max_segments_caps_the_shortened_sequence():
 
 @pytest.mark.parametrize("mode", ["gumbel", "entropy", "fixed"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_decoding_tokens_bind_the_inner_blocks_equal_to_their_module_calls(mode, dtype, monkeypatch):
-    """A pooling mode's decoding token runs the inner blocks' bound C++ steps (Hourglass.cpu_decoding_step, and
-    the layer's mix): generate's tokens and logits equal those of the inner blocks' module calls bit for bit, with
-    segments closing along the way; a batch of two whose tokens disagree about closing streams."""
+@pytest.mark.parametrize("one_call", [True, False], ids=["one C++ call", "bound steps"])
+def test_decoding_tokens_bind_the_inner_blocks_equal_to_their_module_calls(mode, dtype, one_call, monkeypatch):
+    """A pooling mode's decoding token is one C++ call where every inner block is an ordinary one of a LayerCall
+    (Hourglass.cpu_decoding_step, step_cpu.pooling_step), else the layer's Python step with the inner blocks' bound
+    C++ steps (here Mamba's step wrapped in a Python function): generate's tokens and logits equal those of the
+    inner blocks' module calls bit for bit, with segments closing along the way; a batch of two whose tokens
+    disagree about closing streams."""
+    from seqmix.archs.mamba import Mamba
+    from seqmix.kernels import step_cpu
+
     require_cpu_kernels()
     monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the inner blocks' norms on their cpu backend
+    tokens, pooling_step = [], step_cpu.pooling_step
+
+    def counted_pooling_step(*args):
+        step = pooling_step(*args)
+        return lambda x, state: tokens.append(x.shape) or step(x, state)
+
+    monkeypatch.setattr(step_cpu, "pooling_step", counted_pooling_step)
+    if not one_call:
+        layer_step = Mamba.cpu_decoding_step
+
+        def python_step(self, like, state):
+            call = layer_step(self, like, state)
+            return None if call is None else lambda x, state: call(x, state)
+
+        monkeypatch.setattr(Mamba, "cpu_decoding_step", python_step)
     torch.manual_seed(0)
     config = LMConfig(vocab_size=300, hidden_size=HIDDEN, num_heads=2, layers=["attention", "hourglass"],
                       mixer_options={"hourglass": {"layers": ["attention", "mamba"], "boundary": mode, "stride": 2}})
@@ -258,7 +279,8 @@ def test_decoding_tokens_bind_the_inner_blocks_equal_to_their_module_calls(mode,
         _, state = model(prompt, model.init_state(2, capacity=15))
         assert model._cpu_decoder(state, {}) is not None
     got = model.generate(prompt, 8, temperature=0.0, return_logits=True)
-    monkeypatch.setattr(Hourglass, "_inner_steps", lambda self, like, state: None)
+    assert len(tokens) == (7 if one_call else 0)  # generate's steps (not the last token's)
+    monkeypatch.setattr(Hourglass, "_inner_parts", lambda self, like, state: None)
     with torch.no_grad():
         assert model._cpu_decoder(state, {}) is None
     want = model.generate(prompt, 8, temperature=0.0, return_logits=True)
