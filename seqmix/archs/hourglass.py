@@ -271,31 +271,30 @@ class Hourglass(Mixer):
         return self._stream_pooling(x, b, state, cu_seqlens, layout)
 
     def cpu_decoding_step(self, like, state):
-        """The pooling modes' one-token step: one C++ call (step_cpu.pooling_step) where every inner block's step
-        is an ordinary block of one C++ layer call, else :meth:`_pooling_step` with the inner blocks' C++ steps
-        bound once (:meth:`Block.cpu_decoding_parts`): the calls :meth:`mix` makes for a decoding token. A batch
-        whose tokens disagree about closing their segments streams through :meth:`mix`, and one of so many rows
-        that the predictor's products would be oneDNN's (seqmix.kernels.linear) takes :meth:`_pooling_step`. None
-        for the hnet and whitespace boundaries (the latter reads each call's tokens), while training, or where an
-        inner block has no such step. See :meth:`Mixer.cpu_decoding_step`."""
-        if self.boundary in ("hnet", "whitespace") or self.training:
+        """A decoding token as one C++ call (step_cpu.pooling_step, step_cpu.hnet_step) where every inner block is
+        an ordinary block of one C++ layer call, else the Python step (:meth:`_pooling_step`, :meth:`_hnet_step`)
+        with the inner blocks' C++ steps bound once (:meth:`Block.cpu_decoding_parts`): the calls :meth:`mix` makes
+        for a decoding token. A batch whose tokens disagree about their boundaries streams through :meth:`mix`, and
+        one of so many rows that the boundary's products would be oneDNN's (seqmix.kernels.linear) takes the Python
+        step. None for the whitespace boundaries (they read each call's tokens), while training, or where an inner
+        block has no such step. See :meth:`Mixer.cpu_decoding_step`."""
+        if self.boundary == "whitespace" or self.training:
             return None
         parts = self._inner_parts(like, state)
         if parts is None:
             return None
         inner_steps = [bound_block_step(p) for p in parts]
-        program = None
-        if all(type(p.call) is step_cpu.LayerCall and p.mlp_norm is not None for p in parts):
-            predictor = None if self.boundary == "fixed" else (
-                self.predictor[0].weight, self.predictor[0].bias, self.predictor[2].weight, self.predictor[2].bias)
-            program = step_cpu.pooling_step(predictor, self.stride, self.down_norm.weight, self.down_norm.eps,
-                                            self.up_norm.weight, self.up_norm.eps, parts)
+        python_step = self._hnet_step if self.boundary == "hnet" else self._pooling_step
+        one_call = all(type(p.call) is step_cpu.LayerCall and p.mlp_norm is not None for p in parts)
+        program = self._cpu_program(parts) if one_call else None
+        product = (self.q_proj.weight if self.boundary == "hnet"
+                   else None if self.boundary == "fixed" else self.predictor[0].weight)
 
         def step(x, state):
-            if program is not None and (predictor is None or not onednn_serves(x, predictor[0])):
+            if program is not None and (product is None or not onednn_serves(x, product)):
                 out = program(x, state)
             else:
-                out = self._pooling_step(x[:, None], state, inner_steps)
+                out = python_step(x[:, None], state, inner_steps)
                 out = None if out is None else (out[0][:, 0], out[1])
             if out is None:
                 y, state = self.mix(x[:, None], state)
@@ -303,6 +302,15 @@ class Hourglass(Mixer):
             return out
 
         return step
+
+    def _cpu_program(self, parts):
+        """The decoding token as one C++ call with the inner blocks ``parts`` (:meth:`cpu_decoding_step`)."""
+        up = (self.up_norm.weight, self.up_norm.eps)
+        if self.boundary == "hnet":
+            return step_cpu.hnet_step(self.q_proj.weight, self.k_proj.weight, self.residual_proj.weight, *up, parts)
+        predictor = None if self.boundary == "fixed" else (
+            self.predictor[0].weight, self.predictor[0].bias, self.predictor[2].weight, self.predictor[2].bias)
+        return step_cpu.pooling_step(predictor, self.stride, self.down_norm.weight, self.down_norm.eps, *up, parts)
 
     def _inner_parts(self, like, state) -> list | None:
         """The inner blocks' one-token steps in parts for this state (:meth:`Block.cpu_decoding_parts`), or None
@@ -422,12 +430,13 @@ class Hourglass(Mixer):
         cos = F.cosine_similarity(self.q_proj(prev).float(), self.k_proj(h).float(), dim=-1)
         return torch.where(pos == 0, torch.ones_like(cos), ((1 - cos) / 2).clamp(0.0, 1.0))
 
-    def _hnet_step(self, x, state):
+    def _hnet_step(self, x, state, inner_steps=None):
         """One token per sequence (x [B, 1, D]) when every sequence's token is a boundary or none is (always
         at B = 1): a boundary token runs through the inner layers' own one-token steps and updates the EMA,
         e = p z + (1 - p) e (p clamped as :func:`~seqmix.kernels.ema_dechunk` clamps it); every token reads e.
         What :meth:`_mix_hnet` computes for such a call, without chunk selection and the EMA's ``ssd`` call.
-        None for a batch whose tokens disagree: that call takes :meth:`_mix_hnet`."""
+        None for a batch whose tokens disagree: that call takes :meth:`_mix_hnet`. The inner layers' bound C++ steps
+        ``inner_steps`` as :meth:`_pooling_step` takes them."""
         h = x[:, 0]
         p = self._hnet_probabilities(state["prev"].to(x.dtype), h, state["position"])
         hard = p > 0.5
@@ -436,7 +445,8 @@ class Hourglass(Mixer):
             return None
         inner, ema = self._unflatten(state), state["ema"]
         if every:
-            z, inner = self._run_inner(h[:, None], inner, None)
+            steps = self._inner_steps(x, state) if inner_steps is None else inner_steps
+            z, inner = self._run_inner(h[:, None], inner, None, steps)
             pc = p.clamp(1e-4, 1 - 1e-4)[:, None]
             ema = pc * self.up_norm(z)[:, 0].float() + (1 - pc) * ema
         selected = torch.where(hard, p, 1 - p)

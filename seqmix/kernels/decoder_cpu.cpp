@@ -4,9 +4,18 @@
 // instead of three per block, each of which converted a dozen arguments (docs/design.md, "Twenty-third round").
 #include "decoder_cpu.h"
 
+#include <ATen/ops/clamp.h>
+#include <ATen/ops/cosine_similarity.h>
 #include <ATen/ops/div.h>
+#include <ATen/ops/eq.h>
 #include <ATen/ops/gelu.h>
+#include <ATen/ops/gt.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/rsub.h>
+#include <ATen/ops/sub.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros_like.h>
 
 #include <algorithm>
@@ -75,7 +84,7 @@ struct Block {
   }
 };
 
-// Block's arguments as Decoder::add_block and PoolingStep::add_block take them; `in_place` as StepArgs'.
+// Block's arguments as Decoder::add_block and HourglassStep::add_block take them; `in_place` as StepArgs'.
 Block make_block(const std::string& op, std::vector<c10::optional<at::Tensor>> tensors, std::vector<int64_t> sources,
                  std::vector<double> numbers, std::vector<int64_t> integers, std::vector<bool> flags,
                  std::vector<int64_t> outputs, at::Tensor mixer_norm, double mixer_eps, at::Tensor mlp_norm,
@@ -185,22 +194,39 @@ class RecurrentCore {
   std::vector<SandwichBlock> blocks_;
 };
 
-// A pooling hourglass layer's decoding token (seqmix/archs/hourglass.py's Hourglass._pooling_step, the gumbel,
-// entropy and fixed modes), x [B, D]: whether each sequence's token closes its segment (the predictor's logit
-// above 0, at::linear and at::gelu as its modules compute them; or, fixed, every stride-th position); the open
-// segment's float32 sum and count take the token; where the tokens close, the segment's mean, down_norm, the inner
-// blocks' steps and up_norm give the float32 row the tokens read from then on (`last`). A batch whose tokens
-// disagree about closing gets nothing (the layer streams it).
-class PoolingStep {
+// An hourglass layer's decoding token (seqmix/archs/hourglass.py), x [B, D], with its tensor ops as the layer's
+// Python step computes them (the products at::linear's, F.linear's at a decoding step's rows), so the two agree
+// bit for bit. A batch whose tokens disagree about their boundary gets nothing (the layer streams it).
+// - pooling (Hourglass._pooling_step: the gumbel and entropy modes' predictor, or every stride-th position): the
+//   open segment's float32 sum and count take the token; where the tokens close their segments, the segment's
+//   mean through down_norm, the inner blocks and up_norm is the float32 row they read from then on (`last`).
+//   States: position [B] int64, last, sum [B, D] and count [B] float32, then the inner blocks' slots.
+// - hnet (Hourglass._hnet_step): p = (1 - cos(W_q prev, W_k x)) / 2 (1 at a sequence's first token); where the
+//   tokens are boundaries (p > 0.5) they run through the inner blocks and up_norm into the EMA, e = p z + (1 - p) e;
+//   the output is e times a straight-through 1 plus W_r x. States: position, prev and ema [B, D] float32, then the
+//   inner blocks' slots.
+class HourglassStep {
  public:
-  PoolingStep(c10::optional<at::Tensor> hidden_weight, c10::optional<at::Tensor> hidden_bias,
-              c10::optional<at::Tensor> logit_weight, c10::optional<at::Tensor> logit_bias, int64_t stride,
-              at::Tensor down_norm, double down_eps, at::Tensor up_norm, double up_eps)
-      : hidden_weight_(std::move(hidden_weight)), hidden_bias_(std::move(hidden_bias)),
-        logit_weight_(std::move(logit_weight)), logit_bias_(std::move(logit_bias)), stride_(stride),
-        down_norm_(std::move(down_norm)), up_norm_(std::move(up_norm)), down_eps_(down_eps), up_eps_(up_eps) {
-    TORCH_CHECK(hidden_weight_.has_value() == (stride_ == 0) && logit_weight_.has_value() == (stride_ == 0),
-                "PoolingStep: either the predictor's weights or a positive stride");
+  static HourglassStep pooling(c10::optional<at::Tensor> hidden_weight, c10::optional<at::Tensor> hidden_bias,
+                               c10::optional<at::Tensor> logit_weight, c10::optional<at::Tensor> logit_bias,
+                               int64_t stride, at::Tensor down_norm, double down_eps, at::Tensor up_norm,
+                               double up_eps) {
+    TORCH_CHECK(hidden_weight.has_value() == (stride == 0) && logit_weight.has_value() == (stride == 0),
+                "HourglassStep.pooling: either the predictor's weights or a positive stride");
+    HourglassStep step(false, std::move(up_norm), up_eps);
+    step.weights_ = {std::move(hidden_weight), std::move(hidden_bias), std::move(logit_weight),
+                     std::move(logit_bias)};
+    step.stride_ = stride;
+    step.down_norm_ = std::move(down_norm);
+    step.down_eps_ = down_eps;
+    return step;
+  }
+
+  static HourglassStep hnet(at::Tensor q_weight, at::Tensor k_weight, at::Tensor residual_weight, at::Tensor up_norm,
+                            double up_eps) {
+    HourglassStep step(true, std::move(up_norm), up_eps);
+    step.weights_ = {std::move(q_weight), std::move(k_weight), std::move(residual_weight)};
+    return step;
   }
 
   // The states are the caller's (the layer's step returns new ones): no step writes over them.
@@ -213,24 +239,43 @@ class PoolingStep {
                                  std::move(mlp_norm), mlp_eps, std::move(gate_up), std::move(down), false));
   }
 
-  // x [B, D] and the states: position [B] int64, last [B, D], sum [B, D] and count [B] float32, then the inner
-  // blocks' slots. Returns the output [B, D] in x's dtype and the new states, or nothing where the tokens disagree.
+  // x [B, D] and the states (see above); the output [B, D] in x's dtype and the new states, or nothing.
   c10::optional<std::tuple<at::Tensor, std::vector<at::Tensor>>> operator()(const at::Tensor& x,
                                                                             std::vector<at::Tensor> states) {
-    TORCH_CHECK(x.dim() == 2 && states.size() >= 4, "PoolingStep: x [B, D] and at least four states");
-    const at::Tensor position = states[0];
-    TORCH_CHECK(position.scalar_type() == at::kLong && position.dim() == 1 && position.size(0) == x.size(0),
-                "PoolingStep: state['position'] must be int64 [B]");
-    const auto closes = closing(x, position);
-    const bool every = std::all_of(closes.begin(), closes.end(), [](bool c) { return c; });
-    if (!every && std::any_of(closes.begin(), closes.end(), [](bool c) { return c; })) return c10::nullopt;
+    const size_t own = hnet_ ? 3 : 4;
+    TORCH_CHECK(x.dim() == 2 && states.size() >= own, "HourglassStep: x [B, D] and the layer's states");
+    TORCH_CHECK(states[0].scalar_type() == at::kLong && states[0].dim() == 1 && states[0].size(0) == x.size(0),
+                "HourglassStep: state['position'] must be int64 [B]");
+    return hnet_ ? hnet_token(x, std::move(states)) : pooling_token(x, std::move(states));
+  }
+
+ private:
+  HourglassStep(bool hnet, at::Tensor up_norm, double up_eps)
+      : hnet_(hnet), up_norm_(std::move(up_norm)), up_eps_(up_eps) {}
+
+  using Token = c10::optional<std::tuple<at::Tensor, std::vector<at::Tensor>>>;
+
+  // True if every row's flag is set, false if none is, nothing if they disagree.
+  static c10::optional<bool> all_or_none(const std::vector<bool>& flags) {
+    const bool every = std::all_of(flags.begin(), flags.end(), [](bool f) { return f; });
+    if (!every && std::any_of(flags.begin(), flags.end(), [](bool f) { return f; })) return c10::nullopt;
+    return every;
+  }
+
+  // The inner blocks on h [B, D], then up_norm, in float32.
+  at::Tensor inner(at::Tensor h, std::vector<at::Tensor>& states) {
+    for (Block& block : blocks_) h = block(h, states);
+    return row_norm(h, up_norm_, c10::nullopt, up_eps_, true).to(at::kFloat);
+  }
+
+  Token pooling_token(const at::Tensor& x, std::vector<at::Tensor> states) {
+    const auto every = all_or_none(closing(x, states[0]));
+    if (!every) return c10::nullopt;
     const at::Tensor total = at::add(states[2], x.to(at::kFloat)), count = at::add(states[3], 1);
-    states[0] = at::add(position, 1);
-    if (every) {
-      at::Tensor h = row_norm(at::div(total, count.unsqueeze(1)).to(x.scalar_type()), down_norm_, c10::nullopt,
-                              down_eps_, true);
-      for (Block& block : blocks_) h = block(h, states);
-      states[1] = row_norm(h, up_norm_, c10::nullopt, up_eps_, true).to(at::kFloat);
+    states[0] = at::add(states[0], 1);
+    if (*every) {
+      const at::Tensor mean = at::div(total, count.unsqueeze(1)).to(x.scalar_type());
+      states[1] = inner(row_norm(mean, down_norm_, c10::nullopt, down_eps_, true), states);
       states[2] = at::zeros_like(total);
       states[3] = at::zeros_like(count);
     } else {
@@ -240,8 +285,7 @@ class PoolingStep {
     return std::make_tuple(states[1].to(x.scalar_type()), std::move(states));
   }
 
- private:
-  // Whether each row's token closes its segment.
+  // Whether each row's token closes its segment: the predictor's logit above 0, or a stride-th position.
   std::vector<bool> closing(const at::Tensor& x, const at::Tensor& position) const {
     const int64_t B = x.size(0);
     std::vector<bool> closes(B);
@@ -250,16 +294,42 @@ class PoolingStep {
       for (int64_t b = 0; b < B; ++b) closes[b] = (p.data_ptr<int64_t>()[b] + 1) % stride_ == 0;
       return closes;
     }
-    const at::Tensor hidden = at::gelu(at::linear(x, *hidden_weight_, hidden_bias_));
-    const at::Tensor logits = at::linear(hidden, *logit_weight_, logit_bias_).to(at::kFloat).contiguous();
+    const at::Tensor hidden = at::gelu(at::linear(x, *weights_[0], weights_[1]));
+    const at::Tensor logits = at::linear(hidden, *weights_[2], weights_[3]).to(at::kFloat).contiguous();
     for (int64_t b = 0; b < B; ++b) closes[b] = logits.data_ptr<float>()[b] > 0;
     return closes;
   }
 
-  c10::optional<at::Tensor> hidden_weight_, hidden_bias_, logit_weight_, logit_bias_;
-  int64_t stride_;
+  Token hnet_token(const at::Tensor& x, std::vector<at::Tensor> states) {
+    const at::Tensor q = at::linear(states[1].to(x.scalar_type()), *weights_[0]).to(at::kFloat);
+    const at::Tensor cos = at::cosine_similarity(q, at::linear(x, *weights_[1]).to(at::kFloat), -1);
+    const at::Tensor p = at::where(at::eq(states[0], 0), at::ones_like(cos),
+                                   at::clamp(at::div(at::rsub(cos, 1), 2), 0.0, 1.0)).contiguous();
+    const at::Tensor hard = at::gt(p, 0.5).contiguous();
+    std::vector<bool> flags(hard.numel());
+    for (size_t b = 0; b < flags.size(); ++b) flags[b] = hard.data_ptr<bool>()[b];
+    const auto every = all_or_none(flags);
+    if (!every) return c10::nullopt;
+    at::Tensor ema = states[2];
+    if (*every) {
+      const at::Tensor pc = at::clamp(p, 1e-4, 1 - 1e-4).unsqueeze(1);
+      ema = at::add(at::mul(pc, inner(x, states)), at::mul(at::rsub(pc, 1), ema));
+    }
+    const at::Tensor selected = at::where(hard, p, at::rsub(p, 1));
+    const at::Tensor one = at::add(at::sub(selected, selected), 1.0);  // the straight-through 1 (its NaNs too)
+    at::Tensor out = at::add(at::mul(ema.to(x.scalar_type()), one.unsqueeze(1).to(x.scalar_type())),
+                             at::linear(x, *weights_[2]));
+    states[0] = at::add(states[0], 1);
+    states[1] = x.to(at::kFloat);
+    states[2] = ema.to(at::kFloat);
+    return std::make_tuple(std::move(out), std::move(states));
+  }
+
+  bool hnet_;
+  std::vector<c10::optional<at::Tensor>> weights_;  // the predictor's (pooling) or q, k, residual (hnet)
+  int64_t stride_ = 0;
   at::Tensor down_norm_, up_norm_;
-  double down_eps_, up_eps_;
+  double down_eps_ = 0, up_eps_;
   std::vector<Block> blocks_;
 };
 
@@ -280,10 +350,10 @@ void bind_decoder(pybind11::module& m) {
       .def(pybind11::init<const at::Tensor&, int64_t>())
       .def("add_block", &RecurrentCore::add_block)
       .def("__call__", &RecurrentCore::operator());
-  using seqmix_cpu::PoolingStep;
-  pybind11::class_<PoolingStep>(m, "PoolingStep", "a pooling hourglass layer's decoding token (decoder_cpu.cpp)")
-      .def(pybind11::init<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>,
-                          c10::optional<at::Tensor>, int64_t, at::Tensor, double, at::Tensor, double>())
-      .def("add_block", &PoolingStep::add_block)
-      .def("__call__", &PoolingStep::operator());
+  using seqmix_cpu::HourglassStep;
+  pybind11::class_<HourglassStep>(m, "HourglassStep", "an hourglass layer's decoding token (decoder_cpu.cpp)")
+      .def_static("pooling", &HourglassStep::pooling)
+      .def_static("hnet", &HourglassStep::hnet)
+      .def("add_block", &HourglassStep::add_block)
+      .def("__call__", &HourglassStep::operator());
 }

@@ -497,7 +497,7 @@ def recurrent_core(latent_weight: Tensor, blocks: list[CoreBlock], iterations: l
 
 def pooling_step(predictor: tuple[Tensor, Tensor, Tensor, Tensor] | None, stride: int, down_norm: Tensor,
                  down_eps: float, up_norm: Tensor, up_eps: float, blocks: list[DecoderBlock]) -> Callable:
-    """A pooling hourglass layer's decoding token as one C++ call (decoder_cpu.cpp's PoolingStep): ``out = step(x,
+    """A pooling hourglass layer's decoding token as one C++ call (decoder_cpu.cpp's HourglassStep): ``out = step(x,
     state)``, x [B, hidden], state the layer's (position, last, sum, count, and the inner blocks' under
     ``"inner.{j}."``); out is (y [B, hidden], the new state), or None where the batch's tokens disagree about closing
     their segments. ``predictor``: the boundary predictor's hidden weight and bias and logit weight and bias, or
@@ -505,9 +505,26 @@ def pooling_step(predictor: tuple[Tensor, Tensor, Tensor, Tensor] | None, stride
     blocks (as :func:`decoder` takes them) and RMSNorm (up_norm, up_eps). The same computation as the layer's
     Python step (seqmix/archs/hourglass.py's Hourglass._pooling_step) at a decoding step's rows, where the
     predictor's products are F.linear's; the states given are left as they are (but attention's caches)."""
-    program = cpu.extension().PoolingStep(*(predictor or (None,) * 4), 0 if predictor else stride, down_norm,
-                                          down_eps, up_norm, up_eps)
-    slots = {"position": 0, "last": 1, "sum": 2, "count": 3}
+    program = cpu.extension().HourglassStep.pooling(*(predictor or (None,) * 4), 0 if predictor else stride,
+                                                    down_norm, down_eps, up_norm, up_eps)
+    return _hourglass_step(program, ("position", "last", "sum", "count"), blocks)
+
+
+def hnet_step(q_weight: Tensor, k_weight: Tensor, residual_weight: Tensor, up_norm: Tensor, up_eps: float,
+              blocks: list[DecoderBlock]) -> Callable:
+    """An H-Net hourglass layer's decoding token as one C++ call (decoder_cpu.cpp's HourglassStep), as
+    :func:`pooling_step` with the state's position, prev and ema: the boundary probability from the q and k
+    projections of the previous and this token, the inner blocks and RMSNorm (up_norm, up_eps) into the EMA at a
+    boundary, the output the EMA plus the residual projection. The same computation as
+    seqmix/archs/hourglass.py's Hourglass._hnet_step at a decoding step's rows."""
+    program = cpu.extension().HourglassStep.hnet(q_weight, k_weight, residual_weight, up_norm, up_eps)
+    return _hourglass_step(program, ("position", "prev", "ema"), blocks)
+
+
+def _hourglass_step(program, own: tuple[str, ...], blocks: list[DecoderBlock]) -> Callable:
+    """``program`` (an HourglassStep) with the inner blocks added, as a step over the layer's state: its own keys
+    ``own`` first, then the inner blocks' under ``"inner.{j}."``."""
+    slots = {key: i for i, key in enumerate(own)}
     for j, block in enumerate(blocks):
         _add_block(program, block, lambda key, head=f"inner.{j}.": slots.setdefault(head + key, len(slots)))
     keys = list(slots)

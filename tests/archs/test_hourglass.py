@@ -239,28 +239,40 @@ def test_max_segments_caps_the_shortened_sequence():
     assert not torch.allclose(capped[:, 15:], y[:, 15:])
 
 
-@pytest.mark.parametrize("mode", ["gumbel", "entropy", "fixed"])
+@pytest.mark.parametrize("mode", ["gumbel", "entropy", "fixed", "hnet"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("one_call", [True, False], ids=["one C++ call", "bound steps"])
 def test_decoding_tokens_bind_the_inner_blocks_equal_to_their_module_calls(mode, dtype, one_call, monkeypatch):
-    """A pooling mode's decoding token is one C++ call where every inner block is an ordinary one of a LayerCall
-    (Hourglass.cpu_decoding_step, step_cpu.pooling_step), else the layer's Python step with the inner blocks' bound
-    C++ steps (here Mamba's step wrapped in a Python function): generate's tokens and logits equal those of the
-    inner blocks' module calls bit for bit, with segments closing along the way; a batch of two whose tokens
-    disagree about closing streams."""
+    """A decoding token of every mode but whitespace is one C++ call where every inner block is an ordinary one of a
+    LayerCall (Hourglass.cpu_decoding_step, step_cpu.pooling_step and hnet_step), else the layer's Python step with
+    the inner blocks' bound C++ steps (here Mamba's step wrapped in a Python function): generate's tokens and logits
+    equal those of the inner blocks' module calls bit for bit, with segments closing along the way (H-Net's
+    projections away from their identity and zero initialisation); a batch of two whose tokens disagree about
+    their boundaries streams."""
     from seqmix.archs.mamba import Mamba
     from seqmix.kernels import step_cpu
 
     require_cpu_kernels()
     monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the inner blocks' norms on their cpu backend
-    tokens, pooling_step = [], step_cpu.pooling_step
+    calls, program = {"close": 0, "open": 0, "stream": 0}, "hnet_step" if mode == "hnet" else "pooling_step"
+    build = getattr(step_cpu, program)
 
-    def counted_pooling_step(*args):
-        step = pooling_step(*args)
-        return lambda x, state: tokens.append(x.shape) or step(x, state)
+    def counted(*args):
+        step = build(*args)
 
-    monkeypatch.setattr(step_cpu, "pooling_step", counted_pooling_step)
+        def run(x, state):
+            out = step(x, state)
+            if out is None:
+                calls["stream"] += 1
+            else:  # a close resets the segment's count (pooling) or moves the EMA (hnet)
+                closed = not torch.equal(out[1]["ema"], state["ema"]) if mode == "hnet" else out[1]["count"].eq(0).all()
+                calls["close" if closed else "open"] += 1
+            return out
+
+        return run
+
+    monkeypatch.setattr(step_cpu, program, counted)
     if not one_call:
         layer_step = Mamba.cpu_decoding_step
 
@@ -273,15 +285,36 @@ def test_decoding_tokens_bind_the_inner_blocks_equal_to_their_module_calls(mode,
     config = LMConfig(vocab_size=300, hidden_size=HIDDEN, num_heads=2, layers=["attention", "hourglass"],
                       mixer_options={"hourglass": {"layers": ["attention", "mamba"], "boundary": mode, "stride": 2}})
     model = LanguageModel(config).to("cpu", dtype).eval()
-    _randomise_predictor(model.blocks[1].mixer, 0)
-    prompt = _text_tokens(2, 7, 1).cpu()
+    g, layer = torch.Generator().manual_seed(0), model.blocks[1].mixer
+    _randomise_predictor(layer, 0)
     with torch.no_grad():
-        _, state = model(prompt, model.init_state(2, capacity=15))
+        if mode in ("gumbel", "entropy"):  # a predictor whose decisions change from token to token
+            layer.predictor[0].weight.copy_(3 * torch.randn(layer.predictor[0].weight.shape, generator=g, dtype=dtype)
+                                            / HIDDEN**0.5)
+            layer.predictor[2].bias.zero_()
+        if mode == "hnet":  # projections away from their identity and zero initialisation
+            for proj in (layer.q_proj, layer.k_proj):
+                proj.weight.copy_(torch.randn(proj.weight.shape, generator=g, dtype=dtype) / HIDDEN**0.5)
+            residual = layer.residual_proj.weight
+            residual.copy_(0.1 * torch.randn(residual.shape, generator=g, dtype=dtype))
+    both = _text_tokens(2, 7, 1).cpu()
+    prompts = [both[:1], both[1:], both]  # one sequence's segments close at some tokens; two disagree at some
+    with torch.no_grad():
+        _, state = model(both, model.init_state(2, capacity=20))
         assert model._cpu_decoder(state, {}) is not None
-    got = model.generate(prompt, 8, temperature=0.0, return_logits=True)
-    assert len(tokens) == (7 if one_call else 0)  # generate's steps (not the last token's)
+
+    def generate(prompt):  # sampled, so that the tokens (and the boundaries) vary
+        return model.generate(prompt, 12, temperature=1.0, generator=torch.Generator().manual_seed(3),
+                              return_logits=True)
+
+    got = [generate(prompt) for prompt in prompts]
+    if one_call:
+        assert sum(calls.values()) == 3 * 11 and calls["close"] > 0 and calls["open"] + calls["stream"] > 0, calls
+    else:
+        assert sum(calls.values()) == 0
     monkeypatch.setattr(Hourglass, "_inner_parts", lambda self, like, state: None)
     with torch.no_grad():
         assert model._cpu_decoder(state, {}) is None
-    want = model.generate(prompt, 8, temperature=0.0, return_logits=True)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for (tokens, logits), prompt in zip(got, prompts):
+        want_tokens, want_logits = generate(prompt)
+        assert torch.equal(tokens, want_tokens) and torch.equal(logits, want_logits)
