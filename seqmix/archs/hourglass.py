@@ -134,12 +134,16 @@ class Hourglass(Mixer):
 
     def forward(self, x, state: State | None = None, *, cu_seqlens=None, attention_mask=None):
         if self.boundary == "whitespace":
-            tokens = self._tokens
-            if tokens is None or tokens.shape != x.shape[:2]:
-                raise ValueError("boundary='whitespace' reads the token ids of the call: call observe_tokens(tokens) "
-                                 f"with tokens [B, T] = {tuple(x.shape[:2])} first (the LM does)")
-            self._packed_tokens = tokens if attention_mask is None else tokens[attention_mask.bool()][None]
+            self._packed_tokens = self._call_tokens(x, attention_mask)
         return super().forward(x, state, cu_seqlens=cu_seqlens, attention_mask=attention_mask)
+
+    def _call_tokens(self, x, attention_mask=None):
+        """The token ids of the call (:meth:`observe_tokens`'), checked against x [B, T, D], packed as x is."""
+        tokens = self._tokens
+        if tokens is None or tokens.shape != x.shape[:2]:
+            raise ValueError("boundary='whitespace' reads the token ids of the call: call observe_tokens(tokens) "
+                             f"with tokens [B, T] = {tuple(x.shape[:2])} first (the LM does)")
+        return tokens if attention_mask is None else tokens[attention_mask.bool()][None]
 
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         B, T, _ = x.shape
@@ -276,9 +280,10 @@ class Hourglass(Mixer):
         with the inner blocks' C++ steps bound once (:meth:`Block.cpu_decoding_parts`): the calls :meth:`mix` makes
         for a decoding token. A batch whose tokens disagree about their boundaries streams through :meth:`mix`, and
         one of so many rows that the boundary's products would be oneDNN's (seqmix.kernels.linear) takes the Python
-        step. None for the whitespace boundaries (they read each call's tokens), while training, or where an inner
-        block has no such step. See :meth:`Mixer.cpu_decoding_step`."""
-        if self.boundary == "whitespace" or self.training:
+        step. The whitespace boundaries read the token ids the step is called for (:meth:`observe_tokens`, as
+        :meth:`forward` reads them). None while training or where an inner block has no such step. See
+        :meth:`Mixer.cpu_decoding_step`."""
+        if self.training:
             return None
         parts = self._inner_parts(like, state)
         if parts is None:
@@ -288,11 +293,16 @@ class Hourglass(Mixer):
         one_call = all(type(p.call) is step_cpu.LayerCall and p.mlp_norm is not None for p in parts)
         program = self._cpu_program(parts) if one_call else None
         product = (self.q_proj.weight if self.boundary == "hnet"
-                   else None if self.boundary == "fixed" else self.predictor[0].weight)
+                   else self.predictor[0].weight if self.boundary in ("gumbel", "entropy") else None)
+        whitespace = self.boundary == "whitespace"
 
         def step(x, state):
+            tokens = None
+            if whitespace:
+                self._packed_tokens = self._call_tokens(x[:, None])
+                tokens = self._packed_tokens.view(-1)
             if program is not None and (product is None or not onednn_serves(x, product)):
-                out = program(x, state)
+                out = program(x, state, tokens)
             else:
                 out = python_step(x[:, None], state, inner_steps)
                 out = None if out is None else (out[0][:, 0], out[1])
@@ -308,9 +318,11 @@ class Hourglass(Mixer):
         up = (self.up_norm.weight, self.up_norm.eps)
         if self.boundary == "hnet":
             return step_cpu.hnet_step(self.q_proj.weight, self.k_proj.weight, self.residual_proj.weight, *up, parts)
-        predictor = None if self.boundary == "fixed" else (
+        predictor = None if self.boundary in ("fixed", "whitespace") else (
             self.predictor[0].weight, self.predictor[0].bias, self.predictor[2].weight, self.predictor[2].bias)
-        return step_cpu.pooling_step(predictor, self.stride, self.down_norm.weight, self.down_norm.eps, *up, parts)
+        closers = WORD_CLOSERS if self.boundary == "whitespace" else ()
+        return step_cpu.pooling_step(predictor, self.stride, closers, self.down_norm.weight, self.down_norm.eps, *up,
+                                     parts)
 
     def _inner_parts(self, like, state) -> list | None:
         """The inner blocks' one-token steps in parts for this state (:meth:`Block.cpu_decoding_parts`), or None

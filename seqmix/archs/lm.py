@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from seqmix.archs.mixer import MIXERS, DecodingStep, State, build_mixer, init_mixer_state
+from seqmix.archs.mixer import MIXERS, DecodingStep, Mixer, State, build_mixer, init_mixer_state
 from seqmix.archs.modules import Linear, RMSNorm
 from seqmix.kernels import step_cpu, swiglu
 from seqmix.kernels.checks import check_values
@@ -294,8 +294,13 @@ class LanguageModel(nn.Module):
         steps = [bound_block_step(parts) for parts in blocks]
         norm_weight, eps = norm.weight, norm.eps
         readout = step_cpu.rms_norm_times_weight.bind(norm_weight, embed)
+        # The layers that read the token ids (the whitespace hourglass's boundaries) see them as in forward.
+        observers = [block.mixer.observe_tokens for block in self.blocks
+                     if type(block.mixer).observe_tokens is not Mixer.observe_tokens]
 
         def decode(tokens, state):
+            for observe in observers:
+                observe(tokens)
             x = embed.index_select(0, tokens.view(-1))
             new_state = []
             for step, s in zip(steps, state):

@@ -197,8 +197,9 @@ class RecurrentCore {
 // An hourglass layer's decoding token (seqmix/archs/hourglass.py), x [B, D], with its tensor ops as the layer's
 // Python step computes them (the products at::linear's, F.linear's at a decoding step's rows), so the two agree
 // bit for bit. A batch whose tokens disagree about their boundary gets nothing (the layer streams it).
-// - pooling (Hourglass._pooling_step: the gumbel and entropy modes' predictor, or every stride-th position): the
-//   open segment's float32 sum and count take the token; where the tokens close their segments, the segment's
+// - pooling (Hourglass._pooling_step: the gumbel and entropy modes' predictor, every stride-th position, or the
+//   whitespace mode's closing token ids, given with each call): the open segment's float32 sum and count take the
+//   token; where the tokens close their segments, the segment's
 //   mean through down_norm, the inner blocks and up_norm is the float32 row they read from then on (`last`).
 //   States: position [B] int64, last, sum [B, D] and count [B] float32, then the inner blocks' slots.
 // - hnet (Hourglass._hnet_step): p = (1 - cos(W_q prev, W_k x)) / 2 (1 at a sequence's first token); where the
@@ -209,14 +210,16 @@ class HourglassStep {
  public:
   static HourglassStep pooling(c10::optional<at::Tensor> hidden_weight, c10::optional<at::Tensor> hidden_bias,
                                c10::optional<at::Tensor> logit_weight, c10::optional<at::Tensor> logit_bias,
-                               int64_t stride, at::Tensor down_norm, double down_eps, at::Tensor up_norm,
-                               double up_eps) {
-    TORCH_CHECK(hidden_weight.has_value() == (stride == 0) && logit_weight.has_value() == (stride == 0),
-                "HourglassStep.pooling: either the predictor's weights or a positive stride");
+                               int64_t stride, std::vector<int64_t> closers, at::Tensor down_norm, double down_eps,
+                               at::Tensor up_norm, double up_eps) {
+    const bool predicts = hidden_weight.has_value() && logit_weight.has_value();
+    TORCH_CHECK(predicts + (stride > 0) + !closers.empty() == 1,
+                "HourglassStep.pooling: one of the predictor's weights, a positive stride or the closing tokens");
     HourglassStep step(false, std::move(up_norm), up_eps);
     step.weights_ = {std::move(hidden_weight), std::move(hidden_bias), std::move(logit_weight),
                      std::move(logit_bias)};
     step.stride_ = stride;
+    step.closers_ = std::move(closers);
     step.down_norm_ = std::move(down_norm);
     step.down_eps_ = down_eps;
     return step;
@@ -239,14 +242,19 @@ class HourglassStep {
                                  std::move(mlp_norm), mlp_eps, std::move(gate_up), std::move(down), false));
   }
 
-  // x [B, D] and the states (see above); the output [B, D] in x's dtype and the new states, or nothing.
+  // x [B, D], the states (see above) and, for closing token ids, the tokens [B] int64; the output [B, D] in x's
+  // dtype and the new states, or nothing.
   c10::optional<std::tuple<at::Tensor, std::vector<at::Tensor>>> operator()(const at::Tensor& x,
-                                                                            std::vector<at::Tensor> states) {
+                                                                            std::vector<at::Tensor> states,
+                                                                            const c10::optional<at::Tensor>& tokens) {
     const size_t own = hnet_ ? 3 : 4;
-    TORCH_CHECK(x.dim() == 2 && states.size() >= own, "HourglassStep: x [B, D] and the layer's states");
-    TORCH_CHECK(states[0].scalar_type() == at::kLong && states[0].dim() == 1 && states[0].size(0) == x.size(0),
+    const int64_t B = x.dim() == 2 ? x.size(0) : -1;
+    TORCH_CHECK(B >= 0 && states.size() >= own, "HourglassStep: x [B, D] and the layer's states");
+    TORCH_CHECK(states[0].scalar_type() == at::kLong && states[0].dim() == 1 && states[0].size(0) == B,
                 "HourglassStep: state['position'] must be int64 [B]");
-    return hnet_ ? hnet_token(x, std::move(states)) : pooling_token(x, std::move(states));
+    TORCH_CHECK(closers_.empty() || (tokens && tokens->scalar_type() == at::kLong && tokens->numel() == B),
+                "HourglassStep: the whitespace boundaries need the tokens [B] int64");
+    return hnet_ ? hnet_token(x, std::move(states)) : pooling_token(x, std::move(states), tokens);
   }
 
  private:
@@ -268,8 +276,8 @@ class HourglassStep {
     return row_norm(h, up_norm_, c10::nullopt, up_eps_, true).to(at::kFloat);
   }
 
-  Token pooling_token(const at::Tensor& x, std::vector<at::Tensor> states) {
-    const auto every = all_or_none(closing(x, states[0]));
+  Token pooling_token(const at::Tensor& x, std::vector<at::Tensor> states, const c10::optional<at::Tensor>& tokens) {
+    const auto every = all_or_none(closing(x, states[0], tokens));
     if (!every) return c10::nullopt;
     const at::Tensor total = at::add(states[2], x.to(at::kFloat)), count = at::add(states[3], 1);
     states[0] = at::add(states[0], 1);
@@ -285,10 +293,18 @@ class HourglassStep {
     return std::make_tuple(states[1].to(x.scalar_type()), std::move(states));
   }
 
-  // Whether each row's token closes its segment: the predictor's logit above 0, or a stride-th position.
-  std::vector<bool> closing(const at::Tensor& x, const at::Tensor& position) const {
+  // Whether each row's token closes its segment: the predictor's logit above 0, a stride-th position, or one of
+  // the closing token ids.
+  std::vector<bool> closing(const at::Tensor& x, const at::Tensor& position,
+                            const c10::optional<at::Tensor>& tokens) const {
     const int64_t B = x.size(0);
     std::vector<bool> closes(B);
+    if (!closers_.empty()) {
+      const at::Tensor ids = tokens->contiguous();
+      for (int64_t b = 0; b < B; ++b)
+        closes[b] = std::find(closers_.begin(), closers_.end(), ids.data_ptr<int64_t>()[b]) != closers_.end();
+      return closes;
+    }
     if (stride_ > 0) {
       const at::Tensor p = position.contiguous();
       for (int64_t b = 0; b < B; ++b) closes[b] = (p.data_ptr<int64_t>()[b] + 1) % stride_ == 0;
@@ -328,6 +344,7 @@ class HourglassStep {
   bool hnet_;
   std::vector<c10::optional<at::Tensor>> weights_;  // the predictor's (pooling) or q, k, residual (hnet)
   int64_t stride_ = 0;
+  std::vector<int64_t> closers_;
   at::Tensor down_norm_, up_norm_;
   double down_eps_ = 0, up_eps_;
   std::vector<Block> blocks_;

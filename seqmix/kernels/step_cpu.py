@@ -495,18 +495,21 @@ def recurrent_core(latent_weight: Tensor, blocks: list[CoreBlock], iterations: l
     return core
 
 
-def pooling_step(predictor: tuple[Tensor, Tensor, Tensor, Tensor] | None, stride: int, down_norm: Tensor,
-                 down_eps: float, up_norm: Tensor, up_eps: float, blocks: list[DecoderBlock]) -> Callable:
+def pooling_step(predictor: tuple[Tensor, Tensor, Tensor, Tensor] | None, stride: int, closers: tuple[int, ...],
+                 down_norm: Tensor, down_eps: float, up_norm: Tensor, up_eps: float,
+                 blocks: list[DecoderBlock]) -> Callable:
     """A pooling hourglass layer's decoding token as one C++ call (decoder_cpu.cpp's HourglassStep): ``out = step(x,
-    state)``, x [B, hidden], state the layer's (position, last, sum, count, and the inner blocks' under
+    state, tokens)``, x [B, hidden], state the layer's (position, last, sum, count, and the inner blocks' under
     ``"inner.{j}."``); out is (y [B, hidden], the new state), or None where the batch's tokens disagree about closing
-    their segments. ``predictor``: the boundary predictor's hidden weight and bias and logit weight and bias, or
-    None for the fixed mode's ``stride``. The segment's mean goes through RMSNorm (down_norm, down_eps), the inner
-    blocks (as :func:`decoder` takes them) and RMSNorm (up_norm, up_eps). The same computation as the layer's
-    Python step (seqmix/archs/hourglass.py's Hourglass._pooling_step) at a decoding step's rows, where the
-    predictor's products are F.linear's; the states given are left as they are (but attention's caches)."""
-    program = cpu.extension().HourglassStep.pooling(*(predictor or (None,) * 4), 0 if predictor else stride,
-                                                    down_norm, down_eps, up_norm, up_eps)
+    their segments. The boundaries: ``predictor`` (the boundary predictor's hidden weight and bias and logit weight
+    and bias), else the token ids ``closers`` (the whitespace mode: ``tokens`` [B] int64 are the call's), else
+    every ``stride``-th position. The segment's mean goes through RMSNorm (down_norm, down_eps), the inner blocks
+    (as :func:`decoder` takes them) and RMSNorm (up_norm, up_eps). The same computation as the layer's Python step
+    (seqmix/archs/hourglass.py's Hourglass._pooling_step) at a decoding step's rows, where the predictor's products
+    are F.linear's; the states given are left as they are (but attention's caches)."""
+    program = cpu.extension().HourglassStep.pooling(*(predictor or (None,) * 4),
+                                                    0 if predictor or closers else stride, list(closers), down_norm,
+                                                    down_eps, up_norm, up_eps)
     return _hourglass_step(program, ("position", "last", "sum", "count"), blocks)
 
 
@@ -529,8 +532,8 @@ def _hourglass_step(program, own: tuple[str, ...], blocks: list[DecoderBlock]) -
         _add_block(program, block, lambda key, head=f"inner.{j}.": slots.setdefault(head + key, len(slots)))
     keys = list(slots)
 
-    def step(x: Tensor, state: dict[str, Tensor]):
-        out = program(x, [state[key] for key in keys])
+    def step(x: Tensor, state: dict[str, Tensor], tokens: Tensor | None = None):
+        out = program(x, [state[key] for key in keys], tokens)
         return None if out is None else (out[0], state | dict(zip(keys, out[1])))
 
     return step

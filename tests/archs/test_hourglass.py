@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from seqmix.archs import build_mixer
-from seqmix.archs.hourglass import Hourglass
+from seqmix.archs.hourglass import BOUNDARY_MODES, Hourglass
 from seqmix.archs.lm import LanguageModel, LMConfig
 from tests.archs import contract
 from tests.helpers import DEVICE, TOL, assert_rel, require_cpu_kernels
@@ -239,16 +239,17 @@ def test_max_segments_caps_the_shortened_sequence():
     assert not torch.allclose(capped[:, 15:], y[:, 15:])
 
 
-@pytest.mark.parametrize("mode", ["gumbel", "entropy", "fixed", "hnet"])
+@pytest.mark.parametrize("mode", BOUNDARY_MODES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("one_call", [True, False], ids=["one C++ call", "bound steps"])
 def test_decoding_tokens_bind_the_inner_blocks_equal_to_their_module_calls(mode, dtype, one_call, monkeypatch):
-    """A decoding token of every mode but whitespace is one C++ call where every inner block is an ordinary one of a
-    LayerCall (Hourglass.cpu_decoding_step, step_cpu.pooling_step and hnet_step), else the layer's Python step with
-    the inner blocks' bound C++ steps (here Mamba's step wrapped in a Python function): generate's tokens and logits
-    equal those of the inner blocks' module calls bit for bit, with segments closing along the way (H-Net's
-    projections away from their identity and zero initialisation); a batch of two whose tokens disagree about
-    their boundaries streams."""
+    """A decoding token of every mode is one C++ call where every inner block is an ordinary one of a LayerCall
+    (Hourglass.cpu_decoding_step, step_cpu.pooling_step and hnet_step), else the layer's Python step with the inner
+    blocks' bound C++ steps (here Mamba's step wrapped in a Python function): generate's tokens and logits equal
+    those of the inner blocks' module calls bit for bit, with segments closing along the way (H-Net's projections
+    away from their identity and zero initialisation; the whitespace mode reading each step's tokens, every even id
+    a closer); a batch of two whose tokens disagree about their boundaries streams."""
+    from seqmix.archs import hourglass
     from seqmix.archs.mamba import Mamba
     from seqmix.kernels import step_cpu
 
@@ -261,8 +262,8 @@ def test_decoding_tokens_bind_the_inner_blocks_equal_to_their_module_calls(mode,
     def counted(*args):
         step = build(*args)
 
-        def run(x, state):
-            out = step(x, state)
+        def run(x, state, tokens=None):
+            out = step(x, state, tokens)
             if out is None:
                 calls["stream"] += 1
             else:  # a close resets the segment's count (pooling) or moves the EMA (hnet)
@@ -273,6 +274,8 @@ def test_decoding_tokens_bind_the_inner_blocks_equal_to_their_module_calls(mode,
         return run
 
     monkeypatch.setattr(step_cpu, program, counted)
+    if mode == "whitespace":  # every even token id closes: boundaries at about half the sampled tokens
+        monkeypatch.setattr(hourglass, "WORD_CLOSERS", tuple(range(0, 300, 2)))
     if not one_call:
         layer_step = Mamba.cpu_decoding_step
 
