@@ -83,6 +83,26 @@ T* scratch(size_t n) {
   return buffer.data();
 }
 
+// RMSNorm of a row of D values times weight into out (which may be x), in row_norm's operations (row_norm_cpu.cpp).
+template <typename T>
+void norm_row(const T* x, const T* weight, double eps, T* out, int64_t D) {
+  const T scale = seqmix_cpu::rms_scale(x, D, T(1) / T(D), eps);
+  for (int64_t j = 0; j < D; ++j) out[j] = x[j] * scale;
+  for (int64_t j = 0; j < D; ++j) out[j] *= weight[j];
+}
+
+// The SwiGLU MLP of one row n [D] into o [D] (swiglu_mlp's operations), its gate_up row and activation in gu [2I]
+// and act [I].
+template <typename T>
+void swiglu_row(const T* n, const T* gate_up, const T* down, T* gu, T* act, T* o, int64_t D, int64_t I) {
+  seqmix_cpu::matrix_times_row(gate_up, n, gu, 2 * I, D);
+  for (int64_t j = 0; j < I; ++j) {
+    const T g = gu[j];
+    act[j] = g / (T(1) + std::exp(-g)) * gu[I + j];
+  }
+  seqmix_cpu::matrix_times_row(down, act, o, D, I);
+}
+
 // residual_swiglu_step at a decoding step's few rows, everything contiguous: the same operations in the same order
 // as the tensor path below (so the same values), the intermediates in scratch.
 template <typename T>
@@ -94,17 +114,38 @@ void residual_swiglu_rows(const T* x, const T* y, const T* norm_weight, double e
     const T *xr = x + r * D, *yr = y + r * D;
     T* o = out + r * D;
     for (int64_t j = 0; j < D; ++j) h[j] = xr[j] + yr[j];
-    const T scale = seqmix_cpu::rms_scale(h, D, T(1) / T(D), eps);
-    for (int64_t j = 0; j < D; ++j) n[j] = h[j] * scale;
-    for (int64_t j = 0; j < D; ++j) n[j] *= norm_weight[j];
-    seqmix_cpu::matrix_times_row(gate_up, n, gu, 2 * I, D);
-    for (int64_t j = 0; j < I; ++j) {
-      const T g = gu[j];
-      act[j] = g / (T(1) + std::exp(-g)) * gu[I + j];
-    }
-    seqmix_cpu::matrix_times_row(down, act, o, D, I);
+    norm_row(h, norm_weight, eps, n, D);
+    swiglu_row(n, gate_up, down, gu, act, o, D, I);
     for (int64_t j = 0; j < D; ++j) o[j] = h[j] + o[j];
   }
+}
+
+// sandwich_swiglu_step at a decoding step's few rows, everything contiguous, as residual_swiglu_rows: s2 =
+// norm(s + y), out = norm(s2 + mlp(norm(s2))).
+template <typename T>
+void sandwich_swiglu_rows(const T* s, const T* y, const T* mixer_out_weight, const T* mlp_in_weight,
+                          const T* mlp_out_weight, double eps, const T* gate_up, const T* down, T* out, int64_t rows,
+                          int64_t D, int64_t I) {
+  T* h = scratch<T>(3 * D + 3 * I);
+  T *s2 = h + D, *n = s2 + D, *gu = n + D, *act = gu + 2 * I;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T *sr = s + r * D, *yr = y + r * D;
+    T* o = out + r * D;
+    for (int64_t j = 0; j < D; ++j) h[j] = sr[j] + yr[j];
+    norm_row(h, mixer_out_weight, eps, s2, D);
+    norm_row(s2, mlp_in_weight, eps, n, D);
+    swiglu_row(n, gate_up, down, gu, act, o, D, I);
+    for (int64_t j = 0; j < D; ++j) o[j] = o[j] + s2[j];
+    norm_row(o, mlp_out_weight, eps, o, D);
+  }
+}
+
+// Whether a step's tensors take the few-rows path: `rows` of them, y of x's shape, everything contiguous.
+bool few_contiguous_rows(int64_t rows, const at::Tensor& x, const at::Tensor& y,
+                         std::initializer_list<const at::Tensor*> weights) {
+  bool contiguous = rows <= seqmix_cpu::kFewRows && y.sizes() == x.sizes() && x.is_contiguous() && y.is_contiguous();
+  for (const at::Tensor* t : weights) contiguous = contiguous && t->is_contiguous();
+  return contiguous;
 }
 
 }  // namespace
@@ -114,9 +155,7 @@ at::Tensor seqmix_cpu::residual_swiglu_step(const at::Tensor& x, const at::Tenso
   const char* kernel = "residual_swiglu_step_cpu";
   check_mlp_step(kernel, x, {&y, &norm_weight, &gate_up, &down}, gate_up, down);
   const int64_t D = x.size(-1), rows = D ? x.numel() / D : 0;
-  bool contiguous = y.sizes() == x.sizes();
-  for (const at::Tensor* t : {&x, &y, &norm_weight, &gate_up, &down}) contiguous = contiguous && t->is_contiguous();
-  if (rows <= seqmix_cpu::kFewRows && contiguous) {
+  if (few_contiguous_rows(rows, x, y, {&norm_weight, &gate_up, &down})) {
     at::Tensor out = at::empty(x.sizes(), x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "residual_swiglu_step_cpu", [&] {
       residual_swiglu_rows<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), norm_weight.data_ptr<scalar_t>(),
@@ -138,6 +177,16 @@ at::Tensor seqmix_cpu::sandwich_swiglu_step(const at::Tensor& s, const at::Tenso
   check_mlp_step(kernel, s, {&y, &mixer_out_weight, &mlp_in_weight, &mlp_out_weight, &gate_up, &down}, gate_up,
                  down);
   const int64_t D = s.size(-1), rows = D ? s.numel() / D : 0;
+  if (few_contiguous_rows(rows, s, y, {&mixer_out_weight, &mlp_in_weight, &mlp_out_weight, &gate_up, &down})) {
+    at::Tensor out = at::empty(s.sizes(), s.options());
+    AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "sandwich_swiglu_step_cpu", [&] {
+      using T = scalar_t;
+      sandwich_swiglu_rows<T>(s.data_ptr<T>(), y.data_ptr<T>(), mixer_out_weight.data_ptr<T>(),
+                              mlp_in_weight.data_ptr<T>(), mlp_out_weight.data_ptr<T>(), eps, gate_up.data_ptr<T>(),
+                              down.data_ptr<T>(), out.data_ptr<T>(), rows, D, down.size(1));
+    });
+    return out;
+  }
   const auto rms_norm = [eps](const at::Tensor& rows, const at::Tensor& weight) {
     return seqmix_cpu::row_norm(rows, weight, c10::nullopt, eps, true);
   };

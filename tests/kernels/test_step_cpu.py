@@ -493,16 +493,19 @@ def test_residual_swiglu_step_equals_the_tensor_ops(rows, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_residual_swiglu_steps_few_rows_equal_its_tensor_path(dtype):
-    """At a decoding step's few contiguous rows the residual + SwiGLU step keeps its intermediates in a scratch
-    buffer (mlp_step_cpu.cpp, residual_swiglu_rows); a non-contiguous y takes the tensor path, the same values."""
+@pytest.mark.parametrize("step", ["residual_swiglu_step", "sandwich_swiglu_step"])
+def test_mlp_steps_few_rows_equal_their_tensor_path(step, dtype):
+    """At a decoding step's few contiguous rows the MLP steps keep their intermediates in a scratch buffer
+    (mlp_step_cpu.cpp, residual_swiglu_rows and sandwich_swiglu_rows); a non-contiguous y takes the tensor path,
+    the same values."""
     require_cpu_kernels()
     D, I = 40, 70
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 1, D, generator=g, dtype=dtype)
     y = torch.randn(3, 1, 2 * D, generator=g, dtype=dtype)[..., ::2]
-    weights = (1 + torch.rand(D, generator=g, dtype=dtype), torch.randn(2 * I, D, generator=g, dtype=dtype),
-               torch.randn(D, I, generator=g, dtype=dtype))
+    norms = [1 + torch.rand(D, generator=g, dtype=dtype) for _ in range(3 if step == "sandwich_swiglu_step" else 1)]
+    mlp = (torch.randn(2 * I, D, generator=g, dtype=dtype), torch.randn(D, I, generator=g, dtype=dtype))
     assert not y.is_contiguous()
-    fast = step_cpu.residual_swiglu_step(x, y.contiguous(), weights[0], 1e-5, *weights[1:])
-    assert torch.equal(fast, step_cpu.residual_swiglu_step(x, y, weights[0], 1e-5, *weights[1:]))
+    op = getattr(step_cpu, step)
+    fast = op(x, y.contiguous(), *norms, 1e-5, *mlp)
+    assert torch.equal(fast, op(x, y, *norms, 1e-5, *mlp))
