@@ -286,6 +286,8 @@ class LanguageModel(nn.Module):
         like = embed.detach()[:0]
         if torch.is_grad_enabled() or not step_cpu.serves_step("rms_norm_times_weight", like, norm.weight):
             return None
+        # The layers with an adaptive exit read the logits of their latents: the readout's weights for their C++ calls.
+        options = {**options, "head": (norm.weight, norm.eps, embed)} if options.get("readout") else options
         blocks = [block.cpu_decoding_parts(like, s, options) for block, s in zip(self.blocks, state)]
         if any(parts is None for parts in blocks):
             return None

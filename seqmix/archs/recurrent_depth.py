@@ -359,19 +359,23 @@ class RecurrentDepth(Mixer):
         return s, self._new_state(state, s, past, lengths, cu_seqlens, self._core_state(new_layer_states))
 
     def cpu_decoding_step(self, like, state, num_steps=None, backprop_steps=None, exit_threshold=None,
-                          readout=None):
+                          readout=None, head=None):
         """One token's r iterations with the core blocks' C++ steps bound once
         (:meth:`SandwichBlock.cpu_decoding_parts`) and the latent's start and the adapter as :meth:`mix` computes
         them, so the outputs and states equal its (tests/archs/test_recurrent_depth.py). Where every core mixer's step
         is one C++ call (a :class:`~seqmix.kernels.step_cpu.LayerCall`) the r iterations are one C++ call
-        (step_cpu.recurrent_core); else the blocks' bound steps. ``num_steps`` and ``backprop_steps`` as :meth:`mix`
-        takes and checks them (the latter changes nothing without autograd; ``readout`` nothing without the adaptive
-        exit). None with ``exit_threshold``, the reference backend, norms off the ``cpu`` backend, or a core mixer
-        without such a step. See :meth:`Mixer.cpu_decoding_step`."""
-        if (exit_threshold is not None or self.backend == "reference"
-                or add_rms_norm_backend(like, self.backend) != "cpu"):
+        (step_cpu.recurrent_core), the adaptive exit included when ``head`` gives its readout's weights (the LM's
+        final norm weight, eps and head: ``readout`` as the C++ call computes it); else the blocks' bound steps,
+        without the exit. ``num_steps``, ``backprop_steps`` and ``exit_threshold`` as :meth:`mix` takes and checks
+        them (``backprop_steps`` changes nothing without autograd). None with the exit but no ``head`` (or no single
+        call), the reference backend, norms off the ``cpu`` backend, or a core mixer without such a step. See
+        :meth:`Mixer.cpu_decoding_step`."""
+        if self.backend == "reference" or add_rms_norm_backend(like, self.backend) != "cpu":
+            return None
+        if exit_threshold is not None and head is None:
             return None
         r, _ = self._depth(state, num_steps, backprop_steps)
+        exits = self._check_exit(exit_threshold, "kl", readout)
         blocks = []
         for block, block_state in zip(self.core, self._layer_states(state, r)[0], strict=True):
             blocks.append(block.cpu_decoding_parts(like, block_state))
@@ -379,9 +383,12 @@ class RecurrentDepth(Mixer):
                 return None
         H = self.hidden_size
         if all(type(parts.call) is step_cpu.LayerCall for parts in blocks):
-            exact = self.state_mode == "exact"
-            iterations = [(f"{i}." if exact else "", exact or i == r - 1) for i in range(r)]
-            iterate = step_cpu.recurrent_core(self.adapter.weight[:, :H], blocks, iterations)
+            bounded = self.state_mode == "bounded"
+            prefixes = [""] * r if bounded else [f"{i}." for i in range(r)]
+            iterate = step_cpu.recurrent_core(self.adapter.weight[:, :H], blocks, prefixes, bounded,
+                                              (exit_threshold, *head) if exits else None)
+        elif exits:
+            return None
         else:
             iterate = self._bound_iterations(r, [_bound_core_block_step(parts) for parts in blocks])
 
@@ -391,7 +398,9 @@ class RecurrentDepth(Mixer):
             past = self._past(state, x.shape[0])
             e_in = linear(x, self.adapter.weight[:, H:])
             s = self._start(x, state, seq, offset, past, None)
-            s, core_state = iterate(s.view(-1, H), e_in.view(-1, H), state)
+            s, core_state, steps = iterate(s.view(-1, H), e_in.view(-1, H), state)
+            if exits:
+                self.last_exit_steps = steps.view(-1, 1)
             return s, self._new_state(state, s.view(x.shape), past, lengths, None, core_state)
 
         return step
@@ -408,7 +417,7 @@ class RecurrentDepth(Mixer):
                     new_states.append(block_state)
                 per_iteration.append(new_states)
                 s = h
-            return s, self._core_state(per_iteration)
+            return s, self._core_state(per_iteration), None
 
         return iterate
 

@@ -7,15 +7,26 @@
 #include <ATen/ops/clamp.h>
 #include <ATen/ops/cosine_similarity.h>
 #include <ATen/ops/div.h>
+#include <ATen/ops/bitwise_and.h>
+#include <ATen/ops/bitwise_not.h>
+#include <ATen/ops/bitwise_or.h>
+#include <ATen/ops/clamp_min.h>
 #include <ATen/ops/eq.h>
+#include <ATen/ops/exp.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/gt.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/log_softmax.h>
+#include <ATen/ops/lt.h>
+#include <ATen/ops/masked_fill.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/ones_like.h>
 #include <ATen/ops/rsub.h>
 #include <ATen/ops/sub.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 
 #include <algorithm>
@@ -46,8 +57,10 @@ struct BoundStep {
   std::vector<int64_t> sources;   // per tensor argument: kBound, kInput or a state slot
   std::vector<int64_t> outputs;   // per new state the step returns: its slot, or -1 where it is dropped
 
-  // The step's output for `input` and the states in `states`; its new states go into their slots.
-  at::Tensor operator()(const at::Tensor& input, std::vector<at::Tensor>& states) {
+  // The step's output for `input` and the states in `states`; its new states go into their slots of `written`
+  // (`states` itself, or where the caller keeps them apart).
+  at::Tensor operator()(const at::Tensor& input, const std::vector<at::Tensor>& states,
+                        std::vector<at::Tensor>& written) {
     for (size_t i = 0; i < sources.size(); ++i) {
       if (sources[i] == kInput) args.tensors[i] = input;
       else if (sources[i] >= 0) args.tensors[i] = states.at(sources[i]);
@@ -56,7 +69,7 @@ struct BoundStep {
     for (size_t i = 0; i < sources.size(); ++i)  // not kept alive until the next call
       if (sources[i] != kBound) args.tensors[i] = c10::nullopt;
     for (size_t i = 0; i < outputs.size(); ++i)
-      if (outputs[i] >= 0) states.at(outputs[i]) = out.at(i + 1);
+      if (outputs[i] >= 0) written.at(outputs[i]) = out.at(i + 1);
     return out.at(0);
   }
 };
@@ -79,7 +92,7 @@ struct Block {
   double mixer_eps, mlp_eps;
 
   at::Tensor operator()(const at::Tensor& x, std::vector<at::Tensor>& states) {
-    const at::Tensor y = mixer(row_norm(x, mixer_norm, c10::nullopt, mixer_eps, true), states);
+    const at::Tensor y = mixer(row_norm(x, mixer_norm, c10::nullopt, mixer_eps, true), states, states);
     return residual_swiglu_step(x, y, mlp_norm, mlp_eps, gate_up, down);
   }
 };
@@ -145,11 +158,17 @@ class Decoder {
 // RecurrentDepth.cpu_decoding_step), its blocks added iteration by iteration: per iteration h = e + s W_s^T (the
 // adapter's latent half W_s [hidden, hidden], through at::addmm as the layer's _adapt computes it), then each
 // sandwich block h = sandwich_swiglu_step(h, step(rms_norm(h) * norm_in)); s, the last iteration's h. A token of
-// the default core is 32 iterations of 4 blocks: from Python, three calls each.
+// the default core is 32 iterations of 4 blocks: from Python, three calls each. With `keep_last` (the bounded
+// state) every iteration reads the states given and the last iteration run leaves the new ones.
+// With the adaptive exit (set_exit; RecurrentDepth._exit, the KL criterion) a row whose latent has exited keeps
+// it: after each iteration s = where(done, s, h); its predictions log_softmax(readout(s)) (the LM's final norm and
+// head: rms_norm_times_weight) against the previous iteration's give KL(p_i || p_{i-1}), and a row exits at
+// iteration i + 1 once that falls below the threshold. With `keep_last` the iterations stop when every row has
+// exited, as the layer's do.
 class RecurrentCore {
  public:
-  RecurrentCore(const at::Tensor& latent_weight, int64_t blocks_per_iteration)
-      : latent_weight_t_(latent_weight.t()), per_iteration_(blocks_per_iteration) {
+  RecurrentCore(const at::Tensor& latent_weight, int64_t blocks_per_iteration, bool keep_last)
+      : latent_weight_t_(latent_weight.t()), per_iteration_(blocks_per_iteration), keep_last_(keep_last) {
     TORCH_CHECK(blocks_per_iteration > 0, "RecurrentCore: blocks_per_iteration must be positive");
   }
 
@@ -164,22 +183,39 @@ class RecurrentCore {
                        std::move(gate_up), std::move(down), eps});
   }
 
-  // s, e [B, hidden] (the start latent and the adapter's input half W_e x) and the state slots; returns s_r and the
-  // slots with the new states.
-  std::tuple<at::Tensor, std::vector<at::Tensor>> operator()(at::Tensor s, const at::Tensor& e,
-                                                            std::vector<at::Tensor> states) {
+  // The adaptive exit at KL below `threshold`, the readout's RMSNorm (norm_weight, eps) and head [V, hidden].
+  void set_exit(double threshold, at::Tensor norm_weight, double eps, at::Tensor head) {
+    TORCH_CHECK(threshold >= 0, "RecurrentCore: the exit threshold must be >= 0");
+    exit_ = Exit{threshold, std::move(norm_weight), eps, std::move(head)};
+  }
+
+  // s, e [B, hidden] (the start latent and the adapter's input half W_e x) and the state slots; returns s_r, the
+  // slots with the new states, and with the exit each row's iterations [B] int64.
+  std::tuple<at::Tensor, std::vector<at::Tensor>, c10::optional<at::Tensor>> operator()(
+      at::Tensor s, const at::Tensor& e, std::vector<at::Tensor> states) {
     TORCH_CHECK(!blocks_.empty() && blocks_.size() % per_iteration_ == 0,
                 "RecurrentCore: the blocks must be whole iterations of ", per_iteration_);
-    for (size_t first = 0; first < blocks_.size(); first += per_iteration_) {
+    const int64_t r = blocks_.size() / per_iteration_;
+    std::vector<at::Tensor> kept = keep_last_ ? states : std::vector<at::Tensor>();
+    std::vector<at::Tensor>& written = keep_last_ ? kept : states;
+    at::Tensor done, steps, prev;
+    if (exit_) {
+      done = at::zeros({s.size(0)}, s.options().dtype(at::kBool));
+      steps = at::full({s.size(0)}, r, s.options().dtype(at::kLong));
+    }
+    for (int64_t i = 0; i < r; ++i) {
       at::Tensor h = at::addmm(e, s, latent_weight_t_);
-      for (size_t j = first; j < first + per_iteration_; ++j) {
+      for (size_t j = i * per_iteration_; j < (i + 1) * per_iteration_; ++j) {
         SandwichBlock& b = blocks_[j];
-        const at::Tensor y = b.mixer(row_norm(h, b.norm_in, c10::nullopt, b.eps, true), states);
+        const at::Tensor y = b.mixer(row_norm(h, b.norm_in, c10::nullopt, b.eps, true), states, written);
         h = sandwich_swiglu_step(h, y, b.mixer_out, b.mlp_in, b.mlp_out, b.eps, b.gate_up, b.down);
       }
+      if (exit_) h = exited(i, s, h, prev, done, steps);
       s = h;
+      if (exit_ && keep_last_ && i < r - 1 && done.all().item<bool>()) break;
     }
-    return {s, std::move(states)};
+    if (keep_last_) states = std::move(kept);
+    return {s, std::move(states), exit_ ? c10::optional<at::Tensor>(steps) : c10::nullopt};
   }
 
  private:
@@ -189,8 +225,34 @@ class RecurrentCore {
     double eps;
   };
 
+  struct Exit {
+    double threshold;
+    at::Tensor norm_weight;
+    double eps;
+    at::Tensor head;
+  };
+
+  // Iteration i's latent h with the exited rows' kept from s; their exits recorded (done, steps; prev, the log
+  // predictions, updated), in RecurrentDepth._exit's tensor ops.
+  at::Tensor exited(int64_t i, const at::Tensor& s, const at::Tensor& h, at::Tensor& prev, at::Tensor& done,
+                    at::Tensor& steps) const {
+    const at::Tensor next = at::where(done.unsqueeze(-1), s, h);
+    const at::Tensor logits = rms_norm_times_weight(next, exit_->norm_weight, exit_->eps, exit_->head);
+    const at::Tensor cur = at::log_softmax(logits.to(at::kFloat), -1);
+    if (i > 0) {
+      const at::Tensor kl = at::clamp_min(at::sum(at::mul(at::exp(cur), at::sub(cur, prev)), -1), 0);
+      const at::Tensor newly = at::bitwise_and(at::bitwise_not(done), at::lt(kl, exit_->threshold));
+      steps.masked_fill_(newly, i + 1);
+      done.bitwise_or_(newly);
+    }
+    prev = cur;
+    return next;
+  }
+
   at::Tensor latent_weight_t_;
   size_t per_iteration_;
+  bool keep_last_;
+  c10::optional<Exit> exit_;
   std::vector<SandwichBlock> blocks_;
 };
 
@@ -364,8 +426,9 @@ void bind_decoder(pybind11::module& m) {
       .def("__call__", &Decoder::operator());
   using seqmix_cpu::RecurrentCore;
   pybind11::class_<RecurrentCore>(m, "RecurrentCore", "a recurrent-depth core's token (decoder_cpu.cpp)")
-      .def(pybind11::init<const at::Tensor&, int64_t>())
+      .def(pybind11::init<const at::Tensor&, int64_t, bool>())
       .def("add_block", &RecurrentCore::add_block)
+      .def("set_exit", &RecurrentCore::set_exit)
       .def("__call__", &RecurrentCore::operator());
   using seqmix_cpu::HourglassStep;
   pybind11::class_<HourglassStep>(m, "HourglassStep", "an hourglass layer's decoding token (decoder_cpu.cpp)")

@@ -466,31 +466,37 @@ def decoder(embed: Tensor, norm_weight: Tensor, eps: float, blocks: list[Decoder
     return decode
 
 
-def recurrent_core(latent_weight: Tensor, blocks: list[CoreBlock], iterations: list[tuple[str, bool]]) -> Callable:
+def recurrent_core(latent_weight: Tensor, blocks: list[CoreBlock], prefixes: list[str], keep_last: bool,
+                   exit: tuple[float, Tensor, float, Tensor] | None = None) -> Callable:
     """A recurrent-depth layer's core iterations for one token as one C++ call (decoder_cpu.cpp's RecurrentCore):
-    ``s, new = core(s, e, state)``, s and e [B, hidden] (the start latent and the adapter's input half W_e x). Per
-    iteration ``h = e + s latent_weight^T`` (the adapter's latent half [hidden, hidden]), then each block in order
-    (:class:`CoreBlock`); s is the last iteration's h. ``iterations``: per iteration the prefix of its blocks' keys
-    in the layer's state (block j's state key k is f"{prefix}{j}.{k}") and whether its new states are kept.
-    ``new`` is the core's part of the state after the token: every key with such a prefix, each block's states
-    from its last kept iteration (as the blocks' Python steps return them). The same calls as those steps; the
-    states given are left as they are (but attention's caches, which its step fills in place)."""
-    program, slots = cpu.extension().RecurrentCore(latent_weight, len(blocks)), {}
+    ``s, new, steps = core(s, e, state)``, s and e [B, hidden] (the start latent and the adapter's input half W_e x).
+    Per iteration ``h = e + s latent_weight^T`` (the adapter's latent half [hidden, hidden]), then each block in order
+    (:class:`CoreBlock`); s is the last iteration's h. ``prefixes``: per iteration the prefix of its blocks' keys in
+    the layer's state (block j's state key k is f"{prefix}{j}.{k}"); with ``keep_last`` (the bounded state, one
+    prefix for all) each iteration reads the state given and the last one run leaves the new one. ``new`` is the
+    core's part of the state after the token: every key with such a prefix (as the blocks' Python steps return
+    them). ``exit``: the adaptive exit's threshold and the readout's RMSNorm weight, eps and head [V, hidden]
+    (RecurrentDepth's KL criterion); ``steps`` [B] int64, each row's iterations, or None without it. The same calls
+    as the layer's Python steps; the states given are left as they are (but attention's caches, which its step
+    fills in place)."""
+    program, slots = cpu.extension().RecurrentCore(latent_weight, len(blocks), keep_last), {}
+    if exit is not None:
+        program.set_exit(*exit)
     bound = [_bound_arguments(block.call, lambda key: key) for block in blocks]  # state keys in place of slots
-    for prefix, kept in iterations:
+    for prefix in prefixes:
         for j, (block, (op, tensors, sources, *values)) in enumerate(zip(blocks, bound)):
             def slot(key, head=f"{prefix}{j}."):
                 return slots.setdefault(head + key, len(slots))
 
             sources = [slot(source) if type(source) is str else source for source in sources]
-            outputs = [_DROPPED if key is None or not kept else slot(key) for key in block.call.outputs]
+            outputs = [_DROPPED if key is None else slot(key) for key in block.call.outputs]
             program.add_block(op, tensors, sources, *values, outputs, *block[1:])
     keys = list(slots)
-    heads = tuple({f"{prefix}{j}." for prefix, _ in iterations for j in range(len(blocks))})
+    heads = tuple({f"{prefix}{j}." for prefix in prefixes for j in range(len(blocks))})
 
     def core(s: Tensor, e: Tensor, state: dict[str, Tensor]):
-        s, new = program(s, e, [state[key] for key in keys])
-        return s, {key: value for key, value in state.items() if key.startswith(heads)} | dict(zip(keys, new))
+        s, new, steps = program(s, e, [state[key] for key in keys])
+        return s, {key: value for key, value in state.items() if key.startswith(heads)} | dict(zip(keys, new)), steps
 
     return core
 

@@ -317,7 +317,7 @@ def test_decoding_tokens_take_the_bound_cpp_steps_equal_to_the_iterations(dtype,
     LayerCall (step_cpu.recurrent_core), else the blocks' bound steps in Python (here DeltaNet's step wrapped in
     a Python function). The outputs and states equal mix's iterations through the modules (the same calls) bit
     for bit, in both state modes (bounded with the warm start). An LM with the layer binds it for generate; the
-    adaptive exit keeps the iterations."""
+    adaptive exit too (the next test)."""
     from seqmix.archs.deltanet import DeltaNet
     from seqmix.kernels import step_cpu
 
@@ -365,4 +365,41 @@ def test_decoding_tokens_take_the_bound_cpp_steps_equal_to_the_iterations(dtype,
     with torch.no_grad():
         _, state = model(torch.tensor([[1, 2, 3]]), model.init_state(1, capacity=6))
         assert model._cpu_decoder(state, model._step_options(None, None, None)) is not None
-        assert model._cpu_decoder(state, model._step_options(None, None, 1e-2)) is None
+        assert model._cpu_decoder(state, model._step_options(None, None, 1e-2)) is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mode", ["exact", "bounded"])
+def test_adaptive_exit_decodes_in_one_cpp_call_equal_to_the_iterations(dtype, mode, monkeypatch):
+    """generate's adaptive exit (the KL criterion on the LM's logits) runs inside the core's one C++ call
+    (step_cpu.recurrent_core with the readout's weights): tokens, logits and every decoded token's exit iteration
+    equal mix's iterations through the modules bit for bit; the tokens exit at different iterations, and in the
+    bounded state both sequences exit early at some tokens (the iterations stop there)."""
+    require_cpu_kernels()
+    monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch.manual_seed(0)
+    config = LMConfig(vocab_size=300, hidden_size=HIDDEN, num_heads=2,
+                      layers=["attention", "recurrent_depth", "attention"],
+                      mixer_options={"recurrent_depth": {"core": ["attention", "deltanet"], "mean_steps": 6,
+                                                         "state_mode": mode}})
+    model = LanguageModel(config).to("cpu", dtype).eval()
+    layer, prompt = model.blocks[1].mixer, torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(3))
+
+    def generate():  # sampled, so that the tokens and their exits vary; each step's exits (not the prefill's)
+        exits = []
+        tokens, logits = model.generate(prompt, 10, temperature=1.0, generator=torch.Generator().manual_seed(1),
+                                        return_logits=True, exit_threshold=1e-3,
+                                        on_token=lambda _: exits.append(layer.last_exit_steps.clone()))
+        return tokens, logits, torch.cat(exits[1:], 1)
+
+    with torch.no_grad():
+        _, state = model(prompt, model.init_state(2, capacity=16))
+        assert model._cpu_decoder(state, model._step_options(None, None, 1e-3)) is not None
+    tokens, logits, exits = generate()
+    assert exits.shape == (2, 9) and exits.min() < 6 and exits.max() > exits.min()
+    if mode == "bounded":
+        assert (exits < 6).all(0).any()
+    monkeypatch.setattr(LanguageModel, "_cpu_decoder", lambda self, state, options: None)
+    want_tokens, want_logits, want_exits = generate()
+    assert torch.equal(tokens, want_tokens) and torch.equal(logits, want_logits) and torch.equal(exits, want_exits)
