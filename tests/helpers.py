@@ -42,6 +42,18 @@ def save_tiny_model(path, layers, **mixer_options):
     return model.eval()
 
 
+def step_in_python(monkeypatch, mixer_class) -> None:
+    """Makes ``mixer_class``'s one-call C++ step (its cpu_decoding_step's LayerCall) a Python function calling it:
+    the same calls, but not a step that the C++ programs of decoding (seqmix/kernels/decoder_cpu.cpp) take in."""
+    layer_step = mixer_class.cpu_decoding_step
+
+    def python_step(self, like, state):
+        call = layer_step(self, like, state)
+        return None if call is None else lambda x, state: call(x, state)
+
+    monkeypatch.setattr(mixer_class, "cpu_decoding_step", python_step)
+
+
 def require_cpu_kernels() -> None:
     """Skip where seqmix's C++ CPU kernels cannot be built because this machine lacks a C++ compiler or ninja
     (the fallback to the PyTorch paths is tested apart); fail where both are present and the build still

@@ -97,31 +97,36 @@ struct Block {
   }
 };
 
-// Block's arguments as Decoder::add_block and HourglassStep::add_block take them; `in_place` as StepArgs'.
-Block make_block(const std::string& op, std::vector<c10::optional<at::Tensor>> tensors, std::vector<int64_t> sources,
-                 std::vector<double> numbers, std::vector<int64_t> integers, std::vector<bool> flags,
-                 std::vector<int64_t> outputs, at::Tensor mixer_norm, double mixer_eps, at::Tensor mlp_norm,
-                 double mlp_eps, at::Tensor gate_up, at::Tensor down, bool in_place) {
-  return {bound_step(op, std::move(tensors), std::move(sources), std::move(numbers), std::move(integers),
-                     std::move(flags), std::move(outputs), in_place),
-          std::move(mixer_norm), std::move(mlp_norm), std::move(gate_up), std::move(down), mixer_eps, mlp_eps};
-}
-
-class Decoder {
+// The LM blocks a program runs (the decoder's, an hourglass's inner ones), added from Python (step_cpu._add_block):
+// a LayerCall's op and arguments, the slots of its states, and the block's norms and MLP.
+class LmBlocks {
  public:
-  Decoder(at::Tensor embed, at::Tensor norm_weight, double eps)
-      : embed_(embed.contiguous()), norm_weight_(std::move(norm_weight)), eps_(eps) {}
-
-  // The decoder owns the states it is given (the LM's generate loop hands each token's back): steps may write
-  // their new states over them.
   void add_block(const std::string& op, std::vector<c10::optional<at::Tensor>> tensors, std::vector<int64_t> sources,
                  std::vector<double> numbers, std::vector<int64_t> integers, std::vector<bool> flags,
                  std::vector<int64_t> outputs, at::Tensor mixer_norm, double mixer_eps, at::Tensor mlp_norm,
                  double mlp_eps, at::Tensor gate_up, at::Tensor down) {
-    blocks_.push_back(make_block(op, std::move(tensors), std::move(sources), std::move(numbers), std::move(integers),
-                                 std::move(flags), std::move(outputs), std::move(mixer_norm), mixer_eps,
-                                 std::move(mlp_norm), mlp_eps, std::move(gate_up), std::move(down), true));
+    blocks_.push_back({bound_step(op, std::move(tensors), std::move(sources), std::move(numbers),
+                                  std::move(integers), std::move(flags), std::move(outputs), in_place_),
+                       std::move(mixer_norm), std::move(mlp_norm), std::move(gate_up), std::move(down), mixer_eps,
+                       mlp_eps});
   }
+
+ protected:
+  // `in_place`: the program owns the states it is given, so steps may write their new states over them (StepArgs).
+  explicit LmBlocks(bool in_place) : in_place_(in_place) {}
+
+  std::vector<Block> blocks_;
+
+ private:
+  bool in_place_;
+};
+
+// The decoder owns the states it is given (the LM's generate loop hands each token's back): its steps write their
+// new states over them where they can.
+class Decoder : public LmBlocks {
+ public:
+  Decoder(at::Tensor embed, at::Tensor norm_weight, double eps)
+      : LmBlocks(true), embed_(embed.contiguous()), norm_weight_(std::move(norm_weight)), eps_(eps) {}
 
   // tokens [B, 1] int64 and the state slots; returns the logits [B, vocab] float32 and the new state slots.
   std::tuple<at::Tensor, std::vector<at::Tensor>> operator()(const at::Tensor& tokens, std::vector<at::Tensor> states) {
@@ -151,7 +156,6 @@ class Decoder {
 
   at::Tensor embed_, norm_weight_;
   double eps_;
-  std::vector<Block> blocks_;
 };
 
 // The iterations of a recurrent-depth layer's core for one token (seqmix/archs/recurrent_depth.py's
@@ -268,7 +272,7 @@ class RecurrentCore {
 //   tokens are boundaries (p > 0.5) they run through the inner blocks and up_norm into the EMA, e = p z + (1 - p) e;
 //   the output is e times a straight-through 1 plus W_r x. States: position, prev and ema [B, D] float32, then the
 //   inner blocks' slots.
-class HourglassStep {
+class HourglassStep : public LmBlocks {
  public:
   static HourglassStep pooling(c10::optional<at::Tensor> hidden_weight, c10::optional<at::Tensor> hidden_bias,
                                c10::optional<at::Tensor> logit_weight, c10::optional<at::Tensor> logit_bias,
@@ -294,16 +298,6 @@ class HourglassStep {
     return step;
   }
 
-  // The states are the caller's (the layer's step returns new ones): no step writes over them.
-  void add_block(const std::string& op, std::vector<c10::optional<at::Tensor>> tensors, std::vector<int64_t> sources,
-                 std::vector<double> numbers, std::vector<int64_t> integers, std::vector<bool> flags,
-                 std::vector<int64_t> outputs, at::Tensor mixer_norm, double mixer_eps, at::Tensor mlp_norm,
-                 double mlp_eps, at::Tensor gate_up, at::Tensor down) {
-    blocks_.push_back(make_block(op, std::move(tensors), std::move(sources), std::move(numbers), std::move(integers),
-                                 std::move(flags), std::move(outputs), std::move(mixer_norm), mixer_eps,
-                                 std::move(mlp_norm), mlp_eps, std::move(gate_up), std::move(down), false));
-  }
-
   // x [B, D], the states (see above) and, for closing token ids, the tokens [B] int64; the output [B, D] in x's
   // dtype and the new states, or nothing.
   c10::optional<std::tuple<at::Tensor, std::vector<at::Tensor>>> operator()(const at::Tensor& x,
@@ -320,8 +314,9 @@ class HourglassStep {
   }
 
  private:
+  // The states are the caller's (the layer's step returns new ones): no step writes over them.
   HourglassStep(bool hnet, at::Tensor up_norm, double up_eps)
-      : hnet_(hnet), up_norm_(std::move(up_norm)), up_eps_(up_eps) {}
+      : LmBlocks(false), hnet_(hnet), up_norm_(std::move(up_norm)), up_eps_(up_eps) {}
 
   using Token = c10::optional<std::tuple<at::Tensor, std::vector<at::Tensor>>>;
 
@@ -409,7 +404,6 @@ class HourglassStep {
   std::vector<int64_t> closers_;
   at::Tensor down_norm_, up_norm_;
   double down_eps_ = 0, up_eps_;
-  std::vector<Block> blocks_;
 };
 
 }  // namespace

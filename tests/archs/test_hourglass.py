@@ -8,7 +8,7 @@ from seqmix.archs import build_mixer
 from seqmix.archs.hourglass import BOUNDARY_MODES, Hourglass
 from seqmix.archs.lm import LanguageModel, LMConfig
 from tests.archs import contract
-from tests.helpers import DEVICE, TOL, assert_rel, require_cpu_kernels
+from tests.helpers import DEVICE, TOL, assert_rel, require_cpu_kernels, step_in_python
 
 HIDDEN = 32
 MODES = ["gumbel", "entropy", "fixed", "hnet"]  # whitespace reads tokens: tested through the LM below
@@ -277,13 +277,7 @@ def test_decoding_tokens_bind_the_inner_blocks_equal_to_their_module_calls(mode,
     if mode == "whitespace":  # every even token id closes: boundaries at about half the sampled tokens
         monkeypatch.setattr(hourglass, "WORD_CLOSERS", tuple(range(0, 300, 2)))
     if not one_call:
-        layer_step = Mamba.cpu_decoding_step
-
-        def python_step(self, like, state):
-            call = layer_step(self, like, state)
-            return None if call is None else lambda x, state: call(x, state)
-
-        monkeypatch.setattr(Mamba, "cpu_decoding_step", python_step)
+        step_in_python(monkeypatch, Mamba)
     torch.manual_seed(0)
     config = LMConfig(vocab_size=300, hidden_size=HIDDEN, num_heads=2, layers=["attention", "hourglass"],
                       mixer_options={"hourglass": {"layers": ["attention", "mamba"], "boundary": mode, "stride": 2}})

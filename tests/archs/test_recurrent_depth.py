@@ -11,7 +11,7 @@ from seqmix.archs import RecurrentDepth, build_mixer
 from seqmix.archs.lm import LanguageModel, LMConfig
 from seqmix.archs.recurrent_depth import TRUNCATION, positional_noise, sample_depth
 from tests.archs import contract
-from tests.helpers import DEVICE, TOL, assert_rel, require_cpu_kernels
+from tests.helpers import DEVICE, TOL, assert_rel, require_cpu_kernels, step_in_python
 
 HIDDEN = 32
 
@@ -327,13 +327,7 @@ def test_decoding_tokens_take_the_bound_cpp_steps_equal_to_the_iterations(dtype,
     cores, recurrent_core = [], step_cpu.recurrent_core
     monkeypatch.setattr(step_cpu, "recurrent_core", lambda *args: cores.append(args) or recurrent_core(*args))
     if not one_call:
-        layer_step = DeltaNet.cpu_decoding_step
-
-        def python_step(self, like, state):
-            call = layer_step(self, like, state)
-            return None if call is None else lambda x, state: call(x, state)
-
-        monkeypatch.setattr(DeltaNet, "cpu_decoding_step", python_step)
+        step_in_python(monkeypatch, DeltaNet)
     layer = _layer(None, state_mode=mode, warm_start=mode == "bounded").to("cpu", dtype)
     x = _x(2, 8).to("cpu", dtype)
 
