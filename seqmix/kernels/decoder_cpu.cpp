@@ -1,16 +1,17 @@
-// A whole decoding token of an LM in one C++ call (see decoder_cpu.h): seqmix/archs/lm.py's
-// LanguageModel._cpu_decoder builds a Decoder from its blocks' bound steps when every block is an RMSNorm, a
-// layer whose step is one registered C++ call, and the residual SwiGLU MLP. A token's Python then is one call
-// instead of three per block, each of which converted a dozen arguments (docs/design.md, "Twenty-third round").
+// The decoding programs (see decoder_cpu.h): a whole LM token in one C++ call, which seqmix/archs/lm.py's
+// LanguageModel._cpu_decoder builds from its blocks' bound steps when every block is an RMSNorm, a layer whose step
+// is one registered C++ call, and the residual SwiGLU MLP; a recurrent-depth layer's core iterations; an hourglass
+// layer's token. A token's Python then is one call instead of three per block, each of which converted a dozen
+// arguments (docs/design.md, "Twenty-third round" and "Twenty-fourth round").
 #include "decoder_cpu.h"
 
-#include <ATen/ops/clamp.h>
-#include <ATen/ops/cosine_similarity.h>
-#include <ATen/ops/div.h>
 #include <ATen/ops/bitwise_and.h>
 #include <ATen/ops/bitwise_not.h>
 #include <ATen/ops/bitwise_or.h>
+#include <ATen/ops/clamp.h>
 #include <ATen/ops/clamp_min.h>
+#include <ATen/ops/cosine_similarity.h>
+#include <ATen/ops/div.h>
 #include <ATen/ops/eq.h>
 #include <ATen/ops/exp.h>
 #include <ATen/ops/full.h>
