@@ -1,8 +1,8 @@
 // A decoding step's projections inside its one C++ call (the layers' steps in recurrent_step_cpu.cpp and
 // attention_step_cpu.cpp, the MLP's in mlp_step_cpu.cpp): x [rows, in] times a layer's weight w [out, in]
-// transposed, as F.linear computes it. At a decoding step's few rows each row is matrix_times_row's (rows_cpu.h),
-// which reads a weight of the tiny LM's sizes 40-50% faster than ATen's one-row product, and no call from Python
-// is made for it (docs/design.md, "Nineteenth round"); more rows are ATen's matrix product.
+// transposed, as F.linear computes it. At a decoding step's few rows the product is matrix_times_rows' (rows_cpu.h),
+// which reads a weight of the tiny LM's sizes 40-50% faster than ATen's one-row product, once for all the rows, and
+// no call from Python is made for it (docs/design.md, "Nineteenth round"); more rows are ATen's matrix product.
 #pragma once
 
 #include "torch_cpu.h"
@@ -13,7 +13,7 @@
 
 namespace seqmix_cpu {
 
-constexpr int64_t kFewRows = 8;  // rows up to which the products are matrix_times_row's (each row reads the weight)
+constexpr int64_t kFewRows = 8;  // rows up to which the products are matrix_times_rows'; more take ATen's
 
 // x w^T for x [rows, in] and w [out, in], both float32 or both float64; `kernel` names the caller in errors.
 inline at::Tensor times_weight(const at::Tensor& x, const at::Tensor& w, const char* kernel) {
@@ -30,8 +30,7 @@ inline at::Tensor times_weight(const at::Tensor& x, const at::Tensor& w, const c
   at::Tensor y = at::empty({rows, out}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "times_weight", [&] {
     using T = scalar_t;
-    for (int64_t r = 0; r < rows; ++r)
-      matrix_times_row(wc.data_ptr<T>(), xc.data_ptr<T>() + r * in, y.data_ptr<T>() + r * out, out, in);
+    matrix_times_rows(wc.data_ptr<T>(), xc.data_ptr<T>(), y.data_ptr<T>(), rows, out, in);
   });
   return y;
 }

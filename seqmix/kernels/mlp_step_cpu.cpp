@@ -91,16 +91,18 @@ void norm_row(const T* x, const T* weight, double eps, T* out, int64_t D) {
   for (int64_t j = 0; j < D; ++j) out[j] *= weight[j];
 }
 
-// The SwiGLU MLP of one row n [D] into o [D] (swiglu_mlp's operations), its gate_up row and activation in gu [2I]
-// and act [I].
+// The SwiGLU MLP of `rows` rows n [rows, D] into o [rows, D] (swiglu_mlp's operations), their gate_up rows and
+// activations in gu [rows, 2I] and act [rows, I].
 template <typename T>
-void swiglu_row(const T* n, const T* gate_up, const T* down, T* gu, T* act, T* o, int64_t D, int64_t I) {
-  seqmix_cpu::matrix_times_row(gate_up, n, gu, 2 * I, D);
-  for (int64_t j = 0; j < I; ++j) {
-    const T g = gu[j];
-    act[j] = g / (T(1) + std::exp(-g)) * gu[I + j];
-  }
-  seqmix_cpu::matrix_times_row(down, act, o, D, I);
+void swiglu_rows(const T* n, const T* gate_up, const T* down, T* gu, T* act, T* o, int64_t rows, int64_t D,
+                 int64_t I) {
+  seqmix_cpu::matrix_times_rows(gate_up, n, gu, rows, 2 * I, D);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < I; ++j) {
+      const T g = gu[r * 2 * I + j];
+      act[r * I + j] = g / (T(1) + std::exp(-g)) * gu[r * 2 * I + I + j];
+    }
+  seqmix_cpu::matrix_times_rows(down, act, o, rows, D, I);
 }
 
 // residual_swiglu_step at a decoding step's few rows, everything contiguous: the same operations in the same order
@@ -108,16 +110,12 @@ void swiglu_row(const T* n, const T* gate_up, const T* down, T* gu, T* act, T* o
 template <typename T>
 void residual_swiglu_rows(const T* x, const T* y, const T* norm_weight, double eps, const T* gate_up, const T* down,
                           T* out, int64_t rows, int64_t D, int64_t I) {
-  T* h = scratch<T>(2 * D + 3 * I);
-  T *n = h + D, *gu = n + D, *act = gu + 2 * I;
-  for (int64_t r = 0; r < rows; ++r) {
-    const T *xr = x + r * D, *yr = y + r * D;
-    T* o = out + r * D;
-    for (int64_t j = 0; j < D; ++j) h[j] = xr[j] + yr[j];
-    norm_row(h, norm_weight, eps, n, D);
-    swiglu_row(n, gate_up, down, gu, act, o, D, I);
-    for (int64_t j = 0; j < D; ++j) o[j] = h[j] + o[j];
-  }
+  T* h = scratch<T>(rows * (2 * D + 3 * I));
+  T *n = h + rows * D, *gu = n + rows * D, *act = gu + rows * 2 * I;
+  for (int64_t j = 0; j < rows * D; ++j) h[j] = x[j] + y[j];
+  for (int64_t r = 0; r < rows; ++r) norm_row(h + r * D, norm_weight, eps, n + r * D, D);
+  swiglu_rows(n, gate_up, down, gu, act, out, rows, D, I);
+  for (int64_t j = 0; j < rows * D; ++j) out[j] = h[j] + out[j];
 }
 
 // sandwich_swiglu_step at a decoding step's few rows, everything contiguous, as residual_swiglu_rows: s2 =
@@ -126,18 +124,16 @@ template <typename T>
 void sandwich_swiglu_rows(const T* s, const T* y, const T* mixer_out_weight, const T* mlp_in_weight,
                           const T* mlp_out_weight, double eps, const T* gate_up, const T* down, T* out, int64_t rows,
                           int64_t D, int64_t I) {
-  T* h = scratch<T>(3 * D + 3 * I);
-  T *s2 = h + D, *n = s2 + D, *gu = n + D, *act = gu + 2 * I;
+  T* h = scratch<T>(rows * (3 * D + 3 * I));
+  T *s2 = h + rows * D, *n = s2 + rows * D, *gu = n + rows * D, *act = gu + rows * 2 * I;
+  for (int64_t j = 0; j < rows * D; ++j) h[j] = s[j] + y[j];
   for (int64_t r = 0; r < rows; ++r) {
-    const T *sr = s + r * D, *yr = y + r * D;
-    T* o = out + r * D;
-    for (int64_t j = 0; j < D; ++j) h[j] = sr[j] + yr[j];
-    norm_row(h, mixer_out_weight, eps, s2, D);
-    norm_row(s2, mlp_in_weight, eps, n, D);
-    swiglu_row(n, gate_up, down, gu, act, o, D, I);
-    for (int64_t j = 0; j < D; ++j) o[j] = o[j] + s2[j];
-    norm_row(o, mlp_out_weight, eps, o, D);
+    norm_row(h + r * D, mixer_out_weight, eps, s2 + r * D, D);
+    norm_row(s2 + r * D, mlp_in_weight, eps, n + r * D, D);
   }
+  swiglu_rows(n, gate_up, down, gu, act, out, rows, D, I);
+  for (int64_t j = 0; j < rows * D; ++j) out[j] = out[j] + s2[j];
+  for (int64_t r = 0; r < rows; ++r) norm_row(out + r * D, mlp_out_weight, eps, out + r * D, D);
 }
 
 // Whether a step's tensors take the few-rows path: `rows` of them, y of x's shape, everything contiguous.

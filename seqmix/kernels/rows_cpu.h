@@ -3,6 +3,7 @@
 // mlp_step_cpu.cpp, attention_step_cpu.cpp).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -51,41 +52,90 @@ inline T rms_scale(const T* x, int64_t n, T inv_n, double eps) {
   return T(1) / std::sqrt(dot(x, x, n) * inv_n + T(eps));
 }
 
-// y [out] = m [out, n] x [n]: one row x times a row-major matrix (a layer's weight W, so x W^T; attention's keys,
-// so the scores k q). W rows of m at a time: their dot products as W vectors of partial sums, reduced together
-// (lane_sums), where one dot product's lane sum per row would cost more than its multiply-adds; the last rows
-// one dot product each. A decoding step's product: MKL's general one reads a weight at a fraction of the speed
-// (docs/design.md, "Eighteenth round"). Within the W rows, kRowsTogether rows walk x together, each row's sum in
-// the order of one dot product (so the grouping does not change a bit), with the lines kPrefetchBytes ahead
-// asked for: a token's weights come from L3, and the W rows' W streams at once, unprefetched, read them at
-// ~45 GB/s, 4 rows at a time ~4 KiB ahead at ~58 GB/s (docs/design.md, "Twenty-first round").
+// y [rows, out] = x [rows, n] m^T for a row-major matrix m [out, n] and a few rows x (a layer's weight W, so x W^T;
+// attention's keys, so the scores k q): rows and y contiguous. W rows of m at a time: their dot products as W vectors
+// of partial sums, reduced together (lane_sums), where one dot product's lane sum per row would cost more than its
+// multiply-adds; the last rows one dot product each. A decoding step's product: MKL's general one reads a weight at a
+// fraction of the speed (docs/design.md, "Eighteenth round"). Within the W rows, kRowsTogether rows of m walk x
+// together, each sum in the order of one dot product (so the grouping does not change a bit, and a row's result is
+// the same in any batch), with the lines kPrefetchBytes ahead asked for: a token's weights come from L3, and the W
+// rows' W streams at once, unprefetched, read them at ~45 GB/s, 4 rows at a time ~4 KiB ahead at ~58 GB/s
+// (docs/design.md, "Twenty-first round"). Those kRowsTogether rows of m, read once, serve every row of x from L1
+// (up to kInputRowsTogether at a time, their sums in registers): a batch of rows reads the weight once instead of
+// once a row (docs/design.md, "Twenty-fourth round").
 constexpr int kRowsTogether = 4;
+constexpr int kInputRowsTogether = 4;
+constexpr int64_t kBatchRows = 8;  // rows of x whose partial sums a pass over m keeps (on the stack)
 constexpr int64_t kPrefetchBytes = 4096;
 
+// The partial sums P[b][i0 + j] (b < NR input rows from x, row stride n) of R rows of m from `rows`.
+template <typename T, int R, int NR>
+inline void partial_sums(const T* rows, const T* x, int64_t n, Vec<T> (*P)[Lanes<T>::W], int i0) {
+  constexpr int W = Lanes<T>::W;
+  constexpr int64_t ahead = kPrefetchBytes / sizeof(T);
+  Vec<T> acc[NR][R];
+  for (int b = 0; b < NR; ++b)
+    for (int j = 0; j < R; ++j) acc[b][j] = Vec<T>{};
+  for (int64_t d = 0; d < n; d += W) {
+    Vec<T> w[R];
+    for (int j = 0; j < R; ++j) {
+      __builtin_prefetch(rows + j * n + d + ahead);  // past the matrix's end it is a no-op (never faults)
+      w[j] = load_upto(rows + j * n + d, n - d);
+    }
+    for (int b = 0; b < NR; ++b) {
+      const Vec<T> xd = load_upto(x + b * n + d, n - d);
+      for (int j = 0; j < R; ++j) acc[b][j] += xd * w[j];
+    }
+  }
+  for (int b = 0; b < NR; ++b)
+    for (int j = 0; j < R; ++j) P[b][i0 + j] = acc[b][j];
+}
+
+// matrix_times_rows over at most kBatchRows rows.
+template <typename T>
+inline void matrix_times_batch(const T* m, const T* x, T* y, int64_t rows, int64_t out, int64_t n) {
+  constexpr int W = Lanes<T>::W, R = W < kRowsTogether ? W : kRowsTogether;  // both powers of 2: R divides W
+  constexpr int B = kInputRowsTogether;
+  const LaneSums<T>& sums = lane_sums<T>();
+  Vec<T> P[kBatchRows][W];  // each row's W partial sums of a block of m's rows
+  int64_t o = 0;
+  for (; o + W <= out; o += W) {
+    for (int i0 = 0; i0 < W; i0 += R) {
+      const T* block = m + (o + i0) * n;
+      int64_t b = 0;
+      for (; b + B <= rows; b += B) partial_sums<T, R, B>(block, x + b * n, n, P + b, i0);
+      switch (rows - b) {  // the rows left, fewer than B
+        case 3: partial_sums<T, R, 3>(block, x + b * n, n, P + b, i0); break;
+        case 2: partial_sums<T, R, 2>(block, x + b * n, n, P + b, i0); break;
+        case 1: partial_sums<T, R, 1>(block, x + b * n, n, P + b, i0); break;
+        default: break;
+      }
+    }
+    for (int64_t b = 0; b < rows; ++b) sums(P[b], y + b * out + o);
+  }
+  for (; o < out; ++o)
+    for (int64_t b = 0; b < rows; ++b) y[b * out + o] = dot(x + b * n, m + o * n, n);
+}
+
+// y [out] = m [out, n] x [n]: matrix_times_rows of one row, its partial sums in registers alone.
 template <typename T>
 inline void matrix_times_row(const T* m, const T* x, T* y, int64_t out, int64_t n) {
-  constexpr int W = Lanes<T>::W, R = W < kRowsTogether ? W : kRowsTogether;  // both powers of 2: R divides W
-  constexpr int64_t ahead = kPrefetchBytes / sizeof(T);
+  constexpr int W = Lanes<T>::W, R = W < kRowsTogether ? W : kRowsTogether;
   const LaneSums<T>& sums = lane_sums<T>();
   int64_t o = 0;
   for (; o + W <= out; o += W) {
-    Vec<T> P[W];
-    for (int i0 = 0; i0 < W; i0 += R) {
-      const T* rows = m + (o + i0) * n;
-      Vec<T> acc[R];
-      for (int j = 0; j < R; ++j) acc[j] = Vec<T>{};
-      for (int64_t d = 0; d < n; d += W) {
-        const Vec<T> xd = load_upto(x + d, n - d);
-        for (int j = 0; j < R; ++j) {
-          __builtin_prefetch(rows + j * n + d + ahead);  // past the matrix's end it is a no-op (never faults)
-          acc[j] += xd * load_upto(rows + j * n + d, n - d);
-        }
-      }
-      for (int j = 0; j < R; ++j) P[i0 + j] = acc[j];
-    }
-    sums(P, y + o);
+    Vec<T> P[1][W];
+    for (int i0 = 0; i0 < W; i0 += R) partial_sums<T, R, 1>(m + (o + i0) * n, x, n, P, i0);
+    sums(P[0], y + o);
   }
   for (; o < out; ++o) y[o] = dot(x, m + o * n, n);
+}
+
+template <typename T>
+inline void matrix_times_rows(const T* m, const T* x, T* y, int64_t rows, int64_t out, int64_t n) {
+  if (rows == 1) return matrix_times_row(m, x, y, out, n);
+  for (int64_t b = 0; b < rows; b += kBatchRows)
+    matrix_times_batch(m, x + b * n, y + b * out, std::min<int64_t>(kBatchRows, rows - b), out, n);
 }
 
 }  // namespace seqmix_cpu

@@ -494,6 +494,25 @@ def test_residual_swiglu_step_equals_the_tensor_ops(rows, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("step", ["residual_swiglu_step", "sandwich_swiglu_step"])
+def test_mlp_steps_give_each_of_a_few_rows_its_result_alone(step, dtype):
+    """The few-rows products read a weight once for up to eight rows (rows_cpu.h, matrix_times_rows): each row's
+    result equals its result as a batch of one bit for bit, at every batch size up to eight, with sizes that leave
+    partial vectors and rows past the last full block of the weights."""
+    require_cpu_kernels()
+    D, I = 40, 70
+    g = torch.Generator().manual_seed(1)
+    norms = [1 + torch.rand(D, generator=g, dtype=dtype) for _ in range(3 if step == "sandwich_swiglu_step" else 1)]
+    mlp = (torch.randn(2 * I, D, generator=g, dtype=dtype), torch.randn(D, I, generator=g, dtype=dtype))
+    op = getattr(step_cpu, step)
+    for B in range(1, 9):
+        x, y = (torch.randn(B, D, generator=g, dtype=dtype) for _ in range(2))
+        together = op(x, y, *norms, 1e-5, *mlp)
+        alone = torch.cat([op(x[b : b + 1], y[b : b + 1], *norms, 1e-5, *mlp) for b in range(B)])
+        assert torch.equal(together, alone), f"{B} rows"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("step", ["residual_swiglu_step", "sandwich_swiglu_step"])
 def test_mlp_steps_few_rows_equal_their_tensor_path(step, dtype):
     """At a decoding step's few contiguous rows the MLP steps keep their intermediates in a scratch buffer
     (mlp_step_cpu.cpp, residual_swiglu_rows and sandwich_swiglu_rows); a non-contiguous y takes the tensor path,
