@@ -117,7 +117,9 @@ inline void matrix_times_batch(const T* m, const T* x, T* y, int64_t rows, int64
     for (int64_t b = 0; b < rows; ++b) y[b * out + o] = dot(x + b * n, m + o * n, n);
 }
 
-// y [out] = m [out, n] x [n]: matrix_times_rows of one row, its partial sums in registers alone.
+// y [out] = m [out, n] x [n]: matrix_times_rows of one row, the same sums with a buffer of one row's partial sums
+// (through matrix_times_batch's of kBatchRows, one row took ~10% longer: an MLP step's fastest of 60 rounds of 400,
+// 11.3-11.8 us against 10.3-10.5).
 template <typename T>
 inline void matrix_times_row(const T* m, const T* x, T* y, int64_t out, int64_t n) {
   constexpr int W = Lanes<T>::W, R = W < kRowsTogether ? W : kRowsTogether;
