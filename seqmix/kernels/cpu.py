@@ -13,6 +13,7 @@ says why, the ``cpu`` backend is unavailable, and the ops' automatic choice fall
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import logging
@@ -23,6 +24,11 @@ import time
 from pathlib import Path
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 logger = logging.getLogger("seqmix.kernels")
 
@@ -77,14 +83,37 @@ def _build():
         logger.warning("seqmix: compiling the C++ CPU kernels (once per machine: 1-4 minutes on 2 cores) into %s",
                        directory)
     start = time.perf_counter()
-    module = load(name=name, sources=[str(here / s) for s in SOURCES],
-                  extra_cflags=_FLAGS + _ISA_FLAGS.get(capability, []), extra_ldflags=["-fopenmp"],
-                  build_directory=str(directory), verbose=False)
+    with _only_builder(directory):
+        module = load(name=name, sources=[str(here / s) for s in SOURCES],
+                      extra_cflags=_FLAGS + _ISA_FLAGS.get(capability, []), extra_ldflags=["-fopenmp"],
+                      build_directory=str(directory), verbose=False)
     if first:
         logger.warning("seqmix: the C++ CPU kernels were compiled in %.0f s", time.perf_counter() - start)
     for built in glob.glob(str(directory / "*.so")):  # stamped current for ready() (ninja skips unchanged builds)
         os.utime(built)
     return module
+
+
+@contextlib.contextmanager
+def _only_builder(directory: Path):
+    """This process alone builds in ``directory`` (an advisory lock that the system drops when its holder ends).
+    torch's ``load`` marks a build with a ``lock`` file that it deletes when done; a build that was killed (an
+    interrupted first run) leaves it behind, and every later ``load`` waits for it forever. Holding this lock, no
+    other seqmix process is building here, so such a file is stale and goes. Without ``fcntl`` (Windows) nothing
+    is checked."""
+    if fcntl is None:
+        yield
+        return
+    with open(directory / "seqmix_build.lock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        stale = directory / "lock"
+        if stale.exists():
+            logger.warning("seqmix: removing %s, left by an interrupted build of the C++ CPU kernels", stale)
+            stale.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
 
 
 def _first_complaint(error: Exception) -> str:

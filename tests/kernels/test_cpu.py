@@ -72,3 +72,23 @@ def test_a_current_module_is_ready_and_loads_without_a_compile(monkeypatch):
     assert cpu.ready() and cpu._module is not None and len(calls) == 1
     assert objects and [o.stat().st_mtime_ns for o in objects] == stamps  # nothing recompiled
     assert select_backend("op", None, CPU, ("cpu", "reference"), build_cpu=False) == "cpu"
+
+
+def test_a_build_removes_the_lock_an_interrupted_build_left(tmp_path, monkeypatch, caplog):
+    """torch's loader waits forever for the ``lock`` file a killed build leaves behind; a build holding seqmix's
+    own lock (which the system drops with its holder) knows it is stale and removes it before loading."""
+    if cpu.fcntl is None:
+        pytest.skip("no fcntl: the stale lock is not checked")
+    _fresh(monkeypatch, tmp_path)
+    (tmp_path / "lock").touch()
+    seen = []
+
+    def load(**kwargs):
+        seen.append((tmp_path / "lock").exists())
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", load)
+    with caplog.at_level("WARNING", logger="seqmix.kernels"):
+        assert cpu.unavailable() is not None  # the fake loader fails: the reference serves
+    assert seen == [False] and not (tmp_path / "lock").exists()
+    assert "interrupted build" in caplog.text
