@@ -41,16 +41,22 @@ def _run(fn, x, w, b, dy):
 @given(lead=st.sampled_from([(64,), (2, 40), (3, 33, 5), (1, 200)]), features=st.integers(1, 130),
        out=st.integers(1, 70), bias=st.booleans(), seed=st.integers(0, 2**16))
 def test_onednn_path_matches_float64(lead, features, out, bias, seed):
-    """Output and every gradient in float32 through oneDNN against F.linear in float64, relative error."""
+    """Output and every gradient in float32 through oneDNN against F.linear in float64: the error relative to the
+    sums of the terms' magnitudes (F.linear of |x|, |w|, |b| with |dy| in float64), which float32's rounding bounds
+    whatever the sums cancel: at most 4.9e-8 over 300 draws, 4e-4 and more with the products in bfloat16. (Relative to the result itself it does not: a weight gradient of 200 products that
+    cancel to 1/240 of their magnitudes, features = out = 1, is 6.9e-6 off in float32, in oneDNN's order and in
+    torch.mm's alike.)"""
     x, w, b, dy = _inputs(lead, features, out, bias, seed)
     x32, w32 = x.float(), w.float()
     assert onednn_serves(x32, w32)
     b32 = None if b is None else b.float()
     got = _run(linear, x32, w32, b32, dy.float())
     want = _run(F.linear, x, w, b, dy)
-    for name, a, r in zip(("y", "dx", "dweight", "dbias"), got, want):
+    magnitudes = _run(F.linear, x.abs(), w.abs(), None if b is None else b.abs(), dy.abs())
+    for name, a, r, m in zip(("y", "dx", "dweight", "dbias"), got, want, magnitudes):
         assert a.dtype == torch.float32
-        assert_rel(a.double(), r, 2e-6, name)
+        err = ((a.double() - r).norm() / m.norm()).item()
+        assert err <= 5e-7, f"{name}: error {err:.3e} of the magnitudes' norm > 5e-7"
 
 
 def test_which_calls_take_onednn():
