@@ -281,8 +281,9 @@ class Hourglass(Mixer):
         for a decoding token. A batch whose tokens disagree about their boundaries streams through :meth:`mix`, and
         one of so many rows that the boundary's products would be oneDNN's (seqmix.kernels.linear) takes the Python
         step. The whitespace boundaries read the token ids the step is called for (:meth:`observe_tokens`, as
-        :meth:`forward` reads them). None while training or where an inner block has no such step. See
-        :meth:`Mixer.cpu_decoding_step`."""
+        :meth:`forward` reads them). Where the one call serves the state's batch, the step is a
+        :class:`~seqmix.kernels.step_cpu.ProgramCall`, which an LM's one-call decoder runs among its blocks. None
+        while training or where an inner block has no such step. See :meth:`Mixer.cpu_decoding_step`."""
         if self.training:
             return None
         parts = self._inner_parts(like, state)
@@ -311,6 +312,9 @@ class Hourglass(Mixer):
                 return y[:, 0], state
             return out
 
+        rows = like.new_empty(state["position"].shape[0], self.hidden_size)
+        if program is not None and (product is None or not onednn_serves(rows, product)):
+            return step_cpu.ProgramCall(program, step)
         return step
 
     def _cpu_program(self, parts):

@@ -277,11 +277,12 @@ class LanguageModel(nn.Module):
     def _cpu_decoder(self, state: list[State], options: dict) -> Callable | None:
         """:meth:`generate`'s decoding step as C++ calls bound to the weights as they are now, no module call in
         between: ``logits, state = decode(tokens, state)``, tokens [B, 1], logits [B, vocab] float32. Where every
-        block's mixer step is one C++ call followed by the MLP (:meth:`Block.cpu_decoding_parts`), the whole token is
-        one C++ call (step_cpu.decoder, which writes some states in place: the loop owns them); else each block's
-        :meth:`Block.cpu_decoding_step` and the final norm and the head in one. The per-token Python of the module calls
-        is about as long as the C++ steps themselves at small sizes (docs/design.md, "Twentieth round"). None unless
-        every block has such a step for this state (then :meth:`_decode` serves)."""
+        block's mixer step is one C++ call followed by the MLP (:meth:`Block.cpu_decoding_parts`: a LayerCall, or an
+        hourglass layer's ProgramCall), the whole token is one C++ call (step_cpu.decoder, which writes some states in
+        place: the loop owns them); else each block's :meth:`Block.cpu_decoding_step` and the final norm and the head
+        in one. The per-token Python of the module calls is about as long as the C++ steps themselves at small sizes
+        (docs/design.md, "Twentieth round"). None unless every block has such a step for this state (then
+        :meth:`_decode` serves)."""
         embed, norm = self.embed.weight, self.norm
         like = embed.detach()[:0]
         if torch.is_grad_enabled() or not step_cpu.serves_step("rms_norm_times_weight", like, norm.weight):
@@ -291,8 +292,6 @@ class LanguageModel(nn.Module):
         blocks = [block.cpu_decoding_parts(like, s, options) for block, s in zip(self.blocks, state)]
         if any(parts is None for parts in blocks):
             return None
-        if all(type(parts.call) is step_cpu.LayerCall and parts.mlp_norm is not None for parts in blocks):
-            return step_cpu.decoder(embed, norm.weight, norm.eps, blocks)
         steps = [bound_block_step(parts) for parts in blocks]
         norm_weight, eps = norm.weight, norm.eps
         readout = step_cpu.rms_norm_times_weight.bind(norm_weight, embed)
@@ -300,17 +299,19 @@ class LanguageModel(nn.Module):
         observers = [block.mixer.observe_tokens for block in self.blocks
                      if type(block.mixer).observe_tokens is not Mixer.observe_tokens]
 
-        def decode(tokens, state):
+        def finish(first, x, tokens, state):  # the blocks from `first` on, then the readout
             for observe in observers:
                 observe(tokens)
-            x = embed.index_select(0, tokens.view(-1))
-            new_state = []
-            for step, s in zip(steps, state):
+            new_state = state[:first]
+            for step, s in zip(steps[first:], state[first:]):
                 x, s = step(x, s)
                 new_state.append(s)
             return in_dtype(readout(x, norm_weight, eps, embed), torch.float32), new_state
 
-        return decode
+        one_call = (step_cpu.LayerCall, step_cpu.ProgramCall)
+        if all(type(parts.call) in one_call and parts.mlp_norm is not None for parts in blocks):
+            return step_cpu.decoder(embed, norm.weight, norm.eps, blocks, finish)
+        return lambda tokens, state: finish(0, embed.index_select(0, tokens.view(-1)), tokens, state)
 
     def _decoder(self, state: list[State], steps: dict, compile: bool) -> Callable:
         """:meth:`generate`'s per-token step, ``logits, state = decode(tokens, state)``: the bound C++ steps

@@ -1,8 +1,8 @@
 // The decoding programs (see decoder_cpu.h): a whole LM token in one C++ call, which seqmix/archs/lm.py's
 // LanguageModel._cpu_decoder builds from its blocks' bound steps when every block is an RMSNorm, a layer whose step
-// is one registered C++ call, and the residual SwiGLU MLP; a recurrent-depth layer's core iterations; an hourglass
-// layer's token. A token's Python then is one call instead of three per block, each of which converted a dozen
-// arguments (docs/design.md, "Twenty-third round" and "Twenty-fourth round").
+// is one registered C++ call or an hourglass layer's program, and the residual SwiGLU MLP; a recurrent-depth
+// layer's core iterations; an hourglass layer's token. A token's Python then is one call instead of three per
+// block, each of which converted a dozen arguments (docs/design.md, "Twenty-third round" to "Twenty-fifth round").
 #include "decoder_cpu.h"
 
 #include <ATen/ops/bitwise_and.h>
@@ -32,7 +32,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <tuple>
 
@@ -86,15 +88,25 @@ BoundStep bound_step(const std::string& op, std::vector<c10::optional<at::Tensor
           std::move(sources), std::move(outputs)};
 }
 
-// An LM block (seqmix/archs/lm.py's Block): x + mixer(rms_norm(x) * mixer_norm), then the residual SwiGLU MLP.
+// What an LM block's mixer is to a program: a function of the block's normed input, the program's state slots
+// (written where it leaves new states) and the token ids [B] (nothing where the program has none), that may
+// decline a token (nothing returned; an hourglass layer whose batch disagrees about its boundaries).
+using BlockMixer = std::function<c10::optional<at::Tensor>(const at::Tensor&, std::vector<at::Tensor>&,
+                                                           const c10::optional<at::Tensor>&)>;
+
+// An LM block (seqmix/archs/lm.py's Block): x + mixer(rms_norm(x) * mixer_norm), then the residual SwiGLU MLP;
+// nothing where the mixer declines the token.
 struct Block {
-  BoundStep mixer;
+  BlockMixer mixer;
   at::Tensor mixer_norm, mlp_norm, gate_up, down;
   double mixer_eps, mlp_eps;
 
-  at::Tensor operator()(const at::Tensor& x, std::vector<at::Tensor>& states) {
-    const at::Tensor y = mixer(row_norm(x, mixer_norm, c10::nullopt, mixer_eps, true), states, states);
-    return residual_swiglu_step(x, y, mlp_norm, mlp_eps, gate_up, down);
+  c10::optional<at::Tensor> operator()(const at::Tensor& x, std::vector<at::Tensor>& states,
+                                       const c10::optional<at::Tensor>& tokens) {
+    const c10::optional<at::Tensor> y =
+        mixer(row_norm(x, mixer_norm, c10::nullopt, mixer_eps, true), states, tokens);
+    if (!y) return c10::nullopt;
+    return residual_swiglu_step(x, *y, mlp_norm, mlp_eps, gate_up, down);
   }
 };
 
@@ -106,57 +118,30 @@ class LmBlocks {
                  std::vector<double> numbers, std::vector<int64_t> integers, std::vector<bool> flags,
                  std::vector<int64_t> outputs, at::Tensor mixer_norm, double mixer_eps, at::Tensor mlp_norm,
                  double mlp_eps, at::Tensor gate_up, at::Tensor down) {
-    blocks_.push_back({bound_step(op, std::move(tensors), std::move(sources), std::move(numbers),
-                                  std::move(integers), std::move(flags), std::move(outputs), in_place_),
-                       std::move(mixer_norm), std::move(mlp_norm), std::move(gate_up), std::move(down), mixer_eps,
-                       mlp_eps});
+    BoundStep step = bound_step(op, std::move(tensors), std::move(sources), std::move(numbers), std::move(integers),
+                                std::move(flags), std::move(outputs), in_place_);
+    BlockMixer mixer = [step](const at::Tensor& input, std::vector<at::Tensor>& states,
+                              const c10::optional<at::Tensor>&) mutable -> c10::optional<at::Tensor> {
+      return step(input, states, states);
+    };
+    add(std::move(mixer), std::move(mixer_norm), mixer_eps, std::move(mlp_norm), mlp_eps, std::move(gate_up),
+        std::move(down));
   }
 
  protected:
   // `in_place`: the program owns the states it is given, so steps may write their new states over them (StepArgs).
   explicit LmBlocks(bool in_place) : in_place_(in_place) {}
 
+  void add(BlockMixer mixer, at::Tensor mixer_norm, double mixer_eps, at::Tensor mlp_norm, double mlp_eps,
+           at::Tensor gate_up, at::Tensor down) {
+    blocks_.push_back({std::move(mixer), std::move(mixer_norm), std::move(mlp_norm), std::move(gate_up),
+                       std::move(down), mixer_eps, mlp_eps});
+  }
+
   std::vector<Block> blocks_;
 
  private:
   bool in_place_;
-};
-
-// The decoder owns the states it is given (the LM's generate loop hands each token's back): its steps write their
-// new states over them where they can.
-class Decoder : public LmBlocks {
- public:
-  Decoder(at::Tensor embed, at::Tensor norm_weight, double eps)
-      : LmBlocks(true), embed_(embed.contiguous()), norm_weight_(std::move(norm_weight)), eps_(eps) {}
-
-  // tokens [B, 1] int64 and the state slots; returns the logits [B, vocab] float32 and the new state slots.
-  std::tuple<at::Tensor, std::vector<at::Tensor>> operator()(const at::Tensor& tokens, std::vector<at::Tensor> states) {
-    at::Tensor x = embedded(tokens);
-    for (Block& block : blocks_) x = block(x, states);
-    at::Tensor logits = rms_norm_times_weight(x, norm_weight_, eps_, embed_);
-    return {logits.scalar_type() == at::kFloat ? logits : logits.to(at::kFloat), std::move(states)};
-  }
-
- private:
-  // The embedding's rows (embed_ is contiguous) of tokens [B, 1] (int64, each in [0, V)): [B, D], copied by hand
-  // (index_select's set-up costs more than copying a few rows).
-  at::Tensor embedded(const at::Tensor& tokens) const {
-    TORCH_CHECK(tokens.device().is_cpu() && tokens.scalar_type() == at::kLong && tokens.is_contiguous(),
-                "Decoder: tokens must be a contiguous int64 CPU tensor");
-    const int64_t B = tokens.numel(), V = embed_.size(0), D = embed_.size(1);
-    at::Tensor x = at::empty({B, D}, embed_.options());
-    const int64_t* ids = tokens.data_ptr<int64_t>();
-    const size_t row_bytes = D * embed_.element_size();
-    for (int64_t b = 0; b < B; ++b) {
-      TORCH_CHECK(ids[b] >= 0 && ids[b] < V, "Decoder: token ", ids[b], " is not in [0, ", V, ")");
-      std::memcpy(static_cast<char*>(x.data_ptr()) + b * row_bytes,
-                  static_cast<const char*>(embed_.data_ptr()) + ids[b] * row_bytes, row_bytes);
-    }
-    return x;
-  }
-
-  at::Tensor embed_, norm_weight_;
-  double eps_;
 };
 
 // The iterations of a recurrent-depth layer's core for one token (seqmix/archs/recurrent_depth.py's
@@ -330,7 +315,7 @@ class HourglassStep : public LmBlocks {
 
   // The inner blocks on h [B, D], then up_norm, in float32.
   at::Tensor inner(at::Tensor h, std::vector<at::Tensor>& states) {
-    for (Block& block : blocks_) h = block(h, states);
+    for (Block& block : blocks_) h = *block(h, states, c10::nullopt);  // a layer step never declines
     return row_norm(h, up_norm_, c10::nullopt, up_eps_, true).to(at::kFloat);
   }
 
@@ -407,6 +392,73 @@ class HourglassStep : public LmBlocks {
   double down_eps_ = 0, up_eps_;
 };
 
+// The decoder owns the states it is given (the LM's generate loop hands each token's back): its steps write their
+// new states over them where they can.
+class Decoder : public LmBlocks {
+ public:
+  Decoder(at::Tensor embed, at::Tensor norm_weight, double eps)
+      : LmBlocks(true), embed_(embed.contiguous()), norm_weight_(std::move(norm_weight)), eps_(eps) {}
+
+  // A block whose mixer is an hourglass layer's token (HourglassStep, shared with its Python step), over the state
+  // slots `slots` (the layer's state keys in the step's order), with the block's norms and MLP.
+  void add_hourglass_block(std::shared_ptr<HourglassStep> layer, std::vector<int64_t> slots, at::Tensor mixer_norm,
+                           double mixer_eps, at::Tensor mlp_norm, double mlp_eps, at::Tensor gate_up,
+                           at::Tensor down) {
+    BlockMixer mixer = [layer, slots](const at::Tensor& input, std::vector<at::Tensor>& states,
+                                      const c10::optional<at::Tensor>& tokens) -> c10::optional<at::Tensor> {
+      std::vector<at::Tensor> own;
+      own.reserve(slots.size());
+      for (const int64_t slot : slots) own.push_back(states.at(slot));
+      auto out = (*layer)(input, std::move(own), tokens);
+      if (!out) return c10::nullopt;
+      std::vector<at::Tensor>& written = std::get<1>(*out);
+      for (size_t k = 0; k < slots.size(); ++k) states[slots[k]] = std::move(written.at(k));
+      return std::get<0>(*out);
+    };
+    add(std::move(mixer), std::move(mixer_norm), mixer_eps, std::move(mlp_norm), mlp_eps, std::move(gate_up),
+        std::move(down));
+  }
+
+  // tokens [B, 1] int64 and the state slots; returns the logits [B, vocab] float32, the new state slots and the
+  // number of blocks. Where a block declines the token (an hourglass whose batch disagrees) it returns instead the
+  // stream x [B, hidden] before that block, the slots as the blocks before it left them, and that block's index,
+  // for the caller to finish the token.
+  std::tuple<at::Tensor, std::vector<at::Tensor>, int64_t> operator()(const at::Tensor& tokens,
+                                                                      std::vector<at::Tensor> states) {
+    at::Tensor x = embedded(tokens);
+    const at::Tensor ids = tokens.view({-1});
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      c10::optional<at::Tensor> next = blocks_[i](x, states, ids);
+      if (!next) return {x, std::move(states), static_cast<int64_t>(i)};
+      x = std::move(*next);
+    }
+    at::Tensor logits = rms_norm_times_weight(x, norm_weight_, eps_, embed_);
+    return {logits.scalar_type() == at::kFloat ? logits : logits.to(at::kFloat), std::move(states),
+            static_cast<int64_t>(blocks_.size())};
+  }
+
+ private:
+  // The embedding's rows (embed_ is contiguous) of tokens [B, 1] (int64, each in [0, V)): [B, D], copied by hand
+  // (index_select's set-up costs more than copying a few rows).
+  at::Tensor embedded(const at::Tensor& tokens) const {
+    TORCH_CHECK(tokens.device().is_cpu() && tokens.scalar_type() == at::kLong && tokens.is_contiguous(),
+                "Decoder: tokens must be a contiguous int64 CPU tensor");
+    const int64_t B = tokens.numel(), V = embed_.size(0), D = embed_.size(1);
+    at::Tensor x = at::empty({B, D}, embed_.options());
+    const int64_t* ids = tokens.data_ptr<int64_t>();
+    const size_t row_bytes = D * embed_.element_size();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(ids[b] >= 0 && ids[b] < V, "Decoder: token ", ids[b], " is not in [0, ", V, ")");
+      std::memcpy(static_cast<char*>(x.data_ptr()) + b * row_bytes,
+                  static_cast<const char*>(embed_.data_ptr()) + ids[b] * row_bytes, row_bytes);
+    }
+    return x;
+  }
+
+  at::Tensor embed_, norm_weight_;
+  double eps_;
+};
+
 }  // namespace
 
 void register_layer_step(const char* op, LayerStep step) { layer_steps()[op] = step; }
@@ -418,6 +470,7 @@ void bind_decoder(pybind11::module& m) {
   pybind11::class_<Decoder>(m, "Decoder", "an LM's decoding token in one call (decoder_cpu.h)")
       .def(pybind11::init<at::Tensor, at::Tensor, double>())
       .def("add_block", &Decoder::add_block)
+      .def("add_hourglass_block", &Decoder::add_hourglass_block)
       .def("__call__", &Decoder::operator());
   using seqmix_cpu::RecurrentCore;
   pybind11::class_<RecurrentCore>(m, "RecurrentCore", "a recurrent-depth core's token (decoder_cpu.cpp)")
@@ -426,7 +479,9 @@ void bind_decoder(pybind11::module& m) {
       .def("set_exit", &RecurrentCore::set_exit)
       .def("__call__", &RecurrentCore::operator());
   using seqmix_cpu::HourglassStep;
-  pybind11::class_<HourglassStep>(m, "HourglassStep", "an hourglass layer's decoding token (decoder_cpu.cpp)")
+  // Held by a shared pointer: an LM's decoder shares the layer's program with its Python step.
+  pybind11::class_<HourglassStep, std::shared_ptr<HourglassStep>>(m, "HourglassStep",
+                                                                  "an hourglass layer's decoding token (decoder_cpu.cpp)")
       .def_static("pooling", &HourglassStep::pooling)
       .def_static("hnet", &HourglassStep::hnet)
       .def("add_block", &HourglassStep::add_block)

@@ -1,5 +1,6 @@
 // The decoding programs (decoder_cpu.cpp): an LM's whole token in one C++ call (the embedding's rows, each block's
-// RMSNorm, mixer step and residual SwiGLU MLP, the final norm and the head), a recurrent-depth layer's core
+// RMSNorm, mixer step (a layer's, or an hourglass layer's token) and residual SwiGLU MLP, the final norm and the
+// head), a recurrent-depth layer's core
 // iterations for one token (its adaptive exit too), and an hourglass layer's token. The layers' one-token steps (the
 // Mamba-2, Mamba, (Gated) DeltaNet, GLA, attention and conv layers' *_step functions) register themselves here under
 // their torch.library op's name, each as a function of its arguments gathered by type (StepArgs), so that a program

@@ -392,7 +392,7 @@ class DecoderBlock(NamedTuple):
     """An LM block's decoding step in parts (seqmix/archs/lm.py's Block.cpu_decoding_parts): ``h = x +
     call(rms_norm(x) * mixer_norm)``, then ``h + swiglu(rms_norm(h) * mlp_norm)`` with the MLP's gate_up [2I, D]
     and down [D, I] (the MLP's parts None for a block whose mixer's output is the stream). :func:`decoder` takes
-    blocks whose ``call`` is a :class:`LayerCall` and that have the MLP."""
+    blocks whose ``call`` is a :class:`LayerCall` or a :class:`ProgramCall` and that have the MLP."""
 
     call: Callable
     mixer_norm: Tensor
@@ -416,6 +416,31 @@ class CoreBlock(NamedTuple):
     eps: float
     gate_up: Tensor
     down: Tensor
+
+
+class ProgramStep(NamedTuple):
+    """A layer's decoding token as one decoder_cpu.cpp program (an HourglassStep) over the layer's state keys
+    ``keys``, in the program's order: ``out = step(x, state, tokens)``, out (y, the new state), or None where the
+    program declines the token."""
+
+    program: object
+    keys: tuple[str, ...]
+
+    def __call__(self, x: Tensor, state: dict[str, Tensor], tokens: Tensor | None = None):
+        out = self.program(x, [state[key] for key in self.keys], tokens)
+        return None if out is None else (out[0], state | dict(zip(self.keys, out[1])))
+
+
+class ProgramCall(NamedTuple):
+    """A layer's decoding step, ``y, state = call(x, state)`` (``step``), whose token is ``program`` (a
+    :class:`ProgramStep`, called with the step's token ids) wherever that takes it: an LM's :func:`decoder` runs
+    the program among its blocks, and ``step`` where it declines."""
+
+    program: ProgramStep
+    step: Callable
+
+    def __call__(self, x: Tensor, state: dict[str, Tensor]):
+        return self.step(x, state)
 
 
 # Where a layer op's tensor argument comes from in decoder_cpu.cpp (bound, the block's normed input, else a state
@@ -445,23 +470,34 @@ def _add_block(program, block: DecoderBlock, slot: Callable[[str], int]) -> None
                       block.mlp_eps, block.gate_up, block.down)
 
 
-def decoder(embed: Tensor, norm_weight: Tensor, eps: float, blocks: list[DecoderBlock]) -> Callable:
+def decoder(embed: Tensor, norm_weight: Tensor, eps: float, blocks: list[DecoderBlock], finish: Callable) -> Callable:
     """An LM's decoding token as one C++ call (decoder_cpu.cpp): ``logits, state = decode(tokens, state)``,
     tokens [B, 1] int64, state the blocks' states (as :meth:`seqmix.archs.lm.LanguageModel.init_state` lays them
     out); the embedding's rows (embed [V, D], also the head) through the blocks, the final RMSNorm (norm_weight,
-    eps) and the head; logits [B, V] float32. The same calls as the blocks' Python steps (:class:`LayerCall`),
-    without the Python between them. The decoder owns the states it is given: a layer writes its new state over
-    the old where it can (attention's caches, as its Python step does; Mamba-2's SSD state)."""
+    eps) and the head; logits [B, V] float32. Each block's ``call`` is a :class:`LayerCall` or a
+    :class:`ProgramCall`, whose program runs among the blocks; where a program declines the token (an hourglass
+    whose batch disagrees about its boundaries), ``finish(first, x, tokens, state)`` returns the token's logits
+    and state from block ``first`` on, x [B, D] the stream before it and state as the blocks before it left it.
+    The same calls as the blocks' Python steps, without the Python between them. The decoder owns the states it is
+    given: a layer writes its new state over the old where it can (attention's caches, as its Python step does;
+    Mamba-2's SSD state)."""
     program, slots = cpu.extension().Decoder(embed, norm_weight, eps), {}
     for i, block in enumerate(blocks):
-        _add_block(program, block, lambda key, i=i: slots.setdefault((i, key), len(slots)))
+        def slot(key, i=i):
+            return slots.setdefault((i, key), len(slots))
+
+        if type(block.call) is ProgramCall:
+            layer = block.call.program
+            program.add_hourglass_block(layer.program, [slot(key) for key in layer.keys], *block[1:])
+        else:
+            _add_block(program, block, slot)
 
     def decode(tokens: Tensor, state: list[dict[str, Tensor]]):
-        logits, new = program(tokens, [state[i][key] for i, key in slots])
+        out, new, done = program(tokens, [state[i][key] for i, key in slots])
         state = [dict(s) for s in state]
         for (i, key), value in zip(slots, new):
             state[i][key] = value
-        return logits, state
+        return (out, state) if done == len(blocks) else finish(done, out, tokens, state)
 
     return decode
 
@@ -503,7 +539,7 @@ def recurrent_core(latent_weight: Tensor, blocks: list[CoreBlock], prefixes: lis
 
 def pooling_step(predictor: tuple[Tensor, Tensor, Tensor, Tensor] | None, stride: int, closers: tuple[int, ...],
                  down_norm: Tensor, down_eps: float, up_norm: Tensor, up_eps: float,
-                 blocks: list[DecoderBlock]) -> Callable:
+                 blocks: list[DecoderBlock]) -> ProgramStep:
     """A pooling hourglass layer's decoding token as one C++ call (decoder_cpu.cpp's HourglassStep): ``out = step(x,
     state, tokens)``, x [B, hidden], state the layer's (position, last, sum, count, and the inner blocks' under
     ``"inner.{j}."``); out is (y [B, hidden], the new state), or None where the batch's tokens disagree about closing
@@ -520,7 +556,7 @@ def pooling_step(predictor: tuple[Tensor, Tensor, Tensor, Tensor] | None, stride
 
 
 def hnet_step(q_weight: Tensor, k_weight: Tensor, residual_weight: Tensor, up_norm: Tensor, up_eps: float,
-              blocks: list[DecoderBlock]) -> Callable:
+              blocks: list[DecoderBlock]) -> ProgramStep:
     """An H-Net hourglass layer's decoding token as one C++ call (decoder_cpu.cpp's HourglassStep), as
     :func:`pooling_step` with the state's position, prev and ema: the boundary probability from the q and k
     projections of the previous and this token, the inner blocks and RMSNorm (up_norm, up_eps) into the EMA at a
@@ -530,16 +566,11 @@ def hnet_step(q_weight: Tensor, k_weight: Tensor, residual_weight: Tensor, up_no
     return _hourglass_step(program, ("position", "prev", "ema"), blocks)
 
 
-def _hourglass_step(program, own: tuple[str, ...], blocks: list[DecoderBlock]) -> Callable:
+def _hourglass_step(program, own: tuple[str, ...], blocks: list[DecoderBlock]) -> ProgramStep:
     """``program`` (an HourglassStep) with the inner blocks added, as a step over the layer's state: its own keys
     ``own`` first, then the inner blocks' under ``"inner.{j}."``."""
     slots = {key: i for i, key in enumerate(own)}
     for j, block in enumerate(blocks):
         _add_block(program, block, lambda key, head=f"inner.{j}.": slots.setdefault(head + key, len(slots)))
-    keys = list(slots)
+    return ProgramStep(program, tuple(slots))
 
-    def step(x: Tensor, state: dict[str, Tensor], tokens: Tensor | None = None):
-        out = program(x, [state[key] for key in keys], tokens)
-        return None if out is None else (out[0], state | dict(zip(keys, out[1])))
-
-    return step

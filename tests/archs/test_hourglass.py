@@ -239,16 +239,23 @@ def test_max_segments_caps_the_shortened_sequence():
     assert not torch.allclose(capped[:, 15:], y[:, 15:])
 
 
+PATHS = {"token": "the LM's token one C++ call", "layer": "the layer's token one C++ call",
+         "steps": "the layer's Python step"}
+
+
 @pytest.mark.parametrize("mode", BOUNDARY_MODES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("one_call", [True, False], ids=["one C++ call", "bound steps"])
-def test_decoding_tokens_bind_the_inner_blocks_equal_to_their_module_calls(mode, dtype, one_call, monkeypatch):
-    """A decoding token of every mode is one C++ call where every inner block is an ordinary one of a LayerCall
-    (Hourglass.cpu_decoding_step, step_cpu.pooling_step and hnet_step), else the layer's Python step with the inner
-    blocks' bound C++ steps (here Mamba's step wrapped in a Python function): generate's tokens and logits equal
-    those of the inner blocks' module calls bit for bit, with segments closing along the way (H-Net's projections
-    away from their identity and zero initialisation; the whitespace mode reading each step's tokens, every even id
-    a closer); a batch of two whose tokens disagree about their boundaries streams."""
+@pytest.mark.parametrize("path", list(PATHS), ids=list(PATHS.values()))
+def test_decoding_tokens_bind_the_inner_blocks_equal_to_their_module_calls(mode, dtype, path, monkeypatch):
+    """A decoding token of every mode: where every block of the LM is one C++ call, the LM's whole token is one
+    (step_cpu.decoder running the layer's HourglassStep among its blocks); where the LM's other blocks are not (here
+    the hourglass layer's step wrapped in Python) but the inner blocks are ordinary ones of a LayerCall, the
+    layer's token is one (Hourglass.cpu_decoding_step, step_cpu.pooling_step and hnet_step); else the layer's
+    Python step with the inner blocks' bound C++ steps (here Mamba's step wrapped in Python). generate's tokens and
+    logits equal those of the inner blocks' module calls bit for bit, with segments closing along the way (H-Net's
+    projections away from their identity and zero initialisation; the whitespace mode reading each step's tokens,
+    every even id a closer); a batch of two whose tokens disagree about their boundaries streams (in the LM's one
+    call: the program declines the token and the blocks from the hourglass on finish it in Python)."""
     from seqmix.archs import hourglass
     from seqmix.archs.mamba import Mamba
     from seqmix.kernels import step_cpu
@@ -256,27 +263,48 @@ def test_decoding_tokens_bind_the_inner_blocks_equal_to_their_module_calls(mode,
     require_cpu_kernels()
     monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the inner blocks' norms on their cpu backend
-    calls, program = {"close": 0, "open": 0, "stream": 0}, "hnet_step" if mode == "hnet" else "pooling_step"
+    tokens_seen = {"close": 0, "open": 0, "stream": 0}
+    calls = {"decoder": 0, "declined": 0, "layer program": 0}
+    decoder, program = step_cpu.decoder, "hnet_step" if mode == "hnet" else "pooling_step"
     build = getattr(step_cpu, program)
 
-    def counted(*args):
+    def counted_decoder(embed, norm_weight, eps, blocks, finish):
+        calls["decoder"] += any(type(block.call) is step_cpu.ProgramCall for block in blocks)
+
+        def declined(*args):
+            calls["declined"] += 1
+            return finish(*args)
+
+        return decoder(embed, norm_weight, eps, blocks, declined)
+
+    def counted_program(*args):
         step = build(*args)
 
         def run(x, state, tokens=None):
-            out = step(x, state, tokens)
-            if out is None:
-                calls["stream"] += 1
-            else:  # a close resets the segment's count (pooling) or moves the EMA (hnet)
-                closed = not torch.equal(out[1]["ema"], state["ema"]) if mode == "hnet" else out[1]["count"].eq(0).all()
-                calls["close" if closed else "open"] += 1
-            return out
+            calls["layer program"] += 1
+            return step(x, state, tokens)
+
+        return step if path == "token" else run  # the LM's decoder takes the program itself
+
+    def counted_tokens(decode):
+        def run(tokens, state):
+            logits, new = decode(tokens, state)
+            # A close resets the segment's count (pooling) or moves the EMA (hnet); a streamed batch disagrees.
+            closed = (new[1]["ema"] != state[1]["ema"]).any(1) if mode == "hnet" else new[1]["count"].eq(0)
+            tokens_seen["close" if closed.all() else "open" if not closed.any() else "stream"] += 1
+            return logits, new
 
         return run
 
-    monkeypatch.setattr(step_cpu, program, counted)
+    decoder_of = LanguageModel._decoder
+    monkeypatch.setattr(LanguageModel, "_decoder", lambda *args: counted_tokens(decoder_of(*args)))
+    monkeypatch.setattr(step_cpu, "decoder", counted_decoder)
+    monkeypatch.setattr(step_cpu, program, counted_program)
     if mode == "whitespace":  # every even token id closes: boundaries at about half the sampled tokens
         monkeypatch.setattr(hourglass, "WORD_CLOSERS", tuple(range(0, 300, 2)))
-    if not one_call:
+    if path == "layer":
+        step_in_python(monkeypatch, Hourglass)
+    if path == "steps":
         step_in_python(monkeypatch, Mamba)
     torch.manual_seed(0)
     config = LMConfig(vocab_size=300, hidden_size=HIDDEN, num_heads=2, layers=["attention", "hourglass"],
@@ -304,11 +332,14 @@ def test_decoding_tokens_bind_the_inner_blocks_equal_to_their_module_calls(mode,
         return model.generate(prompt, 12, temperature=1.0, generator=torch.Generator().manual_seed(3),
                               return_logits=True)
 
+    calls["decoder"] = 0
     got = [generate(prompt) for prompt in prompts]
-    if one_call:
-        assert sum(calls.values()) == 3 * 11 and calls["close"] > 0 and calls["open"] + calls["stream"] > 0, calls
-    else:
-        assert sum(calls.values()) == 0
+    assert sum(tokens_seen.values()) == 3 * 11 and tokens_seen["close"] > 0, tokens_seen
+    assert tokens_seen["open"] + tokens_seen["stream"] > 0 and (mode == "fixed" or tokens_seen["stream"] > 0)
+    want = {"token": {"decoder": 3, "declined": tokens_seen["stream"], "layer program": 0},
+            "layer": {"decoder": 0, "declined": 0, "layer program": 3 * 11},
+            "steps": {"decoder": 0, "declined": 0, "layer program": 0}}[path]
+    assert calls == want, (calls, tokens_seen)
     monkeypatch.setattr(Hourglass, "_inner_parts", lambda self, like, state: None)
     with torch.no_grad():
         assert model._cpu_decoder(state, {}) is None
