@@ -297,12 +297,15 @@ class Hourglass(Mixer):
                    else self.predictor[0].weight if self.boundary in ("gumbel", "entropy") else None)
         whitespace = self.boundary == "whitespace"
 
+        def one_call(x):  # not where the boundary's product is oneDNN's, whose rounding the C++ call does not share
+            return program is not None and (product is None or not onednn_serves(x, product))
+
         def step(x, state):
             tokens = None
             if whitespace:
                 self._packed_tokens = self._call_tokens(x[:, None])
                 tokens = self._packed_tokens.view(-1)
-            if program is not None and (product is None or not onednn_serves(x, product)):
+            if one_call(x):
                 out = program(x, state, tokens)
             else:
                 out = python_step(x[:, None], state, inner_steps)
@@ -312,10 +315,8 @@ class Hourglass(Mixer):
                 return y[:, 0], state
             return out
 
-        rows = like.new_empty(state["position"].shape[0], self.hidden_size)
-        if program is not None and (product is None or not onednn_serves(rows, product)):
-            return step_cpu.ProgramCall(program, step)
-        return step
+        rows = like.new_empty(state["position"].shape[0], self.hidden_size)  # a decoding step's, in this batch
+        return step_cpu.ProgramCall(program, step) if one_call(rows) else step
 
     def _cpu_program(self, parts):
         """The decoding token as one C++ call with the inner blocks ``parts`` (:meth:`cpu_decoding_step`)."""
