@@ -34,10 +34,14 @@ SPIKE_WINDOW = 2
 AUX_WEIGHTS = {"gumbel": 1.0, "entropy": 1.0, "hnet": 0.03, "whitespace": 0.0, "fixed": 0.0}
 
 
-def _all_or_none(flags: torch.Tensor) -> bool | None:
-    """True if every flag is set, False if none is, None if they disagree (reads them back: one host sync)."""
-    every = bool(flags.all())
-    return None if not every and bool(flags.any()) else every
+def _rows_where(rows: torch.Tensor, new: State, old: State) -> State:
+    """The state ``new`` in the rows where ``rows`` [B] (bool) is set and ``old`` elsewhere, tensor by tensor. A
+    tensor that the step wrote in place, or grew, is new's as it is: attention's caches (preallocated, or grown
+    along their positions), whose slot written for a row that keeps its old length lies past what that length lets
+    it read, and is written again by the row's next token there."""
+    kept = {key: torch.where(rows.view(-1, *(1,) * (value.dim() - 1)), value, old[key]) for key, value in new.items()
+            if value is not old[key] and value.shape == old[key].shape}
+    return new | kept
 
 
 def _straight_through_one(c: torch.Tensor) -> torch.Tensor:
@@ -148,9 +152,7 @@ class Hourglass(Mixer):
     def mix(self, x, state: State | None, *, cu_seqlens=None):
         B, T, _ = x.shape
         if is_decoding_step(x, state, cu_seqlens):
-            step = (self._hnet_step if self.boundary == "hnet" else self._pooling_step)(x, state)
-            if step is not None:
-                return step
+            return (self._hnet_step if self.boundary == "hnet" else self._pooling_step)(x, state)
         n = B if cu_seqlens is None else cu_seqlens.numel() - 1
         layout = segments_of(torch.zeros(B, T, dtype=torch.bool, device=x.device), B, T, n, cu_seqlens)
         if self.boundary == "hnet":
@@ -278,9 +280,8 @@ class Hourglass(Mixer):
         """A decoding token as one C++ call (step_cpu.pooling_step, step_cpu.hnet_step) where every inner block is
         an ordinary block of one C++ layer call, else the Python step (:meth:`_pooling_step`, :meth:`_hnet_step`)
         with the inner blocks' C++ steps bound once (:meth:`Block.cpu_decoding_parts`): the calls :meth:`mix` makes
-        for a decoding token. A batch whose tokens disagree about their boundaries streams through :meth:`mix`, and
-        one of so many rows that the boundary's products would be oneDNN's (seqmix.kernels.linear) takes the Python
-        step. The whitespace boundaries read the token ids the step is called for (:meth:`observe_tokens`, as
+        for a decoding token. A batch of so many rows that the boundary's products would be oneDNN's
+        (seqmix.kernels.linear) takes the Python step. The whitespace boundaries read the token ids the step is called for (:meth:`observe_tokens`, as
         :meth:`forward` reads them). Where the one call serves the state's batch, the step is a
         :class:`~seqmix.kernels.step_cpu.ProgramCall`, which an LM's one-call decoder runs among its blocks. None
         while training or where an inner block has no such step. See :meth:`Mixer.cpu_decoding_step`."""
@@ -306,14 +307,9 @@ class Hourglass(Mixer):
                 self._packed_tokens = self._call_tokens(x[:, None])
                 tokens = self._packed_tokens.view(-1)
             if one_call(x):
-                out = program(x, state, tokens)
-            else:
-                out = python_step(x[:, None], state, inner_steps)
-                out = None if out is None else (out[0][:, 0], out[1])
-            if out is None:
-                y, state = self.mix(x[:, None], state)
-                return y[:, 0], state
-            return out
+                return program(x, state, tokens)
+            y, state = python_step(x[:, None], state, inner_steps)
+            return y[:, 0], state
 
         rows = like.new_empty(state["position"].shape[0], self.hidden_size)  # a decoding step's, in this batch
         return step_cpu.ProgramCall(program, step) if one_call(rows) else step
@@ -345,27 +341,31 @@ class Hourglass(Mixer):
         return None if parts is None else [bound_block_step(p) for p in parts]
 
     def _pooling_step(self, x, state, inner_steps=None):
-        """One token per sequence (x [B, 1, D]) when every sequence's token closes its segment or none does
-        (always at B = 1): the open segment's sum and count take the token; a closing token's segment mean runs
-        through the inner layers' own one-token steps (their bound C++ steps: ``inner_steps``, or bound here
-        once a segment closes; their module calls where they have none) and becomes what it and the tokens after
-        it read. What :meth:`_stream_pooling` computes for such a call, without its segment bookkeeping and
-        packed inner call (docs/design.md, "Seventeenth round"). None for a batch whose tokens disagree: that
-        call streams."""
+        """One token per sequence (x [B, 1, D]): the open segment's sum and count take the token; where tokens close
+        their segments, the segments' means run through the inner layers' own one-token steps (their bound C++
+        steps: ``inner_steps``, or bound here once a segment closes; their module calls where they have none) and
+        become what those tokens and the ones after them read. What :meth:`_stream_pooling` computes for such a
+        call, without its segment bookkeeping and packed inner call (docs/design.md, "Seventeenth round"). Where
+        only some tokens close (a batch), the inner layers run on every row and the rows whose tokens do not close
+        keep their inner states (:func:`_rows_where`)."""
         b = self._strided(state["position"])[:, None] if self.boundary == "fixed" else self._predict(x, state)[0]
-        every = _all_or_none(hard_boundaries(b)[:, 0].bool())
-        if every is None:
-            return None
+        closes = hard_boundaries(b)[:, 0].bool()
         inner = self._unflatten(state)
         total, count = state["sum"] + x[:, 0].float(), state["count"] + 1
-        new = {"position": state["position"] + 1}
-        if every:
+        new = {"position": state["position"] + 1, "last": state["last"], "sum": total, "count": count}
+        if bool(closes.any()):  # one host sync: the inner layers run only when a segment closes
             pooled = (total / count[:, None]).to(x.dtype)[:, None]
             steps = self._inner_steps(x, state) if inner_steps is None else inner_steps
-            h, inner = self._run_inner(self.down_norm(pooled), inner, None, steps)
-            new.update(last=self.up_norm(h)[:, 0].float(), sum=torch.zeros_like(total), count=torch.zeros_like(count))
-        else:
-            new.update(last=state["last"], sum=total, count=count)
+            h, ran = self._run_inner(self.down_norm(pooled), inner, None, steps)
+            last = self.up_norm(h)[:, 0].float()
+            if bool(closes.all()):
+                inner = ran
+                new.update(last=last, sum=torch.zeros_like(total), count=torch.zeros_like(count))
+            else:
+                inner = [_rows_where(closes, r, s) for r, s in zip(ran, inner)]
+                rows = closes[:, None]
+                new.update(last=torch.where(rows, last, new["last"]), sum=torch.where(rows, 0.0, total),
+                           count=torch.where(closes, 0.0, count))
         return new["last"][:, None].to(x.dtype), {**new, **self._flatten(inner)}
 
     def _stream_pooling(self, x, b, state, cu_seqlens, layout):
@@ -448,24 +448,26 @@ class Hourglass(Mixer):
         return torch.where(pos == 0, torch.ones_like(cos), ((1 - cos) / 2).clamp(0.0, 1.0))
 
     def _hnet_step(self, x, state, inner_steps=None):
-        """One token per sequence (x [B, 1, D]) when every sequence's token is a boundary or none is (always
-        at B = 1): a boundary token runs through the inner layers' own one-token steps and updates the EMA,
-        e = p z + (1 - p) e (p clamped as :func:`~seqmix.kernels.ema_dechunk` clamps it); every token reads e.
-        What :meth:`_mix_hnet` computes for such a call, without chunk selection and the EMA's ``ssd`` call.
-        None for a batch whose tokens disagree: that call takes :meth:`_mix_hnet`. The inner layers' bound C++ steps
-        ``inner_steps`` as :meth:`_pooling_step` takes them."""
+        """One token per sequence (x [B, 1, D]): a boundary token runs through the inner layers' own one-token steps
+        and updates the EMA, e = p z + (1 - p) e (p clamped as :func:`~seqmix.kernels.ema_dechunk` clamps it); every
+        token reads e. What :meth:`_mix_hnet` computes for such a call, without chunk selection and the EMA's ``ssd``
+        call. Where only some tokens are boundaries (a batch), the inner layers run on every row and the others keep
+        their EMA and inner states (:func:`_rows_where`). The inner layers' bound C++ steps ``inner_steps`` as
+        :meth:`_pooling_step` takes them."""
         h = x[:, 0]
         p = self._hnet_probabilities(state["prev"].to(x.dtype), h, state["position"])
         hard = p > 0.5
-        every = _all_or_none(hard)
-        if every is None:
-            return None
         inner, ema = self._unflatten(state), state["ema"]
-        if every:
+        if bool(hard.any()):  # one host sync: the inner layers run only at a boundary
             steps = self._inner_steps(x, state) if inner_steps is None else inner_steps
-            z, inner = self._run_inner(h[:, None], inner, None, steps)
+            z, ran = self._run_inner(h[:, None], inner, None, steps)
             pc = p.clamp(1e-4, 1 - 1e-4)[:, None]
-            ema = pc * self.up_norm(z)[:, 0].float() + (1 - pc) * ema
+            moved = pc * self.up_norm(z)[:, 0].float() + (1 - pc) * ema
+            if bool(hard.all()):
+                inner, ema = ran, moved
+            else:
+                inner = [_rows_where(hard, r, s) for r, s in zip(ran, inner)]
+                ema = torch.where(hard[:, None], moved, ema)
         selected = torch.where(hard, p, 1 - p)
         out = ema.to(x.dtype) * _straight_through_one(selected)[:, None].to(x.dtype) + self.residual_proj(h)
         new = {"position": state["position"] + 1, "prev": h.float(), "ema": ema.float()}

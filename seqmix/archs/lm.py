@@ -292,6 +292,9 @@ class LanguageModel(nn.Module):
         blocks = [block.cpu_decoding_parts(like, s, options) for block, s in zip(self.blocks, state)]
         if any(parts is None for parts in blocks):
             return None
+        one_call = (step_cpu.LayerCall, step_cpu.ProgramCall)
+        if all(type(parts.call) in one_call and parts.mlp_norm is not None for parts in blocks):
+            return step_cpu.decoder(embed, norm.weight, norm.eps, blocks)
         steps = [bound_block_step(parts) for parts in blocks]
         norm_weight, eps = norm.weight, norm.eps
         readout = step_cpu.rms_norm_times_weight.bind(norm_weight, embed)
@@ -299,19 +302,17 @@ class LanguageModel(nn.Module):
         observers = [block.mixer.observe_tokens for block in self.blocks
                      if type(block.mixer).observe_tokens is not Mixer.observe_tokens]
 
-        def finish(first, x, tokens, state):  # the blocks from `first` on, then the readout
+        def decode(tokens, state):
             for observe in observers:
                 observe(tokens)
-            new_state = state[:first]
-            for step, s in zip(steps[first:], state[first:]):
+            x = embed.index_select(0, tokens.view(-1))
+            new_state = []
+            for step, s in zip(steps, state):
                 x, s = step(x, s)
                 new_state.append(s)
             return in_dtype(readout(x, norm_weight, eps, embed), torch.float32), new_state
 
-        one_call = (step_cpu.LayerCall, step_cpu.ProgramCall)
-        if all(type(parts.call) in one_call and parts.mlp_norm is not None for parts in blocks):
-            return step_cpu.decoder(embed, norm.weight, norm.eps, blocks, finish)
-        return lambda tokens, state: finish(0, embed.index_select(0, tokens.view(-1)), tokens, state)
+        return decode
 
     def _decoder(self, state: list[State], steps: dict, compile: bool) -> Callable:
         """:meth:`generate`'s per-token step, ``logits, state = decode(tokens, state)``: the bound C++ steps

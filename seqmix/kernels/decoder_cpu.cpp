@@ -89,24 +89,21 @@ BoundStep bound_step(const std::string& op, std::vector<c10::optional<at::Tensor
 }
 
 // What an LM block's mixer is to a program: a function of the block's normed input, the program's state slots
-// (written where it leaves new states) and the token ids [B] (nothing where the program has none), that may
-// decline a token (nothing returned; an hourglass layer whose batch disagrees about its boundaries).
-using BlockMixer = std::function<c10::optional<at::Tensor>(const at::Tensor&, std::vector<at::Tensor>&,
-                                                           const c10::optional<at::Tensor>&)>;
+// (written where it leaves new states) and the token ids [B] (nothing where the program has none): a layer
+// step bound to its arguments, or an hourglass layer's token.
+using BlockMixer = std::function<at::Tensor(const at::Tensor&, std::vector<at::Tensor>&,
+                                            const c10::optional<at::Tensor>&)>;
 
-// An LM block (seqmix/archs/lm.py's Block): x + mixer(rms_norm(x) * mixer_norm), then the residual SwiGLU MLP;
-// nothing where the mixer declines the token.
+// An LM block (seqmix/archs/lm.py's Block): x + mixer(rms_norm(x) * mixer_norm), then the residual SwiGLU MLP.
 struct Block {
   BlockMixer mixer;
   at::Tensor mixer_norm, mlp_norm, gate_up, down;
   double mixer_eps, mlp_eps;
 
-  c10::optional<at::Tensor> operator()(const at::Tensor& x, std::vector<at::Tensor>& states,
-                                       const c10::optional<at::Tensor>& tokens) {
-    const c10::optional<at::Tensor> y =
-        mixer(row_norm(x, mixer_norm, c10::nullopt, mixer_eps, true), states, tokens);
-    if (!y) return c10::nullopt;
-    return residual_swiglu_step(x, *y, mlp_norm, mlp_eps, gate_up, down);
+  at::Tensor operator()(const at::Tensor& x, std::vector<at::Tensor>& states,
+                        const c10::optional<at::Tensor>& tokens) {
+    const at::Tensor y = mixer(row_norm(x, mixer_norm, c10::nullopt, mixer_eps, true), states, tokens);
+    return residual_swiglu_step(x, y, mlp_norm, mlp_eps, gate_up, down);
   }
 };
 
@@ -121,9 +118,7 @@ class LmBlocks {
     BoundStep step = bound_step(op, std::move(tensors), std::move(sources), std::move(numbers), std::move(integers),
                                 std::move(flags), std::move(outputs), in_place_);
     BlockMixer mixer = [step](const at::Tensor& input, std::vector<at::Tensor>& states,
-                              const c10::optional<at::Tensor>&) mutable -> c10::optional<at::Tensor> {
-      return step(input, states, states);
-    };
+                              const c10::optional<at::Tensor>&) mutable { return step(input, states, states); };
     add(std::move(mixer), std::move(mixer_norm), mixer_eps, std::move(mlp_norm), mlp_eps, std::move(gate_up),
         std::move(down));
   }
@@ -248,18 +243,21 @@ class RecurrentCore {
 
 // An hourglass layer's decoding token (seqmix/archs/hourglass.py), x [B, D], with its tensor ops as the layer's
 // Python step computes them (the products at::linear's, F.linear's at a decoding step's rows), so the two agree
-// bit for bit. A batch whose tokens disagree about their boundary gets nothing (the layer streams it).
+// bit for bit. Where only some of a batch's tokens are boundaries, the inner blocks run on every row and the
+// others keep their inner states (keep_rows).
 // - pooling (Hourglass._pooling_step: the gumbel and entropy modes' predictor, every stride-th position, or the
 //   whitespace mode's closing token ids, given with each call): the open segment's float32 sum and count take the
-//   token; where the tokens close their segments, the segment's
-//   mean through down_norm, the inner blocks and up_norm is the float32 row they read from then on (`last`).
+//   token; where a token closes its segment, the segment's mean through down_norm, the inner blocks and up_norm
+//   is the float32 row it and its sequence's next tokens read (`last`).
 //   States: position [B] int64, last, sum [B, D] and count [B] float32, then the inner blocks' slots.
-// - hnet (Hourglass._hnet_step): p = (1 - cos(W_q prev, W_k x)) / 2 (1 at a sequence's first token); where the
-//   tokens are boundaries (p > 0.5) they run through the inner blocks and up_norm into the EMA, e = p z + (1 - p) e;
+// - hnet (Hourglass._hnet_step): p = (1 - cos(W_q prev, W_k x)) / 2 (1 at a sequence's first token); where a
+//   token is a boundary (p > 0.5) it runs through the inner blocks and up_norm into its EMA, e = p z + (1 - p) e;
 //   the output is e times a straight-through 1 plus W_r x. States: position, prev and ema [B, D] float32, then the
 //   inner blocks' slots.
 class HourglassStep : public LmBlocks {
  public:
+  using Token = std::tuple<at::Tensor, std::vector<at::Tensor>>;  // the layer's output and its new states
+
   static HourglassStep pooling(c10::optional<at::Tensor> hidden_weight, c10::optional<at::Tensor> hidden_bias,
                                c10::optional<at::Tensor> logit_weight, c10::optional<at::Tensor> logit_bias,
                                int64_t stride, std::vector<int64_t> closers, at::Tensor down_norm, double down_eps,
@@ -285,10 +283,8 @@ class HourglassStep : public LmBlocks {
   }
 
   // x [B, D], the states (see above) and, for closing token ids, the tokens [B] int64; the output [B, D] in x's
-  // dtype and the new states, or nothing.
-  c10::optional<std::tuple<at::Tensor, std::vector<at::Tensor>>> operator()(const at::Tensor& x,
-                                                                            std::vector<at::Tensor> states,
-                                                                            const c10::optional<at::Tensor>& tokens) {
+  // dtype and the new states.
+  Token operator()(const at::Tensor& x, std::vector<at::Tensor> states, const c10::optional<at::Tensor>& tokens) {
     const size_t own = hnet_ ? 3 : 4;
     const int64_t B = x.dim() == 2 ? x.size(0) : -1;
     TORCH_CHECK(B >= 0 && states.size() >= own, "HourglassStep: x [B, D] and the layer's states");
@@ -304,58 +300,64 @@ class HourglassStep : public LmBlocks {
   HourglassStep(bool hnet, at::Tensor up_norm, double up_eps)
       : LmBlocks(false), hnet_(hnet), up_norm_(std::move(up_norm)), up_eps_(up_eps) {}
 
-  using Token = c10::optional<std::tuple<at::Tensor, std::vector<at::Tensor>>>;
-
-  // True if every row's flag is set, false if none is, nothing if they disagree.
-  static c10::optional<bool> all_or_none(const std::vector<bool>& flags) {
-    const bool every = std::all_of(flags.begin(), flags.end(), [](bool f) { return f; });
-    if (!every && std::any_of(flags.begin(), flags.end(), [](bool f) { return f; })) return c10::nullopt;
-    return every;
-  }
-
   // The inner blocks on h [B, D], then up_norm, in float32.
   at::Tensor inner(at::Tensor h, std::vector<at::Tensor>& states) {
-    for (Block& block : blocks_) h = *block(h, states, c10::nullopt);  // a layer step never declines
+    for (Block& block : blocks_) h = block(h, states, c10::nullopt);
     return row_norm(h, up_norm_, c10::nullopt, up_eps_, true).to(at::kFloat);
   }
 
+  // The slots from `first` on (the inner blocks') of `ran` in the rows where `rows` [B] (bool) is set and of
+  // `old` elsewhere, as hourglass.py's _rows_where: a tensor written in place (the same in both) stays as it is.
+  static void keep_rows(const at::Tensor& rows, std::vector<at::Tensor>& ran, const std::vector<at::Tensor>& old,
+                        size_t first) {
+    for (size_t k = first; k < ran.size(); ++k) {
+      if (ran[k].is_same(old[k])) continue;
+      std::vector<int64_t> shape(ran[k].dim(), 1);
+      shape[0] = -1;
+      ran[k] = at::where(rows.view(shape), ran[k], old[k]);
+    }
+  }
+
   Token pooling_token(const at::Tensor& x, std::vector<at::Tensor> states, const c10::optional<at::Tensor>& tokens) {
-    const auto every = all_or_none(closing(x, states[0], tokens));
-    if (!every) return c10::nullopt;
+    const at::Tensor closes = closing(x, states[0], tokens);
     const at::Tensor total = at::add(states[2], x.to(at::kFloat)), count = at::add(states[3], 1);
     states[0] = at::add(states[0], 1);
-    if (*every) {
+    states[2] = total;
+    states[3] = count;
+    if (closes.any().item<bool>()) {  // the inner blocks run only when a segment closes
+      const std::vector<at::Tensor> old = states;
       const at::Tensor mean = at::div(total, count.unsqueeze(1)).to(x.scalar_type());
-      states[1] = inner(row_norm(mean, down_norm_, c10::nullopt, down_eps_, true), states);
-      states[2] = at::zeros_like(total);
-      states[3] = at::zeros_like(count);
-    } else {
-      states[2] = total;
-      states[3] = count;
+      const at::Tensor last = inner(row_norm(mean, down_norm_, c10::nullopt, down_eps_, true), states);
+      if (closes.all().item<bool>()) {
+        states[1] = last;
+        states[2] = at::zeros_like(total);
+        states[3] = at::zeros_like(count);
+      } else {  // the rows whose tokens do not close keep their inner states
+        keep_rows(closes, states, old, 4);
+        const at::Tensor rows = closes.unsqueeze(1);
+        states[1] = at::where(rows, last, old[1]);
+        states[2] = at::where(rows, at::zeros_like(total), total);
+        states[3] = at::where(closes, at::zeros_like(count), count);
+      }
     }
     return std::make_tuple(states[1].to(x.scalar_type()), std::move(states));
   }
 
-  // Whether each row's token closes its segment: the predictor's logit above 0, a stride-th position, or one of
-  // the closing token ids.
-  std::vector<bool> closing(const at::Tensor& x, const at::Tensor& position,
-                            const c10::optional<at::Tensor>& tokens) const {
+  // Whether each row's token closes its segment, [B] bool: the predictor's logit above 0, a stride-th position,
+  // or one of the closing token ids.
+  at::Tensor closing(const at::Tensor& x, const at::Tensor& position, const c10::optional<at::Tensor>& tokens) const {
     const int64_t B = x.size(0);
-    std::vector<bool> closes(B);
-    if (!closers_.empty()) {
-      const at::Tensor ids = tokens->contiguous();
-      for (int64_t b = 0; b < B; ++b)
-        closes[b] = std::find(closers_.begin(), closers_.end(), ids.data_ptr<int64_t>()[b]) != closers_.end();
-      return closes;
+    if (closers_.empty() && stride_ == 0) {
+      const at::Tensor hidden = at::gelu(at::linear(x, *weights_[0], weights_[1]));
+      return at::gt(at::linear(hidden, *weights_[2], weights_[3]).to(at::kFloat).view({B}), 0);
     }
-    if (stride_ > 0) {
-      const at::Tensor p = position.contiguous();
-      for (int64_t b = 0; b < B; ++b) closes[b] = (p.data_ptr<int64_t>()[b] + 1) % stride_ == 0;
-      return closes;
+    at::Tensor closes = at::empty({B}, position.options().dtype(at::kBool));
+    const at::Tensor ids = closers_.empty() ? position.contiguous() : tokens->contiguous();
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t id = ids.data_ptr<int64_t>()[b];
+      closes.data_ptr<bool>()[b] = closers_.empty() ? (id + 1) % stride_ == 0
+                                                    : std::find(closers_.begin(), closers_.end(), id) != closers_.end();
     }
-    const at::Tensor hidden = at::gelu(at::linear(x, *weights_[0], weights_[1]));
-    const at::Tensor logits = at::linear(hidden, *weights_[2], weights_[3]).to(at::kFloat).contiguous();
-    for (int64_t b = 0; b < B; ++b) closes[b] = logits.data_ptr<float>()[b] > 0;
     return closes;
   }
 
@@ -364,15 +366,18 @@ class HourglassStep : public LmBlocks {
     const at::Tensor cos = at::cosine_similarity(q, at::linear(x, *weights_[1]).to(at::kFloat), -1);
     const at::Tensor p = at::where(at::eq(states[0], 0), at::ones_like(cos),
                                    at::clamp(at::div(at::rsub(cos, 1), 2), 0.0, 1.0)).contiguous();
-    const at::Tensor hard = at::gt(p, 0.5).contiguous();
-    std::vector<bool> flags(hard.numel());
-    for (size_t b = 0; b < flags.size(); ++b) flags[b] = hard.data_ptr<bool>()[b];
-    const auto every = all_or_none(flags);
-    if (!every) return c10::nullopt;
+    const at::Tensor hard = at::gt(p, 0.5);
     at::Tensor ema = states[2];
-    if (*every) {
+    if (hard.any().item<bool>()) {  // the inner blocks run only at a boundary
+      const std::vector<at::Tensor> old = states;
       const at::Tensor pc = at::clamp(p, 1e-4, 1 - 1e-4).unsqueeze(1);
-      ema = at::add(at::mul(pc, inner(x, states)), at::mul(at::rsub(pc, 1), ema));
+      const at::Tensor moved = at::add(at::mul(pc, inner(x, states)), at::mul(at::rsub(pc, 1), ema));
+      if (hard.all().item<bool>()) {
+        ema = moved;
+      } else {  // the rows of other tokens keep their EMA and inner states
+        keep_rows(hard, states, old, 3);
+        ema = at::where(hard.unsqueeze(1), moved, ema);
+      }
     }
     const at::Tensor selected = at::where(hard, p, at::rsub(p, 1));
     const at::Tensor one = at::add(at::sub(selected, selected), 1.0);  // the straight-through 1 (its NaNs too)
@@ -405,36 +410,25 @@ class Decoder : public LmBlocks {
                            double mixer_eps, at::Tensor mlp_norm, double mlp_eps, at::Tensor gate_up,
                            at::Tensor down) {
     BlockMixer mixer = [layer, slots](const at::Tensor& input, std::vector<at::Tensor>& states,
-                                      const c10::optional<at::Tensor>& tokens) -> c10::optional<at::Tensor> {
+                                      const c10::optional<at::Tensor>& tokens) {
       std::vector<at::Tensor> own;
       own.reserve(slots.size());
       for (const int64_t slot : slots) own.push_back(states.at(slot));
-      auto out = (*layer)(input, std::move(own), tokens);
-      if (!out) return c10::nullopt;
-      std::vector<at::Tensor>& written = std::get<1>(*out);
+      auto [y, written] = (*layer)(input, std::move(own), tokens);
       for (size_t k = 0; k < slots.size(); ++k) states[slots[k]] = std::move(written.at(k));
-      return std::get<0>(*out);
+      return y;
     };
     add(std::move(mixer), std::move(mixer_norm), mixer_eps, std::move(mlp_norm), mlp_eps, std::move(gate_up),
         std::move(down));
   }
 
-  // tokens [B, 1] int64 and the state slots; returns the logits [B, vocab] float32, the new state slots and the
-  // number of blocks. Where a block declines the token (an hourglass whose batch disagrees) it returns instead the
-  // stream x [B, hidden] before that block, the slots as the blocks before it left them, and that block's index,
-  // for the caller to finish the token.
-  std::tuple<at::Tensor, std::vector<at::Tensor>, int64_t> operator()(const at::Tensor& tokens,
-                                                                      std::vector<at::Tensor> states) {
+  // tokens [B, 1] int64 and the state slots; returns the logits [B, vocab] float32 and the new state slots.
+  std::tuple<at::Tensor, std::vector<at::Tensor>> operator()(const at::Tensor& tokens, std::vector<at::Tensor> states) {
     at::Tensor x = embedded(tokens);
     const at::Tensor ids = tokens.view({-1});
-    for (size_t i = 0; i < blocks_.size(); ++i) {
-      c10::optional<at::Tensor> next = blocks_[i](x, states, ids);
-      if (!next) return {x, std::move(states), static_cast<int64_t>(i)};
-      x = std::move(*next);
-    }
+    for (Block& block : blocks_) x = block(x, states, ids);
     at::Tensor logits = rms_norm_times_weight(x, norm_weight_, eps_, embed_);
-    return {logits.scalar_type() == at::kFloat ? logits : logits.to(at::kFloat), std::move(states),
-            static_cast<int64_t>(blocks_.size())};
+    return {logits.scalar_type() == at::kFloat ? logits : logits.to(at::kFloat), std::move(states)};
   }
 
  private:

@@ -420,21 +420,20 @@ class CoreBlock(NamedTuple):
 
 class ProgramStep(NamedTuple):
     """A layer's decoding token as one decoder_cpu.cpp program (an HourglassStep) over the layer's state keys
-    ``keys``, in the program's order: ``out = step(x, state, tokens)``, out (y, the new state), or None where the
-    program declines the token."""
+    ``keys``, in the program's order: ``y, state = step(x, state, tokens)``."""
 
     program: object
     keys: tuple[str, ...]
 
     def __call__(self, x: Tensor, state: dict[str, Tensor], tokens: Tensor | None = None):
-        out = self.program(x, [state[key] for key in self.keys], tokens)
-        return None if out is None else (out[0], state | dict(zip(self.keys, out[1])))
+        y, new = self.program(x, [state[key] for key in self.keys], tokens)
+        return y, state | dict(zip(self.keys, new))
 
 
 class ProgramCall(NamedTuple):
-    """A layer's decoding step, ``y, state = call(x, state)`` (``step``), whose token is ``program`` (a
-    :class:`ProgramStep`, called with the step's token ids) wherever that takes it: an LM's :func:`decoder` runs
-    the program among its blocks, and ``step`` where it declines."""
+    """A layer's decoding step, ``y, state = call(x, state)`` (``step``), that is ``program`` (a
+    :class:`ProgramStep`) called with the step's token ids: an LM's :func:`decoder` runs the program among its
+    blocks."""
 
     program: ProgramStep
     step: Callable
@@ -470,15 +469,12 @@ def _add_block(program, block: DecoderBlock, slot: Callable[[str], int]) -> None
                       block.mlp_eps, block.gate_up, block.down)
 
 
-def decoder(embed: Tensor, norm_weight: Tensor, eps: float, blocks: list[DecoderBlock], finish: Callable) -> Callable:
+def decoder(embed: Tensor, norm_weight: Tensor, eps: float, blocks: list[DecoderBlock]) -> Callable:
     """An LM's decoding token as one C++ call (decoder_cpu.cpp): ``logits, state = decode(tokens, state)``,
     tokens [B, 1] int64, state the blocks' states (as :meth:`seqmix.archs.lm.LanguageModel.init_state` lays them
     out); the embedding's rows (embed [V, D], also the head) through the blocks, the final RMSNorm (norm_weight,
     eps) and the head; logits [B, V] float32. Each block's ``call`` is a :class:`LayerCall` or a
-    :class:`ProgramCall`, whose program runs among the blocks; where a program declines the token (an hourglass
-    whose batch disagrees about its boundaries), ``finish(first, x, tokens, state)`` returns the token's logits
-    and state from block ``first`` on, x [B, D] the stream before it and state as the blocks before it left it.
-    The same calls as the blocks' Python steps, without the Python between them. The decoder owns the states it is
+    :class:`ProgramCall`, whose program runs among the blocks with the token ids. The same calls as the blocks' Python steps, without the Python between them. The decoder owns the states it is
     given: a layer writes its new state over the old where it can (attention's caches, as its Python step does;
     Mamba-2's SSD state)."""
     program, slots = cpu.extension().Decoder(embed, norm_weight, eps), {}
@@ -493,11 +489,11 @@ def decoder(embed: Tensor, norm_weight: Tensor, eps: float, blocks: list[Decoder
             _add_block(program, block, slot)
 
     def decode(tokens: Tensor, state: list[dict[str, Tensor]]):
-        out, new, done = program(tokens, [state[i][key] for i, key in slots])
+        logits, new = program(tokens, [state[i][key] for i, key in slots])
         state = [dict(s) for s in state]
         for (i, key), value in zip(slots, new):
             state[i][key] = value
-        return (out, state) if done == len(blocks) else finish(done, out, tokens, state)
+        return logits, state
 
     return decode
 
@@ -540,12 +536,11 @@ def recurrent_core(latent_weight: Tensor, blocks: list[CoreBlock], prefixes: lis
 def pooling_step(predictor: tuple[Tensor, Tensor, Tensor, Tensor] | None, stride: int, closers: tuple[int, ...],
                  down_norm: Tensor, down_eps: float, up_norm: Tensor, up_eps: float,
                  blocks: list[DecoderBlock]) -> ProgramStep:
-    """A pooling hourglass layer's decoding token as one C++ call (decoder_cpu.cpp's HourglassStep): ``out = step(x,
-    state, tokens)``, x [B, hidden], state the layer's (position, last, sum, count, and the inner blocks' under
-    ``"inner.{j}."``); out is (y [B, hidden], the new state), or None where the batch's tokens disagree about closing
-    their segments. The boundaries: ``predictor`` (the boundary predictor's hidden weight and bias and logit weight
-    and bias), else the token ids ``closers`` (the whitespace mode: ``tokens`` [B] int64 are the call's), else
-    every ``stride``-th position. The segment's mean goes through RMSNorm (down_norm, down_eps), the inner blocks
+    """A pooling hourglass layer's decoding token as one C++ call (decoder_cpu.cpp's HourglassStep): ``y, state =
+    step(x, state, tokens)``, x and y [B, hidden], state the layer's (position, last, sum, count, and the inner
+    blocks' under ``"inner.{j}."``). The boundaries: ``predictor`` (the boundary predictor's hidden weight and bias
+    and logit weight and bias), else the token ids ``closers`` (the whitespace mode: ``tokens`` [B] int64 are the
+    call's), else every ``stride``-th position. The segment's mean goes through RMSNorm (down_norm, down_eps), the inner blocks
     (as :func:`decoder` takes them) and RMSNorm (up_norm, up_eps). The same computation as the layer's Python step
     (seqmix/archs/hourglass.py's Hourglass._pooling_step) at a decoding step's rows, where the predictor's products
     are F.linear's; the states given are left as they are (but attention's caches)."""

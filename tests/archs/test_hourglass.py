@@ -66,10 +66,10 @@ def _streamed(layer, xt, state):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_one_token_step_equals_the_general_path(mode):
-    """Decoding one token per sequence: when every sequence's token is a boundary, or none is, the one-token
-    step gives what the general path (streaming pooling, or H-Net's chunk selection and EMA) gives: outputs
-    and every state tensor; a batch whose tokens disagree takes the general path. Both kinds of agreeing step
-    (and, where boundaries vary by sequence, disagreeing ones) occur."""
+    """Decoding one token per sequence, the one-token step gives what the general path (streaming pooling, or
+    H-Net's chunk selection and EMA) gives: outputs and each sequence's state (Mixer.sequence_state: the inner
+    attention's cache up to the sequence's length), whether every sequence's token is a boundary, none is, or
+    (where boundaries vary by sequence) some are. All three kinds of step occur."""
     layer, x = _layer(mode), _x(2, 40)
     step_of = layer._hnet_step if mode == "hnet" else layer._pooling_step
     kinds = set()
@@ -80,15 +80,13 @@ def test_one_token_step_equals_the_general_path(mode):
             want, want_state, closes = _streamed(layer, xt, state)
             step = step_of(xt, state)
             kinds.add({0: "none", 2: "every"}.get(closes, "mixed"))
-            if closes == 1:
-                assert step is None
-                state = want_state
-                continue
             out, state = step
             assert_rel(out, want, TOL[torch.float32], f"{mode} step {t}: output")
             assert state.keys() == want_state.keys()
-            for key, value in want_state.items():
-                assert_rel(state[key].float(), value.float(), TOL[torch.float32], f"{mode} step {t}: state {key!r}")
+            for i in range(2):  # each sequence's state as its mixers read it (a cache up to its length)
+                got, expected = layer.sequence_state(state, i), layer.sequence_state(want_state, i)
+                for key, value in expected.items():
+                    assert_rel(got[key].float(), value.float(), TOL[torch.float32], f"{mode} step {t}: {key!r} of {i}")
     assert kinds == ({"none", "every"} if mode == "fixed" else {"none", "every", "mixed"}), kinds
 
 
@@ -254,8 +252,7 @@ def test_decoding_tokens_bind_the_inner_blocks_equal_to_their_module_calls(mode,
     Python step with the inner blocks' bound C++ steps (here Mamba's step wrapped in Python). generate's tokens and
     logits equal those of the inner blocks' module calls bit for bit, with segments closing along the way (H-Net's
     projections away from their identity and zero initialisation; the whitespace mode reading each step's tokens,
-    every even id a closer); a batch of two whose tokens disagree about their boundaries streams (in the LM's one
-    call: the program declines the token and the blocks from the hourglass on finish it in Python)."""
+    every even id a closer), and in a batch of two closing at one sequence and not the other."""
     from seqmix.archs import hourglass
     from seqmix.archs.mamba import Mamba
     from seqmix.kernels import step_cpu
@@ -263,19 +260,14 @@ def test_decoding_tokens_bind_the_inner_blocks_equal_to_their_module_calls(mode,
     require_cpu_kernels()
     monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the inner blocks' norms on their cpu backend
-    tokens_seen = {"close": 0, "open": 0, "stream": 0}
-    calls = {"decoder": 0, "declined": 0, "layer program": 0}
+    tokens_seen = {"close": 0, "open": 0, "mixed": 0}
+    calls = {"decoder": 0, "layer program": 0}
     decoder, program = step_cpu.decoder, "hnet_step" if mode == "hnet" else "pooling_step"
     build = getattr(step_cpu, program)
 
-    def counted_decoder(embed, norm_weight, eps, blocks, finish):
+    def counted_decoder(embed, norm_weight, eps, blocks):
         calls["decoder"] += any(type(block.call) is step_cpu.ProgramCall for block in blocks)
-
-        def declined(*args):
-            calls["declined"] += 1
-            return finish(*args)
-
-        return decoder(embed, norm_weight, eps, blocks, declined)
+        return decoder(embed, norm_weight, eps, blocks)
 
     def counted_program(*args):
         step = build(*args)
@@ -289,9 +281,9 @@ def test_decoding_tokens_bind_the_inner_blocks_equal_to_their_module_calls(mode,
     def counted_tokens(decode):
         def run(tokens, state):
             logits, new = decode(tokens, state)
-            # A close resets the segment's count (pooling) or moves the EMA (hnet); a streamed batch disagrees.
+            # A close resets the segment's count (pooling) or moves the EMA (hnet).
             closed = (new[1]["ema"] != state[1]["ema"]).any(1) if mode == "hnet" else new[1]["count"].eq(0)
-            tokens_seen["close" if closed.all() else "open" if not closed.any() else "stream"] += 1
+            tokens_seen["close" if closed.all() else "open" if not closed.any() else "mixed"] += 1
             return logits, new
 
         return run
@@ -335,10 +327,9 @@ def test_decoding_tokens_bind_the_inner_blocks_equal_to_their_module_calls(mode,
     calls["decoder"] = 0
     got = [generate(prompt) for prompt in prompts]
     assert sum(tokens_seen.values()) == 3 * 11 and tokens_seen["close"] > 0, tokens_seen
-    assert tokens_seen["open"] + tokens_seen["stream"] > 0 and (mode == "fixed" or tokens_seen["stream"] > 0)
-    want = {"token": {"decoder": 3, "declined": tokens_seen["stream"], "layer program": 0},
-            "layer": {"decoder": 0, "declined": 0, "layer program": 3 * 11},
-            "steps": {"decoder": 0, "declined": 0, "layer program": 0}}[path]
+    assert tokens_seen["open"] > 0 and (mode == "fixed" or tokens_seen["mixed"] > 0)
+    want = {"token": {"decoder": 3, "layer program": 0}, "layer": {"decoder": 0, "layer program": 3 * 11},
+            "steps": {"decoder": 0, "layer program": 0}}[path]
     assert calls == want, (calls, tokens_seen)
     monkeypatch.setattr(Hourglass, "_inner_parts", lambda self, like, state: None)
     with torch.no_grad():
