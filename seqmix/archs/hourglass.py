@@ -281,10 +281,11 @@ class Hourglass(Mixer):
         an ordinary block of one C++ layer call, else the Python step (:meth:`_pooling_step`, :meth:`_hnet_step`)
         with the inner blocks' C++ steps bound once (:meth:`Block.cpu_decoding_parts`): the calls :meth:`mix` makes
         for a decoding token. A batch of so many rows that the boundary's products would be oneDNN's
-        (seqmix.kernels.linear) takes the Python step. The whitespace boundaries read the token ids the step is called for (:meth:`observe_tokens`, as
-        :meth:`forward` reads them). Where the one call serves the state's batch, the step is a
-        :class:`~seqmix.kernels.step_cpu.ProgramCall`, which an LM's one-call decoder runs among its blocks. None
-        while training or where an inner block has no such step. See :meth:`Mixer.cpu_decoding_step`."""
+        (seqmix.kernels.linear) takes the Python step. The whitespace boundaries read the token ids the step is
+        called for (:meth:`observe_tokens`, as :meth:`forward` reads them). Where the one call serves the state's
+        batch, the step is a :class:`~seqmix.kernels.step_cpu.ProgramCall`, which an LM's one-call decoder runs
+        among its blocks. None while training or where an inner block has no such step. See
+        :meth:`Mixer.cpu_decoding_step`."""
         if self.training:
             return None
         parts = self._inner_parts(like, state)
@@ -353,7 +354,7 @@ class Hourglass(Mixer):
         inner = self._unflatten(state)
         total, count = state["sum"] + x[:, 0].float(), state["count"] + 1
         new = {"position": state["position"] + 1, "last": state["last"], "sum": total, "count": count}
-        if bool(closes.any()):  # one host sync: the inner layers run only when a segment closes
+        if bool(closes.any()):  # host syncs: the inner layers run only when a segment closes
             pooled = (total / count[:, None]).to(x.dtype)[:, None]
             steps = self._inner_steps(x, state) if inner_steps is None else inner_steps
             h, ran = self._run_inner(self.down_norm(pooled), inner, None, steps)
@@ -458,7 +459,7 @@ class Hourglass(Mixer):
         p = self._hnet_probabilities(state["prev"].to(x.dtype), h, state["position"])
         hard = p > 0.5
         inner, ema = self._unflatten(state), state["ema"]
-        if bool(hard.any()):  # one host sync: the inner layers run only at a boundary
+        if bool(hard.any()):  # host syncs: the inner layers run only at a boundary
             steps = self._inner_steps(x, state) if inner_steps is None else inner_steps
             z, ran = self._run_inner(h[:, None], inner, None, steps)
             pc = p.clamp(1e-4, 1 - 1e-4)[:, None]
