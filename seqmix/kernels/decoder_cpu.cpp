@@ -474,8 +474,8 @@ void bind_decoder(pybind11::module& m) {
       .def("__call__", &RecurrentCore::operator());
   using seqmix_cpu::HourglassStep;
   // Held by a shared pointer: an LM's decoder shares the layer's program with its Python step.
-  pybind11::class_<HourglassStep, std::shared_ptr<HourglassStep>>(m, "HourglassStep",
-                                                                  "an hourglass layer's decoding token (decoder_cpu.cpp)")
+  pybind11::class_<HourglassStep, std::shared_ptr<HourglassStep>>(
+      m, "HourglassStep", "an hourglass layer's decoding token (decoder_cpu.cpp)")
       .def_static("pooling", &HourglassStep::pooling)
       .def_static("hnet", &HourglassStep::hnet)
       .def("add_block", &HourglassStep::add_block)

@@ -472,11 +472,11 @@ def _add_block(program, block: DecoderBlock, slot: Callable[[str], int]) -> None
 def decoder(embed: Tensor, norm_weight: Tensor, eps: float, blocks: list[DecoderBlock]) -> Callable:
     """An LM's decoding token as one C++ call (decoder_cpu.cpp): ``logits, state = decode(tokens, state)``,
     tokens [B, 1] int64, state the blocks' states (as :meth:`seqmix.archs.lm.LanguageModel.init_state` lays them
-    out); the embedding's rows (embed [V, D], also the head) through the blocks, the final RMSNorm (norm_weight,
-    eps) and the head; logits [B, V] float32. Each block's ``call`` is a :class:`LayerCall` or a
-    :class:`ProgramCall`, whose program runs among the blocks with the token ids. The same calls as the blocks' Python steps, without the Python between them. The decoder owns the states it is
-    given: a layer writes its new state over the old where it can (attention's caches, as its Python step does;
-    Mamba-2's SSD state)."""
+    out); the embedding's rows (embed [V, D], also the head) through the blocks, the final RMSNorm (norm_weight, eps)
+    and the head; logits [B, V] float32. Each block's ``call`` is a :class:`LayerCall` or a :class:`ProgramCall`,
+    whose program runs among the blocks with the token ids. The same calls as the blocks' Python steps, without the
+    Python between them. The decoder owns the states it is given: a layer writes its new state over the old where it
+    can (attention's caches, as its Python step does; Mamba-2's SSD state)."""
     program, slots = cpu.extension().Decoder(embed, norm_weight, eps), {}
     for i, block in enumerate(blocks):
         def slot(key, i=i):
@@ -538,12 +538,12 @@ def pooling_step(predictor: tuple[Tensor, Tensor, Tensor, Tensor] | None, stride
                  blocks: list[DecoderBlock]) -> ProgramStep:
     """A pooling hourglass layer's decoding token as one C++ call (decoder_cpu.cpp's HourglassStep): ``y, state =
     step(x, state, tokens)``, x and y [B, hidden], state the layer's (position, last, sum, count, and the inner
-    blocks' under ``"inner.{j}."``). The boundaries: ``predictor`` (the boundary predictor's hidden weight and bias
-    and logit weight and bias), else the token ids ``closers`` (the whitespace mode: ``tokens`` [B] int64 are the
-    call's), else every ``stride``-th position. The segment's mean goes through RMSNorm (down_norm, down_eps), the inner blocks
+    blocks' under ``"inner.{j}."``). The boundaries: ``predictor`` (the boundary predictor's hidden weight and bias and
+    logit weight and bias), else the token ids ``closers`` (the whitespace mode: ``tokens`` [B] int64 are the call's),
+    else every ``stride``-th position. The segment's mean goes through RMSNorm (down_norm, down_eps), the inner blocks
     (as :func:`decoder` takes them) and RMSNorm (up_norm, up_eps). The same computation as the layer's Python step
-    (seqmix/archs/hourglass.py's Hourglass._pooling_step) at a decoding step's rows, where the predictor's products
-    are F.linear's; the states given are left as they are (but attention's caches)."""
+    (seqmix/archs/hourglass.py's Hourglass._pooling_step) at a decoding step's rows, where the predictor's products are
+    F.linear's; the states given are left as they are (but attention's caches)."""
     program = cpu.extension().HourglassStep.pooling(*(predictor or (None,) * 4),
                                                     0 if predictor or closers else stride, list(closers), down_norm,
                                                     down_eps, up_norm, up_eps)

@@ -43,9 +43,9 @@ def _run(fn, x, w, b, dy):
 def test_onednn_path_matches_float64(lead, features, out, bias, seed):
     """Output and every gradient in float32 through oneDNN against F.linear in float64: the error relative to the
     sums of the terms' magnitudes (F.linear of |x|, |w|, |b| with |dy| in float64), which float32's rounding bounds
-    whatever the sums cancel: at most 4.9e-8 over 300 draws, 4e-4 and more with the products in bfloat16. (Relative to the result itself it does not: a weight gradient of 200 products that
-    cancel to 1/240 of their magnitudes, features = out = 1, is 6.9e-6 off in float32, in oneDNN's order and in
-    torch.mm's alike.)"""
+    whatever the sums cancel: at most 4.9e-8 over 300 draws, 4e-4 and more with the products in bfloat16. (Relative
+    to the result itself it does not: a weight gradient of 200 products that cancel to 1/240 of their magnitudes,
+    features = out = 1, is 6.9e-6 off in float32, in oneDNN's order and in torch.mm's alike.)"""
     x, w, b, dy = _inputs(lead, features, out, bias, seed)
     x32, w32 = x.float(), w.float()
     assert onednn_serves(x32, w32)
