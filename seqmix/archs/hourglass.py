@@ -291,29 +291,28 @@ class Hourglass(Mixer):
         parts = self._inner_parts(like, state)
         if parts is None:
             return None
-        inner_steps = [bound_block_step(p) for p in parts]
-        python_step = self._hnet_step if self.boundary == "hnet" else self._pooling_step
-        one_call = all(type(p.call) is step_cpu.LayerCall and p.mlp_norm is not None for p in parts)
-        program = self._cpu_program(parts) if one_call else None
         product = (self.q_proj.weight if self.boundary == "hnet"
                    else self.predictor[0].weight if self.boundary in ("gumbel", "entropy") else None)
+        rows = like.new_empty(state["position"].shape[0], self.hidden_size)  # a decoding step's, in this batch
+        # Not where the boundary's product at these rows is oneDNN's, whose rounding the C++ call does not share.
+        one_call = (all(type(p.call) is step_cpu.LayerCall and p.mlp_norm is not None for p in parts)
+                    and (product is None or not onednn_serves(rows, product)))
+        program = self._cpu_program(parts) if one_call else None
+        inner_steps = None if one_call else [bound_block_step(p) for p in parts]
+        python_step = self._hnet_step if self.boundary == "hnet" else self._pooling_step
         whitespace = self.boundary == "whitespace"
-
-        def one_call(x):  # not where the boundary's product is oneDNN's, whose rounding the C++ call does not share
-            return program is not None and (product is None or not onednn_serves(x, product))
 
         def step(x, state):
             tokens = None
             if whitespace:
                 self._packed_tokens = self._call_tokens(x[:, None])
                 tokens = self._packed_tokens.view(-1)
-            if one_call(x):
+            if program is not None:
                 return program(x, state, tokens)
             y, state = python_step(x[:, None], state, inner_steps)
             return y[:, 0], state
 
-        rows = like.new_empty(state["position"].shape[0], self.hidden_size)  # a decoding step's, in this batch
-        return step_cpu.ProgramCall(program, step) if one_call(rows) else step
+        return step if program is None else step_cpu.ProgramCall(program, step)
 
     def _cpu_program(self, parts):
         """The decoding token as one C++ call with the inner blocks ``parts`` (:meth:`cpu_decoding_step`)."""
