@@ -337,3 +337,28 @@ def test_decoding_tokens_bind_the_inner_blocks_equal_to_their_module_calls(mode,
     for (tokens, logits), prompt in zip(got, prompts):
         want_tokens, want_logits = generate(prompt)
         assert torch.equal(tokens, want_tokens) and torch.equal(logits, want_logits)
+
+
+def test_decoding_step_takes_the_cpp_program_only_where_the_predictor_is_not_onednns(monkeypatch):
+    """At 64 rows the predictor's product is oneDNN's (seqmix.kernels.linear), whose rounding the C++ program does
+    not share: the bound step is the layer's Python step there, the program (a ProgramCall) at fewer rows; both
+    give mix's token."""
+    from seqmix.kernels import linear as linear_module
+    from seqmix.kernels import step_cpu
+
+    require_cpu_kernels()
+    monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(linear_module, "ONEDNN", True)
+    torch.manual_seed(0)
+    layer = build_mixer("hourglass", hidden_size=HIDDEN, num_heads=2, layers=["attention"], boundary="gumbel").eval()
+    _randomise_predictor(layer, 0)
+    for B, takes_program in ((64, False), (2, True)):
+        x = torch.randn(B, 6, HIDDEN)
+        with torch.no_grad():
+            _, state = layer(x[:, :5], layer.init_state(B, capacity=8))
+            step = layer.cpu_decoding_step(x[:, 0].detach()[:0], state)
+            assert (type(step) is step_cpu.ProgramCall) is takes_program
+            y, _ = step(x[:, 5], state)
+            want, _ = layer(x[:, 5:], state)
+        assert_rel(y, want[:, 0], TOL[torch.float32], f"{B} rows")
