@@ -23,6 +23,7 @@ from seqmix.archs.modules import Linear, RMSNorm
 from seqmix.kernels import step_cpu, swiglu
 from seqmix.kernels.checks import check_values
 from seqmix.kernels.linear import linear
+from seqmix.kernels.sampling import token_sampler
 from seqmix.kernels.sequences import in_dtype
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -389,7 +390,8 @@ class LanguageModel(nn.Module):
         :meth:`decode_step` per token without its per-call checks (each token comes from the sampler); on the
         CPU, when every layer has a one-call C++ step, those steps bound once (:meth:`_cpu_decoder`: the same
         calls without the modules around them, so the weights must not change during the call).
-        ``temperature=0`` is greedy; ``top_k`` keeps the k most likely tokens; ``num_steps`` and
+        ``temperature=0`` is greedy; ``top_k`` keeps the k most likely tokens (the draw:
+        :func:`seqmix.kernels.sampling.token_sampler`, from ``generator``); ``num_steps`` and
         ``exit_threshold`` go to the layers that iterate (see :meth:`forward`); ``on_token`` is called with each
         step's new tokens [B, 1] as soon as they are drawn (streaming). ``compile=True`` runs the step through
         ``torch.compile(fullgraph=True)`` (seconds of compilation first; see docs/design.md, "The decoding
@@ -399,11 +401,10 @@ class LanguageModel(nn.Module):
         """
         if prompt.dim() != 2 or prompt.shape[1] == 0:
             raise ValueError(f"prompt must be [B, T] with T >= 1, got {tuple(prompt.shape)}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
-            raise ValueError(f"top_k must be in [1, vocab_size={self.config.vocab_size}], got {top_k}")
         B, T = prompt.shape
+        # The sampler first: it checks temperature and top_k against the vocabulary before any work.
+        sample = token_sampler(temperature, top_k, generator, prompt.new_empty(B, self.config.vocab_size,
+                                                                               dtype=torch.float32))
         # Caches sized for the whole generation: each decoding step writes in place (no host sync, no shape change).
         state = self.init_state(B, num_steps=num_steps, capacity=T + max_new_tokens)
         logits, state = self(prompt, state, num_steps=num_steps, exit_threshold=exit_threshold)
@@ -412,7 +413,7 @@ class LanguageModel(nn.Module):
         tokens, steps = [prompt], []  # joined once at the end: a slice assignment a token cost ~3 us
         for i in range(max_new_tokens):
             steps.append(step)
-            tokens.append(token := _sample(step, temperature, top_k, generator))
+            tokens.append(token := sample(step))
             if on_token is not None:
                 on_token(token)
             if i + 1 < max_new_tokens:  # the last token's successor is not asked for
@@ -475,23 +476,3 @@ def _check_token_range(tokens: torch.Tensor, vocab_size: int) -> None:
         check_values(((tokens >= 0) & (tokens < vocab_size)).all(),
                      f"tokens must be ids in [0, vocab_size={vocab_size})",
                      lambda: f"values from {int(tokens.min())} to {int(tokens.max())}")
-
-
-_TINY = torch.finfo(torch.float32).tiny
-
-
-def _sample(logits, temperature, top_k, generator):
-    """One token per row of logits [B, V], as [B, 1]."""
-    if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = logits.topk(top_k, -1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    # The exponential race: with E_i ~ Exp(1) independent, argmax_i p_i / E_i is i with probability p_i. With
-    # E = -log(U), U uniform (clamped off 0, where a sole p > 0 would tie with the zeros), that is
-    # argmin_i p_i / log(U_i). Five tensor ops, ~10 us a token on the CPU where torch.multinomial took ~20
-    # (docs/design.md, "Twenty-sixth round").
-    log_u = torch.rand(probs.shape, generator=generator, device=probs.device).clamp_min_(_TINY).log_()
-    return (probs / log_u).argmin(-1, keepdim=True)
