@@ -7,17 +7,18 @@ import torch
 from seqmix.kernels import cpu
 from seqmix.kernels.backend import BackendUnavailable
 from seqmix.kernels.sampling import sample_reference, token_sampler
-from tests.helpers import require_cpu_kernels
+from tests.helpers import DEVICE, require_cpu_kernels
 
 BACKENDS = ("reference", "cpu")
 
 
 def _draw(backend, logits, uniforms, temperature, top_k):
-    """The backend's tokens for logits [B, V] and uniforms [B, V]."""
+    """The backend's tokens (on the CPU) for logits [B, V] and uniforms [B, V] on the CPU; the tensor ops run on
+    the device under test."""
     if backend == "cpu":
         require_cpu_kernels()
         return cpu.extension().sample_rows(logits, uniforms, temperature, top_k or 0)
-    return sample_reference(logits, uniforms.clone(), temperature, top_k)
+    return sample_reference(logits.to(DEVICE), uniforms.to(DEVICE, copy=True), temperature, top_k).cpu()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -66,10 +67,12 @@ def test_the_cpu_kernel_draws_the_tensor_ops_tokens(dtype, top_k, scale):
 def test_the_sampler_draws_from_its_generator_and_is_greedy_at_temperature_zero(backend):
     if backend == "cpu":
         require_cpu_kernels()
-    logits = torch.randn(3, 300, generator=torch.Generator().manual_seed(1))
+    device = DEVICE if backend == "reference" else torch.device("cpu")
+    logits = torch.randn(3, 300, generator=torch.Generator().manual_seed(1)).to(device)
     greedy = token_sampler(0, None, None, logits, backend=backend)
     assert greedy(logits).equal(logits.argmax(-1, keepdim=True))
-    a, b = (token_sampler(0.9, 20, torch.Generator().manual_seed(7), logits, backend=backend) for _ in range(2))
+    a, b = (token_sampler(0.9, 20, torch.Generator(device=device).manual_seed(7), logits, backend=backend)
+            for _ in range(2))
     draws = [a(logits) for _ in range(20)]
     assert all(d.equal(b(logits)) for d in draws), "one generator's seed must give one sequence of draws"
     assert len({tuple(d.flatten().tolist()) for d in draws}) > 1, "successive draws must differ"
