@@ -15,6 +15,7 @@ exponentials round differently).
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 
 import torch
@@ -50,13 +51,22 @@ def token_sampler(temperature: float, top_k: int | None, generator: torch.Genera
     compiled, else ``"reference"``), ``"cpu"`` (builds them) or ``"reference"``. Chosen once, here: a choice per
     token would cost a few microseconds of each.
     """
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+    try:
+        temperature = float(temperature)
+    except (TypeError, ValueError):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}") from None
+    if not (math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if like.dim() != 2 or like.shape[1] == 0:
         raise ValueError(f"logits must be [B, V] with V >= 1, got {tuple(like.shape)}")
     vocab = like.shape[1]
-    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= vocab):
-        raise ValueError(f"top_k must be an int in [1, V={vocab}], got {top_k}")
+    if top_k is not None:
+        try:
+            top_k = operator.index(top_k)
+        except TypeError:
+            raise ValueError(f"top_k must be an int in [1, V={vocab}], got {top_k!r}") from None
+        if not 1 <= top_k <= vocab:
+            raise ValueError(f"top_k must be an int in [1, V={vocab}], got {top_k}")
     if temperature == 0:
         return lambda logits: logits.argmax(-1, keepdim=True)
     unsupported = None if like.dtype in DTYPES else f"logits must be float32 or float64, got {like.dtype}"
@@ -72,6 +82,6 @@ def token_sampler(temperature: float, top_k: int | None, generator: torch.Genera
 
     def draw(logits: Tensor) -> Tensor:
         logits = logits.contiguous()
-        return rows(logits, uniforms(logits), float(temperature), top_k or 0)
+        return rows(logits, uniforms(logits), temperature, top_k or 0)
 
     return draw

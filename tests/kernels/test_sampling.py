@@ -1,6 +1,7 @@
 """generate's sampler (seqmix/kernels/sampling.py): each token drawn with its probability, the C++ kernel and the
 tensor ops drawing the same tokens from the same uniforms, greedy at temperature 0, and its errors."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -81,12 +82,14 @@ def test_the_sampler_draws_from_its_generator_and_is_greedy_at_temperature_zero(
 
 def test_bad_arguments_are_refused():
     logits = torch.randn(2, 10)
-    for temperature in (-1.0, float("nan"), float("inf")):
+    for temperature in (-1.0, float("nan"), float("inf"), "hot", None):
         with pytest.raises(ValueError, match="temperature"):
             token_sampler(temperature, None, None, logits)
-    for top_k in (0, 11, 2.5):
+    for top_k in (0, 11, 2.5, "3"):
         with pytest.raises(ValueError, match="top_k"):
             token_sampler(1.0, top_k, None, logits)
+    draw = token_sampler(np.float32(0.5), np.int64(3), None, logits)  # numpy's scalars are numbers too
+    assert draw(logits).shape == (2, 1)
     with pytest.raises(ValueError, match="logits must be"):
         token_sampler(1.0, None, None, torch.randn(10))
     with pytest.raises(BackendUnavailable, match="logits must be float32 or float64"):
