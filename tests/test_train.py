@@ -368,7 +368,8 @@ def test_the_banner_names_the_token_cache_and_each_layers_backends(tmp_path, tex
     assert f"token cache {tmp_path / 'cache'}" in out and any((tmp_path / "cache").iterdir())
     assert "backends on cpu" in out
     assert "layer 0 deltanet: causal_conv1d, delta_rule, swiglu -> reference (SEQMIX_BACKEND=reference)" in out
-    assert "layer 1 attention: attention -> sdpa (CPU tensors); swiglu -> reference (SEQMIX_BACKEND=reference)" in out
+    assert ("layer 1 attention: rotate_halves x2, swiglu -> reference (SEQMIX_BACKEND=reference); "
+            "attention -> sdpa (CPU tensors)") in out
 
 
 # Five 8 MB tensors made and freed a step; the page faults of ten steps after four. By default glibc gives such

@@ -11,6 +11,7 @@ from seqmix.archs.mixer import Mixer, State, register_mixer, take_step
 from seqmix.archs.modules import Linear
 from seqmix.kernels import step_cpu
 from seqmix.kernels.backend import Choice, report, reporting
+from seqmix.kernels.rotary import rotate_halves
 from seqmix.kernels.sequences import in_dtype, reference_dtype
 from seqmix.kernels.step_cpu import StateOf
 
@@ -25,16 +26,10 @@ def rotary(positions: torch.Tensor, theta: float, *xs: torch.Tensor) -> tuple[to
     """Rotate each x [..., T, H, D] of ``xs`` by the positions [..., T] (RoPE, halves layout), in float32
     (float64 for float64 x); the angles are computed once for all of them."""
     dt = reference_dtype(xs[0])
-    half = xs[0].shape[-1] // 2
     inv_freq = rotary_frequencies(xs[0].shape[-1], theta, positions.device, dt)
     angles = positions.to(dt)[..., None, None] * inv_freq  # [..., T, 1, D/2]
     cos, sin = angles.cos(), angles.sin()
-    rotated = []
-    for x in xs:
-        xd = in_dtype(x, dt)
-        x1, x2 = xd[..., :half], xd[..., half:]
-        rotated.append(torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype))
-    return tuple(rotated)
+    return tuple(rotate_halves(in_dtype(x, dt), cos, sin).to(x.dtype) for x in xs)
 
 
 # Looked up once: a lookup inside a traced forward is a graph break (torch.compile skips importlib).

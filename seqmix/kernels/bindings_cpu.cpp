@@ -17,6 +17,7 @@ void bind_rms_norm(pybind11::module& m);
 void bind_attention_step(pybind11::module& m);
 void bind_decoder(pybind11::module& m);
 void bind_sample(pybind11::module& m);
+void bind_rotary(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The bytes of the vectors the kernels compute in (the state rows some of them store are padded to them).
@@ -34,4 +35,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_attention_step(m);
   bind_decoder(m);
   bind_sample(m);
+  bind_rotary(m);
 }

@@ -36,7 +36,8 @@ logger = logging.getLogger("seqmix.kernels")
 SOURCES = ("mamba/selective_scan_cpu.cpp", "recurrent_step_cpu.cpp", "row_norm_cpu.cpp",
            "conv/conv_step_cpu.cpp", "conv/conv_cpu.cpp", "mlp_step_cpu.cpp",
            "deltanet/delta_rule_cpu.cpp", "mamba2/ssd_cpu.cpp", "swiglu_cpu.cpp", "norm/rms_norm_cpu.cpp",
-           "attention_step_cpu.cpp", "decoder_cpu.cpp", "sample_cpu.cpp", "bindings_cpu.cpp")
+           "attention_step_cpu.cpp", "decoder_cpu.cpp", "sample_cpu.cpp", "rotary_cpu.cpp",
+           "bindings_cpu.cpp")
 # Headers the sources include: a change to one makes the module stale too (see ready()).
 HEADERS = ("vec_cpu.h", "args_cpu.h", "rows_cpu.h", "linear_cpu.h", "row_norm_cpu.h", "torch_cpu.h", "decoder_cpu.h")
 _ISA_FLAGS = {
