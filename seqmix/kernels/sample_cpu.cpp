@@ -1,6 +1,6 @@
 // Drawing a token from each row of logits on the CPU, generate's sampler in one call (the op and its math:
 // seqmix/kernels/sampling.py; why: docs/design.md, "Twenty-sixth round"). In tensor ops a draw is six to ten
-// calls (temperature, top-k, softmax, the race), 35-50 us a token after a decoding step has taken the caches;
+// calls (temperature, top-k, softmax, the race), 30-70 us a token after a decoding step has taken the caches;
 // here a row is a few passes over its V values in L1.
 //
 // Per row: s = logits / temperature; with top_k, the entries below the k-th largest s left out (ties with it
