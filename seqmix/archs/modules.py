@@ -14,7 +14,8 @@ from seqmix.kernels import causal_conv1d, causal_conv1d_update, rms_norm, step_c
 from seqmix.kernels.conv.step import causal_conv1d_step
 from seqmix.kernels.library import forward_outputs
 from seqmix.kernels.linear import linear
-from seqmix.kernels.norm import rms_norm_reference
+from seqmix.kernels.backend import select_backend
+from seqmix.kernels.norm import l2_norm_cpu, rms_norm_reference
 from seqmix.kernels.sequences import in_dtype, reference_dtype
 
 
@@ -96,13 +97,18 @@ L2_NORM_EPS = 1e-6  # l2_normalize's default; the C++ decoding step of the Delta
 
 
 def l2_normalize(x: torch.Tensor, eps: float = L2_NORM_EPS) -> torch.Tensor:
-    """x / sqrt(||x||^2 + eps) over the last dim, computed in float32 (float64 for float64 inputs)."""
-    if not torch.is_grad_enabled() and step_cpu.serves_when_ready(x):  # decoding: one C++ call
-        return step_cpu.row_norm(x, None, None, eps, False)
+    """x / sqrt(||x||^2 + eps) over the last dim, computed in float32 (float64 for float64 inputs). For training
+    on the CPU the C++ kernels once compiled (one pass each way: docs/design.md, "Twenty-sixth round"), else the
+    tensor ops with a hand-written backward."""
+    if not torch.is_grad_enabled():
+        if step_cpu.serves_when_ready(x):  # decoding: one C++ call
+            return step_cpu.row_norm(x, None, None, eps, False)
+        # The forward alone: an autograd.Function's call costs more than its few ops.
+        return in_dtype(_l2_normalize(in_dtype(x, reference_dtype(x)), eps)[0], x.dtype)
     x32 = in_dtype(x, reference_dtype(x))
-    # Without autograd (decoding) the forward alone: an autograd.Function's call costs more than its few ops.
-    y = _L2Normalize.apply(x32, eps) if torch.is_grad_enabled() else _l2_normalize(x32, eps)[0]
-    return in_dtype(y, x.dtype)
+    if select_backend("l2_normalize", None, x.device, ("cpu", "reference"), build_cpu=False) == "cpu":
+        return in_dtype(l2_norm_cpu(x32, eps), x.dtype)
+    return in_dtype(_L2Normalize.apply(x32, eps), x.dtype)
 
 
 class RMSNorm(nn.Module):

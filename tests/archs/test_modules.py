@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from seqmix.archs.modules import RMSNorm, l2_normalize, narrow_linear
+from seqmix.kernels.backend import recording
 from tests.helpers import assert_rel, require_cpu_kernels
 
 SHAPE = (2, 5, 3, 16)  # [B, T, H, D]: per head, as the mixers' output norms
@@ -59,6 +60,36 @@ def test_l2_normalize_matches_the_formula(dtype, tol):
     assert_rel(_grads(y, dy, (x,))[0], _grads(want, dy, (x,))[0], tol, "dx")
     with torch.no_grad():
         assert_rel(l2_normalize(x, eps=1e-6), want, tol, "output without autograd")
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-13), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_l2_normalize_for_training_takes_each_backend(backend, dtype, tol, monkeypatch):
+    """Under autograd on the CPU: the C++ kernels (the automatic choice once compiled) and the tensor ops
+    (SEQMIX_BACKEND=reference) against the formula, output and dx, on rows whose sizes are not a multiple of a
+    vector and a strided input; the C++ ops under opcheck."""
+    require_cpu_kernels()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if backend == "reference":
+        monkeypatch.setenv("SEQMIX_BACKEND", "reference")
+    else:
+        monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
+    g = torch.Generator().manual_seed(4)
+    rows = torch.randn(3, 7, 2, 40, generator=g, dtype=dtype).requires_grad_()
+    x = rows[..., 3:36]  # [3, 7, 2, 33], strided
+    dy = torch.randn(x.shape, generator=g, dtype=dtype)
+    with recording() as choices:
+        y = l2_normalize(x, eps=1e-6)
+    assert [c.backend for c in choices if c.op == "l2_normalize"] == [backend]
+    want = _l2_formula(x, 1e-6)
+    assert y.dtype == dtype
+    assert_rel(y, want, tol, "output")
+    assert_rel(_grads(y, dy, (rows,))[0], _grads(want, dy, (rows,))[0], tol, "dx")
+    if backend == "cpu":
+        x2d = x.detach().reshape(-1, 33).contiguous()
+        y2d, rstd = torch.ops.seqmix.l2_norm_cpu_fwd(x2d, 1e-6)
+        torch.library.opcheck(torch.ops.seqmix.l2_norm_cpu_fwd.default, (x2d, 1e-6))
+        torch.library.opcheck(torch.ops.seqmix.l2_norm_cpu_bwd.default, (x2d, rstd, dy.reshape(-1, 33).contiguous()))
 
 
 def test_norms_keep_low_precision_dtypes_and_gradcheck():

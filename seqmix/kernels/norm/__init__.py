@@ -17,7 +17,8 @@ from seqmix.kernels.norm.reference import add_rms_norm_reference, rms_norm_refer
 from seqmix.kernels.op import nothing, or_empty, register_autograd
 from seqmix.kernels.sequences import in_dtype, reference_dtype
 
-__all__ = ["add_rms_norm", "add_rms_norm_backend", "add_rms_norm_reference", "rms_norm", "rms_norm_reference"]
+__all__ = ["add_rms_norm", "add_rms_norm_backend", "add_rms_norm_reference", "l2_norm_cpu", "rms_norm",
+           "rms_norm_reference"]
 
 
 # The Triton kernels as torch.library ops (autograd through seqmix/kernels/op.py): rows x, residual [M, D],
@@ -164,6 +165,50 @@ def _rms_backward(ctx, dy, _drstd):
 
 
 _rms_fwd.register_autograd(_rms_backward, setup_context=_rms_setup_context)
+
+
+# The C++ kernels of the L2 norm for training (rms_norm_cpu.cpp's end): rows x [M, D] float32 or float64. The
+# backward reads x and rstd [M].
+
+@custom_op("seqmix::l2_norm_cpu_fwd", mutates_args=())
+def _l2_fwd(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Returns (y [M, D], rstd [M])."""
+    y, rstd = cpu.extension().l2_norm_fwd(x, eps)
+    return y, rstd
+
+
+@_l2_fwd.register_fake
+def _(x, eps):
+    return torch.empty_like(x), x.new_empty((x.shape[0],))
+
+
+@custom_op("seqmix::l2_norm_cpu_bwd", mutates_args=())
+def _l2_bwd(x: Tensor, rstd: Tensor, dy: Tensor) -> Tensor:
+    return cpu.extension().l2_norm_bwd(x, rstd, dy)
+
+
+@_l2_bwd.register_fake
+def _(x, rstd, dy):
+    return torch.empty_like(x)
+
+
+def _l2_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], output[1])
+
+
+def _l2_backward(ctx, dy, _drstd):
+    x, rstd = ctx.saved_tensors
+    return _l2_bwd(x, rstd, dy.contiguous()), None
+
+
+_l2_fwd.register_autograd(_l2_backward, setup_context=_l2_setup_context)
+
+
+def l2_norm_cpu(x: Tensor, eps: float) -> Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last dim of x [..., D] (float32 or float64, on the CPU) in the C++
+    kernels, with autograd: seqmix/archs/modules.py's l2_normalize for training, which checks and chooses."""
+    y, _ = _l2_fwd(x.reshape(-1, x.shape[-1]).contiguous(), float(eps))
+    return y.view(x.shape)
 
 
 def rms_norm(x: Tensor, weight: Tensor, gate: Tensor | None = None, eps: float = 1e-5, *,

@@ -1,4 +1,4 @@
-// RMSNorm, gated or not, for training on the CPU: forward and backward (the op: seqmix/kernels/norm/__init__.py,
+// RMSNorm, gated or not, and the L2 norm (at the end) for training on the CPU: forward and backward (the op: seqmix/kernels/norm/__init__.py,
 // rms_norm; why: docs/design.md, "Sixth round: a C++ RMSNorm; SSD on the conv's output in place; GLA's and
 // Mamba's decoding steps"). In tensor ops the forward is five passes over [M, D] and the backward nine, each
 // into a fresh buffer, costly on a training step's cold memory; here each row is read once into cache and
@@ -134,9 +134,67 @@ std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& x, const at::Tensor& weig
   return {dx, dweight, dgate};
 }
 
+// The L2 norm over the last dimension, y = x r with r = rsqrt(sum(x^2) + eps) (DeltaNet's q and k: seqmix/archs/
+// modules.py, l2_normalize): RMSNorm's rows with the sum for the mean and no weight. Returns (y [M, D], r [M]).
+std::vector<at::Tensor> l2_norm_fwd(const at::Tensor& x, double eps) {
+  TORCH_CHECK(x.dim() == 2, "l2_norm_cpu_fwd: x must be [M, D]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "l2_norm_cpu_fwd: x must be float32 or float64, got ", x.scalar_type());
+  check_tensors("l2_norm_cpu_fwd", {x});
+  const int64_t M = x.size(0), D = x.size(1);
+  at::Tensor y = at::empty_like(x), rstd = at::empty({M}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "l2_norm_cpu_fwd", [&] {
+    using T = scalar_t;
+    const T* xp = x.data_ptr<T>();
+    T *yp = y.data_ptr<T>(), *rp = rstd.data_ptr<T>();
+    at::parallel_for(0, M, std::max<int64_t>(1, kValuesPerTask / std::max<int64_t>(D, 1)), [&](int64_t a, int64_t b) {
+      for (int64_t i = a; i < b; ++i) {
+        const T* xr = xp + i * D;
+        const T r = rms_scale(xr, D, T(1), eps);
+        rp[i] = r;
+        const Vec<T> rv = splat<T>(r);
+        over_row<T>(D, [&](int64_t j, int64_t m) { store_upto(yp + i * D + j, load_upto(xr + j, m) * rv, m); });
+      }
+    });
+  });
+  return {y, rstd};
+}
+
+// Its backward: dx = r (dy - y sum(dy y)), y = x r recomputed from the row in cache.
+at::Tensor l2_norm_bwd(const at::Tensor& x, const at::Tensor& rstd, const at::Tensor& dy) {
+  TORCH_CHECK(x.dim() == 2 && dy.sizes() == x.sizes() && rstd.dim() == 1 && rstd.size(0) == x.size(0),
+              "l2_norm_cpu_bwd: x and dy must be [M, D] and rstd [M]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "l2_norm_cpu_bwd: x must be float32 or float64, got ", x.scalar_type());
+  check_tensors("l2_norm_cpu_bwd", {x, rstd, dy}, &x, "x");
+  const int64_t M = x.size(0), D = x.size(1);
+  at::Tensor dx = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "l2_norm_cpu_bwd", [&] {
+    using T = scalar_t;
+    const T *xp = x.data_ptr<T>(), *rp = rstd.data_ptr<T>(), *dyp = dy.data_ptr<T>();
+    T* dxp = dx.data_ptr<T>();
+    at::parallel_for(0, M, std::max<int64_t>(1, kValuesPerTask / std::max<int64_t>(D, 1)), [&](int64_t a, int64_t b) {
+      for (int64_t i = a; i < b; ++i) {
+        const T *xr = xp + i * D, *dr = dyp + i * D;
+        const Vec<T> rv = splat<T>(rp[i]);
+        Vec<T> dot{};
+        over_row<T>(D, [&](int64_t j, int64_t m) { dot += load_upto(dr + j, m) * (load_upto(xr + j, m) * rv); });
+        const Vec<T> sum = splat<T>(lane_sum<T>(dot));
+        over_row<T>(D, [&](int64_t j, int64_t m) {
+          const Vec<T> y = load_upto(xr + j, m) * rv;
+          store_upto(dxp + i * D + j, rv * (load_upto(dr + j, m) - y * sum), m);
+        });
+      }
+    });
+  });
+  return dx;
+}
+
 }  // namespace
 
 void bind_rms_norm(pybind11::module& m) {
+  m.def("l2_norm_fwd", &l2_norm_fwd, "the L2 norm over the last dim for training, forward: (y, rstd) (CPU)");
+  m.def("l2_norm_bwd", &l2_norm_bwd, "its backward: dx (CPU)");
   m.def("rms_norm_fwd", &rms_norm_fwd, "RMSNorm (gated or not) for training, forward: (y, rstd) (CPU)");
   m.def("rms_norm_bwd", &rms_norm_bwd, "RMSNorm (gated or not) for training, backward: (dx, dweight, dgate) (CPU)");
 }
