@@ -51,6 +51,22 @@ def rotate_halves_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
 
+def _unsupported(x: Tensor, cos: Tensor, sin: Tensor) -> str | None:
+    """Why the C++ kernel cannot take this call (it reads the angles of row r of x's [R, H, D] rows at r mod P),
+    None if it can."""
+    if x.dtype not in DTYPES:
+        return f"x must be float32 or float64, got {x.dtype}"
+    if cos.dtype != x.dtype or sin.dtype != x.dtype:
+        return "cos and sin must have x's dtype"
+    lead, positions = x.shape[:-2], cos.shape[:-2]
+    if (cos.shape[-2:] != (1, x.shape[-1] // 2) or sin.shape != cos.shape
+            or lead[len(lead) - len(positions):] != positions):
+        return f"cos [*P, 1, D/2] must have x's trailing positions P, got {tuple(cos.shape)} for x {tuple(x.shape)}"
+    if x.stride(-1) != 1 or (x.shape[-2] > 1 and x.stride(-2) != x.shape[-1]):
+        return "x's heads must be contiguous"
+    return None
+
+
 def rotate_halves(x: Tensor, cos: Tensor, sin: Tensor, *, backend: str | None = None) -> Tensor:
     """x [..., H, D] (D even) rotated by the angles whose cos and sin are [*P, 1, D/2], P the trailing dims of
     x's [...] (the positions: [T] for a dense [B, T, H, D], [L] for packed tokens, [B, 1] for a decoding step),
@@ -59,16 +75,7 @@ def rotate_halves(x: Tensor, cos: Tensor, sin: Tensor, *, backend: str | None = 
     ``backend``: None (automatic: ``"cpu"`` on CPU tensors in float32 or float64 once the C++ kernels are
     compiled, else ``"reference"``), ``"cpu"`` (builds them) or ``"reference"``.
     """
-    lead, positions = x.shape[:-2], cos.shape[:-2]
-    unsupported = (f"x must be float32 or float64, got {x.dtype}" if x.dtype not in DTYPES
-                   else "cos and sin must have x's dtype" if cos.dtype != x.dtype or sin.dtype != x.dtype
-                   else f"cos [*P, 1, D/2] must have x's trailing positions P, got {tuple(cos.shape)} for x "
-                        f"{tuple(x.shape)}" if (cos.shape[-2:] != (1, x.shape[-1] // 2) or sin.shape != cos.shape
-                                                or lead[len(lead) - len(positions):] != positions)
-                   else "x's heads must be contiguous" if x.stride(-1) != 1 or (x.shape[-2] > 1
-                                                                               and x.stride(-2) != x.shape[-1])
-                   else None)
-    name = select_backend("rotate_halves", backend, x.device, ("cpu", "reference"), {"cpu": unsupported},
+    name = select_backend("rotate_halves", backend, x.device, ("cpu", "reference"), {"cpu": _unsupported(x, cos, sin)},
                           build_cpu=False)
     if name == "reference":
         return rotate_halves_reference(x, cos, sin)

@@ -23,11 +23,11 @@ namespace {
 
 using namespace seqmix_cpu;
 
-// The token of one row: s (V values, overwritten with the race's ratios) and its uniforms u.
+// The token of one row of logits and its uniforms u; s (V values) is the row's buffer, left holding the race's ratios.
 template <typename T>
-int64_t draw_row(T* s, const T* u, int64_t V, T temperature, int64_t top_k, std::vector<T>& scratch) {
+int64_t draw_row(const T* logits, const T* u, int64_t V, T temperature, int64_t top_k, T* s, std::vector<T>& scratch) {
   constexpr int64_t W = Lanes<T>::W;
-  for (int64_t i = 0; i < V; ++i) s[i] /= temperature;  // a division, as torch's (not times 1 / temperature)
+  for (int64_t i = 0; i < V; ++i) s[i] = logits[i] / temperature;  // a division, as torch's (not times 1 / temperature)
   T lowest = -std::numeric_limits<T>::infinity();  // entries below it are left out
   if (top_k < V) {
     scratch.assign(s, s + V);
@@ -62,13 +62,11 @@ at::Tensor sample_rows(const at::Tensor& logits, const at::Tensor& uniforms, dou
   at::Tensor tokens = at::empty({B, 1}, logits.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "sample_rows", [&] {
     using T = scalar_t;
-    std::vector<T> row(V + Lanes<T>::W), scratch;
+    std::vector<T> row(V), scratch;
     const T *lp = logits.data_ptr<T>(), *up = uniforms.data_ptr<T>();
     int64_t* out = tokens.data_ptr<int64_t>();
-    for (int64_t b = 0; b < B; ++b) {
-      std::copy_n(lp + b * V, V, row.data());
-      out[b] = draw_row<T>(row.data(), up + b * V, V, T(temperature), top_k == 0 ? V : top_k, scratch);
-    }
+    for (int64_t b = 0; b < B; ++b)
+      out[b] = draw_row<T>(lp + b * V, up + b * V, V, T(temperature), top_k == 0 ? V : top_k, row.data(), scratch);
   });
   return tokens;
 }
@@ -76,6 +74,6 @@ at::Tensor sample_rows(const at::Tensor& logits, const at::Tensor& uniforms, dou
 }  // namespace
 
 void bind_sample(pybind11::module& m) {
-  m.def("sample_rows", &sample_rows, "one token drawn from each row of logits: temperature, top-k, the exponential race "
-        "on given uniforms (CPU)");
+  m.def("sample_rows", &sample_rows,
+        "one token drawn from each row of logits: temperature, top-k, the exponential race on given uniforms (CPU)");
 }

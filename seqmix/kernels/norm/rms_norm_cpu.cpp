@@ -1,6 +1,6 @@
-// RMSNorm, gated or not, and the L2 norm (at the end) for training on the CPU: forward and backward (the op: seqmix/kernels/norm/__init__.py,
-// rms_norm; why: docs/design.md, "Sixth round: a C++ RMSNorm; SSD on the conv's output in place; GLA's and
-// Mamba's decoding steps"). In tensor ops the forward is five passes over [M, D] and the backward nine, each
+// RMSNorm, gated or not, and the L2 norm (at the end) for training on the CPU: forward and backward (the op:
+// seqmix/kernels/norm/__init__.py, rms_norm; why: docs/design.md, "Sixth round: a C++ RMSNorm; SSD on the
+// conv's output in place; GLA's and Mamba's decoding steps"). In tensor ops the forward is five passes over [M, D] and the backward nine, each
 // into a fresh buffer, costly on a training step's cold memory; here each row is read once into cache and
 // worked on there.
 //
@@ -35,12 +35,18 @@ inline void over_row(int64_t n, const F& f) {
   for (int64_t j = 0; j < n; j += W) f(j, std::min(W, n - j));
 }
 
+// Rows of D values per thread task.
+inline int64_t rows_per_task(int64_t D) { return std::max<int64_t>(1, kValuesPerTask / std::max<int64_t>(D, 1)); }
+
+// x [M, D] float32 or float64, weight [D] (undefined: the L2 norm's none), gate x's shape or undefined, and every
+// tensor on the CPU, contiguous and in x's dtype.
 void check(const char* kernel, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& gate,
            std::vector<at::Tensor> others) {
   TORCH_CHECK(x.dim() == 2, kernel, ": x must be [M, D]");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, kernel,
               ": x must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1), kernel, ": weight must be [D]");
+  TORCH_CHECK(!weight.defined() || (weight.dim() == 1 && weight.size(0) == x.size(1)), kernel,
+              ": weight must be [D]");
   TORCH_CHECK(!gate.defined() || gate.sizes() == x.sizes(), kernel, ": gate must have x's shape");
   others.insert(others.end(), {x, weight, gate});
   check_tensors(kernel, others, &x, "x");
@@ -57,7 +63,7 @@ std::vector<at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& weig
     using T = scalar_t;
     const T *xp = x.data_ptr<T>(), *wp = weight.data_ptr<T>(), *gp = data_or_null<T>(g);
     T *yp = y.data_ptr<T>(), *rp = rstd.data_ptr<T>();
-    at::parallel_for(0, M, std::max<int64_t>(1, kValuesPerTask / std::max<int64_t>(D, 1)), [&](int64_t a, int64_t b) {
+    at::parallel_for(0, M, rows_per_task(D), [&](int64_t a, int64_t b) {
       for (int64_t i = a; i < b; ++i) {
         const T* xr = xp + i * D;
         const T r = rms_scale(xr, D, T(1) / T(D), eps);
@@ -86,8 +92,8 @@ std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& x, const at::Tensor& weig
   TORCH_CHECK(dy.sizes() == x.sizes() && rstd.dim() == 1 && rstd.size(0) == x.size(0),
               "rms_norm_cpu_bwd: dy must have x's shape and rstd [M]");
   const int64_t M = x.size(0), D = x.size(1);
-  const int64_t rows_per_task = std::max<int64_t>(1, kValuesPerTask / std::max<int64_t>(D, 1));
-  const int64_t tasks = (M + rows_per_task - 1) / rows_per_task;
+  const int64_t task_rows = rows_per_task(D);
+  const int64_t tasks = (M + task_rows - 1) / task_rows;
   at::Tensor dx = at::empty_like(x), dgate = g.defined() ? at::empty_like(x) : at::Tensor();
   at::Tensor partial = at::zeros({tasks, D}, x.options()), dweight = at::zeros({D}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rms_norm_cpu_bwd", [&] {
@@ -98,7 +104,7 @@ std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& x, const at::Tensor& weig
     at::parallel_for(0, tasks, 1, [&](int64_t ta, int64_t tb) {
       for (int64_t task = ta; task < tb; ++task) {
         T* dw = pp + task * D;
-        for (int64_t i = task * rows_per_task; i < std::min(M, (task + 1) * rows_per_task); ++i) {
+        for (int64_t i = task * task_rows; i < std::min(M, (task + 1) * task_rows); ++i) {
           const T *xr = xp + i * D, *dr = dyp + i * D, *gr = gp ? gp + i * D : nullptr;
           const Vec<T> rv = splat<T>(rp[i]);
           // Pass 1: dw, dgate and mean(a xhat); pass 2: dx, recomputing xhat and a from the row in cache.
@@ -137,17 +143,14 @@ std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& x, const at::Tensor& weig
 // The L2 norm over the last dimension, y = x r with r = rsqrt(sum(x^2) + eps) (DeltaNet's q and k: seqmix/archs/
 // modules.py, l2_normalize): RMSNorm's rows with the sum for the mean and no weight. Returns (y [M, D], r [M]).
 std::vector<at::Tensor> l2_norm_fwd(const at::Tensor& x, double eps) {
-  TORCH_CHECK(x.dim() == 2, "l2_norm_cpu_fwd: x must be [M, D]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "l2_norm_cpu_fwd: x must be float32 or float64, got ", x.scalar_type());
-  check_tensors("l2_norm_cpu_fwd", {x});
+  check("l2_norm_cpu_fwd", x, at::Tensor(), at::Tensor(), {});
   const int64_t M = x.size(0), D = x.size(1);
   at::Tensor y = at::empty_like(x), rstd = at::empty({M}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "l2_norm_cpu_fwd", [&] {
     using T = scalar_t;
     const T* xp = x.data_ptr<T>();
     T *yp = y.data_ptr<T>(), *rp = rstd.data_ptr<T>();
-    at::parallel_for(0, M, std::max<int64_t>(1, kValuesPerTask / std::max<int64_t>(D, 1)), [&](int64_t a, int64_t b) {
+    at::parallel_for(0, M, rows_per_task(D), [&](int64_t a, int64_t b) {
       for (int64_t i = a; i < b; ++i) {
         const T* xr = xp + i * D;
         const T r = rms_scale(xr, D, T(1), eps);
@@ -162,18 +165,16 @@ std::vector<at::Tensor> l2_norm_fwd(const at::Tensor& x, double eps) {
 
 // Its backward: dx = r (dy - y sum(dy y)), y = x r recomputed from the row in cache.
 at::Tensor l2_norm_bwd(const at::Tensor& x, const at::Tensor& rstd, const at::Tensor& dy) {
-  TORCH_CHECK(x.dim() == 2 && dy.sizes() == x.sizes() && rstd.dim() == 1 && rstd.size(0) == x.size(0),
-              "l2_norm_cpu_bwd: x and dy must be [M, D] and rstd [M]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "l2_norm_cpu_bwd: x must be float32 or float64, got ", x.scalar_type());
-  check_tensors("l2_norm_cpu_bwd", {x, rstd, dy}, &x, "x");
+  check("l2_norm_cpu_bwd", x, at::Tensor(), at::Tensor(), {rstd, dy});
+  TORCH_CHECK(dy.sizes() == x.sizes() && rstd.dim() == 1 && rstd.size(0) == x.size(0),
+              "l2_norm_cpu_bwd: dy must have x's shape and rstd [M]");
   const int64_t M = x.size(0), D = x.size(1);
   at::Tensor dx = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "l2_norm_cpu_bwd", [&] {
     using T = scalar_t;
     const T *xp = x.data_ptr<T>(), *rp = rstd.data_ptr<T>(), *dyp = dy.data_ptr<T>();
     T* dxp = dx.data_ptr<T>();
-    at::parallel_for(0, M, std::max<int64_t>(1, kValuesPerTask / std::max<int64_t>(D, 1)), [&](int64_t a, int64_t b) {
+    at::parallel_for(0, M, rows_per_task(D), [&](int64_t a, int64_t b) {
       for (int64_t i = a; i < b; ++i) {
         const T *xr = xp + i * D, *dr = dyp + i * D;
         const Vec<T> rv = splat<T>(rp[i]);
