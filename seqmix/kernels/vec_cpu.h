@@ -11,6 +11,9 @@
 #include <type_traits>
 
 #include <xmmintrin.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 namespace seqmix_cpu {
 
@@ -72,17 +75,57 @@ inline void store(T* p, Vec<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-// The first n (< W) lanes; the others are zero.
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// AVX2's mask of the lanes below n: all ones in each (float's 32-bit or double's 64-bit) lane i < n.
+template <typename T>
+inline __m256i avx2_lanes_below(int64_t n) {
+  if constexpr (std::is_same_v<T, float>)
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  else
+    return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+}
+#endif
+
+// The first n (< W) lanes; the others are zero. With AVX-512 or AVX2 one masked move, which touches no memory
+// past the n values. A memcpy of a variable count is a library call whose byte stores the whole vector's load
+// then waits on (a failed store forwarding): 10% of Mamba-2's SSD backward at B16 T128, whose rows of the
+// triangular masks mostly end inside a vector (docs/design.md, "Twenty-seventh round").
 template <typename T>
 inline Vec<T> load_part(const T* p, int64_t n) {
+#if defined(__AVX512F__)
+  const auto lanes = static_cast<uint32_t>((1u << n) - 1);
+  if constexpr (std::is_same_v<T, float>) return (Vec<T>)_mm512_maskz_loadu_ps(static_cast<__mmask16>(lanes), p);
+  else return (Vec<T>)_mm512_maskz_loadu_pd(static_cast<__mmask8>(lanes), p);
+#elif defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>) return (Vec<T>)_mm256_maskload_ps(p, avx2_lanes_below<T>(n));
+  else return (Vec<T>)_mm256_maskload_pd(p, avx2_lanes_below<T>(n));
+#else
   Vec<T> v{};
   std::memcpy(&v, p, n * sizeof(T));
   return v;
+#endif
 }
 
 template <typename T>
 inline void store_part(T* p, Vec<T> v, int64_t n) {
+#if defined(__AVX512F__)
+  const auto lanes = static_cast<uint32_t>((1u << n) - 1);
+  if constexpr (std::is_same_v<T, float>) _mm512_mask_storeu_ps(p, static_cast<__mmask16>(lanes), (__m512)v);
+  else _mm512_mask_storeu_pd(p, static_cast<__mmask8>(lanes), (__m512d)v);
+#elif defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>) _mm256_maskstore_ps(p, avx2_lanes_below<T>(n), (__m256)v);
+  else _mm256_maskstore_pd(p, avx2_lanes_below<T>(n), (__m256d)v);
+#else
   std::memcpy(p, &v, n * sizeof(T));
+#endif
+}
+
+// Each lane's index, 0 .. W - 1, as a value of T.
+template <typename T>
+inline Vec<T> lane_indices() {
+  Vec<T> v;
+  for (int i = 0; i < Lanes<T>::W; ++i) v[i] = static_cast<T>(i);
+  return v;
 }
 
 // The first min(n, W) lanes (a whole vector when n >= W, else load_part / store_part): the last vector of a

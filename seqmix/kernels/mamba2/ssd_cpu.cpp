@@ -184,6 +184,79 @@ void lower_t_times(int64_t len, int64_t P, const T* w, int64_t ldw, const T* x, 
   });
 }
 
+#if defined(__AVX512F__)
+// The transpose of a 16 x 16 block of floats (rows ls apart) into dst (rows ld apart): pairs of rows
+// interleaved by lanes, then by pairs of lanes, then by 128-bit quarters twice.
+inline void transpose_block(const float* src, int64_t ls, float* dst, int64_t ld) {
+  constexpr int K = 16;
+  __m512 r[K], t[K];
+  for (int i = 0; i < K; ++i) r[i] = _mm512_loadu_ps(src + i * ls);
+  for (int i = 0; i < K; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < K; i += 4)
+    for (int k = 0; k < 2; ++k) {
+      const __m512d a = _mm512_castps_pd(t[i + k]), b = _mm512_castps_pd(t[i + k + 2]);
+      r[i + 2 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+      r[i + 2 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    }
+  for (int i = 0; i < K; i += 8)
+    for (int k = 0; k < 4; ++k) {
+      t[i + k] = _mm512_shuffle_f32x4(r[i + k], r[i + k + 4], 0x88);
+      t[i + k + 4] = _mm512_shuffle_f32x4(r[i + k], r[i + k + 4], 0xdd);
+    }
+  for (int k = 0; k < 8; ++k) {
+    r[k] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0x88);
+    r[k + 8] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0xdd);
+  }
+  for (int i = 0; i < K; ++i) _mm512_storeu_ps(dst + i * ld, r[i]);
+}
+#elif defined(__AVX2__)
+// The transpose of an 8 x 8 block of floats (rows ls apart) into dst (rows ld apart).
+inline void transpose_block(const float* src, int64_t ls, float* dst, int64_t ld) {
+  constexpr int K = 8;
+  __m256 r[K], t[K];
+  for (int i = 0; i < K; ++i) r[i] = _mm256_loadu_ps(src + i * ls);
+  for (int i = 0; i < K; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < K; i += 4)
+    for (int k = 0; k < 2; ++k) {
+      r[i + 2 * k] = _mm256_shuffle_ps(t[i + k], t[i + k + 2], 0x44);
+      r[i + 2 * k + 1] = _mm256_shuffle_ps(t[i + k], t[i + k + 2], 0xee);
+    }
+  for (int k = 0; k < 4; ++k) {
+    t[k] = _mm256_permute2f128_ps(r[k], r[k + 4], 0x20);
+    t[k + 4] = _mm256_permute2f128_ps(r[k], r[k + 4], 0x31);
+  }
+  for (int i = 0; i < K; ++i) _mm256_storeu_ps(dst + i * ld, t[i]);
+}
+#endif
+
+// bt[q, j] = b[j, q] for j < len, q < P (rows of b ld apart, of bt ldd apart). Element by element the stores
+// of a row of b go to P rows of bt, a cache line each: at P = 128 the rows 512 bytes apart share L1's sets,
+// and Mamba-2's [128, 128] B^T took 28 us on an Intel core, 3.2 in blocks transposed in registers
+// (docs/design.md, "Twenty-seventh round").
+template <typename T>
+void transpose(int64_t len, int64_t P, const T* b, int64_t ld, T* bt, int64_t ldd) {
+  int64_t j0 = 0, q0 = 0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr int64_t K = Lanes<float>::W;
+    j0 = len / K * K;
+    q0 = P / K * K;
+    for (int64_t j = 0; j < j0; j += K)
+      for (int64_t q = 0; q < q0; q += K) transpose_block(b + j * ld + q, ld, bt + q * ldd + j, ldd);
+  }
+#endif
+  for (int64_t j = 0; j < j0; ++j)  // the columns past the blocks
+    for (int64_t q = q0; q < P; ++q) bt[q * ldd + j] = b[j * ld + q];
+  for (int64_t j = j0; j < len; ++j)  // the rows past the blocks
+    for (int64_t q = 0; q < P; ++q) bt[q * ldd + j] = b[j * ld + q];
+}
+
 // d[i, j] = a[i] . b[j] for j <= i (rows of a and b [len, P] ld apart, of d ldd apart). b^T [P, len] goes
 // through bt (P rows ldd apart) so that a row of d is a sum of bt's rows times a[i]'s values, vectors along
 // j. Whole vectors only: ldd is a multiple of the lanes, so a row's last vector stays inside the row; its
@@ -193,8 +266,7 @@ template <typename T>
 void lower_dots(int64_t len, int64_t P, const T* a, const T* b, int64_t ld, T* bt, T* d, int64_t ldd) {
   constexpr int W = Lanes<T>::W, kDotRows = std::min(kRows, W);
   static_assert(W % kDotRows == 0, "a block of rows must lie in one vector's span");
-  for (int64_t j = 0; j < len; ++j)
-    for (int64_t q = 0; q < P; ++q) bt[q * ldd + j] = b[j * ld + q];
+  transpose(len, P, b, ld, bt, ldd);
   // nv vectors from vector v0 on of the block's R rows from i0 on, the accumulators in registers.
   auto vectors_of_rows = [&](int64_t i0, int64_t v0, auto rows_constant, auto nv_constant) {
     constexpr int R = decltype(rows_constant)::value, nv = decltype(nv_constant)::value;
@@ -474,18 +546,31 @@ struct Chunk {
   }
 
   // Per head hl, the decay mask L_ij = exp(lcum_i - lcum_j) for j <= i (0 above) and W = L * M, into
-  // [Hg, c, c] buffers (W's zeros above the diagonal are lower_times' and lower_t_times').
+  // [Hg, c, c] buffers (W's zeros above the diagonal are lower_times' and lower_t_times'). A row goes in
+  // whole vectors up to the one holding len - 1 (c is a multiple of the lanes); the lanes past the diagonal
+  // are set to 0 by a select, whatever lcum and M hold there (scalar tails of a varying length took 6% of
+  // the backward, docs/design.md, "Twenty-seventh round").
   void masked(const T* M, T* L, T* Wm) const {
+    constexpr int64_t V = Lanes<T>::W;
     const int64_t c = p.chunk;
+    const Vec<T> zero{}, lane = lane_indices<T>();
     for (int64_t hl = 0; hl < p.Hg(); ++hl) {
       const T* lc = lcum.data() + hl * c;
-      T* Lh = L + hl * c * c;
-      T* Wh = Wm + hl * c * c;
       for (int64_t i = 0; i < len; ++i) {
-        exp_from(lc[i], lc, Lh + i * c, i + 1);
-        for (int64_t j = 0; j <= i; ++j) Wh[i * c + j] = Lh[i * c + j] * M[i * c + j];
-        std::fill(Lh + i * c + i + 1, Lh + i * c + len, T(0));
-        std::fill(Wh + i * c + i + 1, Wh + i * c + len, T(0));
+        const Vec<T> from = splat<T>(lc[i]), diagonal = splat<T>(static_cast<T>(i));
+        T* l = L + hl * c * c + i * c;
+        T* w = Wm + hl * c * c + i * c;
+        for (int64_t j = 0; j < len; j += V) {
+          if (j > i) {
+            store(l + j, zero);
+            store(w + j, zero);
+            continue;
+          }
+          const auto keep = lane + static_cast<T>(j) <= diagonal;
+          const Vec<T> e = keep ? exp_v<T>(from - seqmix_cpu::load(lc + j)) : zero;
+          store(l + j, e);
+          store(w + j, keep ? e * seqmix_cpu::load(M + i * c + j) : zero);
+        }
       }
     }
   }
@@ -758,8 +843,15 @@ void bwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, const Gr
         const T* wm = Wm.data() + hl * c * c + i * c;
         const T* lm = L.data() + hl * c * c + i * c;
         T* dm = dM.data() + i * c;
-        for (int64_t j = 0; j <= i; ++j) dm[j] += dw[j] * lm[j];
-        for (int64_t j = 0; j < i; ++j) dlh[j] -= dw[j] * wm[j];
+        // In vectors, the last one masked (dW's lanes past the diagonal hold whatever lower_dots left).
+        by_vectors<T>(i + 1, [&](int64_t j, int64_t m, auto full) {
+          constexpr bool F = decltype(full)::value;
+          store_m<T, F>(dm + j, load_m<T, F>(dm + j, m) + load_m<T, F>(dw + j, m) * load_m<T, F>(lm + j, m), m);
+        });
+        by_vectors<T>(i, [&](int64_t j, int64_t m, auto full) {
+          constexpr bool F = decltype(full)::value;
+          store_m<T, F>(dlh + j, load_m<T, F>(dlh + j, m) - load_m<T, F>(dw + j, m) * load_m<T, F>(wm + j, m), m);
+        });
         dlh[i] += dot(dw, wm, i);
       }
     }
