@@ -546,7 +546,8 @@ struct Chunk {
   }
 
   // Per head hl, the decay mask L_ij = exp(lcum_i - lcum_j) for j <= i (0 above) and W = L * M, into
-  // [Hg, c, c] buffers (W's zeros above the diagonal are lower_times' and lower_t_times'). A row goes in
+  // [Hg, c, c] buffers (W's zeros above the diagonal are lower_times' and lower_t_times'; L only where given:
+  // the forward needs W alone). A row goes in
   // whole vectors up to the one holding len - 1 (c is a multiple of the lanes); the lanes past the diagonal
   // are set to 0 by a select, whatever lcum and M hold there (scalar tails of a varying length took 6% of
   // the backward, docs/design.md, "Twenty-seventh round").
@@ -558,17 +559,17 @@ struct Chunk {
       const T* lc = lcum.data() + hl * c;
       for (int64_t i = 0; i < len; ++i) {
         const Vec<T> from = splat<T>(lc[i]), diagonal = splat<T>(static_cast<T>(i));
-        T* l = L + hl * c * c + i * c;
+        T* l = L ? L + hl * c * c + i * c : nullptr;
         T* w = Wm + hl * c * c + i * c;
         for (int64_t j = 0; j < len; j += V) {
           if (j > i) {
-            store(l + j, zero);
+            if (l) store(l + j, zero);
             store(w + j, zero);
             continue;
           }
           const auto keep = lane + static_cast<T>(j) <= diagonal;
           const Vec<T> e = keep ? exp_v<T>(from - seqmix_cpu::load(lc + j)) : zero;
-          store(l + j, e);
+          if (l) store(l + j, e);
           store(w + j, keep ? e * seqmix_cpu::load(M + i * c + j) : zero);
         }
       }
@@ -719,7 +720,7 @@ void fwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, T* out, 
   Chunk<T>& ch = b.ch;
   ch.set_group(g);
   ch.seq_start = start;
-  std::vector<T>&S = b.S, &M = b.M, &L = b.L, &Wm = b.Wm, &Y = b.Y, &U = b.U, &to_end = b.to_end;
+  std::vector<T>&S = b.S, &M = b.M, &Wm = b.Wm, &Y = b.Y, &U = b.U, &to_end = b.to_end;
   const int64_t state_at = g * w * N;  // the group's rows in a [H, P, N] state
   bool has_state = p.h0 != nullptr;
   if (has_state) std::memcpy(S.data(), p.h0 + s * p.H * P * N + state_at, w * N * sizeof(T));
@@ -739,7 +740,7 @@ void fwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, T* out, 
     }
     // The chunk's own tokens: per head W (dt' x), one batched product for the group's heads.
     ch.scores(M.data(), b.xt.data());
-    ch.masked(M.data(), L.data(), Wm.data());
+    ch.masked(M.data(), nullptr, Wm.data());
     for (int64_t hl = 0; hl < Hg; ++hl)
       lower_times(len, P, Wm.data() + hl * c * c, c, ch.xdt.data() + hl * P, w, Y.data() + hl * P, w, has_state);
     for (int64_t t = 0; t < len; ++t) {
