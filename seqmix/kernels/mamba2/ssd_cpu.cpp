@@ -24,6 +24,8 @@
 // schedule.
 #include "../torch_cpu.h"
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -47,10 +49,35 @@ struct Mat {
   bool t = false;
 };
 
-// c = beta c + a b for a [m, k] and b [k, n] (c's rows ldc apart): ATen's matrix product on views of the
-// buffers, which BLAS reads and writes in place.
+// BLAS's column-major sgemm_ / dgemm_ (LP64 ints) as libtorch_cpu exports them (torch's x86 builds link MKL
+// into it), or null where it has none by that name. Looked up at run time: the module must load without them.
+template <typename T>
+using BlasGemm = void (*)(const char*, const char*, const int*, const int*, const int*, const T*, const T*,
+                          const int*, const T*, const int*, const T*, T*, const int*);
+
+template <typename T>
+BlasGemm<T> blas_gemm() {
+  static const BlasGemm<T> f = [] {
+    void* torch_cpu = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);  // loaded already: torch's own copy
+    void* sym = torch_cpu ? dlsym(torch_cpu, std::is_same_v<T, float> ? "sgemm_" : "dgemm_") : nullptr;
+    return reinterpret_cast<BlasGemm<T>>(sym);
+  }();
+  return f;
+}
+
+// c = beta c + a b for a [m, k] and b [k, n] (c's rows ldc apart), read and written in place: BLAS called
+// directly, row-major as the column-major c^T = b^T a^T. ATen's product on views of the buffers (its
+// fallback) costs a few microseconds of tensors and dispatch a call, and a training step of Mamba-2 at
+// T = 2048 makes ~750 of these [64, 128] x [128, 256] products (docs/design.md, "Twenty-seventh round").
 template <typename T>
 void gemm(int64_t m, int64_t n, int64_t k, Mat<T> a, Mat<T> b, T beta, T* c, int64_t ldc) {
+  if (const BlasGemm<T> f = blas_gemm<T>()) {
+    const int M = static_cast<int>(m), N = static_cast<int>(n), K = static_cast<int>(k);
+    const int lda = static_cast<int>(a.ld), ldb = static_cast<int>(b.ld), ldC = static_cast<int>(ldc);
+    const T one = 1;
+    f(b.t ? "T" : "N", a.t ? "T" : "N", &N, &M, &K, &one, b.data, &ldb, a.data, &lda, &beta, c, &ldC);
+    return;
+  }
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   auto view = [&](const Mat<T>& x, int64_t rows, int64_t cols) {
     const std::array<int64_t, 2> strides = x.t ? std::array<int64_t, 2>{1, x.ld} : std::array<int64_t, 2>{x.ld, 1};
