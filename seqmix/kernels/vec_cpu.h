@@ -376,16 +376,17 @@ inline Vec<T> sigmoid_v(Vec<T> x) {
   return T(1) / (T(1) + exp_v<T>(-x));
 }
 
-// f(std::integral_constant<int, n>{}) for 1 <= n <= kMax <= 4: a count as a constant, so that the loops over
-// it unroll and the arrays it sizes stay in registers.
+// f(std::integral_constant<int, n>{}) for 1 <= n <= kMax <= 8 (n past kMax: kMax): a count as a constant, so
+// that the loops over it unroll and the arrays it sizes stay in registers.
 template <int kMax, typename F>
 inline void as_constant(int64_t n, const F& f) {
-  static_assert(kMax >= 1 && kMax <= 4, "counts of 1 to 4");
-  switch (n) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    default: f(std::integral_constant<int, kMax>{}); break;
+  static_assert(kMax >= 1 && kMax <= 8, "counts of 1 to 8");
+  if constexpr (kMax == 1) {
+    f(std::integral_constant<int, 1>{});
+  } else if (n >= kMax) {
+    f(std::integral_constant<int, kMax>{});
+  } else {
+    as_constant<kMax - 1>(n, f);
   }
 }
 

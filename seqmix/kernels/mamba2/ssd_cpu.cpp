@@ -152,6 +152,9 @@ inline void by_blocks(int64_t P, const F& f) {
 // Zen 4 core (a head's block is 1 KiB-strided rows of the chunk, which L1 does not keep); four at a time
 // they reach 64-100 (docs/design.md, "Twelfth round").
 constexpr int kRows = 4;
+// The triangular products' rows a block: with AVX-512's 32 registers, 6 rows of kBlock accumulators and the
+// kBlock vectors of the other operand fit; with AVX2's 16 they would spill.
+constexpr int kTriangleRows = kVectorBytes == 64 ? 6 : kRows;
 
 // f(first row, rows as a constant) over [0, len) in blocks of kMax rows (the last one shorter).
 template <int kMax, typename F>
@@ -168,7 +171,7 @@ void lower_times(int64_t len, int64_t P, const T* w, int64_t ldw, const T* x, in
                  bool add) {
   by_blocks<T>(P, [&](int64_t k, int64_t width, auto full) {
     constexpr bool F = decltype(full)::value;
-    by_rows<kRows>(len, [&](int64_t i0, auto rows_constant) {
+    by_rows<kTriangleRows>(len, [&](int64_t i0, auto rows_constant) {
       constexpr int R = decltype(rows_constant)::value;
       Vec<T> acc[R][kBlock];
       for (int r = 0; r < R; ++r)
@@ -194,7 +197,7 @@ template <typename T>
 void lower_t_times(int64_t len, int64_t P, const T* w, int64_t ldw, const T* x, int64_t ldx, T* y, int64_t ldy) {
   by_blocks<T>(P, [&](int64_t k, int64_t width, auto full) {
     constexpr bool F = decltype(full)::value;
-    by_rows<kRows>(len, [&](int64_t j0, auto rows_constant) {
+    by_rows<kTriangleRows>(len, [&](int64_t j0, auto rows_constant) {
       constexpr int R = decltype(rows_constant)::value;
       Vec<T> acc[R][kBlock] = {};
       for (int64_t i = j0; i < len; ++i) {
