@@ -105,14 +105,20 @@ class Mamba2(Mixer):
         # x, B and C stay the column blocks of the conv's output (or input): on the cpu backend SSD reads them in
         # place and their gradient is one tensor (docs/design.md, "Sixth round: a C++ RMSNorm; SSD on the conv's
         # output in place; GLA's and Mamba's decoding steps").
+        # Under autograd the gated norm is the op's (the same rms_norm as RMSNorm.forward's there): the cpu
+        # backend's kernels normalise each token as they write it, with no pass of their own over the output and
+        # its gradient (docs/design.md, "Twenty-seventh round").
+        norm_in_op = torch.is_grad_enabled()
         y, ssm_state = ssd_xbc(
             xbc, dt, self._A(), num_heads=H, n_groups=G, d_state=N, D=self.D, z=z.reshape(B, T, H, P),
             dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
             initial_state=None if state is None else state["ssm"], output_final_state=state is not None,
             cu_seqlens=cu_seqlens, backend=self.backend,
             conv_weight=self.conv.weight if conv_inside else None, conv_bias=self.conv.bias if conv_inside else None,
+            norm_weight=self.norm.weight if norm_in_op else None, norm_eps=self.norm.eps,
         )
-        out = self.out_proj(self.norm(y.reshape(B, T, self.d_inner)))
+        y = y.reshape(B, T, self.d_inner)
+        out = self.out_proj(y if norm_in_op else self.norm(y))
         return out, None if state is None else {"conv": conv_state, "ssm": ssm_state}
 
     def cpu_decoding_step(self, like, state):

@@ -19,6 +19,7 @@ from seqmix.kernels.library import custom_op
 from seqmix.kernels.mamba2 import cpu as cpu_kernels
 from seqmix.kernels.mamba2 import triton as kernels
 from seqmix.kernels.mamba2.reference import ssd_chunked, ssd_recurrent
+from seqmix.kernels.norm import rms_norm
 from seqmix.kernels.op import (
     FusedOp,
     as_input_grads,
@@ -238,6 +239,8 @@ def ssd_xbc(
     backend: str | None = None,
     conv_weight: torch.Tensor | None = None,
     conv_bias: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-5,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`ssd` on x, B and C given as the column blocks of one tensor, as Mamba-2's layer has them after its
     short conv: ``x = xbc[..., :H P]``, ``B = xbc[..., H P : H P + G N]``, ``C = xbc[..., H P + G N:]``; with
@@ -257,6 +260,12 @@ def ssd_xbc(
         conv_weight: [H P + 2 G N, W] taps of the depthwise causal conv (``weight[:, -1]`` on the current token),
             or None: xbc is then the conv's output.
         conv_bias: [H P + 2 G N] or None (only with conv_weight).
+        norm_weight: [H P] or None: the output, gated, then RMS-normalised over each token's H P values,
+            ``rms_norm(y.flatten(-2), norm_weight, eps=norm_eps)`` (Mamba-2's gated norm). On the cpu backend's
+            training path with one group the kernels do it per token, and its pass over the output and its
+            gradient goes (docs/design.md, "Twenty-seventh round"); elsewhere :func:`seqmix.kernels.norm.rms_norm`
+            follows the op.
+        norm_eps: the norm's epsilon.
         dt, A, D, z, dt_bias, dt_softplus, dt_limit, initial_state, output_final_state, cu_seqlens, backend:
             as :func:`ssd` (dt [B, T, H], z [B, T, H, P], initial state [N, H, P, N]).
 
@@ -278,6 +287,10 @@ def ssd_xbc(
         if conv_weight is None:
             raise ValueError("conv_bias is given without conv_weight")
         check_tensor("conv_bias", conv_bias, (width,), dims="[H P + 2 G N]", like=xbc)
+    if norm_weight is not None:
+        check_tensor("norm_weight", norm_weight, (width - 2 * G * N,), dims="[H P]", like=xbc)
+        if not isinstance(norm_eps, (int, float)) or isinstance(norm_eps, bool) or not norm_eps >= 0:
+            raise ValueError(f"norm_eps must be a number >= 0, got {norm_eps!r}")
 
     def blocks(t):  # x [B, T, H, P], B and C [B, T, G, N]: views of t's column blocks
         x, B, C = t.split([width - 2 * G * N, G * N, G * N], dim=-1)
@@ -294,9 +307,21 @@ def ssd_xbc(
         if conv:
             x, B, C = blocks(causal_conv1d(xbc, conv_weight, conv_bias, activation="silu", cu_seqlens=cu_seqlens,
                                            backend=backend)[0])
-        return _run(name, n, x, dt, A, B, C, D, z, dt_bias, dt_softplus, lo, hi, initial_state, output_final_state,
-                    cu_seqlens)
-    params = [None if t is None else t.to(xbc.dtype) for t in (A, D, dt_bias, conv_weight, conv_bias)]
+        y, final = _run(name, n, x, dt, A, B, C, D, z, dt_bias, dt_softplus, lo, hi, initial_state,
+                        output_final_state, cu_seqlens)
+        return _normed(y, norm_weight, norm_eps), final
+    norm_inside = norm_weight is not None and G == 1  # a kernel task holds one group's heads
+    params = [None if t is None else t.to(xbc.dtype)
+              for t in (A, D, dt_bias, conv_weight, conv_bias, norm_weight if norm_inside else None)]
     op = cpu_kernels.xbc_fused(xbc.shape[1], cu_seqlens)
-    return run_fused(op, (xbc, dt, None if z is None else z.to(xbc.dtype)), params, initial_state,
-                     (H, G, N, dt_softplus, lo, hi, op.chunk_size), output_final_state, cu_seqlens)
+    y, final = run_fused(op, (xbc, dt, None if z is None else z.to(xbc.dtype)), params, initial_state,
+                         (H, G, N, dt_softplus, lo, hi, op.chunk_size, float(norm_eps)), output_final_state, cu_seqlens)
+    return (y if norm_inside else _normed(y, norm_weight, norm_eps)), final
+
+
+def _normed(y: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """y [B, T, H, P] RMS-normalised over each token's H P values and scaled by weight [H P] (ssd_xbc's norm), or
+    y as it is without a weight."""
+    if weight is None:
+        return y
+    return rms_norm(y.flatten(-2), weight, None, eps).view(y.shape)

@@ -53,9 +53,10 @@ def _columns(xbc, heads, groups, state):
 
 
 def _fwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets, num_chunks, softplus, lo, hi, store_final,
-         store_chunks, conv_weight=None, conv_bias=None, chunk=CHUNK):
-    return cpu.extension().ssd_fwd(x, dt, B, C, z, A, D, dt_bias, conv_weight, conv_bias, h0, cu_seqlens,
-                                   chunk_offsets, chunk, num_chunks, softplus, lo, hi, store_final, store_chunks)
+         store_chunks, conv_weight=None, conv_bias=None, chunk=CHUNK, norm_weight=None, norm_eps=0.0):
+    return cpu.extension().ssd_fwd(x, dt, B, C, z, A, D, dt_bias, conv_weight, conv_bias, norm_weight, norm_eps, h0,
+                                   cu_seqlens, chunk_offsets, chunk, num_chunks, softplus, lo, hi, store_final,
+                                   store_chunks)
 
 
 @custom_op("seqmix::ssd_cpu_chunk_fwd", mutates_args=())
@@ -84,7 +85,7 @@ def _chunk_bwd(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A:
                dt_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor,
                chunk_offsets: Tensor, hc: Tensor, y_in: Tensor, y_pre: Tensor, softplus: bool, lo: float, hi: float,
                store_final: bool, dout: Tensor | None, dht: Tensor | None, needs: list[bool]) -> list[Tensor]:
-    dx, ddt, dB, dC, dz, dA, dD, ddt_bias, dh0, _, _ = _bwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens,
+    dx, ddt, dB, dC, dz, dA, dD, ddt_bias, dh0, *_ = _bwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens,
                                                             chunk_offsets, hc, y_in, y_pre, softplus, lo, hi, dout,
                                                             dht, needs[8], False)
     grads = (dx, ddt, dB, dC, dz, dA, dD, ddt_bias, dh0, None, None, None)
@@ -93,16 +94,16 @@ def _chunk_bwd(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A:
 
 
 def _bwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets, hc, y_in, y_pre, softplus, lo, hi, dout, dht,
-         need_dh0, packed, conv_weight=None, conv_bias=None, chunk=CHUNK):
-    """(dx, ddt, dB, dC, dz, dA, dD, ddt_bias, dh0, dconv_weight, dconv_bias), None for the absent inputs' (and
-    with packed, dB and dC: dx is then xbc's gradient)."""
+         need_dh0, packed, conv_weight=None, conv_bias=None, chunk=CHUNK, norm_weight=None, norm_eps=0.0):
+    """(dx, ddt, dB, dC, dz, dA, dD, ddt_bias, dh0, dconv_weight, dconv_bias, dnorm_weight), None for the absent
+    inputs' (and with packed, dB and dC: dx is then xbc's gradient)."""
     if dout is None:  # only the final state was used
         dout = x.new_zeros(x.shape)
-    grads = cpu.extension().ssd_bwd(x, dt, B, C, z, A, D, dt_bias, conv_weight, conv_bias, h0 is not None,
-                                    cu_seqlens, chunk_offsets, hc, y_in, y_pre, chunk, softplus, lo, hi, dout, dht,
-                                    h0 is not None and need_dh0, packed)
+    grads = cpu.extension().ssd_bwd(x, dt, B, C, z, A, D, dt_bias, conv_weight, conv_bias, norm_weight, norm_eps,
+                                    h0 is not None, cu_seqlens, chunk_offsets, hc, y_in, y_pre, chunk, softplus, lo,
+                                    hi, dout, dht, h0 is not None and need_dh0, packed)
     present = (True, True, not packed, not packed, z is not None, True, D is not None, dt_bias is not None,
-               h0 is not None, conv_weight is not None, conv_bias is not None)
+               h0 is not None, conv_weight is not None, conv_bias is not None, norm_weight is not None)
     return [g if there else None for g, there in zip(grads, present, strict=True)]
 
 
@@ -132,42 +133,45 @@ FUSED = FusedOp(CHUNK, _chunk_fwd, _recurrent_fwd, recurrent_max_tokens=None)
 
 @custom_op("seqmix::ssd_cpu_xbc_chunk_fwd", mutates_args=())
 def _xbc_chunk_fwd(xbc: Tensor, dt: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None, dt_bias: Tensor | None,
-                   conv_weight: Tensor | None, conv_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor,
-                   chunk_index: Tensor, chunk_offsets: Tensor, heads: int, groups: int, state: int, softplus: bool,
-                   lo: float, hi: float, chunk: int, store_final: bool
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   conv_weight: Tensor | None, conv_bias: Tensor | None, norm_weight: Tensor | None,
+                   h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor, chunk_offsets: Tensor, heads: int,
+                   groups: int, state: int, softplus: bool, lo: float, hi: float, chunk: int, norm_eps: float,
+                   store_final: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`_chunk_fwd` with x, B and C the column blocks of xbc [L, H P + 2 G N], or with conv_weight [H P +
     2 G N, W] (and conv_bias) those of silu(the causal conv of xbc), computed inside the chunks of ``chunk``
-    tokens (the chunking's)."""
+    tokens (the chunking's); with norm_weight [H P] (one group) the gated output RMS-normalised per token."""
     x, B, C = _columns(xbc, heads, groups, state)
     return tuple(_fwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets, chunk_index.shape[0], softplus,
-                      lo, hi, store_final, True, conv_weight, conv_bias, chunk))
+                      lo, hi, store_final, True, conv_weight, conv_bias, chunk, norm_weight, norm_eps))
 
 
 @_xbc_chunk_fwd.register_fake
-def _(xbc, dt, z, A, D, dt_bias, conv_weight, conv_bias, h0, cu_seqlens, chunk_index, chunk_offsets, heads, groups,
-      state, softplus, lo, hi, chunk, store_final):
+def _(xbc, dt, z, A, D, dt_bias, conv_weight, conv_bias, norm_weight, h0, cu_seqlens, chunk_index, chunk_offsets,
+      heads, groups, state, softplus, lo, hi, chunk, norm_eps, store_final):
     x, B, C = _columns(xbc, heads, groups, state)
-    return _chunk_fwd_fake(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_index, chunk_offsets, softplus, lo, hi,
-                           store_final)
+    *outputs, y_pre = _chunk_fwd_fake(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_index, chunk_offsets,
+                                      softplus, lo, hi, store_final)
+    return (*outputs, torch.empty_like(x) if norm_weight is not None else y_pre)
 
 
 @custom_op("seqmix::ssd_cpu_xbc_chunk_bwd", mutates_args=())
 def _xbc_chunk_bwd(xbc: Tensor, dt: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None, dt_bias: Tensor | None,
-                   conv_weight: Tensor | None, conv_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor,
-                   chunk_index: Tensor, chunk_offsets: Tensor, hc: Tensor, y_in: Tensor, y_pre: Tensor, heads: int,
-                   groups: int, state: int, softplus: bool, lo: float, hi: float, chunk: int, store_final: bool,
-                   dout: Tensor | None, dht: Tensor | None, needs: list[bool]) -> list[Tensor]:
+                   conv_weight: Tensor | None, conv_bias: Tensor | None, norm_weight: Tensor | None,
+                   h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor, chunk_offsets: Tensor, hc: Tensor,
+                   y_in: Tensor, y_pre: Tensor, heads: int, groups: int, state: int, softplus: bool, lo: float,
+                   hi: float, chunk: int, norm_eps: float, store_final: bool, dout: Tensor | None,
+                   dht: Tensor | None, needs: list[bool]) -> list[Tensor]:
     x, B, C = _columns(xbc, heads, groups, state)
-    dxbc, ddt, _, _, dz, dA, dD, ddt_bias, dh0, dweight, dbias = _bwd(
+    dxbc, ddt, _, _, dz, dA, dD, ddt_bias, dh0, dweight, dbias, dnorm = _bwd(
         x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets, hc, y_in, y_pre, softplus, lo, hi, dout, dht,
-        needs[8], True, conv_weight, conv_bias, chunk)
-    grads = (dxbc, ddt, dz, dA, dD, ddt_bias, dweight, dbias, dh0, None, None, None)
-    inputs = (xbc, dt, z, A, D, dt_bias, conv_weight, conv_bias, h0, cu_seqlens, chunk_index, chunk_offsets)
+        needs[9], True, conv_weight, conv_bias, chunk, norm_weight, norm_eps)
+    grads = (dxbc, ddt, dz, dA, dD, ddt_bias, dweight, dbias, dnorm, dh0, None, None, None)
+    inputs = (xbc, dt, z, A, D, dt_bias, conv_weight, conv_bias, norm_weight, h0, cu_seqlens, chunk_index,
+              chunk_offsets)
     return as_input_grads(grads, inputs, needs, xbc)
 
 
-register_autograd(_xbc_chunk_fwd, _xbc_chunk_bwd, num_inputs=12, materialize_grads=False)
+register_autograd(_xbc_chunk_fwd, _xbc_chunk_bwd, num_inputs=13, materialize_grads=False)
 # Training only (ssd_xbc takes the split tensors without autograd, where nothing is stored for a backward).
 XBC_FUSED = FusedOp(CHUNK, _xbc_chunk_fwd)
 

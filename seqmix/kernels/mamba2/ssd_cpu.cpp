@@ -365,6 +365,50 @@ inline void gate_row_bwd(const T* dout, const T* y, const T* z, T* dy, T* dz, in
   });
 }
 
+// 1 / sqrt(mean(g^2) + eps) over a row of n values.
+template <typename T>
+inline T inverse_rms(const T* g, int64_t n, T eps) {
+  return T(1) / std::sqrt(dot(g, g, n) / static_cast<T>(n) + eps);
+}
+
+// The output's RMSNorm on a row of n values in place: o = o / rms(o) * weight.
+template <typename T>
+inline void norm_row(T* o, const T* weight, T eps, int64_t n) {
+  const Vec<T> r = splat<T>(inverse_rms(o, n, eps));
+  by_vectors<T>(n, [&](int64_t i, int64_t m, auto full) {
+    constexpr bool F = decltype(full)::value;
+    store_cols<T, F>(o + i, load_cols<T, F>(o + i, 0, m) * r * load_cols<T, F>(weight + i, 0, m), 0, m);
+  });
+}
+
+// The RMSNorm's backward on a row: n = g r weight with r = 1 / rms(g), gradient dn. Returns dg = r dn weight -
+// g r^3 sum(dn weight g) / n (into dg, which may be dn's row) and adds dn g r to dweight. g's row is the
+// forward's pre-norm output: y_pre, gated by z as gate_row gated it (when z is given), rebuilt in g.
+template <typename T>
+inline void norm_row_bwd(const T* dn, const T* y_pre, const T* z, const T* weight, T eps, T* g, T* dg, T* dweight,
+                         int64_t n) {
+  by_vectors<T>(n, [&](int64_t i, int64_t m, auto full) {
+    constexpr bool F = decltype(full)::value;
+    const Vec<T> yv = load_cols<T, F>(y_pre + i, 0, m);
+    if (!z) return store_cols<T, F>(g + i, yv, 0, m);
+    const Vec<T> zv = load_cols<T, F>(z + i, 0, m);
+    store_cols<T, F>(g + i, yv * zv * sigmoid_v<T>(zv), 0, m);
+  });
+  const T r = inverse_rms(g, n, eps);
+  Vec<T> acc{};
+  by_vectors<T>(n, [&](int64_t i, int64_t m, auto full) {
+    constexpr bool F = decltype(full)::value;
+    acc += load_cols<T, F>(dn + i, 0, m) * load_cols<T, F>(weight + i, 0, m) * load_cols<T, F>(g + i, 0, m);
+  });
+  const Vec<T> rv = splat<T>(r), cv = splat<T>(r * r * r * lane_sum<T>(acc) / static_cast<T>(n));
+  by_vectors<T>(n, [&](int64_t i, int64_t m, auto full) {
+    constexpr bool F = decltype(full)::value;
+    const Vec<T> dv = load_cols<T, F>(dn + i, 0, m), gv = load_cols<T, F>(g + i, 0, m);
+    store_cols<T, F>(dweight + i, load_cols<T, F>(dweight + i, 0, m) + dv * gv * rv, 0, m);
+    store_cols<T, F>(dg + i, rv * dv * load_cols<T, F>(weight + i, 0, m) - gv * cv, 0, m);
+  });
+}
+
 // Everything a task reads, with the problem's sizes.
 template <typename T>
 struct Problem {
@@ -375,6 +419,8 @@ struct Problem {
   int64_t ld_dx, ld_dbc;  // the backward's: of dx, of dB and dC
   const T *conv_w, *conv_b;  // the short conv inside the chunks: [H P + 2 G N, W] and [H P + 2 G N], or null
   int64_t W;
+  const T* norm_w;  // the output's RMSNorm over each token's H P values (G = 1): its weight [H P], or null
+  T norm_eps;
   bool has_h0;  // the backward has no h0, only whether there was one
   bool softplus;
   T lo, hi;
@@ -650,10 +696,12 @@ struct Buffers {
   // pre-activations), that of the W-1 tokens after the chunk [W-1, cg], and the task's dweight [W, cg] and
   // dbias [cg].
   std::vector<T> dact, carry, next, dtaps, dcbias;
+  std::vector<T> pre;  // with the norm, a token's pre-norm output [Hg P], rebuilt by the backward
   explicit Buffers(const Problem<T>& p)
       : ch(p, p.chunk), S(p.width() * p.N), M(p.chunk * p.chunk), dM(M.size()), L(p.Hg() * M.size()), Wm(L.size()),
         dW(L.size()), Y(p.chunk * p.width()), U(Y.size()), dR(Y.size()), dU(Y.size()), dX(Y.size()),
-        to_end(p.Hg() * p.chunk), dl(to_end.size()), dlast(p.Hg()), xt(std::max(p.P, p.N) * p.chunk) {
+        to_end(p.Hg() * p.chunk), dl(to_end.size()), dlast(p.Hg()), xt(std::max(p.P, p.N) * p.chunk),
+        pre(p.norm_w ? p.width() : 0) {
     if (!p.conv()) return;
     const int64_t cg = p.group_cols() + Lanes<T>::W;
     dact.resize(p.chunk * cg);
@@ -781,6 +829,8 @@ void fwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, T* out, 
         for (int64_t q = 0; q < P; ++q) o[hl * P + q] = Y[t * w + hl * P + q] + d * xr[hl * P + q];
       }
       if (p.z) gate_row(o, y_pre ? y_pre + ch.row(t) : nullptr, p.z + ch.row(t), w);
+      else if (y_pre && p.norm_w) std::memcpy(y_pre + ch.row(t), o, w * sizeof(T));
+      if (p.norm_w) norm_row(o, p.norm_w, p.norm_eps, w);
     }
     // The state leaving the chunk: S = exp(last) S + U^T B (not needed after the last chunk without a final).
     if (n + 1 < count || final) {
@@ -802,6 +852,7 @@ struct Grads {
   T *dx, *ddt, *dB, *dC, *dz, *dh0;
   T* dparams;  // the task's dA, dD, ddt_bias [3, H] (summed over the tasks afterwards)
   T* dconv;     // with the conv, the task's dweight and dbias [W + 1, Hg P + 2 N] (likewise)
+  T* dnorm;     // with the norm, the task's gradient of its weight [H P] (likewise)
   const T *dout, *dht, *hc, *y_in, *y_pre;
 };
 
@@ -842,9 +893,14 @@ void bwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, const Gr
       const T* xr = ch.xr(t);
       const T* dor = gr.dout + ch.row(t);
       T* dy = dY.data() + t * w;
+      if (p.norm_w) {  // dy: the gradient of the pre-norm output first
+        norm_row_bwd(dor, gr.y_pre + ch.row(t), p.z ? p.z + ch.row(t) : nullptr, p.norm_w, p.norm_eps,
+                     b.pre.data(), dy, gr.dnorm, w);
+        dor = dy;
+      }
       if (p.z) {
         gate_row_bwd(dor, gr.y_pre + ch.row(t), p.z + ch.row(t), dy, gr.dz + ch.row(t), w);
-      } else {
+      } else if (!p.norm_w) {
         std::memcpy(dy, dor, w * sizeof(T));
       }
       for (int64_t hl = 0; hl < Hg; ++hl) dD[g * Hg + hl] += dot(dy + hl * P, xr + hl * P, P);
@@ -973,7 +1029,7 @@ Problem<T> problem(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& 
                     A.data_ptr<T>(), data_or_null<T>(D), data_or_null<T>(dt_bias), data_or_null<T>(h0),
                     cu_seqlens.data_ptr<int64_t>(), chunk_offsets.data_ptr<int64_t>(), x.size(1), x.size(2),
                     B.size(1), B.size(2), chunk, row_stride(x), row_stride(B), 0, 0, nullptr, nullptr, 0,
-                    h0.defined() && h0.numel() > 0, softplus, static_cast<T>(lo), static_cast<T>(hi)};
+                    nullptr, 0, h0.defined() && h0.numel() > 0, softplus, static_cast<T>(lo), static_cast<T>(hi)};
 }
 
 // x, B and C are the column blocks of one [L, H P + 2 G N] tensor (x, then B, then C).
@@ -1003,6 +1059,24 @@ std::pair<at::Tensor, at::Tensor> conv_args(const at::Tensor& x, const at::Tenso
   TORCH_CHECK(column_blocks(x, B, C), "ssd_cpu: with the conv, x, B and C must be the column blocks of one "
               "[L, H P + 2 G N] tensor");
   return {w, b};
+}
+
+// The output norm's weight [H P] (or empty when absent): the norm spans a token's heads, so one group.
+at::Tensor norm_arg(const at::Tensor& x, const at::Tensor& B, const c10::optional<at::Tensor>& weight) {
+  const at::Tensor w = opt_or_empty(weight);
+  if (!w.defined() || w.numel() == 0) return w;
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(1) * x.size(2), "ssd_cpu: norm_weight must be [H P], got ",
+              w.sizes());
+  TORCH_CHECK(B.size(1) == 1, "ssd_cpu: the output norm needs one group of B and C, got ", B.size(1));
+  check_tensors("ssd_cpu", {w}, &x, "x");
+  return w;
+}
+
+template <typename T>
+void set_norm(Problem<T>& p, const at::Tensor& weight, double eps) {
+  if (!weight.defined() || weight.numel() == 0) return;
+  p.norm_w = weight.data_ptr<T>();
+  p.norm_eps = static_cast<T>(eps);
 }
 
 template <typename T>
@@ -1049,12 +1123,16 @@ void check_sizes(const at::Tensor& x, const at::Tensor& B, const at::Tensor& cu_
 
 // Returns (out [L, H, P], the final state [Nseq, H, P, N] or empty, and when store_chunks the states entering
 // every chunk [NC, H, P, N], y_in = the entering states' part of y [L, H, P] (both unset for chunks without an
-// entering state), and with z the ungated y + D x [L, H, P] (else empty)).
+// entering state), and with z or the norm y + D x before the gate and the norm [L, H, P] (else empty)). With
+// norm_weight [H P] (one group only) the output is RMS-normalised over each token's H P values after the gate:
+// out = g / sqrt(mean(g^2) + norm_eps) * norm_weight, Mamba-2's gated norm, so that the layer's norm needs no
+// pass of its own over the output and its gradient (docs/design.md, "Twenty-seventh round").
 std::vector<at::Tensor> ssd_fwd(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& B,
                                 const at::Tensor& C, const c10::optional<at::Tensor>& z, const at::Tensor& A,
                                 const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& dt_bias,
                                 const c10::optional<at::Tensor>& conv_weight,
                                 const c10::optional<at::Tensor>& conv_bias,
+                                const c10::optional<at::Tensor>& norm_weight, double norm_eps,
                                 const c10::optional<at::Tensor>& h0, const at::Tensor& cu_seqlens,
                                 const at::Tensor& chunk_offsets, int64_t chunk, int64_t num_chunks, bool softplus,
                                 double lo, double hi, bool store_final, bool store_chunks) {
@@ -1063,6 +1141,8 @@ std::vector<at::Tensor> ssd_fwd(const at::Tensor& x, const at::Tensor& dt, const
   check_tensors("ssd_cpu", {dt, zt, A, Dt, bt, ht0}, &x, "x");
   check_sizes(x, B, cu_seqlens, chunk_offsets, chunk);
   const auto [cw, cb] = conv_args(x, B, C, conv_weight, conv_bias);
+  const at::Tensor nw = norm_arg(x, B, norm_weight);
+  const bool normed = nw.defined() && nw.numel() > 0;
   const int64_t nseq = cu_seqlens.numel() - 1, H = x.size(1), P = x.size(2), G = B.size(1), N = B.size(2);
   const auto empty = at::empty({0}, x.options());
   const int64_t L = x.size(0);
@@ -1071,11 +1151,12 @@ std::vector<at::Tensor> ssd_fwd(const at::Tensor& x, const at::Tensor& dt, const
   at::Tensor hc = store_chunks ? at::empty({num_chunks, H, P, N}, x.options()) : empty;
   at::Tensor y_in = store_chunks ? at::empty_like(out) : empty;
   const bool gated = zt.defined() && zt.numel() > 0;
-  at::Tensor y_pre = store_chunks && gated ? at::empty_like(out) : empty;
+  at::Tensor y_pre = store_chunks && (gated || normed) ? at::empty_like(out) : empty;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssd_fwd", [&] {
     auto p = problem<scalar_t>(x, dt, B, C, zt, A, Dt, bt, ht0, cu_seqlens, chunk_offsets, chunk, softplus, lo,
                                hi);
     set_conv(p, cw, cb);
+    set_norm(p, nw, norm_eps);
     over_groups(p, nseq, [&](int64_t s, int64_t g, Buffers<scalar_t>& b) {
       fwd_task<scalar_t>(p, s, g, b, out.data_ptr<scalar_t>(), data_or_null<scalar_t>(y_in),
                          data_or_null<scalar_t>(y_pre), data_or_null<scalar_t>(ht), data_or_null<scalar_t>(hc));
@@ -1085,14 +1166,15 @@ std::vector<at::Tensor> ssd_fwd(const at::Tensor& x, const at::Tensor& dt, const
 }
 
 // Returns dx, ddt, dB, dC, dz (or empty), dA, dD (or empty), ddt_bias (or empty), dh0 (or empty), dconv_weight
-// and dconv_bias (or empty). With packed, x, B and C are the column blocks of one tensor [L, H P + 2 G N] (x,
-// then B, then C), and dx is one tensor of that layout holding dx, dB and dC (dB and dC are then empty); with
+// and dconv_bias (or empty), dnorm_weight (or empty). With packed, x, B and C are the column blocks of one
+// tensor [L, H P + 2 G N] (x, then B, then C), and dx is one tensor of that layout holding dx, dB and dC (dB and dC are then empty); with
 // the conv (packed required), it holds the gradient of the conv's input.
 std::vector<at::Tensor> ssd_bwd(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& B,
                                 const at::Tensor& C, const c10::optional<at::Tensor>& z, const at::Tensor& A,
                                 const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& dt_bias,
                                 const c10::optional<at::Tensor>& conv_weight,
                                 const c10::optional<at::Tensor>& conv_bias,
+                                const c10::optional<at::Tensor>& norm_weight, double norm_eps,
                                 bool has_h0, const at::Tensor& cu_seqlens, const at::Tensor& chunk_offsets,
                                 const at::Tensor& hc, const at::Tensor& y_in, const at::Tensor& y_pre,
                                 int64_t chunk, bool softplus, double lo, double hi, const at::Tensor& dout,
@@ -1110,6 +1192,10 @@ std::vector<at::Tensor> ssd_bwd(const at::Tensor& x, const at::Tensor& dt, const
               "ssd_cpu: packed x, B and C must be the column blocks of one [L, H P + 2 G N] tensor");
   const auto [cw, cb] = conv_args(x, B, C, conv_weight, conv_bias);
   const bool conv = cw.defined() && cw.numel() > 0;
+  const at::Tensor nw = norm_arg(x, B, norm_weight);
+  const bool normed = nw.defined() && nw.numel() > 0;
+  TORCH_CHECK(!normed || y_pre.numel() == x.numel(), "ssd_cpu: the norm's backward needs y_pre");
+  at::Tensor dnorm = normed ? at::zeros({nseq * G, H * P}, x.options()) : empty;
   TORCH_CHECK(!conv || packed, "ssd_cpu: the conv's backward writes the packed gradient (packed=True)");
   const int64_t cg = H / G * P + 2 * N, W = conv ? cw.size(1) : 0;
   at::Tensor dconv = conv ? at::empty({nseq * G, W + 1, cg}, x.options()) : empty;
@@ -1125,17 +1211,19 @@ std::vector<at::Tensor> ssd_bwd(const at::Tensor& x, const at::Tensor& dt, const
     p.ld_dx = packed ? width : H * P;
     p.ld_dbc = packed ? width : G * N;
     set_conv(p, cw, cb);
+    set_norm(p, nw, norm_eps);
     scalar_t* dxp = dx.data_ptr<scalar_t>();
     scalar_t* dBp = packed ? dxp + H * P : dB.data_ptr<scalar_t>();
     scalar_t* dCp = packed ? dBp + G * N : dC.data_ptr<scalar_t>();
     Grads<scalar_t> gr{dxp, ddt.data_ptr<scalar_t>(), dBp, dCp, data_or_null<scalar_t>(dz), data_or_null<scalar_t>(dh0),
-                       nullptr, nullptr, dout.data_ptr<scalar_t>(), data_or_null<scalar_t>(dhtt),
+                       nullptr, nullptr, nullptr, dout.data_ptr<scalar_t>(), data_or_null<scalar_t>(dhtt),
                        hc.data_ptr<scalar_t>(), data_or_null<scalar_t>(y_in), data_or_null<scalar_t>(y_pre)};
     scalar_t* params = dparams.data_ptr<scalar_t>();
     over_groups(p, nseq, [&](int64_t s, int64_t g, Buffers<scalar_t>& b) {
       Grads<scalar_t> own = gr;
       own.dparams = params + (s * G + g) * 3 * H;
       if (conv) own.dconv = dconv.data_ptr<scalar_t>() + (s * G + g) * (W + 1) * cg;
+      if (normed) own.dnorm = dnorm.data_ptr<scalar_t>() + (s * G + g) * H * P;
       bwd_task<scalar_t>(p, s, g, b, own);
     });
   });
@@ -1172,8 +1260,10 @@ std::vector<at::Tensor> ssd_bwd(const at::Tensor& x, const at::Tensor& dt, const
             }
     });
   }
+  // The norm's weight: the tasks' rows summed (torch's sum over the first dim: the same order every call).
+  at::Tensor dnorm_weight = normed ? dnorm.sum(0) : empty;
   return {dx, ddt, dB, dC, dz, sums[0], Dt.defined() && Dt.numel() > 0 ? sums[1] : empty,
-          bt.defined() && bt.numel() > 0 ? sums[2] : empty, dh0, dweight, dcbias};
+          bt.defined() && bt.numel() > 0 ? sums[2] : empty, dh0, dweight, dcbias, dnorm_weight};
 }
 
 void bind_ssd(pybind11::module& m) {

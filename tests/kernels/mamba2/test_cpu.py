@@ -19,10 +19,12 @@ from seqmix.kernels import cpu as cpu_build
 from seqmix.kernels import mamba2 as mamba2_ops
 from seqmix.kernels.mamba2 import cpu as cpu_kernels
 from seqmix.kernels.mamba2 import ssd_recurrent
+from seqmix.kernels.norm import rms_norm
 from tests.helpers import TOL, assert_rel, require_cpu_kernels
 from tests.kernels.mamba2.cases import Case, cases, make_inputs
 
 CPU = torch.device("cpu")
+NORM_EPS = 1e-5
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
 
 
@@ -308,8 +310,9 @@ def test_xbc_takes_a_dense_batch_of_at_most_whole_chunk_tokens_as_one_chunk(monk
     sequence), shorter and longer ones in chunks of CHUNK: each agrees with the float64 recurrence, with and
     without the conv inside, gradients included."""
     custom, chunks = cpu_kernels.XBC_FUSED.chunk_fwd, []
+    # The options end with the chunk, norm_eps and store_final.
     monkeypatch.setattr(cpu_kernels, "XBC_FUSED", dataclasses.replace(
-        cpu_kernels.XBC_FUSED, chunk_fwd=lambda *args: chunks.append(args[-2]) or custom(*args)))
+        cpu_kernels.XBC_FUSED, chunk_fwd=lambda *args: chunks.append(args[-3]) or custom(*args)))
     whole, chunk = cpu_kernels.WHOLE_CHUNK, cpu_kernels.CHUNK
     for seqlen, expected in ((chunk + 1, whole), (whole, whole), (chunk, chunk), (whole + 3, chunk)):
         chunks.clear()
@@ -340,10 +343,11 @@ def test_xbc_takes_the_in_place_kernels_with_gradients_only(monkeypatch):
     assert len(calls) == 1 and y.shape == (2, 70, 2, 4)
 
 
-def _conv_run(case, dtype, width, bias, fused):
-    """y, the final state and the gradients (xbc, dt, A, the case's others, conv weight, conv bias) of ssd_xbc on
-    the conv's input xbc with the conv inside (fused, cpu backend, ``dtype``), or of the float64 oracle: the
-    reference conv, then the recurrence on its output's column blocks."""
+def _conv_run(case, dtype, width, bias, fused, norm=False):
+    """y, the final state and the gradients (xbc, dt, A, the case's others, conv weight, conv bias, with norm the
+    norm's weight) of ssd_xbc on the conv's input xbc with the conv inside (fused, cpu backend, ``dtype``), or of
+    the float64 oracle: the reference conv, then the recurrence on its output's column blocks (then, with norm,
+    an RMSNorm over each token's H P values written out in float64)."""
     inputs = _inputs(case, dtype if fused else torch.float64)
     x, dt, A, B = inputs[:4]
     H, P = x.shape[2:]
@@ -354,30 +358,35 @@ def _conv_run(case, dtype, width, bias, fused):
     weight = (torch.randn(D_total, width, generator=gen, dtype=torch.float64) * 0.5).to(x.dtype).requires_grad_()
     conv_bias = (torch.randn(D_total, generator=gen, dtype=torch.float64) * 0.5).to(x.dtype).requires_grad_()
     conv_bias = conv_bias if bias else None
+    norm_weight = (torch.rand(H * P, generator=gen, dtype=torch.float64) + 0.5).to(x.dtype).requires_grad_()
+    norm_weight = norm_weight if norm else None
     kwargs = {**case.kwargs(inputs), "output_final_state": True}
     if fused:
         y, s = ssd_xbc(xbc, dt, A, num_heads=H, n_groups=G, d_state=N, **kwargs, backend="cpu", conv_weight=weight,
-                       conv_bias=conv_bias)
+                       conv_bias=conv_bias, norm_weight=norm_weight, norm_eps=NORM_EPS)
     else:
         act = causal_conv1d(xbc, weight, conv_bias, activation="silu", cu_seqlens=kwargs["cu_seqlens"],
                             backend="reference")[0]
         xs, Bs, Cs = act.split([H * P, G * N, G * N], -1)
         y, s = ssd_recurrent(xs.unflatten(-1, (H, P)), dt, A, Bs.unflatten(-1, (G, N)), Cs.unflatten(-1, (G, N)),
                              **kwargs)
+        if norm:
+            rows = y.flatten(-2)
+            y = (rows * (rows.square().mean(-1, keepdim=True) + NORM_EPS).rsqrt() * norm_weight).view(y.shape)
     loss = (y * torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype)).sum()
     loss = loss + (s * torch.randn(s.shape, generator=gen, dtype=torch.float64).to(s.dtype)).sum()
-    leaves = [t for t in [xbc, dt, A, *inputs[5:], weight, conv_bias] if t is not None]
+    leaves = [t for t in [xbc, dt, A, *inputs[5:], weight, conv_bias, norm_weight] if t is not None]
     return y, s, torch.autograd.grad(loss, leaves)
 
 
-def _check_conv(case, width=4, bias=True, dtype=torch.float64, tol=1e-10):
-    y, s, grads = _conv_run(case, dtype, width, bias, fused=True)
-    y_ref, s_ref, ref_grads = _conv_run(case, dtype, width, bias, fused=False)
+def _check_conv(case, width=4, bias=True, dtype=torch.float64, tol=1e-10, norm=False):
+    y, s, grads = _conv_run(case, dtype, width, bias, fused=True, norm=norm)
+    y_ref, s_ref, ref_grads = _conv_run(case, dtype, width, bias, fused=False, norm=norm)
     assert y.dtype == dtype and s.dtype == dtype
     assert_rel(y, y_ref, tol, "output")
     assert_rel(s, s_ref, tol, "final state")
-    names = ["xbc", "dt", "A", "D", "z", "dt_bias", "initial_state", "conv_weight", "conv_bias"]
-    present = [True, True, True, *[case.extras] * 3, case.initial_state, True, bias]
+    names = ["xbc", "dt", "A", "D", "z", "dt_bias", "initial_state", "conv_weight", "conv_bias", "norm_weight"]
+    present = [True, True, True, *[case.extras] * 3, case.initial_state, True, bias, norm]
     for name, a, b in zip([n for n, there in zip(names, present) if there], grads, ref_grads, strict=True):
         assert_rel(a, b, tol, f"d{name}")
 
@@ -434,6 +443,41 @@ def test_conv_inside_is_one_call_with_gradients_only(monkeypatch):
     assert_rel(s2, s.detach(), 1e-6, "final state without autograd")
 
 
+@settings(max_examples=6, deadline=None)
+@given(case=cases(max_t=150), bias=st.booleans())
+def test_norm_inside_matches_recurrence_then_rms_norm_in_float64(case, bias):
+    """The output's RMSNorm (norm_weight): output, final state and every gradient, the norm's weight included,
+    equal to the reference conv, the float64 recurrence and an RMSNorm over each token's H P values; gated or not
+    (the case's z), in the kernels with one group and by rms_norm after them with more."""
+    _check_conv(case, 4, bias, norm=True)
+
+
+def test_norm_inside_in_float32_with_packed_sequences():
+    case = Case(batch=1, lengths=(0, 2, 65, 1, 130), seqlen=198, heads=4, groups=1, p=70, n=16,
+                initial_state=True, extras=True, seed=9)
+    _check_conv(case, dtype=torch.float32, tol=TOL[torch.float32], norm=True)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_norm_inside_the_kernels_with_one_group_only(groups, monkeypatch):
+    """One group: one call of the xbc ops with the norm's weight (opcheck'ed) and no rms_norm; two: the ops without
+    it, then rms_norm."""
+    custom, calls, norm_calls = cpu_kernels.XBC_FUSED.chunk_fwd, [], []
+    monkeypatch.setattr(cpu_kernels, "XBC_FUSED", dataclasses.replace(
+        cpu_kernels.XBC_FUSED, chunk_fwd=lambda *args: calls.append(args) or custom(*args)))
+    monkeypatch.setattr(mamba2_ops, "rms_norm", lambda *a, **k: norm_calls.append(a) or rms_norm(*a, **k))
+    case = Case(batch=2, lengths=None, seqlen=70, heads=2, groups=groups, p=4, n=6, initial_state=True, extras=True,
+                seed=5)
+    _conv_run(case, torch.float32, 4, True, fused=True, norm=True)
+    assert len(calls) == 1 and len(norm_calls) == (groups > 1)
+    norm_weight = calls[0][8]
+    assert (norm_weight is not None) == (groups == 1)
+    if groups == 1:
+        assert norm_weight.shape == (2 * 4,)
+        torch.library.opcheck(custom.op, calls[0],
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
 def test_xbc_bad_inputs_raise_clearly():
     xbc, dt, A = torch.randn(1, 4, 20), torch.randn(1, 4, 2), -torch.rand(2)
     with pytest.raises(ValueError, match=r"xbc's last dim must be H P \+ 2 G N"):
@@ -453,3 +497,7 @@ def test_xbc_bad_inputs_raise_clearly():
                 conv_bias=torch.randn(4))
     with pytest.raises(ValueError, match="conv_bias is given without conv_weight"):
         ssd_xbc(xbc, dt, A, num_heads=2, n_groups=1, d_state=6, conv_bias=torch.randn(20))
+    with pytest.raises(ValueError, match=r"norm_weight must have shape \[H P\]"):
+        ssd_xbc(xbc, dt, A, num_heads=2, n_groups=1, d_state=6, norm_weight=torch.randn(20))
+    with pytest.raises(ValueError, match="norm_eps must be a number >= 0"):
+        ssd_xbc(xbc, dt, A, num_heads=2, n_groups=1, d_state=6, norm_weight=torch.randn(8), norm_eps=-1.0)
