@@ -128,6 +128,12 @@ def check_scale(scale, default: float) -> float:
     return scale
 
 
+def check_eps(name: str, eps) -> None:
+    """A norm's epsilon: a positive finite number."""
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {eps!r}")
+
+
 def check_values(ok: torch.Tensor, requirement: str, found) -> None:
     """Check a condition on an argument's values: ``ok`` is a one-element bool tensor,
     ``requirement`` names the argument and what it must satisfy, ``found()`` says what it holds.

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from seqmix.kernels.backend import select_backend
-from seqmix.kernels.checks import check_negative, check_same_dtype, check_sequences, check_tensor
+from seqmix.kernels.checks import check_eps, check_negative, check_same_dtype, check_sequences, check_tensor
 from seqmix.kernels.conv import causal_conv1d
 from seqmix.kernels.conv import cpu as conv_cpu
 from seqmix.kernels.library import custom_op
@@ -289,8 +289,7 @@ def ssd_xbc(
         check_tensor("conv_bias", conv_bias, (width,), dims="[H P + 2 G N]", like=xbc)
     if norm_weight is not None:
         check_tensor("norm_weight", norm_weight, (width - 2 * G * N,), dims="[H P]", like=xbc)
-        if not isinstance(norm_eps, (int, float)) or isinstance(norm_eps, bool) or not norm_eps >= 0:
-            raise ValueError(f"norm_eps must be a number >= 0, got {norm_eps!r}")
+        check_eps("norm_eps", norm_eps)
 
     def blocks(t):  # x [B, T, H, P], B and C [B, T, G, N]: views of t's column blocks
         x, B, C = t.split([width - 2 * G * N, G * N, G * N], dim=-1)

@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "../args_cpu.h"
+#include "../rows_cpu.h"
 #include "../vec_cpu.h"
 
 namespace {
@@ -343,6 +344,12 @@ inline void by_vectors(int64_t n, const F& f) {
   if (i < n) f(i, n - i, std::false_type{});
 }
 
+// y silu(z): the gated output, as the forward writes it and the norm's backward rebuilds it.
+template <typename T>
+inline Vec<T> gated(Vec<T> y, Vec<T> z) {
+  return y * z * sigmoid_v<T>(z);
+}
+
 // The gate of a row of n outputs, o *= silu(z), keeping the ungated values in pre (when given).
 template <typename T>
 inline void gate_row(T* o, T* pre, const T* z, int64_t n) {
@@ -350,7 +357,7 @@ inline void gate_row(T* o, T* pre, const T* z, int64_t n) {
     constexpr bool F = decltype(full)::value;
     const Vec<T> zv = load_cols<T, F>(z + i, 0, m), ov = load_cols<T, F>(o + i, 0, m);
     if (pre) store_cols<T, F>(pre + i, ov, 0, m);
-    store_cols<T, F>(o + i, ov * zv * sigmoid_v<T>(zv), 0, m);
+    store_cols<T, F>(o + i, gated<T>(ov, zv), 0, m);
   });
 }
 
@@ -365,16 +372,10 @@ inline void gate_row_bwd(const T* dout, const T* y, const T* z, T* dy, T* dz, in
   });
 }
 
-// 1 / sqrt(mean(g^2) + eps) over a row of n values.
-template <typename T>
-inline T inverse_rms(const T* g, int64_t n, T eps) {
-  return T(1) / std::sqrt(dot(g, g, n) / static_cast<T>(n) + eps);
-}
-
 // The output's RMSNorm on a row of n values in place: o = o / rms(o) * weight.
 template <typename T>
 inline void norm_row(T* o, const T* weight, T eps, int64_t n) {
-  const Vec<T> r = splat<T>(inverse_rms(o, n, eps));
+  const Vec<T> r = splat<T>(rms_scale(o, n, T(1) / T(n), eps));
   by_vectors<T>(n, [&](int64_t i, int64_t m, auto full) {
     constexpr bool F = decltype(full)::value;
     store_cols<T, F>(o + i, load_cols<T, F>(o + i, 0, m) * r * load_cols<T, F>(weight + i, 0, m), 0, m);
@@ -391,10 +392,9 @@ inline void norm_row_bwd(const T* dn, const T* y_pre, const T* z, const T* weigh
     constexpr bool F = decltype(full)::value;
     const Vec<T> yv = load_cols<T, F>(y_pre + i, 0, m);
     if (!z) return store_cols<T, F>(g + i, yv, 0, m);
-    const Vec<T> zv = load_cols<T, F>(z + i, 0, m);
-    store_cols<T, F>(g + i, yv * zv * sigmoid_v<T>(zv), 0, m);
+    store_cols<T, F>(g + i, gated<T>(yv, load_cols<T, F>(z + i, 0, m)), 0, m);
   });
-  const T r = inverse_rms(g, n, eps);
+  const T r = rms_scale(g, n, T(1) / T(n), eps);
   Vec<T> acc{};
   by_vectors<T>(n, [&](int64_t i, int64_t m, auto full) {
     constexpr bool F = decltype(full)::value;
@@ -623,10 +623,9 @@ struct Chunk {
 
   // Per head hl, the decay mask L_ij = exp(lcum_i - lcum_j) for j <= i (0 above) and W = L * M, into
   // [Hg, c, c] buffers (W's zeros above the diagonal are lower_times' and lower_t_times'; L only where given:
-  // the forward needs W alone). A row goes in
-  // whole vectors up to the one holding len - 1 (c is a multiple of the lanes); the lanes past the diagonal
-  // are set to 0 by a select, whatever lcum and M hold there (scalar tails of a varying length took 6% of
-  // the backward, docs/design.md, "Twenty-seventh round").
+  // the forward needs W alone). A row goes in whole vectors up to the one holding len - 1 (c is a multiple of
+  // the lanes); the lanes past the diagonal are set to 0 by a select, whatever lcum and M hold there (scalar
+  // tails of a varying length took 6% of the backward, docs/design.md, "Twenty-seventh round").
   void masked(const T* M, T* L, T* Wm) const {
     constexpr int64_t V = Lanes<T>::W;
     const int64_t c = p.chunk;

@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from seqmix.kernels import cpu, step_cpu
 from seqmix.kernels.backend import select_backend
-from seqmix.kernels.checks import check_same_dtype, check_tensor
+from seqmix.kernels.checks import check_eps, check_same_dtype, check_tensor
 from seqmix.kernels.library import custom_op
 from seqmix.kernels.norm import triton as kernels
 from seqmix.kernels.norm.reference import add_rms_norm_reference, rms_norm_reference
@@ -72,8 +70,7 @@ def _check(x, residual, weight, eps):
         check_tensor("residual", residual, tuple(x.shape), dims="[..., D] (x's shape)", like=x)
         check_same_dtype(("x", "residual"), (x, residual))
     check_tensor("weight", weight, (D,), dims="[D]", like=x)
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    check_eps("eps", eps)
 
 
 def add_rms_norm_backend(x: torch.Tensor, backend: str | None = None) -> str:

@@ -499,5 +499,5 @@ def test_xbc_bad_inputs_raise_clearly():
         ssd_xbc(xbc, dt, A, num_heads=2, n_groups=1, d_state=6, conv_bias=torch.randn(20))
     with pytest.raises(ValueError, match=r"norm_weight must have shape \[H P\]"):
         ssd_xbc(xbc, dt, A, num_heads=2, n_groups=1, d_state=6, norm_weight=torch.randn(20))
-    with pytest.raises(ValueError, match="norm_eps must be a number >= 0"):
+    with pytest.raises(ValueError, match="norm_eps must be a positive finite number"):
         ssd_xbc(xbc, dt, A, num_heads=2, n_groups=1, d_state=6, norm_weight=torch.randn(8), norm_eps=-1.0)
