@@ -62,12 +62,12 @@ def _chunk_bwd(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Tensor | None,
                dht: Tensor | None, needs: list[bool]) -> list[Tensor]:
     if dout is None:  # only the final state was used
         dout = torch.zeros_like(u)
-    du, ddelta, dz, dA, dB, dC, dD, dh0 = cpu.extension().selective_scan_bwd(
+    du, ddelta, dz, dA, dB, dC, dD, dh0, dbias = cpu.extension().selective_scan_bwd(
         u, delta, A, B, C, D, z, delta_bias, cu_seqlens, chunk_offsets, hc, CHUNK, softplus, dout, dht,
         h0 is not None and needs[8])
-    # The kernel's partial sums: dB, dC per block of channels, dA, dD per sequence.
+    # The kernel's partial sums: dB, dC per block of channels, dA, dD and delta_bias's per sequence.
     grads = (du, ddelta, dB.sum(0), dC.sum(0), dz if z is not None else None, dA.sum(0),
-             dD.sum(0) if D is not None else None, ddelta.sum(0) if delta_bias is not None else None,
+             dD.sum(0) if D is not None else None, dbias.sum(0) if delta_bias is not None else None,
              dh0 if h0 is not None else None, None, None, None)
     inputs = (u, delta, B, C, z, A, D, delta_bias, h0, cu_seqlens, chunk_index, chunk_offsets)
     return as_input_grads(grads, inputs, needs, u)

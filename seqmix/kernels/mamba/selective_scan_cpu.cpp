@@ -267,7 +267,8 @@ void scan_fwd_task(const Problem<T>& p, const Block& b, int64_t s, T* out, T* ht
 // Gradients a backward task writes: rows of the per-token ones, and its slices of the partial sums.
 template <typename T>
 struct Grads {
-  T *du, *ddelta, *dz, *dB, *dC, *dA, *dD, *dh0;  // dB, dC: [blocks, L, G, N]; dA: [Nseq, D, N]; dD: [Nseq, D]
+  // dB, dC: [blocks, L, G, N]; dA: [Nseq, D, N]; dD and ddelta_bias (dbias): [Nseq, D]
+  T *du, *ddelta, *dz, *dB, *dC, *dA, *dD, *dbias, *dh0;
   const T *dout, *dht, *hc;
 };
 
@@ -360,7 +361,7 @@ void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64
   // accB, accC: a pass's tokens' sums, each padded to whole blocks of W (add_over_channels sums W at once).
   const int64_t NW = (N + W - 1) / W * W;
   std::vector<Vec<T>> a(VN), a2(VN), dh(VN), dA(VN), Bt(kTokens * N), Ct(kTokens * N), accB(kTokens * NW),
-      accC(kTokens * NW), dD(nv);
+      accC(kTokens * NW), dD(nv), dbias(nv);
   // A pass's u, dy (through the gate), and the recurrence's sums sb and sa, per token and vector: [kTokens, nv].
   std::vector<Vec<T>> us(kTokens * nv), dys(us.size()), sbs(us.size()), sas(us.size());
   // The chunk's states (slot 0 the checkpoint, slot i + 1 after its token i), decays, delta' and its slope.
@@ -481,16 +482,21 @@ void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64
           const int64_t c0 = (b.v0 + v) * W;
           const Vec<T> uu = us[k * nv + v], dy = dys[k * nv + v], sb = sbs[k * nv + v];
           const Vec<T> skip = p.D ? load_row(p.D, c0, p.dim) : Vec<T>{};
-          store_row(g.ddelta + t * p.dim, (sas[k * nv + v] + uu * sb) * slopes[i * nv + v], c0, p.dim);
+          const Vec<T> dd = (sas[k * nv + v] + uu * sb) * slopes[i * nv + v];
+          store_row(g.ddelta + t * p.dim, dd, c0, p.dim);
           store_row(g.du + t * p.dim, dls[i * nv + v] * sb + skip * dy, c0, p.dim);
           dD[v] += dy * uu;
+          dbias[v] += dd;
         }
       }
     }
   }
   state_from_lanes(p, dA.data(), b, g.dA + s * p.dim * N);
   for (int64_t v = b.v0; v < b.v1; ++v)
-    for (int c = 0; c < W && v * W + c < p.dim; ++c) g.dD[s * p.dim + v * W + c] = dD[v - b.v0][c];
+    for (int c = 0; c < W && v * W + c < p.dim; ++c) {
+      g.dD[s * p.dim + v * W + c] = dD[v - b.v0][c];
+      if (g.dbias) g.dbias[s * p.dim + v * W + c] = dbias[v - b.v0][c];
+    }
   if (g.dh0) state_from_lanes(p, dh.data(), b, g.dh0 + s * p.dim * N);
 }
 
@@ -547,7 +553,8 @@ std::vector<at::Tensor> selective_scan_fwd(const at::Tensor& u, const at::Tensor
 }
 
 // Returns du, ddelta, dz (or empty), dA [Nseq, D, N], dB and dC [blocks, L, G, N], dD [Nseq, D], dh0 (or
-// empty): the caller sums the partial buffers over their first dimension.
+// empty), ddelta_bias [Nseq, D] (or empty without delta_bias): the caller sums the partial buffers over their
+// first dimension.
 std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                            const at::Tensor& B, const at::Tensor& C,
                                            const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
@@ -563,6 +570,7 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
   at::Tensor dz = z.has_value() ? at::empty_like(u) : at::empty({0}, u.options());
   at::Tensor dA = at::empty({nseq, dim, N}, u.options()), dD = at::empty({nseq, dim}, u.options());
   at::Tensor dh0 = need_dh0 ? at::empty({nseq, dim, N}, u.options()) : at::empty({0}, u.options());
+  at::Tensor dbias = bias.has_value() ? at::empty({nseq, dim}, u.options()) : at::empty({0}, u.options());
   at::Tensor dB, dC;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_bwd", [&] {
     const auto p = problem<scalar_t>(u, delta, A, B, C, D, z, bias, c10::nullopt, cu_seqlens, chunk_offsets, chunk,
@@ -574,11 +582,12 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
     const Grads<scalar_t> g{du.data_ptr<scalar_t>(), ddelta.data_ptr<scalar_t>(),
                             z.has_value() ? dz.data_ptr<scalar_t>() : nullptr, dB.data_ptr<scalar_t>(),
                             dC.data_ptr<scalar_t>(), dA.data_ptr<scalar_t>(), dD.data_ptr<scalar_t>(),
+                            bias.has_value() ? dbias.data_ptr<scalar_t>() : nullptr,
                             need_dh0 ? dh0.data_ptr<scalar_t>() : nullptr, dout.data_ptr<scalar_t>(),
                             data_or_null<scalar_t>(dht), hc.data_ptr<scalar_t>()};
     over_tasks(p, plan, [&](const Block& b, int64_t s) { scan_bwd_task(p, g, b, s); });
   });
-  return {du, ddelta, dz, dA, dB, dC, dD, dh0};
+  return {du, ddelta, dz, dA, dB, dC, dD, dh0, dbias};
 }
 
 void bind_selective_scan(pybind11::module& m) {

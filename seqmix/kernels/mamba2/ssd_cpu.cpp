@@ -344,10 +344,15 @@ inline void by_vectors(int64_t n, const F& f) {
   if (i < n) f(i, n - i, std::false_type{});
 }
 
-// y silu(z): the gated output, as the forward writes it and the norm's backward rebuilds it.
+// y silu(z) with sg = sigmoid(z): the gated output, as the forward writes it and the norm's backward rebuilds it.
+template <typename T>
+inline Vec<T> gated(Vec<T> y, Vec<T> z, Vec<T> sg) {
+  return y * z * sg;
+}
+
 template <typename T>
 inline Vec<T> gated(Vec<T> y, Vec<T> z) {
-  return y * z * sigmoid_v<T>(z);
+  return gated<T>(y, z, sigmoid_v<T>(z));
 }
 
 // The gate of a row of n outputs, o *= silu(z), keeping the ungated values in pre (when given).
@@ -361,12 +366,14 @@ inline void gate_row(T* o, T* pre, const T* z, int64_t n) {
   });
 }
 
-// The gate's backward on a row: dy = dout silu(z), dz = dout y silu'(z) with y the ungated output.
+// The gate's backward on a row: dy = dout silu(z), dz = dout y silu'(z) with y the ungated output; sigmoid(z)
+// from sgs when given (the norm's backward computed it), else computed here.
 template <typename T>
-inline void gate_row_bwd(const T* dout, const T* y, const T* z, T* dy, T* dz, int64_t n) {
+inline void gate_row_bwd(const T* dout, const T* y, const T* z, const T* sgs, T* dy, T* dz, int64_t n) {
   by_vectors<T>(n, [&](int64_t i, int64_t m, auto full) {
     constexpr bool F = decltype(full)::value;
-    const Vec<T> zv = load_cols<T, F>(z + i, 0, m), dv = load_cols<T, F>(dout + i, 0, m), sg = sigmoid_v<T>(zv);
+    const Vec<T> zv = load_cols<T, F>(z + i, 0, m), dv = load_cols<T, F>(dout + i, 0, m);
+    const Vec<T> sg = sgs ? load_cols<T, F>(sgs + i, 0, m) : sigmoid_v<T>(zv);
     store_cols<T, F>(dy + i, dv * zv * sg, 0, m);
     store_cols<T, F>(dz + i, dv * load_cols<T, F>(y + i, 0, m) * sg * (T(1) + zv * (T(1) - sg)), 0, m);
   });
@@ -384,15 +391,18 @@ inline void norm_row(T* o, const T* weight, T eps, int64_t n) {
 
 // The RMSNorm's backward on a row: n = g r weight with r = 1 / rms(g), gradient dn. Returns dg = r dn weight -
 // g r^3 sum(dn weight g) / n (into dg, which may be dn's row) and adds dn g r to dweight. g's row is the
-// forward's pre-norm output: y_pre, gated by z as gate_row gated it (when z is given), rebuilt in g.
+// forward's pre-norm output: y_pre, gated by z as gate_row gated it (when z is given), rebuilt in g, with
+// sigmoid(z) kept in sg for the gate's backward (one sigmoid a value, not two).
 template <typename T>
-inline void norm_row_bwd(const T* dn, const T* y_pre, const T* z, const T* weight, T eps, T* g, T* dg, T* dweight,
-                         int64_t n) {
+inline void norm_row_bwd(const T* dn, const T* y_pre, const T* z, const T* weight, T eps, T* g, T* sg, T* dg,
+                         T* dweight, int64_t n) {
   by_vectors<T>(n, [&](int64_t i, int64_t m, auto full) {
     constexpr bool F = decltype(full)::value;
     const Vec<T> yv = load_cols<T, F>(y_pre + i, 0, m);
     if (!z) return store_cols<T, F>(g + i, yv, 0, m);
-    store_cols<T, F>(g + i, gated<T>(yv, load_cols<T, F>(z + i, 0, m)), 0, m);
+    const Vec<T> zv = load_cols<T, F>(z + i, 0, m), s = sigmoid_v<T>(zv);
+    store_cols<T, F>(sg + i, s, 0, m);
+    store_cols<T, F>(g + i, gated<T>(yv, zv, s), 0, m);
   });
   const T r = rms_scale(g, n, T(1) / T(n), eps);
   Vec<T> acc{};
@@ -695,12 +705,13 @@ struct Buffers {
   // pre-activations), that of the W-1 tokens after the chunk [W-1, cg], and the task's dweight [W, cg] and
   // dbias [cg].
   std::vector<T> dact, carry, next, dtaps, dcbias;
-  std::vector<T> pre;  // with the norm, a token's pre-norm output [Hg P], rebuilt by the backward
+  // With the norm, a token's pre-norm output [Hg P] and (with the gate) its sigmoid(z), rebuilt by the backward.
+  std::vector<T> pre, sg;
   explicit Buffers(const Problem<T>& p)
       : ch(p, p.chunk), S(p.width() * p.N), M(p.chunk * p.chunk), dM(M.size()), L(p.Hg() * M.size()), Wm(L.size()),
         dW(L.size()), Y(p.chunk * p.width()), U(Y.size()), dR(Y.size()), dU(Y.size()), dX(Y.size()),
         to_end(p.Hg() * p.chunk), dl(to_end.size()), dlast(p.Hg()), xt(std::max(p.P, p.N) * p.chunk),
-        pre(p.norm_w ? p.width() : 0) {
+        pre(p.norm_w ? p.width() : 0), sg(p.norm_w && p.z ? p.width() : 0) {
     if (!p.conv()) return;
     const int64_t cg = p.group_cols() + Lanes<T>::W;
     dact.resize(p.chunk * cg);
@@ -894,11 +905,12 @@ void bwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, const Gr
       T* dy = dY.data() + t * w;
       if (p.norm_w) {  // dy: the gradient of the pre-norm output first
         norm_row_bwd(dor, gr.y_pre + ch.row(t), p.z ? p.z + ch.row(t) : nullptr, p.norm_w, p.norm_eps,
-                     b.pre.data(), dy, gr.dnorm, w);
+                     b.pre.data(), b.sg.data(), dy, gr.dnorm, w);
         dor = dy;
       }
       if (p.z) {
-        gate_row_bwd(dor, gr.y_pre + ch.row(t), p.z + ch.row(t), dy, gr.dz + ch.row(t), w);
+        gate_row_bwd(dor, gr.y_pre + ch.row(t), p.z + ch.row(t), p.norm_w ? b.sg.data() : nullptr, dy,
+                     gr.dz + ch.row(t), w);
       } else if (!p.norm_w) {
         std::memcpy(dy, dor, w * sizeof(T));
       }
