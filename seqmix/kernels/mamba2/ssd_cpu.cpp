@@ -684,13 +684,13 @@ struct Chunk {
   }
 };
 
-// S[head hl's P N values] *= exp(last_hl) for every head of the group.
+// dst[head hl's P N values] = exp(last_hl) src[...] for every head of the group (dst may be src).
 template <typename T>
-void decay_state(const Chunk<T>& ch, T* S) {
+void decay_state(const Chunk<T>& ch, const T* src, T* dst) {
   const int64_t PN = ch.p.P * ch.p.N;
   for (int64_t hl = 0; hl < ch.p.Hg(); ++hl) {
     const T decay = std::exp(ch.last(hl));
-    for (int64_t i = hl * PN; i < (hl + 1) * PN; ++i) S[i] *= decay;
+    for (int64_t i = hl * PN; i < (hl + 1) * PN; ++i) dst[i] = decay * src[i];
   }
 }
 
@@ -808,20 +808,26 @@ void fwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, T* out, 
   Chunk<T>& ch = b.ch;
   ch.set_group(g);
   ch.seq_start = start;
-  std::vector<T>&S = b.S, &M = b.M, &Wm = b.Wm, &Y = b.Y, &U = b.U, &to_end = b.to_end;
+  std::vector<T>&M = b.M, &Wm = b.Wm, &Y = b.Y, &U = b.U, &to_end = b.to_end;
   const int64_t state_at = g * w * N;  // the group's rows in a [H, P, N] state
-  bool has_state = p.h0 != nullptr;
-  if (has_state) std::memcpy(S.data(), p.h0 + s * p.H * P * N + state_at, w * N * sizeof(T));
-  else std::fill(S.begin(), S.end(), T(0));  // the buffer holds the previous task's state
   const int64_t first = p.chunk_offsets[s], count = p.chunk_offsets[s + 1] - first;
+  // The state lives where it is kept: entering chunk n, in hc's row for it (when stored; the backward reads it
+  // there), leaving the last chunk, in final's; b.S otherwise. Copying it from one buffer into hc cost a copy of
+  // the whole state a chunk (128 KiB for Mamba-2's tiny layer).
+  auto kept = [&](int64_t n) -> T* {
+    if (n < count) return hc ? hc + (first + n) * p.H * P * N + state_at : b.S.data();
+    return final ? final + s * p.H * P * N + state_at : b.S.data();
+  };
+  bool has_state = p.h0 != nullptr;
+  T* S = kept(0);  // the state entering the current chunk
+  if (has_state) std::memcpy(S, p.h0 + s * p.H * P * N + state_at, w * N * sizeof(T));
   for (int64_t n = 0; n < count; ++n) {
     const int64_t t0 = start + n * c, len = std::min(c, end - t0);
     ch.load(t0, len, false);
     // The entering state's part: y_in = exp(lcum) (C S^T). A chunk without an entering state (a sequence's
     // first, without h0) leaves its rows of hc and y_in unwritten: the backward reads neither for it.
     if (has_state) {
-      if (hc) std::memcpy(hc + (first + n) * p.H * P * N + state_at, S.data(), w * N * sizeof(T));
-      gemm<T>(len, w, N, ch.Cm(), {S.data(), N, true}, T(0), Y.data(), w);
+      gemm<T>(len, w, N, ch.Cm(), {S, N, true}, T(0), Y.data(), w);
       ch.times_decay(Y.data(), Y.data());
       if (y_in)
         for (int64_t t = 0; t < len; ++t) std::memcpy(y_in + ch.row(t), Y.data() + t * w, w * sizeof(T));
@@ -842,18 +848,21 @@ void fwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, T* out, 
       else if (y_pre && p.norm_w) std::memcpy(y_pre + ch.row(t), o, w * sizeof(T));
       if (p.norm_w) norm_row(o, p.norm_w, p.norm_eps, w);
     }
-    // The state leaving the chunk: S = exp(last) S + U^T B (not needed after the last chunk without a final).
+    // The state leaving the chunk: exp(last) S + U^T B (U^T B alone without an entering state; not needed after
+    // the last chunk without a final).
     if (n + 1 < count || final) {
+      T* next = kept(n + 1);
       ch.writes(U.data(), to_end.data());
-      decay_state(ch, S.data());
-      gemm<T>(w, N, len, {U.data(), w, true}, ch.Bm(), T(1), S.data(), N);
+      if (has_state) decay_state(ch, S, next);
+      gemm<T>(w, N, len, {U.data(), w, true}, ch.Bm(), has_state ? T(1) : T(0), next, N);
+      S = next;
       has_state = true;
     }
   }
-  if (final) {
-    T* dst = final + s * p.H * P * N + state_at;
-    if (has_state) std::memcpy(dst, S.data(), w * N * sizeof(T));
-    else std::fill(dst, dst + w * N, T(0));
+  if (final) {  // written by the last chunk, unless the sequence has none
+    T* dst = kept(count);
+    if (S != dst && has_state) std::memcpy(dst, S, w * N * sizeof(T));
+    else if (!has_state) std::fill(dst, dst + w * N, T(0));
   }
 }
 
@@ -984,7 +993,7 @@ void bwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, const Gr
     // The gradient of the entering state: dS <- exp(last) dS + dR^T C (not needed before the first chunk
     // unless h0 wants one).
     if (wants_ds) {
-      if (has_ds) decay_state(ch, dS.data());
+      if (has_ds) decay_state(ch, dS.data(), dS.data());
       gemm<T>(w, N, len, {dR.data(), w, true}, ch.Cm(), has_ds ? T(1) : T(0), dS.data(), N);
       has_ds = true;
     }
