@@ -15,7 +15,8 @@
 // conv's output nor its gradient exists as a tensor (docs/design.md, "Seventh round").
 //
 // One task owns one (sequence, group of B and C) and walks the sequence's chunks in order with the state of
-// the group's heads, [Hg P, N], in a local buffer. A chunk's products are matrix products of the chunk's rows
+// the group's heads, [Hg P, N], where the forward keeps it (the stored entering states' rows, the final state's)
+// or in a local buffer. A chunk's products are matrix products of the chunk's rows
 // in place (the heads of a group are side by side in every token's row, so [c, Hg P] blocks need no copy):
 // C B^T once per chunk, the decay-masked scores per head, C S^T and the state's update U^T B. The
 // elementwise work around them (dt', the cumulative log decays, the masks, D, the gate) runs on the chunk's
