@@ -86,8 +86,8 @@ def _chunk_bwd(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A:
                chunk_offsets: Tensor, hc: Tensor, y_in: Tensor, y_pre: Tensor, softplus: bool, lo: float, hi: float,
                store_final: bool, dout: Tensor | None, dht: Tensor | None, needs: list[bool]) -> list[Tensor]:
     dx, ddt, dB, dC, dz, dA, dD, ddt_bias, dh0, *_ = _bwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens,
-                                                            chunk_offsets, hc, y_in, y_pre, softplus, lo, hi, dout,
-                                                            dht, needs[8], False)
+                                                          chunk_offsets, hc, y_in, y_pre, softplus, lo, hi, dout,
+                                                          dht, needs[8], False)
     grads = (dx, ddt, dB, dC, dz, dA, dD, ddt_bias, dh0, None, None, None)
     inputs = (x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_index, chunk_offsets)
     return as_input_grads(grads, inputs, needs, x)

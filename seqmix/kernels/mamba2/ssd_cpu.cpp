@@ -16,8 +16,8 @@
 //
 // One task owns one (sequence, group of B and C) and walks the sequence's chunks in order with the state of
 // the group's heads, [Hg P, N], where the forward keeps it (the stored entering states' rows, the final state's)
-// or in a local buffer. A chunk's products are matrix products of the chunk's rows
-// in place (the heads of a group are side by side in every token's row, so [c, Hg P] blocks need no copy):
+// or in a local buffer. A chunk's products are matrix products of the chunk's rows in place (the heads of a
+// group are side by side in every token's row, so [c, Hg P] blocks need no copy):
 // C B^T once per chunk, the decay-masked scores per head, C S^T and the state's update U^T B. The
 // elementwise work around them (dt', the cumulative log decays, the masks, D, the gate) runs on the chunk's
 // rows while they are in cache. Every gradient of a token belongs to one task; the per-head parameters'
@@ -862,8 +862,8 @@ void fwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, T* out, 
   }
   if (final) {  // written by the last chunk, unless the sequence has none
     T* dst = kept(count);
-    if (S != dst && has_state) std::memcpy(dst, S, w * N * sizeof(T));
-    else if (!has_state) std::fill(dst, dst + w * N, T(0));
+    if (!has_state) std::fill(dst, dst + w * N, T(0));
+    else if (S != dst) std::memcpy(dst, S, w * N * sizeof(T));
   }
 }
 
@@ -1188,8 +1188,8 @@ std::vector<at::Tensor> ssd_fwd(const at::Tensor& x, const at::Tensor& dt, const
 
 // Returns dx, ddt, dB, dC, dz (or empty), dA, dD (or empty), ddt_bias (or empty), dh0 (or empty), dconv_weight
 // and dconv_bias (or empty), dnorm_weight (or empty). With packed, x, B and C are the column blocks of one
-// tensor [L, H P + 2 G N] (x, then B, then C), and dx is one tensor of that layout holding dx, dB and dC (dB and dC are then empty); with
-// the conv (packed required), it holds the gradient of the conv's input.
+// tensor [L, H P + 2 G N] (x, then B, then C), and dx is one tensor of that layout holding dx, dB and dC (dB and
+// dC are then empty); with the conv (packed required), it holds the gradient of the conv's input.
 std::vector<at::Tensor> ssd_bwd(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& B,
                                 const at::Tensor& C, const c10::optional<at::Tensor>& z, const at::Tensor& A,
                                 const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& dt_bias,
