@@ -14,6 +14,25 @@
 namespace seqmix_cpu {
 
 constexpr int64_t kFewRows = 8;  // rows up to which the products are matrix_times_rows'; more take ATen's
+// Values of a weight from which its product is spread over the threads (128 KiB in float32): a parallel region
+// costs ~1 us here, about what a smaller weight's product takes alone.
+constexpr int64_t kThreadedValues = 1 << 15;
+
+// y [rows, out] = x [rows, n] m^T (matrix_times_rows) with m's rows split among the threads in blocks of W, the
+// same rows to the same thread at every call. A decoding token reads each weight once: on one core a weight set
+// past its L2 comes from L3 every token, while split so, each core's share can stay in its own L2 (the tiny
+// Mamba-2 LM's products, 2.4 MB, 50 -> 22 us a token on two cores; docs/design.md, "Twenty-ninth round").
+// A row's sums do not depend on the split, so the result is the same for any number of threads.
+template <typename T>
+inline void weight_times_rows(const T* m, const T* x, T* y, int64_t rows, int64_t out, int64_t n) {
+  constexpr int64_t W = Lanes<T>::W;
+  const int64_t blocks = out / W;  // whole blocks; the last task takes the rows past them
+  if (out * n < kThreadedValues || blocks < 2) return matrix_times_rows(m, x, y, rows, out, n, out);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t o0 = begin * W, o1 = end == blocks ? out : end * W;
+    matrix_times_rows(m + o0 * n, x, y + o0, rows, o1 - o0, n, out);
+  });
+}
 
 // x w^T for x [rows, in] and w [out, in], both float32 or both float64; `kernel` names the caller in errors.
 inline at::Tensor times_weight(const at::Tensor& x, const at::Tensor& w, const char* kernel) {
@@ -30,7 +49,7 @@ inline at::Tensor times_weight(const at::Tensor& x, const at::Tensor& w, const c
   at::Tensor y = at::empty({rows, out}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "times_weight", [&] {
     using T = scalar_t;
-    matrix_times_rows(wc.data_ptr<T>(), xc.data_ptr<T>(), y.data_ptr<T>(), rows, out, in);
+    weight_times_rows(wc.data_ptr<T>(), xc.data_ptr<T>(), y.data_ptr<T>(), rows, out, in);
   });
   return y;
 }

@@ -96,13 +96,13 @@ void norm_row(const T* x, const T* weight, double eps, T* out, int64_t D) {
 template <typename T>
 void swiglu_rows(const T* n, const T* gate_up, const T* down, T* gu, T* act, T* o, int64_t rows, int64_t D,
                  int64_t I) {
-  seqmix_cpu::matrix_times_rows(gate_up, n, gu, rows, 2 * I, D);
+  seqmix_cpu::weight_times_rows(gate_up, n, gu, rows, 2 * I, D);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < I; ++j) {
       const T g = gu[r * 2 * I + j];
       act[r * I + j] = g / (T(1) + std::exp(-g)) * gu[r * 2 * I + I + j];
     }
-  seqmix_cpu::matrix_times_rows(down, act, o, rows, D, I);
+  seqmix_cpu::weight_times_rows(down, act, o, rows, D, I);
 }
 
 // residual_swiglu_step at a decoding step's few rows, everything contiguous: the same operations in the same order

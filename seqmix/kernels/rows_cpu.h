@@ -53,16 +53,16 @@ inline T rms_scale(const T* x, int64_t n, T inv_n, double eps) {
 }
 
 // y [rows, out] = x [rows, n] m^T for a row-major matrix m [out, n] and a few rows x (a layer's weight W, so x W^T;
-// attention's keys, so the scores k q): rows and y contiguous. W rows of m at a time: their dot products as W vectors
-// of partial sums, reduced together (lane_sums), where one dot product's lane sum per row would cost more than its
-// multiply-adds; the last rows one dot product each. A decoding step's product: MKL's general one reads a weight at a
-// fraction of the speed (docs/design.md, "Eighteenth round"). Within the W rows, kRowsTogether rows of m walk x
-// together, each sum in the order of one dot product (so the grouping does not change a bit, and a row's result is
-// the same in any batch), with the lines kPrefetchBytes ahead asked for: a token's weights come from L3, and the W
-// rows' W streams at once, unprefetched, read them at ~45 GB/s, 4 rows at a time ~4 KiB ahead at ~58 GB/s
-// (docs/design.md, "Twenty-first round"). Those kRowsTogether rows of m, read once, serve every row of x from L1
-// (up to kInputRowsTogether at a time, their sums in registers): a batch of rows reads the weight once instead of
-// once a row (docs/design.md, "Twenty-fourth round").
+// attention's keys, so the scores k q), x contiguous, y's rows ldy apart. W rows of m at a time: their dot products
+// as W vectors of partial sums, reduced together (lane_sums), where one dot product's lane sum per row would cost
+// more than its multiply-adds; the last rows one dot product each. A decoding step's product: MKL's general one reads
+// a weight at a fraction of the speed (docs/design.md, "Eighteenth round"). Within the W rows, kRowsTogether rows of
+// m walk x together, each sum in the order of one dot product (so the grouping does not change a bit, and a row's
+// result is the same in any batch and any split of m's rows among threads), with the lines kPrefetchBytes ahead
+// asked for: a token's weights come from L3, and the W rows' W streams at once, unprefetched, read them at ~45 GB/s,
+// 4 rows at a time ~4 KiB ahead at ~58 GB/s (docs/design.md, "Twenty-first round"). Those kRowsTogether rows of m,
+// read once, serve every row of x from L1 (up to kInputRowsTogether at a time, their sums in registers): a batch of
+// rows reads the weight once instead of once a row (docs/design.md, "Twenty-fourth round").
 constexpr int kRowsTogether = 4;
 constexpr int kInputRowsTogether = 4;
 constexpr int64_t kBatchRows = 8;  // rows of x whose partial sums a pass over m keeps (on the stack)
@@ -93,7 +93,7 @@ inline void partial_sums(const T* rows, const T* x, int64_t n, Vec<T> (*P)[Lanes
 
 // matrix_times_rows over at most kBatchRows rows.
 template <typename T>
-inline void matrix_times_batch(const T* m, const T* x, T* y, int64_t rows, int64_t out, int64_t n) {
+inline void matrix_times_batch(const T* m, const T* x, T* y, int64_t rows, int64_t out, int64_t n, int64_t ldy) {
   constexpr int W = Lanes<T>::W, R = W < kRowsTogether ? W : kRowsTogether;  // both powers of 2: R divides W
   constexpr int B = kInputRowsTogether;
   const LaneSums<T>& sums = lane_sums<T>();
@@ -111,10 +111,10 @@ inline void matrix_times_batch(const T* m, const T* x, T* y, int64_t rows, int64
         default: break;
       }
     }
-    for (int64_t b = 0; b < rows; ++b) sums(P[b], y + b * out + o);
+    for (int64_t b = 0; b < rows; ++b) sums(P[b], y + b * ldy + o);
   }
   for (; o < out; ++o)
-    for (int64_t b = 0; b < rows; ++b) y[b * out + o] = dot(x + b * n, m + o * n, n);
+    for (int64_t b = 0; b < rows; ++b) y[b * ldy + o] = dot(x + b * n, m + o * n, n);
 }
 
 // y [out] = m [out, n] x [n]: matrix_times_rows of one row, the same sums with a buffer of one row's partial sums
@@ -133,11 +133,12 @@ inline void matrix_times_row(const T* m, const T* x, T* y, int64_t out, int64_t 
   for (; o < out; ++o) y[o] = dot(x, m + o * n, n);
 }
 
+// y [rows, out] (rows ldy values apart) = x [rows, n] m^T; ldy is out unless y is a block of a wider output's columns.
 template <typename T>
-inline void matrix_times_rows(const T* m, const T* x, T* y, int64_t rows, int64_t out, int64_t n) {
+inline void matrix_times_rows(const T* m, const T* x, T* y, int64_t rows, int64_t out, int64_t n, int64_t ldy) {
   if (rows == 1) return matrix_times_row(m, x, y, out, n);
   for (int64_t b = 0; b < rows; b += kBatchRows)
-    matrix_times_batch(m, x + b * n, y + b * out, std::min<int64_t>(kBatchRows, rows - b), out, n);
+    matrix_times_batch(m, x + b * n, y + b * ldy, std::min<int64_t>(kBatchRows, rows - b), out, n, ldy);
 }
 
 }  // namespace seqmix_cpu

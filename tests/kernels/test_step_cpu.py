@@ -511,6 +511,37 @@ def test_mlp_steps_give_each_of_a_few_rows_its_result_alone(step, dtype):
         assert torch.equal(together, alone), f"{B} rows"
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_weight_products_split_among_threads_give_the_same_bits(rows, dtype):
+    """A weight of at least 2^15 values has its rows split among the threads (linear_cpu.h, weight_times_rows): the
+    result is the same bit for bit with one thread and with three (an uneven split, a last task with the rows past
+    the last full vector), and right against float64. Sizes: gate_up [340, 200] and down [200, 170], both above the
+    threshold, neither a multiple of a vector."""
+    require_cpu_kernels()
+    D, I = 200, 170
+    g = torch.Generator().manual_seed(rows)
+    x, y = (torch.randn(rows, D, generator=g, dtype=torch.float64) for _ in range(2))
+    norm_weight = 1 + torch.rand(D, generator=g, dtype=torch.float64)
+    gate_up = torch.randn(2 * I, D, generator=g, dtype=torch.float64) / D**0.5
+    down = torch.randn(D, I, generator=g, dtype=torch.float64) / I**0.5
+    assert min(gate_up.numel(), down.numel()) >= 2**15
+    h = x + y
+    gate, up = F.linear(h * torch.rsqrt(h.square().mean(-1, keepdim=True) + 1e-5) * norm_weight, gate_up).chunk(2, -1)
+    want = h + F.linear(F.silu(gate) * up, down)
+    args = [t.to(dtype) for t in (x, y, norm_weight)] + [1e-5] + [t.to(dtype) for t in (gate_up, down)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = step_cpu.residual_swiglu_step(*args)
+        torch.set_num_threads(3)
+        three = step_cpu.residual_swiglu_step(*args)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, three)
+    assert_rel(three, want, 1e-13 if dtype == torch.float64 else TOL[torch.float32], "residual + SwiGLU step")
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("step", ["residual_swiglu_step", "sandwich_swiglu_step"])
 def test_mlp_steps_few_rows_equal_their_tensor_path(step, dtype):
