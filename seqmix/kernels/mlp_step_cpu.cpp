@@ -12,7 +12,6 @@
 #include "torch_cpu.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <initializer_list>
 #include <vector>
@@ -64,11 +63,7 @@ at::Tensor swiglu_mlp(const at::Tensor& n, const at::Tensor& gate_up, const at::
     T* ap = act.data_ptr<T>();
     const int64_t grain = std::max<int64_t>(1, kValuesPerTask / std::max<int64_t>(I, 1));
     at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r)
-        for (int64_t j = 0; j < I; ++j) {
-          const T g = gp[r * 2 * I + j];
-          ap[r * I + j] = g / (T(1) + std::exp(-g)) * gp[r * 2 * I + I + j];
-        }
+      for (int64_t r = b; r < e; ++r) seqmix_cpu::swiglu_row(gp + r * 2 * I, gp + r * 2 * I + I, ap + r * I, I);
     });
   });
   return seqmix_cpu::times_weight(act, down, kernel);
@@ -97,11 +92,7 @@ template <typename T>
 void swiglu_rows(const T* n, const T* gate_up, const T* down, T* gu, T* act, T* o, int64_t rows, int64_t D,
                  int64_t I) {
   seqmix_cpu::weight_times_rows(gate_up, n, gu, rows, 2 * I, D);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < I; ++j) {
-      const T g = gu[r * 2 * I + j];
-      act[r * I + j] = g / (T(1) + std::exp(-g)) * gu[r * 2 * I + I + j];
-    }
+  for (int64_t r = 0; r < rows; ++r) seqmix_cpu::swiglu_row(gu + r * 2 * I, gu + r * 2 * I + I, act + r * I, I);
   seqmix_cpu::weight_times_rows(down, act, o, rows, D, I);
 }
 

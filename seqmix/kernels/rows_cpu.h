@@ -45,6 +45,16 @@ inline void silu_inplace(T* v, int64_t n) {
   }
 }
 
+// out = silu(g) up over a row of n values (the SwiGLU MLP's activation), in silu_inplace's operations.
+template <typename T>
+inline void swiglu_row(const T* g, const T* up, T* out, int64_t n) {
+  constexpr int L = Lanes<T>::W;
+  for (int64_t i = 0; i < n; i += L) {
+    const Vec<T> x = load_upto(g + i, n - i);
+    store_upto(out + i, x / (T(1) + exp_v<T>(-x)) * load_upto(up + i, n - i), n - i);
+  }
+}
+
 // 1 / sqrt(sum(x^2) inv_n + eps) over a row of n values: RMSNorm's scale with inv_n = 1 / n, the L2 norm's
 // with inv_n = 1 (seqmix/archs/modules.py). The sum in vectors (dot): a scalar running sum does not vectorise.
 template <typename T>
