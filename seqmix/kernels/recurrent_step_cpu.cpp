@@ -418,8 +418,8 @@ std::vector<at::Tensor> deltanet_step(const at::Tensor& x, const at::Tensor& in_
     const int64_t row_stride = fc.stride(0);
     const int64_t grain = std::max<int64_t>(1, kValuesPerTask / std::max<int64_t>(H * K * V, 1));
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-      std::vector<T> buffer(channels + V);
-      T *qkv = buffer.data(), *w = qkv + channels;
+      std::vector<T> buffer(channels + V + (has_gate ? H * V : 0));
+      T *qkv = buffer.data(), *w = qkv + channels, *gate = has_gate ? w + V : nullptr;  // gate: silu(g) [H V]
       for (int64_t b = begin; b < end; ++b) {
         const T* row = fp + b * row_stride;  // q|k|v | gate | b | a
         if (conv) {
@@ -431,12 +431,13 @@ std::vector<at::Tensor> deltanet_step(const at::Tensor& x, const at::Tensor& in_
         }
         for (int64_t r = 0; r < 2 * H; ++r) {  // q and k: x rsqrt(sum(x^2) + eps) per head
           T* x = qkv + r * K;
-          T ss = 0;
-          for (int64_t i = 0; i < K; ++i) ss += x[i] * x[i];
-          const T inv = T(1) / std::sqrt(ss + T(l2_eps));
+          const T inv = seqmix_cpu::rms_scale(x, K, T(1), l2_eps);
           for (int64_t i = 0; i < K; ++i) x[i] *= inv;
         }
-        const T* gate = has_gate ? row + channels : nullptr;
+        if (gate) {
+          std::copy(row + channels, row + channels + H * V, gate);
+          silu_inplace<T>(gate, H * V);
+        }
         const T* strengths = row + channels + (has_gate ? H * V : 0);  // b, then a
         T* ob = op + b * H * V;
         for (int64_t h = 0; h < H; ++h) {
@@ -451,15 +452,9 @@ std::vector<at::Tensor> deltanet_step(const at::Tensor& x, const at::Tensor& in_
           T* oh = ob + h * V;
           delta_head<T>(s + bh * K * V, sn + bh * K * V, qkv + h * K, qkv + (H + h) * K, qkv + 2 * H * K + h * V,
                         beta, a, T(scale), oh, w, K, V);
-          T ss = 0;
-          for (int64_t j = 0; j < V; ++j) ss += oh[j] * oh[j];
-          const T inv = T(1) / std::sqrt(ss / T(V) + T(norm_eps));
-          for (int64_t j = 0; j < V; ++j) oh[j] = oh[j] * inv * nwp[j];
+          rms_norm_inplace(oh, nwp, norm_eps, V);
           if (gate)
-            for (int64_t j = 0; j < V; ++j) {
-              const T gj = gate[h * V + j];
-              oh[j] *= gj / (T(1) + std::exp(-gj));
-            }
+            for (int64_t j = 0; j < V; ++j) oh[j] *= gate[h * V + j];
         }
       }
     });
