@@ -7,6 +7,7 @@
 
 #include "torch_cpu.h"
 
+#include <algorithm>
 #include <cstdint>
 
 #include "rows_cpu.h"
@@ -14,9 +15,10 @@
 namespace seqmix_cpu {
 
 constexpr int64_t kFewRows = 8;  // rows up to which the products are matrix_times_rows'; more take ATen's
-// Values of a weight from which its product is spread over the threads (128 KiB in float32): a parallel region
-// costs ~1 us here, about what a smaller weight's product takes alone.
-constexpr int64_t kThreadedValues = 1 << 15;
+// The least share of a weight's values a thread task takes (64 KiB in float32): a parallel region costs ~1 us here,
+// about what the product of such a share takes alone. Smaller weights stay on the calling thread, and a larger one
+// wakes no more tasks than it has shares (at::parallel_for's grain), whatever the number of threads.
+constexpr int64_t kWeightValuesPerTask = 1 << 14;
 
 // y [rows, out] = x [rows, n] m^T (matrix_times_rows) with m's rows split among the threads in blocks of W, the
 // same rows to the same thread at every call. A decoding token reads each weight once: on one core a weight set
@@ -27,8 +29,9 @@ template <typename T>
 inline void weight_times_rows(const T* m, const T* x, T* y, int64_t rows, int64_t out, int64_t n) {
   constexpr int64_t W = Lanes<T>::W;
   const int64_t blocks = out / W;  // whole blocks; the last task takes the rows past them
-  if (out * n < kThreadedValues || blocks < 2) return matrix_times_rows(m, x, y, rows, out, n, out);
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, kWeightValuesPerTask / std::max<int64_t>(W * n, 1));
+  if (blocks < 2 * grain) return matrix_times_rows(m, x, y, rows, out, n, out);
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     const int64_t o0 = begin * W, o1 = end == blocks ? out : end * W;
     matrix_times_rows(m + o0 * n, x, y + o0, rows, o1 - o0, n, out);
   });

@@ -514,10 +514,10 @@ def test_mlp_steps_give_each_of_a_few_rows_its_result_alone(step, dtype):
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_weight_products_split_among_threads_give_the_same_bits(rows, dtype):
-    """A weight of at least 2^15 values has its rows split among the threads (linear_cpu.h, weight_times_rows): the
-    result is the same bit for bit with one thread and with three (an uneven split, a last task with the rows past
-    the last full vector), and right against float64. Sizes: gate_up [340, 200] and down [200, 170], both above the
-    threshold, neither a multiple of a vector."""
+    """A weight of at least two tasks' shares (2 x 2^14 values) has its rows split among the threads (linear_cpu.h,
+    weight_times_rows): the result is the same bit for bit with one thread and with three (an uneven split, a last
+    task with the rows past the last full vector), and right against float64. Sizes: gate_up [340, 200] and down
+    [200, 170], both above the threshold, neither a multiple of a vector."""
     require_cpu_kernels()
     D, I = 200, 170
     g = torch.Generator().manual_seed(rows)
@@ -525,7 +525,7 @@ def test_weight_products_split_among_threads_give_the_same_bits(rows, dtype):
     norm_weight = 1 + torch.rand(D, generator=g, dtype=torch.float64)
     gate_up = torch.randn(2 * I, D, generator=g, dtype=torch.float64) / D**0.5
     down = torch.randn(D, I, generator=g, dtype=torch.float64) / I**0.5
-    assert min(gate_up.numel(), down.numel()) >= 2**15
+    assert min(gate_up.numel(), down.numel()) >= 2 * 2**14
     h = x + y
     gate, up = F.linear(h * torch.rsqrt(h.square().mean(-1, keepdim=True) + 1e-5) * norm_weight, gate_up).chunk(2, -1)
     want = h + F.linear(F.silu(gate) * up, down)
