@@ -15,6 +15,7 @@
 namespace seqmix_cpu {
 
 constexpr int64_t kFewRows = 8;  // rows up to which the products are matrix_times_rows'; more take ATen's
+
 // The least share of a weight's values a thread task takes (64 KiB in float32): a parallel region costs ~1 us here,
 // about what the product of such a share takes alone. Smaller weights stay on the calling thread, and a larger one
 // wakes no more tasks than it has shares (at::parallel_for's grain), whatever the number of threads.

@@ -228,6 +228,35 @@ def test_an_lm_of_one_call_layers_decodes_a_token_in_one_cpp_call(dtype, options
             decode(torch.full((2, 1), 300), mine)
 
 
+def test_decoding_steps_give_the_same_logits_at_any_number_of_threads(monkeypatch):
+    """At the tiny config's width (hidden 128) a decoding token's weight products are split by rows among the
+    threads (linear_cpu.h, weight_times_rows; in_proj's, the MLP's and the head's are over the threshold): from one
+    prefilled state, six decode_step tokens (each layer's one C++ step) with three threads give one thread's logits
+    bit for bit, for an LM of attention and Mamba-2 layers and two sequences. (The prefill itself, ATen's products
+    over the prompt, may round differently at another number of threads, so it is run once.)"""
+    require_cpu_kernels()
+    monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
+    torch.manual_seed(0)
+    model = LanguageModel(LMConfig(hidden_size=128, num_heads=4, layers=["attention", "mamba2"])).eval()
+    threads = torch.get_num_threads()
+    runs = []
+    with torch.no_grad():
+        logits, state = model(_tokens(2, 7).cpu(), model.init_state(2, capacity=7 + 6))
+        try:
+            for n in (1, 3):
+                torch.set_num_threads(n)
+                tokens, steps = logits[:, -1:].argmax(-1), []
+                mine = [{key: value.clone() for key, value in s.items()} for s in state]
+                for _ in range(6):
+                    step, mine = model.decode_step(tokens, mine)
+                    steps.append(step)
+                    tokens = step.argmax(-1, keepdim=True)
+                runs.append(torch.stack(steps, 1))
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(runs[0], runs[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_generate_binds_the_cpp_steps_once_and_equals_the_module_calls(dtype, monkeypatch):
     """On CPU tensors generate's loop runs the layers' C++ steps bound once (LanguageModel._cpu_decoder) when every
