@@ -11,12 +11,11 @@
 
 namespace seqmix_cpu {
 
-// The short conv's window step over one row of D channels (weight [D, W], bias [D] or null, s and next
-// [D, W-1] oldest first): out = bias + sum_j weight[:, j] window[:, j] over the window of s followed by x,
-// before any activation, and next, the window's last W-1 columns (seqmix/kernels/conv/step.py).
-template <typename T>
-inline void conv_window_row(const T* x, const T* w, const T* bias, const T* s, T* next, T* out, int64_t D,
-                            int64_t W) {
+// conv_window_row's loop, with the width W an int64_t or a std::integral_constant (then its loops over the taps
+// unroll and the compiler vectorises over the channels).
+template <typename T, typename Width>
+inline void conv_window_loop(const T* x, const T* w, const T* bias, const T* s, T* next, T* out, int64_t D,
+                             Width W) {
   const int64_t S = W - 1;
   for (int64_t d = 0; d < D; ++d) {
     const T *sd = s + d * S, *wd = w + d * W;
@@ -28,6 +27,18 @@ inline void conv_window_row(const T* x, const T* w, const T* bias, const T* s, T
     if (S > 0) nd[S - 1] = x[d];
     out[d] = acc;
   }
+}
+
+// The short conv's window step over one row of D channels (weight [D, W], bias [D] or null, s and next
+// [D, W-1] oldest first): out = bias + sum_j weight[:, j] window[:, j] over the window of s followed by x,
+// before any activation, and next, the window's last W-1 columns (seqmix/kernels/conv/step.py). A width up to 8
+// is a constant of the loop: 4x faster at W = 4 and 640 channels than counted (2.0 -> 0.5 us; docs/design.md,
+// "Twenty-ninth round").
+template <typename T>
+inline void conv_window_row(const T* x, const T* w, const T* bias, const T* s, T* next, T* out, int64_t D,
+                            int64_t W) {
+  if (W > 8) return conv_window_loop(x, w, bias, s, next, out, D, W);
+  as_constant<8>(W, [&](auto width) { conv_window_loop(x, w, bias, s, next, out, D, width); });
 }
 
 // SiLU of n values in place, a vector at a time (libm's exp is one call per element).
