@@ -1,5 +1,6 @@
-"""Shared test helpers: the device under test, relative error, random inputs."""
+"""Shared test helpers: the device under test, relative error, random inputs, torch's threads for a block."""
 
+import contextlib
 import os
 import shutil
 
@@ -67,3 +68,14 @@ def require_cpu_kernels() -> None:
     if missing:
         pytest.skip(f"no {' or '.join(missing)} on this machine: {why}")
     pytest.fail(why)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's CPU threads set to n inside the block; the caller's number comes back after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

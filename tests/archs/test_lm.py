@@ -10,7 +10,7 @@ from seqmix.archs import MIXERS
 from seqmix.archs.lm import LanguageModel, LMConfig
 from seqmix.kernels import step_cpu
 from seqmix.kernels.step_cpu import decoder
-from tests.helpers import DEVICE, TOL, assert_rel, require_cpu_kernels
+from tests.helpers import DEVICE, TOL, assert_rel, require_cpu_kernels, torch_threads
 
 
 def _model(layers, seed=0, **kw):
@@ -238,22 +238,18 @@ def test_decoding_steps_give_the_same_logits_at_any_number_of_threads(monkeypatc
     monkeypatch.delenv("SEQMIX_BACKEND", raising=False)
     torch.manual_seed(0)
     model = LanguageModel(LMConfig(hidden_size=128, num_heads=4, layers=["attention", "mamba2"])).eval()
-    threads = torch.get_num_threads()
     runs = []
     with torch.no_grad():
         logits, state = model(_tokens(2, 7).cpu(), model.init_state(2, capacity=7 + 6))
-        try:
-            for n in (1, 3):
-                torch.set_num_threads(n)
-                tokens, steps = logits[:, -1:].argmax(-1), []
-                mine = [{key: value.clone() for key, value in s.items()} for s in state]
+        for n in (1, 3):
+            tokens, steps = logits[:, -1:].argmax(-1), []
+            mine = [{key: value.clone() for key, value in s.items()} for s in state]
+            with torch_threads(n):
                 for _ in range(6):
                     step, mine = model.decode_step(tokens, mine)
                     steps.append(step)
                     tokens = step.argmax(-1, keepdim=True)
-                runs.append(torch.stack(steps, 1))
-        finally:
-            torch.set_num_threads(threads)
+            runs.append(torch.stack(steps, 1))
     assert torch.equal(runs[0], runs[1])
 
 

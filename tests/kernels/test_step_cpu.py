@@ -23,7 +23,7 @@ from seqmix.kernels.gated_linear_attention.reference import gla_recurrent
 from seqmix.kernels.gated_linear_attention.step import gla_step
 from seqmix.kernels.mamba2.reference import ssd_recurrent
 from seqmix.kernels.mamba2.step import ssd_step
-from tests.helpers import TOL, assert_rel, require_cpu_kernels
+from tests.helpers import TOL, assert_rel, require_cpu_kernels, torch_threads
 
 B, T, H, K, V, G, N = 2, 5, 4, 16, 19, 2, 11
 SCALE = 0.6
@@ -530,14 +530,10 @@ def test_weight_products_split_among_threads_give_the_same_bits(rows, dtype):
     gate, up = F.linear(h * torch.rsqrt(h.square().mean(-1, keepdim=True) + 1e-5) * norm_weight, gate_up).chunk(2, -1)
     want = h + F.linear(F.silu(gate) * up, down)
     args = [t.to(dtype) for t in (x, y, norm_weight)] + [1e-5] + [t.to(dtype) for t in (gate_up, down)]
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         one = step_cpu.residual_swiglu_step(*args)
-        torch.set_num_threads(3)
+    with torch_threads(3):
         three = step_cpu.residual_swiglu_step(*args)
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(one, three)
     assert_rel(three, want, 1e-13 if dtype == torch.float64 else TOL[torch.float32], "residual + SwiGLU step")
 

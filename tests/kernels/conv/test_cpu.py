@@ -15,7 +15,7 @@ from seqmix.kernels import cpu as cpu_build
 from seqmix.kernels.conv import cpu as conv_cpu
 from seqmix.kernels.conv.cpu import CHUNK
 from seqmix.kernels.sequences import make_chunking
-from tests.helpers import TOL, assert_rel, require_cpu_kernels
+from tests.helpers import TOL, assert_rel, require_cpu_kernels, torch_threads
 from tests.kernels.contract import check_no_tokens
 from tests.kernels.conv.strategies import batch_layout
 
@@ -127,14 +127,10 @@ def test_float64_matches_reference_drawn(layout, D, W, activation, bias, state, 
 def test_sums_do_not_depend_on_the_threads():
     """dweight and dbias add per-chunk partial sums in a fixed order: bit for bit the same on 1 and 2 threads."""
     inputs = _inputs(2, 3 * CHUNK, 40, 4, 2, dtype=torch.float32)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         one = _run(inputs, "cpu", "silu")
-        torch.set_num_threads(2)
+    with torch_threads(2):
         two = _run(inputs, "cpu", "silu")
-    finally:
-        torch.set_num_threads(threads)
     for a, b in zip((one[0], one[1], *one[2]), (two[0], two[1], *two[2])):
         assert torch.equal(a, b)
 

@@ -16,7 +16,7 @@ from seqmix.kernels import BackendUnavailable, delta_rule, explain, gated_delta_
 from seqmix.kernels import cpu as cpu_build
 from seqmix.kernels.deltanet import cpu as cpu_kernels
 from seqmix.kernels.deltanet import delta_rule_recurrent, gated_delta_rule_recurrent
-from tests.helpers import TOL, assert_rel, require_cpu_kernels
+from tests.helpers import TOL, assert_rel, require_cpu_kernels, torch_threads
 from tests.kernels.contract import assert_grads, outputs_and_grads
 from tests.kernels.deltanet.cases import CPU_HEAD_DIMS, Case, cases, make_gated_inputs, make_inputs
 
@@ -125,16 +125,12 @@ def test_one_token_wide_heads_and_ragged_lengths(gated):
 def test_packed_sequences_with_empty_ones_keep_their_states(gated, threads):
     """Ragged packed sequences (empty ones among them), on one thread and on two (10 tasks of unequal length)."""
     case = Case(batch=1, lengths=(0, 9, 0, 35, 1), seqlen=45, heads=2, k=16, v=24, initial_state=True, seed=5)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         _, s = _check_float64(case, gated)
         h0 = _inputs(case, torch.float64, gated)[5]
         torch.testing.assert_close(s[0], h0[0])
         torch.testing.assert_close(s[2], h0[2])
         _check_float32(case, gated, final_state=False)
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_strong_decays():
