@@ -9,7 +9,7 @@ from torch import nn
 
 from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer, take_step
 from seqmix.archs.modules import Linear, RMSNorm, ShortConvolution, no_weight_decay
-from seqmix.kernels import ssd_xbc, step_cpu
+from seqmix.kernels import ssd_xbc, ssd_zxbcdt, step_cpu
 from seqmix.kernels.linear import linear
 from seqmix.kernels.mamba2.step import ssd_step
 from seqmix.kernels.step_cpu import StateOf
@@ -79,18 +79,31 @@ class Mamba2(Mixer):
         step = self.cpu_decoding_step(x, state) if decoding else None
         if step is not None:
             return take_step(step, x, state)
+        # Without a state to carry, the short conv goes into SSD's call: the cpu backend computes it inside the
+        # chunks for training, its output and gradient never written (docs/design.md, "Seventh round"). A replaced
+        # conv module (the recall benchmark's conv-off variant) and a call with a state take the module.
+        conv_inside = state is None and isinstance(self.conv, ShortConvolution) and self.conv.activation == "silu"
+        # Under autograd the gated norm is the op's (the same rms_norm as RMSNorm.forward's there): the cpu
+        # backend's kernels normalise each token as they write it, with no pass of their own over the output and
+        # its gradient (docs/design.md, "Twenty-seventh round").
+        norm_in_op = torch.is_grad_enabled()
+        ssd_args = dict(num_heads=H, n_groups=G, d_state=N, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+                        dt_limit=self.dt_limit, cu_seqlens=cu_seqlens, backend=self.backend,
+                        norm_weight=self.norm.weight if norm_in_op else None, norm_eps=self.norm.eps)
+        if conv_inside and norm_in_op:
+            # Training: in_proj as one product whose output SSD takes whole, so its backward is one product for
+            # x's gradient and one for the weight's (docs/design.md, "Thirtieth round").
+            y, _ = ssd_zxbcdt(linear(x, self.in_proj.weight), self._A(), conv_weight=self.conv.weight,
+                              conv_bias=self.conv.bias, **ssd_args)
+            return self.out_proj(y.reshape(B, T, self.d_inner)), None
         sizes = [self.d_inner, self.conv_dim, H]
         if decoding:  # one token: one matmul, the fewest calls
             z, xbc, dt = self.in_proj(x).split(sizes, dim=-1)
         else:
             # One matmul per part of in_proj's output (slices of its weight): each part contiguous, so the
-            # gate's and the conv's element-wise passes run on contiguous rows and the backward needs no
-            # concatenation (6-7% off a training step, docs/design.md).
+            # gate's and the conv's element-wise passes run on contiguous rows (6-7% off a training step when
+            # they were PyTorch's, docs/design.md).
             z, xbc, dt = (linear(x, w) for w in self.in_proj.weight.split(sizes))
-        # Without a state to carry, the short conv goes into SSD's call: the cpu backend computes it inside the
-        # chunks for training, its output and gradient never written (docs/design.md, "Seventh round"). A replaced
-        # conv module (the recall benchmark's conv-off variant) and a call with a state take the module.
-        conv_inside = state is None and isinstance(self.conv, ShortConvolution) and self.conv.activation == "silu"
         if not conv_inside:
             xbc, conv_state = self.conv(xbc, None if state is None else state["conv"], cu_seqlens)
         if decoding:
@@ -105,17 +118,10 @@ class Mamba2(Mixer):
         # x, B and C stay the column blocks of the conv's output (or input): on the cpu backend SSD reads them in
         # place and their gradient is one tensor (docs/design.md, "Sixth round: a C++ RMSNorm; SSD on the conv's
         # output in place; GLA's and Mamba's decoding steps").
-        # Under autograd the gated norm is the op's (the same rms_norm as RMSNorm.forward's there): the cpu
-        # backend's kernels normalise each token as they write it, with no pass of their own over the output and
-        # its gradient (docs/design.md, "Twenty-seventh round").
-        norm_in_op = torch.is_grad_enabled()
         y, ssm_state = ssd_xbc(
-            xbc, dt, self._A(), num_heads=H, n_groups=G, d_state=N, D=self.D, z=z.reshape(B, T, H, P),
-            dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
-            initial_state=None if state is None else state["ssm"], output_final_state=state is not None,
-            cu_seqlens=cu_seqlens, backend=self.backend,
-            conv_weight=self.conv.weight if conv_inside else None, conv_bias=self.conv.bias if conv_inside else None,
-            norm_weight=self.norm.weight if norm_in_op else None, norm_eps=self.norm.eps,
+            xbc, dt, self._A(), z=z.reshape(B, T, H, P), initial_state=None if state is None else state["ssm"],
+            output_final_state=state is not None, conv_weight=self.conv.weight if conv_inside else None,
+            conv_bias=self.conv.bias if conv_inside else None, **ssd_args,
         )
         y = y.reshape(B, T, self.d_inner)
         out = self.out_proj(y if norm_in_op else self.norm(y))

@@ -6,7 +6,7 @@ from seqmix.kernels.conv import causal_conv1d, causal_conv1d_update, dynamic_con
 from seqmix.kernels.deltanet import delta_rule, gated_delta_rule
 from seqmix.kernels.gated_linear_attention import gla
 from seqmix.kernels.mamba import selective_scan
-from seqmix.kernels.mamba2 import ssd, ssd_xbc
+from seqmix.kernels.mamba2 import ssd, ssd_xbc, ssd_zxbcdt
 from seqmix.kernels.norm import add_rms_norm, add_rms_norm_backend, rms_norm
 from seqmix.kernels.pooling import chunk_select, ema_dechunk, segment_pool, segment_upsample
 from seqmix.kernels.mlp import swiglu
@@ -31,5 +31,6 @@ __all__ = [
     "selective_scan",
     "ssd",
     "ssd_xbc",
+    "ssd_zxbcdt",
     "swiglu",
 ]

@@ -1,6 +1,7 @@
 """Mamba2 specifics: the fused layer against the reference layer with gradients, the usual
 initialisation, and configuration errors (the Mixer contract is in test_mixers.py)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 from seqmix.archs import Mamba2
 from tests.archs import contract
-from tests.helpers import DEVICE, TOL, require_cpu_kernels
+from tests.helpers import DEVICE, TOL, assert_rel, require_cpu_kernels
 
 
 def _layer(backend, seed=0, **kw):
@@ -21,6 +22,33 @@ def _layer(backend, seed=0, **kw):
 def test_triton_layer_matches_reference_layer_with_gradients():
     x = torch.randn(2, 70, 32, generator=torch.Generator().manual_seed(1))
     contract.fused_matches_reference(lambda backend: _layer(backend, seed=3), x, TOL[torch.float32])
+
+
+def test_cpu_layer_matches_reference_layer_with_gradients(monkeypatch):
+    """The training call on the cpu backend (in_proj's output whole into the kernels, the conv and the gated norm
+    inside: ssd_zxbcdt) against the reference backend's in float64: the output and the gradients of x and every
+    parameter."""
+    require_cpu_kernels()
+    from seqmix.kernels.mamba2 import cpu as cpu_kernels
+
+    custom, calls = cpu_kernels.XBC_FUSED.chunk_fwd, []
+    monkeypatch.setattr(cpu_kernels, "XBC_FUSED", dataclasses.replace(
+        cpu_kernels.XBC_FUSED, chunk_fwd=lambda *args: calls.append(args) or custom(*args)))
+    x = torch.randn(2, 70, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    outs, grads = {}, {}
+    for backend in ("cpu", "reference"):
+        layer = _layer(backend, seed=6, n_groups=1).cpu().double()
+        with torch.no_grad():  # off the initial values (D = 1, a zero conv bias)
+            for p in layer.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype) * 0.1)
+        xb = x.clone().requires_grad_()
+        y, _ = layer(xb)
+        (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(8), dtype=y.dtype)).sum().backward()
+        outs[backend], grads[backend] = y, [("x", xb.grad)] + [(n, p.grad) for n, p in layer.named_parameters()]
+    assert len(calls) == 1 and calls[0][0].shape == (140, 2 * 64 + 2 * 8 + 4)  # z, x, B, C and dt, one tensor
+    assert_rel(outs["cpu"], outs["reference"], 1e-10, "output")
+    for (name, a), (_, b) in zip(grads["cpu"], grads["reference"], strict=True):
+        assert_rel(a, b, 1e-10, f"grad of {name}")
 
 
 def test_fused_cpu_decoding_step_equals_the_tensor_op_steps(monkeypatch):

@@ -33,7 +33,7 @@ from seqmix.kernels.op import (
     wants_grad,
 )
 
-__all__ = ["ssd", "ssd_chunked", "ssd_recurrent", "ssd_xbc"]
+__all__ = ["ssd", "ssd_chunked", "ssd_recurrent", "ssd_xbc", "ssd_zxbcdt"]
 
 
 def check_dt_limit(dt_limit) -> tuple[float, float]:
@@ -274,13 +274,78 @@ def ssd_xbc(
         final_state: [N, H, P, N] float32 (float64 for float64 inputs), or None.
     """
     check_tensor("xbc", xbc, (None, None, None), dims="[B, T, H P + 2 G N]")
-    for name, value in (("num_heads", num_heads), ("n_groups", n_groups), ("d_state", d_state)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    H, G, N = num_heads, n_groups, d_state
+    H, G, N = _check_sizes(num_heads, n_groups, d_state)
     width = xbc.shape[-1]
     if width <= 2 * G * N or (width - 2 * G * N) % H:
         raise ValueError(f"xbc's last dim must be H P + 2 G N with P >= 1 (H={H}, G={G}, N={N}), got {width}")
+    return _ssd_blocks(xbc, dt, A, z, None, H, G, N, D, dt_bias, dt_softplus, dt_limit, initial_state,
+                       output_final_state, cu_seqlens, backend, conv_weight, conv_bias, norm_weight, norm_eps)
+
+
+def ssd_zxbcdt(
+    zxbcdt: torch.Tensor,
+    A: torch.Tensor,
+    *,
+    num_heads: int,
+    n_groups: int,
+    d_state: int,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, math.inf),
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str | None = None,
+    conv_weight: torch.Tensor | None = None,
+    conv_bias: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`ssd_xbc` on Mamba-2's whole input projection, as one product of in_proj gives it (mamba_ssm's
+    ``zxbcdt``): ``z = zxbcdt[..., :H P]``, ``xbc = zxbcdt[..., H P : 2 H P + 2 G N]``, ``dt = zxbcdt[..., -H:]``.
+
+    The results of ``ssd_xbc(xbc, dt, A, z=z.unflatten(-1, (H, P)), ...)``. With autograd on the cpu backend the
+    kernels read the five column blocks where they are and return zxbcdt's gradient as one tensor, so that the
+    projection's backward is one product for its input's gradient and one for its weight's, instead of one per
+    block and the sums of the input's (docs/design.md, "Thirtieth round"). Otherwise it is ssd_xbc on views of
+    the blocks.
+
+    Args:
+        zxbcdt: [B, T, 2 H P + 2 G N + H].
+        num_heads: H; n_groups: G (dividing H); d_state: N. The head dim P follows from zxbcdt's width.
+        A, D, dt_bias, dt_softplus, dt_limit, initial_state, output_final_state, cu_seqlens, backend, conv_weight,
+            conv_bias, norm_weight, norm_eps: as :func:`ssd_xbc`.
+
+    Returns:
+        y: [B, T, H, P] in zxbcdt's dtype.
+        final_state: [N, H, P, N] float32 (float64 for float64 inputs), or None.
+    """
+    check_tensor("zxbcdt", zxbcdt, (None, None, None), dims="[B, T, 2 H P + 2 G N + H]")
+    H, G, N = _check_sizes(num_heads, n_groups, d_state)
+    width = zxbcdt.shape[-1]
+    HP = (width - 2 * G * N - H) // 2
+    if HP <= 0 or HP % H or 2 * HP + 2 * G * N + H != width:
+        raise ValueError(f"zxbcdt's last dim must be 2 H P + 2 G N + H with P >= 1 (H={H}, G={G}, N={N}), "
+                         f"got {width}")
+    z, xbc, dt = zxbcdt.split([HP, HP + 2 * G * N, H], dim=-1)
+    return _ssd_blocks(xbc, dt, A, z.unflatten(-1, (H, -1)), zxbcdt, H, G, N, D, dt_bias, dt_softplus, dt_limit,
+                       initial_state, output_final_state, cu_seqlens, backend, conv_weight, conv_bias, norm_weight,
+                       norm_eps)
+
+
+def _check_sizes(num_heads, n_groups, d_state) -> tuple[int, int, int]:
+    for name, value in (("num_heads", num_heads), ("n_groups", n_groups), ("d_state", d_state)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return num_heads, n_groups, d_state
+
+
+def _ssd_blocks(xbc, dt, A, z, zxbcdt, H, G, N, D, dt_bias, dt_softplus, dt_limit, initial_state, output_final_state,
+                cu_seqlens, backend, conv_weight, conv_bias, norm_weight, norm_eps):
+    """ssd_xbc's and ssd_zxbcdt's checks and dispatch: xbc, dt and z as ssd_xbc takes them, and zxbcdt, the
+    tensor of which they are the column blocks, or None."""
+    width = xbc.shape[-1]
     if conv_weight is not None:
         check_tensor("conv_weight", conv_weight, (width, None), dims="[H P + 2 G N, W]", like=xbc)
     if conv_bias is not None:
@@ -313,8 +378,10 @@ def ssd_xbc(
     params = [None if t is None else t.to(xbc.dtype)
               for t in (A, D, dt_bias, conv_weight, conv_bias, norm_weight if norm_inside else None)]
     op = cpu_kernels.xbc_fused(xbc.shape[1], cu_seqlens)
-    y, final = run_fused(op, (xbc, dt, None if z is None else z.to(xbc.dtype)), params, initial_state,
-                         (H, G, N, dt_softplus, lo, hi, op.chunk_size, float(norm_eps)), output_final_state, cu_seqlens)
+    per_token = (xbc, dt, None if z is None else z.to(xbc.dtype)) if zxbcdt is None else (zxbcdt, None, None)
+    y, final = run_fused(op, per_token, params, initial_state,
+                         (H, G, N, dt_softplus, lo, hi, op.chunk_size, float(norm_eps), zxbcdt is not None),
+                         output_final_state, cu_seqlens)
     return (y if norm_inside else _normed(y, norm_weight, norm_eps)), final
 
 

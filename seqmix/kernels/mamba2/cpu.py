@@ -9,7 +9,9 @@ A second pair of ops (``ssd_cpu_xbc_*``, for :func:`seqmix.kernels.mamba2.ssd_xb
 column blocks of one tensor ``xbc [L, H P + 2 G N]`` and returns their gradient as one tensor of that layout:
 the kernels read and write those rows in place, so neither the packing copies nor a split's concatenation in
 the backward remain (docs/design.md, "Sixth round: a C++ RMSNorm; SSD on the conv's output in place; GLA's
-and Mamba's decoding steps").
+and Mamba's decoding steps"). With ``in_proj`` the tensor is Mamba-2's whole in_proj output ``[L, 2 H P + 2 G N +
+H]``, z and dt its first and last column blocks, and its gradient one tensor of that layout too (for
+:func:`seqmix.kernels.mamba2.ssd_zxbcdt`; docs/design.md, "Thirtieth round").
 """
 
 from __future__ import annotations
@@ -45,11 +47,16 @@ def _fake_outputs(x, B, cu_seqlens, store_final):
     return out, final.to(x.dtype)
 
 
-def _columns(xbc, heads, groups, state):
-    """x [L, H, P], B and C [L, G, N]: views of the column blocks of xbc [L, H P + 2 G N]."""
+def _columns(xbc, dt, z, heads, groups, state, in_proj):
+    """(x [L, H, P], dt, B and C [L, G, N], z): x, B and C the views of the column blocks of xbc [L, H P + 2 G N],
+    dt and z as given; or with in_proj, xbc = [z, x, B, C, dt] [L, 2 H P + 2 G N + H] and z [L, H, P] and dt
+    [L, H] views of its blocks too (the arguments dt and z are then None)."""
     L, GN = xbc.shape[0], groups * state
-    x, B, C = xbc.split([xbc.shape[1] - 2 * GN, GN, GN], dim=1)
-    return x.view(L, heads, -1), B.view(L, groups, state), C.view(L, groups, state)
+    HP = (xbc.shape[1] - 2 * GN - heads) // 2 if in_proj else xbc.shape[1] - 2 * GN
+    zs, x, B, C, dts = xbc.split([HP if in_proj else 0, HP, GN, GN, heads if in_proj else 0], dim=1)
+    if in_proj:
+        dt, z = dts, zs.view(L, heads, -1)
+    return x.view(L, heads, -1), dt, B.view(L, groups, state), C.view(L, groups, state), z
 
 
 def _fwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets, num_chunks, softplus, lo, hi, store_final,
@@ -94,15 +101,18 @@ def _chunk_bwd(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A:
 
 
 def _bwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets, hc, y_in, y_pre, softplus, lo, hi, dout, dht,
-         need_dh0, packed, conv_weight=None, conv_bias=None, chunk=CHUNK, norm_weight=None, norm_eps=0.0):
+         need_dh0, packed, conv_weight=None, conv_bias=None, chunk=CHUNK, norm_weight=None, norm_eps=0.0,
+         in_proj=False):
     """(dx, ddt, dB, dC, dz, dA, dD, ddt_bias, dh0, dconv_weight, dconv_bias, dnorm_weight), None for the absent
-    inputs' (and with packed, dB and dC: dx is then xbc's gradient)."""
+    inputs' (and with packed, dB and dC: dx is then xbc's gradient; with in_proj, ddt and dz too: dx is the
+    whole in_proj output's)."""
     if dout is None:  # only the final state was used
         dout = x.new_zeros(x.shape)
     grads = cpu.extension().ssd_bwd(x, dt, B, C, z, A, D, dt_bias, conv_weight, conv_bias, norm_weight, norm_eps,
                                     h0 is not None, cu_seqlens, chunk_offsets, hc, y_in, y_pre, chunk, softplus, lo,
-                                    hi, dout, dht, h0 is not None and need_dh0, packed)
-    present = (True, True, not packed, not packed, z is not None, True, D is not None, dt_bias is not None,
+                                    hi, dout, dht, h0 is not None and need_dh0, packed, in_proj)
+    present = (True, not in_proj, not packed, not packed, z is not None and not in_proj, True, D is not None,
+               dt_bias is not None,
                h0 is not None, conv_weight is not None, conv_bias is not None, norm_weight is not None)
     return [g if there else None for g, there in zip(grads, present, strict=True)]
 
@@ -132,39 +142,41 @@ FUSED = FusedOp(CHUNK, _chunk_fwd, _recurrent_fwd, recurrent_max_tokens=None)
 
 
 @custom_op("seqmix::ssd_cpu_xbc_chunk_fwd", mutates_args=())
-def _xbc_chunk_fwd(xbc: Tensor, dt: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None, dt_bias: Tensor | None,
-                   conv_weight: Tensor | None, conv_bias: Tensor | None, norm_weight: Tensor | None,
-                   h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor, chunk_offsets: Tensor, heads: int,
-                   groups: int, state: int, softplus: bool, lo: float, hi: float, chunk: int, norm_eps: float,
-                   store_final: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _xbc_chunk_fwd(xbc: Tensor, dt: Tensor | None, z: Tensor | None, A: Tensor, D: Tensor | None,
+                   dt_bias: Tensor | None, conv_weight: Tensor | None, conv_bias: Tensor | None,
+                   norm_weight: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor,
+                   chunk_offsets: Tensor, heads: int, groups: int, state: int, softplus: bool, lo: float, hi: float,
+                   chunk: int, norm_eps: float, in_proj: bool, store_final: bool
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`_chunk_fwd` with x, B and C the column blocks of xbc [L, H P + 2 G N], or with conv_weight [H P +
     2 G N, W] (and conv_bias) those of silu(the causal conv of xbc), computed inside the chunks of ``chunk``
-    tokens (the chunking's); with norm_weight [H P] (one group) the gated output RMS-normalised per token."""
-    x, B, C = _columns(xbc, heads, groups, state)
+    tokens (the chunking's); with norm_weight [H P] (one group) the gated output RMS-normalised per token. With
+    in_proj, xbc is [z, xbc, dt] [L, 2 H P + 2 G N + H] and the arguments dt and z are None."""
+    x, dt, B, C, z = _columns(xbc, dt, z, heads, groups, state, in_proj)
     return tuple(_fwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets, chunk_index.shape[0], softplus,
                       lo, hi, store_final, True, conv_weight, conv_bias, chunk, norm_weight, norm_eps))
 
 
 @_xbc_chunk_fwd.register_fake
 def _(xbc, dt, z, A, D, dt_bias, conv_weight, conv_bias, norm_weight, h0, cu_seqlens, chunk_index, chunk_offsets,
-      heads, groups, state, softplus, lo, hi, chunk, norm_eps, store_final):
-    x, B, C = _columns(xbc, heads, groups, state)
+      heads, groups, state, softplus, lo, hi, chunk, norm_eps, in_proj, store_final):
+    x, dt, B, C, z = _columns(xbc, dt, z, heads, groups, state, in_proj)
     *outputs, y_pre = _chunk_fwd_fake(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_index, chunk_offsets,
                                       softplus, lo, hi, store_final)
     return (*outputs, torch.empty_like(x) if norm_weight is not None else y_pre)
 
 
 @custom_op("seqmix::ssd_cpu_xbc_chunk_bwd", mutates_args=())
-def _xbc_chunk_bwd(xbc: Tensor, dt: Tensor, z: Tensor | None, A: Tensor, D: Tensor | None, dt_bias: Tensor | None,
-                   conv_weight: Tensor | None, conv_bias: Tensor | None, norm_weight: Tensor | None,
-                   h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor, chunk_offsets: Tensor, hc: Tensor,
-                   y_in: Tensor, y_pre: Tensor, heads: int, groups: int, state: int, softplus: bool, lo: float,
-                   hi: float, chunk: int, norm_eps: float, store_final: bool, dout: Tensor | None,
-                   dht: Tensor | None, needs: list[bool]) -> list[Tensor]:
-    x, B, C = _columns(xbc, heads, groups, state)
+def _xbc_chunk_bwd(xbc: Tensor, dt: Tensor | None, z: Tensor | None, A: Tensor, D: Tensor | None,
+                   dt_bias: Tensor | None, conv_weight: Tensor | None, conv_bias: Tensor | None,
+                   norm_weight: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor,
+                   chunk_offsets: Tensor, hc: Tensor, y_in: Tensor, y_pre: Tensor, heads: int, groups: int, state: int,
+                   softplus: bool, lo: float, hi: float, chunk: int, norm_eps: float, in_proj: bool,
+                   store_final: bool, dout: Tensor | None, dht: Tensor | None, needs: list[bool]) -> list[Tensor]:
+    x, dt_cols, B, C, z_cols = _columns(xbc, dt, z, heads, groups, state, in_proj)
     dxbc, ddt, _, _, dz, dA, dD, ddt_bias, dh0, dweight, dbias, dnorm = _bwd(
-        x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets, hc, y_in, y_pre, softplus, lo, hi, dout, dht,
-        needs[9], True, conv_weight, conv_bias, chunk, norm_weight, norm_eps)
+        x, dt_cols, B, C, z_cols, A, D, dt_bias, h0, cu_seqlens, chunk_offsets, hc, y_in, y_pre, softplus, lo, hi,
+        dout, dht, needs[9], True, conv_weight, conv_bias, chunk, norm_weight, norm_eps, in_proj)
     grads = (dxbc, ddt, dz, dA, dD, ddt_bias, dweight, dbias, dnorm, dh0, None, None, None)
     inputs = (xbc, dt, z, A, D, dt_bias, conv_weight, conv_bias, norm_weight, h0, cu_seqlens, chunk_index,
               chunk_offsets)

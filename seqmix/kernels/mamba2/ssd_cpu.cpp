@@ -426,8 +426,8 @@ struct Problem {
   const T *x, *dt, *B, *C, *z, *A, *D, *dt_bias, *h0;
   const int64_t *cu, *chunk_offsets;
   int64_t H, P, G, N, chunk;
-  int64_t ld_x, ld_bc;    // the row strides of x, of B and C
-  int64_t ld_dx, ld_dbc;  // the backward's: of dx, of dB and dC
+  int64_t ld_x, ld_bc, ld_z, ld_dt;  // the row strides of x, of B and C, of z, of dt
+  int64_t ld_dx, ld_dbc, ld_dz, ld_ddt;  // the backward's: of dx, of dB and dC, of dz, of ddt
   const T *conv_w, *conv_b;  // the short conv inside the chunks: [H P + 2 G N, W] and [H P + 2 G N], or null
   int64_t W;
   const T* norm_w;  // the output's RMSNorm over each token's H P values (G = 1): its weight [H P], or null
@@ -580,6 +580,7 @@ struct Chunk {
   // Offsets of token t's row of the group's heads in the contiguous [L, H, P] tensors (out, z, dout, ...), in
   // x (dx with grad), and in B and C (dB and dC with grad).
   int64_t row(int64_t t) const { return (t0 + t) * p.H * p.P + g * p.width(); }
+  int64_t z_row(int64_t t, bool grad = false) const { return (t0 + t) * (grad ? p.ld_dz : p.ld_z) + g * p.width(); }
   int64_t x_row(int64_t t, bool grad = false) const { return (t0 + t) * (grad ? p.ld_dx : p.ld_x) + g * p.width(); }
   int64_t bc_row(int64_t t, bool grad = false) const { return (t0 + t) * (grad ? p.ld_dbc : p.ld_bc) + g * p.N; }
   // Token t's x of the group's heads, and the chunk's B and C: in place, or the conv's output.
@@ -599,7 +600,7 @@ struct Chunk {
       const int64_t h = g * Hg + hl;
       T run = 0;
       for (int64_t t = 0; t < len; ++t) {
-        T v = p.dt[(t0 + t) * p.H + h] + (p.dt_bias ? p.dt_bias[h] : T(0));
+        T v = p.dt[(t0 + t) * p.ld_dt + h] + (p.dt_bias ? p.dt_bias[h] : T(0));
         T d = 1;
         if (p.softplus) {  // torch's softplus: the identity above 20
           d = v > T(20) ? T(1) : sigmoid(v);
@@ -845,7 +846,7 @@ void fwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, T* out, 
         const T d = p.D ? p.D[g * Hg + hl] : T(0);
         for (int64_t q = 0; q < P; ++q) o[hl * P + q] = Y[t * w + hl * P + q] + d * xr[hl * P + q];
       }
-      if (p.z) gate_row(o, y_pre ? y_pre + ch.row(t) : nullptr, p.z + ch.row(t), w);
+      if (p.z) gate_row(o, y_pre ? y_pre + ch.row(t) : nullptr, p.z + ch.z_row(t), w);
       else if (y_pre && p.norm_w) std::memcpy(y_pre + ch.row(t), o, w * sizeof(T));
       if (p.norm_w) norm_row(o, p.norm_w, p.norm_eps, w);
     }
@@ -914,13 +915,13 @@ void bwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, const Gr
       const T* dor = gr.dout + ch.row(t);
       T* dy = dY.data() + t * w;
       if (p.norm_w) {  // dy: the gradient of the pre-norm output first
-        norm_row_bwd(dor, gr.y_pre + ch.row(t), p.z ? p.z + ch.row(t) : nullptr, p.norm_w, p.norm_eps,
+        norm_row_bwd(dor, gr.y_pre + ch.row(t), p.z ? p.z + ch.z_row(t) : nullptr, p.norm_w, p.norm_eps,
                      b.pre.data(), b.sg.data(), dy, gr.dnorm, w);
         dor = dy;
       }
       if (p.z) {
-        gate_row_bwd(dor, gr.y_pre + ch.row(t), p.z + ch.row(t), p.norm_w ? b.sg.data() : nullptr, dy,
-                     gr.dz + ch.row(t), w);
+        gate_row_bwd(dor, gr.y_pre + ch.row(t), p.z + ch.z_row(t), p.norm_w ? b.sg.data() : nullptr, dy,
+                     gr.dz + ch.z_row(t, true), w);
       } else if (!p.norm_w) {
         std::memcpy(dy, dor, w * sizeof(T));
       }
@@ -1016,7 +1017,7 @@ void bwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, const Gr
         const T d = p.D ? p.D[h] : T(0), dt = ch.dtp[t * Hg + hl], da = dl[hl * c + t];
         for (int64_t q = 0; q < P; ++q) dxr[hl * P + q] = dt * dxdt[hl * P + q] + d * dy[hl * P + q];
         const T ddt = (dot(dxdt + hl * P, xr + hl * P, P) + da * p.A[h]) * ch.ddtp[t * Hg + hl];
-        gr.ddt[(t0 + t) * p.H + h] = ddt;
+        gr.ddt[(t0 + t) * p.ld_ddt + h] = ddt;
         dA[h] += da * dt;
         dbias[h] += ddt;
       }
@@ -1035,10 +1036,18 @@ void bwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, const Gr
   }
 }
 
-// The distance between the rows of t [L, *, *] (a stride of a dimension of size 1 means nothing: then the row's
-// size).
+// The values in a row of t [L, ...].
+int64_t row_size(const at::Tensor& t) {
+  int64_t n = 1;
+  for (int64_t d = 1; d < t.dim(); ++d) n *= t.size(d);
+  return n;
+}
+
+// The distance between the rows of t [L, ...] (a stride of a dimension of size 1 means nothing: then the row's
+// size); 0 for an absent t.
 int64_t row_stride(const at::Tensor& t) {
-  return t.size(0) > 1 ? t.stride(0) : t.size(1) * t.size(2);
+  if (!t.defined() || t.numel() == 0) return 0;
+  return t.size(0) > 1 ? t.stride(0) : row_size(t);
 }
 
 template <typename T>
@@ -1049,16 +1058,34 @@ Problem<T> problem(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& 
   return Problem<T>{x.data_ptr<T>(), dt.data_ptr<T>(), B.data_ptr<T>(), C.data_ptr<T>(), data_or_null<T>(z),
                     A.data_ptr<T>(), data_or_null<T>(D), data_or_null<T>(dt_bias), data_or_null<T>(h0),
                     cu_seqlens.data_ptr<int64_t>(), chunk_offsets.data_ptr<int64_t>(), x.size(1), x.size(2),
-                    B.size(1), B.size(2), chunk, row_stride(x), row_stride(B), 0, 0, nullptr, nullptr, 0,
+                    B.size(1), B.size(2), chunk, row_stride(x), row_stride(B), row_stride(z), row_stride(dt), 0, 0,
+                    0, 0, nullptr, nullptr, 0,
                     nullptr, 0, h0.defined() && h0.numel() > 0, softplus, static_cast<T>(lo), static_cast<T>(hi)};
 }
 
-// x, B and C are the column blocks of one [L, H P + 2 G N] tensor (x, then B, then C).
+// Whether each tensor's rows start where the one before's end (row strides apart, one tensor's column blocks).
+bool side_by_side(std::initializer_list<const at::Tensor*> blocks, int64_t row) {
+  const at::Tensor* before = nullptr;
+  for (const at::Tensor* t : blocks) {
+    if (t->size(0) > 1 && t->stride(0) != row) return false;
+    if (before && t->data_ptr() != static_cast<char*>(before->data_ptr()) + row_size(*before) * t->element_size())
+      return false;
+    before = t;
+  }
+  return true;
+}
+
+// x, B and C are the column blocks of one [L, H P + 2 G N] tensor (x, then B, then C), or of a wider one's
+// columns (Mamba-2's in_proj output).
 bool column_blocks(const at::Tensor& x, const at::Tensor& B, const at::Tensor& C) {
-  const int64_t L = x.size(0), width = x.size(1) * x.size(2) + 2 * B.size(1) * B.size(2);
-  return (L <= 1 || (x.stride(0) == width && B.stride(0) == width)) &&
-         B.data_ptr() == static_cast<char*>(x.data_ptr()) + x.size(1) * x.size(2) * x.element_size() &&
-         C.data_ptr() == static_cast<char*>(B.data_ptr()) + B.size(1) * B.size(2) * x.element_size();
+  return side_by_side({&x, &B, &C}, row_stride(x));
+}
+
+// z, x, B, C and dt are the column blocks of Mamba-2's in_proj output [L, 2 H P + 2 G N + H], in that order.
+bool in_proj_blocks(const at::Tensor& z, const at::Tensor& x, const at::Tensor& B, const at::Tensor& C,
+                    const at::Tensor& dt) {
+  return z.defined() && z.numel() > 0 &&
+         side_by_side({&z, &x, &B, &C, &dt}, 2 * x.size(1) * x.size(2) + 2 * B.size(1) * B.size(2) + x.size(1));
 }
 
 // The conv inside the chunks, when conv_weight is given: weight [H P + 2 G N, W] (1 <= W <= 16) and bias
@@ -1119,17 +1146,24 @@ void over_groups(const Problem<T>& p, int64_t nseq, const F& task) {
   });
 }
 
-// x [L, H, P], B and C [L, G, N] with G dividing H: on the CPU in x's dtype, each token's row contiguous (B's
-// and C's rows equally far apart).
-void check_rows(const at::Tensor& x, const at::Tensor& B, const at::Tensor& C) {
-  TORCH_CHECK(x.dim() == 3 && B.dim() == 3 && C.sizes() == B.sizes() && x.size(1) % B.size(1) == 0,
-              "ssd_cpu: x must be [L, H, P] and B, C [L, G, N] with G dividing H");
-  for (const auto* t : {&x, &B, &C}) {
+// x and z (or none) [L, H, P], B and C [L, G, N] with G dividing H, dt [L, H]: on the CPU in x's dtype, each
+// token's row contiguous (B's and C's rows equally far apart). The rows may be further apart than their size:
+// Mamba-2's layer hands the column blocks of its projections as they are.
+void check_rows(const at::Tensor& x, const at::Tensor& B, const at::Tensor& C, const at::Tensor& z,
+                const at::Tensor& dt) {
+  const bool gated = z.defined() && z.numel() > 0;
+  TORCH_CHECK(x.dim() == 3 && B.dim() == 3 && C.sizes() == B.sizes() && x.size(1) % B.size(1) == 0 &&
+                  (!gated || z.sizes() == x.sizes()) && dt.dim() == 2 && dt.size(0) == x.size(0) &&
+                  dt.size(1) == x.size(1),
+              "ssd_cpu: x and z must be [L, H, P], B and C [L, G, N] with G dividing H, dt [L, H]");
+  for (const auto* t : {&x, &B, &C, &z, &dt}) {
+    if (t == &z && !gated) continue;
+    const int64_t n = t->dim();
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == x.scalar_type(),
-                "ssd_cpu: x, B and C must be CPU tensors of one dtype");
-    TORCH_CHECK((t->size(2) <= 1 || t->stride(2) == 1) && (t->size(1) <= 1 || t->stride(1) == t->size(2)) &&
-                    row_stride(*t) >= t->size(1) * t->size(2),
-                "ssd_cpu: x, B and C must have contiguous rows");
+                "ssd_cpu: x, B, C, z and dt must be CPU tensors of one dtype");
+    TORCH_CHECK((t->size(n - 1) <= 1 || t->stride(n - 1) == 1) &&
+                    (n == 2 || t->size(1) <= 1 || t->stride(1) == t->size(2)) && row_stride(*t) >= row_size(*t),
+                "ssd_cpu: x, B, C, z and dt must have contiguous rows");
   }
   TORCH_CHECK(row_stride(B) == row_stride(C), "ssd_cpu: B's and C's rows must be equally far apart");
 }
@@ -1158,8 +1192,8 @@ std::vector<at::Tensor> ssd_fwd(const at::Tensor& x, const at::Tensor& dt, const
                                 const at::Tensor& chunk_offsets, int64_t chunk, int64_t num_chunks, bool softplus,
                                 double lo, double hi, bool store_final, bool store_chunks) {
   const at::Tensor zt = opt_or_empty(z), Dt = opt_or_empty(D), bt = opt_or_empty(dt_bias), ht0 = opt_or_empty(h0);
-  check_rows(x, B, C);
-  check_tensors("ssd_cpu", {dt, zt, A, Dt, bt, ht0}, &x, "x");
+  check_rows(x, B, C, zt, dt);
+  check_tensors("ssd_cpu", {A, Dt, bt, ht0}, &x, "x");
   check_sizes(x, B, cu_seqlens, chunk_offsets, chunk);
   const auto [cw, cb] = conv_args(x, B, C, conv_weight, conv_bias);
   const at::Tensor nw = norm_arg(x, B, norm_weight);
@@ -1189,7 +1223,10 @@ std::vector<at::Tensor> ssd_fwd(const at::Tensor& x, const at::Tensor& dt, const
 // Returns dx, ddt, dB, dC, dz (or empty), dA, dD (or empty), ddt_bias (or empty), dh0 (or empty), dconv_weight
 // and dconv_bias (or empty), dnorm_weight (or empty). With packed, x, B and C are the column blocks of one
 // tensor [L, H P + 2 G N] (x, then B, then C), and dx is one tensor of that layout holding dx, dB and dC (dB and
-// dC are then empty); with the conv (packed required), it holds the gradient of the conv's input.
+// dC are then empty); with the conv (packed required), it holds the gradient of the conv's input. With in_proj
+// (packed and z required), z, x, B, C and dt are the column blocks of Mamba-2's in_proj output [L, 2 H P + 2 G N
+// + H], and dx is one tensor of that layout holding dz and ddt too (both then empty): the projection's backward
+// is one product each for its input's and its weight's gradients (docs/design.md, "Thirtieth round").
 std::vector<at::Tensor> ssd_bwd(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& B,
                                 const at::Tensor& C, const c10::optional<at::Tensor>& z, const at::Tensor& A,
                                 const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& dt_bias,
@@ -1199,10 +1236,10 @@ std::vector<at::Tensor> ssd_bwd(const at::Tensor& x, const at::Tensor& dt, const
                                 bool has_h0, const at::Tensor& cu_seqlens, const at::Tensor& chunk_offsets,
                                 const at::Tensor& hc, const at::Tensor& y_in, const at::Tensor& y_pre,
                                 int64_t chunk, bool softplus, double lo, double hi, const at::Tensor& dout,
-                                const c10::optional<at::Tensor>& dht, bool need_dh0, bool packed) {
+                                const c10::optional<at::Tensor>& dht, bool need_dh0, bool packed, bool in_proj) {
   const at::Tensor zt = opt_or_empty(z), Dt = opt_or_empty(D), bt = opt_or_empty(dt_bias), dhtt = opt_or_empty(dht);
-  check_rows(x, B, C);
-  check_tensors("ssd_cpu", {dt, zt, A, Dt, bt, hc, y_in, y_pre, dout, dhtt}, &x, "x");
+  check_rows(x, B, C, zt, dt);
+  check_tensors("ssd_cpu", {A, Dt, bt, hc, y_in, y_pre, dout, dhtt}, &x, "x");
   check_sizes(x, B, cu_seqlens, chunk_offsets, chunk);
   const int64_t nseq = cu_seqlens.numel() - 1, L = x.size(0), H = x.size(1), P = x.size(2), G = B.size(1),
                 N = B.size(2);
@@ -1211,6 +1248,10 @@ std::vector<at::Tensor> ssd_bwd(const at::Tensor& x, const at::Tensor& dt, const
   const int64_t width = H * P + 2 * G * N;
   TORCH_CHECK(!packed || column_blocks(x, B, C),
               "ssd_cpu: packed x, B and C must be the column blocks of one [L, H P + 2 G N] tensor");
+  TORCH_CHECK(!in_proj || (packed && in_proj_blocks(zt, x, B, C, dt)),
+              "ssd_cpu: with in_proj, z, x, B, C and dt must be the column blocks of one [L, 2 H P + 2 G N + H] "
+              "tensor");
+  const int64_t before = in_proj ? H * P : 0, row = before + width + (in_proj ? H : 0);  // the gradient's layout
   const auto [cw, cb] = conv_args(x, B, C, conv_weight, conv_bias);
   const bool conv = cw.defined() && cw.numel() > 0;
   const at::Tensor nw = norm_arg(x, B, norm_weight);
@@ -1220,23 +1261,28 @@ std::vector<at::Tensor> ssd_bwd(const at::Tensor& x, const at::Tensor& dt, const
   TORCH_CHECK(!conv || packed, "ssd_cpu: the conv's backward writes the packed gradient (packed=True)");
   const int64_t cg = H / G * P + 2 * N, W = conv ? cw.size(1) : 0;
   at::Tensor dconv = conv ? at::empty({nseq * G, W + 1, cg}, x.options()) : empty;
-  at::Tensor dx = packed ? at::empty({L, width}, x.options()) : at::empty({L, H, P}, x.options());
+  at::Tensor dx = packed ? at::empty({L, row}, x.options()) : at::empty({L, H, P}, x.options());
   at::Tensor dB = packed ? empty : at::empty({L, G, N}, x.options()), dC = packed ? empty : at::empty_like(dB);
-  at::Tensor ddt = at::empty_like(dt), dz = gated ? at::empty({L, H, P}, x.options()) : empty;
+  at::Tensor ddt = in_proj ? empty : at::empty({L, H}, x.options());
+  at::Tensor dz = gated && !in_proj ? at::empty({L, H, P}, x.options()) : empty;
   at::Tensor dh0 = need_dh0 ? at::empty({nseq, H, P, N}, x.options()) : empty;
   at::Tensor dparams = at::zeros({nseq * G, 3, H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssd_bwd", [&] {
     auto p = problem<scalar_t>(x, dt, B, C, zt, A, Dt, bt, empty, cu_seqlens, chunk_offsets, chunk, softplus, lo,
                                hi);
     p.has_h0 = has_h0;
-    p.ld_dx = packed ? width : H * P;
-    p.ld_dbc = packed ? width : G * N;
+    p.ld_dx = packed ? row : H * P;
+    p.ld_dbc = packed ? row : G * N;
+    p.ld_dz = in_proj ? row : H * P;
+    p.ld_ddt = in_proj ? row : H;
     set_conv(p, cw, cb);
     set_norm(p, nw, norm_eps);
-    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    scalar_t* dzp = in_proj ? dx.data_ptr<scalar_t>() : data_or_null<scalar_t>(dz);
+    scalar_t* dxp = dx.data_ptr<scalar_t>() + before;
     scalar_t* dBp = packed ? dxp + H * P : dB.data_ptr<scalar_t>();
     scalar_t* dCp = packed ? dBp + G * N : dC.data_ptr<scalar_t>();
-    Grads<scalar_t> gr{dxp, ddt.data_ptr<scalar_t>(), dBp, dCp, data_or_null<scalar_t>(dz), data_or_null<scalar_t>(dh0),
+    scalar_t* ddtp = in_proj ? dCp + G * N : ddt.data_ptr<scalar_t>();
+    Grads<scalar_t> gr{dxp, ddtp, dBp, dCp, dzp, data_or_null<scalar_t>(dh0),
                        nullptr, nullptr, nullptr, dout.data_ptr<scalar_t>(), data_or_null<scalar_t>(dhtt),
                        hc.data_ptr<scalar_t>(), data_or_null<scalar_t>(y_in), data_or_null<scalar_t>(y_pre)};
     scalar_t* params = dparams.data_ptr<scalar_t>();

@@ -2,7 +2,8 @@
 input (x, dt, A, B, C, D, z, dt_bias, the initial state); groups, packed sequences with empty ones, lengths that
 are not a multiple of the chunk, one token, strong decays, dt limits, the custom ops under opcheck and
 torch.compile, the automatic choice, and bad input. Then ``ssd_xbc`` (x, B and C as the column blocks of one
-tensor, read in place, one gradient) against the same recurrence.
+tensor, read in place, one gradient) and ``ssd_zxbcdt`` (z, x, B, C and dt as the column blocks of Mamba-2's
+in_proj output) against the same recurrence.
 
 The first test to run builds the kernels (once per machine, cached by torch: 1-4 minutes on 2 cores)."""
 
@@ -14,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from seqmix.kernels import BackendUnavailable, causal_conv1d, explain, ssd, ssd_xbc
+from seqmix.kernels import BackendUnavailable, causal_conv1d, explain, ssd, ssd_xbc, ssd_zxbcdt
 from seqmix.kernels import cpu as cpu_build
 from seqmix.kernels import mamba2 as mamba2_ops
 from seqmix.kernels.mamba2 import cpu as cpu_kernels
@@ -310,9 +311,9 @@ def test_xbc_takes_a_dense_batch_of_at_most_whole_chunk_tokens_as_one_chunk(monk
     sequence), shorter and longer ones in chunks of CHUNK: each agrees with the float64 recurrence, with and
     without the conv inside, gradients included."""
     custom, chunks = cpu_kernels.XBC_FUSED.chunk_fwd, []
-    # The options end with the chunk, norm_eps and store_final.
+    # The options end with the chunk, norm_eps, in_proj and store_final.
     monkeypatch.setattr(cpu_kernels, "XBC_FUSED", dataclasses.replace(
-        cpu_kernels.XBC_FUSED, chunk_fwd=lambda *args: chunks.append(args[-3]) or custom(*args)))
+        cpu_kernels.XBC_FUSED, chunk_fwd=lambda *args: chunks.append(args[-4]) or custom(*args)))
     whole, chunk = cpu_kernels.WHOLE_CHUNK, cpu_kernels.CHUNK
     for seqlen, expected in ((chunk + 1, whole), (whole, whole), (chunk, chunk), (whole + 3, chunk)):
         chunks.clear()
@@ -343,11 +344,12 @@ def test_xbc_takes_the_in_place_kernels_with_gradients_only(monkeypatch):
     assert len(calls) == 1 and y.shape == (2, 70, 2, 4)
 
 
-def _conv_run(case, dtype, width, bias, fused, norm=False):
+def _conv_run(case, dtype, width, bias, fused, norm=False, in_proj=False):
     """y, the final state and the gradients (xbc, dt, A, the case's others, conv weight, conv bias, with norm the
     norm's weight) of ssd_xbc on the conv's input xbc with the conv inside (fused, cpu backend, ``dtype``), or of
     the float64 oracle: the reference conv, then the recurrence on its output's column blocks (then, with norm,
-    an RMSNorm over each token's H P values written out in float64)."""
+    an RMSNorm over each token's H P values written out in float64). With in_proj (fused, a case with z), of
+    ssd_zxbcdt on z, xbc and dt concatenated into one leaf, its gradient split back into theirs."""
     inputs = _inputs(case, dtype if fused else torch.float64)
     x, dt, A, B = inputs[:4]
     H, P = x.shape[2:]
@@ -361,6 +363,8 @@ def _conv_run(case, dtype, width, bias, fused, norm=False):
     norm_weight = (torch.rand(H * P, generator=gen, dtype=torch.float64) + 0.5).to(x.dtype).requires_grad_()
     norm_weight = norm_weight if norm else None
     kwargs = {**case.kwargs(inputs), "output_final_state": True}
+    if in_proj:
+        return _in_proj_run(xbc, inputs, kwargs, gen, weight, conv_bias, norm_weight)
     if fused:
         y, s = ssd_xbc(xbc, dt, A, num_heads=H, n_groups=G, d_state=N, **kwargs, backend="cpu", conv_weight=weight,
                        conv_bias=conv_bias, norm_weight=norm_weight, norm_eps=NORM_EPS)
@@ -379,8 +383,26 @@ def _conv_run(case, dtype, width, bias, fused, norm=False):
     return y, s, torch.autograd.grad(loss, leaves)
 
 
-def _check_conv(case, width=4, bias=True, dtype=torch.float64, tol=1e-10, norm=False):
-    y, s, grads = _conv_run(case, dtype, width, bias, fused=True, norm=norm)
+def _in_proj_run(xbc, inputs, kwargs, gen, weight, conv_bias, norm_weight):
+    """_conv_run's fused results through ssd_zxbcdt: the same draws, the gradients in the same order."""
+    x, dt, A, B = inputs[:4]
+    H, P = x.shape[2:]
+    G, N = B.shape[2:]
+    z = kwargs.pop("z")
+    zxbcdt = torch.cat([z.detach().flatten(2), xbc.detach(), dt.detach()], -1).requires_grad_()
+    y, s = ssd_zxbcdt(zxbcdt, A, num_heads=H, n_groups=G, d_state=N, **kwargs, backend="cpu", conv_weight=weight,
+                      conv_bias=conv_bias, norm_weight=norm_weight, norm_eps=NORM_EPS)
+    loss = (y * torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype)).sum()
+    loss = loss + (s * torch.randn(s.shape, generator=gen, dtype=torch.float64).to(s.dtype)).sum()
+    D, dt_bias, h0 = inputs[5], inputs[7], inputs[8]
+    leaves = [t for t in [zxbcdt, A, D, dt_bias, h0, weight, conv_bias, norm_weight] if t is not None]
+    dzxbcdt, dA, dD, ddt_bias, *rest = torch.autograd.grad(loss, leaves)
+    dz, dxbc, ddt = dzxbcdt.split([H * P, xbc.shape[-1], H], -1)
+    return y, s, (dxbc, ddt, dA, dD, dz.unflatten(-1, (H, P)), ddt_bias, *rest)
+
+
+def _check_conv(case, width=4, bias=True, dtype=torch.float64, tol=1e-10, norm=False, in_proj=False):
+    y, s, grads = _conv_run(case, dtype, width, bias, fused=True, norm=norm, in_proj=in_proj)
     y_ref, s_ref, ref_grads = _conv_run(case, dtype, width, bias, fused=False, norm=norm)
     assert y.dtype == dtype and s.dtype == dtype
     assert_rel(y, y_ref, tol, "output")
@@ -476,6 +498,46 @@ def test_norm_inside_the_kernels_with_one_group_only(groups, monkeypatch):
         assert norm_weight.shape == (2 * 4,)
         torch.library.opcheck(custom.op, calls[0],
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@settings(max_examples=6, deadline=None)
+@given(case=cases(max_t=150), width=st.sampled_from([1, 4]), bias=st.booleans(), norm=st.booleans())
+def test_in_proj_output_whole_matches_recurrence_in_float64(case, width, bias, norm):
+    """ssd_zxbcdt with the conv (and the norm) inside: output, final state and every gradient, z's and dt's
+    columns of the one gradient included, equal to the reference conv and the float64 recurrence."""
+    _check_conv(dataclasses.replace(case, extras=True), width, bias, norm=norm, in_proj=True)
+
+
+def test_in_proj_output_whole_in_float32_with_packed_sequences():
+    """Ragged packed sequences with an initial state, heads of width 70, one group (the norm inside) and two."""
+    for groups in (1, 2):
+        case = Case(batch=1, lengths=(0, 2, 65, 1, 130), seqlen=198, heads=4, groups=groups, p=70, n=16,
+                    initial_state=True, extras=True, seed=9 + groups)
+        _check_conv(case, dtype=torch.float32, tol=TOL[torch.float32], norm=True, in_proj=True)
+
+
+def test_in_proj_output_whole_is_one_call_with_gradients_only(monkeypatch):
+    """With autograd: one call of the xbc ops on the whole [L, 2 H P + 2 G N + H] tensor, without dt and z
+    (opcheck'ed); without: the conv, then SSD on views of the blocks, with the same results."""
+    custom, calls = cpu_kernels.XBC_FUSED.chunk_fwd, []
+    monkeypatch.setattr(cpu_kernels, "XBC_FUSED", dataclasses.replace(
+        cpu_kernels.XBC_FUSED, chunk_fwd=lambda *args: calls.append(args) or custom(*args)))
+    case = Case(batch=2, lengths=None, seqlen=70, heads=2, groups=1, p=4, n=6, initial_state=True, extras=True,
+                seed=3)
+    y, s, _ = _conv_run(case, torch.float32, 4, True, fused=True, norm=True, in_proj=True)
+    assert len(calls) == 1
+    zxbcdt, dt, z = calls[0][:3]
+    assert zxbcdt.shape == (140, 2 * 2 * 4 + 2 * 6 + 2) and dt is None and z is None
+    torch.library.opcheck(custom.op, calls[0],
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    A, D, dt_bias, weight, conv_bias, norm_weight, h0 = (calls[0][i] for i in (3, 4, 5, 6, 7, 8, 9))
+    with torch.no_grad():
+        y2, s2 = ssd_zxbcdt(zxbcdt.view(2, 70, -1), A, num_heads=2, n_groups=1, d_state=6, D=D, dt_bias=dt_bias,
+                            dt_softplus=case.extras, initial_state=h0, output_final_state=True, backend="cpu",
+                            conv_weight=weight, conv_bias=conv_bias, norm_weight=norm_weight, norm_eps=NORM_EPS)
+    assert len(calls) == 1
+    assert_rel(y2, y.detach(), 1e-6, "output without autograd")
+    assert_rel(s2, s.detach(), 1e-6, "final state without autograd")
 
 
 def test_xbc_bad_inputs_raise_clearly():
