@@ -10,7 +10,7 @@ from torch import nn
 
 from seqmix.archs.mamba2 import inverse_softplus, log_uniform_dt
 from seqmix.archs.mixer import Mixer, State, is_decoding_step, register_mixer, take_step
-from seqmix.archs.modules import Linear, ShortConvolution, narrow_linear, no_weight_decay
+from seqmix.archs.modules import Linear, ShortConvolution, no_weight_decay
 from seqmix.kernels import selective_scan, step_cpu
 from seqmix.kernels.conv.step import causal_conv1d_step
 from seqmix.kernels.linear import linear
@@ -72,10 +72,10 @@ class Mamba(Mixer):
         xs, z = linear(x, w_x), linear(x, w_z)
         xs, conv_state = self.conv(xs, None if state is None else state["conv"], cu_seqlens)
         dt, b, c = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        # dt_proj's bias is added inside the scan, before the softplus.
-        delta = narrow_linear(dt, self.dt_proj.weight)
+        # dt_proj inside the scan (its bias added there before the softplus): the cpu backend computes the step
+        # sizes where it reads them (docs/design.md, "Thirtieth round").
         y, ssm_state = selective_scan(
-            xs, delta, self._A(), b, c, D=self.D, z=z,
+            xs, dt, self._A(), b, c, D=self.D, z=z, delta_proj_weight=self.dt_proj.weight,
             delta_bias=self.dt_proj.bias, delta_softplus=True,
             initial_state=None if state is None else state["ssm"], output_final_state=state is not None,
             cu_seqlens=cu_seqlens, backend=self.backend,

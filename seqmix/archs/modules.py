@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
@@ -59,38 +58,6 @@ class _L2Normalize(torch.autograd.Function):
         y = x * r
         dot = torch.mul(dy, y).sum(-1, keepdim=True)
         return y.mul_(dot.neg_()).add_(dy).mul_(r), None
-
-
-class _NarrowLinear(torch.autograd.Function):
-    """x @ w.T for x [..., r] with few features r. The backward takes both products as their transposes,
-    dx = (w.T @ g.T).T and dw = (x.T @ g).T, whose outputs are [r, ...] rows: MKL computes g @ w and g.T @ x
-    (outputs of r columns) 4-7x slower on one core (docs/design.md, "Eleventh round")."""
-
-    @staticmethod
-    def forward(ctx, x, w):
-        ctx.save_for_backward(x, w)
-        return forward_outputs(F.linear(x, w))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        x, w = ctx.saved_tensors
-        rows = g.reshape(-1, g.shape[-1])
-        dx = dw = None
-        # In g's dtype: under autocast the forward's product ran in it, and x and w were saved uncast.
-        if ctx.needs_input_grad[0]:
-            dx = (w.to(g.dtype).t() @ rows.t()).t().reshape(x.shape).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            dw = (x.reshape(-1, x.shape[-1]).to(g.dtype).t() @ rows).t().to(w.dtype)
-        return dx, dw
-
-
-def narrow_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight) without bias for x [..., r] with r small (a low-rank factor, Mamba's step-size rank),
-    weight [out, r]; its backward as :class:`_NarrowLinear`'s. Without autograd, F.linear itself."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _NarrowLinear.apply(x, weight)
-    return F.linear(x, weight)
 
 
 L2_NORM_EPS = 1e-6  # l2_normalize's default; the C++ decoding step of the DeltaNet layers takes it too

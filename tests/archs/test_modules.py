@@ -1,12 +1,11 @@
-"""The shared building blocks' hand-written backwards (RMSNorm with and without its gate, l2_normalize,
-narrow_linear) against autograd through their plain formulas in float64, and their float32 results against the
-same."""
+"""The shared building blocks' hand-written backwards (RMSNorm with and without its gate, l2_normalize) against
+autograd through their plain formulas in float64, and their float32 results against the same."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from seqmix.archs.modules import RMSNorm, l2_normalize, narrow_linear
+from seqmix.archs.modules import RMSNorm, l2_normalize
 from seqmix.kernels.backend import recording
 from tests.helpers import assert_rel, require_cpu_kernels
 
@@ -143,30 +142,3 @@ def test_norms_without_autograd_are_one_cpp_call_equal_to_the_tensor_ops(dtype, 
         assert_rel(norm(x, gate[..., :1]), _rms_norm_formula(x, norm.weight, gate[..., :1], 1e-3), tol, "broadcast gate")
     torch.library.opcheck(row_norm.op, (x, norm.weight.detach(), gate, 1e-3, True),
                           test_utils=("test_schema", "test_faketensor"))
-
-
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-13), (torch.float32, 1e-6)])
-def test_narrow_linear_matches_linear(dtype, tol):
-    """Output and both gradients equal F.linear's, on a strided input (Mamba's step-size columns of x_proj's
-    output), and under bfloat16 autocast its dtypes and values (as F.linear's there); without autograd it is
-    F.linear itself."""
-    g = torch.Generator().manual_seed(3)
-    rows = torch.randn(2, 7, 20, generator=g, dtype=dtype).requires_grad_()
-    weight = torch.randn(24, 5, generator=g, dtype=dtype).requires_grad_()
-    dy = torch.randn(2, 7, 24, generator=g, dtype=dtype)
-    x = rows[..., 3:8]  # [2, 7, 5], not contiguous
-    y = narrow_linear(x, weight)
-    y_ref = F.linear(x, weight)
-    assert_rel(y, y_ref, tol, "output")
-    for name, a, b in zip(["dx", "dweight"], _grads(y, dy, [rows, weight]), _grads(y_ref, dy, [rows, weight])):
-        assert_rel(a, b, tol, name)
-    if dtype == torch.float32:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y, y_ref = narrow_linear(x, weight), F.linear(x, weight)
-            grads, ref = _grads(y, dy, [rows, weight]), _grads(y_ref, dy, [rows, weight])
-        assert y.dtype == y_ref.dtype == torch.bfloat16
-        for name, a, b in zip(["dx", "dweight"], grads, ref):
-            assert a.dtype == b.dtype == torch.float32
-            assert_rel(a, b, 2e-2, f"autocast {name}")
-    with torch.no_grad():
-        assert torch.equal(narrow_linear(x, weight), F.linear(x, weight))

@@ -7,6 +7,7 @@ The subpackage is named after the family (Mamba), not the op: see docs/design.md
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from seqmix.kernels.backend import select_backend
@@ -29,11 +30,18 @@ from seqmix.kernels.op import (
 __all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_recurrent"]
 
 
-def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens):
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_proj_weight):
     """Validate the arguments; returns the number of sequences and B, C as [B, T, G, N]."""
     check_tensor("u", u, (None, None, None), dims="[B, T, D]")
     Bsz, T, Dm = u.shape
-    check_tensor("delta", delta, (Bsz, T, Dm), dims="[B, T, D]", like=u)
+    if delta_proj_weight is None:
+        check_tensor("delta", delta, (Bsz, T, Dm), dims="[B, T, D]", like=u)
+    else:
+        check_tensor("delta_proj_weight", delta_proj_weight, (Dm, None), dims="[D, R]", like=u)
+        check_tensor("delta", delta, (Bsz, T, delta_proj_weight.shape[1]), dims="[B, T, R] (delta_proj_weight's R)",
+                     like=u)
+        if delta_proj_weight.shape[1] == 0:
+            raise ValueError("delta_proj_weight must have at least one column (R >= 1), got [D, 0]")
     check_tensor("A", A, (Dm, None), dims="[D, N]", like=u)
     N = A.shape[1]
     if isinstance(B, torch.Tensor) and B.dim() == 3:
@@ -139,6 +147,7 @@ def selective_scan(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     backend: str | None = None,
+    delta_proj_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mamba-1's selective scan, channels last: per channel d and state index n,
     ``h_t = exp(delta'_t A) h_{t-1} + delta'_t u_t B_t``, ``y_t = sum_n h_t C_t + D u_t``, then
@@ -146,7 +155,8 @@ def selective_scan(
 
     Args:
         u: [B, T, D] inputs.
-        delta: [B, T, D] step sizes (before bias and softplus).
+        delta: [B, T, D] step sizes (before bias and softplus), or with delta_proj_weight their low-rank factor
+            [B, T, R].
         A: [D, N] negative state decay rates (``-exp(A_log)``).
         B: [B, T, N] or [B, T, G, N] input projections; channel d reads group ``d // (D // G)``.
         C: [B, T, N] or [B, T, G, N] output projections, as B.
@@ -161,12 +171,16 @@ def selective_scan(
         backend: None (automatic: Triton on CUDA tensors, the C++ kernels on CPU tensors when they
             build, else the reference), ``"reference"``, ``"triton"`` or ``"cpu"`` (float32 and float64;
             their final state and gradients in the inputs' dtype).
+        delta_proj_weight: [D, R] or None: the step sizes are ``delta @ delta_proj_weight.T`` (Mamba's
+            dt_proj, before its bias; mamba_ssm's ``delta_proj_weight``). The cpu backend computes them where it
+            reads them, and neither they nor their gradient is written (docs/design.md, "Thirtieth round");
+            the other backends take the product first.
 
     Returns:
         y: [B, T, D] in u's dtype.
         final_state: [N, D, N] float32 (float64 for float64 inputs), or None.
     """
-    n, B, C = _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)
+    n, B, C = _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_proj_weight)
     Bsz, T, Dm = u.shape
     N = A.shape[1]
     name = select_backend("selective_scan", backend, u.device, ("cpu", "triton", "reference"),
@@ -174,9 +188,12 @@ def selective_scan(
     if Bsz * T == 0:
         return no_tokens_result((Bsz, T, Dm), (n, Dm, N), initial_state, output_final_state, u)
     if name == "cpu":  # the kernel computes in u's dtype: the parameters (float32 in a layer) are cast to it
-        z, A, D, delta_bias = (None if t is None else t.to(u.dtype) for t in (z, A, D, delta_bias))
-        return run_fused(cpu_kernels.FUSED, (u, delta, B, C, z), (A, D, delta_bias), initial_state,
-                         (delta_softplus,), output_final_state, cu_seqlens)
+        z, A, D, delta_bias, delta_proj_weight = (None if t is None else t.to(u.dtype)
+                                                  for t in (z, A, D, delta_bias, delta_proj_weight))
+        return run_fused(cpu_kernels.FUSED, (u, delta, B, C, z), (A, D, delta_bias, delta_proj_weight),
+                         initial_state, (delta_softplus,), output_final_state, cu_seqlens)
+    if delta_proj_weight is not None:
+        delta = F.linear(delta, delta_proj_weight)
     if name == "triton":
         return run_fused(FUSED, (u, delta, B, C, z), (A, D, delta_bias), initial_state, (delta_softplus,),
                          output_final_state, cu_seqlens)

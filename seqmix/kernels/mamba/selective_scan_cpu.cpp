@@ -4,6 +4,10 @@
 // Inputs arrive packed and contiguous: u, delta, z [L, D], B, C [L, G, N] (channel d reads group
 // d / (D / G)), A [D, N], D and delta_bias [D], the initial state h0 [Nseq, D, N], and the sequence
 // boundaries cu_seqlens [Nseq + 1] (int64). Everything is in the compute dtype (the caller converts).
+// With delta_weight [D, R], delta is its low-rank factor [L, R] instead (Mamba's dt_proj): each token's step
+// sizes are computed where they are read, sum_r delta[t, r] delta_weight[:, r], and the backward returns the
+// factor's and the weight's gradients, so that neither the [L, D] step sizes nor their gradient is written
+// (docs/design.md, "Thirtieth round").
 //
 // One task owns one sequence and a block of channels and scans its tokens in order, keeping the
 // block's [channels, N] state in a local array that stays in L1. Channels are the vector lanes
@@ -46,6 +50,7 @@ constexpr int64_t kPad = 16;                 // channels are padded to a multipl
 constexpr int64_t kStateBudget = 4096;       // state values per task: 16 KiB of float32, kept in L1
 constexpr int kAhead = 4;                    // tokens between a row's prefetch and its use (prefetch_token)
 constexpr int kTokens = 4;                   // tokens a pass of the backward's reverse recurrence (bwd_tokens)
+constexpr int kRanks = 8;                    // ranks of a low-rank delta's gradients a pass (low_rank_grads)
 
 // Everything a task reads, with the problem's sizes.
 template <typename T>
@@ -55,6 +60,8 @@ struct Problem {
   const int64_t* chunk_offsets;
   int64_t L, dim, G, N, nseq, chunk;
   bool softplus;
+  const T* weight_t = nullptr;  // with a low-rank delta [L, rank]: delta_weight transposed, [rank, D]
+  int64_t rank = 0;
   int64_t per_group() const { return dim / G; }
   int64_t padded() const { return (dim + kPad - 1) / kPad * kPad; }
 };
@@ -108,10 +115,19 @@ inline void prefetch_token(std::initializer_list<const T*> rows, int64_t t, int6
     if (r) __builtin_prefetch(r + t * dim + c0);
 }
 
+// Token t's delta of the W channels from c0 from its low-rank factor: sum_r delta[t, r] weight_t[r, c0:].
+template <typename T>
+inline Vec<T> low_rank_delta(const Problem<T>& p, int64_t t, int64_t c0) {
+  const T* factor = p.delta + t * p.rank;
+  Vec<T> acc{};
+  for (int64_t r = 0; r < p.rank; ++r) acc += splat<T>(factor[r]) * load_row(p.weight_t + r * p.dim, c0, p.dim);
+  return acc;
+}
+
 // delta' of one vector of channels: delta + bias, then softplus; `slope` gets d(delta') / d(delta).
 template <typename T>
 inline Vec<T> step_sizes(const Problem<T>& p, int64_t t, int64_t c0, Vec<T>* slope) {
-  Vec<T> raw = load_row(p.delta + t * p.dim, c0, p.dim);
+  Vec<T> raw = p.weight_t ? low_rank_delta(p, t, c0) : load_row(p.delta + t * p.dim, c0, p.dim);
   if (p.bias) raw += load_row(p.bias, c0, p.dim);
   if (p.softplus) return softplus_v<T>(raw, slope);
   *slope = splat<T>(T(1));
@@ -267,8 +283,9 @@ void scan_fwd_task(const Problem<T>& p, const Block& b, int64_t s, T* out, T* ht
 // Gradients a backward task writes: rows of the per-token ones, and its slices of the partial sums.
 template <typename T>
 struct Grads {
-  // dB, dC: [blocks, L, G, N]; dA: [Nseq, D, N]; dD and ddelta_bias (dbias): [Nseq, D]
-  T *du, *ddelta, *dz, *dB, *dC, *dA, *dD, *dbias, *dh0;
+  // dB, dC: [blocks, L, G, N]; dA: [Nseq, D, N]; dD and ddelta_bias (dbias): [Nseq, D]; with a low-rank delta,
+  // ddelta [blocks, L, rank] and dweight, delta_weight's transposed, [Nseq, rank, D]
+  T *du, *ddelta, *dz, *dB, *dC, *dA, *dD, *dbias, *dh0, *dweight;
   const T *dout, *dht, *hc;
 };
 
@@ -354,6 +371,50 @@ inline void bwd_tokens(Vec<T>* dh, Vec<T>* dA, Vec<T>* accB, Vec<T>* accC, int64
   }
 }
 
+// With a low-rank delta, a chunk's gradients from its d(delta) dds [nt, nv] (tokens t0 on, the block's vectors),
+// after its reverse recurrence: the factor's, dd . weight_t[r] over the block's channels for each token and rank
+// (rows of `factor` [L, rank]; sums [whole blocks of W and of kRanks] its scratch), and weight_t's, dd factor[t, r]
+// summed over the tokens into dweight [nv, rank padded to kRanks]. kRanks ranks at a time, their sums in
+// registers: the weight's sums went through memory at every token and vector before (docs/design.md, "Thirtieth
+// round").
+template <typename T>
+void low_rank_grads(const Problem<T>& p, const Block& b, int64_t t0, int64_t nt, const Vec<T>* dds, Vec<T>* sums,
+                    Vec<T>* dweight, T* factor) {
+  constexpr int W = Lanes<T>::W;
+  const int64_t nv = b.v1 - b.v0, R = p.rank, RK = (R + kRanks - 1) / kRanks * kRanks;
+  const LaneSums<T>& lanes = lane_sums<T>();
+  alignas(sizeof(Vec<T>)) T part[W];
+  for (int64_t i = 0; i < nt; ++i) {
+    for (int64_t r0 = 0; r0 < R; r0 += kRanks) {
+      Vec<T> acc[kRanks]{};
+      for (int64_t v = 0; v < nv; ++v) {
+        const Vec<T> dd = dds[i * nv + v];
+        const int64_t c0 = (b.v0 + v) * W;
+        for (int k = 0; k < kRanks; ++k) acc[k] += dd * load_row(p.weight_t + (r0 + k) * p.dim, c0, p.dim);
+      }
+      std::copy(acc, acc + kRanks, sums + r0);
+    }
+    T* row = factor + (t0 + i) * R;
+    for (int64_t r0 = 0; r0 < R; r0 += W) {  // W ranks' lane sums at once
+      lanes(sums + r0, part);
+      std::copy(part, part + std::min<int64_t>(W, R - r0), row + r0);
+    }
+  }
+  for (int64_t v = 0; v < nv; ++v)
+    for (int64_t r0 = 0; r0 < R; r0 += kRanks) {
+      Vec<T>* out = dweight + v * RK + r0;
+      Vec<T> acc[kRanks];
+      std::copy(out, out + kRanks, acc);
+      for (int64_t i = 0; i < nt; ++i) {
+        T f[kRanks]{};  // the token's factor values r0..., zeros past the rank
+        std::copy(p.delta + (t0 + i) * R + r0, p.delta + (t0 + i) * R + std::min(R, r0 + kRanks), f);
+        const Vec<T> dd = dds[i * nv + v];
+        for (int k = 0; k < kRanks; ++k) acc[k] += dd * splat<T>(f[k]);
+      }
+      std::copy(acc, acc + kRanks, out);
+    }
+}
+
 template <typename T>
 void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64_t s) {
   constexpr int W = Lanes<T>::W;
@@ -362,6 +423,10 @@ void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64
   const int64_t NW = (N + W - 1) / W * W;
   std::vector<Vec<T>> a(VN), a2(VN), dh(VN), dA(VN), Bt(kTokens * N), Ct(kTokens * N), accB(kTokens * NW),
       accC(kTokens * NW), dD(nv), dbias(nv);
+  // With a low-rank delta: the chunk's d(delta) [CH, nv], low_rank_grads' scratch (zeroed: LaneSums reads whole
+  // blocks of W), and delta_weight's gradient per vector and rank [nv, rank padded to kRanks].
+  const int64_t RK = (p.rank + kRanks - 1) / kRanks * kRanks;
+  std::vector<Vec<T>> dds(p.weight_t ? CH * nv : 0), rank_sums(RK + W), dweight(nv * RK);
   // A pass's u, dy (through the gate), and the recurrence's sums sb and sa, per token and vector: [kTokens, nv].
   std::vector<Vec<T>> us(kTokens * nv), dys(us.size()), sbs(us.size()), sas(us.size());
   // The chunk's states (slot 0 the checkpoint, slot i + 1 after its token i), decays, delta' and its slope.
@@ -384,7 +449,7 @@ void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64
       for (int64_t v = 0; v < nv; ++v) dls[i * nv + v] = step_sizes(p, t, (b.v0 + v) * W, &slopes[i * nv + v]);
       for (int64_t v = 0; v < nv; ++v) {
         const int64_t c0 = (b.v0 + v) * W;
-        if (i + kAhead < nt) prefetch_token<T>({p.delta, p.u}, t + kAhead, c0, p.dim);
+        if (i + kAhead < nt) prefetch_token<T>({p.weight_t ? nullptr : p.delta, p.u}, t + kAhead, c0, p.dim);
         const Vec<T> dl = dls[i * nv + v];
         const Vec<T> du = dl * load_row(p.u + t * p.dim, c0, p.dim);
         const Vec<T>* av = a2.data() + v * N;
@@ -483,19 +548,27 @@ void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64
           const Vec<T> uu = us[k * nv + v], dy = dys[k * nv + v], sb = sbs[k * nv + v];
           const Vec<T> skip = p.D ? load_row(p.D, c0, p.dim) : Vec<T>{};
           const Vec<T> dd = (sas[k * nv + v] + uu * sb) * slopes[i * nv + v];
-          store_row(g.ddelta + t * p.dim, dd, c0, p.dim);
+          if (p.weight_t) {
+            dds[i * nv + v] = dd;
+          } else {
+            store_row(g.ddelta + t * p.dim, dd, c0, p.dim);
+          }
           store_row(g.du + t * p.dim, dls[i * nv + v] * sb + skip * dy, c0, p.dim);
           dD[v] += dy * uu;
           dbias[v] += dd;
         }
       }
     }
+    if (p.weight_t)
+      low_rank_grads(p, b, t0, nt, dds.data(), rank_sums.data(), dweight.data(), g.ddelta + b.index * p.L * p.rank);
   }
   state_from_lanes(p, dA.data(), b, g.dA + s * p.dim * N);
   for (int64_t v = b.v0; v < b.v1; ++v)
     for (int c = 0; c < W && v * W + c < p.dim; ++c) {
       g.dD[s * p.dim + v * W + c] = dD[v - b.v0][c];
       if (g.dbias) g.dbias[s * p.dim + v * W + c] = dbias[v - b.v0][c];
+      for (int64_t r = 0; r < p.rank; ++r)
+        g.dweight[(s * p.rank + r) * p.dim + v * W + c] = dweight[(v - b.v0) * RK + r][c];
     }
   if (g.dh0) state_from_lanes(p, dh.data(), b, g.dh0 + s * p.dim * N);
 }
@@ -509,6 +582,32 @@ Problem<T> problem(const at::Tensor& u, const at::Tensor& delta, const at::Tenso
           data_or_null<T>(D), data_or_null<T>(z), data_or_null<T>(bias), data_or_null<T>(h0),
           cu.data_ptr<int64_t>(), chunk_offsets.data_ptr<int64_t>(),
           u.size(0), u.size(1), B.size(1), B.size(2), cu.numel() - 1, chunk, softplus};
+}
+
+// delta_weight [D, R] transposed for the kernels (the step sizes' low-rank weight), or empty without one; delta
+// must then be [L, R].
+at::Tensor low_rank_weight(const at::Tensor& u, const at::Tensor& delta, const c10::optional<at::Tensor>& weight) {
+  if (!weight.has_value()) {
+    TORCH_CHECK(delta.sizes() == u.sizes(), "selective_scan_cpu: delta must be [L, D] like u");
+    return at::Tensor();
+  }
+  TORCH_CHECK(weight->dim() == 2 && weight->size(0) == u.size(1) && delta.dim() == 2 &&
+                  delta.size(0) == u.size(0) && delta.size(1) == weight->size(1) && weight->size(1) > 0,
+              "selective_scan_cpu: with delta_weight [D, R], delta must be [L, R]");
+  TORCH_CHECK(weight->device().is_cpu() && weight->scalar_type() == u.scalar_type(),
+              "selective_scan_cpu: delta_weight must be a CPU tensor in u's dtype");
+  // Zero rows past the rank, to whole blocks of kRanks (low_rank_grads reads them).
+  const int64_t rank = weight->size(1), padded = (rank + kRanks - 1) / kRanks * kRanks;
+  at::Tensor weight_t = at::zeros({padded, u.size(1)}, weight->options());
+  weight_t.narrow(0, 0, rank).copy_(weight->t());
+  return weight_t;
+}
+
+template <typename T>
+void set_low_rank(Problem<T>& p, const at::Tensor& weight_t, int64_t rank) {
+  if (!weight_t.defined()) return;
+  p.weight_t = weight_t.data_ptr<T>();
+  p.rank = rank;
 }
 
 // Runs task(block, sequence) over every (sequence, block of channels), in parallel over torch's threads.
@@ -525,24 +624,28 @@ void over_tasks(const Problem<T>& p, const BlockPlan& plan, const F& task) {
 
 }  // namespace
 
-// Returns (out [L, D], final state [Nseq, D, N] or empty, checkpoints [NC, padded D * N] or empty).
+// Returns (out [L, D], final state [Nseq, D, N] or empty, checkpoints [NC, padded D * N] or empty). With
+// delta_weight [D, R], delta is [L, R] (see the top of the file).
 std::vector<at::Tensor> selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                            const at::Tensor& B, const at::Tensor& C,
                                            const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
                                            const c10::optional<at::Tensor>& bias,
+                                           const c10::optional<at::Tensor>& delta_weight,
                                            const c10::optional<at::Tensor>& h0, const at::Tensor& cu_seqlens,
                                            const at::Tensor& chunk_offsets, int64_t chunk, int64_t num_chunks,
                                            bool softplus, bool store_final, bool store_chunks) {
   check_tensors("selective_scan_cpu",
                 {u, delta, A, B, C, opt_or_empty(D), opt_or_empty(z), opt_or_empty(bias), opt_or_empty(h0)});
   check_offsets("selective_scan_cpu", cu_seqlens, chunk_offsets);
+  const at::Tensor weight_t = low_rank_weight(u, delta, delta_weight);
   const int64_t nseq = cu_seqlens.numel() - 1, dim = u.size(1), N = A.size(1);
   at::Tensor out = at::empty_like(u);
   at::Tensor ht = store_final ? at::empty({nseq, dim, N}, u.options()) : at::empty({0}, u.options());
   const int64_t padded = (dim + kPad - 1) / kPad * kPad;
   at::Tensor hc = store_chunks ? at::empty({num_chunks, padded * N}, u.options()) : at::empty({0}, u.options());
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_fwd", [&] {
-    const auto p = problem<scalar_t>(u, delta, A, B, C, D, z, bias, h0, cu_seqlens, chunk_offsets, chunk, softplus);
+    auto p = problem<scalar_t>(u, delta, A, B, C, D, z, bias, h0, cu_seqlens, chunk_offsets, chunk, softplus);
+    set_low_rank(p, weight_t, weight_t.defined() ? delta.size(1) : 0);
     const auto plan = plan_blocks(p);
     scalar_t* o = out.data_ptr<scalar_t>();
     scalar_t* f = store_final ? ht.data_ptr<scalar_t>() : nullptr;
@@ -553,12 +656,14 @@ std::vector<at::Tensor> selective_scan_fwd(const at::Tensor& u, const at::Tensor
 }
 
 // Returns du, ddelta, dz (or empty), dA [Nseq, D, N], dB and dC [blocks, L, G, N], dD [Nseq, D], dh0 (or
-// empty), ddelta_bias [Nseq, D] (or empty without delta_bias): the caller sums the partial buffers over their
-// first dimension.
+// empty), ddelta_bias [Nseq, D] (or empty without delta_bias), ddelta_weight: the caller sums the partial buffers
+// over their first dimension. With delta_weight [D, R], ddelta is the factor's, [blocks, L, R], and ddelta_weight
+// its transpose's, [Nseq, R, D] (else empty).
 std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                            const at::Tensor& B, const at::Tensor& C,
                                            const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
-                                           const c10::optional<at::Tensor>& bias, const at::Tensor& cu_seqlens,
+                                           const c10::optional<at::Tensor>& bias,
+                                           const c10::optional<at::Tensor>& delta_weight, const at::Tensor& cu_seqlens,
                                            const at::Tensor& chunk_offsets, const at::Tensor& hc, int64_t chunk,
                                            bool softplus, const at::Tensor& dout,
                                            const c10::optional<at::Tensor>& dht, bool need_dh0) {
@@ -566,28 +671,35 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
                 {u, delta, A, B, C, opt_or_empty(D), opt_or_empty(z), opt_or_empty(bias), hc, dout, opt_or_empty(dht)});
   check_offsets("selective_scan_cpu", cu_seqlens, chunk_offsets);
   const int64_t nseq = cu_seqlens.numel() - 1, L = u.size(0), dim = u.size(1), G = B.size(1), N = A.size(1);
-  at::Tensor du = at::empty_like(u), ddelta = at::empty_like(u);
+  const at::Tensor weight_t = low_rank_weight(u, delta, delta_weight);
+  const int64_t rank = weight_t.defined() ? delta.size(1) : 0;
+  at::Tensor du = at::empty_like(u), ddelta;
+  at::Tensor dweight = rank ? at::empty({nseq, rank, dim}, u.options()) : at::empty({0}, u.options());
   at::Tensor dz = z.has_value() ? at::empty_like(u) : at::empty({0}, u.options());
   at::Tensor dA = at::empty({nseq, dim, N}, u.options()), dD = at::empty({nseq, dim}, u.options());
   at::Tensor dh0 = need_dh0 ? at::empty({nseq, dim, N}, u.options()) : at::empty({0}, u.options());
   at::Tensor dbias = bias.has_value() ? at::empty({nseq, dim}, u.options()) : at::empty({0}, u.options());
   at::Tensor dB, dC;
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_bwd", [&] {
-    const auto p = problem<scalar_t>(u, delta, A, B, C, D, z, bias, c10::nullopt, cu_seqlens, chunk_offsets, chunk,
-                                     softplus);
+    auto p = problem<scalar_t>(u, delta, A, B, C, D, z, bias, c10::nullopt, cu_seqlens, chunk_offsets, chunk,
+                               softplus);
+    set_low_rank(p, weight_t, rank);
     const auto plan = plan_blocks(p);
     // Zeroed: a block adds only into the groups its channels read.
     dB = at::zeros({plan.count, L, G, N}, u.options());
     dC = at::zeros({plan.count, L, G, N}, u.options());
+    // Every block's task writes the factor's rows of its sequence's tokens.
+    ddelta = rank ? at::empty({plan.count, L, rank}, u.options()) : at::empty_like(u);
     const Grads<scalar_t> g{du.data_ptr<scalar_t>(), ddelta.data_ptr<scalar_t>(),
                             z.has_value() ? dz.data_ptr<scalar_t>() : nullptr, dB.data_ptr<scalar_t>(),
                             dC.data_ptr<scalar_t>(), dA.data_ptr<scalar_t>(), dD.data_ptr<scalar_t>(),
                             bias.has_value() ? dbias.data_ptr<scalar_t>() : nullptr,
-                            need_dh0 ? dh0.data_ptr<scalar_t>() : nullptr, dout.data_ptr<scalar_t>(),
+                            need_dh0 ? dh0.data_ptr<scalar_t>() : nullptr,
+                            rank ? dweight.data_ptr<scalar_t>() : nullptr, dout.data_ptr<scalar_t>(),
                             data_or_null<scalar_t>(dht), hc.data_ptr<scalar_t>()};
     over_tasks(p, plan, [&](const Block& b, int64_t s) { scan_bwd_task(p, g, b, s); });
   });
-  return {du, ddelta, dz, dA, dB, dC, dD, dh0, dbias};
+  return {du, ddelta, dz, dA, dB, dC, dD, dh0, dbias, dweight};
 }
 
 void bind_selective_scan(pybind11::module& m) {

@@ -1,6 +1,7 @@
 """The C++ CPU selective scan (backend "cpu") against the float64 recurrence: outputs, final states and the
 gradients of every input, the initial state included; packed and ragged sequences, strong decays, channel
-blocks, and the fallback when the kernels cannot be built.
+blocks, the step sizes from a low-rank factor (delta_proj_weight), and the fallback when the kernels cannot be
+built.
 
 The first test to run builds the kernels (once per machine, cached by torch: 1-4 minutes on 2 cores)."""
 
@@ -15,12 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from seqmix.kernels import BackendUnavailable, explain
 from seqmix.kernels import cpu as cpu_build
 from seqmix.kernels.mamba import selective_scan, selective_scan_recurrent
-from tests.helpers import TOL, assert_rel, require_cpu_kernels
+from tests.helpers import TOL, assert_rel, require_cpu_kernels, torch_threads
 from tests.kernels.contract import check_against_oracle, outputs_and_grads
 from tests.kernels.mamba.cases import Case, cases, make_inputs
 
@@ -90,6 +93,89 @@ def test_channel_blocks_and_groups(threads):
                             extras=True, seed=2))
     finally:
         torch.set_num_threads(before)
+
+
+def _low_rank_inputs(case, rank, dtype):
+    """The case's inputs in ``dtype`` with delta replaced by a factor [B, T, rank], and delta_proj_weight [D, rank]
+    appended: step sizes of the case's kind (positive without the softplus), all with gradients."""
+    inputs = make_inputs(case, dtype, CPU)
+    g = torch.Generator().manual_seed(case.seed + 7)
+    shape = (*inputs[0].shape[:2], rank)
+    if case.extras:  # softplus: any sign
+        factor, weight = torch.randn(shape, generator=g), torch.randn(case.channels, rank, generator=g) / rank**0.5
+    else:
+        factor, weight = torch.rand(shape, generator=g), torch.rand(case.channels, rank, generator=g) * 0.3 / rank
+    inputs[1] = factor
+    return [None if t is None else t.to(dtype).requires_grad_() for t in [*inputs, weight]]
+
+
+def _check_low_rank(case, rank, dtype=torch.float64, tol=1e-10):
+    """selective_scan with delta_proj_weight on the cpu backend (``dtype``) against the float64 recurrence on the
+    step sizes ``F.linear(factor, weight)``: output, final state and every gradient, the factor's and the
+    weight's included."""
+    inputs = _low_rank_inputs(case, rank, dtype)
+    up = [None if t is None else t.detach().double().requires_grad_() for t in inputs]
+
+    def fused(u, factor, A, B, C, D, z, delta_bias, h0, weight):
+        kwargs = case.kwargs([u, factor, A, B, C, D, z, delta_bias, h0])
+        return selective_scan(u, factor, A, B, C, **kwargs, delta_proj_weight=weight, output_final_state=True,
+                              backend="cpu")
+
+    def oracle(u, factor, A, B, C, D, z, delta_bias, h0, weight):
+        kwargs = case.kwargs([u, factor, A, B, C, D, z, delta_bias, h0])
+        return selective_scan_recurrent(u, F.linear(factor, weight), A, B, C, **kwargs, output_final_state=True)
+
+    y, s, grads = outputs_and_grads(fused, inputs, case.seed)
+    y_ref, s_ref, ref_grads = outputs_and_grads(oracle, up, case.seed)
+    assert y.dtype == s.dtype == dtype
+    assert_rel(y, y_ref, tol, "output")
+    assert_rel(s, s_ref, tol, "final state")
+    names = [n for n, t in zip([*NAMES, "delta_proj_weight"], inputs) if t is not None]
+    for name, a, b in zip(names, grads, ref_grads, strict=True):
+        assert a.dtype == dtype
+        assert_rel(a, b, tol, f"d{name}")
+
+
+@built
+@settings(max_examples=8, deadline=None)
+@given(case=cases(max_t=90, channels=(6, 16, 40), state_dims=(3, 16)), rank=st.sampled_from([1, 3, 8, 20]))
+def test_low_rank_step_sizes_match_recurrence_in_float64(case, rank):
+    """delta_proj_weight: the step sizes computed inside from their factor; ranks past the vector width (20)."""
+    _check_low_rank(case, rank)
+
+
+@built
+@pytest.mark.parametrize("threads", [1, 2])
+def test_low_rank_step_sizes_over_channel_blocks_in_float32(threads):
+    """Two blocks of channels (D = 300, N = 16: the factor's gradient summed over them), packed ragged sequences,
+    float32 against the float64 recurrence; and without gradients the same output."""
+    case = Case(batch=1, lengths=(0, 9, 40, 1), seqlen=50, channels=300, groups=3, n=16, initial_state=True,
+                extras=True, seed=6)
+    with torch_threads(threads):
+        _check_low_rank(case, 8)
+        _check_low_rank(case, 8, torch.float32, TOL[torch.float32])
+        inputs = [None if t is None else t.detach() for t in _low_rank_inputs(case, 8, torch.float32)]
+        kwargs = case.kwargs(inputs[:9])
+        y, s = selective_scan(*inputs[:5], **kwargs, delta_proj_weight=inputs[9], output_final_state=True,
+                              backend="cpu")
+        y_ref, s_ref = selective_scan(inputs[0], F.linear(inputs[1], inputs[9]), *inputs[2:5], **kwargs,
+                                      output_final_state=True, backend="cpu")
+    assert_rel(y, y_ref, 1e-6, "output without gradients")
+    assert_rel(s, s_ref, 1e-6, "final state without gradients")
+
+
+def test_low_rank_step_sizes_bad_input():
+    case = Case(batch=2, lengths=None, seqlen=5, channels=6, groups=None, n=3, initial_state=False, extras=False,
+                seed=1)
+    u, factor, A, B, C, *_ , weight = _low_rank_inputs(case, 4, torch.float32)
+    with pytest.raises(ValueError, match="delta_proj_weight"):
+        selective_scan(u, factor, A, B, C, delta_proj_weight=weight[:5])
+    with pytest.raises(ValueError, match="delta"):
+        selective_scan(u, factor[..., :3], A, B, C, delta_proj_weight=weight)
+    with pytest.raises(ValueError, match="delta"):
+        selective_scan(u, factor, A, B, C)  # a factor without its weight
+    with pytest.raises(ValueError, match="R >= 1"):
+        selective_scan(u, factor[..., :0], A, B, C, delta_proj_weight=weight[:, :0])
 
 
 @built
@@ -222,9 +308,11 @@ def test_cpu_backend_needs_cpu_tensors():
 
 @built
 @pytest.mark.parametrize("grad", [True, False])
-def test_custom_ops_pass_opcheck(grad, monkeypatch):
+@pytest.mark.parametrize("low_rank", [False, True])
+def test_custom_ops_pass_opcheck(grad, low_rank, monkeypatch):
     """Schema, fake implementations (shapes, dtypes, strides) and autograd registration of the cpu custom ops,
-    on the arguments the public op hands them (the chunked forward with gradients, the plain one without)."""
+    on the arguments the public op hands them (the chunked forward with gradients, the plain one without), with
+    the step sizes given or from a low-rank factor."""
     from seqmix.kernels.mamba import cpu as cpu_kernels
 
     path = "chunk_fwd" if grad else "recurrent_fwd"
@@ -232,8 +320,12 @@ def test_custom_ops_pass_opcheck(grad, monkeypatch):
     monkeypatch.setattr(cpu_kernels, "FUSED", dataclasses.replace(
         cpu_kernels.FUSED, **{path: lambda *args: calls.append(args) or custom(*args)}))
     case = Case(batch=2, lengths=None, seqlen=20, channels=6, groups=2, n=3, initial_state=True, extras=True, seed=3)
-    inputs = make_inputs(case, torch.float32, CPU, requires_grad=grad)
-    selective_scan(*inputs[:5], **case.kwargs(inputs), output_final_state=True, backend="cpu")
+    if low_rank:
+        *inputs, weight = [t.detach().requires_grad_(grad) for t in _low_rank_inputs(case, 3, torch.float32)]
+    else:
+        inputs, weight = make_inputs(case, torch.float32, CPU, requires_grad=grad), None
+    selective_scan(*inputs[:5], **case.kwargs(inputs), delta_proj_weight=weight, output_final_state=True,
+                   backend="cpu")
     assert len(calls) == 1
     torch.library.opcheck(custom.op, calls[0],
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
