@@ -87,14 +87,11 @@ class Mamba2(Mixer):
         # backend's kernels normalise each token as they write it, with no pass of their own over the output and
         # its gradient (docs/design.md, "Twenty-seventh round").
         norm_in_op = torch.is_grad_enabled()
-        ssd_args = dict(num_heads=H, n_groups=G, d_state=N, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
-                        dt_limit=self.dt_limit, cu_seqlens=cu_seqlens, backend=self.backend,
-                        norm_weight=self.norm.weight if norm_in_op else None, norm_eps=self.norm.eps)
         if conv_inside and norm_in_op:
             # Training: in_proj as one product whose output SSD takes whole, so its backward is one product for
             # x's gradient and one for the weight's (docs/design.md, "Thirtieth round").
             y, _ = ssd_zxbcdt(linear(x, self.in_proj.weight), self._A(), conv_weight=self.conv.weight,
-                              conv_bias=self.conv.bias, **ssd_args)
+                              conv_bias=self.conv.bias, **self._ssd_options(cu_seqlens, norm_in_op))
             return self.out_proj(y.reshape(B, T, self.d_inner)), None
         sizes = [self.d_inner, self.conv_dim, H]
         if decoding:  # one token: one matmul, the fewest calls
@@ -121,7 +118,7 @@ class Mamba2(Mixer):
         y, ssm_state = ssd_xbc(
             xbc, dt, self._A(), z=z.reshape(B, T, H, P), initial_state=None if state is None else state["ssm"],
             output_final_state=state is not None, conv_weight=self.conv.weight if conv_inside else None,
-            conv_bias=self.conv.bias if conv_inside else None, **ssd_args,
+            conv_bias=self.conv.bias if conv_inside else None, **self._ssd_options(cu_seqlens, norm_in_op),
         )
         y = y.reshape(B, T, self.d_inner)
         out = self.out_proj(y if norm_in_op else self.norm(y))
@@ -142,6 +139,13 @@ class Mamba2(Mixer):
         out_weights = (norm._parameters["weight"], norm.eps, modules["out_proj"]._parameters["weight"])
         return step_cpu.LayerCall(step_cpu.mamba2_step, (None, *weights, StateOf("conv"), *ssd, StateOf("ssm"),
                                                          *out_weights), ("conv", "ssm"))
+
+    def _ssd_options(self, cu_seqlens, norm_in_op: bool) -> dict:
+        """The layer's keyword arguments of ssd_xbc and ssd_zxbcdt (the gated norm's weight when it is the op's)."""
+        return dict(num_heads=self.num_heads, n_groups=self.n_groups, d_state=self.d_state, D=self.D,
+                    dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit, cu_seqlens=cu_seqlens,
+                    backend=self.backend, norm_weight=self.norm.weight if norm_in_op else None,
+                    norm_eps=self.norm.eps)
 
     def _A(self):
         """A = -exp(A_log) [H] in float32."""
