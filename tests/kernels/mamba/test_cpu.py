@@ -86,13 +86,9 @@ def test_scan_matches_recurrence_in_float32(case):
 def test_channel_blocks_and_groups(threads):
     """D = 300, N = 16: more state than one task keeps (two blocks of channels, partial sums of dB and dC);
     groups of 100 channels, which vectors of 16 straddle; a ragged length (not a multiple of the chunk)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         _check_float64(Case(batch=1, lengths=None, seqlen=21, channels=300, groups=3, n=16, initial_state=True,
                             extras=True, seed=2))
-    finally:
-        torch.set_num_threads(before)
 
 
 def _low_rank_inputs(case, rank, dtype):

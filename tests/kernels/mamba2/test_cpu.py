@@ -21,7 +21,7 @@ from seqmix.kernels import mamba2 as mamba2_ops
 from seqmix.kernels.mamba2 import cpu as cpu_kernels
 from seqmix.kernels.mamba2 import ssd_recurrent
 from seqmix.kernels.norm import rms_norm
-from tests.helpers import TOL, assert_rel, require_cpu_kernels
+from tests.helpers import TOL, assert_rel, require_cpu_kernels, torch_threads
 from tests.kernels.mamba2.cases import Case, cases, make_inputs
 
 CPU = torch.device("cpu")
@@ -100,16 +100,12 @@ def test_packed_sequences_with_empty_ones_keep_their_states(threads):
     """Ragged packed sequences (empty ones among them), on one thread and on two (tasks of unequal length)."""
     case = Case(batch=1, lengths=(0, 9, 0, 135, 1), seqlen=145, heads=4, groups=2, p=8, n=16, initial_state=True,
                 extras=True, seed=5)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         _, s = _check(case)
         h0 = _inputs(case, torch.float64)[8]
         torch.testing.assert_close(s[0], h0[0])
         torch.testing.assert_close(s[2], h0[2])
         _check(case, torch.float32, TOL[torch.float32], final_state=False)
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_strong_decays_stay_finite_in_float32():
