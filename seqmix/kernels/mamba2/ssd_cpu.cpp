@@ -32,7 +32,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <new>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../args_cpu.h"
@@ -699,10 +702,33 @@ void decay_state(const Chunk<T>& ch, const T* src, T* dst) {
 // A thread's buffers, allocated once for all its tasks (fresh large allocations cost page faults): a state
 // (or its gradient) [Hg P, N], [c, c] scores, [Hg, c, c] per-head masks, [c, Hg P] rows, [Hg, c] per-head
 // values, and b^T [max(P, N), c] for lower_dots (the heads' (dt' x)^T and the scores' B^T).
+// An allocator whose new values are left as they are: std::vector<T>(n) would zero them, and the state and
+// chunk-sized buffers below (1.7 MiB a thread for the tiny Mamba-2 layer at T = 128) were zeroed at every call.
+// Every task writes them before it reads them; tests/kernels/mamba2/test_cpu.py passes with them filled with NaN
+// instead (docs/design.md, "Thirtieth round").
+template <typename T>
+struct UninitAllocator : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = UninitAllocator<U>;
+  };
+  template <typename U>
+  void construct(U* ptr) noexcept {
+    ::new (static_cast<void*>(ptr)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* ptr, Args&&... args) {
+    ::new (static_cast<void*>(ptr)) U(std::forward<Args>(args)...);
+  }
+};
+template <typename T>
+using Scratch = std::vector<T, UninitAllocator<T>>;
+
 template <typename T>
 struct Buffers {
   Chunk<T> ch;
-  std::vector<T> S, M, dM, L, Wm, dW, Y, U, dR, dU, dX, to_end, dl, dlast, xt;
+  Scratch<T> S, M, dM, L, Wm, dW, Y, U, dR, dU, dX, xt;
+  std::vector<T> to_end, dl, dlast;
   // With the conv, the backward's: the gradient of the chunk's x, B and C [c, cg] (then of their
   // pre-activations), that of the W-1 tokens after the chunk [W-1, cg], and the task's dweight [W, cg] and
   // dbias [cg].
@@ -712,7 +738,7 @@ struct Buffers {
   explicit Buffers(const Problem<T>& p)
       : ch(p, p.chunk), S(p.width() * p.N), M(p.chunk * p.chunk), dM(M.size()), L(p.Hg() * M.size()), Wm(L.size()),
         dW(L.size()), Y(p.chunk * p.width()), U(Y.size()), dR(Y.size()), dU(Y.size()), dX(Y.size()),
-        to_end(p.Hg() * p.chunk), dl(to_end.size()), dlast(p.Hg()), xt(std::max(p.P, p.N) * p.chunk),
+        xt(std::max(p.P, p.N) * p.chunk), to_end(p.Hg() * p.chunk), dl(to_end.size()), dlast(p.Hg()),
         pre(p.norm_w ? p.width() : 0), sg(p.norm_w && p.z ? p.width() : 0) {
     if (!p.conv()) return;
     const int64_t cg = p.group_cols() + Lanes<T>::W;
@@ -810,7 +836,8 @@ void fwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, T* out, 
   Chunk<T>& ch = b.ch;
   ch.set_group(g);
   ch.seq_start = start;
-  std::vector<T>&M = b.M, &Wm = b.Wm, &Y = b.Y, &U = b.U, &to_end = b.to_end;
+  Scratch<T>&M = b.M, &Wm = b.Wm, &Y = b.Y, &U = b.U;
+  std::vector<T>& to_end = b.to_end;
   const int64_t state_at = g * w * N;  // the group's rows in a [H, P, N] state
   const int64_t first = p.chunk_offsets[s], count = p.chunk_offsets[s + 1] - first;
   // The state lives where it is kept: entering chunk n, in hc's row for it (when stored; the backward reads it
@@ -888,8 +915,9 @@ void bwd_task(const Problem<T>& p, int64_t s, int64_t g, Buffers<T>& b, const Gr
   Chunk<T>& ch = b.ch;
   ch.set_group(g);
   ch.seq_start = start;
-  std::vector<T>&dS = b.S, &M = b.M, &L = b.L, &Wm = b.Wm, &dW = b.dW, &dM = b.dM, &U = b.U, &to_end = b.to_end;
-  std::vector<T>&dY = b.Y, &dR = b.dR, &dU = b.dU, &dX = b.dX, &dl = b.dl, &dlast = b.dlast, &xt = b.xt;
+  Scratch<T>&dS = b.S, &M = b.M, &L = b.L, &Wm = b.Wm, &dW = b.dW, &dM = b.dM, &U = b.U;
+  Scratch<T>&dY = b.Y, &dR = b.dR, &dU = b.dU, &dX = b.dX, &xt = b.xt;
+  std::vector<T>&to_end = b.to_end, &dl = b.dl, &dlast = b.dlast;
   bool has_ds = gr.dht != nullptr;  // dS: the gradient of the state leaving the current chunk
   if (has_ds) std::memcpy(dS.data(), gr.dht + s * p.H * P * N + state_at, w * N * sizeof(T));
   if (p.conv()) {  // nothing after the sequence's last token; the task's dweight and dbias start at 0
