@@ -375,8 +375,8 @@ inline void bwd_tokens(Vec<T>* dh, Vec<T>* dA, Vec<T>* accB, Vec<T>* accC, int64
 // after its reverse recurrence: the factor's, dd . weight_t[r] over the block's channels for each token and rank
 // (rows of `factor` [L, rank]; sums [whole blocks of W and of kRanks] its scratch), and weight_t's, dd factor[t, r]
 // summed over the tokens into dweight [nv, rank padded to kRanks]. kRanks ranks at a time, their sums in
-// registers: the weight's sums went through memory at every token and vector before (docs/design.md, "Thirtieth
-// round").
+// registers over a chunk's tokens: adding into dweight in memory at every token and vector gained a third as
+// much over the old dt_proj product (docs/design.md, "Thirtieth round").
 template <typename T>
 void low_rank_grads(const Problem<T>& p, const Block& b, int64_t t0, int64_t nt, const Vec<T>* dds, Vec<T>* sums,
                     Vec<T>* dweight, T* factor) {
