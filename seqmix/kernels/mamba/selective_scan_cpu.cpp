@@ -374,12 +374,13 @@ inline void bwd_tokens(Vec<T>* dh, Vec<T>* dA, Vec<T>* accB, Vec<T>* accC, int64
 // With a low-rank delta, a chunk's gradients from its d(delta) dds [nt, nv] (tokens t0 on, the block's vectors),
 // after its reverse recurrence: the factor's, dd . weight_t[r] over the block's channels for each token and rank
 // (rows of `factor` [L, rank]; sums [whole blocks of W and of kRanks] its scratch), and weight_t's, dd factor[t, r]
-// summed over the tokens into dweight [nv, rank padded to kRanks]. kRanks ranks at a time, their sums in
+// summed over the tokens into dweight [nv, rank padded to kRanks] (`padded` [CH, rank padded to kRanks], zeros past
+// the rank, takes the chunk's factor rows once). kRanks ranks at a time, their sums in
 // registers over a chunk's tokens: adding into dweight in memory at every token and vector gained a third as
 // much over the old dt_proj product (docs/design.md, "Thirtieth round").
 template <typename T>
 void low_rank_grads(const Problem<T>& p, const Block& b, int64_t t0, int64_t nt, const Vec<T>* dds, Vec<T>* sums,
-                    Vec<T>* dweight, T* factor) {
+                    T* padded, Vec<T>* dweight, T* factor) {
   constexpr int W = Lanes<T>::W;
   const int64_t nv = b.v1 - b.v0, R = p.rank, RK = (R + kRanks - 1) / kRanks * kRanks;
   const LaneSums<T>& lanes = lane_sums<T>();
@@ -400,14 +401,14 @@ void low_rank_grads(const Problem<T>& p, const Block& b, int64_t t0, int64_t nt,
       std::copy(part, part + std::min<int64_t>(W, R - r0), row + r0);
     }
   }
+  for (int64_t i = 0; i < nt; ++i) std::copy(p.delta + (t0 + i) * R, p.delta + (t0 + i + 1) * R, padded + i * RK);
   for (int64_t v = 0; v < nv; ++v)
     for (int64_t r0 = 0; r0 < R; r0 += kRanks) {
       Vec<T>* out = dweight + v * RK + r0;
       Vec<T> acc[kRanks];
       std::copy(out, out + kRanks, acc);
       for (int64_t i = 0; i < nt; ++i) {
-        T f[kRanks]{};  // the token's factor values r0..., zeros past the rank
-        std::copy(p.delta + (t0 + i) * R + r0, p.delta + (t0 + i) * R + std::min(R, r0 + kRanks), f);
+        const T* f = padded + i * RK + r0;
         const Vec<T> dd = dds[i * nv + v];
         for (int k = 0; k < kRanks; ++k) acc[k] += dd * splat<T>(f[k]);
       }
@@ -424,9 +425,11 @@ void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64
   std::vector<Vec<T>> a(VN), a2(VN), dh(VN), dA(VN), Bt(kTokens * N), Ct(kTokens * N), accB(kTokens * NW),
       accC(kTokens * NW), dD(nv), dbias(nv);
   // With a low-rank delta: the chunk's d(delta) [CH, nv], low_rank_grads' scratch (zeroed: LaneSums reads whole
-  // blocks of W), and delta_weight's gradient per vector and rank [nv, rank padded to kRanks].
+  // blocks of W, and the padded factor rows past the rank), and delta_weight's gradient per vector and rank [nv,
+  // rank padded to kRanks].
   const int64_t RK = (p.rank + kRanks - 1) / kRanks * kRanks;
   std::vector<Vec<T>> dds(p.weight_t ? CH * nv : 0), rank_sums(RK + W), dweight(nv * RK);
+  std::vector<T> padded_factor(CH * RK);
   // A pass's u, dy (through the gate), and the recurrence's sums sb and sa, per token and vector: [kTokens, nv].
   std::vector<Vec<T>> us(kTokens * nv), dys(us.size()), sbs(us.size()), sas(us.size());
   // The chunk's states (slot 0 the checkpoint, slot i + 1 after its token i), decays, delta' and its slope.
@@ -560,7 +563,8 @@ void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64
       }
     }
     if (p.weight_t)
-      low_rank_grads(p, b, t0, nt, dds.data(), rank_sums.data(), dweight.data(), g.ddelta + b.index * p.L * p.rank);
+      low_rank_grads(p, b, t0, nt, dds.data(), rank_sums.data(), padded_factor.data(), dweight.data(),
+                     g.ddelta + b.index * p.L * p.rank);
   }
   state_from_lanes(p, dA.data(), b, g.dA + s * p.dim * N);
   for (int64_t v = b.v0; v < b.v1; ++v)
