@@ -130,7 +130,16 @@ def _first_complaint(error: Exception) -> str:
     return f"{lines[0].split(':', 1)[0]}: {complaints[0][:300]}"
 
 
-@torch.compiler.assume_constant_result
+def _constant_under_compile(fn):
+    """fn marked as ``torch.compiler.assume_constant_result`` marks it (the attribute torch's own decorator sets),
+    without importing torch._dynamo: that import took ~0.9 s of every process that imported seqmix, though only a
+    ``torch.compile`` trace reads the mark (``python -m seqmix.generate`` 2.98 -> 1.85 s; docs/design.md,
+    "Thirty-first round"). tests/kernels/test_cpu.py checks that the mark is torch's."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_under_compile
 def unavailable() -> str | None:
     """Why the C++ CPU kernels cannot run; None when they are built (the first call builds them).
     ``torch.compile`` runs it while tracing and keeps its answer as a constant: a compiled model whose first
@@ -152,7 +161,7 @@ def unavailable() -> str | None:
     return _reason
 
 
-@torch.compiler.assume_constant_result
+@_constant_under_compile
 def ready() -> bool:
     """Whether the C++ CPU kernels serve without compiling anything: loaded in this process, or compiled for
     this checkout and loaded since every source and this file (which holds the flags) last changed, and then

@@ -1,7 +1,11 @@
-"""seqmix/kernels/cpu.py: when the C++ CPU kernels serve without a compile (``ready``), and the automatic choice
-that never compiles them (``select_backend(..., build_cpu=False)``)."""
+"""seqmix/kernels/cpu.py: when the C++ CPU kernels serve without a compile (``ready``), the automatic choice
+that never compiles them (``select_backend(..., build_cpu=False)``), and the mark that keeps that choice a constant
+under ``torch.compile``."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,3 +97,25 @@ def test_a_build_removes_the_lock_an_interrupted_build_left(tmp_path, monkeypatc
         assert cpu.unavailable() is not None  # the fake loader fails: the reference serves
     assert seen == [False] and not (tmp_path / "lock").exists()
     assert "interrupted build" in caplog.text
+
+
+def test_the_kernels_choice_carries_torch_compilers_constant_mark():
+    """unavailable and ready carry what ``torch.compiler.assume_constant_result`` sets on a function, so that a
+    ``torch.compile`` trace keeps their answers as constants; seqmix sets that mark itself (importing torch._dynamo
+    to have torch set it cost every process ~0.9 s). A torch that marks functions otherwise fails here."""
+    def probe():
+        return None
+
+    mark = dict(vars(torch.compiler.assume_constant_result(probe)))
+    assert mark, "torch.compiler.assume_constant_result no longer marks the function by an attribute"
+    for fn in (cpu.unavailable, cpu.ready):
+        assert {name: getattr(fn, name, None) for name in mark} == mark, fn.__name__
+
+
+def test_importing_seqmix_leaves_torch_dynamo_unimported():
+    """The models, the kernels and the generate CLI import without torch._dynamo (~0.9 s of a command's start; the
+    optimizer of a training run imports it when it is built, a ``torch.compile`` call when it traces)."""
+    code = "import sys, seqmix, seqmix.archs, seqmix.kernels, seqmix.generate; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
