@@ -94,12 +94,13 @@ class DeltaNet(Mixer):
         return torch.cat([c.weight for c in self._modules["convs"].values()])
 
     def _split_features(self, f):
-        """q, k (L2-normalised together) [*, H, K] and v [*, H, V] from the q|k|v features f [*, 2 dk + dv]."""
-        H = self.num_heads
+        """q, k (L2-normalised) [*, H, K] and v [*, H, V] from the q|k|v features f [*, 2 dk + dv]."""
+        H, K = self.num_heads, self.head_k
         # split, not slices: its backward is one cat, a slice's a zero tensor of f's size per slice.
-        qk, v = f.split([2 * H * self.head_k, H * self.head_v], -1)
-        q, k = l2_normalize(qk.unflatten(-1, (2 * H, self.head_k))).split(H, -2)
-        return q, k, v.unflatten(-1, (H, self.head_v))
+        q, k, v = f.split([H * K, H * K, H * self.head_v], -1)
+        # q and k normalised apart: each comes out contiguous, as the delta rule takes it (one norm of q|k split in
+        # two gave strided halves, which the rule's packing copied, and a cat in the backward).
+        return l2_normalize(q.unflatten(-1, (H, K))), l2_normalize(k.unflatten(-1, (H, K))), v.unflatten(-1, (H, -1))
 
     def _qkv(self, x, state, cu_seqlens):
         """Projections and short convs; returns q, k, v as [B, T, H, *] and the new conv state."""
