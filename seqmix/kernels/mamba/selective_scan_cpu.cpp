@@ -52,6 +52,9 @@ constexpr int kAhead = 4;                    // tokens between a row's prefetch 
 constexpr int kTokens = 4;                   // tokens a pass of the backward's reverse recurrence (bwd_tokens)
 constexpr int kRanks = 8;                    // ranks of a low-rank delta's gradients a pass (low_rank_grads)
 
+// A low-rank delta's rank rounded up to whole passes of kRanks: the rows of the padded weight and factor.
+inline int64_t rank_passes(int64_t rank) { return (rank + kRanks - 1) / kRanks * kRanks; }
+
 // Everything a task reads, with the problem's sizes.
 template <typename T>
 struct Problem {
@@ -375,14 +378,14 @@ inline void bwd_tokens(Vec<T>* dh, Vec<T>* dA, Vec<T>* accB, Vec<T>* accC, int64
 // after its reverse recurrence: the factor's, dd . weight_t[r] over the block's channels for each token and rank
 // (rows of `factor` [L, rank]; sums [whole blocks of W and of kRanks] its scratch), and weight_t's, dd factor[t, r]
 // summed over the tokens into dweight [nv, rank padded to kRanks] (`padded` [CH, rank padded to kRanks], zeros past
-// the rank, takes the chunk's factor rows once). kRanks ranks at a time, their sums in
-// registers over a chunk's tokens: adding into dweight in memory at every token and vector gained a third as
-// much over the old dt_proj product (docs/design.md, "Thirtieth round").
+// the rank, takes the chunk's factor rows once). kRanks ranks at a time, their sums in registers over a chunk's
+// tokens: adding into dweight in memory at every token and vector gained a third as much over the old dt_proj
+// product (docs/design.md, "Thirtieth round").
 template <typename T>
 void low_rank_grads(const Problem<T>& p, const Block& b, int64_t t0, int64_t nt, const Vec<T>* dds, Vec<T>* sums,
                     T* padded, Vec<T>* dweight, T* factor) {
   constexpr int W = Lanes<T>::W;
-  const int64_t nv = b.v1 - b.v0, R = p.rank, RK = (R + kRanks - 1) / kRanks * kRanks;
+  const int64_t nv = b.v1 - b.v0, R = p.rank, RK = rank_passes(R);
   const LaneSums<T>& lanes = lane_sums<T>();
   alignas(sizeof(Vec<T>)) T part[W];
   for (int64_t i = 0; i < nt; ++i) {
@@ -427,7 +430,7 @@ void scan_bwd_task(const Problem<T>& p, const Grads<T>& g, const Block& b, int64
   // With a low-rank delta: the chunk's d(delta) [CH, nv], low_rank_grads' scratch (zeroed: LaneSums reads whole
   // blocks of W, and the padded factor rows past the rank), and delta_weight's gradient per vector and rank [nv,
   // rank padded to kRanks].
-  const int64_t RK = (p.rank + kRanks - 1) / kRanks * kRanks;
+  const int64_t RK = rank_passes(p.rank);
   std::vector<Vec<T>> dds(p.weight_t ? CH * nv : 0), rank_sums(RK + W), dweight(nv * RK);
   std::vector<T> padded_factor(CH * RK);
   // A pass's u, dy (through the gate), and the recurrence's sums sb and sa, per token and vector: [kTokens, nv].
@@ -601,8 +604,8 @@ at::Tensor low_rank_weight(const at::Tensor& u, const at::Tensor& delta, const c
   TORCH_CHECK(weight->device().is_cpu() && weight->scalar_type() == u.scalar_type(),
               "selective_scan_cpu: delta_weight must be a CPU tensor in u's dtype");
   // Zero rows past the rank, to whole blocks of kRanks (low_rank_grads reads them).
-  const int64_t rank = weight->size(1), padded = (rank + kRanks - 1) / kRanks * kRanks;
-  at::Tensor weight_t = at::zeros({padded, u.size(1)}, weight->options());
+  const int64_t rank = weight->size(1);
+  at::Tensor weight_t = at::zeros({rank_passes(rank), u.size(1)}, weight->options());
   weight_t.narrow(0, 0, rank).copy_(weight->t());
   return weight_t;
 }

@@ -112,8 +112,8 @@ def _bwd(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_offsets, hc, y_in,
                                     h0 is not None, cu_seqlens, chunk_offsets, hc, y_in, y_pre, chunk, softplus, lo,
                                     hi, dout, dht, h0 is not None and need_dh0, packed, in_proj)
     present = (True, not in_proj, not packed, not packed, z is not None and not in_proj, True, D is not None,
-               dt_bias is not None,
-               h0 is not None, conv_weight is not None, conv_bias is not None, norm_weight is not None)
+               dt_bias is not None, h0 is not None, conv_weight is not None, conv_bias is not None,
+               norm_weight is not None)
     return [g if there else None for g, there in zip(grads, present, strict=True)]
 
 

@@ -1086,9 +1086,9 @@ Problem<T> problem(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& 
   return Problem<T>{x.data_ptr<T>(), dt.data_ptr<T>(), B.data_ptr<T>(), C.data_ptr<T>(), data_or_null<T>(z),
                     A.data_ptr<T>(), data_or_null<T>(D), data_or_null<T>(dt_bias), data_or_null<T>(h0),
                     cu_seqlens.data_ptr<int64_t>(), chunk_offsets.data_ptr<int64_t>(), x.size(1), x.size(2),
-                    B.size(1), B.size(2), chunk, row_stride(x), row_stride(B), row_stride(z), row_stride(dt), 0, 0,
-                    0, 0, nullptr, nullptr, 0,
-                    nullptr, 0, h0.defined() && h0.numel() > 0, softplus, static_cast<T>(lo), static_cast<T>(hi)};
+                    B.size(1), B.size(2), chunk, row_stride(x), row_stride(B), row_stride(z), row_stride(dt),
+                    0, 0, 0, 0, nullptr, nullptr, 0, nullptr, 0, h0.defined() && h0.numel() > 0, softplus,
+                    static_cast<T>(lo), static_cast<T>(hi)};
 }
 
 // Whether each tensor's rows start where the one before's end (row strides apart, one tensor's column blocks).
