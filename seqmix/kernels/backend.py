@@ -19,8 +19,11 @@ logger ``seqmix.kernels`` logs each at DEBUG level (off unless configured).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
+import sys
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -43,11 +46,28 @@ def triton_interpreting() -> bool:
 
 
 def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether Triton is installed, found without importing it (seqmix/kernels/triton_limits.py says why)."""
+    if "triton" in sys.modules:  # imported already, or blocked (None)
+        return sys.modules["triton"] is not None
+    return importlib.util.find_spec("triton") is not None
+
+
+def lazy_module(name: str) -> types.ModuleType:
+    """The module ``name``, executed at its first attribute access rather than now: a family's Triton kernels,
+    whose import a process that never calls them should not pay (seqmix/kernels/triton_limits.py). Code that
+    ``torch.compile`` traces must not reach into it before it is loaded: the kernels run inside custom ops,
+    whose bodies are not traced."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    loader = importlib.util.LazyLoader(spec.loader)
+    spec.loader = loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    loader.exec_module(module)
+    parent, _, child = name.rpartition(".")
+    setattr(sys.modules[parent], child, module)  # as an import of it would
+    return module
 
 
 def cuda_extension():

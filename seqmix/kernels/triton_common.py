@@ -62,22 +62,6 @@ def chunk_configs() -> list[triton.Config]:
     return autotune_configs([triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)])
 
 
-# The head (and state) dims the chunked kernels take: their register tiles are sized for it.
-MAX_HEAD_DIM = 256
-HALF_OR_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def unsupported(names: str, dtype: torch.dtype, dims_name: str = "head dims", **dims: int) -> str | None:
-    """Why a family's Triton kernels cannot take inputs ``names`` of ``dtype`` with these dims
-    (``dims_name``, at most :data:`MAX_HEAD_DIM` each); None if they can."""
-    if dtype not in HALF_OR_FLOAT:
-        return f"{names} must be float16, bfloat16 or float32, got {dtype}"
-    if max(dims.values()) > MAX_HEAD_DIM:
-        sizes = ", ".join(f"{k}={v}" for k, v in dims.items())
-        return f"{dims_name} up to {MAX_HEAD_DIM}, got {sizes}"
-    return None
-
-
 def key_value_blocks(K: int, V: int) -> dict[str, int]:
     """Block sizes of the linear-attention kernels: BK covers the key dim (state tiles), BKC is the
     key slice of per-chunk kernels, BV the value block of per-chunk kernels (the sequential kernels

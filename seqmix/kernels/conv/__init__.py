@@ -6,21 +6,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from seqmix.kernels.backend import select_backend
+from seqmix.kernels import triton_limits
+from seqmix.kernels.backend import lazy_module, select_backend
 from seqmix.kernels.checks import check_sequences, check_tensor
 from seqmix.kernels.conv import cpu as cpu_kernels
 from seqmix.kernels.conv import cuda as cuda_ops
-from seqmix.kernels.conv import triton as kernels
 from seqmix.kernels.conv.dynamic import dynamic_conv, light_conv
 from seqmix.kernels.conv.reference import causal_conv1d_reference, causal_conv1d_update_reference
 from seqmix.kernels.library import custom_op
 from seqmix.kernels.op import FusedOp, as_input_grads, chunking_of, fake_outputs, or_empty, register_autograd, run_fused
 from seqmix.kernels.sequences import packed_bounds
+from seqmix.kernels.triton_limits import CONV_CHUNK
 
 __all__ = [
     "causal_conv1d", "causal_conv1d_reference", "causal_conv1d_update", "causal_conv1d_update_reference",
     "dynamic_conv", "light_conv",
 ]
+
+kernels = lazy_module("seqmix.kernels.conv.triton")
 
 ACTIVATIONS = (None, "silu")
 
@@ -32,7 +35,7 @@ ACTIVATIONS = (None, "silu")
 @custom_op("seqmix::causal_conv1d_chunk_fwd", mutates_args=())
 def _chunk_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor,
                chunk_index: Tensor, chunk_offsets: Tensor, silu: bool, store_final: bool) -> tuple[Tensor, Tensor]:
-    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, kernels.CHUNK)
+    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, CONV_CHUNK)
     W = weight.shape[1]
     out, ht = kernels.causal_conv1d_fwd(x, weight, bias, h0 if W > 1 else None, chunking, silu, store_final)
     if store_final and ht is None:
@@ -49,7 +52,7 @@ def _(x, weight, bias, h0, cu_seqlens, chunk_index, chunk_offsets, silu, store_f
 def _chunk_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor,
                chunk_index: Tensor, chunk_offsets: Tensor, silu: bool, store_final: bool, dout: Tensor,
                dht: Tensor | None, needs: list[bool]) -> list[Tensor]:
-    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, kernels.CHUNK)
+    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, CONV_CHUNK)
     wide = weight.shape[1] > 1
     need_dh0 = h0 is not None and needs[3]
     # dht is None for a width-1 conv: its empty final state carries no gradient (seqmix/kernels/op.py).
@@ -63,7 +66,7 @@ def _chunk_bwd(x: Tensor, weight: Tensor, bias: Tensor | None, h0: Tensor | None
 
 register_autograd(_chunk_fwd, _chunk_bwd, num_inputs=7)
 
-FUSED = FusedOp(kernels.CHUNK, _chunk_fwd)
+FUSED = FusedOp(CONV_CHUNK, _chunk_fwd)
 
 
 @custom_op("seqmix::causal_conv1d_update_triton", mutates_args=("state",))
@@ -143,7 +146,7 @@ def causal_conv1d(
     B, T, D, W = _check_conv(x, "[B, T, D]", weight, bias, activation)
     check_sequences(cu_seqlens, initial_state, (D, W - 1), dims="[N, D, W-1]", like=x)
     name = select_backend("causal_conv1d", backend, x.device, ("cpu", "triton", "cuda", "reference"),
-                          {"triton": kernels.unsupported(x.dtype), "cuda": cuda_ops.unsupported(x.dtype),
+                          {"triton": triton_limits.unsupported("x", x.dtype), "cuda": cuda_ops.unsupported(x.dtype),
                            "cpu": cpu_kernels.unsupported(W)}, build_cpu=False)
     if name == "cpu" and T > 0:
         return cpu_kernels.causal_conv1d_cpu(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
@@ -186,7 +189,7 @@ def causal_conv1d_update(
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     no_grad = "the update kernels compute no gradients" if needs_grad else None
     name = select_backend("causal_conv1d_update", backend, x.device, ("triton", "cuda", "reference"), {
-        "triton": kernels.unsupported(x.dtype) or no_grad,
+        "triton": triton_limits.unsupported("x", x.dtype) or no_grad,
         "cuda": cuda_ops.unsupported(x.dtype) or no_grad or (
             None if conv_state.dtype == torch.float32 else f"conv_state must be float32, got {conv_state.dtype}"),
     })

@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from seqmix.kernels.backend import select_backend
+from seqmix.kernels import triton_limits
+from seqmix.kernels.backend import lazy_module, select_backend
 from seqmix.kernels.checks import check_cu_seqlens, check_tensor
 from seqmix.kernels.conv import cuda as cuda_ops
-from seqmix.kernels.conv import dynamic_triton as kernels
 from seqmix.kernels.conv.dynamic_reference import (
     HASH_MASK,
     HASH_SEED_MUL,
@@ -18,12 +18,14 @@ from seqmix.kernels.conv.dynamic_reference import (
     dynamic_conv_reference,
     padding_left,
 )
-from seqmix.kernels.conv.triton import unsupported
 from seqmix.kernels.library import custom_op
 from seqmix.kernels.op import as_input_grads, chunking_args, chunking_of, nothing, register_autograd
 from seqmix.kernels.sequences import chunking_for, packed_bounds
+from seqmix.kernels.triton_limits import DYNAMIC_CONV_CHUNK
 
 PADDINGS = ("causal", "same")
+
+kernels = lazy_module("seqmix.kernels.conv.dynamic_triton")
 
 
 # The Triton kernels as torch.library ops (the protocol of seqmix/kernels/op.py, with no state):
@@ -35,7 +37,7 @@ def _chunk_fwd(x: Tensor, weight: Tensor, cu_seqlens: Tensor, chunk_index: Tenso
                heads: int, pad_left: int, softmax: bool, seed_lo: int, threshold: int, scale: float
                ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (out [L, C], no state, and for the backward the softmax's log-sum-exp [L, H] float32)."""
-    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, kernels.CHUNK)
+    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, DYNAMIC_CONV_CHUNK)
     out, lse = kernels.dynamic_conv_fwd(x, weight, chunking, heads, pad_left, softmax, (seed_lo, threshold, scale))
     return out, nothing(x), nothing(x) if lse is None else lse
 
@@ -50,7 +52,7 @@ def _(x, weight, cu_seqlens, chunk_index, chunk_offsets, heads, pad_left, softma
 def _chunk_bwd(x: Tensor, weight: Tensor, cu_seqlens: Tensor, chunk_index: Tensor, chunk_offsets: Tensor,
                lse: Tensor, heads: int, pad_left: int, softmax: bool, seed_lo: int, threshold: int, scale: float,
                dout: Tensor, dfinal: Tensor | None, needs: list[bool]) -> list[Tensor]:
-    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, kernels.CHUNK)
+    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, DYNAMIC_CONV_CHUNK)
     dx, dw = kernels.dynamic_conv_bwd(x, weight, lse if softmax else None, dout, chunking, heads, pad_left, softmax,
                                       (seed_lo, threshold, scale))
     return as_input_grads((dx, dw, None, None, None), (x, weight, cu_seqlens, chunk_index, chunk_offsets), needs, x)
@@ -94,7 +96,8 @@ def _dispatch(op, x, weight, padding, weight_softmax, dropconnect, seed, cu_seql
     B, T, C = x.shape
     K = weight.shape[-1]
     name = select_backend(op, backend, x.device, ("triton", "cuda", "reference"),
-                          {"triton": unsupported(x.dtype), "cuda": cuda_ops.dynamic_conv_unsupported(x.dtype, K)})
+                          {"triton": triton_limits.unsupported("x", x.dtype),
+                           "cuda": cuda_ops.dynamic_conv_unsupported(x.dtype, K)})
     if name == "reference" or T == 0:
         return dynamic_conv_reference(x, weight, padding, weight_softmax, dropconnect, seed, cu_seqlens)
     seed_lo = 0 if seed is None else (seed * HASH_SEED_MUL) & HASH_MASK
@@ -105,7 +108,7 @@ def _dispatch(op, x, weight, padding, weight_softmax, dropconnect, seed, cu_seql
         out, _ = cuda_ops.dynamic_conv_fwd(x2, w.to(x.dtype), packed_bounds(B, T, x.device, cu_seqlens), heads,
                                            padding_left(padding, K), weight_softmax, *drop)
     else:
-        chunking = chunking_for(B, T, kernels.CHUNK, x.device, cu_seqlens)
+        chunking = chunking_for(B, T, DYNAMIC_CONV_CHUNK, x.device, cu_seqlens)
         out, _, _ = _chunk_fwd(x2, w, *chunking_args(chunking), heads, padding_left(padding, K), weight_softmax,
                                *drop)
     return out.view(B, T, C)

@@ -24,8 +24,7 @@ from seqmix.kernels.alloc import empty
 from seqmix.kernels.conv.dynamic_reference import HASH_MASK, HASH_MUL1, HASH_MUL2, KEEP_BITS
 from seqmix.kernels.sequences import Chunking
 from seqmix.kernels.triton_common import autotune, autotune_configs, chunk_position, sequence_bounds
-
-CHUNK = 32
+from seqmix.kernels.triton_limits import DYNAMIC_CONV_CHUNK as CHUNK
 
 _MASK = tl.constexpr(HASH_MASK)
 _MUL1 = tl.constexpr(HASH_MUL1)

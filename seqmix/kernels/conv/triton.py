@@ -21,18 +21,9 @@ import triton.language as tl
 from seqmix.kernels.alloc import empty
 from seqmix.kernels.sequences import Chunking
 from seqmix.kernels.triton_common import autotune, autotune_configs, chunk_position, sequence_bounds
+from seqmix.kernels.triton_limits import CONV_CHUNK as CHUNK
 
-# Rows per program: 32 rows by 64 channels over 8 warps compile to ~120 registers and no spills
-# on sm_90 (tests/kernels/conv/test_sm90_compile.py). The tap loops stay rolled: unrolled, the
-# compiler hoists every tap's loads and a width-31 kernel spills.
-CHUNK = 32
-
-
-def unsupported(dtype: torch.dtype) -> str | None:
-    """Why these kernels cannot take x of ``dtype``; None if they can."""
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"x must be float16, bfloat16 or float32, got {dtype}"
-    return None
+# The tap loops stay rolled: unrolled, the compiler hoists every tap's loads and a width-31 kernel spills.
 
 
 def _configs():

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from seqmix.kernels.backend import select_backend
+from seqmix.kernels import triton_limits
+from seqmix.kernels.backend import lazy_module, select_backend
 from seqmix.kernels.checks import (
     check_key_value_state,
     check_log_decay,
@@ -18,7 +19,6 @@ from seqmix.kernels.checks import (
     check_tensor,
 )
 from seqmix.kernels.deltanet import cpu as cpu_kernels
-from seqmix.kernels.deltanet import triton as kernels
 from seqmix.kernels.deltanet.reference import (
     delta_rule_chunked,
     delta_rule_recurrent,
@@ -37,12 +37,14 @@ from seqmix.kernels.op import (
     register_autograd,
     run_fused,
 )
-from seqmix.kernels.triton_common import chunk_local_cumsum
+from seqmix.kernels.triton_limits import DELTA_RULE_CHUNK
 
 __all__ = [
     "delta_rule", "delta_rule_chunked", "delta_rule_recurrent",
     "gated_delta_rule", "gated_delta_rule_chunked", "gated_delta_rule_recurrent",
 ]
+
+kernels = lazy_module("seqmix.kernels.deltanet.triton")
 
 
 def _check_inputs(q, k, v, beta, initial_state, cu_seqlens, g=None):
@@ -63,8 +65,8 @@ def _chunk_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, 
                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (o, final state, and for the backward: each chunk's M = (I + A)^-1 as m_wy [L, H, 64] and
     the in-chunk cumulative g [L, H], both float32)."""
-    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, kernels.CHUNK)
-    gcum = None if g is None else chunk_local_cumsum(g, chunking)
+    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, DELTA_RULE_CHUNK)
+    gcum = None if g is None else kernels.chunk_local_cumsum(g, chunking)
     o, ht, m_wy = kernels.chunk_delta_rule_fwd(q, k, v, beta, gcum, scale, h0, chunking, store_final)
     return o, or_empty(ht, q), m_wy, or_empty(gcum, q)
 
@@ -74,7 +76,7 @@ def _(q, k, v, beta, g, h0, cu_seqlens, chunk_index, chunk_offsets, scale, store
     L, H, _ = q.shape
     o, ht = fake_key_value_outputs(q, v, cu_seqlens, store_final)
     f32 = {"dtype": torch.float32}
-    return o, ht, q.new_empty((L, H, kernels.CHUNK), **f32), nothing(q) if g is None else q.new_empty((L, H), **f32)
+    return o, ht, q.new_empty((L, H, DELTA_RULE_CHUNK), **f32), nothing(q) if g is None else q.new_empty((L, H), **f32)
 
 
 @custom_op("seqmix::delta_rule_chunk_bwd", mutates_args=())
@@ -82,7 +84,7 @@ def _chunk_bwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, 
                cu_seqlens: Tensor, chunk_index: Tensor, chunk_offsets: Tensor, m_wy: Tensor, gcum: Tensor,
                scale: float, store_final: bool, do: Tensor, dht: Tensor | None, needs: list[bool]
                ) -> list[Tensor]:
-    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, kernels.CHUNK)
+    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, DELTA_RULE_CHUNK)
     dq, dk, dv, dbeta, dg, dh0 = kernels.chunk_delta_rule_bwd(
         q, k, v, beta, None if g is None else gcum, m_wy, scale, h0, chunking, do, dht, h0 is not None and needs[5]
     )
@@ -106,7 +108,7 @@ def _(q, k, v, beta, g, h0, cu_seqlens, chunk_index, chunk_offsets, scale, store
     return fake_key_value_outputs(q, v, cu_seqlens, store_final)
 
 
-FUSED = FusedOp(kernels.CHUNK, _chunk_fwd, _recurrent_fwd)
+FUSED = FusedOp(DELTA_RULE_CHUNK, _chunk_fwd, _recurrent_fwd)
 
 
 def _dispatch(op, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, backend):
@@ -116,7 +118,8 @@ def _dispatch(op, q, k, v, g, beta, scale, initial_state, output_final_state, cu
     # The C++ kernels only once compiled (build_cpu=False): the chunked reference is fast enough that a short
     # run should not wait for the compile; backend="cpu" builds them.
     name = select_backend(op, backend, q.device, ("cpu", "triton", "reference"),
-                          {"triton": kernels.unsupported(q.dtype, K, V), "cpu": cpu_kernels.unsupported(q.dtype, V)},
+                          {"triton": triton_limits.unsupported("q, k, v, beta", q.dtype, K=K, V=V),
+                           "cpu": cpu_kernels.unsupported(q.dtype, V)},
                           build_cpu=False)
     B, _, H, _ = q.shape
     if B * T == 0:

@@ -33,7 +33,6 @@ import torch
 import triton
 import triton.language as tl
 
-from seqmix.kernels import triton_common
 from seqmix.kernels.alloc import empty
 from seqmix.kernels.sequences import Chunking
 from seqmix.kernels.triton_common import (
@@ -55,8 +54,7 @@ from seqmix.kernels.triton_common import (
     store_row_values,
     store_rows,
 )
-
-CHUNK = 64
+from seqmix.kernels.triton_limits import DELTA_RULE_CHUNK as CHUNK
 
 
 @triton.jit
@@ -519,11 +517,6 @@ KERNELS = (
     delta_rule_wy_bwd_kernel,
     delta_rule_recurrent_fwd_kernel,
 )
-
-
-def unsupported(dtype: torch.dtype, K: int, V: int) -> str | None:
-    """Why these kernels cannot take inputs of ``dtype`` with head dims K, V; None if they can."""
-    return triton_common.unsupported("q, k, v, beta", dtype, K=K, V=V)
 
 
 def _wy(k, v, beta, gcum, m_wy, chunking: Chunking, invert: bool, sizes, prec):

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from seqmix.kernels.backend import select_backend
+from seqmix.kernels import triton_limits
+from seqmix.kernels.backend import lazy_module, select_backend
 from seqmix.kernels.checks import (
     check_key_value_state,
     check_log_decay,
@@ -18,7 +19,6 @@ from seqmix.kernels.checks import (
     check_same_dtype,
     check_scale,
 )
-from seqmix.kernels.gated_linear_attention import triton as kernels
 from seqmix.kernels.gated_linear_attention.reference import gla_chunked, gla_recurrent
 from seqmix.kernels.library import custom_op
 from seqmix.kernels.op import (
@@ -31,8 +31,11 @@ from seqmix.kernels.op import (
     register_autograd,
     run_fused,
 )
+from seqmix.kernels.triton_limits import GLA_CHUNK
 
 __all__ = ["gla", "gla_chunked", "gla_recurrent"]
+
+kernels = lazy_module("seqmix.kernels.gated_linear_attention.triton")
 
 def _check_inputs(q, k, v, g, initial_state, cu_seqlens):
     check_query_key_value(q, k, v)
@@ -50,7 +53,7 @@ def _chunk_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, h0: Tensor | None, cu
                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (o, final state, and for the backward: the in-chunk cumulative g [L, H, K] and the
     scores [L, H, 64], both float32)."""
-    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, kernels.CHUNK)
+    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, GLA_CHUNK)
     o, ht, gcum, scores = kernels.chunk_gla_fwd(q, k, v, g, scale, h0, chunking, store_final)
     return o, or_empty(ht, q), gcum, scores
 
@@ -60,7 +63,7 @@ def _(q, k, v, g, h0, cu_seqlens, chunk_index, chunk_offsets, scale, store_final
     L, H, K = q.shape
     f32 = {"dtype": torch.float32}
     return *fake_key_value_outputs(q, v, cu_seqlens, store_final), q.new_empty((L, H, K), **f32), q.new_empty(
-        (L, H, kernels.CHUNK), **f32)
+        (L, H, GLA_CHUNK), **f32)
 
 
 @custom_op("seqmix::gla_chunk_bwd", mutates_args=())
@@ -68,7 +71,7 @@ def _chunk_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, h0: Tensor | None, cu
                chunk_index: Tensor, chunk_offsets: Tensor, gcum: Tensor, scores: Tensor, scale: float,
                store_final: bool, do: Tensor, dht: Tensor | None, needs: list[bool]
                ) -> list[Tensor]:
-    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, kernels.CHUNK)
+    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, GLA_CHUNK)
     dq, dk, dv, dg, dh0 = kernels.chunk_gla_bwd(
         q, k, v, gcum, scores, scale, h0, chunking, do, dht, h0 is not None and needs[4]
     )
@@ -92,7 +95,7 @@ def _(q, k, v, g, h0, cu_seqlens, chunk_index, chunk_offsets, scale, store_final
     return fake_key_value_outputs(q, v, cu_seqlens, store_final)
 
 
-FUSED = FusedOp(kernels.CHUNK, _chunk_fwd, _recurrent_fwd)
+FUSED = FusedOp(GLA_CHUNK, _chunk_fwd, _recurrent_fwd)
 
 
 def gla(
@@ -132,7 +135,7 @@ def gla(
     T, K, V = q.shape[1], q.shape[3], v.shape[-1]
     scale = check_scale(scale, K**-0.5)
     name = select_backend("gla", backend, q.device, ("triton", "reference"),
-                          {"triton": kernels.unsupported(q.dtype, K, V)})
+                          {"triton": triton_limits.unsupported("q, k, v", q.dtype, K=K, V=V)})
     B, _, H, _ = q.shape
     if B * T == 0:
         return no_tokens_result((B, T, H, V), (n, H, K, V), initial_state, output_final_state, q)

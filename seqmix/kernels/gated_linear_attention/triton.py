@@ -26,7 +26,6 @@ import torch
 import triton
 import triton.language as tl
 
-from seqmix.kernels import triton_common
 from seqmix.kernels.alloc import empty
 from seqmix.kernels.sequences import Chunking
 from seqmix.kernels.triton_common import (
@@ -47,8 +46,8 @@ from seqmix.kernels.triton_common import (
     store_matrix,
     store_rows,
 )
+from seqmix.kernels.triton_limits import GLA_CHUNK as CHUNK
 
-CHUNK = 64
 SUB = 16
 
 
@@ -384,11 +383,6 @@ KERNELS = (
     gla_dqk_bwd_kernel,
     gla_recurrent_fwd_kernel,
 )
-
-
-def unsupported(dtype: torch.dtype, K: int, V: int) -> str | None:
-    """Why these kernels cannot take inputs of ``dtype`` with head dims K, V; None if they can."""
-    return triton_common.unsupported("q, k, v", dtype, K=K, V=V)
 
 
 def _states(k, v, gcum, h0, chunking: Chunking, store_final: bool, sizes, prec):

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from seqmix.kernels.backend import select_backend
+from seqmix.kernels import triton_limits
+from seqmix.kernels.backend import lazy_module, select_backend
 from seqmix.kernels.checks import check_negative, check_same_dtype, check_sequences, check_tensor
 from seqmix.kernels.library import custom_op
 from seqmix.kernels.mamba import cpu as cpu_kernels
-from seqmix.kernels.mamba import triton as kernels
 from seqmix.kernels.mamba.reference import selective_scan_chunked, selective_scan_recurrent
 from seqmix.kernels.op import (
     FusedOp,
@@ -27,7 +27,11 @@ from seqmix.kernels.op import (
     run_fused,
 )
 
+from seqmix.kernels.triton_limits import SCAN_CHUNK
+
 __all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_recurrent"]
+
+kernels = lazy_module("seqmix.kernels.mamba.triton")
 
 
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_proj_weight):
@@ -72,7 +76,7 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens
 
 def _scan(u, delta, B, C, z, A, D, delta_bias, h0, cu_seqlens, chunk_index, chunk_offsets, softplus, store_final,
           store_chunks):
-    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, kernels.CHUNK)
+    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, SCAN_CHUNK)
     out, ht, hc = kernels.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, softplus, chunking,
                                              store_final, store_chunks)
     return out, or_empty(ht, u), or_empty(hc, u)
@@ -102,7 +106,7 @@ def _chunk_bwd(u: Tensor, delta: Tensor, B: Tensor, C: Tensor, z: Tensor | None,
                delta_bias: Tensor | None, h0: Tensor | None, cu_seqlens: Tensor, chunk_index: Tensor,
                chunk_offsets: Tensor, hc: Tensor, softplus: bool, store_final: bool, dout: Tensor,
                dht: Tensor | None, needs: list[bool]) -> list[Tensor]:
-    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, kernels.CHUNK)
+    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, SCAN_CHUNK)
     du, ddelta, dz, dA, dB, dC, dD, ddelta_bias, dh0 = kernels.selective_scan_bwd(
         u, delta, A, B, C, D, z, delta_bias, hc, softplus, chunking, dout, dht, h0 is not None and needs[8]
     )
@@ -129,7 +133,7 @@ def _(u, delta, B, C, z, A, D, delta_bias, h0, cu_seqlens, chunk_index, chunk_of
 
 
 # The scan is token by token either way: a call that wants no gradient skips the checkpoints at any length.
-FUSED = FusedOp(kernels.CHUNK, _chunk_fwd, _scan_fwd, recurrent_max_tokens=None)
+FUSED = FusedOp(SCAN_CHUNK, _chunk_fwd, _scan_fwd, recurrent_max_tokens=None)
 
 
 def selective_scan(
@@ -184,7 +188,8 @@ def selective_scan(
     Bsz, T, Dm = u.shape
     N = A.shape[1]
     name = select_backend("selective_scan", backend, u.device, ("cpu", "triton", "reference"),
-                          {"triton": kernels.unsupported(u.dtype, N), "cpu": cpu_kernels.unsupported(u.dtype)})
+                          {"triton": triton_limits.unsupported("u, delta, B, C", u.dtype, "state dim", N=N),
+                           "cpu": cpu_kernels.unsupported(u.dtype)})
     if Bsz * T == 0:
         return no_tokens_result((Bsz, T, Dm), (n, Dm, N), initial_state, output_final_state, u)
     if name == "cpu":  # the kernel computes in u's dtype: the parameters (float32 in a layer) are cast to it

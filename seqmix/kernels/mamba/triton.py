@@ -28,12 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
-from seqmix.kernels import triton_common
 from seqmix.kernels.alloc import empty
 from seqmix.kernels.sequences import Chunking
 from seqmix.kernels.triton_common import SOFTPLUS_THRESHOLD, autotune, autotune_configs, head_block, sequence_bounds
+from seqmix.kernels.triton_limits import SCAN_CHUNK as CHUNK
 
-CHUNK = 64
 # The backward's channel block is fixed (not tuned): it sizes the scratch buffer the host allocates.
 BD_BWD = 32
 
@@ -225,11 +224,6 @@ def selective_scan_recurrent_bwd_kernel(
 
 
 KERNELS = (selective_scan_recurrent_fwd_kernel, selective_scan_recurrent_bwd_kernel)
-
-
-def unsupported(dtype: torch.dtype, N: int) -> str | None:
-    """Why these kernels cannot take inputs of ``dtype`` with state dim N; None if they can."""
-    return triton_common.unsupported("u, delta, B, C", dtype, "state dim", N=N)
 
 
 def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, delta_softplus: bool, chunking: Chunking,

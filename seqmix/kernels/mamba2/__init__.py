@@ -11,13 +11,13 @@ import math
 import torch
 from torch import Tensor
 
-from seqmix.kernels.backend import select_backend
+from seqmix.kernels import triton_limits
+from seqmix.kernels.backend import lazy_module, select_backend
 from seqmix.kernels.checks import check_eps, check_negative, check_same_dtype, check_sequences, check_tensor
 from seqmix.kernels.conv import causal_conv1d
 from seqmix.kernels.conv import cpu as conv_cpu
 from seqmix.kernels.library import custom_op
 from seqmix.kernels.mamba2 import cpu as cpu_kernels
-from seqmix.kernels.mamba2 import triton as kernels
 from seqmix.kernels.mamba2.reference import ssd_chunked, ssd_recurrent
 from seqmix.kernels.norm import rms_norm
 from seqmix.kernels.op import (
@@ -33,7 +33,11 @@ from seqmix.kernels.op import (
     wants_grad,
 )
 
+from seqmix.kernels.triton_limits import SSD_CHUNK
+
 __all__ = ["ssd", "ssd_chunked", "ssd_recurrent", "ssd_xbc", "ssd_zxbcdt"]
+
+kernels = lazy_module("seqmix.kernels.mamba2.triton")
 
 
 def check_dt_limit(dt_limit) -> tuple[float, float]:
@@ -84,7 +88,7 @@ def _chunk_fwd(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A:
                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (out, final state, and for the backward: dt' and the in-chunk cumulative log decays
     [L, H] float32, the ungated y [L, H, P] when z is given)."""
-    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, kernels.CHUNK)
+    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, SSD_CHUNK)
     out, ht, dtp, lcum, y = kernels.chunk_ssd_fwd(x, dt, A, B, C, D, z, dt_bias, h0,
                                                   kernels.DtConfig(softplus, (lo, hi)), chunking, store_final)
     return out, or_empty(ht, x), dtp, lcum, or_empty(y, x)
@@ -104,7 +108,7 @@ def _chunk_bwd(x: Tensor, dt: Tensor, B: Tensor, C: Tensor, z: Tensor | None, A:
                chunk_offsets: Tensor, dtp: Tensor, lcum: Tensor, y: Tensor, softplus: bool, lo: float, hi: float,
                store_final: bool, dout: Tensor, dht: Tensor | None, needs: list[bool]
                ) -> list[Tensor]:
-    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, kernels.CHUNK)
+    chunking = chunking_of(cu_seqlens, chunk_index, chunk_offsets, SSD_CHUNK)
     dz, dy = None, dout
     if z is not None:
         # out = y silu(z): the gate's backward is elementwise, left to PyTorch.
@@ -137,7 +141,7 @@ def _(x, dt, B, C, z, A, D, dt_bias, h0, cu_seqlens, chunk_index, chunk_offsets,
     return _outputs_like(x, B, cu_seqlens, store_final)
 
 
-FUSED = FusedOp(kernels.CHUNK, _chunk_fwd, _recurrent_fwd)
+FUSED = FusedOp(SSD_CHUNK, _chunk_fwd, _recurrent_fwd)
 
 
 def ssd(
@@ -197,7 +201,8 @@ def _select(x, B, backend):
     # The C++ kernels only once compiled (build_cpu=False): the chunked reference is fast enough that a short
     # run should not wait for the compile; backend="cpu" builds them.
     return select_backend("ssd", backend, x.device, ("cpu", "triton", "reference"),
-                          {"triton": kernels.unsupported(x.dtype, x.shape[-1], B.shape[-1]),
+                          {"triton": triton_limits.unsupported("x, dt, B, C", x.dtype, "head dim and state dim",
+                                                               P=x.shape[-1], N=B.shape[-1]),
                            "cpu": cpu_kernels.unsupported(x.dtype)},
                           build_cpu=False)
 

@@ -33,7 +33,6 @@ import torch
 import triton
 import triton.language as tl
 
-from seqmix.kernels import triton_common
 from seqmix.kernels.alloc import empty
 from seqmix.kernels.sequences import Chunking
 from seqmix.kernels.triton_common import (
@@ -57,8 +56,7 @@ from seqmix.kernels.triton_common import (
     store_row_values,
     store_rows,
 )
-
-CHUNK = 64
+from seqmix.kernels.triton_limits import SSD_CHUNK as CHUNK
 
 
 @triton.jit
@@ -410,11 +408,6 @@ KERNELS = (
     ssd_dt_bwd_kernel,
     ssd_recurrent_fwd_kernel,
 )
-
-
-def unsupported(dtype: torch.dtype, P: int, N: int) -> str | None:
-    """Why these kernels cannot take inputs of ``dtype`` with head dim P and state dim N; None if they can."""
-    return triton_common.unsupported("x, dt, B, C", dtype, "head dim and state dim", P=P, N=N)
 
 
 def block_sizes(P: int, N: int, H: int) -> dict[str, int]:

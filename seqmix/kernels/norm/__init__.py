@@ -6,17 +6,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from seqmix.kernels import cpu, step_cpu
-from seqmix.kernels.backend import select_backend
+from seqmix.kernels import cpu, step_cpu, triton_limits
+from seqmix.kernels.backend import lazy_module, select_backend
 from seqmix.kernels.checks import check_eps, check_same_dtype, check_tensor
 from seqmix.kernels.library import custom_op
-from seqmix.kernels.norm import triton as kernels
 from seqmix.kernels.norm.reference import add_rms_norm_reference, rms_norm_reference
 from seqmix.kernels.op import nothing, or_empty, register_autograd
 from seqmix.kernels.sequences import in_dtype, reference_dtype
 
 __all__ = ["add_rms_norm", "add_rms_norm_backend", "add_rms_norm_reference", "l2_norm_cpu", "rms_norm",
            "rms_norm_reference"]
+
+kernels = lazy_module("seqmix.kernels.norm.triton")
 
 
 # The Triton kernels as torch.library ops (autograd through seqmix/kernels/op.py): rows x, residual [M, D],
@@ -78,7 +79,7 @@ def add_rms_norm_backend(x: torch.Tensor, backend: str | None = None) -> str:
     that calls the op many times per forward resolves it once and names it. The automatic choice takes the
     C++ CPU kernels only once they are compiled, as :func:`rms_norm` does."""
     return select_backend("add_rms_norm", backend, x.device, ("triton", "cpu", "reference"),
-                          {"triton": kernels.unsupported(x.dtype)}, build_cpu=False)
+                          {"triton": triton_limits.unsupported("x", x.dtype)}, build_cpu=False)
 
 
 def add_rms_norm(

@@ -15,13 +15,6 @@ import triton.language as tl
 from seqmix.kernels.alloc import empty
 
 
-def unsupported(dtype: torch.dtype) -> str | None:
-    """Why these kernels cannot take x of ``dtype``; None if they can."""
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"x must be float16, bfloat16 or float32, got {dtype}"
-    return None
-
-
 def _tile(D: int) -> tuple[int, int, int]:
     """(BM rows per tile, BD channels, num_warps): about 2048 elements per tile (16 per thread, which
     kept the fp32 backward at D = 320 without stack), at least one row."""

@@ -16,16 +16,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from seqmix.kernels.backend import select_backend
+from seqmix.kernels import triton_limits
+from seqmix.kernels.backend import lazy_module, select_backend
 from seqmix.kernels.checks import check_cu_seqlens, check_tensor, check_values
 from seqmix.kernels.library import custom_op
 from seqmix.kernels.op import as_input_grads, grads_like, nothing, register_autograd
 from seqmix.kernels.pooling import reference
-from seqmix.kernels.pooling import triton as kernels
 from seqmix.kernels.sequences import reference_dtype
 
 __all__ = ["Segments", "chunk_select", "ema_dechunk", "hard_boundaries", "segment_pool", "segment_upsample",
            "segments_of"]
+
+kernels = lazy_module("seqmix.kernels.pooling.triton")
 
 IMPLEMENTED = ("triton", "reference")
 
@@ -79,8 +81,9 @@ def _sequences(t: torch.Tensor, B: int, T: int, cu_seqlens) -> int:
     return B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, batch=B, total=T, like=t)
 
 
-def _fused(op: str, backend, t: torch.Tensor) -> bool:
-    return select_backend(op, backend, t.device, IMPLEMENTED, {"triton": kernels.unsupported(t.dtype)}) == "triton"
+def _fused(op: str, backend, name: str, t: torch.Tensor) -> bool:
+    limits = {"triton": triton_limits.unsupported(name, t.dtype)}
+    return select_backend(op, backend, t.device, IMPLEMENTED, limits) == "triton"
 
 
 # The Triton kernels as torch.library ops (autograd through seqmix/kernels/op.py; no state, so the
@@ -176,7 +179,7 @@ def segment_pool(
     _check_boundaries(boundaries, B, T, x)
     _check_max_segments(max_segments)
     n = _sequences(x, B, T, cu_seqlens)
-    fused = _fused("segment_pool", backend, x)
+    fused = _fused("segment_pool", backend, "x", x)
     bh = hard_boundaries(boundaries).reshape(-1)
     seg = segments_of(bh.view(B, T), B, T, n, cu_seqlens)
     S = max_segments if max_segments is not None else (int(seg.c.max()) if seg.c.numel() else 0)
@@ -222,7 +225,7 @@ def segment_upsample(
         raise ValueError(f"y must have shape [N, S+1, D] with N = {n} sequences and S+1 >= 1 rows, "
                          f"got {tuple(y.shape)}")
     N, S1, D = y.shape
-    fused = _fused("segment_upsample", backend, y)
+    fused = _fused("segment_upsample", backend, "y", y)
     if B * T == 0:
         return y.new_zeros(B, T, D) + 0 * y.sum()
     bh = hard_boundaries(boundaries).reshape(-1)

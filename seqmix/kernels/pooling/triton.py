@@ -25,11 +25,6 @@ BT = 64  # tokens per tile
 # kernels then keep their [64, 64] tiles in registers; 64 channels or 4 warps spilled kilobytes to the stack
 # in float32 (whose ieee dots do not run on the tensor cores).
 NUM_WARPS = 8
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def unsupported(dtype: torch.dtype) -> str | None:
-    return None if dtype in FLOAT_DTYPES else f"the Triton kernels take {FLOAT_DTYPES}, got {dtype}"
 
 
 def _block(D: int, dtype: torch.dtype) -> int:
