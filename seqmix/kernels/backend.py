@@ -19,11 +19,11 @@ logger ``seqmix.kernels`` logs each at DEBUG level (off unless configured).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import logging
 import os
 import sys
-import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -52,22 +52,22 @@ def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def lazy_module(name: str) -> types.ModuleType:
-    """The module ``name``, executed at its first attribute access rather than now: a family's Triton kernels,
-    whose import a process that never calls them should not pay (seqmix/kernels/triton_limits.py). Code that
-    ``torch.compile`` traces must not reach into it before it is loaded: the kernels run inside custom ops,
-    whose bodies are not traced."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    loader = importlib.util.LazyLoader(spec.loader)
-    spec.loader = loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    loader.exec_module(module)
-    parent, _, child = name.rpartition(".")
-    setattr(sys.modules[parent], child, module)  # as an import of it would
-    return module
+class LazyModule:
+    """The module ``name``, imported at the first access of one of its attributes rather than now: a family's
+    Triton kernels, whose import a process that never calls them should not pay (seqmix/kernels/triton_limits.py).
+    Not a module object and not in ``sys.modules`` until imported: code that walks ``sys.modules`` and reads each
+    module's attributes (``inspect.getmodule``, which torch._dynamo's import and every optimizer's construction
+    reach) would otherwise import them all. Code that ``torch.compile`` traces must not reach into it: the
+    kernels run inside custom ops, whose bodies are not traced."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(importlib.import_module(self._name), attr)
+
+    def __repr__(self) -> str:
+        return f"<lazy module {self._name!r}>"
 
 
 def cuda_extension():

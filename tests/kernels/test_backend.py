@@ -138,7 +138,7 @@ def test_recording_and_debug_logging_see_every_choice(monkeypatch, caplog):
     assert all(r.name == "seqmix.kernels" and r.levelno == logging.DEBUG for r in caplog.records)
 
 
-# Every registered mixer trained a step and decoding on the CPU, then the Triton backend asked for by name; with
+# Every registered mixer trained a step (AdamW's included) and decoding on the CPU, then the Triton backend asked for by name; with
 # `block`, as on a machine without Triton (an import of it fails).
 _WITHOUT_TRITON = """
 import sys
@@ -150,6 +150,7 @@ from seqmix.archs import MIXERS
 from seqmix.archs.lm import LanguageModel, LMConfig
 from seqmix.kernels import BackendUnavailable, explain, gla
 
+print("triton imported with seqmix:", sys.modules.get("triton") is not None)
 OPTIONS = {{"hourglass": {{"layers": ["attention"]}}, "recurrent_depth": {{"core": ["mamba2"], "mean_steps": 2}}}}
 torch.manual_seed(0)
 for name in sorted(MIXERS):
@@ -158,6 +159,7 @@ for name in sorted(MIXERS):
     tokens = torch.randint(0, 256, (2, 24))
     logits, _ = model(tokens[:, :-1])
     F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    torch.optim.AdamW(model.parameters()).step()  # imports torch._dynamo, which walks sys.modules
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters() if p.requires_grad), name
     assert model.eval().generate(tokens[:1, :8], 4, temperature=0.0).shape == (1, 12), name
 q, k, v = torch.randn(3, 1, 8, 2, 16).unbind(0)
@@ -167,21 +169,24 @@ try:
 except BackendUnavailable as e:
     print("refused:", e)
 print("choice:", explain(gla, q, k, v, g).passed_over)
-print("triton imported:", sys.modules.get("triton") is not None)
+print("seqmix's Triton modules loaded:", sorted(m for m in sys.modules if m.startswith("seqmix") and "triton" in m))
 """
 
 
 @pytest.mark.parametrize("block", [False, True], ids=["installed", "not-installed"])
 def test_cpu_work_never_loads_triton_and_runs_without_it(block):
-    """Training and decoding every mixer on the CPU neither imports Triton nor needs it installed: each family loads
-    its Triton kernels at its first Triton call (seqmix/kernels/triton_limits.py), which without Triton is refused
-    with the reason (asked for by name) or passed over (TRITON_INTERPRET=1, the automatic choice)."""
+    """Importing seqmix does not import Triton, training and decoding every mixer on the CPU loads none of seqmix's
+    Triton modules (torch's optimizer imports Triton itself where it is installed), and neither needs it installed:
+    each family loads its Triton kernels at its first Triton call (seqmix/kernels/triton_limits.py), which without
+    Triton is refused with the reason (asked for by name) or passed over (TRITON_INTERPRET=1, the automatic
+    choice)."""
     env = {**os.environ, "TRITON_INTERPRET": "1" if block else "0"}
     out = subprocess.run([sys.executable, "-c", _WITHOUT_TRITON.format(block=block)], capture_output=True, text=True,
                          timeout=600, env=env, cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stdout + out.stderr
     lines = dict(line.split(": ", 1) for line in out.stdout.splitlines())
-    assert lines["triton imported"] == "False"
+    assert lines["triton imported with seqmix"] == "False"
+    assert lines["seqmix's Triton modules loaded"] == "['seqmix.kernels.triton_limits']"
     if block:
         assert "backend 'triton' cannot serve this call: triton is not installed" in lines["refused"]
         assert lines["choice"] == "(('triton', 'triton is not installed', False),)"

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from seqmix.kernels import triton_limits
-from seqmix.kernels.backend import lazy_module, select_backend
+from seqmix.kernels.backend import LazyModule, select_backend
 from seqmix.kernels.checks import check_sequences, check_tensor
 from seqmix.kernels.conv import cpu as cpu_kernels
 from seqmix.kernels.conv import cuda as cuda_ops
@@ -23,7 +23,7 @@ __all__ = [
     "dynamic_conv", "light_conv",
 ]
 
-kernels = lazy_module("seqmix.kernels.conv.triton")
+kernels = LazyModule("seqmix.kernels.conv.triton")
 
 ACTIVATIONS = (None, "silu")
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from seqmix.kernels import triton_limits
-from seqmix.kernels.backend import lazy_module, select_backend
+from seqmix.kernels.backend import LazyModule, select_backend
 from seqmix.kernels.checks import check_cu_seqlens, check_tensor
 from seqmix.kernels.conv import cuda as cuda_ops
 from seqmix.kernels.conv.dynamic_reference import (
@@ -25,7 +25,7 @@ from seqmix.kernels.triton_limits import DYNAMIC_CONV_CHUNK
 
 PADDINGS = ("causal", "same")
 
-kernels = lazy_module("seqmix.kernels.conv.dynamic_triton")
+kernels = LazyModule("seqmix.kernels.conv.dynamic_triton")
 
 
 # The Triton kernels as torch.library ops (the protocol of seqmix/kernels/op.py, with no state):

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from seqmix.kernels import triton_limits
-from seqmix.kernels.backend import lazy_module, select_backend
+from seqmix.kernels.backend import LazyModule, select_backend
 from seqmix.kernels.checks import (
     check_key_value_state,
     check_log_decay,
@@ -44,7 +44,7 @@ __all__ = [
     "gated_delta_rule", "gated_delta_rule_chunked", "gated_delta_rule_recurrent",
 ]
 
-kernels = lazy_module("seqmix.kernels.deltanet.triton")
+kernels = LazyModule("seqmix.kernels.deltanet.triton")
 
 
 def _check_inputs(q, k, v, beta, initial_state, cu_seqlens, g=None):

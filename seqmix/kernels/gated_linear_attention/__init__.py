@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from seqmix.kernels import triton_limits
-from seqmix.kernels.backend import lazy_module, select_backend
+from seqmix.kernels.backend import LazyModule, select_backend
 from seqmix.kernels.checks import (
     check_key_value_state,
     check_log_decay,
@@ -35,7 +35,7 @@ from seqmix.kernels.triton_limits import GLA_CHUNK
 
 __all__ = ["gla", "gla_chunked", "gla_recurrent"]
 
-kernels = lazy_module("seqmix.kernels.gated_linear_attention.triton")
+kernels = LazyModule("seqmix.kernels.gated_linear_attention.triton")
 
 def _check_inputs(q, k, v, g, initial_state, cu_seqlens):
     check_query_key_value(q, k, v)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from seqmix.kernels import triton_limits
-from seqmix.kernels.backend import lazy_module, select_backend
+from seqmix.kernels.backend import LazyModule, select_backend
 from seqmix.kernels.checks import check_negative, check_same_dtype, check_sequences, check_tensor
 from seqmix.kernels.library import custom_op
 from seqmix.kernels.mamba import cpu as cpu_kernels
@@ -31,7 +31,7 @@ from seqmix.kernels.triton_limits import SCAN_CHUNK
 
 __all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_recurrent"]
 
-kernels = lazy_module("seqmix.kernels.mamba.triton")
+kernels = LazyModule("seqmix.kernels.mamba.triton")
 
 
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_proj_weight):

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from seqmix.kernels import triton_limits
-from seqmix.kernels.backend import lazy_module, select_backend
+from seqmix.kernels.backend import LazyModule, select_backend
 from seqmix.kernels.checks import check_eps, check_negative, check_same_dtype, check_sequences, check_tensor
 from seqmix.kernels.conv import causal_conv1d
 from seqmix.kernels.conv import cpu as conv_cpu
@@ -37,7 +37,7 @@ from seqmix.kernels.triton_limits import SSD_CHUNK
 
 __all__ = ["ssd", "ssd_chunked", "ssd_recurrent", "ssd_xbc", "ssd_zxbcdt"]
 
-kernels = lazy_module("seqmix.kernels.mamba2.triton")
+kernels = LazyModule("seqmix.kernels.mamba2.triton")
 
 
 def check_dt_limit(dt_limit) -> tuple[float, float]:

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from seqmix.kernels import cpu, step_cpu, triton_limits
-from seqmix.kernels.backend import lazy_module, select_backend
+from seqmix.kernels.backend import LazyModule, select_backend
 from seqmix.kernels.checks import check_eps, check_same_dtype, check_tensor
 from seqmix.kernels.library import custom_op
 from seqmix.kernels.norm.reference import add_rms_norm_reference, rms_norm_reference
@@ -17,7 +17,7 @@ from seqmix.kernels.sequences import in_dtype, reference_dtype
 __all__ = ["add_rms_norm", "add_rms_norm_backend", "add_rms_norm_reference", "l2_norm_cpu", "rms_norm",
            "rms_norm_reference"]
 
-kernels = lazy_module("seqmix.kernels.norm.triton")
+kernels = LazyModule("seqmix.kernels.norm.triton")
 
 
 # The Triton kernels as torch.library ops (autograd through seqmix/kernels/op.py): rows x, residual [M, D],

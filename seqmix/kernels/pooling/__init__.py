@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from seqmix.kernels import triton_limits
-from seqmix.kernels.backend import lazy_module, select_backend
+from seqmix.kernels.backend import LazyModule, select_backend
 from seqmix.kernels.checks import check_cu_seqlens, check_tensor, check_values
 from seqmix.kernels.library import custom_op
 from seqmix.kernels.op import as_input_grads, grads_like, nothing, register_autograd
@@ -27,7 +27,7 @@ from seqmix.kernels.sequences import reference_dtype
 __all__ = ["Segments", "chunk_select", "ema_dechunk", "hard_boundaries", "segment_pool", "segment_upsample",
            "segments_of"]
 
-kernels = lazy_module("seqmix.kernels.pooling.triton")
+kernels = LazyModule("seqmix.kernels.pooling.triton")
 
 IMPLEMENTED = ("triton", "reference")
 
