@@ -1,5 +1,5 @@
 """What the families' Triton kernels take, and the chunks the op glue cuts sequences into for them: known
-without importing Triton. The kernels' modules import it (~0.25 s with seqmix's kernels), so each family loads
+without importing Triton. The kernels' modules import it (~0.2 s with seqmix's kernels), so each family loads
 its module at its first Triton call (:class:`seqmix.kernels.backend.LazyModule`): a process on the CPU never
 does, and a machine without Triton runs every other backend (docs/design.md, "Thirty-second round")."""
 

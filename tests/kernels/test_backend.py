@@ -138,8 +138,8 @@ def test_recording_and_debug_logging_see_every_choice(monkeypatch, caplog):
     assert all(r.name == "seqmix.kernels" and r.levelno == logging.DEBUG for r in caplog.records)
 
 
-# Every registered mixer trained a step (AdamW's included) and decoding on the CPU, then the Triton backend asked for by name; with
-# `block`, as on a machine without Triton (an import of it fails).
+# Every registered mixer trained a step (AdamW's included) and decoding on the CPU, then the Triton backend asked
+# for by name; with `block`, as on a machine without Triton (an import of it fails).
 _WITHOUT_TRITON = """
 import sys
 if {block}:
@@ -168,6 +168,8 @@ try:
     gla(q, k, v, g, backend="triton")
 except BackendUnavailable as e:
     print("refused:", e)
+else:
+    print("refused: nothing")
 print("choice:", explain(gla, q, k, v, g).passed_over)
 print("seqmix's Triton modules loaded:", sorted(m for m in sys.modules if m.startswith("seqmix") and "triton" in m))
 """

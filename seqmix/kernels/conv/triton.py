@@ -23,8 +23,6 @@ from seqmix.kernels.sequences import Chunking
 from seqmix.kernels.triton_common import autotune, autotune_configs, chunk_position, sequence_bounds
 from seqmix.kernels.triton_limits import CONV_CHUNK as CHUNK
 
-# The tap loops stay rolled: unrolled, the compiler hoists every tap's loads and a width-31 kernel spills.
-
 
 def _configs():
     return autotune_configs([triton.Config({"BD": bd}, num_warps=w) for bd, w in ((64, 8), (32, 4), (32, 8), (128, 8))])
@@ -54,6 +52,8 @@ def _pre_activation(x, weight, bias, h0, i_n, t0, nt, rel0, o_d, D: tl.constexpr
     z = tl.zeros([BT, BD], dtype=tl.float32)
     if HAS_BIAS:
         z += tl.load(bias + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
+    # The tap loops stay rolled (range, not static_range): unrolled, the compiler hoists every tap's loads and a
+    # width-31 kernel spills.
     for j in range(W):
         w_j = tl.load(weight + o_d * W + j, mask=m_d, other=0.0).to(tl.float32)
         z += w_j[None, :] * _tap(x, h0, i_n, t0, nt, rel0, W - 1 - j, o_d, D, W, BT, HAS_H0)
