@@ -74,15 +74,16 @@ setup(
     # The C++ CPU kernels are compiled on first use (seqmix/kernels/cpu.py): their sources ship with the package.
     package_data={"seqmix": ["configs/*.yaml", "kernels/*.cpp", "kernels/*.h", "kernels/*/*.cpp"]},
     python_requires=">=3.10",
-    # Triton publishes wheels for Linux alone; elsewhere every backend but Triton's runs, and nothing on the CPU
-    # imports it (seqmix/kernels/triton_limits.py; tests/kernels/test_backend.py runs the mixers with it blocked).
-    install_requires=["torch>=2.4", 'triton>=3.2; platform_system == "Linux"', "numpy", "pyyaml", "safetensors",
-                      "tqdm", "matplotlib"],
+    # Not Triton: PyTorch's CUDA wheels for Linux bring it, and a CPU install never imports it (every backend but
+    # Triton's runs without it: seqmix/kernels/triton_limits.py; tests/kernels/test_backend.py runs the mixers
+    # with it blocked), while Triton 3.9 is ~1 GB installed. The "triton" extra adds it (its interpreter on a CPU).
+    install_requires=["torch>=2.4", "numpy", "pyyaml", "safetensors", "tqdm", "matplotlib"],
     entry_points={"console_scripts": ["seqmix-train = seqmix.train:main", "seqmix-bench = seqmix.bench:main"]},
     extras_require={
-        # Triton's interpreter turns one-element arrays into ints, which NumPy 2.4 refuses.
-        # pytest-xdist: the README's test command runs the suite in one process per core.
-        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6.100", "numpy<2.4", "transformers>=5"],
+        # The tests run the Triton kernels in Triton's interpreter, which turns one-element arrays into ints,
+        # which NumPy 2.4 refuses. pytest-xdist: the README's test command runs the suite in one process per core.
+        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6.100", "numpy<2.4", "transformers>=5", "triton>=3.2"],
+        "triton": ["triton>=3.2"],
         # seqmix.hf: the models as transformers models (Auto classes, generate, pipeline, lm-evaluation-harness).
         "hf": ["transformers>=5"],
     },
