@@ -293,8 +293,72 @@ struct Consts<double> {
       6.931471805599453094e-1,  1.0};
 };
 
-// p 2^k for exp_v and exp2_v, k from `shifted` (k + magic, k rounded to nearest): 2^k put in the exponent bits.
-// Lanes of x below lo give 0, above hi infinity: those computed garbage, which this replaces (no clamp before).
+// exp_v(x), e^x of every lane (std::exp is a libm call per element): x = k ln2 + r with k the integer nearest
+// x log2(e), exp(r) by its Taylor polynomial, times 2^k. Below the smallest normal it gives 0 (the exact limit of the
+// strong decays), past the largest finite value infinity.
+// exp2_v(x), 2^x of every lane: x = k + f with k the nearest integer and f = x - k (exact), 2^f by its polynomial,
+// times 2^k. Where a caller can fold log2(e) into a factor it multiplies by anyway (the selective scan's A),
+// exp2_v(x log2 e) is exp_v(x) without its range reduction: three multiply-adds fewer, and in float32 one fewer in
+// the polynomial (docs/design.md, "Fifteenth round"). Below 2^-125 it gives 0, past the largest finite value
+// infinity.
+// NaN stays NaN in both. With AVX-512 the rounding to k and the scale by 2^k (with the range's ends) are one
+// instruction each, vrndscaleps and vscalefps, where the generic form takes ten: the selective scan's state update
+// 2.83 -> 2.40 ns a vector of 16 (docs/design.md, "Thirty-third round").
+#if defined(__AVX512F__)
+// p 2^k, k an integer as a value of T, zero in the lanes of x below lo (x: the argument, clamp_above'd).
+template <typename T>
+inline Vec<T> times_pow2(Vec<T> p, Vec<T> k, Vec<T> x, T lo) {
+  if constexpr (std::is_same_v<T, float>) {
+    const __mmask16 kept = _mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(lo), _CMP_NLT_UQ);  // NaN kept
+    return (Vec<T>)_mm512_maskz_scalef_ps(kept, (__m512)p, (__m512)k);
+  } else {
+    const __mmask8 kept = _mm512_cmp_pd_mask((__m512d)x, _mm512_set1_pd(lo), _CMP_NLT_UQ);
+    return (Vec<T>)_mm512_maskz_scalef_pd(kept, (__m512d)p, (__m512d)k);
+  }
+}
+
+// The integer nearest each lane (ties to even), as a value of T.
+template <typename T>
+inline Vec<T> nearest_integer(Vec<T> x) {
+  constexpr int kMode = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  if constexpr (std::is_same_v<T, float>) return (Vec<T>)_mm512_roundscale_ps((__m512)x, kMode);
+  else return (Vec<T>)_mm512_roundscale_pd((__m512d)x, kMode);
+}
+
+// min(x, hi + 2) with NaN kept (vminps returns its second operand when either is NaN): the result is infinity
+// there either way, and +inf itself would turn the range reduction into NaN.
+template <typename T>
+inline Vec<T> clamp_above(Vec<T> x, T hi) {
+  if constexpr (std::is_same_v<T, float>) return (Vec<T>)_mm512_min_ps(_mm512_set1_ps(hi + 2), (__m512)x);
+  else return (Vec<T>)_mm512_min_pd(_mm512_set1_pd(hi + 2), (__m512d)x);
+}
+
+template <typename T>
+inline Vec<T> exp_v(Vec<T> x) {
+  using K = Consts<T>;
+  x = clamp_above<T>(x, K::hi);
+  const Vec<T> k = nearest_integer<T>(x * K::log2e);
+  Vec<T> r = x - k * K::ln2_hi;
+  r = r - k * K::ln2_lo;
+  Vec<T> p = splat<T>(K::exp_coef[0]);
+  for (int i = 1; i < K::exp_terms; ++i) p = p * r + K::exp_coef[i];
+  return times_pow2<T>(p, k, x, K::lo);
+}
+
+template <typename T>
+inline Vec<T> exp2_v(Vec<T> x) {
+  using K = Consts<T>;
+  x = clamp_above<T>(x, K::exp2_hi);
+  const Vec<T> k = nearest_integer<T>(x);
+  const Vec<T> f = x - k;
+  Vec<T> p = splat<T>(K::exp2_coef[0]);
+  for (int i = 1; i < K::exp2_terms; ++i) p = p * f + K::exp2_coef[i];
+  return times_pow2<T>(p, k, x, K::exp2_lo);
+}
+#else
+// p 2^k, k from `shifted` (k + magic, k rounded to nearest): 2^k put in the exponent bits (a multiply, which keeps
+// NaN; an integer add into the exponent bits would not). Lanes of x below lo give 0, above hi infinity: those
+// computed garbage, which this replaces (no clamp before).
 template <typename T>
 inline Vec<T> times_pow2(Vec<T> p, Vec<T> shifted, Vec<T> x, T lo, T hi) {
   using K = Consts<T>;
@@ -307,9 +371,6 @@ inline Vec<T> times_pow2(Vec<T> p, Vec<T> shifted, Vec<T> x, T lo, T hi) {
   return x < lo ? zero : (x > hi ? inf : e);
 }
 
-// exp of every lane (std::exp is a libm call per element): x = k ln2 + r, exp(r) by its Taylor
-// polynomial, 2^k put in the exponent bits. Below the smallest normal it gives 0 (the exact limit of
-// the strong decays), above the largest finite value infinity.
 template <typename T>
 inline Vec<T> exp_v(Vec<T> x) {
   using K = Consts<T>;
@@ -322,11 +383,6 @@ inline Vec<T> exp_v(Vec<T> x) {
   return times_pow2<T>(p, shifted, x, K::lo, K::hi);
 }
 
-// 2^x of every lane: x = k + f with k the nearest integer and f = x - k (exact), 2^f by its polynomial, 2^k put
-// in the exponent bits. Where a caller can fold log2(e) into a factor it multiplies by anyway (the selective
-// scan's A), exp2_v(x log2 e) is exp_v(x) without its range reduction: three multiply-adds fewer, and in float32
-// one fewer in the polynomial (docs/design.md, "Fifteenth round"). Below 2^-125 it gives 0, above 2^127
-// infinity, and NaN stays NaN (2^k multiplies; an integer add into the exponent bits would not keep it).
 template <typename T>
 inline Vec<T> exp2_v(Vec<T> x) {
   using K = Consts<T>;
@@ -336,6 +392,7 @@ inline Vec<T> exp2_v(Vec<T> x) {
   for (int i = 1; i < K::exp2_terms; ++i) p = p * f + K::exp2_coef[i];
   return times_pow2<T>(p, shifted, x, K::exp2_lo, K::exp2_hi);
 }
+#endif
 
 constexpr double kSoftplusThreshold = 20.0;  // as F.softplus: x itself above it
 
@@ -358,17 +415,36 @@ inline Vec<T> log_v(Vec<T> m) {
   return T(2) * s * q + e * T(0.69314718055994530942);
 }
 
-// softplus(x) = log1p(exp(x)), x itself above the threshold; log1p(y) as log(1 + y) y / ((1 + y) - 1)
-// keeps the digits of a small y that 1 + y rounds away. `slope` gets its derivative, sigmoid(x) = y / (1 + y)
-// (1 above the threshold), when asked for.
+// log(1 + u) for u in [0, 1]. In float32 u r(u), r a polynomial of degree 9 fitted to log(1 + u) / u for the least
+// largest relative error over [0, 1] (Lawson-weighted least squares; 4.7e-9 from the polynomial, within 2 ulps
+// as evaluated): no division and no split of the exponent. softplus_v, once a value in each of the selective scan's
+// steps, took 11.0 ns a vector of 16 through log_v's atanh form (two divisions) and takes 6.6 this way
+// (docs/design.md, "Thirty-third round"). In float64 (the oracles' precision) log(m) u / (m - 1) with
+// m = 1 + u, which keeps the digits of a small u that 1 + u rounds away.
+template <typename T>
+inline Vec<T> log1p_unit_v(Vec<T> u) {
+  if constexpr (std::is_same_v<T, double>) {
+    const Vec<T> m = T(1) + u, d = m - T(1);
+    return d == T(0) ? u : log_v<T>(m) * (u / (d == T(0) ? splat<T>(T(1)) : d));
+  } else {
+    static constexpr float r[] = {-3.2439046176e-03f, 1.9850781806e-02f, -5.6957960876e-02f, 1.0603460196e-01f,
+                                  -1.5305451966e-01f, 1.9675878886e-01f,  -2.4954118683e-01f, 3.3329960445e-01f,
+                                  -4.9999902308e-01f, 9.9999999527e-01f};
+    Vec<T> p = splat<T>(r[0]);
+    for (int i = 1; i < 10; ++i) p = p * u + r[i];
+    return u * p;
+  }
+}
+
+// softplus(x) = max(x, 0) + log1p(exp(-|x|)) (exp's argument never positive, log1p's in [0, 1]), and x itself
+// above the threshold, as F.softplus. `slope` gets its derivative, sigmoid(x) = 1 / (1 + exp(-x)) (1 above the
+// threshold), when asked for.
 template <typename T>
 inline Vec<T> softplus_v(Vec<T> x, Vec<T>* slope = nullptr) {
-  const auto above = x > T(kSoftplusThreshold);
-  const Vec<T> y = exp_v<T>(above ? Vec<T>{} : x);
-  const Vec<T> m = T(1) + y, d = m - T(1);
-  const Vec<T> l = d == T(0) ? y : log_v<T>(m) * (y / (d == T(0) ? splat<T>(T(1)) : d));
-  if (slope) *slope = above ? splat<T>(T(1)) : y / m;
-  return above ? x : l;
+  const auto positive = x >= T(0), above = x > T(kSoftplusThreshold);
+  const Vec<T> u = exp_v<T>(positive ? -x : x);
+  if (slope) *slope = above ? splat<T>(T(1)) : (positive ? splat<T>(T(1)) : u) / (T(1) + u);
+  return above ? x : (positive ? x : Vec<T>{}) + log1p_unit_v<T>(u);
 }
 
 template <typename T>
