@@ -304,6 +304,26 @@ struct Consts<double> {
 // NaN stays NaN in both. With AVX-512 the rounding to k and the scale by 2^k (with the range's ends) are one
 // instruction each, vrndscaleps and vscalefps, where the generic form takes ten: the selective scan's state update
 // 2.83 -> 2.40 ns a vector of 16 (docs/design.md, "Thirty-third round").
+// exp(r) for r = x - k ln 2 (k ln2_hi exact), |r| <= ln2 / 2: the range reduction and the Taylor polynomial.
+template <typename T>
+inline Vec<T> exp_reduced(Vec<T> x, Vec<T> k) {
+  using K = Consts<T>;
+  Vec<T> r = x - k * K::ln2_hi;
+  r = r - k * K::ln2_lo;
+  Vec<T> p = splat<T>(K::exp_coef[0]);
+  for (int i = 1; i < K::exp_terms; ++i) p = p * r + K::exp_coef[i];
+  return p;
+}
+
+// 2^f for |f| <= 1/2: the fitted polynomial.
+template <typename T>
+inline Vec<T> exp2_reduced(Vec<T> f) {
+  using K = Consts<T>;
+  Vec<T> p = splat<T>(K::exp2_coef[0]);
+  for (int i = 1; i < K::exp2_terms; ++i) p = p * f + K::exp2_coef[i];
+  return p;
+}
+
 #if defined(__AVX512F__)
 // p 2^k, k an integer as a value of T, zero in the lanes of x below lo (x: the argument, clamp_above'd).
 template <typename T>
@@ -338,11 +358,7 @@ inline Vec<T> exp_v(Vec<T> x) {
   using K = Consts<T>;
   x = clamp_above<T>(x, K::hi);
   const Vec<T> k = nearest_integer<T>(x * K::log2e);
-  Vec<T> r = x - k * K::ln2_hi;
-  r = r - k * K::ln2_lo;
-  Vec<T> p = splat<T>(K::exp_coef[0]);
-  for (int i = 1; i < K::exp_terms; ++i) p = p * r + K::exp_coef[i];
-  return times_pow2<T>(p, k, x, K::lo);
+  return times_pow2<T>(exp_reduced<T>(x, k), k, x, K::lo);
 }
 
 template <typename T>
@@ -350,10 +366,7 @@ inline Vec<T> exp2_v(Vec<T> x) {
   using K = Consts<T>;
   x = clamp_above<T>(x, K::exp2_hi);
   const Vec<T> k = nearest_integer<T>(x);
-  const Vec<T> f = x - k;
-  Vec<T> p = splat<T>(K::exp2_coef[0]);
-  for (int i = 1; i < K::exp2_terms; ++i) p = p * f + K::exp2_coef[i];
-  return times_pow2<T>(p, k, x, K::exp2_lo);
+  return times_pow2<T>(exp2_reduced<T>(x - k), k, x, K::exp2_lo);
 }
 #else
 // p 2^k, k from `shifted` (k + magic, k rounded to nearest): 2^k put in the exponent bits (a multiply, which keeps
@@ -375,22 +388,14 @@ template <typename T>
 inline Vec<T> exp_v(Vec<T> x) {
   using K = Consts<T>;
   const Vec<T> shifted = x * K::log2e + K::magic;  // k + magic: round to nearest
-  const Vec<T> k = shifted - K::magic;
-  Vec<T> r = x - k * K::ln2_hi;
-  r = r - k * K::ln2_lo;
-  Vec<T> p = splat<T>(K::exp_coef[0]);
-  for (int i = 1; i < K::exp_terms; ++i) p = p * r + K::exp_coef[i];
-  return times_pow2<T>(p, shifted, x, K::lo, K::hi);
+  return times_pow2<T>(exp_reduced<T>(x, shifted - K::magic), shifted, x, K::lo, K::hi);
 }
 
 template <typename T>
 inline Vec<T> exp2_v(Vec<T> x) {
   using K = Consts<T>;
   const Vec<T> shifted = x + K::magic;  // k + magic: round to nearest
-  const Vec<T> f = x - (shifted - K::magic);
-  Vec<T> p = splat<T>(K::exp2_coef[0]);
-  for (int i = 1; i < K::exp2_terms; ++i) p = p * f + K::exp2_coef[i];
-  return times_pow2<T>(p, shifted, x, K::exp2_lo, K::exp2_hi);
+  return times_pow2<T>(exp2_reduced<T>(x - (shifted - K::magic)), shifted, x, K::exp2_lo, K::exp2_hi);
 }
 #endif
 

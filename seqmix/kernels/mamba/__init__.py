@@ -26,7 +26,6 @@ from seqmix.kernels.op import (
     register_autograd,
     run_fused,
 )
-
 from seqmix.kernels.triton_limits import SCAN_CHUNK
 
 __all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_recurrent"]

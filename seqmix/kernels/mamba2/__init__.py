@@ -32,7 +32,6 @@ from seqmix.kernels.op import (
     run_fused,
     wants_grad,
 )
-
 from seqmix.kernels.triton_limits import SSD_CHUNK
 
 __all__ = ["ssd", "ssd_chunked", "ssd_recurrent", "ssd_xbc", "ssd_zxbcdt"]
