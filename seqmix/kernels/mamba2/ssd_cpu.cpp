@@ -494,11 +494,13 @@ struct Chunk {
   int64_t seq_start;  // the first token of the chunk's sequence
   // dt' [c, Hg], its raw derivative d dt' / d dt [c, Hg], the in-chunk cumulative log decays [Hg, c]
   // (head-major: a head's decays are contiguous for the masks), dt' x [c, Hg P].
-  std::vector<T> dtp, ddtp, lcum, xdt;
+  std::vector<T> dtp, ddtp, lcum;
+  Scratch<T> xdt;
   // With the conv: the group's taps transposed [W, cg] and bias [cg], and the chunk's sigmoid(pre-activation)
   // and x, B and C = pre-activation * that [c, cg] (cg = Hg P + 2 N, padded to whole vectors).
   int64_t cg;
-  std::vector<T> taps, cbias, csig, act;
+  std::vector<T> taps, cbias;
+  Scratch<T> csig, act;
 
   Chunk(const Problem<T>& p, int64_t c)
       : p(p), g(0), t0(0), len(0), seq_start(0), dtp(c * p.Hg()), ddtp(c * p.Hg()), lcum(p.Hg() * c),
@@ -699,31 +701,14 @@ void decay_state(const Chunk<T>& ch, const T* src, T* dst) {
   }
 }
 
+
 // A thread's buffers, allocated once for all its tasks (fresh large allocations cost page faults): a state
 // (or its gradient) [Hg P, N], [c, c] scores, [Hg, c, c] per-head masks, [c, Hg P] rows, [Hg, c] per-head
-// values, and b^T [max(P, N), c] for lower_dots (the heads' (dt' x)^T and the scores' B^T).
-// An allocator whose new values are left as they are: std::vector<T>(n) would zero them, and the state and
-// chunk-sized buffers below (1.7 MiB a thread for the tiny Mamba-2 layer at T = 128) were zeroed at every call.
-// Every task writes them before it reads them; tests/kernels/mamba2/test_cpu.py passes with them filled with NaN
-// instead (docs/design.md, "Thirtieth round").
-template <typename T>
-struct UninitAllocator : std::allocator<T> {
-  template <typename U>
-  struct rebind {
-    using other = UninitAllocator<U>;
-  };
-  template <typename U>
-  void construct(U* ptr) noexcept {
-    ::new (static_cast<void*>(ptr)) U;
-  }
-  template <typename U, typename... Args>
-  void construct(U* ptr, Args&&... args) {
-    ::new (static_cast<void*>(ptr)) U(std::forward<Args>(args)...);
-  }
-};
-template <typename T>
-using Scratch = std::vector<T, UninitAllocator<T>>;
-
+// values, and b^T [max(P, N), c] for lower_dots (the heads' (dt' x)^T and the scores' B^T); the chunk's own
+// (Chunk: dt' x, the conv's activations and sigmoids) and the conv's gradient rows. Scratch (vec_cpu.h): aligned
+// to a cache line and not zeroed (1.7 MiB a thread for the tiny Mamba-2 layer at T = 128, zeroed at every call
+// before, docs/design.md, "Thirtieth round"). Every task writes them before it reads them;
+// tests/kernels/mamba2/test_cpu.py passes with them filled with NaN instead.
 template <typename T>
 struct Buffers {
   Chunk<T> ch;
@@ -732,7 +717,8 @@ struct Buffers {
   // With the conv, the backward's: the gradient of the chunk's x, B and C [c, cg] (then of their
   // pre-activations), that of the W-1 tokens after the chunk [W-1, cg], and the task's dweight [W, cg] and
   // dbias [cg].
-  std::vector<T> dact, carry, next, dtaps, dcbias;
+  Scratch<T> dact;
+  std::vector<T> carry, next, dtaps, dcbias;
   // With the norm, a token's pre-norm output [Hg P] and (with the gate) its sigmoid(z), rebuilt by the backward.
   std::vector<T> pre, sg;
   explicit Buffers(const Problem<T>& p)
