@@ -62,7 +62,7 @@ using Vec = typename Lanes<T>::V;
 
 // An allocator of buffers aligned to a cache line (64 bytes, an AVX-512 vector) whose new values are left as they
 // are. malloc aligns to 16 bytes, so every whole-vector load from its buffers straddles two cache lines on
-// AVX-512: the SSD's chunk buffers aligned and not zeroed took 6-9% off its forward and backward (docs/design.md,
+// AVX-512: the SSD's chunk buffers aligned and not zeroed took 4-8% off its forward and backward (docs/design.md,
 // "Thirty-fourth round"). The user writes a value before it reads it.
 template <typename T>
 struct UninitAllocator : std::allocator<T> {
