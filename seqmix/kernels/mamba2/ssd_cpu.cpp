@@ -32,8 +32,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <new>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -497,7 +495,7 @@ struct Chunk {
   std::vector<T> dtp, ddtp, lcum;
   Scratch<T> xdt;
   // With the conv: the group's taps transposed [W, cg] and bias [cg], and the chunk's sigmoid(pre-activation)
-  // and x, B and C = pre-activation * that [c, cg] (cg = Hg P + 2 N, padded to whole vectors).
+  // and x, B and C = pre-activation * that [c, cg] (cg = Hg P + 2 N; a vector more at the end).
   int64_t cg;
   std::vector<T> taps, cbias;
   Scratch<T> csig, act;
@@ -700,7 +698,6 @@ void decay_state(const Chunk<T>& ch, const T* src, T* dst) {
     for (int64_t i = hl * PN; i < (hl + 1) * PN; ++i) dst[i] = decay * src[i];
   }
 }
-
 
 // A thread's buffers, allocated once for all its tasks (fresh large allocations cost page faults): a state
 // (or its gradient) [Hg P, N], [c, c] scores, [Hg, c, c] per-head masks, [c, Hg P] rows, [Hg, c] per-head
